@@ -1,0 +1,683 @@
+"""The built-in 1-layer transformer language model and its BPE tokenizer.
+
+The model has the shape of the reference set-up for sparse dictionary
+learning on a language model: one pre-LayerNorm residual block with
+``d_model = 128`` and a 512-neuron ReLU MLP. The MLP post-activation, the
+output of ``model.blocks[layer].mlp.act``, is where activations are read.
+
+The shipped weights live in ``sparse_dict/models/builtin/`` and are produced
+by ``python -m sparse_dict.models.train_builtin``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "BuiltinTokenizer",
+    "TinyTransformer",
+    "TinyTransformerConfig",
+    "load_builtin_model",
+    "save_builtin_model",
+    "BUILTIN_DIR",
+]
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+_WEIGHTS_FILE = "model.safetensors"
+_CONFIG_FILE = "config.json"
+_TOKENIZER_FILE = "tokenizer.json"
+
+# Words keep their leading space, so that " king" and "king" are different
+# tokens and decoding is plain concatenation. The alternatives together match
+# every character, which is what makes encode/decode an exact round trip.
+_PRETOKENIZE_PATTERN = (
+    r"'(?:s|t|d|ll|re|ve|m)\b"
+    r"| ?[^\W\d_]+"
+    r"| ?\d+"
+    r"| ?(?:[^\s\w]|_)+"
+    r"|\s+(?!\S)"
+    r"|\s+"
+)
+
+PAD_TOKEN = "<pad>"
+EOT_TOKEN = "<|endoftext|>"
+
+
+# --------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------
+
+
+def _merge_word(symbols, pair, new_id):
+    """Replace every non-overlapping occurrence of ``pair`` in ``symbols``."""
+    out = []
+    i = 0
+    n = len(symbols)
+    while i < n:
+        if i < n - 1 and symbols[i] == pair[0] and symbols[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
+class BuiltinTokenizer:
+    """Byte-level BPE tokenizer with readable, whole-word tokens.
+
+    Text is first split into words (a word keeps its leading space), each
+    word into its UTF-8 bytes, then learned merges join frequent byte pairs
+    into longer tokens. Any text round-trips exactly, and common words are a
+    single token such as ``' king'``.
+
+    Ids ``0..255`` are single bytes, the merged tokens follow, and two special
+    tokens end the vocabulary: ``<|endoftext|>`` (separates documents during
+    training) and ``<pad>``.
+
+    Parameters
+    ----------
+    merges : list of tuple of int
+        The learned merges in order; merge ``k`` creates token ``256 + k``.
+    pattern : str, optional
+        Regular expression of the pre-tokenisation into words.
+
+    Attributes
+    ----------
+    vocab_size : int
+        Number of token ids, special tokens included.
+    pad_token_id : int
+        Id used to pad batches on the right.
+    eot_token_id : int
+        Id of the end-of-text token.
+
+    See Also
+    --------
+    load_builtin_model : Loads the shipped model and its tokenizer.
+
+    Examples
+    --------
+    >>> from sparse_dict.models.builtin import BuiltinTokenizer
+    >>> tok = BuiltinTokenizer.train(["to be or not to be, that is the question"] * 3,
+    ...                              vocab_size=270)
+    >>> ids = tok.encode("to be, or not")
+    >>> tok.decode(ids)
+    'to be, or not'
+    >>> tok.convert_ids_to_tokens(tok.encode(" to be"))
+    [' to', ' be']
+    >>> batch = tok([" to be", " be"], padding=True)
+    >>> batch["input_ids"].shape, batch["attention_mask"].tolist()
+    (torch.Size([2, 2]), [[1, 1], [1, 0]])
+    """
+
+    def __init__(self, merges, pattern=_PRETOKENIZE_PATTERN):
+        self.merges = [tuple(int(t) for t in m) for m in merges]
+        self.pattern = pattern
+        self._regex = re.compile(pattern)
+        self._ranks = {pair: 256 + k for k, pair in enumerate(self.merges)}
+        self._token_bytes = [bytes([b]) for b in range(256)]
+        for a, b in self.merges:
+            self._token_bytes.append(self._token_bytes[a] + self._token_bytes[b])
+        self.eot_token_id = len(self._token_bytes)
+        self.pad_token_id = self.eot_token_id + 1
+        self.vocab_size = self.pad_token_id + 1
+        self._specials = {self.eot_token_id: EOT_TOKEN, self.pad_token_id: PAD_TOKEN}
+        self._cache = {}
+
+    # ---- training ---------------------------------------------------------
+
+    @classmethod
+    def train(cls, texts, vocab_size=2048, pattern=_PRETOKENIZE_PATTERN, verbose=False):
+        """Learn BPE merges from word frequencies in ``texts``.
+
+        Parameters
+        ----------
+        texts : iterable of str
+            Training texts.
+        vocab_size : int, default=2048
+            Largest vocabulary size, the 256 bytes and 2 special tokens
+            included. Training stops earlier when no pair occurs twice.
+        pattern : str, optional
+            Pre-tokenisation regular expression.
+        verbose : bool, default=False
+            Print progress every few hundred merges.
+
+        Returns
+        -------
+        tokenizer : BuiltinTokenizer
+
+        Examples
+        --------
+        >>> tok = BuiltinTokenizer.train(["one two one"], vocab_size=262)
+        >>> tok.convert_ids_to_tokens(tok.encode("one two"))
+        ['one', ' ', 't', 'w', 'o']
+        """
+        n_merges = vocab_size - 256 - 2
+        if n_merges < 0:
+            raise ValueError(f"vocab_size must be at least 258, got {vocab_size}.")
+        regex = re.compile(pattern)
+        word_counts = Counter()
+        for text in texts:
+            word_counts.update(regex.findall(text))
+        words = [list(w.encode("utf-8")) for w in word_counts]
+        freqs = list(word_counts.values())
+
+        # Pair counts are updated incrementally from the words a merge touches,
+        # which keeps training to seconds instead of recounting every merge.
+        pair_counts = defaultdict(int)
+        pair_words = defaultdict(set)
+        for wi, (symbols, f) in enumerate(zip(words, freqs)):
+            for pair in zip(symbols, symbols[1:]):
+                pair_counts[pair] += f
+                pair_words[pair].add(wi)
+
+        merges = []
+        for k in range(n_merges):
+            if not pair_counts:
+                break
+            # Ties broken by the pair itself, so training is deterministic.
+            best = max(pair_counts.items(), key=lambda item: (item[1], item[0]))[0]
+            if pair_counts[best] < 2:
+                break
+            new_id = 256 + k
+            merges.append(best)
+            for wi in list(pair_words[best]):
+                old = words[wi]
+                f = freqs[wi]
+                for pair in zip(old, old[1:]):
+                    pair_counts[pair] -= f
+                    if pair_counts[pair] <= 0:
+                        del pair_counts[pair]
+                    pair_words[pair].discard(wi)
+                new = _merge_word(old, best, new_id)
+                words[wi] = new
+                for pair in zip(new, new[1:]):
+                    pair_counts[pair] += f
+                    pair_words[pair].add(wi)
+            pair_words.pop(best, None)
+            pair_counts.pop(best, None)
+            if verbose and (k + 1) % 500 == 0:
+                print(f"  {k + 1} merges")
+        return cls(merges, pattern=pattern)
+
+    # ---- encoding ---------------------------------------------------------
+
+    def _encode_word(self, word):
+        ids = self._cache.get(word)
+        if ids is not None:
+            return ids
+        symbols = list(word.encode("utf-8"))
+        ranks = self._ranks
+        while len(symbols) > 1:
+            best_rank = None
+            best_pair = None
+            for pair in zip(symbols, symbols[1:]):
+                rank = ranks.get(pair)
+                if rank is not None and (best_rank is None or rank < best_rank):
+                    best_rank, best_pair = rank, pair
+            if best_pair is None:
+                break
+            symbols = _merge_word(symbols, best_pair, best_rank)
+        if len(self._cache) < 200_000:
+            self._cache[word] = symbols
+        return symbols
+
+    def encode(self, text):
+        """Token ids of ``text`` (no special tokens added).
+
+        Parameters
+        ----------
+        text : str
+
+        Returns
+        -------
+        ids : list of int
+
+        Examples
+        --------
+        >>> tok = BuiltinTokenizer([])
+        >>> tok.encode("hi")
+        [104, 105]
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}.")
+        ids = []
+        for word in self._regex.findall(text):
+            ids.extend(self._encode_word(word))
+        return ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        """Text of a sequence of token ids.
+
+        Parameters
+        ----------
+        ids : sequence of int or torch.Tensor
+        skip_special_tokens : bool, default=True
+            Drop padding and end-of-text tokens instead of writing their
+            names.
+
+        Returns
+        -------
+        text : str
+
+        Examples
+        --------
+        >>> tok = BuiltinTokenizer([])
+        >>> tok.decode([104, 105, tok.pad_token_id])
+        'hi'
+        """
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        chunks = []
+        for i in ids:
+            i = int(i)
+            if i in self._specials:
+                if not skip_special_tokens:
+                    chunks.append(self._specials[i].encode("utf-8"))
+            else:
+                chunks.append(self._token_bytes[i])
+        return b"".join(chunks).decode("utf-8", errors="replace")
+
+    def convert_ids_to_tokens(self, ids):
+        """Readable strings of single tokens, for showing features.
+
+        A token that is only part of a multi-byte character is written with
+        backslash escapes (for example ``'\\\\xe2'``).
+
+        Parameters
+        ----------
+        ids : sequence of int or torch.Tensor
+
+        Returns
+        -------
+        tokens : list of str
+
+        Examples
+        --------
+        >>> tok = BuiltinTokenizer([])
+        >>> tok.convert_ids_to_tokens([104, tok.pad_token_id])
+        ['h', '<pad>']
+        """
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        out = []
+        for i in ids:
+            i = int(i)
+            if i in self._specials:
+                out.append(self._specials[i])
+            else:
+                out.append(self._token_bytes[i].decode("utf-8", errors="backslashreplace"))
+        return out
+
+    def __call__(self, texts, max_length=None, padding=True, truncation=True):
+        """Tokenize a batch of texts into right-padded tensors.
+
+        Parameters
+        ----------
+        texts : str or list of str
+        max_length : int or None, default=None
+            Keep at most the first ``max_length`` tokens of each text.
+        padding : bool, default=True
+            Pad to the longest text on the right with ``pad_token_id``. With
+            ``False`` all texts must have the same length.
+        truncation : bool, default=True
+            Accepted for compatibility with Hugging Face tokenizers;
+            truncation happens whenever ``max_length`` is given.
+
+        Returns
+        -------
+        batch : dict
+            ``input_ids`` and ``attention_mask``, both LongTensor of shape
+            (n_texts, n_tokens); the mask is 1 on real tokens.
+
+        Examples
+        --------
+        >>> tok = BuiltinTokenizer([])
+        >>> tok(["abc", "d"], max_length=2)["input_ids"].tolist()
+        [[97, 98], [100, 257]]
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        seqs = [self.encode(t) for t in texts]
+        if max_length is not None:
+            seqs = [s[:max_length] for s in seqs]
+        width = max((len(s) for s in seqs), default=0)
+        if not padding and any(len(s) != width for s in seqs):
+            raise ValueError(
+                "Texts have different numbers of tokens; use padding=True."
+            )
+        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            input_ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+            attention_mask[row, : len(s)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    # ---- persistence ------------------------------------------------------
+
+    def to_dict(self):
+        """JSON-serialisable description of the tokenizer."""
+        return {
+            "type": "byte-level-bpe",
+            "pattern": self.pattern,
+            "merges": [list(m) for m in self.merges],
+            "special_tokens": {EOT_TOKEN: self.eot_token_id, PAD_TOKEN: self.pad_token_id},
+            # Not read back; there so that a person can look at the vocabulary.
+            "tokens": self.convert_ids_to_tokens(range(self.vocab_size)),
+        }
+
+    def save(self, path):
+        """Write the tokenizer as JSON to ``path``."""
+        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path):
+        """Read a tokenizer written by :meth:`save`."""
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(data["merges"], pattern=data["pattern"])
+
+    def __len__(self):
+        return self.vocab_size
+
+    def __repr__(self):
+        return f"BuiltinTokenizer(vocab_size={self.vocab_size})"
+
+
+# --------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class TinyTransformerConfig:
+    """Shape of a :class:`TinyTransformer`.
+
+    Examples
+    --------
+    >>> TinyTransformerConfig(vocab_size=300).d_head
+    32
+    """
+
+    vocab_size: int
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    n_layers: int = 1
+    max_len: int = 128
+    tie_embeddings: bool = False
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def d_head(self):
+        return self.d_model // self.n_heads
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(**data)
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention."""
+
+    def __init__(self, config):
+        super().__init__()
+        if config.d_model % config.n_heads:
+            raise ValueError("d_model must be a multiple of n_heads.")
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.out = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, x, attn_mask=None):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    """ReLU MLP; ``act``'s output is the post-activation hook point."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc_in = nn.Linear(config.d_model, config.d_mlp)
+        self.act = nn.ReLU()
+        self.fc_out = nn.Linear(config.d_mlp, config.d_model)
+
+    def forward(self, x):
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual block: attention, then MLP."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = Attention(config)
+        self.ln2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.ln1(x), attn_mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyTransformer(nn.Module):
+    """A small causal transformer language model.
+
+    Token and learned positional embeddings, ``n_layers`` pre-LayerNorm
+    residual blocks (attention then ReLU MLP), a final LayerNorm and an
+    unembedding to next-token logits.
+
+    Parameters
+    ----------
+    config : TinyTransformerConfig
+
+    Attributes
+    ----------
+    config : TinyTransformerConfig
+    blocks : torch.nn.ModuleList
+        The residual blocks; ``blocks[i].mlp.act`` is an ``nn.ReLU`` whose
+        output is the ``d_mlp``-wide MLP post-activation.
+
+    See Also
+    --------
+    load_builtin_model : The trained model shipped with the package.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sparse_dict.models.builtin import TinyTransformer, TinyTransformerConfig
+    >>> _ = torch.manual_seed(0)
+    >>> model = TinyTransformer(TinyTransformerConfig(vocab_size=300, max_len=16))
+    >>> model(torch.randint(0, 300, (2, 5))).shape
+    torch.Size([2, 5, 300])
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embed = nn.Embedding(config.max_len, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_final = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.unembed = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.unembed.weight = self.embed.weight
+        self._init_weights()
+
+    def _init_weights(self):
+        # GPT-2 style: small normal weights, and residual-writing projections
+        # scaled down by depth so the residual stream does not grow with it.
+        resid_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("attn.out.weight", "mlp.fc_out.weight")):
+                nn.init.normal_(p, std=resid_std)
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def _check_input(self, input_ids):
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must have shape (batch, tokens), got {tuple(input_ids.shape)}."
+            )
+        if input_ids.shape[1] > self.config.max_len:
+            raise ValueError(
+                f"Sequences of {input_ids.shape[1]} tokens are longer than the model's "
+                f"max_len={self.config.max_len}; truncate them (max_length=...)."
+            )
+
+    def embed_tokens(self, input_ids, attention_mask=None):
+        """Residual stream before the first block, and the attention mask.
+
+        Parameters
+        ----------
+        input_ids : LongTensor of shape (batch, tokens)
+        attention_mask : LongTensor of shape (batch, tokens) or None
+
+        Returns
+        -------
+        resid : Tensor of shape (batch, tokens, d_model)
+        attn_mask : BoolTensor of shape (batch, 1, tokens, tokens) or None
+            Pass it to each block's ``forward``.
+        """
+        self._check_input(input_ids)
+        T = input_ids.shape[1]
+        if attention_mask is None:
+            positions = torch.arange(T, device=input_ids.device).expand_as(input_ids)
+            attn_mask = None
+        else:
+            mask = attention_mask.to(device=input_ids.device).bool()
+            # Positions count real tokens only, so left-padded text gets the
+            # same positions as unpadded text; right padding is unaffected.
+            positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            attn_mask = causal & mask[:, None, None, :]
+            # Every query may see itself, so rows of padding never hold only
+            # -inf (which would give NaN).
+            attn_mask = attn_mask | torch.eye(T, dtype=torch.bool, device=input_ids.device)
+        return self.embed(input_ids) + self.pos_embed(positions), attn_mask
+
+    def unembed_resid(self, resid):
+        """Next-token logits from the final residual stream."""
+        return self.unembed(self.ln_final(resid))
+
+    def forward(self, input_ids, attention_mask=None):
+        """Next-token logits.
+
+        Parameters
+        ----------
+        input_ids : LongTensor of shape (batch, tokens)
+        attention_mask : LongTensor of shape (batch, tokens) or None
+            1 on real tokens, 0 on padding. With right padding the logits of
+            the real tokens do not depend on the padding.
+
+        Returns
+        -------
+        logits : Tensor of shape (batch, tokens, vocab_size)
+        """
+        x, attn_mask = self.embed_tokens(input_ids, attention_mask)
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return self.unembed_resid(x)
+
+
+# --------------------------------------------------------------------------
+# Shipped weights
+# --------------------------------------------------------------------------
+
+
+def save_builtin_model(model, tokenizer, path):
+    """Write a model and tokenizer in the layout :func:`load_builtin_model` reads.
+
+    Parameters
+    ----------
+    model : TinyTransformer
+    tokenizer : BuiltinTokenizer
+    path : str or Path
+        Directory; created if needed.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("unembed.weight", None)
+    save_file(state, str(path / _WEIGHTS_FILE))
+    (path / _CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    tokenizer.save(path / _TOKENIZER_FILE)
+
+
+def load_builtin_model(device="cpu", path=None):
+    """Load the shipped 1-layer transformer and its tokenizer.
+
+    Parameters
+    ----------
+    device : str or torch.device, default="cpu"
+    path : str or Path or None, default=None
+        Directory written by :func:`save_builtin_model`; the weights shipped
+        with the package when None.
+
+    Returns
+    -------
+    model : TinyTransformer
+        In eval mode, on ``device``.
+    tokenizer : BuiltinTokenizer
+
+    Raises
+    ------
+    FileNotFoundError
+        If the weight, config or tokenizer file is missing.
+
+    Examples
+    --------
+    >>> from sparse_dict.models.builtin import load_builtin_model
+    >>> model, tok = load_builtin_model()  # doctest: +SKIP
+    >>> model.blocks[0].mlp.fc_in.out_features  # doctest: +SKIP
+    512
+    """
+    from safetensors.torch import load_file
+
+    path = BUILTIN_DIR if path is None else Path(path)
+    missing = [
+        name for name in (_WEIGHTS_FILE, _CONFIG_FILE, _TOKENIZER_FILE)
+        if not (path / name).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"The built-in model files {missing} are missing from {path}. Reinstall "
+            "sparse_dict, or retrain them with "
+            "'python -m sparse_dict.models.train_builtin --out <dir>'."
+        )
+    config = TinyTransformerConfig.from_dict(json.loads((path / _CONFIG_FILE).read_text()))
+    tokenizer = BuiltinTokenizer.load(path / _TOKENIZER_FILE)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"Tokenizer vocabulary ({tokenizer.vocab_size}) does not match the model's "
+            f"({config.vocab_size}) in {path}."
+        )
+    model = TinyTransformer(config)
+    state = load_file(str(path / _WEIGHTS_FILE))
+    model.load_state_dict(state, strict=not config.tie_embeddings)
+    return model.to(device).eval(), tokenizer
