@@ -1,0 +1,811 @@
+"""Measures of a sparse dictionary: reconstruction, sparsity, and recovery.
+
+Every metric is a pure function of numpy arrays (codes may also be scipy
+sparse matrices), so it applies to any estimator's output:
+:class:`~sparse_dict.SparseAutoencoderDictionary`, scikit-learn's
+``DictionaryLearning``, ``MiniBatchDictionaryLearning``, ``SparseCoder`` or
+:class:`~sparse_dict.LassoCoder`.
+
+The module also holds the pieces for model selection with
+:class:`~sklearn.model_selection.GridSearchCV`: :data:`sparse_coding_scorer`
+(a multimetric ``scoring=``) and :func:`best_under_l0` (a ``refit=``).
+Held-out reconstruction alone always prefers the weakest sparsity penalty, so
+the refit helper picks the best reconstruction among candidates whose L0 stays
+within a budget.
+"""
+
+from numbers import Real
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.optimize import linear_sum_assignment
+from sklearn.utils import check_array
+
+__all__ = [
+    "SparseCodingScorer",
+    "BestUnderL0",
+    "best_matches",
+    "best_under_l0",
+    "dead_fraction",
+    "dense_fraction",
+    "explained_variance",
+    "explained_variance_scorer",
+    "feature_frequencies",
+    "fraction_variance_unexplained",
+    "l0",
+    "l1",
+    "mean_max_cosine_similarity",
+    "mse",
+    "one_to_one_matches",
+    "one_to_one_matching_score",
+    "recovery_rate",
+    "sparse_coding_scorer",
+]
+
+_FLOAT_DTYPES = (np.float64, np.float32)
+
+
+# --------------------------------------------------------------------------
+# Input validation
+# --------------------------------------------------------------------------
+
+
+def _check_data(X, name):
+    return check_array(X, dtype=_FLOAT_DTYPES, input_name=name)
+
+
+def _check_pair(X, X_hat):
+    X = _check_data(X, "X")
+    X_hat = _check_data(X_hat, "X_hat")
+    if X.shape != X_hat.shape:
+        raise ValueError(
+            f"X and X_hat must have the same shape, got X with shape {X.shape} "
+            f"and X_hat with shape {X_hat.shape}."
+        )
+    return X, X_hat
+
+
+def _check_codes(codes):
+    return check_array(
+        codes,
+        accept_sparse=["csr", "csc", "coo"],
+        dtype=_FLOAT_DTYPES,
+        input_name="codes",
+    )
+
+
+def _check_tol(tol):
+    if not isinstance(tol, Real) or isinstance(tol, bool) or not tol >= 0:
+        raise ValueError(f"tol must be a non-negative real number, got {tol!r}.")
+
+
+def _check_atom_pair(learned_atoms, true_atoms):
+    learned = _check_data(learned_atoms, "learned_atoms")
+    true = _check_data(true_atoms, "true_atoms")
+    if learned.shape[1] != true.shape[1]:
+        raise ValueError(
+            f"learned_atoms has atoms of width {learned.shape[1]} but true_atoms "
+            f"has atoms of width {true.shape[1]}; both must be arrays of shape "
+            "(n_atoms, n_features) with the same n_features."
+        )
+    return learned, true
+
+
+def _unit_rows(atoms):
+    atoms = atoms.astype(np.float64)
+    norms = np.linalg.norm(atoms, axis=1, keepdims=True)
+    # A zero atom points nowhere: give it cosine 0 with everything rather
+    # than NaN, so one dead atom does not poison a whole comparison.
+    return np.divide(atoms, norms, out=np.zeros_like(atoms), where=norms > 0)
+
+
+def _cosine_matrix(learned, true):
+    return _unit_rows(learned) @ _unit_rows(true).T
+
+
+def _active(codes, tol):
+    """Boolean activity pattern of ``codes``, sparse when the input is."""
+    if sp.issparse(codes):
+        active = sp.csr_matrix(codes, copy=True)
+        active.data = np.abs(active.data) > tol
+        active.eliminate_zeros()
+        return active
+    return np.abs(codes) > tol
+
+
+# --------------------------------------------------------------------------
+# Reconstruction
+# --------------------------------------------------------------------------
+
+
+def explained_variance(X, X_hat):
+    """Fraction of the variance of ``X`` that the reconstruction explains.
+
+    ``1 - sum ||X - X_hat||^2 / sum ||X - mean(X, axis=0)||^2``, summed over
+    all rows and features (the pooled definition used for sparse autoencoders,
+    not scikit-learn's per-output average). Sums are accumulated in float64.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        The data.
+    X_hat : array-like of shape (n_samples, n_features)
+        Its reconstruction.
+
+    Returns
+    -------
+    score : float
+        1.0 for a perfect reconstruction, 0.0 for predicting the column
+        means, negative when worse than that. When ``X`` has no variance
+        (for instance a single row) the score is 1.0 for a perfect
+        reconstruction and 0.0 otherwise, as in scikit-learn's ``r2_score``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_dict.metrics import explained_variance
+    >>> X = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
+    >>> explained_variance(X, 0.5 * X)
+    0.75
+    """
+    X, X_hat = _check_pair(X, X_hat)
+    X = X.astype(np.float64, copy=False)
+    residual = float(np.sum((X - X_hat) ** 2))
+    total = float(np.sum((X - X.mean(axis=0)) ** 2))
+    if total == 0.0:
+        return 1.0 if residual == 0.0 else 0.0
+    return 1.0 - residual / total
+
+
+def fraction_variance_unexplained(X, X_hat):
+    """Fraction of the variance of ``X`` left in the residual ``X - X_hat``.
+
+    Equal to ``1 - explained_variance(X, X_hat)``.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        The data.
+    X_hat : array-like of shape (n_samples, n_features)
+        Its reconstruction.
+
+    Returns
+    -------
+    fvu : float
+        0.0 for a perfect reconstruction, lower is better.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_dict.metrics import fraction_variance_unexplained
+    >>> X = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
+    >>> fraction_variance_unexplained(X, 0.5 * X)
+    0.25
+    """
+    return 1.0 - explained_variance(X, X_hat)
+
+
+def mse(X, X_hat):
+    """Mean squared reconstruction error over all entries.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        The data.
+    X_hat : array-like of shape (n_samples, n_features)
+        Its reconstruction.
+
+    Returns
+    -------
+    mse : float
+        ``mean((X - X_hat) ** 2)``; multiply by ``n_features`` for the mean
+        squared norm of the residual per row.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_dict.metrics import mse
+    >>> mse([[1.0, 2.0], [3.0, 4.0]], [[1.0, 2.0], [3.0, 2.0]])
+    1.0
+    """
+    X, X_hat = _check_pair(X, X_hat)
+    return float(np.mean((X.astype(np.float64) - X_hat) ** 2))
+
+
+# --------------------------------------------------------------------------
+# Sparsity
+# --------------------------------------------------------------------------
+
+
+def l0(codes, *, tol=0.0):
+    """Mean number of active features per row.
+
+    Parameters
+    ----------
+    codes : {array-like, sparse matrix} of shape (n_samples, n_components)
+        Codes, one row per sample.
+    tol : float, default=0.0
+        A code counts as active when its absolute value exceeds ``tol``.
+
+    Returns
+    -------
+    l0 : float
+        Mean count of active codes per row.
+
+    Examples
+    --------
+    >>> from sparse_dict.metrics import l0
+    >>> l0([[0.0, 1.0, 2.0], [0.0, 0.0, 3.0]])
+    1.5
+    >>> l0([[0.0, 1e-9, 2.0], [0.0, 0.0, 3.0]], tol=1e-6)
+    1.0
+    """
+    codes = _check_codes(codes)
+    _check_tol(tol)
+    return float(_active(codes, tol).sum() / codes.shape[0])
+
+
+def l1(codes):
+    """Mean L1 norm of the codes per row.
+
+    Parameters
+    ----------
+    codes : {array-like, sparse matrix} of shape (n_samples, n_components)
+        Codes, one row per sample.
+
+    Returns
+    -------
+    l1 : float
+        ``mean over rows of sum |codes|``.
+
+    Examples
+    --------
+    >>> from sparse_dict.metrics import l1
+    >>> l1([[0.0, -1.0, 2.0], [0.0, 0.0, 3.0]])
+    3.0
+    """
+    codes = _check_codes(codes)
+    total = abs(codes).sum(dtype=np.float64)
+    return float(total / codes.shape[0])
+
+
+def feature_frequencies(codes, *, tol=0.0):
+    """Fraction of rows on which each feature fires.
+
+    Parameters
+    ----------
+    codes : {array-like, sparse matrix} of shape (n_samples, n_components)
+        Codes, one row per sample.
+    tol : float, default=0.0
+        A code counts as active when its absolute value exceeds ``tol``.
+
+    Returns
+    -------
+    frequencies : ndarray of shape (n_components,)
+        Firing frequency of each feature, in [0, 1].
+
+    Examples
+    --------
+    >>> from sparse_dict.metrics import feature_frequencies
+    >>> feature_frequencies([[0.0, 1.0, 2.0], [0.0, 0.0, 3.0]])
+    array([0. , 0.5, 1. ])
+    """
+    codes = _check_codes(codes)
+    _check_tol(tol)
+    counts = np.asarray(_active(codes, tol).sum(axis=0)).ravel()
+    return counts / codes.shape[0]
+
+
+def dead_fraction(codes, *, tol=0.0):
+    """Fraction of features that never fire.
+
+    Parameters
+    ----------
+    codes : {array-like, sparse matrix} of shape (n_samples, n_components)
+        Codes, one row per sample.
+    tol : float, default=0.0
+        A code counts as active when its absolute value exceeds ``tol``.
+
+    Returns
+    -------
+    dead_fraction : float
+        Share of columns of ``codes`` with no active entry.
+
+    Examples
+    --------
+    >>> from sparse_dict.metrics import dead_fraction
+    >>> dead_fraction([[0.0, 1.0, 2.0, 0.0], [0.0, 0.0, 3.0, 0.0]])
+    0.5
+    """
+    frequencies = feature_frequencies(codes, tol=tol)
+    return float(np.mean(frequencies == 0))
+
+
+def dense_fraction(codes, *, threshold=0.5, tol=0.0):
+    """Fraction of features that fire on more than ``threshold`` of the rows.
+
+    Dense features fire on most inputs and so carry little specific
+    meaning; a healthy sparse dictionary has few of them.
+
+    Parameters
+    ----------
+    codes : {array-like, sparse matrix} of shape (n_samples, n_components)
+        Codes, one row per sample.
+    threshold : float, default=0.5
+        Firing frequency, in [0, 1], above which a feature counts as dense.
+    tol : float, default=0.0
+        A code counts as active when its absolute value exceeds ``tol``.
+
+    Returns
+    -------
+    dense_fraction : float
+        Share of features whose firing frequency exceeds ``threshold``.
+
+    Examples
+    --------
+    >>> from sparse_dict.metrics import dense_fraction
+    >>> codes = [[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]]
+    >>> dense_fraction(codes)
+    0.5
+    >>> dense_fraction(codes, threshold=0.9)
+    0.25
+    """
+    if not isinstance(threshold, Real) or not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}.")
+    frequencies = feature_frequencies(codes, tol=tol)
+    return float(np.mean(frequencies > threshold))
+
+
+# --------------------------------------------------------------------------
+# Dictionary recovery
+# --------------------------------------------------------------------------
+
+
+def best_matches(learned_atoms, true_atoms):
+    """For each true atom, the learned atom most similar to it.
+
+    Similarity is the cosine, with sign: with non-negative codes an atom and
+    its negative are different features. Atoms need not be unit norm; an
+    all-zero atom has cosine 0 with every other atom.
+
+    Parameters
+    ----------
+    learned_atoms : array-like of shape (n_learned, n_features)
+        The learned dictionary, one atom per row (e.g. ``est.components_``).
+    true_atoms : array-like of shape (n_true, n_features)
+        The reference dictionary, one atom per row.
+
+    Returns
+    -------
+    indices : ndarray of shape (n_true,)
+        Row of ``learned_atoms`` closest to each true atom.
+    similarities : ndarray of shape (n_true,)
+        The cosine similarity of each true atom with its best match.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_dict.metrics import best_matches
+    >>> true = np.eye(3)
+    >>> learned = np.array([[0.0, 0.0, 2.0], [1.0, 1.0, 0.0]])
+    >>> indices, similarities = best_matches(learned, true)
+    >>> indices
+    array([1, 1, 0])
+    >>> similarities.round(3)
+    array([0.707, 0.707, 1.   ])
+    """
+    learned, true = _check_atom_pair(learned_atoms, true_atoms)
+    cosines = _cosine_matrix(learned, true)
+    indices = np.argmax(cosines, axis=0)
+    return indices, cosines[indices, np.arange(true.shape[0])]
+
+
+def mean_max_cosine_similarity(learned_atoms, true_atoms):
+    """Mean max cosine similarity (MMCS) of a learned dictionary to the truth.
+
+    For each true atom take its highest cosine similarity with any learned
+    atom, then average over the true atoms (Sharkey et al., "Taking features
+    out of superposition with sparse autoencoders", 2022). It is 1 when every
+    true atom appears, up to positive scale, among the learned atoms. Swap
+    the arguments to ask instead how many learned atoms are real features.
+
+    Parameters
+    ----------
+    learned_atoms : array-like of shape (n_learned, n_features)
+        The learned dictionary, one atom per row (e.g. ``est.components_``).
+    true_atoms : array-like of shape (n_true, n_features)
+        The reference dictionary, one atom per row.
+
+    Returns
+    -------
+    mmcs : float
+        In [-1, 1], higher is better.
+
+    See Also
+    --------
+    best_matches : The match and similarity of each true atom.
+    recovery_rate : Share of true atoms matched above a threshold.
+    one_to_one_matching_score : The same with each learned atom used once.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_dict.metrics import mean_max_cosine_similarity
+    >>> true = np.eye(2)
+    >>> mean_max_cosine_similarity([[0.0, 3.0], [2.0, 0.0]], true)
+    1.0
+    >>> round(mean_max_cosine_similarity([[1.0, 1.0]], true), 4)
+    0.7071
+    """
+    return float(np.mean(best_matches(learned_atoms, true_atoms)[1]))
+
+
+def recovery_rate(learned_atoms, true_atoms, threshold=0.9):
+    """Share of true atoms with a learned atom at cosine ``>= threshold``.
+
+    Parameters
+    ----------
+    learned_atoms : array-like of shape (n_learned, n_features)
+        The learned dictionary, one atom per row.
+    true_atoms : array-like of shape (n_true, n_features)
+        The reference dictionary, one atom per row.
+    threshold : float, default=0.9
+        Cosine similarity, in [-1, 1], from which a true atom counts as
+        recovered.
+
+    Returns
+    -------
+    rate : float
+        In [0, 1], higher is better.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_dict.metrics import recovery_rate
+    >>> learned = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    >>> recovery_rate(learned, np.eye(3))
+    0.3333333333333333
+    >>> recovery_rate(learned, np.eye(3), threshold=0.7)
+    1.0
+    """
+    if not isinstance(threshold, Real) or not -1 <= threshold <= 1:
+        raise ValueError(f"threshold must be a number in [-1, 1], got {threshold!r}.")
+    similarities = best_matches(learned_atoms, true_atoms)[1]
+    return float(np.mean(similarities >= threshold))
+
+
+def one_to_one_matches(learned_atoms, true_atoms):
+    """Pair learned and true atoms one to one, maximising total cosine.
+
+    Solves the assignment problem (Hungarian algorithm,
+    :func:`scipy.optimize.linear_sum_assignment`) on the cosine similarity
+    matrix, so no learned atom can stand for two true atoms.
+
+    Parameters
+    ----------
+    learned_atoms : array-like of shape (n_learned, n_features)
+        The learned dictionary, one atom per row.
+    true_atoms : array-like of shape (n_true, n_features)
+        The reference dictionary, one atom per row.
+
+    Returns
+    -------
+    learned_indices : ndarray of shape (n_pairs,)
+        Rows of ``learned_atoms`` in the pairs, ``n_pairs = min(n_learned,
+        n_true)``.
+    true_indices : ndarray of shape (n_pairs,)
+        Rows of ``true_atoms`` in the pairs, in increasing order.
+    similarities : ndarray of shape (n_pairs,)
+        Cosine similarity of each pair.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_dict.metrics import one_to_one_matches
+    >>> learned = np.array([[0.0, 1.0], [1.0, 0.1]])
+    >>> learned_idx, true_idx, sims = one_to_one_matches(learned, np.eye(2))
+    >>> learned_idx, true_idx
+    (array([1, 0]), array([0, 1]))
+    """
+    learned, true = _check_atom_pair(learned_atoms, true_atoms)
+    cosines = _cosine_matrix(learned, true)
+    rows, cols = linear_sum_assignment(cosines, maximize=True)
+    order = np.argsort(cols)
+    rows, cols = rows[order], cols[order]
+    return rows, cols, cosines[rows, cols]
+
+
+def one_to_one_matching_score(learned_atoms, true_atoms):
+    """Mean cosine of the best one-to-one pairing, over the true atoms.
+
+    Unlike :func:`mean_max_cosine_similarity`, one learned atom cannot match
+    several true atoms; true atoms left without a partner (when there are
+    fewer learned atoms than true ones) count as 0.
+
+    Parameters
+    ----------
+    learned_atoms : array-like of shape (n_learned, n_features)
+        The learned dictionary, one atom per row.
+    true_atoms : array-like of shape (n_true, n_features)
+        The reference dictionary, one atom per row.
+
+    Returns
+    -------
+    score : float
+        In [-1, 1], higher is better.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_dict.metrics import (
+    ...     mean_max_cosine_similarity, one_to_one_matching_score)
+    >>> learned = np.array([[1.0, 0.0], [1.0, 0.0]])
+    >>> mean_max_cosine_similarity(learned, np.eye(2))
+    0.5
+    >>> one_to_one_matching_score(learned, np.array([[1.0, 0.0], [0.8, 0.6]]))
+    0.9
+    """
+    similarities = one_to_one_matches(learned_atoms, true_atoms)[2]
+    n_true = _check_data(true_atoms, "true_atoms").shape[0]
+    return float(np.sum(similarities) / n_true)
+
+
+# --------------------------------------------------------------------------
+# Model selection
+# --------------------------------------------------------------------------
+
+
+def _reconstruct(estimator, X):
+    """Input to the dictionary, its codes and its reconstruction.
+
+    For a Pipeline, the dictionary is the last step and its input is what
+    the earlier steps make of ``X``.
+    """
+    from sklearn.pipeline import Pipeline
+
+    if isinstance(estimator, Pipeline):
+        dictionary = estimator.steps[-1][1]
+        if len(estimator.steps) > 1:
+            X = estimator[:-1].transform(X)
+    else:
+        dictionary = estimator
+    if not (
+        hasattr(dictionary, "transform") and hasattr(dictionary, "inverse_transform")
+    ):
+        raise TypeError(
+            "Scoring a sparse dictionary needs an estimator, or a Pipeline whose "
+            "last step is one, with transform and inverse_transform methods; got "
+            f"{type(dictionary).__name__}."
+        )
+    codes = dictionary.transform(X)
+    X_hat = dictionary.inverse_transform(codes)
+    codes = codes if sp.issparse(codes) else np.asarray(codes)
+    return np.asarray(X), codes, np.asarray(X_hat)
+
+
+_SCORER_METRICS = {
+    "explained_variance": lambda X, codes, X_hat: explained_variance(X, X_hat),
+    "fraction_variance_unexplained": (
+        lambda X, codes, X_hat: fraction_variance_unexplained(X, X_hat)
+    ),
+    "mse": lambda X, codes, X_hat: mse(X, X_hat),
+    "l0": lambda X, codes, X_hat: l0(codes),
+    "l1": lambda X, codes, X_hat: l1(codes),
+    "dead_fraction": lambda X, codes, X_hat: dead_fraction(codes),
+    "dense_fraction": lambda X, codes, X_hat: dense_fraction(codes),
+}
+
+
+class SparseCodingScorer:
+    """Multimetric scorer of a sparse dictionary, for ``GridSearchCV(scoring=)``.
+
+    Called as ``scorer(estimator, X)``, it codes ``X``, reconstructs it and
+    returns a dict of metrics, which ``GridSearchCV`` records as
+    ``mean_test_<name>`` in ``cv_results_``. The estimator may be a bare
+    dictionary (any object with ``transform`` and ``inverse_transform``) or a
+    :class:`~sklearn.pipeline.Pipeline` whose last step is one; then the
+    reconstruction of that step's input (``X`` run through the earlier steps)
+    is measured. Metrics are reported as they are: ``l0``, ``l1``, ``mse``,
+    ``fraction_variance_unexplained``, ``dead_fraction`` and
+    ``dense_fraction`` are better when lower, so do not name them as
+    ``refit=``; use :func:`best_under_l0`.
+
+    Parameters
+    ----------
+    metrics : tuple of str, default=("explained_variance", "l0", "dead_fraction")
+        Which metrics to compute, from ``"explained_variance"``,
+        ``"fraction_variance_unexplained"``, ``"mse"``, ``"l0"``, ``"l1"``,
+        ``"dead_fraction"`` and ``"dense_fraction"``. Codes count as active
+        when non-zero. ``dead_fraction`` is measured on the scored rows only,
+        so it grows when they are few.
+
+    See Also
+    --------
+    sparse_coding_scorer : The instance with the default metrics.
+    best_under_l0 : The refit helper that reads this scorer's results.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.decomposition import PCA
+    >>> from sparse_dict.metrics import SparseCodingScorer
+    >>> X = np.random.RandomState(0).normal(size=(50, 4))
+    >>> scorer = SparseCodingScorer(metrics=("explained_variance", "l0"))
+    >>> scores = scorer(PCA(n_components=4).fit(X), X)
+    >>> round(scores["explained_variance"], 6), scores["l0"]
+    (1.0, 4.0)
+    """
+
+    def __init__(self, metrics=("explained_variance", "l0", "dead_fraction")):
+        metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+        unknown = [name for name in metrics if name not in _SCORER_METRICS]
+        if unknown or not metrics:
+            raise ValueError(
+                f"metrics must be a non-empty selection of {sorted(_SCORER_METRICS)}, "
+                f"got {list(metrics)!r}."
+            )
+        self.metrics = metrics
+
+    def __call__(self, estimator, X, y=None):
+        X_in, codes, X_hat = _reconstruct(estimator, X)
+        return {
+            name: _SCORER_METRICS[name](X_in, codes, X_hat) for name in self.metrics
+        }
+
+    def __repr__(self):
+        return f"SparseCodingScorer(metrics={self.metrics!r})"
+
+
+sparse_coding_scorer = SparseCodingScorer()
+"""Scorer giving ``explained_variance``, ``l0`` and ``dead_fraction``.
+
+Pass it as ``GridSearchCV(..., scoring=sparse_coding_scorer,
+refit=best_under_l0(max_l0=...))``. See :class:`SparseCodingScorer`.
+"""
+
+
+def explained_variance_scorer(estimator, X, y=None):
+    """Single-metric scorer: explained variance of the dictionary's input.
+
+    For ``GridSearchCV(scoring=explained_variance_scorer)`` or
+    ``cross_val_score``. Handles bare estimators and Pipelines as
+    :class:`SparseCodingScorer` does.
+
+    Parameters
+    ----------
+    estimator : estimator or Pipeline
+        A fitted dictionary with ``transform`` and ``inverse_transform``, or
+        a Pipeline ending in one.
+    X : array-like of shape (n_samples, n_features)
+        Data to score on.
+    y : None
+        Ignored.
+
+    Returns
+    -------
+    score : float
+        :func:`explained_variance` of the dictionary's input and its
+        reconstruction.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.decomposition import PCA
+    >>> from sparse_dict.metrics import explained_variance_scorer
+    >>> X = np.random.RandomState(0).normal(size=(50, 4))
+    >>> round(explained_variance_scorer(PCA(n_components=4).fit(X), X), 6)
+    1.0
+    """
+    X_in, _, X_hat = _reconstruct(estimator, X)
+    return explained_variance(X_in, X_hat)
+
+
+class BestUnderL0:
+    """Refit rule: best explained variance among candidates within an L0 budget.
+
+    Built by :func:`best_under_l0`; see there.
+
+    Parameters
+    ----------
+    max_l0 : float
+        Largest admissible mean L0 (mean active features per row).
+    score : str, default="explained_variance"
+        Name of the metric to maximise in ``cv_results_``.
+    l0 : str, default="l0"
+        Name of the L0 metric in ``cv_results_``.
+    """
+
+    def __init__(self, max_l0, *, score="explained_variance", l0="l0"):
+        if (
+            not isinstance(max_l0, Real)
+            or isinstance(max_l0, bool)
+            or not max_l0 >= 0
+            or not np.isfinite(max_l0)
+        ):
+            raise ValueError(
+                f"max_l0 must be a finite non-negative number, got {max_l0!r}."
+            )
+        self.max_l0 = max_l0
+        self.score = score
+        self.l0 = l0
+
+    def _column(self, cv_results, name):
+        key = f"mean_test_{name}"
+        if key not in cv_results:
+            found = sorted(k[len("mean_test_") :] for k in cv_results if
+                           k.startswith("mean_test_"))
+            raise ValueError(
+                f"cv_results_ has no {key!r}: the search must be scored with a "
+                f"metric named {name!r} (e.g. scoring=sparse_coding_scorer); "
+                f"the metrics found were {found}."
+            )
+        return np.asarray(cv_results[key], dtype=np.float64)
+
+    def __call__(self, cv_results):
+        scores = self._column(cv_results, self.score)
+        l0s = self._column(cv_results, self.l0)
+        admissible = (l0s <= self.max_l0) & np.isfinite(scores)
+        if not admissible.any():
+            if not np.isfinite(l0s).any():
+                raise ValueError(
+                    "No candidate could be scored: every mean L0 is NaN, so all "
+                    "fits or scorings failed (set error_score='raise' to see why)."
+                )
+            smallest = int(np.nanargmin(l0s))
+            raise ValueError(
+                f"No candidate has a mean L0 within max_l0={self.max_l0}; the "
+                f"smallest mean L0 seen was {l0s[smallest]:.4g}, with params "
+                f"{cv_results['params'][smallest]}. Raise max_l0 or add "
+                "candidates with a stronger sparsity penalty."
+            )
+        masked = np.where(admissible, scores, -np.inf)
+        return int(np.argmax(masked))
+
+    def __repr__(self):
+        return f"best_under_l0(max_l0={self.max_l0!r})"
+
+
+def best_under_l0(max_l0, *, score="explained_variance", l0="l0"):
+    """Refit helper for ``GridSearchCV``: best reconstruction within an L0 budget.
+
+    Held-out reconstruction alone always prefers the weakest sparsity
+    penalty. This rule instead picks, among the candidates whose mean test L0
+    is at most ``max_l0``, the one with the highest mean test explained
+    variance. Use it with :data:`sparse_coding_scorer` (or any multimetric
+    scoring that has the two names).
+
+    Parameters
+    ----------
+    max_l0 : float
+        Largest admissible mean L0 (mean active features per row).
+    score : str, default="explained_variance"
+        Name of the metric to maximise; read from
+        ``cv_results_["mean_test_<score>"]``.
+    l0 : str, default="l0"
+        Name of the L0 metric; read from ``cv_results_["mean_test_<l0>"]``.
+
+    Returns
+    -------
+    refit : callable
+        ``refit(cv_results) -> int``, the index of the chosen candidate. It
+        raises ValueError naming the smallest mean L0 seen when no candidate
+        is within the budget.
+
+    Examples
+    --------
+    >>> from sparse_dict.metrics import best_under_l0
+    >>> cv_results = {
+    ...     "params": [{"l1_coef": 0.1}, {"l1_coef": 1.0}, {"l1_coef": 10.0}],
+    ...     "mean_test_explained_variance": [0.99, 0.9, 0.6],
+    ...     "mean_test_l0": [40.0, 12.0, 3.0],
+    ... }
+    >>> best_under_l0(max_l0=20)(cv_results)
+    1
+    >>> best_under_l0(max_l0=2)(cv_results)
+    Traceback (most recent call last):
+    ...
+    ValueError: No candidate has a mean L0 within max_l0=2; the smallest mean L0 \
+seen was 3, with params {'l1_coef': 10.0}. Raise max_l0 or add candidates with a \
+stronger sparsity penalty.
+    """
+    return BestUnderL0(max_l0, score=score, l0=l0)
