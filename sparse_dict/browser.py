@@ -1,0 +1,597 @@
+"""A first look at a learned dictionary: a static feature browser and a density plot.
+
+The browser is one self-contained HTML file (inline CSS and JavaScript, no
+server, no network) that lists every feature with its firing frequency and the
+tokens it fires on most strongly, shown in context and shaded by activation.
+The data are embedded once as compact JSON and the page renders one page of
+features at a time, so a dictionary with thousands of features opens quickly.
+
+The functions here are pure functions of arrays: they know nothing of the
+estimator, so they serve any sparse coder's output (an SAE's codes, or the
+codes of scikit-learn's ``MiniBatchDictionaryLearning``).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "FeatureExamples",
+    "top_activating_examples",
+    "write_feature_browser",
+    "plot_feature_density",
+]
+
+# The dense block taken from the codes at a time, in elements. Bounded so that
+# the top-k search over a large memmapped code matrix never holds more than
+# ~64 MB of float32 at once.
+_BLOCK_ELEMENTS = 16_000_000
+
+
+@dataclass(frozen=True)
+class FeatureExamples:
+    """The top-activating tokens of each feature, with their context.
+
+    Built by :func:`top_activating_examples`; read by
+    :func:`write_feature_browser`. All arrays have one row per feature.
+
+    Attributes
+    ----------
+    rows : ndarray of shape (n_features, k), dtype int64
+        Row of the code matrix (the token) for each example, best first;
+        ``-1`` where the feature fired on fewer than ``k`` tokens.
+    values : ndarray of shape (n_features, k), dtype float32
+        The feature's activation on that token (0 where ``rows`` is ``-1``).
+    context_rows : ndarray of shape (n_features, k, 2 * context + 1), dtype int64
+        Rows of the tokens around each example, the example in the middle;
+        ``-1`` past the start or end of its text.
+    context_values : ndarray of shape (n_features, k, 2 * context + 1), dtype float32
+        The feature's activation on each context token.
+    tokens : ndarray of shape (n_tokens,), dtype object
+        Token string of each row of the code matrix.
+    index : ndarray of shape (n_tokens, 2), dtype int64
+        ``(text index, position)`` of each row of the code matrix.
+    """
+
+    rows: np.ndarray
+    values: np.ndarray
+    context_rows: np.ndarray
+    context_values: np.ndarray
+    tokens: np.ndarray
+    index: np.ndarray
+
+    @property
+    def n_features(self):
+        """Number of features described."""
+        return self.rows.shape[0]
+
+
+def _check_codes(codes):
+    """Return ``codes`` as a 2-D array or a scipy sparse matrix, unchanged otherwise."""
+    try:
+        import scipy.sparse as sp
+
+        if sp.issparse(codes):
+            return codes.tocsc()
+    except ImportError:  # pragma: no cover - scipy is a hard dependency
+        pass
+    if not hasattr(codes, "shape") or not hasattr(codes, "dtype"):
+        codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(
+            f"Expected codes of shape (n_tokens, n_features), got an array with "
+            f"{codes.ndim} dimension(s)."
+        )
+    if codes.dtype.kind not in "fiub":
+        raise ValueError(f"Expected numeric codes, got dtype {codes.dtype}.")
+    return codes
+
+
+def _dense_block(codes, start, stop):
+    """Columns ``start:stop`` of the codes as a float32 C array."""
+    block = codes[:, start:stop]
+    if hasattr(block, "toarray"):
+        block = block.toarray()
+    return np.asarray(block, dtype=np.float32)
+
+
+def _neighbours(index, context):
+    """Rows of the ``context`` tokens either side of every row, within its text.
+
+    Rows need not be ordered: they are sorted by (text, position) once, and the
+    window is taken in that order, cut at the text's first and last token.
+    Returns an int64 array of shape (n_tokens, 2 * context + 1), ``-1`` outside
+    the text.
+    """
+    n = index.shape[0]
+    order = np.lexsort((index[:, 1], index[:, 0]))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    sorted_text = index[order, 0]
+    # First and one-past-last sorted position of the text each sorted row is in.
+    starts = np.searchsorted(sorted_text, sorted_text, side="left")
+    stops = np.searchsorted(sorted_text, sorted_text, side="right")
+    offsets = np.arange(-context, context + 1)
+    window = rank[:, None] + offsets[None, :]
+    inside = (window >= starts[rank][:, None]) & (window < stops[rank][:, None])
+    rows = np.where(inside, order[np.clip(window, 0, n - 1)], -1)
+    return rows.astype(np.int64)
+
+
+def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
+    """Find the ``k`` tokens each feature fires on most strongly, with context.
+
+    The search runs over blocks of features at a time with
+    :func:`numpy.argpartition` down each column, so its cost is one pass over
+    the codes and it works on a memory-mapped or scipy sparse code matrix of
+    any size.
+
+    Parameters
+    ----------
+    codes : array-like or sparse matrix of shape (n_tokens, n_features)
+        Feature activations, one row per token (for example the output of
+        ``SparseAutoencoderDictionary.transform``).
+    tokens : sequence of str of length n_tokens
+        The token string of each row.
+    index : array-like of shape (n_tokens, 2), default=None
+        ``(text index, position)`` of each row, used to find each example's
+        neighbours within its own text. ``None`` treats all rows as one text
+        in order.
+    k : int, default=8
+        Number of examples per feature.
+    context : int, default=6
+        Number of tokens shown on each side of an example.
+
+    Returns
+    -------
+    examples : FeatureExamples
+        The examples; features that never fire have none (``rows`` is -1).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_dict.browser import top_activating_examples
+    >>> codes = np.array([[0.0, 1.0], [2.0, 0.0], [0.5, 3.0], [0.0, 0.0]])
+    >>> ex = top_activating_examples(codes, ["a", "b", "c", "d"], k=2, context=1)
+    >>> ex.rows.tolist()   # best token first, for each feature
+    [[1, 2], [2, 0]]
+    >>> ex.context_rows[1, 0].tolist()   # around row 2: rows 1, 2, 3
+    [1, 2, 3]
+    """
+    codes = _check_codes(codes)
+    n_tokens, n_features = codes.shape
+    tokens = np.asarray(list(tokens), dtype=object)
+    if tokens.shape != (n_tokens,):
+        raise ValueError(
+            f"Expected {n_tokens} token strings, one per row of codes, got {tokens.shape[0]}."
+        )
+    if index is None:
+        index = np.column_stack([np.zeros(n_tokens, np.int64), np.arange(n_tokens)])
+    index = np.asarray(index, dtype=np.int64)
+    if index.shape != (n_tokens, 2):
+        raise ValueError(
+            f"Expected index of shape ({n_tokens}, 2) as (text, position) pairs, "
+            f"got shape {index.shape}."
+        )
+    k = int(k)
+    context = int(context)
+    if k < 1:
+        raise ValueError(f"k must be a positive integer, got {k}.")
+    if context < 0:
+        raise ValueError(f"context must be a non-negative integer, got {context}.")
+
+    width = 2 * context + 1
+    kk = min(k, n_tokens)
+    rows = np.full((n_features, k), -1, dtype=np.int64)
+    values = np.zeros((n_features, k), dtype=np.float32)
+    context_rows = np.full((n_features, k, width), -1, dtype=np.int64)
+    context_values = np.zeros((n_features, k, width), dtype=np.float32)
+    if n_tokens == 0 or n_features == 0:
+        return FeatureExamples(rows, values, context_rows, context_values, tokens, index)
+
+    neighbours = _neighbours(index, context)
+    step = max(1, _BLOCK_ELEMENTS // max(n_tokens, 1))
+    for start in range(0, n_features, step):
+        stop = min(start + step, n_features)
+        block = _dense_block(codes, start, stop)  # (n_tokens, b)
+        cols = np.arange(stop - start)
+        if kk < n_tokens:
+            top = np.argpartition(-block, kk - 1, axis=0)[:kk]  # (kk, b), unordered
+        else:
+            top = np.broadcast_to(np.arange(n_tokens)[:, None], (n_tokens, stop - start))
+        top_vals = block[top, cols[None, :]]
+        # Best first; ties broken by row so the result does not depend on the
+        # partition algorithm.
+        order = np.lexsort((top, -top_vals), axis=0)
+        top = np.take_along_axis(top, order, axis=0).T  # (b, kk)
+        top_vals = np.take_along_axis(top_vals, order, axis=0).T
+        fired = top_vals > 0
+        rows[start:stop, :kk] = np.where(fired, top, -1)
+        values[start:stop, :kk] = np.where(fired, top_vals, 0.0)
+        ctx = np.where(fired[:, :, None], neighbours[top], -1)  # (b, kk, width)
+        ctx_vals = block[np.clip(ctx, 0, None), cols[:, None, None]]
+        context_rows[start:stop, :kk] = ctx
+        context_values[start:stop, :kk] = np.where(ctx >= 0, ctx_vals, 0.0)
+    return FeatureExamples(rows, values, context_rows, context_values, tokens, index)
+
+
+def _feature_payload(frequencies, examples, max_features):
+    """The browser's data as plain lists, small enough to embed as JSON.
+
+    Token strings are stored once in a vocabulary and referred to by number;
+    activations are shaded in ten levels, one digit per token, relative to the
+    feature's largest activation. That keeps the page to a few bytes per shown
+    token, so thousands of features fit in a few megabytes.
+    """
+    n_features = frequencies.shape[0]
+    n_shown = n_features if max_features is None else min(n_features, int(max_features))
+    vocab_list = []
+    features = []
+    if examples is not None:
+        ctx_rows = examples.context_rows[:n_shown]
+        used = ctx_rows[ctx_rows >= 0]
+        # One vocabulary of the token strings actually shown, built in one
+        # pass with numpy rather than a dictionary lookup per token.
+        vocab_arr, inverse = np.unique(examples.tokens[used].astype(str), return_inverse=True)
+        vocab_list = vocab_arr.tolist()
+        token_ids = np.full(examples.tokens.shape[0], -1, dtype=np.int64)
+        token_ids[used] = inverse.ravel()
+        peaks = examples.values[:n_shown, 0]
+        scale = np.where(peaks > 0, peaks, 1.0)[:, None, None]
+        levels = np.ceil(np.clip(examples.context_values[:n_shown] / scale, 0, 1) * 9).astype(np.int8)
+    for f in range(n_shown):
+        ex_list = []
+        peak = 0
+        if examples is not None:
+            peak = _round_sig(float(examples.values[f, 0]))
+            for j in np.flatnonzero(examples.rows[f] >= 0):
+                ctx = ctx_rows[f, j]
+                keep = ctx >= 0
+                half = ctx.shape[0] // 2
+                text, pos = (int(v) for v in examples.index[examples.rows[f, j]])
+                ex_list.append(
+                    [
+                        _round_sig(float(examples.values[f, j])),
+                        text,
+                        pos,
+                        # The example's place in the window once cut-off
+                        # context (past the text's ends) is dropped.
+                        half - int(np.count_nonzero(~keep[:half])),
+                        token_ids[ctx[keep]].tolist(),
+                        "".join(map(str, levels[f, j][keep].tolist())),
+                    ]
+                )
+        features.append([f, _round_sig(float(frequencies[f])), peak, ex_list])
+    return {"vocab": vocab_list, "features": features}
+
+
+def _round_sig(x, digits=4):
+    """``x`` rounded to ``digits`` significant digits, to keep the JSON short."""
+    if x == 0 or not np.isfinite(x):
+        return 0
+    return float(f"{x:.{digits}g}")
+
+
+def write_feature_browser(
+    path, frequencies, examples=None, *, title="Feature browser", max_features=None
+):
+    """Write a self-contained HTML page to browse a dictionary's features.
+
+    The page lists features with their firing frequency, their largest
+    activation and their top-activating tokens in context, each token shaded
+    by how strongly the feature fires on it. It can be searched by feature id
+    (``12`` or ``#12``) or by the text of the tokens a feature fires on, and
+    sorted by frequency. Only one page of features is drawn at a time, so it
+    stays responsive with thousands of features. It needs no server and
+    loads nothing from the network: open the file in any browser.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Where to write the HTML file; its folder must exist.
+    frequencies : array-like of shape (n_features,)
+        Fraction of tokens on which each feature fires (for example
+        ``SparseAutoencoderDictionary.feature_frequencies_`` or
+        :func:`sparse_dict.metrics.feature_frequencies` of the codes).
+    examples : FeatureExamples, default=None
+        Top-activating examples from :func:`top_activating_examples`.
+        ``None`` writes a page of frequencies only.
+    title : str, default="Feature browser"
+        Page title and heading.
+    max_features : int, default=None
+        Show only the first ``max_features`` features; ``None`` shows all.
+
+    Returns
+    -------
+    path : str
+        The path written.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from sparse_dict.browser import top_activating_examples, write_feature_browser
+    >>> codes = np.array([[0.0, 1.0], [2.0, 0.0], [0.5, 3.0]])
+    >>> ex = top_activating_examples(codes, ["to", "be", "or"], k=2, context=1)
+    >>> out = os.path.join(tempfile.mkdtemp(), "features.html")
+    >>> _ = write_feature_browser(out, (codes > 0).mean(axis=0), ex)
+    >>> "<!DOCTYPE html>" in open(out, encoding="utf-8").read(100)
+    True
+    """
+    frequencies = np.asarray(frequencies, dtype=np.float64)
+    if frequencies.ndim != 1:
+        raise ValueError(
+            f"Expected frequencies of shape (n_features,), got shape {frequencies.shape}."
+        )
+    if examples is not None and examples.n_features != frequencies.shape[0]:
+        raise ValueError(
+            f"frequencies describe {frequencies.shape[0]} features but examples "
+            f"describe {examples.n_features}."
+        )
+    payload = _feature_payload(frequencies, examples, max_features)
+    payload["title"] = str(title)
+    payload["n_features"] = int(frequencies.shape[0])
+    payload["n_dead"] = int(np.count_nonzero(frequencies <= 0))
+    # "<" is escaped so that no token text (say "</script>") can end the
+    # script element early; the JSON stays valid since "<" only occurs in strings.
+    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).replace("<", "\\u003c")
+    page = (
+        _PAGE.replace("@@TITLE@@", html.escape(str(title)))
+        .replace("@@CSS@@", _CSS)
+        .replace("@@JS@@", _JS)
+        .replace("@@DATA@@", data)
+    )
+    path = os.fspath(path)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(page)
+    return path
+
+
+def plot_feature_density(frequencies, path=None, *, bins=50, title=None):
+    """Plot the histogram of log10 firing frequency of a dictionary's features.
+
+    The usual first look at a dictionary: a healthy one has a single bump of
+    features firing on, say, 1 in 10 000 to 1 in 10 tokens. Features that
+    never fire cannot sit on a log axis; they are counted in the title instead.
+    Uses matplotlib's Agg canvas directly, so it never opens a window and does
+    not change the global pyplot backend.
+
+    Parameters
+    ----------
+    frequencies : array-like of shape (n_features,)
+        Fraction of tokens on which each feature fires.
+    path : str or path-like, default=None
+        If given, the figure is saved there as a PNG.
+    bins : int, default=50
+        Number of histogram bins.
+    title : str, default=None
+        Figure title; by default it says how many features are dead.
+
+    Returns
+    -------
+    fig : matplotlib.figure.Figure
+        The figure.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_dict.browser import plot_feature_density
+    >>> fig = plot_feature_density(np.array([0.0, 1e-3, 1e-2, 0.1]))
+    >>> fig.axes[0].get_xlabel()
+    'log10 firing frequency'
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    frequencies = np.asarray(frequencies, dtype=np.float64).ravel()
+    alive = frequencies[frequencies > 0]
+    n_dead = frequencies.size - alive.size
+    fig = Figure(figsize=(6, 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if alive.size:
+        ax.hist(np.log10(alive), bins=bins, color="#d9661f")
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("number of features")
+    if title is None:
+        share = n_dead / frequencies.size if frequencies.size else 0.0
+        title = (
+            f"Feature density: {alive.size} alive, "
+            f"{n_dead} dead ({share:.1%}) of {frequencies.size}"
+        )
+    ax.set_title(title, fontsize=10)
+    if path is not None:
+        fig.savefig(os.fspath(path), format="png", dpi=110)
+    return fig
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>@@TITLE@@</title>
+<style>@@CSS@@</style>
+</head>
+<body>
+<header>
+<h1>@@TITLE@@</h1>
+<p id="summary"></p>
+<div class="controls">
+<input id="search" type="search" placeholder="Search: feature id (12 or #12) or token text" autocomplete="off" aria-label="Search features">
+<label>Sort <select id="sort" aria-label="Sort features">
+<option value="id">feature id</option>
+<option value="freq-desc">frequency, high first</option>
+<option value="freq-asc">frequency, low first</option>
+<option value="act-desc">max activation, high first</option>
+</select></label>
+<label><input id="hide-dead" type="checkbox"> hide dead</label>
+</div>
+<nav class="pager"><button id="prev" type="button">&larr; previous</button>
+<span id="page-info"></span>
+<button id="next" type="button">next &rarr;</button></nav>
+</header>
+<main id="features"></main>
+<script id="feature-data" type="application/json">@@DATA@@</script>
+<script>@@JS@@</script>
+</body>
+</html>
+"""
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#222;background:#fafafa}
+header{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:.6em 1em;z-index:1}
+h1{font-size:1.3em;margin:.1em 0}
+#summary{margin:.2em 0;color:#555}
+.controls{display:flex;gap:1em;align-items:center;flex-wrap:wrap}
+#search{flex:1;min-width:16em;padding:.35em .5em;font-size:1em}
+.pager{margin-top:.4em;display:flex;gap:1em;align-items:center}
+main{padding:.5em 1em}
+.feature{background:#fff;border:1px solid #ddd;border-radius:6px;margin:.6em 0;padding:.5em .8em}
+.feature h2{font-size:1em;margin:0 0 .3em 0}
+.feature .stats{font-weight:normal;color:#666;margin-left:.6em}
+.dead{color:#b00}
+.example{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em;white-space:pre;overflow-x:auto;line-height:1.6}
+.example .act{display:inline-block;min-width:4.5em;color:#888}
+.tok{border-radius:2px}
+.tok.max{outline:1px solid #a33}
+.l0{}.l1{background:#fff1e6}.l2{background:#ffe0c7}.l3{background:#ffcfa8}.l4{background:#ffbd8a}
+.l5{background:#ffac6b}.l6{background:#ff9a4d}.l7{background:#f8862f}.l8{background:#ec7014}.l9{background:#d95f02;color:#fff}
+.empty{color:#777;font-style:italic}
+"""
+
+# Plain ES2015, no libraries. Token text is only ever set through textContent,
+# so nothing in the data can inject markup.
+_JS = r"""
+(function () {
+  "use strict";
+  var DATA = JSON.parse(document.getElementById("feature-data").textContent);
+  var PAGE_SIZE = 50;
+  var vocab = DATA.vocab;
+  var all = DATA.features.map(function (f) {
+    // f = [id, frequency, max activation, examples]; each example is
+    // [activation, text, position, centre, token ids, shade digits].
+    var firing = [];
+    f[3].forEach(function (ex) {
+      for (var i = 0; i < ex[4].length; i++) {
+        if (ex[5].charAt(i) !== "0") firing.push(vocab[ex[4][i]].toLowerCase());
+      }
+    });
+    return {id: f[0], freq: f[1], maxAct: f[2], examples: f[3], search: "\u0001" + firing.join("\u0001") + "\u0001"};
+  });
+  var state = {query: "", sort: "id", hideDead: false, page: 0};
+  var shown = all;
+  var el = function (id) { return document.getElementById(id); };
+
+  function pct(x) {
+    if (x <= 0) return "never fires";
+    if (x >= 0.001) return (100 * x).toPrecision(3) + "% of tokens";
+    return "1 in " + Math.round(1 / x).toLocaleString("en") + " tokens";
+  }
+
+  function recompute() {
+    var q = state.query.trim().toLowerCase();
+    var idMatch = /^#?\d+$/.test(q) ? parseInt(q.replace("#", ""), 10) : null;
+    shown = all.filter(function (f) {
+      if (state.hideDead && f.freq <= 0) return false;
+      if (!q) return true;
+      if (idMatch !== null) return f.id === idMatch;
+      return f.search.indexOf(q) !== -1;
+    });
+    var key = {
+      "id": function (a, b) { return a.id - b.id; },
+      "freq-desc": function (a, b) { return b.freq - a.freq || a.id - b.id; },
+      "freq-asc": function (a, b) { return a.freq - b.freq || a.id - b.id; },
+      "act-desc": function (a, b) { return b.maxAct - a.maxAct || a.id - b.id; }
+    }[state.sort];
+    shown = shown.slice().sort(key);
+    state.page = 0;
+    render();
+  }
+
+  function renderExample(ex) {
+    var line = document.createElement("div");
+    line.className = "example";
+    var act = document.createElement("span");
+    act.className = "act";
+    act.textContent = ex[0].toPrecision(3);
+    act.title = "text " + ex[1] + ", position " + ex[2];
+    line.appendChild(act);
+    for (var i = 0; i < ex[4].length; i++) {
+      var t = document.createElement("span");
+      t.className = "tok l" + ex[5].charAt(i) + (i === ex[3] ? " max" : "");
+      t.textContent = vocab[ex[4][i]].replace(/\n/g, "\u21b5");
+      line.appendChild(t);
+    }
+    return line;
+  }
+
+  function renderFeature(f) {
+    var box = document.createElement("section");
+    box.className = "feature";
+    box.setAttribute("data-feature", String(f.id));
+    box.setAttribute("data-frequency", String(f.freq));
+    var h = document.createElement("h2");
+    h.textContent = "Feature " + f.id;
+    var stats = document.createElement("span");
+    stats.className = "stats" + (f.freq <= 0 ? " dead" : "");
+    stats.textContent = pct(f.freq) + (f.maxAct > 0 ? " \u00b7 max activation " + f.maxAct.toPrecision(3) : "");
+    h.appendChild(stats);
+    box.appendChild(h);
+    if (!f.examples.length) {
+      var p = document.createElement("p");
+      p.className = "empty";
+      p.textContent = f.freq <= 0 ? "Dead: fires on no token." : "No examples recorded.";
+      box.appendChild(p);
+    }
+    f.examples.forEach(function (ex) { box.appendChild(renderExample(ex)); });
+    return box;
+  }
+
+  function render() {
+    var main = el("features");
+    var pages = Math.max(1, Math.ceil(shown.length / PAGE_SIZE));
+    state.page = Math.min(Math.max(state.page, 0), pages - 1);
+    var frag = document.createDocumentFragment();
+    shown.slice(state.page * PAGE_SIZE, (state.page + 1) * PAGE_SIZE).forEach(function (f) {
+      frag.appendChild(renderFeature(f));
+    });
+    main.textContent = "";
+    if (!shown.length) {
+      var p = document.createElement("p");
+      p.className = "empty";
+      p.textContent = "No feature matches.";
+      main.appendChild(p);
+    }
+    main.appendChild(frag);
+    el("page-info").textContent = shown.length + " of " + all.length + " features shown \u00b7 page " + (state.page + 1) + " of " + pages;
+    el("prev").disabled = state.page === 0;
+    el("next").disabled = state.page >= pages - 1;
+  }
+
+  el("summary").textContent = DATA.n_features + " features, " + DATA.n_dead + " dead" +
+    (all.length < DATA.n_features ? " (first " + all.length + " included)" : "") + ".";
+  var timer = null;
+  function onSearch(e) {
+    // A short pause before filtering keeps typing smooth on large dictionaries.
+    clearTimeout(timer);
+    var value = e.target.value;
+    timer = setTimeout(function () {
+      if (value !== state.query) { state.query = value; recompute(); }
+    }, 60);
+  }
+  ["input", "change", "search"].forEach(function (type) {
+    el("search").addEventListener(type, onSearch);
+  });
+  el("sort").addEventListener("change", function (e) { state.sort = e.target.value; recompute(); });
+  el("hide-dead").addEventListener("change", function (e) { state.hideDead = e.target.checked; recompute(); });
+  el("prev").addEventListener("click", function () { state.page -= 1; render(); window.scrollTo(0, 0); });
+  el("next").addEventListener("click", function () { state.page += 1; render(); window.scrollTo(0, 0); });
+  recompute();
+})();
+"""

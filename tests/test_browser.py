@@ -1,0 +1,330 @@
+"""The feature browser, its top-k helper and the density plot.
+
+The page itself is checked in a real headless Chromium driven through
+chromedriver's W3C WebDriver HTTP API with a small client written on the
+standard library (urllib + json), so the test needs no Python package beyond
+pytest: only Debian's ``chromium`` and ``chromium-driver``.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from sparse_dict.browser import (
+    plot_feature_density,
+    top_activating_examples,
+    write_feature_browser,
+)
+
+# --------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------
+
+
+def _brute_top(codes, k):
+    """Reference top-k per column: a full stable sort, best first."""
+    out = []
+    for f in range(codes.shape[1]):
+        col = codes[:, f]
+        order = np.lexsort((np.arange(col.size), -col))[:k]
+        out.append([r if col[r] > 0 else -1 for r in order])
+    return np.array(out)
+
+
+def _random_codes(n_tokens=300, n_features=40, density=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    codes = rng.random((n_tokens, n_features)).astype(np.float32)
+    codes *= rng.random((n_tokens, n_features)) < density
+    codes[:, 0] = 0.0  # a dead feature
+    return codes
+
+
+def test_top_k_matches_full_sort():
+    codes = _random_codes()
+    ex = top_activating_examples(codes, [f"t{i}" for i in range(300)], k=5, context=2)
+    np.testing.assert_array_equal(ex.rows, _brute_top(codes, 5))
+    assert np.all(ex.rows[0] == -1) and np.all(ex.values[0] == 0)
+    assert np.all(np.diff(ex.values[1:], axis=1) <= 0)
+
+
+def test_top_k_blocks_and_sparse_input_agree(monkeypatch):
+    codes = _random_codes()
+    tokens = [f"t{i}" for i in range(300)]
+    whole = top_activating_examples(codes, tokens, k=4, context=3)
+    import sparse_dict.browser as browser
+
+    # Force many small feature blocks to exercise the chunked path.
+    monkeypatch.setattr(browser, "_BLOCK_ELEMENTS", 300 * 3)
+    for blocked in (
+        top_activating_examples(codes, tokens, k=4, context=3),
+        top_activating_examples(sp.csr_matrix(codes), tokens, k=4, context=3),
+    ):
+        np.testing.assert_array_equal(blocked.rows, whole.rows)
+        np.testing.assert_array_equal(blocked.context_rows, whole.context_rows)
+        np.testing.assert_allclose(blocked.context_values, whole.context_values)
+
+
+def test_context_stays_within_text_and_follows_positions():
+    # Two texts of 5 tokens, rows shuffled: context must follow (text, position).
+    rng = np.random.default_rng(1)
+    index = np.array([(t, p) for t in range(2) for p in range(5)])
+    perm = rng.permutation(10)
+    codes = np.zeros((10, 1))
+    codes[perm == 5, 0] = 1.0  # row holding (text 1, position 0)
+    ex = top_activating_examples(codes, np.arange(10).astype(str), index[perm], k=1, context=2)
+    ctx = ex.context_rows[0, 0]
+    assert ctx[:2].tolist() == [-1, -1]  # nothing before position 0
+    assert [tuple(index[perm][r]) for r in ctx[2:]] == [(1, 0), (1, 1), (1, 2)]
+    np.testing.assert_array_equal(ex.context_values[0, 0], [0, 0, 1, 0, 0])
+
+
+def test_k_larger_than_tokens():
+    ex = top_activating_examples(np.array([[1.0], [2.0]]), ["a", "b"], k=5, context=0)
+    assert ex.rows.tolist() == [[1, 0, -1, -1, -1]]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"codes": np.ones(3)}, "dimension"),
+        ({"tokens": ["a"]}, "token strings"),
+        ({"index": np.zeros((3, 3))}, "index of shape"),
+        ({"k": 0}, "k must be"),
+        ({"context": -1}, "context must be"),
+    ],
+)
+def test_top_k_rejects_bad_input(kwargs, match):
+    args = {"codes": np.ones((3, 2)), "tokens": ["a", "b", "c"], "index": None}
+    args.update(kwargs)
+    codes, tokens, index = args.pop("codes"), args.pop("tokens"), args.pop("index")
+    with pytest.raises(ValueError, match=match):
+        top_activating_examples(codes, tokens, index, **args)
+
+
+def test_page_escapes_token_text(tmp_path):
+    codes = np.array([[1.0], [0.5]])
+    ex = top_activating_examples(codes, ["</script><b>x", "&amp;"], k=2, context=1)
+    page = write_feature_browser(tmp_path / "f.html", [1.0], ex, title="<i>t</i>")
+    text = open(page, encoding="utf-8").read()
+    assert "</script><b>" not in text
+    assert "<i>t</i>" not in text
+    data = text.split('type="application/json">')[1].split("</script>")[0]
+    assert "</script><b>x" in json.loads(data)["vocab"]
+
+
+def test_browser_rejects_mismatched_inputs(tmp_path):
+    ex = top_activating_examples(np.ones((3, 2)), ["a", "b", "c"], k=1)
+    with pytest.raises(ValueError, match="describe 3 features"):
+        write_feature_browser(tmp_path / "f.html", np.ones(3), ex)
+    with pytest.raises(ValueError, match="frequencies of shape"):
+        write_feature_browser(tmp_path / "f.html", np.ones((3, 1)))
+
+
+def test_density_plot_writes_png(tmp_path):
+    freqs = np.r_[np.zeros(5), np.logspace(-5, -1, 95)]
+    fig = plot_feature_density(freqs, tmp_path / "density.png")
+    with open(tmp_path / "density.png", "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "5 dead" in fig.axes[0].get_title()
+    # All features dead: still a figure, no error from an empty histogram.
+    plot_feature_density(np.zeros(4), tmp_path / "dead.png")
+
+
+# --------------------------------------------------------------------------
+# The page in a real headless Chromium
+# --------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WebDriver:
+    """The few W3C WebDriver commands this test needs, over plain HTTP."""
+
+    def __init__(self, url):
+        self.url = url
+        self.session = None
+
+    def call(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method,
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return json.loads(resp.read() or b"{}").get("value")
+        except urllib.error.HTTPError as err:
+            raise AssertionError(f"WebDriver {method} {path}: {err.read()[:500]!r}") from None
+
+    def start(self, chromium, user_data_dir):
+        args = [
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync",
+            "--disable-dev-shm-usage", f"--user-data-dir={user_data_dir}",
+        ]
+        caps = {
+            "browserName": "chrome",
+            "goog:chromeOptions": {"binary": chromium, "args": args},
+            "goog:loggingPrefs": {"browser": "ALL"},
+        }
+        value = self.call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})
+        self.session = value["sessionId"]
+
+    def s(self, method, path, body=None):
+        return self.call(method, f"/session/{self.session}{path}", body)
+
+    def script(self, source, *args):
+        return self.s("POST", "/execute/sync", {"script": source, "args": list(args)})
+
+    def find(self, css):
+        value = self.s("POST", "/element", {"using": "css selector", "value": css})
+        return next(iter(value.values()))
+
+    def browser_log(self):
+        # chromedriver's own endpoint for the console; not part of W3C.
+        return self.s("POST", "/se/log", {"type": "browser"}) or []
+
+    def quit(self):
+        if self.session is not None:
+            try:
+                self.s("DELETE", "")
+            except Exception:
+                pass
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    if CHROMEDRIVER is None:
+        pytest.skip("chromedriver is not installed (apt-get install chromium-driver)")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [CHROMEDRIVER, f"--port={port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wd = WebDriver(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if wd.call("GET", "/status").get("ready"):
+                    break
+            except (urllib.error.URLError, ConnectionError, AssertionError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("chromedriver did not become ready within 15 s")
+            time.sleep(0.1)
+        wd.start(CHROMIUM, str(tmp_path_factory.mktemp("chromium-profile")))
+        wd.s("POST", "/timeouts", {"script": 10_000, "pageLoad": 20_000, "implicit": 0})
+        yield wd
+    finally:
+        wd.quit()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _wait_for(driver, script, expected, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = driver.script(script)
+        if value == expected or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """A browser page of 3000 features; feature 7 alone fires on 'wherefore'."""
+    rng = np.random.default_rng(0)
+    n_tokens, n_features = 2000, 3000
+    words = np.array(["to", "be", "or", "not", "that", "is", "the", "question"])
+    tokens = words[rng.integers(0, words.size, n_tokens)].astype(object)
+    tokens[1234] = "wherefore"
+    codes = sp.random(n_tokens, n_features, density=0.004, random_state=0, format="csc",
+                      dtype=np.float32)
+    codes = codes.tolil()
+    codes[1234, :] = 0
+    codes[1234, 7] = 5.0
+    codes[:, 11] = 0  # dead
+    codes = codes.tocsc()
+    index = np.column_stack([np.arange(n_tokens) // 50, np.arange(n_tokens) % 50])
+    ex = top_activating_examples(codes, tokens, index, k=5, context=4)
+    freqs = np.asarray((codes > 0).mean(axis=0)).ravel()
+    path = tmp_path_factory.mktemp("browser") / "features.html"
+    write_feature_browser(path, freqs, ex, title="Test dictionary")
+    return path
+
+
+COUNT = "return document.querySelectorAll('#features .feature').length;"
+IDS = ("return Array.from(document.querySelectorAll('#features .feature'))"
+       ".map(function (e) { return Number(e.dataset.feature); });")
+
+
+def test_page_in_headless_chromium(driver, page):
+    driver.s("POST", "/url", {"url": page.as_uri()})
+    driver.browser_log()  # drop anything logged before this page
+
+    # Loaded and drawn, one page at a time rather than all 3000 at once.
+    assert _wait_for(driver, COUNT, 50) == 50
+    assert driver.script(IDS)[:3] == [0, 1, 2]
+    info = driver.script("return document.getElementById('page-info').textContent;")
+    assert "3000 of 3000" in info
+    # Tokens are highlighted: the top example's own token is the most shaded.
+    assert driver.script("return document.querySelectorAll('.tok.max.l9').length;") > 0
+
+    search = driver.find("#search")
+    # Search by token text.
+    driver.s("POST", f"/element/{search}/value", {"text": "wherefore"})
+    assert _wait_for(driver, IDS, [7]) == [7]
+    # Search by feature id.
+    driver.s("POST", f"/element/{search}/clear", {})
+    driver.s("POST", f"/element/{search}/value", {"text": "#11"})
+    assert _wait_for(driver, IDS, [11]) == [11]
+    assert "Dead" in driver.script("return document.querySelector('.feature').textContent;")
+    # Nothing matches.
+    driver.s("POST", f"/element/{search}/clear", {})
+    driver.s("POST", f"/element/{search}/value", {"text": "zzzz-no-such-token"})
+    assert _wait_for(driver, COUNT, 0) == 0
+
+    # Sorted by frequency, high first.
+    driver.s("POST", f"/element/{search}/clear", {})
+    driver.script(
+        "var s = document.getElementById('sort'); s.value = 'freq-desc';"
+        "s.dispatchEvent(new Event('change'));"
+    )
+    _wait_for(driver, COUNT, 50)
+    freqs = driver.script(
+        "return Array.from(document.querySelectorAll('#features .feature'))"
+        ".map(function (e) { return Number(e.dataset.frequency); });"
+    )
+    assert len(freqs) == 50 and freqs == sorted(freqs, reverse=True) and freqs[0] > 0
+
+    # Paging forward shows the next 50.
+    driver.script("document.getElementById('next').click();")
+    assert "page 2 of 60" in driver.script(
+        "return document.getElementById('page-info').textContent;"
+    )
+
+    errors = [e for e in driver.browser_log() if e.get("level") == "SEVERE"]
+    assert errors == [], errors
