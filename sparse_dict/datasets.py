@@ -1,0 +1,212 @@
+"""Data with known ground truth, and the bundled text corpus.
+
+:func:`make_superposition` draws synthetic activations in the set-up of
+Sharkey et al., "Taking features out of superposition with sparse
+autoencoders" (2022): more true features than dimensions, each row a sparse
+non-negative mixture of them. A dictionary learner is then judged by how many
+of the true atoms it recovers (see :mod:`sparse_dict.metrics`).
+"""
+
+from numbers import Integral, Real
+
+import numpy as np
+from scipy.special import ndtri
+from sklearn.utils import check_random_state
+
+from sparse_dict._corpus import load_corpus
+
+__all__ = ["load_corpus", "make_superposition"]
+
+# Rows are drawn in fixed-size blocks so that temporaries stay small for large
+# n_samples; the block size is a constant so that random_state still fixes
+# the output.
+_BLOCK_ROWS = 4096
+
+# Rank of the latent factor model behind `correlation`: a handful of shared
+# causes, so that features fall into loosely co-active groups.
+_N_FACTORS = 8
+
+
+def _activation_probabilities(n_components, n_active, frequency_decay):
+    """Per-feature firing probabilities summing to ``n_active``.
+
+    Probabilities follow ``(rank + 1) ** -frequency_decay``; any that would
+    exceed 1 are capped at 1 and the rest rescaled to keep the sum.
+    """
+    weights = np.arange(1, n_components + 1, dtype=np.float64) ** -frequency_decay
+    probabilities = np.zeros(n_components)
+    free = np.ones(n_components, dtype=bool)
+    remaining = float(n_active)
+    while free.any():
+        candidate = weights * (remaining / weights[free].sum())
+        capped = free & (candidate >= 1.0)
+        if not capped.any():
+            probabilities[free] = candidate[free]
+            break
+        probabilities[capped] = 1.0
+        free &= ~capped
+        remaining -= capped.sum()
+    return probabilities
+
+
+def _check_int(value, name, low):
+    if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+    return int(value)
+
+
+def _check_real(value, name, low, high=np.inf, *, high_open=False):
+    ok = isinstance(value, Real) and not isinstance(value, bool)
+    ok = ok and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        upper = f"< {high}" if high_open else f"<= {high}"
+        raise ValueError(
+            f"{name} must be a real number >= {low} and {upper}, got {value!r}."
+        )
+    return float(value)
+
+
+def make_superposition(
+    n_samples=1000,
+    n_features=64,
+    n_components=256,
+    *,
+    n_active=5.0,
+    magnitude_range=(0.0, 1.0),
+    correlation=0.0,
+    frequency_decay=0.0,
+    noise=0.0,
+    random_state=None,
+    dtype=np.float64,
+):
+    """Synthetic activations in superposition, with their true features.
+
+    Draws ``n_components`` true atoms, random directions of unit norm in
+    ``n_features`` dimensions (usually ``n_components > n_features``, so they
+    cannot all be orthogonal). Each row of ``X`` is a sparse non-negative
+    combination of them, ``X = true_codes @ true_atoms + noise``: feature
+    ``i`` fires on a row with probability ``p_i`` and then takes a magnitude
+    drawn uniformly from ``magnitude_range``. This is the set-up of Sharkey
+    et al., "Taking features out of superposition with sparse autoencoders".
+
+    Parameters
+    ----------
+    n_samples : int, default=1000
+        Number of rows.
+    n_features : int, default=64
+        Dimension of the activation space (width of ``X`` and of each atom).
+    n_components : int, default=256
+        Number of true features (atoms).
+    n_active : float, default=5.0
+        Expected number of active features per row: the firing probabilities
+        ``p_i`` sum to it. The count on each row varies (rows with no active
+        feature are possible). Must be in (0, n_components].
+    magnitude_range : tuple of (float, float), default=(0.0, 1.0)
+        ``(low, high)`` with ``0 <= low <= high`` and ``high > 0``: an active
+        feature's magnitude is uniform on ``(low, high]``, so it is always
+        positive. Set ``low == high`` for constant magnitudes.
+    correlation : float, default=0.0
+        Strength, in [0, 1), of the dependence between features firing.
+        0 makes features fire independently. Above 0, firing is decided by
+        thresholding Gaussian latents that share a few random common causes
+        (a rank-8 factor model), so some pairs of features tend to fire
+        together and others apart; ``correlation`` is the share of each
+        latent's variance that comes from the shared causes. The firing
+        probabilities ``p_i`` are unchanged.
+    frequency_decay : float, default=0.0
+        Exponent of the power law (Zipf-like) of firing frequencies:
+        ``p_i`` is proportional to ``(i + 1) ** -frequency_decay``, so
+        feature 0 is the most frequent. 0 gives every feature the same
+        frequency ``n_active / n_components``. Probabilities that would
+        exceed 1 are capped at 1 and the others raised to keep the sum.
+    noise : float, default=0.0
+        Standard deviation of the isotropic Gaussian noise added to ``X``.
+    random_state : int, RandomState instance or None, default=None
+        Seeds every draw; an int gives the same output on every call.
+    dtype : {np.float64, np.float32}, default=np.float64
+        Floating type of the three returned arrays.
+
+    Returns
+    -------
+    X : ndarray of shape (n_samples, n_features)
+        The activations.
+    true_atoms : ndarray of shape (n_components, n_features)
+        The true features, one unit-norm atom per row.
+    true_codes : ndarray of shape (n_samples, n_components)
+        The non-negative coefficients; non-zero exactly where a feature is
+        active. ``X`` equals ``true_codes @ true_atoms`` (up to rounding) when
+        ``noise=0``.
+
+    See Also
+    --------
+    sparse_dict.metrics.mean_max_cosine_similarity : Score a learned
+        dictionary against ``true_atoms``.
+
+    Examples
+    --------
+    >>> from sparse_dict.datasets import make_superposition
+    >>> X, true_atoms, true_codes = make_superposition(
+    ...     n_samples=2000, n_features=32, n_components=128, n_active=4,
+    ...     random_state=0)
+    >>> X.shape, true_atoms.shape, true_codes.shape
+    ((2000, 32), (128, 32), (2000, 128))
+    >>> bool((true_codes >= 0).all())
+    True
+    >>> round(float((true_codes > 0).sum(axis=1).mean()), 1)
+    4.0
+    """
+    n_samples = _check_int(n_samples, "n_samples", 1)
+    n_features = _check_int(n_features, "n_features", 1)
+    n_components = _check_int(n_components, "n_components", 1)
+    if not isinstance(n_active, Real) or isinstance(n_active, bool) or not (
+        0 < n_active <= n_components
+    ):
+        raise ValueError(
+            f"n_active must be a number in (0, n_components={n_components}], "
+            f"got {n_active!r}."
+        )
+    try:
+        low, high = (float(v) for v in magnitude_range)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"magnitude_range must be a pair (low, high), got {magnitude_range!r}."
+        ) from None
+    if not (np.isfinite([low, high]).all() and 0 <= low <= high and high > 0):
+        raise ValueError(
+            "magnitude_range must be (low, high) with 0 <= low <= high and "
+            f"high > 0, got {magnitude_range!r}."
+        )
+    correlation = _check_real(correlation, "correlation", 0.0, 1.0, high_open=True)
+    frequency_decay = _check_real(frequency_decay, "frequency_decay", 0.0)
+    noise = _check_real(noise, "noise", 0.0)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be np.float32 or np.float64, got {dtype}.")
+    rng = check_random_state(random_state)
+
+    true_atoms = rng.standard_normal((n_components, n_features))
+    true_atoms /= np.linalg.norm(true_atoms, axis=1, keepdims=True)
+
+    probabilities = _activation_probabilities(n_components, n_active, frequency_decay)
+    # A feature fires when its standard-normal latent falls below the
+    # p-quantile, which keeps the marginal rate p whatever the correlation.
+    thresholds = ndtri(probabilities)
+    n_factors = min(_N_FACTORS, n_components)
+    if correlation > 0:
+        loadings = rng.standard_normal((n_components, n_factors))
+        loadings /= np.linalg.norm(loadings, axis=1, keepdims=True)
+
+    true_codes = np.empty((n_samples, n_components), dtype=dtype)
+    for start in range(0, n_samples, _BLOCK_ROWS):
+        rows = min(_BLOCK_ROWS, n_samples - start)
+        latent = rng.standard_normal((rows, n_components))
+        if correlation > 0:
+            shared = rng.standard_normal((rows, n_factors)) @ loadings.T
+            latent = np.sqrt(1.0 - correlation) * latent + np.sqrt(correlation) * shared
+        magnitudes = high - (high - low) * rng.random((rows, n_components))
+        true_codes[start : start + rows] = np.where(latent < thresholds, magnitudes, 0.0)
+
+    X = true_codes.astype(np.float64) @ true_atoms
+    if noise > 0:
+        X += noise * rng.standard_normal(X.shape)
+    return X.astype(dtype), true_atoms.astype(dtype), true_codes
