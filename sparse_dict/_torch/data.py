@@ -1,0 +1,129 @@
+"""Moving rows of numpy, memmap or CSR arrays onto a device, batch by batch.
+
+Nothing here copies a whole input: every function reads the rows it needs,
+so a ``np.memmap`` larger than memory can be fitted and encoded.
+"""
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+def take_rows(X, index):
+    """Rows ``index`` of ``X`` as a dense, C-contiguous numpy array.
+
+    ``index`` is a slice or a sorted integer array; sorted indices keep reads
+    from a memmap sequential.
+    """
+    rows = X[index]
+    if sp.issparse(rows):
+        rows = rows.toarray()
+    return np.ascontiguousarray(rows)
+
+
+def to_device(rows, device, dtype=torch.float32):
+    """A host array as a tensor on ``device``, through pinned memory on a GPU."""
+    tensor = torch.from_numpy(rows)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, dtype=dtype, non_blocking=True)
+    return tensor.to(dtype=dtype)
+
+
+def iter_batches(X, batch_size, rng=None):
+    """Yield the row indices of each batch of one pass over ``X``.
+
+    With ``rng``, batches are drawn from a random permutation (each batch's
+    indices sorted, for sequential memmap reads); without, in order.
+    """
+    n_samples = X.shape[0]
+    if rng is None:
+        for start in range(0, n_samples, batch_size):
+            yield slice(start, min(start + batch_size, n_samples))
+        return
+    order = rng.permutation(n_samples)
+    for start in range(0, n_samples, batch_size):
+        yield np.sort(order[start : start + batch_size])
+
+
+def sample_rows(X, n_rows, rng):
+    """A random subset of at most ``n_rows`` rows of ``X``, as float64."""
+    n_samples = X.shape[0]
+    if n_samples <= n_rows:
+        return take_rows(X, slice(None)).astype(np.float64)
+    index = np.sort(rng.choice(n_samples, size=n_rows, replace=False))
+    return take_rows(X, index).astype(np.float64)
+
+
+def mean_squared_norm(X, n_rows, rng):
+    """Mean squared row norm of ``X``, estimated on at most ``n_rows`` rows."""
+    sample = sample_rows(X, n_rows, rng)
+    return float(np.mean(np.einsum("ij,ij->i", sample, sample)))
+
+
+def geometric_median(points, n_iter=100, tol=1e-6):
+    """Geometric median of the rows of ``points`` by Weiszfeld's iteration.
+
+    Parameters
+    ----------
+    points : ndarray of shape (n_points, n_features)
+    n_iter : int
+    tol : float
+        Stop once the estimate moves less than ``tol`` times the data's scale.
+
+    Returns
+    -------
+    median : ndarray of shape (n_features,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> pts = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
+    >>> bool(np.linalg.norm(geometric_median(pts)) < 1.0)  # robust to the outlier
+    True
+    """
+    points = np.asarray(points, dtype=np.float64)
+    median = points.mean(axis=0)
+    scale = max(float(np.abs(points).max()), 1e-12)
+    for _ in range(n_iter):
+        dist = np.linalg.norm(points - median, axis=1)
+        # A point sitting on the estimate would get infinite weight.
+        weights = 1.0 / np.maximum(dist, 1e-12 * scale)
+        new = weights @ points / weights.sum()
+        moved = np.linalg.norm(new - median)
+        median = new
+        if moved < tol * scale:
+            break
+    return median
+
+
+def encode_array(weights, bias, centre, X, batch_size, device, out_dtype):
+    """Codes ``ReLU((X - centre) @ weights.T + bias)`` of every row of ``X``.
+
+    The weights are numpy arrays in the caller's units. The computation runs
+    on ``device`` in ``out_dtype`` (float32 or float64), batch by batch, and
+    the result is written into one preallocated numpy array.
+    """
+    dtype = torch.float64 if out_dtype == np.float64 else torch.float32
+    W = torch.as_tensor(weights).to(device=device, dtype=dtype)
+    b = torch.as_tensor(bias).to(device=device, dtype=dtype)
+    c = torch.as_tensor(centre).to(device=device, dtype=dtype)
+    out = np.empty((X.shape[0], W.shape[0]), dtype=out_dtype)
+    with torch.inference_mode():
+        for index in iter_batches(X, batch_size):
+            x = to_device(take_rows(X, index), device, dtype)
+            codes = torch.relu(torch.addmm(b, x - c, W.t()))
+            out[index] = codes.cpu().numpy()
+    return out
+
+
+def decode_array(atoms, bias, codes, batch_size, device, out_dtype):
+    """Reconstructions ``codes @ atoms + bias`` of every row of ``codes``."""
+    dtype = torch.float64 if out_dtype == np.float64 else torch.float32
+    A = torch.as_tensor(atoms).to(device=device, dtype=dtype)
+    b = torch.as_tensor(bias).to(device=device, dtype=dtype)
+    out = np.empty((codes.shape[0], A.shape[1]), dtype=out_dtype)
+    with torch.inference_mode():
+        for index in iter_batches(codes, batch_size):
+            f = to_device(take_rows(codes, index), device, dtype)
+            out[index] = torch.addmm(b, f, A).cpu().numpy()
+    return out

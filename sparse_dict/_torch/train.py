@@ -1,0 +1,402 @@
+"""The training loop: schedules, the unit-norm constraint, dead-feature resampling."""
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+from sparse_dict._torch.data import (
+    geometric_median,
+    iter_batches,
+    mean_squared_norm,
+    sample_rows,
+    take_rows,
+    to_device,
+)
+from sparse_dict._torch.model import SparseAutoencoder
+
+# Rows used to estimate the input scale and the decoder bias's start.
+_N_INIT_ROWS = 8192
+
+
+class DivergenceError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of one training run, in steps.
+
+    Attributes
+    ----------
+    l1_coef : float
+        Weight of the sparsity penalty, for inputs scaled to a mean squared
+        norm equal to their width.
+    learning_rate : float
+        Adam's peak learning rate.
+    batch_size : int
+    total_steps : int or None
+        Planned length of the run; ``None`` for open-ended training
+        (``partial_fit``), which has no final decay.
+    warmup_steps : int
+        Steps over which the learning rate and ``l1_coef`` ramp up linearly.
+    decay_steps : int
+        Final steps over which the learning rate decays linearly to zero.
+    resample_dead : bool
+    resample_interval : int
+        Steps between checks for dead features; a feature that fired on no
+        row during the last interval is resampled.
+    resample_until : int or None
+        No resampling at or after this step (to let resampled features
+        settle before the run ends).
+    bf16 : bool
+        Run the matrix products in bfloat16 (for GPUs).
+    """
+
+    l1_coef: float = 1.0
+    learning_rate: float = 1e-3
+    batch_size: int = 1024
+    total_steps: int | None = None
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    resample_dead: bool = True
+    resample_interval: int = 1000
+    resample_until: int | None = None
+    bf16: bool = False
+
+    def lr_factor(self, step):
+        factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.total_steps is not None and self.decay_steps:
+            remaining = self.total_steps - step
+            factor = min(factor, max(remaining, 0) / self.decay_steps)
+        return factor
+
+    def l1_factor(self, step):
+        return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+
+    def resample_due(self, step):
+        if not self.resample_dead or self.resample_interval <= 0:
+            return False
+        if self.resample_until is not None and step >= self.resample_until:
+            return False
+        return (step + 1) % self.resample_interval == 0
+
+
+class Trainer:
+    """Owns an autoencoder, its optimiser and its running statistics.
+
+    The trainer works in scaled units: inputs are multiplied by ``scale`` so
+    that their mean squared norm equals their width, which makes one
+    ``l1_coef`` mean the same on any data set. :meth:`export` folds the scale
+    back into the parameters.
+
+    Parameters
+    ----------
+    n_features, n_components : int
+    device : torch.device
+    seed : int
+        Seeds the initial atoms and the resampling draws.
+    """
+
+    def __init__(self, n_features, n_components, device, seed):
+        self.device = torch.device(device)
+        self.seed = int(seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        self.model = SparseAutoencoder(n_features, n_components, generator).to(self.device)
+        self._resample_generator = torch.Generator().manual_seed(self.seed + 1)
+        self.optimizer = self._make_optimizer()
+        self.scale = None
+        self.step = 0
+        self.steps_since_fired = torch.zeros(n_components, dtype=torch.long, device=self.device)
+        self.n_resampled = 0
+        self.history = np.zeros((0, 4))
+        self.pass_fired = np.zeros(n_components)
+        self.pass_rows = 0
+
+    def _make_optimizer(self):
+        fused = self.device.type == "cuda"
+        return torch.optim.Adam(self.model.parameters(), lr=1e-3, fused=fused or None)
+
+    # ------------------------------------------------------------------ set-up
+    def initialize(self, X, rng, decoder_bias_init="geometric_median"):
+        """Estimate the input scale and start the decoder bias from ``X``."""
+        n_features = self.model.n_features
+        msn = mean_squared_norm(X, _N_INIT_ROWS, rng)
+        self.scale = math.sqrt(n_features / msn) if msn > 0 else 1.0
+        if decoder_bias_init == "zeros":
+            return
+        sample = sample_rows(X, _N_INIT_ROWS if decoder_bias_init == "mean" else 2048, rng)
+        sample *= self.scale
+        if decoder_bias_init == "mean":
+            centre = sample.mean(axis=0)
+        else:
+            centre = geometric_median(sample)
+        with torch.no_grad():
+            self.model.b_dec.copy_(torch.as_tensor(centre, dtype=torch.float32))
+
+    @classmethod
+    def from_parameters(cls, params, scale, device, seed):
+        """Rebuild a trainer (with a fresh optimiser) from exported parameters."""
+        n_components, n_features = params["components"].shape
+        trainer = cls(n_features, n_components, device, seed)
+        trainer.scale = float(scale)
+        with torch.no_grad():
+            m = trainer.model
+            m.W_dec.copy_(torch.as_tensor(params["components"], dtype=torch.float32))
+            m.W_enc.copy_(torch.as_tensor(params["encoder_weights"], dtype=torch.float32))
+            m.b_enc.copy_(torch.as_tensor(params["encoder_bias"] * scale, dtype=torch.float32))
+            m.b_dec.copy_(torch.as_tensor(params["decoder_bias"] * scale, dtype=torch.float32))
+        return trainer
+
+    def to(self, device):
+        """Move the model and the optimiser's state to ``device``."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        self.model.to(device)
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and key != "step":
+                    state[key] = value.to(device)
+        self.steps_since_fired = self.steps_since_fired.to(device)
+        self.device = device
+        # Adam's fused kernel exists on CUDA only: rebuild it for the new device.
+        old_state = self.optimizer.state_dict()
+        self.optimizer = self._make_optimizer()
+        self.optimizer.load_state_dict(old_state)
+        return self
+
+    # ---------------------------------------------------------------- training
+    def train(self, X, n_passes, config, rng, callback=None, progress=None):
+        """Train for ``n_passes`` shuffled passes over ``X`` (or until the step budget).
+
+        On divergence the trainer is put back as it was before the call and
+        :class:`DivergenceError` is raised.
+
+        Returns
+        -------
+        n_passes_done : int
+        """
+        snapshot = self._snapshot()
+        passes_done = 0
+        try:
+            for _ in range(n_passes):
+                if config.total_steps is not None and self.step >= config.total_steps:
+                    break
+                stop = self._train_pass(X, config, rng, progress)
+                passes_done += 1
+                info = self.pass_info(passes_done, config)
+                if callback is not None and callback(info):
+                    break
+                if stop:
+                    break
+        except DivergenceError:
+            self._restore(snapshot)
+            raise
+        return passes_done
+
+    def _train_pass(self, X, config, rng, progress):
+        model, optimizer = self.model, self.optimizer
+        device, scale = self.device, self.scale
+        autocast = torch.bfloat16 if config.bf16 else None
+        n_components = model.n_components
+        fired_total = torch.zeros(n_components, dtype=torch.long, device=device)
+        stats_list, pool = [], []
+        pool_rows = max(8192, config.batch_size)
+        rows_seen = 0
+        stop = False
+        for index in iter_batches(X, config.batch_size, rng):
+            if config.total_steps is not None and self.step >= config.total_steps:
+                stop = True
+                break
+            x = to_device(take_rows(X, index), device)
+            x.mul_(scale)
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate * config.lr_factor(self.step)
+            l1_coef = config.l1_coef * config.l1_factor(self.step)
+            stats, fired = model.loss_and_gradients(x, l1_coef, autocast)
+            with torch.no_grad():
+                # Keep atoms on the unit sphere: drop the gradient's radial part,
+                # step, then renormalise the small drift that remains.
+                W, g = model.W_dec, model.W_dec.grad
+                g.sub_((g * W).sum(dim=1, keepdim=True) * W)
+            optimizer.step()
+            model.normalize_atoms_()
+
+            fired_total += fired
+            self.steps_since_fired += 1
+            self.steps_since_fired.masked_fill_(fired > 0, 0)
+            stats_list.append(stats)
+            rows_seen += x.shape[0]
+            if config.resample_dead:
+                pool.append(x)
+                while sum(p.shape[0] for p in pool) - pool[0].shape[0] >= pool_rows:
+                    pool.pop(0)
+            if config.resample_due(self.step):
+                self._resample(pool, config.resample_interval)
+            self.step += 1
+            if self.step % 100 == 0:
+                self._check_finite(stats)
+            if progress is not None:
+                progress.update(1)
+                if self.step % 20 == 0:
+                    s = stats.tolist()
+                    window = min(self.step, config.resample_interval)
+                    dead = int((self.steps_since_fired >= window).sum())
+                    progress.set_postfix(loss=f"{s[0]:.4g}", l0=f"{s[3]:.1f}", dead=dead)
+        if stats_list:
+            stacked = torch.stack(stats_list).cpu().numpy().astype(np.float64)
+            if not np.isfinite(stacked).all():
+                bad = int(np.argmin(np.isfinite(stacked).all(axis=1)))
+                self._raise_divergence(self.step - len(stats_list) + bad)
+            self.history = np.concatenate([self.history, stacked])
+        self.pass_fired = fired_total.cpu().numpy().astype(np.float64)
+        self.pass_rows = rows_seen
+        self._check_parameters_finite()
+        return stop
+
+    @torch.no_grad()
+    def _resample(self, pool, window):
+        """Restart dead features on inputs the model reconstructs badly.
+
+        As in Anthropic's "Towards Monosemanticity": inputs are drawn with
+        probability proportional to their squared reconstruction loss; a dead
+        feature's atom becomes the direction of its input (relative to the
+        decoder bias), its encoder row the same direction at a fifth of the
+        live features' mean encoder norm, its bias zero, and its optimiser
+        moments are cleared.
+        """
+        dead = torch.nonzero(self.steps_since_fired >= window).flatten()
+        if dead.numel() == 0 or not pool:
+            return
+        model = self.model
+        inputs = torch.cat(pool)
+        x_hat, _ = model(inputs)
+        loss = (inputs - x_hat).pow(2).sum(dim=1).double().cpu()
+        weights = loss.pow(2)
+        if not torch.isfinite(weights).all() or weights.sum() <= 0:
+            weights = torch.ones_like(weights)
+        n_dead = dead.numel()
+        chosen = torch.multinomial(
+            weights, n_dead, replacement=n_dead > weights.numel(),
+            generator=self._resample_generator,
+        ).to(inputs.device)
+        directions = inputs[chosen] - model.b_dec
+        directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        alive = torch.ones(model.n_components, dtype=torch.bool, device=dead.device)
+        alive[dead] = False
+        enc_norm = model.W_enc[alive].norm(dim=1).mean() if alive.any() else 1.0
+        model.W_dec[dead] = directions
+        model.W_enc[dead] = directions * (0.2 * enc_norm)
+        model.b_enc[dead] = 0.0
+        for param in (model.W_dec, model.W_enc, model.b_enc):
+            state = self.optimizer.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][dead] = 0.0
+        self.steps_since_fired[dead] = 0
+        self.n_resampled += n_dead
+
+    # ------------------------------------------------------------ statistics
+    def pass_info(self, epoch, config):
+        """A summary of the last pass, given to callbacks."""
+        last = self.history[-1] if len(self.history) else np.full(4, np.nan)
+        return {
+            "epoch": epoch,
+            "step": self.step,
+            "loss": float(last[0]),
+            "mse": float(last[1]),
+            "l1": float(last[2]),
+            "l0": float(last[3]),
+            "dead": int((self.pass_fired == 0).sum()),
+            "learning_rate": config.learning_rate * config.lr_factor(max(self.step - 1, 0)),
+        }
+
+    def _check_finite(self, stats):
+        if not bool(torch.isfinite(stats).all()):
+            self._raise_divergence(self.step - 1)
+
+    def _check_parameters_finite(self):
+        for name, param in self.model.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                self._raise_divergence(self.step - 1, what=f"parameter {name}")
+
+    @staticmethod
+    def _raise_divergence(step, what="loss"):
+        raise DivergenceError(
+            f"Training diverged: the {what} became NaN or infinite at step {step}. "
+            "Lower learning_rate (for example by a factor of 10), or lower l1_coef."
+        )
+
+    # ---------------------------------------------------------------- export
+    def export(self):
+        """The parameters in the caller's units, as float32 numpy arrays.
+
+        Training sees ``x * scale``. Codes in the caller's units are the
+        trained codes divided by ``scale`` (ReLU commutes with a positive
+        factor), so the encoder bias and the decoder bias are divided by
+        ``scale`` and the weights are unchanged.
+        """
+        m = self.model
+        to_np = lambda t: t.detach().float().cpu().numpy().copy()  # noqa: E731
+        return {
+            "components": to_np(m.W_dec),
+            "encoder_weights": to_np(m.W_enc),
+            "encoder_bias": to_np(m.b_enc) / np.float32(self.scale),
+            "decoder_bias": to_np(m.b_dec) / np.float32(self.scale),
+        }
+
+    # ------------------------------------------------ snapshots and pickling
+    def _snapshot(self):
+        return self.__getstate__()
+
+    def _restore(self, state):
+        device = self.device
+        self.__setstate__(state)
+        self.to(device)
+
+    def __getstate__(self):
+        # Tensors go to the CPU, so a trainer pickled on a GPU machine loads
+        # on one without.
+        cpu = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
+        optim_state = self.optimizer.state_dict()
+        optim_state = {
+            "state": {
+                k: {kk: cpu(vv) if torch.is_tensor(vv) else vv for kk, vv in v.items()}
+                for k, v in optim_state["state"].items()
+            },
+            "param_groups": [dict(g) for g in optim_state["param_groups"]],
+        }
+        return {
+            "seed": self.seed,
+            "n_features": self.model.n_features,
+            "n_components": self.model.n_components,
+            "model_state": {k: cpu(v) for k, v in self.model.state_dict().items()},
+            "optim_state": optim_state,
+            "resample_generator": self._resample_generator.get_state(),
+            "scale": self.scale,
+            "step": self.step,
+            "steps_since_fired": cpu(self.steps_since_fired),
+            "n_resampled": self.n_resampled,
+            "history": self.history.copy(),
+            "pass_fired": self.pass_fired.copy(),
+            "pass_rows": self.pass_rows,
+        }
+
+    def __setstate__(self, state):
+        self.device = torch.device("cpu")
+        self.seed = state["seed"]
+        self.model = SparseAutoencoder(state["n_features"], state["n_components"])
+        self.model.load_state_dict(state["model_state"])
+        self.optimizer = self._make_optimizer()
+        self.optimizer.load_state_dict(state["optim_state"])
+        self._resample_generator = torch.Generator()
+        self._resample_generator.set_state(state["resample_generator"])
+        self.scale = state["scale"]
+        self.step = state["step"]
+        self.steps_since_fired = state["steps_since_fired"].clone()
+        self.n_resampled = state["n_resampled"]
+        self.history = state["history"].copy()
+        self.pass_fired = state["pass_fired"].copy()
+        self.pass_rows = state["pass_rows"]
