@@ -1,0 +1,400 @@
+"""Classical sparse coding against a fixed dictionary.
+
+:class:`LassoCoder` finds, row by row, the sparse code of the data in a given
+dictionary by per-sample optimisation (Lasso, LARS, orthogonal matching
+pursuit) or by thresholding. Its main use here is to measure the
+*amortisation gap* of a sparse autoencoder: how much better the optimal
+sparse code of the autoencoder's own dictionary reconstructs the data, at the
+same L0, than the autoencoder's one-matrix-product encoder does
+(:func:`amortisation_gap`).
+"""
+
+from numbers import Integral, Real
+
+import numpy as np
+import scipy.sparse as sp
+from joblib import effective_n_jobs
+from scipy.optimize import nnls
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    _fit_context,
+)
+from sklearn.decomposition import sparse_encode
+from sklearn.exceptions import NotFittedError
+from sklearn.utils import check_array, gen_even_slices
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.parallel import Parallel, delayed
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+__all__ = ["LassoCoder", "amortisation_gap"]
+
+_FLOAT_DTYPES = (np.float64, np.float32)
+
+
+def _nonnegative_omp(X, dictionary, n_nonzero_coefs):
+    """Orthogonal matching pursuit with non-negative coefficients.
+
+    Greedily adds the atom most positively correlated with the residual,
+    then refits the coefficients on the support by non-negative least
+    squares; stops early once no atom correlates positively or the
+    residual vanishes (so exact fits do not pick up round-off atoms).
+    """
+    n_samples = X.shape[0]
+    codes = np.zeros((n_samples, dictionary.shape[0]), dtype=np.float64)
+    D = dictionary.astype(np.float64)
+    for i in range(n_samples):
+        x = X[i].astype(np.float64)
+        residual = x
+        support = []
+        negligible = 1e-24 * (x @ x)
+        for _ in range(n_nonzero_coefs):
+            if residual @ residual <= negligible:
+                break
+            correlations = D @ residual
+            correlations[support] = -np.inf
+            best = int(np.argmax(correlations))
+            if not correlations[best] > 0:
+                break
+            support.append(best)
+            coef, _ = nnls(D[support].T, x)
+            residual = x - coef @ D[support]
+        if support:
+            codes[i, support] = coef
+    return codes
+
+
+def _get_dictionary(dictionary):
+    """The atoms, from an array or from a fitted estimator's components_."""
+    if hasattr(dictionary, "fit") and not isinstance(dictionary, np.ndarray):
+        try:
+            atoms = dictionary.components_
+        except AttributeError:
+            raise NotFittedError(
+                f"The {type(dictionary).__name__} passed as dictionary has no "
+                "components_: fit it first. clone() (used by GridSearchCV, "
+                "cross_validate, Pipeline) returns it unfitted; pass "
+                "dictionary=estimator.components_ or wrap it in "
+                "sklearn.frozen.FrozenEstimator to keep it fitted."
+            ) from None
+    else:
+        atoms = dictionary
+    if sp.issparse(atoms):
+        raise TypeError("dictionary must be a dense array, got a sparse matrix.")
+    return check_array(
+        atoms,
+        dtype=_FLOAT_DTYPES,
+        input_name="dictionary",
+    )
+
+
+class LassoCoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Sparse coding of data against a fixed dictionary.
+
+    Each row ``x`` gets the code ``c`` (one coefficient per atom) solving
+
+    * ``algorithm="lasso_cd"`` or ``"lasso_lars"``: the Lasso problem
+      ``min_c 0.5 * ||x - c @ D||^2 + alpha * ||c||_1``, by coordinate
+      descent or by least angle regression (the same solution; LARS is
+      faster when codes are very sparse);
+    * ``algorithm="omp"``: orthogonal matching pursuit, the best
+      least-squares fit using at most ``n_nonzero_coefs`` atoms (found
+      greedily);
+    * ``algorithm="threshold"``: soft thresholding of the projections,
+      ``sign(D x) * max(|D x| - alpha, 0)``, which with ``positive=True`` is
+      ``ReLU(D x - alpha)``, a tied-weight autoencoder's encoder.
+
+    With ``positive=True`` (the default, matching the ReLU codes of a sparse
+    autoencoder) every code is constrained to be non-negative. Lasso, LARS
+    and thresholding use :func:`sklearn.decomposition.sparse_encode`, with
+    the dictionary's Gram matrix computed once in :meth:`fit`; non-negative
+    OMP refits each support by non-negative least squares.
+
+    Parameters
+    ----------
+    dictionary : array-like of shape (n_components, n_features) or estimator
+        The atoms, one per row, or a fitted estimator with a ``components_``
+        attribute of that shape (e.g. a
+        :class:`~sparse_dict.SparseAutoencoderDictionary` or scikit-learn's
+        ``MiniBatchDictionaryLearning``), read at :meth:`fit` time. The atoms
+        are used as given, not normalised; Lasso's ``alpha`` and
+        thresholding assume they have about unit norm. ``clone`` (used by
+        ``GridSearchCV`` and friends) unfits an estimator passed here: pass
+        ``components_`` or wrap the estimator in
+        :class:`~sklearn.frozen.FrozenEstimator` in that case.
+    algorithm : {"lasso_cd", "lasso_lars", "omp", "threshold"}, \
+default="lasso_cd"
+        How codes are computed (see above).
+    alpha : float, default=1.0
+        L1 penalty for ``"lasso_cd"`` and ``"lasso_lars"``; threshold for
+        ``"threshold"``. Ignored by ``"omp"``.
+    n_nonzero_coefs : int, default=None
+        Maximum number of active atoms per row for ``"omp"``; None means
+        ``max(1, n_features // 10)``, capped at ``n_components``. Ignored by
+        the other algorithms.
+    offset : array-like of shape (n_features,), default=None
+        Vector subtracted from each row before coding and added back by
+        :meth:`inverse_transform`, for dictionaries that come with a bias
+        (a sparse autoencoder's decoder bias). None means no offset.
+    positive : bool, default=True
+        Whether to constrain codes to be non-negative.
+    max_iter : int, default=1000
+        Maximum number of iterations for ``"lasso_cd"`` and
+        ``"lasso_lars"``.
+    n_jobs : int, default=None
+        Number of joblib workers the rows are split over in
+        :meth:`transform`. None means 1 unless in a
+        :obj:`joblib.parallel_backend` context; -1 means all processors.
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features)
+        The dictionary atoms used, as given.
+    offset_ : ndarray of shape (n_features,)
+        The offset used (zeros when ``offset=None``).
+    n_components_ : int
+        Number of atoms.
+    n_features_in_ : int
+        Number of features seen during :term:`fit`.
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
+        Names of features seen during :term:`fit`. Defined only when `X`
+        has feature names that are all strings.
+
+    See Also
+    --------
+    sklearn.decomposition.SparseCoder : The same without the non-negative
+        OMP, the offset, or taking atoms from a fitted estimator.
+    amortisation_gap : Compare an autoencoder's encoder with optimal codes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_dict import LassoCoder
+    >>> from sparse_dict.datasets import make_superposition
+    >>> X, true_atoms, true_codes = make_superposition(
+    ...     n_samples=200, n_features=32, n_components=48, n_active=2,
+    ...     magnitude_range=(0.5, 1.0), random_state=0)
+    >>> coder = LassoCoder(true_atoms, alpha=0.05)
+    >>> codes = coder.fit_transform(X)
+    >>> codes.shape
+    (200, 48)
+    >>> bool(np.mean((codes > 1e-3) == (true_codes > 0)) > 0.99)
+    True
+    >>> X_hat = coder.inverse_transform(codes)
+    """
+
+    _parameter_constraints: dict = {
+        "dictionary": "no_validation",
+        "algorithm": [StrOptions({"lasso_cd", "lasso_lars", "omp", "threshold"})],
+        "alpha": [Interval(Real, 0, None, closed="left")],
+        "n_nonzero_coefs": [Interval(Integral, 1, None, closed="left"), None],
+        "offset": ["array-like", None],
+        "positive": ["boolean"],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "n_jobs": [Integral, None],
+    }
+
+    def __init__(
+        self,
+        dictionary,
+        *,
+        algorithm="lasso_cd",
+        alpha=1.0,
+        n_nonzero_coefs=None,
+        offset=None,
+        positive=True,
+        max_iter=1000,
+        n_jobs=None,
+    ):
+        self.dictionary = dictionary
+        self.algorithm = algorithm
+        self.alpha = alpha
+        self.n_nonzero_coefs = n_nonzero_coefs
+        self.offset = offset
+        self.positive = positive
+        self.max_iter = max_iter
+        self.n_jobs = n_jobs
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Take the dictionary and check that it fits the data.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Data; only its width (and feature names) are used.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : LassoCoder
+            The fitted coder.
+        """
+        atoms = _get_dictionary(self.dictionary)
+        X = validate_data(self, X, dtype=_FLOAT_DTYPES)
+        if atoms.shape[1] != X.shape[1]:
+            raise ValueError(
+                f"X has {X.shape[1]} features, but the dictionary has atoms of "
+                f"width {atoms.shape[1]}; they must be equal."
+            )
+        if self.offset is None:
+            offset = np.zeros(atoms.shape[1], dtype=atoms.dtype)
+        else:
+            offset = check_array(
+                self.offset, ensure_2d=False, dtype=_FLOAT_DTYPES, input_name="offset"
+            )
+            if offset.shape != (atoms.shape[1],):
+                raise ValueError(
+                    f"offset must have shape ({atoms.shape[1]},), the width of the "
+                    f"dictionary, got shape {offset.shape}."
+                )
+        self.components_ = atoms
+        self.offset_ = offset
+        self.n_components_ = atoms.shape[0]
+        atoms64 = atoms.astype(np.float64)
+        self._gram = atoms64 @ atoms64.T
+        return self
+
+    def transform(self, X):
+        """Code each row of ``X`` against the dictionary.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Data to code.
+
+        Returns
+        -------
+        codes : ndarray of shape (n_samples, n_components)
+            Sparse codes, in the dtype of ``X`` (float32 stays float32).
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=_FLOAT_DTYPES, reset=False, order="C")
+        dtype = X.dtype
+        atoms = self.components_.astype(dtype, copy=False)
+        X = X - self.offset_.astype(dtype, copy=False)
+        n_nonzero = self.n_nonzero_coefs
+        if n_nonzero is None:
+            n_nonzero = max(1, X.shape[1] // 10)
+        n_nonzero = min(n_nonzero, self.n_components_)
+        if self.algorithm == "omp" and self.positive:
+            n_jobs = min(effective_n_jobs(self.n_jobs), X.shape[0])
+            chunks = Parallel(n_jobs=n_jobs)(
+                delayed(_nonnegative_omp)(X[rows], atoms, n_nonzero)
+                for rows in gen_even_slices(X.shape[0], n_jobs)
+            )
+            codes = np.vstack(chunks)
+        else:
+            codes = sparse_encode(
+                X,
+                atoms,
+                gram=self._gram.astype(dtype, copy=False),
+                algorithm=self.algorithm,
+                n_nonzero_coefs=n_nonzero,
+                alpha=self.alpha,
+                max_iter=self.max_iter,
+                n_jobs=self.n_jobs,
+                check_input=False,
+                positive=self.positive,
+            )
+        return codes.astype(dtype, copy=False)
+
+    def inverse_transform(self, X):
+        """Reconstruct data from codes: ``X @ components_ + offset_``.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_components)
+            Codes, e.g. from :meth:`transform`.
+
+        Returns
+        -------
+        X_original : ndarray of shape (n_samples, n_features)
+            Reconstruction, in the dtype of the codes (float64 for integer
+            codes).
+        """
+        check_is_fitted(self)
+        codes = check_array(
+            X, accept_sparse=["csr", "csc"], dtype=_FLOAT_DTYPES, input_name="X"
+        )
+        if codes.shape[1] != self.n_components_:
+            raise ValueError(
+                f"X has {codes.shape[1]} components per row, but this "
+                f"{type(self).__name__} has {self.n_components_} atoms; "
+                "inverse_transform expects codes of shape (n_samples, "
+                f"{self.n_components_})."
+            )
+        atoms = self.components_.astype(codes.dtype, copy=False)
+        X_hat = np.asarray(codes @ atoms)
+        return X_hat + self.offset_.astype(codes.dtype, copy=False)
+
+    @property
+    def _n_features_out(self):
+        return self.n_components_
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+
+def amortisation_gap(estimator, X, *, offset=None, n_jobs=None):
+    """Explained variance of an encoder's codes vs optimal codes at equal L0.
+
+    Codes ``X`` with the estimator's own encoder, takes its mean L0 ``k``
+    (rounded, at least 1), then codes ``X`` again against the same
+    dictionary (``estimator.components_``) with non-negative orthogonal
+    matching pursuit limited to ``k`` atoms per row. The difference in
+    explained variance is the amortisation gap: what the one-matrix-product
+    encoder loses against per-sample optimisation.
+
+    Parameters
+    ----------
+    estimator : fitted estimator
+        Has ``components_``, ``transform`` and ``inverse_transform``.
+    X : array-like of shape (n_samples, n_features)
+        Data to code.
+    offset : array-like of shape (n_features,), default=None
+        The dictionary's bias (a sparse autoencoder's decoder bias), passed
+        to :class:`LassoCoder`.
+    n_jobs : int, default=None
+        Number of joblib workers for the optimal coding.
+
+    Returns
+    -------
+    result : dict
+        ``"encoder"``: explained variance of the estimator's reconstruction;
+        ``"optimal"``: that of the OMP codes; ``"gap"``: optimal minus
+        encoder; ``"l0"``: the L0 budget used.
+
+    Examples
+    --------
+    >>> from sklearn.decomposition import MiniBatchDictionaryLearning
+    >>> from sparse_dict.coding import amortisation_gap
+    >>> from sparse_dict.datasets import make_superposition
+    >>> X, _, _ = make_superposition(n_samples=300, n_features=16,
+    ...                              n_components=32, random_state=0)
+    >>> est = MiniBatchDictionaryLearning(
+    ...     n_components=32, transform_algorithm="threshold",
+    ...     transform_alpha=0.3, random_state=0).fit(X)
+    >>> result = amortisation_gap(est, X)
+    >>> sorted(result)
+    ['encoder', 'gap', 'l0', 'optimal']
+    >>> bool(result["gap"] > 0)
+    True
+    """
+    from sparse_dict.metrics import explained_variance, l0
+
+    X = check_array(X, dtype=_FLOAT_DTYPES, input_name="X")
+    codes = estimator.transform(X)
+    budget = max(1, int(round(l0(codes))))
+    encoder = explained_variance(X, np.asarray(estimator.inverse_transform(codes)))
+    coder = LassoCoder(
+        estimator, algorithm="omp", n_nonzero_coefs=budget, offset=offset,
+        n_jobs=n_jobs,
+    ).fit(X)
+    optimal = explained_variance(X, coder.inverse_transform(coder.transform(X)))
+    return {"encoder": encoder, "optimal": optimal, "gap": optimal - encoder,
+            "l0": budget}
