@@ -1,0 +1,12 @@
+"""scikit-learn's own API checks on the estimators."""
+
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from sparse_dict import SparseAutoencoderDictionary
+
+
+@parametrize_with_checks(
+    [SparseAutoencoderDictionary(device="cpu", max_iter=5)],
+)
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
