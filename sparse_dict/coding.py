@@ -139,7 +139,7 @@ default="lasso_cd"
         (a sparse autoencoder's decoder bias). None means no offset.
     positive : bool, default=True
         Whether to constrain codes to be non-negative.
-    max_iter : int, default=1000
+    transform_max_iter : int, default=1000
         Maximum number of iterations for ``"lasso_cd"`` and
         ``"lasso_lars"``.
     n_jobs : int, default=None
@@ -191,7 +191,7 @@ default="lasso_cd"
         "n_nonzero_coefs": [Interval(Integral, 1, None, closed="left"), None],
         "offset": ["array-like", None],
         "positive": ["boolean"],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "transform_max_iter": [Interval(Integral, 1, None, closed="left")],
         "n_jobs": [Integral, None],
     }
 
@@ -204,7 +204,7 @@ default="lasso_cd"
         n_nonzero_coefs=None,
         offset=None,
         positive=True,
-        max_iter=1000,
+        transform_max_iter=1000,
         n_jobs=None,
     ):
         self.dictionary = dictionary
@@ -213,7 +213,7 @@ default="lasso_cd"
         self.n_nonzero_coefs = n_nonzero_coefs
         self.offset = offset
         self.positive = positive
-        self.max_iter = max_iter
+        self.transform_max_iter = transform_max_iter
         self.n_jobs = n_jobs
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -287,18 +287,27 @@ default="lasso_cd"
             )
             codes = np.vstack(chunks)
         else:
+            if self.algorithm == "lasso_cd":
+                # sparse_encode fixes coordinate descent's tol at 1e-8, below
+                # float32 resolution: solve in float64, return X's dtype.
+                X = X.astype(np.float64)
+                atoms = self.components_.astype(np.float64)
             codes = sparse_encode(
                 X,
                 atoms,
-                gram=self._gram.astype(dtype, copy=False),
+                gram=self._gram.astype(X.dtype, copy=False),
                 algorithm=self.algorithm,
                 n_nonzero_coefs=n_nonzero,
                 alpha=self.alpha,
-                max_iter=self.max_iter,
+                max_iter=self.transform_max_iter,
                 n_jobs=self.n_jobs,
                 check_input=False,
                 positive=self.positive,
             )
+            if self.positive:
+                # LARS can leave round-off negatives (~1e-17) on a
+                # degenerate path; a non-negative code must be exactly that.
+                np.maximum(codes, 0, out=codes)
         return codes.astype(dtype, copy=False)
 
     def inverse_transform(self, X):

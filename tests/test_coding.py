@@ -1,0 +1,219 @@
+"""Tests for sparse_dict.coding: LassoCoder and amortisation_gap."""
+
+import pickle
+import re
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.base import clone
+from sklearn.decomposition import MiniBatchDictionaryLearning
+from sklearn.exceptions import NotFittedError
+from sklearn.frozen import FrozenEstimator
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from sparse_dict import LassoCoder
+from sparse_dict.coding import amortisation_gap
+from sparse_dict.datasets import make_superposition
+from sparse_dict.metrics import explained_variance
+
+
+def _random_dictionary(n_features, n_components=5, seed=0):
+    atoms = np.random.RandomState(seed).normal(size=(n_components, n_features))
+    return atoms / np.linalg.norm(atoms, axis=1, keepdims=True)
+
+
+# The coder's width is fixed by its dictionary, while scikit-learn's common
+# checks draw data of several widths; as scikit-learn does for its own
+# SparseCoder, each check gets a dictionary of the width its data has.
+_CHECK_WIDTHS = {
+    "check_fit2d_1feature": 1,
+    "check_estimators_overwrite_params": 2,
+    "check_estimators_fit_returns_self": 2,
+    "check_readonly_memmap_input": 2,
+    "check_fit_idempotent": 2,
+    "check_fit_check_is_fitted": 2,
+    "check_n_features_in": 2,
+    "check_n_features_in_after_fitting": 4,
+    "check_positive_only_tag_during_fit": 4,
+    "check_estimators_dtypes": 5,
+    "check_dtype_object": 10,
+    "check_fit2d_1sample": 10,
+    "check_array_api_input": 10,
+}
+
+
+@parametrize_with_checks([LassoCoder(_random_dictionary(3))])
+def test_sklearn_compatible(estimator, check):
+    name = check.func.__name__
+    estimator.set_params(dictionary=_random_dictionary(_CHECK_WIDTHS.get(name, 3)))
+    check(estimator)
+
+
+@pytest.fixture(scope="module")
+def superposition():
+    # Random atoms in 64 dimensions are nearly orthogonal (coherence ~0.4),
+    # and magnitudes bounded away from 0 make every active feature visible.
+    return make_superposition(
+        n_samples=300,
+        n_features=64,
+        n_components=96,
+        n_active=3,
+        magnitude_range=(0.5, 1.0),
+        random_state=0,
+    )
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(algorithm="lasso_cd", alpha=0.05),
+        dict(algorithm="lasso_lars", alpha=0.05),
+        dict(algorithm="omp", n_nonzero_coefs=10),
+    ],
+)
+def test_recovers_true_support(superposition, params):
+    X, true_atoms, true_codes = superposition
+    codes = LassoCoder(true_atoms, **params).fit_transform(X)
+    found = codes > 1e-3
+    true = true_codes > 0
+    assert np.mean((found == true).all(axis=1)) >= 0.95
+    assert (found & true).sum() / true.sum() >= 0.99
+    assert (codes >= 0).all()
+
+
+def test_omp_exact_codes_on_noise_free_data(superposition):
+    X, true_atoms, true_codes = superposition
+    codes = LassoCoder(true_atoms, algorithm="omp", n_nonzero_coefs=10).fit_transform(X)
+    np.testing.assert_allclose(codes, true_codes, atol=1e-8)
+
+
+def test_threshold_is_relu_of_projection(superposition):
+    X, true_atoms, _ = superposition
+    codes = LassoCoder(true_atoms, algorithm="threshold", alpha=0.3).fit_transform(X)
+    np.testing.assert_allclose(codes, np.maximum(X @ true_atoms.T - 0.3, 0))
+
+
+@pytest.mark.parametrize("algorithm", ["lasso_cd", "lasso_lars", "omp", "threshold"])
+def test_positive_flag(algorithm):
+    rng = np.random.RandomState(0)
+    atoms = _random_dictionary(16, n_components=24)
+    X = rng.normal(size=(30, 16))
+    params = dict(algorithm=algorithm, alpha=0.3, n_nonzero_coefs=3)
+    positive = LassoCoder(atoms, **params).fit_transform(X)
+    signed = LassoCoder(atoms, positive=False, **params).fit_transform(X)
+    assert (positive >= 0).all()
+    assert (signed < 0).any()
+
+
+def test_dictionary_from_fitted_estimator(superposition):
+    X = superposition[0][:100]
+    learner = MiniBatchDictionaryLearning(n_components=8, random_state=0).fit(X)
+    coder = LassoCoder(learner).fit(X)
+    np.testing.assert_array_equal(coder.components_, learner.components_)
+    assert coder.transform(X).shape == (100, 8)
+
+    # clone() unfits a plain estimator; the error says what to do instead.
+    with pytest.raises(NotFittedError, match="FrozenEstimator"):
+        clone(LassoCoder(learner)).fit(X)
+    frozen = clone(LassoCoder(FrozenEstimator(learner))).fit(X)
+    np.testing.assert_array_equal(frozen.components_, learner.components_)
+
+
+def test_offset_round_trip():
+    rng = np.random.RandomState(0)
+    atoms = _random_dictionary(16, n_components=24)
+    codes = np.zeros((20, 24))
+    codes[np.arange(20), rng.randint(24, size=20)] = 1.0
+    offset = rng.normal(size=16)
+    X = codes @ atoms + offset
+    coder = LassoCoder(atoms, algorithm="omp", n_nonzero_coefs=1, offset=offset)
+    found = coder.fit_transform(X)
+    np.testing.assert_allclose(found, codes, atol=1e-10)
+    np.testing.assert_allclose(coder.inverse_transform(found), X, atol=1e-10)
+    # Without the offset the same data is no longer one atom per row.
+    plain = LassoCoder(atoms, algorithm="omp", n_nonzero_coefs=1).fit(X)
+    assert explained_variance(X, plain.inverse_transform(plain.transform(X))) < 0.99
+
+
+def test_inverse_transform_accepts_sparse_codes(superposition):
+    X, true_atoms, true_codes = superposition
+    coder = LassoCoder(true_atoms).fit(X)
+    dense = coder.inverse_transform(true_codes)
+    np.testing.assert_allclose(dense, X)
+    np.testing.assert_allclose(coder.inverse_transform(sp.csr_matrix(true_codes)), dense)
+
+
+def test_float32_stays_float32(superposition):
+    X, true_atoms, _ = superposition
+    coder = LassoCoder(true_atoms, algorithm="omp", n_nonzero_coefs=5)
+    codes = coder.fit_transform(X.astype(np.float32))
+    assert codes.dtype == np.float32
+    assert coder.inverse_transform(codes).dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "params", [dict(algorithm="omp", n_nonzero_coefs=5), dict(algorithm="lasso_cd")]
+)
+def test_n_jobs_gives_same_codes(superposition, params):
+    X, true_atoms, _ = superposition
+    one = LassoCoder(true_atoms, alpha=0.05, **params).fit_transform(X[:60])
+    two = LassoCoder(true_atoms, alpha=0.05, n_jobs=2, **params).fit_transform(X[:60])
+    np.testing.assert_allclose(one, two, atol=1e-12)
+
+
+def test_pickle_round_trip(superposition):
+    X, true_atoms, _ = superposition
+    coder = LassoCoder(true_atoms, alpha=0.05).fit(X)
+    restored = pickle.loads(pickle.dumps(coder))
+    np.testing.assert_array_equal(restored.transform(X[:10]), coder.transform(X[:10]))
+
+
+def test_feature_names_out():
+    coder = LassoCoder(_random_dictionary(3)).fit(np.zeros((2, 3)))
+    assert list(coder.get_feature_names_out()) == [f"lassocoder{i}" for i in range(5)]
+
+
+def test_errors():
+    atoms = _random_dictionary(3)
+    X = np.random.RandomState(0).normal(size=(4, 3))
+    msg = "X has 4 features, but the dictionary has atoms of width 3"
+    with pytest.raises(ValueError, match=msg):
+        LassoCoder(atoms).fit(np.zeros((4, 4)))
+    coder = LassoCoder(atoms).fit(X)
+    with pytest.raises(ValueError, match="X has 4 features, but LassoCoder is expecting 3"):
+        coder.transform(np.zeros((4, 4)))
+    with pytest.raises(ValueError, match=re.escape("X has 4 components per row, but")):
+        coder.inverse_transform(np.zeros((2, 4)))
+    bad = X.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        coder.transform(bad)
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        LassoCoder(atoms).fit(bad)
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        coder.inverse_transform(np.full((1, 5), np.nan))
+    bad_atoms = atoms.copy()
+    bad_atoms[0, 0] = np.inf
+    with pytest.raises(ValueError, match="Input dictionary contains infinity"):
+        LassoCoder(bad_atoms).fit(X)
+    with pytest.raises(ValueError, match="0 sample"):
+        coder.transform(np.zeros((0, 3)))
+    with pytest.raises(ValueError, match="Expected 2D array"):
+        coder.transform(np.zeros(3))
+    with pytest.raises(ValueError, match=re.escape("offset must have shape (3,)")):
+        LassoCoder(atoms, offset=np.zeros(4)).fit(X)
+    with pytest.raises(ValueError, match="'algorithm' parameter"):
+        LassoCoder(atoms, algorithm="lars").fit(X)
+
+
+def test_amortisation_gap_of_a_thresholding_encoder(superposition):
+    X, true_atoms, _ = superposition
+    # A tied-weight ReLU encoder of the true atoms: crude, but its dictionary
+    # is exact, so optimal codes at the same L0 must reconstruct better.
+    encoder = LassoCoder(true_atoms, algorithm="threshold", alpha=0.2).fit(X)
+    result = amortisation_gap(encoder, X)
+    assert result["l0"] > 3
+    assert result["optimal"] > 0.999
+    assert result["encoder"] < 0.99
+    assert result["gap"] == pytest.approx(result["optimal"] - result["encoder"])
