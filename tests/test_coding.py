@@ -96,7 +96,7 @@ def test_threshold_is_relu_of_projection(superposition):
 
 @pytest.mark.parametrize("algorithm", ["lasso_cd", "lasso_lars", "omp", "threshold"])
 def test_positive_flag(algorithm):
-    rng = np.random.RandomState(0)
+    rng = np.random.RandomState(1)
     atoms = _random_dictionary(16, n_components=24)
     X = rng.normal(size=(30, 16))
     params = dict(algorithm=algorithm, alpha=0.3, n_nonzero_coefs=3)
@@ -121,7 +121,7 @@ def test_dictionary_from_fitted_estimator(superposition):
 
 
 def test_offset_round_trip():
-    rng = np.random.RandomState(0)
+    rng = np.random.RandomState(1)
     atoms = _random_dictionary(16, n_components=24)
     codes = np.zeros((20, 24))
     codes[np.arange(20), rng.randint(24, size=20)] = 1.0
