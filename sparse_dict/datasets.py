@@ -122,7 +122,9 @@ def make_superposition(
     noise : float, default=0.0
         Standard deviation of the isotropic Gaussian noise added to ``X``.
     random_state : int, RandomState instance or None, default=None
-        Seeds every draw; an int gives the same output on every call.
+        Seeds every draw; an int gives the same output on every call. The
+        first rows do not depend on ``n_samples``: asking for more rows
+        extends the data set.
     dtype : {np.float64, np.float32}, default=np.float64
         Floating type of the three returned arrays.
 
@@ -152,8 +154,8 @@ def make_superposition(
     ((2000, 32), (128, 32), (2000, 128))
     >>> bool((true_codes >= 0).all())
     True
-    >>> round(float((true_codes > 0).sum(axis=1).mean()), 1)
-    4.0
+    >>> round(float((true_codes > 0).sum(axis=1).mean()), 1)  # about n_active
+    4.1
     """
     n_samples = _check_int(n_samples, "n_samples", 1)
     n_features = _check_int(n_features, "n_features", 1)
@@ -196,17 +198,24 @@ def make_superposition(
         loadings = rng.standard_normal((n_components, n_factors))
         loadings /= np.linalg.norm(loadings, axis=1, keepdims=True)
 
+    # One stream per kind of draw, each consumed row by row, so the first
+    # rows come out the same whatever n_samples is.
+    latent_rng, shared_rng, magnitude_rng, noise_rng = (
+        np.random.RandomState(seed) for seed in rng.randint(2**32, size=4, dtype=np.uint64)
+    )
     true_codes = np.empty((n_samples, n_components), dtype=dtype)
     for start in range(0, n_samples, _BLOCK_ROWS):
         rows = min(_BLOCK_ROWS, n_samples - start)
-        latent = rng.standard_normal((rows, n_components))
+        latent = latent_rng.standard_normal((rows, n_components))
         if correlation > 0:
-            shared = rng.standard_normal((rows, n_factors)) @ loadings.T
+            shared = shared_rng.standard_normal((rows, n_factors)) @ loadings.T
             latent = np.sqrt(1.0 - correlation) * latent + np.sqrt(correlation) * shared
-        magnitudes = high - (high - low) * rng.random((rows, n_components))
+        magnitudes = high - (high - low) * magnitude_rng.random_sample(
+            (rows, n_components)
+        )
         true_codes[start : start + rows] = np.where(latent < thresholds, magnitudes, 0.0)
 
     X = true_codes.astype(np.float64) @ true_atoms
     if noise > 0:
-        X += noise * rng.standard_normal(X.shape)
+        X += noise * noise_rng.standard_normal(X.shape)
     return X.astype(dtype), true_atoms.astype(dtype), true_codes
