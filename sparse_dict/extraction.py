@@ -1055,7 +1055,7 @@ def splice_evaluation(extractor, dictionary, texts, *, ablation="zero", verbose=
 
                 real = acts[keep].float().cpu().numpy()
                 codes = dictionary.transform(real)
-                recon = np.asarray(dictionary.inverse_transform(codes), dtype=np.float32)
+                recon = np.array(dictionary.inverse_transform(codes), dtype=np.float32)
                 acc["nnz"] += _count_nonzero(codes)
                 acc["sse"] += float(np.sum((real.astype(np.float64) - recon) ** 2))
                 real64 = real.astype(np.float64)

