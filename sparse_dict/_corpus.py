@@ -12,7 +12,7 @@ Documents and split
 A document is a run of consecutive paragraphs (paragraphs are separated by a
 blank line; in the plays a paragraph is one speech with its speaker) of the
 same work, grouped until it holds at least ``_DOC_CHARS`` characters. So a
-document is a short scene fragment or a sonnet or two, about 100 tokens of the
+document is a short scene fragment or a sonnet or two, about 140 tokens of the
 built-in tokenizer.
 
 The split is by work, so the test split is text by the same author that no
@@ -37,7 +37,7 @@ CORPUS_PATH = Path(__file__).resolve().parent / "datasets_data" / "shakespeare.j
 
 TEST_WORKS = ("julius_caesar", "macbeth", "sonnets", "tempest", "twelfth_night")
 
-_DOC_CHARS = 400
+_DOC_CHARS = 300
 _SPLITS = ("train", "test", "all")
 
 
@@ -84,7 +84,7 @@ def load_corpus(split="train", n_texts=None, random_state=None, min_length=32):
     The corpus is the public-domain Project Gutenberg text of Shakespeare's
     plays and poems, about 5 MB, cut into documents of consecutive
     paragraphs (a few speeches of a play, or a sonnet or two) of at least
-    400 characters, about 100 tokens each. Whole works are held out for the
+    300 characters, about 140 tokens each. Whole works are held out for the
     test split (Julius Caesar, Macbeth, the Sonnets, The Tempest, Twelfth
     Night), so the two splits never share a document.
 

@@ -37,15 +37,17 @@ _CONFIG_FILE = "config.json"
 _TOKENIZER_FILE = "tokenizer.json"
 
 # Words keep their leading space, so that " king" and "king" are different
-# tokens and decoding is plain concatenation. The alternatives together match
-# every character, which is what makes encode/decode an exact round trip.
+# tokens and decoding is plain concatenation. Runs of newlines are their own
+# words so that a blank line can become one token. The alternatives together
+# match every character, which is what makes encode/decode an exact round trip.
 _PRETOKENIZE_PATTERN = (
     r"'(?:s|t|d|ll|re|ve|m)\b"
     r"| ?[^\W\d_]+"
     r"| ?\d+"
     r"| ?(?:[^\s\w]|_)+"
-    r"|\s+(?!\S)"
-    r"|\s+"
+    r"|\n+"
+    r"|[^\S\n]+(?!\S)"
+    r"|[^\S\n]+"
 )
 
 PAD_TOKEN = "<pad>"
