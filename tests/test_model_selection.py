@@ -1,0 +1,266 @@
+"""Model selection over the sparsity penalty: scorers and the refit helper."""
+
+import pickle
+import re
+from functools import partial
+
+import numpy as np
+import pytest
+from sklearn.decomposition import PCA, MiniBatchDictionaryLearning
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer
+
+from sparse_dict import LassoCoder
+from sparse_dict.datasets import make_superposition
+from sparse_dict.metrics import (
+    SparseCodingScorer,
+    best_under_l0,
+    dead_fraction,
+    explained_variance,
+    explained_variance_scorer,
+    l0,
+    sparse_coding_scorer,
+)
+
+# MiniBatchDictionaryLearning's inner coordinate descent warns on almost
+# every mini-batch at these sizes; the warnings say nothing about scoring.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::sklearn.exceptions.ConvergenceWarning"
+)
+
+ALPHAS = [0.01, 0.1, 0.3, 1.0]
+MAX_L0 = 6.0
+# Measured once (seeded): mean held-out L0 per alpha is about 14, 7, 4 and
+# 0.4, and explained variance falls as alpha grows. Within MAX_L0 the best
+# reconstruction is alpha=0.3, while reconstruction alone would pick 0.01.
+EXPECTED_ALPHA = 0.3
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_superposition(
+        n_samples=400,
+        n_features=16,
+        n_components=32,
+        n_active=3,
+        magnitude_range=(0.5, 1.0),
+        random_state=0,
+    )
+
+
+def _learner():
+    return MiniBatchDictionaryLearning(
+        n_components=32,
+        fit_algorithm="cd",
+        transform_algorithm="lasso_cd",
+        positive_code=True,
+        batch_size=64,
+        max_iter=5,
+        random_state=0,
+    )
+
+
+# A picklable step that the Pipeline cannot invert: the scorer must measure
+# the dictionary against this step's output, not against X.
+_double = FunctionTransformer(partial(np.multiply, 2.0))
+
+
+@pytest.fixture(scope="module")
+def search(data):
+    X = data[0]
+    return GridSearchCV(
+        _learner(),
+        {"alpha": ALPHAS},
+        scoring=sparse_coding_scorer,
+        refit=best_under_l0(max_l0=MAX_L0),
+        cv=3,
+    ).fit(X)
+
+
+# --------------------------------------------------------------------------
+# Scorers
+# --------------------------------------------------------------------------
+
+
+def test_scorer_on_bare_estimator(data):
+    X, true_atoms, _ = data
+    coder = LassoCoder(true_atoms, alpha=0.05).fit(X)
+    codes = coder.transform(X)
+    scores = sparse_coding_scorer(coder, X)
+    assert set(scores) == {"explained_variance", "l0", "dead_fraction"}
+    assert scores["explained_variance"] == explained_variance(
+        X, coder.inverse_transform(codes)
+    )
+    assert scores["l0"] == l0(codes)
+    assert scores["dead_fraction"] == dead_fraction(codes)
+    assert scores["explained_variance"] > 0.99
+    assert explained_variance_scorer(coder, X) == scores["explained_variance"]
+
+
+def test_scorer_on_pipeline_measures_last_step_input(data):
+    X = data[0]
+    learner = _learner().set_params(alpha=0.1)
+    pipe = Pipeline([("double", _double), ("dict", learner)]).fit(X)
+    Z = 2.0 * X
+    codes = pipe[-1].transform(Z)
+    Z_hat = pipe[-1].inverse_transform(codes)
+    scores = sparse_coding_scorer(pipe, X)
+    assert scores["explained_variance"] == pytest.approx(explained_variance(Z, Z_hat))
+    assert scores["l0"] == l0(codes)
+    # Measuring against X itself would be badly wrong.
+    assert explained_variance(X, Z_hat) < scores["explained_variance"] - 0.5
+    assert explained_variance_scorer(pipe, X) == scores["explained_variance"]
+
+
+def test_scorer_on_one_step_pipeline(data):
+    X, true_atoms, _ = data
+    coder = LassoCoder(true_atoms, alpha=0.05).fit(X)
+    assert sparse_coding_scorer(Pipeline([("dict", coder)]), X) == sparse_coding_scorer(
+        coder, X
+    )
+
+
+def test_scorer_metric_selection(data):
+    X, true_atoms, _ = data
+    coder = LassoCoder(true_atoms, alpha=0.05).fit(X)
+    scorer = SparseCodingScorer(metrics=("mse", "l1", "dense_fraction"))
+    assert set(scorer(coder, X)) == {"mse", "l1", "dense_fraction"}
+    with pytest.raises(ValueError, match="metrics must be a non-empty selection"):
+        SparseCodingScorer(metrics=("r2",))
+    with pytest.raises(ValueError, match="metrics must be a non-empty selection"):
+        SparseCodingScorer(metrics=())
+
+
+def test_scorer_needs_inverse_transform(data):
+    from sklearn.linear_model import LinearRegression
+
+    X = data[0]
+    with pytest.raises(TypeError, match="transform and inverse_transform methods; got LinearRegression"):
+        sparse_coding_scorer(LinearRegression().fit(X, X[:, 0]), X)
+
+
+def test_scorers_pickle(data):
+    X, true_atoms, _ = data
+    coder = LassoCoder(true_atoms, alpha=0.05).fit(X)
+    scorer = pickle.loads(pickle.dumps(sparse_coding_scorer))
+    assert scorer(coder, X) == sparse_coding_scorer(coder, X)
+    refit = pickle.loads(pickle.dumps(best_under_l0(max_l0=3)))
+    assert refit.max_l0 == 3
+    assert pickle.loads(pickle.dumps(explained_variance_scorer)) is explained_variance_scorer
+
+
+# --------------------------------------------------------------------------
+# The refit helper on its own
+# --------------------------------------------------------------------------
+
+
+def _results(scores, l0s):
+    return {
+        "params": [{"l1_coef": i} for i in range(len(scores))],
+        "mean_test_explained_variance": np.array(scores),
+        "mean_test_l0": np.array(l0s),
+    }
+
+
+def test_best_under_l0_picks_best_within_budget():
+    results = _results([0.99, 0.95, 0.90, 0.5], [30.0, 10.0, 5.0, 1.0])
+    assert best_under_l0(max_l0=100)(results) == 0
+    assert best_under_l0(max_l0=10)(results) == 1
+    assert best_under_l0(max_l0=9.99)(results) == 2
+    assert best_under_l0(max_l0=1)(results) == 3
+    assert isinstance(best_under_l0(max_l0=10)(results), int)
+
+
+def test_best_under_l0_skips_failed_candidates():
+    results = _results([np.nan, 0.9, 0.8], [np.nan, 4.0, 2.0])
+    assert best_under_l0(max_l0=5)(results) == 1
+    results = _results([np.nan, 0.9, 0.8], [1.0, 4.0, 2.0])
+    assert best_under_l0(max_l0=5)(results) == 1
+
+
+def test_best_under_l0_errors():
+    results = _results([0.99, 0.95], [30.0, 12.5])
+    with pytest.raises(
+        ValueError,
+        match=re.escape("within max_l0=10; the smallest mean L0 seen was 12.5, with "
+                        "params {'l1_coef': 1}"),
+    ):
+        best_under_l0(max_l0=10)(results)
+    with pytest.raises(ValueError, match="every mean L0 is NaN"):
+        best_under_l0(max_l0=10)(_results([np.nan], [np.nan]))
+    with pytest.raises(ValueError, match="cv_results_ has no 'mean_test_l0'"):
+        best_under_l0(max_l0=10)({"params": [{}], "mean_test_explained_variance": [1]})
+    with pytest.raises(ValueError, match="max_l0 must be a finite non-negative"):
+        best_under_l0(max_l0=-1)
+    with pytest.raises(ValueError, match="max_l0 must be a finite non-negative"):
+        best_under_l0(max_l0=np.inf)
+
+
+# --------------------------------------------------------------------------
+# GridSearchCV
+# --------------------------------------------------------------------------
+
+
+def test_grid_search_picks_best_within_l0_budget(search):
+    results = search.cv_results_
+    l0s = results["mean_test_l0"]
+    scores = results["mean_test_explained_variance"]
+    assert search.best_params_ == {"alpha": EXPECTED_ALPHA}
+    assert l0s[search.best_index_] <= MAX_L0
+    # The budget matters: some candidate reconstructs better but is too dense.
+    assert scores.max() > scores[search.best_index_]
+    assert l0s[np.argmax(scores)] > MAX_L0
+    # And every other candidate within budget reconstructs worse.
+    within = np.flatnonzero(l0s <= MAX_L0)
+    assert len(within) >= 2
+    assert all(scores[i] <= scores[search.best_index_] for i in within)
+    assert search.best_estimator_.alpha == EXPECTED_ALPHA
+    assert search.best_estimator_.components_.shape == (32, 16)
+    dead = results["mean_test_dead_fraction"]
+    assert ((dead >= 0) & (dead <= 1)).all()
+
+
+def test_grid_search_too_small_budget(data):
+    X = data[0][:150]
+    search = GridSearchCV(
+        _learner(), {"alpha": [0.01, 0.1, 0.3]}, scoring=sparse_coding_scorer,
+        refit=best_under_l0(max_l0=0.01), cv=2,
+    )
+    with pytest.raises(ValueError, match="smallest mean L0 seen was"):
+        search.fit(X)
+
+
+def test_grid_search_through_pipeline_two_jobs(data, search):
+    # Doubling the data is the same as halving alpha: with twice the alphas
+    # of the bare search, the choice must be twice its choice.
+    X = data[0]
+    pipe = Pipeline([("double", _double), ("dict", _learner())])
+    parallel = GridSearchCV(
+        pipe,
+        {"dict__alpha": [2 * alpha for alpha in ALPHAS]},
+        scoring=sparse_coding_scorer,
+        refit=best_under_l0(max_l0=MAX_L0),
+        cv=3,
+        n_jobs=2,
+    ).fit(X)
+    l0s = parallel.cv_results_["mean_test_l0"]
+    scores = parallel.cv_results_["mean_test_explained_variance"]
+    assert parallel.best_params_ == {"dict__alpha": 2 * EXPECTED_ALPHA}
+    assert l0s[parallel.best_index_] <= MAX_L0
+    assert l0s.max() > MAX_L0
+    assert scores.max() > scores[parallel.best_index_]
+    assert isinstance(parallel.best_estimator_[-1], MiniBatchDictionaryLearning)
+    assert parallel.best_estimator_[-1].alpha == 2 * EXPECTED_ALPHA
+    # The bare search on X saw nearly the same fits (equal up to solver
+    # tolerances), scaled.
+    np.testing.assert_allclose(l0s, search.cv_results_["mean_test_l0"], rtol=0.05)
+
+
+def test_explained_variance_scorer_in_search(data):
+    X = data[0][:150]
+    search = GridSearchCV(
+        PCA(), {"n_components": [1, 4, 8]}, scoring=explained_variance_scorer, cv=2
+    ).fit(X)
+    # Unconstrained reconstruction always prefers the largest model.
+    assert search.best_params_ == {"n_components": 8}
