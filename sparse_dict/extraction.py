@@ -584,38 +584,41 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         return resolve_device(self.device)
 
     def _load(self):
-        """The loaded model, from this instance, the process cache or disk."""
+        """The loaded model: this instance's, else loaded (and kept) now."""
         loaded = getattr(self, "_loaded", None)
-        if loaded is not None:
-            return loaded
+        if loaded is None:
+            loaded = self._load_model()
+            self._loaded = loaded
+        return loaded
+
+    def _load_model(self):
+        """Load the model named by the parameters, through the process cache."""
         device = self._resolve_device()
         if isinstance(self.model, nn.Module):
-            loaded = _load_module(self.model, self.tokenizer, device)
+            return _load_module(self.model, self.tokenizer, device)
+        if isinstance(self.model, str) and self.model == "builtin":
+            key = ("builtin", str(device))
         else:
-            if isinstance(self.model, str) and self.model == "builtin":
-                key = ("builtin", str(device))
-            else:
-                path = Path(self.model).expanduser()
-                if not path.exists():
-                    raise ValueError(
-                        f"model={str(self.model)!r} is neither 'builtin' nor an existing "
-                        "path to a local Hugging Face model folder."
-                    )
-                if not path.is_dir():
-                    raise ValueError(f"model={str(self.model)!r} is a file, not a model folder.")
-                path = path.resolve()
-                key = (str(path), str(device))
-            loaded = _MODEL_CACHE.get(key)
-            if loaded is None:
-                loaded = (
-                    _load_builtin(device) if key[0] == "builtin"
-                    else _load_hf(path, device, self.verbose)
+            path = Path(self.model).expanduser()
+            if not path.exists():
+                raise ValueError(
+                    f"model={str(self.model)!r} is neither 'builtin' nor an existing "
+                    "path to a local Hugging Face model folder."
                 )
-                _MODEL_CACHE[key] = loaded
-                while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
-                    _MODEL_CACHE.popitem(last=False)
-            _MODEL_CACHE.move_to_end(key)
-        self._loaded = loaded
+            if not path.is_dir():
+                raise ValueError(f"model={str(self.model)!r} is a file, not a model folder.")
+            path = path.resolve()
+            key = (str(path), str(device))
+        loaded = _MODEL_CACHE.get(key)
+        if loaded is None:
+            loaded = (
+                _load_builtin(device) if key[0] == "builtin"
+                else _load_hf(path, device, self.verbose)
+            )
+            _MODEL_CACHE[key] = loaded
+            while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
+                _MODEL_CACHE.popitem(last=False)
+        _MODEL_CACHE.move_to_end(key)
         return loaded
 
     def _site(self, loaded):
@@ -687,8 +690,9 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
                 "fit without y."
             )
         X, pretokenized = _check_texts(X)
-        self._loaded = None
-        loaded = self._load()
+        # Everything is worked out before anything is stored, so that a fit
+        # that fails leaves a fitted extractor as it was.
+        loaded = self._load_model()
         module_path, where, name = self._site(loaded)
         seqs = self._tokenize(X[:1], pretokenized, loaded)
         probe = seqs[0][:8] or [loaded.pad_token_id]
@@ -704,7 +708,9 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
                     f"The module {module_path!r} was not called in the forward pass; "
                     "choose another layer, hook or module."
                 )
-            self.n_features_out_ = int(tap.captured.shape[-1])
+            n_features_out = int(tap.captured.shape[-1])
+        self._loaded = loaded
+        self.n_features_out_ = n_features_out
         self.hook_module_ = module_path
         self.hook_name_ = name
         self.device_ = str(loaded.device)

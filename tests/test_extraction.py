@@ -412,7 +412,7 @@ def test_pipeline_with_sparse_autoencoder_on_corpus(corpus):
     pipe = Pipeline([
         ("acts", TransformerActivationExtractor(max_length=16)),
         ("sae", estimator.SparseAutoencoderDictionary(
-            n_components=512, max_iter=1, batch_size=256, device="cpu", random_state=0)),
+            n_components=512, max_steps=5, batch_size=256, device="cpu", random_state=0)),
     ])
     codes = pipe.fit_transform(texts)
     n_tokens = pipe.named_steps["acts"].transform(texts).shape[0]
@@ -530,3 +530,98 @@ def test_token_index_is_a_named_tuple():
     _, index = TransformerActivationExtractor().fit(TEXTS).transform_with_tokens(TEXTS[:1])
     assert isinstance(index, TokenIndex)
     assert index.text_index.dtype == np.int64 and index.token.dtype == object
+
+
+# ---------------------------------------------------------------------------
+# Other Hugging Face architectures (tiny random models, nothing downloaded)
+# ---------------------------------------------------------------------------
+
+
+def _char_tokenizer(texts):
+    return [[ord(c) % 100 for c in t] for t in texts]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_named_hooks_in_causal_hf_models(arch):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(
+            n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64,
+            bos_token_id=0, eos_token_id=0,
+        )
+        model = transformers.GPT2LMHeadModel(config).eval()
+        sites = {"mlp_post": "transformer.h.1.mlp.act", "mlp_out": "transformer.h.1.mlp"}
+        later = [model.transformer.ln_f, model.lm_head]
+    else:
+        config = transformers.LlamaConfig(
+            num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+            num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
+        )
+        model = transformers.LlamaForCausalLM(config).eval()
+        # The gated MLP's post-activation is the input of down_proj.
+        sites = {"mlp_post": "model.layers.1.mlp.down_proj", "mlp_out": "model.layers.1.mlp"}
+        later = [model.model.norm, model.lm_head]
+    texts = ["hello there", "abc"]
+    for hook, module in sites.items():
+        ext = TransformerActivationExtractor(
+            model, tokenizer=_char_tokenizer, layer=1, hook=hook
+        ).fit(texts)
+        assert ext.hook_module_ == module
+        counts, handles = _count_calls(later)
+        try:
+            assert ext.transform(texts).shape[0] == 14
+        finally:
+            for h in handles:
+                h.remove()
+        assert counts["n"] == 0
+    result = splice_evaluation(ext, FunctionTransformer(), texts)
+    assert result.loss_recovered == 1.0 and result.kl_divergence == 0.0
+
+
+def test_local_causal_hf_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    words = sorted({w for t in TEXTS for w in t.split()})
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]"
+    ).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=len(vocab), n_positions=32,
+        bos_token_id=0, eos_token_id=0,
+    )).save_pretrained(tmp_path)
+    ext = TransformerActivationExtractor(str(tmp_path), layer=0).fit(TEXTS)
+    X, index = ext.transform_with_tokens(TEXTS)
+    assert X.shape == (sum(len(t.split()) for t in TEXTS), 128)
+    assert index.token[0] == "To"
+    result = splice_evaluation(ext, FunctionTransformer(), TEXTS)
+    assert result.loss_recovered == 1.0  # a causal LM: losses, not cosines
+    assert result.cosine_spliced is None
+
+
+# ---------------------------------------------------------------------------
+# scikit-learn conventions (its full check suite skips text-input estimators)
+# ---------------------------------------------------------------------------
+
+
+def test_selected_sklearn_checks():
+    from sklearn.utils import estimator_checks as checks
+
+    est = TransformerActivationExtractor()
+    name = type(est).__name__
+    checks.check_parameters_default_constructible(name, est)
+    checks.check_no_attributes_set_in_init(name, est)
+    checks.check_get_params_invariance(name, est)
+    checks.check_set_params(name, est)
+
+
+def test_failed_fit_leaves_fitted_extractor_as_it_was():
+    ext = TransformerActivationExtractor().fit(TEXTS)
+    before = (ext.n_features_out_, ext.hook_module_, ext._loaded)
+    with pytest.raises(ValueError, match="out of range"):
+        ext.set_params(layer=5).fit(TEXTS)
+    assert (ext.n_features_out_, ext.hook_module_, ext._loaded) == before
