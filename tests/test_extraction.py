@@ -412,11 +412,11 @@ def test_pipeline_with_sparse_autoencoder_on_corpus(corpus):
     pipe = Pipeline([
         ("acts", TransformerActivationExtractor(max_length=16)),
         ("sae", estimator.SparseAutoencoderDictionary(
-            n_components=512, max_steps=5, batch_size=256, device="cpu", random_state=0)),
+            n_components=256, max_steps=5, batch_size=256, device="cpu", random_state=0)),
     ])
     codes = pipe.fit_transform(texts)
     n_tokens = pipe.named_steps["acts"].transform(texts).shape[0]
-    assert codes.shape == (n_tokens, 512)
+    assert codes.shape == (n_tokens, 256)
     assert n_tokens == 16 * len(texts)
     assert np.isfinite(pipe.score(corpus[200:220]))
 
@@ -432,9 +432,9 @@ def test_grid_search_over_l1_coef_on_texts(corpus, tmp_path, monkeypatch):
     )
     texts = corpus[:60]
     pipe = Pipeline(
-        [("acts", TransformerActivationExtractor(max_length=16)),
+        [("acts", TransformerActivationExtractor(max_length=8)),
          ("sae", estimator.SparseAutoencoderDictionary(
-             n_components=256, max_steps=10, batch_size=256, device="cpu", random_state=0))],
+             n_components=64, max_steps=3, batch_size=256, device="cpu", random_state=0))],
         memory=joblib.Memory(tmp_path, verbose=0),
     )
     search = GridSearchCV(
@@ -502,14 +502,14 @@ def test_splice_mean_ablation_and_real_losses():
 def test_splice_with_a_sparse_autoencoder(corpus):
     estimator = pytest.importorskip("sparse_dict.estimator")
     texts = corpus[:40]
-    ext = TransformerActivationExtractor(max_length=32).fit(texts)
+    ext = TransformerActivationExtractor(max_length=16).fit(texts)
     sae = estimator.SparseAutoencoderDictionary(
-        n_components=512, max_steps=20, batch_size=256, device="cpu", random_state=0
+        n_components=256, max_steps=5, batch_size=256, device="cpu", random_state=0
     ).fit(ext.transform(texts))
     result = splice_evaluation(ext, sae, texts[:10])
     assert np.isfinite([result.loss_original, result.loss_spliced, result.loss_ablated,
                         result.kl_divergence]).all()
-    assert 0 < result.l0 <= 512
+    assert 0 < result.l0 <= 256
     from sparse_dict.metrics import explained_variance
 
     acts = ext.transform(texts[:10])
