@@ -349,7 +349,7 @@ default="lasso_cd"
         return tags
 
 
-def amortisation_gap(estimator, X, *, offset=None, n_jobs=None):
+def amortisation_gap(estimator, X, *, offset="auto", n_jobs=None):
     """Explained variance of an encoder's codes vs optimal codes at equal L0.
 
     Codes ``X`` with the estimator's own encoder, takes its mean L0 ``k``
@@ -365,9 +365,11 @@ def amortisation_gap(estimator, X, *, offset=None, n_jobs=None):
         Has ``components_``, ``transform`` and ``inverse_transform``.
     X : array-like of shape (n_samples, n_features)
         Data to code.
-    offset : array-like of shape (n_features,), default=None
-        The dictionary's bias (a sparse autoencoder's decoder bias), passed
-        to :class:`LassoCoder`.
+    offset : "auto", array-like of shape (n_features,) or None, default="auto"
+        The dictionary's bias, passed to :class:`LassoCoder`. ``"auto"``
+        takes the estimator's ``decoder_bias_`` (a
+        :class:`~sparse_dict.SparseAutoencoderDictionary` has one) when it
+        exists, and no offset otherwise.
     n_jobs : int, default=None
         Number of joblib workers for the optimal coding.
 
@@ -397,6 +399,8 @@ def amortisation_gap(estimator, X, *, offset=None, n_jobs=None):
     from sparse_dict.metrics import explained_variance, l0
 
     X = check_array(X, dtype=_FLOAT_DTYPES, input_name="X")
+    if isinstance(offset, str) and offset == "auto":
+        offset = getattr(estimator, "decoder_bias_", None)
     codes = estimator.transform(X)
     budget = max(1, int(round(l0(codes))))
     encoder = explained_variance(X, np.asarray(estimator.inverse_transform(codes)))

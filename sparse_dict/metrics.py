@@ -580,7 +580,8 @@ def _reconstruct(estimator, X):
     codes = dictionary.transform(X)
     X_hat = dictionary.inverse_transform(codes)
     codes = codes if sp.issparse(codes) else np.asarray(codes)
-    return np.asarray(X), codes, np.asarray(X_hat)
+    X = X.toarray() if sp.issparse(X) else np.asarray(X)
+    return X, codes, np.asarray(X_hat)
 
 
 _SCORER_METRICS = {

@@ -217,3 +217,28 @@ def test_amortisation_gap_of_a_thresholding_encoder(superposition):
     assert result["optimal"] > 0.999
     assert result["encoder"] < 0.99
     assert result["gap"] == pytest.approx(result["optimal"] - result["encoder"])
+
+
+def test_amortisation_gap_of_a_sparse_autoencoder(superposition):
+    torch = pytest.importorskip("torch")
+    from sparse_dict import SparseAutoencoderDictionary
+
+    X = superposition[0]
+    threads = torch.get_num_threads()
+    # One thread: tiny products on a shared machine are far slower with more.
+    torch.set_num_threads(1)
+    try:
+        sae = SparseAutoencoderDictionary(
+            n_components=96, batch_size=50, max_iter=20, learning_rate=1e-2,
+            l1_coef=1.0, resample_dead=False, decoder_bias_init="mean",
+            device="cpu", random_state=0,
+        ).fit(X)
+    finally:
+        torch.set_num_threads(threads)
+    result = amortisation_gap(sae, X)
+    # "auto" takes the decoder bias: the same as passing it, not as none.
+    explicit = amortisation_gap(sae, X, offset=sae.decoder_bias_)
+    assert result == explicit
+    assert amortisation_gap(sae, X, offset=None)["optimal"] != result["optimal"]
+    assert result["encoder"] == pytest.approx(sae.score(X))
+    assert result["optimal"] > result["encoder"]
