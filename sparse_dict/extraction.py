@@ -12,7 +12,7 @@ behaviour survives ("loss recovered").
 
 import inspect
 import os
-import re
+import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from difflib import get_close_matches
@@ -274,14 +274,17 @@ def _check_texts(X):
     if not X:
         raise ValueError("X is empty: expected at least one text.")
     pretokenized = not isinstance(X[0], str)
-    for i, x in enumerate(X):
-        if isinstance(x, str) and not pretokenized:
-            continue
-        if pretokenized and _is_id_sequence(x):
-            continue
-        what = "strings" if not pretokenized else "sequences of integer token ids"
+    if pretokenized and not _is_id_sequence(X[0]):
         raise TypeError(
-            f"X must hold only {what} (as the first element); element {i} is "
+            "X must hold texts (str) or sequences of integer token ids; element 0 "
+            f"is {type(X[0]).__name__}: {X[0]!r:.60}."
+        )
+    for i, x in enumerate(X):
+        if (isinstance(x, str) and not pretokenized) or (pretokenized and _is_id_sequence(x)):
+            continue
+        what = "texts (str)" if not pretokenized else "sequences of integer token ids"
+        raise TypeError(
+            f"X must hold only {what}, like its first element; element {i} is "
             f"{type(x).__name__}: {x!r:.60}."
         )
     return X, pretokenized
@@ -348,7 +351,9 @@ class _Tap:
     """One hook at the chosen site that captures, stops or replaces.
 
     Only the first call of the module in a forward pass counts, so a module
-    reused inside the model is tapped once.
+    reused inside the model is tapped once. Models are shared between
+    extractors through the process cache, so a tap ignores forward passes run
+    by other threads (GridSearchCV with a threading backend).
     """
 
     def __init__(self, module, where):
@@ -358,6 +363,7 @@ class _Tap:
         self.captured = None
         self.replacement = None
         self._calls = 0
+        self._thread = threading.get_ident()
 
     def __enter__(self):
         if self.where == "output":
@@ -375,8 +381,11 @@ class _Tap:
     def reset(self, mode, replacement=None):
         self.mode, self.replacement = mode, replacement
         self.captured, self._calls = None, 0
+        self._thread = threading.get_ident()
 
     def _visit(self, tensor):
+        if threading.get_ident() != self._thread:
+            return None
         self._calls += 1
         if self._calls > 1:
             return None
@@ -765,8 +774,8 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         seqs = self._tokenize(X, pretokenized, loaded)
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         d = self.n_features_out_
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
         if self.pooling == "none":
-            offsets = np.concatenate([[0], np.cumsum(lengths)])
             out = np.empty((int(offsets[-1]), d), dtype=np.float32)
         else:
             empty = np.flatnonzero(lengths == 0)
@@ -790,7 +799,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
                 acts = tap.captured
                 if acts is None:
                     raise ValueError(f"The module {self.hook_module_!r} was not called.")
-                self._store(out, acts, mask, chunk, lengths, offsets if self.pooling == "none" else None)
+                self._store(out, acts, mask, chunk, lengths, offsets)
         return out, seqs
 
     def _store(self, out, acts, mask, chunk, lengths, offsets):

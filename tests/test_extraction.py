@@ -327,7 +327,8 @@ def test_bad_parameters(tmp_path):
         TransformerActivationExtractor(layer=3).fit(TEXTS)
     with pytest.raises(ValueError, match="'hook' parameter.*mlp_post"):
         TransformerActivationExtractor(hook="attn").fit(TEXTS)
-    with pytest.raises(ValueError, match=r"Did you mean \['blocks.0.mlp.act', .*Valid module paths: \['embed'"):
+    suggestion = r"Did you mean \['blocks.0.mlp.act', .*Valid module paths: \['embed'"
+    with pytest.raises(ValueError, match=suggestion):
         TransformerActivationExtractor(module="blocks.0.mlp.actt").fit(TEXTS)
     with pytest.raises(ValueError, match="neither 'builtin' nor an existing path"):
         TransformerActivationExtractor(str(tmp_path / "nowhere")).fit(TEXTS)
@@ -625,3 +626,28 @@ def test_failed_fit_leaves_fitted_extractor_as_it_was():
     with pytest.raises(ValueError, match="out of range"):
         ext.set_params(layer=5).fit(TEXTS)
     assert (ext.n_features_out_, ext.hook_module_, ext._loaded) == before
+
+
+def test_bytes_input_is_a_type_error():
+    with pytest.raises(TypeError, match="texts \\(str\\) or sequences of integer token ids"):
+        TransformerActivationExtractor().fit([b"bytes"])
+
+
+def test_threads_sharing_one_model_do_not_mix_activations():
+    from concurrent.futures import ThreadPoolExecutor
+
+    ext = TransformerActivationExtractor(batch_size=1).fit(TEXTS)
+    expected = [ext.transform([t]) for t in TEXTS] * 4
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda t: clone(ext).fit([t]).transform([t]), TEXTS * 4))
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_module_without_tokenizer_needs_token_ids():
+    torch.manual_seed(0)
+    lm = builtin.TinyTransformer(builtin.TinyTransformerConfig(vocab_size=300, max_len=16))
+    with pytest.raises(ValueError, match="A tokenizer is needed"):
+        TransformerActivationExtractor(lm).fit(TEXTS)
+    ext = TransformerActivationExtractor(lm).fit([[1, 2, 3]])
+    assert ext.transform([list(range(40))]).shape == (16, 512)  # cut to max_len
