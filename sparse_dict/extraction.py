@@ -227,6 +227,8 @@ def _load_module(model, tokenizer, device):
         device = param.device if param is not None else torch.device("cpu")
     else:
         model.to(device)
+    # Dropout and the like must not make activations random.
+    model.eval()
     config = getattr(model, "config", None)
     max_positions = getattr(config, "max_len", None) or getattr(
         config, "max_position_embeddings", None
@@ -510,6 +512,16 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
     Texts are batched longest first to waste little work on padding; the
     output is in input order. :meth:`transform_with_tokens` also gives, for
     each row, the text, position and token string it comes from.
+
+    Token ids given instead of texts are used as they are (no special tokens
+    are added), cut to ``max_length``.
+
+    The hook raises a private exception once it has the activations, which
+    ends the forward pass there; with ``hook="mlp_post"`` not even the MLP's
+    output projection runs. Models named by "builtin" or a path are shared by
+    all extractors of a process (the last two loaded are kept), so clones made
+    by GridSearchCV do not reload them. An ``nn.Module`` passed as ``model``
+    is a parameter, so it is cloned and pickled with the extractor.
 
     Examples
     --------

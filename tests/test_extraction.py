@@ -651,3 +651,11 @@ def test_module_without_tokenizer_needs_token_ids():
         TransformerActivationExtractor(lm).fit(TEXTS)
     ext = TransformerActivationExtractor(lm).fit([[1, 2, 3]])
     assert ext.transform([list(range(40))]).shape == (16, 512)  # cut to max_len
+
+
+def test_module_is_put_in_eval_mode():
+    torch.manual_seed(0)
+    lm = builtin.TinyTransformer(builtin.TinyTransformerConfig(vocab_size=300, max_len=16))
+    lm.train()
+    TransformerActivationExtractor(lm).fit([[1, 2, 3]])
+    assert not lm.training
