@@ -87,11 +87,10 @@ def _sample_batch(stream, starts, batch_size, seq_len, rng):
 
 
 @contextlib.contextmanager
-def _mlp_replaced(model, value):
-    """Replace every block's MLP output by ``value`` (a tensor broadcast to it)."""
+def _output_replaced(modules, value):
+    """Replace the output of each of ``modules`` by ``value`` (broadcast to it)."""
     handles = [
-        block.mlp.register_forward_hook(lambda mod, inp, out: value.expand_as(out))
-        for block in model.blocks
+        m.register_forward_hook(lambda mod, inp, out: value.expand_as(out)) for m in modules
     ]
     try:
         yield
@@ -143,15 +142,24 @@ def _mean_mlp_output(model, tokenizer, texts, batch_size=64):
 
 
 def evaluate(model, tokenizer, test_texts, train_texts):
-    """Held-out loss as trained, with the MLP zero-ablated, and mean-ablated."""
-    loss = heldout_loss(model, tokenizer, test_texts)
-    zero = torch.zeros(model.config.d_model)
-    with _mlp_replaced(model, zero):
-        zero_loss = heldout_loss(model, tokenizer, test_texts)
-    report = {"test_loss": loss, "test_loss_mlp_zero_ablated": zero_loss}
+    """Held-out loss as trained and with the MLP ablated in three ways.
+
+    ``mlp_zero_ablated`` sets the MLP's output (what it adds to the residual
+    stream) to zero. ``mlp_acts_zero_ablated`` sets the 512 post-ReLU
+    activations, the hook point, to zero, so the MLP adds only ``fc_out``'s
+    bias: this is the zero ablation of splicing at the hook point.
+    ``mlp_mean_ablated`` replaces the MLP output by its mean over training
+    tokens.
+    """
+    mlps = [block.mlp for block in model.blocks]
+    report = {"test_loss": heldout_loss(model, tokenizer, test_texts)}
+    with _output_replaced(mlps, torch.zeros(model.config.d_model)):
+        report["test_loss_mlp_zero_ablated"] = heldout_loss(model, tokenizer, test_texts)
+    with _output_replaced([m.act for m in mlps], torch.zeros(model.config.d_mlp)):
+        report["test_loss_mlp_acts_zero_ablated"] = heldout_loss(model, tokenizer, test_texts)
     if model.config.n_layers == 1:
         mean = _mean_mlp_output(model, tokenizer, train_texts[::8])
-        with _mlp_replaced(model, mean):
+        with _output_replaced(mlps, mean):
             report["test_loss_mlp_mean_ablated"] = heldout_loss(model, tokenizer, test_texts)
     return report
 
