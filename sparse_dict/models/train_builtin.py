@@ -206,10 +206,15 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     # Embeddings, norms and biases are not decayed: decay would only pull
     # rare tokens' embeddings to zero.
-    decay = [p for n, p in model.named_parameters() if p.dim() == 2 and not n.startswith(("embed", "pos_embed"))]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() == 2 and not n.startswith(("embed", "pos_embed")))]
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_matrix = p.dim() == 2 and not name.startswith(("embed", "pos_embed"))
+        (decay if is_matrix else no_decay).append(p)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=args.lr,
         betas=(0.9, 0.95),
     )
@@ -248,8 +253,13 @@ def main(argv=None):
 
     report = {
         **metrics,
-        "mlp_zero_ablation_loss_gap": metrics["test_loss_mlp_zero_ablated"] - metrics["test_loss"],
-        "loss_unit": "nats per token, next-token cross-entropy, test split, each document from position 0",
+        "mlp_zero_ablation_loss_gap": (
+            metrics["test_loss_mlp_zero_ablated"] - metrics["test_loss"]
+        ),
+        "loss_unit": (
+            "nats per token, next-token cross-entropy, test split, "
+            "each document from position 0"
+        ),
         "log_vocab_size": math.log(tokenizer.vocab_size),
         "test_works": list(TEST_WORKS),
         "n_train_documents": len(train_texts),
@@ -273,7 +283,12 @@ def main(argv=None):
             "platform": platform.platform(),
             "threads": torch.get_num_threads(),
         },
-        "command": "python -m sparse_dict.models.train_builtin " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(
+            [
+                "python -m sparse_dict.models.train_builtin",
+                *(sys.argv[1:] if argv is None else argv),
+            ]
+        ),
     }
     (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}", flush=True)
