@@ -308,15 +308,17 @@ def test_grid_search_over_l1_coef_of_the_sae(data, one_torch_thread):
     ).fit(X)
     l0s = search.cv_results_["mean_test_l0"]
     scores = search.cv_results_["mean_test_explained_variance"]
-    # Measured once (seeded): L0 falls from about 14 to 1 along the grid.
+    # Seeded, L0 fell from about 14 to 1 along the grid, with l1_coef=3 the
+    # best within budget; the checks below state the rule, not the numbers,
+    # so that they hold while the training recipe evolves.
     assert (np.diff(l0s) < 0).all()
-    assert search.best_params_ == {"l1_coef": 3.0}
     assert l0s[search.best_index_] <= 8
     assert l0s[np.argmax(scores)] > 8
     within = np.flatnonzero(l0s <= 8)
     assert len(within) >= 2
     assert search.best_index_ == within[np.argmax(scores[within])]
-    assert search.best_estimator_.l1_coef == 3.0
+    chosen = search.cv_results_["params"][search.best_index_]["l1_coef"]
+    assert search.best_estimator_.l1_coef == chosen
     # The refitted SAE's own score is the scorer's explained variance.
     assert search.best_estimator_.score(X) == pytest.approx(
         sparse_coding_scorer(search.best_estimator_, X)["explained_variance"]
