@@ -72,6 +72,9 @@ def _get_dictionary(dictionary):
         try:
             atoms = dictionary.components_
         except AttributeError:
+            # scikit-learn's SparseCoder keeps its atoms as a parameter.
+            atoms = getattr(dictionary, "dictionary", None)
+        if atoms is None or hasattr(atoms, "fit"):
             raise NotFittedError(
                 f"The {type(dictionary).__name__} passed as dictionary has no "
                 "components_: fit it first. clone() (used by GridSearchCV, "

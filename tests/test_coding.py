@@ -120,6 +120,14 @@ def test_dictionary_from_fitted_estimator(superposition):
     np.testing.assert_array_equal(frozen.components_, learner.components_)
 
 
+def test_dictionary_from_sparse_coder(superposition):
+    from sklearn.decomposition import SparseCoder
+
+    X, true_atoms, _ = superposition
+    coder = LassoCoder(SparseCoder(true_atoms)).fit(X)
+    np.testing.assert_array_equal(coder.components_, true_atoms)
+
+
 def test_offset_round_trip():
     rng = np.random.RandomState(1)
     atoms = _random_dictionary(16, n_components=24)

@@ -6,7 +6,12 @@ from functools import partial
 
 import numpy as np
 import pytest
-from sklearn.decomposition import PCA, MiniBatchDictionaryLearning
+from sklearn.decomposition import (
+    PCA,
+    DictionaryLearning,
+    MiniBatchDictionaryLearning,
+    SparseCoder,
+)
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
@@ -96,6 +101,35 @@ def test_scorer_on_bare_estimator(data):
     assert scores["dead_fraction"] == dead_fraction(codes)
     assert scores["explained_variance"] > 0.99
     assert explained_variance_scorer(coder, X) == scores["explained_variance"]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda atoms: MiniBatchDictionaryLearning(
+            n_components=12, max_iter=2, random_state=0
+        ),
+        lambda atoms: DictionaryLearning(n_components=12, max_iter=3, random_state=0),
+        lambda atoms: SparseCoder(
+            atoms, transform_algorithm="lasso_cd", transform_alpha=0.05
+        ),
+        lambda atoms: LassoCoder(atoms, algorithm="omp", n_nonzero_coefs=5),
+    ],
+    ids=["MiniBatchDictionaryLearning", "DictionaryLearning", "SparseCoder", "LassoCoder"],
+)
+def test_scorer_on_scikit_learn_dictionaries(data, make):
+    X, true_atoms, _ = data
+    X = X[:100]
+    estimator = make(true_atoms).fit(X)
+    codes = estimator.transform(X)
+    scores = sparse_coding_scorer(estimator, X)
+    assert scores == {
+        "explained_variance": explained_variance(X, estimator.inverse_transform(codes)),
+        "l0": l0(codes),
+        "dead_fraction": dead_fraction(codes),
+    }
+    assert 0 < scores["explained_variance"] <= 1
+    assert 0 < scores["l0"] <= codes.shape[1]
 
 
 def test_scorer_on_pipeline_measures_last_step_input(data):
