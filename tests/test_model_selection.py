@@ -117,6 +117,7 @@ def test_scorer_on_bare_estimator(data):
     ],
     ids=["MiniBatchDictionaryLearning", "DictionaryLearning", "SparseCoder", "LassoCoder"],
 )
+@pytest.mark.filterwarnings("ignore:Orthogonal matching pursuit ended prematurely")
 def test_scorer_on_scikit_learn_dictionaries(data, make):
     X, true_atoms, _ = data
     X = X[:100]
