@@ -648,6 +648,23 @@ class SparseCodingScorer:
         self.metrics = metrics
 
     def __call__(self, estimator, X, y=None):
+        """Score a fitted dictionary (or Pipeline ending in one) on ``X``.
+
+        Parameters
+        ----------
+        estimator : estimator or Pipeline
+            Has ``transform`` and ``inverse_transform``, or is a Pipeline
+            whose last step has them.
+        X : array-like of shape (n_samples, n_features)
+            Data to score on.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        scores : dict of str to float
+            One entry per name in ``metrics``.
+        """
         X_in, codes, X_hat = _reconstruct(estimator, X)
         return {
             name: _SCORER_METRICS[name](X_in, codes, X_hat) for name in self.metrics
@@ -733,8 +750,9 @@ class BestUnderL0:
     def _column(self, cv_results, name):
         key = f"mean_test_{name}"
         if key not in cv_results:
-            found = sorted(k[len("mean_test_") :] for k in cv_results if
-                           k.startswith("mean_test_"))
+            found = sorted(
+                k[len("mean_test_") :] for k in cv_results if k.startswith("mean_test_")
+            )
             raise ValueError(
                 f"cv_results_ has no {key!r}: the search must be scored with a "
                 f"metric named {name!r} (e.g. scoring=sparse_coding_scorer); "
@@ -743,6 +761,20 @@ class BestUnderL0:
         return np.asarray(cv_results[key], dtype=np.float64)
 
     def __call__(self, cv_results):
+        """Index of the chosen candidate in ``cv_results``.
+
+        Parameters
+        ----------
+        cv_results : dict
+            A search's ``cv_results_``.
+
+        Returns
+        -------
+        index : int
+            The candidate with the best mean score among those with mean L0
+            at most ``max_l0``; candidates whose score is NaN (failed fits)
+            are never chosen.
+        """
         scores = self._column(cv_results, self.score)
         l0s = self._column(cv_results, self.l0)
         admissible = (l0s <= self.max_l0) & np.isfinite(scores)
