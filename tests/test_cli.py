@@ -1,0 +1,365 @@
+"""The ``sparse-dict`` command line: every subcommand, and every error a user can cause.
+
+Most tests call ``main(argv)`` in-process (fast, and stdout/stderr are
+captured by pytest); a few run ``python -m sparse_dict`` in a subprocess to
+check the real entry point and that errors print no traceback.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparse_dict.cli import build_parser, main, read_texts
+
+TEXTS = [
+    "To be, or not to be, that is the question:",
+    "Whether 'tis nobler in the mind to suffer",
+    "The slings and arrows of outrageous fortune,",
+    "Or to take arms against a sea of troubles",
+    "And by opposing end them. To die, to sleep;",
+    "No more; and by a sleep to say we end",
+]
+
+
+@pytest.fixture(scope="module")
+def builtin_model(tmp_path_factory):
+    """The built-in model, or a small random stand-in while its weights are absent.
+
+    The CLI only needs *a* model of the built-in kind; a random one with a
+    small tokenizer keeps these tests independent of the shipped weights.
+    """
+    from sparse_dict.models import builtin
+
+    try:
+        builtin.load_builtin_model()
+        yield builtin.BUILTIN_DIR
+        return
+    except FileNotFoundError:
+        pass
+    import torch
+
+    from sparse_dict._corpus import load_corpus
+
+    path = tmp_path_factory.mktemp("builtin")
+    tok = builtin.BuiltinTokenizer.train(load_corpus("train", n_texts=50, random_state=0),
+                                         vocab_size=300)
+    torch.manual_seed(0)
+    model = builtin.TinyTransformer(
+        builtin.TinyTransformerConfig(vocab_size=tok.vocab_size, max_len=64)
+    )
+    builtin.save_builtin_model(model, tok, path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(builtin, "BUILTIN_DIR", path)
+        yield path
+
+
+@pytest.fixture
+def texts_file(tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    return path
+
+
+def run(argv, capsys):
+    """``main(argv)``: (status, stdout, stderr); argparse's exits count as a status."""
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as exc:
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(status, err, *fragments):
+    assert status == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("sparse-dict")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------
+# Help
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["extract"], ["fit"], ["encode"], ["report"]])
+def test_help_everywhere(command, capsys):
+    status, out, _ = run([*command, "--help"], capsys)
+    assert status == 0
+    assert out.startswith("usage: sparse-dict")
+
+
+def test_no_command_is_a_one_line_error(capsys):
+    status, _, err = run([], capsys)
+    assert_one_line_error(status, err, "required")
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    subparsers = parser._subparsers._group_actions[0].choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+def test_console_script_entry_point():
+    # The module form runs the same main(); a bad path gives one line, no traceback.
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparse_dict", "encode", "no-dict", "no.npy", "-o", "c.npy"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "sparse_dict", "--version"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "sparse-dict" in proc.stdout
+
+
+# --------------------------------------------------------------------------
+# Reading inputs
+# --------------------------------------------------------------------------
+
+
+def test_read_texts_formats(tmp_path):
+    plain = tmp_path / "a.txt"
+    plain.write_text("one\n\ntwo\nthree\n", encoding="utf-8")
+    assert read_texts(plain) == ["one", "two", "three"]
+    assert read_texts(plain, "paragraphs") == ["one", "two\nthree"]
+    assert read_texts(plain, "whole") == ["one\n\ntwo\nthree"]
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text('"one"\n{"text": "two", "id": 3}\n\n', encoding="utf-8")
+    assert read_texts(jsonl) == ["one", "two"]
+
+
+# --------------------------------------------------------------------------
+# The subcommands, chained: extract -> fit -> encode -> report
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fitted(builtin_model, tmp_path_factory):
+    """Activations extracted and a dictionary fitted by the CLI itself."""
+    folder = tmp_path_factory.mktemp("chain")
+    texts = folder / "texts.txt"
+    texts.write_text("\n".join(TEXTS * 4) + "\n", encoding="utf-8")
+    assert main(["extract", str(texts), "-o", str(folder / "acts.npy"),
+                 "--tokens", str(folder / "tokens.jsonl"), "--device", "cpu", "-q"]) == 0
+    assert main(["fit", str(folder / "acts.npy"), "-o", str(folder / "dict"),
+                 "--n-components", "64", "--max-iter", "2", "--batch-size", "64",
+                 "--random-state", "0", "--device", "cpu", "-q"]) == 0
+    return folder
+
+
+def test_extract_writes_activations_and_tokens(fitted):
+    acts = np.load(fitted / "acts.npy")
+    assert acts.dtype == np.float32 and acts.ndim == 2 and acts.shape[1] == 512
+    rows = [json.loads(line) for line in open(fitted / "tokens.jsonl", encoding="utf-8")]
+    assert len(rows) == acts.shape[0]
+    assert rows[0] == {"text": 0, "position": 0, "token": rows[0]["token"]}
+    assert {r["text"] for r in rows} == set(range(len(TEXTS) * 4))
+
+
+def test_fit_saves_a_loadable_dictionary(fitted):
+    from sparse_dict.estimator import SparseAutoencoderDictionary
+
+    sae = SparseAutoencoderDictionary.load(fitted / "dict")
+    assert sae.components_.shape == (64, 512)
+    assert sae.get_params()["random_state"] == 0
+
+
+def test_encode_matches_transform(fitted, tmp_path, capsys):
+    from sparse_dict.estimator import SparseAutoencoderDictionary
+
+    status, _, err = run(["encode", fitted / "dict", fitted / "acts.npy",
+                          "-o", tmp_path / "codes.npy", "--chunk-size", "7"], capsys)
+    assert status == 0, err
+    codes = np.load(tmp_path / "codes.npy")
+    expected = SparseAutoencoderDictionary.load(fitted / "dict").transform(
+        np.load(fitted / "acts.npy"))
+    np.testing.assert_allclose(codes, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_report_writes_browser_and_plot(fitted, tmp_path, capsys):
+    status, _, err = run(["report", fitted / "dict", _texts(tmp_path), "-o", tmp_path / "report",
+                          "--top-k", "3", "--device", "cpu"], capsys)
+    assert status == 0, err
+    page = (tmp_path / "report" / "features.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "Feature" in page
+    assert (tmp_path / "report" / "density.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _texts(folder):
+    path = Path(folder) / "report_texts.txt"
+    path.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    return path
+
+
+def test_fit_refuses_to_overwrite(fitted, capsys):
+    status, _, err = run(["fit", fitted / "acts.npy", "-o", fitted / "dict", "-q"], capsys)
+    assert_one_line_error(status, err, "already exists", "--overwrite")
+
+
+# --------------------------------------------------------------------------
+# The demo
+# --------------------------------------------------------------------------
+
+
+def test_demo_tiny_prints_table_and_writes_every_file(builtin_model, tmp_path, capsys):
+    out = tmp_path / "demo"
+    status, stdout, err = run(["demo", "--tiny", "--out", out, "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert "SparseAutoencoderDictionary" in stdout
+    assert "MiniBatchDictionaryLearning" in stdout
+    for column in ("explained var", "L0", "dead", "loss recovered", "fit time"):
+        assert column in stdout
+    for name in ("features.html", "density.png", "training.png", "results.txt",
+                 "results.json", "dictionary/config.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["method"] for r in results] == ["SparseAutoencoderDictionary",
+                                              "MiniBatchDictionaryLearning"]
+    for r in results:
+        assert -1.0 <= r["explained_variance"] <= 1.0
+        assert r["l0"] >= 0 and 0 <= r["dead_fraction"] <= 1
+        assert r["loss_recovered"] is not None and np.isfinite(r["loss_recovered"])
+    # Progress is shown (on stderr) unless --quiet.
+    assert "[1/5]" in err
+
+
+def test_demo_quiet_and_no_classical(builtin_model, tmp_path, capsys):
+    status, stdout, err = run(["demo", "--tiny", "--no-classical", "-q", "--out",
+                               tmp_path / "d", "--device", "cpu"], capsys)
+    assert status == 0
+    assert err == ""
+    assert "MiniBatchDictionaryLearning" not in stdout
+
+
+# --------------------------------------------------------------------------
+# Errors: one line on stderr, status 2, never a traceback
+# --------------------------------------------------------------------------
+
+
+def _npy(tmp_path, name, array):
+    path = tmp_path / name
+    np.save(path, array)
+    return path
+
+
+def test_missing_and_folder_inputs(tmp_path, texts_file, capsys):
+    status, _, err = run(["fit", tmp_path / "nope.npy", "-o", tmp_path / "d"], capsys)
+    assert_one_line_error(status, err, "does not exist", "nope.npy")
+    status, _, err = run(["fit", tmp_path, "-o", tmp_path / "d"], capsys)
+    assert_one_line_error(status, err, "is a folder")
+    status, _, err = run(["extract", tmp_path / "nope.txt", "-o", tmp_path / "a.npy"], capsys)
+    assert_one_line_error(status, err, "texts file", "does not exist")
+    status, _, err = run(["report", tmp_path / "nodict", texts_file, "-o", tmp_path], capsys)
+    assert_one_line_error(status, err, "dictionary", "does not exist")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root reads files whatever their permissions")
+def test_unreadable_file(tmp_path, capsys):
+    path = _npy(tmp_path, "acts.npy", np.ones((4, 3), np.float32))
+    path.chmod(0)
+    status, _, err = run(["fit", path, "-o", tmp_path / "d"], capsys)
+    assert_one_line_error(status, err, "not readable")
+
+
+@pytest.mark.parametrize(
+    "array, fragment",
+    [
+        (np.ones(5, np.float32), "expected 2 dimensions"),
+        (np.ones((2, 3, 4), np.float32), "expected 2 dimensions"),
+        (np.array([["a", "b"]]), "expected numbers"),
+        (np.ones((0, 4), np.float32), "empty"),
+    ],
+)
+def test_wrong_shapes_and_types(tmp_path, capsys, array, fragment):
+    path = _npy(tmp_path, "acts.npy", array)
+    status, _, err = run(["fit", path, "-o", tmp_path / "d"], capsys)
+    assert_one_line_error(status, err, fragment)
+
+
+def test_not_an_npy_file(tmp_path, capsys):
+    path = tmp_path / "acts.npy"
+    path.write_bytes(b"this is not numpy")
+    status, _, err = run(["fit", path, "-o", tmp_path / "d"], capsys)
+    assert_one_line_error(status, err, "not a readable .npy")
+    # An object array would need unpickling, which is refused.
+    obj = np.empty((2, 2), dtype=object)
+    np.save(tmp_path / "obj.npy", obj, allow_pickle=True)
+    status, _, err = run(["fit", tmp_path / "obj.npy", "-o", tmp_path / "d"], capsys)
+    assert_one_line_error(status, err, "not a readable .npy")
+
+
+def test_bad_texts_files(tmp_path, capsys):
+    binary = tmp_path / "t.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    status, _, err = run(["extract", binary, "-o", tmp_path / "a.npy"], capsys)
+    assert_one_line_error(status, err, "not UTF-8")
+    empty = tmp_path / "e.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    status, _, err = run(["extract", empty, "-o", tmp_path / "a.npy"], capsys)
+    assert_one_line_error(status, err, "contains no text")
+    bad_json = tmp_path / "b.jsonl"
+    bad_json.write_text('"ok"\n{oops\n', encoding="utf-8")
+    status, _, err = run(["extract", bad_json, "-o", tmp_path / "a.npy"], capsys)
+    assert_one_line_error(status, err, "line 2 is not JSON")
+
+
+def test_nan_activations_are_refused(tmp_path, capsys):
+    X = np.ones((20, 4), np.float32)
+    X[3, 1] = np.nan
+    status, _, err = run(["fit", _npy(tmp_path, "a.npy", X), "-o", tmp_path / "d",
+                          "--device", "cpu", "-q"], capsys)
+    assert_one_line_error(status, err, "NaN")
+
+
+def test_bad_option_values(tmp_path, capsys):
+    path = _npy(tmp_path, "a.npy", np.ones((4, 3), np.float32))
+    for option in (["--n-components", "0"], ["--l1-coef", "-1"], ["--max-iter", "x"],
+                   ["--learning-rate", "nan"]):
+        status, _, err = run(["fit", path, "-o", tmp_path / "d", *option], capsys)
+        assert_one_line_error(status, err, option[0])
+
+
+def test_encode_wrong_width_and_not_a_dictionary(fitted, tmp_path, capsys):
+    narrow = _npy(tmp_path, "narrow.npy", np.ones((5, 7), np.float32))
+    status, _, err = run(["encode", fitted / "dict", narrow, "-o", tmp_path / "c.npy"], capsys)
+    assert_one_line_error(status, err, "7 features", "512")
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    status, _, err = run(["encode", empty_dir, narrow, "-o", tmp_path / "c.npy"], capsys)
+    assert_one_line_error(status, err, "cannot load dictionary")
+    status, _, err = run(["encode", narrow, narrow, "-o", tmp_path / "c.npy"], capsys)
+    assert_one_line_error(status, err, "is not a folder")
+
+
+def test_report_with_the_wrong_layer_point(fitted, tmp_path, texts_file, capsys):
+    # The dictionary was fitted on the MLP (512 wide); the residual stream is 128.
+    status, _, err = run(["report", fitted / "dict", texts_file, "-o", tmp_path / "r",
+                          "--hook", "resid_post", "--device", "cpu", "-q"], capsys)
+    assert_one_line_error(status, err, "128 features", "512")
+
+
+def test_unknown_model_path(tmp_path, texts_file, capsys):
+    status, _, err = run(["extract", texts_file, "-o", tmp_path / "a.npy",
+                          "--model", tmp_path / "no-model", "-q"], capsys)
+    assert status == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_output_in_a_file_not_a_folder(tmp_path, texts_file, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    status, _, err = run(["extract", texts_file, "-o", blocker / "a.npy"], capsys)
+    assert_one_line_error(status, err, "not a folder")
