@@ -200,8 +200,9 @@ def make_superposition(
 
     # One stream per kind of draw, each consumed row by row, so the first
     # rows come out the same whatever n_samples is.
+    seeds = rng.randint(2**32, size=4, dtype=np.uint64)
     latent_rng, shared_rng, magnitude_rng, noise_rng = (
-        np.random.RandomState(seed) for seed in rng.randint(2**32, size=4, dtype=np.uint64)
+        np.random.RandomState(seed) for seed in seeds
     )
     true_codes = np.empty((n_samples, n_components), dtype=dtype)
     for start in range(0, n_samples, _BLOCK_ROWS):
@@ -213,7 +214,8 @@ def make_superposition(
         magnitudes = high - (high - low) * magnitude_rng.random_sample(
             (rows, n_components)
         )
-        true_codes[start : start + rows] = np.where(latent < thresholds, magnitudes, 0.0)
+        active = latent < thresholds
+        true_codes[start : start + rows] = np.where(active, magnitudes, 0.0)
 
     X = true_codes.astype(np.float64) @ true_atoms
     if noise > 0:

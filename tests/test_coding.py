@@ -149,7 +149,8 @@ def test_inverse_transform_accepts_sparse_codes(superposition):
     coder = LassoCoder(true_atoms).fit(X)
     dense = coder.inverse_transform(true_codes)
     np.testing.assert_allclose(dense, X)
-    np.testing.assert_allclose(coder.inverse_transform(sp.csr_matrix(true_codes)), dense)
+    from_sparse = coder.inverse_transform(sp.csr_matrix(true_codes))
+    np.testing.assert_allclose(from_sparse, dense)
 
 
 def test_float32_stays_float32(superposition):
@@ -189,7 +190,8 @@ def test_errors():
     with pytest.raises(ValueError, match=msg):
         LassoCoder(atoms).fit(np.zeros((4, 4)))
     coder = LassoCoder(atoms).fit(X)
-    with pytest.raises(ValueError, match="X has 4 features, but LassoCoder is expecting 3"):
+    msg = "X has 4 features, but LassoCoder is expecting 3"
+    with pytest.raises(ValueError, match=msg):
         coder.transform(np.zeros((4, 4)))
     with pytest.raises(ValueError, match=re.escape("X has 4 components per row, but")):
         coder.inverse_transform(np.zeros((2, 4)))

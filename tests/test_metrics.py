@@ -171,7 +171,8 @@ def test_zero_atom_has_zero_similarity():
 
 
 def test_reconstruction_errors():
-    with pytest.raises(ValueError, match=re.escape("got X with shape (3, 2) and X_hat")):
+    message = re.escape("got X with shape (3, 2) and X_hat with shape (2, 2)")
+    with pytest.raises(ValueError, match=message):
         explained_variance(X, X_HAT[:2])
     nan = X_HAT.copy()
     nan[0, 0] = np.nan
@@ -199,7 +200,8 @@ def test_code_errors():
 
 
 def test_atom_errors():
-    with pytest.raises(ValueError, match="atoms of width 5 but true_atoms has atoms of width 6"):
+    message = "atoms of width 5 but true_atoms has atoms of width 6"
+    with pytest.raises(ValueError, match=message):
         mean_max_cosine_similarity(np.ones((3, 5)), np.ones((4, 6)))
     with pytest.raises(ValueError, match="atoms of width"):
         one_to_one_matching_score(np.ones((3, 5)), np.ones((4, 6)))

@@ -115,7 +115,7 @@ def test_scorer_on_bare_estimator(data):
         ),
         lambda atoms: LassoCoder(atoms, algorithm="omp", n_nonzero_coefs=5),
     ],
-    ids=["MiniBatchDictionaryLearning", "DictionaryLearning", "SparseCoder", "LassoCoder"],
+    ids=["MiniBatchDictionaryLearning", "DictionaryLearning", "SparseCoder", "Lasso"],
 )
 @pytest.mark.filterwarnings("ignore:Orthogonal matching pursuit ended prematurely")
 def test_scorer_on_scikit_learn_dictionaries(data, make):
@@ -171,7 +171,8 @@ def test_scorer_needs_inverse_transform(data):
     from sklearn.linear_model import LinearRegression
 
     X = data[0]
-    with pytest.raises(TypeError, match="transform and inverse_transform methods; got LinearRegression"):
+    message = "transform and inverse_transform methods; got LinearRegression"
+    with pytest.raises(TypeError, match=message):
         sparse_coding_scorer(LinearRegression().fit(X, X[:, 0]), X)
 
 
@@ -182,7 +183,8 @@ def test_scorers_pickle(data):
     assert scorer(coder, X) == sparse_coding_scorer(coder, X)
     refit = pickle.loads(pickle.dumps(best_under_l0(max_l0=3)))
     assert refit.max_l0 == 3
-    assert pickle.loads(pickle.dumps(explained_variance_scorer)) is explained_variance_scorer
+    restored = pickle.loads(pickle.dumps(explained_variance_scorer))
+    assert restored is explained_variance_scorer
 
 
 # --------------------------------------------------------------------------
