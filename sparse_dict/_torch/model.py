@@ -66,17 +66,41 @@ class SparseAutoencoder(nn.Module):
         """Rescale every atom (row of ``W_dec``) to unit norm, in place."""
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
+    def _workspace(self, batch, dtype, device):
+        """Reusable (batch, n_components) buffers for the training step.
+
+        On the CPU a fresh tensor this large is a fresh ``mmap``: allocating
+        three per step costs page faults comparable to a matrix product.
+        Buffers sized for the largest batch seen are reused; a smaller batch
+        takes a leading slice, which is contiguous.
+        """
+        ws = getattr(self, "_ws", None)
+        if (
+            ws is None
+            or ws["codes"].shape[0] < batch
+            or ws["codes"].dtype != dtype
+            or ws["codes"].device != device
+        ):
+            shape = (batch, self.n_components)
+            ws = {k: torch.empty(shape, dtype=dtype, device=device) for k in ("codes", "grad", "mask")}
+            self._ws = ws
+        return ws["codes"][:batch], ws["grad"][:batch], ws["mask"][:batch]
+
+    def release_workspace(self):
+        """Free the training buffers (after training, before pickling)."""
+        self._ws = None
+
     @torch.no_grad()
     def loss_and_gradients(self, x, l1_coef, autocast_dtype=None):
         """Loss of a batch and its gradients, written into each ``.grad``.
 
         The loss is ``mean_b ||x_b - x_hat_b||^2 + l1_coef * mean_b sum_i
         f_i(x_b) ||W_dec[i]||``. The backward pass is written out by hand
-        instead of through autograd: it reuses the codes buffer in place and
-        folds the L1 gradient into the matrix product's bias, which removes
-        several full passes over the (batch, n_components) activations. The
-        five matrix products are the whole cost, as the performance model
-        assumes.
+        instead of through autograd: it works in place in reused buffers and
+        folds the L1 gradient into a matrix product's bias, which removes
+        several full passes over the (batch, n_components) activations, so
+        the five matrix products are nearly the whole cost, as the
+        performance model assumes.
 
         The L1 term's gradient with respect to ``W_dec`` is parallel to each
         atom, and the trainer projects the parallel component out (the atoms
@@ -96,45 +120,40 @@ class SparseAutoencoder(nn.Module):
             Loss, mean squared error, L1 penalty (before ``l1_coef``) and L0,
             left on the device so that no step waits for a host transfer.
         fired : torch.Tensor of shape (n_components,)
-            How many rows of the batch fired each feature.
+            How many rows of the batch fired each feature (as floats).
         """
         batch = x.shape[0]
         W_enc, W_dec, b_enc, b_dec = self.W_enc, self.W_dec, self.b_enc, self.b_dec
-        if autocast_dtype is not None:
-            W_enc_c, W_dec_c = W_enc.to(autocast_dtype), W_dec.to(autocast_dtype)
-        else:
-            W_enc_c, W_dec_c = W_enc, W_dec
+        cdtype = autocast_dtype or torch.float32
+        W_enc_c, W_dec_c = W_enc.to(cdtype), W_dec.to(cdtype)
+        codes, grad, mask = self._workspace(batch, cdtype, x.device)
 
-        centred = x - b_dec
-        xc = centred.to(autocast_dtype) if autocast_dtype is not None else centred
-        codes = torch.addmm(b_enc.to(xc.dtype), xc, W_enc_c.t())
+        xc = (x - b_dec).to(cdtype)
+        torch.addmm(b_enc.to(cdtype), xc, W_enc_c.t(), out=codes)
         codes.relu_()
-        x_hat = torch.addmm(b_dec.to(xc.dtype), codes, W_dec_c).float()
-        err = x_hat.sub_(x)
+        torch.gt(codes, 0, out=mask)
+        # Float sums along the batch are vectorised; integer ones are not.
+        fired = mask.sum(dim=0, dtype=torch.float32)
+        code_sums = codes.sum(dim=0, dtype=torch.float32)
+        err = torch.addmm(b_dec.to(cdtype), codes, W_dec_c).float().sub_(x)
 
         norms = W_dec.norm(dim=1)
-        fired = torch.count_nonzero(codes, dim=0)
-        code_sums = codes.sum(dim=0, dtype=torch.float32)
         mse = err.pow(2).sum() / batch
         l1 = code_sums.dot(norms) / batch
         loss = mse + l1_coef * l1
         l0 = fired.sum() / batch
 
-        # d loss / d x_hat
         grad_xhat = err.mul_(2.0 / batch)
-        grad_xhat_c = grad_xhat.to(codes.dtype)
+        grad_xhat_c = grad_xhat.to(cdtype)
         self.W_dec.grad = torch.mm(codes.t(), grad_xhat_c).float()
-        # d loss / d codes, with the L1 term (constant per feature) as the bias.
-        grad_codes = torch.addmm(
-            (norms * (l1_coef / batch)).to(codes.dtype), grad_xhat_c, W_dec_c.t()
-        )
-        # Through the ReLU: zero where the feature did not fire.
-        grad_pre = grad_codes.masked_fill_(codes <= 0, 0)
-        del codes
-        grad_b_enc = grad_pre.sum(dim=0, dtype=torch.float32)
+        # d loss / d codes, with the L1 term (constant per feature) as the
+        # bias; then through the ReLU, zero where the feature did not fire.
+        torch.addmm((norms * (l1_coef / batch)).to(cdtype), grad_xhat_c, W_dec_c.t(), out=grad)
+        grad.mul_(mask)
+        grad_b_enc = grad.sum(dim=0, dtype=torch.float32)
         self.b_enc.grad = grad_b_enc
-        self.W_enc.grad = torch.mm(grad_pre.t(), xc).float()
+        self.W_enc.grad = torch.mm(grad.t(), xc).float()
         # b_dec enters twice: added to x_hat, and subtracted before encoding.
         self.b_dec.grad = grad_xhat.sum(dim=0) - grad_b_enc @ W_enc
-        stats = torch.stack([loss, mse, l1, l0.float()])
+        stats = torch.stack([loss, mse, l1, l0])
         return stats, fired

@@ -201,7 +201,7 @@ class Trainer:
         device, scale = self.device, self.scale
         autocast = torch.bfloat16 if config.bf16 else None
         n_components = model.n_components
-        fired_total = torch.zeros(n_components, dtype=torch.long, device=device)
+        fired_total = torch.zeros(n_components, dtype=torch.float64, device=device)
         stats_list, pool = [], []
         pool_rows = max(8192, config.batch_size)
         rows_seen = 0
@@ -253,6 +253,7 @@ class Trainer:
             self.history = np.concatenate([self.history, stacked])
         self.pass_fired = fired_total.cpu().numpy().astype(np.float64)
         self.pass_rows = rows_seen
+        model.release_workspace()
         self._check_parameters_finite()
         return stop
 

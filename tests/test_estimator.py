@@ -1,0 +1,413 @@
+"""SparseAutoencoderDictionary: behaviour, conventions and bad input."""
+
+import pickle
+import re
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sklearn.base import clone
+
+from sparse_dict import SparseAutoencoderDictionary
+from sparse_dict.datasets import make_superposition
+from sparse_dict.estimator import DivergenceError
+from sparse_dict.metrics import mean_max_cosine_similarity
+
+
+def small_sae(**kwargs):
+    params = dict(n_components=16, max_iter=3, batch_size=64, device="cpu", random_state=0)
+    params.update(kwargs)
+    return SparseAutoencoderDictionary(**params)
+
+
+@pytest.fixture(scope="module")
+def X():
+    rng = np.random.RandomState(0)
+    return rng.exponential(size=(300, 8)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def fitted(X):
+    return small_sae().fit(X)
+
+
+# --------------------------------------------------------------- the model
+
+
+def test_recovers_known_atoms():
+    # Sharkey et al.'s set-up, small: 64-d data built from 128 true atoms,
+    # about 5 active per row; a 2x over-complete SAE should find them.
+    X, true_atoms, _ = make_superposition(
+        n_samples=20_000, n_features=64, n_components=128, random_state=0, dtype=np.float32
+    )
+    sae = SparseAutoencoderDictionary(
+        n_components=256, l1_coef=3.0, learning_rate=3e-3, max_iter=20,
+        batch_size=256, device="cpu", random_state=0,
+    ).fit(X)
+    assert mean_max_cosine_similarity(sae.components_, true_atoms) >= 0.9
+    assert sae.score(X) > 0.6
+
+
+def test_atoms_unit_norm_and_codes_nonnegative(fitted, X):
+    np.testing.assert_allclose(np.linalg.norm(fitted.components_, axis=1), 1.0, atol=1e-5)
+    codes = fitted.transform(X)
+    assert codes.min() >= 0
+    assert codes.shape == (X.shape[0], 16)
+
+
+def test_transform_matches_formula(fitted, X):
+    expected = np.maximum(
+        (X - fitted.decoder_bias_) @ fitted.encoder_weights_.T + fitted.encoder_bias_, 0
+    )
+    np.testing.assert_allclose(fitted.transform(X), expected, rtol=1e-4, atol=1e-5)
+    codes = fitted.transform(X)
+    np.testing.assert_allclose(
+        fitted.inverse_transform(codes),
+        codes @ fitted.components_ + fitted.decoder_bias_,
+        rtol=1e-4, atol=1e-5,
+    )
+
+
+def test_scale_is_folded_back():
+    # The same data in other units gives the same codes up to that factor:
+    # the training scale makes the fit unit-free.
+    rng = np.random.RandomState(1)
+    X = rng.exponential(size=(256, 6))
+    a = small_sae().fit(X)
+    b = small_sae().fit(X * 1000.0)
+    np.testing.assert_allclose(b.components_, a.components_, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b.transform(X * 1000.0), a.transform(X) * 1000.0, rtol=1e-3, atol=1e-6)
+    assert a.scale_ == pytest.approx(b.scale_ * 1000.0)
+
+
+def test_default_n_components_is_a_multiple_of_features(X):
+    sae = SparseAutoencoderDictionary(max_iter=1, device="cpu", random_state=0).fit(X)
+    assert sae.components_.shape == (4 * X.shape[1], X.shape[1])
+
+
+def test_fitted_attributes(fitted, X):
+    assert fitted.n_features_in_ == 8
+    assert fitted.n_components_ == 16
+    assert fitted.n_iter_ == 3
+    assert fitted.n_steps_ == 3 * int(np.ceil(300 / 64))
+    assert fitted.loss_curve_.shape == (fitted.n_steps_,)
+    assert set(fitted.history_) == {"loss", "mse", "l1", "l0"}
+    assert np.isfinite(fitted.loss_curve_).all()
+    assert fitted.feature_frequencies_.shape == (16,)
+    assert ((fitted.feature_frequencies_ >= 0) & (fitted.feature_frequencies_ <= 1)).all()
+    # The firing frequencies agree with the codes of the training data.
+    codes = fitted.transform(X)
+    assert np.abs((codes > 0).mean(axis=0) - fitted.feature_frequencies_).max() < 0.2
+    names = fitted.get_feature_names_out()
+    assert list(names[:2]) == ["sparseautoencoderdictionary0", "sparseautoencoderdictionary1"]
+
+
+def test_loss_decreases():
+    X, _, _ = make_superposition(n_samples=4000, n_features=32, n_components=64, random_state=0)
+    sae = small_sae(n_components=64, max_iter=10, l1_coef=1.0).fit(X)
+    mse = sae.history_["mse"]
+    assert mse[-10:].mean() < 0.5 * mse[:10].mean()
+
+
+def test_same_random_state_is_bit_identical(X):
+    a = small_sae(random_state=3).fit(X)
+    b = small_sae(random_state=3).fit(X)
+    assert np.array_equal(a.components_, b.components_)
+    assert np.array_equal(a.encoder_weights_, b.encoder_weights_)
+    c = small_sae(random_state=4).fit(X)
+    assert not np.array_equal(a.components_, c.components_)
+
+
+def test_dtype_follows_input(X):
+    for dtype in (np.float32, np.float64):
+        sae = small_sae().fit(X.astype(dtype))
+        assert sae.components_.dtype == dtype
+        assert sae.transform(X.astype(dtype)).dtype == dtype
+        codes = sae.transform(X.astype(dtype))
+        assert sae.inverse_transform(codes).dtype == dtype
+
+
+def test_sparse_input_matches_dense(X):
+    Xs = X.copy()
+    Xs[Xs < 1.0] = 0.0
+    dense = small_sae().fit(Xs)
+    sparse = small_sae().fit(sp.csr_matrix(Xs))
+    assert np.array_equal(dense.components_, sparse.components_)
+    np.testing.assert_allclose(sparse.transform(sp.csr_matrix(Xs)), dense.transform(Xs), rtol=1e-6)
+
+
+def test_memmap_is_read_in_batches(tmp_path):
+    import tracemalloc
+
+    n, d = 120_000, 32  # 15 MB of float32
+    path = tmp_path / "acts.f32"
+    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, d))
+    rng = np.random.RandomState(0)
+    for start in range(0, n, 20_000):
+        mm[start : start + 20_000] = rng.exponential(size=(20_000, d))
+    mm.flush()
+    del mm
+    X = np.memmap(path, dtype=np.float32, mode="r", shape=(n, d))
+    tracemalloc.start()
+    sae = small_sae(n_components=32, max_iter=1, batch_size=512).fit(X)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert sae.n_steps_ == int(np.ceil(n / 512))
+    # A copy of the data would be 15 MB; batches and statistics are far less.
+    assert peak < 0.3 * X.nbytes, peak
+
+
+def test_partial_fit_continues(X):
+    sae = small_sae()
+    sae.partial_fit(X)
+    first_steps = sae.n_steps_
+    components = sae.components_.copy()
+    sae.partial_fit(X)
+    assert sae.n_iter_ == 2
+    assert sae.n_steps_ == 2 * first_steps
+    assert len(sae.loss_curve_) == sae.n_steps_
+    assert not np.array_equal(components, sae.components_)
+    with pytest.raises(ValueError, match="X has 3 features"):
+        sae.partial_fit(X[:, :3])
+
+
+def test_partial_fit_then_fit_resets(X):
+    sae = small_sae()
+    sae.partial_fit(X)
+    sae.partial_fit(X)
+    sae.fit(X)
+    assert sae.n_iter_ == 3
+    assert len(sae.loss_curve_) == sae.n_steps_
+
+
+def test_max_steps_budget(X):
+    sae = small_sae(max_iter=100, max_steps=7).fit(X)
+    assert sae.n_steps_ == 7
+    assert sae.n_iter_ == 2
+
+
+def test_callback_sees_progress_and_can_stop(X):
+    seen = []
+
+    def callback(info):
+        seen.append(info)
+        return info["epoch"] >= 2
+
+    sae = small_sae(max_iter=10, callback=callback).fit(X)
+    assert [i["epoch"] for i in seen] == [1, 2]
+    assert sae.n_iter_ == 2
+    assert {"loss", "l0", "dead", "step", "learning_rate"} <= set(seen[0])
+
+
+def test_verbose_shows_progress(X, capsys):
+    small_sae(verbose=1).fit(X)
+    err = capsys.readouterr().err
+    assert "SparseAutoencoderDictionary" in err
+    small_sae(verbose=0).fit(X)
+    assert capsys.readouterr().err == ""
+
+
+def test_resampling_revives_dead_features():
+    # Kill a quarter of the features of a fitted model by hand (a very
+    # negative encoder bias), then keep training: with resampling they are
+    # restarted on badly reconstructed inputs and fire again; without, they
+    # stay dead.
+    X, _, _ = make_superposition(n_samples=3000, n_features=16, n_components=32, random_state=0)
+
+    def trained(resample):
+        sae = small_sae(n_components=64, max_iter=2, batch_size=128,
+                        resample_dead=resample, resample_interval=5).fit(X)
+        with torch.no_grad():
+            sae._trainer.model.b_enc[:16] = -1e4
+        return sae.partial_fit(X).partial_fit(X)
+
+    off, on = trained(False), trained(True)
+    assert off.n_resampled_ == 0
+    assert ((off.transform(X) > 0).sum(axis=0)[:16] == 0).all()
+    assert on.n_resampled_ >= 16
+    assert ((on.transform(X) > 0).sum(axis=0)[:16] > 0).sum() >= 12
+    assert np.isfinite(on.components_).all()
+    np.testing.assert_allclose(np.linalg.norm(on.components_, axis=1), 1.0, atol=1e-5)
+
+
+def test_set_output_pandas(fitted, X):
+    pd = pytest.importorskip("pandas")
+    sae = clone(fitted).set_output(transform="pandas").fit(X)
+    out = sae.transform(X)
+    assert isinstance(out, pd.DataFrame)
+    assert list(out.columns) == list(sae.get_feature_names_out())
+
+
+# ---------------------------------------------------------- saving, pickling
+
+
+def test_pickle_round_trip(fitted, X):
+    loaded = pickle.loads(pickle.dumps(fitted))
+    assert np.array_equal(loaded.transform(X), fitted.transform(X))
+    # The optimiser state travels too: training continues from where it was.
+    a = pickle.loads(pickle.dumps(fitted)).partial_fit(X)
+    b = pickle.loads(pickle.dumps(fitted)).partial_fit(X)
+    assert np.array_equal(a.components_, b.components_)
+
+
+def test_gpu_model_unpickles_on_cpu(fitted, X):
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-GPU fallback; this machine has a GPU")
+    state = pickle.dumps(fitted.set_params(device="cuda"))
+    fitted.set_params(device="cpu")
+    with pytest.warns(RuntimeWarning, match="CUDA is not available"):
+        loaded = pickle.loads(state)
+    assert loaded.device == "cpu"
+    assert np.array_equal(loaded.transform(X), fitted.transform(X))
+
+
+def test_save_load_round_trip(fitted, X, tmp_path):
+    path = fitted.save(tmp_path / "sae")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "weights.safetensors"]
+    loaded = SparseAutoencoderDictionary.load(path)
+    assert np.array_equal(loaded.transform(X), fitted.transform(X))
+    assert loaded.get_params() == {**fitted.get_params(), "callback": None}
+    assert loaded.n_steps_ == fitted.n_steps_
+    np.testing.assert_array_equal(loaded.feature_frequencies_, fitted.feature_frequencies_)
+    # A loaded dictionary can keep training (with a fresh optimiser).
+    loaded.partial_fit(X)
+    assert loaded.n_steps_ > fitted.n_steps_
+
+
+def test_save_never_clobbers_by_accident(fitted, X, tmp_path):
+    path = fitted.save(tmp_path / "sae")
+    other = small_sae(random_state=9).fit(X)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        other.save(path)
+    assert np.array_equal(SparseAutoencoderDictionary.load(path).components_, fitted.components_)
+    other.save(path, overwrite=True)
+    assert np.array_equal(SparseAutoencoderDictionary.load(path).components_, other.components_)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+
+
+def test_load_errors(tmp_path, fitted):
+    with pytest.raises(FileNotFoundError, match="not a saved dictionary"):
+        SparseAutoencoderDictionary.load(tmp_path / "missing")
+    path = fitted.save(tmp_path / "sae")
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        SparseAutoencoderDictionary.load(path)
+    (path / "config.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="does not describe"):
+        SparseAutoencoderDictionary.load(path)
+
+
+def test_save_unfitted_raises(tmp_path):
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        small_sae().save(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- bad input
+
+BAD_INPUTS = [
+    ("nan", lambda X: np.where(np.arange(X.size).reshape(X.shape) == 5, np.nan, X), "NaN"),
+    ("inf", lambda X: np.where(np.arange(X.size).reshape(X.shape) == 5, np.inf, X), "infinity"),
+    ("1-D", lambda X: X[:, 0], "Expected 2D array"),
+    ("empty", lambda X: X[:0], "0 sample"),
+    ("one row", lambda X: X[:1], "1 sample"),
+    ("strings", lambda X: X.astype(str).astype(object) + "x", "could not convert|string"),
+    ("complex", lambda X: X.astype(np.complex128), "Complex data not supported"),
+]
+
+
+@pytest.mark.parametrize("name,make_bad,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_fit_input_leaves_estimator_unchanged(fitted, X, name, make_bad, message):
+    sae = pickle.loads(pickle.dumps(fitted))
+    before = sae.transform(X)
+    with pytest.raises((ValueError, TypeError), match=message):
+        sae.fit(make_bad(X.astype(np.float64)))
+    assert np.array_equal(sae.transform(X), before)
+    assert sae.n_steps_ == fitted.n_steps_
+
+
+def test_transform_wrong_width(fitted, X):
+    with pytest.raises(ValueError, match="X has 5 features, but SparseAutoencoderDictionary is expecting 8"):
+        fitted.transform(X[:, :5])
+    with pytest.raises(ValueError, match="expecting 16 codes"):
+        fitted.inverse_transform(np.zeros((3, 5)))
+
+
+@pytest.mark.parametrize(
+    "param,value,message",
+    [
+        ("n_components", 0, "n_components"),
+        ("l1_coef", -1.0, "l1_coef"),
+        ("learning_rate", 0.0, "learning_rate"),
+        ("batch_size", 0, "batch_size"),
+        ("decoder_bias_init", "median", "decoder_bias_init"),
+        ("device", "gpu", "device must be"),
+        ("device", "cuda:7", "CUDA"),
+    ],
+)
+def test_invalid_parameters(fitted, X, param, value, message):
+    sae = pickle.loads(pickle.dumps(fitted)).set_params(**{param: value})
+    with pytest.raises(ValueError, match=message):
+        sae.fit(X)
+    assert sae.n_steps_ == fitted.n_steps_
+
+
+def test_divergence_is_reported_and_nothing_is_lost(fitted, X):
+    sae = pickle.loads(pickle.dumps(fitted)).set_params(learning_rate=1e30, l1_coef=0.0)
+    before = sae.components_.copy()
+    with pytest.raises(DivergenceError, match=re.escape("Lower learning_rate")):
+        sae.fit(X * 1e30)
+    assert np.array_equal(sae.components_, before)
+    with pytest.raises(DivergenceError):
+        sae.partial_fit(X * 1e30)
+    assert np.array_equal(sae.components_, before)
+    assert np.isfinite(sae.transform(X)).all()
+    # The trainer was rolled back too: training continues normally.
+    sae.set_params(learning_rate=1e-3).partial_fit(X)
+    assert np.isfinite(sae.components_).all()
+
+
+# --------------------------------------------------------------- properties
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n_samples=st.integers(2, 40),
+    n_features=st.integers(1, 6),
+    n_components=st.integers(1, 12),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 1000),
+)
+def test_properties(tmp_path_factory, n_samples, n_features, n_components, dtype, seed):
+    rng = np.random.RandomState(seed)
+    X = (rng.standard_normal((n_samples, n_features)) * rng.uniform(0.01, 100)).astype(dtype)
+    sae = SparseAutoencoderDictionary(
+        n_components=n_components, max_iter=2, batch_size=16, device="cpu", random_state=seed
+    ).fit(X)
+    codes = sae.transform(X)
+    assert codes.shape == (n_samples, n_components)
+    assert codes.dtype == dtype
+    assert (codes >= 0).all()
+    np.testing.assert_allclose(np.linalg.norm(sae.components_, axis=1), 1.0, atol=1e-4)
+    X_hat = sae.inverse_transform(codes)
+    assert X_hat.shape == X.shape and X_hat.dtype == dtype
+    assert np.array_equal(pickle.loads(pickle.dumps(sae)).transform(X), codes)
+    path = sae.save(tmp_path_factory.mktemp("sae") / "d")
+    assert np.array_equal(SparseAutoencoderDictionary.load(path).transform(X), codes)
+
+
+# ---------------------------------------------------------------------- GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fit_transform_and_cpu_pickle(X):
+    sae = small_sae(device="cuda", bf16=True).fit(X)
+    codes = sae.transform(X)
+    cpu_copy = pickle.loads(pickle.dumps(sae)).set_params(device="cpu")
+    np.testing.assert_allclose(cpu_copy.transform(X), codes, rtol=1e-4, atol=1e-5)
+    assert all(not t.is_cuda for t in sae._trainer.__getstate__()["model_state"].values())
