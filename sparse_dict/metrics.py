@@ -66,12 +66,18 @@ def _check_pair(X, X_hat):
 
 
 def _check_codes(codes):
-    return check_array(
+    codes = check_array(
         codes,
         accept_sparse=["csr", "csc", "coo"],
         dtype=_FLOAT_DTYPES,
         input_name="codes",
     )
+    if sp.issparse(codes):
+        # Duplicate entries (allowed in COO) would count twice; a copy
+        # keeps the caller's matrix as it was.
+        codes = sp.csr_matrix(codes, copy=True)
+        codes.sum_duplicates()
+    return codes
 
 
 def _check_tol(tol):
@@ -103,14 +109,29 @@ def _cosine_matrix(learned, true):
     return _unit_rows(learned) @ _unit_rows(true).T
 
 
-def _active(codes, tol):
-    """Boolean activity pattern of ``codes``, sparse when the input is."""
+# Dense arrays are reduced a block of rows at a time, so that a float32
+# array of activations is never copied whole to float64 (and a memmap is
+# read piece by piece).
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _row_blocks(array):
+    rows = max(1, _BLOCK_ELEMENTS // max(1, array.shape[1]))
+    for start in range(0, array.shape[0], rows):
+        yield slice(start, start + rows)
+
+
+def _activity_counts(codes, tol):
+    """Number of active codes in each column."""
     if sp.issparse(codes):
-        active = sp.csr_matrix(codes, copy=True)
+        active = codes.copy()
         active.data = np.abs(active.data) > tol
         active.eliminate_zeros()
-        return active
-    return np.abs(codes) > tol
+        return np.asarray(active.sum(axis=0)).ravel()
+    counts = np.zeros(codes.shape[1], dtype=np.int64)
+    for rows in _row_blocks(codes):
+        counts += np.count_nonzero(np.abs(codes[rows]) > tol, axis=0)
+    return counts
 
 
 # --------------------------------------------------------------------------
@@ -149,9 +170,12 @@ def explained_variance(X, X_hat):
     0.75
     """
     X, X_hat = _check_pair(X, X_hat)
-    X = X.astype(np.float64, copy=False)
-    residual = float(np.sum((X - X_hat) ** 2))
-    total = float(np.sum((X - X.mean(axis=0)) ** 2))
+    mean = X.mean(axis=0, dtype=np.float64)
+    residual = total = 0.0
+    for rows in _row_blocks(X):
+        block = X[rows].astype(np.float64)
+        residual += float(np.sum((block - X_hat[rows]) ** 2))
+        total += float(np.sum((block - mean) ** 2))
     if total == 0.0:
         return 1.0 if residual == 0.0 else 0.0
     return 1.0 - residual / total
@@ -209,7 +233,11 @@ def mse(X, X_hat):
     1.0
     """
     X, X_hat = _check_pair(X, X_hat)
-    return float(np.mean((X.astype(np.float64) - X_hat) ** 2))
+    squared = sum(
+        float(np.sum((X[rows].astype(np.float64) - X_hat[rows]) ** 2))
+        for rows in _row_blocks(X)
+    )
+    return squared / X.size
 
 
 # --------------------------------------------------------------------------
@@ -242,7 +270,7 @@ def l0(codes, *, tol=0.0):
     """
     codes = _check_codes(codes)
     _check_tol(tol)
-    return float(_active(codes, tol).sum() / codes.shape[0])
+    return float(_activity_counts(codes, tol).sum() / codes.shape[0])
 
 
 def l1(codes):
@@ -265,8 +293,14 @@ def l1(codes):
     3.0
     """
     codes = _check_codes(codes)
-    total = abs(codes).sum(dtype=np.float64)
-    return float(total / codes.shape[0])
+    if sp.issparse(codes):
+        total = float(np.abs(codes.data).sum(dtype=np.float64))
+    else:
+        total = sum(
+            float(np.abs(codes[rows]).sum(dtype=np.float64))
+            for rows in _row_blocks(codes)
+        )
+    return total / codes.shape[0]
 
 
 def feature_frequencies(codes, *, tol=0.0):
@@ -292,8 +326,7 @@ def feature_frequencies(codes, *, tol=0.0):
     """
     codes = _check_codes(codes)
     _check_tol(tol)
-    counts = np.asarray(_active(codes, tol).sum(axis=0)).ravel()
-    return counts / codes.shape[0]
+    return _activity_counts(codes, tol) / codes.shape[0]
 
 
 def dead_fraction(codes, *, tol=0.0):

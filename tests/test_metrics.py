@@ -114,6 +114,37 @@ def test_sparse_codes_match_dense(fmt):
     assert l0(csr) == 0.5
 
 
+def test_duplicate_sparse_entries_are_summed():
+    # COO allows repeated coordinates; they mean one entry, their sum.
+    coo = sp.coo_matrix(([1.0, -1.0, 2.0], ([0, 0, 1], [0, 0, 1])), shape=(2, 2))
+    assert l0(coo) == 0.5
+    assert l1(coo) == 1.0
+    assert len(coo.data) == 3
+
+
+def test_blockwise_reduction_matches_whole_array(monkeypatch):
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(50, 7)).astype(np.float32)
+    X_hat = X + rng.normal(size=X.shape).astype(np.float32)
+    codes = np.maximum(rng.normal(size=(50, 9)), 0)
+    whole = (
+        explained_variance(X, X_hat), mse(X, X_hat), l0(codes), l1(codes),
+        feature_frequencies(codes),
+    )
+    # Blocks of one to two rows exercise the accumulation across blocks.
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 10)
+    blocked = (
+        explained_variance(X, X_hat), mse(X, X_hat), l0(codes), l1(codes),
+        feature_frequencies(codes),
+    )
+    for a, b in zip(whole, blocked):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    manual = np.sum((X.astype(np.float64) - X_hat) ** 2) / np.sum(
+        (X.astype(np.float64) - X.mean(axis=0, dtype=np.float64)) ** 2
+    )
+    assert blocked[0] == pytest.approx(1 - manual, rel=1e-12)
+
+
 def test_float32_codes():
     assert l0(CODES.astype(np.float32)) == pytest.approx(5 / 3)
     assert l1(CODES.astype(np.float32)) == pytest.approx(2.5)
