@@ -172,7 +172,8 @@ class Trainer:
         """Train for ``n_passes`` shuffled passes over ``X`` (or until the step budget).
 
         On divergence the trainer is put back as it was before the call and
-        :class:`DivergenceError` is raised.
+        :class:`DivergenceError` is raised; any other exception (an
+        interruption, a bad batch) also puts it back before propagating.
 
         Returns
         -------
@@ -191,7 +192,7 @@ class Trainer:
                     break
                 if stop:
                     break
-        except DivergenceError:
+        except BaseException:
             self._restore(snapshot)
             raise
         return passes_done

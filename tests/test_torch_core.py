@@ -1,0 +1,104 @@
+"""The torch core on its own: gradients, schedules, device handling."""
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_dict._torch import SparseAutoencoder, TrainConfig, Trainer, resolve_device
+from sparse_dict._torch.data import geometric_median, iter_batches
+
+
+def test_hand_written_gradients_match_autograd():
+    torch.manual_seed(0)
+    model = SparseAutoencoder(12, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.b_dec.normal_()
+        model.b_enc.normal_(std=0.1)
+    x = torch.randn(33, 12).abs()
+    stats, fired = model.loss_and_gradients(x, 0.7)
+    manual = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = None
+    with torch.enable_grad():
+        x_hat, f = model(x)
+        loss = (x - x_hat).pow(2).sum(1).mean() + 0.7 * (f * model.W_dec.norm(dim=1)).sum(1).mean()
+        loss.backward()
+    W = model.W_dec.detach()
+    for name, p in model.named_parameters():
+        a, b = manual[name], p.grad
+        if name == "W_dec":
+            # The hand-written step leaves out the L1 term's radial part, which
+            # the unit-norm projection removes anyway.
+            a = a - (a * W).sum(1, keepdim=True) * W
+            b = b - (b * W).sum(1, keepdim=True) * W
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert float(stats[0]) == pytest.approx(float(loss), rel=1e-5)
+    assert torch.equal(fired, (f > 0).sum(0).float())
+    assert float(stats[3]) == pytest.approx(float((f > 0).sum(1).float().mean()))
+
+
+def test_schedule_warmup_and_decay():
+    config = TrainConfig(total_steps=100, warmup_steps=10, decay_steps=20)
+    assert config.lr_factor(0) == pytest.approx(0.1)
+    assert config.lr_factor(9) == 1.0
+    assert config.lr_factor(50) == 1.0
+    assert config.lr_factor(90) == pytest.approx(0.5)
+    assert config.lr_factor(99) == pytest.approx(0.05)
+    assert config.l1_factor(4) == pytest.approx(0.5)
+    assert config.l1_factor(99) == 1.0
+    open_ended = TrainConfig(total_steps=None, warmup_steps=10, decay_steps=20)
+    assert open_ended.lr_factor(10_000) == 1.0
+
+
+def test_resampling_schedule():
+    config = TrainConfig(resample_interval=10, resample_until=35)
+    due = [s for s in range(60) if config.resample_due(s)]
+    assert due == [9, 19, 29]
+    assert not any(TrainConfig(resample_dead=False).resample_due(s) for s in range(5000))
+
+
+def test_scale_makes_mean_squared_norm_equal_width():
+    rng = np.random.RandomState(0)
+    X = rng.standard_normal((500, 10)) * 37.0
+    trainer = Trainer(10, 20, "cpu", seed=0)
+    trainer.initialize(X, rng, "mean")
+    scaled = X * trainer.scale
+    assert np.mean((scaled**2).sum(1)) == pytest.approx(10.0, rel=1e-6)
+    np.testing.assert_allclose(trainer.model.b_dec.detach().numpy(), scaled.mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_geometric_median_of_symmetric_points_is_the_centre():
+    pts = np.array([[1.0, 0], [-1, 0], [0, 1], [0, -1]]) + 5.0
+    np.testing.assert_allclose(geometric_median(pts), [5.0, 5.0], atol=1e-6)
+
+
+def test_batches_cover_every_row_once():
+    X = np.zeros((103, 2))
+    seen = np.concatenate([np.arange(103)[i] for i in iter_batches(X, 10, np.random.RandomState(0))])
+    assert sorted(seen.tolist()) == list(range(103))
+    assert [i.stop - i.start for i in iter_batches(X, 50)] == [50, 50, 3]
+
+
+def test_interrupted_training_restores_the_trainer():
+    rng = np.random.RandomState(0)
+    X = rng.exponential(size=(256, 6)).astype(np.float32)
+    trainer = Trainer(6, 12, "cpu", seed=0)
+    trainer.initialize(X, rng, "mean")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    def interrupt(info):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(X, 3, TrainConfig(batch_size=32), rng, callback=interrupt)
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert trainer.step == 0
+
+
+def test_device_strings():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("gpu", "cuda:x", "", 3):
+        with pytest.raises(ValueError, match="device must be"):
+            resolve_device(bad)
