@@ -1,0 +1,137 @@
+"""Sphinx configuration of the sparse_dict documentation.
+
+Build with warnings as errors, as CI does::
+
+    python -m sphinx -W --keep-going -b html docs docs/_build/html
+"""
+
+import os
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+ROOT = DOCS.parent
+# Document the source tree next to these files, installed or not.
+sys.path.insert(0, str(ROOT))
+
+import sparse_dict  # noqa: E402
+
+project = "sparse_dict"
+author = "sparse_dict developers"
+copyright = "2026, sparse_dict developers"
+release = sparse_dict.__version__
+version = ".".join(release.split(".")[:2])
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.mathjax",
+    "numpydoc",
+]
+
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+templates_path = []
+html_theme = "alabaster"
+html_static_path = []
+html_title = f"sparse_dict {release}"
+html_theme_options = {
+    "description": "Sparse dictionaries of neural-network activations, the scikit-learn way.",
+    "fixed_sidebar": True,
+}
+
+# numpydoc renders the docstrings. Its member tables would need autosummary
+# stub pages for every method; the API page lists members with autodoc instead.
+numpydoc_show_class_members = False
+numpydoc_show_inherited_class_members = False
+numpydoc_class_members_toctree = False
+numpydoc_xref_param_type = False
+
+autodoc_default_options = {"members": True, "member-order": "bysource"}
+autodoc_typehints = "none"
+autoclass_content = "class"
+
+# Cross-references that cannot resolve (numpy, scikit-learn, torch: there is
+# no network for intersphinx) are not warnings.
+nitpicky = False
+
+
+# --------------------------------------------------------------------------
+# Trailing underscores in docstrings
+# --------------------------------------------------------------------------
+# Docstrings name fitted attributes in plain text, as in
+# "ndarray of shape (n_tokens, n_features_out_)". In reStructuredText a word
+# ending in "_" is a link to a target of that name, which does not exist, so
+# the name would render as a broken link. Escape the underscore of such words
+# outside literals and roles, after numpydoc has turned the docstring into rst.
+
+import re  # noqa: E402
+
+_LITERAL = re.compile(r"(``.*?``|:[\w:+-]+:`[^`]*`|`[^`]*`_{0,2})")
+_TRAILING = re.compile(r"(?<![\w\\])([A-Za-z]\w*[A-Za-z0-9])_(?![\w`])")
+
+
+def _escape_trailing_underscores(app, what, name, obj, options, lines):
+    for i, line in enumerate(lines):
+        parts = _LITERAL.split(line)
+        # Even items are plain text, odd ones the literals and roles left alone.
+        parts[::2] = [_TRAILING.sub(r"\1\\_", p) for p in parts[::2]]
+        lines[i] = "".join(parts)
+
+
+# --------------------------------------------------------------------------
+# Benchmark results
+# --------------------------------------------------------------------------
+# benchmarks/ writes its reference tables and plots to benchmarks/results/.
+# The benchmarks page shows whatever is there when the docs are built, so a
+# new result needs no edit here; a missing folder gives a short note instead.
+
+RESULTS = ROOT / "benchmarks" / "results"
+_MARKER = ".. benchmark-results-here"
+
+
+def _benchmark_results_rst():
+    if not RESULTS.is_dir():
+        return [
+            ".. note::",
+            "",
+            "   No benchmark results are in ``benchmarks/results/`` yet; run the",
+            "   benchmarks (see above) and rebuild the documentation.",
+        ]
+    lines = []
+    files = sorted(p for p in RESULTS.iterdir() if p.is_file() and not p.name.startswith("."))
+    # Relative to this page (docs/benchmarks.rst), which is how Sphinx reads
+    # image and file paths of a directive.
+    rel = os.path.relpath(RESULTS, DOCS).replace(os.sep, "/")
+    for path in files:
+        title = path.stem.replace("_", " ").replace("-", " ").capitalize()
+        suffix = path.suffix.lower()
+        if suffix in (".png", ".svg", ".jpg", ".jpeg"):
+            lines += [f".. figure:: {rel}/{path.name}", "   :width: 90%", "",
+                      f"   {title} (``{path.name}``)", ""]
+        elif suffix == ".csv":
+            lines += [f".. csv-table:: {title} (``{path.name}``)",
+                      f"   :file: {rel}/{path.name}", "   :header-rows: 1", ""]
+        elif suffix == ".rst":
+            lines += [f".. include:: {rel}/{path.name}", ""]
+        elif suffix in (".md", ".txt", ".json"):
+            language = {".json": "json"}.get(suffix, "text")
+            lines += [f"``{path.name}``:", "",
+                      f".. literalinclude:: {rel}/{path.name}",
+                      f"   :language: {language}", ""]
+    return lines or ["No result files in ``benchmarks/results/`` yet."]
+
+
+def _insert_benchmark_results(app, docname, source):
+    if docname == "benchmarks" and _MARKER in source[0]:
+        source[0] = source[0].replace(_MARKER, "\n".join(_benchmark_results_rst()))
+
+
+def _always_reread_benchmarks(app, env, added, changed, removed):
+    # The page's content comes from files Sphinx does not track.
+    return ["benchmarks"] if "benchmarks" in env.found_docs else []
+
+
+def setup(app):
+    app.connect("source-read", _insert_benchmark_results)
+    # After numpydoc (priority 500), which writes the rst being escaped.
+    app.connect("autodoc-process-docstring", _escape_trailing_underscores, priority=600)
+    app.connect("env-get-outdated", _always_reread_benchmarks)
