@@ -66,6 +66,11 @@ def _nonnegative_omp(X, dictionary, gram, n_nonzero_coefs):
     return codes
 
 
+def _gram(atoms):
+    atoms = atoms.astype(np.float64)
+    return atoms @ atoms.T
+
+
 def _get_dictionary(dictionary):
     """The atoms, from an array or from a fitted estimator's components_."""
     if hasattr(dictionary, "fit") and not isinstance(dictionary, np.ndarray):
@@ -257,8 +262,9 @@ default="lasso_cd"
         self.components_ = atoms
         self.offset_ = offset
         self.n_components_ = atoms.shape[0]
-        atoms64 = atoms.astype(np.float64)
-        self._gram = atoms64 @ atoms64.T
+        # Thresholding never needs the Gram matrix, which for large
+        # dictionaries is far bigger than the dictionary itself.
+        self._gram = None if self.algorithm == "threshold" else _gram(atoms)
         return self
 
     def transform(self, X):
@@ -283,10 +289,13 @@ default="lasso_cd"
         if n_nonzero is None:
             n_nonzero = max(1, X.shape[1] // 10)
         n_nonzero = min(n_nonzero, self.n_components_)
+        gram = self._gram
+        if gram is None and self.algorithm != "threshold":
+            gram = _gram(self.components_)
         if self.algorithm == "omp" and self.positive:
             n_jobs = min(effective_n_jobs(self.n_jobs), X.shape[0])
             chunks = Parallel(n_jobs=n_jobs)(
-                delayed(_nonnegative_omp)(X[rows], atoms, self._gram, n_nonzero)
+                delayed(_nonnegative_omp)(X[rows], atoms, gram, n_nonzero)
                 for rows in gen_even_slices(X.shape[0], n_jobs)
             )
             codes = np.vstack(chunks)
@@ -299,7 +308,7 @@ default="lasso_cd"
             codes = sparse_encode(
                 X,
                 atoms,
-                gram=self._gram.astype(X.dtype, copy=False),
+                gram=None if gram is None else gram.astype(X.dtype, copy=False),
                 algorithm=self.algorithm,
                 n_nonzero_coefs=n_nonzero,
                 alpha=self.alpha,

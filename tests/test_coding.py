@@ -144,6 +144,14 @@ def test_offset_round_trip():
     assert explained_variance(X, plain.inverse_transform(plain.transform(X))) < 0.99
 
 
+def test_algorithm_changed_after_fit(superposition):
+    # Fitted for thresholding (no Gram matrix kept), then asked for OMP.
+    X, true_atoms, true_codes = superposition
+    coder = LassoCoder(true_atoms, algorithm="threshold").fit(X)
+    coder.set_params(algorithm="omp", n_nonzero_coefs=10)
+    np.testing.assert_allclose(coder.transform(X), true_codes, atol=1e-8)
+
+
 def test_inverse_transform_accepts_sparse_codes(superposition):
     X, true_atoms, true_codes = superposition
     coder = LassoCoder(true_atoms).fit(X)
