@@ -268,27 +268,26 @@ def test_grid_search_too_small_budget(data):
         search.fit(X)
 
 
-def test_grid_search_through_pipeline_two_jobs(data, search):
+def test_grid_search_through_pipeline(data, search):
     # Doubling the data is the same as halving alpha: with twice the alphas
     # of the bare search, the choice must be twice its choice.
     X = data[0]
     pipe = Pipeline([("double", _double), ("dict", _learner())])
-    parallel = GridSearchCV(
+    piped = GridSearchCV(
         pipe,
         {"dict__alpha": [2 * alpha for alpha in ALPHAS]},
         scoring=sparse_coding_scorer,
         refit=best_under_l0(max_l0=MAX_L0),
         cv=3,
-        n_jobs=2,
     ).fit(X)
-    l0s = parallel.cv_results_["mean_test_l0"]
-    scores = parallel.cv_results_["mean_test_explained_variance"]
-    assert parallel.best_params_ == {"dict__alpha": 2 * EXPECTED_ALPHA}
-    assert l0s[parallel.best_index_] <= MAX_L0
+    l0s = piped.cv_results_["mean_test_l0"]
+    scores = piped.cv_results_["mean_test_explained_variance"]
+    assert piped.best_params_ == {"dict__alpha": 2 * EXPECTED_ALPHA}
+    assert l0s[piped.best_index_] <= MAX_L0
     assert l0s.max() > MAX_L0
-    assert scores.max() > scores[parallel.best_index_]
-    assert isinstance(parallel.best_estimator_[-1], MiniBatchDictionaryLearning)
-    assert parallel.best_estimator_[-1].alpha == 2 * EXPECTED_ALPHA
+    assert scores.max() > scores[piped.best_index_]
+    assert isinstance(piped.best_estimator_[-1], MiniBatchDictionaryLearning)
+    assert piped.best_estimator_[-1].alpha == 2 * EXPECTED_ALPHA
     # The bare search on X saw nearly the same fits (equal up to solver
     # tolerances), scaled.
     np.testing.assert_allclose(l0s, search.cv_results_["mean_test_l0"], rtol=0.05)
@@ -370,3 +369,26 @@ def test_sae_scored_through_pipeline(data, one_torch_thread):
     scores = sparse_coding_scorer(pipe, X)
     assert scores["explained_variance"] == pytest.approx(pipe[-1].score(Z))
     assert scores["l0"] == l0(pipe[-1].transform(Z))
+
+
+def test_sae_grid_search_two_jobs_through_pipeline(data, one_torch_thread):
+    # The pipeline, the SAE and the scorer cross joblib's process boundary
+    # (loky gives each worker one OpenMP thread by itself).
+    X = data[0]
+    pipe = Pipeline([("double", _double), ("sae", _sae())])
+    search = GridSearchCV(
+        pipe,
+        {"sae__l1_coef": [0.3, 1.0, 3.0, 10.0]},
+        scoring=sparse_coding_scorer,
+        refit=best_under_l0(max_l0=8),
+        cv=2,
+        n_jobs=2,
+    ).fit(X)
+    l0s = search.cv_results_["mean_test_l0"]
+    scores = search.cv_results_["mean_test_explained_variance"]
+    assert np.isfinite(scores).all()
+    assert (np.diff(l0s) < 0).all()
+    within = np.flatnonzero(l0s <= 8)
+    assert len(within) >= 1 and l0s.max() > 8
+    assert search.best_index_ == within[np.argmax(scores[within])]
+    assert search.best_estimator_[-1].components_.shape == (32, 16)
