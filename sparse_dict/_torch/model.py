@@ -67,12 +67,15 @@ class SparseAutoencoder(nn.Module):
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def _workspace(self, batch, dtype, device):
-        """Reusable (batch, n_components) buffers for the training step.
+        """Reusable buffers for the training step.
 
-        On the CPU a fresh tensor this large is a fresh ``mmap``: allocating
-        three per step costs page faults comparable to a matrix product.
-        Buffers sized for the largest batch seen are reused; a smaller batch
-        takes a leading slice, which is contiguous.
+        On the CPU a fresh (batch, n_components) tensor is a fresh ``mmap``:
+        allocating several per step costs page faults comparable to a matrix
+        product. Buffers sized for the largest batch seen are reused; a
+        smaller batch takes a leading slice, which is contiguous. The two
+        (batch, n_features + 1) buffers carry a column of ones, so that two
+        matrix products also return column sums of the codes and of their
+        gradient, saving two passes over (batch, n_components) arrays.
         """
         ws = getattr(self, "_ws", None)
         if (
@@ -81,10 +84,13 @@ class SparseAutoencoder(nn.Module):
             or ws["codes"].dtype != dtype
             or ws["codes"].device != device
         ):
-            shape = (batch, self.n_components)
-            ws = {k: torch.empty(shape, dtype=dtype, device=device) for k in ("codes", "grad", "mask")}
+            wide = (batch, self.n_components)
+            ws = {k: torch.empty(wide, dtype=dtype, device=device) for k in ("codes", "grad", "mask")}
+            for k in ("xc", "gx"):
+                ws[k] = torch.empty(batch, self.n_features + 1, dtype=dtype, device=device)
+                ws[k][:, -1] = 1.0
             self._ws = ws
-        return ws["codes"][:batch], ws["grad"][:batch], ws["mask"][:batch]
+        return {k: v[:batch] for k, v in ws.items()}
 
     def release_workspace(self):
         """Free the training buffers (after training, before pickling)."""
@@ -122,38 +128,46 @@ class SparseAutoencoder(nn.Module):
         fired : torch.Tensor of shape (n_components,)
             How many rows of the batch fired each feature (as floats).
         """
-        batch = x.shape[0]
+        batch, d = x.shape
         W_enc, W_dec, b_enc, b_dec = self.W_enc, self.W_dec, self.b_enc, self.b_dec
         cdtype = autocast_dtype or torch.float32
         W_enc_c, W_dec_c = W_enc.to(cdtype), W_dec.to(cdtype)
-        codes, grad, mask = self._workspace(batch, cdtype, x.device)
+        ws = self._workspace(batch, cdtype, x.device)
+        codes, grad, mask = ws["codes"], ws["grad"], ws["mask"]
+        xc_ones, gx_ones = ws["xc"], ws["gx"]
+        xc = xc_ones[:, :d]
 
-        xc = (x - b_dec).to(cdtype)
+        torch.sub(x, b_dec, out=xc)
         torch.addmm(b_enc.to(cdtype), xc, W_enc_c.t(), out=codes)
         codes.relu_()
         torch.gt(codes, 0, out=mask)
         # Float sums along the batch are vectorised; integer ones are not.
         fired = mask.sum(dim=0, dtype=torch.float32)
-        code_sums = codes.sum(dim=0, dtype=torch.float32)
         err = torch.addmm(b_dec.to(cdtype), codes, W_dec_c).float().sub_(x)
+        mse = err.pow(2).sum() / batch
+
+        # d loss / d x_hat, next to a column of ones: the product with the
+        # codes gives W_dec's gradient and, in the last column, the codes'
+        # column sums (for the L1 term).
+        gx_ones[:, :d] = err.mul_(2.0 / batch)
+        dec_grad = torch.mm(codes.t(), gx_ones).float()
+        self.W_dec.grad = dec_grad[:, :d].contiguous()
+        code_sums = dec_grad[:, d]
 
         norms = W_dec.norm(dim=1)
-        mse = err.pow(2).sum() / batch
         l1 = code_sums.dot(norms) / batch
         loss = mse + l1_coef * l1
         l0 = fired.sum() / batch
 
-        grad_xhat = err.mul_(2.0 / batch)
-        grad_xhat_c = grad_xhat.to(cdtype)
-        self.W_dec.grad = torch.mm(codes.t(), grad_xhat_c).float()
         # d loss / d codes, with the L1 term (constant per feature) as the
         # bias; then through the ReLU, zero where the feature did not fire.
-        torch.addmm((norms * (l1_coef / batch)).to(cdtype), grad_xhat_c, W_dec_c.t(), out=grad)
+        torch.addmm((norms * (l1_coef / batch)).to(cdtype), gx_ones[:, :d], W_dec_c.t(), out=grad)
         grad.mul_(mask)
-        grad_b_enc = grad.sum(dim=0, dtype=torch.float32)
+        enc_grad = torch.mm(grad.t(), xc_ones).float()
+        self.W_enc.grad = enc_grad[:, :d].contiguous()
+        grad_b_enc = enc_grad[:, d].contiguous()
         self.b_enc.grad = grad_b_enc
-        self.W_enc.grad = torch.mm(grad.t(), xc).float()
         # b_dec enters twice: added to x_hat, and subtracted before encoding.
-        self.b_dec.grad = grad_xhat.sum(dim=0) - grad_b_enc @ W_enc
+        self.b_dec.grad = gx_ones[:, :d].sum(dim=0, dtype=torch.float32) - grad_b_enc @ W_enc
         stats = torch.stack([loss, mse, l1, l0])
         return stats, fired
