@@ -92,7 +92,7 @@ class SparseAutoencoderDictionary(
     n_components : int, default=None
         Number of dictionary atoms (features). ``None`` means four times
         ``n_features``.
-    l1_coef : float, default=1.0
+    l1_coef : float, default=3.0
         Weight of the L1 sparsity penalty. Larger values give sparser codes
         (lower L0) and worse reconstruction.
     learning_rate : float, default=1e-3
@@ -207,7 +207,7 @@ class SparseAutoencoderDictionary(
         self,
         n_components=None,
         *,
-        l1_coef=1.0,
+        l1_coef=3.0,
         learning_rate=1e-3,
         batch_size=1024,
         max_iter=20,
