@@ -1,0 +1,242 @@
+"""The built-in 1-layer transformer, its tokenizer and the bundled corpus."""
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_dict._corpus import TEST_WORKS, load_corpus
+from sparse_dict.models.builtin import (
+    BUILTIN_DIR,
+    BuiltinTokenizer,
+    TinyTransformer,
+    TinyTransformerConfig,
+    load_builtin_model,
+)
+
+# Held-out next-token loss of the shipped weights on test-split documents
+# must stay below this many nats per token (log(2048) = 7.62 is chance; the
+# trained model's full-test-split figure is in training_report.json).
+HELDOUT_LOSS_THRESHOLD = 4.5
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return load_builtin_model()
+
+
+@pytest.fixture(scope="module")
+def test_texts():
+    return load_corpus("test", n_texts=48, random_state=0)
+
+
+# ---- the shipped model -------------------------------------------------------
+
+
+def test_shipped_model_loads_in_reference_shape(builtin):
+    model, tok = builtin
+    cfg = model.config
+    assert not model.training
+    assert (cfg.d_model, cfg.d_mlp, cfg.n_layers) == (128, 512, 1)
+    assert cfg.vocab_size == tok.vocab_size
+    mlp = model.blocks[0].mlp
+    assert isinstance(mlp.act, torch.nn.ReLU)
+    assert (mlp.fc_in.in_features, mlp.fc_in.out_features) == (128, 512)
+    assert (mlp.fc_out.in_features, mlp.fc_out.out_features) == (512, 128)
+    assert hasattr(model.blocks[0], "attn")
+
+
+def test_shipped_files_are_small():
+    sizes = {p.name: p.stat().st_size for p in BUILTIN_DIR.iterdir() if p.is_file()}
+    assert sizes["model.safetensors"] < 8e6
+    report = json.loads((BUILTIN_DIR / "training_report.json").read_text())
+    assert report["test_loss"] < report["test_loss_mlp_zero_ablated"]
+
+
+def test_logits_shape_and_hook_point(builtin):
+    model, tok = builtin
+    batch = tok(["To be, or not to be", "Alas, poor Yorick!"])
+    seen = []
+    handle = model.blocks[0].mlp.act.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        handle.remove()
+    B, T = batch["input_ids"].shape
+    assert logits.shape == (B, T, tok.vocab_size)
+    assert seen[0].shape == (B, T, 512)
+    assert (seen[0] >= 0).all()
+
+
+def test_causal_masking(builtin):
+    model, tok = builtin
+    ids = torch.tensor([tok.encode("Friends, Romans, countrymen, lend me your ears")])
+    changed = ids.clone()
+    changed[0, -3:] = torch.tensor(tok.encode(" the king"))[:1]
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    k = ids.shape[1] - 3
+    torch.testing.assert_close(a[:, :k], b[:, :k])
+    assert not torch.allclose(a[:, k:], b[:, k:])
+
+
+def test_right_padding_leaves_real_token_logits_unchanged(builtin):
+    model, tok = builtin
+    texts = ["Now is the winter of our discontent", "O Romeo, Romeo!", "Exit."]
+    batch = tok(texts)
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == tok.pad_token_id).all()
+    with torch.no_grad():
+        padded = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        for row, text in enumerate(texts):
+            alone = model(torch.tensor([tok.encode(text)]))
+            n = alone.shape[1]
+            torch.testing.assert_close(padded[row, :n], alone[0], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(padded).all()
+
+
+def test_longer_than_max_len_is_a_clear_error(builtin):
+    model, _ = builtin
+    ids = torch.zeros((1, model.config.max_len + 1), dtype=torch.long)
+    with pytest.raises(ValueError, match="max_len"):
+        model(ids)
+
+
+def test_heldout_loss_below_threshold(builtin, test_texts):
+    model, tok = builtin
+    batch = tok(test_texts, max_length=model.config.max_len)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask)
+    keep = mask[:, 1:].bool()
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    loss = losses[keep].mean().item()
+    assert loss < HELDOUT_LOSS_THRESHOLD < math.log(tok.vocab_size)
+
+
+def test_missing_weights_give_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_builtin"):
+        load_builtin_model(path=tmp_path)
+
+
+def test_random_model_forward_backward():
+    torch.manual_seed(0)
+    model = TinyTransformer(TinyTransformerConfig(vocab_size=300, max_len=16, n_layers=2))
+    ids = torch.randint(0, 300, (3, 16))
+    loss = F.cross_entropy(model(ids)[:, :-1].reshape(-1, 300), ids[:, 1:].reshape(-1))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# ---- the tokenizer -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "Good night, sweet prince:\nAnd flights of angels sing thee to thy rest!",
+        "  leading and  double   spaces\t\ttabs\r\nand CRLF \n\n\n",
+        "Ünïcödé — “quotes” and emoji 🎭 and 漢字",
+        "numbers 1599 and_underscores __x__ {braces} [Exit.]",
+    ],
+)
+def test_tokenizer_round_trips(builtin, text):
+    _, tok = builtin
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_tokenizer_round_trips_corpus_text(builtin, test_texts):
+    _, tok = builtin
+    for text in test_texts:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_tokens_are_readable_words(builtin):
+    _, tok = builtin
+    ids = tok.encode(" the king")
+    assert tok.convert_ids_to_tokens(ids) == [" the", " king"]
+    assert tok.convert_ids_to_tokens([tok.pad_token_id]) == ["<pad>"]
+    assert tok.decode([*ids, tok.pad_token_id]) == " the king"
+
+
+def test_tokenizer_batch_padding_and_truncation(builtin):
+    _, tok = builtin
+    batch = tok(["a b c d e f", "a"], max_length=3)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.dtype == mask.dtype == torch.long
+    assert ids.shape == mask.shape == (2, 3)
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert ids[1, 1:].tolist() == [tok.pad_token_id] * 2
+    with pytest.raises(ValueError, match="padding"):
+        tok(["a b c", "a"], padding=False)
+
+
+def test_tokenizer_save_load(builtin, tmp_path):
+    _, tok = builtin
+    tok.save(tmp_path / "tok.json")
+    again = BuiltinTokenizer.load(tmp_path / "tok.json")
+    text = "What light through yonder window breaks?"
+    assert again.encode(text) == tok.encode(text)
+    assert again.vocab_size == tok.vocab_size
+
+
+def test_tokenizer_is_fast(builtin):
+    _, tok = builtin
+    fresh = BuiltinTokenizer(tok.merges)  # empty per-word cache
+    texts = load_corpus("train", n_texts=300, random_state=0)
+    start = time.perf_counter()
+    fresh(texts)
+    # About 0.1 s on an idle core; the bound leaves room for a busy machine.
+    assert time.perf_counter() - start < 3.0
+
+
+def test_tokenizer_rejects_non_strings(builtin):
+    _, tok = builtin
+    with pytest.raises(TypeError, match="str"):
+        tok.encode(b"bytes")
+
+
+# ---- the corpus ----------------------------------------------------------------
+
+
+def test_corpus_splits_are_disjoint_and_cover_all():
+    train, test = load_corpus("train"), load_corpus("test")
+    assert len(train) > 5 * len(test) > 0
+    assert set(train).isdisjoint(test)
+    assert sorted(train + test) == sorted(load_corpus("all"))
+    assert len(TEST_WORKS) == 5
+
+
+def test_corpus_is_repeatable():
+    a = load_corpus("train", n_texts=20, random_state=3)
+    assert a == load_corpus("train", n_texts=20, random_state=3)
+    assert a != load_corpus("train", n_texts=20, random_state=4)
+    rng = np.random.RandomState(3)
+    assert a == load_corpus("train", n_texts=20, random_state=rng)
+    assert load_corpus("test", n_texts=5) == load_corpus("test")[:5]
+
+
+def test_corpus_min_length_and_content():
+    texts = load_corpus("train", min_length=500)
+    assert texts and min(map(len, texts)) >= 500
+    assert all(isinstance(t, str) and t.strip() for t in load_corpus("test"))
+    assert "Gutenberg" not in "".join(load_corpus("all"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"split": "validation"}, "split"),
+        ({"n_texts": 10**7}, "n_texts"),
+        ({"n_texts": -1}, "n_texts"),
+        ({"n_texts": 2.5}, "n_texts"),
+    ],
+)
+def test_corpus_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        load_corpus(**kwargs)
