@@ -1,0 +1,151 @@
+"""Run the benchmark suite: ``python -m benchmarks [--quick|--full|--tiny]``.
+
+Writes ``results.json`` (every figure, the machine and the targets),
+``results.md`` (tables) and PNG plots to ``--out`` (default
+``benchmarks/results/``). Sections (``--only`` takes a comma-separated
+subset): recovery, frontier, time_to_quality, scaling, encoding, throughput,
+extraction. A section that fails is recorded with its error and the others
+still run; the exit status is then 1.
+"""
+
+import argparse
+import importlib
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from benchmarks._common import Timer, machine_info, target
+
+SECTIONS = ("recovery", "frontier", "time_to_quality", "scaling", "encoding",
+            "throughput", "extraction")
+# Sections of the tiny (smoke-test) mode: extraction has no tiny size.
+TINY_SECTIONS = SECTIONS[:-1]
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+THROUGHPUT_TARGET = 0.85
+EXTRACTION_TARGET = 0.9
+
+
+def _throughput(mode, device):
+    from benchmarks import throughput
+
+    if mode == "tiny":
+        result = throughput.run(quick=True, device=device, batch=256, d=32, n=128,
+                                rounds=1, steps=2)
+    else:
+        result = throughput.run(quick=mode == "quick", device=device)
+    result["targets"] = [
+        target("throughput_fraction_of_matmul",
+               "SAE training GFLOP/s / dense matrix-product GFLOP/s (same run)",
+               result["sae_fraction_of_matmul"], THROUGHPUT_TARGET,
+               note="" if mode != "tiny" else "tiny shapes"),
+    ]
+    return result
+
+
+def _extraction(mode, device):
+    from benchmarks import extraction_speed
+
+    result = extraction_speed.run(quick=mode != "full")
+    result["targets"] = [
+        target("extraction_ratio_builtin",
+               "extractor tokens/s / plain forward tokens/s, built-in model (issue 4)",
+               result["builtin"]["ratio"], EXTRACTION_TARGET,
+               note=f"{result['builtin']['weights']} weights"),
+    ]
+    return result
+
+
+def run_section(name, mode, device):
+    """One section's figures (with ``wall_s``), or its error."""
+    with Timer() as t:
+        try:
+            if name == "throughput":
+                result = _throughput(mode, device)
+            elif name == "extraction":
+                result = _extraction(mode, device)
+            else:
+                module = importlib.import_module(f"benchmarks.{name}")
+                result = module.run(mode=mode, device=device)
+        except Exception:  # noqa: BLE001 - record and go on with the other sections
+            result = {"error": traceback.format_exc()}
+    result["wall_s"] = t.seconds
+    return result
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.splitlines()[0]
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="minutes on two CPU cores (the default)")
+    size.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="the issue's full sizes (an hour or more on a CPU)")
+    size.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
+                      help="seconds; for the smoke test, figures are not meaningful")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="output folder (default benchmarks/results/)")
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated sections out of {', '.join(SECTIONS)}")
+    args = parser.parse_args(argv)
+    args.mode = args.mode or "quick"
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(SECTIONS))
+        if unknown:
+            parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    else:
+        names = list(TINY_SECTIONS if args.mode == "tiny" else SECTIONS)
+    args.sections = names
+    return args
+
+
+def main(argv=None):
+    """Run the chosen sections and write the results; return the exit status."""
+    from benchmarks import report
+
+    args = _parse(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--device cuda: no CUDA device is available.", file=sys.stderr)
+            return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "mode": args.mode,
+        "machine": machine_info(args.device),
+        "sections": {},
+    }
+    with Timer() as total:
+        for name in args.sections:
+            print(f"[benchmarks] {name} ({args.mode}) ...", flush=True)
+            section = run_section(name, args.mode, args.device)
+            results["sections"][name] = section
+            if "error" in section:
+                print(section["error"], file=sys.stderr, flush=True)
+            print(f"[benchmarks] {name}: {section['wall_s']:.1f} s", flush=True)
+            # Written after every section so that an interrupted run keeps its figures.
+            report.write_json(results, args.out / "results.json")
+    results["total_wall_s"] = total.seconds
+    results["targets"] = [
+        dict(t, section=name)
+        for name, section in results["sections"].items()
+        for t in section.get("targets", [])
+    ]
+    report.write_json(results, args.out / "results.json")
+    report.write_markdown(results, args.out / "results.md")
+    report.write_plots(results, args.out)
+    print(f"[benchmarks] wrote {args.out} in {total.seconds:.0f} s", flush=True)
+    for t in results["targets"]:
+        value = "n/a" if t["value"] is None else f"{t['value']:.3g}"
+        print(f"  {'MET    ' if t['met'] else 'NOT MET'} {t['name']}: {value} "
+              f"(target {t['comparison']} {t['threshold']:g})")
+    failed = [n for n, s in results["sections"].items() if "error" in s]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
