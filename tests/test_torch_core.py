@@ -23,6 +23,7 @@ def test_hand_written_gradients_match_autograd():
         x_hat, f = model(x)
         loss = (x - x_hat).pow(2).sum(1).mean() + 0.7 * (f * model.W_dec.norm(dim=1)).sum(1).mean()
         loss.backward()
+    loss, f = loss.detach(), f.detach()
     W = model.W_dec.detach()
     for name, p in model.named_parameters():
         a, b = manual[name], p.grad
@@ -32,7 +33,7 @@ def test_hand_written_gradients_match_autograd():
             a = a - (a * W).sum(1, keepdim=True) * W
             b = b - (b * W).sum(1, keepdim=True) * W
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert float(stats[0]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(stats[0]) == pytest.approx(loss.item(), rel=1e-5)
     assert torch.equal(fired, (f > 0).sum(0).float())
     assert float(stats[3]) == pytest.approx(float((f > 0).sum(1).float().mean()))
 

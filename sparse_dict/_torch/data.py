@@ -22,7 +22,14 @@ def take_rows(X, index):
 
 
 def to_device(rows, device, dtype=torch.float32):
-    """A host array as a tensor on ``device``, through pinned memory on a GPU."""
+    """A host array as a tensor on ``device``, through pinned memory on a GPU.
+
+    On the CPU the tensor may share memory with ``rows``; callers must not
+    write into it.
+    """
+    if not rows.flags.writeable:
+        # torch cannot wrap read-only memory (a read-only memmap's rows).
+        rows = rows.copy()
     tensor = torch.from_numpy(rows)
     if device.type == "cuda":
         return tensor.pin_memory().to(device, dtype=dtype, non_blocking=True)

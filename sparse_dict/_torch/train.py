@@ -211,8 +211,8 @@ class Trainer:
             if config.total_steps is not None and self.step >= config.total_steps:
                 stop = True
                 break
-            x = to_device(take_rows(X, index), device)
-            x.mul_(scale)
+            # Not in place: on the CPU the tensor may share memory with X.
+            x = to_device(take_rows(X, index), device).mul(scale)
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate * config.lr_factor(self.step)
             l1_coef = config.l1_coef * config.l1_factor(self.step)
