@@ -257,12 +257,8 @@ class SparseAutoencoderDictionary(
         """
         with _restored_on_error(self):
             X = self._validate_train_data(X, reset=True)
-            device = resolve_device(self.device)
             random_state = check_random_state(self.random_state)
-            seed = int(random_state.randint(np.iinfo(np.int32).max))
-            n_components = self.n_components or 4 * X.shape[1]
-            trainer = Trainer(X.shape[1], n_components, device, seed)
-            trainer.initialize(X, random_state, self.decoder_bias_init)
+            trainer = self._new_trainer(X, random_state)
 
             steps_per_pass = math.ceil(X.shape[0] / self.batch_size)
             total = self.max_iter * steps_per_pass
@@ -291,10 +287,11 @@ class SparseAutoencoderDictionary(
     def partial_fit(self, X, y=None):
         """Take one pass of training steps over ``X``, continuing from the last call.
 
-        The first call (or the first after :meth:`fit` with other data
-        width) initialises the model from ``X``: its scale and decoder bias.
-        There is no final learning-rate decay, since the end of training is
-        not known.
+        The first call on an unfitted estimator initialises the model from
+        ``X`` (its scale and decoder bias); on a fitted one (by :meth:`fit`,
+        an earlier call, or :meth:`load`) training continues from the fitted
+        state. There is no final learning-rate decay, since the end of
+        training is not known.
 
         Parameters
         ----------
@@ -308,16 +305,12 @@ class SparseAutoencoderDictionary(
         first_call = not hasattr(self, "components_")
         with _restored_on_error(self):
             X = self._validate_train_data(X, reset=first_call)
-            device = resolve_device(self.device)
             if first_call:
                 self._partial_random_state = check_random_state(self.random_state)
-                seed = int(self._partial_random_state.randint(np.iinfo(np.int32).max))
-                n_components = self.n_components or 4 * X.shape[1]
-                trainer = Trainer(X.shape[1], n_components, device, seed)
-                trainer.initialize(X, self._partial_random_state, self.decoder_bias_init)
+                trainer = self._new_trainer(X, self._partial_random_state)
                 self.n_iter_ = 0
             else:
-                trainer = self._get_trainer().to(device)
+                trainer = self._get_trainer().to(resolve_device(self.device))
             random_state = getattr(self, "_partial_random_state", None)
             if random_state is None:
                 random_state = self._partial_random_state = check_random_state(
@@ -340,6 +333,13 @@ class SparseAutoencoderDictionary(
             self.n_iter_ += 1
             self._store_fitted(trainer, X.dtype)
         return self
+
+    def _new_trainer(self, X, random_state):
+        seed = int(random_state.randint(np.iinfo(np.int32).max))
+        n_components = self.n_components or 4 * X.shape[1]
+        trainer = Trainer(X.shape[1], n_components, resolve_device(self.device), seed)
+        trainer.initialize(X, random_state, self.decoder_bias_init)
+        return trainer
 
     def _train(self, trainer, X, config, random_state, n_passes, total):
         progress = None
