@@ -38,11 +38,11 @@ from sparse_dict.metrics import (
 # (n_features, n_true_atoms, n_train_rows, run DictionaryLearning)
 SIZES = {
     "tiny": dict(
-        cases=[(16, 32, 600, True)], n_eval=100, sae_epochs=5, mbdl_epochs=1, dl_iter=3,
+        cases=[(16, 32, 600, True)], n_eval=100, sae_steps=100, mbdl_epochs=1, dl_iter=3,
     ),
     "quick": dict(
-        cases=[(256, 512, 10_000, False), (32, 64, 2_000, True)],
-        n_eval=400, sae_epochs=20, mbdl_epochs=1, dl_iter=10,
+        cases=[(256, 512, 10_000, False), (32, 64, 1_000, True)],
+        n_eval=400, sae_steps=2000, mbdl_epochs=1, dl_iter=5,
     ),
     "full": dict(
         cases=[
@@ -51,7 +51,7 @@ SIZES = {
             (256, 2048, 40_000, False),
             (64, 128, 4_000, True),
         ],
-        n_eval=1000, sae_epochs=20, mbdl_epochs=2, dl_iter=30,
+        n_eval=1000, sae_steps=5000, mbdl_epochs=2, dl_iter=30,
     ),
 }
 
@@ -59,6 +59,12 @@ SIZES = {
 # norm and active magnitudes are uniform on (0, 1]).
 MBDL_ALPHA = 0.1
 ORACLE_ALPHA = 0.05
+
+
+def _sae_settings(sizes):
+    # A budget of steps rather than epochs, so that small and large cases
+    # get the same amount of training.
+    return sae_params(max_iter=10_000, max_steps=sizes["sae_steps"])
 
 
 def _score(name, est, X_eval, true_atoms, fit_s, encode, decode, repeats):
@@ -86,7 +92,7 @@ def run_case(n_features, n_atoms, n_rows, with_dl, sizes, device, seed=0):
     rows = []
 
     sae = SparseAutoencoderDictionary(
-        n_atoms, device=device, random_state=seed, **sae_params(max_iter=sizes["sae_epochs"])
+        n_atoms, device=device, random_state=seed, **_sae_settings(sizes)
     )
     with Timer() as t:
         sae.fit(X_train)
@@ -149,7 +155,7 @@ def run(mode="quick", device="cpu"):
     case_name = f"{default['n_features']} features, {default['n_true_atoms']} atoms"
     return {
         "settings": {
-            "sae": sae_params(max_iter=sizes["sae_epochs"]),
+            "sae": _sae_settings(sizes),
             "mbdl": {"alpha": MBDL_ALPHA, "batch_size": 256, "epochs": sizes["mbdl_epochs"],
                      "fit_algorithm": "lars", "transform_algorithm": "lasso_lars"},
             "dictionary_learning": {"alpha": MBDL_ALPHA, "max_iter": sizes["dl_iter"]},

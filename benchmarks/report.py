@@ -64,9 +64,25 @@ def _fmt(value, digits=3):
     return str(value)
 
 
+# Tables are written as markdown or as reStructuredText list-tables; the
+# text around them is valid in both (paragraphs and **bold**).
+_STYLE = {"format": "md"}
+
+
+def _rst_cell(text):
+    return " " + text if text else ""
+
+
 def _table(header, rows):
+    cells = [[_fmt(v) for v in row] for row in rows]
+    if _STYLE["format"] == "rst":
+        lines = [".. list-table::", "   :header-rows: 1", ""]
+        for row in [list(header)] + cells:
+            lines.append("   * -" + _rst_cell(row[0]))
+            lines += ["     -" + _rst_cell(c) for c in row[1:]]
+        return "\n".join(lines) + "\n"
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines)
 
 
@@ -144,21 +160,27 @@ def _ttq_md(r):
            f"(scored on {c['n_eval']:,} held-out rows).\n"]
     rows = []
     for name, level in (("primary (MBDL's final)", r["primary_level"]),
-                        ("common (best SAE EV at MBDL's L0)", r["common_level"])):
+                        ("common (best SAE fit MBDL also reaches)", r["common_level"])):
         if level is None:
-            rows.append([name, None, None, None, None, None])
+            rows.append([name, "none", None, None, None])
             continue
-        rows.append([name, level["explained_variance"], level["l0"], level["mbdl_s"],
-                     level["sae_s"], level["speedup"]])
-    out.append(_table(["level", "EV >=", "L0 <=", "MBDL s", "SAE s", "speed-up"], rows))
+        rows.append([name, f"EV >= {level['explained_variance']:.3f}, L0 <= {level['l0']:.1f}",
+                     level["mbdl_s"], level["sae_s"], level["speedup"]])
+    d = r.get("dictionary_level")
+    if d:
+        rows.append(["dictionary (MBDL's final MMCS)", f"MMCS >= {d['mmcs']:.3f}",
+                     d["mbdl_s"], d["sae_s"], d["speedup"]])
+    out.append(_table(["level", "criterion", "MBDL s", "SAE s", "speed-up (MBDL s / SAE s)"],
+                      rows))
     out.append("\nMiniBatchDictionaryLearning checkpoints:\n")
-    out.append(_table(["batches", "fit s", "EV", "L0"],
-                      [[p["steps"], p["fit_s"], p["explained_variance"], p["l0"]]
+    out.append(_table(["batches", "fit s", "EV", "L0", "MMCS"],
+                      [[p["steps"], p["fit_s"], p["explained_variance"], p["l0"], p.get("mmcs")]
                        for p in r["mbdl_trajectory"]]))
     out.append("\nSAE fits:\n")
-    out.append(_table(["l1_coef", "epochs", "steps", "fit s", "EV", "L0", "reaches primary"],
+    out.append(_table(["l1_coef", "epochs", "steps", "fit s", "EV", "L0", "MMCS",
+                       "reaches primary"],
                       [[p["l1_coef"], p["epochs"], p["steps"], p["fit_s"],
-                        p["explained_variance"], p["l0"], p["reaches_primary"]]
+                        p["explained_variance"], p["l0"], p.get("mmcs"), p["reaches_primary"]]
                        for p in r["sae_fits"]]))
     return "\n".join(out) + "\n"
 
@@ -212,7 +234,7 @@ def _throughput_md(r):
             ["SAE training (sparse_dict Trainer)", r["sae_gflops"], r["sae_fraction_of_matmul"]],
             ["plain torch loop", r["plain_loop_gflops"], r["plain_fraction_of_matmul"]]]
     return (f"Batch {s['batch']}, d={s['d']}, N={s['n']} on {r['device']} "
-            f"({r['torch_threads']} threads); one step = 10*B*d*N FLOPs. "
+            f"({r['torch_threads']} threads); one step = 10·B·d·N FLOPs. "
             f"SAE / plain loop: {_fmt(r['sae_over_plain'])}.\n\n"
             + _table(["", "GFLOP/s", "fraction of matmul"], rows) + "\n")
 
@@ -245,27 +267,76 @@ _SECTION_MD = {
 }
 
 
-def markdown(results):
-    """The results as a markdown document (a string)."""
-    out = [f"# sparse_dict benchmarks ({results['mode']} mode)\n",
-           _machine_md(results["machine"]) + "\n",
-           f"Total wall time {results.get('total_wall_s', 0):.0f} s. "
-           "Timings are wall-clock on a possibly shared machine.\n",
-           "## Targets\n", _targets_md(results.get("targets", [])) + "\n"]
-    for name, section in results["sections"].items():
-        title, fn = _SECTION_MD[name]
-        out.append(f"## {title}\n")
-        if "error" in section:
-            out.append("Failed:\n\n```\n" + section["error"] + "```\n")
-            continue
-        out.append(fn(section))
-        out.append(f"Section wall time {section['wall_s']:.0f} s.\n")
-    return "\n".join(out)
+def _heading(text, level, fmt):
+    if fmt == "md":
+        return "#" * level + " " + text + "\n"
+    return text + "\n" + "=-~^"[level - 1] * len(text) + "\n"
+
+
+def markdown(results, fmt="md", images=None, first_level=1):
+    """The results as a markdown (``fmt="md"``) or reStructuredText document.
+
+    Parameters
+    ----------
+    results : dict
+    fmt : {"md", "rst"}
+    images : str or None
+        For ``"rst"``: the folder of the PNGs relative to the document;
+        each section's plots are shown after its tables.
+    first_level : int
+        Heading level of the title (rst underline characters ``=-~^``).
+    """
+    _STYLE["format"] = fmt
+    try:
+        top, sub = first_level, first_level + 1
+        out = [_heading(f"sparse_dict benchmarks ({results['mode']} mode)", top, fmt),
+               _machine_md(results["machine"]) + "\n",
+               f"Total wall time {results.get('total_wall_s', 0):.0f} s. "
+               "Timings are wall-clock on a possibly shared machine.\n",
+               _heading("Targets", sub, fmt), _targets_md(results.get("targets", [])) + "\n"]
+        for name, section in results["sections"].items():
+            title, fn = _SECTION_MD[name]
+            out.append(_heading(title, sub, fmt))
+            if "error" in section:
+                if fmt == "md":
+                    out.append("Failed:\n\n```\n" + section["error"] + "```\n")
+                else:
+                    body = "\n".join("   " + line for line in section["error"].splitlines())
+                    out.append("Failed::\n\n" + body + "\n")
+                continue
+            out.append(fn(section))
+            out.append(f"Section wall time {section['wall_s']:.0f} s.\n")
+            if fmt == "rst" and images is not None:
+                for png in PLOTS[name]:
+                    out.append(f".. image:: {images}/{png}\n   :width: 100%\n")
+        return "\n".join(out)
+    finally:
+        _STYLE["format"] = "md"
 
 
 def write_markdown(results, path):
     """Write :func:`markdown` to ``path``."""
     Path(path).write_text(markdown(results))
+
+
+RST_START = ".. start-benchmark-results"
+
+
+def write_rst(results, path, images):
+    """Write the results as a reStructuredText page for the docs.
+
+    The page is ``:orphan:`` so that Sphinx builds it without a toctree
+    entry; a page that includes it should start after :data:`RST_START`
+    (``.. include:: benchmarks_results.rst`` with ``:start-after:``).
+    """
+    body = markdown(results, fmt="rst", images=images, first_level=2)
+    header = (":orphan:\n\n"
+              "..  Generated by ``python -m benchmarks.report``"
+              " from benchmarks/results/results.json; do not edit.\n\n"
+              f"{RST_START}\n\n")
+    Path(path).write_text(header + body)
+
+
 
 
 # --------------------------------------------------------------------- plots
@@ -324,24 +395,28 @@ def _plot_frontier(r, plt):
 
 
 def _plot_ttq(r, plt):
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     mb = r["mbdl_trajectory"]
-    ax.plot([p["fit_s"] for p in mb], [p["explained_variance"] for p in mb], "s-",
-            label="MiniBatchDictionaryLearning (checkpoints)")
-    for l1 in sorted({p["l1_coef"] for p in r["sae_fits"]}):
-        pts = [p for p in r["sae_fits"] if p["l1_coef"] == l1]
-        ax.plot([p["fit_s"] for p in pts], [p["explained_variance"] for p in pts], "o-",
-                label=f"SAE l1_coef={l1:g} (epoch ladder)")
-    level = r["primary_level"]
-    ax.axhline(level["explained_variance"], color="grey", ls=":",
-               label=f"MBDL's final EV (at L0 {level['l0']:.1f})")
-    ax.set_xscale("log")
-    ax.set_xlabel("wall time of the fit (s)")
-    ax.set_ylabel("explained variance (held-out)")
+    for ax, key, label in ((axes[0], "explained_variance", "explained variance (held-out)"),
+                           (axes[1], "mmcs", "MMCS to the true atoms")):
+        ax.plot([p["fit_s"] for p in mb], [p.get(key) for p in mb], "s-",
+                label="MiniBatchDictionaryLearning (checkpoints)")
+        for l1 in sorted({p["l1_coef"] for p in r["sae_fits"]}):
+            pts = [p for p in r["sae_fits"] if p["l1_coef"] == l1]
+            ax.plot([p["fit_s"] for p in pts], [p.get(key) for p in pts], "o-",
+                    label=f"SAE l1_coef={l1:g} (epoch ladder)")
+        ax.axhline(mb[-1].get(key) or 0, color="grey", ls=":", label="MBDL's final")
+        ax.set_xscale("log")
+        ax.set_xlabel("wall time of the fit (s)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    for p in mb:
+        axes[0].annotate(f"L0 {p['l0']:.1f}", (p["fit_s"], p["explained_variance"]), fontsize=6)
+    for p in r["sae_fits"]:
+        axes[0].annotate(f"L0 {p['l0']:.1f}", (p["fit_s"], p["explained_variance"]), fontsize=6)
     c = r["case"]
-    ax.set_title(f"Time to quality: {c['n_features']} features, {c['n_atoms']} atoms, "
-                 f"{c['n_rows']:,} rows", fontsize=9)
-    ax.legend(fontsize=7)
+    fig.suptitle(f"Time to quality: {c['n_features']} features, {c['n_atoms']} atoms, "
+                 f"{c['n_rows']:,} rows")
     fig.tight_layout()
     return fig
 
@@ -445,3 +520,30 @@ def write_plots(results, out_dir):
             plt.close(fig)
             paths.append(path)
     return paths
+
+
+def main(argv=None):
+    """Rewrite results.md, the plots and the docs page from a results.json."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report",
+        description="Rewrite the markdown, plots and docs page of a benchmark run.",
+    )
+    root = Path(__file__).resolve().parent.parent
+    parser.add_argument("--results", type=Path, default=root / "benchmarks" / "results")
+    parser.add_argument("--rst", type=Path, default=root / "docs" / "benchmarks_results.rst",
+                        help="docs page to write (default docs/benchmarks_results.rst)")
+    args = parser.parse_args(argv)
+    results = json.loads((args.results / "results.json").read_text())
+    write_markdown(results, args.results / "results.md")
+    write_plots(results, args.results)
+    import os
+
+    images = os.path.relpath(args.results, args.rst.parent).replace(os.sep, "/")
+    write_rst(results, args.rst, images)
+    print(f"wrote {args.results / 'results.md'}, the plots and {args.rst}")
+
+
+if __name__ == "__main__":
+    main()
