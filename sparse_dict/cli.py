@@ -351,9 +351,10 @@ def cmd_report(args):
 
 # Defaults of ``demo``: sized to finish in under five minutes on two CPU cores.
 _DEMO_DEFAULTS = {
-    "out": "sparse_dict_demo",
-    "n_texts": 2000,
-    "n_eval_texts": 200,
+    "out": "sparse-dict-out",
+    "n_texts": 1500,
+    "n_eval_texts": 60,
+    "n_browser_texts": 400,
     "max_length": 128,
     "classical_samples": 5000,
     "classical_max_iter": 1,
@@ -370,6 +371,7 @@ _DEMO_DEFAULTS = {
 _TINY = {
     "n_texts": 24,
     "n_eval_texts": 6,
+    "n_browser_texts": 8,
     "n_components": 64,
     "max_iter": 2,
     "batch_size": 128,
@@ -420,11 +422,17 @@ def _classical_fit(X, n_components, args, verbose):
 
 def _chunked_transform(est, X, desc, verbose, chunk=2048):
     """``est.transform(X)`` in chunks, with a progress bar."""
-    parts = [
-        est.transform(X[s:s + chunk])
-        for s in _progress(range(0, X.shape[0], chunk), desc=desc, unit="chunk",
-                           disable=not verbose)
-    ]
+    import warnings
+
+    with warnings.catch_warnings():
+        # OMP warns when a residual is already explained by fewer atoms than
+        # asked for; the code is still the best one, so the warning is noise.
+        warnings.filterwarnings("ignore", message="Orthogonal matching pursuit ended")
+        parts = [
+            est.transform(X[s:s + chunk])
+            for s in _progress(range(0, X.shape[0], chunk), desc=desc, unit="chunk",
+                               disable=not verbose)
+        ]
     return np.concatenate(parts, axis=0)
 
 
@@ -517,18 +525,30 @@ def cmd_demo(args):
     from sparse_dict._corpus import load_corpus
     from sparse_dict.estimator import SparseAutoencoderDictionary
 
-    n_stages = 5
-    _say(args, f"[1/{n_stages}] activations of the built-in model "
-         f"(layer {args.layer}, {args.hook}) over the bundled corpus")
+    started = time.perf_counter()
+
+    def stage(number, message):
+        elapsed = time.perf_counter() - started
+        _say(args, f"[{number}/5] {message}  ({elapsed:.0f} s)")
+
+    stage(1, f"activations of the built-in model (layer {args.layer}, {args.hook}) "
+          "over the bundled corpus")
     train_texts = load_corpus("train", n_texts=args.n_texts, random_state=args.random_state)
-    eval_texts = load_corpus("test", n_texts=args.n_eval_texts, random_state=args.random_state)
+    # Held-out works: the first --n-eval-texts make the table (the classical
+    # coder optimises every token, so they are few), all of them the browser.
+    eval_texts = load_corpus("test", n_texts=max(args.n_eval_texts, args.n_browser_texts),
+                             random_state=args.random_state)
+    table_texts = eval_texts[: args.n_eval_texts]
     extractor = _make_extractor(args, verbose)
     X_train = np.asarray(extractor.fit(train_texts).transform(train_texts), dtype=np.float32)
-    X_eval, tokens, index = _extract(extractor, eval_texts)
-    _say(args, f"      {X_train.shape[0]:,} training tokens, {X_eval.shape[0]:,} held-out "
-         f"tokens, {X_train.shape[1]} neurons")
+    X_browse, tokens, index = _extract(extractor, eval_texts)
+    # Texts come out one after the other, so the table's rows are a prefix.
+    X_eval = X_browse[: int(np.count_nonzero(index[:, 0] < len(table_texts)))]
+    _say(args, f"      {X_train.shape[0]:,} training tokens; held out: {X_eval.shape[0]:,} "
+         f"tokens for the table, {X_browse.shape[0]:,} for the browser; "
+         f"{X_train.shape[1]} neurons")
 
-    _say(args, f"[2/{n_stages}] sparse autoencoder")
+    stage(2, f"sparse autoencoder, {args.n_components} features")
     params = _estimator_params(args)
     params["verbose"] = verbose
     sae = SparseAutoencoderDictionary(**params)
@@ -547,8 +567,8 @@ def cmd_demo(args):
     }
     rows = [sae_row]
     if not args.no_classical:
-        _say(args, f"[3/{n_stages}] MiniBatchDictionaryLearning on "
-             f"{min(args.classical_samples, X_train.shape[0]):,} of the training rows")
+        stage(3, f"MiniBatchDictionaryLearning on {min(args.classical_samples, X_train.shape[0]):,} "
+              "of the training rows")
         classical, n_rows, seconds = _classical_fit(X_train, sae.n_components_, args, verbose)
         classical.set_params(transform_n_nonzero_coefs=max(1, int(round(sae_row["l0"]))))
         classical_codes = _chunked_transform(classical, X_eval, "OMP coding", verbose)
@@ -562,21 +582,21 @@ def cmd_demo(args):
             "dead_fraction": metrics.dead_fraction(classical_codes),
         })
     else:
-        _say(args, f"[3/{n_stages}] MiniBatchDictionaryLearning skipped (--no-classical)")
+        stage(3, "MiniBatchDictionaryLearning skipped (--no-classical)")
 
-    _say(args, f"[4/{n_stages}] loss recovered: the model run with its MLP activations "
-         "replaced by each reconstruction")
-    sae_row["loss_recovered"] = _loss_recovered(extractor, sae, eval_texts, verbose)
+    stage(4, "loss recovered: the model run with its MLP activations replaced by "
+          "each reconstruction")
+    sae_row["loss_recovered"] = _loss_recovered(extractor, sae, table_texts, verbose)
     if len(rows) > 1:
         rows[1]["loss_recovered"] = _loss_recovered(
-            extractor, _FixedCodes(classical, X_eval, classical_codes), eval_texts, verbose)
+            extractor, _FixedCodes(classical, X_eval, classical_codes), table_texts, verbose)
 
-    _say(args, f"[5/{n_stages}] writing the dictionary, plots and feature browser to {out}")
+    stage(5, f"writing the dictionary, plots and feature browser to {out}")
     sae.save(out / "dictionary", overwrite=True)
     _plot_training(sae.history_, out / "training.png")
-    html_path, density_path = _write_report(
-        out, sae, codes, tokens, index, k=args.top_k, context=args.context,
-        title="Features of the built-in model's MLP (sparse-dict demo)",
+    _write_report(
+        out, sae, sae.transform(X_browse), tokens, index, k=args.top_k,
+        context=args.context, title="Features of the built-in model's MLP (sparse-dict demo)",
     )
     table = _format_table(rows, X_eval.shape[0])
     (out / "results.txt").write_text(table + "\n", encoding="utf-8")
@@ -597,7 +617,9 @@ def cmd_demo(args):
     ]:
         print(f"  {name:<14} {what}")
     sys.stdout.flush()
+    _say(args, f"done in {time.perf_counter() - started:.0f} s")
     return 0
+
 
 # --------------------------------------------------------------------------
 # The parser
@@ -755,8 +777,11 @@ def build_parser():
     p.add_argument("--n-texts", type=_positive_int, default=d["n_texts"],
                    help=f"training texts from the corpus (default: {d['n_texts']})")
     p.add_argument("--n-eval-texts", type=_positive_int, default=d["n_eval_texts"],
-                   help="texts of held-out works for the table and the browser "
+                   help="texts of held-out works the table is measured on "
                    f"(default: {d['n_eval_texts']})")
+    p.add_argument("--n-browser-texts", type=_positive_int, default=d["n_browser_texts"],
+                   help="texts of held-out works the feature browser shows "
+                   f"(default: {d['n_browser_texts']})")
     p.add_argument("--max-length", type=_positive_int, default=d["max_length"],
                    help=f"texts are cut to this many tokens (default: {d['max_length']})")
     g = p.add_argument_group("classical dictionary learning")
