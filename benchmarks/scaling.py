@@ -34,20 +34,22 @@ from sparse_dict.datasets import make_superposition
 
 SIZES = {
     "tiny": dict(n_features=16, n_components=32, samples=[500, 1000],
-                 mbdl_samples=[500, 1000], fixed_samples=500, components=[16, 32],
-                 mbdl_components=[16, 32], epochs=2, memmap_mb=[2, 4],
+                 mbdl_samples=[256, 512], fixed_samples=500, mbdl_fixed_samples=256,
+                 components=[16, 32], mbdl_components=[16, 32], epochs=2, memmap_mb=[2, 4],
                  memmap_features=64, memmap_components=64),
-    "quick": dict(n_features=64, n_components=256, samples=[1000, 2000, 4000, 8000],
-                  mbdl_samples=[1000, 2000, 4000], fixed_samples=2000,
-                  components=[64, 128, 256, 512, 1024], mbdl_components=[64, 128, 256, 512],
-                  epochs=5, memmap_mb=[64, 128, 256, 512],
+    "quick": dict(n_features=64, n_components=256, samples=[2000, 4000, 8000, 16000, 32000],
+                  mbdl_samples=[512, 1024, 2048], fixed_samples=4096, mbdl_fixed_samples=1024,
+                  components=[64, 128, 256, 512, 1024, 2048],
+                  mbdl_components=[64, 128, 256, 512],
+                  epochs=10, memmap_mb=[64, 128, 256, 512],
                   memmap_features=256, memmap_components=256),
     "full": dict(n_features=64, n_components=256,
-                 samples=[1000, 2000, 4000, 8000, 16000, 32000],
-                 mbdl_samples=[1000, 2000, 4000, 8000, 16000], fixed_samples=4000,
-                 components=[64, 128, 256, 512, 1024, 2048],
+                 samples=[2000, 4000, 8000, 16000, 32000, 64000, 128000],
+                 mbdl_samples=[1000, 2000, 4000, 8000, 16000], fixed_samples=8192,
+                 mbdl_fixed_samples=4096,
+                 components=[64, 128, 256, 512, 1024, 2048, 4096],
                  mbdl_components=[64, 128, 256, 512, 1024],
-                 epochs=5, memmap_mb=[1024, 2048, 4096, 8192],
+                 epochs=10, memmap_mb=[1024, 2048, 4096, 8192],
                  memmap_features=256, memmap_components=256),
 }
 MEMMAP_BATCH = 4096
@@ -86,6 +88,10 @@ def time_scaling(s, device):
     n_max = max(s["samples"])
     X, _, _ = make_superposition(n_max, d, s["n_components"], random_state=0,
                                  dtype=np.float32)
+    # Warm-up: the first fit of a process pays for thread pools and lazy
+    # imports, which would otherwise land on the smallest size.
+    _fit_sae(X[:512], 16, 1, device)
+    _fit_mbdl(X[:256], 16)
     vs_samples = {"n_samples": s["samples"], "sae_s": [], "mbdl_n_samples": s["mbdl_samples"],
                   "mbdl_s": []}
     for n in s["samples"]:
@@ -95,19 +101,19 @@ def time_scaling(s, device):
     vs_samples["sae_slope"] = _slope(s["samples"], vs_samples["sae_s"])
     vs_samples["mbdl_slope"] = _slope(s["mbdl_samples"], vs_samples["mbdl_s"])
 
-    Xf = X[: s["fixed_samples"]]
     vs_comp = {"n_components": s["components"], "sae_s": [],
                "mbdl_n_components": s["mbdl_components"], "mbdl_s": []}
     for n in s["components"]:
-        vs_comp["sae_s"].append(_fit_sae(Xf, n, s["epochs"], device))
+        vs_comp["sae_s"].append(_fit_sae(X[: s["fixed_samples"]], n, s["epochs"], device))
     for n in s["mbdl_components"]:
-        vs_comp["mbdl_s"].append(_fit_mbdl(Xf, n))
+        vs_comp["mbdl_s"].append(_fit_mbdl(X[: s["mbdl_fixed_samples"]], n))
     vs_comp["sae_slope"] = _slope(s["components"], vs_comp["sae_s"])
     vs_comp["mbdl_slope"] = _slope(s["mbdl_components"], vs_comp["mbdl_s"])
     return {
         "n_features": d,
         "vs_n_samples": dict(vs_samples, n_components=s["n_components"]),
-        "vs_n_components": dict(vs_comp, n_samples=s["fixed_samples"]),
+        "vs_n_components": dict(vs_comp, n_samples=s["fixed_samples"],
+                                mbdl_n_samples=s["mbdl_fixed_samples"]),
         "sae_epochs": s["epochs"],
         "mbdl_epochs": 1,
     }
