@@ -80,15 +80,25 @@ def _escape_trailing_underscores(app, what, name, obj, options, lines):
 # --------------------------------------------------------------------------
 # Benchmark results
 # --------------------------------------------------------------------------
-# benchmarks/ writes its reference tables and plots to benchmarks/results/.
+# benchmarks/ writes its reference tables and plots to benchmarks/results/,
+# and ``python -m benchmarks.report`` a page of them, docs/benchmarks_results.rst.
 # The benchmarks page shows whatever is there when the docs are built, so a
-# new result needs no edit here; a missing folder gives a short note instead.
+# new result needs no edit here; no results at all give a short note instead.
 
 RESULTS = ROOT / "benchmarks" / "results"
 _MARKER = ".. benchmark-results-here"
 
 
+GENERATED = DOCS / "benchmarks_results.rst"
+_GENERATED_START = ".. start-benchmark-results"
+
+
 def _benchmark_results_rst():
+    # ``python -m benchmarks.report`` writes a page of tables and plots; show
+    # it when it is there, else list whatever the results folder holds.
+    if GENERATED.is_file() and _GENERATED_START in GENERATED.read_text(encoding="utf-8"):
+        return [".. include:: benchmarks_results.rst",
+                f"   :start-after: {_GENERATED_START}"]
     if not RESULTS.is_dir():
         return [
             ".. note::",
