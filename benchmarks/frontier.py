@@ -46,7 +46,7 @@ SIZES = {
     ),
     "quick": dict(
         builtin=dict(n_train_texts=400, n_eval_texts=40, eval_rows=1500, n_components=2048,
-                     l1_grid=[2.0, 3.0, 5.0], epochs=4, mbdl_components=512,
+                     l1_grid=[2.5, 3.0, 5.0], epochs=8, mbdl_components=512,
                      mbdl_rows=1024, alpha_grid=[2.0, 4.0]),
         minilm=dict(n_train_texts=100, n_eval_texts=16, eval_rows=500, n_components=2048,
                     l1_grid=[2.0, 4.0], epochs=4, mbdl_components=512,

@@ -48,10 +48,10 @@ SIZES = {
         cases=[
             (256, 512, 20_000, False),
             (256, 1024, 20_000, False),
-            (256, 2048, 40_000, False),
+            (256, 2048, 20_000, False),
             (64, 128, 4_000, True),
         ],
-        n_eval=1000, sae_steps=5000, mbdl_epochs=2, dl_iter=30,
+        n_eval=1000, sae_steps=5000, mbdl_epochs=1, dl_iter=30,
     ),
 }
 

@@ -40,7 +40,7 @@ SIZES = {
     "quick": dict(n_features=64, n_components=256, samples=[2000, 4000, 8000, 16000, 32000],
                   mbdl_samples=[512, 1024, 2048], fixed_samples=4096, mbdl_fixed_samples=1024,
                   components=[64, 128, 256, 512, 1024, 2048],
-                  mbdl_components=[64, 128, 256, 512],
+                  mbdl_components=[64, 128, 256],
                   epochs=10, memmap_mb=[64, 128, 256, 512],
                   memmap_features=256, memmap_components=256),
     "full": dict(n_features=64, n_components=256,
