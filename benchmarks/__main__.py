@@ -10,7 +10,6 @@ still run; the exit status is then 1.
 
 import argparse
 import importlib
-import json
 import sys
 import traceback
 from pathlib import Path

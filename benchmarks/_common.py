@@ -168,15 +168,6 @@ class PeakSampler:
         return False
 
 
-def finite_or_none(value):
-    """``float(value)`` if finite, else None (JSON has no NaN)."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if np.isfinite(value) else None
-
-
 def sae_params(**overrides):
     """The SAE settings the benchmarks use unless a section says otherwise.
 
