@@ -95,7 +95,7 @@ class SparseAutoencoderDictionary(
     l1_coef : float, default=3.0
         Weight of the L1 sparsity penalty. Larger values give sparser codes
         (lower L0) and worse reconstruction.
-    learning_rate : float, default=1e-3
+    learning_rate : float, default=3e-3
         Adam's peak learning rate.
     batch_size : int, default=1024
         Rows per training step.
@@ -208,7 +208,7 @@ class SparseAutoencoderDictionary(
         n_components=None,
         *,
         l1_coef=3.0,
-        learning_rate=1e-3,
+        learning_rate=3e-3,
         batch_size=1024,
         max_iter=20,
         max_steps=None,
