@@ -239,7 +239,7 @@ def _throughput_md(r):
             ["SAE training (sparse_dict Trainer)", r["sae_gflops"], r["sae_fraction_of_matmul"]],
             ["plain torch loop", r["plain_loop_gflops"], r["plain_fraction_of_matmul"]]]
     return (f"Batch {s['batch']}, d={s['d']}, N={s['n']} on {r['device']} "
-            f"({r['torch_threads']} threads); one step = 10·B·d·N FLOPs. "
+            f"({r['torch_threads']} torch thread(s)); one step = 10·B·d·N FLOPs. "
             f"SAE / plain loop: {_fmt(r['sae_over_plain'])}.\n\n"
             + _table(["", "GFLOP/s", "fraction of matmul"], rows) + "\n")
 
