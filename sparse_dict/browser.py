@@ -243,7 +243,8 @@ def _feature_payload(frequencies, examples, max_features):
         token_ids[used] = inverse.ravel()
         peaks = examples.values[:n_shown, 0]
         scale = np.where(peaks > 0, peaks, 1.0)[:, None, None]
-        levels = np.ceil(np.clip(examples.context_values[:n_shown] / scale, 0, 1) * 9).astype(np.int8)
+        shares = np.clip(examples.context_values[:n_shown] / scale, 0, 1)
+        levels = np.ceil(shares * 9).astype(np.int8)
     for f in range(n_shown):
         ex_list = []
         peak = 0

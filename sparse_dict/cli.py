@@ -476,7 +476,9 @@ def _format_table(rows, n_eval_tokens):
     header = ["method", "fit rows", "fit time", "explained var", "L0", "dead", "loss recovered"]
 
     def fmt(v, spec):
-        return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
+        if v is None or (isinstance(v, float) and not np.isfinite(v)):
+            return "n/a"
+        return format(v, spec)
 
     body = [
         [
@@ -492,7 +494,8 @@ def _format_table(rows, n_eval_tokens):
     ]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
     lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                  for i, (c, w) in enumerate(zip(line, widths)))
         for line in [header, *body]
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -573,8 +576,8 @@ def cmd_demo(args):
     }
     rows = [sae_row]
     if not args.no_classical:
-        stage(3, f"MiniBatchDictionaryLearning on {min(args.classical_samples, X_train.shape[0]):,} "
-              "of the training rows")
+        n_classical = min(args.classical_samples, X_train.shape[0])
+        stage(3, f"MiniBatchDictionaryLearning on {n_classical:,} of the training rows")
         classical, n_rows, seconds = _classical_fit(X_train, sae.n_components_, args, verbose)
         classical.set_params(transform_n_nonzero_coefs=max(1, int(round(sae_row["l0"]))))
         classical_codes = _chunked_transform(classical, X_eval, "OMP coding", verbose)

@@ -7,7 +7,6 @@ pytest: only Debian's ``chromium`` and ``chromium-driver``.
 """
 
 import json
-import os
 import shutil
 import socket
 import subprocess
