@@ -183,7 +183,7 @@ def run(mode="quick", device="cpu"):
     )
     if mode != "full":
         note = (note + "; " if note else "") + (
-            f"measured at {s['n_atoms']} atoms, {s['n_rows']} rows ({mode} mode); "
+            f"measured at {s['n_atoms']} atoms, {s['n_rows']:,} rows ({mode} mode); "
             "--full runs the issue's 1024 atoms, 20,000 rows"
         )
     return {
