@@ -151,6 +151,12 @@ def load_matrix(path, what="activations"):
     batch, so activations larger than memory can be fitted and encoded.
     """
     path = _input_file(path, f"{what} file")
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic != b"\x93NUMPY":
+        # np.load would take any other file for a pickle and say so, which
+        # is misleading; name the real problem instead.
+        raise CLIError(f"{what} file {str(path)!r} is not a .npy file (as written by numpy.save)")
     try:
         X = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:

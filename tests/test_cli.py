@@ -293,7 +293,7 @@ def test_not_an_npy_file(tmp_path, capsys):
     path = tmp_path / "acts.npy"
     path.write_bytes(b"this is not numpy")
     status, _, err = run(["fit", path, "-o", tmp_path / "d"], capsys)
-    assert_one_line_error(status, err, "not a readable .npy")
+    assert_one_line_error(status, err, "is not a .npy file")
     # An object array would need unpickling, which is refused.
     obj = np.empty((2, 2), dtype=object)
     np.save(tmp_path / "obj.npy", obj, allow_pickle=True)
