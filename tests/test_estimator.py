@@ -411,3 +411,13 @@ def test_cuda_fit_transform_and_cpu_pickle(X):
     cpu_copy = pickle.loads(pickle.dumps(sae)).set_params(device="cpu")
     np.testing.assert_allclose(cpu_copy.transform(X), codes, rtol=1e-4, atol=1e-5)
     assert all(not t.is_cuda for t in sae._trainer.__getstate__()["model_state"].values())
+
+
+def test_bf16_matrix_products_train_like_float32():
+    # The bf16 path is meant for GPUs, but its arithmetic runs on the CPU too.
+    X, _, _ = make_superposition(n_samples=4000, n_features=32, n_components=64, random_state=0)
+    full = small_sae(n_components=128, max_iter=10, batch_size=256).fit(X)
+    half = small_sae(n_components=128, max_iter=10, batch_size=256, bf16=True).fit(X)
+    assert half.components_.dtype == X.dtype
+    assert abs(half.score(X) - full.score(X)) < 0.05
+    assert half.score(X) > 0.3
