@@ -420,4 +420,4 @@ def test_bf16_matrix_products_train_like_float32():
     half = small_sae(n_components=128, max_iter=10, batch_size=256, bf16=True).fit(X)
     assert half.components_.dtype == X.dtype
     assert abs(half.score(X) - full.score(X)) < 0.05
-    assert half.score(X) > 0.3
+    assert half.score(X) > 0.2  # training happened: an untrained model scores about 0
