@@ -103,3 +103,26 @@ def test_device_strings():
     for bad in ("gpu", "cuda:x", "", 3):
         with pytest.raises(ValueError, match="device must be"):
             resolve_device(bad)
+
+
+def test_large_inputs_are_shuffled_in_blocks_covering_every_row(monkeypatch):
+    from sparse_dict._torch import data
+
+    monkeypatch.setattr(data, "_EXACT_SHUFFLE_ROWS", 100)
+    X = np.zeros((1003, 2))
+    batches = list(iter_batches(X, 10, np.random.RandomState(0)))
+    seen = np.concatenate(batches)
+    assert sorted(seen.tolist()) == list(range(1003))
+    # Shuffled: the first batch is not the first rows.
+    assert batches[0].tolist() != list(range(10))
+    # A window holds 16 blocks of 4 batches: a batch mixes several blocks.
+    assert len(set(batches[0] // 40)) > 1
+
+
+def test_sample_rows_of_a_large_input_without_a_full_permutation():
+    from sparse_dict._torch.data import sample_rows
+
+    X = np.arange(100_000, dtype=np.float64)[:, None]
+    rows = sample_rows(X, 1000, np.random.RandomState(0))
+    assert 900 < len(rows) <= 1000
+    assert len(np.unique(rows)) == len(rows)

@@ -36,20 +36,45 @@ def to_device(rows, device, dtype=torch.float32):
     return tensor.to(dtype=dtype)
 
 
+# Up to this many rows, an epoch is one exact random permutation. Beyond, the
+# permutation itself (8 bytes a row) would grow with the data, so rows are
+# shuffled within windows of randomly chosen blocks instead.
+_EXACT_SHUFFLE_ROWS = 1 << 20
+_BLOCKS_PER_WINDOW = 16
+
+
 def iter_batches(X, batch_size, rng=None):
     """Yield the row indices of each batch of one pass over ``X``.
 
-    With ``rng``, batches are drawn from a random permutation (each batch's
-    indices sorted, for sequential memmap reads); without, in order.
+    With ``rng``, batches are drawn in random order (each batch's indices
+    sorted, for sequential memmap reads); without, in order. Every row is
+    visited exactly once either way. Above ``_EXACT_SHUFFLE_ROWS`` rows the
+    shuffle is two-level, contiguous blocks in random order and rows shuffled
+    within a window of 16 blocks, so that memory does not grow with the data.
     """
     n_samples = X.shape[0]
     if rng is None:
         for start in range(0, n_samples, batch_size):
             yield slice(start, min(start + batch_size, n_samples))
         return
-    order = rng.permutation(n_samples)
-    for start in range(0, n_samples, batch_size):
-        yield np.sort(order[start : start + batch_size])
+    if n_samples <= _EXACT_SHUFFLE_ROWS:
+        order = rng.permutation(n_samples)
+        for start in range(0, n_samples, batch_size):
+            yield np.sort(order[start : start + batch_size])
+        return
+    block = 4 * batch_size
+    n_blocks = -(-n_samples // block)
+    block_order = rng.permutation(n_blocks)
+    for w in range(0, n_blocks, _BLOCKS_PER_WINDOW):
+        window = np.concatenate(
+            [
+                np.arange(b * block, min((b + 1) * block, n_samples))
+                for b in block_order[w : w + _BLOCKS_PER_WINDOW]
+            ]
+        )
+        rng.shuffle(window)
+        for start in range(0, len(window), batch_size):
+            yield np.sort(window[start : start + batch_size])
 
 
 def sample_rows(X, n_rows, rng):
@@ -57,7 +82,12 @@ def sample_rows(X, n_rows, rng):
     n_samples = X.shape[0]
     if n_samples <= n_rows:
         return take_rows(X, slice(None)).astype(np.float64)
-    index = np.sort(rng.choice(n_samples, size=n_rows, replace=False))
+    if n_samples > 16 * n_rows:
+        # Drawing with replacement and dropping repeats avoids the full
+        # permutation that choice(replace=False) builds.
+        index = np.unique(rng.randint(0, n_samples, size=n_rows))
+    else:
+        index = np.sort(rng.choice(n_samples, size=n_rows, replace=False))
     return take_rows(X, index).astype(np.float64)
 
 
