@@ -464,7 +464,7 @@ class _FixedCodes:
         X = np.asarray(X)
         if X.shape == self.X.shape and np.array_equal(X, self.X):
             return self.codes
-        return self.est.transform(X)
+        return _chunked_transform(self.est, X, "OMP coding", verbose=False)
 
     def inverse_transform(self, codes):
         return self.est.inverse_transform(codes)
