@@ -133,34 +133,39 @@ def geometric_median(points, n_iter=100, tol=1e-6):
     return median
 
 
+def _map_rows(fn, X, width, batch_size, device, out_dtype):
+    """Apply ``fn`` to ``X`` batch by batch on ``device``; collect into numpy.
+
+    ``fn`` maps a (batch, n) tensor to a (batch, width) tensor. It runs in
+    ``out_dtype`` (float32 or float64), and the results are written into one
+    preallocated numpy array, so only one batch is ever on the device.
+    """
+    dtype = torch.float64 if out_dtype == np.float64 else torch.float32
+    out = np.empty((X.shape[0], width), dtype=out_dtype)
+    with torch.inference_mode():
+        for index in iter_batches(X, batch_size):
+            out[index] = fn(to_device(take_rows(X, index), device, dtype)).cpu().numpy()
+    return out
+
+
+def _tensors(arrays, device, out_dtype):
+    dtype = torch.float64 if out_dtype == np.float64 else torch.float32
+    return [torch.as_tensor(a).to(device=device, dtype=dtype) for a in arrays]
+
+
 def encode_array(weights, bias, centre, X, batch_size, device, out_dtype):
     """Codes ``ReLU((X - centre) @ weights.T + bias)`` of every row of ``X``.
 
-    The weights are numpy arrays in the caller's units. The computation runs
-    on ``device`` in ``out_dtype`` (float32 or float64), batch by batch, and
-    the result is written into one preallocated numpy array.
+    The weights are numpy arrays in the caller's units.
     """
-    dtype = torch.float64 if out_dtype == np.float64 else torch.float32
-    W = torch.as_tensor(weights).to(device=device, dtype=dtype)
-    b = torch.as_tensor(bias).to(device=device, dtype=dtype)
-    c = torch.as_tensor(centre).to(device=device, dtype=dtype)
-    out = np.empty((X.shape[0], W.shape[0]), dtype=out_dtype)
-    with torch.inference_mode():
-        for index in iter_batches(X, batch_size):
-            x = to_device(take_rows(X, index), device, dtype)
-            codes = torch.relu(torch.addmm(b, x - c, W.t()))
-            out[index] = codes.cpu().numpy()
-    return out
+    W, b, c = _tensors((weights, bias, centre), device, out_dtype)
+    return _map_rows(
+        lambda x: torch.relu(torch.addmm(b, x - c, W.t())),
+        X, W.shape[0], batch_size, device, out_dtype,
+    )
 
 
 def decode_array(atoms, bias, codes, batch_size, device, out_dtype):
     """Reconstructions ``codes @ atoms + bias`` of every row of ``codes``."""
-    dtype = torch.float64 if out_dtype == np.float64 else torch.float32
-    A = torch.as_tensor(atoms).to(device=device, dtype=dtype)
-    b = torch.as_tensor(bias).to(device=device, dtype=dtype)
-    out = np.empty((codes.shape[0], A.shape[1]), dtype=out_dtype)
-    with torch.inference_mode():
-        for index in iter_batches(codes, batch_size):
-            f = to_device(take_rows(codes, index), device, dtype)
-            out[index] = torch.addmm(b, f, A).cpu().numpy()
-    return out
+    A, b = _tensors((atoms, bias), device, out_dtype)
+    return _map_rows(lambda f: torch.addmm(b, f, A), codes, A.shape[1], batch_size, device, out_dtype)

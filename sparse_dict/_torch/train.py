@@ -154,15 +154,13 @@ class Trainer:
         device = torch.device(device)
         if device == self.device:
             return self
+        old_state = self.optimizer.state_dict()
         self.model.to(device)
-        for state in self.optimizer.state.values():
-            for key, value in state.items():
-                if torch.is_tensor(value) and key != "step":
-                    state[key] = value.to(device)
         self.steps_since_fired = self.steps_since_fired.to(device)
         self.device = device
-        # Adam's fused kernel exists on CUDA only: rebuild it for the new device.
-        old_state = self.optimizer.state_dict()
+        # Adam's fused kernel exists on CUDA only, so the optimiser is rebuilt
+        # for the new device; load_state_dict moves its moments to the
+        # parameters' device.
         self.optimizer = self._make_optimizer()
         self.optimizer.load_state_dict(old_state)
         return self
@@ -204,7 +202,7 @@ class Trainer:
         n_components = model.n_components
         fired_total = torch.zeros(n_components, dtype=torch.float64, device=device)
         stats_list, pool = [], []
-        pool_rows = max(8192, config.batch_size)
+        pool_rows, rows_in_pool = max(8192, config.batch_size), 0
         rows_seen = 0
         stop = False
         for index in iter_batches(X, config.batch_size, rng):
@@ -231,9 +229,12 @@ class Trainer:
             stats_list.append(stats)
             rows_seen += x.shape[0]
             if config.resample_dead:
+                # The latest batches (references, not copies) are the inputs
+                # that resampling draws from.
                 pool.append(x)
-                while sum(p.shape[0] for p in pool) - pool[0].shape[0] >= pool_rows:
-                    pool.pop(0)
+                rows_in_pool += x.shape[0]
+                while rows_in_pool - pool[0].shape[0] >= pool_rows:
+                    rows_in_pool -= pool.pop(0).shape[0]
             if config.resample_due(self.step):
                 self._resample(pool, config.resample_interval)
             self.step += 1
