@@ -305,17 +305,16 @@ class SparseAutoencoderDictionary(
         first_call = not hasattr(self, "components_")
         with _restored_on_error(self):
             X = self._validate_train_data(X, reset=first_call)
-            if first_call:
+            # One random state across calls, so that successive calls draw
+            # different batch orders.
+            if getattr(self, "_partial_random_state", None) is None:
                 self._partial_random_state = check_random_state(self.random_state)
-                trainer = self._new_trainer(X, self._partial_random_state)
+            random_state = self._partial_random_state
+            if first_call:
+                trainer = self._new_trainer(X, random_state)
                 self.n_iter_ = 0
             else:
                 trainer = self._get_trainer().to(resolve_device(self.device))
-            random_state = getattr(self, "_partial_random_state", None)
-            if random_state is None:
-                random_state = self._partial_random_state = check_random_state(
-                    self.random_state
-                )
             warmup = _PARTIAL_FIT_WARMUP_STEPS if self.warmup_fraction > 0 else 0
             config = TrainConfig(
                 l1_coef=self.l1_coef,
@@ -354,7 +353,7 @@ class SparseAutoencoderDictionary(
                 progress.close()
 
     def _validate_train_data(self, X, reset):
-        X = validate_data(
+        return validate_data(
             self,
             X,
             reset=reset,
@@ -362,9 +361,6 @@ class SparseAutoencoderDictionary(
             dtype=[np.float64, np.float32],
             ensure_min_samples=2,
         )
-        if X.shape[0] < 2:
-            raise ValueError("Found array with 1 sample(s); fitting needs at least 2.")
-        return X
 
     def _store_fitted(self, trainer, dtype):
         params = trainer.export()
@@ -413,18 +409,7 @@ class SparseAutoencoderDictionary(
             Of the same float dtype as ``X`` (float32 or float64).
         """
         check_is_fitted(self)
-        X = validate_data(
-            self, X, reset=False, accept_sparse="csr", dtype=[np.float64, np.float32]
-        )
-        return encode_array(
-            self.encoder_weights_,
-            self.encoder_bias_,
-            self.decoder_bias_,
-            X,
-            _INFERENCE_BATCH,
-            self._inference_device(),
-            X.dtype,
-        )
+        return self._encode(self._validate_inference_data(X))
 
     def inverse_transform(self, X):
         """Reconstruct inputs from their codes.
@@ -445,14 +430,7 @@ class SparseAutoencoderDictionary(
                 f"X has {codes.shape[1]} features, but {type(self).__name__} is "
                 f"expecting {self.n_components_} codes (n_components_) as input."
             )
-        return decode_array(
-            self.components_,
-            self.decoder_bias_,
-            codes,
-            _INFERENCE_BATCH,
-            self._inference_device(),
-            codes.dtype,
-        )
+        return self._decode(codes)
 
     def score(self, X, y=None):
         """Fraction of the variance of ``X`` explained by its reconstruction.
@@ -470,15 +448,29 @@ class SparseAutoencoderDictionary(
         from sparse_dict.metrics import explained_variance
 
         check_is_fitted(self)
-        X = validate_data(
-            self, X, reset=False, accept_sparse="csr", dtype=[np.float64, np.float32]
-        )
-        X_hat = self.inverse_transform(self.transform(X))
+        # Validated once here; transform and inverse_transform would each
+        # validate (and scan for NaN) again.
+        X = self._validate_inference_data(X)
+        X_hat = self._decode(self._encode(X))
         dense = X.toarray() if sp.issparse(X) else X
         return float(explained_variance(dense, X_hat))
 
-    def _inference_device(self):
-        return resolve_device(self.device)
+    def _validate_inference_data(self, X):
+        return validate_data(
+            self, X, reset=False, accept_sparse="csr", dtype=[np.float64, np.float32]
+        )
+
+    def _encode(self, X):
+        return encode_array(
+            self.encoder_weights_, self.encoder_bias_, self.decoder_bias_, X,
+            _INFERENCE_BATCH, resolve_device(self.device), X.dtype,
+        )
+
+    def _decode(self, codes):
+        return decode_array(
+            self.components_, self.decoder_bias_, codes,
+            _INFERENCE_BATCH, resolve_device(self.device), codes.dtype,
+        )
 
     @property
     def _n_features_out(self):
