@@ -1,0 +1,251 @@
+"""What the ``sparse-dict`` subcommands share: one-line errors, reading and
+writing files, messages, and building the extractor and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+PROG = "sparse-dict"
+
+
+class CLIError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+# --------------------------------------------------------------------------
+# Reading and writing files, with one-line errors
+# --------------------------------------------------------------------------
+
+
+def _input_file(path, what):
+    """``path`` as a Path after checking it names a readable file."""
+    path = Path(path)
+    if not path.exists():
+        raise CLIError(f"{what} {str(path)!r} does not exist")
+    if path.is_dir():
+        raise CLIError(f"{what} {str(path)!r} is a folder, expected a file")
+    if not os.access(path, os.R_OK):
+        raise CLIError(f"{what} {str(path)!r} is not readable (permission denied)")
+    return path
+
+
+def _output_file(path, what):
+    """``path`` as a Path, its folder created, after checking it can be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise CLIError(f"{what} {str(path)!r} is a folder, expected a file name")
+    _output_dir(path.parent if str(path.parent) else Path("."), f"folder of {what}")
+    return path
+
+
+def _output_dir(path, what):
+    """``path`` as a Path, created if needed, after checking it can be written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{what} {str(path)!r} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"cannot create {what} {str(path)!r}: {err.strerror or err}") from None
+    if not os.access(path, os.W_OK):
+        raise CLIError(f"{what} {str(path)!r} is not writable (permission denied)")
+    return path
+
+
+def read_texts(path, split="lines"):
+    """Read the texts of a file, skipping empty ones.
+
+    Parameters
+    ----------
+    path : str or Path
+        A UTF-8 text file, or a ``.jsonl`` file of JSON strings or of objects
+        with a ``"text"`` field, one per line.
+    split : {"lines", "paragraphs", "whole"}, default="lines"
+        How a plain text file is cut into texts: one per line, one per run of
+        lines separated by a blank line, or the whole file as one text.
+
+    Returns
+    -------
+    texts : list of str
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from sparse_dict.cli import read_texts
+    >>> path = os.path.join(tempfile.mkdtemp(), "texts.txt")
+    >>> _ = open(path, "w").write("To be, or not to be\\n\\nThat is the question\\n")
+    >>> read_texts(path)
+    ['To be, or not to be', 'That is the question']
+    """
+    path = _input_file(path, "texts file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CLIError(f"texts file {str(path)!r} is not UTF-8 text") from None
+    except OSError as err:
+        raise CLIError(f"cannot read texts file {str(path)!r}: {err.strerror or err}") from None
+    if path.suffix == ".jsonl":
+        texts = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CLIError(f"{str(path)!r} line {lineno} is not JSON: {err.msg}") from None
+            if isinstance(item, dict):
+                item = item.get("text")
+            if not isinstance(item, str):
+                raise CLIError(
+                    f"{str(path)!r} line {lineno}: expected a JSON string or an object "
+                    "with a \"text\" string"
+                )
+            texts.append(item)
+    elif split == "lines":
+        texts = raw.splitlines()
+    elif split == "paragraphs":
+        import re
+
+        texts = re.split(r"\n[ \t]*\n", raw)
+    else:
+        texts = [raw]
+    texts = [t.strip("\n") for t in texts if t.strip()]
+    if not texts:
+        raise CLIError(f"texts file {str(path)!r} contains no text")
+    return texts
+
+
+def load_matrix(path, what="activations"):
+    """Open a ``.npy`` file of shape (n_rows, n_columns) as a read-only memmap.
+
+    Nothing is read into memory here: the estimator reads a memmap batch by
+    batch, so activations larger than memory can be fitted and encoded.
+    """
+    path = _input_file(path, f"{what} file")
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic != b"\x93NUMPY":
+        # np.load would take any other file for a pickle and say so, which
+        # is misleading; name the real problem instead.
+        raise CLIError(f"{what} file {str(path)!r} is not a .npy file (as written by numpy.save)")
+    try:
+        X = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise CLIError(
+            f"{what} file {str(path)!r} is not a readable .npy array ({err})"
+        ) from None
+    if isinstance(X, np.lib.npyio.NpzFile):  # pragma: no cover - np.load on .npz
+        raise CLIError(f"{what} file {str(path)!r} is an .npz archive; expected one .npy array")
+    if X.ndim != 2:
+        raise CLIError(
+            f"{what} in {str(path)!r} have shape {X.shape}; expected 2 dimensions "
+            "(n_tokens, n_features)"
+        )
+    if X.dtype.kind not in "fiu":
+        raise CLIError(f"{what} in {str(path)!r} have dtype {X.dtype}; expected numbers")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise CLIError(f"{what} in {str(path)!r} are empty (shape {X.shape})")
+    return X
+
+
+def _load_dictionary(path, device=None):
+    """Load a dictionary saved by ``SparseAutoencoderDictionary.save``."""
+    path = Path(path)
+    if not path.exists():
+        raise CLIError(f"dictionary {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise CLIError(
+            f"dictionary {str(path)!r} is not a folder; expected one written by "
+            f"'{PROG} fit' or SparseAutoencoderDictionary.save"
+        )
+    from sparse_dict.estimator import SparseAutoencoderDictionary
+
+    try:
+        return SparseAutoencoderDictionary.load(path, device=device)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CLIError(f"cannot load dictionary {str(path)!r}: {msg}") from None
+
+
+def _check_width(X, dictionary, source):
+    n_in = int(dictionary.n_features_in_)
+    if X.shape[1] != n_in:
+        raise CLIError(
+            f"{source} have {X.shape[1]} features per row but the dictionary was "
+            f"fitted on {n_in}"
+        )
+
+
+def _save_npy(path, array):
+    try:
+        np.save(path, array)
+    except OSError as err:
+        raise CLIError(f"cannot write {str(path)!r}: {err.strerror or err}") from None
+
+
+def _progress(iterable=None, **kwargs):
+    """A tqdm progress bar on stderr, or the bare iterable when tqdm is disabled."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def _say(args, message):
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# The pieces the subcommands share
+# --------------------------------------------------------------------------
+
+
+def _make_extractor(args, verbose):
+    from sparse_dict.extraction import TransformerActivationExtractor
+
+    return TransformerActivationExtractor(
+        model=args.model,
+        layer=args.layer,
+        hook=args.hook,
+        max_length=args.max_length,
+        batch_size=args.extract_batch_size,
+        device=args.device,
+        verbose=verbose,
+    )
+
+
+def _extract(extractor, texts):
+    """Activations of ``texts``, with the token string and (text, position) of each row."""
+    acts, where = extractor.fit(texts).transform_with_tokens(texts)
+    index = np.column_stack([where.text_index, where.position]).astype(np.int64)
+    return np.asarray(acts, dtype=np.float32), where.token, index
+
+
+def _estimator_params(args):
+    """The estimator's parameters given on the command line; the rest keep its defaults."""
+    names = (
+        "n_components", "l1_coef", "learning_rate", "batch_size", "max_iter",
+        "max_steps", "device", "random_state",
+    )
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _write_report(out, dictionary, codes, tokens, index, *, k, context, title):
+    """Feature browser and density plot of ``codes`` in folder ``out``."""
+    from sparse_dict.browser import (
+        plot_feature_density,
+        top_activating_examples,
+        write_feature_browser,
+    )
+
+    frequencies = (np.asarray(codes) > 0).mean(axis=0)
+    examples = top_activating_examples(codes, tokens, index, k=k, context=context)
+    html_path = write_feature_browser(out / "features.html", frequencies, examples, title=title)
+    plot_feature_density(frequencies, out / "density.png")
+    return Path(html_path), out / "density.png"
+

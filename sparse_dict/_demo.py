@@ -1,0 +1,305 @@
+"""``sparse-dict demo``: the whole job on the built-in model and corpus.
+
+Activations of the bundled corpus, a sparse autoencoder and scikit-learn's
+MiniBatchDictionaryLearning fitted on them, a comparison table, plots, the
+saved dictionary and a feature browser.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+from sparse_dict._cli_common import (
+    _estimator_params,
+    _extract,
+    _make_extractor,
+    _output_dir,
+    _progress,
+    _say,
+    _write_report,
+)
+
+# Defaults of ``demo``: sized to finish in under five minutes on two CPU cores.
+_DEMO_DEFAULTS = {
+    "out": "sparse-dict-out",
+    "n_texts": 1500,
+    "n_eval_texts": 60,
+    "n_browser_texts": 400,
+    "max_length": 128,
+    "classical_samples": 5000,
+    "classical_max_iter": 1,
+    "classical_alpha": 0.3,
+    "top_k": 8,
+    "context": 6,
+    "n_components": 1024,
+    # A short run needs a higher learning rate and more, smaller steps than the
+    # estimator's defaults, which are set for long fits; l1_coef=3 brings L0
+    # under 30, the usual target on this model.
+    "l1_coef": 3.0,
+    "learning_rate": 3e-3,
+    "batch_size": 512,
+    "max_iter": 3,
+    "random_state": 0,
+}
+
+# Sizes of ``demo --tiny``: enough of every stage to check an installation in
+# seconds. They replace only the options left at their defaults.
+_TINY = {
+    "n_texts": 24,
+    "n_eval_texts": 6,
+    "n_browser_texts": 8,
+    "n_components": 64,
+    "max_iter": 2,
+    "batch_size": 128,
+    "classical_samples": 256,
+    "max_length": 32,
+    "top_k": 3,
+    "context": 3,
+}
+
+
+def _classical_fit(X, n_components, args, verbose):
+    """Fit MiniBatchDictionaryLearning on a random subsample of the rows of ``X``.
+
+    Returns the fitted estimator, the number of rows it saw and its fit time.
+    Its sparsity penalty is ``--classical-alpha`` times the root mean squared
+    norm of the rows, so one value means the same on activations of any scale
+    (the Lasso problem is invariant when data and alpha scale together).
+    """
+    import warnings
+
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+    from sklearn.exceptions import ConvergenceWarning
+
+    rng = np.random.default_rng(args.random_state)
+    n = min(args.classical_samples, X.shape[0])
+    rows = np.sort(rng.choice(X.shape[0], size=n, replace=False))
+    sample = np.asarray(X[rows], dtype=np.float32)
+    rms = float(np.sqrt(np.mean(np.sum(sample.astype(np.float64) ** 2, axis=1))))
+    batch = min(256, n)
+    est = MiniBatchDictionaryLearning(
+        n_components=n_components,
+        alpha=args.classical_alpha * max(rms, 1e-12),
+        batch_size=batch,
+        fit_algorithm="lars",
+        transform_algorithm="omp",
+        random_state=args.random_state,
+    )
+    starts = [s for _ in range(args.classical_max_iter) for s in range(0, n - batch + 1, batch)]
+    start_time = time.perf_counter()
+    with warnings.catch_warnings():
+        # LARS warns when it stops early on nearly exact fits; harmless here.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for s in _progress(starts, desc="MiniBatchDictionaryLearning", unit="batch",
+                           disable=not verbose):
+            est.partial_fit(sample[s:s + batch])
+    return est, n, time.perf_counter() - start_time
+
+
+def _chunked_transform(est, X, desc, verbose, chunk=2048):
+    """``est.transform(X)`` in chunks, with a progress bar."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # OMP warns when a residual is already explained by fewer atoms than
+        # asked for; the code is still the best one, so the warning is noise.
+        warnings.filterwarnings("ignore", message="Orthogonal matching pursuit ended")
+        parts = [
+            est.transform(X[s:s + chunk])
+            for s in _progress(range(0, X.shape[0], chunk), desc=desc, unit="chunk",
+                               disable=not verbose)
+        ]
+    return np.concatenate(parts, axis=0)
+
+
+class _FixedCodes:
+    """A fitted dictionary whose codes of ``X`` are already known.
+
+    Loss recovered needs the codes of the activations the model produces on
+    the held-out texts, which are the ones just encoded; for the classical
+    coder, whose encoding is the slow part, they are looked up instead of being
+    computed a second time.
+    """
+
+    def __init__(self, est, X, codes):
+        self.est, self.X, self.codes = est, X, codes
+
+    def transform(self, X):
+        X = np.asarray(X)
+        if X.shape == self.X.shape and np.array_equal(X, self.X):
+            return self.codes
+        return _chunked_transform(self.est, X, "OMP coding", verbose=False)
+
+    def inverse_transform(self, codes):
+        return self.est.inverse_transform(codes)
+
+
+def _loss_recovered(extractor, dictionary, texts, verbose):
+    from sparse_dict.extraction import splice_evaluation
+
+    result = splice_evaluation(extractor, dictionary, texts, verbose=verbose)
+    return result.loss_recovered
+
+
+def _format_table(rows, n_eval_tokens):
+    """The demo's results as an aligned plain-text table."""
+    header = ["method", "fit rows", "fit time", "explained var", "L0", "dead", "loss recovered"]
+
+    def fmt(v, spec):
+        if v is None or (isinstance(v, float) and not np.isfinite(v)):
+            return "n/a"
+        return format(v, spec)
+
+    body = [
+        [
+            r["method"],
+            fmt(r["fit_rows"], ","),
+            fmt(r["fit_seconds"], ".1f") + " s",
+            fmt(r["explained_variance"], ".3f"),
+            fmt(r["l0"], ".1f"),
+            fmt(r["dead_fraction"], ".1%"),
+            fmt(r["loss_recovered"], ".3f"),
+        ]
+        for r in rows
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                  for i, (c, w) in enumerate(zip(line, widths)))
+        for line in [header, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    note = f"Measured on {n_eval_tokens:,} tokens of held-out works."
+    if len(rows) > 1:
+        note += " MiniBatchDictionaryLearning codes by OMP at the sparse autoencoder's L0."
+    lines.append(note)
+    return "\n".join(lines)
+
+
+def _plot_training(history, path):
+    """Loss and L0 over the training steps, side by side, as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, key, label in zip(fig.subplots(1, 2), ("loss", "l0"), ("training loss", "L0")):
+        ax.plot(np.asarray(history[key]), color="#1b6ca8", linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        if key == "loss":
+            ax.set_yscale("log")
+    fig.savefig(path, format="png", dpi=110)
+
+
+def cmd_demo(args):
+    if args.tiny:
+        for name, value in _TINY.items():
+            if getattr(args, name) == _DEMO_DEFAULTS.get(name):
+                setattr(args, name, value)
+    verbose = 0 if args.quiet else 1
+    out = _output_dir(args.out, "output folder")
+    from sparse_dict import metrics
+    from sparse_dict._corpus import load_corpus
+    from sparse_dict.estimator import SparseAutoencoderDictionary
+
+    started = time.perf_counter()
+
+    def stage(number, message):
+        elapsed = time.perf_counter() - started
+        _say(args, f"[{number}/5] {message}  ({elapsed:.0f} s)")
+
+    stage(1, f"activations of the built-in model (layer {args.layer}, {args.hook}) "
+          "over the bundled corpus")
+    train_texts = load_corpus("train", n_texts=args.n_texts, random_state=args.random_state)
+    # Held-out works: the first --n-eval-texts make the table (the classical
+    # coder optimises every token, so they are few), all of them the browser.
+    eval_texts = load_corpus("test", n_texts=max(args.n_eval_texts, args.n_browser_texts),
+                             random_state=args.random_state)
+    table_texts = eval_texts[: args.n_eval_texts]
+    extractor = _make_extractor(args, verbose)
+    X_train = np.asarray(extractor.fit(train_texts).transform(train_texts), dtype=np.float32)
+    X_browse, tokens, index = _extract(extractor, eval_texts)
+    # Texts come out one after the other, so the table's rows are a prefix.
+    X_eval = X_browse[: int(np.count_nonzero(index[:, 0] < len(table_texts)))]
+    _say(args, f"      {X_train.shape[0]:,} training tokens; held out: {X_eval.shape[0]:,} "
+         f"tokens for the table, {X_browse.shape[0]:,} for the browser; "
+         f"{X_train.shape[1]} neurons")
+
+    stage(2, f"sparse autoencoder, {args.n_components} features")
+    params = _estimator_params(args)
+    params["verbose"] = verbose
+    sae = SparseAutoencoderDictionary(**params)
+    start = time.perf_counter()
+    sae.fit(X_train)
+    sae_seconds = time.perf_counter() - start
+
+    codes = sae.transform(X_eval)
+    sae_row = {
+        "method": "SparseAutoencoderDictionary",
+        "fit_rows": int(X_train.shape[0]),
+        "fit_seconds": sae_seconds,
+        "explained_variance": metrics.explained_variance(X_eval, sae.inverse_transform(codes)),
+        "l0": metrics.l0(codes),
+        "dead_fraction": metrics.dead_fraction(codes),
+    }
+    rows = [sae_row]
+    if not args.no_classical:
+        n_classical = min(args.classical_samples, X_train.shape[0])
+        stage(3, f"MiniBatchDictionaryLearning on {n_classical:,} of the training rows")
+        classical, n_rows, seconds = _classical_fit(X_train, sae.n_components_, args, verbose)
+        classical.set_params(transform_n_nonzero_coefs=max(1, int(round(sae_row["l0"]))))
+        classical_codes = _chunked_transform(classical, X_eval, "OMP coding", verbose)
+        rows.append({
+            "method": "MiniBatchDictionaryLearning",
+            "fit_rows": int(n_rows),
+            "fit_seconds": seconds,
+            "explained_variance": metrics.explained_variance(
+                X_eval, classical.inverse_transform(classical_codes)),
+            "l0": metrics.l0(classical_codes),
+            "dead_fraction": metrics.dead_fraction(classical_codes),
+        })
+    else:
+        stage(3, "MiniBatchDictionaryLearning skipped (--no-classical)")
+
+    stage(4, "loss recovered: the model run with its MLP activations replaced by "
+          "each reconstruction")
+    sae_row["loss_recovered"] = _loss_recovered(extractor, sae, table_texts, verbose)
+    if len(rows) > 1:
+        rows[1]["loss_recovered"] = _loss_recovered(
+            extractor, _FixedCodes(classical, X_eval, classical_codes), table_texts, verbose)
+
+    stage(5, f"writing the dictionary, plots and feature browser to {out}")
+    sae.save(out / "dictionary", overwrite=True)
+    _plot_training(sae.history_, out / "training.png")
+    _write_report(
+        out, sae, sae.transform(X_browse), tokens, index, k=args.top_k,
+        context=args.context, title="Features of the built-in model's MLP (sparse-dict demo)",
+    )
+    table = _format_table(rows, X_eval.shape[0])
+    (out / "results.txt").write_text(table + "\n", encoding="utf-8")
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    (out / "results.json").write_text(
+        json.dumps({"results": rows, "settings": settings}, indent=2, default=str) + "\n",
+        encoding="utf-8",
+    )
+    print(table)
+    print()
+    print(f"Wrote to {out}/:")
+    for name, what in [
+        ("features.html", "the feature browser (open it in a web browser)"),
+        ("density.png", "histogram of the features' firing frequencies"),
+        ("training.png", "training loss and L0"),
+        ("dictionary/", "the saved dictionary (SparseAutoencoderDictionary.load)"),
+        ("results.txt", "this table; results.json: the same with the settings"),
+    ]:
+        print(f"  {name:<14} {what}")
+    sys.stdout.flush()
+    _say(args, f"done in {time.perf_counter() - started:.0f} s")
+    return 0
+

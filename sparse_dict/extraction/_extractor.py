@@ -1,0 +1,524 @@
+"""TransformerActivationExtractor: texts in, activations at one point of a model out."""
+
+import os
+from difflib import get_close_matches
+from numbers import Integral
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from sparse_dict.extraction._hook import _SITES, HOOK_POINTS, _StopForward, _Tap
+from sparse_dict.extraction._loading import (
+    _MODEL_CACHE,
+    _MODEL_CACHE_SIZE,
+    _join,
+    _load_builtin,
+    _load_hf,
+    _load_module,
+    _submodule,
+)
+from sparse_dict.extraction._texts import _check_texts, _encode_texts, _token_strings
+
+class TokenIndex(NamedTuple):
+    """Where each output row of an extractor comes from.
+
+    Attributes
+    ----------
+    text_index : ndarray of shape (n_rows,), dtype int64
+        Index of the text in the input.
+    position : ndarray of shape (n_rows,), dtype int64
+        Position of the token in the tokenised text (special tokens such as
+        BERT's ``[CLS]`` count). -1 for rows pooled by mean or max.
+    token : ndarray of shape (n_rows,), dtype object
+        The token's string ('' for rows pooled by mean or max).
+    """
+
+    text_index: np.ndarray
+    position: np.ndarray
+    token: np.ndarray
+
+
+
+
+class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
+    """Activations of a transformer at one point of one layer, for each token.
+
+    Texts are tokenised, run through the model in batches, and the activations
+    at the hooked point are returned: one float32 row per real token (padding
+    excluded), texts one after another, or one row per text with ``pooling``.
+    The forward pass stops at the hooked point, so later layers do no work.
+
+    The model is loaded lazily (on ``fit``) and is not pickled when it is
+    named by ``"builtin"`` or a path: an unpickled extractor reloads it. This
+    keeps the extractor cheap to clone, hash and cache in
+    ``Pipeline(memory=...)``, which then computes the activations of a
+    training fold once rather than once per grid point.
+
+    Parameters
+    ----------
+    model : "builtin", str, path-like or torch.nn.Module, default="builtin"
+        ``"builtin"`` is the 1-layer language model shipped with the package
+        (d_model 128, ReLU MLP of 512). A str or path names a local Hugging
+        Face model folder (a sentence-transformers folder works too), loaded
+        with ``local_files_only=True``: a causal language model when its
+        config says so, else the bare encoder. A ``torch.nn.Module`` is used
+        as it is with ``tokenizer``; it is put in eval mode, and moved only
+        when ``device`` is not "auto".
+    layer : int, default=0
+        Index of the residual block to read; negative counts from the end.
+    hook : {"mlp_post", "mlp_out", "resid_pre", "resid_post"}, default="mlp_post"
+        The point in the block: the MLP's hidden activations after the
+        nonlinearity, the MLP's output (before it is added to the residual
+        stream), or the residual stream entering or leaving the block.
+    module : str or None, default=None
+        A dotted module path (as in ``model.named_modules()``), such as
+        ``"encoder.layer.1.intermediate"``; its output is read instead of
+        ``layer`` and ``hook``.
+    tokenizer : callable or None, default=None
+        Needed with an ``nn.Module`` model and text input. Called as
+        ``tokenizer(list_of_texts)`` (with ``max_length=`` if it takes it) and
+        returning a mapping with ``input_ids`` (and optionally
+        ``attention_mask``) or a list of id lists. Hugging Face tokenizers
+        work. Ignored for "builtin" and paths, which bring their own.
+    pooling : {"none", "mean", "max", "last"}, default="none"
+        "none" gives one row per token, the others one row per text (the mean
+        or maximum over its tokens, or its last token). Per-token rows cannot
+        be matched to a ``y`` with one value per text, so ``fit`` with ``y``
+        needs pooling.
+    max_length : int or None, default=128
+        Keep at most this many tokens of each text (special tokens included),
+        and never more than the model has positions for. None means the
+        model's maximum.
+    batch_size : int, default=32
+        Texts per forward pass.
+    device : str, default="auto"
+        "auto" (a GPU if there is one), "cpu", "cuda" or "cuda:N".
+    verbose : int, default=0
+        Show a progress bar over batches when positive.
+
+    Attributes
+    ----------
+    n_features_out_ : int
+        Width of the activations.
+    hook_module_ : str
+        Dotted path of the hooked module.
+    hook_name_ : str
+        Readable name of the point, such as "layer0.mlp_post" or the module
+        path; prefixes the feature names.
+    device_ : str
+        The device the model runs on.
+
+    See Also
+    --------
+    splice_evaluation : How much of the model's loss survives replacing the
+        activations by a dictionary's reconstruction.
+    sparse_dict.SparseAutoencoderDictionary : Learns a dictionary of the
+        activations.
+
+    Notes
+    -----
+    Texts are batched longest first to waste little work on padding; the
+    output is in input order. :meth:`transform_with_tokens` also gives, for
+    each row, the text, position and token string it comes from.
+
+    Token ids given instead of texts are used as they are (no special tokens
+    are added), cut to ``max_length``.
+
+    The hook raises a private exception once it has the activations, which
+    ends the forward pass there; with ``hook="mlp_post"`` not even the MLP's
+    output projection runs. Models named by "builtin" or a path are shared by
+    all extractors of a process (the last two loaded are kept), so clones made
+    by GridSearchCV do not reload them. An ``nn.Module`` passed as ``model``
+    is a parameter, so it is cloned and pickled with the extractor.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sparse_dict.extraction import TransformerActivationExtractor
+    >>> from sparse_dict.models.builtin import TinyTransformer, TinyTransformerConfig
+    >>> _ = torch.manual_seed(0)
+    >>> lm = TinyTransformer(TinyTransformerConfig(vocab_size=300, max_len=16))
+    >>> ext = TransformerActivationExtractor(lm, layer=0, hook="mlp_post", device="cpu")
+    >>> acts, index = ext.fit([[5, 6, 7], [8, 9]]).transform_with_tokens([[5, 6, 7], [8, 9]])
+    >>> acts.shape, acts.dtype
+    ((5, 512), dtype('float32'))
+    >>> index.text_index.tolist(), index.position.tolist()
+    ([0, 0, 0, 1, 1], [0, 1, 2, 0, 1])
+    >>> ext.get_feature_names_out()[:2].tolist()
+    ['layer0.mlp_post_0', 'layer0.mlp_post_1']
+    """
+
+    _parameter_constraints = {
+        "model": [str, os.PathLike, nn.Module],
+        "layer": [Interval(Integral, None, None, closed="neither")],
+        "hook": [StrOptions(set(HOOK_POINTS))],
+        "module": [str, None],
+        "tokenizer": [callable, None],
+        "pooling": [StrOptions({"none", "mean", "max", "last"})],
+        "max_length": [Interval(Integral, 1, None, closed="left"), None],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "device": [str],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        model="builtin",
+        *,
+        layer=0,
+        hook="mlp_post",
+        module=None,
+        tokenizer=None,
+        pooling="none",
+        max_length=128,
+        batch_size=32,
+        device="auto",
+        verbose=0,
+    ):
+        self.model = model
+        self.layer = layer
+        self.hook = hook
+        self.module = module
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
+
+    # -- sklearn plumbing ---------------------------------------------------
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.string = True
+        tags.input_tags.two_d_array = False
+        tags.transformer_tags.preserves_dtype = []
+        return tags
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        # The model is reloaded from its name or path, never pickled with the
+        # extractor (an nn.Module given as `model` is a parameter and travels
+        # as one).
+        state.pop("_loaded", None)
+        return state
+
+    # -- model ----------------------------------------------------------------
+
+    def _resolve_device(self):
+        from sparse_dict._torch.device import resolve_device
+
+        if isinstance(self.model, nn.Module) and self.device == "auto":
+            return None
+        return resolve_device(self.device)
+
+    def _load(self):
+        """The loaded model: this instance's, else loaded (and kept) now."""
+        loaded = getattr(self, "_loaded", None)
+        if loaded is None:
+            loaded = self._load_model()
+            self._loaded = loaded
+        return loaded
+
+    def _load_model(self):
+        """Load the model named by the parameters, through the process cache."""
+        device = self._resolve_device()
+        if isinstance(self.model, nn.Module):
+            return _load_module(self.model, self.tokenizer, device)
+        if isinstance(self.model, str) and self.model == "builtin":
+            key = ("builtin", str(device))
+        else:
+            path = Path(self.model).expanduser()
+            if not path.exists():
+                raise ValueError(
+                    f"model={str(self.model)!r} is neither 'builtin' nor an existing "
+                    "path to a local Hugging Face model folder."
+                )
+            if not path.is_dir():
+                raise ValueError(f"model={str(self.model)!r} is a file, not a model folder.")
+            path = path.resolve()
+            key = (str(path), str(device))
+        loaded = _MODEL_CACHE.get(key)
+        if loaded is None:
+            loaded = (
+                _load_builtin(device) if key[0] == "builtin"
+                else _load_hf(path, device, self.verbose)
+            )
+            _MODEL_CACHE[key] = loaded
+            while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
+                _MODEL_CACHE.popitem(last=False)
+        _MODEL_CACHE.move_to_end(key)
+        return loaded
+
+    def _site(self, loaded):
+        """(dotted module path, "input"/"output", readable name) of the hook."""
+        model = loaded.model
+        if self.module is not None:
+            if _submodule(model, self.module) is None or self.module == "":
+                names = [n for n, _ in model.named_modules() if n]
+                close = get_close_matches(self.module, names, n=3)
+                hint = f" Did you mean {close}?" if close else ""
+                raise ValueError(
+                    f"module={self.module!r} is not a module of this model.{hint} "
+                    f"Valid module paths: {names}"
+                )
+            return self.module, "output", self.module
+        if loaded.blocks is None:
+            names = [n for n, _ in model.named_modules() if n]
+            raise ValueError(
+                "Could not find the model's list of blocks (an nn.ModuleList), so "
+                f"layer/hook cannot be used; pass module=... one of {names}"
+            )
+        n_layers = len(loaded.blocks)
+        if not -n_layers <= self.layer < n_layers:
+            raise ValueError(
+                f"layer={self.layer} is out of range: this model has {n_layers} layers "
+                f"({loaded.blocks_path}); valid layers are 0 to {n_layers - 1} "
+                f"(or -{n_layers} to -1)."
+            )
+        layer = self.layer % n_layers
+        block = loaded.blocks[layer]
+        block_path = f"{loaded.blocks_path}.{layer}"
+        for rel, where in _SITES[self.hook]:
+            if _submodule(block, rel) is not None:
+                return _join(block_path, rel), where, f"layer{layer}.{self.hook}"
+        available = [
+            h for h in HOOK_POINTS
+            if any(_submodule(block, rel) is not None for rel, _ in _SITES[h])
+        ]
+        raise ValueError(
+            f"hook={self.hook!r} is not found in this model's blocks; valid hooks "
+            f"here are {available}, or pass module=... (a dotted path such as "
+            f"{block_path}.<submodule>)."
+        )
+
+    # -- fit / transform ------------------------------------------------------
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Load the model, check the hook point and measure its width.
+
+        Nothing is learned from ``X``; it is validated, and its first text is
+        run once to find the width of the activations.
+
+        Parameters
+        ----------
+        X : list of str, or list of lists of int
+            Texts, or token ids of already tokenised texts.
+        y : None or array-like of shape (n_texts,)
+            Allowed only with pooling, where rows are texts.
+
+        Returns
+        -------
+        self : TransformerActivationExtractor
+        """
+        if y is not None and self.pooling == "none":
+            raise ValueError(
+                "pooling='none' gives one row per token, which cannot be matched to a "
+                "y with one value per text; set pooling='mean', 'max' or 'last', or "
+                "fit without y."
+            )
+        X, pretokenized = _check_texts(X)
+        # Everything is worked out before anything is stored, so that a fit
+        # that fails leaves a fitted extractor as it was.
+        loaded = self._load_model()
+        module_path, where, name = self._site(loaded)
+        seqs = self._tokenize(X[:1], pretokenized, loaded)
+        probe = seqs[0][:8] or [loaded.pad_token_id]
+        ids = torch.tensor([probe], dtype=torch.long, device=loaded.device)
+        with torch.inference_mode(), _Tap(_model_module(loaded, module_path), where) as tap:
+            tap.reset("stop")
+            try:
+                loaded(ids, torch.ones_like(ids))
+            except _StopForward:
+                pass
+            if tap.captured is None:
+                raise ValueError(
+                    f"The module {module_path!r} was not called in the forward pass; "
+                    "choose another layer, hook or module."
+                )
+            n_features_out = int(tap.captured.shape[-1])
+        self._loaded = loaded
+        self.n_features_out_ = n_features_out
+        self.hook_module_ = module_path
+        self.hook_name_ = name
+        self.device_ = str(loaded.device)
+        self._where = where
+        return self
+
+    def _tokenize(self, X, pretokenized, loaded):
+        # Longer sequences than the model has positions for would fail inside
+        # the model, so the model's limit caps max_length.
+        limits = [n for n in (self.max_length, loaded.max_positions) if n is not None]
+        max_length = min(limits) if limits else None
+        if pretokenized:
+            seqs = [[int(i) for i in x] for x in X]
+            seqs = seqs if max_length is None else [s[:max_length] for s in seqs]
+            vocab = loaded.vocab_size()
+            if vocab is not None:
+                for i, s in enumerate(seqs):
+                    if s and (min(s) < 0 or max(s) >= vocab):
+                        raise ValueError(
+                            f"Token ids of text {i} fall outside the model's vocabulary "
+                            f"0..{vocab - 1}."
+                        )
+            return seqs
+        return _encode_texts(loaded.tokenizer, X, max_length)
+
+    def _batches(self, seqs, loaded):
+        """(text indices, input_ids, attention_mask) batches, longest texts first."""
+        lengths = np.array([len(s) for s in seqs])
+        order = [i for i in np.argsort(-lengths, kind="stable") if lengths[i] > 0]
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            width = int(lengths[chunk[0]])
+            ids = torch.full((len(chunk), width), loaded.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, : lengths[i]] = torch.as_tensor(seqs[i], dtype=torch.long)
+                mask[row, : lengths[i]] = 1
+            yield chunk, ids.to(loaded.device), mask.to(loaded.device)
+
+    def _progress(self, iterable, total, desc):
+        if not self.verbose:
+            return iterable
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc)
+
+    def _extract(self, X):
+        """Activations of ``X`` and, per text, its token ids."""
+        check_is_fitted(self)
+        X, pretokenized = _check_texts(X)
+        loaded = self._load()
+        seqs = self._tokenize(X, pretokenized, loaded)
+        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+        d = self.n_features_out_
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        if self.pooling == "none":
+            out = np.empty((int(offsets[-1]), d), dtype=np.float32)
+        else:
+            empty = np.flatnonzero(lengths == 0)
+            if empty.size:
+                raise ValueError(
+                    f"Text {int(empty[0])} has no tokens, so it cannot be pooled."
+                )
+            out = np.empty((len(seqs), d), dtype=np.float32)
+        n_batches = -(-int(np.count_nonzero(lengths)) // self.batch_size)
+        module = _model_module(loaded, self.hook_module_)
+        with torch.inference_mode(), _Tap(module, self._where) as tap:
+            batches = self._progress(
+                self._batches(seqs, loaded), n_batches, "Extracting activations"
+            )
+            for chunk, ids, mask in batches:
+                tap.reset("stop")
+                try:
+                    loaded(ids, mask)
+                except _StopForward:
+                    pass
+                acts = tap.captured
+                if acts is None:
+                    raise ValueError(f"The module {self.hook_module_!r} was not called.")
+                self._store(out, acts, mask, chunk, lengths, offsets)
+        return out, seqs
+
+    def _store(self, out, acts, mask, chunk, lengths, offsets):
+        if self.pooling == "none":
+            # Boolean indexing keeps row-major order: text by text, position by
+            # position, which is the layout of `out` for each text.
+            real = acts[mask.bool()].float().cpu().numpy()
+            start = 0
+            for i in chunk:
+                n = int(lengths[i])
+                out[offsets[i] : offsets[i] + n] = real[start : start + n]
+                start += n
+            return
+        m = mask.bool().unsqueeze(-1)
+        acts = acts.float()
+        if self.pooling == "mean":
+            pooled = (acts * m).sum(1) / m.sum(1)
+        elif self.pooling == "max":
+            pooled = acts.masked_fill(~m, float("-inf")).amax(1)
+        else:
+            last = mask.sum(1) - 1
+            pooled = acts[torch.arange(acts.shape[0], device=acts.device), last]
+        out[np.asarray(chunk)] = pooled.cpu().numpy()
+
+    def transform(self, X):
+        """Activations at the hooked point.
+
+        Parameters
+        ----------
+        X : list of str, or list of lists of int
+            Texts, or token ids of already tokenised texts.
+
+        Returns
+        -------
+        X_new : ndarray of shape (n_tokens, n_features_out_) or (n_texts, n_features_out_)
+            float32; one row per real token, text after text, or one per text
+            with pooling.
+        """
+        return self._extract(X)[0]
+
+    def transform_with_tokens(self, X):
+        """Activations, and for each row the text, position and token it comes from.
+
+        Parameters
+        ----------
+        X : list of str, or list of lists of int
+
+        Returns
+        -------
+        X_new : ndarray of shape (n_rows, n_features_out_)
+            As :meth:`transform`.
+        index : TokenIndex
+            ``text_index``, ``position`` and ``token`` arrays, one entry per
+            row of ``X_new``.
+        """
+        out, seqs = self._extract(X)
+        loaded = self._load()
+        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+        if self.pooling == "none":
+            text_index = np.repeat(np.arange(len(seqs)), lengths)
+            position = np.concatenate([np.arange(n) for n in lengths]).astype(np.int64)
+            flat = [t for s in seqs for t in s]
+            tokens = _token_strings(loaded.tokenizer, flat)
+        elif self.pooling == "last":
+            text_index = np.arange(len(seqs))
+            position = lengths - 1
+            tokens = _token_strings(loaded.tokenizer, [s[-1] for s in seqs])
+        else:
+            text_index = np.arange(len(seqs))
+            position = np.full(len(seqs), -1, dtype=np.int64)
+            tokens = [""] * len(seqs)
+        token = np.empty(len(tokens), dtype=object)
+        token[:] = tokens
+        return out, TokenIndex(text_index.astype(np.int64), position, token)
+
+    def get_feature_names_out(self, input_features=None):
+        """Names of the output columns: the hook's name and the unit index.
+
+        Parameters
+        ----------
+        input_features : ignored
+
+        Returns
+        -------
+        feature_names_out : ndarray of str objects
+        """
+        check_is_fitted(self)
+        return np.asarray(
+            [f"{self.hook_name_}_{i}" for i in range(self.n_features_out_)], dtype=object
+        )
+
+
+def _model_module(loaded, path):
+    return _submodule(loaded.model, path)
+
+

@@ -1,0 +1,116 @@
+"""Checking the texts given to an extractor, and turning them into token ids."""
+
+import inspect
+from numbers import Integral
+
+import numpy as np
+import torch
+
+
+
+def _is_id_sequence(x):
+    if isinstance(x, np.ndarray):
+        return x.ndim == 1 and (x.dtype.kind in "iu" or x.size == 0)
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 1 and not torch.is_floating_point(x)
+    if isinstance(x, (list, tuple)):
+        # The exact-type test is the fast path for the usual lists of ints;
+        # isinstance on the Integral ABC would cost a fifth of an extraction.
+        return all(type(i) is int for i in x) or all(
+            isinstance(i, (Integral, np.integer)) and not isinstance(i, bool) for i in x
+        )
+    return False
+
+
+def _check_texts(X):
+    """Validate the input: a non-empty sequence of strings, or of token-id lists.
+
+    Returns the list and whether it holds token ids.
+    """
+    if isinstance(X, (str, bytes)):
+        raise TypeError(
+            "Iterable over raw texts expected, string object received: pass a "
+            "list of texts, e.g. [text] rather than text."
+        )
+    if isinstance(X, np.ndarray) and X.ndim == 2 and X.dtype.kind in "iu":
+        X = list(X)
+    elif isinstance(X, np.ndarray) and X.ndim != 1:
+        raise ValueError(
+            f"Expected a 1-D sequence of texts, got an array of shape {X.shape}."
+        )
+    try:
+        X = list(X)
+    except TypeError:
+        raise TypeError(
+            f"X must be a list of texts (or of token-id lists), got {type(X).__name__}."
+        ) from None
+    if not X:
+        raise ValueError("X is empty: expected at least one text.")
+    pretokenized = not isinstance(X[0], str)
+    if pretokenized and not _is_id_sequence(X[0]):
+        raise TypeError(
+            "X must hold texts (str) or sequences of integer token ids; element 0 "
+            f"is {type(X[0]).__name__}: {X[0]!r:.60}."
+        )
+    for i, x in enumerate(X):
+        if (isinstance(x, str) and not pretokenized) or (pretokenized and _is_id_sequence(x)):
+            continue
+        what = "texts (str)" if not pretokenized else "sequences of integer token ids"
+        raise TypeError(
+            f"X must hold only {what}, like its first element; element {i} is "
+            f"{type(x).__name__}: {x!r:.60}."
+        )
+    return X, pretokenized
+
+
+def _ids_to_lists(ids, mask=None):
+    if isinstance(ids, torch.Tensor):
+        ids = ids.cpu().numpy()
+    if mask is None:
+        return [list(map(int, row)) for row in ids]
+    if isinstance(mask, torch.Tensor):
+        mask = mask.cpu().numpy()
+    ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
+    return [ids[r][mask[r]].tolist() for r in range(len(ids))]
+
+
+def _encode_texts(tokenizer, texts, max_length):
+    """Token ids of each text, unpadded, cut to ``max_length``."""
+    if tokenizer is None:
+        raise ValueError(
+            "A tokenizer is needed to extract activations from texts; pass "
+            "tokenizer=... or pre-tokenised input (lists of token ids)."
+        )
+    if type(tokenizer).__module__.startswith("transformers"):
+        out = tokenizer(
+            texts, truncation=max_length is not None, max_length=max_length, padding=False
+        )
+        seqs = [list(s) for s in out["input_ids"]]
+    else:
+        try:
+            params = inspect.signature(tokenizer).parameters
+        except (TypeError, ValueError):
+            params = {}
+        kwargs = {"max_length": max_length} if "max_length" in params else {}
+        out = tokenizer(texts, **kwargs)
+        if hasattr(out, "keys") and "input_ids" in out:
+            seqs = _ids_to_lists(out["input_ids"], out.get("attention_mask"))
+        else:
+            seqs = _ids_to_lists(out) if isinstance(out, (torch.Tensor, np.ndarray)) else [
+                [int(i) for i in s] for s in out
+            ]
+        if len(seqs) != len(texts):
+            raise ValueError(
+                f"The tokenizer returned {len(seqs)} sequences for {len(texts)} texts."
+            )
+    if max_length is not None:
+        seqs = [s[:max_length] for s in seqs]
+    return seqs
+
+
+def _token_strings(tokenizer, ids):
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if convert is None:
+        return [str(i) for i in ids]
+    return list(convert(list(ids)))
+
