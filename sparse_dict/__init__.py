@@ -4,13 +4,14 @@ The public names are imported lazily, so that ``import sparse_dict`` stays
 cheap and a command-line call that needs only one part loads only that part.
 """
 
-__version__ = "0.1.0"
+from sparse_dict._version import __version__
 
 _PUBLIC = {
     "SparseAutoencoderDictionary": "sparse_dict.estimator",
     "LassoCoder": "sparse_dict.coding",
     "TransformerActivationExtractor": "sparse_dict.extraction",
     "metrics": "sparse_dict.metrics",
+    "model_selection": "sparse_dict.model_selection",
     "datasets": "sparse_dict.datasets",
 }
 

@@ -254,7 +254,7 @@ def build_parser():
         "sparse autoencoders, the scikit-learn way.",
         epilog=f"Start with '{PROG} demo'. Each subcommand has its own --help.",
     )
-    from sparse_dict import __version__
+    from sparse_dict._version import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

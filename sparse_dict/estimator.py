@@ -542,7 +542,7 @@ class SparseAutoencoderDictionary(
         }
         if hasattr(self, "feature_names_in_"):
             attributes["feature_names_in_"] = [str(n) for n in self.feature_names_in_]
-        from sparse_dict import __version__
+        from sparse_dict._version import __version__
 
         config = {
             "format": _FORMAT,

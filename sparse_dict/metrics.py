@@ -6,12 +6,8 @@ sparse matrices), so it applies to any estimator's output:
 ``DictionaryLearning``, ``MiniBatchDictionaryLearning``, ``SparseCoder`` or
 :class:`~sparse_dict.LassoCoder`.
 
-The module also holds the pieces for model selection with
-:class:`~sklearn.model_selection.GridSearchCV`: :data:`sparse_coding_scorer`
-(a multimetric ``scoring=``) and :func:`best_under_l0` (a ``refit=``).
-Held-out reconstruction alone always prefers the weakest sparsity penalty, so
-the refit helper picks the best reconstruction among candidates whose L0 stays
-within a budget.
+The scorers and the refit rule for GridSearchCV, built on these metrics, are
+in :mod:`sparse_dict.model_selection`.
 """
 
 from numbers import Real
@@ -22,14 +18,10 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.utils import check_array
 
 __all__ = [
-    "SparseCodingScorer",
-    "BestUnderL0",
     "best_matches",
-    "best_under_l0",
     "dead_fraction",
     "dense_fraction",
     "explained_variance",
-    "explained_variance_scorer",
     "feature_frequencies",
     "fraction_variance_unexplained",
     "l0",
@@ -39,7 +31,6 @@ __all__ = [
     "one_to_one_matches",
     "one_to_one_matching_score",
     "recovery_rate",
-    "sparse_coding_scorer",
 ]
 
 _FLOAT_DTYPES = (np.float64, np.float32)
@@ -585,8 +576,8 @@ def one_to_one_matching_score(learned_atoms, true_atoms):
 
 
 # The model-selection helpers live in sparse_dict.model_selection; their names
-# stay importable from here. Imported on first use, because model_selection
-# itself imports the metrics above.
+# stay importable from here for one release, with a warning. Imported on
+# first use, because model_selection itself imports the metrics above.
 _MOVED_TO_MODEL_SELECTION = (
     "BestUnderL0",
     "SparseCodingScorer",
@@ -598,7 +589,16 @@ _MOVED_TO_MODEL_SELECTION = (
 
 def __getattr__(name):
     if name in _MOVED_TO_MODEL_SELECTION:
+        import warnings
+
         from sparse_dict import model_selection
 
+        warnings.warn(
+            f"sparse_dict.metrics.{name} has moved to sparse_dict.model_selection."
+            f"{name}; importing it from sparse_dict.metrics is deprecated and will "
+            "stop working in the next release.",
+            FutureWarning,
+            stacklevel=2,
+        )
         return getattr(model_selection, name)
     raise AttributeError(f"module 'sparse_dict.metrics' has no attribute {name!r}")

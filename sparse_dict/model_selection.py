@@ -104,7 +104,7 @@ class SparseCodingScorer:
     --------
     >>> import numpy as np
     >>> from sklearn.decomposition import PCA
-    >>> from sparse_dict.metrics import SparseCodingScorer
+    >>> from sparse_dict.model_selection import SparseCodingScorer
     >>> X = np.random.RandomState(0).normal(size=(50, 4))
     >>> scorer = SparseCodingScorer(metrics=("explained_variance", "l0"))
     >>> scores = scorer(PCA(n_components=4).fit(X), X)
@@ -184,7 +184,7 @@ def explained_variance_scorer(estimator, X, y=None):
     --------
     >>> import numpy as np
     >>> from sklearn.decomposition import PCA
-    >>> from sparse_dict.metrics import explained_variance_scorer
+    >>> from sparse_dict.model_selection import explained_variance_scorer
     >>> X = np.random.RandomState(0).normal(size=(50, 4))
     >>> round(explained_variance_scorer(PCA(n_components=4).fit(X), X), 6)
     1.0
@@ -301,7 +301,7 @@ def best_under_l0(max_l0, *, score="explained_variance", l0="l0"):
 
     Examples
     --------
-    >>> from sparse_dict.metrics import best_under_l0
+    >>> from sparse_dict.model_selection import best_under_l0
     >>> cv_results = {
     ...     "params": [{"l1_coef": 0.1}, {"l1_coef": 1.0}, {"l1_coef": 10.0}],
     ...     "mean_test_explained_variance": [0.99, 0.9, 0.6],

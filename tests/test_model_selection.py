@@ -18,13 +18,11 @@ from sklearn.preprocessing import FunctionTransformer
 
 from sparse_dict import LassoCoder
 from sparse_dict.datasets import make_superposition
-from sparse_dict.metrics import (
+from sparse_dict.metrics import dead_fraction, explained_variance, l0
+from sparse_dict.model_selection import (
     SparseCodingScorer,
     best_under_l0,
-    dead_fraction,
-    explained_variance,
     explained_variance_scorer,
-    l0,
     sparse_coding_scorer,
 )
 
@@ -392,3 +390,24 @@ def test_sae_grid_search_two_jobs_through_pipeline(data, one_torch_thread):
     assert len(within) >= 1 and l0s.max() > 8
     assert search.best_index_ == within[np.argmax(scores[within])]
     assert search.best_estimator_[-1].components_.shape == (32, 16)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["SparseCodingScorer", "BestUnderL0", "best_under_l0", "explained_variance_scorer",
+     "sparse_coding_scorer"],
+)
+def test_old_metrics_names_still_work_with_a_deprecation_warning(name):
+    from sparse_dict import metrics, model_selection
+
+    with pytest.warns(FutureWarning, match=f"sparse_dict.model_selection.{name}"):
+        old = getattr(metrics, name)
+    assert old is getattr(model_selection, name)
+    assert name not in metrics.__all__
+
+
+def test_metrics_has_no_other_lazy_names():
+    from sparse_dict import metrics
+
+    with pytest.raises(AttributeError, match="no_such_metric"):
+        metrics.no_such_metric
