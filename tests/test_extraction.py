@@ -101,7 +101,7 @@ def _count_calls(modules):
 
 
 def test_minilm_shapes_and_padding_excluded(minilm):
-    tokenizer = minilm._loaded.tokenizer
+    tokenizer = minilm.loaded_model().tokenizer
     lengths = [len(tokenizer(t)["input_ids"]) for t in TEXTS]
     X, index = minilm.transform_with_tokens(TEXTS)
     assert X.shape == (sum(lengths), 1536)
@@ -116,7 +116,7 @@ def test_minilm_shapes_and_padding_excluded(minilm):
 
 
 def test_minilm_matches_manual_hook_on_full_forward(minilm):
-    model, tokenizer = minilm._loaded.model, minilm._loaded.tokenizer
+    model, tokenizer = minilm.loaded_model().model, minilm.loaded_model().tokenizer
     captured = []
     handle = model.encoder.layer[1].intermediate.register_forward_hook(
         lambda mod, args, out: captured.append(out)
@@ -133,14 +133,14 @@ def test_minilm_matches_manual_hook_on_full_forward(minilm):
 
 
 def test_minilm_stops_after_hooked_layer(minilm):
-    model = minilm._loaded.model
+    model = minilm.loaded_model().model
     later = [model.encoder.layer[i] for i in range(2, 6)] + [model.encoder.layer[1].output]
     counts, handles = _count_calls(later)
     try:
         minilm.transform(TEXTS)
         assert counts["n"] == 0
         with torch.no_grad():  # the counter does count a full forward pass
-            model(**minilm._loaded.tokenizer(TEXTS, padding=True, return_tensors="pt"))
+            model(**minilm.loaded_model().tokenizer(TEXTS, padding=True, return_tensors="pt"))
         assert counts["n"] == 5
     finally:
         for h in handles:
@@ -237,7 +237,7 @@ def test_builtin_default_needs_no_arguments():
 
 def test_builtin_hooks_and_early_stop():
     ext = TransformerActivationExtractor(hook="resid_post").fit(TEXTS)
-    model = ext._loaded.model
+    model = ext.loaded_model().model
     assert ext.transform(TEXTS).shape[1] == 128
     counts, handles = _count_calls([model.blocks[0].mlp.fc_out, model.ln_final, model.unembed])
     try:
@@ -258,7 +258,7 @@ def test_builtin_max_length_and_pretokenised_input():
     ext = TransformerActivationExtractor(max_length=5).fit(TEXTS)
     X, index = ext.transform_with_tokens(TEXTS)
     assert np.bincount(index.text_index).max() == 5
-    ids = [ext._loaded.tokenizer.encode(t) for t in TEXTS]
+    ids = [ext.loaded_model().tokenizer.encode(t) for t in TEXTS]
     X_ids, index_ids = ext.transform_with_tokens(ids)
     np.testing.assert_array_equal(X_ids, X)
     np.testing.assert_array_equal(index_ids.token, index.token)
@@ -297,7 +297,9 @@ def test_any_module_with_a_tokenizer_callable():
 
 def test_verbose_shows_progress(capsys):
     TransformerActivationExtractor(verbose=1, batch_size=2).fit(TEXTS).transform(TEXTS)
-    assert "Extracting activations" in capsys.readouterr().err
+    assert "Extracting layer0.mlp_post activations of 4 texts (model builtin)" in (
+        capsys.readouterr().err
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -330,7 +332,7 @@ def test_bad_parameters(tmp_path):
     suggestion = r"Did you mean \['blocks.0.mlp.act', .*Valid module paths: \['embed'"
     with pytest.raises(ValueError, match=suggestion):
         TransformerActivationExtractor(module="blocks.0.mlp.actt").fit(TEXTS)
-    with pytest.raises(ValueError, match="neither 'builtin' nor an existing path"):
+    with pytest.raises(ValueError, match="neither .builtin., an existing .* Hub id"):
         TransformerActivationExtractor(str(tmp_path / "nowhere")).fit(TEXTS)
     with pytest.raises(ValueError, match="no config.json"):
         TransformerActivationExtractor(str(tmp_path)).fit(TEXTS)
@@ -424,7 +426,7 @@ def test_pipeline_with_sparse_autoencoder_on_corpus(corpus):
 
 def test_grid_search_over_l1_coef_on_texts(corpus, tmp_path, monkeypatch):
     estimator = pytest.importorskip("sparse_dict.estimator")
-    metrics = pytest.importorskip("sparse_dict.metrics")
+    model_selection = pytest.importorskip("sparse_dict.model_selection")
     calls = []
     extract = TransformerActivationExtractor._extract
     monkeypatch.setattr(
@@ -440,7 +442,8 @@ def test_grid_search_over_l1_coef_on_texts(corpus, tmp_path, monkeypatch):
     )
     search = GridSearchCV(
         pipe, {"sae__l1_coef": [0.1, 3.0]}, cv=2,
-        scoring=metrics.sparse_coding_scorer, refit=metrics.best_under_l0(max_l0=10_000),
+        scoring=model_selection.sparse_coding_scorer,
+        refit=model_selection.best_under_l0(max_l0=10_000),
     )
     search.fit(texts)
     assert search.best_params_["sae__l1_coef"] in (0.1, 3.0)
@@ -491,7 +494,7 @@ def test_splice_mean_ablation_and_real_losses():
     assert result.loss_recovered == pytest.approx(0.0, abs=1e-4)
     assert result.explained_variance == pytest.approx(0.0, abs=1e-5)
     # The original loss is the model's mean next-token cross-entropy.
-    model, tok = ext._loaded.model, ext._loaded.tokenizer
+    model, tok = ext.loaded_model().model, ext.loaded_model().tokenizer
     nll = []
     for text in TEXTS:
         ids = torch.tensor([tok.encode(text)[:128]])

@@ -1,9 +1,7 @@
 """TransformerActivationExtractor: texts in, activations at one point of a model out."""
 
 import os
-from difflib import get_close_matches
 from numbers import Integral
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -13,16 +11,9 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from sparse_dict.extraction._hook import _SITES, HOOK_POINTS, _StopForward, _Tap
-from sparse_dict.extraction._loading import (
-    _MODEL_CACHE,
-    _MODEL_CACHE_SIZE,
-    _join,
-    _load_builtin,
-    _load_hf,
-    _load_module,
-    _submodule,
-)
+from sparse_dict._torch.device import resolve_device
+from sparse_dict.extraction._hook import HOOK_POINTS, ActivationHook, StopForward, locate_hook
+from sparse_dict.extraction._loading import load_model
 from sparse_dict.extraction._texts import _check_texts, _encode_texts, _token_strings
 
 class TokenIndex(NamedTuple):
@@ -66,10 +57,14 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         ``"builtin"`` is the 1-layer language model shipped with the package
         (d_model 128, ReLU MLP of 512). A str or path names a local Hugging
         Face model folder (a sentence-transformers folder works too), loaded
-        with ``local_files_only=True``: a causal language model when its
-        config says so, else the bare encoder. A ``torch.nn.Module`` is used
-        as it is with ``tokenizer``; it is put in eval mode, and moved only
-        when ``device`` is not "auto".
+        without touching the network; any other str is a Hugging Face Hub id
+        such as ``"gpt2"``, downloaded through transformers' own cache (with
+        ``HF_HUB_OFFLINE=1``, only from that cache). Either is loaded as a
+        causal language model when its config says so, else as the bare
+        encoder. Code shipped with a model is never run: a model whose config
+        or tokenizer config has an ``auto_map`` is refused. A
+        ``torch.nn.Module`` is used as it is with ``tokenizer``; it is put in
+        eval mode, and moved only when ``device`` is not "auto".
     layer : int, default=0
         Index of the residual block to read; negative counts from the end.
     hook : {"mlp_post", "mlp_out", "resid_pre", "resid_post"}, default="mlp_post"
@@ -209,94 +204,96 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         state.pop("_loaded", None)
         return state
 
-    # -- model ----------------------------------------------------------------
+    # -- the model, and the small interface splicing uses ---------------------
 
-    def _resolve_device(self):
-        from sparse_dict._torch.device import resolve_device
-
+    def _device(self):
+        # With device="auto" a user's module stays where the user put it.
         if isinstance(self.model, nn.Module) and self.device == "auto":
             return None
         return resolve_device(self.device)
 
-    def _load(self):
-        """The loaded model: this instance's, else loaded (and kept) now."""
+    def _load_model(self):
+        return load_model(self.model, self.tokenizer, self._device(), self.verbose)
+
+    def loaded_model(self):
+        """The model this extractor runs, loaded now if it is not yet.
+
+        Returns
+        -------
+        LoadedModel
+            The torch module (``.model``), its tokenizer (``.tokenizer``),
+            device, and a call ``loaded(input_ids, attention_mask)`` that runs
+            its forward pass.
+        """
         loaded = getattr(self, "_loaded", None)
         if loaded is None:
             loaded = self._load_model()
             self._loaded = loaded
         return loaded
 
-    def _load_model(self):
-        """Load the model named by the parameters, through the process cache."""
-        device = self._resolve_device()
-        if isinstance(self.model, nn.Module):
-            return _load_module(self.model, self.tokenizer, device)
-        if isinstance(self.model, str) and self.model == "builtin":
-            key = ("builtin", str(device))
-        else:
-            path = Path(self.model).expanduser()
-            if not path.exists():
-                raise ValueError(
-                    f"model={str(self.model)!r} is neither 'builtin' nor an existing "
-                    "path to a local Hugging Face model folder."
-                )
-            if not path.is_dir():
-                raise ValueError(f"model={str(self.model)!r} is a file, not a model folder.")
-            path = path.resolve()
-            key = (str(path), str(device))
-        loaded = _MODEL_CACHE.get(key)
-        if loaded is None:
-            loaded = (
-                _load_builtin(device) if key[0] == "builtin"
-                else _load_hf(path, device, self.verbose)
-            )
-            _MODEL_CACHE[key] = loaded
-            while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
-                _MODEL_CACHE.popitem(last=False)
-        _MODEL_CACHE.move_to_end(key)
-        return loaded
+    def token_ids(self, X):
+        """Token ids of each text of ``X``, cut to ``max_length``.
 
-    def _site(self, loaded):
-        """(dotted module path, "input"/"output", readable name) of the hook."""
-        model = loaded.model
-        if self.module is not None:
-            if _submodule(model, self.module) is None or self.module == "":
-                names = [n for n, _ in model.named_modules() if n]
-                close = get_close_matches(self.module, names, n=3)
-                hint = f" Did you mean {close}?" if close else ""
-                raise ValueError(
-                    f"module={self.module!r} is not a module of this model.{hint} "
-                    f"Valid module paths: {names}"
-                )
-            return self.module, "output", self.module
-        if loaded.blocks is None:
-            names = [n for n, _ in model.named_modules() if n]
-            raise ValueError(
-                "Could not find the model's list of blocks (an nn.ModuleList), so "
-                f"layer/hook cannot be used; pass module=... one of {names}"
-            )
-        n_layers = len(loaded.blocks)
-        if not -n_layers <= self.layer < n_layers:
-            raise ValueError(
-                f"layer={self.layer} is out of range: this model has {n_layers} layers "
-                f"({loaded.blocks_path}); valid layers are 0 to {n_layers - 1} "
-                f"(or -{n_layers} to -1)."
-            )
-        layer = self.layer % n_layers
-        block = loaded.blocks[layer]
-        block_path = f"{loaded.blocks_path}.{layer}"
-        for rel, where in _SITES[self.hook]:
-            if _submodule(block, rel) is not None:
-                return _join(block_path, rel), where, f"layer{layer}.{self.hook}"
-        available = [
-            h for h in HOOK_POINTS
-            if any(_submodule(block, rel) is not None for rel, _ in _SITES[h])
-        ]
-        raise ValueError(
-            f"hook={self.hook!r} is not found in this model's blocks; valid hooks "
-            f"here are {available}, or pass module=... (a dotted path such as "
-            f"{block_path}.<submodule>)."
-        )
+        Parameters
+        ----------
+        X : list of str, or list of lists of int
+            Texts, or token ids of already tokenised texts (checked against
+            the model's vocabulary).
+
+        Returns
+        -------
+        token_ids : list of lists of int
+        """
+        X, pretokenized = _check_texts(X)
+        return self._tokenize(X, pretokenized, self.loaded_model())
+
+    def batches(self, token_ids, desc=None):
+        """Padded batches of ``token_ids`` on the model's device, longest texts first.
+
+        Parameters
+        ----------
+        token_ids : list of lists of int
+            As :meth:`token_ids` returns them.
+        desc : str or None, default=None
+            Label of the progress bar shown when ``verbose`` is set.
+
+        Yields
+        ------
+        text_indices : list of int
+            Which texts the batch holds, row by row (empty texts are left out).
+        input_ids, attention_mask : torch.LongTensor of shape (n_texts, n_tokens)
+        """
+        loaded = self.loaded_model()
+        batches = self._batches(token_ids, loaded)
+        if desc is None or not self.verbose:
+            yield from batches
+            return
+        from tqdm.auto import tqdm
+
+        n_batches = -(-sum(1 for s in token_ids if s) // self.batch_size)
+        yield from tqdm(batches, total=n_batches, desc=desc)
+
+    def activation_hook(self):
+        """A hook on the fitted hook point, to use as a context manager.
+
+        Returns
+        -------
+        ActivationHook
+            Its ``reset(mode, replacement=None)`` makes the next forward pass
+            stop at the hook point ("stop"), run through ("capture"), or run
+            with the activations replaced ("replace"); ``captured`` holds the
+            activations seen.
+        """
+        check_is_fitted(self)
+        module = self.loaded_model().submodule(self.hook_module_)
+        return ActivationHook(module, self._hook_direction)
+
+    def _progress_label(self, n_texts):
+        # Says what runs, on how many texts and on which model, so that the
+        # bars of several extractions (or of extraction and splicing) are
+        # told apart.
+        model = "a torch module" if isinstance(self.model, nn.Module) else f"model {self.model}"
+        return f"Extracting {self.hook_name_} activations of {n_texts:,} texts ({model})"
 
     # -- fit / transform ------------------------------------------------------
 
@@ -328,28 +325,29 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         # Everything is worked out before anything is stored, so that a fit
         # that fails leaves a fitted extractor as it was.
         loaded = self._load_model()
-        module_path, where, name = self._site(loaded)
+        site = locate_hook(loaded, layer=self.layer, hook=self.hook, module=self.module)
         seqs = self._tokenize(X[:1], pretokenized, loaded)
         probe = seqs[0][:8] or [loaded.pad_token_id]
         ids = torch.tensor([probe], dtype=torch.long, device=loaded.device)
-        with torch.inference_mode(), _Tap(_model_module(loaded, module_path), where) as tap:
-            tap.reset("stop")
+        module = loaded.submodule(site.module_path)
+        with torch.inference_mode(), ActivationHook(module, site.direction) as hook:
+            hook.reset("stop")
             try:
                 loaded(ids, torch.ones_like(ids))
-            except _StopForward:
+            except StopForward:
                 pass
-            if tap.captured is None:
+            if hook.captured is None:
                 raise ValueError(
-                    f"The module {module_path!r} was not called in the forward pass; "
+                    f"The module {site.module_path!r} was not called in the forward pass; "
                     "choose another layer, hook or module."
                 )
-            n_features_out = int(tap.captured.shape[-1])
+            n_features_out = int(hook.captured.shape[-1])
         self._loaded = loaded
         self.n_features_out_ = n_features_out
-        self.hook_module_ = module_path
-        self.hook_name_ = name
+        self.hook_module_ = site.module_path
+        self.hook_name_ = site.name
         self.device_ = str(loaded.device)
-        self._where = where
+        self._hook_direction = site.direction
         return self
 
     def _tokenize(self, X, pretokenized, loaded):
@@ -385,18 +383,11 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
                 mask[row, : lengths[i]] = 1
             yield chunk, ids.to(loaded.device), mask.to(loaded.device)
 
-    def _progress(self, iterable, total, desc):
-        if not self.verbose:
-            return iterable
-        from tqdm.auto import tqdm
-
-        return tqdm(iterable, total=total, desc=desc)
-
     def _extract(self, X):
         """Activations of ``X`` and, per text, its token ids."""
         check_is_fitted(self)
         X, pretokenized = _check_texts(X)
-        loaded = self._load()
+        loaded = self.loaded_model()
         seqs = self._tokenize(X, pretokenized, loaded)
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         d = self.n_features_out_
@@ -410,19 +401,14 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
                     f"Text {int(empty[0])} has no tokens, so it cannot be pooled."
                 )
             out = np.empty((len(seqs), d), dtype=np.float32)
-        n_batches = -(-int(np.count_nonzero(lengths)) // self.batch_size)
-        module = _model_module(loaded, self.hook_module_)
-        with torch.inference_mode(), _Tap(module, self._where) as tap:
-            batches = self._progress(
-                self._batches(seqs, loaded), n_batches, "Extracting activations"
-            )
-            for chunk, ids, mask in batches:
-                tap.reset("stop")
+        with torch.inference_mode(), self.activation_hook() as hook:
+            for chunk, ids, mask in self.batches(seqs, self._progress_label(len(seqs))):
+                hook.reset("stop")
                 try:
                     loaded(ids, mask)
-                except _StopForward:
+                except StopForward:
                     pass
-                acts = tap.captured
+                acts = hook.captured
                 if acts is None:
                     raise ValueError(f"The module {self.hook_module_!r} was not called.")
                 self._store(out, acts, mask, chunk, lengths, offsets)
@@ -482,7 +468,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             row of ``X_new``.
         """
         out, seqs = self._extract(X)
-        loaded = self._load()
+        loaded = self.loaded_model()
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         if self.pooling == "none":
             text_index = np.repeat(np.arange(len(seqs)), lengths)
@@ -516,9 +502,5 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         return np.asarray(
             [f"{self.hook_name_}_{i}" for i in range(self.n_features_out_)], dtype=object
         )
-
-
-def _model_module(loaded, path):
-    return _submodule(loaded.model, path)
 
 

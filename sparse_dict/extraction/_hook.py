@@ -1,8 +1,17 @@
-"""The forward hook that captures, stops at or replaces a model's activations."""
+"""Where in a model to read activations, and the forward hook that reads them.
+
+:func:`locate_hook` turns an extractor's ``layer``/``hook``/``module`` into a
+:class:`HookSite`; :class:`ActivationHook` sits there during a forward pass and
+captures the activations, stops the pass, or replaces them.
+"""
 
 import threading
+from difflib import get_close_matches
+from typing import NamedTuple
 
 import torch
+
+from sparse_dict.extraction._loading import _join, _submodule
 
 HOOK_POINTS = ("mlp_post", "mlp_out", "resid_pre", "resid_post")
 
@@ -31,25 +40,101 @@ _SITES = {
 }
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by the hook to end the forward pass once the activations are taken."""
 
 
+class HookSite(NamedTuple):
+    """Where the activations are read.
+
+    Attributes
+    ----------
+    module_path : str
+        Dotted path of the hooked module.
+    direction : {"input", "output"}
+        Whether the activations are that module's input or its output.
+    name : str
+        Readable name, such as "layer0.mlp_post" or the module path.
+    """
+
+    module_path: str
+    direction: str
+    name: str
 
 
+def locate_hook(loaded, *, layer, hook, module):
+    """The :class:`HookSite` of an extractor's ``layer``, ``hook`` and ``module``.
 
-class _Tap:
-    """One hook at the chosen site that captures, stops or replaces.
+    Parameters
+    ----------
+    loaded : LoadedModel
+    layer : int
+    hook : str
+        One of :data:`HOOK_POINTS`.
+    module : str or None
+        A dotted module path that overrides ``layer`` and ``hook``.
+
+    Returns
+    -------
+    HookSite
+    """
+    model = loaded.model
+    if module is not None:
+        if module == "" or _submodule(model, module) is None:
+            names = [n for n, _ in model.named_modules() if n]
+            close = get_close_matches(module, names, n=3)
+            hint = f" Did you mean {close}?" if close else ""
+            raise ValueError(
+                f"module={module!r} is not a module of this model.{hint} "
+                f"Valid module paths: {names}"
+            )
+        return HookSite(module, "output", module)
+    if loaded.blocks is None:
+        names = [n for n, _ in model.named_modules() if n]
+        raise ValueError(
+            "Could not find the model's list of blocks (an nn.ModuleList), so "
+            f"layer/hook cannot be used; pass module=... one of {names}"
+        )
+    n_layers = len(loaded.blocks)
+    if not -n_layers <= layer < n_layers:
+        raise ValueError(
+            f"layer={layer} is out of range: this model has {n_layers} layers "
+            f"({loaded.blocks_path}); valid layers are 0 to {n_layers - 1} "
+            f"(or -{n_layers} to -1)."
+        )
+    layer = layer % n_layers
+    block = loaded.blocks[layer]
+    block_path = f"{loaded.blocks_path}.{layer}"
+    for relative_path, direction in _SITES[hook]:
+        if _submodule(block, relative_path) is not None:
+            return HookSite(_join(block_path, relative_path), direction, f"layer{layer}.{hook}")
+    available = [
+        h for h in HOOK_POINTS
+        if any(_submodule(block, rel) is not None for rel, _ in _SITES[h])
+    ]
+    raise ValueError(
+        f"hook={hook!r} is not found in this model's blocks; valid hooks "
+        f"here are {available}, or pass module=... (a dotted path such as "
+        f"{block_path}.<submodule>)."
+    )
+
+
+class ActivationHook:
+    """One hook at a site that captures, stops or replaces the activations.
+
+    Used as a context manager around forward passes; :meth:`reset` sets what
+    the next pass does ("stop", "capture" or "replace"), and ``captured``
+    holds the activations it saw.
 
     Only the first call of the module in a forward pass counts, so a module
-    reused inside the model is tapped once. Models are shared between
-    extractors through the process cache, so a tap ignores forward passes run
+    reused inside the model is hooked once. Models are shared between
+    extractors through the process cache, so a hook ignores forward passes run
     by other threads (GridSearchCV with a threading backend).
     """
 
-    def __init__(self, module, where):
+    def __init__(self, module, direction):
         self.module = module
-        self.where = where
+        self.direction = direction
         self.mode = "stop"
         self.captured = None
         self.replacement = None
@@ -57,7 +142,7 @@ class _Tap:
         self._thread = threading.get_ident()
 
     def __enter__(self):
-        if self.where == "output":
+        if self.direction == "output":
             self._handle = self.module.register_forward_hook(self._on_output)
         else:
             self._handle = self.module.register_forward_pre_hook(
@@ -88,7 +173,7 @@ class _Tap:
             )
         self.captured = tensor
         if self.mode == "stop":
-            raise _StopForward
+            raise StopForward
         if self.mode == "replace":
             if self.replacement.shape != tensor.shape:
                 raise ValueError(

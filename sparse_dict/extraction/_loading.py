@@ -1,7 +1,11 @@
 """Loading models for extraction: the built-in model, Hugging Face folders, user modules."""
 
 import inspect
+import json
+import os
+import re
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,8 +32,25 @@ _MODEL_CACHE = OrderedDict()
 _MODEL_CACHE_SIZE = 2
 
 
-class _Loaded:
-    """A model ready to run: the module, its tokenizer and where its blocks are."""
+class LoadedModel:
+    """A model ready to run: the module, its tokenizer and where its blocks are.
+
+    Calling it as ``loaded(input_ids, attention_mask)`` runs the model's
+    forward pass whatever the calling convention of its family.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+    tokenizer : callable or None
+    device : torch.device
+    kind : {"builtin", "hf", "module"}
+    max_positions : int or None
+        The longest sequence the model takes, when it says.
+    blocks_path : str or None
+        Dotted path of its list of residual blocks.
+    blocks : torch.nn.ModuleList or None
+    pad_token_id : int
+    """
 
     def __init__(self, model, tokenizer, device, kind, max_positions=None):
         self.model = model
@@ -46,6 +67,7 @@ class _Loaded:
         self.pad_token_id = int(pad) if pad is not None else 0
 
     def vocab_size(self):
+        """The number of token ids the model takes, or None if it does not say."""
         config = getattr(self.model, "config", None)
         size = getattr(config, "vocab_size", None)
         if size is None and self.tokenizer is not None:
@@ -54,6 +76,10 @@ class _Loaded:
             except TypeError:
                 size = getattr(self.tokenizer, "vocab_size", None)
         return size
+
+    def submodule(self, path):
+        """The submodule at dotted ``path`` ("" for the model), or None."""
+        return _submodule(self.model, path)
 
     def __call__(self, input_ids, attention_mask):
         if self.kind == "hf":
@@ -87,6 +113,12 @@ def _join(*parts):
     return ".".join(p for p in parts if p)
 
 
+def _read_json(path, what):
+    """The JSON in file ``path``, or a ValueError naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"Cannot read {what} {str(path)!r}: {err}") from None
 
 
 def _hf_model_dir(path):
@@ -94,55 +126,144 @@ def _hf_model_dir(path):
     sentence-transformers folder the Transformer module's subfolder."""
     if (path / "config.json").is_file():
         return path
-    modules = path / "modules.json"
-    if modules.is_file():
-        import json
-
-        for entry in json.loads(modules.read_text()):
-            if entry.get("type", "").endswith("models.Transformer"):
-                sub = path / entry.get("path", "")
-                if (sub / "config.json").is_file():
-                    return sub
+    modules_file = path / "modules.json"
+    if modules_file.is_file():
+        modules = _read_json(modules_file, "the sentence-transformers modules file")
+        if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+            raise ValueError(
+                f"The sentence-transformers modules file {str(modules_file)!r} is "
+                "malformed: expected a JSON list of objects with 'type' and 'path'."
+            )
+        for entry in modules:
+            kind, sub = entry.get("type", ""), entry.get("path", "")
+            if not isinstance(kind, str) or not isinstance(sub, str):
+                raise ValueError(
+                    f"The sentence-transformers modules file {str(modules_file)!r} is "
+                    "malformed: 'type' and 'path' must be strings."
+                )
+            if kind.endswith("models.Transformer") and (path / sub / "config.json").is_file():
+                return path / sub
     raise ValueError(
         f"model={str(path)!r} is a folder but not a Hugging Face model: it has no "
         "config.json (nor a sentence-transformers modules.json pointing to one)."
     )
 
 
-def _load_hf(path, device, verbose):
+def _refuse_custom_code(config, source, where):
+    # A config (or tokenizer config) with an "auto_map" names Python classes
+    # shipped with the model. Loading them would run that code, which this
+    # package never does, whatever the user answers or passes.
+    if isinstance(config, dict) and "auto_map" in config:
+        raise ValueError(
+            f"model={source!r} needs custom code ('auto_map' in its {where}), and "
+            "sparse_dict never runs code from a model folder or the Hub. Use a model "
+            "that transformers supports natively, or load it yourself and pass the "
+            "torch module as model= with its tokenizer."
+        )
+
+
+def _check_local_hf_folder(root, source):
+    config = _read_json(root / "config.json", "the model config")
+    _refuse_custom_code(config, source, str(root / "config.json"))
+    tokenizer_config = root / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        config = _read_json(tokenizer_config, "the tokenizer config")
+        _refuse_custom_code(config, source, str(tokenizer_config))
+
+
+def _hub_cache():
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _hub_offline():
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in (
+        "1", "ON", "YES", "TRUE")
+
+
+def _check_hub_model(model_id):
+    """Fetch (or find in the cache) a Hub model's configs and refuse custom code.
+
+    Failing to get the config means the model cannot be had at all, so this is
+    where a missing cache or network gets its one clear error.
+    """
+    from transformers import PretrainedConfig
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(model_id)
+    except (OSError, ValueError) as err:
+        if _hub_offline():
+            why = (
+                "HF_HUB_OFFLINE is set, so it cannot be downloaded; download it once "
+                "while online (or unset HF_HUB_OFFLINE), or pass the path of a local "
+                "model folder"
+            )
+        else:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            why = (
+                f"downloading it failed ({first}); check the id and the network, or "
+                "set HF_HUB_OFFLINE=1 to use only models already in the cache"
+            )
+        raise ValueError(
+            f"model={model_id!r} is not a local folder, so it was taken as a Hugging "
+            f"Face Hub id, but it is not in the Hugging Face cache {str(_hub_cache())!r} "
+            f"and {why}."
+        ) from None
+    _refuse_custom_code(config, model_id, "config.json")
+    try:
+        tokenizer_config = get_tokenizer_config(model_id)
+    except (OSError, ValueError):
+        tokenizer_config = {}  # AutoTokenizer below reports a missing tokenizer
+    _refuse_custom_code(tokenizer_config, model_id, "tokenizer_config.json")
+
+
+def _load_hf(source, device, verbose):
+    """A Hugging Face model from a local folder (a Path) or the Hub (an id)."""
     try:
         import transformers
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:  # pragma: no cover - transformers is an optional extra
         raise ImportError(
-            "Loading a model from a path needs the 'transformers' package: "
+            "Loading a Hugging Face model needs the 'transformers' package: "
             "pip install 'sparse_dict[hf]'."
         ) from exc
-    root = _hf_model_dir(path)
+    if isinstance(source, Path):
+        root = _hf_model_dir(source)
+        _check_local_hf_folder(root, str(source))
+        # A local folder never reaches the network.
+        options = {"local_files_only": True, "trust_remote_code": False}
+    else:
+        root = source
+        _check_hub_model(source)
+        options = {"trust_remote_code": False}
     bars = transformers.utils.logging.is_progress_bar_enabled()
     if not verbose:
         transformers.utils.logging.disable_progress_bar()
     try:
-        config = AutoConfig.from_pretrained(root, local_files_only=True)
+        config = AutoConfig.from_pretrained(root, **options)
         causal = any(
             a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or ())
         )
         auto = AutoModelForCausalLM if causal else AutoModel
-        model = auto.from_pretrained(root, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True)
+        model = auto.from_pretrained(root, **options)
+        tokenizer = AutoTokenizer.from_pretrained(root, **options)
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
     model = model.to(device).eval()
     max_positions = getattr(model.config, "max_position_embeddings", None)
-    return _Loaded(model, tokenizer, device, "hf", max_positions)
+    return LoadedModel(model, tokenizer, device, "hf", max_positions)
 
 
 def _load_builtin(device):
     from sparse_dict.models.builtin import load_builtin_model
 
     model, tokenizer = load_builtin_model(device=device)
-    return _Loaded(model.eval(), tokenizer, device, "builtin", model.config.max_len)
+    return LoadedModel(model.eval(), tokenizer, device, "builtin", model.config.max_len)
 
 
 def _load_module(model, tokenizer, device):
@@ -158,5 +279,58 @@ def _load_module(model, tokenizer, device):
     max_positions = getattr(config, "max_len", None) or getattr(
         config, "max_position_embeddings", None
     )
-    return _Loaded(model, tokenizer, device, "module", max_positions)
+    return LoadedModel(model, tokenizer, device, "module", max_positions)
 
+
+
+# A Hub id is "name" or "owner/name" (letters, digits, "-", "_", "."), as the
+# Hub itself allows; anything else that is not an existing folder is a typo'd path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def load_model(model, tokenizer, device, verbose=0):
+    """The model that an extractor's ``model`` names, ready to run.
+
+    Parameters
+    ----------
+    model : "builtin", str, path-like or torch.nn.Module
+        As :class:`~sparse_dict.TransformerActivationExtractor` takes it.
+    tokenizer : callable or None
+        Used with an ``nn.Module`` only.
+    device : torch.device or None
+        None leaves a user's module where it is.
+    verbose : int, default=0
+        Shows transformers' download and loading bars when positive.
+
+    Returns
+    -------
+    LoadedModel
+        Shared through a small process-wide cache, except for a module.
+    """
+    if isinstance(model, nn.Module):
+        return _load_module(model, tokenizer, device)
+    if isinstance(model, str) and model == "builtin":
+        source = "builtin"
+    else:
+        path = Path(model).expanduser()
+        if path.is_dir():
+            source = path.resolve()
+        elif path.exists():
+            raise ValueError(f"model={str(model)!r} is a file, not a model folder.")
+        elif isinstance(model, str) and _HUB_ID.match(model):
+            source = model
+        else:
+            raise ValueError(
+                f"model={str(model)!r} is neither 'builtin', an existing local Hugging "
+                "Face model folder, nor a Hugging Face Hub id such as 'gpt2' or "
+                "'owner/name'."
+            )
+    key = (str(source), str(device))
+    loaded = _MODEL_CACHE.get(key)
+    if loaded is None:
+        loaded = _load_builtin(device) if source == "builtin" else _load_hf(source, device, verbose)
+        _MODEL_CACHE[key] = loaded
+        while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
+            _MODEL_CACHE.popitem(last=False)
+    _MODEL_CACHE.move_to_end(key)
+    return loaded

@@ -7,8 +7,8 @@ import torch
 from sklearn.base import clone
 from sklearn.utils.validation import check_is_fitted
 
-from sparse_dict.extraction._extractor import TransformerActivationExtractor, _model_module
-from sparse_dict.extraction._hook import _StopForward, _Tap
+from sparse_dict.extraction._extractor import TransformerActivationExtractor
+from sparse_dict.extraction._hook import StopForward
 from sparse_dict.extraction._texts import _check_texts
 
 
@@ -81,7 +81,7 @@ def _count_nonzero(codes):
     return int(codes.count_nonzero()) if sp.issparse(codes) else int(np.count_nonzero(codes))
 
 
-def splice_evaluation(extractor, dictionary, texts, *, ablation="zero", verbose=0):
+def splice_evaluation(extractor, dictionary, texts, *, ablation="zero", verbose=0, label=None):
     """Run the model with its activations replaced by a dictionary's reconstruction.
 
     At the extractor's hook point, the activations of every real token are
@@ -105,6 +105,8 @@ def splice_evaluation(extractor, dictionary, texts, *, ablation="zero", verbose=
         ``texts``.
     verbose : int, default=0
         Progress bar over batches when positive.
+    label : str or None, default=None
+        Names the dictionary in the progress bar; its class name when None.
 
     Returns
     -------
@@ -137,16 +139,18 @@ def splice_evaluation(extractor, dictionary, texts, *, ablation="zero", verbose=
             )
     if not isinstance(extractor, TransformerActivationExtractor):
         extractor = TransformerActivationExtractor(extractor)
-    texts, pretokenized = _check_texts(texts)
+    texts, _ = _check_texts(texts)
     try:
         check_is_fitted(extractor)
     except Exception:
         extractor = clone(extractor).set_params(pooling="none").fit(texts)
-    loaded = extractor._load()
-    seqs = extractor._tokenize(texts, pretokenized, loaded)
-    module = _model_module(loaded, extractor.hook_module_)
-    n_batches = -(-sum(1 for s in seqs if s) // extractor.batch_size)
+    # Only the extractor's public interface is used, so any extractor that
+    # offers it (token_ids, batches, activation_hook, loaded_model) splices.
+    loaded = extractor.loaded_model()
+    seqs = extractor.token_ids(texts)
     vocab = loaded.vocab_size()
+    label = label or type(dictionary).__name__
+    point = getattr(extractor, "hook_name_", "the activations")
 
     acc = dict.fromkeys(
         ["nll_o", "nll_s", "nll_a", "kl", "n_pred", "cos_s", "cos_a", "n_texts",
@@ -157,28 +161,28 @@ def splice_evaluation(extractor, dictionary, texts, *, ablation="zero", verbose=
     training = loaded.model.training
     loaded.model.eval()
     try:
-        with torch.inference_mode(), _Tap(module, extractor._where) as tap:
+        with torch.inference_mode(), extractor.activation_hook() as hook:
             if ablation == "mean":
                 total, count = None, 0
-                for _, ids, mask in extractor._batches(seqs, loaded):
-                    tap.reset("stop")
+                desc = f"Splicing {label}: mean of {point} over {len(seqs):,} texts"
+                for _, ids, mask in extractor.batches(seqs, desc if verbose else None):
+                    hook.reset("stop")
                     try:
                         loaded(ids, mask)
-                    except _StopForward:
+                    except StopForward:
                         pass
-                    real = tap.captured[mask.bool()].double()
+                    real = hook.captured[mask.bool()].double()
                     total = real.sum(0) if total is None else total + real.sum(0)
                     count += real.shape[0]
                 mean_act = total / count
 
-            batches = extractor._progress(
-                extractor._batches(seqs, loaded), n_batches, "Splicing"
-            )
-            for _, ids, mask in batches:
+            desc = (f"Splicing {label}'s reconstruction into {point} of {len(seqs):,} "
+                    "texts")
+            for _, ids, mask in extractor.batches(seqs, desc if verbose else None):
                 keep = mask.bool()
-                tap.reset("capture")
+                hook.reset("capture")
                 kind, out_o = _final_output(loaded(ids, mask), vocab)
-                acts = tap.captured.clone()
+                acts = hook.captured.clone()
 
                 real = acts[keep].float().cpu().numpy()
                 codes = dictionary.transform(real)
@@ -192,12 +196,12 @@ def splice_evaluation(extractor, dictionary, texts, *, ablation="zero", verbose=
 
                 spliced = acts.clone()
                 spliced[keep] = torch.as_tensor(recon, device=acts.device, dtype=acts.dtype)
-                tap.reset("replace", spliced)
+                hook.reset("replace", spliced)
                 _, out_s = _final_output(loaded(ids, mask), vocab)
 
                 ablated = acts.clone()
                 ablated[keep] = 0.0 if mean_act is None else mean_act.to(acts.dtype)
-                tap.reset("replace", ablated)
+                hook.reset("replace", ablated)
                 _, out_a = _final_output(loaded(ids, mask), vocab)
 
                 if kind == "lm":

@@ -1,11 +1,11 @@
 """Checking the texts given to an extractor, and turning them into token ids."""
 
 import inspect
+from collections.abc import Mapping, Set
 from numbers import Integral
 
 import numpy as np
 import torch
-
 
 
 def _is_id_sequence(x):
@@ -31,6 +31,13 @@ def _check_texts(X):
         raise TypeError(
             "Iterable over raw texts expected, string object received: pass a "
             "list of texts, e.g. [text] rather than text."
+        )
+    if isinstance(X, (Mapping, Set)):
+        # Iterating would silently take a dict's keys, and a set has no order
+        # to match rows to texts by.
+        raise TypeError(
+            f"X must be a list of texts (or of token-id lists), got a "
+            f"{type(X).__name__}; pass list(...) of the texts themselves."
         )
     if isinstance(X, np.ndarray) and X.ndim == 2 and X.dtype.kind in "iu":
         X = list(X)
@@ -60,7 +67,23 @@ def _check_texts(X):
             f"X must hold only {what}, like its first element; element {i} is "
             f"{type(x).__name__}: {x!r:.60}."
         )
+    if not pretokenized:
+        _check_encodable(X)
     return X, pretokenized
+
+
+def _check_encodable(texts):
+    # A lone surrogate (such as "\ud800", from a bad decode) is a str that no
+    # tokenizer can encode; each fails in its own opaque way, so say which text.
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(
+                f"Text {i} cannot be encoded as UTF-8: it holds {text[err.start]!r} at "
+                f"character {err.start} (a lone surrogate, often from decoding bytes "
+                "with errors='surrogateescape'); clean or drop that text."
+            ) from None
 
 
 def _ids_to_lists(ids, mask=None):

