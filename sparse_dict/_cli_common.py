@@ -227,12 +227,13 @@ def _extract(extractor, texts):
 
 
 def _estimator_params(args):
-    """The estimator's parameters given on the command line; the rest keep its defaults."""
-    names = (
-        "n_components", "l1_coef", "learning_rate", "batch_size", "max_iter",
-        "max_steps", "device", "random_state",
-    )
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    """The estimator's parameters from the command line (all generated options, and --device)."""
+    from sparse_dict._cli_options import estimator_params
+    from sparse_dict.estimator import SparseAutoencoderDictionary
+
+    params = estimator_params(args, SparseAutoencoderDictionary)
+    params["device"] = args.device
+    return params
 
 
 def _write_report(out, dictionary, codes, tokens, index, *, k, context, title):

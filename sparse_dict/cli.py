@@ -18,6 +18,7 @@ subcommand that needs them, so ``--help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -47,7 +48,7 @@ from sparse_dict._cli_common import (  # noqa: F401
     load_matrix,
     read_texts,
 )
-from sparse_dict._demo import _DEMO_DEFAULTS, cmd_demo  # noqa: F401
+from sparse_dict._demo import _DEMO_DEFAULTS, _DEMO_ESTIMATOR_DEFAULTS, cmd_demo
 
 # Exit statuses: 2 for a problem with the user's input (as argparse does for a
 # bad option), 1 for anything unexpected, 130 for Ctrl-C.
@@ -170,6 +171,12 @@ _non_negative_float = _number(float, 0, strict=False)
 def _add_common(p):
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
     p.add_argument(
+        "--threads", type=_positive_int, default=None,
+        help="CPU threads for torch and for numpy/scikit-learn's math; fewer "
+        "than the cores leaves room for other work on a shared machine "
+        "(default: torch's and the BLAS library's own choice, usually one per core)",
+    )
+    p.add_argument(
         "--traceback", action="store_true",
         help="on an error, show the full Python traceback instead of one line",
     )
@@ -203,33 +210,16 @@ def _add_extraction(p):
     )
 
 
-def _add_estimator(p, *, demo=False):
-    defaults = _DEMO_DEFAULTS if demo else {}
-
-    def shown(name):
-        return f" (default: {defaults[name]})" if name in defaults else ""
+def _add_estimator(p, defaults):
+    from sparse_dict._cli_options import add_estimator_options
+    from sparse_dict.estimator import SparseAutoencoderDictionary
 
     g = p.add_argument_group(
         "dictionary",
-        "parameters of SparseAutoencoderDictionary; those not given keep the "
-        "estimator's defaults" + (", except where a default is shown" if demo else ""),
+        "parameters of SparseAutoencoderDictionary (see its documentation); "
+        "'none' gives None where a parameter takes it",
     )
-    g.add_argument("--n-components", type=_positive_int, default=defaults.get("n_components"),
-                   help="number of features" + (shown("n_components") if demo else
-                   " (default: 4 x the number of input features)"))
-    g.add_argument("--l1-coef", type=_non_negative_float, default=defaults.get("l1_coef"),
-                   help="sparsity penalty: higher gives fewer active features" + shown("l1_coef"))
-    g.add_argument("--learning-rate", type=_positive_float,
-                   default=defaults.get("learning_rate"),
-                   help="Adam's peak step size" + shown("learning_rate"))
-    g.add_argument("--batch-size", type=_positive_int, default=defaults.get("batch_size"),
-                   help="rows per training step" + shown("batch_size"))
-    g.add_argument("--max-iter", type=_positive_int, default=defaults.get("max_iter"),
-                   help="passes over the data (epochs)" + shown("max_iter"))
-    g.add_argument("--max-steps", type=_positive_int, default=defaults.get("max_steps"),
-                   help="cap on training steps" + shown("max_steps"))
-    g.add_argument("--random-state", type=int, default=defaults.get("random_state"),
-                   help="seed, for repeatable fits" + shown("random_state"))
+    add_estimator_options(g, SparseAutoencoderDictionary, defaults)
 
 
 def _add_device(p):
@@ -239,6 +229,24 @@ def _add_device(p):
     )
 
 
+@contextlib.contextmanager
+def _cpu_threads(n):
+    """Limit torch and the BLAS/OpenMP pools of numpy and scikit-learn to ``n`` threads."""
+    if n is None:
+        yield
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, like the rest of the CLI."""
 
@@ -246,8 +254,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def build_parser():
-    """The ``sparse-dict`` argument parser."""
+# ``fit`` is seeded like ``demo``, so that two runs of one command agree.
+_FIT_DEFAULTS = {"random_state": 0}
+
+
+def build_parser(command=None):
+    """The ``sparse-dict`` argument parser.
+
+    Parameters
+    ----------
+    command : str or None, default=None
+        The subcommand about to run. The estimator's options of ``fit`` and
+        ``demo`` are generated from the estimator, which imports torch; they
+        are added only for that subcommand (all of them when None), so that
+        the other subcommands and ``--help`` answer at once.
+    """
+
+    def wanted(name):
+        return command is None or command == name
+
     parser = _Parser(
         prog=PROG,
         description="Learn sparse dictionaries of neural-network activations with "
@@ -303,11 +328,12 @@ def build_parser():
                    help=f"examples per feature (default: {d['top_k']})")
     g.add_argument("--context", type=_non_negative_int, default=d["context"],
                    help=f"tokens of context either side of an example (default: {d['context']})")
-    _add_estimator(p, demo=True)
+    if wanted("demo"):
+        _add_estimator(p, _DEMO_ESTIMATOR_DEFAULTS)
     _add_device(p)
     _add_common(p)
     p.set_defaults(func=cmd_demo, model="builtin", layer=0, hook="mlp_post",
-                   extract_batch_size=32)
+                   extract_batch_size=32, **({} if wanted("demo") else _DEMO_ESTIMATOR_DEFAULTS))
 
     p = sub.add_parser(
         "extract", help="texts file -> activations (.npy)",
@@ -332,7 +358,8 @@ def build_parser():
     p.add_argument("activations", help=".npy array of shape (n_tokens, n_features)")
     p.add_argument("-o", "--out", required=True, help="output folder for the dictionary")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    _add_estimator(p)
+    if wanted("fit"):
+        _add_estimator(p, _FIT_DEFAULTS)
     _add_device(p)
     _add_common(p)
     p.set_defaults(func=cmd_fit)
@@ -395,10 +422,13 @@ def main(argv=None):
     >>> main(["encode", "no-such-dictionary", "acts.npy", "-o", "codes.npy"])
     2
     """
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with _cpu_threads(args.threads):
+            return int(args.func(args) or 0)
     except (CLIError, ValueError, TypeError, FileExistsError) as err:
         # ValueError and TypeError are how the estimators reject bad input (NaN,
         # wrong shapes, invalid parameters), with a message meant for users.

@@ -110,6 +110,95 @@ def test_every_option_has_help():
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
 
 
+def _options(parser, command):
+    sub = parser._subparsers._group_actions[0].choices[command]
+    return {a.dest: a for a in sub._actions}
+
+
+@pytest.mark.parametrize("command", ["fit", "demo"])
+def test_every_estimator_parameter_has_a_generated_option(command, capsys):
+    """Each constructor parameter (bar callables, verbose and device) is an option of
+    fit and demo with the estimator's type, choices and default, shown in --help."""
+    import inspect
+
+    from sklearn.utils._param_validation import StrOptions
+
+    from sparse_dict._cli_options import SKIPPED, generated_parameters
+    from sparse_dict._demo import _DEMO_ESTIMATOR_DEFAULTS
+    from sparse_dict.estimator import SparseAutoencoderDictionary as SAE
+
+    signature = inspect.signature(SAE.__init__).parameters
+    expected = [n for n in signature if n != "self" and n not in SKIPPED
+                and callable not in SAE._parameter_constraints[n]]
+    assert generated_parameters(SAE) == expected
+    assert "callback" not in expected  # a callable: no option
+    overrides = _DEMO_ESTIMATOR_DEFAULTS if command == "demo" else {"random_state": 0}
+    options = _options(build_parser(), command)
+    _, help_text, _ = run([command, "--help"], capsys)
+    help_text = " ".join(help_text.split())
+    for name in expected:
+        action = options.get(name)
+        assert action is not None, f"{command} has no option for {name}"
+        assert action.option_strings[0] == "--" + name.replace("_", "-")
+        assert action.default == overrides.get(name, signature[name].default), name
+        assert f"--{name.replace('_', '-')}" in help_text
+        shown = f"(default: {action.default})"
+        assert shown in help_text, (name, shown)
+        for constraint in SAE._parameter_constraints[name]:
+            if isinstance(constraint, StrOptions):
+                assert set(action.choices) >= constraint.options, name
+
+
+def test_generated_options_parse_and_check_like_the_estimator():
+    from sparse_dict.cli import build_parser
+
+    parser = build_parser("fit")
+    args = parser.parse_args(["fit", "a.npy", "-o", "d", "--n-components", "8",
+                              "--max-steps", "none", "--no-resample-dead",
+                              "--decoder-bias-init", "zeros", "--random-state", "none"])
+    assert (args.n_components, args.max_steps, args.resample_dead) == (8, None, False)
+    assert (args.decoder_bias_init, args.random_state) == ("zeros", None)
+    defaults = parser.parse_args(["fit", "a.npy", "-o", "d"])
+    assert defaults.random_state == 0  # seeded, like the demo
+    assert defaults.resample_dead is True and defaults.l1_coef == 3.0
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [("--l1-coef", "-1", "expected a number >= 0"),
+     ("--learning-rate", "0", "expected a number > 0"),
+     ("--warmup-fraction", "1", "expected a number >= 0 and < 1"),
+     ("--n-components", "2.5", "expected an integer >= 1 or 'none'"),
+     ("--batch-size", "none", "expected an integer >= 1, got 'none'"),
+     ("--decoder-bias-init", "median", "invalid choice"),
+     ("--random-state", "x", "expected an integer seed or 'none'")],
+)
+def test_generated_options_reject_bad_values_in_one_line(option, value, message, capsys):
+    status, _, err = run(["fit", "a.npy", "-o", "d", option, value], capsys)
+    assert_one_line_error(status, err, option, message)
+
+
+def test_threads_limits_torch_and_blas_during_the_command(monkeypatch):
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from sparse_dict import cli
+
+    seen = {}
+
+    def probe(args):
+        seen["torch"] = torch.get_num_threads()
+        seen["blas"] = {pool["num_threads"] for pool in threadpool_info()}
+        return 0
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(cli, "cmd_encode", probe)
+    assert main(["encode", "d", "a.npy", "-o", "c.npy", "--threads", "1"]) == 0
+    assert seen["torch"] == 1
+    assert seen["blas"] <= {1}
+    assert torch.get_num_threads() == before
+
+
 def test_console_script_entry_point():
     # The module form runs the same main(); a bad path gives one line, no traceback.
     proc = subprocess.run(
