@@ -236,7 +236,8 @@ def _estimator_params(args):
     return params
 
 
-def _write_report(out, dictionary, codes, tokens, index, *, k, context, title):
+def _write_report(out, dictionary, codes, tokens, index, *, k, context, title,
+                  density_title=None):
     """Feature browser and density plot of ``codes`` in folder ``out``."""
     from sparse_dict.browser import (
         plot_feature_density,
@@ -247,6 +248,6 @@ def _write_report(out, dictionary, codes, tokens, index, *, k, context, title):
     frequencies = (np.asarray(codes) > 0).mean(axis=0)
     examples = top_activating_examples(codes, tokens, index, k=k, context=context)
     html_path = write_feature_browser(out / "features.html", frequencies, examples, title=title)
-    plot_feature_density(frequencies, out / "density.png")
+    plot_feature_density(frequencies, out / "density.png", title=density_title)
     return Path(html_path), out / "density.png"
 

@@ -7,6 +7,7 @@ check the real entry point and that errors print no traceback.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -320,8 +321,20 @@ def test_demo_tiny_prints_table_and_writes_every_file(builtin_model, tmp_path, c
         assert -1.0 <= r["explained_variance"] <= 1.0
         assert r["l0"] >= 0 and 0 <= r["dead_fraction"] <= 1
         assert r["loss_recovered"] is not None and np.isfinite(r["loss_recovered"])
-    # Progress is shown (on stderr) unless --quiet.
+    # Progress is shown (on stderr) unless --quiet; each step says its own duration.
     assert "[1/5]" in err
+    for number in range(1, 6):
+        assert re.search(rf"step {number} took \d+\.\d s", err), number
+    # Every bar says what it does, and on which model or set of texts.
+    for label in ("Extracting layer0.mlp_post activations of 24 texts (model builtin)",
+                  "Extracting layer0.mlp_post activations of 8 texts (model builtin)",
+                  "Splicing the sparse autoencoder's reconstruction",
+                  "Splicing MiniBatchDictionaryLearning's reconstruction",
+                  "OMP coding of "):
+        assert label in err, label
+    # --tiny says its numbers are a smoke test; the table says which tokens it used.
+    assert "smoke test" in stdout
+    assert re.search(r"Measured on [\d,]+ tokens of 6 texts of held-out works", stdout)
 
 
 def test_demo_quiet_and_no_classical(builtin_model, tmp_path, capsys):
@@ -330,6 +343,27 @@ def test_demo_quiet_and_no_classical(builtin_model, tmp_path, capsys):
     assert status == 0
     assert err == ""
     assert "MiniBatchDictionaryLearning" not in stdout
+
+
+def test_demo_classical_codes_are_computed_once(builtin_model, tmp_path, capsys, monkeypatch):
+    """Splicing reuses the OMP codes of the table's tokens instead of coding them again."""
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+
+    coded = []
+    original = MiniBatchDictionaryLearning.transform
+
+    def counting(self, X):
+        coded.append(len(X))
+        return original(self, X)
+
+    monkeypatch.setattr(MiniBatchDictionaryLearning, "transform", counting)
+    status, _, err = run(["demo", "--tiny", "-q", "--out", tmp_path / "d", "--device", "cpu"],
+                         capsys)
+    assert status == 0, err
+    results = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert sum(coded) > 0
+    # Only the table's own tokens were coded: none a second time for splicing.
+    assert sum(coded) == results["n_eval_tokens"], coded
 
 
 # --------------------------------------------------------------------------

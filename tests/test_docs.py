@@ -25,7 +25,7 @@ def test_docs_build_without_warnings(tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
     for page in ("index", "problem", "quickstart", "estimator", "model_selection",
                  "extraction", "classical", "benchmarks", "saving", "gpu", "cli",
-                 "builtin_model", "api", "glossary"):
+                 "builtin_model", "api", "glossary", "architecture"):
         assert (out / f"{page}.html").is_file(), page
     api = (out / "api.html").read_text(encoding="utf-8")
     for name in ("SparseAutoencoderDictionary", "TransformerActivationExtractor",
