@@ -28,11 +28,11 @@ from sparse_dict._cli_common import (
 # comparison of the two methods still means something.
 _DEMO_DEFAULTS = {
     "out": "sparse-dict-out",
-    "n_texts": 1000,
+    "n_texts": 800,
     "n_eval_texts": 40,
     "n_browser_texts": 300,
     "max_length": 128,
-    "classical_samples": 2048,
+    "classical_samples": 1536,
     "classical_max_iter": 1,
     "classical_alpha": 0.3,
     "top_k": 8,
