@@ -35,7 +35,7 @@ from benchmarks._common import Timer, sae_params, target
 from sparse_dict import SparseAutoencoderDictionary
 from sparse_dict._corpus import load_corpus
 from sparse_dict.extraction import TransformerActivationExtractor, splice_evaluation
-from sparse_dict.metrics import dead_fraction, explained_variance, l0
+from sparse_dict.model_selection import sparse_coding_scorer
 
 SIZES = {
     "tiny": dict(
@@ -97,15 +97,12 @@ def _sae_points(X, X_eval, ext, eval_texts, s, device, splice):
         )
         with Timer() as t:
             sae.fit(X)
-        codes = sae.transform(X_eval)
         point = {
             "l1_coef": l1_coef,
             "n_components": s["n_components"],
             "fit_s": t.seconds,
             "steps": int(sae.n_steps_),
-            "l0": l0(codes),
-            "explained_variance": explained_variance(X_eval, sae.inverse_transform(codes)),
-            "dead_fraction": dead_fraction(codes),
+            **sparse_coding_scorer(sae, X_eval),  # explained variance, L0, dead fraction
         }
         if splice:
             result = splice_evaluation(ext, sae, eval_texts).to_dict()
@@ -127,15 +124,14 @@ def _mbdl_points(X, X_eval, s):
         with warnings.catch_warnings(), Timer() as t:
             warnings.simplefilter("ignore", ConvergenceWarning)
             est.fit(Xs)
-            codes = est.transform(Xe)
+            # Coding is part of this method's cost, so it is timed with the fit.
+            scores = sparse_coding_scorer(est, Xe)
         points.append({
             "alpha": alpha,
             "n_components": s["mbdl_components"],
             "n_rows": Xs.shape[0],
             "fit_s": t.seconds,
-            "l0": l0(codes),
-            "explained_variance": explained_variance(Xe, codes @ est.components_),
-            "dead_fraction": dead_fraction(codes),
+            **scores,  # explained variance, L0, dead fraction
         })
     return points
 
