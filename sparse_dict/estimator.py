@@ -6,10 +6,7 @@ attributes. It holds no training logic of its own.
 """
 
 import contextlib
-import json
 import math
-import shutil
-import tempfile
 import warnings
 from numbers import Integral, Real
 from pathlib import Path
@@ -26,6 +23,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
+from sparse_dict import _persist
 from sparse_dict._torch import (
     DivergenceError,
     TrainConfig,
@@ -34,6 +32,7 @@ from sparse_dict._torch import (
     encode_array,
     resolve_device,
 )
+from sparse_dict._torch.memory import device_bytes, training_bytes
 
 __all__ = ["DivergenceError", "SparseAutoencoderDictionary"]
 
@@ -49,17 +48,111 @@ _WEIGHTS_FILE = "weights.safetensors"
 _CONFIG_FILE = "config.json"
 
 
+# What a saved folder holds, checked at load. The tensors' shapes depend on
+# the attributes, so their schema is made by _saved_tensor_schema.
+_SAVED_ATTRIBUTES = {
+    "n_features_in_": _persist.Integer(1),
+    "n_components_": _persist.Integer(1),
+    "n_iter_": _persist.Integer(0),
+    "n_steps_": _persist.Integer(0),
+    "scale_": _persist.Real(0.0, inclusive=False),
+    "n_resampled_": _persist.Integer(0),
+    "dtype": _persist.OneOf(("float32", "float64")),
+}
+_HISTORY_KEYS = ("loss", "mse", "l1", "l0")
+
+
+def _saved_tensor_schema(n_components, n_features, dtype):
+    same = (dtype,)
+    return {
+        "components": _persist.TensorSpec((n_components, n_features), same),
+        "encoder_weights": _persist.TensorSpec((n_components, n_features), same),
+        "encoder_bias": _persist.TensorSpec((n_components,), same),
+        "decoder_bias": _persist.TensorSpec((n_features,), same),
+        "feature_frequencies": _persist.TensorSpec((n_components,), minimum=0.0, maximum=1.0),
+        "history": _persist.TensorSpec((None, len(_HISTORY_KEYS))),
+    }
+
+
+# A folder that save wrote: what overwrite=True may replace, and nothing else.
+SAVED_DICTIONARY = _persist.folder_kind(
+    "saved dictionary",
+    {
+        _CONFIG_FILE: _persist.json_kind(
+            "dictionary configuration",
+            lambda config: isinstance(config, dict) and config.get("format") == _FORMAT,
+        ),
+        _WEIGHTS_FILE: None,
+    },
+)
+
+
+def _device_here(device):
+    """``device``, or ``"cpu"`` with a warning if it names CUDA and this machine has none."""
+    if isinstance(device, str) and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            warnings.warn(
+                f"This model was saved with device={device!r}, but CUDA is not "
+                "available here; it will run on the CPU (device='cpu').",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return "cpu"
+    return device
+
+
+def _check_representable(X):
+    """Refuse data that the model, which computes in float32, cannot represent."""
+    values = X.data if sp.issparse(X) else X
+    peak = 0.0
+    # In blocks of rows, so that a memmap is never read whole into memory.
+    step = max(1, (1 << 20) // max(1, values.shape[-1] if values.ndim == 2 else 1))
+    for start in range(0, values.shape[0], step):
+        block = values[start:start + step]
+        if block.size:
+            # max and min, not abs: no copy of the block.
+            peak = max(peak, abs(float(block.max())), abs(float(block.min())))
+    info = np.finfo(np.float32)
+    if peak > info.max:
+        raise ValueError(
+            f"X has values up to {peak:.3g} in absolute value, beyond the range of "
+            f"float32 (about {info.max:.3g}), in which the model computes. Rescale X, "
+            "for example divide it by its largest absolute value."
+        )
+    if 0 < peak < info.tiny:
+        raise ValueError(
+            f"X's largest absolute value is {peak:.3g}, below float32's smallest normal "
+            f"number ({info.tiny:.3g}): in float32, in which the model computes, such "
+            "values lose their precision or vanish. Rescale X, for example divide it "
+            "by its largest absolute value."
+        )
+
+
+class _IntervalNotBool(Interval):
+    """An integer interval that, unlike ``Interval(Integral, ...)``, refuses booleans."""
+
+    def is_satisfied_by(self, val):
+        return not isinstance(val, (bool, np.bool_)) and super().is_satisfied_by(val)
+
+
 @contextlib.contextmanager
-def _restored_on_error(estimator):
+def _restored_on_error(estimator, trainer=None):
     """Put ``estimator``'s state back as it was if the body raises.
 
     A failed fit (bad data, divergence, interruption) must not leave a
-    previously fitted estimator half-updated.
+    previously fitted estimator half-updated. ``trainer``, the hidden trainer
+    that the body continues training, is rolled back too: it can have trained
+    before the interruption came.
     """
     saved = dict(estimator.__dict__)
+    snapshot = trainer._snapshot() if trainer is not None else None
     try:
         yield
     except BaseException:
+        if trainer is not None:
+            trainer._restore(snapshot)
         estimator.__dict__.clear()
         estimator.__dict__.update(saved)
         raise
@@ -185,7 +278,7 @@ class SparseAutoencoderDictionary(
     """
 
     _parameter_constraints = {
-        "n_components": [Interval(Integral, 1, None, closed="left"), None],
+        "n_components": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
         "l1_coef": [Interval(Real, 0, None, closed="left")],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
@@ -303,7 +396,7 @@ class SparseAutoencoderDictionary(
         self : object
         """
         first_call = not hasattr(self, "components_")
-        with _restored_on_error(self):
+        with _restored_on_error(self, getattr(self, "_trainer", None)):
             X = self._validate_train_data(X, reset=first_call)
             # One random state across calls, so that successive calls draw
             # different batch orders.
@@ -336,9 +429,20 @@ class SparseAutoencoderDictionary(
     def _new_trainer(self, X, random_state):
         seed = int(random_state.randint(np.iinfo(np.int32).max))
         n_components = self.n_components or 4 * X.shape[1]
+        self._check_memory(X.shape[1], n_components)
         trainer = Trainer(X.shape[1], n_components, resolve_device(self.device), seed)
         trainer.initialize(X, random_state, self.decoder_bias_init)
         return trainer
+
+    def _check_memory(self, n_features, n_components):
+        device = resolve_device(self.device)
+        need, have = training_bytes(n_features, n_components), device_bytes(device)
+        if have is not None and need > have:
+            raise ValueError(
+                f"n_components={n_components} on {n_features} features needs at least "
+                f"{need / 1e9:.3g} GB to train, but the {device.type} device has "
+                f"{have / 1e9:.3g} GB in all. Choose a smaller n_components."
+            )
 
     def _train(self, trainer, X, config, random_state, n_passes, total):
         progress = None
@@ -353,7 +457,7 @@ class SparseAutoencoderDictionary(
                 progress.close()
 
     def _validate_train_data(self, X, reset):
-        return validate_data(
+        X = validate_data(
             self,
             X,
             reset=reset,
@@ -361,6 +465,8 @@ class SparseAutoencoderDictionary(
             dtype=[np.float64, np.float32],
             ensure_min_samples=2,
         )
+        _check_representable(X)
+        return X
 
     def _store_fitted(self, trainer, dtype):
         params = trainer.export()
@@ -485,18 +591,7 @@ class SparseAutoencoderDictionary(
     # ------------------------------------------------------ saving and loading
     def __setstate__(self, state):
         super().__setstate__(state)
-        device = state.get("device", "auto")
-        if isinstance(device, str) and device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                warnings.warn(
-                    f"This model was saved with device={device!r}, but CUDA is not "
-                    "available here; it will run on the CPU (device='cpu').",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self.device = "cpu"
+        self.device = _device_here(state.get("device", "auto"))
 
     def save(self, path, *, overwrite=False):
         """Save the fitted dictionary to a folder: safetensors weights and JSON.
@@ -506,27 +601,33 @@ class SparseAutoencoderDictionary(
         that transforms identically and can continue training with a fresh
         optimiser.
 
+        The folder is written under a temporary name beside ``path`` and
+        renamed into place only once complete, so a failed or interrupted save
+        leaves nothing behind, and of several processes saving to the same new
+        path at once exactly one succeeds. Permissions follow the umask.
+
         Parameters
         ----------
         path : str or path-like
             The folder to write (``config.json`` and ``weights.safetensors``).
+            It must not exist, or be an empty folder.
         overwrite : bool, default=False
-            Replace an existing folder. The old one is removed only after the
-            new one is completely written.
+            Replace an existing saved dictionary. Only a folder written by
+            :meth:`save` is ever replaced, never any other file or folder; the
+            old dictionary is swapped for the new one once the new one is
+            completely written.
 
         Returns
         -------
         path : pathlib.Path
-        """
-        from safetensors.numpy import save_file
 
+        Raises
+        ------
+        FileExistsError
+            If ``path`` exists and ``overwrite`` is False, or if it is not a
+            saved dictionary.
+        """
         check_is_fitted(self)
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(
-                f"{path} already exists; pass overwrite=True to replace it."
-            )
-        path.parent.mkdir(parents=True, exist_ok=True)
         params = self.get_params()
         params["callback"] = None
         if not (params["random_state"] is None or isinstance(params["random_state"], Integral)):
@@ -557,29 +658,22 @@ class SparseAutoencoderDictionary(
             "encoder_bias": self.encoder_bias_,
             "decoder_bias": self.decoder_bias_,
             "feature_frequencies": np.asarray(self.feature_frequencies_, dtype=np.float64),
-            "history": np.stack([self.history_[k] for k in ("loss", "mse", "l1", "l0")], axis=1),
+            "history": np.stack([self.history_[k] for k in _HISTORY_KEYS], axis=1),
         }
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                      staging / _WEIGHTS_FILE)
-            (staging / _CONFIG_FILE).write_text(json.dumps(config, indent=2))
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-                old.rmdir()
-                path.rename(old)
-                staging.rename(path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                staging.rename(path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return path
+        return _persist.write_folder(
+            path, config, tensors, kind=SAVED_DICTIONARY, overwrite=overwrite,
+            config_name=_CONFIG_FILE, weights_name=_WEIGHTS_FILE,
+        )
 
     @classmethod
     def load(cls, path, *, device=None):
         """Load a dictionary written by :meth:`save`.
+
+        The whole folder is checked first: every field of the configuration
+        (its type and range), every tensor (its name, shape, dtype and that
+        its values are finite), and that neither file changed since it was
+        saved. A dictionary saved with a CUDA device loads on a machine
+        without one on the CPU, with a warning.
 
         Parameters
         ----------
@@ -590,53 +684,58 @@ class SparseAutoencoderDictionary(
         Returns
         -------
         estimator : SparseAutoencoderDictionary
-        """
-        from safetensors.numpy import load_file
 
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` does not exist.
+        ValueError
+            If ``path`` is not a complete, undamaged saved dictionary; the
+            message names the file and the field.
+        """
         path = Path(path)
-        config_file, weights_file = path / _CONFIG_FILE, path / _WEIGHTS_FILE
-        if not config_file.is_file() or not weights_file.is_file():
-            raise FileNotFoundError(
-                f"{path} is not a saved dictionary: expected {_CONFIG_FILE} and "
-                f"{_WEIGHTS_FILE} inside it."
-            )
-        try:
-            config = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{config_file} is not valid JSON: {exc}") from None
-        if not isinstance(config, dict) or config.get("format") != _FORMAT:
-            raise ValueError(f"{config_file} does not describe a {cls.__name__}.")
-        if config.get("format_version", 0) > _FORMAT_VERSION:
+        config = _persist.read_config(path, config_name=_CONFIG_FILE, weights_name=_WEIGHTS_FILE)
+        file = path / _CONFIG_FILE
+        if config.get("format") != _FORMAT:
+            raise ValueError(f"{file} does not describe a {cls.__name__}.")
+        version = _persist.Integer(1).check(config.get("format_version"), file, "format_version")
+        if version > _FORMAT_VERSION:
             raise ValueError(
-                f"{path} was written by a newer sparse_dict "
-                f"(format {config['format_version']}); upgrade sparse_dict to load it."
+                f"{path} was written by a newer sparse_dict (format {version}); "
+                "upgrade sparse_dict to load it."
             )
-        tensors = load_file(str(weights_file))
-        params = config["params"]
-        if device is not None:
-            params["device"] = device
-        estimator = cls(**params)
-        attrs = config["attributes"]
-        n_components, n_features = attrs["n_components_"], attrs["n_features_in_"]
-        expected = {
-            "components": (n_components, n_features),
-            "encoder_weights": (n_components, n_features),
-            "encoder_bias": (n_components,),
-            "decoder_bias": (n_features,),
+        raw = _persist.config_field(config, "attributes", file)
+        attrs = {
+            key: spec.check(_persist.config_field(raw, key, file, f"attributes.{key}", object),
+                            file, f"attributes.{key}")
+            for key, spec in _SAVED_ATTRIBUTES.items()
         }
-        for name, shape in expected.items():
-            if name not in tensors or tensors[name].shape != shape:
-                raise ValueError(
-                    f"{weights_file}: tensor {name!r} is missing or not of shape {shape}."
-                )
-        dtype = np.dtype(attrs.get("dtype", "float32"))
-        estimator.components_ = tensors["components"].astype(dtype)
-        estimator.encoder_weights_ = tensors["encoder_weights"].astype(dtype)
-        estimator.encoder_bias_ = tensors["encoder_bias"].astype(dtype)
-        estimator.decoder_bias_ = tensors["decoder_bias"].astype(dtype)
-        estimator.feature_frequencies_ = tensors["feature_frequencies"]
-        history = tensors["history"]
-        estimator.history_ = {k: history[:, i].copy() for i, k in enumerate(("loss", "mse", "l1", "l0"))}
+        n_components, n_features = attrs["n_components_"], attrs["n_features_in_"]
+        names = raw.get("feature_names_in_")
+        if names is not None:
+            _persist.Strings().check(names, file, "attributes.feature_names_in_")
+            if len(names) != n_features:
+                raise ValueError(f"{file}: field 'attributes.feature_names_in_' has "
+                                 f"{len(names)} names for {n_features} features")
+        unknown = set(raw) - set(_SAVED_ATTRIBUTES) - {"feature_names_in_"}
+        if unknown:
+            raise ValueError(f"{file}: unexpected field 'attributes.{sorted(unknown)[0]}'")
+        estimator = cls._from_saved_params(
+            _persist.config_field(config, "params", file), file, device)
+        if estimator.n_components is not None and estimator.n_components != n_components:
+            raise ValueError(
+                f"{file}: field 'params.n_components' ({estimator.n_components}) differs "
+                f"from 'attributes.n_components_' ({n_components})"
+            )
+        tensors = _persist.read_tensors(
+            path / _WEIGHTS_FILE, _saved_tensor_schema(n_components, n_features, attrs["dtype"]))
+        estimator.components_ = tensors["components"]
+        estimator.encoder_weights_ = tensors["encoder_weights"]
+        estimator.encoder_bias_ = tensors["encoder_bias"]
+        estimator.decoder_bias_ = tensors["decoder_bias"]
+        estimator.feature_frequencies_ = tensors["feature_frequencies"].astype(np.float64)
+        history = tensors["history"].astype(np.float64)
+        estimator.history_ = {k: history[:, i].copy() for i, k in enumerate(_HISTORY_KEYS)}
         estimator.loss_curve_ = estimator.history_["loss"]
         estimator.n_features_in_ = n_features
         estimator.n_components_ = n_components
@@ -644,6 +743,30 @@ class SparseAutoencoderDictionary(
         estimator.n_steps_ = attrs["n_steps_"]
         estimator.scale_ = attrs["scale_"]
         estimator.n_resampled_ = attrs["n_resampled_"]
-        if "feature_names_in_" in attrs:
-            estimator.feature_names_in_ = np.asarray(attrs["feature_names_in_"], dtype=object)
+        if names is not None:
+            estimator.feature_names_in_ = np.asarray(names, dtype=object)
+        return estimator
+
+    @classmethod
+    def _from_saved_params(cls, params, file, device):
+        """An estimator of the saved ``params``, each checked as ``fit`` would."""
+        known = cls._get_param_names()
+        for name in params:
+            if name not in known:
+                raise ValueError(f"{file}: unexpected field 'params.{name}'")
+        # Parameters added after the folder was saved keep their defaults.
+        estimator = cls(**params)
+        try:
+            estimator._validate_params()
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{file}: field 'params': {exc}") from None
+        if device is not None:
+            estimator.device = device  # checked where it is used, as set_params is
+            return estimator
+        estimator.device = _device_here(estimator.device)
+        if not estimator.device.startswith("cuda"):
+            try:
+                resolve_device(estimator.device)
+            except ValueError as exc:
+                raise ValueError(f"{file}: field 'params.device': {exc}") from None
         return estimator
