@@ -18,13 +18,17 @@ subcommand that needs them, so ``--help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
+
+from sparse_dict import _persist
 
 __all__ = ["main"]
 
@@ -58,27 +62,49 @@ def _input_file(path, what):
     return path
 
 
-def _output_file(path, what):
-    """``path`` as a Path, its folder created, after checking it can be written."""
+def _output_file(path, what, kind=_persist.NPY, *, overwrite=False, inputs=()):
+    """``path`` as a Path after checking it may be written: new, or replaceable with --overwrite.
+
+    Nothing is created here: outputs are written when complete (see
+    :mod:`sparse_dict._persist`), so a failed command leaves nothing behind.
+    """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not kind.folder:
         raise CLIError(f"{what} {str(path)!r} is a folder, expected a file name")
     _output_dir(path.parent if str(path.parent) else Path("."), f"folder of {what}")
-    return path
+    try:
+        return _persist.check_target(path, kind, overwrite=overwrite,
+                                     inputs=[Path(i) for i in inputs], hint="--overwrite")
+    except (FileExistsError, ValueError) as err:
+        raise CLIError(f"{what}: {err}") from None
 
 
 def _output_dir(path, what):
-    """``path`` as a Path, created if needed, after checking it can be written."""
+    """``path`` as a Path after checking it is, or can be created as, a writable folder.
+
+    The folder is not created here but by the writer, once there is something
+    to write, so that a failed command leaves no empty folders behind.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CLIError(f"{what} {str(path)!r} exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CLIError(f"cannot create {what} {str(path)!r}: {err.strerror or err}") from None
-    if not os.access(path, os.W_OK):
+    existing = path
+    while not existing.exists():
+        if existing.is_symlink() or existing.parent == existing:
+            raise CLIError(f"cannot create {what} {str(path)!r}: {str(existing)!r} is a "
+                           "broken link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"cannot create {what} {str(path)!r}: {str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK):
         raise CLIError(f"{what} {str(path)!r} is not writable (permission denied)")
     return path
+
+
+def _npy_name(path):
+    """The name numpy.save gives ``path``: with ``.npy`` added if it lacks it."""
+    path = Path(path)
+    return path if path.suffix == ".npy" else path.with_name(path.name + ".npy")
 
 
 def read_texts(path, split="lines"):
@@ -205,11 +231,20 @@ def _check_width(X, dictionary, source):
         )
 
 
-def _save_npy(path, array):
-    try:
-        np.save(path, array)
-    except OSError as err:
-        raise CLIError(f"cannot write {str(path)!r}: {err.strerror or err}") from None
+def _save_npy(path, array, *, overwrite=False, inputs=()):
+    """Save ``array`` to ``path``, written whole under a temporary name, then renamed."""
+    with _persist.staged(path, _persist.NPY, overwrite=overwrite, inputs=inputs,
+                         hint="--overwrite") as tmp:
+        np.save(tmp, array)
+    return path
+
+
+@contextlib.contextmanager
+def _divergence_is_an_error():
+    """Turn a warning that training diverged into an error, so nothing diverged is saved."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*diverg")
+        yield
 
 
 def _progress(iterable=None, **kwargs):
@@ -259,7 +294,7 @@ def _estimator_params(args):
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def _write_report(out, dictionary, codes, tokens, index, *, k, context, title):
+def _write_report(out, dictionary, codes, tokens, index, *, k, context, title, overwrite=False):
     """Feature browser and density plot of ``codes`` in folder ``out``."""
     from sparse_dict.browser import (
         plot_feature_density,
@@ -269,8 +304,9 @@ def _write_report(out, dictionary, codes, tokens, index, *, k, context, title):
 
     frequencies = (np.asarray(codes) > 0).mean(axis=0)
     examples = top_activating_examples(codes, tokens, index, k=k, context=context)
-    html_path = write_feature_browser(out / "features.html", frequencies, examples, title=title)
-    plot_feature_density(frequencies, out / "density.png")
+    html_path = write_feature_browser(out / "features.html", frequencies, examples, title=title,
+                                      overwrite=overwrite)
+    plot_feature_density(frequencies, out / "density.png", overwrite=overwrite)
     return Path(html_path), out / "density.png"
 
 
@@ -281,34 +317,43 @@ def _write_report(out, dictionary, codes, tokens, index, *, k, context, title):
 
 def cmd_extract(args):
     texts = read_texts(args.texts, args.split)
-    out = _output_file(args.out, "output file")
+    # Every output is checked before the (long) extraction, and written only
+    # after it: a bad --tokens path leaves no activations file behind.
+    out = _output_file(_npy_name(args.out), "output file", overwrite=args.overwrite,
+                       inputs=[args.texts])
+    tok_path = None
+    if args.tokens:
+        tok_path = _output_file(args.tokens, "tokens file", _persist.TOKENS,
+                                overwrite=args.overwrite, inputs=[args.texts, out])
     extractor = _make_extractor(args, verbose=0 if args.quiet else 1)
     acts, tokens, index = _extract(extractor, texts)
-    _save_npy(out, acts)
-    if args.tokens:
-        tok_path = _output_file(args.tokens, "tokens file")
-        with open(tok_path, "w", encoding="utf-8") as fh:
-            for tok, (text, pos) in zip(tokens.tolist(), index.tolist()):
-                fh.write(json.dumps({"text": text, "position": pos, "token": tok}) + "\n")
-    _say(args, f"wrote {acts.shape[0]} x {acts.shape[1]} activations to {out}")
+    with contextlib.ExitStack() as stack:
+        if tok_path is not None:
+            tmp = stack.enter_context(_persist.staged(
+                tok_path, _persist.TOKENS, overwrite=args.overwrite, hint="--overwrite"))
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for tok, (text, pos) in zip(tokens.tolist(), index.tolist()):
+                    fh.write(json.dumps({"text": text, "position": pos, "token": tok}) + "\n")
+        _save_npy(out, acts, overwrite=args.overwrite)
+    _say(args, f"wrote {acts.shape[0]} x {acts.shape[1]} activations to {out}"
+         + (f" and their tokens to {tok_path}" if tok_path is not None else ""))
     return 0
 
 
 def cmd_fit(args):
     X = load_matrix(args.activations)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise CLIError(f"output {str(out)!r} already exists; pass --overwrite to replace it")
-    _output_dir(out.parent if str(out.parent) else Path("."), "folder of the output")
-    from sparse_dict.estimator import SparseAutoencoderDictionary
+    from sparse_dict.estimator import SAVED_DICTIONARY, SparseAutoencoderDictionary
 
+    out = _output_file(args.out, "output", SAVED_DICTIONARY, overwrite=args.overwrite,
+                       inputs=[args.activations])
     params = _estimator_params(args)
     params["verbose"] = 0 if args.quiet else 1
     sae = SparseAutoencoderDictionary(**params)
     start = time.perf_counter()
-    sae.fit(X)
+    with _divergence_is_an_error():
+        sae.fit(X)
     seconds = time.perf_counter() - start
-    sae.save(out, overwrite=True)
+    sae.save(out, overwrite=args.overwrite)
     _say(
         args,
         f"fitted {sae.n_components_} features on {X.shape[0]:,} x {X.shape[1]} "
@@ -321,18 +366,23 @@ def cmd_encode(args):
     dictionary = _load_dictionary(args.dictionary, args.device)
     X = load_matrix(args.activations)
     _check_width(X, dictionary, "activations")
-    out = _output_file(args.out, "output file")
+    inputs = [args.activations, args.dictionary]
+    out = _output_file(_npy_name(args.out), "output file", overwrite=args.overwrite,
+                       inputs=inputs)
     n_components = dictionary.components_.shape[0]
     dtype = np.float64 if X.dtype == np.float64 else np.float32
-    # Encoded in chunks into a .npy memmap, so codes larger than memory work.
-    codes = np.lib.format.open_memmap(out, mode="w+", dtype=dtype, shape=(X.shape[0], n_components))
-    starts = range(0, X.shape[0], args.chunk_size)
-    for start in _progress(starts, desc="encode", unit="chunk", disable=args.quiet):
-        stop = min(start + args.chunk_size, X.shape[0])
-        # A copy of the chunk: the memmap is read-only, and the chunk is small.
-        codes[start:stop] = dictionary.transform(np.array(X[start:stop], dtype=dtype))
-    codes.flush()
-    del codes
+    with _persist.staged(out, _persist.NPY, overwrite=args.overwrite, inputs=inputs,
+                         hint="--overwrite") as tmp:
+        # Encoded in chunks into a .npy memmap, so codes larger than memory work.
+        codes = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
+                                          shape=(X.shape[0], n_components))
+        starts = range(0, X.shape[0], args.chunk_size)
+        for start in _progress(starts, desc="encode", unit="chunk", disable=args.quiet):
+            stop = min(start + args.chunk_size, X.shape[0])
+            # A copy of the chunk: the memmap is read-only, and the chunk is small.
+            codes[start:stop] = dictionary.transform(np.array(X[start:stop], dtype=dtype))
+        codes.flush()
+        del codes
     _say(args, f"wrote {X.shape[0]} x {n_components} codes to {out}")
     return 0
 
@@ -343,6 +393,9 @@ def cmd_report(args):
     if args.max_texts is not None:
         texts = texts[: args.max_texts]
     out = _output_dir(args.out, "output folder")
+    _output_file(out / "features.html", "feature browser", _persist.HTML,
+                 overwrite=args.overwrite)
+    _output_file(out / "density.png", "density plot", _persist.PNG, overwrite=args.overwrite)
     extractor = _make_extractor(args, verbose=0 if args.quiet else 1)
     acts, tokens, index = _extract(extractor, texts)
     _check_width(acts, dictionary, f"activations of --model {args.model} --layer {args.layer}")
@@ -350,6 +403,7 @@ def cmd_report(args):
     html_path, png_path = _write_report(
         out, dictionary, codes, tokens, index,
         k=args.top_k, context=args.context, title=args.title or f"Features of {args.dictionary}",
+        overwrite=args.overwrite,
     )
     _say(args, f"wrote {html_path} and {png_path}")
     return 0
@@ -529,13 +583,34 @@ def _plot_training(history, path):
     fig.savefig(path, format="png", dpi=110)
 
 
+def _demo_folder():
+    """The kind of folder the demo writes: what its --overwrite may replace."""
+    from sparse_dict.estimator import SAVED_DICTIONARY
+
+    results = _persist.json_kind(
+        "demo results", lambda r: isinstance(r, dict) and set(r) == {"results", "settings"})
+    return _persist.folder_kind("sparse-dict demo folder", {
+        "features.html": _persist.HTML, "density.png": _persist.PNG,
+        "training.png": _persist.PNG, "results.json": results, "results.txt": None,
+        "dictionary": SAVED_DICTIONARY,
+    })
+
+
 def cmd_demo(args):
     if args.tiny:
         for name, value in _TINY.items():
             if getattr(args, name) == _DEMO_DEFAULTS.get(name):
                 setattr(args, name, value)
+    # The folder is built under a temporary name and renamed into place at
+    # the end, so an error or Ctrl-C leaves no partial folder behind.
+    kind = _demo_folder()
+    final = _output_file(args.out, "output folder", kind, overwrite=args.overwrite)
+    with _persist.staged(final, kind, overwrite=args.overwrite, hint="--overwrite") as out:
+        return _run_demo(args, out, final)
+
+
+def _run_demo(args, out, final):
     verbose = 0 if args.quiet else 1
-    out = _output_dir(args.out, "output folder")
     from sparse_dict import metrics
     from sparse_dict._corpus import load_corpus
     from sparse_dict.estimator import SparseAutoencoderDictionary
@@ -568,7 +643,8 @@ def cmd_demo(args):
     params["verbose"] = verbose
     sae = SparseAutoencoderDictionary(**params)
     start = time.perf_counter()
-    sae.fit(X_train)
+    with _divergence_is_an_error():
+        sae.fit(X_train)
     sae_seconds = time.perf_counter() - start
 
     codes = sae.transform(X_eval)
@@ -606,7 +682,7 @@ def cmd_demo(args):
         rows[1]["loss_recovered"] = _loss_recovered(
             extractor, _FixedCodes(classical, X_eval, classical_codes), table_texts, verbose)
 
-    stage(5, f"writing the dictionary, plots and feature browser to {out}")
+    stage(5, f"writing the dictionary, plots and feature browser to {final}")
     sae.save(out / "dictionary", overwrite=True)
     _plot_training(sae.history_, out / "training.png")
     _write_report(
@@ -615,14 +691,14 @@ def cmd_demo(args):
     )
     table = _format_table(rows, X_eval.shape[0])
     (out / "results.txt").write_text(table + "\n", encoding="utf-8")
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "overwrite")}
     (out / "results.json").write_text(
         json.dumps({"results": rows, "settings": settings}, indent=2, default=str) + "\n",
         encoding="utf-8",
     )
     print(table)
     print()
-    print(f"Wrote to {out}/:")
+    print(f"Wrote to {final}/:")
     for name, what in [
         ("features.html", "the feature browser (open it in a web browser)"),
         ("density.png", "histogram of the features' firing frequencies"),
@@ -731,6 +807,14 @@ def _add_estimator(p, *, demo=False):
                    help="seed, for repeatable fits" + shown("random_state"))
 
 
+def _add_overwrite(p, what):
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help=f"replace the output if it exists and is {what}; nothing else is ever "
+        "replaced, and without this option nothing is",
+    )
+
+
 def _add_device(p):
     p.add_argument(
         "--device", default="auto",
@@ -774,6 +858,7 @@ def build_parser():
                    help=f"output folder (default: ./{d['out']})")
     p.add_argument("--tiny", action="store_true",
                    help="a run of a few seconds at toy sizes, to check an installation")
+    _add_overwrite(p, "a folder written by an earlier demo")
     p.add_argument("--n-texts", type=_positive_int, default=d["n_texts"],
                    help=f"training texts from the corpus (default: {d['n_texts']})")
     p.add_argument("--n-eval-texts", type=_positive_int, default=d["n_eval_texts"],
@@ -814,9 +899,11 @@ def build_parser():
         "activations at one layer, one row per token, as a float32 .npy array.",
     )
     p.add_argument("texts", help="texts file (.txt, or .jsonl)")
-    p.add_argument("-o", "--out", required=True, help="output .npy file")
+    p.add_argument("-o", "--out", required=True,
+                   help="output .npy file ('.npy' is added if the name lacks it)")
     p.add_argument("--tokens", help="also write each row's text, position and token "
                    "string to this .jsonl file")
+    _add_overwrite(p, "an .npy (or tokens file) written earlier")
     _add_extraction(p)
     _add_device(p)
     _add_common(p)
@@ -830,7 +917,7 @@ def build_parser():
     )
     p.add_argument("activations", help=".npy array of shape (n_tokens, n_features)")
     p.add_argument("-o", "--out", required=True, help="output folder for the dictionary")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_overwrite(p, "a dictionary saved earlier")
     _add_estimator(p)
     _add_device(p)
     _add_common(p)
@@ -843,9 +930,11 @@ def build_parser():
     )
     p.add_argument("dictionary", help="folder written by 'sparse-dict fit'")
     p.add_argument("activations", help=".npy array of shape (n_tokens, n_features)")
-    p.add_argument("-o", "--out", required=True, help="output .npy file")
+    p.add_argument("-o", "--out", required=True,
+                   help="output .npy file ('.npy' is added if the name lacks it)")
     p.add_argument("--chunk-size", type=_positive_int, default=8192,
                    help="rows encoded at a time (default: 8192)")
+    _add_overwrite(p, "an .npy written earlier")
     _add_device(p)
     _add_common(p)
     p.set_defaults(func=cmd_encode)
@@ -867,6 +956,7 @@ def build_parser():
     p.add_argument("--context", type=_non_negative_int, default=6,
                    help="tokens of context either side of an example (default: 6)")
     p.add_argument("--title", help="title of the browser page")
+    _add_overwrite(p, "a report written earlier (features.html, density.png)")
     _add_extraction(p)
     _add_device(p)
     _add_common(p)
@@ -885,8 +975,10 @@ def main(argv=None):
     Returns
     -------
     status : int
-        The exit status: 0 on success, 2 for a problem with the input (one
-        line on stderr says what), 1 for an unexpected error.
+        The exit status: 0 on success; 2 for a problem the user can fix (bad
+        input, an output that exists, an unwritable path, a diverged fit; one
+        line on stderr says what); 130 when interrupted (Ctrl-C); 1 only for a
+        bug.
 
     Examples
     --------
@@ -898,30 +990,42 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, TypeError, FileExistsError) as err:
-        # ValueError and TypeError are how the estimators reject bad input (NaN,
-        # wrong shapes, invalid parameters), with a message meant for users.
-        if args.traceback:
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"{PROG} {args.command}: error: {first}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except MemoryError:
-        if args.traceback:
-            raise
-        print(f"{PROG} {args.command}: error: out of memory; try smaller inputs or "
-              "a smaller --batch-size", file=sys.stderr)
-        return EXIT_BUG
     except Exception as err:  # noqa: BLE001 - the promise is one line, never a traceback
         if args.traceback:
             raise
-        first = str(err).splitlines()[0] if str(err) else ""
-        print(
-            f"{PROG} {args.command}: error: {type(err).__name__}: {first} "
-            "(rerun with --traceback for details)",
-            file=sys.stderr,
-        )
-        return EXIT_BUG
+        message, status = _user_error(err)
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return status
+
+
+def _first_line(err):
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _user_error(err):
+    """The one-line message for ``err`` and the exit status: 2 if the user can fix it, else 1."""
+    # ValueError and TypeError are how the estimators reject bad input (NaN,
+    # wrong shapes, invalid parameters), with a message meant for users.
+    if isinstance(err, (CLIError, ValueError, TypeError)):
+        return _first_line(err), EXIT_USAGE
+    # A diverged fit (DivergenceError is a FloatingPointError) or a warning
+    # that -W error turned into an exception: a setting to change, not a bug.
+    if isinstance(err, (FloatingPointError, Warning)):
+        prefix = "" if isinstance(err, FloatingPointError) else f"{type(err).__name__}: "
+        return prefix + _first_line(err), EXIT_USAGE
+    if isinstance(err, OSError):
+        # A file that cannot be read or written, a full disk, a read-only folder.
+        if err.strerror and err.filename is not None:
+            return f"{err.strerror}: {str(err.filename)!r}", EXIT_USAGE
+        return _first_line(err), EXIT_USAGE
+    if isinstance(err, MemoryError):
+        return "out of memory; try smaller inputs or a smaller --batch-size", EXIT_USAGE
+    if type(err).__name__ == "SafetensorError":  # a damaged weights file
+        return f"damaged safetensors file: {_first_line(err)}", EXIT_USAGE
+    first = str(err).splitlines()[0] if str(err) else ""
+    return (f"{type(err).__name__}: {first} (a bug: please report it; rerun with "
+            "--traceback for details)"), EXIT_BUG
