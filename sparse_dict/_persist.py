@@ -552,6 +552,8 @@ def write_folder(path, config, tensors, *, kind, config_name, weights_name,
     with staged(path, kind, overwrite=overwrite, hint=hint) as tmp:
         weights = tmp / weights_name
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(weights))
+        # safetensors creates its file private (0600); ours follow the umask.
+        os.chmod(weights, 0o666 & ~_umask())
         signed = dict(json.loads(text))
         signed[INTEGRITY_KEY] = {
             "config": _digest_bytes(_canonical(signed).encode()),
