@@ -115,13 +115,13 @@ def _check_representable(X):
             # max and min, not abs: no copy of the block.
             peak = max(peak, abs(float(block.max())), abs(float(block.min())))
     info = np.finfo(np.float32)
-    if peak > info.max:
+    if peak > float(info.max):
         raise ValueError(
             f"X has values up to {peak:.3g} in absolute value, beyond the range of "
             f"float32 (about {info.max:.3g}), in which the model computes. Rescale X, "
             "for example divide it by its largest absolute value."
         )
-    if 0 < peak < info.tiny:
+    if 0 < peak < float(info.tiny):
         raise ValueError(
             f"X's largest absolute value is {peak:.3g}, below float32's smallest normal "
             f"number ({info.tiny:.3g}): in float32, in which the model computes, such "
