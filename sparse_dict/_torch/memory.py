@@ -20,7 +20,7 @@ def training_bytes(n_features, n_components):
     Examples
     --------
     >>> training_bytes(512, 4096)
-    67190784
+    67182592
     """
     n_params = 2 * n_components * n_features + n_components + n_features
     return _COPIES_WHILE_TRAINING * _BYTES_PER_FLOAT * n_params
