@@ -19,20 +19,26 @@ from sklearn.base import (
     TransformerMixin,
     _fit_context,
 )
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from sparse_dict import _persist
 from sparse_dict._torch import (
+    ACTIVATIONS,
     DivergenceError,
     TrainConfig,
     Trainer,
+    assess_training,
     decode_array,
     encode_array,
+    fitted_tensor_names,
+    make_activation,
     resolve_device,
 )
 from sparse_dict._torch.memory import device_bytes, training_bytes
+from sparse_dict._torch.model import STAT_NAMES
 
 __all__ = ["DivergenceError", "SparseAutoencoderDictionary"]
 
@@ -43,7 +49,17 @@ _PARTIAL_FIT_RESAMPLE_INTERVAL = 1000
 # Rows per batch when encoding and decoding (no gradients, so larger is fine).
 _INFERENCE_BATCH = 8192
 _FORMAT = "sparse_dict.SparseAutoencoderDictionary"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+# The default training budget (max_iter=None, max_steps=None): at least this
+# many steps, and at most this many rows seen (both measured; see
+# SparseAutoencoderDictionary's docstring).
+_MIN_DEFAULT_STEPS = 3000
+_DEFAULT_ROWS = 10_000_000
+_MAX_DEFAULT_PASSES = 200
+# AuxK's defaults, as in Gao et al. (2024).
+_DEFAULT_AUXK_COEF = 1 / 32
+# Rows on which BatchTopK's inference threshold and transform_l0_ are measured.
+_CALIBRATION_ROWS = 8192
 _WEIGHTS_FILE = "weights.safetensors"
 _CONFIG_FILE = "config.json"
 
@@ -59,19 +75,30 @@ _SAVED_ATTRIBUTES = {
     "n_resampled_": _persist.Integer(0),
     "dtype": _persist.OneOf(("float32", "float64")),
 }
-_HISTORY_KEYS = ("loss", "mse", "l1", "l0")
+_V1_HISTORY_WIDTH = 4  # loss, mse, l1, l0
 
 
-def _saved_tensor_schema(n_components, n_features, dtype):
+def _saved_tensor_schema(fitted_names, n_components, n_features, dtype, history_width):
+    """What each saved tensor must be: the model's fitted tensors and the statistics."""
     same = (dtype,)
-    return {
-        "components": _persist.TensorSpec((n_components, n_features), same),
-        "encoder_weights": _persist.TensorSpec((n_components, n_features), same),
-        "encoder_bias": _persist.TensorSpec((n_components,), same),
-        "decoder_bias": _persist.TensorSpec((n_features,), same),
-        "feature_frequencies": _persist.TensorSpec((n_components,), minimum=0.0, maximum=1.0),
-        "history": _persist.TensorSpec((None, len(_HISTORY_KEYS))),
+    shapes = {
+        "components": (n_components, n_features),
+        "encoder_weights": (n_components, n_features),
+        "decoder_bias": (n_features,),
     }
+    schema = {
+        name: _persist.TensorSpec(shapes.get(name, (n_components,)), same)
+        for name in fitted_names
+    }
+    schema["feature_frequencies"] = _persist.TensorSpec(
+        (n_components,), minimum=0.0, maximum=1.0)
+    schema["history"] = _persist.TensorSpec((None, history_width))
+    return schema
+
+
+def _finite_or_none(value):
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 # A folder that save wrote: what overwrite=True may replace, and nothing else.
@@ -167,52 +194,123 @@ class SparseAutoencoderDictionary(
     an encoder such that each row ``x`` is approximated by a sparse,
     non-negative combination of atoms::
 
-        codes = ReLU(encoder_weights_ @ (x - decoder_bias_) + encoder_bias_)
+        pre   = encoder_weights_ @ (x - decoder_bias_) + encoder_bias_
+        codes = activation(pre)
         x_hat = codes @ components_ + decoder_bias_
 
-    by minimising ``mean ||x - x_hat||^2 + l1_coef * mean sum_i codes_i *
-    ||atom_i||`` with Adam. Unlike :class:`~sklearn.decomposition.DictionaryLearning`,
+    trained with Adam on ``mean ||x - x_hat||^2`` plus the activation's
+    sparsity term. Unlike :class:`~sklearn.decomposition.DictionaryLearning`,
     coding a row costs one matrix product instead of an optimisation per row,
-    which is what makes it practical on millions of activation vectors.
+    which is what makes it practical on millions of activation vectors; with
+    ``transform_algorithm`` the optimal codes against the learned atoms are
+    available too.
+
+    The sparsity mechanism (``activation``):
+
+    * ``"relu"``: ``ReLU(pre)`` with an L1 penalty ``l1_coef * mean sum_i
+      codes_i`` ("Towards Monosemanticity"). L0 follows from ``l1_coef``.
+    * ``"topk"``: each row keeps its ``k`` largest pre-activations (Gao et al.
+      2024). L0 is ``k``; no coefficient to tune.
+    * ``"batchtopk"``: a training batch keeps its ``k * batch_size`` largest
+      pre-activations, so rows use ``k`` codes on average (Bussmann et al.
+      2024). After fit one threshold, ``threshold_``, replaces the batch
+      selection, so a row's code never depends on the other rows it is
+      transformed with; ``transform_l0_`` reports the L0 this gives.
+    * ``"jumprelu"``: ``pre * (pre > threshold_i)`` with a threshold learned
+      per feature through straight-through estimators, and an L0 penalty
+      ``l0_coef * mean L0`` (Rajamanoharan et al. 2024).
+
+    Features that stop firing are revived by AuxK for the top-k family
+    (``auxk_coef``: each row's ``k_aux`` strongest dead features learn to
+    reconstruct what the live ones miss), and by resampling for ReLU and
+    JumpReLU (``resample_dead``: dead features restart on badly
+    reconstructed inputs). AuxK works continuously and gently, which suits
+    the top-k family, whose dead features otherwise never get a gradient;
+    resampling restarts features outright, which suits penalised codes.
 
     During training the inputs are scaled so that their mean squared norm
-    equals ``n_features``; one ``l1_coef`` therefore means the same sparsity
-    pressure on any data set. The scale is folded back into the fitted
-    attributes, which are all in the units of ``X``.
+    equals ``n_features``; one ``l1_coef`` or ``l0_coef`` therefore means the
+    same sparsity pressure on any data set. The scale is folded back into the
+    fitted attributes, which are all in the units of ``X``.
 
     Parameters
     ----------
     n_components : int, default=None
         Number of dictionary atoms (features). ``None`` means four times
         ``n_features``.
+    activation : {"relu", "topk", "batchtopk", "jumprelu"}, default="relu"
+        The sparsity mechanism (see above).
+    k : int, default=32
+        Codes per row for ``"topk"`` (exactly, at most) and ``"batchtopk"``
+        (on average). Ignored by ``"relu"`` and ``"jumprelu"``.
     l1_coef : float, default=3.0
-        Weight of the L1 sparsity penalty. Larger values give sparser codes
-        (lower L0) and worse reconstruction.
+        Weight of the L1 penalty of ``"relu"``. Larger values give sparser
+        codes (lower L0) and worse reconstruction. Ignored by the other
+        activations.
+    l0_coef : float, default=0.3
+        Weight of the L0 penalty of ``"jumprelu"``. Larger values give lower
+        L0. Ignored by the other activations.
+    jumprelu_bandwidth : float, default=0.05
+        Width of the straight-through estimators' rectangle kernel for
+        ``"jumprelu"``, in the training units (inputs scaled to mean squared
+        norm ``n_features``, where active codes are of order one). Smaller
+        values give less biased but noisier threshold gradients. Ignored by
+        the other activations.
+    auxk_coef : float or "auto", default="auto"
+        Weight of the AuxK loss for dead features. ``"auto"``: 1/32 for
+        ``"topk"`` and ``"batchtopk"``, 0 (off) for the others.
+    k_aux : int, default=None
+        Dead features each row may use in the AuxK loss. ``None``: half of
+        ``n_features``.
     learning_rate : float, default=3e-3
         Adam's peak learning rate.
     batch_size : int, default=1024
         Rows per training step.
-    max_iter : int, default=20
-        Number of passes (epochs) over the training data.
+    max_iter : int, default=None
+        Number of passes (epochs) over the training data. ``None``: the
+        default budget, enough optimiser steps for small data without
+        wasting time on large data: ``max(3000 steps, 10 million rows seen)``
+        capped at 200 passes (measured on several synthetic generators and
+        on transformer activations; see the user guide).
     max_steps : int, default=None
         An optional budget of training steps; training stops at whichever of
         ``max_iter`` and ``max_steps`` comes first.
     warmup_fraction : float, default=0.05
-        Fraction of the steps over which the learning rate and ``l1_coef``
-        ramp up linearly from zero (``partial_fit``: the first 100 steps).
+        Fraction of the steps over which the learning rate and the sparsity
+        coefficient ramp up linearly from zero (``partial_fit``: the first
+        100 steps).
     decay_fraction : float, default=0.2
         Final fraction of the steps over which the learning rate decays
         linearly to zero (``fit`` only).
-    resample_dead : bool, default=True
+    resample_dead : bool or "auto", default="auto"
         Restart features that stopped firing on inputs that are badly
-        reconstructed, as in "Towards Monosemanticity".
+        reconstructed, as in "Towards Monosemanticity". ``"auto"``: on for
+        ``"relu"`` and ``"jumprelu"``, off for the top-k family (which has
+        AuxK).
     resample_interval : int, default=None
         Steps between checks for dead features; a feature that fired on no
-        row during the last interval is resampled. ``None``: a tenth of the
-        run in ``fit`` (at least 50 steps, and never in the last 30% of the
-        run), 1000 steps in ``partial_fit``.
+        row during the last interval is resampled (and, for AuxK, counts as
+        dead). ``None``: a tenth of the run in ``fit`` (at least 50 steps,
+        and never in the last 30% of the run), 1000 steps in ``partial_fit``.
     decoder_bias_init : {"geometric_median", "mean", "zeros"}, default="geometric_median"
         How the decoder bias starts.
+    transform_algorithm : {"encoder", "omp", "lasso_lars", "lasso_cd", \
+"threshold"}, default="encoder"
+        How :meth:`transform` codes data. ``"encoder"``: the autoencoder's
+        own encoder (one matrix product). The others solve for the codes of
+        ``X - decoder_bias_`` against ``components_`` row by row with
+        :class:`~sparse_dict.LassoCoder` (non-negative): slower, and closer
+        to the best reconstruction at a given L0 (see
+        :func:`~sparse_dict.coding.amortisation_gap`).
+    transform_n_nonzero_coefs : int, default=None
+        Active atoms per row for ``transform_algorithm="omp"``. ``None``:
+        ``k`` for the top-k family, else the encoder's mean L0 on the
+        training data rounded (``transform_l0_``), so that both codes have
+        the same sparsity.
+    transform_alpha : float, default=None
+        The L1 penalty of ``"lasso_lars"`` and ``"lasso_cd"`` and the
+        threshold of ``"threshold"``, in the units of ``X``. ``None``: 1.0,
+        as in scikit-learn's ``DictionaryLearning``.
     bf16 : bool, default=False
         Run the matrix products in bfloat16 autocast: faster on recent GPUs,
         usually slower on CPUs.
@@ -221,8 +319,8 @@ class SparseAutoencoderDictionary(
         ``"cuda:N"``.
     callback : callable, default=None
         Called after every pass with a dict (``epoch``, ``step``, ``loss``,
-        ``mse``, ``l1``, ``l0``, ``dead``, ``learning_rate``); returning
-        ``True`` stops training.
+        ``mse``, ``l1``, ``l0``, ``auxk``, ``dead``, ``learning_rate``);
+        returning ``True`` stops training.
     random_state : int, RandomState instance or None, default=None
         Seeds the initial atoms, the batch order and the resampling. An
         integer makes CPU fits bit-for-bit repeatable.
@@ -237,6 +335,9 @@ class SparseAutoencoderDictionary(
     encoder_bias_ : ndarray of shape (n_components,)
     decoder_bias_ : ndarray of shape (n_features,)
         Subtracted before encoding and added after decoding.
+    threshold_ : ndarray of shape (n_components,)
+        Per-feature thresholds of ``"jumprelu"``, and the single inference
+        threshold of ``"batchtopk"`` (repeated). Defined for those two only.
     n_components_ : int
     scale_ : float
         Factor that brought the training data to mean squared norm
@@ -248,7 +349,14 @@ class SparseAutoencoderDictionary(
     loss_curve_ : ndarray of shape (n_steps_,)
         The loss at every step (in scaled units).
     history_ : dict of ndarray
-        ``"loss"``, ``"mse"``, ``"l1"`` and ``"l0"`` at every step.
+        ``"loss"``, ``"mse"``, ``"l1"``, ``"l0"`` and ``"auxk"`` at every step
+        (training batches, scaled units).
+    train_l0_ : float
+        Mean L0 over the last tenth of the training steps.
+    transform_l0_ : float
+        Mean L0 of the encoder's codes on (up to 8,192) training rows after
+        fit. For ``"batchtopk"`` it shows how well the fitted threshold
+        reproduces the training selection.
     feature_frequencies_ : ndarray of shape (n_components,)
         Fraction of the rows of the last pass on which each feature fired.
     n_resampled_ : int
@@ -263,6 +371,14 @@ class SparseAutoencoderDictionary(
         dictionary learning with per-row sparse coding.
     sparse_dict.LassoCoder : Optimal sparse codes against a fixed dictionary.
 
+    Notes
+    -----
+    A fit that ends while its loss is still falling fast raises
+    :class:`~sklearn.exceptions.ConvergenceWarning` with what to change; a
+    fit whose reconstruction error ends far above where it started (a
+    learning rate too large) raises :class:`DivergenceError` and leaves the
+    estimator as it was.
+
     Examples
     --------
     >>> import numpy as np
@@ -275,20 +391,39 @@ class SparseAutoencoderDictionary(
     ((500, 16), dtype('float32'), True)
     >>> np.allclose(np.linalg.norm(sae.components_, axis=1), 1.0, atol=1e-5)
     True
+
+    A TopK autoencoder sets the number of active codes per row directly:
+
+    >>> topk = SparseAutoencoderDictionary(
+    ...     n_components=16, activation="topk", k=3, max_iter=5, random_state=0)
+    >>> codes = topk.fit_transform(X)
+    >>> int((codes > 0).sum(axis=1).max())
+    3
     """
 
     _parameter_constraints = {
         "n_components": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
+        "activation": [StrOptions(set(ACTIVATIONS))],
+        "k": [Interval(Integral, 1, None, closed="left")],
         "l1_coef": [Interval(Real, 0, None, closed="left")],
+        "l0_coef": [Interval(Real, 0, None, closed="left")],
+        "jumprelu_bandwidth": [Interval(Real, 0, None, closed="neither")],
+        "auxk_coef": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
+        "k_aux": [Interval(Integral, 1, None, closed="left"), None],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left"), None],
         "max_steps": [Interval(Integral, 1, None, closed="left"), None],
         "warmup_fraction": [Interval(Real, 0, 1, closed="left")],
         "decay_fraction": [Interval(Real, 0, 1, closed="left")],
-        "resample_dead": ["boolean"],
+        "resample_dead": ["boolean", StrOptions({"auto"})],
         "resample_interval": [Interval(Integral, 1, None, closed="left"), None],
         "decoder_bias_init": [StrOptions({"geometric_median", "mean", "zeros"})],
+        "transform_algorithm": [
+            StrOptions({"encoder", "omp", "lasso_lars", "lasso_cd", "threshold"})
+        ],
+        "transform_n_nonzero_coefs": [Interval(Integral, 1, None, closed="left"), None],
+        "transform_alpha": [Interval(Real, 0, None, closed="left"), None],
         "bf16": ["boolean"],
         "device": [str],
         "callback": [callable, None],
@@ -300,16 +435,25 @@ class SparseAutoencoderDictionary(
         self,
         n_components=None,
         *,
+        activation="relu",
+        k=32,
         l1_coef=3.0,
+        l0_coef=0.3,
+        jumprelu_bandwidth=0.05,
+        auxk_coef="auto",
+        k_aux=None,
         learning_rate=3e-3,
         batch_size=1024,
-        max_iter=20,
+        max_iter=None,
         max_steps=None,
         warmup_fraction=0.05,
         decay_fraction=0.2,
-        resample_dead=True,
+        resample_dead="auto",
         resample_interval=None,
         decoder_bias_init="geometric_median",
+        transform_algorithm="encoder",
+        transform_n_nonzero_coefs=None,
+        transform_alpha=None,
         bf16=False,
         device="auto",
         callback=None,
@@ -317,7 +461,13 @@ class SparseAutoencoderDictionary(
         verbose=0,
     ):
         self.n_components = n_components
+        self.activation = activation
+        self.k = k
         self.l1_coef = l1_coef
+        self.l0_coef = l0_coef
+        self.jumprelu_bandwidth = jumprelu_bandwidth
+        self.auxk_coef = auxk_coef
+        self.k_aux = k_aux
         self.learning_rate = learning_rate
         self.batch_size = batch_size
         self.max_iter = max_iter
@@ -327,6 +477,9 @@ class SparseAutoencoderDictionary(
         self.resample_dead = resample_dead
         self.resample_interval = resample_interval
         self.decoder_bias_init = decoder_bias_init
+        self.transform_algorithm = transform_algorithm
+        self.transform_n_nonzero_coefs = transform_n_nonzero_coefs
+        self.transform_alpha = transform_alpha
         self.bf16 = bf16
         self.device = device
         self.callback = callback
@@ -352,28 +505,18 @@ class SparseAutoencoderDictionary(
             X = self._validate_train_data(X, reset=True)
             random_state = check_random_state(self.random_state)
             trainer = self._new_trainer(X, random_state)
-
-            steps_per_pass = math.ceil(X.shape[0] / self.batch_size)
-            total = self.max_iter * steps_per_pass
-            if self.max_steps is not None:
-                total = min(total, self.max_steps)
+            total = self._total_steps(X.shape[0])
             interval = self.resample_interval or max(total // 10, 50)
-            config = TrainConfig(
-                l1_coef=self.l1_coef,
-                learning_rate=self.learning_rate,
-                batch_size=self.batch_size,
+            config = self._train_config(
                 total_steps=total,
                 warmup_steps=int(round(self.warmup_fraction * total)),
                 decay_steps=int(round(self.decay_fraction * total)),
-                resample_dead=self.resample_dead,
                 resample_interval=interval,
                 resample_until=int(0.7 * total),
-                bf16=self.bf16,
             )
-            n_passes = self._train(trainer, X, config, random_state, self.max_iter, total)
-            self._trainer = trainer
+            n_passes = self._train(trainer, X, config, random_state, total)
+            self._finish(trainer, X, config, random_state)
             self.n_iter_ = n_passes
-            self._store_fitted(trainer, X.dtype)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -408,29 +551,68 @@ class SparseAutoencoderDictionary(
                 self.n_iter_ = 0
             else:
                 trainer = self._get_trainer().to(resolve_device(self.device))
-            warmup = _PARTIAL_FIT_WARMUP_STEPS if self.warmup_fraction > 0 else 0
-            config = TrainConfig(
-                l1_coef=self.l1_coef,
-                learning_rate=self.learning_rate,
-                batch_size=self.batch_size,
+            config = self._train_config(
                 total_steps=None,
-                warmup_steps=warmup,
-                resample_dead=self.resample_dead,
+                warmup_steps=_PARTIAL_FIT_WARMUP_STEPS if self.warmup_fraction > 0 else 0,
                 resample_interval=self.resample_interval or _PARTIAL_FIT_RESAMPLE_INTERVAL,
-                bf16=self.bf16,
             )
-            steps = math.ceil(X.shape[0] / self.batch_size)
-            self._train(trainer, X, config, random_state, 1, steps)
-            self._trainer = trainer
+            self._train(trainer, X, config, random_state, math.ceil(X.shape[0] / self.batch_size),
+                        n_passes=1)
+            self._finish(trainer, X, config, random_state, assess=False)
             self.n_iter_ += 1
-            self._store_fitted(trainer, X.dtype)
         return self
+
+    def _activation(self):
+        """The core's sparsity mechanism for the current parameters."""
+        return make_activation(
+            self.activation, k=self.k, bandwidth=self.jumprelu_bandwidth
+        )
+
+    def _total_steps(self, n_samples):
+        """The run's length in steps: max_iter and max_steps, or the default budget."""
+        steps_per_pass = math.ceil(n_samples / self.batch_size)
+        if self.max_iter is not None:
+            total = self.max_iter * steps_per_pass
+        elif self.max_steps is not None:
+            return self.max_steps
+        else:
+            # Enough steps for small data, a fixed number of rows for large
+            # data; never hundreds of passes over a tiny set.
+            by_rows = math.ceil(_DEFAULT_ROWS / self.batch_size)
+            total = min(max(_MIN_DEFAULT_STEPS, by_rows), _MAX_DEFAULT_PASSES * steps_per_pass)
+        if self.max_steps is not None:
+            total = min(total, self.max_steps)
+        return total
+
+    def _train_config(self, **schedule):
+        activation = self._activation()
+        coef_name = activation.penalty_name
+        auxk_coef = self.auxk_coef
+        if auxk_coef == "auto":
+            auxk_coef = _DEFAULT_AUXK_COEF if self.activation in ("topk", "batchtopk") else 0.0
+        resample = self.resample_dead
+        if resample == "auto":
+            resample = self.activation in ("relu", "jumprelu")
+        k_aux = self.k_aux or max(1, self.n_features_in_ // 2)
+        return TrainConfig(
+            coef=getattr(self, coef_name) if coef_name else 0.0,
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            resample_dead=bool(resample),
+            auxk_coef=float(auxk_coef),
+            k_aux=int(k_aux),
+            dead_window=schedule["resample_interval"],
+            bf16=self.bf16,
+            **schedule,
+        )
 
     def _new_trainer(self, X, random_state):
         seed = int(random_state.randint(np.iinfo(np.int32).max))
         n_components = self.n_components or 4 * X.shape[1]
         self._check_memory(X.shape[1], n_components)
-        trainer = Trainer(X.shape[1], n_components, resolve_device(self.device), seed)
+        trainer = Trainer(
+            X.shape[1], n_components, resolve_device(self.device), seed, self._activation()
+        )
         trainer.initialize(X, random_state, self.decoder_bias_init)
         return trainer
 
@@ -444,7 +626,9 @@ class SparseAutoencoderDictionary(
                 f"{have / 1e9:.3g} GB in all. Choose a smaller n_components."
             )
 
-    def _train(self, trainer, X, config, random_state, n_passes, total):
+    def _train(self, trainer, X, config, random_state, total, n_passes=None):
+        if n_passes is None:
+            n_passes = math.ceil(total / math.ceil(X.shape[0] / self.batch_size))
         progress = None
         if self.verbose:
             from tqdm.auto import tqdm
@@ -455,6 +639,25 @@ class SparseAutoencoderDictionary(
         finally:
             if progress is not None:
                 progress.close()
+
+    def _finish(self, trainer, X, config, random_state, assess=True):
+        """After training: calibrate, judge the run, and store the fitted state.
+
+        Divergence raises (and the caller's context restores the estimator);
+        an unconverged run stores its result and warns.
+        """
+        sample = trainer.calibration_sample(X, _CALIBRATION_ROWS, random_state)
+        trainer.calibrate(sample)
+        problems = assess_training(trainer, config, check_convergence=assess)
+        diverged = [message for kind, message in problems if kind == "diverged"]
+        if diverged:
+            raise DivergenceError(diverged[0])
+        self._trainer = trainer
+        self._store_fitted(trainer, X.dtype)
+        self.transform_l0_ = trainer.mean_l0(sample)
+        for kind, message in problems:
+            if kind == "unconverged":
+                warnings.warn(message, ConvergenceWarning, stacklevel=3)
 
     def _validate_train_data(self, X, reset):
         X = validate_data(
@@ -469,41 +672,48 @@ class SparseAutoencoderDictionary(
         return X
 
     def _store_fitted(self, trainer, dtype):
-        params = trainer.export()
-        self.components_ = params["components"].astype(dtype, copy=False)
-        self.encoder_weights_ = params["encoder_weights"].astype(dtype, copy=False)
-        self.encoder_bias_ = params["encoder_bias"].astype(dtype, copy=False)
-        self.decoder_bias_ = params["decoder_bias"].astype(dtype, copy=False)
+        for name, value in trainer.export().items():
+            setattr(self, name + "_", value.astype(dtype, copy=False))
+        if "threshold" not in trainer.model.activation.state_names:
+            # A refit with another activation must not keep a stale threshold.
+            self.__dict__.pop("threshold_", None)
         self.n_components_ = self.components_.shape[0]
         self.scale_ = float(trainer.scale)
         self.n_steps_ = int(trainer.step)
         history = trainer.history
-        self.history_ = {k: history[:, i].copy() for i, k in enumerate(("loss", "mse", "l1", "l0"))}
+        self.history_ = {k: history[:, i].copy() for i, k in enumerate(STAT_NAMES)}
         self.loss_curve_ = self.history_["loss"]
+        tail = self.history_["l0"][-max(1, len(history) // 10):]
+        self.train_l0_ = float(tail.mean()) if len(tail) else float("nan")
         rows = max(trainer.pass_rows, 1)
         self.feature_frequencies_ = trainer.pass_fired / rows
         self.n_resampled_ = int(trainer.n_resampled)
+        self._coder = None
+
+    def _fitted_tensors(self):
+        """The fitted tensors by their core names (``components``, ...)."""
+        names = fitted_tensor_names(self._activation())
+        return {name: getattr(self, name + "_") for name in names}
 
     def _get_trainer(self):
         trainer = getattr(self, "_trainer", None)
         if trainer is None:
             # A dictionary loaded from disk has no optimiser state: continue
             # from its parameters with a fresh Adam.
-            params = {
-                "components": self.components_,
-                "encoder_weights": self.encoder_weights_,
-                "encoder_bias": self.encoder_bias_,
-                "decoder_bias": self.decoder_bias_,
-            }
             seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
-            trainer = Trainer.from_parameters(params, self.scale_, "cpu", int(seed))
+            trainer = Trainer.from_parameters(
+                self._fitted_tensors(), self.scale_, "cpu", int(seed), self._activation()
+            )
             trainer.step = int(getattr(self, "n_steps_", 0))
         return trainer
-
 
     # ------------------------------------------------------------ transforming
     def transform(self, X):
         """Encode ``X`` as non-negative sparse codes.
+
+        With ``transform_algorithm="encoder"`` (the default) the codes come
+        from the autoencoder's encoder; otherwise they are solved for row by
+        row against ``components_`` (see ``transform_algorithm``).
 
         Parameters
         ----------
@@ -567,10 +777,37 @@ class SparseAutoencoderDictionary(
         )
 
     def _encode(self, X):
+        if self.transform_algorithm != "encoder":
+            return self._optimal_coder().transform(X.toarray() if sp.issparse(X) else X)
         return encode_array(
-            self.encoder_weights_, self.encoder_bias_, self.decoder_bias_, X,
+            self._fitted_tensors(), self._activation(), X,
             _INFERENCE_BATCH, resolve_device(self.device), X.dtype,
         )
+
+    def _optimal_coder(self):
+        """The LassoCoder for ``transform_algorithm``, built once per fit."""
+        coder = getattr(self, "_coder", None)
+        settings = (self.transform_algorithm, self.transform_n_nonzero_coefs, self.transform_alpha)
+        if coder is None or coder[0] != settings:
+            from sparse_dict.coding import LassoCoder
+
+            n_nonzero = self.transform_n_nonzero_coefs
+            if n_nonzero is None:
+                if self.activation in ("topk", "batchtopk"):
+                    n_nonzero = self.k
+                else:
+                    n_nonzero = max(1, int(round(getattr(self, "transform_l0_", 1.0))))
+            lasso = LassoCoder(
+                self.components_,
+                algorithm=self.transform_algorithm,
+                alpha=1.0 if self.transform_alpha is None else self.transform_alpha,
+                n_nonzero_coefs=n_nonzero,
+                offset=self.decoder_bias_,
+            )
+            width = np.zeros((1, self.n_features_in_), dtype=self.components_.dtype)
+            coder = (settings, lasso.fit(width))
+            self._coder = coder
+        return coder[1]
 
     def _decode(self, codes):
         return decode_array(
@@ -652,14 +889,12 @@ class SparseAutoencoderDictionary(
             "params": params,
             "attributes": attributes,
         }
-        tensors = {
-            "components": self.components_,
-            "encoder_weights": self.encoder_weights_,
-            "encoder_bias": self.encoder_bias_,
-            "decoder_bias": self.decoder_bias_,
-            "feature_frequencies": np.asarray(self.feature_frequencies_, dtype=np.float64),
-            "history": np.stack([self.history_[k] for k in _HISTORY_KEYS], axis=1),
-        }
+        # JSON has no NaN: an L0 that was never measured is saved as null.
+        attributes["train_l0_"] = _finite_or_none(self.train_l0_)
+        attributes["transform_l0_"] = _finite_or_none(self.transform_l0_)
+        tensors = dict(self._fitted_tensors())
+        tensors["feature_frequencies"] = np.asarray(self.feature_frequencies_, dtype=np.float64)
+        tensors["history"] = np.stack([self.history_[k] for k in STAT_NAMES], axis=1)
         return _persist.write_folder(
             path, config, tensors, kind=SAVED_DICTIONARY, overwrite=overwrite,
             config_name=_CONFIG_FILE, weights_name=_WEIGHTS_FILE,
@@ -710,6 +945,10 @@ class SparseAutoencoderDictionary(
                             file, f"attributes.{key}")
             for key, spec in _SAVED_ATTRIBUTES.items()
         }
+        # Added in format 2; null when never measured.
+        for key in ("train_l0_", "transform_l0_"):
+            if raw.get(key) is not None:
+                attrs[key] = _persist.Real(0.0).check(raw[key], file, f"attributes.{key}")
         n_components, n_features = attrs["n_components_"], attrs["n_features_in_"]
         names = raw.get("feature_names_in_")
         if names is not None:
@@ -717,26 +956,40 @@ class SparseAutoencoderDictionary(
             if len(names) != n_features:
                 raise ValueError(f"{file}: field 'attributes.feature_names_in_' has "
                                  f"{len(names)} names for {n_features} features")
-        unknown = set(raw) - set(_SAVED_ATTRIBUTES) - {"feature_names_in_"}
+        unknown = set(raw) - set(_SAVED_ATTRIBUTES) - {
+            "feature_names_in_", "train_l0_", "transform_l0_"}
         if unknown:
             raise ValueError(f"{file}: unexpected field 'attributes.{sorted(unknown)[0]}'")
-        estimator = cls._from_saved_params(
-            _persist.config_field(config, "params", file), file, device)
+        params = dict(_persist.config_field(config, "params", file))
+        if version < 2:
+            # Format 1 stored the defaults of its time: 20 passes, resampling.
+            params.setdefault("max_iter", 20)
+        estimator = cls._from_saved_params(params, file, device)
         if estimator.n_components is not None and estimator.n_components != n_components:
             raise ValueError(
                 f"{file}: field 'params.n_components' ({estimator.n_components}) differs "
                 f"from 'attributes.n_components_' ({n_components})"
             )
+        # Format 1 had no AuxK column in the history.
+        history_width = len(STAT_NAMES) if version >= 2 else _V1_HISTORY_WIDTH
+        fitted_names = fitted_tensor_names(estimator._activation())
         tensors = _persist.read_tensors(
-            path / _WEIGHTS_FILE, _saved_tensor_schema(n_components, n_features, attrs["dtype"]))
-        estimator.components_ = tensors["components"]
-        estimator.encoder_weights_ = tensors["encoder_weights"]
-        estimator.encoder_bias_ = tensors["encoder_bias"]
-        estimator.decoder_bias_ = tensors["decoder_bias"]
+            path / _WEIGHTS_FILE,
+            _saved_tensor_schema(fitted_names, n_components, n_features, attrs["dtype"],
+                                 history_width),
+        )
+        for name in fitted_names:
+            setattr(estimator, name + "_", tensors[name])
         estimator.feature_frequencies_ = tensors["feature_frequencies"].astype(np.float64)
         history = tensors["history"].astype(np.float64)
-        estimator.history_ = {k: history[:, i].copy() for i, k in enumerate(_HISTORY_KEYS)}
+        if history.shape[1] < len(STAT_NAMES):
+            pad = np.zeros((history.shape[0], len(STAT_NAMES) - history.shape[1]))
+            history = np.concatenate([history, pad], axis=1)
+        estimator.history_ = {k: history[:, i].copy() for i, k in enumerate(STAT_NAMES)}
         estimator.loss_curve_ = estimator.history_["loss"]
+        tail = estimator.history_["l0"][-max(1, len(history) // 10):]
+        estimator.train_l0_ = attrs.get("train_l0_", float(tail.mean()) if len(tail) else float("nan"))
+        estimator.transform_l0_ = attrs.get("transform_l0_", estimator.train_l0_)
         estimator.n_features_in_ = n_features
         estimator.n_components_ = n_components
         estimator.n_iter_ = attrs["n_iter_"]
