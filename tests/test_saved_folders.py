@@ -327,3 +327,35 @@ def test_unchecked_damage_loads_a_working_model_or_raises_value_error(saved, X, 
         assert codes.shape == (X.shape[0], loaded.n_components_)
         assert np.isfinite(codes).all()
         assert loaded.components_.dtype in (np.float32, np.float64)
+
+
+_V1_PARAMS = {
+    "n_components", "l1_coef", "learning_rate", "batch_size", "max_iter", "max_steps",
+    "warmup_fraction", "decay_fraction", "resample_dead", "resample_interval",
+    "decoder_bias_init", "bf16", "device", "callback", "random_state", "verbose",
+}
+
+
+def _as_format_1(path):
+    """Rewrite a saved folder as sparse_dict wrote it before format 2 and checksums."""
+    def edit(config):
+        config["format_version"] = 1
+        config["params"] = {k: v for k, v in config["params"].items() if k in _V1_PARAMS}
+        for key in ("train_l0_", "transform_l0_"):
+            config["attributes"].pop(key, None)
+
+    _edit_config(path, edit)
+    tensors = dict(load_file(str(path / WEIGHTS)))
+    tensors["history"] = np.ascontiguousarray(tensors["history"][:, :4])
+    save_file(tensors, str(path / WEIGHTS))
+
+
+def test_format_1_folders_load_and_are_checked(saved, fitted, tmp_path, X):
+    path = _copy(saved, tmp_path)
+    _as_format_1(path)
+    loaded = SparseAutoencoderDictionary.load(path)
+    np.testing.assert_array_equal(loaded.transform(X), fitted.transform(X))
+    # The same checks apply to old folders.
+    _edit_config(path, _set(["attributes", "dtype"], "int8"))
+    with pytest.raises(ValueError, match="attributes.dtype"):
+        SparseAutoencoderDictionary.load(path)
