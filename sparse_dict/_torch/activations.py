@@ -269,7 +269,10 @@ class JumpReLU(Activation):
     """``f = pre * H(pre - theta)`` with a learned threshold per feature.
 
     Rajamanoharan et al. (2024). The loss is reconstruction plus
-    ``l0_coef * L0``. The step function has no useful gradient, so the
+    ``l0_coef * n_features * L0``: with inputs scaled to a mean squared norm
+    of ``n_features``, a feature is worth firing on a row when it lowers the
+    squared error by more than ``l0_coef`` times the inputs' mean squared
+    norm, whatever their width. The step function has no useful gradient, so the
     threshold learns through straight-through estimators with a rectangle
     kernel of width ``bandwidth``: ``d f / d theta = -(theta / bandwidth)
     * rect((pre - theta) / bandwidth)`` and ``d H / d theta = -(1 /
@@ -285,7 +288,7 @@ class JumpReLU(Activation):
     penalty_name = "l0_coef"
     state_names = ("threshold",)
 
-    def __init__(self, bandwidth=0.05, initial_threshold=0.1):
+    def __init__(self, bandwidth=0.05, initial_threshold=1.0):
         self.bandwidth = float(bandwidth)
         self.initial_threshold = float(initial_threshold)
 
@@ -304,14 +307,15 @@ class JumpReLU(Activation):
         pre.mul_(mask)
 
     def penalty(self, code_sums, l0, model, coef, batch):
-        return l0, None
+        return l0 * model.n_features, None
 
     def parameter_gradients_(self, grad_codes, model, coef, batch):
         theta = model.log_threshold.detach().exp()
         window = self._window
         in_window = window.sum(dim=0, dtype=torch.float32)
         through_codes = (grad_codes * window).sum(dim=0, dtype=torch.float32)
-        d_theta = -(theta / self.bandwidth) * through_codes - (coef / (batch * self.bandwidth)) * in_window
+        weight = coef * model.n_features / (batch * self.bandwidth)
+        d_theta = -(theta / self.bandwidth) * through_codes - weight * in_window
         model.log_threshold.grad = d_theta * theta
         self._window = None
 
