@@ -1105,8 +1105,11 @@ class SparseAutoencoderDictionary(
         read = read_saelens(path, norm_scaling_factor=norm_scaling_factor)
         tensors = read["tensors"]
         n_components, n_features = tensors["components"].shape
-        estimator = cls(n_components=n_components, activation=read["activation"],
-                        k=read["k"], device="auto" if device is None else device)
+        params = {"n_components": n_components, "activation": read["activation"],
+                  "device": "auto" if device is None else device}
+        if read["k"] is not None:
+            params["k"] = read["k"]
+        estimator = cls(**params)
         dtype = np.dtype(read["dtype"])
         for name, value in tensors.items():
             setattr(estimator, name + "_", value.astype(dtype))
