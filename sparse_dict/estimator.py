@@ -532,6 +532,8 @@ class SparseAutoencoderDictionary(
             n_passes = self._train(trainer, X, config, random_state, total)
             self._finish(trainer, X, config, random_state)
             self.n_iter_ = n_passes
+            # A dictionary fitted anew is no longer the imported one.
+            self.__dict__.pop("provenance_", None)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)

@@ -206,6 +206,12 @@ def test_provenance_survives_save_and_load(tmp_path):
     loaded.to_saelens(tmp_path / "again")
     meta = json.loads((tmp_path / "again" / "cfg.json").read_text())["metadata"]
     assert meta["hook_layer"] == 3 and "sparse_dict_version" in meta
+    # Refitted, it is a new dictionary: no provenance, no selection scale left over.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        loaded.set_params(activation="relu", max_steps=5).fit(
+            np.random.default_rng(9).normal(size=(50, D_IN)))
+    assert not hasattr(loaded, "provenance_") and not hasattr(loaded, "threshold_")
 
 
 def test_old_topk_folders_without_selection_scale_still_load(tmp_path):
