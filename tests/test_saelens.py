@@ -326,3 +326,16 @@ def test_cli_convert_both_ways_and_report_reads_a_saelens_folder(tmp_path, capsy
     assert main(["encode", str(folder), str(tmp_path / "acts.npy"),
                  "-o", str(tmp_path / "codes.npy")]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "codes.npy"), est.transform(x), atol=1e-6)
+
+
+def test_imported_topk_trains_on_with_its_selection_scale(tmp_path):
+    est = SparseAutoencoderDictionary.from_saelens(
+        _write(tmp_path / "sae", "topk", _weights("topk")), device="cpu")
+    scale = est.selection_scale_.copy()
+    x = np.random.default_rng(10).normal(size=(64, D_IN)).astype(np.float32)
+    est.partial_fit(x)
+    # The training step chose on pre * selection_scale: the scale is kept, and
+    # codes still have at most k active features.
+    np.testing.assert_allclose(est.selection_scale_, scale, rtol=1e-6)
+    assert ((est.transform(x) > 0).sum(axis=1) <= K).all()
+    assert np.isfinite(est.components_).all()
