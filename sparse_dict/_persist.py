@@ -706,12 +706,16 @@ class TensorSpec:
     dtypes : tuple of str, default=("float32", "float64")
     minimum, maximum : float, default=None
         Bounds on the values (all values must be finite in any case).
+    optional : bool, default=False
+        Whether the file may lack it (a tensor added after files were first
+        written); if present it is checked like any other.
     """
 
     shape: tuple
     dtypes: tuple = ("float32", "float64")
     minimum: float | None = None
     maximum: float | None = None
+    optional: bool = False
 
 
 def read_tensors(file, schema):
@@ -721,7 +725,8 @@ def read_tensors(file, schema):
     ----------
     file : path-like
     schema : dict of str to TensorSpec
-        Exactly the tensors the file must hold.
+        Exactly the tensors the file must hold (the optional ones may be
+        absent).
 
     Returns
     -------
@@ -745,6 +750,8 @@ def read_tensors(file, schema):
             raise _bad(file, f"unexpected tensor {name!r}")
     for name, spec in schema.items():
         if name not in tensors:
+            if spec.optional:
+                continue
             raise _bad(file, f"tensor {name!r} is missing")
         array = tensors[name]
         if array.dtype.name not in spec.dtypes:

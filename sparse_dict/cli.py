@@ -204,7 +204,7 @@ def load_matrix(path, what="activations"):
 
 
 def _load_dictionary(path, device=None):
-    """Load a dictionary saved by ``SparseAutoencoderDictionary.save``."""
+    """Load a dictionary saved by ``SparseAutoencoderDictionary.save``, or a SAELens folder."""
     path = Path(path)
     if not path.exists():
         raise CLIError(f"dictionary {str(path)!r} does not exist")
@@ -214,8 +214,13 @@ def _load_dictionary(path, device=None):
             f"'{PROG} fit' or SparseAutoencoderDictionary.save"
         )
     from sparse_dict.estimator import SparseAutoencoderDictionary
+    from sparse_dict.saelens import is_saelens_folder
 
     try:
+        if is_saelens_folder(path) and not (path / "config.json").exists():
+            # A SAELens folder (cfg.json, sae_weights.safetensors) works wherever
+            # a saved dictionary does.
+            return SparseAutoencoderDictionary.from_saelens(path, device=device)
         return SparseAutoencoderDictionary.load(path, device=device)
     except (OSError, ValueError, KeyError, TypeError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -384,6 +389,26 @@ def cmd_encode(args):
         codes.flush()
         del codes
     _say(args, f"wrote {X.shape[0]} x {n_components} codes to {out}")
+    return 0
+
+
+def cmd_convert(args):
+    from sparse_dict.saelens import is_saelens_folder
+
+    source = Path(args.source)
+    if args.from_format == "saelens":
+        if source.is_dir() and not is_saelens_folder(source):
+            raise CLIError(f"{str(source)!r} is not a SAELens folder (cfg.json and "
+                           "sae_weights.safetensors)")
+        dictionary = _load_dictionary(source, "cpu")
+        dictionary.save(args.out, overwrite=args.overwrite)
+    else:
+        if (source / "cfg.json").exists() and not (source / "config.json").exists():
+            raise CLIError(f"{str(source)!r} is a SAELens folder; use --from saelens")
+        dictionary = _load_dictionary(source, "cpu")
+        dictionary.to_saelens(args.out, overwrite=args.overwrite)
+    _say(args, f"wrote {args.out} ({dictionary.activation}, "
+               f"{dictionary.n_components_} features of width {dictionary.n_features_in_})")
     return 0
 
 
@@ -928,7 +953,7 @@ def build_parser():
         description="Encode activations with a saved dictionary: writes the "
         "features' activations (the codes), one row per input row, as .npy.",
     )
-    p.add_argument("dictionary", help="folder written by 'sparse-dict fit'")
+    p.add_argument("dictionary", help="folder written by 'sparse-dict fit', or a SAELens folder")
     p.add_argument("activations", help=".npy array of shape (n_tokens, n_features)")
     p.add_argument("-o", "--out", required=True,
                    help="output .npy file ('.npy' is added if the name lacks it)")
@@ -947,7 +972,7 @@ def build_parser():
         "(histogram of log firing frequency) to --out. Use the same --model, --layer "
         "and --hook as the activations the dictionary was fitted on.",
     )
-    p.add_argument("dictionary", help="folder written by 'sparse-dict fit'")
+    p.add_argument("dictionary", help="folder written by 'sparse-dict fit', or a SAELens folder")
     p.add_argument("texts", help="texts file (.txt, or .jsonl)")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--max-texts", type=_positive_int, help="use only the first N texts")
@@ -961,6 +986,20 @@ def build_parser():
     _add_device(p)
     _add_common(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "convert", help="SAELens folder <-> saved dictionary",
+        description="Convert between SAELens' format (a folder with cfg.json and "
+        "sae_weights.safetensors; architectures standard, topk, jumprelu) and this "
+        "package's saved dictionary. The outputs encode and decode as the inputs do.",
+    )
+    p.add_argument("--from", dest="from_format", required=True,
+                   choices=("saelens", "sparse_dict"), help="the format of SOURCE")
+    p.add_argument("source", help="the folder to convert")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    _add_overwrite(p, "a folder that convert wrote earlier in the same format")
+    _add_common(p)
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

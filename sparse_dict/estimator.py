@@ -78,8 +78,12 @@ _SAVED_ATTRIBUTES = {
 _V1_HISTORY_WIDTH = 4  # loss, mse, l1, l0
 
 
-def _saved_tensor_schema(fitted_names, n_components, n_features, dtype, history_width):
-    """What each saved tensor must be: the model's fitted tensors and the statistics."""
+def _saved_tensor_schema(fitted_names, n_components, n_features, dtype, history_width,
+                         optional=()):
+    """What each saved tensor must be: the model's fitted tensors and the statistics.
+
+    ``optional`` names the activation's state tensors that older folders lack.
+    """
     same = (dtype,)
     shapes = {
         "components": (n_components, n_features),
@@ -87,7 +91,8 @@ def _saved_tensor_schema(fitted_names, n_components, n_features, dtype, history_
         "decoder_bias": (n_features,),
     }
     schema = {
-        name: _persist.TensorSpec(shapes.get(name, (n_components,)), same)
+        name: _persist.TensorSpec(shapes.get(name, (n_components,)), same,
+                                  optional=name in optional)
         for name in fitted_names
     }
     schema["feature_frequencies"] = _persist.TensorSpec(
@@ -338,6 +343,16 @@ class SparseAutoencoderDictionary(
     threshold_ : ndarray of shape (n_components,)
         Per-feature thresholds of ``"jumprelu"``, and the single inference
         threshold of ``"batchtopk"`` (repeated). Defined for those two only.
+    selection_scale_ : ndarray of shape (n_components,)
+        ``"topk"`` only: weights of the pre-activations when the ``k``
+        largest are chosen (the codes are not weighted). All ones when fitted
+        here; other values come from SAEs trained with atoms of other norms
+        (:meth:`from_saelens`), where they keep the choice exact.
+    provenance_ : dict
+        Only for dictionaries imported by :meth:`from_saelens` (or saved from
+        one): where the SAE came from (model, hook, layer, dataset, as its
+        metadata said) and what was folded into the attributes. Saved and
+        loaded with the dictionary.
     n_components_ : int
     scale_ : float
         Factor that brought the training data to mean squared norm
@@ -517,6 +532,8 @@ class SparseAutoencoderDictionary(
             n_passes = self._train(trainer, X, config, random_state, total)
             self._finish(trainer, X, config, random_state)
             self.n_iter_ = n_passes
+            # A dictionary fitted anew is no longer the imported one.
+            self.__dict__.pop("provenance_", None)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -674,9 +691,10 @@ class SparseAutoencoderDictionary(
     def _store_fitted(self, trainer, dtype):
         for name, value in trainer.export().items():
             setattr(self, name + "_", value.astype(dtype, copy=False))
-        if "threshold" not in trainer.model.activation.state_names:
-            # A refit with another activation must not keep a stale threshold.
-            self.__dict__.pop("threshold_", None)
+        for cls in ACTIVATIONS.values():
+            for name in set(cls.state_names) - set(trainer.model.activation.state_names):
+                # A refit with another activation must not keep a stale state.
+                self.__dict__.pop(name + "_", None)
         self.n_components_ = self.components_.shape[0]
         self.scale_ = float(trainer.scale)
         self.n_steps_ = int(trainer.step)
@@ -692,8 +710,16 @@ class SparseAutoencoderDictionary(
 
     def _fitted_tensors(self):
         """The fitted tensors by their core names (``components``, ...)."""
-        names = fitted_tensor_names(self._activation())
-        return {name: getattr(self, name + "_") for name in names}
+        activation = self._activation()
+        tensors = {}
+        for name in fitted_tensor_names(activation):
+            value = getattr(self, name + "_", None)
+            if value is None and name in activation.state_defaults:
+                # Pickled before this state existed.
+                value = np.full(self.n_components_, activation.state_defaults[name],
+                                dtype=self.components_.dtype)
+            tensors[name] = getattr(self, name + "_") if value is None else value
+        return tensors
 
     def _get_trainer(self):
         trainer = getattr(self, "_trainer", None)
@@ -880,6 +906,8 @@ class SparseAutoencoderDictionary(
         }
         if hasattr(self, "feature_names_in_"):
             attributes["feature_names_in_"] = [str(n) for n in self.feature_names_in_]
+        if hasattr(self, "provenance_"):
+            attributes["provenance_"] = self.provenance_
         from sparse_dict import __version__
 
         config = {
@@ -956,8 +984,13 @@ class SparseAutoencoderDictionary(
             if len(names) != n_features:
                 raise ValueError(f"{file}: field 'attributes.feature_names_in_' has "
                                  f"{len(names)} names for {n_features} features")
+        provenance = raw.get("provenance_")
+        if provenance is not None:
+            from sparse_dict.saelens import check_provenance
+
+            check_provenance(provenance, file)
         unknown = set(raw) - set(_SAVED_ATTRIBUTES) - {
-            "feature_names_in_", "train_l0_", "transform_l0_"}
+            "feature_names_in_", "train_l0_", "transform_l0_", "provenance_"}
         if unknown:
             raise ValueError(f"{file}: unexpected field 'attributes.{sorted(unknown)[0]}'")
         params = dict(_persist.config_field(config, "params", file))
@@ -972,12 +1005,16 @@ class SparseAutoencoderDictionary(
             )
         # Format 1 had no AuxK column in the history.
         history_width = len(STAT_NAMES) if version >= 2 else _V1_HISTORY_WIDTH
-        fitted_names = fitted_tensor_names(estimator._activation())
+        activation = estimator._activation()
+        fitted_names = fitted_tensor_names(activation)
         tensors = _persist.read_tensors(
             path / _WEIGHTS_FILE,
             _saved_tensor_schema(fitted_names, n_components, n_features, attrs["dtype"],
-                                 history_width),
+                                 history_width, optional=activation.state_defaults),
         )
+        for name, fill in activation.state_defaults.items():
+            if name not in tensors:  # saved before this state existed
+                tensors[name] = np.full(n_components, fill, dtype=attrs["dtype"])
         for name in fitted_names:
             setattr(estimator, name + "_", tensors[name])
         estimator.feature_frequencies_ = tensors["feature_frequencies"].astype(np.float64)
@@ -998,7 +1035,141 @@ class SparseAutoencoderDictionary(
         estimator.n_resampled_ = attrs["n_resampled_"]
         if names is not None:
             estimator.feature_names_in_ = np.asarray(names, dtype=object)
+        if provenance is not None:
+            estimator.provenance_ = provenance
         return estimator
+
+    @classmethod
+    def from_saelens(cls, path, *, norm_scaling_factor=None, device=None):
+        """A fitted dictionary from a sparse autoencoder saved by SAELens.
+
+        Reads a SAELens 6 folder (``cfg.json`` and
+        ``sae_weights.safetensors``) of architecture ``"standard"``,
+        ``"topk"`` or ``"jumprelu"`` (SAELens saves BatchTopK SAEs as
+        JumpReLU with one shared threshold), and folds its settings into this
+        package's form exactly; see :mod:`sparse_dict.saelens`. Every field
+        and tensor is checked; SAELens itself is not needed.
+
+        ``inverse_transform(transform(X))`` equals SAELens' ``decode(encode(X))``.
+        The atoms are the decoder's rows at unit norm, so each code is
+        SAELens' code times its atom's norm (as after SAELens'
+        ``fold_W_dec_norm``; for ``"topk"`` with
+        ``rescale_acts_by_decoder_norm`` SAELens' codes already are these).
+
+        Parameters
+        ----------
+        path : str or path-like
+        norm_scaling_factor : float, optional
+            For ``normalize_activations="expected_average_only_in"``: the
+            factor the inputs were multiplied by in training (SAELens lists
+            it for its pretrained releases), folded into the weights so that
+            the dictionary takes raw activations. Read from the folder's
+            ``activation_scaler.json`` when absent; without either, the SAE
+            is used as is (as SAELens' ``load_from_disk`` does) with a warning.
+        device : str, default=None
+            The ``device`` parameter of the result (``"auto"`` when None).
+
+        Returns
+        -------
+        estimator : SparseAutoencoderDictionary
+            Fitted, with ``provenance_`` holding the SAE's metadata (model,
+            hook, layer, ...) and what was folded.
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` does not exist.
+        ValueError
+            If the folder is damaged or incomplete, or uses an architecture,
+            normalisation or field this package cannot reproduce exactly; the
+            message names the file and the field.
+
+        See Also
+        --------
+        to_saelens : Write a dictionary in SAELens' format.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import numpy as np
+        >>> from sparse_dict import SparseAutoencoderDictionary
+        >>> X = np.random.default_rng(0).normal(size=(64, 6))
+        >>> est = SparseAutoencoderDictionary(n_components=12, max_steps=20,
+        ...                                   random_state=0).fit(X)
+        >>> folder = est.to_saelens(Path(tempfile.mkdtemp()) / "sae")
+        >>> back = SparseAutoencoderDictionary.from_saelens(folder)
+        >>> bool(np.allclose(back.transform(X), est.transform(X), atol=1e-5))
+        True
+        """
+        from sparse_dict.saelens import read_saelens
+
+        read = read_saelens(path, norm_scaling_factor=norm_scaling_factor)
+        tensors = read["tensors"]
+        n_components, n_features = tensors["components"].shape
+        params = {"n_components": n_components, "activation": read["activation"],
+                  "device": "auto" if device is None else device}
+        if read["k"] is not None:
+            params["k"] = read["k"]
+        estimator = cls(**params)
+        dtype = np.dtype(read["dtype"])
+        for name, value in tensors.items():
+            setattr(estimator, name + "_", value.astype(dtype))
+        frequencies = read["frequencies"]
+        estimator.feature_frequencies_ = (
+            np.zeros(n_components) if frequencies is None else frequencies)
+        estimator.n_features_in_ = n_features
+        estimator.n_components_ = n_components
+        estimator.n_iter_ = estimator.n_steps_ = estimator.n_resampled_ = 0
+        # The weights are in input units already; training would go on there.
+        estimator.scale_ = 1.0
+        estimator.history_ = {k: np.zeros(0) for k in STAT_NAMES}
+        estimator.loss_curve_ = estimator.history_["loss"]
+        estimator.train_l0_ = estimator.transform_l0_ = float("nan")
+        estimator.provenance_ = read["provenance"]
+        return estimator
+
+    def to_saelens(self, path, *, overwrite=False):
+        """Write the dictionary as a SAELens 6 folder (``cfg.json``, ``sae_weights.safetensors``).
+
+        SAELens' ``SAE.load_from_disk`` opens it as ``"standard"`` (ReLU),
+        ``"topk"`` or ``"jumprelu"`` (JumpReLU, and BatchTopK with its one
+        threshold), and its ``decode(encode(X))`` equals
+        ``inverse_transform(transform(X))``, with
+        ``apply_b_dec_to_input=True`` and ``normalize_activations="none"``.
+        A dictionary imported by :meth:`from_saelens` keeps its metadata
+        (model, hook, layer). Written safely as :meth:`save` writes.
+
+        Parameters
+        ----------
+        path : str or path-like
+            A folder that does not exist, or is empty.
+        overwrite : bool, default=False
+            Replace a folder that ``to_saelens`` wrote earlier (never any other).
+
+        Returns
+        -------
+        path : pathlib.Path
+
+        Raises
+        ------
+        ValueError
+            For settings SAELens cannot express: a ``transform_algorithm``
+            other than ``"encoder"``.
+        FileExistsError
+            If ``path`` exists and may not be replaced.
+        """
+        from sparse_dict.saelens import write_saelens
+
+        check_is_fitted(self)
+        if self.transform_algorithm != "encoder":
+            raise ValueError(
+                f"transform_algorithm={self.transform_algorithm!r} cannot be written for "
+                "SAELens, which codes with the encoder only; set "
+                "transform_algorithm='encoder' first."
+            )
+        return write_saelens(path, self.activation, self.k, self._fitted_tensors(),
+                             getattr(self, "provenance_", None), overwrite=overwrite)
 
     @classmethod
     def _from_saved_params(cls, params, file, device):

@@ -34,11 +34,16 @@ class Activation:
     state_names : tuple of str
         Names of the fitted tensors of shape (n_components,) this mechanism
         adds to the four every autoencoder has.
+    state_defaults : dict of str to float
+        For a state tensor added after folders were first saved with this
+        mechanism: the value every feature takes when an older folder lacks
+        it (one that leaves the codes unchanged).
     """
 
     name = None
     penalty_name = None
     state_names = ()
+    state_defaults = {}
 
     def init_model(self, model):
         """Register this mechanism's parameters and buffers on ``model``."""
@@ -147,9 +152,20 @@ class TopK(Activation):
     Gao et al. (2024), "Scaling and evaluating sparse autoencoders". No
     sparsity coefficient: ``k`` sets L0 (at most ``k``; fewer when some of
     the largest pre-activations are negative).
+
+    The fitted state ``selection_scale`` (one positive value per feature)
+    weighs the pre-activations when the ``k`` largest are chosen; the codes
+    themselves are the unweighted pre-activations. It is all ones for
+    dictionaries trained here. It exists so that an SAE trained with atoms
+    of any norm (SAELens' ``"topk"``) can be rescaled to unit-norm atoms
+    exactly: rescaling atom ``i`` by ``1 / n_i`` multiplies code ``i`` by
+    ``n_i``, and selecting on ``pre_i / n_i`` keeps the original choice.
     """
 
     name = "topk"
+    state_names = ("selection_scale",)
+    # Folders saved before selection_scale existed selected on pre itself.
+    state_defaults = {"selection_scale": 1.0}
 
     def __init__(self, k):
         self.k = int(k)
@@ -157,15 +173,50 @@ class TopK(Activation):
     def _k(self, model):
         return min(self.k, model.n_components)
 
+    def init_model(self, model):
+        model.register_buffer("selection_scale", torch.ones(model.n_components))
+
+    def _weighted(self, model):
+        """Whether the selection scale is not all ones (checked once per change).
+
+        Training skips the weighting, a full pass over the batch, when it
+        would change nothing; the answer is cached against the buffer's
+        version counter, which every in-place write (loading) advances.
+        """
+        scale = model.selection_scale
+        key = (id(scale), scale._version)
+        if getattr(self, "_weighted_key", None) != key:
+            self._weighted_key, self._weighted_value = key, not bool((scale == 1).all())
+        return self._weighted_value
+
     def forward_(self, pre, mask, model):
-        values, index = pre.topk(self._k(model), dim=1, sorted=False)
+        if self._weighted(model):
+            index = (pre * model.selection_scale.to(pre.dtype)).topk(
+                self._k(model), dim=1, sorted=False).indices
+            values = pre.gather(1, index)
+        else:
+            values, index = pre.topk(self._k(model), dim=1, sorted=False)
         pre.zero_()
         pre.scatter_(1, index, values.relu_())
         torch.gt(pre, 0, out=mask)
 
     def encode(self, pre, state):
-        values, index = pre.topk(min(self.k, pre.shape[1]), dim=1, sorted=False)
+        k = min(self.k, pre.shape[1])
+        scale = state.get("selection_scale")
+        if scale is None or bool((scale == 1).all()):
+            values, index = pre.topk(k, dim=1, sorted=False)
+        else:
+            index = (pre * scale).topk(k, dim=1, sorted=False).indices
+            values = pre.gather(1, index)
         return torch.zeros_like(pre).scatter_(1, index, values.relu_())
+
+    def export_state(self, model):
+        return {"selection_scale": model.selection_scale.detach().float()}
+
+    def load_state_(self, model, state):
+        scale = torch.as_tensor(state["selection_scale"], dtype=torch.float32)
+        with torch.no_grad():
+            model.selection_scale.copy_(scale)
 
     def describe(self):
         return {"name": self.name, "k": self.k}
@@ -204,6 +255,7 @@ class BatchTopK(TopK):
 
     name = "batchtopk"
     state_names = ("threshold",)
+    state_defaults = {}
     # Each row offers this many times k candidates to the batch selection.
     _CANDIDATES_PER_K = 4
 

@@ -9,8 +9,10 @@ from sparse_dict._torch.activations import ReLU
 # an activation adds its own (``Activation.state_names``).
 BASE_TENSORS = ("components", "encoder_weights", "encoder_bias", "decoder_bias")
 # The fitted tensors that do not change with the input's units; all others
-# (biases, and every activation's thresholds) are in input units.
-UNSCALED_TENSORS = ("components", "encoder_weights")
+# (biases, and every activation's thresholds) are in input units. TopK's
+# selection_scale weighs pre-activations against each other: a common factor
+# changes nothing, so it is left as it is.
+UNSCALED_TENSORS = ("components", "encoder_weights", "selection_scale")
 # The statistics of every training step, in the columns of the history.
 STAT_NAMES = ("loss", "mse", "l1", "l0", "auxk")
 
