@@ -105,7 +105,7 @@ def run(quick=True, device="cpu", batch=4096, d=512, n=4096, rounds=None, steps=
     x_plain = torch.as_tensor(X[:batch], device=dev) * trainer.scale
 
     # Warm-up: allocator, thread pools, kernels.
-    config = TrainConfig(l1_coef=1.0, learning_rate=1e-4, batch_size=batch, resample_dead=False)
+    config = TrainConfig(coef=1.0, learning_rate=1e-4, batch_size=batch, resample_dead=False)
     trainer.train(X[: batch * 2], 1, config, np.random.RandomState(1))
     for _ in range(2):
         plain.step(x_plain, 1.0)

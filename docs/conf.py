@@ -166,11 +166,37 @@ def _insert_benchmark_results(app, docname, source):
 
 def _always_reread_benchmarks(app, env, added, changed, removed):
     # The page's content comes from files Sphinx does not track.
-    return ["benchmarks"] if "benchmarks" in env.found_docs else []
+    return [name for name in ("benchmarks", "saelens") if name in env.found_docs]
+
+
+# --------------------------------------------------------------------------
+# The SAELens page's worked example
+# --------------------------------------------------------------------------
+# docs/examples/saelens_example.py makes a folder in SAELens' layout and uses
+# it; it runs at every build and its output is shown, so the page cannot go
+# stale (and an error in it fails the build).
+
+_SAELENS_MARKER = ".. saelens-example-output-here"
+
+
+def _insert_saelens_output(app, docname, source):
+    if docname != "saelens" or _SAELENS_MARKER not in source[0]:
+        return
+    import contextlib
+    import io
+    import runpy
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        runpy.run_path(str(DOCS / "examples" / "saelens_example.py"), run_name="__main__")
+    block = [".. code-block:: text", ""] + [
+        "   " + line for line in buffer.getvalue().splitlines()]
+    source[0] = source[0].replace(_SAELENS_MARKER, "\n".join(block))
 
 
 def setup(app):
     app.connect("source-read", _insert_benchmark_results)
+    app.connect("source-read", _insert_saelens_output)
     # After numpydoc (priority 500), which writes the rst being escaped.
     app.connect("autodoc-process-docstring", _escape_trailing_underscores, priority=600)
     app.connect("env-get-outdated", _always_reread_benchmarks)

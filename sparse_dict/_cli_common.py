@@ -3,12 +3,16 @@ writing files, messages, and building the extractor and the report."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
+
+from sparse_dict import _persist
 
 PROG = "sparse-dict"
 
@@ -34,27 +38,49 @@ def _input_file(path, what):
     return path
 
 
-def _output_file(path, what):
-    """``path`` as a Path, its folder created, after checking it can be written."""
+def _output_file(path, what, kind=_persist.NPY, *, overwrite=False, inputs=()):
+    """``path`` as a Path after checking it may be written: new, or replaceable with --overwrite.
+
+    Nothing is created here: outputs are written when complete (see
+    :mod:`sparse_dict._persist`), so a failed command leaves nothing behind.
+    """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not kind.folder:
         raise CLIError(f"{what} {str(path)!r} is a folder, expected a file name")
     _output_dir(path.parent if str(path.parent) else Path("."), f"folder of {what}")
-    return path
+    try:
+        return _persist.check_target(path, kind, overwrite=overwrite,
+                                     inputs=[Path(i) for i in inputs], hint="--overwrite")
+    except (FileExistsError, ValueError) as err:
+        raise CLIError(f"{what}: {err}") from None
 
 
 def _output_dir(path, what):
-    """``path`` as a Path, created if needed, after checking it can be written."""
+    """``path`` as a Path after checking it is, or can be created as, a writable folder.
+
+    The folder is not created here but by the writer, once there is something
+    to write, so that a failed command leaves no empty folders behind.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CLIError(f"{what} {str(path)!r} exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CLIError(f"cannot create {what} {str(path)!r}: {err.strerror or err}") from None
-    if not os.access(path, os.W_OK):
+    existing = path
+    while not existing.exists():
+        if existing.is_symlink() or existing.parent == existing:
+            raise CLIError(f"cannot create {what} {str(path)!r}: {str(existing)!r} is a "
+                           "broken link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"cannot create {what} {str(path)!r}: {str(existing)!r} is not a folder")
+    if not os.access(existing, os.W_OK):
         raise CLIError(f"{what} {str(path)!r} is not writable (permission denied)")
     return path
+
+
+def _npy_name(path):
+    """The name numpy.save gives ``path``: with ``.npy`` added if it lacks it."""
+    path = Path(path)
+    return path if path.suffix == ".npy" else path.with_name(path.name + ".npy")
 
 
 def read_texts(path, split="lines"):
@@ -154,7 +180,7 @@ def load_matrix(path, what="activations"):
 
 
 def _load_dictionary(path, device=None):
-    """Load a dictionary saved by ``SparseAutoencoderDictionary.save``."""
+    """Load a dictionary saved by ``SparseAutoencoderDictionary.save``, or a SAELens folder."""
     path = Path(path)
     if not path.exists():
         raise CLIError(f"dictionary {str(path)!r} does not exist")
@@ -164,8 +190,13 @@ def _load_dictionary(path, device=None):
             f"'{PROG} fit' or SparseAutoencoderDictionary.save"
         )
     from sparse_dict.estimator import SparseAutoencoderDictionary
+    from sparse_dict.saelens import is_saelens_folder
 
     try:
+        if is_saelens_folder(path) and not (path / "config.json").exists():
+            # A SAELens folder (cfg.json, sae_weights.safetensors) works wherever
+            # a saved dictionary does.
+            return SparseAutoencoderDictionary.from_saelens(path, device=device)
         return SparseAutoencoderDictionary.load(path, device=device)
     except (OSError, ValueError, KeyError, TypeError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -181,11 +212,20 @@ def _check_width(X, dictionary, source):
         )
 
 
-def _save_npy(path, array):
-    try:
-        np.save(path, array)
-    except OSError as err:
-        raise CLIError(f"cannot write {str(path)!r}: {err.strerror or err}") from None
+def _save_npy(path, array, *, overwrite=False, inputs=()):
+    """Save ``array`` to ``path``, written whole under a temporary name, then renamed."""
+    with _persist.staged(path, _persist.NPY, overwrite=overwrite, inputs=inputs,
+                         hint="--overwrite") as tmp:
+        np.save(tmp, array)
+    return path
+
+
+@contextlib.contextmanager
+def _divergence_is_an_error():
+    """Turn a warning that training diverged into an error, so nothing diverged is saved."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*diverg")
+        yield
 
 
 def _progress(iterable=None, **kwargs):
@@ -236,7 +276,7 @@ def _estimator_params(args):
     return params
 
 
-def _write_report(out, dictionary, codes, tokens, index, *, k, context, title,
+def _write_report(out, dictionary, codes, tokens, index, *, k, context, title, overwrite=False,
                   density_title=None):
     """Feature browser and density plot of ``codes`` in folder ``out``."""
     from sparse_dict.browser import (
@@ -247,7 +287,8 @@ def _write_report(out, dictionary, codes, tokens, index, *, k, context, title,
 
     frequencies = (np.asarray(codes) > 0).mean(axis=0)
     examples = top_activating_examples(codes, tokens, index, k=k, context=context)
-    html_path = write_feature_browser(out / "features.html", frequencies, examples, title=title)
-    plot_feature_density(frequencies, out / "density.png", title=density_title)
+    html_path = write_feature_browser(out / "features.html", frequencies, examples, title=title,
+                                      overwrite=overwrite)
+    plot_feature_density(frequencies, out / "density.png", overwrite=overwrite,
+                         title=density_title)
     return Path(html_path), out / "density.png"
-

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import re
-from numbers import Integral, Real
+from numbers import Integral
 
 # Parameters that have no option of their own: a callable cannot be typed on
 # a command line, ``verbose`` follows --quiet, and ``device`` is the option
@@ -39,8 +39,8 @@ def generated_parameters(estimator_class):
     --------
     >>> from sparse_dict.estimator import SparseAutoencoderDictionary
     >>> names = generated_parameters(SparseAutoencoderDictionary)
-    >>> names[:3], "callback" in names, "verbose" in names
-    (['n_components', 'l1_coef', 'learning_rate'], False, False)
+    >>> names[0], "l1_coef" in names, "callback" in names, "verbose" in names
+    ('n_components', True, False, False)
     """
     constraints = estimator_class._parameter_constraints
     names = []
@@ -110,6 +110,7 @@ def _bounded(kind, interval, none_ok):
         return value
 
     parse.__name__ = noun.split()[-1]  # argparse names the type in some errors
+    parse.expected = expected
     return parse
 
 
@@ -128,24 +129,63 @@ def _text_or_none(text):
     return None if text in _NONE_WORDS else text
 
 
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _union(interval_kind, interval, words, boolean, none_ok):
+    """A parser for a parameter that takes several kinds of value (a number or a word)."""
+    expected = []
+    if interval is not None:
+        expected.append(_bounded(interval_kind, interval, False).expected)
+    if boolean:
+        expected.append("true or false")
+    expected += [repr(w) for w in sorted(words)] + (["'none'"] if none_ok else [])
+
+    def parse(text):
+        if none_ok and text in _NONE_WORDS:
+            return None
+        if text in words:
+            return text
+        if boolean and text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        if interval is not None:
+            try:
+                return _bounded(interval_kind, interval, False)(text)
+            except argparse.ArgumentTypeError:
+                pass
+        raise argparse.ArgumentTypeError(f"expected {' or '.join(expected)}, got {text!r}")
+
+    return parse
+
+
 def _option_kwargs(constraints):
-    """argparse keyword arguments (type, choices, action) for one parameter."""
+    """argparse keyword arguments (type, choices, action, metavar) for one parameter."""
     from sklearn.utils._param_validation import Interval, StrOptions
 
     none_ok = None in constraints
-    for c in constraints:
-        if isinstance(c, Interval):
-            kind = int if c.type is Integral else float
-            return {"type": _bounded(kind, c, none_ok), "metavar": kind.__name__.upper()}
-    for c in constraints:
-        if isinstance(c, StrOptions):
-            choices = sorted(c.options)
-            return {"choices": choices + (["none"] if none_ok else []),
-                    "type": _text_or_none if none_ok else str}
-    if "boolean" in constraints:
-        return {"action": argparse.BooleanOptionalAction}
+    intervals = [c for c in constraints if isinstance(c, Interval)]
+    words = set().union(*(c.options for c in constraints if isinstance(c, StrOptions)))
+    boolean = "boolean" in constraints
     if "random_state" in constraints:
         return {"type": _seed, "metavar": "SEED"}
+    if boolean and not (intervals or words or none_ok):
+        return {"action": argparse.BooleanOptionalAction}
+    if intervals and not (words or boolean):
+        kind = int if intervals[0].type is Integral else float
+        return {"type": _bounded(kind, intervals[0], none_ok), "metavar": kind.__name__.upper()}
+    if words and not (intervals or boolean):
+        choices = sorted(words)
+        return {"choices": choices + (["none"] if none_ok else []),
+                "type": _text_or_none if none_ok else str}
+    if intervals or words or boolean:
+        # Several kinds at once, such as a number or "auto", or a boolean or "auto".
+        interval = intervals[0] if intervals else None
+        kind = int if interval is not None and interval.type is Integral else float
+        parts = ([kind.__name__.upper()] if interval is not None else []) + (
+            ["true", "false"] if boolean else []) + sorted(words)
+        return {"type": _union(kind, interval, words, boolean, none_ok),
+                "metavar": "{" + ",".join(parts) + "}"}
     # A plain string, or a constraint this generator does not know: the text
     # is passed on, and the estimator's own validation judges it.
     return {"type": _text_or_none if none_ok else str}

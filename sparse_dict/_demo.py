@@ -13,11 +13,13 @@ import time
 
 import numpy as np
 
+from sparse_dict import _persist
 from sparse_dict._cli_common import (
+    _divergence_is_an_error,
     _estimator_params,
     _extract,
     _make_extractor,
-    _output_dir,
+    _output_file,
     _progress,
     _say,
     _write_report,
@@ -236,14 +238,37 @@ class _Steps:
         return time.perf_counter() - self.started
 
 
+def _demo_folder():
+    """The kind of folder the demo writes: what its --overwrite may replace."""
+    from sparse_dict.estimator import SAVED_DICTIONARY
+
+    # Folders of earlier versions (without n_eval_tokens) are the demo's too.
+    results = _persist.json_kind(
+        "demo results", lambda r: isinstance(r, dict)
+        and {"results", "settings"} <= set(r) <= {"results", "settings", "n_eval_tokens"})
+    return _persist.folder_kind("sparse-dict demo folder", {
+        "features.html": _persist.HTML, "density.png": _persist.PNG,
+        "training.png": _persist.PNG, "results.json": results, "results.txt": None,
+        "dictionary": SAVED_DICTIONARY,
+    })
+
+
 def cmd_demo(args):
     if args.tiny:
         for name, value in _TINY.items():
             default = {**_DEMO_DEFAULTS, **_DEMO_ESTIMATOR_DEFAULTS}.get(name)
             if getattr(args, name) == default:
                 setattr(args, name, value)
+    # The folder is built under a temporary name and renamed into place at
+    # the end, so an error or Ctrl-C leaves no partial folder behind.
+    kind = _demo_folder()
+    final = _output_file(args.out, "output folder", kind, overwrite=args.overwrite)
+    with _persist.staged(final, kind, overwrite=args.overwrite, hint="--overwrite") as out:
+        return _run_demo(args, out, final)
+
+
+def _run_demo(args, out, final):
     verbose = 0 if args.quiet else 1
-    out = _output_dir(args.out, "output folder")
     from sparse_dict._corpus import load_corpus
     from sparse_dict.estimator import SparseAutoencoderDictionary
     from sparse_dict.model_selection import SparseCodingScorer
@@ -275,7 +300,8 @@ def cmd_demo(args):
     params["verbose"] = verbose
     sae = SparseAutoencoderDictionary(**params)
     start = time.perf_counter()
-    sae.fit(X_train)
+    with _divergence_is_an_error():
+        sae.fit(X_train)
     sae_row = {"method": "SparseAutoencoderDictionary", "fit_rows": int(X_train.shape[0]),
                "fit_seconds": time.perf_counter() - start, **scorer(sae, X_eval)}
     rows = [sae_row]
@@ -300,7 +326,7 @@ def cmd_demo(args):
         rows[1]["loss_recovered"] = _loss_recovered(
             extractor, coder, table_texts, verbose, "MiniBatchDictionaryLearning")
 
-    step(5, f"writing the dictionary, plots and feature browser to {out}")
+    step(5, f"writing the dictionary, plots and feature browser to {final}")
     sae.save(out / "dictionary", overwrite=True)
     _plot_training(sae.history_, out / "training.png")
     browse_codes = sae.transform(X_browse)
@@ -313,7 +339,7 @@ def cmd_demo(args):
     )
     table = _format_table(rows, X_eval.shape[0], len(table_texts), tiny=args.tiny)
     (out / "results.txt").write_text(table + "\n", encoding="utf-8")
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "overwrite")}
     (out / "results.json").write_text(
         json.dumps({"results": rows, "n_eval_tokens": int(X_eval.shape[0]),
                     "settings": settings}, indent=2, default=str) + "\n",
@@ -322,7 +348,7 @@ def cmd_demo(args):
     step.end()
     print(table)
     print()
-    print(f"Wrote to {out}/:")
+    print(f"Wrote to {final}/:")
     for name, what in [
         ("features.html", "the feature browser (open it in a web browser)"),
         ("density.png", f"histogram of the features' firing frequencies on the "

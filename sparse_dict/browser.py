@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sparse_dict import _persist
+
 __all__ = [
     "FeatureExamples",
     "top_activating_examples",
@@ -278,8 +280,41 @@ def _round_sig(x, digits=4):
     return float(f"{x:.{digits}g}")
 
 
+def _check_frequencies(frequencies):
+    frequencies = np.asarray(frequencies, dtype=np.float64)
+    if frequencies.ndim != 1:
+        raise ValueError(
+            f"Expected frequencies of shape (n_features,), got shape {frequencies.shape}."
+        )
+    if not np.isfinite(frequencies).all():
+        raise ValueError(
+            f"frequencies contain {np.count_nonzero(~np.isfinite(frequencies))} NaN or "
+            "infinite values; expected the fraction of tokens on which each feature fires."
+        )
+    return frequencies
+
+
+def _encodable(text):
+    """``text`` with what UTF-8 cannot encode (lone surrogates) shown as U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _page(title, payload, ascii_only):
+    # "<" is escaped so that no token text (say "</script>") can end the
+    # script element early; the JSON stays valid since "<" only occurs in strings.
+    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=ascii_only)
+    return (
+        _PAGE.replace("@@TITLE@@", html.escape(title))
+        .replace("@@GENERATOR@@", _persist.HTML_GENERATOR)
+        .replace("@@CSS@@", _CSS)
+        .replace("@@JS@@", _JS)
+        .replace("@@DATA@@", data.replace("<", "\\u003c"))
+    )
+
+
 def write_feature_browser(
-    path, frequencies, examples=None, *, title="Feature browser", max_features=None
+    path, frequencies, examples=None, *, title="Feature browser", max_features=None,
+    overwrite=False,
 ):
     """Write a self-contained HTML page to browse a dictionary's features.
 
@@ -306,6 +341,10 @@ def write_feature_browser(
         Page title and heading.
     max_features : int, default=None
         Show only the first ``max_features`` features; ``None`` shows all.
+    overwrite : bool, default=False
+        Replace an existing page written by this function; any other existing
+        file is never replaced. The page is written under a temporary name and
+        renamed into place once complete.
 
     Returns
     -------
@@ -324,36 +363,30 @@ def write_feature_browser(
     >>> "<!DOCTYPE html>" in open(out, encoding="utf-8").read(100)
     True
     """
-    frequencies = np.asarray(frequencies, dtype=np.float64)
-    if frequencies.ndim != 1:
-        raise ValueError(
-            f"Expected frequencies of shape (n_features,), got shape {frequencies.shape}."
-        )
+    frequencies = _check_frequencies(frequencies)
     if examples is not None and examples.n_features != frequencies.shape[0]:
         raise ValueError(
             f"frequencies describe {frequencies.shape[0]} features but examples "
             f"describe {examples.n_features}."
         )
     payload = _feature_payload(frequencies, examples, max_features)
-    payload["title"] = str(title)
+    title = _encodable(str(title))
+    payload["title"] = title
     payload["n_features"] = int(frequencies.shape[0])
     payload["n_dead"] = int(np.count_nonzero(frequencies <= 0))
-    # "<" is escaped so that no token text (say "</script>") can end the
-    # script element early; the JSON stays valid since "<" only occurs in strings.
-    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).replace("<", "\\u003c")
-    page = (
-        _PAGE.replace("@@TITLE@@", html.escape(str(title)))
-        .replace("@@CSS@@", _CSS)
-        .replace("@@JS@@", _JS)
-        .replace("@@DATA@@", data)
-    )
-    path = os.fspath(path)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(page)
-    return path
+    try:
+        content = _page(title, payload, ascii_only=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # A token holding a lone surrogate (half a character, as a tokenizer
+        # can cut one) has no UTF-8 form; JSON escapes (\uD800) carry it to the
+        # page's script as it is.
+        content = _page(title, payload, ascii_only=True).encode("utf-8")
+    with _persist.staged(path, _persist.HTML, overwrite=overwrite) as tmp:
+        tmp.write_bytes(content)
+    return os.fspath(path)
 
 
-def plot_feature_density(frequencies, path=None, *, bins=50, title=None):
+def plot_feature_density(frequencies, path=None, *, bins=50, title=None, overwrite=False):
     """Plot the histogram of log10 firing frequency of a dictionary's features.
 
     The usual first look at a dictionary: a healthy one has a single bump of
@@ -372,6 +405,9 @@ def plot_feature_density(frequencies, path=None, *, bins=50, title=None):
         Number of histogram bins.
     title : str, default=None
         Figure title; by default it says how many features are dead.
+    overwrite : bool, default=False
+        Replace an existing PNG written by this package at ``path``; any other
+        existing file is never replaced.
 
     Returns
     -------
@@ -389,7 +425,7 @@ def plot_feature_density(frequencies, path=None, *, bins=50, title=None):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    frequencies = np.asarray(frequencies, dtype=np.float64).ravel()
+    frequencies = _check_frequencies(np.asarray(frequencies, dtype=np.float64).ravel())
     alive = frequencies[frequencies > 0]
     n_dead = frequencies.size - alive.size
     fig = Figure(figsize=(6, 3.6), layout="constrained")
@@ -407,7 +443,8 @@ def plot_feature_density(frequencies, path=None, *, bins=50, title=None):
         )
     ax.set_title(title, fontsize=10)
     if path is not None:
-        fig.savefig(os.fspath(path), format="png", dpi=110)
+        with _persist.staged(path, _persist.PNG, overwrite=overwrite) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
     return fig
 
 
@@ -415,6 +452,7 @@ _PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
+<meta name="generator" content="@@GENERATOR@@">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>@@TITLE@@</title>
 <style>@@CSS@@</style>

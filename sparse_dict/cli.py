@@ -7,6 +7,8 @@ Subcommands::
     sparse-dict fit       activations (.npy) -> saved dictionary (folder)
     sparse-dict encode    saved dictionary + activations -> codes (.npy)
     sparse-dict report    saved dictionary + texts -> feature browser + density plot
+    sparse-dict convert   SAELens folder <-> saved dictionary
+    sparse-dict convert   SAELens folder <-> saved dictionary
 
 Every failure a user can cause (a missing or unreadable file, an array of the
 wrong shape, a bad option) ends with one line on stderr and exit status 2;
@@ -26,19 +28,22 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main"]
+from sparse_dict import _persist
 
+__all__ = ["main"]
 
 # The helpers are re-exported here, where users and tests have imported them from.
 from sparse_dict._cli_common import (  # noqa: F401
     PROG,
     CLIError,
     _check_width,
+    _divergence_is_an_error,
     _estimator_params,
     _extract,
     _input_file,
     _load_dictionary,
     _make_extractor,
+    _npy_name,
     _output_dir,
     _output_file,
     _progress,
@@ -48,7 +53,7 @@ from sparse_dict._cli_common import (  # noqa: F401
     load_matrix,
     read_texts,
 )
-from sparse_dict._demo import _DEMO_DEFAULTS, _DEMO_ESTIMATOR_DEFAULTS, cmd_demo
+from sparse_dict._demo import _DEMO_DEFAULTS, _DEMO_ESTIMATOR_DEFAULTS, _demo_folder, cmd_demo  # noqa: F401,E501
 
 # Exit statuses: 2 for a problem with the user's input (as argparse does for a
 # bad option), 1 for anything unexpected, 130 for Ctrl-C.
@@ -64,34 +69,43 @@ EXIT_INTERRUPTED = 130
 
 def cmd_extract(args):
     texts = read_texts(args.texts, args.split)
-    out = _output_file(args.out, "output file")
+    # Every output is checked before the (long) extraction, and written only
+    # after it: a bad --tokens path leaves no activations file behind.
+    out = _output_file(_npy_name(args.out), "output file", overwrite=args.overwrite,
+                       inputs=[args.texts])
+    tok_path = None
+    if args.tokens:
+        tok_path = _output_file(args.tokens, "tokens file", _persist.TOKENS,
+                                overwrite=args.overwrite, inputs=[args.texts, out])
     extractor = _make_extractor(args, verbose=0 if args.quiet else 1)
     acts, tokens, index = _extract(extractor, texts)
-    _save_npy(out, acts)
-    if args.tokens:
-        tok_path = _output_file(args.tokens, "tokens file")
-        with open(tok_path, "w", encoding="utf-8") as fh:
-            for tok, (text, pos) in zip(tokens.tolist(), index.tolist()):
-                fh.write(json.dumps({"text": text, "position": pos, "token": tok}) + "\n")
-    _say(args, f"wrote {acts.shape[0]} x {acts.shape[1]} activations to {out}")
+    with contextlib.ExitStack() as stack:
+        if tok_path is not None:
+            tmp = stack.enter_context(_persist.staged(
+                tok_path, _persist.TOKENS, overwrite=args.overwrite, hint="--overwrite"))
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for tok, (text, pos) in zip(tokens.tolist(), index.tolist()):
+                    fh.write(json.dumps({"text": text, "position": pos, "token": tok}) + "\n")
+        _save_npy(out, acts, overwrite=args.overwrite)
+    _say(args, f"wrote {acts.shape[0]} x {acts.shape[1]} activations to {out}"
+         + (f" and their tokens to {tok_path}" if tok_path is not None else ""))
     return 0
 
 
 def cmd_fit(args):
     X = load_matrix(args.activations)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise CLIError(f"output {str(out)!r} already exists; pass --overwrite to replace it")
-    _output_dir(out.parent if str(out.parent) else Path("."), "folder of the output")
-    from sparse_dict.estimator import SparseAutoencoderDictionary
+    from sparse_dict.estimator import SAVED_DICTIONARY, SparseAutoencoderDictionary
 
+    out = _output_file(args.out, "output", SAVED_DICTIONARY, overwrite=args.overwrite,
+                       inputs=[args.activations])
     params = _estimator_params(args)
     params["verbose"] = 0 if args.quiet else 1
     sae = SparseAutoencoderDictionary(**params)
     start = time.perf_counter()
-    sae.fit(X)
+    with _divergence_is_an_error():
+        sae.fit(X)
     seconds = time.perf_counter() - start
-    sae.save(out, overwrite=True)
+    sae.save(out, overwrite=args.overwrite)
     _say(
         args,
         f"fitted {sae.n_components_} features on {X.shape[0]:,} x {X.shape[1]} "
@@ -104,19 +118,44 @@ def cmd_encode(args):
     dictionary = _load_dictionary(args.dictionary, args.device)
     X = load_matrix(args.activations)
     _check_width(X, dictionary, "activations")
-    out = _output_file(args.out, "output file")
+    inputs = [args.activations, args.dictionary]
+    out = _output_file(_npy_name(args.out), "output file", overwrite=args.overwrite,
+                       inputs=inputs)
     n_components = dictionary.components_.shape[0]
     dtype = np.float64 if X.dtype == np.float64 else np.float32
-    # Encoded in chunks into a .npy memmap, so codes larger than memory work.
-    codes = np.lib.format.open_memmap(out, mode="w+", dtype=dtype, shape=(X.shape[0], n_components))
-    starts = range(0, X.shape[0], args.chunk_size)
-    for start in _progress(starts, desc="encode", unit="chunk", disable=args.quiet):
-        stop = min(start + args.chunk_size, X.shape[0])
-        # A copy of the chunk: the memmap is read-only, and the chunk is small.
-        codes[start:stop] = dictionary.transform(np.array(X[start:stop], dtype=dtype))
-    codes.flush()
-    del codes
+    with _persist.staged(out, _persist.NPY, overwrite=args.overwrite, inputs=inputs,
+                         hint="--overwrite") as tmp:
+        # Encoded in chunks into a .npy memmap, so codes larger than memory work.
+        codes = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
+                                          shape=(X.shape[0], n_components))
+        starts = range(0, X.shape[0], args.chunk_size)
+        for start in _progress(starts, desc="encode", unit="chunk", disable=args.quiet):
+            stop = min(start + args.chunk_size, X.shape[0])
+            # A copy of the chunk: the memmap is read-only, and the chunk is small.
+            codes[start:stop] = dictionary.transform(np.array(X[start:stop], dtype=dtype))
+        codes.flush()
+        del codes
     _say(args, f"wrote {X.shape[0]} x {n_components} codes to {out}")
+    return 0
+
+
+def cmd_convert(args):
+    from sparse_dict.saelens import is_saelens_folder
+
+    source = Path(args.source)
+    if args.from_format == "saelens":
+        if source.is_dir() and not is_saelens_folder(source):
+            raise CLIError(f"{str(source)!r} is not a SAELens folder (cfg.json and "
+                           "sae_weights.safetensors)")
+        dictionary = _load_dictionary(source, "cpu")
+        dictionary.save(args.out, overwrite=args.overwrite)
+    else:
+        if (source / "cfg.json").exists() and not (source / "config.json").exists():
+            raise CLIError(f"{str(source)!r} is a SAELens folder; use --from saelens")
+        dictionary = _load_dictionary(source, "cpu")
+        dictionary.to_saelens(args.out, overwrite=args.overwrite)
+    _say(args, f"wrote {args.out} ({dictionary.activation}, "
+               f"{dictionary.n_components_} features of width {dictionary.n_features_in_})")
     return 0
 
 
@@ -126,6 +165,9 @@ def cmd_report(args):
     if args.max_texts is not None:
         texts = texts[: args.max_texts]
     out = _output_dir(args.out, "output folder")
+    _output_file(out / "features.html", "feature browser", _persist.HTML,
+                 overwrite=args.overwrite)
+    _output_file(out / "density.png", "density plot", _persist.PNG, overwrite=args.overwrite)
     extractor = _make_extractor(args, verbose=0 if args.quiet else 1)
     acts, tokens, index = _extract(extractor, texts)
     _check_width(acts, dictionary, f"activations of --model {args.model} --layer {args.layer}")
@@ -133,9 +175,11 @@ def cmd_report(args):
     html_path, png_path = _write_report(
         out, dictionary, codes, tokens, index,
         k=args.top_k, context=args.context, title=args.title or f"Features of {args.dictionary}",
+        overwrite=args.overwrite,
     )
     _say(args, f"wrote {html_path} and {png_path}")
     return 0
+
 
 
 # --------------------------------------------------------------------------
@@ -186,8 +230,9 @@ def _add_extraction(p):
     g = p.add_argument_group("activations")
     g.add_argument(
         "--model", default="builtin",
-        help="'builtin' (the bundled 1-layer transformer) or the path of a local "
-        "Hugging Face model (default: builtin)",
+        help="'builtin' (the bundled 1-layer transformer), the path of a local "
+        "Hugging Face model folder, or a Hugging Face Hub id such as gpt2 "
+        "(default: builtin)",
     )
     g.add_argument("--layer", type=int, default=0, help="layer number (default: 0)")
     g.add_argument(
@@ -220,6 +265,14 @@ def _add_estimator(p, defaults):
         "'none' gives None where a parameter takes it",
     )
     add_estimator_options(g, SparseAutoencoderDictionary, defaults)
+
+
+def _add_overwrite(p, what):
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help=f"replace the output if it exists and is {what}; nothing else is ever "
+        "replaced, and without this option nothing is",
+    )
 
 
 def _add_device(p):
@@ -299,7 +352,9 @@ def build_parser(command=None):
     p.add_argument("--out", default=d["out"],
                    help=f"output folder (default: ./{d['out']})")
     p.add_argument("--tiny", action="store_true",
-                   help="a run of a few seconds at toy sizes, to check an installation")
+                   help="a run of a few seconds at toy sizes, to check an installation "
+                   "(its numbers are a smoke test only)")
+    _add_overwrite(p, "a folder written by an earlier demo")
     p.add_argument("--n-texts", type=_positive_int, default=d["n_texts"],
                    help=f"training texts from the corpus (default: {d['n_texts']})")
     p.add_argument("--n-eval-texts", type=_positive_int, default=d["n_eval_texts"],
@@ -341,9 +396,11 @@ def build_parser(command=None):
         "activations at one layer, one row per token, as a float32 .npy array.",
     )
     p.add_argument("texts", help="texts file (.txt, or .jsonl)")
-    p.add_argument("-o", "--out", required=True, help="output .npy file")
+    p.add_argument("-o", "--out", required=True,
+                   help="output .npy file ('.npy' is added if the name lacks it)")
     p.add_argument("--tokens", help="also write each row's text, position and token "
                    "string to this .jsonl file")
+    _add_overwrite(p, "an .npy (or tokens file) written earlier")
     _add_extraction(p)
     _add_device(p)
     _add_common(p)
@@ -357,7 +414,7 @@ def build_parser(command=None):
     )
     p.add_argument("activations", help=".npy array of shape (n_tokens, n_features)")
     p.add_argument("-o", "--out", required=True, help="output folder for the dictionary")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_overwrite(p, "a dictionary saved earlier")
     if wanted("fit"):
         _add_estimator(p, _FIT_DEFAULTS)
     _add_device(p)
@@ -369,11 +426,13 @@ def build_parser(command=None):
         description="Encode activations with a saved dictionary: writes the "
         "features' activations (the codes), one row per input row, as .npy.",
     )
-    p.add_argument("dictionary", help="folder written by 'sparse-dict fit'")
+    p.add_argument("dictionary", help="folder written by 'sparse-dict fit', or a SAELens folder")
     p.add_argument("activations", help=".npy array of shape (n_tokens, n_features)")
-    p.add_argument("-o", "--out", required=True, help="output .npy file")
+    p.add_argument("-o", "--out", required=True,
+                   help="output .npy file ('.npy' is added if the name lacks it)")
     p.add_argument("--chunk-size", type=_positive_int, default=8192,
                    help="rows encoded at a time (default: 8192)")
+    _add_overwrite(p, "an .npy written earlier")
     _add_device(p)
     _add_common(p)
     p.set_defaults(func=cmd_encode)
@@ -386,7 +445,7 @@ def build_parser(command=None):
         "(histogram of log firing frequency) to --out. Use the same --model, --layer "
         "and --hook as the activations the dictionary was fitted on.",
     )
-    p.add_argument("dictionary", help="folder written by 'sparse-dict fit'")
+    p.add_argument("dictionary", help="folder written by 'sparse-dict fit', or a SAELens folder")
     p.add_argument("texts", help="texts file (.txt, or .jsonl)")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--max-texts", type=_positive_int, help="use only the first N texts")
@@ -395,10 +454,25 @@ def build_parser(command=None):
     p.add_argument("--context", type=_non_negative_int, default=6,
                    help="tokens of context either side of an example (default: 6)")
     p.add_argument("--title", help="title of the browser page")
+    _add_overwrite(p, "a report written earlier (features.html, density.png)")
     _add_extraction(p)
     _add_device(p)
     _add_common(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "convert", help="SAELens folder <-> saved dictionary",
+        description="Convert between SAELens' format (a folder with cfg.json and "
+        "sae_weights.safetensors; architectures standard, topk, jumprelu) and this "
+        "package's saved dictionary. The outputs encode and decode as the inputs do.",
+    )
+    p.add_argument("--from", dest="from_format", required=True,
+                   choices=("saelens", "sparse_dict"), help="the format of SOURCE")
+    p.add_argument("source", help="the folder to convert")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    _add_overwrite(p, "a folder that convert wrote earlier in the same format")
+    _add_common(p)
+    p.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -413,8 +487,10 @@ def main(argv=None):
     Returns
     -------
     status : int
-        The exit status: 0 on success, 2 for a problem with the input (one
-        line on stderr says what), 1 for an unexpected error.
+        The exit status: 0 on success; 2 for a problem the user can fix (bad
+        input, an output that exists, an unwritable path, a diverged fit; one
+        line on stderr says what); 130 when interrupted (Ctrl-C); 1 only for a
+        bug.
 
     Examples
     --------
@@ -429,30 +505,42 @@ def main(argv=None):
     try:
         with _cpu_threads(args.threads):
             return int(args.func(args) or 0)
-    except (CLIError, ValueError, TypeError, FileExistsError) as err:
-        # ValueError and TypeError are how the estimators reject bad input (NaN,
-        # wrong shapes, invalid parameters), with a message meant for users.
-        if args.traceback:
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"{PROG} {args.command}: error: {first}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except MemoryError:
-        if args.traceback:
-            raise
-        print(f"{PROG} {args.command}: error: out of memory; try smaller inputs or "
-              "a smaller --batch-size", file=sys.stderr)
-        return EXIT_BUG
     except Exception as err:  # noqa: BLE001 - the promise is one line, never a traceback
         if args.traceback:
             raise
-        first = str(err).splitlines()[0] if str(err) else ""
-        print(
-            f"{PROG} {args.command}: error: {type(err).__name__}: {first} "
-            "(rerun with --traceback for details)",
-            file=sys.stderr,
-        )
-        return EXIT_BUG
+        message, status = _user_error(err)
+        print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+        return status
+
+
+def _first_line(err):
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _user_error(err):
+    """The one-line message for ``err`` and the exit status: 2 if the user can fix it, else 1."""
+    # ValueError and TypeError are how the estimators reject bad input (NaN,
+    # wrong shapes, invalid parameters), with a message meant for users.
+    if isinstance(err, (CLIError, ValueError, TypeError)):
+        return _first_line(err), EXIT_USAGE
+    # A diverged fit (DivergenceError is a FloatingPointError) or a warning
+    # that -W error turned into an exception: a setting to change, not a bug.
+    if isinstance(err, (FloatingPointError, Warning)):
+        prefix = "" if isinstance(err, FloatingPointError) else f"{type(err).__name__}: "
+        return prefix + _first_line(err), EXIT_USAGE
+    if isinstance(err, OSError):
+        # A file that cannot be read or written, a full disk, a read-only folder.
+        if err.strerror and err.filename is not None:
+            return f"{err.strerror}: {str(err.filename)!r}", EXIT_USAGE
+        return _first_line(err), EXIT_USAGE
+    if isinstance(err, MemoryError):
+        return "out of memory; try smaller inputs or a smaller --batch-size", EXIT_USAGE
+    if type(err).__name__ == "SafetensorError":  # a damaged weights file
+        return f"damaged safetensors file: {_first_line(err)}", EXIT_USAGE
+    first = str(err).splitlines()[0] if str(err) else ""
+    return (f"{type(err).__name__}: {first} (a bug: please report it; rerun with "
+            "--traceback for details)"), EXIT_BUG

@@ -6,10 +6,7 @@ attributes. It holds no training logic of its own.
 """
 
 import contextlib
-import json
 import math
-import shutil
-import tempfile
 import warnings
 from numbers import Integral, Real
 from pathlib import Path
@@ -22,18 +19,26 @@ from sklearn.base import (
     TransformerMixin,
     _fit_context,
 )
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
+from sparse_dict import _persist
 from sparse_dict._torch import (
+    ACTIVATIONS,
     DivergenceError,
     TrainConfig,
     Trainer,
+    assess_training,
     decode_array,
     encode_array,
+    fitted_tensor_names,
+    make_activation,
     resolve_device,
 )
+from sparse_dict._torch.memory import device_bytes, training_bytes
+from sparse_dict._torch.model import STAT_NAMES
 
 __all__ = ["DivergenceError", "SparseAutoencoderDictionary"]
 
@@ -44,22 +49,142 @@ _PARTIAL_FIT_RESAMPLE_INTERVAL = 1000
 # Rows per batch when encoding and decoding (no gradients, so larger is fine).
 _INFERENCE_BATCH = 8192
 _FORMAT = "sparse_dict.SparseAutoencoderDictionary"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+# The default training budget (max_iter=None, max_steps=None): at least this
+# many steps, and at most this many rows seen (both measured; see
+# SparseAutoencoderDictionary's docstring).
+_MIN_DEFAULT_STEPS = 3000
+_DEFAULT_ROWS = 10_000_000
+_MAX_DEFAULT_PASSES = 200
+# AuxK's defaults, as in Gao et al. (2024).
+_DEFAULT_AUXK_COEF = 1 / 32
+# Rows on which BatchTopK's inference threshold and transform_l0_ are measured.
+_CALIBRATION_ROWS = 8192
 _WEIGHTS_FILE = "weights.safetensors"
 _CONFIG_FILE = "config.json"
 
 
+# What a saved folder holds, checked at load. The tensors' shapes depend on
+# the attributes, so their schema is made by _saved_tensor_schema.
+_SAVED_ATTRIBUTES = {
+    "n_features_in_": _persist.Integer(1),
+    "n_components_": _persist.Integer(1),
+    "n_iter_": _persist.Integer(0),
+    "n_steps_": _persist.Integer(0),
+    "scale_": _persist.Real(0.0, inclusive=False),
+    "n_resampled_": _persist.Integer(0),
+    "dtype": _persist.OneOf(("float32", "float64")),
+}
+_V1_HISTORY_WIDTH = 4  # loss, mse, l1, l0
+
+
+def _saved_tensor_schema(fitted_names, n_components, n_features, dtype, history_width,
+                         optional=()):
+    """What each saved tensor must be: the model's fitted tensors and the statistics.
+
+    ``optional`` names the activation's state tensors that older folders lack.
+    """
+    same = (dtype,)
+    shapes = {
+        "components": (n_components, n_features),
+        "encoder_weights": (n_components, n_features),
+        "decoder_bias": (n_features,),
+    }
+    schema = {
+        name: _persist.TensorSpec(shapes.get(name, (n_components,)), same,
+                                  optional=name in optional)
+        for name in fitted_names
+    }
+    schema["feature_frequencies"] = _persist.TensorSpec(
+        (n_components,), minimum=0.0, maximum=1.0)
+    schema["history"] = _persist.TensorSpec((None, history_width))
+    return schema
+
+
+def _finite_or_none(value):
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+# A folder that save wrote: what overwrite=True may replace, and nothing else.
+SAVED_DICTIONARY = _persist.folder_kind(
+    "saved dictionary",
+    {
+        _CONFIG_FILE: _persist.json_kind(
+            "dictionary configuration",
+            lambda config: isinstance(config, dict) and config.get("format") == _FORMAT,
+        ),
+        _WEIGHTS_FILE: None,
+    },
+)
+
+
+def _device_here(device):
+    """``device``, or ``"cpu"`` with a warning if it names CUDA and this machine has none."""
+    if isinstance(device, str) and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            warnings.warn(
+                f"This model was saved with device={device!r}, but CUDA is not "
+                "available here; it will run on the CPU (device='cpu').",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return "cpu"
+    return device
+
+
+def _check_representable(X):
+    """Refuse data that the model, which computes in float32, cannot represent."""
+    values = X.data if sp.issparse(X) else X
+    peak = 0.0
+    # In blocks of rows, so that a memmap is never read whole into memory.
+    step = max(1, (1 << 20) // max(1, values.shape[-1] if values.ndim == 2 else 1))
+    for start in range(0, values.shape[0], step):
+        block = values[start:start + step]
+        if block.size:
+            # max and min, not abs: no copy of the block.
+            peak = max(peak, abs(float(block.max())), abs(float(block.min())))
+    info = np.finfo(np.float32)
+    if peak > float(info.max):
+        raise ValueError(
+            f"X has values up to {peak:.3g} in absolute value, beyond the range of "
+            f"float32 (about {info.max:.3g}), in which the model computes. Rescale X, "
+            "for example divide it by its largest absolute value."
+        )
+    if 0 < peak < float(info.tiny):
+        raise ValueError(
+            f"X's largest absolute value is {peak:.3g}, below float32's smallest normal "
+            f"number ({info.tiny:.3g}): in float32, in which the model computes, such "
+            "values lose their precision or vanish. Rescale X, for example divide it "
+            "by its largest absolute value."
+        )
+
+
+class _IntervalNotBool(Interval):
+    """An integer interval that, unlike ``Interval(Integral, ...)``, refuses booleans."""
+
+    def is_satisfied_by(self, val):
+        return not isinstance(val, (bool, np.bool_)) and super().is_satisfied_by(val)
+
+
 @contextlib.contextmanager
-def _restored_on_error(estimator):
+def _restored_on_error(estimator, trainer=None):
     """Put ``estimator``'s state back as it was if the body raises.
 
     A failed fit (bad data, divergence, interruption) must not leave a
-    previously fitted estimator half-updated.
+    previously fitted estimator half-updated. ``trainer``, the hidden trainer
+    that the body continues training, is rolled back too: it can have trained
+    before the interruption came.
     """
     saved = dict(estimator.__dict__)
+    snapshot = trainer._snapshot() if trainer is not None else None
     try:
         yield
     except BaseException:
+        if trainer is not None:
+            trainer._restore(snapshot)
         estimator.__dict__.clear()
         estimator.__dict__.update(saved)
         raise
@@ -74,52 +199,123 @@ class SparseAutoencoderDictionary(
     an encoder such that each row ``x`` is approximated by a sparse,
     non-negative combination of atoms::
 
-        codes = ReLU(encoder_weights_ @ (x - decoder_bias_) + encoder_bias_)
+        pre   = encoder_weights_ @ (x - decoder_bias_) + encoder_bias_
+        codes = activation(pre)
         x_hat = codes @ components_ + decoder_bias_
 
-    by minimising ``mean ||x - x_hat||^2 + l1_coef * mean sum_i codes_i *
-    ||atom_i||`` with Adam. Unlike :class:`~sklearn.decomposition.DictionaryLearning`,
+    trained with Adam on ``mean ||x - x_hat||^2`` plus the activation's
+    sparsity term. Unlike :class:`~sklearn.decomposition.DictionaryLearning`,
     coding a row costs one matrix product instead of an optimisation per row,
-    which is what makes it practical on millions of activation vectors.
+    which is what makes it practical on millions of activation vectors; with
+    ``transform_algorithm`` the optimal codes against the learned atoms are
+    available too.
+
+    The sparsity mechanism (``activation``):
+
+    * ``"relu"``: ``ReLU(pre)`` with an L1 penalty ``l1_coef * mean sum_i
+      codes_i`` ("Towards Monosemanticity"). L0 follows from ``l1_coef``.
+    * ``"topk"``: each row keeps its ``k`` largest pre-activations (Gao et al.
+      2024). L0 is ``k``; no coefficient to tune.
+    * ``"batchtopk"``: a training batch keeps its ``k * batch_size`` largest
+      pre-activations, so rows use ``k`` codes on average (Bussmann et al.
+      2024). After fit one threshold, ``threshold_``, replaces the batch
+      selection, so a row's code never depends on the other rows it is
+      transformed with; ``transform_l0_`` reports the L0 this gives.
+    * ``"jumprelu"``: ``pre * (pre > threshold_i)`` with a threshold learned
+      per feature through straight-through estimators, and an L0 penalty
+      ``l0_coef * mean L0`` (Rajamanoharan et al. 2024).
+
+    Features that stop firing are revived by AuxK for the top-k family
+    (``auxk_coef``: each row's ``k_aux`` strongest dead features learn to
+    reconstruct what the live ones miss), and by resampling for ReLU and
+    JumpReLU (``resample_dead``: dead features restart on badly
+    reconstructed inputs). AuxK works continuously and gently, which suits
+    the top-k family, whose dead features otherwise never get a gradient;
+    resampling restarts features outright, which suits penalised codes.
 
     During training the inputs are scaled so that their mean squared norm
-    equals ``n_features``; one ``l1_coef`` therefore means the same sparsity
-    pressure on any data set. The scale is folded back into the fitted
-    attributes, which are all in the units of ``X``.
+    equals ``n_features``; one ``l1_coef`` or ``l0_coef`` therefore means the
+    same sparsity pressure on any data set. The scale is folded back into the
+    fitted attributes, which are all in the units of ``X``.
 
     Parameters
     ----------
     n_components : int, default=None
         Number of dictionary atoms (features). ``None`` means four times
         ``n_features``.
+    activation : {"relu", "topk", "batchtopk", "jumprelu"}, default="relu"
+        The sparsity mechanism (see above).
+    k : int, default=32
+        Codes per row for ``"topk"`` (exactly, at most) and ``"batchtopk"``
+        (on average). Ignored by ``"relu"`` and ``"jumprelu"``.
     l1_coef : float, default=3.0
-        Weight of the L1 sparsity penalty. Larger values give sparser codes
-        (lower L0) and worse reconstruction.
+        Weight of the L1 penalty of ``"relu"``. Larger values give sparser
+        codes (lower L0) and worse reconstruction. Ignored by the other
+        activations.
+    l0_coef : float, default=0.3
+        Weight of the L0 penalty of ``"jumprelu"``. Larger values give lower
+        L0. Ignored by the other activations.
+    jumprelu_bandwidth : float, default=0.05
+        Width of the straight-through estimators' rectangle kernel for
+        ``"jumprelu"``, in the training units (inputs scaled to mean squared
+        norm ``n_features``, where active codes are of order one). Smaller
+        values give less biased but noisier threshold gradients. Ignored by
+        the other activations.
+    auxk_coef : float or "auto", default="auto"
+        Weight of the AuxK loss for dead features. ``"auto"``: 1/32 for
+        ``"topk"`` and ``"batchtopk"``, 0 (off) for the others.
+    k_aux : int, default=None
+        Dead features each row may use in the AuxK loss. ``None``: half of
+        ``n_features``.
     learning_rate : float, default=3e-3
         Adam's peak learning rate.
     batch_size : int, default=1024
         Rows per training step.
-    max_iter : int, default=20
-        Number of passes (epochs) over the training data.
+    max_iter : int, default=None
+        Number of passes (epochs) over the training data. ``None``: the
+        default budget, enough optimiser steps for small data without
+        wasting time on large data: ``max(3000 steps, 10 million rows seen)``
+        capped at 200 passes (measured on several synthetic generators and
+        on transformer activations; see the user guide).
     max_steps : int, default=None
         An optional budget of training steps; training stops at whichever of
         ``max_iter`` and ``max_steps`` comes first.
     warmup_fraction : float, default=0.05
-        Fraction of the steps over which the learning rate and ``l1_coef``
-        ramp up linearly from zero (``partial_fit``: the first 100 steps).
+        Fraction of the steps over which the learning rate and the sparsity
+        coefficient ramp up linearly from zero (``partial_fit``: the first
+        100 steps).
     decay_fraction : float, default=0.2
         Final fraction of the steps over which the learning rate decays
         linearly to zero (``fit`` only).
-    resample_dead : bool, default=True
+    resample_dead : bool or "auto", default="auto"
         Restart features that stopped firing on inputs that are badly
-        reconstructed, as in "Towards Monosemanticity".
+        reconstructed, as in "Towards Monosemanticity". ``"auto"``: on for
+        ``"relu"`` and ``"jumprelu"``, off for the top-k family (which has
+        AuxK).
     resample_interval : int, default=None
         Steps between checks for dead features; a feature that fired on no
-        row during the last interval is resampled. ``None``: a tenth of the
-        run in ``fit`` (at least 50 steps, and never in the last 30% of the
-        run), 1000 steps in ``partial_fit``.
+        row during the last interval is resampled (and, for AuxK, counts as
+        dead). ``None``: a tenth of the run in ``fit`` (at least 50 steps,
+        and never in the last 30% of the run), 1000 steps in ``partial_fit``.
     decoder_bias_init : {"geometric_median", "mean", "zeros"}, default="geometric_median"
         How the decoder bias starts.
+    transform_algorithm : {"encoder", "omp", "lasso_lars", "lasso_cd", \
+"threshold"}, default="encoder"
+        How :meth:`transform` codes data. ``"encoder"``: the autoencoder's
+        own encoder (one matrix product). The others solve for the codes of
+        ``X - decoder_bias_`` against ``components_`` row by row with
+        :class:`~sparse_dict.LassoCoder` (non-negative): slower, and closer
+        to the best reconstruction at a given L0 (see
+        :func:`~sparse_dict.coding.amortisation_gap`).
+    transform_n_nonzero_coefs : int, default=None
+        Active atoms per row for ``transform_algorithm="omp"``. ``None``:
+        ``k`` for the top-k family, else the encoder's mean L0 on the
+        training data rounded (``transform_l0_``), so that both codes have
+        the same sparsity.
+    transform_alpha : float, default=None
+        The L1 penalty of ``"lasso_lars"`` and ``"lasso_cd"`` and the
+        threshold of ``"threshold"``, in the units of ``X``. ``None``: 1.0,
+        as in scikit-learn's ``DictionaryLearning``.
     bf16 : bool, default=False
         Run the matrix products in bfloat16 autocast: faster on recent GPUs,
         usually slower on CPUs.
@@ -128,8 +324,8 @@ class SparseAutoencoderDictionary(
         ``"cuda:N"``.
     callback : callable, default=None
         Called after every pass with a dict (``epoch``, ``step``, ``loss``,
-        ``mse``, ``l1``, ``l0``, ``dead``, ``learning_rate``); returning
-        ``True`` stops training.
+        ``mse``, ``l1``, ``l0``, ``auxk``, ``dead``, ``learning_rate``);
+        returning ``True`` stops training.
     random_state : int, RandomState instance or None, default=None
         Seeds the initial atoms, the batch order and the resampling. An
         integer makes CPU fits bit-for-bit repeatable.
@@ -144,6 +340,19 @@ class SparseAutoencoderDictionary(
     encoder_bias_ : ndarray of shape (n_components,)
     decoder_bias_ : ndarray of shape (n_features,)
         Subtracted before encoding and added after decoding.
+    threshold_ : ndarray of shape (n_components,)
+        Per-feature thresholds of ``"jumprelu"``, and the single inference
+        threshold of ``"batchtopk"`` (repeated). Defined for those two only.
+    selection_scale_ : ndarray of shape (n_components,)
+        ``"topk"`` only: weights of the pre-activations when the ``k``
+        largest are chosen (the codes are not weighted). All ones when fitted
+        here; other values come from SAEs trained with atoms of other norms
+        (:meth:`from_saelens`), where they keep the choice exact.
+    provenance_ : dict
+        Only for dictionaries imported by :meth:`from_saelens` (or saved from
+        one): where the SAE came from (model, hook, layer, dataset, as its
+        metadata said) and what was folded into the attributes. Saved and
+        loaded with the dictionary.
     n_components_ : int
     scale_ : float
         Factor that brought the training data to mean squared norm
@@ -155,7 +364,14 @@ class SparseAutoencoderDictionary(
     loss_curve_ : ndarray of shape (n_steps_,)
         The loss at every step (in scaled units).
     history_ : dict of ndarray
-        ``"loss"``, ``"mse"``, ``"l1"`` and ``"l0"`` at every step.
+        ``"loss"``, ``"mse"``, ``"l1"``, ``"l0"`` and ``"auxk"`` at every step
+        (training batches, scaled units).
+    train_l0_ : float
+        Mean L0 over the last tenth of the training steps.
+    transform_l0_ : float
+        Mean L0 of the encoder's codes on (up to 8,192) training rows after
+        fit. For ``"batchtopk"`` it shows how well the fitted threshold
+        reproduces the training selection.
     feature_frequencies_ : ndarray of shape (n_components,)
         Fraction of the rows of the last pass on which each feature fired.
     n_resampled_ : int
@@ -170,6 +386,14 @@ class SparseAutoencoderDictionary(
         dictionary learning with per-row sparse coding.
     sparse_dict.LassoCoder : Optimal sparse codes against a fixed dictionary.
 
+    Notes
+    -----
+    A fit that ends while its loss is still falling fast raises
+    :class:`~sklearn.exceptions.ConvergenceWarning` with what to change; a
+    fit whose reconstruction error ends far above where it started (a
+    learning rate too large) raises :class:`DivergenceError` and leaves the
+    estimator as it was.
+
     Examples
     --------
     >>> import numpy as np
@@ -182,20 +406,39 @@ class SparseAutoencoderDictionary(
     ((500, 16), dtype('float32'), True)
     >>> np.allclose(np.linalg.norm(sae.components_, axis=1), 1.0, atol=1e-5)
     True
+
+    A TopK autoencoder sets the number of active codes per row directly:
+
+    >>> topk = SparseAutoencoderDictionary(
+    ...     n_components=16, activation="topk", k=3, max_iter=5, random_state=0)
+    >>> codes = topk.fit_transform(X)
+    >>> int((codes > 0).sum(axis=1).max())
+    3
     """
 
     _parameter_constraints = {
-        "n_components": [Interval(Integral, 1, None, closed="left"), None],
+        "n_components": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
+        "activation": [StrOptions(set(ACTIVATIONS))],
+        "k": [Interval(Integral, 1, None, closed="left")],
         "l1_coef": [Interval(Real, 0, None, closed="left")],
+        "l0_coef": [Interval(Real, 0, None, closed="left")],
+        "jumprelu_bandwidth": [Interval(Real, 0, None, closed="neither")],
+        "auxk_coef": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
+        "k_aux": [Interval(Integral, 1, None, closed="left"), None],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left"), None],
         "max_steps": [Interval(Integral, 1, None, closed="left"), None],
         "warmup_fraction": [Interval(Real, 0, 1, closed="left")],
         "decay_fraction": [Interval(Real, 0, 1, closed="left")],
-        "resample_dead": ["boolean"],
+        "resample_dead": ["boolean", StrOptions({"auto"})],
         "resample_interval": [Interval(Integral, 1, None, closed="left"), None],
         "decoder_bias_init": [StrOptions({"geometric_median", "mean", "zeros"})],
+        "transform_algorithm": [
+            StrOptions({"encoder", "omp", "lasso_lars", "lasso_cd", "threshold"})
+        ],
+        "transform_n_nonzero_coefs": [Interval(Integral, 1, None, closed="left"), None],
+        "transform_alpha": [Interval(Real, 0, None, closed="left"), None],
         "bf16": ["boolean"],
         "device": [str],
         "callback": [callable, None],
@@ -207,16 +450,25 @@ class SparseAutoencoderDictionary(
         self,
         n_components=None,
         *,
+        activation="relu",
+        k=32,
         l1_coef=3.0,
+        l0_coef=0.3,
+        jumprelu_bandwidth=0.05,
+        auxk_coef="auto",
+        k_aux=None,
         learning_rate=3e-3,
         batch_size=1024,
-        max_iter=20,
+        max_iter=None,
         max_steps=None,
         warmup_fraction=0.05,
         decay_fraction=0.2,
-        resample_dead=True,
+        resample_dead="auto",
         resample_interval=None,
         decoder_bias_init="geometric_median",
+        transform_algorithm="encoder",
+        transform_n_nonzero_coefs=None,
+        transform_alpha=None,
         bf16=False,
         device="auto",
         callback=None,
@@ -224,7 +476,13 @@ class SparseAutoencoderDictionary(
         verbose=0,
     ):
         self.n_components = n_components
+        self.activation = activation
+        self.k = k
         self.l1_coef = l1_coef
+        self.l0_coef = l0_coef
+        self.jumprelu_bandwidth = jumprelu_bandwidth
+        self.auxk_coef = auxk_coef
+        self.k_aux = k_aux
         self.learning_rate = learning_rate
         self.batch_size = batch_size
         self.max_iter = max_iter
@@ -234,6 +492,9 @@ class SparseAutoencoderDictionary(
         self.resample_dead = resample_dead
         self.resample_interval = resample_interval
         self.decoder_bias_init = decoder_bias_init
+        self.transform_algorithm = transform_algorithm
+        self.transform_n_nonzero_coefs = transform_n_nonzero_coefs
+        self.transform_alpha = transform_alpha
         self.bf16 = bf16
         self.device = device
         self.callback = callback
@@ -259,28 +520,20 @@ class SparseAutoencoderDictionary(
             X = self._validate_train_data(X, reset=True)
             random_state = check_random_state(self.random_state)
             trainer = self._new_trainer(X, random_state)
-
-            steps_per_pass = math.ceil(X.shape[0] / self.batch_size)
-            total = self.max_iter * steps_per_pass
-            if self.max_steps is not None:
-                total = min(total, self.max_steps)
+            total = self._total_steps(X.shape[0])
             interval = self.resample_interval or max(total // 10, 50)
-            config = TrainConfig(
-                l1_coef=self.l1_coef,
-                learning_rate=self.learning_rate,
-                batch_size=self.batch_size,
+            config = self._train_config(
                 total_steps=total,
                 warmup_steps=int(round(self.warmup_fraction * total)),
                 decay_steps=int(round(self.decay_fraction * total)),
-                resample_dead=self.resample_dead,
                 resample_interval=interval,
                 resample_until=int(0.7 * total),
-                bf16=self.bf16,
             )
-            n_passes = self._train(trainer, X, config, random_state, self.max_iter, total)
-            self._trainer = trainer
+            n_passes = self._train(trainer, X, config, random_state, total)
+            self._finish(trainer, X, config, random_state)
             self.n_iter_ = n_passes
-            self._store_fitted(trainer, X.dtype)
+            # A dictionary fitted anew is no longer the imported one.
+            self.__dict__.pop("provenance_", None)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -303,7 +556,7 @@ class SparseAutoencoderDictionary(
         self : object
         """
         first_call = not hasattr(self, "components_")
-        with _restored_on_error(self):
+        with _restored_on_error(self, getattr(self, "_trainer", None)):
             X = self._validate_train_data(X, reset=first_call)
             # One random state across calls, so that successive calls draw
             # different batch orders.
@@ -315,32 +568,84 @@ class SparseAutoencoderDictionary(
                 self.n_iter_ = 0
             else:
                 trainer = self._get_trainer().to(resolve_device(self.device))
-            warmup = _PARTIAL_FIT_WARMUP_STEPS if self.warmup_fraction > 0 else 0
-            config = TrainConfig(
-                l1_coef=self.l1_coef,
-                learning_rate=self.learning_rate,
-                batch_size=self.batch_size,
+            config = self._train_config(
                 total_steps=None,
-                warmup_steps=warmup,
-                resample_dead=self.resample_dead,
+                warmup_steps=_PARTIAL_FIT_WARMUP_STEPS if self.warmup_fraction > 0 else 0,
                 resample_interval=self.resample_interval or _PARTIAL_FIT_RESAMPLE_INTERVAL,
-                bf16=self.bf16,
             )
-            steps = math.ceil(X.shape[0] / self.batch_size)
-            self._train(trainer, X, config, random_state, 1, steps)
-            self._trainer = trainer
+            self._train(trainer, X, config, random_state, math.ceil(X.shape[0] / self.batch_size),
+                        n_passes=1)
+            self._finish(trainer, X, config, random_state, assess=False)
             self.n_iter_ += 1
-            self._store_fitted(trainer, X.dtype)
         return self
+
+    def _activation(self):
+        """The core's sparsity mechanism for the current parameters."""
+        return make_activation(
+            self.activation, k=self.k, bandwidth=self.jumprelu_bandwidth
+        )
+
+    def _total_steps(self, n_samples):
+        """The run's length in steps: max_iter and max_steps, or the default budget."""
+        steps_per_pass = math.ceil(n_samples / self.batch_size)
+        if self.max_iter is not None:
+            total = self.max_iter * steps_per_pass
+        elif self.max_steps is not None:
+            return self.max_steps
+        else:
+            # Enough steps for small data, a fixed number of rows for large
+            # data; never hundreds of passes over a tiny set.
+            by_rows = math.ceil(_DEFAULT_ROWS / self.batch_size)
+            total = min(max(_MIN_DEFAULT_STEPS, by_rows), _MAX_DEFAULT_PASSES * steps_per_pass)
+        if self.max_steps is not None:
+            total = min(total, self.max_steps)
+        return total
+
+    def _train_config(self, **schedule):
+        activation = self._activation()
+        coef_name = activation.penalty_name
+        auxk_coef = self.auxk_coef
+        if auxk_coef == "auto":
+            auxk_coef = _DEFAULT_AUXK_COEF if self.activation in ("topk", "batchtopk") else 0.0
+        resample = self.resample_dead
+        if resample == "auto":
+            resample = self.activation in ("relu", "jumprelu")
+        k_aux = self.k_aux or max(1, self.n_features_in_ // 2)
+        return TrainConfig(
+            coef=getattr(self, coef_name) if coef_name else 0.0,
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            resample_dead=bool(resample),
+            auxk_coef=float(auxk_coef),
+            k_aux=int(k_aux),
+            dead_window=schedule["resample_interval"],
+            bf16=self.bf16,
+            **schedule,
+        )
 
     def _new_trainer(self, X, random_state):
         seed = int(random_state.randint(np.iinfo(np.int32).max))
         n_components = self.n_components or 4 * X.shape[1]
-        trainer = Trainer(X.shape[1], n_components, resolve_device(self.device), seed)
+        self._check_memory(X.shape[1], n_components)
+        trainer = Trainer(
+            X.shape[1], n_components, resolve_device(self.device), seed, self._activation()
+        )
         trainer.initialize(X, random_state, self.decoder_bias_init)
         return trainer
 
-    def _train(self, trainer, X, config, random_state, n_passes, total):
+    def _check_memory(self, n_features, n_components):
+        device = resolve_device(self.device)
+        need, have = training_bytes(n_features, n_components), device_bytes(device)
+        if have is not None and need > have:
+            raise ValueError(
+                f"n_components={n_components} on {n_features} features needs at least "
+                f"{need / 1e9:.3g} GB to train, but the {device.type} device has "
+                f"{have / 1e9:.3g} GB in all. Choose a smaller n_components."
+            )
+
+    def _train(self, trainer, X, config, random_state, total, n_passes=None):
+        if n_passes is None:
+            n_passes = math.ceil(total / math.ceil(X.shape[0] / self.batch_size))
         progress = None
         if self.verbose:
             from tqdm.auto import tqdm
@@ -352,8 +657,27 @@ class SparseAutoencoderDictionary(
             if progress is not None:
                 progress.close()
 
+    def _finish(self, trainer, X, config, random_state, assess=True):
+        """After training: calibrate, judge the run, and store the fitted state.
+
+        Divergence raises (and the caller's context restores the estimator);
+        an unconverged run stores its result and warns.
+        """
+        sample = trainer.calibration_sample(X, _CALIBRATION_ROWS, random_state)
+        trainer.calibrate(sample)
+        problems = assess_training(trainer, config, check_convergence=assess)
+        diverged = [message for kind, message in problems if kind == "diverged"]
+        if diverged:
+            raise DivergenceError(diverged[0])
+        self._trainer = trainer
+        self._store_fitted(trainer, X.dtype)
+        self.transform_l0_ = trainer.mean_l0(sample)
+        for kind, message in problems:
+            if kind == "unconverged":
+                warnings.warn(message, ConvergenceWarning, stacklevel=3)
+
     def _validate_train_data(self, X, reset):
-        return validate_data(
+        X = validate_data(
             self,
             X,
             reset=reset,
@@ -361,43 +685,61 @@ class SparseAutoencoderDictionary(
             dtype=[np.float64, np.float32],
             ensure_min_samples=2,
         )
+        _check_representable(X)
+        return X
 
     def _store_fitted(self, trainer, dtype):
-        params = trainer.export()
-        self.components_ = params["components"].astype(dtype, copy=False)
-        self.encoder_weights_ = params["encoder_weights"].astype(dtype, copy=False)
-        self.encoder_bias_ = params["encoder_bias"].astype(dtype, copy=False)
-        self.decoder_bias_ = params["decoder_bias"].astype(dtype, copy=False)
+        for name, value in trainer.export().items():
+            setattr(self, name + "_", value.astype(dtype, copy=False))
+        for cls in ACTIVATIONS.values():
+            for name in set(cls.state_names) - set(trainer.model.activation.state_names):
+                # A refit with another activation must not keep a stale state.
+                self.__dict__.pop(name + "_", None)
         self.n_components_ = self.components_.shape[0]
         self.scale_ = float(trainer.scale)
         self.n_steps_ = int(trainer.step)
         history = trainer.history
-        self.history_ = {k: history[:, i].copy() for i, k in enumerate(("loss", "mse", "l1", "l0"))}
+        self.history_ = {k: history[:, i].copy() for i, k in enumerate(STAT_NAMES)}
         self.loss_curve_ = self.history_["loss"]
+        tail = self.history_["l0"][-max(1, len(history) // 10):]
+        self.train_l0_ = float(tail.mean()) if len(tail) else float("nan")
         rows = max(trainer.pass_rows, 1)
         self.feature_frequencies_ = trainer.pass_fired / rows
         self.n_resampled_ = int(trainer.n_resampled)
+        self._coder = None
+
+    def _fitted_tensors(self):
+        """The fitted tensors by their core names (``components``, ...)."""
+        activation = self._activation()
+        tensors = {}
+        for name in fitted_tensor_names(activation):
+            value = getattr(self, name + "_", None)
+            if value is None and name in activation.state_defaults:
+                # Pickled before this state existed.
+                value = np.full(self.n_components_, activation.state_defaults[name],
+                                dtype=self.components_.dtype)
+            tensors[name] = getattr(self, name + "_") if value is None else value
+        return tensors
 
     def _get_trainer(self):
         trainer = getattr(self, "_trainer", None)
         if trainer is None:
             # A dictionary loaded from disk has no optimiser state: continue
             # from its parameters with a fresh Adam.
-            params = {
-                "components": self.components_,
-                "encoder_weights": self.encoder_weights_,
-                "encoder_bias": self.encoder_bias_,
-                "decoder_bias": self.decoder_bias_,
-            }
             seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
-            trainer = Trainer.from_parameters(params, self.scale_, "cpu", int(seed))
+            trainer = Trainer.from_parameters(
+                self._fitted_tensors(), self.scale_, "cpu", int(seed), self._activation()
+            )
             trainer.step = int(getattr(self, "n_steps_", 0))
         return trainer
-
 
     # ------------------------------------------------------------ transforming
     def transform(self, X):
         """Encode ``X`` as non-negative sparse codes.
+
+        With ``transform_algorithm="encoder"`` (the default) the codes come
+        from the autoencoder's encoder; otherwise they are solved for row by
+        row against ``components_`` (see ``transform_algorithm``).
 
         Parameters
         ----------
@@ -461,10 +803,37 @@ class SparseAutoencoderDictionary(
         )
 
     def _encode(self, X):
+        if self.transform_algorithm != "encoder":
+            return self._optimal_coder().transform(X.toarray() if sp.issparse(X) else X)
         return encode_array(
-            self.encoder_weights_, self.encoder_bias_, self.decoder_bias_, X,
+            self._fitted_tensors(), self._activation(), X,
             _INFERENCE_BATCH, resolve_device(self.device), X.dtype,
         )
+
+    def _optimal_coder(self):
+        """The LassoCoder for ``transform_algorithm``, built once per fit."""
+        coder = getattr(self, "_coder", None)
+        settings = (self.transform_algorithm, self.transform_n_nonzero_coefs, self.transform_alpha)
+        if coder is None or coder[0] != settings:
+            from sparse_dict.coding import LassoCoder
+
+            n_nonzero = self.transform_n_nonzero_coefs
+            if n_nonzero is None:
+                if self.activation in ("topk", "batchtopk"):
+                    n_nonzero = self.k
+                else:
+                    n_nonzero = max(1, int(round(getattr(self, "transform_l0_", 1.0))))
+            lasso = LassoCoder(
+                self.components_,
+                algorithm=self.transform_algorithm,
+                alpha=1.0 if self.transform_alpha is None else self.transform_alpha,
+                n_nonzero_coefs=n_nonzero,
+                offset=self.decoder_bias_,
+            )
+            width = np.zeros((1, self.n_features_in_), dtype=self.components_.dtype)
+            coder = (settings, lasso.fit(width))
+            self._coder = coder
+        return coder[1]
 
     def _decode(self, codes):
         return decode_array(
@@ -485,18 +854,7 @@ class SparseAutoencoderDictionary(
     # ------------------------------------------------------ saving and loading
     def __setstate__(self, state):
         super().__setstate__(state)
-        device = state.get("device", "auto")
-        if isinstance(device, str) and device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                warnings.warn(
-                    f"This model was saved with device={device!r}, but CUDA is not "
-                    "available here; it will run on the CPU (device='cpu').",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self.device = "cpu"
+        self.device = _device_here(state.get("device", "auto"))
 
     def save(self, path, *, overwrite=False):
         """Save the fitted dictionary to a folder: safetensors weights and JSON.
@@ -506,27 +864,33 @@ class SparseAutoencoderDictionary(
         that transforms identically and can continue training with a fresh
         optimiser.
 
+        The folder is written under a temporary name beside ``path`` and
+        renamed into place only once complete, so a failed or interrupted save
+        leaves nothing behind, and of several processes saving to the same new
+        path at once exactly one succeeds. Permissions follow the umask.
+
         Parameters
         ----------
         path : str or path-like
             The folder to write (``config.json`` and ``weights.safetensors``).
+            It must not exist, or be an empty folder.
         overwrite : bool, default=False
-            Replace an existing folder. The old one is removed only after the
-            new one is completely written.
+            Replace an existing saved dictionary. Only a folder written by
+            :meth:`save` is ever replaced, never any other file or folder; the
+            old dictionary is swapped for the new one once the new one is
+            completely written.
 
         Returns
         -------
         path : pathlib.Path
-        """
-        from safetensors.numpy import save_file
 
+        Raises
+        ------
+        FileExistsError
+            If ``path`` exists and ``overwrite`` is False, or if it is not a
+            saved dictionary.
+        """
         check_is_fitted(self)
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(
-                f"{path} already exists; pass overwrite=True to replace it."
-            )
-        path.parent.mkdir(parents=True, exist_ok=True)
         params = self.get_params()
         params["callback"] = None
         if not (params["random_state"] is None or isinstance(params["random_state"], Integral)):
@@ -542,6 +906,8 @@ class SparseAutoencoderDictionary(
         }
         if hasattr(self, "feature_names_in_"):
             attributes["feature_names_in_"] = [str(n) for n in self.feature_names_in_]
+        if hasattr(self, "provenance_"):
+            attributes["provenance_"] = self.provenance_
         from sparse_dict._version import __version__
 
         config = {
@@ -551,35 +917,26 @@ class SparseAutoencoderDictionary(
             "params": params,
             "attributes": attributes,
         }
-        tensors = {
-            "components": self.components_,
-            "encoder_weights": self.encoder_weights_,
-            "encoder_bias": self.encoder_bias_,
-            "decoder_bias": self.decoder_bias_,
-            "feature_frequencies": np.asarray(self.feature_frequencies_, dtype=np.float64),
-            "history": np.stack([self.history_[k] for k in ("loss", "mse", "l1", "l0")], axis=1),
-        }
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                      staging / _WEIGHTS_FILE)
-            (staging / _CONFIG_FILE).write_text(json.dumps(config, indent=2))
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-                old.rmdir()
-                path.rename(old)
-                staging.rename(path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                staging.rename(path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return path
+        # JSON has no NaN: an L0 that was never measured is saved as null.
+        attributes["train_l0_"] = _finite_or_none(self.train_l0_)
+        attributes["transform_l0_"] = _finite_or_none(self.transform_l0_)
+        tensors = dict(self._fitted_tensors())
+        tensors["feature_frequencies"] = np.asarray(self.feature_frequencies_, dtype=np.float64)
+        tensors["history"] = np.stack([self.history_[k] for k in STAT_NAMES], axis=1)
+        return _persist.write_folder(
+            path, config, tensors, kind=SAVED_DICTIONARY, overwrite=overwrite,
+            config_name=_CONFIG_FILE, weights_name=_WEIGHTS_FILE,
+        )
 
     @classmethod
     def load(cls, path, *, device=None):
         """Load a dictionary written by :meth:`save`.
+
+        The whole folder is checked first: every field of the configuration
+        (its type and range), every tensor (its name, shape, dtype and that
+        its values are finite), and that neither file changed since it was
+        saved. A dictionary saved with a CUDA device loads on a machine
+        without one on the CPU, with a warning.
 
         Parameters
         ----------
@@ -590,60 +947,250 @@ class SparseAutoencoderDictionary(
         Returns
         -------
         estimator : SparseAutoencoderDictionary
-        """
-        from safetensors.numpy import load_file
 
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` does not exist.
+        ValueError
+            If ``path`` is not a complete, undamaged saved dictionary; the
+            message names the file and the field.
+        """
         path = Path(path)
-        config_file, weights_file = path / _CONFIG_FILE, path / _WEIGHTS_FILE
-        if not config_file.is_file() or not weights_file.is_file():
-            raise FileNotFoundError(
-                f"{path} is not a saved dictionary: expected {_CONFIG_FILE} and "
-                f"{_WEIGHTS_FILE} inside it."
-            )
-        try:
-            config = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{config_file} is not valid JSON: {exc}") from None
-        if not isinstance(config, dict) or config.get("format") != _FORMAT:
-            raise ValueError(f"{config_file} does not describe a {cls.__name__}.")
-        if config.get("format_version", 0) > _FORMAT_VERSION:
+        config = _persist.read_config(path, config_name=_CONFIG_FILE, weights_name=_WEIGHTS_FILE)
+        file = path / _CONFIG_FILE
+        if config.get("format") != _FORMAT:
+            raise ValueError(f"{file} does not describe a {cls.__name__}.")
+        version = _persist.Integer(1).check(config.get("format_version"), file, "format_version")
+        if version > _FORMAT_VERSION:
             raise ValueError(
-                f"{path} was written by a newer sparse_dict "
-                f"(format {config['format_version']}); upgrade sparse_dict to load it."
+                f"{path} was written by a newer sparse_dict (format {version}); "
+                "upgrade sparse_dict to load it."
             )
-        tensors = load_file(str(weights_file))
-        params = config["params"]
-        if device is not None:
-            params["device"] = device
-        estimator = cls(**params)
-        attrs = config["attributes"]
-        n_components, n_features = attrs["n_components_"], attrs["n_features_in_"]
-        expected = {
-            "components": (n_components, n_features),
-            "encoder_weights": (n_components, n_features),
-            "encoder_bias": (n_components,),
-            "decoder_bias": (n_features,),
+        raw = _persist.config_field(config, "attributes", file)
+        attrs = {
+            key: spec.check(_persist.config_field(raw, key, file, f"attributes.{key}", object),
+                            file, f"attributes.{key}")
+            for key, spec in _SAVED_ATTRIBUTES.items()
         }
-        for name, shape in expected.items():
-            if name not in tensors or tensors[name].shape != shape:
-                raise ValueError(
-                    f"{weights_file}: tensor {name!r} is missing or not of shape {shape}."
-                )
-        dtype = np.dtype(attrs.get("dtype", "float32"))
-        estimator.components_ = tensors["components"].astype(dtype)
-        estimator.encoder_weights_ = tensors["encoder_weights"].astype(dtype)
-        estimator.encoder_bias_ = tensors["encoder_bias"].astype(dtype)
-        estimator.decoder_bias_ = tensors["decoder_bias"].astype(dtype)
-        estimator.feature_frequencies_ = tensors["feature_frequencies"]
-        history = tensors["history"]
-        estimator.history_ = {k: history[:, i].copy() for i, k in enumerate(("loss", "mse", "l1", "l0"))}
+        # Added in format 2; null when never measured.
+        for key in ("train_l0_", "transform_l0_"):
+            if raw.get(key) is not None:
+                attrs[key] = _persist.Real(0.0).check(raw[key], file, f"attributes.{key}")
+        n_components, n_features = attrs["n_components_"], attrs["n_features_in_"]
+        names = raw.get("feature_names_in_")
+        if names is not None:
+            _persist.Strings().check(names, file, "attributes.feature_names_in_")
+            if len(names) != n_features:
+                raise ValueError(f"{file}: field 'attributes.feature_names_in_' has "
+                                 f"{len(names)} names for {n_features} features")
+        provenance = raw.get("provenance_")
+        if provenance is not None:
+            from sparse_dict.saelens import check_provenance
+
+            check_provenance(provenance, file)
+        unknown = set(raw) - set(_SAVED_ATTRIBUTES) - {
+            "feature_names_in_", "train_l0_", "transform_l0_", "provenance_"}
+        if unknown:
+            raise ValueError(f"{file}: unexpected field 'attributes.{sorted(unknown)[0]}'")
+        params = dict(_persist.config_field(config, "params", file))
+        if version < 2:
+            # Format 1 stored the defaults of its time: 20 passes, resampling.
+            params.setdefault("max_iter", 20)
+        estimator = cls._from_saved_params(params, file, device)
+        if estimator.n_components is not None and estimator.n_components != n_components:
+            raise ValueError(
+                f"{file}: field 'params.n_components' ({estimator.n_components}) differs "
+                f"from 'attributes.n_components_' ({n_components})"
+            )
+        # Format 1 had no AuxK column in the history.
+        history_width = len(STAT_NAMES) if version >= 2 else _V1_HISTORY_WIDTH
+        activation = estimator._activation()
+        fitted_names = fitted_tensor_names(activation)
+        tensors = _persist.read_tensors(
+            path / _WEIGHTS_FILE,
+            _saved_tensor_schema(fitted_names, n_components, n_features, attrs["dtype"],
+                                 history_width, optional=activation.state_defaults),
+        )
+        for name, fill in activation.state_defaults.items():
+            if name not in tensors:  # saved before this state existed
+                tensors[name] = np.full(n_components, fill, dtype=attrs["dtype"])
+        for name in fitted_names:
+            setattr(estimator, name + "_", tensors[name])
+        estimator.feature_frequencies_ = tensors["feature_frequencies"].astype(np.float64)
+        history = tensors["history"].astype(np.float64)
+        if history.shape[1] < len(STAT_NAMES):
+            pad = np.zeros((history.shape[0], len(STAT_NAMES) - history.shape[1]))
+            history = np.concatenate([history, pad], axis=1)
+        estimator.history_ = {k: history[:, i].copy() for i, k in enumerate(STAT_NAMES)}
         estimator.loss_curve_ = estimator.history_["loss"]
+        tail = estimator.history_["l0"][-max(1, len(history) // 10):]
+        estimator.train_l0_ = attrs.get("train_l0_", float(tail.mean()) if len(tail) else float("nan"))
+        estimator.transform_l0_ = attrs.get("transform_l0_", estimator.train_l0_)
         estimator.n_features_in_ = n_features
         estimator.n_components_ = n_components
         estimator.n_iter_ = attrs["n_iter_"]
         estimator.n_steps_ = attrs["n_steps_"]
         estimator.scale_ = attrs["scale_"]
         estimator.n_resampled_ = attrs["n_resampled_"]
-        if "feature_names_in_" in attrs:
-            estimator.feature_names_in_ = np.asarray(attrs["feature_names_in_"], dtype=object)
+        if names is not None:
+            estimator.feature_names_in_ = np.asarray(names, dtype=object)
+        if provenance is not None:
+            estimator.provenance_ = provenance
+        return estimator
+
+    @classmethod
+    def from_saelens(cls, path, *, norm_scaling_factor=None, device=None):
+        """A fitted dictionary from a sparse autoencoder saved by SAELens.
+
+        Reads a SAELens 6 folder (``cfg.json`` and
+        ``sae_weights.safetensors``) of architecture ``"standard"``,
+        ``"topk"`` or ``"jumprelu"`` (SAELens saves BatchTopK SAEs as
+        JumpReLU with one shared threshold), and folds its settings into this
+        package's form exactly; see :mod:`sparse_dict.saelens`. Every field
+        and tensor is checked; SAELens itself is not needed.
+
+        ``inverse_transform(transform(X))`` equals SAELens' ``decode(encode(X))``.
+        The atoms are the decoder's rows at unit norm, so each code is
+        SAELens' code times its atom's norm (as after SAELens'
+        ``fold_W_dec_norm``; for ``"topk"`` with
+        ``rescale_acts_by_decoder_norm`` SAELens' codes already are these).
+
+        Parameters
+        ----------
+        path : str or path-like
+        norm_scaling_factor : float, optional
+            For ``normalize_activations="expected_average_only_in"``: the
+            factor the inputs were multiplied by in training (SAELens lists
+            it for its pretrained releases), folded into the weights so that
+            the dictionary takes raw activations. Read from the folder's
+            ``activation_scaler.json`` when absent; without either, the SAE
+            is used as is (as SAELens' ``load_from_disk`` does) with a warning.
+        device : str, default=None
+            The ``device`` parameter of the result (``"auto"`` when None).
+
+        Returns
+        -------
+        estimator : SparseAutoencoderDictionary
+            Fitted, with ``provenance_`` holding the SAE's metadata (model,
+            hook, layer, ...) and what was folded.
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` does not exist.
+        ValueError
+            If the folder is damaged or incomplete, or uses an architecture,
+            normalisation or field this package cannot reproduce exactly; the
+            message names the file and the field.
+
+        See Also
+        --------
+        to_saelens : Write a dictionary in SAELens' format.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> import numpy as np
+        >>> from sparse_dict import SparseAutoencoderDictionary
+        >>> X = np.random.default_rng(0).normal(size=(64, 6))
+        >>> est = SparseAutoencoderDictionary(n_components=12, max_steps=20,
+        ...                                   random_state=0).fit(X)
+        >>> folder = est.to_saelens(Path(tempfile.mkdtemp()) / "sae")
+        >>> back = SparseAutoencoderDictionary.from_saelens(folder)
+        >>> bool(np.allclose(back.transform(X), est.transform(X), atol=1e-5))
+        True
+        """
+        from sparse_dict.saelens import read_saelens
+
+        read = read_saelens(path, norm_scaling_factor=norm_scaling_factor)
+        tensors = read["tensors"]
+        n_components, n_features = tensors["components"].shape
+        params = {"n_components": n_components, "activation": read["activation"],
+                  "device": "auto" if device is None else device}
+        if read["k"] is not None:
+            params["k"] = read["k"]
+        estimator = cls(**params)
+        dtype = np.dtype(read["dtype"])
+        for name, value in tensors.items():
+            setattr(estimator, name + "_", value.astype(dtype))
+        frequencies = read["frequencies"]
+        estimator.feature_frequencies_ = (
+            np.zeros(n_components) if frequencies is None else frequencies)
+        estimator.n_features_in_ = n_features
+        estimator.n_components_ = n_components
+        estimator.n_iter_ = estimator.n_steps_ = estimator.n_resampled_ = 0
+        # The weights are in input units already; training would go on there.
+        estimator.scale_ = 1.0
+        estimator.history_ = {k: np.zeros(0) for k in STAT_NAMES}
+        estimator.loss_curve_ = estimator.history_["loss"]
+        estimator.train_l0_ = estimator.transform_l0_ = float("nan")
+        estimator.provenance_ = read["provenance"]
+        return estimator
+
+    def to_saelens(self, path, *, overwrite=False):
+        """Write the dictionary as a SAELens 6 folder (``cfg.json``, ``sae_weights.safetensors``).
+
+        SAELens' ``SAE.load_from_disk`` opens it as ``"standard"`` (ReLU),
+        ``"topk"`` or ``"jumprelu"`` (JumpReLU, and BatchTopK with its one
+        threshold), and its ``decode(encode(X))`` equals
+        ``inverse_transform(transform(X))``, with
+        ``apply_b_dec_to_input=True`` and ``normalize_activations="none"``.
+        A dictionary imported by :meth:`from_saelens` keeps its metadata
+        (model, hook, layer). Written safely as :meth:`save` writes.
+
+        Parameters
+        ----------
+        path : str or path-like
+            A folder that does not exist, or is empty.
+        overwrite : bool, default=False
+            Replace a folder that ``to_saelens`` wrote earlier (never any other).
+
+        Returns
+        -------
+        path : pathlib.Path
+
+        Raises
+        ------
+        ValueError
+            For settings SAELens cannot express: a ``transform_algorithm``
+            other than ``"encoder"``.
+        FileExistsError
+            If ``path`` exists and may not be replaced.
+        """
+        from sparse_dict.saelens import write_saelens
+
+        check_is_fitted(self)
+        if self.transform_algorithm != "encoder":
+            raise ValueError(
+                f"transform_algorithm={self.transform_algorithm!r} cannot be written for "
+                "SAELens, which codes with the encoder only; set "
+                "transform_algorithm='encoder' first."
+            )
+        return write_saelens(path, self.activation, self.k, self._fitted_tensors(),
+                             getattr(self, "provenance_", None), overwrite=overwrite)
+
+    @classmethod
+    def _from_saved_params(cls, params, file, device):
+        """An estimator of the saved ``params``, each checked as ``fit`` would."""
+        known = cls._get_param_names()
+        for name in params:
+            if name not in known:
+                raise ValueError(f"{file}: unexpected field 'params.{name}'")
+        # Parameters added after the folder was saved keep their defaults.
+        estimator = cls(**params)
+        try:
+            estimator._validate_params()
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{file}: field 'params': {exc}") from None
+        if device is not None:
+            estimator.device = device  # checked where it is used, as set_params is
+            return estimator
+        estimator.device = _device_here(estimator.device)
+        if not estimator.device.startswith("cuda"):
+            try:
+                resolve_device(estimator.device)
+            except ValueError as exc:
+                raise ValueError(f"{file}: field 'params.device': {exc}") from None
         return estimator

@@ -116,6 +116,11 @@ def _options(parser, command):
     return {a.dest: a for a in sub._actions}
 
 
+def _parsed(command, flag, value, name):
+    argv = [command, "a.npy", "-o", "d"] if command == "fit" else [command]
+    return getattr(build_parser(command).parse_args(argv + [flag, value]), name)
+
+
 @pytest.mark.parametrize("command", ["fit", "demo"])
 def test_every_estimator_parameter_has_a_generated_option(command, capsys):
     """Each constructor parameter (bar callables, verbose and device) is an option of
@@ -145,23 +150,34 @@ def test_every_estimator_parameter_has_a_generated_option(command, capsys):
         assert f"--{name.replace('_', '-')}" in help_text
         shown = f"(default: {action.default})"
         assert shown in help_text, (name, shown)
+        # Every word the estimator accepts parses to itself, and a boolean
+        # parameter takes true and false.
+        flag = action.option_strings[0]
         for constraint in SAE._parameter_constraints[name]:
             if isinstance(constraint, StrOptions):
-                assert set(action.choices) >= constraint.options, name
+                for word in constraint.options:
+                    assert _parsed(command, flag, word, name) == word, (name, word)
+            if constraint == "boolean" and action.nargs != 0:
+                assert _parsed(command, flag, "false", name) is False, name
 
 
 def test_generated_options_parse_and_check_like_the_estimator():
+    import inspect
+
     from sparse_dict.cli import build_parser
+    from sparse_dict.estimator import SparseAutoencoderDictionary as SAE
 
     parser = build_parser("fit")
     args = parser.parse_args(["fit", "a.npy", "-o", "d", "--n-components", "8",
-                              "--max-steps", "none", "--no-resample-dead",
+                              "--max-steps", "none", "--no-bf16", "--resample-dead", "false",
                               "--decoder-bias-init", "zeros", "--random-state", "none"])
-    assert (args.n_components, args.max_steps, args.resample_dead) == (8, None, False)
-    assert (args.decoder_bias_init, args.random_state) == ("zeros", None)
+    assert (args.n_components, args.max_steps, args.bf16) == (8, None, False)
+    assert (args.resample_dead, args.decoder_bias_init, args.random_state) == (False, "zeros", None)
     defaults = parser.parse_args(["fit", "a.npy", "-o", "d"])
     assert defaults.random_state == 0  # seeded, like the demo
-    assert defaults.resample_dead is True and defaults.l1_coef == 3.0
+    signature = inspect.signature(SAE.__init__).parameters
+    for name in ("l1_coef", "resample_dead", "bf16", "batch_size"):
+        assert getattr(defaults, name) == signature[name].default, name
 
 
 @pytest.mark.parametrize(

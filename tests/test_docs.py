@@ -32,7 +32,7 @@ def test_docs_build_without_warnings(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     for page in ("index", "problem", "quickstart", "estimator", "model_selection",
-                 "extraction", "classical", "benchmarks", "saving", "gpu", "cli",
+                 "extraction", "classical", "benchmarks", "saving", "saelens", "gpu", "cli",
                  "builtin_model", "api", "glossary", "architecture"):
         assert (out / f"{page}.html").is_file(), page
     # Every gallery example ran and drew its figure.
@@ -49,3 +49,7 @@ def test_docs_build_without_warnings(tmp_path):
                  "LassoCoder", "splice_evaluation", "explained_variance",
                  "make_superposition", "write_feature_browser"):
         assert name in api, name
+    # The SAELens page's example ran during this build and its checks held.
+    saelens = (out / "saelens.html").read_text(encoding="utf-8")
+    assert "codes match SAELens: True" in saelens
+    assert "reconstructions match SAELens: True" in saelens

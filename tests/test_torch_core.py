@@ -45,8 +45,8 @@ def test_schedule_warmup_and_decay():
     assert config.lr_factor(50) == 1.0
     assert config.lr_factor(90) == pytest.approx(0.5)
     assert config.lr_factor(99) == pytest.approx(0.05)
-    assert config.l1_factor(4) == pytest.approx(0.5)
-    assert config.l1_factor(99) == 1.0
+    assert config.coef_factor(4) == pytest.approx(0.5)
+    assert config.coef_factor(99) == 1.0
     open_ended = TrainConfig(total_steps=None, warmup_steps=10, decay_steps=20)
     assert open_ended.lr_factor(10_000) == 1.0
 

@@ -4,17 +4,22 @@ Nothing here knows about scikit-learn. Arrays come in as numpy arrays (dense,
 ``np.memmap`` or scipy CSR) and go out as numpy arrays or tensors.
 """
 
+from sparse_dict._torch.activations import ACTIVATIONS, make_activation
 from sparse_dict._torch.device import resolve_device
-from sparse_dict._torch.model import SparseAutoencoder
-from sparse_dict._torch.train import DivergenceError, TrainConfig, Trainer
+from sparse_dict._torch.model import SparseAutoencoder, fitted_tensor_names
+from sparse_dict._torch.train import DivergenceError, TrainConfig, Trainer, assess_training
 from sparse_dict._torch.data import decode_array, encode_array
 
 __all__ = [
+    "ACTIVATIONS",
     "DivergenceError",
     "SparseAutoencoder",
     "TrainConfig",
     "Trainer",
+    "assess_training",
     "decode_array",
     "encode_array",
+    "fitted_tensor_names",
+    "make_activation",
     "resolve_device",
 ]

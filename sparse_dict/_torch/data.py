@@ -77,18 +77,18 @@ def iter_batches(X, batch_size, rng=None):
             yield np.sort(window[start : start + batch_size])
 
 
-def sample_rows(X, n_rows, rng):
-    """A random subset of at most ``n_rows`` rows of ``X``, as float64."""
+def sample_rows(X, n_rows, rng, dtype=np.float64):
+    """A random subset of at most ``n_rows`` rows of ``X``, as ``dtype``."""
     n_samples = X.shape[0]
     if n_samples <= n_rows:
-        return take_rows(X, slice(None)).astype(np.float64)
+        return take_rows(X, slice(None)).astype(dtype)
     if n_samples > 16 * n_rows:
         # Drawing with replacement and dropping repeats avoids the full
         # permutation that choice(replace=False) builds.
         index = np.unique(rng.randint(0, n_samples, size=n_rows))
     else:
         index = np.sort(rng.choice(n_samples, size=n_rows, replace=False))
-    return take_rows(X, index).astype(np.float64)
+    return take_rows(X, index).astype(dtype)
 
 
 def mean_squared_norm(X, n_rows, rng):
@@ -153,14 +153,18 @@ def _tensors(arrays, device, out_dtype):
     return [torch.as_tensor(a).to(device=device, dtype=dtype) for a in arrays]
 
 
-def encode_array(weights, bias, centre, X, batch_size, device, out_dtype):
-    """Codes ``ReLU((X - centre) @ weights.T + bias)`` of every row of ``X``.
+def encode_array(tensors, activation, X, batch_size, device, out_dtype):
+    """Codes ``activation((X - decoder_bias) @ encoder_weights.T + encoder_bias)``.
 
-    The weights are numpy arrays in the caller's units.
+    ``tensors`` maps the fitted tensors' names (``encoder_weights``,
+    ``encoder_bias``, ``decoder_bias`` and the activation's own state, such
+    as ``threshold``) to numpy arrays in the caller's units.
     """
-    W, b, c = _tensors((weights, bias, centre), device, out_dtype)
+    names = ("encoder_weights", "encoder_bias", "decoder_bias") + tuple(activation.state_names)
+    W, b, c, *extra = _tensors([tensors[n] for n in names], device, out_dtype)
+    state = dict(zip(activation.state_names, extra))
     return _map_rows(
-        lambda x: torch.relu(torch.addmm(b, x - c, W.t())),
+        lambda x: activation.encode(torch.addmm(b, x - c, W.t()), state),
         X, W.shape[0], batch_size, device, out_dtype,
     )
 

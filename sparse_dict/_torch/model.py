@@ -3,13 +3,41 @@
 import torch
 from torch import nn
 
+from sparse_dict._torch.activations import ReLU
+
+# The fitted tensors every autoencoder has, in the order configs list them;
+# an activation adds its own (``Activation.state_names``).
+BASE_TENSORS = ("components", "encoder_weights", "encoder_bias", "decoder_bias")
+# The fitted tensors that do not change with the input's units; all others
+# (biases, and every activation's thresholds) are in input units. TopK's
+# selection_scale weighs pre-activations against each other: a common factor
+# changes nothing, so it is left as it is.
+UNSCALED_TENSORS = ("components", "encoder_weights", "selection_scale")
+# The statistics of every training step, in the columns of the history.
+STAT_NAMES = ("loss", "mse", "l1", "l0", "auxk")
+
+
+def fitted_tensor_names(activation):
+    """Names of every fitted tensor of an autoencoder with ``activation``.
+
+    The one list that exporting, saving, loading and pickling iterate over.
+
+    Examples
+    --------
+    >>> from sparse_dict._torch.activations import JumpReLU
+    >>> fitted_tensor_names(JumpReLU())
+    ('components', 'encoder_weights', 'encoder_bias', 'decoder_bias', 'threshold')
+    """
+    return BASE_TENSORS + tuple(activation.state_names)
+
 
 class SparseAutoencoder(nn.Module):
-    """A one-layer ReLU sparse autoencoder with a bias subtracted before encoding.
+    """A one-layer sparse autoencoder with a bias subtracted before encoding.
 
-    ``f(x) = ReLU((x - b_dec) @ W_enc.T + b_enc)`` and
-    ``x_hat = f(x) @ W_dec + b_dec``. The rows of ``W_dec`` are the dictionary
-    atoms; the trainer keeps them at unit norm.
+    ``f(x) = act((x - b_dec) @ W_enc.T + b_enc)`` and
+    ``x_hat = f(x) @ W_dec + b_dec``, where ``act`` is a sparsity mechanism
+    from :mod:`sparse_dict._torch.activations` (ReLU by default). The rows of
+    ``W_dec`` are the dictionary atoms; the trainer keeps them at unit norm.
 
     Parameters
     ----------
@@ -17,6 +45,8 @@ class SparseAutoencoder(nn.Module):
         Width ``d`` of the input.
     n_components : int
         Number ``N`` of dictionary atoms (features).
+    activation : Activation, optional
+        The sparsity mechanism; ``ReLU()`` when None.
     generator : torch.Generator, optional
         Source of randomness for the initial atoms, for repeatable fits.
 
@@ -29,8 +59,9 @@ class SparseAutoencoder(nn.Module):
     ((5, 32), True)
     """
 
-    def __init__(self, n_features, n_components, generator=None):
+    def __init__(self, n_features, n_components, activation=None, generator=None):
         super().__init__()
+        self.activation = ReLU() if activation is None else activation
         atoms = torch.randn(n_components, n_features, generator=generator)
         atoms /= atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.W_dec = nn.Parameter(atoms)
@@ -40,6 +71,7 @@ class SparseAutoencoder(nn.Module):
         self.W_enc = nn.Parameter(atoms.clone())
         self.b_enc = nn.Parameter(torch.zeros(n_components))
         self.b_dec = nn.Parameter(torch.zeros(n_features))
+        self.activation.init_model(self)
 
     @property
     def n_features(self):
@@ -49,9 +81,14 @@ class SparseAutoencoder(nn.Module):
     def n_components(self):
         return self.W_dec.shape[0]
 
+    def pre_activations(self, x):
+        """The encoder's output before the sparsity mechanism."""
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t())
+
     def encode(self, x):
-        """Non-negative codes of the rows of ``x``."""
-        return torch.relu(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.t()))
+        """Non-negative codes of the rows of ``x``, independent of the batch."""
+        state = {k: v.to(x.device) for k, v in self.activation.export_state(self).items()}
+        return self.activation.encode(self.pre_activations(x), state)
 
     def decode(self, codes):
         """Reconstruction of the inputs from their codes."""
@@ -60,6 +97,24 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x):
         codes = self.encode(x)
         return self.decode(codes), codes
+
+    def fitted_tensors(self):
+        """Every fitted tensor by its exported name, in scaled units."""
+        tensors = {
+            "components": self.W_dec, "encoder_weights": self.W_enc,
+            "encoder_bias": self.b_enc, "decoder_bias": self.b_dec,
+        }
+        tensors.update(self.activation.export_state(self))
+        return {k: v.detach() for k, v in tensors.items()}
+
+    @torch.no_grad()
+    def load_fitted_tensors_(self, tensors):
+        """Set every fitted tensor from ``tensors`` (scaled units)."""
+        for name, param in zip(BASE_TENSORS, (self.W_dec, self.W_enc, self.b_enc, self.b_dec)):
+            param.copy_(torch.as_tensor(tensors[name], dtype=torch.float32))
+        extra = {k: tensors[k] for k in self.activation.state_names}
+        if extra:
+            self.activation.load_state_(self, extra)
 
     @torch.no_grad()
     def normalize_atoms_(self):
@@ -100,17 +155,21 @@ class SparseAutoencoder(nn.Module):
         """Free the training buffers (after training, before pickling)."""
         self._ws = None
 
+
     @torch.no_grad()
-    def loss_and_gradients(self, x, l1_coef, autocast_dtype=None):
+    def loss_and_gradients(self, x, coef, autocast_dtype=None, dead=None, auxk_coef=0.0, k_aux=0):
         """Loss of a batch and its gradients, written into each ``.grad``.
 
-        The loss is ``mean_b ||x_b - x_hat_b||^2 + l1_coef * mean_b sum_i
-        f_i(x_b) ||W_dec[i]||``. The backward pass is written out by hand
-        instead of through autograd: it works in place in reused buffers and
-        folds the L1 gradient into a matrix product's bias, which removes
-        several full passes over the (batch, n_components) activations, so
-        the five matrix products are nearly the whole cost, as the
-        performance model assumes.
+        The loss is ``mean_b ||x_b - x_hat_b||^2 + coef * penalty`` (the
+        activation's sparsity term: L1 for ReLU, L0 for JumpReLU, none for
+        the top-k family), plus the AuxK term when ``dead`` is given. The
+        backward pass is written out by hand instead of through autograd: it
+        works in place in reused buffers and folds a per-feature penalty
+        gradient into a matrix product's bias, which removes several full
+        passes over the (batch, n_components) activations, so the five
+        matrix products are nearly the whole cost, as the performance model
+        assumes. Every activation shares this step through its hooks; the
+        tests check each against autograd.
 
         The L1 term's gradient with respect to ``W_dec`` is parallel to each
         atom, and the trainer projects the parallel component out (the atoms
@@ -119,20 +178,29 @@ class SparseAutoencoder(nn.Module):
         Parameters
         ----------
         x : torch.Tensor of shape (batch, n_features)
-        l1_coef : float
+        coef : float
+            Weight of the activation's sparsity term (ignored by top-k).
         autocast_dtype : torch.dtype, optional
             Run the matrix products in this dtype (``torch.bfloat16`` on a
             GPU); the gradients are returned in float32.
+        dead : torch.Tensor of int64, optional
+            Indices of the dead features, for AuxK.
+        auxk_coef : float
+            Weight of the AuxK term.
+        k_aux : int
+            Dead features each row may use in the AuxK reconstruction.
 
         Returns
         -------
-        stats : torch.Tensor of shape (4,)
-            Loss, mean squared error, L1 penalty (before ``l1_coef``) and L0,
-            left on the device so that no step waits for a host transfer.
+        stats : torch.Tensor of shape (5,)
+            Loss, mean squared error, L1 of the codes, L0 and the AuxK term
+            (before its coefficient), left on the device so that no step
+            waits for a host transfer.
         fired : torch.Tensor of shape (n_components,)
             How many rows of the batch fired each feature (as floats).
         """
         batch, d = x.shape
+        act = self.activation
         W_enc, W_dec, b_enc, b_dec = self.W_enc, self.W_dec, self.b_enc, self.b_dec
         cdtype = autocast_dtype or torch.float32
         W_enc_c, W_dec_c = W_enc.to(cdtype), W_dec.to(cdtype)
@@ -143,8 +211,10 @@ class SparseAutoencoder(nn.Module):
 
         torch.sub(x, b_dec, out=xc)
         torch.addmm(b_enc.to(cdtype), xc, W_enc_c.t(), out=codes)
-        codes.relu_()
-        torch.gt(codes, 0, out=mask)
+        use_aux = dead is not None and dead.numel() > 0 and auxk_coef > 0 and k_aux > 0
+        if use_aux:
+            pre_dead = codes[:, dead].float()
+        act.forward_(codes, mask, self)
         # Float sums along the batch are vectorised; integer ones are not.
         fired = mask.sum(dim=0, dtype=torch.float32)
         err = torch.addmm(b_dec.to(cdtype), codes, W_dec_c).float().sub_(x)
@@ -152,20 +222,23 @@ class SparseAutoencoder(nn.Module):
 
         # d loss / d x_hat, next to a column of ones: the product with the
         # codes gives W_dec's gradient and, in the last column, the codes'
-        # column sums (for the L1 term).
-        gx_ones[:, :d] = err.mul_(2.0 / batch)
+        # column sums (for the penalty).
+        gx_ones[:, :d] = err.mul(2.0 / batch)
         dec_grad = torch.mm(codes.t(), gx_ones).float()
         self.W_dec.grad = dec_grad[:, :d].contiguous()
         code_sums = dec_grad[:, d]
-
-        norms = W_dec.norm(dim=1)
-        l1 = code_sums.dot(norms) / batch
-        loss = mse + l1_coef * l1
         l0 = fired.sum() / batch
+        penalty, code_bias = act.penalty(code_sums, l0, self, coef, batch)
+        l1 = code_sums.sum() / batch
+        loss = mse + coef * penalty
 
-        # d loss / d codes, with the L1 term (constant per feature) as the
-        # bias; then through the ReLU, zero where the feature did not fire.
-        torch.addmm((norms * (l1_coef / batch)).to(cdtype), gx_ones[:, :d], W_dec_c.t(), out=grad)
+        # d loss / d codes, with a per-feature penalty gradient as the bias;
+        # then through the activation, zero where a code is not active.
+        if code_bias is None:
+            torch.mm(gx_ones[:, :d], W_dec_c.t(), out=grad)
+        else:
+            torch.addmm(code_bias.to(cdtype), gx_ones[:, :d], W_dec_c.t(), out=grad)
+        act.parameter_gradients_(grad, self, coef, batch)
         grad.mul_(mask)
         enc_grad = torch.mm(grad.t(), xc_ones).float()
         self.W_enc.grad = enc_grad[:, :d].contiguous()
@@ -173,5 +246,42 @@ class SparseAutoencoder(nn.Module):
         self.b_enc.grad = grad_b_enc
         # b_dec enters twice: added to x_hat, and subtracted before encoding.
         self.b_dec.grad = gx_ones[:, :d].sum(dim=0, dtype=torch.float32) - grad_b_enc @ W_enc
-        stats = torch.stack([loss, mse, l1, l0])
+
+        auxk = torch.zeros((), device=x.device)
+        if use_aux:
+            auxk = self._auxk_gradients_(pre_dead, dead, err, xc, auxk_coef, k_aux, batch)
+            loss = loss + auxk_coef * auxk
+        stats = torch.stack([loss, mse, l1, l0, auxk])
         return stats, fired
+
+    def _auxk_gradients_(self, pre_dead, dead, err, xc, auxk_coef, k_aux, batch):
+        """AuxK: the dead features reconstruct the main step's residual.
+
+        Gao et al. (2024): each row's ``k_aux`` largest pre-activations among
+        the dead features, through ReLU, decode (without the decoder bias) the
+        residual ``e = x - x_hat`` of the main reconstruction, which is
+        detached: the term trains only the dead features' atoms, encoder
+        rows and encoder biases, and never pulls the live reconstruction towards the
+        residual. The term is ``mean_b ||e_b - e_hat_b||^2``, scaled by the
+        share of ``k_aux`` that the dead features can fill, as sparsify does.
+        Adds to the ``.grad`` that the main step wrote; works on the dead
+        columns only, so it costs little when few features are dead.
+        """
+        n_dead = dead.numel()
+        k = min(k_aux, n_dead)
+        values, index = pre_dead.topk(k, dim=1, sorted=False)
+        values.relu_()
+        aux_codes = torch.zeros_like(pre_dead).scatter_(1, index, values)
+        W_dead = self.W_dec[dead]
+        # err = x_hat - x, so the residual is -err and e_hat - e = e_hat + err.
+        diff = torch.addmm(err, aux_codes, W_dead)
+        weight = min(n_dead / k_aux, 1.0)
+        auxk = weight * diff.pow(2).sum() / batch
+        g = diff.mul_(2.0 * auxk_coef * weight / batch)
+        self.W_dec.grad.index_add_(0, dead, aux_codes.t() @ g)
+        grad_codes = (g @ W_dead.t()).mul_(aux_codes > 0)
+        self.W_enc.grad.index_add_(0, dead, grad_codes.t() @ xc.float())
+        # The decoder bias is shared with the live features: AuxK leaves it
+        # alone, as if the input to the dead features' encoder were detached.
+        self.b_enc.grad.index_add_(0, dead, grad_codes.sum(dim=0))
+        return auxk

@@ -9,12 +9,11 @@ import torch
 from sparse_dict._torch.data import (
     geometric_median,
     iter_batches,
-    mean_squared_norm,
     sample_rows,
     take_rows,
     to_device,
 )
-from sparse_dict._torch.model import SparseAutoencoder
+from sparse_dict._torch.model import STAT_NAMES, UNSCALED_TENSORS, SparseAutoencoder
 
 # Rows used to estimate the input scale and the decoder bias's start.
 _N_INIT_ROWS = 8192
@@ -30,9 +29,10 @@ class TrainConfig:
 
     Attributes
     ----------
-    l1_coef : float
-        Weight of the sparsity penalty, for inputs scaled to a mean squared
-        norm equal to their width.
+    coef : float
+        Weight of the activation's sparsity term (``l1_coef`` or
+        ``l0_coef``), for inputs scaled to a mean squared norm equal to their
+        width.
     learning_rate : float
         Adam's peak learning rate.
     batch_size : int
@@ -50,11 +50,18 @@ class TrainConfig:
     resample_until : int or None
         No resampling at or after this step (to let resampled features
         settle before the run ends).
+    auxk_coef : float
+        Weight of the AuxK term (0 turns it off).
+    k_aux : int
+        Dead features each row may use in the AuxK term.
+    dead_window : int
+        A feature that fired on no row during this many steps is dead, for
+        AuxK.
     bf16 : bool
         Run the matrix products in bfloat16 (for GPUs).
     """
 
-    l1_coef: float = 1.0
+    coef: float = 1.0
     learning_rate: float = 1e-3
     batch_size: int = 1024
     total_steps: int | None = None
@@ -63,6 +70,9 @@ class TrainConfig:
     resample_dead: bool = True
     resample_interval: int = 1000
     resample_until: int | None = None
+    auxk_coef: float = 0.0
+    k_aux: int = 0
+    dead_window: int = 1000
     bf16: bool = False
 
     def lr_factor(self, step):
@@ -72,7 +82,7 @@ class TrainConfig:
             factor = min(factor, max(remaining, 0) / self.decay_steps)
         return factor
 
-    def l1_factor(self, step):
+    def coef_factor(self, step):
         return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
 
     def resample_due(self, step):
@@ -97,20 +107,24 @@ class Trainer:
     device : torch.device
     seed : int
         Seeds the initial atoms and the resampling draws.
+    activation : Activation, optional
+        The sparsity mechanism; ReLU when None.
     """
 
-    def __init__(self, n_features, n_components, device, seed):
+    def __init__(self, n_features, n_components, device, seed, activation=None):
         self.device = torch.device(device)
         self.seed = int(seed)
         generator = torch.Generator().manual_seed(self.seed)
-        self.model = SparseAutoencoder(n_features, n_components, generator).to(self.device)
+        self.model = SparseAutoencoder(n_features, n_components, activation, generator).to(self.device)
         self._resample_generator = torch.Generator().manual_seed(self.seed + 1)
         self.optimizer = self._make_optimizer()
         self.scale = None
+        self.variance = None
+        self.run_start = 0
         self.step = 0
         self.steps_since_fired = torch.zeros(n_components, dtype=torch.long, device=self.device)
         self.n_resampled = 0
-        self.history = np.zeros((0, 4))
+        self.history = np.zeros((0, len(STAT_NAMES)))
         self.pass_fired = np.zeros(n_components)
         self.pass_rows = 0
 
@@ -122,32 +136,65 @@ class Trainer:
     def initialize(self, X, rng, decoder_bias_init="geometric_median"):
         """Estimate the input scale and start the decoder bias from ``X``."""
         n_features = self.model.n_features
-        msn = mean_squared_norm(X, _N_INIT_ROWS, rng)
+        sample = sample_rows(X, _N_INIT_ROWS, rng)
+        msn = float(np.mean(np.einsum("ij,ij->i", sample, sample)))
         self.scale = math.sqrt(n_features / msn) if msn > 0 else 1.0
+        sample *= self.scale
+        mean = sample.mean(axis=0)
+        # The error of reconstructing every row by the mean, in scaled units
+        # (a run that ends far above it has diverged): E||x||^2 - ||E x||^2.
+        self.variance = max(float(n_features - mean @ mean), 0.0)
         if decoder_bias_init == "zeros":
             return
-        sample = sample_rows(X, _N_INIT_ROWS if decoder_bias_init == "mean" else 2048, rng)
-        sample *= self.scale
         if decoder_bias_init == "mean":
-            centre = sample.mean(axis=0)
+            centre = mean
         else:
-            centre = geometric_median(sample)
+            # Every fourth row: the sample's indices are sorted, so a prefix
+            # would come from the start of X only.
+            centre = geometric_median(sample[:: max(1, len(sample) // 2048)])
         with torch.no_grad():
             self.model.b_dec.copy_(torch.as_tensor(centre, dtype=torch.float32))
 
+    # ------------------------------------------------------ after training
+    def calibration_sample(self, X, n_rows, rng):
+        """Scaled rows of ``X`` on the device, for calibration and statistics.
+
+        At most ``n_rows`` rows, and fewer for wide dictionaries, so that
+        their (rows, n_components) pre-activations stay near 128 MB.
+        """
+        n_rows = min(n_rows, max(1024, (1 << 25) // self.model.n_components))
+        rows = to_device(sample_rows(X, n_rows, rng, dtype=np.float32), self.device)
+        return rows.mul_(self.scale)
+
+    @torch.no_grad()
+    def calibrate(self, sample):
+        """Let the activation fit its inference state on the final model."""
+        calibrate = getattr(self.model.activation, "calibrate_", None)
+        if calibrate is not None and sample.shape[0]:
+            calibrate(self.model, self.model.pre_activations(sample))
+
+    @torch.no_grad()
+    def mean_l0(self, sample):
+        """Mean number of active codes per row of ``sample`` at inference."""
+        if not sample.shape[0]:
+            return float("nan")
+        active = sum(
+            int((self.model.encode(chunk) > 0).sum()) for chunk in sample.split(4096)
+        )
+        return active / sample.shape[0]
+
     @classmethod
-    def from_parameters(cls, params, scale, device, seed):
+    def from_parameters(cls, params, scale, device, seed, activation=None):
         """Rebuild a trainer (with a fresh optimiser) from exported parameters."""
         n_components, n_features = params["components"].shape
-        trainer = cls(n_features, n_components, device, seed)
+        trainer = cls(n_features, n_components, torch.device("cpu"), seed, activation)
         trainer.scale = float(scale)
-        with torch.no_grad():
-            m = trainer.model
-            m.W_dec.copy_(torch.as_tensor(params["components"], dtype=torch.float32))
-            m.W_enc.copy_(torch.as_tensor(params["encoder_weights"], dtype=torch.float32))
-            m.b_enc.copy_(torch.as_tensor(params["encoder_bias"] * scale, dtype=torch.float32))
-            m.b_dec.copy_(torch.as_tensor(params["decoder_bias"] * scale, dtype=torch.float32))
-        return trainer
+        scaled = {
+            name: np.asarray(value) * (1.0 if name in UNSCALED_TENSORS else scale)
+            for name, value in params.items()
+        }
+        trainer.model.load_fitted_tensors_(scaled)
+        return trainer.to(device)
 
     def to(self, device):
         """Move the model and the optimiser's state to ``device``."""
@@ -178,6 +225,7 @@ class Trainer:
         n_passes_done : int
         """
         snapshot = self._snapshot()
+        self.run_start = len(self.history)
         passes_done = 0
         try:
             for _ in range(n_passes):
@@ -199,6 +247,7 @@ class Trainer:
         model, optimizer = self.model, self.optimizer
         device, scale = self.device, self.scale
         autocast = torch.bfloat16 if config.bf16 else None
+        activation = model.activation
         n_components = model.n_components
         fired_total = torch.zeros(n_components, dtype=torch.float64, device=device)
         stats_list, pool = [], []
@@ -213,8 +262,13 @@ class Trainer:
             x = to_device(take_rows(X, index), device).mul(scale)
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate * config.lr_factor(self.step)
-            l1_coef = config.l1_coef * config.l1_factor(self.step)
-            stats, fired = model.loss_and_gradients(x, l1_coef, autocast)
+            coef = config.coef * config.coef_factor(self.step)
+            dead = None
+            if config.auxk_coef > 0:
+                dead = torch.nonzero(self.steps_since_fired >= config.dead_window).flatten()
+            stats, fired = model.loss_and_gradients(
+                x, coef, autocast, dead=dead, auxk_coef=config.auxk_coef, k_aux=config.k_aux
+            )
             with torch.no_grad():
                 # Keep atoms on the unit sphere: drop the gradient's radial part,
                 # step, then renormalise the small drift that remains.
@@ -222,6 +276,7 @@ class Trainer:
                 g.sub_((g * W).sum(dim=1, keepdim=True) * W)
             optimizer.step()
             model.normalize_atoms_()
+            activation.after_step_(model, self.step)
 
             fired_total += fired
             self.steps_since_fired += 1
@@ -304,14 +359,11 @@ class Trainer:
     # ------------------------------------------------------------ statistics
     def pass_info(self, epoch, config):
         """A summary of the last pass, given to callbacks."""
-        last = self.history[-1] if len(self.history) else np.full(4, np.nan)
+        last = self.history[-1] if len(self.history) else np.full(len(STAT_NAMES), np.nan)
         return {
             "epoch": epoch,
             "step": self.step,
-            "loss": float(last[0]),
-            "mse": float(last[1]),
-            "l1": float(last[2]),
-            "l0": float(last[3]),
+            **{name: float(value) for name, value in zip(STAT_NAMES, last)},
             "dead": int((self.pass_fired == 0).sum()),
             "learning_rate": config.learning_rate * config.lr_factor(max(self.step - 1, 0)),
         }
@@ -329,25 +381,24 @@ class Trainer:
     def _raise_divergence(step, what="loss"):
         raise DivergenceError(
             f"Training diverged: the {what} became NaN or infinite at step {step}. "
-            "Lower learning_rate (for example by a factor of 10), or lower l1_coef."
+            "Lower learning_rate (for example by a factor of 10), or lower the "
+            "sparsity coefficient (l1_coef or l0_coef)."
         )
 
     # ---------------------------------------------------------------- export
     def export(self):
-        """The parameters in the caller's units, as float32 numpy arrays.
+        """The fitted tensors in the caller's units, as float32 numpy arrays.
 
         Training sees ``x * scale``. Codes in the caller's units are the
-        trained codes divided by ``scale`` (ReLU commutes with a positive
-        factor), so the encoder bias and the decoder bias are divided by
-        ``scale`` and the weights are unchanged.
+        trained codes divided by ``scale`` (every activation commutes with a
+        positive factor once its thresholds are scaled alike), so the biases
+        and thresholds are divided by ``scale`` and the weights are
+        unchanged.
         """
-        m = self.model
-        to_np = lambda t: t.detach().float().cpu().numpy().copy()  # noqa: E731
         return {
-            "components": to_np(m.W_dec),
-            "encoder_weights": to_np(m.W_enc),
-            "encoder_bias": to_np(m.b_enc) / np.float32(self.scale),
-            "decoder_bias": to_np(m.b_dec) / np.float32(self.scale),
+            name: tensor.float().cpu().numpy().copy()
+            / (np.float32(1.0) if name in UNSCALED_TENSORS else np.float32(self.scale))
+            for name, tensor in self.model.fitted_tensors().items()
         }
 
     # ------------------------------------------------ snapshots and pickling
@@ -373,12 +424,15 @@ class Trainer:
         }
         return {
             "seed": self.seed,
+            "activation": self.model.activation,
             "n_features": self.model.n_features,
             "n_components": self.model.n_components,
             "model_state": {k: cpu(v) for k, v in self.model.state_dict().items()},
             "optim_state": optim_state,
             "resample_generator": self._resample_generator.get_state(),
             "scale": self.scale,
+            "variance": self.variance,
+            "run_start": self.run_start,
             "step": self.step,
             "steps_since_fired": cpu(self.steps_since_fired),
             "n_resampled": self.n_resampled,
@@ -390,16 +444,99 @@ class Trainer:
     def __setstate__(self, state):
         self.device = torch.device("cpu")
         self.seed = state["seed"]
-        self.model = SparseAutoencoder(state["n_features"], state["n_components"])
+        self.model = SparseAutoencoder(
+            state["n_features"], state["n_components"], state["activation"]
+        )
         self.model.load_state_dict(state["model_state"])
         self.optimizer = self._make_optimizer()
         self.optimizer.load_state_dict(state["optim_state"])
         self._resample_generator = torch.Generator()
         self._resample_generator.set_state(state["resample_generator"])
         self.scale = state["scale"]
+        self.variance = state.get("variance")
+        self.run_start = state.get("run_start", 0)
         self.step = state["step"]
         self.steps_since_fired = state["steps_since_fired"].clone()
         self.n_resampled = state["n_resampled"]
         self.history = state["history"].copy()
         self.pass_fired = state["pass_fired"].copy()
         self.pass_rows = state["pass_rows"]
+
+
+# A run is unconverged when, before the final decay, its loss fell by more
+# than this fraction over the last fifth of the run, or its L0 moved by more
+# than _L0_DRIFT (penalised activations only). Both were set between the
+# values measured on fits that a longer run no longer improved and on fits
+# a quarter as long (benchmarks/defaults.py).
+_LOSS_DROP = 0.04
+_L0_DRIFT = 0.15
+# Reconstruction error at the end above this multiple of the larger of the
+# first step's and the data's variance: diverged.
+_DIVERGED = 2.0
+
+
+def assess_training(trainer, config, check_convergence=True):
+    """Judge the last training run from its step history.
+
+    Parameters
+    ----------
+    trainer : Trainer
+    config : TrainConfig
+        The run's settings (its length and final decay).
+    check_convergence : bool
+        Also look for an unconverged run (``fit``; ``partial_fit`` cannot
+        know whether more calls will follow).
+
+    Returns
+    -------
+    problems : list of (kind, message)
+        ``kind`` is ``"diverged"`` or ``"unconverged"``.
+    """
+    history = trainer.history[trainer.run_start:]
+    n = len(history)
+    if n == 0:
+        return []
+    loss, mse, l0 = history[:, 0], history[:, 1], history[:, 3]
+    problems = []
+    tail = max(1, n // 20)
+    reference = max(float(mse[0]), trainer.variance or 0.0)
+    end = float(mse[-tail:].mean())
+    if not end <= _DIVERGED * reference:
+        problems.append((
+            "diverged",
+            f"Training diverged: the reconstruction error rose from {mse[0]:.4g} at the "
+            f"first step to {end:.4g} at the end (scaled units; reconstructing every row "
+            f"by the mean gives {trainer.variance:.4g}). Lower learning_rate (now "
+            f"{config.learning_rate:g}), for example by a factor of 10.",
+        ))
+        return problems
+    if not check_convergence or n < 50:
+        return problems
+    # Compare the two windows that end where the final decay starts: the
+    # decay itself lowers the loss, converged or not.
+    stop = n - min(config.decay_steps, n // 2) if config.total_steps is not None else n
+    width = max(1, stop // 10)
+    if stop < 3 * width + width:
+        return problems
+    early = slice(stop - 3 * width, stop - 2 * width)
+    late = slice(stop - width, stop)
+    drop = (loss[early].mean() - loss[late].mean()) / max(abs(loss[late].mean()), 1e-12)
+    penalised = trainer.model.activation.penalty_name is not None
+    drift = abs(l0[early].mean() - l0[late].mean()) / max(l0[late].mean(), 1e-12)
+    reasons = []
+    if drop > _LOSS_DROP:
+        reasons.append(f"the loss was still falling ({100 * drop:.0f}% over the last fifth "
+                       "of the run before the final decay)")
+    if penalised and drift > _L0_DRIFT:
+        reasons.append(f"L0 was still moving ({l0[early].mean():.1f} -> {l0[late].mean():.1f} "
+                       "over the last fifth of the run before the final decay)")
+    if reasons:
+        problems.append((
+            "unconverged",
+            f"The fit stopped after {n} steps of {config.batch_size} rows while "
+            + " and ".join(reasons)
+            + ": the dictionary is probably not converged. Train for more steps "
+            "(raise max_steps or max_iter, or leave both None for the default budget) "
+            "or use a smaller batch_size for more steps on the same rows.",
+        ))
+    return problems

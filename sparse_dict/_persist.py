@@ -1,0 +1,774 @@
+"""Writing outputs so that nothing is lost, and reading saved folders back with checks.
+
+Every file or folder the package writes goes through :func:`staged`: the
+content is written under a hidden temporary name in the target's own folder
+and moved onto the target only once complete, so an error or Ctrl-C never
+leaves a partial output, and a reader never sees one. Whether a path may be
+written at all is decided in one place, :func:`check_target`:
+
+- a path that does not exist (or an empty folder, for a folder output) is free;
+- anything else is replaced only with ``overwrite`` and only if it is itself
+  something this package writes there (a :class:`Kind` recognises it: a saved
+  dictionary, a ``.npy`` array, ...), never an arbitrary file or folder of
+  the user's;
+- an output is never one of the command's inputs.
+
+Creating a path that is absent is one atomic step (a hard link for files, a
+rename for folders, both of which fail if the target appeared meanwhile), so
+of several processes saving to the same new path exactly one succeeds and the
+others get :class:`FileExistsError`.
+
+The reading half validates a saved folder's JSON configuration and its
+safetensors weights against a schema that the caller supplies, and reports
+every problem as a :class:`ValueError` naming the file and the field.
+
+Nothing here knows about scikit-learn or torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "Kind",
+    "Integer",
+    "Real",
+    "OneOf",
+    "Strings",
+    "TensorSpec",
+    "check_target",
+    "staged",
+    "write_folder",
+    "read_config",
+    "read_tensors",
+    "config_field",
+    "NPY",
+    "PNG",
+    "HTML",
+    "TOKENS",
+    "folder_kind",
+]
+
+# A saved configuration is a few kilobytes; anything far larger is not one,
+# and is not read into memory to find out.
+_MAX_CONFIG_BYTES = 64 << 20
+# The header bytes read to recognise a file written by this package.
+_HEAD_BYTES = 4096
+# Replacing an output that other processes replace at the same moment can
+# find the target moved; each try either succeeds or finds it changed.
+_REPLACE_TRIES = 20
+# The HTML pages written by sparse_dict say so; this is how --overwrite
+# tells them from a user's own page.
+HTML_GENERATOR = "sparse_dict feature browser"
+INTEGRITY_KEY = "sha256"
+
+
+# --------------------------------------------------------------------------
+# What the package writes, recognised
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """A kind of output this package writes, and how to recognise one on disk.
+
+    Parameters
+    ----------
+    name : str
+        What it is, for messages ("saved dictionary", ".npy array").
+    folder : bool
+        Whether it is a folder (else a file).
+    recognize : callable
+        ``recognize(path) -> bool``: whether ``path`` holds one, judged from
+        its content, so that ``overwrite`` never replaces a user's own file or
+        folder that merely has the same name.
+    """
+
+    name: str
+    folder: bool
+    recognize: Callable[[Path], bool]
+
+
+def _head(path, n=_HEAD_BYTES):
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError:
+        return b""
+
+
+def _is_plain_file(path):
+    path = Path(path)
+    return path.is_file() and not path.is_symlink()
+
+
+def _file_with_magic(magic, *, contains=b""):
+    def recognize(path):
+        if not _is_plain_file(path):
+            return False
+        head = _head(path)
+        return head.startswith(magic) and contains in head
+
+    return recognize
+
+
+def _json_file(check, max_bytes=_MAX_CONFIG_BYTES):
+    """A recogniser of JSON files whose parsed content passes ``check``."""
+
+    def recognize(path):
+        if not _is_plain_file(path) or Path(path).stat().st_size > max_bytes:
+            return False
+        try:
+            return bool(check(json.loads(Path(path).read_bytes())))
+        except (ValueError, OSError, TypeError, AttributeError):
+            return False
+
+    return recognize
+
+
+def _tokens_file(path):
+    """A ``.jsonl`` of ``{"text", "position", "token"}`` rows, as ``extract --tokens`` writes."""
+    if not _is_plain_file(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as fh:
+            first = fh.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not first:
+        return True  # extract writes an empty file for no tokens
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and set(row) == {"text", "position", "token"}
+
+
+NPY = Kind(".npy array", False, _file_with_magic(b"\x93NUMPY"))
+# Matplotlib names itself in every PNG it writes.
+PNG = Kind("PNG plot written by sparse_dict", False,
+           _file_with_magic(b"\x89PNG\r\n\x1a\n", contains=b"Matplotlib"))
+HTML = Kind("feature browser page", False,
+            _file_with_magic(b"<!DOCTYPE html>", contains=HTML_GENERATOR.encode()))
+TOKENS = Kind("tokens file written by 'sparse-dict extract'", False, _tokens_file)
+
+
+def json_kind(name, check):
+    """A :class:`Kind` of JSON files whose parsed content passes ``check``."""
+    return Kind(name, False, _json_file(check))
+
+
+def folder_kind(name, entries):
+    """A :class:`Kind` of folders holding only the entries the package writes.
+
+    Parameters
+    ----------
+    name : str
+    entries : dict of str to Kind or None
+        The names that may appear in the folder. An entry with a kind must be
+        recognised by it; an entry with ``None`` is allowed but says nothing
+        (a plain text file). At least one entry with a kind must be present,
+        so that a folder is recognised by its content, not its names alone.
+
+    Returns
+    -------
+    Kind
+    """
+
+    def recognize(path):
+        path = Path(path)
+        if not path.is_dir() or path.is_symlink():
+            return False
+        vouched = False
+        for child in path.iterdir():
+            if child.name not in entries or child.is_symlink():
+                return False
+            kind = entries[child.name]
+            if kind is None:
+                if child.is_dir():
+                    return False
+                continue
+            if not kind.recognize(child):
+                return False
+            vouched = True
+        return vouched
+
+    return Kind(name, True, recognize)
+
+
+# --------------------------------------------------------------------------
+# Where a path may be written: the one decision
+# --------------------------------------------------------------------------
+
+
+def _same_file(a, b):
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _is_empty_dir(path):
+    try:
+        return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    except OSError:
+        return False
+
+
+def _describe(path):
+    if path.is_symlink():
+        return "a symbolic link"
+    if path.is_dir():
+        return "a folder"
+    if path.is_file():
+        return "a file"
+    return "not a regular file"
+
+
+def _check_replaceable(path, kind):
+    """Raise FileExistsError unless ``path`` is a ``kind`` this package wrote."""
+    if path.is_symlink() or path.is_dir() != kind.folder or not kind.recognize(path):
+        raise FileExistsError(
+            f"{path} already exists and is {_describe(path)} that is not a {kind.name}; "
+            "refusing to replace it, even with overwrite, since it was not written by "
+            "sparse_dict. Remove it yourself or choose another name."
+        )
+
+
+def check_target(path, kind, *, overwrite=False, inputs=(), hint="overwrite=True"):
+    """Check that ``path`` may be written as a ``kind``; raise if not.
+
+    This is the one place that decides whether an output path may be used.
+
+    Parameters
+    ----------
+    path : str or path-like
+    kind : Kind
+    overwrite : bool, default=False
+        Allow replacing an existing ``kind`` that this package wrote.
+    inputs : iterable of path-like, default=()
+        The paths the operation reads; writing any of them is refused.
+    hint : str, default="overwrite=True"
+        How the caller asks for ``overwrite``, for the message.
+
+    Returns
+    -------
+    path : pathlib.Path
+
+    Raises
+    ------
+    ValueError
+        If ``path`` is one of ``inputs``.
+    FileExistsError
+        If ``path`` exists and may not be replaced.
+    """
+    path = Path(path)
+    for source in inputs:
+        if source is not None and _same_file(path, source):
+            raise ValueError(
+                f"the output {path} is the input {source}: writing it would destroy "
+                "the input; choose another output name"
+            )
+    if not os.path.lexists(path):
+        return path
+    if kind.folder and _is_empty_dir(path):
+        return path  # an empty folder holds nothing to lose
+    if not overwrite:
+        raise FileExistsError(f"{path} already exists; pass {hint} to replace it")
+    _check_replaceable(path, kind)
+    return path
+
+
+# --------------------------------------------------------------------------
+# How a path is written: staged beside it, moved into place when complete
+# --------------------------------------------------------------------------
+
+
+def _umask():
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere the umask can only be read by setting it; put it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _make_parents(folder):
+    """Create ``folder`` and missing parents; return those created, deepest last."""
+    created = []
+    folder = Path(folder)
+    for parent in [*reversed(folder.parents), folder]:
+        if not os.path.lexists(parent):
+            try:
+                parent.mkdir()
+            except FileExistsError:
+                continue
+            created.append(parent)
+    return created
+
+
+def _remove_created(folders):
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if still empty: never anything else's
+
+
+def _remove(path):
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _temporary(path, folder, label="partial"):
+    """A hidden new name beside ``path``, created with the umask's permissions."""
+    parent = path.parent
+    prefix, suffix = f".{path.name}.", f".{label}{path.suffix}"
+    mask = _umask()
+    if folder:
+        name = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent)
+        os.chmod(name, 0o777 & ~mask)
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=parent)
+        os.close(fd)
+        os.chmod(name, 0o666 & ~mask)
+    return Path(name)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a, b):
+    """Swap ``a`` and ``b`` in one step (Linux ``renameat2``); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
+        return False  # the file system cannot swap: the caller falls back
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _create(tmp, path, folder):
+    """Move ``tmp`` to ``path`` only if nothing is there; FileExistsError otherwise."""
+    if folder:
+        # rename(2) of a folder fails onto a file or a non-empty folder and
+        # succeeds onto an absent or empty one (which holds nothing to lose),
+        # all in one step: of several savers, exactly one wins.
+        if os.path.lexists(path) and not _is_empty_dir(path):
+            raise FileExistsError(errno.EEXIST, "already exists", str(path))
+        try:
+            os.rename(tmp, path)
+        except OSError as err:
+            if err.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise FileExistsError(errno.EEXIST, "already exists", str(path)) from None
+            raise
+        return
+    try:
+        # link(2) fails if the name exists, in one step; rename would replace it.
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "already exists", str(path)) from None
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # No hard links on this file system: check, then rename.
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "already exists", str(path)) from None
+        os.rename(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def _replace(tmp, path, kind):
+    """Put ``tmp`` in place of the existing ``path``; False if ``path`` vanished meanwhile."""
+    if not kind.folder:
+        os.replace(tmp, path)  # atomic for files
+        return True
+    try:
+        swapped = _exchange(tmp, path)
+    except FileNotFoundError:
+        return False
+    if swapped:
+        _remove(tmp)  # now the old folder
+        return True
+    # No atomic swap here: move the old folder aside, put the new one in, and
+    # remove the old one; if the new one cannot go in, the old one goes back.
+    aside = _temporary(path, folder=True, label="old")
+    aside.rmdir()
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.rename(aside, path)
+        if os.path.lexists(aside):
+            _remove(aside)  # another writer put its own output in place
+        raise
+    _remove(aside)
+    return True
+
+
+def _commit(tmp, path, kind, overwrite, hint):
+    for _ in range(_REPLACE_TRIES):
+        try:
+            _create(tmp, path, kind.folder)
+            return
+        except FileExistsError:
+            if not overwrite:
+                raise FileExistsError(
+                    f"{path} already exists (it appeared while this output was being "
+                    f"written); pass {hint} to replace it"
+                ) from None
+        _check_replaceable(path, kind)
+        try:
+            if _replace(tmp, path, kind):
+                return
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        # Another process moved the target at the same moment: try again.
+    raise FileExistsError(f"{path} kept changing while it was being replaced; try again")
+
+
+@contextlib.contextmanager
+def staged(path, kind, *, overwrite=False, inputs=(), hint="overwrite=True"):
+    """Write ``path`` through a temporary name beside it; move it into place when complete.
+
+    Yields the temporary path (an empty folder for a folder ``kind``, an empty
+    file otherwise) for the caller to write. If the block raises, the
+    temporary output and any folders created for it are removed and ``path``
+    is untouched; if it completes, the output is moved onto ``path`` as
+    described in :func:`check_target`. Permissions follow the umask.
+
+    Parameters
+    ----------
+    path : str or path-like
+    kind : Kind
+    overwrite, inputs, hint
+        As in :func:`check_target`.
+
+    Yields
+    ------
+    tmp : pathlib.Path
+    """
+    path = check_target(path, kind, overwrite=overwrite, inputs=inputs, hint=hint)
+    created = _make_parents(path.parent)
+    tmp = None
+    try:
+        tmp = _temporary(path, kind.folder)
+        yield tmp
+        _commit(tmp, path, kind, overwrite, hint)
+    except BaseException:
+        if tmp is not None:
+            _remove(tmp)
+        _remove_created(created)
+        raise
+
+
+# --------------------------------------------------------------------------
+# Saved folders: a JSON config and safetensors weights
+# --------------------------------------------------------------------------
+
+
+def _canonical(config):
+    body = {k: v for k, v in config.items() if k != INTEGRITY_KEY}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _digest_bytes(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _digest_file(path):
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def write_folder(path, config, tensors, *, kind, config_name, weights_name,
+                 overwrite=False, hint="overwrite=True"):
+    """Save ``config`` (JSON) and ``tensors`` (safetensors) as a folder, safely.
+
+    The folder is staged and moved into place as :func:`staged` does. The
+    config records the SHA-256 of itself and of the weights, so that
+    :func:`read_config` and :func:`read_tensors` detect any later damage.
+
+    Parameters
+    ----------
+    path : str or path-like
+    config : dict
+        JSON-serialisable, without NaN or infinity.
+    tensors : dict of str to ndarray
+    kind : Kind
+        The folder's kind (what may be replaced with ``overwrite``).
+    config_name, weights_name : str
+        File names inside the folder.
+    overwrite : bool, default=False
+    hint : str, default="overwrite=True"
+
+    Returns
+    -------
+    path : pathlib.Path
+    """
+    from safetensors.numpy import save_file
+
+    text = json.dumps(config, indent=2, allow_nan=False)  # fails before anything is written
+    with staged(path, kind, overwrite=overwrite, hint=hint) as tmp:
+        weights = tmp / weights_name
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(weights))
+        # safetensors creates its file private (0600); ours follow the umask.
+        os.chmod(weights, 0o666 & ~_umask())
+        signed = dict(json.loads(text))
+        signed[INTEGRITY_KEY] = {
+            "config": _digest_bytes(_canonical(signed).encode()),
+            "weights": _digest_file(weights),
+        }
+        (tmp / config_name).write_text(json.dumps(signed, indent=2) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def _bad(file, message):
+    return ValueError(f"{file}: {message}")
+
+
+def read_config(path, *, config_name, weights_name):
+    """Read and integrity-check a saved folder's JSON config.
+
+    Returns the config as a dict. A folder written before integrity records
+    existed (no ``"sha256"`` entry) is read without the check.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If ``path`` is not a complete saved folder, the config is not a JSON
+        object, or the config or weights differ from what was saved.
+    """
+    path = Path(path)
+    if not os.path.lexists(path):
+        raise FileNotFoundError(
+            f"{path} is not a saved dictionary: it does not exist (expected a folder "
+            f"with {config_name} and {weights_name} inside)."
+        )
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a saved dictionary: it is not a folder.")
+    for name in (config_name, weights_name):
+        if not _is_plain_file(path / name):
+            raise ValueError(
+                f"{path} is not a complete saved dictionary: {name} is missing or not a file."
+            )
+    config_file = path / config_name
+    if config_file.stat().st_size > _MAX_CONFIG_BYTES:
+        raise _bad(config_file, "too large to be a saved configuration")
+    try:
+        config = json.loads(config_file.read_bytes())
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise _bad(config_file, f"not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise _bad(config_file, "expected a JSON object")
+    if INTEGRITY_KEY in config:
+        record = config[INTEGRITY_KEY]
+        if not (isinstance(record, dict) and set(record) == {"config", "weights"}
+                and all(isinstance(v, str) for v in record.values())):
+            raise _bad(config_file, f"field {INTEGRITY_KEY!r} is damaged")
+        try:
+            canonical = _canonical(config).encode()
+        except ValueError:  # NaN or infinity: never written by save
+            raise _bad(config_file, "contains NaN or infinity") from None
+        if _digest_bytes(canonical) != record["config"]:
+            raise _bad(config_file, "the file changed after it was saved (its checksum does "
+                       "not match): it is damaged or was edited by hand. Set parameters "
+                       "after loading instead (set_params), and save again.")
+        if _digest_file(path / weights_name) != record["weights"]:
+            raise _bad(path / weights_name, "the file changed after it was saved (its "
+                       "checksum does not match): it is damaged.")
+    return config
+
+
+def config_field(config, key, file, where=None, kind=dict):
+    """``config[key]``, which must exist and be a ``kind``; ValueError naming it otherwise."""
+    where = where or key
+    if not isinstance(config, dict) or key not in config:
+        raise _bad(file, f"field {where!r} is missing")
+    value = config[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise _bad(file, f"field {where!r} must be {_noun(kind)}, got {value!r}")
+    return value
+
+
+def _noun(kind):
+    names = {dict: "a JSON object", list: "a JSON list", str: "a string", int: "an integer"}
+    return names.get(kind, kind.__name__ if isinstance(kind, type) else str(kind))
+
+
+# Checks of single config values: each returns the value or raises ValueError.
+
+
+@dataclasses.dataclass(frozen=True)
+class Integer:
+    """An integer (not a boolean) of at least ``minimum``."""
+
+    minimum: int = 0
+
+    def check(self, value, file, where):
+        if isinstance(value, bool) or not isinstance(value, int) or value < self.minimum:
+            raise _bad(file, f"field {where!r} must be an integer >= {self.minimum}, "
+                       f"got {value!r}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Real:
+    """A finite number above ``minimum`` (or from it, if ``inclusive``)."""
+
+    minimum: float = -math.inf
+    inclusive: bool = True
+
+    def check(self, value, file, where):
+        ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+              and math.isfinite(value)
+              and (value >= self.minimum if self.inclusive else value > self.minimum))
+        if not ok:
+            bound = ">=" if self.inclusive else ">"
+            raise _bad(file, f"field {where!r} must be a finite number {bound} "
+                       f"{self.minimum}, got {value!r}")
+        return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """One of ``options``."""
+
+    options: tuple
+
+    def check(self, value, file, where):
+        if not isinstance(value, str) or value not in self.options:
+            raise _bad(file, f"field {where!r} must be one of {list(self.options)}, "
+                       f"got {value!r}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Strings:
+    """A list of strings."""
+
+    def check(self, value, file, where):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _bad(file, f"field {where!r} must be a list of strings")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """What a saved tensor must be.
+
+    Parameters
+    ----------
+    shape : tuple of int or None
+        ``None`` for a dimension of any length.
+    dtypes : tuple of str, default=("float32", "float64")
+    minimum, maximum : float, default=None
+        Bounds on the values (all values must be finite in any case).
+    optional : bool, default=False
+        Whether the file may lack it (a tensor added after files were first
+        written); if present it is checked like any other.
+    """
+
+    shape: tuple
+    dtypes: tuple = ("float32", "float64")
+    minimum: float | None = None
+    maximum: float | None = None
+    optional: bool = False
+
+
+def read_tensors(file, schema):
+    """Read a safetensors file and check every tensor against ``schema``.
+
+    Parameters
+    ----------
+    file : path-like
+    schema : dict of str to TensorSpec
+        Exactly the tensors the file must hold (the optional ones may be
+        absent).
+
+    Returns
+    -------
+    tensors : dict of str to ndarray
+
+    Raises
+    ------
+    ValueError
+        Naming the file and the tensor, for an unreadable file, a missing or
+        unexpected tensor, or one of the wrong shape, dtype or values.
+    """
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(file))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own and numpy's errors
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _bad(file, f"not a readable safetensors file ({first})") from None
+    for name in tensors:
+        if name not in schema:
+            raise _bad(file, f"unexpected tensor {name!r}")
+    for name, spec in schema.items():
+        if name not in tensors:
+            if spec.optional:
+                continue
+            raise _bad(file, f"tensor {name!r} is missing")
+        array = tensors[name]
+        if array.dtype.name not in spec.dtypes:
+            raise _bad(file, f"tensor {name!r} has dtype {array.dtype.name}; expected one "
+                       f"of {list(spec.dtypes)}")
+        shape_ok = len(array.shape) == len(spec.shape) and all(
+            want is None or want == got for want, got in zip(spec.shape, array.shape)
+        )
+        if not shape_ok:
+            wanted = tuple("any" if s is None else s for s in spec.shape)
+            raise _bad(file, f"tensor {name!r} has shape {array.shape}; expected {wanted}")
+        if not np.isfinite(array).all():
+            raise _bad(file, f"tensor {name!r} contains NaN or infinite values")
+        if array.size and (
+            (spec.minimum is not None and array.min() < spec.minimum)
+            or (spec.maximum is not None and array.max() > spec.maximum)
+        ):
+            raise _bad(file, f"tensor {name!r} has values outside "
+                       f"[{spec.minimum}, {spec.maximum}]")
+    return tensors

@@ -1,0 +1,417 @@
+"""Sparsity mechanisms: the one place that defines how codes are made sparse.
+
+An :class:`Activation` turns the encoder's pre-activations into codes, says
+how its sparsity term enters the loss, and owns any fitted state of its own
+(a threshold). The training step in :mod:`sparse_dict._torch.model` is written
+once for every activation and calls these hooks; a new mechanism is a new
+subclass here, registered in :data:`ACTIVATIONS`, and nothing else.
+
+Every hook works in place on (batch, n_components) buffers, because on a CPU
+a fresh tensor of that size costs page faults comparable to a matrix product.
+All values are in the trainer's scaled units (inputs of mean squared norm
+equal to their width); :meth:`Activation.export_state` says how each fitted
+tensor converts to the caller's units.
+"""
+
+import math
+
+import torch
+
+__all__ = ["ACTIVATIONS", "Activation", "BatchTopK", "JumpReLU", "ReLU", "TopK", "make_activation"]
+
+
+class Activation:
+    """Base class of the sparsity mechanisms.
+
+    Attributes
+    ----------
+    name : str
+        The name users pass as ``activation``.
+    penalty_name : str or None
+        The estimator parameter that weighs this mechanism's sparsity term
+        (``"l1_coef"``, ``"l0_coef"``), or None when sparsity is set by
+        ``k`` and the loss is reconstruction only.
+    state_names : tuple of str
+        Names of the fitted tensors of shape (n_components,) this mechanism
+        adds to the four every autoencoder has.
+    state_defaults : dict of str to float
+        For a state tensor added after folders were first saved with this
+        mechanism: the value every feature takes when an older folder lacks
+        it (one that leaves the codes unchanged).
+    """
+
+    name = None
+    penalty_name = None
+    state_names = ()
+    state_defaults = {}
+
+    def init_model(self, model):
+        """Register this mechanism's parameters and buffers on ``model``."""
+
+    # -------------------------------------------------------------- training
+    def forward_(self, pre, mask, model):
+        """Turn pre-activations into codes, in place, and write d codes / d pre.
+
+        Parameters
+        ----------
+        pre : torch.Tensor of shape (batch, n_components)
+            Overwritten with the codes.
+        mask : torch.Tensor of shape (batch, n_components)
+            Overwritten with the derivative of each code with respect to its
+            pre-activation (1 where the code passes its input through, else
+            0), in ``pre``'s dtype.
+        model : SparseAutoencoder
+        """
+        raise NotImplementedError
+
+    def penalty(self, code_sums, l0, model, coef, batch):
+        """The sparsity term and its gradient with respect to the codes.
+
+        Parameters
+        ----------
+        code_sums : torch.Tensor of shape (n_components,)
+            Column sums of the codes over the batch.
+        l0 : torch.Tensor
+            Mean number of active codes per row.
+        coef : float
+            The weight of the term at this step.
+        batch : int
+
+        Returns
+        -------
+        value : torch.Tensor
+            The term before ``coef``.
+        code_bias : torch.Tensor of shape (n_components,) or None
+            ``coef * d term / d code``, the same for every row (a bias in the
+            product that forms the codes' gradient), or None when the term
+            does not depend on the code values.
+        """
+        return torch.zeros((), device=code_sums.device), None
+
+    def parameter_gradients_(self, grad_codes, model, coef, batch):
+        """Write ``.grad`` of this mechanism's own parameters.
+
+        ``grad_codes`` is d loss / d codes before the mask is applied.
+        """
+
+    def after_step_(self, model, step):
+        """Update non-trained state (a running threshold) after a step."""
+
+    # ------------------------------------------------------------- inference
+    def encode(self, pre, state):
+        """Codes from pre-activations, batch-independent, for inference.
+
+        ``state`` holds this mechanism's fitted tensors, in the same units as
+        ``pre``.
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ fitted state
+    def export_state(self, model):
+        """This mechanism's fitted tensors, in scaled units (divide by the scale)."""
+        return {}
+
+    def load_state_(self, model, state):
+        """Set this mechanism's fitted tensors (scaled units) on ``model``."""
+
+    def describe(self):
+        """The settings that define this mechanism, as a dict for configs."""
+        return {"name": self.name}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+class ReLU(Activation):
+    """``f = ReLU(pre)`` with an L1 penalty on codes weighted by atom norms.
+
+    The penalty is ``mean_b sum_i f_i ||W_dec[i]||`` (atoms are kept at unit
+    norm, so this is the codes' L1 norm; the norm factor removes the
+    incentive to shrink codes by growing atoms).
+    """
+
+    name = "relu"
+    penalty_name = "l1_coef"
+
+    def forward_(self, pre, mask, model):
+        pre.relu_()
+        torch.gt(pre, 0, out=mask)
+
+    def penalty(self, code_sums, l0, model, coef, batch):
+        norms = model.W_dec.norm(dim=1)
+        return code_sums.dot(norms) / batch, norms * (coef / batch)
+
+    def encode(self, pre, state):
+        return torch.relu(pre)
+
+
+class TopK(Activation):
+    """Keep the ``k`` largest pre-activations of each row, then ReLU.
+
+    Gao et al. (2024), "Scaling and evaluating sparse autoencoders". No
+    sparsity coefficient: ``k`` sets L0 (at most ``k``; fewer when some of
+    the largest pre-activations are negative).
+
+    The fitted state ``selection_scale`` (one positive value per feature)
+    weighs the pre-activations when the ``k`` largest are chosen; the codes
+    themselves are the unweighted pre-activations. It is all ones for
+    dictionaries trained here. It exists so that an SAE trained with atoms
+    of any norm (SAELens' ``"topk"``) can be rescaled to unit-norm atoms
+    exactly: rescaling atom ``i`` by ``1 / n_i`` multiplies code ``i`` by
+    ``n_i``, and selecting on ``pre_i / n_i`` keeps the original choice.
+    """
+
+    name = "topk"
+    state_names = ("selection_scale",)
+    # Folders saved before selection_scale existed selected on pre itself.
+    state_defaults = {"selection_scale": 1.0}
+
+    def __init__(self, k):
+        self.k = int(k)
+
+    def _k(self, model):
+        return min(self.k, model.n_components)
+
+    def init_model(self, model):
+        model.register_buffer("selection_scale", torch.ones(model.n_components))
+
+    def _weighted(self, model):
+        """Whether the selection scale is not all ones (checked once per change).
+
+        Training skips the weighting, a full pass over the batch, when it
+        would change nothing; the answer is cached against the buffer's
+        version counter, which every in-place write (loading) advances.
+        """
+        scale = model.selection_scale
+        key = (id(scale), scale._version)
+        if getattr(self, "_weighted_key", None) != key:
+            self._weighted_key, self._weighted_value = key, not bool((scale == 1).all())
+        return self._weighted_value
+
+    def forward_(self, pre, mask, model):
+        if self._weighted(model):
+            index = (pre * model.selection_scale.to(pre.dtype)).topk(
+                self._k(model), dim=1, sorted=False).indices
+            values = pre.gather(1, index)
+        else:
+            values, index = pre.topk(self._k(model), dim=1, sorted=False)
+        pre.zero_()
+        pre.scatter_(1, index, values.relu_())
+        torch.gt(pre, 0, out=mask)
+
+    def encode(self, pre, state):
+        k = min(self.k, pre.shape[1])
+        scale = state.get("selection_scale")
+        if scale is None or bool((scale == 1).all()):
+            values, index = pre.topk(k, dim=1, sorted=False)
+        else:
+            index = (pre * scale).topk(k, dim=1, sorted=False).indices
+            values = pre.gather(1, index)
+        return torch.zeros_like(pre).scatter_(1, index, values.relu_())
+
+    def export_state(self, model):
+        return {"selection_scale": model.selection_scale.detach().float()}
+
+    def load_state_(self, model, state):
+        scale = torch.as_tensor(state["selection_scale"], dtype=torch.float32)
+        with torch.no_grad():
+            model.selection_scale.copy_(scale)
+
+    def describe(self):
+        return {"name": self.name, "k": self.k}
+
+
+def _batch_kth_largest(pre, n_keep, per_row):
+    """The ``n_keep``-th largest value of ``pre`` (a 2-D tensor), exactly.
+
+    A flat top-k over the whole (batch, n_components) array costs about two
+    matrix products on a CPU. Instead each row offers its ``per_row``
+    largest values as candidates and the answer is taken among those; it is
+    exact unless some row has all its candidates above the result (that row
+    may hold more), in which case the flat search runs.
+    """
+    per_row = min(per_row, pre.shape[1])
+    candidates = pre.topk(per_row, dim=1, sorted=True).values
+    flat = candidates.reshape(-1)
+    n_keep = min(n_keep, flat.numel())
+    kth = flat.float().kthvalue(flat.numel() - n_keep + 1).values
+    if per_row < pre.shape[1] and bool((candidates[:, -1] > kth).any()):
+        flat = pre.reshape(-1).float()
+        kth = flat.kthvalue(flat.numel() - n_keep + 1).values
+    return kth
+
+
+class BatchTopK(TopK):
+    """Keep the ``k * batch`` largest pre-activations of the whole batch.
+
+    Bussmann et al. (2024). Rows may use more or fewer than ``k`` codes, the
+    mean is ``k``. A row's training code depends on its batch, so inference
+    uses one threshold ``theta`` instead: ``f = pre * (pre > theta)``.
+    ``theta`` is a running average (in float64) of the smallest kept value
+    of each training batch, and the estimator re-estimates it on the final
+    model after fit (:meth:`calibrate`).
+    """
+
+    name = "batchtopk"
+    state_names = ("threshold",)
+    state_defaults = {}
+    # Each row offers this many times k candidates to the batch selection.
+    _CANDIDATES_PER_K = 4
+
+    def init_model(self, model):
+        model.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
+        model.register_buffer("threshold_weight", torch.zeros((), dtype=torch.float64))
+        self._last_kth = None
+
+    def forward_(self, pre, mask, model):
+        pre.relu_()
+        k = self._k(model)
+        kth = _batch_kth_largest(pre, k * pre.shape[0], self._CANDIDATES_PER_K * k)
+        self._last_kth = kth
+        # Ties at the threshold are kept; with continuous values they are rare.
+        torch.ge(pre, kth.to(pre.dtype), out=mask)
+        mask.mul_(pre > 0)
+        pre.mul_(mask)
+
+    def after_step_(self, model, step):
+        # A bias-corrected average with a half-life of about 70 steps early
+        # on that lengthens to about 700: early values come from a model far
+        # from its final state and are soon forgotten.
+        if self._last_kth is None:
+            return
+        beta = min(0.999, 1.0 - 1.0 / (1.0 + 0.1 * step))
+        with torch.no_grad():
+            model.threshold_weight.mul_(beta).add_(1.0 - beta)
+            model.threshold.mul_(beta).add_((1.0 - beta) * self._last_kth.double())
+        self._last_kth = None
+
+    @torch.no_grad()
+    def calibrate_(self, model, pre):
+        """Set the threshold from the pre-activations of a sample of rows.
+
+        The threshold becomes the value that keeps ``k`` codes per row on
+        average over the sample, which is what the training selection does
+        batch by batch, measured on the final model.
+        """
+        pre = torch.relu(pre.float())
+        k = self._k(model)
+        kth = _batch_kth_largest(pre, k * pre.shape[0], self._CANDIDATES_PER_K * k)
+        model.threshold.fill_(float(kth))
+        model.threshold_weight.fill_(1.0)
+
+    def current_threshold(self, model):
+        weight = float(model.threshold_weight)
+        return float(model.threshold) / weight if weight > 0 else 0.0
+
+    def encode(self, pre, state):
+        theta = state["threshold"]
+        return pre * (pre > theta)
+
+    def export_state(self, model):
+        theta = self.current_threshold(model)
+        return {"threshold": torch.full((model.n_components,), theta, dtype=torch.float32)}
+
+    def load_state_(self, model, state):
+        model.threshold.fill_(float(torch.as_tensor(state["threshold"]).double().max()))
+        model.threshold_weight.fill_(1.0)
+
+
+class JumpReLU(Activation):
+    """``f = pre * H(pre - theta)`` with a learned threshold per feature.
+
+    Rajamanoharan et al. (2024). The loss is reconstruction plus
+    ``l0_coef * n_features * L0``: with inputs scaled to a mean squared norm
+    of ``n_features``, a feature is worth firing on a row when it lowers the
+    squared error by more than ``l0_coef`` times the inputs' mean squared
+    norm, whatever their width. The step function has no useful gradient, so the
+    threshold learns through straight-through estimators with a rectangle
+    kernel of width ``bandwidth``: ``d f / d theta = -(theta / bandwidth)
+    * rect((pre - theta) / bandwidth)`` and ``d H / d theta = -(1 /
+    bandwidth) * rect(...)``; the codes pass the gradient to ``pre`` where
+    they are active. ``theta`` is stored as its logarithm so it stays
+    positive.
+
+    ``bandwidth`` is in the trainer's scaled units (inputs of mean squared
+    norm equal to their width), where active codes are of order one.
+    """
+
+    name = "jumprelu"
+    penalty_name = "l0_coef"
+    state_names = ("threshold",)
+
+    def __init__(self, bandwidth=0.05, initial_threshold=1.0):
+        self.bandwidth = float(bandwidth)
+        self.initial_threshold = float(initial_threshold)
+
+    def init_model(self, model):
+        model.log_threshold = torch.nn.Parameter(
+            torch.full((model.n_components,), math.log(self.initial_threshold))
+        )
+        self._window = None
+
+    def forward_(self, pre, mask, model):
+        theta = model.log_threshold.exp().to(pre.dtype)
+        shifted = pre - theta
+        # rect((pre - theta) / bandwidth), kept for the threshold's gradient.
+        self._window = (shifted.abs() < 0.5 * self.bandwidth).to(pre.dtype)
+        torch.gt(shifted, 0, out=mask)
+        pre.mul_(mask)
+
+    def penalty(self, code_sums, l0, model, coef, batch):
+        return l0 * model.n_features, None
+
+    def parameter_gradients_(self, grad_codes, model, coef, batch):
+        theta = model.log_threshold.detach().exp()
+        window = self._window
+        in_window = window.sum(dim=0, dtype=torch.float32)
+        through_codes = (grad_codes * window).sum(dim=0, dtype=torch.float32)
+        weight = coef * model.n_features / (batch * self.bandwidth)
+        d_theta = -(theta / self.bandwidth) * through_codes - weight * in_window
+        model.log_threshold.grad = d_theta * theta
+        self._window = None
+
+    def encode(self, pre, state):
+        return pre * (pre > state["threshold"])
+
+    def export_state(self, model):
+        return {"threshold": model.log_threshold.detach().exp().float()}
+
+    def load_state_(self, model, state):
+        theta = torch.as_tensor(state["threshold"], dtype=torch.float32).clamp_min(1e-12)
+        with torch.no_grad():
+            model.log_threshold.copy_(theta.log())
+
+    def describe(self):
+        return {"name": self.name, "bandwidth": self.bandwidth}
+
+
+ACTIVATIONS = {cls.name: cls for cls in (ReLU, TopK, BatchTopK, JumpReLU)}
+
+
+def make_activation(name, *, k=None, bandwidth=None):
+    """The activation called ``name``, with the settings it uses.
+
+    Parameters
+    ----------
+    name : {"relu", "topk", "batchtopk", "jumprelu"}
+    k : int, optional
+        Codes per row, for ``"topk"`` and ``"batchtopk"`` (required there).
+    bandwidth : float, optional
+        The straight-through kernel's width, for ``"jumprelu"``.
+
+    Examples
+    --------
+    >>> make_activation("topk", k=8)
+    TopK(k=8)
+    """
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}.")
+    cls = ACTIVATIONS[name]
+    if issubclass(cls, TopK):
+        if k is None:
+            raise ValueError(f"activation={name!r} needs k, the number of codes per row.")
+        return cls(k)
+    if cls is JumpReLU:
+        return cls() if bandwidth is None else cls(bandwidth)
+    return cls()

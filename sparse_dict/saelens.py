@@ -1,0 +1,472 @@
+"""SAELens' on-disk format: reading its sparse autoencoders, writing ours in it.
+
+SAELens (6.x) saves an SAE as a folder holding ``cfg.json`` and
+``sae_weights.safetensors``. This module translates such a folder into the
+fitted tensors of this package, and back, with pure functions of arrays and
+dicts; :meth:`SparseAutoencoderDictionary.from_saelens` and
+:meth:`~SparseAutoencoderDictionary.to_saelens` are thin wrappers around
+them. SAELens itself is never imported.
+
+SAELens' inference equations (for the architectures read here)::
+
+    h     = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc
+    f     = ReLU(h)                                   # "standard"
+          = ReLU(h) * (h > threshold)                 # "jumprelu" (and BatchTopK)
+          = TopK(ReLU)(h)                             # "topk"
+          = TopK(ReLU)(h * ||W_dec||) ...             # "topk", rescale_acts_by_decoder_norm
+    x_hat = f @ W_dec + b_dec                        (f / ||W_dec|| @ W_dec when rescaled)
+
+This package's form is ``act((x - b_dec) @ W_enc.T + b_enc)`` and
+``codes @ components + b_dec`` with unit-norm atoms. The translation folds,
+in float64, and each step is exact in real arithmetic:
+
+- ``apply_b_dec_to_input=False``: ``b_enc += W_enc.T @ b_dec``, so the
+  subtraction of ``b_dec`` before encoding is cancelled.
+- ``normalize_activations="expected_average_only_in"`` with a known scaling
+  factor ``s``: as SAELens' ``fold_activation_norm_scaling_factor``,
+  ``W_enc *= s``, ``W_dec /= s``, ``b_dec /= s``.
+- decoder norms ``n_i``: atom ``i`` is divided by ``n_i`` and encoder row,
+  encoder bias and threshold multiplied by it, so code ``i`` is SAELens' code
+  times ``n_i`` (ReLU and JumpReLU are positively homogeneous). TopK chooses
+  on the unscaled pre-activations, so it also keeps ``selection_scale = 1 /
+  n`` (the choice is made on ``pre / n``); with
+  ``rescale_acts_by_decoder_norm`` SAELens already chooses on the rescaled
+  values and its codes are already those of unit-norm atoms.
+
+Writing does the reverse: ``apply_b_dec_to_input=True``,
+``normalize_activations="none"``, and unit-norm atoms (TopK with a selection
+scale writes atoms of norm ``1 / selection_scale``, which SAELens' plain
+``"topk"`` selects on exactly as this package does).
+"""
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from sparse_dict import _persist
+
+__all__ = ["SAELENS_FOLDER", "check_provenance", "is_saelens_folder", "read_saelens",
+           "saelens_tensors", "write_saelens"]
+
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+SCALER_FILE = "activation_scaler.json"
+# What written folders declare: the first SAELens version of this layout.
+WRITTEN_FORMAT_VERSION = "6.0.0"
+
+ARCHITECTURES = ("standard", "topk", "jumprelu")
+# SAELens architectures that exist but whose equations this package lacks.
+_OTHER_ARCHITECTURES = (
+    "gated", "abstopk", "batchtopk", "matryoshka_batchtopk", "transcoder",
+    "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder", "temporal",
+    "matching_pursuit",
+)
+_DTYPES = {"float32": "float32", "float64": "float64", "float16": "float16",
+           "bfloat16": "bfloat16"}
+_DTYPES.update({"torch." + k: v for k, v in list(_DTYPES.items())})
+_NORMALIZATIONS = ("none", "expected_average_only_in")
+_UNSUPPORTED_NORMALIZATIONS = {
+    "constant_norm_rescale": "it rescales every row to a fixed norm at run time",
+    "layer_norm": "it standardises every row at run time",
+    "covariance_whitening": "its whitening is stored outside the SAE's weights",
+}
+_COMMON_FIELDS = ("d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
+                  "normalize_activations", "reshape_activations", "metadata", "architecture")
+_FIELDS = {
+    "standard": _COMMON_FIELDS,
+    "jumprelu": _COMMON_FIELDS,
+    "topk": _COMMON_FIELDS + ("k", "rescale_acts_by_decoder_norm"),
+}
+# Atoms this close to unit norm are left as they are, so that a dictionary of
+# this package (unit atoms, up to rounding) goes out and back bit for bit.
+_UNIT_TOLERANCE = 1e-6
+
+
+def _wrote_it(config):
+    meta = config.get("metadata") if isinstance(config, dict) else None
+    return isinstance(meta, dict) and "sparse_dict_version" in meta
+
+
+# A folder that write_saelens wrote: what overwrite=True may replace.
+SAELENS_FOLDER = _persist.folder_kind(
+    "SAELens folder written by sparse_dict",
+    {CONFIG_FILE: _persist.json_kind("SAELens configuration written by sparse_dict", _wrote_it),
+     WEIGHTS_FILE: None},
+)
+
+
+def is_saelens_folder(path):
+    """Whether ``path`` is a folder in SAELens' layout (``cfg.json`` and weights).
+
+    Only the file names are looked at; :func:`read_saelens` checks the content.
+
+    Examples
+    --------
+    >>> is_saelens_folder("no-such-folder")
+    False
+    """
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def _version_tuple(text):
+    parts = re.findall(r"\d+", str(text))[:3]
+    return tuple(int(p) for p in parts) if parts else None
+
+
+def _check_bool(config, key, file, default=None):
+    if key not in config and default is not None:
+        return default
+    value = _persist.config_field(config, key, file, kind=bool)
+    return value
+
+
+def _read_config(path):
+    config = _persist.read_config(path, config_name=CONFIG_FILE, weights_name=WEIGHTS_FILE)
+    file = Path(path) / CONFIG_FILE
+    metadata = config.get("metadata")
+    version = None
+    if isinstance(metadata, dict):
+        version = metadata.get("sae_lens_version")
+    version = version or config.get("sae_lens_version")
+    parsed = _version_tuple(version) if isinstance(version, str) else None
+    if parsed is None or parsed[0] < 6:
+        raise ValueError(
+            f"{file}: written by SAELens {version or 'before 6.0'} (field "
+            "'metadata.sae_lens_version'); only the SAELens 6 layout is read. Load it "
+            "in SAELens 6 (SAE.load_from_disk) and save it again with save_model."
+        )
+    architecture = _persist.config_field(config, "architecture", file, kind=str)
+    if architecture not in ARCHITECTURES:
+        known = architecture in _OTHER_ARCHITECTURES
+        raise ValueError(
+            f"{file}: field 'architecture' is {architecture!r}, "
+            f"{'which sparse_dict cannot represent' if known else 'unknown'}; "
+            f"supported: {list(ARCHITECTURES)} (BatchTopK SAEs are saved by SAELens as "
+            "'jumprelu')."
+        )
+    for key in config:
+        if key not in _FIELDS[architecture] and key != _persist.INTEGRITY_KEY:
+            raise ValueError(f"{file}: unexpected field {key!r} for architecture "
+                             f"{architecture!r}")
+    cfg = {"architecture": architecture}
+    cfg["d_in"] = _persist.Integer(1).check(config.get("d_in"), file, "d_in")
+    cfg["d_sae"] = _persist.Integer(1).check(config.get("d_sae"), file, "d_sae")
+    dtype = _persist.config_field(config, "dtype", file, kind=str)
+    if dtype not in _DTYPES:
+        raise ValueError(f"{file}: field 'dtype' must be one of "
+                         f"{sorted(set(_DTYPES.values()))}, got {dtype!r}")
+    cfg["dtype"] = _DTYPES[dtype]
+    if "device" in config:
+        _persist.config_field(config, "device", file, kind=str)
+    cfg["apply_b_dec_to_input"] = _check_bool(config, "apply_b_dec_to_input", file)
+    norm = _persist.config_field(config, "normalize_activations", file, kind=str)
+    if norm in _UNSUPPORTED_NORMALIZATIONS:
+        raise ValueError(
+            f"{file}: field 'normalize_activations' is {norm!r}, which sparse_dict cannot "
+            f"fold into the weights ({_UNSUPPORTED_NORMALIZATIONS[norm]}); supported: "
+            f"{list(_NORMALIZATIONS)}"
+        )
+    cfg["normalize_activations"] = _persist.OneOf(_NORMALIZATIONS).check(
+        norm, file, "normalize_activations")
+    cfg["reshape_activations"] = _persist.OneOf(("none", "hook_z")).check(
+        config.get("reshape_activations", "none"), file, "reshape_activations")
+    cfg["metadata"] = _persist.config_field(config, "metadata", file)
+    if architecture == "topk":
+        cfg["k"] = _persist.Integer(1).check(config.get("k"), file, "k")
+        if cfg["k"] > cfg["d_sae"]:
+            raise ValueError(f"{file}: field 'k' ({cfg['k']}) exceeds 'd_sae' "
+                             f"({cfg['d_sae']})")
+        cfg["rescale_acts_by_decoder_norm"] = _check_bool(
+            config, "rescale_acts_by_decoder_norm", file, default=False)
+    return cfg
+
+
+def _read_scaling_factor(path):
+    """The scaling factor in a training checkpoint's ``activation_scaler.json``, or None."""
+    file = Path(path) / SCALER_FILE
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("scaling_factor") is None:
+        return None
+    return _persist.Real(0.0, inclusive=False).check(data["scaling_factor"], file,
+                                                     "scaling_factor")
+
+
+def _read_weights(file, cfg):
+    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    floats = ("float16", "float32", "float64")
+    schema = {
+        "W_enc": _persist.TensorSpec((d_in, d_sae), floats),
+        "W_dec": _persist.TensorSpec((d_sae, d_in), floats),
+        "b_enc": _persist.TensorSpec((d_sae,), floats),
+        "b_dec": _persist.TensorSpec((d_in,), floats),
+    }
+    if cfg["architecture"] == "jumprelu":
+        schema["threshold"] = _persist.TensorSpec((d_sae,), floats)
+    if _has_bfloat16(file):
+        raise ValueError(
+            f"{file}: the weights are bfloat16, which sparse_dict reads only as float16, "
+            "float32 or float64; load it in SAELens with dtype='float32' and save it again."
+        )
+    return {k: v.astype(np.float64) for k, v in _persist.read_tensors(file, schema).items()}
+
+
+def _has_bfloat16(file):
+    try:
+        with open(file, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(min(size, 100 << 20)))
+    except (OSError, ValueError):
+        return False  # read_tensors reports the damage
+    return isinstance(header, dict) and any(
+        isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values())
+
+
+def _read_frequencies(path, d_sae):
+    """Firing frequencies from ``sparsity.safetensors`` (log10 of them), or None."""
+    file = Path(path) / SPARSITY_FILE
+    if not file.is_file():
+        return None
+    tensors = _persist.read_tensors(file, {"sparsity": _persist.TensorSpec(
+        (d_sae,), ("float16", "float32", "float64"), maximum=0.0)})
+    return np.clip(10.0 ** tensors["sparsity"].astype(np.float64), 0.0, 1.0)
+
+
+def read_saelens(path, *, norm_scaling_factor=None):
+    """Read a SAELens folder as this package's fitted tensors, folded exactly.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A folder with ``cfg.json`` and ``sae_weights.safetensors`` (SAELens 6).
+    norm_scaling_factor : float, optional
+        For ``normalize_activations="expected_average_only_in"``: the factor
+        the SAE's inputs were multiplied by in training (SAELens' pretrained
+        directory lists it as ``norm_scaling_factor``). Read from the
+        folder's ``activation_scaler.json`` when not given.
+
+    Returns
+    -------
+    result : dict
+        ``activation`` and ``k`` (the estimator's parameters), ``dtype``,
+        ``tensors`` (this package's names, float64, input units),
+        ``frequencies`` (or None), ``code_scale`` (per feature: this package's
+        code is SAELens' code times it) and ``provenance``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        Naming the file and the field: a damaged or incomplete folder, an
+        architecture, normalisation or field this package cannot reproduce.
+    """
+    path = Path(path)
+    cfg = _read_config(path)
+    w = _read_weights(path / WEIGHTS_FILE, cfg)
+    folded = []
+    W_enc, W_dec, b_enc, b_dec = w["W_enc"].T.copy(), w["W_dec"], w["b_enc"], w["b_dec"]
+
+    if cfg["normalize_activations"] == "expected_average_only_in":
+        factor = norm_scaling_factor
+        if factor is None:
+            factor = _read_scaling_factor(path)
+        else:
+            factor = _persist.Real(0.0, inclusive=False).check(
+                factor, "norm_scaling_factor", "norm_scaling_factor")
+        if factor is None:
+            warnings.warn(
+                f"{path / CONFIG_FILE}: normalize_activations='expected_average_only_in' "
+                "but no scaling factor is known (pass norm_scaling_factor); like SAELens' "
+                "load_from_disk, the SAE is used as is, so inputs must be scaled as in its "
+                "training.", UserWarning, stacklevel=3)
+            folded.append("normalize_activations: no scaling factor known, not folded")
+        else:
+            W_enc, W_dec, b_dec = W_enc * factor, W_dec / factor, b_dec / factor
+            folded.append(f"normalize_activations: scaling factor {factor!r} folded")
+    if not cfg["apply_b_dec_to_input"]:
+        b_enc = b_enc + W_enc @ b_dec
+        folded.append("apply_b_dec_to_input=False: W_enc @ b_dec added to the encoder bias")
+
+    norms = np.linalg.norm(W_dec, axis=1)
+    # A zero atom never contributes: it is left alone rather than divided by 0.
+    norms[(np.abs(norms - 1.0) <= _UNIT_TOLERANCE) | (norms < 1e-30)] = 1.0
+    architecture = cfg["architecture"]
+    rescaled = cfg.get("rescale_acts_by_decoder_norm", False)
+    tensors = {
+        "components": W_dec / norms[:, None],
+        "encoder_weights": W_enc * norms[:, None],
+        "encoder_bias": b_enc * norms,
+        "decoder_bias": b_dec,
+    }
+    code_scale = norms.copy()
+    if architecture == "standard":
+        activation, k = "relu", None
+    elif architecture == "jumprelu":
+        activation, k = "jumprelu", None
+        # SAELens computes ReLU(h) * (h > threshold): a threshold below zero acts
+        # as zero, which is what this package's h * (h > threshold) needs.
+        tensors["threshold"] = np.maximum(w["threshold"], 0.0) * norms
+    else:
+        activation, k = "topk", cfg["k"]
+        if rescaled:
+            code_scale[:] = 1.0
+            tensors["selection_scale"] = np.ones_like(norms)
+        else:
+            tensors["selection_scale"] = 1.0 / norms
+    if np.any(norms != 1.0):
+        folded.append("decoder norms folded into the codes" + (
+            " (TopK keeps selection_scale = 1 / norm)"
+            if architecture == "topk" and not rescaled else ""))
+
+    provenance = {
+        "source": "SAELens",
+        "architecture": architecture,
+        "shared_threshold": bool(architecture == "jumprelu"
+                                 and np.all(w["threshold"] == w["threshold"][0])),
+        "apply_b_dec_to_input": cfg["apply_b_dec_to_input"],
+        "normalize_activations": cfg["normalize_activations"],
+        "reshape_activations": cfg["reshape_activations"],
+        "dtype": cfg["dtype"],
+        "metadata": cfg["metadata"],
+        "folded": folded,
+    }
+    if architecture == "topk":
+        provenance["rescale_acts_by_decoder_norm"] = rescaled
+    return {
+        "activation": activation, "k": k,
+        "dtype": "float64" if cfg["dtype"] == "float64" else "float32",
+        "tensors": tensors,
+        "frequencies": _read_frequencies(path, cfg["d_sae"]),
+        "code_scale": code_scale,
+        "provenance": provenance,
+    }
+
+
+def saelens_tensors(activation, k, tensors):
+    """SAELens' architecture, its extra config fields and weights for fitted tensors.
+
+    Parameters
+    ----------
+    activation : {"relu", "topk", "batchtopk", "jumprelu"}
+    k : int or None
+    tensors : dict of str to ndarray
+        This package's fitted tensors (``components``, ...), input units.
+
+    Returns
+    -------
+    architecture : str
+    fields : dict
+        The architecture's own config fields (``k`` for ``"topk"``).
+    weights : dict of str to ndarray
+        ``W_enc``, ``W_dec``, ``b_enc``, ``b_dec`` (and ``threshold``).
+
+    Raises
+    ------
+    ValueError
+        For what SAELens cannot express.
+    """
+    components = np.asarray(tensors["components"])
+    n_components = components.shape[0]
+    scale = np.ones(n_components, dtype=components.dtype)
+    fields = {}
+    if activation == "relu":
+        architecture = "standard"
+    elif activation in ("jumprelu", "batchtopk"):
+        # SAELens saves its own BatchTopK SAEs as JumpReLU with one shared threshold.
+        architecture = "jumprelu"
+        threshold = np.asarray(tensors["threshold"])
+        if np.any(threshold < 0):
+            raise ValueError("threshold_ has negative values, which SAELens' JumpReLU "
+                             "(ReLU(h) * (h > threshold)) cannot express")
+    elif activation == "topk":
+        architecture = "topk"
+        fields = {"k": int(min(k, n_components)), "rescale_acts_by_decoder_norm": False}
+        if "selection_scale" in tensors:
+            scale = np.asarray(tensors["selection_scale"])
+            if np.any(scale <= 0):
+                raise ValueError("selection_scale_ must be positive to be written for "
+                                 "SAELens")
+    else:
+        raise ValueError(f"activation={activation!r} has no SAELens architecture")
+    # Atom i of norm 1 / scale_i makes SAELens' plain TopK choose on pre * scale.
+    unit = np.all(scale == 1)
+    weights = {
+        "W_enc": (np.asarray(tensors["encoder_weights"])
+                  * (1 if unit else scale[:, None])).T.copy(),
+        "W_dec": components if unit else components / scale[:, None],
+        "b_enc": np.asarray(tensors["encoder_bias"]) * (1 if unit else scale),
+        "b_dec": np.asarray(tensors["decoder_bias"]),
+    }
+    if architecture == "jumprelu":
+        weights["threshold"] = np.asarray(tensors["threshold"])
+    return architecture, fields, weights
+
+
+def write_saelens(path, activation, k, tensors, provenance=None, *, overwrite=False):
+    """Write fitted tensors as a SAELens folder (``cfg.json``, ``sae_weights.safetensors``).
+
+    The folder is staged and moved into place as every output of this package
+    (:func:`sparse_dict._persist.staged`); with ``overwrite`` only a folder
+    this function wrote is replaced.
+
+    Parameters
+    ----------
+    path : str or path-like
+    activation : str
+    k : int or None
+    tensors : dict of str to ndarray
+    provenance : dict, optional
+        From :func:`read_saelens`: its metadata (model, hook, ...) are written back.
+    overwrite : bool, default=False
+
+    Returns
+    -------
+    path : pathlib.Path
+    """
+    from sparse_dict._version import __version__
+
+    architecture, fields, weights = saelens_tensors(activation, k, tensors)
+    dtype = np.dtype(weights["W_dec"].dtype).name
+    weights = {name: np.ascontiguousarray(value, dtype=dtype) for name, value in weights.items()}
+    provenance = provenance or {}
+    metadata = dict(provenance.get("metadata") or {})
+    metadata.setdefault("sae_lens_version", WRITTEN_FORMAT_VERSION)
+    metadata.setdefault("sae_lens_training_version", None)
+    metadata["sparse_dict_version"] = __version__
+    d_sae, d_in = weights["W_dec"].shape
+    config = {
+        "d_in": int(d_in), "d_sae": int(d_sae), "dtype": dtype, "device": "cpu",
+        "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "reshape_activations": provenance.get("reshape_activations", "none"),
+        "metadata": metadata, **fields, "architecture": architecture,
+    }
+    return _persist.write_folder(
+        path, config, weights, kind=SAELENS_FOLDER, overwrite=overwrite,
+        config_name=CONFIG_FILE, weights_name=WEIGHTS_FILE,
+    )
+
+
+def _is_finite_json(value):
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def check_provenance(value, file, where="attributes.provenance_"):
+    """A saved ``provenance_``: a JSON object; ValueError naming ``file`` otherwise."""
+    if not isinstance(value, dict) or not _is_finite_json(value):
+        raise ValueError(f"{file}: field {where!r} must be a JSON object")
+    return value
+

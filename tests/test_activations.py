@@ -1,0 +1,209 @@
+"""The sparsity mechanisms: gradients against autograd, AuxK, BatchTopK's threshold."""
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_dict._torch import SparseAutoencoder, make_activation
+from sparse_dict._torch.activations import ACTIVATIONS
+
+# A wide JumpReLU kernel, so that many pre-activations fall in the window and
+# the threshold's straight-through gradient is exercised, not just zero.
+BANDWIDTH = 0.8
+
+
+class _Jump(torch.autograd.Function):
+    """JumpReLU written from the paper's straight-through estimators."""
+
+    @staticmethod
+    def forward(ctx, z, log_theta, eps):
+        theta = log_theta.exp()
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        window = ((z - theta).abs() < ctx.eps / 2).to(z.dtype)
+        d_theta = (g * -(theta / ctx.eps) * window).sum(0)
+        return g * (z > theta), d_theta * theta, None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, log_theta, eps):
+        theta = log_theta.exp()
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        window = ((z - theta).abs() < ctx.eps / 2).to(z.dtype)
+        return None, (g * -(1 / ctx.eps) * window).sum(0) * theta, None
+
+
+def _reference_loss(model, x, coef, dead=None, auxk_coef=0.0, k_aux=0):
+    """The loss of ``model`` written with autograd in float64, and its gradients."""
+    act = model.activation
+    p = {k: v.detach().double().clone().requires_grad_(True) for k, v in model.named_parameters()}
+    x = x.double()
+    batch, d = x.shape
+    pre = (x - p["b_dec"]) @ p["W_enc"].t() + p["b_enc"]
+    penalty = 0.0
+    if act.name == "relu":
+        codes = torch.relu(pre)
+        penalty = (codes * p["W_dec"].norm(dim=1)).sum() / batch
+    elif act.name == "topk":
+        values, index = pre.topk(act.k, dim=1)
+        codes = torch.zeros_like(pre).scatter(1, index, torch.relu(values))
+    elif act.name == "batchtopk":
+        positive = torch.relu(pre)
+        kth = positive.flatten().topk(act.k * batch).values[-1]
+        codes = positive * (positive >= kth)
+    elif act.name == "jumprelu":
+        codes = _Jump.apply(pre, p["log_threshold"], act.bandwidth)
+        penalty = _Step.apply(pre, p["log_threshold"], act.bandwidth).sum() / batch * d
+    x_hat = codes @ p["W_dec"] + p["b_dec"]
+    loss = (x - x_hat).pow(2).sum() / batch + coef * penalty
+    if dead is not None:
+        residual = (x - x_hat).detach()
+        pre_dead = (x - p["b_dec"].detach()) @ p["W_enc"][dead].t() + p["b_enc"][dead]
+        values, index = pre_dead.topk(min(k_aux, len(dead)), dim=1)
+        aux_codes = torch.zeros_like(pre_dead).scatter(1, index, torch.relu(values))
+        weight = min(len(dead) / k_aux, 1.0)
+        aux = (residual - aux_codes @ p["W_dec"][dead]).pow(2).sum() / batch
+        loss = loss + auxk_coef * weight * aux
+    loss.backward()
+    return loss.item(), {k: v.grad for k, v in p.items()}, codes.detach()
+
+
+def _model(name, seed=0):
+    act = make_activation(name, k=5, bandwidth=BANDWIDTH)
+    model = SparseAutoencoder(12, 40, act, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        model.b_enc.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed + 1))
+        model.b_dec.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed + 2))
+        if name == "jumprelu":
+            model.log_threshold.normal_(-0.5, 0.5, generator=torch.Generator().manual_seed(3))
+    return model
+
+
+def _tangent(grad, atoms):
+    # The fused step leaves out gradient components along each atom, which
+    # the unit-norm constraint removes anyway.
+    return grad - (grad * atoms).sum(1, keepdim=True) * atoms
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("with_auxk", [False, True])
+def test_fused_step_matches_autograd(name, with_auxk):
+    model = _model(name)
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(4))
+    dead = torch.tensor([1, 5, 7, 20, 33]) if with_auxk else None
+    stats, fired = model.loss_and_gradients(x, 0.7, dead=dead, auxk_coef=0.5, k_aux=3)
+    loss, grads, codes = _reference_loss(model, x, 0.7, dead, 0.5, 3)
+    assert float(stats[0]) == pytest.approx(loss, rel=1e-5)
+    assert torch.equal(fired, (codes > 0).sum(0).float())
+    atoms = model.W_dec.detach().double()
+    for pname, param in model.named_parameters():
+        ours, ref = param.grad.double(), grads[pname]
+        if pname == "W_dec":
+            ours, ref = _tangent(ours, atoms), _tangent(ref, atoms)
+        assert ref.abs().max() > 0, pname  # the check would be empty otherwise
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5, msg=pname)
+
+
+def test_jumprelu_threshold_gradient_is_the_straight_through_estimate():
+    # Only the threshold's own gradient, against a direct count: every
+    # pre-activation inside the window pushes theta by -theta/eps times its
+    # code's gradient, and the L0 term by -coef*d/(batch*eps).
+    model = _model("jumprelu")
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(5))
+    model.loss_and_gradients(x, 0.0)
+    grad_no_penalty = model.log_threshold.grad.clone()
+    model.loss_and_gradients(x, 0.7)
+    theta = model.log_threshold.detach().exp()
+    with torch.no_grad():
+        pre = model.pre_activations(x)
+    in_window = ((pre - theta).abs() < BANDWIDTH / 2).sum(0).float()
+    expected = -(0.7 * 12 / (64 * BANDWIDTH)) * in_window * theta
+    assert in_window.sum() > 0
+    torch.testing.assert_close(model.log_threshold.grad - grad_no_penalty, expected,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_auxk_touches_only_dead_features_and_detaches_the_residual():
+    model = _model("topk")
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(6))
+    model.loss_and_gradients(x, 0.0)
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    dead = torch.tensor([2, 9, 31])
+    stats, _ = model.loss_and_gradients(x, 0.0, dead=dead, auxk_coef=1.0, k_aux=2)
+    assert float(stats[4]) > 0
+    live = torch.ones(40, dtype=torch.bool)
+    live[dead] = False
+    for name in ("W_dec", "W_enc", "b_enc"):
+        grad = model.get_parameter(name).grad
+        torch.testing.assert_close(grad[live], plain[name][live])
+        assert not torch.allclose(grad[dead], plain[name][dead]), name
+    # Detached residual, and no pull on the shared decoder bias.
+    torch.testing.assert_close(model.b_dec.grad, plain["b_dec"])
+
+
+def test_topk_codes_have_at_most_k_active():
+    model = _model("topk")
+    codes = model.encode(torch.randn(50, 12))
+    assert int((codes > 0).sum(1).max()) <= 5
+    assert bool((codes >= 0).all())
+
+
+def test_batchtopk_keeps_k_per_row_on_average_in_training():
+    model = _model("batchtopk")
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(7))
+    stats, fired = model.loss_and_gradients(x, 0.0)
+    assert float(stats[3]) == pytest.approx(5.0)
+    per_row = model._ws["mask"][:64].sum(1)
+    assert per_row.max() > per_row.min()  # rows differ; only the mean is fixed
+
+
+def test_batchtopk_inference_is_independent_of_the_batch():
+    model = _model("batchtopk")
+    x = torch.randn(256, 12, generator=torch.Generator().manual_seed(8))
+    model.activation.calibrate_(model, model.pre_activations(x))
+    whole = model.encode(x)
+    alone = torch.cat([model.encode(x[i : i + 1]) for i in range(0, 256, 37)])
+    torch.testing.assert_close(alone, whole[::37])
+    # The calibrated threshold keeps k codes per row on the calibration rows.
+    assert float((whole > 0).sum(1).float().mean()) == pytest.approx(5.0, abs=0.05)
+
+
+def test_batch_selection_is_exact_when_a_row_holds_many():
+    # One row dominates: the per-row candidate shortcut must fall back.
+    from sparse_dict._torch.activations import _batch_kth_largest
+
+    pre = torch.rand(8, 100)
+    pre[0] += 10.0
+    kth = _batch_kth_largest(pre, 40, 20)
+    assert float(kth) == float(pre.flatten().topk(40).values[-1])
+
+
+def test_unknown_activation_and_missing_k():
+    with pytest.raises(ValueError, match="Unknown activation 'gelu'"):
+        make_activation("gelu")
+    with pytest.raises(ValueError, match="needs k"):
+        make_activation("topk")
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_fitted_state_round_trips(name):
+    model = _model(name)
+    if name == "batchtopk":
+        model.activation.calibrate_(model, model.pre_activations(torch.randn(64, 12)))
+    other = _model(name, seed=11)
+    other.load_fitted_tensors_({k: v.numpy() for k, v in model.fitted_tensors().items()})
+    x = torch.randn(20, 12)
+    torch.testing.assert_close(other.encode(x), model.encode(x))
+    assert bool(torch.isfinite(model.encode(x)).all())

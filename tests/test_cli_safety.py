@@ -1,0 +1,311 @@
+"""The command line never loses a user's file and always ends with a meaningful exit status.
+
+Exit statuses: 0 success, 2 a problem the user can fix (one line on stderr),
+130 interrupted, 1 only for a bug. Outputs appear whole or not at all, and
+``--overwrite`` replaces only what sparse-dict itself wrote.
+"""
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparse_dict import SparseAutoencoderDictionary, _persist
+from sparse_dict import cli
+from sparse_dict.cli import main
+from sparse_dict.estimator import DivergenceError
+
+
+def run(argv, capsys):
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as exc:
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def one_line(err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def listing(folder):
+    """Every path under ``folder``, hidden ones included."""
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*"))
+
+
+@pytest.fixture
+def work(tmp_path):
+    """Activations and a dictionary fitted on them, in a fresh folder."""
+    rng = np.random.RandomState(0)
+    acts = rng.exponential(size=(60, 6)).astype(np.float32)
+    np.save(tmp_path / "acts.npy", acts)
+    SparseAutoencoderDictionary(n_components=8, max_iter=1, batch_size=30, device="cpu",
+                                random_state=0).fit(acts).save(tmp_path / "dict")
+    return tmp_path
+
+
+@pytest.fixture
+def texts(tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_text("To be, or not to be\nThat is the question\n", encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------
+# Outputs: never an input, never a user's file, never partial
+# --------------------------------------------------------------------------
+
+
+def test_encode_output_equal_to_input_is_refused(work, capsys):
+    before = (work / "acts.npy").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        status, _, err = run(["encode", work / "dict", work / "acts.npy", "-o",
+                              work / "acts.npy", *extra], capsys)
+        assert status == 2 and "is the input" in one_line(err)
+        assert (work / "acts.npy").read_bytes() == before
+
+
+def test_fit_overwrite_never_replaces_a_user_folder(work, capsys):
+    docs = work / "mydocs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "thesis.txt").write_text("three years")
+    status, _, err = run(["fit", work / "acts.npy", "-o", docs, "--overwrite", "--max-iter",
+                          "1", "--device", "cpu", "-q"], capsys)
+    assert status == 2 and "not a saved dictionary" in one_line(err)
+    assert (docs / "thesis.txt").read_text() == "three years" and (docs / "sub").is_dir()
+
+
+def test_fit_overwrite_replaces_a_saved_dictionary(work, capsys):
+    before = SparseAutoencoderDictionary.load(work / "dict").components_
+    status, _, err = run(["fit", work / "acts.npy", "-o", work / "dict", "--overwrite",
+                          "--max-iter", "1", "--random-state", "5", "--device", "cpu", "-q"],
+                         capsys)
+    assert status == 0, err
+    assert not np.array_equal(SparseAutoencoderDictionary.load(work / "dict").components_, before)
+    assert [n for n in listing(work) if n.startswith(".")] == []
+
+
+def test_encode_refuses_an_existing_output_without_overwrite(work, capsys):
+    np.save(work / "codes.npy", np.zeros(3))
+    status, _, err = run(["encode", work / "dict", work / "acts.npy", "-o", work / "codes.npy"],
+                         capsys)
+    assert status == 2 and "--overwrite" in one_line(err)
+    np.testing.assert_array_equal(np.load(work / "codes.npy"), np.zeros(3))
+    status, _, err = run(["encode", work / "dict", work / "acts.npy", "-o", work / "codes.npy",
+                          "--overwrite", "-q"], capsys)
+    assert status == 0, err
+    assert np.load(work / "codes.npy").shape == (60, 8)
+    # --overwrite does not extend to a file that is not an .npy array.
+    (work / "notes.npy").write_text("my notes")
+    status, _, err = run(["encode", work / "dict", work / "acts.npy", "-o", work / "notes.npy",
+                          "--overwrite"], capsys)
+    assert status == 2 and "not a .npy array" in one_line(err)
+    assert (work / "notes.npy").read_text() == "my notes"
+
+
+def test_encode_of_nan_input_leaves_no_output(work, capsys):
+    bad = np.load(work / "acts.npy")
+    bad[40, 2] = np.nan
+    np.save(work / "bad.npy", bad)
+    before = listing(work)
+    status, _, err = run(["encode", work / "dict", work / "bad.npy", "-o", work / "out" / "c.npy",
+                          "--chunk-size", "16", "-q"], capsys)
+    assert status == 2 and "NaN" in one_line(err)
+    assert listing(work) == before  # no codes, no temporary, no "out" folder
+
+
+def test_encode_reports_the_name_it_writes(work, capsys):
+    status, _, err = run(["encode", work / "dict", work / "acts.npy", "-o", work / "codes"],
+                         capsys)
+    assert status == 0
+    assert (work / "codes.npy").is_file() and not (work / "codes").exists()
+    assert str(work / "codes.npy") in err
+
+
+def test_extract_outputs(tmp_path, texts, capsys):
+    # -o without .npy: the name written is the name reported.
+    status, _, err = run(["extract", texts, "-o", tmp_path / "acts", "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert (tmp_path / "acts.npy").is_file() and str(tmp_path / "acts.npy") in err
+    # A tokens path that cannot be written: nothing at all is written.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    before = listing(tmp_path)
+    status, _, err = run(["extract", texts, "-o", tmp_path / "b.npy", "--tokens",
+                          blocker / "t.jsonl", "--device", "cpu", "-q"], capsys)
+    assert status == 2 and "not a folder" in one_line(err)
+    assert listing(tmp_path) == before
+    # An existing tokens file is kept unless --overwrite; a user's file always.
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"my": "data"}\n')
+    for extra in ([], ["--overwrite"]):
+        status, _, err = run(["extract", texts, "-o", tmp_path / "c.npy", "--tokens", mine,
+                              "--device", "cpu", "-q", *extra], capsys)
+        assert status == 2, err
+        assert mine.read_text() == '{"my": "data"}\n' and not (tmp_path / "c.npy").exists()
+    # Tokens onto the activations' own name: refused before any work.
+    status, _, err = run(["extract", texts, "-o", tmp_path / "d.npy", "--tokens",
+                          tmp_path / "d.npy", "--device", "cpu", "-q"], capsys)
+    assert status == 2 and "is the input" in one_line(err)
+
+
+def test_report_overwrite_keeps_a_user_page(work, texts, capsys):
+    (work / "r").mkdir()
+    (work / "r" / "features.html").write_text("<!DOCTYPE html><p>mine</p>")
+    status, _, err = run(["report", work / "dict", texts, "-o", work / "r", "--overwrite",
+                          "--device", "cpu", "-q"], capsys)
+    assert status == 2 and "not a feature browser page" in one_line(err)
+    assert (work / "r" / "features.html").read_text() == "<!DOCTYPE html><p>mine</p>"
+
+
+# --------------------------------------------------------------------------
+# Exit statuses
+# --------------------------------------------------------------------------
+
+
+def _raises(exc):
+    def command(args):
+        raise exc
+
+    return command
+
+
+STATUSES = [
+    ("KeyboardInterrupt", KeyboardInterrupt(), 130, "interrupted"),
+    ("a bug", RuntimeError("boom"), 1, "a bug"),
+    ("AssertionError is a bug", AssertionError("x"), 1, "a bug"),
+    ("divergence", DivergenceError("Training diverged: lower learning_rate"), 2, "diverged"),
+    ("warning turned error", RuntimeWarning("overflow encountered"), 2, "RuntimeWarning"),
+    ("permission denied", PermissionError(13, "Permission denied", "/x/codes.npy"), 2,
+     "Permission denied"),
+    ("disk full", OSError(28, "No space left on device", "/x/codes.npy"), 2, "No space left"),
+    ("out of memory", MemoryError(), 2, "out of memory"),
+    ("existing output", FileExistsError("/x already exists; pass --overwrite"), 2, "--overwrite"),
+]
+
+
+@pytest.mark.parametrize("what,exc,status,words", STATUSES, ids=[s[0] for s in STATUSES])
+def test_exit_statuses(work, monkeypatch, capsys, what, exc, status, words):
+    monkeypatch.setattr(cli, "cmd_encode", _raises(exc))
+    got, _, err = run(["encode", work / "dict", work / "acts.npy", "-o", work / "c.npy"], capsys)
+    assert got == status
+    assert words in one_line(err)
+
+
+def test_traceback_option_shows_the_error(work, monkeypatch):
+    monkeypatch.setattr(cli, "cmd_encode", _raises(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["encode", str(work / "dict"), str(work / "acts.npy"), "-o", "c.npy", "--traceback"])
+
+
+def test_a_write_refused_by_the_system_is_exit_2(work, monkeypatch, capsys):
+    # Root writes anywhere, so the refusal is simulated where the file is placed.
+    def refuse(tmp, path, folder):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(_persist, "_create", refuse)
+    before = listing(work)
+    status, _, err = run(["encode", work / "dict", work / "acts.npy", "-o", work / "c.npy",
+                          "-q"], capsys)
+    assert status == 2 and "Permission denied" in one_line(err)
+    assert listing(work) == before
+
+
+def test_corrupt_weights_are_exit_2(work, capsys):
+    weights = work / "dict" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    status, _, err = run(["encode", work / "dict", work / "acts.npy", "-o", work / "c.npy"],
+                         capsys)
+    assert status == 2 and "cannot load dictionary" in one_line(err)
+    assert not (work / "c.npy").exists()
+
+
+@pytest.mark.parametrize("how", ["error", "warning"])
+def test_a_diverged_fit_is_exit_2_and_never_saved(work, monkeypatch, capsys, how):
+    real_fit = SparseAutoencoderDictionary.fit
+
+    def diverging_fit(self, X, y=None):
+        if how == "error":
+            raise DivergenceError("Training diverged: the loss became NaN at step 3.")
+        real_fit(self, X)
+        warnings.warn("Training diverged: the loss rose from 11 to 16404.", RuntimeWarning)
+        return self
+
+    monkeypatch.setattr(SparseAutoencoderDictionary, "fit", diverging_fit)
+    status, _, err = run(["fit", work / "acts.npy", "-o", work / "new", "--max-iter", "1",
+                          "--device", "cpu", "-q"], capsys)
+    assert status == 2 and "diverged" in one_line(err)
+    assert not (work / "new").exists()
+
+
+def test_huge_learning_rate_is_exit_2(work, capsys):
+    np.save(work / "big.npy", np.load(work / "acts.npy") * np.float32(1e30))
+    status, _, err = run(["fit", work / "big.npy", "-o", work / "new", "--learning-rate", "1e30",
+                          "--l1-coef", "0", "--device", "cpu", "-q"], capsys)
+    assert status == 2, err
+    assert "diverged" in one_line(err) or "learning_rate" in one_line(err)
+    assert not (work / "new").exists()
+
+
+def test_huge_n_components_is_exit_2(work, capsys):
+    status, _, err = run(["fit", work / "acts.npy", "-o", work / "new", "--n-components",
+                          str(2**40), "--device", "cpu"], capsys)
+    assert status == 2 and "smaller n_components" in one_line(err)
+    assert not (work / "new").exists()
+
+
+def test_real_entry_point_reports_interrupt_as_130(work):
+    # SIGINT as Ctrl-C sends it, to the real process.
+    code = (
+        "import os, signal, sys\n"
+        "import sparse_dict.cli as cli\n"
+        "cli.cmd_encode = lambda args: os.kill(os.getpid(), signal.SIGINT)\n"
+        f"sys.exit(cli.main(['encode', {str(work / 'dict')!r}, {str(work / 'acts.npy')!r},"
+        f" '-o', {str(work / 'c.npy')!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------
+# The demo: all or nothing
+# --------------------------------------------------------------------------
+
+
+def test_demo_is_all_or_nothing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--tiny", "--no-classical", "-q", "--out", out, "--device", "cpu"]
+    status, _, err = run(argv, capsys)
+    assert status == 0, err
+    first = json.loads((out / "results.json").read_text())
+    # A second run refuses without --overwrite, before any work.
+    status, _, err = run(argv, capsys)
+    assert status == 2 and "--overwrite" in one_line(err)
+    # Interrupted late (after the dictionary was written): the old folder stays whole.
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    from sparse_dict import _demo
+
+    monkeypatch.setattr(_demo, "_plot_training", interrupt)
+    before = listing(tmp_path)
+    status, _, err = run([*argv, "--overwrite", "--random-state", "3"], capsys)
+    assert status == 130
+    assert listing(tmp_path) == before
+    assert json.loads((out / "results.json").read_text()) == first
+    # A folder of the user's is never replaced.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.txt").write_text("my results")
+    status, _, err = run(["demo", "--tiny", "--out", mine, "--overwrite", "-q"], capsys)
+    assert status == 2 and "not a sparse-dict demo folder" in one_line(err)
+    assert (mine / "results.txt").read_text() == "my results"

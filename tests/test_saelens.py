@@ -1,0 +1,341 @@
+"""SAELens' on-disk format: folders built here from its documented layout.
+
+The expected codes and reconstructions are SAELens' equations written out in
+numpy (float64), not taken from this package: for architecture "standard",
+"topk" (with and without rescale_acts_by_decoder_norm) and "jumprelu", with
+apply_b_dec_to_input true and false, and normalisation folded or not.
+"""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from sklearn.exceptions import ConvergenceWarning
+
+from sparse_dict import SparseAutoencoderDictionary
+from sparse_dict.cli import main
+from sparse_dict.saelens import is_saelens_folder
+
+D_IN, D_SAE, K = 6, 14, 3
+
+
+def _weights(architecture, seed=0, shared=False):
+    rng = np.random.default_rng(seed)
+    w = {
+        "W_enc": rng.normal(size=(D_IN, D_SAE)),
+        # Decoder rows of norms between 0.2 and 3: never unit.
+        "W_dec": rng.normal(size=(D_SAE, D_IN)) * rng.uniform(0.2, 3.0, size=(D_SAE, 1)),
+        "b_enc": rng.normal(size=D_SAE) * 0.3,
+        "b_dec": rng.normal(size=D_IN) * 0.5,
+    }
+    if architecture == "jumprelu":
+        w["threshold"] = np.full(D_SAE, 0.4) if shared else rng.uniform(0.0, 0.8, D_SAE)
+    return {k: v.astype(np.float32) for k, v in w.items()}
+
+
+def _write(folder, architecture, weights, **fields):
+    folder.mkdir()
+    cfg = {
+        "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"sae_lens_version": "6.5.0", "model_name": "gpt2",
+                     "hook_name": "blocks.3.hook_resid_pre", "hook_layer": 3},
+        "architecture": architecture,
+    }
+    if architecture == "topk":
+        cfg.update(k=K, rescale_acts_by_decoder_norm=False)
+    cfg.update(fields)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    save_file(weights, str(folder / "sae_weights.safetensors"))
+    return folder
+
+
+def _saelens_reference(cfg, w, x, scaling=None):
+    """SAELens' encode and decode, from its documented equations, in float64."""
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    if scaling is not None:  # fold_activation_norm_scaling_factor
+        w["W_enc"], w["W_dec"], w["b_dec"] = (
+            w["W_enc"] * scaling, w["W_dec"] / scaling, w["b_dec"] / scaling)
+    norms = np.linalg.norm(w["W_dec"], axis=1)
+    h = (x - w["b_dec"] * cfg.get("apply_b_dec_to_input", True)) @ w["W_enc"] + w["b_enc"]
+    rescale = cfg.get("rescale_acts_by_decoder_norm", False)
+    if cfg["architecture"] == "standard":
+        f = np.maximum(h, 0)
+    elif cfg["architecture"] == "jumprelu":
+        f = np.maximum(h, 0) * (h > w["threshold"])
+    else:
+        if rescale:
+            h = h * norms
+        f = np.zeros_like(h)
+        top = np.argsort(-h, axis=1)[:, :K]
+        np.put_along_axis(f, top, np.maximum(np.take_along_axis(h, top, 1), 0), 1)
+
+    def decode(f):
+        return (f / norms if rescale else f) @ w["W_dec"] + w["b_dec"]
+
+    # This package's codes are against unit-norm atoms.
+    unit_codes = f if rescale else f * norms
+    return f, decode, unit_codes
+
+
+CASES = [
+    ("standard", {}), ("jumprelu", {}), ("topk", {}),
+    ("topk", {"rescale_acts_by_decoder_norm": True}),
+]
+
+
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+@pytest.mark.parametrize("architecture, fields", CASES)
+def test_from_saelens_reproduces_encode_and_decode(tmp_path, architecture, fields, apply_b_dec):
+    w = _weights(architecture)
+    fields = dict(fields, apply_b_dec_to_input=apply_b_dec)
+    folder = _write(tmp_path / "sae", architecture, w, **fields)
+    x = np.random.default_rng(1).normal(size=(40, D_IN))
+    f, decode, unit_codes = _saelens_reference(dict(fields, architecture=architecture), w, x)
+
+    est = SparseAutoencoderDictionary.from_saelens(folder, device="cpu")
+    codes = est.transform(x)
+    np.testing.assert_allclose(codes, unit_codes, atol=1e-5)
+    np.testing.assert_array_equal(codes > 0, f > 0)
+    np.testing.assert_allclose(est.inverse_transform(codes), decode(f), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(est.components_, axis=1), 1.0, atol=1e-6)
+    assert est.activation == {"standard": "relu"}.get(architecture, architecture)
+    assert est.provenance_["metadata"]["hook_name"] == "blocks.3.hook_resid_pre"
+    assert est.provenance_["apply_b_dec_to_input"] is apply_b_dec
+
+
+def test_batchtopk_saved_as_jumprelu_with_one_threshold(tmp_path):
+    w = _weights("jumprelu", shared=True)
+    folder = _write(tmp_path / "sae", "jumprelu", w)
+    x = np.random.default_rng(2).normal(size=(30, D_IN))
+    f, decode, unit_codes = _saelens_reference({"architecture": "jumprelu"}, w, x)
+    est = SparseAutoencoderDictionary.from_saelens(folder)
+    assert est.provenance_["shared_threshold"] is True
+    np.testing.assert_allclose(est.transform(x), unit_codes, atol=1e-5)
+    np.testing.assert_allclose(est.inverse_transform(est.transform(x)), decode(f), atol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["argument", "activation_scaler.json"])
+def test_expected_average_only_in_is_folded(tmp_path, source):
+    w = _weights("standard")
+    folder = _write(tmp_path / "sae", "standard", w, normalize_activations="expected_average_only_in",
+                    apply_b_dec_to_input=False)
+    factor = 2.5
+    kwargs = {"norm_scaling_factor": factor}
+    if source != "argument":
+        (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": factor}))
+        kwargs = {}
+    x = np.random.default_rng(3).normal(size=(30, D_IN))
+    cfg = {"architecture": "standard", "apply_b_dec_to_input": False}
+    f, decode, unit_codes = _saelens_reference(cfg, w, x, scaling=factor)
+    est = SparseAutoencoderDictionary.from_saelens(folder, **kwargs)
+    np.testing.assert_allclose(est.transform(x), unit_codes, atol=1e-5)
+    np.testing.assert_allclose(est.inverse_transform(est.transform(x)), decode(f), atol=1e-5)
+    # Unfolded, the same SAE would give other codes: the fold mattered.
+    assert not np.allclose(_saelens_reference(cfg, w, x)[2], unit_codes, atol=1e-3)
+
+
+def test_expected_average_only_in_without_a_factor_warns_and_is_used_as_is(tmp_path):
+    w = _weights("standard")
+    folder = _write(tmp_path / "sae", "standard", w, normalize_activations="expected_average_only_in")
+    x = np.random.default_rng(4).normal(size=(20, D_IN))
+    with pytest.warns(UserWarning, match="no scaling factor is known"):
+        est = SparseAutoencoderDictionary.from_saelens(folder)
+    np.testing.assert_allclose(est.transform(x), _saelens_reference(
+        {"architecture": "standard"}, w, x)[2], atol=1e-5)
+
+
+def _fitted(activation, **kw):
+    X = np.random.default_rng(5).normal(size=(300, D_IN)) @ np.random.default_rng(6).normal(
+        size=(D_IN, D_IN))
+    est = SparseAutoencoderDictionary(n_components=D_SAE, activation=activation, max_steps=60,
+                                      random_state=0, device="cpu", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # short on purpose
+        est.fit(X)
+    return est, X
+
+
+@pytest.mark.parametrize("activation, kw, architecture", [
+    ("relu", {}, "standard"), ("topk", {"k": K}, "topk"),
+    ("batchtopk", {"k": K}, "jumprelu"), ("jumprelu", {}, "jumprelu"),
+])
+def test_round_trip_through_saelens_format_is_exact(tmp_path, activation, kw, architecture):
+    est, X = _fitted(activation, **kw)
+    folder = est.to_saelens(tmp_path / "out")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == architecture
+    assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
+    # What SAELens would compute from the written folder equals transform.
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    f, decode, _ = _saelens_reference(cfg, w, X)
+    np.testing.assert_allclose(est.transform(X), f, atol=1e-4)
+    np.testing.assert_allclose(est.inverse_transform(est.transform(X)), decode(f), atol=1e-4)
+
+    back = SparseAutoencoderDictionary.from_saelens(folder)
+    for name in ("components", "encoder_weights", "encoder_bias", "decoder_bias"):
+        np.testing.assert_array_equal(getattr(back, name + "_"), getattr(est, name + "_"))
+    np.testing.assert_array_equal(back.transform(X), est.transform(X))
+    np.testing.assert_array_equal(back.inverse_transform(est.transform(X)),
+                                  est.inverse_transform(est.transform(X)))
+
+
+def test_imported_topk_goes_back_out_with_its_norms(tmp_path):
+    w = _weights("topk")
+    est = SparseAutoencoderDictionary.from_saelens(_write(tmp_path / "a", "topk", w))
+    assert not np.allclose(est.selection_scale_, 1.0)
+    folder = est.to_saelens(tmp_path / "b")
+    w2 = load_file(str(folder / "sae_weights.safetensors"))
+    x = np.random.default_rng(7).normal(size=(30, D_IN))
+    f1, dec1, _ = _saelens_reference({"architecture": "topk"}, w, x)
+    f2, dec2, _ = _saelens_reference({"architecture": "topk"}, w2, x)
+    np.testing.assert_allclose(f2, f1, atol=1e-5)
+    np.testing.assert_allclose(dec2(f2), dec1(f1), atol=1e-5)
+
+
+def test_provenance_survives_save_and_load(tmp_path):
+    est = SparseAutoencoderDictionary.from_saelens(
+        _write(tmp_path / "sae", "jumprelu", _weights("jumprelu")))
+    est.save(tmp_path / "saved")
+    loaded = SparseAutoencoderDictionary.load(tmp_path / "saved")
+    assert loaded.provenance_ == est.provenance_
+    assert loaded.provenance_["metadata"]["model_name"] == "gpt2"
+    loaded.to_saelens(tmp_path / "again")
+    meta = json.loads((tmp_path / "again" / "cfg.json").read_text())["metadata"]
+    assert meta["hook_layer"] == 3 and "sparse_dict_version" in meta
+    # Refitted, it is a new dictionary: no provenance, no selection scale left over.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        loaded.set_params(activation="relu", max_steps=5).fit(
+            np.random.default_rng(9).normal(size=(50, D_IN)))
+    assert not hasattr(loaded, "provenance_") and not hasattr(loaded, "threshold_")
+
+
+def test_old_topk_folders_without_selection_scale_still_load(tmp_path):
+    est, X = _fitted("topk", k=K)
+    est.save(tmp_path / "saved")
+    weights = tmp_path / "saved" / "weights.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["selection_scale"]
+    save_file(tensors, str(weights))
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    del config["sha256"]  # as folders written before the checksums
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(config))
+    loaded = SparseAutoencoderDictionary.load(tmp_path / "saved")
+    np.testing.assert_array_equal(loaded.selection_scale_, 1.0)
+    np.testing.assert_array_equal(loaded.transform(X), est.transform(X))
+
+
+def test_to_saelens_refuses_what_saelens_cannot_express(tmp_path):
+    est, _ = _fitted("relu")
+    est.set_params(transform_algorithm="omp")
+    with pytest.raises(ValueError, match="transform_algorithm='omp' cannot be written"):
+        est.to_saelens(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_to_saelens_never_replaces_a_users_folder(tmp_path):
+    est, _ = _fitted("relu")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError):
+        est.to_saelens(mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep"
+    est.to_saelens(tmp_path / "out")
+    est.to_saelens(tmp_path / "out", overwrite=True)  # its own output may be replaced
+
+
+def _damage(folder, what):
+    cfg_file, weights = folder / "cfg.json", folder / "sae_weights.safetensors"
+    cfg = json.loads(cfg_file.read_text())
+    if what == "weights":
+        weights.write_bytes(weights.read_bytes()[:50])
+        return "sae_weights.safetensors: not a readable safetensors file"
+    if what == "missing-weights":
+        weights.unlink()
+        return "sae_weights.safetensors is missing"
+    if what == "nan":
+        t = load_file(str(weights))
+        t["b_enc"][0] = np.nan
+        save_file(t, str(weights))
+        return "tensor 'b_enc' contains NaN"
+    if what == "shape":
+        t = load_file(str(weights))
+        t["W_enc"] = t["W_enc"][:, :-1].copy()
+        save_file(t, str(weights))
+        return "tensor 'W_enc' has shape"
+    if what == "extra-tensor":
+        t = load_file(str(weights))
+        t["scaling_factor"] = np.ones(D_SAE, dtype=np.float32)
+        save_file(t, str(weights))
+        return "unexpected tensor 'scaling_factor'"
+    if what == "json":
+        cfg_file.write_text("{not json")
+        return "cfg.json: not valid JSON"
+    edits = {
+        "architecture": ({"architecture": "gated"}, "'architecture' is 'gated', which sparse_dict"),
+        "unknown-arch": ({"architecture": "quantum"}, "'architecture' is 'quantum', unknown"),
+        "field": ({"finetuning_scaling_factor": True}, "unexpected field 'finetuning_scaling_factor'"),
+        "d_sae": ({"d_sae": "14"}, "field 'd_sae' must be an integer"),
+        "norm": ({"normalize_activations": "layer_norm"}, "'normalize_activations' is 'layer_norm'"),
+        "norm-unknown": ({"normalize_activations": "magic"}, "'normalize_activations' must be one of"),
+        "bool": ({"apply_b_dec_to_input": "yes"}, "'apply_b_dec_to_input' must be bool"),
+        "k": ({"k": 99}, "field 'k' \\(99\\) exceeds 'd_sae'"),
+        "dtype": ({"dtype": "int8"}, "field 'dtype' must be one of"),
+        "old": ({"metadata": {"sae_lens_version": "5.9.1"}}, "only the SAELens 6 layout is read"),
+    }
+    change, message = edits[what]
+    cfg.update(change)
+    cfg_file.write_text(json.dumps(cfg))
+    return message
+
+
+@pytest.mark.parametrize("what", [
+    "weights", "missing-weights", "nan", "shape", "extra-tensor", "json", "architecture",
+    "unknown-arch", "field", "d_sae", "norm", "norm-unknown", "bool", "k", "dtype", "old",
+])
+def test_damaged_folders_give_value_error(tmp_path, what):
+    folder = _write(tmp_path / "sae", "topk", _weights("topk"))
+    message = _damage(folder, what)
+    with pytest.raises(ValueError, match=message):
+        SparseAutoencoderDictionary.from_saelens(folder)
+
+
+def test_cli_convert_both_ways_and_report_reads_a_saelens_folder(tmp_path, capsys):
+    folder = _write(tmp_path / "sae", "jumprelu", _weights("jumprelu"))
+    assert is_saelens_folder(folder) and not is_saelens_folder(tmp_path)
+    x = np.random.default_rng(8).normal(size=(25, D_IN)).astype(np.float32)
+    np.save(tmp_path / "acts.npy", x)
+
+    assert main(["convert", "--from", "saelens", str(folder), "-o", str(tmp_path / "sd")]) == 0
+    est = SparseAutoencoderDictionary.load(tmp_path / "sd")
+    assert main(["convert", "--from", "sparse_dict", str(tmp_path / "sd"),
+                 "-o", str(tmp_path / "back")]) == 0
+    back = SparseAutoencoderDictionary.from_saelens(tmp_path / "back")
+    np.testing.assert_allclose(back.transform(x), est.transform(x), atol=1e-6)
+    # A format mismatch and an existing output are one-line errors.
+    assert main(["convert", "--from", "sparse_dict", str(folder), "-o", str(tmp_path / "x")]) == 2
+    assert main(["convert", "--from", "saelens", str(folder), "-o", str(tmp_path / "sd")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+    # encode (and report, through the same loader) take the SAELens folder itself.
+    assert main(["encode", str(folder), str(tmp_path / "acts.npy"),
+                 "-o", str(tmp_path / "codes.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "codes.npy"), est.transform(x), atol=1e-6)
+
+
+def test_imported_topk_trains_on_with_its_selection_scale(tmp_path):
+    est = SparseAutoencoderDictionary.from_saelens(
+        _write(tmp_path / "sae", "topk", _weights("topk")), device="cpu")
+    scale = est.selection_scale_.copy()
+    x = np.random.default_rng(10).normal(size=(64, D_IN)).astype(np.float32)
+    est.partial_fit(x)
+    # The training step chose on pre * selection_scale: the scale is kept, and
+    # codes still have at most k active features.
+    np.testing.assert_allclose(est.selection_scale_, scale, rtol=1e-6)
+    assert ((est.transform(x) > 0).sum(axis=1) <= K).all()
+    assert np.isfinite(est.components_).all()

@@ -1,0 +1,241 @@
+"""SparseAutoencoderDictionary with each sparsity mechanism, end to end."""
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from sparse_dict import SparseAutoencoderDictionary
+from sparse_dict.datasets import make_superposition
+from sparse_dict.estimator import DivergenceError
+from sparse_dict.metrics import best_under_l0, mean_max_cosine_similarity, sparse_coding_scorer
+
+ACTIVATIONS = ["relu", "topk", "batchtopk", "jumprelu"]
+# Each mechanism at a setting that suits the recovery data below (about 4
+# active features per row).
+SETTINGS = {
+    "relu": dict(l1_coef=3.0),
+    "topk": dict(k=4),
+    "batchtopk": dict(k=4),
+    "jumprelu": dict(l0_coef=0.01),
+}
+
+
+@pytest.fixture(scope="module")
+def superposition():
+    return make_superposition(n_samples=8000, n_features=32, n_components=48, n_active=4,
+                              random_state=0, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def fitted(superposition):
+    X, _, _ = superposition
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return {
+            name: SparseAutoencoderDictionary(
+                n_components=64, activation=name, batch_size=256, max_steps=1500,
+                device="cpu", random_state=0, **SETTINGS[name],
+            ).fit(X)
+            for name in ACTIVATIONS
+        }
+
+
+@parametrize_with_checks(
+    [SparseAutoencoderDictionary(device="cpu", max_iter=5, activation=a, k=3)
+     for a in ("topk", "batchtopk", "jumprelu")],
+)
+def test_sklearn_compatible(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        check(estimator)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_each_activation_recovers_known_atoms(fitted, superposition, name):
+    X, true_atoms, _ = superposition
+    sae = fitted[name]
+    # A broken mechanism (random atoms: about 0.45 here) fails this by far.
+    assert mean_max_cosine_similarity(sae.components_, true_atoms) > 0.9
+    assert sae.score(X) > 0.6
+    codes = sae.transform(X)
+    assert codes.min() >= 0
+    assert 2.0 < (codes > 0).sum(1).mean() < 8.0
+
+
+def test_topk_transform_has_exactly_k_codes_at_most(fitted, superposition):
+    X, _, _ = superposition
+    codes = fitted["topk"].transform(X)
+    assert int((codes > 0).sum(1).max()) <= 4
+
+
+def test_batchtopk_threshold_is_fitted_and_batch_independent(fitted, superposition):
+    X, _, _ = superposition
+    sae = fitted["batchtopk"]
+    assert sae.threshold_.shape == (64,)
+    assert np.all(sae.threshold_ == sae.threshold_[0]) and sae.threshold_[0] > 0
+    whole = sae.transform(X[:500])
+    rows = np.vstack([sae.transform(X[i : i + 2]) for i in range(0, 500, 2)])
+    np.testing.assert_allclose(rows, whole, rtol=1e-5, atol=1e-6)
+    # The single threshold reproduces the training selection's sparsity.
+    assert sae.transform_l0_ == pytest.approx(4.0, rel=0.1)
+    assert sae.train_l0_ == pytest.approx(4.0, rel=0.01)
+
+
+def test_jumprelu_thresholds_are_learned_per_feature(fitted, superposition):
+    X, _, _ = superposition
+    sae = fitted["jumprelu"]
+    theta = sae.threshold_
+    assert theta.shape == (64,) and np.all(theta > 0)
+    assert theta.std() > 0  # moved away from the common starting value
+    pre = (X - sae.decoder_bias_) @ sae.encoder_weights_.T + sae.encoder_bias_
+    np.testing.assert_allclose(sae.transform(X), pre * (pre > theta), rtol=1e-4, atol=1e-4)
+
+
+def test_threshold_only_where_it_applies(fitted):
+    assert not hasattr(fitted["relu"], "threshold_")
+    assert not hasattr(fitted["topk"], "threshold_")
+
+
+def test_auxk_revives_dead_features():
+    # A dictionary much larger than the data needs: without help many
+    # features never fire; AuxK gives them a gradient.
+    X, _, _ = make_superposition(n_samples=6000, n_features=16, n_components=24, n_active=3,
+                                 random_state=1, dtype=np.float32)
+    params = dict(n_components=256, activation="topk", k=3, batch_size=256, max_steps=800,
+                  device="cpu", random_state=0, k_aux=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        without = SparseAutoencoderDictionary(auxk_coef=0.0, **params).fit(X)
+        with_auxk = SparseAutoencoderDictionary(auxk_coef=1 / 32, **params).fit(X)
+    dead_without = (without.feature_frequencies_ == 0).mean()
+    dead_with = (with_auxk.feature_frequencies_ == 0).mean()
+    assert dead_with < 0.5 * dead_without
+    assert with_auxk.history_["auxk"].max() > 0
+    assert without.history_["auxk"].max() == 0
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_partial_fit_pickle_and_save_for_each_activation(fitted, superposition, name, tmp_path):
+    X, _, _ = superposition
+    sae = fitted[name]
+    expected = sae.transform(X[:200])
+    again = pickle.loads(pickle.dumps(sae))
+    np.testing.assert_array_equal(again.transform(X[:200]), expected)
+    loaded = SparseAutoencoderDictionary.load(sae.save(tmp_path / name))
+    np.testing.assert_allclose(loaded.transform(X[:200]), expected, rtol=1e-6, atol=1e-6)
+    assert loaded.activation == name
+    steps = again.n_steps_
+    again.partial_fit(X[:1024])
+    assert again.n_steps_ == steps + 4
+    loaded.partial_fit(X[:1024])
+    assert np.all(np.isfinite(loaded.components_))
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_memmap_and_bf16_for_each_activation(superposition, name, tmp_path):
+    X, _, _ = superposition
+    path = tmp_path / "x.npy"
+    np.save(path, X[:2000])
+    mm = np.load(path, mmap_mode="r")
+    params = dict(n_components=32, activation=name, batch_size=256, max_steps=40,
+                  device="cpu", random_state=0, **SETTINGS[name])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a = SparseAutoencoderDictionary(**params).fit(mm)
+        b = SparseAutoencoderDictionary(**params).fit(X[:2000])
+        c = SparseAutoencoderDictionary(bf16=True, **params).fit(X[:2000])
+    np.testing.assert_array_equal(a.components_, b.components_)
+    # bf16 products: the same training, to bf16's precision.
+    assert mean_max_cosine_similarity(c.components_, b.components_) > 0.9
+
+
+@pytest.mark.parametrize("algorithm", ["omp", "lasso_lars", "lasso_cd", "threshold"])
+def test_transform_algorithm_codes_against_the_atoms(fitted, superposition, algorithm):
+    X, _, _ = superposition
+    sae = fitted["topk"]
+    coder = SparseAutoencoderDictionary(**sae.get_params())
+    coder.__dict__.update({k: v for k, v in sae.__dict__.items() if k.endswith("_")})
+    coder.set_params(transform_algorithm=algorithm, transform_alpha=0.05)
+    codes = coder.transform(X[:300])
+    assert codes.shape == (300, 64) and codes.dtype == np.float32 and codes.min() >= 0
+    if algorithm == "omp":
+        assert int((codes > 0).sum(1).max()) <= 4  # k atoms, as the encoder
+        # Optimal codes of the same sparsity reconstruct at least as well.
+        assert coder.score(X[:300]) >= sae.score(X[:300]) - 1e-3
+
+
+def test_transform_n_nonzero_coefs_overrides_k(fitted, superposition):
+    X, _, _ = superposition
+    sae = pickle.loads(pickle.dumps(fitted["relu"]))
+    sae.set_params(transform_algorithm="omp", transform_n_nonzero_coefs=2)
+    assert int((sae.transform(X[:100]) > 0).sum(1).max()) <= 2
+
+
+def test_a_short_fit_warns_and_a_sufficient_one_does_not():
+    X, _, _ = make_superposition(n_samples=5000, n_features=32, n_components=64, n_active=3,
+                                 random_state=2, dtype=np.float32)
+    params = dict(n_components=64, activation="topk", k=3, batch_size=256, device="cpu",
+                  random_state=0)
+    with pytest.warns(ConvergenceWarning, match="not converged.*max_steps"):
+        SparseAutoencoderDictionary(max_steps=120, **params).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        SparseAutoencoderDictionary(max_steps=4000, **params).fit(X)
+
+
+def test_default_budget_counts_steps_not_passes():
+    sae = SparseAutoencoderDictionary(batch_size=1000)
+    # Small data: the minimum number of steps, many passes.
+    assert sae._total_steps(5_000) == 3000
+    # Large data: a fixed number of rows, fewer than one pass.
+    assert sae._total_steps(5_000_000) == 10_000
+    # Tiny data: capped in passes.
+    assert sae._total_steps(2_000) == 400
+    assert sae.set_params(max_iter=2)._total_steps(5_000) == 10
+    assert sae.set_params(max_iter=None, max_steps=7)._total_steps(5_000) == 7
+
+
+def test_a_diverging_fit_raises_and_keeps_the_fitted_state(fitted, superposition):
+    X, _, _ = superposition
+    sae = pickle.loads(pickle.dumps(fitted["topk"]))
+    before = sae.components_.copy()
+    sae.set_params(learning_rate=10.0)
+    with pytest.raises(DivergenceError, match="Lower learning_rate"):
+        sae.fit(X)
+    np.testing.assert_array_equal(sae.components_, before)
+
+
+def test_grid_search_over_k_and_activation_in_a_pipeline(superposition):
+    X, _, _ = superposition
+    pipe = Pipeline([
+        ("scale", FunctionTransformer(lambda a: 2.0 * a)),
+        ("sae", SparseAutoencoderDictionary(n_components=32, batch_size=256, max_steps=100,
+                                            device="cpu", random_state=0)),
+    ])
+    grid = [
+        {"sae__activation": ["topk", "batchtopk"], "sae__k": [2, 6]},
+        {"sae__activation": ["relu"], "sae__l1_coef": [1.0, 10.0]},
+        {"sae__activation": ["jumprelu"], "sae__l0_coef": [0.003, 0.03]},
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        search = GridSearchCV(pipe, grid, scoring=sparse_coding_scorer,
+                              refit=best_under_l0(max_l0=3), cv=2, n_jobs=2)
+        search.fit(X[:3000])
+    l0 = search.cv_results_["mean_test_l0"]
+    assert len(l0) == 10 and np.all(np.isfinite(l0))
+    best = search.best_index_
+    assert l0[best] <= 3
+    # k=2 keeps at most two codes per row whatever the batch.
+    params = search.cv_results_["params"]
+    for p, value in zip(params, l0):
+        if p.get("sae__activation") == "topk" and p["sae__k"] == 2:
+            assert value <= 2.0
+    assert search.best_estimator_.named_steps["sae"].transform(2.0 * X[:5]).shape == (5, 32)
