@@ -16,7 +16,8 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from sparse_dict import SparseAutoencoderDictionary
 from sparse_dict.datasets import make_superposition
 from sparse_dict.estimator import DivergenceError
-from sparse_dict.metrics import best_under_l0, mean_max_cosine_similarity, sparse_coding_scorer
+from sparse_dict.metrics import mean_max_cosine_similarity
+from sparse_dict.model_selection import best_under_l0, sparse_coding_scorer
 
 ACTIVATIONS = ["relu", "topk", "batchtopk", "jumprelu"]
 # Each mechanism at a setting that suits the recovery data below (about 4
