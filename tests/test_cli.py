@@ -216,6 +216,19 @@ def test_threads_limits_torch_and_blas_during_the_command(monkeypatch):
     assert torch.get_num_threads() == before
 
 
+def test_help_of_other_commands_does_not_import_torch():
+    # The estimator's options are generated from the estimator, which imports
+    # torch; only fit and demo need them, so other commands answer at once.
+    code = ("import sys\nfrom sparse_dict.cli import main\n"
+            "for argv in (['--help'], ['encode', '--help'], ['report', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
 def test_console_script_entry_point():
     # The module form runs the same main(); a bad path gives one line, no traceback.
     proc = subprocess.run(
