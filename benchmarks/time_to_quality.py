@@ -38,7 +38,11 @@ from sklearn.exceptions import ConvergenceWarning
 from benchmarks._common import Timer, sae_params, target
 from sparse_dict import SparseAutoencoderDictionary
 from sparse_dict.datasets import make_superposition
-from sparse_dict.metrics import explained_variance, l0, mean_max_cosine_similarity
+from sparse_dict.metrics import mean_max_cosine_similarity
+from sparse_dict.model_selection import SparseCodingScorer
+
+# The rows' reconstruction and sparsity, as GridSearchCV would score them.
+_SCORER = SparseCodingScorer(metrics=("explained_variance", "l0"))
 
 SIZES = {
     "tiny": dict(n_features=16, n_atoms=32, n_rows=1024, n_eval=100,
@@ -75,12 +79,10 @@ def mbdl_trajectory(X, X_eval, n_atoms, true_atoms, seed=0):
                 est.partial_fit(X[index])
             elapsed += t.seconds
             if step in checkpoints:
-                codes = est.transform(X_eval)
                 points.append({
                     "steps": step,
                     "fit_s": elapsed,
-                    "explained_variance": explained_variance(X_eval, codes @ est.components_),
-                    "l0": l0(codes),
+                    **_SCORER(est, X_eval),  # explained variance and L0
                     "mmcs": mean_max_cosine_similarity(est.components_, true_atoms),
                 })
     return points
@@ -101,14 +103,12 @@ def sae_ladder(X, X_eval, n_atoms, true_atoms, l1_grid, ladder, level, device, s
             with Timer() as t:
                 sae.fit(X)
             per_epoch = t.seconds / epochs
-            codes = sae.transform(X_eval)
             point = {
                 "l1_coef": l1_coef,
                 "epochs": epochs,
                 "steps": int(sae.n_steps_),
                 "fit_s": t.seconds,
-                "explained_variance": explained_variance(X_eval, sae.inverse_transform(codes)),
-                "l0": l0(codes),
+                **_SCORER(sae, X_eval),  # explained variance and L0
                 "mmcs": mean_max_cosine_similarity(sae.components_, true_atoms),
             }
             point["reaches_primary"] = _reaches(point, level)
