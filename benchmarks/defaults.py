@@ -58,10 +58,12 @@ def _fit(X, true_atoms, params):
 def run(quick=True):
     results = []
     activations = ["topk", "relu"] if quick else list(SETTINGS)
-    for name, (gen, n_components, k) in GENERATORS.items():
+    generators = ("uniform-128d", "small-5k") if quick else tuple(GENERATORS)
+    for name in generators:
+        gen, n_components, k = GENERATORS[name]
         X, true_atoms, _ = make_superposition(random_state=1, dtype=np.float32, **gen)
-        steps = SparseAutoencoderDictionary(batch_size=1024)._total_steps(X.shape[0])
         for activation in activations:
+            steps = SparseAutoencoderDictionary(activation=activation)._total_steps(X.shape[0])
             for factor in (0.25, 1.0) if quick else (0.25, 1.0, 2.5):
                 params = dict(n_components=n_components, activation=activation, k=k,
                               max_steps=int(steps * factor), **SETTINGS[activation])
@@ -85,7 +87,8 @@ def _markdown(results):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.defaults", description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="every activation, 2.5x budgets too")
+    parser.add_argument("--full", action="store_true",
+                        help="every generator and activation, 2.5x budgets too")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     results = run(quick=not args.full)
