@@ -50,11 +50,10 @@ _PARTIAL_FIT_RESAMPLE_INTERVAL = 1000
 _INFERENCE_BATCH = 8192
 _FORMAT = "sparse_dict.SparseAutoencoderDictionary"
 _FORMAT_VERSION = 2
-# The default training budget (max_iter=None, max_steps=None): at least this
-# many steps; beyond that two passes, but at most this many rows, and never
-# more than this many passes (measured; see SparseAutoencoderDictionary's
-# docstring).
-_MIN_DEFAULT_STEPS = 3000
+# The default training budget (max_iter=None, max_steps=None): at least the
+# activation's min_default_steps; beyond that two passes, but at most this
+# many rows, and never more than this many passes (measured; see
+# SparseAutoencoderDictionary's docstring).
 _DEFAULT_ROWS = 10_000_000
 _MAX_DEFAULT_PASSES = 1000
 # AuxK's defaults, as in Gao et al. (2024).
@@ -275,11 +274,11 @@ class SparseAutoencoderDictionary(
     max_iter : int, default=None
         Number of passes (epochs) over the training data. ``None``: the
         default budget, enough optimiser steps for small data without
-        wasting time on large data: at least 3000 steps, else two passes,
-        else 10 million rows, whichever applies (``max(3000, min(2 passes,
-        10M rows))`` steps), and never more than 1000 passes (measured on
-        several synthetic generators and on transformer activations; see
-        the user guide).
+        wasting time on large data: ``max(S, min(2 passes, 10M rows))``
+        steps and never more than 1000 passes, where ``S`` is 3000 for the
+        top-k family and 8000 for ``"relu"`` and ``"jumprelu"``, whose L0
+        settles only as the penalty takes effect (measured on synthetic
+        generators and transformer activations; see the user guide).
     max_steps : int, default=None
         An optional budget of training steps; training stops at whichever of
         ``max_iter`` and ``max_steps`` comes first.
@@ -600,7 +599,8 @@ class SparseAutoencoderDictionary(
             # fixed number of rows for large data; never more than a
             # thousand passes over a tiny set.
             by_rows = min(2 * steps_per_pass, math.ceil(_DEFAULT_ROWS / self.batch_size))
-            total = min(max(_MIN_DEFAULT_STEPS, by_rows), _MAX_DEFAULT_PASSES * steps_per_pass)
+            least = self._activation().min_default_steps
+            total = min(max(least, by_rows), _MAX_DEFAULT_PASSES * steps_per_pass)
         if self.max_steps is not None:
             total = min(total, self.max_steps)
         return total

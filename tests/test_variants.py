@@ -210,7 +210,8 @@ def test_a_short_fit_warns_and_a_sufficient_one_does_not():
 
 
 def test_default_budget_counts_steps_not_passes():
-    sae = SparseAutoencoderDictionary(batch_size=1000)
+    assert SparseAutoencoderDictionary(batch_size=1000)._total_steps(20_000) == 8000  # relu
+    sae = SparseAutoencoderDictionary(batch_size=1000, activation="topk")
     # Small data: the minimum number of steps, many passes.
     assert sae._total_steps(5_000) == 3000
     # Medium data: two passes.

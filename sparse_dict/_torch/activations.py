@@ -34,6 +34,11 @@ class Activation:
     state_names : tuple of str
         Names of the fitted tensors of shape (n_components,) this mechanism
         adds to the four every autoencoder has.
+    min_default_steps : int
+        The fewest training steps of the default budget. A penalised
+        mechanism finds its L0 through the penalty and needs more steps
+        than one whose L0 is set by ``k`` (measured: ReLU's L0 was still
+        moving after 3000 steps where TopK had converged).
     state_defaults : dict of str to float
         For a state tensor added after folders were first saved with this
         mechanism: the value every feature takes when an older folder lacks
@@ -43,6 +48,7 @@ class Activation:
     name = None
     penalty_name = None
     state_names = ()
+    min_default_steps = 3000
     state_defaults = {}
 
     def init_model(self, model):
@@ -133,6 +139,7 @@ class ReLU(Activation):
 
     name = "relu"
     penalty_name = "l1_coef"
+    min_default_steps = 8000
 
     def forward_(self, pre, mask, model):
         pre.relu_()
@@ -338,6 +345,7 @@ class JumpReLU(Activation):
 
     name = "jumprelu"
     penalty_name = "l0_coef"
+    min_default_steps = 8000
     state_names = ("threshold",)
 
     def __init__(self, bandwidth=0.05, initial_threshold=1.0):
