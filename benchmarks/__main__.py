@@ -6,6 +6,13 @@ Writes ``results.json`` (every figure, the machine and the targets),
 subset): recovery, frontier, time_to_quality, scaling, encoding, throughput,
 extraction. A section that fails is recorded with its error and the others
 still run; the exit status is then 1.
+
+The sections that put the SAE beside scikit-learn (recovery, frontier,
+time_to_quality, encoding) run in child processes whose environment lacks
+``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE``: this machine sets them, and
+they halve the OpenBLAS that scikit-learn's numpy uses. The BLAS kernel of
+each child is printed and recorded (``--same-env`` keeps the environment, to
+measure what the override costs).
 """
 
 import argparse
@@ -14,12 +21,14 @@ import sys
 import traceback
 from pathlib import Path
 
-from benchmarks._common import Timer, machine_info, target
+from benchmarks._common import Timer, blas_summary, machine_info, run_isolated, target
 
 SECTIONS = ("recovery", "frontier", "time_to_quality", "scaling", "encoding",
             "throughput", "extraction")
 # Sections of the tiny (smoke-test) mode: extraction has no tiny size.
 TINY_SECTIONS = SECTIONS[:-1]
+# Sections that compare the SAE with scikit-learn: run with the clean BLAS environment.
+ISOLATED = ("recovery", "frontier", "time_to_quality", "encoding")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 THROUGHPUT_TARGET = 0.85
 EXTRACTION_TARGET = 0.9
@@ -55,11 +64,13 @@ def _extraction(mode, device):
     return result
 
 
-def run_section(name, mode, device):
+def run_section(name, mode, device, isolate=True):
     """One section's figures (with ``wall_s``), or its error."""
     with Timer() as t:
         try:
-            if name == "throughput":
+            if isolate and name in ISOLATED:
+                result = run_isolated(name, mode, device)
+            elif name == "throughput":
                 result = _throughput(mode, device)
             elif name == "extraction":
                 result = _extraction(mode, device)
@@ -86,6 +97,8 @@ def _parse(argv):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="output folder (default benchmarks/results/)")
+    parser.add_argument("--same-env", action="store_true",
+                        help="run every section in this process, BLAS environment as it is")
     parser.add_argument("--only", default=None,
                         help=f"comma-separated sections out of {', '.join(SECTIONS)}")
     args = parser.parse_args(argv)
@@ -118,10 +131,13 @@ def main(argv=None):
         "machine": machine_info(args.device),
         "sections": {},
     }
+    print(f"[benchmarks] BLAS here: {blas_summary(results['machine']['blas'])}; "
+          f"in the comparison processes: {blas_summary(results['machine']['blas_isolated'])}",
+          flush=True)
     with Timer() as total:
         for name in args.sections:
             print(f"[benchmarks] {name} ({args.mode}) ...", flush=True)
-            section = run_section(name, args.mode, args.device)
+            section = run_section(name, args.mode, args.device, not args.same_env)
             results["sections"][name] = section
             if "error" in section:
                 print(section["error"], file=sys.stderr, flush=True)
