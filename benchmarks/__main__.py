@@ -30,7 +30,7 @@ TINY_SECTIONS = SECTIONS[:-1]
 # Sections that compare the SAE with scikit-learn: run with the clean BLAS environment.
 ISOLATED = ("recovery", "frontier", "time_to_quality", "encoding")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-THROUGHPUT_TARGET = 0.85
+THROUGHPUT_TARGET = 0.9
 EXTRACTION_TARGET = 0.9
 
 
@@ -46,8 +46,12 @@ def _throughput(mode, device):
         target("throughput_fraction_of_matmul",
                "SAE training GFLOP/s / dense matrix-product GFLOP/s (same run)",
                result["sae_fraction_of_matmul"], THROUGHPUT_TARGET,
-               note="" if mode != "tiny" else "tiny shapes"),
+               note="ReLU path" + ("" if mode != "tiny" else "; tiny shapes")),
     ]
+    # The top-k family's step against ReLU's: reported, with the sparse
+    # path's expected limit in the docs, but no threshold in the issue.
+    result["activation_ratios"] = {name: a["over_relu"]
+                                   for name, a in result["activations"].items()}
     return result
 
 
