@@ -8,11 +8,13 @@ extraction. A section that fails is recorded with its error and the others
 still run; the exit status is then 1.
 
 The sections that put the SAE beside scikit-learn (recovery, frontier,
-time_to_quality, encoding) run in child processes whose environment lacks
+time_to_quality, scaling, encoding) run in child processes whose environment lacks
 ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE``: this machine sets them, and
 they halve the OpenBLAS that scikit-learn's numpy uses. The BLAS kernel of
-each child is printed and recorded (``--same-env`` keeps the environment, to
-measure what the override costs).
+each child is printed and recorded (``--same-env`` runs everything in this process with the
+environment as it is, to measure what the override costs). That one child
+writes each section's figures to ``sections/NAME.json`` under the output
+folder as soon as the section ends.
 """
 
 import argparse
@@ -28,7 +30,7 @@ SECTIONS = ("recovery", "frontier", "time_to_quality", "scaling", "encoding",
 # Sections of the tiny (smoke-test) mode: extraction has no tiny size.
 TINY_SECTIONS = SECTIONS[:-1]
 # Sections that compare the SAE with scikit-learn: run with the clean BLAS environment.
-ISOLATED = ("recovery", "frontier", "time_to_quality", "encoding")
+ISOLATED = ("recovery", "frontier", "time_to_quality", "scaling", "encoding")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 THROUGHPUT_TARGET = 0.9
 EXTRACTION_TARGET = 0.9
@@ -68,13 +70,11 @@ def _extraction(mode, device):
     return result
 
 
-def run_section(name, mode, device, isolate=True):
-    """One section's figures (with ``wall_s``), or its error."""
+def run_section(name, mode, device):
+    """One section's figures (with ``wall_s``), or its error, run in this process."""
     with Timer() as t:
         try:
-            if isolate and name in ISOLATED:
-                result = run_isolated(name, mode, device)
-            elif name == "throughput":
+            if name == "throughput":
                 result = _throughput(mode, device)
             elif name == "extraction":
                 result = _extraction(mode, device)
@@ -139,13 +139,21 @@ def main(argv=None):
           f"in the comparison processes: {blas_summary(results['machine']['blas_isolated'])}",
           flush=True)
     with Timer() as total:
+        isolated = [] if args.same_env else [n for n in args.sections if n in ISOLATED]
+        if isolated:
+            # Each section's JSON lands in sections/ as soon as it ends, so an
+            # interrupted run keeps its figures.
+            done = run_isolated(isolated, args.mode, args.device, args.out / "sections")
         for name in args.sections:
-            print(f"[benchmarks] {name} ({args.mode}) ...", flush=True)
-            section = run_section(name, args.mode, args.device, not args.same_env)
+            if name in isolated:
+                section = done[name]
+            else:
+                print(f"[benchmarks] {name} ({args.mode}) ...", flush=True)
+                section = run_section(name, args.mode, args.device)
+                if "error" in section:
+                    print(section["error"], file=sys.stderr, flush=True)
+                print(f"[benchmarks] {name}: {section['wall_s']:.1f} s", flush=True)
             results["sections"][name] = section
-            if "error" in section:
-                print(section["error"], file=sys.stderr, flush=True)
-            print(f"[benchmarks] {name}: {section['wall_s']:.1f} s", flush=True)
             # Written after every section so that an interrupted run keeps its figures.
             report.write_json(results, args.out / "results.json")
     results["total_wall_s"] = total.seconds

@@ -12,7 +12,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -294,28 +293,40 @@ def clean_blas_env(environ=None):
     return env
 
 
-def run_isolated(name, mode, device, timeout=None):
-    """Run section ``name`` in a child process with the clean BLAS environment.
+def run_isolated(names, mode, device, out_dir):
+    """Run sections ``names`` in one child process with the clean BLAS environment.
 
     The child (``python -m benchmarks._section``) inherits everything else,
-    ``PYTHONPATH`` and thread limits included, runs the section's
-    ``run(mode, device)`` and writes its figures, with the BLAS in use, as
-    JSON. Both methods of a comparison run in that one child, so their
-    ratios are measured side by side.
+    ``PYTHONPATH`` and thread limits included, and runs each section's
+    ``run(mode, device)`` in turn. Both methods of a comparison run in that
+    one process, so their ratios are measured side by side; one child for
+    all the sections pays the start-up (importing torch and scikit-learn)
+    once.
 
     Returns
     -------
-    result : dict
-        The section's figures with ``"blas"``; or ``{"error": ...}``.
+    results : dict
+        Section name to its figures (with ``"wall_s"`` and ``"blas"``), or
+        to ``{"error": ...}`` when it wrote nothing.
     """
     root = Path(__file__).resolve().parent.parent
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "section.json"
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks._section", name, mode, device, str(out)],
-            cwd=root, env=clean_blas_env(), timeout=timeout,
-        )
-        if proc.returncode != 0 or not out.is_file():
-            return {"error": f"section {name} exited with status {proc.returncode} "
-                             "(its traceback is on stderr above)"}
-        return json.loads(out.read_text())
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        # A file left by an earlier run must not pass for this run's figures.
+        (out_dir / f"{name}.json").unlink(missing_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks._section", mode, device, str(out_dir), *names],
+        cwd=root, env=clean_blas_env(),
+    )
+    results = {}
+    for name in names:
+        path = out_dir / f"{name}.json"
+        if path.is_file():
+            results[name] = json.loads(path.read_text())
+        else:
+            results[name] = {"error": f"the child process exited with status "
+                                      f"{proc.returncode} before section {name} ended "
+                                      "(its traceback is on stderr above)",
+                             "wall_s": 0.0}
+    return results
