@@ -191,6 +191,9 @@ class PeakSampler:
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
 TOPK_FAMILY = ("topk", "batchtopk")
 KNOB = {"relu": "l1_coef", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coef"}
+# The setting used where a section names none (l1_coef=3 is the value that
+# recovers make_superposition's atoms well).
+DEFAULT_KNOB = {"relu": 3.0, "topk": 32, "batchtopk": 32, "jumprelu": 3.0}
 
 
 def sae_params(activation="relu", knob=None, **overrides):
@@ -202,17 +205,19 @@ def sae_params(activation="relu", knob=None, **overrides):
     activation's sparsity parameter (:data:`KNOB`): ``k`` for the top-k
     family, ``l1_coef`` for ReLU, ``l0_coef`` for JumpReLU.
 
-    ``learning_rate=3e-3`` and ``batch_size=256`` recover the true atoms of
+    ``knob=None`` takes :data:`DEFAULT_KNOB`. ``learning_rate=3e-3`` and
+    ``batch_size=256`` recover the true atoms of
     ``make_superposition`` data well. AuxK is on for the top-k family
     (``auxk_coef=1/32``, the value of Gao et al.) and off otherwise;
     dead-feature resampling is on for ReLU and JumpReLU only, the pairing the
     estimator's ``"auto"`` makes.
     """
     params = dict(activation=activation, learning_rate=3e-3, batch_size=256, max_iter=20,
+                  warmup_fraction=0.05, decay_fraction=0.2, jumprelu_bandwidth=0.05,
                   auxk_coef=1 / 32 if activation in TOPK_FAMILY else 0.0,
                   resample_dead=activation not in TOPK_FAMILY)
-    if knob is not None:
-        params[KNOB[activation]] = int(knob) if KNOB[activation] == "k" else float(knob)
+    knob = DEFAULT_KNOB[activation] if knob is None else knob
+    params[KNOB[activation]] = int(knob) if KNOB[activation] == "k" else float(knob)
     params.update(overrides)
     return params
 

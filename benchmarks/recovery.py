@@ -70,11 +70,11 @@ SIZES = {
         n_eval=100, sae_steps=60,
     ),
     "quick": dict(
-        cases=[_case("superposition", "uniform", 64, 256, 8000, 5),
-               _case("superposition", "power-law", 64, 256, 8000, 5),
-               _case("clustered", "uniform", 64, 256, 8000, 5),
-               _case("clustered", "power-law", 128, 512, 40_000, 8, mbdl_rows=10_000,
-                     steps=3000)],
+        cases=[_case("superposition", "uniform", 64, 256, 6000, 5),
+               _case("superposition", "power-law", 64, 256, 6000, 5),
+               _case("clustered", "uniform", 64, 256, 6000, 5),
+               _case("clustered", "power-law", 128, 512, 40_000, 8, mbdl_rows=8000,
+                     steps=2500)],
         n_eval=500, sae_steps=1500,
     ),
     "full": dict(
