@@ -47,23 +47,27 @@ def best_time(fn, repeats):
     return best
 
 
-def target(name, description, value, threshold, *, higher_is_better=True, note=""):
+_COMPARE = {">=": np.greater_equal, ">": np.greater, "<": np.less, "<=": np.less_equal}
+
+
+def target(name, description, value, threshold, *, higher_is_better=True, comparison=None,
+           note=""):
     """A target record: the figure, the threshold and whether it is met.
 
-    A missing figure (``None`` or NaN, e.g. a quality never reached) is
-    recorded as not met rather than dropped, so the report always shows it.
+    ``comparison`` (``">="``, ``">"``, ``"<"``, ``"<="``) overrides
+    ``higher_is_better`` (``">="`` when true, ``"<"`` otherwise). A missing
+    figure (``None`` or NaN, e.g. a quality never reached) is recorded as not
+    met rather than dropped, so the report always shows it.
     """
+    comparison = comparison or (">=" if higher_is_better else "<")
     ok = value is not None and np.isfinite(value)
-    if ok:
-        met = bool(value >= threshold) if higher_is_better else bool(value < threshold)
-    else:
-        met = False
+    met = bool(_COMPARE[comparison](value, threshold)) if ok else False
     return {
         "name": name,
         "description": description,
         "value": float(value) if ok else None,
         "threshold": float(threshold),
-        "comparison": ">=" if higher_is_better else "<",
+        "comparison": comparison,
         "met": met,
         "note": note,
     }

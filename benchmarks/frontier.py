@@ -331,7 +331,7 @@ def _targets(out, weights, mode, sizes):
             "dead_features_with_auxk_builtin",
             "share of dead features (no firing in the last training pass), "
             f"{with_auxk['method']} with AuxK, built-in model",
-            with_auxk["train_dead_fraction"], DEAD_TARGET, higher_is_better=False,
+            with_auxk["train_dead_fraction"], DEAD_TARGET, comparison="<=",
             note=(note + "; " if note else "") + (
                 f"without AuxK: {without['train_dead_fraction']:.3f}" if without else "")))
     for key in ("builtin", "minilm"):
@@ -357,8 +357,8 @@ def _targets(out, weights, mode, sizes):
             targets.append(target(
                 f"frontier_vs_relu_{key}",
                 f"{key}: best activation's EV lead over the ReLU SAE along its frontier "
-                "(L0 <= 32); must be above",
-                c["per_activation"][best]["vs_relu"], 1e-9,
+                "(L0 <= 32)",
+                c["per_activation"][best]["vs_relu"], 0.0, comparison=">",
                 note=(note + "; " if note else "") + f"best: {best}"))
     return targets
 
