@@ -259,6 +259,8 @@ def _model(ext, label, s, device, splice):
         for knob in s["grid"].get(activation, []):
             point, sae = _sae_point(activation, knob, X, X_eval, s, device, splice=sp)
             points.append(point)
+            print(f"[benchmarks]   frontier, {label}: {point['method']}, "
+                  f"{point['fit_s']:.0f} s", flush=True)
             fitted[(activation, knob)] = sae
     if s["auxk_pair"]:
         activation, knob = s["auxk_pair"]

@@ -218,7 +218,12 @@ def run(mode="quick", device="cpu"):
     """
     sizes = SIZES[mode]
     warm_up_sae(device)
-    cases = [run_case(case, sizes, device) for case in sizes["cases"]]
+    cases = []
+    for case in sizes["cases"]:
+        with Timer() as t:
+            cases.append(run_case(case, sizes, device))
+        # Progress: a quick run of this section takes minutes.
+        print(f"[benchmarks]   recovery, {case_name(case)}: {t.seconds:.0f} s", flush=True)
     worst_mmcs = min(cases, key=lambda c: c["best_topk_family_mmcs"])
     worst_margin = min(cases, key=lambda c: c["margin_over_mbdl"])
     note = "" if mode != "tiny" else "tiny sizes"
