@@ -46,7 +46,7 @@ from sparse_dict.metrics import explained_variance, l0
 SIZES = {
     "tiny": dict(n_features=16, n_atoms=32, n_rows=1000, n_active=3, n_sae=2000, n_slow=50,
                  n_match=40, steps=40),
-    "quick": dict(n_features=256, n_atoms=512, n_rows=10_000, n_active=5, n_sae=20_000,
+    "quick": dict(n_features=128, n_atoms=512, n_rows=10_000, n_active=5, n_sae=20_000,
                   n_slow=300, n_match=100, steps=1500),
     "full": dict(n_features=256, n_atoms=1024, n_rows=20_000, n_active=5, n_sae=100_000,
                  n_slow=1000, n_match=200, steps=5000),

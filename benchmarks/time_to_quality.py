@@ -54,7 +54,7 @@ from sparse_dict.metrics import explained_variance, l0, mean_max_cosine_similari
 SIZES = {
     "tiny": dict(n_features=16, n_atoms=32, n_rows=1024, n_eval=100, n_active=3,
                  step_ladder=[20, 60]),
-    "quick": dict(n_features=64, n_atoms=256, n_rows=10_000, n_eval=300, n_active=5,
+    "quick": dict(n_features=64, n_atoms=256, n_rows=6000, n_eval=300, n_active=5,
                   step_ladder=[100, 250, 500, 1000, 2000]),
     "full": dict(n_features=256, n_atoms=1024, n_rows=20_000, n_eval=1000, n_active=5,
                  step_ladder=[100, 250, 500, 1000, 2000, 5000]),
