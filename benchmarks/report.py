@@ -575,6 +575,8 @@ def _plot_ttq(r, plt):
                     label=f"SAE {setting} (step ladder)")
         ax.axhline(mb[-1].get(key) or 0, color="grey", ls=":", label="MBDL's final")
         ax.set_xscale("log")
+        # Minor-tick labels of a log axis over a short range overlap.
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel("wall time of the fit (s)")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
