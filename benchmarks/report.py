@@ -725,9 +725,11 @@ def main(argv=None):
     import os
 
     images = os.path.relpath(args.results, args.rst.parent).replace(os.sep, "/")
+    source = os.path.relpath(args.results, root).replace(os.sep, "/")
+    if source.startswith(".."):
+        source = str(args.results)  # a run kept outside the repository
     write_rst(results, args.rst, None if args.no_images else images,
-              source="results.json" if args.no_images else
-              f"{os.path.relpath(args.results, root)}/results.json")
+              source=f"{source}/results.json")
     print(f"wrote {args.results / 'results.md'}, the plots and {args.rst}")
 
 
