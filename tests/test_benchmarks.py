@@ -86,9 +86,10 @@ def test_every_target_is_recorded(tiny_run):
     results = json.loads((out / "results.json").read_text())
     names = {t["name"] for t in results["targets"]}
     assert names >= {
-        "recovery_sae_mmcs", "recovery_sae_vs_mbdl", "loss_recovered_builtin",
+        "recovery_topk_family_mmcs", "recovery_topk_family_vs_mbdl", "loss_recovered_builtin",
+        "dead_features_with_auxk_builtin", "frontier_vs_mbdl_builtin",
         "time_to_quality_speedup", "memmap_memory_growth", "encoding_speedup_vs_lars",
-        "throughput_fraction_of_matmul",
+        "amortisation_gap_best", "throughput_fraction_of_matmul",
     }
     for t in results["targets"]:
         assert isinstance(t["met"], bool)
@@ -96,6 +97,106 @@ def test_every_target_is_recorded(tiny_run):
     markdown = (out / "results.md").read_text()
     assert "## Targets" in markdown
     assert "met" in markdown
+    assert "BLAS" in markdown
+
+
+ACTIVATIONS = {"relu", "topk", "batchtopk", "jumprelu"}
+
+
+@pytest.fixture(scope="module")
+def sections(tiny_run):
+    _, out = tiny_run
+    return json.loads((out / "results.json").read_text())["sections"]
+
+
+def test_blas_kernel_is_recorded(tiny_run, sections):
+    from benchmarks.__main__ import ISOLATED
+
+    _, out = tiny_run
+    machine = json.loads((out / "results.json").read_text())["machine"]
+    for info in (machine["blas"], machine["blas_isolated"]):
+        assert info["libraries"], info
+        assert all(lib["internal_api"] for lib in info["libraries"])
+        assert "architecture" in info["libraries"][0]
+    # The comparison processes run without the OpenBLAS overrides, whatever
+    # the test's own environment holds.
+    for name in ISOLATED:
+        if name in sections:
+            env = sections[name]["blas"]["env"]
+            assert env == {"OPENBLAS_CORETYPE": None, "OPENBLAS_L2_SIZE": None}, name
+
+
+def test_recovery_cases_are_on_equal_footing(sections):
+    cases = sections["recovery"]["cases"]
+    assert {c["generator"] for c in cases} == {"superposition", "clustered"}
+    assert {c["frequencies"] for c in cases} == {"uniform", "power-law"}
+    for case in cases:
+        methods = case["methods"]
+        sae = [m for m in methods if m.get("activation") and "as MBDL" not in m["method"]]
+        assert {m["activation"] for m in sae} == ACTIVATIONS
+        assert {m["n_rows"] for m in sae} == {case["n_rows"]}
+        mbdl = next(m for m in methods if m["method"] == "MiniBatchDictionaryLearning")
+        assert mbdl["n_rows"] == case["mbdl_rows"]
+        if mbdl["n_rows"] < case["n_rows"]:
+            # The SAE is also shown on exactly the rows MBDL saw.
+            same = [m for m in methods if "as MBDL" in m["method"]]
+            assert len(same) == 1 and same[0]["n_rows"] == mbdl["n_rows"]
+            assert same[0]["activation"] in {"topk", "batchtopk"}
+            assert case["mbdl_rows_fewer"]
+        assert case["margin_over_mbdl"] == pytest.approx(
+            case["best_topk_family_same_rows_mmcs"] - case["mbdl_mmcs"])
+    assert any(c["mbdl_rows_fewer"] for c in cases)
+
+
+def test_frontier_has_every_activation_and_equal_atoms(sections):
+    model = sections["frontier"]["builtin"]
+    sae, mbdl = model["sae"], model["mbdl"]
+    assert {p["activation"] for p in sae} == ACTIVATIONS
+    assert {p["n_components"] for p in sae + mbdl} == {model["n_components"]}
+    no_auxk = [p for p in sae if p.get("no_auxk")]
+    assert len(no_auxk) == 1 and no_auxk[0]["auxk_coef"] == 0
+    assert all("loss_recovered" in p["splice"] for p in sae)
+    equal = [p for p in sae if p.get("equal_rows")]
+    assert [p["n_rows"] for p in equal] == [mbdl[0]["n_rows"]]
+    assert set(model["comparison"]["per_activation"]) == ACTIVATIONS
+    assert model["comparison"]["best_activation"] in ACTIVATIONS
+    assert {"gap", "encoder", "optimal", "l0"} <= set(model["amortisation_gap"])
+
+
+def test_time_to_quality_and_encoding_cover_every_activation(sections):
+    ttq = sections["time_to_quality"]
+    assert set(ttq["primary_level"]["per_activation"]) == ACTIVATIONS
+    assert {p["activation"] for p in ttq["sae_fits"]} == ACTIVATIONS
+    enc = sections["encoding"]
+    assert {g["activation"] for g in enc["gaps"]} == ACTIVATIONS
+    for g in enc["gaps"]:
+        assert g["gap"] == pytest.approx(g["optimal"] - g["encoder"])
+    ratios = sections["throughput"]["activation_ratios"]
+    assert set(ratios) == ACTIVATIONS and ratios["relu"] == 1.0
+
+
+def test_clean_blas_env_drops_only_the_overrides():
+    from benchmarks._common import clean_blas_env
+
+    env = {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "1", "PYTHONPATH": "x",
+           "OMP_NUM_THREADS": "1"}
+    assert clean_blas_env(env) == {"PYTHONPATH": "x", "OMP_NUM_THREADS": "1"}
+    assert env["OPENBLAS_CORETYPE"] == "Haswell"  # the caller's mapping is untouched
+
+
+def test_frontier_margin():
+    from benchmarks.frontier import frontier_margin
+
+    def pts(*pairs):
+        return [{"l0": a, "explained_variance": b} for a, b in pairs]
+
+    sae = pts((8, 0.6), (16, 0.8), (32, 0.9))
+    # Read between points on a log-L0 line: L0 11.3 is halfway from 8 to 16.
+    margin, outside = frontier_margin(sae, pts((8 * 2 ** 0.5, 0.65)))
+    assert margin == pytest.approx(0.05) and outside == 0
+    margin, outside = frontier_margin(sae, pts((16, 0.85), (4, 0.1), (64, 0.99)))
+    assert margin == pytest.approx(-0.05) and outside == 1  # L0 64 is beyond 32
+    assert frontier_margin(sae, pts((4, 0.1))) == (None, 1)
 
 
 def test_unknown_section_is_refused():
