@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import sys
+import warnings
 import time
 from pathlib import Path
 
@@ -503,7 +504,7 @@ def main(argv=None):
     parser = build_parser(command)
     args = parser.parse_args(argv)
     try:
-        with _cpu_threads(args.threads):
+        with _cpu_threads(args.threads), _one_line_warnings(args.command):
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
@@ -514,6 +515,22 @@ def main(argv=None):
         message, status = _user_error(err)
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return status
+
+
+@contextlib.contextmanager
+def _one_line_warnings(command):
+    """Show each warning (a fit that did not converge, ...) as one plain line.
+
+    Python's default display adds the library's file and source line, which
+    mean nothing to a user of the command line.
+    """
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split())
+        print(f"{PROG} {command}: warning: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def _first_line(err):

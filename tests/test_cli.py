@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sparse_dict import SparseAutoencoderDictionary
 from sparse_dict.cli import build_parser, main, read_texts
 
 TEXTS = [
@@ -515,3 +516,16 @@ def test_output_in_a_file_not_a_folder(tmp_path, texts_file, capsys):
     blocker.write_text("x")
     status, _, err = run(["extract", texts_file, "-o", blocker / "a.npy"], capsys)
     assert_one_line_error(status, err, "not a folder")
+
+
+def test_a_short_fit_warns_in_one_line(tmp_path, capsys):
+    acts = tmp_path / "acts.npy"
+    np.save(acts, np.random.RandomState(0).exponential(size=(300, 16)).astype(np.float32))
+    assert main(["fit", str(acts), "-o", str(tmp_path / "d"), "--n-components", "32",
+                 "--activation", "topk", "--k", "4", "--max-steps", "10"]) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "warning:" in ln]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("sparse-dict fit: warning: The fit stopped after only 10 steps")
+    assert "site-packages" not in err and ".py:" not in err
+    assert SparseAutoencoderDictionary.load(tmp_path / "d").activation == "topk"

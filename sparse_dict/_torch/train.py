@@ -473,6 +473,9 @@ class Trainer:
 # drift was 0.093, 0.144 and 0.029 (EV 0.47, 0.74, 0.78).
 _LOSS_DROP = 0.08
 _L0_DRIFT = 0.08
+# Fewer steps than this are too few to judge the curve, and too few to
+# converge: always unconverged.
+_MIN_ASSESSED_STEPS = 50
 # Reconstruction error at the end above this multiple of the larger of the
 # first step's and the data's variance: diverged.
 _DIVERGED = 2.0
@@ -513,7 +516,15 @@ def assess_training(trainer, config, check_convergence=True):
             f"{config.learning_rate:g}), for example by a factor of 10.",
         ))
         return problems
-    if not check_convergence or n < 50:
+    if not check_convergence:
+        return problems
+    if n < _MIN_ASSESSED_STEPS:
+        problems.append((
+            "unconverged",
+            f"The fit stopped after only {n} steps of {config.batch_size} rows, too few for "
+            "any dictionary to converge. Train for more steps (raise max_steps or max_iter, "
+            "or leave both None for the default budget).",
+        ))
         return problems
     # Compare the two windows that end where the final decay starts: the
     # decay itself lowers the loss, converged or not.
