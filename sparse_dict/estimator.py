@@ -190,6 +190,18 @@ def _restored_on_error(estimator, trainer=None):
         raise
 
 
+def _with_pass_lines(callback, progress):
+    """``callback``, preceded by one printed line per pass (``verbose >= 2``)."""
+
+    def report(info):
+        line = (f"pass {info['epoch']}: step {info['step']}, loss {info['loss']:.4g}, "
+                f"mse {info['mse']:.4g}, L0 {info['l0']:.1f}, dead {info['dead']}")
+        progress.write(line)
+        return bool(callback(info)) if callback is not None else False
+
+    return report
+
+
 class SparseAutoencoderDictionary(
     ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
 ):
@@ -335,7 +347,8 @@ class SparseAutoencoderDictionary(
         Seeds the initial atoms, the batch order and the resampling. An
         integer makes CPU fits bit-for-bit repeatable.
     verbose : int, default=0
-        If positive, show a progress bar with the loss, L0 and dead count.
+        If positive, show a progress bar with the loss, L0 and dead count;
+        from 2, also one line per pass with the pass's figures.
 
     Attributes
     ----------
@@ -658,8 +671,11 @@ class SparseAutoencoderDictionary(
             from tqdm.auto import tqdm
 
             progress = tqdm(total=total, desc=type(self).__name__, unit="step")
+        callback = self.callback
+        if self.verbose >= 2:
+            callback = _with_pass_lines(callback, progress)
         try:
-            return trainer.train(X, n_passes, config, random_state, self.callback, progress)
+            return trainer.train(X, n_passes, config, random_state, callback, progress)
         finally:
             if progress is not None:
                 progress.close()

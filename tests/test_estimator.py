@@ -423,3 +423,13 @@ def test_bf16_matrix_products_train_like_float32():
     assert half.components_.dtype == X.dtype
     assert abs(half.score(X) - full.score(X)) < 0.05
     assert half.score(X) > 0.2  # training happened: an untrained model scores about 0
+
+
+def test_verbose_2_adds_a_line_per_pass(X, capsys):
+    small_sae(verbose=2, max_iter=2).fit(X)
+    captured = capsys.readouterr()
+    lines = [ln for ln in (captured.out + captured.err).splitlines() if ln.startswith("pass ")]
+    assert [ln.split(":")[0] for ln in lines] == ["pass 1", "pass 2"]
+    small_sae(verbose=1, max_iter=2).fit(X)
+    captured = capsys.readouterr()
+    assert "pass 1:" not in captured.out + captured.err
