@@ -197,7 +197,7 @@ TOPK_FAMILY = ("topk", "batchtopk")
 KNOB = {"relu": "l1_coef", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coef"}
 # The setting used where a section names none (l1_coef=3 is the value that
 # recovers make_superposition's atoms well).
-DEFAULT_KNOB = {"relu": 3.0, "topk": 32, "batchtopk": 32, "jumprelu": 3.0}
+DEFAULT_KNOB = {"relu": 3.0, "topk": 32, "batchtopk": 32, "jumprelu": 0.005}
 
 
 def sae_params(activation="relu", knob=None, **overrides):
