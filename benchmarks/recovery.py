@@ -75,7 +75,7 @@ SIZES = {
                _case("clustered", "uniform", 32, 128, 4000, 4),
                _case("clustered", "power-law", 128, 512, 40_000, 8, mbdl_rows=5000,
                      steps=2500)],
-        n_eval=500, sae_steps=1500,
+        n_eval=500, sae_steps=3000,
     ),
     "full": dict(
         cases=[_case("superposition", "uniform", 256, 1024, 20_000, 5),
