@@ -624,12 +624,14 @@ class SparseAutoencoderDictionary(
     def _train_config(self, **schedule):
         activation = self._activation()
         coef_name = activation.penalty_name
+        # AuxK for the top-k family, whose dead features lose every
+        # selection; resampling for the penalised mechanisms.
         auxk_coef = self.auxk_coef
         if auxk_coef == "auto":
-            auxk_coef = _DEFAULT_AUXK_COEF if self.activation in ("topk", "batchtopk") else 0.0
+            auxk_coef = _DEFAULT_AUXK_COEF if activation.uses_k else 0.0
         resample = self.resample_dead
         if resample == "auto":
-            resample = self.activation in ("relu", "jumprelu")
+            resample = not activation.uses_k
         k_aux = self.k_aux or max(1, self.n_features_in_ // 2)
         return TrainConfig(
             coef=getattr(self, coef_name) if coef_name else 0.0,
@@ -721,27 +723,30 @@ class SparseAutoencoderDictionary(
         self.n_components_ = self.components_.shape[0]
         self.scale_ = float(trainer.scale)
         self.n_steps_ = int(trainer.step)
-        history = trainer.history
-        self.history_ = {k: history[:, i].copy() for i, k in enumerate(STAT_NAMES)}
-        self.loss_curve_ = self.history_["loss"]
-        tail = self.history_["l0"][-max(1, len(history) // 10):]
-        self.train_l0_ = float(tail.mean()) if len(tail) else float("nan")
+        self._set_history(trainer.history)
         rows = max(trainer.pass_rows, 1)
         self.feature_frequencies_ = trainer.pass_fired / rows
         self.n_resampled_ = int(trainer.n_resampled)
         self._coder = None
+
+    def _set_history(self, history):
+        """``history_``, ``loss_curve_`` and ``train_l0_`` from the (steps, stats) array."""
+        self.history_ = {k: history[:, i].copy() for i, k in enumerate(STAT_NAMES)}
+        self.loss_curve_ = self.history_["loss"]
+        tail = self.history_["l0"][-max(1, len(history) // 10):]
+        self.train_l0_ = float(tail.mean()) if len(tail) else float("nan")
 
     def _fitted_tensors(self):
         """The fitted tensors by their core names (``components``, ...)."""
         activation = self._activation()
         tensors = {}
         for name in fitted_tensor_names(activation):
-            value = getattr(self, name + "_", None)
-            if value is None and name in activation.state_defaults:
+            if not hasattr(self, name + "_") and name in activation.state_defaults:
                 # Pickled before this state existed.
-                value = np.full(self.n_components_, activation.state_defaults[name],
-                                dtype=self.components_.dtype)
-            tensors[name] = getattr(self, name + "_") if value is None else value
+                tensors[name] = np.full(self.n_components_, activation.state_defaults[name],
+                                        dtype=self.components_.dtype)
+            else:
+                tensors[name] = getattr(self, name + "_")
         return tensors
 
     def _get_trainer(self):
@@ -842,7 +847,7 @@ class SparseAutoencoderDictionary(
 
             n_nonzero = self.transform_n_nonzero_coefs
             if n_nonzero is None:
-                if self.activation in ("topk", "batchtopk"):
+                if self._activation().uses_k:
                     n_nonzero = self.k
                 else:
                     n_nonzero = max(1, int(round(getattr(self, "transform_l0_", 1.0))))
@@ -1045,10 +1050,8 @@ class SparseAutoencoderDictionary(
         if history.shape[1] < len(STAT_NAMES):
             pad = np.zeros((history.shape[0], len(STAT_NAMES) - history.shape[1]))
             history = np.concatenate([history, pad], axis=1)
-        estimator.history_ = {k: history[:, i].copy() for i, k in enumerate(STAT_NAMES)}
-        estimator.loss_curve_ = estimator.history_["loss"]
-        tail = estimator.history_["l0"][-max(1, len(history) // 10):]
-        estimator.train_l0_ = attrs.get("train_l0_", float(tail.mean()) if len(tail) else float("nan"))
+        estimator._set_history(history)
+        estimator.train_l0_ = attrs.get("train_l0_", estimator.train_l0_)
         estimator.transform_l0_ = attrs.get("transform_l0_", estimator.train_l0_)
         estimator.n_features_in_ = n_features
         estimator.n_components_ = n_components
@@ -1146,9 +1149,8 @@ class SparseAutoencoderDictionary(
         estimator.n_iter_ = estimator.n_steps_ = estimator.n_resampled_ = 0
         # The weights are in input units already; training would go on there.
         estimator.scale_ = 1.0
-        estimator.history_ = {k: np.zeros(0) for k in STAT_NAMES}
-        estimator.loss_curve_ = estimator.history_["loss"]
-        estimator.train_l0_ = estimator.transform_l0_ = float("nan")
+        estimator._set_history(np.zeros((0, len(STAT_NAMES))))
+        estimator.transform_l0_ = float("nan")
         estimator.provenance_ = read["provenance"]
         return estimator
 

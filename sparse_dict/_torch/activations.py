@@ -34,6 +34,10 @@ class Activation:
     state_names : tuple of str
         Names of the fitted tensors of shape (n_components,) this mechanism
         adds to the four every autoencoder has.
+    uses_k : bool
+        Whether ``k`` sets the sparsity (the top-k family). Such a mechanism
+        has no penalty, its dead features lose every selection and need
+        AuxK, and ``k`` is its natural number of atoms for optimal codes.
     min_default_steps : int
         The fewest training steps of the default budget. A penalised
         mechanism finds its L0 through the penalty and needs more steps
@@ -48,6 +52,7 @@ class Activation:
     name = None
     penalty_name = None
     state_names = ()
+    uses_k = False
     min_default_steps = 3000
     state_defaults = {}
 
@@ -170,6 +175,7 @@ class TopK(Activation):
     """
 
     name = "topk"
+    uses_k = True
     state_names = ("selection_scale",)
     # Folders saved before selection_scale existed selected on pre itself.
     state_defaults = {"selection_scale": 1.0}
