@@ -108,6 +108,9 @@ class Activation:
     def after_step_(self, model, step):
         """Update non-trained state (a running threshold) after a step."""
 
+    def release_workspace(self):
+        """Drop buffers kept between steps (after training, before pickling)."""
+
     # ------------------------------------------------------------- inference
     def encode(self, pre, state):
         """Codes from pre-activations, batch-independent, for inference.
@@ -362,15 +365,27 @@ class JumpReLU(Activation):
         model.log_threshold = torch.nn.Parameter(
             torch.full((model.n_components,), math.log(self.initial_threshold))
         )
-        self._window = None
+        self._window = self._buffer = None
 
     def forward_(self, pre, mask, model):
         theta = model.log_threshold.exp().to(pre.dtype)
-        shifted = pre - theta
-        # rect((pre - theta) / bandwidth), kept for the threshold's gradient.
-        self._window = (shifted.abs() < 0.5 * self.bandwidth).to(pre.dtype)
-        torch.gt(shifted, 0, out=mask)
+        # One (batch, n_components) buffer, reused across steps (a fresh one
+        # costs page faults on a CPU): pre - theta, then in place the
+        # rectangle window rect((pre - theta) / bandwidth) that the
+        # threshold's gradient needs.
+        window = self._buffer
+        if window is None or window.shape != pre.shape or window.dtype != pre.dtype \
+                or window.device != pre.device:
+            window = self._buffer = torch.empty_like(pre)
+        torch.sub(pre, theta, out=window)
+        torch.gt(window, 0, out=mask)
         pre.mul_(mask)
+        window.abs_()
+        torch.lt(window, 0.5 * self.bandwidth, out=window)
+        self._window = window
+
+    def release_workspace(self):
+        self._window = self._buffer = None
 
     def penalty(self, code_sums, l0, model, coef, batch):
         return l0 * model.n_features, None

@@ -154,6 +154,7 @@ class SparseAutoencoder(nn.Module):
     def release_workspace(self):
         """Free the training buffers (after training, before pickling)."""
         self._ws = None
+        self.activation.release_workspace()
 
 
     @torch.no_grad()
