@@ -495,9 +495,12 @@ def test_splice_mean_ablation_and_real_losses():
     assert result.explained_variance == pytest.approx(0.0, abs=1e-5)
     # The original loss is the model's mean next-token cross-entropy.
     model, tok = ext.loaded_model().model, ext.loaded_model().tokenizer
+    # The extractor's device="auto" puts the model on a GPU where there is
+    # one: the reference ids go where the model is.
+    device = next(model.parameters()).device
     nll = []
     for text in TEXTS:
-        ids = torch.tensor([tok.encode(text)[:128]])
+        ids = torch.tensor([tok.encode(text)[:128]], device=device)
         with torch.no_grad():
             logp = torch.log_softmax(model(ids)[0, :-1].double(), -1)
         nll.extend((-logp.gather(-1, ids[0, 1:, None])).ravel().tolist())
