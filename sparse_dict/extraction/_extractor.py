@@ -599,16 +599,18 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         writer = StoreWriter(path, self._store_config(corpus), resume=resume,
                              overwrite=overwrite)
         with writer, self._disk_progress(X, writer.n_texts) as bar:
-            probe = writer.first_text_rows() if writer.n_texts else None
+            # The first text with rows is extracted again once the texts done
+            # are known to be the same, to check the model is too.
+            stored = writer.first_text_rows() if writer.n_texts else None
             for start, texts, pretokenized in itertools.chain([first], chunks):
                 done = writer.n_texts - start
                 if done > 0:
                     # Texts extracted before the interruption: checked, not redone.
-                    if probe is not None and start <= probe[0] < start + done:
-                        self._check_same_activations(texts[probe[0] - start], pretokenized,
-                                                     *probe, path)
-                        probe = None
+                    if stored is not None and start <= stored[0] < start + done:
+                        probe = texts[stored[0] - start]
                     writer.skip(texts[:done], pretokenized)
+                    if done <= len(texts) and stored is not None:
+                        self._check_same_activations(probe, pretokenized, *stored, path)
                     texts, start = texts[done:], start + len(texts[:done])
                     if not texts:
                         continue
