@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -50,10 +49,12 @@ from sparse_dict._cli_common import (  # noqa: F401
     _npy_name,
     _output_dir,
     _output_file,
+    _output_store,
     _progress,
     _save_npy,
     _say,
     _write_report,
+    _write_tokens,
     iter_texts,
     load_matrix,
     open_activations_store,
@@ -131,44 +132,6 @@ def _extract_to_store(args, texts):
     _say(args, f"wrote {store.n_rows:,} x {store.activations.shape[1]} activations of "
          f"{store.n_texts:,} texts to the store {path}{resumed}")
     return 0
-
-
-def _output_store(path, texts, *, resume, overwrite):
-    """The store's folder after checking it may be written, resumed or replaced."""
-    from sparse_dict.extraction._store import STORE
-
-    if resume and overwrite:
-        raise CLIError("--resume continues the store and --overwrite starts it again; "
-                       "give one of them")
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CLIError(f"--store {str(path)!r} is a file, expected a folder")
-    _output_dir(path.parent if str(path.parent) else Path("."), "folder of the store")
-    if resume and STORE.recognize(path):
-        return path
-    try:
-        # With --resume, anything there must be a store (or an empty folder).
-        _persist.check_target(path, STORE, overwrite=overwrite or resume,
-                              inputs=[Path(texts)], hint="--overwrite")
-    except FileExistsError as err:
-        if STORE.recognize(path):
-            raise CLIError(f"--store {str(path)!r} already exists; give --resume to continue "
-                           "its extraction or --overwrite to start again") from None
-        raise CLIError(f"--store: {err}") from None
-    except ValueError as err:
-        raise CLIError(f"--store: {err}") from None
-    return path
-
-
-def _write_tokens(store, path, chunk=1 << 16):
-    """The text, position and token string of every row of ``store``, as JSON lines."""
-    with open(path, "w", encoding="utf-8") as fh:
-        for start in range(0, store.n_rows, chunk):
-            rows = slice(start, min(start + chunk, store.n_rows))
-            tokens = store.tokens(rows).tolist()
-            index = np.asarray(store.index[rows, :2]).tolist()
-            fh.writelines(json.dumps({"text": text, "position": pos, "token": tok}) + "\n"
-                          for tok, (text, pos) in zip(tokens, index))
 
 
 def cmd_fit(args):
