@@ -581,7 +581,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         >>> np.allclose(store.activations, ext.transform(texts), atol=1e-5)
         True
         >>> np.load(os.path.join(path, "activations.npy"), mmap_mode="r").shape
-        (126, 512)
+        (36, 512)
         """
         from sparse_dict.extraction._store import StoreWriter, open_store
 

@@ -405,9 +405,9 @@ def open_store(path):
     >>> _ = TransformerActivationExtractor(device="cpu").transform_to_disk(["Hello"], path)
     >>> store = open_store(path)
     >>> store.manifest["model"], store.manifest["hook"], store.manifest["n_tokens"]
-    ('builtin', 'mlp_post', 5)
+    ('builtin', 'mlp_post', 3)
     >>> store.tokens().tolist()
-    ['H', 'e', 'll', 'o', '<eos>']
+    ['H', 'ell', 'o']
     """
     path = Path(path)
     return ActivationStore(path, _read_manifest(path))
