@@ -307,3 +307,20 @@ def test_cli_extract_to_npy_streams_through_a_store(reference, texts, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "t.jsonl", encoding="utf-8")]
     assert [[r["text"], r["position"]] for r in rows] == reference.index[:, :2].tolist()
     assert [r["token"] for r in rows] == reference.tokens().tolist()
+
+
+def test_texts_files_are_read_line_by_line_as_before(tmp_path):
+    import re
+
+    from sparse_dict.cli import iter_texts, read_texts
+
+    raw = "a\nb\n\nc\n \t\nd\n\n\n\ne\r\nf\rg\x0ch\u2028i\n"
+    path = tmp_path / "t.txt"
+    path.write_bytes(raw.encode("utf-8"))
+    text = path.read_text(encoding="utf-8")  # newlines translated, as read_texts once read
+    expected = {"lines": text.splitlines(), "paragraphs": re.split(r"\n[ \t]*\n", text),
+                "whole": [text]}
+    for split, pieces in expected.items():
+        assert read_texts(path, split) == [t.strip("\n") for t in pieces if t.strip()], split
+    texts = iter_texts(path)
+    assert next(texts) == "a" and not isinstance(texts, list)

@@ -397,8 +397,11 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         seqs = self._tokenize(X, pretokenized, self.loaded_model())
         return self._activations(seqs, self._progress_label(len(seqs))), seqs
 
-    def _activations(self, seqs, desc=None):
-        """Activations of the token-id lists ``seqs``, in their order."""
+    def _activations(self, seqs, desc=None, first=0):
+        """Activations of the token-id lists ``seqs``, in their order.
+
+        ``first`` is the index of ``seqs[0]`` in the whole input, for messages.
+        """
         loaded = self.loaded_model()
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         d = self.n_features_out_
@@ -409,7 +412,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             empty = np.flatnonzero(lengths == 0)
             if empty.size:
                 raise ValueError(
-                    f"Text {int(empty[0])} has no tokens, so it cannot be pooled."
+                    f"Text {first + int(empty[0])} has no tokens, so it cannot be pooled."
                 )
             out = np.empty((len(seqs), d), dtype=np.float32)
         with torch.inference_mode(), self.activation_hook() as hook:
@@ -615,7 +618,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
                     if not texts:
                         continue
                 seqs = self._tokenize(texts, pretokenized, self.loaded_model())
-                acts = self._activations(seqs)
+                acts = self._activations(seqs, first=start)
                 text_index, position, token_id = self._row_index(seqs)
                 index = np.column_stack([text_index + start, position, token_id])
                 writer.append(texts, pretokenized, acts, index,

@@ -266,6 +266,13 @@ class ActivationStore:
         given), its position in the tokenised text (-1 for rows pooled by
         mean or max) and its token id (-1 likewise).
 
+    Notes
+    -----
+    ``np.load(path / "activations.npy", mmap_mode="r")`` gives the same
+    array once the store is complete. Of an interrupted store it may also
+    give rows of a chunk that was being written; this class gives only the
+    rows its manifest counts.
+
     See Also
     --------
     open_store : Open a store.
@@ -292,6 +299,7 @@ class ActivationStore:
         n_rows, width = manifest["n_rows"], manifest["n_features"]
         self.activations = _rows(self.path / ACTIVATIONS, width, np.float32, n_rows)
         self.index = _rows(self.path / INDEX, _INDEX_COLUMNS, np.int64, n_rows)
+        self._table = None
 
     @property
     def n_rows(self):
@@ -359,19 +367,28 @@ class ActivationStore:
         -------
         tokens : ndarray of str objects
         """
-        vocab_file = self.path / VOCAB
-        if not vocab_file.is_file():
-            raise ValueError(f"{self.path}: {VOCAB} is missing; it is written when the "
-                             "extraction ends, so resume the extraction first.")
-        vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
-        table = np.empty(len(vocab) + 1, dtype=object)
-        table[:-1] = vocab
-        table[-1] = ""  # id -1: pooled rows
+        table = self._token_table()
         ids = np.asarray(self.token_ids[rows])
-        if ids.size and ids.max() >= len(vocab):
-            raise ValueError(f"{vocab_file} has {len(vocab)} tokens but the rows hold id "
-                             f"{int(ids.max())}: the activation store is damaged.")
+        if ids.size and ids.max() >= len(table) - 1:
+            raise ValueError(f"{self.path / VOCAB} has {len(table) - 1} tokens but the rows "
+                             f"hold id {int(ids.max())}: the activation store is damaged.")
         return table[ids]
+
+    def _token_table(self):
+        """The token strings by id, and '' last (for id -1), read once."""
+        if self._table is None:
+            vocab_file = self.path / VOCAB
+            if not vocab_file.is_file():
+                raise ValueError(f"{self.path}: {VOCAB} is missing; it is written when the "
+                                 "extraction ends, so resume the extraction first.")
+            vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+            if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
+                raise ValueError(f"{vocab_file}: expected a JSON list of token strings.")
+            table = np.empty(len(vocab) + 1, dtype=object)
+            table[:-1] = vocab
+            table[-1] = ""  # id -1: rows pooled by mean or max
+            self._table = table
+        return self._table
 
 
 def open_store(path):
