@@ -241,6 +241,11 @@ def test_one_writer_at_a_time(extractor, reference, tmp_path):
     with StoreWriter(path, config):
         with pytest.raises(RuntimeError, match="another process"):
             StoreWriter(path, config, resume=True)
+        with pytest.raises(RuntimeError, match="another process"):
+            StoreWriter(path, config, overwrite=True)
+    # Released when the writer closes.
+    with StoreWriter(path, config, resume=True) as writer:
+        assert writer.n_texts == 0
 
 
 def test_bad_input_is_refused_before_anything_is_written(extractor, tmp_path):

@@ -468,6 +468,10 @@ class StoreWriter:
                         "--resume on the command line) or start again (overwrite=True, "
                         "--overwrite).") from None
                 raise
+            if overwrite and STORE.recognize(self.path):
+                # Not while another process is filling it.
+                with open(self.path / ACTIVATIONS, "rb") as fh:
+                    _lock(fh, self.path)
             manifest = self._create(config, overwrite, hint)
         self.manifest = manifest
         width = manifest["n_features"]
