@@ -29,8 +29,9 @@ extensions = [
     "sphinx_gallery.gen_gallery",
 ]
 
+# Files whose names start with "_" are sections included in other pages.
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "auto_examples/*.ipynb",
-                    "auto_examples/*.py", "auto_examples/*.zip"]
+                    "auto_examples/*.py", "auto_examples/*.zip", "_*.rst"]
 templates_path = []
 # The theme of scikit-learn and most PyData projects, so the pages look like
 # the ones these users already read.

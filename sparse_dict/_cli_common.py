@@ -77,6 +77,44 @@ def _output_dir(path, what):
     return path
 
 
+def _output_store(path, texts, *, resume, overwrite):
+    """The store's folder after checking it may be written, resumed or replaced."""
+    from sparse_dict.extraction._store import STORE
+
+    if resume and overwrite:
+        raise CLIError("--resume continues the store and --overwrite starts it again; "
+                       "give one of them")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--store {str(path)!r} is a file, expected a folder")
+    _output_dir(path.parent if str(path.parent) else Path("."), "folder of the store")
+    if resume and STORE.recognize(path):
+        return path
+    try:
+        # With --resume, anything there must be a store (or an empty folder).
+        _persist.check_target(path, STORE, overwrite=overwrite or resume,
+                              inputs=[Path(texts)], hint="--overwrite")
+    except FileExistsError as err:
+        if STORE.recognize(path):
+            raise CLIError(f"--store {str(path)!r} already exists; give --resume to continue "
+                           "its extraction or --overwrite to start again") from None
+        raise CLIError(f"--store: {err}") from None
+    except ValueError as err:
+        raise CLIError(f"--store: {err}") from None
+    return path
+
+
+def _write_tokens(store, path, chunk=1 << 16):
+    """The text, position and token string of every row of ``store``, as JSON lines."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for start in range(0, store.n_rows, chunk):
+            rows = slice(start, min(start + chunk, store.n_rows))
+            tokens = store.tokens(rows).tolist()
+            index = np.asarray(store.index[rows, :2]).tolist()
+            fh.writelines(json.dumps({"text": text, "position": pos, "token": tok}) + "\n"
+                          for tok, (text, pos) in zip(tokens, index))
+
+
 def _npy_name(path):
     """The name numpy.save gives ``path``: with ``.npy`` added if it lacks it."""
     path = Path(path)
@@ -99,6 +137,10 @@ def read_texts(path, split="lines"):
     -------
     texts : list of str
 
+    See Also
+    --------
+    iter_texts : The same texts, read as they are used.
+
     Examples
     --------
     >>> import os, tempfile
@@ -108,50 +150,135 @@ def read_texts(path, split="lines"):
     >>> read_texts(path)
     ['To be, or not to be', 'That is the question']
     """
+    return list(iter_texts(path, split))
+
+
+def iter_texts(path, split="lines"):
+    """The texts of a file, as :func:`read_texts` gives them, read line by line.
+
+    The file is checked now; its texts are read as they are taken, so a file
+    larger than memory can be extracted (``split="whole"`` reads it whole).
+
+    Parameters
+    ----------
+    path : str or Path
+    split : {"lines", "paragraphs", "whole"}, default="lines"
+
+    Returns
+    -------
+    texts : iterator of str
+        Raises :class:`CLIError` when the file turns out not to be UTF-8,
+        holds a bad JSON line, or holds no text at all.
+    """
     path = _input_file(path, "texts file")
+    return _texts_of(path, split)
+
+
+def _lines(path, every_break=True):
+    """The lines of ``path``, one at a time.
+
+    A file's lines end at newlines only; with ``every_break`` they are also
+    cut at the rarer breaks that ``str.splitlines`` knows (form feed,
+    U+2028...), as the texts of ``--split lines`` always were.
+    """
     try:
-        raw = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if every_break:
+                    yield from line.splitlines()
+                else:
+                    yield line.rstrip("\n")
     except UnicodeDecodeError:
         raise CLIError(f"texts file {str(path)!r} is not UTF-8 text") from None
     except OSError as err:
         raise CLIError(f"cannot read texts file {str(path)!r}: {err.strerror or err}") from None
-    if path.suffix == ".jsonl":
-        texts = []
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CLIError(f"{str(path)!r} line {lineno} is not JSON: {err.msg}") from None
-            if isinstance(item, dict):
-                item = item.get("text")
-            if not isinstance(item, str):
-                raise CLIError(
-                    f"{str(path)!r} line {lineno}: expected a JSON string or an object "
-                    "with a \"text\" string"
-                )
-            texts.append(item)
-    elif split == "lines":
-        texts = raw.splitlines()
-    elif split == "paragraphs":
-        import re
 
-        texts = re.split(r"\n[ \t]*\n", raw)
+
+def _whole(path):
+    try:
+        yield path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CLIError(f"texts file {str(path)!r} is not UTF-8 text") from None
+    except OSError as err:
+        raise CLIError(f"cannot read texts file {str(path)!r}: {err.strerror or err}") from None
+
+
+def _paragraphs(path):
+    paragraph = []
+    for line in _lines(path, every_break=False):
+        if line.strip(" \t"):
+            paragraph.append(line)
+        elif paragraph:
+            yield "\n".join(paragraph)
+            paragraph = []
+    if paragraph:
+        yield "\n".join(paragraph)
+
+
+def _jsonl_texts(path):
+    for lineno, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CLIError(f"{str(path)!r} line {lineno} is not JSON: {err.msg}") from None
+        if isinstance(item, dict):
+            item = item.get("text")
+        if not isinstance(item, str):
+            raise CLIError(
+                f"{str(path)!r} line {lineno}: expected a JSON string or an object "
+                "with a \"text\" string"
+            )
+        yield item
+
+
+def _texts_of(path, split):
+    if path.suffix == ".jsonl":
+        texts = _jsonl_texts(path)
+    elif split == "lines":
+        texts = _lines(path)
+    elif split == "paragraphs":
+        texts = _paragraphs(path)
     else:
-        texts = [raw]
-    texts = [t.strip("\n") for t in texts if t.strip()]
-    if not texts:
+        texts = _whole(path)
+    n = 0
+    for text in texts:
+        if text.strip():
+            n += 1
+            yield text.strip("\n")
+    if not n:
         raise CLIError(f"texts file {str(path)!r} contains no text")
-    return texts
+
+
+def open_activations_store(path):
+    """The store at ``path`` (a folder written by ``extract --store``), checked for the CLI."""
+    from sparse_dict.extraction import open_store
+
+    try:
+        store = open_store(path)
+    except (OSError, ValueError) as err:
+        raise CLIError(str(err).splitlines()[0]) from None
+    if not store.complete:
+        raise CLIError(
+            f"the activation store {str(path)!r} is incomplete (its extraction stopped "
+            f"after {store.n_texts:,} texts); finish it with '{PROG} extract ... --store "
+            f"{path} --resume' first"
+        )
+    if store.n_rows == 0:
+        raise CLIError(f"the activation store {str(path)!r} holds no activations")
+    return store
 
 
 def load_matrix(path, what="activations"):
     """Open a ``.npy`` file of shape (n_rows, n_columns) as a read-only memmap.
 
     Nothing is read into memory here: the estimator reads a memmap batch by
-    batch, so activations larger than memory can be fitted and encoded.
+    batch, so activations larger than memory can be fitted and encoded. A
+    folder written by ``extract --store`` gives its activations.
     """
+    if Path(path).is_dir() and (Path(path) / "manifest.json").is_file():
+        return open_activations_store(path).activations
     path = _input_file(path, f"{what} file")
     with open(path, "rb") as fh:
         magic = fh.read(6)

@@ -3,7 +3,7 @@
 Subcommands::
 
     sparse-dict demo      the whole job on the built-in model and corpus
-    sparse-dict extract   texts file -> activations (.npy)
+    sparse-dict extract   texts file -> activations (.npy, or a resumable store folder)
     sparse-dict fit       activations (.npy) -> saved dictionary (folder)
     sparse-dict encode    saved dictionary + activations -> codes (.npy)
     sparse-dict report    saved dictionary + texts -> feature browser + density plot
@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import os
+import shutil
 import sys
+import tempfile
 import warnings
 import time
 from pathlib import Path
@@ -47,11 +49,15 @@ from sparse_dict._cli_common import (  # noqa: F401
     _npy_name,
     _output_dir,
     _output_file,
+    _output_store,
     _progress,
     _save_npy,
     _say,
     _write_report,
+    _write_tokens,
+    iter_texts,
     load_matrix,
+    open_activations_store,
     read_texts,
 )
 from sparse_dict._demo import _DEMO_DEFAULTS, _DEMO_ESTIMATOR_DEFAULTS, _demo_folder, cmd_demo  # noqa: F401,E501
@@ -69,7 +75,14 @@ EXIT_INTERRUPTED = 130
 
 
 def cmd_extract(args):
-    texts = read_texts(args.texts, args.split)
+    # The file is checked now and read line by line as the extraction goes,
+    # so neither the texts nor the activations are ever held whole in memory.
+    texts = iter_texts(args.texts, args.split)
+    if args.store is not None:
+        return _extract_to_store(args, texts)
+    if args.resume:
+        raise CLIError("--resume continues an extraction into a store: give --store FOLDER "
+                       "instead of -o")
     # Every output is checked before the (long) extraction, and written only
     # after it: a bad --tokens path leaves no activations file behind.
     out = _output_file(_npy_name(args.out), "output file", overwrite=args.overwrite,
@@ -79,17 +92,45 @@ def cmd_extract(args):
         tok_path = _output_file(args.tokens, "tokens file", _persist.TOKENS,
                                 overwrite=args.overwrite, inputs=[args.texts, out])
     extractor = _make_extractor(args, verbose=0 if args.quiet else 1)
-    acts, tokens, index = _extract(extractor, texts)
     with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(_persist.staged(out, _persist.NPY, overwrite=args.overwrite,
+                                                  hint="--overwrite"))
+        # Extracted into a store of its own beside the output (so on the same
+        # disk), whose activations file then becomes the output.
+        folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".store",
+                                       dir=out.parent))
+        stack.callback(shutil.rmtree, folder, ignore_errors=True)
+        store = extractor.transform_to_disk(texts, folder, chunk_texts=args.chunk_texts,
+                                            corpus=str(args.texts))
         if tok_path is not None:
-            tmp = stack.enter_context(_persist.staged(
+            tok_tmp = stack.enter_context(_persist.staged(
                 tok_path, _persist.TOKENS, overwrite=args.overwrite, hint="--overwrite"))
-            with open(tmp, "w", encoding="utf-8") as fh:
-                for tok, (text, pos) in zip(tokens.tolist(), index.tolist()):
-                    fh.write(json.dumps({"text": text, "position": pos, "token": tok}) + "\n")
-        _save_npy(out, acts, overwrite=args.overwrite)
-    _say(args, f"wrote {acts.shape[0]} x {acts.shape[1]} activations to {out}"
+            _write_tokens(store, tok_tmp)
+        shape = store.activations.shape
+        del store  # its memory maps, before its files move
+        os.replace(folder / "activations.npy", tmp)
+    _say(args, f"wrote {shape[0]} x {shape[1]} activations to {out}"
          + (f" and their tokens to {tok_path}" if tok_path is not None else ""))
+    return 0
+
+
+def _extract_to_store(args, texts):
+    if args.tokens:
+        raise CLIError("--tokens goes with -o: a store holds the tokens of its rows")
+    path = _output_store(args.store, args.texts, resume=args.resume, overwrite=args.overwrite)
+    extractor = _make_extractor(args, verbose=0 if args.quiet else 1)
+    try:
+        store = extractor.transform_to_disk(texts, path, resume=args.resume,
+                                            overwrite=args.overwrite,
+                                            chunk_texts=args.chunk_texts, corpus=str(args.texts))
+    except KeyboardInterrupt:
+        if (path / "manifest.json").is_file():
+            _say(args, f"the rows extracted so far are kept in {path}; run the same command "
+                 "with --resume to continue")
+        raise
+    resumed = " (resumed)" if args.resume else ""
+    _say(args, f"wrote {store.n_rows:,} x {store.activations.shape[1]} activations of "
+         f"{store.n_texts:,} texts to the store {path}{resumed}")
     return 0
 
 
@@ -162,16 +203,29 @@ def cmd_convert(args):
 
 def cmd_report(args):
     dictionary = _load_dictionary(args.dictionary, args.device)
-    texts = read_texts(args.texts, args.split)
-    if args.max_texts is not None:
-        texts = texts[: args.max_texts]
+    store = None
+    if Path(args.texts).is_dir():
+        # A store written by 'extract --store': its activations and tokens,
+        # without running the model again.
+        store = open_activations_store(args.texts)
+    else:
+        texts = read_texts(args.texts, args.split)
+        if args.max_texts is not None:
+            texts = texts[: args.max_texts]
     out = _output_dir(args.out, "output folder")
     _output_file(out / "features.html", "feature browser", _persist.HTML,
                  overwrite=args.overwrite)
     _output_file(out / "density.png", "density plot", _persist.PNG, overwrite=args.overwrite)
-    extractor = _make_extractor(args, verbose=0 if args.quiet else 1)
-    acts, tokens, index = _extract(extractor, texts)
-    _check_width(acts, dictionary, f"activations of --model {args.model} --layer {args.layer}")
+    if store is not None:
+        n = store.n_rows if args.max_texts is None else store.rows_of_texts(args.max_texts)
+        acts, tokens = store.activations[:n], store.tokens(slice(0, n))
+        index = np.asarray(store.index[:n, :2])
+        _check_width(acts, dictionary, f"activations in the store {args.texts}")
+    else:
+        extractor = _make_extractor(args, verbose=0 if args.quiet else 1)
+        acts, tokens, index = _extract(extractor, texts)
+        _check_width(acts, dictionary,
+                     f"activations of --model {args.model} --layer {args.layer}")
     codes = dictionary.transform(acts)
     html_path, png_path = _write_report(
         out, dictionary, codes, tokens, index,
@@ -392,16 +446,29 @@ def build_parser(command=None):
                    extract_batch_size=32, **({} if wanted("demo") else _DEMO_ESTIMATOR_DEFAULTS))
 
     p = sub.add_parser(
-        "extract", help="texts file -> activations (.npy)",
+        "extract", help="texts file -> activations (.npy, or a store folder)",
         description="Run a transformer over the texts of a file and save the "
-        "activations at one layer, one row per token, as a float32 .npy array.",
+        "activations at one layer, one row per token, as a float32 .npy array (-o) or "
+        "an activation store (--store). The texts are read and the activations "
+        "written chunk by chunk, so memory stays flat however large the file.",
     )
     p.add_argument("texts", help="texts file (.txt, or .jsonl)")
-    p.add_argument("-o", "--out", required=True,
-                   help="output .npy file ('.npy' is added if the name lacks it)")
-    p.add_argument("--tokens", help="also write each row's text, position and token "
-                   "string to this .jsonl file")
-    _add_overwrite(p, "an .npy (or tokens file) written earlier")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("-o", "--out",
+                       help="output .npy file ('.npy' is added if the name lacks it)")
+    where.add_argument("--store", metavar="FOLDER",
+                       help="write an activation store to this folder instead: the "
+                       "activations, each row's text, position and token, and a manifest "
+                       "of what was extracted and how far (resumable with --resume)")
+    p.add_argument("--tokens", help="with -o, also write each row's text, position and "
+                   "token string to this .jsonl file")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted extraction in --store FOLDER: its texts "
+                   "are read again and checked, not extracted again")
+    p.add_argument("--chunk-texts", type=_positive_int, default=256,
+                   help="texts extracted and written to disk at a time; an interruption "
+                   "loses at most this many (default: 256)")
+    _add_overwrite(p, "an .npy, tokens file or store written earlier")
     _add_extraction(p)
     _add_device(p)
     _add_common(p)
@@ -413,7 +480,8 @@ def build_parser(command=None):
         "activations (read batch by batch from disk, never loaded whole) and save "
         "it to a folder (safetensors and JSON).",
     )
-    p.add_argument("activations", help=".npy array of shape (n_tokens, n_features)")
+    p.add_argument("activations", help=".npy array of shape (n_tokens, n_features), or a "
+                   "store folder written by 'extract --store'")
     p.add_argument("-o", "--out", required=True, help="output folder for the dictionary")
     _add_overwrite(p, "a dictionary saved earlier")
     if wanted("fit"):
@@ -428,7 +496,8 @@ def build_parser(command=None):
         "features' activations (the codes), one row per input row, as .npy.",
     )
     p.add_argument("dictionary", help="folder written by 'sparse-dict fit', or a SAELens folder")
-    p.add_argument("activations", help=".npy array of shape (n_tokens, n_features)")
+    p.add_argument("activations", help=".npy array of shape (n_tokens, n_features), or a "
+                   "store folder written by 'extract --store'")
     p.add_argument("-o", "--out", required=True,
                    help="output .npy file ('.npy' is added if the name lacks it)")
     p.add_argument("--chunk-size", type=_positive_int, default=8192,
@@ -447,7 +516,8 @@ def build_parser(command=None):
         "and --hook as the activations the dictionary was fitted on.",
     )
     p.add_argument("dictionary", help="folder written by 'sparse-dict fit', or a SAELens folder")
-    p.add_argument("texts", help="texts file (.txt, or .jsonl)")
+    p.add_argument("texts", help="texts file (.txt, or .jsonl), or a store written by "
+                   "'extract --store' (its activations and tokens are used as they are)")
     p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--max-texts", type=_positive_int, help="use only the first N texts")
     p.add_argument("--top-k", type=_positive_int, default=8,

@@ -90,6 +90,7 @@ def test_every_target_is_recorded(tiny_run):
         "dead_features_with_auxk_builtin", "frontier_vs_mbdl_builtin",
         "time_to_quality_speedup", "memmap_memory_growth", "encoding_speedup_vs_lars",
         "amortisation_gap_best", "throughput_fraction_of_matmul",
+        "extraction_disk_memory_growth",
     }
     for t in results["targets"]:
         assert isinstance(t["met"], bool)

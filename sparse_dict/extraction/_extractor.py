@@ -1,7 +1,9 @@
 """TransformerActivationExtractor: texts in, activations at one point of a model out."""
 
+import itertools
 import os
 from numbers import Integral
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -14,7 +16,12 @@ from torch import nn
 from sparse_dict._torch.device import resolve_device
 from sparse_dict.extraction._hook import HOOK_POINTS, ActivationHook, StopForward, locate_hook
 from sparse_dict.extraction._loading import load_model
-from sparse_dict.extraction._texts import _check_texts, _encode_texts, _token_strings
+from sparse_dict.extraction._texts import (
+    _check_texts,
+    _encode_texts,
+    _text_chunks,
+    _token_strings,
+)
 
 class TokenIndex(NamedTuple):
     """Where each output row of an extractor comes from.
@@ -387,8 +394,15 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         """Activations of ``X`` and, per text, its token ids."""
         check_is_fitted(self)
         X, pretokenized = _check_texts(X)
+        seqs = self._tokenize(X, pretokenized, self.loaded_model())
+        return self._activations(seqs, self._progress_label(len(seqs))), seqs
+
+    def _activations(self, seqs, desc=None, first=0):
+        """Activations of the token-id lists ``seqs``, in their order.
+
+        ``first`` is the index of ``seqs[0]`` in the whole input, for messages.
+        """
         loaded = self.loaded_model()
-        seqs = self._tokenize(X, pretokenized, loaded)
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         d = self.n_features_out_
         offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -398,11 +412,11 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             empty = np.flatnonzero(lengths == 0)
             if empty.size:
                 raise ValueError(
-                    f"Text {int(empty[0])} has no tokens, so it cannot be pooled."
+                    f"Text {first + int(empty[0])} has no tokens, so it cannot be pooled."
                 )
             out = np.empty((len(seqs), d), dtype=np.float32)
         with torch.inference_mode(), self.activation_hook() as hook:
-            for chunk, ids, mask in self.batches(seqs, self._progress_label(len(seqs))):
+            for chunk, ids, mask in self.batches(seqs, desc):
                 hook.reset("stop")
                 try:
                     loaded(ids, mask)
@@ -412,7 +426,29 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
                 if acts is None:
                     raise ValueError(f"The module {self.hook_module_!r} was not called.")
                 self._store(out, acts, mask, chunk, lengths, offsets)
-        return out, seqs
+        return out
+
+    def _row_index(self, seqs):
+        """Text index, position and token id of each output row of ``seqs``.
+
+        Positions and token ids are -1 for rows pooled by mean or max.
+        """
+        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+        if self.pooling == "none":
+            text_index = np.repeat(np.arange(len(seqs), dtype=np.int64), lengths)
+            position = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(
+                np.cumsum(lengths) - lengths, lengths)
+            token_id = np.fromiter((t for s in seqs for t in s), dtype=np.int64,
+                                   count=int(lengths.sum()))
+        else:
+            text_index = np.arange(len(seqs), dtype=np.int64)
+            if self.pooling == "last":
+                position = lengths - 1
+                token_id = np.array([s[-1] for s in seqs], dtype=np.int64)
+            else:
+                position = np.full(len(seqs), -1, dtype=np.int64)
+                token_id = np.full(len(seqs), -1, dtype=np.int64)
+        return text_index, position, token_id
 
     def _store(self, out, acts, mask, chunk, lengths, offsets):
         if self.pooling == "none":
@@ -468,24 +504,184 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             row of ``X_new``.
         """
         out, seqs = self._extract(X)
+        text_index, position, token_id = self._row_index(seqs)
+        token = np.full(len(token_id), "", dtype=object)
+        real = token_id >= 0
+        token[real] = _token_strings(self.loaded_model().tokenizer, token_id[real].tolist())
+        return out, TokenIndex(text_index, position, token)
+
+    def transform_to_disk(self, X, path, *, resume=False, overwrite=False, chunk_texts=256,
+                          corpus=None):
+        """Write the activations of ``X`` to an on-disk store, chunk by chunk.
+
+        The texts are read ``chunk_texts`` at a time from ``X``, which may be
+        any iterable (a generator, an open file): neither the texts nor the
+        activations are ever held whole in memory, so the corpus may be far
+        larger than memory. Each chunk is on the disk before the store counts
+        it, so an interrupted extraction (an error, Ctrl-C, a killed process,
+        a crash) is continued with ``resume=True``, and the store then holds
+        exactly the rows an uninterrupted extraction would have written.
+
+        Parameters
+        ----------
+        X : iterable of str, or of lists of int
+            Texts, or token ids of already tokenised texts, read once, in order.
+        path : str or path-like
+            The store's folder; see :class:`~sparse_dict.extraction.ActivationStore`.
+        resume : bool, default=False
+            Continue the extraction in the store at ``path``: the texts it has
+            done are read again from ``X`` (and checked to be the same) but
+            not extracted. A ``path`` that does not exist is started afresh.
+            Refused if the store was made by another model, layer, hook,
+            pooling or ``max_length``.
+        overwrite : bool, default=False
+            Replace the store at ``path`` (only a store: any other file or
+            folder is never replaced). The old store is removed when the new
+            extraction starts.
+        chunk_texts : int, default=256
+            Texts per chunk: the unit of work made durable at once, and of
+            what is redone after an interruption. Memory grows with it.
+        corpus : str or None, default=None
+            A description of the texts (a file name, a data set's name),
+            recorded in the store's manifest as ``corpus``.
+
+        Returns
+        -------
+        store : ActivationStore
+            The store, opened for reading: ``store.activations`` is a
+            read-only ``np.memmap`` that
+            :meth:`SparseAutoencoderDictionary.fit
+            <sparse_dict.SparseAutoencoderDictionary.fit>` reads batch by batch.
+
+        Raises
+        ------
+        FileExistsError
+            If ``path`` exists and neither ``resume`` nor ``overwrite`` is
+            given, or is not a store.
+        ValueError
+            On resuming, if the extraction or the texts differ from those of
+            the store.
+
+        Notes
+        -----
+        An extractor that is not fitted is fitted first, as :meth:`fit` would,
+        on the first chunk of texts. Rows are stored text after text, in the
+        order of ``X``, as :meth:`transform` returns them; the store also
+        holds each row's text index, position and token (see
+        :class:`~sparse_dict.extraction.ActivationStore`). Texts are batched
+        longest first within a chunk, so larger chunks waste less work on
+        padding.
+
+        Examples
+        --------
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> from sparse_dict.extraction import TransformerActivationExtractor
+        >>> texts = ["To be, or not to be", "that is the question"] * 3
+        >>> ext = TransformerActivationExtractor(device="cpu")
+        >>> path = os.path.join(tempfile.mkdtemp(), "acts")
+        >>> store = ext.transform_to_disk(iter(texts), path, chunk_texts=2)
+        >>> np.allclose(store.activations, ext.transform(texts), atol=1e-5)
+        True
+        >>> np.load(os.path.join(path, "activations.npy"), mmap_mode="r").shape
+        (36, 512)
+        """
+        from sparse_dict.extraction._store import StoreWriter, open_store
+
+        if isinstance(chunk_texts, bool) or not isinstance(chunk_texts, Integral) \
+                or chunk_texts < 1:
+            raise ValueError(f"chunk_texts must be a positive integer, got {chunk_texts!r}.")
+        if corpus is not None and not isinstance(corpus, str):
+            raise TypeError(f"corpus must be a str or None, got {type(corpus).__name__}.")
+        chunks = _text_chunks(X, chunk_texts)
+        # The first chunk is read before anything is written, so that bad input
+        # (and the fit of an unfitted extractor) fails before the store exists.
+        first = next(chunks)
+        if getattr(self, "n_features_out_", None) is None:
+            self.fit(first[1][:1])
+        writer = StoreWriter(path, self._store_config(corpus), resume=resume,
+                             overwrite=overwrite)
+        with writer, self._disk_progress(X, writer.n_texts) as bar:
+            # The first text with rows is extracted again once the texts done
+            # are known to be the same, to check the model is too.
+            stored = writer.first_text_rows() if writer.n_texts else None
+            for start, texts, pretokenized in itertools.chain([first], chunks):
+                done = writer.n_texts - start
+                if done > 0:
+                    # Texts extracted before the interruption: checked, not redone.
+                    if stored is not None and start <= stored[0] < start + done:
+                        probe = texts[stored[0] - start]
+                    writer.skip(texts[:done], pretokenized)
+                    if done <= len(texts) and stored is not None:
+                        self._check_same_activations(probe, pretokenized, *stored, path)
+                    texts, start = texts[done:], start + len(texts[:done])
+                    if not texts:
+                        continue
+                seqs = self._tokenize(texts, pretokenized, self.loaded_model())
+                acts = self._activations(seqs, first=start)
+                text_index, position, token_id = self._row_index(seqs)
+                index = np.column_stack([text_index + start, position, token_id])
+                writer.append(texts, pretokenized, acts, index,
+                              n_tokens=sum(len(s) for s in seqs))
+                bar.update(len(texts))
+            writer.finish(self._vocabulary(writer.manifest["max_token_id"]))
+        return open_store(path)
+
+    def _check_same_activations(self, text, pretokenized, text_index, stored, path):
+        """Refuse to resume a store whose first text this model reads otherwise.
+
+        The manifest names the model, but a folder or a module can hold other
+        weights under the same name; one text extracted again tells. The
+        tolerance allows for other batching and for a GPU's rounding, not for
+        other weights.
+        """
+        seqs = self._tokenize([text], pretokenized, self.loaded_model())
+        again = self._activations(seqs)
+        scale = float(np.linalg.norm(stored))
+        if again.shape != stored.shape or (
+            float(np.linalg.norm(again - stored)) > 0.05 * scale + 1e-6
+        ):
+            raise ValueError(
+                f"This extractor gives other activations for text {text_index} than those "
+                f"stored in {path}: the store was made with another model or other "
+                "weights. Resume it with the same model, or start again (overwrite=True, "
+                "--overwrite on the command line)."
+            )
+
+    def _store_config(self, corpus):
+        """What the manifest of a store records about this extraction."""
+        check_is_fitted(self)
         loaded = self.loaded_model()
-        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-        if self.pooling == "none":
-            text_index = np.repeat(np.arange(len(seqs)), lengths)
-            position = np.concatenate([np.arange(n) for n in lengths]).astype(np.int64)
-            flat = [t for s in seqs for t in s]
-            tokens = _token_strings(loaded.tokenizer, flat)
-        elif self.pooling == "last":
-            text_index = np.arange(len(seqs))
-            position = lengths - 1
-            tokens = _token_strings(loaded.tokenizer, [s[-1] for s in seqs])
+        if isinstance(self.model, nn.Module):
+            model = f"torch module {type(self.model).__name__}"
+        elif os.path.isdir(self.model):
+            model = str(Path(self.model).resolve())  # the same folder, however named
         else:
-            text_index = np.arange(len(seqs))
-            position = np.full(len(seqs), -1, dtype=np.int64)
-            tokens = [""] * len(seqs)
-        token = np.empty(len(tokens), dtype=object)
-        token[:] = tokens
-        return out, TokenIndex(text_index.astype(np.int64), position, token)
+            model = str(self.model)
+        limits = [n for n in (self.max_length, loaded.max_positions) if n is not None]
+        return {
+            "model": model, "layer": int(self.layer), "hook": self.hook,
+            "module": self.module, "hook_module": self.hook_module_,
+            "hook_name": self.hook_name_, "pooling": self.pooling,
+            "max_length": int(min(limits)) if limits else None,
+            "n_features": int(self.n_features_out_), "dtype": "float32",
+            "corpus": corpus,
+        }
+
+    def _vocabulary(self, max_token_id):
+        """The token string of every id up to the vocabulary's size (or ``max_token_id``)."""
+        loaded = self.loaded_model()
+        size = max(loaded.vocab_size() or 0, max_token_id + 1)
+        return _token_strings(loaded.tokenizer, range(size))
+
+    def _disk_progress(self, X, done):
+        """A progress bar over texts when ``verbose`` is set, else one that shows nothing."""
+        from tqdm.auto import tqdm
+
+        total = len(X) if hasattr(X, "__len__") else None
+        model = "a torch module" if isinstance(self.model, nn.Module) else f"model {self.model}"
+        return tqdm(total=total, initial=done, unit="text", disable=not self.verbose,
+                    desc=f"Extracting {self.hook_name_} activations to disk ({model})")
 
     def get_feature_names_out(self, input_features=None):
         """Names of the output columns: the hook's name and the unit index.

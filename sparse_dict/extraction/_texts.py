@@ -1,6 +1,7 @@
 """Checking the texts given to an extractor, and turning them into token ids."""
 
 import inspect
+import itertools
 from collections.abc import Mapping, Set
 from numbers import Integral
 
@@ -22,11 +23,8 @@ def _is_id_sequence(x):
     return False
 
 
-def _check_texts(X):
-    """Validate the input: a non-empty sequence of strings, or of token-id lists.
-
-    Returns the list and whether it holds token ids.
-    """
+def _check_container(X):
+    """Refuse what is not a sequence of texts before iterating over it."""
     if isinstance(X, (str, bytes)):
         raise TypeError(
             "Iterable over raw texts expected, string object received: pass a "
@@ -39,12 +37,43 @@ def _check_texts(X):
             f"X must be a list of texts (or of token-id lists), got a "
             f"{type(X).__name__}; pass list(...) of the texts themselves."
         )
-    if isinstance(X, np.ndarray) and X.ndim == 2 and X.dtype.kind in "iu":
-        X = list(X)
-    elif isinstance(X, np.ndarray) and X.ndim != 1:
+    if isinstance(X, np.ndarray) and X.ndim != 1 and not (X.ndim == 2 and X.dtype.kind in "iu"):
         raise ValueError(
             f"Expected a 1-D sequence of texts, got an array of shape {X.shape}."
         )
+
+
+def _check_items(X, pretokenized, start=0):
+    """Check that every element of the list ``X`` is of the kind of the first text.
+
+    ``start`` is the position of ``X[0]`` in the whole input, for messages.
+    """
+    if pretokenized is None:
+        pretokenized = not isinstance(X[0], str)
+        if pretokenized and not _is_id_sequence(X[0]):
+            raise TypeError(
+                "X must hold texts (str) or sequences of integer token ids; element "
+                f"{start} is {type(X[0]).__name__}: {X[0]!r:.60}."
+            )
+    for i, x in enumerate(X):
+        if (isinstance(x, str) and not pretokenized) or (pretokenized and _is_id_sequence(x)):
+            continue
+        what = "texts (str)" if not pretokenized else "sequences of integer token ids"
+        raise TypeError(
+            f"X must hold only {what}, like its first element; element {start + i} is "
+            f"{type(x).__name__}: {x!r:.60}."
+        )
+    if not pretokenized:
+        _check_encodable(X, start)
+    return pretokenized
+
+
+def _check_texts(X):
+    """Validate the input: a non-empty sequence of strings, or of token-id lists.
+
+    Returns the list and whether it holds token ids.
+    """
+    _check_container(X)
     try:
         X = list(X)
     except TypeError:
@@ -53,29 +82,40 @@ def _check_texts(X):
         ) from None
     if not X:
         raise ValueError("X is empty: expected at least one text.")
-    pretokenized = not isinstance(X[0], str)
-    if pretokenized and not _is_id_sequence(X[0]):
-        raise TypeError(
-            "X must hold texts (str) or sequences of integer token ids; element 0 "
-            f"is {type(X[0]).__name__}: {X[0]!r:.60}."
-        )
-    for i, x in enumerate(X):
-        if (isinstance(x, str) and not pretokenized) or (pretokenized and _is_id_sequence(x)):
-            continue
-        what = "texts (str)" if not pretokenized else "sequences of integer token ids"
-        raise TypeError(
-            f"X must hold only {what}, like its first element; element {i} is "
-            f"{type(x).__name__}: {x!r:.60}."
-        )
-    if not pretokenized:
-        _check_encodable(X)
-    return X, pretokenized
+    return X, _check_items(X, None)
 
 
-def _check_encodable(texts):
+def _text_chunks(X, chunk_texts):
+    """Checked lists of at most ``chunk_texts`` texts of the iterable ``X``, in order.
+
+    Only one chunk is held at a time, so a generator or an open file of any
+    length can be read. Yields ``(start, texts, pretokenized)``, ``start``
+    being the position of the chunk's first text in ``X``; every chunk must
+    hold the same kind of texts as the first.
+    """
+    _check_container(X)
+    try:
+        items = iter(X)
+    except TypeError:
+        raise TypeError(
+            f"X must be an iterable of texts (or of token-id lists), got {type(X).__name__}."
+        ) from None
+    start, pretokenized = 0, None
+    while True:
+        chunk = list(itertools.islice(items, chunk_texts))
+        if not chunk:
+            break
+        pretokenized = _check_items(chunk, pretokenized, start)
+        yield start, chunk, pretokenized
+        start += len(chunk)
+    if start == 0:
+        raise ValueError("X is empty: expected at least one text.")
+
+
+def _check_encodable(texts, start=0):
     # A lone surrogate (such as "\ud800", from a bad decode) is a str that no
     # tokenizer can encode; each fails in its own opaque way, so say which text.
-    for i, text in enumerate(texts):
+    for i, text in enumerate(texts, start):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as err:

@@ -1,0 +1,331 @@
+"""Tests of the on-disk activation store: extraction to disk, resuming, reading back.
+
+The built-in model (shipped with the package) does the extraction; the
+interruptions are real: an exception raised while the texts are read, and a
+process killed with SIGKILL in the middle of an extraction.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_dict import SparseAutoencoderDictionary
+from sparse_dict._corpus import load_corpus
+from sparse_dict.cli import main
+from sparse_dict.extraction import ActivationStore, TransformerActivationExtractor, open_store
+from sparse_dict.extraction._store import StoreWriter
+from sparse_dict.models.builtin import TinyTransformer, TinyTransformerConfig
+
+N_TEXTS = 30
+CHUNK = 4
+MAX_LENGTH = 24
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return load_corpus("train", n_texts=N_TEXTS, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def extractor(texts):
+    return TransformerActivationExtractor(max_length=MAX_LENGTH, device="cpu").fit(texts[:1])
+
+
+@pytest.fixture(scope="module")
+def reference(extractor, texts, tmp_path_factory):
+    """An extraction to disk that nothing interrupted."""
+    path = tmp_path_factory.mktemp("reference") / "store"
+    return extractor.transform_to_disk(texts, path, chunk_texts=CHUNK, corpus="corpus train")
+
+
+def _files(path, manifest=False):
+    """The bytes of a store's files (vocab.json only once the store is complete)."""
+    names = ("activations.npy", "index.npy", "vocab.json") + (("manifest.json",) * manifest)
+    return {name: (Path(path) / name).read_bytes() for name in names
+            if (Path(path) / name).exists()}
+
+
+def _interrupted(texts, after):
+    """The texts, until reading text ``after`` raises as Ctrl-C would."""
+    for i, text in enumerate(texts):
+        if i == after:
+            raise KeyboardInterrupt
+        yield text
+
+
+# ---------------------------------------------------------------------------
+# What a store holds
+# ---------------------------------------------------------------------------
+
+
+def test_store_holds_the_rows_tokens_and_provenance(reference, extractor, texts):
+    acts, where = extractor.transform_with_tokens(texts)
+    store = reference
+    assert isinstance(store, ActivationStore) and store.complete
+    assert store.activations.shape == acts.shape and store.activations.dtype == np.float32
+    # Other batches than transform's round differently in the last bits only.
+    np.testing.assert_allclose(store.activations, acts, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(store.text_index, where.text_index)
+    np.testing.assert_array_equal(store.position, where.position)
+    np.testing.assert_array_equal(store.tokens(), where.token)
+    assert store.rows_of_texts(3) == int((where.text_index < 3).sum())
+    m = store.manifest
+    assert (m["model"], m["layer"], m["hook"], m["corpus"]) == ("builtin", 0, "mlp_post",
+                                                                "corpus train")
+    assert m["n_tokens"] == m["n_rows"] == acts.shape[0] and m["n_texts"] == N_TEXTS
+    assert m["max_length"] == MAX_LENGTH and m["n_features"] == 512
+    # The plain .npy reading and open_store see the same rows.
+    on_disk = np.load(store.path / "activations.npy", mmap_mode="r")
+    np.testing.assert_array_equal(on_disk, store.activations)
+    np.testing.assert_array_equal(open_store(store.path).index, store.index)
+
+
+@pytest.mark.filterwarnings("ignore:The fit stopped after only")
+def test_fit_reads_the_store(reference):
+    acts = open_store(reference.path).activations
+    assert isinstance(acts, np.memmap)
+    sae = SparseAutoencoderDictionary(n_components=32, max_iter=1, batch_size=64,
+                                      random_state=0, device="cpu")
+    sae.fit(acts)
+    eager = SparseAutoencoderDictionary(n_components=32, max_iter=1, batch_size=64,
+                                        random_state=0, device="cpu").fit(np.array(acts))
+    np.testing.assert_array_equal(sae.components_, eager.components_)
+
+
+def test_pooled_store(texts, tmp_path):
+    ext = TransformerActivationExtractor(max_length=MAX_LENGTH, pooling="mean", device="cpu")
+    store = ext.transform_to_disk(iter(texts[:9]), tmp_path / "s", chunk_texts=CHUNK)
+    np.testing.assert_allclose(store.activations, ext.transform(texts[:9]), atol=1e-5)
+    assert store.text_index.tolist() == list(range(9))
+    assert (store.position == -1).all() and set(store.tokens().tolist()) == {""}
+    assert store.manifest["n_rows"] == 9 and store.manifest["n_tokens"] > 9
+
+
+# ---------------------------------------------------------------------------
+# Interrupted, then resumed
+# ---------------------------------------------------------------------------
+
+
+def test_resumed_after_an_exception_equals_uninterrupted(reference, extractor, texts,
+                                                         tmp_path):
+    path = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        extractor.transform_to_disk(_interrupted(texts, 14), path, chunk_texts=CHUNK)
+    partial = open_store(path)
+    assert not partial.complete and partial.n_texts == 12  # three whole chunks
+    np.testing.assert_array_equal(partial.activations,
+                                  reference.activations[: partial.n_rows])
+    # A crash while a chunk was being written leaves rows (here, garbage)
+    # past those the manifest counts; resuming must drop them.
+    for name in ("activations.npy", "index.npy"):
+        with open(path / name, "ab") as fh:
+            fh.write(b"\x7f" * 5000)
+    store = extractor.transform_to_disk(iter(texts), path, resume=True, chunk_texts=CHUNK)
+    assert store.complete
+    assert _files(path) == _files(reference.path)
+    keep = ("n_texts", "n_rows", "n_tokens", "texts_sha256", "max_token_id", "complete")
+    assert {k: store.manifest[k] for k in keep} == {k: reference.manifest[k] for k in keep}
+
+
+def test_resumed_after_the_process_was_killed_equals_uninterrupted(reference, texts,
+                                                                    tmp_path):
+    path = tmp_path / "store"
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        torch.set_num_threads(1)
+        from sparse_dict._corpus import load_corpus
+        from sparse_dict.extraction import TransformerActivationExtractor
+
+        def texts():
+            for i, text in enumerate(load_corpus("train", n_texts={N_TEXTS}, random_state=0)):
+                if i == 21:  # in the sixth chunk: five are on disk
+                    os.kill(os.getpid(), signal.SIGKILL)
+                yield text
+
+        ext = TransformerActivationExtractor(max_length={MAX_LENGTH}, device="cpu")
+        ext.transform_to_disk(texts(), {str(path)!r}, chunk_texts={CHUNK})
+    """)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    assert open_store(path).n_texts == 20 and not open_store(path).complete
+    ext = TransformerActivationExtractor(max_length=MAX_LENGTH, device="cpu")
+    ext.transform_to_disk(texts, path, resume=True, chunk_texts=CHUNK)
+    assert _files(path) == _files(reference.path)
+
+
+def test_resume_refuses_another_extraction(reference, extractor, texts, tmp_path):
+    path = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        extractor.transform_to_disk(_interrupted(texts, 9), path, chunk_texts=CHUNK)
+    before = _files(path, manifest=True)
+    other_hook = TransformerActivationExtractor(max_length=MAX_LENGTH, hook="resid_post",
+                                                device="cpu")
+    with pytest.raises(ValueError, match=r"hook='mlp_post' \(now 'resid_post'\)"):
+        other_hook.transform_to_disk(texts, path, resume=True, chunk_texts=CHUNK)
+    with pytest.raises(ValueError, match="first 8 texts differ"):
+        extractor.transform_to_disk(texts[::-1], path, resume=True, chunk_texts=CHUNK)
+    with pytest.raises(ValueError, match="texts end after 5 texts"):
+        extractor.transform_to_disk(texts[:5], path, resume=True, chunk_texts=CHUNK)
+    with pytest.raises(FileExistsError, match="interrupted extraction"):
+        extractor.transform_to_disk(texts, path, chunk_texts=CHUNK)
+    with pytest.raises(ValueError, match="pass one of them"):
+        extractor.transform_to_disk(texts, path, resume=True, overwrite=True)
+    # Every refusal left the store as it was, ready to resume.
+    assert _files(path, manifest=True) == before
+    # Another chunk size resumes too (rows equal to rounding: other batches).
+    store = extractor.transform_to_disk(texts, path, resume=True, chunk_texts=7)
+    np.testing.assert_allclose(store.activations, reference.activations, atol=1e-5)
+    np.testing.assert_array_equal(store.index, reference.index)
+
+
+def test_resume_refuses_other_weights_under_the_same_name(tmp_path):
+    ids = [[int(i) for i in np.random.RandomState(k).randint(0, 300, 6 + k)] for k in range(6)]
+
+    def extractor(seed):
+        torch.manual_seed(seed)
+        lm = TinyTransformer(TinyTransformerConfig(vocab_size=300, max_len=16))
+        return TransformerActivationExtractor(lm, device="cpu")
+
+    with pytest.raises(KeyboardInterrupt):
+        extractor(0).transform_to_disk(_interrupted(ids, 4), tmp_path / "s", chunk_texts=2)
+    with pytest.raises(ValueError, match="other weights"):
+        extractor(1).transform_to_disk(ids, tmp_path / "s", resume=True, chunk_texts=2)
+    store = extractor(0).transform_to_disk(ids, tmp_path / "s", resume=True, chunk_texts=2)
+    assert store.complete and store.n_rows == sum(min(len(s), 16) for s in ids)
+    assert store.tokens()[:2].tolist() == [str(i) for i in ids[0][:2]]
+
+
+# ---------------------------------------------------------------------------
+# Nothing of the user's is replaced
+# ---------------------------------------------------------------------------
+
+
+def test_paths_are_written_only_when_free_or_asked(extractor, texts, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for flags in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(FileExistsError, match="not a activation store|already exists"):
+            extractor.transform_to_disk(texts[:2], mine, **flags)
+    assert os.listdir(mine) == ["notes.txt"]
+    afile = tmp_path / "file"
+    afile.write_text("keep me too")
+    with pytest.raises(FileExistsError):
+        extractor.transform_to_disk(texts[:2], afile, overwrite=True)
+    assert afile.read_text() == "keep me too"
+    # An empty folder holds nothing to lose; a store is replaced when asked.
+    (tmp_path / "empty").mkdir()
+    first = extractor.transform_to_disk(texts[:2], tmp_path / "empty")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        extractor.transform_to_disk(texts[2:4], first.path)
+    again = extractor.transform_to_disk(texts[2:4], first.path, overwrite=True)
+    np.testing.assert_allclose(again.activations, extractor.transform(texts[2:4]), atol=1e-5)
+    # Resuming where nothing is starts afresh.
+    assert extractor.transform_to_disk(texts[:2], tmp_path / "new", resume=True).complete
+
+
+def test_one_writer_at_a_time(extractor, reference, tmp_path):
+    path = tmp_path / "s"
+    config = extractor._store_config(None)
+    with StoreWriter(path, config):
+        with pytest.raises(RuntimeError, match="another process"):
+            StoreWriter(path, config, resume=True)
+        with pytest.raises(RuntimeError, match="another process"):
+            StoreWriter(path, config, overwrite=True)
+    # Released when the writer closes.
+    with StoreWriter(path, config, resume=True) as writer:
+        assert writer.n_texts == 0
+
+
+def test_bad_input_is_refused_before_anything_is_written(extractor, tmp_path):
+    for bad, error in (("one text", TypeError), ([], ValueError), (["a", 3], TypeError),
+                       ({"a": 1}, TypeError)):
+        with pytest.raises(error):
+            extractor.transform_to_disk(bad, tmp_path / "s")
+        assert not (tmp_path / "s").exists()
+    with pytest.raises(TypeError, match="element 5"):
+        extractor.transform_to_disk(iter(["a"] * 5 + [None]), tmp_path / "t", chunk_texts=2)
+    with pytest.raises(ValueError, match="chunk_texts"):
+        extractor.transform_to_disk(["a"], tmp_path / "u", chunk_texts=0)
+    with pytest.raises(ValueError, match="not an activation store"):
+        open_store(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+
+def test_cli_extract_to_a_store_fit_and_report(reference, texts, tmp_path, capsys):
+    corpus = tmp_path / "texts.jsonl"
+    corpus.write_text("".join(json.dumps(t) + "\n" for t in texts), encoding="utf-8")
+    store = tmp_path / "acts"
+    common = ["--max-length", str(MAX_LENGTH), "--chunk-texts", str(CHUNK), "--device", "cpu",
+              "-q"]
+    assert main(["extract", str(corpus), "--store", str(store), *common]) == 0
+    np.testing.assert_array_equal(open_store(store).activations, reference.activations)
+    assert open_store(store).manifest["corpus"] == str(corpus)
+    capsys.readouterr()
+    assert main(["extract", str(corpus), "--store", str(store), *common]) == 2
+    assert "give --resume" in capsys.readouterr().err
+    assert main(["extract", str(corpus), "-o", str(tmp_path / "a.npy"), "--resume",
+                 *common]) == 2
+    assert "--store" in capsys.readouterr().err
+    # Resuming a complete store with the same texts changes nothing.
+    before = _files(store, manifest=True)
+    assert main(["extract", str(corpus), "--store", str(store), "--resume", *common]) == 0
+    assert _files(store, manifest=True) == before
+    # fit and report take the store where they take activations and texts.
+    assert main(["fit", str(store), "-o", str(tmp_path / "dict"), "--n-components", "32",
+                 "--max-iter", "1", "--batch-size", "64", "--device", "cpu", "-q"]) == 0
+    assert main(["report", str(tmp_path / "dict"), str(store), "-o", str(tmp_path / "r"),
+                 "--max-texts", "5", "--device", "cpu", "-q"]) == 0
+    page = (tmp_path / "r" / "features.html").read_text(encoding="utf-8")
+    assert "sparse_dict feature browser" in page
+    # An incomplete store is not fitted by mistake.
+    manifest = json.loads((store / "manifest.json").read_text())
+    (store / "manifest.json").write_text(json.dumps(dict(manifest, complete=False)))
+    capsys.readouterr()
+    assert main(["fit", str(store), "-o", str(tmp_path / "d2"), "-q"]) == 2
+    assert "incomplete" in capsys.readouterr().err
+
+
+def test_cli_extract_to_npy_streams_through_a_store(reference, texts, tmp_path):
+    corpus = tmp_path / "texts.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    assert main(["extract", str(corpus), "-o", str(tmp_path / "a"), "--tokens",
+                 str(tmp_path / "t.jsonl"), "--max-length", str(MAX_LENGTH), "--chunk-texts",
+                 str(CHUNK), "--device", "cpu", "-q"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["a.npy", "t.jsonl", "texts.jsonl"]
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), reference.activations)
+    rows = [json.loads(line) for line in open(tmp_path / "t.jsonl", encoding="utf-8")]
+    assert [[r["text"], r["position"]] for r in rows] == reference.index[:, :2].tolist()
+    assert [r["token"] for r in rows] == reference.tokens().tolist()
+
+
+def test_texts_files_are_read_line_by_line_as_before(tmp_path):
+    import re
+
+    from sparse_dict.cli import iter_texts, read_texts
+
+    raw = "a\nb\n\nc\n \t\nd\n\n\n\ne\r\nf\rg\x0ch\u2028i\n"
+    path = tmp_path / "t.txt"
+    path.write_bytes(raw.encode("utf-8"))
+    text = path.read_text(encoding="utf-8")  # newlines translated, as read_texts once read
+    expected = {"lines": text.splitlines(), "paragraphs": re.split(r"\n[ \t]*\n", text),
+                "whole": [text]}
+    for split, pieces in expected.items():
+        assert read_texts(path, split) == [t.strip("\n") for t in pieces if t.strip()], split
+    texts = iter_texts(path)
+    assert next(texts) == "a" and not isinstance(texts, list)
