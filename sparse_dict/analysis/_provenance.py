@@ -60,6 +60,10 @@ def check_compatible(extractor, dictionary):
     """
     check_is_fitted(extractor, "n_features_out_")
     check_is_fitted(dictionary, "components_")
+    # The provenance first: it names what the dictionary belongs to.
+    recorded = getattr(dictionary, "provenance_", None)
+    if isinstance(recorded, dict) and recorded.get("source") == PROVENANCE_SOURCE:
+        _check_recorded(recorded, extractor.provenance())
     width = int(extractor.n_features_out_)
     n_in = int(dictionary.n_features_in_)
     if n_in != width:
@@ -68,10 +72,9 @@ def check_compatible(extractor, dictionary):
             f"{extractor.hook_name_} of this model gives {width}; use the extractor "
             "(model, layer, hook) its activations came from."
         )
-    recorded = getattr(dictionary, "provenance_", None)
-    if not isinstance(recorded, dict) or recorded.get("source") != PROVENANCE_SOURCE:
-        return
-    current = extractor.provenance()
+
+
+def _check_recorded(recorded, current):
     where = f"{recorded.get('hook_name')} of model {recorded.get('model')}"
     if recorded.get("hook_name") != current["hook_name"]:
         raise ValueError(
