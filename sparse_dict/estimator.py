@@ -21,7 +21,7 @@ from sklearn.base import (
     _fit_context,
 )
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils import check_random_state
+from sklearn.utils import check_random_state, metadata_routing
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
@@ -462,6 +462,10 @@ class SparseAutoencoderDictionary(
     >>> int((codes > 0).sum(axis=1).max())
     3
     """
+
+    # fit's provenance is a record for the fitted dictionary, not data to
+    # route through meta-estimators; it adds no set_fit_request method.
+    __metadata_request__fit = {"provenance": metadata_routing.UNUSED}
 
     _parameter_constraints = {
         "n_components": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
