@@ -310,7 +310,7 @@ def _read_provenance(npy_path, X):
         return None
     if not _provenance_kind().recognize(path):
         warnings.warn(f"{str(path)!r} is not a provenance file written by "
-                      f"'{PROVENANCE_NAME}'; the dictionary will not record where its "
+                      f"'{PROG} extract'; the dictionary will not record where its "
                       "activations came from", UserWarning, stacklevel=2)
         return None
     provenance = json.loads(path.read_text(encoding="utf-8"))
@@ -322,8 +322,6 @@ def _read_provenance(npy_path, X):
         return None
     return provenance
 
-
-PROVENANCE_NAME = f"{PROG} extract"
 
 
 def _logit_effects_or_none(extractor, dictionary, top_k, features=None):

@@ -114,6 +114,59 @@ def test_logit_effects_equal_patching_the_atom(ext, sae, effects):
         assert np.corrcoef(real, change)[0, 1] > 0.9
 
 
+def _tiny_hf_model(family, vocab_size, eot):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2,
+                                         n_positions=64, bos_token_id=eot, eos_token_id=eot)
+        return transformers.GPT2LMHeadModel(config), "transformer.ln_f"
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+    return transformers.LlamaForCausalLM(config), "model.norm"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_logit_effects_of_hugging_face_families(family, ext):
+    # GPT-2 stores its projection transposed (Conv1D) and ends with LayerNorm;
+    # Llama gates its MLP (the hook is down_proj's input) and ends with RMSNorm.
+    tok = ext.loaded_model().tokenizer
+    model, norm_path = _tiny_hf_model(family, tok.vocab_size, tok.eot_token_id)
+    hf = TransformerActivationExtractor(model, tokenizer=tok, layer=-1, device="cpu")
+    texts = ["to be or not to be, that is the question", "my lord, I"]
+    X = hf.fit(texts).transform(texts)
+    est = SparseAutoencoderDictionary(n_components=8, max_steps=2, random_state=0)
+    with pytest.warns(Warning):
+        est.fit(X, provenance=hf.provenance())
+    effects = logit_effects(hf, est, top_k=5)
+    norm = model.get_submodule(norm_path)
+
+    def frozen(module, args, out):
+        x = args[0]
+        if family == "gpt2":
+            return (x - x.mean(-1, keepdim=True)) / effects.norm_scale * norm.weight + norm.bias
+        return x / effects.norm_scale * norm.weight
+
+    ids = torch.tensor([[tok.eot_token_id, 5, 6]])
+    handle = norm.register_forward_hook(frozen)
+    try:
+        with torch.no_grad(), hf.activation_hook() as hook:
+            hook.reset("capture")
+            base = model(ids).logits[0, -1].double()
+            for f in range(3):
+                atom = torch.as_tensor(est.components_[f])
+                hook.reset("edit", lambda acts: acts + atom)
+                change = (model(ids).logits[0, -1].double() - base).numpy()
+                np.testing.assert_allclose(effects.promoted_logits[f],
+                                           np.sort(change)[::-1][:5], rtol=1e-3, atol=1e-5)
+                np.testing.assert_array_equal(effects.promoted_ids[f],
+                                              np.argsort(-change)[:5])
+    finally:
+        handle.remove()
+
+
 def test_logit_effects_result_and_frame(ext, sae, effects):
     assert isinstance(effects, LogitEffects) and len(effects) == sae.n_components_
     assert effects.hook_name == "layer0.mlp_post"
