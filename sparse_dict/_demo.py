@@ -245,16 +245,24 @@ class _Steps:
 # typical token's activations moves the built-in model clearly without
 # drowning the prompt; see docs/analysis.rst).
 _STEERING_PROMPT = "My lord, I"
-_STEERING_SHARE = 0.5
+_STEERING_SHARE = 0.25
 _STEERING_TOKENS = 12
+
+
+def _whole_words(tokens):
+    """Whether most of a feature's top promoted tokens are whole words (easy to read)."""
+    words = [t for t in tokens[:5]
+             if str(t).strip().isalpha() and (str(t)[:1] == " " or str(t)[:1].isupper())]
+    return len(words) >= 4
 
 
 def _steering_example(extractor, sae, effects, codes, X, dictionary):
     """Text showing one feature steering the model: the prompt continued without and with it.
 
-    The feature is the one, among those that fire on the browser's texts,
-    whose strongest logit effect is largest, so that its push is plain to
-    see. Returns "" when the model has no logit effects.
+    The feature is the one, among those that fire on the browser's texts and
+    promote mostly whole words, whose strongest logit effect is largest, so
+    that its push is plain to see. Returns "" when the model has no logit
+    effects.
     """
     from sparse_dict.analysis import steer
 
@@ -263,7 +271,10 @@ def _steering_example(extractor, sae, effects, codes, X, dictionary):
     fired = np.asarray((codes > 0).any(axis=0)).ravel()
     if not fired.any():
         return ""
-    size = np.where(fired[effects.features], effects.promoted_logits[:, 0], -np.inf)
+    readable = np.array([_whole_words(row) for row in effects.promoted_tokens])
+    if not (fired[effects.features] & readable).any():
+        readable[:] = True
+    size = np.where(fired[effects.features] & readable, effects.promoted_logits[:, 0], -np.inf)
     row = int(np.argmax(size))
     feature = int(effects.features[row])
     strength = _STEERING_SHARE * float(np.sqrt(np.mean(np.sum(
