@@ -6,6 +6,7 @@ Every function takes the results dict that :mod:`benchmarks.__main__` builds:
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -323,6 +324,18 @@ def _extraction_md(r):
     return out
 
 
+def _literal(text):
+    """``text`` shown as it is in a table cell of the current format.
+
+    Token strings hold characters that are markup in reStructuredText
+    (``|endoftext|`` is a substitution, a backslash escapes, ``*`` starts
+    emphasis) or that end a cell in markdown (``|``).
+    """
+    if _STYLE["format"] == "rst":
+        return re.sub(r"([\\`*_|<>\[\]:])", r"\\\1", text)
+    return text.replace("|", "\\|")
+
+
 def _steering_md(r):
     out = [f"ReLU SAE of {r['n_components']:,} features ({r['steps']:,} steps, training L0 "
            f"{_fmt(r['train_l0'])}) on {r['n_train_tokens']:,} tokens of the built-in model's "
@@ -336,7 +349,7 @@ def _steering_md(r):
         ["feature", "largest logit effect", "top promoted tokens", "increase (feature)",
          "increase (random)", "KL feature", "KL random"],
         [[x["feature"], x["largest_logit_effect"],
-          " ".join(repr(t) for t in x["promoted"][:4]).replace("|", "\\|"),
+          _literal(" ".join(repr(t) for t in x["promoted"][:4])),
           x["feature_increase"], x["random_increase"], x["feature_kl"], x["random_kl"]]
          for x in r["features"]]))
     return "\n".join(out) + "\n"
