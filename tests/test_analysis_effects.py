@@ -346,6 +346,16 @@ def test_cli_extract_fit_steer_report(tmp_path, capsys):
                  "--max-steps", "40", "-q"]) == 0
     config = json.loads((folder / "config.json").read_text())
     assert config["attributes"]["provenance_"]["hook_name"] == "layer0.mlp_post"
+    # Activations replaced behind the provenance's back: it is not recorded.
+    other = tmp_path / "other.npy"
+    np.save(other, np.load(acts)[:50])
+    (tmp_path / "other.provenance.json").write_text(
+        (tmp_path / "acts.provenance.json").read_text())
+    assert main(["fit", str(other), "-o", str(tmp_path / "d2"), "--n-components", "8",
+                 "--max-steps", "2"]) == 0
+    assert "describes" in capsys.readouterr().err
+    assert "provenance_" not in json.loads(
+        (tmp_path / "d2" / "config.json").read_text())["attributes"]
     capsys.readouterr()
     # No --model/--layer/--hook: they come from the provenance.
     assert main(["steer", str(folder), "--feature", "5", "--strength", "30",

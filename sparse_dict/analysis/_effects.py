@@ -15,6 +15,7 @@ from numbers import Integral
 import numpy as np
 import torch
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
@@ -149,7 +150,6 @@ class DirectPath:
     gain : Tensor of shape (d_model,)
     norm_scale : float
     unembedding : Tensor of shape (vocab_size, d_model)
-    norm_module : torch.nn.Module
     """
 
     out_projection: torch.Tensor | None
@@ -157,7 +157,6 @@ class DirectPath:
     gain: torch.Tensor
     norm_scale: float
     unembedding: torch.Tensor
-    norm_module: nn.Module
 
     def logit_change(self, vectors):
         """Logit change of adding each row of ``vectors`` (n, n_hook) at the hook."""
@@ -303,7 +302,7 @@ def direct_path(extractor, reference_texts=None):
     return DirectPath(
         out_projection=None if out_projection is None else out_projection.detach(),
         centre=centre, gain=gain.detach(), norm_scale=scale,
-        unembedding=unembedding.detach(), norm_module=norm,
+        unembedding=unembedding.detach(),
     )
 
 
@@ -315,7 +314,7 @@ def _fitted_extractor(extractor):
         )
     try:
         check_is_fitted(extractor)
-    except Exception:
+    except NotFittedError:
         # Fitting only loads the model and measures the hook's width.
         extractor = clone(extractor).set_params(pooling="none").fit(["a"])
     return extractor
