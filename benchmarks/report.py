@@ -340,7 +340,7 @@ def _steering_md(r):
     out = [f"ReLU SAE of {r['n_components']:,} features ({r['steps']:,} steps, training L0 "
            f"{_fmt(r['train_l0'])}) on {r['n_train_tokens']:,} tokens of the built-in model's "
            f"MLP; measured on {r['n_eval_positions']:,} positions of {r['n_eval_texts']} "
-           f"held-out texts. Strength {_fmt(r['strength'])} ({r['strength_share']:g} x the "
+           f"held-out texts. Strength {r['strength']:.2f} ({r['strength_share']:g} x the "
            f"activations' RMS norm {_fmt(r['activation_rms_norm'])}). Mean log-prob increase "
            f"of each feature's top-10 promoted tokens: **{_fmt(r['feature_mean_increase'])}** "
            f"nats steering with the feature, {_fmt(r['random_mean_increase'])} with a random "
