@@ -208,7 +208,9 @@ def _fitted_extractor(args, dictionary, probe):
     extractor = _make_extractor(args, verbose=0 if args.quiet else 1,
                                 provenance=getattr(dictionary, "provenance_", None))
     extractor.fit(probe)
-    check_compatible(extractor, dictionary)
+    # A --model given on the command line is taken as the dictionary's own
+    # (its folder may have moved); the hook point is checked all the same.
+    check_compatible(extractor, dictionary, check_model=args.model is None)
     return extractor
 
 

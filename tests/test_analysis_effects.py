@@ -383,3 +383,19 @@ def test_cli_extract_fit_steer_report(tmp_path, capsys):
     ext = TransformerActivationExtractor("builtin", device="cpu", max_length=24).fit(["x"])
     want = effects_of(ext, dictionary, features=[5], top_k=4).promoted_tokens[0].tolist()
     assert [data["vocab"][i] for i in feature[4][0]] == want
+
+
+def test_model_mismatch_is_refused_unless_told(ext, sae):
+    from sparse_dict.analysis import check_compatible
+
+    other = copy.deepcopy(sae)
+    other.provenance_ = dict(sae.provenance_, model="/models/gpt2")
+    with pytest.raises(ValueError, match="of model /models/gpt2, but the extractor runs "
+                                         "model builtin"):
+        logit_effects(ext, other, features=0)
+    check_compatible(ext, other, check_model=False)
+    # A local folder is recognised by its name wherever it lies.
+    from sparse_dict.analysis._provenance import _same_model
+
+    assert _same_model("/old/place/my-model", "/new/place/my-model")
+    assert not _same_model("/models/my-model", "/models/other")

@@ -24,7 +24,7 @@ def _same_model(recorded, current):
     return Path(recorded).name == Path(current).name
 
 
-def check_compatible(extractor, dictionary):
+def check_compatible(extractor, dictionary, *, check_model=True):
     """Raise a clear error if ``dictionary`` was not learned at ``extractor``'s hook point.
 
     The dictionary's width must be the hook's width. A dictionary whose
@@ -39,6 +39,10 @@ def check_compatible(extractor, dictionary):
     extractor : TransformerActivationExtractor
         Fitted.
     dictionary : fitted estimator with ``components_`` and ``n_features_in_``
+    check_model : bool, default=True
+        Also compare the models. False takes the extractor's model as the
+        dictionary's (for a model folder that was moved and renamed); the
+        hook point and the width are checked all the same.
 
     Raises
     ------
@@ -63,7 +67,7 @@ def check_compatible(extractor, dictionary):
     # The provenance first: it names what the dictionary belongs to.
     recorded = getattr(dictionary, "provenance_", None)
     if isinstance(recorded, dict) and recorded.get("source") == PROVENANCE_SOURCE:
-        _check_recorded(recorded, extractor.provenance())
+        _check_recorded(recorded, extractor.provenance(), check_model)
     width = int(extractor.n_features_out_)
     n_in = int(dictionary.n_features_in_)
     if n_in != width:
@@ -74,7 +78,7 @@ def check_compatible(extractor, dictionary):
         )
 
 
-def _check_recorded(recorded, current):
+def _check_recorded(recorded, current, check_model):
     where = f"{recorded.get('hook_name')} of model {recorded.get('model')}"
     if recorded.get("hook_name") != current["hook_name"]:
         raise ValueError(
@@ -82,8 +86,9 @@ def _check_recorded(recorded, current):
             f"reads {current['hook_name']}; use layer/hook (or module) of the dictionary's "
             "provenance_."
         )
-    if not _same_model(recorded.get("model"), current["model"]):
+    if check_model and not _same_model(recorded.get("model"), current["model"]):
         raise ValueError(
             f"The dictionary was learned on activations of {where}, but the extractor "
-            f"runs model {current['model']}."
+            f"runs model {current['model']}; give the dictionary's model (a folder that "
+            "moved is recognised by its name)."
         )
