@@ -399,3 +399,11 @@ def test_model_mismatch_is_refused_unless_told(ext, sae):
 
     assert _same_model("/old/place/my-model", "/new/place/my-model")
     assert not _same_model("/models/my-model", "/models/other")
+
+
+def test_as_frame_without_pandas_says_what_to_install(ext, sae, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pandas", None)  # makes "import pandas" fail
+    with pytest.raises(ImportError, match="needs pandas: pip install pandas"):
+        logit_effects(ext, sae, features=[0], as_frame=True)

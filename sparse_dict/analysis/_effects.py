@@ -109,7 +109,7 @@ class LogitEffects:
         """
         try:
             import pandas as pd
-        except ImportError:  # pragma: no cover - pandas is installed in the tests
+        except ImportError:
             raise ImportError(
                 "LogitEffects.to_frame (and as_frame=True) needs pandas: pip install pandas"
             ) from None
