@@ -248,6 +248,9 @@ def steer(extractor, sae, texts, feature, strength, max_new_tokens=20, random_st
     texts = [texts] if isinstance(texts, str) else texts
     texts, _ = _check_texts(texts)
     loaded = extractor.loaded_model()
+    if not callable(getattr(loaded.tokenizer, "decode", None)):
+        raise ValueError("Generating text needs a tokenizer with a decode method; "
+                         f"{type(loaded.tokenizer).__name__} has none.")
     seqs = extractor.token_ids(texts)
     for i, seq in enumerate(seqs):
         if not seq:
