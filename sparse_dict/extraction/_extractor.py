@@ -321,8 +321,9 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             ``model`` ("builtin", a Hub id, the absolute path of a local
             folder, or None for a torch module passed as ``model``),
             ``model_class``, ``layer``, ``hook``, ``module``, ``hook_name``,
-            ``hook_module``, ``n_features``, ``pooling``, ``max_length``,
-            ``n_tokens`` and ``corpus``.
+            ``hook_module``, ``n_features``, ``pooling``, ``max_length`` (the
+            length texts are cut to, the model's limit included), ``n_tokens``
+            and ``corpus``.
 
         Examples
         --------
@@ -341,6 +342,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         else:
             path = Path(self.model).expanduser()
             model = str(path.resolve()) if path.is_dir() else str(self.model)
+        limits = [n for n in (self.max_length, loaded.max_positions) if n is not None]
         return {
             "source": PROVENANCE_SOURCE,
             "model": model,
@@ -352,7 +354,8 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             "hook_module": self.hook_module_,
             "n_features": int(self.n_features_out_),
             "pooling": self.pooling,
-            "max_length": self.max_length,
+            # The length texts were really cut to: the model's own limit caps it.
+            "max_length": int(min(limits)) if limits else None,
             "n_tokens": None if n_tokens is None else int(n_tokens),
             "corpus": None if corpus is None else str(corpus),
         }
