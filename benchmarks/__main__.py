@@ -4,7 +4,7 @@ Writes ``results.json`` (every figure, the machine and the targets),
 ``results.md`` (tables) and PNG plots to ``--out`` (default
 ``benchmarks/results/``). Sections (``--only`` takes a comma-separated
 subset): recovery, frontier, time_to_quality, scaling, encoding, throughput,
-extraction, extraction_disk. A section that fails is recorded with its error and the others
+steering, extraction, extraction_disk. A section that fails is recorded with its error and the others
 still run; the exit status is then 1.
 
 The sections that put the SAE beside scikit-learn (recovery, frontier,
@@ -26,7 +26,7 @@ from pathlib import Path
 from benchmarks._common import Timer, blas_summary, machine_info, run_isolated, target
 
 SECTIONS = ("recovery", "frontier", "time_to_quality", "scaling", "encoding",
-            "throughput", "extraction", "extraction_disk")
+            "throughput", "steering", "extraction", "extraction_disk")
 # Sections of the tiny (smoke-test) mode: extraction has no tiny size.
 TINY_SECTIONS = tuple(name for name in SECTIONS if name != "extraction")
 # Sections that compare the SAE with scikit-learn: run with the clean BLAS environment.

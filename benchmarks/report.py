@@ -6,6 +6,7 @@ Every function takes the results dict that :mod:`benchmarks.__main__` builds:
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ PLOTS = {
     "scaling": ["scaling_time.png", "scaling_memory.png"],
     "encoding": ["encoding.png"],
     "throughput": ["throughput.png"],
+    "steering": [],
     "extraction": [],
     "extraction_disk": [],
 }
@@ -334,6 +336,37 @@ def _extraction_disk_md(r):
                       "RSS before MB", "VmHWM MB", "peak RssAnon MB"], rows) + "\n")
 
 
+def _literal(text):
+    """``text`` shown as it is in a table cell of the current format.
+
+    Token strings hold characters that are markup in reStructuredText
+    (``|endoftext|`` is a substitution, a backslash escapes, ``*`` starts
+    emphasis) or that end a cell in markdown (``|``).
+    """
+    if _STYLE["format"] == "rst":
+        return re.sub(r"([\\`*_|<>\[\]:])", r"\\\1", text)
+    return text.replace("|", "\\|")
+
+
+def _steering_md(r):
+    out = [f"ReLU SAE of {r['n_components']:,} features ({r['steps']:,} steps, training L0 "
+           f"{_fmt(r['train_l0'])}) on {r['n_train_tokens']:,} tokens of the built-in model's "
+           f"MLP; measured on {r['n_eval_positions']:,} positions of {r['n_eval_texts']} "
+           f"held-out texts. Strength {r['strength']:.2f} ({r['strength_share']:g} x the "
+           f"activations' RMS norm {_fmt(r['activation_rms_norm'])}). Mean log-prob increase "
+           f"of each feature's top-10 promoted tokens: **{_fmt(r['feature_mean_increase'])}** "
+           f"nats steering with the feature, {_fmt(r['random_mean_increase'])} with a random "
+           f"direction of equal norm; ratio **{_fmt(r['ratio'])}**.\n"]
+    out.append(_table(
+        ["feature", "largest logit effect", "top promoted tokens", "increase (feature)",
+         "increase (random)", "KL feature", "KL random"],
+        [[x["feature"], x["largest_logit_effect"],
+          _literal(" ".join(repr(t) for t in x["promoted"][:4])),
+          x["feature_increase"], x["random_increase"], x["feature_kl"], x["random_kl"]]
+         for x in r["features"]]))
+    return "\n".join(out) + "\n"
+
+
 # What each section measures and how, printed under its heading (in the
 # markdown and on the docs page alike).
 SECTION_NOTES = {
@@ -379,6 +412,12 @@ SECTION_NOTES = {
         "The ReLU training loop against the dense matrix-product rate of the same run "
         "(target: at least 0.9), and each activation's training rows/s against ReLU's in "
         "the same rounds (the step cost of the top-k family)."),
+    "steering": (
+        "Features as actions on the built-in model: the 20 features (of those that fired "
+        "in training) with the largest logit effects; for each, on held-out texts, the mean "
+        "increase of the log-probability of its own top-10 promoted tokens when its atom is "
+        "added at every position, against the same for a random direction of equal norm. "
+        "Target: the ratio of the two means >= 3."),
     "extraction": "The extractor's overhead over a plain forward pass.",
     "extraction_disk": (
         "The built-in model's activations of corpora of growing size written to an "
@@ -398,8 +437,9 @@ _SECTION_MD = {
     "scaling": ("4. Scaling", _scaling_md),
     "encoding": ("5. Encoding speed and the amortisation gap", _encoding_md),
     "throughput": ("6. Training throughput", _throughput_md),
-    "extraction": ("7. Extraction overhead", _extraction_md),
-    "extraction_disk": ("8. Extraction to disk: memory against corpus size",
+    "steering": ("7. Steering with features", _steering_md),
+    "extraction": ("8. Extraction overhead", _extraction_md),
+    "extraction_disk": ("9. Extraction to disk: memory against corpus size",
                         _extraction_disk_md),
 }
 

@@ -13,6 +13,7 @@ _PUBLIC = {
     "metrics": "sparse_dict.metrics",
     "model_selection": "sparse_dict.model_selection",
     "datasets": "sparse_dict.datasets",
+    "analysis": "sparse_dict.analysis",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -372,18 +372,97 @@ def _say(args, message):
 # --------------------------------------------------------------------------
 
 
-def _make_extractor(args, verbose):
-    from sparse_dict.extraction import TransformerActivationExtractor
+# The extraction options and their values when neither the command line nor
+# a dictionary's provenance gives them.
+_EXTRACTION_DEFAULTS = {"model": "builtin", "layer": 0, "hook": "mlp_post", "max_length": 128}
 
+
+def _make_extractor(args, verbose, provenance=None):
+    """The extractor the options describe; options left unset come from ``provenance``.
+
+    ``provenance`` is a dictionary's ``provenance_`` (as recorded from an
+    extractor); the options a user gives win over it, and the defaults fill
+    in what neither gives.
+    """
+    from sparse_dict.extraction import TransformerActivationExtractor
+    from sparse_dict.extraction._extractor import PROVENANCE_SOURCE
+
+    recorded = {}
+    if isinstance(provenance, dict) and provenance.get("source") == PROVENANCE_SOURCE:
+        recorded = {k: provenance.get(k) for k in _EXTRACTION_DEFAULTS}
+        if recorded["model"] is None:
+            recorded.pop("model")  # fitted on a torch module: nothing to reload
+        given = any(getattr(args, name, None) is not None for name in ("layer", "hook"))
+        if provenance.get("module") is not None and not given:
+            recorded["module"] = provenance["module"]
+    options = {}
+    for name, default in _EXTRACTION_DEFAULTS.items():
+        given = getattr(args, name, None)
+        options[name] = given if given is not None else recorded.get(name, default)
     return TransformerActivationExtractor(
-        model=args.model,
-        layer=args.layer,
-        hook=args.hook,
-        max_length=args.max_length,
+        model=options["model"],
+        layer=options["layer"],
+        hook=options["hook"],
+        module=recorded.get("module"),
+        max_length=options["max_length"],
         batch_size=args.extract_batch_size,
         device=args.device,
         verbose=verbose,
     )
+
+
+def _provenance_path(npy_path):
+    """The provenance file beside activations: ``acts.npy`` -> ``acts.provenance.json``."""
+    path = Path(npy_path)
+    stem = path.name[:-4] if path.name.endswith(".npy") else path.name
+    return path.with_name(stem + ".provenance.json")
+
+
+def _provenance_kind():
+    from sparse_dict.extraction._extractor import PROVENANCE_SOURCE
+
+    return _persist.json_kind(
+        "activations provenance written by 'sparse-dict extract'",
+        lambda p: isinstance(p, dict) and p.get("source") == PROVENANCE_SOURCE)
+
+
+def _read_provenance(npy_path, X):
+    """The provenance ``extract`` wrote beside activations, if it describes ``X``; else None.
+
+    A provenance file that describes other activations (the .npy was
+    replaced) is ignored with a warning rather than recorded wrongly.
+    """
+    if Path(npy_path).is_dir():
+        # A store written by 'extract --store' records its provenance itself.
+        return open_activations_store(npy_path).provenance()
+    path = _provenance_path(npy_path)
+    if not path.is_file():
+        return None
+    if not _provenance_kind().recognize(path):
+        warnings.warn(f"{str(path)!r} is not a provenance file written by "
+                      f"'{PROG} extract'; the dictionary will not record where its "
+                      "activations came from", UserWarning, stacklevel=2)
+        return None
+    provenance = json.loads(path.read_text(encoding="utf-8"))
+    shape = (provenance.get("n_tokens"), provenance.get("n_features"))
+    if shape != tuple(X.shape):
+        warnings.warn(f"{str(path)!r} describes {shape[0]} x {shape[1]} activations, not "
+                      f"the {X.shape[0]} x {X.shape[1]} of {str(npy_path)!r}; it is "
+                      "ignored", UserWarning, stacklevel=2)
+        return None
+    return provenance
+
+
+
+def _logit_effects_or_none(extractor, dictionary, top_k, features=None):
+    """The dictionary's logit effects, or None where the model has no next-token head
+    or the hook is not on an MLP path (an encoder, a residual-stream hook)."""
+    from sparse_dict.analysis import NoDirectPathError, logit_effects
+
+    try:
+        return logit_effects(extractor, dictionary, features=features, top_k=top_k)
+    except NoDirectPathError:
+        return None
 
 
 def _extract(extractor, texts):
@@ -404,8 +483,12 @@ def _estimator_params(args):
 
 
 def _write_report(out, dictionary, codes, tokens, index, *, k, context, title, overwrite=False,
-                  density_title=None):
-    """Feature browser and density plot of ``codes`` in folder ``out``."""
+                  density_title=None, logit_effects=None):
+    """Feature browser and density plot of ``codes`` in folder ``out``.
+
+    ``logit_effects`` (a :class:`~sparse_dict.analysis.LogitEffects`) adds
+    each feature's promoted and suppressed tokens to its section.
+    """
     from sparse_dict.browser import (
         plot_feature_density,
         top_activating_examples,
@@ -415,7 +498,7 @@ def _write_report(out, dictionary, codes, tokens, index, *, k, context, title, o
     frequencies = (np.asarray(codes) > 0).mean(axis=0)
     examples = top_activating_examples(codes, tokens, index, k=k, context=context)
     html_path = write_feature_browser(out / "features.html", frequencies, examples, title=title,
-                                      overwrite=overwrite)
+                                      overwrite=overwrite, logit_effects=logit_effects)
     plot_feature_density(frequencies, out / "density.png", overwrite=overwrite,
                          title=density_title)
     return Path(html_path), out / "density.png"

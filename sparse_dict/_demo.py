@@ -19,6 +19,7 @@ from sparse_dict._cli_common import (
     _divergence_is_an_error,
     _estimator_params,
     _extract,
+    _logit_effects_or_none,
     _make_extractor,
     _output_file,
     _progress,
@@ -239,6 +240,59 @@ class _Steps:
         return time.perf_counter() - self.started
 
 
+# The demo's steering example: a prompt, and the steering strength as a
+# multiple of the root mean squared norm of the activations (a quarter of a
+# typical token's activations moves the built-in model clearly without
+# drowning the prompt; see docs/analysis.rst).
+_STEERING_PROMPT = "My lord, I"
+_STEERING_SHARE = 0.25
+_STEERING_TOKENS = 12
+
+
+def _whole_words(tokens):
+    """Whether most of a feature's top promoted tokens are whole words (easy to read)."""
+    words = [t for t in tokens[:5]
+             if str(t).strip().isalpha() and (str(t)[:1] == " " or str(t)[:1].isupper())]
+    return len(words) >= 4
+
+
+def _steering_example(extractor, sae, effects, codes, X, dictionary):
+    """Text showing one feature steering the model: the prompt continued without and with it.
+
+    The feature is the one, among those that fire on the browser's texts and
+    promote mostly whole words, whose strongest logit effect is largest, so
+    that its push is plain to see. Returns "" when the model has no logit
+    effects.
+    """
+    from sparse_dict.analysis import steer
+
+    if effects is None:
+        return ""
+    fired = np.asarray((codes > 0).any(axis=0)).ravel()
+    if not fired.any():
+        return ""
+    readable = np.array([_whole_words(row) for row in effects.promoted_tokens])
+    if not (fired[effects.features] & readable).any():
+        readable[:] = True
+    size = np.where(fired[effects.features] & readable, effects.promoted_logits[:, 0], -np.inf)
+    row = int(np.argmax(size))
+    feature = int(effects.features[row])
+    strength = _STEERING_SHARE * float(np.sqrt(np.mean(np.sum(
+        np.asarray(X, dtype=np.float64) ** 2, axis=1))))
+    plain, steered = (
+        steer(extractor, sae, [_STEERING_PROMPT], feature, s, max_new_tokens=_STEERING_TOKENS)[0]
+        for s in (0.0, strength))
+    promoted = ", ".join(repr(t) for t in effects.promoted_tokens[row, :5])
+    return "\n".join([
+        f"Steering with feature {feature} (it promotes {promoted}), its atom added "
+        f"at strength {strength:.2f} to every position:",
+        f"  {_STEERING_PROMPT!r} + without steering: {plain!r}",
+        f"  {_STEERING_PROMPT!r} + with steering:    {steered!r}",
+        f"  (sparse-dict steer {dictionary} --feature {feature} --strength {strength:.2f} "
+        f"{_STEERING_PROMPT!r} does the same)",
+    ])
+
+
 def _demo_folder():
     """The kind of folder the demo writes: what its --overwrite may replace."""
     from sparse_dict.estimator import SAVED_DICTIONARY
@@ -305,7 +359,9 @@ def _run_demo(args, out, final):
         # The demo's run is short by design; say so in one line rather than
         # with the estimator's full warning.
         warnings.filterwarnings("always", message="The fit stopped after", category=Warning)
-        sae.fit(X_train)
+        sae.fit(X_train, provenance=extractor.provenance(
+            corpus=f"sparse_dict.datasets.load_corpus('train', n_texts={args.n_texts}, "
+                   f"random_state={args.random_state})"))
     if any("The fit stopped after" in str(w.message) for w in caught):
         _say(args, "      a short run: the loss was still falling at its end; raise "
              "--max-iter for a converged dictionary")
@@ -341,12 +397,16 @@ def _run_demo(args, out, final):
     _plot_training(sae.history_, out / "training.png")
     browse_codes = sae.transform(X_browse)
     n_dead = int(np.count_nonzero(~(browse_codes > 0).any(axis=0)))
+    effects = _logit_effects_or_none(extractor, sae, top_k=8)
     _write_report(
         out, sae, browse_codes, tokens, index, k=args.top_k,
         context=args.context, title="Features of the built-in model's MLP (sparse-dict demo)",
         density_title=(f"{n_dead} of {browse_codes.shape[1]} features dead on "
                        f"{X_browse.shape[0]:,} tokens of {len(eval_texts)} held-out texts"),
+        logit_effects=effects,
     )
+    steering = _steering_example(extractor, sae, effects, browse_codes, X_browse,
+                                  final / "dictionary")
     table = _format_table(rows, X_eval.shape[0], len(table_texts), tiny=args.tiny)
     (out / "results.txt").write_text(table + "\n", encoding="utf-8")
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "overwrite")}
@@ -358,6 +418,9 @@ def _run_demo(args, out, final):
     step.end()
     print(table)
     print()
+    if steering:
+        print(steering)
+        print()
     print(f"Wrote to {final}/:")
     for name, what in [
         ("features.html", "the feature browser (open it in a web browser)"),

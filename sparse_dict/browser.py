@@ -222,7 +222,44 @@ def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
     return FeatureExamples(rows, values, context_rows, context_values, tokens, index)
 
 
-def _feature_payload(frequencies, examples, max_features):
+_EFFECT_FIELDS = ("promoted_tokens", "promoted_logits", "suppressed_tokens", "suppressed_logits")
+
+
+def _check_effects(effects, n_features):
+    """``{feature: (promoted, their values, suppressed, their values)}`` from logit effects.
+
+    ``effects`` is a :class:`~sparse_dict.analysis.LogitEffects` or any object
+    or mapping with its arrays (``features`` optional: rows are features
+    ``0..n-1`` without it); only token strings and numbers are read, so this
+    module needs no torch.
+    """
+    if effects is None:
+        return {}
+
+    def field(name):
+        value = effects.get(name) if isinstance(effects, dict) else getattr(effects, name, None)
+        return value
+
+    missing = [name for name in _EFFECT_FIELDS if field(name) is None]
+    if missing:
+        raise ValueError(f"logit_effects lacks {missing}; expected the arrays of a "
+                         "LogitEffects (sparse_dict.analysis.logit_effects).")
+    arrays = [np.asarray(field(name), dtype=object if "tokens" in name else np.float64)
+              for name in _EFFECT_FIELDS]
+    n_rows = arrays[0].shape[0] if arrays[0].ndim == 2 else -1
+    if any(a.ndim != 2 or a.shape[0] != n_rows for a in arrays):
+        raise ValueError("logit_effects' token and logit arrays must be 2-D with one row "
+                         "per feature.")
+    features = field("features")
+    features = (np.arange(n_rows) if features is None
+                else np.asarray(features, dtype=np.int64).ravel())
+    if features.shape[0] != n_rows or np.any((features < 0) | (features >= n_features)):
+        raise ValueError(f"logit_effects describe features outside 0..{n_features - 1} "
+                         "(or a features array of the wrong length).")
+    return {int(f): [a[i] for a in arrays] for i, f in enumerate(features)}
+
+
+def _feature_payload(frequencies, examples, max_features, effects=None):
     """The browser's data as plain lists, small enough to embed as JSON.
 
     Token strings are stored once in a vocabulary and referred to by number;
@@ -247,6 +284,15 @@ def _feature_payload(frequencies, examples, max_features):
         scale = np.where(peaks > 0, peaks, 1.0)[:, None, None]
         shares = np.clip(examples.context_values[:n_shown] / scale, 0, 1)
         levels = np.ceil(shares * 9).astype(np.int8)
+    vocab_index = {token: i for i, token in enumerate(vocab_list)}
+
+    def token_id(token):
+        token = str(token)
+        if token not in vocab_index:
+            vocab_index[token] = len(vocab_list)
+            vocab_list.append(token)
+        return vocab_index[token]
+
     for f in range(n_shown):
         ex_list = []
         peak = 0
@@ -269,7 +315,14 @@ def _feature_payload(frequencies, examples, max_features):
                         "".join(map(str, levels[f, j][keep].tolist())),
                     ]
                 )
-        features.append([f, _round_sig(float(frequencies[f])), peak, ex_list])
+        entry = [f, _round_sig(float(frequencies[f])), peak, ex_list]
+        if f in effects:
+            # [promoted token ids, their logit changes, suppressed ..., ...]
+            up, up_values, down, down_values = effects[f]
+            entry.append([[token_id(t) for t in up], [_round_sig(float(v)) for v in up_values],
+                          [token_id(t) for t in down],
+                          [_round_sig(float(v)) for v in down_values]])
+        features.append(entry)
     return {"vocab": vocab_list, "features": features}
 
 
@@ -314,13 +367,14 @@ def _page(title, payload, ascii_only):
 
 def write_feature_browser(
     path, frequencies, examples=None, *, title="Feature browser", max_features=None,
-    overwrite=False,
+    overwrite=False, logit_effects=None,
 ):
     """Write a self-contained HTML page to browse a dictionary's features.
 
     The page lists features with their firing frequency, their largest
     activation and their top-activating tokens in context, each token shaded
-    by how strongly the feature fires on it. It can be searched by feature id
+    by how strongly the feature fires on it, and (given ``logit_effects``)
+    the tokens each feature promotes and suppresses. It can be searched by feature id
     (``12`` or ``#12``) or by the text of the tokens a feature fires on, and
     sorted by frequency. Only one page of features is drawn at a time, so it
     stays responsive with thousands of features. It needs no server and
@@ -345,6 +399,14 @@ def write_feature_browser(
         Replace an existing page written by this function; any other existing
         file is never replaced. The page is written under a temporary name and
         renamed into place once complete.
+    logit_effects : LogitEffects, dict or None, default=None
+        The tokens each feature promotes and suppresses, shown beside its
+        examples: a :class:`~sparse_dict.analysis.LogitEffects` from
+        :func:`sparse_dict.analysis.logit_effects`, or a dict of its arrays
+        ``promoted_tokens``, ``promoted_logits``, ``suppressed_tokens``,
+        ``suppressed_logits`` (one row per feature) and optionally
+        ``features`` (which feature each row is). Token text is shown as
+        text, never as markup.
 
     Returns
     -------
@@ -369,7 +431,8 @@ def write_feature_browser(
             f"frequencies describe {frequencies.shape[0]} features but examples "
             f"describe {examples.n_features}."
         )
-    payload = _feature_payload(frequencies, examples, max_features)
+    effects = _check_effects(logit_effects, frequencies.shape[0])
+    payload = _feature_payload(frequencies, examples, max_features, effects)
     title = _encodable(str(title))
     payload["title"] = title
     payload["n_features"] = int(frequencies.shape[0])
@@ -502,6 +565,11 @@ main{padding:.5em 1em}
 .l0{}.l1{background:#fff1e6}.l2{background:#ffe0c7}.l3{background:#ffcfa8}.l4{background:#ffbd8a}
 .l5{background:#ffac6b}.l6{background:#ff9a4d}.l7{background:#f8862f}.l8{background:#ec7014}.l9{background:#d95f02;color:#fff}
 .empty{color:#777;font-style:italic}
+.effects{font-size:.9em;margin:.2em 0 .4em 0;line-height:1.7}
+.effects .label{color:#666;display:inline-block;min-width:6.5em}
+.effect{font-family:ui-monospace,Menlo,Consolas,monospace;border-radius:3px;padding:0 .25em;margin-right:.3em;white-space:pre}
+.effect.up{background:#e3f1e3}.effect.down{background:#f6e1e1}
+.effect .v{color:#777;margin-left:.25em}
 """
 
 # Plain ES2015, no libraries. Token text is only ever set through textContent,
@@ -513,7 +581,7 @@ _JS = r"""
   var PAGE_SIZE = 50;
   var vocab = DATA.vocab;
   var all = DATA.features.map(function (f) {
-    // f = [id, frequency, max activation, examples]; each example is
+    // f = [id, frequency, max activation, examples, logit effects (optional)]; each example is
     // [activation, text, position, centre, token ids, shade digits].
     var firing = [];
     f[3].forEach(function (ex) {
@@ -521,7 +589,8 @@ _JS = r"""
         if (ex[5].charAt(i) !== "0") firing.push(vocab[ex[4][i]].toLowerCase());
       }
     });
-    return {id: f[0], freq: f[1], maxAct: f[2], examples: f[3], search: "\u0001" + firing.join("\u0001") + "\u0001"};
+    return {id: f[0], freq: f[1], maxAct: f[2], examples: f[3], effects: f[4] || null,
+            search: "\u0001" + firing.join("\u0001") + "\u0001"};
   });
   var state = {query: "", sort: "id", hideDead: false, page: 0};
   var shown = all;
@@ -570,6 +639,32 @@ _JS = r"""
     return line;
   }
 
+  function renderEffects(e) {
+    // e = [promoted token ids, logit changes, suppressed token ids, logit changes].
+    var div = document.createElement("div");
+    div.className = "effects";
+    [["promotes", "up", e[0], e[1]], ["suppresses", "down", e[2], e[3]]].forEach(function (row) {
+      var line = document.createElement("div");
+      line.className = row[1] === "up" ? "promoted" : "suppressed";
+      var label = document.createElement("span");
+      label.className = "label";
+      label.textContent = row[0];
+      line.appendChild(label);
+      for (var i = 0; i < row[2].length; i++) {
+        var t = document.createElement("span");
+        t.className = "effect " + row[1];
+        t.textContent = vocab[row[2][i]].replace(/\n/g, "\u21b5");
+        var v = document.createElement("span");
+        v.className = "v";
+        v.textContent = (row[3][i] > 0 ? "+" : "") + row[3][i].toPrecision(3);
+        t.appendChild(v);
+        line.appendChild(t);
+      }
+      div.appendChild(line);
+    });
+    return div;
+  }
+
   function renderFeature(f) {
     var box = document.createElement("section");
     box.className = "feature";
@@ -588,6 +683,7 @@ _JS = r"""
       p.textContent = f.freq <= 0 ? "Dead: fires on no token." : "No examples recorded.";
       box.appendChild(p);
     }
+    if (f.effects) box.appendChild(renderEffects(f.effects));
     f.examples.forEach(function (ex) { box.appendChild(renderExample(ex)); });
     return box;
   }

@@ -7,7 +7,7 @@ Subcommands::
     sparse-dict fit       activations (.npy) -> saved dictionary (folder)
     sparse-dict encode    saved dictionary + activations -> codes (.npy)
     sparse-dict report    saved dictionary + texts -> feature browser + density plot
-    sparse-dict convert   SAELens folder <-> saved dictionary
+    sparse-dict steer     saved dictionary + prompts -> continuations with and without a feature
     sparse-dict convert   SAELens folder <-> saved dictionary
 
 Every failure a user can cause (a missing or unreadable file, an array of the
@@ -48,9 +48,13 @@ from sparse_dict._cli_common import (  # noqa: F401
     _make_extractor,
     _npy_name,
     _output_dir,
+    _logit_effects_or_none,
     _output_file,
     _output_store,
     _progress,
+    _provenance_kind,
+    _provenance_path,
+    _read_provenance,
     _save_npy,
     _say,
     _write_report,
@@ -91,17 +95,24 @@ def cmd_extract(args):
     if args.tokens:
         tok_path = _output_file(args.tokens, "tokens file", _persist.TOKENS,
                                 overwrite=args.overwrite, inputs=[args.texts, out])
+    # Where the activations come from, beside them, for 'fit' to record.
+    prov_path = _output_file(_provenance_path(out), "provenance file", _provenance_kind(),
+                             overwrite=args.overwrite, inputs=[args.texts, out])
     extractor = _make_extractor(args, verbose=0 if args.quiet else 1)
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(_persist.staged(out, _persist.NPY, overwrite=args.overwrite,
                                                   hint="--overwrite"))
+        prov_tmp = stack.enter_context(_persist.staged(
+            prov_path, _provenance_kind(), overwrite=args.overwrite, hint="--overwrite"))
         # Extracted into a store of its own beside the output (so on the same
         # disk), whose activations file then becomes the output.
         folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".store",
                                        dir=out.parent))
         stack.callback(shutil.rmtree, folder, ignore_errors=True)
         store = extractor.transform_to_disk(texts, folder, chunk_texts=args.chunk_texts,
-                                            corpus=str(args.texts))
+                                            corpus=_corpus_name(args))
+        # Where the activations come from, beside them, for 'fit' to record.
+        prov_tmp.write_text(json.dumps(store.provenance(), indent=2) + "\n", encoding="utf-8")
         if tok_path is not None:
             tok_tmp = stack.enter_context(_persist.staged(
                 tok_path, _persist.TOKENS, overwrite=args.overwrite, hint="--overwrite"))
@@ -114,6 +125,11 @@ def cmd_extract(args):
     return 0
 
 
+def _corpus_name(args):
+    """How a dictionary's provenance names the texts file it was extracted from."""
+    return f"{Path(args.texts).name} (split={args.split})"
+
+
 def _extract_to_store(args, texts):
     if args.tokens:
         raise CLIError("--tokens goes with -o: a store holds the tokens of its rows")
@@ -122,7 +138,8 @@ def _extract_to_store(args, texts):
     try:
         store = extractor.transform_to_disk(texts, path, resume=args.resume,
                                             overwrite=args.overwrite,
-                                            chunk_texts=args.chunk_texts, corpus=str(args.texts))
+                                            chunk_texts=args.chunk_texts,
+                                            corpus=_corpus_name(args))
     except KeyboardInterrupt:
         if (path / "manifest.json").is_file():
             _say(args, f"the rows extracted so far are kept in {path}; run the same command "
@@ -143,9 +160,12 @@ def cmd_fit(args):
     params = _estimator_params(args)
     params["verbose"] = 0 if args.quiet else 1
     sae = SparseAutoencoderDictionary(**params)
+    # The model, layer and hook the activations came from, as 'extract'
+    # wrote them beside the .npy: 'report' and 'steer' then need no options.
+    provenance = _read_provenance(args.activations, X)
     start = time.perf_counter()
     with _divergence_is_an_error():
-        sae.fit(X)
+        sae.fit(X, provenance=provenance)
     seconds = time.perf_counter() - start
     sae.save(out, overwrite=args.overwrite)
     _say(
@@ -221,18 +241,73 @@ def cmd_report(args):
         acts, tokens = store.activations[:n], store.tokens(slice(0, n))
         index = np.asarray(store.index[:n, :2])
         _check_width(acts, dictionary, f"activations in the store {args.texts}")
+        # The model is still needed for the logit effects: at the dictionary's
+        # provenance, or the store's where the dictionary has none.
+        provenance = getattr(dictionary, "provenance_", None) or store.provenance()
+        extractor = _fitted_extractor(args, dictionary, ["The"], provenance=provenance)
     else:
-        extractor = _make_extractor(args, verbose=0 if args.quiet else 1)
+        extractor = _fitted_extractor(args, dictionary, texts[:1])
         acts, tokens, index = _extract(extractor, texts)
-        _check_width(acts, dictionary,
-                     f"activations of --model {args.model} --layer {args.layer}")
     codes = dictionary.transform(acts)
+    # Promoted and suppressed tokens where the model has a next-token head.
+    effects = _logit_effects_or_none(extractor, dictionary, top_k=args.top_tokens)
     html_path, png_path = _write_report(
         out, dictionary, codes, tokens, index,
         k=args.top_k, context=args.context, title=args.title or f"Features of {args.dictionary}",
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, logit_effects=effects,
     )
-    _say(args, f"wrote {html_path} and {png_path}")
+    _say(args, f"wrote {html_path} and {png_path}"
+         + ("" if effects is not None else " (no logit effects: the model has no next-token "
+            "head, or the hook is not on an MLP path)"))
+    return 0
+
+
+def _fitted_extractor(args, dictionary, probe, provenance=None):
+    """The extractor of the options and the dictionary's provenance, checked against it.
+
+    ``provenance`` stands in for the dictionary's where it has none (a store's).
+    """
+    from sparse_dict.analysis import check_compatible
+
+    if provenance is None:
+        provenance = getattr(dictionary, "provenance_", None)
+    extractor = _make_extractor(args, verbose=0 if args.quiet else 1, provenance=provenance)
+    extractor.fit(probe)
+    # A --model given on the command line is taken as the dictionary's own
+    # (its folder may have moved); the hook point is checked all the same.
+    check_compatible(extractor, dictionary, check_model=args.model is None)
+    return extractor
+
+
+def cmd_steer(args):
+    from sparse_dict.analysis import steer
+
+    dictionary = _load_dictionary(args.dictionary, args.device)
+    if args.strength is None and args.clamp is None:
+        raise CLIError("give --strength (add the feature's atom) or --clamp (set its code)")
+    strength = 0.0 if args.strength is None else args.strength
+    extractor = _fitted_extractor(args, dictionary, args.texts[:1])
+    common = dict(max_new_tokens=args.max_new_tokens, random_state=args.seed,
+                  temperature=args.temperature)
+    steered = steer(extractor, dictionary, args.texts, args.feature, strength,
+                    clamp=args.clamp, **common)
+    plain = steer(extractor, dictionary, args.texts, args.feature, 0.0, **common)
+    how = (f"clamped to {args.clamp:g}" if args.clamp is not None
+           else f"strength {strength:+g}")
+    model = extractor.model if isinstance(extractor.model, str) else "a torch module"
+    print(f"feature {args.feature} at {extractor.hook_name_} of model {model}, {how}")
+    effects = _logit_effects_or_none(extractor, dictionary, top_k=args.top_tokens,
+                                     features=[args.feature])
+    if effects is not None:
+        for name, tokens, values in (
+                ("promotes", effects.promoted_tokens[0], effects.promoted_logits[0]),
+                ("suppresses", effects.suppressed_tokens[0], effects.suppressed_logits[0])):
+            print(f"  {name}: " + ", ".join(f"{t!r} {v:+.2f}" for t, v in zip(tokens, values)))
+    for text, before, after in zip(args.texts, plain, steered):
+        print()
+        print(f"{text!r}")
+        print(f"  without steering: {before!r}")
+        print(f"  with steering:    {after!r}")
     return 0
 
 
@@ -281,33 +356,49 @@ def _add_common(p):
     )
 
 
-def _add_extraction(p):
+def _add_extraction(p, from_provenance=False, split=True):
+    """The options that build the extractor.
+
+    With ``from_provenance`` (commands that read a saved dictionary), the
+    model, layer, hook and length default to what the dictionary's
+    provenance recorded, and to the usual defaults only without one.
+    """
     g = p.add_argument_group("activations")
+
+    def default(value):
+        if from_provenance:
+            return None, f"default: the dictionary's provenance, else {value}"
+        return value, f"default: {value}"
+
+    value, note = default("builtin")
     g.add_argument(
-        "--model", default="builtin",
+        "--model", default=value,
         help="'builtin' (the bundled 1-layer transformer), the path of a local "
-        "Hugging Face model folder, or a Hugging Face Hub id such as gpt2 "
-        "(default: builtin)",
+        f"Hugging Face model folder, or a Hugging Face Hub id such as gpt2 ({note})",
     )
-    g.add_argument("--layer", type=int, default=0, help="layer number (default: 0)")
+    value, note = default(0)
+    g.add_argument("--layer", type=int, default=value, help=f"layer number ({note})")
+    value, note = default("mlp_post")
     g.add_argument(
-        "--hook", default="mlp_post",
-        help="named point in the layer, e.g. mlp_post (default: mlp_post)",
+        "--hook", default=value,
+        help=f"named point in the layer, e.g. mlp_post ({note})",
     )
+    value, note = default(128)
     g.add_argument(
-        "--max-length", type=_positive_int, default=128,
-        help="texts are cut to this many tokens (default: 128)",
+        "--max-length", type=_positive_int, default=value,
+        help=f"texts are cut to this many tokens ({note})",
     )
     g.add_argument(
         "--extract-batch-size", type=_positive_int, default=32,
         help="texts per forward pass (default: 32)",
     )
-    g.add_argument(
-        "--split", choices=("lines", "paragraphs", "whole"), default="lines",
-        help="how a plain texts file is cut into texts: one per line, one per "
-        "blank-line separated paragraph, or the whole file (default: lines; a "
-        ".jsonl file holds one JSON string or {\"text\": ...} per line)",
-    )
+    if split:
+        g.add_argument(
+            "--split", choices=("lines", "paragraphs", "whole"), default="lines",
+            help="how a plain texts file is cut into texts: one per line, one per "
+            "blank-line separated paragraph, or the whole file (default: lines; a "
+            ".jsonl file holds one JSON string or {\"text\": ...} per line)",
+        )
 
 
 def _add_estimator(p, defaults):
@@ -512,8 +603,11 @@ def build_parser(command=None):
         description="Run the model over the texts, encode the activations with the "
         "dictionary, and write features.html (the feature browser: each feature's "
         "firing frequency and top-activating tokens in context) and density.png "
-        "(histogram of log firing frequency) to --out. Use the same --model, --layer "
-        "and --hook as the activations the dictionary was fitted on.",
+        "(histogram of log firing frequency) to --out. Where the model has a "
+        "next-token head, each feature's section also lists the tokens it promotes "
+        "and suppresses (its logit effects). The model, layer and hook come from the "
+        "dictionary's provenance (recorded by 'extract' and 'fit'); give --model, "
+        "--layer and --hook for a dictionary without one.",
     )
     p.add_argument("dictionary", help="folder written by 'sparse-dict fit', or a SAELens folder")
     p.add_argument("texts", help="texts file (.txt, or .jsonl), or a store written by "
@@ -524,12 +618,45 @@ def build_parser(command=None):
                    help="examples per feature (default: 8)")
     p.add_argument("--context", type=_non_negative_int, default=6,
                    help="tokens of context either side of an example (default: 6)")
+    p.add_argument("--top-tokens", type=_positive_int, default=8,
+                   help="promoted and suppressed tokens per feature (default: 8)")
     p.add_argument("--title", help="title of the browser page")
     _add_overwrite(p, "a report written earlier (features.html, density.png)")
-    _add_extraction(p)
+    _add_extraction(p, from_provenance=True)
     _add_device(p)
     _add_common(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "steer", help="saved dictionary + prompts -> continuations with and without a feature",
+        description="Continue each prompt twice with the model the dictionary was "
+        "learned on: as it is, and with --strength times the feature's atom added to "
+        "the activations at the hook point at every position (or, with --clamp, the "
+        "feature's code set to a value). Prints the tokens the feature promotes and "
+        "suppresses, and both continuations. The model, layer and hook come from the "
+        "dictionary's provenance; the options override it.",
+    )
+    p.add_argument("dictionary", help="folder written by 'sparse-dict fit', or a SAELens folder")
+    p.add_argument("texts", nargs="+", help="prompts to continue")
+    p.add_argument("--feature", type=_non_negative_int, required=True,
+                   help="the feature to steer with (its index)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="how much of the feature's unit-norm atom is added, in the units "
+                   "of the activations (negative pushes the other way)")
+    p.add_argument("--clamp", type=float, default=None,
+                   help="set the feature's code to this value instead of adding")
+    p.add_argument("--max-new-tokens", type=_non_negative_int, default=20,
+                   help="tokens generated per prompt (default: 20)")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0,
+                   help="0 generates greedily; above 0 samples (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampling with --temperature (default: 0)")
+    p.add_argument("--top-tokens", type=_positive_int, default=8,
+                   help="promoted and suppressed tokens shown (default: 8)")
+    _add_extraction(p, from_provenance=True, split=False)
+    _add_device(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_steer)
 
     p = sub.add_parser(
         "convert", help="SAELens folder <-> saved dictionary",

@@ -6,6 +6,7 @@ attributes. It holds no training logic of its own.
 """
 
 import contextlib
+import json
 import math
 import warnings
 from numbers import Integral, Real
@@ -20,7 +21,7 @@ from sklearn.base import (
     _fit_context,
 )
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils import check_random_state
+from sklearn.utils import check_random_state, metadata_routing
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
@@ -133,6 +134,31 @@ def _device_here(device):
             )
             return "cpu"
     return device
+
+
+def _check_fit_provenance(provenance, X):
+    """``fit``'s ``provenance``: a copy of a JSON object, with ``n_tokens`` filled in."""
+    if provenance is None:
+        return None
+    if not isinstance(provenance, dict):
+        raise TypeError(
+            f"provenance must be a dict (as TransformerActivationExtractor.provenance() "
+            f"gives), got {type(provenance).__name__}."
+        )
+    provenance = dict(provenance)
+    if provenance.get("n_tokens") is None:
+        provenance["n_tokens"] = int(X.shape[0])
+    width = provenance.get("n_features")
+    if isinstance(width, Integral) and width != X.shape[1]:
+        raise ValueError(
+            f"provenance says the activations have {width} features, but X has "
+            f"{X.shape[1]}; pass the provenance of the extractor X comes from."
+        )
+    try:
+        json.dumps(provenance, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"provenance must be JSON-serialisable: {err}") from None
+    return provenance
 
 
 def _check_representable(X):
@@ -367,10 +393,13 @@ class SparseAutoencoderDictionary(
         here; other values come from SAEs trained with atoms of other norms
         (:meth:`from_saelens`), where they keep the choice exact.
     provenance_ : dict
-        Only for dictionaries imported by :meth:`from_saelens` (or saved from
-        one): where the SAE came from (model, hook, layer, dataset, as its
-        metadata said) and what was folded into the attributes. Saved and
-        loaded with the dictionary.
+        Where the training activations came from: the ``provenance`` given to
+        :meth:`fit` (model, layer, hook, number of tokens, corpus, as
+        :meth:`TransformerActivationExtractor.provenance
+        <sparse_dict.TransformerActivationExtractor.provenance>` records
+        them), or for dictionaries imported by :meth:`from_saelens` the SAE's
+        metadata and what was folded into the attributes. Saved and loaded
+        with the dictionary; absent when neither was given.
     n_components_ : int
     scale_ : float
         Factor that brought the training data to mean squared norm
@@ -433,6 +462,10 @@ class SparseAutoencoderDictionary(
     >>> int((codes > 0).sum(axis=1).max())
     3
     """
+
+    # fit's provenance is a record for the fitted dictionary, not data to
+    # route through meta-estimators; it adds no set_fit_request method.
+    __metadata_request__fit = {"provenance": metadata_routing.UNUSED}
 
     _parameter_constraints = {
         "n_components": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
@@ -521,7 +554,7 @@ class SparseAutoencoderDictionary(
 
     # ----------------------------------------------------------------- fitting
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y=None):
+    def fit(self, X, y=None, provenance=None):
         """Learn the dictionary and the encoder from ``X``.
 
         Parameters
@@ -529,6 +562,14 @@ class SparseAutoencoderDictionary(
         X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Training rows; ``np.memmap`` input is read batch by batch.
         y : Ignored
+        provenance : dict or None, default=None
+            Where ``X`` comes from, as
+            :meth:`TransformerActivationExtractor.provenance
+            <sparse_dict.TransformerActivationExtractor.provenance>` gives it
+            (any JSON object is accepted). Kept in ``provenance_`` and saved
+            with the dictionary; its ``n_tokens`` is set to the number of rows
+            of ``X`` when missing. Without it, a refitted dictionary has no
+            ``provenance_``.
 
         Returns
         -------
@@ -536,6 +577,7 @@ class SparseAutoencoderDictionary(
         """
         with _restored_on_error(self):
             X = self._validate_train_data(X, reset=True)
+            provenance = _check_fit_provenance(provenance, X)
             random_state = check_random_state(self.random_state)
             trainer = self._new_trainer(X, random_state)
             total = self._total_steps(X.shape[0])
@@ -552,6 +594,8 @@ class SparseAutoencoderDictionary(
             self.n_iter_ = n_passes
             # A dictionary fitted anew is no longer the imported one.
             self.__dict__.pop("provenance_", None)
+            if provenance is not None:
+                self.provenance_ = provenance
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)

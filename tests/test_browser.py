@@ -327,3 +327,58 @@ def test_page_in_headless_chromium(driver, page):
 
     errors = [e for e in driver.browser_log() if e.get("level") == "SEVERE"]
     assert errors == [], errors
+
+
+@pytest.fixture(scope="module")
+def effects_page(tmp_path_factory):
+    """A page whose feature 1 promotes markup-like tokens and suppresses a newline."""
+    codes = np.array([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.5, 3.0, 0.0]])
+    ex = top_activating_examples(codes, ["to", "be", "or"], k=2, context=1)
+    effects = {
+        "features": [1, 0],
+        "promoted_tokens": [["<b>bold</b>", " king", "&amp;"], [" a", " b", " c"]],
+        "promoted_logits": [[2.5, 1.25, 0.5], [0.3, 0.2, 0.1]],
+        "suppressed_tokens": [["\n", "</script>", " queen"], [" x", " y", " z"]],
+        "suppressed_logits": [[-3.0, -2.0, -1.0], [-0.1, -0.2, -0.3]],
+    }
+    path = tmp_path_factory.mktemp("effects") / "features.html"
+    write_feature_browser(path, (codes > 0).mean(axis=0), ex, logit_effects=effects)
+    return path
+
+
+def test_promoted_and_suppressed_tokens_render_escaped(driver, effects_page):
+    driver.s("POST", "/url", {"url": effects_page.as_uri()})
+    driver.browser_log()
+    assert _wait_for(driver, COUNT, 3) == 3
+    rows = driver.script(
+        "return Array.from(document.querySelectorAll('#features .feature')).map(function (f) {"
+        "  var up = f.querySelector('.effects .promoted'), down = f.querySelector("
+        "    '.effects .suppressed');"
+        "  return [Number(f.dataset.feature), up ? Array.from(up.querySelectorAll('.effect'))"
+        "    .map(function (e) { return e.firstChild.textContent; }) : null,"
+        "    down ? Array.from(down.querySelectorAll('.effect')).map(function (e) {"
+        "      return e.textContent; }) : null]; });")
+    by_id = {r[0]: r[1:] for r in rows}
+    # Shown as text, in order, next to the examples; the markup is not parsed.
+    assert by_id[1][0] == ["<b>bold</b>", " king", "&amp;"]
+    assert by_id[1][1] == ["\u21b5-3.00", "</script>-2.00", " queen-1.00"]
+    assert by_id[0][0] == [" a", " b", " c"]
+    assert by_id[2] == [None, None]  # no effects given for feature 2
+    assert driver.script("return document.querySelectorAll('#features b').length;") == 0
+    # The promoted tokens sit before the feature's examples.
+    assert driver.script(
+        "var f = document.querySelector('[data-feature=\"1\"]');"
+        "return f.querySelector('.effects').compareDocumentPosition("
+        "  f.querySelector('.example')) === Node.DOCUMENT_POSITION_FOLLOWING;")
+    errors = [e for e in driver.browser_log() if e.get("level") == "SEVERE"]
+    assert errors == [], errors
+
+
+def test_logit_effects_input_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="lacks"):
+        write_feature_browser(tmp_path / "f.html", np.ones(2),
+                              logit_effects={"promoted_tokens": [["a"]]})
+    with pytest.raises(ValueError, match="outside 0..1"):
+        write_feature_browser(tmp_path / "f.html", np.ones(2), logit_effects={
+            "features": [5], "promoted_tokens": [["a"]], "promoted_logits": [[1.0]],
+            "suppressed_tokens": [["b"]], "suppressed_logits": [[-1.0]]})

@@ -498,10 +498,11 @@ def test_encode_wrong_width_and_not_a_dictionary(fitted, tmp_path, capsys):
 
 
 def test_report_with_the_wrong_layer_point(fitted, tmp_path, texts_file, capsys):
-    # The dictionary was fitted on the MLP (512 wide); the residual stream is 128.
+    # The dictionary was fitted on the MLP, as its provenance (written by
+    # extract, recorded by fit) says; the residual stream is another point.
     status, _, err = run(["report", fitted / "dict", texts_file, "-o", tmp_path / "r",
                           "--hook", "resid_post", "--device", "cpu", "-q"], capsys)
-    assert_one_line_error(status, err, "128 features", "512")
+    assert_one_line_error(status, err, "layer0.mlp_post", "reads layer0.resid_post")
 
 
 def test_unknown_model_path(tmp_path, texts_file, capsys):

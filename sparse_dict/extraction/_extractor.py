@@ -23,6 +23,11 @@ from sparse_dict.extraction._texts import (
     _token_strings,
 )
 
+# The ``source`` of the provenance an extractor writes; dictionaries imported
+# from SAELens have "SAELens" there.
+PROVENANCE_SOURCE = "sparse_dict.TransformerActivationExtractor"
+
+
 class TokenIndex(NamedTuple):
     """Where each output row of an extractor comes from.
 
@@ -287,13 +292,79 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         -------
         ActivationHook
             Its ``reset(mode, replacement=None)`` makes the next forward pass
-            stop at the hook point ("stop"), run through ("capture"), or run
-            with the activations replaced ("replace"); ``captured`` holds the
-            activations seen.
+            stop at the hook point ("stop"), run through ("capture"), run
+            with the activations replaced by a tensor ("replace"), or by a
+            function of them ("edit"); ``captured`` holds the activations
+            seen.
         """
         check_is_fitted(self)
         module = self.loaded_model().submodule(self.hook_module_)
         return ActivationHook(module, self._hook_direction)
+
+    def provenance(self, *, n_tokens=None, corpus=None):
+        """Where this extractor's activations come from, as a JSON-ready dict.
+
+        Pass it to :meth:`SparseAutoencoderDictionary.fit
+        <sparse_dict.SparseAutoencoderDictionary.fit>` (``provenance=``):
+        the dictionary keeps it in ``provenance_`` and in its saved folder,
+        so that :func:`sparse_dict.analysis.logit_effects`,
+        :func:`sparse_dict.analysis.steer` and ``sparse-dict report`` /
+        ``steer`` know the model and hook point without being told again,
+        and refuse an extractor that reads another point.
+
+        Parameters
+        ----------
+        n_tokens : int or None, default=None
+            Number of activation rows the dictionary is fitted on; ``fit``
+            fills it in from ``X`` when None.
+        corpus : str or None, default=None
+            A description of the texts (a file name, a data set and split).
+
+        Returns
+        -------
+        provenance : dict
+            ``source`` ("sparse_dict.TransformerActivationExtractor"),
+            ``model`` ("builtin", a Hub id, the absolute path of a local
+            folder, or None for a torch module passed as ``model``),
+            ``model_class``, ``layer``, ``hook``, ``module``, ``hook_name``,
+            ``hook_module``, ``n_features``, ``pooling``, ``max_length`` (the
+            length texts are cut to, the model's limit included), ``n_tokens``
+            and ``corpus``.
+
+        Examples
+        --------
+        >>> from sparse_dict import TransformerActivationExtractor
+        >>> ext = TransformerActivationExtractor("builtin", device="cpu").fit(["to be"])
+        >>> p = ext.provenance(corpus="two words")
+        >>> p["model"], p["hook_name"], p["n_features"], p["corpus"]
+        ('builtin', 'layer0.mlp_post', 512, 'two words')
+        """
+        check_is_fitted(self)
+        loaded = self.loaded_model()
+        if isinstance(self.model, nn.Module):
+            model = None  # a user's module has no name it could be reloaded by
+        elif isinstance(self.model, str) and self.model == "builtin":
+            model = "builtin"
+        else:
+            path = Path(self.model).expanduser()
+            model = str(path.resolve()) if path.is_dir() else str(self.model)
+        limits = [n for n in (self.max_length, loaded.max_positions) if n is not None]
+        return {
+            "source": PROVENANCE_SOURCE,
+            "model": model,
+            "model_class": type(loaded.model).__name__,
+            "layer": int(self.layer),
+            "hook": self.hook,
+            "module": self.module,
+            "hook_name": self.hook_name_,
+            "hook_module": self.hook_module_,
+            "n_features": int(self.n_features_out_),
+            "pooling": self.pooling,
+            # The length texts were really cut to: the model's own limit caps it.
+            "max_length": int(min(limits)) if limits else None,
+            "n_tokens": None if n_tokens is None else int(n_tokens),
+            "corpus": None if corpus is None else str(corpus),
+        }
 
     def _progress_label(self, n_texts):
         # Says what runs, on how many texts and on which model, so that the
@@ -649,24 +720,13 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             )
 
     def _store_config(self, corpus):
-        """What the manifest of a store records about this extraction."""
-        check_is_fitted(self)
-        loaded = self.loaded_model()
-        if isinstance(self.model, nn.Module):
-            model = f"torch module {type(self.model).__name__}"
-        elif os.path.isdir(self.model):
-            model = str(Path(self.model).resolve())  # the same folder, however named
-        else:
-            model = str(self.model)
-        limits = [n for n in (self.max_length, loaded.max_positions) if n is not None]
-        return {
-            "model": model, "layer": int(self.layer), "hook": self.hook,
-            "module": self.module, "hook_module": self.hook_module_,
-            "hook_name": self.hook_name_, "pooling": self.pooling,
-            "max_length": int(min(limits)) if limits else None,
-            "n_features": int(self.n_features_out_), "dtype": "float32",
-            "corpus": corpus,
-        }
+        """What the manifest of a store records about this extraction: its provenance."""
+        config = self.provenance(corpus=corpus)
+        # The store counts its own rows and tokens as it grows; its
+        # provenance() fills n_tokens in from them.
+        del config["n_tokens"]
+        config["dtype"] = "float32"
+        return config
 
     def _vocabulary(self, max_token_id):
         """The token string of every id up to the vocabulary's size (or ``max_token_id``)."""

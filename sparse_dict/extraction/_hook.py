@@ -123,8 +123,9 @@ class ActivationHook:
     """One hook at a site that captures, stops or replaces the activations.
 
     Used as a context manager around forward passes; :meth:`reset` sets what
-    the next pass does ("stop", "capture" or "replace"), and ``captured``
-    holds the activations it saw.
+    the next pass does ("stop", "capture", "replace" by a tensor, or "edit"
+    by a function of the activations), and ``captured`` holds the
+    activations it saw.
 
     Only the first call of the module in a forward pass counts, so a module
     reused inside the model is hooked once. Models are shared between
@@ -181,6 +182,16 @@ class ActivationHook:
                     f"the activations' {tuple(tensor.shape)}."
                 )
             return self.replacement.to(dtype=tensor.dtype)
+        if self.mode == "edit":
+            # A function of the activations themselves (steering adds a
+            # direction, clamping re-encodes), so no first pass is needed.
+            edited = self.replacement(tensor)
+            if edited.shape != tensor.shape:
+                raise ValueError(
+                    f"The edit gave shape {tuple(edited.shape)}, not the activations' "
+                    f"{tuple(tensor.shape)}."
+                )
+            return edited.to(dtype=tensor.dtype)
         return None
 
     def _on_output(self, module, args, output):

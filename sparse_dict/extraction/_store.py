@@ -301,6 +301,25 @@ class ActivationStore:
         self.index = _rows(self.path / INDEX, _INDEX_COLUMNS, np.int64, n_rows)
         self._table = None
 
+    def provenance(self):
+        """Where the stored activations come from, as the extractor records it.
+
+        The dictionary of :meth:`TransformerActivationExtractor.provenance
+        <sparse_dict.TransformerActivationExtractor.provenance>` with
+        ``n_tokens`` the rows stored: pass it to ``fit(store.activations,
+        provenance=store.provenance())``, as ``sparse-dict fit`` does.
+
+        Returns
+        -------
+        provenance : dict
+        """
+        from sparse_dict.extraction._extractor import PROVENANCE_SOURCE
+
+        keys = ("model", "model_class", "layer", "hook", "module", "hook_name",
+                "hook_module", "n_features", "pooling", "max_length", "corpus")
+        return {"source": PROVENANCE_SOURCE, **{k: self.manifest.get(k) for k in keys},
+                "n_tokens": self.n_rows}
+
     @property
     def n_rows(self):
         """Rows stored."""

@@ -1,0 +1,94 @@
+"""Whether a dictionary belongs to an extractor's hook point, from its provenance."""
+
+from pathlib import Path
+
+from sklearn.utils.validation import check_is_fitted
+
+from sparse_dict.extraction._extractor import PROVENANCE_SOURCE
+
+
+def _same_model(recorded, current):
+    """Whether two provenance ``model`` entries name the same model.
+
+    A local folder is recognised by its name, so a dictionary still matches
+    its model after the folder moved (or was copied to another machine); a
+    torch module passed as ``model`` (recorded as None) cannot be told apart
+    and always matches.
+    """
+    if recorded is None or current is None:
+        return True
+    if recorded == current:
+        return True
+    if "builtin" in (recorded, current):
+        return False
+    return Path(recorded).name == Path(current).name
+
+
+def check_compatible(extractor, dictionary, *, check_model=True):
+    """Raise a clear error if ``dictionary`` was not learned at ``extractor``'s hook point.
+
+    The dictionary's width must be the hook's width. A dictionary whose
+    ``provenance_`` was recorded from an extractor (see
+    :meth:`~sparse_dict.TransformerActivationExtractor.provenance`) must
+    also come from the same model and the same hook point; a dictionary
+    without such a record (fitted on a bare array, or imported from SAELens)
+    is checked by its width only.
+
+    Parameters
+    ----------
+    extractor : TransformerActivationExtractor
+        Fitted.
+    dictionary : fitted estimator with ``components_`` and ``n_features_in_``
+    check_model : bool, default=True
+        Also compare the models. False takes the extractor's model as the
+        dictionary's (for a model folder that was moved and renamed); the
+        hook point and the width are checked all the same.
+
+    Raises
+    ------
+    ValueError
+        On a mismatch, naming both sides.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sparse_dict import SparseAutoencoderDictionary, TransformerActivationExtractor
+    >>> from sparse_dict.analysis import check_compatible
+    >>> ext = TransformerActivationExtractor("builtin", device="cpu").fit(["to be"])
+    >>> sae = SparseAutoencoderDictionary(n_components=8, max_steps=2, random_state=0)
+    >>> _ = sae.fit(np.random.default_rng(0).random((32, 6)))
+    >>> check_compatible(ext, sae)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: The dictionary was fitted on 6 features per row, but layer0.mlp_post ...
+    """
+    check_is_fitted(extractor, "n_features_out_")
+    check_is_fitted(dictionary, "components_")
+    # The provenance first: it names what the dictionary belongs to.
+    recorded = getattr(dictionary, "provenance_", None)
+    if isinstance(recorded, dict) and recorded.get("source") == PROVENANCE_SOURCE:
+        _check_recorded(recorded, extractor.provenance(), check_model)
+    width = int(extractor.n_features_out_)
+    n_in = int(dictionary.n_features_in_)
+    if n_in != width:
+        raise ValueError(
+            f"The dictionary was fitted on {n_in} features per row, but "
+            f"{extractor.hook_name_} of this model gives {width}; use the extractor "
+            "(model, layer, hook) its activations came from."
+        )
+
+
+def _check_recorded(recorded, current, check_model):
+    where = f"{recorded.get('hook_name')} of model {recorded.get('model')}"
+    if recorded.get("hook_name") != current["hook_name"]:
+        raise ValueError(
+            f"The dictionary was learned on activations of {where}, but the extractor "
+            f"reads {current['hook_name']}; use layer/hook (or module) of the dictionary's "
+            "provenance_."
+        )
+    if check_model and not _same_model(recorded.get("model"), current["model"]):
+        raise ValueError(
+            f"The dictionary was learned on activations of {where}, but the extractor "
+            f"runs model {current['model']}; give the dictionary's model (a folder that "
+            "moved is recognised by its name)."
+        )

