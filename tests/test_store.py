@@ -275,7 +275,7 @@ def test_cli_extract_to_a_store_fit_and_report(reference, texts, tmp_path, capsy
               "-q"]
     assert main(["extract", str(corpus), "--store", str(store), *common]) == 0
     np.testing.assert_array_equal(open_store(store).activations, reference.activations)
-    assert open_store(store).manifest["corpus"] == str(corpus)
+    assert open_store(store).manifest["corpus"] == f"{corpus.name} (split=lines)"
     capsys.readouterr()
     assert main(["extract", str(corpus), "--store", str(store), *common]) == 2
     assert "give --resume" in capsys.readouterr().err
@@ -307,7 +307,7 @@ def test_cli_extract_to_npy_streams_through_a_store(reference, texts, tmp_path):
     assert main(["extract", str(corpus), "-o", str(tmp_path / "a"), "--tokens",
                  str(tmp_path / "t.jsonl"), "--max-length", str(MAX_LENGTH), "--chunk-texts",
                  str(CHUNK), "--device", "cpu", "-q"]) == 0
-    assert sorted(os.listdir(tmp_path)) == ["a.npy", "t.jsonl", "texts.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == ["a.npy", "a.provenance.json", "t.jsonl", "texts.jsonl"]
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), reference.activations)
     rows = [json.loads(line) for line in open(tmp_path / "t.jsonl", encoding="utf-8")]
     assert [[r["text"], r["position"]] for r in rows] == reference.index[:, :2].tolist()
