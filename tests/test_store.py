@@ -289,6 +289,12 @@ def test_cli_extract_to_a_store_fit_and_report(reference, texts, tmp_path, capsy
     # fit and report take the store where they take activations and texts.
     assert main(["fit", str(store), "-o", str(tmp_path / "dict"), "--n-components", "32",
                  "--max-iter", "1", "--batch-size", "64", "--device", "cpu", "-q"]) == 0
+    # The dictionary records the store's provenance, rows counted.
+    from sparse_dict import SparseAutoencoderDictionary
+
+    provenance = SparseAutoencoderDictionary.load(tmp_path / "dict").provenance_
+    assert (provenance["hook_name"], provenance["n_tokens"], provenance["corpus"]) == (
+        "layer0.mlp_post", reference.activations.shape[0], f"{corpus.name} (split=lines)")
     assert main(["report", str(tmp_path / "dict"), str(store), "-o", str(tmp_path / "r"),
                  "--max-texts", "5", "--device", "cpu", "-q"]) == 0
     page = (tmp_path / "r" / "features.html").read_text(encoding="utf-8")
