@@ -1,9 +1,11 @@
 """The sparse autoencoder module and its hand-fused training gradients."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparse_dict._torch.activations import ReLU
+from sparse_dict._torch.matmul import mm
 
 # The fitted tensors every autoencoder has, in the order configs list them;
 # an activation adds its own (``Activation.state_names``).
@@ -15,6 +17,36 @@ BASE_TENSORS = ("components", "encoder_weights", "encoder_bias", "decoder_bias")
 UNSCALED_TENSORS = ("components", "encoder_weights", "selection_scale")
 # The statistics of every training step, in the columns of the history.
 STAT_NAMES = ("loss", "mse", "l1", "l0", "auxk")
+
+
+# When the sparse step is faster than the dense one (sparse_step="auto"):
+# see sparse_step_pays.
+_SPARSE_MAX_K_RATIO = 1 / 16
+_SPARSE_MIN_COMPONENTS = 1024
+
+
+def sparse_step_pays(k, n_components, device):
+    """Whether the top-k family's sparse training step beats the dense one.
+
+    The dense step costs five (batch, d, n_components) products; the sparse
+    one costs one, a top-k selection (a pass over the pre-activations) and
+    about ``batch * k * d`` gathered multiply-adds, which run far below a
+    matrix product's rate. Measured on a 2-core x86 CPU (Intel Xeon, one
+    thread, d=512, batch 4096): the sparse step wins when ``k`` is at most
+    a sixteenth of ``n_components`` and ``n_components`` is at least 1024.
+    On a GPU the dense products are fast and the gathers comparatively
+    slow, and this has not been measured: the dense step is kept there.
+
+    Examples
+    --------
+    >>> import torch
+    >>> sparse_step_pays(32, 16384, torch.device("cpu"))
+    True
+    >>> sparse_step_pays(256, 1024, torch.device("cpu"))
+    False
+    """
+    return (device.type == "cpu" and n_components >= _SPARSE_MIN_COMPONENTS
+            and k <= _SPARSE_MAX_K_RATIO * n_components)
 
 
 def fitted_tensor_names(activation):
@@ -121,56 +153,99 @@ class SparseAutoencoder(nn.Module):
         """Rescale every atom (row of ``W_dec``) to unit norm, in place."""
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
-    def _workspace(self, batch, dtype, device):
+    def _workspace(self, batch, dtype, device, wide=("codes", "grad", "mask")):
         """Reusable buffers for the training step.
 
         On the CPU a fresh (batch, n_components) tensor is a fresh ``mmap``:
         allocating several per step costs page faults comparable to a matrix
         product. Buffers sized for the largest batch seen are reused; a
         smaller batch takes a leading slice, which is contiguous. The two
-        (batch, n_features + padding) buffers carry a column of ones, so that two
-        matrix products also return column sums of the codes and of their
-        gradient, saving two passes over (batch, n_components) arrays.
+        (batch, n_features + padding) buffers ``xc`` and ``gx`` carry a
+        column of ones, and the two (n_components, n_features + padding)
+        buffers ``enc`` and ``dec`` a column for a bias: a matrix product of
+        one with the other adds the bias (or returns column sums) at no
+        extra pass over a (batch, n_components) array. Of the (batch,
+        n_components) buffers only those in ``wide`` are made.
         """
         ws = getattr(self, "_ws", None)
         if (
             ws is None
-            or ws["codes"].shape[0] < batch
-            or ws["codes"].dtype != dtype
-            or ws["codes"].device != device
+            or ws["xc"].shape[0] < batch
+            or ws["xc"].dtype != dtype
+            or ws["xc"].device != device
         ):
-            wide = (batch, self.n_components)
-            ws = {k: torch.empty(wide, dtype=dtype, device=device) for k in ("codes", "grad", "mask")}
             # One more column than the features, rounded up to a multiple of
             # 16: BLAS kernels lose about 40% on an odd width such as 513.
             d = self.n_features
             width = -(-(d + 1) // 16) * 16
+            ws = {}
             for k in ("xc", "gx"):
                 ws[k] = torch.zeros(batch, width, dtype=dtype, device=device)
                 ws[k][:, d] = 1.0
+            for k in ("enc", "dec"):
+                ws[k] = torch.zeros(self.n_components, width, dtype=dtype, device=device)
             self._ws = ws
-        return {k: v[:batch] for k, v in ws.items()}
+        for k in wide:
+            if k not in ws:
+                ws[k] = torch.empty(ws["xc"].shape[0], self.n_components, dtype=dtype,
+                                    device=device)
+        return {k: v if k in ("enc", "dec") else v[:batch] for k, v in ws.items()}
 
     def release_workspace(self):
         """Free the training buffers (after training, before pickling)."""
         self._ws = None
         self.activation.release_workspace()
 
+    def uses_sparse_step(self, sparse_step="auto", autocast_dtype=None, device=None):
+        """Whether a training step takes the sparse path (see :func:`sparse_step_pays`).
+
+        Parameters
+        ----------
+        sparse_step : bool or "auto"
+            ``True`` forces the sparse path (an error for an activation
+            without one), ``False`` the dense one.
+        autocast_dtype : torch.dtype, optional
+        device : torch.device, optional
+            Where the step runs; the parameters' device when None.
+        """
+        act = self.activation
+        if sparse_step is True or sparse_step is False:
+            if sparse_step and not act.has_sparse_step:
+                raise ValueError(
+                    f"sparse_step=True needs an activation with a sparse training step "
+                    f"(topk or batchtopk), not {act.name!r}.")
+            return sparse_step
+        if sparse_step != "auto":
+            raise ValueError(f"sparse_step must be True, False or 'auto', not {sparse_step!r}.")
+        device = self.W_enc.device if device is None else torch.device(device)
+        return bool(
+            act.has_sparse_step and autocast_dtype in (None, torch.float32)
+            and sparse_step_pays(act.k, self.n_components, device)
+        )
 
     @torch.no_grad()
-    def loss_and_gradients(self, x, coef, autocast_dtype=None, dead=None, auxk_coef=0.0, k_aux=0):
+    def loss_and_gradients(self, x, coef, autocast_dtype=None, dead=None, auxk_coef=0.0, k_aux=0,
+                           sparse_step="auto"):
         """Loss of a batch and its gradients, written into each ``.grad``.
 
         The loss is ``mean_b ||x_b - x_hat_b||^2 + coef * penalty`` (the
         activation's sparsity term: L1 for ReLU, L0 for JumpReLU, none for
         the top-k family), plus the AuxK term when ``dead`` is given. The
         backward pass is written out by hand instead of through autograd: it
-        works in place in reused buffers and folds a per-feature penalty
-        gradient into a matrix product's bias, which removes several full
-        passes over the (batch, n_components) activations, so the five
+        works in place in reused buffers and folds biases and a per-feature
+        penalty gradient into the matrix products, which removes several
+        full passes over the (batch, n_components) activations, so the five
         matrix products are nearly the whole cost, as the performance model
         assumes. Every activation shares this step through its hooks; the
-        tests check each against autograd.
+        tests check each against autograd. The products go through
+        :func:`sparse_dict._torch.matmul.mm`, the faster of torch's and
+        numpy's BLAS on this CPU.
+
+        For the top-k family a sparse step is also available (``sparse_step``):
+        only the encoder's product is dense, and the decoder's product and
+        every gradient are formed from the few active codes of each row
+        (:meth:`_sparse_gradients_`): about ``2 * batch * d * N`` operations
+        instead of ``10 * batch * d * N``.
 
         The L1 term's gradient with respect to ``W_dec`` is parallel to each
         atom, and the trainer projects the parallel component out (the atoms
@@ -183,13 +258,19 @@ class SparseAutoencoder(nn.Module):
             Weight of the activation's sparsity term (ignored by top-k).
         autocast_dtype : torch.dtype, optional
             Run the matrix products in this dtype (``torch.bfloat16`` on a
-            GPU); the gradients are returned in float32.
+            GPU); the gradients are returned in float32. The sparse step
+            always works in float32.
         dead : torch.Tensor of int64, optional
             Indices of the dead features, for AuxK.
         auxk_coef : float
             Weight of the AuxK term.
         k_aux : int
             Dead features each row may use in the AuxK reconstruction.
+        sparse_step : bool or "auto"
+            Take the sparse path (``True``, top-k family only), the dense one
+            (``False``), or the faster for this shape and device
+            (``"auto"``, see :func:`sparse_step_pays`). Both give the same
+            loss and gradients up to rounding.
 
         Returns
         -------
@@ -200,53 +281,25 @@ class SparseAutoencoder(nn.Module):
         fired : torch.Tensor of shape (n_components,)
             How many rows of the batch fired each feature (as floats).
         """
-        batch, d = x.shape
-        act = self.activation
-        W_enc, W_dec, b_enc, b_dec = self.W_enc, self.W_dec, self.b_enc, self.b_dec
-        cdtype = autocast_dtype or torch.float32
-        W_enc_c, W_dec_c = W_enc.to(cdtype), W_dec.to(cdtype)
-        ws = self._workspace(batch, cdtype, x.device)
-        codes, grad, mask = ws["codes"], ws["grad"], ws["mask"]
-        xc_ones, gx_ones = ws["xc"], ws["gx"]
-        xc = xc_ones[:, :d]
-
-        torch.sub(x, b_dec, out=xc)
-        torch.addmm(b_enc.to(cdtype), xc, W_enc_c.t(), out=codes)
         use_aux = dead is not None and dead.numel() > 0 and auxk_coef > 0 and k_aux > 0
-        if use_aux:
-            pre_dead = codes[:, dead].float()
-        act.forward_(codes, mask, self)
-        # Float sums along the batch are vectorised; integer ones are not.
-        fired = mask.sum(dim=0, dtype=torch.float32)
-        err = torch.addmm(b_dec.to(cdtype), codes, W_dec_c).float().sub_(x)
-        mse = err.pow(2).sum() / batch
-
-        # d loss / d x_hat, next to a column of ones: the product with the
-        # codes gives W_dec's gradient and, in the last column, the codes'
-        # column sums (for the penalty).
-        gx_ones[:, :d] = err.mul(2.0 / batch)
-        dec_grad = torch.mm(codes.t(), gx_ones).float()
-        self.W_dec.grad = dec_grad[:, :d].contiguous()
-        code_sums = dec_grad[:, d]
-        l0 = fired.sum() / batch
-        penalty, code_bias = act.penalty(code_sums, l0, self, coef, batch)
-        l1 = code_sums.sum() / batch
-        loss = mse + coef * penalty
-
-        # d loss / d codes, with a per-feature penalty gradient as the bias;
-        # then through the activation, zero where a code is not active.
-        if code_bias is None:
-            torch.mm(gx_ones[:, :d], W_dec_c.t(), out=grad)
+        sparse = self.uses_sparse_step(sparse_step, autocast_dtype, x.device)
+        cdtype = torch.float32 if sparse else (autocast_dtype or torch.float32)
+        batch, d = x.shape
+        ws = self._workspace(batch, cdtype, x.device, ("codes",) if sparse else
+                             ("codes", "grad", "mask"))
+        xc_ones, enc = ws["xc"], ws["enc"]
+        xc = xc_ones[:, :d]
+        # pre = (x - b_dec) @ W_enc.T + b_enc, the bias through the ones column.
+        torch.sub(x, self.b_dec, out=xc)
+        enc[:, :d] = self.W_enc
+        enc[:, d] = self.b_enc
+        pre = mm(xc_ones, enc.t(), out=ws["codes"])
+        pre_dead = pre[:, dead].float() if use_aux else None
+        if sparse:
+            mse, l1, l0, fired, err = self._sparse_gradients_(pre, x, xc)
+            loss = mse
         else:
-            torch.addmm(code_bias.to(cdtype), gx_ones[:, :d], W_dec_c.t(), out=grad)
-        act.parameter_gradients_(grad, self, coef, batch)
-        grad.mul_(mask)
-        enc_grad = torch.mm(grad.t(), xc_ones).float()
-        self.W_enc.grad = enc_grad[:, :d].contiguous()
-        grad_b_enc = enc_grad[:, d].contiguous()
-        self.b_enc.grad = grad_b_enc
-        # b_dec enters twice: added to x_hat, and subtracted before encoding.
-        self.b_dec.grad = gx_ones[:, :d].sum(dim=0, dtype=torch.float32) - grad_b_enc @ W_enc
+            loss, mse, l1, l0, fired, err = self._dense_gradients_(pre, x, ws, coef)
 
         auxk = torch.zeros((), device=x.device)
         if use_aux:
@@ -254,6 +307,112 @@ class SparseAutoencoder(nn.Module):
             loss = loss + auxk_coef * auxk
         stats = torch.stack([loss, mse, l1, l0, auxk])
         return stats, fired
+
+    def _dense_gradients_(self, codes, x, ws, coef):
+        """The dense step after the encoder's product: four more products."""
+        batch, d = x.shape
+        act = self.activation
+        W_enc, b_dec = self.W_enc, self.b_dec
+        grad, mask, gx_ones, xc_ones, dec = ws["grad"], ws["mask"], ws["gx"], ws["xc"], ws["dec"]
+        # W_dec in the products' dtype, next to a column for the codes' bias.
+        dec[:, :d] = self.W_dec
+        W_dec_c = dec[:, :d]
+        act.forward_(codes, mask, self)
+        # Float sums along the batch are vectorised; integer ones are not.
+        fired = mask.sum(dim=0, dtype=torch.float32)
+        err = mm(codes, W_dec_c).float().add_(b_dec).sub_(x)
+        mse = err.pow(2).sum() / batch
+
+        # d loss / d x_hat, next to a column of ones: the product with the
+        # codes gives W_dec's gradient and, in the last column, the codes'
+        # column sums (for the penalty).
+        gx_ones[:, :d] = err.mul(2.0 / batch)
+        dec_grad = mm(codes.t(), gx_ones).float()
+        self.W_dec.grad = dec_grad[:, :d].contiguous()
+        code_sums = dec_grad[:, d]
+        l0 = fired.sum() / batch
+        penalty, code_bias = act.penalty(code_sums, l0, self, coef, batch)
+        l1 = code_sums.sum() / batch
+        loss = mse + coef * penalty
+
+        # d loss / d codes, with a per-feature penalty gradient as the bias
+        # (through gx's ones column); then through the activation, zero where
+        # a code is not active.
+        dec[:, d] = 0.0 if code_bias is None else code_bias
+        mm(gx_ones, dec.t(), out=grad)
+        act.parameter_gradients_(grad, self, coef, batch)
+        grad.mul_(mask)
+        enc_grad = mm(grad.t(), xc_ones).float()
+        self.W_enc.grad = enc_grad[:, :d].contiguous()
+        grad_b_enc = enc_grad[:, d].contiguous()
+        self.b_enc.grad = grad_b_enc
+        # b_dec enters twice: added to x_hat, and subtracted before encoding.
+        self.b_dec.grad = gx_ones[:, :d].sum(dim=0, dtype=torch.float32) - grad_b_enc @ W_enc
+        return loss, mse, l1, l0, fired, err
+
+    def _sparse_gradients_(self, pre, x, xc):
+        """The sparse step after the encoder's product, from the active codes.
+
+        The activation gives each row's active codes as (feature, value)
+        pairs (:meth:`Activation.select`), laid out row after row as the
+        bags of an ``embedding_bag``. Everything else is formed from those
+        ``nnz`` pairs, about ``batch * k`` of them:
+
+        * ``x_hat``: a weighted sum of each row's atoms, an ``embedding_bag``
+          over ``W_dec`` (``nnz * d`` multiply-adds);
+        * d loss / d code at each pair, ``gx_row . W_dec[feature]``: the
+          gradient of that same ``embedding_bag`` with respect to its
+          per-pair weights, which autograd computes without forming the
+          (batch, n_components) product;
+        * ``W_dec.grad`` and ``W_enc.grad``: one bag per feature, of the rows
+          that fired it (the pairs sorted by feature), over ``gx`` and over
+          ``x - b_dec``, weighted by the codes and by their gradients;
+        * ``b_enc.grad`` and the firing counts: sums of the pairs by feature.
+
+        A selected pair with a non-positive value is not a code (ReLU), so
+        the activation leaves it out and it carries no gradient, as in the
+        dense step.
+        """
+        batch, d = x.shape
+        n = self.n_components
+        index, values, keep = self.activation.select(pre, self)
+        counts = keep.sum(dim=1)
+        offsets = torch.zeros(batch + 1, dtype=torch.long, device=x.device)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        features, codes = index[keep], values[keep].float()
+        rows = torch.repeat_interleave(torch.arange(batch, device=x.device), counts)
+
+        # The decoder's product, with autograd on the codes only, for their gradient.
+        with torch.enable_grad():
+            weights = codes.detach().requires_grad_()
+            x_hat = F.embedding_bag(features, self.W_dec.detach(), offsets,
+                                    per_sample_weights=weights, mode="sum",
+                                    include_last_offset=True)
+        err = (x_hat.detach() + self.b_dec).sub_(x)
+        mse = err.pow(2).sum() / batch
+        gx = err.mul(2.0 / batch)
+        grad_codes = torch.autograd.grad(x_hat, weights, gx)[0]
+
+        # Regroup the pairs by feature: each feature's bag is the rows it fired on.
+        order = torch.argsort(features, stable=True)
+        fired_long = torch.bincount(features, minlength=n)
+        by_feature = torch.zeros(n + 1, dtype=torch.long, device=x.device)
+        torch.cumsum(fired_long, 0, out=by_feature[1:])
+        rows_by_feature = rows[order]
+        self.W_dec.grad = F.embedding_bag(rows_by_feature, gx, by_feature,
+                                          per_sample_weights=codes[order], mode="sum",
+                                          include_last_offset=True)
+        grad_pre = grad_codes[order]
+        self.W_enc.grad = F.embedding_bag(rows_by_feature, xc.float(), by_feature,
+                                          per_sample_weights=grad_pre, mode="sum",
+                                          include_last_offset=True)
+        grad_b_enc = torch.zeros(n, device=x.device).index_add_(0, features, grad_codes)
+        self.b_enc.grad = grad_b_enc
+        self.b_dec.grad = gx.sum(dim=0) - grad_b_enc @ self.W_enc
+        fired = fired_long.float()
+        l1 = codes.sum() / batch
+        l0 = torch.tensor(float(features.numel()) / batch, device=x.device)
+        return mse, l1, l0, fired, err
 
     def _auxk_gradients_(self, pre_dead, dead, err, xc, auxk_coef, k_aux, batch):
         """AuxK: the dead features reconstruct the main step's residual.

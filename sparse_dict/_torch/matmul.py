@@ -1,0 +1,172 @@
+"""The fastest float32 matrix product on this machine, chosen by measurement.
+
+torch's CPU products go through the BLAS it was built with (MKL on x86).
+numpy brings its own OpenBLAS, which picks a kernel for the CPU it runs on.
+Which is faster depends on the CPU: on AMD EPYC processors with AVX-512,
+OpenBLAS ran a 4096x512 @ 512x4096 float32 product at about 460 GFLOP/s
+against about 210 for torch's MKL; on Intel processors MKL is usually at
+least as fast. Rather than guess from the CPU's name, :func:`mm` times both
+libraries on a short representative product the first time it is asked for
+a CPU float32 product, and keeps the winner for the rest of the process.
+
+Nothing here changes a thread count or an environment variable. OpenBLAS
+is a candidate only when its thread count is not above torch's, so a caller
+that limited torch's threads (``torch.set_num_threads``) never gets more
+threads through numpy; any failure of the probe or of an OpenBLAS call
+leaves torch's product in use. GPU tensors, other dtypes and tensors that
+autograd is recording always take torch's product.
+"""
+
+import time
+
+import numpy as np
+import torch
+
+__all__ = ["backend", "mm", "set_backend"]
+
+BACKENDS = ("torch", "openblas")
+# The probe's product: the shape of a training step's products at a small
+# batch, large enough for BLAS to reach its steady rate, about 1 ms each.
+_PROBE_SHAPE = (512, 512, 1024)
+_PROBE_REPEATS = 5
+# OpenBLAS must beat torch by this factor to be chosen: on a tie, staying
+# with torch's own product is the safer choice.
+_MARGIN = 1.05
+
+_forced = None
+_probed = {}
+
+
+def set_backend(name):
+    """Force the CPU float32 product to ``name``, or measure again with None.
+
+    Parameters
+    ----------
+    name : {"torch", "openblas"} or None
+        The backend to use from now on in this process; ``None`` returns to
+        the measured choice (and forgets the cached measurement).
+
+    Examples
+    --------
+    >>> set_backend("torch"); backend()
+    'torch'
+    >>> set_backend(None)
+    """
+    global _forced
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"Unknown matrix-product backend {name!r}; expected one of {BACKENDS} "
+                         "or None.")
+    _forced = name
+    _probed.clear()
+
+
+def backend():
+    """The backend that CPU float32 products use in this process.
+
+    Measures both on the first call (a few milliseconds) and caches the
+    answer, per torch thread count.
+
+    Returns
+    -------
+    name : {"torch", "openblas"}
+    """
+    if _forced is not None:
+        return _forced
+    threads = torch.get_num_threads()
+    if threads not in _probed:
+        try:
+            _probed[threads] = _probe(threads)
+        except Exception:  # noqa: BLE001 - any failure keeps torch's product
+            _probed[threads] = "torch"
+    return _probed[threads]
+
+
+def _openblas_threads():
+    """numpy's BLAS thread count, or None when it is not OpenBLAS."""
+    from threadpoolctl import threadpool_info
+
+    for lib in threadpool_info():
+        if lib.get("user_api") == "blas" and "numpy" in str(lib.get("filepath", "")):
+            return lib["num_threads"] if lib.get("internal_api") == "openblas" else None
+    return None
+
+
+def _best_time(fn):
+    fn()
+    best = float("inf")
+    for _ in range(_PROBE_REPEATS):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _probe(threads):
+    n_blas = _openblas_threads()
+    if n_blas is None or n_blas > threads:
+        return "torch"
+    m, k, n = _PROBE_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=generator)
+    b = torch.randn(k, n, generator=generator)
+    out = torch.empty(m, n)
+    a_np, b_np, out_np = a.numpy(), b.numpy(), out.numpy()
+    t_torch = _best_time(lambda: torch.mm(a, b, out=out))
+    t_blas = _best_time(lambda: np.matmul(a_np, b_np, out=out_np))
+    if not torch.allclose(out, a @ b, rtol=1e-3, atol=1e-3):
+        return "torch"
+    return "openblas" if t_blas * _MARGIN < t_torch else "torch"
+
+
+def _blas_layout(t):
+    # A matrix BLAS reads in place: unit stride along one axis, and a
+    # leading dimension at least that axis's length (a column slice of a
+    # wider buffer qualifies). numpy copies anything else first.
+    rows, cols = t.shape
+    s0, s1 = t.stride()
+    return (s1 == 1 and s0 >= max(cols, 1)) or (s0 == 1 and s1 >= max(rows, 1))
+
+
+def _openblas_ok(a, b, out):
+    tensors = (a, b) if out is None else (a, b, out)
+    recording = torch.is_grad_enabled()
+    return all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2
+        and not (recording and t.requires_grad)
+        and _blas_layout(t)
+        for t in tensors
+    ) and a.shape[1] == b.shape[0] and (
+        out is None or (out.is_contiguous() and out.shape == (a.shape[0], b.shape[1])))
+
+
+def mm(a, b, out=None):
+    """``a @ b`` for 2-D tensors, through the faster BLAS for CPU float32.
+
+    Parameters
+    ----------
+    a : torch.Tensor of shape (m, k)
+    b : torch.Tensor of shape (k, n)
+        Either may be a transposed view (BLAS reads it as it lies).
+    out : torch.Tensor of shape (m, n), optional
+        Written in place when given (C-contiguous for OpenBLAS to write it
+        directly).
+
+    Returns
+    -------
+    product : torch.Tensor of shape (m, n)
+        ``out`` when given.
+
+    Examples
+    --------
+    >>> import torch
+    >>> a, b = torch.ones(2, 3), torch.ones(3, 4)
+    >>> mm(a, b).tolist()[0]
+    [3.0, 3.0, 3.0, 3.0]
+    """
+    if _openblas_ok(a, b, out) and backend() == "openblas":
+        if out is None:
+            out = torch.empty(a.shape[0], b.shape[1])
+        # The numpy arrays share the tensors' memory: the product lands in out.
+        np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.numpy())
+        return out
+    return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
