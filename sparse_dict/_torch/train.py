@@ -59,6 +59,9 @@ class TrainConfig:
         AuxK.
     bf16 : bool
         Run the matrix products in bfloat16 (for GPUs).
+    sparse_step : bool or "auto"
+        The top-k family's sparse training step: forced on, off, or where it
+        is faster (:meth:`SparseAutoencoder.uses_sparse_step`).
     """
 
     coef: float = 1.0
@@ -74,6 +77,7 @@ class TrainConfig:
     k_aux: int = 0
     dead_window: int = 1000
     bf16: bool = False
+    sparse_step: bool | str = "auto"
 
     def lr_factor(self, step):
         factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
@@ -267,7 +271,8 @@ class Trainer:
             if config.auxk_coef > 0:
                 dead = torch.nonzero(self.steps_since_fired >= config.dead_window).flatten()
             stats, fired = model.loss_and_gradients(
-                x, coef, autocast, dead=dead, auxk_coef=config.auxk_coef, k_aux=config.k_aux
+                x, coef, autocast, dead=dead, auxk_coef=config.auxk_coef, k_aux=config.k_aux,
+                sparse_step=config.sparse_step,
             )
             with torch.no_grad():
                 # Keep atoms on the unit sphere: drop the gradient's radial part,
