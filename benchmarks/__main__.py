@@ -8,7 +8,8 @@ steering, extraction, extraction_disk. A section that fails is recorded with its
 still run; the exit status is then 1.
 
 The sections that put the SAE beside scikit-learn (recovery, frontier,
-time_to_quality, scaling, encoding) run in child processes whose environment lacks
+time_to_quality, scaling, encoding) and the throughput section (which puts
+torch's matrix product beside OpenBLAS's) run in child processes whose environment lacks
 ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE``: this machine sets them, and
 they halve the OpenBLAS that scikit-learn's numpy uses. The BLAS kernel of
 each child is printed and recorded (``--same-env`` runs everything in this process with the
@@ -30,31 +31,11 @@ SECTIONS = ("recovery", "frontier", "time_to_quality", "scaling", "encoding",
 # Sections of the tiny (smoke-test) mode: extraction has no tiny size.
 TINY_SECTIONS = tuple(name for name in SECTIONS if name != "extraction")
 # Sections that compare the SAE with scikit-learn: run with the clean BLAS environment.
-ISOLATED = ("recovery", "frontier", "time_to_quality", "scaling", "encoding")
+# throughput too: it compares torch's matrix product with OpenBLAS's, which the
+# overrides halve.
+ISOLATED = ("recovery", "frontier", "time_to_quality", "scaling", "encoding", "throughput")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-THROUGHPUT_TARGET = 0.9
 EXTRACTION_TARGET = 0.9
-
-
-def _throughput(mode, device):
-    from benchmarks import throughput
-
-    if mode == "tiny":
-        result = throughput.run(quick=True, device=device, batch=256, d=32, n=128,
-                                rounds=1, steps=2)
-    else:
-        result = throughput.run(quick=mode == "quick", device=device)
-    result["targets"] = [
-        target("throughput_fraction_of_matmul",
-               "SAE training GFLOP/s / dense matrix-product GFLOP/s (same run)",
-               result["sae_fraction_of_matmul"], THROUGHPUT_TARGET,
-               note="ReLU path" + ("" if mode != "tiny" else "; tiny shapes")),
-    ]
-    # The top-k family's step against ReLU's: reported, with the sparse
-    # path's expected limit in the docs, but no threshold in the issue.
-    result["activation_ratios"] = {name: a["over_relu"]
-                                   for name, a in result["activations"].items()}
-    return result
 
 
 def _extraction(mode, device):
@@ -74,9 +55,7 @@ def run_section(name, mode, device):
     """One section's figures (with ``wall_s``), or its error, run in this process."""
     with Timer() as t:
         try:
-            if name == "throughput":
-                result = _throughput(mode, device)
-            elif name == "extraction":
+            if name == "extraction":
                 result = _extraction(mode, device)
             else:
                 module = importlib.import_module(f"benchmarks.{name}")

@@ -5,10 +5,12 @@ about ``10 * B * d * N`` floating-point operations (two forward matrix
 products, three backward ones). This script measures, side by side in one
 process and interleaved so that machine noise hits all of them alike:
 
-* the dense float32 matrix-product rate (a ``B x d @ d x N`` product),
+* the dense float32 matrix-product rate (a ``B x d @ d x N`` product) of
+  torch and, on a CPU, of numpy's OpenBLAS; the faster is the reference,
 * sparse_dict's training loop (the real :class:`sparse_dict._torch.Trainer`
   pass over an in-memory array: batch gathering, the step, Adam, the
-  unit-norm constraint and firing statistics),
+  unit-norm constraint and firing statistics), whose products go through
+  the faster BLAS that :mod:`sparse_dict._torch.matmul` measured,
 * a plain hand-written torch loop of the same model (autograd, Adam, the
   same constraint),
 
@@ -21,6 +23,15 @@ of each activation relative to ReLU (the ratio is > 1 when it is faster).
 A run this short leaves no feature dead, so AuxK's own product is not part
 of the top-k figures.
 
+Then the top-k family's sparse training step against the dense ReLU step
+at a wide dictionary (d=512, N=16384, k=32, B=4096 by default): training
+rows per second of each, in the same rounds (the top-k step dense is shown
+too).
+
+The suite runs this section in a child process without the OpenBLAS
+overrides of this machine's environment (``OPENBLAS_CORETYPE``,
+``OPENBLAS_L2_SIZE``), and records the kernel in use.
+
 Run ``python -m benchmarks.throughput [--device cuda] [--full]``.
 """
 
@@ -32,11 +43,22 @@ import time
 import numpy as np
 import torch
 
+from benchmarks._common import blas_info, blas_summary, target
 from sparse_dict._torch import TrainConfig, Trainer, resolve_device
+from sparse_dict._torch import matmul
 from sparse_dict._torch.activations import make_activation
 
 # Activations timed against the ReLU loop, with their sparsity setting.
 OTHER_ACTIVATIONS = {"topk": 32, "batchtopk": 32, "jumprelu": None}
+# The issue's targets: the ReLU loop's rate against the faster dense
+# product, and the sparse top-k step's rows/s against the dense ReLU step's.
+FRACTION_TARGET = 0.8
+SPARSE_TARGET = 2.5
+SIZES = {
+    "tiny": dict(batch=256, d=32, n=128, sparse_n=512, k=8, rounds=1, steps=2),
+    "quick": dict(batch=4096, d=512, n=4096, sparse_n=16384, k=32, rounds=3, steps=2),
+    "full": dict(batch=4096, d=512, n=4096, sparse_n=16384, k=32, rounds=5, steps=6),
+}
 
 
 def _sync(device):
@@ -44,16 +66,25 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def matmul_rate(batch, d, n, device, repeats, dtype=torch.float32):
-    """GFLOP/s of a dense ``(batch, d) @ (d, n)`` product."""
+def matmul_rate(batch, d, n, device, repeats, dtype=torch.float32, library="torch"):
+    """GFLOP/s of a dense ``(batch, d) @ (d, n)`` product.
+
+    ``library="openblas"``: numpy's ``matmul`` on the same (CPU) memory,
+    through the OpenBLAS that numpy loaded.
+    """
     a = torch.randn(batch, d, device=device, dtype=dtype)
     b = torch.randn(d, n, device=device, dtype=dtype)
     out = torch.empty(batch, n, device=device, dtype=dtype)
-    torch.mm(a, b, out=out)
+    if library == "openblas":
+        a_np, b_np, out_np = a.numpy(), b.numpy(), out.numpy()
+        product = lambda: np.matmul(a_np, b_np, out=out_np)  # noqa: E731
+    else:
+        product = lambda: torch.mm(a, b, out=out)  # noqa: E731
+    product()
     _sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
-        torch.mm(a, b, out=out)
+        product()
     _sync(device)
     return 2.0 * batch * d * n * repeats / (time.perf_counter() - start) / 1e9
 
@@ -89,37 +120,66 @@ class PlainLoop:
         return loss.detach()
 
 
-def _activation_trainer(name, k, X, d, n, dev, batch):
+def _activation_trainer(name, k, X, d, n, dev, batch, sparse_step="auto"):
     trainer = Trainer(d, n, dev, seed=0, activation=make_activation(name, k=k))
     trainer.initialize(X, np.random.RandomState(0), "mean")
     topk = k is not None
     config = TrainConfig(coef=0.0 if topk else 1.0, learning_rate=1e-4, batch_size=batch,
                          resample_dead=False, auxk_coef=1 / 32 if topk else 0.0,
-                         k_aux=d // 2 if topk else 0)
+                         k_aux=d // 2 if topk else 0, sparse_step=sparse_step)
     trainer.train(X[: batch * 2], 1, config, np.random.RandomState(1))  # warm-up
     return trainer, config
 
 
-def run(quick=True, device="cpu", batch=4096, d=512, n=4096, rounds=None, steps=None):
+def _rows_per_s(trainer, config, X, seed, dev):
+    _sync(dev)
+    start = time.perf_counter()
+    trainer.train(X, 1, config, np.random.RandomState(seed))
+    _sync(dev)
+    return X.shape[0] / (time.perf_counter() - start)
+
+
+def run(mode="quick", device="cpu"):
+    """The section's figures and targets at the sizes of ``mode``."""
+    sizes = SIZES[mode]
+    result = measure(device=device, **sizes)
+    result["targets"] = [
+        target("throughput_fraction_of_matmul",
+               "ReLU training GFLOP/s / the faster dense float32 matrix product's GFLOP/s "
+               "(torch or OpenBLAS, same run)",
+               result["sae_fraction_of_matmul"], FRACTION_TARGET,
+               note=f"matmul backend {result['sparse_dict_matmul_backend']}"
+                    + ("; tiny shapes" if mode == "tiny" else "")),
+        target("sparse_topk_over_dense_relu",
+               "sparse top-k training rows/s / dense ReLU training rows/s "
+               f"(d={sizes['d']}, N={sizes['sparse_n']}, k={sizes['k']}, B={sizes['batch']})",
+               result["sparse"]["topk_sparse_over_relu"], SPARSE_TARGET,
+               note="tiny shapes" if mode == "tiny" else ""),
+    ]
+    return result
+
+
+def measure(device="cpu", batch=4096, d=512, n=4096, sparse_n=16384, k=32, rounds=3, steps=2):
     """Measure training throughput; return a dict of every figure.
 
     Parameters
     ----------
-    quick : bool
-        Fewer rounds and steps.
     device : str
     batch, d, n : int
-        The step's shape (defaults: the issue's B=4096, d=512, N=4096).
-    rounds, steps : int, optional
+        The dense comparison's step shape (the issue's B=4096, d=512, N=4096).
+    sparse_n, k : int
+        Atoms and codes per row of the sparse-step comparison.
+    rounds, steps : int
         Interleaved measurement rounds and training steps per round.
     """
     dev = resolve_device(device)
-    rounds = rounds or (3 if quick else 5)
-    steps = steps or (4 if quick else 10)
     flops_per_step = 10.0 * batch * d * n
     rng = np.random.RandomState(0)
     # Enough rows for every timed pass to be a full set of batches.
     X = np.abs(rng.standard_normal((batch * steps, d))).astype(np.float32)
+    blas = blas_info()
+    print(f"[throughput] BLAS: {blas_summary(blas)}; sparse_dict's CPU float32 product: "
+          f"{matmul.backend()}", flush=True)
 
     trainer = Trainer(d, n, dev, seed=0)
     trainer.initialize(X, np.random.RandomState(0), "mean")
@@ -131,44 +191,68 @@ def run(quick=True, device="cpu", batch=4096, d=512, n=4096, rounds=None, steps=
     trainer.train(X[: batch * 2], 1, config, np.random.RandomState(1))
     for _ in range(2):
         plain.step(x_plain, 1.0)
-    matmul_rate(batch, d, n, dev, 3)
-    others = {name: _activation_trainer(name, k, X, d, n, dev, batch)
-              for name, k in OTHER_ACTIVATIONS.items()}
+    libraries = ["torch"] + (["openblas"] if dev.type == "cpu" else [])
+    for library in libraries:
+        matmul_rate(batch, d, n, dev, 2, library=library)
+    others = {name: _activation_trainer(name, k_, X, d, n, dev, batch)
+              for name, k_ in OTHER_ACTIVATIONS.items()}
     other_rates = {name: [] for name in others}
+    # The sparse step's comparison, at a wide dictionary.
+    wide = {
+        "relu": _activation_trainer("relu", None, X, d, sparse_n, dev, batch),
+        "topk_sparse": _activation_trainer("topk", k, X, d, sparse_n, dev, batch, True),
+        "batchtopk_sparse": _activation_trainer("batchtopk", k, X, d, sparse_n, dev, batch,
+                                                True),
+        "topk_dense": _activation_trainer("topk", k, X, d, sparse_n, dev, batch, False),
+    }
+    wide_rates = {name: [] for name in wide}
 
-    mm, ours, base = [], [], []
+    mm = {library: [] for library in libraries}
+    ours, base = [], []
     for r in range(rounds):
-        mm.append(matmul_rate(batch, d, n, dev, steps * 3))
-        _sync(dev)
-        start = time.perf_counter()
-        trainer.train(X, 1, config, np.random.RandomState(r))
-        _sync(dev)
-        ours.append(flops_per_step * steps / (time.perf_counter() - start) / 1e9)
+        for library in libraries:
+            mm[library].append(matmul_rate(batch, d, n, dev, steps * 3, library=library))
+        ours.append(flops_per_step * _rows_per_s(trainer, config, X, r, dev) / batch / 1e9)
         start = time.perf_counter()
         for _ in range(steps):
             plain.step(x_plain, 1.0)
         _sync(dev)
         base.append(flops_per_step * steps / (time.perf_counter() - start) / 1e9)
         for name, (tr, cfg) in others.items():
-            start = time.perf_counter()
-            tr.train(X, 1, cfg, np.random.RandomState(r))
-            _sync(dev)
-            other_rates[name].append(batch * steps / (time.perf_counter() - start))
+            other_rates[name].append(_rows_per_s(tr, cfg, X, r, dev))
+        for name, (tr, cfg) in wide.items():
+            wide_rates[name].append(_rows_per_s(tr, cfg, X, r, dev))
 
-    mm_rate, ours_rate, plain_rate = (float(np.median(v)) for v in (mm, ours, base))
+    mm_rates = {library: float(np.median(v)) for library, v in mm.items()}
+    best = max(mm_rates, key=mm_rates.get)
+    mm_rate = mm_rates[best]
+    ours_rate, plain_rate = (float(np.median(v)) for v in (ours, base))
     relu_rows = ours_rate * 1e9 / flops_per_step * batch
     activations = {"relu": {"k": None, "rows_per_s": relu_rows, "over_relu": 1.0}}
     for name, rates in other_rates.items():
         rows = float(np.median(rates))
         activations[name] = {"k": OTHER_ACTIVATIONS[name], "rows_per_s": rows,
                              "over_relu": rows / relu_rows}
+    wide_rows = {name: float(np.median(v)) for name, v in wide_rates.items()}
+    sparse = {
+        "shape": {"batch": batch, "d": d, "n": sparse_n, "k": k},
+        "rows_per_s": wide_rows,
+        "topk_sparse_over_relu": wide_rows["topk_sparse"] / wide_rows["relu"],
+        "batchtopk_sparse_over_relu": wide_rows["batchtopk_sparse"] / wide_rows["relu"],
+        "topk_sparse_over_topk_dense": wide_rows["topk_sparse"] / wide_rows["topk_dense"],
+        "flop_ratio": 10.0 / 2.0,
+    }
     return {
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
+        "blas": blas,
         "shape": {"batch": batch, "d": d, "n": n},
         "flops_per_step": flops_per_step,
         "matmul_gflops": mm_rate,
+        "matmul_gflops_by_library": mm_rates,
+        "matmul_best_library": best,
+        "sparse_dict_matmul_backend": matmul.backend() if dev.type == "cpu" else "torch",
         "sae_gflops": ours_rate,
         "plain_loop_gflops": plain_rate,
         "sae_fraction_of_matmul": ours_rate / mm_rate,
@@ -176,7 +260,10 @@ def run(quick=True, device="cpu", batch=4096, d=512, n=4096, rounds=None, steps=
         "sae_over_plain": ours_rate / plain_rate,
         "sae_steps_per_second": ours_rate * 1e9 / flops_per_step,
         "activations": activations,
-        "rounds": {"matmul": mm, "sae": ours, "plain": base, **other_rates},
+        "activation_ratios": {name: a["over_relu"] for name, a in activations.items()},
+        "sparse": sparse,
+        "rounds": {"matmul": mm, "sae": ours, "plain": base, **other_rates,
+                   **{f"wide_{name}": v for name, v in wide_rates.items()}},
     }
 
 
@@ -184,8 +271,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--full", action="store_true")
+    parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
-    result = run(quick=not args.full, device=args.device)
+    result = run("full" if args.full else "tiny" if args.tiny else "quick", device=args.device)
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2))
 
 
