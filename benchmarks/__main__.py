@@ -4,7 +4,9 @@ Writes ``results.json`` (every figure, the machine and the targets),
 ``results.md`` (tables) and PNG plots to ``--out`` (default
 ``benchmarks/results/``). Sections (``--only`` takes a comma-separated
 subset): recovery, frontier, time_to_quality, scaling, encoding, throughput,
-steering, extraction, extraction_disk. A section that fails is recorded with its error and the others
+steering, extraction, extraction_disk, saelens_throughput (against SAELens, in its own
+optional environment: see ``benchmarks/requirements-saelens.txt``; skipped, with
+the reason recorded, when that is missing). A section that fails is recorded with its error and the others
 still run; the exit status is then 1.
 
 The sections that put the SAE beside scikit-learn (recovery, frontier,
@@ -27,9 +29,11 @@ from pathlib import Path
 from benchmarks._common import Timer, blas_summary, machine_info, run_isolated, target
 
 SECTIONS = ("recovery", "frontier", "time_to_quality", "scaling", "encoding",
-            "throughput", "steering", "extraction", "extraction_disk")
-# Sections of the tiny (smoke-test) mode: extraction has no tiny size.
-TINY_SECTIONS = tuple(name for name in SECTIONS if name != "extraction")
+            "throughput", "steering", "extraction", "extraction_disk", "saelens_throughput")
+# Sections of the tiny (smoke-test) mode: extraction has no tiny size, and the
+# SAELens comparison needs its optional environment.
+TINY_SECTIONS = tuple(name for name in SECTIONS
+                      if name not in ("extraction", "saelens_throughput"))
 # Sections that compare the SAE with scikit-learn: run with the clean BLAS environment.
 # throughput too: it compares torch's matrix product with OpenBLAS's, which the
 # overrides halve.

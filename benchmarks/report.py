@@ -22,6 +22,7 @@ PLOTS = {
     "steering": [],
     "extraction": [],
     "extraction_disk": [],
+    "saelens_throughput": [],
 }
 
 
@@ -323,6 +324,18 @@ def _throughput_md(r):
     return out
 
 
+def _saelens_md(r):
+    if "skipped" in r:
+        return f"Skipped: {r['skipped']}.\n"
+    sz = r["sizes"]
+    return (f"d={sz['d']}, N={sz['n']}, k={sz['k']}, B={sz['batch']}, {r['threads']} torch "
+            f"thread(s), SAELens {r['saelens_version']} (torch {r['saelens_torch']}).\n\n"
+            + _table(["TopK training loop", "rows/s"],
+                     [["sparse_dict", r["sparse_dict_rows_per_s"]],
+                      ["SAELens", r["saelens_rows_per_s"]]])
+            + f"\nsparse_dict / SAELens: **{_fmt(r['speedup'])}**.\n")
+
+
 def _extraction_md(r):
     b, m = r["builtin"], r["minilm"]
     rows = [["built-in: plain forward", b["plain_forward_tokens_per_s"]],
@@ -445,6 +458,12 @@ SECTION_NOTES = {
         "written are page cache and do not count). Target: VmHWM grows by at most 10% "
         "from the smallest corpus to the largest (10^5 to 10^7 tokens in the full mode, "
         "10^5 to 10^6 in the quick mode)."),
+    "saelens_throughput": (
+        "sparse_dict's TopK training loop (AuxK on, the step it chooses) against SAELens' "
+        "own TopK training step (its TopKTrainingSAE, AuxK, gradient clipping and Adam, "
+        "through SAETrainer._train_step) on the same configuration and batches in memory, "
+        "SAELens in its own optional environment (benchmarks/requirements-saelens.txt). "
+        "Target: at least 1.5 times SAELens' rows/s."),
 }
 
 
@@ -459,6 +478,7 @@ _SECTION_MD = {
     "extraction": ("8. Extraction overhead", _extraction_md),
     "extraction_disk": ("9. Extraction to disk: memory against corpus size",
                         _extraction_disk_md),
+    "saelens_throughput": ("10. Training throughput against SAELens", _saelens_md),
 }
 
 
