@@ -207,3 +207,97 @@ def test_fitted_state_round_trips(name):
     x = torch.randn(20, 12)
     torch.testing.assert_close(other.encode(x), model.encode(x))
     assert bool(torch.isfinite(model.encode(x)).all())
+
+
+# ------------------------------------------------------------- sparse step
+@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+@pytest.mark.parametrize("with_auxk", [False, True])
+def test_sparse_step_matches_autograd(name, with_auxk):
+    model = _model(name)
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(4))
+    dead = torch.tensor([1, 5, 7, 20, 33]) if with_auxk else None
+    stats, fired = model.loss_and_gradients(x, 0.7, dead=dead, auxk_coef=0.5, k_aux=3,
+                                            sparse_step=True)
+    loss, grads, codes = _reference_loss(model, x, 0.7, dead, 0.5, 3)
+    assert float(stats[0]) == pytest.approx(loss, rel=1e-5)
+    assert torch.equal(fired, (codes > 0).sum(0).float())
+    assert float(stats[2]) == pytest.approx(float(codes.sum()) / 64, rel=1e-5)
+    assert float(stats[3]) == pytest.approx(float((codes > 0).sum()) / 64)
+    if with_auxk:
+        assert float(stats[4]) > 0
+    atoms = model.W_dec.detach().double()
+    for pname, param in model.named_parameters():
+        ours, ref = param.grad.double(), grads[pname]
+        if pname == "W_dec":
+            ours, ref = _tangent(ours, atoms), _tangent(ref, atoms)
+        assert ref.abs().max() > 0, pname
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5, msg=pname)
+
+
+def _wide_model(name, n=600, d=24, k=6, seed=0):
+    act = make_activation(name, k=k)
+    model = SparseAutoencoder(d, n, act, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        model.b_enc.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed + 1))
+    return model
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+def test_sparse_and_dense_steps_agree_on_a_wide_dictionary(name):
+    # 600 atoms: the grouped row selection (row_topk) is in use, and a row
+    # with one huge input makes BatchTopK's candidate shortcut fall back.
+    model = _wide_model(name)
+    x = torch.randn(48, 24, generator=torch.Generator().manual_seed(9))
+    x[0] *= 30.0
+    dead = torch.arange(0, 600, 7)
+    out = {}
+    for sparse in (False, True):
+        stats, fired = model.loss_and_gradients(x, 0.0, dead=dead, auxk_coef=0.3, k_aux=4,
+                                                sparse_step=sparse)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        out[sparse] = (stats, fired, grads)
+        model.release_workspace()
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
+    assert float(out[True][0][4]) > 0  # AuxK had dead features to train
+    assert torch.equal(out[True][1], out[False][1])
+    for pname in out[True][2]:
+        ref = out[False][2][pname]
+        # The row scaled by 30 makes gradients of order 1e3: rounding is
+        # relative to the largest.
+        torch.testing.assert_close(out[True][2][pname], ref, rtol=1e-4,
+                                   atol=1e-6 * float(ref.abs().max()), msg=pname)
+
+
+def test_sparse_step_is_chosen_by_the_measured_rule():
+    from sparse_dict._torch.model import sparse_step_pays
+
+    cpu = torch.device("cpu")
+    assert sparse_step_pays(32, 16384, cpu) and sparse_step_pays(32, 512, cpu)
+    assert not sparse_step_pays(64, 512, cpu)  # k above N / 16
+    assert not sparse_step_pays(8, 256, cpu)  # below the sizes measured
+    assert not sparse_step_pays(8, 4096, torch.device("meta"))  # only measured on CPUs
+    topk = _wide_model("topk")  # k=6 of 600 atoms
+    assert topk.uses_sparse_step("auto") and not topk.uses_sparse_step(False)
+    assert not topk.uses_sparse_step("auto", autocast_dtype=torch.bfloat16)
+    assert not _model("topk").uses_sparse_step("auto")  # 40 atoms
+    relu = _model("relu")
+    assert not relu.uses_sparse_step("auto")
+    with pytest.raises(ValueError, match="sparse_step=True needs an activation"):
+        relu.uses_sparse_step(True)
+    with pytest.raises(ValueError, match="sparse_step must be"):
+        topk.uses_sparse_step("yes")
+
+
+@pytest.mark.parametrize("n, k", [(1000, 8), (1003, 8), (4096, 32), (64, 30), (50, 50)])
+def test_row_topk_gives_topk_values(n, k):
+    from sparse_dict._torch.activations import row_topk
+
+    pre = torch.randn(7, n, generator=torch.Generator().manual_seed(n + k))
+    pre[1] = 0.5  # a row of ties
+    pre[2, -3:] = 100.0  # the largest values past the last whole group
+    values, index = row_topk(pre, k)
+    assert index.shape == (7, k)
+    for row in range(7):
+        assert len(set(index[row].tolist())) == k  # k distinct columns
+    torch.testing.assert_close(pre.gather(1, index), values)
+    torch.testing.assert_close(values.sort(1).values, pre.topk(k, dim=1).values.sort(1).values)

@@ -433,3 +433,19 @@ def test_verbose_2_adds_a_line_per_pass(X, capsys):
     small_sae(verbose=1, max_iter=2).fit(X)
     captured = capsys.readouterr()
     assert "pass 1:" not in captured.out + captured.err
+
+
+def test_sparse_step_parameter():
+    X = np.abs(np.random.RandomState(0).standard_normal((300, 16))).astype(np.float32)
+    fits = {}
+    for sparse_step in (True, False):
+        est = SparseAutoencoderDictionary(64, activation="topk", k=3, max_steps=5, batch_size=64,
+                                          sparse_step=sparse_step, random_state=0)
+        with pytest.warns(UserWarning):  # five steps are too few to converge
+            fits[sparse_step] = est.fit(X)
+    # The two steps give the same gradients up to rounding: the same fit.
+    np.testing.assert_allclose(fits[True].components_, fits[False].components_, atol=1e-4)
+    with pytest.raises(ValueError, match="sparse_step=True needs activation='topk'"):
+        SparseAutoencoderDictionary(64, activation="relu", sparse_step=True, max_steps=2).fit(X)
+    with pytest.raises(ValueError, match="sparse_step"):
+        SparseAutoencoderDictionary(64, sparse_step="always").fit(X)

@@ -1,0 +1,103 @@
+"""The CPU float32 matrix product: torch's or numpy's OpenBLAS, measured once per process."""
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_dict._torch import SparseAutoencoder, make_activation, matmul
+
+
+@pytest.fixture(autouse=True)
+def _measured_choice_afterwards():
+    yield
+    matmul.set_backend(None)
+
+
+@pytest.fixture
+def numpy_calls(monkeypatch):
+    """Count the products that went through numpy's matmul."""
+    calls = []
+    real = np.matmul
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(matmul.np, "matmul", counting)
+    return calls
+
+
+def _step(name, backend, sparse_step=False):
+    matmul.set_backend(backend)
+    model = SparseAutoencoder(24, 160, make_activation(name, k=4),
+                              generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.b_enc.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+        model.b_dec.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(50, 24, generator=torch.Generator().manual_seed(3))
+    stats, fired = model.loss_and_gradients(x, 0.4, sparse_step=sparse_step)
+    return stats, fired, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["relu", "topk", "jumprelu"])
+def test_both_backends_give_the_same_step(name, numpy_calls):
+    stats_t, fired_t, grads_t = _step(name, "torch")
+    assert numpy_calls == []
+    stats_b, fired_b, grads_b = _step(name, "openblas")
+    assert len(numpy_calls) == 5  # every product of the dense step went through OpenBLAS
+    torch.testing.assert_close(stats_b, stats_t, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fired_b, fired_t)
+    for pname, grad in grads_t.items():
+        assert grad.abs().max() > 0, pname
+        torch.testing.assert_close(grads_b[pname], grad, rtol=1e-4, atol=1e-6, msg=pname)
+
+
+def test_the_sparse_step_uses_the_backend_for_its_one_dense_product(numpy_calls):
+    _step("topk", "openblas", sparse_step=True)
+    assert len(numpy_calls) == 1
+
+
+def test_the_choice_is_measured_once_and_cached(monkeypatch):
+    probes = []
+    monkeypatch.setattr(matmul, "_probe", lambda threads: probes.append(threads) or "openblas")
+    matmul.set_backend(None)
+    assert matmul.backend() == "openblas" and matmul.backend() == "openblas"
+    assert len(probes) == 1
+    matmul.set_backend("torch")  # forcing needs no measurement
+    assert matmul.backend() == "torch" and len(probes) == 1
+
+
+def test_a_failing_probe_keeps_torch(monkeypatch):
+    def broken(threads):
+        raise OSError("no threadpoolctl")
+
+    monkeypatch.setattr(matmul, "_probe", broken)
+    matmul.set_backend(None)
+    assert matmul.backend() == "torch"
+
+
+def test_the_real_probe_answers_a_backend():
+    matmul.set_backend(None)
+    assert matmul._probe(torch.get_num_threads()) in matmul.BACKENDS
+
+
+def test_only_cpu_float32_products_outside_autograd_use_openblas(numpy_calls):
+    matmul.set_backend("openblas")
+    a, b = torch.randn(6, 5), torch.randn(5, 4)
+    torch.testing.assert_close(matmul.mm(a, b), a @ b)
+    torch.testing.assert_close(matmul.mm(b.t(), a.t()), (a @ b).t())  # transposed views
+    wide = torch.randn(5, 9)
+    torch.testing.assert_close(matmul.mm(a, wide[:, :4]), a @ wide[:, :4])  # a column slice
+    assert len(numpy_calls) == 3
+    matmul.mm(a.double(), b.double())
+    w = torch.randn(5, 4, requires_grad=True)
+    product = matmul.mm(a, w)  # autograd is recording: torch keeps the graph
+    assert product.requires_grad
+    assert len(numpy_calls) == 3
+    with pytest.raises(RuntimeError):
+        matmul.mm(a, a)  # torch's own error for mismatched shapes
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="Unknown matrix-product backend 'mkl'"):
+        matmul.set_backend("mkl")
