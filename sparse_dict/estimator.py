@@ -686,7 +686,8 @@ class SparseAutoencoderDictionary(
         auxk_coef = self.auxk_coef
         if auxk_coef == "auto":
             auxk_coef = _DEFAULT_AUXK_COEF if activation.uses_k else 0.0
-        if self.sparse_step is True and not activation.has_sparse_step:
+        forced = not isinstance(self.sparse_step, str) and bool(self.sparse_step)
+        if forced and not activation.has_sparse_step:
             raise ValueError(
                 f"sparse_step=True needs activation='topk' or 'batchtopk', whose codes are "
                 f"k per row; activation={self.activation!r} has no sparse training step.")

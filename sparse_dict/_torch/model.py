@@ -212,14 +212,18 @@ class SparseAutoencoder(nn.Module):
             Where the step runs; the parameters' device when None.
         """
         act = self.activation
-        if sparse_step is True or sparse_step is False:
-            if sparse_step and not act.has_sparse_step:
+        if isinstance(sparse_step, str):
+            if sparse_step != "auto":
+                raise ValueError(
+                    f"sparse_step must be True, False or 'auto', not {sparse_step!r}.")
+        elif sparse_step:
+            if not act.has_sparse_step:
                 raise ValueError(
                     f"sparse_step=True needs an activation with a sparse training step "
                     f"(topk or batchtopk), not {act.name!r}.")
-            return sparse_step
-        if sparse_step != "auto":
-            raise ValueError(f"sparse_step must be True, False or 'auto', not {sparse_step!r}.")
+            return True
+        else:
+            return False
         device = self.W_enc.device if device is None else torch.device(device)
         return bool(
             act.has_sparse_step and autocast_dtype in (None, torch.float32)
