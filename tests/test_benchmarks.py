@@ -91,6 +91,7 @@ def test_every_target_is_recorded(tiny_run):
         "time_to_quality_speedup", "memmap_memory_growth", "encoding_speedup_vs_lars",
         "amortisation_gap_best", "throughput_fraction_of_matmul",
         "extraction_disk_memory_growth",
+        "sparse_topk_over_dense_relu",
     }
     for t in results["targets"]:
         assert isinstance(t["met"], bool)
@@ -174,6 +175,26 @@ def test_time_to_quality_and_encoding_cover_every_activation(sections):
         assert g["gap"] == pytest.approx(g["optimal"] - g["encoder"])
     ratios = sections["throughput"]["activation_ratios"]
     assert set(ratios) == ACTIVATIONS and ratios["relu"] == 1.0
+    throughput = sections["throughput"]
+    assert set(throughput["matmul_gflops_by_library"]) == {"torch", "openblas"}
+    assert throughput["sparse_dict_matmul_backend"] in {"torch", "openblas"}
+    sparse = throughput["sparse"]
+    assert set(sparse["step_rows_per_s"]) == {"relu", "topk_sparse", "batchtopk_sparse",
+                                              "topk_dense"}
+    assert sparse["step_topk_sparse_over_relu"] == pytest.approx(
+        sparse["step_rows_per_s"]["topk_sparse"] / sparse["step_rows_per_s"]["relu"])
+
+
+def test_saelens_section_records_why_it_was_skipped(monkeypatch, tmp_path):
+    from benchmarks import saelens_throughput
+
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    monkeypatch.setenv("SAELENS_PYTHON", str(missing))
+    result = saelens_throughput.run("tiny", "cpu")
+    assert str(missing) in result["skipped"]
+    assert "requirements-saelens.txt" in result["skipped"]
+    [t] = result["targets"]
+    assert t["name"] == "saelens_topk_speedup" and t["value"] is None and not t["met"]
 
 
 def test_clean_blas_env_drops_only_the_overrides():
