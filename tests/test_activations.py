@@ -301,3 +301,24 @@ def test_row_topk_gives_topk_values(n, k):
         assert len(set(index[row].tolist())) == k  # k distinct columns
     torch.testing.assert_close(pre.gather(1, index), values)
     torch.testing.assert_close(values.sort(1).values, pre.topk(k, dim=1).values.sort(1).values)
+
+
+def test_sparse_batchtopk_when_few_pre_activations_are_positive():
+    # Fewer positive pre-activations than k * batch: every positive one is a
+    # code, in both steps, and the rows with only positive candidates do not
+    # turn the selection dense.
+    model = _wide_model("batchtopk", k=20)
+    with torch.no_grad():
+        model.b_enc.fill_(-2.5)
+    x = torch.randn(32, 24, generator=torch.Generator().manual_seed(11))
+    results = []
+    for sparse in (False, True):
+        stats, fired = model.loss_and_gradients(x, 0.0, sparse_step=sparse)
+        results.append((stats, fired, model.W_enc.grad.clone()))
+        model.release_workspace()
+    positive = int((model.pre_activations(x) > 0).sum())
+    assert 0 < positive < 20 * 32
+    assert float(results[1][0][3]) * 32 == pytest.approx(positive)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(results[1][1], results[0][1])
+    torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-4, atol=1e-6)

@@ -340,7 +340,7 @@ def row_topk(pre, k):
     return values, columns.gather(1, chosen)
 
 
-def _batch_candidates(pre, n_keep, per_row):
+def _batch_candidates(pre, n_keep, per_row, need_candidates=True):
     """The ``n_keep``-th largest value of ``pre`` and each row's candidates.
 
     A flat top-k over the whole (batch, n_components) array costs about two
@@ -355,8 +355,9 @@ def _batch_candidates(pre, n_keep, per_row):
     kth : torch.Tensor
         The ``n_keep``-th largest value (float32 scalar).
     values, index : torch.Tensor of shape (batch, m)
-        Each row's candidates: every value of the row at or above ``kth`` is
-        among them.
+        Each row's candidates: every positive value of the row at or above
+        ``kth`` is among them (with ``need_candidates``; otherwise only
+        ``kth`` is exact).
     """
     per_row = min(per_row, pre.shape[1])
     values, index = row_topk(pre, per_row)
@@ -366,14 +367,18 @@ def _batch_candidates(pre, n_keep, per_row):
     if per_row < pre.shape[1] and bool((values.amin(dim=1) > kth).any()):
         flat = pre.reshape(-1).float()
         kth = flat.kthvalue(flat.numel() - n_keep + 1).values
-        most = int((pre >= kth.to(pre.dtype)).sum(dim=1).max())
-        values, index = row_topk(pre, max(1, min(most, pre.shape[1])))
+        if need_candidates:
+            # Only positive values are ever kept: a non-positive kth must not
+            # make every row offer all its values.
+            kept = (pre >= kth.to(pre.dtype)) & (pre > 0)
+            most = int(kept.sum(dim=1).max())
+            values, index = row_topk(pre, max(1, min(most, pre.shape[1])))
     return kth, values, index
 
 
 def _batch_kth_largest(pre, n_keep, per_row):
     """The ``n_keep``-th largest value of ``pre`` (a 2-D tensor), exactly."""
-    return _batch_candidates(pre, n_keep, per_row)[0]
+    return _batch_candidates(pre, n_keep, per_row, need_candidates=False)[0]
 
 
 class BatchTopK(TopK):
