@@ -311,12 +311,19 @@ def test_sparse_batchtopk_when_few_pre_activations_are_positive():
     with torch.no_grad():
         model.b_enc.fill_(-2.5)
     x = torch.randn(32, 24, generator=torch.Generator().manual_seed(11))
+    x[0] *= 30.0  # one row with many positive values: the candidates fall back
+    from sparse_dict._torch.activations import _batch_candidates
+
+    with torch.no_grad():
+        kth, values, _ = _batch_candidates(model.pre_activations(x), 20 * 32, 80)
+    assert float(kth) < 0 and 80 < values.shape[1] < 600
     results = []
     for sparse in (False, True):
         stats, fired = model.loss_and_gradients(x, 0.0, sparse_step=sparse)
         results.append((stats, fired, model.W_enc.grad.clone()))
         model.release_workspace()
-    positive = int((model.pre_activations(x) > 0).sum())
+    with torch.no_grad():
+        positive = int((model.pre_activations(x) > 0).sum())
     assert 0 < positive < 20 * 32
     assert float(results[1][0][3]) * 32 == pytest.approx(positive)
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
