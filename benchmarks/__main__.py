@@ -4,7 +4,8 @@ Writes ``results.json`` (every figure, the machine and the targets),
 ``results.md`` (tables) and PNG plots to ``--out`` (default
 ``benchmarks/results/``). Sections (``--only`` takes a comma-separated
 subset): recovery, frontier, time_to_quality, scaling, encoding, throughput,
-extraction. A section that fails is recorded with its error and the others
+extraction, findings (the seed paper's findings: dictionary size, universality
+and feature splitting on the built-in model). A section that fails is recorded with its error and the others
 still run; the exit status is then 1.
 
 The sections that put the SAE beside scikit-learn (recovery, frontier,
@@ -26,9 +27,9 @@ from pathlib import Path
 from benchmarks._common import Timer, blas_summary, machine_info, run_isolated, target
 
 SECTIONS = ("recovery", "frontier", "time_to_quality", "scaling", "encoding",
-            "throughput", "extraction")
+            "throughput", "extraction", "findings")
 # Sections of the tiny (smoke-test) mode: extraction has no tiny size.
-TINY_SECTIONS = SECTIONS[:-1]
+TINY_SECTIONS = tuple(name for name in SECTIONS if name != "extraction")
 # Sections that compare the SAE with scikit-learn: run with the clean BLAS environment.
 ISOLATED = ("recovery", "frontier", "time_to_quality", "scaling", "encoding")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"

@@ -19,6 +19,7 @@ PLOTS = {
     "encoding": ["encoding.png"],
     "throughput": ["throughput.png"],
     "extraction": [],
+    "findings": ["size_curve.png"],
 }
 
 
@@ -322,6 +323,80 @@ def _extraction_md(r):
     return out
 
 
+def _code_block(lines):
+    """Lines shown verbatim, in markdown and in reStructuredText alike."""
+    if _STYLE["format"] == "rst":
+        return "::\n\n" + "\n".join("   " + line for line in lines) + "\n"
+    return "```text\n" + "\n".join(lines) + "\n```\n"
+
+
+def _findings_size_md(r):
+    out = [f"**Size curve** on {r['model']}, {r['hook']} ({r['n_features']} wide): top-k "
+           f"SAEs with k = {r['k']} (L0 fixed), {r['steps']:,} steps of {r['batch_size']} "
+           f"rows from {r['n_train_tokens']:,} training tokens at every size, scored on "
+           f"{r['n_eval_tokens']:,} held-out tokens ({r['n_eval_texts']} texts).\n"]
+    out.append(_table(["features", "loss recovered", "EV", "L0", "KL (nats)", "dead (train)",
+                       "fit s"],
+                      [[p["n_components"], p["loss_recovered"], p["explained_variance"],
+                        p["l0"], p["kl_divergence"], p["train_dead_fraction"], p["fit_s"]]
+                       for p in r["size_curve"]]))
+    rises = r["size_curve_rises"]
+    out.append(f"\nLoss recovered rises at every size: **{_fmt(rises['loss_recovered'])}**; "
+               f"explained variance rises at every size: "
+               f"**{_fmt(rises['explained_variance'])}**.\n")
+    return "\n".join(out)
+
+
+def _findings_universality_md(u):
+    rows = []
+    for key, label in (("two_seeds", "the same size, another seed"),
+                       ("random", f"{u['n_components']:,} random unit atoms"),
+                       ("neurons", "the neuron basis (512 neurons)"),
+                       ("random_vs_neurons", "random atoms against the neuron basis")):
+        c = u[key]
+        rows.append([label, c["hungarian"], c["n_pairs"], c["max"],
+                     next(v for k, v in c.items() if k.startswith("share_above"))])
+    good = next(k for k in u["two_seeds"] if k.startswith("share_above")).split("_")[-1]
+    return (f"**Universality**: a {u['n_components']:,}-feature SAE (seed 0) against other "
+            "bases. Hungarian: mean cosine of the one-to-one matching, over its pairs; max: "
+            "mean over the SAE's atoms of each one's best cosine (for the last row, over the "
+            "random atoms).\n\n"
+            + _table(["compared with", "Hungarian", "pairs", "max",
+                      f"share of pairs at cosine >= {good}"], rows) + "\n")
+
+
+def _findings_splitting_md(sp):
+    out = [f"**Feature splitting**: the {sp['small']:,}-feature SAE ({sp['small_alive']:,} "
+           f"of its features fire) against each larger SAE, on {sp['n_tokens']:,} training "
+           f"tokens. A feature splits when at least two features of the larger SAE have "
+           f"cosine >= {sp['threshold']:g} with it and fire together with it on at least "
+           f"{sp['co_firing_threshold']:.0%} of their own tokens.\n"]
+    out.append(_table(["larger SAE", "features that split", "share", "children per split"],
+                      [[b["large"], b["n_split"], b["share_split"], b["mean_children"]]
+                       for b in sp["by_size"]]))
+    for i, ex in enumerate(sp["examples"], 1):
+        out.append(f"\n**Example {i}**: feature {ex['parent']} of the {sp['small']:,}-feature "
+                   f"SAE (fires on {ex['parent_frequency']:.2%} of tokens) splits into "
+                   f"{len(ex['children'])} features of the {sp['large']:,}-feature SAE. Its "
+                   "top activations, the token in brackets:\n")
+        out.append(_code_block([f"{c['activation']:7.2f}  {c['text']}"
+                                for c in ex["parent_contexts"]]))
+        for child in ex["children"]:
+            out.append(f"Child {child['child']} (cosine {child['cosine']:.2f}, co-firing "
+                       f"{child['co_firing']:.2f}, fires on {child['frequency']:.2%} of "
+                       "tokens):\n")
+            out.append(_code_block([f"{c['activation']:7.2f}  {c['text']}"
+                                    for c in child["contexts"]]))
+    if not sp["examples"]:
+        out.append("\nNo feature split at these thresholds, so there are no examples.\n")
+    return "\n".join(out)
+
+
+def _findings_md(r):
+    return "\n".join([_findings_size_md(r), _findings_universality_md(r["universality"]),
+                      _findings_splitting_md(r["splitting"])])
+
+
 # What each section measures and how, printed under its heading (in the
 # markdown and on the docs page alike).
 SECTION_NOTES = {
@@ -368,6 +443,17 @@ SECTION_NOTES = {
         "(target: at least 0.9), and each activation's training rows/s against ReLU's in "
         "the same rounds (the step cost of the top-k family)."),
     "extraction": "The extractor's overhead over a plain forward pass.",
+    "findings": (
+        "Measurements of the seed paper's findings on the built-in model's MLP activations "
+        "(512 neurons). Size curve: top-k SAEs of growing size at one fixed L0 (``k``), with "
+        "the same training rows, steps, batch and learning rate, scored on held-out texts "
+        "(explained variance; loss recovered when the reconstruction is spliced into the "
+        "model, zero ablation as the baseline). Universality: two SAEs trained with "
+        "different seeds, matched one to one (Hungarian) and by best match (max), beside "
+        "random unit atoms and the neuron basis. Feature splitting: the smallest SAE "
+        "against each larger one (children: cosine and co-firing above the thresholds "
+        "shown, at least two per parent). Targets: loss recovered rises with size; the two "
+        "seeds' one-to-one similarity exceeds random atoms' by at least 0.3."),
 }
 
 
@@ -379,6 +465,8 @@ _SECTION_MD = {
     "encoding": ("5. Encoding speed and the amortisation gap", _encoding_md),
     "throughput": ("6. Training throughput", _throughput_md),
     "extraction": ("7. Extraction overhead", _extraction_md),
+    "findings": ("8. The seed's findings: dictionary size, universality, splitting",
+                 _findings_md),
 }
 
 
@@ -388,7 +476,7 @@ def _heading(text, level, fmt):
     return text + "\n" + "=-~^"[level - 1] * len(text) + "\n"
 
 
-def markdown(results, fmt="md", images=None, first_level=1):
+def markdown(results, fmt="md", images=None, first_level=1, skip=()):
     """The results as a markdown (``fmt="md"``) or reStructuredText document.
 
     Parameters
@@ -400,6 +488,8 @@ def markdown(results, fmt="md", images=None, first_level=1):
         each section's plots are shown after its tables.
     first_level : int
         Heading level of the title (rst underline characters ``=-~^``).
+    skip : sequence of str
+        Sections left out (shown on a page of their own).
     """
     _STYLE["format"] = fmt
     try:
@@ -410,6 +500,8 @@ def markdown(results, fmt="md", images=None, first_level=1):
                "Timings are wall-clock on a possibly shared machine.\n",
                _heading("Targets", sub, fmt), _targets_md(results.get("targets", [])) + "\n"]
         for name, section in results["sections"].items():
+            if name in skip:
+                continue
             title, fn = _SECTION_MD[name]
             out.append(_heading(title, sub, fmt))
             if name in SECTION_NOTES:
@@ -451,7 +543,8 @@ def write_rst(results, path, images, source="benchmarks/results/results.json"):
     entry; a page that includes it should start after :data:`RST_START`
     (``.. include:: benchmarks_results.rst`` with ``:start-after:``).
     """
-    body = markdown(results, fmt="rst", images=images, first_level=2)
+    # The findings have their own page (docs/findings.rst).
+    body = markdown(results, fmt="rst", images=images, first_level=2, skip=("findings",))
     header = (":orphan:\n\n"
               "..  Generated by ``python -m benchmarks.report``"
               f" from {source}; do not edit.\n\n"
@@ -472,6 +565,46 @@ def write_rst(results, path, images, source="benchmarks/results/results.json"):
            "from threadpoolctl, is recorded with the machine. Timings are ratios measured "
            "side by side in one process.\n\n")
     Path(path).write_text(header + how + body)
+
+
+FINDINGS_START = ".. start-findings-results"
+
+
+def write_findings_rst(results, path, images, source="benchmarks/results/results.json"):
+    """Write the ``findings`` section as a reStructuredText page for the docs.
+
+    Like :func:`write_rst`, the page is ``:orphan:``; docs/findings.rst
+    includes it after :data:`FINDINGS_START`. Returns False (and writes
+    nothing) when the results have no findings section.
+    """
+    section = results["sections"].get("findings")
+    if section is None:
+        return False
+    _STYLE["format"] = "rst"
+    try:
+        if "error" in section:
+            body = ("The findings section of this run failed::\n\n"
+                    + "\n".join("   " + line for line in section["error"].splitlines()) + "\n")
+        else:
+            parts = [_findings_size_md(section)]
+            if images is not None:
+                parts.append(f".. image:: {images}/size_curve.png\n   :width: 100%\n")
+            parts += [_findings_universality_md(section["universality"]),
+                      _findings_splitting_md(section["splitting"])]
+            body = "\n".join(parts)
+    finally:
+        _STYLE["format"] = "md"
+    m = results["machine"]
+    header = (":orphan:\n\n"
+              "..  Generated by ``python -m benchmarks.report``"
+              f" from {source}; do not edit.\n\n"
+              f"{FINDINGS_START}\n\n")
+    how = (f"From one run of ``python -m benchmarks --only findings`` ({results['mode']} "
+           f"mode) on {m['cpu_model']} ({m['torch_threads']} torch threads, device "
+           f"{m['device']}), {m['date']}; section wall time "
+           f"{section.get('wall_s', 0):.0f} s.\n\n")
+    Path(path).write_text(header + how + body)
+    return True
 
 
 
@@ -672,6 +805,26 @@ def _plot_throughput(r, plt):
     return fig
 
 
+def _plot_size_curve(r, plt):
+    curve = r["size_curve"]
+    n = [p["n_components"] for p in curve]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "loss_recovered", "loss recovered (held-out)"),
+                           (axes[1], "explained_variance", "explained variance (held-out)")):
+        ax.plot(n, [p[key] for p in curve], "o-")
+        for x, p in zip(n, curve):
+            ax.annotate(f"{p[key]:.3f}", (x, p[key]), fontsize=7, textcoords="offset points",
+                        xytext=(0, 5), ha="center")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(n, [f"{x:,}" for x in n])
+        ax.set_xlabel("dictionary size (features)")
+        ax.set_ylabel(label)
+    fig.suptitle(f"{r['model']}: top-k SAEs, k={r['k']} at every size, {r['steps']:,} steps "
+                 f"of {r['batch_size']} rows", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 _PLOTTERS = {
     "recovery.png": _plot_recovery,
     "frontier.png": _plot_frontier,
@@ -680,6 +833,7 @@ _PLOTTERS = {
     "scaling_memory.png": _plot_scaling_memory,
     "encoding.png": _plot_encoding,
     "throughput.png": _plot_throughput,
+    "size_curve.png": _plot_size_curve,
 }
 
 
@@ -715,6 +869,10 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=root / "benchmarks" / "results")
     parser.add_argument("--rst", type=Path, default=root / "docs" / "benchmarks_results.rst",
                         help="docs page to write (default docs/benchmarks_results.rst)")
+    parser.add_argument("--findings-rst", type=Path,
+                        default=root / "docs" / "findings_results.rst",
+                        help="docs page of the findings section, written when the run has "
+                             "one (default docs/findings_results.rst)")
     parser.add_argument("--no-images", action="store_true",
                         help="leave the plots out of the docs page (when --results is a "
                              "folder the docs cannot reach)")
@@ -730,7 +888,11 @@ def main(argv=None):
         source = str(args.results)  # a run kept outside the repository
     write_rst(results, args.rst, None if args.no_images else images,
               source=f"{source}/results.json")
-    print(f"wrote {args.results / 'results.md'}, the plots and {args.rst}")
+    images = os.path.relpath(args.results, args.findings_rst.parent).replace(os.sep, "/")
+    wrote = write_findings_rst(results, args.findings_rst, None if args.no_images else images,
+                               source=f"{source}/results.json")
+    print(f"wrote {args.results / 'results.md'}, the plots and {args.rst}"
+          + (f" and {args.findings_rst}" if wrote else ""))
 
 
 if __name__ == "__main__":
