@@ -52,10 +52,10 @@ SIZES = {
                  batch_size=256, universality_size=4096, split_small=512,
                  n_split_tokens=100_000, n_examples=3, top_k=8, child_top_k=4, context=6),
 }
-# Splitting criteria (the defaults of feature_splitting, stated here so that
-# the report can print them).
-SPLIT_THRESHOLD = 0.5
-CO_FIRING_THRESHOLD = 0.5
+# Splitting criteria: the defaults of feature_splitting, stated here so that
+# the report can print them. The tiny mode's barely trained SAEs split only
+# at looser ones, which still exercise the worked examples.
+SPLIT_THRESHOLDS = {"tiny": (0.3, 0.3), "quick": (0.5, 0.5), "full": (0.5, 0.5)}
 # Two dictionaries "match well" at this cosine (the share reported beside the means).
 GOOD_MATCH = 0.7
 # The two seeds' one-to-one similarity must exceed random atoms' by this much.
@@ -130,7 +130,10 @@ def _universality(first, s, X, device, n_features):
 
 
 def _context_text(examples, feature, j):
-    """One example as text: the tokens around it, the example in [brackets]."""
+    """One example as text: the tokens around it, the example marked «so».
+
+    The corpus's stage directions use square brackets, hence the guillemets.
+    """
     rows = examples.context_rows[feature, j]
     middle = len(rows) // 2
     parts = []
@@ -140,7 +143,7 @@ def _context_text(examples, feature, j):
         token = str(examples.tokens[row]).replace("\n", "\u21b5")
         if i == middle:
             stripped = token.lstrip()
-            token = token[: len(token) - len(stripped)] + f"[{stripped}]"
+            token = token[: len(token) - len(stripped)] + f"\u00ab{stripped}\u00bb"
         parts.append(token)
     return "".join(parts).strip()
 
@@ -168,15 +171,16 @@ def _pick_examples(table, n):
     return [c[1:] for c in sorted(candidates)[:n]]
 
 
-def _splitting(saes, s, X_split, tokens, index):
+def _splitting(saes, s, X_split, tokens, index, thresholds):
+    threshold, co_firing_threshold = thresholds
     small = saes[s["split_small"]]
     by_size = []
     tables = {}
     for n, large in saes.items():
         if n <= s["split_small"]:
             continue
-        table = feature_splitting(small, large, SPLIT_THRESHOLD, X=X_split,
-                                  co_firing_threshold=CO_FIRING_THRESHOLD)
+        table = feature_splitting(small, large, threshold, X=X_split,
+                                  co_firing_threshold=co_firing_threshold)
         tables[n] = table
         n_split = int(np.unique(table["parent"]).size)
         by_size.append({
@@ -213,8 +217,8 @@ def _splitting(saes, s, X_split, tokens, index):
     return {
         "small": s["split_small"],
         "large": int(largest),
-        "threshold": SPLIT_THRESHOLD,
-        "co_firing_threshold": CO_FIRING_THRESHOLD,
+        "threshold": threshold,
+        "co_firing_threshold": co_firing_threshold,
         "n_tokens": int(X_split.shape[0]),
         "small_alive": alive,
         "by_size": by_size,
@@ -299,6 +303,7 @@ def run(mode="quick", device="cpu"):
     # their strings and places for the contexts.
     n = min(s["n_split_tokens"], X.shape[0])
     index = np.column_stack([where.text_index[:n], where.position[:n]])
-    out["splitting"] = _splitting(saes, s, X[:n], where.token[:n], index)
+    out["splitting"] = _splitting(saes, s, X[:n], where.token[:n], index,
+                                  SPLIT_THRESHOLDS[mode])
     out["targets"] = _targets(out, weights, mode)
     return out

@@ -378,7 +378,7 @@ def _findings_splitting_md(sp):
         out.append(f"\n**Example {i}**: feature {ex['parent']} of the {sp['small']:,}-feature "
                    f"SAE (fires on {ex['parent_frequency']:.2%} of tokens) splits into "
                    f"{len(ex['children'])} features of the {sp['large']:,}-feature SAE. Its "
-                   "top activations, the token in brackets:\n")
+                   "top activations, the token marked «so»:\n")
         out.append(_code_block([f"{c['activation']:7.2f}  {c['text']}"
                                 for c in ex["parent_contexts"]]))
         for child in ex["children"]:
