@@ -315,8 +315,8 @@ def feature_splitting(small, large, threshold=0.5, *, X=None, co_firing_threshol
         then by decreasing cosine. Columns: ``parent`` and ``child`` (rows of
         ``small`` and ``large``), ``cosine``, ``co_firing``, ``n_children``
         (of that parent), ``parent_frequency`` and ``child_frequency`` (share
-        of the rows of ``X`` on which each fires). The last three columns
-        measured on ``X`` are NaN without ``X``. The number of split parents
+        of the rows of ``X`` on which each fires); these three are measured
+        on ``X`` and are NaN without it. The number of split parents
         is ``len(np.unique(table["parent"]))``. A child may belong to more
         than one parent.
 
