@@ -44,11 +44,11 @@ SIZES = {
                  k=4, steps=40, batch_size=128, universality_size=64, split_small=32,
                  n_split_tokens=1000, n_examples=3, top_k=3, child_top_k=2, context=3),
     "quick": dict(n_train_texts=1000, n_eval_texts=40, max_length=128,
-                  sizes=[512, 1024, 2048, 4096, 8192], k=16, steps=1600, batch_size=128,
+                  sizes=[512, 1024, 2048, 4096, 8192], k=32, steps=1000, batch_size=256,
                   universality_size=2048, split_small=512, n_split_tokens=30_000,
                   n_examples=3, top_k=5, child_top_k=3, context=6),
     "full": dict(n_train_texts=6000, n_eval_texts=200, max_length=128,
-                 sizes=[512, 1024, 2048, 4096, 8192, 16384], k=16, steps=12_000,
+                 sizes=[512, 1024, 2048, 4096, 8192, 16384], k=32, steps=8000,
                  batch_size=256, universality_size=4096, split_small=512,
                  n_split_tokens=100_000, n_examples=3, top_k=8, child_top_k=4, context=6),
 }
