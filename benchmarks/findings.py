@@ -29,7 +29,10 @@ Every SAE is a top-k SAE with AuxK, so that L0 is the same at every size
 and no sparsity coefficient has to be retuned as the dictionary grows.
 """
 
+import warnings
+
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 
 from benchmarks._common import Timer, sae_params, target, warm_up_sae
 from sparse_dict import SparseAutoencoderDictionary
@@ -72,23 +75,29 @@ def _extractor(max_length):
 
 
 def _fit(n_components, s, X, device, seed):
+    """A top-k SAE, its fit time, and whether the fit warned it had not converged."""
     sae = SparseAutoencoderDictionary(
         n_components, device=device, random_state=seed,
         **sae_params("topk", s["k"], max_iter=100_000, max_steps=s["steps"],
                      batch_size=s["batch_size"]),
     )
-    with Timer() as t:
-        sae.fit(X)
-    return sae, t.seconds
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        with Timer() as t:
+            sae.fit(X)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return sae, t.seconds, converged
 
 
-def _size_point(sae, fit_s, X_eval, ext, held_out):
+def _size_point(sae, fit_s, converged, X_eval, ext, held_out):
     codes = sae.transform(X_eval)
     splice = splice_evaluation(ext, sae, held_out)
     return {
         "n_components": int(sae.n_components),
         "fit_s": fit_s,
         "steps": int(sae.n_steps_),
+        # False when the estimator warned that the loss was still falling.
+        "converged": converged,
         "l0": l0(codes),
         "explained_variance": explained_variance(X_eval, sae.inverse_transform(codes)),
         "loss_recovered": splice.loss_recovered,
@@ -114,7 +123,7 @@ def _comparison(a, b):
 
 
 def _universality(first, s, X, device, n_features):
-    second, fit_s = _fit(s["universality_size"], s, X, device, seed=1)
+    second, fit_s, _ = _fit(s["universality_size"], s, X, device, seed=1)
     rng = np.random.default_rng(0)
     random_atoms = rng.standard_normal((s["universality_size"], n_features))
     random_atoms /= np.linalg.norm(random_atoms, axis=1, keepdims=True)
@@ -274,9 +283,9 @@ def run(mode="quick", device="cpu"):
         X_eval = ext.transform(held_out)
     saes, curve = {}, []
     for n in s["sizes"]:
-        sae, fit_s = _fit(n, s, X, device, seed=0)
+        sae, fit_s, converged = _fit(n, s, X, device, seed=0)
         saes[n] = sae
-        curve.append(_size_point(sae, fit_s, X_eval, ext, held_out))
+        curve.append(_size_point(sae, fit_s, converged, X_eval, ext, held_out))
         print(f"[benchmarks]   findings: {n:,} features, {fit_s:.0f} s, loss recovered "
               f"{curve[-1]['loss_recovered']:.3f}", flush=True)
     out = {

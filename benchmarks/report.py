@@ -336,10 +336,13 @@ def _findings_size_md(r):
            f"rows from {r['n_train_tokens']:,} training tokens at every size, scored on "
            f"{r['n_eval_tokens']:,} held-out tokens ({r['n_eval_texts']} texts).\n"]
     out.append(_table(["features", "loss recovered", "EV", "L0", "KL (nats)", "dead (train)",
-                       "fit s"],
+                       "converged", "fit s"],
                       [[p["n_components"], p["loss_recovered"], p["explained_variance"],
-                        p["l0"], p["kl_divergence"], p["train_dead_fraction"], p["fit_s"]]
+                        p["l0"], p["kl_divergence"], p["train_dead_fraction"],
+                        p.get("converged"), p["fit_s"]]
                        for p in r["size_curve"]]))
+    out.append("\n'converged: no' means the estimator warned that its loss was still "
+               "falling when the step budget ran out.\n")
     rises = r["size_curve_rises"]
     out.append(f"\nLoss recovered rises at every size: **{_fmt(rises['loss_recovered'])}**; "
                f"explained variance rises at every size: "
