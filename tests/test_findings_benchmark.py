@@ -49,6 +49,7 @@ def test_size_curve_has_every_size(run):
         assert _finite([p["loss_recovered"], p["explained_variance"], p["l0"], p["fit_s"]])
         assert p["l0"] == pytest.approx(section["k"])  # the same L0 budget at every size
         assert p["steps"] == section["steps"]
+        assert p["converged"] is False  # 40 steps: the estimator warns, and it is recorded
     rises = section["size_curve_rises"]["loss_recovered"]
     lr = [p["loss_recovered"] for p in curve]
     assert rises == all(b > a for a, b in zip(lr, lr[1:]))
