@@ -157,8 +157,18 @@ def _context_text(examples, feature, j):
     return "".join(parts).strip()
 
 
-def _top_contexts(codes, tokens, index, features, k, context):
-    examples = top_activating_examples(codes[:, features], tokens, index, k=k,
+def _codes(sae, X, features, block=4096):
+    """Codes of ``features`` only, coded a block of rows at a time.
+
+    The full code matrix of a large dictionary on many tokens would not fit
+    in memory (100,000 tokens x 16,384 features is 6.5 GB of float32).
+    """
+    return np.concatenate([sae.transform(X[i:i + block])[:, features]
+                           for i in range(0, X.shape[0], block)])
+
+
+def _top_contexts(sae, X, tokens, index, features, k, context):
+    examples = top_activating_examples(_codes(sae, X, features), tokens, index, k=k,
                                        context=context)
     out = []
     for f in range(len(features)):
@@ -200,17 +210,15 @@ def _splitting(saes, s, X_split, tokens, index, thresholds):
         })
     largest = max(tables)
     table = tables[largest]
-    small_codes = small.transform(X_split)
-    large_codes = saes[largest].transform(X_split)
-    alive = int(np.count_nonzero((small_codes > 0).any(axis=0)))
+    alive = int(np.count_nonzero(_codes(small, X_split, slice(None)).any(axis=0)))
     examples = []
     for parent, start, count in _pick_examples(table, s["n_examples"]):
         rows = slice(start, start + count)
         children = table["child"][rows].tolist()
-        parent_ctx = _top_contexts(small_codes, tokens, index, [parent], s["top_k"],
+        parent_ctx = _top_contexts(small, X_split, tokens, index, [parent], s["top_k"],
                                    s["context"])[0]
-        child_ctx = _top_contexts(large_codes, tokens, index, children, s["child_top_k"],
-                                  s["context"])
+        child_ctx = _top_contexts(saes[largest], X_split, tokens, index, children,
+                                  s["child_top_k"], s["context"])
         examples.append({
             "parent": parent,
             "parent_frequency": float(table["parent_frequency"][start]),
