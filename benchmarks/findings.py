@@ -47,14 +47,18 @@ SIZES = {
                  k=4, steps=40, batch_size=128, universality_size=64, split_small=32,
                  n_split_tokens=1000, n_examples=3, top_k=3, child_top_k=2, context=3),
     "quick": dict(n_train_texts=1000, n_eval_texts=40, max_length=128,
-                  sizes=[512, 1024, 2048, 4096, 8192], k=32, steps=1000, batch_size=256,
+                  sizes=[512, 1024, 2048, 4096, 8192], k=32, steps=2000, batch_size=128,
                   universality_size=2048, split_small=512, n_split_tokens=30_000,
                   n_examples=3, top_k=5, child_top_k=3, context=6),
     "full": dict(n_train_texts=6000, n_eval_texts=200, max_length=128,
-                 sizes=[512, 1024, 2048, 4096, 8192, 16384], k=32, steps=8000,
-                 batch_size=256, universality_size=4096, split_small=512,
+                 sizes=[512, 1024, 2048, 4096, 8192, 16384], k=32, steps=16_000,
+                 batch_size=128, universality_size=4096, split_small=512,
                  n_split_tokens=100_000, n_examples=3, top_k=8, child_top_k=4, context=6),
 }
+# Batches of 128 rows: at the same cost (256,000 rows), twice the steps of
+# 256-row batches reconstructed better at 4,096 features (EV 0.910 against
+# 0.888, loss recovered 0.976 against 0.967), if with more features dead.
+
 # Splitting criteria: the defaults of feature_splitting, stated here so that
 # the report can print them. The tiny mode's barely trained SAEs split only
 # at looser ones, which still exercise the worked examples.
