@@ -4,9 +4,11 @@ Writes ``results.json`` (every figure, the machine and the targets),
 ``results.md`` (tables) and PNG plots to ``--out`` (default
 ``benchmarks/results/``). Sections (``--only`` takes a comma-separated
 subset): recovery, frontier, time_to_quality, scaling, encoding, throughput,
-steering, extraction, extraction_disk, saelens_throughput (against SAELens, in its own
-optional environment: see ``benchmarks/requirements-saelens.txt``; skipped, with
-the reason recorded, when that is missing). A section that fails is recorded with its error and the others
+steering, extraction, extraction_disk, findings (the seed paper's findings: dictionary
+size, universality and feature splitting on the built-in model), saelens_throughput
+(against SAELens, in its own optional environment: see
+``benchmarks/requirements-saelens.txt``; skipped, with the reason recorded, when
+that is missing). A section that fails is recorded with its error and the others
 still run; the exit status is then 1.
 
 The sections that put the SAE beside scikit-learn (recovery, frontier,
@@ -29,7 +31,8 @@ from pathlib import Path
 from benchmarks._common import Timer, blas_summary, machine_info, run_isolated, target
 
 SECTIONS = ("recovery", "frontier", "time_to_quality", "scaling", "encoding",
-            "throughput", "steering", "extraction", "extraction_disk", "saelens_throughput")
+            "throughput", "steering", "extraction", "extraction_disk", "findings",
+            "saelens_throughput")
 # Sections of the tiny (smoke-test) mode: extraction has no tiny size, and the
 # SAELens comparison needs its optional environment.
 TINY_SECTIONS = tuple(name for name in SECTIONS

@@ -23,6 +23,7 @@ PLOTS = {
     "extraction": [],
     "extraction_disk": [],
     "saelens_throughput": [],
+    "findings": ["size_curve.png"],
 }
 
 
@@ -397,6 +398,86 @@ def _steering_md(r):
     return "\n".join(out) + "\n"
 
 
+def _code_block(lines):
+    """Lines shown verbatim, in markdown and in reStructuredText alike."""
+    if _STYLE["format"] == "rst":
+        return "::\n\n" + "\n".join("   " + line for line in lines) + "\n"
+    return "```text\n" + "\n".join(lines) + "\n```\n"
+
+
+def _findings_size_md(r):
+    out = [f"**Size curve** on {r['model']}, {r['hook']} ({r['n_features']} wide): top-k "
+           f"SAEs with k = {r['k']} (L0 fixed), {r['steps']:,} steps of {r['batch_size']} "
+           f"rows from {r['n_train_tokens']:,} training tokens at every size, scored on "
+           f"{r['n_eval_tokens']:,} held-out tokens ({r['n_eval_texts']} texts).\n"]
+    out.append(_table(["features", "loss recovered", "EV", "L0", "KL (nats)", "dead (train)",
+                       "live", "converged", "fit s"],
+                      [[p["n_components"], p["loss_recovered"], p["explained_variance"],
+                        p["l0"], p["kl_divergence"], p["train_dead_fraction"],
+                        round(p["n_components"] * (1 - p["train_dead_fraction"])),
+                        p.get("converged"), p["fit_s"]]
+                       for p in r["size_curve"]]))
+    out.append("\n'dead (train)': share of features that fired on no row late in training; "
+               "'live': the features that did, how large the dictionary effectively is. "
+               "'converged: no': the estimator warned that its loss was still falling when "
+               "the step budget ran out.\n")
+    rises = r["size_curve_rises"]
+    out.append(f"\nLoss recovered rises at every size: **{_fmt(rises['loss_recovered'])}**; "
+               f"explained variance rises at every size: "
+               f"**{_fmt(rises['explained_variance'])}**.\n")
+    return "\n".join(out)
+
+
+def _findings_universality_md(u):
+    rows = []
+    for key, label in (("two_seeds", "the same size, another seed"),
+                       ("random", f"{u['n_components']:,} random unit atoms"),
+                       ("neurons", "the neuron basis (512 neurons)"),
+                       ("random_vs_neurons", "random atoms against the neuron basis")):
+        c = u[key]
+        rows.append([label, c["hungarian"], c["n_pairs"], c["max"],
+                     next(v for k, v in c.items() if k.startswith("share_above"))])
+    good = next(k for k in u["two_seeds"] if k.startswith("share_above")).split("_")[-1]
+    return (f"**Universality**: a {u['n_components']:,}-feature SAE (seed 0) against other "
+            "bases. Hungarian: mean cosine of the one-to-one matching, over its pairs; max: "
+            "mean over the SAE's atoms of each one's best cosine (for the last row, over the "
+            "random atoms).\n\n"
+            + _table(["compared with", "Hungarian", "pairs", "max",
+                      f"share of pairs at cosine >= {good}"], rows) + "\n")
+
+
+def _findings_splitting_md(sp):
+    out = [f"**Feature splitting**: the {sp['small']:,}-feature SAE ({sp['small_alive']:,} "
+           f"of its features fire) against each larger SAE, on {sp['n_tokens']:,} training "
+           f"tokens. A feature splits when at least two features of the larger SAE have "
+           f"cosine >= {sp['threshold']:g} with it and fire together with it on at least "
+           f"{sp['co_firing_threshold']:.0%} of their own tokens.\n"]
+    out.append(_table(["larger SAE", "features that split", "share", "children per split"],
+                      [[b["large"], b["n_split"], b["share_split"], b["mean_children"]]
+                       for b in sp["by_size"]]))
+    for i, ex in enumerate(sp["examples"], 1):
+        out.append(f"\n**Example {i}**: feature {ex['parent']} of the {sp['small']:,}-feature "
+                   f"SAE (fires on {ex['parent_frequency']:.2%} of tokens) splits into "
+                   f"{len(ex['children'])} features of the {sp['large']:,}-feature SAE. Its "
+                   "top activations, the token marked «so»:\n")
+        out.append(_code_block([f"{c['activation']:7.2f}  {c['text']}"
+                                for c in ex["parent_contexts"]]))
+        for child in ex["children"]:
+            out.append(f"Child {child['child']} (cosine {child['cosine']:.2f}, co-firing "
+                       f"{child['co_firing']:.2f}, fires on {child['frequency']:.2%} of "
+                       "tokens):\n")
+            out.append(_code_block([f"{c['activation']:7.2f}  {c['text']}"
+                                    for c in child["contexts"]]))
+    if not sp["examples"]:
+        out.append("\nNo feature split at these thresholds, so there are no examples.\n")
+    return "\n".join(out)
+
+
+def _findings_md(r):
+    return "\n".join([_findings_size_md(r), _findings_universality_md(r["universality"]),
+                      _findings_splitting_md(r["splitting"])])
+
+
 # What each section measures and how, printed under its heading (in the
 # markdown and on the docs page alike).
 SECTION_NOTES = {
@@ -466,6 +547,17 @@ SECTION_NOTES = {
         "through SAETrainer._train_step) on the same configuration and batches in memory, "
         "SAELens in its own optional environment (benchmarks/requirements-saelens.txt). "
         "Target: at least 1.5 times SAELens' rows/s."),
+    "findings": (
+        "Measurements of the seed paper's findings on the built-in model's MLP activations "
+        "(512 neurons). Size curve: top-k SAEs of growing size at one fixed L0 (``k``), with "
+        "the same training rows, steps, batch and learning rate, scored on held-out texts "
+        "(explained variance; loss recovered when the reconstruction is spliced into the "
+        "model, zero ablation as the baseline). Universality: two SAEs trained with "
+        "different seeds, matched one to one (Hungarian) and by best match (max), beside "
+        "random unit atoms and the neuron basis. Feature splitting: the smallest SAE "
+        "against each larger one (children: cosine and co-firing above the thresholds "
+        "shown, at least two per parent). Targets: loss recovered rises with size; the two "
+        "seeds' one-to-one similarity exceeds random atoms' by at least 0.3."),
 }
 
 
@@ -480,7 +572,9 @@ _SECTION_MD = {
     "extraction": ("8. Extraction overhead", _extraction_md),
     "extraction_disk": ("9. Extraction to disk: memory against corpus size",
                         _extraction_disk_md),
-    "saelens_throughput": ("10. Training throughput against SAELens", _saelens_md),
+    "findings": ("10. The seed's findings: dictionary size, universality, splitting",
+                 _findings_md),
+    "saelens_throughput": ("11. Training throughput against SAELens", _saelens_md),
 }
 
 
@@ -490,7 +584,7 @@ def _heading(text, level, fmt):
     return text + "\n" + "=-~^"[level - 1] * len(text) + "\n"
 
 
-def markdown(results, fmt="md", images=None, first_level=1):
+def markdown(results, fmt="md", images=None, first_level=1, skip=()):
     """The results as a markdown (``fmt="md"``) or reStructuredText document.
 
     Parameters
@@ -502,6 +596,8 @@ def markdown(results, fmt="md", images=None, first_level=1):
         each section's plots are shown after its tables.
     first_level : int
         Heading level of the title (rst underline characters ``=-~^``).
+    skip : sequence of str
+        Sections left out (shown on a page of their own).
     """
     _STYLE["format"] = fmt
     try:
@@ -512,6 +608,8 @@ def markdown(results, fmt="md", images=None, first_level=1):
                "Timings are wall-clock on a possibly shared machine.\n",
                _heading("Targets", sub, fmt), _targets_md(results.get("targets", [])) + "\n"]
         for name, section in results["sections"].items():
+            if name in skip:
+                continue
             title, fn = _SECTION_MD[name]
             out.append(_heading(title, sub, fmt))
             if name in SECTION_NOTES:
@@ -553,7 +651,8 @@ def write_rst(results, path, images, source="benchmarks/results/results.json"):
     entry; a page that includes it should start after :data:`RST_START`
     (``.. include:: benchmarks_results.rst`` with ``:start-after:``).
     """
-    body = markdown(results, fmt="rst", images=images, first_level=2)
+    # The findings have their own page (docs/findings.rst).
+    body = markdown(results, fmt="rst", images=images, first_level=2, skip=("findings",))
     header = (":orphan:\n\n"
               "..  Generated by ``python -m benchmarks.report``"
               f" from {source}; do not edit.\n\n"
@@ -574,6 +673,52 @@ def write_rst(results, path, images, source="benchmarks/results/results.json"):
            "from threadpoolctl, is recorded with the machine. Timings are ratios measured "
            "side by side in one process.\n\n")
     Path(path).write_text(header + how + body)
+
+
+FINDINGS_START = ".. start-findings-results"
+
+
+def write_findings_rst(results, path, images, source="benchmarks/results/results.json"):
+    """Write the ``findings`` section as a reStructuredText page for the docs.
+
+    Like :func:`write_rst`, the page is ``:orphan:``; docs/findings.rst
+    includes it after :data:`FINDINGS_START`. The machine and date shown
+    are the section's own ``"machine"`` when it has one (a section rerun
+    alone and merged into the reference results), else the run's. Returns
+    False (and writes nothing) when the results have no findings section.
+    """
+    section = results["sections"].get("findings")
+    if section is None:
+        return False
+    _STYLE["format"] = "rst"
+    try:
+        if "error" in section:
+            body = ("The findings section of this run failed::\n\n"
+                    + "\n".join("   " + line for line in section["error"].splitlines()) + "\n")
+        else:
+            parts = [_findings_size_md(section)]
+            if images is not None:
+                parts.append(f".. image:: {images}/size_curve.png\n   :width: 100%\n")
+            parts += [_findings_universality_md(section["universality"]),
+                      _findings_splitting_md(section["splitting"])]
+            body = "\n".join(parts)
+    finally:
+        _STYLE["format"] = "md"
+    # A section run on its own and merged into a reference run carries the
+    # machine (and date) it ran on.
+    m = section.get("machine") or results["machine"]
+    header = (":orphan:\n\n"
+              "..  Generated by ``python -m benchmarks.report``"
+              f" from {source}; do not edit.\n\n"
+              f"{FINDINGS_START}\n\n")
+    load = m.get("load_average_at_start")
+    load = f", load average at start {load[0]:.1f}" if load else ""
+    how = (f"From one run of ``python -m benchmarks --only findings`` ({results['mode']} "
+           f"mode) on {m['cpu_model']} ({m['torch_threads']} torch threads, device "
+           f"{m['device']}{load}), {m['date']}; section wall time "
+           f"{section.get('wall_s', 0):.0f} s.\n\n")
+    Path(path).write_text(header + how + body)
+    return True
 
 
 
@@ -774,6 +919,30 @@ def _plot_throughput(r, plt):
     return fig
 
 
+def _plot_size_curve(r, plt):
+    curve = r["size_curve"]
+    n = [p["n_components"] for p in curve]
+    # A copy of each point with its live features, leaving the results as they are.
+    curve = [dict(p, live=p["n_components"] * (1 - p["train_dead_fraction"])) for p in curve]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax, key, label, fmt in (
+            (axes[0], "loss_recovered", "loss recovered (held-out)", "{:.3f}"),
+            (axes[1], "explained_variance", "explained variance (held-out)", "{:.3f}"),
+            (axes[2], "live", "live features (fired late in training)", "{:,.0f}")):
+        ax.plot(n, [p[key] for p in curve], "o-")
+        for x, p in zip(n, curve):
+            ax.annotate(fmt.format(p[key]), (x, p[key]), fontsize=7,
+                        textcoords="offset points", xytext=(0, 5), ha="center")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(n, [f"{x:,}" for x in n])
+        ax.set_xlabel("dictionary size (features)")
+        ax.set_ylabel(label)
+    fig.suptitle(f"{r['model']}: top-k SAEs, k={r['k']} at every size, {r['steps']:,} steps "
+                 f"of {r['batch_size']} rows", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 _PLOTTERS = {
     "recovery.png": _plot_recovery,
     "frontier.png": _plot_frontier,
@@ -782,6 +951,7 @@ _PLOTTERS = {
     "scaling_memory.png": _plot_scaling_memory,
     "encoding.png": _plot_encoding,
     "throughput.png": _plot_throughput,
+    "size_curve.png": _plot_size_curve,
 }
 
 
@@ -817,6 +987,10 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=root / "benchmarks" / "results")
     parser.add_argument("--rst", type=Path, default=root / "docs" / "benchmarks_results.rst",
                         help="docs page to write (default docs/benchmarks_results.rst)")
+    parser.add_argument("--findings-rst", type=Path,
+                        default=root / "docs" / "findings_results.rst",
+                        help="docs page of the findings section, written when the run has "
+                             "one (default docs/findings_results.rst)")
     parser.add_argument("--no-images", action="store_true",
                         help="leave the plots out of the docs page (when --results is a "
                              "folder the docs cannot reach)")
@@ -832,7 +1006,11 @@ def main(argv=None):
         source = str(args.results)  # a run kept outside the repository
     write_rst(results, args.rst, None if args.no_images else images,
               source=f"{source}/results.json")
-    print(f"wrote {args.results / 'results.md'}, the plots and {args.rst}")
+    images = os.path.relpath(args.results, args.findings_rst.parent).replace(os.sep, "/")
+    wrote = write_findings_rst(results, args.findings_rst, None if args.no_images else images,
+                               source=f"{source}/results.json")
+    print(f"wrote {args.results / 'results.md'}, the plots and {args.rst}"
+          + (f" and {args.findings_rst}" if wrote else ""))
 
 
 if __name__ == "__main__":

@@ -160,14 +160,36 @@ def _benchmark_results_rst():
     return lines or ["No result files in ``benchmarks/results/`` yet."]
 
 
+# The findings page (docs/findings.rst) shows the benchmark's ``findings``
+# section, which ``python -m benchmarks.report`` writes to
+# docs/findings_results.rst.
+_FINDINGS_MARKER = ".. findings-results-here"
+FINDINGS = DOCS / "findings_results.rst"
+_FINDINGS_START = ".. start-findings-results"
+
+
+def _findings_rst():
+    if FINDINGS.is_file() and _FINDINGS_START in FINDINGS.read_text(encoding="utf-8"):
+        return [".. include:: findings_results.rst", f"   :start-after: {_FINDINGS_START}"]
+    return [
+        ".. note::",
+        "",
+        "   No results of the ``findings`` benchmark are in ``benchmarks/results/`` yet;",
+        "   run it (see above), then ``python -m benchmarks.report``, and rebuild the",
+        "   documentation.",
+    ]
+
+
 def _insert_benchmark_results(app, docname, source):
     if docname == "benchmarks" and _MARKER in source[0]:
         source[0] = source[0].replace(_MARKER, "\n".join(_benchmark_results_rst()))
+    if docname == "findings" and _FINDINGS_MARKER in source[0]:
+        source[0] = source[0].replace(_FINDINGS_MARKER, "\n".join(_findings_rst()))
 
 
 def _always_reread_benchmarks(app, env, added, changed, removed):
     # The page's content comes from files Sphinx does not track.
-    return [name for name in ("benchmarks", "saelens") if name in env.found_docs]
+    return [name for name in ("benchmarks", "findings", "saelens") if name in env.found_docs]
 
 
 # --------------------------------------------------------------------------

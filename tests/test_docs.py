@@ -33,7 +33,8 @@ def test_docs_build_without_warnings(tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
     for page in ("index", "problem", "quickstart", "estimator", "model_selection",
                  "extraction", "classical", "benchmarks", "saving", "saelens", "gpu", "cli",
-                 "builtin_model", "api", "glossary", "architecture", "analysis"):
+                 "builtin_model", "api", "glossary", "architecture", "analysis",
+                 "findings"):
         assert (out / f"{page}.html").is_file(), page
     # Every gallery example ran and drew its figure.
     assert len(EXAMPLES) >= 5
@@ -47,7 +48,8 @@ def test_docs_build_without_warnings(tmp_path):
     api = (out / "api.html").read_text(encoding="utf-8")
     for name in ("SparseAutoencoderDictionary", "TransformerActivationExtractor",
                  "LassoCoder", "splice_evaluation", "explained_variance",
-                 "make_superposition", "write_feature_browser"):
+                 "make_superposition", "write_feature_browser", "match_features",
+                 "dictionary_similarity", "feature_splitting"):
         assert name in api, name
     # The SAELens page's example ran during this build and its checks held.
     saelens = (out / "saelens.html").read_text(encoding="utf-8")
