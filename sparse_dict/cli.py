@@ -47,6 +47,8 @@ from sparse_dict._cli_common import (  # noqa: F401
     _input_file,
     _load_dictionary,
     _make_extractor,
+    _launch_ranks,
+    _rank,
     _npy_name,
     _output_dir,
     _logit_effects_or_none,
@@ -158,6 +160,10 @@ def cmd_fit(args):
 
     out = _output_file(args.out, "output", SAVED_DICTIONARY, overwrite=args.overwrite,
                        inputs=[args.activations])
+    if args.nproc > 1:
+        # The inputs and the output are checked above, before any process starts.
+        _launch_ranks(args.argv, args.nproc)
+        return 0
     params = _estimator_params(args)
     params["verbose"] = 0 if args.quiet else 1
     sae = SparseAutoencoderDictionary(**params)
@@ -165,15 +171,19 @@ def cmd_fit(args):
     # wrote them beside the .npy: 'report' and 'steer' then need no options.
     provenance = _read_provenance(args.activations, X)
     start = time.perf_counter()
-    with _divergence_is_an_error():
+    with _divergence_is_an_error(), warnings.catch_warnings():
+        if _rank() != 0:
+            # Every rank judges the same run alike; rank 0 says it once.
+            warnings.simplefilter("ignore")
         sae.fit(X, provenance=provenance)
     seconds = time.perf_counter() - start
     sae.save(out, overwrite=args.overwrite)
-    _say(
-        args,
-        f"fitted {sae.n_components_} features on {X.shape[0]:,} x {X.shape[1]} "
-        f"activations in {seconds:.1f} s; saved to {out}",
-    )
+    if _rank() == 0:
+        _say(
+            args,
+            f"fitted {sae.n_components_} features on {X.shape[0]:,} x {X.shape[1]} "
+            f"activations in {seconds:.1f} s; saved to {out}",
+        )
     return 0
 
 
@@ -576,6 +586,12 @@ def build_parser(command=None):
                    "store folder written by 'extract --store'")
     p.add_argument("-o", "--out", required=True, help="output folder for the dictionary")
     _add_overwrite(p, "a dictionary saved earlier")
+    p.add_argument(
+        "--nproc", type=_positive_int, default=1,
+        help="train data-parallel in this many processes on this machine (through "
+        "torchrun; gloo on CPUs, NCCL on GPUs); each reads its share of every batch "
+        "(default: 1)",
+    )
     if wanted("fit"):
         _add_estimator(p, _FIT_DEFAULTS)
     _add_device(p)
@@ -701,6 +717,7 @@ def main(argv=None):
     command = next((a for a in argv if not a.startswith("-")), "")
     parser = build_parser(command)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         with _cpu_threads(args.threads), _one_line_warnings(args.command):
             return int(args.func(args) or 0)

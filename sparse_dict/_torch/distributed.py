@@ -150,6 +150,27 @@ def rank_device(device, explicit_index):
     return torch.device("cuda", local % max(torch.cuda.device_count(), 1))
 
 
+def share_bounds(n_rows, world_size):
+    """Where each of ``world_size`` ranks' shares of ``n_rows`` rows starts and ends.
+
+    Shares differ by at most one row and the first ranks take the larger
+    ones, so a batch of fewer rows than ranks leaves the last ranks empty.
+    Each rank takes a contiguous slice of the batch's sorted row indices,
+    so the shares, concatenated in rank order, are the batch itself.
+
+    Examples
+    --------
+    >>> share_bounds(10, 3).tolist()
+    [0, 4, 7, 10]
+    >>> share_bounds(1, 2).tolist()
+    [0, 1, 1]
+    """
+    base, extra = divmod(int(n_rows), int(world_size))
+    sizes = np.full(world_size, base, dtype=np.int64)
+    sizes[:extra] += 1
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
 class Replicas:
     """The ranks of the default process group, training one model together.
 
@@ -173,24 +194,8 @@ class Replicas:
 
     # ------------------------------------------------------------ sharing rows
     def bounds(self, n_rows):
-        """Where each rank's share of ``n_rows`` rows starts and ends.
-
-        Shares differ by at most one row, and the first ranks take the
-        larger ones, so a batch of fewer rows than ranks leaves the last
-        ranks empty.
-
-        Examples
-        --------
-        The split of 10 rows over 3 ranks (computed without a process group):
-
-        >>> r = Replicas.__new__(Replicas); r.world_size = 3
-        >>> r.bounds(10).tolist()
-        [0, 4, 7, 10]
-        """
-        base, extra = divmod(n_rows, self.world_size)
-        sizes = np.full(self.world_size, base, dtype=np.int64)
-        sizes[:extra] += 1
-        return np.concatenate([[0], np.cumsum(sizes)])
+        """Where each rank's share of ``n_rows`` rows starts and ends (:func:`share_bounds`)."""
+        return share_bounds(n_rows, self.world_size)
 
     def local_rows(self, index):
         """This rank's share of a global batch's row indices."""

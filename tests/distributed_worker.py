@@ -1,0 +1,89 @@
+"""One rank of the data-parallel tests (tests/test_distributed.py).
+
+Run as ``python tests/distributed_worker.py MODE OUT`` with the launcher's
+variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set, or without them
+for one process. ``MODE`` is ``fit`` (fit and partial_fit, write every
+rank's fitted tensors, save on every rank), ``raise`` (rank 1 fails with an
+exception while training) or ``die`` (rank 1's process exits while
+training). The outcome of each rank is written under ``OUT``.
+"""
+
+import os
+import sys
+import traceback
+
+import numpy as np
+
+# Small enough for two processes on two shared cores, large enough that the
+# last batch is uneven (3000 = 11 * 256 + 184) and that ReLU features die and
+# are resampled (positive data, decoder bias started at zero).
+PARAMS = {
+    "relu": dict(n_components=48, activation="relu", l1_coef=3.0, decoder_bias_init="zeros",
+                 resample_interval=15),
+    "topk": dict(n_components=48, activation="topk", k=4),
+}
+COMMON = dict(batch_size=256, max_steps=60, device="cpu", random_state=0)
+
+
+def make_data():
+    from sparse_dict.datasets import make_superposition
+
+    X = make_superposition(n_samples=3000, n_features=16, n_components=48, random_state=0)[0]
+    return np.abs(X).astype(np.float32) + 1.0
+
+
+def fitted(sae):
+    names = ("components_", "encoder_weights_", "encoder_bias_", "decoder_bias_")
+    return {name: getattr(sae, name) for name in names} | {
+        "n_resampled_": np.array(sae.n_resampled_), "loss_curve_": sae.loss_curve_}
+
+
+def _fail_on_rank_one(mode):
+    """Make rank 1's fourth batch read fail (``raise``) or kill its process (``die``)."""
+    import sparse_dict._torch.train as train
+
+    real, calls = train.take_rows, [0]
+
+    def take_rows(X, index):
+        calls[0] += 1
+        if calls[0] == 4:
+            if mode == "die":
+                os._exit(7)
+            raise OSError("bad batch on purpose")
+        return real(X, index)
+
+    train.take_rows = take_rows
+
+
+def main(mode, out):
+    import torch
+
+    torch.set_num_threads(1)
+    from sparse_dict import SparseAutoencoderDictionary
+
+    rank = int(os.environ.get("RANK", -1))
+    X = make_data()
+    if mode == "fit":
+        for name, params in PARAMS.items():
+            sae = SparseAutoencoderDictionary(**params, **COMMON).fit(X)
+            np.savez(os.path.join(out, f"{name}_rank{rank}.npz"), **fitted(sae))
+            sae.save(os.path.join(out, f"saved_{name}"))
+        sae = SparseAutoencoderDictionary(**PARAMS["topk"], **COMMON).partial_fit(X)
+        np.savez(os.path.join(out, f"partial_rank{rank}.npz"), **fitted(sae))
+        return 0
+    if rank == 1:
+        _fail_on_rank_one(mode)
+    sae = SparseAutoencoderDictionary(**PARAMS["relu"], **COMMON)
+    try:
+        sae.fit(X)
+        sae.save(os.path.join(out, "saved"))
+    except Exception as exc:  # noqa: BLE001 - the test reads what each rank saw
+        with open(os.path.join(out, f"error_rank{rank}.txt"), "w") as fh:
+            fh.write(f"{type(exc).__name__}: {exc}\nfitted: {hasattr(sae, 'components_')}\n")
+            traceback.print_exc(file=fh)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
