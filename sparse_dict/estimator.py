@@ -39,7 +39,7 @@ from sparse_dict._torch import (
     make_activation,
     resolve_device,
 )
-from sparse_dict._torch.distributed import is_writer, rank_device, replicas_for
+from sparse_dict._torch.distributed import is_writer, replicas_for
 from sparse_dict._torch.memory import device_bytes, training_bytes
 from sparse_dict._torch.model import STAT_NAMES
 
@@ -714,9 +714,7 @@ class SparseAutoencoderDictionary(
         """The processes to train with (None: this one alone) and this process's device."""
         device = resolve_device(self.device)
         replicas = replicas_for(self.distributed, device)
-        if replicas is not None:
-            device = rank_device(device, explicit_index=":" in str(self.device))
-        return replicas, device
+        return replicas, (device if replicas is None else replicas.device)
 
     def _shared_random_state(self, replicas):
         """The training's random state, the same on every rank."""

@@ -129,15 +129,14 @@ def test_cli_fit_nproc(tmp_path):
     np.testing.assert_allclose(saved.components_, alone.components_, rtol=1e-4, atol=2e-5)
 
 
-def test_cli_nproc_checks_before_launching(tmp_path):
+def test_cli_nproc_checks_before_launching(tmp_path, capsys):
+    from sparse_dict.cli import main
+
     # A bad input fails at once, in the launching process, with one line.
-    run = subprocess.run(
-        [sys.executable, "-m", "sparse_dict", "fit", str(tmp_path / "missing.npy"),
-         "-o", str(tmp_path / "d"), "--nproc", "2"],
-        env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
-    )
-    assert run.returncode == 2
-    assert run.stderr.strip().endswith("does not exist")
+    status = main(["fit", str(tmp_path / "missing.npy"), "-o", str(tmp_path / "d"),
+                   "--nproc", "2"])
+    assert status == 2
+    assert capsys.readouterr().err.strip().endswith("does not exist")
 
 
 def test_distributed_true_needs_a_launcher(monkeypatch):

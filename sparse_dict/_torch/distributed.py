@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "DEFAULT_TIMEOUT_S", "RankFailedError", "Replicas", "is_writer", "rank_device", "replicas_for",
+    "DEFAULT_TIMEOUT_S", "RankFailedError", "Replicas", "is_writer", "replicas_for",
 ]
 
 # How long a rank waits for the others in one collective before giving up,
@@ -69,13 +69,16 @@ def replicas_for(distributed, device):
         train alone. ``True``: the same, but training alone is an error.
         ``False``: always train alone (each rank fits its own model).
     device : torch.device
-        Where this rank trains; it picks the backend when this function
-        initialises the group: NCCL for a GPU, gloo for the CPU.
+        Where this rank trains, as the user named it; it picks the backend
+        when this function initialises the group: NCCL for a GPU, gloo for
+        the CPU. A GPU without an index (``"cuda"``, or ``"auto"`` on a GPU
+        machine) becomes the GPU of this rank's ``LOCAL_RANK``.
 
     Returns
     -------
     Replicas or None
         None when there is one process (a group of size one included).
+        Its ``device`` is where this rank trains.
 
     Raises
     ------
@@ -122,32 +125,19 @@ def replicas_for(distributed, device):
             "The process group uses NCCL, which carries GPU tensors only, but this rank "
             f"trains on {device}. Use device='cuda' (or 'auto'), or a gloo process group."
         )
-    return Replicas()
+    if device.type == "cuda":
+        if device.index is None:
+            local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+            device = torch.device("cuda", local % torch.cuda.device_count())
+        # NCCL's object collectives place their tensors on the current GPU:
+        # each rank must have its own.
+        torch.cuda.set_device(device)
+    return Replicas(device)
 
 
 def _destroy():
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def rank_device(device, explicit_index):
-    """The GPU a rank trains on: its local rank's GPU unless one was named.
-
-    Parameters
-    ----------
-    device : torch.device
-        The device resolved from the user's string.
-    explicit_index : bool
-        Whether the user's string named a GPU (``"cuda:1"``).
-
-    Returns
-    -------
-    torch.device
-    """
-    if device.type != "cuda" or explicit_index:
-        return device
-    local = int(os.environ.get("LOCAL_RANK", dist.get_rank() if dist.is_initialized() else 0))
-    return torch.device("cuda", local % max(torch.cuda.device_count(), 1))
 
 
 def share_bounds(n_rows, world_size):
@@ -174,15 +164,22 @@ def share_bounds(n_rows, world_size):
 class Replicas:
     """The ranks of the default process group, training one model together.
 
+    Parameters
+    ----------
+    device : torch.device
+        Where this rank trains.
+
     Attributes
     ----------
     rank : int
     world_size : int
+    device : torch.device
     """
 
-    def __init__(self):
+    def __init__(self, device):
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self.device = torch.device(device)
 
     @property
     def is_writer(self):
@@ -317,8 +314,7 @@ class Replicas:
                 )
 
     def _device(self):
-        return torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend() == "nccl" else torch.device("cpu")
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def fingerprint(X):
