@@ -4,8 +4,8 @@ Writes ``results.json`` (every figure, the machine and the targets),
 ``results.md`` (tables) and PNG plots to ``--out`` (default
 ``benchmarks/results/``). Sections (``--only`` takes a comma-separated
 subset): recovery, frontier, time_to_quality, scaling, encoding, throughput,
-steering, extraction, extraction_disk. A section that fails is recorded with its error and the others
-still run; the exit status is then 1.
+steering, extraction, extraction_disk, distributed. A section that fails is
+recorded with its error and the others still run; the exit status is then 1.
 
 The sections that put the SAE beside scikit-learn (recovery, frontier,
 time_to_quality, scaling, encoding) run in child processes whose environment lacks
@@ -26,7 +26,7 @@ from pathlib import Path
 from benchmarks._common import Timer, blas_summary, machine_info, run_isolated, target
 
 SECTIONS = ("recovery", "frontier", "time_to_quality", "scaling", "encoding",
-            "throughput", "steering", "extraction", "extraction_disk")
+            "throughput", "steering", "extraction", "extraction_disk", "distributed")
 # Sections of the tiny (smoke-test) mode: extraction has no tiny size.
 TINY_SECTIONS = tuple(name for name in SECTIONS if name != "extraction")
 # Sections that compare the SAE with scikit-learn: run with the clean BLAS environment.
