@@ -33,7 +33,7 @@ def test_docs_build_without_warnings(tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
     for page in ("index", "problem", "quickstart", "estimator", "model_selection",
                  "extraction", "classical", "benchmarks", "saving", "saelens", "gpu", "cli",
-                 "builtin_model", "api", "glossary", "architecture", "analysis"):
+                 "builtin_model", "api", "glossary", "architecture", "analysis", "scaling"):
         assert (out / f"{page}.html").is_file(), page
     # Every gallery example ran and drew its figure.
     assert len(EXAMPLES) >= 5
