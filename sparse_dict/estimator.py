@@ -610,7 +610,7 @@ class SparseAutoencoderDictionary(
                 resample_until=int(0.7 * total),
             )
             n_passes = self._train(trainer, X, config, random_state, total, replicas=replicas)
-            self._finish(trainer, X, config, random_state)
+            self._finish(trainer, X, config, random_state, replicas=replicas)
             self.n_iter_ = n_passes
             # A dictionary fitted anew is no longer the imported one.
             self.__dict__.pop("provenance_", None)
@@ -658,7 +658,7 @@ class SparseAutoencoderDictionary(
             )
             self._train(trainer, X, config, random_state, math.ceil(X.shape[0] / self.batch_size),
                         n_passes=1, replicas=replicas)
-            self._finish(trainer, X, config, random_state, assess=False)
+            self._finish(trainer, X, config, random_state, assess=False, replicas=replicas)
             self.n_iter_ += 1
         return self
 
@@ -752,7 +752,7 @@ class SparseAutoencoderDictionary(
 
             progress = tqdm(total=total, desc=type(self).__name__, unit="step")
         callback = self.callback
-        if self.verbose >= 2:
+        if self.verbose >= 2 and progress is not None:
             callback = _with_pass_lines(callback, progress)
         try:
             return trainer.train(X, n_passes, config, random_state, callback, progress, replicas)
@@ -760,11 +760,13 @@ class SparseAutoencoderDictionary(
             if progress is not None:
                 progress.close()
 
-    def _finish(self, trainer, X, config, random_state, assess=True):
+    def _finish(self, trainer, X, config, random_state, assess=True, replicas=None):
         """After training: calibrate, judge the run, and store the fitted state.
 
         Divergence raises (and the caller's context restores the estimator);
-        an unconverged run stores its result and warns.
+        an unconverged run stores its result and warns. Every rank of a
+        data-parallel fit judges the same history alike: the warning is
+        given once, by rank 0.
         """
         sample = trainer.calibration_sample(X, _CALIBRATION_ROWS, random_state)
         trainer.calibrate(sample)
@@ -776,7 +778,7 @@ class SparseAutoencoderDictionary(
         self._store_fitted(trainer, X.dtype)
         self.transform_l0_ = trainer.mean_l0(sample)
         for kind, message in problems:
-            if kind == "unconverged":
+            if kind == "unconverged" and (replicas is None or replicas.rank == 0):
                 warnings.warn(message, ConvergenceWarning, stacklevel=3)
 
     def _validate_train_data(self, X, reset):

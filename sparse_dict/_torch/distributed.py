@@ -284,7 +284,8 @@ class Replicas:
         for t in tensors:
             total = t.detach().double()
             self._collective(what, dist.all_reduce, total)
-            t.data.copy_(total / self.world_size)
+            with torch.no_grad():
+                t.copy_(total / self.world_size)
 
     def gather_rows(self, local, sizes, what="gathering inputs"):
         """Every rank's rows, concatenated in rank order.
