@@ -160,16 +160,18 @@ def cmd_fit(args):
 
     out = _output_file(args.out, "output", SAVED_DICTIONARY, overwrite=args.overwrite,
                        inputs=[args.activations])
-    if args.nproc > 1:
-        # The inputs and the output are checked above, before any process starts.
-        _launch_ranks(args.argv, args.nproc)
-        return 0
     params = _estimator_params(args)
     params["verbose"] = 0 if args.quiet else 1
     sae = SparseAutoencoderDictionary(**params)
     # The model, layer and hook the activations came from, as 'extract'
     # wrote them beside the .npy: 'report' and 'steer' then need no options.
     provenance = _read_provenance(args.activations, X)
+    if args.nproc > 1:
+        # The inputs, the output and the parameters are checked here, once,
+        # before any process starts.
+        sae._validate_params()
+        _launch_ranks(args.argv, args.nproc)
+        return 0
     start = time.perf_counter()
     with _divergence_is_an_error(), warnings.catch_warnings():
         if _rank() != 0:
