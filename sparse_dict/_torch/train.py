@@ -363,6 +363,9 @@ class Trainer:
         self.pass_fired = fired_total.cpu().numpy().astype(np.float64)
         self.pass_rows = rows_seen
         model.release_workspace()
+        # Before comparing the ranks: NaN parameters (the same on every rank)
+        # are a divergence, and NaN != NaN.
+        self._check_parameters_finite()
         if replicas is not None:
             # Running statistics that each rank kept from its own share
             # (BatchTopK's threshold): their mean is what one process would
@@ -371,7 +374,6 @@ class Trainer:
             replicas.average_(list(model.buffers()))
             self._check_replicas(X, config, replicas, "the parameters after a pass (a bug)",
                                  error=RuntimeError)
-        self._check_parameters_finite()
         return stop
 
     def _replica_step(self, X, index, n_rows, coef, autocast, dead, config, params, replicas):
