@@ -74,15 +74,27 @@ def main(mode, out):
     if rank == 1:
         _fail_on_rank_one(mode)
     sae = SparseAutoencoderDictionary(**PARAMS["relu"], **COMMON)
+    failed = _try(lambda: sae.fit(X) and sae.save(os.path.join(out, "saved")), sae,
+                  os.path.join(out, f"error_rank{rank}.txt"))
+    if mode == "raise" and failed:
+        # The ranks carry on together: a run that diverges (NaN at step 2)
+        # raises the same error on every rank.
+        again = SparseAutoencoderDictionary(**PARAMS["relu"], **COMMON).set_params(
+            learning_rate=1e8, max_steps=30)
+        _try(lambda: again.fit(X), again, os.path.join(out, f"diverged_rank{rank}.txt"))
+    return 3 if failed else 0
+
+
+def _try(fn, sae, path):
+    """Run ``fn``; write what it raised (and whether ``sae`` is fitted) to ``path``."""
     try:
-        sae.fit(X)
-        sae.save(os.path.join(out, "saved"))
+        fn()
     except Exception as exc:  # noqa: BLE001 - the test reads what each rank saw
-        with open(os.path.join(out, f"error_rank{rank}.txt"), "w") as fh:
+        with open(path, "w") as fh:
             fh.write(f"{type(exc).__name__}: {exc}\nfitted: {hasattr(sae, 'components_')}\n")
             traceback.print_exc(file=fh)
-        return 3
-    return 0
+        return True
+    return False
 
 
 if __name__ == "__main__":

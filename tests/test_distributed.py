@@ -101,6 +101,10 @@ def test_a_rank_that_raises_stops_every_rank(tmp_path):
     # Both estimators were left unfitted, and nothing was saved.
     assert "fitted: False" in failed and "fitted: False" in other
     assert not (tmp_path / "saved").exists()
+    # Then a run that diverges stops every rank with the same error.
+    for rank in (0, 1):
+        diverged = (tmp_path / f"diverged_rank{rank}.txt").read_text()
+        assert diverged.startswith("DivergenceError: Training diverged"), diverged
 
 
 def test_a_killed_rank_stops_the_others(tmp_path):
