@@ -4,12 +4,16 @@ Run as ``python tests/distributed_worker.py MODE OUT`` with the launcher's
 variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set, or without them
 for one process. ``MODE`` is ``fit`` (fit and partial_fit, write every
 rank's fitted tensors, save on every rank), ``raise`` (rank 1 fails with an
-exception while training) or ``die`` (rank 1's process exits while
-training). The outcome of each rank is written under ``OUT``.
+exception while training), ``die`` (rank 1's process exits while training)
+or ``hang`` (rank 1 stops answering; the script initialises the process
+group itself, with a timeout of a few seconds). The outcome of each rank is
+written under ``OUT``.
 """
 
+import datetime
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -22,6 +26,8 @@ PARAMS = {
                  resample_interval=15),
     "topk": dict(n_components=48, activation="topk", k=4),
 }
+# The process group's timeout in the ``hang`` mode.
+HANG_TIMEOUT_S = 5
 COMMON = dict(batch_size=256, max_steps=60, device="cpu", random_state=0)
 
 
@@ -49,6 +55,8 @@ def _fail_on_rank_one(mode):
         if calls[0] == 4:
             if mode == "die":
                 os._exit(7)
+            if mode == "hang":
+                time.sleep(600)
             raise OSError("bad batch on purpose")
         return real(X, index)
 
@@ -71,6 +79,10 @@ def main(mode, out):
         sae = SparseAutoencoderDictionary(**PARAMS["topk"], **COMMON).partial_fit(X)
         np.savez(os.path.join(out, f"partial_rank{rank}.npz"), **fitted(sae))
         return 0
+    if mode == "hang":
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=HANG_TIMEOUT_S))
     if rank == 1:
         _fail_on_rank_one(mode)
     sae = SparseAutoencoderDictionary(**PARAMS["relu"], **COMMON)

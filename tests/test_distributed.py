@@ -38,8 +38,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(mode, out, world_size=2):
-    """Start ``world_size`` ranks of the worker with torchrun's variables; wait for all."""
+def _launch(mode, out, world_size=2, wait_for=None):
+    """Start ``world_size`` ranks of the worker with torchrun's variables.
+
+    Wait for every rank, or for the ranks in ``wait_for`` only (the others
+    are then killed).
+    """
     port = str(_free_port())
     procs = [
         subprocess.Popen(
@@ -50,13 +54,14 @@ def _launch(mode, out, world_size=2):
         )
         for rank in range(world_size)
     ]
+    waited = range(world_size) if wait_for is None else wait_for
     try:
-        outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+        outputs = [procs[r].communicate(timeout=TIMEOUT_S)[0] for r in waited]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    return [p.returncode for p in procs], outputs
+    return [procs[r].returncode for r in waited], outputs
 
 
 def _one_process(name, X):
@@ -113,6 +118,18 @@ def test_a_killed_rank_stops_the_others(tmp_path):
     other = (tmp_path / "error_rank0.txt").read_text()
     assert other.startswith("RankFailedError:")
     assert "another rank exited, was killed or did not answer" in other
+    assert "fitted: False" in other
+    assert not (tmp_path / "saved").exists()
+
+
+def test_a_silent_rank_stops_the_others_within_the_timeout(tmp_path):
+    # Rank 1 sleeps for ten minutes; rank 0 must end by itself, through the
+    # group's timeout of a few seconds, well within _launch's TIMEOUT_S.
+    codes, outputs = _launch("hang", tmp_path, wait_for=[0])
+    assert codes == [3], outputs
+    other = (tmp_path / "error_rank0.txt").read_text()
+    assert other.startswith("RankFailedError:")
+    assert "did not answer within the process group's timeout" in other
     assert "fitted: False" in other
     assert not (tmp_path / "saved").exists()
 
