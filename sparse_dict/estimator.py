@@ -713,8 +713,12 @@ class SparseAutoencoderDictionary(
     def _replicas_and_device(self):
         """The processes to train with (None: this one alone) and this process's device."""
         device = resolve_device(self.device)
-        replicas = replicas_for(self.distributed, device)
+        replicas = replicas_for(self._distributed(), device)
         return replicas, (device if replicas is None else replicas.device)
+
+    def _distributed(self):
+        """``distributed`` as ``"auto"``, True or False (a numpy bool made plain)."""
+        return "auto" if self.distributed == "auto" else bool(self.distributed)
 
     def _shared_random_state(self, replicas):
         """The training's random state, the same on every rank."""
@@ -1007,7 +1011,7 @@ class SparseAutoencoderDictionary(
         the folder afterwards waits for rank 0 itself (a barrier).
         """
         check_is_fitted(self)
-        if not is_writer(self.distributed):
+        if not is_writer(self._distributed()):
             return Path(path)
         params = self.get_params()
         params["callback"] = None
@@ -1287,7 +1291,7 @@ class SparseAutoencoderDictionary(
                 "SAELens, which codes with the encoder only; set "
                 "transform_algorithm='encoder' first."
             )
-        if not is_writer(self.distributed):
+        if not is_writer(self._distributed()):
             return Path(path)
         return write_saelens(path, self.activation, self.k, self._fitted_tensors(),
                              getattr(self, "provenance_", None), overwrite=overwrite)
