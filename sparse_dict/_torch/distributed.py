@@ -126,6 +126,13 @@ def replicas_for(distributed, device):
             f"trains on {device}. Use device='cuda' (or 'auto'), or a gloo process group."
         )
     if device.type == "cuda":
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if device.index is None and per_machine > torch.cuda.device_count():
+            raise ValueError(
+                f"{per_machine} processes on this machine but {torch.cuda.device_count()} "
+                "GPU(s): each process needs a GPU of its own. Start at most one process "
+                "per GPU, or train on the CPU (device='cpu')."
+            )
         if device.index is None:
             local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
             device = torch.device("cuda", local % torch.cuda.device_count())
