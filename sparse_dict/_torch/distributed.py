@@ -84,8 +84,9 @@ def replicas_for(distributed, device):
     ------
     ValueError
         If ``distributed=True`` and there is neither a process group nor a
-        launcher's environment, or if the group's backend cannot carry
-        tensors of ``device``.
+        launcher's environment, if the group's backend cannot carry tensors
+        of ``device``, or if a machine runs more GPU processes than it has
+        GPUs.
 
     Examples
     --------

@@ -456,7 +456,8 @@ class Trainer:
         model.W_enc[dead] = directions * (0.2 * enc_norm)
         model.b_enc[dead] = 0.0
         if replicas is not None:
-            replicas.broadcast_([model.W_dec, model.W_enc, model.b_enc], "resampling dead features")
+            replicas.broadcast_([model.W_dec, model.W_enc, model.b_enc],
+                                "resampling dead features")
         for param in (model.W_dec, model.W_enc, model.b_enc):
             state = self.optimizer.state.get(param, {})
             for key in ("exp_avg", "exp_avg_sq"):
