@@ -61,6 +61,8 @@ def _launch(mode, out, world_size=2, wait_for=None):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+            p.wait()
+            p.stdout.close()
     return [procs[r].returncode for r in waited], outputs
 
 
