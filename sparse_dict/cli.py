@@ -590,9 +590,9 @@ def build_parser(command=None):
     _add_overwrite(p, "a dictionary saved earlier")
     p.add_argument(
         "--nproc", type=_positive_int, default=1,
-        help="train data-parallel in this many processes on this machine (through "
-        "torchrun; gloo on CPUs, NCCL on GPUs); each reads its share of every batch "
-        "(default: 1)",
+        help="train data-parallel in this many processes on this machine, started "
+        "with the variables torchrun sets (gloo on CPUs, NCCL on GPUs); each reads its "
+        "share of every batch and rank 0 saves (default: 1)",
     )
     if wanted("fit"):
         _add_estimator(p, _FIT_DEFAULTS)
