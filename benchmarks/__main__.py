@@ -4,7 +4,7 @@ Writes ``results.json`` (every figure, the machine and the targets),
 ``results.md`` (tables) and PNG plots to ``--out`` (default
 ``benchmarks/results/``). Sections (``--only`` takes a comma-separated
 subset): recovery, frontier, time_to_quality, scaling, encoding, throughput,
-steering, extraction, extraction_disk, findings (the seed paper's findings: dictionary
+steering, extraction, extraction_disk, distributed, findings (the seed paper's findings: dictionary
 size, universality and feature splitting on the built-in model), saelens_throughput
 (against SAELens, in its own optional environment: see
 ``benchmarks/requirements-saelens.txt``; skipped, with the reason recorded, when
@@ -31,8 +31,8 @@ from pathlib import Path
 from benchmarks._common import Timer, blas_summary, machine_info, run_isolated, target
 
 SECTIONS = ("recovery", "frontier", "time_to_quality", "scaling", "encoding",
-            "throughput", "steering", "extraction", "extraction_disk", "findings",
-            "saelens_throughput")
+            "throughput", "steering", "extraction", "extraction_disk", "distributed",
+            "findings", "saelens_throughput")
 # Sections of the tiny (smoke-test) mode: extraction has no tiny size, and the
 # SAELens comparison needs its optional environment.
 TINY_SECTIONS = tuple(name for name in SECTIONS

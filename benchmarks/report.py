@@ -22,6 +22,7 @@ PLOTS = {
     "steering": [],
     "extraction": [],
     "extraction_disk": [],
+    "distributed": [],
     "saelens_throughput": [],
     "findings": ["size_curve.png"],
 }
@@ -339,6 +340,21 @@ def _saelens_md(r):
             + f"\nsparse_dict / SAELens: **{_fmt(r['speedup'])}**.\n")
 
 
+def _distributed_md(r):
+    s = r["shape"]
+    rows = [[name, a["one_process_rows_per_s"], a["data_parallel_rows_per_s"], a["speedup"],
+             a["max_abs_diff_components"], a["one_process_ev"], a["data_parallel_ev"]]
+            for name, a in r["activations"].items()]
+    n = r["n_processes"]
+    return (f"{s['n_samples']:,} rows of {s['n_features']} features from a memmap, "
+            f"{s['n_components']} atoms, global batch {s['batch_size']}, {s['steps']} steps; "
+            f"one process with {r['cores']} thread(s) against {n} gloo processes with "
+            f"{max(1, r['cores'] // n)} each, on {r['device']}.\n\n"
+            + _table(["activation", "rows/s, 1 process", f"rows/s, {n} processes",
+                      f"{n} / 1", "largest atom difference", "EV, 1 process",
+                      f"EV, {n} processes"], rows) + "\n")
+
+
 def _extraction_md(r):
     b, m = r["builtin"], r["minilm"]
     rows = [["built-in: plain forward", b["plain_forward_tokens_per_s"]],
@@ -541,6 +557,14 @@ SECTION_NOTES = {
         "written are page cache and do not count). Target: VmHWM grows by at most 10% "
         "from the smallest corpus to the largest (10^5 to 10^7 tokens in the full mode, "
         "10^5 to 10^6 in the quick mode)."),
+    "distributed": (
+        "Data-parallel training on one machine: the same fit (data, seed, global batch, "
+        "steps) in one process using every core and in several gloo processes sharing "
+        "them, each reading its share of every batch from a memmap. Rows/s are those of "
+        "each ``fit`` call (initialisation included), the slowest rank's for the "
+        "data-parallel run; the atoms of the two runs differ only by the order of "
+        "floating-point sums. On one machine the processes share the cores, so this "
+        "shows the cost of the per-step ``all_reduce``, not a speed-up."),
     "saelens_throughput": (
         "sparse_dict's TopK training loop (AuxK on, the step it chooses) against SAELens' "
         "own TopK training step (its TopKTrainingSAE, AuxK, gradient clipping and Adam, "
@@ -572,9 +596,10 @@ _SECTION_MD = {
     "extraction": ("8. Extraction overhead", _extraction_md),
     "extraction_disk": ("9. Extraction to disk: memory against corpus size",
                         _extraction_disk_md),
-    "findings": ("10. The seed's findings: dictionary size, universality, splitting",
+    "distributed": ("10. Data-parallel training", _distributed_md),
+    "findings": ("11. The seed's findings: dictionary size, universality, splitting",
                  _findings_md),
-    "saelens_throughput": ("11. Training throughput against SAELens", _saelens_md),
+    "saelens_throughput": ("12. Training throughput against SAELens", _saelens_md),
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -360,6 +361,68 @@ def _progress(iterable=None, **kwargs):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def _rank():
+    """This process's rank under torchrun (0 when not launched as one of several)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# After one process fails, the others get this long to stop by themselves
+# (each sees the failure at its next step and says which rank failed) before
+# they are killed.
+_GRACE_S = 30
+
+
+def _launch_ranks(argv, nproc):
+    """Run this command again in ``nproc`` processes on this machine, data-parallel.
+
+    Each process is started with the variables that torchrun sets (``RANK``,
+    ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) and
+    runs the same command with ``--nproc 1``; the estimator finds those
+    variables and trains data-parallel, and rank 0 writes the outputs. When
+    one process fails the others stop at their next step with an error
+    naming it, and any still running after a grace period are killed. Each
+    process gets an equal part of the cores unless ``OMP_NUM_THREADS`` or
+    ``--threads`` says otherwise.
+    """
+    import time
+
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # The last --nproc on a command line wins: each process runs alone.
+    command = [sys.executable, "-m", "sparse_dict", *argv, "--nproc", "1"]
+    procs = [subprocess.Popen(command, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))
+             for rank in range(nproc)]
+    first_failure = None
+    try:
+        while any(p.poll() is None for p in procs):
+            if first_failure is None and any(p.poll() for p in procs):
+                first_failure = time.monotonic()
+            if first_failure is not None and time.monotonic() - first_failure > _GRACE_S:
+                break
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    failed = [(rank, p.returncode) for rank, p in enumerate(procs) if p.returncode]
+    if failed:
+        rank, status = failed[0]
+        raise CLIError(
+            f"the data-parallel fit in {nproc} processes failed: rank {rank} exited with "
+            f"status {status} (its error is shown above)"
+        )
 
 
 def _say(args, message):

@@ -16,9 +16,10 @@ import re
 from numbers import Integral
 
 # Parameters that have no option of their own: a callable cannot be typed on
-# a command line, ``verbose`` follows --quiet, and ``device`` is the option
-# the subcommands share with the extractor.
-SKIPPED = ("verbose", "device")
+# a command line, ``verbose`` follows --quiet, ``device`` is the option
+# the subcommands share with the extractor, and ``distributed`` follows
+# ``fit --nproc``.
+SKIPPED = ("verbose", "device", "distributed")
 
 _NONE_WORDS = ("none", "None")
 

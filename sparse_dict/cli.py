@@ -45,6 +45,7 @@ from sparse_dict._cli_common import (  # noqa: F401
     _estimator_params,
     _extract,
     _input_file,
+    _launch_ranks,
     _load_dictionary,
     _make_extractor,
     _npy_name,
@@ -55,6 +56,7 @@ from sparse_dict._cli_common import (  # noqa: F401
     _progress,
     _provenance_kind,
     _provenance_path,
+    _rank,
     _read_provenance,
     _save_npy,
     _say,
@@ -164,16 +166,26 @@ def cmd_fit(args):
     # The model, layer and hook the activations came from, as 'extract'
     # wrote them beside the .npy: 'report' and 'steer' then need no options.
     provenance = _read_provenance(args.activations, X)
+    if args.nproc > 1:
+        # The inputs, the output and the parameters are checked here, once,
+        # before any process starts.
+        sae._validate_params()
+        _launch_ranks(args.argv, args.nproc)
+        return 0
     start = time.perf_counter()
-    with _divergence_is_an_error():
+    with _divergence_is_an_error(), warnings.catch_warnings():
+        if _rank() != 0:
+            # Every rank judges the same run alike; rank 0 says it once.
+            warnings.simplefilter("ignore")
         sae.fit(X, provenance=provenance)
     seconds = time.perf_counter() - start
     sae.save(out, overwrite=args.overwrite)
-    _say(
-        args,
-        f"fitted {sae.n_components_} features on {X.shape[0]:,} x {X.shape[1]} "
-        f"activations in {seconds:.1f} s; saved to {out}",
-    )
+    if _rank() == 0:
+        _say(
+            args,
+            f"fitted {sae.n_components_} features on {X.shape[0]:,} x {X.shape[1]} "
+            f"activations in {seconds:.1f} s; saved to {out}",
+        )
     return 0
 
 
@@ -576,6 +588,12 @@ def build_parser(command=None):
                    "store folder written by 'extract --store'")
     p.add_argument("-o", "--out", required=True, help="output folder for the dictionary")
     _add_overwrite(p, "a dictionary saved earlier")
+    p.add_argument(
+        "--nproc", type=_positive_int, default=1,
+        help="train data-parallel in this many processes on this machine, started "
+        "with the variables torchrun sets (gloo on CPUs, NCCL on GPUs); each reads its "
+        "share of every batch and rank 0 saves (default: 1)",
+    )
     if wanted("fit"):
         _add_estimator(p, _FIT_DEFAULTS)
     _add_device(p)
@@ -701,6 +719,7 @@ def main(argv=None):
     command = next((a for a in argv if not a.startswith("-")), "")
     parser = build_parser(command)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         with _cpu_threads(args.threads), _one_line_warnings(args.command):
             return int(args.func(args) or 0)

@@ -29,6 +29,7 @@ from sparse_dict import _persist
 from sparse_dict._torch import (
     ACTIVATIONS,
     DivergenceError,
+    RankFailedError,
     TrainConfig,
     Trainer,
     assess_training,
@@ -38,10 +39,11 @@ from sparse_dict._torch import (
     make_activation,
     resolve_device,
 )
+from sparse_dict._torch.distributed import is_writer, replicas_for
 from sparse_dict._torch.memory import device_bytes, training_bytes
 from sparse_dict._torch.model import STAT_NAMES
 
-__all__ = ["DivergenceError", "SparseAutoencoderDictionary"]
+__all__ = ["DivergenceError", "RankFailedError", "SparseAutoencoderDictionary"]
 
 # partial_fit cannot know the run's length: it warms up over this many steps.
 _PARTIAL_FIT_WARMUP_STEPS = 100
@@ -375,6 +377,20 @@ class SparseAutoencoderDictionary(
     device : str, default="auto"
         ``"auto"`` (a GPU when there is one), ``"cpu"``, ``"cuda"`` or
         ``"cuda:N"``.
+    distributed : {"auto", True, False}, default="auto"
+        Data-parallel training across processes on ``torch.distributed``
+        (see :doc:`/scaling`). ``"auto"``: in a script started by
+        ``torchrun`` (or one that initialised the default process group),
+        :meth:`fit` and :meth:`partial_fit` train one model on all the
+        processes together, each reading its share of every batch, and
+        every process ends with the same fitted dictionary; :meth:`save`
+        writes on rank 0 only. Elsewhere, one process trains alone.
+        ``True``: the same, but without a process group it is an error.
+        ``False``: every process trains its own model (for example in a
+        search over parameters). Every process must pass the same ``X``
+        (a memmap of the same file costs no memory). The backend is gloo
+        on CPUs and NCCL on GPUs, where ``device="auto"`` or ``"cuda"``
+        gives each process the GPU of its local rank.
     callback : callable, default=None
         Called after every pass with a dict (``epoch``, ``step``, ``loss``,
         ``mse``, ``l1``, ``l0``, ``auxk``, ``dead``, ``learning_rate``);
@@ -503,6 +519,7 @@ class SparseAutoencoderDictionary(
         "bf16": ["boolean"],
         "sparse_step": ["boolean", StrOptions({"auto"})],
         "device": [str],
+        "distributed": [StrOptions({"auto"}), "boolean"],
         "callback": [callable, None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -534,6 +551,7 @@ class SparseAutoencoderDictionary(
         bf16=False,
         sparse_step="auto",
         device="auto",
+        distributed="auto",
         callback=None,
         random_state=None,
         verbose=0,
@@ -561,6 +579,7 @@ class SparseAutoencoderDictionary(
         self.bf16 = bf16
         self.sparse_step = sparse_step
         self.device = device
+        self.distributed = distributed
         self.callback = callback
         self.random_state = random_state
         self.verbose = verbose
@@ -591,8 +610,9 @@ class SparseAutoencoderDictionary(
         with _restored_on_error(self):
             X = self._validate_train_data(X, reset=True)
             provenance = _check_fit_provenance(provenance, X)
-            random_state = check_random_state(self.random_state)
-            trainer = self._new_trainer(X, random_state)
+            replicas, device = self._replicas_and_device()
+            random_state = self._shared_random_state(replicas)
+            trainer = self._new_trainer(X, random_state, device, replicas)
             total = self._total_steps(X.shape[0])
             interval = self.resample_interval or max(total // 10, 50)
             config = self._train_config(
@@ -602,8 +622,8 @@ class SparseAutoencoderDictionary(
                 resample_interval=interval,
                 resample_until=int(0.7 * total),
             )
-            n_passes = self._train(trainer, X, config, random_state, total)
-            self._finish(trainer, X, config, random_state)
+            n_passes = self._train(trainer, X, config, random_state, total, replicas=replicas)
+            self._finish(trainer, X, config, random_state, replicas=replicas)
             self.n_iter_ = n_passes
             # A dictionary fitted anew is no longer the imported one.
             self.__dict__.pop("provenance_", None)
@@ -633,24 +653,25 @@ class SparseAutoencoderDictionary(
         first_call = not hasattr(self, "components_")
         with _restored_on_error(self, getattr(self, "_trainer", None)):
             X = self._validate_train_data(X, reset=first_call)
+            replicas, device = self._replicas_and_device()
             # One random state across calls, so that successive calls draw
             # different batch orders.
             if getattr(self, "_partial_random_state", None) is None:
-                self._partial_random_state = check_random_state(self.random_state)
+                self._partial_random_state = self._shared_random_state(replicas)
             random_state = self._partial_random_state
             if first_call:
-                trainer = self._new_trainer(X, random_state)
+                trainer = self._new_trainer(X, random_state, device, replicas)
                 self.n_iter_ = 0
             else:
-                trainer = self._get_trainer().to(resolve_device(self.device))
+                trainer = self._get_trainer().to(device)
             config = self._train_config(
                 total_steps=None,
                 warmup_steps=_PARTIAL_FIT_WARMUP_STEPS if self.warmup_fraction > 0 else 0,
                 resample_interval=self.resample_interval or _PARTIAL_FIT_RESAMPLE_INTERVAL,
             )
             self._train(trainer, X, config, random_state, math.ceil(X.shape[0] / self.batch_size),
-                        n_passes=1)
-            self._finish(trainer, X, config, random_state, assess=False)
+                        n_passes=1, replicas=replicas)
+            self._finish(trainer, X, config, random_state, assess=False, replicas=replicas)
             self.n_iter_ += 1
         return self
 
@@ -708,18 +729,34 @@ class SparseAutoencoderDictionary(
             **schedule,
         )
 
-    def _new_trainer(self, X, random_state):
+    def _replicas_and_device(self):
+        """The processes to train with (None: this one alone) and this process's device."""
+        device = resolve_device(self.device)
+        replicas = replicas_for(self._distributed(), device)
+        return replicas, (device if replicas is None else replicas.device)
+
+    def _distributed(self):
+        """``distributed`` as ``"auto"``, True or False (a numpy bool made plain)."""
+        return "auto" if self.distributed == "auto" else bool(self.distributed)
+
+    def _shared_random_state(self, replicas):
+        """The training's random state, the same on every rank."""
+        if replicas is None or isinstance(self.random_state, Integral):
+            return check_random_state(self.random_state)
+        # None, or a RandomState instance, differs between processes: rank
+        # 0's draw seeds every rank.
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        return np.random.RandomState(replicas.broadcast_value(seed, "sharing the random seed"))
+
+    def _new_trainer(self, X, random_state, device, replicas=None):
         seed = int(random_state.randint(np.iinfo(np.int32).max))
         n_components = self.n_components or 4 * X.shape[1]
-        self._check_memory(X.shape[1], n_components)
-        trainer = Trainer(
-            X.shape[1], n_components, resolve_device(self.device), seed, self._activation()
-        )
-        trainer.initialize(X, random_state, self.decoder_bias_init)
+        self._check_memory(X.shape[1], n_components, device)
+        trainer = Trainer(X.shape[1], n_components, device, seed, self._activation())
+        trainer.initialize(X, random_state, self.decoder_bias_init, replicas)
         return trainer
 
-    def _check_memory(self, n_features, n_components):
-        device = resolve_device(self.device)
+    def _check_memory(self, n_features, n_components, device):
         need, have = training_bytes(n_features, n_components), device_bytes(device)
         if have is not None and need > have:
             raise ValueError(
@@ -728,28 +765,31 @@ class SparseAutoencoderDictionary(
                 f"{have / 1e9:.3g} GB in all. Choose a smaller n_components."
             )
 
-    def _train(self, trainer, X, config, random_state, total, n_passes=None):
+    def _train(self, trainer, X, config, random_state, total, n_passes=None, replicas=None):
         if n_passes is None:
             n_passes = math.ceil(total / math.ceil(X.shape[0] / self.batch_size))
         progress = None
-        if self.verbose:
+        # One progress bar for a data-parallel fit: rank 0's.
+        if self.verbose and (replicas is None or replicas.rank == 0):
             from tqdm.auto import tqdm
 
             progress = tqdm(total=total, desc=type(self).__name__, unit="step")
         callback = self.callback
-        if self.verbose >= 2:
+        if self.verbose >= 2 and progress is not None:
             callback = _with_pass_lines(callback, progress)
         try:
-            return trainer.train(X, n_passes, config, random_state, callback, progress)
+            return trainer.train(X, n_passes, config, random_state, callback, progress, replicas)
         finally:
             if progress is not None:
                 progress.close()
 
-    def _finish(self, trainer, X, config, random_state, assess=True):
+    def _finish(self, trainer, X, config, random_state, assess=True, replicas=None):
         """After training: calibrate, judge the run, and store the fitted state.
 
         Divergence raises (and the caller's context restores the estimator);
-        an unconverged run stores its result and warns.
+        an unconverged run stores its result and warns. Every rank of a
+        data-parallel fit judges the same history alike: the warning is
+        given once, by rank 0.
         """
         sample = trainer.calibration_sample(X, _CALIBRATION_ROWS, random_state)
         trainer.calibrate(sample)
@@ -761,7 +801,7 @@ class SparseAutoencoderDictionary(
         self._store_fitted(trainer, X.dtype)
         self.transform_l0_ = trainer.mean_l0(sample)
         for kind, message in problems:
-            if kind == "unconverged":
+            if kind == "unconverged" and (replicas is None or replicas.rank == 0):
                 warnings.warn(message, ConvergenceWarning, stacklevel=3)
 
     def _validate_train_data(self, X, reset):
@@ -980,8 +1020,18 @@ class SparseAutoencoderDictionary(
         FileExistsError
             If ``path`` exists and ``overwrite`` is False, or if it is not a
             saved dictionary.
+
+        Notes
+        -----
+        In a data-parallel run (see ``distributed``) every rank holds the
+        same dictionary and only rank 0 writes: on the other ranks this
+        method returns ``path`` at once without writing or waiting, so it
+        may be called on every rank or on rank 0 alone. A rank that needs
+        the folder afterwards waits for rank 0 itself (a barrier).
         """
         check_is_fitted(self)
+        if not is_writer(self._distributed()):
+            return Path(path)
         params = self.get_params()
         params["callback"] = None
         if not (params["random_state"] is None or isinstance(params["random_state"], Integral)):
@@ -1246,6 +1296,10 @@ class SparseAutoencoderDictionary(
             other than ``"encoder"``.
         FileExistsError
             If ``path`` exists and may not be replaced.
+
+        Notes
+        -----
+        As :meth:`save`, only rank 0 of a data-parallel run writes.
         """
         from sparse_dict.saelens import write_saelens
 
@@ -1256,6 +1310,8 @@ class SparseAutoencoderDictionary(
                 "SAELens, which codes with the encoder only; set "
                 "transform_algorithm='encoder' first."
             )
+        if not is_writer(self._distributed()):
+            return Path(path)
         return write_saelens(path, self.activation, self.k, self._fitted_tensors(),
                              getattr(self, "provenance_", None), overwrite=overwrite)
 

@@ -34,7 +34,7 @@ def test_docs_build_without_warnings(tmp_path):
     for page in ("index", "problem", "quickstart", "estimator", "model_selection",
                  "extraction", "classical", "benchmarks", "saving", "saelens", "gpu", "cli",
                  "builtin_model", "api", "glossary", "architecture", "analysis",
-                 "findings"):
+                 "findings", "scaling"):
         assert (out / f"{page}.html").is_file(), page
     # Every gallery example ran and drew its figure.
     assert len(EXAMPLES) >= 5

@@ -6,6 +6,7 @@ Nothing here knows about scikit-learn. Arrays come in as numpy arrays (dense,
 
 from sparse_dict._torch.activations import ACTIVATIONS, make_activation
 from sparse_dict._torch.device import resolve_device
+from sparse_dict._torch.distributed import RankFailedError
 from sparse_dict._torch.model import SparseAutoencoder, fitted_tensor_names
 from sparse_dict._torch.train import DivergenceError, TrainConfig, Trainer, assess_training
 from sparse_dict._torch.data import decode_array, encode_array
@@ -13,6 +14,7 @@ from sparse_dict._torch.data import decode_array, encode_array
 __all__ = [
     "ACTIVATIONS",
     "DivergenceError",
+    "RankFailedError",
     "SparseAutoencoder",
     "TrainConfig",
     "Trainer",

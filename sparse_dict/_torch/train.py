@@ -1,4 +1,9 @@
-"""The training loop: schedules, the unit-norm constraint, dead-feature resampling."""
+"""The training loop: schedules, the unit-norm constraint, dead-feature resampling.
+
+With :class:`~sparse_dict._torch.distributed.Replicas` the same loop trains
+data-parallel: see :mod:`sparse_dict._torch.distributed` for how the ranks
+share rows, gradients and decisions.
+"""
 
 import dataclasses
 import math
@@ -13,6 +18,7 @@ from sparse_dict._torch.data import (
     take_rows,
     to_device,
 )
+from sparse_dict._torch.distributed import fingerprint
 from sparse_dict._torch.model import STAT_NAMES, UNSCALED_TENSORS, SparseAutoencoder
 
 # Rows used to estimate the input scale and the decoder bias's start.
@@ -144,8 +150,23 @@ class Trainer:
             return torch.optim.Adam(params, lr=1e-3)
 
     # ------------------------------------------------------------------ set-up
-    def initialize(self, X, rng, decoder_bias_init="geometric_median"):
-        """Estimate the input scale and start the decoder bias from ``X``."""
+    def initialize(self, X, rng, decoder_bias_init="geometric_median", replicas=None):
+        """Estimate the input scale and start the decoder bias from ``X``.
+
+        With ``replicas``, every rank computes the same estimates from the
+        same sample, and rank 0's (scale, data variance, initial parameters)
+        are then broadcast, so that the ranks start identical even where
+        their arithmetic differs in the last bit (another CPU, another BLAS).
+        """
+        if replicas is None:
+            self._initialize(X, rng, decoder_bias_init)
+            return
+        with replicas.together("initialising the model"):
+            self._initialize(X, rng, decoder_bias_init)
+        self.scale, self.variance = replicas.broadcast_value((self.scale, self.variance))
+        replicas.broadcast_(list(self.model.parameters()) + list(self.model.buffers()))
+
+    def _initialize(self, X, rng, decoder_bias_init):
         n_features = self.model.n_features
         sample = sample_rows(X, _N_INIT_ROWS, rng)
         msn = float(np.mean(np.einsum("ij,ij->i", sample, sample)))
@@ -224,12 +245,19 @@ class Trainer:
         return self
 
     # ---------------------------------------------------------------- training
-    def train(self, X, n_passes, config, rng, callback=None, progress=None):
+    def train(self, X, n_passes, config, rng, callback=None, progress=None, replicas=None):
         """Train for ``n_passes`` shuffled passes over ``X`` (or until the step budget).
 
         On divergence the trainer is put back as it was before the call and
         :class:`DivergenceError` is raised; any other exception (an
         interruption, a bad batch) also puts it back before propagating.
+
+        With ``replicas`` (data-parallel training), every rank must call this
+        with the same ``X``, ``config`` and random state, and each trains on
+        its share of every batch; the ranks end with identical parameters.
+        An exception on one rank puts every rank back and raises on all of
+        them (:class:`~sparse_dict._torch.distributed.RankFailedError` on the
+        others). Rank 0's ``callback`` decides when to stop.
 
         Returns
         -------
@@ -239,27 +267,45 @@ class Trainer:
         self.run_start = len(self.history)
         passes_done = 0
         try:
+            if replicas is not None:
+                self._check_replicas(X, config, replicas, "the training data and settings")
             for _ in range(n_passes):
                 if config.total_steps is not None and self.step >= config.total_steps:
                     break
-                stop = self._train_pass(X, config, rng, progress)
+                stop = self._train_pass(X, config, rng, progress, replicas)
                 passes_done += 1
                 info = self.pass_info(passes_done, config)
-                if callback is not None and callback(info):
-                    break
-                if stop:
+                if replicas is None:
+                    stopped = callback is not None and callback(info)
+                else:
+                    with replicas.together("running the callback"):
+                        stopped = callback is not None and callback(info)
+                    stopped = replicas.broadcast_value(bool(stopped), "deciding to stop")
+                if stopped or stop:
                     break
         except BaseException:
             self._restore(snapshot)
             raise
         return passes_done
 
-    def _train_pass(self, X, config, rng, progress):
+    def _parameter_digest(self):
+        """One float64 sum per parameter and buffer: equal on ranks that agree."""
+        return [float(t.detach().double().sum())
+                for t in list(self.model.parameters()) + list(self.model.buffers())]
+
+    def _check_replicas(self, X, config, replicas, what, error=ValueError):
+        settings = dataclasses.asdict(config)
+        replicas.check_same(
+            (fingerprint(X), settings, self.step, self._parameter_digest()), what, error
+        )
+
+    def _train_pass(self, X, config, rng, progress, replicas=None):
         model, optimizer = self.model, self.optimizer
         device, scale = self.device, self.scale
         autocast = torch.bfloat16 if config.bf16 else None
         activation = model.activation
         n_components = model.n_components
+        params = list(model.parameters())
         fired_total = torch.zeros(n_components, dtype=torch.float64, device=device)
         stats_list, pool = [], []
         pool_rows, rows_in_pool = max(8192, config.batch_size), 0
@@ -269,18 +315,23 @@ class Trainer:
             if config.total_steps is not None and self.step >= config.total_steps:
                 stop = True
                 break
-            # Not in place: on the CPU the tensor may share memory with X.
-            x = to_device(take_rows(X, index), device).mul(scale)
+            n_rows = len(index) if not isinstance(index, slice) else index.stop - index.start
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate * config.lr_factor(self.step)
             coef = config.coef * config.coef_factor(self.step)
             dead = None
             if config.auxk_coef > 0:
                 dead = torch.nonzero(self.steps_since_fired >= config.dead_window).flatten()
-            stats, fired = model.loss_and_gradients(
-                x, coef, autocast, dead=dead, auxk_coef=config.auxk_coef, k_aux=config.k_aux,
-                sparse_step=config.sparse_step,
-            )
+            if replicas is None:
+                # Not in place: on the CPU the tensor may share memory with X.
+                x = to_device(take_rows(X, index), device).mul(scale)
+                stats, fired = model.loss_and_gradients(
+                    x, coef, autocast, dead=dead, auxk_coef=config.auxk_coef, k_aux=config.k_aux,
+                    sparse_step=config.sparse_step,
+                )
+            else:
+                x, stats, fired = self._replica_step(
+                    X, index, n_rows, coef, autocast, dead, config, params, replicas)
             with torch.no_grad():
                 # Keep atoms on the unit sphere: drop the gradient's radial part,
                 # step, then renormalise the small drift that remains.
@@ -294,16 +345,17 @@ class Trainer:
             self.steps_since_fired += 1
             self.steps_since_fired.masked_fill_(fired > 0, 0)
             stats_list.append(stats)
-            rows_seen += x.shape[0]
+            rows_seen += n_rows
             if config.resample_dead:
                 # The latest batches (references, not copies) are the inputs
-                # that resampling draws from.
-                pool.append(x)
-                rows_in_pool += x.shape[0]
-                while rows_in_pool - pool[0].shape[0] >= pool_rows:
-                    rows_in_pool -= pool.pop(0).shape[0]
+                # that resampling draws from; with replicas, this rank's share
+                # of each, and the batch's global size.
+                pool.append((x, n_rows))
+                rows_in_pool += n_rows
+                while rows_in_pool - pool[0][1] >= pool_rows:
+                    rows_in_pool -= pool.pop(0)[1]
             if config.resample_due(self.step):
-                self._resample(pool, config.resample_interval)
+                self._resample(pool, config.resample_interval, replicas)
             self.step += 1
             if self.step % 100 == 0:
                 self._check_finite(stats)
@@ -323,11 +375,59 @@ class Trainer:
         self.pass_fired = fired_total.cpu().numpy().astype(np.float64)
         self.pass_rows = rows_seen
         model.release_workspace()
+        # Before comparing the ranks: NaN parameters (the same on every rank)
+        # are a divergence, and NaN != NaN.
         self._check_parameters_finite()
+        if replicas is not None:
+            # Running statistics that each rank kept from its own share
+            # (BatchTopK's threshold): their mean is what one process would
+            # have kept from the mean of the shares' values, as they are
+            # linear averages.
+            replicas.average_(list(model.buffers()))
+            self._check_replicas(X, config, replicas, "the parameters after a pass (a bug)",
+                                 error=RuntimeError)
         return stop
 
+    def _replica_step(self, X, index, n_rows, coef, autocast, dead, config, params, replicas):
+        """This rank's share of one step, summed with the other ranks'.
+
+        Every term of the loss and its gradients is a mean over the batch's
+        rows, so each rank's mean over its share, weighted by the share's
+        fraction of the batch and summed over ranks, is the whole batch's.
+        The firing counts are summed as they are.
+        """
+        model = self.model
+        error = None
+        x = torch.zeros((0, model.n_features), device=self.device)
+        stats = torch.zeros(len(STAT_NAMES), device=self.device)
+        fired = torch.zeros(model.n_components, device=self.device)
+        try:
+            local = replicas.local_rows(index)
+            x = to_device(take_rows(X, local), self.device).mul(self.scale)
+            if x.shape[0]:
+                stats, fired = model.loss_and_gradients(
+                    x, coef, autocast, dead=dead, auxk_coef=config.auxk_coef, k_aux=config.k_aux,
+                    sparse_step=config.sparse_step,
+                )
+                weight = x.shape[0] / n_rows
+                stats = stats * weight
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(weight)
+            else:
+                # A last batch of fewer rows than ranks leaves some ranks none.
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+        except BaseException as exc:  # an interruption must stop the others too
+            error = exc
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        replicas.sum_(grads + [stats, fired], error, f"taking step {self.step}")
+        for p, g in zip(params, grads):
+            p.grad = g
+        return x, stats, fired
+
     @torch.no_grad()
-    def _resample(self, pool, window):
+    def _resample(self, pool, window, replicas=None):
         """Restart dead features on inputs the model reconstructs badly.
 
         As in Anthropic's "Towards Monosemanticity": inputs are drawn with
@@ -336,12 +436,20 @@ class Trainer:
         decoder bias), its encoder row the same direction at a fifth of the
         live features' mean encoder norm, its bias zero, and its optimiser
         moments are cleared.
+
+        With ``replicas``, the ranks first gather the pool (each holds its
+        share of the latest batches) in the order one process would hold it,
+        so every rank draws from the same inputs with the same generator;
+        rank 0's result is then broadcast, the one decision all ranks keep.
         """
         dead = torch.nonzero(self.steps_since_fired >= window).flatten()
         if dead.numel() == 0 or not pool:
             return
         model = self.model
-        inputs = torch.cat(pool)
+        if replicas is None:
+            inputs = torch.cat([x for x, _ in pool])
+        else:
+            inputs = self._gather_pool(pool, replicas)
         x_hat, _ = model(inputs)
         loss = (inputs - x_hat).pow(2).sum(dim=1).double().cpu()
         weights = loss.pow(2)
@@ -360,6 +468,9 @@ class Trainer:
         model.W_dec[dead] = directions
         model.W_enc[dead] = directions * (0.2 * enc_norm)
         model.b_enc[dead] = 0.0
+        if replicas is not None:
+            replicas.broadcast_([model.W_dec, model.W_enc, model.b_enc],
+                                "resampling dead features")
         for param in (model.W_dec, model.W_enc, model.b_enc):
             state = self.optimizer.state.get(param, {})
             for key in ("exp_avg", "exp_avg_sq"):
@@ -367,6 +478,17 @@ class Trainer:
                     state[key][dead] = 0.0
         self.steps_since_fired[dead] = 0
         self.n_resampled += n_dead
+
+    @staticmethod
+    def _gather_pool(pool, replicas):
+        """The pool's batches whole, from every rank's shares, in batch order."""
+        shares = [np.diff(replicas.bounds(n)) for _, n in pool]
+        local = torch.cat([x for x, _ in pool])
+        sizes = [int(sum(s[r] for s in shares)) for r in range(replicas.world_size)]
+        per_rank = [part.split([int(s[r]) for s in shares])
+                    for r, part in enumerate(replicas.gather_rows(local, sizes))]
+        return torch.cat([per_rank[r][j] for j in range(len(pool))
+                          for r in range(replicas.world_size)])
 
     # ------------------------------------------------------------ statistics
     def pass_info(self, epoch, config):
