@@ -423,12 +423,15 @@ def _code_block(lines):
 
 def _findings_size_md(r):
     out = [f"**Size curve** on {r['model']}, {r['hook']} ({r['n_features']} wide): top-k "
-           f"SAEs with k = {r['k']} (L0 fixed), {r['steps']:,} steps of {r['batch_size']} "
-           f"rows from {r['n_train_tokens']:,} training tokens at every size, scored on "
+           f"SAEs with k = {r['k']} (L0 fixed), batches of {r['batch_size']} rows from "
+           f"{r['n_train_tokens']:,} training tokens, {r['steps']:,} steps up to "
+           f"{r.get('steps_reference_size', 0):,} features and sqrt(size / "
+           f"{r.get('steps_reference_size', 0):,}) times as many above (column 'steps'), "
+           "scored on "
            f"{r['n_eval_tokens']:,} held-out tokens ({r['n_eval_texts']} texts).\n"]
-    out.append(_table(["features", "loss recovered", "EV", "L0", "KL (nats)", "dead (train)",
-                       "live", "converged", "fit s"],
-                      [[p["n_components"], p["loss_recovered"], p["explained_variance"],
+    out.append(_table(["features", "steps", "loss recovered", "EV", "L0", "KL (nats)",
+                       "dead (train)", "live", "converged", "fit s"],
+                      [[p["n_components"], p["steps"], p["loss_recovered"], p["explained_variance"],
                         p["l0"], p["kl_divergence"], p["train_dead_fraction"],
                         round(p["n_components"] * (1 - p["train_dead_fraction"])),
                         p.get("converged"), p["fit_s"]]
@@ -962,8 +965,10 @@ def _plot_size_curve(r, plt):
         ax.set_xticks(n, [f"{x:,}" for x in n])
         ax.set_xlabel("dictionary size (features)")
         ax.set_ylabel(label)
-    fig.suptitle(f"{r['model']}: top-k SAEs, k={r['k']} at every size, {r['steps']:,} steps "
-                 f"of {r['batch_size']} rows", fontsize=9)
+    fig.suptitle(f"{r['model']}: top-k SAEs, k={r['k']} at every size, batches of "
+                 f"{r['batch_size']} rows, {r['steps']:,} steps up to "
+                 f"{r.get('steps_reference_size', 0):,} features, sqrt(size) more above",
+                 fontsize=9)
     fig.tight_layout()
     return fig
 
