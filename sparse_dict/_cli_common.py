@@ -382,6 +382,11 @@ def _free_port():
 _GRACE_S = 30
 
 
+# Set in the processes that ``_launch_ranks`` starts: ``python -m sparse_dict``
+# then leaves without the interpreter's teardown (see ``sparse_dict.__main__``).
+RANK_PROCESS_ENV = "SPARSE_DICT_RANK_PROCESS"
+
+
 def _launch_ranks(argv, nproc):
     """Run this command again in ``nproc`` processes on this machine, data-parallel.
 
@@ -398,6 +403,7 @@ def _launch_ranks(argv, nproc):
 
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    env[RANK_PROCESS_ENV] = "1"
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # The last --nproc on a command line wins: each process runs alone.
     command = [sys.executable, "-m", "sparse_dict", *argv, "--nproc", "1"]

@@ -56,6 +56,13 @@ _DEMO_ESTIMATOR_DEFAULTS = {
     "random_state": 0,
 }
 
+# The demo's size curve: top-k dictionaries of growing size at one L0 (k),
+# each with the same short budget, so that the curve takes seconds. The
+# benchmarks' findings section measures it properly (docs/findings.rst).
+_SIZE_CURVE = {"sizes": (256, 512, 1024, 2048), "k": 16, "steps": 400, "batch_size": 512}
+_SIZE_CURVE_TINY = {"sizes": (32, 64), "k": 4, "steps": 20, "batch_size": 128}
+
+
 # Sizes of ``demo --tiny``: enough of every stage to check an installation in
 # seconds. They replace only the options left at their defaults.
 _TINY = {
@@ -218,6 +225,45 @@ def _plot_training(history, path):
     fig.savefig(path, format="png", dpi=110)
 
 
+def _size_curve(X_train, X_eval, extractor, texts, args):
+    """Explained variance and loss recovered of top-k dictionaries of growing size.
+
+    The seed's first finding (more features recover more of the model's
+    loss), in miniature: one fixed L0, one short step budget for every size.
+    Returns one row per size.
+    """
+    from sparse_dict.estimator import SparseAutoencoderDictionary
+    from sparse_dict.extraction import splice_evaluation
+    from sparse_dict.metrics import explained_variance
+
+    setup = _SIZE_CURVE_TINY if args.tiny else _SIZE_CURVE
+    rows = []
+    for n in setup["sizes"]:
+        sae = SparseAutoencoderDictionary(
+            n, activation="topk", k=setup["k"], max_steps=setup["steps"],
+            batch_size=setup["batch_size"], random_state=args.random_state,
+            device=args.device)
+        with warnings.catch_warnings():
+            # Short by design, and said so in the table's caption.
+            warnings.filterwarnings("ignore", message="The fit stopped after")
+            sae.fit(X_train)
+        ev = explained_variance(X_eval, sae.inverse_transform(sae.transform(X_eval)))
+        lr = splice_evaluation(extractor, sae, texts).loss_recovered
+        rows.append({"n_components": n, "k": setup["k"], "steps": setup["steps"],
+                     "explained_variance": float(ev), "loss_recovered": float(lr)})
+    return rows
+
+
+def _format_size_curve(rows):
+    """The size curve as a few plain-text lines."""
+    head = (f"Size curve (top-k, k={rows[0]['k']} at every size, {rows[0]['steps']} steps "
+            "each; the benchmarks measure it at length, docs/findings.rst):")
+    lines = [head, f"  {'features':>8}  {'explained var':>13}  {'loss recovered':>14}"]
+    lines += [f"  {r['n_components']:>8,}  {r['explained_variance']:>13.3f}  "
+              f"{r['loss_recovered']:>14.3f}" for r in rows]
+    return "\n".join(lines)
+
+
 class _Steps:
     """Numbered step headers; each step's own duration is printed when it ends."""
 
@@ -300,7 +346,8 @@ def _demo_folder():
     # Folders of earlier versions (without n_eval_tokens) are the demo's too.
     results = _persist.json_kind(
         "demo results", lambda r: isinstance(r, dict)
-        and {"results", "settings"} <= set(r) <= {"results", "settings", "n_eval_tokens"})
+        and {"results", "settings"} <= set(r)
+        <= {"results", "settings", "n_eval_tokens", "size_curve"})
     return _persist.folder_kind("sparse-dict demo folder", {
         "features.html": _persist.HTML, "density.png": _persist.PNG,
         "training.png": _persist.PNG, "results.json": results, "results.txt": None,
@@ -328,7 +375,7 @@ def _run_demo(args, out, final):
     from sparse_dict.estimator import SparseAutoencoderDictionary
     from sparse_dict.model_selection import SparseCodingScorer
 
-    step = _Steps(args, 5)
+    step = _Steps(args, 6)
     scorer = SparseCodingScorer()
 
     step(1, f"activations of the built-in model (layer {args.layer}, {args.hook}) "
@@ -392,7 +439,17 @@ def _run_demo(args, out, final):
         rows[1]["loss_recovered"] = _loss_recovered(
             extractor, coder, table_texts, verbose, "MiniBatchDictionaryLearning")
 
-    step(5, f"writing the dictionary, plots and feature browser to {final}")
+    size_curve = []
+    if args.no_size_curve:
+        step(5, "size curve skipped (--no-size-curve)")
+    else:
+        setup = _SIZE_CURVE_TINY if args.tiny else _SIZE_CURVE
+        step(5, "size curve: top-k dictionaries of "
+             + ", ".join(f"{n:,}" for n in setup["sizes"])
+             + f" features at k={setup['k']}, scored on the table texts")
+        size_curve = _size_curve(X_train, X_eval, extractor, table_texts, args)
+
+    step(6, f"writing the dictionary, plots and feature browser to {final}")
     sae.save(out / "dictionary", overwrite=True)
     _plot_training(sae.history_, out / "training.png")
     browse_codes = sae.transform(X_browse)
@@ -408,16 +465,21 @@ def _run_demo(args, out, final):
     steering = _steering_example(extractor, sae, effects, browse_codes, X_browse,
                                   final / "dictionary")
     table = _format_table(rows, X_eval.shape[0], len(table_texts), tiny=args.tiny)
-    (out / "results.txt").write_text(table + "\n", encoding="utf-8")
+    curve_text = "\n\n" + _format_size_curve(size_curve) if size_curve else ""
+    (out / "results.txt").write_text(table + curve_text + "\n", encoding="utf-8")
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "overwrite")}
     (out / "results.json").write_text(
         json.dumps({"results": rows, "n_eval_tokens": int(X_eval.shape[0]),
-                    "settings": settings}, indent=2, default=str) + "\n",
+                    "size_curve": size_curve, "settings": settings},
+                   indent=2, default=str) + "\n",
         encoding="utf-8",
     )
     step.end()
     print(table)
     print()
+    if size_curve:
+        print(_format_size_curve(size_curve))
+        print()
     if steering:
         print(steering)
         print()

@@ -537,6 +537,9 @@ def build_parser(command=None):
                    f"of the activations (default: {d['classical_alpha']})")
     g.add_argument("--no-classical", action="store_true",
                    help="skip MiniBatchDictionaryLearning")
+    p.add_argument("--no-size-curve", action="store_true",
+                   help="skip the size curve (top-k dictionaries of growing size, "
+                   "a few seconds each)")
     g = p.add_argument_group("feature browser")
     g.add_argument("--top-k", type=_positive_int, default=d["top_k"],
                    help=f"examples per feature (default: {d['top_k']})")

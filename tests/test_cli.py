@@ -351,9 +351,15 @@ def test_demo_tiny_prints_table_and_writes_every_file(builtin_model, tmp_path, c
         assert -1.0 <= r["explained_variance"] <= 1.0
         assert r["l0"] >= 0 and 0 <= r["dead_fraction"] <= 1
         assert r["loss_recovered"] is not None and np.isfinite(r["loss_recovered"])
+    # The size curve: one row per size, each a real fit scored on held-out texts.
+    curve = json.loads((out / "results.json").read_text())["size_curve"]
+    assert [p["n_components"] for p in curve] == [32, 64]
+    for p in curve:
+        assert 0 < p["explained_variance"] <= 1 and np.isfinite(p["loss_recovered"])
+    assert "Size curve" in stdout and "Size curve" in (out / "results.txt").read_text()
     # Progress is shown (on stderr) unless --quiet; each step says its own duration.
-    assert "[1/5]" in err
-    for number in range(1, 6):
+    assert "[1/6]" in err
+    for number in range(1, 7):
         assert re.search(rf"step {number} took \d+\.\d s", err), number
     # Every bar says what it does, and on which model or set of texts.
     for label in ("Extracting layer0.mlp_post activations of 24 texts (model builtin)",
@@ -373,6 +379,14 @@ def test_demo_quiet_and_no_classical(builtin_model, tmp_path, capsys):
     assert status == 0
     assert err == ""
     assert "MiniBatchDictionaryLearning" not in stdout
+
+
+def test_demo_without_size_curve(builtin_model, tmp_path, capsys):
+    status, stdout, err = run(["demo", "--tiny", "--no-classical", "--no-size-curve",
+                               "--out", tmp_path / "d", "--device", "cpu"], capsys)
+    assert status == 0, err
+    assert "Size curve" not in stdout and "size curve skipped" in err
+    assert json.loads((tmp_path / "d" / "results.json").read_text())["size_curve"] == []
 
 
 def test_demo_classical_codes_are_computed_once(builtin_model, tmp_path, capsys, monkeypatch):
