@@ -58,7 +58,7 @@ FRACTION_TARGET = 0.8
 SPARSE_TARGET = 2.5
 SIZES = {
     "tiny": dict(batch=256, d=32, n=128, sparse_n=512, k=8, rounds=1, steps=2),
-    "quick": dict(batch=4096, d=512, n=4096, sparse_n=16384, k=32, rounds=3, steps=2),
+    "quick": dict(batch=4096, d=512, n=4096, sparse_n=16384, k=32, rounds=3, steps=6),
     "full": dict(batch=4096, d=512, n=4096, sparse_n=16384, k=32, rounds=5, steps=6),
 }
 

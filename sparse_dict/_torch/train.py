@@ -286,6 +286,11 @@ class Trainer:
         except BaseException:
             self._restore(snapshot)
             raise
+        finally:
+            # The step's (batch, n_components) buffers are kept across passes
+            # (a fit of many short passes would otherwise allocate and fault
+            # them in again every few steps) and freed when training ends.
+            self.model.release_workspace()
         return passes_done
 
     def _parameter_digest(self):
@@ -374,7 +379,6 @@ class Trainer:
             self.history = np.concatenate([self.history, stacked])
         self.pass_fired = fired_total.cpu().numpy().astype(np.float64)
         self.pass_rows = rows_seen
-        model.release_workspace()
         # Before comparing the ranks: NaN parameters (the same on every rank)
         # are a divergence, and NaN != NaN.
         self._check_parameters_finite()
