@@ -18,20 +18,11 @@ returns the figures as a dict.
 
 import argparse
 import json
-import time
 
 import torch
 
+from benchmarks._common import best_time
 from sparse_dict.extraction import TransformerActivationExtractor
-
-
-def _best_time(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _texts(n):
@@ -132,7 +123,7 @@ def _bench_pair(*fns_and_repeats):
     best = [float("inf")] * len(fns)
     for _ in range(repeats):
         for k, fn in enumerate(fns):
-            best[k] = min(best[k], _best_time(fn, 1))
+            best[k] = min(best[k], best_time(fn, 1))
     return best
 
 

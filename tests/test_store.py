@@ -267,7 +267,7 @@ def test_bad_input_is_refused_before_anything_is_written(extractor, tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_cli_extract_to_a_store_fit_and_report(reference, texts, tmp_path, capsys):
+def test_cli_extract_to_a_store_fit_and_report(reference, extractor, texts, tmp_path, capsys):
     corpus = tmp_path / "texts.jsonl"
     corpus.write_text("".join(json.dumps(t) + "\n" for t in texts), encoding="utf-8")
     store = tmp_path / "acts"
@@ -293,6 +293,11 @@ def test_cli_extract_to_a_store_fit_and_report(reference, texts, tmp_path, capsy
     from sparse_dict import SparseAutoencoderDictionary
 
     provenance = SparseAutoencoderDictionary.load(tmp_path / "dict").provenance_
+    # The store's provenance has the extractor's fields, in the extractor's order.
+    from sparse_dict.extraction._extractor import PROVENANCE_FIELDS
+
+    assert tuple(provenance) == PROVENANCE_FIELDS
+    assert tuple(extractor.provenance()) == PROVENANCE_FIELDS
     assert (provenance["hook_name"], provenance["n_tokens"], provenance["corpus"]) == (
         "layer0.mlp_post", reference.activations.shape[0], f"{corpus.name} (split=lines)")
     assert main(["report", str(tmp_path / "dict"), str(store), "-o", str(tmp_path / "r"),

@@ -328,12 +328,7 @@ class Trainer:
             if config.auxk_coef > 0:
                 dead = torch.nonzero(self.steps_since_fired >= config.dead_window).flatten()
             if replicas is None:
-                # Not in place: on the CPU the tensor may share memory with X.
-                x = to_device(take_rows(X, index), device).mul(scale)
-                stats, fired = model.loss_and_gradients(
-                    x, coef, autocast, dead=dead, auxk_coef=config.auxk_coef, k_aux=config.k_aux,
-                    sparse_step=config.sparse_step,
-                )
+                x, stats, fired = self._local_step(X, index, coef, autocast, dead, config)
             else:
                 x, stats, fired = self._replica_step(
                     X, index, n_rows, coef, autocast, dead, config, params, replicas)
@@ -392,6 +387,16 @@ class Trainer:
                                  error=RuntimeError)
         return stop
 
+    def _local_step(self, X, index, coef, autocast, dead, config):
+        """The rows ``index`` of ``X`` on the device, and their loss and gradients."""
+        # Not in place: on the CPU the tensor may share memory with X.
+        x = to_device(take_rows(X, index), self.device).mul(self.scale)
+        stats, fired = self.model.loss_and_gradients(
+            x, coef, autocast, dead=dead, auxk_coef=config.auxk_coef, k_aux=config.k_aux,
+            sparse_step=config.sparse_step,
+        )
+        return x, stats, fired
+
     def _replica_step(self, X, index, n_rows, coef, autocast, dead, config, params, replicas):
         """This rank's share of one step, summed with the other ranks'.
 
@@ -407,12 +412,8 @@ class Trainer:
         fired = torch.zeros(model.n_components, device=self.device)
         try:
             local = replicas.local_rows(index)
-            x = to_device(take_rows(X, local), self.device).mul(self.scale)
-            if x.shape[0]:
-                stats, fired = model.loss_and_gradients(
-                    x, coef, autocast, dead=dead, auxk_coef=config.auxk_coef, k_aux=config.k_aux,
-                    sparse_step=config.sparse_step,
-                )
+            if len(local):
+                x, stats, fired = self._local_step(X, local, coef, autocast, dead, config)
                 weight = x.shape[0] / n_rows
                 stats = stats * weight
                 for p in params:

@@ -26,6 +26,10 @@ from sparse_dict.extraction._texts import (
 # The ``source`` of the provenance an extractor writes; dictionaries imported
 # from SAELens have "SAELens" there.
 PROVENANCE_SOURCE = "sparse_dict.TransformerActivationExtractor"
+# The fields of ``TransformerActivationExtractor.provenance()``, in order; an
+# activation store's manifest holds them all but ``n_tokens`` (it counts rows).
+PROVENANCE_FIELDS = ("source", "model", "model_class", "layer", "hook", "module", "hook_name",
+                     "hook_module", "n_features", "pooling", "max_length", "n_tokens", "corpus")
 
 
 class TokenIndex(NamedTuple):

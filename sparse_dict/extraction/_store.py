@@ -313,12 +313,9 @@ class ActivationStore:
         -------
         provenance : dict
         """
-        from sparse_dict.extraction._extractor import PROVENANCE_SOURCE
+        from sparse_dict.extraction._extractor import PROVENANCE_FIELDS
 
-        keys = ("model", "model_class", "layer", "hook", "module", "hook_name",
-                "hook_module", "n_features", "pooling", "max_length", "corpus")
-        return {"source": PROVENANCE_SOURCE, **{k: self.manifest.get(k) for k in keys},
-                "n_tokens": self.n_rows}
+        return {**{k: self.manifest.get(k) for k in PROVENANCE_FIELDS}, "n_tokens": self.n_rows}
 
     @property
     def n_rows(self):
