@@ -377,6 +377,15 @@ class SparseAutoencoderDictionary(
     device : str, default="auto"
         ``"auto"`` (a GPU when there is one), ``"cpu"``, ``"cuda"`` or
         ``"cuda:N"``.
+    device_data_budget : float in [0, 1], default=0.5
+        On a GPU: when ``X``, as float32, takes at most this share of the
+        GPU's free memory (after the model's training memory), it is copied
+        to the GPU once and every batch is gathered there; otherwise the
+        batches are gathered on the host by background threads into pinned
+        buffers and copied ahead of the step that uses them. Both train on
+        the same batches; the first is faster, the second holds only a few
+        batches on the GPU. 0 always streams. Ignored on the CPU. See
+        :doc:`/scaling`.
     distributed : {"auto", True, False}, default="auto"
         Data-parallel training across processes on ``torch.distributed``
         (see :doc:`/scaling`). ``"auto"``: in a script started by
@@ -518,6 +527,7 @@ class SparseAutoencoderDictionary(
         "transform_alpha": [Interval(Real, 0, None, closed="left"), None],
         "bf16": ["boolean"],
         "sparse_step": ["boolean", StrOptions({"auto"})],
+        "device_data_budget": [Interval(Real, 0, 1, closed="both")],
         "device": [str],
         "distributed": [StrOptions({"auto"}), "boolean"],
         "callback": [callable, None],
@@ -551,6 +561,7 @@ class SparseAutoencoderDictionary(
         bf16=False,
         sparse_step="auto",
         device="auto",
+        device_data_budget=0.5,
         distributed="auto",
         callback=None,
         random_state=None,
@@ -579,6 +590,7 @@ class SparseAutoencoderDictionary(
         self.bf16 = bf16
         self.sparse_step = sparse_step
         self.device = device
+        self.device_data_budget = device_data_budget
         self.distributed = distributed
         self.callback = callback
         self.random_state = random_state
@@ -726,6 +738,7 @@ class SparseAutoencoderDictionary(
             dead_window=schedule["resample_interval"],
             bf16=self.bf16,
             sparse_step=self.sparse_step,
+            device_data_budget=float(self.device_data_budget),
             **schedule,
         )
 
@@ -778,7 +791,10 @@ class SparseAutoencoderDictionary(
         if self.verbose >= 2 and progress is not None:
             callback = _with_pass_lines(callback, progress)
         try:
-            return trainer.train(X, n_passes, config, random_state, callback, progress, replicas)
+            # No snapshot inside: fit discards a failed new trainer, and
+            # partial_fit's _restored_on_error keeps its own.
+            return trainer.train(X, n_passes, config, random_state, callback, progress, replicas,
+                                 rollback=False)
         finally:
             if progress is not None:
                 progress.close()

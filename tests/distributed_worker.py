@@ -46,9 +46,9 @@ def fitted(sae):
 
 def _fail_on_rank_one(mode):
     """Make rank 1's fourth batch read fail (``raise``) or kill its process (``die``)."""
-    import sparse_dict._torch.train as train
+    import sparse_dict._torch.pipeline as pipeline
 
-    real, calls = train.take_rows, [0]
+    real, calls = pipeline.take_rows, [0]
 
     def take_rows(X, index):
         calls[0] += 1
@@ -60,7 +60,7 @@ def _fail_on_rank_one(mode):
             raise OSError("bad batch on purpose")
         return real(X, index)
 
-    train.take_rows = take_rows
+    pipeline.take_rows = take_rows
 
 
 def main(mode, out):

@@ -83,7 +83,15 @@ class SparseAutoencoder(nn.Module):
     activation : Activation, optional
         The sparsity mechanism; ``ReLU()`` when None.
     generator : torch.Generator, optional
-        Source of randomness for the initial atoms, for repeatable fits.
+        Source of randomness for the initial atoms, for repeatable fits; on
+        ``device``.
+    device : torch.device, optional
+        Where the parameters are made (and the initial atoms drawn: on a
+        GPU, drawing them on the host and copying them costs more than a
+        short fit's training).
+    initialize : bool, default=True
+        Draw the initial atoms; False leaves the parameters uninitialised,
+        for a model whose state is loaded next.
 
     Examples
     --------
@@ -94,19 +102,26 @@ class SparseAutoencoder(nn.Module):
     ((5, 32), True)
     """
 
-    def __init__(self, n_features, n_components, activation=None, generator=None):
+    def __init__(self, n_features, n_components, activation=None, generator=None, device=None,
+                 initialize=True):
         super().__init__()
         self.activation = ReLU() if activation is None else activation
-        atoms = torch.randn(n_components, n_features, generator=generator)
-        atoms /= atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        shape = (n_components, n_features)
+        if initialize:
+            atoms = torch.randn(shape, generator=generator, device=device)
+            atoms /= atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        else:
+            atoms = torch.empty(shape, device=device)
         self.W_dec = nn.Parameter(atoms)
         # The encoder starts as the decoder's transpose: each feature first
         # responds to its own atom's direction, which avoids a long phase of
         # encoder and decoder searching for each other.
         self.W_enc = nn.Parameter(atoms.clone())
-        self.b_enc = nn.Parameter(torch.zeros(n_components))
-        self.b_dec = nn.Parameter(torch.zeros(n_features))
+        self.b_enc = nn.Parameter(torch.zeros(n_components, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(n_features, device=device))
         self.activation.init_model(self)
+        # An activation registers its own state on the CPU.
+        self.to(atoms.device)
 
     @property
     def n_features(self):

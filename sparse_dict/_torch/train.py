@@ -5,6 +5,7 @@ data-parallel: see :mod:`sparse_dict._torch.distributed` for how the ranks
 share rows, gradients and decisions.
 """
 
+import collections
 import dataclasses
 import math
 
@@ -15,11 +16,12 @@ from sparse_dict._torch.data import (
     geometric_median,
     iter_batches,
     sample_rows,
-    take_rows,
     to_device,
 )
 from sparse_dict._torch.distributed import fingerprint
+from sparse_dict._torch.memory import training_bytes
 from sparse_dict._torch.model import STAT_NAMES, UNSCALED_TENSORS, SparseAutoencoder
+from sparse_dict._torch.pipeline import BatchFeed, default_workers, resident_fits
 
 # Rows used to estimate the input scale and the decoder bias's start.
 _N_INIT_ROWS = 8192
@@ -27,6 +29,46 @@ _N_INIT_ROWS = 8192
 
 class DivergenceError(FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class _DeadFeatures:
+    """AuxK's dead features, as device indices, read ``lag`` steps late.
+
+    Which features are dead is known on the device; their indices set the
+    shapes of AuxK's tensors, which the host must know before it queues the
+    step. With ``lag=0`` the host reads them at the step that uses them, and
+    waits for the device to finish the step before. With a lag, each step's
+    dead mask is copied to pinned host memory without waiting and read
+    ``lag`` steps later, by which time the copy has long run: the host
+    queues steps ahead of the device. A feature is dead after a window of
+    hundreds of steps, so a two-step lag changes nothing that matters.
+    """
+
+    def __init__(self, lag):
+        self.lag = int(lag)
+        self._queue = collections.deque()
+
+    def current(self, dead_mask):
+        """The indices to use now, given this step's mask of dead features."""
+        if self.lag == 0:
+            return torch.nonzero(dead_mask).flatten()
+        device = dead_mask.device
+        host = torch.empty(dead_mask.shape, dtype=torch.bool,
+                           pin_memory=device.type == "cuda")
+        host.copy_(dead_mask, non_blocking=True)
+        event = torch.cuda.Event() if device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        self._queue.append((host, event))
+        if len(self._queue) <= self.lag:
+            return torch.zeros(0, dtype=torch.long, device=device)
+        host, event = self._queue.popleft()
+        if event is not None:
+            event.synchronize()
+        index = torch.from_numpy(np.flatnonzero(host.numpy()))
+        if device.type == "cuda":
+            return index.pin_memory().to(device, non_blocking=True)
+        return index
 
 
 @dataclasses.dataclass
@@ -68,6 +110,17 @@ class TrainConfig:
     sparse_step : bool or "auto"
         The top-k family's sparse training step: forced on, off, or where it
         is faster (:meth:`SparseAutoencoder.uses_sparse_step`).
+    device_data_budget : float
+        On a GPU, the training rows are copied there once (and each batch is
+        gathered on the GPU) when, as float32, they take at most this share
+        of the GPU's free memory; otherwise they are streamed from the host
+        (:mod:`sparse_dict._torch.pipeline`). 0 always streams.
+    data_on_device : bool or "auto"
+        Force the rows onto the device (True, also on the CPU), force
+        streaming (False), or decide by ``device_data_budget``.
+    gather_workers : int or "auto"
+        Host threads that gather streamed batches ahead of the step;
+        "auto": none on the CPU, up to four on a GPU.
     """
 
     coef: float = 1.0
@@ -84,6 +137,9 @@ class TrainConfig:
     dead_window: int = 1000
     bf16: bool = False
     sparse_step: bool | str = "auto"
+    device_data_budget: float = 0.5
+    data_on_device: bool | str = "auto"
+    gather_workers: int | str = "auto"
 
     def lr_factor(self, step):
         factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
@@ -124,8 +180,13 @@ class Trainer:
     def __init__(self, n_features, n_components, device, seed, activation=None):
         self.device = torch.device(device)
         self.seed = int(seed)
-        generator = torch.Generator().manual_seed(self.seed)
-        self.model = SparseAutoencoder(n_features, n_components, activation, generator).to(self.device)
+        # Drawn where the model lives: on a GPU, 20 million normal draws on
+        # the host cost about 0.2 s, more than a short fit's training. The
+        # GPU's generator draws other numbers than the CPU's, so the same
+        # seed starts another model on each kind of device.
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        self.model = SparseAutoencoder(n_features, n_components, activation, generator,
+                                       device=self.device)
         self._resample_generator = torch.Generator().manual_seed(self.seed + 1)
         self.optimizer = self._make_optimizer()
         self.scale = None
@@ -137,6 +198,19 @@ class Trainer:
         self.history = np.zeros((0, len(STAT_NAMES)))
         self.pass_fired = np.zeros(n_components)
         self.pass_rows = 0
+
+    @property
+    def dead_lag(self):
+        """Steps by which AuxK's list of dead features lags (see :class:`_DeadFeatures`).
+
+        0 on the CPU. On a GPU, 2: reading the list at the step that uses it
+        would make the host wait for the device every step.
+        """
+        return getattr(self, "_dead_lag", 2 if self.device.type == "cuda" else 0)
+
+    @dead_lag.setter
+    def dead_lag(self, value):
+        self._dead_lag = int(value)
 
     def _make_optimizer(self):
         # Adam's fused kernel makes one pass over each parameter instead of
@@ -245,12 +319,16 @@ class Trainer:
         return self
 
     # ---------------------------------------------------------------- training
-    def train(self, X, n_passes, config, rng, callback=None, progress=None, replicas=None):
+    def train(self, X, n_passes, config, rng, callback=None, progress=None, replicas=None,
+              rollback=True):
         """Train for ``n_passes`` shuffled passes over ``X`` (or until the step budget).
 
         On divergence the trainer is put back as it was before the call and
         :class:`DivergenceError` is raised; any other exception (an
         interruption, a bad batch) also puts it back before propagating.
+        ``rollback=False`` skips the snapshot this takes (a copy of the model
+        and of Adam's state), for a caller that keeps its own or discards a
+        failed trainer.
 
         With ``replicas`` (data-parallel training), every rank must call this
         with the same ``X``, ``config`` and random state, and each trains on
@@ -263,16 +341,18 @@ class Trainer:
         -------
         n_passes_done : int
         """
-        snapshot = self._snapshot()
+        snapshot = self._snapshot() if rollback else None
         self.run_start = len(self.history)
         passes_done = 0
+        feed = None
         try:
             if replicas is not None:
                 self._check_replicas(X, config, replicas, "the training data and settings")
+            feed = self._feed(X, config)
             for _ in range(n_passes):
                 if config.total_steps is not None and self.step >= config.total_steps:
                     break
-                stop = self._train_pass(X, config, rng, progress, replicas)
+                stop = self._train_pass(X, feed, config, rng, progress, replicas)
                 passes_done += 1
                 info = self.pass_info(passes_done, config)
                 if replicas is None:
@@ -284,9 +364,12 @@ class Trainer:
                 if stopped or stop:
                     break
         except BaseException:
-            self._restore(snapshot)
+            if snapshot is not None:
+                self._restore(snapshot)
             raise
         finally:
+            if feed is not None:
+                feed.close()
             # The step's (batch, n_components) buffers are kept across passes
             # (a fit of many short passes would otherwise allocate and fault
             # them in again every few steps) and freed when training ends.
@@ -304,7 +387,23 @@ class Trainer:
             (fingerprint(X), settings, self.step, self._parameter_digest()), what, error
         )
 
-    def _train_pass(self, X, config, rng, progress, replicas=None):
+    def _feed(self, X, config):
+        """The :class:`BatchFeed` that brings ``X``'s batches to the device."""
+        resident = config.data_on_device
+        if resident == "auto":
+            # The step's workspace and Adam's moments are still to come.
+            n_features, n_components = self.model.n_features, self.model.n_components
+            reserved = (training_bytes(n_features, n_components)
+                        + 4 * 4 * config.batch_size * n_components)
+            resident = resident_fits(X.shape[0], X.shape[1], self.device,
+                                     config.device_data_budget, reserved)
+        workers = config.gather_workers
+        if workers == "auto":
+            workers = default_workers(self.device)
+        return BatchFeed(X, self.device, self.scale, config.batch_size, resident=bool(resident),
+                         workers=workers, depth=max(2, workers + 1))
+
+    def _train_pass(self, X, feed, config, rng, progress, replicas=None):
         model, optimizer = self.model, self.optimizer
         device, scale = self.device, self.scale
         autocast = torch.bfloat16 if config.bf16 else None
@@ -316,7 +415,20 @@ class Trainer:
         pool_rows, rows_in_pool = max(8192, config.batch_size), 0
         rows_seen = 0
         stop = False
-        for index in iter_batches(X, config.batch_size, rng):
+        dead_features = _DeadFeatures(self.dead_lag) if config.auxk_coef > 0 else None
+        select = None if replicas is None else replicas.local_rows
+        batches = feed.batches(iter_batches(X, config.batch_size, rng), select)
+        while True:
+            try:
+                index, x = next(batches)
+            except StopIteration:
+                break
+            except Exception as exc:
+                if replicas is None:
+                    raise
+                # A batch this rank could not read: the others must stop too.
+                self._replica_step(None, 1, 0.0, None, None, config, params, replicas, exc)
+                raise
             if config.total_steps is not None and self.step >= config.total_steps:
                 stop = True
                 break
@@ -325,13 +437,13 @@ class Trainer:
                 group["lr"] = config.learning_rate * config.lr_factor(self.step)
             coef = config.coef * config.coef_factor(self.step)
             dead = None
-            if config.auxk_coef > 0:
-                dead = torch.nonzero(self.steps_since_fired >= config.dead_window).flatten()
+            if dead_features is not None:
+                dead = dead_features.current(self.steps_since_fired >= config.dead_window)
             if replicas is None:
-                x, stats, fired = self._local_step(X, index, coef, autocast, dead, config)
+                stats, fired = self._local_step(x, coef, autocast, dead, config)
             else:
                 x, stats, fired = self._replica_step(
-                    X, index, n_rows, coef, autocast, dead, config, params, replicas)
+                    x, n_rows, coef, autocast, dead, config, params, replicas)
             with torch.no_grad():
                 # Keep atoms on the unit sphere: drop the gradient's radial part,
                 # step, then renormalise the small drift that remains.
@@ -366,6 +478,8 @@ class Trainer:
                     window = min(self.step, config.resample_interval)
                     dead = int((self.steps_since_fired >= window).sum())
                     progress.set_postfix(loss=f"{s[0]:.4g}", l0=f"{s[3]:.1f}", dead=dead)
+        # Ends the feed's read-ahead of this pass (after an early stop).
+        batches.close()
         if stats_list:
             stacked = torch.stack(stats_list).cpu().numpy().astype(np.float64)
             if not np.isfinite(stacked).all():
@@ -387,33 +501,31 @@ class Trainer:
                                  error=RuntimeError)
         return stop
 
-    def _local_step(self, X, index, coef, autocast, dead, config):
-        """The rows ``index`` of ``X`` on the device, and their loss and gradients."""
-        # Not in place: on the CPU the tensor may share memory with X.
-        x = to_device(take_rows(X, index), self.device).mul(self.scale)
-        stats, fired = self.model.loss_and_gradients(
+    def _local_step(self, x, coef, autocast, dead, config):
+        """The loss and gradients of the (scaled) rows ``x``."""
+        return self.model.loss_and_gradients(
             x, coef, autocast, dead=dead, auxk_coef=config.auxk_coef, k_aux=config.k_aux,
             sparse_step=config.sparse_step,
         )
-        return x, stats, fired
 
-    def _replica_step(self, X, index, n_rows, coef, autocast, dead, config, params, replicas):
+    def _replica_step(self, x, n_rows, coef, autocast, dead, config, params, replicas,
+                      error=None):
         """This rank's share of one step, summed with the other ranks'.
 
         Every term of the loss and its gradients is a mean over the batch's
         rows, so each rank's mean over its share, weighted by the share's
         fraction of the batch and summed over ranks, is the whole batch's.
-        The firing counts are summed as they are.
+        The firing counts are summed as they are. ``error``: this rank
+        could not read its share of the batch (every rank then raises).
         """
         model = self.model
-        error = None
-        x = torch.zeros((0, model.n_features), device=self.device)
         stats = torch.zeros(len(STAT_NAMES), device=self.device)
         fired = torch.zeros(model.n_components, device=self.device)
         try:
-            local = replicas.local_rows(index)
-            if len(local):
-                x, stats, fired = self._local_step(X, local, coef, autocast, dead, config)
+            if error is not None:
+                x = torch.zeros((0, model.n_features), device=self.device)
+            elif x is not None:
+                stats, fired = self._local_step(x, coef, autocast, dead, config)
                 weight = x.shape[0] / n_rows
                 stats = stats * weight
                 for p in params:
@@ -421,6 +533,7 @@ class Trainer:
                         p.grad.mul_(weight)
             else:
                 # A last batch of fewer rows than ranks leaves some ranks none.
+                x = torch.zeros((0, model.n_features), device=self.device)
                 for p in params:
                     p.grad = torch.zeros_like(p)
         except BaseException as exc:  # an interruption must stop the others too
@@ -542,7 +655,18 @@ class Trainer:
 
     # ------------------------------------------------ snapshots and pickling
     def _snapshot(self):
-        return self.__getstate__()
+        """A copy of the whole state, to put back if training fails.
+
+        On a GPU with room for it the copy stays on the device (a device
+        copy of a GPT-2-sized dictionary and its Adam state takes about a
+        millisecond, a copy to host memory a quarter of a second).
+        """
+        on_device = False
+        if self.device.type == "cuda":
+            n_features, n_components = self.model.n_features, self.model.n_components
+            free = torch.cuda.mem_get_info(self.device)[0]
+            on_device = free > 2 * training_bytes(n_features, n_components)
+        return self._state(on_device)
 
     def _restore(self, state):
         device = self.device
@@ -552,7 +676,13 @@ class Trainer:
     def __getstate__(self):
         # Tensors go to the CPU, so a trainer pickled on a GPU machine loads
         # on one without.
-        cpu = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
+        return self._state(on_device=False)
+
+    def _state(self, on_device):
+        if on_device:
+            cpu = lambda t: t.detach().clone()  # noqa: E731
+        else:
+            cpu = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
         optim_state = self.optimizer.state_dict()
         optim_state = {
             "state": {
@@ -584,7 +714,7 @@ class Trainer:
         self.device = torch.device("cpu")
         self.seed = state["seed"]
         self.model = SparseAutoencoder(
-            state["n_features"], state["n_components"], state["activation"]
+            state["n_features"], state["n_components"], state["activation"], initialize=False
         )
         self.model.load_state_dict(state["model_state"])
         self.optimizer = self._make_optimizer()

@@ -1,0 +1,367 @@
+"""Feeding training batches to the device ahead of the step that uses them.
+
+A training step on a GPU takes a few milliseconds; gathering a batch of
+shuffled rows from a numpy array and copying it to the GPU takes as long
+again if it is done in the step's thread, between steps, and the GPU idles
+while it happens. :class:`BatchFeed` takes that work off the step's path in
+one of two ways:
+
+* **resident**: the rows (scaled, float32) are copied to the device once,
+  and each batch is gathered there by index (the indices of a batch are a
+  few kilobytes, copied from pinned memory without waiting);
+* **streamed**: host threads gather each batch's rows into pinned buffers
+  allocated once (and reused by later fits), and the copy to the device runs
+  on a side CUDA stream, batches ahead of the step; the step's stream waits
+  for its batch's copy on the device, never on the host.
+
+The batch order is the one :func:`~sparse_dict._torch.data.iter_batches`
+draws on the host, so every mode trains on the same batches in the same
+order and gives the same model. On the CPU the defaults gather in the
+caller's thread, as before; the resident and threaded modes run there too
+(for tests and for the CPU device's users who ask for them).
+"""
+
+import collections
+import concurrent.futures
+import os
+import threading
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from sparse_dict._torch.data import take_rows
+
+# Rows copied to the device at a time when the data moves there once: the
+# pinned staging buffer stays near 64 MB whatever the width.
+_UPLOAD_BYTES = 1 << 26
+# Index buffers in flight for the resident mode; the oldest is reused only
+# once its copy has run, which this many steps later it always has.
+_INDEX_RING = 8
+
+
+def default_workers(device):
+    """Host threads that gather rows ahead of the step: none on the CPU.
+
+    On the CPU the step's own matrix products use every core and a batch's
+    gather is a small share of a step; on a GPU the gather is the host's
+    whole share of the work, and up to four threads keep a fast step fed.
+    """
+    if device.type != "cuda":
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def resident_fits(n_rows, n_features, device, budget, reserved_bytes=0):
+    """Whether ``n_rows x n_features`` float32 rows fit ``budget`` of the device's free memory.
+
+    Parameters
+    ----------
+    n_rows, n_features : int
+    device : torch.device
+    budget : float
+        Share of the device's free memory (after ``reserved_bytes``) that
+        the rows may take; 0 never moves them.
+    reserved_bytes : int
+        Memory the training step will still allocate (its workspace).
+
+    Returns
+    -------
+    bool
+        Always False on the CPU, where the rows already are in the host's
+        memory.
+
+    Examples
+    --------
+    >>> import torch
+    >>> resident_fits(1000, 16, torch.device("cpu"), 0.5)
+    False
+    """
+    if device.type != "cuda" or budget <= 0:
+        return False
+    free = torch.cuda.mem_get_info(device)[0]
+    return n_rows * n_features * 4 <= budget * max(free - reserved_bytes, 0)
+
+
+class _PinnedPool:
+    """Host buffers kept between fits, so that pinning (slow) happens once.
+
+    Buffers are taken for the length of one feed and given back when it
+    closes; two fits running at once in threads take different buffers. At
+    most ``max_bytes`` are kept (pinned memory cannot be swapped out).
+    """
+
+    def __init__(self, max_bytes=1 << 30):
+        self._lock = threading.Lock()
+        self._free = collections.defaultdict(list)
+        self._max_bytes = max_bytes
+        self._kept_bytes = 0
+
+    def take(self, shape, dtype, pin):
+        key = (tuple(shape), dtype, pin)
+        with self._lock:
+            if self._free[key]:
+                buf = self._free[key].pop()
+                self._kept_bytes -= _nbytes(buf)
+                return buf
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+    def give_back(self, buffers):
+        with self._lock:
+            for buf in buffers:
+                if self._kept_bytes + _nbytes(buf) <= self._max_bytes:
+                    self._free[(tuple(buf.shape), buf.dtype, buf.is_pinned())].append(buf)
+                    self._kept_bytes += _nbytes(buf)
+
+
+def _nbytes(tensor):
+    return tensor.numel() * tensor.element_size()
+
+
+_POOL = _PinnedPool()
+
+
+class BatchFeed:
+    """The scaled training batches of ``X`` on ``device``, gathered ahead.
+
+    Parameters
+    ----------
+    X : ndarray, memmap or CSR matrix of shape (n_samples, n_features)
+    device : torch.device
+    scale : float
+        Every row is multiplied by it (the trainer's input scale).
+    batch_size : int
+        The largest batch that will be asked for (the buffers' size).
+    resident : bool
+        Copy the rows to the device once, scaled and in float32, and gather
+        each batch there.
+    workers : int
+        Host threads that gather streamed batches ahead of the step; 0
+        gathers in the caller's thread when the batch is asked for.
+    depth : int
+        Batches in flight ahead of the one being used (streamed mode with
+        workers).
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> X = np.arange(12, dtype=np.float32).reshape(6, 2)
+    >>> feed = BatchFeed(X, torch.device("cpu"), scale=2.0, batch_size=2, workers=1)
+    >>> batches = [x for _, x in feed.batches([np.array([0, 5]), np.array([1])])]
+    >>> feed.close()
+    >>> batches[0].tolist(), batches[1].tolist()
+    ([[0.0, 2.0], [20.0, 22.0]], [[4.0, 6.0]])
+    """
+
+    def __init__(self, X, device, scale, batch_size, resident=False, workers=0, depth=2):
+        self.X = X
+        self._largest = int(batch_size)
+        self.device = torch.device(device)
+        self.scale = float(scale)
+        self.workers = int(workers)
+        self.depth = max(1, int(depth))
+        self._cuda = self.device.type == "cuda"
+        self._taken = []
+        self._executor = None
+        self._data = self._upload() if resident else None
+        self.resident = resident
+
+    # ------------------------------------------------------------- resident
+    def _upload(self):
+        """``X * scale`` as one float32 tensor on the device, copied in chunks."""
+        n_rows, n_features = self.X.shape
+        data = torch.empty((n_rows, n_features), dtype=torch.float32, device=self.device)
+        chunk = max(1, _UPLOAD_BYTES // (4 * n_features))
+        if not self._cuda:
+            for start in range(0, n_rows, chunk):
+                rows = take_rows(self.X, slice(start, min(start + chunk, n_rows)))
+                data[start:start + len(rows)] = torch.from_numpy(_writable(rows))
+            return data.mul_(self.scale)
+        staging = [self._take((chunk, n_features), torch.float32) for _ in range(2)]
+        done = [None, None]
+        for i, start in enumerate(range(0, n_rows, chunk)):
+            rows = take_rows(self.X, slice(start, min(start + chunk, n_rows)))
+            buf = staging[i % 2]
+            if done[i % 2] is not None:
+                # The copy out of this buffer two chunks ago must have run
+                # before the buffer is written again.
+                done[i % 2].synchronize()
+            buf[: len(rows)].numpy()[...] = rows
+            data[start:start + len(rows)].copy_(buf[: len(rows)], non_blocking=True)
+            done[i % 2] = torch.cuda.Event()
+            done[i % 2].record()
+        return data.mul_(self.scale)
+
+    def _resident_batches(self, items):
+        ring = [self._take((self._largest, ), torch.int64) for _ in range(_INDEX_RING)]
+        events = [None] * _INDEX_RING
+        for i, (index, local) in enumerate(items):
+            if local is None or len(local) == 0:
+                yield index, None
+                continue
+            slot = i % _INDEX_RING
+            n = len(local)
+            if events[slot] is not None:
+                events[slot].synchronize()
+            host = ring[slot][:n]
+            host.numpy()[...] = local
+            if self._cuda:
+                index_t = host.to(self.device, non_blocking=True)
+                events[slot] = torch.cuda.Event()
+                events[slot].record()
+            else:
+                index_t = host
+            yield index, self._data.index_select(0, index_t)
+
+    # ------------------------------------------------------------- streamed
+    def _fill(self, buf, local, ready):
+        """Gather rows ``local`` of ``X`` into ``buf`` (a worker's job)."""
+        if ready is not None:
+            # The copy to the device out of this buffer, batches ago.
+            ready.synchronize()
+        out = buf[: len(local)].numpy()
+        X = self.X
+        if isinstance(X, np.ndarray) and X.dtype == np.float32 and not sp.issparse(X):
+            # One copy, straight into the (pinned) buffer.
+            np.take(X, local, axis=0, out=out, mode="clip")
+        else:
+            out[...] = take_rows(X, local)
+        return len(local)
+
+    def _streamed_batches(self, items):
+        if self.workers == 0:
+            for index, local in items:
+                if local is None or len(local) == 0:
+                    yield index, None
+                    continue
+                rows = take_rows(self.X, local)
+                x = torch.from_numpy(_writable(rows))
+                if self._cuda:
+                    x = x.pin_memory().to(self.device, non_blocking=True)
+                    yield index, x.mul_(self.scale)
+                else:
+                    # Not in place: the tensor may share memory with X.
+                    yield index, x.to(torch.float32).mul(self.scale)
+            return
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                self.workers, thread_name_prefix="sparse_dict-feed")
+        n_buffers = self.depth + self.workers + 1
+        ring = [self._take((self._largest, self.X.shape[1]), torch.float32)
+                for _ in range(n_buffers)]
+        ready = [None] * n_buffers
+        copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        pending = collections.deque()
+        items = iter(items)
+        count = 0
+
+        def submit():
+            nonlocal count
+            item = next(items, None)
+            if item is None:
+                return
+            index, local = item
+            if local is None or len(local) == 0:
+                pending.append((index, None, None))
+                return
+            slot = count % n_buffers
+            count += 1
+            job = self._executor.submit(self._fill, ring[slot], local, ready[slot])
+            pending.append((index, slot, job))
+
+        for _ in range(self.depth + self.workers):
+            submit()
+        try:
+            while pending:
+                index, slot, job = pending.popleft()
+                submit()
+                if job is None:
+                    yield index, None
+                    continue
+                n = job.result()
+                if not self._cuda:
+                    # A copy: the buffer is refilled while the step runs.
+                    yield index, ring[slot][:n].mul(self.scale)
+                    continue
+                main = torch.cuda.current_stream(self.device)
+                with torch.cuda.stream(copy_stream):
+                    x = ring[slot][:n].to(self.device, non_blocking=True)
+                    ready[slot] = torch.cuda.Event()
+                    ready[slot].record(copy_stream)
+                main.wait_event(ready[slot])
+                # x was allocated on the copy stream and is used on the main one.
+                x.record_stream(main)
+                yield index, x.mul_(self.scale)
+        finally:
+            for _, _, job in pending:
+                if job is not None:
+                    job.cancel()
+            for _, _, job in pending:
+                if job is not None and not job.cancelled():
+                    concurrent.futures.wait([job])
+            for event in ready:
+                if event is not None:
+                    event.synchronize()
+
+    # ----------------------------------------------------------------- API
+    def batches(self, indices, select=None):
+        """Yield ``(index, x)`` for each row index of ``indices``, in order.
+
+        Parameters
+        ----------
+        indices : iterable of ndarray or slice
+            Row indices of each batch (from :func:`iter_batches`).
+        select : callable, optional
+            Maps a batch's indices to the rows this process trains on (its
+            share in a data-parallel fit); ``x`` is None when the share is
+            empty.
+
+        Yields
+        ------
+        index : ndarray or slice
+            The batch's indices, as given.
+        x : torch.Tensor of shape (n_rows, n_features) or None
+            The selected rows times ``scale``, float32, on the device.
+            Gathering runs ahead: batches after the one being used may
+            already be read when the caller stops early.
+        """
+        def items():
+            for index in indices:
+                local = index
+                if isinstance(local, slice):
+                    local = np.arange(*local.indices(self.X.shape[0]))
+                if select is not None:
+                    local = select(local)
+                yield index, np.asarray(local, dtype=np.int64)
+
+        if self.resident:
+            return self._resident_batches(items())
+        return self._streamed_batches(items())
+
+    def _take(self, shape, dtype):
+        buf = _POOL.take(shape, dtype, pin=self._cuda)
+        self._taken.append(buf)
+        return buf
+
+    def close(self):
+        """Stop the workers and give the pinned buffers back for later fits."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        if self._cuda:
+            # No copy out of a buffer may still be running once it is reused.
+            torch.cuda.current_stream(self.device).synchronize()
+        _POOL.give_back(self._taken)
+        self._taken = []
+        self._data = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _writable(rows):
+    # torch cannot wrap read-only memory (a read-only memmap's rows).
+    return rows if rows.flags.writeable else rows.copy()

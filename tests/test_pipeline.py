@@ -1,0 +1,207 @@
+"""The batch feed: every way of bringing batches to the device trains on the same rows."""
+
+import threading
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from sparse_dict import SparseAutoencoderDictionary
+from sparse_dict._torch import TrainConfig, Trainer
+from sparse_dict._torch.activations import make_activation
+from sparse_dict._torch.data import iter_batches
+from sparse_dict._torch.pipeline import _POOL, BatchFeed, default_workers, resident_fits
+from sparse_dict._torch.train import _DeadFeatures
+
+CPU = torch.device("cpu")
+MODES = [dict(resident=False, workers=0), dict(resident=False, workers=1),
+         dict(resident=False, workers=3, depth=2), dict(resident=True, workers=0)]
+
+
+def _inputs(tmp_path):
+    rng = np.random.RandomState(0)
+    X = rng.randn(103, 7)
+    path = tmp_path / "x.npy"
+    np.save(path, X.astype(np.float32))
+    sparse = X.copy()
+    sparse[sparse < 0.5] = 0
+    return {
+        "float32": X.astype(np.float32),
+        "float64": X,
+        "memmap": np.load(path, mmap_mode="r"),
+        "csr": sp.csr_matrix(sparse),
+    }
+
+
+def _dense(X):
+    return X.toarray() if sp.issparse(X) else np.asarray(X, dtype=np.float64)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["caller", "one-worker", "three-workers", "resident"])
+def test_every_mode_yields_the_scaled_rows_of_each_batch(tmp_path, mode):
+    for name, X in _inputs(tmp_path).items():
+        indices = list(iter_batches(X, 16, np.random.RandomState(1)))
+        with BatchFeed(X, CPU, 0.5, batch_size=16, **mode) as feed:
+            got = list(feed.batches(iter(indices)))
+        assert len(got) == len(indices), name
+        for (index, x), expected in zip(got, indices):
+            assert np.array_equal(index, expected)
+            assert x.dtype == torch.float32
+            np.testing.assert_allclose(x.numpy(), 0.5 * _dense(X)[expected], rtol=1e-6,
+                                       err_msg=name)
+
+
+@pytest.mark.parametrize("mode", MODES[1:], ids=["one-worker", "three-workers", "resident"])
+def test_a_share_and_an_empty_share(mode):
+    X = np.arange(40, dtype=np.float32).reshape(20, 2)
+    indices = [np.array([0, 3, 5, 9]), np.array([1]), np.array([2, 4, 6, 8])]
+    select = lambda index: index[1:]  # noqa: E731 - the first row belongs to another rank
+    with BatchFeed(X, CPU, 1.0, batch_size=4, **mode) as feed:
+        got = list(feed.batches(indices, select))
+    assert got[1][1] is None
+    np.testing.assert_array_equal(got[0][1].numpy(), X[[3, 5, 9]])
+    np.testing.assert_array_equal(got[2][1].numpy(), X[[4, 6, 8]])
+
+
+def test_batches_stay_valid_while_later_ones_are_gathered():
+    # The training loop keeps the latest batches for resampling: a buffer
+    # refilled by a worker must not change a batch already handed out.
+    X = np.random.RandomState(0).randn(64, 5).astype(np.float32)
+    indices = list(iter_batches(X, 8, np.random.RandomState(0)))
+    with BatchFeed(X, CPU, 1.0, batch_size=8, workers=2, depth=2) as feed:
+        kept = [x for _, x in feed.batches(indices)]
+    for index, x in zip(indices, kept):
+        np.testing.assert_array_equal(x.numpy(), X[index])
+
+
+def test_the_feed_reads_at_most_depth_plus_workers_batches_ahead():
+    X = np.zeros((100, 3), dtype=np.float32)
+    asked = []
+
+    def indices():
+        for i in range(10):
+            asked.append(i)
+            yield np.array([i])
+
+    with BatchFeed(X, CPU, 1.0, batch_size=1, workers=2, depth=2) as feed:
+        batches = feed.batches(indices())
+        next(batches)
+        assert len(asked) == 1 + 2 + 2
+        batches.close()
+
+
+def test_a_failing_read_reaches_the_caller_and_leaves_no_thread():
+    class Broken(np.ndarray):
+        pass
+
+    X = np.zeros((10, 3)).view(Broken)  # not float32: read through take_rows
+
+    def take(*_):
+        raise OSError("disk gone")
+
+    import sparse_dict._torch.pipeline as pipeline
+
+    real, pipeline.take_rows = pipeline.take_rows, take
+    try:
+        with BatchFeed(X, CPU, 1.0, batch_size=2, workers=2) as feed:
+            with pytest.raises(OSError, match="disk gone"):
+                list(feed.batches([np.array([0, 1]), np.array([2, 3])]))
+    finally:
+        pipeline.take_rows = real
+    assert not [t for t in threading.enumerate() if t.name.startswith("sparse_dict-feed")]
+
+
+def test_buffers_are_reused_across_feeds():
+    X = np.zeros((10, 3), dtype=np.float32)
+    with BatchFeed(X, CPU, 1.0, batch_size=4, workers=1) as feed:
+        list(feed.batches([np.array([0, 1])]))
+        first = {id(b) for b in feed._taken}
+    with BatchFeed(X, CPU, 1.0, batch_size=4, workers=1) as feed:
+        list(feed.batches([np.array([0, 1])]))
+        second = {id(b) for b in feed._taken}
+    assert first == second
+    assert len(_POOL._free) >= 1
+
+
+def test_defaults_keep_the_cpu_path_as_it_was():
+    assert default_workers(CPU) == 0
+    assert not resident_fits(10, 10, CPU, 1.0)
+
+
+def _train(X, activation, **config):
+    trainer = Trainer(X.shape[1], 48, "cpu", seed=3, activation=make_activation(activation, k=4))
+    trainer.initialize(X, np.random.RandomState(0))
+    # A large step and penalty kill features early, so resampling (which
+    # draws from the batches the feed handed out) runs.
+    settings = dict(batch_size=32, total_steps=40, resample_interval=10, dead_window=5,
+                    coef=3.0, learning_rate=0.03,
+                    auxk_coef=1 / 32 if activation == "topk" else 0.0, k_aux=6)
+    settings.update(config)
+    trainer.train(X, 10, TrainConfig(**settings), np.random.RandomState(5))
+    return trainer
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+def test_training_is_the_same_in_every_mode(activation):
+    X = np.random.RandomState(2).randn(200, 12).astype(np.float32)
+    reference = _train(X, activation)
+    assert reference.n_resampled > 0 or activation == "topk"
+    for config in (dict(data_on_device=True), dict(gather_workers=2)):
+        other = _train(X, activation, **config)
+        for name, value in reference.model.state_dict().items():
+            torch.testing.assert_close(other.model.state_dict()[name], value, rtol=0, atol=0,
+                                       msg=f"{name} with {config}")
+        np.testing.assert_array_equal(other.history, reference.history)
+
+
+def test_an_early_stop_leaves_no_feed_thread():
+    X = np.random.RandomState(2).randn(400, 6).astype(np.float32)
+    trainer = _train(X, "relu", total_steps=3, gather_workers=2)
+    assert trainer.step == 3
+    assert not [t for t in threading.enumerate() if t.name.startswith("sparse_dict-feed")]
+
+
+def test_dead_features_read_late_are_the_ones_of_lag_steps_before():
+    dead = _DeadFeatures(lag=2)
+    masks = [torch.tensor(m, dtype=torch.bool) for m in
+             ([0, 0, 1], [1, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 0])]
+    got = [dead.current(m).tolist() for m in masks]
+    assert got == [[], [], [2], [0], [1, 2]]
+    assert _DeadFeatures(lag=0).current(masks[2]).tolist() == [1, 2]
+
+
+def test_auxk_with_a_lag_still_revives_dead_features():
+    X = np.random.RandomState(2).randn(400, 12).astype(np.float32)
+    trainer = Trainer(12, 96, "cpu", seed=3, activation=make_activation("topk", k=2))
+    trainer.dead_lag = 2
+    trainer.initialize(X, np.random.RandomState(0))
+    config = TrainConfig(batch_size=40, total_steps=60, dead_window=5, auxk_coef=0.5, k_aux=6,
+                         resample_dead=False)
+    trainer.train(X, 10, config, np.random.RandomState(5))
+    history = trainer.history
+    assert np.isfinite(history).all()
+    # AuxK's term is non-zero once features die: the lagged list reached the step.
+    assert (history[:, 4] > 0).any()
+
+
+def test_rollback_false_keeps_what_was_trained_before_the_failure():
+    X = np.random.RandomState(2).randn(100, 6).astype(np.float32)
+
+    def stop_after_first_pass(info):
+        raise KeyboardInterrupt
+
+    for rollback, moved in ((True, False), (False, True)):
+        trainer = Trainer(6, 12, "cpu", seed=0)
+        trainer.initialize(X, np.random.RandomState(0))
+        before = trainer.model.W_dec.detach().clone()
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train(X, 3, TrainConfig(batch_size=20), np.random.RandomState(0),
+                          callback=stop_after_first_pass, rollback=rollback)
+        assert (not torch.equal(trainer.model.W_dec, before)) is moved
+
+
+def test_the_budget_is_a_validated_parameter():
+    X = np.random.RandomState(0).randn(50, 4)
+    with pytest.raises(ValueError, match="device_data_budget"):
+        SparseAutoencoderDictionary(n_components=8, device_data_budget=1.5).fit(X)
