@@ -205,3 +205,53 @@ def test_the_budget_is_a_validated_parameter():
     X = np.random.RandomState(0).randn(50, 4)
     with pytest.raises(ValueError, match="device_data_budget"):
         SparseAutoencoderDictionary(n_components=8, device_data_budget=1.5).fit(X)
+
+
+# ---------------------------------------------------------------------- GPU
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cuda_train(X, activation="relu", **config):
+    trainer = Trainer(X.shape[1], 64, "cuda", seed=3, activation=make_activation(activation, k=4))
+    trainer.initialize(X, np.random.RandomState(0))
+    settings = dict(batch_size=32, total_steps=len(X) // 32, resample_dead=False,
+                    auxk_coef=1 / 32 if activation == "topk" else 0.0, k_aux=6, dead_window=5)
+    settings.update(config)
+    trainer.train(X, 1, TrainConfig(**settings), np.random.RandomState(5))
+    return trainer
+
+
+@needs_cuda
+def test_cuda_feeds_train_alike():
+    X = np.random.RandomState(2).randn(640, 12).astype(np.float32)
+    reference = _cuda_train(X, data_on_device=True)
+    for config in (dict(data_on_device=False, gather_workers=0),
+                   dict(data_on_device=False, gather_workers=3)):
+        other = _cuda_train(X, **config)
+        for name, value in reference.model.state_dict().items():
+            torch.testing.assert_close(other.model.state_dict()[name], value, rtol=1e-5,
+                                       atol=1e-6, msg=f"{name} with {config}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+@pytest.mark.parametrize("resident", [True, False])
+def test_cuda_steps_never_wait_for_the_device(activation, resident):
+    # A host synchronisation per step would add one warning per step: a
+    # run twice as long must warn exactly as often (once per pass at most).
+    X = np.random.RandomState(2).randn(2560, 12).astype(np.float32)
+    _cuda_train(X, activation, total_steps=5, data_on_device=resident)  # warm-up
+
+    def syncs(steps):
+        torch.cuda.synchronize()
+        with pytest.warns() as record:
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                _cuda_train(X, activation, total_steps=steps, data_on_device=resident)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            import warnings
+            warnings.warn("marker")  # pytest.warns needs at least one
+        return sum("synchroniz" in str(w.message) for w in record)
+
+    assert syncs(40) == syncs(20)

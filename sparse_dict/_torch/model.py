@@ -52,6 +52,12 @@ def sparse_step_pays(k, n_components, device):
             and k <= _SPARSE_MAX_K_RATIO * n_components)
 
 
+def _float32_dense(t):
+    """``t`` as a contiguous float32 tensor, in one pass (a bf16 product's column slice)."""
+    return t.contiguous() if t.dtype == torch.float32 else t.to(
+        torch.float32, memory_format=torch.contiguous_format)
+
+
 def fitted_tensor_names(activation):
     """Names of every fitted tensor of an autoencoder with ``activation``.
 
@@ -349,9 +355,9 @@ class SparseAutoencoder(nn.Module):
         # codes gives W_dec's gradient and, in the last column, the codes'
         # column sums (for the penalty).
         gx_ones[:, :d] = err.mul(2.0 / batch)
-        dec_grad = mm(codes.t(), gx_ones).float()
-        self.W_dec.grad = dec_grad[:, :d].contiguous()
-        code_sums = dec_grad[:, d]
+        dec_grad = mm(codes.t(), gx_ones)
+        self.W_dec.grad = _float32_dense(dec_grad[:, :d])
+        code_sums = dec_grad[:, d].float()
         l0 = fired.sum() / batch
         penalty, code_bias = act.penalty(code_sums, l0, self, coef, batch)
         l1 = code_sums.sum() / batch
@@ -364,9 +370,9 @@ class SparseAutoencoder(nn.Module):
         mm(gx_ones, dec.t(), out=grad)
         act.parameter_gradients_(grad, self, coef, batch)
         grad.mul_(mask)
-        enc_grad = mm(grad.t(), xc_ones).float()
-        self.W_enc.grad = enc_grad[:, :d].contiguous()
-        grad_b_enc = enc_grad[:, d].contiguous()
+        enc_grad = mm(grad.t(), xc_ones)
+        self.W_enc.grad = _float32_dense(enc_grad[:, :d])
+        grad_b_enc = enc_grad[:, d].float().contiguous()
         self.b_enc.grad = grad_b_enc
         # b_dec enters twice: added to x_hat, and subtracted before encoding.
         self.b_dec.grad = gx_ones[:, :d].sum(dim=0, dtype=torch.float32) - grad_b_enc @ W_enc

@@ -448,7 +448,7 @@ class Trainer:
                 # Keep atoms on the unit sphere: drop the gradient's radial part,
                 # step, then renormalise the small drift that remains.
                 W, g = model.W_dec, model.W_dec.grad
-                g.sub_((g * W).sum(dim=1, keepdim=True) * W)
+                g.addcmul_((g * W).sum(dim=1, keepdim=True), W, value=-1.0)
             optimizer.step()
             model.normalize_atoms_()
             activation.after_step_(model, self.step)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One short session on a machine with an NVIDIA GPU: the GPU benchmarks,
+# then the whole test suite with device="auto" choosing the GPU.
+#
+#   bash benchmarks/gpu_session.sh OUT_DIR [BENCH_SECONDS] [TEST_SECONDS]
+#
+# Writes OUT_DIR/gpu.txt (the card, driver and library versions),
+# OUT_DIR/gpu/results.json and results.md (the benchmark section "gpu", as
+# `python -m benchmarks --device cuda --only gpu` writes them), the profile
+# of a short bf16 fit, OUT_DIR/bench.log and OUT_DIR/tests.log. Each stage
+# has its own time limit, so that a slow stage leaves the other's output.
+set -uo pipefail
+out=${1:?usage: gpu_session.sh OUT_DIR [BENCH_SECONDS] [TEST_SECONDS]}
+bench_s=${2:-300}
+test_s=${3:-240}
+mkdir -p "$out/gpu"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    "$py" - <<'EOF'
+import platform, numpy, scipy, sklearn, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "numpy", numpy.__version__, "scipy", scipy.__version__, "sklearn", sklearn.__version__)
+print("device", torch.cuda.get_device_name(), "cpus", __import__("os").cpu_count())
+EOF
+} 2>&1 | tee "$out/gpu.txt"
+
+# The console script `sparse-dict` for the CLI tests, without the network.
+"$py" -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 \
+    || echo "editable install failed (see install.log); the package is on PYTHONPATH"
+
+echo "== benchmarks (limit ${bench_s} s)"
+timeout "$bench_s" "$py" -m benchmarks --device cuda --only gpu --quick --out "$out/gpu" \
+    2>&1 | tee "$out/bench.log"
+echo "benchmarks exit: $?"
+
+echo "== tests (limit ${test_s} s)"
+workers=$(( $(nproc) / 2 ))
+timeout "$test_s" "$py" -m pytest -q -rfE -p no:cacheprovider -n "$workers" \
+    --timeout 200 tests 2>&1 | tee "$out/tests.log" | tail -60
+echo "tests exit: $?"
