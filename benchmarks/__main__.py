@@ -5,7 +5,10 @@ Writes ``results.json`` (every figure, the machine and the targets),
 ``benchmarks/results/``). Sections (``--only`` takes a comma-separated
 subset): recovery, frontier, time_to_quality, scaling, encoding, throughput,
 steering, extraction, extraction_disk, distributed, findings (the seed paper's findings: dictionary
-size, universality and feature splitting on the built-in model), saelens_throughput
+size, universality and feature splitting on the built-in model), gpu (the training step and
+the whole fit against the device's dense matrix-product rate in float32 and bfloat16, and
+against a plain torch loop, at four sizes up to d=2048 and N=65536; meant for
+``--device cuda``, where it also writes a profiler summary), saelens_throughput
 (against SAELens, in its own optional environment: see
 ``benchmarks/requirements-saelens.txt``; skipped, with the reason recorded, when
 that is missing). A section that fails is recorded with its error and the others
@@ -24,6 +27,7 @@ folder as soon as the section ends.
 
 import argparse
 import importlib
+import inspect
 import sys
 import traceback
 from pathlib import Path
@@ -32,7 +36,7 @@ from benchmarks._common import Timer, blas_summary, machine_info, run_isolated, 
 
 SECTIONS = ("recovery", "frontier", "time_to_quality", "scaling", "encoding",
             "throughput", "steering", "extraction", "extraction_disk", "distributed",
-            "findings", "saelens_throughput")
+            "findings", "gpu", "saelens_throughput")
 # Sections of the tiny (smoke-test) mode: extraction has no tiny size, and the
 # SAELens comparison needs its optional environment.
 TINY_SECTIONS = tuple(name for name in SECTIONS
@@ -58,15 +62,21 @@ def _extraction(mode, device):
     return result
 
 
-def run_section(name, mode, device):
-    """One section's figures (with ``wall_s``), or its error, run in this process."""
+def run_section(name, mode, device, out_dir=None):
+    """One section's figures (with ``wall_s``), or its error, run in this process.
+
+    A section whose ``run`` takes ``out_dir`` (gpu) is given the output
+    folder, for the files it writes beside its figures.
+    """
     with Timer() as t:
         try:
             if name == "extraction":
                 result = _extraction(mode, device)
             else:
                 module = importlib.import_module(f"benchmarks.{name}")
-                result = module.run(mode=mode, device=device)
+                extra = ({"out_dir": out_dir}
+                         if "out_dir" in inspect.signature(module.run).parameters else {})
+                result = module.run(mode=mode, device=device, **extra)
         except Exception:  # noqa: BLE001 - record and go on with the other sections
             result = {"error": traceback.format_exc()}
     result["wall_s"] = t.seconds
@@ -135,7 +145,7 @@ def main(argv=None):
                 section = done[name]
             else:
                 print(f"[benchmarks] {name} ({args.mode}) ...", flush=True)
-                section = run_section(name, args.mode, args.device)
+                section = run_section(name, args.mode, args.device, args.out)
                 if "error" in section:
                     print(section["error"], file=sys.stderr, flush=True)
                 print(f"[benchmarks] {name}: {section['wall_s']:.1f} s", flush=True)

@@ -25,6 +25,7 @@ PLOTS = {
     "distributed": [],
     "saelens_throughput": [],
     "findings": ["size_curve.png"],
+    "gpu": [],
 }
 
 
@@ -340,6 +341,52 @@ def _saelens_md(r):
             + f"\nsparse_dict / SAELens: **{_fmt(r['speedup'])}**.\n")
 
 
+# The gpu section's rows: (label, key in each dtype's figures).
+_GPU_ROWS = (
+    ("dense matmul TFLOP/s", "matmul_tflops"),
+    ("fused step, ms", "step_ms"),
+    ("fused step, fraction of matmul", "step_fraction_of_matmul"),
+    ("whole fit, short (s)", "fit_short_s"),
+    ("whole fit, long (s)", "fit_long_s"),
+    ("whole fit, steady ms/step", "steady_ms_per_step"),
+    ("whole fit, fraction of matmul", "fit_fraction_of_matmul"),
+    ("short-fit overhead (short fit / its steady steps)", "short_fit_overhead"),
+    ("plain loop (a) host batches, ms/step", "plain_gather_ms_per_step"),
+    ("plain loop (b) device batches, ms/step", "plain_device_ms_per_step"),
+    ("whole fit rows/s", "fit_rows_per_s"),
+    ("sparse_dict / plain loop (a)", "over_plain_gather"),
+    ("sparse_dict / plain loop (b)", "over_plain_device"),
+)
+
+
+def _gpu_md(r):
+    out = [f"{r['card']} ({r['device']}), torch {r['torch']}, CUDA {r['cuda']}, float32 "
+           f"matmul precision {r['float32_matmul_precision']}; batch {r['batch']}, "
+           f"{r['n_rows']:,} rows of random data; one step = 10·B·d·N FLOPs."]
+    first = r.get("first_fit")
+    if first:
+        out.append(f"Warm-up (first fit in process): {_fmt(first['seconds'])} s for "
+                   f"{first['steps']} {first['dtype']} steps at the first size ({first['note']}).")
+    if r.get("profile"):
+        out.append(f"A torch.profiler summary of one short bf16 fit at the reference size is "
+                   f"in {r['profile']}.")
+    elif r.get("profile_error"):
+        out.append("The profiler failed: " + r["profile_error"].strip().splitlines()[-1] + ".")
+    for label, size in r["sizes"].items():
+        head = f"**{label}**: d={size['d']}, N={size['n']}, B={size['batch']}"
+        if "error" in size:
+            out.append(f"{head}: failed ({size['error'].strip().splitlines()[-1]}).")
+            continue
+        dtypes = [name for name in ("float32", "bf16") if name in size]
+        steps = size[dtypes[0]]
+        head += (f"; fits of {steps['short_steps']} and {steps['long_steps']} steps"
+                 + (f" ({size['note']})" if size.get("note") else "") + ":")
+        out.append(head + "\n\n" + _table(["", *dtypes],
+                                         [[row, *(size[name][key] for name in dtypes)]
+                                          for row, key in _GPU_ROWS]))
+    return "\n\n".join(out) + "\n"
+
+
 def _distributed_md(r):
     s = r["shape"]
     rows = [[name, a["one_process_rows_per_s"], a["data_parallel_rows_per_s"], a["speedup"],
@@ -574,6 +621,18 @@ SECTION_NOTES = {
         "through SAETrainer._train_step) on the same configuration and batches in memory, "
         "SAELens in its own optional environment (benchmarks/requirements-saelens.txt). "
         "Target: at least 1.5 times SAELens' rows/s."),
+    "gpu": (
+        "The GPU at its limit: for each size, in float32 and bfloat16, the dense "
+        "(B x d) @ (d x N) matrix product's rate; the fused training step alone (the "
+        "trainer's loss and gradients, the unit-norm projection, Adam, renormalisation) "
+        "with the batch on the device; the whole ``fit`` from a numpy array, whose "
+        "steady-state step is the difference of a long and a short fit over their "
+        "difference in steps; and a plain autograd loop of the same model with batches "
+        "(a) gathered on the host and copied every step, (b) indexed on the device. "
+        "Targets at the reference size (d=768, N=24576): whole fit at least 0.75 (float32) "
+        "and 0.5 (bf16) of the matrix product; at least 1.5 times plain loop (a) in bf16; "
+        "the fused step at least 0.6 of the bf16 product; a short fit at most 1.3 times as "
+        "many steady steps; at the small size, at least as fast as plain loop (b)."),
     "findings": (
         "Measurements of the seed paper's findings on the built-in model's MLP activations "
         "(512 neurons). Size curve: top-k SAEs of growing size at one fixed L0 (``k``), with "
@@ -603,6 +662,7 @@ _SECTION_MD = {
     "findings": ("11. The seed's findings: dictionary size, universality, splitting",
                  _findings_md),
     "saelens_throughput": ("12. Training throughput against SAELens", _saelens_md),
+    "gpu": ("13. The GPU at its limit", _gpu_md),
 }
 
 

@@ -228,3 +228,45 @@ def test_unknown_section_is_refused():
     )
     assert proc.returncode == 2
     assert "unknown section" in proc.stderr
+
+
+def test_gpu_section_tiny_on_cpu(tmp_path):
+    from benchmarks import gpu
+
+    result = gpu.run("tiny", "cpu", out_dir=tmp_path)
+    tiny = gpu.SIZES["tiny"]
+    assert set(result["sizes"]) == {"reference", "small"} == set(tiny["shapes"])
+    assert result["first_fit"]["seconds"] > 0
+    assert result["device"] == "cpu" and result["torch"]
+    for label, size in result["sizes"].items():
+        assert "error" not in size, size.get("error")
+        assert (size["d"], size["n"]) == (tiny["shapes"][label]["d"], tiny["shapes"][label]["n"])
+        for dtype in ("float32", "bf16"):
+            f = size[dtype]
+            for key in ("matmul_tflops", "step_ms", "step_fraction_of_matmul", "fit_short_s",
+                        "fit_long_s", "steady_ms_per_step", "fit_fraction_of_matmul",
+                        "short_fit_overhead", "plain_gather_ms_per_step",
+                        "plain_device_ms_per_step", "over_plain_gather", "over_plain_device"):
+                assert math.isfinite(f[key]) and f[key] > 0, (label, dtype, key, f[key])
+            # The ratios are the figures they are said to be.
+            steady = (f["fit_long_s"] - f["fit_short_s"]) / (f["long_steps"] - f["short_steps"])
+            assert f["steady_ms_per_step"] == pytest.approx(1e3 * steady)
+            assert f["fit_fraction_of_matmul"] == pytest.approx(
+                f["fit_tflops"] / f["matmul_tflops"])
+            assert f["short_fit_overhead"] == pytest.approx(
+                f["fit_short_s"] / (f["short_steps"] * steady))
+            assert f["over_plain_device"] == pytest.approx(
+                f["plain_device_ms_per_step"] / f["steady_ms_per_step"])
+            assert f["plain_autocast"] is False  # no bfloat16 autocast on the CPU
+    names = {t["name"] for t in result["targets"]}
+    assert names == {
+        "gpu_fit_fraction_of_matmul_float32", "gpu_fit_fraction_of_matmul_bf16",
+        "gpu_fit_over_plain_gather_bf16", "gpu_step_fraction_of_matmul_bf16",
+        "gpu_short_fit_overhead_float32", "gpu_short_fit_overhead_bf16",
+        "gpu_small_fit_over_plain_device_float32", "gpu_small_fit_over_plain_device_bf16",
+    }
+    assert all(t["value"] is not None and t["value"] > 0 for t in result["targets"])
+    # The partial figures on disk hold every size; no profile without a GPU.
+    partial = json.loads((tmp_path / "gpu_partial.json").read_text())
+    assert set(partial["sizes"]["small"]) >= {"float32", "bf16"}
+    assert not (tmp_path / "gpu_profile.txt").exists() and "profile" not in result

@@ -1,0 +1,507 @@
+"""The GPU at its limit: training against the device's dense matrix-product rate.
+
+One ReLU SAE training step on a batch of B rows, d features and N atoms
+costs about ``10 * B * d * N`` floating-point operations (two forward
+matrix products, three backward ones). For each size below, in float32 and
+in bfloat16 (the estimator's ``bf16=True``), this section measures in one
+process:
+
+1. the dense ``(B x d) @ (d x N)`` matrix-product rate in that dtype, the
+   ceiling every other figure is a fraction of;
+2. the fused training step alone, the batch already on the device: the
+   trainer's own loss and gradients, the unit-norm projection of the
+   decoder's gradient, Adam and the atoms' renormalisation (the pieces
+   :class:`sparse_dict._torch.Trainer` runs each step, called here one by
+   one);
+3. the whole :meth:`SparseAutoencoderDictionary.fit
+   <sparse_dict.SparseAutoencoderDictionary.fit>` from a numpy array:
+   a short and a long fit, whose difference gives the steady-state time of
+   a step (initialisation, calibration and the first steps' start-up cancel
+   out) and whose ratio to it gives the short fit's overhead. The first fit
+   of the section, before anything else, is timed on its own: what torch's
+   start-up (kernels, allocator, cuBLAS handles) adds to a user's first fit;
+4. a plain hand-written autograd loop of the same model (Adam, unit-norm
+   atoms, ``torch.autocast`` for bfloat16 on a GPU), its batches (a)
+   gathered from the numpy array in shuffled order and copied to the device
+   every step, as a user writes it, and (b) indexed from a copy of the data
+   made on the device once.
+
+Sizes: ``reference`` (d=768, N=24576: a GPT-2 MLP dictionary), ``small``
+(d=512, N=4096), ``wide`` (d=768, N=65536) and ``deep`` (d=2048, N=16384),
+batch 4096. On a GPU, a torch.profiler summary of one short bfloat16 fit at
+the reference size is written to ``gpu_profile.txt`` in the output folder.
+
+Every figure is printed as soon as it is measured, and the figures so far
+are written to ``gpu_partial.json`` in the output folder after each size,
+so that a run stopped by a time limit keeps what it measured. A size that
+runs out of memory (or fails otherwise) is recorded with its error and the
+next size still runs.
+
+Run ``python -m benchmarks.gpu [--device cuda] [--tiny | --full] [--out DIR]``,
+or as a section: ``python -m benchmarks --device cuda --only gpu``.
+"""
+
+import argparse
+import gc
+import json
+import platform
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks._common import target
+from sparse_dict import SparseAutoencoderDictionary
+from sparse_dict._torch import Trainer, resolve_device
+
+DTYPES = {"float32": False, "bf16": True}
+# The estimator's default sparsity coefficient, used by the step and the plain loop.
+L1_COEF = 3.0
+# The issue's targets, all at the reference size unless said otherwise.
+FIT_FRACTION_TARGET = {"float32": 0.75, "bf16": 0.5}
+STEP_FRACTION_TARGET_BF16 = 0.6
+OVER_PLAIN_GATHER_TARGET_BF16 = 1.5
+SHORT_FIT_OVERHEAD_TARGET = 1.3
+SMALL_OVER_PLAIN_DEVICE_TARGET = 1.0
+
+_SHAPES = {
+    "reference": dict(d=768, n=24576),
+    "small": dict(d=512, n=4096),
+    "wide": dict(d=768, n=65536),
+    "deep": dict(d=2048, n=16384),
+}
+# Per mode: the sizes (name -> d, n); the batch; the data (n_batches batches
+# of rows); the short and long fits' steps (long_steps_by_size overrides the
+# long fit of a size, to keep the quick mode within about three minutes on
+# an H100); repeats of each fit (the fastest is kept); calls per timing and
+# timings (the median is kept) of the matrix product and the step; the plain
+# loop's timed and warm-up steps.
+SIZES = {
+    # Seconds on a CPU: the two sizes that carry targets, at toy shapes.
+    "tiny": dict(shapes={"reference": dict(d=32, n=128), "small": dict(d=16, n=64)},
+                 batch=256, n_batches=16, short_steps=10, long_steps=60,
+                 long_steps_by_size={}, fit_repeats=3, calls=5, repeats=3,
+                 plain_steps=10, plain_warmup=2),
+    "quick": dict(shapes=_SHAPES, batch=4096, n_batches=16, short_steps=50, long_steps=300,
+                  long_steps_by_size={"wide": 150, "deep": 150}, fit_repeats=2, calls=10,
+                  repeats=3, plain_steps=40, plain_warmup=3),
+    "full": dict(shapes=_SHAPES, batch=4096, n_batches=16, short_steps=50, long_steps=300,
+                 long_steps_by_size={}, fit_repeats=3, calls=20, repeats=5,
+                 plain_steps=100, plain_warmup=5),
+}
+
+
+def _say(text):
+    print(f"[gpu] {text}", flush=True)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, device, calls, repeats):
+    """Median seconds per call of ``fn``, over ``repeats`` timings of ``calls`` calls.
+
+    On a GPU the calls are timed with CUDA events around the whole group, so
+    the figure is the device's time per call with the host free to queue
+    ahead; the group ends with a synchronisation before it is read.
+    """
+    times = []
+    for _ in range(max(1, repeats)):
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / calls)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - t0) / calls)
+    return float(np.median(times))
+
+
+def make_data(n_rows, d, seed=0):
+    """``n_rows`` correlated float32 rows: standard normal times a random d x d mixing."""
+    rng = np.random.default_rng(seed)
+    z = torch.from_numpy(rng.standard_normal((n_rows, d), dtype=np.float32))
+    mixing = torch.from_numpy(rng.standard_normal((d, d), dtype=np.float32)) / np.sqrt(d)
+    # torch's product: numpy's may run on a single-threaded BLAS.
+    return (z @ mixing).numpy()
+
+
+# ------------------------------------------------------------ the measurements
+def matmul_tflops(batch, d, n, device, bf16, calls, repeats):
+    """TFLOP/s of a dense ``(batch, d) @ (d, n)`` product in float32 or bfloat16."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(batch, d, device=device, dtype=dtype, generator=g)
+    b = torch.randn(d, n, device=device, dtype=dtype, generator=g)
+    out = torch.empty(batch, n, device=device, dtype=dtype)
+    product = lambda: torch.mm(a, b, out=out)  # noqa: E731
+    for _ in range(2):
+        product()
+    _sync(device)
+    seconds = time_calls(product, device, calls, repeats)
+    return 2.0 * batch * d * n / seconds / 1e12
+
+
+def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats):
+    """Seconds of one training step of the sparse_dict core, the batch on the device.
+
+    The pieces that :class:`~sparse_dict._torch.Trainer` runs for each batch,
+    called one by one on the trainer's own model and optimiser: loss and
+    gradients, the projection of the decoder gradient's radial part, Adam,
+    the atoms' renormalisation. ``scale`` is 1: the data's scale does not
+    change the work.
+    """
+    trainer = Trainer(d, n, device, seed=0)
+    trainer.scale = 1.0
+    model, optimizer = trainer.model, trainer.optimizer
+    autocast = torch.bfloat16 if bf16 else None
+    x = torch.as_tensor(X[:batch], device=device)
+
+    def step():
+        model.loss_and_gradients(x, L1_COEF, autocast)
+        with torch.no_grad():
+            W, g = model.W_dec, model.W_dec.grad
+            g.sub_((g * W).sum(dim=1, keepdim=True) * W)
+        optimizer.step()
+        model.normalize_atoms_()
+
+    try:
+        for _ in range(3):
+            step()
+        _sync(device)
+        return time_calls(step, device, calls, repeats)
+    finally:
+        model.release_workspace()
+
+
+def fit_seconds(X, n, batch, steps, device, bf16):
+    """Wall seconds of one ``SparseAutoencoderDictionary.fit`` of ``steps`` steps."""
+    est = SparseAutoencoderDictionary(n_components=n, device=str(device), batch_size=batch,
+                                      max_steps=steps, random_state=0, bf16=bf16)
+    _sync(device)
+    with warnings.catch_warnings():
+        # A 50-step fit is unconverged by design; the warning is not the point.
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        est.fit(X)
+        _sync(device)
+        return time.perf_counter() - t0
+
+
+class PlainSAE:
+    """The same ReLU SAE trained the obvious way: autograd, Adam, unit-norm atoms.
+
+    ``autocast`` runs the forward pass under ``torch.autocast`` in bfloat16
+    (on a GPU; the CPU's bfloat16 autocast is not what a user would run).
+    """
+
+    def __init__(self, d, n, device, autocast=False, seed=0, learning_rate=1e-4):
+        g = torch.Generator().manual_seed(seed)
+        atoms = torch.randn(n, d, generator=g)
+        atoms /= atoms.norm(dim=1, keepdim=True)
+        self.device = device
+        self.autocast = autocast
+        self.W_dec = atoms.to(device, copy=True).requires_grad_()
+        self.W_enc = atoms.to(device, copy=True).requires_grad_()
+        self.b_enc = torch.zeros(n, device=device, requires_grad=True)
+        self.b_dec = torch.zeros(d, device=device, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.W_dec, self.W_enc, self.b_enc, self.b_dec],
+                                          lr=learning_rate)
+
+    def step(self, x):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            f = torch.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc)
+            x_hat = f @ self.W_dec + self.b_dec
+            mse = (x - x_hat).pow(2).sum(dim=1).mean()
+            l1 = (f * self.W_dec.norm(dim=1)).sum(dim=1).mean()
+            loss = mse + L1_COEF * l1
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            W, g = self.W_dec, self.W_dec.grad
+            g -= (g * W).sum(dim=1, keepdim=True) * W
+        self.optimizer.step()
+        with torch.no_grad():
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+
+
+def plain_loop_seconds(X, n, batch, device, bf16, steps, warmup):
+    """Seconds per step of :class:`PlainSAE`, batches gathered on the host or on the device.
+
+    Returns
+    -------
+    gather, on_device : float
+        (a) each batch taken from the numpy array in shuffled order and
+        copied to the device every step; (b) the data copied to the device
+        once and each batch indexed there.
+    """
+    plain = PlainSAE(X.shape[1], n, device, autocast=bf16 and device.type == "cuda")
+    rng = np.random.default_rng(1)
+
+    def host_batches():
+        while True:
+            order = rng.permutation(X.shape[0])
+            for start in range(0, X.shape[0] - batch + 1, batch):
+                yield torch.from_numpy(X[order[start:start + batch]]).to(device)
+
+    X_dev = torch.from_numpy(X).to(device)
+    g = torch.Generator(device=device).manual_seed(1)
+
+    def device_batches():
+        while True:
+            order = torch.randperm(X_dev.shape[0], device=device, generator=g)
+            for start in range(0, X_dev.shape[0] - batch + 1, batch):
+                yield X_dev[order[start:start + batch]]
+
+    seconds = []
+    for batches in (host_batches(), device_batches()):
+        for _ in range(warmup):
+            plain.step(next(batches))
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            plain.step(next(batches))
+        _sync(device)
+        seconds.append((time.perf_counter() - t0) / steps)
+    return tuple(seconds)
+
+
+def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, label):
+    """Every figure of one size in one dtype; each is printed when measured."""
+    flops = 10.0 * batch * d * n
+    r = {}
+    r["matmul_tflops"] = matmul_tflops(batch, d, n, device, bf16, sizes["calls"],
+                                       sizes["repeats"])
+    _say(f"{label} {dtype_name}: matmul {r['matmul_tflops']:.3g} TFLOP/s")
+
+    step = fused_step_seconds(X, d, n, batch, device, bf16, sizes["calls"], sizes["repeats"])
+    r["step_ms"] = 1e3 * step
+    r["step_tflops"] = flops / step / 1e12
+    r["step_fraction_of_matmul"] = r["step_tflops"] / r["matmul_tflops"]
+    _say(f"{label} {dtype_name}: fused step {r['step_ms']:.3g} ms, "
+         f"{r['step_tflops']:.3g} TFLOP/s, {r['step_fraction_of_matmul']:.3f} of matmul")
+
+    short = sizes["short_steps"]
+    r["short_steps"], r["long_steps"] = short, long_steps
+    r["fit_short_s"] = min(fit_seconds(X, n, batch, short, device, bf16)
+                           for _ in range(sizes["fit_repeats"]))
+    _say(f"{label} {dtype_name}: fit of {short} steps {r['fit_short_s']:.3g} s")
+    r["fit_long_s"] = min(fit_seconds(X, n, batch, long_steps, device, bf16)
+                          for _ in range(sizes["fit_repeats"]))
+    steady = (r["fit_long_s"] - r["fit_short_s"]) / (long_steps - short)
+    if steady <= 0:
+        # Noise larger than the extra steps' cost: no steady-state figure.
+        _say(f"{label} {dtype_name}: the long fit was not slower than the short one")
+        steady = float("nan")
+    r["steady_ms_per_step"] = 1e3 * steady
+    r["fit_tflops"] = flops / steady / 1e12
+    r["fit_fraction_of_matmul"] = r["fit_tflops"] / r["matmul_tflops"]
+    r["short_fit_overhead"] = r["fit_short_s"] / (short * steady)
+    _say(f"{label} {dtype_name}: fit of {long_steps} steps {r['fit_long_s']:.3g} s; "
+         f"steady {r['steady_ms_per_step']:.3g} ms/step, "
+         f"{r['fit_fraction_of_matmul']:.3f} of matmul; "
+         f"short-fit overhead {r['short_fit_overhead']:.3g}")
+
+    gather, on_device = plain_loop_seconds(X, n, batch, device, bf16, sizes["plain_steps"],
+                                           sizes["plain_warmup"])
+    r["plain_autocast"] = bf16 and device.type == "cuda"
+    r["plain_gather_ms_per_step"] = 1e3 * gather
+    r["plain_gather_rows_per_s"] = batch / gather
+    r["plain_device_ms_per_step"] = 1e3 * on_device
+    r["plain_device_rows_per_s"] = batch / on_device
+    r["fit_rows_per_s"] = batch / steady
+    r["over_plain_gather"] = gather / steady
+    r["over_plain_device"] = on_device / steady
+    _say(f"{label} {dtype_name}: plain loop (a) host batches {r['plain_gather_ms_per_step']:.3g}"
+         f" ms/step, (b) device batches {r['plain_device_ms_per_step']:.3g} ms/step; "
+         f"sparse_dict / (a) {r['over_plain_gather']:.3g}, / (b) {r['over_plain_device']:.3g}")
+    return r
+
+
+def _first_fit(X, n, batch, steps, device):
+    cuda_ready = device.type == "cuda" and torch.cuda.is_initialized()
+    seconds = fit_seconds(X, n, batch, steps, device, False)
+    _say(f"warm-up (first fit in process), float32, {steps} steps: {seconds:.3g} s")
+    return {"seconds": seconds, "steps": steps, "dtype": "float32",
+            "cuda_initialised_before": cuda_ready,
+            "note": "the first fit of this section; the first of the process only when "
+                    "the section runs first (--only gpu)"}
+
+
+def _profile(X, n, batch, steps, device, path):
+    """Write a torch.profiler summary of one bfloat16 fit to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with warnings.catch_warnings():
+        # torch warns, on leaving the profiler, that it keeps one cycle's
+        # events: one cycle (the fit) is all there is.
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fit_seconds(X, n, batch, steps, device, True)
+    averages = prof.key_averages()
+    tables = []
+    for key in ("self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            table = averages.table(sort_by=key, row_limit=20)
+        except (AttributeError, KeyError, ValueError):
+            # Newer torch names the device's column "device" rather than "cuda".
+            key = key.replace("cuda", "device")
+            table = averages.table(sort_by=key, row_limit=20)
+        tables.append(f"sorted by {key}\n{table}")
+    Path(path).write_text(f"torch.profiler: one {steps}-step bfloat16 fit, "
+                          f"B={batch}, d={X.shape[1]}, N={n}\n\n" + "\n\n".join(tables) + "\n")
+
+
+def _write_partial(result, out_dir):
+    if out_dir is None:
+        return
+    from benchmarks.report import _clean
+
+    Path(out_dir, "gpu_partial.json").write_text(
+        json.dumps(_clean(result), indent=2, allow_nan=False) + "\n")
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(mode="quick", device="cpu", out_dir=None):
+    """Measure every size of ``mode``; return the figures (see the module's docstring).
+
+    Parameters
+    ----------
+    mode : {"tiny", "quick", "full"}
+    device : str
+    out_dir : path or None
+        Where ``gpu_partial.json`` (after each size) and, on a GPU,
+        ``gpu_profile.txt`` are written; None writes nothing.
+    """
+    sizes = SIZES[mode]
+    dev = resolve_device(device)
+    batch = sizes["batch"]
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    result = {
+        "device": str(dev),
+        "card": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (
+            platform.processor() or platform.machine()),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "torch_threads": torch.get_num_threads(),
+        "batch": batch,
+        "n_rows": batch * sizes["n_batches"],
+        "flops_per_step": "10 * batch * d * n",
+        "sizes": {},
+    }
+    _say(f"{result['card']} ({dev}), torch {result['torch']}, CUDA {result['cuda']}")
+    for i, (label, shape) in enumerate(sizes["shapes"].items()):
+        d, n = shape["d"], shape["n"]
+        long_steps = sizes["long_steps_by_size"].get(label, sizes["long_steps"])
+        entry = {"d": d, "n": n, "batch": batch}
+        if long_steps != sizes["long_steps"]:
+            entry["note"] = (f"long fits of {long_steps} steps instead of "
+                             f"{sizes['long_steps']}, to fit the mode's time budget")
+        result["sizes"][label] = entry
+        try:
+            X = make_data(result["n_rows"], d, seed=0)
+            if i == 0:
+                result["first_fit"] = _first_fit(X, n, batch, sizes["short_steps"], dev)
+            for dtype_name, bf16 in DTYPES.items():
+                entry[dtype_name] = measure_dtype(X, d, n, batch, dev, bf16, sizes,
+                                                  long_steps, dtype_name, label)
+                _write_partial(result, out_dir)
+            if label == "reference" and dev.type == "cuda" and out_dir is not None:
+                try:
+                    _profile(X, n, batch, sizes["short_steps"], dev,
+                             Path(out_dir) / "gpu_profile.txt")
+                    result["profile"] = "gpu_profile.txt"
+                except Exception:  # noqa: BLE001 - the figures matter more than the trace
+                    result["profile_error"] = traceback.format_exc()
+                    _say("the profiler failed:\n" + result["profile_error"])
+        except Exception as exc:  # noqa: BLE001 - record and go on with the next size
+            oom = isinstance(exc, torch.cuda.OutOfMemoryError)
+            entry["error"] = ("out of memory: " if oom else "") + traceback.format_exc()
+            _say(f"{label} failed:\n{entry['error']}")
+        finally:
+            X = None
+            _free(dev)
+        _write_partial(result, out_dir)
+    return result
+
+
+def _figure(result, size, dtype, key):
+    return result["sizes"].get(size, {}).get(dtype, {}).get(key)
+
+
+def run(mode="quick", device="cpu", out_dir=None):
+    """The section's figures and targets at the sizes of ``mode``."""
+    result = measure(mode, device, out_dir)
+    note = "tiny shapes on the CPU" if mode == "tiny" else ""
+    ref = "reference size"
+    targets = [
+        target(f"gpu_fit_fraction_of_matmul_{dtype}",
+               f"whole fit's steady TFLOP/s / the {dtype} matrix product's, {ref}",
+               _figure(result, "reference", dtype, "fit_fraction_of_matmul"), threshold,
+               note=note)
+        for dtype, threshold in FIT_FRACTION_TARGET.items()
+    ]
+    targets += [
+        target("gpu_fit_over_plain_gather_bf16",
+               f"whole fit's steady steps/s / the plain loop's with host batches, bf16, {ref}",
+               _figure(result, "reference", "bf16", "over_plain_gather"),
+               OVER_PLAIN_GATHER_TARGET_BF16, note=note),
+        target("gpu_step_fraction_of_matmul_bf16",
+               f"fused step's TFLOP/s / the bf16 matrix product's, {ref}",
+               _figure(result, "reference", "bf16", "step_fraction_of_matmul"),
+               STEP_FRACTION_TARGET_BF16, note=note),
+    ]
+    targets += [
+        target(f"gpu_short_fit_overhead_{dtype}",
+               f"{SIZES[mode]['short_steps']}-step fit's time / as many steady steps, "
+               f"{dtype}, {ref} (first fit excluded)",
+               _figure(result, "reference", dtype, "short_fit_overhead"),
+               SHORT_FIT_OVERHEAD_TARGET, comparison="<=", note=note)
+        for dtype in DTYPES
+    ]
+    targets += [
+        target(f"gpu_small_fit_over_plain_device_{dtype}",
+               f"whole fit's steady steps/s / the plain loop's with device batches, "
+               f"{dtype}, small size",
+               _figure(result, "small", dtype, "over_plain_device"),
+               SMALL_OVER_PLAIN_DEVICE_TARGET, note=note)
+        for dtype in DTYPES
+    ]
+    result["targets"] = targets
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--tiny", dest="mode", action="store_const", const="tiny")
+    size.add_argument("--full", dest="mode", action="store_const", const="full")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for gpu_partial.json and gpu_profile.txt")
+    args = parser.parse_args(argv)
+    result = run(args.mode or "quick", device=args.device, out_dir=args.out)
+    print(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
