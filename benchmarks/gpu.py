@@ -55,7 +55,7 @@ import torch
 
 from benchmarks._common import target
 from sparse_dict import SparseAutoencoderDictionary
-from sparse_dict._torch import Trainer, resolve_device
+from sparse_dict._torch import TrainConfig, Trainer, fused, resolve_device
 
 DTYPES = {"float32": False, "bf16": True}
 # The estimator's default sparsity coefficient, used by the step and the plain loop.
@@ -154,28 +154,27 @@ def matmul_tflops(batch, d, n, device, bf16, calls, repeats):
     return 2.0 * batch * d * n / seconds / 1e12
 
 
-def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats):
+def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_update="auto"):
     """Seconds of one training step of the sparse_dict core, the batch on the device.
 
-    The pieces that :class:`~sparse_dict._torch.Trainer` runs for each batch,
-    called one by one on the trainer's own model and optimiser: loss and
-    gradients, the projection of the decoder gradient's radial part, Adam,
-    the atoms' renormalisation. ``scale`` is 1: the data's scale does not
-    change the work.
+    The two calls that :class:`~sparse_dict._torch.Trainer` makes for each
+    batch, on the trainer's own model and optimiser: the loss and gradients
+    (``loss_and_gradients``), then ``apply_gradients`` (the projection of
+    the decoder gradient's radial part, Adam, the atoms' renormalisation:
+    one fused pass per weight matrix where ``fused_update`` allows, torch's
+    operations with ``fused_update=False``). ``scale`` is 1: the data's scale
+    does not change the work.
     """
     trainer = Trainer(d, n, device, seed=0)
     trainer.scale = 1.0
-    model, optimizer = trainer.model, trainer.optimizer
+    model = trainer.model
     autocast = torch.bfloat16 if bf16 else None
+    config = TrainConfig(fused_update=fused_update)
     x = torch.as_tensor(X[:batch], device=device)
 
     def step():
         model.loss_and_gradients(x, L1_COEF, autocast)
-        with torch.no_grad():
-            W, g = model.W_dec, model.W_dec.grad
-            g.sub_((g * W).sum(dim=1, keepdim=True) * W)
-        optimizer.step()
-        model.normalize_atoms_()
+        trainer.apply_gradients(config)
 
     try:
         for _ in range(3):
@@ -290,8 +289,19 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
     r["step_ms"] = 1e3 * step
     r["step_tflops"] = flops / step / 1e12
     r["step_fraction_of_matmul"] = r["step_tflops"] / r["matmul_tflops"]
+    r["fused_update"] = fused.available(device)
     _say(f"{label} {dtype_name}: fused step {r['step_ms']:.3g} ms, "
-         f"{r['step_tflops']:.3g} TFLOP/s, {r['step_fraction_of_matmul']:.3f} of matmul")
+         f"{r['step_tflops']:.3g} TFLOP/s, {r['step_fraction_of_matmul']:.3f} of matmul"
+         f" (one-pass weight update: {r['fused_update']})")
+    if r["fused_update"]:
+        # The same step with the weights updated by torch's operations: the
+        # fallback, measured beside the fused pass.
+        plain = fused_step_seconds(X, d, n, batch, device, bf16, sizes["calls"],
+                                   sizes["repeats"], fused_update=False)
+        r["step_plain_update_ms"] = 1e3 * plain
+        r["fused_update_speedup"] = plain / step
+        _say(f"{label} {dtype_name}: step with torch's weight update {1e3 * plain:.3g} ms "
+             f"(fused pass {r['fused_update_speedup']:.3g}x)")
 
     short = sizes["short_steps"]
     r["short_steps"], r["long_steps"] = short, long_steps

@@ -18,6 +18,7 @@ from sparse_dict._torch.data import (
     sample_rows,
     to_device,
 )
+from sparse_dict._torch import fused
 from sparse_dict._torch.distributed import fingerprint
 from sparse_dict._torch.memory import training_bytes
 from sparse_dict._torch.model import STAT_NAMES, UNSCALED_TENSORS, SparseAutoencoder
@@ -121,6 +122,10 @@ class TrainConfig:
     gather_workers : int or "auto"
         Host threads that gather streamed batches ahead of the step;
         "auto": none on the CPU, up to four on a GPU.
+    fused_update : bool or "auto"
+        Update each weight matrix in one pass (Adam, the unit-norm
+        constraint: :mod:`sparse_dict._torch.fused`) where it can run (a CUDA
+        GPU with Triton), or always take the plain torch operations (False).
     """
 
     coef: float = 1.0
@@ -140,6 +145,7 @@ class TrainConfig:
     device_data_budget: float = 0.5
     data_on_device: bool | str = "auto"
     gather_workers: int | str = "auto"
+    fused_update: bool | str = "auto"
 
     def lr_factor(self, step):
         factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
@@ -218,6 +224,9 @@ class Trainer:
         # 16384 x 512 weights, as much as a sparse top-k step's own gradients.
         # CPUs have it from torch 2.4; an older torch refuses it there.
         params = list(self.model.parameters())
+        # The fused update's host-side count of each weight's Adam steps,
+        # read from the new optimiser's state when first needed.
+        self._fused_steps = {}
         try:
             return torch.optim.Adam(params, lr=1e-3, fused=True)
         except (RuntimeError, ValueError):
@@ -444,13 +453,7 @@ class Trainer:
             else:
                 x, stats, fired = self._replica_step(
                     x, n_rows, coef, autocast, dead, config, params, replicas)
-            with torch.no_grad():
-                # Keep atoms on the unit sphere: drop the gradient's radial part,
-                # step, then renormalise the small drift that remains.
-                W, g = model.W_dec, model.W_dec.grad
-                g.addcmul_((g * W).sum(dim=1, keepdim=True), W, value=-1.0)
-            optimizer.step()
-            model.normalize_atoms_()
+            self.apply_gradients(config)
             activation.after_step_(model, self.step)
 
             fired_total += fired
@@ -500,6 +503,52 @@ class Trainer:
             self._check_replicas(X, config, replicas, "the parameters after a pass (a bug)",
                                  error=RuntimeError)
         return stop
+
+    @torch.no_grad()
+    def apply_gradients(self, config):
+        """Adam's step from the gradients in ``.grad``, keeping atoms at unit norm.
+
+        The decoder gradient's radial part is dropped, Adam steps, and the
+        atoms are renormalised (the small drift that remains). On a GPU the
+        two weight matrices take one fused pass each
+        (:func:`sparse_dict._torch.fused.adam_rows_`) and the other
+        parameters torch's Adam; elsewhere, or with
+        ``config.fused_update=False``, all of it is torch's operations.
+        """
+        model = self.model
+        use_fused = config.fused_update
+        if use_fused == "auto":
+            use_fused = fused.available(self.device)
+        if not use_fused:
+            W, g = model.W_dec, model.W_dec.grad
+            g.addcmul_((g * W).sum(dim=1, keepdim=True), W, value=-1.0)
+            self.optimizer.step()
+            model.normalize_atoms_()
+            return
+        weights = ((model.W_dec, True), (model.W_enc, False))
+        grads = [w.grad for w, _ in weights]
+        for w, _ in weights:
+            w.grad = None  # torch's Adam skips a parameter without a gradient
+        self.optimizer.step()
+        group = self.optimizer.param_groups[0]
+        beta1, beta2 = group["betas"]
+        for (w, unit), g in zip(weights, grads):
+            state = self.optimizer.state[w]
+            if not state:
+                # The state torch's fused Adam would make, so that either
+                # path can take over.
+                state["step"] = torch.zeros((), dtype=torch.float32, device=w.device)
+                state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+            steps = self._fused_steps
+            if id(w) not in steps:
+                steps[id(w)] = int(state["step"])  # one read per optimiser, not per step
+            steps[id(w)] += 1
+            state["step"] += 1
+            fused.adam_rows_(w, g, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
+                             beta1=beta1, beta2=beta2, eps=group["eps"], step=steps[id(w)],
+                             project=unit, unit=unit)
+            w.grad = g
 
     def _local_step(self, x, coef, autocast, dead, config):
         """The loss and gradients of the (scaled) rows ``x``."""

@@ -1,0 +1,159 @@
+"""The one-pass weight update against torch's Adam and the plain constraint."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_dict._torch import TrainConfig, Trainer, fused
+from sparse_dict._torch.activations import make_activation
+
+# Trains the same model with the fused update and with the plain one, then
+# calls adam_rows_ directly on awkward shapes, and prints the largest gaps.
+_COMPARE = textwrap.dedent('''
+    import json, sys
+    import numpy as np, torch
+    from sparse_dict._torch import TrainConfig, Trainer, fused
+    from sparse_dict._torch.activations import make_activation
+
+    device = sys.argv[1]
+    out = {"available": fused.available(torch.device(device))}
+    X = np.random.RandomState(2).randn(400, 24).astype(np.float32)
+    for act in ("relu", "topk"):
+        models = []
+        for update in (False, True):
+            t = Trainer(24, 40, device, seed=3, activation=make_activation(act, k=4))
+            t.initialize(X, np.random.RandomState(0))
+            config = TrainConfig(batch_size=50, total_steps=30, fused_update=update,
+                                 learning_rate=0.03, coef=5.0, resample_interval=10, k_aux=4,
+                                 auxk_coef=0.1 if act == "topk" else 0.0, dead_window=5)
+            t.train(X, 5, config, np.random.RandomState(5))
+            models.append(t)
+        a, b = models
+        out[act] = {k: float((b.model.state_dict()[k] - v).abs().max())
+                    for k, v in a.model.state_dict().items()}
+        sa, sb = (m.optimizer.state[m.model.W_dec] for m in models)
+        out[act]["moments"] = float((sa["exp_avg_sq"] - sb["exp_avg_sq"]).abs().max())
+        out[act]["steps"] = [float(sa["step"]), float(sb["step"])]
+        out[act]["resampled"] = a.n_resampled
+    # 37 rows (not a multiple of a block), d=70 (not a power of two), a
+    # strided bfloat16 gradient, and the low-precision copy.
+    g = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(37, 70, generator=g, device=device)
+    w /= w.norm(dim=1, keepdim=True)
+    wide = torch.randn(37, 80, generator=g, device=device).bfloat16()
+    grad = wide[:, :70]
+    m = torch.randn(37, 70, generator=g, device=device) * 0.1
+    v = torch.rand(37, 70, generator=g, device=device) * 0.1
+    low = torch.zeros(37, 80, device=device, dtype=torch.bfloat16)
+    ref_w = w.clone().requires_grad_()
+    opt = torch.optim.Adam([ref_w], lr=0.05, betas=(0.8, 0.95), eps=1e-6)
+    ref_w.grad = torch.zeros_like(ref_w)
+    opt.step()  # creates the state; its values are set next
+    with torch.no_grad():
+        ref_w.copy_(w)
+    state = opt.state[ref_w]
+    state["exp_avg"].copy_(m); state["exp_avg_sq"].copy_(v); state["step"].fill_(6)
+    ref_grad = grad.float()
+    ref_grad = ref_grad - (ref_grad * w).sum(1, keepdim=True) * w
+    ref_w.grad = ref_grad
+    opt.step()
+    with torch.no_grad():
+        expected = ref_w / ref_w.norm(dim=1, keepdim=True)
+    fused.adam_rows_(w, grad, m, v, lr=0.05, beta1=0.8, beta2=0.95, eps=1e-6, step=7,
+                     project=True, unit=True, low=low)
+    out["direct"] = {
+        "weight": float((w - expected).abs().max()),
+        "exp_avg": float((m - state["exp_avg"]).abs().max()),
+        "exp_avg_sq": float((v - state["exp_avg_sq"]).abs().max()),
+        "low": float((low[:, :70].float() - w).abs().max()),
+        "low_untouched": float(low[:, 70:].float().abs().max()),
+        "grad_unchanged": bool(torch.equal(grad, wide[:, :70])),
+    }
+    print(json.dumps(out))
+''')
+
+
+def _compare(device, env=None):
+    result = subprocess.run([sys.executable, "-c", _COMPARE, device], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _check(out):
+    assert out["available"]
+    for act in ("relu", "topk"):
+        gaps = out[act]
+        assert gaps["steps"] == [30.0, 30.0]
+        for name in ("W_dec", "W_enc", "b_enc", "b_dec", "moments"):
+            assert gaps[name] < 2e-5, (act, name, gaps)
+    assert out["relu"]["resampled"] > 0  # the moments' reset by resampling ran on both
+    direct = out["direct"]
+    assert direct["weight"] < 1e-5 and direct["exp_avg"] < 1e-6 and direct["exp_avg_sq"] < 1e-6
+    assert direct["low"] < 1e-2  # bfloat16's rounding
+    assert direct["low_untouched"] == 0.0 and direct["grad_unchanged"]
+
+
+def test_fused_update_matches_torch_in_triton_s_interpreter():
+    pytest.importorskip("triton")
+    # The interpreter runs the kernel's own code on the CPU, element by
+    # element as written: what a GPU would compute, up to rounding.
+    _check(_compare("cpu", {"TRITON_INTERPRET": "1"}))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_update_matches_torch_on_the_gpu():
+    pytest.importorskip("triton")
+    _check(_compare("cuda"))
+
+
+def test_no_fused_update_on_the_cpu_or_when_turned_off(monkeypatch):
+    assert not fused.available(torch.device("cpu"))
+    monkeypatch.setenv("SPARSE_DICT_FUSED", "0")
+    assert not fused.available(torch.device("cuda"))
+
+
+def test_bad_layouts_are_refused():
+    w = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="contiguous"):
+        fused.adam_rows_(w.t(), w.t(), w.t(), w.t(), lr=1e-3, beta1=0.9, beta2=0.999,
+                         eps=1e-8, step=1)
+    with pytest.raises(ValueError, match="columns"):
+        fused.adam_rows_(w, torch.zeros(8, 4).t(), w.clone(), w.clone(), lr=1e-3, beta1=0.9,
+                         beta2=0.999, eps=1e-8, step=1)
+
+
+def test_the_trainer_falls_back_to_torch_where_fused_cannot_run():
+    X = np.random.RandomState(0).randn(100, 6).astype(np.float32)
+    runs = []
+    for update in ("auto", False):
+        t = Trainer(6, 12, "cpu", seed=0, activation=make_activation("relu"))
+        t.initialize(X, np.random.RandomState(0))
+        t.train(X, 2, TrainConfig(batch_size=20, fused_update=update), np.random.RandomState(1))
+        runs.append(t.model.W_dec.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("failure", ["raises", "differs"])
+def test_a_kernel_that_fails_its_probe_leaves_the_plain_path(monkeypatch, failure):
+    def probe_gap(device):
+        if failure == "raises":
+            raise RuntimeError("no compiler")
+        return 0.5
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets available() probe on the CPU
+    monkeypatch.setattr(fused, "_probe_gap", probe_gap)
+    fused._probe.cache_clear()
+    try:
+        match = "cannot run" if failure == "raises" else "differs"
+        with pytest.warns(RuntimeWarning, match=match):
+            assert not fused.available(torch.device("cpu"))
+    finally:
+        fused._probe.cache_clear()
