@@ -29,7 +29,7 @@ _COMPARE = textwrap.dedent('''
             t = Trainer(24, 40, device, seed=3, activation=make_activation(act, k=4))
             t.initialize(X, np.random.RandomState(0))
             config = TrainConfig(batch_size=50, total_steps=30, fused_update=update,
-                                 learning_rate=0.03, coef=5.0, resample_interval=10, k_aux=4,
+                                 learning_rate=0.1, coef=20.0, resample_interval=10, k_aux=4,
                                  auxk_coef=0.1 if act == "topk" else 0.0, dead_window=5)
             t.train(X, 5, config, np.random.RandomState(5))
             models.append(t)

