@@ -68,6 +68,11 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+# Seconds for OpenBLAS's spinning threads to go to sleep (its default
+# timeout is 2**28 cycles, about 0.1 s).
+_OPENBLAS_IDLE_S = 0.5
+
+
 def matmul_rate(batch, d, n, device, repeats, dtype=torch.float32, library="torch"):
     """GFLOP/s of a dense ``(batch, d) @ (d, n)`` product.
 
@@ -88,7 +93,14 @@ def matmul_rate(batch, d, n, device, repeats, dtype=torch.float32, library="torc
     for _ in range(repeats):
         product()
     _sync(device)
-    return 2.0 * batch * d * n * repeats / (time.perf_counter() - start) / 1e9
+    seconds = time.perf_counter() - start
+    if library == "openblas":
+        # OpenBLAS's threads spin for a while after a call before they
+        # sleep; on a 2-core machine that takes the cores from whatever is
+        # timed next (measured: the ReLU loop timed right after ran 4%
+        # slower than after a pause). Let them go idle first.
+        time.sleep(_OPENBLAS_IDLE_S)
+    return 2.0 * batch * d * n * repeats / seconds / 1e9
 
 
 class PlainLoop:

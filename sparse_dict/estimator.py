@@ -807,6 +807,8 @@ class SparseAutoencoderDictionary(
         data-parallel fit judges the same history alike: the warning is
         given once, by rank 0.
         """
+        # Training is over: its (batch, n_components) buffers can go.
+        trainer.model.release_workspace()
         sample = trainer.calibration_sample(X, _CALIBRATION_ROWS, random_state)
         trainer.calibrate(sample)
         problems = assess_training(trainer, config, check_convergence=assess)

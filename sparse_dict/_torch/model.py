@@ -346,8 +346,14 @@ class SparseAutoencoder(nn.Module):
         dec[:, :d] = self.W_dec
         W_dec_c = dec[:, :d]
         act.forward_(codes, mask, self)
-        # Float sums along the batch are vectorised; integer ones are not.
-        fired = mask.sum(dim=0, dtype=torch.float32)
+        if mask.device.type == "cpu" and mask.dtype == torch.float32:
+            # The column sums as a BLAS matrix-vector product: a third of
+            # the time of a sum along the batch on this CPU (1.2 ms against
+            # 3.5 at 4096 x 4096); 0/1 sums below 2**24 are exact in any order.
+            fired = torch.mv(mask.t(), mask.new_ones(batch))
+        else:
+            # Float sums along the batch are vectorised; integer ones are not.
+            fired = mask.sum(dim=0, dtype=torch.float32)
         err = mm(codes, W_dec_c).float().add_(b_dec).sub_(x)
         mse = err.pow(2).sum() / batch
 
