@@ -23,7 +23,7 @@ _COMPARE = textwrap.dedent('''
     device = sys.argv[1]
     out = {"available": fused.available(torch.device(device))}
     X = np.random.RandomState(2).randn(400, 24).astype(np.float32)
-    for act in ("relu", "topk"):
+    for act in ("relu", "topk", "jumprelu"):
         models = []
         for update in (False, True):
             t = Trainer(24, 40, device, seed=3, activation=make_activation(act, k=4))
@@ -40,6 +40,21 @@ _COMPARE = textwrap.dedent('''
         out[act]["moments"] = float((sa["exp_avg_sq"] - sb["exp_avg_sq"]).abs().max())
         out[act]["steps"] = [float(sa["step"]), float(sb["step"])]
         out[act]["resampled"] = a.n_resampled
+    # Switching paths between calls: the step counts carry over.
+    runs = []
+    for updates in ((True, False, True), (False, False, False)):
+        t = Trainer(24, 40, device, seed=3)
+        t.initialize(X, np.random.RandomState(0))
+        for i, update in enumerate(updates):
+            config = TrainConfig(batch_size=50, total_steps=10 * (i + 1), fused_update=update,
+                                 learning_rate=0.01, resample_dead=False)
+            t.train(X, 5, config, np.random.RandomState(i))
+        runs.append(t)
+    out["switch"] = {
+        "gap": max(float((runs[0].model.state_dict()[k] - v).abs().max())
+                   for k, v in runs[1].model.state_dict().items()),
+        "steps": [float(r.optimizer.state[r.model.b_enc]["step"]) for r in runs],
+    }
     # 37 rows (not a multiple of a block), d=70 (not a power of two), a
     # strided bfloat16 gradient, and the low-precision copy.
     g = torch.Generator(device=device).manual_seed(0)
@@ -89,11 +104,13 @@ def _compare(device, env=None):
 
 def _check(out):
     assert out["available"]
-    for act in ("relu", "topk"):
+    for act in ("relu", "topk", "jumprelu"):
         gaps = out[act]
         assert gaps["steps"] == [30.0, 30.0]
         for name in ("W_dec", "W_enc", "b_enc", "b_dec", "moments"):
             assert gaps[name] < 2e-5, (act, name, gaps)
+    assert out["jumprelu"]["log_threshold"] < 2e-5, out["jumprelu"]
+    assert out["switch"]["steps"] == [30.0, 30.0] and out["switch"]["gap"] < 2e-5, out["switch"]
     assert out["relu"]["resampled"] > 0  # the moments' reset by resampling ran on both
     direct = out["direct"]
     assert direct["weight"] < 1e-5 and direct["exp_avg"] < 1e-6 and direct["exp_avg_sq"] < 1e-6

@@ -125,7 +125,15 @@ def _probe_gap(device):
     w_ref /= w_ref.norm(dim=1, keepdim=True)
     adam_rows_(w, grad, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step,
                project=True, unit=True)
-    return max(float((a - b).abs().max()) for a, b in ((w, w_ref), (m, m_ref), (v, v_ref)))
+    pairs = [(w, w_ref), (m, m_ref), (v, v_ref)]
+    # A vector (a bias), one value per row, with neither projection nor norm.
+    b, gb = (torch.randn(23, 1, generator=g, device=device) for _ in range(2))
+    mb, vb = torch.zeros(23, 1, device=device), torch.zeros(23, 1, device=device)
+    b_ref = b - lr * ((1 - beta1) * gb / (1 - beta1)) / (
+        ((1 - beta2) * gb * gb).sqrt() / (1 - beta2) ** 0.5 + eps)
+    adam_rows_(b, gb, mb, vb, lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=1)
+    pairs.append((b, b_ref))
+    return max(float((a - c).abs().max()) for a, c in pairs)
 
 
 def adam_rows_(weight, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, step,

@@ -32,6 +32,11 @@ class DivergenceError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
+def _rows(t):
+    """``t`` as a 2-D tensor of rows (a vector: one value per row)."""
+    return t.view(-1, 1) if t.dim() == 1 else t
+
+
 class _DeadFeatures:
     """AuxK's dead features, as device indices, read ``lag`` steps late.
 
@@ -319,6 +324,7 @@ class Trainer:
         device = torch.device(device)
         if device == self.device:
             return self
+        self._flush_fused_steps()
         old_state = self.optimizer.state_dict()
         self.model.to(device)
         self.steps_since_fired = self.steps_since_fired.to(device)
@@ -388,6 +394,7 @@ class Trainer:
         finally:
             if feed is not None:
                 feed.close()
+            self._flush_fused_steps()
         return passes_done
 
     def _parameter_digest(self):
@@ -516,10 +523,11 @@ class Trainer:
         """Adam's step from the gradients in ``.grad``, keeping atoms at unit norm.
 
         The decoder gradient's radial part is dropped, Adam steps, and the
-        atoms are renormalised (the small drift that remains). On a GPU the
-        two weight matrices take one fused pass each
-        (:func:`sparse_dict._torch.fused.adam_rows_`) and the other
-        parameters torch's Adam; elsewhere, or with
+        atoms are renormalised (the small drift that remains). On a GPU
+        every parameter takes one fused pass
+        (:func:`sparse_dict._torch.fused.adam_rows_`: the two weight
+        matrices row by row, the vectors element by element), which also
+        saves torch's optimiser its host time per step; elsewhere, or with
         ``config.fused_update=False``, all of it is torch's operations.
         """
         model = self.model
@@ -527,35 +535,47 @@ class Trainer:
         if use_fused == "auto":
             use_fused = fused.available(self.device)
         if not use_fused:
+            self._flush_fused_steps()
             W, g = model.W_dec, model.W_dec.grad
             g.addcmul_((g * W).sum(dim=1, keepdim=True), W, value=-1.0)
             self.optimizer.step()
             model.normalize_atoms_()
             return
-        weights = ((model.W_dec, True), (model.W_enc, False))
-        grads = [w.grad for w, _ in weights]
-        for w, _ in weights:
-            w.grad = None  # torch's Adam skips a parameter without a gradient
-        self.optimizer.step()
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
-        for (w, unit), g in zip(weights, grads):
-            state = self.optimizer.state[w]
+        for p in model.parameters():
+            if p.grad is None:
+                continue  # as torch's Adam: no gradient, no step
+            state = self.optimizer.state[p]
             if not state:
                 # The state torch's fused Adam would make, so that either
                 # path can take over.
-                state["step"] = torch.zeros((), dtype=torch.float32, device=w.device)
-                state["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             steps = self._fused_steps
-            if id(w) not in steps:
-                steps[id(w)] = int(state["step"])  # one read per optimiser, not per step
-            steps[id(w)] += 1
-            state["step"] += 1
-            fused.adam_rows_(w, g, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
-                             beta1=beta1, beta2=beta2, eps=group["eps"], step=steps[id(w)],
-                             project=unit, unit=unit)
-            w.grad = g
+            if id(p) not in steps:
+                steps[id(p)] = [p, int(state["step"])]  # one read per training call
+            steps[id(p)][1] += 1
+            is_atoms = p is model.W_dec
+            fused.adam_rows_(_rows(p), _rows(p.grad), _rows(state["exp_avg"]),
+                             _rows(state["exp_avg_sq"]), lr=group["lr"], beta1=beta1,
+                             beta2=beta2, eps=group["eps"], step=steps[id(p)][1],
+                             project=is_atoms, unit=is_atoms)
+
+    def _flush_fused_steps(self):
+        """Write the fused update's step counts into the optimiser's state.
+
+        They are counted on the host while training, so that no step
+        launches a kernel to count; anything that reads, replaces or steps
+        the optimiser's state another way calls this first. The counts are
+        then read again from the state when the fused update next runs.
+        """
+        for p, count in self._fused_steps.values():
+            state = self.optimizer.state.get(p)
+            if state and "step" in state:
+                state["step"].fill_(float(count))
+        self._fused_steps = {}
 
     def _local_step(self, x, coef, autocast, dead, config):
         """The loss and gradients of the (scaled) rows ``x``."""
@@ -741,6 +761,7 @@ class Trainer:
         return self._state(on_device=False)
 
     def _state(self, on_device):
+        self._flush_fused_steps()
         if on_device:
             cpu = lambda t: t.detach().clone()  # noqa: E731
         else:
