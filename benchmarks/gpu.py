@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from benchmarks._common import target
+from benchmarks._plain import PlainSAE
 from sparse_dict import SparseAutoencoderDictionary
 from sparse_dict._torch import TrainConfig, Trainer, fused, resolve_device
 
@@ -199,43 +200,6 @@ def fit_seconds(X, n, batch, steps, device, bf16):
         return time.perf_counter() - t0
 
 
-class PlainSAE:
-    """The same ReLU SAE trained the obvious way: autograd, Adam, unit-norm atoms.
-
-    ``autocast`` runs the forward pass under ``torch.autocast`` in bfloat16
-    (on a GPU; the CPU's bfloat16 autocast is not what a user would run).
-    """
-
-    def __init__(self, d, n, device, autocast=False, seed=0, learning_rate=1e-4):
-        g = torch.Generator().manual_seed(seed)
-        atoms = torch.randn(n, d, generator=g)
-        atoms /= atoms.norm(dim=1, keepdim=True)
-        self.device = device
-        self.autocast = autocast
-        self.W_dec = atoms.to(device, copy=True).requires_grad_()
-        self.W_enc = atoms.to(device, copy=True).requires_grad_()
-        self.b_enc = torch.zeros(n, device=device, requires_grad=True)
-        self.b_dec = torch.zeros(d, device=device, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.W_dec, self.W_enc, self.b_enc, self.b_dec],
-                                          lr=learning_rate)
-
-    def step(self, x):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            f = torch.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc)
-            x_hat = f @ self.W_dec + self.b_dec
-            mse = (x - x_hat).pow(2).sum(dim=1).mean()
-            l1 = (f * self.W_dec.norm(dim=1)).sum(dim=1).mean()
-            loss = mse + L1_COEF * l1
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            W, g = self.W_dec, self.W_dec.grad
-            g -= (g * W).sum(dim=1, keepdim=True) * W
-        self.optimizer.step()
-        with torch.no_grad():
-            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
-
-
 def plain_loop_seconds(X, n, batch, device, bf16, steps, warmup):
     """Seconds per step of :class:`PlainSAE`, batches gathered on the host or on the device.
 
@@ -267,11 +231,11 @@ def plain_loop_seconds(X, n, batch, device, bf16, steps, warmup):
     seconds = []
     for batches in (host_batches(), device_batches()):
         for _ in range(warmup):
-            plain.step(next(batches))
+            plain.step(next(batches), L1_COEF)
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            plain.step(next(batches))
+            plain.step(next(batches), L1_COEF)
         _sync(device)
         seconds.append((time.perf_counter() - t0) / steps)
     return tuple(seconds)

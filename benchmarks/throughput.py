@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from benchmarks._common import blas_info, blas_summary, target
+from benchmarks._plain import PlainSAE
 from sparse_dict._torch import TrainConfig, Trainer, resolve_device
 from sparse_dict._torch import matmul
 from sparse_dict._torch.activations import make_activation
@@ -101,37 +102,6 @@ def matmul_rate(batch, d, n, device, repeats, dtype=torch.float32, library="torc
         # slower than after a pause). Let them go idle first.
         time.sleep(_OPENBLAS_IDLE_S)
     return 2.0 * batch * d * n * repeats / seconds / 1e9
-
-
-class PlainLoop:
-    """The same SAE trained the obvious way: autograd, Adam, renormalised atoms."""
-
-    def __init__(self, d, n, device, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        atoms = torch.randn(n, d, generator=g)
-        atoms /= atoms.norm(dim=1, keepdim=True)
-        self.W_dec = atoms.to(device).clone().requires_grad_()
-        self.W_enc = atoms.to(device).clone().requires_grad_()
-        self.b_enc = torch.zeros(n, device=device, requires_grad=True)
-        self.b_dec = torch.zeros(d, device=device, requires_grad=True)
-        params = [self.W_dec, self.W_enc, self.b_enc, self.b_dec]
-        self.opt = torch.optim.Adam(params, lr=1e-4)
-
-    def step(self, x, l1_coef):
-        f = torch.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc)
-        x_hat = f @ self.W_dec + self.b_dec
-        mse = (x - x_hat).pow(2).sum(dim=1).mean()
-        l1 = (f * self.W_dec.norm(dim=1)).sum(dim=1).mean()
-        loss = mse + l1_coef * l1
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            W, g = self.W_dec, self.W_dec.grad
-            g -= (g * W).sum(dim=1, keepdim=True) * W
-        self.opt.step()
-        with torch.no_grad():
-            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
-        return loss.detach()
 
 
 def _activation_trainer(name, k, X, d, n, dev, batch, sparse_step="auto"):
@@ -212,7 +182,7 @@ def measure(device="cpu", batch=4096, d=512, n=4096, sparse_n=16384, k=32, round
 
     trainer = Trainer(d, n, dev, seed=0)
     trainer.initialize(X, np.random.RandomState(0), "mean")
-    plain = PlainLoop(d, n, dev)
+    plain = PlainSAE(d, n, dev)
     x_plain = torch.as_tensor(X[:batch], device=dev) * trainer.scale
 
     # Warm-up: allocator, thread pools, kernels.
