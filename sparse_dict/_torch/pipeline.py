@@ -171,7 +171,7 @@ class BatchFeed:
         """``X * scale`` as one float32 tensor on the device, copied in chunks."""
         n_rows, n_features = self.X.shape
         data = torch.empty((n_rows, n_features), dtype=torch.float32, device=self.device)
-        chunk = max(1, _UPLOAD_BYTES // (4 * n_features))
+        chunk = max(1, min(n_rows, _UPLOAD_BYTES // (4 * n_features)))
         if not self._cuda:
             for start in range(0, n_rows, chunk):
                 rows = take_rows(self.X, slice(start, min(start + chunk, n_rows)))

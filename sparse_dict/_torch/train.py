@@ -558,7 +558,8 @@ class Trainer:
                 steps[id(p)] = [p, int(state["step"])]  # one read per training call
             steps[id(p)][1] += 1
             is_atoms = p is model.W_dec
-            fused.adam_rows_(_rows(p), _rows(p.grad), _rows(state["exp_avg"]),
+            # (A no-op for the gradients the step writes; a safeguard for others.)
+            fused.adam_rows_(_rows(p), _rows(p.grad.contiguous()), _rows(state["exp_avg"]),
                              _rows(state["exp_avg_sq"]), lr=group["lr"], beta1=beta1,
                              beta2=beta2, eps=group["eps"], step=steps[id(p)][1],
                              project=is_atoms, unit=is_atoms)
