@@ -362,6 +362,36 @@ class BatchFeed:
         self.close()
 
 
+def to_host(tensor):
+    """``tensor`` as a new numpy array; from a GPU through a reused pinned buffer.
+
+    A copy from a GPU into ordinary (pageable) host memory is staged by the
+    driver and runs at a fraction of the link's speed: in a profile of a
+    50-step bf16 fit on an H200, 12 such copies took 109 ms of the GPU's
+    time, most of it the two weight matrices at the end of the fit. Into
+    pinned memory the copy runs at the link's speed, and one host copy makes
+    the array the caller owns. If pinned memory cannot be had, the plain
+    copy is used.
+
+    Examples
+    --------
+    >>> import torch
+    >>> to_host(torch.arange(3.0)).tolist()
+    [0.0, 1.0, 2.0]
+    """
+    if tensor.device.type != "cuda":
+        return tensor.detach().cpu().numpy().copy()
+    try:
+        buf = _POOL.take(tuple(tensor.shape), tensor.dtype, pin=True)
+    except RuntimeError:
+        return tensor.detach().cpu().numpy()
+    try:
+        buf.copy_(tensor.detach())
+        return buf.numpy().copy()
+    finally:
+        _POOL.give_back([buf])
+
+
 def _writable(rows):
     # torch cannot wrap read-only memory (a read-only memmap's rows).
     return rows if rows.flags.writeable else rows.copy()

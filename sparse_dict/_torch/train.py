@@ -22,7 +22,7 @@ from sparse_dict._torch import fused
 from sparse_dict._torch.distributed import fingerprint
 from sparse_dict._torch.memory import training_bytes
 from sparse_dict._torch.model import STAT_NAMES, UNSCALED_TENSORS, SparseAutoencoder
-from sparse_dict._torch.pipeline import BatchFeed, default_workers, resident_fits
+from sparse_dict._torch.pipeline import BatchFeed, default_workers, resident_fits, to_host
 
 # Rows used to estimate the input scale and the decoder bias's start.
 _N_INIT_ROWS = 8192
@@ -727,13 +727,14 @@ class Trainer:
         exported = {}
         for name, tensor in self.model.fitted_tensors().items():
             # One new array each, scaled where it lives (a GPU's weights
-            # cross to the host once; a CPU's are copied once).
+            # cross to the host once, through pinned memory).
             tensor = tensor.float()
             if name not in UNSCALED_TENSORS:
                 tensor = tensor / np.float32(self.scale)
-            elif tensor.device.type == "cpu":
-                tensor = tensor.clone()
-            exported[name] = tensor.cpu().numpy()
+                exported[name] = (tensor.numpy() if tensor.device.type == "cpu"
+                                  else to_host(tensor))
+            else:
+                exported[name] = to_host(tensor)
         return exported
 
     # ------------------------------------------------ snapshots and pickling
