@@ -533,7 +533,9 @@ class Trainer:
         model = self.model
         use_fused = config.fused_update
         if use_fused == "auto":
-            use_fused = fused.available(self.device)
+            # Only on a GPU: Triton's interpreter would also run it on a CPU,
+            # a thousand times slower.
+            use_fused = self.device.type == "cuda" and fused.available(self.device)
         if not use_fused:
             self._flush_fused_steps()
             W, g = model.W_dec, model.W_dec.grad
