@@ -47,7 +47,6 @@ from sklearn.exceptions import ConvergenceWarning
 
 from benchmarks._common import (
     ACTIVATIONS,
-    TOPK_FAMILY,
     Timer,
     knob_label,
     sae_params,
@@ -346,7 +345,7 @@ def _targets(out, weights, mode, sizes):
         rows = (f"MBDL on {model['mbdl_rows']:,} of {model['n_train_tokens']:,} rows; "
                 + (f"{outside} MBDL point(s) below the SAE grid's L0 not compared; "
                    if outside else "") +
-                f"SAE on those rows: margin "
+                "SAE on those rows: margin "
                 + ("n/a" if c["equal_rows_vs_mbdl"] is None
                    else f"{c['equal_rows_vs_mbdl']:+.3f}"))
         targets.append(target(

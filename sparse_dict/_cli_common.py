@@ -48,7 +48,7 @@ def _output_file(path, what, kind=_persist.NPY, *, overwrite=False, inputs=()):
     path = Path(path)
     if path.is_dir() and not kind.folder:
         raise CLIError(f"{what} {str(path)!r} is a folder, expected a file name")
-    _output_dir(path.parent if str(path.parent) else Path("."), f"folder of {what}")
+    _output_dir(path.parent, f"folder of {what}")
     try:
         return _persist.check_target(path, kind, overwrite=overwrite,
                                      inputs=[Path(i) for i in inputs], hint="--overwrite")
@@ -88,7 +88,7 @@ def _output_store(path, texts, *, resume, overwrite):
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CLIError(f"--store {str(path)!r} is a file, expected a folder")
-    _output_dir(path.parent if str(path.parent) else Path("."), "folder of the store")
+    _output_dir(path.parent, "folder of the store")
     if resume and STORE.recognize(path):
         return path
     try:
@@ -217,7 +217,8 @@ def _paragraphs(path):
 
 
 def _jsonl_texts(path):
-    for lineno, line in enumerate(_lines(path), 1):
+    # JSON Lines records end at newlines only: a JSON string may hold U+2028.
+    for lineno, line in enumerate(_lines(path, every_break=False), 1):
         if not line.strip():
             continue
         try:
@@ -460,7 +461,12 @@ def _make_extractor(args, verbose, provenance=None):
     if isinstance(provenance, dict) and provenance.get("source") == PROVENANCE_SOURCE:
         recorded = {k: provenance.get(k) for k in _EXTRACTION_DEFAULTS}
         if recorded["model"] is None:
-            recorded.pop("model")  # fitted on a torch module: nothing to reload
+            # Fitted on a torch module: nothing names it to reload, and the
+            # built-in model would only match by the width, by chance.
+            if getattr(args, "model", None) is None:
+                raise CLIError("the dictionary was fitted on activations of a torch module "
+                               "that its provenance cannot name; give --model")
+            recorded.pop("model")
         given = any(getattr(args, name, None) is not None for name in ("layer", "hook"))
         if provenance.get("module") is not None and not given:
             recorded["module"] = provenance["module"]
@@ -495,15 +501,25 @@ def _provenance_kind():
         lambda p: isinstance(p, dict) and p.get("source") == PROVENANCE_SOURCE)
 
 
+def load_activations(path):
+    """The activations at ``path`` (a .npy file or a store) and their provenance, or None.
+
+    A store is opened once for both; beside a .npy, the provenance is the
+    file ``extract`` wrote (see :func:`_read_provenance`).
+    """
+    if Path(path).is_dir() and (Path(path) / "manifest.json").is_file():
+        store = open_activations_store(path)
+        return store.activations, store.provenance()
+    X = load_matrix(path)
+    return X, _read_provenance(path, X)
+
+
 def _read_provenance(npy_path, X):
     """The provenance ``extract`` wrote beside activations, if it describes ``X``; else None.
 
     A provenance file that describes other activations (the .npy was
     replaced) is ignored with a warning rather than recorded wrongly.
     """
-    if Path(npy_path).is_dir():
-        # A store written by 'extract --store' records its provenance itself.
-        return open_activations_store(npy_path).provenance()
     path = _provenance_path(npy_path)
     if not path.is_file():
         return None

@@ -259,7 +259,7 @@ def _check_effects(effects, n_features):
     return {int(f): [a[i] for a in arrays] for i, f in enumerate(features)}
 
 
-def _feature_payload(frequencies, examples, max_features, effects=None):
+def _feature_payload(frequencies, examples, max_features, effects=()):
     """The browser's data as plain lists, small enough to embed as JSON.
 
     Token strings are stored once in a vocabulary and referred to by number;

@@ -40,6 +40,7 @@ __all__ = ["main"]
 from sparse_dict._cli_common import (  # noqa: F401
     PROG,
     CLIError,
+    _EXTRACTION_DEFAULTS,
     _check_width,
     _divergence_is_an_error,
     _estimator_params,
@@ -57,12 +58,12 @@ from sparse_dict._cli_common import (  # noqa: F401
     _provenance_kind,
     _provenance_path,
     _rank,
-    _read_provenance,
     _save_npy,
     _say,
     _write_report,
     _write_tokens,
     iter_texts,
+    load_activations,
     load_matrix,
     open_activations_store,
     read_texts,
@@ -155,7 +156,14 @@ def _extract_to_store(args, texts):
 
 
 def cmd_fit(args):
-    X = load_matrix(args.activations)
+    # The model, layer and hook the activations came from, as 'extract'
+    # wrote them beside the .npy (or a store holds them): 'report' and
+    # 'steer' then need no options. A warning about them is given once: by
+    # the process that trains alone, or by rank 0 of several.
+    with warnings.catch_warnings():
+        if _rank() != 0 or args.nproc > 1:
+            warnings.simplefilter("ignore")
+        X, provenance = load_activations(args.activations)
     from sparse_dict.estimator import SAVED_DICTIONARY, SparseAutoencoderDictionary
 
     out = _output_file(args.out, "output", SAVED_DICTIONARY, overwrite=args.overwrite,
@@ -163,9 +171,6 @@ def cmd_fit(args):
     params = _estimator_params(args)
     params["verbose"] = 0 if args.quiet else 1
     sae = SparseAutoencoderDictionary(**params)
-    # The model, layer and hook the activations came from, as 'extract'
-    # wrote them beside the .npy: 'report' and 'steer' then need no options.
-    provenance = _read_provenance(args.activations, X)
     if args.nproc > 1:
         # The inputs, the output and the parameters are checked here, once,
         # before any process starts.
@@ -191,7 +196,12 @@ def cmd_fit(args):
 
 def cmd_encode(args):
     dictionary = _load_dictionary(args.dictionary, args.device)
-    X = load_matrix(args.activations)
+    if Path(args.activations).is_dir():
+        store = open_activations_store(args.activations)
+        _check_store(store, dictionary, args)
+        X = store.activations
+    else:
+        X = load_matrix(args.activations)
     _check_width(X, dictionary, "activations")
     inputs = [args.activations, args.dictionary]
     out = _output_file(_npy_name(args.out), "output file", overwrite=args.overwrite,
@@ -254,6 +264,7 @@ def cmd_report(args):
         acts, tokens = store.activations[:n], store.tokens(slice(0, n))
         index = np.asarray(store.index[:n, :2])
         _check_width(acts, dictionary, f"activations in the store {args.texts}")
+        _check_store(store, dictionary, args)
         # The model is still needed for the logit effects: at the dictionary's
         # provenance, or the store's where the dictionary has none.
         provenance = getattr(dictionary, "provenance_", None) or store.provenance()
@@ -273,6 +284,23 @@ def cmd_report(args):
          + ("" if effects is not None else " (no logit effects: the model has no next-token "
             "head, or the hook is not on an MLP path)"))
     return 0
+
+
+def _check_store(store, dictionary, args):
+    """A store's activations must come from the dictionary's hook point (and model).
+
+    The widths alone cannot tell: every layer of a model has the same width.
+    """
+    from sparse_dict.analysis._provenance import _check_recorded
+
+    recorded = getattr(dictionary, "provenance_", None)
+    current = store.provenance()
+    if isinstance(recorded, dict) and isinstance(current, dict) \
+            and recorded.get("hook_name") and current.get("hook_name"):
+        try:
+            _check_recorded(recorded, current, check_model=getattr(args, "model", None) is None)
+        except ValueError as err:
+            raise CLIError(str(err).replace("the extractor", "the store")) from None
 
 
 def _fitted_extractor(args, dictionary, probe, provenance=None):
@@ -383,20 +411,20 @@ def _add_extraction(p, from_provenance=False, split=True):
             return None, f"default: the dictionary's provenance, else {value}"
         return value, f"default: {value}"
 
-    value, note = default("builtin")
+    value, note = default(_EXTRACTION_DEFAULTS["model"])
     g.add_argument(
         "--model", default=value,
         help="'builtin' (the bundled 1-layer transformer), the path of a local "
         f"Hugging Face model folder, or a Hugging Face Hub id such as gpt2 ({note})",
     )
-    value, note = default(0)
+    value, note = default(_EXTRACTION_DEFAULTS["layer"])
     g.add_argument("--layer", type=int, default=value, help=f"layer number ({note})")
-    value, note = default("mlp_post")
+    value, note = default(_EXTRACTION_DEFAULTS["hook"])
     g.add_argument(
         "--hook", default=value,
         help=f"named point in the layer, e.g. mlp_post ({note})",
     )
-    value, note = default(128)
+    value, note = default(_EXTRACTION_DEFAULTS["max_length"])
     g.add_argument(
         "--max-length", type=_positive_int, default=value,
         help=f"texts are cut to this many tokens ({note})",

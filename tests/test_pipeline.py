@@ -112,16 +112,54 @@ def test_a_failing_read_reaches_the_caller_and_leaves_no_thread():
     assert not [t for t in threading.enumerate() if t.name.startswith("sparse_dict-feed")]
 
 
+@pytest.mark.parametrize("mode", MODES[1:], ids=["one-worker", "three-workers", "resident"])
+def test_every_pass_reuses_the_feed_s_buffers(mode):
+    # A fit of many passes must not take a new ring of (pinned) buffers each pass.
+    X = np.random.RandomState(0).randn(40, 3).astype(np.float32)
+    with BatchFeed(X, CPU, 1.0, batch_size=8, **mode) as feed:
+        taken = []
+        for seed in range(4):
+            got = list(feed.batches(iter_batches(X, 8, np.random.RandomState(seed))))
+            assert len(got) == 5
+            taken.append([id(b) for b in feed._taken])
+    assert taken[0] and all(t == taken[0] for t in taken)
+
+
+def test_a_pass_stopped_early_is_closed_by_the_next_and_by_close():
+    X = np.random.RandomState(0).randn(64, 3).astype(np.float32)
+    with BatchFeed(X, CPU, 1.0, batch_size=8, workers=2) as feed:
+        first = feed.batches(iter_batches(X, 8, np.random.RandomState(0)))
+        next(first)
+        second = feed.batches(iter_batches(X, 8, np.random.RandomState(1)))
+        with pytest.raises(StopIteration):
+            next(first)  # closed when the next pass began
+        next(second)
+    with pytest.raises(StopIteration):
+        next(second)  # closed by close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("sparse_dict-feed")]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
 def test_buffers_are_reused_across_feeds():
     X = np.zeros((10, 3), dtype=np.float32)
-    with BatchFeed(X, CPU, 1.0, batch_size=4, workers=1) as feed:
+    device = torch.device("cuda")
+    with BatchFeed(X, device, 1.0, batch_size=4, workers=1) as feed:
         list(feed.batches([np.array([0, 1])]))
         first = {id(b) for b in feed._taken}
-    with BatchFeed(X, CPU, 1.0, batch_size=4, workers=1) as feed:
+    with BatchFeed(X, device, 1.0, batch_size=4, workers=1) as feed:
         list(feed.batches([np.array([0, 1])]))
         second = {id(b) for b in feed._taken}
-    assert first == second
+    assert first and first == second
     assert len(_POOL._free) >= 1
+
+
+def test_unpinned_buffers_are_not_kept():
+    from sparse_dict._torch.pipeline import _PinnedPool
+
+    pool = _PinnedPool()
+    buf = pool.take((4, 3), torch.float32, pin=False)
+    pool.give_back([buf])
+    assert pool.take((4, 3), torch.float32, pin=False) is not buf
 
 
 def test_defaults_keep_the_cpu_path_as_it_was():
@@ -257,3 +295,15 @@ def test_cuda_steps_never_wait_for_the_device(activation, resident):
 
     short, long = syncs(20), syncs(60)
     assert long - short < 10, (short, long)
+
+
+def test_the_lagged_dead_list_carries_across_short_passes():
+    # Passes of two steps: a list rebuilt each pass would never reach AuxK.
+    X = np.random.RandomState(2).randn(80, 12).astype(np.float32)
+    trainer = Trainer(12, 96, "cpu", seed=3, activation=make_activation("topk", k=2))
+    trainer.dead_lag = 2
+    trainer.initialize(X, np.random.RandomState(0))
+    config = TrainConfig(batch_size=40, total_steps=60, dead_window=5, auxk_coef=0.5, k_aux=6,
+                         resample_dead=False)
+    trainer.train(X, 30, config, np.random.RandomState(5))
+    assert (trainer.history[:, 4] > 0).sum() > 10

@@ -304,6 +304,19 @@ def test_cli_extract_to_a_store_fit_and_report(reference, extractor, texts, tmp_
                  "--max-texts", "5", "--device", "cpu", "-q"]) == 0
     page = (tmp_path / "r" / "features.html").read_text(encoding="utf-8")
     assert "sparse_dict feature browser" in page
+    # A dictionary of another hook point of the same width is refused, not
+    # paired with the store's activations.
+    other = SparseAutoencoderDictionary.load(tmp_path / "dict")
+    other.provenance_ = dict(other.provenance_, hook="mlp_pre", hook_name="layer0.mlp_pre")
+    other.save(tmp_path / "other")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "other"), str(store), "-o", str(tmp_path / "r2"),
+                 "--device", "cpu", "-q"]) == 2
+    assert "layer0.mlp_pre" in capsys.readouterr().err
+    assert main(["encode", str(tmp_path / "other"), str(store), "-o",
+                 str(tmp_path / "codes.npy"), "-q"]) == 2
+    assert "layer0.mlp_post" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "codes.npy").exists()
     # An incomplete store is not fitted by mistake.
     manifest = json.loads((store / "manifest.json").read_text())
     (store / "manifest.json").write_text(json.dumps(dict(manifest, complete=False)))
@@ -340,3 +353,28 @@ def test_texts_files_are_read_line_by_line_as_before(tmp_path):
         assert read_texts(path, split) == [t.strip("\n") for t in pieces if t.strip()], split
     texts = iter_texts(path)
     assert next(texts) == "a" and not isinstance(texts, list)
+
+
+def test_a_json_lines_text_may_hold_a_line_separator(tmp_path):
+    from sparse_dict._cli_common import read_texts
+
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n"
+                    + json.dumps("c\u2029d", ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_texts(path, "lines") == ["a\u2028b", "c\u2029d"]
+
+
+def test_a_dictionary_of_an_unnamed_torch_module_needs_model(tmp_path):
+    from types import SimpleNamespace
+
+    from sparse_dict._cli_common import CLIError, _make_extractor
+    from sparse_dict.extraction._extractor import PROVENANCE_SOURCE
+
+    provenance = {"source": PROVENANCE_SOURCE, "model": None, "layer": 0,
+                  "hook": "mlp_post", "max_length": 32}
+    args = SimpleNamespace(model=None, layer=None, hook=None, max_length=None,
+                           extract_batch_size=8, device="cpu")
+    with pytest.raises(CLIError, match="give --model"):
+        _make_extractor(args, verbose=0, provenance=provenance)
+    args.model = "builtin"
+    assert _make_extractor(args, verbose=0, provenance=provenance).model == "builtin"

@@ -51,6 +51,9 @@ class Activation:
         Whether the mechanism can give its training codes as a few (index,
         value) pairs per row (:meth:`select`), so that the training step can
         skip the dense products that only touch inactive codes.
+    workspace_names : tuple of str
+        (batch, n_components) buffers of its own that :meth:`forward_` needs,
+        kept with the step's others (reused across steps, freed with them).
     """
 
     name = None
@@ -60,22 +63,29 @@ class Activation:
     min_default_steps = 3000
     state_defaults = {}
     has_sparse_step = False
+    workspace_names = ()
 
     def init_model(self, model):
         """Register this mechanism's parameters and buffers on ``model``."""
 
     # -------------------------------------------------------------- training
-    def forward_(self, pre, mask, model):
-        """Turn pre-activations into codes, in place, and write d codes / d pre.
+    def forward_(self, pre, buffers, model):
+        """Turn pre-activations into codes, in place.
+
+        Every mechanism's codes are the pre-activations where active and 0
+        elsewhere, and active codes are positive: the derivative of a code
+        with respect to its pre-activation is 1 where the code is positive,
+        which the training step forms once, for every mechanism, from the
+        codes (:func:`positive_mask`).
 
         Parameters
         ----------
         pre : torch.Tensor of shape (batch, n_components)
             Overwritten with the codes.
-        mask : torch.Tensor of shape (batch, n_components)
-            Overwritten with the derivative of each code with respect to its
-            pre-activation (1 where the code passes its input through, else
-            0), in ``pre``'s dtype.
+        buffers : dict of str to torch.Tensor of shape (batch, n_components)
+            The step's reused buffers in ``pre``'s dtype: ``"mask"``, free
+            until the step writes the mask, and one per name in
+            :attr:`workspace_names`, the mechanism's own until the next step.
         model : SparseAutoencoder
         """
         raise NotImplementedError
@@ -138,8 +148,6 @@ class Activation:
     def after_step_(self, model, step):
         """Update non-trained state (a running threshold) after a step."""
 
-    def release_workspace(self):
-        """Drop buffers kept between steps (after training, before pickling)."""
 
     # ------------------------------------------------------------- inference
     def encode(self, pre, state):
@@ -179,9 +187,8 @@ class ReLU(Activation):
     penalty_name = "l1_coef"
     min_default_steps = 8000
 
-    def forward_(self, pre, mask, model):
+    def forward_(self, pre, buffers, model):
         pre.relu_()
-        _positive_mask(pre, mask)
 
     def penalty(self, code_sums, l0, model, coef, batch):
         norms = model.W_dec.norm(dim=1)
@@ -246,11 +253,10 @@ class TopK(Activation):
         values, index = self._row_selection(pre, model)
         return index, values, values > 0
 
-    def forward_(self, pre, mask, model):
+    def forward_(self, pre, buffers, model):
         values, index = self._row_selection(pre, model)
         pre.zero_()
         pre.scatter_(1, index, values.relu_())
-        _positive_mask(pre, mask)
 
     def encode(self, pre, state):
         k = min(self.k, pre.shape[1])
@@ -274,7 +280,7 @@ class TopK(Activation):
         return {"name": self.name, "k": self.k}
 
 
-def _positive_mask(codes, mask):
+def positive_mask(codes, mask):
     """``mask = (codes > 0)`` in ``codes``' dtype, for codes that are never negative.
 
     The sign of a non-negative value is that mask (``-0.0`` gives ``-0.0``,
@@ -424,14 +430,16 @@ class BatchTopK(TopK):
         keep = (values >= kth.to(values.dtype)) & (values > 0)
         return index, values, keep
 
-    def forward_(self, pre, mask, model):
+    def forward_(self, pre, buffers, model):
         pre.relu_()
         k = self._k(model)
         kth = _batch_kth_largest(pre, k * pre.shape[0], self._CANDIDATES_PER_K * k)
         self._last_kth = kth
-        # Ties at the threshold are kept; with continuous values they are rare.
+        # Ties at the threshold are kept; with continuous values they are
+        # rare. Codes are never negative after the ReLU, so a threshold of
+        # 0 keeps zeros as zeros.
+        mask = buffers["mask"]
         torch.ge(pre, kth.to(pre.dtype), out=mask)
-        mask.mul_(pre > 0)
         pre.mul_(mask)
 
     def after_step_(self, model, step):
@@ -498,6 +506,7 @@ class JumpReLU(Activation):
 
     name = "jumprelu"
     penalty_name = "l0_coef"
+    workspace_names = ("window",)
     min_default_steps = 8000
     state_names = ("threshold",)
 
@@ -509,27 +518,19 @@ class JumpReLU(Activation):
         model.log_threshold = torch.nn.Parameter(
             torch.full((model.n_components,), math.log(self.initial_threshold))
         )
-        self._window = self._buffer = None
+        self._window = None
 
-    def forward_(self, pre, mask, model):
+    def forward_(self, pre, buffers, model):
         theta = model.log_threshold.exp().to(pre.dtype)
-        # One (batch, n_components) buffer, reused across steps (a fresh one
-        # costs page faults on a CPU): pre - theta, then in place the
-        # rectangle window rect((pre - theta) / bandwidth) that the
-        # threshold's gradient needs.
-        window = self._buffer
-        if window is None or window.shape != pre.shape or window.dtype != pre.dtype \
-                or window.device != pre.device:
-            window = self._buffer = torch.empty_like(pre)
+        # pre - theta, then in place the rectangle window
+        # rect((pre - theta) / bandwidth) that the threshold's gradient needs.
+        window, mask = buffers["window"], buffers["mask"]
         torch.sub(pre, theta, out=window)
         torch.gt(window, 0, out=mask)
         pre.mul_(mask)
         window.abs_()
         torch.lt(window, 0.5 * self.bandwidth, out=window)
         self._window = window
-
-    def release_workspace(self):
-        self._window = self._buffer = None
 
     def penalty(self, code_sums, l0, model, coef, batch):
         return l0 * model.n_features, None

@@ -203,9 +203,7 @@ class Replicas:
         return share_bounds(n_rows, self.world_size)
 
     def local_rows(self, index):
-        """This rank's share of a global batch's row indices."""
-        if isinstance(index, slice):
-            index = np.arange(*index.indices(index.stop))
+        """This rank's share of a global batch's row indices (an integer array)."""
         bounds = self.bounds(len(index))
         return index[bounds[self.rank]:bounds[self.rank + 1]]
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_dict._torch.activations import ReLU
+from sparse_dict._torch.activations import ReLU, positive_mask
 from sparse_dict._torch.matmul import mm
 
 # The fitted tensors every autoencoder has, in the order configs list them;
@@ -218,7 +218,6 @@ class SparseAutoencoder(nn.Module):
     def release_workspace(self):
         """Free the training buffers (after training, before pickling)."""
         self._ws = None
-        self.activation.release_workspace()
 
     def uses_sparse_step(self, sparse_step="auto", autocast_dtype=None, device=None):
         """Whether a training step takes the sparse path (see :func:`sparse_step_pays`).
@@ -314,7 +313,7 @@ class SparseAutoencoder(nn.Module):
         cdtype = torch.float32 if sparse else (autocast_dtype or torch.float32)
         batch, d = x.shape
         ws = self._workspace(batch, cdtype, x.device, ("codes",) if sparse else
-                             ("codes", "grad", "mask"))
+                             ("codes", "grad", "mask") + self.activation.workspace_names)
         xc_ones, enc = ws["xc"], ws["enc"]
         xc = xc_ones[:, :d]
         # pre = (x - b_dec) @ W_enc.T + b_enc, the bias through the ones column.
@@ -345,7 +344,8 @@ class SparseAutoencoder(nn.Module):
         # W_dec in the products' dtype, next to a column for the codes' bias.
         dec[:, :d] = self.W_dec
         W_dec_c = dec[:, :d]
-        act.forward_(codes, mask, self)
+        act.forward_(codes, ws, self)
+        positive_mask(codes, mask)
         if mask.device.type == "cpu" and mask.dtype == torch.float32:
             # The column sums as a BLAS matrix-vector product: a third of
             # the time of a sum along the batch on this CPU (1.2 ms against

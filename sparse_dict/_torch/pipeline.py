@@ -27,10 +27,9 @@ import os
 import threading
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
-from sparse_dict._torch.data import take_rows
+from sparse_dict._torch.data import take_rows, to_device
 
 # Rows copied to the device at a time when the data moves there once: the
 # pinned staging buffer stays near 64 MB whatever the width.
@@ -109,7 +108,8 @@ class _PinnedPool:
     def give_back(self, buffers):
         with self._lock:
             for buf in buffers:
-                if self._kept_bytes + _nbytes(buf) <= self._max_bytes:
+                # Only pinned memory is slow to make; other buffers go.
+                if buf.is_pinned() and self._kept_bytes + _nbytes(buf) <= self._max_bytes:
                     self._free[(tuple(buf.shape), buf.dtype, buf.is_pinned())].append(buf)
                     self._kept_bytes += _nbytes(buf)
 
@@ -162,7 +162,9 @@ class BatchFeed:
         self.depth = max(1, int(depth))
         self._cuda = self.device.type == "cuda"
         self._taken = []
+        self._buffers = self._copied = self._copy_stream = None
         self._executor = None
+        self._live = None  # the generator of the current pass
         self._data = self._upload() if resident else None
         self.resident = resident
 
@@ -175,7 +177,7 @@ class BatchFeed:
         if not self._cuda:
             for start in range(0, n_rows, chunk):
                 rows = take_rows(self.X, slice(start, min(start + chunk, n_rows)))
-                data[start:start + len(rows)] = torch.from_numpy(_writable(rows))
+                data[start:start + len(rows)].numpy()[...] = rows
             return data.mul_(self.scale)
         staging = [self._take((chunk, n_features), torch.float32) for _ in range(2)]
         done = [None, None]
@@ -192,9 +194,19 @@ class BatchFeed:
             done[i % 2].record()
         return data.mul_(self.scale)
 
+    def _ring(self, n_buffers, shape, dtype):
+        """The feed's ring of host buffers and their last copies' events, made once.
+
+        Every pass reuses it: a buffer is written again only once the copy
+        out of it (in this pass or an earlier one) has run.
+        """
+        if self._buffers is None:
+            self._buffers = [self._take(shape, dtype) for _ in range(n_buffers)]
+            self._copied = [None] * n_buffers
+        return self._buffers, self._copied
+
     def _resident_batches(self, items):
-        ring = [self._take((self._largest, ), torch.int64) for _ in range(_INDEX_RING)]
-        events = [None] * _INDEX_RING
+        ring, events = self._ring(_INDEX_RING, (self._largest,), torch.int64)
         for i, (index, local) in enumerate(items):
             if local is None or len(local) == 0:
                 yield index, None
@@ -221,8 +233,10 @@ class BatchFeed:
             ready.synchronize()
         out = buf[: len(local)].numpy()
         X = self.X
-        if isinstance(X, np.ndarray) and X.dtype == np.float32 and not sp.issparse(X):
-            # One copy, straight into the (pinned) buffer.
+        if isinstance(X, np.ndarray) and X.dtype == np.float32:
+            # One copy, straight into the (pinned) buffer. The indices come
+            # from iter_batches, in range; "clip" spares the buffered copy
+            # that "raise" makes of the output.
             np.take(X, local, axis=0, out=out, mode="clip")
         else:
             out[...] = take_rows(X, local)
@@ -234,23 +248,18 @@ class BatchFeed:
                 if local is None or len(local) == 0:
                     yield index, None
                     continue
-                rows = take_rows(self.X, local)
-                x = torch.from_numpy(_writable(rows))
-                if self._cuda:
-                    x = x.pin_memory().to(self.device, non_blocking=True)
-                    yield index, x.mul_(self.scale)
-                else:
-                    # Not in place: the tensor may share memory with X.
-                    yield index, x.to(torch.float32).mul(self.scale)
+                x = to_device(take_rows(self.X, local), self.device)
+                # Not in place on the CPU: the tensor may share memory with X.
+                yield index, x.mul_(self.scale) if self._cuda else x.mul(self.scale)
             return
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 self.workers, thread_name_prefix="sparse_dict-feed")
         n_buffers = self.depth + self.workers + 1
-        ring = [self._take((self._largest, self.X.shape[1]), torch.float32)
-                for _ in range(n_buffers)]
-        ready = [None] * n_buffers
-        copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        ring, ready = self._ring(n_buffers, (self._largest, self.X.shape[1]), torch.float32)
+        if self._cuda and self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        copy_stream = self._copy_stream
         pending = collections.deque()
         items = iter(items)
         count = 0
@@ -334,9 +343,11 @@ class BatchFeed:
                     local = select(local)
                 yield index, np.asarray(local, dtype=np.int64)
 
-        if self.resident:
-            return self._resident_batches(items())
-        return self._streamed_batches(items())
+        if self._live is not None:
+            self._live.close()  # the previous pass's read-ahead, if it stopped early
+        make = self._resident_batches if self.resident else self._streamed_batches
+        self._live = make(items())
+        return self._live
 
     def _take(self, shape, dtype):
         buf = _POOL.take(shape, dtype, pin=self._cuda)
@@ -345,6 +356,12 @@ class BatchFeed:
 
     def close(self):
         """Stop the workers and give the pinned buffers back for later fits."""
+        if self._live is not None:
+            # Even after an exception in the caller's loop: its read-ahead
+            # is cancelled and its copies waited for here, not when it is
+            # collected.
+            self._live.close()
+            self._live = None
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
@@ -353,6 +370,7 @@ class BatchFeed:
             torch.cuda.current_stream(self.device).synchronize()
         _POOL.give_back(self._taken)
         self._taken = []
+        self._buffers = self._copied = None
         self._data = None
 
     def __enter__(self):
@@ -390,8 +408,3 @@ def to_host(tensor):
         return buf.numpy().copy()
     finally:
         _POOL.give_back([buf])
-
-
-def _writable(rows):
-    # torch cannot wrap read-only memory (a read-only memmap's rows).
-    return rows if rows.flags.writeable else rows.copy()

@@ -373,10 +373,13 @@ class Trainer:
             if replicas is not None:
                 self._check_replicas(X, config, replicas, "the training data and settings")
             feed = self._feed(X, config)
+            # One for the whole call: its queue of late reads carries from
+            # one pass to the next (a pass of two steps would see none).
+            dead_features = _DeadFeatures(self.dead_lag) if config.auxk_coef > 0 else None
             for _ in range(n_passes):
                 if config.total_steps is not None and self.step >= config.total_steps:
                     break
-                stop = self._train_pass(X, feed, config, rng, progress, replicas)
+                stop = self._train_pass(X, feed, dead_features, config, rng, progress, replicas)
                 passes_done += 1
                 info = self.pass_info(passes_done, config)
                 if replicas is None:
@@ -424,9 +427,9 @@ class Trainer:
         return BatchFeed(X, self.device, self.scale, config.batch_size, resident=bool(resident),
                          workers=workers, depth=max(2, workers + 1))
 
-    def _train_pass(self, X, feed, config, rng, progress, replicas=None):
+    def _train_pass(self, X, feed, dead_features, config, rng, progress, replicas=None):
         model, optimizer = self.model, self.optimizer
-        device, scale = self.device, self.scale
+        device = self.device
         autocast = torch.bfloat16 if config.bf16 else None
         activation = model.activation
         n_components = model.n_components
@@ -436,7 +439,6 @@ class Trainer:
         pool_rows, rows_in_pool = max(8192, config.batch_size), 0
         rows_seen = 0
         stop = False
-        dead_features = _DeadFeatures(self.dead_lag) if config.auxk_coef > 0 else None
         select = None if replicas is None else replicas.local_rows
         batches = feed.batches(iter_batches(X, config.batch_size, rng), select)
         while True:
@@ -728,15 +730,12 @@ class Trainer:
         """
         exported = {}
         for name, tensor in self.model.fitted_tensors().items():
-            # One new array each, scaled where it lives (a GPU's weights
-            # cross to the host once, through pinned memory).
+            # Scaled where it lives (the scaled ones are vectors); a GPU's
+            # weights cross to the host once, through pinned memory.
             tensor = tensor.float()
             if name not in UNSCALED_TENSORS:
                 tensor = tensor / np.float32(self.scale)
-                exported[name] = (tensor.numpy() if tensor.device.type == "cpu"
-                                  else to_host(tensor))
-            else:
-                exported[name] = to_host(tensor)
+            exported[name] = to_host(tensor)
         return exported
 
     # ------------------------------------------------ snapshots and pickling

@@ -201,8 +201,7 @@ def _final_norm(loaded):
         if module is None:
             continue
         if isinstance(module, nn.LayerNorm):
-            gain = module.weight if module.weight is not None else None
-            return module, True, gain, module.eps
+            return module, True, module.weight, module.eps
         name = type(module).__name__
         # Gemma's RMSNorm multiplies by (1 + weight); the others by weight.
         if name.endswith("RMSNorm") and not name.startswith("Gemma"):
@@ -214,7 +213,7 @@ def _final_norm(loaded):
                            f"(looked for {list(_FINAL_NORMS)})")
 
 
-def _projection_matrix(module, loaded, path):
+def _projection_matrix(module, path):
     """The output projection as a (n_hook, d_model) matrix: ``x @ M`` is its linear part."""
     if isinstance(module, nn.Linear):
         return module.weight.T
@@ -238,7 +237,7 @@ def _out_projection(extractor, loaded):
     parent, _, leaf = path.rpartition(".")
     is_projection = any(path == r or path.endswith("." + r) for r in _OUT_PROJECTIONS)
     if is_projection and direction == "input":
-        return _projection_matrix(loaded.submodule(path), loaded, path)
+        return _projection_matrix(loaded.submodule(path), path)
     if direction == "output" and (is_projection or leaf == "mlp"):
         return None  # the MLP's output, added as it is to the residual stream
     if direction == "output" and leaf == "act" and parent.rpartition(".")[2] == "mlp":
@@ -249,7 +248,7 @@ def _out_projection(extractor, loaded):
         for name in ("fc_out", "c_proj"):
             projection = getattr(mlp, name, None)
             if projection is not None and not gated:
-                return _projection_matrix(projection, loaded, f"{parent}.{name}")
+                return _projection_matrix(projection, f"{parent}.{name}")
     raise NoDirectPathError(
         f"Logit effects are defined for hooks on an MLP's path to the residual stream "
         f"(hook='mlp_post' or 'mlp_out'); {site.name!r} ({path}, {direction}) is not one."

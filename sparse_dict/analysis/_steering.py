@@ -362,11 +362,13 @@ def steering_distributions(extractor, sae, texts, feature, strength, *, clamp=No
                     vocab = before.shape[-1]
                     plain = np.empty((int(offsets[-1]), vocab), dtype=np.float32)
                     steered = np.empty_like(plain)
+                # One copy to the host per batch, then the rows of each text.
+                before, after = before.cpu().numpy(), after.cpu().numpy()
                 for row, i in enumerate(chunk):
                     n = int(lengths[i])
                     take = slice(0, n) if positions == "all" else slice(n - 1, n)
-                    plain[offsets[i]:offsets[i + 1]] = before[row, take].cpu().numpy()
-                    steered[offsets[i]:offsets[i + 1]] = after[row, take].cpu().numpy()
+                    plain[offsets[i]:offsets[i + 1]] = before[row, take]
+                    steered[offsets[i]:offsets[i + 1]] = after[row, take]
     finally:
         loaded.model.train(training)
     text_index = np.repeat(np.arange(len(seqs), dtype=np.int64), counts)

@@ -150,9 +150,12 @@ def _fsync_folder(folder):
             os.close(fd)
 
 
-def _write_json_durably(folder, name, content):
-    """Replace ``folder/name`` by ``content`` in one step, on the disk when this returns."""
-    text = json.dumps(content, indent=2, allow_nan=False) + "\n"
+def _write_json_durably(folder, name, content, **dumps):
+    """Replace ``folder/name`` by ``content`` as JSON in one step, on the disk when this returns.
+
+    Written under the manifest's temporary name, then moved: never half written.
+    """
+    text = json.dumps(content, **(dumps or {"indent": 2, "allow_nan": False})) + "\n"
     nxt = Path(folder) / _MANIFEST_NEXT
     with open(nxt, "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -617,15 +620,7 @@ class StoreWriter:
         vocab = list(vocab)
         if len(vocab) <= self.manifest["max_token_id"]:
             raise ValueError("the vocabulary does not cover the token ids stored")
-        # Through the manifest's temporary name, then moved: never half written.
-        text = json.dumps(vocab, ensure_ascii=False)
-        nxt = self.path / _MANIFEST_NEXT
-        with open(nxt, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(nxt, self.path / VOCAB)
-        _fsync_folder(self.path)
+        _write_json_durably(self.path, VOCAB, vocab, ensure_ascii=False)
         self._save_manifest(complete=True)
 
     def close(self):
@@ -640,8 +635,7 @@ class StoreWriter:
 
 
 def _check_same_extraction(path, manifest, config):
-    differ = [k for k in RESUME_KEYS
-              if k != "pretokenized" and manifest.get(k) != config.get(k)]
+    differ = [k for k in RESUME_KEYS if manifest.get(k) != config.get(k)]
     if differ:
         what = ", ".join(f"{k}={manifest.get(k)!r} (now {config.get(k)!r})" for k in differ)
         raise ValueError(
