@@ -15,8 +15,9 @@ that is missing). A section that fails is recorded with its error and the others
 still run; the exit status is then 1.
 
 The sections that put the SAE beside scikit-learn (recovery, frontier,
-time_to_quality, scaling, encoding) and the throughput section (which puts
-torch's matrix product beside OpenBLAS's) run in child processes whose environment lacks
+time_to_quality, scaling, encoding), the throughput section (which puts
+torch's matrix product beside OpenBLAS's) and the SAELens comparison (whose
+SAELens side already runs in its own environment) run in child processes whose environment lacks
 ``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE``: this machine sets them, and
 they halve the OpenBLAS that scikit-learn's numpy uses. The BLAS kernel of
 each child is printed and recorded (``--same-env`` runs everything in this process with the
@@ -44,7 +45,8 @@ TINY_SECTIONS = tuple(name for name in SECTIONS
 # Sections that compare the SAE with scikit-learn: run with the clean BLAS environment.
 # throughput too: it compares torch's matrix product with OpenBLAS's, which the
 # overrides halve.
-ISOLATED = ("recovery", "frontier", "time_to_quality", "scaling", "encoding", "throughput")
+ISOLATED = ("recovery", "frontier", "time_to_quality", "scaling", "encoding", "throughput",
+            "saelens_throughput")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 EXTRACTION_TARGET = 0.9
 

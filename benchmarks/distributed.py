@@ -28,7 +28,6 @@ Run ``python -m benchmarks.distributed [--tiny|--full] [--processes N]``.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from sparse_dict._cli_common import free_port
 
 SIZES = {
     "tiny": dict(n_samples=4096, n_features=32, n_components=128, batch_size=256, steps=16),
@@ -45,12 +46,6 @@ SIZES = {
                  steps=500),
 }
 ACTIVATIONS = {"relu": {"l1_coef": 3.0}, "topk": {"k": 32}}
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(spec_path):
@@ -104,7 +99,7 @@ def _launch(spec, folder, timeout):
     spec_path.write_text(json.dumps(spec))
     n = spec["n_processes"]
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), WORLD_SIZE=str(n), PYTHONWARNINGS="ignore")
+               MASTER_PORT=str(free_port()), WORLD_SIZE=str(n), PYTHONWARNINGS="ignore")
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.distributed", "--worker",

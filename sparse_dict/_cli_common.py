@@ -369,7 +369,8 @@ def _rank():
     return int(os.environ.get("RANK", "0"))
 
 
-def _free_port():
+def free_port():
+    """A TCP port of this machine that nothing listens on now, for a process group's rank 0."""
     import socket
 
     with socket.socket() as sock:
@@ -402,7 +403,7 @@ def _launch_ranks(argv, nproc):
     """
     import time
 
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
     env[RANK_PROCESS_ENV] = "1"
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

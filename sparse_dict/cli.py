@@ -287,20 +287,13 @@ def cmd_report(args):
 
 
 def _check_store(store, dictionary, args):
-    """A store's activations must come from the dictionary's hook point (and model).
+    """A store's activations must come from the dictionary's hook point (and model)."""
+    from sparse_dict.analysis import check_compatible
 
-    The widths alone cannot tell: every layer of a model has the same width.
-    """
-    from sparse_dict.analysis._provenance import _check_recorded
-
-    recorded = getattr(dictionary, "provenance_", None)
-    current = store.provenance()
-    if isinstance(recorded, dict) and isinstance(current, dict) \
-            and recorded.get("hook_name") and current.get("hook_name"):
-        try:
-            _check_recorded(recorded, current, check_model=getattr(args, "model", None) is None)
-        except ValueError as err:
-            raise CLIError(str(err).replace("the extractor", "the store")) from None
+    try:
+        check_compatible(store, dictionary, check_model=getattr(args, "model", None) is None)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 def _fitted_extractor(args, dictionary, probe, provenance=None):

@@ -91,7 +91,12 @@ def test_every_target_is_recorded(tiny_run):
         "time_to_quality_speedup", "memmap_memory_growth", "encoding_speedup_vs_lars",
         "amortisation_gap_best", "throughput_fraction_of_matmul",
         "extraction_disk_memory_growth",
-        "sparse_topk_over_dense_relu",
+        "sparse_topk_over_dense_relu", "steering_ratio", "universality_vs_random",
+        "size_curve_rises",
+        "gpu_fit_fraction_of_matmul_float32", "gpu_fit_fraction_of_matmul_bf16",
+        "gpu_fit_over_plain_gather_bf16", "gpu_step_fraction_of_matmul_bf16",
+        "gpu_short_fit_overhead_float32", "gpu_short_fit_overhead_bf16",
+        "gpu_small_fit_over_plain_device_float32", "gpu_small_fit_over_plain_device_bf16",
     }
     for t in results["targets"]:
         assert isinstance(t["met"], bool)

@@ -5,7 +5,6 @@ or the command line under torchrun) and reads what every rank wrote.
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from sparse_dict import SparseAutoencoderDictionary
+from sparse_dict._cli_common import free_port
 from sparse_dict._torch.distributed import replicas_for
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -32,19 +32,13 @@ def _env(**extra):
     return env
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(mode, out, world_size=2, wait_for=None):
     """Start ``world_size`` ranks of the worker with torchrun's variables.
 
     Wait for every rank, or for the ranks in ``wait_for`` only (the others
     are then killed).
     """
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), mode, str(out)],

@@ -1,10 +1,10 @@
-"""Whether a dictionary belongs to an extractor's hook point, from its provenance."""
+"""Whether a dictionary belongs to an extractor's (or a store's) hook point, from its provenance."""
 
 from pathlib import Path
 
 from sklearn.utils.validation import check_is_fitted
 
-from sparse_dict.extraction._extractor import PROVENANCE_SOURCE
+from sparse_dict.extraction._extractor import PROVENANCE_SOURCE, TransformerActivationExtractor
 
 
 def _same_model(recorded, current):
@@ -27,6 +27,11 @@ def _same_model(recorded, current):
 def check_compatible(extractor, dictionary, *, check_model=True):
     """Raise a clear error if ``dictionary`` was not learned at ``extractor``'s hook point.
 
+    ``extractor`` may also be an activation store
+    (:func:`~sparse_dict.extraction.open_store`): its activations must come
+    from the dictionary's hook point, which their widths alone cannot tell
+    (every layer of a model has the same width).
+
     The dictionary's width must be the hook's width. A dictionary whose
     ``provenance_`` was recorded from an extractor (see
     :meth:`~sparse_dict.TransformerActivationExtractor.provenance`) must
@@ -36,8 +41,8 @@ def check_compatible(extractor, dictionary, *, check_model=True):
 
     Parameters
     ----------
-    extractor : TransformerActivationExtractor
-        Fitted.
+    extractor : TransformerActivationExtractor or ActivationStore
+        Fitted (an extractor), or complete (a store).
     dictionary : fitted estimator with ``components_`` and ``n_features_in_``
     check_model : bool, default=True
         Also compare the models. False takes the extractor's model as the
@@ -62,33 +67,37 @@ def check_compatible(extractor, dictionary, *, check_model=True):
     ...
     ValueError: The dictionary was fitted on 6 features per row, but layer0.mlp_post ...
     """
-    check_is_fitted(extractor, "n_features_out_")
+    is_extractor = isinstance(extractor, TransformerActivationExtractor)
+    if is_extractor:
+        check_is_fitted(extractor, "n_features_out_")
     check_is_fitted(dictionary, "components_")
+    current = extractor.provenance()
+    what = "the extractor" if is_extractor else "the store"
     # The provenance first: it names what the dictionary belongs to.
     recorded = getattr(dictionary, "provenance_", None)
     if isinstance(recorded, dict) and recorded.get("source") == PROVENANCE_SOURCE:
-        _check_recorded(recorded, extractor.provenance(), check_model)
-    width = int(extractor.n_features_out_)
+        _check_recorded(recorded, current, check_model, what)
+    width = int(current["n_features"])
     n_in = int(dictionary.n_features_in_)
     if n_in != width:
         raise ValueError(
             f"The dictionary was fitted on {n_in} features per row, but "
-            f"{extractor.hook_name_} of this model gives {width}; use the extractor "
+            f"{current['hook_name']} of this model gives {width}; use the extractor "
             "(model, layer, hook) its activations came from."
         )
 
 
-def _check_recorded(recorded, current, check_model):
+def _check_recorded(recorded, current, check_model, what="the extractor"):
     where = f"{recorded.get('hook_name')} of model {recorded.get('model')}"
     if recorded.get("hook_name") != current["hook_name"]:
         raise ValueError(
-            f"The dictionary was learned on activations of {where}, but the extractor "
+            f"The dictionary was learned on activations of {where}, but {what} "
             f"reads {current['hook_name']}; use layer/hook (or module) of the dictionary's "
             "provenance_."
         )
     if check_model and not _same_model(recorded.get("model"), current["model"]):
         raise ValueError(
-            f"The dictionary was learned on activations of {where}, but the extractor "
+            f"The dictionary was learned on activations of {where}, but {what} "
             f"runs model {current['model']}; give the dictionary's model (a folder that "
             "moved is recognised by its name)."
         )
