@@ -40,5 +40,5 @@ echo "benchmarks exit: $?"
 echo "== tests (limit ${test_s} s)"
 workers=$(( $(nproc) / 2 ))
 timeout "$test_s" "$py" -m pytest -q -rfE -p no:cacheprovider -n "$workers" \
-    --timeout 200 tests 2>&1 | tee "$out/tests.log" | tail -60
+    tests 2>&1 | tee "$out/tests.log" | tail -60
 echo "tests exit: $?"

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from benchmarks._common import blas_info, blas_summary, target
-from benchmarks._plain import PlainSAE
+from benchmarks._plain import PlainSAE, sync as _sync
 from sparse_dict._torch import TrainConfig, Trainer, resolve_device
 from sparse_dict._torch import matmul
 from sparse_dict._torch.activations import make_activation
@@ -62,11 +62,6 @@ SIZES = {
     "quick": dict(batch=4096, d=512, n=4096, sparse_n=16384, k=32, rounds=3, steps=6),
     "full": dict(batch=4096, d=512, n=4096, sparse_n=16384, k=32, rounds=5, steps=6),
 }
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # Seconds for OpenBLAS's spinning threads to go to sleep (its default
