@@ -188,8 +188,9 @@ class SparseAutoencoder(nn.Module):
         column of ones, and the two (n_components, n_features + padding)
         buffers ``enc`` and ``dec`` a column for a bias: a matrix product of
         one with the other adds the bias (or returns column sums) at no
-        extra pass over a (batch, n_components) array. Of the (batch,
-        n_components) buffers only those in ``wide`` are made.
+        extra pass over a (batch, n_components) array. ``err`` holds the
+        float32 residual. Of the (batch, n_components) buffers only those in
+        ``wide`` are made.
         """
         ws = getattr(self, "_ws", None)
         if (
@@ -208,6 +209,7 @@ class SparseAutoencoder(nn.Module):
                 ws[k][:, d] = 1.0
             for k in ("enc", "dec"):
                 ws[k] = torch.zeros(self.n_components, width, dtype=dtype, device=device)
+            ws["err"] = torch.empty(batch, d, dtype=torch.float32, device=device)
             self._ws = ws
         for k in wide:
             if k not in ws:
@@ -354,13 +356,20 @@ class SparseAutoencoder(nn.Module):
         else:
             # Float sums along the batch are vectorised; integer ones are not.
             fired = mask.sum(dim=0, dtype=torch.float32)
-        err = mm(codes, W_dec_c).float().add_(b_dec).sub_(x)
-        mse = err.pow(2).sum() / batch
+        # x_hat - x in a float32 buffer of the workspace: no (batch, d)
+        # tensor is allocated in the step.
+        err = ws["err"]
+        if codes.dtype == torch.float32:
+            mm(codes, W_dec_c, out=err)
+        else:
+            err.copy_(mm(codes, W_dec_c))
+        err.add_(b_dec).sub_(x)
+        mse = torch.linalg.vector_norm(err).square() / batch
 
         # d loss / d x_hat, next to a column of ones: the product with the
         # codes gives W_dec's gradient and, in the last column, the codes'
         # column sums (for the penalty).
-        gx_ones[:, :d] = err.mul(2.0 / batch)
+        torch.mul(err, 2.0 / batch, out=gx_ones[:, :d])
         dec_grad = mm(codes.t(), gx_ones)
         self.W_dec.grad = _float32_dense(dec_grad[:, :d])
         code_sums = dec_grad[:, d].float()
