@@ -337,6 +337,19 @@ def test_bad_fit_input_leaves_estimator_unchanged(fitted, X, name, make_bad, mes
     assert sae.n_steps_ == fitted.n_steps_
 
 
+@pytest.mark.parametrize("value,message", [(np.nan, "Input X contains NaN"),
+                                           (-np.inf, "Input X contains infinity")])
+def test_bad_value_past_the_first_block_is_refused(value, message):
+    # Over 4 MB: the values are checked in several blocks, and the last one
+    # holds the bad value.
+    X = np.ones((2100, 512), dtype=np.float32)
+    X[-1, -1] = value
+    sae = small_sae()
+    with pytest.raises(ValueError, match=message):
+        sae.fit(X)
+    assert not hasattr(sae, "components_")
+
+
 def test_transform_wrong_width(fitted, X):
     with pytest.raises(ValueError, match="X has 5 features, but SparseAutoencoderDictionary is expecting 8"):
         fitted.transform(X[:, :5])

@@ -166,3 +166,45 @@ def test_short_fits_on_one_feature_are_not_called_diverged(n_samples, n_componen
     with pytest.warns(Warning, match="too few"):
         SparseAutoencoderDictionary(n_components=n_components, max_iter=2, batch_size=16,
                                     device="cpu", random_state=seed).fit(X)
+
+
+# ---------------------------------------------------------------- value_range
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+from sparse_dict._torch.data import value_range  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    X=hnp.arrays(np.float64, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=9),
+                 elements=st.floats(allow_nan=True, allow_infinity=True, width=64)),
+    block_bytes=st.integers(1, 200),
+)
+def test_value_range_is_min_and_max_in_any_blocks(X, block_bytes):
+    low, high = value_range(X, block_bytes=block_bytes)
+    if np.isnan(X).any():
+        assert np.isnan(low) and np.isnan(high)
+    else:
+        assert (low, high) == (X.min(), X.max())
+
+
+def test_value_range_of_memmap_sparse_and_float32(tmp_path):
+    rng = np.random.RandomState(0)
+    X = rng.standard_normal((50, 7)).astype(np.float32)
+    path = tmp_path / "x.npy"
+    np.save(path, X)
+    # A read-only memmap, read in blocks of a few rows, gives no warning.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert value_range(np.load(path, mmap_mode="r"), block_bytes=64) == (X.min(), X.max())
+    import scipy.sparse as sp
+
+    S = sp.csr_matrix(np.where(X > 1, X, 0))
+    assert value_range(S) == (S.data.min(), S.data.max())
+    X[37, 3] = np.inf
+    assert value_range(X, block_bytes=64) == (X[np.isfinite(X)].min(), np.inf)

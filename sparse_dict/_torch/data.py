@@ -4,6 +4,9 @@ Nothing here copies a whole input: every function reads the rows it needs,
 so a ``np.memmap`` larger than memory can be fitted and encoded.
 """
 
+import math
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -34,6 +37,51 @@ def to_device(rows, device, dtype=torch.float32):
     if device.type == "cuda":
         return tensor.pin_memory().to(device, dtype=dtype, non_blocking=True)
     return tensor.to(dtype=dtype)
+
+
+def value_range(X, block_bytes=1 << 22):
+    """The smallest and largest value of ``X``, in one pass over blocks of rows.
+
+    NaN anywhere makes both NaN; an infinity shows as one of the two. Blocks
+    keep a memmap from being read whole into memory; each is read once (a
+    minimum and a maximum taken apart would read it twice).
+
+    Parameters
+    ----------
+    X : ndarray, np.memmap or scipy.sparse matrix of floats
+        A sparse matrix's stored values only (its implicit zeros are not
+        counted).
+    block_bytes : int
+        About how many bytes each block reads.
+
+    Returns
+    -------
+    low, high : float
+        ``nan, nan`` for an empty ``X``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> value_range(np.array([[1.0, -2.0], [3.0, 0.5]]))
+    (-2.0, 3.0)
+    """
+    values = X.data if sp.issparse(X) else X
+    if values.size == 0:
+        return float("nan"), float("nan")
+    values = values.reshape(values.shape[0], -1)
+    step = max(1, block_bytes // max(1, values.itemsize * values.shape[1]))
+    low, high = float("inf"), float("-inf")
+    for start in range(0, values.shape[0], step):
+        block = values[start:start + step]
+        with warnings.catch_warnings():
+            # A read-only memmap's block: only read here.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            lo, hi = torch.aminmax(torch.from_numpy(np.ascontiguousarray(block)))
+        lo, hi = float(lo), float(hi)
+        if math.isnan(lo) or math.isnan(hi):
+            return float("nan"), float("nan")
+        low, high = min(low, lo), max(high, hi)
+    return low, high
 
 
 # Up to this many rows, an epoch is one exact random permutation. Beyond, the
