@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,6 +189,17 @@ def test_time_to_quality_and_encoding_cover_every_activation(sections):
                                               "topk_dense"}
     assert sparse["step_topk_sparse_over_relu"] == pytest.approx(
         sparse["step_rows_per_s"]["topk_sparse"] / sparse["step_rows_per_s"]["relu"])
+    # The target's figure is the step's, each round against that round's
+    # faster product; the loop's is beside it.
+    rounds = throughput["rounds"]
+    best = np.max([rounds["matmul"][lib] for lib in ("torch", "openblas")], axis=0)
+    assert throughput["sae_step_fraction_of_matmul"] == pytest.approx(
+        np.median(np.asarray(rounds["sae_step"]) / best))
+    assert throughput["sae_fraction_of_matmul"] == pytest.approx(
+        np.median(np.asarray(rounds["sae"]) / best))
+    target = next(t for t in throughput["targets"]
+                  if t["name"] == "throughput_fraction_of_matmul")
+    assert target["value"] == throughput["sae_step_fraction_of_matmul"]
 
 
 def test_saelens_section_records_why_it_was_skipped(monkeypatch, tmp_path):
