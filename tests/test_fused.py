@@ -174,3 +174,132 @@ def test_a_kernel_that_fails_its_probe_leaves_the_plain_path(monkeypatch, failur
             assert not fused.available(torch.device("cpu"))
     finally:
         fused._probe.cache_clear()
+
+
+# ------------------------------------------------------- the codes' pass
+
+# The one-pass codes kernel against the plain operations, exactly: direct
+# calls on awkward shapes and dtypes, then whole trainings of every dense
+# mechanism with the kernel forced on and off.
+_CODES = textwrap.dedent('''
+    import json, sys, warnings
+    import numpy as np, torch
+    from sparse_dict._torch import TrainConfig, Trainer, fused
+    from sparse_dict._torch.activations import make_activation, positive_mask
+
+    device = sys.argv[1]
+    out = {"direct": [], "train": {}}
+    g = torch.Generator(device=device).manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for relu in (True, False):
+            # 37 rows (not a multiple of a block), 300 columns (not a power of
+            # two), the rows a slice of a wider buffer; exact zeros, -0.0.
+            wide = torch.randn(37, 320, generator=g, device=device).to(dtype)
+            wide[::3, ::7] = 0.0
+            wide[1::5, ::11] = -0.0
+            if not relu:
+                wide.clamp_(min=0.0)  # codes after an activation are never negative
+            codes = wide[:, :300]
+            expected = codes.clone()
+            if relu:
+                expected.relu_()
+            mask_ref = torch.empty_like(expected)
+            positive_mask(expected, mask_ref)
+            fired_ref = mask_ref.sum(dim=0, dtype=torch.float32)
+            mask = torch.full((37, 300), 7.0, device=device, dtype=dtype)
+            fired = fused.codes_mask_count_(codes, mask, relu=relu)
+            out["direct"].append({
+                "dtype": str(dtype), "relu": relu,
+                "codes": bool(torch.equal(codes, expected)),
+                "mask": bool(torch.equal(mask, mask_ref)),
+                "fired": bool(torch.equal(fired, fired_ref)),
+                "rest_untouched": bool(torch.equal(wide[:, 300:], wide[:, 300:].clone())),
+            })
+    nan = torch.tensor([[float("nan"), -1.0, 2.0]], device=device)
+    fused.codes_mask_count_(nan, torch.empty_like(nan), relu=True)
+    out["nan_kept"] = bool(torch.isnan(nan[0, 0])) and nan[0, 1:].tolist() == [0.0, 2.0]
+
+    X = np.abs(np.random.RandomState(2).randn(300, 16)).astype(np.float32)
+    for act in ("relu", "topk", "batchtopk", "jumprelu"):
+        models = []
+        for codes_kernel in (False, True):
+            t = Trainer(16, 32, device, seed=3, activation=make_activation(act, k=4))
+            t.initialize(X, np.random.RandomState(0))
+            config = TrainConfig(batch_size=50, total_steps=12, fused_codes=codes_kernel,
+                                 fused_update=False, sparse_step=False, learning_rate=0.05,
+                                 coef=0.5, resample_interval=5, dead_window=4)
+            t.train(X, 2, config, np.random.RandomState(5))
+            models.append(t)
+        a, b = models
+        out["train"][act] = {
+            "same": all(torch.equal(b.model.state_dict()[k], v)
+                        for k, v in a.model.state_dict().items()),
+            "history": bool(np.array_equal(a.history, b.history)),
+            "fired": bool(np.array_equal(a.pass_fired, b.pass_fired)),
+        }
+    # The first step's choice: measured (on the interpreter, only checked).
+    codes = torch.randn(8, 40, generator=g, device=device)
+    mask, scratch = torch.empty_like(codes), torch.empty_like(codes)
+
+    def plain(c, m):
+        c.relu_()
+        positive_mask(c, m)
+        return m.sum(dim=0)
+
+    def wrong(c, m):
+        plain(c, m)
+        return m.sum(dim=0) + 1
+
+    before = codes.clone()
+    out["pays"] = fused.elementwise_pays(codes, mask, scratch, plain, True)
+    out["codes_kept"] = bool(torch.equal(codes, before))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out["pays_wrong"] = fused.elementwise_pays(codes[:, :30], mask[:, :30],
+                                                   scratch[:, :30], wrong, True)
+    out["warned"] = [str(w.message) for w in caught]
+    print(json.dumps(out))
+''')
+
+
+def _codes_compare(device, env=None):
+    result = subprocess.run([sys.executable, "-c", _CODES, device], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _check_codes(out, measured):
+    assert len(out["direct"]) == 4
+    for case in out["direct"]:
+        assert case["codes"] and case["mask"] and case["fired"] and case["rest_untouched"], case
+    assert out["nan_kept"]
+    for act in ("relu", "topk", "batchtopk", "jumprelu"):
+        assert out["train"][act] == {"same": True, "history": True, "fired": True}, act
+    assert out["codes_kept"]
+    if not measured:
+        assert out["pays"] is True  # nothing to time on the interpreter
+    assert out["pays_wrong"] is False
+    assert any("differs" in message for message in out["warned"]), out["warned"]
+
+
+def test_codes_kernel_matches_the_plain_operations_in_triton_s_interpreter():
+    pytest.importorskip("triton")
+    _check_codes(_codes_compare("cpu", {"TRITON_INTERPRET": "1"}), measured=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_codes_kernel_matches_the_plain_operations_on_the_gpu():
+    pytest.importorskip("triton")
+    _check_codes(_codes_compare("cuda"), measured=True)
+
+
+def test_no_codes_kernel_on_the_cpu_or_when_turned_off(monkeypatch):
+    codes = torch.randn(4, 8)
+    args = (codes, torch.empty_like(codes), torch.empty_like(codes), None, True)
+    assert not fused.elementwise_pays(*args)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SPARSE_DICT_FUSED", "0")
+    assert not fused.elementwise_pays(*args)

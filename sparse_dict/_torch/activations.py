@@ -54,6 +54,11 @@ class Activation:
     workspace_names : tuple of str
         (batch, n_components) buffers of its own that :meth:`forward_` needs,
         kept with the step's others (reused across steps, freed with them).
+    forward_is_relu : bool
+        Whether :meth:`forward_` is exactly ``pre.relu_()``, so that the
+        one-pass codes kernel on a GPU
+        (:func:`sparse_dict._torch.fused.codes_mask_count_`) may take it
+        along with the mask and the firing counts.
     """
 
     name = None
@@ -64,6 +69,7 @@ class Activation:
     state_defaults = {}
     has_sparse_step = False
     workspace_names = ()
+    forward_is_relu = False
 
     def init_model(self, model):
         """Register this mechanism's parameters and buffers on ``model``."""
@@ -186,6 +192,7 @@ class ReLU(Activation):
     name = "relu"
     penalty_name = "l1_coef"
     min_default_steps = 8000
+    forward_is_relu = True
 
     def forward_(self, pre, buffers, model):
         pre.relu_()

@@ -1,5 +1,8 @@
 """One pass over each weight matrix per step on a GPU: Adam, the unit-norm constraint, the bf16 copy.
 
+(And one pass over the step's (batch, n_components) codes for their mask
+and firing counts: :func:`codes_mask_count_`, at the end.)
+
 After the matrix products, a step updates its two (n_components, d) weight
 matrices. Written as torch operations that is several passes over each:
 the decoder gradient's radial part is projected out (two passes), Adam
@@ -27,7 +30,7 @@ import warnings
 
 import torch
 
-__all__ = ["adam_rows_", "available"]
+__all__ = ["adam_rows_", "available", "codes_mask_count_", "elementwise_pays"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -179,3 +182,160 @@ def adam_rows_(weight, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, step
         BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=4 if block_d <= 1024 else 8,
     )
+
+
+# ------------------------------------------------------- the codes' pass
+
+
+@functools.lru_cache(maxsize=None)
+def _codes_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def codes_mask_count(C, MASK, FIRED, n_rows, n_cols, stride_c, stride_m,
+                         RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                         TILES: tl.constexpr):
+        # Each program takes TILES tiles of BLOCK_R rows down one block of
+        # columns, summing its counts before one atomic add per column.
+        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        first = tl.program_id(1) * (TILES * BLOCK_R)
+        count = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for tile in range(TILES):
+            rows = first + tile * BLOCK_R + tl.arange(0, BLOCK_R)
+            inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+            rows64 = rows.to(tl.int64)[:, None]
+            at = rows64 * stride_c + cols[None, :]
+            c = tl.load(C + at, mask=inside, other=0.0)
+            if RELU:
+                # NaN stays NaN, as in torch's relu, so that a diverging
+                # step still shows in its loss.
+                c = tl.where(c < 0.0, 0.0, c)
+                tl.store(C + at, c, mask=inside)
+            ones = tl.where(c > 0.0, 1.0, 0.0)  # float32
+            tl.store(MASK + rows64 * stride_m + cols[None, :],
+                     ones.to(MASK.dtype.element_ty), mask=inside)
+            count += tl.sum(ones, axis=0)
+        tl.atomic_add(FIRED + cols, count, mask=cols < n_cols)
+
+    return codes_mask_count
+
+
+def codes_mask_count_(codes, mask, relu=False):
+    """The codes' mask and firing counts in one pass, after an optional ReLU in place.
+
+    What ``codes.relu_()`` (with ``relu``), ``mask = codes > 0`` and the
+    mask's column sums do in three passes over a (batch, n_components)
+    array, in one: each value is read once, and the mask (and, with
+    ``relu``, the codes) written once. Exactly the plain operations' values
+    for finite codes (0/1 counts below 2**24 are exact in float32, whatever
+    the order of their sums).
+
+    Parameters
+    ----------
+    codes : torch.Tensor of shape (batch, n_components)
+        Columns contiguous; float32 or bfloat16. With ``relu``, overwritten
+        by ``max(codes, 0)``.
+    mask : torch.Tensor of the same shape
+        Overwritten with 1 where the code is positive, else 0, in its dtype.
+    relu : bool
+
+    Returns
+    -------
+    fired : torch.Tensor of shape (n_components,), float32
+        How many rows fired each feature.
+    """
+    n_rows, n_cols = codes.shape
+    if codes.stride(1) != 1 or mask.stride(1) != 1 or mask.shape != codes.shape:
+        raise ValueError("codes_mask_count_ needs same-shaped codes and mask with "
+                         "contiguous columns.")
+    fired = torch.zeros(n_cols, dtype=torch.float32, device=codes.device)
+    if n_rows == 0 or n_cols == 0:
+        return fired
+    block_c = min(256, 1 << max(4, (n_cols - 1).bit_length()))
+    block_r = 16
+    # About 4096 programs, enough to fill a GPU, each over a power of two of
+    # tiles (few distinct compilations), so that a wide batch pays one
+    # atomic add per column for every 16 * tiles rows.
+    col_blocks = -(-n_cols // block_c)
+    row_tiles = -(-n_rows // block_r)
+    tiles = 1 << max(0, (-(-row_tiles * col_blocks // 4096) - 1).bit_length())
+    tiles = min(tiles, 1 << max(0, (row_tiles - 1).bit_length()))
+    grid = (col_blocks, -(-row_tiles // tiles))
+    _codes_kernel()[grid](
+        codes, mask, fired, n_rows, n_cols, codes.stride(0), mask.stride(0),
+        RELU=bool(relu), BLOCK_R=block_r, BLOCK_C=block_c, TILES=tiles, num_warps=4,
+    )
+    return fired
+
+
+# Per (device, dtype, shape, relu): whether the one-pass kernel is faster
+# there than the plain operations, and gives their values.
+_elementwise_choice = {}
+
+
+def elementwise_pays(codes, mask, scratch, plain, relu):
+    """Whether :func:`codes_mask_count_` should replace ``plain`` for these codes.
+
+    Measured once per process, device, dtype, shape and ``relu``, on the
+    first step's own codes: both ways run on copies of them in ``scratch``
+    (a buffer of the same shape the step has not used yet), their results
+    must agree exactly, and the faster is kept. A failure or a disagreement
+    warns once and keeps the plain operations. ``codes`` and ``mask`` are
+    left as they were (``mask`` is overwritten later by the step).
+
+    Parameters
+    ----------
+    codes, mask, scratch : torch.Tensor of shape (batch, n_components)
+    plain : callable
+        ``plain(codes, mask) -> fired``: the plain operations, in place.
+    relu : bool
+    """
+    device = codes.device
+    if os.environ.get("SPARSE_DICT_FUSED", "1") == "0":
+        return False
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    key = (str(device), codes.dtype, tuple(codes.shape), bool(relu))
+    if key not in _elementwise_choice:
+        try:
+            _elementwise_choice[key] = _measure_elementwise(codes, mask, scratch, plain, relu)
+        except Exception as exc:  # noqa: BLE001 - no Triton, or a kernel that cannot build
+            warnings.warn(f"The one-pass codes kernel cannot run on {device} "
+                          f"({type(exc).__name__}: {exc}); training uses torch's operations "
+                          "instead.", RuntimeWarning, stacklevel=3)
+            _elementwise_choice[key] = False
+    return _elementwise_choice[key]
+
+
+def _measure_elementwise(codes, mask, scratch, plain, relu, repeats=3):
+    scratch.copy_(codes)
+    fired_plain = plain(scratch, mask)
+    expected = (scratch.clone(), mask.clone(), fired_plain.clone())
+    scratch.copy_(codes)
+    fired = codes_mask_count_(scratch, mask, relu=relu)
+    # Compared as values: a -0.0 code gives a -0.0 mask through sign, a 0.0
+    # one here; both mask alike.
+    same = (torch.equal(scratch, expected[0]) and torch.equal(mask, expected[1])
+            and torch.equal(fired, expected[2]))
+    if not same:
+        warnings.warn(f"The one-pass codes kernel differs from torch's operations on "
+                      f"{codes.device}; training uses torch's operations instead.",
+                      RuntimeWarning, stacklevel=4)
+        return False
+    if codes.device.type != "cuda":
+        return True  # Triton's interpreter, in the tests: nothing to time
+    times = {}
+    for name, run in (("plain", lambda: plain(scratch, mask)),
+                      ("fused", lambda: codes_mask_count_(scratch, mask, relu=relu))):
+        best = float("inf")
+        for _ in range(repeats):
+            scratch.copy_(codes)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end))
+        times[name] = best
+    return times["fused"] < times["plain"]
