@@ -150,7 +150,8 @@ def matmul_tflops(batch, d, n, device, bf16, calls, repeats):
     return 2.0 * batch * d * n / seconds / 1e12
 
 
-def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_update="auto"):
+def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_update="auto",
+                       fused_codes="auto"):
     """Seconds of one training step of the sparse_dict core, the batch on the device.
 
     The two calls that :class:`~sparse_dict._torch.Trainer` makes for each
@@ -158,8 +159,9 @@ def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_updat
     (``loss_and_gradients``), then ``apply_gradients`` (the projection of
     the decoder gradient's radial part, Adam, the atoms' renormalisation:
     one fused pass per weight matrix where ``fused_update`` allows, torch's
-    operations with ``fused_update=False``). ``scale`` is 1: the data's scale
-    does not change the work.
+    operations with ``fused_update=False``); the codes' mask and counts in
+    one pass where the first step measured it faster (``fused_codes``).
+    ``scale`` is 1: the data's scale does not change the work.
     """
     trainer = Trainer(d, n, device, seed=0)
     trainer.scale = 1.0
@@ -169,7 +171,7 @@ def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_updat
     x = torch.as_tensor(X[:batch], device=device)
 
     def step():
-        model.loss_and_gradients(x, L1_COEF, autocast)
+        model.loss_and_gradients(x, L1_COEF, autocast, fused_codes=fused_codes)
         trainer.apply_gradients(config)
 
     try:
@@ -266,6 +268,19 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
         r["fused_update_speedup"] = plain / step
         _say(f"{label} {dtype_name}: step with torch's weight update {1e3 * plain:.3g} ms "
              f"(fused pass {r['fused_update_speedup']:.3g}x)")
+    if device.type == "cuda":
+        # The one-pass codes kernel: whether the first step chose it, and the
+        # step with the plain operations for the codes, beside it.
+        r["codes_kernel"] = any(
+            chosen for (dev, dtype, shape, _), chosen in fused.elementwise_choices().items()
+            if shape == (batch, n) and dtype == (torch.bfloat16 if bf16 else torch.float32))
+        plain_codes = fused_step_seconds(X, d, n, batch, device, bf16, sizes["calls"],
+                                         sizes["repeats"], fused_codes=False)
+        r["step_plain_codes_ms"] = 1e3 * plain_codes
+        r["codes_kernel_speedup"] = plain_codes / step
+        _say(f"{label} {dtype_name}: step with the codes' plain passes {1e3 * plain_codes:.3g}"
+             f" ms (one-pass codes kernel chosen: {r['codes_kernel']}; "
+             f"{r['codes_kernel_speedup']:.3g}x)")
 
     short = sizes["short_steps"]
     r["short_steps"], r["long_steps"] = short, long_steps

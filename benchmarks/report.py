@@ -351,6 +351,9 @@ _GPU_ROWS = (
     ("dense matmul TFLOP/s", "matmul_tflops"),
     ("fused step, ms", "step_ms"),
     ("fused step, fraction of matmul", "step_fraction_of_matmul"),
+    ("step with torch's weight update, ms", "step_plain_update_ms"),
+    ("step with the codes' plain passes, ms", "step_plain_codes_ms"),
+    ("one-pass codes kernel chosen", "codes_kernel"),
     ("whole fit, short (s)", "fit_short_s"),
     ("whole fit, long (s)", "fit_long_s"),
     ("whole fit, steady ms/step", "steady_ms_per_step"),
@@ -387,7 +390,8 @@ def _gpu_md(r):
         head += (f"; fits of {steps['short_steps']} and {steps['long_steps']} steps"
                  + (f" ({size['note']})" if size.get("note") else "") + ":")
         out.append(head + "\n\n" + _table(["", *dtypes],
-                                         [[row, *(size[name][key] for name in dtypes)]
+                                         [[row, *(size[name].get(key, "n/a")
+                                                  for name in dtypes)]
                                           for row, key in _GPU_ROWS]))
     return "\n\n".join(out) + "\n"
 

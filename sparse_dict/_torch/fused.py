@@ -31,7 +31,8 @@ import warnings
 
 import torch
 
-__all__ = ["adam_rows_", "available", "codes_mask_count_", "elementwise_pays"]
+__all__ = ["adam_rows_", "available", "codes_mask_count_", "elementwise_choices",
+           "elementwise_pays"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -307,6 +308,17 @@ def elementwise_pays(codes, mask, scratch, plain, relu):
                           "instead.", RuntimeWarning, stacklevel=3)
             _elementwise_choice[key] = False
     return _elementwise_choice[key]
+
+
+def elementwise_choices():
+    """The choices :func:`elementwise_pays` made in this process.
+
+    Returns
+    -------
+    dict
+        ``(device, dtype, shape, relu) -> bool`` (True: the one-pass kernel).
+    """
+    return dict(_elementwise_choice)
 
 
 def _measure_elementwise(codes, mask, scratch, plain, relu, repeats=5):
