@@ -83,7 +83,7 @@ _SHAPES = {
 SIZES = {
     # Seconds on a CPU: the two sizes that carry targets, at toy shapes.
     "tiny": dict(shapes={"reference": dict(d=32, n=128), "small": dict(d=16, n=64)},
-                 batch=256, n_batches=16, short_steps=10, long_steps=60,
+                 batch=256, n_batches=16, short_steps=10, long_steps=200,
                  long_steps_by_size={}, fit_repeats=3, calls=5, repeats=3,
                  plain_steps=10, plain_warmup=2),
     "quick": dict(shapes=_SHAPES, batch=4096, n_batches=16, short_steps=50, long_steps=300,

@@ -261,12 +261,15 @@ def test_gpu_section_tiny_on_cpu(tmp_path):
         for dtype in ("float32", "bf16"):
             f = size[dtype]
             for key in ("matmul_tflops", "step_ms", "step_fraction_of_matmul", "fit_short_s",
-                        "fit_long_s", "steady_ms_per_step", "fit_fraction_of_matmul",
-                        "short_fit_overhead", "plain_gather_ms_per_step",
-                        "plain_device_ms_per_step", "over_plain_gather", "over_plain_device"):
+                        "fit_long_s", "plain_gather_ms_per_step", "plain_device_ms_per_step"):
                 assert math.isfinite(f[key]) and f[key] > 0, (label, dtype, key, f[key])
-            # The ratios are the figures they are said to be.
             steady = (f["fit_long_s"] - f["fit_short_s"]) / (f["long_steps"] - f["short_steps"])
+            if steady <= 0:
+                # Machine noise beat the long fit's extra steps (a busy
+                # machine, tiny sizes): the steady figures are NaN, not wrong.
+                assert math.isnan(f["steady_ms_per_step"]), f
+                continue
+            # The ratios are the figures they are said to be.
             assert f["steady_ms_per_step"] == pytest.approx(1e3 * steady)
             assert f["fit_fraction_of_matmul"] == pytest.approx(
                 f["fit_tflops"] / f["matmul_tflops"])
@@ -282,7 +285,9 @@ def test_gpu_section_tiny_on_cpu(tmp_path):
         "gpu_short_fit_overhead_float32", "gpu_short_fit_overhead_bf16",
         "gpu_small_fit_over_plain_device_float32", "gpu_small_fit_over_plain_device_bf16",
     }
-    assert all(t["value"] is not None and t["value"] > 0 for t in result["targets"])
+    # A figure that noise left undefined is recorded as not met, never dropped.
+    assert all(t["value"] > 0 if t["value"] is not None else not t["met"]
+               for t in result["targets"])
     # The partial figures on disk hold every size; no profile without a GPU.
     partial = json.loads((tmp_path / "gpu_partial.json").read_text())
     assert set(partial["sizes"]["small"]) >= {"float32", "bf16"}
