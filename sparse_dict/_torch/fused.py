@@ -283,8 +283,8 @@ def elementwise_pays(codes, mask, scratch, plain, relu):
     first step's own codes: both ways run on copies of them in ``scratch``
     (a buffer of the same shape the step has not used yet), their results
     must agree exactly, and the faster is kept. A failure or a disagreement
-    warns once and keeps the plain operations. ``codes`` and ``mask`` are
-    left as they were (``mask`` is overwritten later by the step).
+    warns once and keeps the plain operations. ``codes`` is left as it was;
+    ``mask`` and ``scratch`` are overwritten (the step writes both later).
 
     Parameters
     ----------
