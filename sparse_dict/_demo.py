@@ -60,7 +60,9 @@ _DEMO_ESTIMATOR_DEFAULTS = {
 # each with the same short budget, so that the curve takes seconds. The
 # benchmarks' findings section measures it properly (docs/findings.rst).
 _SIZE_CURVE = {"sizes": (256, 512, 1024, 2048), "k": 16, "steps": 400, "batch_size": 512}
-_SIZE_CURVE_TINY = {"sizes": (32, 64), "k": 4, "steps": 20, "batch_size": 128}
+# Tiny: few enough atoms for its 768 tokens that fit does not warn of
+# memorisation (at least 16 rows an atom).
+_SIZE_CURVE_TINY = {"sizes": (16, 32), "k": 4, "steps": 20, "batch_size": 128}
 
 
 # Sizes of ``demo --tiny``: enough of every stage to check an installation in
@@ -69,7 +71,7 @@ _TINY = {
     "n_texts": 24,
     "n_eval_texts": 6,
     "n_browser_texts": 8,
-    "n_components": 64,
+    "n_components": 32,
     "max_iter": 2,
     "batch_size": 128,
     "classical_samples": 256,

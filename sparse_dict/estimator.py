@@ -60,6 +60,9 @@ _FORMAT_VERSION = 2
 # SparseAutoencoderDictionary's docstring).
 _DEFAULT_ROWS = 10_000_000
 _MAX_DEFAULT_PASSES = 1000
+# Fewer training rows than this per atom and fit warns that the dictionary
+# can memorise them (measured; see _warn_few_rows).
+_MIN_ROWS_PER_ATOM = 16
 # AuxK's defaults, as in Gao et al. (2024).
 _DEFAULT_AUXK_COEF = 1 / 32
 # Rows on which BatchTopK's inference threshold and transform_l0_ are measured.
@@ -198,6 +201,44 @@ def _check_values(X):
             "values lose their precision or vanish. Rescale X, for example divide it "
             "by its largest absolute value."
         )
+
+
+def _warn_few_rows(n_samples, n_components):
+    """Warn when the rows are too few for the atoms: the fit can memorise them.
+
+    Measured with the defaults (ReLU, the default budget) on the built-in
+    model's activations, 1,024 atoms, EV on the training rows against EV
+    on 4,096 held-out tokens:
+
+    ============  =======  ========  =====
+    rows an atom  trained  held out  gap
+    ============  =======  ========  =====
+    1             0.978    0.505     0.473
+    2             0.903    0.546     0.358
+    4             0.832    0.580     0.252
+    8             0.814    0.659     0.155
+    16            0.816    0.731     0.085
+    64            0.820    0.798     0.022
+    ============  =======  ========  =====
+
+    and on MiniLM's layer-3 MLP activations (1,536 neurons, the default
+    6,144 atoms) at 1.8 rows an atom, 0.932 and 0.538. A memorised
+    dictionary looks excellent on the rows it was fitted on, so the warning
+    says how to see it (score held-out rows).
+    """
+    if n_samples >= _MIN_ROWS_PER_ATOM * n_components:
+        return
+    warnings.warn(
+        f"X has {n_samples:,} rows for {n_components:,} atoms "
+        f"({n_samples / n_components:.2g} rows an atom): with so few rows an SAE this wide "
+        "can memorise them, and reconstruct them far better than rows it has not seen "
+        "(measured with the defaults: EV 0.82 on the training rows against 0.66 on "
+        "held-out ones at 8 rows an atom, 0.55 at 2; 0.80 at 64). Fit on at least "
+        f"{_MIN_ROWS_PER_ATOM} rows an atom ({_MIN_ROWS_PER_ATOM * n_components:,} here) or "
+        "choose a smaller n_components, and judge the fit on held-out rows "
+        "(score(X_held_out)).",
+        UserWarning, stacklevel=4,  # the caller of fit, past scikit-learn's wrapper
+    )
 
 
 class _IntervalNotBool(Interval):
@@ -628,6 +669,14 @@ class SparseAutoencoderDictionary(
         Returns
         -------
         self : object
+
+        Warns
+        -----
+        UserWarning
+            When ``X`` has fewer than 16 rows per atom: a dictionary that wide
+            can memorise its training rows (see ``docs/estimator.rst``).
+        ConvergenceWarning
+            When the run ends with its loss or L0 still moving.
         """
         with _restored_on_error(self):
             X = self._validate_train_data(X, reset=True)
@@ -635,6 +684,9 @@ class SparseAutoencoderDictionary(
             replicas, device = self._replicas_and_device()
             random_state = self._shared_random_state(replicas)
             trainer = self._new_trainer(X, random_state, device, replicas)
+            # After the checks that refuse a fit, before its training.
+            if replicas is None or replicas.rank == 0:
+                _warn_few_rows(X.shape[0], trainer.model.n_components)
             total = self._total_steps(X.shape[0])
             interval = self.resample_interval or max(total // 10, 50)
             config = self._train_config(

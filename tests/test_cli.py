@@ -353,7 +353,7 @@ def test_demo_tiny_prints_table_and_writes_every_file(builtin_model, tmp_path, c
         assert r["loss_recovered"] is not None and np.isfinite(r["loss_recovered"])
     # The size curve: one row per size, each a real fit scored on held-out texts.
     curve = json.loads((out / "results.json").read_text())["size_curve"]
-    assert [p["n_components"] for p in curve] == [32, 64]
+    assert [p["n_components"] for p in curve] == [16, 32]
     for p in curve:
         assert 0 < p["explained_variance"] <= 1 and np.isfinite(p["loss_recovered"])
     assert "Size curve" in stdout and "Size curve" in (out / "results.txt").read_text()
@@ -535,7 +535,8 @@ def test_output_in_a_file_not_a_folder(tmp_path, texts_file, capsys):
 
 def test_a_short_fit_warns_in_one_line(tmp_path, capsys):
     acts = tmp_path / "acts.npy"
-    np.save(acts, np.random.RandomState(0).exponential(size=(300, 16)).astype(np.float32))
+    # 600 rows: enough for 32 atoms, so the short run is the one warning.
+    np.save(acts, np.random.RandomState(0).exponential(size=(600, 16)).astype(np.float32))
     assert main(["fit", str(acts), "-o", str(tmp_path / "d"), "--n-components", "32",
                  "--activation", "topk", "--k", "4", "--max-steps", "10"]) == 0
     err = capsys.readouterr().err

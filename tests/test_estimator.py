@@ -466,3 +466,18 @@ def test_sparse_step_parameter():
         SparseAutoencoderDictionary(64, activation="relu", sparse_step=True, max_steps=2).fit(X)
     with pytest.raises(ValueError, match="sparse_step"):
         SparseAutoencoderDictionary(64, sparse_step="always").fit(X)
+
+
+def test_few_rows_for_the_atoms_warn_before_training():
+    X = np.abs(np.random.RandomState(0).standard_normal((200, 8))).astype(np.float32)
+    with pytest.warns(UserWarning, match=r"200 rows for 32 atoms \(6\.2 rows an atom\)") as record:
+        SparseAutoencoderDictionary(max_steps=3, random_state=0).fit(X)
+    message = next(str(w.message) for w in record if "rows an atom" in str(w.message))
+    assert "n_components" in message and "score(X_held_out)" in message
+    # Enough rows for the atoms: no such warning.
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SparseAutoencoderDictionary(n_components=2, max_steps=3, random_state=0).fit(X)
+    assert not [w for w in caught if "rows an atom" in str(w.message)]
