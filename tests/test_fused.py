@@ -93,8 +93,9 @@ _COMPARE = textwrap.dedent('''
 ''')
 
 
-def _compare(device, env=None):
-    result = subprocess.run([sys.executable, "-c", _COMPARE, device], capture_output=True,
+def _compare(device, env=None, script=_COMPARE):
+    """Run one of this file's comparison scripts in a fresh process; its JSON."""
+    result = subprocess.run([sys.executable, "-c", script, device], capture_output=True,
                             text=True, timeout=300, env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
     import json
@@ -262,15 +263,6 @@ _CODES = textwrap.dedent('''
 ''')
 
 
-def _codes_compare(device, env=None):
-    result = subprocess.run([sys.executable, "-c", _CODES, device], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, **(env or {})})
-    assert result.returncode == 0, result.stderr[-3000:]
-    import json
-
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def _check_codes(out, measured):
     assert len(out["direct"]) == 4
     for case in out["direct"]:
@@ -287,13 +279,13 @@ def _check_codes(out, measured):
 
 def test_codes_kernel_matches_the_plain_operations_in_triton_s_interpreter():
     pytest.importorskip("triton")
-    _check_codes(_codes_compare("cpu", {"TRITON_INTERPRET": "1"}), measured=False)
+    _check_codes(_compare("cpu", {"TRITON_INTERPRET": "1"}, _CODES), measured=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_codes_kernel_matches_the_plain_operations_on_the_gpu():
     pytest.importorskip("triton")
-    _check_codes(_codes_compare("cuda"), measured=True)
+    _check_codes(_compare("cuda", script=_CODES), measured=True)
 
 
 def test_no_codes_kernel_on_the_cpu_or_when_turned_off(monkeypatch):
