@@ -221,8 +221,10 @@ def _warn_few_rows(n_samples, n_components):
     64            0.820    0.798     0.022
     ============  =======  ========  =====
 
-    and on MiniLM's layer-3 MLP activations (1,536 neurons, the default
-    6,144 atoms) at 1.8 rows an atom, 0.932 and 0.538. A memorised
+    TopK (k=32) on the same rows: 0.962 and 0.412 at 2 rows an atom, 0.953
+    and 0.912 at 16, 0.948 and 0.942 at 64. On MiniLM's layer-3 MLP
+    activations (1,536 neurons, the default 6,144 atoms, ReLU) at 1.8 rows
+    an atom, 0.932 and 0.538. A memorised
     dictionary looks excellent on the rows it was fitted on, so the warning
     says how to see it (score held-out rows).
     """
