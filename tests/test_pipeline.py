@@ -209,14 +209,20 @@ def test_dead_features_read_late_are_the_ones_of_lag_steps_before():
     assert _DeadFeatures(lag=0).current(masks[2]).tolist() == [1, 2]
 
 
-def test_auxk_with_a_lag_still_revives_dead_features():
-    X = np.random.RandomState(2).randn(400, 12).astype(np.float32)
+def _lagged_auxk_run(n_rows, n_passes):
+    """60 steps of a TopK trainer whose dead list is read two steps late."""
+    X = np.random.RandomState(2).randn(n_rows, 12).astype(np.float32)
     trainer = Trainer(12, 96, "cpu", seed=3, activation=make_activation("topk", k=2))
     trainer.dead_lag = 2
     trainer.initialize(X, np.random.RandomState(0))
     config = TrainConfig(batch_size=40, total_steps=60, dead_window=5, auxk_coef=0.5, k_aux=6,
                          resample_dead=False)
-    trainer.train(X, 10, config, np.random.RandomState(5))
+    trainer.train(X, n_passes, config, np.random.RandomState(5))
+    return trainer
+
+
+def test_auxk_with_a_lag_still_revives_dead_features():
+    trainer = _lagged_auxk_run(400, 10)
     history = trainer.history
     assert np.isfinite(history).all()
     # AuxK's term is non-zero once features die: the lagged list reached the step.
@@ -299,11 +305,5 @@ def test_cuda_steps_never_wait_for_the_device(activation, resident):
 
 def test_the_lagged_dead_list_carries_across_short_passes():
     # Passes of two steps: a list rebuilt each pass would never reach AuxK.
-    X = np.random.RandomState(2).randn(80, 12).astype(np.float32)
-    trainer = Trainer(12, 96, "cpu", seed=3, activation=make_activation("topk", k=2))
-    trainer.dead_lag = 2
-    trainer.initialize(X, np.random.RandomState(0))
-    config = TrainConfig(batch_size=40, total_steps=60, dead_window=5, auxk_coef=0.5, k_aux=6,
-                         resample_dead=False)
-    trainer.train(X, 30, config, np.random.RandomState(5))
+    trainer = _lagged_auxk_run(80, 30)
     assert (trainer.history[:, 4] > 0).sum() > 10

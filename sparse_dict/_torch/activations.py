@@ -154,7 +154,6 @@ class Activation:
     def after_step_(self, model, step):
         """Update non-trained state (a running threshold) after a step."""
 
-
     # ------------------------------------------------------------- inference
     def encode(self, pre, state):
         """Codes from pre-activations, batch-independent, for inference.
