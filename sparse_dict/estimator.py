@@ -508,7 +508,11 @@ class SparseAutoencoderDictionary(
         fit. For ``"batchtopk"`` it shows how well the fitted threshold
         reproduces the training selection.
     feature_frequencies_ : ndarray of shape (n_components,)
-        Fraction of the rows of the last pass on which each feature fired.
+        Fraction of the training rows on which each feature fired, over the
+        last pass; when a step budget ended the run inside a pass, over that
+        partial pass and the whole pass before it, so that a full pass's
+        worth of rows (or all that training saw) is counted. A feature at 0
+        is dead.
     n_resampled_ : int
         Number of dead-feature restarts so far.
     n_features_in_ : int

@@ -105,6 +105,17 @@ def test_fitted_attributes(fitted, X):
     assert list(names[:2]) == ["sparseautoencoderdictionary0", "sparseautoencoderdictionary1"]
 
 
+@pytest.mark.parametrize("max_steps, rows", [(5, 300), (7, 300 + 2 * 64), (12, 300 + 2 * 64)])
+def test_feature_frequencies_count_a_whole_pass(X, max_steps, rows):
+    # A pass of X is 5 steps of 64 rows (the last 44); a budget that ends the
+    # run inside a pass counts that partial pass and the whole one before it.
+    sae = small_sae(max_iter=None, max_steps=max_steps).fit(X)
+    counts = sae.feature_frequencies_ * rows
+    assert (counts > 0).any()
+    np.testing.assert_allclose(counts, np.round(counts), atol=1e-9)
+    assert (counts <= rows).all()
+
+
 def test_loss_decreases():
     X, _, _ = make_superposition(n_samples=4000, n_features=32, n_components=64, random_state=0)
     sae = small_sae(n_components=64, max_iter=10, l1_coef=1.0).fit(X)

@@ -383,11 +383,13 @@ class Trainer:
             # One for the whole call: its queue of late reads carries from
             # one pass to the next (a pass of two steps would see none).
             dead_features = _DeadFeatures(self.dead_lag) if config.auxk_coef > 0 else None
+            full_pass = None
             for _ in range(n_passes):
                 if config.total_steps is not None and self.step >= config.total_steps:
                     break
                 stop = self._train_pass(X, feed, dead_features, config, rng, progress, replicas)
                 passes_done += 1
+                full_pass = self._count_whole_pass(X.shape[0], full_pass)
                 info = self.pass_info(passes_done, config)
                 if replicas is None:
                     stopped = callback is not None and callback(info)
@@ -406,6 +408,23 @@ class Trainer:
                 feed.close()
             self._flush_fused_steps()
         return passes_done
+
+    def _count_whole_pass(self, n_samples, full_pass):
+        """Firing counts over at least a pass's worth of rows.
+
+        A step budget usually ends a fit inside a pass, and a short last
+        pass (24 steps of 256 rows where a pass is 194 steps) would show
+        every feature rarer than one row in 6,000 as dead. A partial pass's
+        counts are therefore added to those of the whole pass before it in
+        the same call. Returns this pass's own counts when it was whole, for
+        the next one, else ``full_pass`` unchanged.
+        """
+        if self.pass_rows >= n_samples:
+            return self.pass_fired.copy(), self.pass_rows
+        if full_pass is not None:
+            self.pass_fired = self.pass_fired + full_pass[0]
+            self.pass_rows += full_pass[1]
+        return full_pass
 
     def _parameter_digest(self):
         """One float64 sum per parameter and buffer: equal on ranks that agree."""
