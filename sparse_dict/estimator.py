@@ -359,7 +359,11 @@ class SparseAutoencoderDictionary(
         the other activations.
     auxk_coef : float or "auto", default="auto"
         Weight of the AuxK loss for dead features. ``"auto"``: 1/32 for
-        ``"topk"`` and ``"batchtopk"``, 0 (off) for the others.
+        ``"topk"`` and ``"batchtopk"``, 0 (off) for the others. As in
+        OpenAI's code, the AuxK loss is the dead features' error on the
+        residual relative to the residual's power, and the reconstruction
+        error is relative to the data's variance, so 1/32 weighs the two as
+        the paper does on any data.
     k_aux : int, default=None
         Dead features each row may use in the AuxK loss. ``None``: half of
         ``n_features``.
@@ -500,7 +504,9 @@ class SparseAutoencoderDictionary(
         The loss at every step (in scaled units).
     history_ : dict of ndarray
         ``"loss"``, ``"mse"``, ``"l1"``, ``"l0"`` and ``"auxk"`` at every step
-        (training batches, scaled units).
+        (training batches, scaled units; ``"auxk"`` is the share of the
+        residual's power that the dead features leave unexplained, 0 while
+        none is dead).
     train_l0_ : float
         Mean L0 over the last tenth of the training steps.
     transform_l0_ : float

@@ -73,9 +73,10 @@ def _reference_loss(model, x, coef, dead=None, auxk_coef=0.0, k_aux=0):
         pre_dead = (x - p["b_dec"].detach()) @ p["W_enc"][dead].t() + p["b_enc"][dead]
         values, index = pre_dead.topk(min(k_aux, len(dead)), dim=1)
         aux_codes = torch.zeros_like(pre_dead).scatter(1, index, torch.relu(values))
-        weight = min(len(dead) / k_aux, 1.0)
-        aux = (residual - aux_codes @ p["W_dec"][dead]).pow(2).sum() / batch
-        loss = loss + auxk_coef * weight * aux
+        # Relative to the residual's mean squared norm, a constant.
+        power = residual.pow(2).sum() / batch
+        aux = (residual - aux_codes @ p["W_dec"][dead]).pow(2).sum() / batch / power
+        loss = loss + auxk_coef * aux
     loss.backward()
     return loss.item(), {k: v.grad for k, v in p.items()}, codes.detach()
 
@@ -151,6 +152,26 @@ def test_auxk_touches_only_dead_features_and_detaches_the_residual():
         assert not torch.allclose(grad[dead], plain[name][dead]), name
     # Detached residual, and no pull on the shared decoder bias.
     torch.testing.assert_close(model.b_dec.grad, plain["b_dec"])
+
+
+def test_auxk_is_relative_to_the_residual_power():
+    # By default the term is divided by the batch's own mean squared error;
+    # the trainer passes the previous step's instead. Twice the power: half
+    # the term and half its gradients on the dead features.
+    model = _model("topk")
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(6))
+    model.loss_and_gradients(x, 0.0)
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    dead = torch.tensor([2, 9, 31])
+    own, _ = model.loss_and_gradients(x, 0.0, dead=dead, auxk_coef=1.0, k_aux=2)
+    extra = {n: model.get_parameter(n).grad[dead] - plain[n][dead] for n in ("W_dec", "W_enc")}
+    twice, _ = model.loss_and_gradients(x, 0.0, dead=dead, auxk_coef=1.0, k_aux=2,
+                                        residual_power=2 * own[1])
+    assert float(own[4]) > 0
+    torch.testing.assert_close(twice[4], own[4] / 2)
+    for name, value in extra.items():
+        torch.testing.assert_close(model.get_parameter(name).grad[dead] - plain[name][dead],
+                                   value / 2)
 
 
 def test_topk_codes_have_at_most_k_active():

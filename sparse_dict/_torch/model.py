@@ -255,7 +255,7 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def loss_and_gradients(self, x, coef, autocast_dtype=None, dead=None, auxk_coef=0.0, k_aux=0,
-                           sparse_step="auto", fused_codes="auto"):
+                           sparse_step="auto", fused_codes="auto", residual_power=None):
         """Loss of a batch and its gradients, written into each ``.grad``.
 
         The loss is ``mean_b ||x_b - x_hat_b||^2 + coef * penalty`` (the
@@ -296,6 +296,11 @@ class SparseAutoencoder(nn.Module):
             Weight of the AuxK term.
         k_aux : int
             Dead features each row may use in the AuxK reconstruction.
+        residual_power : torch.Tensor of shape (), optional
+            Mean squared norm of the residual that normalises the AuxK term
+            (see :meth:`_auxk_gradients_`); this batch's mean squared error
+            when None. The trainer passes the previous step's, which is the
+            same on every rank of a data-parallel run.
         sparse_step : bool or "auto"
             Take the sparse path (``True``, top-k family only), the dense one
             (``False``), or the faster for this shape and device
@@ -336,7 +341,8 @@ class SparseAutoencoder(nn.Module):
 
         auxk = torch.zeros((), device=x.device)
         if use_aux:
-            auxk = self._auxk_gradients_(pre_dead, dead, err, xc, auxk_coef, k_aux, batch)
+            power = mse.detach() if residual_power is None else residual_power
+            auxk = self._auxk_gradients_(pre_dead, dead, err, xc, auxk_coef, k_aux, batch, power)
             loss = loss + auxk_coef * auxk
         stats = torch.stack([loss, mse, l1, l0, auxk])
         return stats, fired
@@ -488,7 +494,7 @@ class SparseAutoencoder(nn.Module):
         l0 = torch.tensor(float(features.numel()) / batch, device=x.device)
         return mse, l1, l0, fired, err
 
-    def _auxk_gradients_(self, pre_dead, dead, err, xc, auxk_coef, k_aux, batch):
+    def _auxk_gradients_(self, pre_dead, dead, err, xc, auxk_coef, k_aux, batch, power):
         """AuxK: the dead features reconstruct the main step's residual.
 
         Gao et al. (2024): each row's ``k_aux`` largest pre-activations among
@@ -496,10 +502,17 @@ class SparseAutoencoder(nn.Module):
         residual ``e = x - x_hat`` of the main reconstruction, which is
         detached: the term trains only the dead features' atoms, encoder
         rows and encoder biases, and never pulls the live reconstruction towards the
-        residual. The term is ``mean_b ||e_b - e_hat_b||^2``, scaled by the
-        share of ``k_aux`` that the dead features can fill, as sparsify does.
-        Adds to the ``.grad`` that the main step wrote; works on the dead
-        columns only, so it costs little when few features are dead.
+        residual. The term is ``mean_b ||e_b - e_hat_b||^2 / power``, where
+        ``power`` is the residual's mean squared norm, a constant: the error
+        relative to what there is to explain, as in OpenAI's code (which
+        divides by the residual's variance in the batch). So the term keeps
+        its weight as the live features improve and the residual shrinks;
+        without the normalisation (sparsify's form, which also scales the
+        term by the share of ``k_aux`` the dead features fill) AuxK barely
+        moved the dead share on this package's benchmarks (see
+        ``docs/sparsity.rst``). Adds to the ``.grad`` that the main step
+        wrote; works on the dead columns only, so it costs little when few
+        features are dead.
         """
         n_dead = dead.numel()
         k = min(k_aux, n_dead)
@@ -509,9 +522,10 @@ class SparseAutoencoder(nn.Module):
         W_dead = self.W_dec[dead]
         # err = x_hat - x, so the residual is -err and e_hat - e = e_hat + err.
         diff = torch.addmm(err, aux_codes, W_dead)
-        weight = min(n_dead / k_aux, 1.0)
-        auxk = weight * diff.pow(2).sum() / batch
-        g = diff.mul_(2.0 * auxk_coef * weight / batch)
+        # A residual of (nearly) nothing to explain must not blow the term up.
+        scale = 1.0 / power.clamp_min(1e-6 * self.n_features)
+        auxk = diff.pow(2).sum() / batch * scale
+        g = diff.mul_(scale * (2.0 * auxk_coef / batch))
         self.W_dec.grad.index_add_(0, dead, aux_codes.t() @ g)
         grad_codes = (g @ W_dead.t()).mul_(aux_codes > 0)
         self.W_enc.grad.index_add_(0, dead, grad_codes.t() @ xc.float())

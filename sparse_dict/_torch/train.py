@@ -209,6 +209,9 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scale = None
         self.variance = None
+        # The last step's mean squared error (a device scalar), which
+        # normalises the next step's AuxK term; None before any step.
+        self._residual_power = None
         self.run_start = 0
         self.step = 0
         self.steps_since_fired = torch.zeros(n_components, dtype=torch.long, device=self.device)
@@ -335,6 +338,7 @@ class Trainer:
         old_state = self.optimizer.state_dict()
         self.model.to(device)
         self.steps_since_fired = self.steps_since_fired.to(device)
+        self._residual_power = None
         self.device = device
         # Whether Adam's fused kernel exists depends on the device, so the
         # optimiser is rebuilt for the new device; load_state_dict moves its
@@ -496,6 +500,8 @@ class Trainer:
             self.apply_gradients(config)
             activation.after_step_(model, self.step)
 
+            # Summed over the ranks, so the same on each; no host read.
+            self._residual_power = stats[1]
             fired_total += fired
             self.steps_since_fired += 1
             self.steps_since_fired.masked_fill_(fired > 0, 0)
@@ -611,9 +617,23 @@ class Trainer:
     def _local_step(self, x, coef, autocast, dead, config):
         """The loss and gradients of the (scaled) rows ``x``."""
         return self.model.loss_and_gradients(
-            x, coef, autocast, dead=dead, auxk_coef=config.auxk_coef, k_aux=config.k_aux,
+            x, coef, autocast, dead=dead, auxk_coef=self._auxk_weight(config), k_aux=config.k_aux,
             sparse_step=config.sparse_step, fused_codes=config.fused_codes,
+            residual_power=self._residual_power,
         )
+
+    def _auxk_weight(self, config):
+        """AuxK's coefficient in the loss's units.
+
+        The AuxK term is relative to the residual's power (as OpenAI
+        normalises it) and the reconstruction term is in the scaled inputs'
+        units, where reconstructing every row by the mean leaves
+        ``self.variance``; OpenAI divides the latter by that variance.
+        Multiplying the coefficient by it keeps ``auxk_coef`` on the paper's
+        scale (1/32) whatever the data.
+        """
+        variance = self.variance if self.variance else float(self.model.n_features)
+        return config.auxk_coef * variance
 
     def _replica_step(self, x, n_rows, coef, autocast, dead, config, params, replicas,
                       error=None):
@@ -836,6 +856,7 @@ class Trainer:
         self._resample_generator.set_state(state["resample_generator"])
         self.scale = state["scale"]
         self.variance = state.get("variance")
+        self._residual_power = None
         self.run_start = state.get("run_start", 0)
         self.step = state["step"]
         self.steps_since_fired = state["steps_since_fired"].clone()
