@@ -31,7 +31,7 @@ baseline); MiniLM has no language-model head, so the cosine similarity of
 its outputs with and without splicing is reported instead. A top-k SAE is
 also fitted without AuxK (``auxk_coef=0``) to measure what AuxK does to
 dead features (the share of features that fired on no row of the last
-training pass).
+pass's worth of training rows, ``feature_frequencies_ == 0``).
 
 MiniBatchDictionaryLearning gets the data rescaled to a mean squared norm
 equal to the number of features (what the SAE does internally), so one
@@ -330,7 +330,7 @@ def _targets(out, weights, mode, sizes):
     if with_auxk is not None:
         targets.append(target(
             "dead_features_with_auxk_builtin",
-            "share of dead features (no firing in the last training pass), "
+            "share of dead features (no firing over the last pass's worth of training rows), "
             f"{with_auxk['method']} with AuxK, built-in model",
             with_auxk["train_dead_fraction"], DEAD_TARGET, comparison="<=",
             note=(note + "; " if note else "") + (

@@ -501,7 +501,8 @@ class SparseAutoencoderDictionary(
     n_steps_ : int
         Training steps done.
     loss_curve_ : ndarray of shape (n_steps_,)
-        The loss at every step (in scaled units).
+        The loss at every step (in scaled units): reconstruction error plus
+        the sparsity penalty; AuxK's term is apart, in ``history_["auxk"]``.
     history_ : dict of ndarray
         ``"loss"``, ``"mse"``, ``"l1"``, ``"l0"`` and ``"auxk"`` at every step
         (training batches, scaled units; ``"auxk"`` is the share of the

@@ -46,7 +46,11 @@ class _Step(torch.autograd.Function):
 
 
 def _reference_loss(model, x, coef, dead=None, auxk_coef=0.0, k_aux=0):
-    """The loss of ``model`` written with autograd in float64, and its gradients."""
+    """The loss of ``model`` written with autograd in float64, and its gradients.
+
+    The loss returned leaves the AuxK term out, as the fused step's does; the
+    gradients include it.
+    """
     act = model.activation
     p = {k: v.detach().double().clone().requires_grad_(True) for k, v in model.named_parameters()}
     x = x.double()
@@ -68,6 +72,7 @@ def _reference_loss(model, x, coef, dead=None, auxk_coef=0.0, k_aux=0):
         penalty = _Step.apply(pre, p["log_threshold"], act.bandwidth).sum() / batch * d
     x_hat = codes @ p["W_dec"] + p["b_dec"]
     loss = (x - x_hat).pow(2).sum() / batch + coef * penalty
+    reported = loss.item()
     if dead is not None:
         residual = (x - x_hat).detach()
         pre_dead = (x - p["b_dec"].detach()) @ p["W_enc"][dead].t() + p["b_enc"][dead]
@@ -78,7 +83,7 @@ def _reference_loss(model, x, coef, dead=None, auxk_coef=0.0, k_aux=0):
         aux = (residual - aux_codes @ p["W_dec"][dead]).pow(2).sum() / batch / power
         loss = loss + auxk_coef * aux
     loss.backward()
-    return loss.item(), {k: v.grad for k, v in p.items()}, codes.detach()
+    return reported, {k: v.grad for k, v in p.items()}, codes.detach()
 
 
 def _model(name, seed=0):

@@ -260,7 +260,11 @@ class SparseAutoencoder(nn.Module):
 
         The loss is ``mean_b ||x_b - x_hat_b||^2 + coef * penalty`` (the
         activation's sparsity term: L1 for ReLU, L0 for JumpReLU, none for
-        the top-k family), plus the AuxK term when ``dead`` is given. The
+        the top-k family). The gradients also hold the AuxK term's, times
+        ``auxk_coef``, when ``dead`` is given; the term is reported apart and
+        left out of the loss, which is the objective the dictionary is
+        judged by: the term trains only dead features, and its share of the
+        sum would move with the number of them. The
         backward pass is written out by hand instead of through autograd: it
         works in place in reused buffers and folds biases and a per-feature
         penalty gradient into the matrix products, which removes several
@@ -313,8 +317,8 @@ class SparseAutoencoder(nn.Module):
         Returns
         -------
         stats : torch.Tensor of shape (5,)
-            Loss, mean squared error, L1 of the codes, L0 and the AuxK term
-            (before its coefficient), left on the device so that no step
+            Loss (without AuxK), mean squared error, L1 of the codes, L0 and
+            the AuxK term (before its coefficient), left on the device so that no step
             waits for a host transfer.
         fired : torch.Tensor of shape (n_components,)
             How many rows of the batch fired each feature (as floats).
@@ -343,7 +347,6 @@ class SparseAutoencoder(nn.Module):
         if use_aux:
             power = mse.detach() if residual_power is None else residual_power
             auxk = self._auxk_gradients_(pre_dead, dead, err, xc, auxk_coef, k_aux, batch, power)
-            loss = loss + auxk_coef * auxk
         stats = torch.stack([loss, mse, l1, l0, auxk])
         return stats, fired
 
