@@ -141,12 +141,17 @@ def test_jumprelu_threshold_gradient_is_the_straight_through_estimate():
                                rtol=1e-4, atol=1e-6)
 
 
-def test_auxk_touches_only_dead_features_and_detaches_the_residual():
+def _auxk_case():
+    """A TopK model, a batch, its gradients without AuxK, and three dead features."""
     model = _model("topk")
     x = torch.randn(64, 12, generator=torch.Generator().manual_seed(6))
     model.loss_and_gradients(x, 0.0)
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
-    dead = torch.tensor([2, 9, 31])
+    return model, x, plain, torch.tensor([2, 9, 31])
+
+
+def test_auxk_touches_only_dead_features_and_detaches_the_residual():
+    model, x, plain, dead = _auxk_case()
     stats, _ = model.loss_and_gradients(x, 0.0, dead=dead, auxk_coef=1.0, k_aux=2)
     assert float(stats[4]) > 0
     live = torch.ones(40, dtype=torch.bool)
@@ -163,11 +168,7 @@ def test_auxk_is_relative_to_the_residual_power():
     # By default the term is divided by the batch's own mean squared error;
     # the trainer passes the previous step's instead. Twice the power: half
     # the term and half its gradients on the dead features.
-    model = _model("topk")
-    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(6))
-    model.loss_and_gradients(x, 0.0)
-    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
-    dead = torch.tensor([2, 9, 31])
+    model, x, plain, dead = _auxk_case()
     own, _ = model.loss_and_gradients(x, 0.0, dead=dead, auxk_coef=1.0, k_aux=2)
     extra = {n: model.get_parameter(n).grad[dead] - plain[n][dead] for n in ("W_dec", "W_enc")}
     twice, _ = model.loss_and_gradients(x, 0.0, dead=dead, auxk_coef=1.0, k_aux=2,
