@@ -208,3 +208,30 @@ def test_value_range_of_memmap_sparse_and_float32(tmp_path):
     assert value_range(S) == (S.data.min(), S.data.max())
     X[37, 3] = np.inf
     assert value_range(X, block_bytes=64) == (X[np.isfinite(X)].min(), np.inf)
+
+
+def test_auxk_is_normalised_by_the_previous_steps_error():
+    # The trainer hands each step the last step's mean squared error (the
+    # same on every rank of a data-parallel run) and AuxK's coefficient in
+    # the data's variance units.
+    from sparse_dict._torch.activations import make_activation
+
+    rng = np.random.RandomState(0)
+    X = rng.standard_normal((400, 10)).astype(np.float32)
+    trainer = Trainer(10, 40, "cpu", seed=0, activation=make_activation("topk", k=2))
+    trainer.initialize(X, rng, "mean")
+    calls, step = [], trainer.model.loss_and_gradients
+
+    def spy(*args, **kwargs):
+        stats, fired = step(*args, **kwargs)
+        calls.append((kwargs["residual_power"], kwargs["auxk_coef"], float(stats[1])))
+        return stats, fired
+
+    trainer.model.loss_and_gradients = spy
+    config = TrainConfig(batch_size=50, total_steps=12, auxk_coef=0.5, k_aux=4, dead_window=2)
+    trainer.train(X, 2, config, rng)
+    assert len(calls) == 12 and calls[0][0] is None
+    for (power, coef, _), (_, _, previous) in zip(calls[1:], calls[:-1]):
+        assert float(power) == previous
+        assert coef == pytest.approx(0.5 * trainer.variance)
+    assert np.count_nonzero(trainer.history[:, 4]) > 0
