@@ -169,6 +169,12 @@ def test_frontier_has_every_activation_and_equal_atoms(sections):
     assert set(model["comparison"]["per_activation"]) == ACTIVATIONS
     assert model["comparison"]["best_activation"] in ACTIVATIONS
     assert {"gap", "encoder", "optimal", "l0"} <= set(model["amortisation_gap"])
+    # The loss-recovered probe: its own size, its own rows, outside the frontiers.
+    probe = model["loss_probe"]
+    assert probe["n_components"] == 128 and probe["steps"] == 30
+    assert probe["n_rows"] != model["n_train_tokens"]
+    assert 0 <= probe["splice"]["l0"] and "loss_recovered" in probe["splice"]
+    assert probe not in sae
 
 
 def test_time_to_quality_and_encoding_cover_every_activation(sections):
