@@ -335,6 +335,13 @@ def _model(ext, label, s, device, splice):
     return out
 
 
+def _with_size(point):
+    """A point's label, with its number of features unless the label has it."""
+    if "features" in point["method"]:
+        return point["method"]
+    return f"{point['method']}, {point['n_components']} features"
+
+
 def _targets(out, weights, mode, sizes):
     b = out["builtin"]
     note = "" if weights == "shipped" else (
@@ -351,8 +358,7 @@ def _targets(out, weights, mode, sizes):
         f"best loss recovered on the built-in model, SAE with <= {MAX_FEATURES} features "
         f"at L0 <= {LOSS_L0_LIMIT:g}",
         best["splice"]["loss_recovered"] if best else None, LOSS_RECOVERED_TARGET,
-        note=(note + "; " if note else "") + (best["method"] + f", {best['n_components']} "
-                                              "features" if best else
+        note=(note + "; " if note else "") + (_with_size(best) if best else
                                               f"no SAE reached L0 <= {LOSS_L0_LIMIT:g}"))]
     auxk = [p for p in b["sae"] if (p["activation"], p["knob"]) == tuple(
         sizes["builtin"]["auxk_pair"]) and not p.get("equal_rows")]
