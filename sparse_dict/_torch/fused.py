@@ -88,11 +88,18 @@ def available(device):
     >>> available(torch.device("cpu"))
     False
     """
+    return _may_run(device) and _probe(str(device))
+
+
+def _may_run(device):
+    """Whether a Triton kernel may be tried on ``device`` at all.
+
+    On a CUDA GPU, or anywhere in Triton's interpreter (the tests), unless
+    ``SPARSE_DICT_FUSED=0`` turns every kernel of this module off.
+    """
     if os.environ.get("SPARSE_DICT_FUSED", "1") == "0":
         return False
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    return _probe(str(device))
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -294,9 +301,7 @@ def elementwise_pays(codes, mask, scratch, plain, relu):
     relu : bool
     """
     device = codes.device
-    if os.environ.get("SPARSE_DICT_FUSED", "1") == "0":
-        return False
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not _may_run(device):
         return False
     key = (str(device), codes.dtype, tuple(codes.shape), bool(relu))
     if key not in _elementwise_choice:

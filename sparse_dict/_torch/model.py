@@ -318,8 +318,8 @@ class SparseAutoencoder(nn.Module):
         -------
         stats : torch.Tensor of shape (5,)
             Loss (without AuxK), mean squared error, L1 of the codes, L0 and
-            the AuxK term (before its coefficient), left on the device so that no step
-            waits for a host transfer.
+            the AuxK term (before its coefficient), left on the device so
+            that no step waits for a host transfer.
         fired : torch.Tensor of shape (n_components,)
             How many rows of the batch fired each feature (as floats).
         """
