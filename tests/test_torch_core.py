@@ -235,3 +235,64 @@ def test_auxk_is_normalised_by_the_previous_steps_error():
         assert float(power) == previous
         assert coef == pytest.approx(0.5 * trainer.variance)
     assert np.count_nonzero(trainer.history[:, 4]) > 0
+
+
+def _step_case(autocast=None):
+    torch.manual_seed(0)
+    model = SparseAutoencoder(12, 40, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(64, 12)
+    return model, x, dict(coef=0.5, autocast_dtype=autocast)
+
+
+def _grads(model):
+    return [p.grad.clone() for p in (model.W_dec, model.W_enc, model.b_enc, model.b_dec)]
+
+
+def test_a_step_reads_weights_an_update_wrote_into_its_operands_until_told_otherwise():
+    model, x, kw = _step_case()
+    stats, _ = model.loss_and_gradients(x, **kw)
+    expected = _grads(model)
+    views = model.operand_views()
+    assert set(views) == {"W_enc", "W_dec"}
+    # An update that writes its views and says so: the next step reads the
+    # views (here deliberately wrong) instead of copying the weights.
+    for view in views.values():
+        view.mul_(2.0)
+    model.operands_written_(views)
+    wrong, _ = model.loss_and_gradients(x, **kw)
+    assert not torch.allclose(wrong, stats)
+    # Every way the weights may change without the update forgets the record.
+    for forget in (model.operands_stale_, model.normalize_atoms_,
+                   lambda: model.load_fitted_tensors_(model.fitted_tensors())):
+        model.operands_written_(views)
+        forget()
+        again, _ = model.loss_and_gradients(x, **kw)
+        torch.testing.assert_close(again, stats)
+        for got, want in zip(_grads(model), expected):
+            torch.testing.assert_close(got, want)
+    # A change through torch that bumps the weight's version is seen too.
+    model.operands_written_(views)
+    with torch.no_grad():
+        model.W_enc[0] = model.W_enc[0]
+    again, _ = model.loss_and_gradients(x, **kw)
+    torch.testing.assert_close(again, stats)
+
+
+def test_low_precision_gradients_are_the_float32_ones_before_conversion():
+    model, x, kw = _step_case(torch.bfloat16)
+    model.loss_and_gradients(x, **kw)
+    expected = _grads(model)
+    model.loss_and_gradients(x, low_grads=True, **kw)
+    assert model.W_dec.grad is None and model.W_enc.grad is None
+    assert {k: v.dtype for k, v in model.low_grads.items()} == {
+        "W_dec": torch.bfloat16, "W_enc": torch.bfloat16}
+    model.grads_to_float32_()
+    assert model.low_grads == {}
+    for got, want in zip(_grads(model), expected):
+        assert torch.equal(got, want)
+    # AuxK adds to .grad, and float32 products have nothing to spare: both
+    # leave every gradient in .grad.
+    for case in (dict(dead=torch.tensor([0, 1, 2]), auxk_coef=0.1, k_aux=2),
+                 dict(autocast_dtype=None)):
+        model.loss_and_gradients(x, low_grads=True, **{**kw, **case})
+        assert model.low_grads == {} and model.W_dec.grad.dtype == torch.float32

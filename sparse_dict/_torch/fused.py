@@ -44,6 +44,7 @@ def _kernel():
     def adam_rows(W, G, M, V, LOW, n_rows, d, stride_w, stride_g, stride_low,
                   step_size, beta1, beta2, eps, bc2_sqrt,
                   PROJECT: tl.constexpr, UNIT: tl.constexpr, WRITE_LOW: tl.constexpr,
+                  LOW_BF16: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_D)
@@ -75,7 +76,16 @@ def _kernel():
         tl.store(V + at, v, mask=inside)
         if WRITE_LOW:
             low = LOW + rows64 * stride_low + cols[None, :]
-            tl.store(low, w.to(LOW.dtype.element_ty), mask=inside)
+            if LOW_BF16:
+                # Rounded to nearest even by hand, as torch converts: a GPU's
+                # conversion does too, but Triton's interpreter (the CPU
+                # tests) truncates. NaN stays NaN.
+                bits = w.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+                near = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+                tl.store(low, tl.where(w == w, near, w.to(tl.bfloat16)), mask=inside)
+            else:
+                tl.store(low, w.to(LOW.dtype.element_ty), mask=inside)
 
     return adam_rows
 
@@ -194,6 +204,7 @@ def adam_rows_(weight, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, step
         n_rows, d, weight.stride(0), grad.stride(0), 0 if low is None else low.stride(0),
         lr / bc1, beta1, beta2, eps, bc2_sqrt,
         PROJECT=bool(project), UNIT=bool(unit), WRITE_LOW=low is not None,
+        LOW_BF16=low is not None and low.dtype == torch.bfloat16,
         BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=4 if block_d <= 1024 else 8,
     )

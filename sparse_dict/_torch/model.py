@@ -127,6 +127,9 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n_components, device=device))
         self.b_dec = nn.Parameter(torch.zeros(n_features, device=device))
         self.activation.init_model(self)
+        # Weight gradients left in the products' dtype for an update that
+        # reads them so (see loss_and_gradients' low_grads).
+        self.low_grads = {}
         # An activation registers its own state on the CPU.
         self.to(atoms.device)
 
@@ -167,6 +170,7 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def load_fitted_tensors_(self, tensors):
         """Set every fitted tensor from ``tensors`` (scaled units)."""
+        self.operands_stale_()
         for name, param in zip(BASE_TENSORS, (self.W_dec, self.W_enc, self.b_enc, self.b_dec)):
             param.copy_(torch.as_tensor(tensors[name], dtype=torch.float32))
         extra = {k: tensors[k] for k in self.activation.state_names}
@@ -176,6 +180,7 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def normalize_atoms_(self):
         """Rescale every atom (row of ``W_dec``) to unit norm, in place."""
+        self.operands_stale_()
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def _workspace(self, batch, dtype, device, wide=("codes", "grad", "mask")):
@@ -212,6 +217,7 @@ class SparseAutoencoder(nn.Module):
                 ws[k] = torch.zeros(self.n_components, width, dtype=dtype, device=device)
             ws["err"] = torch.empty(batch, d, dtype=torch.float32, device=device)
             self._ws = ws
+            self.operands_stale_()
         for k in wide:
             if k not in ws:
                 ws[k] = torch.empty(ws["xc"].shape[0], self.n_components, dtype=dtype,
@@ -221,6 +227,55 @@ class SparseAutoencoder(nn.Module):
     def release_workspace(self):
         """Free the training buffers (after training, before pickling)."""
         self._ws = None
+        self.operands_stale_()
+        self.low_grads = {}
+
+    def operand_views(self):
+        """The step's copies of the weight matrices, for an update to write.
+
+        The products read ``W_enc`` and ``W_dec`` from workspace buffers in
+        their own dtype (bfloat16 under autocast), next to a column for a
+        bias; each step copies the weights in. An update that writes the new
+        weights into these views in the same pass (the fused update's
+        ``low``) and then calls :meth:`operands_written_` spares the next
+        step both copies: two passes over each weight matrix a step.
+
+        Returns
+        -------
+        dict
+            ``{"W_enc": view, "W_dec": view}`` of shape (n_components,
+            n_features); empty before the first step or after
+            :meth:`release_workspace`.
+        """
+        ws = getattr(self, "_ws", None)
+        if ws is None:
+            return {}
+        d = self.n_features
+        return {"W_enc": ws["enc"][:, :d], "W_dec": ws["dec"][:, :d]}
+
+    def operands_written_(self, names):
+        """Record that the views of :meth:`operand_views` hold these weights now.
+
+        Whoever changes a weight in any other way afterwards must call
+        :meth:`operands_stale_` (this class's own methods that write
+        weights do, and so does the trainer when its plain update,
+        resampling or a new training call may have changed them): torch's
+        version counts cannot be relied on for this, as its fused Adam
+        leaves them unchanged. The record is also dropped when the weight
+        is no longer the same tensor or its version count moved.
+        """
+        for name in names:
+            param = getattr(self, name)
+            self._operands_current[name] = (param, param._version)
+
+    def operands_stale_(self):
+        """Forget :meth:`operands_written_`'s record: the next step copies the weights."""
+        self._operands_current = {}
+
+    def _operand_current(self, name):
+        record = getattr(self, "_operands_current", {}).get(name)
+        param = getattr(self, name)
+        return record is not None and record[0] is param and record[1] == param._version
 
     def uses_sparse_step(self, sparse_step="auto", autocast_dtype=None, device=None):
         """Whether a training step takes the sparse path (see :func:`sparse_step_pays`).
@@ -255,7 +310,8 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def loss_and_gradients(self, x, coef, autocast_dtype=None, dead=None, auxk_coef=0.0, k_aux=0,
-                           sparse_step="auto", fused_codes="auto", residual_power=None):
+                           sparse_step="auto", fused_codes="auto", residual_power=None,
+                           low_grads=False):
         """Loss of a batch and its gradients, written into each ``.grad``.
 
         The loss is ``mean_b ||x_b - x_hat_b||^2 + coef * penalty`` (the
@@ -313,6 +369,15 @@ class SparseAutoencoder(nn.Module):
         fused_codes : bool or "auto"
             The dense step's mask and firing counts in one pass
             (:meth:`_codes_mask_count_`); the same values either way.
+        low_grads : bool
+            Leave the two weight matrices' gradients in the products' dtype
+            (bfloat16 under autocast), in ``self.low_grads`` by name, with
+            their ``.grad`` None, for an update that reads them so (the
+            fused one): converting each to float32 is a pass over it that
+            the update's own read makes needless. Only on the dense path
+            without AuxK (which adds to ``.grad``); otherwise, or in float32,
+            every ``.grad`` is written as usual. :meth:`grads_to_float32_`
+            turns them into ``.grad``.
 
         Returns
         -------
@@ -333,15 +398,18 @@ class SparseAutoencoder(nn.Module):
         xc = xc_ones[:, :d]
         # pre = (x - b_dec) @ W_enc.T + b_enc, the bias through the ones column.
         torch.sub(x, self.b_dec, out=xc)
-        enc[:, :d] = self.W_enc
+        if not self._operand_current("W_enc"):
+            enc[:, :d] = self.W_enc
         enc[:, d] = self.b_enc
         pre = mm(xc_ones, enc.t(), out=ws["codes"])
         pre_dead = pre[:, dead].float() if use_aux else None
+        self.low_grads = {}
         if sparse:
             mse, l1, l0, fired, err = self._sparse_gradients_(pre, x, xc)
             loss = mse
         else:
-            loss, mse, l1, l0, fired, err = self._dense_gradients_(pre, x, ws, coef, fused_codes)
+            loss, mse, l1, l0, fired, err = self._dense_gradients_(
+                pre, x, ws, coef, fused_codes, low_grads=low_grads and not use_aux)
 
         auxk = torch.zeros((), device=x.device)
         if use_aux:
@@ -386,14 +454,30 @@ class SparseAutoencoder(nn.Module):
             return fused.codes_mask_count_(codes, mask, relu=relu)
         return plain(codes, mask)
 
-    def _dense_gradients_(self, codes, x, ws, coef, fused_codes="auto"):
+    def _weight_grad_(self, name, grad, keep_low):
+        """Give weight ``name`` the gradient ``grad`` (a product's column slice)."""
+        param = getattr(self, name)
+        if keep_low and grad.dtype != torch.float32:
+            param.grad = None
+            self.low_grads[name] = grad
+        else:
+            param.grad = _float32_dense(grad)
+
+    def grads_to_float32_(self):
+        """Turn the gradients held in ``low_grads`` into float32 ``.grad``."""
+        for name, grad in getattr(self, "low_grads", {}).items():
+            getattr(self, name).grad = _float32_dense(grad)
+        self.low_grads = {}
+
+    def _dense_gradients_(self, codes, x, ws, coef, fused_codes="auto", low_grads=False):
         """The dense step after the encoder's product: four more products."""
         batch, d = x.shape
         act = self.activation
         W_enc, b_dec = self.W_enc, self.b_dec
         grad, mask, gx_ones, xc_ones, dec = ws["grad"], ws["mask"], ws["gx"], ws["xc"], ws["dec"]
         # W_dec in the products' dtype, next to a column for the codes' bias.
-        dec[:, :d] = self.W_dec
+        if not self._operand_current("W_dec"):
+            dec[:, :d] = self.W_dec
         W_dec_c = dec[:, :d]
         fired = self._codes_mask_count_(codes, ws, fused_codes)
         # x_hat - x in a float32 buffer of the workspace: no (batch, d)
@@ -411,7 +495,7 @@ class SparseAutoencoder(nn.Module):
         # column sums (for the penalty).
         torch.mul(err, 2.0 / batch, out=gx_ones[:, :d])
         dec_grad = mm(codes.t(), gx_ones)
-        self.W_dec.grad = _float32_dense(dec_grad[:, :d])
+        self._weight_grad_("W_dec", dec_grad[:, :d], low_grads)
         code_sums = dec_grad[:, d].float()
         l0 = fired.sum() / batch
         penalty, code_bias = act.penalty(code_sums, l0, self, coef, batch)
@@ -426,7 +510,7 @@ class SparseAutoencoder(nn.Module):
         act.parameter_gradients_(grad, self, coef, batch)
         grad.mul_(mask)
         enc_grad = mm(grad.t(), xc_ones)
-        self.W_enc.grad = _float32_dense(enc_grad[:, :d])
+        self._weight_grad_("W_enc", enc_grad[:, :d], low_grads)
         grad_b_enc = enc_grad[:, d].float().contiguous()
         self.b_enc.grad = grad_b_enc
         # b_dec enters twice: added to x_hat, and subtracted before encoding.

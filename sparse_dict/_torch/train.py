@@ -209,6 +209,11 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scale = None
         self.variance = None
+        # False during a data-parallel run, whose steps sum .grad over the
+        # ranks and whose broadcasts write parameters without torch's version
+        # counts: no low-precision gradients, no operand copies written by the
+        # update (see apply_gradients).
+        self._one_process = True
         # The last step's mean squared error (a device scalar), which
         # normalises the next step's AuxK term; None before any step.
         self._residual_power = None
@@ -377,6 +382,9 @@ class Trainer:
         n_passes_done : int
         """
         snapshot = self._snapshot() if rollback else None
+        self._one_process = replicas is None
+        # The weights may have been changed since the last call.
+        self.model.operands_stale_()
         self.run_start = len(self.history)
         passes_done = 0
         feed = None
@@ -565,13 +573,10 @@ class Trainer:
         ``config.fused_update=False``, all of it is torch's operations.
         """
         model = self.model
-        use_fused = config.fused_update
-        if use_fused == "auto":
-            # Only on a GPU: Triton's interpreter would also run it on a CPU,
-            # a thousand times slower.
-            use_fused = self.device.type == "cuda" and fused.available(self.device)
-        if not use_fused:
+        if not self._uses_fused_update(config):
             self._flush_fused_steps()
+            model.grads_to_float32_()
+            model.operands_stale_()
             W, g = model.W_dec, model.W_dec.grad
             g.addcmul_((g * W).sum(dim=1, keepdim=True), W, value=-1.0)
             self.optimizer.step()
@@ -579,8 +584,13 @@ class Trainer:
             return
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
-        for p in model.parameters():
-            if p.grad is None:
+        # The next step's copies of the weights are written in the same pass
+        # (see SparseAutoencoder.operand_views).
+        views = model.operand_views() if self._one_process else {}
+        low_grads, model.low_grads = model.low_grads, {}
+        for name, p in model.named_parameters():
+            grad = low_grads.get(name, p.grad)
+            if grad is None:
                 continue  # as torch's Adam: no gradient, no step
             state = self.optimizer.state[p]
             if not state:
@@ -595,10 +605,23 @@ class Trainer:
             steps[id(p)][1] += 1
             is_atoms = p is model.W_dec
             # (A no-op for the gradients the step writes; a safeguard for others.)
-            fused.adam_rows_(_rows(p), _rows(p.grad.contiguous()), _rows(state["exp_avg"]),
+            if grad.dim() == 1 or grad.stride(-1) != 1:
+                # A vector as rows of one value; a safeguard for other layouts.
+                grad = grad.contiguous()
+            fused.adam_rows_(_rows(p), _rows(grad), _rows(state["exp_avg"]),
                              _rows(state["exp_avg_sq"]), lr=group["lr"], beta1=beta1,
                              beta2=beta2, eps=group["eps"], step=steps[id(p)][1],
-                             project=is_atoms, unit=is_atoms)
+                             project=is_atoms, unit=is_atoms, low=views.get(name))
+        model.operands_written_(views)
+
+    def _uses_fused_update(self, config):
+        """Whether :meth:`apply_gradients` takes the one-pass update."""
+        use_fused = config.fused_update
+        if use_fused == "auto":
+            # Only on a GPU: Triton's interpreter would also run it on a CPU,
+            # a thousand times slower.
+            use_fused = self.device.type == "cuda" and fused.available(self.device)
+        return bool(use_fused)
 
     def _flush_fused_steps(self):
         """Write the fused update's step counts into the optimiser's state.
@@ -620,6 +643,7 @@ class Trainer:
             x, coef, autocast, dead=dead, auxk_coef=self._auxk_weight(config), k_aux=config.k_aux,
             sparse_step=config.sparse_step, fused_codes=config.fused_codes,
             residual_power=self._residual_power,
+            low_grads=self._one_process and self._uses_fused_update(config),
         )
 
     def _auxk_weight(self, config):
@@ -710,6 +734,7 @@ class Trainer:
         alive = torch.ones(model.n_components, dtype=torch.bool, device=dead.device)
         alive[dead] = False
         enc_norm = model.W_enc[alive].norm(dim=1).mean() if alive.any() else 1.0
+        model.operands_stale_()
         model.W_dec[dead] = directions
         model.W_enc[dead] = directions * (0.2 * enc_norm)
         model.b_enc[dead] = 0.0
@@ -857,6 +882,7 @@ class Trainer:
         self.scale = state["scale"]
         self.variance = state.get("variance")
         self._residual_power = None
+        self._one_process = True
         self.run_start = state.get("run_start", 0)
         self.step = state["step"]
         self.steps_since_fired = state["steps_since_fired"].clone()
