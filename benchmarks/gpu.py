@@ -17,7 +17,9 @@ process:
    <sparse_dict.SparseAutoencoderDictionary.fit>` from a numpy array:
    a short and a long fit, whose difference gives the steady-state time of
    a step (initialisation, calibration and the first steps' start-up cancel
-   out) and whose ratio to it gives the short fit's overhead. The first fit
+   out) and whose ratio to it gives the short fit's overhead; one more
+   short fit is timed phase by phase (:func:`fit_phase_seconds`), to show
+   where that overhead goes. The first fit
    of the section, before anything else, is timed on its own: what torch's
    start-up (kernels, allocator, cuBLAS handles) adds to a user's first fit;
 4. a plain hand-written autograd loop of the same model (Adam, unit-norm
@@ -197,6 +199,58 @@ def fit_seconds(X, n, batch, steps, device, bf16):
         return time.perf_counter() - t0
 
 
+# The phases of a fit that fit_phase_seconds times: (name, owner, method).
+_PHASES = (
+    ("validate", SparseAutoencoderDictionary, "_validate_train_data"),
+    ("initialise", Trainer, "initialize"),
+    ("feed", Trainer, "_feed"),
+    ("train", SparseAutoencoderDictionary, "_train"),
+    ("finish", SparseAutoencoderDictionary, "_finish"),
+)
+
+
+def fit_phase_seconds(X, n, batch, steps, device, bf16):
+    """Wall seconds of one fit, and of each of its phases, to see a short fit's fixed costs.
+
+    ``validate``: the checks of ``X``; ``initialise``: the scale, the
+    variance and the decoder bias from a sample of rows; ``feed``: setting
+    up the batches (with rows resident on the GPU, copying them there);
+    ``train``: the steps (``feed`` included); ``finish``: calibration, the
+    run's assessment and the export of the fitted tensors. The device is
+    synchronised around each phase; ``other`` is the rest (the fit's own
+    bookkeeping, the model's construction).
+
+    Returns
+    -------
+    dict
+        ``total`` and each phase's seconds.
+    """
+    seconds = {name: 0.0 for name, _, _ in _PHASES}
+    saved = [(owner, method, getattr(owner, method)) for _, owner, method in _PHASES]
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            _sync(device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync(device)
+                seconds[name] += time.perf_counter() - t0
+        return wrapper
+
+    try:
+        for (name, _, _), (owner, method, fn) in zip(_PHASES, saved):
+            setattr(owner, method, timed(name, fn))
+        seconds["total"] = fit_seconds(X, n, batch, steps, device, bf16)
+    finally:
+        for owner, method, fn in saved:
+            setattr(owner, method, fn)
+    seconds["other"] = seconds["total"] - sum(
+        seconds[name] for name, _, _ in _PHASES if name != "feed")
+    return seconds
+
+
 def plain_loop_seconds(X, n, batch, device, bf16, steps, warmup, repeats=1):
     """Seconds per step of :class:`PlainSAE`, batches gathered on the host or on the device.
 
@@ -287,6 +341,9 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
     r["fit_short_s"] = min(fit_seconds(X, n, batch, short, device, bf16)
                            for _ in range(sizes["fit_repeats"]))
     _say(f"{label} {dtype_name}: fit of {short} steps {r['fit_short_s']:.3g} s")
+    r["fit_short_phases_s"] = fit_phase_seconds(X, n, batch, short, device, bf16)
+    _say(f"{label} {dtype_name}: phases of a {short}-step fit (s): " + ", ".join(
+        f"{k} {v:.3g}" for k, v in r["fit_short_phases_s"].items()))
     r["fit_long_s"] = min(fit_seconds(X, n, batch, long_steps, device, bf16)
                           for _ in range(sizes["fit_repeats"]))
     steady = (r["fit_long_s"] - r["fit_short_s"]) / (long_steps - short)
@@ -343,11 +400,11 @@ def _profile(X, n, batch, steps, device, path):
     tables = []
     for key in ("self_cuda_time_total", "self_cpu_time_total"):
         try:
-            table = averages.table(sort_by=key, row_limit=20)
+            table = averages.table(sort_by=key, row_limit=30, max_name_column_width=160)
         except (AttributeError, KeyError, ValueError):
             # Newer torch names the device's column "device" rather than "cuda".
             key = key.replace("cuda", "device")
-            table = averages.table(sort_by=key, row_limit=20)
+            table = averages.table(sort_by=key, row_limit=30, max_name_column_width=160)
         tables.append(f"sorted by {key}\n{table}")
     Path(path).write_text(f"torch.profiler: one {steps}-step bfloat16 fit, "
                           f"B={batch}, d={X.shape[1]}, N={n}\n\n" + "\n\n".join(tables) + "\n")

@@ -389,10 +389,12 @@ def _gpu_md(r):
         steps = size[dtypes[0]]
         head += (f"; fits of {steps['short_steps']} and {steps['long_steps']} steps"
                  + (f" ({size['note']})" if size.get("note") else "") + ":")
-        out.append(head + "\n\n" + _table(["", *dtypes],
-                                         [[row, *(size[name].get(key, "n/a")
-                                                  for name in dtypes)]
-                                          for row, key in _GPU_ROWS]))
+        rows = [[row, *(size[name].get(key, "n/a") for name in dtypes)]
+                for row, key in _GPU_ROWS]
+        phases = [size[name].get("fit_short_phases_s", {}) for name in dtypes]
+        rows += [[f"short fit's {phase} (s)", *(p.get(phase, "n/a") for p in phases)]
+                 for phase in dict.fromkeys(k for p in phases for k in p)]
+        out.append(head + "\n\n" + _table(["", *dtypes], rows))
     return "\n\n".join(out) + "\n"
 
 
