@@ -118,20 +118,31 @@ def _compare(device, env=None, script=_COMPARE):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _check(out):
+# How far the fused and plain trainings may drift apart over 30 steps. In
+# Triton's interpreter the kernel's arithmetic is correctly rounded, as
+# torch's, and they stay within 1e-6. On a GPU the kernel's division and
+# square root are the fast ones (within 2 ulp; the correctly rounded ones
+# made it 3.3 times slower on an H200), and the last-bit differences grow
+# at these high learning rates: 1.5e-4 in W_dec after 30 steps at 0.1 on
+# an H200. A wrong formula (a missed bias correction, a stale operand)
+# moves the weights by about the learning rate at once.
+_DRIFT = {"interpreter": 2e-5, "gpu": 2e-3}
+
+
+def _check(out, drift):
     assert out["available"]
     for act in ("relu", "topk", "jumprelu"):
         gaps = out[act]
         assert gaps["steps"] == [30.0, 30.0]
         for name in ("W_dec", "W_enc", "b_enc", "b_dec", "moments"):
-            assert gaps[name] < 2e-5, (act, name, gaps)
-    assert out["jumprelu"]["log_threshold"] < 2e-5, out["jumprelu"]
-    assert out["switch"]["steps"] == [30.0, 30.0] and out["switch"]["gap"] < 2e-5, out["switch"]
+            assert gaps[name] < drift, (act, name, gaps)
+    assert out["jumprelu"]["log_threshold"] < drift, out["jumprelu"]
+    assert out["switch"]["steps"] == [30.0, 30.0] and out["switch"]["gap"] < drift, out["switch"]
     assert out["relu"]["resampled"] > 0  # the moments' reset by resampling ran on both
     bf16 = out["bf16"]
     assert bf16["operands_written"] == ["W_dec", "W_enc"] and bf16["low_grads_read"]
     for name in ("W_dec", "W_enc", "b_enc", "b_dec"):
-        assert bf16[name] < 2e-5, (name, bf16)
+        assert bf16[name] < drift, (name, bf16)
     direct = out["direct"]
     assert direct["weight"] < 1e-5 and direct["exp_avg"] < 1e-6 and direct["exp_avg_sq"] < 1e-6
     assert direct["low_is_torch_s_rounding"]  # to nearest even, as torch converts
@@ -142,13 +153,13 @@ def test_fused_update_matches_torch_in_triton_s_interpreter():
     pytest.importorskip("triton")
     # The interpreter runs the kernel's own code on the CPU, element by
     # element as written: what a GPU would compute, up to rounding.
-    _check(_compare("cpu", {"TRITON_INTERPRET": "1"}))
+    _check(_compare("cpu", {"TRITON_INTERPRET": "1"}), _DRIFT["interpreter"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fused_update_matches_torch_on_the_gpu():
     pytest.importorskip("triton")
-    _check(_compare("cuda"))
+    _check(_compare("cuda"), _DRIFT["gpu"])
 
 
 def test_no_fused_update_on_the_cpu_or_when_turned_off(monkeypatch):

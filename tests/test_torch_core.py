@@ -296,3 +296,26 @@ def test_low_precision_gradients_are_the_float32_ones_before_conversion():
                  dict(autocast_dtype=None)):
         model.loss_and_gradients(x, low_grads=True, **{**kw, **case})
         assert model.low_grads == {} and model.W_dec.grad.dtype == torch.float32
+
+
+def test_geometric_median_of_a_tensor_is_the_arrays():
+    rng = np.random.default_rng(0)
+    points = rng.standard_normal((300, 16)) * 2.0 + 1.0
+    points[:10] += 100.0  # outliers pull the mean, not the median
+    expected = geometric_median(points)
+    got = geometric_median(torch.as_tensor(points, dtype=torch.float32))
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+    assert np.linalg.norm(expected - points.mean(axis=0)) > 1.0
+
+
+@pytest.mark.parametrize("n_rows", [50, 500])
+def test_sampled_rows_never_share_memory_with_the_input(n_rows):
+    from sparse_dict._torch.data import sample_rows
+
+    X = np.arange(400 * 3, dtype=np.float32).reshape(400, 3)
+    before = X.copy()
+    for dtype in (np.float32, np.float64):
+        rows = sample_rows(X, n_rows, np.random.RandomState(0), dtype=dtype)
+        rows *= 2.0  # callers scale the sample in place
+        assert rows.dtype == dtype and np.array_equal(X, before)

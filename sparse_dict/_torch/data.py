@@ -126,7 +126,10 @@ def iter_batches(X, batch_size, rng=None):
 
 
 def sample_rows(X, n_rows, rng, dtype=np.float64):
-    """A random subset of at most ``n_rows`` rows of ``X``, as ``dtype``."""
+    """A random subset of at most ``n_rows`` rows of ``X``, as a new ``dtype`` array.
+
+    The array never shares memory with ``X``: callers scale it in place.
+    """
     n_samples = X.shape[0]
     if n_samples <= n_rows:
         return take_rows(X, slice(None)).astype(dtype)
@@ -136,7 +139,10 @@ def sample_rows(X, n_rows, rng, dtype=np.float64):
         index = np.unique(rng.randint(0, n_samples, size=n_rows))
     else:
         index = np.sort(rng.choice(n_samples, size=n_rows, replace=False))
-    return take_rows(X, index).astype(dtype)
+    # Rows picked by an index array are a copy already (of an array, a
+    # memmap or a sparse matrix's dense rows); a second one, when the dtype
+    # matches, would only cost page faults on fresh memory.
+    return take_rows(X, index).astype(dtype, copy=False)
 
 
 def mean_squared_norm(X, n_rows, rng):
@@ -150,14 +156,16 @@ def geometric_median(points, n_iter=100, tol=1e-6):
 
     Parameters
     ----------
-    points : ndarray of shape (n_points, n_features)
+    points : ndarray or torch.Tensor of shape (n_points, n_features)
+        A tensor is worked on where it lies (a GPU), in float64.
     n_iter : int
     tol : float
         Stop once the estimate moves less than ``tol`` times the data's scale.
 
     Returns
     -------
-    median : ndarray of shape (n_features,)
+    median : ndarray or torch.Tensor of shape (n_features,)
+        Of the kind of ``points``.
 
     Examples
     --------
@@ -166,6 +174,8 @@ def geometric_median(points, n_iter=100, tol=1e-6):
     >>> bool(np.linalg.norm(geometric_median(pts)) < 1.0)  # robust to the outlier
     True
     """
+    if isinstance(points, torch.Tensor):
+        return _geometric_median_tensor(points.double(), n_iter, tol)
     points = np.asarray(points, dtype=np.float64)
     median = points.mean(axis=0)
     scale = max(float(np.abs(points).max()), 1e-12)
@@ -175,6 +185,21 @@ def geometric_median(points, n_iter=100, tol=1e-6):
         weights = 1.0 / np.maximum(dist, 1e-12 * scale)
         new = weights @ points / weights.sum()
         moved = np.linalg.norm(new - median)
+        median = new
+        if moved < tol * scale:
+            break
+    return median
+
+
+def _geometric_median_tensor(points, n_iter, tol):
+    """:func:`geometric_median`'s iteration in torch, on the points' device."""
+    median = points.mean(dim=0)
+    scale = max(float(points.abs().max()), 1e-12)
+    for _ in range(n_iter):
+        dist = torch.linalg.vector_norm(points - median, dim=1)
+        weights = 1.0 / dist.clamp_min(1e-12 * scale)
+        new = weights @ points / weights.sum()
+        moved = float(torch.linalg.vector_norm(new - median))
         median = new
         if moved < tol * scale:
             break
