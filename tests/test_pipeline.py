@@ -307,3 +307,15 @@ def test_the_lagged_dead_list_carries_across_short_passes():
     # Passes of two steps: a list rebuilt each pass would never reach AuxK.
     trainer = _lagged_auxk_run(80, 30)
     assert (trainer.history[:, 4] > 0).sum() > 10
+
+
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_parallel_copy_is_a_new_equal_array(threads):
+    from sparse_dict._torch.pipeline import _parallel_copy
+
+    src = np.arange(13 * 5, dtype=np.float32).reshape(13, 5)[:, :4]  # not contiguous
+    dst = _parallel_copy(src, threads=threads)
+    assert dst.flags.c_contiguous and not np.shares_memory(src, dst)
+    np.testing.assert_array_equal(dst, src)
+    dst[:] = -1.0
+    assert src.min() >= 0.0
