@@ -135,7 +135,7 @@ def _compare(device, env=None, script=_COMPARE):
 # Triton's interpreter the kernel's arithmetic is correctly rounded, as
 # torch's, and they stay within 1e-6. On a GPU the kernel's division and
 # square root are the fast ones (within 2 ulp; the correctly rounded ones
-# made it 3.3 times slower on an H200), and the last-bit differences grow
+# made it 3 times slower on an H200), and the last-bit differences grow
 # at these high learning rates: 1.5e-4 in W_dec after 30 steps at 0.1 on
 # an H200, and with bfloat16 products, whose operands round to 8 bits,
 # 2.4e-3 in W_enc after 30 steps at 0.01 there. A wrong formula (a missed
