@@ -610,7 +610,6 @@ class Trainer:
                 steps[id(p)] = [p, int(state["step"])]  # one read per training call
             steps[id(p)][1] += 1
             is_atoms = p is model.W_dec
-            # (A no-op for the gradients the step writes; a safeguard for others.)
             if grad.dim() == 1 or grad.stride(-1) != 1:
                 # A vector as rows of one value; a safeguard for other layouts.
                 grad = grad.contiguous()
