@@ -128,8 +128,12 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(n_features, device=device))
         self.activation.init_model(self)
         # Weight gradients left in the products' dtype for an update that
-        # reads them so (see loss_and_gradients' low_grads).
+        # reads them so (see loss_and_gradients' low_grads), and which
+        # weights the step's operand buffers hold (see operands_written_).
+        # Both are cleared in place on the step's path: setting an attribute
+        # of a Module costs a few microseconds, which a small step notices.
         self.low_grads = {}
+        self._operands_current = {}
         # An activation registers its own state on the CPU.
         self.to(atoms.device)
 
@@ -228,7 +232,7 @@ class SparseAutoencoder(nn.Module):
         """Free the training buffers (after training, before pickling)."""
         self._ws = None
         self.operands_stale_()
-        self.low_grads = {}
+        self.low_grads.clear()
 
     def operand_views(self):
         """The step's copies of the weight matrices, for an update to write.
@@ -270,10 +274,10 @@ class SparseAutoencoder(nn.Module):
 
     def operands_stale_(self):
         """Forget :meth:`operands_written_`'s record: the next step copies the weights."""
-        self._operands_current = {}
+        self._operands_current.clear()
 
     def _operand_current(self, name):
-        record = getattr(self, "_operands_current", {}).get(name)
+        record = self._operands_current.get(name)
         param = getattr(self, name)
         return record is not None and record[0] is param and record[1] == param._version
 
@@ -403,7 +407,7 @@ class SparseAutoencoder(nn.Module):
         enc[:, d] = self.b_enc
         pre = mm(xc_ones, enc.t(), out=ws["codes"])
         pre_dead = pre[:, dead].float() if use_aux else None
-        self.low_grads = {}
+        self.low_grads.clear()
         if sparse:
             mse, l1, l0, fired, err = self._sparse_gradients_(pre, x, xc)
             loss = mse
@@ -465,9 +469,9 @@ class SparseAutoencoder(nn.Module):
 
     def grads_to_float32_(self):
         """Turn the gradients held in ``low_grads`` into float32 ``.grad``."""
-        for name, grad in getattr(self, "low_grads", {}).items():
+        for name, grad in self.low_grads.items():
             getattr(self, name).grad = _float32_dense(grad)
-        self.low_grads = {}
+        self.low_grads.clear()
 
     def _dense_gradients_(self, codes, x, ws, coef, fused_codes="auto", low_grads=False):
         """The dense step after the encoder's product: four more products."""

@@ -593,7 +593,8 @@ class Trainer:
         # The next step's copies of the weights are written in the same pass
         # (see SparseAutoencoder.operand_views).
         views = model.operand_views() if self._one_process else {}
-        low_grads, model.low_grads = model.low_grads, {}
+        low_grads = dict(model.low_grads)
+        model.low_grads.clear()
         for name, p in model.named_parameters():
             grad = low_grads.get(name, p.grad)
             if grad is None:
