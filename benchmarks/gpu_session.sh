@@ -8,7 +8,9 @@
 # OUT_DIR/gpu/results.json and results.md (the benchmark section "gpu", as
 # `python -m benchmarks --device cuda --only gpu` writes them), the profile
 # of a short bf16 fit, OUT_DIR/bench.log and OUT_DIR/tests.log. Each stage
-# has its own time limit, so that a slow stage leaves the other's output.
+# has its own time limit, so that a slow stage leaves the other's output. On
+# an H200 (2026-11-26) the section took about 125 s and the suite, with 8
+# workers, about 180 s (185 s stopped it at 93%): `gpu_session.sh OUT 140 240`.
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT_DIR [BENCH_SECONDS] [TEST_SECONDS]}
 bench_s=${2:-300}
