@@ -1,6 +1,8 @@
 """The batch feed: every way of bringing batches to the device trains on the same rows."""
 
+import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -319,3 +321,35 @@ def test_parallel_copy_is_a_new_equal_array(threads):
     np.testing.assert_array_equal(dst, src)
     dst[:] = -1.0
     assert src.min() >= 0.0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_parallel_copy_works_in_a_forked_child():
+    # The parent's copying threads do not survive a fork; the child makes its own.
+    from sparse_dict._torch import pipeline
+    from sparse_dict._torch.pipeline import _parallel_copy
+
+    src = np.arange(40.0).reshape(8, 5)
+    _parallel_copy(src, threads=2)
+    # Every thread of the pool started and idle, as after a large export:
+    # a child that reused the pool would then wait for threads it lacks.
+    list(pipeline._COPY_EXECUTOR.map(time.sleep, [0.05] * 4))
+    time.sleep(0.1)
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the copy finishes and is right
+        ok = False
+        try:
+            ok = bool((_parallel_copy(src, threads=2) == src).all())
+        finally:
+            os._exit(0 if ok else 1)
+    waited = 0.0
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if waited > 30:
+            os.kill(pid, 9)
+            pytest.fail("the copy hung in the forked child")
+        time.sleep(0.05)
+        waited += 0.05
+    assert os.waitstatus_to_exitcode(status) == 0

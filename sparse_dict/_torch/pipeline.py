@@ -412,7 +412,10 @@ def to_host(tensor):
 
 # Arrays at least this large are copied by several threads.
 _PARALLEL_COPY_BYTES = 1 << 24
+# The copying threads, and the process that made them (a forked child
+# inherits the executor but not its threads).
 _COPY_EXECUTOR = None
+_COPY_PID = None
 
 
 def _parallel_copy(src, threads=None):
@@ -432,16 +435,17 @@ def _parallel_copy(src, threads=None):
     >>> bool((a == b).all()), np.shares_memory(a, b)
     (True, False)
     """
-    global _COPY_EXECUTOR
+    global _COPY_EXECUTOR, _COPY_PID
     if threads is None:
         threads = min(4, (os.cpu_count() or 1) // 2) if src.nbytes >= _PARALLEL_COPY_BYTES else 1
     if threads <= 1 or src.ndim == 0 or src.shape[0] < threads:
         return src.copy()
     dst = np.empty_like(src, order="C")
     bounds = np.linspace(0, src.shape[0], threads + 1).astype(int)
-    if _COPY_EXECUTOR is None:
+    if _COPY_EXECUTOR is None or _COPY_PID != os.getpid():
         _COPY_EXECUTOR = concurrent.futures.ThreadPoolExecutor(
             4, thread_name_prefix="sparse_dict-copy")
+        _COPY_PID = os.getpid()
 
     def part(i):
         # numpy lets go of the GIL while it copies plain numbers.
