@@ -39,8 +39,10 @@ so that a run stopped by a time limit keeps what it measured. A size that
 runs out of memory (or fails otherwise) is recorded with its error and the
 next size still runs.
 
-Run ``python -m benchmarks.gpu [--device cuda] [--tiny | --full] [--out DIR]``,
-or as a section: ``python -m benchmarks --device cuda --only gpu``.
+Run ``python -m benchmarks.gpu [--device cuda] [--tiny | --full] [--out DIR]
+[--sizes SIZE ...]``, or as a section: ``python -m benchmarks --device cuda
+--only gpu``. ``--sizes reference`` measures the reference size alone (about
+45 s on an H200), for a short session that tries a change.
 """
 
 import argparse
@@ -425,7 +427,7 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
-def measure(mode="quick", device="cpu", out_dir=None):
+def measure(mode="quick", device="cpu", out_dir=None, only_sizes=None):
     """Measure every size of ``mode``; return the figures (see the module's docstring).
 
     Parameters
@@ -435,8 +437,19 @@ def measure(mode="quick", device="cpu", out_dir=None):
     out_dir : path or None
         Where ``gpu_partial.json`` (after each size) and, on a GPU,
         ``gpu_profile.txt`` are written; None writes nothing.
+    only_sizes : list of str or None
+        Measure these of the mode's sizes alone (``["reference"]``: about
+        45 s on an H200, for a short session that tries a change); None
+        measures every size.
     """
     sizes = SIZES[mode]
+    if only_sizes is not None:
+        unknown = sorted(set(only_sizes) - set(sizes["shapes"]))
+        if unknown:
+            raise ValueError(f"Unknown sizes {unknown}; {mode!r} has "
+                             f"{sorted(sizes['shapes'])}.")
+        sizes = dict(sizes, shapes={k: v for k, v in sizes["shapes"].items()
+                                    if k in only_sizes})
     dev = resolve_device(device)
     batch = sizes["batch"]
     if out_dir is not None:
@@ -494,9 +507,9 @@ def _figure(result, size, dtype, key):
     return result["sizes"].get(size, {}).get(dtype, {}).get(key)
 
 
-def run(mode="quick", device="cpu", out_dir=None):
-    """The section's figures and targets at the sizes of ``mode``."""
-    result = measure(mode, device, out_dir)
+def run(mode="quick", device="cpu", out_dir=None, only_sizes=None):
+    """The section's figures and targets at the sizes of ``mode`` (or ``only_sizes`` of them)."""
+    result = measure(mode, device, out_dir, only_sizes)
     note = "tiny shapes on the CPU" if mode == "tiny" else ""
     ref = "reference size"
     targets = [
@@ -544,8 +557,11 @@ def main(argv=None):
     size.add_argument("--full", dest="mode", action="store_const", const="full")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for gpu_partial.json and gpu_profile.txt")
+    parser.add_argument("--sizes", nargs="+", default=None, metavar="SIZE",
+                        help="measure only these sizes (reference, small, wide, deep)")
     args = parser.parse_args(argv)
-    result = run(args.mode or "quick", device=args.device, out_dir=args.out)
+    result = run(args.mode or "quick", device=args.device, out_dir=args.out,
+                 only_sizes=args.sizes)
     print(json.dumps(result, indent=2, default=str))
 
 

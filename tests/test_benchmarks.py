@@ -253,6 +253,15 @@ def test_unknown_section_is_refused():
     assert "unknown section" in proc.stderr
 
 
+def test_gpu_section_measures_only_the_sizes_asked_for():
+    from benchmarks import gpu
+
+    result = gpu.measure("tiny", "cpu", only_sizes=["small"])
+    assert set(result["sizes"]) == {"small"}
+    with pytest.raises(ValueError, match="Unknown sizes \\['huge'\\]"):
+        gpu.measure("tiny", "cpu", only_sizes=["huge"])
+
+
 def test_gpu_section_tiny_on_cpu(tmp_path):
     from benchmarks import gpu
 
@@ -284,6 +293,13 @@ def test_gpu_section_tiny_on_cpu(tmp_path):
             assert f["over_plain_device"] == pytest.approx(
                 f["plain_device_ms_per_step"] / f["steady_ms_per_step"])
             assert f["plain_autocast"] is False  # no bfloat16 autocast on the CPU
+            # The short fit's phases: each timed, the training after the feed
+            # is set up, and the rest what no phase took.
+            phases = f["fit_short_phases_s"]
+            assert all(phases[k] > 0 for k in ("validate", "initialise", "train", "finish"))
+            assert 0 < phases["feed"] < phases["train"]
+            assert phases["other"] == pytest.approx(phases["total"] - sum(
+                phases[k] for k in ("validate", "initialise", "train", "finish")))
     names = {t["name"] for t in result["targets"]}
     assert names == {
         "gpu_fit_fraction_of_matmul_float32", "gpu_fit_fraction_of_matmul_bf16",
