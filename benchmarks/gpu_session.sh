@@ -41,6 +41,9 @@ echo "benchmarks exit: $?"
 
 echo "== tests (limit ${test_s} s)"
 workers=$(( $(nproc) / 2 ))
-timeout "$test_s" "$py" -m pytest -q -rfE -p no:cacheprovider -n "$workers" \
+# SIGINT at the limit: pytest then still names the failures so far (a plain
+# kill at 185 s on the H200 cut the log before its summary).
+timeout -s INT -k 20 "$test_s" "$py" -m pytest -q -rfE --durations=15 -p no:cacheprovider \
+    -n "$workers" \
     tests 2>&1 | tee "$out/tests.log" | tail -60
 echo "tests exit: $?"
