@@ -174,29 +174,15 @@ def geometric_median(points, n_iter=100, tol=1e-6):
     >>> bool(np.linalg.norm(geometric_median(pts)) < 1.0)  # robust to the outlier
     True
     """
-    if isinstance(points, torch.Tensor):
-        return _geometric_median_tensor(points.double(), n_iter, tol)
-    points = np.asarray(points, dtype=np.float64)
-    median = points.mean(axis=0)
-    scale = max(float(np.abs(points).max()), 1e-12)
-    for _ in range(n_iter):
-        dist = np.linalg.norm(points - median, axis=1)
-        # A point sitting on the estimate would get infinite weight.
-        weights = 1.0 / np.maximum(dist, 1e-12 * scale)
-        new = weights @ points / weights.sum()
-        moved = np.linalg.norm(new - median)
-        median = new
-        if moved < tol * scale:
-            break
-    return median
-
-
-def _geometric_median_tensor(points, n_iter, tol):
-    """:func:`geometric_median`'s iteration in torch, on the points' device."""
+    if not isinstance(points, torch.Tensor):
+        return geometric_median(torch.from_numpy(np.asarray(points, dtype=np.float64)),
+                                n_iter, tol).numpy()
+    points = points.double()
     median = points.mean(dim=0)
     scale = max(float(points.abs().max()), 1e-12)
     for _ in range(n_iter):
         dist = torch.linalg.vector_norm(points - median, dim=1)
+        # A point sitting on the estimate would get infinite weight.
         weights = 1.0 / dist.clamp_min(1e-12 * scale)
         new = weights @ points / weights.sum()
         moved = float(torch.linalg.vector_norm(new - median))
