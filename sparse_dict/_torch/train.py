@@ -291,11 +291,9 @@ class Trainer:
             # Every fourth row: the sample's indices are sorted, so a prefix
             # would come from the start of X only.
             points = sample[:: max(1, len(sample) // 2048)].astype(np.float64) * self.scale
-            if self.device.type == "cuda":
-                # Weiszfeld's iterations are a few passes over 2048 rows
-                # each: tens of milliseconds on the host, one on a GPU.
-                points = torch.as_tensor(points).to(self.device)
-            centre = geometric_median(points)
+            # On the model's device: Weiszfeld's iterations are a few passes
+            # over 2048 rows each, tens of milliseconds on a host, one on a GPU.
+            centre = geometric_median(torch.as_tensor(points).to(self.device))
         with torch.no_grad():
             self.model.b_dec.copy_(torch.as_tensor(centre, dtype=torch.float32))
 
