@@ -155,7 +155,7 @@ def matmul_tflops(batch, d, n, device, bf16, calls, repeats):
 
 
 def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_update="auto",
-                       fused_codes="auto"):
+                       fused_codes="auto", fused_residual="auto"):
     """Seconds of one training step of the sparse_dict core, the batch on the device.
 
     The two calls that :class:`~sparse_dict._torch.Trainer` makes for each
@@ -164,7 +164,8 @@ def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_updat
     the decoder gradient's radial part, Adam, the atoms' renormalisation:
     one fused pass per weight matrix where ``fused_update`` allows, torch's
     operations with ``fused_update=False``); the codes' mask and counts in
-    one pass where the first step measured it faster (``fused_codes``).
+    one pass, and the residual's operations in one, where the first step
+    measured them faster (``fused_codes``, ``fused_residual``).
     ``scale`` is 1: the data's scale does not change the work.
     """
     trainer = Trainer(d, n, device, seed=0)
@@ -175,7 +176,8 @@ def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_updat
     x = torch.as_tensor(X[:batch], device=device)
 
     def step():
-        model.loss_and_gradients(x, L1_COEF, autocast, fused_codes=fused_codes)
+        model.loss_and_gradients(x, L1_COEF, autocast, fused_codes=fused_codes,
+                                 fused_residual=fused_residual)
         trainer.apply_gradients(config)
 
     try:
@@ -325,18 +327,21 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
         _say(f"{label} {dtype_name}: step with torch's weight update {1e3 * plain:.3g} ms "
              f"(fused pass {r['fused_update_speedup']:.3g}x)")
     if device.type == "cuda":
-        # The one-pass codes kernel: whether the first step chose it, and the
-        # step with the plain operations for the codes, beside it.
-        r["codes_kernel"] = any(
-            chosen for (dev, dtype, shape, _), chosen in fused.elementwise_choices().items()
-            if shape == (batch, n) and dtype == (torch.bfloat16 if bf16 else torch.float32))
-        plain_codes = fused_step_seconds(X, d, n, batch, device, bf16, sizes["calls"],
-                                         sizes["repeats"], fused_codes=False)
-        r["step_plain_codes_ms"] = 1e3 * plain_codes
-        r["codes_kernel_speedup"] = plain_codes / step
-        _say(f"{label} {dtype_name}: step with the codes' plain passes {1e3 * plain_codes:.3g}"
-             f" ms (one-pass codes kernel chosen: {r['codes_kernel']}; "
-             f"{r['codes_kernel_speedup']:.3g}x)")
+        # The kernels between the products: whether the first step chose
+        # each, and the step with the plain operations in its place, beside.
+        low = torch.bfloat16 if bf16 else torch.float32
+        for kernel, option, shape in (("codes", "fused_codes", (batch, n)),
+                                      ("residual", "fused_residual", (batch, d))):
+            r[f"{kernel}_kernel"] = any(
+                chosen for (name, _, dtype, key_shape, _), chosen in fused.choices().items()
+                if name == kernel and key_shape == shape and dtype == low)
+            plain = fused_step_seconds(X, d, n, batch, device, bf16, sizes["calls"],
+                                       sizes["repeats"], **{option: False})
+            r[f"step_plain_{kernel}_ms"] = 1e3 * plain
+            r[f"{kernel}_kernel_speedup"] = plain / step
+            _say(f"{label} {dtype_name}: step with the plain {kernel} operations "
+                 f"{1e3 * plain:.3g} ms ({kernel} kernel chosen: {r[f'{kernel}_kernel']}; "
+                 f"{r[f'{kernel}_kernel_speedup']:.3g}x)")
 
     short = sizes["short_steps"]
     r["short_steps"], r["long_steps"] = short, long_steps

@@ -354,6 +354,8 @@ _GPU_ROWS = (
     ("step with torch's weight update, ms", "step_plain_update_ms"),
     ("step with the codes' plain passes, ms", "step_plain_codes_ms"),
     ("one-pass codes kernel chosen", "codes_kernel"),
+    ("step with the residual's plain operations, ms", "step_plain_residual_ms"),
+    ("residual kernel chosen", "residual_kernel"),
     ("whole fit, short (s)", "fit_short_s"),
     ("whole fit, long (s)", "fit_long_s"),
     ("whole fit, steady ms/step", "steady_ms_per_step"),

@@ -228,11 +228,13 @@ def test_a_kernel_that_fails_its_probe_leaves_the_plain_path(monkeypatch, failur
         fused._probe.cache_clear()
 
 
-# ------------------------------------------------------- the codes' pass
+# ------------------------------------------ the codes' pass, the residual
 
-# The one-pass codes kernel against the plain operations, exactly: direct
-# calls on awkward shapes and dtypes, then whole trainings of every dense
-# mechanism with the kernel forced on and off.
+# The codes kernels against the plain operations, exactly: direct calls on
+# awkward shapes and dtypes, then whole trainings of every dense mechanism
+# with the kernels forced on and off. Then the residual kernel: its
+# element-wise outputs exactly, its sums to float32 rounding, and trainings
+# with it on and off, which differ by that rounding alone.
 _CODES = textwrap.dedent('''
     import json, sys, warnings
     import numpy as np, torch
@@ -240,12 +242,13 @@ _CODES = textwrap.dedent('''
     from sparse_dict._torch.activations import make_activation, positive_mask
 
     device = sys.argv[1]
-    out = {"direct": [], "train": {}}
+    out = {"direct": [], "train": {}, "residual": [], "residual_train": {}}
     g = torch.Generator(device=device).manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         for relu in (True, False):
             # 37 rows (not a multiple of a block), 300 columns (not a power of
-            # two), the rows a slice of a wider buffer; exact zeros, -0.0.
+            # two, nor of eight), the rows a slice of a wider buffer; exact
+            # zeros, -0.0.
             wide = torch.randn(37, 320, generator=g, device=device).to(dtype)
             wide[::3, ::7] = 0.0
             wide[1::5, ::11] = -0.0
@@ -259,40 +262,82 @@ _CODES = textwrap.dedent('''
             mask_ref = torch.empty_like(expected)
             positive_mask(expected, mask_ref)
             fired_ref = mask_ref.sum(dim=0, dtype=torch.float32)
-            mask = torch.full((37, 300), 7.0, device=device, dtype=dtype)
-            fired = fused.codes_mask_count_(codes, mask, relu=relu)
+            bits_wide = torch.full((37, 48), 7, device=device, dtype=torch.uint8)
+            bits = bits_wide[:, :fused.bits_columns(300)]
+            fired = fused.codes_bits_count_(codes, bits, relu=relu)
+            grad_wide = torch.randn(37, 320, generator=g, device=device).to(dtype)
+            grad_wide[0, :4] = float("nan")
+            grad_ref = grad_wide[:, :300] * mask_ref
+            grad_rest = grad_wide[:, 300:].clone()
+            fused.mask_by_bits_(grad_wide[:, :300], bits)
             out["direct"].append({
                 "dtype": str(dtype), "relu": relu,
                 "codes": bool(torch.equal(codes, expected)),
-                "mask": bool(torch.equal(mask, mask_ref)),
+                "mask": bool(torch.equal(fused.unpack_bits(bits, 300, dtype), mask_ref)),
                 "fired": bool(torch.equal(fired, fired_ref)),
-                "rest_untouched": bool(torch.equal(wide[:, 300:], rest)),
+                "rest_untouched": bool(torch.equal(wide[:, 300:], rest)
+                                       and bool((bits_wide[:, 38:] == 7).all())),
+                "masked": bool(torch.equal(grad_wide[:, :300].nan_to_num(9.0),
+                                           grad_ref.nan_to_num(9.0))),
+                "grad_rest_untouched": bool(torch.equal(grad_wide[:, 300:], grad_rest)),
+            })
+        # The residual: 37 rows, d = 70, gx a slice of a wider buffer, the
+        # decoder's product in the step's dtype, and err as its own input.
+        for in_place in (False, True):
+            y = torch.randn(37, 70, generator=g, device=device).to(dtype)
+            b = torch.randn(70, generator=g, device=device)
+            x = torch.randn(37, 70, generator=g, device=device)
+            gx_wide = torch.full((37, 80), 3.0, device=device, dtype=dtype)
+            err = torch.empty(37, 70, device=device)
+            e = (y.float() + b) - x
+            gx_ref = (e * (2.0 / 37)).to(dtype)
+            if in_place:
+                if dtype != torch.float32:
+                    continue
+                err.copy_(y)
+                y = err
+            sse, sums = fused.residual_(y, b, x, gx_wide[:, :70], err, 2.0 / 37)
+            out["residual"].append({
+                "dtype": str(dtype), "in_place": in_place,
+                "err": bool(torch.equal(err, e)),
+                "gx": bool(torch.equal(gx_wide[:, :70], gx_ref)),
+                "gx_rest_untouched": bool((gx_wide[:, 70:] == 3.0).all()),
+                "sse": abs(float(sse) - float(e.double().square().sum())) / float(sse),
+                "sums": float((sums - gx_ref.double().sum(0)).abs().max()),
             })
     nan = torch.tensor([[float("nan"), -1.0, 2.0]], device=device)
-    fused.codes_mask_count_(nan, torch.empty_like(nan), relu=True)
+    nan_bits = torch.empty(1, 1, device=device, dtype=torch.uint8)
+    fused.codes_bits_count_(nan, nan_bits, relu=True)
     out["nan_kept"] = bool(torch.isnan(nan[0, 0])) and nan[0, 1:].tolist() == [0.0, 2.0]
 
     X = np.abs(np.random.RandomState(2).randn(300, 16)).astype(np.float32)
+    def train(act, **kernels):
+        t = Trainer(16, 32, device, seed=3, activation=make_activation(act, k=4))
+        t.initialize(X, np.random.RandomState(0))
+        config = TrainConfig(batch_size=50, total_steps=12, fused_update=False,
+                             sparse_step=False, learning_rate=0.05, coef=0.5,
+                             resample_interval=5, dead_window=4, **kernels)
+        t.train(X, 2, config, np.random.RandomState(5))
+        return t
     for act in ("relu", "topk", "batchtopk", "jumprelu"):
-        models = []
-        for codes_kernel in (False, True):
-            t = Trainer(16, 32, device, seed=3, activation=make_activation(act, k=4))
-            t.initialize(X, np.random.RandomState(0))
-            config = TrainConfig(batch_size=50, total_steps=12, fused_codes=codes_kernel,
-                                 fused_update=False, sparse_step=False, learning_rate=0.05,
-                                 coef=0.5, resample_interval=5, dead_window=4)
-            t.train(X, 2, config, np.random.RandomState(5))
-            models.append(t)
-        a, b = models
+        a, b = (train(act, fused_codes=on, fused_residual=False) for on in (False, True))
         out["train"][act] = {
             "same": all(torch.equal(b.model.state_dict()[k], v)
                         for k, v in a.model.state_dict().items()),
             "history": bool(np.array_equal(a.history, b.history)),
             "fired": bool(np.array_equal(a.pass_fired, b.pass_fired)),
+            "bits_used": b.model._ws is not None and "bits" in b.model._ws,
         }
-    # The first step's choice: measured (on the interpreter, only checked).
+        a, b = (train(act, fused_codes=False, fused_residual=on) for on in (False, True))
+        out["residual_train"][act] = {
+            "params": max(float((b.model.state_dict()[k] - v).abs().max())
+                          for k, v in a.model.state_dict().items()),
+            "history": float(np.abs(a.history - b.history).max()),
+        }
+    # The first step's choices: measured (on the interpreter, only checked).
     codes = torch.randn(8, 40, generator=g, device=device)
     mask, scratch = torch.empty_like(codes), torch.empty_like(codes)
+    bits = torch.empty(8, 5, device=device, dtype=torch.uint8)
 
     def plain(c, m):
         c.relu_()
@@ -304,46 +349,88 @@ _CODES = textwrap.dedent('''
         return m.sum(dim=0) + 1
 
     before = codes.clone()
-    out["pays"] = fused.elementwise_pays(codes, mask, scratch, plain, True)
+    out["pays"] = fused.codes_kernel_pays(codes, mask, scratch, bits, plain, True)
     out["codes_kept"] = bool(torch.equal(codes, before))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out["pays_wrong"] = fused.elementwise_pays(codes[:, :30], mask[:, :30],
-                                                   scratch[:, :30], wrong, True)
+        out["pays_wrong"] = fused.codes_kernel_pays(codes[:, :30], mask[:, :30],
+                                                    scratch[:, :30], bits[:, :4], wrong, True)
+        y, b, x = (torch.randn(6, 9, generator=g, device=device) for _ in range(3))
+        err, gx = torch.empty(6, 9, device=device), torch.empty(6, 9, device=device)
+        def plain_residual(shift=0.0):
+            err.copy_(y).add_(b[0]).sub_(x)
+            torch.mul(err, 0.5, out=gx)
+            return err.square().sum() + shift, gx.sum(dim=0)
+        y_before = y.clone()
+        out["residual_pays"] = fused.residual_pays(y, b[0], x, gx, err, 0.5, plain_residual)
+        out["residual_y_kept"] = bool(torch.equal(y, y_before))
+        out["residual_pays_wrong"] = fused.residual_pays(
+            y[:5], b[0], x[:5], gx[:5], err[:5], 0.5, lambda: plain_residual(1.0))
     out["warned"] = [str(w.message) for w in caught]
+    out["choices"] = sorted(str(k[0]) + ":" + str(v) for k, v in fused.choices().items())
     print(json.dumps(out))
 ''')
 
 
 def _check_codes(out, measured):
-    assert len(out["direct"]) == 4
+    assert len(out["direct"]) == 4 and len(out["residual"]) == 3
     for case in out["direct"]:
-        assert case["codes"] and case["mask"] and case["fired"] and case["rest_untouched"], case
+        assert all(v for k, v in case.items() if k not in ("dtype", "relu")), case
+    for case in out["residual"]:
+        assert case["err"] and case["gx"] and case["gx_rest_untouched"], case
+        assert case["sse"] < 1e-5 and case["sums"] < 1e-5, case
     assert out["nan_kept"]
     for act in ("relu", "topk", "batchtopk", "jumprelu"):
-        assert out["train"][act] == {"same": True, "history": True, "fired": True}, act
-    assert out["codes_kept"]
+        assert out["train"][act] == {"same": True, "history": True, "fired": True,
+                                     "bits_used": True}, act
+        # Sums in another order: float32 rounding in the squared error and
+        # in b_dec's gradient, which 12 steps at a learning rate of 0.05 do
+        # not grow past 1e-4 (a wrong term moves them by about 0.05).
+        gaps = out["residual_train"][act]
+        assert gaps["params"] < 1e-4 and gaps["history"] < 1e-4, (act, gaps)
+    assert out["codes_kept"] and out["residual_y_kept"]
     if not measured:
-        assert out["pays"] is True  # nothing to time on the interpreter
-    assert out["pays_wrong"] is False
-    assert any("differs" in message for message in out["warned"]), out["warned"]
+        # Nothing to time on the interpreter.
+        assert out["pays"] is True and out["residual_pays"] is True
+    assert out["pays_wrong"] is False and out["residual_pays_wrong"] is False
+    assert sum("differs" in message for message in out["warned"]) == 2, out["warned"]
 
 
-def test_codes_kernel_matches_the_plain_operations_in_triton_s_interpreter():
+def test_codes_and_residual_kernels_match_the_plain_operations_in_triton_s_interpreter():
     pytest.importorskip("triton")
     _check_codes(_compare("cpu", {"TRITON_INTERPRET": "1"}, _CODES), measured=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_codes_kernel_matches_the_plain_operations_on_the_gpu():
+def test_codes_and_residual_kernels_match_the_plain_operations_on_the_gpu():
     pytest.importorskip("triton")
     _check_codes(_compare("cuda", script=_CODES), measured=True)
 
 
-def test_no_codes_kernel_on_the_cpu_or_when_turned_off(monkeypatch):
+def test_no_codes_or_residual_kernel_on_the_cpu_or_when_turned_off(monkeypatch):
     codes = torch.randn(4, 8)
-    args = (codes, torch.empty_like(codes), torch.empty_like(codes), None, True)
-    assert not fused.elementwise_pays(*args)
+    bits = torch.empty(4, 1, dtype=torch.uint8)
+    codes_args = (codes, torch.empty_like(codes), torch.empty_like(codes), bits, None, True)
+    x = torch.randn(4, 3)
+    residual_args = (x, x[0], x, torch.empty_like(x), torch.empty_like(x), 0.5, None)
+    assert not fused.codes_kernel_pays(*codes_args)
+    assert not fused.residual_pays(*residual_args)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("SPARSE_DICT_FUSED", "0")
-    assert not fused.elementwise_pays(*args)
+    assert not fused.codes_kernel_pays(*codes_args)
+    assert not fused.residual_pays(*residual_args)
+
+
+def test_the_mask_and_residual_kernels_refuse_bad_layouts():
+    codes = torch.zeros(4, 20)
+    with pytest.raises(ValueError, match="uint8 bits tensor of at least \\(4, 3\\)"):
+        fused.codes_bits_count_(codes, torch.zeros(4, 2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="uint8 bits"):
+        fused.mask_by_bits_(codes, torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="contiguous columns"):
+        fused.mask_by_bits_(codes.t(), torch.zeros(20, 1, dtype=torch.uint8))
+    x = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="float32 x and err"):
+        fused.residual_(x, x[0], x.double(), x, x, 1.0)
+    with pytest.raises(ValueError, match="contiguous columns"):
+        fused.residual_(x, x[0], x, x.t(), x, 1.0)

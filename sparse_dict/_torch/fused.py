@@ -1,7 +1,4 @@
-"""One pass over each weight matrix per step on a GPU: Adam, the unit-norm constraint, the bf16 copy.
-
-(And one pass over the step's (batch, n_components) codes for their mask
-and firing counts: :func:`codes_mask_count_`, at the end.)
+"""Fewer passes over a GPU's memory per training step: one Triton kernel where torch takes several.
 
 After the matrix products, a step updates its two (n_components, d) weight
 matrices. Written as torch operations that is several passes over each:
@@ -12,16 +9,31 @@ copy each weight to bfloat16 (one more). Each pass over a GPT-2-sized
 dictionary's weights moves about 75 MB, so on a GPU these passes cost a
 third as much as the step's five matrix products in bfloat16.
 
-:func:`adam_rows_` does all of it in one Triton kernel that reads each row
-of the weight, gradient and moments once and writes the weight, the
-moments and (optionally) the weight's low-precision copy once. Its
-arithmetic is torch's Adam (no weight decay, no AMSGrad), checked against
-torch's own optimiser by the tests; the state it keeps is torch's, so a
-trainer can move between this path and the plain one at any step.
+:func:`adam_rows_` does all of it in one kernel that reads each row of the
+weight, gradient and moments once and writes the weight, the moments and
+(optionally) the weight's low-precision copy once. Its arithmetic is
+torch's Adam (no weight decay, no AMSGrad), checked against torch's own
+optimiser by the tests; the state it keeps is torch's, so a trainer can
+move between this path and the plain one at any step.
 
-It runs only on CUDA devices with Triton installed (torch's CUDA builds
-bring it); elsewhere :func:`available` is False and the trainer takes the
-plain path. Setting ``SPARSE_DICT_FUSED=0`` turns it off.
+Between the products, the step's element-wise work has two more:
+
+* :func:`codes_bits_count_` and :func:`mask_by_bits_`: the codes (ReLU's
+  in place), the mask of active codes and the firing counts in one pass
+  over the (batch, n_components) codes, the mask kept as bits, and the
+  gradient's product with that mask in one more;
+* :func:`residual_`: the residual, its gradient, the squared error and the
+  gradient's column sums in one pass over the (batch, d) batch.
+
+Those two are used where the first step measures them faster
+(:func:`kernel_pays`); they give the plain operations' values (the sums up
+to their order of addition).
+
+The kernels (:mod:`sparse_dict._torch._kernels`) run only on CUDA devices
+with Triton installed (torch's CUDA builds bring it), or in Triton's
+interpreter for the tests; elsewhere :func:`available` is False and the
+trainer takes the plain path. Setting ``SPARSE_DICT_FUSED=0`` turns them
+off.
 """
 
 import functools
@@ -31,64 +43,17 @@ import warnings
 
 import torch
 
-__all__ = ["adam_rows_", "available", "codes_mask_count_", "elementwise_choices",
-           "elementwise_pays"]
+__all__ = ["adam_rows_", "available", "bits_columns", "choices", "codes_bits_count_",
+           "codes_kernel_pays", "kernel_pays", "mask_by_bits_", "residual_", "residual_pays",
+           "unpack_bits"]
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel():
-    import triton
-    import triton.language as tl
+def _kernels():
+    """The module of Triton kernels, imported on first use (Triton may be absent)."""
+    from sparse_dict._torch import _kernels
 
-    @triton.jit
-    def adam_rows(W, G, M, V, LOW, n_rows, d, stride_w, stride_g, stride_low,
-                  step_size, beta1, beta2, eps, bc2_sqrt,
-                  PROJECT: tl.constexpr, UNIT: tl.constexpr, WRITE_LOW: tl.constexpr,
-                  LOW_BF16: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.arange(0, BLOCK_D)
-        inside = (rows[:, None] < n_rows) & (cols[None, :] < d)
-        rows64 = rows.to(tl.int64)[:, None]
-        at = rows64 * stride_w + cols[None, :]
-        w = tl.load(W + at, mask=inside, other=0.0)
-        g = tl.load(G + rows64 * stride_g + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-        if PROJECT:
-            # The gradient's component along the (unit) atom would only
-            # change its norm, which the constraint undoes.
-            g = g - tl.sum(g * w, axis=1)[:, None] * w
-        m = tl.load(M + at, mask=inside, other=0.0)
-        v = tl.load(V + at, mask=inside, other=0.0)
-        m = m + (1.0 - beta1) * (g - m)
-        v = v * beta2 + (1.0 - beta2) * g * g
-        # A GPU's fast division and square root (within 2 ulp), not the
-        # correctly rounded ones torch's Adam uses: with tl.div_rn and
-        # tl.sqrt_rn this kernel took 3 times as long on an H200 (853
-        # against 283 us for a bf16 step's four calls at the reference
-        # size). The last-bit differences grow over a run at a high learning
-        # rate (1.5e-4 in W_dec after 30 steps at 0.1 there), which the GPU
-        # test allows.
-        w = w - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
-        if UNIT:
-            norm = tl.sqrt(tl.sum(w * w, axis=1))
-            w = w / tl.maximum(norm, 1e-12)[:, None]
-        tl.store(W + at, w, mask=inside)
-        tl.store(M + at, m, mask=inside)
-        tl.store(V + at, v, mask=inside)
-        if WRITE_LOW:
-            low = LOW + rows64 * stride_low + cols[None, :]
-            if LOW_BF16:
-                # Rounded to nearest even by hand, as torch converts: a GPU's
-                # conversion does too, but Triton's interpreter (the CPU
-                # tests) truncates. NaN stays NaN.
-                bits = w.to(tl.uint32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-                near = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-                tl.store(low, tl.where(w == w, near, w.to(tl.bfloat16)), mask=inside)
-            else:
-                tl.store(low, w.to(LOW.dtype.element_ty), mask=inside)
-
-    return adam_rows
+    return _kernels
 
 
 def available(device):
@@ -200,7 +165,7 @@ def adam_rows_(weight, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, step
     bc1 = 1.0 - beta1 ** step
     bc2_sqrt = (1.0 - beta2 ** step) ** 0.5
     grid = (-(-n_rows // block_r),)
-    _kernel()[grid](
+    _kernels().adam_rows[grid](
         weight, grad, exp_avg, exp_avg_sq, weight if low is None else low,
         n_rows, d, weight.stride(0), grad.stride(0), 0 if low is None else low.stride(0),
         lr / bc1, beta1, beta2, eps, bc2_sqrt,
@@ -214,61 +179,49 @@ def adam_rows_(weight, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, step
 # ------------------------------------------------------- the codes' pass
 
 
-@functools.lru_cache(maxsize=None)
-def _codes_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def codes_mask_count(C, MASK, FIRED, n_rows, n_cols, stride_c, stride_m,
-                         RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                         TILES: tl.constexpr):
-        # Each program takes TILES tiles of BLOCK_R rows down one block of
-        # columns. The counts accumulate element-wise in registers and are
-        # summed down the rows once, at the end, before one atomic add per
-        # column: a sum across threads in every tile (the first version)
-        # cost the kernel its lead over torch's three passes in bfloat16 on
-        # an H200.
-        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-        first = tl.program_id(1) * (TILES * BLOCK_R)
-        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        for tile in range(TILES):
-            rows = first + tile * BLOCK_R + tl.arange(0, BLOCK_R)
-            inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-            rows64 = rows.to(tl.int64)[:, None]
-            at = rows64 * stride_c + cols[None, :]
-            c = tl.load(C + at, mask=inside, other=0.0)
-            if RELU:
-                # NaN stays NaN, as in torch's relu, so that a diverging
-                # step still shows in its loss.
-                c = tl.where(c < 0.0, 0.0, c)
-                tl.store(C + at, c, mask=inside)
-            ones = tl.where(c > 0.0, 1.0, 0.0)  # float32
-            tl.store(MASK + rows64 * stride_m + cols[None, :],
-                     ones.to(MASK.dtype.element_ty), mask=inside)
-            acc += ones
-        tl.atomic_add(FIRED + cols, tl.sum(acc, axis=0), mask=cols < n_cols)
-
-    return codes_mask_count
+def bits_columns(n_cols):
+    """Bytes a row of a packed mask of ``n_cols`` columns takes (eight columns a byte)."""
+    return -(-n_cols // 8)
 
 
-def codes_mask_count_(codes, mask, relu=False):
-    """The codes' mask and firing counts in one pass, after an optional ReLU in place.
+def unpack_bits(bits, n_cols, dtype=torch.float32):
+    """A packed mask (:func:`codes_bits_count_`) as a (rows, ``n_cols``) 0/1 tensor.
+
+    Examples
+    --------
+    >>> import torch
+    >>> unpack_bits(torch.tensor([[5, 1]], dtype=torch.uint8), 10).int().tolist()
+    [[1, 0, 1, 0, 0, 0, 0, 0, 1, 0]]
+    """
+    shifts = torch.arange(8, device=bits.device, dtype=torch.int32)
+    unpacked = (bits.to(torch.int32)[:, :, None] >> shifts) & 1
+    return unpacked.reshape(bits.shape[0], -1)[:, :n_cols].to(dtype)
+
+
+def _column_blocks(n_cols):
+    """Bytes (eight columns each) a program of the two mask kernels takes."""
+    return min(32, 1 << max(1, (bits_columns(n_cols) - 1).bit_length()))
+
+
+def codes_bits_count_(codes, bits, relu=False):
+    """The codes' mask, packed, and their firing counts in one pass, after an optional ReLU.
 
     What ``codes.relu_()`` (with ``relu``), ``mask = codes > 0`` and the
     mask's column sums do in three passes over a (batch, n_components)
-    array, in one: each value is read once, and the mask (and, with
-    ``relu``, the codes) written once. Exactly the plain operations' values
-    for finite codes (0/1 counts below 2**24 are exact in float32, whatever
-    the order of their sums).
+    array, in one: each value is read once, the codes (with ``relu``)
+    written once, and the mask written as bits, eight columns a byte (bit
+    ``j`` of byte ``i`` of a row is column ``8 i + j``), a sixteenth of the
+    bytes of a bfloat16 mask. :func:`mask_by_bits_` applies it. Exactly the
+    plain operations' values for finite codes (0/1 counts below 2**24 are
+    exact in float32, whatever the order of their sums).
 
     Parameters
     ----------
     codes : torch.Tensor of shape (batch, n_components)
         Columns contiguous; float32 or bfloat16. With ``relu``, overwritten
         by ``max(codes, 0)``.
-    mask : torch.Tensor of the same shape
-        Overwritten with 1 where the code is positive, else 0, in its dtype.
+    bits : torch.Tensor of uint8, shape (batch, >= bits_columns(n_components))
+        Overwritten with the packed mask (columns contiguous).
     relu : bool
 
     Returns
@@ -277,108 +230,264 @@ def codes_mask_count_(codes, mask, relu=False):
         How many rows fired each feature.
     """
     n_rows, n_cols = codes.shape
-    if codes.stride(1) != 1 or mask.stride(1) != 1 or mask.shape != codes.shape:
-        raise ValueError("codes_mask_count_ needs same-shaped codes and mask with "
-                         "contiguous columns.")
+    n_bytes = bits_columns(n_cols)
+    if (codes.stride(1) != 1 or bits.dtype != torch.uint8 or bits.stride(1) != 1
+            or bits.shape[0] != n_rows or bits.shape[1] < n_bytes):
+        raise ValueError("codes_bits_count_ needs codes with contiguous columns and a uint8 "
+                         f"bits tensor of at least ({n_rows}, {n_bytes}).")
     fired = torch.zeros(n_cols, dtype=torch.float32, device=codes.device)
     if n_rows == 0 or n_cols == 0:
         return fired
-    block_c = min(256, 1 << max(4, (n_cols - 1).bit_length()))
-    block_r = 16
+    block_b, block_r = _column_blocks(n_cols), 16
     # About 4096 programs, enough to fill a GPU, each over a power of two of
     # tiles (few distinct compilations), so that a wide batch pays one
     # atomic add per column for every 16 * tiles rows.
-    col_blocks = -(-n_cols // block_c)
+    col_blocks = -(-n_bytes // block_b)
     row_tiles = -(-n_rows // block_r)
     tiles = 1 << max(0, (-(-row_tiles * col_blocks // 4096) - 1).bit_length())
     tiles = min(tiles, 1 << max(0, (row_tiles - 1).bit_length()))
     grid = (col_blocks, -(-row_tiles // tiles))
-    _codes_kernel()[grid](
-        codes, mask, fired, n_rows, n_cols, codes.stride(0), mask.stride(0),
-        RELU=bool(relu), BLOCK_R=block_r, BLOCK_C=block_c, TILES=tiles, num_warps=4,
+    _kernels().codes_bits_count[grid](
+        codes, bits, fired, n_rows, n_cols, n_bytes, codes.stride(0), bits.stride(0),
+        RELU=bool(relu), BLOCK_R=block_r, BYTES=block_b, TILES=tiles, num_warps=4,
     )
     return fired
 
 
-# Per (device, dtype, shape, relu): whether the one-pass kernel is faster
-# there than the plain operations, and gives their values.
-_elementwise_choice = {}
+def mask_by_bits_(grad, bits):
+    """``grad *= mask`` in place, the mask packed as :func:`codes_bits_count_` writes it.
 
-
-def elementwise_pays(codes, mask, scratch, plain, relu):
-    """Whether :func:`codes_mask_count_` should replace ``plain`` for these codes.
-
-    Measured once per process, device, dtype, shape and ``relu``, on the
-    first step's own codes: both ways run on copies of them in ``scratch``
-    (a buffer of the same shape the step has not used yet), their results
-    must agree exactly, and the faster is kept. A failure or a disagreement
-    warns once and keeps the plain operations. ``codes`` is left as it was;
-    ``mask`` and ``scratch`` are overwritten (the step writes both later).
+    The same values as ``grad.mul_(mask)`` with a 0/1 mask of ``grad``'s
+    dtype (a NaN stays NaN), reading one bit per value instead of two bytes.
 
     Parameters
     ----------
-    codes, mask, scratch : torch.Tensor of shape (batch, n_components)
-    plain : callable
-        ``plain(codes, mask) -> fired``: the plain operations, in place.
-    relu : bool
+    grad : torch.Tensor of shape (batch, n_components)
+        Columns contiguous; float32 or bfloat16.
+    bits : torch.Tensor of uint8, shape (batch, >= bits_columns(n_components))
     """
-    device = codes.device
+    n_rows, n_cols = grad.shape
+    n_bytes = bits_columns(n_cols)
+    if (grad.stride(1) != 1 or bits.dtype != torch.uint8 or bits.stride(1) != 1
+            or bits.shape[0] != n_rows or bits.shape[1] < n_bytes):
+        raise ValueError("mask_by_bits_ needs a gradient with contiguous columns and a uint8 "
+                         f"bits tensor of at least ({n_rows}, {n_bytes}).")
+    if n_rows == 0 or n_cols == 0:
+        return
+    block_b, block_r = _column_blocks(n_cols), 16
+    grid = (-(-n_bytes // block_b), -(-n_rows // block_r))
+    _kernels().mask_by_bits[grid](grad, bits, n_rows, n_cols, n_bytes, grad.stride(0),
+                                  bits.stride(0), BLOCK_R=block_r, BYTES=block_b, num_warps=4)
+
+
+# ---------------------------------------------------------- the residual
+
+
+def residual_(y, bias, x, gx, err, scale):
+    """The residual, its gradient and their sums in one pass over a (batch, d) batch.
+
+    Writes ``err = (y + bias) - x`` (float32) and ``gx = err * scale`` (in
+    ``gx``'s dtype, rounded to nearest even), and returns the sum of
+    ``err ** 2`` and the column sums of ``gx`` as written: the values of
+    the plain operations ``err.copy_(y).add_(bias).sub_(x)``,
+    ``torch.mul(err, scale, out=gx)``, ``err.square().sum()`` and
+    ``gx.sum(0, dtype=torch.float32)``; the two sums up to their order of
+    addition. Five passes over the batch and their launches become one.
+
+    Parameters
+    ----------
+    y : torch.Tensor of shape (batch, d)
+        The decoder's product, float32 or bfloat16; may be ``err`` itself.
+    bias : torch.Tensor of shape (d,), float32, contiguous
+    x : torch.Tensor of shape (batch, d), float32
+    gx : torch.Tensor of shape (batch, d)
+        float32 or bfloat16, rows may be strided (a slice of a wider buffer).
+    err : torch.Tensor of shape (batch, d), float32
+    scale : float
+
+    Returns
+    -------
+    sse : torch.Tensor of shape (), float32
+    gx_sums : torch.Tensor of shape (d,), float32
+    """
+    n_rows, d = x.shape
+    for t in (y, x, gx, err):
+        if t.shape != (n_rows, d) or t.stride(1) != 1:
+            raise ValueError("residual_ needs (batch, d) tensors with contiguous columns.")
+    if x.dtype != torch.float32 or err.dtype != torch.float32 or not bias.is_contiguous():
+        raise ValueError("residual_ needs float32 x and err, and a contiguous bias.")
+    sse = torch.zeros((), dtype=torch.float32, device=x.device)
+    gx_sums = torch.zeros(d, dtype=torch.float32, device=x.device)
+    if n_rows == 0 or d == 0:
+        return sse, gx_sums
+    block_d = min(128, 1 << max(4, (d - 1).bit_length()))
+    block_r = 4096 // (4 * block_d) if block_d >= 32 else 32
+    col_blocks = -(-d // block_d)
+    row_tiles = -(-n_rows // block_r)
+    # Enough programs to fill a GPU (about 512), each over a power of two of
+    # tiles, so that the atomic adds stay few.
+    tiles = 1 << max(0, (-(-row_tiles * col_blocks // 512) - 1).bit_length())
+    tiles = min(tiles, 1 << max(0, (row_tiles - 1).bit_length()))
+    grid = (col_blocks, -(-row_tiles // tiles))
+    _kernels().residual[grid](
+        y, bias, x, gx, err, sse, gx_sums, n_rows, d, y.stride(0), x.stride(0), gx.stride(0),
+        err.stride(0), float(scale), GX_BF16=gx.dtype == torch.bfloat16, BLOCK_R=block_r,
+        BLOCK_D=block_d, TILES=tiles, num_warps=4,
+    )
+    return sse, gx_sums
+
+
+# ------------------------------------------- choosing kernels on a first step
+
+# Per (kernel, device, dtype, shape, variant): whether the kernel is faster
+# there than the plain operations, and gives their values.
+_choices = {}
+
+
+def kernel_pays(key, device, agrees, plain, fused, repeats=5):
+    """Whether a kernel should replace the plain operations: decided once per ``key``.
+
+    The first time, on the first step's own data: ``agrees()`` runs both
+    ways on scratch copies and says whether the kernel gives the plain
+    operations' values (a failure or a disagreement warns once and keeps
+    the plain operations); on a GPU both are then timed, back to back, and
+    the faster kept. In Triton's interpreter (the tests) there is nothing
+    to time and an agreeing kernel is taken. Never anywhere a kernel may
+    not run (:func:`available`'s conditions).
+
+    Parameters
+    ----------
+    key : tuple
+        What the choice is for: the kernel's name, then what its speed
+        depends on (device, dtype, shape, variant).
+    device : torch.device
+    agrees : callable
+        ``agrees() -> bool``.
+    plain, fused : callable
+        One run each way, repeatable on the same buffers.
+    """
     if not _may_run(device):
         return False
-    key = (str(device), codes.dtype, tuple(codes.shape), bool(relu))
-    if key not in _elementwise_choice:
+    if key not in _choices:
         try:
-            _elementwise_choice[key] = _measure_elementwise(codes, mask, scratch, plain, relu)
+            choice = agrees()
+            if not choice:
+                warnings.warn(f"The {key[0]} kernel differs from torch's operations on "
+                              f"{device}; training uses torch's operations instead.",
+                              RuntimeWarning, stacklevel=3)
+            elif device.type == "cuda":
+                choice = _faster(plain, fused, device, repeats)
         except Exception as exc:  # noqa: BLE001 - no Triton, or a kernel that cannot build
-            warnings.warn(f"The one-pass codes kernel cannot run on {device} "
-                          f"({type(exc).__name__}: {exc}); training uses torch's operations "
-                          "instead.", RuntimeWarning, stacklevel=3)
-            _elementwise_choice[key] = False
-    return _elementwise_choice[key]
+            warnings.warn(f"The {key[0]} kernel cannot run on {device} ({type(exc).__name__}: "
+                          f"{exc}); training uses torch's operations instead.", RuntimeWarning,
+                          stacklevel=3)
+            choice = False
+        _choices[key] = bool(choice)
+    return _choices[key]
 
 
-def elementwise_choices():
-    """The choices :func:`elementwise_pays` made in this process.
+def _faster(plain, fused, device, repeats):
+    # Wall-clock time of back-to-back calls, from the host: the GPU's time
+    # where the GPU is the bound, the host's time to launch where it is (a
+    # Triton launch costs the host more than a torch operation's, which
+    # decides at small sizes).
+    times = {}
+    for name, run in (("plain", plain), ("fused", fused)):
+        run()
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        torch.cuda.synchronize(device)
+        times[name] = time.perf_counter() - start
+    return times["fused"] < times["plain"]
+
+
+def choices():
+    """The choices :func:`kernel_pays` made in this process.
 
     Returns
     -------
     dict
-        ``(device, dtype, shape, relu) -> bool`` (True: the one-pass kernel).
+        ``key -> bool`` (True: the kernel), the key as the caller gave it:
+        ``(kernel, device, dtype, shape, variant)``.
     """
-    return dict(_elementwise_choice)
+    return dict(_choices)
 
 
-def _measure_elementwise(codes, mask, scratch, plain, relu, repeats=5):
-    scratch.copy_(codes)
-    fired_plain = plain(scratch, mask)
-    expected = (scratch.clone(), mask.clone(), fired_plain.clone())
-    scratch.copy_(codes)
-    fired = codes_mask_count_(scratch, mask, relu=relu)
-    # Compared as values: a -0.0 code gives a -0.0 mask through sign, a 0.0
-    # one here; both mask alike.
-    same = (torch.equal(scratch, expected[0]) and torch.equal(mask, expected[1])
-            and torch.equal(fired, expected[2]))
-    if not same:
-        warnings.warn(f"The one-pass codes kernel differs from torch's operations on "
-                      f"{codes.device}; training uses torch's operations instead.",
-                      RuntimeWarning, stacklevel=4)
-        return False
-    if codes.device.type != "cuda":
-        return True  # Triton's interpreter, in the tests: nothing to time
-    # Wall-clock time of back-to-back calls, from the host: the GPU's time
-    # where the GPU is the bound, the host's time to launch where it is (a
-    # Triton launch costs the host more than a torch operation's, which
-    # decides at small sizes). Repeating a call repeats its work: the ReLU
-    # of codes already through it reads and writes them again.
-    times = {}
-    for name, run in (("plain", lambda: plain(scratch, mask)),
-                      ("fused", lambda: codes_mask_count_(scratch, mask, relu=relu))):
+def codes_kernel_pays(codes, mask, scratch, bits, plain, relu):
+    """Whether :func:`codes_bits_count_` and :func:`mask_by_bits_` should replace ``plain``.
+
+    Decided by :func:`kernel_pays` on the first step's codes: the plain way
+    is ``plain`` (the codes, the mask in ``mask`` and the counts) and the
+    gradient's product with the mask, the kernels' way the packed mask and
+    its product; ``scratch`` stands for both the codes and the gradient.
+    ``codes`` is left as it was; ``mask``, ``scratch`` and ``bits`` are
+    overwritten (the step writes them later).
+
+    Parameters
+    ----------
+    codes, mask, scratch : torch.Tensor of shape (batch, n_components)
+    bits : torch.Tensor of uint8, shape (batch, bits_columns(n_components))
+    plain : callable
+        ``plain(codes, mask) -> fired``: the plain operations, in place.
+    relu : bool
+    """
+    def agrees():
         scratch.copy_(codes)
-        run()
-        torch.cuda.synchronize(codes.device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            run()
-        torch.cuda.synchronize(codes.device)
-        times[name] = time.perf_counter() - start
-    return times["fused"] < times["plain"]
+        fired_plain = plain(scratch, mask)
+        expected = (scratch.clone(), mask.clone(), fired_plain.clone())
+        scratch.copy_(codes)
+        fired = codes_bits_count_(scratch, bits, relu=relu)
+        # Compared as values: a -0.0 code gives a -0.0 mask through sign;
+        # both mask alike.
+        return (torch.equal(scratch, expected[0]) and torch.equal(fired, expected[2])
+                and torch.equal(unpack_bits(bits, codes.shape[1], mask.dtype), expected[1]))
+
+    def plain_run():
+        plain(scratch, mask)
+        scratch.mul_(mask)
+
+    def fused_run():
+        codes_bits_count_(scratch, bits, relu=relu)
+        mask_by_bits_(scratch, bits)
+
+    # Repeating a run repeats its work: the ReLU of codes already through
+    # it reads and writes them again.
+    scratch.copy_(codes)
+    key = ("codes", str(codes.device), codes.dtype, tuple(codes.shape), bool(relu))
+    return kernel_pays(key, codes.device, agrees, plain_run, fused_run)
+
+
+def residual_pays(y, bias, x, gx, err, scale, plain):
+    """Whether :func:`residual_` should replace ``plain`` for this batch's shape.
+
+    Decided by :func:`kernel_pays` on the first step's own residual:
+    ``plain() -> (sse, gx_sums)`` writes ``err`` and ``gx`` with torch's
+    operations; the kernel must write the same values, and sums within
+    float32 rounding of the plain ones. ``y`` is left as it was (copied
+    first when it is ``err`` itself); ``err`` and ``gx`` are overwritten.
+    """
+    source = y.clone() if y.data_ptr() == err.data_ptr() else y
+
+    def run_plain():
+        if source is not y:
+            err.copy_(source)
+        return plain()
+
+    def run_fused():
+        return residual_(source, bias, x, gx, err, scale)
+
+    def agrees():
+        sse_plain, sums_plain = run_plain()
+        expected = (err.clone(), gx.clone(), float(sse_plain), sums_plain.clone())
+        sse, sums = run_fused()
+        # Sums of the same values in another order: float32 rounding, about
+        # 1e-7 of their magnitudes times the rows.
+        tol = 1e-5 * (1.0 + float(expected[3].abs().max()) + float(gx.float().abs().sum(0).max()))
+        return (torch.equal(err, expected[0]) and torch.equal(gx, expected[1])
+                and abs(float(sse) - expected[2]) <= 1e-5 * max(expected[2], 1e-30)
+                and float((sums - expected[3]).abs().max()) <= tol)
+
+    key = ("residual", str(x.device), gx.dtype, tuple(x.shape), y.dtype)
+    return kernel_pays(key, x.device, agrees, run_plain, run_fused)

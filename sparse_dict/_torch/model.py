@@ -315,7 +315,7 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def loss_and_gradients(self, x, coef, autocast_dtype=None, dead=None, auxk_coef=0.0, k_aux=0,
                            sparse_step="auto", fused_codes="auto", residual_power=None,
-                           low_grads=False):
+                           low_grads=False, fused_residual="auto"):
         """Loss of a batch and its gradients, written into each ``.grad``.
 
         The loss is ``mean_b ||x_b - x_hat_b||^2 + coef * penalty`` (the
@@ -373,6 +373,10 @@ class SparseAutoencoder(nn.Module):
         fused_codes : bool or "auto"
             The dense step's mask and firing counts in one pass
             (:meth:`_codes_mask_count_`); the same values either way.
+        fused_residual : bool or "auto"
+            The dense step's residual and its sums in one pass
+            (:meth:`_residual_`); the same values up to the order of the
+            sums' additions.
         low_grads : bool
             Leave the two weight matrices' gradients in the products' dtype
             (bfloat16 under autocast), in ``self.low_grads`` by name, with
@@ -413,7 +417,8 @@ class SparseAutoencoder(nn.Module):
             loss = mse
         else:
             loss, mse, l1, l0, fired, err = self._dense_gradients_(
-                pre, x, ws, coef, fused_codes, low_grads=low_grads and not use_aux)
+                pre, x, ws, coef, fused_codes, low_grads=low_grads and not use_aux,
+                fused_residual=fused_residual)
 
         auxk = torch.zeros((), device=x.device)
         if use_aux:
@@ -426,12 +431,20 @@ class SparseAutoencoder(nn.Module):
         """The activation's codes in place, the mask of active codes, the firing counts.
 
         The plain way is the activation's :meth:`~Activation.forward_`, then
-        :func:`positive_mask` and the mask's column sums: three passes over
-        the (batch, n_components) codes. On a GPU one Triton kernel
-        (:func:`sparse_dict._torch.fused.codes_mask_count_`) does the last
-        two, and ReLU's forward too, in one; with ``fused_codes="auto"``
-        the first step measures both ways on its own codes and keeps the
-        faster (:func:`sparse_dict._torch.fused.elementwise_pays`).
+        :func:`positive_mask` into ``ws["mask"]`` and the mask's column
+        sums: three passes over the (batch, n_components) codes. On a GPU one
+        Triton kernel (:func:`sparse_dict._torch.fused.codes_bits_count_`)
+        does the last two, and ReLU's forward too, in one, and writes the
+        mask as bits (a sixteenth of a bfloat16 mask's bytes, read once more
+        by :meth:`_apply_mask_`); with ``fused_codes="auto"`` the first
+        step measures both ways on its own codes and keeps the faster
+        (:func:`sparse_dict._torch.fused.codes_kernel_pays`).
+
+        Returns
+        -------
+        fired : torch.Tensor of shape (n_components,)
+        mask : torch.Tensor
+            ``ws["mask"]``, or the packed bits (uint8) from the kernel.
         """
         act, mask = self.activation, ws["mask"]
         relu = act.forward_is_relu
@@ -452,11 +465,61 @@ class SparseAutoencoder(nn.Module):
             act.forward_(codes, ws, self)
         use = fused_codes
         if use == "auto":
-            use = codes.device.type == "cuda" and fused.elementwise_pays(
-                codes, mask, ws["grad"], plain, relu)
+            use = codes.device.type == "cuda" and fused.codes_kernel_pays(
+                codes, mask, ws["grad"], self._bits(ws), plain, relu)
         if use:
-            return fused.codes_mask_count_(codes, mask, relu=relu)
-        return plain(codes, mask)
+            bits = self._bits(ws)
+            return fused.codes_bits_count_(codes, bits, relu=relu), bits
+        return plain(codes, mask), mask
+
+    def _bits(self, ws):
+        """The workspace's packed mask for this batch (made on first use)."""
+        whole = self._ws.get("bits")
+        if whole is None or whole.shape[0] < ws["mask"].shape[0]:
+            whole = torch.empty(self._ws["mask"].shape[0],
+                                fused.bits_columns(self.n_components), dtype=torch.uint8,
+                                device=ws["mask"].device)
+            self._ws["bits"] = whole
+        return whole[:ws["mask"].shape[0]]
+
+    @staticmethod
+    def _apply_mask_(grad, mask):
+        """``grad *= mask``, the mask as :meth:`_codes_mask_count_` returned it."""
+        if mask.dtype == torch.uint8:
+            fused.mask_by_bits_(grad, mask)
+        else:
+            grad.mul_(mask)
+
+    def _residual_(self, y, x, ws, fused_residual="auto"):
+        """``err = x_hat - x`` and ``gx = 2 err / batch``, with their sums.
+
+        ``y`` is the decoder's product (``err`` itself in float32). Writes
+        ``ws["err"]`` and ``gx`` (``ws["gx"]``'s first columns); returns the
+        squared error's sum and ``gx``'s column sums. The plain way is five
+        torch operations; on a GPU one Triton kernel
+        (:func:`sparse_dict._torch.fused.residual_`) does them in one pass
+        where the first step measures it faster
+        (:func:`sparse_dict._torch.fused.residual_pays`).
+        """
+        batch, d = x.shape
+        err, gx, b_dec = ws["err"], ws["gx"][:, :d], self.b_dec
+        scale = 2.0 / batch
+
+        def plain():
+            if y.data_ptr() != err.data_ptr():
+                err.copy_(y)
+            err.add_(b_dec).sub_(x)
+            torch.mul(err, scale, out=gx)
+            return (torch.linalg.vector_norm(err).square(),
+                    gx.sum(dim=0, dtype=torch.float32))
+
+        use = fused_residual
+        if use == "auto":
+            use = x.device.type == "cuda" and fused.residual_pays(
+                y, b_dec, x, gx, err, scale, plain)
+        if use:
+            return fused.residual_(y, b_dec, x, gx, err, scale)
+        return plain()
 
     def _weight_grad_(self, name, grad, keep_low):
         """Give weight ``name`` the gradient ``grad`` (a product's column slice)."""
@@ -473,31 +536,26 @@ class SparseAutoencoder(nn.Module):
             getattr(self, name).grad = _float32_dense(grad)
         self.low_grads.clear()
 
-    def _dense_gradients_(self, codes, x, ws, coef, fused_codes="auto", low_grads=False):
+    def _dense_gradients_(self, codes, x, ws, coef, fused_codes="auto", low_grads=False,
+                          fused_residual="auto"):
         """The dense step after the encoder's product: four more products."""
         batch, d = x.shape
         act = self.activation
-        W_enc, b_dec = self.W_enc, self.b_dec
-        grad, mask, gx_ones, xc_ones, dec = ws["grad"], ws["mask"], ws["gx"], ws["xc"], ws["dec"]
+        W_enc = self.W_enc
+        grad, gx_ones, xc_ones, dec = ws["grad"], ws["gx"], ws["xc"], ws["dec"]
         # W_dec in the products' dtype, next to a column for the codes' bias.
         if not self._operand_current("W_dec"):
             dec[:, :d] = self.W_dec
         W_dec_c = dec[:, :d]
-        fired = self._codes_mask_count_(codes, ws, fused_codes)
-        # x_hat - x in a float32 buffer of the workspace: no (batch, d)
-        # tensor is allocated in the step.
+        fired, mask = self._codes_mask_count_(codes, ws, fused_codes)
+        # x_hat - x in a float32 buffer of the workspace, and d loss / d
+        # x_hat next to gx's column of ones: the product with the codes gives
+        # W_dec's gradient and, in the last column, the codes' column sums
+        # (for the penalty). No (batch, d) tensor is allocated in float32.
+        y = mm(codes, W_dec_c, out=ws["err"] if codes.dtype == torch.float32 else None)
+        sse, gx_sums = self._residual_(y, x, ws, fused_residual)
         err = ws["err"]
-        if codes.dtype == torch.float32:
-            mm(codes, W_dec_c, out=err)
-        else:
-            err.copy_(mm(codes, W_dec_c))
-        err.add_(b_dec).sub_(x)
-        mse = torch.linalg.vector_norm(err).square() / batch
-
-        # d loss / d x_hat, next to a column of ones: the product with the
-        # codes gives W_dec's gradient and, in the last column, the codes'
-        # column sums (for the penalty).
-        torch.mul(err, 2.0 / batch, out=gx_ones[:, :d])
+        mse = sse / batch
         dec_grad = mm(codes.t(), gx_ones)
         self._weight_grad_("W_dec", dec_grad[:, :d], low_grads)
         code_sums = dec_grad[:, d].float()
@@ -512,13 +570,13 @@ class SparseAutoencoder(nn.Module):
         dec[:, d] = 0.0 if code_bias is None else code_bias
         mm(gx_ones, dec.t(), out=grad)
         act.parameter_gradients_(grad, self, coef, batch)
-        grad.mul_(mask)
+        self._apply_mask_(grad, mask)
         enc_grad = mm(grad.t(), xc_ones)
         self._weight_grad_("W_enc", enc_grad[:, :d], low_grads)
         grad_b_enc = enc_grad[:, d].float().contiguous()
         self.b_enc.grad = grad_b_enc
         # b_dec enters twice: added to x_hat, and subtracted before encoding.
-        self.b_dec.grad = gx_ones[:, :d].sum(dim=0, dtype=torch.float32) - grad_b_enc @ W_enc
+        self.b_dec.grad = gx_sums - grad_b_enc @ W_enc
         return loss, mse, l1, l0, fired, err
 
     def _sparse_gradients_(self, pre, x, xc):

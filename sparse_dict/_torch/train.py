@@ -132,11 +132,17 @@ class TrainConfig:
         constraint: :mod:`sparse_dict._torch.fused`) where it can run (a CUDA
         GPU with Triton), or always take the plain torch operations (False).
     fused_codes : bool or "auto"
-        Form the codes' mask and firing counts (and ReLU's codes) in one
-        pass (:func:`sparse_dict._torch.fused.codes_mask_count_`): "auto"
-        on a CUDA GPU where the first step measures it faster than the
-        plain operations, with the same values; True forces it (a GPU, or
+        Form the codes' mask (as bits) and firing counts (and ReLU's codes)
+        in one pass, and mask the codes' gradient in one more
+        (:func:`sparse_dict._torch.fused.codes_bits_count_`): "auto" on a
+        CUDA GPU where the first step measures it faster than the plain
+        operations, with the same values; True forces it (a GPU, or
         Triton's interpreter); False never.
+    fused_residual : bool or "auto"
+        Form the residual, its gradient and their sums in one pass
+        (:func:`sparse_dict._torch.fused.residual_`), with the same values
+        up to the order of the sums' additions; "auto", True and False as
+        for ``fused_codes``.
     """
 
     coef: float = 1.0
@@ -158,6 +164,7 @@ class TrainConfig:
     gather_workers: int | str = "auto"
     fused_update: bool | str = "auto"
     fused_codes: bool | str = "auto"
+    fused_residual: bool | str = "auto"
 
     def lr_factor(self, step):
         factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
@@ -646,7 +653,7 @@ class Trainer:
         return self.model.loss_and_gradients(
             x, coef, autocast, dead=dead, auxk_coef=self._auxk_weight(config), k_aux=config.k_aux,
             sparse_step=config.sparse_step, fused_codes=config.fused_codes,
-            residual_power=self._residual_power,
+            fused_residual=config.fused_residual, residual_power=self._residual_power,
             low_grads=self._one_process and self._uses_fused_update(config),
         )
 
