@@ -361,6 +361,7 @@ _GPU_ROWS = (
     ("whole fit, steady ms/step", "steady_ms_per_step"),
     ("whole fit, fraction of matmul", "fit_fraction_of_matmul"),
     ("short-fit overhead (short fit / its steady steps)", "short_fit_overhead"),
+    ("short fit's batches streamed while its data was copied", "fit_short_streamed_batches"),
     ("plain loop (a) host batches, ms/step", "plain_gather_ms_per_step"),
     ("plain loop (b) device batches, ms/step", "plain_device_ms_per_step"),
     ("whole fit rows/s", "fit_rows_per_s"),

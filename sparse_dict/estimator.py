@@ -696,10 +696,6 @@ class SparseAutoencoderDictionary(
             provenance = _check_fit_provenance(provenance, X)
             replicas, device = self._replicas_and_device()
             random_state = self._shared_random_state(replicas)
-            trainer = self._new_trainer(X, random_state, device, replicas)
-            # After the checks that refuse a fit, before its training.
-            if replicas is None or replicas.rank == 0:
-                _warn_few_rows(X.shape[0], trainer.model.n_components)
             total = self._total_steps(X.shape[0])
             interval = self.resample_interval or max(total // 10, 50)
             config = self._train_config(
@@ -709,7 +705,16 @@ class SparseAutoencoderDictionary(
                 resample_interval=interval,
                 resample_until=int(0.7 * total),
             )
-            n_passes = self._train(trainer, X, config, random_state, total, replicas=replicas)
+            trainer = self._new_trainer(X, random_state, device, replicas, initialize=False)
+            # Opened before the model is initialised: rows bound for the GPU
+            # start their copy there now, in the background.
+            with trainer.open_feed(X, config) as feed:
+                trainer.initialize(X, random_state, self.decoder_bias_init, replicas)
+                # After the checks that refuse a fit, before its training.
+                if replicas is None or replicas.rank == 0:
+                    _warn_few_rows(X.shape[0], trainer.model.n_components)
+                n_passes = self._train(trainer, X, config, random_state, total,
+                                       replicas=replicas, feed=feed)
             self._finish(trainer, X, config, random_state, replicas=replicas)
             self.n_iter_ = n_passes
             # A dictionary fitted anew is no longer the imported one.
@@ -836,12 +841,13 @@ class SparseAutoencoderDictionary(
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         return np.random.RandomState(replicas.broadcast_value(seed, "sharing the random seed"))
 
-    def _new_trainer(self, X, random_state, device, replicas=None):
+    def _new_trainer(self, X, random_state, device, replicas=None, initialize=True):
         seed = int(random_state.randint(np.iinfo(np.int32).max))
         n_components = self.n_components or 4 * X.shape[1]
         self._check_memory(X.shape[1], n_components, device)
         trainer = Trainer(X.shape[1], n_components, device, seed, self._activation())
-        trainer.initialize(X, random_state, self.decoder_bias_init, replicas)
+        if initialize:
+            trainer.initialize(X, random_state, self.decoder_bias_init, replicas)
         return trainer
 
     def _check_memory(self, n_features, n_components, device):
@@ -853,7 +859,8 @@ class SparseAutoencoderDictionary(
                 f"{have / 1e9:.3g} GB in all. Choose a smaller n_components."
             )
 
-    def _train(self, trainer, X, config, random_state, total, n_passes=None, replicas=None):
+    def _train(self, trainer, X, config, random_state, total, n_passes=None, replicas=None,
+               feed=None):
         if n_passes is None:
             n_passes = math.ceil(total / math.ceil(X.shape[0] / self.batch_size))
         progress = None
@@ -869,7 +876,7 @@ class SparseAutoencoderDictionary(
             # No snapshot inside: fit discards a failed new trainer, and
             # partial_fit's _restored_on_error keeps its own.
             return trainer.train(X, n_passes, config, random_state, callback, progress, replicas,
-                                 rollback=False)
+                                 rollback=False, feed=feed)
         finally:
             if progress is not None:
                 progress.close()

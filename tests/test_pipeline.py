@@ -353,3 +353,131 @@ def test_parallel_copy_works_in_a_forked_child():
         time.sleep(0.05)
         waited += 0.05
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+# ------------------------------------------- the resident copy in the background
+
+
+def _gate_upload(monkeypatch, until):
+    """Hold every resident copy back until ``until(feed)`` is true (or 10 s pass)."""
+    real = BatchFeed._upload
+
+    def late(self, *args):
+        deadline = time.monotonic() + 10
+        while not until(self) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        real(self, *args)
+
+    monkeypatch.setattr(BatchFeed, "_upload", late)
+
+
+def test_batches_are_streamed_until_the_resident_copy_has_landed(tmp_path, monkeypatch):
+    gate = threading.Event()
+    _gate_upload(monkeypatch, lambda feed: gate.is_set())
+    for name, X in _inputs(tmp_path).items():
+        gate.clear()
+        indices = list(iter_batches(X, 8, np.random.RandomState(1)))
+        with BatchFeed(X, CPU, None, batch_size=8, resident=True) as feed:
+            with pytest.raises(RuntimeError, match="set_scale"):
+                feed.batches(iter(indices))
+            feed.set_scale(0.5)
+            batches = feed.batches(iter(indices))
+            got = [next(batches) for _ in range(3)]
+            assert feed.streamed_batches == 3 and not feed._uploaded.is_set(), name
+            gate.set()
+            feed._uploaded.wait(10)
+            got += list(batches)
+            # The handover served the rest from the copy, in the same order.
+            assert feed.streamed_batches == 3, name
+            again = list(feed.batches(iter(indices)))
+            assert feed.streamed_batches == 3, name
+        for run in (got, again):
+            assert [i.tolist() for i, _ in run] == [i.tolist() for i in indices], name
+            for (index, x), expected in zip(run, indices):
+                # Exactly the streamed values: the same float32 rows times the
+                # same float32 scale.
+                assert torch.equal(x, torch.from_numpy(_dense(X)[expected]).float() * 0.5), name
+
+
+def test_the_scale_cannot_change_once_given():
+    feed = BatchFeed(np.ones((4, 2), np.float32), CPU, 2.0, batch_size=2, resident=True)
+    feed.set_scale(2.0)
+    with pytest.raises(ValueError, match="cannot become 3.0"):
+        feed.set_scale(3.0)
+    feed.close()
+
+
+def test_training_through_the_handover_gives_the_streamed_model(monkeypatch):
+    # Held back until three batches were streamed: the fit trains on the
+    # host's batches first, then on the device copy's, and ends where a fit
+    # that streamed every batch ends.
+    _gate_upload(monkeypatch, lambda feed: feed.streamed_batches >= 3)
+    X = np.random.RandomState(0).randn(200, 12).astype(np.float32)
+    models = []
+    for on_device in (False, True):
+        trainer = Trainer(12, 24, CPU, seed=1)
+        config = TrainConfig(batch_size=20, total_steps=30, learning_rate=0.01,
+                             data_on_device=on_device, resample_interval=10)
+        with trainer.open_feed(X, config) as feed:
+            trainer.initialize(X, np.random.RandomState(2))
+            trainer.train(X, 5, config, np.random.RandomState(3), feed=feed)
+        models.append((trainer, feed.streamed_batches))
+    (a, _), (b, streamed) = models
+    assert 3 <= streamed < 30
+    for name, value in a.model.state_dict().items():
+        assert torch.equal(b.model.state_dict()[name], value), name
+    assert np.array_equal(a.history, b.history)
+
+
+def test_a_copy_that_fails_raises_at_the_handover(monkeypatch):
+    from sparse_dict._torch import pipeline
+
+    def broken(src, dst=None, threads=None):
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(pipeline, "_parallel_copy", broken)
+    X = np.ones((40, 3), np.float32)
+    with BatchFeed(X, CPU, 1.0, batch_size=4, resident=True) as feed:
+        feed._uploaded.wait(10)
+        with pytest.raises(OSError, match="disk went away"):
+            list(feed.batches(iter_batches(X, 4, np.random.RandomState(0))))
+    assert feed._uploader is None  # closed, the thread joined
+
+
+def test_closing_stops_a_copy_on_its_way(monkeypatch):
+    from sparse_dict._torch import pipeline
+
+    real, chunks = pipeline._parallel_copy, []
+
+    def slow(src, dst=None, threads=None):
+        chunks.append(len(src))
+        time.sleep(0.02)
+        return real(src, dst, threads)
+
+    monkeypatch.setattr(pipeline, "_parallel_copy", slow)
+    monkeypatch.setattr(pipeline, "_UPLOAD_BYTES", 8 * 4 * 3)  # 8 rows a chunk
+    X = np.ones((800, 3), np.float32)  # 100 chunks
+    feed = BatchFeed(X, CPU, 1.0, batch_size=4, resident=True)
+    time.sleep(0.1)
+    feed.close()
+    copied = len(chunks)
+    time.sleep(0.1)
+    # The copy stopped at its next chunk and its thread has ended.
+    assert 0 < copied < 100 and len(chunks) == copied
+    assert feed._uploader is None and feed._data is None
+
+
+def test_a_fit_opens_its_feed_before_initialising(monkeypatch):
+    # The resident copy starts before the model is initialised, so that the
+    # two overlap; the estimator's fit is otherwise unchanged.
+    order = []
+    real_open, real_init = Trainer.open_feed, Trainer.initialize
+    monkeypatch.setattr(Trainer, "open_feed",
+                        lambda self, *a: order.append("feed") or real_open(self, *a))
+    monkeypatch.setattr(Trainer, "initialize",
+                        lambda self, *a, **k: order.append("init") or real_init(self, *a, **k))
+    X = np.random.RandomState(0).randn(300, 8)
+    est = SparseAutoencoderDictionary(n_components=16, max_steps=20, batch_size=50,
+                                      random_state=0).fit(X)
+    assert order == ["feed", "init"]
+    assert est.n_steps_ == 20

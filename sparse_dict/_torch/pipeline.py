@@ -8,7 +8,11 @@ one of two ways:
 
 * **resident**: the rows (scaled, float32) are copied to the device once,
   and each batch is gathered there by index (the indices of a batch are a
-  few kilobytes, copied from pinned memory without waiting);
+  few kilobytes, copied from pinned memory without waiting). The copy runs
+  in a background thread, on its own CUDA stream, from the moment the feed
+  is made: the batches asked for before it has landed are streamed (below),
+  so that a short fit trains while its data moves instead of waiting for
+  it;
 * **streamed**: host threads gather each batch's rows into pinned buffers
   allocated once (and reused by later fits), and the copy to the device runs
   on a side CUDA stream, batches ahead of the step; the step's stream waits
@@ -23,6 +27,7 @@ caller's thread, as before; the resident and threaded modes run there too
 
 import collections
 import concurrent.futures
+import contextlib
 import os
 import threading
 
@@ -157,56 +162,145 @@ class BatchFeed:
         self.X = X
         self._largest = int(batch_size)
         self.device = torch.device(device)
-        self.scale = float(scale)
+        self.scale = None if scale is None else float(scale)
         self.workers = int(workers)
         self.depth = max(1, int(depth))
         self._cuda = self.device.type == "cuda"
         self._taken = []
-        self._buffers = self._copied = self._copy_stream = None
+        self._rings = {}
+        self._copy_stream = None
         self._executor = None
         self._live = None  # the generator of the current pass
-        self._data = self._upload() if resident else None
         self.resident = resident
+        # Batches served from the host while the resident copy was on its way.
+        self.streamed_batches = 0
+        self._data = self._uploader = None
+        if resident:
+            self._start_upload()
+
+    def set_scale(self, scale):
+        """Give the input scale, when the feed was made before it was known.
+
+        The resident copy is multiplied by it once its rows have landed;
+        streamed batches, as they are gathered. It cannot change afterwards.
+        """
+        scale = float(scale)
+        if self.scale is not None and self.scale != scale:
+            raise ValueError(f"The feed's scale is {self.scale}; it cannot become {scale}.")
+        self.scale = scale
+        if self._uploader is not None:
+            self._scale_given.set()
 
     # ------------------------------------------------------------- resident
-    def _upload(self):
-        """``X * scale`` as one float32 tensor on the device, copied in chunks."""
+    def _start_upload(self):
+        """Start copying ``X`` to the device in a background thread (see :meth:`_upload`)."""
         n_rows, n_features = self.X.shape
-        data = torch.empty((n_rows, n_features), dtype=torch.float32, device=self.device)
+        self._data = torch.empty((n_rows, n_features), dtype=torch.float32, device=self.device)
         chunk = max(1, min(n_rows, _UPLOAD_BYTES // (4 * n_features)))
-        if not self._cuda:
-            for start in range(0, n_rows, chunk):
-                rows = take_rows(self.X, slice(start, min(start + chunk, n_rows)))
-                data[start:start + len(rows)].numpy()[...] = rows
-            return data.mul_(self.scale)
-        staging = [self._take((chunk, n_features), torch.float32) for _ in range(2)]
-        done = [None, None]
-        for i, start in enumerate(range(0, n_rows, chunk)):
-            rows = take_rows(self.X, slice(start, min(start + chunk, n_rows)))
-            buf = staging[i % 2]
-            if done[i % 2] is not None:
-                # The copy out of this buffer two chunks ago must have run
-                # before the buffer is written again.
-                done[i % 2].synchronize()
-            buf[: len(rows)].numpy()[...] = rows
-            data[start:start + len(rows)].copy_(buf[: len(rows)], non_blocking=True)
-            done[i % 2] = torch.cuda.Event()
-            done[i % 2].record()
-        return data.mul_(self.scale)
+        staging = ([self._take((chunk, n_features), torch.float32) for _ in range(2)]
+                   if self._cuda else None)
+        self._upload_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._uploaded = threading.Event()
+        self._scale_given = threading.Event()
+        if self.scale is not None:
+            self._scale_given.set()
+        self._cancelled = False
+        self._upload_error = None
+        self._uploader = threading.Thread(target=self._upload, args=(chunk, staging),
+                                          name="sparse_dict-upload", daemon=True)
+        self._uploader.start()
 
-    def _ring(self, n_buffers, shape, dtype):
-        """The feed's ring of host buffers and their last copies' events, made once.
+    def _upload(self, chunk, staging):
+        """``X * scale`` into ``self._data``, in chunks; sets ``_uploaded`` when it has landed.
+
+        On a GPU each chunk is copied by several host threads into one of
+        two pinned staging buffers and from there to the device on the
+        upload stream, so that the host copies one chunk while the link
+        carries the other. The scale is applied on the device once every row
+        is there and the scale is known. Whatever happens, the stream's work
+        is finished before ``_uploaded`` is set, so that nothing still
+        writes into memory that :meth:`close` frees.
+        """
+        data, X = self._data, self.X
+        n_rows = X.shape[0]
+        try:
+            with contextlib.ExitStack() as stack:
+                if self._cuda:
+                    stack.enter_context(torch.cuda.device(self.device))
+                    stack.enter_context(torch.cuda.stream(self._upload_stream))
+                done = [None, None]
+                for i, start in enumerate(range(0, n_rows, chunk)):
+                    if self._cancelled:
+                        return
+                    rows = take_rows(X, slice(start, min(start + chunk, n_rows)))
+                    if not self._cuda:
+                        _parallel_copy(rows, data[start:start + len(rows)].numpy())
+                        continue
+                    buf = staging[i % 2]
+                    if done[i % 2] is not None:
+                        # The copy out of this buffer two chunks ago must have
+                        # run before the buffer is written again.
+                        done[i % 2].synchronize()
+                    _parallel_copy(rows, buf[: len(rows)].numpy())
+                    data[start:start + len(rows)].copy_(buf[: len(rows)], non_blocking=True)
+                    done[i % 2] = torch.cuda.Event()
+                    done[i % 2].record()
+                self._scale_given.wait()
+                if not self._cancelled:
+                    data.mul_(self.scale)
+        except BaseException as exc:  # noqa: BLE001 - given to the caller at the handover
+            self._upload_error = exc
+        finally:
+            if self._cuda:
+                self._upload_stream.synchronize()
+            self._uploaded.set()
+
+    def _landed(self):
+        """Whether the resident copy is ready to gather from (raises its error if it failed)."""
+        if not self._uploaded.is_set():
+            return False
+        if self._upload_error is not None:
+            raise self._upload_error
+        return True
+
+    def _handover_batches(self, items):
+        """Streamed batches until the resident copy has landed, resident ones after.
+
+        The order of the batches is the caller's either way, and so are their
+        values (the same float32 rows times the same float32 scale).
+        """
+        items = iter(items)
+        if not self._landed():
+            def until_landed():
+                while not self._uploaded.is_set():
+                    item = next(items, None)
+                    if item is None:
+                        return
+                    yield item
+
+            for batch in self._streamed_batches(until_landed()):
+                if batch[1] is not None:
+                    self.streamed_batches += 1
+                yield batch
+            self._uploaded.wait()
+        self._landed()
+        yield from self._resident_batches(items)
+
+    def _ring(self, name, n_buffers, shape, dtype):
+        """A ring of host buffers and their last copies' events, made once per feed.
 
         Every pass reuses it: a buffer is written again only once the copy
-        out of it (in this pass or an earlier one) has run.
+        out of it (in this pass or an earlier one) has run. A resident feed
+        has two: the streamed rows' (while its copy is on its way) and the
+        indices'.
         """
-        if self._buffers is None:
-            self._buffers = [self._take(shape, dtype) for _ in range(n_buffers)]
-            self._copied = [None] * n_buffers
-        return self._buffers, self._copied
+        if name not in self._rings:
+            self._rings[name] = ([self._take(shape, dtype) for _ in range(n_buffers)],
+                                 [None] * n_buffers)
+        return self._rings[name]
 
     def _resident_batches(self, items):
-        ring, events = self._ring(_INDEX_RING, (self._largest,), torch.int64)
+        ring, events = self._ring("indices", _INDEX_RING, (self._largest,), torch.int64)
         for i, (index, local) in enumerate(items):
             if local is None or len(local) == 0:
                 yield index, None
@@ -256,7 +350,8 @@ class BatchFeed:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 self.workers, thread_name_prefix="sparse_dict-feed")
         n_buffers = self.depth + self.workers + 1
-        ring, ready = self._ring(n_buffers, (self._largest, self.X.shape[1]), torch.float32)
+        ring, ready = self._ring("rows", n_buffers, (self._largest, self.X.shape[1]),
+                                 torch.float32)
         if self._cuda and self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.device)
         copy_stream = self._copy_stream
@@ -343,9 +438,11 @@ class BatchFeed:
                     local = select(local)
                 yield index, np.asarray(local, dtype=np.int64)
 
+        if self.scale is None:
+            raise RuntimeError("BatchFeed.batches needs the scale: call set_scale first.")
         if self._live is not None:
             self._live.close()  # the previous pass's read-ahead, if it stopped early
-        make = self._resident_batches if self.resident else self._streamed_batches
+        make = self._handover_batches if self.resident else self._streamed_batches
         self._live = make(items())
         return self._live
 
@@ -365,12 +462,19 @@ class BatchFeed:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+        if self._uploader is not None:
+            # A copy still on its way stops at its next chunk; its stream's
+            # work is finished before the thread ends.
+            self._cancelled = True
+            self._scale_given.set()
+            self._uploader.join()
+            self._uploader = None
         if self._cuda:
             # No copy out of a buffer may still be running once it is reused.
             torch.cuda.current_stream(self.device).synchronize()
         _POOL.give_back(self._taken)
         self._taken = []
-        self._buffers = self._copied = None
+        self._rings = {}
         self._data = None
 
     def __enter__(self):
@@ -416,16 +520,25 @@ _PARALLEL_COPY_BYTES = 1 << 24
 # inherits the executor but not its threads).
 _COPY_EXECUTOR = None
 _COPY_PID = None
+# The upload's thread and the caller's may both copy.
+_COPY_LOCK = threading.Lock()
 
 
-def _parallel_copy(src, threads=None):
-    """A new C-contiguous copy of ``src``, written by several threads when it is large.
+def _parallel_copy(src, dst=None, threads=None):
+    """Copy ``src`` into ``dst`` (a new C-contiguous array when None), by several threads when large.
 
-    Writing a new array costs the host a page fault per page as well as
-    the copy, and both divide across cores: on the H200 machine's 16-core
-    host, a 75 MB weight matrix left a pinned buffer for new memory in 8.4 ms
+    Writing new memory costs the host a page fault per page as well as the
+    copy, and both divide across cores: on the H200 machine's 16-core host,
+    a 75 MB weight matrix left a pinned buffer for new memory in 8.4 ms
     with four threads (the GPU's copy into the pinned buffer included)
-    against 17.4 ms with one, twice per fit at the end of training.
+    against 17.4 ms with one, twice per fit at the end of training. The
+    upload of a resident copy fills its pinned staging buffers the same way.
+    ``dst`` may have another float dtype (the copy converts).
+
+    Returns
+    -------
+    ndarray
+        ``dst``.
 
     Examples
     --------
@@ -436,16 +549,19 @@ def _parallel_copy(src, threads=None):
     (True, False)
     """
     global _COPY_EXECUTOR, _COPY_PID
+    if dst is None:
+        dst = np.empty_like(src, order="C")
     if threads is None:
         threads = min(4, (os.cpu_count() or 1) // 2) if src.nbytes >= _PARALLEL_COPY_BYTES else 1
     if threads <= 1 or src.ndim == 0 or src.shape[0] < threads:
-        return src.copy()
-    dst = np.empty_like(src, order="C")
+        dst[...] = src
+        return dst
     bounds = np.linspace(0, src.shape[0], threads + 1).astype(int)
-    if _COPY_EXECUTOR is None or _COPY_PID != os.getpid():
-        _COPY_EXECUTOR = concurrent.futures.ThreadPoolExecutor(
-            4, thread_name_prefix="sparse_dict-copy")
-        _COPY_PID = os.getpid()
+    with _COPY_LOCK:
+        if _COPY_EXECUTOR is None or _COPY_PID != os.getpid():
+            _COPY_EXECUTOR = concurrent.futures.ThreadPoolExecutor(
+                4, thread_name_prefix="sparse_dict-copy")
+            _COPY_PID = os.getpid()
 
     def part(i):
         # numpy lets go of the GIL while it copies plain numbers.

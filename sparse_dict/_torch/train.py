@@ -365,7 +365,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def train(self, X, n_passes, config, rng, callback=None, progress=None, replicas=None,
-              rollback=True):
+              rollback=True, feed=None):
         """Train for ``n_passes`` shuffled passes over ``X`` (or until the step budget).
 
         On divergence the trainer is put back as it was before the call and
@@ -373,7 +373,10 @@ class Trainer:
         interruption, a bad batch) also puts it back before propagating.
         ``rollback=False`` skips the snapshot this takes (a copy of the model
         and of Adam's state), for a caller that keeps its own or discards a
-        failed trainer.
+        failed trainer. ``feed``: the :meth:`open_feed` of ``X`` and
+        ``config`` that the caller opened before (so that a resident copy
+        was already on its way while the model was initialised), and closes;
+        without it the call opens and closes its own.
 
         The step's (batch, n_components) buffers stay allocated after the
         call, for the next one: allocating them again costs page faults on
@@ -398,11 +401,13 @@ class Trainer:
         self.model.operands_stale_()
         self.run_start = len(self.history)
         passes_done = 0
-        feed = None
+        own_feed = feed is None
         try:
             if replicas is not None:
                 self._check_replicas(X, config, replicas, "the training data and settings")
-            feed = self._feed(X, config)
+            if own_feed:
+                feed = self.open_feed(X, config)
+            feed.set_scale(self.scale)
             # One for the whole call: its queue of late reads carries from
             # one pass to the next (a pass of two steps would see none).
             dead_features = _DeadFeatures(self.dead_lag) if config.auxk_coef > 0 else None
@@ -427,7 +432,7 @@ class Trainer:
                 self._restore(snapshot)
             raise
         finally:
-            if feed is not None:
+            if own_feed and feed is not None:
                 feed.close()
             self._flush_fused_steps()
         return passes_done
@@ -460,8 +465,15 @@ class Trainer:
             (fingerprint(X), settings, self.step, self._parameter_digest()), what, error
         )
 
-    def _feed(self, X, config):
-        """The :class:`BatchFeed` that brings ``X``'s batches to the device."""
+    def open_feed(self, X, config):
+        """The :class:`BatchFeed` that brings ``X``'s batches to the device; the caller closes it.
+
+        When the rows are to be resident on the device, their copy starts
+        now, in the background: a caller that opens the feed before
+        :meth:`initialize` overlaps the two, and the first steps stream
+        their batches until the copy has landed. The feed takes the input
+        scale when :meth:`train` starts.
+        """
         resident = config.data_on_device
         if resident == "auto":
             # The step's workspace and Adam's moments are still to come.
@@ -473,7 +485,7 @@ class Trainer:
         workers = config.gather_workers
         if workers == "auto":
             workers = default_workers(self.device)
-        return BatchFeed(X, self.device, self.scale, config.batch_size, resident=bool(resident),
+        return BatchFeed(X, self.device, None, config.batch_size, resident=bool(resident),
                          workers=workers, depth=max(2, workers + 1))
 
     def _train_pass(self, X, feed, dead_features, config, rng, progress, replicas=None):
