@@ -64,6 +64,12 @@ _COMPARE = textwrap.dedent('''
     out["bf16"] = gaps(models["plain"], b)
     out["bf16"]["operands_written"] = sorted(b._operands_current)
     out["bf16"]["low_grads_read"] = b.W_dec.grad is None and b.W_enc.grad is None
+    # The ReLU penalty's atom norms: the ones the update wrote, not a pass
+    # over W_dec, and equal to that pass's to rounding.
+    out["bf16"]["norms_read"] = b.atom_norms().data_ptr() == b._ws["norms"].data_ptr()
+    out["bf16"]["norms_gap"] = float((b.atom_norms() - b.W_dec.norm(dim=1)).abs().max())
+    b.operands_stale_()
+    out["bf16"]["norms_after_stale"] = b.atom_norms().data_ptr() != b._ws["norms"].data_ptr()
     c = models["fused_without_savings"]
     out["bf16_savings"] = gaps(c, b)
     out["bf16_savings"]["control_kept_neither"] = (
@@ -93,6 +99,7 @@ _COMPARE = textwrap.dedent('''
     m = torch.randn(37, 70, generator=g, device=device) * 0.1
     v = torch.rand(37, 70, generator=g, device=device) * 0.1
     low = torch.zeros(37, 80, device=device, dtype=torch.bfloat16)
+    norms = torch.full((37,), 5.0, device=device)
     ref_w = w.clone().requires_grad_()
     opt = torch.optim.Adam([ref_w], lr=0.05, betas=(0.8, 0.95), eps=1e-6)
     ref_w.grad = torch.zeros_like(ref_w)
@@ -108,8 +115,9 @@ _COMPARE = textwrap.dedent('''
     with torch.no_grad():
         expected = ref_w / ref_w.norm(dim=1, keepdim=True)
     fused.adam_rows_(w, grad, m, v, lr=0.05, beta1=0.8, beta2=0.95, eps=1e-6, step=7,
-                     project=True, unit=True, low=low)
+                     project=True, unit=True, low=low, norms=norms)
     out["direct"] = {
+        "norms": float((norms - w.norm(dim=1)).abs().max()),
         "weight": float((w - expected).abs().max()),
         "exp_avg": float((m - state["exp_avg"]).abs().max()),
         "exp_avg_sq": float((v - state["exp_avg_sq"]).abs().max()),
@@ -158,7 +166,8 @@ def _check(out, drifts):
     assert out["switch"]["steps"] == [30.0, 30.0] and out["switch"]["gap"] < drift, out["switch"]
     assert out["relu"]["resampled"] > 0  # the moments' reset by resampling ran on both
     bf16 = out["bf16"]
-    assert bf16["operands_written"] == ["W_dec", "W_enc"] and bf16["low_grads_read"]
+    assert bf16["operands_written"] == ["W_dec", "W_dec_norms", "W_enc"] and bf16["low_grads_read"]
+    assert bf16["norms_read"] and bf16["norms_gap"] < 1e-6 and bf16["norms_after_stale"]
     savings = out["bf16_savings"]
     assert savings["control_kept_neither"]
     for name in ("W_dec", "W_enc", "b_enc", "b_dec"):
@@ -166,6 +175,7 @@ def _check(out, drifts):
         assert savings[name] < 2e-6, (name, savings)
     direct = out["direct"]
     assert direct["weight"] < 1e-5 and direct["exp_avg"] < 1e-6 and direct["exp_avg_sq"] < 1e-6
+    assert direct["norms"] < 1e-6
     assert direct["low_is_torch_s_rounding"]  # to nearest even, as torch converts
     assert direct["low_untouched"] == 0.0 and direct["grad_unchanged"]
 

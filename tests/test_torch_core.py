@@ -253,9 +253,15 @@ def test_a_step_reads_weights_an_update_wrote_into_its_operands_until_told_other
     stats, _ = model.loss_and_gradients(x, **kw)
     expected = _grads(model)
     views = model.operand_views()
-    assert set(views) == {"W_enc", "W_dec"}
+    assert set(views) == {"W_enc", "W_dec", "W_dec_norms"}
     # An update that writes its views and says so: the next step reads the
-    # views (here deliberately wrong) instead of copying the weights.
+    # views (here deliberately wrong) instead of copying the weights, and
+    # the ReLU penalty reads the norms written (here doubled: the L1 term
+    # alone doubles) instead of computing them.
+    views["W_dec_norms"].copy_(model.W_dec.norm(dim=1) * 2.0)
+    model.operands_written_({"W_dec_norms": views["W_dec_norms"]})
+    doubled, _ = model.loss_and_gradients(x, **kw)
+    assert float(doubled[0] - doubled[1]) == pytest.approx(2 * float(stats[0] - stats[1]))
     for view in views.values():
         view.mul_(2.0)
     model.operands_written_(views)
@@ -271,9 +277,12 @@ def test_a_step_reads_weights_an_update_wrote_into_its_operands_until_told_other
         for got, want in zip(_grads(model), expected):
             torch.testing.assert_close(got, want)
     # A change through torch that bumps the weight's version is seen too.
-    model.operands_written_(views)
+    # (The step copied the weights into their views again; the norms it
+    # computed and left alone: they are still the doubled ones.)
+    model.operands_written_({"W_enc": views["W_enc"], "W_dec_norms": views["W_dec_norms"]})
     with torch.no_grad():
         model.W_enc[0] = model.W_enc[0]
+        model.W_dec[0] = model.W_dec[0]
     again, _ = model.loss_and_gradients(x, **kw)
     torch.testing.assert_close(again, stats)
 

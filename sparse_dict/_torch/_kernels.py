@@ -30,10 +30,10 @@ def _bfloat16(x):
 
 
 @triton.jit
-def adam_rows(W, G, M, V, LOW, n_rows, d, stride_w, stride_g, stride_low,
+def adam_rows(W, G, M, V, LOW, NORMS, n_rows, d, stride_w, stride_g, stride_low,
               step_size, beta1, beta2, eps, bc2_sqrt,
               PROJECT: tl.constexpr, UNIT: tl.constexpr, WRITE_LOW: tl.constexpr,
-              LOW_BF16: tl.constexpr,
+              LOW_BF16: tl.constexpr, WRITE_NORMS: tl.constexpr,
               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
@@ -62,6 +62,10 @@ def adam_rows(W, G, M, V, LOW, n_rows, d, stride_w, stride_g, stride_low,
         norm = tl.sqrt(tl.sum(w * w, axis=1))
         w = w / tl.maximum(norm, 1e-12)[:, None]
     tl.store(W + at, w, mask=inside)
+    if WRITE_NORMS:
+        # The rows' norms as written (1 to rounding after UNIT), for the
+        # next step's penalty, which would otherwise read the whole matrix.
+        tl.store(NORMS + rows, tl.sqrt(tl.sum(w * w, axis=1)), mask=rows < n_rows)
     tl.store(M + at, m, mask=inside)
     tl.store(V + at, v, mask=inside)
     if WRITE_LOW:

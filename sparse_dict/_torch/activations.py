@@ -197,7 +197,7 @@ class ReLU(Activation):
         pre.relu_()
 
     def penalty(self, code_sums, l0, model, coef, batch):
-        norms = model.W_dec.norm(dim=1)
+        norms = model.atom_norms()
         return code_sums.dot(norms) / batch, norms * (coef / batch)
 
     def encode(self, pre, state):

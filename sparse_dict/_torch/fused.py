@@ -131,7 +131,7 @@ def _probe_gap(device):
 
 
 def adam_rows_(weight, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, step,
-               project=False, unit=False, low=None):
+               project=False, unit=False, low=None, norms=None):
     """One Adam step of a (rows, d) float32 weight, in place, one pass over its rows.
 
     Parameters
@@ -153,12 +153,17 @@ def adam_rows_(weight, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, step
     low : torch.Tensor of shape (rows, >= d), optional
         Also write the updated weight into ``low[:, :d]`` in its dtype
         (the next step's bfloat16 operand).
+    norms : torch.Tensor of shape (rows,), float32, optional
+        Also write each updated row's norm (after ``unit``'s rescaling).
     """
     n_rows, d = weight.shape
     if not (weight.is_contiguous() and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()):
         raise ValueError("adam_rows_ needs contiguous weight and moments.")
     if grad.stride(1) != 1 or (low is not None and low.stride(1) != 1):
         raise ValueError("adam_rows_ needs rows with contiguous columns.")
+    if norms is not None and (norms.shape != (n_rows,) or norms.dtype != torch.float32
+                              or not norms.is_contiguous()):
+        raise ValueError("adam_rows_ needs norms as a contiguous float32 vector, one per row.")
     block_d = 1 << max(4, (d - 1).bit_length())
     # About 4096 values per program: rows of a wide input get a program each.
     block_r = max(1, 4096 // block_d)
@@ -167,10 +172,10 @@ def adam_rows_(weight, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, step
     grid = (-(-n_rows // block_r),)
     _kernels().adam_rows[grid](
         weight, grad, exp_avg, exp_avg_sq, weight if low is None else low,
-        n_rows, d, weight.stride(0), grad.stride(0), 0 if low is None else low.stride(0),
+        weight if norms is None else norms, n_rows, d, weight.stride(0), grad.stride(0), 0 if low is None else low.stride(0),
         lr / bc1, beta1, beta2, eps, bc2_sqrt,
         PROJECT=bool(project), UNIT=bool(unit), WRITE_LOW=low is not None,
-        LOW_BF16=low is not None and low.dtype == torch.bfloat16,
+        LOW_BF16=low is not None and low.dtype == torch.bfloat16, WRITE_NORMS=norms is not None,
         BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=4 if block_d <= 1024 else 8,
     )

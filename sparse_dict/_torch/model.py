@@ -59,6 +59,10 @@ def _float32_dense(t):
         torch.float32, memory_format=torch.contiguous_format)
 
 
+# The weight each of SparseAutoencoder.operand_views' buffers is made from.
+_OPERAND_OF = {"W_enc": "W_enc", "W_dec": "W_dec", "W_dec_norms": "W_dec"}
+
+
 def fitted_tensor_names(activation):
     """Names of every fitted tensor of an autoencoder with ``activation``.
 
@@ -244,18 +248,31 @@ class SparseAutoencoder(nn.Module):
         ``low``) and then calls :meth:`operands_written_` spares the next
         step both copies: two passes over each weight matrix a step.
 
+        The update may also write the atoms' norms (``"W_dec_norms"``),
+        which the ReLU penalty reads every step (:meth:`atom_norms`): a pass
+        over ``W_dec`` saved.
+
         Returns
         -------
         dict
             ``{"W_enc": view, "W_dec": view}`` of shape (n_components,
-            n_features); empty before the first step or after
-            :meth:`release_workspace`.
+            n_features) and ``"W_dec_norms"`` of shape (n_components,);
+            empty before the first step or after :meth:`release_workspace`.
         """
         ws = getattr(self, "_ws", None)
         if ws is None:
             return {}
         d = self.n_features
-        return {"W_enc": ws["enc"][:, :d], "W_dec": ws["dec"][:, :d]}
+        if "norms" not in ws:
+            ws["norms"] = torch.empty(self.n_components, device=ws["enc"].device)
+        return {"W_enc": ws["enc"][:, :d], "W_dec": ws["dec"][:, :d],
+                "W_dec_norms": ws["norms"]}
+
+    def atom_norms(self):
+        """The norm of each atom (row of ``W_dec``), as the last update wrote it when it did."""
+        if self._operand_current("W_dec_norms"):
+            return self._ws["norms"]
+        return self.W_dec.detach().norm(dim=1)
 
     def operands_written_(self, names):
         """Record that the views of :meth:`operand_views` hold these weights now.
@@ -269,7 +286,7 @@ class SparseAutoencoder(nn.Module):
         is no longer the same tensor or its version count moved.
         """
         for name in names:
-            param = getattr(self, name)
+            param = getattr(self, _OPERAND_OF[name])
             self._operands_current[name] = (param, param._version)
 
     def operands_stale_(self):
@@ -278,7 +295,7 @@ class SparseAutoencoder(nn.Module):
 
     def _operand_current(self, name):
         record = self._operands_current.get(name)
-        param = getattr(self, name)
+        param = getattr(self, _OPERAND_OF[name])
         return record is not None and record[0] is param and record[1] == param._version
 
     def uses_sparse_step(self, sparse_step="auto", autocast_dtype=None, device=None):

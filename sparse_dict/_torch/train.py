@@ -634,7 +634,8 @@ class Trainer:
             fused.adam_rows_(_rows(p), _rows(grad), _rows(state["exp_avg"]),
                              _rows(state["exp_avg_sq"]), lr=group["lr"], beta1=beta1,
                              beta2=beta2, eps=group["eps"], step=steps[id(p)][1],
-                             project=is_atoms, unit=is_atoms, low=views.get(name))
+                             project=is_atoms, unit=is_atoms, low=views.get(name),
+                             norms=views.get("W_dec_norms") if is_atoms else None)
         model.operands_written_(views)
 
     def _uses_fused_update(self, config):
