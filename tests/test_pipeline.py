@@ -326,14 +326,14 @@ def test_parallel_copy_is_a_new_equal_array(threads):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_parallel_copy_works_in_a_forked_child():
     # The parent's copying threads do not survive a fork; the child makes its own.
-    from sparse_dict._torch import pipeline
+    from sparse_dict._torch import data
     from sparse_dict._torch.pipeline import _parallel_copy
 
     src = np.arange(40.0).reshape(8, 5)
     _parallel_copy(src, threads=2)
     # Every thread of the pool started and idle, as after a large export:
     # a child that reused the pool would then wait for threads it lacks.
-    list(pipeline._COPY_EXECUTOR.map(time.sleep, [0.05] * 4))
+    list(data._HOST_EXECUTOR.map(time.sleep, [0.05] * data._HOST_THREADS))
     time.sleep(0.1)
     pid = os.fork()
     if pid == 0:  # the child: exit 0 only if the copy finishes and is right

@@ -328,3 +328,15 @@ def test_sampled_rows_never_share_memory_with_the_input(n_rows):
         rows = sample_rows(X, n_rows, np.random.RandomState(0), dtype=dtype)
         rows *= 2.0  # callers scale the sample in place
         assert rows.dtype == dtype and np.array_equal(X, before)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sample_moments_in_blocks_are_the_whole_sample_s(monkeypatch, threads):
+    from sparse_dict._torch import data
+
+    sample = np.random.RandomState(0).randn(301, 7).astype(np.float32)
+    monkeypatch.setattr(data, "host_threads", lambda n_bytes: threads)
+    msn, mean = data.sample_moments(sample)
+    wide = sample.astype(np.float64)
+    assert msn == pytest.approx(float((wide ** 2).sum(axis=1).mean()), rel=1e-13)
+    np.testing.assert_allclose(mean, wide.mean(axis=0), rtol=1e-13, atol=1e-15)

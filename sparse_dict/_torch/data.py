@@ -4,7 +4,10 @@ Nothing here copies a whole input: every function reads the rows it needs,
 so a ``np.memmap`` larger than memory can be fitted and encoded.
 """
 
+import concurrent.futures
 import math
+import os
+import threading
 import warnings
 
 import numpy as np
@@ -143,6 +146,71 @@ def sample_rows(X, n_rows, rng, dtype=np.float64):
     # memmap or a sparse matrix's dense rows); a second one, when the dtype
     # matches, would only cost page faults on fresh memory.
     return take_rows(X, index).astype(dtype, copy=False)
+
+
+# Host threads for large copies and sums (numpy lets go of the GIL while it
+# copies plain numbers or sums them), up to this many and half the cores;
+# and the process that made them (a forked child inherits the executor but
+# not its threads).
+_HOST_THREADS = 8
+_HOST_EXECUTOR = None
+_HOST_PID = None
+_HOST_LOCK = threading.Lock()
+
+
+def host_threads(n_bytes, least_bytes=1 << 24):
+    """How many host threads to share work on ``n_bytes`` of arrays: 1 below ``least_bytes``."""
+    if n_bytes < least_bytes:
+        return 1
+    return max(1, min(_HOST_THREADS, (os.cpu_count() or 1) // 2))
+
+
+def host_map(fn, items):
+    """``[fn(item) for item in items]``, run by the shared host threads."""
+    global _HOST_EXECUTOR, _HOST_PID
+    with _HOST_LOCK:
+        if _HOST_EXECUTOR is None or _HOST_PID != os.getpid():
+            _HOST_EXECUTOR = concurrent.futures.ThreadPoolExecutor(
+                _HOST_THREADS, thread_name_prefix="sparse_dict-host")
+            _HOST_PID = os.getpid()
+    return list(_HOST_EXECUTOR.map(fn, items))
+
+
+def sample_moments(sample):
+    """The mean squared row norm and the mean row of a sample, summed in float64.
+
+    Blocks of rows are summed by several host threads when the sample is
+    large (each product and sum in float64, without a float64 copy of the
+    sample).
+
+    Parameters
+    ----------
+    sample : ndarray of shape (n_rows, n_features)
+
+    Returns
+    -------
+    msn : float
+    mean : ndarray of shape (n_features,), float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> msn, mean = sample_moments(np.array([[3.0, 4.0], [1.0, 0.0]], dtype=np.float32))
+    >>> msn, mean.tolist()
+    (13.0, [2.0, 2.0])
+    """
+    threads = min(host_threads(sample.nbytes), len(sample))
+    if threads <= 1:
+        return (float(np.mean(np.einsum("ij,ij->i", sample, sample, dtype=np.float64))),
+                sample.mean(axis=0, dtype=np.float64))
+
+    def sums(block):
+        return (np.einsum("ij,ij->i", block, block, dtype=np.float64).sum(),
+                block.sum(axis=0, dtype=np.float64))
+
+    parts = host_map(sums, np.array_split(sample, threads))
+    return (float(sum(p[0] for p in parts)) / len(sample),
+            sum(p[1] for p in parts) / len(sample))
 
 
 def mean_squared_norm(X, n_rows, rng):

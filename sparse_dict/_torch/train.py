@@ -15,6 +15,7 @@ import torch
 from sparse_dict._torch.data import (
     geometric_median,
     iter_batches,
+    sample_moments,
     sample_rows,
     to_device,
 )
@@ -284,9 +285,9 @@ class Trainer:
         # Kept in float32 and summed in float64: a float64 copy of the whole
         # sample (50 MB at d=768) cost more in page faults than the sums.
         sample = sample_rows(X, _N_INIT_ROWS, rng, dtype=np.float32)
-        msn = float(np.mean(np.einsum("ij,ij->i", sample, sample, dtype=np.float64)))
+        msn, mean = sample_moments(sample)
         self.scale = math.sqrt(n_features / msn) if msn > 0 else 1.0
-        mean = sample.mean(axis=0, dtype=np.float64) * self.scale
+        mean = mean * self.scale
         # The error of reconstructing every row by the mean, in scaled units
         # (a run that ends far above it has diverged): E||x||^2 - ||E x||^2.
         self.variance = max(float(n_features - mean @ mean), 0.0)
@@ -297,10 +298,12 @@ class Trainer:
         else:
             # Every fourth row: the sample's indices are sorted, so a prefix
             # would come from the start of X only.
-            points = sample[:: max(1, len(sample) // 2048)].astype(np.float64) * self.scale
+            points = torch.from_numpy(sample[:: max(1, len(sample) // 2048)])
             # On the model's device: Weiszfeld's iterations are a few passes
             # over 2048 rows each, tens of milliseconds on a host, one on a GPU.
-            centre = geometric_median(torch.as_tensor(points).to(self.device))
+            # The rows cross in float32 (half the bytes) and are widened there.
+            points = points.to(self.device).double().mul_(self.scale)
+            centre = geometric_median(points)
         with torch.no_grad():
             self.model.b_dec.copy_(torch.as_tensor(centre, dtype=torch.float32))
 
@@ -830,8 +833,8 @@ class Trainer:
             tensor = tensor.float()
             if name not in UNSCALED_TENSORS:
                 tensor = tensor / np.float32(self.scale)
-            exported[name] = to_host(tensor)
-        return exported
+            exported[name] = tensor
+        return to_host(exported)
 
     # ------------------------------------------------ snapshots and pickling
     def _snapshot(self):
