@@ -154,6 +154,66 @@ def matmul_tflops(batch, d, n, device, bf16, calls, repeats):
     return 2.0 * batch * d * n / seconds / 1e12
 
 
+# The five products of a dense step, as SparseAutoencoder.loss_and_gradients
+# issues them (operand -> operand), each with the same product written the
+# other way round: C = A @ B as (B^T @ A^T)^T, which cuBLAS runs with other
+# kernels. (name, A, B, the transposed form's inputs.)
+_STEP_PRODUCTS = (
+    ("pre: xc @ enc^T", "xc", "enc^T"),
+    ("x_hat: codes @ W_dec", "codes", "dec"),
+    ("W_dec grad: codes^T @ gx", "codes^T", "gx"),
+    ("codes grad: gx @ dec^T", "gx", "dec^T"),
+    ("W_enc grad: grad^T @ xc", "grad^T", "xc"),
+)
+
+
+def step_products_ms(d, n, batch, device, bf16, calls, repeats):
+    """Milliseconds of each of a dense step's five products, as issued and transposed.
+
+    The operands have the step's shapes and layouts: the (batch, d + pad)
+    buffers with a column of ones, the (n, d + pad) weight copies, the
+    (batch, n) codes and gradient; the decoder's weights a slice of its
+    padded buffer. Each product is timed as the step writes it and as its
+    transpose (the same numbers from another cuBLAS kernel), to show where
+    a step's matrix time goes and which layout runs faster on the card.
+
+    Returns
+    -------
+    dict
+        ``{name: {"as_issued": ms, "transposed": ms, "tflops": as issued}}``.
+    """
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    width = -(-(d + 1) // 16) * 16
+    ops = {
+        "xc": torch.randn(batch, width, device=device, dtype=dtype, generator=g),
+        "gx": torch.randn(batch, width, device=device, dtype=dtype, generator=g),
+        "codes": torch.randn(batch, n, device=device, dtype=dtype, generator=g),
+        "grad": torch.randn(batch, n, device=device, dtype=dtype, generator=g),
+    }
+    for name in ("enc", "dec_full"):
+        ops[name] = torch.randn(n, width, device=device, dtype=dtype, generator=g)
+    ops["dec"] = ops["dec_full"][:, :d]
+    ops["dec^T"] = ops["dec_full"].t()
+    ops["enc^T"] = ops["enc"].t()
+    ops["codes^T"] = ops["codes"].t()
+    ops["grad^T"] = ops["grad"].t()
+    out = {}
+    for name, a_name, b_name in _STEP_PRODUCTS:
+        a, b = ops[a_name], ops[b_name]
+        flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+        ways = {"as_issued": lambda a=a, b=b: torch.mm(a, b),
+                "transposed": lambda a=a, b=b: torch.mm(b.t(), a.t())}
+        out[name] = {}
+        for way, fn in ways.items():
+            for _ in range(2):
+                fn()
+            _sync(device)
+            out[name][way] = 1e3 * time_calls(fn, device, calls, repeats)
+        out[name]["tflops"] = flops / (out[name]["as_issued"] / 1e3) / 1e12
+    return out
+
+
 def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_update="auto",
                        fused_codes="auto", fused_residual="auto"):
     """Seconds of one training step of the sparse_dict core, the batch on the device.
@@ -321,6 +381,12 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
     r["matmul_tflops"] = matmul_tflops(batch, d, n, device, bf16, sizes["calls"],
                                        sizes["repeats"])
     _say(f"{label} {dtype_name}: matmul {r['matmul_tflops']:.3g} TFLOP/s")
+
+    r["step_products_ms"] = step_products_ms(d, n, batch, device, bf16, sizes["calls"],
+                                             sizes["repeats"])
+    _say(f"{label} {dtype_name}: the step's products (ms as issued / transposed): " + "; ".join(
+        f"{k} {v['as_issued']:.3g} / {v['transposed']:.3g}"
+        for k, v in r["step_products_ms"].items()))
 
     step = fused_step_seconds(X, d, n, batch, device, bf16, sizes["calls"], sizes["repeats"])
     r["step_ms"] = 1e3 * step

@@ -397,6 +397,11 @@ def _gpu_md(r):
         phases = [size[name].get("fit_short_phases_s", {}) for name in dtypes]
         rows += [[f"short fit's {phase} (s)", *(p.get(phase, "n/a") for p in phases)]
                  for phase in dict.fromkeys(k for p in phases for k in p)]
+        products = [size[name].get("step_products_ms", {}) for name in dtypes]
+        rows += [[f"product {product}, ms as issued / transposed",
+                  *(f"{_fmt(p[product]['as_issued'])} / {_fmt(p[product]['transposed'])}"
+                    if product in p else "n/a" for p in products)]
+                 for product in dict.fromkeys(k for p in products for k in p)]
         out.append(head + "\n\n" + _table(["", *dtypes], rows))
     return "\n\n".join(out) + "\n"
 

@@ -301,6 +301,11 @@ def test_gpu_section_tiny_on_cpu(tmp_path):
             assert phases["other"] == pytest.approx(phases["total"] - sum(
                 phases[k] for k in named))
             assert f["fit_short_streamed_batches"] == 0
+            # The step's five products, each timed as issued and transposed.
+            products = f["step_products_ms"]
+            assert len(products) == 5
+            assert all(v["as_issued"] > 0 and v["transposed"] > 0 and v["tflops"] > 0
+                       for v in products.values())
     names = {t["name"] for t in result["targets"]}
     assert names == {
         "gpu_fit_fraction_of_matmul_float32", "gpu_fit_fraction_of_matmul_bf16",
