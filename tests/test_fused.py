@@ -252,7 +252,8 @@ _CODES = textwrap.dedent('''
     from sparse_dict._torch.activations import make_activation, positive_mask
 
     device = sys.argv[1]
-    out = {"direct": [], "train": {}, "residual": [], "residual_train": {}}
+    out = {"direct": [], "train": {}, "residual": [], "residual_train": {}, "product": [],
+           "product_train": {}}
     g = torch.Generator(device=device).manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         for relu in (True, False):
@@ -376,7 +377,39 @@ _CODES = textwrap.dedent('''
         out["residual_y_kept"] = bool(torch.equal(y, y_before))
         out["residual_pays_wrong"] = fused.residual_pays(
             y[:5], b[0], x[:5], gx[:5], err[:5], 0.5, lambda: plain_residual(1.0))
+        # The encoder's bias and ReLU in the product: against the ones
+        # column and a ReLU, and a plain way without its bias (wrong).
+        xc = torch.randn(6, 16, generator=g, device=device)
+        xc[:, 9] = 1.0
+        xc[:, 10:] = 0.0  # the padding, as in the step's buffer
+        enc = torch.randn(10, 16, generator=g, device=device)
+        bias = torch.randn(10, generator=g, device=device)
+        out_p, scratch_p = torch.empty(6, 10, device=device), torch.empty(6, 10, device=device)
+        def plain_product(into, with_bias=True):
+            enc[:, 9] = bias if with_bias else 0.0
+            return torch.mm(xc[:len(into)], enc.t(), out=into)
+        out["product_pays"] = fused.product_relu_pays(
+            bias, xc[:, :9], enc[:, :9].t(), out_p, scratch_p, plain_product)
+        out["product_pays_wrong"] = fused.product_relu_pays(
+            bias, xc[:5, :9], enc[:, :9].t(), out_p[:5], scratch_p[:5],
+            lambda into: plain_product(into, with_bias=False))
     out["warned"] = [str(w.message) for w in caught]
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(37, 80, generator=g, device=device).to(dtype)[:, :70]
+        w = torch.randn(300, 80, generator=g, device=device).to(dtype)[:, :70]
+        bias = torch.randn(300, generator=g, device=device).to(dtype)
+        expected = torch.relu(a.float() @ w.float().t() + bias.float())
+        got = fused.product_relu_(bias, a, w.t(), torch.empty(37, 300, device=device,
+                                                              dtype=dtype))
+        out["product"].append(float(torch.linalg.vector_norm(got.float() - expected)
+                                    / torch.linalg.vector_norm(expected)))
+    for act in ("relu", "topk"):
+        runs = [train(act, fused_codes=codes, fused_residual=False, fused_product=product)
+                for codes, product in ((False, False), (False, True), (True, True))]
+        out["product_train"][act] = {
+            "gaps": [max(float((r.model.state_dict()[k] - v).abs().max())
+                         for k, v in runs[0].model.state_dict().items()) for r in runs[1:]],
+            "taken": ["bias" in r.model._ws for r in runs]}
     out["choices"] = sorted(str(k[0]) + ":" + str(v) for k, v in fused.choices().items())
     print(json.dumps(out))
 ''')
@@ -403,16 +436,27 @@ def _check_codes(out, measured):
         # Nothing to time on the interpreter.
         assert out["pays"] is True and out["residual_pays"] is True
     assert out["pays_wrong"] is False and out["residual_pays_wrong"] is False
-    assert sum("differs" in message for message in out["warned"]) == 2, out["warned"]
+    assert out["product_pays_wrong"] is False
+    if not measured:
+        assert out["product_pays"] is True
+    assert sum("differs" in message for message in out["warned"]) == 3, out["warned"]
+    # The bias and ReLU in the product: float32 and bfloat16 rounding.
+    assert out["product"][0] < 1e-6 and out["product"][1] < 1e-2, out["product"]
+    # ReLU trains alike with the ReLU in the product (with the codes' plain
+    # pass or the kernel after it), to rounding; TopK never takes it.
+    relu, topk = out["product_train"]["relu"], out["product_train"]["topk"]
+    assert relu["taken"] == [False, True, True] and max(relu["gaps"]) < 1e-4, relu
+    assert topk == {"gaps": [0.0, 0.0], "taken": [False, False, False]}, topk
+    assert measured or "product_relu:True" in out["choices"]
 
 
-def test_codes_and_residual_kernels_match_the_plain_operations_in_triton_s_interpreter():
+def test_the_step_s_kernels_match_the_plain_operations_in_triton_s_interpreter():
     pytest.importorskip("triton")
     _check_codes(_compare("cpu", {"TRITON_INTERPRET": "1"}, _CODES), measured=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_codes_and_residual_kernels_match_the_plain_operations_on_the_gpu():
+def test_the_step_s_kernels_match_the_plain_operations_on_the_gpu():
     pytest.importorskip("triton")
     _check_codes(_compare("cuda", script=_CODES), measured=True)
 

@@ -25,9 +25,13 @@ Between the products, the step's element-wise work has two more:
 * :func:`residual_`: the residual, its gradient, the squared error and the
   gradient's column sums in one pass over the (batch, d) batch.
 
-Those two are used where the first step measures them faster
-(:func:`kernel_pays`); they give the plain operations' values (the sums up
-to their order of addition).
+Before them, for ReLU, the encoder's bias and the ReLU can run in the
+product's own epilogue (:func:`product_relu_`, cuBLASLt's), which spares
+the codes kernel its write of the codes.
+
+These are used where the first step measures them faster
+(:func:`kernel_pays`); they give the plain operations' values (sums up to
+their order of addition).
 
 The kernels (:mod:`sparse_dict._torch._kernels`) run only on CUDA devices
 with Triton installed (torch's CUDA builds bring it), or in Triton's
@@ -44,8 +48,8 @@ import warnings
 import torch
 
 __all__ = ["adam_rows_", "available", "bits_columns", "choices", "codes_bits_count_",
-           "codes_kernel_pays", "kernel_pays", "mask_by_bits_", "residual_", "residual_pays",
-           "unpack_bits"]
+           "codes_kernel_pays", "kernel_pays", "mask_by_bits_", "product_relu_",
+           "product_relu_pays", "residual_", "residual_pays", "unpack_bits"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -496,3 +500,48 @@ def residual_pays(y, bias, x, gx, err, scale, plain):
 
     key = ("residual", str(x.device), gx.dtype, tuple(x.shape), y.dtype)
     return kernel_pays(key, x.device, agrees, run_plain, run_fused)
+
+
+# ------------------------------------------ the ReLU in the encoder's product
+
+
+def product_relu_(bias, a, b, out):
+    """``out = relu(a @ b + bias)``, the bias and the ReLU in the product's epilogue.
+
+    torch's ``_addmm_activation``: on a CUDA GPU cuBLASLt adds the bias and
+    takes the ReLU as it writes each tile of the product, sparing a pass
+    over the (batch, n_components) result; elsewhere it is the product, then
+    the ReLU. ``bias`` is a contiguous vector of the operands' dtype.
+    """
+    return torch._addmm_activation(bias, a, b, out=out)
+
+
+def product_relu_pays(bias, a, b, out, scratch, plain):
+    """Whether :func:`product_relu_` should replace ``plain`` and a ReLU for these operands.
+
+    Decided by :func:`kernel_pays` on the first step's own product: the
+    plain way is ``plain(scratch)`` (the encoder's product with its bias
+    through a column of ones) and a ReLU in place; the fused way must agree
+    with it to the products' rounding (their sums run in another order, and
+    the bias is added at the end rather than with the terms): a relative
+    difference, over the whole result, within four of the dtype's epsilon.
+    ``out`` and ``scratch`` are overwritten; the caller then runs the way
+    chosen.
+    """
+    eps = torch.finfo(out.dtype).eps
+
+    def agrees():
+        expected = plain(scratch).relu_()
+        got = product_relu_(bias, a, b, out)
+        scale = float(torch.linalg.vector_norm(expected.float()))
+        gap = float(torch.linalg.vector_norm((got.float() - expected.float())))
+        return gap <= 4 * eps * max(scale, 1e-30)
+
+    def run_plain():
+        plain(scratch).relu_()
+
+    def run_fused():
+        product_relu_(bias, a, b, out)
+
+    key = ("product_relu", str(out.device), out.dtype, tuple(out.shape), a.shape[1])
+    return kernel_pays(key, out.device, agrees, run_plain, run_fused)

@@ -332,7 +332,7 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def loss_and_gradients(self, x, coef, autocast_dtype=None, dead=None, auxk_coef=0.0, k_aux=0,
                            sparse_step="auto", fused_codes="auto", residual_power=None,
-                           low_grads=False, fused_residual="auto"):
+                           low_grads=False, fused_residual="auto", fused_product="auto"):
         """Loss of a batch and its gradients, written into each ``.grad``.
 
         The loss is ``mean_b ||x_b - x_hat_b||^2 + coef * penalty`` (the
@@ -394,6 +394,10 @@ class SparseAutoencoder(nn.Module):
             The dense step's residual and its sums in one pass
             (:meth:`_residual_`); the same values up to the order of the
             sums' additions.
+        fused_product : bool or "auto"
+            ReLU's bias and ReLU in the encoder product's epilogue
+            (:meth:`_pre_activations_`); the same values up to the
+            products' rounding.
         low_grads : bool
             Leave the two weight matrices' gradients in the products' dtype
             (bfloat16 under autocast), in ``self.low_grads`` by name, with
@@ -421,12 +425,13 @@ class SparseAutoencoder(nn.Module):
                              ("codes", "grad", "mask") + self.activation.workspace_names)
         xc_ones, enc = ws["xc"], ws["enc"]
         xc = xc_ones[:, :d]
-        # pre = (x - b_dec) @ W_enc.T + b_enc, the bias through the ones column.
         torch.sub(x, self.b_dec, out=xc)
         if not self._operand_current("W_enc"):
             enc[:, :d] = self.W_enc
-        enc[:, d] = self.b_enc
-        pre = mm(xc_ones, enc.t(), out=ws["codes"])
+        # ReLU's codes straight from the product where that pays; AuxK reads
+        # the dead features' pre-activations, which the ReLU would lose.
+        relu = not (sparse or use_aux) and self.activation.forward_is_relu
+        pre, relu_done = self._pre_activations_(ws, d, relu, fused_product)
         pre_dead = pre[:, dead].float() if use_aux else None
         self.low_grads.clear()
         if sparse:
@@ -435,7 +440,7 @@ class SparseAutoencoder(nn.Module):
         else:
             loss, mse, l1, l0, fired, err = self._dense_gradients_(
                 pre, x, ws, coef, fused_codes, low_grads=low_grads and not use_aux,
-                fused_residual=fused_residual)
+                fused_residual=fused_residual, relu_done=relu_done)
 
         auxk = torch.zeros((), device=x.device)
         if use_aux:
@@ -444,7 +449,47 @@ class SparseAutoencoder(nn.Module):
         stats = torch.stack([loss, mse, l1, l0, auxk])
         return stats, fired
 
-    def _codes_mask_count_(self, codes, ws, fused_codes="auto"):
+    def _pre_activations_(self, ws, d, relu, fused_product="auto"):
+        """``(x - b_dec) @ W_enc.T + b_enc`` into ``ws["codes"]``; with ``relu``, maybe its ReLU.
+
+        The plain way carries the bias through ``xc``'s column of ones and
+        ``enc``'s bias column. For ReLU, a GPU's cuBLASLt can add the bias and
+        take the ReLU in the product's epilogue
+        (:func:`sparse_dict._torch.fused.product_relu_`), which spares the
+        codes' pass its write; with ``fused_product="auto"`` the first step
+        measures both ways and keeps the faster
+        (:func:`sparse_dict._torch.fused.product_relu_pays`).
+
+        Returns
+        -------
+        pre : torch.Tensor of shape (batch, n_components)
+        relu_done : bool
+            Whether ``pre`` holds ReLU's codes already.
+        """
+        xc_ones, enc, out = ws["xc"], ws["enc"], ws["codes"]
+
+        def plain(into):
+            enc[:, d] = self.b_enc
+            return mm(xc_ones, enc.t(), out=into)
+
+        use = relu and fused_product
+        if use == "auto":
+            use = out.device.type == "cuda" and fused.product_relu_pays(
+                self._low_bias(ws), xc_ones[:, :d], enc[:, :d].t(), out, ws["grad"], plain)
+        if use:
+            return fused.product_relu_(self._low_bias(ws), xc_ones[:, :d], enc[:, :d].t(),
+                                       out), True
+        return plain(out), False
+
+    def _low_bias(self, ws):
+        """``b_enc`` in the products' dtype, contiguous (the product's epilogue bias)."""
+        bias = self._ws.get("bias")
+        if bias is None:
+            bias = self._ws["bias"] = torch.empty(self.n_components, dtype=ws["enc"].dtype,
+                                                  device=ws["enc"].device)
+        return bias.copy_(self.b_enc)
+
+    def _codes_mask_count_(self, codes, ws, fused_codes="auto", relu_done=False):
         """The activation's codes in place, the mask of active codes, the firing counts.
 
         The plain way is the activation's :meth:`~Activation.forward_`, then
@@ -455,7 +500,8 @@ class SparseAutoencoder(nn.Module):
         mask as bits (a sixteenth of a bfloat16 mask's bytes, read once more
         by :meth:`_apply_mask_`); with ``fused_codes="auto"`` the first
         step measures both ways on its own codes and keeps the faster
-        (:func:`sparse_dict._torch.fused.codes_kernel_pays`).
+        (:func:`sparse_dict._torch.fused.codes_kernel_pays`). ``relu_done``:
+        the product gave ReLU's codes already (:meth:`_pre_activations_`).
 
         Returns
         -------
@@ -464,7 +510,7 @@ class SparseAutoencoder(nn.Module):
             ``ws["mask"]``, or the packed bits (uint8) from the kernel.
         """
         act, mask = self.activation, ws["mask"]
-        relu = act.forward_is_relu
+        relu = act.forward_is_relu and not relu_done
 
         def plain(c, m):
             if relu:
@@ -478,7 +524,7 @@ class SparseAutoencoder(nn.Module):
             # Float sums along the batch are vectorised; integer ones are not.
             return m.sum(dim=0, dtype=torch.float32)
 
-        if not relu:
+        if not act.forward_is_relu:
             act.forward_(codes, ws, self)
         use = fused_codes
         if use == "auto":
@@ -554,7 +600,7 @@ class SparseAutoencoder(nn.Module):
         self.low_grads.clear()
 
     def _dense_gradients_(self, codes, x, ws, coef, fused_codes="auto", low_grads=False,
-                          fused_residual="auto"):
+                          fused_residual="auto", relu_done=False):
         """The dense step after the encoder's product: four more products."""
         batch, d = x.shape
         act = self.activation
@@ -564,7 +610,7 @@ class SparseAutoencoder(nn.Module):
         if not self._operand_current("W_dec"):
             dec[:, :d] = self.W_dec
         W_dec_c = dec[:, :d]
-        fired, mask = self._codes_mask_count_(codes, ws, fused_codes)
+        fired, mask = self._codes_mask_count_(codes, ws, fused_codes, relu_done)
         # x_hat - x in a float32 buffer of the workspace, and d loss / d
         # x_hat next to gx's column of ones: the product with the codes gives
         # W_dec's gradient and, in the last column, the codes' column sums

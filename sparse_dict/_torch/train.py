@@ -144,6 +144,11 @@ class TrainConfig:
         (:func:`sparse_dict._torch.fused.residual_`), with the same values
         up to the order of the sums' additions; "auto", True and False as
         for ``fused_codes``.
+    fused_product : bool or "auto"
+        For ReLU, add the encoder's bias and take the ReLU in the encoder
+        product's epilogue (:func:`sparse_dict._torch.fused.product_relu_`),
+        with the same values up to the products' rounding; "auto", True and
+        False as for ``fused_codes``.
     """
 
     coef: float = 1.0
@@ -166,6 +171,7 @@ class TrainConfig:
     fused_update: bool | str = "auto"
     fused_codes: bool | str = "auto"
     fused_residual: bool | str = "auto"
+    fused_product: bool | str = "auto"
 
     def lr_factor(self, step):
         factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
@@ -669,7 +675,8 @@ class Trainer:
         return self.model.loss_and_gradients(
             x, coef, autocast, dead=dead, auxk_coef=self._auxk_weight(config), k_aux=config.k_aux,
             sparse_step=config.sparse_step, fused_codes=config.fused_codes,
-            fused_residual=config.fused_residual, residual_power=self._residual_power,
+            fused_residual=config.fused_residual, fused_product=config.fused_product,
+            residual_power=self._residual_power,
             low_grads=self._one_process and self._uses_fused_update(config),
         )
 
