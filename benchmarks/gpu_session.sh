@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh OUT_DIR [BENCH_SECONDS] [TEST_SECONDS]
 #
 # Writes OUT_DIR/gpu.txt (the card, driver and library versions),
+# OUT_DIR/gpu_tests.log (the tests that need a GPU, run first),
 # OUT_DIR/gpu/results.json and results.md (the benchmark section "gpu", as
 # `python -m benchmarks --device cuda --only gpu` writes them), the profile
 # of a short bf16 fit, OUT_DIR/bench.log and OUT_DIR/tests.log. Each stage
@@ -33,6 +34,14 @@ EOF
 # The console script `sparse-dict` for the CLI tests, without the network.
 "$py" -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 \
     || echo "editable install failed (see install.log); the package is on PYTHONPATH"
+
+# The tests of what only a GPU runs, first and on their own (about a
+# minute): the kernels against torch, the feeds, a fit on the GPU.
+echo "== GPU tests (limit 120 s)"
+timeout -s INT -k 20 120 "$py" -m pytest -q -rfE -p no:cacheprovider \
+    tests/test_fused.py tests/test_pipeline.py tests/test_estimator.py \
+    -k "gpu or cuda" 2>&1 | tee "$out/gpu_tests.log" | tail -30
+echo "GPU tests exit: $?"
 
 echo "== benchmarks (limit ${bench_s} s)"
 timeout "$bench_s" "$py" -m benchmarks --device cuda --only gpu --quick --out "$out/gpu" \

@@ -481,3 +481,21 @@ def test_a_fit_opens_its_feed_before_initialising(monkeypatch):
                                       random_state=0).fit(X)
     assert order == ["feed", "init"]
     assert est.n_steps_ == 20
+
+
+@needs_cuda
+def test_cuda_handover_from_streamed_to_resident_trains_alike(monkeypatch):
+    # The copy held back until three batches were streamed from the host:
+    # the steps then change to the device copy's batches mid-pass.
+    X = np.random.RandomState(2).randn(640, 12).astype(np.float32)
+    reference = _cuda_train(X, data_on_device=False, gather_workers=2)
+    _gate_upload(monkeypatch, lambda feed: feed.streamed_batches >= 3)
+    feeds = []
+    real_open = Trainer.open_feed
+    monkeypatch.setattr(Trainer, "open_feed",
+                        lambda self, *a: feeds.append(real_open(self, *a)) or feeds[-1])
+    other = _cuda_train(X, data_on_device=True)
+    assert feeds and 3 <= feeds[0].streamed_batches < len(X) // 32
+    for name, value in reference.model.state_dict().items():
+        torch.testing.assert_close(other.model.state_dict()[name], value, rtol=1e-5,
+                                   atol=1e-6, msg=name)
