@@ -207,9 +207,36 @@ def unpack_bits(bits, n_cols, dtype=torch.float32):
     return unpacked.reshape(bits.shape[0], -1)[:, :n_cols].to(dtype)
 
 
+def _check_bits(values, bits, needs):
+    """Refuse a (batch, n) tensor and its packed mask in layouts the kernels cannot read.
+
+    Returns the bytes a row of the mask takes.
+    """
+    n_rows, n_cols = values.shape
+    n_bytes = bits_columns(n_cols)
+    if (values.stride(1) != 1 or bits.dtype != torch.uint8 or bits.stride(1) != 1
+            or bits.shape[0] != n_rows or bits.shape[1] < n_bytes):
+        raise ValueError(f"{needs} with contiguous columns and a uint8 bits tensor of at "
+                         f"least ({n_rows}, {n_bytes}).")
+    return n_bytes
+
+
 def _column_blocks(n_cols):
     """Bytes (eight columns each) a program of the two mask kernels takes."""
     return min(32, 1 << max(1, (bits_columns(n_cols) - 1).bit_length()))
+
+
+def _tiles(n_rows, block_r, col_blocks, programs):
+    """Tiles of ``block_r`` rows per program, and the grid, for about ``programs`` programs.
+
+    Each program takes a power of two of tiles (few distinct compilations)
+    down its block of columns, and sums what it accumulates once, at the
+    end: the fewer programs, the fewer atomic adds.
+    """
+    row_tiles = -(-n_rows // block_r)
+    tiles = 1 << max(0, (-(-row_tiles * col_blocks // programs) - 1).bit_length())
+    tiles = min(tiles, 1 << max(0, (row_tiles - 1).bit_length()))
+    return tiles, (col_blocks, -(-row_tiles // tiles))
 
 
 def codes_bits_count_(codes, bits, relu=False):
@@ -239,23 +266,14 @@ def codes_bits_count_(codes, bits, relu=False):
         How many rows fired each feature.
     """
     n_rows, n_cols = codes.shape
-    n_bytes = bits_columns(n_cols)
-    if (codes.stride(1) != 1 or bits.dtype != torch.uint8 or bits.stride(1) != 1
-            or bits.shape[0] != n_rows or bits.shape[1] < n_bytes):
-        raise ValueError("codes_bits_count_ needs codes with contiguous columns and a uint8 "
-                         f"bits tensor of at least ({n_rows}, {n_bytes}).")
+    n_bytes = _check_bits(codes, bits, "codes_bits_count_ needs codes")
     fired = torch.zeros(n_cols, dtype=torch.float32, device=codes.device)
     if n_rows == 0 or n_cols == 0:
         return fired
     block_b, block_r = _column_blocks(n_cols), 16
-    # About 4096 programs, enough to fill a GPU, each over a power of two of
-    # tiles (few distinct compilations), so that a wide batch pays one
-    # atomic add per column for every 16 * tiles rows.
-    col_blocks = -(-n_bytes // block_b)
-    row_tiles = -(-n_rows // block_r)
-    tiles = 1 << max(0, (-(-row_tiles * col_blocks // 4096) - 1).bit_length())
-    tiles = min(tiles, 1 << max(0, (row_tiles - 1).bit_length()))
-    grid = (col_blocks, -(-row_tiles // tiles))
+    # About 4096 programs, enough to fill a GPU, so that a wide batch pays
+    # one atomic add per column for every 16 * tiles rows.
+    tiles, grid = _tiles(n_rows, block_r, -(-n_bytes // block_b), 4096)
     _kernels().codes_bits_count[grid](
         codes, bits, fired, n_rows, n_cols, n_bytes, codes.stride(0), bits.stride(0),
         RELU=bool(relu), BLOCK_R=block_r, BYTES=block_b, TILES=tiles, num_warps=4,
@@ -276,11 +294,7 @@ def mask_by_bits_(grad, bits):
     bits : torch.Tensor of uint8, shape (batch, >= bits_columns(n_components))
     """
     n_rows, n_cols = grad.shape
-    n_bytes = bits_columns(n_cols)
-    if (grad.stride(1) != 1 or bits.dtype != torch.uint8 or bits.stride(1) != 1
-            or bits.shape[0] != n_rows or bits.shape[1] < n_bytes):
-        raise ValueError("mask_by_bits_ needs a gradient with contiguous columns and a uint8 "
-                         f"bits tensor of at least ({n_rows}, {n_bytes}).")
+    n_bytes = _check_bits(grad, bits, "mask_by_bits_ needs a gradient")
     if n_rows == 0 or n_cols == 0:
         return
     block_b, block_r = _column_blocks(n_cols), 16
@@ -325,21 +339,18 @@ def residual_(y, bias, x, gx, err, scale):
             raise ValueError("residual_ needs (batch, d) tensors with contiguous columns.")
     if x.dtype != torch.float32 or err.dtype != torch.float32 or not bias.is_contiguous():
         raise ValueError("residual_ needs float32 x and err, and a contiguous bias.")
-    sse = torch.zeros((), dtype=torch.float32, device=x.device)
-    gx_sums = torch.zeros(d, dtype=torch.float32, device=x.device)
+    # Both sums in one buffer: one launch to clear them.
+    sums = torch.zeros(d + 1, dtype=torch.float32, device=x.device)
+    sse, gx_sums = sums[d], sums[:d]
     if n_rows == 0 or d == 0:
         return sse, gx_sums
     block_d = min(128, 1 << max(4, (d - 1).bit_length()))
     block_r = 4096 // (4 * block_d) if block_d >= 32 else 32
-    col_blocks = -(-d // block_d)
-    row_tiles = -(-n_rows // block_r)
-    # Enough programs to fill a GPU (about 512), each over a power of two of
-    # tiles, so that the atomic adds stay few.
-    tiles = 1 << max(0, (-(-row_tiles * col_blocks // 512) - 1).bit_length())
-    tiles = min(tiles, 1 << max(0, (row_tiles - 1).bit_length()))
-    grid = (col_blocks, -(-row_tiles // tiles))
+    # Enough programs to fill a GPU (about 512), so that the atomic adds
+    # stay few.
+    tiles, grid = _tiles(n_rows, block_r, -(-d // block_d), 512)
     _kernels().residual[grid](
-        y, bias, x, gx, err, sse, gx_sums, n_rows, d, y.stride(0), x.stride(0), gx.stride(0),
+        y, bias, x, gx, err, sums[d:], gx_sums, n_rows, d, y.stride(0), x.stride(0), gx.stride(0),
         err.stride(0), float(scale), GX_BF16=gx.dtype == torch.bfloat16, BLOCK_R=block_r,
         BLOCK_D=block_d, TILES=tiles, num_warps=4,
     )
