@@ -2,6 +2,7 @@
 
 import pickle
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -359,6 +360,51 @@ def test_bad_value_past_the_first_block_is_refused(value, message):
     with pytest.raises(ValueError, match=message):
         sae.fit(X)
     assert not hasattr(sae, "components_")
+
+
+def test_the_value_scan_runs_beside_the_set_up_and_refuses_before_any_step(monkeypatch):
+    # The scan of X's values runs in its own thread while the model is made
+    # and initialised; a bad value still stops the fit before its first step.
+    from sparse_dict import estimator
+    from sparse_dict._torch import Trainer
+
+    threads, trained = [], []
+    real_check = estimator._check_values
+    monkeypatch.setattr(estimator, "_check_values", lambda X: (
+        threads.append(threading.current_thread().name), real_check(X))[-1])
+    monkeypatch.setattr(Trainer, "train", lambda self, *a, **k: trained.append(1))
+    X = np.ones((300, 8), dtype=np.float32)
+    X[5, 3] = np.nan
+    sae = small_sae()
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        sae.fit(X)
+    assert threads == ["sparse_dict-check"] and not trained
+    assert not hasattr(sae, "components_")
+    # partial_fit scans in the caller's thread, as before.
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        sae.partial_fit(X)
+    assert threads[-1] == threading.current_thread().name
+
+
+def test_an_earlier_error_wins_over_the_scan_s(monkeypatch):
+    # A fit refused during its set-up (here: the model cannot be made)
+    # reports that, and the scan's thread has ended when fit returns.
+    from sparse_dict import estimator
+
+    started = []
+    real_start = estimator._Meanwhile.start
+    monkeypatch.setattr(estimator._Meanwhile, "start",
+                        lambda self, *a: (started.append(self), real_start(self, *a))[-1])
+
+    def refuse(*args, **kwargs):
+        raise MemoryError("no room for the model")
+
+    monkeypatch.setattr(estimator.SparseAutoencoderDictionary, "_new_trainer", refuse)
+    X = np.ones((300, 8), dtype=np.float32)
+    X[0, 0] = np.inf
+    with pytest.raises(MemoryError, match="no room"):
+        small_sae().fit(X)
+    assert started and not started[0]._thread.is_alive()
 
 
 def test_transform_wrong_width(fitted, X):
