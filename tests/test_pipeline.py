@@ -499,3 +499,21 @@ def test_cuda_handover_from_streamed_to_resident_trains_alike(monkeypatch):
     for name, value in reference.model.state_dict().items():
         torch.testing.assert_close(other.model.state_dict()[name], value, rtol=1e-5,
                                    atol=1e-6, msg=name)
+
+
+def test_a_pass_that_ends_before_the_copy_lands_does_not_wait_for_it(monkeypatch):
+    gate = threading.Event()
+    _gate_upload(monkeypatch, lambda feed: gate.is_set())
+    X = np.arange(64, dtype=np.float32).reshape(16, 4)
+    with BatchFeed(X, CPU, 1.0, batch_size=4, resident=True) as feed:
+        first = list(feed.batches(iter_batches(X, 4, np.random.RandomState(0))))
+        # Every batch of the pass came from the host, and the pass ended
+        # with the copy still held back.
+        assert len(first) == 4 and feed.streamed_batches == 4
+        assert not feed._uploaded.is_set()
+        gate.set()
+        feed._uploaded.wait(10)
+        second = list(feed.batches(iter_batches(X, 4, np.random.RandomState(0))))
+        assert feed.streamed_batches == 4  # the next pass gathered on the device
+    for (i, a), (j, b) in zip(first, second):
+        assert np.array_equal(i, j) and torch.equal(a, b)

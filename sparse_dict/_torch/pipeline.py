@@ -133,8 +133,10 @@ class BatchFeed:
     ----------
     X : ndarray, memmap or CSR matrix of shape (n_samples, n_features)
     device : torch.device
-    scale : float
-        Every row is multiplied by it (the trainer's input scale).
+    scale : float or None
+        Every row is multiplied by it (the trainer's input scale); None
+        until :meth:`set_scale` gives it, which must happen before the
+        first pass.
     batch_size : int
         The largest batch that will be asked for (the buffers' size).
     resident : bool
@@ -282,8 +284,8 @@ class BatchFeed:
                 if batch[1] is not None:
                     self.streamed_batches += 1
                 yield batch
-            self._uploaded.wait()
-        self._landed()
+            if not self._landed():
+                return  # the pass ended first; the next one looks again
         yield from self._resident_batches(items)
 
     def _ring(self, name, n_buffers, shape, dtype):
