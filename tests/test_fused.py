@@ -255,7 +255,13 @@ _CODES = textwrap.dedent('''
     out = {"direct": [], "train": {}, "residual": [], "residual_train": {}, "product": [],
            "product_train": {}}
     g = torch.Generator(device=device).manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
+    # Each case twice: as launched, and with one program doing every tile of
+    # its columns (the loop over tiles that a GPU-sized batch runs).
+    cases = [(dtype, programs) for programs in (None, 1)
+             for dtype in (torch.float32, torch.bfloat16)]
+    for dtype, programs in cases:
+        if programs is not None:
+            fused._PROGRAMS.update(codes=programs, residual=programs)
         for relu in (True, False):
             # 37 rows (not a multiple of a block), 300 columns (not a power of
             # two, nor of eight), the rows a slice of a wider buffer; exact
@@ -316,6 +322,7 @@ _CODES = textwrap.dedent('''
                 "sse": abs(float(sse) - float(e.double().square().sum())) / float(sse),
                 "sums": float((sums - gx_ref.double().sum(0)).abs().max()),
             })
+    fused._PROGRAMS.update(codes=4096, residual=512)
     nan = torch.tensor([[float("nan"), -1.0, 2.0]], device=device)
     nan_bits = torch.empty(1, 1, device=device, dtype=torch.uint8)
     fused.codes_bits_count_(nan, nan_bits, relu=True)
@@ -416,7 +423,7 @@ _CODES = textwrap.dedent('''
 
 
 def _check_codes(out, measured):
-    assert len(out["direct"]) == 4 and len(out["residual"]) == 3
+    assert len(out["direct"]) == 8 and len(out["residual"]) == 6
     for case in out["direct"]:
         assert all(v for k, v in case.items() if k not in ("dtype", "relu")), case
     for case in out["residual"]:

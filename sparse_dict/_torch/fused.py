@@ -226,6 +226,11 @@ def _column_blocks(n_cols):
     return min(32, 1 << max(1, (bits_columns(n_cols) - 1).bit_length()))
 
 
+# About how many programs the two summing kernels launch (the tests lower
+# them, to run many tiles per program on small inputs).
+_PROGRAMS = {"codes": 4096, "residual": 512}
+
+
 def _tiles(n_rows, block_r, col_blocks, programs):
     """Tiles of ``block_r`` rows per program, and the grid, for about ``programs`` programs.
 
@@ -273,7 +278,7 @@ def codes_bits_count_(codes, bits, relu=False):
     block_b, block_r = _column_blocks(n_cols), 16
     # About 4096 programs, enough to fill a GPU, so that a wide batch pays
     # one atomic add per column for every 16 * tiles rows.
-    tiles, grid = _tiles(n_rows, block_r, -(-n_bytes // block_b), 4096)
+    tiles, grid = _tiles(n_rows, block_r, -(-n_bytes // block_b), _PROGRAMS["codes"])
     _kernels().codes_bits_count[grid](
         codes, bits, fired, n_rows, n_cols, n_bytes, codes.stride(0), bits.stride(0),
         RELU=bool(relu), BLOCK_R=block_r, BYTES=block_b, TILES=tiles, num_warps=4,
@@ -348,7 +353,7 @@ def residual_(y, bias, x, gx, err, scale):
     block_r = 4096 // (4 * block_d) if block_d >= 32 else 32
     # Enough programs to fill a GPU (about 512), so that the atomic adds
     # stay few.
-    tiles, grid = _tiles(n_rows, block_r, -(-d // block_d), 512)
+    tiles, grid = _tiles(n_rows, block_r, -(-d // block_d), _PROGRAMS["residual"])
     _kernels().residual[grid](
         y, bias, x, gx, err, sums[d:], gx_sums, n_rows, d, y.stride(0), x.stride(0), gx.stride(0),
         err.stride(0), float(scale), GX_BF16=gx.dtype == torch.bfloat16, BLOCK_R=block_r,
