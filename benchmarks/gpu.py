@@ -61,6 +61,7 @@ from benchmarks._common import target
 from benchmarks._plain import PlainSAE, sync as _sync
 from sparse_dict import SparseAutoencoderDictionary
 from sparse_dict._torch import TrainConfig, Trainer, fused, resolve_device
+from sparse_dict._torch import train as _train_module
 
 DTYPES = {"float32": False, "bf16": True}
 # The estimator's default sparsity coefficient, used by the step and the plain loop.
@@ -274,6 +275,19 @@ _PHASES = (
 )
 
 
+# Parts of the phases, timed inside them (not counted again in "other"):
+# (name, owner, attribute). The module-level functions are patched where
+# the trainer looks them up.
+_PARTS = (
+    ("initialise: sample_rows (and calibration's)", _train_module, "sample_rows"),
+    ("initialise: sample_moments", _train_module, "sample_moments"),
+    ("initialise: geometric_median", _train_module, "geometric_median"),
+    ("finish: calibration_sample", Trainer, "calibration_sample"),
+    ("finish: mean_l0", Trainer, "mean_l0"),
+    ("finish: export", Trainer, "export"),
+)
+
+
 def _sync_stream(device):
     """Wait for the work queued on the current stream only (not the background copy's)."""
     if device.type == "cuda":
@@ -293,15 +307,20 @@ def fit_phase_seconds(X, n, batch, steps, device, bf16):
     background copy (which would undo the overlap being measured); ``other``
     is the rest (the fit's own bookkeeping, the model's construction).
 
+    Some parts of the phases are timed inside them too (``_PARTS``).
+
     Returns
     -------
     seconds : dict
         ``total`` and each phase's seconds.
+    parts : dict
+        Each part's seconds (within its phase's).
     streamed_batches : int
         The batches served from the host while the copy was on its way.
     """
-    seconds = {name: 0.0 for name, _, _ in _PHASES}
-    saved = [(owner, method, getattr(owner, method)) for _, owner, method in _PHASES]
+    timings = _PHASES + _PARTS
+    seconds = {name: 0.0 for name, _, _ in timings}
+    saved = [(owner, method, getattr(owner, method)) for _, owner, method in timings]
     feeds = []
 
     def timed(name, fn):
@@ -319,14 +338,15 @@ def fit_phase_seconds(X, n, batch, steps, device, bf16):
         return wrapper
 
     try:
-        for (name, _, _), (owner, method, fn) in zip(_PHASES, saved):
+        for (name, _, _), (owner, method, fn) in zip(timings, saved):
             setattr(owner, method, timed(name, fn))
         seconds["total"] = fit_seconds(X, n, batch, steps, device, bf16)
     finally:
         for owner, method, fn in saved:
             setattr(owner, method, fn)
+    parts = {name: seconds.pop(name) for name, _, _ in _PARTS}
     seconds["other"] = seconds["total"] - sum(seconds[name] for name, _, _ in _PHASES)
-    return seconds, sum(feed.streamed_batches for feed in feeds)
+    return seconds, parts, sum(feed.streamed_batches for feed in feeds)
 
 
 def plain_loop_seconds(X, n, batch, device, bf16, steps, warmup, repeats=1):
@@ -429,8 +449,8 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
     r["fit_short_s"] = min(fit_seconds(X, n, batch, short, device, bf16)
                            for _ in range(sizes["fit_repeats"]))
     _say(f"{label} {dtype_name}: fit of {short} steps {r['fit_short_s']:.3g} s")
-    r["fit_short_phases_s"], r["fit_short_streamed_batches"] = fit_phase_seconds(
-        X, n, batch, short, device, bf16)
+    (r["fit_short_phases_s"], r["fit_short_parts_s"],
+     r["fit_short_streamed_batches"]) = fit_phase_seconds(X, n, batch, short, device, bf16)
     _say(f"{label} {dtype_name}: phases of a {short}-step fit (s): " + ", ".join(
         f"{k} {v:.3g}" for k, v in r["fit_short_phases_s"].items())
         + f"; {r['fit_short_streamed_batches']} batches streamed while the data was copied")

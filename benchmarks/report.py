@@ -399,6 +399,9 @@ def _gpu_md(r):
         phases = [size[name].get("fit_short_phases_s", {}) for name in dtypes]
         rows += [[f"short fit's {phase} (s)", *(p.get(phase, "n/a") for p in phases)]
                  for phase in dict.fromkeys(k for p in phases for k in p)]
+        parts = [size[name].get("fit_short_parts_s", {}) for name in dtypes]
+        rows += [[f"  of which {part} (s)", *(p.get(part, "n/a") for p in parts)]
+                 for part in dict.fromkeys(k for p in parts for k in p)]
         products = [size[name].get("step_products_ms", {}) for name in dtypes]
         rows += [[f"product {product}, ms as issued / transposed",
                   *(f"{_fmt(p[product]['as_issued'])} / {_fmt(p[product]['transposed'])}"

@@ -301,6 +301,11 @@ def test_gpu_section_tiny_on_cpu(tmp_path):
             assert phases["other"] == pytest.approx(phases["total"] - sum(
                 phases[k] for k in named))
             assert f["fit_short_streamed_batches"] == 0
+            # Parts inside the phases, each within its phase's time.
+            parts = f["fit_short_parts_s"]
+            assert len(parts) == 6 and all(v > 0 for v in parts.values()), parts
+            assert parts["finish: export"] < phases["finish"]
+            assert parts["initialise: sample_moments"] < phases["initialise"]
             # The step's five products, each timed as issued and transposed.
             products = f["step_products_ms"]
             assert len(products) == 5
