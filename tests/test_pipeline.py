@@ -119,6 +119,10 @@ def test_every_pass_reuses_the_feed_s_buffers(mode):
     # A fit of many passes must not take a new ring of (pinned) buffers each pass.
     X = np.random.RandomState(0).randn(40, 3).astype(np.float32)
     with BatchFeed(X, CPU, 1.0, batch_size=8, **mode) as feed:
+        if feed.resident:
+            # Every pass gathers from the copy (a pass before it lands would
+            # stream, and take the streamed ring instead).
+            feed._uploaded.wait(10)
         taken = []
         for seed in range(4):
             got = list(feed.batches(iter_batches(X, 8, np.random.RandomState(seed))))
@@ -416,14 +420,16 @@ def test_training_through_the_handover_gives_the_streamed_model(monkeypatch):
     models = []
     for on_device in (False, True):
         trainer = Trainer(12, 24, CPU, seed=1)
-        config = TrainConfig(batch_size=20, total_steps=30, learning_rate=0.01,
+        config = TrainConfig(batch_size=20, total_steps=60, learning_rate=0.01,
                              data_on_device=on_device, resample_interval=10)
         with trainer.open_feed(X, config) as feed:
             trainer.initialize(X, np.random.RandomState(2))
-            trainer.train(X, 5, config, np.random.RandomState(3), feed=feed)
+            trainer.train(X, 6, config, np.random.RandomState(3), feed=feed)
         models.append((trainer, feed.streamed_batches))
     (a, _), (b, streamed) = models
-    assert 3 <= streamed < 30
+    # (Released after three batches, the copy lands within a few steps; the
+    # margin is for a loaded machine.)
+    assert 3 <= streamed < 60
     for name, value in a.model.state_dict().items():
         assert torch.equal(b.model.state_dict()[name], value), name
     assert np.array_equal(a.history, b.history)
