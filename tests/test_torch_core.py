@@ -340,3 +340,15 @@ def test_sample_moments_in_blocks_are_the_whole_sample_s(monkeypatch, threads):
     wide = sample.astype(np.float64)
     assert msn == pytest.approx(float((wide ** 2).sum(axis=1).mean()), rel=1e-13)
     np.testing.assert_allclose(mean, wide.mean(axis=0), rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sampled_rows_gathered_by_threads_are_the_rows(monkeypatch, threads):
+    from sparse_dict._torch import data
+
+    X = np.random.RandomState(0).randn(500, 6).astype(np.float32)
+    monkeypatch.setattr(data, "host_threads", lambda n_bytes: threads)
+    sample = data.sample_rows(X, 100, np.random.RandomState(1), dtype=np.float32)
+    index = np.sort(np.random.RandomState(1).choice(500, size=100, replace=False))
+    assert np.array_equal(sample, X[index])
+    assert not np.shares_memory(sample, X)

@@ -145,7 +145,29 @@ def sample_rows(X, n_rows, rng, dtype=np.float64):
     # Rows picked by an index array are a copy already (of an array, a
     # memmap or a sparse matrix's dense rows); a second one, when the dtype
     # matches, would only cost page faults on fresh memory.
-    return take_rows(X, index).astype(dtype, copy=False)
+    return _gather_rows(X, index).astype(dtype, copy=False)
+
+
+def _gather_rows(X, index):
+    """``take_rows(X, index)``, the rows of an array gathered by several host threads when many.
+
+    A gather writes new memory, whose page faults and copies divide across
+    cores as the export's copies do (:func:`host_threads`).
+    """
+    threads = host_threads(len(index) * X.shape[1] * X.dtype.itemsize)
+    if threads <= 1 or not isinstance(X, np.ndarray) or len(index) < threads:
+        return take_rows(X, index)
+    out = np.empty((len(index), X.shape[1]), dtype=X.dtype)
+    bounds = np.linspace(0, len(index), threads + 1).astype(int)
+
+    def part(i):
+        # The indices come from sample_rows, in range: "clip" spares the
+        # buffered copy that "raise" makes of the output.
+        lo, hi = bounds[i], bounds[i + 1]
+        np.take(X, index[lo:hi], axis=0, out=out[lo:hi], mode="clip")
+
+    host_map(part, range(threads))
+    return out
 
 
 # Host threads for large copies and sums (numpy lets go of the GIL while it
