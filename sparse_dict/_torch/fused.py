@@ -121,9 +121,12 @@ def _probe_gap(device):
     denom = v_ref.sqrt() / (1 - beta2 ** step) ** 0.5 + eps
     w_ref = w - lr / (1 - beta1 ** step) * m_ref / denom
     w_ref /= w_ref.norm(dim=1, keepdim=True)
+    # With the atoms' norms written too, as training asks (a variant of the
+    # kernel of its own, built here rather than at the first step).
+    norms = torch.zeros(19, device=device)
     adam_rows_(w, grad, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step,
-               project=True, unit=True)
-    pairs = [(w, w_ref), (m, m_ref), (v, v_ref)]
+               project=True, unit=True, norms=norms)
+    pairs = [(w, w_ref), (m, m_ref), (v, v_ref), (norms, w_ref.norm(dim=1))]
     # A vector (a bias), one value per row, with neither projection nor norm.
     b, gb = (torch.randn(23, 1, generator=g, device=device) for _ in range(2))
     mb, vb = torch.zeros(23, 1, device=device), torch.zeros(23, 1, device=device)
