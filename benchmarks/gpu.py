@@ -216,7 +216,8 @@ def step_products_ms(d, n, batch, device, bf16, calls, repeats):
 
 
 def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_update="auto",
-                       fused_codes="auto", fused_residual="auto", fused_product="auto"):
+                       fused_codes="auto", fused_residual="auto", fused_product="auto",
+                       fused_stats="auto"):
     """Seconds of one training step of the sparse_dict core, the batch on the device.
 
     The two calls that :class:`~sparse_dict._torch.Trainer` makes for each
@@ -225,9 +226,10 @@ def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_updat
     the decoder gradient's radial part, Adam, the atoms' renormalisation:
     one fused pass per weight matrix where ``fused_update`` allows, torch's
     operations with ``fused_update=False``); the codes' mask and counts in
-    one pass, the residual's operations in one, and ReLU's bias and ReLU in
-    the encoder product's epilogue, where the first step measured them
-    faster (``fused_codes``, ``fused_residual``, ``fused_product``).
+    one pass, the residual's operations in one, ReLU's bias and ReLU in the
+    encoder product's epilogue, and the statistics in one small kernel,
+    where the first step measured them faster (``fused_codes``,
+    ``fused_residual``, ``fused_product``, ``fused_stats``).
     ``scale`` is 1: the data's scale does not change the work.
     """
     trainer = Trainer(d, n, device, seed=0)
@@ -239,7 +241,8 @@ def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_updat
 
     def step():
         model.loss_and_gradients(x, L1_COEF, autocast, fused_codes=fused_codes,
-                                 fused_residual=fused_residual, fused_product=fused_product)
+                                 fused_residual=fused_residual, fused_product=fused_product,
+                                 fused_stats=fused_stats)
         trainer.apply_gradients(config)
 
     try:
@@ -432,7 +435,8 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
         low = torch.bfloat16 if bf16 else torch.float32
         for kernel, option, shape in (("codes", "fused_codes", (batch, n)),
                                       ("residual", "fused_residual", (batch, d)),
-                                      ("product_relu", "fused_product", (batch, n))):
+                                      ("product_relu", "fused_product", (batch, n)),
+                                      ("penalty_stats", "fused_stats", (n,))):
             r[f"{kernel}_kernel"] = any(
                 chosen for (name, _, dtype, key_shape, _), chosen in fused.choices().items()
                 if name == kernel and key_shape == shape and dtype == low)

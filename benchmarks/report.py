@@ -358,6 +358,8 @@ _GPU_ROWS = (
     ("residual kernel chosen", "residual_kernel"),
     ("step with ReLU after the encoder's product, ms", "step_plain_product_relu_ms"),
     ("ReLU in the product's epilogue chosen", "product_relu_kernel"),
+    ("step with the statistics' plain operations, ms", "step_plain_penalty_stats_ms"),
+    ("statistics kernel chosen", "penalty_stats_kernel"),
     ("whole fit, short (s)", "fit_short_s"),
     ("whole fit, long (s)", "fit_long_s"),
     ("whole fit, steady ms/step", "steady_ms_per_step"),

@@ -253,7 +253,7 @@ _CODES = textwrap.dedent('''
 
     device = sys.argv[1]
     out = {"direct": [], "train": {}, "residual": [], "residual_train": {}, "product": [],
-           "product_train": {}}
+           "product_train": {}, "stats": [], "stats_train": {}}
     g = torch.Generator(device=device).manual_seed(0)
     # Each case twice: as launched, and with one program doing every tile of
     # its columns (the loop over tiles that a GPU-sized batch runs).
@@ -400,6 +400,14 @@ _CODES = textwrap.dedent('''
         out["product_pays_wrong"] = fused.product_relu_pays(
             bias, xc[:5, :9], enc[:, :9].t(), out_p[:5], scratch_p[:5],
             lambda into: plain_product(into, with_bias=False))
+        # The statistics' kernel against a plain way that is off by one.
+        vec = torch.rand(12, generator=g, device=device)
+        bias_col = torch.empty(12, device=device)
+        def plain_stats(shift):
+            bias_col.copy_(vec * (0.5 / 8))
+            return torch.stack([vec.sum(), vec.sum(), vec.sum(), vec.sum(), vec.sum()]) + shift
+        out["stats_pays_wrong"] = fused.penalty_stats_pays(
+            vec, vec, vec.sum(), vec, 0.0, 0.5, 8, bias_col, lambda: plain_stats(1.0))
     out["warned"] = [str(w.message) for w in caught]
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.randn(37, 80, generator=g, device=device).to(dtype)[:, :70]
@@ -417,6 +425,43 @@ _CODES = textwrap.dedent('''
             "gaps": [max(float((r.model.state_dict()[k] - v).abs().max())
                          for k, v in runs[0].model.state_dict().items()) for r in runs[1:]],
             "taken": ["bias" in r.model._ws for r in runs]}
+    # The step's statistics and penalty bias: ReLU's weighted L1, JumpReLU's
+    # scaled L0, nothing (TopK); the code sums a column of a wider product,
+    # the bias a column of the decoder's buffer.
+    for dtype in (torch.float32, torch.bfloat16):
+        for weighted, l0_factor in ((True, 0.0), (False, 24.0), (False, 0.0)):
+            n = 2500  # more than one block of the kernel's loop
+            wide = torch.rand(n, 20, generator=g, device=device).to(dtype) * 50
+            fired = torch.randint(0, 40, (n,), generator=g, device=device).float()
+            sse = torch.tensor(123.25, device=device)
+            weights = torch.rand(n, generator=g, device=device) + 0.5 if weighted else None
+            coef, batch = 0.7, 64
+            dec = torch.full((n, 20), 9.0, device=device, dtype=dtype)
+            stats = fused.penalty_stats_(wide[:, 17], fired, sse, weights, l0_factor, coef,
+                                         batch, dec[:, 17])
+            sums = wide[:, 17].float()
+            l0 = fired.sum() / batch
+            penalty = ((sums.double() @ weights.double()) / batch if weighted else 0.0) + (
+                l0.double() * l0_factor)
+            mse = 123.25 / batch
+            expected = [mse + coef * float(penalty), mse, float(sums.double().sum()) / batch,
+                        float(l0), 0.0]
+            bias = (weights * (coef / batch)).to(dtype) if weighted else torch.zeros(
+                n, device=device, dtype=dtype)
+            out["stats"].append({
+                "case": [str(dtype), weighted, l0_factor],
+                "gap": max(abs(a - b) / max(abs(b), 1.0) for a, b in zip(stats.tolist(), expected)),
+                "bias": bool(torch.equal(dec[:, 17], bias)),
+                "rest_untouched": bool((dec[:, :17] == 9.0).all() and (dec[:, 18:] == 9.0).all()),
+            })
+    for act in ("relu", "jumprelu", "topk"):
+        a, b = (train(act, fused_codes=False, fused_residual=False, fused_stats=on)
+                for on in (False, True))
+        out["stats_train"][act] = {
+            "params": max(float((b.model.state_dict()[k] - v).abs().max())
+                          for k, v in a.model.state_dict().items()),
+            "history": float(np.abs(a.history - b.history).max()),
+        }
     out["choices"] = sorted(str(k[0]) + ":" + str(v) for k, v in fused.choices().items())
     print(json.dumps(out))
 ''')
@@ -443,10 +488,10 @@ def _check_codes(out, measured):
         # Nothing to time on the interpreter.
         assert out["pays"] is True and out["residual_pays"] is True
     assert out["pays_wrong"] is False and out["residual_pays_wrong"] is False
-    assert out["product_pays_wrong"] is False
+    assert out["product_pays_wrong"] is False and out["stats_pays_wrong"] is False
     if not measured:
         assert out["product_pays"] is True
-    assert sum("differs" in message for message in out["warned"]) == 3, out["warned"]
+    assert sum("differs" in message for message in out["warned"]) == 4, out["warned"]
     # The bias and ReLU in the product: float32 and bfloat16 rounding.
     assert out["product"][0] < 1e-6 and out["product"][1] < 1e-2, out["product"]
     # ReLU trains alike with the ReLU in the product (with the codes' plain
@@ -455,6 +500,13 @@ def _check_codes(out, measured):
     assert relu["taken"] == [False, True, True] and max(relu["gaps"]) < 1e-4, relu
     assert topk == {"gaps": [0.0, 0.0], "taken": [False, False, False]}, topk
     assert measured or "product_relu:True" in out["choices"]
+    # The statistics to float32 rounding, the penalty bias exactly, and
+    # trainings alike (to rounding) with and without the kernel.
+    assert len(out["stats"]) == 6
+    for case in out["stats"]:
+        assert case["gap"] < 1e-5 and case["bias"] and case["rest_untouched"], case
+    for act, gaps in out["stats_train"].items():
+        assert gaps["params"] < 1e-4 and gaps["history"] < 1e-4, (act, gaps)
 
 
 def test_the_step_s_kernels_match_the_plain_operations_in_triton_s_interpreter():

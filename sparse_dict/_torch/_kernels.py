@@ -161,3 +161,40 @@ def residual(Y, B, X, GX, ERR, SSE, GSUM, n_rows, d, stride_y, stride_x, stride_
         sums += g
     tl.atomic_add(SSE, tl.sum(tl.sum(squares, axis=1), axis=0))
     tl.atomic_add(GSUM + cols, tl.sum(sums, axis=0), mask=cols < d)
+
+
+@triton.jit
+def penalty_stats(CS, FIRED, W, SSE, STATS, BIAS, n, stride_cs, stride_bias, batch,
+                  coef, bias_scale, l0_factor, HAS_W: tl.constexpr, BIAS_BF16: tl.constexpr,
+                  BLOCK: tl.constexpr, N_BLOCKS: tl.constexpr):
+    # One program: the vectors are n_components long (a few hundred KB), and
+    # one program's sums need no atomics and come out the same every run.
+    cs_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    fired_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    weighted = tl.zeros([BLOCK], dtype=tl.float32)
+    for block in range(N_BLOCKS):
+        i = block * BLOCK + tl.arange(0, BLOCK)
+        inside = i < n
+        cs = tl.load(CS + i.to(tl.int64) * stride_cs, mask=inside, other=0.0).to(tl.float32)
+        cs_sum += cs
+        fired_sum += tl.load(FIRED + i, mask=inside, other=0.0)
+        if HAS_W:
+            w = tl.load(W + i, mask=inside, other=0.0)
+            weighted += cs * w
+            bias = w * bias_scale
+        else:
+            bias = tl.zeros([BLOCK], dtype=tl.float32)
+        at = BIAS + i.to(tl.int64) * stride_bias
+        if BIAS_BF16:
+            tl.store(at, _bfloat16(bias), mask=inside)
+        else:
+            tl.store(at, bias.to(BIAS.dtype.element_ty), mask=inside)
+    mse = tl.load(SSE) / batch
+    l1 = tl.sum(cs_sum, axis=0) / batch
+    l0 = tl.sum(fired_sum, axis=0) / batch
+    penalty = tl.sum(weighted, axis=0) / batch + l0 * l0_factor
+    tl.store(STATS + 0, mse + coef * penalty)
+    tl.store(STATS + 1, mse)
+    tl.store(STATS + 2, l1)
+    tl.store(STATS + 3, l0)
+    tl.store(STATS + 4, 0.0)

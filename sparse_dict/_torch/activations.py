@@ -121,6 +121,22 @@ class Activation:
         """
         raise NotImplementedError(f"{type(self).__name__} has no sparse training step.")
 
+    def penalty_terms(self, model):
+        """The sparsity term in closed form: ``code_sums @ weights / batch + l0_factor * l0``.
+
+        Every mechanism's term is of this form (ReLU's weighted L1, JumpReLU's
+        scaled L0, none for the top-k family), which lets one small kernel
+        form it with the step's statistics
+        (:func:`sparse_dict._torch.fused.penalty_stats_`).
+
+        Returns
+        -------
+        weights : torch.Tensor of shape (n_components,) or None
+            None: no term in the codes' values (and no gradient through them).
+        l0_factor : float
+        """
+        return None, 0.0
+
     def penalty(self, code_sums, l0, model, coef, batch):
         """The sparsity term and its gradient with respect to the codes.
 
@@ -143,7 +159,12 @@ class Activation:
             product that forms the codes' gradient), or None when the term
             does not depend on the code values.
         """
-        return torch.zeros((), device=code_sums.device), None
+        weights, l0_factor = self.penalty_terms(model)
+        value = l0 * l0_factor if l0_factor else None
+        if weights is None:
+            return (torch.zeros((), device=code_sums.device) if value is None else value), None
+        weighted = code_sums.dot(weights) / batch
+        return (weighted if value is None else weighted + value), weights * (coef / batch)
 
     def parameter_gradients_(self, grad_codes, model, coef, batch):
         """Write ``.grad`` of this mechanism's own parameters.
@@ -196,9 +217,8 @@ class ReLU(Activation):
     def forward_(self, pre, buffers, model):
         pre.relu_()
 
-    def penalty(self, code_sums, l0, model, coef, batch):
-        norms = model.atom_norms()
-        return code_sums.dot(norms) / batch, norms * (coef / batch)
+    def penalty_terms(self, model):
+        return model.atom_norms(), 0.0
 
     def encode(self, pre, state):
         return torch.relu(pre)
@@ -538,8 +558,8 @@ class JumpReLU(Activation):
         torch.lt(window, 0.5 * self.bandwidth, out=window)
         self._window = window
 
-    def penalty(self, code_sums, l0, model, coef, batch):
-        return l0 * model.n_features, None
+    def penalty_terms(self, model):
+        return None, float(model.n_features)
 
     def parameter_gradients_(self, grad_codes, model, coef, batch):
         theta = model.log_threshold.detach().exp()

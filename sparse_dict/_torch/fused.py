@@ -23,7 +23,9 @@ Between the products, the step's element-wise work has two more:
   over the (batch, n_components) codes, the mask kept as bits, and the
   gradient's product with that mask in one more;
 * :func:`residual_`: the residual, its gradient, the squared error and the
-  gradient's column sums in one pass over the (batch, d) batch.
+  gradient's column sums in one pass over the (batch, d) batch;
+* :func:`penalty_stats_`: the step's statistics and the codes' penalty bias
+  from the (n_components,) vectors, in one small kernel.
 
 Before them, for ReLU, the encoder's bias and the ReLU can run in the
 product's own epilogue (:func:`product_relu_`, cuBLASLt's), which spares
@@ -48,8 +50,9 @@ import warnings
 import torch
 
 __all__ = ["adam_rows_", "available", "bits_columns", "choices", "codes_bits_count_",
-           "codes_kernel_pays", "kernel_pays", "mask_by_bits_", "product_relu_",
-           "product_relu_pays", "residual_", "residual_pays", "unpack_bits"]
+           "codes_kernel_pays", "kernel_pays", "mask_by_bits_", "penalty_stats_",
+           "penalty_stats_pays", "product_relu_", "product_relu_pays", "residual_",
+           "residual_pays", "unpack_bits"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -564,3 +567,72 @@ def product_relu_pays(bias, a, b, out, scratch, plain):
 
     key = ("product_relu", str(out.device), out.dtype, tuple(out.shape), a.shape[1])
     return kernel_pays(key, out.device, agrees, run_plain, run_fused)
+
+
+# ------------------------------------------------- the step's small numbers
+
+
+def penalty_stats_(code_sums, fired, sse, weights, l0_factor, coef, batch, bias_out):
+    """The step's statistics and the codes' penalty bias in one small kernel.
+
+    With ``penalty = code_sums @ weights / batch + l0_factor * l0`` (the
+    activation's closed form, :meth:`~sparse_dict._torch.activations.Activation.penalty_terms`):
+    returns ``[mse + coef * penalty, mse, l1, l0, 0]`` (``mse = sse / batch``,
+    ``l1 = sum(code_sums) / batch``, ``l0 = sum(fired) / batch``) and writes
+    ``bias_out = weights * (coef / batch)`` (0 without weights) in its
+    dtype: what a dozen torch operations on (n_components,) vectors do, each
+    a launch and a trip through the GPU's memory, in one. The sums are the
+    plain ones up to their order of addition; the bias is exactly theirs.
+
+    Parameters
+    ----------
+    code_sums : torch.Tensor of shape (n,)
+        Any float dtype; may be strided (a column of a product).
+    fired : torch.Tensor of shape (n,), float32, contiguous
+    sse : torch.Tensor of shape (), float32
+    weights : torch.Tensor of shape (n,), float32, contiguous, or None
+    l0_factor, coef : float
+    batch : int
+    bias_out : torch.Tensor of shape (n,)
+        float32 or bfloat16; may be strided.
+
+    Returns
+    -------
+    stats : torch.Tensor of shape (5,), float32
+    """
+    n = code_sums.shape[0]
+    if (fired.shape != (n,) or bias_out.shape != (n,) or not fired.is_contiguous()
+            or (weights is not None and (weights.shape != (n,) or not weights.is_contiguous()))):
+        raise ValueError("penalty_stats_ needs (n,) vectors, fired and weights contiguous.")
+    stats = torch.empty(5, dtype=torch.float32, device=fired.device)
+    block = min(2048, 1 << max(4, (n - 1).bit_length()))
+    _kernels().penalty_stats[(1,)](
+        code_sums, fired, fired if weights is None else weights, sse, stats, bias_out, n,
+        code_sums.stride(0), bias_out.stride(0), float(batch), float(coef), coef / batch,
+        float(l0_factor), HAS_W=weights is not None,
+        BIAS_BF16=bias_out.dtype == torch.bfloat16, BLOCK=block, N_BLOCKS=-(-n // block),
+        num_warps=8,
+    )
+    return stats
+
+
+def penalty_stats_pays(code_sums, fired, sse, weights, l0_factor, coef, batch, bias_out,
+                       plain):
+    """Whether :func:`penalty_stats_` should replace ``plain`` for this shape.
+
+    Decided by :func:`kernel_pays` on the first step's own numbers: ``plain()
+    -> stats`` writes ``bias_out`` with torch's operations; the kernel must
+    write the same bias and statistics within float32 rounding of theirs.
+    """
+    def agrees():
+        expected = plain().clone()
+        bias = bias_out.clone()
+        got = penalty_stats_(code_sums, fired, sse, weights, l0_factor, coef, batch, bias_out)
+        close = torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+        return close and torch.equal(bias_out, bias)
+
+    key = ("penalty_stats", str(fired.device), bias_out.dtype, tuple(fired.shape),
+           weights is not None)
+    return kernel_pays(key, fired.device, agrees, plain,
+                       lambda: penalty_stats_(code_sums, fired, sse, weights, l0_factor, coef,
+                                              batch, bias_out))

@@ -332,7 +332,8 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def loss_and_gradients(self, x, coef, autocast_dtype=None, dead=None, auxk_coef=0.0, k_aux=0,
                            sparse_step="auto", fused_codes="auto", residual_power=None,
-                           low_grads=False, fused_residual="auto", fused_product="auto"):
+                           low_grads=False, fused_residual="auto", fused_product="auto",
+                           fused_stats="auto"):
         """Loss of a batch and its gradients, written into each ``.grad``.
 
         The loss is ``mean_b ||x_b - x_hat_b||^2 + coef * penalty`` (the
@@ -398,6 +399,10 @@ class SparseAutoencoder(nn.Module):
             ReLU's bias and ReLU in the encoder product's epilogue
             (:meth:`_pre_activations_`); the same values up to the
             products' rounding.
+        fused_stats : bool or "auto"
+            The dense step's statistics and penalty bias in one small kernel
+            (:meth:`_penalty_stats_`); the same values up to the order of
+            the sums' additions.
         low_grads : bool
             Leave the two weight matrices' gradients in the products' dtype
             (bfloat16 under autocast), in ``self.low_grads`` by name, with
@@ -436,17 +441,17 @@ class SparseAutoencoder(nn.Module):
         self.low_grads.clear()
         if sparse:
             mse, l1, l0, fired, err = self._sparse_gradients_(pre, x, xc)
-            loss = mse
+            stats = torch.stack([mse, mse, l1, l0, torch.zeros((), device=x.device)])
         else:
-            loss, mse, l1, l0, fired, err = self._dense_gradients_(
+            stats, fired, err = self._dense_gradients_(
                 pre, x, ws, coef, fused_codes, low_grads=low_grads and not use_aux,
-                fused_residual=fused_residual, relu_done=relu_done)
+                fused_residual=fused_residual, relu_done=relu_done, fused_stats=fused_stats)
+            mse = stats[1]
 
-        auxk = torch.zeros((), device=x.device)
         if use_aux:
             power = mse.detach() if residual_power is None else residual_power
-            auxk = self._auxk_gradients_(pre_dead, dead, err, xc, auxk_coef, k_aux, batch, power)
-        stats = torch.stack([loss, mse, l1, l0, auxk])
+            stats[4] = self._auxk_gradients_(pre_dead, dead, err, xc, auxk_coef, k_aux, batch,
+                                             power)
         return stats, fired
 
     def _pre_activations_(self, ws, d, relu, fused_product="auto"):
@@ -600,8 +605,12 @@ class SparseAutoencoder(nn.Module):
         self.low_grads.clear()
 
     def _dense_gradients_(self, codes, x, ws, coef, fused_codes="auto", low_grads=False,
-                          fused_residual="auto", relu_done=False):
-        """The dense step after the encoder's product: four more products."""
+                          fused_residual="auto", relu_done=False, fused_stats="auto"):
+        """The dense step after the encoder's product: four more products.
+
+        Returns the step's statistics (:meth:`_penalty_stats_`), the firing
+        counts and the residual.
+        """
         batch, d = x.shape
         act = self.activation
         W_enc = self.W_enc
@@ -618,19 +627,15 @@ class SparseAutoencoder(nn.Module):
         y = mm(codes, W_dec_c, out=ws["err"] if codes.dtype == torch.float32 else None)
         sse, gx_sums = self._residual_(y, x, ws, fused_residual)
         err = ws["err"]
-        mse = sse / batch
         dec_grad = mm(codes.t(), gx_ones)
         self._weight_grad_("W_dec", dec_grad[:, :d], low_grads)
-        code_sums = dec_grad[:, d].float()
-        l0 = fired.sum() / batch
-        penalty, code_bias = act.penalty(code_sums, l0, self, coef, batch)
-        l1 = code_sums.sum() / batch
-        loss = mse + coef * penalty
+        # The statistics, and the per-feature penalty gradient written as the
+        # bias of the next product (through gx's ones column).
+        stats = self._penalty_stats_(dec_grad[:, d], fired, sse, coef, batch, dec[:, d],
+                                     fused_stats)
 
-        # d loss / d codes, with a per-feature penalty gradient as the bias
-        # (through gx's ones column); then through the activation, zero where
-        # a code is not active.
-        dec[:, d] = 0.0 if code_bias is None else code_bias
+        # d loss / d codes, the penalty's through the bias; then through the
+        # activation, zero where a code is not active.
         mm(gx_ones, dec.t(), out=grad)
         act.parameter_gradients_(grad, self, coef, batch)
         self._apply_mask_(grad, mask)
@@ -640,7 +645,41 @@ class SparseAutoencoder(nn.Module):
         self.b_enc.grad = grad_b_enc
         # b_dec enters twice: added to x_hat, and subtracted before encoding.
         self.b_dec.grad = gx_sums - grad_b_enc @ W_enc
-        return loss, mse, l1, l0, fired, err
+        return stats, fired, err
+
+    def _penalty_stats_(self, code_sums, fired, sse, coef, batch, bias_out, fused_stats="auto"):
+        """``[loss, mse, l1, l0, 0]`` of the step, and the codes' penalty bias into ``bias_out``.
+
+        ``code_sums``: the codes' column sums (a column of a product). The
+        plain way is a dozen torch operations on (n_components,) vectors; on
+        a GPU one small Triton kernel
+        (:func:`sparse_dict._torch.fused.penalty_stats_`) does them, where
+        the first step measures it faster
+        (:func:`sparse_dict._torch.fused.penalty_stats_pays`).
+        """
+        act = self.activation
+
+        def plain():
+            sums = code_sums.float()
+            l0 = fired.sum() / batch
+            penalty, code_bias = act.penalty(sums, l0, self, coef, batch)
+            mse = sse / batch
+            if code_bias is None:
+                bias_out.zero_()
+            else:
+                bias_out.copy_(code_bias)
+            return torch.stack([mse + coef * penalty, mse, sums.sum() / batch, l0,
+                                torch.zeros((), device=mse.device)])
+
+        use = fused_stats
+        weights, l0_factor = act.penalty_terms(self)
+        if use == "auto":
+            use = fired.device.type == "cuda" and fused.penalty_stats_pays(
+                code_sums, fired, sse, weights, l0_factor, coef, batch, bias_out, plain)
+        if use:
+            return fused.penalty_stats_(code_sums, fired, sse, weights, l0_factor, coef, batch,
+                                        bias_out)
+        return plain()
 
     def _sparse_gradients_(self, pre, x, xc):
         """The sparse step after the encoder's product, from the active codes.

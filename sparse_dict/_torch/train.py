@@ -149,6 +149,11 @@ class TrainConfig:
         product's epilogue (:func:`sparse_dict._torch.fused.product_relu_`),
         with the same values up to the products' rounding; "auto", True and
         False as for ``fused_codes``.
+    fused_stats : bool or "auto"
+        Form the step's statistics and the codes' penalty bias in one small
+        kernel (:func:`sparse_dict._torch.fused.penalty_stats_`), with the
+        same values up to the order of the sums' additions; "auto", True
+        and False as for ``fused_codes``.
     """
 
     coef: float = 1.0
@@ -172,6 +177,7 @@ class TrainConfig:
     fused_codes: bool | str = "auto"
     fused_residual: bool | str = "auto"
     fused_product: bool | str = "auto"
+    fused_stats: bool | str = "auto"
 
     def lr_factor(self, step):
         factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
@@ -676,7 +682,7 @@ class Trainer:
             x, coef, autocast, dead=dead, auxk_coef=self._auxk_weight(config), k_aux=config.k_aux,
             sparse_step=config.sparse_step, fused_codes=config.fused_codes,
             fused_residual=config.fused_residual, fused_product=config.fused_product,
-            residual_power=self._residual_power,
+            fused_stats=config.fused_stats, residual_power=self._residual_power,
             low_grads=self._one_process and self._uses_fused_update(config),
         )
 
