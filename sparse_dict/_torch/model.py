@@ -446,10 +446,9 @@ class SparseAutoencoder(nn.Module):
             stats, fired, err = self._dense_gradients_(
                 pre, x, ws, coef, fused_codes, low_grads=low_grads and not use_aux,
                 fused_residual=fused_residual, relu_done=relu_done, fused_stats=fused_stats)
-            mse = stats[1]
 
         if use_aux:
-            power = mse.detach() if residual_power is None else residual_power
+            power = stats[1] if residual_power is None else residual_power
             stats[4] = self._auxk_gradients_(pre_dead, dead, err, xc, auxk_coef, k_aux, batch,
                                              power)
         return stats, fired
@@ -672,14 +671,16 @@ class SparseAutoencoder(nn.Module):
                                 torch.zeros((), device=mse.device)])
 
         use = fused_stats
-        weights, l0_factor = act.penalty_terms(self)
         if use == "auto":
-            use = fired.device.type == "cuda" and fused.penalty_stats_pays(
-                code_sums, fired, sse, weights, l0_factor, coef, batch, bias_out, plain)
-        if use:
-            return fused.penalty_stats_(code_sums, fired, sse, weights, l0_factor, coef, batch,
-                                        bias_out)
-        return plain()
+            use = fired.device.type == "cuda"
+        if not use:
+            return plain()
+        weights, l0_factor = act.penalty_terms(self)
+        if fused_stats == "auto" and not fused.penalty_stats_pays(
+                code_sums, fired, sse, weights, l0_factor, coef, batch, bias_out, plain):
+            return plain()
+        return fused.penalty_stats_(code_sums, fired, sse, weights, l0_factor, coef, batch,
+                                    bias_out)
 
     def _sparse_gradients_(self, pre, x, xc):
         """The sparse step after the encoder's product, from the active codes.
