@@ -11,7 +11,10 @@
 # of a short bf16 fit, OUT_DIR/bench.log and OUT_DIR/tests.log. Each stage
 # has its own time limit, so that a slow stage leaves the other's output. On
 # an H200 (2026-11-26) the section took about 125 s and the suite, with 8
-# workers, about 180 s (185 s stopped it at 93%): `gpu_session.sh OUT 140 240`.
+# workers, about 180 s (185 s stopped it at 93%). The section has grown since
+# (each product of the step timed, two more kernels compared: perhaps 20 s
+# more, not yet measured), and the GPU tests take up to 120 s first:
+# `gpu_session.sh OUT 170 240`, under a device limit of about 560 s.
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT_DIR [BENCH_SECONDS] [TEST_SECONDS]}
 bench_s=${2:-300}
