@@ -369,6 +369,12 @@ _CODES = textwrap.dedent('''
     before = codes.clone()
     out["pays"] = fused.codes_kernel_pays(codes, mask, scratch, bits, plain, True)
     out["codes_kept"] = bool(torch.equal(codes, before))
+    # Decided: the steps after the first ask again and touch nothing (no
+    # copy of the codes into the scratch buffer, a pass over the largest
+    # array of the step).
+    scratch.fill_(5.0)
+    again = fused.codes_kernel_pays(codes, mask, scratch, bits, plain, True)
+    out["asked_again"] = again == out["pays"] and bool((scratch == 5.0).all())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out["pays_wrong"] = fused.codes_kernel_pays(codes[:, :30], mask[:, :30],
@@ -483,7 +489,7 @@ def _check_codes(out, measured):
         # not grow past 1e-4 (a wrong term moves them by about 0.05).
         gaps = out["residual_train"][act]
         assert gaps["params"] < 1e-4 and gaps["history"] < 1e-4, (act, gaps)
-    assert out["codes_kept"] and out["residual_y_kept"]
+    assert out["codes_kept"] and out["residual_y_kept"] and out["asked_again"]
     if not measured:
         # Nothing to time on the interpreter.
         assert out["pays"] is True and out["residual_pays"] is True

@@ -417,6 +417,17 @@ def kernel_pays(key, device, agrees, plain, fused, repeats=5):
     return _choices[key]
 
 
+def _decided(key, device):
+    """The choice made for ``key``, False where no kernel may run, None before the first.
+
+    Every step asks; the callers return this before preparing anything for
+    a first decision (copies of the step's buffers, closures).
+    """
+    if not _may_run(device):
+        return False
+    return _choices.get(key)
+
+
 def _faster(plain, fused, device, repeats):
     # Wall-clock time of back-to-back calls, from the host: the GPU's time
     # where the GPU is the bound, the host's time to launch where it is (a
@@ -464,6 +475,11 @@ def codes_kernel_pays(codes, mask, scratch, bits, plain, relu):
         ``plain(codes, mask) -> fired``: the plain operations, in place.
     relu : bool
     """
+    key = ("codes", str(codes.device), codes.dtype, tuple(codes.shape), bool(relu))
+    decided = _decided(key, codes.device)
+    if decided is not None:
+        return decided  # no copy, no closures: every step after the first asks
+
     def agrees():
         scratch.copy_(codes)
         fired_plain = plain(scratch, mask)
@@ -486,7 +502,6 @@ def codes_kernel_pays(codes, mask, scratch, bits, plain, relu):
     # Repeating a run repeats its work: the ReLU of codes already through
     # it reads and writes them again.
     scratch.copy_(codes)
-    key = ("codes", str(codes.device), codes.dtype, tuple(codes.shape), bool(relu))
     return kernel_pays(key, codes.device, agrees, plain_run, fused_run)
 
 
@@ -499,6 +514,10 @@ def residual_pays(y, bias, x, gx, err, scale, plain):
     float32 rounding of the plain ones. ``y`` is left as it was (copied
     first when it is ``err`` itself); ``err`` and ``gx`` are overwritten.
     """
+    key = ("residual", str(x.device), gx.dtype, tuple(x.shape), y.dtype)
+    decided = _decided(key, x.device)
+    if decided is not None:
+        return decided  # no copy of y at the steps after the first
     source = y.clone() if y.data_ptr() == err.data_ptr() else y
 
     def run_plain():
@@ -520,7 +539,6 @@ def residual_pays(y, bias, x, gx, err, scale, plain):
                 and abs(float(sse) - expected[2]) <= 1e-5 * max(expected[2], 1e-30)
                 and float((sums - expected[3]).abs().max()) <= tol)
 
-    key = ("residual", str(x.device), gx.dtype, tuple(x.shape), y.dtype)
     return kernel_pays(key, x.device, agrees, run_plain, run_fused)
 
 
@@ -550,6 +568,10 @@ def product_relu_pays(bias, a, b, out, scratch, plain):
     ``out`` and ``scratch`` are overwritten; the caller then runs the way
     chosen.
     """
+    key = ("product_relu", str(out.device), out.dtype, tuple(out.shape), a.shape[1])
+    decided = _decided(key, out.device)
+    if decided is not None:
+        return decided
     eps = torch.finfo(out.dtype).eps
 
     def agrees():
@@ -565,7 +587,6 @@ def product_relu_pays(bias, a, b, out, scratch, plain):
     def run_fused():
         product_relu_(bias, a, b, out)
 
-    key = ("product_relu", str(out.device), out.dtype, tuple(out.shape), a.shape[1])
     return kernel_pays(key, out.device, agrees, run_plain, run_fused)
 
 
@@ -624,6 +645,12 @@ def penalty_stats_pays(code_sums, fired, sse, weights, l0_factor, coef, batch, b
     -> stats`` writes ``bias_out`` with torch's operations; the kernel must
     write the same bias and statistics within float32 rounding of theirs.
     """
+    key = ("penalty_stats", str(fired.device), bias_out.dtype, tuple(fired.shape),
+           weights is not None)
+    decided = _decided(key, fired.device)
+    if decided is not None:
+        return decided
+
     def agrees():
         expected = plain().clone()
         bias = bias_out.clone()
@@ -631,8 +658,6 @@ def penalty_stats_pays(code_sums, fired, sse, weights, l0_factor, coef, batch, b
         close = torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
         return close and torch.equal(bias_out, bias)
 
-    key = ("penalty_stats", str(fired.device), bias_out.dtype, tuple(fired.shape),
-           weights is not None)
     return kernel_pays(key, fired.device, agrees, plain,
                        lambda: penalty_stats_(code_sums, fired, sse, weights, l0_factor, coef,
                                               batch, bias_out))
