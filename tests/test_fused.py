@@ -402,9 +402,9 @@ _CODES = textwrap.dedent('''
             enc[:, 9] = bias if with_bias else 0.0
             return torch.mm(xc[:len(into)], enc.t(), out=into)
         out["product_pays"] = fused.product_relu_pays(
-            bias, xc[:, :9], enc[:, :9].t(), out_p, scratch_p, plain_product)
+            lambda: bias, xc[:, :9], enc[:, :9].t(), out_p, scratch_p, plain_product)
         out["product_pays_wrong"] = fused.product_relu_pays(
-            bias, xc[:5, :9], enc[:, :9].t(), out_p[:5], scratch_p[:5],
+            lambda: bias, xc[:5, :9], enc[:, :9].t(), out_p[:5], scratch_p[:5],
             lambda into: plain_product(into, with_bias=False))
         # The statistics' kernel against a plain way that is off by one.
         vec = torch.rand(12, generator=g, device=device)

@@ -556,8 +556,10 @@ def product_relu_(bias, a, b, out):
     return torch._addmm_activation(bias, a, b, out=out)
 
 
-def product_relu_pays(bias, a, b, out, scratch, plain):
+def product_relu_pays(bias_of, a, b, out, scratch, plain):
     """Whether :func:`product_relu_` should replace ``plain`` and a ReLU for these operands.
+
+    ``bias_of()`` gives the bias (called for the first decision only).
 
     Decided by :func:`kernel_pays` on the first step's own product: the
     plain way is ``plain(scratch)`` (the encoder's product with its bias
@@ -573,6 +575,8 @@ def product_relu_pays(bias, a, b, out, scratch, plain):
     if decided is not None:
         return decided
     eps = torch.finfo(out.dtype).eps
+
+    bias = bias_of()
 
     def agrees():
         expected = plain(scratch).relu_()

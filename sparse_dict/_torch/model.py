@@ -479,7 +479,8 @@ class SparseAutoencoder(nn.Module):
         use = relu and fused_product
         if use == "auto":
             use = out.device.type == "cuda" and fused.product_relu_pays(
-                self._low_bias(ws), xc_ones[:, :d], enc[:, :d].t(), out, ws["grad"], plain)
+                lambda: self._low_bias(ws), xc_ones[:, :d], enc[:, :d].t(), out, ws["grad"],
+                plain)
         if use:
             return fused.product_relu_(self._low_bias(ws), xc_ones[:, :d], enc[:, :d].t(),
                                        out), True
