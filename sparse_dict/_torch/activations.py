@@ -57,7 +57,7 @@ class Activation:
     forward_is_relu : bool
         Whether :meth:`forward_` is exactly ``pre.relu_()``, so that the
         one-pass codes kernel on a GPU
-        (:func:`sparse_dict._torch.fused.codes_mask_count_`) may take it
+        (:func:`sparse_dict._torch.fused.codes_bits_count_`) may take it
         along with the mask and the firing counts.
     """
 
