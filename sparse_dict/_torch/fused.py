@@ -182,7 +182,8 @@ def adam_rows_(weight, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, step
     grid = (-(-n_rows // block_r),)
     _kernels().adam_rows[grid](
         weight, grad, exp_avg, exp_avg_sq, weight if low is None else low,
-        weight if norms is None else norms, n_rows, d, weight.stride(0), grad.stride(0), 0 if low is None else low.stride(0),
+        weight if norms is None else norms, n_rows, d, weight.stride(0), grad.stride(0),
+        0 if low is None else low.stride(0),
         lr / bc1, beta1, beta2, eps, bc2_sqrt,
         PROJECT=bool(project), UNIT=bool(unit), WRITE_LOW=low is not None,
         LOW_BF16=low is not None and low.dtype == torch.bfloat16, WRITE_NORMS=norms is not None,
@@ -375,16 +376,19 @@ def residual_(y, bias, x, gx, err, scale):
 _choices = {}
 
 
-def kernel_pays(key, device, agrees, plain, fused, repeats=5):
+def kernel_pays(key, device, prepare, repeats=5):
     """Whether a kernel should replace the plain operations: decided once per ``key``.
 
-    The first time, on the first step's own data: ``agrees()`` runs both
-    ways on scratch copies and says whether the kernel gives the plain
-    operations' values (a failure or a disagreement warns once and keeps
-    the plain operations); on a GPU both are then timed, back to back, and
-    the faster kept. In Triton's interpreter (the tests) there is nothing
-    to time and an agreeing kernel is taken. Never anywhere a kernel may
-    not run (:func:`available`'s conditions).
+    Every step asks, and gets the decision made the first time at the cost
+    of a dictionary lookup. That first time, on the first step's own data,
+    ``prepare()`` sets the comparison up (copies of the step's buffers,
+    which later steps must not pay for) and returns ``(agrees, plain,
+    fused)``: ``agrees()`` runs both ways and says whether the kernel gives
+    the plain operations' values (a failure or a disagreement warns once
+    and keeps the plain operations); on a GPU both are then timed, back to
+    back, and the faster kept. In Triton's interpreter (the tests) there is
+    nothing to time and an agreeing kernel is taken. Never anywhere a
+    kernel may not run (:func:`available`'s conditions).
 
     Parameters
     ----------
@@ -392,15 +396,15 @@ def kernel_pays(key, device, agrees, plain, fused, repeats=5):
         What the choice is for: the kernel's name, then what its speed
         depends on (device, dtype, shape, variant).
     device : torch.device
-    agrees : callable
-        ``agrees() -> bool``.
-    plain, fused : callable
-        One run each way, repeatable on the same buffers.
+    prepare : callable
+        ``prepare() -> (agrees, plain, fused)``; ``plain`` and ``fused`` are
+        one run each way, repeatable on the same buffers.
     """
     if not _may_run(device):
         return False
     if key not in _choices:
         try:
+            agrees, plain, fused = prepare()
             choice = agrees()
             if not choice:
                 warnings.warn(f"The {key[0]} kernel differs from torch's operations on "
@@ -415,17 +419,6 @@ def kernel_pays(key, device, agrees, plain, fused, repeats=5):
             choice = False
         _choices[key] = bool(choice)
     return _choices[key]
-
-
-def _decided(key, device):
-    """The choice made for ``key``, False where no kernel may run, None before the first.
-
-    Every step asks; the callers return this before preparing anything for
-    a first decision (copies of the step's buffers, closures).
-    """
-    if not _may_run(device):
-        return False
-    return _choices.get(key)
 
 
 def _faster(plain, fused, device, repeats):
@@ -475,34 +468,34 @@ def codes_kernel_pays(codes, mask, scratch, bits, plain, relu):
         ``plain(codes, mask) -> fired``: the plain operations, in place.
     relu : bool
     """
+    def prepare():
+        def agrees():
+            scratch.copy_(codes)
+            fired_plain = plain(scratch, mask)
+            expected = (scratch.clone(), mask.clone(), fired_plain.clone())
+            scratch.copy_(codes)
+            fired = codes_bits_count_(scratch, bits, relu=relu)
+            # Compared as values: a -0.0 code gives a -0.0 mask through
+            # sign; both mask alike.
+            same = (torch.equal(scratch, expected[0]) and torch.equal(fired, expected[2])
+                    and torch.equal(unpack_bits(bits, codes.shape[1], mask.dtype), expected[1]))
+            # Repeating a run repeats its work: the ReLU of codes already
+            # through it reads and writes them again.
+            scratch.copy_(codes)
+            return same
+
+        def plain_run():
+            plain(scratch, mask)
+            scratch.mul_(mask)
+
+        def fused_run():
+            codes_bits_count_(scratch, bits, relu=relu)
+            mask_by_bits_(scratch, bits)
+
+        return agrees, plain_run, fused_run
+
     key = ("codes", str(codes.device), codes.dtype, tuple(codes.shape), bool(relu))
-    decided = _decided(key, codes.device)
-    if decided is not None:
-        return decided  # no copy, no closures: every step after the first asks
-
-    def agrees():
-        scratch.copy_(codes)
-        fired_plain = plain(scratch, mask)
-        expected = (scratch.clone(), mask.clone(), fired_plain.clone())
-        scratch.copy_(codes)
-        fired = codes_bits_count_(scratch, bits, relu=relu)
-        # Compared as values: a -0.0 code gives a -0.0 mask through sign;
-        # both mask alike.
-        return (torch.equal(scratch, expected[0]) and torch.equal(fired, expected[2])
-                and torch.equal(unpack_bits(bits, codes.shape[1], mask.dtype), expected[1]))
-
-    def plain_run():
-        plain(scratch, mask)
-        scratch.mul_(mask)
-
-    def fused_run():
-        codes_bits_count_(scratch, bits, relu=relu)
-        mask_by_bits_(scratch, bits)
-
-    # Repeating a run repeats its work: the ReLU of codes already through
-    # it reads and writes them again.
-    scratch.copy_(codes)
-    return kernel_pays(key, codes.device, agrees, plain_run, fused_run)
+    return kernel_pays(key, codes.device, prepare)
 
 
 def residual_pays(y, bias, x, gx, err, scale, plain):
@@ -514,32 +507,33 @@ def residual_pays(y, bias, x, gx, err, scale, plain):
     float32 rounding of the plain ones. ``y`` is left as it was (copied
     first when it is ``err`` itself); ``err`` and ``gx`` are overwritten.
     """
+    def prepare():
+        source = y.clone() if y.data_ptr() == err.data_ptr() else y
+
+        def run_plain():
+            if source is not y:
+                err.copy_(source)
+            return plain()
+
+        def run_fused():
+            return residual_(source, bias, x, gx, err, scale)
+
+        def agrees():
+            sse_plain, sums_plain = run_plain()
+            expected = (err.clone(), gx.clone(), float(sse_plain), sums_plain.clone())
+            sse, sums = run_fused()
+            # Sums of the same values in another order: float32 rounding,
+            # about 1e-7 of their magnitudes times the rows.
+            tol = 1e-5 * (1.0 + float(expected[3].abs().max())
+                          + float(gx.float().abs().sum(0).max()))
+            return (torch.equal(err, expected[0]) and torch.equal(gx, expected[1])
+                    and abs(float(sse) - expected[2]) <= 1e-5 * max(expected[2], 1e-30)
+                    and float((sums - expected[3]).abs().max()) <= tol)
+
+        return agrees, run_plain, run_fused
+
     key = ("residual", str(x.device), gx.dtype, tuple(x.shape), y.dtype)
-    decided = _decided(key, x.device)
-    if decided is not None:
-        return decided  # no copy of y at the steps after the first
-    source = y.clone() if y.data_ptr() == err.data_ptr() else y
-
-    def run_plain():
-        if source is not y:
-            err.copy_(source)
-        return plain()
-
-    def run_fused():
-        return residual_(source, bias, x, gx, err, scale)
-
-    def agrees():
-        sse_plain, sums_plain = run_plain()
-        expected = (err.clone(), gx.clone(), float(sse_plain), sums_plain.clone())
-        sse, sums = run_fused()
-        # Sums of the same values in another order: float32 rounding, about
-        # 1e-7 of their magnitudes times the rows.
-        tol = 1e-5 * (1.0 + float(expected[3].abs().max()) + float(gx.float().abs().sum(0).max()))
-        return (torch.equal(err, expected[0]) and torch.equal(gx, expected[1])
-                and abs(float(sse) - expected[2]) <= 1e-5 * max(expected[2], 1e-30)
-                and float((sums - expected[3]).abs().max()) <= tol)
-
-    return kernel_pays(key, x.device, agrees, run_plain, run_fused)
+    return kernel_pays(key, x.device, prepare)
 
 
 # ------------------------------------------ the ReLU in the encoder's product
@@ -570,28 +564,21 @@ def product_relu_pays(bias_of, a, b, out, scratch, plain):
     ``out`` and ``scratch`` are overwritten; the caller then runs the way
     chosen.
     """
+    def prepare():
+        bias, eps = bias_of(), torch.finfo(out.dtype).eps
+
+        def agrees():
+            expected = plain(scratch).relu_()
+            got = product_relu_(bias, a, b, out)
+            scale = float(torch.linalg.vector_norm(expected.float()))
+            gap = float(torch.linalg.vector_norm((got.float() - expected.float())))
+            return gap <= 4 * eps * max(scale, 1e-30)
+
+        return (agrees, lambda: plain(scratch).relu_(),
+                lambda: product_relu_(bias, a, b, out))
+
     key = ("product_relu", str(out.device), out.dtype, tuple(out.shape), a.shape[1])
-    decided = _decided(key, out.device)
-    if decided is not None:
-        return decided
-    eps = torch.finfo(out.dtype).eps
-
-    bias = bias_of()
-
-    def agrees():
-        expected = plain(scratch).relu_()
-        got = product_relu_(bias, a, b, out)
-        scale = float(torch.linalg.vector_norm(expected.float()))
-        gap = float(torch.linalg.vector_norm((got.float() - expected.float())))
-        return gap <= 4 * eps * max(scale, 1e-30)
-
-    def run_plain():
-        plain(scratch).relu_()
-
-    def run_fused():
-        product_relu_(bias, a, b, out)
-
-    return kernel_pays(key, out.device, agrees, run_plain, run_fused)
+    return kernel_pays(key, out.device, prepare)
 
 
 # ------------------------------------------------- the step's small numbers
@@ -649,19 +636,20 @@ def penalty_stats_pays(code_sums, fired, sse, weights, l0_factor, coef, batch, b
     -> stats`` writes ``bias_out`` with torch's operations; the kernel must
     write the same bias and statistics within float32 rounding of theirs.
     """
+    def fused():
+        return penalty_stats_(code_sums, fired, sse, weights, l0_factor, coef, batch, bias_out)
+
+    def prepare():
+        def agrees():
+            expected = plain().clone()
+            bias = bias_out.clone()
+            got = fused()
+            close = torch.allclose(got, expected, rtol=1e-5,
+                                   atol=1e-6 * float(expected.abs().max()))
+            return close and torch.equal(bias_out, bias)
+
+        return agrees, plain, fused
+
     key = ("penalty_stats", str(fired.device), bias_out.dtype, tuple(fired.shape),
            weights is not None)
-    decided = _decided(key, fired.device)
-    if decided is not None:
-        return decided
-
-    def agrees():
-        expected = plain().clone()
-        bias = bias_out.clone()
-        got = penalty_stats_(code_sums, fired, sse, weights, l0_factor, coef, batch, bias_out)
-        close = torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
-        return close and torch.equal(bias_out, bias)
-
-    return kernel_pays(key, fired.device, agrees, plain,
-                       lambda: penalty_stats_(code_sums, fired, sse, weights, l0_factor, coef,
-                                              batch, bias_out))
+    return kernel_pays(key, fired.device, prepare)
