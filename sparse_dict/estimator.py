@@ -5,10 +5,10 @@ calls the torch core in :mod:`sparse_dict._torch`, and stores fitted
 attributes. It holds no training logic of its own.
 """
 
+import concurrent.futures
 import contextlib
 import json
 import math
-import threading
 import warnings
 from numbers import Integral, Real
 from pathlib import Path
@@ -202,48 +202,6 @@ def _check_values(X):
             "values lose their precision or vanish. Rescale X, for example divide it "
             "by its largest absolute value."
         )
-
-
-class _Meanwhile:
-    """One check run in a background thread; :meth:`wait` raises what it raised."""
-
-    def __init__(self):
-        self._thread = None
-        self._error = None
-
-    def start(self, check, *args):
-        def run():
-            try:
-                check(*args)
-            except BaseException as exc:  # noqa: BLE001 - raised by wait, in the caller
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, name="sparse_dict-check", daemon=True)
-        self._thread.start()
-
-    def wait(self):
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-
-@contextlib.contextmanager
-def _values_checked_meanwhile():
-    """A :class:`_Meanwhile` whose check has ended when the block does, however it ends.
-
-    The block calls ``wait()`` where the check's verdict must be in; an
-    exception raised first leaves the check's own error unraised (the first
-    problem is the one reported).
-    """
-    meanwhile = _Meanwhile()
-    try:
-        yield meanwhile
-    finally:
-        if meanwhile._thread is not None:
-            meanwhile._thread.join()
 
 
 def _warn_few_rows(n_samples, n_components):
@@ -734,11 +692,15 @@ class SparseAutoencoderDictionary(
         ConvergenceWarning
             When the run ends with its loss or L0 still moving.
         """
-        with _restored_on_error(self), _values_checked_meanwhile() as values_checked:
-            # The scan of X's values runs beside the set-up below (the model,
-            # its initialisation, the start of the copy to a GPU); its
-            # verdict is awaited before the first step.
-            X = self._validate_train_data(X, reset=True, scan=values_checked.start)
+        # The scan of X's values runs in a thread beside the set-up below (the
+        # model, its initialisation, the start of the copy to a GPU); its
+        # verdict is awaited before the first step. Leaving the block waits
+        # for the thread, however the fit ends (a first error is the one
+        # reported).
+        with (_restored_on_error(self),
+              concurrent.futures.ThreadPoolExecutor(1, "sparse_dict-check") as checks):
+            X = self._validate_train_data(X, reset=True, check_values=False)
+            values_checked = checks.submit(_check_values, X)
             provenance = _check_fit_provenance(provenance, X)
             replicas, device = self._replicas_and_device()
             random_state = self._shared_random_state(replicas)
@@ -756,7 +718,7 @@ class SparseAutoencoderDictionary(
             # start their copy there now, in the background.
             with trainer.open_feed(X, config) as feed:
                 trainer.initialize(X, random_state, self.decoder_bias_init, replicas)
-                values_checked.wait()
+                values_checked.result()
                 # After the checks that refuse a fit, before its training.
                 if replicas is None or replicas.rank == 0:
                     _warn_few_rows(X.shape[0], trainer.model.n_components)
@@ -951,8 +913,8 @@ class SparseAutoencoderDictionary(
             if kind == "unconverged" and (replicas is None or replicas.rank == 0):
                 warnings.warn(message, ConvergenceWarning, stacklevel=3)
 
-    def _validate_train_data(self, X, reset, scan=None):
-        """X as training data; ``scan(check, X)`` runs the scan of its values (by default, now)."""
+    def _validate_train_data(self, X, reset, check_values=True):
+        """X as training data; ``check_values=False`` leaves the scan of its values to the caller."""
         X = validate_data(
             self,
             X,
@@ -963,10 +925,8 @@ class SparseAutoencoderDictionary(
             # _check_values does it, in the same pass as its range check.
             ensure_all_finite=False,
         )
-        if scan is None:
+        if check_values:
             _check_values(X)
-        else:
-            scan(_check_values, X)
         return X
 
     def _store_fitted(self, trainer, dtype):

@@ -3,6 +3,7 @@
 import pickle
 import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -378,7 +379,7 @@ def test_the_value_scan_runs_beside_the_set_up_and_refuses_before_any_step(monke
     sae = small_sae()
     with pytest.raises(ValueError, match="Input X contains NaN"):
         sae.fit(X)
-    assert threads == ["sparse_dict-check"] and not trained
+    assert len(threads) == 1 and threads[0].startswith("sparse_dict-check") and not trained
     assert not hasattr(sae, "components_")
     # partial_fit scans in the caller's thread, as before.
     with pytest.raises(ValueError, match="Input X contains NaN"):
@@ -391,20 +392,26 @@ def test_an_earlier_error_wins_over_the_scan_s(monkeypatch):
     # reports that, and the scan's thread has ended when fit returns.
     from sparse_dict import estimator
 
-    started = []
-    real_start = estimator._Meanwhile.start
-    monkeypatch.setattr(estimator._Meanwhile, "start",
-                        lambda self, *a: (started.append(self), real_start(self, *a))[-1])
+    scanned = []
+    real_check = estimator._check_values
+
+    def slow_check(X):
+        time.sleep(0.2)  # still scanning when the set-up fails
+        try:
+            real_check(X)
+        finally:
+            scanned.append(threading.current_thread())
 
     def refuse(*args, **kwargs):
         raise MemoryError("no room for the model")
 
+    monkeypatch.setattr(estimator, "_check_values", slow_check)
     monkeypatch.setattr(estimator.SparseAutoencoderDictionary, "_new_trainer", refuse)
     X = np.ones((300, 8), dtype=np.float32)
     X[0, 0] = np.inf
     with pytest.raises(MemoryError, match="no room"):
         small_sae().fit(X)
-    assert started and not started[0]._thread.is_alive()
+    assert scanned and not scanned[0].is_alive()
 
 
 def test_transform_wrong_width(fitted, X):
