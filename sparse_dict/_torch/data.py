@@ -158,15 +158,10 @@ def _gather_rows(X, index):
     if threads <= 1 or not isinstance(X, np.ndarray) or len(index) < threads:
         return take_rows(X, index)
     out = np.empty((len(index), X.shape[1]), dtype=X.dtype)
-    bounds = np.linspace(0, len(index), threads + 1).astype(int)
-
-    def part(i):
-        # The indices come from sample_rows, in range: "clip" spares the
-        # buffered copy that "raise" makes of the output.
-        lo, hi = bounds[i], bounds[i + 1]
-        np.take(X, index[lo:hi], axis=0, out=out[lo:hi], mode="clip")
-
-    host_map(part, range(threads))
+    # The indices come from sample_rows, in range: "clip" spares the
+    # buffered copy that "raise" makes of the output.
+    host_map(lambda rows: np.take(X, index[rows], axis=0, out=out[rows], mode="clip"),
+             row_blocks(len(index), threads))
     return out
 
 
@@ -185,6 +180,18 @@ def host_threads(n_bytes, least_bytes=1 << 24):
     if n_bytes < least_bytes:
         return 1
     return max(1, min(_HOST_THREADS, (os.cpu_count() or 1) // 2))
+
+
+def row_blocks(n_rows, threads):
+    """``threads`` slices that split ``n_rows`` rows into blocks of near-equal size.
+
+    Examples
+    --------
+    >>> row_blocks(10, 3)
+    [slice(0, 3, None), slice(3, 6, None), slice(6, 10, None)]
+    """
+    bounds = np.linspace(0, n_rows, threads + 1).astype(int)
+    return [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def host_map(fn, items):
@@ -230,7 +237,7 @@ def sample_moments(sample):
         return (np.einsum("ij,ij->i", block, block, dtype=np.float64).sum(),
                 block.sum(axis=0, dtype=np.float64))
 
-    parts = host_map(sums, np.array_split(sample, threads))
+    parts = host_map(lambda rows: sums(sample[rows]), row_blocks(len(sample), threads))
     return (float(sum(p[0] for p in parts)) / len(sample),
             sum(p[1] for p in parts) / len(sample))
 

@@ -34,7 +34,7 @@ import threading
 import numpy as np
 import torch
 
-from sparse_dict._torch.data import host_map, host_threads, take_rows, to_device
+from sparse_dict._torch.data import host_map, host_threads, row_blocks, take_rows, to_device
 
 # Rows copied to the device at a time when the data moves there once: the
 # pinned staging buffer stays near 64 MB whatever the width.
@@ -539,7 +539,7 @@ def to_host(tensors):
 
 
 def _parallel_copy(src, dst=None, threads=None):
-    """Copy ``src`` into ``dst`` (a new C-contiguous array when None), by several threads when large.
+    """Copy ``src`` into ``dst`` (a new C-contiguous array when None), by threads when large.
 
     Writing new memory costs the host a page fault per page as well as the
     copy, and both divide across cores: on the H200 machine's 16-core host,
@@ -569,10 +569,9 @@ def _parallel_copy(src, dst=None, threads=None):
     if threads <= 1 or src.ndim == 0 or src.shape[0] < threads:
         dst[...] = src
         return dst
-    bounds = np.linspace(0, src.shape[0], threads + 1).astype(int)
 
-    def part(i):
-        dst[bounds[i]:bounds[i + 1]] = src[bounds[i]:bounds[i + 1]]
+    def part(rows):
+        dst[rows] = src[rows]
 
-    host_map(part, range(threads))
+    host_map(part, row_blocks(src.shape[0], threads))
     return dst
