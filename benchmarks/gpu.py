@@ -216,8 +216,7 @@ def step_products_ms(d, n, batch, device, bf16, calls, repeats):
 
 
 def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_update="auto",
-                       fused_codes="auto", fused_residual="auto", fused_product="auto",
-                       fused_stats="auto"):
+                       kernels=None):
     """Seconds of one training step of the sparse_dict core, the batch on the device.
 
     The two calls that :class:`~sparse_dict._torch.Trainer` makes for each
@@ -228,8 +227,8 @@ def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_updat
     operations with ``fused_update=False``); the codes' mask and counts in
     one pass, the residual's operations in one, ReLU's bias and ReLU in the
     encoder product's epilogue, and the statistics in one small kernel,
-    where the first step measured them faster (``fused_codes``,
-    ``fused_residual``, ``fused_product``, ``fused_stats``).
+    where the first step measured them faster (``kernels``, as
+    ``loss_and_gradients`` takes it, forces any of them either way).
     ``scale`` is 1: the data's scale does not change the work.
     """
     trainer = Trainer(d, n, device, seed=0)
@@ -240,9 +239,7 @@ def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_updat
     x = torch.as_tensor(X[:batch], device=device)
 
     def step():
-        model.loss_and_gradients(x, L1_COEF, autocast, fused_codes=fused_codes,
-                                 fused_residual=fused_residual, fused_product=fused_product,
-                                 fused_stats=fused_stats)
+        model.loss_and_gradients(x, L1_COEF, autocast, kernels=kernels)
         trainer.apply_gradients(config)
 
     try:
@@ -433,15 +430,15 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
         # The kernels between the products: whether the first step chose
         # each, and the step with the plain operations in its place, beside.
         low = torch.bfloat16 if bf16 else torch.float32
-        for kernel, option, shape in (("codes", "fused_codes", (batch, n)),
-                                      ("residual", "fused_residual", (batch, d)),
-                                      ("product_relu", "fused_product", (batch, n)),
-                                      ("penalty_stats", "fused_stats", (n,))):
+        for kernel, option, shape in (("codes", "codes", (batch, n)),
+                                      ("residual", "residual", (batch, d)),
+                                      ("product_relu", "product", (batch, n)),
+                                      ("penalty_stats", "stats", (n,))):
             r[f"{kernel}_kernel"] = any(
                 chosen for (name, _, dtype, key_shape, _), chosen in fused.choices().items()
                 if name == kernel and key_shape == shape and dtype == low)
             plain = fused_step_seconds(X, d, n, batch, device, bf16, sizes["calls"],
-                                       sizes["repeats"], **{option: False})
+                                       sizes["repeats"], kernels={option: False})
             r[f"step_plain_{kernel}_ms"] = 1e3 * plain
             r[f"{kernel}_kernel_speedup"] = plain / step
             _say(f"{label} {dtype_name}: step with the plain {kernel} operations "

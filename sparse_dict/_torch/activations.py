@@ -159,12 +159,7 @@ class Activation:
             product that forms the codes' gradient), or None when the term
             does not depend on the code values.
         """
-        weights, l0_factor = self.penalty_terms(model)
-        value = l0 * l0_factor if l0_factor else None
-        if weights is None:
-            return (torch.zeros((), device=code_sums.device) if value is None else value), None
-        weighted = code_sums.dot(weights) / batch
-        return (weighted if value is None else weighted + value), weights * (coef / batch)
+        return penalty_from_terms(*self.penalty_terms(model), code_sums, l0, coef, batch)
 
     def parameter_gradients_(self, grad_codes, model, coef, batch):
         """Write ``.grad`` of this mechanism's own parameters.
@@ -304,6 +299,22 @@ class TopK(Activation):
 
     def describe(self):
         return {"name": self.name, "k": self.k}
+
+
+def penalty_from_terms(weights, l0_factor, code_sums, l0, coef, batch):
+    """The penalty and its codes' bias from :meth:`Activation.penalty_terms`' closed form.
+
+    ``value = code_sums @ weights / batch + l0_factor * l0`` (each term only
+    where it is there); ``code_bias = weights * (coef / batch)``, or None
+    without weights. See :meth:`Activation.penalty`.
+    """
+    terms = []
+    if weights is not None:
+        terms.append(code_sums.dot(weights) / batch)
+    if l0_factor:
+        terms.append(l0 * l0_factor)
+    value = sum(terms[1:], terms[0]) if terms else torch.zeros((), device=code_sums.device)
+    return value, None if weights is None else weights * (coef / batch)
 
 
 def positive_mask(codes, mask):

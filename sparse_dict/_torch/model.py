@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_dict._torch import fused
-from sparse_dict._torch.activations import ReLU, positive_mask
+from sparse_dict._torch.activations import ReLU, penalty_from_terms, positive_mask
 from sparse_dict._torch.matmul import mm
 
 # The fitted tensors every autoencoder has, in the order configs list them;
@@ -57,6 +57,19 @@ def _float32_dense(t):
     """``t`` as a contiguous float32 tensor, in one pass (a bf16 product's column slice)."""
     return t.contiguous() if t.dtype == torch.float32 else t.to(
         torch.float32, memory_format=torch.contiguous_format)
+
+
+def _uses_kernel(kernels, name, device, pays):
+    """Whether the step takes GPU kernel ``name``: as ``kernels`` says, or where it pays.
+
+    ``kernels[name]`` is True, False or "auto" (the default): on a CUDA
+    device, ``pays()`` (a measured choice, made once per shape by
+    :func:`sparse_dict._torch.fused.kernel_pays`); elsewhere never.
+    """
+    use = "auto" if kernels is None else kernels.get(name, "auto")
+    if use == "auto":
+        return device.type == "cuda" and pays()
+    return bool(use)
 
 
 # The weight each of SparseAutoencoder.operand_views' buffers is made from.
@@ -263,10 +276,8 @@ class SparseAutoencoder(nn.Module):
         if ws is None:
             return {}
         d = self.n_features
-        if "norms" not in ws:
-            ws["norms"] = torch.empty(self.n_components, device=ws["enc"].device)
         return {"W_enc": ws["enc"][:, :d], "W_dec": ws["dec"][:, :d],
-                "W_dec_norms": ws["norms"]}
+                "W_dec_norms": self._extra("norms", (self.n_components,), torch.float32)}
 
     def atom_norms(self):
         """The norm of each atom (row of ``W_dec``), as the last update wrote it when it did."""
@@ -331,9 +342,8 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def loss_and_gradients(self, x, coef, autocast_dtype=None, dead=None, auxk_coef=0.0, k_aux=0,
-                           sparse_step="auto", fused_codes="auto", residual_power=None,
-                           low_grads=False, fused_residual="auto", fused_product="auto",
-                           fused_stats="auto"):
+                           sparse_step="auto", kernels=None, residual_power=None,
+                           low_grads=False):
         """Loss of a batch and its gradients, written into each ``.grad``.
 
         The loss is ``mean_b ||x_b - x_hat_b||^2 + coef * penalty`` (the
@@ -388,21 +398,17 @@ class SparseAutoencoder(nn.Module):
             (``False``), or the faster for this shape and device
             (``"auto"``, see :func:`sparse_step_pays`). Both give the same
             loss and gradients up to rounding.
-        fused_codes : bool or "auto"
-            The dense step's mask and firing counts in one pass
-            (:meth:`_codes_mask_count_`); the same values either way.
-        fused_residual : bool or "auto"
-            The dense step's residual and its sums in one pass
-            (:meth:`_residual_`); the same values up to the order of the
-            sums' additions.
-        fused_product : bool or "auto"
-            ReLU's bias and ReLU in the encoder product's epilogue
-            (:meth:`_pre_activations_`); the same values up to the
-            products' rounding.
-        fused_stats : bool or "auto"
-            The dense step's statistics and penalty bias in one small kernel
-            (:meth:`_penalty_stats_`); the same values up to the order of
-            the sums' additions.
+        kernels : dict, optional
+            For each of the dense step's GPU kernels, True (use it), False
+            (torch's operations) or "auto" (the faster, measured on the first
+            step; the default for any left out): ``"codes"``, the mask and
+            firing counts in one pass (:meth:`_codes_mask_count_`, the same
+            values either way); ``"residual"``, the residual and its sums in
+            one pass (:meth:`_residual_`); ``"product"``, ReLU's bias and
+            ReLU in the encoder product's epilogue (:meth:`_pre_activations_`);
+            ``"stats"``, the statistics and penalty bias in one small kernel
+            (:meth:`_penalty_stats_`). The last three give the same values up
+            to rounding (the order of sums' additions).
         low_grads : bool
             Leave the two weight matrices' gradients in the products' dtype
             (bfloat16 under autocast), in ``self.low_grads`` by name, with
@@ -436,7 +442,7 @@ class SparseAutoencoder(nn.Module):
         # ReLU's codes straight from the product where that pays; AuxK reads
         # the dead features' pre-activations, which the ReLU would lose.
         relu = not (sparse or use_aux) and self.activation.forward_is_relu
-        pre, relu_done = self._pre_activations_(ws, d, relu, fused_product)
+        pre, relu_done = self._pre_activations_(ws, d, relu, kernels)
         pre_dead = pre[:, dead].float() if use_aux else None
         self.low_grads.clear()
         if sparse:
@@ -444,8 +450,8 @@ class SparseAutoencoder(nn.Module):
             stats = torch.stack([mse, mse, l1, l0, torch.zeros((), device=x.device)])
         else:
             stats, fired, err = self._dense_gradients_(
-                pre, x, ws, coef, fused_codes, low_grads=low_grads and not use_aux,
-                fused_residual=fused_residual, relu_done=relu_done, fused_stats=fused_stats)
+                pre, x, ws, coef, kernels, low_grads=low_grads and not use_aux,
+                relu_done=relu_done)
 
         if use_aux:
             power = stats[1] if residual_power is None else residual_power
@@ -453,16 +459,16 @@ class SparseAutoencoder(nn.Module):
                                              power)
         return stats, fired
 
-    def _pre_activations_(self, ws, d, relu, fused_product="auto"):
+    def _pre_activations_(self, ws, d, relu, kernels=None):
         """``(x - b_dec) @ W_enc.T + b_enc`` into ``ws["codes"]``; with ``relu``, maybe its ReLU.
 
         The plain way carries the bias through ``xc``'s column of ones and
         ``enc``'s bias column. For ReLU, a GPU's cuBLASLt can add the bias and
         take the ReLU in the product's epilogue
         (:func:`sparse_dict._torch.fused.product_relu_`), which spares the
-        codes' pass its write; with ``fused_product="auto"`` the first step
-        measures both ways and keeps the faster
-        (:func:`sparse_dict._torch.fused.product_relu_pays`).
+        codes' pass its write; the first step measures both ways and keeps
+        the faster (:func:`sparse_dict._torch.fused.product_relu_pays`,
+        ``kernels["product"]``).
 
         Returns
         -------
@@ -476,25 +482,31 @@ class SparseAutoencoder(nn.Module):
             enc[:, d] = self.b_enc
             return mm(xc_ones, enc.t(), out=into)
 
-        use = relu and fused_product
-        if use == "auto":
-            use = out.device.type == "cuda" and fused.product_relu_pays(
+        if relu and _uses_kernel(kernels, "product", out.device, lambda: fused.product_relu_pays(
                 lambda: self._low_bias(ws), xc_ones[:, :d], enc[:, :d].t(), out, ws["grad"],
-                plain)
-        if use:
+                plain)):
             return fused.product_relu_(self._low_bias(ws), xc_ones[:, :d], enc[:, :d].t(),
                                        out), True
         return plain(out), False
 
     def _low_bias(self, ws):
         """``b_enc`` in the products' dtype, contiguous (the product's epilogue bias)."""
-        bias = self._ws.get("bias")
-        if bias is None:
-            bias = self._ws["bias"] = torch.empty(self.n_components, dtype=ws["enc"].dtype,
-                                                  device=ws["enc"].device)
+        bias = self._extra("bias", (self.n_components,), ws["enc"].dtype)
         return bias.copy_(self.b_enc)
 
-    def _codes_mask_count_(self, codes, ws, fused_codes="auto", relu_done=False):
+    def _extra(self, name, shape, dtype):
+        """A buffer of the workspace that only some steps need, made on first use.
+
+        Made again when the workspace's (or this buffer's) shape grows; freed
+        with the workspace.
+        """
+        buf = self._ws.get(name)
+        if buf is None or buf.shape[0] < shape[0] or buf.dtype != dtype:
+            buf = self._ws[name] = torch.empty(shape, dtype=dtype,
+                                               device=self._ws["enc"].device)
+        return buf[:shape[0]]
+
+    def _codes_mask_count_(self, codes, ws, kernels=None, relu_done=False):
         """The activation's codes in place, the mask of active codes, the firing counts.
 
         The plain way is the activation's :meth:`~Activation.forward_`, then
@@ -503,9 +515,10 @@ class SparseAutoencoder(nn.Module):
         Triton kernel (:func:`sparse_dict._torch.fused.codes_bits_count_`)
         does the last two, and ReLU's forward too, in one, and writes the
         mask as bits (a sixteenth of a bfloat16 mask's bytes, read once more
-        by :meth:`_apply_mask_`); with ``fused_codes="auto"`` the first
-        step measures both ways on its own codes and keeps the faster
-        (:func:`sparse_dict._torch.fused.codes_kernel_pays`). ``relu_done``:
+        by :meth:`_apply_mask_`); the first step measures both ways on its
+        own codes and keeps the faster
+        (:func:`sparse_dict._torch.fused.codes_kernel_pays`,
+        ``kernels["codes"]``). ``relu_done``:
         the product gave ReLU's codes already (:meth:`_pre_activations_`).
 
         Returns
@@ -531,24 +544,15 @@ class SparseAutoencoder(nn.Module):
 
         if not act.forward_is_relu:
             act.forward_(codes, ws, self)
-        use = fused_codes
-        if use == "auto":
-            use = codes.device.type == "cuda" and fused.codes_kernel_pays(
-                codes, mask, ws["grad"], self._bits(ws), plain, relu)
-        if use:
-            bits = self._bits(ws)
-            return fused.codes_bits_count_(codes, bits, relu=relu), bits
-        return plain(codes, mask), mask
+        def bits():
+            return self._extra("bits", (codes.shape[0], fused.bits_columns(self.n_components)),
+                               torch.uint8)
 
-    def _bits(self, ws):
-        """The workspace's packed mask for this batch (made on first use)."""
-        whole = self._ws.get("bits")
-        if whole is None or whole.shape[0] < ws["mask"].shape[0]:
-            whole = torch.empty(self._ws["mask"].shape[0],
-                                fused.bits_columns(self.n_components), dtype=torch.uint8,
-                                device=ws["mask"].device)
-            self._ws["bits"] = whole
-        return whole[:ws["mask"].shape[0]]
+        if _uses_kernel(kernels, "codes", codes.device, lambda: fused.codes_kernel_pays(
+                codes, mask, ws["grad"], bits(), plain, relu)):
+            packed = bits()
+            return fused.codes_bits_count_(codes, packed, relu=relu), packed
+        return plain(codes, mask), mask
 
     @staticmethod
     def _apply_mask_(grad, mask):
@@ -558,7 +562,7 @@ class SparseAutoencoder(nn.Module):
         else:
             grad.mul_(mask)
 
-    def _residual_(self, y, x, ws, fused_residual="auto"):
+    def _residual_(self, y, x, ws, kernels=None):
         """``err = x_hat - x`` and ``gx = 2 err / batch``, with their sums.
 
         ``y`` is the decoder's product (``err`` itself in float32). Writes
@@ -567,7 +571,7 @@ class SparseAutoencoder(nn.Module):
         torch operations; on a GPU one Triton kernel
         (:func:`sparse_dict._torch.fused.residual_`) does them in one pass
         where the first step measures it faster
-        (:func:`sparse_dict._torch.fused.residual_pays`).
+        (:func:`sparse_dict._torch.fused.residual_pays`, ``kernels["residual"]``).
         """
         batch, d = x.shape
         err, gx, b_dec = ws["err"], ws["gx"][:, :d], self.b_dec
@@ -581,11 +585,8 @@ class SparseAutoencoder(nn.Module):
             return (torch.linalg.vector_norm(err).square(),
                     gx.sum(dim=0, dtype=torch.float32))
 
-        use = fused_residual
-        if use == "auto":
-            use = x.device.type == "cuda" and fused.residual_pays(
-                y, b_dec, x, gx, err, scale, plain)
-        if use:
+        if _uses_kernel(kernels, "residual", x.device,
+                        lambda: fused.residual_pays(y, b_dec, x, gx, err, scale, plain)):
             return fused.residual_(y, b_dec, x, gx, err, scale)
         return plain()
 
@@ -604,8 +605,8 @@ class SparseAutoencoder(nn.Module):
             getattr(self, name).grad = _float32_dense(grad)
         self.low_grads.clear()
 
-    def _dense_gradients_(self, codes, x, ws, coef, fused_codes="auto", low_grads=False,
-                          fused_residual="auto", relu_done=False, fused_stats="auto"):
+    def _dense_gradients_(self, codes, x, ws, coef, kernels=None, low_grads=False,
+                          relu_done=False):
         """The dense step after the encoder's product: four more products.
 
         Returns the step's statistics (:meth:`_penalty_stats_`), the firing
@@ -619,20 +620,20 @@ class SparseAutoencoder(nn.Module):
         if not self._operand_current("W_dec"):
             dec[:, :d] = self.W_dec
         W_dec_c = dec[:, :d]
-        fired, mask = self._codes_mask_count_(codes, ws, fused_codes, relu_done)
+        fired, mask = self._codes_mask_count_(codes, ws, kernels, relu_done)
         # x_hat - x in a float32 buffer of the workspace, and d loss / d
         # x_hat next to gx's column of ones: the product with the codes gives
         # W_dec's gradient and, in the last column, the codes' column sums
         # (for the penalty). No (batch, d) tensor is allocated in float32.
         y = mm(codes, W_dec_c, out=ws["err"] if codes.dtype == torch.float32 else None)
-        sse, gx_sums = self._residual_(y, x, ws, fused_residual)
+        sse, gx_sums = self._residual_(y, x, ws, kernels)
         err = ws["err"]
         dec_grad = mm(codes.t(), gx_ones)
         self._weight_grad_("W_dec", dec_grad[:, :d], low_grads)
         # The statistics, and the per-feature penalty gradient written as the
         # bias of the next product (through gx's ones column).
         stats = self._penalty_stats_(dec_grad[:, d], fired, sse, coef, batch, dec[:, d],
-                                     fused_stats)
+                                     kernels)
 
         # d loss / d codes, the penalty's through the bias; then through the
         # activation, zero where a code is not active.
@@ -647,7 +648,7 @@ class SparseAutoencoder(nn.Module):
         self.b_dec.grad = gx_sums - grad_b_enc @ W_enc
         return stats, fired, err
 
-    def _penalty_stats_(self, code_sums, fired, sse, coef, batch, bias_out, fused_stats="auto"):
+    def _penalty_stats_(self, code_sums, fired, sse, coef, batch, bias_out, kernels=None):
         """``[loss, mse, l1, l0, 0]`` of the step, and the codes' penalty bias into ``bias_out``.
 
         ``code_sums``: the codes' column sums (a column of a product). The
@@ -655,14 +656,16 @@ class SparseAutoencoder(nn.Module):
         a GPU one small Triton kernel
         (:func:`sparse_dict._torch.fused.penalty_stats_`) does them, where
         the first step measures it faster
-        (:func:`sparse_dict._torch.fused.penalty_stats_pays`).
+        (:func:`sparse_dict._torch.fused.penalty_stats_pays`, ``kernels["stats"]``).
+        The penalty's terms (:meth:`Activation.penalty_terms`) are formed
+        once, for either way.
         """
-        act = self.activation
+        weights, l0_factor = self.activation.penalty_terms(self)
 
         def plain():
             sums = code_sums.float()
             l0 = fired.sum() / batch
-            penalty, code_bias = act.penalty(sums, l0, self, coef, batch)
+            penalty, code_bias = penalty_from_terms(weights, l0_factor, sums, l0, coef, batch)
             mse = sse / batch
             if code_bias is None:
                 bias_out.zero_()
@@ -671,17 +674,11 @@ class SparseAutoencoder(nn.Module):
             return torch.stack([mse + coef * penalty, mse, sums.sum() / batch, l0,
                                 torch.zeros((), device=mse.device)])
 
-        use = fused_stats
-        if use == "auto":
-            use = fired.device.type == "cuda"
-        if not use:
-            return plain()
-        weights, l0_factor = act.penalty_terms(self)
-        if fused_stats == "auto" and not fused.penalty_stats_pays(
-                code_sums, fired, sse, weights, l0_factor, coef, batch, bias_out, plain):
-            return plain()
-        return fused.penalty_stats_(code_sums, fired, sse, weights, l0_factor, coef, batch,
-                                    bias_out)
+        if _uses_kernel(kernels, "stats", fired.device, lambda: fused.penalty_stats_pays(
+                code_sums, fired, sse, weights, l0_factor, coef, batch, bias_out, plain)):
+            return fused.penalty_stats_(code_sums, fired, sse, weights, l0_factor, coef, batch,
+                                        bias_out)
+        return plain()
 
     def _sparse_gradients_(self, pre, x, xc):
         """The sparse step after the encoder's product, from the active codes.

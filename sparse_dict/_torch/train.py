@@ -179,6 +179,11 @@ class TrainConfig:
     fused_product: bool | str = "auto"
     fused_stats: bool | str = "auto"
 
+    def step_kernels(self):
+        """The ``fused_*`` choices by the names the model's step gives its kernels."""
+        return {"codes": self.fused_codes, "residual": self.fused_residual,
+                "product": self.fused_product, "stats": self.fused_stats}
+
     def lr_factor(self, step):
         factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         if self.total_steps is not None and self.decay_steps:
@@ -680,9 +685,8 @@ class Trainer:
         """The loss and gradients of the (scaled) rows ``x``."""
         return self.model.loss_and_gradients(
             x, coef, autocast, dead=dead, auxk_coef=self._auxk_weight(config), k_aux=config.k_aux,
-            sparse_step=config.sparse_step, fused_codes=config.fused_codes,
-            fused_residual=config.fused_residual, fused_product=config.fused_product,
-            fused_stats=config.fused_stats, residual_power=self._residual_power,
+            sparse_step=config.sparse_step, kernels=config.step_kernels(),
+            residual_power=self._residual_power,
             low_grads=self._one_process and self._uses_fused_update(config),
         )
 
