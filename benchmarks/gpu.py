@@ -104,13 +104,18 @@ def _say(text):
     print(f"[gpu] {text}", flush=True)
 
 
-def time_calls(fn, device, calls, repeats):
+def time_calls(fn, device, calls, repeats, warmup=2):
     """Median seconds per call of ``fn``, over ``repeats`` timings of ``calls`` calls.
+
+    ``warmup`` calls run first, untimed, and the device is synchronised.
 
     On a GPU the calls are timed with CUDA events around the whole group, so
     the figure is the device's time per call with the host free to queue
     ahead; the group ends with a synchronisation before it is read.
     """
+    for _ in range(warmup):
+        fn()
+    _sync(device)
     times = []
     for _ in range(max(1, repeats)):
         if device.type == "cuda":
@@ -148,9 +153,6 @@ def matmul_tflops(batch, d, n, device, bf16, calls, repeats):
     b = torch.randn(d, n, device=device, dtype=dtype, generator=g)
     out = torch.empty(batch, n, device=device, dtype=dtype)
     product = lambda: torch.mm(a, b, out=out)  # noqa: E731
-    for _ in range(2):
-        product()
-    _sync(device)
     seconds = time_calls(product, device, calls, repeats)
     return 2.0 * batch * d * n / seconds / 1e12
 
@@ -207,9 +209,6 @@ def step_products_ms(d, n, batch, device, bf16, calls, repeats):
                 "transposed": lambda a=a, b=b: torch.mm(b.t(), a.t())}
         out[name] = {}
         for way, fn in ways.items():
-            for _ in range(2):
-                fn()
-            _sync(device)
             out[name][way] = 1e3 * time_calls(fn, device, calls, repeats)
         out[name]["tflops"] = flops / (out[name]["as_issued"] / 1e3) / 1e12
     return out
@@ -243,10 +242,7 @@ def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_updat
         trainer.apply_gradients(config)
 
     try:
-        for _ in range(3):
-            step()
-        _sync(device)
-        return time_calls(step, device, calls, repeats)
+        return time_calls(step, device, calls, repeats, warmup=3)
     finally:
         model.release_workspace()
 

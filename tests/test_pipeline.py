@@ -102,15 +102,17 @@ def test_a_failing_read_reaches_the_caller_and_leaves_no_thread():
     def take(*_):
         raise OSError("disk gone")
 
-    import sparse_dict._torch.pipeline as pipeline
+    import sparse_dict._torch.data as data
 
-    real, pipeline.take_rows = pipeline.take_rows, take
+    # The workers read through data.take_rows_into, which reads a non-float32
+    # array through take_rows.
+    real, data.take_rows = data.take_rows, take
     try:
         with BatchFeed(X, CPU, 1.0, batch_size=2, workers=2) as feed:
             with pytest.raises(OSError, match="disk gone"):
                 list(feed.batches([np.array([0, 1]), np.array([2, 3])]))
     finally:
-        pipeline.take_rows = real
+        data.take_rows = real
     assert not [t for t in threading.enumerate() if t.name.startswith("sparse_dict-feed")]
 
 

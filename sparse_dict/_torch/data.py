@@ -27,6 +27,28 @@ def take_rows(X, index):
     return np.ascontiguousarray(rows)
 
 
+def take_rows_into(X, index, out):
+    """Rows ``index`` of ``X`` written into ``out``, in one copy where ``X`` is an array.
+
+    ``index`` must be in range (it comes from :func:`iter_batches` or
+    :func:`sample_rows`): ``np.take``'s "clip" then spares the buffered
+    copy of the output that "raise" makes. Other inputs (memmaps of
+    another dtype, sparse matrices) go through :func:`take_rows`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> out = np.empty((2, 2), dtype=np.float32)
+    >>> take_rows_into(np.arange(6, dtype=np.float32).reshape(3, 2), np.array([0, 2]), out)
+    >>> out.tolist()
+    [[0.0, 1.0], [4.0, 5.0]]
+    """
+    if isinstance(X, np.ndarray) and X.dtype == out.dtype:
+        np.take(X, index, axis=0, out=out, mode="clip")
+    else:
+        out[...] = take_rows(X, index)
+
+
 def to_device(rows, device, dtype=torch.float32):
     """A host array as a tensor on ``device``, through pinned memory on a GPU.
 
@@ -158,9 +180,7 @@ def _gather_rows(X, index):
     if threads <= 1 or not isinstance(X, np.ndarray) or len(index) < threads:
         return take_rows(X, index)
     out = np.empty((len(index), X.shape[1]), dtype=X.dtype)
-    # The indices come from sample_rows, in range: "clip" spares the
-    # buffered copy that "raise" makes of the output.
-    host_map(lambda rows: np.take(X, index[rows], axis=0, out=out[rows], mode="clip"),
+    host_map(lambda rows: take_rows_into(X, index[rows], out[rows]),
              row_blocks(len(index), threads))
     return out
 

@@ -34,7 +34,14 @@ import threading
 import numpy as np
 import torch
 
-from sparse_dict._torch.data import host_map, host_threads, row_blocks, take_rows, to_device
+from sparse_dict._torch.data import (
+    host_map,
+    host_threads,
+    row_blocks,
+    take_rows,
+    take_rows_into,
+    to_device,
+)
 
 # Rows copied to the device at a time when the data moves there once: the
 # pinned staging buffer stays near 64 MB whatever the width.
@@ -327,15 +334,8 @@ class BatchFeed:
         if ready is not None:
             # The copy to the device out of this buffer, batches ago.
             ready.synchronize()
-        out = buf[: len(local)].numpy()
-        X = self.X
-        if isinstance(X, np.ndarray) and X.dtype == np.float32:
-            # One copy, straight into the (pinned) buffer. The indices come
-            # from iter_batches, in range; "clip" spares the buffered copy
-            # that "raise" makes of the output.
-            np.take(X, local, axis=0, out=out, mode="clip")
-        else:
-            out[...] = take_rows(X, local)
+        # One copy, straight into the (pinned) buffer, for a float32 array.
+        take_rows_into(self.X, local, buf[: len(local)].numpy())
         return len(local)
 
     def _streamed_batches(self, items):
