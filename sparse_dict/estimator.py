@@ -713,7 +713,7 @@ class SparseAutoencoderDictionary(
                 resample_interval=interval,
                 resample_until=int(0.7 * total),
             )
-            trainer = self._new_trainer(X, random_state, device, replicas, initialize=False)
+            trainer = self._new_trainer(X, random_state, device)
             # Opened before the model is initialised: rows bound for the GPU
             # start their copy there now, in the background.
             with trainer.open_feed(X, config) as feed:
@@ -761,7 +761,8 @@ class SparseAutoencoderDictionary(
                 self._partial_random_state = self._shared_random_state(replicas)
             random_state = self._partial_random_state
             if first_call:
-                trainer = self._new_trainer(X, random_state, device, replicas)
+                trainer = self._new_trainer(X, random_state, device)
+                trainer.initialize(X, random_state, self.decoder_bias_init, replicas)
                 self.n_iter_ = 0
             else:
                 trainer = self._get_trainer().to(device)
@@ -850,14 +851,12 @@ class SparseAutoencoderDictionary(
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         return np.random.RandomState(replicas.broadcast_value(seed, "sharing the random seed"))
 
-    def _new_trainer(self, X, random_state, device, replicas=None, initialize=True):
+    def _new_trainer(self, X, random_state, device):
+        """A trainer for ``X``'s width, its model drawn; the caller initialises it from ``X``."""
         seed = int(random_state.randint(np.iinfo(np.int32).max))
         n_components = self.n_components or 4 * X.shape[1]
         self._check_memory(X.shape[1], n_components, device)
-        trainer = Trainer(X.shape[1], n_components, device, seed, self._activation())
-        if initialize:
-            trainer.initialize(X, random_state, self.decoder_bias_init, replicas)
-        return trainer
+        return Trainer(X.shape[1], n_components, device, seed, self._activation())
 
     def _check_memory(self, n_features, n_components, device):
         need, have = training_bytes(n_features, n_components), device_bytes(device)
