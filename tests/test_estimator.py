@@ -387,6 +387,24 @@ def test_the_value_scan_runs_beside_the_set_up_and_refuses_before_any_step(monke
     assert threads[-1] == threading.current_thread().name
 
 
+def test_the_value_scan_s_thread_has_ended_when_training_starts(monkeypatch):
+    # An idle thread that ran torch's operations slowed CPU training twice
+    # over while it lived: it must be gone before the first step.
+    from sparse_dict._torch import Trainer
+
+    alive_at_training = []
+    real_train = Trainer.train
+
+    def train(self, *args, **kwargs):
+        alive_at_training.extend(t.name for t in threading.enumerate()
+                                 if t.name.startswith("sparse_dict-check"))
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", train)
+    small_sae().fit(np.random.RandomState(0).randn(300, 8))
+    assert alive_at_training == []
+
+
 def test_an_earlier_error_wins_over_the_scan_s(monkeypatch):
     # A fit refused during its set-up (here: the model cannot be made)
     # reports that, and the scan's thread has ended when fit returns.
