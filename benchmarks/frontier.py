@@ -34,7 +34,9 @@ dead features (the share of features that fired on no row of the last
 pass's worth of training rows, ``feature_frequencies_ == 0``).
 
 MiniBatchDictionaryLearning gets the data rescaled to a mean squared norm
-equal to the number of features (what the SAE does internally), so one
+equal to the number of features (close to the SAE's own scale, which
+measures the rows' spread from its decoder bias's start: on these
+activations the mean row holds about a tenth of the squared norm), so one
 ``alpha`` grid serves both models; explained variance and L0 do not depend
 on the scale.
 """

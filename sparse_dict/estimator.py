@@ -251,6 +251,27 @@ class _IntervalNotBool(Interval):
         return not isinstance(val, (bool, np.bool_)) and super().is_satisfied_by(val)
 
 
+# Fewer active features a row than this at the end of a fit, and most rows
+# are reconstructed by the decoder bias alone: the fit warns.
+_SILENT_L0 = 0.1
+
+
+def _silent_features_message(penalty_name, coef, l0, n_rows):
+    """The warning for a fit whose features fire on (almost) none of the rows.
+
+    A penalty that outweighs every feature's use ends in codes of zero
+    nearly everywhere, and in a run that can look converged: said apart,
+    with its remedy.
+    """
+    penalty = (f"The sparsity penalty ({penalty_name}={coef:g})" if penalty_name
+               else "The sparsity penalty")
+    return (f"Features fire on almost no row: L0 is {l0:.3g} on {n_rows:,} training rows "
+            "sampled after the fit, so most rows are reconstructed by the decoder bias "
+            f"alone. {penalty} outweighs what the features explain on this data; lower it, "
+            "for example by a factor of 10, or use activation='topk', which keeps k "
+            "features active on every row.")
+
+
 @contextlib.contextmanager
 def _restored_on_error(estimator, trainer=None):
     """Put ``estimator``'s state back as it was if the body raises.
@@ -327,9 +348,10 @@ class SparseAutoencoderDictionary(
     the top-k family, whose dead features otherwise never get a gradient;
     resampling restarts features outright, which suits penalised codes.
 
-    During training the inputs are scaled so that their mean squared norm
-    equals ``n_features``; one ``l1_coef`` or ``l0_coef`` therefore means the
-    same sparsity pressure on any data set. The scale is folded back into the
+    During training the inputs are scaled so that their mean squared
+    distance from where the decoder bias starts equals ``n_features``; one
+    ``l1_coef`` or ``l0_coef`` therefore means the same sparsity pressure on
+    any data set, whatever its units and whatever offset its rows share. The scale is folded back into the
     fitted attributes, which are all in the units of ``X``.
 
     Parameters
@@ -348,7 +370,7 @@ class SparseAutoencoderDictionary(
         activations.
     l0_coef : float, default=0.005
         Weight of the L0 penalty of ``"jumprelu"``, in units of the inputs'
-        mean squared norm: a feature fires on a row when it lowers the
+        mean squared distance from the decoder bias's start: a feature fires on a row when it lowers the
         squared error by more than ``l0_coef`` times that. Larger values give
         lower L0 (0.005 gave an L0 of about 23 on the built-in model's MLP
         activations with 1024 features). Ignored by the other activations.
@@ -495,8 +517,9 @@ class SparseAutoencoderDictionary(
         with the dictionary; absent when neither was given.
     n_components_ : int
     scale_ : float
-        Factor that brought the training data to mean squared norm
-        ``n_features`` (already folded into the other attributes).
+        Factor that brought the training data to a mean squared distance
+        ``n_features`` from the decoder bias's starting point (already
+        folded into the other attributes).
     n_iter_ : int
         Passes over the data done (``partial_fit`` counts calls).
     n_steps_ : int
@@ -688,7 +711,9 @@ class SparseAutoencoderDictionary(
         -----
         UserWarning
             When ``X`` has fewer than 16 rows per atom: a dictionary that wide
-            can memorise its training rows (see ``docs/estimator.rst``).
+            can memorise its training rows (see ``docs/estimator.rst``). When
+            features fire on almost no row after training (an L0 below 0.1):
+            the sparsity penalty is too strong for the data.
         ConvergenceWarning
             When the run ends with its loss or L0 still moving.
         """
@@ -899,7 +924,8 @@ class SparseAutoencoderDictionary(
         """After training: calibrate, judge the run, and store the fitted state.
 
         Divergence raises (and the caller's context restores the estimator);
-        an unconverged run stores its result and warns. Every rank of a
+        an unconverged run, or one whose features fire on almost no row,
+        stores its result and warns. Every rank of a
         data-parallel fit judges the same history alike: the warning is
         given once, by rank 0.
         """
@@ -914,9 +940,15 @@ class SparseAutoencoderDictionary(
         self._trainer = trainer
         self._store_fitted(trainer, X.dtype)
         self.transform_l0_ = trainer.mean_l0(sample)
-        for kind, message in problems:
-            if kind == "unconverged" and (replicas is None or replicas.rank == 0):
-                warnings.warn(message, ConvergenceWarning, stacklevel=3)
+        if replicas is None or replicas.rank == 0:
+            for kind, message in problems:
+                if kind == "unconverged":
+                    warnings.warn(message, ConvergenceWarning, stacklevel=3)
+            if self.transform_l0_ < _SILENT_L0:
+                message = _silent_features_message(trainer.model.activation.penalty_name,
+                                                    config.coef, self.transform_l0_,
+                                                    len(sample))
+                warnings.warn(message, UserWarning, stacklevel=3)
 
     def _validate_train_data(self, X, reset, check_values=True):
         """X as training data; ``check_values=False`` leaves the scan of its values to the caller."""

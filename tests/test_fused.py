@@ -148,10 +148,14 @@ def _compare(device, env=None, script=_COMPARE):
 # an H200, and with bfloat16 products, whose operands round to 8 bits,
 # 2.4e-3 in W_enc after 30 steps at 0.01 there. A wrong formula (a missed
 # bias correction) moves the weights by about the learning rate at once.
+# In the interpreter too, a last-bit difference in a float32 weight can
+# flip the rounding of its bfloat16 operand copy (8 bits), which the later
+# steps carry: 2.4e-4 in W_enc after 30 steps at 0.01 (the float32 gaps
+# stay within 1e-6).
 # The bfloat16 savings (gradients read in bfloat16, operands written by the
 # update) are checked exactly on every device, against the same fused
 # update without them.
-_DRIFT = {"interpreter": (2e-5, 2e-5), "gpu": (2e-3, 1e-2)}
+_DRIFT = {"interpreter": (2e-5, 1e-3), "gpu": (2e-3, 1e-2)}
 
 
 def _check(out, drifts):

@@ -58,14 +58,35 @@ def test_resampling_schedule():
     assert not any(TrainConfig(resample_dead=False).resample_due(s) for s in range(5000))
 
 
-def test_scale_makes_mean_squared_norm_equal_width():
+@pytest.mark.parametrize("init", ["geometric_median", "mean", "zeros"])
+def test_scale_makes_the_distance_from_the_decoder_bias_equal_width(init):
+    # Rows far from the origin: the scale is set by their spread around
+    # where the decoder bias starts (the origin only with "zeros").
     rng = np.random.RandomState(0)
-    X = rng.standard_normal((500, 10)) * 37.0
+    X = rng.standard_normal((500, 10)) * 37.0 + 400.0
     trainer = Trainer(10, 20, "cpu", seed=0)
-    trainer.initialize(X, rng, "mean")
+    trainer.initialize(X, rng, init)
     scaled = X * trainer.scale
-    assert np.mean((scaled**2).sum(1)) == pytest.approx(10.0, rel=1e-6)
-    np.testing.assert_allclose(trainer.model.b_dec.detach().numpy(), scaled.mean(0), rtol=1e-5, atol=1e-5)
+    b_dec = trainer.model.b_dec.detach().numpy().astype(np.float64)
+    assert np.mean(((scaled - b_dec) ** 2).sum(1)) == pytest.approx(10.0, rel=1e-5)
+    if init == "mean":
+        np.testing.assert_allclose(b_dec, scaled.mean(0), rtol=1e-5)
+    elif init == "zeros":
+        assert not b_dec.any()
+    # Reconstructing every row by the mean, in the scaled units.
+    assert trainer.variance == pytest.approx(np.mean(((scaled - scaled.mean(0)) ** 2).sum(1)),
+                                             rel=1e-5)
+
+
+def test_scale_of_identical_rows_falls_back_to_their_norm():
+    # No spread at all: the raw norm sets the scale rather than a division
+    # by a rounding error.
+    X = np.tile(np.array([[3.0, 4.0]]), (50, 1))
+    trainer = Trainer(2, 4, "cpu", seed=0)
+    trainer.initialize(X, np.random.RandomState(0), "mean")
+    assert trainer.scale == pytest.approx(np.sqrt(2.0) / 5.0)
+    np.testing.assert_allclose(trainer.model.b_dec.detach().numpy(),
+                               [3.0 * trainer.scale, 4.0 * trainer.scale], rtol=1e-6)
 
 
 def test_geometric_median_of_symmetric_points_is_the_centre():

@@ -209,6 +209,43 @@ def test_a_short_fit_warns_and_a_sufficient_one_does_not():
         SparseAutoencoderDictionary(max_steps=4000, **params).fit(X)
 
 
+@pytest.mark.parametrize("activation", ["relu", "jumprelu"])
+def test_an_offset_shared_by_every_row_leaves_the_sparsity_alone(superposition, activation):
+    # The penalised mechanisms weigh the penalty against what the codes must
+    # explain, the rows' spread around the decoder bias: shifting every row
+    # by three times its root mean squared norm changes neither L0 nor EV
+    # much. (When the raw norm set the scale, such a shift left ReLU no
+    # feature firing at all.)
+    X, _, _ = superposition
+    X = X[:4000]
+    shift = 3.0 * np.sqrt(np.mean((X ** 2).sum(1)) / X.shape[1])
+    fits = {}
+    for name, data in (("plain", X), ("shifted", X + shift)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            sae = SparseAutoencoderDictionary(
+                n_components=64, activation=activation, batch_size=256, max_steps=800,
+                random_state=0, **SETTINGS[activation]).fit(data)
+        fits[name] = (sae.score(data), sae.transform_l0_)
+    (ev, l0), (ev_shifted, l0_shifted) = fits["plain"], fits["shifted"]
+    assert l0 > 2.0
+    assert l0_shifted == pytest.approx(l0, rel=0.25)
+    assert ev_shifted == pytest.approx(ev, abs=0.05)
+
+
+def test_a_penalty_that_leaves_the_features_silent_warns(superposition):
+    X, _, _ = superposition
+    params = dict(n_components=64, batch_size=256, max_steps=300, random_state=0)
+    silent = r"fire on almost no row: L0 is 0\.0.*l1_coef=3000.*lower it"
+    with pytest.warns(UserWarning, match=silent):
+        sae = SparseAutoencoderDictionary(l1_coef=3000.0, **params).fit(X[:4000])
+    assert sae.transform_l0_ < 0.1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SparseAutoencoderDictionary(l1_coef=3.0, **params).fit(X[:4000])
+    assert not [w for w in caught if "almost no row" in str(w.message)]
+
+
 def test_default_budget_counts_steps_not_passes():
     assert SparseAutoencoderDictionary(batch_size=1000)._total_steps(20_000) == 8000  # relu
     sae = SparseAutoencoderDictionary(batch_size=1000, activation="topk")

@@ -8,8 +8,8 @@ subclass here, registered in :data:`ACTIVATIONS`, and nothing else.
 
 Every hook works in place on (batch, n_components) buffers, because on a CPU
 a fresh tensor of that size costs page faults comparable to a matrix product.
-All values are in the trainer's scaled units (inputs of mean squared norm
-equal to their width); :meth:`Activation.export_state` says how each fitted
+All values are in the trainer's scaled units (inputs at a mean squared
+distance equal to their width from the decoder bias's starting point); :meth:`Activation.export_state` says how each fitted
 tensor converts to the caller's units.
 """
 
@@ -526,10 +526,10 @@ class JumpReLU(Activation):
     """``f = pre * H(pre - theta)`` with a learned threshold per feature.
 
     Rajamanoharan et al. (2024). The loss is reconstruction plus
-    ``l0_coef * n_features * L0``: with inputs scaled to a mean squared norm
-    of ``n_features``, a feature is worth firing on a row when it lowers the
-    squared error by more than ``l0_coef`` times the inputs' mean squared
-    norm, whatever their width. The step function has no useful gradient, so the
+    ``l0_coef * n_features * L0``: with inputs scaled to a mean squared
+    distance of ``n_features`` from the decoder bias's starting point, a
+    feature is worth firing on a row when it lowers the squared error by
+    more than ``l0_coef`` times that distance, whatever their width. The step function has no useful gradient, so the
     threshold learns through straight-through estimators with a rectangle
     kernel of width ``bandwidth``: ``d f / d theta = -(theta / bandwidth)
     * rect((pre - theta) / bandwidth)`` and ``d H / d theta = -(1 /

@@ -86,8 +86,8 @@ class TrainConfig:
     ----------
     coef : float
         Weight of the activation's sparsity term (``l1_coef`` or
-        ``l0_coef``), for inputs scaled to a mean squared norm equal to their
-        width.
+        ``l0_coef``), for inputs scaled to a mean squared distance from the
+        decoder bias's starting point equal to their width.
     learning_rate : float
         Adam's peak learning rate.
     batch_size : int
@@ -202,11 +202,39 @@ class TrainConfig:
         return (step + 1) % self.resample_interval == 0
 
 
+def _input_scale(n_features, msn, mean, centre):
+    """The factor that gives the rows a mean squared distance ``n_features`` from ``centre``.
+
+    ``centre`` is where the decoder bias starts, so the part of each row the
+    codes must explain has a mean squared norm equal to the width, whatever
+    the data's offset: one ``l1_coef`` then means about the same pressure on
+    any data. (Scaling the raw norm instead, rows of standard normal noise
+    shifted by 3 in every coordinate were left a residual of a tenth of
+    their norm, which ReLU's default penalty outweighed: every feature died.)
+    The distance comes from the sample's moments, E||x - c||^2 = E||x||^2 -
+    2 c . E[x] + ||c||^2, summed in float64; where it is lost in rounding
+    (rows all alike), the raw norm sets the scale.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rows = np.array([[101.0, 99.0], [99.0, 101.0]])   # distance 2 from (100, 100)
+    >>> msn, mean = (rows ** 2).sum(axis=1).mean(), rows.mean(axis=0)
+    >>> _input_scale(2, msn, mean, mean)
+    1.0
+    """
+    spread = float(msn - 2.0 * (centre @ mean) + centre @ centre)
+    if not spread > 1e-9 * msn:
+        spread = msn
+    return math.sqrt(n_features / spread) if spread > 0 else 1.0
+
+
 class Trainer:
     """Owns an autoencoder, its optimiser and its running statistics.
 
     The trainer works in scaled units: inputs are multiplied by ``scale`` so
-    that their mean squared norm equals their width, which makes one
+    that their mean squared distance from the decoder bias's starting point
+    equals their width (see :func:`_input_scale`), which makes one
     ``l1_coef`` mean the same on any data set. :meth:`export` folds the scale
     back into the parameters.
 
@@ -303,15 +331,10 @@ class Trainer:
         # sample (50 MB at d=768) cost more in page faults than the sums.
         sample = sample_rows(X, _N_INIT_ROWS, rng, dtype=np.float32)
         msn, mean = sample_moments(sample)
-        self.scale = math.sqrt(n_features / msn) if msn > 0 else 1.0
-        mean = mean * self.scale
-        # The error of reconstructing every row by the mean, in scaled units
-        # (a run that ends far above it has diverged): E||x||^2 - ||E x||^2.
-        self.variance = max(float(n_features - mean @ mean), 0.0)
         if decoder_bias_init == "zeros":
-            return
-        if decoder_bias_init == "mean":
-            centre = torch.as_tensor(mean)
+            centre = np.zeros(n_features)
+        elif decoder_bias_init == "mean":
+            centre = mean
         else:
             # Every fourth row: the sample's indices are sorted, so a prefix
             # would come from the start of X only.
@@ -319,10 +342,13 @@ class Trainer:
             # On the model's device: Weiszfeld's iterations are a few passes
             # over 2048 rows each, tens of milliseconds on a host, one on a GPU.
             # The rows cross in float32 (half the bytes) and are widened there.
-            points = points.to(self.device).double().mul_(self.scale)
-            centre = geometric_median(points)
+            centre = geometric_median(points.to(self.device)).cpu().numpy()
+        self.scale = _input_scale(n_features, msn, mean, centre)
+        # The error of reconstructing every row by the mean, in scaled units
+        # (a run that ends far above it has diverged): E||x||^2 - ||E x||^2.
+        self.variance = max(float(self.scale ** 2 * (msn - mean @ mean)), 0.0)
         with torch.no_grad():
-            self.model.b_dec.copy_(torch.as_tensor(centre, dtype=torch.float32))
+            self.model.b_dec.copy_(torch.as_tensor(centre * self.scale, dtype=torch.float32))
 
     # ------------------------------------------------------ after training
     def calibration_sample(self, X, n_rows, rng):
