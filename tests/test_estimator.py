@@ -552,6 +552,23 @@ def test_sparse_step_parameter():
         SparseAutoencoderDictionary(64, sparse_step="always").fit(X)
 
 
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_a_k_as_large_as_the_input_width_warns(method):
+    X = np.abs(np.random.RandomState(0).standard_normal((600, 8))).astype(np.float32)
+    for activation in ("topk", "batchtopk"):
+        sae = SparseAutoencoderDictionary(activation=activation, max_steps=3, random_state=0)
+        with pytest.warns(UserWarning, match=r"k=32 keeps 32 features a row on 8 input") as record:
+            getattr(sae, method)(X)
+        assert record[0].filename == __file__  # points at the caller's line
+    import warnings
+
+    for params in (dict(activation="topk", k=7), dict(activation="relu")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            SparseAutoencoderDictionary(max_steps=3, random_state=0, **params).fit(X)
+        assert not [w for w in caught if "input features" in str(w.message)]
+
+
 def test_few_rows_for_the_atoms_warn_before_training():
     X = np.abs(np.random.RandomState(0).standard_normal((200, 8))).astype(np.float32)
     with pytest.warns(UserWarning, match=r"200 rows for 32 atoms \(6\.2 rows an atom\)") as record:
