@@ -215,7 +215,7 @@ def step_products_ms(d, n, batch, device, bf16, calls, repeats):
 
 
 def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_update="auto",
-                       kernels=None):
+                       kernels=None, trainer=None):
     """Seconds of one training step of the sparse_dict core, the batch on the device.
 
     The two calls that :class:`~sparse_dict._torch.Trainer` makes for each
@@ -228,14 +228,20 @@ def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_updat
     encoder product's epilogue, and the statistics in one small kernel,
     where the first step measured them faster (``kernels``, as
     ``loss_and_gradients`` takes it, forces any of them either way).
-    ``scale`` is 1: the data's scale does not change the work.
+
+    On a freshly drawn model with ``scale`` 1 (the data's scale does not
+    change the work), or on ``trainer``, a fitted one, and its scale: the
+    products are the same, but the codes of a trained model are sparse,
+    and a card may run products of mostly zero operands faster (they draw
+    less power).
     """
-    trainer = Trainer(d, n, device, seed=0)
-    trainer.scale = 1.0
+    if trainer is None:
+        trainer = Trainer(d, n, device, seed=0)
+        trainer.scale = 1.0
     model = trainer.model
     autocast = torch.bfloat16 if bf16 else None
     config = TrainConfig(fused_update=fused_update)
-    x = torch.as_tensor(X[:batch], device=device)
+    x = torch.as_tensor(X[:batch], device=device) * trainer.scale
 
     def step():
         model.loss_and_gradients(x, L1_COEF, autocast, kernels=kernels)
@@ -247,8 +253,11 @@ def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_updat
         model.release_workspace()
 
 
-def fit_seconds(X, n, batch, steps, device, bf16):
-    """Wall seconds of one ``SparseAutoencoderDictionary.fit`` of ``steps`` steps."""
+def fit_seconds(X, n, batch, steps, device, bf16, keep=False):
+    """Wall seconds of one ``SparseAutoencoderDictionary.fit`` of ``steps`` steps.
+
+    With ``keep``, ``(seconds, the fitted estimator)``.
+    """
     est = SparseAutoencoderDictionary(n_components=n, device=str(device), batch_size=batch,
                                       max_steps=steps, random_state=0, bf16=bf16)
     _sync(device)
@@ -258,7 +267,8 @@ def fit_seconds(X, n, batch, steps, device, bf16):
         t0 = time.perf_counter()
         est.fit(X)
         _sync(device)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+    return (seconds, est) if keep else seconds
 
 
 # The phases of a fit that fit_phase_seconds times: (name, owner, method).
@@ -451,8 +461,11 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
     _say(f"{label} {dtype_name}: phases of a {short}-step fit (s): " + ", ".join(
         f"{k} {v:.3g}" for k, v in r["fit_short_phases_s"].items())
         + f"; {r['fit_short_streamed_batches']} batches streamed while the data was copied")
-    r["fit_long_s"] = min(fit_seconds(X, n, batch, long_steps, device, bf16)
-                          for _ in range(sizes["fit_repeats"]))
+    r["fit_long_s"], trained = float("inf"), None
+    for _ in range(sizes["fit_repeats"]):
+        trained = None  # one fitted model on the device at a time
+        seconds, trained = fit_seconds(X, n, batch, long_steps, device, bf16, keep=True)
+        r["fit_long_s"] = min(r["fit_long_s"], seconds)
     steady = (r["fit_long_s"] - r["fit_short_s"]) / (long_steps - short)
     if steady <= 0:
         # Noise larger than the extra steps' cost: no steady-state figure.
@@ -466,6 +479,15 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
          f"steady {r['steady_ms_per_step']:.3g} ms/step, "
          f"{r['fit_fraction_of_matmul']:.3f} of matmul; "
          f"short-fit overhead {r['short_fit_overhead']:.3g}")
+    # The step alone again, on the state the long fit ended in (sparse
+    # codes): information beside the target, which is the fresh model's.
+    step = fused_step_seconds(X, d, n, batch, device, bf16, sizes["calls"], sizes["repeats"],
+                              trainer=trained._trainer)
+    del trained
+    r["step_trained_ms"] = 1e3 * step
+    r["step_trained_fraction_of_matmul"] = flops / step / 1e12 / r["matmul_tflops"]
+    _say(f"{label} {dtype_name}: fused step on the long fit's final state "
+         f"{r['step_trained_ms']:.3g} ms, {r['step_trained_fraction_of_matmul']:.3f} of matmul")
 
     gather, on_device = plain_loop_seconds(X, n, batch, device, bf16, sizes["plain_steps"],
                                            sizes["plain_warmup"], sizes["fit_repeats"])

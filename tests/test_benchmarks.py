@@ -276,8 +276,12 @@ def test_gpu_section_tiny_on_cpu(tmp_path):
         for dtype in ("float32", "bf16"):
             f = size[dtype]
             for key in ("matmul_tflops", "step_ms", "step_fraction_of_matmul", "fit_short_s",
-                        "fit_long_s", "plain_gather_ms_per_step", "plain_device_ms_per_step"):
+                        "fit_long_s", "plain_gather_ms_per_step", "plain_device_ms_per_step",
+                        "step_trained_ms"):
                 assert math.isfinite(f[key]) and f[key] > 0, (label, dtype, key, f[key])
+            assert f["step_trained_fraction_of_matmul"] == pytest.approx(
+                10.0 * size["batch"] * size["d"] * size["n"] / (f["step_trained_ms"] / 1e3)
+                / 1e12 / f["matmul_tflops"])
             steady = (f["fit_long_s"] - f["fit_short_s"]) / (f["long_steps"] - f["short_steps"])
             if steady <= 0:
                 # Machine noise beat the long fit's extra steps (a busy
