@@ -529,16 +529,18 @@ class JumpReLU(Activation):
     ``l0_coef * n_features * L0``: with inputs scaled to a mean squared
     distance of ``n_features`` from the decoder bias's starting point, a
     feature is worth firing on a row when it lowers the squared error by
-    more than ``l0_coef`` times that distance, whatever their width. The step function has no useful gradient, so the
-    threshold learns through straight-through estimators with a rectangle
-    kernel of width ``bandwidth``: ``d f / d theta = -(theta / bandwidth)
-    * rect((pre - theta) / bandwidth)`` and ``d H / d theta = -(1 /
-    bandwidth) * rect(...)``; the codes pass the gradient to ``pre`` where
-    they are active. ``theta`` is stored as its logarithm so it stays
+    more than ``l0_coef`` times that distance, whatever their width. The
+    step function has no useful gradient, so the threshold learns through
+    straight-through estimators with a rectangle kernel of width
+    ``bandwidth``: ``d f / d theta = -(theta / bandwidth) * rect((pre -
+    theta) / bandwidth)`` and ``d H / d theta = -(1 / bandwidth) *
+    rect(...)``; the codes pass the gradient to ``pre`` where they are
+    active. ``theta`` is stored as its logarithm so it stays
     positive.
 
-    ``bandwidth`` is in the trainer's scaled units (inputs of mean squared
-    norm equal to their width), where active codes are of order one.
+    ``bandwidth`` is in the trainer's scaled units (see
+    :class:`~sparse_dict._torch.Trainer`), where active codes are of order
+    one.
     """
 
     name = "jumprelu"
