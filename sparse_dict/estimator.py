@@ -296,6 +296,33 @@ def _silent_features_message(penalty_name, coef, l0, n_rows):
             "features active on every row.")
 
 
+# A fit of at least this many steps whose last pass left at least this share
+# of the features unfired warns: it uses fewer features than it was given.
+_DEAD_JUDGED_STEPS = 50
+_DEAD_SHARE = 0.25
+
+
+def _dead_features_message(activation, n_dead, n_components, n_rows, l0):
+    """The warning for a fit that left a large share of its features dead.
+
+    Measured with the defaults: features the data has no use for die and
+    stay dead (on rank-5 rows in 64 dimensions, 74% of 256; on 8 distinct
+    rows repeated, 65% of 128), and JumpReLU below some ``l0_coef`` settles
+    on a dense code of opposite-sign pairs with the rest dead (36 to 50%;
+    ``docs/sparsity.rst``). The project's generators and the built-in and
+    MiniLM activations end with at most 4% dead.
+    """
+    text = (f"{n_dead:,} of {n_components:,} features ({n_dead / n_components:.0%}) fired on "
+            f"none of the last {n_rows:,} training rows (a pass's worth): the dictionary uses "
+            f"{n_components - n_dead:,} features. ")
+    if activation == "jumprelu":
+        text += (f"With JumpReLU and an L0 of {l0:.3g}, this is likely its dense regime "
+                 "(pairs of atoms of opposite signs): raise l0_coef. ")
+    return text + ("Where the data has fewer features than n_components (low rank, few "
+                   "distinct rows, a few columns carrying most of the variance), a smaller "
+                   "n_components fits as well; feature_frequencies_ says which features fired.")
+
+
 @contextlib.contextmanager
 def _restored_on_error(estimator, trainer=None):
     """Put ``estimator``'s state back as it was if the body raises.
@@ -739,7 +766,9 @@ class SparseAutoencoderDictionary(
             top-k's ``k`` is not below ``n_features``: codes that dense need
             not find the data's features. When features fire on almost no
             row after training (an L0 below 0.1): the sparsity penalty is too
-            strong for the data.
+            strong for the data. When a quarter of the features or more fired
+            on none of the last pass's worth of rows: the fit uses fewer
+            features than ``n_components``.
         ConvergenceWarning
             When the run ends with its loss or L0 still moving.
         """
@@ -988,6 +1017,12 @@ class SparseAutoencoderDictionary(
                                                     config.coef, self.transform_l0_,
                                                     len(sample))
                 warnings.warn(message, UserWarning, stacklevel=3)
+            elif assess and trainer.step >= _DEAD_JUDGED_STEPS:
+                n_dead = int((self.feature_frequencies_ == 0).sum())
+                if n_dead >= _DEAD_SHARE * self.n_components_:
+                    message = _dead_features_message(self.activation, n_dead, self.n_components_,
+                                                     int(trainer.pass_rows), self.transform_l0_)
+                    warnings.warn(message, UserWarning, stacklevel=3)
 
     def _validate_train_data(self, X, reset, check_values=True):
         """X as training data; ``check_values=False`` leaves the scan of its values to the caller."""

@@ -246,6 +246,34 @@ def test_a_penalty_that_leaves_the_features_silent_warns(superposition):
     assert not [w for w in caught if "almost no row" in str(w.message)]
 
 
+def test_a_fit_that_leaves_many_features_dead_warns(superposition):
+    # Rows of rank 2 have no use for 64 features: most die, and the fit
+    # says so. The superposition rows (48 true features) use them all.
+    rng = np.random.RandomState(0)
+    low_rank = (rng.standard_normal((3000, 2)) @ rng.standard_normal((2, 16))).astype(np.float32)
+    params = dict(n_components=64, batch_size=256, max_steps=800, random_state=0)
+    dead = r"of 64 features \(\d+%\) fired on none of the last [\d,]+ training rows"
+    with pytest.warns(UserWarning, match=dead + ".*smaller n_components") as record:
+        sae = SparseAutoencoderDictionary(**params).fit(low_rank)
+    assert (sae.feature_frequencies_ == 0).mean() >= 0.25
+    assert not [w for w in record if "l0_coef" in str(w.message)]  # JumpReLU's hint only
+    X, _, _ = superposition
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sae = SparseAutoencoderDictionary(**params).fit(X[:4000])
+    assert (sae.feature_frequencies_ == 0).mean() < 0.25
+    assert not [w for w in caught if "fired on none" in str(w.message)]
+
+
+def test_the_dead_features_warning_points_jumprelu_at_its_dense_regime():
+    from sparse_dict.estimator import _dead_features_message
+
+    message = _dead_features_message("jumprelu", 64, 128, 6800, 21.3)
+    assert message.startswith("64 of 128 features (50%) fired on none of the last 6,800")
+    assert "L0 of 21.3, this is likely its dense regime" in message and "raise l0_coef" in message
+    assert "l0_coef" not in _dead_features_message("relu", 64, 128, 6800, 21.3)
+
+
 def test_default_budget_counts_steps_not_passes():
     assert SparseAutoencoderDictionary(batch_size=1000)._total_steps(20_000) == 8000  # relu
     sae = SparseAutoencoderDictionary(batch_size=1000, activation="topk")
