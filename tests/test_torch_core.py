@@ -373,3 +373,33 @@ def test_sampled_rows_gathered_by_threads_are_the_rows(monkeypatch, threads):
     index = np.sort(np.random.RandomState(1).choice(500, size=100, replace=False))
     assert np.array_equal(sample, X[index])
     assert not np.shares_memory(sample, X)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    shift=st.floats(-1e3, 1e3),
+    factor=st.floats(1e-2, 1e3),
+    init=st.sampled_from(["geometric_median", "mean"]),
+)
+def test_the_scale_ignores_a_shared_shift_and_follows_the_units(seed, shift, factor, init):
+    # Rows moved by one vector and measured in other units train alike: the
+    # scale divides by the units and ignores the shift, and the decoder bias
+    # starts at the same scaled point relative to the rows.
+    rng = np.random.RandomState(seed)
+    X = rng.standard_normal((64, 5)) * rng.uniform(0.5, 2.0, size=5)
+    moved = X * factor + shift * rng.uniform(-1.0, 1.0, size=5)
+    trainers = []
+    for data in (X, moved):
+        trainer = Trainer(5, 8, "cpu", seed=0)
+        trainer.initialize(data, np.random.RandomState(1), init)
+        trainers.append(trainer)
+    plain, other = trainers
+    # The sampled rows cross in float32: a shift far larger than the spread
+    # keeps fewer of the spread's digits.
+    tol = 1e-5 + 8 * np.finfo(np.float32).eps * np.abs(moved).max() / (factor * X.std())
+    assert other.scale * factor == pytest.approx(plain.scale, rel=tol)
+    assert other.variance == pytest.approx(plain.variance, rel=2 * tol)
+    gaps = [X * plain.scale - plain.model.b_dec.detach().numpy(),
+            moved * other.scale - other.model.b_dec.detach().numpy()]
+    np.testing.assert_allclose(gaps[1], gaps[0], atol=10 * tol * np.abs(gaps[0]).max())

@@ -224,7 +224,9 @@ def _input_scale(n_features, msn, mean, centre):
     1.0
     """
     spread = float(msn - 2.0 * (centre @ mean) + centre @ centre)
-    if not spread > 1e-9 * msn:
+    # The float64 sums carry about 15 digits of msn: a spread below 1e-12 of
+    # it is rounding, not data.
+    if not spread > 1e-12 * msn:
         spread = msn
     return math.sqrt(n_features / spread) if spread > 0 else 1.0
 
