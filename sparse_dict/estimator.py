@@ -402,8 +402,9 @@ class SparseAutoencoderDictionary(
     During training the inputs are scaled so that their mean squared
     distance from where the decoder bias starts equals ``n_features``; one
     ``l1_coef`` or ``l0_coef`` therefore means the same sparsity pressure on
-    any data set, whatever its units and whatever offset its rows share. The scale is folded back into the
-    fitted attributes, which are all in the units of ``X``.
+    any data set, whatever its units and whatever offset its rows share.
+    The scale is folded back into the fitted attributes, which are all in
+    the units of ``X``.
 
     Parameters
     ----------
@@ -421,8 +422,9 @@ class SparseAutoencoderDictionary(
         activations.
     l0_coef : float, default=0.005
         Weight of the L0 penalty of ``"jumprelu"``, in units of the inputs'
-        mean squared distance from the decoder bias's start: a feature fires on a row when it lowers the
-        squared error by more than ``l0_coef`` times that. Larger values give
+        mean squared distance from the decoder bias's start: a feature fires
+        on a row when it lowers the squared error by more than ``l0_coef``
+        times that. Larger values give
         lower L0 (0.005 gave an L0 of about 23 on the built-in model's MLP
         activations with 1024 features). Ignored by the other activations.
     jumprelu_bandwidth : float, default=0.05

@@ -83,7 +83,8 @@ def test_scale_is_folded_back():
     np.testing.assert_allclose(b.components_, a.components_, rtol=1e-4, atol=1e-5)
     # atol in the units of X * 1000: a code at ReLU's edge (0.03 there) may
     # differ in its third digit after a dozen steps of rounding.
-    np.testing.assert_allclose(b.transform(X * 1000.0), a.transform(X) * 1000.0, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(b.transform(X * 1000.0), a.transform(X) * 1000.0,
+                               rtol=1e-3, atol=1e-3)
     assert a.scale_ == pytest.approx(b.scale_ * 1000.0)
 
 

@@ -9,8 +9,9 @@ subclass here, registered in :data:`ACTIVATIONS`, and nothing else.
 Every hook works in place on (batch, n_components) buffers, because on a CPU
 a fresh tensor of that size costs page faults comparable to a matrix product.
 All values are in the trainer's scaled units (inputs at a mean squared
-distance equal to their width from the decoder bias's starting point); :meth:`Activation.export_state` says how each fitted
-tensor converts to the caller's units.
+distance equal to their width from the decoder bias's starting point);
+:meth:`Activation.export_state` says how each fitted tensor converts to the
+caller's units.
 """
 
 import math
