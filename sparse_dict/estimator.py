@@ -424,13 +424,14 @@ class SparseAutoencoderDictionary(
         Weight of the L0 penalty of ``"jumprelu"``, in units of the inputs'
         mean squared distance from the decoder bias's start: a feature fires
         on a row when it lowers the squared error by more than ``l0_coef``
-        times that. Larger values give
-        lower L0 (0.005 gave an L0 of about 23 on the built-in model's MLP
-        activations with 1024 features). Ignored by the other activations.
+        times that. Larger values give lower L0 (0.005 gave an L0 of about
+        23 on the built-in model's MLP activations with 1024 features). Ignored
+        by the other activations.
     jumprelu_bandwidth : float, default=0.05
         Width of the straight-through estimators' rectangle kernel for
-        ``"jumprelu"``, in the training units (inputs scaled to mean squared
-        norm ``n_features``, where active codes are of order one). Smaller
+        ``"jumprelu"``, in the training units (inputs scaled to a mean
+        squared distance ``n_features`` from the decoder bias's start, where
+        active codes are of order one). Smaller
         values give less biased but noisier threshold gradients. Ignored by
         the other activations.
     auxk_coef : float or "auto", default="auto"
