@@ -324,6 +324,11 @@ def _dead_features_message(activation, n_dead, n_components, n_rows, l0):
                    "n_components fits as well; feature_frequencies_ says which features fired.")
 
 
+def _speaks(replicas):
+    """Whether this process gives the fit's warnings and progress: alone, or rank 0."""
+    return replicas is None or replicas.rank == 0
+
+
 @contextlib.contextmanager
 def _restored_on_error(estimator, trainer=None):
     """Put ``estimator``'s state back as it was if the body raises.
@@ -810,8 +815,7 @@ class SparseAutoencoderDictionary(
                 # OpenMP threads, which live as long as it does).
                 checks.shutdown()
                 # After the checks that refuse a fit, before its training.
-                if replicas is None or replicas.rank == 0:
-                    self._warn_about_shape(X, trainer.model.n_components)
+                self._warn_about_shape(X, trainer.model.n_components, replicas)
                 n_passes = self._train(trainer, X, config, random_state, total,
                                        replicas=replicas, feed=feed)
             self._finish(trainer, X, config, random_state, replicas=replicas)
@@ -853,8 +857,7 @@ class SparseAutoencoderDictionary(
             if first_call:
                 trainer = self._new_trainer(X, random_state, device)
                 trainer.initialize(X, random_state, self.decoder_bias_init, replicas)
-                if replicas is None or replicas.rank == 0:
-                    self._warn_about_shape(X, trainer.model.n_components, rows=False)
+                self._warn_about_shape(X, trainer.model.n_components, replicas, rows=False)
                 self.n_iter_ = 0
             else:
                 trainer = self._get_trainer().to(device)
@@ -869,12 +872,14 @@ class SparseAutoencoderDictionary(
             self.n_iter_ += 1
         return self
 
-    def _warn_about_shape(self, X, n_components, rows=True):
-        """The warnings a fit's shapes call for, before its training.
+    def _warn_about_shape(self, X, n_components, replicas, rows=True):
+        """The warnings a fit's shapes call for, before its training (rank 0's alone).
 
         ``rows=False`` (``partial_fit``, whose calls each see a part of the
         data) leaves out the count of rows an atom.
         """
+        if not _speaks(replicas):
+            return
         if rows:
             _warn_few_rows(X.shape[0], n_components)
         if self._activation().uses_k:
@@ -976,7 +981,7 @@ class SparseAutoencoderDictionary(
             n_passes = math.ceil(total / math.ceil(X.shape[0] / self.batch_size))
         progress = None
         # One progress bar for a data-parallel fit: rank 0's.
-        if self.verbose and (replicas is None or replicas.rank == 0):
+        if self.verbose and _speaks(replicas):
             from tqdm.auto import tqdm
 
             progress = tqdm(total=total, desc=type(self).__name__, unit="step")
@@ -996,10 +1001,10 @@ class SparseAutoencoderDictionary(
         """After training: calibrate, judge the run, and store the fitted state.
 
         Divergence raises (and the caller's context restores the estimator);
-        an unconverged run, or one whose features fire on almost no row,
-        stores its result and warns. Every rank of a
-        data-parallel fit judges the same history alike: the warning is
-        given once, by rank 0.
+        an unconverged run, or one that uses few of its features
+        (:meth:`_unused_features`), stores its result and warns. Every rank
+        of a data-parallel fit judges the same history alike: the warnings
+        are given once, by rank 0.
         """
         # Training is over: its (batch, n_components) buffers can go.
         trainer.model.release_workspace()
@@ -1012,21 +1017,30 @@ class SparseAutoencoderDictionary(
         self._trainer = trainer
         self._store_fitted(trainer, X.dtype)
         self.transform_l0_ = trainer.mean_l0(sample)
-        if replicas is None or replicas.rank == 0:
+        if _speaks(replicas):
             for kind, message in problems:
                 if kind == "unconverged":
                     warnings.warn(message, ConvergenceWarning, stacklevel=3)
-            if self.transform_l0_ < _SILENT_L0:
-                message = _silent_features_message(trainer.model.activation.penalty_name,
-                                                    config.coef, self.transform_l0_,
-                                                    len(sample))
+            for message in self._unused_features(trainer, config, len(sample), assess):
                 warnings.warn(message, UserWarning, stacklevel=3)
-            elif assess and trainer.step >= _DEAD_JUDGED_STEPS:
-                n_dead = int((self.feature_frequencies_ == 0).sum())
-                if n_dead >= _DEAD_SHARE * self.n_components_:
-                    message = _dead_features_message(self.activation, n_dead, self.n_components_,
-                                                     int(trainer.pass_rows), self.transform_l0_)
-                    warnings.warn(message, UserWarning, stacklevel=3)
+
+    def _unused_features(self, trainer, config, n_rows, judge_dead):
+        """What to say of a fitted state that uses few of its features (a list, maybe empty).
+
+        Features that fire on almost no row mean a penalty too strong; a
+        quarter of them or more dead after a fit long enough to judge
+        (``judge_dead``: ``fit``, not ``partial_fit``), a data set that uses
+        fewer features than it was given.
+        """
+        if self.transform_l0_ < _SILENT_L0:
+            return [_silent_features_message(trainer.model.activation.penalty_name, config.coef,
+                                             self.transform_l0_, n_rows)]
+        n_dead = int((self.feature_frequencies_ == 0).sum())
+        if (judge_dead and trainer.step >= _DEAD_JUDGED_STEPS
+                and n_dead >= _DEAD_SHARE * self.n_components_):
+            return [_dead_features_message(self.activation, n_dead, self.n_components_,
+                                           int(trainer.pass_rows), self.transform_l0_)]
+        return []
 
     def _validate_train_data(self, X, reset, check_values=True):
         """X as training data; ``check_values=False`` leaves the scan of its values to the caller."""

@@ -262,12 +262,6 @@ def sample_moments(sample):
             sum(p[1] for p in parts) / len(sample))
 
 
-def mean_squared_norm(X, n_rows, rng):
-    """Mean squared row norm of ``X``, estimated on at most ``n_rows`` rows."""
-    sample = sample_rows(X, n_rows, rng)
-    return float(np.mean(np.einsum("ij,ij->i", sample, sample)))
-
-
 def geometric_median(points, n_iter=100, tol=1e-6):
     """Geometric median of the rows of ``points`` by Weiszfeld's iteration.
 
