@@ -293,6 +293,16 @@ def _encoding_md(r):
                        for x in r.get("gaps", [])]))
     out.append(f"\nBest top-k-family activation ({g.get('setting', 'SAE')}): gap "
                f"**{_fmt(g['gap'])}**.\n")
+    ref = r.get("true_atoms_gap")
+    if ref:
+        out.append(f"Reference for the architecture: the best top-k encoder (k={ref['l0']}) of "
+                   f"the true atoms, trained against them for {ref['steps']:,} steps, reaches EV "
+                   f"{_fmt(ref['encoder'])} where non-negative OMP on the true atoms reaches "
+                   f"{_fmt(ref['optimal'])}: the data's own atoms leave a gap of "
+                   f"**{_fmt(ref['gap'])}** to a top-k encoder, however well trained. "
+                   f"The SAEs trained on {c['n_rows']:,} rows "
+                   f"({c['n_rows'] / c['n_atoms']:.0f} an atom), so that the gap is not the "
+                   f"encoder overfitting its rows.\n")
     return "\n".join(out)
 
 

@@ -185,6 +185,10 @@ def test_time_to_quality_and_encoding_cover_every_activation(sections):
     assert {g["activation"] for g in enc["gaps"]} == ACTIVATIONS
     for g in enc["gaps"]:
         assert g["gap"] == pytest.approx(g["optimal"] - g["encoder"])
+    ref = enc["true_atoms_gap"]
+    assert ref["gap"] == pytest.approx(ref["optimal"] - ref["encoder"])
+    assert ref["l0"] == enc["case"]["n_active"]
+    assert f"{ref['gap']:.3f}" in enc["targets"][0]["note"]
     ratios = sections["throughput"]["activation_ratios"]
     assert set(ratios) == ACTIVATIONS and ratios["relu"] == 1.0
     throughput = sections["throughput"]
@@ -329,3 +333,24 @@ def test_gpu_section_tiny_on_cpu(tmp_path):
     partial = json.loads((tmp_path / "gpu_partial.json").read_text())
     assert set(partial["sizes"]["small"]) >= {"float32", "bf16"}
     assert not (tmp_path / "gpu_profile.txt").exists() and "profile" not in result
+
+
+def test_best_topk_encoder_of_true_atoms_beats_the_matched_filter():
+    """The encoding section's reference trains: it codes better than ``W = atoms.T``."""
+    from benchmarks.encoding import best_topk_encoder
+    from sparse_dict.datasets import make_superposition
+    from sparse_dict.metrics import explained_variance
+
+    X, atoms, _ = make_superposition(6000, 16, 48, n_active=3, random_state=0,
+                                     dtype=np.float32)
+    X_train, X_eval = X[:5000], X[5000:]
+    encode = best_topk_encoder(atoms, X_train, 3, 300)
+    codes = encode(X_eval)
+    assert codes.shape == (1000, 48)
+    assert (np.count_nonzero(codes, axis=1) <= 3).all() and (codes >= 0).all()
+    pre = np.maximum(X_eval @ atoms.T, 0)
+    keep = np.argsort(-pre, axis=1)[:, :3]
+    matched = np.zeros_like(pre)
+    np.put_along_axis(matched, keep, np.take_along_axis(pre, keep, axis=1), axis=1)
+    trained = explained_variance(X_eval, codes @ atoms)
+    assert trained > explained_variance(X_eval, matched @ atoms) + 0.1
