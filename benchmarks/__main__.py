@@ -38,30 +38,17 @@ from benchmarks._common import Timer, blas_summary, machine_info, run_isolated, 
 SECTIONS = ("recovery", "frontier", "time_to_quality", "scaling", "encoding",
             "throughput", "steering", "extraction", "extraction_disk", "distributed",
             "findings", "gpu", "saelens_throughput")
-# Sections of the tiny (smoke-test) mode: extraction has no tiny size, and the
-# SAELens comparison needs its optional environment.
-TINY_SECTIONS = tuple(name for name in SECTIONS
-                      if name not in ("extraction", "saelens_throughput"))
+# Sections of the tiny (smoke-test) mode: the SAELens comparison needs its
+# optional environment.
+TINY_SECTIONS = tuple(name for name in SECTIONS if name != "saelens_throughput")
 # Sections that compare the SAE with scikit-learn: run with the clean BLAS environment.
 # throughput too: it compares torch's matrix product with OpenBLAS's, which the
 # overrides halve.
 ISOLATED = ("recovery", "frontier", "time_to_quality", "scaling", "encoding", "throughput",
             "saelens_throughput")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-EXTRACTION_TARGET = 0.9
-
-
-def _extraction(mode, device):
-    from benchmarks import extraction_speed
-
-    result = extraction_speed.run(quick=mode != "full")
-    result["targets"] = [
-        target("extraction_ratio_builtin",
-               "extractor tokens/s / plain forward tokens/s, built-in model (issue 4)",
-               result["builtin"]["ratio"], EXTRACTION_TARGET,
-               note=f"{result['builtin']['weights']} weights"),
-    ]
-    return result
+# Sections whose module is named otherwise.
+MODULES = {"extraction": "extraction_speed"}
 
 
 def run_section(name, mode, device, out_dir=None):
@@ -72,13 +59,10 @@ def run_section(name, mode, device, out_dir=None):
     """
     with Timer() as t:
         try:
-            if name == "extraction":
-                result = _extraction(mode, device)
-            else:
-                module = importlib.import_module(f"benchmarks.{name}")
-                extra = ({"out_dir": out_dir}
-                         if "out_dir" in inspect.signature(module.run).parameters else {})
-                result = module.run(mode=mode, device=device, **extra)
+            module = importlib.import_module(f"benchmarks.{MODULES.get(name, name)}")
+            extra = ({"out_dir": out_dir}
+                     if "out_dir" in inspect.signature(module.run).parameters else {})
+            result = module.run(mode=mode, device=device, **extra)
         except Exception:  # noqa: BLE001 - record and go on with the other sections
             result = {"error": traceback.format_exc()}
     result["wall_s"] = t.seconds

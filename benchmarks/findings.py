@@ -38,6 +38,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
 from benchmarks._common import Timer, sae_params, target, warm_up_sae
+from benchmarks.extraction_speed import builtin_extractor
 from sparse_dict import SparseAutoencoderDictionary
 from sparse_dict._corpus import load_corpus
 from sparse_dict.analysis import dictionary_similarity, feature_splitting, match_features
@@ -80,15 +81,6 @@ SPLIT_THRESHOLDS = {"tiny": (0.3, 0.3), "quick": (0.5, 0.5), "full": (0.5, 0.5)}
 GOOD_MATCH = 0.7
 # The two seeds' one-to-one similarity must exceed random atoms' by this much.
 UNIVERSALITY_MARGIN = 0.3
-
-
-def _extractor(max_length):
-    # The benchmarks' rule for the built-in model: the shipped weights, or a
-    # randomly initialised model of the same shape while they are not shipped.
-    from benchmarks.extraction_speed import _builtin_extractor
-
-    ext, weights = _builtin_extractor()
-    return ext.set_params(max_length=max_length), weights
 
 
 def _fit(n_components, s, X, device, seed):
@@ -301,7 +293,7 @@ def run(mode="quick", device="cpu"):
     """
     s = SIZES[mode]
     warm_up_sae(device)
-    ext, weights = _extractor(s["max_length"])
+    ext, weights = builtin_extractor(s["max_length"])
     train = load_corpus("train", n_texts=s["n_train_texts"], random_state=0)
     held_out = load_corpus("test", n_texts=s["n_eval_texts"], random_state=0)
     with Timer() as t:

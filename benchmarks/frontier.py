@@ -55,6 +55,7 @@ from benchmarks._common import (
     target,
     warm_up_sae,
 )
+from benchmarks.extraction_speed import builtin_extractor
 from sparse_dict import SparseAutoencoderDictionary
 from sparse_dict._corpus import load_corpus
 from sparse_dict.coding import amortisation_gap
@@ -113,15 +114,6 @@ LOSS_L0_LIMIT = 20.0
 MAX_FEATURES = 4096
 FRONTIER_L0_LIMIT = 32.0
 DEAD_TARGET = 0.01
-
-
-def _builtin_extractor(max_length):
-    # Reuse the extraction benchmark's rule: the shipped weights, or a
-    # randomly initialised model of the same shape while they are not shipped.
-    from benchmarks.extraction_speed import _builtin_extractor as make
-
-    ext, weights = make()
-    return ext.set_params(max_length=max_length), weights
 
 
 def _minilm_extractor(max_length):
@@ -417,7 +409,7 @@ def run(mode="quick", device="cpu"):
     sizes = SIZES[mode]
     warm_up_sae(device)
     out = {"sae_settings": sae_params("topk")}
-    ext, weights = _builtin_extractor(sizes["max_length"])
+    ext, weights = builtin_extractor(sizes["max_length"])
     out["builtin"] = _model(ext, f"builtin ({weights} weights)", sizes["builtin"], device,
                             True)
     out["builtin"]["weights"] = weights
