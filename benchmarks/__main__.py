@@ -14,6 +14,11 @@ against a plain torch loop, at four sizes up to d=2048 and N=65536; meant for
 that is missing). A section that fails is recorded with its error and the others
 still run; the exit status is then 1.
 
+With ``--only``, the other sections of a ``results.json`` already in the
+output folder from a run of the same mode are kept, each with the machine
+and date it ran on, so that rerunning one section updates the reference
+results instead of replacing them with that section alone.
+
 The sections that put the SAE beside scikit-learn (recovery, frontier,
 time_to_quality, scaling, encoding), the throughput section (which puts
 torch's matrix product beside OpenBLAS's) and the SAELens comparison (whose
@@ -29,6 +34,7 @@ folder as soon as the section ends.
 import argparse
 import importlib
 import inspect
+import json
 import sys
 import traceback
 from pathlib import Path
@@ -100,6 +106,24 @@ def _parse(argv):
     return args
 
 
+def _earlier_sections(out, mode, rerun):
+    """The sections of ``out/results.json`` (same ``mode``) that are not in ``rerun``.
+
+    Each keeps the machine it ran on: its own ``"machine"`` when it was merged
+    before, else that of the run it came from. A file of another mode, or one
+    that cannot be read as a benchmark run, contributes nothing and is
+    replaced, as a run without ``--only`` replaces it.
+    """
+    try:
+        earlier = json.loads((out / "results.json").read_text())
+        if earlier.get("mode") != mode:
+            return {}
+        return {name: dict(section, machine=section.get("machine") or earlier["machine"])
+                for name, section in earlier["sections"].items() if name not in rerun}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def main(argv=None):
     """Run the chosen sections and write the results; return the exit status."""
     from benchmarks import report
@@ -112,11 +136,16 @@ def main(argv=None):
             print("--device cuda: no CUDA device is available.", file=sys.stderr)
             return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    kept = _earlier_sections(args.out, args.mode, args.sections) if args.only else {}
     results = {
         "mode": args.mode,
         "machine": machine_info(args.device),
-        "sections": {},
+        "sections": dict(kept),
     }
+    if kept:
+        results["kept_sections"] = sorted(kept)
+        print(f"[benchmarks] keeping {', '.join(sorted(kept))} from the earlier run in "
+              f"{args.out}", flush=True)
     print(f"[benchmarks] BLAS here: {blas_summary(results['machine']['blas'])}; "
           f"in the comparison processes: {blas_summary(results['machine']['blas_isolated'])}",
           flush=True)
@@ -135,6 +164,8 @@ def main(argv=None):
                 if "error" in section:
                     print(section["error"], file=sys.stderr, flush=True)
                 print(f"[benchmarks] {name}: {section['wall_s']:.1f} s", flush=True)
+            if kept:
+                section["machine"] = results["machine"]
             results["sections"][name] = section
             # Written after every section so that an interrupted run keeps its figures.
             report.write_json(results, args.out / "results.json")

@@ -116,6 +116,27 @@ def _machine_md(m):
     )
 
 
+def _kept_md(results):
+    """Which sections an ``--only`` run kept from an earlier run ("" when none)."""
+    kept = results.get("kept_sections")
+    if not kept:
+        return ""
+    return (f"This run ({results['machine']['date']}) reran "
+            f"{', '.join(n for n in results['sections'] if n not in kept)}; the other "
+            f"sections ({', '.join(kept)}) come from earlier runs, each with its machine and "
+            f"date below its tables.\n")
+
+
+def _section_machine_md(section, results):
+    """Where a section that ran apart from the run's machine line ran ("" otherwise)."""
+    m = section.get("machine")
+    if not m or m.get("date") == results["machine"].get("date"):
+        return ""
+    card = f", card {m['card']}" if m.get("card") else ""
+    return (f" Run on {m['date']}: {m['cpu_model']}, device {m['device']}{card}, "
+            f"torch {m['torch']}, sparse_dict {m['sparse_dict']}.")
+
+
 def _targets_md(targets):
     rows = [
         [t["section"], t["description"], t["value"], f"{t['comparison']} {t['threshold']:g}",
@@ -740,6 +761,7 @@ def markdown(results, fmt="md", images=None, first_level=1, skip=()):
                _machine_md(results["machine"]) + "\n",
                f"Total wall time {results.get('total_wall_s', 0):.0f} s. "
                "Timings are wall-clock on a possibly shared machine.\n",
+               _kept_md(results),
                _heading("Targets", sub, fmt), _targets_md(results.get("targets", [])) + "\n"]
         for name, section in results["sections"].items():
             if name in skip:
@@ -761,7 +783,8 @@ def markdown(results, fmt="md", images=None, first_level=1, skip=()):
                 from benchmarks._common import blas_summary
 
                 blas = f" Run in its own process; BLAS there: {blas_summary(section['blas'])}."
-            out.append(f"Section wall time {section['wall_s']:.0f} s.{blas}\n")
+            out.append(f"Section wall time {section['wall_s']:.0f} s.{blas}"
+                       f"{_section_machine_md(section, results)}\n")
             if fmt == "rst" and images is not None:
                 for png in PLOTS[name]:
                     out.append(f".. image:: {images}/{png}\n   :width: 100%\n")

@@ -354,3 +354,29 @@ def test_best_topk_encoder_of_true_atoms_beats_the_matched_filter():
     np.put_along_axis(matched, keep, np.take_along_axis(pre, keep, axis=1), axis=1)
     trained = explained_variance(X_eval, codes @ atoms)
     assert trained > explained_variance(X_eval, matched @ atoms) + 0.1
+
+
+def _run_benchmarks(out, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--out", str(out), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((out / "results.json").read_text())
+
+
+def test_only_keeps_the_other_sections_of_an_earlier_run_of_the_same_mode(tmp_path):
+    first = _run_benchmarks(tmp_path, "--tiny", "--only", "extraction", "--same-env")
+    second = _run_benchmarks(tmp_path, "--tiny", "--only", "encoding", "--same-env")
+    assert set(second["sections"]) == {"extraction", "encoding"}
+    assert second["kept_sections"] == ["extraction"]
+    kept = second["sections"]["extraction"]
+    assert kept["machine"]["date"] == first["machine"]["date"]
+    assert kept["builtin"] == first["sections"]["extraction"]["builtin"]
+    assert second["sections"]["encoding"]["machine"]["date"] == second["machine"]["date"]
+    assert {t["section"] for t in second["targets"]} == {"extraction", "encoding"}
+    md = (tmp_path / "results.md").read_text()
+    assert "reran encoding; the other sections (extraction) come from earlier runs" in md
+    assert f"Run on {first['machine']['date']}" in md
+    # Another mode's results are replaced, not mixed with these.
+    other = _run_benchmarks(tmp_path, "--quick", "--only", "extraction", "--same-env")
+    assert set(other["sections"]) == {"extraction"} and "kept_sections" not in other
