@@ -170,6 +170,9 @@ def main(argv=None):
             # Written after every section so that an interrupted run keeps its figures.
             report.write_json(results, args.out / "results.json")
     results["total_wall_s"] = total.seconds
+    # Kept and rerun sections in the suite's order, as a whole run writes them.
+    results["sections"] = {name: results["sections"][name] for name in SECTIONS
+                           if name in results["sections"]}
     results["targets"] = [
         dict(t, section=name)
         for name, section in results["sections"].items()

@@ -13,16 +13,25 @@ def sync(device):
 
 
 class PlainSAE:
-    """The same ReLU SAE trained the obvious way: autograd, Adam, unit-norm atoms.
+    """The same SAE trained the obvious way: autograd, Adam, unit-norm atoms.
 
-    ``autocast`` runs the forward pass under ``torch.autocast`` in bfloat16
-    (on a GPU; the CPU's bfloat16 autocast is not what a user would run).
+    ReLU codes with an L1 penalty by default; ``k`` keeps each row's ``k``
+    largest instead (a top-k SAE, trained on the reconstruction error alone).
+    ``atoms`` starts the decoder (and the encoder, its transpose) at the given
+    directions instead of random ones. ``autocast`` runs the forward pass
+    under ``torch.autocast`` in bfloat16 (on a GPU; the CPU's bfloat16
+    autocast is not what a user would run).
     """
 
-    def __init__(self, d, n, device, autocast=False, seed=0, learning_rate=1e-4):
+    def __init__(self, d, n, device, autocast=False, seed=0, learning_rate=1e-4, k=None,
+                 atoms=None):
         g = torch.Generator().manual_seed(seed)
-        atoms = torch.randn(n, d, generator=g)
+        if atoms is None:
+            atoms = torch.randn(n, d, generator=g)
+        else:
+            atoms = torch.as_tensor(atoms, dtype=torch.float32).clone()
         atoms /= atoms.norm(dim=1, keepdim=True)
+        self.k = k
         self.device = torch.device(device)
         self.autocast = autocast
         self.W_dec = atoms.to(device, copy=True).requires_grad_()
@@ -37,14 +46,23 @@ class PlainSAE:
         except (RuntimeError, ValueError):
             self.optimizer = torch.optim.Adam(params, lr=learning_rate)
 
-    def step(self, x, l1_coef):
+    def codes(self, x):
+        """The codes of the rows ``x`` (with autograd, as the step uses them)."""
+        f = torch.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc)
+        if self.k is None:
+            return f
+        values, index = f.topk(self.k, dim=1)
+        return torch.zeros_like(f).scatter(1, index, values)
+
+    def step(self, x, l1_coef=0.0):
         """One training step on the rows ``x``; returns the loss (detached)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            f = torch.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc)
+            f = self.codes(x)
             x_hat = f @ self.W_dec + self.b_dec
             mse = (x - x_hat).pow(2).sum(dim=1).mean()
-            l1 = (f * self.W_dec.norm(dim=1)).sum(dim=1).mean()
-            loss = mse + l1_coef * l1
+            loss = mse
+            if l1_coef:
+                loss = mse + l1_coef * (f * self.W_dec.norm(dim=1)).sum(dim=1).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
