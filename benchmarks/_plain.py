@@ -29,7 +29,9 @@ class PlainSAE:
         if atoms is None:
             atoms = torch.randn(n, d, generator=g)
         else:
-            atoms = torch.as_tensor(atoms, dtype=torch.float32).clone()
+            # Contiguous: torch's fused CPU Adam mis-steps other layouts.
+            atoms = torch.as_tensor(atoms, dtype=torch.float32).clone(
+                memory_format=torch.contiguous_format)
         atoms /= atoms.norm(dim=1, keepdim=True)
         self.k = k
         self.device = torch.device(device)

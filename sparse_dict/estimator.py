@@ -106,6 +106,8 @@ def _saved_tensor_schema(fitted_names, n_components, n_features, dtype, history_
     schema["feature_frequencies"] = _persist.TensorSpec(
         (n_components,), minimum=0.0, maximum=1.0)
     schema["history"] = _persist.TensorSpec((None, history_width))
+    # The estimator's dict_init parameter, where it was set (checked by fit).
+    schema["dict_init"] = _persist.TensorSpec((None, None), optional=True)
     return schema
 
 
@@ -415,8 +417,8 @@ class SparseAutoencoderDictionary(
     Parameters
     ----------
     n_components : int, default=None
-        Number of dictionary atoms (features). ``None`` means four times
-        ``n_features``.
+        Number of dictionary atoms (features). ``None`` means the rows of
+        ``dict_init`` when it is given, else four times ``n_features``.
     activation : {"relu", "topk", "batchtopk", "jumprelu"}, default="relu"
         The sparsity mechanism (see above).
     k : int, default=32
@@ -484,6 +486,14 @@ class SparseAutoencoderDictionary(
         and never in the last 30% of the run), 1000 steps in ``partial_fit``.
     decoder_bias_init : {"geometric_median", "mean", "zeros"}, default="geometric_median"
         How the decoder bias starts.
+    dict_init : array-like of shape (n_components, n_features), default=None
+        The atoms to start from, as in scikit-learn's dictionary learners:
+        a warm start from another dictionary (a fitted
+        ``MiniBatchDictionaryLearning``'s or another SAE's
+        ``components_``) or from known features. Each row is scaled to unit
+        norm, and the encoder starts as their transpose, as it does with
+        random atoms. Rows must be finite and not all zero. ``None`` draws
+        random unit atoms. ``save`` keeps it with the dictionary.
     transform_algorithm : {"encoder", "omp", "lasso_lars", "lasso_cd", \
 "threshold"}, default="encoder"
         How :meth:`transform` codes data. ``"encoder"``: the autoencoder's
@@ -668,6 +678,7 @@ class SparseAutoencoderDictionary(
         "resample_dead": ["boolean", StrOptions({"auto"})],
         "resample_interval": [Interval(Integral, 1, None, closed="left"), None],
         "decoder_bias_init": [StrOptions({"geometric_median", "mean", "zeros"})],
+        "dict_init": ["array-like", None],
         "transform_algorithm": [
             StrOptions({"encoder", "omp", "lasso_lars", "lasso_cd", "threshold"})
         ],
@@ -703,6 +714,7 @@ class SparseAutoencoderDictionary(
         resample_dead="auto",
         resample_interval=None,
         decoder_bias_init="geometric_median",
+        dict_init=None,
         transform_algorithm="encoder",
         transform_n_nonzero_coefs=None,
         transform_alpha=None,
@@ -732,6 +744,7 @@ class SparseAutoencoderDictionary(
         self.resample_dead = resample_dead
         self.resample_interval = resample_interval
         self.decoder_bias_init = decoder_bias_init
+        self.dict_init = dict_init
         self.transform_algorithm = transform_algorithm
         self.transform_n_nonzero_coefs = transform_n_nonzero_coefs
         self.transform_alpha = transform_alpha
@@ -962,9 +975,34 @@ class SparseAutoencoderDictionary(
     def _new_trainer(self, X, random_state, device):
         """A trainer for ``X``'s width, its model drawn; the caller initialises it from ``X``."""
         seed = int(random_state.randint(np.iinfo(np.int32).max))
-        n_components = self.n_components or 4 * X.shape[1]
+        atoms = self._initial_atoms(X.shape[1])
+        n_components = self.n_components or (
+            4 * X.shape[1] if atoms is None else atoms.shape[0])
         self._check_memory(X.shape[1], n_components, device)
-        return Trainer(X.shape[1], n_components, device, seed, self._activation())
+        return Trainer(X.shape[1], n_components, device, seed, self._activation(), atoms=atoms)
+
+    def _initial_atoms(self, n_features):
+        """``dict_init`` checked against the data's width and ``n_components`` (or None)."""
+        if self.dict_init is None:
+            return None
+        atoms = check_array(self.dict_init, dtype=np.float64, input_name="dict_init")
+        expected = (self.n_components or atoms.shape[0], n_features)
+        if atoms.shape != expected:
+            raise ValueError(
+                f"dict_init has shape {atoms.shape}; it must be (n_components, n_features) "
+                f"= {expected}, one atom per row."
+            )
+        peak = np.abs(atoms).max(axis=1)
+        zero = np.flatnonzero(peak == 0)
+        if zero.size:
+            raise ValueError(
+                f"dict_init's row {zero[0]} is all zeros ({zero.size} all-zero rows in all): "
+                "every atom needs a direction to start from."
+            )
+        # Each row divided by its largest entry first, so that neither tiny
+        # nor huge rows under- or overflow when squared for their norm.
+        atoms = atoms / peak[:, None]
+        return (atoms / np.linalg.norm(atoms, axis=1, keepdims=True)).astype(np.float32)
 
     def _check_memory(self, n_features, n_components, device):
         need, have = training_bytes(n_features, n_components), device_bytes(device)
@@ -1276,6 +1314,8 @@ class SparseAutoencoderDictionary(
             return Path(path)
         params = self.get_params()
         params["callback"] = None
+        # An array: kept in the weights file (below), not in the JSON.
+        params["dict_init"] = None
         if not (params["random_state"] is None or isinstance(params["random_state"], Integral)):
             params["random_state"] = None
         attributes = {
@@ -1306,6 +1346,9 @@ class SparseAutoencoderDictionary(
         tensors = dict(self._fitted_tensors())
         tensors["feature_frequencies"] = np.asarray(self.feature_frequencies_, dtype=np.float64)
         tensors["history"] = np.stack([self.history_[k] for k in STAT_NAMES], axis=1)
+        if self.dict_init is not None:
+            tensors["dict_init"] = check_array(self.dict_init, dtype=[np.float64, np.float32],
+                                               input_name="dict_init")
         return _persist.write_folder(
             path, config, tensors, kind=SAVED_DICTIONARY, overwrite=overwrite,
             config_name=_CONFIG_FILE, weights_name=_WEIGHTS_FILE,
@@ -1401,6 +1444,8 @@ class SparseAutoencoderDictionary(
         for name in fitted_names:
             setattr(estimator, name + "_", tensors[name])
         estimator.feature_frequencies_ = tensors["feature_frequencies"].astype(np.float64)
+        if "dict_init" in tensors:
+            estimator.dict_init = tensors["dict_init"]
         history = tensors["history"].astype(np.float64)
         if history.shape[1] < len(STAT_NAMES):
             pad = np.zeros((history.shape[0], len(STAT_NAMES) - history.shape[1]))

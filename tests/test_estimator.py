@@ -583,3 +583,94 @@ def test_few_rows_for_the_atoms_warn_before_training():
         warnings.simplefilter("always")
         SparseAutoencoderDictionary(n_components=2, max_steps=3, random_state=0).fit(X)
     assert not [w for w in caught if "rows an atom" in str(w.message)]
+
+
+# ------------------------------------------------------------- dict_init
+
+
+@pytest.fixture(scope="module")
+def known():
+    X, atoms, _ = make_superposition(4000, 16, 32, n_active=3, random_state=0,
+                                     dtype=np.float32)
+    return X, atoms
+
+
+def _cosines(a, b):
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return np.sum(a * b, axis=1)
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_dict_init_is_where_the_atoms_and_the_encoder_start(known, method):
+    X, atoms = known
+    # Scaled rows: only their directions count. A learning rate too small to
+    # move anything leaves the start to be read off the fitted attributes.
+    est = SparseAutoencoderDictionary(dict_init=3.0 * atoms, learning_rate=1e-9, max_steps=2,
+                                      batch_size=256, device="cpu", random_state=0)
+    getattr(est, method)(X)
+    assert est.n_components_ == 32  # taken from dict_init's rows
+    assert _cosines(est.components_, atoms).min() > 0.9999
+    assert _cosines(est.encoder_weights_, atoms).min() > 0.9999
+
+
+def test_dict_init_at_the_true_atoms_keeps_them(known):
+    X, atoms = known
+    params = dict(n_components=32, activation="topk", k=3, max_steps=50, batch_size=256,
+                  device="cpu", random_state=0)
+    from_random = SparseAutoencoderDictionary(**params).fit(X)
+    from_truth = SparseAutoencoderDictionary(dict_init=atoms, **params).fit(X)
+    # 50 steps are far too few to find the atoms from a random start
+    # (measured 0.61) and enough to keep them from the true ones (0.98).
+    assert mean_max_cosine_similarity(from_truth.components_, atoms) > 0.95
+    assert mean_max_cosine_similarity(from_random.components_, atoms) < 0.8
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda a: a[:10], r"dict_init has shape \(10, 16\); it must be \(n_components, "
+                       r"n_features\) = \(32, 16\)"),
+    (lambda a: a[:, :5], r"dict_init has shape \(32, 5\); it must be .* = \(32, 16\)"),
+    (lambda a: np.vstack([a[:-2], np.zeros((2, 16))]), r"dict_init's row 30 is all zeros "
+                                                        r"\(2 all-zero rows in all\)"),
+    (lambda a: np.where(a > 0.5, np.nan, a), r"dict_init contains NaN"),
+    (lambda a: "atoms", r"'dict_init' parameter .* must be an array-like or None"),
+])
+def test_bad_dict_init_is_refused_and_the_fitted_dictionary_kept(known, bad, message):
+    X, atoms = known
+    est = SparseAutoencoderDictionary(32, max_steps=5, device="cpu", random_state=0).fit(X)
+    before = est.components_.copy()
+    est.set_params(dict_init=bad(atoms))
+    with pytest.raises(ValueError, match=message):
+        est.fit(X)
+    np.testing.assert_array_equal(est.components_, before)
+
+
+def test_dict_init_and_n_components_must_agree(known):
+    X, atoms = known
+    with pytest.raises(ValueError, match=r"must be \(n_components, n_features\) = \(64, 16\)"):
+        SparseAutoencoderDictionary(64, dict_init=atoms, max_steps=5, device="cpu").fit(X)
+
+
+def test_save_keeps_dict_init(known, tmp_path):
+    X, atoms = known
+    est = SparseAutoencoderDictionary(dict_init=atoms, max_steps=5, device="cpu",
+                                      random_state=0).fit(X)
+    loaded = SparseAutoencoderDictionary.load(est.save(tmp_path / "with"))
+    np.testing.assert_array_equal(loaded.dict_init, atoms)
+    # The loaded parameter starts a new fit where the original's did.
+    np.testing.assert_array_equal(clone(loaded).fit(X).components_,
+                                  clone(est).fit(X).components_)
+    plain = SparseAutoencoderDictionary(32, max_steps=5, device="cpu").fit(X)
+    assert SparseAutoencoderDictionary.load(plain.save(tmp_path / "without")).dict_init is None
+
+
+def test_dict_init_in_any_memory_layout_trains_the_same(known):
+    # scikit-learn's components_ can be Fortran-ordered; torch's fused CPU
+    # Adam stepped parameters of that layout wrongly, and such starts diverged.
+    X, atoms = known
+    params = dict(activation="topk", k=3, max_steps=100, batch_size=256, device="cpu",
+                  random_state=0)
+    c_order = SparseAutoencoderDictionary(dict_init=np.ascontiguousarray(atoms), **params)
+    f_order = SparseAutoencoderDictionary(dict_init=np.asfortranarray(atoms), **params)
+    np.testing.assert_allclose(f_order.fit(X).components_, c_order.fit(X).components_,
+                               atol=1e-6)

@@ -116,6 +116,9 @@ class SparseAutoencoder(nn.Module):
     initialize : bool, default=True
         Draw the initial atoms; False leaves the parameters uninitialised,
         for a model whose state is loaded next.
+    atoms : array-like of shape (n_components, n_features), optional
+        The initial atoms, instead of random ones (each row scaled to unit
+        norm; rows must be finite and non-zero, which the caller checks).
 
     Examples
     --------
@@ -127,11 +130,21 @@ class SparseAutoencoder(nn.Module):
     """
 
     def __init__(self, n_features, n_components, activation=None, generator=None, device=None,
-                 initialize=True):
+                 initialize=True, atoms=None):
         super().__init__()
         self.activation = ReLU() if activation is None else activation
         shape = (n_components, n_features)
-        if initialize:
+        if atoms is not None:
+            # Contiguous whatever the caller's layout (a scikit-learn
+            # dictionary's components_ can be Fortran-ordered): torch's fused
+            # Adam on the CPU (2.13) updates a parameter of other strides
+            # wrongly, and such a start diverged.
+            atoms = torch.as_tensor(atoms, dtype=torch.float32, device=device).clone(
+                memory_format=torch.contiguous_format)
+            if tuple(atoms.shape) != shape:
+                raise ValueError(f"atoms have shape {tuple(atoms.shape)}, not {shape}.")
+            atoms /= atoms.norm(dim=1, keepdim=True)
+        elif initialize:
             atoms = torch.randn(shape, generator=generator, device=device)
             atoms /= atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
         else:

@@ -248,9 +248,11 @@ class Trainer:
         Seeds the initial atoms and the resampling draws.
     activation : Activation, optional
         The sparsity mechanism; ReLU when None.
+    atoms : array-like of shape (n_components, n_features), optional
+        Initial atoms instead of random ones (see :class:`SparseAutoencoder`).
     """
 
-    def __init__(self, n_features, n_components, device, seed, activation=None):
+    def __init__(self, n_features, n_components, device, seed, activation=None, atoms=None):
         self.device = torch.device(device)
         self.seed = int(seed)
         # Drawn where the model lives: on a GPU, 20 million normal draws on
@@ -259,7 +261,7 @@ class Trainer:
         # seed starts another model on each kind of device.
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
         self.model = SparseAutoencoder(n_features, n_components, activation, generator,
-                                       device=self.device)
+                                       device=self.device, atoms=atoms)
         self._resample_generator = torch.Generator().manual_seed(self.seed + 1)
         self.optimizer = self._make_optimizer()
         self.scale = None
