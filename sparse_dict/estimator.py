@@ -493,7 +493,9 @@ class SparseAutoencoderDictionary(
         ``components_``) or from known features. Each row is scaled to unit
         norm, and the encoder starts as their transpose, as it does with
         random atoms. Rows must be finite and not all zero. ``None`` draws
-        random unit atoms. ``save`` keeps it with the dictionary.
+        random unit atoms. ``fit`` and the first ``partial_fit`` start from
+        it; later ``partial_fit`` calls continue from the fitted atoms.
+        ``save`` keeps it with the dictionary.
     transform_algorithm : {"encoder", "omp", "lasso_lars", "lasso_cd", \
 "threshold"}, default="encoder"
         How :meth:`transform` codes data. ``"encoder"``: the autoencoder's
