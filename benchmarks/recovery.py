@@ -23,6 +23,9 @@ explained variance and L0 of its codes, dead features and wall time.
   (``mbdl_rows``), it sees the first ``mbdl_rows`` training rows: the table
   says so, and the best top-k-family SAE is fitted on those same rows too;
 * ``LassoCoder`` on the true atoms (the oracle coder);
+* the two together: the top-k SAE started from MiniBatchDictionaryLearning's
+  dictionary (``dict_init``) and trained like the others, shown beside
+  them and left out of the targets, which judge the SAE alone;
 * an optimisation reference: a plain top-k SAE loop (autograd and Adam,
   ``k`` = the mean number of active features, the SAEs' learning rate,
   batch and steps), once from random atoms and once from the true atoms.
@@ -144,16 +147,24 @@ def _score(name, est, X_eval, true_atoms, fit_s, n_rows, encode, decode, repeats
     return row
 
 
-def _fit_sae(activation, knob, X, X_eval, true_atoms, steps, device, seed, label=None):
+def _fit_sae(activation, knob, X, X_eval, true_atoms, steps, device, seed, label=None,
+             warm_start=None):
+    """An SAE's row; ``warm_start=(name, atoms)`` starts it from those atoms.
+
+    A warm-started row is marked ``"warm_start"`` instead of ``"activation"``,
+    so that the targets, which judge the SAEs alone, do not read it.
+    """
+    name, atoms = warm_start or ("", None)
     sae = SparseAutoencoderDictionary(
-        true_atoms.shape[0], device=device, random_state=seed,
+        true_atoms.shape[0], device=device, random_state=seed, dict_init=atoms,
         **sae_params(activation, knob, max_iter=100_000, max_steps=steps))
     with Timer() as t:
         sae.fit(X)
+    tag = {"warm_start": name} if warm_start else {"activation": activation}
     return _score(label or f"SAE {knob_label(activation, knob)}", sae, X_eval, true_atoms,
                   t.seconds, X.shape[0], sae.transform, sae.inverse_transform, 3,
-                  activation=activation, knob=knob, steps=int(sae.n_steps_),
-                  train_dead_fraction=float(np.mean(sae.feature_frequencies_ == 0)))
+                  knob=knob, steps=int(sae.n_steps_),
+                  train_dead_fraction=float(np.mean(sae.feature_frequencies_ == 0)), **tag)
 
 
 class _PlainDictionary:
@@ -231,6 +242,12 @@ def run_case(case, sizes, device, seed=0):
         oracle.fit(X_eval)
         rows.append(_score("LassoCoder on true atoms (oracle)", oracle, X_eval, true_atoms, 0.0,
                            0, oracle.transform, oracle.inverse_transform, 1))
+    # The two together: the top-k SAE started from MBDL's dictionary
+    # (dict_init), trained as the others on every training row. Its fit time
+    # leaves out MBDL's (in MBDL's row), and the targets leave it out.
+    rows.append(_fit_sae("topk", case["n_active"], X_train, X_eval, true_atoms, steps, device,
+                         seed, label=f"SAE topk k={case['n_active']} from MBDL's dictionary",
+                         warm_start=("mbdl", mbdl.components_)))
     rows += [_plain_topk(X_train, X_eval, true_atoms, case["n_active"], steps, device, seed, start)
              for start in ("random", "true")]
     return dict(case, sae_steps=steps, n_eval_rows=sizes["n_eval"], methods=rows,

@@ -161,6 +161,11 @@ def test_recovery_cases_are_on_equal_footing(sections):
             assert m["n_rows"] == case["n_rows"] and m["steps"] == case["sae_steps"]
             assert m["l0"] == pytest.approx(case["n_active"], abs=0.5)
         assert reference["true"]["mmcs"] > reference["random"]["mmcs"] + 0.1
+        # The SAE warm-started from MBDL's atoms: on every row, out of the verdict.
+        warm = [m for m in methods if m.get("warm_start") == "mbdl"]
+        assert len(warm) == 1 and "activation" not in warm[0]
+        assert warm[0]["n_rows"] == case["n_rows"]
+        assert warm[0]["method"] != case["best_topk_family"]
     assert any(c["mbdl_rows_fewer"] for c in cases)
 
 
