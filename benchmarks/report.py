@@ -737,8 +737,8 @@ _SECTION_MD = {
     "distributed": ("10. Data-parallel training", _distributed_md),
     "findings": ("11. The seed's findings: dictionary size, universality, splitting",
                  _findings_md),
-    "saelens_throughput": ("12. Training throughput against SAELens", _saelens_md),
-    "gpu": ("13. The GPU at its limit", _gpu_md),
+    "gpu": ("12. The GPU at its limit", _gpu_md),
+    "saelens_throughput": ("13. Training throughput against SAELens", _saelens_md),
 }
 
 
