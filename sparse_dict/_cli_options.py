@@ -134,6 +134,22 @@ _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
 
+def _npy_array(text):
+    """An array-like parameter from the command line: the path of a .npy file, or none."""
+    if text in _NONE_WORDS:
+        return None
+    import numpy as np
+
+    try:
+        # No pickles: an array file must not be able to run code.
+        return np.load(text, allow_pickle=False)
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"no file {text!r}") from None
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"cannot read {text!r} as a .npy array ({exc})") from None
+
+
 def _union(interval_kind, interval, words, boolean, none_ok):
     """A parser for a parameter that takes several kinds of value (a number or a word)."""
     expected = []
@@ -170,6 +186,8 @@ def _option_kwargs(constraints):
     boolean = "boolean" in constraints
     if "random_state" in constraints:
         return {"type": _seed, "metavar": "SEED"}
+    if "array-like" in constraints:
+        return {"type": _npy_array, "metavar": "FILE.npy"}
     if boolean and not (intervals or words or none_ok):
         return {"action": argparse.BooleanOptionalAction}
     if intervals and not (words or boolean):

@@ -545,3 +545,27 @@ def test_a_short_fit_warns_in_one_line(tmp_path, capsys):
     assert lines[0].startswith("sparse-dict fit: warning: The fit stopped after only 10 steps")
     assert "site-packages" not in err and ".py:" not in err
     assert SparseAutoencoderDictionary.load(tmp_path / "d").activation == "topk"
+
+
+def test_fit_starts_from_a_dict_init_file(tmp_path, capsys):
+    rng = np.random.RandomState(0)
+    acts = tmp_path / "acts.npy"
+    np.save(acts, rng.exponential(size=(600, 16)).astype(np.float32))
+    atoms = rng.standard_normal((32, 16))
+    np.save(tmp_path / "atoms.npy", atoms)
+    assert main(["fit", str(acts), "-o", str(tmp_path / "d"), "--dict-init",
+                 str(tmp_path / "atoms.npy"), "--max-steps", "10", "-q"]) == 0
+    loaded = SparseAutoencoderDictionary.load(tmp_path / "d")
+    np.testing.assert_array_equal(loaded.dict_init, atoms)
+    assert loaded.n_components_ == 32  # from the file's rows
+    status, _, err = run(["fit", acts, "-o", tmp_path / "e", "--dict-init",
+                          tmp_path / "missing.npy"], capsys)
+    assert status == 2 and "--dict-init: no file" in err and "missing.npy" in err
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    status, _, err = run(["fit", acts, "-o", tmp_path / "e", "--dict-init",
+                          tmp_path / "objects.npy"], capsys)
+    assert status == 2 and "cannot read" in err and "as a .npy array" in err
+    status, _, err = run(["fit", acts, "-o", tmp_path / "e", "--dict-init",
+                          tmp_path / "atoms.npy", "--n-components", "8", "-q"], capsys)
+    assert_one_line_error(status, err, "dict_init has shape (32, 16)")
+    assert not (tmp_path / "e").exists()
