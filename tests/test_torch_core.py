@@ -417,3 +417,16 @@ def test_given_atoms_become_contiguous_unit_rows_of_both_weights():
                                    rtol=1e-6)
     with pytest.raises(ValueError, match=r"atoms have shape \(40, 12\), not \(41, 12\)"):
         SparseAutoencoder(12, 41, atoms=atoms)
+
+
+def test_parameters_rebuilt_from_fortran_ordered_arrays_are_contiguous():
+    # The other way in for outside arrays (load, SAELens import, partial_fit
+    # after either): copied into the model's own contiguous parameters.
+    rng = np.random.RandomState(0)
+    params = {"components": np.asfortranarray(rng.standard_normal((40, 12))),
+              "encoder_weights": np.asfortranarray(rng.standard_normal((40, 12))),
+              "encoder_bias": np.zeros(40), "decoder_bias": np.zeros(12)}
+    trainer = Trainer.from_parameters(params, 1.0, "cpu", 0)
+    assert all(p.is_contiguous() for p in trainer.model.parameters())
+    np.testing.assert_allclose(trainer.model.W_enc.detach().numpy(), params["encoder_weights"],
+                               rtol=1e-6)
