@@ -517,6 +517,20 @@ def test_cuda_fit_transform_and_cpu_pickle(X):
     assert all(not t.is_cuda for t in sae._trainer.__getstate__()["model_state"].values())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fit_starts_from_a_fortran_ordered_dict_init(known):
+    # The GPU's fused update reads the weights row by row: they must be
+    # contiguous there too, whatever the layout of the atoms given.
+    X, atoms = known
+    params = dict(activation="topk", k=3, max_steps=50, batch_size=256, random_state=0)
+    start = SparseAutoencoderDictionary(dict_init=np.asfortranarray(atoms), device="cuda",
+                                        learning_rate=1e-9, **params).fit(X)
+    assert _cosines(start.components_, atoms).min() > 0.9999
+    kept = SparseAutoencoderDictionary(dict_init=np.asfortranarray(atoms), device="cuda",
+                                       **params).fit(X)
+    assert mean_max_cosine_similarity(kept.components_, atoms) > 0.95
+
+
 def test_bf16_matrix_products_train_like_float32():
     # The bf16 path is meant for GPUs, but its arithmetic runs on the CPU too.
     X, _, _ = make_superposition(n_samples=4000, n_features=32, n_components=64, random_state=0)
