@@ -984,7 +984,10 @@ class SparseAutoencoderDictionary(
         return Trainer(X.shape[1], n_components, device, seed, self._activation(), atoms=atoms)
 
     def _initial_atoms(self, n_features):
-        """``dict_init`` checked against the data's width and ``n_components`` (or None)."""
+        """``dict_init`` checked against the data's width and ``n_components`` (or None).
+
+        The core scales its rows to unit norm.
+        """
         if self.dict_init is None:
             return None
         atoms = check_array(self.dict_init, dtype=np.float64, input_name="dict_init")
@@ -1001,10 +1004,7 @@ class SparseAutoencoderDictionary(
                 f"dict_init's row {zero[0]} is all zeros ({zero.size} all-zero rows in all): "
                 "every atom needs a direction to start from."
             )
-        # Each row divided by its largest entry first, so that neither tiny
-        # nor huge rows under- or overflow when squared for their norm.
-        atoms = atoms / peak[:, None]
-        return (atoms / np.linalg.norm(atoms, axis=1, keepdims=True)).astype(np.float32)
+        return atoms
 
     def _check_memory(self, n_features, n_components, device):
         need, have = training_bytes(n_features, n_components), device_bytes(device)

@@ -405,16 +405,19 @@ def test_the_scale_ignores_a_shared_shift_and_follows_the_units(seed, shift, fac
     np.testing.assert_allclose(gaps[1], gaps[0], atol=10 * tol * np.abs(gaps[0]).max())
 
 
-def test_given_atoms_become_contiguous_unit_rows_of_both_weights():
+@pytest.mark.parametrize("scale", [1e-30, 3.0, 1e200])
+def test_given_atoms_become_contiguous_unit_rows_of_both_weights(scale):
     # A Fortran-ordered start (scikit-learn's components_ can be) would give
-    # parameters that torch's fused CPU Adam steps wrongly.
-    atoms = np.asfortranarray(np.random.RandomState(0).standard_normal((40, 12)) * 3.0)
+    # parameters that torch's fused CPU Adam steps wrongly; rows of any
+    # magnitude must neither under- nor overflow on the way to unit norm.
+    base = np.random.RandomState(0).standard_normal((40, 12))
+    atoms = np.asfortranarray(base * scale)
     model = SparseAutoencoder(12, 40, atoms=atoms)
     for weight in (model.W_dec, model.W_enc):
         assert weight.is_contiguous()
         np.testing.assert_allclose(weight.detach().numpy(),
-                                   atoms / np.linalg.norm(atoms, axis=1, keepdims=True),
-                                   rtol=1e-6)
+                                   base / np.linalg.norm(base, axis=1, keepdims=True),
+                                   rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match=r"atoms have shape \(40, 12\), not \(41, 12\)"):
         SparseAutoencoder(12, 41, atoms=atoms)
 

@@ -117,8 +117,9 @@ class SparseAutoencoder(nn.Module):
         Draw the initial atoms; False leaves the parameters uninitialised,
         for a model whose state is loaded next.
     atoms : array-like of shape (n_components, n_features), optional
-        The initial atoms, instead of random ones (each row scaled to unit
-        norm; rows must be finite and non-zero, which the caller checks).
+        The initial atoms, instead of random ones, each row scaled to unit
+        norm here (rows must be finite and non-zero, which the caller
+        checks).
 
     Examples
     --------
@@ -135,15 +136,17 @@ class SparseAutoencoder(nn.Module):
         self.activation = ReLU() if activation is None else activation
         shape = (n_components, n_features)
         if atoms is not None:
+            atoms = torch.as_tensor(atoms, dtype=torch.float64, device=device)
+            if tuple(atoms.shape) != shape:
+                raise ValueError(f"atoms have shape {tuple(atoms.shape)}, not {shape}.")
+            # Each row over its largest entry first: neither tiny nor huge
+            # rows under- or overflow when squared for their norm.
+            atoms = atoms / atoms.abs().amax(dim=1, keepdim=True)
             # Contiguous whatever the caller's layout (a scikit-learn
             # dictionary's components_ can be Fortran-ordered): torch's fused
             # Adam on the CPU (2.13) updates a parameter of other strides
             # wrongly, and such a start diverged.
-            atoms = torch.as_tensor(atoms, dtype=torch.float32, device=device).clone(
-                memory_format=torch.contiguous_format)
-            if tuple(atoms.shape) != shape:
-                raise ValueError(f"atoms have shape {tuple(atoms.shape)}, not {shape}.")
-            atoms /= atoms.norm(dim=1, keepdim=True)
+            atoms = (atoms / atoms.norm(dim=1, keepdim=True)).float().contiguous()
         elif initialize:
             atoms = torch.randn(shape, generator=generator, device=device)
             atoms /= atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
