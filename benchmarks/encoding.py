@@ -39,7 +39,6 @@ Two choices keep the gap a property of the encoder rather than of the set-up:
 """
 
 import numpy as np
-import torch
 from sklearn.decomposition import sparse_encode
 
 from benchmarks._common import (
@@ -52,6 +51,7 @@ from benchmarks._common import (
     target,
     warm_up_sae,
 )
+from benchmarks._plain import PlainSAE
 from benchmarks.recovery import KNOBS
 from sparse_dict import LassoCoder, SparseAutoencoderDictionary
 from sparse_dict.coding import amortisation_gap
@@ -75,41 +75,21 @@ def best_topk_encoder(atoms, X, k, steps, *, batch_size=1024, learning_rate=1e-3
 
     The encoder is the SAE's (``codes = TopK(ReLU(X @ W + b))``, decoded as
     ``codes @ atoms``), started at the matched filter ``W = atoms.T``, and
-    only ``W`` and ``b`` learn: Adam on the mean squared reconstruction error
-    of random batches of ``X``. With the true atoms this is the best code
-    that one matrix product and a top-k can give on the data, up to the
-    optimiser, which is what an SAE's encoder can at most reach.
+    only ``W`` and ``b`` learn (:class:`~benchmarks._plain.PlainSAE` with its
+    decoder fixed): Adam on the mean squared reconstruction error of random
+    batches of ``X``. With the true atoms this is the best code that one
+    matrix product and a top-k can give on the data, up to the optimiser,
+    which is what an SAE's encoder can at most reach.
 
     Returns
     -------
     encode : callable
-        ``encode(rows) -> codes`` as a float64 array of shape
-        ``(len(rows), len(atoms))``.
+        ``encode(rows) -> codes``, an array of shape ``(len(rows), len(atoms))``.
     """
-    g = torch.Generator().manual_seed(seed)
-    D = torch.as_tensor(np.asarray(atoms, dtype=np.float32))
-    X = torch.as_tensor(np.asarray(X, dtype=np.float32))
-    W = D.T.clone().requires_grad_()
-    b = torch.zeros(D.shape[0], requires_grad=True)
-    optimizer = torch.optim.Adam([W, b], lr=learning_rate)
-
-    def codes_of(x):
-        pre = torch.relu(x @ W + b)
-        values, index = pre.topk(k, dim=1)
-        return torch.zeros_like(pre).scatter(1, index, values)
-
-    for _ in range(steps):
-        x = X[torch.randint(0, X.shape[0], (batch_size,), generator=g)]
-        loss = (codes_of(x) @ D - x).pow(2).sum(dim=1).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    def encode(rows):
-        with torch.no_grad():
-            return codes_of(torch.as_tensor(np.asarray(rows, dtype=np.float32))).double().numpy()
-
-    return encode
+    atoms = np.asarray(atoms, dtype=np.float32)
+    sae = PlainSAE(atoms.shape[1], atoms.shape[0], "cpu", seed=seed,
+                   learning_rate=learning_rate, k=k, atoms=atoms, learn_decoder=False)
+    return sae.train(X, steps, batch_size, seed).transform
 
 
 def true_atoms_gap(atoms, X_train, X_eval, k, steps):

@@ -42,7 +42,6 @@ beats MiniBatchDictionaryLearning's MMCS when both see the same rows.
 import warnings
 
 import numpy as np
-import torch
 from sklearn.decomposition import MiniBatchDictionaryLearning
 from sklearn.exceptions import ConvergenceWarning
 
@@ -167,22 +166,6 @@ def _fit_sae(activation, knob, X, X_eval, true_atoms, steps, device, seed, label
                   train_dead_fraction=float(np.mean(sae.feature_frequencies_ == 0)), **tag)
 
 
-class _PlainDictionary:
-    """A trained :class:`PlainSAE` as :func:`_score` reads a dictionary."""
-
-    def __init__(self, sae):
-        self.sae = sae
-        self.components_ = sae.W_dec.detach().cpu().numpy()
-
-    def encode(self, X):
-        with torch.no_grad():
-            x = torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.sae.device)
-            return self.sae.codes(x).cpu().numpy()
-
-    def decode(self, codes):
-        return codes @ self.components_ + self.sae.b_dec.detach().cpu().numpy()
-
-
 def _plain_topk(X, X_eval, true_atoms, k, steps, device, seed, start):
     """The optimisation reference: a plain top-k SAE loop, started at ``start``'s atoms.
 
@@ -196,15 +179,11 @@ def _plain_topk(X, X_eval, true_atoms, k, steps, device, seed, start):
     sae = PlainSAE(X.shape[1], true_atoms.shape[0], device, seed=seed,
                    learning_rate=params["learning_rate"], k=k,
                    atoms=true_atoms if start == "true" else None)
-    rows = torch.as_tensor(np.asarray(X, dtype=np.float32), device=device)
-    g = torch.Generator().manual_seed(seed)
     with Timer() as t:
-        for _ in range(steps):
-            sae.step(rows[torch.randint(0, rows.shape[0], (params["batch_size"],), generator=g)])
-    fitted = _PlainDictionary(sae)
+        sae.train(X, steps, params["batch_size"], seed)
     label = "the true atoms" if start == "true" else "random atoms"
-    return _score(f"plain top-k loop (k={k}) from {label}", fitted, X_eval, true_atoms,
-                  t.seconds, X.shape[0], fitted.encode, fitted.decode, 1,
+    return _score(f"plain top-k loop (k={k}) from {label}", sae, X_eval, true_atoms,
+                  t.seconds, X.shape[0], sae.transform, sae.inverse_transform, 1,
                   reference=start, steps=steps)
 
 
