@@ -830,7 +830,7 @@ class SparseAutoencoderDictionary(
                 # OpenMP threads, which live as long as it does).
                 checks.shutdown()
                 # After the checks that refuse a fit, before its training.
-                self._warn_about_shape(X, trainer.model.n_components, replicas)
+                self._warn_about_shape(X, trainer.model, replicas)
                 n_passes = self._train(trainer, X, config, random_state, total,
                                        replicas=replicas, feed=feed)
             self._finish(trainer, X, config, random_state, replicas=replicas)
@@ -872,7 +872,7 @@ class SparseAutoencoderDictionary(
             if first_call:
                 trainer = self._new_trainer(X, random_state, device)
                 trainer.initialize(X, random_state, self.decoder_bias_init, replicas)
-                self._warn_about_shape(X, trainer.model.n_components, replicas, rows=False)
+                self._warn_about_shape(X, trainer.model, replicas, rows=False)
                 self.n_iter_ = 0
             else:
                 trainer = self._get_trainer().to(device)
@@ -887,7 +887,7 @@ class SparseAutoencoderDictionary(
             self.n_iter_ += 1
         return self
 
-    def _warn_about_shape(self, X, n_components, replicas, rows=True):
+    def _warn_about_shape(self, X, model, replicas, rows=True):
         """The warnings a fit's shapes call for, before its training (rank 0's alone).
 
         ``rows=False`` (``partial_fit``, whose calls each see a part of the
@@ -896,9 +896,9 @@ class SparseAutoencoderDictionary(
         if not _speaks(replicas):
             return
         if rows:
-            _warn_few_rows(X.shape[0], n_components)
-        if self._activation().uses_k:
-            _warn_dense_k(self.k, X.shape[1], n_components)
+            _warn_few_rows(X.shape[0], model.n_components)
+        if model.activation.uses_k:
+            _warn_dense_k(self.k, X.shape[1], model.n_components)
 
     def _activation(self):
         """The core's sparsity mechanism for the current parameters."""
