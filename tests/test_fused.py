@@ -473,6 +473,46 @@ _CODES = textwrap.dedent('''
             "history": float(np.abs(a.history - b.history).max()),
         }
     out["choices"] = sorted(str(k[0]) + ":" + str(v) for k, v in fused.choices().items())
+    # A first step that decides must train as one that does not: each
+    # dense mechanism, float32 and bfloat16, with every kernel "auto" and
+    # nothing decided yet, against the same choices forced. (A float32
+    # residual is written over the decoder's product; its decision once left
+    # the residual there, and the first step took it for the product.)
+    flags = {"codes": "fused_codes", "residual": "fused_residual",
+             "product_relu": "fused_product", "penalty_stats": "fused_stats"}
+    out["decided_train"] = {}
+    for bf16 in (False, True):
+        for act in ("relu", "topk", "jumprelu"):
+            fused._choices.clear()
+            a = train(act, bf16=bf16)
+            made = {flags[k[0]]: v for k, v in fused.choices().items()}
+            b = train(act, bf16=bf16, **{flag: made.get(flag, False) for flag in flags.values()})
+            out["decided_train"][f"{act} bf16={bf16}"] = {
+                "decided": sorted(made),
+                "params": max(float((b.model.state_dict()[k] - v).abs().max())
+                              for k, v in a.model.state_dict().items()),
+                "history": float(np.abs(a.history - b.history).max()),
+            }
+    # The residual's decision with err as its own input (float32 products),
+    # deciding for the kernel and, with a bias the kernel refuses, against
+    # it after the plain way already ran: err holds the product again.
+    for bias_kind in ("contiguous", "strided"):
+        y = torch.randn(7, 9, generator=g, device=device)
+        x = torch.randn(7, 9, generator=g, device=device)
+        bias = torch.randn(9, 2, generator=g, device=device)
+        bias = bias[:, 0].contiguous() if bias_kind == "contiguous" else bias[:, 0]
+        gx = torch.empty(7, 9, device=device)
+        err, before = y.clone(), y.clone()
+        def plain_alias():
+            err.add_(bias).sub_(x)
+            torch.mul(err, 0.5, out=gx)
+            return err.square().sum(), gx.sum(dim=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fused._choices.clear()
+            chose = fused.residual_pays(err, bias, x, gx, err, 0.5, plain_alias)
+        out[f"residual_alias_{bias_kind}"] = {"chose": chose,
+                                               "err_is_y": bool(torch.equal(err, before))}
     print(json.dumps(out))
 ''')
 
@@ -517,6 +557,16 @@ def _check_codes(out, measured):
         assert case["gap"] < 1e-5 and case["bias"] and case["rest_untouched"], case
     for act, gaps in out["stats_train"].items():
         assert gaps["params"] < 1e-4 and gaps["history"] < 1e-4, (act, gaps)
+    # The first step's decisions leave its values as they were: the same
+    # operations, in the same order, as the choices forced.
+    assert len(out["decided_train"]) == 6
+    for case, result in out["decided_train"].items():
+        assert result["params"] == 0.0 and result["history"] == 0.0, (case, result)
+        assert {"fused_codes", "fused_residual", "fused_stats"} <= set(result["decided"]), case
+        assert ("fused_product" in result["decided"]) == case.startswith("relu"), case
+    assert out["residual_alias_contiguous"] == {"chose": not measured or out[
+        "residual_alias_contiguous"]["chose"], "err_is_y": True}
+    assert out["residual_alias_strided"] == {"chose": False, "err_is_y": True}
 
 
 def test_the_step_s_kernels_match_the_plain_operations_in_triton_s_interpreter():

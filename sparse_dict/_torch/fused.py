@@ -51,7 +51,7 @@ import torch
 
 __all__ = ["adam_rows_", "available", "bits_columns", "choices", "codes_bits_count_",
            "codes_kernel_pays", "kernel_pays", "mask_by_bits_", "penalty_stats_",
-           "penalty_stats_pays", "product_relu_", "product_relu_pays", "residual_",
+           "may_run", "penalty_stats_pays", "product_relu_", "product_relu_pays", "residual_",
            "residual_pays", "unpack_bits"]
 
 
@@ -77,10 +77,10 @@ def available(device):
     >>> available(torch.device("cpu"))
     False
     """
-    return _may_run(device) and _probe(str(device))
+    return may_run(device) and _probe(str(device))
 
 
-def _may_run(device):
+def may_run(device):
     """Whether a Triton kernel may be tried on ``device`` at all.
 
     On a CUDA GPU, or anywhere in Triton's interpreter (the tests), unless
@@ -397,14 +397,20 @@ def kernel_pays(key, device, prepare, repeats=5):
         depends on (device, dtype, shape, variant).
     device : torch.device
     prepare : callable
-        ``prepare() -> (agrees, plain, fused)``; ``plain`` and ``fused`` are
-        one run each way, repeatable on the same buffers.
+        ``prepare() -> (agrees, plain, fused)`` or ``(agrees, plain, fused,
+        restore)``; ``plain`` and ``fused`` are one run each way, repeatable
+        on the same buffers. ``restore()``, for operations that overwrite
+        their own input, puts that input back after the decision, whatever
+        its outcome (a failed kernel too): the caller then runs the way
+        chosen on it.
     """
-    if not _may_run(device):
+    if not may_run(device):
         return False
     if key not in _choices:
+        restore = None
         try:
-            agrees, plain, fused = prepare()
+            agrees, plain, fused, *rest = prepare()
+            restore = rest[0] if rest else None
             choice = agrees()
             if not choice:
                 warnings.warn(f"The {key[0]} kernel differs from torch's operations on "
@@ -417,6 +423,9 @@ def kernel_pays(key, device, prepare, repeats=5):
                           f"{exc}); training uses torch's operations instead.", RuntimeWarning,
                           stacklevel=3)
             choice = False
+        finally:
+            if restore is not None:
+                restore()
         _choices[key] = bool(choice)
     return _choices[key]
 
@@ -504,11 +513,14 @@ def residual_pays(y, bias, x, gx, err, scale, plain):
     Decided by :func:`kernel_pays` on the first step's own residual:
     ``plain() -> (sse, gx_sums)`` writes ``err`` and ``gx`` with torch's
     operations; the kernel must write the same values, and sums within
-    float32 rounding of the plain ones. ``y`` is left as it was (copied
-    first when it is ``err`` itself); ``err`` and ``gx`` are overwritten.
+    float32 rounding of the plain ones. ``y`` is left as it was, also when
+    it is ``err`` itself (float32 products), which both ways overwrite with
+    the residual: it is copied first and put back after the decision, for
+    the caller's run. Otherwise ``err`` and ``gx`` are overwritten.
     """
     def prepare():
-        source = y.clone() if y.data_ptr() == err.data_ptr() else y
+        aliased = y.data_ptr() == err.data_ptr()
+        source = y.clone() if aliased else y
 
         def run_plain():
             if source is not y:
@@ -530,7 +542,10 @@ def residual_pays(y, bias, x, gx, err, scale, plain):
                     and abs(float(sse) - expected[2]) <= 1e-5 * max(expected[2], 1e-30)
                     and float((sums - expected[3]).abs().max()) <= tol)
 
-        return agrees, run_plain, run_fused
+        # Without the restore, the step after the decision took the residual
+        # for the decoder's product (a wrong first step of every float32 fit
+        # that decided, seen on an H200 as fits that differed by their feed).
+        return agrees, run_plain, run_fused, (lambda: err.copy_(source)) if aliased else None
 
     key = ("residual", str(x.device), gx.dtype, tuple(x.shape), y.dtype)
     return kernel_pays(key, x.device, prepare)

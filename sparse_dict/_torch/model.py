@@ -62,13 +62,16 @@ def _float32_dense(t):
 def _uses_kernel(kernels, name, device, pays):
     """Whether the step takes GPU kernel ``name``: as ``kernels`` says, or where it pays.
 
-    ``kernels[name]`` is True, False or "auto" (the default): on a CUDA
-    device, ``pays()`` (a measured choice, made once per shape by
-    :func:`sparse_dict._torch.fused.kernel_pays`); elsewhere never.
+    ``kernels[name]`` is True, False or "auto" (the default): where a
+    kernel may run (:func:`sparse_dict._torch.fused.may_run`: a CUDA
+    device, or Triton's interpreter in the tests, so that they go through
+    the first step's decision too), ``pays()`` (a measured choice, made
+    once per shape by :func:`sparse_dict._torch.fused.kernel_pays`);
+    elsewhere never.
     """
     use = "auto" if kernels is None else kernels.get(name, "auto")
     if use == "auto":
-        return device.type == "cuda" and pays()
+        return fused.may_run(device) and pays()
     return bool(use)
 
 
