@@ -440,7 +440,7 @@ _CODES = textwrap.dedent('''
     # the bias a column of the decoder's buffer.
     for dtype in (torch.float32, torch.bfloat16):
         for weighted, l0_factor in ((True, 0.0), (False, 24.0), (False, 0.0)):
-            n = 2500  # more than one block of the kernel's loop
+            n = 2500  # ten programs of 256 features, the last one partly filled
             wide = torch.rand(n, 20, generator=g, device=device).to(dtype) * 50
             fired = torch.randint(0, 40, (n,), generator=g, device=device).float()
             sse = torch.tensor(123.25, device=device)

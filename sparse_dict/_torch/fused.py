@@ -631,14 +631,14 @@ def penalty_stats_(code_sums, fired, sse, weights, l0_factor, coef, batch, bias_
     if (fired.shape != (n,) or bias_out.shape != (n,) or not fired.is_contiguous()
             or (weights is not None and (weights.shape != (n,) or not weights.is_contiguous()))):
         raise ValueError("penalty_stats_ needs (n,) vectors, fired and weights contiguous.")
-    stats = torch.empty(5, dtype=torch.float32, device=fired.device)
-    block = min(2048, 1 << max(4, (n - 1).bit_length()))
-    _kernels().penalty_stats[(1,)](
+    # Zeroed: each program adds its block's share of every statistic.
+    stats = torch.zeros(5, dtype=torch.float32, device=fired.device)
+    block = min(256, 1 << max(4, (n - 1).bit_length()))
+    _kernels().penalty_stats[(-(-n // block),)](
         code_sums, fired, fired if weights is None else weights, sse, stats, bias_out, n,
         code_sums.stride(0), bias_out.stride(0), float(batch), float(coef), coef / batch,
         float(l0_factor), HAS_W=weights is not None,
-        BIAS_BF16=bias_out.dtype == torch.bfloat16, BLOCK=block, N_BLOCKS=-(-n // block),
-        num_warps=8,
+        BIAS_BF16=bias_out.dtype == torch.bfloat16, BLOCK=block, num_warps=4,
     )
     return stats
 
