@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -613,3 +614,31 @@ def test_the_mask_and_residual_kernels_refuse_bad_layouts():
         fused.residual_(x, x[0], x.double(), x, x, 1.0)
     with pytest.raises(ValueError, match="contiguous columns"):
         fused.residual_(x, x[0], x, x.t(), x, 1.0)
+
+
+def test_the_timed_choice_keeps_each_way_s_best_of_alternating_trials(monkeypatch):
+    # A fake clock that each call advances: the kernel costs 1.0 a call and
+    # the plain operations 1.1, but the kernel's first timed calls meet a
+    # slow spell (+10). One timing of each way would keep the plain
+    # operations; the best of three alternating ones keeps the kernel.
+    now = [0.0]
+    monkeypatch.setattr(fused, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    calls = {"fused": 0}
+
+    def plain():
+        now[0] += 1.1
+
+    def kernel():
+        calls["fused"] += 1
+        now[0] += 1.0 + (10.0 if calls["fused"] == 2 else 0.0)
+
+    syncs = []
+    assert fused._faster(plain, kernel, lambda: syncs.append(1), repeats=5)
+    assert calls["fused"] == 1 + 3 * 5 and len(syncs) == 2 * 2 * 3
+    calls["fused"] = 0
+    assert not fused._faster(plain, kernel, lambda: None, repeats=5, trials=1)
+
+    def slower():
+        now[0] += 1.2
+
+    assert not fused._faster(plain, slower, lambda: None, repeats=5)
