@@ -9,12 +9,12 @@
 # OUT_DIR/gpu/results.json and results.md (the benchmark section "gpu", as
 # `python -m benchmarks --device cuda --only gpu` writes them), the profile
 # of a short bf16 fit, OUT_DIR/bench.log and OUT_DIR/tests.log. Each stage
-# has its own time limit, so that a slow stage leaves the other's output. On
-# an H200 (2026-11-26) the section took about 125 s and the suite, with 8
-# workers, about 180 s (185 s stopped it at 93%). The section has grown since
-# (each product of the step timed, two more kernels compared: perhaps 20 s
-# more, not yet measured), and the GPU tests take up to 120 s first:
-# `gpu_session.sh OUT 170 240`, under a device limit of about 560 s.
+# has its own time limit, so that a slow stage leaves the other's output.
+# On an H200 (2026-11-26, two runs): the GPU tests 59 and 82 s, the section
+# 146 and 155 s, the whole suite with 8 workers 191 s; the machine's start
+# about 36 s. `gpu_session.sh OUT 170 240` took 419 s (the call's
+# timeout_s about 560 leaves room); with 15 minutes of device time a
+# session can then afford only a short second run (`OUT 170 60` took 335 s).
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT_DIR [BENCH_SECONDS] [TEST_SECONDS]}
 bench_s=${2:-300}
