@@ -28,6 +28,10 @@ process:
    every step, as a user writes it, and (b) indexed from a copy of the data
    made on the device once.
 
+At the reference size it also times ways to bring one fitted (N, d)
+matrix back to the host (:func:`export_paths_ms`), for the short fit's
+largest fixed cost: information, not a target.
+
 Sizes: ``reference`` (d=768, N=24576: a GPT-2 MLP dictionary), ``small``
 (d=512, N=4096), ``wide`` (d=768, N=65536) and ``deep`` (d=2048, N=16384),
 batch 4096. On a GPU, a torch.profiler summary of one short bfloat16 fit at
@@ -554,6 +558,76 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
+def export_paths_ms(shape, device, repeats=3):
+    """Ways to bring one fitted matrix back into a new host array, each its best of ``repeats`` (ms).
+
+    Information for the short-fit target, where the export of two such
+    matrices is the largest fixed cost (19 ms of a 50-step bf16 fit on the
+    H200, 2026-11-26), not a target:
+
+    * ``to_host``: the export as a fit does it
+      (:func:`sparse_dict._torch.pipeline.to_host`: on a GPU through a
+      reused pinned buffer, then into a new array by host threads);
+    * ``touch``: touching every page of a new array of that size, alone
+      (what a thread could do while training runs);
+    * ``copy_fresh`` and ``copy_touched``: the host's copy from an array
+      like the pinned buffer into a new array, and into one whose pages were
+      touched, to tell the page faults from the copy;
+    * on a GPU, ``registered``: the device's copy straight into a touched
+      array registered with CUDA (page-locked where it is), no host copy;
+      ``register`` and ``unregister`` what registering it costs.
+    """
+    from sparse_dict._torch.pipeline import _parallel_copy, to_host
+
+    source = torch.randn(shape, device=device)
+    host = source.cpu().numpy()  # stands for the pinned buffer's contents
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    times = {}
+
+    def timed(name, fn):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        elapsed = 1e3 * (time.perf_counter() - start)
+        times[name] = min(times.get(name, elapsed), elapsed)
+
+    def touched():
+        dst = np.empty(shape, dtype=np.float32)
+        dst.reshape(-1)[::1024] = 0.0  # one write a 4 KB page
+        return dst
+
+    for _ in range(repeats):
+        timed("to_host", lambda: to_host({"w": source}))
+        timed("touch", touched)
+        timed("copy_fresh", lambda: _parallel_copy(host))
+        dst = touched()
+        timed("copy_touched", lambda: _parallel_copy(host, dst))
+        if device.type == "cuda":
+            _time_registered(touched(), source, host, timed)
+    return times
+
+
+def _time_registered(dst, source, host, timed):
+    """``export_paths_ms``'s copy straight into ``dst`` registered with CUDA."""
+    cudart = torch.cuda.cudart()
+
+    def check(what, err):
+        # A failed registration would leave a pageable copy timed as a pinned one.
+        if int(err) != 0:
+            raise RuntimeError(f"{what} failed with CUDA error {int(err)}")
+
+    timed("register", lambda: check("cudaHostRegister",
+                                    cudart.cudaHostRegister(dst.ctypes.data, dst.nbytes, 0)))
+    try:
+        timed("registered", lambda: torch.from_numpy(dst).copy_(source, non_blocking=True))
+        if not np.array_equal(dst, host):
+            raise RuntimeError("the copy into a registered array came back wrong")
+    finally:
+        timed("unregister", lambda: check("cudaHostUnregister",
+                                          cudart.cudaHostUnregister(dst.ctypes.data)))
+
+
 def measure(mode="quick", device="cpu", out_dir=None, only_sizes=None):
     """Measure every size of ``mode``; return the figures (see the module's docstring).
 
@@ -611,6 +685,16 @@ def measure(mode="quick", device="cpu", out_dir=None, only_sizes=None):
                 entry[dtype_name] = measure_dtype(X, d, n, batch, dev, bf16, sizes,
                                                   long_steps, dtype_name, label)
                 _write_partial(result, out_dir)
+            if label == "reference":
+                try:
+                    result["export_paths_ms"] = dict(
+                        shape=[n, d], **export_paths_ms((n, d), dev))
+                    _say("export of one (N, d) matrix (ms): " + ", ".join(
+                        f"{k} {v:.3g}" for k, v in result["export_paths_ms"].items()
+                        if k != "shape"))
+                except Exception:  # noqa: BLE001 - information only
+                    result["export_paths_error"] = traceback.format_exc()
+                    _say("the export measurement failed:\n" + result["export_paths_error"])
             if label == "reference" and dev.type == "cuda" and out_dir is not None:
                 try:
                     _profile(X, n, batch, sizes["short_steps"], dev,

@@ -421,6 +421,16 @@ def _gpu_md(r):
                    f"in {r['profile']}.")
     elif r.get("profile_error"):
         out.append("The profiler failed: " + r["profile_error"].strip().splitlines()[-1] + ".")
+    paths = r.get("export_paths_ms")
+    if paths:
+        rows, cols = paths["shape"]
+        out.append(f"Bringing one {rows:,} x {cols} float32 matrix back into a new host array "
+                   "(ms, information for the short fit's export; `export_paths_ms`): "
+                   + ", ".join(f"{k} {_fmt(v)}" for k, v in paths.items() if k != "shape")
+                   + ".")
+    elif r.get("export_paths_error"):
+        out.append("The export measurement failed: "
+                   + r["export_paths_error"].strip().splitlines()[-1] + ".")
     for label, size in r["sizes"].items():
         head = f"**{label}**: d={size['d']}, N={size['n']}, B={size['batch']}"
         if "error" in size:

@@ -342,6 +342,13 @@ def test_gpu_section_tiny_on_cpu(tmp_path):
     # A figure that noise left undefined is recorded as not met, never dropped.
     assert all(t["value"] > 0 if t["value"] is not None else not t["met"]
                for t in result["targets"])
+    # The export's paths at the reference size: every host one timed, the
+    # registered one (CUDA only) absent.
+    paths = result["export_paths_ms"]
+    ref = tiny["shapes"]["reference"]
+    assert paths["shape"] == [ref["n"], ref["d"]] and "export_paths_error" not in result
+    assert set(paths) == {"shape", "to_host", "touch", "copy_fresh", "copy_touched"}
+    assert all(paths[k] > 0 for k in ("to_host", "touch", "copy_fresh", "copy_touched"))
     # The partial figures on disk hold every size; no profile without a GPU.
     partial = json.loads((tmp_path / "gpu_partial.json").read_text())
     assert set(partial["sizes"]["small"]) >= {"float32", "bf16"}
