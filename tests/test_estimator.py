@@ -4,6 +4,7 @@ import pickle
 import re
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -364,6 +365,19 @@ def test_bad_value_past_the_first_block_is_refused(value, message):
     with pytest.raises(ValueError, match=message):
         sae.fit(X)
     assert not hasattr(sae, "components_")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_bad_value_is_refused_without_a_numpy_warning_first(X, value):
+    # The scan of X's values runs beside the initialisation, whose sums of a
+    # sample holding the bad value must not warn before the scan refuses it
+    # (an infinity gave "invalid value encountered in scalar subtract").
+    bad = X.astype(np.float64)
+    bad[3, 2] = value
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(ValueError, match="NaN|infinity"):
+            small_sae().fit(bad)
 
 
 def test_the_value_scan_runs_beside_the_set_up_and_refuses_before_any_step(monkeypatch):
