@@ -247,27 +247,39 @@ def _warn_few_rows(n_samples, n_components):
 
 
 def _warn_dense_k(k, n_features, n_components):
-    """Warn when top-k keeps as many features a row as there are input dimensions.
+    """Warn when top-k's ``k`` leaves its codes no sparsity to find.
 
-    With ``n_features`` atoms active any row is reconstructed exactly,
-    sparse structure or not, so the atoms need not be the data's features.
+    Two cases. With ``k`` not below ``n_components`` top-k keeps every
+    feature of every row (those with a positive pre-activation): its codes
+    are a ReLU's without a penalty, not sparse. With ``k`` not below
+    ``n_features`` (atoms to spare) any row is reconstructed exactly, sparse
+    structure or not, so the atoms need not be the data's features.
     Measured on ``make_superposition`` rows (16 features, 64 true atoms, 3
     active a row; 64 atoms, the default budget): k=3 gave a held-out EV of
     0.83 and a mean max cosine similarity (MMCS) with the true atoms of
     0.97; k=16 gave 0.999 and 0.59, k=32 1.0 and 0.60.
     """
-    if k < n_features:
-        return
-    kept = min(k, n_components)
-    warnings.warn(
-        f"k={k} keeps {kept:,} features a row on {n_features:,} input features: with as "
-        "many active atoms as input dimensions any row is reconstructed exactly, so the "
-        "atoms need not be the data's features (measured on superposed data with 16 "
-        "features and 3 active a row: k=16 gave EV 0.999 but a mean max cosine similarity "
-        "of 0.59 with the true atoms, against 0.97 at k=3). Choose k well below "
-        "n_features.",
-        UserWarning, stacklevel=5,  # fit's caller, past _warn_about_shape and sklearn's wrapper
-    )
+    # fit's caller, past _warn_about_shape and sklearn's wrapper.
+    level = 5
+    if k >= n_components:
+        exact = (f"; and {n_components:,} active atoms on {n_features:,} input features "
+                 "reconstruct any row exactly" if n_components >= n_features else "")
+        warnings.warn(
+            f"k={k} is not below n_components={n_components:,}: top-k keeps every feature of "
+            f"every row, so the codes are not sparse{exact}. Choose k well below n_components "
+            "and n_features.",
+            UserWarning, stacklevel=level,
+        )
+    elif k >= n_features:
+        warnings.warn(
+            f"k={k} keeps {k:,} features a row on {n_features:,} input features: with as "
+            "many active atoms as input dimensions any row is reconstructed exactly, so the "
+            "atoms need not be the data's features (measured on superposed data with 16 "
+            "features and 3 active a row: k=16 gave EV 0.999 but a mean max cosine "
+            "similarity of 0.59 with the true atoms, against 0.97 at k=3). Choose k well "
+            "below n_features.",
+            UserWarning, stacklevel=level,
+        )
 
 
 class _IntervalNotBool(Interval):

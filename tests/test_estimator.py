@@ -585,8 +585,9 @@ def test_sparse_step_parameter():
 def test_a_k_as_large_as_the_input_width_warns(method):
     X = np.abs(np.random.RandomState(0).standard_normal((600, 8))).astype(np.float32)
     for activation in ("topk", "batchtopk"):
-        sae = SparseAutoencoderDictionary(activation=activation, max_steps=3, random_state=0)
-        with pytest.warns(UserWarning, match=r"k=32 keeps 32 features a row on 8 input") as record:
+        sae = SparseAutoencoderDictionary(64, activation=activation, k=16, max_steps=3,
+                                          random_state=0)
+        with pytest.warns(UserWarning, match=r"k=16 keeps 16 features a row on 8 input") as record:
             getattr(sae, method)(X)
         assert record[0].filename == __file__  # points at the caller's line
     import warnings
@@ -596,6 +597,28 @@ def test_a_k_as_large_as_the_input_width_warns(method):
             warnings.simplefilter("always")
             SparseAutoencoderDictionary(max_steps=3, random_state=0, **params).fit(X)
         assert not [w for w in caught if "input features" in str(w.message)]
+
+
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_a_k_not_below_n_components_warns_that_nothing_is_sparse(method):
+    X = np.abs(np.random.RandomState(0).standard_normal((600, 12))).astype(np.float32)
+    # Fewer atoms than input features: every feature kept, but not an exact
+    # reconstruction (8 atoms on 12 dimensions), which the warning must not claim.
+    sae = SparseAutoencoderDictionary(8, activation="topk", k=20, max_steps=3, random_state=0)
+    with pytest.warns(UserWarning, match=r"k=20 is not below n_components=8: top-k keeps "
+                                         r"every feature of every row, so the codes are not "
+                                         r"sparse\. Choose") as record:
+        getattr(sae, method)(X)
+    assert record[0].filename == __file__
+    assert not [w for w in record if "input features" in str(w.message)]
+    # As many atoms as k, and more than the input width: both said, once.
+    sae = SparseAutoencoderDictionary(16, activation="batchtopk", k=16, max_steps=3,
+                                      random_state=0)
+    with pytest.warns(UserWarning, match=r"not sparse; and 16 active atoms on 12 input "
+                                         r"features reconstruct any row exactly") as record:
+        getattr(sae, method)(X)
+    assert sum("n_components=16" in str(w.message) for w in record) == 1
+    assert not [w for w in record if "keeps 16 features a row" in str(w.message)]
 
 
 def test_few_rows_for_the_atoms_warn_before_training():
