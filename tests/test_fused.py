@@ -642,3 +642,16 @@ def test_the_timed_choice_keeps_each_way_s_best_of_alternating_trials(monkeypatc
         now[0] += 1.2
 
     assert not fused._faster(plain, slower, lambda: None, repeats=5)
+
+
+def test_the_step_s_kernels_are_settled_once_per_training_call_on_the_cpu(monkeypatch):
+    # Where no kernel may run, "auto" is settled when training starts; the
+    # steps do not read the environment again (35 us a step on a CPU).
+    asked = []
+    real = fused.may_run
+    monkeypatch.setattr(fused, "may_run", lambda device: asked.append(1) or real(device))
+    X = np.random.RandomState(0).randn(400, 8).astype(np.float32)
+    t = Trainer(8, 16, "cpu", seed=0)
+    t.initialize(X, np.random.RandomState(0))
+    t.train(X, 5, TrainConfig(batch_size=20, total_steps=60), np.random.RandomState(1))
+    assert len(t.history) == 60 and len(asked) <= 2, len(asked)

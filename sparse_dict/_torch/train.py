@@ -179,10 +179,20 @@ class TrainConfig:
     fused_product: bool | str = "auto"
     fused_stats: bool | str = "auto"
 
-    def step_kernels(self):
-        """The ``fused_*`` choices by the names the model's step gives its kernels."""
-        return {"codes": self.fused_codes, "residual": self.fused_residual,
-                "product": self.fused_product, "stats": self.fused_stats}
+    def step_kernels(self, device):
+        """The ``fused_*`` choices by the names the model's step gives its kernels.
+
+        Where no kernel may run on ``device``
+        (:func:`sparse_dict._torch.fused.may_run`: a CPU outside Triton's
+        interpreter), ``"auto"`` is settled here as False, once for a
+        training call, rather than asked again by every step (reading the
+        environment each time cost a CPU step of a small model 35 us).
+        """
+        kernels = {"codes": self.fused_codes, "residual": self.fused_residual,
+                   "product": self.fused_product, "stats": self.fused_stats}
+        if not fused.may_run(torch.device(device)):
+            kernels = {name: use if use != "auto" else False for name, use in kernels.items()}
+        return kernels
 
     def lr_factor(self, step):
         factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
@@ -452,6 +462,7 @@ class Trainer:
         """
         snapshot = self._snapshot() if rollback else None
         self._one_process = replicas is None
+        self._step_kernels = config.step_kernels(self.device)
         # The weights may have been changed since the last call.
         self.model.operands_stale_()
         self.run_start = len(self.history)
@@ -720,7 +731,7 @@ class Trainer:
         """The loss and gradients of the (scaled) rows ``x``."""
         return self.model.loss_and_gradients(
             x, coef, autocast, dead=dead, auxk_coef=self._auxk_weight(config), k_aux=config.k_aux,
-            sparse_step=config.sparse_step, kernels=config.step_kernels(),
+            sparse_step=config.sparse_step, kernels=self._step_kernels,
             residual_power=self._residual_power,
             low_grads=self._one_process and self._uses_fused_update(config),
         )
