@@ -225,9 +225,15 @@ def cmd_encode(args):
 
 
 def cmd_convert(args):
-    from sparse_dict.saelens import is_saelens_folder
+    from sparse_dict.estimator import SAVED_DICTIONARY
+    from sparse_dict.saelens import SAELENS_FOLDER, is_saelens_folder
 
     source = Path(args.source)
+    # The output checked first, as the other commands do, so that its errors
+    # name this command's option (--overwrite) and nothing is loaded for a
+    # conversion that cannot be written.
+    _output_file(args.out, "output", SAVED_DICTIONARY if args.from_format == "saelens"
+                 else SAELENS_FOLDER, overwrite=args.overwrite, inputs=[source])
     if args.from_format == "saelens":
         if source.is_dir() and not is_saelens_folder(source):
             raise CLIError(f"{str(source)!r} is not a SAELens folder (cfg.json and "

@@ -320,8 +320,22 @@ def test_cli_convert_both_ways_and_report_reads_a_saelens_folder(tmp_path, capsy
     np.testing.assert_allclose(back.transform(x), est.transform(x), atol=1e-6)
     # A format mismatch and an existing output are one-line errors.
     assert main(["convert", "--from", "sparse_dict", str(folder), "-o", str(tmp_path / "x")]) == 2
+    capsys.readouterr()
     assert main(["convert", "--from", "saelens", str(folder), "-o", str(tmp_path / "sd")]) == 2
-    assert "already exists" in capsys.readouterr().err
+    # The command's own option named, in both directions.
+    assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert main(["convert", "--from", "sparse_dict", str(tmp_path / "sd"),
+                 "-o", str(tmp_path / "back")]) == 2
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    # The output may never be the input, even with --overwrite; both survive.
+    before = sorted(p.name for p in folder.iterdir())
+    for source, fmt in ((folder, "saelens"), (tmp_path / "sd", "sparse_dict")):
+        assert main(["convert", "--from", fmt, str(source), "-o", str(source),
+                     "--overwrite"]) == 2
+        assert "is the input" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == before
+    np.testing.assert_array_equal(SparseAutoencoderDictionary.load(tmp_path / "sd").transform(x),
+                                  est.transform(x))
 
     # encode (and report, through the same loader) take the SAELens folder itself.
     assert main(["encode", str(folder), str(tmp_path / "acts.npy"),
