@@ -129,10 +129,12 @@ def _step_rows_per_s(trainer, config, x, steps, dev):
     """Rows/s of the training step alone (loss and gradients, no optimiser)."""
     model = trainer.model
     coef = config.coef
+    # The kernel choices as the trainer settles them for a training call.
+    kernels = config.step_kernels(dev)
     _sync(dev)
     start = time.perf_counter()
     for _ in range(steps):
-        model.loss_and_gradients(x, coef, sparse_step=config.sparse_step)
+        model.loss_and_gradients(x, coef, sparse_step=config.sparse_step, kernels=kernels)
     _sync(dev)
     return x.shape[0] * steps / (time.perf_counter() - start)
 

@@ -655,3 +655,16 @@ def test_the_step_s_kernels_are_settled_once_per_training_call_on_the_cpu(monkey
     t.initialize(X, np.random.RandomState(0))
     t.train(X, 5, TrainConfig(batch_size=20, total_steps=60), np.random.RandomState(1))
     assert len(t.history) == 60 and len(asked) <= 2, len(asked)
+
+
+def test_a_decided_choice_is_answered_without_reading_the_environment(monkeypatch):
+    # Every step asks kernel_pays; once a shape is decided the answer is a
+    # lookup, not a read of the environment (may_run) or a new decision.
+    key = ("codes", "cuda:0", torch.bfloat16, (4096, 24576), True)
+    monkeypatch.setitem(fused._choices, key, True)
+
+    def refuse(*args):
+        raise AssertionError("a decided choice read the environment or decided again")
+
+    monkeypatch.setattr(fused, "may_run", refuse)
+    assert fused.kernel_pays(key, torch.device("cuda"), refuse) is True

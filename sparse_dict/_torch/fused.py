@@ -84,7 +84,9 @@ def may_run(device):
     """Whether a Triton kernel may be tried on ``device`` at all.
 
     On a CUDA GPU, or anywhere in Triton's interpreter (the tests), unless
-    ``SPARSE_DICT_FUSED=0`` turns every kernel of this module off.
+    ``SPARSE_DICT_FUSED=0`` turns every kernel of this module off. Read when
+    a choice is made (the first step of a shape, :func:`kernel_pays`): set
+    it before a process's first fit.
     """
     if os.environ.get("SPARSE_DICT_FUSED", "1") == "0":
         return False
@@ -405,30 +407,34 @@ def kernel_pays(key, device, prepare, repeats=5):
         its outcome (a failed kernel too): the caller then runs the way
         chosen on it.
     """
+    # A decided choice first: every step asks, and reading the environment
+    # (may_run) at each would cost a step microseconds for nothing.
+    choice = _choices.get(key)
+    if choice is not None:
+        return choice
     if not may_run(device):
         return False
-    if key not in _choices:
-        restore = None
-        try:
-            agrees, plain, fused, *rest = prepare()
-            restore = rest[0] if rest else None
-            choice = agrees()
-            if not choice:
-                warnings.warn(f"The {key[0]} kernel differs from torch's operations on "
-                              f"{device}; training uses torch's operations instead.",
-                              RuntimeWarning, stacklevel=3)
-            elif device.type == "cuda":
-                choice = _faster(plain, fused, lambda: torch.cuda.synchronize(device),
-                                 repeats)
-        except Exception as exc:  # noqa: BLE001 - no Triton, or a kernel that cannot build
-            warnings.warn(f"The {key[0]} kernel cannot run on {device} ({type(exc).__name__}: "
-                          f"{exc}); training uses torch's operations instead.", RuntimeWarning,
-                          stacklevel=3)
-            choice = False
-        finally:
-            if restore is not None:
-                restore()
-        _choices[key] = bool(choice)
+    restore = None
+    try:
+        agrees, plain, fused, *rest = prepare()
+        restore = rest[0] if rest else None
+        choice = agrees()
+        if not choice:
+            warnings.warn(f"The {key[0]} kernel differs from torch's operations on "
+                          f"{device}; training uses torch's operations instead.",
+                          RuntimeWarning, stacklevel=3)
+        elif device.type == "cuda":
+            choice = _faster(plain, fused, lambda: torch.cuda.synchronize(device),
+                             repeats)
+    except Exception as exc:  # noqa: BLE001 - no Triton, or a kernel that cannot build
+        warnings.warn(f"The {key[0]} kernel cannot run on {device} ({type(exc).__name__}: "
+                      f"{exc}); training uses torch's operations instead.", RuntimeWarning,
+                      stacklevel=3)
+        choice = False
+    finally:
+        if restore is not None:
+            restore()
+    _choices[key] = bool(choice)
     return _choices[key]
 
 

@@ -71,7 +71,8 @@ def _uses_kernel(kernels, name, device, pays):
     """
     use = "auto" if kernels is None else kernels.get(name, "auto")
     if use == "auto":
-        return fused.may_run(device) and pays()
+        # On a GPU, pays() alone: its decided choice is a lookup.
+        return (device.type == "cuda" or fused.may_run(device)) and pays()
     return bool(use)
 
 
