@@ -833,7 +833,12 @@ class SparseAutoencoderDictionary(
             # Opened before the model is initialised: rows bound for the GPU
             # start their copy there now, in the background.
             with trainer.open_feed(X, config) as feed:
-                trainer.initialize(X, random_state, self.decoder_bias_init, replicas)
+                # The scan may yet refuse a NaN or an infinity that the
+                # initial sample holds: its sums must not warn before the
+                # scan's clear error ("invalid value encountered in scalar
+                # subtract" did).
+                with np.errstate(invalid="ignore", over="ignore"):
+                    trainer.initialize(X, random_state, self.decoder_bias_init, replicas)
                 values_checked.result()
                 # The scan's thread ends before the steps: kept alive idle
                 # through training, the thread that ran the scan's torch

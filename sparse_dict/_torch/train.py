@@ -331,16 +331,11 @@ class Trainer:
         are then broadcast, so that the ranks start identical even where
         their arithmetic differs in the last bit (another CPU, another BLAS).
         """
-        # fit's scan of X's values runs beside this and refuses a NaN or an
-        # infinity before the first step: the sums of a sample holding one
-        # must not warn first ("invalid value encountered in scalar
-        # subtract" came before the scan's clear error).
-        with np.errstate(invalid="ignore", over="ignore"):
-            if replicas is None:
-                self._initialize(X, rng, decoder_bias_init)
-                return
-            with replicas.together("initialising the model"):
-                self._initialize(X, rng, decoder_bias_init)
+        if replicas is None:
+            self._initialize(X, rng, decoder_bias_init)
+            return
+        with replicas.together("initialising the model"):
+            self._initialize(X, rng, decoder_bias_init)
         self.scale, self.variance = replicas.broadcast_value((self.scale, self.variance))
         replicas.broadcast_(list(self.model.parameters()) + list(self.model.buffers()))
 
