@@ -39,7 +39,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from benchmarks._common import Timer, blas_summary, machine_info, run_isolated, target
+from benchmarks._common import Timer, blas_summary, machine_info, run_isolated
 
 SECTIONS = ("recovery", "frontier", "time_to_quality", "scaling", "encoding",
             "throughput", "steering", "extraction", "extraction_disk", "distributed",

@@ -40,8 +40,8 @@ def _texts(n):
 
 
 def builtin_extractor(max_length=None):
-    """An extractor of the shipped built-in model, on the CPU, and the label of its weights."""
-    return TransformerActivationExtractor(max_length=max_length, device="cpu"), "shipped"
+    """An extractor of the shipped built-in model, on the CPU."""
+    return TransformerActivationExtractor(max_length=max_length, device="cpu")
 
 
 def _plain_forward(loaded, batches):
@@ -84,7 +84,7 @@ def _bench_builtin(size):
     texts = _texts(size["builtin_texts"])
     # Minimum over interleaved repeats: on a shared machine the fastest run is
     # the one least disturbed by other work.
-    ext, weights = builtin_extractor()
+    ext = builtin_extractor()
     ext.fit(texts)
     loaded, ids, batches = _prepared(ext, texts)
     n_tokens = sum(len(s) for s in ids)
@@ -97,7 +97,6 @@ def _bench_builtin(size):
     )
     return {
         "model": "builtin",
-        "weights": weights,
         "hook": ext.hook_module_,
         "n_texts": len(texts),
         "n_tokens": n_tokens,
@@ -182,8 +181,7 @@ def run(mode="quick", device="cpu"):
     result["targets"] = [
         target("extraction_ratio_builtin",
                "extractor tokens/s / plain forward tokens/s, built-in model (issue 4)",
-               result["builtin"]["ratio"], TARGET,
-               note=f"{result['builtin']['weights']} weights"),
+               result["builtin"]["ratio"], TARGET),
     ]
     return result
 
@@ -199,7 +197,7 @@ def _main():
         return
     b, m = results["builtin"], results["minilm"]
     print(f"device {results['device']}, {results['torch_threads']} torch threads")
-    print(f"built-in model ({b['weights']}), {b['n_tokens']} tokens, hook {b['hook']}")
+    print(f"built-in model, {b['n_tokens']} tokens, hook {b['hook']}")
     print(f"  plain forward           {b['plain_forward_tokens_per_s']:>12,.0f} tokens/s")
     print(f"  full pass + hand hook   {b['hand_written_hook_tokens_per_s']:>12,.0f} tokens/s")
     print(f"  extractor (token ids)   {b['extractor_tokens_per_s']:>12,.0f} tokens/s"

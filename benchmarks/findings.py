@@ -252,9 +252,8 @@ def _splitting(saes, s, X_split, tokens, index, thresholds):
     }
 
 
-def _targets(out, weights, mode):
-    notes = [] if weights == "shipped" else [
-        "built-in weights not shipped: measured on a randomly initialised model"]
+def _targets(out, mode):
+    notes = []
     if mode != "full":
         notes.append(f"{mode} sizes: {out['steps']:,} steps of {out['batch_size']} rows "
                      f"up to {STEPS_REFERENCE_SIZE:,} features, sqrt(size) more above")
@@ -293,7 +292,7 @@ def run(mode="quick", device="cpu"):
     """
     s = SIZES[mode]
     warm_up_sae(device)
-    ext, weights = builtin_extractor(s["max_length"])
+    ext = builtin_extractor(s["max_length"])
     train = load_corpus("train", n_texts=s["n_train_texts"], random_state=0)
     held_out = load_corpus("test", n_texts=s["n_eval_texts"], random_state=0)
     with Timer() as t:
@@ -307,8 +306,7 @@ def run(mode="quick", device="cpu"):
         print(f"[benchmarks]   findings: {n:,} features, {fit_s:.0f} s, loss recovered "
               f"{curve[-1]['loss_recovered']:.3f}", flush=True)
     out = {
-        "model": f"builtin ({weights} weights)",
-        "weights": weights,
+        "model": "builtin",
         "hook": ext.hook_name_,
         "n_features": int(X.shape[1]),
         "n_train_tokens": int(X.shape[0]),
@@ -333,5 +331,5 @@ def run(mode="quick", device="cpu"):
     index = np.column_stack([where.text_index[:n], where.position[:n]])
     out["splitting"] = _splitting(saes, s, X[:n], where.token[:n], index,
                                   SPLIT_THRESHOLDS[mode])
-    out["targets"] = _targets(out, weights, mode)
+    out["targets"] = _targets(out, mode)
     return out

@@ -336,12 +336,9 @@ def _with_size(point):
     return f"{point['method']}, {point['n_components']} features"
 
 
-def _targets(out, weights, mode, sizes):
+def _targets(out, mode, sizes):
     b = out["builtin"]
-    note = "" if weights == "shipped" else (
-        "built-in weights not shipped: measured on a randomly initialised model")
-    if mode == "tiny":
-        note = (note + "; " if note else "") + "tiny sizes"
+    note = "tiny sizes" if mode == "tiny" else ""
     probe = [b["loss_probe"]] if "loss_probe" in b else []
     eligible = [p for p in b["sae"] + probe if p["n_components"] <= MAX_FEATURES and "splice" in p
                 and p["splice"]["l0"] <= LOSS_L0_LIMIT and not p.get("no_auxk")
@@ -409,10 +406,8 @@ def run(mode="quick", device="cpu"):
     sizes = SIZES[mode]
     warm_up_sae(device)
     out = {"sae_settings": sae_params("topk")}
-    ext, weights = builtin_extractor(sizes["max_length"])
-    out["builtin"] = _model(ext, f"builtin ({weights} weights)", sizes["builtin"], device,
-                            True)
-    out["builtin"]["weights"] = weights
+    ext = builtin_extractor(sizes["max_length"])
+    out["builtin"] = _model(ext, "builtin", sizes["builtin"], device, True)
     probe = sizes["builtin"].get("loss_probe")
     if probe is not None:
         out["builtin"]["loss_probe"] = _loss_probe(ext, probe, device)
@@ -424,5 +419,5 @@ def run(mode="quick", device="cpu"):
             out["minilm"] = {"skipped": label}
         else:
             out["minilm"] = _model(ext, label, sizes["minilm"], device, True)
-    out["targets"] = _targets(out, weights, mode, sizes)
+    out["targets"] = _targets(out, mode, sizes)
     return out

@@ -477,7 +477,7 @@ def _extraction_md(r):
     rows = [["built-in: plain forward", b["plain_forward_tokens_per_s"]],
             ["built-in: extractor (token ids)", b["extractor_tokens_per_s"]],
             ["built-in: extractor (texts)", b["extractor_from_text_tokens_per_s"]]]
-    out = (f"Built-in model ({b['weights']} weights), {b['n_tokens']:,} tokens; extractor / "
+    out = (f"Built-in model, {b['n_tokens']:,} tokens; extractor / "
            f"plain forward = {_fmt(b['ratio'])}.\n\n"
            + _table(["", "tokens/s"], rows) + "\n")
     if "skipped" in m:
