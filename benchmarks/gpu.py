@@ -444,9 +444,14 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
                                       ("residual", "residual", (batch, d)),
                                       ("product_relu", "product", (batch, n)),
                                       ("penalty_stats", "stats", (n,))):
-            r[f"{kernel}_kernel"] = any(
-                chosen for (name, _, dtype, key_shape, _), chosen in fused.choices().items()
-                if name == kernel and key_shape == shape and dtype == low)
+            chosen = [choice for (name, _, dtype, key_shape, _), choice in fused.choices().items()
+                      if name == kernel and key_shape == shape and dtype == low and choice]
+            r[f"{kernel}_kernel"] = bool(chosen)
+            if kernel == "codes":
+                # Which of the launches the first step timed won (MaskLaunch).
+                r["codes_launch"] = " ".join(
+                    f"{field} {'default' if value is None else value}"
+                    for field, value in chosen[0]._asdict().items()) if chosen else "-"
             plain = fused_step_seconds(X, d, n, batch, device, bf16, sizes["calls"],
                                        sizes["repeats"], kernels={option: False})
             r[f"step_plain_{kernel}_ms"] = 1e3 * plain

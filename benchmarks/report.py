@@ -385,6 +385,7 @@ _GPU_ROWS = (
     ("step with torch's weight update, ms", "step_plain_update_ms"),
     ("step with the codes' plain passes, ms", "step_plain_codes_ms"),
     ("one-pass codes kernel chosen", "codes_kernel"),
+    ("  its launch (codes kernel's programs, mask kernel's rows and warps)", "codes_launch"),
     ("step with the residual's plain operations, ms", "step_plain_residual_ms"),
     ("residual kernel chosen", "residual_kernel"),
     ("step with ReLU after the encoder's product, ms", "step_plain_product_relu_ms"),

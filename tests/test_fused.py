@@ -334,6 +334,29 @@ _CODES = textwrap.dedent('''
                 "sums": float((sums - gx_ref.double().sum(0)).abs().max()),
             })
     fused._PROGRAMS.update(codes=4096, residual=512)
+    # Every launch a GPU's first step may time: other grids and blocks, the
+    # same values. 37 rows over 600 columns: 3 blocks of columns, and, one
+    # tile of 16 rows a program, 3 of rows; 64 rows a program of the mask
+    # kernel cover them all.
+    out["launches"] = []
+    for dtype in (torch.float32, torch.bfloat16):
+        codes = torch.randn(37, 600, generator=g, device=device).to(dtype)
+        expected = codes.relu()
+        mask_ref = torch.empty_like(expected)
+        positive_mask(expected, mask_ref)
+        grad = torch.randn(37, 600, generator=g, device=device).to(dtype)
+        for launch in fused._launches():
+            c = codes.clone()
+            bits = torch.empty(37, fused.bits_columns(600), device=device, dtype=torch.uint8)
+            fired = fused.codes_bits_count_(c, bits, relu=True, launch=launch)
+            masked = grad.clone()
+            fused.mask_by_bits_(masked, bits, launch)
+            out["launches"].append({
+                "dtype": str(dtype), "launch": list(launch),
+                "same": bool(torch.equal(c, expected)
+                             and torch.equal(fired, mask_ref.sum(dim=0, dtype=torch.float32))
+                             and torch.equal(masked, grad * mask_ref)),
+            })
     nan = torch.tensor([[float("nan"), -1.0, 2.0]], device=device)
     nan_bits = torch.empty(1, 1, device=device, dtype=torch.uint8)
     fused.codes_bits_count_(nan, nan_bits, relu=True)
@@ -479,7 +502,7 @@ _CODES = textwrap.dedent('''
                           for k, v in a.model.state_dict().items()),
             "history": float(np.abs(a.history - b.history).max()),
         }
-    out["choices"] = sorted(str(k[0]) + ":" + str(v) for k, v in fused.choices().items())
+    out["choices"] = sorted(str(k[0]) + ":" + str(bool(v)) for k, v in fused.choices().items())
     # A first step that decides must train as one that does not: each
     # dense mechanism, float32 and bfloat16, with every kernel "auto" and
     # nothing decided yet, against the same choices forced. (A float32
@@ -492,7 +515,7 @@ _CODES = textwrap.dedent('''
         for act in ("relu", "topk", "jumprelu"):
             fused._choices.clear()
             a = train(act, bf16=bf16)
-            made = {flags[k[0]]: v for k, v in fused.choices().items()}
+            made = {flags[k[0]]: bool(v) for k, v in fused.choices().items()}
             b = train(act, bf16=bf16, **{flag: made.get(flag, False) for flag in flags.values()})
             out["decided_train"][f"{act} bf16={bf16}"] = {
                 "decided": sorted(made),
@@ -532,6 +555,10 @@ def _check_codes(out, measured):
         assert case["err"] and case["gx"] and case["gx_rest_untouched"], case
         assert case["sse"] < 1e-5 and case["sums"] < 1e-5, case
     assert out["nan_kept"]
+    # Three grids of the codes kernel, three blocks of the mask kernel, each
+    # with each, in both dtypes.
+    assert len(out["launches"]) == 18 and len({str(c["launch"]) for c in out["launches"]}) == 9
+    assert all(case["same"] for case in out["launches"]), out["launches"]
     for act in ("relu", "topk", "batchtopk", "jumprelu"):
         assert out["train"][act] == {"same": True, "history": True, "fired": True,
                                      "bits_used": True}, act
@@ -543,7 +570,10 @@ def _check_codes(out, measured):
     assert out["codes_kept"] and out["residual_y_kept"] and out["asked_again"]
     if not measured:
         # Nothing to time on the interpreter.
-        assert out["pays"] is True and out["residual_pays"] is True
+        # The interpreter takes the kernel in its default launch.
+        assert out["pays"] == [None, 16, 4] and out["residual_pays"] is True
+    else:
+        assert out["pays"] is False or out["pays"] in [c["launch"] for c in out["launches"]]
     assert out["pays_wrong"] is False and out["residual_pays_wrong"] is False
     assert out["product_pays_wrong"] is False and out["stats_pays_wrong"] is False
     if not measured:
@@ -633,15 +663,53 @@ def test_the_timed_choice_keeps_each_way_s_best_of_alternating_trials(monkeypatc
         now[0] += 1.0 + (10.0 if calls["fused"] == 2 else 0.0)
 
     syncs = []
-    assert fused._faster(plain, kernel, lambda: syncs.append(1), repeats=5)
+    ways = {False: plain, True: kernel}
+    assert fused._fastest(ways, lambda: syncs.append(1), repeats=5) is True
     assert calls["fused"] == 1 + 3 * 5 and len(syncs) == 2 * 2 * 3
     calls["fused"] = 0
-    assert not fused._faster(plain, kernel, lambda: None, repeats=5, trials=1)
+    assert fused._fastest(ways, lambda: None, repeats=5, trials=1) is False
 
     def slower():
         now[0] += 1.2
 
-    assert not fused._faster(plain, slower, lambda: None, repeats=5)
+    def fastest():
+        now[0] += 0.9
+
+    assert fused._fastest({False: plain, True: slower}, lambda: None, repeats=5) is False
+    # Several launches of a kernel: the fastest of all, whatever its place.
+    launches = {False: plain, "a": slower, "b": fastest, "c": kernel}
+    assert fused._fastest(launches, lambda: None, repeats=5) == "b"
+
+    def tie():
+        now[0] += 1.1
+
+    # A tie keeps the way listed first: the plain operations.
+    assert fused._fastest({False: plain, True: tie}, lambda: None, repeats=5) is False
+
+
+def test_a_kernel_with_several_launches_is_decided_for_the_fastest_on_a_gpu(monkeypatch):
+    # kernel_pays with a dict of launches: every way is timed on a GPU and
+    # the fastest launch is the choice, kept for the key; the interpreter
+    # (no timing) takes the first launch; a disagreement takes none.
+    monkeypatch.setattr(fused, "may_run", lambda device: True)
+    monkeypatch.setattr(fused, "_choices", {})
+    timed = []
+    monkeypatch.setattr(fused, "_fastest",
+                        lambda ways, sync, repeats: timed.append(list(ways)) or "wide")
+    ways = {"narrow": lambda: None, "wide": lambda: None}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    key = ("codes", "cuda:0", torch.bfloat16, (8, 8), True)
+    assert fused.kernel_pays(key, torch.device("cuda"),
+                             lambda: (lambda: True, lambda: None, ways)) == "wide"
+    assert timed == [[False, "narrow", "wide"]] and fused.choices()[key] == "wide"
+    key_cpu = ("codes", "cpu", torch.bfloat16, (8, 8), True)
+    assert fused.kernel_pays(key_cpu, torch.device("cpu"),
+                             lambda: (lambda: True, lambda: None, ways)) == "narrow"
+    key_wrong = ("codes", "cpu", torch.bfloat16, (9, 8), True)
+    with pytest.warns(RuntimeWarning, match="differs"):
+        assert fused.kernel_pays(key_wrong, torch.device("cpu"),
+                                 lambda: (lambda: False, lambda: None, ways)) is False
+    assert len(timed) == 1
 
 
 def test_the_step_s_kernels_are_settled_once_per_training_call_on_the_cpu(monkeypatch):

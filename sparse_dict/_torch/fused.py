@@ -46,10 +46,11 @@ import functools
 import os
 import time
 import warnings
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["adam_rows_", "available", "bits_columns", "choices", "codes_bits_count_",
+__all__ = ["MaskLaunch", "adam_rows_", "available", "bits_columns", "choices", "codes_bits_count_",
            "codes_kernel_pays", "kernel_pays", "mask_by_bits_", "penalty_stats_",
            "may_run", "penalty_stats_pays", "product_relu_", "product_relu_pays", "residual_",
            "residual_pays", "unpack_bits"]
@@ -240,20 +241,63 @@ def _column_blocks(n_cols):
 _PROGRAMS = {"codes": 4096, "residual": 512}
 
 
+class MaskLaunch(NamedTuple):
+    """How :func:`codes_bits_count_` and :func:`mask_by_bits_` are launched.
+
+    Attributes
+    ----------
+    programs : int or None
+        About how many programs the codes kernel launches (None: the
+        default, ``_PROGRAMS["codes"]``; 0: one tile of rows each, the most).
+    rows : int
+        Rows a program of the mask kernel takes (a power of two).
+    warps : int
+        The mask kernel's warps a program.
+    """
+
+    programs: int | None = None
+    rows: int = 16
+    warps: int = 4
+
+
+# The launches the first step times on a GPU (codes_kernel_pays), every
+# codes kernel's with every mask kernel's. Both kernels move the
+# (batch, n_components) codes or gradient through memory, and on an H200
+# they ran at 2.1 and 3.2 TB/s of its 4.8 (the default launches, 101 and
+# 131 us a bf16 step at the reference size): which grid and block reach
+# the memory's rate depends on the card (its multiprocessors, how many
+# programs each holds), so the card decides, as Triton's autotuning does.
+# For the codes kernel, about 4096 programs of 8 tiles (1.5 waves of an
+# H200 if 16 fit a multiprocessor), fewer programs of many tiles (one
+# wave, no tail), and one tile each (many short waves, more atomic adds);
+# for the mask kernel, 16, 32 and 64 rows a program.
+_CODES_PROGRAMS = (None, 1024, 0)
+_MASK_BLOCKS = ((16, 4), (32, 4), (64, 8))
+
+
+def _launches():
+    """Every :class:`MaskLaunch` the first step may time, the default first."""
+    return [MaskLaunch(programs, rows, warps)
+            for programs in _CODES_PROGRAMS for rows, warps in _MASK_BLOCKS]
+
+
 def _tiles(n_rows, block_r, col_blocks, programs):
     """Tiles of ``block_r`` rows per program, and the grid, for about ``programs`` programs.
 
     Each program takes a power of two of tiles (few distinct compilations)
     down its block of columns, and sums what it accumulates once, at the
-    end: the fewer programs, the fewer atomic adds.
+    end: the fewer programs, the fewer atomic adds. ``programs=0``: one
+    tile each.
     """
     row_tiles = -(-n_rows // block_r)
+    if programs == 0:
+        return 1, (col_blocks, row_tiles)
     tiles = 1 << max(0, (-(-row_tiles * col_blocks // programs) - 1).bit_length())
     tiles = min(tiles, 1 << max(0, (row_tiles - 1).bit_length()))
     return tiles, (col_blocks, -(-row_tiles // tiles))
 
 
-def codes_bits_count_(codes, bits, relu=False):
+def codes_bits_count_(codes, bits, relu=False, launch=None):
     """The codes' mask, packed, and their firing counts in one pass, after an optional ReLU.
 
     What ``codes.relu_()`` (with ``relu``), ``mask = codes > 0`` and the
@@ -273,6 +317,8 @@ def codes_bits_count_(codes, bits, relu=False):
     bits : torch.Tensor of uint8, shape (batch, >= bits_columns(n_components))
         Overwritten with the packed mask (columns contiguous).
     relu : bool
+    launch : MaskLaunch, optional
+        The grid (its ``programs``); the same values whatever it is.
 
     Returns
     -------
@@ -284,10 +330,12 @@ def codes_bits_count_(codes, bits, relu=False):
     fired = torch.zeros(n_cols, dtype=torch.float32, device=codes.device)
     if n_rows == 0 or n_cols == 0:
         return fired
+    programs = (launch or MaskLaunch()).programs
     block_b, block_r = _column_blocks(n_cols), 16
-    # About 4096 programs, enough to fill a GPU, so that a wide batch pays
-    # one atomic add per column for every 16 * tiles rows.
-    tiles, grid = _tiles(n_rows, block_r, -(-n_bytes // block_b), _PROGRAMS["codes"])
+    # By default about 4096 programs, enough to fill a GPU, so that a wide
+    # batch pays one atomic add per column for every 16 * tiles rows.
+    tiles, grid = _tiles(n_rows, block_r, -(-n_bytes // block_b),
+                         _PROGRAMS["codes"] if programs is None else programs)
     _kernels().codes_bits_count[grid](
         codes, bits, fired, n_rows, n_cols, n_bytes, codes.stride(0), bits.stride(0),
         RELU=bool(relu), BLOCK_R=block_r, BYTES=block_b, TILES=tiles, num_warps=4,
@@ -295,7 +343,7 @@ def codes_bits_count_(codes, bits, relu=False):
     return fired
 
 
-def mask_by_bits_(grad, bits):
+def mask_by_bits_(grad, bits, launch=None):
     """``grad *= mask`` in place, the mask packed as :func:`codes_bits_count_` writes it.
 
     The same values as ``grad.mul_(mask)`` with a 0/1 mask of ``grad``'s
@@ -306,15 +354,19 @@ def mask_by_bits_(grad, bits):
     grad : torch.Tensor of shape (batch, n_components)
         Columns contiguous; float32 or bfloat16.
     bits : torch.Tensor of uint8, shape (batch, >= bits_columns(n_components))
+    launch : MaskLaunch, optional
+        The block (its ``rows`` and ``warps``); the same values whatever it is.
     """
     n_rows, n_cols = grad.shape
     n_bytes = _check_bits(grad, bits, "mask_by_bits_ needs a gradient")
     if n_rows == 0 or n_cols == 0:
         return
-    block_b, block_r = _column_blocks(n_cols), 16
-    grid = (-(-n_bytes // block_b), -(-n_rows // block_r))
+    launch = launch or MaskLaunch()
+    block_b = _column_blocks(n_cols)
+    grid = (-(-n_bytes // block_b), -(-n_rows // launch.rows))
     _kernels().mask_by_bits[grid](grad, bits, n_rows, n_cols, n_bytes, grad.stride(0),
-                                  bits.stride(0), BLOCK_R=block_r, BYTES=block_b, num_warps=4)
+                                  bits.stride(0), BLOCK_R=launch.rows, BYTES=block_b,
+                                  num_warps=launch.warps)
 
 
 # ---------------------------------------------------------- the residual
@@ -379,7 +431,7 @@ _choices = {}
 
 
 def kernel_pays(key, device, prepare, repeats=5):
-    """Whether a kernel should replace the plain operations: decided once per ``key``.
+    """Whether a kernel should replace the plain operations, and how: decided once per ``key``.
 
     Every step asks, and gets the decision made the first time at the cost
     of a dictionary lookup. That first time, on the first step's own data,
@@ -387,9 +439,9 @@ def kernel_pays(key, device, prepare, repeats=5):
     which later steps must not pay for) and returns ``(agrees, plain,
     fused)``: ``agrees()`` runs both ways and says whether the kernel gives
     the plain operations' values (a failure or a disagreement warns once
-    and keeps the plain operations); on a GPU both are then timed, each
-    ``repeats`` calls at a time, three times in turn (:func:`_faster`), and
-    the faster kept. In Triton's interpreter (the tests) there is
+    and keeps the plain operations); on a GPU every way is then timed, each
+    ``repeats`` calls at a time, three times in turn (:func:`_fastest`),
+    and the fastest kept. In Triton's interpreter (the tests) there is
     nothing to time and an agreeing kernel is taken. Never anywhere a
     kernel may not run (:func:`available`'s conditions).
 
@@ -402,10 +454,18 @@ def kernel_pays(key, device, prepare, repeats=5):
     prepare : callable
         ``prepare() -> (agrees, plain, fused)`` or ``(agrees, plain, fused,
         restore)``; ``plain`` and ``fused`` are one run each way, repeatable
-        on the same buffers. ``restore()``, for operations that overwrite
-        their own input, puts that input back after the decision, whatever
-        its outcome (a failed kernel too): the caller then runs the way
-        chosen on it.
+        on the same buffers. ``fused`` may be a dict of several ways to run
+        the kernel (launches), keyed by what the caller then passes it,
+        the first the one the interpreter takes; ``agrees()`` checks them
+        all. ``restore()``, for operations that overwrite their own input,
+        puts that input back after the decision, whatever its outcome (a
+        failed kernel too): the caller then runs the way chosen on it.
+
+    Returns
+    -------
+    choice : bool or a key of ``fused``
+        False for the plain operations; True, or the chosen key of a dict
+        ``fused``, for the kernel.
     """
     # A decided choice first: every step asks, and reading the environment
     # (may_run) at each would cost a step microseconds for nothing.
@@ -418,14 +478,17 @@ def kernel_pays(key, device, prepare, repeats=5):
     try:
         agrees, plain, fused, *rest = prepare()
         restore = rest[0] if rest else None
+        ways = fused if isinstance(fused, dict) else {True: fused}
         choice = agrees()
         if not choice:
             warnings.warn(f"The {key[0]} kernel differs from torch's operations on "
                           f"{device}; training uses torch's operations instead.",
                           RuntimeWarning, stacklevel=3)
         elif device.type == "cuda":
-            choice = _faster(plain, fused, lambda: torch.cuda.synchronize(device),
-                             repeats)
+            choice = _fastest({False: plain, **ways},
+                              lambda: torch.cuda.synchronize(device), repeats)
+        else:
+            choice = next(iter(ways))
     except Exception as exc:  # noqa: BLE001 - no Triton, or a kernel that cannot build
         warnings.warn(f"The {key[0]} kernel cannot run on {device} ({type(exc).__name__}: "
                       f"{exc}); training uses torch's operations instead.", RuntimeWarning,
@@ -434,12 +497,12 @@ def kernel_pays(key, device, prepare, repeats=5):
     finally:
         if restore is not None:
             restore()
-    _choices[key] = bool(choice)
+    _choices[key] = choice or False
     return _choices[key]
 
 
-def _faster(plain, fused, sync, repeats, trials=3):
-    """Whether ``fused`` beats ``plain``: each way's best of ``trials`` timings, alternating.
+def _fastest(ways, sync, repeats, trials=3):
+    """The key of the fastest of ``ways`` (a dict of runs): each one's best of ``trials`` timings.
 
     A timing is the wall-clock time of ``repeats`` back-to-back calls
     between two ``sync()`` calls, from the host: the GPU's time where the GPU
@@ -447,15 +510,16 @@ def _faster(plain, fused, sync, repeats, trials=3):
     costs the host more than a torch operation's, which decides at small
     sizes). One timing of each way was too noisy for the close choices: the
     residual kernel's (a step 1.04 against 1.01 times as fast) went
-    different ways in two H200 runs of the same code. Alternating the ways
-    spreads a slow spell of the machine over both, and the best timing of
-    each is its least disturbed.
+    different ways in two H200 runs of the same code. Timing the ways in
+    turn spreads a slow spell of the machine over all of them, and the best
+    timing of each is its least disturbed. A tie goes to the way listed
+    first (the plain operations, where the caller lists them first).
     """
-    for run in (plain, fused):
+    for run in ways.values():
         run()  # the first call of each way may compile or allocate
     best = {}
     for _ in range(trials):
-        for name, run in (("plain", plain), ("fused", fused)):
+        for name, run in ways.items():
             sync()
             start = time.perf_counter()
             for _ in range(repeats):
@@ -463,7 +527,7 @@ def _faster(plain, fused, sync, repeats, trials=3):
             sync()
             elapsed = time.perf_counter() - start
             best[name] = min(best.get(name, elapsed), elapsed)
-    return best["fused"] < best["plain"]
+    return min(best, key=best.get)
 
 
 def choices():
@@ -472,21 +536,23 @@ def choices():
     Returns
     -------
     dict
-        ``key -> bool`` (True: the kernel), the key as the caller gave it:
-        ``(kernel, device, dtype, shape, variant)``.
+        ``key -> choice`` (False: the plain operations; True or a launch
+        such as :class:`MaskLaunch`: the kernel), the key as the caller gave
+        it: ``(kernel, device, dtype, shape, variant)``.
     """
     return dict(_choices)
 
 
 def codes_kernel_pays(codes, mask, scratch, bits, plain, relu):
-    """Whether :func:`codes_bits_count_` and :func:`mask_by_bits_` should replace ``plain``.
+    """Whether :func:`codes_bits_count_` and :func:`mask_by_bits_` should replace ``plain``, and how.
 
     Decided by :func:`kernel_pays` on the first step's codes: the plain way
     is ``plain`` (the codes, the mask in ``mask`` and the counts) and the
     gradient's product with the mask, the kernels' way the packed mask and
-    its product; ``scratch`` stands for both the codes and the gradient.
-    ``codes`` is left as it was; ``mask``, ``scratch`` and ``bits`` are
-    overwritten (the step writes them later).
+    its product, in each of the launches (:class:`MaskLaunch`) a GPU times;
+    ``scratch`` stands for both the codes and the gradient. ``codes`` is
+    left as it was; ``mask``, ``scratch`` and ``bits`` are overwritten (the
+    step writes them later).
 
     Parameters
     ----------
@@ -495,18 +561,35 @@ def codes_kernel_pays(codes, mask, scratch, bits, plain, relu):
     plain : callable
         ``plain(codes, mask) -> fired``: the plain operations, in place.
     relu : bool
+
+    Returns
+    -------
+    MaskLaunch or False
+        The launch to run the kernels with, or False for the plain way.
     """
+    launches = _launches() if codes.device.type == "cuda" else [MaskLaunch()]
+
     def prepare():
         def agrees():
             scratch.copy_(codes)
             fired_plain = plain(scratch, mask)
-            expected = (scratch.clone(), mask.clone(), fired_plain.clone())
-            scratch.copy_(codes)
-            fired = codes_bits_count_(scratch, bits, relu=relu)
-            # Compared as values: a -0.0 code gives a -0.0 mask through
-            # sign; both mask alike.
-            same = (torch.equal(scratch, expected[0]) and torch.equal(fired, expected[2])
-                    and torch.equal(unpack_bits(bits, codes.shape[1], mask.dtype), expected[1]))
+            codes_ref, mask_ref = scratch.clone(), mask.clone()
+            masked_ref = codes_ref * mask_ref
+            same = True
+            # Every launch, each kernel's: the grids differ, the values must not.
+            for launch in {MaskLaunch(programs=p) for p, _, _ in launches}:
+                scratch.copy_(codes)
+                fired = codes_bits_count_(scratch, bits, relu=relu, launch=launch)
+                # Compared as values: a -0.0 code gives a -0.0 mask through
+                # sign; both mask alike.
+                same = (same and torch.equal(scratch, codes_ref)
+                        and torch.equal(fired, fired_plain)
+                        and torch.equal(unpack_bits(bits, codes.shape[1], mask.dtype),
+                                        mask_ref))
+            for launch in {MaskLaunch(rows=r, warps=w) for _, r, w in launches}:
+                scratch.copy_(codes_ref)
+                mask_by_bits_(scratch, bits, launch)
+                same = same and torch.equal(scratch, masked_ref)
             # Repeating a run repeats its work: the ReLU of codes already
             # through it reads and writes them again.
             scratch.copy_(codes)
@@ -516,11 +599,13 @@ def codes_kernel_pays(codes, mask, scratch, bits, plain, relu):
             plain(scratch, mask)
             scratch.mul_(mask)
 
-        def fused_run():
-            codes_bits_count_(scratch, bits, relu=relu)
-            mask_by_bits_(scratch, bits)
+        def fused_run(launch):
+            def run():
+                codes_bits_count_(scratch, bits, relu=relu, launch=launch)
+                mask_by_bits_(scratch, bits, launch)
+            return run
 
-        return agrees, plain_run, fused_run
+        return agrees, plain_run, {launch: fused_run(launch) for launch in launches}
 
     key = ("codes", str(codes.device), codes.dtype, tuple(codes.shape), bool(relu))
     return kernel_pays(key, codes.device, prepare)

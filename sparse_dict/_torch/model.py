@@ -71,7 +71,8 @@ def _uses_kernel(kernels, name, device, pays):
     """
     use = "auto" if kernels is None else kernels.get(name, "auto")
     if use == "auto":
-        # On a GPU, pays() alone: its decided choice is a lookup.
+        # On a GPU, pays() alone: its decided choice is a lookup. Its value
+        # may say how to run the kernel (a launch), which a caller can use.
         return (device.type == "cuda" or fused.may_run(device)) and pays()
     return bool(use)
 
@@ -535,17 +536,18 @@ class SparseAutoencoder(nn.Module):
         Triton kernel (:func:`sparse_dict._torch.fused.codes_bits_count_`)
         does the last two, and ReLU's forward too, in one, and writes the
         mask as bits (a sixteenth of a bfloat16 mask's bytes, read once more
-        by :meth:`_apply_mask_`); the first step measures both ways on its
-        own codes and keeps the faster
-        (:func:`sparse_dict._torch.fused.codes_kernel_pays`,
+        by :func:`~sparse_dict._torch.fused.mask_by_bits_`); the first step
+        measures both ways, the kernels in several launches, on its own codes
+        and keeps the fastest (:func:`sparse_dict._torch.fused.codes_kernel_pays`,
         ``kernels["codes"]``). ``relu_done``:
         the product gave ReLU's codes already (:meth:`_pre_activations_`).
 
         Returns
         -------
         fired : torch.Tensor of shape (n_components,)
-        mask : torch.Tensor
-            ``ws["mask"]``, or the packed bits (uint8) from the kernel.
+        apply_mask : callable
+            ``apply_mask(grad)``: ``grad *= mask`` in place, by the mask in
+            ``ws["mask"]`` or by the kernel's packed bits.
         """
         act, mask = self.activation, ws["mask"]
         relu = act.forward_is_relu and not relu_done
@@ -568,19 +570,15 @@ class SparseAutoencoder(nn.Module):
             return self._extra("bits", (codes.shape[0], fused.bits_columns(self.n_components)),
                                torch.uint8)
 
-        if _uses_kernel(kernels, "codes", codes.device, lambda: fused.codes_kernel_pays(
-                codes, mask, ws["grad"], bits(), plain, relu)):
+        choice = _uses_kernel(kernels, "codes", codes.device, lambda: fused.codes_kernel_pays(
+            codes, mask, ws["grad"], bits(), plain, relu))
+        if choice:
+            # The launch the first step timed fastest (True: forced, the default).
+            launch = choice if isinstance(choice, fused.MaskLaunch) else None
             packed = bits()
-            return fused.codes_bits_count_(codes, packed, relu=relu), packed
-        return plain(codes, mask), mask
-
-    @staticmethod
-    def _apply_mask_(grad, mask):
-        """``grad *= mask``, the mask as :meth:`_codes_mask_count_` returned it."""
-        if mask.dtype == torch.uint8:
-            fused.mask_by_bits_(grad, mask)
-        else:
-            grad.mul_(mask)
+            fired = fused.codes_bits_count_(codes, packed, relu=relu, launch=launch)
+            return fired, lambda grad: fused.mask_by_bits_(grad, packed, launch)
+        return plain(codes, mask), lambda grad: grad.mul_(mask)
 
     def _residual_(self, y, x, ws, kernels=None):
         """``err = x_hat - x`` and ``gx = 2 err / batch``, with their sums.
@@ -640,7 +638,7 @@ class SparseAutoencoder(nn.Module):
         if not self._operand_current("W_dec"):
             dec[:, :d] = self.W_dec
         W_dec_c = dec[:, :d]
-        fired, mask = self._codes_mask_count_(codes, ws, kernels, relu_done)
+        fired, apply_mask = self._codes_mask_count_(codes, ws, kernels, relu_done)
         # x_hat - x in a float32 buffer of the workspace, and d loss / d
         # x_hat next to gx's column of ones: the product with the codes gives
         # W_dec's gradient and, in the last column, the codes' column sums
@@ -659,7 +657,7 @@ class SparseAutoencoder(nn.Module):
         # activation, zero where a code is not active.
         mm(gx_ones, dec.t(), out=grad)
         act.parameter_gradients_(grad, self, coef, batch)
-        self._apply_mask_(grad, mask)
+        apply_mask(grad)
         enc_grad = mm(grad.t(), xc_ones)
         self._weight_grad_("W_enc", enc_grad[:, :d], low_grads)
         grad_b_enc = enc_grad[:, d].float().contiguous()
