@@ -570,9 +570,12 @@ def export_paths_ms(shape, device, repeats=3):
     matrices is the largest fixed cost (19 ms of a 50-step bf16 fit on the
     H200, 2026-11-26), not a target:
 
-    * ``to_host``: the export as a fit does it
+    * ``to_host``: the export into new memory
       (:func:`sparse_dict._torch.pipeline.to_host`: on a GPU through a
       reused pinned buffer, then into a new array by host threads);
+      ``to_host_touched``: the same into an array whose pages a thread
+      touched before (:class:`~sparse_dict._torch.pipeline.TouchedArrays`),
+      as a fit now does, the touching done while it trains;
     * ``touch``: touching every page of a new array of that size, alone
       (what a thread could do while training runs);
     * ``copy_fresh`` and ``copy_touched``: the host's copy from an array
@@ -582,7 +585,7 @@ def export_paths_ms(shape, device, repeats=3):
       array registered with CUDA (page-locked where it is), no host copy;
       ``register`` and ``unregister`` what registering it costs.
     """
-    from sparse_dict._torch.pipeline import _parallel_copy, to_host
+    from sparse_dict._torch.pipeline import TouchedArrays, _parallel_copy, to_host, touch_pages
 
     source = torch.randn(shape, device=device)
     host = source.cpu().numpy()  # stands for the pinned buffer's contents
@@ -598,12 +601,12 @@ def export_paths_ms(shape, device, repeats=3):
         times[name] = min(times.get(name, elapsed), elapsed)
 
     def touched():
-        dst = np.empty(shape, dtype=np.float32)
-        dst.reshape(-1)[::1024] = 0.0  # one write a 4 KB page
-        return dst
+        return touch_pages(np.empty(shape, dtype=np.float32))
 
     for _ in range(repeats):
         timed("to_host", lambda: to_host({"w": source}))
+        into = TouchedArrays({"w": shape}, np.float32).arrays()
+        timed("to_host_touched", lambda: to_host({"w": source}, into))
         timed("touch", touched)
         timed("copy_fresh", lambda: _parallel_copy(host))
         dst = touched()

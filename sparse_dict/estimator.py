@@ -1045,11 +1045,16 @@ class SparseAutoencoderDictionary(
         callback = self.callback
         if self.verbose >= 2 and progress is not None:
             callback = _with_pass_lines(callback, progress)
+        # The host arrays of the export, their pages touched while it trains.
+        trainer.prepare_export(X.dtype)
         try:
             # No snapshot inside: fit discards a failed new trainer, and
             # partial_fit's _restored_on_error keeps its own.
             return trainer.train(X, n_passes, config, random_state, callback, progress, replicas,
                                  rollback=False, feed=feed)
+        except BaseException:
+            trainer.prepare_export(None)  # nothing to export: the host arrays go
+            raise
         finally:
             if progress is not None:
                 progress.close()
@@ -1116,8 +1121,8 @@ class SparseAutoencoderDictionary(
         return X
 
     def _store_fitted(self, trainer, dtype):
-        for name, value in trainer.export().items():
-            setattr(self, name + "_", value.astype(dtype, copy=False))
+        for name, value in trainer.export(dtype).items():
+            setattr(self, name + "_", value)
         for cls in ACTIVATIONS.values():
             for name in set(cls.state_names) - set(trainer.model.activation.state_names):
                 # A refit with another activation must not keep a stale state.

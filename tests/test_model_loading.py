@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sparse_dict.extraction import TransformerActivationExtractor
 
@@ -162,8 +163,12 @@ HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _HUB_SCRIPT = textwrap.dedent(
     """
     import json, sys
+    import torch
     from sparse_dict.extraction import TransformerActivationExtractor
 
+    # As many threads as the test's process: sums split otherwise differ in
+    # their last bits (1e-6 apart with 1 thread against 2).
+    torch.set_num_threads(int(sys.argv[3]))
     ext = TransformerActivationExtractor(sys.argv[1], layer=1, device="cpu")
     acts = ext.fit(["To be, or not to be"]).transform(["To be, or not to be"])
     try:
@@ -195,7 +200,8 @@ def test_hub_id_loads_from_the_cache_offline_and_an_uncached_id_fails_clearly(
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     proc = subprocess.run(
-        [sys.executable, "-c", _HUB_SCRIPT, HUB_ID, "nobody/not-in-the-cache"],
+        [sys.executable, "-c", _HUB_SCRIPT, HUB_ID, "nobody/not-in-the-cache",
+         str(torch.get_num_threads())],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

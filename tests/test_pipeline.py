@@ -13,7 +13,16 @@ from sparse_dict import SparseAutoencoderDictionary
 from sparse_dict._torch import TrainConfig, Trainer
 from sparse_dict._torch.activations import make_activation
 from sparse_dict._torch.data import iter_batches
-from sparse_dict._torch.pipeline import _POOL, BatchFeed, default_workers, resident_fits
+from sparse_dict._torch import pipeline as pipeline_module
+from sparse_dict._torch import train as train_module
+from sparse_dict._torch.pipeline import (
+    _POOL,
+    BatchFeed,
+    TouchedArrays,
+    default_workers,
+    resident_fits,
+    to_host,
+)
 from sparse_dict._torch.train import _DeadFeatures
 
 CPU = torch.device("cpu")
@@ -525,3 +534,87 @@ def test_a_pass_that_ends_before_the_copy_lands_does_not_wait_for_it(monkeypatch
         assert feed.streamed_batches == 4  # the next pass gathered on the device
     for (i, a), (j, b) in zip(first, second):
         assert np.array_equal(i, j) and torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# The export's host arrays, their pages touched while training runs
+# ---------------------------------------------------------------------------
+
+
+def test_to_host_copies_into_given_arrays_of_the_right_shape_only():
+    w, b = torch.randn(5, 3), torch.randn(3)
+    into = {"w": np.empty((5, 3), dtype=np.float64), "b": np.empty(4)}
+    out = to_host({"w": w, "b": b}, into=into)
+    assert out["w"] is into["w"] and out["w"].dtype == np.float64
+    np.testing.assert_array_equal(out["w"], w.numpy().astype(np.float64))
+    # Another shape is not used: b gets a new array of its own dtype.
+    assert out["b"] is not into["b"] and out["b"].dtype == np.float32
+    np.testing.assert_array_equal(out["b"], b.numpy())
+    # A new array never shares the tensor's memory (callers keep it).
+    assert not np.shares_memory(to_host({"w": w})["w"], w.numpy())
+
+
+def test_touched_arrays_are_touched_in_a_thread_of_their_own(monkeypatch):
+    started, release = threading.Event(), threading.Event()
+    real = pipeline_module.touch_pages
+
+    def slow_touch(array):
+        started.set()
+        release.wait(5)
+        return real(array)
+
+    monkeypatch.setattr(pipeline_module, "touch_pages", slow_touch)
+    touched = TouchedArrays({"a": (3, 2048), "b": (2, 5)}, np.float32)
+    # The caller goes on while the thread touches; arrays() waits for it.
+    assert started.wait(5) and touched._thread.is_alive()
+    release.set()
+    arrays = touched.arrays()
+    assert not touched._thread.is_alive()
+    assert {k: a.shape for k, a in arrays.items()} == {"a": (3, 2048), "b": (2, 5)}
+    assert arrays["a"][0, 0] == 0.0 and arrays["a"][0, 1024] == 0.0
+
+
+def test_an_export_fills_the_arrays_prepared_for_its_dtype(monkeypatch):
+    monkeypatch.setattr(train_module, "_TOUCHED_EXPORT_BYTES", 1)
+    X = np.random.RandomState(0).randn(200, 6).astype(np.float32)
+    t = Trainer(6, 12, "cpu", seed=0)
+    t.initialize(X, np.random.RandomState(0))
+    plain = t.export(np.float64)
+    t.prepare_export(np.float64)
+    prepared = t._export_into.arrays()
+    assert set(prepared) == {"components", "encoder_weights"}
+    out = t.export(np.float64)
+    assert all(out[k] is prepared[k] for k in prepared) and t._export_into is None
+    for name, value in plain.items():
+        assert out[name].dtype == np.float64
+        np.testing.assert_array_equal(out[name], value)
+    # Prepared for another dtype: new arrays, the same values.
+    t.prepare_export(np.float32)
+    other = t._export_into.arrays()
+    out = t.export(np.float64)
+    assert out["components"] is not other["components"]
+    np.testing.assert_array_equal(out["components"], plain["components"])
+    # None drops what was prepared; small matrices get none.
+    t.prepare_export(np.float32)
+    t.prepare_export(None)
+    assert t._export_into is None
+    monkeypatch.setattr(train_module, "_TOUCHED_EXPORT_BYTES", 1 << 24)
+    t.prepare_export(np.float32)
+    assert t._export_into is None
+
+
+def test_a_training_that_fails_drops_its_export_arrays(monkeypatch):
+    monkeypatch.setattr(train_module, "_TOUCHED_EXPORT_BYTES", 1)
+    X = np.random.RandomState(0).randn(200, 6)
+    est = SparseAutoencoderDictionary(n_components=12, max_steps=20, batch_size=50,
+                                      random_state=0).fit(X)
+    # A float64 fit exports float64 arrays, the ones prepared for it.
+    assert est.components_.dtype == np.float64 and est._trainer._export_into is None
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(Trainer, "train", fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        est.partial_fit(X)
+    assert est._trainer._export_into is None
