@@ -348,7 +348,8 @@ def test_parallel_copy_works_in_a_forked_child():
     _parallel_copy(src, threads=2)
     # Every thread of the pool started and idle, as after a large export:
     # a child that reused the pool would then wait for threads it lacks.
-    list(data._HOST_EXECUTOR.map(time.sleep, [0.05] * data._HOST_THREADS))
+    executor = data._HOST_EXECUTORS[("foreground", os.getpid())]
+    list(executor.map(time.sleep, [0.05] * data._HOST_THREADS))
     time.sleep(0.1)
     pid = os.fork()
     if pid == 0:  # the child: exit 0 only if the copy finishes and is right
@@ -368,6 +369,25 @@ def test_parallel_copy_works_in_a_forked_child():
         time.sleep(0.05)
         waited += 0.05
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_foreground_host_work_does_not_queue_behind_background_copies():
+    # Every background thread busy (an upload's chunk): a fit's sampling,
+    # on the foreground threads, still runs at once.
+    from sparse_dict._torch import data
+
+    release = threading.Event()
+    busy = threading.Thread(target=data.host_map, daemon=True, args=(
+        lambda _: release.wait(10), range(2 * data._HOST_THREADS)), kwargs={"background": True})
+    busy.start()
+    try:
+        start = time.perf_counter()
+        assert data.host_map(lambda x: x + 1, range(3)) == [1, 2, 3]
+        assert time.perf_counter() - start < 5
+        assert busy.is_alive()  # the background work was still holding its threads
+    finally:
+        release.set()
+        busy.join(10)
 
 
 # ------------------------------------------- the resident copy in the background
@@ -449,7 +469,7 @@ def test_training_through_the_handover_gives_the_streamed_model(monkeypatch):
 def test_a_copy_that_fails_raises_at_the_handover(monkeypatch):
     from sparse_dict._torch import pipeline
 
-    def broken(src, dst=None, threads=None):
+    def broken(src, dst=None, threads=None, background=False):
         raise OSError("the disk went away")
 
     monkeypatch.setattr(pipeline, "_parallel_copy", broken)
@@ -466,10 +486,10 @@ def test_closing_stops_a_copy_on_its_way(monkeypatch):
 
     real, chunks = pipeline._parallel_copy, []
 
-    def slow(src, dst=None, threads=None):
+    def slow(src, dst=None, threads=None, background=False):
         chunks.append(len(src))
         time.sleep(0.02)
-        return real(src, dst, threads)
+        return real(src, dst, threads, background)
 
     monkeypatch.setattr(pipeline, "_parallel_copy", slow)
     monkeypatch.setattr(pipeline, "_UPLOAD_BYTES", 8 * 4 * 3)  # 8 rows a chunk

@@ -187,11 +187,10 @@ def _gather_rows(X, index):
 
 # Host threads for large copies and sums (numpy lets go of the GIL while it
 # copies plain numbers or sums them), up to this many and half the cores;
-# and the process that made them (a forked child inherits the executor but
-# not its threads).
+# two pools of them (foreground, background), each with the process that
+# made it (a forked child inherits an executor but not its threads).
 _HOST_THREADS = 8
-_HOST_EXECUTOR = None
-_HOST_PID = None
+_HOST_EXECUTORS = {}
 _HOST_LOCK = threading.Lock()
 
 
@@ -214,15 +213,28 @@ def row_blocks(n_rows, threads):
     return [slice(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def host_map(fn, items):
-    """``[fn(item) for item in items]``, run by the shared host threads."""
-    global _HOST_EXECUTOR, _HOST_PID
+def host_map(fn, items, background=False):
+    """``[fn(item) for item in items]``, run by the shared host threads.
+
+    ``background`` work (the resident copy's upload, which goes on beside a
+    fit's set-up and first steps) has a pool of threads of its own. With
+    one pool, the threads take tasks in the order given: a fit's initial
+    sample, gathered and summed while the upload runs, had its tasks queued
+    behind the upload's copy of a 64 MB chunk, twice, on the fit's critical
+    path. With two, each waits only for its own.
+
+    Examples
+    --------
+    >>> host_map(lambda x: x * x, range(4))
+    [0, 1, 4, 9]
+    """
+    key = ("background" if background else "foreground", os.getpid())
     with _HOST_LOCK:
-        if _HOST_EXECUTOR is None or _HOST_PID != os.getpid():
-            _HOST_EXECUTOR = concurrent.futures.ThreadPoolExecutor(
-                _HOST_THREADS, thread_name_prefix="sparse_dict-host")
-            _HOST_PID = os.getpid()
-    return list(_HOST_EXECUTOR.map(fn, items))
+        executor = _HOST_EXECUTORS.get(key)
+        if executor is None:
+            executor = _HOST_EXECUTORS[key] = concurrent.futures.ThreadPoolExecutor(
+                _HOST_THREADS, thread_name_prefix=f"sparse_dict-{key[0]}")
+    return list(executor.map(fn, items))
 
 
 def sample_moments(sample):

@@ -243,14 +243,15 @@ class BatchFeed:
                         return
                     rows = take_rows(X, slice(start, min(start + chunk, n_rows)))
                     if not self._cuda:
-                        _parallel_copy(rows, data[start:start + len(rows)].numpy())
+                        _parallel_copy(rows, data[start:start + len(rows)].numpy(),
+                                       background=True)
                         continue
                     buf = staging[i % 2]
                     if done[i % 2] is not None:
                         # The copy out of this buffer two chunks ago must have
                         # run before the buffer is written again.
                         done[i % 2].synchronize()
-                    _parallel_copy(rows, buf[: len(rows)].numpy())
+                    _parallel_copy(rows, buf[: len(rows)].numpy(), background=True)
                     data[start:start + len(rows)].copy_(buf[: len(rows)], non_blocking=True)
                     done[i % 2] = torch.cuda.Event()
                     done[i % 2].record()
@@ -618,7 +619,7 @@ def to_host(tensors, into=None):
     return {name: arrays[name] for name in tensors}
 
 
-def _parallel_copy(src, dst=None, threads=None):
+def _parallel_copy(src, dst=None, threads=None, background=False):
     """Copy ``src`` into ``dst`` (a new C-contiguous array when None), by threads when large.
 
     Writing new memory costs the host a page fault per page as well as the
@@ -627,7 +628,8 @@ def _parallel_copy(src, dst=None, threads=None):
     with four threads (the GPU's copy into the pinned buffer included)
     against 17.4 ms with one, twice per fit at the end of training. The
     upload of a resident copy fills its pinned staging buffers the same way.
-    ``dst`` may have another float dtype (the copy converts).
+    ``dst`` may have another float dtype (the copy converts). ``background``:
+    by the background pool of host threads (:func:`~sparse_dict._torch.data.host_map`).
 
     Returns
     -------
@@ -653,5 +655,5 @@ def _parallel_copy(src, dst=None, threads=None):
     def part(rows):
         dst[rows] = src[rows]
 
-    host_map(part, row_blocks(src.shape[0], threads))
+    host_map(part, row_blocks(src.shape[0], threads), background=background)
     return dst
