@@ -219,9 +219,9 @@ def host_map(fn, items, background=False):
     ``background`` work (the resident copy's upload, which goes on beside a
     fit's set-up and first steps) has a pool of threads of its own. With
     one pool, the threads take tasks in the order given: a fit's initial
-    sample, gathered and summed while the upload runs, had its tasks queued
-    behind the upload's copy of a 64 MB chunk, twice, on the fit's critical
-    path. With two, each waits only for its own.
+    sample, gathered and summed while the upload runs, could have its tasks
+    queued behind the upload's copy of a 64 MB chunk, twice, on the fit's
+    critical path. With two, each waits only for its own.
 
     Examples
     --------
