@@ -65,6 +65,8 @@ from benchmarks._common import target
 from benchmarks._plain import PlainSAE, sync as _sync
 from sparse_dict import SparseAutoencoderDictionary
 from sparse_dict._torch import TrainConfig, Trainer, fused, resolve_device
+from sparse_dict import estimator as _estimator_module
+from sparse_dict._torch import pipeline as _pipeline_module
 from sparse_dict._torch import train as _train_module
 
 DTYPES = {"float32": False, "bf16": True}
@@ -295,6 +297,19 @@ _PARTS = (
     ("finish: calibration_sample", Trainer, "calibration_sample"),
     ("finish: mean_l0", Trainer, "mean_l0"),
     ("finish: export", Trainer, "export"),
+    ("other: the trainer's construction", Trainer, "__init__"),
+)
+
+
+# Work a fit runs in threads of its own, beside its phases: (name, owner,
+# attribute). Timed without waiting for the GPU (which would hold the
+# thread up for the main thread's steps), each as its thread's wall time
+# and as when it ended, counted from the start of the fit: whether it ends
+# before the phase that needs it, or that phase waits for it.
+_BESIDE = (
+    ("the value scan", _estimator_module, "_check_values"),
+    ("the upload of X to the GPU", _pipeline_module.BatchFeed, "_upload"),
+    ("the touching of the export's arrays", _pipeline_module.TouchedArrays, "_touch"),
 )
 
 
@@ -317,21 +332,37 @@ def fit_phase_seconds(X, n, batch, steps, device, bf16):
     background copy (which would undo the overlap being measured); ``other``
     is the rest (the fit's own bookkeeping, the model's construction).
 
-    Some parts of the phases are timed inside them too (``_PARTS``).
+    Some parts of the phases are timed inside them too (``_PARTS``), and
+    the work of the fit's own threads beside them (``_BESIDE``).
 
     Returns
     -------
     seconds : dict
         ``total`` and each phase's seconds.
     parts : dict
-        Each part's seconds (within its phase's).
+        Each part's seconds (within its phase's); for each thread's work,
+        ``"beside: <work>"`` its seconds and ``"beside: <work>, ended at"``
+        when it ended, from the start of the fit.
     streamed_batches : int
         The batches served from the host while the copy was on its way.
     """
     timings = _PHASES + _PARTS
     seconds = {name: 0.0 for name, _, _ in timings}
-    saved = [(owner, method, getattr(owner, method)) for _, owner, method in timings]
+    saved = [(owner, method, getattr(owner, method)) for _, owner, method in timings + _BESIDE]
     feeds = []
+    beside = {}
+    fit_start = [0.0]
+
+    def in_thread(name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                end = time.perf_counter()
+                beside[f"beside: {name}"] = beside.get(f"beside: {name}", 0.0) + end - t0
+                beside[f"beside: {name}, ended at"] = end - fit_start[0]
+        return wrapper
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
@@ -348,13 +379,16 @@ def fit_phase_seconds(X, n, batch, steps, device, bf16):
         return wrapper
 
     try:
-        for (name, _, _), (owner, method, fn) in zip(timings, saved):
-            setattr(owner, method, timed(name, fn))
+        for (name, _, _), (owner, method, fn) in zip(timings + _BESIDE, saved):
+            wrap = in_thread if (name, owner, method) in _BESIDE else timed
+            setattr(owner, method, wrap(name, fn))
+        fit_start[0] = time.perf_counter()
         seconds["total"] = fit_seconds(X, n, batch, steps, device, bf16)
     finally:
         for owner, method, fn in saved:
             setattr(owner, method, fn)
     parts = {name: seconds.pop(name) for name, _, _ in _PARTS}
+    parts.update(beside)
     seconds["other"] = seconds["total"] - sum(seconds[name] for name, _, _ in _PHASES)
     return seconds, parts, sum(feed.streamed_batches for feed in feeds)
 

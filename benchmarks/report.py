@@ -447,7 +447,9 @@ def _gpu_md(r):
         rows += [[f"short fit's {phase} (s)", *(p.get(phase, "n/a") for p in phases)]
                  for phase in dict.fromkeys(k for p in phases for k in p)]
         parts = [size[name].get("fit_short_parts_s", {}) for name in dtypes]
-        rows += [[f"  of which {part} (s)", *(p.get(part, "n/a") for p in parts)]
+        # A phase's parts, then the work of the fit's own threads beside them.
+        rows += [[f"  {'' if part.startswith('beside') else 'of which '}{part} (s)",
+                  *(p.get(part, "n/a") for p in parts)]
                  for part in dict.fromkeys(k for p in parts for k in p)]
         products = [size[name].get("step_products_ms", {}) for name in dtypes]
         rows += [[f"product {product}, ms as issued / transposed",

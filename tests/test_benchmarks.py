@@ -324,9 +324,15 @@ def test_gpu_section_tiny_on_cpu(tmp_path):
             assert f["fit_short_streamed_batches"] == 0
             # Parts inside the phases, each within its phase's time.
             parts = f["fit_short_parts_s"]
-            assert len(parts) == 6 and all(v > 0 for v in parts.values()), parts
+            inside = {k: v for k, v in parts.items() if not k.startswith("beside")}
+            assert len(inside) == 7 and all(v > 0 for v in inside.values()), parts
             assert parts["finish: export"] < phases["finish"]
             assert parts["initialise: sample_moments"] < phases["initialise"]
+            assert parts["other: the trainer's construction"] < phases["other"]
+            # The value scan, in a thread of its own: its time, and when it
+            # ended, within the fit (the first step waits for its verdict).
+            scan = parts["beside: the value scan"]
+            assert 0 < scan <= parts["beside: the value scan, ended at"] < phases["total"]
             # The step's five products, each timed as issued and transposed.
             products = f["step_products_ms"]
             assert len(products) == 5

@@ -449,6 +449,20 @@ _CODES = textwrap.dedent('''
         out["stats_pays_wrong"] = fused.penalty_stats_pays(
             vec, vec, vec.sum(), vec, 0.0, 0.5, 8, bias_col, lambda: plain_stats(1.0))
     out["warned"] = [str(w.message) for w in caught]
+    # A launch that gave other values (here the mask kernel's 64 rows, made
+    # to skip the mask) keeps the plain operations for every launch.
+    real_mask = fused.mask_by_bits_
+    def broken_mask(grad, bits, launch=None):
+        if launch is not None and launch.rows == 64:
+            return None
+        return real_mask(grad, bits, launch)
+    fused.mask_by_bits_ = broken_mask
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out["pays_one_launch_wrong"] = fused.codes_kernel_pays(
+            codes[:, :20], mask[:, :20], scratch[:, :20], bits[:, :3], plain, True)
+    fused.mask_by_bits_ = real_mask
+    out["warned_one_launch_wrong"] = [str(w.message) for w in caught]
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.randn(37, 80, generator=g, device=device).to(dtype)[:, :70]
         w = torch.randn(300, 80, generator=g, device=device).to(dtype)[:, :70]
@@ -575,6 +589,8 @@ def _check_codes(out, measured):
     else:
         assert out["pays"] is False or out["pays"] in [c["launch"] for c in out["launches"]]
     assert out["pays_wrong"] is False and out["residual_pays_wrong"] is False
+    assert out["pays_one_launch_wrong"] is False
+    assert [("differs" in m) for m in out["warned_one_launch_wrong"]] == [True]
     assert out["product_pays_wrong"] is False and out["stats_pays_wrong"] is False
     if not measured:
         assert out["product_pays"] is True

@@ -567,14 +567,19 @@ def codes_kernel_pays(codes, mask, scratch, bits, plain, relu):
     MaskLaunch or False
         The launch to run the kernels with, or False for the plain way.
     """
-    launches = _launches() if codes.device.type == "cuda" else [MaskLaunch()]
+    # Every launch is checked, in Triton's interpreter too (the tests),
+    # which then takes the first, the default, having nothing to time.
+    launches = _launches()
 
     def prepare():
         def agrees():
             scratch.copy_(codes)
             fired_plain = plain(scratch, mask)
             codes_ref, mask_ref = scratch.clone(), mask.clone()
-            masked_ref = codes_ref * mask_ref
+            # A gradient to mask that is not zero where the mask is (the
+            # codes themselves would be, and hide a mask not applied).
+            probe = codes_ref - 1
+            masked_ref = probe * mask_ref
             same = True
             # Every launch, each kernel's: the grids differ, the values must not.
             for launch in {MaskLaunch(programs=p) for p, _, _ in launches}:
@@ -587,7 +592,7 @@ def codes_kernel_pays(codes, mask, scratch, bits, plain, relu):
                         and torch.equal(unpack_bits(bits, codes.shape[1], mask.dtype),
                                         mask_ref))
             for launch in {MaskLaunch(rows=r, warps=w) for _, r, w in launches}:
-                scratch.copy_(codes_ref)
+                scratch.copy_(probe)
                 mask_by_bits_(scratch, bits, launch)
                 same = same and torch.equal(scratch, masked_ref)
             # Repeating a run repeats its work: the ReLU of codes already
