@@ -481,9 +481,10 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
             chosen = [choice for (name, _, dtype, key_shape, _), choice in fused.choices().items()
                       if name == kernel and key_shape == shape and dtype == low and choice]
             r[f"{kernel}_kernel"] = bool(chosen)
-            if kernel == "codes":
-                # Which of the launches the first step timed won (MaskLaunch).
-                r["codes_launch"] = " ".join(
+            if kernel in ("codes", "residual"):
+                # Which of the launches the first step timed won
+                # (fused.MaskLaunch, fused.ResidualLaunch).
+                r[f"{kernel}_launch"] = " ".join(
                     f"{field} {'default' if value is None else value}"
                     for field, value in chosen[0]._asdict().items()) if chosen else "-"
             plain = fused_step_seconds(X, d, n, batch, device, bf16, sizes["calls"],

@@ -388,6 +388,7 @@ _GPU_ROWS = (
     ("  its launch (codes kernel's programs, mask kernel's rows and warps)", "codes_launch"),
     ("step with the residual's plain operations, ms", "step_plain_residual_ms"),
     ("residual kernel chosen", "residual_kernel"),
+    ("  its launch (programs, rows a tile)", "residual_launch"),
     ("step with ReLU after the encoder's product, ms", "step_plain_product_relu_ms"),
     ("ReLU in the product's epilogue chosen", "product_relu_kernel"),
     ("step with the statistics' plain operations, ms", "step_plain_penalty_stats_ms"),

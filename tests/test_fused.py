@@ -357,6 +357,25 @@ _CODES = textwrap.dedent('''
                              and torch.equal(fired, mask_ref.sum(dim=0, dtype=torch.float32))
                              and torch.equal(masked, grad * mask_ref)),
             })
+    # The residual's launches: 300 rows over d = 70 (one tile of 32 rows
+    # each, or 10 a program), float32 and bfloat16 gradients.
+    out["residual_launches"] = []
+    for dtype in (torch.float32, torch.bfloat16):
+        y = torch.randn(300, 70, generator=g, device=device).to(dtype)
+        b = torch.randn(70, generator=g, device=device)
+        x = torch.randn(300, 70, generator=g, device=device)
+        e = (y.float() + b) - x
+        gx_ref = (e * (2.0 / 300)).to(dtype)
+        for launch in fused._RESIDUAL_LAUNCHES:
+            err = torch.full((300, 70), float("nan"), device=device)
+            gx = torch.full((300, 70), float("nan"), device=device, dtype=dtype)
+            sse, sums = fused.residual_(y, b, x, gx, err, 2.0 / 300, launch)
+            out["residual_launches"].append({
+                "dtype": str(dtype), "launch": list(launch),
+                "same": bool(torch.equal(err, e) and torch.equal(gx, gx_ref)),
+                "sse": abs(float(sse) - float(e.double().square().sum())) / float(sse),
+                "sums": float((sums - gx_ref.double().sum(0)).abs().max()),
+            })
     nan = torch.tensor([[float("nan"), -1.0, 2.0]], device=device)
     nan_bits = torch.empty(1, 1, device=device, dtype=torch.uint8)
     fused.codes_bits_count_(nan, nan_bits, relu=True)
@@ -569,6 +588,11 @@ def _check_codes(out, measured):
         assert case["err"] and case["gx"] and case["gx_rest_untouched"], case
         assert case["sse"] < 1e-5 and case["sums"] < 1e-5, case
     assert out["nan_kept"]
+    # The residual's six launches, float32 and bfloat16 gradients: the same
+    # values, the sums to float32 rounding.
+    assert len(out["residual_launches"]) == 12, out["residual_launches"]
+    for case in out["residual_launches"]:
+        assert case["same"] and case["sse"] < 1e-5 and case["sums"] < 1e-5, case
     # Three grids of the codes kernel, three blocks of the mask kernel, each
     # with each, in both dtypes.
     assert len(out["launches"]) == 18 and len({str(c["launch"]) for c in out["launches"]}) == 9
@@ -585,9 +609,11 @@ def _check_codes(out, measured):
     if not measured:
         # Nothing to time on the interpreter.
         # The interpreter takes the kernel in its default launch.
-        assert out["pays"] == [None, 16, 4] and out["residual_pays"] is True
+        assert out["pays"] == [None, 16, 4] and out["residual_pays"] == [None, None]
     else:
         assert out["pays"] is False or out["pays"] in [c["launch"] for c in out["launches"]]
+        assert out["residual_pays"] is False or out["residual_pays"] in [
+            c["launch"] for c in out["residual_launches"]]
     assert out["pays_wrong"] is False and out["residual_pays_wrong"] is False
     assert out["pays_one_launch_wrong"] is False
     assert [("differs" in m) for m in out["warned_one_launch_wrong"]] == [True]
@@ -617,8 +643,8 @@ def _check_codes(out, measured):
         assert result["params"] == 0.0 and result["history"] == 0.0, (case, result)
         assert {"fused_codes", "fused_residual", "fused_stats"} <= set(result["decided"]), case
         assert ("fused_product" in result["decided"]) == case.startswith("relu"), case
-    assert out["residual_alias_contiguous"] == {"chose": not measured or out[
-        "residual_alias_contiguous"]["chose"], "err_is_y": True}
+    assert out["residual_alias_contiguous"] == {"chose": out["residual_alias_contiguous"][
+        "chose"] if measured else [None, None], "err_is_y": True}
     assert out["residual_alias_strided"] == {"chose": False, "err_is_y": True}
 
 

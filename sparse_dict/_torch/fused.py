@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["MaskLaunch", "adam_rows_", "available", "bits_columns", "choices", "codes_bits_count_",
+__all__ = ["MaskLaunch", "ResidualLaunch", "adam_rows_", "available", "bits_columns", "choices", "codes_bits_count_",
            "codes_kernel_pays", "kernel_pays", "mask_by_bits_", "penalty_stats_",
            "may_run", "penalty_stats_pays", "product_relu_", "product_relu_pays", "residual_",
            "residual_pays", "unpack_bits"]
@@ -372,7 +372,33 @@ def mask_by_bits_(grad, bits, launch=None):
 # ---------------------------------------------------------- the residual
 
 
-def residual_(y, bias, x, gx, err, scale):
+class ResidualLaunch(NamedTuple):
+    """How :func:`residual_` is launched.
+
+    Attributes
+    ----------
+    programs : int or None
+        About how many programs (None: the default, ``_PROGRAMS["residual"]``;
+        0: one tile of rows each, the most).
+    rows : int or None
+        Rows a tile (None: the default, 4096 values a tile).
+    """
+
+    programs: int | None = None
+    rows: int | None = None
+
+
+# The launches the first step times on a GPU (residual_pays). By default
+# about 512 programs of 8 tiles of 8 rows: at d=768 that is 3 programs a
+# multiprocessor of an H200, each waiting on one tile's loads at a time,
+# and the kernel was no faster than torch's five passes in one of two runs.
+# More programs (2048, or one tile each) keep more loads in flight; larger
+# tiles (32 rows) do so within a program.
+_RESIDUAL_LAUNCHES = tuple(ResidualLaunch(programs, rows)
+                           for programs in (None, 2048, 0) for rows in (None, 32))
+
+
+def residual_(y, bias, x, gx, err, scale, launch=None):
     """The residual, its gradient and their sums in one pass over a (batch, d) batch.
 
     Writes ``err = (y + bias) - x`` (float32) and ``gx = err * scale`` (in
@@ -393,6 +419,9 @@ def residual_(y, bias, x, gx, err, scale):
         float32 or bfloat16, rows may be strided (a slice of a wider buffer).
     err : torch.Tensor of shape (batch, d), float32
     scale : float
+    launch : ResidualLaunch, optional
+        The grid and tiles; the same values whatever it is (the sums up to
+        their order of addition).
 
     Returns
     -------
@@ -410,11 +439,13 @@ def residual_(y, bias, x, gx, err, scale):
     sse, gx_sums = sums[d], sums[:d]
     if n_rows == 0 or d == 0:
         return sse, gx_sums
+    launch = launch or ResidualLaunch()
     block_d = min(128, 1 << max(4, (d - 1).bit_length()))
-    block_r = 4096 // (4 * block_d) if block_d >= 32 else 32
-    # Enough programs to fill a GPU (about 512), so that the atomic adds
-    # stay few.
-    tiles, grid = _tiles(n_rows, block_r, -(-d // block_d), _PROGRAMS["residual"])
+    block_r = launch.rows or (4096 // (4 * block_d) if block_d >= 32 else 32)
+    # By default enough programs to fill a GPU (about 512), so that the
+    # atomic adds stay few.
+    tiles, grid = _tiles(n_rows, block_r, -(-d // block_d),
+                         _PROGRAMS["residual"] if launch.programs is None else launch.programs)
     _kernels().residual[grid](
         y, bias, x, gx, err, sums[d:], gx_sums, n_rows, d, y.stride(0), x.stride(0), gx.stride(0),
         err.stride(0), float(scale), GX_BF16=gx.dtype == torch.bfloat16, BLOCK_R=block_r,
@@ -617,15 +648,20 @@ def codes_kernel_pays(codes, mask, scratch, bits, plain, relu):
 
 
 def residual_pays(y, bias, x, gx, err, scale, plain):
-    """Whether :func:`residual_` should replace ``plain`` for this batch's shape.
+    """Whether :func:`residual_` should replace ``plain`` for this batch's shape, and how.
 
     Decided by :func:`kernel_pays` on the first step's own residual:
     ``plain() -> (sse, gx_sums)`` writes ``err`` and ``gx`` with torch's
-    operations; the kernel must write the same values, and sums within
-    float32 rounding of the plain ones. ``y`` is left as it was, also when
-    it is ``err`` itself (float32 products), which both ways overwrite with
-    the residual: it is copied first and put back after the decision, for
-    the caller's run. Otherwise ``err`` and ``gx`` are overwritten.
+    operations; the kernel, in each of the launches (:class:`ResidualLaunch`)
+    a GPU times, must write the same values, and sums within float32
+    rounding of the plain ones. ``y`` is left as it was, also when it is
+    ``err`` itself (float32 products), which both ways overwrite with the
+    residual: it is copied first and put back after the decision, for the
+    caller's run. Otherwise ``err`` and ``gx`` are overwritten.
+
+    Returns
+    -------
+    ResidualLaunch or False
     """
     def prepare():
         aliased = y.data_ptr() == err.data_ptr()
@@ -636,25 +672,31 @@ def residual_pays(y, bias, x, gx, err, scale, plain):
                 err.copy_(source)
             return plain()
 
-        def run_fused():
-            return residual_(source, bias, x, gx, err, scale)
+        def run_fused(launch):
+            return lambda: residual_(source, bias, x, gx, err, scale, launch)
 
         def agrees():
             sse_plain, sums_plain = run_plain()
             expected = (err.clone(), gx.clone(), float(sse_plain), sums_plain.clone())
-            sse, sums = run_fused()
             # Sums of the same values in another order: float32 rounding,
             # about 1e-7 of their magnitudes times the rows.
             tol = 1e-5 * (1.0 + float(expected[3].abs().max())
                           + float(gx.float().abs().sum(0).max()))
-            return (torch.equal(err, expected[0]) and torch.equal(gx, expected[1])
-                    and abs(float(sse) - expected[2]) <= 1e-5 * max(expected[2], 1e-30)
-                    and float((sums - expected[3]).abs().max()) <= tol)
+            same = True
+            for launch in _RESIDUAL_LAUNCHES:
+                err.fill_(float("nan"))  # each launch must write every value
+                sse, sums = run_fused(launch)()
+                same = (same and torch.equal(err, expected[0]) and torch.equal(gx, expected[1])
+                        and abs(float(sse) - expected[2]) <= 1e-5 * max(expected[2], 1e-30)
+                        and float((sums - expected[3]).abs().max()) <= tol)
+            return same
 
         # Without the restore, the step after the decision took the residual
         # for the decoder's product (a wrong first step of every float32 fit
         # that decided, seen on an H200 as fits that differed by their feed).
-        return agrees, run_plain, run_fused, (lambda: err.copy_(source)) if aliased else None
+        return (agrees, run_plain,
+                {launch: run_fused(launch) for launch in _RESIDUAL_LAUNCHES},
+                (lambda: err.copy_(source)) if aliased else None)
 
     key = ("residual", str(x.device), gx.dtype, tuple(x.shape), y.dtype)
     return kernel_pays(key, x.device, prepare)

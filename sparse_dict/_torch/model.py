@@ -603,9 +603,12 @@ class SparseAutoencoder(nn.Module):
             return (torch.linalg.vector_norm(err).square(),
                     gx.sum(dim=0, dtype=torch.float32))
 
-        if _uses_kernel(kernels, "residual", x.device,
-                        lambda: fused.residual_pays(y, b_dec, x, gx, err, scale, plain)):
-            return fused.residual_(y, b_dec, x, gx, err, scale)
+        choice = _uses_kernel(kernels, "residual", x.device,
+                              lambda: fused.residual_pays(y, b_dec, x, gx, err, scale, plain))
+        if choice:
+            # The launch the first step timed fastest (True: forced, the default).
+            launch = choice if isinstance(choice, fused.ResidualLaunch) else None
+            return fused.residual_(y, b_dec, x, gx, err, scale, launch)
         return plain()
 
     def _weight_grad_(self, name, grad, keep_low):
