@@ -50,10 +50,10 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["MaskLaunch", "ResidualLaunch", "adam_rows_", "available", "bits_columns", "choices", "codes_bits_count_",
-           "codes_kernel_pays", "kernel_pays", "mask_by_bits_", "penalty_stats_",
-           "may_run", "penalty_stats_pays", "product_relu_", "product_relu_pays", "residual_",
-           "residual_pays", "unpack_bits"]
+__all__ = ["MaskLaunch", "ResidualLaunch", "adam_rows_", "available", "bits_columns", "choices",
+           "codes_bits_count_", "codes_kernel_pays", "kernel_pays", "mask_by_bits_",
+           "penalty_stats_", "may_run", "penalty_stats_pays", "product_relu_",
+           "product_relu_pays", "residual_", "residual_pays", "unpack_bits"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -575,7 +575,7 @@ def choices():
 
 
 def codes_kernel_pays(codes, mask, scratch, bits, plain, relu):
-    """Whether :func:`codes_bits_count_` and :func:`mask_by_bits_` should replace ``plain``, and how.
+    """Whether :func:`codes_bits_count_` and :func:`mask_by_bits_` replace ``plain``, and how.
 
     Decided by :func:`kernel_pays` on the first step's codes: the plain way
     is ``plain`` (the codes, the mask in ``mask`` and the counts) and the
