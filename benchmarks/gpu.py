@@ -484,9 +484,10 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
             if kernel in ("codes", "residual"):
                 # Which of the launches the first step timed won
                 # (fused.MaskLaunch, fused.ResidualLaunch).
+                fields = chosen[0]._asdict() if hasattr(chosen[0], "_asdict") else {}
                 r[f"{kernel}_launch"] = " ".join(
                     f"{field} {'default' if value is None else value}"
-                    for field, value in chosen[0]._asdict().items()) if chosen else "-"
+                    for field, value in fields.items()) or ("default" if chosen else "-")
             plain = fused_step_seconds(X, d, n, batch, device, bf16, sizes["calls"],
                                        sizes["repeats"], kernels={option: False})
             r[f"step_plain_{kernel}_ms"] = 1e3 * plain
