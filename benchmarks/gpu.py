@@ -259,6 +259,22 @@ def fused_step_seconds(X, d, n, batch, device, bf16, calls, repeats, fused_updat
         model.release_workspace()
 
 
+def _way_label(way):
+    """A way of :func:`sparse_dict._torch.fused.timings` as a short label.
+
+    Examples
+    --------
+    >>> from sparse_dict._torch import fused
+    >>> _way_label(False), _way_label(fused.MaskLaunch(None, 32, 4))
+    ('plain', 'default/32/4')
+    """
+    if way is False:
+        return "plain"
+    if way is True:
+        return "kernel"
+    return "/".join("default" if value is None else str(value) for value in way)
+
+
 def fit_seconds(X, n, batch, steps, device, bf16, keep=False):
     """Wall seconds of one ``SparseAutoencoderDictionary.fit`` of ``steps`` steps.
 
@@ -488,6 +504,11 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
                 r[f"{kernel}_launch"] = " ".join(
                     f"{field} {'default' if value is None else value}"
                     for field, value in fields.items()) or ("default" if chosen else "-")
+                # What the first step measured of each way, a call (us).
+                for (name, _, dtype, key_shape, _), ways in fused.timings().items():
+                    if name == kernel and key_shape == shape and dtype == low:
+                        r[f"{kernel}_ways_us"] = {_way_label(way): 1e6 * seconds
+                                                  for way, seconds in ways.items()}
             plain = fused_step_seconds(X, d, n, batch, device, bf16, sizes["calls"],
                                        sizes["repeats"], kernels={option: False})
             r[f"step_plain_{kernel}_ms"] = 1e3 * plain

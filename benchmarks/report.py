@@ -452,6 +452,12 @@ def _gpu_md(r):
         rows += [[f"  {'' if part.startswith('beside') else 'of which '}{part} (s)",
                   *(p.get(part, "n/a") for p in parts)]
                  for part in dict.fromkeys(k for p in parts for k in p)]
+        for kernel in ("codes", "residual"):
+            ways = [size[name].get(f"{kernel}_ways_us") for name in dtypes]
+            if any(ways):
+                rows.append([f"first step's timing of the {kernel} ways (us a call)",
+                             *("; ".join(f"{k} {_fmt(v)}" for k, v in w.items()) if w else "n/a"
+                               for w in ways)])
         products = [size[name].get("step_products_ms", {}) for name in dtypes]
         rows += [[f"product {product}, ms as issued / transposed",
                   *(f"{_fmt(p[product]['as_issued'])} / {_fmt(p[product]['transposed'])}"

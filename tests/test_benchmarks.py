@@ -360,6 +360,16 @@ def test_gpu_section_tiny_on_cpu(tmp_path):
     partial = json.loads((tmp_path / "gpu_partial.json").read_text())
     assert set(partial["sizes"]["small"]) >= {"float32", "bf16"}
     assert not (tmp_path / "gpu_profile.txt").exists() and "profile" not in result
+    # On a GPU the first step's timing of each launch is recorded; the page
+    # shows it (none on the CPU: nothing is timed there).
+    from benchmarks import report
+
+    assert "first step's timing" not in report._gpu_md(result)
+    result["sizes"]["reference"]["bf16"]["codes_ways_us"] = {"plain": 262.0,
+                                                             "default/16/4": 231.5}
+    page = report._gpu_md(result)
+    assert "first step's timing of the codes ways (us a call) | n/a | plain 262; default/16/4 232" \
+        in page
 
 
 def test_best_topk_encoder_of_true_atoms_beats_the_matched_filter():

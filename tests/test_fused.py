@@ -720,7 +720,9 @@ def test_the_timed_choice_keeps_each_way_s_best_of_alternating_trials(monkeypatc
     assert fused._fastest({False: plain, True: slower}, lambda: None, repeats=5) is False
     # Several launches of a kernel: the fastest of all, whatever its place.
     launches = {False: plain, "a": slower, "b": fastest, "c": kernel}
-    assert fused._fastest(launches, lambda: None, repeats=5) == "b"
+    best = {}
+    assert fused._fastest(launches, lambda: None, repeats=5, best=best) == "b"
+    assert best == pytest.approx({False: 5.5, "a": 6.0, "b": 4.5, "c": 5.0})
 
     def tie():
         now[0] += 1.1
@@ -735,15 +737,23 @@ def test_a_kernel_with_several_launches_is_decided_for_the_fastest_on_a_gpu(monk
     # (no timing) takes the first launch; a disagreement takes none.
     monkeypatch.setattr(fused, "may_run", lambda device: True)
     monkeypatch.setattr(fused, "_choices", {})
+    monkeypatch.setattr(fused, "_timings", {})
     timed = []
-    monkeypatch.setattr(fused, "_fastest",
-                        lambda ways, sync, repeats: timed.append(list(ways)) or "wide")
+
+    def fastest(ways, sync, repeats, best):
+        timed.append(list(ways))
+        best.update({way: 2.0 * repeats for way in ways}, wide=1.0 * repeats)
+        return "wide"
+
+    monkeypatch.setattr(fused, "_fastest", fastest)
     ways = {"narrow": lambda: None, "wide": lambda: None}
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     key = ("codes", "cuda:0", torch.bfloat16, (8, 8), True)
     assert fused.kernel_pays(key, torch.device("cuda"),
                              lambda: (lambda: True, lambda: None, ways)) == "wide"
     assert timed == [[False, "narrow", "wide"]] and fused.choices()[key] == "wide"
+    # What each way took, a call, kept for the benchmarks.
+    assert fused.timings() == {key: {False: 2.0, "narrow": 2.0, "wide": 1.0}}
     key_cpu = ("codes", "cpu", torch.bfloat16, (8, 8), True)
     assert fused.kernel_pays(key_cpu, torch.device("cpu"),
                              lambda: (lambda: True, lambda: None, ways)) == "narrow"
@@ -751,7 +761,7 @@ def test_a_kernel_with_several_launches_is_decided_for_the_fastest_on_a_gpu(monk
     with pytest.warns(RuntimeWarning, match="differs"):
         assert fused.kernel_pays(key_wrong, torch.device("cpu"),
                                  lambda: (lambda: False, lambda: None, ways)) is False
-    assert len(timed) == 1
+    assert len(timed) == 1 and list(fused.timings()) == [key]  # none timed off a GPU
 
 
 def test_the_step_s_kernels_are_settled_once_per_training_call_on_the_cpu(monkeypatch):

@@ -53,7 +53,7 @@ import torch
 __all__ = ["MaskLaunch", "ResidualLaunch", "adam_rows_", "available", "bits_columns", "choices",
            "codes_bits_count_", "codes_kernel_pays", "kernel_pays", "mask_by_bits_",
            "penalty_stats_", "may_run", "penalty_stats_pays", "product_relu_",
-           "product_relu_pays", "residual_", "residual_pays", "unpack_bits"]
+           "product_relu_pays", "residual_", "residual_pays", "timings", "unpack_bits"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -457,8 +457,10 @@ def residual_(y, bias, x, gx, err, scale, launch=None):
 # ------------------------------------------- choosing kernels on a first step
 
 # Per (kernel, device, dtype, shape, variant): whether the kernel is faster
-# there than the plain operations, and gives their values.
+# there than the plain operations, and gives their values; and where the
+# choice was timed, each way's best seconds a call.
 _choices = {}
+_timings = {}
 
 
 def kernel_pays(key, device, prepare, repeats=5):
@@ -516,8 +518,10 @@ def kernel_pays(key, device, prepare, repeats=5):
                           f"{device}; training uses torch's operations instead.",
                           RuntimeWarning, stacklevel=3)
         elif device.type == "cuda":
+            best = {}
             choice = _fastest({False: plain, **ways},
-                              lambda: torch.cuda.synchronize(device), repeats)
+                              lambda: torch.cuda.synchronize(device), repeats, best=best)
+            _timings[key] = {way: seconds / repeats for way, seconds in best.items()}
         else:
             choice = next(iter(ways))
     except Exception as exc:  # noqa: BLE001 - no Triton, or a kernel that cannot build
@@ -532,7 +536,7 @@ def kernel_pays(key, device, prepare, repeats=5):
     return _choices[key]
 
 
-def _fastest(ways, sync, repeats, trials=3):
+def _fastest(ways, sync, repeats, trials=3, best=None):
     """The key of the fastest of ``ways`` (a dict of runs): each one's best of ``trials`` timings.
 
     A timing is the wall-clock time of ``repeats`` back-to-back calls
@@ -545,10 +549,12 @@ def _fastest(ways, sync, repeats, trials=3):
     turn spreads a slow spell of the machine over all of them, and the best
     timing of each is its least disturbed. A tie goes to the way listed
     first (the plain operations, where the caller lists them first).
+    ``best``, a dict, receives each way's best timing (seconds for
+    ``repeats`` calls).
     """
     for run in ways.values():
         run()  # the first call of each way may compile or allocate
-    best = {}
+    best = {} if best is None else best
     for _ in range(trials):
         for name, run in ways.items():
             sync()
@@ -559,6 +565,18 @@ def _fastest(ways, sync, repeats, trials=3):
             elapsed = time.perf_counter() - start
             best[name] = min(best.get(name, elapsed), elapsed)
     return min(best, key=best.get)
+
+
+def timings():
+    """What the timed choices of :func:`kernel_pays` measured in this process (on a GPU).
+
+    Returns
+    -------
+    dict
+        ``key -> {way: seconds a call}``, the key as in :func:`choices`, a
+        way False (the plain operations), True or a launch.
+    """
+    return {key: dict(ways) for key, ways in _timings.items()}
 
 
 def choices():
