@@ -312,6 +312,7 @@ _PARTS = (
     ("initialise: geometric_median", _train_module, "geometric_median"),
     ("finish: calibration_sample", Trainer, "calibration_sample"),
     ("finish: mean_l0", Trainer, "mean_l0"),
+    ("finish: start_export (the weights' copy started)", Trainer, "start_export"),
     ("finish: export", Trainer, "export"),
     ("other: the trainer's construction", Trainer, "__init__"),
 )
@@ -326,6 +327,7 @@ _BESIDE = (
     ("the value scan", _estimator_module, "_check_values"),
     ("the upload of X to the GPU", _pipeline_module.BatchFeed, "_upload"),
     ("the touching of the export's arrays", _pipeline_module.TouchedArrays, "_touch"),
+    ("the weights' copy to the host", _pipeline_module.HostCopy, "_drain_or_keep_error"),
 )
 
 

@@ -1068,8 +1068,11 @@ class SparseAutoencoderDictionary(
         of a data-parallel fit judges the same history alike: the warnings
         are given once, by rank 0.
         """
-        # Training is over: its (batch, n_components) buffers can go.
+        # Training is over: its (batch, n_components) buffers can go. The
+        # weights' copy to the host runs beside the calibration (on a GPU),
+        # which leaves them as they are.
         trainer.model.release_workspace()
+        trainer.start_export(X.dtype)
         sample = trainer.calibration_sample(X, _CALIBRATION_ROWS, random_state)
         trainer.calibrate(sample)
         problems = assess_training(trainer, config, check_convergence=assess)

@@ -18,6 +18,7 @@ from sparse_dict._torch import train as train_module
 from sparse_dict._torch.pipeline import (
     _POOL,
     BatchFeed,
+    HostCopy,
     TouchedArrays,
     default_workers,
     resident_fits,
@@ -638,3 +639,56 @@ def test_a_training_that_fails_drops_its_export_arrays(monkeypatch):
     with pytest.raises(RuntimeError, match="interrupted"):
         est.partial_fit(X)
     assert est._trainer._export_into is None
+
+
+def test_a_host_copy_started_ahead_gives_what_to_host_gives():
+    w, b = torch.randn(6, 4), torch.randn(4)
+    into = {"w": np.empty((6, 4))}
+    copy = HostCopy({"w": w, "b": b}, into=into, ahead=True)
+    out = copy.result()
+    assert out["w"] is into["w"] and list(out) == ["w", "b"]
+    np.testing.assert_array_equal(out["w"], w.numpy())
+    np.testing.assert_array_equal(out["b"], b.numpy())
+    assert copy.result()["w"] is out["w"]  # asked again, the same arrays
+
+
+def test_an_export_takes_up_the_weights_copy_started_before_it(monkeypatch):
+    started = []
+    real = train_module.HostCopy
+
+    def counting(tensors, into=None, ahead=False):
+        started.append((sorted(tensors), ahead))
+        return real(tensors, into, ahead)
+
+    monkeypatch.setattr(train_module, "HostCopy", counting)
+    X = np.random.RandomState(0).randn(200, 6).astype(np.float32)
+    t = Trainer(6, 12, "cpu", seed=0)
+    t.initialize(X, np.random.RandomState(0))
+    t.start_export(np.float64)
+    out = t.export(np.float64)
+    # One copy of the two weight matrices, started ahead; the rest after.
+    assert started == [(["components", "encoder_weights"], True)]
+    assert t._export_started is None
+    assert set(out) == set(t.model.fitted_tensors()) and out["components"].dtype == np.float64
+    np.testing.assert_array_equal(out["components"], t.model.W_dec.detach().numpy())
+    np.testing.assert_array_equal(out["decoder_bias"],
+                                  (t.model.b_dec.detach() / np.float32(t.scale)).numpy())
+    # Started for another dtype: a new copy for the one asked.
+    t.start_export(np.float32)
+    out = t.export(np.float64)
+    assert len(started) == 3 and out["components"].dtype == np.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_host_copy_ahead_on_cuda_waits_for_the_work_queued_before_it():
+    # The copy runs on a stream of its own: it must see what the current
+    # stream wrote before it started, whatever that stream runs after.
+    device = torch.device("cuda")
+    a = torch.randn(2048, 2048, device=device)
+    w = torch.empty(2048, 2048, device=device)
+    torch.mm(a, a, out=w)  # queued, likely still running when the copy starts
+    copy = HostCopy({"w": w}, ahead=True)
+    for _ in range(5):
+        a = a @ a / 2048  # more work on the current stream meanwhile
+    got = copy.result()["w"]
+    np.testing.assert_array_equal(got, w.cpu().numpy())

@@ -566,7 +566,8 @@ def to_host(tensors, into=None):
     the array the caller owns. Every tensor's copy to the host is queued
     first, so that the host copies one array out of its buffer while the
     link carries the next. If pinned memory cannot be had, the plain copy
-    is used.
+    is used. :class:`HostCopy` starts such a copy and lets the caller work
+    while it runs.
 
     Parameters
     ----------
@@ -590,33 +591,115 @@ def to_host(tensors, into=None):
     >>> to_host({"a": torch.arange(3.0)}, into={"a": out})["a"] is out
     True
     """
-    into = {k: a for k, a in (into or {}).items()
-            if k in tensors and a.shape == tuple(tensors[k].shape) and a.flags.c_contiguous}
-    on_gpu = {k: t for k, t in tensors.items() if t.device.type == "cuda"}
-    arrays = {k: _parallel_copy(t.detach().cpu().numpy(), into.get(k))
-              for k, t in tensors.items() if k not in on_gpu}
-    taken, queued = [], {}
-    try:
+    return HostCopy(tensors, into).result()
+
+
+class HostCopy:
+    """:func:`to_host`'s copy, started now and finished by :meth:`result`.
+
+    With ``ahead``, a GPU's tensors are copied into pinned buffers on a
+    stream of their own, after the work queued so far, and a thread copies
+    each out of its buffer as it lands: the caller meanwhile queues and runs
+    other work, which must leave the tensors as they are (a fit calibrates
+    its activation while its weights cross to the host). Without, or for
+    tensors on the host, the copies are made when :meth:`result` is called
+    (the host's at once).
+
+    Parameters
+    ----------
+    tensors : dict of str to torch.Tensor
+    into : dict of str to ndarray, optional
+        As for :func:`to_host`.
+    ahead : bool
+
+    Examples
+    --------
+    >>> import torch
+    >>> copy = HostCopy({"a": torch.arange(3.0)}, ahead=True)
+    >>> copy.result()["a"].tolist()
+    [0.0, 1.0, 2.0]
+    """
+
+    def __init__(self, tensors, into=None, ahead=False):
+        self._names = list(tensors)
+        self._into = {k: a for k, a in (into or {}).items()
+                      if k in tensors and a.shape == tuple(tensors[k].shape)
+                      and a.flags.c_contiguous}
+        on_gpu = {k: t for k, t in tensors.items() if t.device.type == "cuda"}
+        self._arrays = {k: _parallel_copy(t.detach().cpu().numpy(), self._into.get(k))
+                        for k, t in tensors.items() if k not in on_gpu}
+        self._taken, self._queued = [], {}
+        self._thread, self._error, self._drained = None, None, False
+        try:
+            self._queue(on_gpu, ahead)
+        except BaseException:
+            self._release()
+            raise
+        if ahead and self._queued:
+            self._thread = threading.Thread(target=self._drain_or_keep_error,
+                                            name="sparse_dict-export", daemon=True)
+            self._thread.start()
+
+    def _queue(self, on_gpu, ahead):
+        """Queue every GPU tensor's copy into a pinned buffer (the plain copy without one)."""
+        streams = {}
         for name, tensor in on_gpu.items():
             try:
                 buf = _POOL.take(tuple(tensor.shape), tensor.dtype, pin=True)
             except RuntimeError:
                 host = tensor.detach().cpu().numpy()
-                arrays[name] = host if name not in into else _parallel_copy(host, into[name])
+                self._arrays[name] = (host if name not in self._into
+                                      else _parallel_copy(host, self._into[name]))
                 continue
-            taken.append(buf)
-            buf.copy_(tensor.detach(), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(tensor.device))
-            queued[name] = (buf, done)
-        for name, (buf, done) in queued.items():
-            done.synchronize()
-            arrays[name] = _parallel_copy(buf.numpy(), into.get(name))
-    finally:
-        for _, done in queued.values():
+            self._taken.append(buf)
+            current = torch.cuda.current_stream(tensor.device)
+            stream = current
+            if ahead:
+                stream = streams.get(tensor.device)
+                if stream is None:
+                    stream = streams[tensor.device] = torch.cuda.Stream(tensor.device)
+                    stream.wait_stream(current)  # after the work queued so far
+                # Its memory must outlive the copy on the other stream.
+                tensor.record_stream(stream)
+            with torch.cuda.stream(stream):
+                buf.copy_(tensor.detach(), non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            self._queued[name] = (buf, done)
+
+    def _drain(self):
+        """Copy each queued buffer out as it lands, then give the buffers back."""
+        if self._drained:
+            return
+        self._drained = True
+        try:
+            for name, (buf, done) in self._queued.items():
+                done.synchronize()
+                self._arrays[name] = _parallel_copy(buf.numpy(), self._into.get(name))
+        finally:
+            self._release()
+
+    def _drain_or_keep_error(self):
+        try:
+            self._drain()
+        except BaseException as exc:  # noqa: BLE001 - raised by result()
+            self._error = exc
+
+    def _release(self):
+        for _, done in self._queued.values():
             done.synchronize()  # nothing still writes a buffer given back
-        _POOL.give_back(taken)
-    return {name: arrays[name] for name in tensors}
+        _POOL.give_back(self._taken)
+        self._taken = []
+
+    def result(self):
+        """The arrays, by the tensors' names (waits for the copies)."""
+        if self._thread is not None:
+            self._thread.join()
+            if self._error is not None:
+                raise self._error
+        else:
+            self._drain()
+        return {name: self._arrays[name] for name in self._names}
 
 
 def _parallel_copy(src, dst=None, threads=None, background=False):

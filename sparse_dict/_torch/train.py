@@ -25,6 +25,7 @@ from sparse_dict._torch.memory import training_bytes
 from sparse_dict._torch.model import STAT_NAMES, UNSCALED_TENSORS, SparseAutoencoder
 from sparse_dict._torch.pipeline import (
     BatchFeed,
+    HostCopy,
     TouchedArrays,
     default_workers,
     resident_fits,
@@ -304,8 +305,10 @@ class Trainer:
         self.pass_fired = np.zeros(n_components)
         self.pass_rows = 0
         # Host arrays for the next export, their pages touched while
-        # training runs (prepare_export); not part of the state.
+        # training runs (prepare_export), and the weights' copy into them
+        # once started (start_export); not part of the state.
         self._export_into = None
+        self._export_started = None
 
     @property
     def dead_lag(self):
@@ -904,7 +907,7 @@ class Trainer:
             The dtype :meth:`export` will be asked for; another gets new
             arrays. None drops the arrays made before (a training that failed).
         """
-        self._export_into = None
+        self._export_into = self._export_started = None
         if dtype is None:
             return
         n_bytes = self.model.n_components * self.model.n_features * np.dtype(dtype).itemsize
@@ -913,6 +916,23 @@ class Trainer:
             self._export_into = TouchedArrays(
                 {"components": shape, "encoder_weights": shape}, dtype)
 
+    def start_export(self, dtype=np.float32):
+        """Start the weight matrices' copy to the host; :meth:`export` takes it up.
+
+        On a GPU their copy (through pinned buffers, into the arrays
+        :meth:`prepare_export` made for this ``dtype``) then runs on a stream
+        and a host thread of its own (:class:`~sparse_dict._torch.pipeline.HostCopy`)
+        while the caller does what must come before the export and leaves the
+        weights as they are: a fit's calibration, which sets the activation's
+        inference state only.
+        """
+        prepared, self._export_into = self._export_into, None
+        dtype = np.dtype(dtype)
+        into = prepared.arrays() if prepared is not None and prepared.dtype == dtype else None
+        weights = {"components": self.model.W_dec.detach(),
+                   "encoder_weights": self.model.W_enc.detach()}
+        self._export_started = (dtype, HostCopy(weights, into, ahead=True))
+
     def export(self, dtype=np.float32):
         """The fitted tensors in the caller's units, as numpy arrays of ``dtype``.
 
@@ -920,21 +940,28 @@ class Trainer:
         trained codes divided by ``scale`` (every activation commutes with a
         positive factor once its thresholds are scaled alike), so the biases
         and thresholds are divided by ``scale`` and the weights are
-        unchanged. The weight matrices go into the arrays
-        :meth:`prepare_export` made, when it was called for this ``dtype``.
+        unchanged. The weight matrices come from :meth:`start_export`'s copy
+        when it was started for this ``dtype`` (else they are copied now,
+        into the arrays :meth:`prepare_export` made for it).
         """
-        prepared, self._export_into = self._export_into, None
-        into = prepared.arrays() if prepared is not None and prepared.dtype == dtype else None
-        exported = {}
-        for name, tensor in self.model.fitted_tensors().items():
-            # Scaled where it lives (the scaled ones are vectors); a GPU's
-            # weights cross to the host once, through pinned memory.
+        started, self._export_started = self._export_started, None
+        if started is None or started[0] != np.dtype(dtype):
+            if started is not None:
+                started[1].result()  # its buffers go back to the pool
+            self.start_export(dtype)
+            started, self._export_started = self._export_started, None
+        arrays = started[1].result()
+        tensors, rest = self.model.fitted_tensors(), {}
+        for name, tensor in tensors.items():
+            if name in arrays:
+                continue
+            # Scaled where it lives (the scaled ones are vectors).
             tensor = tensor.float()
             if name not in UNSCALED_TENSORS:
                 tensor = tensor / np.float32(self.scale)
-            exported[name] = tensor
-        return {name: array.astype(dtype, copy=False)
-                for name, array in to_host(exported, into).items()}
+            rest[name] = tensor
+        arrays.update(to_host(rest))
+        return {name: arrays[name].astype(dtype, copy=False) for name in tensors}
 
     # ------------------------------------------------ snapshots and pickling
     def _snapshot(self):
@@ -997,7 +1024,7 @@ class Trainer:
 
     def __setstate__(self, state):
         self.device = torch.device("cpu")
-        self._export_into = None
+        self._export_into = self._export_started = None
         self.seed = state["seed"]
         self.model = SparseAutoencoder(
             state["n_features"], state["n_components"], state["activation"], initialize=False
