@@ -64,8 +64,8 @@ import torch
 from benchmarks._common import target
 from benchmarks._plain import PlainSAE, sync as _sync
 from sparse_dict import SparseAutoencoderDictionary
-from sparse_dict._torch import TrainConfig, Trainer, fused, resolve_device
 from sparse_dict import estimator as _estimator_module
+from sparse_dict._torch import TrainConfig, Trainer, fused, resolve_device
 from sparse_dict._torch import pipeline as _pipeline_module
 from sparse_dict._torch import train as _train_module
 
@@ -502,10 +502,7 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
             if kernel in ("codes", "residual"):
                 # Which of the launches the first step timed won
                 # (fused.MaskLaunch, fused.ResidualLaunch).
-                fields = chosen[0]._asdict() if hasattr(chosen[0], "_asdict") else {}
-                r[f"{kernel}_launch"] = " ".join(
-                    f"{field} {'default' if value is None else value}"
-                    for field, value in fields.items()) or ("default" if chosen else "-")
+                r[f"{kernel}_launch"] = _way_label(chosen[0]) if chosen else "-"
                 # What the first step measured of each way, a call (us).
                 for (name, _, dtype, key_shape, _), ways in fused.timings().items():
                     if name == kernel and key_shape == shape and dtype == low:

@@ -59,22 +59,23 @@ def _float32_dense(t):
         torch.float32, memory_format=torch.contiguous_format)
 
 
-def _uses_kernel(kernels, name, device, pays):
-    """Whether the step takes GPU kernel ``name``: as ``kernels`` says, or where it pays.
+def _uses_kernel(kernels, name, device, pays, forced=True):
+    """Whether the step takes GPU kernel ``name``, and how: as ``kernels`` says, or where it pays.
 
     ``kernels[name]`` is True, False or "auto" (the default): where a
     kernel may run (:func:`sparse_dict._torch.fused.may_run`: a CUDA
     device, or Triton's interpreter in the tests, so that they go through
     the first step's decision too), ``pays()`` (a measured choice, made
-    once per shape by :func:`sparse_dict._torch.fused.kernel_pays`);
-    elsewhere never.
+    once per shape by :func:`sparse_dict._torch.fused.kernel_pays`, which
+    may be a launch to run the kernel with); elsewhere never. A kernel
+    forced on gives ``forced`` (its default launch, for a kernel that has
+    launches). False means the plain operations.
     """
     use = "auto" if kernels is None else kernels.get(name, "auto")
     if use == "auto":
-        # On a GPU, pays() alone: its decided choice is a lookup. Its value
-        # may say how to run the kernel (a launch), which a caller can use.
+        # On a GPU, pays() alone: its decided choice is a lookup.
         return (device.type == "cuda" or fused.may_run(device)) and pays()
-    return bool(use)
+    return forced if use else False
 
 
 # The weight each of SparseAutoencoder.operand_views' buffers is made from.
@@ -570,11 +571,9 @@ class SparseAutoencoder(nn.Module):
             return self._extra("bits", (codes.shape[0], fused.bits_columns(self.n_components)),
                                torch.uint8)
 
-        choice = _uses_kernel(kernels, "codes", codes.device, lambda: fused.codes_kernel_pays(
-            codes, mask, ws["grad"], bits(), plain, relu))
-        if choice:
-            # The launch the first step timed fastest (True: forced, the default).
-            launch = choice if isinstance(choice, fused.MaskLaunch) else None
+        launch = _uses_kernel(kernels, "codes", codes.device, lambda: fused.codes_kernel_pays(
+            codes, mask, ws["grad"], bits(), plain, relu), forced=fused.MaskLaunch())
+        if launch:
             packed = bits()
             fired = fused.codes_bits_count_(codes, packed, relu=relu, launch=launch)
             return fired, lambda grad: fused.mask_by_bits_(grad, packed, launch)
@@ -603,11 +602,10 @@ class SparseAutoencoder(nn.Module):
             return (torch.linalg.vector_norm(err).square(),
                     gx.sum(dim=0, dtype=torch.float32))
 
-        choice = _uses_kernel(kernels, "residual", x.device,
-                              lambda: fused.residual_pays(y, b_dec, x, gx, err, scale, plain))
-        if choice:
-            # The launch the first step timed fastest (True: forced, the default).
-            launch = choice if isinstance(choice, fused.ResidualLaunch) else None
+        launch = _uses_kernel(kernels, "residual", x.device,
+                              lambda: fused.residual_pays(y, b_dec, x, gx, err, scale, plain),
+                              forced=fused.ResidualLaunch())
+        if launch:
             return fused.residual_(y, b_dec, x, gx, err, scale, launch)
         return plain()
 

@@ -602,8 +602,7 @@ class HostCopy:
     each out of its buffer as it lands: the caller meanwhile queues and runs
     other work, which must leave the tensors as they are (a fit calibrates
     its activation while its weights cross to the host). Without, or for
-    tensors on the host, the copies are made when :meth:`result` is called
-    (the host's at once).
+    tensors on the host, the copies are made at once.
 
     Parameters
     ----------
@@ -629,7 +628,7 @@ class HostCopy:
         self._arrays = {k: _parallel_copy(t.detach().cpu().numpy(), self._into.get(k))
                         for k, t in tensors.items() if k not in on_gpu}
         self._taken, self._queued = [], {}
-        self._thread, self._error, self._drained = None, None, False
+        self._thread, self._error = None, None
         try:
             self._queue(on_gpu, ahead)
         except BaseException:
@@ -639,6 +638,8 @@ class HostCopy:
             self._thread = threading.Thread(target=self._drain_or_keep_error,
                                             name="sparse_dict-export", daemon=True)
             self._thread.start()
+        else:
+            self._drain()
 
     def _queue(self, on_gpu, ahead):
         """Queue every GPU tensor's copy into a pinned buffer (the plain copy without one)."""
@@ -669,9 +670,6 @@ class HostCopy:
 
     def _drain(self):
         """Copy each queued buffer out as it lands, then give the buffers back."""
-        if self._drained:
-            return
-        self._drained = True
         try:
             for name, (buf, done) in self._queued.items():
                 done.synchronize()
@@ -697,8 +695,6 @@ class HostCopy:
             self._thread.join()
             if self._error is not None:
                 raise self._error
-        else:
-            self._drain()
         return {name: self._arrays[name] for name in self._names}
 
 

@@ -946,8 +946,7 @@ class Trainer:
         """
         started, self._export_started = self._export_started, None
         if started is None or started[0] != np.dtype(dtype):
-            if started is not None:
-                started[1].result()  # its buffers go back to the pool
+            # (A copy started for another dtype gives its buffers back itself.)
             self.start_export(dtype)
             started, self._export_started = self._export_started, None
         arrays = started[1].result()
