@@ -194,7 +194,12 @@ _HOST_EXECUTORS = {}
 _HOST_LOCK = threading.Lock()
 
 
-def host_threads(n_bytes, least_bytes=1 << 24):
+# From this many bytes up, host work on arrays is worth more than one thread
+# (and a weight matrix's export is worth host arrays touched ahead of it).
+HOST_WORK_BYTES = 1 << 24
+
+
+def host_threads(n_bytes, least_bytes=HOST_WORK_BYTES):
     """How many host threads to share work on ``n_bytes`` of arrays: 1 below ``least_bytes``."""
     if n_bytes < least_bytes:
         return 1

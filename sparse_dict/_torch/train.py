@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from sparse_dict._torch.data import (
+    HOST_WORK_BYTES,
     geometric_median,
     iter_batches,
     sample_moments,
@@ -35,8 +36,8 @@ from sparse_dict._torch.pipeline import (
 # Rows used to estimate the input scale and the decoder bias's start.
 _N_INIT_ROWS = 8192
 # A weight matrix from this size up goes into host arrays touched while
-# training runs (Trainer.prepare_export); host_threads' threshold too.
-_TOUCHED_EXPORT_BYTES = 1 << 24
+# training runs (Trainer.prepare_export).
+_TOUCHED_EXPORT_BYTES = HOST_WORK_BYTES
 
 
 class DivergenceError(FloatingPointError):
