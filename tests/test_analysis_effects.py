@@ -210,6 +210,31 @@ def test_strength_zero_reproduces_plain_generation(ext, sae):
     assert steer(ext, sae, prompts[:1], feature=3, strength=30.0, max_new_tokens=10) != got[:1]
 
 
+def test_a_long_prompt_is_continued_from_its_end(ext, sae, texts):
+    # Longer than the extractor's max_length (48): the model must read the
+    # prompt's last tokens, not stop in its middle.
+    loaded = ext.loaded_model()
+    prompt = " ".join(texts[:6]) + " My good lord, I pray you"
+    ids = loaded.tokenizer.encode(prompt)
+    assert len(ids) > 2 * ext.max_length
+    tail = ids[-ext.max_length:]
+    got = steer(ext, sae, [prompt], feature=3, strength=0.0, max_new_tokens=6)[0]
+    want = _plain_greedy(loaded.model, tail, 6)
+    eot = loaded.tokenizer.eot_token_id
+    want = want[: want.index(eot)] if eot in want else want
+    assert got == loaded.tokenizer.decode(want)
+    assert got != loaded.tokenizer.decode(_plain_greedy(loaded.model, ids[:ext.max_length], 6))
+    shift = steering_distributions(ext, sae, [prompt], 3, 0.0)
+    with torch.no_grad():
+        plain = torch.log_softmax(loaded.model(torch.tensor([tail]))[0, -1], dim=-1)
+    np.testing.assert_allclose(shift.plain[0], plain.numpy(), atol=1e-5)
+    assert shift.position.tolist() == [ext.max_length - 1]
+    assert ext.token_ids([prompt], keep="end") == [tail]
+    assert ext.token_ids([prompt]) == [ids[:ext.max_length]]
+    with pytest.raises(ValueError, match="keep must be 'start' or 'end'"):
+        ext.token_ids([prompt], keep="middle")
+
+
 def test_sampling_is_seeded(ext, sae):
     kwargs = dict(feature=3, strength=1.0, max_new_tokens=12, temperature=1.0)
     a = steer(ext, sae, ["My lord"], random_state=0, **kwargs)
@@ -273,6 +298,19 @@ def test_minilm_has_no_next_token_head(minilm_ext):
         logit_effects(minilm_ext, est)
     with pytest.raises(ValueError, match="next-token head"):
         steer(minilm_ext, est, ["a text"], 0, 1.0)
+
+
+def test_a_hugging_face_tokenizer_cut_at_the_start_keeps_its_special_tokens(minilm_ext):
+    tokenizer = minilm_ext.loaded_model().tokenizer
+    text = " ".join(f"word{i}" for i in range(200))
+    full = tokenizer(text)["input_ids"]
+    ext = copy.copy(minilm_ext)
+    ext.max_length = 16
+    end = ext.token_ids([text], keep="end")[0]
+    # [CLS] first, [SEP] last, and the text's last 14 tokens between.
+    assert end == [full[0]] + full[-15:]
+    assert ext.token_ids([text])[0] == full[:15] + [full[-1]]
+    assert tokenizer.truncation_side == "right"
 
 
 def test_feature_out_of_range(ext, sae):

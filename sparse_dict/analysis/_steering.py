@@ -39,7 +39,9 @@ class SteeringDistributions:
     text_index : ndarray of shape (n_rows,), dtype int64
         The text each row comes from.
     position : ndarray of shape (n_rows,), dtype int64
-        The position in the tokenised text whose next token is predicted.
+        The position, in the tokens the model read, whose next token is
+        predicted (a text longer than the extractor's ``max_length`` is read
+        from its end: its last ``max_length`` tokens).
     """
 
     plain: np.ndarray
@@ -183,7 +185,9 @@ def steer(extractor, sae, texts, feature, strength, max_new_tokens=20, random_st
         With ``components_`` of the hook's width; if its ``provenance_``
         names another model or hook point, it is refused.
     texts : str or list of str
-        Prompts, each continued on its own.
+        Prompts, each continued on its own; a prompt longer than the
+        extractor's ``max_length`` tokens is continued from its last
+        ``max_length`` tokens.
     feature : int or None
         The feature (a row of ``sae.components_``); None with ``direction``.
     strength : float
@@ -251,7 +255,8 @@ def steer(extractor, sae, texts, feature, strength, max_new_tokens=20, random_st
     if not callable(getattr(loaded.tokenizer, "decode", None)):
         raise ValueError("Generating text needs a tokenizer with a decode method; "
                          f"{type(loaded.tokenizer).__name__} has none.")
-    seqs = extractor.token_ids(texts)
+    # A long prompt is continued from its end: its last max_length tokens.
+    seqs = extractor.token_ids(texts, keep="end")
     for i, seq in enumerate(seqs):
         if not seq:
             raise ValueError(f"Text {i} has no tokens, so there is nothing to continue.")
@@ -311,7 +316,8 @@ def steering_distributions(extractor, sae, texts, feature, strength, *, clamp=No
         As in :func:`steer`.
     positions : {"last", "all"}, default="last"
         The next token after each whole text, or after every position of
-        every text (text after text, position after position).
+        every text (text after text, position after position). A text
+        longer than the extractor's ``max_length`` is read from its end.
 
     Returns
     -------
@@ -341,7 +347,8 @@ def steering_distributions(extractor, sae, texts, feature, strength, *, clamp=No
     extractor, edit = _edit(extractor, sae, feature, strength, clamp, direction)
     texts, _ = _check_texts(texts)
     loaded = extractor.loaded_model()
-    seqs = extractor.token_ids(texts)
+    # The next token after a long text follows its last max_length tokens.
+    seqs = extractor.token_ids(texts, keep="end")
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     if np.any(lengths == 0):
         raise ValueError(f"Text {int(np.flatnonzero(lengths == 0)[0])} has no tokens.")

@@ -18,6 +18,7 @@ from sparse_dict.extraction._hook import HOOK_POINTS, ActivationHook, StopForwar
 from sparse_dict.extraction._loading import load_model
 from sparse_dict.extraction._texts import (
     _check_texts,
+    _cut,
     _encode_texts,
     _text_chunks,
     _token_strings,
@@ -247,7 +248,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             self._loaded = loaded
         return loaded
 
-    def token_ids(self, X):
+    def token_ids(self, X, *, keep="start"):
         """Token ids of each text of ``X``, cut to ``max_length``.
 
         Parameters
@@ -255,13 +256,20 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         X : list of str, or list of lists of int
             Texts, or token ids of already tokenised texts (checked against
             the model's vocabulary).
+        keep : {"start", "end"}, default="start"
+            Which tokens of a longer text are kept: its first ``max_length``
+            (as :meth:`transform` reads it), or its last, for a model that
+            is to continue the text (a Hugging Face tokenizer's special
+            tokens stay where it puts them).
 
         Returns
         -------
         token_ids : list of lists of int
         """
+        if keep not in ("start", "end"):
+            raise ValueError(f"keep must be 'start' or 'end', got {keep!r}.")
         X, pretokenized = _check_texts(X)
-        return self._tokenize(X, pretokenized, self.loaded_model())
+        return self._tokenize(X, pretokenized, self.loaded_model(), keep=keep)
 
     def batches(self, token_ids, desc=None):
         """Padded batches of ``token_ids`` on the model's device, longest texts first.
@@ -432,14 +440,14 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         self._hook_direction = site.direction
         return self
 
-    def _tokenize(self, X, pretokenized, loaded):
+    def _tokenize(self, X, pretokenized, loaded, keep="start"):
         # Longer sequences than the model has positions for would fail inside
         # the model, so the model's limit caps max_length.
         limits = [n for n in (self.max_length, loaded.max_positions) if n is not None]
         max_length = min(limits) if limits else None
         if pretokenized:
             seqs = [[int(i) for i in x] for x in X]
-            seqs = seqs if max_length is None else [s[:max_length] for s in seqs]
+            seqs = seqs if max_length is None else [_cut(s, max_length, keep) for s in seqs]
             vocab = loaded.vocab_size()
             if vocab is not None:
                 for i, s in enumerate(seqs):
@@ -449,7 +457,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
                             f"0..{vocab - 1}."
                         )
             return seqs
-        return _encode_texts(loaded.tokenizer, X, max_length)
+        return _encode_texts(loaded.tokenizer, X, max_length, keep=keep)
 
     def _batches(self, seqs, loaded):
         """(text indices, input_ids, attention_mask) batches, longest texts first."""

@@ -137,24 +137,43 @@ def _ids_to_lists(ids, mask=None):
     return [ids[r][mask[r]].tolist() for r in range(len(ids))]
 
 
-def _encode_texts(tokenizer, texts, max_length):
-    """Token ids of each text, unpadded, cut to ``max_length``."""
+def _cut(seq, max_length, keep="start"):
+    """The first (``keep="start"``) or last (``"end"``) ``max_length`` items of ``seq``."""
+    return seq[:max_length] if keep == "start" else seq[max(len(seq) - max_length, 0):]
+
+
+def _encode_texts(tokenizer, texts, max_length, keep="start"):
+    """Token ids of each text, unpadded, cut to ``max_length`` at its end or its start.
+
+    ``keep="end"`` keeps a long text's last tokens (what a model continuing
+    it must read); a Hugging Face tokenizer then cuts from the left itself,
+    so that the special tokens it adds stay in place.
+    """
     if tokenizer is None:
         raise ValueError(
             "A tokenizer is needed to extract activations from texts; pass "
             "tokenizer=... or pre-tokenised input (lists of token ids)."
         )
     if type(tokenizer).__module__.startswith("transformers"):
-        out = tokenizer(
-            texts, truncation=max_length is not None, max_length=max_length, padding=False
-        )
+        side = getattr(tokenizer, "truncation_side", None)
+        if keep == "end" and side is not None:
+            tokenizer.truncation_side = "left"
+        try:
+            out = tokenizer(
+                texts, truncation=max_length is not None, max_length=max_length, padding=False
+            )
+        finally:
+            if side is not None:
+                tokenizer.truncation_side = side
         seqs = [list(s) for s in out["input_ids"]]
     else:
         try:
             params = inspect.signature(tokenizer).parameters
         except (TypeError, ValueError):
             params = {}
-        kwargs = {"max_length": max_length} if "max_length" in params else {}
+        # A tokenizer that cuts texts itself keeps their start.
+        kwargs = ({"max_length": max_length}
+                  if "max_length" in params and keep == "start" else {})
         out = tokenizer(texts, **kwargs)
         if hasattr(out, "keys") and "input_ids" in out:
             seqs = _ids_to_lists(out["input_ids"], out.get("attention_mask"))
@@ -167,7 +186,7 @@ def _encode_texts(tokenizer, texts, max_length):
                 f"The tokenizer returned {len(seqs)} sequences for {len(texts)} texts."
             )
     if max_length is not None:
-        seqs = [s[:max_length] for s in seqs]
+        seqs = [_cut(s, max_length, keep) for s in seqs]
     return seqs
 
 
