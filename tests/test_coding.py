@@ -235,6 +235,21 @@ def test_amortisation_gap_of_a_thresholding_encoder(superposition):
     assert result["optimal"] > 0.999
     assert result["encoder"] < 0.99
     assert result["gap"] == pytest.approx(result["optimal"] - result["encoder"])
+    assert result["positive"] is True
+
+
+def test_amortisation_gap_of_signed_codes_is_not_negative(superposition):
+    # scikit-learn's dictionary learning codes with signed values by
+    # default: non-negative OMP would search fewer codes than the encoder
+    # and could come out below it.
+    X = superposition[0]
+    est = MiniBatchDictionaryLearning(n_components=64, max_iter=5, random_state=0).fit(X)
+    assert np.any(est.transform(X) < 0)
+    result = amortisation_gap(est, X)
+    assert result["positive"] is False
+    assert result["gap"] >= 0
+    nonneg = LassoCoder(est, algorithm="omp", n_nonzero_coefs=result["l0"]).fit(X)
+    assert result["optimal"] > explained_variance(X, nonneg.inverse_transform(nonneg.transform(X)))
 
 
 def test_amortisation_gap_of_a_sparse_autoencoder(superposition):
