@@ -705,10 +705,14 @@ class TensorSpec:
         ``None`` for a dimension of any length.
     dtypes : tuple of str, default=("float32", "float64")
     minimum, maximum : float, default=None
-        Bounds on the values (all values must be finite in any case).
+        Bounds on the values (all values must be finite in any case, but
+        for ``unknown``).
     optional : bool, default=False
         Whether the file may lack it (a tensor added after files were first
         written); if present it is checked like any other.
+    unknown : bool, default=False
+        Whether it may be all NaN: values that were not known when it was
+        saved.
     """
 
     shape: tuple
@@ -716,6 +720,7 @@ class TensorSpec:
     minimum: float | None = None
     maximum: float | None = None
     optional: bool = False
+    unknown: bool = False
 
 
 def read_tensors(file, schema):
@@ -763,6 +768,8 @@ def read_tensors(file, schema):
         if not shape_ok:
             wanted = tuple("any" if s is None else s for s in spec.shape)
             raise _bad(file, f"tensor {name!r} has shape {array.shape}; expected {wanted}")
+        if spec.unknown and array.size and np.isnan(array).all():
+            continue
         if not np.isfinite(array).all():
             raise _bad(file, f"tensor {name!r} contains NaN or infinite values")
         if array.size and (

@@ -103,8 +103,9 @@ def _saved_tensor_schema(fitted_names, n_components, n_features, dtype, history_
                                   optional=name in optional)
         for name in fitted_names
     }
+    # All NaN for a dictionary imported without its frequencies.
     schema["feature_frequencies"] = _persist.TensorSpec(
-        (n_components,), minimum=0.0, maximum=1.0)
+        (n_components,), minimum=0.0, maximum=1.0, unknown=True)
     schema["history"] = _persist.TensorSpec((None, history_width))
     # The estimator's dict_init parameter, where it was set (checked by fit).
     schema["dict_init"] = _persist.TensorSpec((None, None), optional=True)
@@ -627,7 +628,9 @@ class SparseAutoencoderDictionary(
         last pass; when a step budget ended the run inside a pass, over that
         partial pass and the whole pass before it, so that a full pass's
         worth of rows (or all that training saw) is counted. A feature at 0
-        is dead.
+        is dead. NaN (unknown) for a dictionary read by :meth:`from_saelens`
+        from a folder without ``sparsity.safetensors``, until a
+        :meth:`partial_fit`.
     n_resampled_ : int
         Number of dead-feature restarts so far.
     n_features_in_ : int
@@ -1569,8 +1572,9 @@ class SparseAutoencoderDictionary(
         for name, value in tensors.items():
             setattr(estimator, name + "_", value.astype(dtype))
         frequencies = read["frequencies"]
+        # Unknown, not 0 ("dead"), until partial_fit counts them.
         estimator.feature_frequencies_ = (
-            np.zeros(n_components) if frequencies is None else frequencies)
+            np.full(n_components, np.nan) if frequencies is None else frequencies)
         estimator.n_features_in_ = n_features
         estimator.n_components_ = n_components
         estimator.n_iter_ = estimator.n_steps_ = estimator.n_resampled_ = 0

@@ -79,7 +79,9 @@ _COMMON_FIELDS = ("d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
 _FIELDS = {
     "standard": _COMMON_FIELDS,
     "jumprelu": _COMMON_FIELDS,
-    "topk": _COMMON_FIELDS + ("k", "rescale_acts_by_decoder_norm"),
+    # use_sparse_activations (some SAELens 6 releases) picks how the codes
+    # are stored in memory, not their values.
+    "topk": _COMMON_FIELDS + ("k", "rescale_acts_by_decoder_norm", "use_sparse_activations"),
 }
 # Atoms this close to unit norm are left as they are, so that a dictionary of
 # this package (unit atoms, up to rounding) goes out and back bit for bit.
@@ -183,6 +185,7 @@ def _read_config(path):
                              f"({cfg['d_sae']})")
         cfg["rescale_acts_by_decoder_norm"] = _check_bool(
             config, "rescale_acts_by_decoder_norm", file, default=False)
+        _check_bool(config, "use_sparse_activations", file, default=False)
     return cfg
 
 

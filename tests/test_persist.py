@@ -263,3 +263,26 @@ def test_concurrent_overwrites_all_succeed(tmp_path, models):
         loaded = SparseAutoencoderDictionary.load(path)
         assert any(_same_model(loaded, m) for m in models)
         assert _hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("values, ok", [
+    ([np.nan, np.nan], True),      # unknown: all NaN
+    ([0.5, np.nan], False),        # part NaN is damage, not "unknown"
+    ([0.5, np.inf], False),
+    ([0.5, 0.25], True),
+])
+def test_unknown_tensors_are_all_nan_or_all_finite(tmp_path, values, ok):
+    from safetensors.numpy import save_file
+
+    file = tmp_path / "t.safetensors"
+    save_file({"f": np.array(values)}, str(file))
+    spec = {"f": _persist.TensorSpec((2,), minimum=0.0, maximum=1.0, unknown=True)}
+    if ok:
+        np.testing.assert_array_equal(_persist.read_tensors(file, spec)["f"], values)
+    else:
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            _persist.read_tensors(file, spec)
+    strict = {"f": _persist.TensorSpec((2,), minimum=0.0, maximum=1.0)}
+    if not np.isfinite(values).all():
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            _persist.read_tensors(file, strict)

@@ -354,3 +354,34 @@ def test_imported_topk_trains_on_with_its_selection_scale(tmp_path):
     np.testing.assert_allclose(est.selection_scale_, scale, rtol=1e-6)
     assert ((est.transform(x) > 0).sum(axis=1) <= K).all()
     assert np.isfinite(est.components_).all()
+
+
+def test_frequencies_are_unknown_without_the_sparsity_file(tmp_path):
+    # Not zeros: a feature at 0 reads as dead.
+    est = SparseAutoencoderDictionary.from_saelens(
+        _write(tmp_path / "sae", "standard", _weights("standard")), device="cpu")
+    assert est.feature_frequencies_.shape == (D_SAE,)
+    assert np.isnan(est.feature_frequencies_).all()
+    est.save(tmp_path / "saved")
+    loaded = SparseAutoencoderDictionary.load(tmp_path / "saved")
+    assert np.isnan(loaded.feature_frequencies_).all()
+    x = np.random.default_rng(3).normal(size=(64, D_IN)).astype(np.float32)
+    loaded.partial_fit(x)
+    assert np.isfinite(loaded.feature_frequencies_).all()
+    assert loaded.feature_frequencies_.max() > 0
+
+
+def test_topk_use_sparse_activations_is_read_and_checked(tmp_path):
+    w = _weights("topk")
+    x = np.random.default_rng(1).normal(size=(40, D_IN))
+    plain = SparseAutoencoderDictionary.from_saelens(
+        _write(tmp_path / "plain", "topk", w), device="cpu")
+    sparse = SparseAutoencoderDictionary.from_saelens(
+        _write(tmp_path / "sparse", "topk", w, use_sparse_activations=True), device="cpu")
+    np.testing.assert_array_equal(sparse.transform(x), plain.transform(x))
+    _write(tmp_path / "bad", "topk", w, use_sparse_activations="yes")
+    with pytest.raises(ValueError, match="use_sparse_activations"):
+        SparseAutoencoderDictionary.from_saelens(tmp_path / "bad", device="cpu")
+    _write(tmp_path / "relu", "standard", _weights("standard"), use_sparse_activations=False)
+    with pytest.raises(ValueError, match="unexpected field 'use_sparse_activations'"):
+        SparseAutoencoderDictionary.from_saelens(tmp_path / "relu", device="cpu")
