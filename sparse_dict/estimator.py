@@ -9,7 +9,6 @@ import concurrent.futures
 import contextlib
 import json
 import math
-import warnings
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from sparse_dict import _persist
+from sparse_dict._warn import warn_at_caller
 from sparse_dict._torch import (
     ACTIVATIONS,
     DivergenceError,
@@ -136,11 +136,10 @@ def _device_here(device):
         import torch
 
         if not torch.cuda.is_available():
-            warnings.warn(
+            warn_at_caller(
                 f"This model was saved with device={device!r}, but CUDA is not "
                 "available here; it will run on the CPU (device='cpu').",
                 RuntimeWarning,
-                stacklevel=3,
             )
             return "cpu"
     return device
@@ -234,7 +233,7 @@ def _warn_few_rows(n_samples, n_components):
     """
     if n_samples >= _MIN_ROWS_PER_ATOM * n_components:
         return
-    warnings.warn(
+    warn_at_caller(
         f"X has {n_samples:,} rows for {n_components:,} atoms "
         f"({n_samples / n_components:.2g} rows an atom): with so few rows an SAE this wide "
         "can memorise them, and reconstruct them far better than rows it has not seen "
@@ -243,7 +242,7 @@ def _warn_few_rows(n_samples, n_components):
         f"{_MIN_ROWS_PER_ATOM} rows an atom ({_MIN_ROWS_PER_ATOM * n_components:,} here) or "
         "choose a smaller n_components, and judge the fit on held-out rows "
         "(score(X_held_out)).",
-        UserWarning, stacklevel=5,  # fit's caller, past _warn_about_shape and sklearn's wrapper
+        UserWarning,
     )
 
 
@@ -260,26 +259,24 @@ def _warn_dense_k(k, n_features, n_components):
     0.83 and a mean max cosine similarity (MMCS) with the true atoms of
     0.97; k=16 gave 0.999 and 0.59, k=32 1.0 and 0.60.
     """
-    # fit's caller, past _warn_about_shape and sklearn's wrapper.
-    level = 5
     if k >= n_components:
         exact = (f"; and {n_components:,} active atoms on {n_features:,} input features "
                  "reconstruct any row exactly" if n_components >= n_features else "")
-        warnings.warn(
+        warn_at_caller(
             f"k={k} is not below n_components={n_components:,}: top-k keeps every feature of "
             f"every row, so the codes are not sparse{exact}. Choose k well below n_components "
             "and n_features.",
-            UserWarning, stacklevel=level,
+            UserWarning,
         )
     elif k >= n_features:
-        warnings.warn(
+        warn_at_caller(
             f"k={k} keeps {k:,} features a row on {n_features:,} input features: with as "
             "many active atoms as input dimensions any row is reconstructed exactly, so the "
             "atoms need not be the data's features (measured on superposed data with 16 "
             "features and 3 active a row: k=16 gave EV 0.999 but a mean max cosine "
             "similarity of 0.59 with the true atoms, against 0.97 at k=3). Choose k well "
             "below n_features.",
-            UserWarning, stacklevel=level,
+            UserWarning,
         )
 
 
@@ -535,7 +532,7 @@ class SparseAutoencoderDictionary(
         each row, so that only the encoder's product is dense: about a fifth
         of the dense step's operations, and the same gradients up to
         rounding. ``"auto"``: on a CPU when ``k`` is at most a sixteenth of
-        ``n_components`` and ``n_components`` is at least 1024 (where it
+        ``n_components`` and ``n_components`` is at least 512 (where it
         measured faster; see the user guide on sparsity), dense otherwise
         and on GPUs. ``True`` forces it (top-k family only; always in
         float32, even with ``bf16``), ``False`` forces the dense step.
@@ -680,26 +677,26 @@ class SparseAutoencoderDictionary(
     _parameter_constraints = {
         "n_components": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
         "activation": [StrOptions(set(ACTIVATIONS))],
-        "k": [Interval(Integral, 1, None, closed="left")],
+        "k": [_IntervalNotBool(Integral, 1, None, closed="left")],
         "l1_coef": [Interval(Real, 0, None, closed="left")],
         "l0_coef": [Interval(Real, 0, None, closed="left")],
         "jumprelu_bandwidth": [Interval(Real, 0, None, closed="neither")],
         "auxk_coef": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
-        "k_aux": [Interval(Integral, 1, None, closed="left"), None],
+        "k_aux": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "max_iter": [Interval(Integral, 1, None, closed="left"), None],
-        "max_steps": [Interval(Integral, 1, None, closed="left"), None],
+        "batch_size": [_IntervalNotBool(Integral, 1, None, closed="left")],
+        "max_iter": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
+        "max_steps": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
         "warmup_fraction": [Interval(Real, 0, 1, closed="left")],
         "decay_fraction": [Interval(Real, 0, 1, closed="left")],
         "resample_dead": ["boolean", StrOptions({"auto"})],
-        "resample_interval": [Interval(Integral, 1, None, closed="left"), None],
+        "resample_interval": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
         "decoder_bias_init": [StrOptions({"geometric_median", "mean", "zeros"})],
         "dict_init": ["array-like", None],
         "transform_algorithm": [
             StrOptions({"encoder", "omp", "lasso_lars", "lasso_cd", "threshold"})
         ],
-        "transform_n_nonzero_coefs": [Interval(Integral, 1, None, closed="left"), None],
+        "transform_n_nonzero_coefs": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
         "transform_alpha": [Interval(Real, 0, None, closed="left"), None],
         "bf16": ["boolean"],
         "sparse_step": ["boolean", StrOptions({"auto"})],
@@ -926,6 +923,24 @@ class SparseAutoencoderDictionary(
             self.activation, k=self.k, bandwidth=self.jumprelu_bandwidth
         )
 
+    def _fitted_activation(self):
+        """:meth:`_activation`, once checked to be the mechanism the weights were fitted with.
+
+        ``set_params(activation=...)`` after a fit would otherwise read the
+        weights through another mechanism (or fail on a state it lacks).
+        ``k`` and the penalties may change: they are read at each call, as
+        scikit-learn's ``transform_*`` parameters are.
+        """
+        # Files and pickles that predate the record were fitted as their
+        # parameters say.
+        fitted = getattr(self, "_fitted_with", self.activation)
+        if fitted != self.activation:
+            raise ValueError(
+                f"This dictionary was fitted with activation={fitted!r}, but activation is "
+                f"now {self.activation!r}; its weights are for {fitted!r}. Set activation "
+                f"back to {fitted!r}, or call fit to train a new dictionary.")
+        return self._activation()
+
     def _total_steps(self, n_samples):
         """The run's length in steps: max_iter and max_steps, or the default budget."""
         steps_per_pass = math.ceil(n_samples / self.batch_size)
@@ -1088,9 +1103,9 @@ class SparseAutoencoderDictionary(
         if _speaks(replicas):
             for kind, message in problems:
                 if kind == "unconverged":
-                    warnings.warn(message, ConvergenceWarning, stacklevel=3)
+                    warn_at_caller(message, ConvergenceWarning)
             for message in self._unused_features(trainer, config, len(sample), assess):
-                warnings.warn(message, UserWarning, stacklevel=3)
+                warn_at_caller(message, UserWarning)
 
     def _unused_features(self, trainer, config, n_rows, judge_dead):
         """What to say of a fitted state that uses few of its features (a list, maybe empty).
@@ -1140,6 +1155,7 @@ class SparseAutoencoderDictionary(
         rows = max(trainer.pass_rows, 1)
         self.feature_frequencies_ = trainer.pass_fired / rows
         self.n_resampled_ = int(trainer.n_resampled)
+        self._fitted_with = self.activation
         self._coder = None
 
     def _set_history(self, history):
@@ -1151,7 +1167,7 @@ class SparseAutoencoderDictionary(
 
     def _fitted_tensors(self):
         """The fitted tensors by their core names (``components``, ...)."""
-        activation = self._activation()
+        activation = self._fitted_activation()
         tensors = {}
         for name in fitted_tensor_names(activation):
             if not hasattr(self, name + "_") and name in activation.state_defaults:
@@ -1163,6 +1179,7 @@ class SparseAutoencoderDictionary(
         return tensors
 
     def _get_trainer(self):
+        self._fitted_activation()
         trainer = getattr(self, "_trainer", None)
         if trainer is None:
             # A dictionary loaded from disk has no optimiser state: continue
@@ -1247,23 +1264,31 @@ class SparseAutoencoderDictionary(
         if self.transform_algorithm != "encoder":
             return self._optimal_coder().transform(X.toarray() if sp.issparse(X) else X)
         return encode_array(
-            self._fitted_tensors(), self._activation(), X,
+            self._fitted_tensors(), self._fitted_activation(), X,
             _INFERENCE_BATCH, resolve_device(self.device), X.dtype,
         )
 
     def _optimal_coder(self):
         """The LassoCoder for ``transform_algorithm``, built once per fit."""
         coder = getattr(self, "_coder", None)
-        settings = (self.transform_algorithm, self.transform_n_nonzero_coefs, self.transform_alpha)
+        settings = (self.transform_algorithm, self.transform_n_nonzero_coefs, self.transform_alpha,
+                    self.activation, self.k)
         if coder is None or coder[0] != settings:
             from sparse_dict.coding import LassoCoder
 
             n_nonzero = self.transform_n_nonzero_coefs
-            if n_nonzero is None:
-                if self._activation().uses_k:
+            if n_nonzero is None and self.transform_algorithm == "omp":
+                if self._fitted_activation().uses_k:
                     n_nonzero = self.k
                 else:
-                    n_nonzero = max(1, int(round(getattr(self, "transform_l0_", 1.0))))
+                    l0 = getattr(self, "transform_l0_", 1.0)
+                    if not np.isfinite(l0):
+                        raise ValueError(
+                            "transform_algorithm='omp' takes its number of active atoms from "
+                            "the encoder's mean L0 on the training data (transform_l0_), which "
+                            "is not known for this dictionary (read from SAELens); set "
+                            "transform_n_nonzero_coefs.")
+                    n_nonzero = max(1, int(round(l0)))
             lasso = LassoCoder(
                 self.components_,
                 algorithm=self.transform_algorithm,

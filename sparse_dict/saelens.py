@@ -41,12 +41,12 @@ scale writes atoms of norm ``1 / selection_scale``, which SAELens' plain
 
 import json
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from sparse_dict import _persist
+from sparse_dict._warn import warn_at_caller
 
 __all__ = ["SAELENS_FOLDER", "check_provenance", "is_saelens_folder", "read_saelens",
            "saelens_tensors", "write_saelens"]
@@ -287,11 +287,11 @@ def read_saelens(path, *, norm_scaling_factor=None):
             factor = _persist.Real(0.0, inclusive=False).check(
                 factor, "norm_scaling_factor", "norm_scaling_factor")
         if factor is None:
-            warnings.warn(
+            warn_at_caller(
                 f"{path / CONFIG_FILE}: normalize_activations='expected_average_only_in' "
                 "but no scaling factor is known (pass norm_scaling_factor); like SAELens' "
                 "load_from_disk, the SAE is used as is, so inputs must be scaled as in its "
-                "training.", UserWarning, stacklevel=3)
+                "training.", UserWarning)
             folded.append("normalize_activations: no scaling factor known, not folded")
         else:
             W_enc, W_dec, b_dec = W_enc * factor, W_dec / factor, b_dec / factor

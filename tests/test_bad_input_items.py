@@ -40,6 +40,9 @@ def fitted(X):
 FIT_ERRORS = [
     ("n_components=True", dict(n_components=True), lambda X: X, "n_components"),
     ("n_components=False", dict(n_components=False), lambda X: X, "n_components"),
+    ("k=True", dict(activation="topk", k=True), lambda X: X, "'k' parameter"),
+    ("batch_size=True", dict(batch_size=True), lambda X: X, "batch_size"),
+    ("max_steps=True", dict(max_steps=True), lambda X: X, "max_steps"),
     ("n_components=2**40", dict(n_components=2**40), lambda X: X, "smaller n_components"),
     ("beyond float32", {}, lambda X: X * 1e39, "beyond the range of float32"),
     ("beyond float32, negative", {}, lambda X: -X * 1e39, "beyond the range of float32"),

@@ -636,6 +636,58 @@ def test_few_rows_for_the_atoms_warn_before_training():
     assert not [w for w in caught if "rows an atom" in str(w.message)]
 
 
+def test_warnings_after_training_point_at_the_callers_line():
+    # The convergence and unused-features warnings are raised deep inside
+    # fit (under scikit-learn's wrapper); they must name the user's line,
+    # directly and through a Pipeline, so that module filters match.
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.pipeline import make_pipeline
+
+    X, _, _ = make_superposition(2000, 16, 32, n_active=3, random_state=0, dtype=np.float32)
+    for fit in (lambda est: est.fit(X), lambda est: make_pipeline(est).fit(X)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(SparseAutoencoderDictionary(1024, activation="topk", k=2, resample_dead=False,
+                                            max_steps=100, batch_size=256, random_state=0))
+        ours = [w for w in caught if issubclass(w.category, (ConvergenceWarning, UserWarning))]
+        assert any(issubclass(w.category, ConvergenceWarning) for w in ours)
+        assert any("fired on none of the last" in str(w.message) for w in ours)
+        assert {w.filename for w in ours} == {__file__}
+
+
+def test_a_changed_activation_is_refused_until_fit(tmp_path):
+    # The weights were fitted for one mechanism: reading them through
+    # another (or continuing to train them with another's penalty) is refused
+    # by name, and nothing fitted is lost; fit trains the new one.
+    X, _, _ = make_superposition(1500, 16, 32, n_active=3, random_state=0, dtype=np.float32)
+    sae = SparseAutoencoderDictionary(32, max_steps=40, random_state=0)
+    with pytest.warns(Warning):
+        sae.fit(X)
+    before, codes = sae.components_.copy(), sae.transform(X)
+    for activation in ("topk", "jumprelu", "batchtopk"):
+        sae.set_params(activation=activation)
+        for call in (lambda: sae.transform(X), lambda: sae.partial_fit(X),
+                     lambda: sae.save(tmp_path / activation),
+                     lambda: sae.set_params(transform_algorithm="omp").transform(X)):
+            with pytest.raises(ValueError, match=rf"fitted with activation='relu', but "
+                                                 rf"activation is now '{activation}'"):
+                call()
+            sae.set_params(transform_algorithm="encoder")
+        np.testing.assert_array_equal(sae.components_, before)
+        assert not (tmp_path / activation).exists()
+    sae.set_params(activation="relu")
+    np.testing.assert_array_equal(sae.transform(X), codes)
+    sae.set_params(activation="topk", k=3)
+    with pytest.warns(Warning):
+        sae.fit(X)
+    assert (sae.transform(X) > 0).sum(axis=1).max() == 3
+    # k is read at each call, and OMP's budget follows it as the encoder's does.
+    sae.set_params(k=5)
+    assert (sae.transform(X) > 0).sum(axis=1).max() == 5
+    sae.set_params(transform_algorithm="omp")
+    assert (sae.transform(X) > 0).sum(axis=1).max() == 5
+
+
 # ------------------------------------------------------------- dict_init
 
 

@@ -385,3 +385,19 @@ def test_topk_use_sparse_activations_is_read_and_checked(tmp_path):
     _write(tmp_path / "relu", "standard", _weights("standard"), use_sparse_activations=False)
     with pytest.raises(ValueError, match="unexpected field 'use_sparse_activations'"):
         SparseAutoencoderDictionary.from_saelens(tmp_path / "relu", device="cpu")
+
+
+def test_imported_dictionaries_code_with_every_transform_algorithm(tmp_path):
+    # Their training L0 is unknown: OMP needs its budget said, the others
+    # do not use one.
+    est = SparseAutoencoderDictionary.from_saelens(
+        _write(tmp_path / "sae", "standard", _weights("standard")), device="cpu")
+    x = np.random.default_rng(4).normal(size=(20, D_IN)).astype(np.float32)
+    for algorithm in ("lasso_lars", "lasso_cd", "threshold"):
+        codes = est.set_params(transform_algorithm=algorithm, transform_alpha=0.01).transform(x)
+        assert codes.shape == (20, D_SAE) and np.isfinite(codes).all()
+    est.set_params(transform_algorithm="omp")
+    with pytest.raises(ValueError, match="set transform_n_nonzero_coefs"):
+        est.transform(x)
+    est.set_params(transform_n_nonzero_coefs=2)
+    assert (est.transform(x) > 0).sum(axis=1).max() <= 2
