@@ -292,20 +292,27 @@ class _IntervalNotBool(Interval):
 _SILENT_L0 = 0.1
 
 
-def _silent_features_message(penalty_name, coef, l0, n_rows):
+def _silent_features_message(penalty_name, coef, l0, n_rows, k=None, learning_rate=None):
     """The warning for a fit whose features fire on (almost) none of the rows.
 
     A penalty that outweighs every feature's use ends in codes of zero
     nearly everywhere, and in a run that can look converged: said apart,
-    with its remedy.
+    with its remedy. The top-k family (``k`` given) has no such penalty: its
+    codes fall silent when the encoder's pre-activations all turned
+    negative, which a learning rate too high does.
     """
+    text = (f"Features fire on almost no row: L0 is {l0:.3g} on {n_rows:,} training rows "
+            "sampled after the fit, so most rows are reconstructed by the decoder bias "
+            "alone. ")
+    if k is not None:
+        return text + (f"With k={k}, this means the encoder's pre-activations are negative "
+                       "on nearly every row, as after steps too large: lower learning_rate "
+                       f"(now {learning_rate:g}), for example by a factor of 10.")
     penalty = (f"The sparsity penalty ({penalty_name}={coef:g})" if penalty_name
                else "The sparsity penalty")
-    return (f"Features fire on almost no row: L0 is {l0:.3g} on {n_rows:,} training rows "
-            "sampled after the fit, so most rows are reconstructed by the decoder bias "
-            f"alone. {penalty} outweighs what the features explain on this data; lower it, "
-            "for example by a factor of 10, or use activation='topk', which keeps k "
-            "features active on every row.")
+    return text + (f"{penalty} outweighs what the features explain on this data; lower it, "
+                   "for example by a factor of 10, or use activation='topk', which keeps k "
+                   "features active on every row.")
 
 
 # A fit of at least this many steps whose last pass left at least this share
@@ -1093,7 +1100,8 @@ class SparseAutoencoderDictionary(
         trainer.start_export(X.dtype)
         sample = trainer.calibration_sample(X, _CALIBRATION_ROWS, random_state)
         trainer.calibrate(sample)
-        problems = assess_training(trainer, config, check_convergence=assess)
+        problems = assess_training(trainer, config, check_convergence=assess,
+                                   data_variance=trainer.mean_error(sample))
         diverged = [message for kind, message in problems if kind == "diverged"]
         if diverged:
             raise DivergenceError(diverged[0])
@@ -1104,20 +1112,28 @@ class SparseAutoencoderDictionary(
             for kind, message in problems:
                 if kind == "unconverged":
                     warn_at_caller(message, ConvergenceWarning)
-            for message in self._unused_features(trainer, config, len(sample), assess):
+            poor = [message for kind, message in problems if kind == "poor"]
+            for message in self._unused_features(trainer, config, len(sample), assess, poor):
                 warn_at_caller(message, UserWarning)
 
-    def _unused_features(self, trainer, config, n_rows, judge_dead):
+    def _unused_features(self, trainer, config, n_rows, judge_dead, poor=()):
         """What to say of a fitted state that uses few of its features (a list, maybe empty).
 
         Features that fire on almost no row mean a penalty too strong; a
         quarter of them or more dead after a fit long enough to judge
         (``judge_dead``: ``fit``, not ``partial_fit``), a data set that uses
-        fewer features than it was given.
+        fewer features than it was given. A fit no better than the rows'
+        mean (``poor``, its messages) has likelier causes than the data's
+        rank, which those messages say instead.
         """
         if self.transform_l0_ < _SILENT_L0:
-            return [_silent_features_message(trainer.model.activation.penalty_name, config.coef,
-                                             self.transform_l0_, n_rows)]
+            activation = trainer.model.activation
+            return [_silent_features_message(activation.penalty_name, config.coef,
+                                             self.transform_l0_, n_rows,
+                                             k=self.k if activation.uses_k else None,
+                                             learning_rate=config.learning_rate)]
+        if poor:
+            return list(poor)
         n_dead = int((self.feature_frequencies_ == 0).sum())
         if (judge_dead and trainer.step >= _DEAD_JUDGED_STEPS
                 and n_dead >= _DEAD_SHARE * self.n_components_):

@@ -490,6 +490,30 @@ def test_divergence_is_reported_and_nothing_is_lost(fitted, X):
     assert np.isfinite(sae.components_).all()
 
 
+def test_partial_fit_calls_too_short_to_judge_alone_are_judged_together():
+    # Steps too large spoil the model a little in each call of 8 steps;
+    # judged call by call none is long enough, and the damage went unseen.
+    X, _, _ = make_superposition(18000, 16, 32, random_state=0, dtype=np.float32)
+    chunks = np.array_split(X, 9)
+    sae = SparseAutoencoderDictionary(32, learning_rate=10.0, batch_size=256, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DivergenceError, match="Lower learning_rate"):
+            for i, chunk in enumerate(chunks):
+                before = getattr(sae, "components_", None)
+                before = None if before is None else before.copy()
+                sae.partial_fit(chunk)
+    assert i < len(chunks) - 1
+    np.testing.assert_array_equal(sae.components_, before)
+    # The same stream at the default rate, and one whose later chunks have
+    # five times the spread, train on without an error.
+    for factor in (1.0, 5.0):
+        sae = SparseAutoencoderDictionary(32, batch_size=256, random_state=0)
+        for i, chunk in enumerate(chunks):
+            sae.partial_fit(chunk * (factor if i >= 4 else 1.0))
+        assert sae.score(X * factor) > 0.5
+
+
 # --------------------------------------------------------------- properties
 
 

@@ -149,7 +149,7 @@ def test_sample_rows_of_a_large_input_without_a_full_permutation():
     assert len(np.unique(rows)) == len(rows)
 
 
-def _judged(mse, rows):
+def _judged(mse, rows, run_start=0, data_variance=None, messages=False):
     from types import SimpleNamespace
 
     from sparse_dict._torch.activations import ReLU
@@ -159,9 +159,11 @@ def _judged(mse, rows):
     history[:, 0] = history[:, 1] = mse
     history[:, 3] = 5.0
     trainer = SimpleNamespace(history=history, history_rows=np.asarray(rows, dtype=float),
-                              run_start=0, variance=1.0,
+                              run_start=run_start, variance=1.0,
                               model=SimpleNamespace(activation=ReLU()))
-    return [kind for kind, _ in assess_training(trainer, TrainConfig(total_steps=len(mse)))]
+    problems = assess_training(trainer, TrainConfig(total_steps=len(mse) - run_start),
+                               check_convergence=run_start == 0, data_variance=data_variance)
+    return problems if messages else [kind for kind, _ in problems]
 
 
 def test_a_rise_is_judged_per_row_and_only_on_runs_long_enough():
@@ -175,6 +177,43 @@ def test_a_rise_is_judged_per_row_and_only_on_runs_long_enough():
     # Too short to judge a rise: only "unconverged" (a NaN is always judged).
     assert _judged([1.0, 4.0, 1.0, 5.0], [16, 1, 16, 1]) == ["unconverged"]
     assert _judged([1.0, np.nan], [16, 16]) == ["diverged"]
+    # A blow-up is judged at any length.
+    assert _judged([1.0, 1e4, 1e5, 1e6], [16] * 4) == ["diverged"]
+
+
+def test_divergence_over_several_short_calls_is_judged_on_the_whole_history():
+    # partial_fit: 100 good steps, then a call of 8 steps far above the
+    # mean's error (1.0) and the first step's (3.0). Alone, 8 steps are too
+    # few to judge; against the whole history the rise is plain.
+    good = np.concatenate([np.linspace(3.0, 0.3, 60), np.full(40, 0.3)])
+    assert _judged(np.concatenate([good, np.full(8, 9.0)]), [16] * 108,
+                   run_start=100) == ["diverged"]
+    # The same call on rows of a larger spread (a mean's error of 6 on this
+    # call's sample) is no divergence: the error rose with the data.
+    assert "diverged" not in _judged(np.concatenate([good, np.full(8, 9.0)]), [16] * 108,
+                                     run_start=100, data_variance=6.0)
+    # A slow climb: each call of 8 steps a little worse than the last, and
+    # none twice its own first step; the first step of training was 3.
+    slow = np.concatenate([good, np.geomspace(1.0, 7.0, 80)])
+    assert all(slow[i + 7] < 2 * slow[i] for i in range(100, 180, 8))
+    assert _judged(slow, [16] * 180, run_start=172) == ["diverged"]
+    assert "diverged" not in _judged(slow[:150], [16] * 150, run_start=142)
+
+
+def test_a_fit_no_better_than_the_mean_names_its_likely_causes():
+    # Fell from its start, then ended above the mean's error (1.0) without
+    # doubling it: too large a step, or too strong a penalty.
+    mse = np.concatenate([np.linspace(3.0, 0.5, 30), np.full(40, 1.4)])
+    (kind, message), = [p for p in _judged(mse, [16] * 70, messages=True) if p[0] != "unconverged"]
+    assert kind == "poor"
+    assert "lower l1_coef" in message and "lower learning_rate" in message
+    # Never fell from its start: too small a step, or too few.
+    (kind, message), = [p for p in _judged(np.full(70, 1.5), [16] * 70, messages=True)
+                        if p[0] != "unconverged"]
+    assert kind == "poor" and "raise learning_rate" in message
+    assert "lower" not in message
+    # Below the mean's error: nothing to say.
+    assert "poor" not in _judged(np.linspace(3.0, 0.5, 70), [16] * 70)
 
 
 @pytest.mark.parametrize("n_samples, n_components, seed", [(17, 2, 1), (35, 8, 569)])

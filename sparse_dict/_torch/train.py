@@ -391,6 +391,20 @@ class Trainer:
         rows = to_device(sample_rows(X, n_rows, rng, dtype=np.float32), self.device)
         return rows.mul_(self.scale)
 
+    @staticmethod
+    @torch.no_grad()
+    def mean_error(sample):
+        """The error of reconstructing each row of ``sample`` by their mean, per row.
+
+        Examples
+        --------
+        >>> Trainer.mean_error(torch.tensor([[1.0, 0.0], [3.0, 2.0]]))
+        2.0
+        """
+        if not sample.shape[0]:
+            return 0.0
+        return float(((sample - sample.mean(dim=0)) ** 2).sum(dim=1).mean())
+
     @torch.no_grad()
     def calibrate(self, sample):
         """Let the activation fit its inference state on the final model."""
@@ -1067,9 +1081,38 @@ _MIN_TAIL_STEPS = 10
 # Reconstruction error at the end above this multiple of the larger of the
 # first step's and the data's variance: diverged.
 _DIVERGED = 2.0
+# Before that many steps, only a rise of this factor is judged (a blow-up,
+# not the noise of a few small batches).
+_EXPLODED = 1e3
+# A lowest error above this share of the first ten steps' error: training
+# barely moved.
+_BARELY_MOVED = 0.9
 
 
-def assess_training(trainer, config, check_convergence=True):
+def _poor_fit_message(trainer, config, end, mean_error, start, lowest, l0):
+    """What to say of a fit that ends above the mean's error without diverging.
+
+    The dictionary explains nothing. Steps too large do this without a
+    blow-up (features knocked dead or into noise), and so does a penalty
+    that silences the features before the decoder bias has learnt the mean;
+    an error that never fell from its start means steps too small or too few.
+    """
+    penalty = trainer.model.activation.penalty_name
+    lr = f"learning_rate, now {config.learning_rate:g}"
+    if lowest > _BARELY_MOVED * start:
+        causes = (f"steps too small or too few: the error barely fell from its start "
+                  f"({start:.4g}); raise {lr}, or train for more steps")
+    else:
+        causes = f"steps too large (lower {lr}), for example by a factor of 10"
+        if penalty is not None:
+            causes = (f"a sparsity penalty that silences the features (lower {penalty}, now "
+                      f"{config.coef:g}; L0 is {l0:.3g} at the end), or " + causes)
+    return (f"The fit explains none of the data: its reconstruction error at the end "
+            f"({end:.4g}, scaled units) is above that of reconstructing every row by the "
+            f"mean ({mean_error:.4g}). Its likely causes: {causes}.")
+
+
+def assess_training(trainer, config, check_convergence=True, data_variance=None):
     """Judge the last training run from its step history.
 
     Parameters
@@ -1080,36 +1123,62 @@ def assess_training(trainer, config, check_convergence=True):
     check_convergence : bool
         Also look for an unconverged run (``fit``; ``partial_fit`` cannot
         know whether more calls will follow).
+    data_variance : float or None
+        The error of reconstructing the rows just trained on by their mean,
+        in scaled units (from a sample of them): where a run of
+        ``partial_fit`` calls meets data of a larger spread than its first
+        call's, an error that rises with it is not a divergence.
 
     Returns
     -------
     problems : list of (kind, message)
-        ``kind`` is ``"diverged"`` or ``"unconverged"``.
+        ``kind`` is ``"diverged"``, ``"poor"`` (no better than the rows'
+        mean, yet not diverged) or ``"unconverged"``.
     """
     history = trainer.history[trainer.run_start:]
-    rows = trainer.history_rows[trainer.run_start:]
     n = len(history)
     if n == 0:
         return []
-    loss, mse, l0 = history[:, 0], history[:, 1], history[:, 3]
+    loss, l0 = history[:, 0], history[:, 3]
     problems = []
-    # The end of the run is the mean error per row of its last twentieth,
-    # and of at least ten steps, each step weighed by its rows. A rise is
-    # judged only on runs long enough to judge (a NaN or an infinity always
-    # counts): one step's error on a batch of a few rows, or of rows of
-    # very few features, can be several times the mean (hypothesis found
-    # fits of 4 and 6 steps on one feature, with last batches of 1 and 3
-    # rows, that read as divergences).
-    tail = max(n // 20, min(n, _MIN_TAIL_STEPS))
-    reference = max(float(mse[0]), trainer.variance or 0.0)
-    end = float(np.average(mse[-tail:], weights=np.maximum(rows[-tail:], 1e-12)))
-    rose = n >= _MIN_ASSESSED_STEPS and end > _DIVERGED * reference
+    # Divergence is judged on the trainer's whole history: a partial_fit
+    # call is often too short to judge alone, and damage spread over calls
+    # shows only against where training started. The end is the mean error
+    # per row of this run's last twentieth, and of at least ten steps (from
+    # earlier calls where this one has fewer), each step weighed by its rows.
+    # A rise is judged only on histories long enough to judge (a NaN or an
+    # infinity always counts): one step's error on a batch of a few rows, or
+    # of rows of very few features, can be several times the mean
+    # (hypothesis found fits of 4 and 6 steps on one feature, with last
+    # batches of 1 and 3 rows, that read as divergences).
+    mse, rows = trainer.history[:, 1], np.maximum(trainer.history_rows, 1e-12)
+    tail = max(n // 20, min(len(mse), _MIN_TAIL_STEPS))
+    end = float(np.average(mse[-tail:], weights=rows[-tail:]))
+    # A rise from the first step of training, or from the mean's error if
+    # that is larger. Not from the lowest error reached: a penalty that
+    # silences the features while the decoder bias is still far from the
+    # mean (decoder_bias_init="zeros") raises the error far above its
+    # lowest, up to the first step's (codes of zero, the bias as it began).
+    mean_error = max(trainer.variance or 0.0, data_variance or 0.0)
+    base = max(float(mse[0]), mean_error)
+    rose = end > base * (_DIVERGED if len(mse) >= _MIN_ASSESSED_STEPS else _EXPLODED)
+    # Means over windows of ten steps: where the error started and its lowest.
+    window = min(len(mse), _MIN_TAIL_STEPS)
+    sums = np.concatenate([[0.0], np.cumsum(mse * rows)])
+    weights = np.concatenate([[0.0], np.cumsum(rows)])
+    means = (sums[window:] - sums[:-window]) / (weights[window:] - weights[:-window])
+    lowest = float(np.nanmin(means)) if np.isfinite(means).any() else float("inf")
+    if np.isfinite(end) and not rose and len(mse) >= _MIN_ASSESSED_STEPS and (
+            mean_error > 0 and end > mean_error):
+        l0_end = float(np.average(trainer.history[-tail:, 3], weights=rows[-tail:]))
+        problems.append(("poor", _poor_fit_message(
+            trainer, config, end, mean_error, start=means[0], lowest=lowest, l0=l0_end)))
     if not np.isfinite(end) or rose:
         problems.append((
             "diverged",
             f"Training diverged: the reconstruction error rose from {mse[0]:.4g} at the "
-            f"first step to {end:.4g} at the end (scaled units; reconstructing every row "
-            f"by the mean gives {trainer.variance:.4g}). Lower learning_rate (now "
+            f"first step to {end:.4g} at the end (scaled units; reconstructing "
+            f"every row by the mean gives {mean_error:.4g}). Lower learning_rate (now "
             f"{config.learning_rate:g}), for example by a factor of 10.",
         ))
         return problems
