@@ -324,6 +324,19 @@ def test_bad_input(X, error, match):
         TransformerActivationExtractor().fit(X)
 
 
+def test_a_data_frame_is_refused_with_its_column_named():
+    # Iterating a DataFrame gives its column labels: "text" would be read
+    # as one text, the labels' letters as tokens.
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"text": TEXTS})
+    ext = TransformerActivationExtractor().fit(TEXTS)
+    for call in (ext.transform, ext.fit, ext.transform_with_tokens):
+        with pytest.raises(TypeError, match=r"DataFrame with columns \['text'\]; pass its "
+                                            r"column of texts, e.g. X\['text'\]"):
+            call(frame)
+    np.testing.assert_array_equal(ext.transform(frame["text"]), ext.transform(TEXTS))
+
+
 def test_bad_parameters(tmp_path):
     with pytest.raises(ValueError, match=r"layer=3 is out of range.*0 to 0"):
         TransformerActivationExtractor(layer=3).fit(TEXTS)

@@ -37,6 +37,15 @@ def _check_container(X):
             f"X must be a list of texts (or of token-id lists), got a "
             f"{type(X).__name__}; pass list(...) of the texts themselves."
         )
+    if hasattr(X, "columns") and getattr(X, "ndim", None) == 2:
+        # A DataFrame iterates over its column labels, not its rows.
+        columns = list(X.columns)
+        raise TypeError(
+            f"X is a {type(X).__name__} with columns {columns[:5]!r}"
+            f"{'...' if len(columns) > 5 else ''}; pass its column of texts, e.g. "
+            f"X[{columns[0]!r}] (a Series) or X[{columns[0]!r}].tolist()."
+            if columns else f"X is an empty {type(X).__name__}; pass a list of texts."
+        )
     if isinstance(X, np.ndarray) and X.ndim != 1 and not (X.ndim == 2 and X.dtype.kind in "iu"):
         raise ValueError(
             f"Expected a 1-D sequence of texts, got an array of shape {X.shape}."
