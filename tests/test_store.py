@@ -88,6 +88,19 @@ def test_store_holds_the_rows_tokens_and_provenance(reference, extractor, texts)
     np.testing.assert_array_equal(open_store(store.path).index, store.index)
 
 
+def test_chunks_of_texts_without_tokens_add_no_rows(extractor, texts, tmp_path):
+    # A chunk whose texts are all empty has no rows to write: the store goes
+    # on past it (it could never be finished before).
+    some = [texts[0], "", texts[1], "", ""]
+    store = extractor.transform_to_disk(some, tmp_path / "gaps", chunk_texts=1)
+    acts, where = extractor.transform_with_tokens(some)
+    assert store.complete and store.manifest["n_texts"] == len(some)
+    np.testing.assert_allclose(store.activations, acts, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(store.text_index, where.text_index)
+    empty = extractor.transform_to_disk(["", ""], tmp_path / "empty")
+    assert empty.complete and empty.activations.shape == (0, 512)
+
+
 @pytest.mark.filterwarnings("ignore:The fit stopped after only")
 def test_fit_reads_the_store(reference):
     acts = open_store(reference.path).activations

@@ -127,6 +127,9 @@ class _GrowingNpy:
         if rows.ndim != 2 or rows.shape[1] != self.width:
             raise ValueError(f"rows of shape {rows.shape} do not fit {self.path.name} "
                              f"of width {self.width}")
+        if not rows.size:
+            # Texts without tokens add no rows (and an empty view cannot be cast).
+            return
         self.fh.seek(self.offset + self.n_rows * self.row_bytes)
         self.fh.write(memoryview(rows).cast("B"))
         self.n_rows += rows.shape[0]
