@@ -215,3 +215,53 @@ def test_hub_id_loads_from_the_cache_offline_and_an_uncached_id_fails_clearly(
     assert "'nobody/not-in-the-cache'" in error
     assert str(cache) in error
     assert "HF_HUB_OFFLINE" in error
+
+
+# ---------------------------------------------------------------------------
+# Weights saved again under the same path
+# ---------------------------------------------------------------------------
+
+
+def _tiny_bert(folder, seed, minilm_path):
+    """A one-layer BERT with MiniLM's tokenizer, saved into ``folder`` (again)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json"):
+        if not (folder / name).exists():
+            (folder / name).symlink_to(minilm_path / name)
+
+
+def test_weights_saved_again_under_the_same_path_are_read_anew(minilm_path, tmp_path):
+    # The loaded models' cache and joblib.Memory (Pipeline(memory=...)) both
+    # know a model folder by its path; new weights there must not give the
+    # old weights' activations.
+    import joblib
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    folder = tmp_path / "bert"
+    _tiny_bert(folder, 1, minilm_path)
+    pipe = Pipeline([("acts", TransformerActivationExtractor(str(folder), device="cpu")),
+                     ("same", FunctionTransformer())], memory=joblib.Memory(tmp_path / "cache"))
+    first = pipe.fit(TEXTS).named_steps["acts"].transform(TEXTS)
+    key = joblib.hash(TransformerActivationExtractor(str(folder), device="cpu"))
+    cached = pipe.fit(TEXTS).named_steps["acts"]
+    assert joblib.hash(TransformerActivationExtractor(str(folder), device="cpu")) == key
+    np.testing.assert_array_equal(cached.transform(TEXTS), first)
+
+    _tiny_bert(folder, 2, minilm_path)
+    assert joblib.hash(TransformerActivationExtractor(str(folder), device="cpu")) != key
+    fresh = TransformerActivationExtractor(str(folder), device="cpu").fit(TEXTS).transform(TEXTS)
+    assert not np.allclose(fresh, first)
+    np.testing.assert_array_equal(pipe.fit(TEXTS).named_steps["acts"].transform(TEXTS), fresh)
+    # The stamp is not a parameter, and does not outlive unpickling.
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(TransformerActivationExtractor(str(folder))))
+    assert "_model_stamp" not in vars(copy)

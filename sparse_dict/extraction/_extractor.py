@@ -15,7 +15,7 @@ from torch import nn
 
 from sparse_dict._torch.device import resolve_device
 from sparse_dict.extraction._hook import HOOK_POINTS, ActivationHook, StopForward, locate_hook
-from sparse_dict.extraction._loading import load_model
+from sparse_dict.extraction._loading import folder_stamp, load_model
 from sparse_dict.extraction._texts import (
     _check_texts,
     _cut,
@@ -219,7 +219,18 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         # extractor (an nn.Module given as `model` is a parameter and travels
         # as one).
         state.pop("_loaded", None)
+        # A folder's stamp, read now: joblib.Memory keys its cache on the
+        # pickled state, and weights saved again under the same path must
+        # not give the activations of the old ones.
+        stamp = folder_stamp(self.model)
+        if stamp is not None:
+            state["_model_stamp"] = stamp
         return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        state.pop("_model_stamp", None)
+        super().__setstate__(state)
 
     # -- the model, and the small interface splicing uses ---------------------
 

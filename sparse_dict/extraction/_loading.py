@@ -1,5 +1,6 @@
 """Loading models for extraction: the built-in model, Hugging Face folders, user modules."""
 
+import hashlib
 import inspect
 import json
 import os
@@ -288,6 +289,37 @@ def _load_module(model, tokenizer, device):
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
+def folder_stamp(model):
+    """What identifies the files of a local model folder: names, sizes and change times.
+
+    ``None`` for anything that is not a folder (``"builtin"``, a Hub id, a
+    module). Weights saved again into the same folder give another stamp,
+    which keys the loaded models' cache and an extractor's pickled state
+    (so that ``Pipeline(memory=...)`` computes their activations anew).
+
+    Examples
+    --------
+    >>> folder_stamp("builtin") is None
+    True
+    """
+    if isinstance(model, nn.Module) or (isinstance(model, str) and model == "builtin"):
+        return None
+    try:
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            return None
+        entries = []
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                file = Path(root, name)
+                info = file.stat()
+                entries.append((str(file.relative_to(path)), info.st_size, info.st_mtime_ns))
+    except (OSError, TypeError, ValueError):
+        return None
+    return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
+
+
 def load_model(model, tokenizer, device, verbose=0):
     """The model that an extractor's ``model`` names, ready to run.
 
@@ -325,7 +357,7 @@ def load_model(model, tokenizer, device, verbose=0):
                 "Face model folder, nor a Hugging Face Hub id such as 'gpt2' or "
                 "'owner/name'."
             )
-    key = (str(source), str(device))
+    key = (str(source), folder_stamp(source), str(device))
     loaded = _MODEL_CACHE.get(key)
     if loaded is None:
         loaded = _load_builtin(device) if source == "builtin" else _load_hf(source, device, verbose)
