@@ -271,9 +271,11 @@ def test_clamping_a_feature(ext, sae, effects, held_out):
     high = steering_distributions(ext, sae, held_out, f, 0.0, clamp=5.0)
     assert high.log_prob_increase(effects.promoted_ids[f]) > 0.5
     # Clamping a feature that never fires on these texts to 0, its code
-    # everywhere, changes nothing.
-    silent = [(text, np.flatnonzero(~sae.transform(ext.transform([text])).any(axis=0)))
-              for text in held_out[:10]]
+    # everywhere, changes nothing (on the tokens steering reads: a long
+    # text's last max_length).
+    silent = [(text, np.flatnonzero(
+        ~sae.transform(ext.transform(ext.token_ids([text], keep="end"))).any(axis=0)))
+        for text in held_out[:10]]
     text, features = next((t, f) for t, f in silent if f.size)  # one exists, or StopIteration
     same = steering_distributions(ext, sae, [text], int(features[0]), 0.0, clamp=0.0)
     np.testing.assert_allclose(same.steered, same.plain, atol=1e-5)

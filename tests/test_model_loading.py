@@ -265,3 +265,13 @@ def test_weights_saved_again_under_the_same_path_are_read_anew(minilm_path, tmp_
 
     copy = pickle.loads(pickle.dumps(TransformerActivationExtractor(str(folder))))
     assert "_model_stamp" not in vars(copy)
+
+
+def test_a_folder_without_its_tokenizer_is_refused(minilm_path, tmp_path):
+    # transformers gives an empty tokenizer there, which reads every word as
+    # one unknown token: activations of nothing, silently.
+    folder = _linked_copy(minilm_path, tmp_path / "notok", skip={
+        "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"})
+    with pytest.raises(ValueError, match=r"has \d+ tokens for a model of vocab_size=30,522: "
+                                         r"the folder seems to lack its tokenizer's files"):
+        TransformerActivationExtractor(str(folder), device="cpu").fit(TEXTS)

@@ -255,9 +255,32 @@ def _load_hf(source, device, verbose):
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
+    _check_tokenizer_size(tokenizer, model.config, source)
     model = model.to(device).eval()
     max_positions = getattr(model.config, "max_position_embeddings", None)
     return LoadedModel(model, tokenizer, device, "hf", max_positions)
+
+
+def _check_tokenizer_size(tokenizer, config, source):
+    """Refuse a tokenizer far smaller than the model's vocabulary.
+
+    A folder without tokenizer files still gives a tokenizer (transformers
+    builds an empty one), which turns every word into one unknown token.
+    Models' vocabularies are often padded beyond their tokenizer's, but not
+    to twice its size.
+    """
+    vocab = getattr(config, "vocab_size", None)
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        return
+    if isinstance(vocab, int) and vocab > 0 and size < vocab / 2:
+        raise ValueError(
+            f"The tokenizer of {source} has {size:,} tokens for a model of "
+            f"vocab_size={vocab:,}: the folder seems to lack its tokenizer's files "
+            "(tokenizer.json, or vocab.txt / merges.txt, with tokenizer_config.json). "
+            "Add them, or pass a torch module and its tokenizer instead."
+        )
 
 
 def _load_builtin(device):
