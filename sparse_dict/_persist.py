@@ -225,6 +225,15 @@ def _same_file(a, b):
         return False
 
 
+def _inside(path, folder):
+    """Whether ``path`` lies inside the folder ``folder`` (links resolved)."""
+    try:
+        folder = Path(os.path.realpath(folder))
+        return folder.is_dir() and folder in Path(os.path.realpath(path)).parents
+    except OSError:
+        return False
+
+
 def _is_empty_dir(path):
     try:
         return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
@@ -275,7 +284,7 @@ def check_target(path, kind, *, overwrite=False, inputs=(), hint="overwrite=True
     Raises
     ------
     ValueError
-        If ``path`` is one of ``inputs``.
+        If ``path`` is one of ``inputs``, or lies inside one of them.
     FileExistsError
         If ``path`` exists and may not be replaced.
     """
@@ -285,6 +294,13 @@ def check_target(path, kind, *, overwrite=False, inputs=(), hint="overwrite=True
             raise ValueError(
                 f"the output {path} is the input {source}: writing it would destroy "
                 "the input; choose another output name"
+            )
+        if source is not None and _inside(path, source):
+            # A file added to a saved dictionary or a store changes the
+            # input, which is then no longer recognised as what it was.
+            raise ValueError(
+                f"the output {path} lies inside the input folder {source}: writing it "
+                "would change the input; choose an output outside it"
             )
     if not os.path.lexists(path):
         return path

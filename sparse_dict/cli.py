@@ -262,9 +262,11 @@ def cmd_report(args):
         if args.max_texts is not None:
             texts = texts[: args.max_texts]
     out = _output_dir(args.out, "output folder")
+    inputs = [args.dictionary, args.texts]
     _output_file(out / "features.html", "feature browser", _persist.HTML,
-                 overwrite=args.overwrite)
-    _output_file(out / "density.png", "density plot", _persist.PNG, overwrite=args.overwrite)
+                 overwrite=args.overwrite, inputs=inputs)
+    _output_file(out / "density.png", "density plot", _persist.PNG, overwrite=args.overwrite,
+                 inputs=inputs)
     if store is not None:
         n = store.n_rows if args.max_texts is None else store.rows_of_texts(args.max_texts)
         acts, tokens = store.activations[:n], store.tokens(slice(0, n))

@@ -73,6 +73,24 @@ def test_encode_output_equal_to_input_is_refused(work, capsys):
         assert (work / "acts.npy").read_bytes() == before
 
 
+def test_an_output_inside_an_input_folder_is_refused(work, texts, capsys):
+    # A page or codes written into a saved dictionary (or a store) change
+    # it: it is then no longer recognised as what it was.
+    before = listing(work / "dict")
+    cases = [
+        ["report", work / "dict", texts, "-o", work / "dict", "--device", "cpu", "-q"],
+        ["report", work / "dict", texts, "-o", work / "dict" / "pages", "--device", "cpu"],
+        ["encode", work / "dict", work / "acts.npy", "-o", work / "dict" / "codes.npy"],
+        ["encode", work / "dict", work / "acts.npy", "-o",
+         work / "dict" / "weights.safetensors", "--overwrite"],
+    ]
+    for args in cases:
+        status, _, err = run(args, capsys)
+        assert status == 2 and "lies inside the input folder" in one_line(err), args
+        assert listing(work / "dict") == before
+    assert SparseAutoencoderDictionary.load(work / "dict").n_components_ == 8
+
+
 def test_fit_overwrite_never_replaces_a_user_folder(work, capsys):
     docs = work / "mydocs"
     (docs / "sub").mkdir(parents=True)
