@@ -119,6 +119,10 @@ def _write_tokens(store, path, chunk=1 << 16):
 def _npy_name(path):
     """The name numpy.save gives ``path``: with ``.npy`` added if it lacks it."""
     path = Path(path)
+    if not path.name:
+        # ".", "..", "" or "/": a folder, not a file's name.
+        raise CLIError(f"{str(path)!r} names a folder; give the output file's name "
+                       "(for example acts.npy)")
     return path if path.suffix == ".npy" else path.with_name(path.name + ".npy")
 
 

@@ -379,6 +379,8 @@ def _number(kind, minimum, strict):
 
 
 _positive_int = _number(int, 0, strict=True)
+# The demo's loss recovered needs a next token to predict in every text.
+_two_or_more = _number(int, 2, strict=False)
 _non_negative_int = _number(int, 0, strict=False)
 _positive_float = _number(float, 0, strict=True)
 _non_negative_float = _number(float, 0, strict=False)
@@ -551,8 +553,9 @@ def build_parser(command=None):
     p.add_argument("--n-browser-texts", type=_positive_int, default=d["n_browser_texts"],
                    help="texts of held-out works the feature browser shows "
                    f"(default: {d['n_browser_texts']})")
-    p.add_argument("--max-length", type=_positive_int, default=d["max_length"],
-                   help=f"texts are cut to this many tokens (default: {d['max_length']})")
+    p.add_argument("--max-length", type=_two_or_more, default=d["max_length"],
+                   help="texts are cut to this many tokens, at least 2 (the loss recovered "
+                   f"predicts each next token; default: {d['max_length']})")
     g = p.add_argument_group("classical dictionary learning")
     g.add_argument("--classical-samples", type=_positive_int, default=d["classical_samples"],
                    help="training rows MiniBatchDictionaryLearning is fitted on; it "

@@ -91,6 +91,17 @@ def test_an_output_inside_an_input_folder_is_refused(work, texts, capsys):
     assert SparseAutoencoderDictionary.load(work / "dict").n_components_ == 8
 
 
+def test_a_folder_given_as_an_output_file_is_named(work, texts, capsys, monkeypatch):
+    monkeypatch.chdir(work)
+    for args in (["extract", texts, "-o", "."], ["encode", work / "dict", work / "acts.npy",
+                                                 "-o", "."], ["extract", texts, "-o", ""]):
+        status, _, err = run(args, capsys)
+        assert status == 2 and "names a folder; give the output file's name" in one_line(err)
+    status, _, err = run(["demo", "--max-length", "1", "-o", work / "demo"], capsys)
+    assert status == 2 and "--max-length: expected an integer >= 2" in err
+    assert not (work / "demo").exists()
+
+
 def test_fit_overwrite_never_replaces_a_user_folder(work, capsys):
     docs = work / "mydocs"
     (docs / "sub").mkdir(parents=True)

@@ -275,3 +275,24 @@ def test_a_folder_without_its_tokenizer_is_refused(minilm_path, tmp_path):
     with pytest.raises(ValueError, match=r"has \d+ tokens for a model of vocab_size=30,522: "
                                          r"the folder seems to lack its tokenizer's files"):
         TransformerActivationExtractor(str(folder), device="cpu").fit(TEXTS)
+
+
+class _Marker:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_weights_with_code_are_refused_and_never_run(minilm_path, tmp_path):
+    folder = _linked_copy(minilm_path, tmp_path / "pickled", skip={"model.safetensors"})
+    marker = tmp_path / "code-ran"
+    torch.save({"embeddings.word_embeddings.weight": torch.zeros(3), "x": _Marker(str(marker))},
+               folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"are a pickle that holds more than tensors.*never "
+                                         r"runs code from a model folder"):
+        TransformerActivationExtractor(str(folder), device="cpu").fit(TEXTS)
+    assert not marker.exists()

@@ -4,6 +4,7 @@ import hashlib
 import inspect
 import json
 import os
+import pickle
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -250,7 +251,17 @@ def _load_hf(source, device, verbose):
             a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or ())
         )
         auto = AutoModelForCausalLM if causal else AutoModel
-        model = auto.from_pretrained(root, **options)
+        try:
+            model = auto.from_pretrained(root, **options)
+        except pickle.UnpicklingError as exc:
+            # torch.load(weights_only=True) refused a pickled weights file
+            # that holds more than tensors: nothing of it ran, and nothing will.
+            raise ValueError(
+                f"The weights of {source} are a pickle that holds more than tensors "
+                f"({exc.__class__.__name__}); sparse_dict never runs code from a model "
+                "folder, so it reads pickled weights only when they are plain tensors. "
+                "Save the weights as model.safetensors from a copy you trust."
+            ) from None
         tokenizer = AutoTokenizer.from_pretrained(root, **options)
     finally:
         if bars:
