@@ -487,6 +487,21 @@ def test_splice_identity_recovers_everything():
     assert set(result.to_dict()) >= {"loss_recovered", "kl_divergence", "l0"}
 
 
+def test_splice_of_texts_without_tokens_or_without_a_next_token():
+    from sklearn.preprocessing import FunctionTransformer
+
+    from sparse_dict.extraction import splice_evaluation
+
+    ext = TransformerActivationExtractor(device="cpu").fit(TEXTS)
+    for ablation in ("zero", "mean"):
+        with pytest.raises(ValueError, match="None of the 2 texts has a token"):
+            splice_evaluation(ext, FunctionTransformer(), ["", ""], ablation=ablation)
+    one = [ext.token_ids(["To"])[0][:1], ext.token_ids(["be"])[0][:1]]
+    with pytest.warns(UserWarning, match="No text has two tokens or more"):
+        result = splice_evaluation(ext, FunctionTransformer(), one)
+    assert result.loss_recovered is None and result.n_tokens == 2
+
+
 def test_splice_zero_dictionary_equals_zero_ablation():
     zero = FunctionTransformer(inverse_func=np.zeros_like, check_inverse=False)
     result = splice_evaluation(TransformerActivationExtractor(), zero, TEXTS, ablation="zero")

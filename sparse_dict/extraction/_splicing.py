@@ -1,5 +1,6 @@
 """Splicing: run a model with its activations replaced by a dictionary's reconstruction."""
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -20,7 +21,8 @@ class SpliceResult:
     Losses are mean next-token cross-entropies in nats over the positions that
     have a next real token; they, ``loss_recovered`` and ``kl_divergence`` are
     None for a model without a language-model head, which gets the cosine
-    similarities of its mean-pooled final outputs instead.
+    similarities of its mean-pooled final outputs instead (and, with a
+    warning, for texts of one token each: nothing to predict).
 
     Attributes
     ----------
@@ -148,6 +150,9 @@ def splice_evaluation(extractor, dictionary, texts, *, ablation="zero", verbose=
     # offers it (token_ids, batches, activation_hook, loaded_model) splices.
     loaded = extractor.loaded_model()
     seqs = extractor.token_ids(texts)
+    if not any(seqs):
+        raise ValueError(f"None of the {len(seqs):,} texts has a token: there are no "
+                         "activations to splice.")
     vocab = loaded.vocab_size()
     label = label or type(dictionary).__name__
     point = getattr(extractor, "hook_name_", "the activations")
@@ -223,6 +228,11 @@ def splice_evaluation(extractor, dictionary, texts, *, ablation="zero", verbose=
         explained_variance=float(ev), l0=acc["nnz"] / n_tok if n_tok else 0.0,
         n_texts=len(texts), n_tokens=int(n_tok), ablation=ablation,
     )
+    if kind == "lm" and not acc["n_pred"]:
+        warnings.warn(
+            "No text has two tokens or more, so no next token is predicted: the losses, "
+            "loss_recovered and kl_divergence are None. Splice texts of two tokens or more.",
+            UserWarning, stacklevel=2)
     if acc["n_pred"]:
         n = acc["n_pred"]
         lo, ls, la = acc["nll_o"] / n, acc["nll_s"] / n, acc["nll_a"] / n
