@@ -1100,14 +1100,16 @@ class SparseAutoencoderDictionary(
         trainer.start_export(X.dtype)
         sample = trainer.calibration_sample(X, _CALIBRATION_ROWS, random_state)
         trainer.calibrate(sample)
+        l0, final_error = trainer.sample_stats(sample)
         problems = assess_training(trainer, config, check_convergence=assess,
-                                   data_variance=trainer.mean_error(sample))
+                                   data_variance=trainer.mean_error(sample),
+                                   final_error=final_error)
         diverged = [message for kind, message in problems if kind == "diverged"]
         if diverged:
             raise DivergenceError(diverged[0])
         self._trainer = trainer
         self._store_fitted(trainer, X.dtype)
-        self.transform_l0_ = trainer.mean_l0(sample)
+        self.transform_l0_ = l0
         if _speaks(replicas):
             for kind, message in problems:
                 if kind == "unconverged":

@@ -490,6 +490,17 @@ def test_divergence_is_reported_and_nothing_is_lost(fitted, X):
     assert np.isfinite(sae.components_).all()
 
 
+def test_a_last_step_that_ruins_the_model_is_caught():
+    # The history records each step's error before its update: a fit of one
+    # step, or a last step, that blows the model up shows only in the final
+    # model's error (on the calibration sample).
+    X = np.random.RandomState(0).exponential(size=(600, 16)).astype(np.float32)
+    sae = SparseAutoencoderDictionary(64, learning_rate=1e6, max_iter=1, random_state=0)
+    with pytest.raises(DivergenceError, match="Lower learning_rate"):
+        sae.fit(X)
+    assert not hasattr(sae, "components_")
+
+
 def test_partial_fit_calls_too_short_to_judge_alone_are_judged_together():
     # Steps too large spoil the model a little in each call of 8 steps;
     # judged call by call none is long enough, and the damage went unseen.

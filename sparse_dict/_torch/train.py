@@ -415,12 +415,24 @@ class Trainer:
     @torch.no_grad()
     def mean_l0(self, sample):
         """Mean number of active codes per row of ``sample`` at inference."""
+        return self.sample_stats(sample)[0]
+
+    @torch.no_grad()
+    def sample_stats(self, sample):
+        """Mean L0 and mean squared reconstruction error per row of ``sample``, at inference.
+
+        The error is the final model's, in scaled units: training's history
+        records each step's error before its update, so a last step that
+        ruins the model shows only here.
+        """
         if not sample.shape[0]:
-            return float("nan")
-        active = sum(
-            int((self.model.encode(chunk) > 0).sum()) for chunk in sample.split(4096)
-        )
-        return active / sample.shape[0]
+            return float("nan"), float("nan")
+        active, error = 0, 0.0
+        for chunk in sample.split(4096):
+            recon, codes = self.model(chunk)
+            active += int((codes > 0).sum())
+            error += float((chunk - recon).double().pow(2).sum())
+        return active / sample.shape[0], error / sample.shape[0]
 
     @classmethod
     def from_parameters(cls, params, scale, device, seed, activation=None):
@@ -1112,7 +1124,8 @@ def _poor_fit_message(trainer, config, end, mean_error, start, lowest, l0):
             f"mean ({mean_error:.4g}). Its likely causes: {causes}.")
 
 
-def assess_training(trainer, config, check_convergence=True, data_variance=None):
+def assess_training(trainer, config, check_convergence=True, data_variance=None,
+                    final_error=None):
     """Judge the last training run from its step history.
 
     Parameters
@@ -1128,6 +1141,11 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None)
         in scaled units (from a sample of them): where a run of
         ``partial_fit`` calls meets data of a larger spread than its first
         call's, an error that rises with it is not a divergence.
+    final_error : float or None
+        The final model's reconstruction error on such a sample, scaled
+        units; judged as the end of the run in place of the last steps'
+        errors (each recorded before its step's update, so blind to the
+        last update).
 
     Returns
     -------
@@ -1154,6 +1172,8 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None)
     mse, rows = trainer.history[:, 1], np.maximum(trainer.history_rows, 1e-12)
     tail = max(n // 20, min(len(mse), _MIN_TAIL_STEPS))
     end = float(np.average(mse[-tail:], weights=rows[-tail:]))
+    if final_error is not None and not np.isnan(final_error):
+        end = float(final_error)
     # A rise from the first step of training, or from the mean's error if
     # that is larger. Not from the lowest error reached: a penalty that
     # silences the features while the decoder bias is still far from the
