@@ -160,6 +160,11 @@ def test_dictionary_metrics_hand_computed():
     assert mean_max_cosine_similarity(learned, true) == pytest.approx((2 * s + 1) / 3)
     assert recovery_rate(learned, true) == pytest.approx(1 / 3)
     assert recovery_rate(learned, true, threshold=0.7) == 1.0
+    # Identical atoms are recovered at threshold 1, whatever their rounding.
+    atoms = np.random.RandomState(0).standard_normal((40, 7))
+    for dtype in (np.float64, np.float32):
+        assert recovery_rate(atoms.astype(dtype), atoms.astype(dtype), threshold=1.0) == 1.0
+    assert recovery_rate(atoms * 1.01 + 1e-3, atoms, threshold=1.0) < 1.0
     # One to one, learned atom 1 serves only true atom 0; true atom 1 gets
     # learned atom 2 (cosine 0), better than giving it true atom 0 (cosine -1).
     rows, cols, pair_sims = one_to_one_matches(learned, true)
