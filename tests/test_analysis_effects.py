@@ -315,6 +315,25 @@ def test_a_hugging_face_tokenizer_cut_at_the_start_keeps_its_special_tokens(mini
     assert tokenizer.truncation_side == "right"
 
 
+def test_bad_arguments_are_named(ext, sae, effects):
+    # An array of atoms where a fitted dictionary goes: named, not printed.
+    for call in (lambda: logit_effects(ext, sae.components_),
+                 lambda: steer(ext, sae.components_, ["My lord"], 0, 1.0)):
+        with pytest.raises(TypeError, match=r"Expected a fitted dictionary .* got ndarray\. "
+                                            r"For an array of atoms, use"):
+            call()
+    with pytest.raises(TypeError, match="reference_texts must be a list of texts"):
+        logit_effects(ext, sae, features=[0], reference_texts="hello world")
+    with pytest.raises(ValueError, match="reference_texts is empty"):
+        logit_effects(ext, sae, features=[0], reference_texts=[])
+    shift = steering_distributions(ext, sae, ["My lord, I"], 3, 1.0)
+    vocab = shift.plain.shape[1]
+    for bad in ([-1], [1.7], [vocab], [], [[1, 2]], [True]):
+        with pytest.raises(ValueError, match=rf"token_ids must be integer ids in 0\.\.{vocab - 1}"):
+            shift.log_prob_increase(bad)
+    assert np.isfinite(shift.log_prob_increase([vocab - 1, 0]))
+
+
 def test_feature_out_of_range(ext, sae):
     with pytest.raises(ValueError, match=r"feature 128 out of range: .* 128 features"):
         logit_effects(ext, sae, features=128)

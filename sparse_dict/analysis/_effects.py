@@ -19,7 +19,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from sparse_dict.analysis._provenance import check_compatible
+from sparse_dict.analysis._provenance import check_compatible, check_fitted_dictionary
 from sparse_dict.extraction._extractor import TransformerActivationExtractor
 from sparse_dict.extraction._hook import ActivationHook, locate_hook
 
@@ -258,7 +258,13 @@ def _out_projection(extractor, loaded):
 def _reference_scale(extractor, norm_module, centre, eps, texts):
     """The final normalisation's mean divisor over the real positions of ``texts``."""
     loaded = extractor.loaded_model()
-    seqs = extractor.token_ids(list(texts))
+    if isinstance(texts, str):
+        raise TypeError("reference_texts must be a list of texts, got one string; pass "
+                        "[text].")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("reference_texts is empty; pass texts, or None for the default.")
+    seqs = extractor.token_ids(texts)
     total, count = 0.0, 0
     with torch.inference_mode(), ActivationHook(norm_module, "input") as hook:
         for _, ids, mask in extractor.batches(seqs):
@@ -428,7 +434,7 @@ def logit_effects(extractor, sae, features=None, top_k=10, *, as_frame=False,
     True
     """
     extractor = _fitted_extractor(extractor)
-    check_is_fitted(sae, "components_")
+    check_fitted_dictionary(sae)
     check_compatible(extractor, sae)
     components = np.asarray(sae.components_)
     features = check_features(features, components.shape[0])

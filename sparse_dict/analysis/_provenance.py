@@ -24,6 +24,22 @@ def _same_model(recorded, current):
     return Path(recorded).name == Path(current).name
 
 
+def check_fitted_dictionary(dictionary):
+    """Raise unless ``dictionary`` is a fitted estimator with ``components_``.
+
+    An array of atoms is refused with a pointer to what wraps one (scikit-
+    learn's own check would print the whole array as the estimator's name).
+    """
+    if not all(callable(getattr(dictionary, m, None)) for m in ("transform",
+                                                                "inverse_transform")):
+        raise TypeError(
+            f"Expected a fitted dictionary (an estimator with components_, transform and "
+            f"inverse_transform, such as SparseAutoencoderDictionary), got "
+            f"{type(dictionary).__name__}. For an array of atoms, use "
+            "sparse_dict.LassoCoder(atoms).fit(X).")
+    check_is_fitted(dictionary, "components_")
+
+
 def check_compatible(extractor, dictionary, *, check_model=True):
     """Raise a clear error if ``dictionary`` was not learned at ``extractor``'s hook point.
 
@@ -70,7 +86,7 @@ def check_compatible(extractor, dictionary, *, check_model=True):
     is_extractor = isinstance(extractor, TransformerActivationExtractor)
     if is_extractor:
         check_is_fitted(extractor, "n_features_out_")
-    check_is_fitted(dictionary, "components_")
+    check_fitted_dictionary(dictionary)
     current = extractor.provenance()
     what = "the extractor" if is_extractor else "the store"
     # The provenance first: it names what the dictionary belongs to.

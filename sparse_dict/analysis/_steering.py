@@ -14,10 +14,9 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted
 
 from sparse_dict.analysis._effects import _fitted_extractor, check_features
-from sparse_dict.analysis._provenance import check_compatible
+from sparse_dict.analysis._provenance import check_compatible, check_fitted_dictionary
 from sparse_dict.extraction._splicing import _final_output
 from sparse_dict.extraction._texts import _check_texts
 
@@ -61,7 +60,13 @@ class SteeringDistributions:
         increase : float
             In nats; positive when steering makes the tokens more likely.
         """
-        ids = np.atleast_1d(np.asarray(token_ids, dtype=np.int64))
+        raw = np.atleast_1d(np.asarray(token_ids))
+        vocab = self.plain.shape[1]
+        if raw.ndim != 1 or not raw.size or raw.dtype.kind not in "iu" or (
+                raw.min() < 0 or raw.max() >= vocab):
+            raise ValueError(f"token_ids must be integer ids in 0..{vocab - 1}, got "
+                             f"{token_ids!r:.80}.")
+        ids = raw.astype(np.int64)
         diff = self.steered[:, ids].astype(np.float64) - self.plain[:, ids]
         return float(diff.mean())
 
@@ -87,7 +92,7 @@ def _edit(extractor, sae, feature, strength, clamp, direction):
     the atom, which keeps the dictionary's reconstruction error in place (the
     rest of the activations are not replaced by their reconstruction).
     """
-    check_is_fitted(sae, "components_")
+    check_fitted_dictionary(sae)
     extractor = _fitted_extractor(extractor)
     check_compatible(extractor, sae)
     components = np.asarray(sae.components_)
