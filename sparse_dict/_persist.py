@@ -162,8 +162,11 @@ NPY = Kind(".npy array", False, _file_with_magic(b"\x93NUMPY"))
 # Matplotlib names itself in every PNG it writes.
 PNG = Kind("PNG plot written by sparse_dict", False,
            _file_with_magic(b"\x89PNG\r\n\x1a\n", contains=b"Matplotlib"))
+# The page's own generator tag, not the words anywhere: a user's notes about
+# the browser must not read as one of its pages.
 HTML = Kind("feature browser page", False,
-            _file_with_magic(b"<!DOCTYPE html>", contains=HTML_GENERATOR.encode()))
+            _file_with_magic(b"<!DOCTYPE html>", contains=(
+                f'<meta name="generator" content="{HTML_GENERATOR}">').encode()))
 TOKENS = Kind("tokens file written by 'sparse-dict extract'", False, _tokens_file)
 
 

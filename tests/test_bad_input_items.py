@@ -159,3 +159,9 @@ def test_browser_and_plot_replace_only_their_own_files(tmp_path):
     with pytest.raises(FileExistsError, match="not a feature browser page"):
         write_feature_browser(mine, np.array([0.5]), overwrite=True)
     assert mine.read_text() == "<!DOCTYPE html><p>my own page</p>"
+    # A user's page that merely names the browser is still the user's.
+    notes = "<!DOCTYPE html><p>My notes about the sparse_dict feature browser</p>"
+    mine.write_text(notes)
+    with pytest.raises(FileExistsError, match="not a feature browser page"):
+        write_feature_browser(mine, np.array([0.5]), overwrite=True)
+    assert mine.read_text() == notes
