@@ -73,6 +73,14 @@ class FeatureExamples:
         return self.rows.shape[0]
 
 
+def _check_count(value, name, minimum):
+    """``value`` as an int, if it is an integer (not a bool) of at least ``minimum``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or (
+            value < minimum):
+        raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}.")
+    return int(value)
+
+
 def _check_codes(codes):
     """Return ``codes`` as a 2-D array or a scipy sparse matrix, unchanged otherwise."""
     try:
@@ -145,7 +153,8 @@ def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
         neighbours within its own text. ``None`` treats all rows as one text
         in order.
     k : int, default=8
-        Number of examples per feature.
+        Number of examples per feature: its largest positive codes (signed
+        codes' negative values are not examples of the feature).
     context : int, default=6
         Number of tokens shown on each side of an example.
 
@@ -180,12 +189,8 @@ def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
             f"Expected index of shape ({n_tokens}, 2) as (text, position) pairs, "
             f"got shape {index.shape}."
         )
-    k = int(k)
-    context = int(context)
-    if k < 1:
-        raise ValueError(f"k must be a positive integer, got {k}.")
-    if context < 0:
-        raise ValueError(f"context must be a non-negative integer, got {context}.")
+    k = _check_count(k, "k", 1)
+    context = _check_count(context, "context", 0)
 
     width = 2 * context + 1
     n_kept = min(k, n_tokens)
@@ -201,6 +206,9 @@ def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
     for start in range(0, n_features, step):
         stop = min(start + step, n_features)
         block = _dense_block(codes, start, stop)  # (n_tokens, b)
+        if np.isnan(block).any():
+            # A NaN is never among the largest values: it would be skipped silently.
+            raise ValueError(f"codes contain NaN (in features {start} to {stop - 1}).")
         cols = np.arange(stop - start)
         if n_kept < n_tokens:
             top = np.argpartition(-block, n_kept - 1, axis=0)[:n_kept]  # (n_kept, b), unordered
@@ -268,7 +276,8 @@ def _feature_payload(frequencies, examples, max_features, effects=()):
     token, so thousands of features fit in a few megabytes.
     """
     n_features = frequencies.shape[0]
-    n_shown = n_features if max_features is None else min(n_features, int(max_features))
+    n_shown = n_features if max_features is None else min(
+        n_features, _check_count(max_features, "max_features", 1))
     vocab_list = []
     features = []
     if examples is not None:

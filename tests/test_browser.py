@@ -98,7 +98,11 @@ def test_k_larger_than_tokens():
         ({"tokens": ["a"]}, "token strings"),
         ({"index": np.zeros((3, 3))}, "index of shape"),
         ({"k": 0}, "k must be"),
+        ({"k": 2.7}, "k must be an integer"),
+        ({"k": True}, "k must be an integer"),
         ({"context": -1}, "context must be"),
+        ({"codes": np.array([[1.0, np.nan], [0.0, 1.0], [2.0, 0.0]])},
+         r"codes contain NaN \(in features 0 to 1\)"),
     ],
 )
 def test_top_k_rejects_bad_input(kwargs, match):
@@ -107,6 +111,13 @@ def test_top_k_rejects_bad_input(kwargs, match):
     codes, tokens, index = args.pop("codes"), args.pop("tokens"), args.pop("index")
     with pytest.raises(ValueError, match=match):
         top_activating_examples(codes, tokens, index, **args)
+
+
+def test_max_features_is_a_positive_integer(tmp_path):
+    for bad in (-1, 0, 1.5):
+        with pytest.raises(ValueError, match="max_features must be an integer of at least 1"):
+            write_feature_browser(tmp_path / f"{bad}.html", [0.5, 0.25], max_features=bad)
+        assert not (tmp_path / f"{bad}.html").exists()
 
 
 def test_page_escapes_token_text(tmp_path):
