@@ -259,6 +259,16 @@ class BestUnderL0:
                     "No candidate could be scored: every mean L0 is NaN, so all "
                     "fits or scorings failed (set error_score='raise' to see why)."
                 )
+            within = l0s <= self.max_l0
+            if within.any():
+                # Within the budget, but unscored: the scores failed, not L0.
+                first = int(np.flatnonzero(within)[0])
+                raise ValueError(
+                    f"The {int(within.sum())} candidate(s) with a mean L0 within "
+                    f"max_l0={self.max_l0} have no finite mean {self.score} (NaN or "
+                    f"infinite; the first has params {cv_results['params'][first]}): their "
+                    "fits or scorings failed (set error_score='raise' to see why)."
+                )
             smallest = int(np.nanargmin(l0s))
             raise ValueError(
                 f"No candidate has a mean L0 within max_l0={self.max_l0}; the "

@@ -224,6 +224,11 @@ def test_best_under_l0_errors():
         best_under_l0(max_l0=10)(results)
     with pytest.raises(ValueError, match="every mean L0 is NaN"):
         best_under_l0(max_l0=10)(_results([np.nan], [np.nan]))
+    # Within the budget but unscored: the scores are what failed.
+    with pytest.raises(ValueError, match=re.escape(
+            "The 1 candidate(s) with a mean L0 within max_l0=5 have no finite mean "
+            "explained_variance")):
+        best_under_l0(max_l0=5)(_results([np.nan, 0.9], [1.0, 30.0]))
     with pytest.raises(ValueError, match="cv_results_ has no 'mean_test_l0'"):
         best_under_l0(max_l0=10)({"params": [{}], "mean_test_explained_variance": [1]})
     with pytest.raises(ValueError, match="max_l0 must be a finite non-negative"):
