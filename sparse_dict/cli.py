@@ -95,13 +95,18 @@ def cmd_extract(args):
     # after it: a bad --tokens path leaves no activations file behind.
     out = _output_file(_npy_name(args.out), "output file", overwrite=args.overwrite,
                        inputs=[args.texts])
-    tok_path = None
-    if args.tokens:
-        tok_path = _output_file(args.tokens, "tokens file", _persist.TOKENS,
-                                overwrite=args.overwrite, inputs=[args.texts, out])
     # Where the activations come from, beside them, for 'fit' to record.
     prov_path = _output_file(_provenance_path(out), "provenance file", _provenance_kind(),
                              overwrite=args.overwrite, inputs=[args.texts, out])
+    tok_path = None
+    if args.tokens:
+        for other, what in ((out, "the activations output"),
+                            (prov_path, "the provenance file written beside the output")):
+            if Path(args.tokens).resolve() == other.resolve():
+                raise CLIError(f"tokens file {str(args.tokens)!r} is {what} ({other}); "
+                               "choose another name")
+        tok_path = _output_file(args.tokens, "tokens file", _persist.TOKENS,
+                                overwrite=args.overwrite, inputs=[args.texts])
     extractor = _make_extractor(args, verbose=0 if args.quiet else 1)
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(_persist.staged(out, _persist.NPY, overwrite=args.overwrite,

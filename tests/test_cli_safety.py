@@ -102,6 +102,17 @@ def test_a_folder_given_as_an_output_file_is_named(work, texts, capsys, monkeypa
     assert not (work / "demo").exists()
 
 
+def test_extract_outputs_are_checked_against_each_other_first(work, texts, capsys):
+    # The tokens file may be neither the activations nor their provenance
+    # file; refused before anything is written.
+    for tokens, words in (("q.npy", "is the activations output"),
+                          ("q.provenance.json", "is the provenance file written beside")):
+        status, _, err = run(["extract", texts, "-o", work / "q.npy", "--tokens",
+                              work / tokens, "--device", "cpu", "-q"], capsys)
+        assert status == 2 and words in one_line(err)
+        assert not list(work.glob("q*")) and not list(work.glob(".q*"))
+
+
 def test_fit_overwrite_never_replaces_a_user_folder(work, capsys):
     docs = work / "mydocs"
     (docs / "sub").mkdir(parents=True)
@@ -183,7 +194,7 @@ def test_extract_outputs(tmp_path, texts, capsys):
     # Tokens onto the activations' own name: refused before any work.
     status, _, err = run(["extract", texts, "-o", tmp_path / "d.npy", "--tokens",
                           tmp_path / "d.npy", "--device", "cpu", "-q"], capsys)
-    assert status == 2 and "is the input" in one_line(err)
+    assert status == 2 and "is the activations output" in one_line(err)
 
 
 def test_report_overwrite_keeps_a_user_page(work, texts, capsys):
