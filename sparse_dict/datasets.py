@@ -33,11 +33,16 @@ def _activation_probabilities(n_components, n_active, frequency_decay):
     Probabilities follow ``(rank + 1) ** -frequency_decay``; any that would
     exceed 1 are capped at 1 and the rest rescaled to keep the sum.
     """
-    weights = np.arange(1, n_components + 1, dtype=np.float64) ** -frequency_decay
+    # In logs, and scaled to the largest free weight at each round: a steep
+    # decay underflows the plain powers to zero, which would lose the mass
+    # that the capped features pass on.
+    log_weights = -frequency_decay * np.log(np.arange(1, n_components + 1, dtype=np.float64))
     probabilities = np.zeros(n_components)
     free = np.ones(n_components, dtype=bool)
     remaining = float(n_active)
     while free.any():
+        weights = np.zeros(n_components)
+        weights[free] = np.exp(log_weights[free] - log_weights[free].max())
         candidate = weights * (remaining / weights[free].sum())
         capped = free & (candidate >= 1.0)
         if not capped.any():
@@ -56,12 +61,12 @@ def _check_int(value, name, low):
 
 
 def _check_real(value, name, low, high=np.inf, *, high_open=False):
-    ok = isinstance(value, Real) and not isinstance(value, bool)
+    ok = isinstance(value, Real) and not isinstance(value, bool) and np.isfinite(value)
     ok = ok and low <= value and (value < high if high_open else value <= high)
     if not ok:
-        upper = f"< {high}" if high_open else f"<= {high}"
+        upper = "" if np.isinf(high) else (f" and < {high}" if high_open else f" and <= {high}")
         raise ValueError(
-            f"{name} must be a real number >= {low} and {upper}, got {value!r}."
+            f"{name} must be a finite real number >= {low}{upper}, got {value!r}."
         )
     return float(value)
 
@@ -184,6 +189,9 @@ def make_superposition(
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype must be np.float32 or np.float64, got {dtype}.")
+    if high > float(np.finfo(dtype).max):
+        raise ValueError(f"magnitude_range={magnitude_range!r} goes beyond the range of "
+                         f"{dtype.name}; choose smaller magnitudes.")
     rng = check_random_state(random_state)
 
     true_atoms = rng.standard_normal((n_components, n_features))
@@ -220,4 +228,8 @@ def make_superposition(
     X = true_codes.astype(np.float64) @ true_atoms
     if noise > 0:
         X += noise * noise_rng.standard_normal(X.shape)
-    return X.astype(dtype), true_atoms.astype(dtype), true_codes
+    X = X.astype(dtype)
+    if not np.isfinite(X).all():
+        raise ValueError(f"magnitude_range={magnitude_range!r} gives values beyond the range "
+                         f"of {dtype.name}; choose smaller magnitudes.")
+    return X, true_atoms.astype(dtype), true_codes

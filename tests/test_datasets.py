@@ -149,15 +149,28 @@ def test_noise():
         (dict(magnitude_range=(1.0, 0.5)), "magnitude_range must be"),
         (dict(magnitude_range=(-1.0, 1.0)), "magnitude_range must be"),
         (dict(magnitude_range=1.0), "magnitude_range must be a pair"),
-        (dict(correlation=1.0), "correlation must be a real number"),
+        (dict(correlation=1.0), "correlation must be a finite real number"),
         (dict(frequency_decay=-1), "frequency_decay must be"),
+        (dict(frequency_decay=np.inf), "frequency_decay must be a finite real number"),
         (dict(noise=-0.1), "noise must be"),
+        (dict(noise=np.inf), "noise must be a finite real number >= 0.0, got inf"),
+        (dict(magnitude_range=(0.0, 1e300), dtype=np.float32),
+         "goes beyond the range of float32"),
         (dict(dtype=np.int64), "dtype must be np.float32 or np.float64"),
     ],
 )
 def test_errors(params, message):
     with pytest.raises(ValueError, match=message):
         make_superposition(**params)
+
+
+def test_a_steep_frequency_decay_keeps_n_active():
+    # The capped features pass their mass on; plain powers underflowed to
+    # zero and lost it (one active feature a row instead of three).
+    for decay in (50.0, 1e6):
+        _, _, codes = make_superposition(500, 8, 64, n_active=3, frequency_decay=decay,
+                                         random_state=0)
+        assert (codes > 0).sum(axis=1).mean() == 3.0
 
 
 def test_load_corpus_is_exported():
