@@ -26,6 +26,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from sparse_dict import _persist
+from sparse_dict._validation import IntegerInterval
 from sparse_dict._warn import warn_at_caller
 from sparse_dict._torch import (
     ACTIVATIONS,
@@ -278,13 +279,6 @@ def _warn_dense_k(k, n_features, n_components):
             "below n_features.",
             UserWarning,
         )
-
-
-class _IntervalNotBool(Interval):
-    """An integer interval that, unlike ``Interval(Integral, ...)``, refuses booleans."""
-
-    def is_satisfied_by(self, val):
-        return not isinstance(val, (bool, np.bool_)) and super().is_satisfied_by(val)
 
 
 # Fewer active features a row than this at the end of a fit, and most rows
@@ -682,28 +676,28 @@ class SparseAutoencoderDictionary(
     __metadata_request__fit = {"provenance": metadata_routing.UNUSED}
 
     _parameter_constraints = {
-        "n_components": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
+        "n_components": [IntegerInterval(1, None, closed="left"), None],
         "activation": [StrOptions(set(ACTIVATIONS))],
-        "k": [_IntervalNotBool(Integral, 1, None, closed="left")],
+        "k": [IntegerInterval(1, None, closed="left")],
         "l1_coef": [Interval(Real, 0, None, closed="left")],
         "l0_coef": [Interval(Real, 0, None, closed="left")],
         "jumprelu_bandwidth": [Interval(Real, 0, None, closed="neither")],
         "auxk_coef": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
-        "k_aux": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
+        "k_aux": [IntegerInterval(1, None, closed="left"), None],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
-        "batch_size": [_IntervalNotBool(Integral, 1, None, closed="left")],
-        "max_iter": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
-        "max_steps": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
+        "batch_size": [IntegerInterval(1, None, closed="left")],
+        "max_iter": [IntegerInterval(1, None, closed="left"), None],
+        "max_steps": [IntegerInterval(1, None, closed="left"), None],
         "warmup_fraction": [Interval(Real, 0, 1, closed="left")],
         "decay_fraction": [Interval(Real, 0, 1, closed="left")],
         "resample_dead": ["boolean", StrOptions({"auto"})],
-        "resample_interval": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
+        "resample_interval": [IntegerInterval(1, None, closed="left"), None],
         "decoder_bias_init": [StrOptions({"geometric_median", "mean", "zeros"})],
         "dict_init": ["array-like", None],
         "transform_algorithm": [
             StrOptions({"encoder", "omp", "lasso_lars", "lasso_cd", "threshold"})
         ],
-        "transform_n_nonzero_coefs": [_IntervalNotBool(Integral, 1, None, closed="left"), None],
+        "transform_n_nonzero_coefs": [IntegerInterval(1, None, closed="left"), None],
         "transform_alpha": [Interval(Real, 0, None, closed="left"), None],
         "bf16": ["boolean"],
         "sparse_step": ["boolean", StrOptions({"auto"})],

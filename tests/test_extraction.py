@@ -351,6 +351,9 @@ def test_bad_parameters(tmp_path):
         TransformerActivationExtractor(str(tmp_path)).fit(TEXTS)
     with pytest.raises(ValueError, match="'pooling' parameter"):
         TransformerActivationExtractor(pooling="sum").fit(TEXTS)
+    for param in ("layer", "max_length", "batch_size"):
+        with pytest.raises(ValueError, match=f"'{param}' parameter"):
+            TransformerActivationExtractor(**{param: True}).fit(TEXTS)
     with pytest.raises(ValueError, match="device must be"):
         TransformerActivationExtractor(device="gpu").fit(TEXTS)
     if not torch.cuda.is_available():

@@ -9,11 +9,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from sparse_dict._torch.device import resolve_device
+from sparse_dict._validation import IntegerInterval
 from sparse_dict.extraction._hook import HOOK_POINTS, ActivationHook, StopForward, locate_hook
 from sparse_dict.extraction._loading import folder_stamp, load_model
 from sparse_dict.extraction._texts import (
@@ -168,13 +169,13 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
 
     _parameter_constraints = {
         "model": [str, os.PathLike, nn.Module],
-        "layer": [Interval(Integral, None, None, closed="neither")],
+        "layer": [IntegerInterval(None, None, closed="neither")],
         "hook": [StrOptions(set(HOOK_POINTS))],
         "module": [str, None],
         "tokenizer": [callable, None],
         "pooling": [StrOptions({"none", "mean", "max", "last"})],
-        "max_length": [Interval(Integral, 1, None, closed="left"), None],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "max_length": [IntegerInterval(1, None, closed="left"), None],
+        "batch_size": [IntegerInterval(1, None, closed="left")],
         "device": [str],
         "verbose": ["verbose"],
     }
