@@ -131,6 +131,24 @@ SAVED_DICTIONARY = _persist.folder_kind(
 )
 
 
+def _accepted_dtypes(X):
+    """The dtypes ``validate_data`` may leave ``X`` in (others are converted whole).
+
+    A float16 array (activations are often saved so) stays as it is, and is
+    read batch by batch in float32, as the model computes: scikit-learn's
+    conversion would copy it whole into float64, four times its size, and a
+    memmap would no longer be read piece by piece.
+    """
+    if isinstance(X, np.ndarray) and X.dtype == np.float16:
+        return None
+    return [np.float64, np.float32]
+
+
+def _result_dtype(X):
+    """The dtype of what is computed from ``X``: its own, float32 for float16."""
+    return np.dtype(np.float32) if X.dtype == np.float16 else X.dtype
+
+
 def _device_here(device):
     """``device``, or ``"cpu"`` with a warning if it names CUDA and this machine has none."""
     if isinstance(device, str) and device.startswith("cuda"):
@@ -1065,7 +1083,7 @@ class SparseAutoencoderDictionary(
         if self.verbose >= 2 and progress is not None:
             callback = _with_pass_lines(callback, progress)
         # The host arrays of the export, their pages touched while it trains.
-        trainer.prepare_export(X.dtype)
+        trainer.prepare_export(_result_dtype(X))
         try:
             # No snapshot inside: fit discards a failed new trainer, and
             # partial_fit's _restored_on_error keeps its own.
@@ -1091,7 +1109,7 @@ class SparseAutoencoderDictionary(
         # weights' copy to the host runs beside the calibration (on a GPU),
         # which leaves them as they are.
         trainer.model.release_workspace()
-        trainer.start_export(X.dtype)
+        trainer.start_export(_result_dtype(X))
         sample = trainer.calibration_sample(X, _CALIBRATION_ROWS, random_state)
         trainer.calibrate(sample)
         l0, final_error = trainer.sample_stats(sample)
@@ -1102,7 +1120,7 @@ class SparseAutoencoderDictionary(
         if diverged:
             raise DivergenceError(diverged[0])
         self._trainer = trainer
-        self._store_fitted(trainer, X.dtype)
+        self._store_fitted(trainer, _result_dtype(X))
         self.transform_l0_ = l0
         if _speaks(replicas):
             for kind, message in problems:
@@ -1144,7 +1162,7 @@ class SparseAutoencoderDictionary(
             X,
             reset=reset,
             accept_sparse="csr",
-            dtype=[np.float64, np.float32],
+            dtype=_accepted_dtypes(X),
             ensure_min_samples=2,
             # _check_values does it, in the same pass as its range check.
             ensure_all_finite=False,
@@ -1218,7 +1236,8 @@ class SparseAutoencoderDictionary(
         Returns
         -------
         codes : ndarray of shape (n_samples, n_components)
-            Of the same float dtype as ``X`` (float32 or float64).
+            Of the same float dtype as ``X`` (float32 or float64; float32 for
+            float16).
         """
         check_is_fitted(self)
         return self._encode(self._validate_inference_data(X))
@@ -1269,7 +1288,7 @@ class SparseAutoencoderDictionary(
 
     def _validate_inference_data(self, X):
         return validate_data(
-            self, X, reset=False, accept_sparse="csr", dtype=[np.float64, np.float32]
+            self, X, reset=False, accept_sparse="csr", dtype=_accepted_dtypes(X)
         )
 
     def _encode(self, X):
@@ -1277,7 +1296,7 @@ class SparseAutoencoderDictionary(
             return self._optimal_coder().transform(X.toarray() if sp.issparse(X) else X)
         return encode_array(
             self._fitted_tensors(), self._fitted_activation(), X,
-            _INFERENCE_BATCH, resolve_device(self.device), X.dtype,
+            _INFERENCE_BATCH, resolve_device(self.device), _result_dtype(X),
         )
 
     def _optimal_coder(self):

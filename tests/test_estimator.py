@@ -179,6 +179,30 @@ def test_memmap_is_read_in_batches(tmp_path):
     assert peak < 0.3 * X.nbytes, peak
 
 
+def test_a_float16_memmap_is_read_in_float32_batches(tmp_path):
+    import tracemalloc
+
+    n, d = 120_000, 32  # 7.7 MB of float16; scikit-learn's float64 copy would be 31 MB
+    values = np.random.RandomState(0).exponential(size=(n, d)).astype(np.float16)
+    np.save(tmp_path / "acts.npy", values)
+    X = np.load(tmp_path / "acts.npy", mmap_mode="r")
+    small_sae(n_components=32, max_iter=1).fit(X[:1000])
+    tracemalloc.start()
+    sae = small_sae(n_components=32, max_iter=1, batch_size=512).fit(X)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 0.5 * X.nbytes, peak
+    # The same model as from the float32 values, and float32 results.
+    same = small_sae(n_components=32, max_iter=1, batch_size=512).fit(values.astype(np.float32))
+    np.testing.assert_array_equal(sae.components_, same.components_)
+    assert sae.components_.dtype == np.float32 and sae.transform(X[:5]).dtype == np.float32
+    for bad in (np.nan, np.inf):
+        broken = values[:2000].copy()
+        broken[7, 3] = bad
+        with pytest.raises(ValueError, match="NaN" if np.isnan(bad) else "infinity"):
+            small_sae(n_components=8).fit(broken)
+
+
 def test_partial_fit_continues(X):
     sae = small_sae()
     sae.partial_fit(X)
