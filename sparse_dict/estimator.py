@@ -1417,6 +1417,10 @@ class SparseAutoencoderDictionary(
             attributes["feature_names_in_"] = [str(n) for n in self.feature_names_in_]
         if hasattr(self, "provenance_"):
             attributes["provenance_"] = self.provenance_
+        # set_output's choice, which a pickle keeps too.
+        output = getattr(self, "_sklearn_output_config", {}).get("transform")
+        if output is not None:
+            attributes["set_output"] = str(output)
         from sparse_dict._version import __version__
 
         config = {
@@ -1501,8 +1505,12 @@ class SparseAutoencoderDictionary(
             from sparse_dict.saelens import check_provenance
 
             check_provenance(provenance, file)
+        output = raw.get("set_output")
+        if output is not None:
+            _persist.OneOf(("default", "pandas", "polars")).check(
+                output, file, "attributes.set_output")
         unknown = set(raw) - set(_SAVED_ATTRIBUTES) - {
-            "feature_names_in_", "train_l0_", "transform_l0_", "provenance_"}
+            "feature_names_in_", "train_l0_", "transform_l0_", "provenance_", "set_output"}
         if unknown:
             raise ValueError(f"{file}: unexpected field 'attributes.{sorted(unknown)[0]}'")
         params = dict(_persist.config_field(config, "params", file))
@@ -1549,6 +1557,8 @@ class SparseAutoencoderDictionary(
             estimator.feature_names_in_ = np.asarray(names, dtype=object)
         if provenance is not None:
             estimator.provenance_ = provenance
+        if output is not None:
+            estimator.set_output(transform=output)
         return estimator
 
     @classmethod

@@ -105,6 +105,18 @@ def test_round_trip_is_exact(saved, fitted):
     np.testing.assert_array_equal(loaded.components_, fitted.components_)
 
 
+def test_set_output_survives_save_and_load(fitted, X, tmp_path):
+    # As a pickle keeps it.
+    pd = pytest.importorskip("pandas")
+    fitted = pickle.loads(pickle.dumps(fitted)).set_output(transform="pandas")
+    fitted.save(tmp_path / "pandas")
+    loaded = SparseAutoencoderDictionary.load(tmp_path / "pandas")
+    assert isinstance(loaded.transform(X[:3]), pd.DataFrame)
+    fitted.set_output(transform="default").save(tmp_path / "plain")
+    assert isinstance(SparseAutoencoderDictionary.load(tmp_path / "plain").transform(X[:3]),
+                      np.ndarray)
+
+
 # Each row: what the issue found, the damage, and the words the error must hold.
 DAMAGES = [
     ("missing params", lambda p: _edit_config(p, _delete(["params"])), "'params'"),
@@ -143,6 +155,8 @@ DAMAGES = [
     ("boolean n_components", lambda p: _edit_config(p, _set(["params", "n_components"], True)),
      "n_components"),
     ("bad device", lambda p: _edit_config(p, _set(["params", "device"], "gpu")), "device"),
+    ("unknown output container", lambda p: _edit_config(
+        p, _set(["attributes", "set_output"], "arrow")), "attributes.set_output"),
     ("feature names of the wrong length", lambda p: _edit_config(
         p, _set(["attributes", "feature_names_in_"], ["a"])), "feature_names_in_"),
     ("not an object", lambda p: (p / CONFIG).write_text("[1, 2]"), "JSON object"),
