@@ -44,12 +44,16 @@ def _nonnegative_omp(X, dictionary, gram, n_nonzero_coefs):
     ``D x - G[:, support] @ coef``, so each step costs O(n_components * k)
     instead of a product with the whole dictionary.
     """
+    # A residual at the rounding of the data's own dtype is an exact fit:
+    # float32 rows of an exact mix leave about 1e-7 of their norm, which
+    # further atoms would only chase.
+    precision = max(1e-12, 16 * float(np.finfo(X.dtype).eps)) ** 2
     D = dictionary.astype(np.float64)
     X = X.astype(np.float64)
     projections = X @ D.T
     codes = np.zeros((X.shape[0], D.shape[0]), dtype=np.float64)
     for i, x in enumerate(X):
-        negligible = 1e-24 * (x @ x)
+        negligible = precision * (x @ x)
         support, coef = [], np.zeros(0)
         correlations = projections[i].copy()
         for _ in range(n_nonzero_coefs):

@@ -86,6 +86,11 @@ def test_omp_exact_codes_on_noise_free_data(superposition):
     X, true_atoms, true_codes = superposition
     codes = LassoCoder(true_atoms, algorithm="omp", n_nonzero_coefs=10).fit_transform(X)
     np.testing.assert_allclose(codes, true_codes, atol=1e-8)
+    # In float32 too: the same supports, without atoms for the rounding.
+    codes32 = LassoCoder(true_atoms.astype(np.float32), algorithm="omp",
+                         n_nonzero_coefs=10).fit_transform(X.astype(np.float32))
+    np.testing.assert_array_equal(codes32 > 0, true_codes > 0)
+    np.testing.assert_allclose(codes32, true_codes, atol=1e-5)
 
 
 def test_threshold_is_relu_of_projection(superposition):
