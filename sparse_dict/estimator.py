@@ -331,6 +331,9 @@ def _silent_features_message(penalty_name, coef, l0, n_rows, k=None, learning_ra
 # of the features unfired warns: it uses fewer features than it was given.
 _DEAD_JUDGED_STEPS = 50
 _DEAD_SHARE = 0.25
+# A fit with many dead features that explains less than this share of its
+# training rows' variance names the learning rate as a likely cause.
+_LITTLE_EXPLAINED = 0.1
 
 
 def _dead_features_message(activation, n_dead, n_components, n_rows, l0):
@@ -1113,9 +1116,9 @@ class SparseAutoencoderDictionary(
         sample = trainer.calibration_sample(X, _CALIBRATION_ROWS, random_state)
         trainer.calibrate(sample)
         l0, final_error = trainer.sample_stats(sample)
+        mean_error = trainer.mean_error(sample)
         problems = assess_training(trainer, config, check_convergence=assess,
-                                   data_variance=trainer.mean_error(sample),
-                                   final_error=final_error)
+                                   data_variance=mean_error, final_error=final_error)
         diverged = [message for kind, message in problems if kind == "diverged"]
         if diverged:
             raise DivergenceError(diverged[0])
@@ -1127,10 +1130,13 @@ class SparseAutoencoderDictionary(
                 if kind == "unconverged":
                     warn_at_caller(message, ConvergenceWarning)
             poor = [message for kind, message in problems if kind == "poor"]
-            for message in self._unused_features(trainer, config, len(sample), assess, poor):
+            explained = 1.0 - final_error / mean_error if mean_error > 0 else float("nan")
+            for message in self._unused_features(trainer, config, len(sample), assess, poor,
+                                                 explained):
                 warn_at_caller(message, UserWarning)
 
-    def _unused_features(self, trainer, config, n_rows, judge_dead, poor=()):
+    def _unused_features(self, trainer, config, n_rows, judge_dead, poor=(),
+                         explained=float("nan")):
         """What to say of a fitted state that uses few of its features (a list, maybe empty).
 
         Features that fire on almost no row mean a penalty too strong; a
@@ -1138,7 +1144,9 @@ class SparseAutoencoderDictionary(
         (``judge_dead``: ``fit``, not ``partial_fit``), a data set that uses
         fewer features than it was given. A fit no better than the rows'
         mean (``poor``, its messages) has likelier causes than the data's
-        rank, which those messages say instead.
+        rank, which those messages say instead; one that explains little of
+        the training rows (``explained``, their explained variance) gets the
+        learning rate named beside the data's rank.
         """
         if self.transform_l0_ < _SILENT_L0:
             activation = trainer.model.activation
@@ -1151,8 +1159,16 @@ class SparseAutoencoderDictionary(
         n_dead = int((self.feature_frequencies_ == 0).sum())
         if (judge_dead and trainer.step >= _DEAD_JUDGED_STEPS
                 and n_dead >= _DEAD_SHARE * self.n_components_):
-            return [_dead_features_message(self.activation, n_dead, self.n_components_,
-                                           int(trainer.pass_rows), self.transform_l0_)]
+            message = _dead_features_message(self.activation, n_dead, self.n_components_,
+                                             int(trainer.pass_rows), self.transform_l0_)
+            if explained < _LITTLE_EXPLAINED:
+                # Low-rank data is reconstructed well by the features left;
+                # features killed by steps too large leave the rows unexplained.
+                message += (f" The fit also explains little of its training rows (explained "
+                            f"variance {explained:.2f}): steps too large kill features so; "
+                            f"lower learning_rate (now {self.learning_rate:g}), for example "
+                            "by a factor of 10.")
+            return [message]
         return []
 
     def _validate_train_data(self, X, reset, check_values=True):

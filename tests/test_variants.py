@@ -246,6 +246,21 @@ def test_a_penalty_that_leaves_the_features_silent_warns(superposition):
     assert not [w for w in caught if "almost no row" in str(w.message)]
 
 
+def test_features_killed_by_steps_too_large_name_the_learning_rate():
+    # TopK at a learning rate of 1: half the features dead and nothing
+    # explained. The dead-features warning must not only blame the data.
+    X, _, _ = make_superposition(3000, 16, 32, random_state=0, dtype=np.float32)
+    params = dict(n_components=32, activation="topk", k=3, max_steps=300, batch_size=256,
+                  random_state=0)
+    with pytest.warns(UserWarning, match=r"fired on none.*explains little of its training "
+                                         r"rows.*lower learning_rate \(now 1\)"):
+        SparseAutoencoderDictionary(learning_rate=1.0, **params).fit(X)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SparseAutoencoderDictionary(**params).fit(X)
+    assert not [w for w in caught if "learning_rate" in str(w.message)]
+
+
 def test_a_fit_that_leaves_many_features_dead_warns(superposition):
     # Rows of rank 2 have no use for 64 features: most die, and the fit
     # says so. The superposition rows (48 true features) use them all.
