@@ -14,8 +14,11 @@ against a plain torch loop, at four sizes up to d=2048 and N=65536; meant for
 that is missing). A section that fails is recorded with its error and the others
 still run; the exit status is then 1.
 
-With ``--only``, the other sections of a ``results.json`` already in the
-output folder from a run of the same mode are kept, each with the machine
+A run of one mode is refused where ``results.json`` holds a run of another
+mode (a ``--tiny`` smoke test would replace the reference figures), unless
+``--replace`` is given. With ``--only``, the other sections of a
+``results.json`` already in the output folder from a run of the same mode are
+kept, each with the machine
 and date it ran on, so that rerunning one section updates the reference
 results instead of replacing them with that section alone.
 
@@ -93,10 +96,16 @@ def _parse(argv):
                         help="run every section in this process, BLAS environment as it is")
     parser.add_argument("--only", default=None,
                         help=f"comma-separated sections out of {', '.join(SECTIONS)}")
+    parser.add_argument("--replace", action="store_true",
+                        help="let a run of one mode replace the results of another mode in "
+                        "--out (refused otherwise: a --tiny run would replace the reference "
+                        "figures)")
     args = parser.parse_args(argv)
     args.mode = args.mode or "quick"
-    if args.only:
+    if args.only is not None:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
+        if not names:
+            parser.error(f"--only names no section; choose from {list(SECTIONS)}")
         unknown = sorted(set(names) - set(SECTIONS))
         if unknown:
             parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
@@ -104,6 +113,15 @@ def _parse(argv):
         names = list(TINY_SECTIONS if args.mode == "tiny" else SECTIONS)
     args.sections = names
     return args
+
+
+def _mode_of(out):
+    """The mode of the run whose ``results.json`` is in ``out``, or None."""
+    try:
+        mode = json.loads((out / "results.json").read_text()).get("mode")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return mode if isinstance(mode, str) else None
 
 
 def _earlier_sections(out, mode, rerun):
@@ -135,6 +153,12 @@ def main(argv=None):
         if not torch.cuda.is_available():
             print("--device cuda: no CUDA device is available.", file=sys.stderr)
             return 2
+    earlier_mode = _mode_of(args.out)
+    if earlier_mode not in (None, args.mode) and not args.replace:
+        print(f"{args.out / 'results.json'} holds a --{earlier_mode} run, which this --"
+              f"{args.mode} run would replace; choose another --out, or pass --replace.",
+              file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     kept = _earlier_sections(args.out, args.mode, args.sections) if args.only else {}
     results = {

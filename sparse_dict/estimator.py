@@ -861,7 +861,12 @@ class SparseAutoencoderDictionary(
                 # subtract" did).
                 with np.errstate(invalid="ignore", over="ignore"):
                     trainer.initialize(X, random_state, self.decoder_bias_init, replicas)
-                values_checked.result()
+                if replicas is None:
+                    values_checked.result()
+                else:
+                    # A NaN on one rank's rows stops every rank, named.
+                    with replicas.together("checking the training data"):
+                        values_checked.result()
                 # The scan's thread ends before the steps: kept alive idle
                 # through training, the thread that ran the scan's torch
                 # operations made CPU fits twice as slow on 2 cores (9.6 s
@@ -1024,7 +1029,12 @@ class SparseAutoencoderDictionary(
 
     def _shared_random_state(self, replicas):
         """The training's random state, the same on every rank."""
-        if replicas is None or isinstance(self.random_state, Integral):
+        if replicas is None:
+            return check_random_state(self.random_state)
+        if isinstance(self.random_state, Integral):
+            # Each rank takes its share of one permutation: another seed on
+            # one rank would make their union no real batch, silently.
+            replicas.check_same(int(self.random_state), "random_state")
             return check_random_state(self.random_state)
         # None, or a RandomState instance, differs between processes: rank
         # 0's draw seeds every rank.

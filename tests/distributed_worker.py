@@ -79,6 +79,18 @@ def main(mode, out):
         sae = SparseAutoencoderDictionary(**PARAMS["topk"], **COMMON).partial_fit(X)
         np.savez(os.path.join(out, f"partial_rank{rank}.npz"), **fitted(sae))
         return 0
+    if mode == "mismatch":
+        # Rank 1 differs in one way at a time; after each refusal the ranks
+        # carry on together to the next.
+        cases = {
+            "width": (X[:, :8] if rank == 1 else X, {}),
+            "nan": (_with_nan(X) if rank == 1 else X, {}),
+            "seed": (X, {"random_state": rank}),
+        }
+        for name, (data, params) in cases.items():
+            sae = SparseAutoencoderDictionary(**PARAMS["topk"], **{**COMMON, **params})
+            _try(lambda: sae.fit(data), sae, os.path.join(out, f"{name}_rank{rank}.txt"))
+        return 0
     if mode == "hang":
         import torch.distributed as dist
 
@@ -95,6 +107,13 @@ def main(mode, out):
             learning_rate=1e8, max_steps=30)
         _try(lambda: again.fit(X), again, os.path.join(out, f"diverged_rank{rank}.txt"))
     return 3 if failed else 0
+
+
+def _with_nan(X):
+    """``X`` with a NaN in a row that no fingerprint or initial sample need look at."""
+    X = X.copy()
+    X[1234, 3] = np.nan
+    return X
 
 
 def _try(fn, sae, path):

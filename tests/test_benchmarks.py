@@ -414,8 +414,20 @@ def test_only_keeps_the_other_sections_of_an_earlier_run_of_the_same_mode(tmp_pa
     md = (tmp_path / "results.md").read_text()
     assert "reran encoding; the other sections (extraction) come from earlier runs" in md
     assert f"Run on {first['machine']['date']}" in md
-    # Another mode's results are replaced, not mixed with these.
+    # Another mode's results (the reference figures) are kept unless told:
+    # then replaced, not mixed with these.
     quick = dict(first, mode="quick", sections={"recovery": {"wall_s": 1.0}})
     (tmp_path / "results.json").write_text(json.dumps(quick))
-    other = _run_benchmarks(tmp_path, "--tiny", "--only", "extraction", "--same-env")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    refused = subprocess.run([sys.executable, "-m", "benchmarks", "--out", str(tmp_path),
+                              "--tiny", "--only", "extraction", "--same-env"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "holds a --quick run" in refused.stderr
+    assert json.loads((tmp_path / "results.json").read_text()) == quick
+    other = _run_benchmarks(tmp_path, "--tiny", "--only", "extraction", "--same-env",
+                            "--replace")
     assert set(other["sections"]) == {"extraction"} and "kept_sections" not in other
+    empty = subprocess.run([sys.executable, "-m", "benchmarks", "--out", str(tmp_path),
+                            "--tiny", "--only", ","], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert empty.returncode == 2 and "--only names no section" in empty.stderr

@@ -108,6 +108,25 @@ def test_a_rank_that_raises_stops_every_rank(tmp_path):
         assert diverged.startswith("DivergenceError: Training diverged"), diverged
 
 
+def test_ranks_that_disagree_are_refused_by_name_on_every_rank(tmp_path):
+    # Other widths (which gloo would abort on), a NaN on one rank's rows,
+    # and another seed (which would silently train on no real batch).
+    codes, outputs = _launch("mismatch", tmp_path)
+    assert codes == [0, 0], outputs
+    for rank in (0, 1):
+        width = (tmp_path / f"width_rank{rank}.txt").read_text()
+        assert width.startswith("ValueError: The ranks of a data-parallel fit disagree on "
+                                "the model's shape (n_features, n_components): rank 0 has "
+                                "(16, 48), rank 1 has (8, 48)"), width
+        seed = (tmp_path / f"seed_rank{rank}.txt").read_text()
+        assert seed.startswith("ValueError: The ranks of a data-parallel fit disagree on "
+                               "random_state: rank 0 has 0, rank 1 has 1"), seed
+    assert (tmp_path / "nan_rank1.txt").read_text().startswith("ValueError: Input X contains NaN")
+    other = (tmp_path / "nan_rank0.txt").read_text()
+    assert other.startswith("RankFailedError:") and "rank 1 of 2 failed with ValueError: " \
+        "Input X contains NaN" in other, other
+
+
 def test_a_killed_rank_stops_the_others(tmp_path):
     codes, outputs = _launch("die", tmp_path)
     assert codes == [3, 7], outputs

@@ -350,6 +350,10 @@ class Trainer:
         if replicas is None:
             self._initialize(X, rng, decoder_bias_init)
             return
+        # Before any tensor crosses: parameters of other shapes would fail
+        # inside the collective (gloo aborts the process) instead of here.
+        replicas.check_same((self.model.n_features, self.model.n_components),
+                            "the model's shape (n_features, n_components)")
         with replicas.together("initialising the model"):
             self._initialize(X, rng, decoder_bias_init)
         self.scale, self.variance = replicas.broadcast_value((self.scale, self.variance))
