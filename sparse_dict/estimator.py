@@ -1484,7 +1484,8 @@ class SparseAutoencoderDictionary(
         ----------
         path : str or path-like
         device : str, default=None
-            Override the saved ``device`` parameter (for example ``"cpu"``).
+            Override the saved ``device`` parameter (for example ``"cpu"``);
+            checked now.
 
         Returns
         -------
@@ -1496,7 +1497,8 @@ class SparseAutoencoderDictionary(
             If ``path`` does not exist.
         ValueError
             If ``path`` is not a complete, undamaged saved dictionary; the
-            message names the file and the field.
+            message names the file and the field. Also for a ``device`` this
+            machine does not have, or that names no device.
         """
         path = Path(path)
         config = _persist.read_config(path, config_name=_CONFIG_FILE, weights_name=_WEIGHTS_FILE)
@@ -1655,6 +1657,8 @@ class SparseAutoencoderDictionary(
         read = read_saelens(path, norm_scaling_factor=norm_scaling_factor)
         tensors = read["tensors"]
         n_components, n_features = tensors["components"].shape
+        if device is not None:
+            resolve_device(device)  # as load checks it
         params = {"n_components": n_components, "activation": read["activation"],
                   "device": "auto" if device is None else device}
         if read["k"] is not None:
@@ -1739,7 +1743,10 @@ class SparseAutoencoderDictionary(
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{file}: field 'params': {exc}") from None
         if device is not None:
-            estimator.device = device  # checked where it is used, as set_params is
+            # Asked for by name, so checked now: a GPU this machine lacks, or a
+            # misspelt device, is an error at load rather than at transform.
+            resolve_device(device)
+            estimator.device = device
             return estimator
         estimator.device = _device_here(estimator.device)
         if not estimator.device.startswith("cuda"):

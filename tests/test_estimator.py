@@ -345,6 +345,12 @@ def test_load_errors(tmp_path, fitted):
     (path / "config.json").write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match="does not describe"):
         SparseAutoencoderDictionary.load(path)
+    # A device asked for by name is checked at load, not at the first transform.
+    good = fitted.save(tmp_path / "good")
+    for device, words in (("cuda:7", "cuda"), ("tpu", "device")):
+        with pytest.raises(ValueError, match=words):
+            SparseAutoencoderDictionary.load(good, device=device)
+    assert SparseAutoencoderDictionary.load(good, device="cpu").device == "cpu"
 
 
 def test_save_unfitted_raises(tmp_path):
