@@ -368,13 +368,19 @@ def _temporary(path, folder, label="partial"):
     parent = path.parent
     prefix, suffix = f".{path.name}.", f".{label}{path.suffix}"
     mask = _umask()
-    if folder:
-        name = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent)
-        os.chmod(name, 0o777 & ~mask)
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=parent)
-        os.close(fd)
-        os.chmod(name, 0o666 & ~mask)
+    try:
+        if folder:
+            name = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent)
+            os.chmod(name, 0o777 & ~mask)
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=parent)
+            os.close(fd)
+            os.chmod(name, 0o666 & ~mask)
+    except OSError as exc:
+        # Named by the user's path: the hidden name beside it means nothing
+        # to them.
+        raise type(exc)(exc.errno, f"cannot write {path} ({exc.strerror or exc})",
+                        str(path)) from None
     return Path(name)
 
 
