@@ -265,6 +265,19 @@ def _warn_few_rows(n_samples, n_components):
     )
 
 
+def _warn_dominant_rows(dominant):
+    """Warn that a few rows of outsized norm hold most of the data's spread."""
+    warn_at_caller(
+        f"The largest {dominant.n_rows:,} of {dominant.n_sampled:,} rows sampled from X hold "
+        f"{dominant.share:.0%} of its spread around its centre (rows of outsized norm). "
+        "The input scale is set from the other rows, so that these few do not shrink every "
+        "other row against the sparsity penalty; the dictionary will reconstruct them "
+        "poorly. Look at the largest row norms (np.linalg.norm(X, axis=1)) and drop the "
+        "rows that are artefacts.",
+        UserWarning,
+    )
+
+
 def _warn_dense_k(k, n_features, n_components):
     """Warn when top-k's ``k`` leaves its codes no sparsity to find.
 
@@ -874,7 +887,7 @@ class SparseAutoencoderDictionary(
                 # OpenMP threads, which live as long as it does).
                 checks.shutdown()
                 # After the checks that refuse a fit, before its training.
-                self._warn_about_shape(X, trainer.model, replicas)
+                self._warn_about_shape(X, trainer, replicas)
                 n_passes = self._train(trainer, X, config, random_state, total,
                                        replicas=replicas, feed=feed)
             self._finish(trainer, X, config, random_state, replicas=replicas)
@@ -916,7 +929,7 @@ class SparseAutoencoderDictionary(
             if first_call:
                 trainer = self._new_trainer(X, random_state, device)
                 trainer.initialize(X, random_state, self.decoder_bias_init, replicas)
-                self._warn_about_shape(X, trainer.model, replicas, rows=False)
+                self._warn_about_shape(X, trainer, replicas, rows=False)
                 self.n_iter_ = 0
             else:
                 trainer = self._get_trainer().to(device)
@@ -931,7 +944,7 @@ class SparseAutoencoderDictionary(
             self.n_iter_ += 1
         return self
 
-    def _warn_about_shape(self, X, model, replicas, rows=True):
+    def _warn_about_shape(self, X, trainer, replicas, rows=True):
         """The warnings a fit's shapes call for, before its training (rank 0's alone).
 
         ``rows=False`` (``partial_fit``, whose calls each see a part of the
@@ -939,10 +952,12 @@ class SparseAutoencoderDictionary(
         """
         if not _speaks(replicas):
             return
+        if trainer.dominant_rows is not None:
+            _warn_dominant_rows(trainer.dominant_rows)
         if rows:
-            _warn_few_rows(X.shape[0], model.n_components)
-        if model.activation.uses_k:
-            _warn_dense_k(self.k, X.shape[1], model.n_components)
+            _warn_few_rows(X.shape[0], trainer.model.n_components)
+        if trainer.model.activation.uses_k:
+            _warn_dense_k(self.k, X.shape[1], trainer.model.n_components)
 
     def _activation(self):
         """The core's sparsity mechanism for the current parameters."""

@@ -686,6 +686,24 @@ def test_a_k_not_below_n_components_warns_that_nothing_is_sparse(method):
     assert not [w for w in record if "keeps 16 features a row" in str(w.message)]
 
 
+def test_a_few_rows_of_outsized_norm_neither_set_the_scale_nor_pass_silently():
+    # One row of 300 times the others' norm held 92% of the spread: scaled by
+    # the mean, every other row shrank against the penalty, silently.
+    X, _, _ = make_superposition(5000, 64, 256, random_state=0, dtype=np.float32)
+    params = dict(n_components=256, max_steps=3, random_state=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain = SparseAutoencoderDictionary(**params).fit(X)
+    assert not [w for w in caught if "outsized" in str(w.message)]
+    spoiled = X.copy()
+    spoiled[0] *= 300
+    with pytest.warns(UserWarning, match=r"The largest 5 of 5,000 rows sampled from X hold "
+                                         r"9\d% of its spread.*set from the other rows") as record:
+        est = SparseAutoencoderDictionary(**params).fit(spoiled)
+    assert record[0].filename == __file__
+    assert est.scale_ == pytest.approx(plain.scale_, rel=0.01)
+
+
 def test_few_rows_for_the_atoms_warn_before_training():
     X = np.abs(np.random.RandomState(0).standard_normal((200, 8))).astype(np.float32)
     with pytest.warns(UserWarning, match=r"200 rows for 32 atoms \(6\.2 rows an atom\)") as record:

@@ -242,7 +242,7 @@ def host_map(fn, items, background=False):
     return list(executor.map(fn, items))
 
 
-def sample_moments(sample):
+def sample_moments(sample, row_norms=False):
     """The mean squared row norm and the mean row of a sample, summed in float64.
 
     Blocks of rows are summed by several host threads when the sample is
@@ -253,10 +253,16 @@ def sample_moments(sample):
     ----------
     sample : ndarray of shape (n_rows, n_features)
 
+    row_norms : bool, default=False
+        Also return each row's squared norm (float64), which the sums are
+        made of.
+
     Returns
     -------
     msn : float
     mean : ndarray of shape (n_features,), float64
+    norms : ndarray of shape (n_rows,), float64
+        Only with ``row_norms``.
 
     Examples
     --------
@@ -267,16 +273,18 @@ def sample_moments(sample):
     """
     threads = min(host_threads(sample.nbytes), len(sample))
     if threads <= 1:
-        return (float(np.mean(np.einsum("ij,ij->i", sample, sample, dtype=np.float64))),
-                sample.mean(axis=0, dtype=np.float64))
+        norms = np.einsum("ij,ij->i", sample, sample, dtype=np.float64)
+        moments = (float(np.mean(norms)), sample.mean(axis=0, dtype=np.float64))
+        return moments + (norms,) if row_norms else moments
 
     def sums(block):
-        return (np.einsum("ij,ij->i", block, block, dtype=np.float64).sum(),
-                block.sum(axis=0, dtype=np.float64))
+        norms = np.einsum("ij,ij->i", block, block, dtype=np.float64)
+        return norms.sum(), block.sum(axis=0, dtype=np.float64), norms
 
     parts = host_map(lambda rows: sums(sample[rows]), row_blocks(len(sample), threads))
-    return (float(sum(p[0] for p in parts)) / len(sample),
-            sum(p[1] for p in parts) / len(sample))
+    moments = (float(sum(p[0] for p in parts)) / len(sample),
+               sum(p[1] for p in parts) / len(sample))
+    return moments + (np.concatenate([p[2] for p in parts]),) if row_norms else moments
 
 
 def geometric_median(points, n_iter=100, tol=1e-6):
