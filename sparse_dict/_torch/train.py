@@ -1260,12 +1260,15 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
         return problems
     if not check_convergence:
         return problems
+    # Rows a step: the batch, or all the rows where there are fewer.
+    batch = int(max(rows[trainer.run_start:].max(), 1))
+    more_steps = ("raise max_steps or max_iter; where you set either, leaving both None "
+                  "gives the default budget")
     if n < _MIN_ASSESSED_STEPS:
         problems.append((
             "unconverged",
-            f"The fit stopped after only {n} steps of {config.batch_size} rows, too few for "
-            "any dictionary to converge. Train for more steps (raise max_steps or max_iter, "
-            "or leave both None for the default budget).",
+            f"The fit stopped after only {n} steps of {batch} rows, too few for any "
+            f"dictionary to converge. Train for more steps ({more_steps}).",
         ))
         return problems
     # Compare the two windows that end where the final decay starts: the
@@ -1289,10 +1292,9 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
     if reasons:
         problems.append((
             "unconverged",
-            f"The fit stopped after {n} steps of {config.batch_size} rows while "
+            f"The fit stopped after {n} steps of {batch} rows while "
             + " and ".join(reasons)
             + ": the dictionary is probably not converged. Train for more steps "
-            "(raise max_steps or max_iter, or leave both None for the default budget) "
-            "or use a smaller batch_size for more steps on the same rows.",
+            f"({more_steps}) or use a smaller batch_size for more steps on the same rows.",
         ))
     return problems
