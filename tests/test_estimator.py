@@ -704,6 +704,23 @@ def test_a_few_rows_of_outsized_norm_neither_set_the_scale_nor_pass_silently():
     assert est.scale_ == pytest.approx(plain.scale_, rel=0.01)
 
 
+def test_repeated_rows_count_once_for_the_atoms():
+    # 500 distinct rows repeated ten times: as easy to memorise as 500.
+    rng = np.random.RandomState(0)
+    base = rng.exponential(size=(500, 16)).astype(np.float32)
+    X = base[rng.randint(0, 500, size=5000)]
+    with pytest.warns(UserWarning, match=r"X has about [45]\d\d distinct rows among its "
+                                         r"5,000 \(its rows repeat\) for 64 atoms") as record:
+        SparseAutoencoderDictionary(n_components=64, max_steps=3, random_state=0).fit(X)
+    assert [w.filename for w in record if "distinct rows" in str(w.message)] == [__file__]
+    # As many rows, none repeated: nothing to say.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SparseAutoencoderDictionary(n_components=64, max_steps=3, random_state=0).fit(
+            rng.exponential(size=(5000, 16)).astype(np.float32))
+    assert not [w for w in caught if "rows an atom" in str(w.message)]
+
+
 def test_few_rows_for_the_atoms_warn_before_training():
     X = np.abs(np.random.RandomState(0).standard_normal((200, 8))).astype(np.float32)
     with pytest.warns(UserWarning, match=r"200 rows for 32 atoms \(6\.2 rows an atom\)") as record:

@@ -299,6 +299,45 @@ def _dominant_rows(sample, norms, centre):
     return DominantRows(k, n, share, rest)
 
 
+# Rows of the initial sample whose repeats are counted (a sort of this many
+# rows' bytes: a millisecond or so).
+_DISTINCT_PROBE_ROWS = 1024
+# Fewer distinct rows than this share of the probe: X repeats its rows.
+_REPEATED_SHARE = 0.9
+
+
+def _distinct_rows(sample, n_samples):
+    """An estimate of how many distinct rows X has, or None when the sample shows no repeats.
+
+    The first rows of the sample are compared byte for byte. Where many
+    repeat, X is taken to be ``D`` equally frequent distinct rows drawn
+    with replacement, which shows ``D * (1 - exp(-m / D))`` distinct ones in
+    ``m`` draws; ``D`` is solved for (by bisection).
+    """
+    probe = np.ascontiguousarray(sample[:_DISTINCT_PROBE_ROWS])
+    m = len(probe)
+    if m < 2:
+        return None
+    # Each row projected on a fixed random direction: far cheaper than
+    # sorting the rows' bytes. Distinct rows practically never project
+    # alike; equal rows do, up to the rounding of a product that could sum
+    # two positions differently, which would only hide a few repeats.
+    direction = np.random.RandomState(0).standard_normal(probe.shape[1]).astype(probe.dtype)
+    seen = len(np.unique(probe @ direction))
+    if seen >= _REPEATED_SHARE * m:
+        return None
+    if n_samples <= m:
+        return seen  # the probe is all of X
+    low, high = float(seen), float(n_samples)
+    for _ in range(60):
+        mid = 0.5 * (low + high)
+        if mid * -math.expm1(-m / mid) < seen:
+            low = mid
+        else:
+            high = mid
+    return int(round(min(high, n_samples)))
+
+
 class Trainer:
     """Owns an autoencoder, its optimiser and its running statistics.
 
@@ -334,8 +373,10 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scale = None
         self.variance = None
-        # Set by initialize when a few rows hold most of the data's spread.
+        # Set by initialize when a few rows hold most of the data's spread,
+        # and when its rows repeat (an estimate of how many are distinct).
         self.dominant_rows = None
+        self.distinct_rows = None
         # False during a data-parallel run, whose steps sum .grad over the
         # ranks and whose broadcasts write parameters without torch's version
         # counts: no low-precision gradients, no operand copies written by the
@@ -428,6 +469,7 @@ class Trainer:
             centre = geometric_median(points.to(self.device)).cpu().numpy()
         self.scale = _input_scale(n_features, msn, mean, centre)
         self.dominant_rows = _dominant_rows(sample, norms, centre)
+        self.distinct_rows = _distinct_rows(sample, X.shape[0])
         if self.dominant_rows is not None:
             self.scale = math.sqrt(n_features / self.dominant_rows.rest_spread)
         # The error of reconstructing every row by the mean, in scaled units
