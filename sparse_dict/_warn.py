@@ -5,8 +5,9 @@ import warnings
 
 # Frames of these packages are skipped: a warning raised inside fit points
 # at the line that called fit (or the Pipeline or search that did), not at
-# scikit-learn's wrapper around it or at this package's own modules.
-_SKIPPED = ("sparse_dict", "sklearn")
+# scikit-learn's wrapper around it, at joblib's loop that runs a search's
+# fits in this process, or at this package's own modules.
+_SKIPPED = ("sparse_dict", "sklearn", "joblib")
 
 
 def _skipped(frame):
