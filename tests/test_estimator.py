@@ -743,8 +743,11 @@ def test_warnings_after_training_point_at_the_callers_line():
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.pipeline import make_pipeline
 
+    from sklearn.model_selection import GridSearchCV
+
     X, _, _ = make_superposition(2000, 16, 32, n_active=3, random_state=0, dtype=np.float32)
-    for fit in (lambda est: est.fit(X), lambda est: make_pipeline(est).fit(X)):
+    for fit in (lambda est: est.fit(X), lambda est: make_pipeline(est).fit(X),
+                lambda est: GridSearchCV(est, {"k": [2]}, cv=2).fit(X)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             fit(SparseAutoencoderDictionary(1024, activation="topk", k=2, resample_dead=False,
