@@ -21,7 +21,7 @@ from sklearn.base import (
     _fit_context,
 )
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils import check_random_state, metadata_routing
+from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
@@ -716,10 +716,6 @@ class SparseAutoencoderDictionary(
     3
     """
 
-    # fit's provenance is a record for the fitted dictionary, not data to
-    # route through meta-estimators; it adds no set_fit_request method.
-    __metadata_request__fit = {"provenance": metadata_routing.UNUSED}
-
     _parameter_constraints = {
         "n_components": [IntegerInterval(1, None, closed="left"), None],
         "activation": [StrOptions(set(ACTIVATIONS))],
@@ -1215,7 +1211,9 @@ class SparseAutoencoderDictionary(
             reset=reset,
             accept_sparse="csr",
             dtype=_accepted_dtypes(X),
-            ensure_min_samples=2,
+            # The first call sets the scale and the decoder bias from the rows;
+            # a later one may be a stream's last row.
+            ensure_min_samples=2 if reset else 1,
             # _check_values does it, in the same pass as its range check.
             ensure_all_finite=False,
         )
@@ -1372,6 +1370,8 @@ class SparseAutoencoderDictionary(
                             "is not known for this dictionary (read from SAELens); set "
                             "transform_n_nonzero_coefs.")
                     n_nonzero = max(1, int(round(l0)))
+            # Its codes are this estimator's to wrap: a global
+            # set_output(transform="pandas") must not make them a DataFrame here.
             lasso = LassoCoder(
                 self.components_,
                 algorithm=self.transform_algorithm,
@@ -1380,7 +1380,7 @@ class SparseAutoencoderDictionary(
                 offset=self.decoder_bias_,
             )
             width = np.zeros((1, self.n_features_in_), dtype=self.components_.dtype)
-            coder = (settings, lasso.fit(width))
+            coder = (settings, lasso.set_output(transform="default").fit(width))
             self._coder = coder
         return coder[1]
 
@@ -1450,7 +1450,10 @@ class SparseAutoencoderDictionary(
         check_is_fitted(self)
         if not is_writer(self._distributed()):
             return Path(path)
-        params = self.get_params()
+        # numpy scalars (a search's grid gives them) as the plain numbers
+        # JSON holds.
+        params = {name: value.item() if isinstance(value, np.generic) else value
+                  for name, value in self.get_params().items()}
         params["callback"] = None
         # An array: kept in the weights file (below), not in the JSON.
         params["dict_init"] = None

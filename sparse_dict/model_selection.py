@@ -280,7 +280,12 @@ class BestUnderL0:
         return int(np.argmax(masked))
 
     def __repr__(self):
-        return f"best_under_l0(max_l0={self.max_l0!r})"
+        # The metric names only where they are not the defaults, as
+        # scikit-learn prints estimators.
+        extra = "".join(f", {name}={value!r}" for name, value, default in (
+            ("score", self.score, "explained_variance"), ("l0", self.l0, "l0"))
+            if value != default)
+        return f"best_under_l0(max_l0={self.max_l0!r}{extra})"
 
 
 def best_under_l0(max_l0, *, score="explained_variance", l0="l0"):

@@ -791,6 +791,50 @@ def test_a_changed_activation_is_refused_until_fit(tmp_path):
     assert (sae.transform(X) > 0).sum(axis=1).max() == 5
 
 
+def test_scikit_learn_machinery_a_search_combines_it_with(tmp_path):
+    import sklearn
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from sparse_dict.model_selection import explained_variance_scorer
+
+    X, _, _ = make_superposition(600, 8, 16, n_active=2, random_state=0, dtype=np.float32)
+    params = dict(n_components=16, max_steps=20, batch_size=64, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # A global pandas output leaves score's own codes arrays (OMP's codes
+        # were a DataFrame inside score, which failed).
+        omp = SparseAutoencoderDictionary(transform_algorithm="omp", **params).fit(X)
+        with sklearn.config_context(transform_output="pandas"):
+            assert hasattr(omp.transform(X[:3]), "columns")
+            assert np.isfinite(omp.score(X))
+        # A grid of numpy integers saves (JSON has no int64).
+        search = GridSearchCV(SparseAutoencoderDictionary(activation="topk", **params),
+                              {"k": np.arange(2, 4)}, cv=2,
+                              scoring=explained_variance_scorer).fit(X)
+        assert isinstance(search.best_estimator_.k, np.integer)
+        saved = search.best_estimator_.save(tmp_path / "best")
+        assert SparseAutoencoderDictionary.load(saved).k == search.best_estimator_.k
+        # With metadata routing on, provenance is requested as any fit
+        # argument is (SLEP006).
+        provenance = {"model": "test", "n_features": 8}
+        with sklearn.config_context(enable_metadata_routing=True):
+            sae = SparseAutoencoderDictionary(**params).set_fit_request(provenance=True)
+            pipe = make_pipeline(StandardScaler(), sae).fit(X, provenance=provenance)
+            assert pipe[-1].provenance_["model"] == "test"
+            with pytest.raises(Exception, match="provenance"):
+                make_pipeline(SparseAutoencoderDictionary(**params)).fit(
+                    X, provenance=provenance)
+        # A stream's last chunk may be one row, once the model is set up.
+        stream = SparseAutoencoderDictionary(**params)
+        stream.partial_fit(X[:300])
+        stream.partial_fit(X[300:301])
+        assert stream.n_iter_ == 2
+        with pytest.raises(ValueError, match="minimum of 2"):
+            SparseAutoencoderDictionary(**params).partial_fit(X[:1])
+
+
 # ------------------------------------------------------------- dict_init
 
 

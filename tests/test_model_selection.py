@@ -222,6 +222,8 @@ def test_best_under_l0_errors():
                         "params {'l1_coef': 1}"),
     ):
         best_under_l0(max_l0=10)(results)
+    assert repr(best_under_l0(3)) == "best_under_l0(max_l0=3)"
+    assert repr(best_under_l0(3, score="mse")) == "best_under_l0(max_l0=3, score='mse')"
     with pytest.raises(ValueError, match="every mean L0 is NaN"):
         best_under_l0(max_l0=10)(_results([np.nan], [np.nan]))
     # Within the budget but unscored: the scores are what failed.
