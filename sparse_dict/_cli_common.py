@@ -240,7 +240,7 @@ def _jsonl_texts(path):
 
 
 def _texts_of(path, split):
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         texts = _jsonl_texts(path)
     elif split == "lines":
         texts = _lines(path)

@@ -352,7 +352,11 @@ def _demo_folder():
         <= {"results", "settings", "n_eval_tokens", "size_curve"})
     return _persist.folder_kind("sparse-dict demo folder", {
         "features.html": _persist.HTML, "density.png": _persist.PNG,
-        "training.png": _persist.PNG, "results.json": results, "results.txt": None,
+        # The table's own header: a file of the user's named results.txt
+        # is not the demo's to replace.
+        "training.png": _persist.PNG, "results.json": results,
+        "results.txt": _persist.text_kind("demo results table",
+                                          "fit rows  fit time  explained var"),
         "dictionary": SAVED_DICTIONARY,
     })
 

@@ -170,6 +170,11 @@ HTML = Kind("feature browser page", False,
 TOKENS = Kind("tokens file written by 'sparse-dict extract'", False, _tokens_file)
 
 
+def text_kind(name, marker):
+    """A :class:`Kind` of text files this package writes, recognised by ``marker`` in their head."""
+    return Kind(name, False, _file_with_magic(b"", contains=marker.encode()))
+
+
 def json_kind(name, check):
     """A :class:`Kind` of JSON files whose parsed content passes ``check``."""
     return Kind(name, False, _json_file(check))
@@ -259,8 +264,8 @@ def _check_replaceable(path, kind):
     if path.is_symlink() or path.is_dir() != kind.folder or not kind.recognize(path):
         raise FileExistsError(
             f"{path} already exists and is {_describe(path)} that is not a {kind.name}; "
-            "refusing to replace it, even with overwrite, since it was not written by "
-            "sparse_dict. Remove it yourself or choose another name."
+            "refusing to replace it, even with overwrite, since sparse_dict did not write "
+            "it as one. Remove it yourself or choose another name."
         )
 
 
@@ -309,9 +314,11 @@ def check_target(path, kind, *, overwrite=False, inputs=(), hint="overwrite=True
         return path
     if kind.folder and _is_empty_dir(path):
         return path  # an empty folder holds nothing to lose
+    # What may never be replaced is said first: advising overwrite there
+    # would only lead to this refusal.
+    _check_replaceable(path, kind)
     if not overwrite:
         raise FileExistsError(f"{path} already exists; pass {hint} to replace it")
-    _check_replaceable(path, kind)
     return path
 
 

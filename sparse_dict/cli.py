@@ -811,7 +811,10 @@ def _user_error(err):
         if err.strerror and err.filename is not None:
             return f"{err.strerror}: {str(err.filename)!r}", EXIT_USAGE
         return _first_line(err), EXIT_USAGE
-    if isinstance(err, MemoryError):
+    # torch's own (a RuntimeError subclass on a GPU, a plain RuntimeError
+    # from its CPU allocator) are the same condition as Python's.
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or (
+            isinstance(err, RuntimeError) and "can't allocate memory" in str(err)):
         return "out of memory; try smaller inputs or a smaller --batch-size", EXIT_USAGE
     if type(err).__name__ == "SafetensorError":  # a damaged weights file
         return f"damaged safetensors file: {_first_line(err)}", EXIT_USAGE

@@ -121,6 +121,11 @@ def test_fit_overwrite_never_replaces_a_user_folder(work, capsys):
                           "1", "--device", "cpu", "-q"], capsys)
     assert status == 2 and "not a saved dictionary" in one_line(err)
     assert (docs / "thesis.txt").read_text() == "three years" and (docs / "sub").is_dir()
+    # Without --overwrite the refusal is the same: advising --overwrite
+    # would only lead to it.
+    status, _, err = run(["fit", work / "acts.npy", "-o", docs, "--max-iter", "1",
+                          "--device", "cpu", "-q"], capsys)
+    assert status == 2 and "refusing to replace it, even with overwrite" in one_line(err)
 
 
 def test_fit_overwrite_replaces_a_saved_dictionary(work, capsys):
@@ -228,6 +233,11 @@ STATUSES = [
      "Permission denied"),
     ("disk full", OSError(28, "No space left on device", "/x/codes.npy"), 2, "No space left"),
     ("out of memory", MemoryError(), 2, "out of memory"),
+    ("torch out of memory", __import__("torch").OutOfMemoryError("CUDA out of memory."), 2,
+     "out of memory"),
+    ("torch's CPU allocator", RuntimeError("[enforce fail at alloc_cpu.cpp] "
+                                           "DefaultCPUAllocator: can't allocate memory"), 2,
+     "out of memory"),
     ("existing output", FileExistsError("/x already exists; pass --overwrite"), 2, "--overwrite"),
 ]
 
@@ -356,6 +366,12 @@ def test_demo_is_all_or_nothing(tmp_path, monkeypatch, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "results.txt").write_text("my results")
+    status, _, err = run(["demo", "--tiny", "--out", mine, "--overwrite", "-q"], capsys)
+    assert status == 2 and "not a sparse-dict demo folder" in one_line(err)
+    assert (mine / "results.txt").read_text() == "my results"
+    # Beside a page the package wrote, a results.txt of the user's is still
+    # the user's: the folder is not the demo's.
+    (mine / "features.html").write_bytes((out / "features.html").read_bytes())
     status, _, err = run(["demo", "--tiny", "--out", mine, "--overwrite", "-q"], capsys)
     assert status == 2 and "not a sparse-dict demo folder" in one_line(err)
     assert (mine / "results.txt").read_text() == "my results"

@@ -375,6 +375,9 @@ def test_a_json_lines_text_may_hold_a_line_separator(tmp_path):
     path.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n"
                     + json.dumps("c\u2029d", ensure_ascii=False) + "\n", encoding="utf-8")
     assert read_texts(path, "lines") == ["a\u2028b", "c\u2029d"]
+    # The suffix in capitals is JSON lines too (it was read as plain text).
+    upper = path.rename(tmp_path / "T.JSONL")
+    assert read_texts(upper, "lines") == ["a\u2028b", "c\u2029d"]
 
 
 def test_a_dictionary_of_an_unnamed_torch_module_needs_model(tmp_path):
