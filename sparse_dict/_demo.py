@@ -66,7 +66,7 @@ _SIZE_CURVE_TINY = {"sizes": (16, 32), "k": 4, "steps": 20, "batch_size": 128}
 
 
 # Sizes of ``demo --tiny``: enough of every stage to check an installation in
-# seconds. They replace only the options left at their defaults.
+# seconds. They replace only the options left unset.
 _TINY = {
     "n_texts": 24,
     "n_eval_texts": 6,
@@ -363,9 +363,12 @@ def _demo_folder():
 
 def cmd_demo(args):
     if args.tiny:
+        # The options given on the command line are the user's, even where
+        # they equal the defaults; --tiny sizes the others.
+        given = getattr(args, "argv", ())
         for name, value in _TINY.items():
-            default = {**_DEMO_DEFAULTS, **_DEMO_ESTIMATOR_DEFAULTS}.get(name)
-            if getattr(args, name) == default:
+            option = "--" + name.replace("_", "-")
+            if not any(a == option or a.startswith(option + "=") for a in given):
                 setattr(args, name, value)
     # The folder is built under a temporary name and renamed into place at
     # the end, so an error or Ctrl-C leaves no partial folder behind.

@@ -387,6 +387,14 @@ def test_demo_without_size_curve(builtin_model, tmp_path, capsys):
     assert status == 0, err
     assert "Size curve" not in stdout and "size curve skipped" in err
     assert json.loads((tmp_path / "d" / "results.json").read_text())["size_curve"] == []
+    # --tiny sizes only what was left unset: a value given equal to the
+    # default is the user's (it was replaced by the tiny one).
+    status, _, err = run(["demo", "--tiny", "--no-classical", "--no-size-curve", "-q",
+                          "--max-length", "128", "--n-components", "48",
+                          "--out", tmp_path / "e", "--device", "cpu"], capsys)
+    assert status == 0, err
+    settings = json.loads((tmp_path / "e" / "results.json").read_text())["settings"]
+    assert (settings["max_length"], settings["n_components"], settings["n_texts"]) == (128, 48, 24)
 
 
 def test_demo_classical_codes_are_computed_once(builtin_model, tmp_path, capsys, monkeypatch):
