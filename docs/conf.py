@@ -75,7 +75,10 @@ numpydoc_show_inherited_class_members = False
 numpydoc_class_members_toctree = False
 numpydoc_xref_param_type = False
 
-autodoc_default_options = {"members": True, "member-order": "bysource"}
+# set_fit_request is scikit-learn's generated routing method: its docstring
+# points into scikit-learn's own glossary, which these docs do not have.
+autodoc_default_options = {"members": True, "member-order": "bysource",
+                           "exclude-members": "set_fit_request"}
 autodoc_typehints = "none"
 autoclass_content = "class"
 
