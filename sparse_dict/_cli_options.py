@@ -141,13 +141,28 @@ def _npy_array(text):
     import numpy as np
 
     try:
-        # No pickles: an array file must not be able to run code.
-        return np.load(text, allow_pickle=False)
+        with open(text, "rb") as fh:
+            magic = fh.read(6)
     except FileNotFoundError:
         raise argparse.ArgumentTypeError(f"no file {text!r}") from None
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} ({exc.strerror})") from None
+    if magic != b"\x93NUMPY":
+        # np.load would call any other file a pickle, which misleads.
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a .npy file (as written by numpy.save)")
+    try:
+        # No pickles: an array file must not be able to run code.
+        array = np.load(text, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise argparse.ArgumentTypeError(
             f"cannot read {text!r} as a .npy array ({exc})") from None
+    # The array parameters (dict_init) are matrices: one row per atom.
+    if array.ndim != 2:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} holds an array of shape {array.shape}; expected 2 dimensions "
+            "(one row per atom)")
+    return array
 
 
 def _union(interval_kind, interval, words, boolean, none_ok):

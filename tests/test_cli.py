@@ -573,6 +573,16 @@ def test_fit_starts_from_a_dict_init_file(tmp_path, capsys):
     status, _, err = run(["fit", acts, "-o", tmp_path / "e", "--dict-init",
                           tmp_path / "objects.npy"], capsys)
     assert status == 2 and "cannot read" in err and "as a .npy array" in err
+    # A text file, and a 1-D array: named as what they are.
+    (tmp_path / "notes.txt").write_text("my atoms")
+    status, _, err = run(["fit", acts, "-o", tmp_path / "e", "--dict-init",
+                          tmp_path / "notes.txt"], capsys)
+    assert status == 2 and "--dict-init" in err and "is not a .npy file" in err
+    np.save(tmp_path / "flat.npy", np.ones(16))
+    status, _, err = run(["fit", acts, "-o", tmp_path / "e", "--dict-init",
+                          tmp_path / "flat.npy"], capsys)
+    assert status == 2 and "shape (16,); expected 2 dimensions (one row per atom)" in err
+    assert not (tmp_path / "e").exists()
     status, _, err = run(["fit", acts, "-o", tmp_path / "e", "--dict-init",
                           tmp_path / "atoms.npy", "--n-components", "8", "-q"], capsys)
     assert_one_line_error(status, err, "dict_init has shape (32, 16)")
