@@ -288,19 +288,19 @@ def _dominant_rows(sample, norms, centre):
     centre = np.asarray(centre, dtype=np.float64)
     spread = norms - 2.0 * (sample @ centre.astype(sample.dtype)) + centre @ centre
     k = max(1, n // 1000)
-    top = np.argpartition(spread, n - k)[n - k:]
+    largest = float(spread[np.argpartition(spread, n - k)[n - k:]].sum())
     total = float(spread.sum())
-    share = float(spread[top].sum()) / total if total > 0 else 0.0
+    share = largest / total if total > 0 else 0.0
     if not share > _DOMINANT_SHARE:
         return None
-    rest = (total - float(spread[top].sum())) / (n - k)
+    rest = (total - largest) / (n - k)
     if not rest > 0:
         return None
     return DominantRows(k, n, share, rest)
 
 
-# Rows of the initial sample whose repeats are counted (a sort of this many
-# rows' bytes: a millisecond or so).
+# Rows of the initial sample whose repeats are counted (a product and a sort
+# of this many numbers: about a millisecond).
 _DISTINCT_PROBE_ROWS = 1024
 # Fewer distinct rows than this share of the probe: X repeats its rows.
 _REPEATED_SHARE = 0.9
@@ -309,8 +309,8 @@ _REPEATED_SHARE = 0.9
 def _distinct_rows(sample, n_samples):
     """An estimate of how many distinct rows X has, or None when the sample shows no repeats.
 
-    The first rows of the sample are compared byte for byte. Where many
-    repeat, X is taken to be ``D`` equally frequent distinct rows drawn
+    The first rows of the sample are compared by their projections on one
+    random direction. Where many repeat, X is taken to be ``D`` equally frequent distinct rows drawn
     with replacement, which shows ``D * (1 - exp(-m / D))`` distinct ones in
     ``m`` draws; ``D`` is solved for (by bisection).
     """
@@ -467,11 +467,11 @@ class Trainer:
             # over 2048 rows each, tens of milliseconds on a host, one on a GPU.
             # The rows cross in float32 (half the bytes) and are widened there.
             centre = geometric_median(points.to(self.device)).cpu().numpy()
-        self.scale = _input_scale(n_features, msn, mean, centre)
         self.dominant_rows = _dominant_rows(sample, norms, centre)
         self.distinct_rows = _distinct_rows(sample, X.shape[0])
-        if self.dominant_rows is not None:
-            self.scale = math.sqrt(n_features / self.dominant_rows.rest_spread)
+        # A few rows that dominate the spread do not set the scale.
+        self.scale = (_input_scale(n_features, msn, mean, centre) if self.dominant_rows is None
+                      else math.sqrt(n_features / self.dominant_rows.rest_spread))
         # The error of reconstructing every row by the mean, in scaled units
         # (a run that ends far above it has diverged): E||x||^2 - ||E x||^2.
         self.variance = max(float(self.scale ** 2 * (msn - mean @ mean)), 0.0)
@@ -511,11 +511,6 @@ class Trainer:
             calibrate(self.model, self.model.pre_activations(sample))
 
     @torch.no_grad()
-    def mean_l0(self, sample):
-        """Mean number of active codes per row of ``sample`` at inference."""
-        return self.sample_stats(sample)[0]
-
-    @torch.no_grad()
     def sample_stats(self, sample):
         """Mean L0 and mean squared reconstruction error per row of ``sample``, at inference.
 
@@ -525,12 +520,14 @@ class Trainer:
         """
         if not sample.shape[0]:
             return float("nan"), float("nan")
-        active, error = 0, 0.0
+        # Summed on the device, read once: one synchronisation, not two a chunk.
+        active = torch.zeros((), dtype=torch.float64, device=sample.device)
+        error = torch.zeros((), dtype=torch.float64, device=sample.device)
         for chunk in sample.split(4096):
             recon, codes = self.model(chunk)
-            active += int((codes > 0).sum())
-            error += float((chunk - recon).double().pow(2).sum())
-        return active / sample.shape[0], error / sample.shape[0]
+            active += (codes > 0).sum()
+            error += (chunk - recon).double().pow(2).sum()
+        return float(active) / sample.shape[0], float(error) / sample.shape[0]
 
     @classmethod
     def from_parameters(cls, params, scale, device, seed, activation=None):
