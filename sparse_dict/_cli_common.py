@@ -118,11 +118,15 @@ def _write_tokens(store, path, chunk=1 << 16):
 
 def _npy_name(path):
     """The name numpy.save gives ``path``: with ``.npy`` added if it lacks it."""
+    text = os.fspath(path)
     path = Path(path)
-    if not path.name:
-        # ".", "..", "" or "/": a folder, not a file's name.
-        raise CLIError(f"{str(path)!r} names a folder; give the output file's name "
-                       "(for example acts.npy)")
+    # ".", "..", "" or "/", a name ending in a separator ("out/", which Path
+    # would read as "out" and numpy.save as "out.npy"), or an existing
+    # folder: a folder, not a file's name.
+    if not path.name or text.endswith(("/", os.sep)) or path.is_dir():
+        example = "acts.npy" if not path.name else str(path / "acts.npy")
+        raise CLIError(f"{text!r} names a folder; give the output file's name "
+                       f"(for example {example})")
     return path if path.suffix == ".npy" else path.with_name(path.name + ".npy")
 
 

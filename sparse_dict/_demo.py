@@ -8,6 +8,7 @@ saved dictionary and a feature browser.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 import warnings
@@ -325,19 +326,23 @@ def _steering_example(extractor, sae, effects, codes, X, dictionary):
     size = np.where(fired[effects.features] & readable, effects.promoted_logits[:, 0], -np.inf)
     row = int(np.argmax(size))
     feature = int(effects.features[row])
-    strength = _STEERING_SHARE * float(np.sqrt(np.mean(np.sum(
-        np.asarray(X, dtype=np.float64) ** 2, axis=1))))
+    # Rounded as it is printed, so that the printed command does exactly this.
+    strength = round(_STEERING_SHARE * float(np.sqrt(np.mean(np.sum(
+        np.asarray(X, dtype=np.float64) ** 2, axis=1)))), 2)
     plain, steered = (
         steer(extractor, sae, [_STEERING_PROMPT], feature, s, max_new_tokens=_STEERING_TOKENS)[0]
         for s in (0.0, strength))
     promoted = ", ".join(repr(t) for t in effects.promoted_tokens[row, :5])
+    # Quoted for a POSIX shell: the folder may hold spaces, the prompt does.
+    command = ["sparse-dict", "steer", str(dictionary), _STEERING_PROMPT,
+               "--feature", str(feature), "--strength", f"{strength:.2f}",
+               "--max-new-tokens", str(_STEERING_TOKENS)]
     return "\n".join([
         f"Steering with feature {feature} (it promotes {promoted}), its atom added "
         f"at strength {strength:.2f} to every position:",
         f"  {_STEERING_PROMPT!r} + without steering: {plain!r}",
         f"  {_STEERING_PROMPT!r} + with steering:    {steered!r}",
-        f"  (sparse-dict steer {dictionary} --feature {feature} --strength {strength:.2f} "
-        f"{_STEERING_PROMPT!r} does the same)",
+        f"  ({shlex.join(command)} does the same)",
     ])
 
 

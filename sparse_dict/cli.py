@@ -12,7 +12,8 @@ Subcommands::
 
 Every failure a user can cause (a missing or unreadable file, an array of the
 wrong shape, a bad option) ends with one line on stderr and exit status 2;
-``--traceback`` shows the full Python traceback instead, for bug reports.
+``--traceback`` adds the full Python traceback, for bug reports (the exit
+status stays the same).
 Heavy libraries (torch, scikit-learn, matplotlib) are imported only by the
 subcommand that needs them, so ``--help`` answers at once.
 """
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import warnings
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -401,7 +403,7 @@ def _add_common(p):
     )
     p.add_argument(
         "--traceback", action="store_true",
-        help="on an error, show the full Python traceback instead of one line",
+        help="on an error, also show the full Python traceback (for a bug report)",
     )
 
 
@@ -501,6 +503,18 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports an unknown option of a subcommand from the top
+        # level ("sparse-dict: error: ..., see 'sparse-dict --help'"), whose
+        # help does not list the subcommand's options; the subcommand's
+        # parser reports it here, pointing at its own --help.
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = getattr(self, "commands", {})
+            commands.get(getattr(namespace, "command", None), self).error(
+                f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
+
 
 # ``fit`` is seeded like ``demo``, so that two runs of one command agree.
 _FIT_DEFAULTS = {"random_state": 0}
@@ -532,6 +546,7 @@ def build_parser(command=None):
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    parser.commands = sub.choices
 
     d = _DEMO_DEFAULTS
     p = sub.add_parser(
@@ -768,8 +783,10 @@ def main(argv=None):
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - the promise is one line, never a traceback
         if args.traceback:
-            raise
-        message, status = _user_error(err)
+            # The full traceback for a bug report, and the same exit status
+            # as without it (a script that checks for 2 must see 2).
+            traceback.print_exc()
+        message, status = _user_error(err, traceback_shown=args.traceback)
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return status
 
@@ -795,7 +812,7 @@ def _first_line(err):
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _user_error(err):
+def _user_error(err, traceback_shown=False):
     """The one-line message for ``err`` and the exit status: 2 if the user can fix it, else 1."""
     # ValueError and TypeError are how the estimators reject bad input (NaN,
     # wrong shapes, invalid parameters), with a message meant for users.
@@ -819,5 +836,6 @@ def _user_error(err):
     if type(err).__name__ == "SafetensorError":  # a damaged weights file
         return f"damaged safetensors file: {_first_line(err)}", EXIT_USAGE
     first = str(err).splitlines()[0] if str(err) else ""
-    return (f"{type(err).__name__}: {first} (a bug: please report it; rerun with "
-            "--traceback for details)"), EXIT_BUG
+    how = (" with the traceback above" if traceback_shown
+           else "; rerun with --traceback for details")
+    return f"{type(err).__name__}: {first} (a bug: please report it{how})", EXIT_BUG

@@ -8,6 +8,7 @@ check the real entry point and that errors print no traceback.
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -334,7 +335,7 @@ def test_fit_refuses_to_overwrite(fitted, capsys):
 
 
 def test_demo_tiny_prints_table_and_writes_every_file(builtin_model, tmp_path, capsys):
-    out = tmp_path / "demo"
+    out = tmp_path / "my demo"  # a space, which the printed steer command must quote
     status, stdout, err = run(["demo", "--tiny", "--out", out, "--device", "cpu"], capsys)
     assert status == 0, err
     assert "SparseAutoencoderDictionary" in stdout
@@ -371,6 +372,16 @@ def test_demo_tiny_prints_table_and_writes_every_file(builtin_model, tmp_path, c
     # --tiny says its numbers are a smoke test; the table says which tokens it used.
     assert "smoke test" in stdout
     assert re.search(r"Measured on [\d,]+ tokens of 6 texts of held-out works", stdout)
+    # The steering example's command, run as a shell would split it, continues
+    # the prompt exactly as the demo printed.
+    command = re.search(r"\((sparse-dict steer .*) does the same\)", stdout)
+    assert command, stdout
+    argv = shlex.split(command.group(1))
+    assert argv[2] == str(out / "dictionary") and "--max-new-tokens" in argv
+    status, steered, err = run(argv[1:] + ["--device", "cpu", "-q"], capsys)
+    assert status == 0, err
+    continuation = re.compile(r"with steering: +(.*)")
+    assert continuation.search(steered).group(1) == continuation.search(stdout).group(1)
 
 
 def test_demo_quiet_and_no_classical(builtin_model, tmp_path, capsys):

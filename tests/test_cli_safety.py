@@ -93,10 +93,17 @@ def test_an_output_inside_an_input_folder_is_refused(work, texts, capsys):
 
 def test_a_folder_given_as_an_output_file_is_named(work, texts, capsys, monkeypatch):
     monkeypatch.chdir(work)
+    (work / "codes").mkdir()
+    before = listing(work)
+    # "new/" and an existing folder were written as new.npy and codes.npy beside them.
     for args in (["extract", texts, "-o", "."], ["encode", work / "dict", work / "acts.npy",
-                                                 "-o", "."], ["extract", texts, "-o", ""]):
+                                                 "-o", "."], ["extract", texts, "-o", ""],
+                 ["extract", texts, "-o", "new/"],
+                 ["encode", work / "dict", work / "acts.npy", "-o", "codes"]):
         status, _, err = run(args, capsys)
         assert status == 2 and "names a folder; give the output file's name" in one_line(err)
+        assert listing(work) == before, args
+    assert "for example codes/acts.npy" in err
     status, _, err = run(["demo", "--max-length", "1", "-o", work / "demo"], capsys)
     assert status == 2 and "--max-length: expected an integer >= 2" in err
     assert not (work / "demo").exists()
@@ -250,10 +257,27 @@ def test_exit_statuses(work, monkeypatch, capsys, what, exc, status, words):
     assert words in one_line(err)
 
 
-def test_traceback_option_shows_the_error(work, monkeypatch):
-    monkeypatch.setattr(cli, "cmd_encode", _raises(RuntimeError("boom")))
-    with pytest.raises(RuntimeError, match="boom"):
-        main(["encode", str(work / "dict"), str(work / "acts.npy"), "-o", "c.npy", "--traceback"])
+@pytest.mark.parametrize("exc,status", [(RuntimeError("boom"), 1), (ValueError("boom"), 2)])
+def test_traceback_option_shows_the_error(work, monkeypatch, capsys, exc, status):
+    # The traceback is added, and the exit status stays what it is without it.
+    monkeypatch.setattr(cli, "cmd_encode", _raises(exc))
+    got, _, err = run(["encode", work / "dict", work / "acts.npy", "-o", "c.npy", "--traceback"],
+                      capsys)
+    assert got == status
+    assert "Traceback (most recent call last)" in err
+    assert f"{type(exc).__name__}: boom\n" in err
+    last = err.rstrip().splitlines()[-1]
+    assert last.startswith("sparse-dict encode: error: ") and "rerun" not in last
+
+
+def test_an_unknown_option_is_reported_by_its_subcommand(work, capsys):
+    status, _, err = run(["encode", work / "dict", work / "acts.npy", "-o", "c.npy", "--bogus",
+                          "3"], capsys)
+    assert status == 2
+    assert one_line(err) == ("sparse-dict encode: error: unrecognized arguments: --bogus 3 "
+                             "(see 'sparse-dict encode --help')")
+    status, _, err = run(["--bogus"], capsys)
+    assert status == 2 and "see 'sparse-dict --help'" in one_line(err)
 
 
 def test_a_write_refused_by_the_system_is_exit_2(work, monkeypatch, capsys):
