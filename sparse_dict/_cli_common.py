@@ -516,7 +516,8 @@ def load_activations(path):
     A store is opened once for both; beside a .npy, the provenance is the
     file ``extract`` wrote (see :func:`_read_provenance`).
     """
-    if Path(path).is_dir() and (Path(path) / "manifest.json").is_file():
+    if Path(path).is_dir():
+        # A folder is a store, or the store's error says what it lacks.
         store = open_activations_store(path)
         return store.activations, store.provenance()
     X = load_matrix(path)

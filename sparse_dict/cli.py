@@ -203,12 +203,11 @@ def cmd_fit(args):
 
 def cmd_encode(args):
     dictionary = _load_dictionary(args.dictionary, args.device)
-    if Path(args.activations).is_dir():
-        store = open_activations_store(args.activations)
-        _check_store(store, dictionary, args)
-        X = store.activations
-    else:
-        X = load_matrix(args.activations)
+    # A store's provenance, or the one 'extract' wrote beside an .npy: the
+    # activations must come from the dictionary's hook point and model.
+    X, provenance = load_activations(args.activations)
+    if provenance is not None:
+        _check_store(provenance, dictionary, args)
     _check_width(X, dictionary, "activations")
     inputs = [args.activations, args.dictionary]
     out = _output_file(_npy_name(args.out), "output file", overwrite=args.overwrite,
@@ -302,7 +301,7 @@ def cmd_report(args):
 
 
 def _check_store(store, dictionary, args):
-    """A store's activations must come from the dictionary's hook point (and model)."""
+    """Activations (a store, or a provenance record) must come from the dictionary's hook."""
     from sparse_dict.analysis import check_compatible
 
     try:

@@ -409,6 +409,17 @@ def test_cli_extract_fit_steer_report(tmp_path, capsys):
                  "--max-steps", "40", "-q"]) == 0
     config = json.loads((folder / "config.json").read_text())
     assert config["attributes"]["provenance_"]["hook_name"] == "layer0.mlp_post"
+    # encode checks the .npy's provenance against the dictionary's: activations
+    # of another hook point (of the same width) are refused before anything is written.
+    assert main(["encode", str(folder), str(acts), "-o", str(tmp_path / "c.npy"), "-q"]) == 0
+    capsys.readouterr()
+    elsewhere = tmp_path / "elsewhere.npy"
+    np.save(elsewhere, np.load(acts))
+    (tmp_path / "elsewhere.provenance.json").write_text(
+        json.dumps(dict(saved, hook_name="layer0.resid_post")))
+    assert main(["encode", str(folder), str(elsewhere), "-o", str(tmp_path / "c2.npy")]) == 2
+    assert "but the activations are of layer0.resid_post" in capsys.readouterr().err
+    assert not (tmp_path / "c2.npy").exists()
     # Activations replaced behind the provenance's back: it is not recorded.
     other = tmp_path / "other.npy"
     np.save(other, np.load(acts)[:50])

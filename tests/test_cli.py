@@ -444,7 +444,7 @@ def test_missing_and_folder_inputs(tmp_path, texts_file, capsys):
     status, _, err = run(["fit", tmp_path / "nope.npy", "-o", tmp_path / "d"], capsys)
     assert_one_line_error(status, err, "does not exist", "nope.npy")
     status, _, err = run(["fit", tmp_path, "-o", tmp_path / "d"], capsys)
-    assert_one_line_error(status, err, "is a folder")
+    assert_one_line_error(status, err, "is not an activation store", "manifest.json")
     status, _, err = run(["extract", tmp_path / "nope.txt", "-o", tmp_path / "a.npy"], capsys)
     assert_one_line_error(status, err, "texts file", "does not exist")
     status, _, err = run(["report", tmp_path / "nodict", texts_file, "-o", tmp_path], capsys)

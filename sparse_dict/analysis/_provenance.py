@@ -44,9 +44,11 @@ def check_compatible(extractor, dictionary, *, check_model=True):
     """Raise a clear error if ``dictionary`` was not learned at ``extractor``'s hook point.
 
     ``extractor`` may also be an activation store
-    (:func:`~sparse_dict.extraction.open_store`): its activations must come
-    from the dictionary's hook point, which their widths alone cannot tell
-    (every layer of a model has the same width).
+    (:func:`~sparse_dict.extraction.open_store`), or the provenance record of
+    some activations (a dict, as ``sparse-dict extract`` writes beside an
+    ``.npy``): their activations must come from the dictionary's hook point,
+    which their widths alone cannot tell (every layer of a model has the
+    same width).
 
     The dictionary's width must be the hook's width. A dictionary whose
     ``provenance_`` was recorded from an extractor (see
@@ -57,8 +59,9 @@ def check_compatible(extractor, dictionary, *, check_model=True):
 
     Parameters
     ----------
-    extractor : TransformerActivationExtractor or ActivationStore
-        Fitted (an extractor), or complete (a store).
+    extractor : TransformerActivationExtractor, ActivationStore or dict
+        Fitted (an extractor), complete (a store), or a provenance record
+        (:meth:`~sparse_dict.TransformerActivationExtractor.provenance`).
     dictionary : fitted estimator with ``components_`` and ``n_features_in_``
     check_model : bool, default=True
         Also compare the models. False takes the extractor's model as the
@@ -87,8 +90,11 @@ def check_compatible(extractor, dictionary, *, check_model=True):
     if is_extractor:
         check_is_fitted(extractor, "n_features_out_")
     check_fitted_dictionary(dictionary)
-    current = extractor.provenance()
-    what = "the extractor" if is_extractor else "the store"
+    if isinstance(extractor, dict):
+        current, what = extractor, "the activations"
+    else:
+        current = extractor.provenance()
+        what = "the extractor" if is_extractor else "the store"
     # The provenance first: it names what the dictionary belongs to.
     recorded = getattr(dictionary, "provenance_", None)
     if isinstance(recorded, dict) and recorded.get("source") == PROVENANCE_SOURCE:
@@ -105,15 +111,17 @@ def check_compatible(extractor, dictionary, *, check_model=True):
 
 def _check_recorded(recorded, current, check_model, what="the extractor"):
     where = f"{recorded.get('hook_name')} of model {recorded.get('model')}"
+    reads, runs = (("are of", "are of model") if what == "the activations"
+                   else ("reads", "runs model"))
     if recorded.get("hook_name") != current["hook_name"]:
         raise ValueError(
             f"The dictionary was learned on activations of {where}, but {what} "
-            f"reads {current['hook_name']}; use layer/hook (or module) of the dictionary's "
+            f"{reads} {current['hook_name']}; use layer/hook (or module) of the dictionary's "
             "provenance_."
         )
     if check_model and not _same_model(recorded.get("model"), current["model"]):
         raise ValueError(
             f"The dictionary was learned on activations of {where}, but {what} "
-            f"runs model {current['model']}; give the dictionary's model (a folder that "
+            f"{runs} {current['model']}; give the dictionary's model (a folder that "
             "moved is recognised by its name)."
         )
