@@ -1652,7 +1652,11 @@ class SparseAutoencoderDictionary(
         -------
         estimator : SparseAutoencoderDictionary
             Fitted, with ``provenance_`` holding the SAE's metadata (model,
-            hook, layer, ...) and what was folded.
+            hook, layer, ...) and what was folded; a folder that
+            :meth:`to_saelens` wrote from a dictionary fitted on an
+            extractor's activations gives back that dictionary's
+            ``provenance_``, so the analysis tools know its model and hook
+            point.
 
         Raises
         ------
@@ -1719,7 +1723,11 @@ class SparseAutoencoderDictionary(
         ``inverse_transform(transform(X))``, with
         ``apply_b_dec_to_input=True`` and ``normalize_activations="none"``.
         A dictionary imported by :meth:`from_saelens` keeps its metadata
-        (model, hook, layer). Written safely as :meth:`save` writes.
+        (model, hook, layer). A dictionary fitted on an extractor's
+        activations keeps its ``provenance_`` under the metadata key
+        ``sparse_dict_provenance`` (SAELens keeps any metadata key), and its
+        ``max_length`` as ``context_size``. Written safely as :meth:`save`
+        writes.
 
         Parameters
         ----------

@@ -263,7 +263,10 @@ def read_saelens(path, *, norm_scaling_factor=None):
         ``activation`` and ``k`` (the estimator's parameters), ``dtype``,
         ``tensors`` (this package's names, float64, input units),
         ``frequencies`` (or None), ``code_scale`` (per feature: this package's
-        code is SAELens' code times it) and ``provenance``.
+        code is SAELens' code times it) and ``provenance`` (SAELens'
+        metadata and what was folded; or, for a folder :func:`write_saelens`
+        wrote from a dictionary with an extractor's provenance, that
+        provenance).
 
     Raises
     ------
@@ -331,7 +334,8 @@ def read_saelens(path, *, norm_scaling_factor=None):
             " (TopK keeps selection_scale = 1 / norm)"
             if architecture == "topk" and not rescaled else ""))
 
-    provenance = {
+    recorded = _recorded_provenance(cfg["metadata"], Path(path) / CONFIG_FILE)
+    provenance = recorded if recorded is not None else {
         "source": "SAELens",
         "architecture": architecture,
         "shared_threshold": bool(architecture == "jumprelu"
@@ -343,7 +347,7 @@ def read_saelens(path, *, norm_scaling_factor=None):
         "metadata": cfg["metadata"],
         "folded": folded,
     }
-    if architecture == "topk":
+    if architecture == "topk" and recorded is None:
         provenance["rescale_acts_by_decoder_norm"] = rescaled
     return {
         "activation": activation, "k": k,
@@ -353,6 +357,25 @@ def read_saelens(path, *, norm_scaling_factor=None):
         "code_scale": code_scale,
         "provenance": provenance,
     }
+
+
+# The metadata key under which write_saelens keeps a dictionary's extractor
+# provenance (model, layer, hook point, max_length, ...): SAELens keeps any
+# metadata key, and read_saelens gives it back as the provenance, so that a
+# dictionary converted both ways still knows its model and hook point.
+PROVENANCE_KEY = "sparse_dict_provenance"
+# The ``source`` of an extractor's provenance (as in sparse_dict.extraction,
+# which imports torch; this module does not).
+_EXTRACTOR_SOURCE = "sparse_dict.TransformerActivationExtractor"
+
+
+def _recorded_provenance(metadata, file):
+    """The extractor provenance that :func:`write_saelens` kept in ``metadata``, or None."""
+    recorded = metadata.get(PROVENANCE_KEY) if isinstance(metadata, dict) else None
+    if recorded is None:
+        return None
+    check_provenance(recorded, file, f"metadata.{PROVENANCE_KEY}")
+    return dict(recorded) if recorded.get("source") == _EXTRACTOR_SOURCE else None
 
 
 def saelens_tensors(activation, k, tensors):
@@ -429,7 +452,11 @@ def write_saelens(path, activation, k, tensors, provenance=None, *, overwrite=Fa
     k : int or None
     tensors : dict of str to ndarray
     provenance : dict, optional
-        From :func:`read_saelens`: its metadata (model, hook, ...) are written back.
+        From :func:`read_saelens`: its metadata (model, hook, ...) are written
+        back. An extractor's (``TransformerActivationExtractor.provenance()``)
+        is kept whole under ``metadata.sparse_dict_provenance``, which
+        :func:`read_saelens` gives back, and its ``max_length`` is written as
+        SAELens' ``context_size``.
     overwrite : bool, default=False
 
     Returns
@@ -443,6 +470,10 @@ def write_saelens(path, activation, k, tensors, provenance=None, *, overwrite=Fa
     weights = {name: np.ascontiguousarray(value, dtype=dtype) for name, value in weights.items()}
     provenance = provenance or {}
     metadata = dict(provenance.get("metadata") or {})
+    if provenance.get("source") == _EXTRACTOR_SOURCE:
+        metadata[PROVENANCE_KEY] = provenance
+        if isinstance(provenance.get("max_length"), int):
+            metadata.setdefault("context_size", provenance["max_length"])
     metadata.setdefault("sae_lens_version", WRITTEN_FORMAT_VERSION)
     metadata.setdefault("sae_lens_training_version", None)
     metadata["sparse_dict_version"] = __version__

@@ -215,6 +215,45 @@ def test_provenance_survives_save_and_load(tmp_path):
     assert not hasattr(loaded, "provenance_") and not hasattr(loaded, "threshold_")
 
 
+def test_an_extractors_provenance_goes_through_saelens_and_back(tmp_path):
+    # A dictionary of the built-in model's activations, converted to SAELens
+    # and back, still knows its model and hook point (report and steer need
+    # no --model/--layer then), and still refuses another hook point.
+    from sparse_dict import TransformerActivationExtractor
+    from sparse_dict.analysis import check_compatible
+    from sparse_dict.extraction._extractor import PROVENANCE_SOURCE
+    from sparse_dict.saelens import _EXTRACTOR_SOURCE
+
+    assert _EXTRACTOR_SOURCE == PROVENANCE_SOURCE
+    ext = TransformerActivationExtractor("builtin", device="cpu", max_length=16).fit(["to be"])
+    X = np.random.default_rng(0).normal(size=(80, 512)).astype(np.float32)
+    sae = SparseAutoencoderDictionary(n_components=16, activation="topk", k=4, max_steps=3,
+                                      random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sae.fit(X, provenance=ext.provenance(corpus="noise"))
+    meta = json.loads((sae.to_saelens(tmp_path / "sae") / "cfg.json").read_text())["metadata"]
+    assert meta["sparse_dict_provenance"] == sae.provenance_ and meta["context_size"] == 16
+    back = SparseAutoencoderDictionary.from_saelens(tmp_path / "sae")
+    assert back.provenance_ == sae.provenance_
+    check_compatible(ext, back)
+    other = TransformerActivationExtractor("builtin", device="cpu", hook="resid_post").fit(["a"])
+    with pytest.raises(ValueError, match="reads layer0.resid_post"):
+        check_compatible(other, back)
+    # Round trip again: the same record, not one nested in another.
+    back.to_saelens(tmp_path / "again")
+    assert SparseAutoencoderDictionary.from_saelens(tmp_path / "again").provenance_ == (
+        sae.provenance_)
+    # A damaged record is named (in a folder as SAELens would save it again:
+    # without this package's checksum).
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    del cfg["sha256"]
+    cfg["metadata"]["sparse_dict_provenance"] = [1, 2]
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="metadata.sparse_dict_provenance"):
+        SparseAutoencoderDictionary.from_saelens(tmp_path / "sae")
+
+
 def test_old_topk_folders_without_selection_scale_still_load(tmp_path):
     est, X = _fitted("topk", k=K)
     est.save(tmp_path / "saved")
