@@ -316,8 +316,12 @@ def load_matrix(path, what="activations"):
     return X
 
 
-def _load_dictionary(path, device=None):
-    """Load a dictionary saved by ``SparseAutoencoderDictionary.save``, or a SAELens folder."""
+def _load_dictionary(path, device=None, norm_scaling_factor=None):
+    """Load a dictionary saved by ``SparseAutoencoderDictionary.save``, or a SAELens folder.
+
+    ``norm_scaling_factor`` is passed to ``from_saelens``; it is refused for
+    a saved dictionary, whose units already include any scaling.
+    """
     path = Path(path)
     if not path.exists():
         raise CLIError(f"dictionary {str(path)!r} does not exist")
@@ -333,7 +337,11 @@ def _load_dictionary(path, device=None):
         if is_saelens_folder(path) and not (path / "config.json").exists():
             # A SAELens folder (cfg.json, sae_weights.safetensors) works wherever
             # a saved dictionary does.
-            return SparseAutoencoderDictionary.from_saelens(path, device=device)
+            return SparseAutoencoderDictionary.from_saelens(
+                path, device=device, norm_scaling_factor=norm_scaling_factor)
+        if norm_scaling_factor is not None:
+            raise CLIError(f"--norm-scaling-factor is for a SAELens folder; {str(path)!r} is "
+                           "not one (a saved dictionary's units already include any scaling)")
         return SparseAutoencoderDictionary.load(path, device=device)
     except (OSError, ValueError, KeyError, TypeError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__

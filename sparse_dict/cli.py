@@ -244,12 +244,23 @@ def cmd_convert(args):
         if source.is_dir() and not is_saelens_folder(source):
             raise CLIError(f"{str(source)!r} is not a SAELens folder (cfg.json and "
                            "sae_weights.safetensors)")
-        dictionary = _load_dictionary(source, "cpu")
+        dictionary = _load_dictionary(source, "cpu", args.norm_scaling_factor)
         dictionary.save(args.out, overwrite=args.overwrite)
     else:
         if (source / "cfg.json").exists() and not (source / "config.json").exists():
             raise CLIError(f"{str(source)!r} is a SAELens folder; use --from saelens")
+        if args.norm_scaling_factor is not None:
+            raise CLIError("--norm-scaling-factor is for --from saelens (a saved dictionary's "
+                           "units already include any scaling)")
         dictionary = _load_dictionary(source, "cpu")
+        if dictionary.transform_algorithm != "encoder":
+            # SAELens codes with the encoder only; the command line has no
+            # option to set it, and the source folder is left as it is.
+            warnings.warn(
+                f"{str(source)!r} codes with transform_algorithm="
+                f"{dictionary.transform_algorithm!r}; SAELens codes with the encoder only, "
+                "so the SAELens folder's codes are the encoder's", UserWarning, stacklevel=2)
+            dictionary.set_params(transform_algorithm="encoder")
         dictionary.to_saelens(args.out, overwrite=args.overwrite)
     _say(args, f"wrote {args.out} ({dictionary.activation}, "
                f"{dictionary.n_components_} features of width {dictionary.n_features_in_})")
@@ -741,6 +752,11 @@ def build_parser(command=None):
                    choices=("saelens", "sparse_dict"), help="the format of SOURCE")
     p.add_argument("source", help="the folder to convert")
     p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--norm-scaling-factor", type=_positive_float, default=None,
+                   help="with --from saelens, for an SAE trained with "
+                   "normalize_activations='expected_average_only_in': the factor its inputs "
+                   "were multiplied by (SAELens' pretrained directory lists it), folded into "
+                   "the weights; read from the folder's activation_scaler.json when not given")
     _add_overwrite(p, "a folder that convert wrote earlier in the same format")
     _add_common(p)
     p.set_defaults(func=cmd_convert)

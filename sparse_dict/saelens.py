@@ -292,7 +292,8 @@ def read_saelens(path, *, norm_scaling_factor=None):
         if factor is None:
             warn_at_caller(
                 f"{path / CONFIG_FILE}: normalize_activations='expected_average_only_in' "
-                "but no scaling factor is known (pass norm_scaling_factor); like SAELens' "
+                "but no scaling factor is known (pass norm_scaling_factor, or on the command "
+                "line 'convert --norm-scaling-factor'); like SAELens' "
                 "load_from_disk, the SAE is used as is, so inputs must be scaled as in its "
                 "training.", UserWarning)
             folded.append("normalize_activations: no scaling factor known, not folded")

@@ -148,6 +148,37 @@ def test_expected_average_only_in_without_a_factor_warns_and_is_used_as_is(tmp_p
         {"architecture": "standard"}, w, x)[2], atol=1e-5)
 
 
+def test_cli_convert_takes_the_scaling_factor_and_an_omp_dictionary(tmp_path, capsys):
+    w = _weights("standard")
+    folder = _write(tmp_path / "sae", "standard", w, normalize_activations="expected_average_only_in")
+    x = np.random.default_rng(4).normal(size=(20, D_IN))
+    assert main(["convert", "--from", "saelens", str(folder), "-o", str(tmp_path / "sd"),
+                 "--norm-scaling-factor", "2.5"]) == 0
+    assert "no scaling factor" not in capsys.readouterr().err
+    expected = SparseAutoencoderDictionary.from_saelens(folder, norm_scaling_factor=2.5)
+    np.testing.assert_array_equal(SparseAutoencoderDictionary.load(tmp_path / "sd").transform(x),
+                                  expected.transform(x))
+    # Without it, the warning names the command line's option.
+    assert main(["convert", "--from", "saelens", str(folder), "-o", str(tmp_path / "sd2")]) == 0
+    assert "'convert --norm-scaling-factor'" in capsys.readouterr().err
+    # It means nothing for a saved dictionary, whose units include any scaling.
+    assert main(["convert", "--from", "sparse_dict", str(tmp_path / "sd"), "-o",
+                 str(tmp_path / "back"), "--norm-scaling-factor", "2"]) == 2
+    assert "--norm-scaling-factor is for --from saelens" in capsys.readouterr().err
+    assert not (tmp_path / "back").exists()
+    # A dictionary saved with OMP coding goes out with its encoder's codes, said so;
+    # the saved folder is left as it was.
+    SparseAutoencoderDictionary.load(tmp_path / "sd").set_params(
+        transform_algorithm="omp", transform_n_nonzero_coefs=2).save(tmp_path / "omp")
+    before = (tmp_path / "omp" / "config.json").read_bytes()
+    assert main(["convert", "--from", "sparse_dict", str(tmp_path / "omp"), "-o",
+                 str(tmp_path / "back")]) == 0
+    assert "SAELens codes with the encoder only" in capsys.readouterr().err
+    np.testing.assert_allclose(SparseAutoencoderDictionary.from_saelens(tmp_path / "back")
+                               .transform(x), expected.transform(x), rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "omp" / "config.json").read_bytes() == before
+
+
 def _fitted(activation, **kw):
     X = np.random.default_rng(5).normal(size=(300, D_IN)) @ np.random.default_rng(6).normal(
         size=(D_IN, D_IN))
