@@ -3,7 +3,9 @@
 Every file or folder the package writes goes through :func:`staged`: the
 content is written under a hidden temporary name in the target's own folder
 and moved onto the target only once complete, so an error or Ctrl-C never
-leaves a partial output, and a reader never sees one. Whether a path may be
+leaves a partial output, and a reader never sees one. (A process killed
+outright cannot clean up; the next write of the same output removes what it
+left, and says so.) Whether a path may be
 written at all is decided in one place, :func:`check_target`:
 
 - a path that does not exist (or an empty folder, for a folder output) is free;
@@ -35,7 +37,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -370,10 +374,88 @@ def _remove(path):
             path.unlink()
 
 
+def _owner_tag():
+    """This process's mark in its temporary names: its host's name, hashed, and its PID."""
+    host = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+    return f"{host}-{os.getpid()}"
+
+
+def _alive(pid):
+    """Whether process ``pid`` of this host may still run (True when it cannot be told)."""
+    if os.name != "posix":
+        return True  # Windows' os.kill would end the process, not probe it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process, or a probe refused: assume it runs
+    return True
+
+
+def _leftovers(path):
+    """Partial outputs for ``path`` left by processes of this host that have gone.
+
+    A process killed outright (SIGKILL, a power cut) cannot remove its
+    temporary output. Its name (see :func:`_temporary`) holds the host and
+    the PID that made it, so that the next write of the same ``path`` can
+    tell a leftover from the output of a writer still at work, here or on
+    another host sharing the folder. Only names of exactly that form are
+    considered; the ``.old`` copies of :func:`_replace` never are (one may
+    hold the only copy of an output).
+    """
+    host, _, _ = _owner_tag().partition("-")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.([0-9a-f]{{8}})-([0-9]+)-"
+                         rf"[A-Za-z0-9_]+\.partial{re.escape(path.suffix)}")
+    found = []
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+        for entry in entries:
+            match = pattern.fullmatch(entry.name)
+            if match and match.group(1) == host and not _alive(int(match.group(2))):
+                found.append(Path(entry.path))
+    return sorted(found)
+
+
+def _size(path):
+    if path.is_dir() and not path.is_symlink():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.lstat().st_size
+
+
+def _in_units(n_bytes):
+    """``n_bytes`` for a person: "8 kB", "3.2 GB"."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.3g} {unit}"
+    return f"{n_bytes} bytes"
+
+
+def _remove_leftovers(path):
+    """Remove :func:`_leftovers` of ``path``, saying what went (they may be large)."""
+    removed, size = [], 0
+    for leftover in _leftovers(path):
+        with contextlib.suppress(OSError):
+            size += _size(leftover)
+            _remove(leftover)
+            removed.append(leftover.name)
+    if removed:
+        from sparse_dict._warn import warn_at_caller
+
+        warn_at_caller(
+            f"removed {len(removed)} partial output(s) that an earlier write of {str(path)!r} "
+            f"left when its process was killed ({_in_units(size)}): "
+            + ", ".join(removed), UserWarning)
+    return removed
+
+
 def _temporary(path, folder, label="partial"):
-    """A hidden new name beside ``path``, created with the umask's permissions."""
+    """A hidden new name beside ``path``, created with the umask's permissions.
+
+    The name holds this process's :func:`_owner_tag`, so that a later write
+    can recognise the output of a process that was killed (:func:`_leftovers`).
+    """
     parent = path.parent
-    prefix, suffix = f".{path.name}.", f".{label}{path.suffix}"
+    prefix, suffix = f".{path.name}.{_owner_tag()}-", f".{label}{path.suffix}"
     mask = _umask()
     try:
         if folder:
@@ -519,6 +601,7 @@ def staged(path, kind, *, overwrite=False, inputs=(), hint="overwrite=True"):
     """
     path = check_target(path, kind, overwrite=overwrite, inputs=inputs, hint=hint)
     created = _make_parents(path.parent)
+    _remove_leftovers(path)
     tmp = None
     try:
         tmp = _temporary(path, kind.folder)

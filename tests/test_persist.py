@@ -9,6 +9,7 @@ import errno
 import multiprocessing
 import os
 import stat
+import subprocess
 import sys
 
 import numpy as np
@@ -144,6 +145,56 @@ def test_interrupted_write_keeps_the_old_output(tmp_path):
             raise KeyboardInterrupt
     np.testing.assert_array_equal(np.load(target), np.zeros(3))
     assert _hidden(tmp_path) == []
+
+
+_WRITER = """
+import sys, time
+import numpy as np
+from sparse_dict import _persist
+with _persist.staged(sys.argv[1], _persist.NPY) as tmp:
+    np.save(tmp, np.zeros(1000))
+    print("writing", flush=True)
+    time.sleep(60)
+"""
+
+
+def _writer(target):
+    """A process in the middle of writing ``target``, as it reports once it is."""
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a killed process is recognised on POSIX only")
+def test_a_killed_writers_leftover_is_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "out.npy"
+    killed, running = _writer(target), _writer(target)
+    killed.kill()  # SIGKILL: nothing in the process can clean up
+    killed.wait()
+    try:
+        left = _hidden(tmp_path)
+        assert len(left) == 2
+        # Names that are not a leftover of this host's: another host's writer,
+        # and a user's own hidden file.
+        other_host = tmp_path / left[0].replace(_persist._owner_tag().split("-")[0], "0" * 8)
+        other_host.write_bytes(b"x")
+        mine = tmp_path / ".out.npy.notes.partial.npy"
+        mine.write_text("mine")
+        before = set(_hidden(tmp_path))
+        with pytest.warns(UserWarning, match=r"removed 1 partial output\(s\) that an earlier "
+                          r"write of .*out.npy' left when its process was killed \(8.13 kB\)"):
+            with _persist.staged(target, _persist.NPY) as tmp:
+                np.save(tmp, np.ones(3))
+        np.testing.assert_array_equal(np.load(target), np.ones(3))
+        gone = before - set(_hidden(tmp_path))
+        assert len(gone) == 1 and str(killed.pid) in gone.pop()
+        assert other_host.exists() and mine.read_text() == "mine"
+        # The running writer's output is left alone.
+        assert any(f"-{running.pid}-" in name for name in _hidden(tmp_path))
+    finally:
+        running.kill()
+        running.wait()
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
