@@ -123,6 +123,18 @@ def _tiny_hf_model(family, vocab_size, eot):
         config = transformers.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2,
                                          n_positions=64, bos_token_id=eot, eos_token_id=eot)
         return transformers.GPT2LMHeadModel(config), "transformer.ln_f"
+    if family == "neox":
+        config = transformers.GPTNeoXConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=64, bos_token_id=eot,
+            eos_token_id=eot)
+        return transformers.GPTNeoXForCausalLM(config), "gpt_neox.final_layer_norm"
+    if family == "opt":
+        config = transformers.OPTConfig(
+            vocab_size=vocab_size, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32,
+            bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+        return transformers.OPTForCausalLM(config), "model.decoder.final_layer_norm"
     config = transformers.LlamaConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
@@ -130,15 +142,20 @@ def _tiny_hf_model(family, vocab_size, eot):
     return transformers.LlamaForCausalLM(config), "model.norm"
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "neox", "opt"])
 def test_logit_effects_of_hugging_face_families(family, ext):
     # GPT-2 stores its projection transposed (Conv1D) and ends with LayerNorm;
-    # Llama gates its MLP (the hook is down_proj's input) and ends with RMSNorm.
+    # Llama gates its MLP (the hook is down_proj's input) and ends with RMSNorm;
+    # NeoX's activation module feeds dense_4h_to_h; OPT runs its MLP on the
+    # tokens flattened to a (batch * tokens, features) matrix.
     tok = ext.loaded_model().tokenizer
     model, norm_path = _tiny_hf_model(family, tok.vocab_size, tok.eot_token_id)
     hf = TransformerActivationExtractor(model, tokenizer=tok, layer=-1, device="cpu")
     texts = ["to be or not to be, that is the question", "my lord, I"]
     X = hf.fit(texts).transform(texts)
+    # (GPT-2's MLP is 4 x 32 wide, the others' 48.)
+    assert X.shape[1] == (128 if family == "gpt2" else 48)
+    assert X.shape[0] == sum(len(t) for t in hf.token_ids(texts))
     est = SparseAutoencoderDictionary(n_components=8, max_steps=2, random_state=0)
     with pytest.warns(Warning):
         est.fit(X, provenance=hf.provenance())
@@ -147,7 +164,7 @@ def test_logit_effects_of_hugging_face_families(family, ext):
 
     def frozen(module, args, out):
         x = args[0]
-        if family == "gpt2":
+        if family != "llama":
             return (x - x.mean(-1, keepdim=True)) / effects.norm_scale * norm.weight + norm.bias
         return x / effects.norm_scale * norm.weight
 

@@ -245,7 +245,7 @@ def _out_projection(extractor, loaded):
         # A gated MLP multiplies the activation's output afterwards, so that
         # output is not the projection's input.
         gated = any(hasattr(mlp, name) for name in ("up_proj", "gate_proj"))
-        for name in ("fc_out", "c_proj"):
+        for name in ("fc_out", "c_proj", "dense_4h_to_h"):  # built-in/GPT-J, GPT-2, NeoX
             projection = getattr(mlp, name, None)
             if projection is not None and not gated:
                 return _projection_matrix(projection, f"{parent}.{name}")

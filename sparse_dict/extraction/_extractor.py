@@ -322,8 +322,9 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             seen.
         """
         check_is_fitted(self)
-        module = self.loaded_model().submodule(self.hook_module_)
-        return ActivationHook(module, self._hook_direction)
+        loaded = self.loaded_model()
+        return ActivationHook(loaded.submodule(self.hook_module_), self._hook_direction,
+                              root=loaded.model)
 
     def provenance(self, *, n_tokens=None, corpus=None):
         """Where this extractor's activations come from, as a JSON-ready dict.
@@ -432,7 +433,8 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         probe = seqs[0][:8] or [loaded.pad_token_id]
         ids = torch.tensor([probe], dtype=torch.long, device=loaded.device)
         module = loaded.submodule(site.module_path)
-        with torch.inference_mode(), ActivationHook(module, site.direction) as hook:
+        with torch.inference_mode(), ActivationHook(module, site.direction,
+                                                    root=loaded.model) as hook:
             hook.reset("stop")
             try:
                 loaded(ids, torch.ones_like(ids))

@@ -131,29 +131,46 @@ class ActivationHook:
     reused inside the model is hooked once. Models are shared between
     extractors through the process cache, so a hook ignores forward passes run
     by other threads (GridSearchCV with a threading backend).
+
+    Some models flatten the tokens inside a block (OPT's decoder layer runs
+    its MLP on a (batch * tokens, features) matrix). Given the ``root``
+    module, the hook reads each forward pass's (batch, tokens) from its
+    ``input_ids`` and sees such a matrix as (batch, tokens, features); what
+    it puts back is flattened again.
     """
 
-    def __init__(self, module, direction):
+    def __init__(self, module, direction, root=None):
         self.module = module
         self.direction = direction
+        self.root = root
         self.mode = "stop"
         self.captured = None
         self.replacement = None
         self._calls = 0
         self._thread = threading.get_ident()
+        self._tokens = None  # (batch, tokens) of the forward pass under way
 
     def __enter__(self):
         if self.direction == "output":
-            self._handle = self.module.register_forward_hook(self._on_output)
+            handle = self.module.register_forward_hook(self._on_output)
         else:
-            self._handle = self.module.register_forward_pre_hook(
-                self._on_input, with_kwargs=True
-            )
+            handle = self.module.register_forward_pre_hook(self._on_input, with_kwargs=True)
+        self._handles = [handle]
+        if self.root is not None:
+            self._handles.append(self.root.register_forward_pre_hook(self._on_root,
+                                                                     with_kwargs=True))
         return self
 
     def __exit__(self, *exc):
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
         return False
+
+    def _on_root(self, module, args, kwargs):
+        if threading.get_ident() == self._thread:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self._tokens = tuple(ids.shape[:2]) if (isinstance(ids, torch.Tensor)
+                                                    and ids.dim() == 2) else None
 
     def reset(self, mode, replacement=None):
         self.mode, self.replacement = mode, replacement
@@ -166,6 +183,15 @@ class ActivationHook:
         self._calls += 1
         if self._calls > 1:
             return None
+        flat = (isinstance(tensor, torch.Tensor) and tensor.dim() == 2
+                and self._tokens is not None
+                and tensor.shape[0] == self._tokens[0] * self._tokens[1])
+        if flat:
+            new = self._visit_tokens(tensor.view(*self._tokens, tensor.shape[1]))
+            return None if new is None else new.reshape(tensor.shape)
+        return self._visit_tokens(tensor)
+
+    def _visit_tokens(self, tensor):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor)
             raise ValueError(
