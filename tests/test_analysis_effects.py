@@ -203,6 +203,25 @@ def test_logit_effects_result_and_frame(ext, sae, effects):
     assert row.logit_change.iloc[0] == pytest.approx(effects.promoted_logits[7, 0], rel=1e-5)
 
 
+def test_steering_strength_is_per_unit_atom_whatever_the_atoms_norms(ext, sae, texts):
+    # LassoCoder keeps atoms as given: the same atoms at norm 5 steer the same.
+    from sparse_dict import LassoCoder
+
+    X = ext.transform(texts[:4])
+    unit, big = (LassoCoder(c * sae.components_).fit(X) for c in (1.0, 5.0))
+    for kind in (unit, big):
+        kind.provenance_ = sae.provenance_
+    prompts = ["My lord, I", "What light"]
+    same = [steering_distributions(ext, d, prompts, 3, 2.0) for d in (unit, big)]
+    np.testing.assert_allclose(same[0].steered, same[1].steered, rtol=1e-5, atol=1e-6)
+    assert steer(ext, unit, prompts, 3, 2.0, max_new_tokens=6) == steer(
+        ext, big, prompts, 3, 2.0, max_new_tokens=6)
+    # A zero atom has no direction: refused, not a silent no-op.
+    zero = LassoCoder(np.vstack([np.zeros((1, X.shape[1])), sae.components_[1:4]])).fit(X)
+    with pytest.raises(ValueError, match="Feature 0's atom has norm 0"):
+        steer(ext, zero, prompts, 0, 2.0)
+
+
 def _plain_greedy(model, ids, n):
     ids = list(ids)
     out = []

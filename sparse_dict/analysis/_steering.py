@@ -116,6 +116,15 @@ def _edit(extractor, sae, feature, strength, clamp, direction):
             raise TypeError(f"feature must be one int, got {feature!r}.")
         feature = int(check_features(feature, components.shape[0], name="feature")[0])
         vector = components[feature].astype(np.float64)
+        # The atom at unit norm, so that strength is in the activations' units
+        # whatever the dictionary's atom norms (scikit-learn's coders and
+        # LassoCoder keep atoms as given).
+        norm = float(np.linalg.norm(vector))
+        if clamp is None and not (norm > 0 and np.isfinite(norm)):
+            raise ValueError(f"Feature {feature}'s atom has norm {norm:g}: it has no "
+                             "direction to steer with.")
+        if clamp is None:
+            vector = vector / norm
     if clamp is not None:
         clamp = _check_number(clamp, "clamp")
         if strength != 0:
@@ -305,8 +314,8 @@ def steering_distributions(extractor, sae, texts, feature, strength, *, clamp=No
     """Next-token log-probabilities of ``texts`` with and without steering.
 
     The model reads each text twice: as it is, and with the edit of
-    :func:`steer` at the hook point (``strength`` times the feature's atom
-    added at every position, or its code clamped). The two distributions
+    :func:`steer` at the hook point (``strength`` times the feature's atom,
+    at unit norm, added at every position, or its code clamped). The two distributions
     show how far the feature moves the model, and towards which tokens.
 
     Parameters
