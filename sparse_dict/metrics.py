@@ -167,11 +167,16 @@ def explained_variance(X, X_hat):
     X, X_hat = _check_pair(X, X_hat)
     mean = X.mean(axis=0, dtype=np.float64)
     residual = total = 0.0
+    low, high = np.full(X.shape[1], np.inf), np.full(X.shape[1], -np.inf)
     for rows in _row_blocks(X):
         block = X[rows].astype(np.float64)
         residual += float(np.sum((block - X_hat[rows]) ** 2))
         total += float(np.sum((block - mean) ** 2))
-    if total == 0.0:
+        low, high = np.minimum(low, block.min(axis=0)), np.maximum(high, block.max(axis=0))
+    # No variance is told by the columns themselves: the mean of a constant
+    # column is off by a rounding error, whose square would pass for a tiny
+    # variance and make any residual a huge negative score.
+    if total == 0.0 or np.all(low == high):
         return 1.0 if residual == 0.0 else 0.0
     return 1.0 - residual / total
 

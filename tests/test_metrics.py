@@ -70,6 +70,12 @@ def test_explained_variance_without_variance():
     assert explained_variance(constant, constant) == 1.0
     assert explained_variance(constant, constant + 1) == 0.0
     assert explained_variance([[1.0, 2.0]], [[1.0, 2.0]]) == 1.0
+    # Constant columns whose float mean is off by a rounding error: still no
+    # variance (the score was -1.2e16 for a residual of a millionth).
+    X = np.full((1000, 4), 0.7)
+    assert explained_variance(X, X * 1.000001) == 0.0
+    assert fraction_variance_unexplained(X, X * 1.000001) == 1.0
+    assert explained_variance(np.full((10, 3), 0.1), np.full((10, 3), 0.1) + 1e-12) == 0.0
 
 
 def test_explained_variance_float32_matches_float64():
