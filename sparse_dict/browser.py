@@ -206,9 +206,11 @@ def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
     for start in range(0, n_features, step):
         stop = min(start + step, n_features)
         block = _dense_block(codes, start, stop)  # (n_tokens, b)
-        if np.isnan(block).any():
-            # A NaN is never among the largest values: it would be skipped silently.
-            raise ValueError(f"codes contain NaN (in features {start} to {stop - 1}).")
+        if not np.isfinite(block).all():
+            # A NaN is never among the largest values: it would be skipped
+            # silently; an infinite one would shade every other value as 0.
+            raise ValueError(f"codes contain NaN or infinite values (in features {start} to "
+                             f"{stop - 1}).")
         cols = np.arange(stop - start)
         if n_kept < n_tokens:
             top = np.argpartition(-block, n_kept - 1, axis=0)[:n_kept]  # (n_kept, b), unordered
@@ -283,12 +285,16 @@ def _feature_payload(frequencies, examples, max_features, effects=()):
     if examples is not None:
         ctx_rows = examples.context_rows[:n_shown]
         used = ctx_rows[ctx_rows >= 0]
-        # One vocabulary of the token strings actually shown, built in one
-        # pass with numpy rather than a dictionary lookup per token.
-        vocab_arr, inverse = np.unique(examples.tokens[used].astype(str), return_inverse=True)
-        vocab_list = vocab_arr.tolist()
+        # One vocabulary of the token strings actually shown, with one
+        # dictionary lookup per distinct row shown. (numpy's unique on the
+        # strings made a fixed-width array as wide as the longest token, a
+        # GB for one long token, and dropped trailing NUL characters.)
+        rows_shown = np.unique(used)
+        vocab_index = {}
         token_ids = np.full(examples.tokens.shape[0], -1, dtype=np.int64)
-        token_ids[used] = inverse.ravel()
+        token_ids[rows_shown] = [vocab_index.setdefault(str(examples.tokens[r]), len(vocab_index))
+                                 for r in rows_shown.tolist()]
+        vocab_list = list(vocab_index)
         peaks = examples.values[:n_shown, 0]
         scale = np.where(peaks > 0, peaks, 1.0)[:, None, None]
         shares = np.clip(examples.context_values[:n_shown] / scale, 0, 1)

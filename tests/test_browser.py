@@ -102,7 +102,9 @@ def test_k_larger_than_tokens():
         ({"k": True}, "k must be an integer"),
         ({"context": -1}, "context must be"),
         ({"codes": np.array([[1.0, np.nan], [0.0, 1.0], [2.0, 0.0]])},
-         r"codes contain NaN \(in features 0 to 1\)"),
+         r"codes contain NaN or infinite values \(in features 0 to 1\)"),
+        ({"codes": np.array([[1.0, np.inf], [0.0, 1.0], [2.0, 0.0]])},
+         r"codes contain NaN or infinite values \(in features 0 to 1\)"),
     ],
 )
 def test_top_k_rejects_bad_input(kwargs, match):
@@ -129,6 +131,43 @@ def test_page_escapes_token_text(tmp_path):
     assert "<i>t</i>" not in text
     data = text.split('type="application/json">')[1].split("</script>")[0]
     assert "</script><b>x" in json.loads(data)["vocab"]
+
+
+def _embedded(page):
+    text = open(page, encoding="utf-8").read()
+    return json.loads(text.split('type="application/json">')[1].split("</script>")[0])
+
+
+def test_tokens_are_kept_exactly_and_by_row(tmp_path):
+    # NUL characters (a real byte-level token) are kept, distinct tokens stay
+    # distinct, and each shown token refers to its own string.
+    tokens = ["\x00", "a\x00", "", "a", "a"]
+    ex = top_activating_examples(np.array([[5.0], [4.0], [3.0], [2.0], [1.0]]), tokens, k=5,
+                                 context=0)
+    data = _embedded(write_feature_browser(tmp_path / "f.html", [1.0], ex))
+    assert sorted(data["vocab"]) == sorted(["\x00", "a\x00", "", "a"])
+    shown = [data["vocab"][e[4][0]] for e in data["features"][0][3]]
+    assert shown == tokens
+
+
+def test_one_long_token_costs_its_own_length_only(tmp_path):
+    # The vocabulary was a fixed-width array as wide as the longest token per
+    # shown context cell: one 20,000-character token cost about a GB here.
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    codes = (rng.random((2000, 50)) * (rng.random((2000, 50)) < 0.05)).astype(np.float32)
+    tokens = [f"t{i % 50}" for i in range(2000)]
+    tokens[5] = "-" * 20_000
+    ex = top_activating_examples(codes, tokens, k=8, context=6)
+    tracemalloc.start()
+    try:
+        data = _embedded(write_feature_browser(tmp_path / "f.html", np.ones(50), ex))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50e6, peak
+    assert "-" * 20_000 in data["vocab"] and len(data["vocab"]) <= 51
 
 
 def test_browser_rejects_mismatched_inputs(tmp_path):
