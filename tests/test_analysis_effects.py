@@ -509,6 +509,13 @@ def test_model_mismatch_is_refused_unless_told(ext, sae):
 
     assert _same_model("/old/place/my-model", "/new/place/my-model")
     assert not _same_model("/models/my-model", "/models/other")
+    # A provenance record (as beside an .npy) is checked the same way; an
+    # incomplete one is named, not a KeyError.
+    check_compatible(dict(sae.provenance_), sae)
+    with pytest.raises(ValueError, match="but the activations are of layer0.resid_post"):
+        check_compatible(dict(sae.provenance_, hook_name="layer0.resid_post"), sae)
+    with pytest.raises(ValueError, match=r"lacks \['model', 'n_features'\]"):
+        check_compatible({"hook_name": "layer0.mlp_post"}, sae)
 
 
 def test_as_frame_without_pandas_says_what_to_install(ext, sae, monkeypatch):

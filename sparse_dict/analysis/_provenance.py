@@ -92,6 +92,12 @@ def check_compatible(extractor, dictionary, *, check_model=True):
     check_fitted_dictionary(dictionary)
     if isinstance(extractor, dict):
         current, what = extractor, "the activations"
+        missing = [k for k in ("model", "hook_name", "n_features") if k not in current]
+        if missing:
+            raise ValueError(
+                f"The provenance record lacks {missing}; pass one made by "
+                "TransformerActivationExtractor.provenance() (as 'sparse-dict extract' "
+                "writes beside an .npy).")
     else:
         current = extractor.provenance()
         what = "the extractor" if is_extractor else "the store"
