@@ -22,7 +22,7 @@ from sklearn.base import (
 )
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval, StrOptions, validate_parameter_constraints
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from sparse_dict import _persist
@@ -129,6 +129,12 @@ SAVED_DICTIONARY = _persist.folder_kind(
         _WEIGHTS_FILE: None,
     },
 )
+
+
+# The parameters read at every transform, checked there (see
+# SparseAutoencoderDictionary._check_inference_params).
+_INFERENCE_PARAMS = ("k", "transform_algorithm", "transform_alpha", "transform_n_nonzero_coefs",
+                     "device")
 
 
 def _accepted_dtypes(X):
@@ -857,6 +863,8 @@ class SparseAutoencoderDictionary(
         # reported).
         with (_restored_on_error(self),
               concurrent.futures.ThreadPoolExecutor(1, "sparse_dict-check") as checks):
+            # Reset, then train: nothing of earlier partial_fit calls is kept.
+            self.__dict__.pop("_partial_random_state", None)
             X = self._validate_train_data(X, reset=True, check_values=False)
             values_checked = checks.submit(_check_values, X)
             provenance = _check_fit_provenance(provenance, X)
@@ -925,6 +933,11 @@ class SparseAutoencoderDictionary(
         self : object
         """
         first_call = not hasattr(self, "components_")
+        if not first_call:
+            # scikit-learn checks the parameters at the first call only; one
+            # set since (a negative learning rate, a zero batch size) would
+            # train wrongly or fail deep inside.
+            self._validate_params()
         with _restored_on_error(self, getattr(self, "_trainer", None)):
             X = self._validate_train_data(X, reset=first_call)
             replicas, device = self._replicas_and_device()
@@ -1305,6 +1318,7 @@ class SparseAutoencoderDictionary(
         X_original : ndarray of shape (n_samples, n_features)
         """
         check_is_fitted(self)
+        self._check_inference_params()
         codes = check_array(X, accept_sparse="csr", dtype=[np.float64, np.float32])
         if codes.shape[1] != self.n_components_:
             raise ValueError(
@@ -1336,7 +1350,21 @@ class SparseAutoencoderDictionary(
         dense = X.toarray() if sp.issparse(X) else X
         return float(explained_variance(dense, X_hat))
 
+    def _check_inference_params(self):
+        """Check the parameters read at each call, as fit checks them.
+
+        ``k`` and the ``transform_*`` parameters may change after a fit (as
+        scikit-learn's ``transform_*`` do); a value fit would refuse is
+        refused here by its own name, not by torch or by LassoCoder under
+        theirs.
+        """
+        validate_parameter_constraints(
+            {name: self._parameter_constraints[name] for name in _INFERENCE_PARAMS},
+            {name: getattr(self, name) for name in _INFERENCE_PARAMS},
+            caller_name=type(self).__name__)
+
     def _validate_inference_data(self, X):
+        self._check_inference_params()
         return validate_data(
             self, X, reset=False, accept_sparse="csr", dtype=_accepted_dtypes(X)
         )
@@ -1448,6 +1476,14 @@ class SparseAutoencoderDictionary(
         the folder afterwards waits for rank 0 itself (a barrier).
         """
         check_is_fitted(self)
+        # load checks every parameter as fit would: a value set after the fit
+        # that fit would refuse is refused here, before anything is written,
+        # rather than saved into a folder that cannot be loaded (and that
+        # overwrite=True would have put in place of a good one).
+        self._validate_params()
+        self._fitted_activation()
+        if not self.device.startswith("cuda"):  # a GPU's name loads on a CPU, with a warning
+            resolve_device(self.device)
         if not is_writer(self._distributed()):
             return Path(path)
         # numpy scalars (a search's grid gives them) as the plain numbers
@@ -1574,12 +1610,9 @@ class SparseAutoencoderDictionary(
         if version < 2:
             # Format 1 stored the defaults of its time: 20 passes, resampling.
             params.setdefault("max_iter", 20)
+        # params.n_components may differ from the fitted n_components_: it
+        # is the next fit's (set_params after a fit), as a pickle keeps it.
         estimator = cls._from_saved_params(params, file, device)
-        if estimator.n_components is not None and estimator.n_components != n_components:
-            raise ValueError(
-                f"{file}: field 'params.n_components' ({estimator.n_components}) differs "
-                f"from 'attributes.n_components_' ({n_components})"
-            )
         # Format 1 had no AuxK column in the history.
         history_width = len(STAT_NAMES) if version >= 2 else _V1_HISTORY_WIDTH
         activation = estimator._activation()

@@ -791,6 +791,80 @@ def test_a_changed_activation_is_refused_until_fit(tmp_path):
     assert (sae.transform(X) > 0).sum(axis=1).max() == 5
 
 
+def _fresh_fit(X, **params):
+    sae = small_sae(**params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sae.fit(X)
+
+
+@pytest.mark.parametrize("param,value", [("learning_rate", -0.01), ("l1_coef", -1.0),
+                                         ("batch_size", 0), ("batch_size", 2.5),
+                                         ("warmup_fraction", 5.0)])
+def test_partial_fit_checks_parameters_set_after_a_fit(X, param, value):
+    # scikit-learn checks them at the first call only: a negative learning
+    # rate trained by gradient ascent, a zero batch size divided by zero.
+    sae = _fresh_fit(X)
+    before = sae.components_.copy()
+    sae.set_params(**{param: value})
+    with pytest.raises(ValueError, match=f"The '{param}' parameter of "
+                                         "SparseAutoencoderDictionary must be"):
+        sae.partial_fit(X)
+    np.testing.assert_array_equal(sae.components_, before)
+
+
+@pytest.mark.parametrize("param,value", [("k", 0), ("k", 2.5), ("k", True), ("k", -1),
+                                         ("transform_algorithm", "foo"),
+                                         ("transform_alpha", -1.0),
+                                         ("transform_n_nonzero_coefs", 0)])
+def test_parameters_read_at_each_transform_are_checked_by_name(X, param, value):
+    # k and transform_* may change after a fit; a value fit would refuse was
+    # used as it was (k=0: all-zero codes), or refused by torch or by
+    # LassoCoder under its own names.
+    sae = _fresh_fit(X, activation="topk", k=3)
+    sae.set_params(**{param: value})
+    for call in (sae.transform, sae.score, lambda X: sae.inverse_transform(
+            np.zeros((2, sae.n_components_)))):
+        with pytest.raises(ValueError, match=f"The '{param}' parameter of "
+                                             "SparseAutoencoderDictionary must be"):
+            call(X)
+
+
+def test_save_refuses_parameters_that_load_would_refuse(X, tmp_path):
+    sae = _fresh_fit(X)
+    folder = sae.save(tmp_path / "d")
+    codes = sae.transform(X)
+    for param, value in (("l1_coef", -1.0), ("transform_algorithm", "foo"),
+                         ("device", "gpu")):
+        bad = clone(sae).set_params(**{param: value})
+        bad.__dict__.update({k: v for k, v in sae.__dict__.items() if k.endswith("_")})
+        with pytest.raises(ValueError, match=param if param != "device" else "device must be"):
+            bad.save(folder, overwrite=True)
+        np.testing.assert_array_equal(SparseAutoencoderDictionary.load(folder).transform(X),
+                                      codes)
+    # n_components set after the fit is the next fit's: saved, and loaded as a
+    # pickle keeps it (the folder was refused at load before).
+    sae.set_params(n_components=32)
+    sae.save(folder, overwrite=True)
+    loaded = SparseAutoencoderDictionary.load(folder)
+    assert (loaded.n_components, loaded.n_components_) == (32, sae.n_components_)
+    np.testing.assert_array_equal(loaded.transform(X), codes)
+
+
+def test_fit_forgets_what_partial_fit_left(X):
+    # "Reset, then train": the batch order partial_fit draws from is not kept.
+    a = _fresh_fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a.partial_fit(X)
+        b = small_sae()
+        b.partial_fit(X)
+        b.partial_fit(X)
+        b.fit(X)
+        b.partial_fit(X)
+    np.testing.assert_array_equal(a.components_, b.components_)
+
+
 def test_scikit_learn_machinery_a_search_combines_it_with(tmp_path):
     import sklearn
     from sklearn.model_selection import GridSearchCV

@@ -134,7 +134,8 @@ DAMAGES = [
     ("n_components_ a bool", lambda p: _edit_config(
         p, _set(["attributes", "n_components_"], True)), "attributes.n_components_"),
     ("n_components_ wrong", lambda p: _edit_config(
-        p, _set(["attributes", "n_components_"], 11)), "n_components"),
+        p, _set(["attributes", "n_components_"], 11)),
+     "tensor 'components' has shape (10, 6); expected (11, 6)"),
     ("format_version a string", lambda p: _edit_config(p, _set(["format_version"], "x")),
      "format_version"),
     ("format_version from the future", lambda p: _edit_config(p, _set(["format_version"], 99)),
