@@ -403,6 +403,13 @@ def _restored_on_error(estimator, trainer=None):
     before the interruption came.
     """
     saved = dict(estimator.__dict__)
+    # The one mutable state a call advances in place: partial_fit's random
+    # state (kept as it was, the next call would draw other batches than
+    # after an uninterrupted run). Its state is put back in the same object,
+    # which may be the caller's own RandomState.
+    random_state = saved.get("_partial_random_state")
+    drawn = (random_state.get_state() if isinstance(random_state, np.random.RandomState)
+             else None)
     snapshot = trainer._snapshot() if trainer is not None else None
     try:
         yield
@@ -411,6 +418,8 @@ def _restored_on_error(estimator, trainer=None):
             trainer._restore(snapshot)
         estimator.__dict__.clear()
         estimator.__dict__.update(saved)
+        if drawn is not None:
+            random_state.set_state(drawn)
         raise
 
 

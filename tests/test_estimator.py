@@ -851,6 +851,30 @@ def test_save_refuses_parameters_that_load_would_refuse(X, tmp_path):
     np.testing.assert_array_equal(loaded.transform(X), codes)
 
 
+def test_an_interrupted_partial_fit_leaves_the_stream_as_it_was(X):
+    # After a call that was interrupted (its state restored), the stream goes
+    # on exactly as if the call had never been made: the batch order too.
+    def interrupted(info):
+        if info["step"] > 2:
+            raise KeyboardInterrupt
+
+    runs = []
+    for interrupt in (False, True):
+        sae = small_sae(max_iter=None, random_state=np.random.RandomState(3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sae.partial_fit(X[:150])
+            if interrupt:
+                sae.set_params(callback=interrupted)
+                with pytest.raises(KeyboardInterrupt):
+                    sae.partial_fit(X[150:])
+                sae.set_params(callback=None)
+            sae.partial_fit(X[150:])
+        runs.append(sae)
+    assert runs[0].n_steps_ == runs[1].n_steps_
+    np.testing.assert_array_equal(runs[0].components_, runs[1].components_)
+
+
 def test_fit_forgets_what_partial_fit_left(X):
     # "Reset, then train": the batch order partial_fit draws from is not kept.
     a = _fresh_fit(X)
