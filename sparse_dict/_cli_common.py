@@ -298,7 +298,9 @@ def load_matrix(path, what="activations"):
         raise CLIError(f"{what} file {str(path)!r} is not a .npy file (as written by numpy.save)")
     try:
         X = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged header fails numpy's parser in many ways
+        # (ValueError, tokenize's TokenError, SyntaxError, OverflowError for
+        # a negative shape, ...): all of them mean the file is not readable.
         raise CLIError(
             f"{what} file {str(path)!r} is not a readable .npy array ({err})"
         ) from None
@@ -398,6 +400,8 @@ def free_port():
 # (each sees the failure at its next step and says which rank failed) before
 # they are killed.
 _GRACE_S = 30
+# How long stopped ranks get to clean up before they are killed.
+_STOP_S = 5.0
 
 
 # Set in the processes that ``_launch_ranks`` starts: ``python -m sparse_dict``
@@ -436,8 +440,17 @@ def _launch_ranks(argv, nproc):
                 break
             time.sleep(0.05)
     finally:
-        for p in procs:
-            if p.poll() is None:
+        # Asked to stop first (SIGTERM ends each as Ctrl-C would, removing
+        # its temporary outputs); killed if it has not within a few seconds
+        # (a process blocked in a collective may not get to its handler).
+        running = [p for p in procs if p.poll() is None]
+        for p in running:
+            p.terminate()
+        deadline = time.monotonic() + _STOP_S
+        for p in running:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
     failed = [(rank, p.returncode) for rank, p in enumerate(procs) if p.returncode]

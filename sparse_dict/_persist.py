@@ -184,7 +184,7 @@ def json_kind(name, check):
     return Kind(name, False, _json_file(check))
 
 
-def folder_kind(name, entries):
+def folder_kind(name, entries, required=()):
     """A :class:`Kind` of folders holding only the entries the package writes.
 
     Parameters
@@ -195,6 +195,9 @@ def folder_kind(name, entries):
         recognised by it; an entry with ``None`` is allowed but says nothing
         (a plain text file). At least one entry with a kind must be present,
         so that a folder is recognised by its content, not its names alone.
+    required : tuple of str, default=()
+        Entries that must be present (the one that vouches for the folder
+        where the others, an ``activations.npy``, say, could be anyone's).
 
     Returns
     -------
@@ -204,6 +207,8 @@ def folder_kind(name, entries):
     def recognize(path):
         path = Path(path)
         if not path.is_dir() or path.is_symlink():
+            return False
+        if not all((path / entry).is_file() for entry in required):
             return False
         vouched = False
         for child in path.iterdir():
@@ -446,6 +451,25 @@ def _remove_leftovers(path):
             f"left when its process was killed ({_in_units(size)}): "
             + ", ".join(removed), UserWarning)
     return removed
+
+
+def scratch_folder(path):
+    """A new hidden folder beside ``path`` for a command's intermediate files.
+
+    Named as :func:`staged`'s temporaries are, so that what a process killed
+    outright left is removed by the next write of ``path``; the caller
+    removes it when done.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The output it serves.
+
+    Returns
+    -------
+    folder : pathlib.Path
+    """
+    return _temporary(Path(path), folder=True)
 
 
 def _temporary(path, folder, label="partial"):

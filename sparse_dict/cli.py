@@ -25,8 +25,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
-import tempfile
+import threading
 import warnings
 import time
 import traceback
@@ -73,10 +74,11 @@ from sparse_dict._cli_common import (  # noqa: F401
 from sparse_dict._demo import _DEMO_DEFAULTS, _DEMO_ESTIMATOR_DEFAULTS, _demo_folder, cmd_demo  # noqa: F401,E501
 
 # Exit statuses: 2 for a problem with the user's input (as argparse does for a
-# bad option), 1 for anything unexpected, 130 for Ctrl-C.
+# bad option), 1 for anything unexpected, 130 for Ctrl-C, 143 for SIGTERM.
 EXIT_USAGE = 2
 EXIT_BUG = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process it ended
 
 
 # --------------------------------------------------------------------------
@@ -117,8 +119,9 @@ def cmd_extract(args):
             prov_path, _provenance_kind(), overwrite=args.overwrite, hint="--overwrite"))
         # Extracted into a store of its own beside the output (so on the same
         # disk), whose activations file then becomes the output.
-        folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".store",
-                                       dir=out.parent))
+        # (Named as the output's temporaries are: if this process is killed,
+        # the next write of the output removes it.)
+        folder = _persist.scratch_folder(out)
         stack.callback(shutil.rmtree, folder, ignore_errors=True)
         store = extractor.transform_to_disk(texts, folder, chunk_texts=args.chunk_texts,
                                             corpus=_corpus_name(args))
@@ -776,8 +779,8 @@ def main(argv=None):
     status : int
         The exit status: 0 on success; 2 for a problem the user can fix (bad
         input, an output that exists, an unwritable path, a diverged fit; one
-        line on stderr says what); 130 when interrupted (Ctrl-C); 1 only for a
-        bug.
+        line on stderr says what); 130 when interrupted (Ctrl-C); 143 when
+        ended by SIGTERM (cleaned up as on Ctrl-C); 1 only for a bug.
 
     Examples
     --------
@@ -791,8 +794,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.argv = argv
     try:
-        with _cpu_threads(args.threads), _one_line_warnings(args.command):
+        with _terminate_cleanly(), _cpu_threads(args.threads), \
+                _one_line_warnings(args.command):
             return int(args.func(args) or 0)
+    except _Terminated:
+        print(f"{PROG} {args.command}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -804,6 +811,35 @@ def main(argv=None):
         message, status = _user_error(err, traceback_shown=args.traceback)
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return status
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it cleans up as on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _terminate_cleanly():
+    """Make SIGTERM (kill, a scheduler, docker stop) end the command as Ctrl-C does.
+
+    Python's default ends the process at once, leaving its temporary outputs
+    (a hidden copy of every row extracted so far) behind. Only where the
+    handler is still the default, in the main thread: a program that runs
+    ``main`` and handles SIGTERM itself keeps its own handler.
+    """
+    def terminate(signum, frame):
+        raise _Terminated
+
+    installed = False
+    if (threading.current_thread() is threading.main_thread()
+            and hasattr(signal, "SIGTERM")
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, terminate)
+        installed = True
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -848,6 +884,10 @@ def _user_error(err, traceback_shown=False):
     if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or (
             isinstance(err, RuntimeError) and "can't allocate memory" in str(err)):
         return "out of memory; try smaller inputs or a smaller --batch-size", EXIT_USAGE
+    if type(err).__name__ == "StoreInUseError":  # another process writes the store
+        return _first_line(err), EXIT_USAGE
+    if type(err).__name__ == "SafetensorError" and "No space left" in str(err):
+        return "no space left on the device", EXIT_USAGE
     if type(err).__name__ == "SafetensorError":  # a damaged weights file
         return f"damaged safetensors file: {_first_line(err)}", EXIT_USAGE
     first = str(err).splitlines()[0] if str(err) else ""

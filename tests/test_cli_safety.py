@@ -399,3 +399,68 @@ def test_demo_is_all_or_nothing(tmp_path, monkeypatch, capsys):
     status, _, err = run(["demo", "--tiny", "--out", mine, "--overwrite", "-q"], capsys)
     assert status == 2 and "not a sparse-dict demo folder" in one_line(err)
     assert (mine / "results.txt").read_text() == "my results"
+
+
+# --------------------------------------------------------------------------
+# Ended from outside: SIGTERM cleans up as Ctrl-C does; SIGKILL's remains go
+# --------------------------------------------------------------------------
+
+
+def _extract_until_writing(tmp_path):
+    """``extract -o`` in a process of its own, once its hidden rows are on disk."""
+    import os
+    import time
+
+    corpus = tmp_path / "big.txt"
+    corpus.write_text("To be, or not to be, that is the question of the day\n" * 4000,
+                      encoding="utf-8")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparse_dict", "extract", str(corpus), "-o",
+         str(tmp_path / "acts.npy"), "--chunk-texts", "8", "--device", "cpu", "--threads", "1",
+         "-q"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    # The scratch store's rows: present once the first chunk is written.
+    while not list(tmp_path.glob(".acts.npy.*/activations.npy")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    return proc
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path):
+    import signal
+
+    proc = _extract_until_writing(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip() == "sparse-dict extract: terminated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
+
+
+def test_what_a_killed_extract_left_goes_with_the_next_run(tmp_path, capsys):
+    proc = _extract_until_writing(tmp_path)
+    proc.kill()
+    proc.wait()
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert len(left) >= 2  # the output's staged file, and the scratch store
+    (tmp_path / "small.txt").write_text("To be\n", encoding="utf-8")
+    assert main(["extract", str(tmp_path / "small.txt"), "-o", str(tmp_path / "acts.npy"),
+                 "--device", "cpu", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "left when its process was killed" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "acts.npy", "acts.provenance.json", "big.txt", "small.txt"]
+
+
+@pytest.mark.parametrize("damage", [
+    b"{'descr': '<f4', 'fortran_order': False, 'shape': (-3, 6), }",  # a negative shape
+    b"{'descr': '<f4', 'fortran_order': (False, 'shape",  # cut: numpy's parser fails
+])
+def test_a_damaged_npy_header_is_exit_2(work, capsys, damage):
+    path = work / "bad.npy"
+    header = damage.ljust(118) + b"\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+                     + b"\x00" * 72)
+    status, _, err = run(["fit", path, "-o", work / "d"], capsys)
+    assert status == 2 and "is not a readable .npy array" in one_line(err)

@@ -177,6 +177,51 @@ def test_resumed_after_the_process_was_killed_equals_uninterrupted(reference, te
     assert _files(path) == _files(reference.path)
 
 
+def test_resume_refuses_a_store_that_lost_counted_rows(reference, extractor, texts, tmp_path):
+    # Resuming grew a file that lost rows with zeros and called it complete.
+    path = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        extractor.transform_to_disk(_interrupted(texts, 14), path, chunk_texts=CHUNK)
+    acts = path / "activations.npy"
+    os.truncate(acts, acts.stat().st_size - 3 * 4 * reference.activations.shape[1])
+    before = _files(path, manifest=True)
+    with pytest.raises(ValueError, match="holds fewer rows than its manifest counts"):
+        extractor.transform_to_disk(iter(texts), path, resume=True, chunk_texts=CHUNK)
+    assert _files(path, manifest=True) == before
+
+
+def test_a_store_extended_is_incomplete_until_it_ends(reference, extractor, texts, tmp_path):
+    path = tmp_path / "store"
+    assert extractor.transform_to_disk(texts[:8], path, chunk_texts=CHUNK).complete
+    with pytest.raises(KeyboardInterrupt):
+        extractor.transform_to_disk(_interrupted(texts, 14), path, resume=True,
+                                    chunk_texts=CHUNK)
+    assert open_store(path).n_texts == 12 and not open_store(path).complete
+    store = extractor.transform_to_disk(iter(texts), path, resume=True, chunk_texts=CHUNK)
+    assert store.complete and _files(path) == _files(reference.path)
+
+
+def test_resume_when_the_first_text_has_no_tokens(extractor, tmp_path):
+    # With chunks smaller than the texts done, the first stored text lay past
+    # the chunk at hand (an IndexError).
+    texts = ["", "To be, or not to be", "that is the question"]
+    with pytest.raises(KeyboardInterrupt):
+        extractor.transform_to_disk(_interrupted(texts, 2), tmp_path / "s", chunk_texts=1)
+    store = extractor.transform_to_disk(texts, tmp_path / "s", chunk_texts=1, resume=True)
+    np.testing.assert_allclose(store.activations, extractor.transform(texts), atol=1e-5)
+
+
+def test_a_users_folder_holding_an_activations_npy_is_not_a_store(extractor, texts, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    np.save(mine / "activations.npy", np.ones((3, 4), np.float32))
+    for flags in ({"overwrite": True}, {"resume": True}):
+        with pytest.raises(FileExistsError):
+            extractor.transform_to_disk(texts[:2], mine, **flags)
+    np.testing.assert_array_equal(np.load(mine / "activations.npy"), np.ones((3, 4)))
+    assert os.listdir(mine) == ["activations.npy"]
+
+
 def test_resume_refuses_another_extraction(reference, extractor, texts, tmp_path):
     path = tmp_path / "store"
     with pytest.raises(KeyboardInterrupt):
@@ -248,14 +293,22 @@ def test_paths_are_written_only_when_free_or_asked(extractor, texts, tmp_path):
     assert extractor.transform_to_disk(texts[:2], tmp_path / "new", resume=True).complete
 
 
-def test_one_writer_at_a_time(extractor, reference, tmp_path):
+def test_one_writer_at_a_time(extractor, reference, tmp_path, capsys):
     path = tmp_path / "s"
     config = extractor._store_config(None)
+    (tmp_path / "t.txt").write_text("to be\n", encoding="utf-8")
     with StoreWriter(path, config):
         with pytest.raises(RuntimeError, match="another process"):
             StoreWriter(path, config, resume=True)
         with pytest.raises(RuntimeError, match="another process"):
             StoreWriter(path, config, overwrite=True)
+        # On the command line: a condition to wait out, exit 2, not "a bug".
+        capsys.readouterr()
+        for flag in ("--resume", "--overwrite"):
+            assert main(["extract", str(tmp_path / "t.txt"), "--store", str(path), flag,
+                         "--max-length", str(MAX_LENGTH), "--device", "cpu", "-q"]) == 2
+            err = capsys.readouterr().err
+            assert "is being written by another process" in err and "bug" not in err
     # Released when the writer closes.
     with StoreWriter(path, config, resume=True) as writer:
         assert writer.n_texts == 0

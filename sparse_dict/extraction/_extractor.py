@@ -706,7 +706,8 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
                 done = writer.n_texts - start
                 if done > 0:
                     # Texts extracted before the interruption: checked, not redone.
-                    if stored is not None and start <= stored[0] < start + done:
+                    # (done may reach past this chunk, whose texts alone are here.)
+                    if stored is not None and start <= stored[0] < start + min(done, len(texts)):
                         probe = texts[stored[0] - start]
                     writer.skip(texts[:done], pretokenized)
                     if done <= len(texts) and stored is not None:

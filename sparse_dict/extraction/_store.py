@@ -61,13 +61,15 @@ def _is_manifest(content):
     return isinstance(content, dict) and content.get("format") == FORMAT
 
 
+# A store is made whole with its manifest, which vouches for it: a user's
+# folder holding an activations.npy is not one.
 STORE = _persist.folder_kind("activation store", {
     MANIFEST: _persist.json_kind("activation store manifest", _is_manifest),
     ACTIVATIONS: _persist.NPY,
     INDEX: _persist.NPY,
     VOCAB: None,
     _MANIFEST_NEXT: None,
-})
+}, required=(MANIFEST,))
 
 
 # --------------------------------------------------------------------------
@@ -101,6 +103,9 @@ class _GrowingNpy:
         self.path, self.width, self.dtype = Path(path), int(width), np.dtype(dtype)
         self.offset = _header_size(self.width, self.dtype)
         self.row_bytes = self.width * self.dtype.itemsize
+        # The rows the manifest counts must all be there, as written: truncate
+        # would otherwise grow a file that lost some with zeros, silently.
+        _check_rows_file(self.path, self.width, self.dtype, n_rows)
         self.fh = open(self.path, "r+b")  # noqa: SIM115 - closed by close()
         try:
             _lock(self.fh, self.path.parent)
@@ -168,6 +173,10 @@ def _write_json_durably(folder, name, content, **dumps):
     _fsync_folder(folder)
 
 
+class StoreInUseError(RuntimeError):
+    """Another process is writing the activation store (a condition to wait out, not a bug)."""
+
+
 def _lock(fh, path):
     """Hold an exclusive lock on ``fh``: two processes appending would mix their rows."""
     try:
@@ -177,7 +186,7 @@ def _lock(fh, path):
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise RuntimeError(
+        raise StoreInUseError(
             f"{path} is being written by another process; wait for it to finish."
         ) from None
 
@@ -223,6 +232,14 @@ def _read_manifest(path):
 
 def _rows(path, width, dtype, n_rows):
     """The first ``n_rows`` rows of the growing .npy ``path``, memory-mapped read-only."""
+    offset = _check_rows_file(path, width, dtype, n_rows)
+    if n_rows == 0:
+        return np.empty((0, width), dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n_rows, width))
+
+
+def _check_rows_file(path, width, dtype, n_rows):
+    """Raise unless the growing .npy ``path`` holds ``n_rows`` rows as written; its offset."""
     offset = _header_size(width, dtype)
     need = offset + n_rows * width * np.dtype(dtype).itemsize
     if not path.is_file():
@@ -239,9 +256,7 @@ def _rows(path, width, dtype, n_rows):
         if fortran or file_dtype != np.dtype(dtype) or shape[1:] != (width,):
             raise ValueError(f"{path} is not a C-ordered {np.dtype(dtype)} array of width "
                              f"{width}: the activation store is damaged.")
-    if n_rows == 0:
-        return np.empty((0, width), dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n_rows, width))
+    return offset
 
 
 class ActivationStore:
@@ -599,6 +614,8 @@ class StoreWriter:
         self._seen += len(texts)
         ids = index[:, 2]
         self._save_manifest(
+            # A store extended past its end is incomplete until finish().
+            complete=False,
             n_texts=self._seen,
             n_rows=self._acts.n_rows,
             n_tokens=self.manifest["n_tokens"] + int(n_tokens),
