@@ -145,9 +145,21 @@ def _accepted_dtypes(X):
     conversion would copy it whole into float64, four times its size, and a
     memmap would no longer be read piece by piece.
     """
-    if isinstance(X, np.ndarray) and X.dtype == np.float16:
+    if _is_float16(X):
         return None
     return [np.float64, np.float32]
+
+
+def _is_float16(X):
+    """Whether ``X`` is float16 throughout: an array, or a DataFrame of float16 columns."""
+    if isinstance(X, np.ndarray):
+        return X.dtype == np.float16
+    dtypes = getattr(X, "dtypes", None)  # a pandas DataFrame's, one per column
+    try:
+        return dtypes is not None and len(dtypes) > 0 and all(
+            np.dtype(d) == np.float16 for d in dtypes)
+    except TypeError:  # a pandas extension dtype, which numpy does not know
+        return False
 
 
 def _result_dtype(X):
@@ -1328,7 +1340,9 @@ class SparseAutoencoderDictionary(
         """
         check_is_fitted(self)
         self._check_inference_params()
-        codes = check_array(X, accept_sparse="csr", dtype=[np.float64, np.float32])
+        # float16 codes decode in float32, as float16 inputs encode.
+        codes = check_array(X, accept_sparse="csr",
+                            dtype=np.float32 if _is_float16(X) else [np.float64, np.float32])
         if codes.shape[1] != self.n_components_:
             raise ValueError(
                 f"X has {codes.shape[1]} features, but {type(self).__name__} is "

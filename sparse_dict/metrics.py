@@ -165,20 +165,39 @@ def explained_variance(X, X_hat):
     0.75
     """
     X, X_hat = _check_pair(X, X_hat)
-    mean = X.mean(axis=0, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        residual, total, constant = _variance_sums(X, X_hat, 1.0)
+        if (not (np.isfinite(residual) and np.isfinite(total))
+                or (not constant and total < _TINY_SUM)):
+            # Squares beyond float64's range (values from about 1e154), or
+            # lost below it (1e-150 and less): the ratio is the same in
+            # units of the largest value.
+            peak = max(float(np.max(np.abs(X))), float(np.max(np.abs(X_hat))))
+            residual, total, constant = _variance_sums(X, X_hat, peak)
+    # No variance is told by the columns themselves: the mean of a constant
+    # column is off by a rounding error, whose square would pass for a tiny
+    # variance and make any residual a huge negative score.
+    if total == 0.0 or constant:
+        return 1.0 if residual == 0.0 else 0.0
+    return 1.0 - residual / total
+
+
+# A total sum of squares this small has lost digits to float64's underflow.
+_TINY_SUM = 1e-250
+
+
+def _variance_sums(X, X_hat, unit):
+    """Residual and total sums of squares of ``X / unit``, and whether ``X`` is constant."""
+    mean = X.mean(axis=0, dtype=np.float64) / unit
     residual = total = 0.0
     low, high = np.full(X.shape[1], np.inf), np.full(X.shape[1], -np.inf)
     for rows in _row_blocks(X):
         block = X[rows].astype(np.float64)
-        residual += float(np.sum((block - X_hat[rows]) ** 2))
-        total += float(np.sum((block - mean) ** 2))
         low, high = np.minimum(low, block.min(axis=0)), np.maximum(high, block.max(axis=0))
-    # No variance is told by the columns themselves: the mean of a constant
-    # column is off by a rounding error, whose square would pass for a tiny
-    # variance and make any residual a huge negative score.
-    if total == 0.0 or np.all(low == high):
-        return 1.0 if residual == 0.0 else 0.0
-    return 1.0 - residual / total
+        block /= unit
+        residual += float(np.sum((block - X_hat[rows] / unit) ** 2))
+        total += float(np.sum((block - mean) ** 2))
+    return residual, total, bool(np.all(low == high))
 
 
 def fraction_variance_unexplained(X, X_hat):

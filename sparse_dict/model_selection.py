@@ -113,7 +113,14 @@ class SparseCodingScorer:
     """
 
     def __init__(self, metrics=("explained_variance", "l0", "dead_fraction")):
-        metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+        if isinstance(metrics, str):
+            metrics = (metrics,)
+        try:
+            metrics = tuple(metrics)
+        except TypeError:
+            raise ValueError(
+                f"metrics must be a non-empty selection of {sorted(_SCORER_METRICS)}, "
+                f"got {metrics!r}.") from None
         unknown = [name for name in metrics if name not in _SCORER_METRICS]
         if unknown or not metrics:
             raise ValueError(

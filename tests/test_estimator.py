@@ -203,6 +203,19 @@ def test_a_float16_memmap_is_read_in_float32_batches(tmp_path):
             small_sae(n_components=8).fit(broken)
 
 
+def test_float16_in_any_container_gives_float32(X):
+    pd = pytest.importorskip("pandas")
+    sae = small_sae().fit(X)
+    frame = pd.DataFrame(X.astype(np.float16))
+    codes = sae.transform(frame)
+    assert codes.dtype == np.float32
+    np.testing.assert_array_equal(codes, sae.transform(X.astype(np.float16)))
+    decoded = sae.inverse_transform(codes.astype(np.float16))
+    assert decoded.dtype == np.float32
+    np.testing.assert_array_equal(decoded, sae.inverse_transform(
+        codes.astype(np.float16).astype(np.float32)))
+
+
 def test_partial_fit_continues(X):
     sae = small_sae()
     sae.partial_fit(X)

@@ -78,6 +78,17 @@ def test_explained_variance_without_variance():
     assert explained_variance(np.full((10, 3), 0.1), np.full((10, 3), 0.1) + 1e-12) == 0.0
 
 
+@pytest.mark.parametrize("unit", [1e300, 1e160, 1e-160, 1e-300])
+def test_explained_variance_of_values_whose_squares_leave_float64(unit):
+    # The ratio does not depend on the unit; squares beyond float64's range
+    # gave NaN, squares below it 1.0 for any reconstruction.
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(50, 4))
+    X_hat = X + 0.1 * rng.normal(size=X.shape)
+    assert explained_variance(X * unit, X_hat * unit) == pytest.approx(
+        explained_variance(X, X_hat), rel=1e-12)
+
+
 def test_explained_variance_float32_matches_float64():
     rng = np.random.RandomState(0)
     X = rng.normal(size=(200, 8))

@@ -163,6 +163,8 @@ def test_scorer_metric_selection(data):
         SparseCodingScorer(metrics=("r2",))
     with pytest.raises(ValueError, match="metrics must be a non-empty selection"):
         SparseCodingScorer(metrics=())
+    with pytest.raises(ValueError, match="metrics must be a non-empty selection.*got None"):
+        SparseCodingScorer(metrics=None)
 
 
 def test_scorer_needs_inverse_transform(data):
