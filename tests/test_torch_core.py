@@ -472,3 +472,40 @@ def test_parameters_rebuilt_from_fortran_ordered_arrays_are_contiguous():
     assert all(p.is_contiguous() for p in trainer.model.parameters())
     np.testing.assert_allclose(trainer.model.W_enc.detach().numpy(), params["encoder_weights"],
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["jumprelu", "topk"])
+def test_a_resampled_feature_restarts_its_mechanism_s_state(name):
+    # JumpReLU: the threshold a feature died with was kept, above anything
+    # its new encoder row gives, so it stayed dead. TopK: an imported
+    # feature's selection scale described its old atom.
+    import math
+
+    from sparse_dict._torch.activations import make_activation
+
+    rng = np.random.RandomState(0)
+    X = rng.standard_normal((2000, 16)).astype(np.float32)
+    trainer = Trainer(16, 64, "cpu", seed=0, activation=make_activation(name, k=4))
+    trainer.initialize(X, rng, "mean")
+    model, dead = trainer.model, torch.tensor([3, 7])
+    own = model.log_threshold if name == "jumprelu" else model.selection_scale
+    with torch.no_grad():
+        own[dead] = math.log(50.0) if name == "jumprelu" else 1e-3
+        if name == "topk":
+            own[:] = 0.5  # every other feature's too: an imported dictionary's
+    if name == "jumprelu":
+        trainer.optimizer.state[own] = {"exp_avg": torch.ones(64), "exp_avg_sq": torch.ones(64)}
+    trainer.steps_since_fired[dead] = 10**6
+    x = torch.as_tensor(X[:512] * trainer.scale)
+    trainer._resample([(x, 512)], window=1000)
+    assert trainer.n_resampled == 2
+    if name == "jumprelu":
+        # Each fires again, at least on the input it restarted on.
+        with torch.no_grad():
+            _, codes = model(x)
+        assert bool((codes[:, dead] > 0).any(dim=0).all())
+        assert float(own[dead].exp().max()) < 50.0
+        state = trainer.optimizer.state[own]
+        assert not state["exp_avg"][dead].any() and state["exp_avg"][:3].all()
+    else:
+        assert own[dead].tolist() == [1.0, 1.0] and float(own[0]) == 0.5

@@ -75,6 +75,16 @@ class Activation:
     def init_model(self, model):
         """Register this mechanism's parameters and buffers on ``model``."""
 
+    def resample_(self, model, dead, pre):
+        """Restart this mechanism's state of the resampled ``dead`` features.
+
+        ``pre`` holds each one's new pre-activation on the input it was
+        restarted on. Returns the tensors it changed: those with optimiser
+        moments have them cleared at ``dead``, and with several processes
+        all are sent from rank 0 with the new weights.
+        """
+        return ()
+
     # -------------------------------------------------------------- training
     def forward_(self, pre, buffers, model):
         """Turn pre-activations into codes, in place.
@@ -251,6 +261,14 @@ class TopK(Activation):
 
     def init_model(self, model):
         model.register_buffer("selection_scale", torch.ones(model.n_components))
+
+    def resample_(self, model, dead, pre):
+        # A restarted feature's atom has unit norm, as a trained one's: it is
+        # chosen on its pre-activation as it is (an imported feature's scale
+        # described its old atom's norm).
+        with torch.no_grad():
+            model.selection_scale[dead] = 1.0
+        return (model.selection_scale,)
 
     def _weighted(self, model):
         """Whether the selection scale is not all ones (checked once per change).
@@ -574,6 +592,17 @@ class JumpReLU(Activation):
 
     def penalty_terms(self, model):
         return None, float(model.n_features)
+
+    def resample_(self, model, dead, pre):
+        # The threshold a feature had when it died is often above anything
+        # its new encoder row gives (a fifth of the live rows' norm): it
+        # would stay dead, its threshold out of the gradient's window. Half
+        # the new pre-activation on the input it restarts on lets it fire
+        # there and on inputs like it; the L0 term then moves it as any.
+        theta = (0.5 * pre.float()).clamp_min(1e-6)
+        with torch.no_grad():
+            model.log_threshold[dead] = theta.log().to(model.log_threshold.dtype)
+        return (model.log_threshold,)
 
     def parameter_gradients_(self, grad_codes, model, coef, batch):
         theta = model.log_threshold.detach().exp()

@@ -952,7 +952,8 @@ class Trainer:
             generator=self._resample_generator,
         ).to(inputs.device)
         directions = inputs[chosen] - model.b_dec
-        directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        distances = directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        directions /= distances
         alive = torch.ones(model.n_components, dtype=torch.bool, device=dead.device)
         alive[dead] = False
         enc_norm = model.W_enc[alive].norm(dim=1).mean() if alive.any() else 1.0
@@ -960,10 +961,14 @@ class Trainer:
         model.W_dec[dead] = directions
         model.W_enc[dead] = directions * (0.2 * enc_norm)
         model.b_enc[dead] = 0.0
+        # The mechanism's own state of those features (a JumpReLU threshold),
+        # given each one's new pre-activation on the input it restarts on.
+        own = tuple(model.activation.resample_(
+            model, dead, (0.2 * enc_norm) * distances.flatten()))
         if replicas is not None:
-            replicas.broadcast_([model.W_dec, model.W_enc, model.b_enc],
+            replicas.broadcast_([model.W_dec, model.W_enc, model.b_enc, *own],
                                 "resampling dead features")
-        for param in (model.W_dec, model.W_enc, model.b_enc):
+        for param in (model.W_dec, model.W_enc, model.b_enc, *own):
             state = self.optimizer.state.get(param, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
