@@ -91,6 +91,29 @@ def test_batchtopk_threshold_is_fitted_and_batch_independent(fitted, superpositi
     assert sae.train_l0_ == pytest.approx(4.0, rel=0.01)
 
 
+def test_batchtopk_partial_fit_of_a_few_rows_keeps_the_threshold(fitted, superposition):
+    # A call of a few rows set the inference threshold from them alone: after
+    # a one-row call the held-out L0 was anywhere from 0.4 to 26 for k=4.
+    import copy
+
+    X, _, _ = superposition
+    held_out = X[-2000:]
+    for rows in (X[:1], X[100:104], X[200:216]):
+        sae = copy.deepcopy(fitted["batchtopk"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sae.partial_fit(rows)
+        l0 = float((sae.transform(held_out) > 0).sum(axis=1).mean())
+        assert l0 == pytest.approx(4.0, rel=0.15), (len(rows), l0)
+    # A call of enough rows re-estimates it on the model as it now is.
+    sae = copy.deepcopy(fitted["batchtopk"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sae.partial_fit(X[:4000])
+    assert float((sae.transform(held_out) > 0).sum(axis=1).mean()) == pytest.approx(4.0,
+                                                                                   rel=0.1)
+
+
 def test_jumprelu_thresholds_are_learned_per_feature(fitted, superposition):
     X, _, _ = superposition
     sae = fitted["jumprelu"]

@@ -7,8 +7,9 @@ its share of each global batch: the union of the shares is the batch a single
 process would have drawn. Each rank's gradients, step statistics and firing
 counts are weighted by its share of the rows and summed across ranks in one
 ``all_reduce`` per step, which gives every rank the gradient of the whole
-batch; identical gradients through identical optimisers keep the parameters
-identical. Decisions that depend on chance or on timing (resampling dead
+batch (BatchTopK excepted: each rank selects among its own share's
+pre-activations, see docs/scaling.rst); identical gradients through
+identical optimisers keep the parameters identical. Decisions that depend on chance or on timing (resampling dead
 features, stopping early) are taken on rank 0 and broadcast.
 
 A failure on one rank stops every rank with an error that says which rank

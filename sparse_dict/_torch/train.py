@@ -504,10 +504,16 @@ class Trainer:
         return float(((sample - sample.mean(dim=0)) ** 2).sum(dim=1).mean())
 
     @torch.no_grad()
-    def calibrate(self, sample):
-        """Let the activation fit its inference state on the final model."""
+    def calibrate(self, sample, min_rows=1):
+        """Let the activation fit its inference state on the final model.
+
+        A ``sample`` of fewer than ``min_rows`` rows leaves the state that
+        training keeps (BatchTopK's running threshold) as it is: a
+        ``partial_fit`` call of a few rows would otherwise set the threshold
+        from them alone.
+        """
         calibrate = getattr(self.model.activation, "calibrate_", None)
-        if calibrate is not None and sample.shape[0]:
+        if calibrate is not None and sample.shape[0] >= max(1, min_rows):
             calibrate(self.model, self.model.pre_activations(sample))
 
     @torch.no_grad()
