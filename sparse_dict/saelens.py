@@ -302,7 +302,8 @@ def read_saelens(path, *, norm_scaling_factor=None):
             folded.append(f"normalize_activations: scaling factor {factor!r} folded")
     if not cfg["apply_b_dec_to_input"]:
         b_enc = b_enc + W_enc @ b_dec
-        folded.append("apply_b_dec_to_input=False: W_enc @ b_dec added to the encoder bias")
+        # Named in SAELens' layout, W_enc of shape (d_in, d_sae), as the docs name it.
+        folded.append("apply_b_dec_to_input=False: W_enc.T @ b_dec added to the encoder bias")
 
     norms = np.linalg.norm(W_dec, axis=1)
     # A zero atom never contributes: it is left alone rather than divided by 0.
