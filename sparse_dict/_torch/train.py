@@ -1192,6 +1192,7 @@ class Trainer:
 # drift was 0.093, 0.144 and 0.029 (EV 0.47, 0.74, 0.78).
 _LOSS_DROP = 0.08
 _L0_DRIFT = 0.08
+_L0_MOVE_MIN = 0.1
 # Fewer steps than this are too few to judge the curve, and too few to
 # converge: always unconverged.
 _MIN_ASSESSED_STEPS = 50
@@ -1331,7 +1332,11 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
     late = slice(stop - width, stop)
     drop = (loss[early].mean() - loss[late].mean()) / max(abs(loss[late].mean()), 1e-12)
     penalised = trainer.model.activation.penalty_name is not None
-    drift = abs(l0[early].mean() - l0[late].mean()) / max(l0[late].mean(), 1e-12)
+    moved = abs(l0[early].mean() - l0[late].mean())
+    # Relative, and of at least a tenth of a code a row: an L0 near zero
+    # (a penalty that silences the features, which a warning of its own
+    # names) moves by large factors while nothing changes ("0.0 -> 0.0").
+    drift = moved / max(l0[late].mean(), 1e-12) if moved >= _L0_MOVE_MIN else 0.0
     reasons = []
     if drop > _LOSS_DROP:
         reasons.append(f"the loss was still falling ({100 * drop:.0f}% over the last fifth "
