@@ -18,6 +18,7 @@ from sklearn.preprocessing import FunctionTransformer
 from torch import nn
 
 from sparse_dict import extraction
+from sparse_dict.analysis import steering_distributions
 from sparse_dict.extraction import (
     SpliceResult,
     TokenIndex,
@@ -618,7 +619,125 @@ def test_named_hooks_in_causal_hf_models(arch):
     assert result.loss_recovered == 1.0 and result.kl_divergence == 0.0
 
 
-def test_local_causal_hf_folder(tmp_path):
+def test_mlp_out_is_the_mlp_s_own_output_where_it_adds_the_residual():
+    # BLOOM's MLP returns its projection plus the residual stream: mlp_out
+    # was the stream itself.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=100, hidden_size=32, n_layer=2, n_head=2)).eval()
+    texts = ["hello there", "abc"]
+    ext = TransformerActivationExtractor(model, tokenizer=_char_tokenizer, layer=0,
+                                         hook="mlp_out").fit(texts)
+    assert ext.hook_module_ == "transformer.h.0.mlp.dense_4h_to_h"
+    seen = []
+    handle = model.transformer.h[0].mlp.dense_4h_to_h.register_forward_hook(
+        lambda module, args, out: seen.append(out[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([_char_tokenizer(texts[:1])[0]]))
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(ext.transform(texts[:1]), seen[0].numpy(), rtol=1e-5, atol=1e-6)
+    result = splice_evaluation(ext, FunctionTransformer(), texts)
+    assert result.loss_recovered == 1.0 and result.kl_divergence == 0.0
+
+
+def test_a_splice_reads_activations_the_model_changes_in_place_afterwards():
+    # Falcon adds the attention output to its MLP's output in place: the
+    # captured activations changed under the splice, which then added the
+    # attention output twice (an identity dictionary "recovered" 3.4).
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)).eval()
+    texts = ["hello there", "abc", "to be or not"]
+    for hook in ("mlp_out", "mlp_post"):
+        ext = TransformerActivationExtractor(model, tokenizer=_char_tokenizer, layer=0,
+                                             hook=hook).fit(texts)
+        for ablation in ("zero", "mean"):
+            result = splice_evaluation(ext, FunctionTransformer(), texts, ablation=ablation)
+            assert result.loss_recovered == pytest.approx(1.0, abs=1e-6), (hook, ablation)
+            assert result.kl_divergence == pytest.approx(0.0, abs=1e-7)
+
+
+def test_roberta_positions_start_after_the_padding_index():
+    # 34 position embeddings with padding index 1 take 32 tokens: a 34-token
+    # text indexed past the table.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.RobertaModel(transformers.RobertaConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=34, pad_token_id=1)).eval()
+    long = ["x" * 80]
+    for max_length in (None, 128, 34):
+        ext = TransformerActivationExtractor(model, tokenizer=_char_tokenizer,
+                                             max_length=max_length).fit(long)
+        assert ext.transform(long).shape[0] == 32
+        assert ext.provenance()["max_length"] == 32
+
+
+def test_an_encoder_decoder_model_runs_its_encoder(tmp_path):
+    # T5's full forward needs decoder inputs: a splice failed inside
+    # transformers. A folder saved as T5EncoderModel loads as one, not as a
+    # T5Model with a random decoder.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                                   num_heads=2, decoder_start_token_id=0)
+    texts = ["hello there", "abc"]
+    full = transformers.T5Model(config).eval()
+    ext = TransformerActivationExtractor(full, tokenizer=_char_tokenizer, layer=0,
+                                         hook="resid_post").fit(texts)
+    result = splice_evaluation(ext, FunctionTransformer(), texts)
+    assert result.cosine_spliced == pytest.approx(1.0) and result.loss_recovered is None
+    with torch.no_grad():
+        hidden = full.get_encoder()(torch.tensor([_char_tokenizer(texts[:1])[0]]),
+                                    output_hidden_states=True).hidden_states
+    # (The last of hidden_states is after the encoder's final norm.)
+    np.testing.assert_allclose(ext.transform(texts[:1]), hidden[1][0].numpy(), rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="Steering needs a causal language model"):
+        steering_distributions(ext, _IdentityAtoms(32), texts[:1], 0, 1.0)
+    vocab = _word_tokenizer_folder(tmp_path)
+    transformers.T5EncoderModel(config.__class__(**{**config.to_dict(), "vocab_size": len(vocab)})
+                                ).save_pretrained(tmp_path)
+    saved = TransformerActivationExtractor(str(tmp_path), layer=0, hook="resid_post").fit(TEXTS)
+    assert type(saved.loaded_model().model).__name__ == "T5EncoderModel"
+    assert splice_evaluation(saved, FunctionTransformer(), TEXTS).cosine_spliced == (
+        pytest.approx(1.0))
+
+
+class _IdentityAtoms(FunctionTransformer):
+    """A fitted "dictionary" of the unit vectors, for the analysis tools."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.width = width
+        self.components_ = np.eye(width, dtype=np.float32)
+        self.n_features_in_ = width
+        self.n_components_ = width
+
+
+def test_logits_of_a_head_that_is_not_next_token_are_refused():
+    # A masked-language head was taken for a causal one: a meaningless
+    # "next-token" loss, and steering that generated text.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=37)).eval()
+    texts = ["hello there", "abc"]
+    ext = TransformerActivationExtractor(model, tokenizer=_char_tokenizer).fit(texts)
+    with pytest.raises(ValueError, match="not next-token predictions"):
+        splice_evaluation(ext, FunctionTransformer(), texts)
+    with pytest.raises(ValueError, match="Steering needs a causal language model.*not "
+                                         "next-token predictions"):
+        steering_distributions(ext, _IdentityAtoms(37), texts[:1], 0, 1.0)
+
+
+def _word_tokenizer_folder(path):
+    """A folder holding a word-level tokenizer of TEXTS' words; its vocabulary size."""
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
     words = sorted({w for t in TEXTS for w in t.split()})
@@ -627,7 +746,13 @@ def test_local_causal_hf_folder(tmp_path):
     core.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     transformers.PreTrainedTokenizerFast(
         tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]"
-    ).save_pretrained(tmp_path)
+    ).save_pretrained(path)
+    return vocab
+
+
+def test_local_causal_hf_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    vocab = _word_tokenizer_folder(tmp_path)
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=2, n_embd=32, n_head=2, vocab_size=len(vocab), n_positions=32,

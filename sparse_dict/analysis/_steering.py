@@ -157,12 +157,14 @@ def _clamp_edit(sae, feature, value):
 
 
 def _logits(loaded, ids, mask):
-    kind, out = _final_output(loaded(ids, mask), loaded.vocab_size())
+    kind, out = _final_output(loaded(ids, mask), loaded.vocab_size(), loaded.causal)
     if kind != "lm":
+        what = ("logits that are not next-token predictions (a masked-language or "
+                "classification head)" if kind == "other" else "hidden states, not logits")
         raise ValueError(
             f"Steering needs a causal language model with a next-token head; "
-            f"{type(loaded.model).__name__} gives hidden states, not logits (an encoder "
-            "such as MiniLM cannot generate)."
+            f"{type(loaded.model).__name__} gives {what} (an encoder such as MiniLM "
+            "cannot generate)."
         )
     return out
 

@@ -5,6 +5,7 @@
 captures the activations, stops the pass, or replaces them.
 """
 
+import inspect
 import threading
 from difflib import get_close_matches
 from typing import NamedTuple
@@ -38,6 +39,23 @@ _SITES = {
     "resid_pre": (("", "input"),),
     "resid_post": (("", "output"),),
 }
+
+
+# An MLP's output projection, by the names its families give it.
+_OUT_PROJECTION_NAMES = ("dense_4h_to_h", "c_proj", "down_proj", "fc_out", "fc2")
+
+
+def _own_output(mlp, path):
+    """``path``, or its output projection's where the MLP's forward takes the residual."""
+    try:
+        takes_residual = "residual" in inspect.signature(mlp.forward).parameters
+    except (TypeError, ValueError):
+        return path
+    if takes_residual:
+        for name in _OUT_PROJECTION_NAMES:
+            if isinstance(getattr(mlp, name, None), torch.nn.Module):
+                return f"{path}.{name}"
+    return path
 
 
 class StopForward(Exception):
@@ -106,7 +124,13 @@ def locate_hook(loaded, *, layer, hook, module):
     block = loaded.blocks[layer]
     block_path = f"{loaded.blocks_path}.{layer}"
     for relative_path, direction in _SITES[hook]:
-        if _submodule(block, relative_path) is not None:
+        found = _submodule(block, relative_path)
+        if found is not None:
+            if hook == "mlp_out" and relative_path == "mlp":
+                # An MLP that adds the residual stream itself (BLOOM's
+                # forward(hidden_states, residual)) outputs the stream: its
+                # own contribution is its output projection's output.
+                relative_path = _own_output(found, relative_path)
             return HookSite(_join(block_path, relative_path), direction, f"layer{layer}.{hook}")
     available = [
         h for h in HOOK_POINTS
@@ -198,7 +222,10 @@ class ActivationHook:
                 f"The hooked point gives {shape}, not a (batch, tokens, features) "
                 "tensor; choose another layer, hook or module."
             )
-        self.captured = tensor
+        # Kept as it is here: the model may change it in place later in the
+        # pass (Falcon adds the attention output to its MLP's output), and a
+        # pass that goes on reads the change. A pass that stops cannot.
+        self.captured = tensor if self.mode == "stop" else tensor.clone()
         if self.mode == "stop":
             raise StopForward
         if self.mode == "replace":

@@ -52,6 +52,12 @@ class LoadedModel:
         Dotted path of its list of residual blocks.
     blocks : torch.nn.ModuleList or None
     pad_token_id : int
+    encoder_only : bool
+        An encoder-decoder model (T5, BART) runs its encoder alone: the
+        texts are its input, and a decoder would need inputs of its own.
+    causal : bool
+        Whether logits in its output predict each next token (a causal
+        language model), as opposed to a masked or classification head.
     """
 
     def __init__(self, model, tokenizer, device, kind, max_positions=None):
@@ -67,6 +73,14 @@ class LoadedModel:
         )
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
+        config = getattr(model, "config", None)
+        self.encoder_only = bool(getattr(config, "is_encoder_decoder", False)) and callable(
+            getattr(model, "get_encoder", None))
+        # transformers' models say whether they generate (a next-token head);
+        # other modules with logits are taken as causal language models.
+        can_generate = getattr(model, "can_generate", None)
+        self.causal = not self.encoder_only and (
+            bool(can_generate()) if callable(can_generate) else True)
 
     def vocab_size(self):
         """The number of token ids the model takes, or None if it does not say."""
@@ -84,6 +98,8 @@ class LoadedModel:
         return _submodule(self.model, path)
 
     def __call__(self, input_ids, attention_mask):
+        if self.encoder_only:
+            return self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
         if self.kind == "hf":
             return self.model(input_ids=input_ids, attention_mask=attention_mask)
         if self.takes_mask:
@@ -251,6 +267,14 @@ def _load_hf(source, device, verbose):
             a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or ())
         )
         auto = AutoModelForCausalLM if causal else AutoModel
+        # A folder saved as an encoder alone (T5EncoderModel) loads as one:
+        # AutoModel would add a decoder of random weights. transformers' own
+        # class only: nothing from the folder runs.
+        encoder_class = next((a for a in (config.architectures or ())
+                              if a.endswith("EncoderModel")), None)
+        if encoder_class is not None and isinstance(getattr(transformers, encoder_class, None),
+                                                    type):
+            auto = getattr(transformers, encoder_class)
         try:
             model = auto.from_pretrained(root, **options)
         except pickle.UnpicklingError as exc:
@@ -268,8 +292,26 @@ def _load_hf(source, device, verbose):
             transformers.utils.logging.enable_progress_bar()
     _check_tokenizer_size(tokenizer, model.config, source)
     model = model.to(device).eval()
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    return LoadedModel(model, tokenizer, device, "hf", max_positions)
+    return LoadedModel(model, tokenizer, device, "hf", _max_positions(model))
+
+
+def _max_positions(model):
+    """The longest sequence ``model`` takes, from its config, or None.
+
+    RoBERTa and its kin number positions from after the padding index, so
+    ``padding_idx + 1`` of their ``max_position_embeddings`` are never a
+    token's (roberta-base: 514 embeddings, 512 tokens).
+    """
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_len", None) or getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    for name, module in model.named_modules():
+        if (name.endswith("embeddings.position_embeddings")
+                and isinstance(module, torch.nn.Embedding) and module.padding_idx is not None
+                and module.num_embeddings == limit):
+            return limit - module.padding_idx - 1
+    return limit
 
 
 def _check_tokenizer_size(tokenizer, config, source):
@@ -310,11 +352,7 @@ def _load_module(model, tokenizer, device):
         model.to(device)
     # Dropout and the like must not make activations random.
     model.eval()
-    config = getattr(model, "config", None)
-    max_positions = getattr(config, "max_len", None) or getattr(
-        config, "max_position_embeddings", None
-    )
-    return LoadedModel(model, tokenizer, device, "module", max_positions)
+    return LoadedModel(model, tokenizer, device, "module", _max_positions(model))
 
 
 

@@ -64,10 +64,15 @@ class SpliceResult:
         return asdict(self)
 
 
-def _final_output(out, vocab_size):
-    """("lm", logits) or ("hidden", final hidden states) from a model's output."""
+def _final_output(out, vocab_size, causal=True):
+    """("lm", logits) or ("hidden", final hidden states) from a model's output.
+
+    Logits of a model that is not ``causal`` (a masked-language or a
+    classification head) are ("other", logits): neither a next-token loss
+    nor hidden states.
+    """
     if hasattr(out, "logits") and out.logits is not None:
-        return "lm", out.logits
+        return ("lm" if causal else "other"), out.logits
     if hasattr(out, "last_hidden_state"):
         return "hidden", out.last_hidden_state
     if isinstance(out, (tuple, list)):
@@ -186,7 +191,14 @@ def splice_evaluation(extractor, dictionary, texts, *, ablation="zero", verbose=
             for _, ids, mask in extractor.batches(seqs, desc if verbose else None):
                 keep = mask.bool()
                 hook.reset("capture")
-                kind, out_o = _final_output(loaded(ids, mask), vocab)
+                kind, out_o = _final_output(loaded(ids, mask), vocab, loaded.causal)
+                if kind == "other":
+                    raise ValueError(
+                        f"{type(loaded.model).__name__} gives logits that are not next-token "
+                        "predictions (a masked-language or classification head), so there "
+                        "is no next-token loss to splice; pass its base model (the module "
+                        "under the head) for the cosine of the hidden states, or a causal "
+                        "language model.")
                 acts = hook.captured.clone()
 
                 real = acts[keep].float().cpu().numpy()
@@ -202,12 +214,12 @@ def splice_evaluation(extractor, dictionary, texts, *, ablation="zero", verbose=
                 spliced = acts.clone()
                 spliced[keep] = torch.as_tensor(recon, device=acts.device, dtype=acts.dtype)
                 hook.reset("replace", spliced)
-                _, out_s = _final_output(loaded(ids, mask), vocab)
+                _, out_s = _final_output(loaded(ids, mask), vocab, loaded.causal)
 
                 ablated = acts.clone()
                 ablated[keep] = 0.0 if mean_act is None else mean_act.to(acts.dtype)
                 hook.reset("replace", ablated)
-                _, out_a = _final_output(loaded(ids, mask), vocab)
+                _, out_a = _final_output(loaded(ids, mask), vocab, loaded.causal)
 
                 if kind == "lm":
                     _accumulate_lm(acc, ids, keep, out_o, out_s, out_a)
