@@ -247,6 +247,21 @@ def _check_values(X):
         )
 
 
+def _per_atom(n_rows, n_components):
+    """Rows an atom for the few-rows warning, never rounded up to the floor it is below.
+
+    Examples
+    --------
+    >>> _per_atom(4000, 256), _per_atom(500, 1024), _per_atom(1024, 512)
+    ('15.6', '0.49', '2')
+    """
+    ratio = n_rows / n_components
+    text = f"{ratio:.2g}"
+    if float(text) >= _MIN_ROWS_PER_ATOM > ratio:  # 15.6 shown as "16", the floor itself
+        text = f"{math.floor(ratio * 10) / 10:.1f}"
+    return text
+
+
 def _warn_few_rows(n_samples, n_components, distinct=None):
     """Warn when the rows are too few for the atoms: the fit can memorise them.
 
@@ -277,14 +292,14 @@ def _warn_few_rows(n_samples, n_components, distinct=None):
     """
     if distinct is not None and distinct < _MIN_ROWS_PER_ATOM * n_components:
         rows = (f"X has about {distinct:,} distinct rows among its {n_samples:,} (its rows "
-                f"repeat) for {n_components:,} atoms ({distinct / n_components:.2g} distinct "
-                "rows an atom)")
+                f"repeat) for {n_components:,} atoms ({_per_atom(distinct, n_components)} "
+                "distinct rows an atom)")
         least = f"{_MIN_ROWS_PER_ATOM} distinct rows an atom"
     elif n_samples >= _MIN_ROWS_PER_ATOM * n_components:
         return
     else:
         rows = (f"X has {n_samples:,} rows for {n_components:,} atoms "
-                f"({n_samples / n_components:.2g} rows an atom)")
+                f"({_per_atom(n_samples, n_components)} rows an atom)")
         least = f"{_MIN_ROWS_PER_ATOM} rows an atom"
     warn_at_caller(
         f"{rows}: with so few rows an SAE this wide "

@@ -747,6 +747,11 @@ def test_few_rows_for_the_atoms_warn_before_training():
         warnings.simplefilter("always")
         SparseAutoencoderDictionary(n_components=2, max_steps=3, random_state=0).fit(X)
     assert not [w for w in caught if "rows an atom" in str(w.message)]
+    # Just below the floor, the count is not rounded up to it ("16 rows an
+    # atom ... at least 16 rows an atom").
+    X = np.abs(np.random.RandomState(0).standard_normal((500, 8))).astype(np.float32)
+    with pytest.warns(UserWarning, match=r"500 rows for 32 atoms \(15\.6 rows an atom\)"):
+        SparseAutoencoderDictionary(n_components=32, max_steps=3, random_state=0).fit(X[:500])
 
 
 def test_warnings_after_training_point_at_the_callers_line():
