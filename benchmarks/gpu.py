@@ -311,7 +311,7 @@ _PARTS = (
     ("initialise: sample_moments", _train_module, "sample_moments"),
     ("initialise: geometric_median", _train_module, "geometric_median"),
     ("finish: calibration_sample", Trainer, "calibration_sample"),
-    ("finish: sample_stats (L0 and the final error)", Trainer, "sample_stats"),
+    ("finish: sample_stats (L0, the final error, the shrinkage)", Trainer, "sample_stats"),
     ("finish: start_export (the weights' copy started)", Trainer, "start_export"),
     ("finish: export", Trainer, "export"),
     ("other: the trainer's construction", Trainer, "__init__"),

@@ -275,6 +275,33 @@ def test_a_penalty_that_leaves_the_features_silent_warns(superposition):
     assert not [w for w in caught if "almost no row" in str(w.message)]
 
 
+def test_codes_shrunk_by_the_penalty_warn_and_say_what_helps():
+    # Narrow data (8 wide, 2 active features of 32): the defaults explained
+    # about half the variance, TopK nine tenths, with no warning at all.
+    rng = np.random.default_rng(0)
+    atoms = rng.standard_normal((32, 8))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    codes = np.zeros((6000, 32))
+    for row in codes:
+        row[rng.choice(32, 2, replace=False)] = rng.uniform(0.5, 1.5, 2)
+    X = (codes @ atoms).astype(np.float32)
+    train, held_out = X[:5000], X[5000:]
+    scores = {}
+    for name, params in (("default", {}), ("lower", {"l1_coef": 1.0}),
+                         ("topk", {"activation": "topk", "k": 2})):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sae = SparseAutoencoderDictionary(n_components=64, max_steps=2000, random_state=0,
+                                              **params).fit(train)
+        shrunk = [str(w.message) for w in caught if "codes are shrunk" in str(w.message)]
+        scores[name] = (sae.score(held_out), shrunk)
+    ev, shrunk = scores["default"]
+    assert shrunk and "l1_coef=3" in shrunk[0] and "activation='topk'" in shrunk[0], shrunk
+    # The advice, followed, helps, and the warning goes.
+    for name in ("lower", "topk"):
+        assert scores[name][0] > ev + 0.2 and not scores[name][1], (name, scores)
+
+
 def test_features_killed_by_steps_too_large_name_the_learning_rate():
     # TopK at a learning rate of 1: half the features dead and nothing
     # explained. The dead-features warning must not only blame the data.

@@ -518,22 +518,35 @@ class Trainer:
 
     @torch.no_grad()
     def sample_stats(self, sample):
-        """Mean L0 and mean squared reconstruction error per row of ``sample``, at inference.
+        """Mean L0, mean squared error per row and shrinkage of ``sample``, at inference.
 
         The error is the final model's, in scaled units: training's history
         records each step's error before its update, so a last step that
-        ruins the model shows only here.
+        ruins the model shows only here. The shrinkage is the relative
+        reconstruction bias of Wright and Sharkey (2024): the factor ``g``
+        by which the reconstructions (relative to the decoder bias) would
+        best be scaled, ``<x - b, x_hat - b> / ||x_hat - b||^2`` over the
+        sample; 1 without shrinkage, above 1 when a penalty shrinks the
+        codes.
+
+        Returns
+        -------
+        l0, error, shrinkage : float
         """
         if not sample.shape[0]:
-            return float("nan"), float("nan")
-        # Summed on the device, read once: one synchronisation, not two a chunk.
-        active = torch.zeros((), dtype=torch.float64, device=sample.device)
-        error = torch.zeros((), dtype=torch.float64, device=sample.device)
+            return float("nan"), float("nan"), float("nan")
+        # Summed on the device, read once: one synchronisation, not several a chunk.
+        sums = torch.zeros(4, dtype=torch.float64, device=sample.device)
+        b_dec = self.model.b_dec.detach()
         for chunk in sample.split(4096):
             recon, codes = self.model(chunk)
-            active += (codes > 0).sum()
-            error += (chunk - recon).double().pow(2).sum()
-        return float(active) / sample.shape[0], float(error) / sample.shape[0]
+            centred, made = (chunk - b_dec).double(), (recon - b_dec).double()
+            sums += torch.stack([(codes > 0).sum().double(),
+                                 (chunk - recon).double().pow(2).sum(),
+                                 (centred * made).sum(), made.pow(2).sum()])
+        active, error, inner, made = sums.tolist()
+        n = sample.shape[0]
+        return active / n, error / n, inner / made if made > 0 else float("nan")
 
     @classmethod
     def from_parameters(cls, params, scale, device, seed, activation=None):
