@@ -509,3 +509,21 @@ def test_a_resampled_feature_restarts_its_mechanism_s_state(name):
         assert not state["exp_avg"][dead].any() and state["exp_avg"][:3].all()
     else:
         assert own[dead].tolist() == [1.0, 1.0] and float(own[0]) == 0.5
+
+
+def test_a_loss_that_rose_mid_run_is_called_unstable_not_slow():
+    # 1000 steps: the loss falls to 1, rises to 7 at 65% of the run and is
+    # still coming back down over the last fifth. The "still falling" rule
+    # read the recovery as slow convergence and advised more steps.
+    steps = np.arange(1000)
+    mse = 1.0 + 6.0 * np.exp(-((steps - 650) / 200.0) ** 2)
+    mse[:300] = np.linspace(5.0, 1.0, 300)
+    problems = _judged(mse, [16] * 1000, data_variance=20.0, messages=True)
+    assert [kind for kind, _ in problems] == ["unconverged"]
+    message = problems[0][1]
+    assert "rose mid-run to" in message and "StandardScaler" in message
+    assert "learning_rate" in message and "still falling" not in message
+    # A loss that only falls, slowly, is still called slow.
+    slow = _judged(np.linspace(5.0, 1.0, 1000), [16] * 1000, data_variance=20.0,
+                   messages=True)
+    assert "still falling" in slow[0][1] and "rose mid-run" not in slow[0][1]

@@ -1206,6 +1206,9 @@ class Trainer:
 _LOSS_DROP = 0.08
 _L0_DRIFT = 0.08
 _L0_MOVE_MIN = 0.1
+# How far above its lowest earlier level (a mean over a tenth of the run)
+# the loss may be at the start of the last fifth before it counts as risen.
+_LOSS_RISE = 3.0
 # Fewer steps than this are too few to judge the curve, and too few to
 # converge: always unconverged.
 _MIN_ASSESSED_STEPS = 50
@@ -1350,6 +1353,29 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
     # (a penalty that silences the features, which a warning of its own
     # names) moves by large factors while nothing changes ("0.0 -> 0.0").
     drift = moved / max(l0[late].mean(), 1e-12) if moved >= _L0_MOVE_MIN else 0.0
+    # A loss that rose mid-run and was coming back down is an unstable run,
+    # not a slow one: its "drop" measures the recovery, and more steps at
+    # the same rate only give it more room to rise again. Measured on rows
+    # with one constant column and one of 100 times the others' scale: the
+    # loss rose 7-fold, the advice to train longer collapsed the fit (every
+    # feature dead), and scaling the columns took the other columns' EV
+    # from -26 to 0.67.
+    before = loss[: stop - 3 * width]
+    blocks = before[: before.size // width * width].reshape(-1, width).mean(axis=1)
+    low = float(np.min(blocks)) if blocks.size else float("nan")
+    risen = float(loss[early].mean()) / low if low > 0 else float("nan")
+    if risen > _LOSS_RISE:
+        problems.append((
+            "unconverged",
+            f"The loss rose mid-run to {risen:.0f} times its lowest earlier level and was "
+            f"still coming back down over the last fifth of the run before the final decay "
+            f"(a fit of {n} steps of {batch} rows): training is unstable on this data, and "
+            "the dictionary is probably not converged. If the data's columns differ in "
+            "scale by orders of magnitude, scale them first (for example with "
+            "sklearn.preprocessing.StandardScaler); otherwise lower learning_rate (now "
+            f"{config.learning_rate:g}), for example by a factor of 3.",
+        ))
+        return problems
     reasons = []
     if drop > _LOSS_DROP:
         reasons.append(f"the loss was still falling ({100 * drop:.0f}% over the last fifth "
