@@ -324,9 +324,10 @@ def _warn_few_rows(n_samples, n_components, distinct=None):
         "can memorise them, and reconstruct them far better than rows it has not seen "
         "(measured with the defaults: EV 0.82 on the training rows against 0.66 on "
         "held-out ones at 8 rows an atom, 0.55 at 2; 0.80 at 64). Fit on at least "
-        f"{least} ({_MIN_ROWS_PER_ATOM * n_components:,} here) or "
-        "choose a smaller n_components, and judge the fit on held-out rows "
-        "(score(X_held_out)).",
+        f"{least} ({_MIN_ROWS_PER_ATOM * n_components:,} here) where you can, and judge "
+        "the fit on held-out rows (score(X_held_out)); a smaller n_components memorises "
+        "less, but where the data holds many features it also explains less, so compare "
+        "held-out scores before choosing it.",
         UserWarning,
     )
 
@@ -337,9 +338,10 @@ def _warn_dominant_rows(dominant):
         f"The largest {dominant.n_rows:,} of {dominant.n_sampled:,} rows sampled from X hold "
         f"{dominant.share:.0%} of its spread around its centre (rows of outsized norm). "
         "The input scale is set from the other rows, so that these few do not shrink every "
-        "other row against the sparsity penalty; the dictionary will reconstruct them "
-        "poorly. Look at the largest row norms (np.linalg.norm(X, axis=1)) and drop the "
-        "rows that are artefacts.",
+        "other row against the sparsity penalty. Look at the largest row norms "
+        "(np.linalg.norm(X, axis=1)): rows that are artefacts (a corrupted record, a "
+        "token of another kind) are best dropped; rows that belong to the data (heavy-"
+        "tailed activations) can stay, and are fitted as the others are.",
         UserWarning,
     )
 
