@@ -1241,8 +1241,12 @@ class SparseAutoencoderDictionary(
             for message in self._unused_features(trainer, config, len(sample), assess, poor,
                                                  explained):
                 warn_at_caller(message, UserWarning)
-            if assess and not poor and self._fitted_activation().penalty_name == "l1_coef" and (
-                    shrinkage > _SHRINKAGE_WARN):
+            # Not for a run that ended unconverged: too few steps are the
+            # likelier cause, and that warning says so.
+            unconverged = any(kind == "unconverged" for kind, _ in problems)
+            if (assess and not poor and not unconverged
+                    and self._fitted_activation().penalty_name == "l1_coef"
+                    and shrinkage > _SHRINKAGE_WARN):
                 warn_at_caller(_shrinkage_message(shrinkage, explained, self.l1_coef),
                                UserWarning)
 
