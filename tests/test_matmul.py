@@ -81,6 +81,21 @@ def test_the_real_probe_answers_a_backend():
     assert matmul._probe(torch.get_num_threads()) in matmul.BACKENDS
 
 
+@pytest.mark.parametrize("blas_threads,candidate", [(2, False), (4, False), (1, True),
+                                                    (None, False)])
+def test_openblas_is_a_candidate_only_on_one_thread(monkeypatch, blas_threads, candidate):
+    # On threads of its own beside torch's, OpenBLAS and torch's idle threads
+    # fought for the cores: a fit took 70 s against 3.3 s where the probe of
+    # products alone had chosen OpenBLAS. Here OpenBLAS is made to win every
+    # timing: it is chosen only where it runs on one thread.
+    monkeypatch.setattr(matmul, "_openblas_threads", lambda: blas_threads)
+    timings = iter([1.0, 0.1] * 10)
+    monkeypatch.setattr(matmul, "_best_time", lambda fn: (fn(), next(timings))[1])
+    for threads in (1, 2, 8):
+        expected = "openblas" if candidate else "torch"
+        assert matmul._probe(threads) == expected, (threads, blas_threads)
+
+
 def test_only_cpu_float32_products_outside_autograd_use_openblas(numpy_calls):
     matmul.set_backend("openblas")
     a, b = torch.randn(6, 5), torch.randn(5, 4)

@@ -10,10 +10,12 @@ libraries on a short representative product the first time it is asked for
 a CPU float32 product, and keeps the winner for the rest of the process.
 
 Nothing here changes a thread count or an environment variable. OpenBLAS
-is a candidate only when its thread count is not above torch's, so a caller
-that limited torch's threads (``torch.set_num_threads``) never gets more
-threads through numpy; any failure of the probe or of an OpenBLAS call
-leaves torch's product in use. GPU tensors, other dtypes and tensors that
+is a candidate only when it runs on one thread (``OPENBLAS_NUM_THREADS=1``,
+or ``threadpoolctl``): with threads of its own beside torch's OpenMP
+threads, the two libraries' waiting threads fight for the cores between
+products, which made whole fits twenty times slower where the probe of
+products alone chose OpenBLAS. Any failure of the probe or of an OpenBLAS
+call leaves torch's product in use. GPU tensors, other dtypes and tensors that
 autograd is recording always take torch's product.
 """
 
@@ -105,7 +107,13 @@ def _best_time(fn):
 
 def _probe(threads):
     n_blas = _openblas_threads()
-    if n_blas is None or n_blas > threads:
+    # OpenBLAS on threads of its own, beside torch's OpenMP threads, makes
+    # the two libraries' idle threads spin against each other for the cores
+    # between products: the probe of products alone chose OpenBLAS on a
+    # 2-core AMD EPYC, where a fit (2,000 steps at 64 x 256, 2 threads each)
+    # then took 70 s against 3.3 s with torch's product. On one thread it
+    # cannot contend.
+    if n_blas is None or n_blas > 1:
         return "torch"
     m, k, n = _PROBE_SHAPE
     generator = torch.Generator().manual_seed(0)
