@@ -162,11 +162,17 @@ def _compare(device, env=None, script=_COMPARE):
 # The bfloat16 savings (gradients read in bfloat16, operands written by the
 # update) are checked exactly on every device, against the same fused
 # update without them.
-_DRIFT = {"interpreter": (2e-5, 1e-3), "gpu": (2e-3, 1e-2)}
+# (fused against torch's update, the same in bf16, the bf16 savings against
+# the same update without them). The savings change no value, which the
+# interpreter shows exactly; on a GPU two runs of one bf16 update already
+# differ (atomic sums in the step's kernels flip a bf16 operand's rounding,
+# which later steps carry): 6e-4 in W_enc after 30 steps on an H200
+# (2026-11-26), so there the savings are held to the fused drift.
+_DRIFT = {"interpreter": (2e-5, 1e-3, 2e-6), "gpu": (2e-3, 1e-2, 2e-3)}
 
 
 def _check(out, drifts):
-    drift, drift_bf16 = drifts
+    drift, drift_bf16, drift_savings = drifts
     assert out["available"]
     for act in ("relu", "topk", "jumprelu"):
         gaps = out[act]
@@ -183,7 +189,7 @@ def _check(out, drifts):
     assert savings["control_kept_neither"]
     for name in ("W_dec", "W_enc", "b_enc", "b_dec"):
         assert bf16[name] < drift_bf16, (name, bf16)
-        assert savings[name] < 2e-6, (name, savings)
+        assert savings[name] < drift_savings, (name, savings)
     direct = out["direct"]
     assert direct["weight"] < 1e-5 and direct["exp_avg"] < 1e-6 and direct["exp_avg_sq"] < 1e-6
     assert direct["norms"] < 1e-6

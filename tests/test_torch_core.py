@@ -527,3 +527,15 @@ def test_a_loss_that_rose_mid_run_is_called_unstable_not_slow():
     slow = _judged(np.linspace(5.0, 1.0, 1000), [16] * 1000, data_variance=20.0,
                    messages=True)
     assert "still falling" in slow[0][1] and "rose mid-run" not in slow[0][1]
+
+
+def test_a_poor_fit_whose_error_rose_is_blamed_on_large_steps():
+    # The error rose from its start to the mean's: "steps too small" was
+    # said because it had never fallen (learning_rate 1 on a GPU).
+    problems = _judged(np.linspace(9.8, 16.0, 60), [16] * 60, data_variance=15.0,
+                       messages=True)
+    poor = [message for kind, message in problems if kind == "poor"]
+    assert poor and "steps too large" in poor[0] and "too small" not in poor[0]
+    # An error that stayed flat is still put down to steps too small or too few.
+    flat = _judged(np.full(60, 16.0), [16] * 60, data_variance=15.9, messages=True)
+    assert "too small or too few" in [m for k, m in flat if k == "poor"][0]

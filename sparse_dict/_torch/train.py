@@ -1234,7 +1234,9 @@ def _poor_fit_message(trainer, config, end, mean_error, start, lowest, l0):
     """
     penalty = trainer.model.activation.penalty_name
     lr = f"learning_rate, now {config.learning_rate:g}"
-    if lowest > _BARELY_MOVED * start:
+    # An error that ended above its start rose: steps too large, however
+    # little it fell first (at learning_rate 1 on a GPU it never fell).
+    if lowest > _BARELY_MOVED * start and end <= start:
         causes = (f"steps too small or too few: the error barely fell from its start "
                   f"({start:.4g}); raise {lr}, or train for more steps")
     else:
