@@ -116,3 +116,20 @@ def test_only_cpu_float32_products_outside_autograd_use_openblas(numpy_calls):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="Unknown matrix-product backend 'mkl'"):
         matmul.set_backend("mkl")
+
+
+def test_an_overflow_in_openblas_s_product_is_silent_as_in_torch_s():
+    # numpy warned "overflow encountered in matmul" before the trainer's
+    # divergence error, where torch's product gives inf silently: the
+    # command line then printed three lines for one error.
+    import warnings
+
+    matmul.set_backend("openblas")
+    try:
+        a = torch.full((4, 3), 1e30)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = matmul.mm(a, a.t().contiguous())
+        assert torch.isinf(out).all()
+    finally:
+        matmul.set_backend(None)

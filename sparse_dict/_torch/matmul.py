@@ -179,6 +179,9 @@ def mm(a, b, out=None):
         if out is None:
             out = torch.empty(a.shape[0], b.shape[1])
         # The numpy arrays share the tensors' memory: the product lands in out.
-        np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.numpy())
+        # As torch's product: an overflow gives inf and NaN silently, which
+        # the trainer's divergence check reports (numpy would warn first).
+        with np.errstate(all="ignore"):
+            np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.numpy())
         return out
     return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
