@@ -247,6 +247,43 @@ def _check_values(X):
         )
 
 
+def _scan_beside_steps(device):
+    """Whether a fit's first steps may run before the scan of its values ends.
+
+    On a GPU: the host's cores are idle while the device steps, and a
+    scan of the reference benchmark's 201 MB held a 50-step bf16 fit's
+    first step up by about 17 ms (a tenth of the fit). Steps on rows the
+    scan then refuses are discarded, unseen (:class:`_ScanVerdict`). Not
+    on a CPU, whose steps need the cores the scan takes.
+    """
+    return device.type == "cuda"
+
+
+class _ScanVerdict:
+    """The scan of a fit's values (a future), and what follows it, settled once.
+
+    ``result()`` raises the scan's error, each time it is asked; the first
+    time the scan passes, the scan's thread is ended (kept alive idle
+    through training, the thread that ran the scan's torch operations
+    made CPU fits twice as slow on 2 cores: 9.6 s against 5.0 s for 2,000
+    steps at 64 x 256, likely its OpenMP threads, which live as long as
+    it does) and ``then()`` runs (the warnings of the fit's shape).
+    """
+
+    def __init__(self, future, executor, then):
+        self._future, self._executor, self._then = future, executor, then
+
+    def done(self):
+        return self._future.done()
+
+    def result(self):
+        self._future.result()
+        if self._then is not None:
+            then, self._then = self._then, None
+            self._executor.shutdown()
+            then()
+
+
 # The relative reconstruction bias above which a ReLU fit's codes count as
 # shrunk. With the defaults on ten generators no test uses, fits at 1.8 and
 # 2.5 explained 0.55 and 0.47 of the held-out variance where TopK at the same
@@ -919,10 +956,11 @@ class SparseAutoencoderDictionary(
             When the run ends with its loss or L0 still moving.
         """
         # The scan of X's values runs in a thread beside the set-up below (the
-        # model, its initialisation, the start of the copy to a GPU); its
-        # verdict is awaited before the first step. Leaving the block waits
-        # for the thread, however the fit ends (a first error is the one
-        # reported).
+        # model, its initialisation, the start of the copy to a GPU) and, on
+        # a GPU, beside the first steps too (_scan_beside_steps); its verdict
+        # comes before the fit's first statistics are read or any warning is
+        # given. Leaving the block waits for the thread, however the fit ends
+        # (a first error is the one reported).
         with (_restored_on_error(self),
               concurrent.futures.ThreadPoolExecutor(1, "sparse_dict-check") as checks):
             # Reset, then train: nothing of earlier partial_fit calls is kept.
@@ -951,22 +989,17 @@ class SparseAutoencoderDictionary(
                 # subtract" did).
                 with np.errstate(invalid="ignore", over="ignore"):
                     trainer.initialize(X, random_state, self.decoder_bias_init, replicas)
-                if replicas is None:
-                    values_checked.result()
-                else:
+                # After the checks that refuse a fit: the warnings of its shape.
+                verdict = _ScanVerdict(values_checked, checks,
+                                       lambda: self._warn_about_shape(X, trainer, replicas))
+                if replicas is not None:
                     # A NaN on one rank's rows stops every rank, named.
                     with replicas.together("checking the training data"):
                         values_checked.result()
-                # The scan's thread ends before the steps: kept alive idle
-                # through training, the thread that ran the scan's torch
-                # operations made CPU fits twice as slow on 2 cores (9.6 s
-                # against 5.0 s for 2,000 steps at 64 x 256; likely its
-                # OpenMP threads, which live as long as it does).
-                checks.shutdown()
-                # After the checks that refuse a fit, before its training.
-                self._warn_about_shape(X, trainer, replicas)
+                if replicas is not None or not _scan_beside_steps(trainer.device):
+                    verdict.result()
                 n_passes = self._train(trainer, X, config, random_state, total,
-                                       replicas=replicas, feed=feed)
+                                       replicas=replicas, feed=feed, verdict=verdict)
             self._finish(trainer, X, config, random_state, replicas=replicas)
             self.n_iter_ = n_passes
             # A dictionary fitted anew is no longer the imported one.
@@ -1180,7 +1213,7 @@ class SparseAutoencoderDictionary(
             )
 
     def _train(self, trainer, X, config, random_state, total, n_passes=None, replicas=None,
-               feed=None):
+               feed=None, verdict=None):
         if n_passes is None:
             n_passes = math.ceil(total / math.ceil(X.shape[0] / self.batch_size))
         progress = None
@@ -1198,7 +1231,7 @@ class SparseAutoencoderDictionary(
             # No snapshot inside: fit discards a failed new trainer, and
             # partial_fit's _restored_on_error keeps its own.
             return trainer.train(X, n_passes, config, random_state, callback, progress, replicas,
-                                 rollback=False, feed=feed)
+                                 rollback=False, feed=feed, verdict=verdict)
         except BaseException:
             trainer.prepare_export(None)  # nothing to export: the host arrays go
             raise

@@ -492,6 +492,61 @@ def test_an_earlier_error_wins_over_the_scan_s(monkeypatch):
     assert scanned and not scanned[0].is_alive()
 
 
+def _scan_after_the_first_step(monkeypatch):
+    """On a GPU's terms (the scan beside the steps), a scan that ends only once a step ran.
+
+    Returns the list of steps taken when the scan gave its verdict.
+    """
+    from sparse_dict import estimator
+    from sparse_dict._torch import Trainer
+
+    stepped, steps_at_verdict = threading.Event(), []
+    real_check, real_apply = estimator._check_values, Trainer.apply_gradients
+
+    def apply_gradients(self, config):
+        real_apply(self, config)
+        stepped.set()
+
+    def check(X):
+        assert stepped.wait(30), "no step ran beside the scan"
+        steps_at_verdict.append(1)
+        real_check(X)
+
+    monkeypatch.setattr(estimator, "_scan_beside_steps", lambda device: True)
+    monkeypatch.setattr(estimator, "_check_values", check)
+    monkeypatch.setattr(Trainer, "apply_gradients", apply_gradients)
+    return steps_at_verdict
+
+
+def test_beside_the_steps_the_scan_s_refusal_wins_and_nothing_warns_first(monkeypatch):
+    # On a GPU the first steps run while the values are scanned. Steps on
+    # NaN rows diverge; the error is still the scan's, and the warning of a
+    # shape (too few rows an atom) is not given for rows that are refused.
+    steps_at_verdict = _scan_after_the_first_step(monkeypatch)
+    X = np.random.RandomState(0).randn(300, 8).astype(np.float32)
+    X[7, 2] = np.nan
+    sae = small_sae(n_components=64, max_iter=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="Input X contains NaN") as caught:
+            sae.fit(X)
+    assert steps_at_verdict == [1]
+    assert caught.value.__context__ is None  # no divergence behind it
+    assert not hasattr(sae, "components_")
+
+
+def test_beside_the_steps_a_clean_fit_is_the_same_and_warns_once(monkeypatch, X):
+    rows = X[:300].astype(np.float32)
+    with pytest.warns(UserWarning, match="rows an atom") as before:
+        reference = small_sae(n_components=64).fit(rows)
+    steps_at_verdict = _scan_after_the_first_step(monkeypatch)
+    with pytest.warns(UserWarning, match="rows an atom") as after:
+        sae = small_sae(n_components=64).fit(rows)
+    assert steps_at_verdict == [1]
+    assert np.array_equal(sae.components_, reference.components_)
+    assert [str(w.message) for w in after] == [str(w.message) for w in before]
+
+
 def test_transform_wrong_width(fitted, X):
     with pytest.raises(ValueError, match="X has 5 features, but SparseAutoencoderDictionary is expecting 8"):
         fitted.transform(X[:, :5])

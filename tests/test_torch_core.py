@@ -539,3 +539,69 @@ def test_a_poor_fit_whose_error_rose_is_blamed_on_large_steps():
     # An error that stayed flat is still put down to steps too small or too few.
     flat = _judged(np.full(60, 16.0), [16] * 60, data_variance=15.9, messages=True)
     assert "too small or too few" in [m for k, m in flat if k == "poor"][0]
+
+
+def _verdict(error=None):
+    import concurrent.futures
+
+    future = concurrent.futures.Future()
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+    return future
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("the step failed"), KeyboardInterrupt()])
+def test_a_verdict_that_refuses_the_data_replaces_the_steps_error(monkeypatch, failure):
+    # Checks of X that ran beside the first steps (train's verdict): a step
+    # that failed on rows they refuse reports the refusal, not its own
+    # error. An interruption is the user's, and is left as it is.
+    rng = np.random.RandomState(0)
+    X = rng.exponential(size=(256, 6)).astype(np.float32)
+    trainer = Trainer(6, 12, "cpu", seed=0)
+    trainer.initialize(X, rng, "mean")
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(trainer, "_local_step", fail)
+    refused = ValueError("Input X contains NaN")
+    with pytest.raises(type(failure) if isinstance(failure, KeyboardInterrupt)
+                       else ValueError) as caught:
+        trainer.train(X, 1, TrainConfig(batch_size=32), rng, verdict=_verdict(refused))
+    if not isinstance(failure, KeyboardInterrupt):
+        assert caught.value is refused and caught.value.__suppress_context__
+    # A verdict that passes leaves the step's own error.
+    with pytest.raises(type(failure)):
+        trainer.train(X, 1, TrainConfig(batch_size=32), rng, verdict=_verdict())
+
+
+def test_a_pending_verdict_is_awaited_before_a_pass_s_statistics():
+    # Steps may run while the verdict is pending; the first pass's end waits
+    # for it, so no statistics of refused rows reach the history or the
+    # callback.
+    import threading
+
+    rng = np.random.RandomState(0)
+    X = rng.exponential(size=(256, 6)).astype(np.float32)
+    trainer = Trainer(6, 12, "cpu", seed=0)
+    trainer.initialize(X, rng, "mean")
+    import concurrent.futures
+
+    pending = concurrent.futures.Future()
+    timer = threading.Timer(0.3, pending.set_exception, [ValueError("refused")])
+    seen = []
+    timer.start()
+    try:
+        with pytest.raises(ValueError, match="refused"):
+            trainer.train(X, 2, TrainConfig(batch_size=32), rng, callback=seen.append,
+                          verdict=pending, rollback=False)
+    finally:
+        timer.cancel()
+    assert trainer.step == 8 and len(trainer.history) == 0 and not seen
+    # Settled and passed: trained as without one.
+    trainer = Trainer(6, 12, "cpu", seed=0)
+    trainer.initialize(X, np.random.RandomState(0), "mean")
+    assert trainer.train(X, 2, TrainConfig(batch_size=32), rng, verdict=_verdict()) == 2
+    assert len(trainer.history) == 16 and trainer._verdict is None

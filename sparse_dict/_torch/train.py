@@ -400,6 +400,9 @@ class Trainer:
         # once started (start_export); not part of the state.
         self._export_into = None
         self._export_started = None
+        # A caller's checks of the data that run beside the first steps
+        # (train's verdict), while they are pending.
+        self._verdict = None
 
     @property
     def dead_lag(self):
@@ -581,7 +584,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def train(self, X, n_passes, config, rng, callback=None, progress=None, replicas=None,
-              rollback=True, feed=None):
+              rollback=True, feed=None, verdict=None):
         """Train for ``n_passes`` shuffled passes over ``X`` (or until the step budget).
 
         On divergence the trainer is put back as it was before the call and
@@ -593,6 +596,16 @@ class Trainer:
         ``config`` that the caller opened before (so that a resident copy
         was already on its way while the model was initialised), and closes;
         without it the call opens and closes its own.
+
+        ``verdict``: checks of ``X`` that the caller runs beside the first
+        steps (an object with a future's ``done()`` and ``result()``, such
+        as the scan of its values, which on a GPU need not hold the steps
+        up). Its ``result()`` is taken once: as soon as a step finds it
+        done, at the latest before the first pass's statistics are read
+        (and so before the callback), or before any error of the steps is
+        raised. A verdict that refuses ``X`` raises its own error in place
+        of what the steps on refused rows gave (a divergence); the caller
+        discards such a trainer.
 
         The step's (batch, n_components) buffers stay allocated after the
         call, for the next one: allocating them again costs page faults on
@@ -619,6 +632,7 @@ class Trainer:
         self.run_start = len(self.history)
         passes_done = 0
         own_feed = feed is None
+        self._verdict = verdict
         try:
             if replicas is not None:
                 self._check_replicas(X, config, replicas, "the training data and settings")
@@ -644,15 +658,39 @@ class Trainer:
                     stopped = replicas.broadcast_value(bool(stopped), "deciding to stop")
                 if stopped or stop:
                     break
-        except BaseException:
+        except BaseException as exc:
+            verdict, self._verdict = self._verdict, None  # __setstate__ below clears it
             if snapshot is not None:
                 self._restore(snapshot)
+            if not isinstance(exc, KeyboardInterrupt):
+                self._verdict = verdict
+                self._settle_verdict(replacing=True)
             raise
         finally:
+            self._verdict = None
             if own_feed and feed is not None:
                 feed.close()
             self._flush_fused_steps()
+        self._settle_verdict()  # a call that took no step
         return passes_done
+
+    def _settle_verdict(self, replacing=False):
+        """Take the pending verdict's result, once (see :meth:`train`'s ``verdict``).
+
+        ``replacing``: called while an error of the steps propagates, which
+        a refusal replaces (its context, steps on refused rows, would only
+        mislead).
+        """
+        verdict, self._verdict = self._verdict, None
+        if verdict is None:
+            return
+        if not replacing:
+            verdict.result()
+            return
+        try:
+            verdict.result()
+        except BaseException as refused:  # noqa: BLE001 - raised in place of the steps' error
+            raise refused from None
 
     def _count_whole_pass(self, n_samples, full_pass):
         """Firing counts over at least a pass's worth of rows.
@@ -767,6 +805,8 @@ class Trainer:
             if config.resample_due(self.step):
                 self._resample(pool, config.resample_interval, replicas)
             self.step += 1
+            if self._verdict is not None and self._verdict.done():
+                self._settle_verdict()
             if self.step % 100 == 0:
                 self._check_finite(stats)
             if progress is not None:
@@ -778,6 +818,8 @@ class Trainer:
                     progress.set_postfix(loss=f"{s[0]:.4g}", l0=f"{s[3]:.1f}", dead=dead)
         # Ends the feed's read-ahead of this pass (after an early stop).
         batches.close()
+        # Statistics of rows the caller's checks refuse are not read.
+        self._settle_verdict()
         if stats_list:
             stacked = torch.stack(stats_list).cpu().numpy().astype(np.float64)
             if not np.isfinite(stacked).all():
@@ -1169,7 +1211,7 @@ class Trainer:
 
     def __setstate__(self, state):
         self.device = torch.device("cpu")
-        self._export_into = self._export_started = None
+        self._export_into = self._export_started = self._verdict = None
         self.seed = state["seed"]
         self.model = SparseAutoencoder(
             state["n_features"], state["n_components"], state["activation"], initialize=False
