@@ -307,7 +307,7 @@ _PHASES = (
 # (name, owner, attribute). The module-level functions are patched where
 # the trainer looks them up.
 _PARTS = (
-    ("initialise: sample_rows (and calibration's)", _train_module, "sample_rows"),
+    ("initialise: sample_rows", _train_module, "sample_rows"),
     ("initialise: sample_moments", _train_module, "sample_moments"),
     ("initialise: geometric_median", _train_module, "geometric_median"),
     ("finish: calibration_sample", Trainer, "calibration_sample"),

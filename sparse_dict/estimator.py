@@ -1000,7 +1000,8 @@ class SparseAutoencoderDictionary(
                     verdict.result()
                 n_passes = self._train(trainer, X, config, random_state, total,
                                        replicas=replicas, feed=feed, verdict=verdict)
-            self._finish(trainer, X, config, random_state, replicas=replicas)
+                # Inside the feed: a resident copy of X serves the calibration.
+                self._finish(trainer, X, config, random_state, replicas=replicas, feed=feed)
             self.n_iter_ = n_passes
             # A dictionary fitted anew is no longer the imported one.
             self.__dict__.pop("provenance_", None)
@@ -1239,7 +1240,7 @@ class SparseAutoencoderDictionary(
             if progress is not None:
                 progress.close()
 
-    def _finish(self, trainer, X, config, random_state, assess=True, replicas=None):
+    def _finish(self, trainer, X, config, random_state, assess=True, replicas=None, feed=None):
         """After training: calibrate, judge the run, and store the fitted state.
 
         Divergence raises (and the caller's context restores the estimator);
@@ -1253,7 +1254,7 @@ class SparseAutoencoderDictionary(
         # which leaves them as they are.
         trainer.model.release_workspace()
         trainer.start_export(_result_dtype(X))
-        sample = trainer.calibration_sample(X, _CALIBRATION_ROWS, random_state)
+        sample = trainer.calibration_sample(X, _CALIBRATION_ROWS, random_state, feed)
         trainer.calibrate(sample, min_rows=1 if assess else _PARTIAL_CALIBRATION_MIN_ROWS)
         l0, final_error, shrinkage = trainer.sample_stats(sample)
         mean_error = trainer.mean_error(sample)

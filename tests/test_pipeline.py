@@ -18,11 +18,14 @@ from sparse_dict._torch import train as train_module
 from sparse_dict._torch.pipeline import (
     _POOL,
     BatchFeed,
+    CudaRegistrar,
     HostCopy,
     TouchedArrays,
     default_workers,
+    page_aligned_empty,
     resident_fits,
     to_host,
+    unregister_later,
 )
 from sparse_dict._torch.train import _DeadFeatures
 
@@ -435,6 +438,51 @@ def test_batches_are_streamed_until_the_resident_copy_has_landed(tmp_path, monke
                 assert torch.equal(x, torch.from_numpy(_dense(X)[expected]).float() * 0.5), name
 
 
+def test_the_calibration_sample_comes_from_the_resident_copy_with_the_same_values(
+        tmp_path, monkeypatch):
+    # A fit's calibration rows are gathered from the resident copy on the
+    # device when it has landed (no copy from the host), else from X: the
+    # same rows and values either way.
+    gate = threading.Event()
+    _gate_upload(monkeypatch, lambda feed: gate.is_set())
+    served = []
+    real_rows = BatchFeed.rows
+    monkeypatch.setattr(BatchFeed, "rows", lambda self, index: (
+        served.append(real_rows(self, index)) or served[-1]))
+    for name, X in _inputs(tmp_path).items():
+        for n_rows in (40, 1000):  # a sample, and every row
+            gate.clear()
+            trainer = Trainer(X.shape[1], 8, CPU, seed=0)
+            trainer.scale = 0.5
+            expected = trainer.calibration_sample(X, n_rows, np.random.RandomState(3))
+            with BatchFeed(X, CPU, 0.5, batch_size=8, resident=True) as feed:
+                early = trainer.calibration_sample(X, n_rows, np.random.RandomState(3), feed)
+                assert served[-1] is None, name  # still on its way: from X
+                gate.set()
+                assert feed._uploaded.wait(10)
+                got = trainer.calibration_sample(X, n_rows, np.random.RandomState(3), feed)
+                assert served[-1] is got, name
+                assert not got.data_ptr() == feed._data.data_ptr()
+            assert torch.equal(early, expected) and torch.equal(got, expected), (name, n_rows)
+
+
+def test_a_fit_calibrates_with_its_open_feed(monkeypatch):
+    feeds = []
+    real = Trainer.calibration_sample
+
+    def record(self, X, n_rows, rng, feed=None):
+        feeds.append(feed is not None and feed._data is not None)
+        return real(self, X, n_rows, rng, feed)
+
+    monkeypatch.setattr(Trainer, "calibration_sample", record)
+    monkeypatch.setattr(pipeline_module, "resident_fits", lambda *a, **k: True)
+    monkeypatch.setattr(train_module, "resident_fits", lambda *a, **k: True)
+    X = np.random.RandomState(0).randn(300, 6).astype(np.float32)
+    SparseAutoencoderDictionary(n_components=12, max_steps=20, batch_size=50,
+                                random_state=0).fit(X)
+    assert feeds == [True]
+
+
 def test_the_scale_cannot_change_once_given():
     feed = BatchFeed(np.ones((4, 2), np.float32), CPU, 2.0, batch_size=2, resident=True)
     feed.set_scale(2.0)
@@ -656,9 +704,9 @@ def test_an_export_takes_up_the_weights_copy_started_before_it(monkeypatch):
     started = []
     real = train_module.HostCopy
 
-    def counting(tensors, into=None, ahead=False):
+    def counting(tensors, into=None, ahead=False, **kwargs):
         started.append((sorted(tensors), ahead))
-        return real(tensors, into, ahead)
+        return real(tensors, into, ahead, **kwargs)
 
     monkeypatch.setattr(train_module, "HostCopy", counting)
     X = np.random.RandomState(0).randn(200, 6).astype(np.float32)
@@ -677,6 +725,152 @@ def test_an_export_takes_up_the_weights_copy_started_before_it(monkeypatch):
     t.start_export(np.float32)
     out = t.export(np.float64)
     assert len(started) == 3 and out["components"].dtype == np.float64
+
+
+class _Registrar:
+    """Records registrations as CudaRegistrar would make them (by address)."""
+
+    def __init__(self, accept=True):
+        self.accept = accept
+        self.registered, self.unregistered = [], []
+        self._lock = threading.Lock()
+
+    def register(self, array):
+        assert array.ctypes.data % 4096 == 0  # whole pages of its own
+        with self._lock:
+            if self.accept:
+                self.registered.append(array.ctypes.data)
+            return self.accept
+
+    def unregister(self, array):
+        with self._lock:
+            self.unregistered.append(array.ctypes.data)
+
+    def settled(self):
+        """Wait for the unregistering threads; whether each registration was undone once."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with self._lock:
+                if sorted(self.unregistered) == sorted(self.registered):
+                    return True
+            time.sleep(0.01)
+        return False
+
+
+def _registering_trainer(monkeypatch, registrar):
+    monkeypatch.setattr(train_module, "_TOUCHED_EXPORT_BYTES", 1)
+    monkeypatch.setattr(train_module, "_export_registrar", lambda device, dtype: (
+        registrar if np.dtype(dtype) == np.float32 else None))
+    X = np.random.RandomState(0).randn(200, 6).astype(np.float32)
+    t = Trainer(6, 12, "cpu", seed=0)
+    t.initialize(X, np.random.RandomState(0))
+    return t, X
+
+
+def test_registered_export_arrays_are_filled_then_unregistered_once(monkeypatch):
+    # On a GPU the export's arrays are page-locked while training runs, and
+    # the copy lands in them; every registration is undone once, after it.
+    registrar = _Registrar()
+    t, _ = _registering_trainer(monkeypatch, registrar)
+    plain = t.export(np.float32)
+    t.prepare_export(np.float32)
+    prepared = t._export_into.arrays()
+    out = t.export(np.float32)
+    assert all(out[k] is prepared[k] for k in prepared)
+    assert len(registrar.registered) == 2 and registrar.settled()
+    for name, value in plain.items():
+        np.testing.assert_array_equal(out[name], value)
+
+
+@pytest.mark.parametrize("how", ["dropped", "another dtype", "replaced", "training failed"])
+def test_export_arrays_not_used_are_unregistered(monkeypatch, how):
+    registrar = _Registrar()
+    t, X = _registering_trainer(monkeypatch, registrar)
+    t.prepare_export(np.float32)
+    t._export_into.arrays()
+    if how == "dropped":
+        t.prepare_export(None)
+    elif how == "another dtype":
+        out = t.export(np.float64)
+        np.testing.assert_array_equal(out["components"], t.model.W_dec.detach().numpy())
+    elif how == "replaced":
+        t.prepare_export(np.float32)
+        t.prepare_export(None)
+    else:
+        def fail(*args, **kwargs):
+            raise RuntimeError("the step failed")
+
+        monkeypatch.setattr(t, "_local_step", fail)
+        with pytest.raises(RuntimeError, match="the step failed"):
+            t.train(X, 1, TrainConfig(batch_size=50), np.random.RandomState(0))
+    assert registrar.registered and registrar.settled()
+    assert t._export_into is None
+
+
+def test_a_refused_registration_leaves_the_plain_copy(monkeypatch):
+    registrar = _Registrar(accept=False)
+    t, _ = _registering_trainer(monkeypatch, registrar)
+    t.prepare_export(np.float32)
+    out = t.export(np.float32)
+    np.testing.assert_array_equal(out["encoder_weights"], t.model.W_enc.detach().numpy())
+    assert registrar.registered == [] and registrar.unregistered == []
+
+
+def test_taking_the_arrays_stops_the_registering(monkeypatch):
+    # The export should not wait for registrations that only pay beside training.
+    registrar = _Registrar()
+    gate, first_done = threading.Event(), threading.Event()
+    real_touch = pipeline_module.touch_pages
+
+    def touch(array):
+        if first_done.is_set():
+            assert gate.wait(5)
+        first_done.set()
+        return real_touch(array)
+
+    monkeypatch.setattr(pipeline_module, "touch_pages", touch)
+    touched = TouchedArrays({"a": (3, 2048), "b": (3, 2048)}, np.float32, registrar)
+    assert first_done.wait(5)
+    timer = threading.Timer(0.2, gate.set)
+    timer.start()
+    arrays, registered = touched.take()
+    assert set(arrays) == {"a", "b"}
+    assert len(registrar.registered) == len(registered) <= 1
+    unregister_later(registrar, [arrays[name] for name in registered])
+    assert registrar.settled()
+
+
+def test_a_page_aligned_array_owns_its_pages():
+    a = page_aligned_empty((5, 1000), np.float32)
+    assert a.ctypes.data % 4096 == 0 and a.flags.c_contiguous and a.shape == (5, 1000)
+    base = a.base
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    end = a.ctypes.data + -(-a.nbytes // 4096) * 4096
+    assert base.ctypes.data <= a.ctypes.data and end <= base.ctypes.data + base.nbytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_registered_export_on_cuda_gives_the_weights_and_unlocks_them(monkeypatch):
+    # The real cudaHostRegister: the copy lands in the arrays, whose
+    # registration is gone afterwards (registering them again succeeds).
+    monkeypatch.setattr(train_module, "_TOUCHED_EXPORT_BYTES", 1)
+    X = np.random.RandomState(0).randn(300, 64).astype(np.float32)
+    t = Trainer(64, 512, "cuda", seed=0)
+    t.initialize(X, np.random.RandomState(0))
+    t.prepare_export(np.float32)
+    assert isinstance(t._export_into.registrar, CudaRegistrar)
+    prepared = t._export_into.arrays()
+    out = t.export(np.float32)
+    assert out["components"] is prepared["components"]
+    np.testing.assert_array_equal(out["components"], t.model.W_dec.detach().cpu().numpy())
+    np.testing.assert_array_equal(out["encoder_weights"], t.model.W_enc.detach().cpu().numpy())
+    registrar = CudaRegistrar()
+    deadline = time.monotonic() + 10
+    while not registrar.register(out["components"]):
+        assert time.monotonic() < deadline, "the export's array stayed registered"
+        time.sleep(0.01)
+    registrar.unregister(out["components"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -155,19 +155,40 @@ def sample_rows(X, n_rows, rng, dtype=np.float64):
 
     The array never shares memory with ``X``: callers scale it in place.
     """
-    n_samples = X.shape[0]
-    if n_samples <= n_rows:
+    return rows_at(X, sample_index(X.shape[0], n_rows, rng), dtype)
+
+
+def rows_at(X, index, dtype=np.float64):
+    """Rows ``index`` of ``X`` (sorted indices; None for every row) as a new ``dtype`` array.
+
+    The array never shares memory with ``X``.
+    """
+    if index is None:
         return take_rows(X, slice(None)).astype(dtype)
-    if n_samples > 16 * n_rows:
-        # Drawing with replacement and dropping repeats avoids the full
-        # permutation that choice(replace=False) builds.
-        index = np.unique(rng.randint(0, n_samples, size=n_rows))
-    else:
-        index = np.sort(rng.choice(n_samples, size=n_rows, replace=False))
     # Rows picked by an index array are a copy already (of an array, a
     # memmap or a sparse matrix's dense rows); a second one, when the dtype
     # matches, would only cost page faults on fresh memory.
     return _gather_rows(X, index).astype(dtype, copy=False)
+
+
+def sample_index(n_samples, n_rows, rng):
+    """The sorted indices of :func:`sample_rows`' random subset; None for every row.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> sample_index(5, 8, np.random.RandomState(0)) is None
+    True
+    >>> sample_index(10, 3, np.random.RandomState(0)).tolist()
+    [2, 4, 8]
+    """
+    if n_samples <= n_rows:
+        return None
+    if n_samples > 16 * n_rows:
+        # Drawing with replacement and dropping repeats avoids the full
+        # permutation that choice(replace=False) builds.
+        return np.unique(rng.randint(0, n_samples, size=n_rows))
+    return np.sort(rng.choice(n_samples, size=n_rows, replace=False))
 
 
 def _gather_rows(X, index):

@@ -273,6 +273,25 @@ class BatchFeed:
             raise self._upload_error
         return True
 
+    def rows(self, index):
+        """Rows ``index`` of the resident copy (scaled, on the device), as a new tensor.
+
+        ``index``: sorted row indices, or None for every row. None when the
+        feed has no resident copy ready (a streamed feed, a copy still on
+        its way or failed): the caller then gathers the rows from ``X``.
+        Equal to ``X``'s rows in float32 times the scale, as the steps see
+        them; a fit's calibration sample comes from here, which spares it
+        a copy to the device that would queue behind the export's.
+        """
+        if self._data is None or self._uploader is None or not self._landed_quietly():
+            return None
+        if index is None:
+            return self._data.clone()
+        return self._data.index_select(0, torch.as_tensor(index, device=self.device))
+
+    def _landed_quietly(self):
+        return self._uploaded.is_set() and self._upload_error is None
+
     def _handover_batches(self, items):
         """Streamed batches until the resident copy has landed, resident ones after.
 
@@ -513,6 +532,53 @@ def touch_pages(array):
     return array
 
 
+class CudaRegistrar:
+    """Page-locks host arrays in place for a GPU's copies (``cudaHostRegister``), and unlocks them.
+
+    A GPU copies into page-locked memory by DMA at the link's speed; into
+    ordinary memory the driver stages the copy, at a fraction of it. On the
+    H200 machine a 75 MB weight matrix crossed into a registered array in
+    1.5 ms, against 4.5 ms through a pinned buffer and a host copy into an
+    array touched before (6.6 ms into new memory); registering it took 3.4
+    ms and unregistering 1.8 ms, which a thread pays beside the training
+    and after the copy. Memory stays locked only between the two.
+    """
+
+    def register(self, array):
+        """Lock ``array`` (C-contiguous); False where CUDA refuses (the array is then as before)."""
+        try:
+            err = torch.cuda.cudart().cudaHostRegister(array.ctypes.data, array.nbytes, 0)
+        except Exception:  # noqa: BLE001 - no CUDA runtime: the plain copy serves
+            return False
+        # A refusal sets this thread's last CUDA error only (the caller's
+        # thread is its own), which no torch call of the training reads.
+        return int(err) == 0
+
+    def unregister(self, array):
+        torch.cuda.cudart().cudaHostUnregister(array.ctypes.data)
+
+
+def page_aligned_empty(shape, dtype):
+    """A new C-contiguous array that starts on a page and alone fills every page it touches.
+
+    Registering memory with CUDA locks whole pages; an array that shared a
+    page with other memory would lock that too, and a second registration
+    of the page would fail.
+
+    Examples
+    --------
+    >>> a = page_aligned_empty((3, 5), np.float32)
+    >>> a.shape, a.dtype.name, a.ctypes.data % 4096, a.flags.c_contiguous
+    ((3, 5), 'float32', 0, True)
+    """
+    dtype = np.dtype(dtype)
+    n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    pages = -(-n_bytes // _PAGE_BYTES)
+    raw = np.empty((pages + 1) * _PAGE_BYTES, dtype=np.uint8)
+    start = -raw.ctypes.data % _PAGE_BYTES
+    return raw[start:start + n_bytes].view(dtype).reshape(shape)
+
+
 class TouchedArrays:
     """New host arrays, their pages touched by a background thread, for a later copy into them.
 
@@ -520,12 +586,17 @@ class TouchedArrays:
     export (:meth:`sparse_dict._torch.Trainer.prepare_export`): the thread
     pays their page faults (:func:`touch_pages`) while the GPU trains, and
     the export only copies. Holding them costs the host memory the export
-    takes anyway.
+    takes anyway. With a ``registrar`` (on a GPU, a :class:`CudaRegistrar`),
+    the thread then page-locks each array, so that the GPU copies straight
+    into it; it stops registering once :meth:`take` is called, and whoever
+    holds a registered array unregisters it (:meth:`take`'s caller, or
+    :meth:`release`).
 
     Parameters
     ----------
     shapes : dict of str to tuple
     dtype : numpy dtype
+    registrar : CudaRegistrar or None
 
     Examples
     --------
@@ -536,9 +607,14 @@ class TouchedArrays:
     ((2, 3), 'float64')
     """
 
-    def __init__(self, shapes, dtype):
+    def __init__(self, shapes, dtype, registrar=None):
         self.dtype = np.dtype(dtype)
-        self._arrays = {name: np.empty(shape, dtype=self.dtype) for name, shape in shapes.items()}
+        new = np.empty if registrar is None else page_aligned_empty
+        self._arrays = {name: new(shape, dtype=self.dtype) for name, shape in shapes.items()}
+        self.registrar = registrar
+        self._registered = {}
+        self._lock = threading.Lock()
+        self._taken = False
         # A thread of its own, not the shared host threads: those copy the
         # first batches and the upload at the same time, which must not wait.
         self._thread = threading.Thread(target=self._touch, name="sparse_dict-touch",
@@ -546,13 +622,70 @@ class TouchedArrays:
         self._thread.start()
 
     def _touch(self):
-        for array in self._arrays.values():
+        for name, array in self._arrays.items():
             touch_pages(array)
+            if self.registrar is None:
+                continue
+            with self._lock:
+                # Once taken, a registration more would only hold the export up.
+                if self._taken:
+                    return
+                if self.registrar.register(array):
+                    self._registered[name] = array
 
     def arrays(self):
         """The arrays, once their pages are touched (waits for the thread)."""
         self._thread.join()
         return self._arrays
+
+    def take(self):
+        """The arrays, and the names of those registered, which the caller now unregisters.
+
+        Stops the thread's registering, then waits for it.
+        """
+        with self._lock:
+            self._taken = True
+        self._thread.join()
+        registered, self._registered = set(self._registered), {}
+        return self._arrays, registered
+
+    def release(self):
+        """Unregister the arrays still registered here (in a thread of its own; none is waited for).
+
+        For arrays no copy will use: a training that failed, an export of
+        another dtype.
+        """
+        with self._lock:
+            self._taken = True
+        self._thread.join()
+        registered, self._registered = self._registered, {}
+        unregister_later(self.registrar, registered.values())
+
+    def __del__(self):
+        # A safety net: memory must not be freed while CUDA has it locked.
+        registered = getattr(self, "_registered", None)
+        if registered:
+            for array in registered.values():
+                self.registrar.unregister(array)
+
+
+def unregister_later(registrar, arrays):
+    """Unregister ``arrays`` in a thread of its own, which holds them until it has.
+
+    Unregistering a 75 MB array took 1.8 ms on the H200 machine, which the
+    caller (a fit returning its arrays) need not wait for.
+    """
+    arrays = list(arrays)
+    if not arrays:
+        return None
+
+    def run():
+        for array in arrays:
+            registrar.unregister(array)
+
+    thread = threading.Thread(target=run, name="sparse_dict-unregister", daemon=True)
+    thread.start()
+    return thread
 
 
 def to_host(tensors, into=None):
@@ -610,6 +743,12 @@ class HostCopy:
     into : dict of str to ndarray, optional
         As for :func:`to_host`.
     ahead : bool
+    registered : set of str, optional
+        Names of ``into``'s arrays that are page-locked for the GPU
+        (:meth:`TouchedArrays.take`): the GPU copies straight into those of
+        the tensor's dtype, with no pinned buffer and no host copy. The
+        copy unregisters them all (by ``registrar``) once it is done.
+    registrar : CudaRegistrar, optional
 
     Examples
     --------
@@ -619,11 +758,15 @@ class HostCopy:
     [0.0, 1.0, 2.0]
     """
 
-    def __init__(self, tensors, into=None, ahead=False):
+    def __init__(self, tensors, into=None, ahead=False, registered=(), registrar=None):
         self._names = list(tensors)
         self._into = {k: a for k, a in (into or {}).items()
                       if k in tensors and a.shape == tuple(tensors[k].shape)
                       and a.flags.c_contiguous}
+        self._registered = [into[k] for k in registered]
+        self._registrar = registrar
+        self._direct = {k for k in registered if k in self._into
+                        and torch.from_numpy(self._into[k][:0]).dtype == tensors[k].dtype}
         on_gpu = {k: t for k, t in tensors.items() if t.device.type == "cuda"}
         self._arrays = {k: _parallel_copy(t.detach().cpu().numpy(), self._into.get(k))
                         for k, t in tensors.items() if k not in on_gpu}
@@ -645,14 +788,18 @@ class HostCopy:
         """Queue every GPU tensor's copy into a pinned buffer (the plain copy without one)."""
         streams = {}
         for name, tensor in on_gpu.items():
-            try:
-                buf = _POOL.take(tuple(tensor.shape), tensor.dtype, pin=True)
-            except RuntimeError:
-                host = tensor.detach().cpu().numpy()
-                self._arrays[name] = (host if name not in self._into
-                                      else _parallel_copy(host, self._into[name]))
-                continue
-            self._taken.append(buf)
+            if name in self._direct:
+                # Page-locked: the GPU's copy lands in the caller's array itself.
+                buf = torch.from_numpy(self._into[name])
+            else:
+                try:
+                    buf = _POOL.take(tuple(tensor.shape), tensor.dtype, pin=True)
+                except RuntimeError:
+                    host = tensor.detach().cpu().numpy()
+                    self._arrays[name] = (host if name not in self._into
+                                          else _parallel_copy(host, self._into[name]))
+                    continue
+                self._taken.append(buf)
             current = torch.cuda.current_stream(tensor.device)
             stream = current
             if ahead:
@@ -673,7 +820,8 @@ class HostCopy:
         try:
             for name, (buf, done) in self._queued.items():
                 done.synchronize()
-                self._arrays[name] = _parallel_copy(buf.numpy(), self._into.get(name))
+                self._arrays[name] = (self._into[name] if name in self._direct
+                                      else _parallel_copy(buf.numpy(), self._into.get(name)))
         finally:
             self._release()
 
@@ -688,6 +836,8 @@ class HostCopy:
             done.synchronize()  # nothing still writes a buffer given back
         _POOL.give_back(self._taken)
         self._taken = []
+        registered, self._registered = self._registered, []
+        unregister_later(self._registrar, registered)
 
     def result(self):
         """The arrays, by the tensors' names (waits for the copies)."""

@@ -16,6 +16,8 @@ from sparse_dict._torch.data import (
     HOST_WORK_BYTES,
     geometric_median,
     iter_batches,
+    rows_at,
+    sample_index,
     sample_moments,
     sample_rows,
     to_device,
@@ -26,6 +28,7 @@ from sparse_dict._torch.memory import training_bytes
 from sparse_dict._torch.model import STAT_NAMES, UNSCALED_TENSORS, SparseAutoencoder
 from sparse_dict._torch.pipeline import (
     BatchFeed,
+    CudaRegistrar,
     HostCopy,
     TouchedArrays,
     default_workers,
@@ -38,6 +41,13 @@ _N_INIT_ROWS = 8192
 # A weight matrix from this size up goes into host arrays touched while
 # training runs (Trainer.prepare_export).
 _TOUCHED_EXPORT_BYTES = HOST_WORK_BYTES
+
+
+def _export_registrar(device, dtype):
+    """What page-locks the export's arrays for a GPU's copy into them: on a GPU, for float32."""
+    if device.type == "cuda" and np.dtype(dtype) == np.float32:
+        return CudaRegistrar()
+    return None
 
 
 class DivergenceError(FloatingPointError):
@@ -482,15 +492,21 @@ class Trainer:
             self.model.b_dec.copy_(torch.as_tensor(centre * self.scale, dtype=torch.float32))
 
     # ------------------------------------------------------ after training
-    def calibration_sample(self, X, n_rows, rng):
+    def calibration_sample(self, X, n_rows, rng, feed=None):
         """Scaled rows of ``X`` on the device, for calibration and statistics.
 
         At most ``n_rows`` rows, and fewer for wide dictionaries, so that
-        their (rows, n_components) pre-activations stay near 128 MB.
+        their (rows, n_components) pre-activations stay near 128 MB. With a
+        ``feed`` (still open) whose resident copy is on the device, the rows
+        are gathered there (:meth:`BatchFeed.rows`): the same values, and no
+        copy from the host, which on a GPU queued behind the export's.
         """
         n_rows = min(n_rows, max(1024, (1 << 25) // self.model.n_components))
-        rows = to_device(sample_rows(X, n_rows, rng, dtype=np.float32), self.device)
-        return rows.mul_(self.scale)
+        index = sample_index(X.shape[0], n_rows, rng)
+        rows = None if feed is None else feed.rows(index)
+        if rows is not None:
+            return rows
+        return to_device(rows_at(X, index, np.float32), self.device).mul_(self.scale)
 
     @staticmethod
     @torch.no_grad()
@@ -1089,20 +1105,32 @@ class Trainer:
         H200, most of it page faults). Matrices under 16 MB are left alone
         (their faults cost little, and a thread more than it saves).
 
+        On a GPU, arrays of the weights' own dtype (float32) are also
+        page-locked once touched (:class:`~sparse_dict._torch.pipeline.CudaRegistrar`),
+        so that the GPU copies straight into them: 1.5 ms for such a matrix
+        instead of 4.5 through a pinned buffer.
+
         Parameters
         ----------
         dtype : numpy float dtype or None
             The dtype :meth:`export` will be asked for; another gets new
             arrays. None drops the arrays made before (a training that failed).
         """
-        self._export_into = self._export_started = None
+        self._drop_export_arrays()
+        self._export_started = None
         if dtype is None:
             return
         n_bytes = self.model.n_components * self.model.n_features * np.dtype(dtype).itemsize
         if n_bytes >= _TOUCHED_EXPORT_BYTES:
             shape = (self.model.n_components, self.model.n_features)
-            self._export_into = TouchedArrays(
-                {"components": shape, "encoder_weights": shape}, dtype)
+            self._export_into = TouchedArrays({"components": shape, "encoder_weights": shape},
+                                              dtype, _export_registrar(self.device, dtype))
+
+    def _drop_export_arrays(self):
+        """Let go of :meth:`prepare_export`'s arrays, unregistering what it registered."""
+        prepared, self._export_into = self._export_into, None
+        if prepared is not None:
+            prepared.release()
 
     def start_export(self, dtype=np.float32):
         """Start the weight matrices' copy to the host; :meth:`export` takes it up.
@@ -1114,12 +1142,17 @@ class Trainer:
         weights as they are: a fit's calibration, which sets the activation's
         inference state only.
         """
-        prepared, self._export_into = self._export_into, None
         dtype = np.dtype(dtype)
-        into = prepared.arrays() if prepared is not None and prepared.dtype == dtype else None
+        into, registered, registrar = None, (), None
+        if self._export_into is not None and self._export_into.dtype == dtype:
+            prepared, self._export_into = self._export_into, None
+            # The copy unregisters what it takes.
+            (into, registered), registrar = prepared.take(), prepared.registrar
+        self._drop_export_arrays()
         weights = {"components": self.model.W_dec.detach(),
                    "encoder_weights": self.model.W_enc.detach()}
-        self._export_started = (dtype, HostCopy(weights, into, ahead=True))
+        self._export_started = (dtype, HostCopy(weights, into, ahead=True, registered=registered,
+                                                registrar=registrar))
 
     def export(self, dtype=np.float32):
         """The fitted tensors in the caller's units, as numpy arrays of ``dtype``.
@@ -1167,6 +1200,7 @@ class Trainer:
 
     def _restore(self, state):
         device = self.device
+        self._drop_export_arrays()
         self.__setstate__(state)
         self.to(device)
 
