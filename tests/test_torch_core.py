@@ -605,3 +605,26 @@ def test_a_pending_verdict_is_awaited_before_a_pass_s_statistics():
     trainer.initialize(X, np.random.RandomState(0), "mean")
     assert trainer.train(X, 2, TrainConfig(batch_size=32), rng, verdict=_verdict()) == 2
     assert len(trainer.history) == 16 and trainer._verdict is None
+
+
+def test_a_bf16_step_s_decoder_bias_gradient_is_the_float32_one_to_bf16_precision():
+    # Under autocast the gradient through the encoder is formed from the
+    # encoder's bfloat16 copy (half the bytes of W_enc): the float32
+    # step's value to bfloat16's precision.
+    model = SparseAutoencoder(48, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.b_dec.normal_()
+        model.b_enc.normal_(std=0.1)
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for dtype in (None, torch.bfloat16):
+        model.loss_and_gradients(x, 0.3, dtype, sparse_step=False)
+        grads[dtype] = model.b_dec.grad.clone()
+        assert grads[dtype].dtype == torch.float32
+        for p in model.parameters():
+            p.grad = None
+        model.release_workspace()
+    exact = grads[None]
+    scale = float(exact.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(grads[torch.bfloat16], exact, rtol=0, atol=2e-2 * scale)
