@@ -495,7 +495,8 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
         for kernel, option, shape in (("codes", "codes", (batch, n)),
                                       ("residual", "residual", (batch, d)),
                                       ("product_relu", "product", (batch, n)),
-                                      ("penalty_stats", "stats", (n,))):
+                                      ("penalty_stats", "stats", (n,)),
+                                      ("centre", "centre", (batch, d))):
             chosen = [choice for (name, _, dtype, key_shape, _), choice in fused.choices().items()
                       if name == kernel and key_shape == shape and dtype == low and choice]
             r[f"{kernel}_kernel"] = bool(chosen)

@@ -393,6 +393,8 @@ _GPU_ROWS = (
     ("ReLU in the product's epilogue chosen", "product_relu_kernel"),
     ("step with the statistics' plain operations, ms", "step_plain_penalty_stats_ms"),
     ("statistics kernel chosen", "penalty_stats_kernel"),
+    ("step with the rows centred by torch's subtraction, ms", "step_plain_centre_ms"),
+    ("centring kernel chosen", "centre_kernel"),
     ("fused step on the long fit's final state, ms", "step_trained_ms"),
     ("fused step on the long fit's final state, fraction of matmul",
      "step_trained_fraction_of_matmul"),

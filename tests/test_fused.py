@@ -548,7 +548,8 @@ _CODES = textwrap.dedent('''
     # residual is written over the decoder's product; its decision once left
     # the residual there, and the first step took it for the product.)
     flags = {"codes": "fused_codes", "residual": "fused_residual",
-             "product_relu": "fused_product", "penalty_stats": "fused_stats"}
+             "product_relu": "fused_product", "penalty_stats": "fused_stats",
+             "centre": "fused_centre"}
     out["decided_train"] = {}
     for bf16 in (False, True):
         for act in ("relu", "topk", "jumprelu"):
@@ -647,7 +648,8 @@ def _check_codes(out, measured):
     assert len(out["decided_train"]) == 6
     for case, result in out["decided_train"].items():
         assert result["params"] == 0.0 and result["history"] == 0.0, (case, result)
-        assert {"fused_codes", "fused_residual", "fused_stats"} <= set(result["decided"]), case
+        assert {"fused_codes", "fused_residual", "fused_stats",
+                "fused_centre"} <= set(result["decided"]), case
         assert ("fused_product" in result["decided"]) == case.startswith("relu"), case
     assert out["residual_alias_contiguous"] == {"chose": out["residual_alias_contiguous"][
         "chose"] if measured else [None, None], "err_is_y": True}
@@ -663,6 +665,82 @@ def test_the_step_s_kernels_match_the_plain_operations_in_triton_s_interpreter()
 def test_the_step_s_kernels_match_the_plain_operations_on_the_gpu():
     pytest.importorskip("triton")
     _check_codes(_compare("cuda", script=_CODES), measured=True)
+
+
+_CENTRE = textwrap.dedent('''
+    import json, sys
+    import numpy as np, torch
+    from sparse_dict._torch import TrainConfig, Trainer, fused
+
+    device = sys.argv[1]
+    g = torch.Generator(device=device).manual_seed(0)
+    out = {"cases": [], "train": {}}
+    for dtype in (torch.float32, torch.bfloat16):
+        for n_rows in (37, 300):
+            # 300 columns (not a power of two), written into a slice of a
+            # wider buffer whose last column must stay as it was; NaN,
+            # infinities, -0.0 and values that round to bfloat16's halfway.
+            x = torch.randn(n_rows, 300, generator=g, device=device)
+            x[0, :3] = torch.tensor([float("nan"), float("inf"), -0.0])
+            x[1, :2] = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8])
+            b = torch.randn(300, generator=g, device=device)
+            b[1] = 0.0
+            wide = torch.full((n_rows, 301), 7.0, device=device, dtype=dtype)
+            expected = wide.clone()
+            torch.sub(x, b, out=expected[:, :300])
+            fused.centre_(x, b, wide[:, :300])
+            out["cases"].append(bool(torch.equal(wide.isnan(), expected.isnan()) and torch.equal(
+                torch.nan_to_num(wide), torch.nan_to_num(expected))))
+    # The decision, and trainings alike with the kernel and without.
+    out["pays"] = fused.centre_pays(x, b, wide[:, :300],
+                                    lambda: torch.sub(x, b, out=wide[:, :300]))
+    X = np.random.RandomState(0).randn(300, 24).astype(np.float32)
+    calls, real = [], fused.centre_
+    fused.centre_ = lambda *args: calls.append(1) or real(*args)
+    for bf16 in (False, True):
+        params = []
+        for on in (True, False):
+            trainer = Trainer(24, 48, device, seed=0)
+            trainer.initialize(X, np.random.RandomState(0))
+            config = TrainConfig(batch_size=32, total_steps=12, learning_rate=0.05, bf16=bf16,
+                                 fused_centre=on)
+            trainer.train(X, 2, config, np.random.RandomState(1))
+            params.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        out["train"][str(bf16)] = max(float((params[0][k] - v).abs().max())
+                                      for k, v in params[1].items())
+    out["calls"] = len(calls)  # 12 steps of each fit with the kernel, none without
+    print(json.dumps(out))
+''')
+
+
+def _check_centre(out, measured):
+    assert out["cases"] == [True] * 4
+    assert out["calls"] == 24
+    # The same values either way: trainings alike to the last bit.
+    assert out["train"] == {"False": 0.0, "True": 0.0}, out["train"]
+    if not measured:
+        assert out["pays"] is True
+
+
+def test_the_centring_kernel_writes_torch_s_values_in_triton_s_interpreter():
+    pytest.importorskip("triton")
+    _check_centre(_compare("cpu", {"TRITON_INTERPRET": "1"}, _CENTRE), measured=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_centring_kernel_writes_torch_s_values_on_the_gpu():
+    pytest.importorskip("triton")
+    _check_centre(_compare("cuda", script=_CENTRE), measured=True)
+
+
+def test_the_centring_kernel_refuses_bad_layouts():
+    x = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="centre_ needs float32"):
+        fused.centre_(x.double(), x[0], x)
+    with pytest.raises(ValueError, match="centre_ needs float32"):
+        fused.centre_(x, x[0], x.t())
+    with pytest.raises(ValueError, match="centre_ needs float32"):
+        fused.centre_(x, x[:, 0], x)
 
 
 def test_no_codes_or_residual_kernel_on_the_cpu_or_when_turned_off(monkeypatch):

@@ -132,6 +132,25 @@ def mask_by_bits(G, BITS, n_rows, n_cols, n_bytes, stride_g, stride_b,
 
 
 @triton.jit
+def centre(X, B, OUT, n_rows, d, stride_x, stride_out, OUT_BF16: tl.constexpr,
+           BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows64 = rows.to(tl.int64)[:, None]
+    inside = (rows[:, None] < n_rows) & (cols[None, :] < d)
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=inside, other=0.0)
+    b = tl.load(B + cols, mask=cols < d, other=0.0)
+    # In float32, then rounded once, as torch's subtraction into a
+    # lower-precision output.
+    c = x - b[None, :]
+    at = OUT + rows64 * stride_out + cols[None, :]
+    if OUT_BF16:
+        tl.store(at, _bfloat16(c), mask=inside)
+    else:
+        tl.store(at, c.to(OUT.dtype.element_ty), mask=inside)
+
+
+@triton.jit
 def residual(Y, B, X, GX, ERR, SSE, GSUM, n_rows, d, stride_y, stride_x, stride_gx, stride_err,
              scale, GX_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
              TILES: tl.constexpr):

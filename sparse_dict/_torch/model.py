@@ -429,8 +429,10 @@ class SparseAutoencoder(nn.Module):
             one pass (:meth:`_residual_`); ``"product"``, ReLU's bias and
             ReLU in the encoder product's epilogue (:meth:`_pre_activations_`);
             ``"stats"``, the statistics and penalty bias in one small kernel
-            (:meth:`_penalty_stats_`). The last three give the same values up
-            to rounding (the order of sums' additions).
+            (:meth:`_penalty_stats_`); ``"centre"``, the centred rows in
+            one pass (:meth:`_centre_`, the same values either way). The
+            residual, product and statistics kernels give the same values
+            up to rounding (the order of sums' additions).
         low_grads : bool
             Leave the two weight matrices' gradients in the products' dtype
             (bfloat16 under autocast), in ``self.low_grads`` by name, with
@@ -458,7 +460,7 @@ class SparseAutoencoder(nn.Module):
                              ("codes", "grad", "mask") + self.activation.workspace_names)
         xc_ones, enc = ws["xc"], ws["enc"]
         xc = xc_ones[:, :d]
-        torch.sub(x, self.b_dec, out=xc)
+        self._centre_(x, xc, kernels)
         if not self._operand_current("W_enc"):
             enc[:, :d] = self.W_enc
         # ReLU's codes straight from the product where that pays; AuxK reads
@@ -480,6 +482,24 @@ class SparseAutoencoder(nn.Module):
             stats[4] = self._auxk_gradients_(pre_dead, dead, err, xc, auxk_coef, k_aux, batch,
                                              power)
         return stats, fired
+
+    def _centre_(self, x, xc, kernels=None):
+        """``xc = x - b_dec`` in the products' dtype (``ws["xc"]``'s first columns).
+
+        The plain way is torch's subtraction; on a GPU one Triton kernel
+        (:func:`sparse_dict._torch.fused.centre_`), where the first step
+        measures it faster (:func:`sparse_dict._torch.fused.centre_pays`,
+        ``kernels["centre"]``): the same values either way.
+        """
+        def plain():
+            return torch.sub(x, self.b_dec, out=xc)
+
+        if (x.dtype == torch.float32 and x.stride(1) == 1
+                and _uses_kernel(kernels, "centre", x.device,
+                                 lambda: fused.centre_pays(x, self.b_dec, xc, plain))):
+            fused.centre_(x, self.b_dec, xc)
+        else:
+            plain()
 
     def _pre_activations_(self, ws, d, relu, kernels=None):
         """``(x - b_dec) @ W_enc.T + b_enc`` into ``ws["codes"]``; with ``relu``, maybe its ReLU.

@@ -175,6 +175,10 @@ class TrainConfig:
         kernel (:func:`sparse_dict._torch.fused.penalty_stats_`), with the
         same values up to the order of the sums' additions; "auto", True
         and False as for ``fused_codes``.
+    fused_centre : bool or "auto"
+        Centre the rows (``x - b_dec``, into the products' operand) in one
+        plain pass (:func:`sparse_dict._torch.fused.centre_`), with the same
+        values; "auto", True and False as for ``fused_codes``.
     """
 
     coef: float = 1.0
@@ -199,6 +203,7 @@ class TrainConfig:
     fused_residual: bool | str = "auto"
     fused_product: bool | str = "auto"
     fused_stats: bool | str = "auto"
+    fused_centre: bool | str = "auto"
 
     def step_kernels(self, device):
         """The ``fused_*`` choices by the names the model's step gives its kernels.
@@ -210,7 +215,8 @@ class TrainConfig:
         environment each time cost a CPU step of a small model 35 us).
         """
         kernels = {"codes": self.fused_codes, "residual": self.fused_residual,
-                   "product": self.fused_product, "stats": self.fused_stats}
+                   "product": self.fused_product, "stats": self.fused_stats,
+                   "centre": self.fused_centre}
         if not fused.may_run(torch.device(device)):
             kernels = {name: use if use != "auto" else False for name, use in kernels.items()}
         return kernels
