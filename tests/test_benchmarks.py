@@ -333,6 +333,16 @@ def test_gpu_section_tiny_on_cpu(tmp_path):
             # ended, within the fit (the first step waits for its verdict).
             scan = parts["beside: the value scan"]
             assert 0 < scan <= parts["beside: the value scan, ended at"] < phases["total"]
+            # The short fit step by step: one mark a step, and the excess
+            # over the median what it says it is.
+            timeline = f["fit_short_timeline"]
+            assert len(timeline["device_ms"]) == len(timeline["host_ms"]) == f["short_steps"]
+            assert all(t >= 0 for t in timeline["device_ms"])
+            assert timeline["median_device_ms"] == pytest.approx(
+                float(np.median(timeline["device_ms"])))
+            assert timeline["excess_ms"] == pytest.approx(sum(
+                max(0.0, t - timeline["median_device_ms"]) for t in timeline["device_ms"]))
+            assert 0 <= timeline["excess_first_10_ms"] <= timeline["excess_ms"]
             # The step's five products, each timed as issued and transposed.
             products = f["step_products_ms"]
             assert len(products) == 5
