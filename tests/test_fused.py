@@ -549,7 +549,7 @@ _CODES = textwrap.dedent('''
     # the residual there, and the first step took it for the product.)
     flags = {"codes": "fused_codes", "residual": "fused_residual",
              "product_relu": "fused_product", "penalty_stats": "fused_stats",
-             "centre": "fused_centre"}
+             "centre": "fused_centre", "tally": "fused_tally"}
     out["decided_train"] = {}
     for bf16 in (False, True):
         for act in ("relu", "topk", "jumprelu"):
@@ -649,7 +649,7 @@ def _check_codes(out, measured):
     for case, result in out["decided_train"].items():
         assert result["params"] == 0.0 and result["history"] == 0.0, (case, result)
         assert {"fused_codes", "fused_residual", "fused_stats",
-                "fused_centre"} <= set(result["decided"]), case
+                "fused_centre", "fused_tally"} <= set(result["decided"]), case
         assert ("fused_product" in result["decided"]) == case.startswith("relu"), case
     assert out["residual_alias_contiguous"] == {"chose": out["residual_alias_contiguous"][
         "chose"] if measured else [None, None], "err_is_y": True}
@@ -709,6 +709,42 @@ _CENTRE = textwrap.dedent('''
         out["train"][str(bf16)] = max(float((params[0][k] - v).abs().max())
                                       for k, v in params[1].items())
     out["calls"] = len(calls)  # 12 steps of each fit with the kernel, none without
+    fused.centre_ = real
+
+    # The trainer's counts: the same values as its three torch operations.
+    fired = torch.randint(0, 3, (300,), generator=g, device=device).float()
+    total = torch.rand(300, generator=g, device=device, dtype=torch.float64)
+    since = torch.randint(0, 50, (300,), generator=g, device=device)
+    plain_total, plain_since = total.clone(), since.clone()
+    plain_total += fired
+    plain_since += 1
+    plain_since.masked_fill_(fired > 0, 0)
+    fused.tally_(fired, total, since)
+    out["tally"] = bool(torch.equal(total, plain_total) and torch.equal(since, plain_since))
+    before = (total.clone(), since.clone())
+    def plain(t, s):
+        t += fired
+        s += 1
+        s.masked_fill_(fired > 0, 0)
+
+    out["tally_pays"] = fused.tally_pays(fired, total, since, plain)
+    # A wrong plain way (nothing done): the kernel differs from it, and is not taken.
+    out["tally_pays_wrong"] = fused.tally_pays(fired[:299].contiguous(), total[:299].clone(),
+                                               since[:299].clone(), lambda t, s: None)
+    out["tally_untouched"] = bool(torch.equal(total, before[0]) and torch.equal(since, before[1]))
+    tallies, real_tally = [], fused.tally_
+    fused.tally_ = lambda *args: tallies.append(1) or real_tally(*args)
+    runs = []
+    for on in (True, False):
+        trainer = Trainer(24, 48, device, seed=0)
+        trainer.initialize(X, np.random.RandomState(0))
+        config = TrainConfig(batch_size=32, total_steps=12, learning_rate=0.05, fused_tally=on,
+                             resample_interval=5, dead_window=3)
+        trainer.train(X, 2, config, np.random.RandomState(1))
+        runs.append((trainer.pass_fired.tolist(), trainer.steps_since_fired.tolist(),
+                     trainer.n_resampled))
+    out["tally_train"] = runs[0] == runs[1]
+    out["tally_calls"] = len(tallies)
     print(json.dumps(out))
 ''')
 
@@ -716,19 +752,23 @@ _CENTRE = textwrap.dedent('''
 def _check_centre(out, measured):
     assert out["cases"] == [True] * 4
     assert out["calls"] == 24
+    assert out["tally"] and out["tally_untouched"] and out["tally_train"]
+    assert out["tally_calls"] == 12 and out["tally_pays_wrong"] is False
+    if not measured:
+        assert out["tally_pays"] is True
     # The same values either way: trainings alike to the last bit.
     assert out["train"] == {"False": 0.0, "True": 0.0}, out["train"]
     if not measured:
         assert out["pays"] is True
 
 
-def test_the_centring_kernel_writes_torch_s_values_in_triton_s_interpreter():
+def test_the_centring_and_tally_kernels_give_torch_s_values_in_triton_s_interpreter():
     pytest.importorskip("triton")
     _check_centre(_compare("cpu", {"TRITON_INTERPRET": "1"}, _CENTRE), measured=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_centring_kernel_writes_torch_s_values_on_the_gpu():
+def test_the_centring_and_tally_kernels_give_torch_s_values_on_the_gpu():
     pytest.importorskip("triton")
     _check_centre(_compare("cuda", script=_CENTRE), measured=True)
 

@@ -216,3 +216,15 @@ def penalty_stats(CS, FIRED, W, SSE, STATS, BIAS, n, stride_cs, stride_bias, bat
     tl.atomic_add(STATS + 1, mse)
     tl.atomic_add(STATS + 2, l1)
     tl.atomic_add(STATS + 3, l0)
+
+
+@triton.jit
+def tally(FIRED, TOTAL, SINCE, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < n
+    fired = tl.load(FIRED + i, mask=inside, other=0.0)
+    total = tl.load(TOTAL + i, mask=inside, other=0.0)
+    since = tl.load(SINCE + i, mask=inside, other=0)
+    # float32 counts widened and added in float64, as torch's in-place add.
+    tl.store(TOTAL + i, total + fired.to(tl.float64), mask=inside)
+    tl.store(SINCE + i, tl.where(fired > 0.0, 0, since + 1), mask=inside)

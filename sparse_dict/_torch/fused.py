@@ -781,6 +781,67 @@ def centre_pays(x, bias, out, plain):
     return kernel_pays(key, x.device, prepare)
 
 
+# ------------------------------------------------- the trainer's counts
+
+
+def tally_(fired, total, since):
+    """A step's firing counts into the trainer's: ``total += fired``, ``since`` reset or counted.
+
+    What ``total += fired``, ``since += 1`` and ``since.masked_fill_(fired
+    > 0, 0)`` do (four launches, with the comparison's), in one: the same
+    values.
+
+    Parameters
+    ----------
+    fired : torch.Tensor of shape (n,), float32, contiguous
+        The step's firing counts.
+    total : torch.Tensor of shape (n,), float64, contiguous
+        The pass's counts so far, added to.
+    since : torch.Tensor of shape (n,), int64, contiguous
+        Steps since each feature last fired: 0 where it fired, else one
+        more.
+    """
+    n = fired.shape[0]
+    if (fired.dtype != torch.float32 or total.dtype != torch.float64
+            or since.dtype != torch.int64 or total.shape != (n,) or since.shape != (n,)
+            or not (fired.is_contiguous() and total.is_contiguous() and since.is_contiguous())):
+        raise ValueError("tally_ needs contiguous (n,) vectors: float32 counts, a float64 "
+                         "total and int64 steps.")
+    if n == 0:
+        return
+    block = min(1024, 1 << max(4, (n - 1).bit_length()))
+    _kernels().tally[(-(-n // block),)](fired, total, since, n, BLOCK=block, num_warps=4)
+
+
+def tally_pays(fired, total, since, plain):
+    """Whether :func:`tally_` should replace ``plain`` (the three torch operations).
+
+    Decided by :func:`kernel_pays` on copies of the first step's counts
+    (both ways add into their buffers, so each runs on its own copies,
+    which the timings then add to at will); the kernel must give the plain
+    operations' values exactly. The caller then runs the way chosen on its
+    own buffers.
+    """
+    def prepare():
+        copies = {way: (total.clone(), since.clone()) for way in ("plain", "fused")}
+
+        def run_plain():
+            plain(*copies["plain"])
+
+        def run_fused():
+            tally_(fired, *copies["fused"])
+
+        def agrees():
+            run_plain()
+            run_fused()
+            return all(torch.equal(a, b) for a, b in zip(copies["plain"], copies["fused"]))
+
+        return agrees, run_plain, run_fused
+
+    key = ("tally", str(fired.device), fired.dtype, tuple(fired.shape), None)
+    return kernel_pays(key, fired.device, prepare)
+
+
 # ------------------------------------------ the ReLU in the encoder's product
 
 

@@ -25,7 +25,12 @@ from sparse_dict._torch.data import (
 from sparse_dict._torch import fused
 from sparse_dict._torch.distributed import fingerprint
 from sparse_dict._torch.memory import training_bytes
-from sparse_dict._torch.model import STAT_NAMES, UNSCALED_TENSORS, SparseAutoencoder
+from sparse_dict._torch.model import (
+    STAT_NAMES,
+    UNSCALED_TENSORS,
+    SparseAutoencoder,
+    _uses_kernel,
+)
 from sparse_dict._torch.pipeline import (
     BatchFeed,
     CudaRegistrar,
@@ -179,6 +184,10 @@ class TrainConfig:
         Centre the rows (``x - b_dec``, into the products' operand) in one
         plain pass (:func:`sparse_dict._torch.fused.centre_`), with the same
         values; "auto", True and False as for ``fused_codes``.
+    fused_tally : bool or "auto"
+        Add each step's firing counts to the trainer's in one small kernel
+        (:func:`sparse_dict._torch.fused.tally_`), with the same values;
+        "auto", True and False as for ``fused_codes``.
     """
 
     coef: float = 1.0
@@ -204,6 +213,7 @@ class TrainConfig:
     fused_product: bool | str = "auto"
     fused_stats: bool | str = "auto"
     fused_centre: bool | str = "auto"
+    fused_tally: bool | str = "auto"
 
     def step_kernels(self, device):
         """The ``fused_*`` choices by the names the model's step gives its kernels.
@@ -216,7 +226,7 @@ class TrainConfig:
         """
         kernels = {"codes": self.fused_codes, "residual": self.fused_residual,
                    "product": self.fused_product, "stats": self.fused_stats,
-                   "centre": self.fused_centre}
+                   "centre": self.fused_centre, "tally": self.fused_tally}
         if not fused.may_run(torch.device(device)):
             kernels = {name: use if use != "auto" else False for name, use in kernels.items()}
         return kernels
@@ -810,9 +820,7 @@ class Trainer:
 
             # Summed over the ranks, so the same on each; no host read.
             self._residual_power = stats[1]
-            fired_total += fired
-            self.steps_since_fired += 1
-            self.steps_since_fired.masked_fill_(fired > 0, 0)
+            self._tally(fired, fired_total)
             stats_list.append(stats)
             rows_list.append(n_rows)
             rows_seen += n_rows
@@ -863,6 +871,26 @@ class Trainer:
             self._check_replicas(X, config, replicas, "the parameters after a pass (a bug)",
                                  error=RuntimeError)
         return stop
+
+    def _tally(self, fired, fired_total):
+        """Add a step's firing counts to the pass's, and count the steps since each fired.
+
+        Three torch operations (four launches), or on a GPU one kernel
+        (:func:`sparse_dict._torch.fused.tally_`, the same values) where the
+        first step measures it faster (``TrainConfig.fused_tally``).
+        """
+        def plain(total, since):
+            total += fired
+            since += 1
+            since.masked_fill_(fired > 0, 0)
+
+        since = self.steps_since_fired
+        if (fired.dtype == torch.float32 and fired.is_contiguous()
+                and _uses_kernel(self._step_kernels, "tally", fired.device,
+                                 lambda: fused.tally_pays(fired, fired_total, since, plain))):
+            fused.tally_(fired, fired_total, since)
+        else:
+            plain(fired_total, since)
 
     @torch.no_grad()
     def apply_gradients(self, config):
