@@ -70,6 +70,10 @@ _COMPARE = textwrap.dedent('''
     b = models["fused"]
     out["bf16"] = gaps(models["plain"], b)
     out["bf16"]["operands_written"] = sorted(b._operands_current)
+    # ReLU's bias in the product's epilogue: its bfloat16 copy, as the
+    # update wrote it, is b_enc's rounding.
+    out["bf16"]["bias_written"] = bool(torch.equal(
+        b._ws["bias"], b.b_enc.detach().to(torch.bfloat16)))
     out["bf16"]["low_grads_read"] = b.W_dec.grad is None and b.W_enc.grad is None
     # The ReLU penalty's atom norms: the ones the update wrote, not a pass
     # over W_dec, and equal to that pass's to rounding.
@@ -183,7 +187,8 @@ def _check(out, drifts):
     assert out["switch"]["steps"] == [30.0, 30.0] and out["switch"]["gap"] < drift, out["switch"]
     assert out["relu"]["resampled"] > 0  # the moments' reset by resampling ran on both
     bf16 = out["bf16"]
-    assert bf16["operands_written"] == ["W_dec", "W_dec_norms", "W_enc"] and bf16["low_grads_read"]
+    assert bf16["operands_written"] == ["W_dec", "W_dec_norms", "W_enc", "b_enc"]
+    assert bf16["low_grads_read"] and bf16["bias_written"]
     assert bf16["norms_read"] and bf16["norms_gap"] < 1e-6 and bf16["norms_after_stale"]
     savings = out["bf16_savings"]
     assert savings["control_kept_neither"]

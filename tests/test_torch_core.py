@@ -347,6 +347,29 @@ def test_a_step_reads_weights_an_update_wrote_into_its_operands_until_told_other
     torch.testing.assert_close(again, stats)
 
 
+def test_the_epilogue_s_bias_copy_is_read_as_written_until_b_enc_changes():
+    # With ReLU's bias in the encoder product's epilogue, an update may
+    # write the bias's copy too (operand_views' "b_enc"): the next step reads
+    # it (here deliberately wrong) instead of copying b_enc, until b_enc
+    # changes another way.
+    model, x, kw = _step_case()
+    kw = {**kw, "kernels": {"product": True}}
+    stats, _ = model.loss_and_gradients(x, **kw)
+    views = model.operand_views()
+    assert set(views) == {"W_enc", "W_dec", "W_dec_norms", "b_enc"}
+    views["b_enc"].add_(5.0)
+    model.operands_written_(["b_enc"])
+    wrong, _ = model.loss_and_gradients(x, **kw)
+    assert not torch.allclose(wrong, stats)
+    with torch.no_grad():
+        model.b_enc[0] = model.b_enc[0]  # a change torch counts
+    again, _ = model.loss_and_gradients(x, **kw)
+    torch.testing.assert_close(again, stats)
+    # Without the epilogue the bias rides on the operand's column: no copy to write.
+    model.loss_and_gradients(x, **{**kw, "kernels": {"product": False}})
+    assert "b_enc" not in model.operand_views()
+
+
 def test_low_precision_gradients_are_the_float32_ones_before_conversion():
     model, x, kw = _step_case(torch.bfloat16)
     model.loss_and_gradients(x, **kw)

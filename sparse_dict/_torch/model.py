@@ -79,7 +79,9 @@ def _uses_kernel(kernels, name, device, pays, forced=True):
 
 
 # The weight each of SparseAutoencoder.operand_views' buffers is made from.
-_OPERAND_OF = {"W_enc": "W_enc", "W_dec": "W_dec", "W_dec_norms": "W_dec"}
+_OPERAND_OF = {"W_enc": "W_enc", "W_dec": "W_dec", "W_dec_norms": "W_dec", "b_enc": "b_enc"}
+# The operand each of the workspace's extra buffers holds (see _extra).
+_EXTRA_OPERAND = {"norms": "W_dec_norms", "bias": "b_enc"}
 
 
 def fitted_tensor_names(activation):
@@ -173,6 +175,9 @@ class SparseAutoencoder(nn.Module):
         # of a Module costs a few microseconds, which a small step notices.
         self.low_grads = {}
         self._operands_current = {}
+        # Whether the last step added b_enc in the encoder product's
+        # epilogue, from a copy of it that an update may then write.
+        self._step_flags = {"bias_in_epilogue": False}
         # An activation registers its own state on the CPU.
         self.to(atoms.device)
 
@@ -285,21 +290,27 @@ class SparseAutoencoder(nn.Module):
 
         The update may also write the atoms' norms (``"W_dec_norms"``),
         which the ReLU penalty reads every step (:meth:`atom_norms`): a pass
-        over ``W_dec`` saved.
+        over ``W_dec`` saved; and, where the last step added ``b_enc`` in
+        the encoder product's epilogue, its copy in the products' dtype
+        (``"b_enc"``), a launch saved.
 
         Returns
         -------
         dict
             ``{"W_enc": view, "W_dec": view}`` of shape (n_components,
-            n_features) and ``"W_dec_norms"`` of shape (n_components,);
-            empty before the first step or after :meth:`release_workspace`.
+            n_features), ``"W_dec_norms"`` and maybe ``"b_enc"`` of shape
+            (n_components,); empty before the first step or after
+            :meth:`release_workspace`.
         """
         ws = getattr(self, "_ws", None)
         if ws is None:
             return {}
         d = self.n_features
-        return {"W_enc": ws["enc"][:, :d], "W_dec": ws["dec"][:, :d],
-                "W_dec_norms": self._extra("norms", (self.n_components,), torch.float32)}
+        views = {"W_enc": ws["enc"][:, :d], "W_dec": ws["dec"][:, :d],
+                 "W_dec_norms": self._extra("norms", (self.n_components,), torch.float32)}
+        if self._step_flags["bias_in_epilogue"]:
+            views["b_enc"] = self._extra("bias", (self.n_components,), ws["enc"].dtype)
+        return views
 
     def atom_norms(self):
         """The norm of each atom (row of ``W_dec``), as the last update wrote it when it did."""
@@ -524,17 +535,26 @@ class SparseAutoencoder(nn.Module):
             enc[:, d] = self.b_enc
             return mm(xc_ones, enc.t(), out=into)
 
+        flags = self._step_flags
         if relu and _uses_kernel(kernels, "product", out.device, lambda: fused.product_relu_pays(
                 lambda: self._low_bias(ws), xc_ones[:, :d], enc[:, :d].t(), out, ws["grad"],
                 plain)):
+            flags["bias_in_epilogue"] = True
             return fused.product_relu_(self._low_bias(ws), xc_ones[:, :d], enc[:, :d].t(),
                                        out), True
+        flags["bias_in_epilogue"] = False
         return plain(out), False
 
     def _low_bias(self, ws):
-        """``b_enc`` in the products' dtype, contiguous (the product's epilogue bias)."""
+        """``b_enc`` in the products' dtype, contiguous (the product's epilogue bias).
+
+        Copied from ``b_enc`` unless the last update wrote it there
+        (:meth:`operand_views`).
+        """
         bias = self._extra("bias", (self.n_components,), ws["enc"].dtype)
-        return bias.copy_(self.b_enc)
+        if not self._operand_current("b_enc"):
+            bias.copy_(self.b_enc)
+        return bias
 
     def _extra(self, name, shape, dtype):
         """A buffer of the workspace that only some steps need, made on first use.
@@ -546,6 +566,8 @@ class SparseAutoencoder(nn.Module):
         if buf is None or buf.shape[0] < shape[0] or buf.dtype != dtype:
             buf = self._ws[name] = torch.empty(shape, dtype=dtype,
                                                device=self._ws["enc"].device)
+            # A new buffer holds no weight yet, whatever was written before.
+            self._operands_current.pop(_EXTRA_OPERAND.get(name), None)
         return buf[:shape[0]]
 
     def _codes_mask_count_(self, codes, ws, kernels=None, relu_done=False):

@@ -921,6 +921,7 @@ class Trainer:
         views = model.operand_views() if self._one_process else {}
         low_grads = dict(model.low_grads)
         model.low_grads.clear()
+        written = []
         for name, p in model.named_parameters():
             grad = low_grads.get(name, p.grad)
             if grad is None:
@@ -940,12 +941,18 @@ class Trainer:
             if grad.dim() == 1 or grad.stride(-1) != 1:
                 # A vector as rows of one value; a safeguard for other layouts.
                 grad = grad.contiguous()
+            low = views.get(name)
+            norms = views.get("W_dec_norms") if is_atoms else None
             fused.adam_rows_(_rows(p), _rows(grad), _rows(state["exp_avg"]),
                              _rows(state["exp_avg_sq"]), lr=group["lr"], beta1=beta1,
                              beta2=beta2, eps=group["eps"], step=steps[id(p)][1],
-                             project=is_atoms, unit=is_atoms, low=views.get(name),
-                             norms=views.get("W_dec_norms") if is_atoms else None)
-        model.operands_written_(views)
+                             project=is_atoms, unit=is_atoms,
+                             low=None if low is None else _rows(low), norms=norms)
+            written += ([name] if low is not None else []) + (
+                ["W_dec_norms"] if norms is not None else [])
+        # Only the views this update wrote (a weight without a gradient
+        # keeps its old copy, which the next step must not read as new).
+        model.operands_written_(written)
 
     def _uses_fused_update(self, config):
         """Whether :meth:`apply_gradients` takes the one-pass update."""
