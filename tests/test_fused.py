@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -917,3 +918,47 @@ def test_a_decided_choice_is_answered_without_reading_the_environment(monkeypatc
 
     monkeypatch.setattr(fused, "may_run", refuse)
     assert fused.kernel_pays(key, torch.device("cuda"), refuse) is True
+
+
+def test_a_new_choice_first_settles_the_pending_checks(monkeypatch):
+    # Within decisions_wait_for, a choice not yet made first calls settle()
+    # (the trainer's pending verdict on its rows); a choice made already
+    # does not, and the gate is the block's alone.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(fused, "_choices", {("decided",): True})
+    settled = []
+
+    def prepare():
+        return (lambda: True), (lambda: None), (lambda: None)
+
+    with fused.decisions_wait_for(lambda: settled.append(1)):
+        assert fused.kernel_pays(("decided",), torch.device("cpu"), prepare) is True
+        assert settled == []
+        assert fused.kernel_pays(("new",), torch.device("cpu"), prepare) is True
+        assert settled == [1]
+    fused.kernel_pays(("newer",), torch.device("cpu"), prepare)
+    assert settled == [1]
+
+
+def test_no_kernel_is_chosen_on_rows_a_pending_verdict_refuses(monkeypatch):
+    # On a GPU the first steps may run beside the scan of X's values; a
+    # choice made on NaN rows would find a kernel differing from torch's
+    # operations, warn, and keep torch's for the process. The refusal comes
+    # first, and nothing is chosen.
+    import concurrent.futures
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(fused, "_choices", {})
+    X = np.random.RandomState(0).randn(256, 6).astype(np.float32)
+    X[3, 1] = np.nan
+    trainer = Trainer(6, 12, "cpu", seed=0)
+    trainer.initialize(X, np.random.RandomState(0), "mean")
+    refused = concurrent.futures.Future()
+    refused.set_exception(ValueError("Input X contains NaN"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="contains NaN") as caught:
+            trainer.train(X, 1, TrainConfig(batch_size=32), np.random.RandomState(1),
+                          verdict=refused)
+    assert caught.value.__context__ is None
+    assert fused.choices() == {}

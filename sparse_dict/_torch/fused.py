@@ -42,8 +42,10 @@ trainer takes the plain path. Setting ``SPARSE_DICT_FUSED=0`` turns them
 off.
 """
 
+import contextlib
 import functools
 import os
+import threading
 import time
 import warnings
 from typing import NamedTuple
@@ -463,6 +465,30 @@ _choices = {}
 _timings = {}
 
 
+# The calling thread's wait before a new choice (see decisions_wait_for).
+_gate = threading.local()
+
+
+@contextlib.contextmanager
+def decisions_wait_for(settle):
+    """Within the block, a new choice of :func:`kernel_pays` first calls ``settle()``.
+
+    A trainer whose first steps run before the checks of its data have
+    ended (on a GPU, beside the scan of ``X``'s values) settles them so
+    before any choice: a choice made on rows the checks then refuse (NaN)
+    would find the kernel differing from torch's operations, warn so, and
+    keep torch's operations for the rest of the process. ``settle`` raises
+    the checks' error, which the step's caller then reports. Choices made
+    already cost nothing more.
+    """
+    previous = getattr(_gate, "settle", None)
+    _gate.settle = settle
+    try:
+        yield
+    finally:
+        _gate.settle = previous
+
+
 def kernel_pays(key, device, prepare, repeats=5):
     """Whether a kernel should replace the plain operations, and how: decided once per ``key``.
 
@@ -507,6 +533,9 @@ def kernel_pays(key, device, prepare, repeats=5):
         return choice
     if not may_run(device):
         return False
+    settle = getattr(_gate, "settle", None)
+    if settle is not None:
+        settle()
     restore = None
     try:
         agrees, plain, fused, *rest = prepare()

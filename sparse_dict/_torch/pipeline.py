@@ -545,7 +545,7 @@ class CudaRegistrar:
     """
 
     def register(self, array):
-        """Lock ``array`` (C-contiguous); False where CUDA refuses (the array is then as before)."""
+        """Lock ``array`` (C-contiguous); False where CUDA refuses (the array is as before)."""
         try:
             err = torch.cuda.cudart().cudaHostRegister(array.ctypes.data, array.nbytes, 0)
         except Exception:  # noqa: BLE001 - no CUDA runtime: the plain copy serves
@@ -650,7 +650,7 @@ class TouchedArrays:
         return self._arrays, registered
 
     def release(self):
-        """Unregister the arrays still registered here (in a thread of its own; none is waited for).
+        """Unregister the arrays still registered here, in a thread of its own (not waited for).
 
         For arrays no copy will use: a training that failed, an export of
         another dtype.

@@ -6,6 +6,7 @@ share rows, gradients and decisions.
 """
 
 import collections
+import contextlib
 import dataclasses
 import math
 
@@ -665,31 +666,36 @@ class Trainer:
         passes_done = 0
         own_feed = feed is None
         self._verdict = verdict
+        # No kernel is chosen on rows the verdict may yet refuse.
+        deciding = (fused.decisions_wait_for(self._settle_verdict) if verdict is not None
+                    else contextlib.nullcontext())
         try:
-            if replicas is not None:
-                self._check_replicas(X, config, replicas, "the training data and settings")
-            if own_feed:
-                feed = self.open_feed(X, config)
-            feed.set_scale(self.scale)
-            # One for the whole call: its queue of late reads carries from
-            # one pass to the next (a pass of two steps would see none).
-            dead_features = _DeadFeatures(self.dead_lag) if config.auxk_coef > 0 else None
-            full_pass = None
-            for _ in range(n_passes):
-                if config.total_steps is not None and self.step >= config.total_steps:
-                    break
-                stop = self._train_pass(X, feed, dead_features, config, rng, progress, replicas)
-                passes_done += 1
-                full_pass = self._count_whole_pass(X.shape[0], full_pass)
-                info = self.pass_info(passes_done, config)
-                if replicas is None:
-                    stopped = callback is not None and callback(info)
-                else:
-                    with replicas.together("running the callback"):
+            with deciding:
+                if replicas is not None:
+                    self._check_replicas(X, config, replicas, "the training data and settings")
+                if own_feed:
+                    feed = self.open_feed(X, config)
+                feed.set_scale(self.scale)
+                # One for the whole call: its queue of late reads carries from
+                # one pass to the next (a pass of two steps would see none).
+                dead_features = _DeadFeatures(self.dead_lag) if config.auxk_coef > 0 else None
+                full_pass = None
+                for _ in range(n_passes):
+                    if config.total_steps is not None and self.step >= config.total_steps:
+                        break
+                    stop = self._train_pass(X, feed, dead_features, config, rng, progress,
+                                            replicas)
+                    passes_done += 1
+                    full_pass = self._count_whole_pass(X.shape[0], full_pass)
+                    info = self.pass_info(passes_done, config)
+                    if replicas is None:
                         stopped = callback is not None and callback(info)
-                    stopped = replicas.broadcast_value(bool(stopped), "deciding to stop")
-                if stopped or stop:
-                    break
+                    else:
+                        with replicas.together("running the callback"):
+                            stopped = callback is not None and callback(info)
+                        stopped = replicas.broadcast_value(bool(stopped), "deciding to stop")
+                    if stopped or stop:
+                        break
         except BaseException as exc:
             verdict, self._verdict = self._verdict, None  # __setstate__ below clears it
             if snapshot is not None:
