@@ -532,6 +532,10 @@ def touch_pages(array):
     return array
 
 
+# cudaHostRegisterPortable.
+_HOST_REGISTER_PORTABLE = 1
+
+
 class CudaRegistrar:
     """Page-locks host arrays in place for a GPU's copies (``cudaHostRegister``), and unlocks them.
 
@@ -547,7 +551,11 @@ class CudaRegistrar:
     def register(self, array):
         """Lock ``array`` (C-contiguous); False where CUDA refuses (the array is as before)."""
         try:
-            err = torch.cuda.cudart().cudaHostRegister(array.ctypes.data, array.nbytes, 0)
+            # Portable: pinned for every device's context, not only the one
+            # current on the registering thread (device 0 by default, where
+            # the fit may run on another).
+            err = torch.cuda.cudart().cudaHostRegister(array.ctypes.data, array.nbytes,
+                                                      _HOST_REGISTER_PORTABLE)
         except Exception:  # noqa: BLE001 - no CUDA runtime: the plain copy serves
             return False
         # A refusal sets this thread's last CUDA error only (the caller's
