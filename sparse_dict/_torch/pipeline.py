@@ -776,11 +776,12 @@ class HostCopy:
         self._direct = {k for k in registered if k in self._into
                         and torch.from_numpy(self._into[k][:0]).dtype == tensors[k].dtype}
         on_gpu = {k: t for k, t in tensors.items() if t.device.type == "cuda"}
-        self._arrays = {k: _parallel_copy(t.detach().cpu().numpy(), self._into.get(k))
-                        for k, t in tensors.items() if k not in on_gpu}
-        self._taken, self._queued = [], {}
+        self._arrays, self._taken, self._queued = {}, [], {}
         self._thread, self._error = None, None
         try:
+            for k, t in tensors.items():
+                if k not in on_gpu:
+                    self._arrays[k] = _parallel_copy(t.detach().cpu().numpy(), self._into.get(k))
             self._queue(on_gpu, ahead)
         except BaseException:
             self._release()
