@@ -662,15 +662,24 @@ def _check_codes(out, measured):
     assert out["residual_alias_strided"] == {"chose": False, "err_is_y": True}
 
 
-def test_the_step_s_kernels_match_the_plain_operations_in_triton_s_interpreter():
-    pytest.importorskip("triton")
-    _check_codes(_compare("cpu", {"TRITON_INTERPRET": "1"}, _CODES), measured=False)
+# Where the kernels' comparison scripts run: Triton's interpreter on the
+# CPU (every machine), and a GPU, whose choices are measured.
+_WHERE = [pytest.param("interpreter"),
+          pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                       reason="needs a CUDA GPU"))]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_step_s_kernels_match_the_plain_operations_on_the_gpu():
+def _run_where(where, script):
+    """``(the script's JSON, whether its choices were measured)`` on ``where``."""
     pytest.importorskip("triton")
-    _check_codes(_compare("cuda", script=_CODES), measured=True)
+    if where == "gpu":
+        return _compare("cuda", script=script), True
+    return _compare("cpu", {"TRITON_INTERPRET": "1"}, script), False
+
+
+@pytest.mark.parametrize("where", _WHERE)
+def test_the_step_s_kernels_match_the_plain_operations(where):
+    _check_codes(*_run_where(where, _CODES))
 
 
 _CENTRE = textwrap.dedent('''
@@ -768,15 +777,9 @@ def _check_centre(out, measured):
         assert out["pays"] is True
 
 
-def test_the_centring_and_tally_kernels_give_torch_s_values_in_triton_s_interpreter():
-    pytest.importorskip("triton")
-    _check_centre(_compare("cpu", {"TRITON_INTERPRET": "1"}, _CENTRE), measured=False)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_centring_and_tally_kernels_give_torch_s_values_on_the_gpu():
-    pytest.importorskip("triton")
-    _check_centre(_compare("cuda", script=_CENTRE), measured=True)
+@pytest.mark.parametrize("where", _WHERE)
+def test_the_centring_and_tally_kernels_give_torch_s_values(where):
+    _check_centre(*_run_where(where, _CENTRE))
 
 
 def test_the_centring_kernel_refuses_bad_layouts():
