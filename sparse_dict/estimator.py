@@ -263,11 +263,12 @@ class _ScanVerdict:
     """The scan of a fit's values (a future), and what follows it, settled once.
 
     ``result()`` raises the scan's error, each time it is asked; the first
-    time the scan passes, the scan's thread is ended (kept alive idle
-    through training, the thread that ran the scan's torch operations
-    made CPU fits twice as slow on 2 cores: 9.6 s against 5.0 s for 2,000
-    steps at 64 x 256, likely its OpenMP threads, which live as long as
-    it does) and ``then()`` runs (the warnings of the fit's shape).
+    time the scan passes, the scan's thread is ended and ``then()`` runs
+    (the warnings of the fit's shape). (When the scan ran torch's
+    operations, its thread kept alive idle through training made CPU fits
+    twice as slow on 2 cores, 9.6 s against 5.0 s for 2,000 steps at
+    64 x 256: likely its OpenMP threads, which lived as long as it did.
+    The scan is numpy's now, and the thread still ends at once.)
     """
 
     def __init__(self, future, executor, then):
