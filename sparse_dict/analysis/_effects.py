@@ -21,7 +21,12 @@ from torch import nn
 
 from sparse_dict.analysis._provenance import check_compatible, check_fitted_dictionary
 from sparse_dict.extraction._extractor import TransformerActivationExtractor
-from sparse_dict.extraction._hook import ActivationHook, locate_hook
+from sparse_dict.extraction._hook import (
+    _OUT_PROJECTION_NAMES,
+    _UNGATED_OUT_PROJECTION_NAMES,
+    ActivationHook,
+    locate_hook,
+)
 
 __all__ = ["LogitEffects", "NoDirectPathError", "logit_effects", "REFERENCE_TEXTS"]
 
@@ -39,9 +44,9 @@ REFERENCE_TEXTS = (
 # the built-in model, GPT-2, Llama/Mistral/Qwen, GPT-NeoX, OPT.
 _FINAL_NORMS = ("ln_final", "transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm",
                 "model.decoder.final_layer_norm")
-# The MLP's output projection, relative to a block: built-in, GPT-2,
-# Llama, GPT-NeoX, OPT.
-_OUT_PROJECTIONS = ("mlp.fc_out", "mlp.c_proj", "mlp.down_proj", "mlp.dense_4h_to_h", "fc2")
+# The MLP's output projection, relative to a block: inside its MLP
+# (built-in, GPT-2, Llama, GPT-NeoX, BLOOM), or the block's own (OPT's fc2).
+_OUT_PROJECTIONS = tuple(f"mlp.{name}" for name in _OUT_PROJECTION_NAMES) + ("fc2",)
 # Features whose effects are computed at once (bounds the (chunk, vocab) block).
 _CHUNK = 256
 
@@ -245,7 +250,7 @@ def _out_projection(extractor, loaded):
         # A gated MLP multiplies the activation's output afterwards, so that
         # output is not the projection's input.
         gated = any(hasattr(mlp, name) for name in ("up_proj", "gate_proj"))
-        for name in ("fc_out", "c_proj", "dense_4h_to_h"):  # built-in/GPT-J, GPT-2, NeoX
+        for name in _UNGATED_OUT_PROJECTION_NAMES:  # built-in/GPT-J, GPT-2, NeoX
             projection = getattr(mlp, name, None)
             if projection is not None and not gated:
                 return _projection_matrix(projection, f"{parent}.{name}")

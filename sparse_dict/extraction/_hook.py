@@ -41,8 +41,11 @@ _SITES = {
 }
 
 
-# An MLP's output projection, by the names its families give it.
+# An MLP's output projection, by the names its families give it (the
+# analysis of logit effects uses them too); those that an activation
+# module feeds directly, as gated MLPs' down_proj is not.
 _OUT_PROJECTION_NAMES = ("dense_4h_to_h", "c_proj", "down_proj", "fc_out", "fc2")
+_UNGATED_OUT_PROJECTION_NAMES = ("fc_out", "c_proj", "dense_4h_to_h")
 
 
 def _own_output(mlp, path):
