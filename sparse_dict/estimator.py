@@ -1001,6 +1001,7 @@ class SparseAutoencoderDictionary(
                     verdict.result()
                 n_passes = self._train(trainer, X, config, random_state, total,
                                        replicas=replicas, feed=feed, verdict=verdict)
+                verdict.result()  # settled by the training; a refusal raises again
                 # Inside the feed: a resident copy of X serves the calibration.
                 self._finish(trainer, X, config, random_state, replicas=replicas, feed=feed)
             self.n_iter_ = n_passes

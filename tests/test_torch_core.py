@@ -651,3 +651,14 @@ def test_a_bf16_step_s_decoder_bias_gradient_is_the_float32_one_to_bf16_precisio
     scale = float(exact.abs().max())
     assert scale > 0
     torch.testing.assert_close(grads[torch.bfloat16], exact, rtol=0, atol=2e-2 * scale)
+
+
+def test_a_call_that_takes_no_step_still_takes_the_verdict():
+    rng = np.random.RandomState(0)
+    X = rng.exponential(size=(64, 6)).astype(np.float32)
+    trainer = Trainer(6, 12, "cpu", seed=0)
+    trainer.initialize(X, rng, "mean")
+    with pytest.raises(ValueError, match="refused"):
+        trainer.train(X, 0, TrainConfig(batch_size=32), rng,
+                      verdict=_verdict(ValueError("refused")))
+    assert trainer.train(X, 0, TrainConfig(batch_size=32), rng, verdict=_verdict()) == 0

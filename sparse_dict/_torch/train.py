@@ -696,6 +696,7 @@ class Trainer:
                         stopped = replicas.broadcast_value(bool(stopped), "deciding to stop")
                     if stopped or stop:
                         break
+                self._settle_verdict()  # a call that took no step
         except BaseException as exc:
             verdict, self._verdict = self._verdict, None  # __setstate__ below clears it
             if snapshot is not None:
@@ -709,7 +710,6 @@ class Trainer:
             if own_feed and feed is not None:
                 feed.close()
             self._flush_fused_steps()
-        self._settle_verdict()  # a call that took no step
         return passes_done
 
     def _settle_verdict(self, replacing=False):
