@@ -451,8 +451,28 @@ def _silent_features_message(penalty_name, coef, l0, n_rows, k=None, learning_ra
 _DEAD_JUDGED_STEPS = 50
 _DEAD_SHARE = 0.25
 # A fit with many dead features that explains less than this share of its
-# training rows' variance names the learning rate as a likely cause.
+# training rows' variance, or whose error ended above where it started,
+# names the learning rate as a likely cause.
 _LITTLE_EXPLAINED = 0.1
+# Steps whose mean error is where a fit's error started, and where it ended.
+_ERROR_WINDOW = 10
+
+
+def _error_start_end(mse):
+    """The mean training error of the first and of the last ``_ERROR_WINDOW`` steps.
+
+    NaN for both when the run is too short to tell them apart (fewer than
+    twice as many steps).
+
+    Examples
+    --------
+    >>> _error_start_end(np.r_[np.full(10, 4.0), np.full(10, 6.0)])
+    (4.0, 6.0)
+    """
+    mse = np.asarray(mse, dtype=float)
+    if len(mse) < 2 * _ERROR_WINDOW:
+        return float("nan"), float("nan")
+    return float(mse[:_ERROR_WINDOW].mean()), float(mse[-_ERROR_WINDOW:].mean())
 
 
 def _dead_features_message(activation, n_dead, n_components, n_rows, l0):
@@ -1312,13 +1332,19 @@ class SparseAutoencoderDictionary(
                 and n_dead >= _DEAD_SHARE * self.n_components_):
             message = _dead_features_message(self.activation, n_dead, self.n_components_,
                                              int(trainer.pass_rows), self.transform_l0_)
+            # Low-rank data is reconstructed well by the features left, and
+            # its error falls; features killed by steps too large leave the
+            # rows unexplained, or the error above where it started.
+            start, end = _error_start_end(self.history_["mse"])
+            lower = (f"steps too large kill features so; lower learning_rate (now "
+                     f"{self.learning_rate:g}), for example by a factor of 10.")
             if explained < _LITTLE_EXPLAINED:
-                # Low-rank data is reconstructed well by the features left;
-                # features killed by steps too large leave the rows unexplained.
                 message += (f" The fit also explains little of its training rows (explained "
-                            f"variance {explained:.2f}): steps too large kill features so; "
-                            f"lower learning_rate (now {self.learning_rate:g}), for example "
-                            "by a factor of 10.")
+                            f"variance {explained:.2f}): " + lower)
+            elif end > start:
+                message += (f" Its reconstruction error also ended above where it started "
+                            f"({start:.4g} over the first {_ERROR_WINDOW} steps, {end:.4g} "
+                            f"over the last; scaled units): " + lower)
             return [message]
         return []
 

@@ -302,9 +302,17 @@ def test_codes_shrunk_by_the_penalty_warn_and_say_what_helps():
         assert scores[name][0] > ev + 0.2 and not scores[name][1], (name, scores)
 
 
-def test_features_killed_by_steps_too_large_name_the_learning_rate():
-    # TopK at a learning rate of 1: half the features dead and nothing
-    # explained. The dead-features warning must not only blame the data.
+@pytest.mark.parametrize("product", ["torch", "openblas"])
+def test_features_killed_by_steps_too_large_name_the_learning_rate(monkeypatch, product):
+    # TopK at a learning rate of 1: half the features dead or more, and
+    # little explained. The dead-features warning must not only blame the data.
+    from sparse_dict._torch import matmul
+
+    # The CPU's product (which a process's probe picks) changes where this
+    # chaotic run ends: with torch's it explains 0.06 of the rows, with
+    # OpenBLAS's 0.18, its error ending above where it started (CI failed
+    # on the second before the warning looked at that). Both are run.
+    monkeypatch.setattr(matmul, "_forced", product)
     X, _, _ = make_superposition(3000, 16, 32, random_state=0, dtype=np.float32)
     params = dict(n_components=32, activation="topk", k=3, max_steps=300, batch_size=256,
                   random_state=0)
@@ -316,8 +324,9 @@ def test_features_killed_by_steps_too_large_name_the_learning_rate():
         warnings.simplefilter("always")
         SparseAutoencoderDictionary(learning_rate=1.0, **params).fit(X)
     named = [str(w.message) for w in caught if re.search(
-        r"(fired on none.*explains little of its training rows|explains none of the "
-        r"data.*steps too large).*lower learning_rate,? \(?now 1\)?", str(w.message))]
+        r"(fired on none.*(explains little of its training rows|error also ended above "
+        r"where it started)|explains none of the data.*steps too large).*lower "
+        r"learning_rate,? \(?now 1\)?", str(w.message))]
     assert named, [str(w.message) for w in caught]
     assert not [w for w in caught if "too small" in str(w.message)]
     with warnings.catch_warnings(record=True) as caught:
@@ -337,6 +346,8 @@ def test_a_fit_that_leaves_many_features_dead_warns(superposition):
         sae = SparseAutoencoderDictionary(**params).fit(low_rank)
     assert (sae.feature_frequencies_ == 0).mean() >= 0.25
     assert not [w for w in record if "l0_coef" in str(w.message)]  # JumpReLU's hint only
+    # The data's rank, not the steps: no advice on the learning rate.
+    assert not [w for w in record if "learning_rate" in str(w.message)]
     X, _, _ = superposition
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
