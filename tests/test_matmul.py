@@ -8,9 +8,38 @@ from sparse_dict._torch import SparseAutoencoder, make_activation, matmul
 
 
 @pytest.fixture(autouse=True)
-def _measured_choice_afterwards():
+def _measured_choice_afterwards(monkeypatch):
+    # These tests choose or measure the backend themselves, without the
+    # suite's fixed one (conftest.py).
+    monkeypatch.delenv(matmul.ENVIRONMENT_VARIABLE, raising=False)
+    matmul.set_backend(None)
     yield
     matmul.set_backend(None)
+
+
+@pytest.mark.parametrize("value", ["torch", "openblas", " OpenBLAS "])
+def test_the_environment_variable_fixes_the_backend_without_measuring(monkeypatch, value):
+    def no_probe(threads):
+        raise AssertionError("measured although the environment named the backend")
+
+    monkeypatch.setattr(matmul, "_probe", no_probe)
+    monkeypatch.setenv(matmul.ENVIRONMENT_VARIABLE, value)
+    matmul.set_backend(None)
+    assert matmul.backend() == value.strip().lower()
+    # set_backend in Python wins over it.
+    matmul.set_backend("torch")
+    assert matmul.backend() == "torch"
+
+
+def test_a_bad_environment_variable_is_named(monkeypatch):
+    monkeypatch.setenv(matmul.ENVIRONMENT_VARIABLE, "mkl")
+    matmul.set_backend(None)
+    with pytest.raises(ValueError, match="SPARSE_DICT_CPU_PRODUCT='mkl' is not a CPU"):
+        matmul.backend()
+    # Empty: measured, as when unset.
+    monkeypatch.setenv(matmul.ENVIRONMENT_VARIABLE, "")
+    matmul.set_backend(None)
+    assert matmul.backend() in matmul.BACKENDS
 
 
 @pytest.fixture

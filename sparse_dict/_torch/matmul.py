@@ -17,8 +17,18 @@ products, which made whole fits twenty times slower where the probe of
 products alone chose OpenBLAS. Any failure of the probe or of an OpenBLAS
 call leaves torch's product in use. GPU tensors, other dtypes and tensors that
 autograd is recording always take torch's product.
+
+The two libraries round differently, so where the measurement is close
+(OpenBLAS measured 1.25 times faster in some processes on a 2-core AMD
+EPYC, and not in others) fits with the same ``random_state`` can differ
+from one process to the next. The environment variable
+``SPARSE_DICT_CPU_PRODUCT`` (``torch`` or ``openblas``), read when the
+first product is needed, or :func:`set_backend` in Python, fixes the
+choice: bit-for-bit repeatable fits across processes (the test suite
+sets it to ``torch``).
 """
 
+import os
 import time
 
 import numpy as np
@@ -67,8 +77,9 @@ def set_backend(name):
 def backend():
     """The backend that CPU float32 products use in this process.
 
-    Measures both on the first call (a few milliseconds) and caches the
-    answer, per torch thread count.
+    :func:`set_backend`'s, else the one ``SPARSE_DICT_CPU_PRODUCT`` names,
+    else measured: both are timed on the first call (a few milliseconds)
+    and the answer cached, per torch thread count.
 
     Returns
     -------
@@ -78,11 +89,36 @@ def backend():
         return _forced
     threads = torch.get_num_threads()
     if threads not in _probed:
-        try:
-            _probed[threads] = _probe(threads)
-        except Exception:  # noqa: BLE001 - any failure keeps torch's product
-            _probed[threads] = "torch"
+        chosen = _from_environment()
+        if chosen is None:
+            try:
+                chosen = _probe(threads)
+            except Exception:  # noqa: BLE001 - any failure keeps torch's product
+                chosen = "torch"
+        _probed[threads] = chosen
     return _probed[threads]
+
+
+# The environment variable that fixes the backend for a process.
+ENVIRONMENT_VARIABLE = "SPARSE_DICT_CPU_PRODUCT"
+
+
+def _from_environment():
+    """The backend ``SPARSE_DICT_CPU_PRODUCT`` names, None when it is unset or empty.
+
+    Raises
+    ------
+    ValueError
+        For another value, which names the variable and what it accepts.
+    """
+    value = os.environ.get(ENVIRONMENT_VARIABLE, "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{ENVIRONMENT_VARIABLE}={os.environ[ENVIRONMENT_VARIABLE]!r} is not "
+                         f"a CPU matrix-product backend; use one of {BACKENDS}, or unset it "
+                         "to let the first product measure them.")
+    return value
 
 
 def _openblas_threads():
