@@ -263,12 +263,8 @@ class _ScanVerdict:
     """The scan of a fit's values (a future), and what follows it, settled once.
 
     ``result()`` raises the scan's error, each time it is asked; the first
-    time the scan passes, the scan's thread is ended and ``then()`` runs
-    (the warnings of the fit's shape). (When the scan ran torch's
-    operations, its thread kept alive idle through training made CPU fits
-    twice as slow on 2 cores, 9.6 s against 5.0 s for 2,000 steps at
-    64 x 256: likely its OpenMP threads, which lived as long as it did.
-    The scan is numpy's now, and the thread still ends at once.)
+    time the scan passes, the scan's thread is ended (nothing is left for
+    it to do) and ``then()`` runs (the warnings of the fit's shape).
     """
 
     def __init__(self, future, executor, then):
@@ -454,25 +450,6 @@ _DEAD_SHARE = 0.25
 # training rows' variance, or whose error ended above where it started,
 # names the learning rate as a likely cause.
 _LITTLE_EXPLAINED = 0.1
-# Steps whose mean error is where a fit's error started, and where it ended.
-_ERROR_WINDOW = 10
-
-
-def _error_start_end(mse):
-    """The mean training error of the first and of the last ``_ERROR_WINDOW`` steps.
-
-    NaN for both when the run is too short to tell them apart (fewer than
-    twice as many steps).
-
-    Examples
-    --------
-    >>> _error_start_end(np.r_[np.full(10, 4.0), np.full(10, 6.0)])
-    (4.0, 6.0)
-    """
-    mse = np.asarray(mse, dtype=float)
-    if len(mse) < 2 * _ERROR_WINDOW:
-        return float("nan"), float("nan")
-    return float(mse[:_ERROR_WINDOW].mean()), float(mse[-_ERROR_WINDOW:].mean())
 
 
 def _dead_features_message(activation, n_dead, n_components, n_rows, l0):
@@ -1280,34 +1257,34 @@ class SparseAutoencoderDictionary(
         trainer.calibrate(sample, min_rows=1 if assess else _PARTIAL_CALIBRATION_MIN_ROWS)
         l0, final_error, shrinkage = trainer.sample_stats(sample)
         mean_error = trainer.mean_error(sample)
-        problems = assess_training(trainer, config, check_convergence=assess,
-                                   data_variance=mean_error, final_error=final_error)
-        diverged = [message for kind, message in problems if kind == "diverged"]
-        if diverged:
-            raise DivergenceError(diverged[0])
+        said = {}
+        for kind, message in assess_training(trainer, config, check_convergence=assess,
+                                             data_variance=mean_error,
+                                             final_error=final_error):
+            said.setdefault(kind, []).append(message)
+        if "diverged" in said:
+            raise DivergenceError(said["diverged"][0])
         self._trainer = trainer
         self._store_fitted(trainer, _result_dtype(X))
         self.transform_l0_ = l0
         if _speaks(replicas):
-            for kind, message in problems:
-                if kind == "unconverged":
-                    warn_at_caller(message, ConvergenceWarning)
-            poor = [message for kind, message in problems if kind == "poor"]
+            for message in said.get("unconverged", ()):
+                warn_at_caller(message, ConvergenceWarning)
+            poor = said.get("poor", [])
             explained = 1.0 - final_error / mean_error if mean_error > 0 else float("nan")
             for message in self._unused_features(trainer, config, len(sample), assess, poor,
-                                                 explained):
+                                                 explained, said.get("rose", [])):
                 warn_at_caller(message, UserWarning)
             # Not for a run that ended unconverged: too few steps are the
             # likelier cause, and that warning says so.
-            unconverged = any(kind == "unconverged" for kind, _ in problems)
-            if (assess and not poor and not unconverged
+            if (assess and not poor and "unconverged" not in said
                     and self._fitted_activation().penalty_name == "l1_coef"
                     and shrinkage > _SHRINKAGE_WARN):
                 warn_at_caller(_shrinkage_message(shrinkage, explained, self.l1_coef),
                                UserWarning)
 
     def _unused_features(self, trainer, config, n_rows, judge_dead, poor=(),
-                         explained=float("nan")):
+                         explained=float("nan"), rose=()):
         """What to say of a fitted state that uses few of its features (a list, maybe empty).
 
         Features that fire on almost no row mean a penalty too strong; a
@@ -1316,8 +1293,10 @@ class SparseAutoencoderDictionary(
         fewer features than it was given. A fit no better than the rows'
         mean (``poor``, its messages) has likelier causes than the data's
         rank, which those messages say instead; one that explains little of
-        the training rows (``explained``, their explained variance) gets the
-        learning rate named beside the data's rank.
+        the training rows (``explained``, their explained variance), or
+        whose error ended above where it started (``rose``, the assessment's
+        sentence saying so), gets the learning rate named beside the data's
+        rank.
         """
         if self.transform_l0_ < _SILENT_L0:
             activation = trainer.model.activation
@@ -1335,16 +1314,13 @@ class SparseAutoencoderDictionary(
             # Low-rank data is reconstructed well by the features left, and
             # its error falls; features killed by steps too large leave the
             # rows unexplained, or the error above where it started.
-            start, end = _error_start_end(self.history_["mse"])
             lower = (f"steps too large kill features so; lower learning_rate (now "
                      f"{self.learning_rate:g}), for example by a factor of 10.")
             if explained < _LITTLE_EXPLAINED:
                 message += (f" The fit also explains little of its training rows (explained "
                             f"variance {explained:.2f}): " + lower)
-            elif end > start:
-                message += (f" Its reconstruction error also ended above where it started "
-                            f"({start:.4g} over the first {_ERROR_WINDOW} steps, {end:.4g} "
-                            f"over the last; scaled units): " + lower)
+            elif rose:
+                message += f" {rose[0]}: " + lower
             return [message]
         return []
 

@@ -194,8 +194,11 @@ def _variance_sums(X, X_hat, unit):
     for rows in _row_blocks(X):
         block = X[rows].astype(np.float64)
         low, high = np.minimum(low, block.min(axis=0)), np.maximum(high, block.max(axis=0))
-        block /= unit
-        residual += float(np.sum((block - X_hat[rows] / unit) ** 2))
+        block_hat = X_hat[rows]
+        if unit != 1.0:  # the common case divides nothing
+            block /= unit
+            block_hat = block_hat / unit
+        residual += float(np.sum((block - block_hat) ** 2))
         total += float(np.sum((block - mean) ** 2))
     return residual, total, bool(np.all(low == high))
 

@@ -96,6 +96,19 @@ def _count_calls(modules):
     return counts, handles
 
 
+def _output_of(module, run):
+    """What ``module`` outputs in its first call during ``run()`` (a tuple's first item)."""
+    seen = []
+    handle = module.register_forward_hook(lambda mod, args, out: seen.append(
+        (out[0] if isinstance(out, tuple) else out).detach().clone()))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 # ---------------------------------------------------------------------------
 # MiniLM: a real pretrained BERT
 # ---------------------------------------------------------------------------
@@ -118,18 +131,11 @@ def test_minilm_shapes_and_padding_excluded(minilm):
 
 def test_minilm_matches_manual_hook_on_full_forward(minilm):
     model, tokenizer = minilm.loaded_model().model, minilm.loaded_model().tokenizer
-    captured = []
-    handle = model.encoder.layer[1].intermediate.register_forward_hook(
-        lambda mod, args, out: captured.append(out)
-    )
-    try:
-        with torch.no_grad():
-            model(**tokenizer(TEXTS[:2], padding=True, return_tensors="pt"))
-    finally:
-        handle.remove()
+    captured = _output_of(model.encoder.layer[1].intermediate, lambda: model(
+        **tokenizer(TEXTS[:2], padding=True, return_tensors="pt")))
     mask = tokenizer(TEXTS[:2], padding=True, return_tensors="pt")["attention_mask"].bool()
     np.testing.assert_allclose(
-        minilm.transform(TEXTS[:2]), captured[0][mask].numpy(), atol=1e-4
+        minilm.transform(TEXTS[:2]), captured[mask].numpy(), atol=1e-4
     )
 
 
@@ -630,15 +636,9 @@ def test_mlp_out_is_the_mlp_s_own_output_where_it_adds_the_residual():
     ext = TransformerActivationExtractor(model, tokenizer=_char_tokenizer, layer=0,
                                          hook="mlp_out").fit(texts)
     assert ext.hook_module_ == "transformer.h.0.mlp.dense_4h_to_h"
-    seen = []
-    handle = model.transformer.h[0].mlp.dense_4h_to_h.register_forward_hook(
-        lambda module, args, out: seen.append(out[0].detach().clone()))
-    try:
-        with torch.no_grad():
-            model(torch.tensor([_char_tokenizer(texts[:1])[0]]))
-    finally:
-        handle.remove()
-    np.testing.assert_allclose(ext.transform(texts[:1]), seen[0].numpy(), rtol=1e-5, atol=1e-6)
+    own = _output_of(model.transformer.h[0].mlp.dense_4h_to_h,
+                     lambda: model(torch.tensor([_char_tokenizer(texts[:1])[0]])))
+    np.testing.assert_allclose(ext.transform(texts[:1]), own[0].numpy(), rtol=1e-5, atol=1e-6)
     result = splice_evaluation(ext, FunctionTransformer(), texts)
     assert result.loss_recovered == 1.0 and result.kl_divergence == 0.0
 

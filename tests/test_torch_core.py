@@ -1,5 +1,7 @@
 """The torch core on its own: gradients, schedules, device handling."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -179,6 +181,19 @@ def test_a_rise_is_judged_per_row_and_only_on_runs_long_enough():
     assert _judged([1.0, np.nan], [16, 16]) == ["diverged"]
     # A blow-up is judged at any length.
     assert _judged([1.0, 1e4, 1e5, 1e6], [16] * 4) == ["diverged"]
+
+
+def test_an_error_that_ended_above_its_start_is_said_for_another_warning():
+    # Below twice its start and below the mean's error (1.0): neither
+    # diverged nor poor, but risen, which the dead-features warning adds to
+    # (steps too large kill features so). A falling error says nothing.
+    risen = np.r_[np.full(10, 0.5), np.linspace(0.5, 0.8, 50)]
+    problems = _judged(risen, [16] * 60, messages=True)
+    assert [kind for kind, _ in problems] == ["rose"]
+    assert re.fullmatch(r"Its reconstruction error also ended above where it started "
+                        r"\(0\.5 over the first 10 steps, 0\.7\d+ at the end; scaled units\)",
+                        problems[0][1]), problems[0][1]
+    assert "rose" not in _judged(risen[::-1], [16] * 60)
 
 
 def test_divergence_over_several_short_calls_is_judged_on_the_whole_history():

@@ -9,8 +9,9 @@ counts are weighted by its share of the rows and summed across ranks in one
 ``all_reduce`` per step, which gives every rank the gradient of the whole
 batch (BatchTopK excepted: each rank selects among its own share's
 pre-activations, see docs/scaling.rst); identical gradients through
-identical optimisers keep the parameters identical. Decisions that depend on chance or on timing (resampling dead
-features, stopping early) are taken on rank 0 and broadcast.
+identical optimisers keep the parameters identical. Decisions that depend
+on chance or on timing (resampling dead features, stopping early) are
+taken on rank 0 and broadcast.
 
 A failure on one rank stops every rank with an error that says which rank
 failed and why: the failure travels in the same ``all_reduce`` as the

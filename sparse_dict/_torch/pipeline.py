@@ -283,14 +283,13 @@ class BatchFeed:
         them; a fit's calibration sample comes from here, which spares it
         a copy to the device that would queue behind the export's.
         """
-        if self._data is None or self._uploader is None or not self._landed_quietly():
+        # (A failed copy's error is the batches' to raise.)
+        if (self._data is None or not self._uploaded.is_set()
+                or self._upload_error is not None):
             return None
         if index is None:
             return self._data.clone()
         return self._data.index_select(0, torch.as_tensor(index, device=self.device))
-
-    def _landed_quietly(self):
-        return self._uploaded.is_set() and self._upload_error is None
 
     def _handover_batches(self, items):
         """Streamed batches until the resident copy has landed, resident ones after.

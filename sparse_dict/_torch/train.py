@@ -698,12 +698,11 @@ class Trainer:
                         break
                 self._settle_verdict()  # a call that took no step
         except BaseException as exc:
-            verdict, self._verdict = self._verdict, None  # __setstate__ below clears it
             if snapshot is not None:
                 self._restore(snapshot)
             if not isinstance(exc, KeyboardInterrupt):
-                self._verdict = verdict
-                self._settle_verdict(replacing=True)
+                # A refusal of the rows replaces what the steps on them gave.
+                self._settle_verdict()
             raise
         finally:
             self._verdict = None
@@ -712,22 +711,18 @@ class Trainer:
             self._flush_fused_steps()
         return passes_done
 
-    def _settle_verdict(self, replacing=False):
+    def _settle_verdict(self):
         """Take the pending verdict's result, once (see :meth:`train`'s ``verdict``).
 
-        ``replacing``: called while an error of the steps propagates, which
-        a refusal replaces (its context, steps on refused rows, would only
-        mislead).
+        A refusal is raised without context: where an error of the steps
+        propagates, that context (steps on refused rows) would only mislead.
         """
         verdict, self._verdict = self._verdict, None
         if verdict is None:
             return
-        if not replacing:
-            verdict.result()
-            return
         try:
             verdict.result()
-        except BaseException as refused:  # noqa: BLE001 - raised in place of the steps' error
+        except BaseException as refused:  # noqa: BLE001 - raised as it is, its context dropped
             raise refused from None
 
     def _count_whole_pass(self, n_samples, full_pass):
@@ -954,8 +949,10 @@ class Trainer:
                              beta2=beta2, eps=group["eps"], step=steps[id(p)][1],
                              project=is_atoms, unit=is_atoms,
                              low=None if low is None else _rows(low), norms=norms)
-            written += ([name] if low is not None else []) + (
-                ["W_dec_norms"] if norms is not None else [])
+            if low is not None:
+                written.append(name)
+            if norms is not None:
+                written.append("W_dec_norms")
         # Only the views this update wrote (a weight without a gradient
         # keeps its old copy, which the next step must not read as new).
         model.operands_written_(written)
@@ -1191,11 +1188,12 @@ class Trainer:
         """
         dtype = np.dtype(dtype)
         into, registered, registrar = None, (), None
-        if self._export_into is not None and self._export_into.dtype == dtype:
-            prepared, self._export_into = self._export_into, None
+        prepared, self._export_into = self._export_into, None
+        if prepared is not None and prepared.dtype == dtype:
             # The copy unregisters what it takes.
             (into, registered), registrar = prepared.take(), prepared.registrar
-        self._drop_export_arrays()
+        elif prepared is not None:
+            prepared.release()
         weights = {"components": self.model.W_dec.detach(),
                    "encoder_weights": self.model.W_enc.detach()}
         self._export_started = (dtype, HostCopy(weights, into, ahead=True, registered=registered,
@@ -1246,10 +1244,11 @@ class Trainer:
         return self._state(on_device)
 
     def _restore(self, state):
-        device = self.device
+        device, verdict = self.device, self._verdict
         self._drop_export_arrays()
         self.__setstate__(state)
         self.to(device)
+        self._verdict = verdict  # a pending check of the data outlives the rollback
 
     def __getstate__(self):
         # Tensors go to the CPU, so a trainer pickled on a GPU machine loads
@@ -1399,7 +1398,9 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
     -------
     problems : list of (kind, message)
         ``kind`` is ``"diverged"``, ``"poor"`` (no better than the rows'
-        mean, yet not diverged) or ``"unconverged"``.
+        mean, yet not diverged), ``"rose"`` (better than the mean, but the
+        error ended above where it started: a sentence for another warning
+        to add, as steps too large do this) or ``"unconverged"``.
     """
     history = trainer.history[trainer.run_start:]
     n = len(history)
@@ -1450,6 +1451,11 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
             f"{config.learning_rate:g}), for example by a factor of 10.",
         ))
         return problems
+    if (not problems and len(mse) >= _MIN_ASSESSED_STEPS and np.isfinite(end)
+            and end > means[0]):
+        problems.append(("rose", f"Its reconstruction error also ended above where it "
+                                 f"started ({means[0]:.4g} over the first {window} steps, "
+                                 f"{end:.4g} at the end; scaled units)"))
     if not check_convergence:
         return problems
     # Rows a step: the batch, or all the rows where there are fewer.
