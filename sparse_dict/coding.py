@@ -419,10 +419,15 @@ def amortisation_gap(estimator, X, *, offset="auto", n_jobs=None):
     """
     from sparse_dict.metrics import explained_variance, l0
 
+    given = X
     X = check_array(X, dtype=_FLOAT_DTYPES, input_name="X")
     if isinstance(offset, str) and offset == "auto":
         offset = getattr(estimator, "decoder_bias_", None)
-    codes = estimator.transform(X)
+    # X as given: an estimator fitted on a DataFrame checks its column names
+    # (and warns at an array without them).
+    codes = estimator.transform(given)
+    if hasattr(codes, "to_numpy"):  # set_output(transform="pandas")
+        codes = codes.to_numpy()
     budget = max(1, int(round(l0(codes))))
     encoder = explained_variance(X, np.asarray(estimator.inverse_transform(codes)))
     # Non-negative OMP against signed codes would be a smaller search than

@@ -961,6 +961,12 @@ class SparseAutoencoderDictionary(
         # (a first error is the one reported).
         with (_restored_on_error(self),
               concurrent.futures.ThreadPoolExecutor(1, "sparse_dict-check") as checks):
+            if self.warmup_fraction + self.decay_fraction > 1:
+                # The two ramps would overlap: a schedule no one asked for.
+                raise ValueError(
+                    f"warmup_fraction ({self.warmup_fraction:g}) and decay_fraction "
+                    f"({self.decay_fraction:g}) add up to more than 1: the warm-up and the "
+                    "final decay would overlap. Make their sum at most 1.")
             # Reset, then train: nothing of earlier partial_fit calls is kept.
             self.__dict__.pop("_partial_random_state", None)
             X = self._validate_train_data(X, reset=True, check_values=False)
@@ -1055,7 +1061,8 @@ class SparseAutoencoderDictionary(
             )
             self._train(trainer, X, config, random_state, math.ceil(X.shape[0] / self.batch_size),
                         n_passes=1, replicas=replicas)
-            self._finish(trainer, X, config, random_state, assess=False, replicas=replicas)
+            self._finish(trainer, X, config, random_state, assess=False, replicas=replicas,
+                         new_rows=not first_call)
             self.n_iter_ += 1
         return self
 
@@ -1066,6 +1073,16 @@ class SparseAutoencoderDictionary(
         data) leaves out the count of rows an atom.
         """
         if not _speaks(replicas):
+            return
+        if trainer.rows_alike() and X.shape[0] > 1:
+            # The one thing to say: every other warning would judge a fit
+            # that had nothing to fit.
+            warn_at_caller(
+                f"Every row of X is the same (its {X.shape[0]:,} rows differ by no more than "
+                "float32's rounding): there is nothing for a dictionary to explain. The decoder "
+                "bias reproduces the rows, and the features and their codes mean nothing. "
+                "Check where X came from (a layer or hook point that is constant, padding "
+                "tokens only).", UserWarning)
             return
         if trainer.dominant_rows is not None:
             _warn_dominant_rows(trainer.dominant_rows)
@@ -1239,14 +1256,17 @@ class SparseAutoencoderDictionary(
             if progress is not None:
                 progress.close()
 
-    def _finish(self, trainer, X, config, random_state, assess=True, replicas=None, feed=None):
+    def _finish(self, trainer, X, config, random_state, assess=True, replicas=None, feed=None,
+                new_rows=False):
         """After training: calibrate, judge the run, and store the fitted state.
 
         Divergence raises (and the caller's context restores the estimator);
         an unconverged run, or one that uses few of its features
         (:meth:`_unused_features`), stores its result and warns. Every rank
         of a data-parallel fit judges the same history alike: the warnings
-        are given once, by rank 0.
+        are given once, by rank 0. ``new_rows``: ``X``'s rows join those the
+        trainer has seen (a ``partial_fit`` call after the first; the first
+        call's rows were counted when it initialised the model).
         """
         # Training is over: its (batch, n_components) buffers can go. The
         # weights' copy to the host runs beside the calibration (on a GPU),
@@ -1257,17 +1277,22 @@ class SparseAutoencoderDictionary(
         trainer.calibrate(sample, min_rows=1 if assess else _PARTIAL_CALIBRATION_MIN_ROWS)
         l0, final_error, shrinkage = trainer.sample_stats(sample)
         mean_error = trainer.mean_error(sample)
+        if new_rows:
+            trainer.see_rows(sample, X.shape[0])
         said = {}
-        for kind, message in assess_training(trainer, config, check_convergence=assess,
+        # A run its callback stopped ended where its user chose.
+        judge_convergence = assess and not trainer.stopped_by_callback
+        for kind, message in assess_training(trainer, config, check_convergence=judge_convergence,
                                              data_variance=mean_error,
-                                             final_error=final_error):
+                                             final_error=final_error,
+                                             final_rows=len(sample)):
             said.setdefault(kind, []).append(message)
         if "diverged" in said:
             raise DivergenceError(said["diverged"][0])
         self._trainer = trainer
         self._store_fitted(trainer, _result_dtype(X))
         self.transform_l0_ = l0
-        if _speaks(replicas):
+        if _speaks(replicas) and not trainer.rows_alike():
             for message in said.get("unconverged", ()):
                 warn_at_caller(message, ConvergenceWarning)
             poor = said.get("poor", [])
@@ -1357,7 +1382,10 @@ class SparseAutoencoderDictionary(
         self.feature_frequencies_ = trainer.pass_fired / rows
         self.n_resampled_ = int(trainer.n_resampled)
         self._fitted_with = self.activation
-        self._coder = None
+        # transform's LassoCoder, by its settings (_optimal_coder): filled in
+        # place, so that transform leaves the estimator's attributes as they
+        # were, as scikit-learn asks of it.
+        self._coders = {}
 
     def _set_history(self, history):
         """``history_``, ``loss_curve_`` and ``train_l0_`` from the (steps, stats) array."""
@@ -1488,11 +1516,14 @@ class SparseAutoencoderDictionary(
         )
 
     def _optimal_coder(self):
-        """The LassoCoder for ``transform_algorithm``, built once per fit."""
-        coder = getattr(self, "_coder", None)
+        """The LassoCoder for ``transform_algorithm``, built once per fit and settings."""
+        coders = getattr(self, "_coders", None)
+        if coders is None:  # a pickle from before the cache was kept so
+            coders = {}
         settings = (self.transform_algorithm, self.transform_n_nonzero_coefs, self.transform_alpha,
                     self.activation, self.k)
-        if coder is None or coder[0] != settings:
+        coder = coders.get(settings)
+        if coder is None:
             from sparse_dict.coding import LassoCoder
 
             n_nonzero = self.transform_n_nonzero_coefs
@@ -1518,9 +1549,11 @@ class SparseAutoencoderDictionary(
                 offset=self.decoder_bias_,
             )
             width = np.zeros((1, self.n_features_in_), dtype=self.components_.dtype)
-            coder = (settings, lasso.set_output(transform="default").fit(width))
-            self._coder = coder
-        return coder[1]
+            coder = lasso.set_output(transform="default").fit(width)
+            # One at a time: each holds the dictionary's Gram matrix.
+            coders.clear()
+            coders[settings] = coder
+        return coder
 
     def _decode(self, codes):
         return decode_array(
@@ -1745,6 +1778,7 @@ class SparseAutoencoderDictionary(
             pad = np.zeros((history.shape[0], len(STAT_NAMES) - history.shape[1]))
             history = np.concatenate([history, pad], axis=1)
         estimator._set_history(history)
+        estimator._coders = {}
         estimator.train_l0_ = attrs.get("train_l0_", estimator.train_l0_)
         estimator.transform_l0_ = attrs.get("transform_l0_", estimator.train_l0_)
         estimator.n_features_in_ = n_features
@@ -1853,6 +1887,7 @@ class SparseAutoencoderDictionary(
         # The weights are in input units already; training would go on there.
         estimator.scale_ = 1.0
         estimator._set_history(np.zeros((0, len(STAT_NAMES))))
+        estimator._coders = {}
         estimator.transform_l0_ = float("nan")
         estimator.provenance_ = read["provenance"]
         return estimator

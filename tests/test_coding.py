@@ -2,6 +2,7 @@
 
 import pickle
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -280,3 +281,22 @@ def test_amortisation_gap_of_a_sparse_autoencoder(superposition):
     assert amortisation_gap(sae, X, offset=None)["optimal"] != result["optimal"]
     assert result["encoder"] == pytest.approx(sae.score(X))
     assert result["optimal"] > result["encoder"]
+
+
+def test_amortisation_gap_passes_a_data_frame_on_as_given():
+    # An estimator fitted on named columns warned "X does not have valid
+    # feature names" when the gap handed it the checked array instead.
+    pd = pytest.importorskip("pandas")
+    from sparse_dict import SparseAutoencoderDictionary
+
+    rows = np.random.RandomState(0).exponential(size=(300, 6))
+    frame = pd.DataFrame(rows, columns=[f"neuron_{i}" for i in range(6)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sae = SparseAutoencoderDictionary(n_components=12, max_steps=60, random_state=0).fit(frame)
+    sae.set_output(transform="pandas")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from_frame = amortisation_gap(sae, frame)
+    assert from_frame == amortisation_gap(sae.set_output(transform="default"), rows)
+

@@ -623,6 +623,105 @@ def test_partial_fit_calls_too_short_to_judge_alone_are_judged_together():
         assert sae.score(X * factor) > 0.5
 
 
+def test_partial_fit_on_a_stream_of_one_row_a_call_trains_without_false_alarms():
+    # One row a call, as a stream gives them. The spread the error was judged
+    # against came from the first call's two rows alone, and one row's error
+    # can be ten times another's: a third of the calls raised a divergence
+    # while the model explained a rising 0.3-0.5 of the data.
+    X, _, _ = make_superposition(n_samples=1000, n_features=32, n_components=64, n_active=4,
+                                 random_state=0, dtype=np.float32)
+    sae = SparseAutoencoderDictionary(n_components=64, random_state=0).partial_fit(X[:2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(2, 400):
+            sae.partial_fit(X[i:i + 1])
+    assert sae.score(X) > 0.4
+    # Every row trained on counts: 400 of them, with their spread.
+    count, _, variance = sae._trainer.seen
+    assert count == 400
+    scaled = X[:400].astype(np.float64) * sae.scale_
+    assert variance == pytest.approx(((scaled - scaled.mean(0)) ** 2).sum(1).mean(), rel=1e-5)
+
+
+def test_a_partial_fit_that_diverges_leaves_the_rows_seen_as_they_were(X):
+    sae = small_sae().partial_fit(X)
+    seen = sae._trainer.seen
+    sae.set_params(learning_rate=1e30, l1_coef=0.0)
+    with pytest.raises(DivergenceError):
+        sae.partial_fit(X * 1e30)
+    assert sae._trainer.seen[0] == seen[0] and sae._trainer.seen[2] == seen[2]
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+def test_rows_all_alike_get_one_warning_that_says_so(activation):
+    # Nothing to explain: the optimiser's steps around the decoder bias moved
+    # the error between 1e-8 and 2e-6 of the rows' norm, which read as a
+    # divergence ("Lower learning_rate"), or as an unstable run.
+    row = np.random.RandomState(0).standard_normal(32)
+    X = np.tile(row, (2000, 1))
+    sae = SparseAutoencoderDictionary(n_components=16, activation=activation, k=2,
+                                      max_steps=200, random_state=0)
+    with pytest.warns(UserWarning) as caught:
+        sae.fit(X)
+    assert [str(w.message)[:37] for w in caught] == ["Every row of X is the same (its 2,000"]
+    np.testing.assert_allclose(sae.inverse_transform(sae.transform(X[:3])), X[:3], atol=2e-3)
+    # A stream whose rows all match says so at its first call, and a later
+    # call of other rows makes the rows judged as any others.
+    stream = SparseAutoencoderDictionary(n_components=16, random_state=0)
+    with pytest.warns(UserWarning, match="Every row of X is the same"):
+        stream.partial_fit(X[:50])
+    assert stream._trainer.rows_alike()
+    stream.partial_fit(np.random.RandomState(1).standard_normal((200, 32)))
+    assert not stream._trainer.rows_alike()
+
+
+def test_rows_that_share_a_large_offset_are_counted_as_distinct():
+    # A float32 projection of rows of spread 0.2 around 1e4 rounded them
+    # together: "X has about 337 distinct rows among its 2,000".
+    from sparse_dict._torch.train import _distinct_rows
+
+    X, _, _ = make_superposition(n_samples=2000, n_features=32, n_components=64, n_active=4,
+                                 random_state=0)
+    assert _distinct_rows((X + 1e4).astype(np.float32), 2000) is None
+    assert _distinct_rows(np.repeat(X[:100] + 1e4, 20, axis=0).astype(np.float32), 2000) < 150
+
+
+def test_a_callback_that_stops_the_fit_gets_no_convergence_warning(X):
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        sae = small_sae(max_iter=50, callback=lambda info: info["epoch"] >= 2).fit(X)
+    assert sae.n_iter_ == 2
+    # Without the callback, the same two passes are too short to converge.
+    with pytest.warns(ConvergenceWarning, match="too few"):
+        small_sae(max_iter=2).fit(X)
+
+
+def test_warmup_and_decay_that_overlap_are_refused(fitted, X):
+    sae = pickle.loads(pickle.dumps(fitted)).set_params(warmup_fraction=0.6, decay_fraction=0.5)
+    with pytest.raises(ValueError, match=r"warmup_fraction \(0\.6\) and decay_fraction "
+                                         r"\(0\.5\) add up to more than 1"):
+        sae.fit(X)
+    np.testing.assert_array_equal(sae.components_, fitted.components_)
+    small_sae(warmup_fraction=0.5, decay_fraction=0.5).fit(X)  # a sum of 1 is a schedule
+
+
+def test_a_still_falling_loss_is_told_as_a_share_of_its_earlier_level():
+    from sklearn.exceptions import ConvergenceWarning
+
+    X, _, _ = make_superposition(n_samples=2000, n_features=32, n_components=64, n_active=4,
+                                 random_state=0, dtype=np.float32)
+    with pytest.warns(ConvergenceWarning, match="still falling") as caught:
+        SparseAutoencoderDictionary(n_components=64, activation="topk", k=4, max_steps=300,
+                                    random_state=0).fit(X)
+    message = next(str(w.message) for w in caught if "still falling" in str(w.message))
+    early, late, share = re.search(r"still falling \(([\d.e-]+) -> ([\d.e-]+), (\d+)% lower",
+                                   message).groups()
+    assert float(late) < float(early)
+    assert int(share) == round(100 * (1 - float(late) / float(early)))
+
+
 # --------------------------------------------------------------- properties
 
 

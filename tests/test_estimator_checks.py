@@ -6,7 +6,12 @@ from sparse_dict import SparseAutoencoderDictionary
 
 
 @parametrize_with_checks(
-    [SparseAutoencoderDictionary(device="cpu", max_iter=5)],
+    [
+        SparseAutoencoderDictionary(device="cpu", max_iter=5),
+        # transform by a classical coder, built once per fit and settings:
+        # transform must still leave the estimator's attributes as they were.
+        SparseAutoencoderDictionary(device="cpu", max_iter=5, transform_algorithm="omp"),
+    ],
 )
 def test_sklearn_compatible(estimator, check):
     check(estimator)

@@ -161,7 +161,7 @@ def _judged(mse, rows, run_start=0, data_variance=None, messages=False):
     history[:, 0] = history[:, 1] = mse
     history[:, 3] = 5.0
     trainer = SimpleNamespace(history=history, history_rows=np.asarray(rows, dtype=float),
-                              run_start=run_start, variance=1.0,
+                              run_start=run_start, variance=1.0, seen=None,
                               model=SimpleNamespace(activation=ReLU()))
     problems = assess_training(trainer, TrainConfig(total_steps=len(mse) - run_start),
                                check_convergence=run_start == 0, data_variance=data_variance)
@@ -188,31 +188,34 @@ def test_an_error_that_ended_above_its_start_is_said_for_another_warning():
     # diverged nor poor, but risen, which the dead-features warning adds to
     # (steps too large kill features so). A falling error says nothing.
     risen = np.r_[np.full(10, 0.5), np.linspace(0.5, 0.8, 50)]
-    problems = _judged(risen, [16] * 60, messages=True)
+    problems = _judged(risen, [32] * 60, messages=True)
     assert [kind for kind, _ in problems] == ["rose"]
     assert re.fullmatch(r"Its reconstruction error also ended above where it started "
                         r"\(0\.5 over the first 10 steps, 0\.7\d+ at the end; scaled units\)",
                         problems[0][1]), problems[0][1]
-    assert "rose" not in _judged(risen[::-1], [16] * 60)
+    assert "rose" not in _judged(risen[::-1], [32] * 60)
+    # Steps of fewer rows are judged in windows of about 256 rows.
+    problems = _judged(risen, [16] * 60, messages=True)
+    assert "over the first 16 steps" in problems[0][1]
 
 
 def test_divergence_over_several_short_calls_is_judged_on_the_whole_history():
-    # partial_fit: 100 good steps, then a call of 8 steps far above the
-    # mean's error (1.0) and the first step's (3.0). Alone, 8 steps are too
-    # few to judge; against the whole history the rise is plain.
+    # partial_fit: 100 good steps, then a call of 8 steps (256 rows) far
+    # above the mean's error (1.0) and the first step's (3.0). Alone, 8 steps
+    # are too few to judge; against the whole history the rise is plain.
     good = np.concatenate([np.linspace(3.0, 0.3, 60), np.full(40, 0.3)])
-    assert _judged(np.concatenate([good, np.full(8, 9.0)]), [16] * 108,
+    assert _judged(np.concatenate([good, np.full(8, 9.0)]), [32] * 108,
                    run_start=100) == ["diverged"]
     # The same call on rows of a larger spread (a mean's error of 6 on this
     # call's sample) is no divergence: the error rose with the data.
-    assert "diverged" not in _judged(np.concatenate([good, np.full(8, 9.0)]), [16] * 108,
+    assert "diverged" not in _judged(np.concatenate([good, np.full(8, 9.0)]), [32] * 108,
                                      run_start=100, data_variance=6.0)
     # A slow climb: each call of 8 steps a little worse than the last, and
     # none twice its own first step; the first step of training was 3.
     slow = np.concatenate([good, np.geomspace(1.0, 7.0, 80)])
     assert all(slow[i + 7] < 2 * slow[i] for i in range(100, 180, 8))
-    assert _judged(slow, [16] * 180, run_start=172) == ["diverged"]
-    assert "diverged" not in _judged(slow[:150], [16] * 150, run_start=142)
+    assert _judged(slow, [32] * 180, run_start=172) == ["diverged"]
+    assert "diverged" not in _judged(slow[:150], [32] * 150, run_start=142)
 
 
 def test_a_fit_no_better_than_the_mean_names_its_likely_causes():
@@ -685,3 +688,23 @@ def test_a_call_that_takes_no_step_still_takes_the_verdict():
         trainer.train(X, 0, TrainConfig(batch_size=32), rng,
                       verdict=_verdict(ValueError("refused")))
     assert trainer.train(X, 0, TrainConfig(batch_size=32), rng, verdict=_verdict()) == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=5),
+       offset=st.sampled_from([0.0, 1e3, 1e6]), seed=st.integers(0, 1000))
+def test_rows_seen_in_parts_have_the_moments_of_the_whole(sizes, offset, seed):
+    # partial_fit's calls merge into one mean and variance (no E||x||^2 -
+    # ||E x||^2, whose digits an offset would cancel).
+    rng = np.random.RandomState(seed)
+    parts = [rng.standard_normal((n, 3)) + offset for n in sizes]
+    trainer = Trainer(3, 4, "cpu", seed=0)
+    for part in parts:
+        trainer.see_rows(torch.from_numpy(part), len(part))
+    whole = np.concatenate(parts)
+    count, mean, variance = trainer.seen
+    assert count == len(whole)
+    np.testing.assert_allclose(mean, whole.mean(0), rtol=1e-12, atol=1e-9)
+    expected = ((whole - whole.mean(0)) ** 2).sum(1).mean()
+    assert variance == pytest.approx(expected, rel=1e-6, abs=1e-9)
+

@@ -234,15 +234,20 @@ def test_a_short_fit_warns_and_a_sufficient_one_does_not():
 
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu"])
-def test_an_offset_shared_by_every_row_leaves_the_sparsity_alone(superposition, activation):
+@pytest.mark.parametrize("times", [3.0, 2e6])
+def test_an_offset_shared_by_every_row_leaves_the_sparsity_alone(superposition, activation,
+                                                                   times):
     # The penalised mechanisms weigh the penalty against what the codes must
     # explain, the rows' spread around the decoder bias: shifting every row
     # by three times its root mean squared norm changes neither L0 nor EV
     # much. (When the raw norm set the scale, such a shift left ReLU no
-    # feature firing at all.)
+    # feature firing at all.) Nor does a shift of two million times it, in
+    # float64 (float32 keeps a few digits of the spread there): the moments
+    # E||x||^2 - ||E x||^2 lost the spread in rounding, the raw norm set the
+    # scale, and the fit explained none of the rows or diverged.
     X, _, _ = superposition
-    X = X[:4000]
-    shift = 3.0 * np.sqrt(np.mean((X ** 2).sum(1)) / X.shape[1])
+    X = X[:4000].astype(np.float64)
+    shift = times * np.sqrt(np.mean((X ** 2).sum(1)) / X.shape[1])
     fits = {}
     for name, data in (("plain", X), ("shifted", X + shift)):
         with warnings.catch_warnings():

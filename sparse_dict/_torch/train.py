@@ -250,33 +250,100 @@ class TrainConfig:
         return (step + 1) % self.resample_interval == 0
 
 
-def _input_scale(n_features, msn, mean, centre):
-    """The factor that gives the rows a mean squared distance ``n_features`` from ``centre``.
+def _input_scale(n_features, spread, msn):
+    """The factor that gives the rows a mean squared distance ``n_features`` from the centre.
 
-    ``centre`` is where the decoder bias starts, so the part of each row the
+    ``spread`` is that distance, ``E||x - c||^2`` (:func:`_spreads`), where
+    ``c`` is where the decoder bias starts, so the part of each row the
     codes must explain has a mean squared norm equal to the width, whatever
     the data's offset: one ``l1_coef`` then means about the same pressure on
     any data. (Scaling the raw norm instead, rows of standard normal noise
     shifted by 3 in every coordinate were left a residual of a tenth of
     their norm, which ReLU's default penalty outweighed: every feature died.)
-    The distance comes from the sample's moments, E||x - c||^2 = E||x||^2 -
-    2 c . E[x] + ||c||^2, summed in float64; where it is lost in rounding
-    (rows all alike), the raw norm sets the scale.
+    Where the spread is lost in rounding (rows all alike), the raw mean
+    squared norm ``msn`` sets the scale.
+
+    Examples
+    --------
+    >>> _input_scale(2, spread=2.0, msn=20000.0)   # rows (101, 99) and (99, 101)
+    1.0
+    """
+    if not spread > _ALIKE * msn:
+        spread = msn
+    return math.sqrt(n_features / spread) if spread > 0 else 1.0
+
+
+# Rows whose spread about their centre is below this share of their mean
+# squared norm are all alike: float32 rows that differ at all differ by
+# more (a unit in the last place of a coordinate is 6e-8 of it), and the
+# exact sums of _spreads leave about 1e-32 of it (the centre's rounding).
+_ALIKE = 1e-24
+# A spread below this share of the mean squared norm is computed from the
+# rows themselves, not from the moments: E||x||^2 - ||E x||^2 loses about as
+# many of float64's 16 digits as the offset is larger than the spread (rows
+# of spread 0.2 around an offset of 2e5 were fitted at the raw norm's
+# scale, 2e5 times too small, and explained none of the data).
+_CANCELLING = 1e-3
+
+
+def _alike(seen):
+    """Whether rows of these moments, ``(count, mean, variance)`` or None, are all the same.
+
+    Such rows leave a dictionary nothing to explain: the decoder bias
+    reproduces them, and the errors that training moves between are the
+    optimiser's steps around it (1e-8 to 2e-6 of a mean squared norm of 32
+    in a TopK fit), which no judgement of a run can read.
+    """
+    if seen is None:
+        return False
+    _, mean, variance = seen
+    return not variance > _ALIKE * (variance + float(mean @ mean))
+
+
+def _row_spreads(sample, point, rows=256):
+    """Each row's squared distance from ``point``, in float64 from float64 copies of the rows."""
+    point = np.asarray(point, dtype=np.float64)
+    out = np.empty(len(sample))
+    for start in range(0, len(sample), rows):
+        part = sample[start:start + rows].astype(np.float64) - point
+        np.einsum("ij,ij->i", part, part, out=out[start:start + len(part)])
+    return out
+
+
+def _spreads(sample, msn, mean, norms, centre):
+    """The data's variance and each row's squared distance from ``centre``, in X's units.
+
+    From the sample's moments (``msn``, ``mean`` and the rows' squared
+    ``norms``) where the offset is moderate; from the rows themselves where
+    it is so large against the spread that the moments cancel (see
+    ``_CANCELLING``).
+
+    Returns
+    -------
+    variance : float
+        ``E||x - E x||^2``, the error of reconstructing every row by the mean.
+    spread : float
+        ``E||x - centre||^2``.
+    row_spreads : ndarray of shape (n_rows,)
+        ``||x - centre||^2`` for each row of ``sample``.
 
     Examples
     --------
     >>> import numpy as np
-    >>> rows = np.array([[101.0, 99.0], [99.0, 101.0]])   # distance 2 from (100, 100)
-    >>> msn, mean = (rows ** 2).sum(axis=1).mean(), rows.mean(axis=0)
-    >>> _input_scale(2, msn, mean, mean)
-    1.0
+    >>> rows = np.array([[1e6 + 1, 1e6], [1e6 - 1, 1e6]], dtype=np.float32)
+    >>> msn, mean = (rows.astype(float) ** 2).sum(axis=1).mean(), rows.mean(axis=0, dtype=float)
+    >>> norms = (rows.astype(float) ** 2).sum(axis=1)
+    >>> variance, spread, row_spreads = _spreads(rows, msn, mean, norms, centre=mean)
+    >>> variance, spread, row_spreads.tolist()
+    (1.0, 1.0, [1.0, 1.0])
     """
+    centre = np.asarray(centre, dtype=np.float64)
+    variance = float(msn - mean @ mean)
+    if variance < _CANCELLING * msn:
+        row_spreads = _row_spreads(sample, centre)
+        return float(_row_spreads(sample, mean).mean()), float(row_spreads.mean()), row_spreads
     spread = float(msn - 2.0 * (centre @ mean) + centre @ centre)
-    # The float64 sums carry about 15 digits of msn: a spread below 1e-12 of
-    # it is rounding, not data.
-    if not spread > 1e-12 * msn:
-        spread = msn
-    return math.sqrt(n_features / spread) if spread > 0 else 1.0
+    return variance, spread, norms - 2.0 * (sample @ centre.astype(sample.dtype)) + centre @ centre
 
 
 # A sample of at least this many rows whose largest thousandth (one row or
@@ -301,19 +368,17 @@ class DominantRows:
     rest_spread: float
 
 
-def _dominant_rows(sample, norms, centre):
-    """:class:`DominantRows` of ``sample`` (squared ``norms``), or None when no few rows dominate.
+def _dominant_rows(spread):
+    """:class:`DominantRows` of rows of these spreads, or None when no few rows dominate.
 
-    The spread of a row is its squared distance from ``centre``; the largest
-    thousandth of the rows (at least one) dominate when they hold more than
-    ``_DOMINANT_SHARE`` of the total. The input scale is then set from the
-    other rows' mean spread.
+    The spread of a row is its squared distance from the centre
+    (:func:`_spreads`); the largest thousandth of the rows (at least one)
+    dominate when they hold more than ``_DOMINANT_SHARE`` of the total. The
+    input scale is then set from the other rows' mean spread.
     """
-    n = len(sample)
+    n = len(spread)
     if n < _DOMINANT_MIN_ROWS:
         return None
-    centre = np.asarray(centre, dtype=np.float64)
-    spread = norms - 2.0 * (sample @ centre.astype(sample.dtype)) + centre @ centre
     k = max(1, n // 1000)
     largest = float(spread[np.argpartition(spread, n - k)[n - k:]].sum())
     total = float(spread.sum())
@@ -341,15 +406,19 @@ def _distinct_rows(sample, n_samples):
     with replacement, which shows ``D * (1 - exp(-m / D))`` distinct ones in
     ``m`` draws; ``D`` is solved for (by bisection).
     """
-    probe = np.ascontiguousarray(sample[:_DISTINCT_PROBE_ROWS])
+    # In float64 and centred: rows that share a large offset differ in
+    # digits that a float32 projection rounds away (rows of spread 0.2 and
+    # offset 1e4 read as 337 distinct among 2,000 distinct ones).
+    probe = np.array(sample[:_DISTINCT_PROBE_ROWS], dtype=np.float64)
     m = len(probe)
     if m < 2:
         return None
+    probe -= probe.mean(axis=0)
     # Each row projected on a fixed random direction: far cheaper than
     # sorting the rows' bytes. Distinct rows practically never project
     # alike; equal rows do, up to the rounding of a product that could sum
     # two positions differently, which would only hide a few repeats.
-    direction = np.random.RandomState(0).standard_normal(probe.shape[1]).astype(probe.dtype)
+    direction = np.random.RandomState(0).standard_normal(probe.shape[1])
     seen = len(np.unique(probe @ direction))
     if seen >= _REPEATED_SHARE * m:
         return None
@@ -400,6 +469,12 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scale = None
         self.variance = None
+        # The rows trained on so far, as (count, mean, mean squared norm) in
+        # scaled units (see_rows): the spread that a run's error is judged
+        # against, where partial_fit's first call saw only a few rows.
+        self.seen = None
+        # Whether the last train call ended because its callback asked.
+        self.stopped_by_callback = False
         # Set by initialize when a few rows hold most of the data's spread,
         # and when its rows repeat (an estimate of how many are distinct).
         self.dominant_rows = None
@@ -497,14 +572,17 @@ class Trainer:
             # over 2048 rows each, tens of milliseconds on a host, one on a GPU.
             # The rows cross in float32 (half the bytes) and are widened there.
             centre = geometric_median(points.to(self.device)).cpu().numpy()
-        self.dominant_rows = _dominant_rows(sample, norms, centre)
+        variance, spread, row_spreads = _spreads(sample, msn, mean, norms, centre)
+        self.dominant_rows = _dominant_rows(row_spreads)
         self.distinct_rows = _distinct_rows(sample, X.shape[0])
         # A few rows that dominate the spread do not set the scale.
-        self.scale = (_input_scale(n_features, msn, mean, centre) if self.dominant_rows is None
+        self.scale = (_input_scale(n_features, spread, msn)
+                      if self.dominant_rows is None
                       else math.sqrt(n_features / self.dominant_rows.rest_spread))
         # The error of reconstructing every row by the mean, in scaled units
-        # (a run that ends far above it has diverged): E||x||^2 - ||E x||^2.
-        self.variance = max(float(self.scale ** 2 * (msn - mean @ mean)), 0.0)
+        # (a run that ends far above it has diverged).
+        self.variance = max(self.scale ** 2 * variance, 0.0)
+        self.seen = (float(X.shape[0]), mean * self.scale, self.variance)
         with torch.no_grad():
             self.model.b_dec.copy_(torch.as_tensor(centre * self.scale, dtype=torch.float32))
 
@@ -524,6 +602,42 @@ class Trainer:
         if rows is not None:
             return rows
         return to_device(rows_at(X, index, np.float32), self.device).mul_(self.scale)
+
+    @torch.no_grad()
+    def see_rows(self, sample, n_rows):
+        """Add ``n_rows`` rows, of which ``sample`` (scaled) is a sample, to :attr:`seen`.
+
+        ``seen`` is (rows, their mean, their variance), merged with the
+        sample's by the parallel formula: no ``E||x||^2 - ||E x||^2``, whose
+        digits a large offset would cancel.
+
+        Examples
+        --------
+        >>> t = Trainer(2, 4, "cpu", seed=0)
+        >>> t.seen = (1.0, np.zeros(2), 0.0)
+        >>> t.see_rows(torch.tensor([[2.0, 0.0], [4.0, 0.0]]), 3)
+        >>> t.seen[0], t.seen[1].tolist(), t.seen[2]
+        (4.0, [2.25, 0.0], 2.4375)
+        """
+        if not sample.shape[0]:
+            return
+        wide = sample.double()
+        centre = wide.mean(dim=0)
+        variance = float(((wide - centre) ** 2).sum(dim=1).mean())
+        mean = centre.cpu().numpy()
+        if self.seen is None:
+            self.seen = (float(n_rows), mean, variance)
+            return
+        count, seen_mean, seen_variance = self.seen
+        share = n_rows / (count + n_rows)
+        gap = mean - seen_mean
+        self.seen = (count + n_rows, seen_mean + share * gap,
+                     (1 - share) * seen_variance + share * variance
+                     + share * (1 - share) * float(gap @ gap))
+
+    def rows_alike(self):
+        """Whether every row trained on is the same, up to float32's rounding (:func:`_alike`)."""
+        return _alike(self.seen)
 
     @staticmethod
     @torch.no_grad()
@@ -664,6 +778,7 @@ class Trainer:
         self.model.operands_stale_()
         self.run_start = len(self.history)
         passes_done = 0
+        self.stopped_by_callback = False
         own_feed = feed is None
         self._verdict = verdict
         # No kernel is chosen on rows the verdict may yet refuse.
@@ -694,6 +809,8 @@ class Trainer:
                         with replicas.together("running the callback"):
                             stopped = callback is not None and callback(info)
                         stopped = replicas.broadcast_value(bool(stopped), "deciding to stop")
+                    # The caller's choice: no run to call unconverged.
+                    self.stopped_by_callback = bool(stopped)
                     if stopped or stop:
                         break
                 self._settle_verdict()  # a call that took no step
@@ -1279,6 +1396,7 @@ class Trainer:
             "resample_generator": self._resample_generator.get_state(),
             "scale": self.scale,
             "variance": self.variance,
+            "seen": self.seen,
             "run_start": self.run_start,
             "step": self.step,
             "steps_since_fired": cpu(self.steps_since_fired),
@@ -1303,6 +1421,8 @@ class Trainer:
         self._resample_generator.set_state(state["resample_generator"])
         self.scale = state["scale"]
         self.variance = state.get("variance")
+        self.seen = state.get("seen")
+        self.stopped_by_callback = False
         self._residual_power = None
         self._one_process = True
         self.run_start = state.get("run_start", 0)
@@ -1342,9 +1462,20 @@ _DROP_FLOOR = 1e-3
 # converge: always unconverged.
 _MIN_ASSESSED_STEPS = 50
 _MIN_TAIL_STEPS = 10
+# ... and of at least this many rows, where steps are of a few rows each:
+# one row's error can be ten times another's (partial_fit on a stream of
+# one row a call read as diverged where the model explained 0.3-0.5 of the
+# data and was improving).
+_MIN_TAIL_ROWS = 256
 # Reconstruction error at the end above this multiple of the larger of the
 # first step's and the data's variance: diverged.
 _DIVERGED = 2.0
+# Errors below this share of the rows' mean squared norm are float32's
+# rounding of them (its relative precision is 6e-8, squared 4e-15, and a
+# product sums it over the width), not a fit: rows all alike rose from
+# 8.5e-15 to 8.9e-11 in a fit of 200 steps, scaled units, where the mean
+# squared norm is 32, and read as diverged.
+_ROUNDING = 1e-10
 # Before that many steps, only a rise of this factor is judged (a blow-up,
 # not the noise of a few small batches).
 _EXPLODED = 1e3
@@ -1379,7 +1510,7 @@ def _poor_fit_message(trainer, config, end, mean_error, start, lowest, l0):
 
 
 def assess_training(trainer, config, check_convergence=True, data_variance=None,
-                    final_error=None):
+                    final_error=None, final_rows=None):
     """Judge the last training run from its step history.
 
     Parameters
@@ -1392,14 +1523,20 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
         know whether more calls will follow).
     data_variance : float or None
         The error of reconstructing the rows just trained on by their mean,
-        in scaled units (from a sample of them): where a run of
-        ``partial_fit`` calls meets data of a larger spread than its first
-        call's, an error that rises with it is not a divergence.
+        in scaled units (from a sample of them): where a ``partial_fit``
+        call meets data of a larger spread than the rows before it, an
+        error that rises with it is not a divergence. Judged beside that of
+        every row trained on (:attr:`Trainer.seen`).
     final_error : float or None
         The final model's reconstruction error on such a sample, scaled
-        units; judged as the end of the run in place of the last steps'
-        errors (each recorded before its step's update, so blind to the
-        last update).
+        units; judged as the end of the run beside the last steps' errors
+        (each recorded before its step's update, so blind to the last
+        update).
+    final_rows : int or None
+        The rows of that sample: its error and the last steps' are
+        averaged, each weighed by its rows (None: the final error alone).
+        A ``partial_fit`` call of one row has a sample of that row only,
+        whose error can be several times the model's on the data.
 
     Returns
     -------
@@ -1413,39 +1550,57 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
     n = len(history)
     if n == 0:
         return []
+    if _alike(trainer.seen):
+        if np.isfinite(trainer.history[:, 1]).all():
+            return []
+        return [("diverged", "Training diverged: the reconstruction error became infinite "
+                             "or NaN. Lower learning_rate (now "
+                             f"{config.learning_rate:g}), for example by a factor of 10.")]
     loss, l0 = history[:, 0], history[:, 3]
     problems = []
     # Divergence is judged on the trainer's whole history: a partial_fit
     # call is often too short to judge alone, and damage spread over calls
     # shows only against where training started. The end is the mean error
-    # per row of this run's last twentieth, and of at least ten steps (from
-    # earlier calls where this one has fewer), each step weighed by its rows.
+    # per row of this run's last twentieth, and of at least ten steps and
+    # about _MIN_TAIL_ROWS rows (from earlier calls where this one has
+    # fewer), each step weighed by its rows.
     # A rise is judged only on histories long enough to judge (a NaN or an
     # infinity always counts): one step's error on a batch of a few rows, or
     # of rows of very few features, can be several times the mean
     # (hypothesis found fits of 4 and 6 steps on one feature, with last
     # batches of 1 and 3 rows, that read as divergences).
     mse, rows = trainer.history[:, 1], np.maximum(trainer.history_rows, 1e-12)
-    tail = max(n // 20, min(len(mse), _MIN_TAIL_STEPS))
+    # Windows of at least ten steps and of about _MIN_TAIL_ROWS rows.
+    window = min(len(mse), max(_MIN_TAIL_STEPS,
+                               math.ceil(_MIN_TAIL_ROWS / float(np.median(rows)))))
+    tail = max(n // 20, window)
     end = float(np.average(mse[-tail:], weights=rows[-tail:]))
     if final_error is not None and not np.isnan(final_error):
-        end = float(final_error)
+        # An error of several times the rest's from a sample of a row or
+        # two is that row's distance, not a divergence: 511 of 1,498 calls
+        # of partial_fit on one row each read as one where the model
+        # explained a rising 0.3-0.5 of the data.
+        end = float(final_error) if final_rows is None else float(np.average(
+            np.append(mse[-tail:], final_error), weights=np.append(rows[-tail:], final_rows)))
     # A rise from the first step of training, or from the mean's error if
     # that is larger. Not from the lowest error reached: a penalty that
     # silences the features while the decoder bias is still far from the
     # mean (decoder_bias_init="zeros") raises the error far above its
     # lowest, up to the first step's (codes of zero, the bias as it began).
-    mean_error = max(trainer.variance or 0.0, data_variance or 0.0)
+    seen = trainer.seen
+    mean_error = max((trainer.variance or 0.0) if seen is None else seen[2], data_variance or 0.0)
+    # float32's rounding of rows of this mean squared norm (scaled units).
+    rounding = 0.0 if seen is None else _ROUNDING * (seen[2] + float(seen[1] @ seen[1]))
     base = max(float(mse[0]), mean_error)
-    rose = end > base * (_DIVERGED if len(mse) >= _MIN_ASSESSED_STEPS else _EXPLODED)
-    # Means over windows of ten steps: where the error started and its lowest.
-    window = min(len(mse), _MIN_TAIL_STEPS)
+    rose = end > max(base * (_DIVERGED if len(mse) >= _MIN_ASSESSED_STEPS else _EXPLODED),
+                     rounding)
+    # Means over such windows: where the error started and its lowest.
     sums = np.concatenate([[0.0], np.cumsum(mse * rows)])
     weights = np.concatenate([[0.0], np.cumsum(rows)])
     means = (sums[window:] - sums[:-window]) / (weights[window:] - weights[:-window])
     lowest = float(np.nanmin(means)) if np.isfinite(means).any() else float("inf")
     if np.isfinite(end) and not rose and len(mse) >= _MIN_ASSESSED_STEPS and (
-            mean_error > 0 and end > mean_error):
+            mean_error > 0 and end > max(mean_error, rounding)):
         l0_end = float(np.average(trainer.history[-tail:, 3], weights=rows[-tail:]))
         problems.append(("poor", _poor_fit_message(
             trainer, config, end, mean_error, start=means[0], lowest=lowest, l0=l0_end)))
@@ -1488,7 +1643,7 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
     drop = fall / max(abs(loss[late].mean()), 1e-12)
     # A fall worth telling: on rows of rank 5 a TopK fit's loss fell 48%,
     # from 0.014 to 0.007 where the mean's error is 64 (held-out EV 1.000).
-    if fall <= _DROP_FLOOR * mean_error:
+    if fall <= max(_DROP_FLOOR * mean_error, rounding):
         drop = 0.0
     penalised = trainer.model.activation.penalty_name is not None
     moved = abs(l0[early].mean() - l0[late].mean())
@@ -1510,7 +1665,8 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
     # To a level that matters: on rows of rank 5 a TopK fit's loss went from
     # 0.006 to 0.03, where the mean's error is 64 (a held-out EV of 1.000),
     # and was called unstable in three fits of three.
-    if risen > _LOSS_RISE and float(loss[early].mean()) > _RISE_FLOOR * mean_error:
+    if risen > _LOSS_RISE and float(loss[early].mean()) > max(_RISE_FLOOR * mean_error,
+                                                                rounding):
         problems.append((
             "unconverged",
             f"The loss rose mid-run to {risen:.0f} times its lowest earlier level and was "
@@ -1524,8 +1680,11 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
         return problems
     reasons = []
     if drop > _LOSS_DROP:
-        reasons.append(f"the loss was still falling ({100 * drop:.0f}% over the last fifth "
-                       "of the run before the final decay)")
+        # (Judged against the later level, told as a share of the earlier:
+        # "125% lower" would be a fall from 0.0685 to 0.0305.)
+        reasons.append(f"the loss was still falling ({loss[early].mean():.4g} -> "
+                       f"{loss[late].mean():.4g}, {100 * fall / loss[early].mean():.0f}% lower, "
+                       "over the last fifth of the run before the final decay)")
     if penalised and drift > _L0_DRIFT:
         reasons.append(f"L0 was still moving ({l0[early].mean():.1f} -> {l0[late].mean():.1f} "
                        "over the last fifth of the run before the final decay)")
