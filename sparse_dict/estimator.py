@@ -630,7 +630,8 @@ class SparseAutoencoderDictionary(
         100 steps).
     decay_fraction : float, default=0.2
         Final fraction of the steps over which the learning rate decays
-        linearly to zero (``fit`` only).
+        linearly to zero (``fit`` only). ``warmup_fraction + decay_fraction``
+        must be at most 1.
     resample_dead : bool or "auto", default="auto"
         Restart features that stopped firing on inputs that are badly
         reconstructed, as in "Towards Monosemanticity". ``"auto"``: on for
