@@ -1583,7 +1583,9 @@ class SparseAutoencoderDictionary(
         Nothing is pickled, so a saved dictionary can be shared and loaded
         safely. The optimiser state is not saved: :meth:`load` gives a model
         that transforms identically and can continue training with a fresh
-        optimiser.
+        optimiser. Neither are parameters that JSON cannot hold: ``callback``
+        (a function) loads as None, and so does a ``random_state`` that is a
+        ``RandomState`` instance, with a warning (an int is kept).
 
         The folder is written under a temporary name beside ``path`` and
         renamed into place only once complete, so a failed or interrupted save
@@ -1638,6 +1640,10 @@ class SparseAutoencoderDictionary(
         # An array: kept in the weights file (below), not in the JSON.
         params["dict_init"] = None
         if not (params["random_state"] is None or isinstance(params["random_state"], Integral)):
+            warn_at_caller(
+                "random_state is a RandomState instance, which a saved folder cannot hold: "
+                "the loaded dictionary has random_state=None (further training draws other "
+                "batches). Set an int random_state before saving to keep one.", UserWarning)
             params["random_state"] = None
         attributes = {
             "n_features_in_": int(self.n_features_in_),

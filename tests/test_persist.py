@@ -337,3 +337,19 @@ def test_unknown_tensors_are_all_nan_or_all_finite(tmp_path, values, ok):
     if not np.isfinite(values).all():
         with pytest.raises(ValueError, match="NaN or infinite"):
             _persist.read_tensors(file, strict)
+
+
+def test_a_random_state_instance_is_saved_as_none_with_a_warning(models, tmp_path):
+    X = np.random.RandomState(0).exponential(size=(80, 5)).astype(np.float32)
+    drawn = SparseAutoencoderDictionary(
+        n_components=6, max_iter=1, batch_size=40, device="cpu",
+        random_state=np.random.RandomState(3)).fit(X)
+    with pytest.warns(UserWarning, match="random_state is a RandomState instance"):
+        drawn.save(tmp_path / "drawn")
+    assert SparseAutoencoderDictionary.load(tmp_path / "drawn").random_state is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        models[0].save(tmp_path / "seeded")  # an int is kept, silently
+    assert SparseAutoencoderDictionary.load(tmp_path / "seeded").random_state == 0
