@@ -706,7 +706,7 @@ def _bad(file, message):
     return ValueError(f"{file}: {message}")
 
 
-def read_config(path, *, config_name, weights_name):
+def read_config(path, *, config_name, weights_name, other_layout=None):
     """Read and integrity-check a saved folder's JSON config.
 
     Returns the config as a dict. A folder written before integrity records
@@ -730,8 +730,14 @@ def read_config(path, *, config_name, weights_name):
         raise ValueError(f"{path} is not a saved dictionary: it is not a folder.")
     for name in (config_name, weights_name):
         if not _is_plain_file(path / name):
+            # A folder of the other layout (``other_layout``: its config
+            # file's name, and what reads it) gets named as that.
+            hint = ""
+            if other_layout is not None and _is_plain_file(path / other_layout[0]):
+                hint = f" It holds {other_layout[0]}: {other_layout[1]}."
             raise ValueError(
-                f"{path} is not a complete saved dictionary: {name} is missing or not a file."
+                f"{path} is not a complete saved dictionary: {name} is missing or not a "
+                f"file.{hint}"
             )
     config_file = path / config_name
     if config_file.stat().st_size > _MAX_CONFIG_BYTES:

@@ -1716,7 +1716,10 @@ class SparseAutoencoderDictionary(
             machine does not have, or that names no device.
         """
         path = Path(path)
-        config = _persist.read_config(path, config_name=_CONFIG_FILE, weights_name=_WEIGHTS_FILE)
+        config = _persist.read_config(
+            path, config_name=_CONFIG_FILE, weights_name=_WEIGHTS_FILE,
+            other_layout=("cfg.json", "a folder in SAELens' layout, which "
+                                      f"{cls.__name__}.from_saelens reads"))
         file = path / _CONFIG_FILE
         if config.get("format") != _FORMAT:
             raise ValueError(f"{file} does not describe a {cls.__name__}.")

@@ -128,7 +128,10 @@ def _check_bool(config, key, file, default=None):
 
 
 def _read_config(path):
-    config = _persist.read_config(path, config_name=CONFIG_FILE, weights_name=WEIGHTS_FILE)
+    config = _persist.read_config(
+        path, config_name=CONFIG_FILE, weights_name=WEIGHTS_FILE,
+        other_layout=("config.json", "a folder that SparseAutoencoderDictionary.save wrote, "
+                                     "which SparseAutoencoderDictionary.load reads"))
     file = Path(path) / CONFIG_FILE
     metadata = config.get("metadata")
     version = None

@@ -472,3 +472,20 @@ def test_imported_dictionaries_code_with_every_transform_algorithm(tmp_path):
         est.transform(x)
     est.set_params(transform_n_nonzero_coefs=2)
     assert (est.transform(x) > 0).sum(axis=1).max() <= 2
+
+
+def test_a_folder_of_the_other_layout_is_named_as_such(tmp_path):
+    sae, _ = _fitted("relu")
+    sae.save(tmp_path / "ours")
+    sae.to_saelens(tmp_path / "theirs")
+    with pytest.raises(ValueError, match=r"cfg\.json is missing.*It holds config\.json: a "
+                                         r"folder that SparseAutoencoderDictionary\.save wrote"):
+        SparseAutoencoderDictionary.from_saelens(tmp_path / "ours")
+    with pytest.raises(ValueError, match=r"config\.json is missing.*It holds cfg\.json: a "
+                                         r"folder in SAELens' layout, which "
+                                         r"SparseAutoencoderDictionary\.from_saelens reads"):
+        SparseAutoencoderDictionary.load(tmp_path / "theirs")
+    # A folder of neither gets no such hint.
+    (tmp_path / "neither").mkdir()
+    with pytest.raises(ValueError, match=r"is missing or not a file\.$"):
+        SparseAutoencoderDictionary.load(tmp_path / "neither")
