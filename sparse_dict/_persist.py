@@ -278,6 +278,28 @@ def _check_replaceable(path, kind):
         )
 
 
+def _check_movable_onto(path):
+    """Raise ValueError where a finished output could not be moved onto the empty folder ``path``.
+
+    An output is written beside its path and renamed onto it at the end
+    (:func:`staged`), which no system allows onto the current folder, a
+    folder above it or a mount point: ``fit -o .`` in an empty folder
+    trained to the end and only then failed, its dictionary lost.
+    """
+    try:
+        here, there = Path.cwd().resolve(), Path(path).resolve()
+    except OSError:
+        return
+    if there == here or there in here.parents or os.path.ismount(there):
+        where = ("the current folder" if there == here else
+                 "a folder above the current one" if there in here.parents else
+                 "a mount point")
+        raise ValueError(
+            f"the output {path} is {where}, which a finished output cannot be moved onto; "
+            f"name a new folder for it instead (for example {Path(path) / 'out'})"
+        )
+
+
 def check_target(path, kind, *, overwrite=False, inputs=(), hint="overwrite=True"):
     """Check that ``path`` may be written as a ``kind``; raise if not.
 
@@ -301,7 +323,9 @@ def check_target(path, kind, *, overwrite=False, inputs=(), hint="overwrite=True
     Raises
     ------
     ValueError
-        If ``path`` is one of ``inputs``, or lies inside one of them.
+        If ``path`` is one of ``inputs``, or lies inside one of them; or is
+        an empty folder that an output cannot be moved onto (the current
+        folder, one above it, a mount point).
     FileExistsError
         If ``path`` exists and may not be replaced.
     """
@@ -322,6 +346,7 @@ def check_target(path, kind, *, overwrite=False, inputs=(), hint="overwrite=True
     if not os.path.lexists(path):
         return path
     if kind.folder and _is_empty_dir(path):
+        _check_movable_onto(path)
         return path  # an empty folder holds nothing to lose
     # What may never be replaced is said first: advising overwrite there
     # would only lead to this refusal.

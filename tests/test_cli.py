@@ -297,6 +297,30 @@ def test_fit_saves_a_loadable_dictionary(fitted):
     assert sae.get_params()["random_state"] == 0
 
 
+def test_an_output_onto_the_current_folder_is_refused_before_any_work(fitted, tmp_path,
+                                                                       monkeypatch, capsys):
+    # An empty current folder passed the check, the fit ran to its end, and
+    # the finished dictionary could not be moved onto "." (lost, with a
+    # message that it had "appeared while this output was being written").
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    trained = []
+    monkeypatch.setattr(SparseAutoencoderDictionary, "fit",
+                        lambda self, *a, **k: trained.append(1) or self)
+    for output in (".", str(here)):
+        status, _, err = run(["fit", fitted / "acts.npy", "-o", output, "-q"], capsys)
+        assert_one_line_error(status, err, "cannot be moved onto", "name a new folder")
+    assert trained == [] and not any(here.iterdir())
+    # An empty folder elsewhere is still a fine output.
+    (tmp_path / "new").mkdir()
+    monkeypatch.undo()
+    status, _, err = run(["fit", fitted / "acts.npy", "-o", tmp_path / "new", "--max-steps", "5",
+                          "--n-components", "8", "-q"], capsys)
+    assert status == 0, err
+    assert SparseAutoencoderDictionary.load(tmp_path / "new").n_components_ == 8
+
+
 def test_encode_matches_transform(fitted, tmp_path, capsys):
     from sparse_dict.estimator import SparseAutoencoderDictionary
 
