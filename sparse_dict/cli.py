@@ -48,6 +48,7 @@ from sparse_dict._cli_common import (  # noqa: F401
     _divergence_is_an_error,
     _estimator_params,
     _extract,
+    _fingerprint,
     _input_file,
     _launch_ranks,
     _load_dictionary,
@@ -125,14 +126,18 @@ def cmd_extract(args):
         stack.callback(shutil.rmtree, folder, ignore_errors=True)
         store = extractor.transform_to_disk(texts, folder, chunk_texts=args.chunk_texts,
                                             corpus=_corpus_name(args))
-        # Where the activations come from, beside them, for 'fit' to record.
-        prov_tmp.write_text(json.dumps(store.provenance(), indent=2) + "\n", encoding="utf-8")
+        provenance = store.provenance()
         if tok_path is not None:
             tok_tmp = stack.enter_context(_persist.staged(
                 tok_path, _persist.TOKENS, overwrite=args.overwrite, hint="--overwrite"))
             _write_tokens(store, tok_tmp)
         shape = store.activations.shape
         del store  # its memory maps, before its files move
+        # Where the activations come from, beside them, for 'fit' to record;
+        # with the file's fingerprint, so that other contents written there
+        # later (codes of the same width, say) are not taken for them.
+        provenance["activations_fingerprint"] = _fingerprint(folder / "activations.npy")
+        prov_tmp.write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
         os.replace(folder / "activations.npy", tmp)
     _say(args, f"wrote {shape[0]} x {shape[1]} activations to {out}"
          + (f" and their tokens to {tok_path}" if tok_path is not None else ""))

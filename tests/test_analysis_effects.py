@@ -466,6 +466,20 @@ def test_cli_extract_fit_steer_report(tmp_path, capsys):
     assert "describes" in capsys.readouterr().err
     assert "provenance_" not in json.loads(
         (tmp_path / "d2" / "config.json").read_text())["attributes"]
+    # ... or by other rows of the same shape ('encode -o acts.npy --overwrite'
+    # with a dictionary of as many atoms as the activations have features):
+    # the file's fingerprint tells them apart.
+    same = tmp_path / "same.npy"
+    np.save(same, np.load(acts) * 0.5)
+    (tmp_path / "same.provenance.json").write_text(
+        (tmp_path / "acts.provenance.json").read_text())
+    assert main(["fit", str(same), "-o", str(tmp_path / "d3"), "--n-components", "8",
+                 "--max-steps", "2"]) == 0
+    assert "which has been written over since; it is ignored" in capsys.readouterr().err
+    assert "provenance_" not in json.loads(
+        (tmp_path / "d3" / "config.json").read_text())["attributes"]
+    # The fingerprint is not part of what a dictionary records.
+    assert "activations_fingerprint" not in config["attributes"]["provenance_"]
     capsys.readouterr()
     # No --model/--layer/--hook: they come from the provenance.
     assert main(["steer", str(folder), "--feature", "5", "--strength", "30",
