@@ -532,6 +532,27 @@ def test_model_mismatch_is_refused_unless_told(ext, sae):
         check_compatible({"hook_name": "layer0.mlp_post"}, sae)
 
 
+def test_pooled_and_per_token_rows_are_not_taken_for_each_other(ext, sae, texts):
+    # A dictionary learned on one row a text (pooling="mean") was run on
+    # tokens by report, and a per-token one on a pooled store, unchecked.
+    from sparse_dict.analysis import check_compatible
+
+    pooled = copy.deepcopy(sae)
+    pooled.provenance_ = dict(sae.provenance_, pooling="mean")
+    with pytest.raises(ValueError, match=r"with pooling='mean' \(one row a text\), but the "
+                                         r"extractor uses pooling='none' \(one row a token\); "
+                                         r"use pooling='mean'"):
+        check_compatible(ext, pooled)
+    with pytest.raises(ValueError, match=r"pooling='none' \(one row a token\), but the "
+                                         r"activations have pooling='max'"):
+        check_compatible(dict(sae.provenance_, pooling="max"), sae)
+    means = TransformerActivationExtractor("builtin", device="cpu", max_length=24,
+                                           pooling="mean").fit(texts[:2])
+    check_compatible(means, pooled)
+    with pytest.raises(ValueError, match="but the extractor uses pooling='mean'"):
+        check_compatible(means, sae)
+
+
 def test_as_frame_without_pandas_says_what_to_install(ext, sae, monkeypatch):
     import sys
 

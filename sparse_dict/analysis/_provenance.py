@@ -53,7 +53,8 @@ def check_compatible(extractor, dictionary, *, check_model=True):
     The dictionary's width must be the hook's width. A dictionary whose
     ``provenance_`` was recorded from an extractor (see
     :meth:`~sparse_dict.TransformerActivationExtractor.provenance`) must
-    also come from the same model and the same hook point; a dictionary
+    also come from the same model and the same hook point, with the same
+    ``pooling`` (rows of tokens, or one row a text); a dictionary
     without such a record (fitted on a bare array, or imported from SAELens)
     is checked by its width only.
 
@@ -124,6 +125,18 @@ def _check_recorded(recorded, current, check_model, what="the extractor"):
             f"The dictionary was learned on activations of {where}, but {what} "
             f"{reads} {current['hook_name']}; use layer/hook (or module) of the dictionary's "
             "provenance_."
+        )
+    # Rows of tokens against rows of texts (mean, max or last of each): the
+    # same hook point, and codes of the one are no codes of the other.
+    pooled, pooling = recorded.get("pooling", "none"), current.get("pooling", "none")
+    if pooled != pooling:
+        rows = {"none": "one row a token"}
+        has = {"the activations": "have", "the store": "holds rows of"}.get(what, "uses")
+        raise ValueError(
+            f"The dictionary was learned on activations of {where} with pooling={pooled!r} "
+            f"({rows.get(pooled, 'one row a text')}), but {what} {has} pooling={pooling!r} "
+            f"({rows.get(pooling, 'one row a text')}); use pooling={pooled!r}, as in the "
+            "dictionary's provenance_."
         )
     if check_model and not _same_model(recorded.get("model"), current["model"]):
         raise ValueError(
