@@ -191,7 +191,9 @@ def _lines(path, every_break=True):
     U+2028...), as the texts of ``--split lines`` always were.
     """
     try:
-        with open(path, encoding="utf-8") as fh:
+        # utf-8-sig: a byte-order mark (as Windows editors write) is no text;
+        # read as UTF-8 it became the first text's first token.
+        with open(path, encoding="utf-8-sig") as fh:
             for line in fh:
                 if every_break:
                     yield from line.splitlines()
@@ -205,7 +207,7 @@ def _lines(path, every_break=True):
 
 def _whole(path):
     try:
-        yield path.read_text(encoding="utf-8")
+        yield path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise CLIError(f"texts file {str(path)!r} is not UTF-8 text") from None
     except OSError as err:
