@@ -231,6 +231,11 @@ def _tiny_bert(folder, seed, minilm_path):
                         num_attention_heads=2, intermediate_size=64,
                         max_position_embeddings=64)
     BertModel(config).save_pretrained(folder)
+    _link_tokenizer(folder, minilm_path)
+
+
+def _link_tokenizer(folder, minilm_path):
+    """Links in ``folder`` to MiniLM's tokenizer files (a BERT tokenizer)."""
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
                  "special_tokens_map.json"):
         if not (folder / name).exists():
@@ -296,3 +301,152 @@ def test_pickled_weights_with_code_are_refused_and_never_run(minilm_path, tmp_pa
                                          r"runs code from a model folder"):
         TransformerActivationExtractor(str(folder), device="cpu").fit(TEXTS)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------
+# Models that do not run on token ids alone: image, audio, image-and-text
+# ---------------------------------------------------------------------------
+
+
+def _tiny_clip_config():
+    from transformers import CLIPConfig
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                 num_hidden_layers=2)
+    return CLIPConfig(text_config=dict(tower, vocab_size=30522, max_position_embeddings=64),
+                      vision_config=dict(tower, image_size=32, patch_size=8),
+                      projection_dim=16)
+
+
+def _tiny_non_text_model(kind):
+    """A tiny random transformers model of images and text, images, or audio."""
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "clip":
+        return transformers.CLIPModel(_tiny_clip_config())
+    if kind == "vit":
+        return transformers.ViTModel(transformers.ViTConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            image_size=32, patch_size=8))
+    return transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(
+        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4),
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2))
+
+
+# What each refusal names: the class, and the inputs it takes instead of (or
+# as well as) token ids.
+_NON_TEXT = {
+    "clip": ("CLIPModel", r"a model of image and text inputs, whose forward pass takes "
+                          r"'pixel_values' as well as token ids"),
+    "vit": ("ViTModel", r"a model of image inputs whose forward pass takes 'pixel_values', "
+                        r"not token ids"),
+    "wav2vec2": ("Wav2Vec2Model", r"a model of audio inputs whose forward pass takes "
+                                  r"'input_values', not token ids"),
+}
+
+
+@pytest.mark.parametrize("kind", list(_NON_TEXT))
+def test_a_folder_of_a_model_that_does_not_read_text_alone_is_refused_by_its_class(
+    minilm_path, tmp_path, kind
+):
+    # CLIP and ViT failed inside transformers with an AttributeError on
+    # pixel_values being None, and Wav2Vec2 with a TypeError for its missing
+    # input_values, all with a tokenizer beside them in the folder. (A hook
+    # that every block has: Wav2Vec2's MLP has no name the extractor knows.)
+    folder = tmp_path / kind
+    _tiny_non_text_model(kind).save_pretrained(folder)
+    _link_tokenizer(folder, minilm_path)
+    cls, inputs = _NON_TEXT[kind]
+    ext = TransformerActivationExtractor(str(folder), hook="resid_post", device="cpu")
+    with pytest.raises(ValueError, match=rf"is a {cls}, {inputs}") as err:
+        ext.fit(TEXTS)
+    message = str(err.value)
+    assert f"model={str(folder)!r}" in message
+    assert "sparse_dict extracts activations from text-only transformer models" in message
+    assert "GPT-2" in message  # the supported models are named
+    # Only a model that has a text tower is told how to read it.
+    assert ("CLIPTextModel" in message) == (kind == "clip")
+    assert not hasattr(ext, "n_features_out_")
+
+
+@pytest.mark.parametrize("kind", list(_NON_TEXT))
+def test_a_transformers_module_that_does_not_read_text_alone_is_refused(minilm_path, kind):
+    from transformers import AutoTokenizer
+
+    model = _tiny_non_text_model(kind)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path, local_files_only=True)
+    cls, inputs = _NON_TEXT[kind]
+    with pytest.raises(ValueError, match=rf"model= \(a torch module\) is a {cls}, {inputs}"):
+        TransformerActivationExtractor(model, tokenizer=tokenizer, hook="resid_post",
+                                       device="cpu").fit(TEXTS)
+
+
+def test_the_cli_refuses_a_clip_folder_in_one_line(minilm_path, tmp_path, capsys):
+    from sparse_dict.cli import main
+
+    folder = tmp_path / "m_clip"
+    _tiny_non_text_model("clip").save_pretrained(folder)
+    _link_tokenizer(folder, minilm_path)
+    texts = tmp_path / "t.txt"
+    texts.write_text("\n".join(TEXTS) + "\n")
+    capsys.readouterr()
+    status = main(["extract", str(texts), "-o", str(tmp_path / "x.npy"), "--model", str(folder)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("sparse-dict")]
+    assert status == 2, err
+    assert len(lines) == 1 and "is a CLIPModel" in lines[0], err
+    assert "AttributeError" not in err and "a bug" not in err
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_clip_s_text_tower_loaded_alone_is_read_as_the_refusal_says(minilm_path, tmp_path):
+    # The refusal points to transformers.CLIPTextModel: as a module, or
+    # saved to a folder of its own, its activations are the text tower's.
+    from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
+
+    clip = tmp_path / "clip"
+    _tiny_non_text_model("clip").save_pretrained(clip)
+    text = CLIPTextModel.from_pretrained(clip, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path, local_files_only=True)
+    ext = TransformerActivationExtractor(text, tokenizer=tokenizer, layer=1, hook="resid_post",
+                                         device="cpu").fit(TEXTS)
+    ids = tokenizer(TEXTS[:1], return_tensors="pt")
+    with torch.no_grad():
+        tower = CLIPModel.from_pretrained(clip, local_files_only=True).text_model
+        hidden = tower(**ids, output_hidden_states=True).hidden_states
+    np.testing.assert_allclose(ext.transform(TEXTS[:1]), hidden[2][0].numpy(), rtol=1e-5,
+                               atol=1e-6)
+    folder = tmp_path / "clip-text"
+    text.save_pretrained(folder)
+    _link_tokenizer(folder, minilm_path)
+    saved = TransformerActivationExtractor(str(folder), layer=1, hook="resid_post",
+                                           device="cpu").fit(TEXTS)
+    assert saved.provenance()["model_class"] == "CLIPTextModel"
+    np.testing.assert_allclose(saved.transform(TEXTS[:1]), hidden[2][0].numpy(), rtol=1e-5,
+                               atol=1e-6)
+
+
+class _SkipsItsLastBlock(torch.nn.Module):
+    """A text model whose forward runs its first block only, and never ``unused``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 8)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
+        self.unused = torch.nn.Linear(8, 8)
+
+    def forward(self, input_ids):
+        return self.blocks[0](self.embed(input_ids))
+
+
+@pytest.mark.parametrize(("options", "point"), [
+    ({"layer": 1, "hook": "resid_post"}, r"'layer1.resid_post' \(module 'blocks.1'\)"),
+    ({"module": "unused"}, r"'unused'"),
+], ids=["layer-hook", "module"])
+def test_a_hook_point_that_the_forward_pass_never_reaches_is_named(options, point):
+    ext = TransformerActivationExtractor(_SkipsItsLastBlock(), device="cpu", **options)
+    with pytest.raises(ValueError, match=rf"The hook point {point} did not run in the model's "
+                                         r"forward pass on token ids"):
+        ext.fit([[1, 2, 3]])

@@ -53,6 +53,18 @@ class TokenIndex(NamedTuple):
     token: np.ndarray
 
 
+def _not_run(name, module_path):
+    """The error for a hook point that a forward pass of token ids never reached.
+
+    A module outside the path that token ids take (an unused branch, another
+    tower of the model) has no activations to read; named by the hook point
+    the user chose and the module it resolved to.
+    """
+    point = repr(name) if name == module_path else f"{name!r} (module {module_path!r})"
+    return ValueError(
+        f"The hook point {point} did not run in the model's forward pass on token ids, "
+        "so it has no activations to read; choose another layer, hook or module."
+    )
 
 
 class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
@@ -79,8 +91,10 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         such as ``"gpt2"``, downloaded through transformers' own cache (with
         ``HF_HUB_OFFLINE=1``, only from that cache). Either is loaded as a
         causal language model when its config says so, else as the bare
-        encoder. Code shipped with a model is never run: a model whose config
-        or tokenizer config has an ``auto_map`` is refused. A
+        encoder. Only text models are read: a transformers model that takes
+        other inputs (ViT, Wav2Vec2, or CLIP with its image tower) is refused
+        by its class. Code shipped with a model is never run: a model whose
+        config or tokenizer config has an ``auto_map`` is refused. A
         ``torch.nn.Module`` is used as it is with ``tokenizer``; it is put in
         eval mode, and moved only when ``device`` is not "auto".
     layer : int, default=0
@@ -441,10 +455,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             except StopForward:
                 pass
             if hook.captured is None:
-                raise ValueError(
-                    f"The module {site.module_path!r} was not called in the forward pass; "
-                    "choose another layer, hook or module."
-                )
+                raise _not_run(site.name, site.module_path)
             n_features_out = int(hook.captured.shape[-1])
         self._loaded = loaded
         self.n_features_out_ = n_features_out
@@ -521,7 +532,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
                     pass
                 acts = hook.captured
                 if acts is None:
-                    raise ValueError(f"The module {self.hook_module_!r} was not called.")
+                    raise _not_run(self.hook_name_, self.hook_module_)
                 self._store(out, acts, mask, chunk, lengths, offsets)
         return out
 

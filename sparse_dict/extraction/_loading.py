@@ -27,6 +27,24 @@ _BLOCK_LIST_PATHS = (
     "h",
 )
 
+# The text models the extractor is known to drive, for the message that
+# refuses a model of other inputs (images, sound): those whose blocks are
+# listed above, and the encoders of encoder-decoder models.
+_TEXT_MODELS = ("the built-in model and Hugging Face text models such as BERT-likes "
+                "(MiniLM, RoBERTa), GPT-2, Llama/Mistral, GPT-NeoX, OPT, BLOOM, Falcon, "
+                "and the encoders of T5 and BART")
+
+# Forward arguments of transformers' models that carry inputs other than
+# text, and what they carry; a model that takes one is not a text-only
+# model even where its class does not say (transformers before
+# ``input_modalities``).
+_NON_TEXT_INPUTS = {
+    "pixel_values": "image",
+    "pixel_values_videos": "video",
+    "input_values": "audio",
+    "input_features": "audio",
+}
+
 # Loaded models by (source, device): clones and unpickled copies made by
 # GridSearchCV or Pipeline(memory=...) then share one model instead of each
 # reloading it. Two entries are enough for "one model, maybe two devices".
@@ -286,6 +304,9 @@ def _load_hf(source, device, verbose):
                 "folder, so it reads pickled weights only when they are plain tensors. "
                 "Save the weights as model.safetensors from a copy you trust."
             ) from None
+        # Before the tokenizer: an image or audio model's folder often has
+        # none, and its error would hide the real one.
+        _check_text_model(model, f"model={str(source)!r}")
         tokenizer = AutoTokenizer.from_pretrained(root, **options)
     finally:
         if bars:
@@ -312,6 +333,75 @@ def _max_positions(model):
                 and module.num_embeddings == limit):
             return limit - module.padding_idx - 1
     return limit
+
+
+def _check_text_model(model, what):
+    """Refuse a transformers model that does not run on token ids alone.
+
+    The extractor gives a model token ids (and an attention mask), nothing
+    else. An image or audio model (ViT, Wav2Vec2, Whisper) takes no token
+    ids, and a model of text and images (CLIP, SigLIP, LLaVA) runs its other
+    towers on inputs it is not given. Both used to fail deep inside
+    transformers (an AttributeError on ``pixel_values`` being None, or a
+    missing argument), so they are refused here, by their class, before any
+    forward pass.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Checked only when it is a transformers model (it has transformers'
+        ``main_input_name``); a user's own module is called as it is.
+    what : str
+        How the messages name the model, such as ``"model='path'"``.
+
+    Raises
+    ------
+    ValueError
+        Naming the model's class and the inputs it takes.
+    """
+    main_input = getattr(model, "main_input_name", None)
+    if not isinstance(main_input, str):
+        return
+    cls = type(model).__name__
+    try:
+        arguments = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+        return
+    # transformers says which inputs a model's class reads ("text", or a
+    # tuple such as ("image", "text")); older versions do not, and there the
+    # forward's arguments tell.
+    declared = getattr(model, "input_modalities", None) or ()
+    declared = (declared,) if isinstance(declared, str) else tuple(declared)
+    other_inputs = [name for name in _NON_TEXT_INPUTS if name in arguments]
+    others = [m for m in declared if m != "text"]
+    others += [_NON_TEXT_INPUTS[name] for name in other_inputs
+               if _NON_TEXT_INPUTS[name] not in others]
+    supported = (f"sparse_dict extracts activations from text-only transformer models "
+                 f"({_TEXT_MODELS}), which it runs on token ids alone.")
+    # A wrapper whose forward passes everything on (forward(*args, **kwargs),
+    # as PEFT's) is judged by the main input it reports.
+    passes_on = any(a.kind is inspect.Parameter.VAR_KEYWORD for a in arguments.values())
+    if main_input != "input_ids" or ("input_ids" not in arguments and not passes_on):
+        of = f", a model of {_and(others)} inputs" if others else ","
+        raise ValueError(
+            f"{what} is a {cls}{of} whose forward pass takes {main_input!r}, not token "
+            f"ids (input_ids). {supported}"
+        )
+    if others:
+        takes = (f", whose forward pass takes {_and([repr(n) for n in other_inputs])}"
+                 " as well as token ids" if other_inputs else "")
+        raise ValueError(
+            f"{what} is a {cls}, a model of {_and(others + ['text'])} inputs{takes}. "
+            f"{supported} To read its text tower, load that tower alone with transformers "
+            "(for CLIP, transformers.CLIPTextModel.from_pretrained on the same folder) and "
+            "pass the torch module as model= with its tokenizer, or save it with its "
+            "tokenizer to a folder of its own."
+        )
+
+
+def _and(words):
+    """``words`` as a phrase: "image", "image and text", "image, video and text"."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def _check_tokenizer_size(tokenizer, config, source):
@@ -344,6 +434,8 @@ def _load_builtin(device):
 
 
 def _load_module(model, tokenizer, device):
+    # Before the module is moved: a refused module is left as it was given.
+    _check_text_model(model, "model= (a torch module)")
     if device is None:
         # With device="auto" a user's module stays where the user put it.
         param = next(model.parameters(), None)
