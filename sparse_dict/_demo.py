@@ -225,7 +225,9 @@ def _plot_training(history, path):
         ax.set_ylabel(label)
         if key == "loss":
             ax.set_yscale("log")
-    fig.savefig(path, format="png", dpi=110)
+    # Marked as the package's: --overwrite replaces a demo folder only if
+    # each of its files is recognised as the package's own.
+    fig.savefig(path, format="png", dpi=110, metadata=_persist.png_metadata())
 
 
 def _size_curve(X_train, X_eval, extractor, texts, args):

@@ -163,9 +163,94 @@ def _tokens_file(path):
 
 
 NPY = Kind(".npy array", False, _file_with_magic(b"\x93NUMPY"))
-# Matplotlib names itself in every PNG it writes.
-PNG = Kind("PNG plot written by sparse_dict", False,
-           _file_with_magic(b"\x89PNG\r\n\x1a\n", contains=b"Matplotlib"))
+# The mark of a PNG this package wrote: a PNG text entry "Software" naming
+# sparse_dict, which every savefig of the package passes (png_metadata()).
+# Matplotlib puts its own name there in every PNG it writes, so a user's own
+# figure never carries the mark, whatever else it says.
+PNG_SOFTWARE_KEY = "Software"
+PNG_SOFTWARE_PREFIX = "sparse_dict "
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Text chunks come before the image data (matplotlib writes them there); at
+# most this many chunks, and text chunks of at most this size, are read to
+# find the mark, so a large image is never read whole.
+_PNG_MAX_CHUNKS = 64
+_PNG_MAX_TEXT_BYTES = 1 << 16
+# The PNG standard's bound on a chunk's length.
+_PNG_MAX_CHUNK_LENGTH = (1 << 31) - 1
+
+
+def png_metadata():
+    """The ``metadata`` for matplotlib's ``savefig`` that marks a PNG as this package's.
+
+    Every PNG the package writes passes it, so that :data:`PNG` (what
+    ``overwrite`` may replace) tells the package's plots from a user's own.
+
+    Returns
+    -------
+    metadata : dict
+        ``{"Software": "sparse_dict <version>"}``, written as a PNG text chunk.
+
+    Examples
+    --------
+    >>> png_metadata()["Software"].startswith("sparse_dict ")
+    True
+    """
+    from sparse_dict._version import __version__
+
+    return {PNG_SOFTWARE_KEY: PNG_SOFTWARE_PREFIX + __version__}
+
+
+def _png_texts(path):
+    """The ``(keyword, text)`` of the ``tEXt`` chunks before a PNG's image data.
+
+    The chunks are walked from the signature and ``IHDR`` on, each text
+    chunk's CRC checked; the walk stops at the image data, at the end, after
+    :data:`_PNG_MAX_CHUNKS` chunks, or at the first damaged chunk (what was
+    read before it is kept). A file that is not a PNG gives ``[]``.
+    """
+    import zlib
+
+    texts = []
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(len(_PNG_SIGNATURE)) != _PNG_SIGNATURE:
+                return []
+            for index in range(_PNG_MAX_CHUNKS):
+                header = fh.read(8)
+                if len(header) < 8:
+                    break
+                length, kind = int.from_bytes(header[:4], "big"), header[4:]
+                if (index == 0) != (kind == b"IHDR") or length > _PNG_MAX_CHUNK_LENGTH:
+                    break  # not a PNG's chunk sequence
+                if kind in (b"IDAT", b"IEND"):
+                    break
+                if kind != b"tEXt" or length > _PNG_MAX_TEXT_BYTES:
+                    fh.seek(length + 4, os.SEEK_CUR)  # its data and CRC, unread
+                    continue
+                data, crc = fh.read(length), fh.read(4)
+                if len(data) < length or crc != zlib.crc32(kind + data).to_bytes(4, "big"):
+                    break
+                keyword, null, text = data.partition(b"\0")
+                if null:
+                    # Latin-1, as the PNG standard has tEXt.
+                    texts.append((keyword.decode("latin-1"), text.decode("latin-1")))
+    except OSError:
+        return []
+    return texts
+
+
+def _png_written_here(path):
+    """Whether ``path`` is a PNG whose text says sparse_dict wrote it (:func:`png_metadata`)."""
+    return _is_plain_file(path) and any(
+        key == PNG_SOFTWARE_KEY and text.startswith(PNG_SOFTWARE_PREFIX)
+        for key, text in _png_texts(path))
+
+
+# A plot written before the mark existed is not recognised either: it is kept,
+# the safe direction, and the message says why.
+PNG = Kind("PNG plot marked as written by sparse_dict (its PNG text names sparse_dict as "
+           "its Software; older plots, without the mark, are kept too)", False,
+           _png_written_here)
 # The page's own generator tag, not the words anywhere: a user's notes about
 # the browser must not read as one of its pages.
 HTML = Kind("feature browser page", False,
@@ -686,7 +771,7 @@ def _digest_file(path):
 
 
 def write_folder(path, config, tensors, *, kind, config_name, weights_name,
-                 overwrite=False, hint="overwrite=True"):
+                 overwrite=False, hint="overwrite=True", extra_files=None):
     """Save ``config`` (JSON) and ``tensors`` (safetensors) as a folder, safely.
 
     The folder is staged and moved into place as :func:`staged` does. The
@@ -705,6 +790,9 @@ def write_folder(path, config, tensors, *, kind, config_name, weights_name,
         File names inside the folder.
     overwrite : bool, default=False
     hint : str, default="overwrite=True"
+    extra_files : dict of str to bytes, optional
+        Further files of the folder, by name, written and moved into place
+        with it (their integrity is the caller's to record in ``config``).
 
     Returns
     -------
@@ -724,6 +812,8 @@ def write_folder(path, config, tensors, *, kind, config_name, weights_name,
             "weights": _digest_file(weights),
         }
         (tmp / config_name).write_text(json.dumps(signed, indent=2) + "\n", encoding="utf-8")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
     return Path(path)
 
 

@@ -522,7 +522,8 @@ def plot_feature_density(frequencies, path=None, *, bins=50, title=None, overwri
     ax.set_title(title, fontsize=10)
     if path is not None:
         with _persist.staged(path, _persist.PNG, overwrite=overwrite) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
+            # Marked as the package's, so that overwrite may replace it later.
+            fig.savefig(tmp, format="png", dpi=110, metadata=_persist.png_metadata())
     return fig
 
 

@@ -569,6 +569,10 @@ def build_parser(command=None):
     d = _DEMO_DEFAULTS
     p = sub.add_parser(
         "demo",
+        # No abbreviations: --tiny sizes every option not given in full on the
+        # command line (cmd_demo reads them from argv), and "--n-comp 48"
+        # was silently sized to 32.
+        allow_abbrev=False,
         help="the whole job on the built-in model: extract, fit, compare, browse",
         description="Extract the built-in model's MLP activations over the bundled "
         "Shakespeare corpus, fit a sparse autoencoder and scikit-learn's "
@@ -765,7 +769,9 @@ def build_parser(command=None):
                    "normalize_activations='expected_average_only_in': the factor its inputs "
                    "were multiplied by (SAELens' pretrained directory lists it), folded into "
                    "the weights; read from the folder's activation_scaler.json when not given")
-    _add_overwrite(p, "a folder that convert wrote earlier in the same format")
+    _add_overwrite(p, "a folder that sparse_dict wrote in the output's format: a saved "
+                   "dictionary (fit, convert, save) with --from saelens, a SAELens folder "
+                   "(convert, to_saelens) with --from sparse_dict")
     _add_common(p)
     p.set_defaults(func=cmd_convert)
     return parser

@@ -1905,6 +1905,11 @@ class SparseAutoencoderDictionary(
     def to_saelens(self, path, *, overwrite=False):
         """Write the dictionary as a SAELens 6 folder (``cfg.json``, ``sae_weights.safetensors``).
 
+        Known ``feature_frequencies_`` go in ``sparsity.safetensors`` too, as
+        SAELens' training writes it (``log10`` of each; see
+        :mod:`sparse_dict.saelens`), so that :meth:`from_saelens` gives them
+        back.
+
         SAELens' ``SAE.load_from_disk`` opens it as ``"standard"`` (ReLU),
         ``"topk"`` or ``"jumprelu"`` (JumpReLU, and BatchTopK with its one
         threshold), and its ``decode(encode(X))`` equals
@@ -1952,7 +1957,8 @@ class SparseAutoencoderDictionary(
         if not is_writer(self._distributed()):
             return Path(path)
         return write_saelens(path, self.activation, self.k, self._fitted_tensors(),
-                             getattr(self, "provenance_", None), overwrite=overwrite)
+                             getattr(self, "provenance_", None),
+                             frequencies=self.feature_frequencies_, overwrite=overwrite)
 
     @classmethod
     def _from_saved_params(cls, params, file, device):

@@ -37,8 +37,16 @@ Writing does the reverse: ``apply_b_dec_to_input=True``,
 ``normalize_activations="none"``, and unit-norm atoms (TopK with a selection
 scale writes atoms of norm ``1 / selection_scale``, which SAELens' plain
 ``"topk"`` selects on exactly as this package does).
+
+Firing frequencies go in ``sparsity.safetensors`` as SAELens keeps them: one
+tensor ``"sparsity"`` of ``log10`` of each feature's frequency. SAELens
+computes ``log10(frequency + 1e-10)``, so a feature that never fired is
+stored as -10; this module writes ``log10(max(frequency, 1e-10))`` (the same
+floor, and the known frequencies back to a unit in the last place) and
+reads a value at that floor as 0.
 """
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -93,12 +101,62 @@ def _wrote_it(config):
     return isinstance(meta, dict) and "sparse_dict_version" in meta
 
 
-# A folder that write_saelens wrote: what overwrite=True may replace.
-SAELENS_FOLDER = _persist.folder_kind(
+# SAELens stores log10(frequency + 1e-10): a feature that never fired is at
+# -10 (-10.000001 in float32). Values this close to the floor read as 0; a
+# frequency under about 1e-10 is beyond any count of tokens anyway.
+_LOG10_FLOOR = -10.0
+_FLOOR_TOLERANCE = 1e-5
+# The SHA-256 of the sparsity.safetensors that write_saelens wrote, in
+# cfg.json's metadata: covered by cfg.json's own checksum, so that the file
+# counts as part of the folder both for damage (read_saelens) and for what
+# overwrite may replace (SAELENS_FOLDER).
+SPARSITY_DIGEST_KEY = "sparse_dict_sparsity_sha256"
+# sparsity.safetensors holds one number per feature; a file far larger is
+# not one that write_saelens wrote, and is not read to find out.
+_MAX_SPARSITY_BYTES = 64 << 20
+
+# The files write_saelens writes, cfg.json vouching for the folder.
+_WRITTEN_FILES = _persist.folder_kind(
     "SAELens folder written by sparse_dict",
     {CONFIG_FILE: _persist.json_kind("SAELens configuration written by sparse_dict", _wrote_it),
-     WEIGHTS_FILE: None},
+     WEIGHTS_FILE: None, SPARSITY_FILE: None},
 )
+
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _recorded_sparsity(path):
+    """Whether ``path/sparsity.safetensors`` is the one whose digest ``cfg.json`` records."""
+    path = Path(path)
+    sparsity = path / SPARSITY_FILE
+    try:
+        if sparsity.stat().st_size > _MAX_SPARSITY_BYTES:
+            return False
+        # Bounded already: SAELENS_FOLDER's cfg.json check read it.
+        metadata = json.loads((path / CONFIG_FILE).read_bytes()).get("metadata")
+        recorded = metadata.get(SPARSITY_DIGEST_KEY) if isinstance(metadata, dict) else None
+        return isinstance(recorded, str) and recorded == _sha256(sparsity.read_bytes())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _is_written_folder(path):
+    """Whether ``path`` is a folder that :func:`write_saelens` wrote, as it wrote it.
+
+    A ``sparsity.safetensors`` in it must be the one it wrote (its digest is
+    in ``cfg.json``): one added later (SAELens' own, say) is somebody else's
+    file, and the folder is then not replaced.
+    """
+    if not _WRITTEN_FILES.recognize(path):
+        return False
+    return not (Path(path) / SPARSITY_FILE).exists() or _recorded_sparsity(path)
+
+
+# A folder that write_saelens wrote: what overwrite=True may replace.
+SAELENS_FOLDER = _persist.Kind("SAELens folder written by sparse_dict", True,
+                               _is_written_folder)
 
 
 def is_saelens_folder(path):
@@ -158,7 +216,9 @@ def _read_config(path):
         if key not in _FIELDS[architecture] and key != _persist.INTEGRITY_KEY:
             raise ValueError(f"{file}: unexpected field {key!r} for architecture "
                              f"{architecture!r}")
-    cfg = {"architecture": architecture}
+    # Whether cfg.json is as write_saelens wrote it (read_config checked its
+    # checksum): SAELens saving the folder again drops the checksum.
+    cfg = {"architecture": architecture, "signed": _persist.INTEGRITY_KEY in config}
     cfg["d_in"] = _persist.Integer(1).check(config.get("d_in"), file, "d_in")
     cfg["d_sae"] = _persist.Integer(1).check(config.get("d_sae"), file, "d_sae")
     dtype = _persist.config_field(config, "dtype", file, kind=str)
@@ -237,14 +297,33 @@ def _has_bfloat16(file):
         isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values())
 
 
-def _read_frequencies(path, d_sae):
-    """Firing frequencies from ``sparsity.safetensors`` (log10 of them), or None."""
+def _read_frequencies(path, cfg):
+    """Firing frequencies from ``sparsity.safetensors`` (log10 of them), or None.
+
+    In a folder as :func:`write_saelens` wrote it, the file must be the one
+    whose digest ``cfg.json`` records. A value at SAELens' floor of -10 reads
+    as 0 (a feature that never fired).
+    """
     file = Path(path) / SPARSITY_FILE
+    metadata = cfg["metadata"]
+    recorded = metadata.get(SPARSITY_DIGEST_KEY) if isinstance(metadata, dict) else None
+    if cfg["signed"] and recorded is not None:
+        if not _persist._is_plain_file(file):
+            raise ValueError(f"{Path(path)} is not a complete SAELens folder: {SPARSITY_FILE} "
+                             "is missing or not a file, though cfg.json records it "
+                             f"(field 'metadata.{SPARSITY_DIGEST_KEY}').")
+        if (file.stat().st_size > _MAX_SPARSITY_BYTES
+                or _sha256(file.read_bytes()) != recorded):
+            raise ValueError(f"{file}: the file changed after it was saved (its checksum does "
+                             "not match): it is damaged.")
     if not file.is_file():
         return None
     tensors = _persist.read_tensors(file, {"sparsity": _persist.TensorSpec(
-        (d_sae,), ("float16", "float32", "float64"), maximum=0.0)})
-    return np.clip(10.0 ** tensors["sparsity"].astype(np.float64), 0.0, 1.0)
+        (cfg["d_sae"],), ("float16", "float32", "float64"), maximum=0.0)})
+    log10 = tensors["sparsity"].astype(np.float64)
+    frequencies = np.clip(10.0 ** log10, 0.0, 1.0)
+    frequencies[log10 <= _LOG10_FLOOR + _FLOOR_TOLERANCE] = 0.0
+    return frequencies
 
 
 def read_saelens(path, *, norm_scaling_factor=None):
@@ -258,14 +337,16 @@ def read_saelens(path, *, norm_scaling_factor=None):
         For ``normalize_activations="expected_average_only_in"``: the factor
         the SAE's inputs were multiplied by in training (SAELens' pretrained
         directory lists it as ``norm_scaling_factor``). Read from the
-        folder's ``activation_scaler.json`` when not given.
+        folder's ``activation_scaler.json`` when not given. Refused for
+        ``normalize_activations="none"``, which has no scaling to fold.
 
     Returns
     -------
     result : dict
         ``activation`` and ``k`` (the estimator's parameters), ``dtype``,
         ``tensors`` (this package's names, float64, input units),
-        ``frequencies`` (or None), ``code_scale`` (per feature: this package's
+        ``frequencies`` (from ``sparsity.safetensors``, or None),
+        ``code_scale`` (per feature: this package's
         code is SAELens' code times it) and ``provenance`` (SAELens'
         metadata and what was folded; or, for a folder :func:`write_saelens`
         wrote from a dictionary with an extractor's provenance, that
@@ -277,10 +358,17 @@ def read_saelens(path, *, norm_scaling_factor=None):
         If ``path`` does not exist.
     ValueError
         Naming the file and the field: a damaged or incomplete folder, an
-        architecture, normalisation or field this package cannot reproduce.
+        architecture, normalisation or field this package cannot reproduce;
+        or a ``norm_scaling_factor`` for ``normalize_activations="none"``.
     """
     path = Path(path)
     cfg = _read_config(path)
+    if norm_scaling_factor is not None and cfg["normalize_activations"] == "none":
+        # Ignoring it would leave the caller believing a scaling was folded.
+        raise ValueError(
+            f"{path / CONFIG_FILE}: cfg.json's normalize_activations is 'none': there is no "
+            "scaling to fold; leave norm_scaling_factor (convert's --norm-scaling-factor) out"
+        )
     w = _read_weights(path / WEIGHTS_FILE, cfg)
     folded = []
     W_enc, W_dec, b_enc, b_dec = w["W_enc"].T.copy(), w["W_dec"], w["b_enc"], w["b_dec"]
@@ -358,7 +446,7 @@ def read_saelens(path, *, norm_scaling_factor=None):
         "activation": activation, "k": k,
         "dtype": "float64" if cfg["dtype"] == "float64" else "float32",
         "tensors": tensors,
-        "frequencies": _read_frequencies(path, cfg["d_sae"]),
+        "frequencies": _read_frequencies(path, cfg),
         "code_scale": code_scale,
         "provenance": provenance,
     }
@@ -443,8 +531,44 @@ def saelens_tensors(activation, k, tensors):
     return architecture, fields, weights
 
 
-def write_saelens(path, activation, k, tensors, provenance=None, *, overwrite=False):
+def _sparsity_bytes(frequencies, d_sae):
+    """``sparsity.safetensors`` for known ``frequencies``, as bytes; None for unknown ones.
+
+    SAELens' layout: one tensor ``"sparsity"`` of ``log10`` of the
+    frequencies. A frequency of 0 (a feature that never fired) has no
+    logarithm: it is written at SAELens' floor, -10 (SAELens stores
+    ``log10(frequency + 1e-10)``), which :func:`read_saelens` reads as 0.
+    Known frequencies are written in float64, so that they read back as they
+    were (to a unit in the last place).
+    """
+    from safetensors.numpy import save
+
+    if frequencies is None:
+        return None
+    frequencies = np.asarray(frequencies, dtype=np.float64)
+    if frequencies.shape != (d_sae,):
+        raise ValueError(f"frequencies must have shape ({d_sae},), one per feature, got "
+                         f"{frequencies.shape}")
+    if not np.isfinite(frequencies).all():
+        return None  # unknown (NaN), as for a dictionary imported without them
+    if frequencies.min() < 0 or frequencies.max() > 1:
+        raise ValueError("frequencies must lie in [0, 1] (the share of tokens on which each "
+                         "feature fires)")
+    log10 = np.log10(np.maximum(frequencies, 10.0 ** _LOG10_FLOOR))
+    return save({"sparsity": np.ascontiguousarray(log10)})
+
+
+def write_saelens(path, activation, k, tensors, provenance=None, *, frequencies=None,
+                  overwrite=False):
     """Write fitted tensors as a SAELens folder (``cfg.json``, ``sae_weights.safetensors``).
+
+    With known ``frequencies`` the folder also holds ``sparsity.safetensors``,
+    as SAELens' training writes it (``log10`` of each feature's firing
+    frequency; see :func:`_sparsity_bytes` for a frequency of 0), and
+    :func:`read_saelens` gives them back. Its SHA-256 is recorded in
+    ``cfg.json``'s metadata, under ``sparse_dict_sparsity_sha256``, so that
+    damage to it is detected and it counts as part of the folder for
+    ``overwrite``.
 
     The folder is staged and moved into place as every output of this package
     (:func:`sparse_dict._persist.staged`); with ``overwrite`` only a folder
@@ -462,11 +586,21 @@ def write_saelens(path, activation, k, tensors, provenance=None, *, overwrite=Fa
         is kept whole under ``metadata.sparse_dict_provenance``, which
         :func:`read_saelens` gives back, and its ``max_length`` is written as
         SAELens' ``context_size``.
+    frequencies : array-like of shape (d_sae,), optional
+        Each feature's firing frequency (``feature_frequencies_``), written
+        to ``sparsity.safetensors`` where all are known (finite); NaN
+        (unknown) or None writes no such file.
     overwrite : bool, default=False
 
     Returns
     -------
     path : pathlib.Path
+
+    Raises
+    ------
+    ValueError
+        For what SAELens cannot express, or ``frequencies`` of the wrong
+        shape or outside [0, 1].
     """
     from sparse_dict._version import __version__
 
@@ -483,6 +617,12 @@ def write_saelens(path, activation, k, tensors, provenance=None, *, overwrite=Fa
     metadata.setdefault("sae_lens_training_version", None)
     metadata["sparse_dict_version"] = __version__
     d_sae, d_in = weights["W_dec"].shape
+    sparsity = _sparsity_bytes(frequencies, d_sae)
+    # Set or removed: metadata read from a folder written earlier may carry
+    # that folder's digest.
+    metadata.pop(SPARSITY_DIGEST_KEY, None)
+    if sparsity is not None:
+        metadata[SPARSITY_DIGEST_KEY] = _sha256(sparsity)
     config = {
         "d_in": int(d_in), "d_sae": int(d_sae), "dtype": dtype, "device": "cpu",
         "apply_b_dec_to_input": True, "normalize_activations": "none",
@@ -492,6 +632,7 @@ def write_saelens(path, activation, k, tensors, provenance=None, *, overwrite=Fa
     return _persist.write_folder(
         path, config, weights, kind=SAELENS_FOLDER, overwrite=overwrite,
         config_name=CONFIG_FILE, weights_name=WEIGHTS_FILE,
+        extra_files=None if sparsity is None else {SPARSITY_FILE: sparsity},
     )
 
 

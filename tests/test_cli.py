@@ -259,6 +259,13 @@ def test_read_texts_formats(tmp_path):
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text('"one"\n{"text": "two", "id": 3}\n\n', encoding="utf-8")
     assert read_texts(jsonl) == ["one", "two"]
+    # A byte-order mark, as Windows editors write one, is no text.
+    for name, body, want in (("b.txt", "one\ntwo\n", ["one", "two"]),
+                             ("b.jsonl", '"one"\n', ["one"])):
+        marked = tmp_path / name
+        marked.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+        assert read_texts(marked) == want
+    assert read_texts(tmp_path / "b.txt", "whole") == ["one\ntwo"]
 
 
 # --------------------------------------------------------------------------
@@ -430,6 +437,11 @@ def test_demo_without_size_curve(builtin_model, tmp_path, capsys):
     assert status == 0, err
     settings = json.loads((tmp_path / "e" / "results.json").read_text())["settings"]
     assert (settings["max_length"], settings["n_components"], settings["n_texts"]) == (128, 48, 24)
+    # An abbreviation would be the user's too, unseen by --tiny (it gave 32
+    # atoms for "--n-comp 48"): the demo takes options in full only.
+    status, _, err = run(["demo", "--tiny", "--n-comp", "48", "--out", tmp_path / "f"], capsys)
+    assert_one_line_error(status, err, "unrecognized arguments: --n-comp 48")
+    assert not (tmp_path / "f").exists()
 
 
 def test_demo_classical_codes_are_computed_once(builtin_model, tmp_path, capsys, monkeypatch):

@@ -218,6 +218,93 @@ def test_report_overwrite_keeps_a_user_page(work, texts, capsys):
     assert (work / "r" / "features.html").read_text() == "<!DOCTYPE html><p>mine</p>"
 
 
+def _matplotlib_png(path, **savefig):
+    """A figure saved with matplotlib, as a user saves their own."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2))
+    FigureCanvasAgg(fig)
+    fig.add_subplot().plot([1, 2])
+    fig.savefig(path, format="png", **savefig)
+    return path
+
+
+def _png_chunks(data):
+    """A PNG's chunks, each whole (length, type, data, CRC), in order."""
+    chunks, i = [], 8
+    while i < len(data):
+        end = i + 12 + int.from_bytes(data[i:i + 4], "big")
+        chunks.append(data[i:end])
+        i = end
+    return chunks
+
+
+def test_report_overwrite_keeps_a_users_matplotlib_png(work, texts, capsys):
+    (work / "r").mkdir()
+    before = _matplotlib_png(work / "r" / "density.png").read_bytes()
+    status, _, err = run(["report", work / "dict", texts, "-o", work / "r", "--overwrite",
+                          "--device", "cpu", "-q"], capsys)
+    # Refused, saying that a plot without the mark (an older one of ours too) is kept.
+    line = one_line(err)
+    assert status == 2 and "not a PNG plot marked as written by sparse_dict" in line
+    assert "older plots, without the mark, are kept too" in line
+    assert (work / "r" / "density.png").read_bytes() == before
+
+
+def test_only_a_png_marked_by_sparse_dict_may_be_replaced(tmp_path):
+    from sparse_dict.browser import plot_feature_density
+
+    ours = tmp_path / "ours.png"
+    plot_feature_density(np.array([0.5, 0.0]), ours)
+    assert _persist.check_target(ours, _persist.PNG, overwrite=True) == ours
+    chunks = _png_chunks(ours.read_bytes())
+    signature, text = ours.read_bytes()[:8], [c for c in chunks if c[4:8] == b"tEXt"]
+    # Not the package's: a user's figure; one whose other text names
+    # sparse_dict; the mark in a chunk whose CRC is wrong; the mark after the
+    # image data, where the package never writes it and which is not read.
+    _matplotlib_png(tmp_path / "mine.png")
+    _matplotlib_png(tmp_path / "comment.png",
+                    metadata={"Comment": "Software: sparse_dict 0.1.0"})
+    damaged = [c if c[4:8] != b"tEXt" else c[:-1] + bytes([c[-1] ^ 1]) for c in chunks]
+    (tmp_path / "crc.png").write_bytes(signature + b"".join(damaged))
+    rest = [c for c in chunks if c[4:8] != b"tEXt"]
+    (tmp_path / "late.png").write_bytes(signature + b"".join(rest[:-1] + text + rest[-1:]))
+    for name in ("mine.png", "comment.png", "crc.png", "late.png"):
+        with pytest.raises(FileExistsError, match="refusing to replace it, even with overwrite"):
+            _persist.check_target(tmp_path / name, _persist.PNG, overwrite=True)
+    # The mark itself: one text chunk, Software naming sparse_dict and its version.
+    from sparse_dict import __version__
+
+    assert [c[8:-4] for c in text] == [b"Software\0sparse_dict " + __version__.encode()]
+
+
+def test_convert_overwrite_replaces_what_sparse_dict_wrote_as_its_help_says(work, capsys):
+    status, out, _ = run(["convert", "--help"], capsys)
+    help_text = " ".join(out.split())
+    assert status == 0
+    assert "a saved dictionary (fit, convert, save) with --from saelens" in help_text
+    assert "a SAELens folder (convert, to_saelens) with --from sparse_dict" in help_text
+    # A dictionary saved as fit saves it, and a SAELens folder to_saelens
+    # wrote, are each replaced by a conversion...
+    SparseAutoencoderDictionary.load(work / "dict").to_saelens(work / "sae")
+    for fmt, source, target in (("saelens", work / "sae", work / "dict"),
+                                ("sparse_dict", work / "dict", work / "sae")):
+        status, _, err = run(["convert", "--from", fmt, source, "-o", target, "--overwrite",
+                              "-q"], capsys)
+        assert status == 0, err
+    # ... a folder of the user's never.
+    mine = work / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    for fmt, source in (("saelens", work / "sae"), ("sparse_dict", work / "dict")):
+        status, _, err = run(["convert", "--from", fmt, source, "-o", mine, "--overwrite"],
+                             capsys)
+        assert status == 2 and "refusing to replace it" in one_line(err)
+    assert listing(mine) == ["notes.txt"]
+
+
 # --------------------------------------------------------------------------
 # Exit statuses
 # --------------------------------------------------------------------------

@@ -489,3 +489,99 @@ def test_a_folder_of_the_other_layout_is_named_as_such(tmp_path):
     (tmp_path / "neither").mkdir()
     with pytest.raises(ValueError, match=r"is missing or not a file\.$"):
         SparseAutoencoderDictionary.load(tmp_path / "neither")
+
+
+# A dead feature (0), rare ones and one that always fires (log10 = 0).
+FREQUENCIES = np.r_[0.0, np.geomspace(1e-7, 1.0, D_SAE - 1)]
+
+
+def _write_ours(folder, frequencies=FREQUENCIES, **kw):
+    """A folder as to_saelens writes it, with ``frequencies`` (write_saelens itself)."""
+    from sparse_dict.saelens import write_saelens
+
+    est, _ = _fitted("relu")
+    return write_saelens(folder, est.activation, est.k, est._fitted_tensors(),
+                         frequencies=frequencies, **kw)
+
+
+def test_known_frequencies_go_out_in_sparsity_safetensors_and_back(tmp_path):
+    folder = _write_ours(tmp_path / "sae")
+    # SAELens' layout: one tensor, log10 of the frequencies; the dead feature
+    # at SAELens' floor, -10, since 0 has no logarithm.
+    sparsity = load_file(str(folder / "sparsity.safetensors"))
+    assert list(sparsity) == ["sparsity"] and sparsity["sparsity"].shape == (D_SAE,)
+    assert sparsity["sparsity"][0] == -10.0
+    np.testing.assert_allclose(10.0 ** sparsity["sparsity"][1:], FREQUENCIES[1:], rtol=1e-12)
+    back = SparseAutoencoderDictionary.from_saelens(folder, device="cpu")
+    np.testing.assert_allclose(back.feature_frequencies_, FREQUENCIES, rtol=1e-12, atol=0)
+    assert back.feature_frequencies_[0] == 0.0  # dead, not 1e-10
+    # Unknown frequencies write no file, and come back unknown.
+    unknown = _write_ours(tmp_path / "unknown", np.full(D_SAE, np.nan))
+    assert sorted(p.name for p in unknown.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    assert np.isnan(SparseAutoencoderDictionary.from_saelens(unknown).feature_frequencies_).all()
+
+
+def test_saelens_own_dead_features_read_as_zero(tmp_path):
+    # SAELens saves log10(frequency + 1e-10) in float32: -10.000001 for a
+    # feature that never fired.
+    folder = _write(tmp_path / "sae", "standard", _weights("standard"))
+    log10 = np.log10(FREQUENCIES.astype(np.float32) + np.float32(1e-10))
+    save_file({"sparsity": log10}, str(folder / "sparsity.safetensors"))
+    read = SparseAutoencoderDictionary.from_saelens(folder).feature_frequencies_
+    assert read[0] == 0.0
+    np.testing.assert_allclose(read[1:], FREQUENCIES[1:], rtol=1e-3)
+
+
+def test_sparsity_safetensors_is_part_of_the_folder_written(tmp_path):
+    folder = _write_ours(tmp_path / "sae")
+    # Its own output, sparsity file and all, may be replaced.
+    _write_ours(folder, FREQUENCIES[::-1], overwrite=True)
+    np.testing.assert_allclose(SparseAutoencoderDictionary.from_saelens(folder)
+                               .feature_frequencies_, FREQUENCIES[::-1], rtol=1e-12)
+    # Damaged, or gone: named, as for the weights.
+    sparsity = folder / "sparsity.safetensors"
+    save_file({"sparsity": np.full(D_SAE, -1.0)}, str(sparsity))
+    with pytest.raises(ValueError, match="sparsity.safetensors: the file changed after it "
+                                         "was saved"):
+        SparseAutoencoderDictionary.from_saelens(folder)
+    sparsity.unlink()
+    with pytest.raises(ValueError, match="sparsity.safetensors is missing"):
+        SparseAutoencoderDictionary.from_saelens(folder)
+    # One added to a folder written without it is someone else's: kept.
+    plain = _write_ours(tmp_path / "plain", None)
+    save_file({"sparsity": np.full(D_SAE, -2.0)}, str(plain / "sparsity.safetensors"))
+    added = (plain / "sparsity.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="not a SAELens folder written by sparse_dict"):
+        _write_ours(plain, overwrite=True)
+    assert (plain / "sparsity.safetensors").read_bytes() == added
+
+
+def test_a_scaling_factor_for_no_normalisation_is_refused(tmp_path, capsys):
+    folder = _write(tmp_path / "sae", "standard", _weights("standard"))
+    message = ("cfg.json's normalize_activations is 'none': there is no scaling to fold; "
+               "leave norm_scaling_factor")
+    with pytest.raises(ValueError, match=message):
+        SparseAutoencoderDictionary.from_saelens(folder, norm_scaling_factor=2.5)
+    # On the command line: its one-line error, exit 2, nothing written.
+    assert main(["convert", "--from", "saelens", str(folder), "-o", str(tmp_path / "sd"),
+                 "--norm-scaling-factor", "2.5"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sd").exists()
+
+
+def test_to_saelens_and_convert_keep_the_feature_frequencies(tmp_path):
+    est, _ = _fitted("relu")
+    est.feature_frequencies_ = FREQUENCIES.copy()
+    back = SparseAutoencoderDictionary.from_saelens(est.to_saelens(tmp_path / "sae"))
+    np.testing.assert_allclose(back.feature_frequencies_, FREQUENCIES, rtol=1e-12, atol=0)
+    # The command line both ways, through a saved dictionary.
+    est.save(tmp_path / "saved")
+    assert main(["convert", "--from", "sparse_dict", str(tmp_path / "saved"), "-o",
+                 str(tmp_path / "out"), "-q"]) == 0
+    assert (tmp_path / "out" / "sparsity.safetensors").is_file()
+    assert main(["convert", "--from", "saelens", str(tmp_path / "out"), "-o",
+                 str(tmp_path / "again"), "-q"]) == 0
+    np.testing.assert_allclose(
+        SparseAutoencoderDictionary.load(tmp_path / "again").feature_frequencies_,
+        FREQUENCIES, rtol=1e-12, atol=0)
