@@ -319,7 +319,9 @@ def run_isolated(names, mode, device, out_dir):
         to ``{"error": ...}`` when it wrote nothing.
     """
     root = Path(__file__).resolve().parent.parent
-    out_dir = Path(out_dir)
+    # Absolute: the sections' process runs from the repository's root, and a
+    # path relative to another folder would be written there and read here.
+    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         # A file left by an earlier run must not pass for this run's figures.

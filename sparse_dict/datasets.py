@@ -224,12 +224,23 @@ def make_superposition(
         )
         active = latent < thresholds
         true_codes[start : start + rows] = np.where(active, magnitudes, 0.0)
+        # Codes are non-zero exactly where a feature is active: magnitudes
+        # below the dtype's smallest value would round to zero (1e-50 in
+        # float32 gave codes and rows of zeros).
+        if (active & (true_codes[start : start + rows] == 0)).any():
+            raise ValueError(f"magnitude_range={magnitude_range!r} gives codes below the "
+                             f"smallest {dtype.name}, which round to 0; choose larger "
+                             "magnitudes.")
 
-    X = true_codes.astype(np.float64) @ true_atoms
+    wide = true_codes.astype(np.float64) @ true_atoms
     if noise > 0:
-        X += noise * noise_rng.standard_normal(X.shape)
-    X = X.astype(dtype)
+        wide += noise * noise_rng.standard_normal(wide.shape)
+    X = wide.astype(dtype)
     if not np.isfinite(X).all():
         raise ValueError(f"magnitude_range={magnitude_range!r} gives values beyond the range "
                          f"of {dtype.name}; choose smaller magnitudes.")
+    if ((X == 0) & (wide != 0)).any():
+        raise ValueError(f"magnitude_range={magnitude_range!r} gives values below the "
+                         f"smallest {dtype.name}, which round to 0; choose larger "
+                         "magnitudes.")
     return X, true_atoms.astype(dtype), true_codes

@@ -90,6 +90,11 @@ def _check_atom_pair(learned_atoms, true_atoms):
 
 def _unit_rows(atoms):
     atoms = atoms.astype(np.float64)
+    # Each row in units of its largest value first: a norm of rows near
+    # 1e-200 underflowed to 0 (and 1e160, overflowed), and the atom read as
+    # all zeros.
+    peaks = np.abs(atoms).max(axis=1, keepdims=True) if atoms.size else np.ones((len(atoms), 1))
+    atoms = np.divide(atoms, peaks, out=np.zeros_like(atoms), where=peaks > 0)
     norms = np.linalg.norm(atoms, axis=1, keepdims=True)
     # A zero atom points nowhere: give it cosine 0 with everything rather
     # than NaN, so one dead atom does not poison a whole comparison.
@@ -154,7 +159,9 @@ def explained_variance(X, X_hat):
         1.0 for a perfect reconstruction, 0.0 for predicting the column
         means, negative when worse than that. When ``X`` has no variance
         (for instance a single row) the score is 1.0 for a perfect
-        reconstruction and 0.0 otherwise, as in scikit-learn's ``r2_score``.
+        reconstruction and 0.0 otherwise, as in scikit-learn's ``r2_score``;
+        a reconstruction worse than the mean by more than float64 can hold
+        scores ``-inf``.
 
     Examples
     --------
@@ -177,8 +184,12 @@ def explained_variance(X, X_hat):
     # No variance is told by the columns themselves: the mean of a constant
     # column is off by a rounding error, whose square would pass for a tiny
     # variance and make any residual a huge negative score.
-    if total == 0.0 or constant:
+    if constant:
         return 1.0 if residual == 0.0 else 0.0
+    if total == 0.0:
+        # X varies, but by less than float64 resolves beside the largest value
+        # (of X_hat, 1e200 times X's): the ratio is beyond float64 too.
+        return 1.0 if residual == 0.0 else -np.inf
     return 1.0 - residual / total
 
 
@@ -188,7 +199,14 @@ _TINY_SUM = 1e-250
 
 def _variance_sums(X, X_hat, unit):
     """Residual and total sums of squares of ``X / unit``, and whether ``X`` is constant."""
-    mean = X.mean(axis=0, dtype=np.float64) / unit
+    if unit == 1.0:
+        mean = X.mean(axis=0, dtype=np.float64)
+    else:
+        # The mean of X / unit, not of X: X's column sums can overflow where
+        # its values do not (rows near 1e307 summed to infinity, scored 1.0).
+        mean = np.zeros(X.shape[1])
+        for rows in _row_blocks(X):
+            mean += (X[rows].astype(np.float64) / unit).sum(axis=0) / X.shape[0]
     residual = total = 0.0
     low, high = np.full(X.shape[1], np.inf), np.full(X.shape[1], -np.inf)
     for rows in _row_blocks(X):

@@ -121,11 +121,14 @@ class SparseCodingScorer:
             raise ValueError(
                 f"metrics must be a non-empty selection of {sorted(_SCORER_METRICS)}, "
                 f"got {metrics!r}.") from None
-        unknown = [name for name in metrics if name not in _SCORER_METRICS]
-        if unknown or not metrics:
+        # Names only (a list inside was a TypeError of hashing), each once:
+        # a repeat would be one column of cv_results_ named twice.
+        unknown = [name for name in metrics
+                   if not isinstance(name, str) or name not in _SCORER_METRICS]
+        if unknown or not metrics or len(set(metrics)) < len(metrics):
             raise ValueError(
                 f"metrics must be a non-empty selection of {sorted(_SCORER_METRICS)}, "
-                f"got {list(metrics)!r}."
+                f"each named once, got {list(metrics)!r}."
             )
         self.metrics = metrics
 

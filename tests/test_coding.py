@@ -300,3 +300,26 @@ def test_amortisation_gap_passes_a_data_frame_on_as_given():
         from_frame = amortisation_gap(sae, frame)
     assert from_frame == amortisation_gap(sae.set_output(transform="default"), rows)
 
+
+
+def test_amortisation_gap_of_a_lasso_coder_codes_against_its_offset():
+    # "auto" took decoder_bias_ only: a LassoCoder's offset_ was left out of
+    # the optimal side, which then explained -0.97 against the encoder's 0.59.
+    X, atoms, _ = make_superposition(200, 8, 12, n_active=2, random_state=0)
+    bias = np.linspace(-1, 1, 8)
+    coder = LassoCoder(atoms, algorithm="threshold", alpha=0.1, offset=bias).fit(X + bias)
+    auto = amortisation_gap(coder, X + bias)
+    assert auto == amortisation_gap(coder, X + bias, offset=bias)
+    assert auto["optimal"] > 0.99 and auto["gap"] > 0
+
+
+def test_a_fitted_estimator_without_atoms_is_named_as_such():
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X = np.random.RandomState(0).rand(20, 4)
+    with pytest.raises(TypeError, match="Pipeline passed as dictionary is fitted but holds "
+                                        "no dictionary"):
+        LassoCoder(make_pipeline(StandardScaler()).fit(X)).fit(X)
+    with pytest.raises(NotFittedError, match="has no components_: fit it first"):
+        LassoCoder(MiniBatchDictionaryLearning(3)).fit(X)

@@ -156,6 +156,12 @@ def test_noise():
         (dict(noise=np.inf), "noise must be a finite real number >= 0.0, got inf"),
         (dict(magnitude_range=(0.0, 1e300), dtype=np.float32),
          "goes beyond the range of float32"),
+        # Below it: codes and rows of zeros, where the codes are documented
+        # non-zero exactly where a feature is active.
+        (dict(magnitude_range=(1e-50, 1e-46), dtype=np.float32),
+         "gives codes below the smallest float32, which round to 0"),
+        (dict(magnitude_range=(1e-44, 2e-44), dtype=np.float32),
+         "gives values below the smallest float32"),
         (dict(dtype=np.int64), "dtype must be np.float32 or np.float64"),
     ],
 )

@@ -89,6 +89,33 @@ def test_explained_variance_of_values_whose_squares_leave_float64(unit):
         explained_variance(X, X_hat), rel=1e-12)
 
 
+def test_explained_variance_at_the_edges_of_float64():
+    rng = np.random.RandomState(0)
+    X = rng.uniform(1, 2, (100, 3))
+    X_hat = X + 0.1 * rng.normal(size=X.shape)
+    # Values near float64's largest: their column sums overflowed, and any
+    # reconstruction scored 1.0.
+    assert explained_variance(X * 1e307, X_hat * 1e307) == pytest.approx(
+        explained_variance(X, X_hat), rel=1e-12)
+    # Worse than the mean by more than float64 holds: -inf, not the 0.0 of
+    # "as good as the mean" (X's variance underflowed beside X_hat's values).
+    X = rng.normal(size=(20, 5))
+    assert explained_variance(X, X * 1e200) == -np.inf
+    assert explained_variance(X * 1e-200, X) == -np.inf
+    assert explained_variance(X * 1e-200, X * 1e-200) == 1.0
+
+
+def test_cosines_of_atoms_whose_norms_leave_float64():
+    # A norm of rows near 1e-200 underflowed (1e160: overflowed), and the
+    # atoms read as all zeros: a similarity of 0.
+    rng = np.random.RandomState(0)
+    learned, true = rng.normal(size=(6, 5)), rng.normal(size=(7, 5))
+    expected = mean_max_cosine_similarity(learned, true)
+    assert expected > 0.3
+    for a, b in ((1e-200, 1.0), (1e160, 1e-300), (1.0, 1e300)):
+        assert mean_max_cosine_similarity(learned * a, true * b) == pytest.approx(expected)
+
+
 def test_explained_variance_float32_matches_float64():
     rng = np.random.RandomState(0)
     X = rng.normal(size=(200, 8))

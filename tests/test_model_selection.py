@@ -165,6 +165,11 @@ def test_scorer_metric_selection(data):
         SparseCodingScorer(metrics=())
     with pytest.raises(ValueError, match="metrics must be a non-empty selection.*got None"):
         SparseCodingScorer(metrics=None)
+    # A list inside (a TypeError of hashing before) and a repeat are named too.
+    with pytest.raises(ValueError, match=r"each named once, got \[\['l0'\]\]"):
+        SparseCodingScorer(metrics=[["l0"]])
+    with pytest.raises(ValueError, match=r"each named once, got \['l0', 'l0'\]"):
+        SparseCodingScorer(metrics=["l0", "l0"])
 
 
 def test_scorer_needs_inverse_transform(data):
