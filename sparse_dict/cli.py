@@ -293,7 +293,8 @@ def cmd_report(args):
     _output_file(out / "density.png", "density plot", _persist.PNG, overwrite=args.overwrite,
                  inputs=inputs)
     if store is not None:
-        n = store.n_rows if args.max_texts is None else store.rows_of_texts(args.max_texts)
+        n = (store.n_rows if args.max_texts is None
+             else store.rows_of_texts(min(args.max_texts, store.n_texts)))
         acts, tokens = store.activations[:n], store.tokens(slice(0, n))
         index = np.asarray(store.index[:n, :2])
         _check_width(acts, dictionary, f"activations in the store {args.texts}")

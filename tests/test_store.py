@@ -77,6 +77,10 @@ def test_store_holds_the_rows_tokens_and_provenance(reference, extractor, texts)
     np.testing.assert_array_equal(store.position, where.position)
     np.testing.assert_array_equal(store.tokens(), where.token)
     assert store.rows_of_texts(3) == int((where.text_index < 3).sum())
+    assert store.rows_of_texts(store.n_texts) == store.n_rows
+    for bad in (-1, store.n_texts + 1, 1.5, True):
+        with pytest.raises(ValueError, match="n_texts must be an integer from 0 to"):
+            store.rows_of_texts(bad)
     m = store.manifest
     assert (m["model"], m["layer"], m["hook"], m["corpus"]) == ("builtin", 0, "mlp_post",
                                                                 "corpus train")
@@ -370,6 +374,9 @@ def test_cli_extract_to_a_store_fit_and_report(reference, extractor, texts, tmp_
                  "--max-texts", "5", "--device", "cpu", "-q"]) == 0
     page = (tmp_path / "r" / "features.html").read_text(encoding="utf-8")
     assert "sparse_dict feature browser" in page
+    # More texts than the store holds: all of them.
+    assert main(["report", str(tmp_path / "dict"), str(store), "-o", str(tmp_path / "r-all"),
+                 "--max-texts", "100000", "--device", "cpu", "-q"]) == 0
     # A dictionary of another hook point of the same width is refused, not
     # paired with the store's activations.
     other = SparseAutoencoderDictionary.load(tmp_path / "dict")

@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import io
 import json
+import numbers
 import os
 from pathlib import Path
 
@@ -386,11 +387,22 @@ class ActivationStore:
         Parameters
         ----------
         n_texts : int
+            From 0 to :attr:`n_texts`.
 
         Returns
         -------
         n_rows : int
+
+        Raises
+        ------
+        ValueError
+            For a count outside that range, or not an integer (-1 gave 0
+            rows, where it reads as "all but the last text").
         """
+        if isinstance(n_texts, bool) or not isinstance(n_texts, numbers.Integral) or not (
+                0 <= n_texts <= self.n_texts):
+            raise ValueError(f"n_texts must be an integer from 0 to the store's {self.n_texts} "
+                             f"texts, got {n_texts!r}.")
         return int(np.searchsorted(self.text_index, n_texts, side="left"))
 
     def tokens(self, rows=slice(None)):
