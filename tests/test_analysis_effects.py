@@ -519,7 +519,7 @@ def test_model_mismatch_is_refused_unless_told(ext, sae):
         logit_effects(ext, other, features=0)
     check_compatible(ext, other, check_model=False)
     # A local folder is recognised by its name wherever it lies.
-    from sparse_dict.analysis._provenance import _same_model
+    from sparse_dict.extraction._provenance import _same_model
 
     assert _same_model("/old/place/my-model", "/new/place/my-model")
     assert not _same_model("/models/my-model", "/models/other")

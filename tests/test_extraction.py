@@ -564,6 +564,28 @@ def test_splice_with_a_sparse_autoencoder(corpus):
     )
 
 
+def test_splice_refuses_a_dictionary_of_another_hook_point(corpus):
+    # resid_post and mlp_out are both 128 wide on the built-in model: a
+    # dictionary of the one spliced at the other scored better (0.57) than
+    # at its own point (0.10), unchecked.
+    estimator = pytest.importorskip("sparse_dict.estimator")
+    texts = corpus[:20]
+    resid = TransformerActivationExtractor(hook="resid_post", max_length=16).fit(texts)
+    sae = estimator.SparseAutoencoderDictionary(
+        n_components=64, max_steps=5, batch_size=128, device="cpu", random_state=0
+    ).fit(resid.transform(texts), provenance=resid.provenance())
+    out = TransformerActivationExtractor(hook="mlp_out", max_length=16).fit(texts[:1])
+    with pytest.raises(ValueError, match="learned on activations of layer0.resid_post of "
+                                         "model builtin, but the extractor reads "
+                                         "layer0.mlp_out"):
+        splice_evaluation(out, sae, texts[:4])
+    assert np.isfinite(splice_evaluation(resid, sae, texts[:4]).loss_spliced)
+    # Learned on one row a text, it is no dictionary of tokens either.
+    sae.provenance_ = dict(sae.provenance_, pooling="mean")
+    with pytest.raises(ValueError, match="with pooling='mean'"):
+        splice_evaluation(resid, sae, texts[:4])
+
+
 def test_splice_bad_arguments():
     with pytest.raises(TypeError, match="transform and inverse_transform"):
         splice_evaluation(TransformerActivationExtractor(), object(), TEXTS)

@@ -24,7 +24,7 @@ from sparse_dict.analysis._effects import (
     NoDirectPathError,
     logit_effects,
 )
-from sparse_dict.analysis._provenance import check_compatible
+from sparse_dict.extraction._provenance import check_compatible
 from sparse_dict.analysis._steering import (
     SteeringDistributions,
     steer,

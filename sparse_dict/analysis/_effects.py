@@ -19,7 +19,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from sparse_dict.analysis._provenance import check_compatible, check_fitted_dictionary
+from sparse_dict.extraction._provenance import check_compatible, check_fitted_dictionary
 from sparse_dict.extraction._extractor import TransformerActivationExtractor
 from sparse_dict.extraction._hook import (
     _OUT_PROJECTION_NAMES,

@@ -16,7 +16,7 @@ import torch
 from sklearn.utils import check_random_state
 
 from sparse_dict.analysis._effects import _fitted_extractor, check_features
-from sparse_dict.analysis._provenance import check_compatible, check_fitted_dictionary
+from sparse_dict.extraction._provenance import check_compatible, check_fitted_dictionary
 from sparse_dict.extraction._splicing import _final_output
 from sparse_dict.extraction._texts import _check_texts
 
