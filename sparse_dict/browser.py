@@ -133,6 +133,25 @@ def _neighbours(index, context):
     return rows.astype(np.int64)
 
 
+def _lowest_rows_of_ties(block, top, cols):
+    """Make ``top`` (the partition's rows of each column's largest values) take tied rows by row.
+
+    Where the last value kept ties with rows left out, the partition chose
+    among them as its algorithm fell (row 1392 over 720 for one feature);
+    the lowest rows are taken instead, so the examples do not depend on it.
+    Changes ``top`` in place, column by column, only where such a tie lies.
+    """
+    kth = block[top, cols[None, :]].min(axis=0)
+    kept = (block[top, cols[None, :]] == kth).sum(axis=0)
+    tied = np.flatnonzero((kth > 0) & ((block == kth).sum(axis=0) > kept))
+    n_kept = top.shape[0]
+    for c in tied:
+        column = block[:, c]
+        above = np.flatnonzero(column > kth[c])
+        level = np.flatnonzero(column == kth[c])[: n_kept - len(above)]
+        top[:, c] = np.concatenate([above, level])
+
+
 def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
     """Find the ``k`` tokens each feature fires on most strongly, with context.
 
@@ -214,6 +233,7 @@ def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
         cols = np.arange(stop - start)
         if n_kept < n_tokens:
             top = np.argpartition(-block, n_kept - 1, axis=0)[:n_kept]  # (n_kept, b), unordered
+            _lowest_rows_of_ties(block, top, cols)
         else:
             top = np.broadcast_to(np.arange(n_tokens)[:, None], (n_tokens, stop - start))
         top_vals = block[top, cols[None, :]]

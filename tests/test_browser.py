@@ -55,6 +55,18 @@ def test_top_k_matches_full_sort():
     assert np.all(np.diff(ex.values[1:], axis=1) <= 0)
 
 
+def test_top_k_takes_the_lowest_rows_among_ties():
+    # Values tied at the k-th place: the partition picked among them as its
+    # algorithm fell (row 1392 over row 720 for one feature); the lowest rows
+    # are taken, as a full sort by value, then row, gives them.
+    rng = np.random.default_rng(0)
+    codes = np.round(rng.random((2000, 6)), 1)  # ten levels: ties everywhere
+    codes[:, 1] = 0.5  # one level only
+    ex = top_activating_examples(codes, [f"t{i}" for i in range(2000)], k=7, context=0)
+    np.testing.assert_array_equal(ex.rows, _brute_top(codes, 7))
+    assert ex.rows[1].tolist() == list(range(7))
+
+
 def test_top_k_blocks_and_sparse_input_agree(monkeypatch):
     codes = _random_codes()
     tokens = [f"t{i}" for i in range(300)]

@@ -124,6 +124,12 @@ def test_pooled_store(texts, tmp_path):
     assert store.text_index.tolist() == list(range(9))
     assert (store.position == -1).all() and set(store.tokens().tolist()) == {""}
     assert store.manifest["n_rows"] == 9 and store.manifest["n_tokens"] > 9
+    # A text without tokens in the first chunk is refused before the store
+    # exists (an empty store was left, which only overwrite could clear).
+    with pytest.raises(ValueError, match="Text 1 has no tokens, so it cannot be pooled"):
+        ext.transform_to_disk(["a", ""], tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+    assert ext.transform_to_disk(["a", "b"], tmp_path / "p").n_rows == 2
 
 
 # ---------------------------------------------------------------------------

@@ -505,6 +505,15 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         seqs = self._tokenize(X, pretokenized, self.loaded_model())
         return self._activations(seqs, self._progress_label(len(seqs))), seqs
 
+    @staticmethod
+    def _check_poolable(lengths, first=0):
+        """Raise where a text of these token counts has none to pool (``first``: its offset)."""
+        empty = np.flatnonzero(np.asarray(lengths) == 0)
+        if empty.size:
+            raise ValueError(
+                f"Text {first + int(empty[0])} has no tokens, so it cannot be pooled."
+            )
+
     def _activations(self, seqs, desc=None, first=0):
         """Activations of the token-id lists ``seqs``, in their order.
 
@@ -517,11 +526,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         if self.pooling == "none":
             out = np.empty((int(offsets[-1]), d), dtype=np.float32)
         else:
-            empty = np.flatnonzero(lengths == 0)
-            if empty.size:
-                raise ValueError(
-                    f"Text {first + int(empty[0])} has no tokens, so it cannot be pooled."
-                )
+            self._check_poolable(lengths, first)
             out = np.empty((len(seqs), d), dtype=np.float32)
         with torch.inference_mode(), self.activation_hook() as hook:
             for chunk, ids, mask in self.batches(seqs, desc):
@@ -707,6 +712,13 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         first = next(chunks)
         if getattr(self, "n_features_out_", None) is None:
             self.fit(first[1][:1])
+        if self.pooling != "none":
+            # A text without tokens cannot be pooled: said before the store
+            # exists too (found while writing, it left an empty store that
+            # only --overwrite could clear).
+            lengths = np.array([len(s) for s in self._tokenize(first[1], first[2],
+                                                               self.loaded_model())])
+            self._check_poolable(lengths, first[0])
         writer = StoreWriter(path, self._store_config(corpus), resume=resume,
                              overwrite=overwrite)
         with writer, self._disk_progress(X, writer.n_texts) as bar:
