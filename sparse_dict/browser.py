@@ -195,6 +195,10 @@ def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
     """
     codes = _check_codes(codes)
     n_tokens, n_features = codes.shape
+    if isinstance(tokens, (str, bytes)):
+        # Its characters would pass for tokens, one per row.
+        raise TypeError("tokens must be a sequence of token strings, one per row of codes, "
+                        f"not one string ({tokens[:20]!r}).")
     tokens = np.asarray(list(tokens), dtype=object)
     if tokens.shape != (n_tokens,):
         raise ValueError(

@@ -379,6 +379,12 @@ def test_feature_out_of_range(ext, sae):
         steer(ext, sae, ["My lord"], 999, 1.0)
     with pytest.raises(TypeError, match="int"):
         logit_effects(ext, sae, features=[1.5])
+    # Named, not numpy's overflow or its error of a ragged shape.
+    with pytest.raises(ValueError, match=r"feature 100000000000000000000 out of range"):
+        logit_effects(ext, sae, features=10**20)
+    with pytest.raises(TypeError, match=r"features must be an int or a sequence of ints, got "
+                                        r"\[1, \[2\]\]"):
+        logit_effects(ext, sae, features=[1, [2]])
 
 
 def _fitted_at(hook, texts):

@@ -127,6 +127,12 @@ def test_top_k_rejects_bad_input(kwargs, match):
         top_activating_examples(codes, tokens, index, **args)
 
 
+def test_one_string_is_not_taken_for_tokens():
+    # Its characters passed for one token a row.
+    with pytest.raises(TypeError, match=r"not one string \('abc'\)"):
+        top_activating_examples(np.ones((3, 2)), "abc")
+
+
 def test_max_features_is_a_positive_integer(tmp_path):
     for bad in (-1, 0, 1.5):
         with pytest.raises(ValueError, match="max_features must be an integer of at least 1"):

@@ -105,6 +105,20 @@ def test_chunks_of_texts_without_tokens_add_no_rows(extractor, texts, tmp_path):
     assert empty.complete and empty.activations.shape == (0, 512)
 
 
+def test_damaged_token_files_are_named(extractor, texts, tmp_path):
+    store = extractor.transform_to_disk(texts[:3], tmp_path / "s")
+    (tmp_path / "s" / "vocab.json").write_text("[\"a\", ", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"vocab\.json: expected a JSON list of token strings"):
+        open_store(tmp_path / "s").tokens()  # was json's own error, naming no file
+    store = extractor.transform_to_disk(texts[:3], tmp_path / "t")
+    index = np.load(tmp_path / "t" / "index.npy", mmap_mode="r+")
+    index[0, -1] = -5  # read as the fifth token from the end of the vocabulary
+    index.flush()
+    del index, store
+    with pytest.raises(ValueError, match=r"index\.npy: token id -5 is below -1"):
+        open_store(tmp_path / "t").tokens()
+
+
 @pytest.mark.filterwarnings("ignore:The fit stopped after only")
 def test_fit_reads_the_store(reference):
     acts = open_store(reference.path).activations

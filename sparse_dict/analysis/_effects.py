@@ -334,21 +334,27 @@ def check_features(features, n_components, name="features"):
     """``features`` as an int64 array of valid indices, or a clear error."""
     if features is None:
         return np.arange(n_components, dtype=np.int64)
-    scalar = np.ndim(features) == 0
-    values = np.atleast_1d(np.asarray(features, dtype=object))
-    if values.ndim != 1 or not all(
-        isinstance(v, Integral) and not isinstance(v, bool) for v in values
-    ):
+    scalar = isinstance(features, Integral) or (
+        isinstance(features, np.ndarray) and features.ndim == 0)
+    # Element by element: numpy's own conversion of [1, [2]] or of 10**20
+    # raised its errors of shapes and of overflow, naming no argument.
+    if scalar:
+        items = [features.item() if isinstance(features, np.ndarray) else features]
+    elif isinstance(features, (str, bytes)) or not hasattr(features, "__iter__"):
+        items = None
+    else:
+        items = list(features)
+    if items is None or not all(isinstance(v, Integral) and not isinstance(v, bool)
+                                for v in items):
         raise TypeError(f"{name} must be an int or a sequence of ints, got {features!r}.")
-    values = values.astype(np.int64)
-    bad = values[(values < 0) | (values >= n_components)]
-    if bad.size:
-        what = "feature" if scalar or bad.size == 1 else "features"
+    bad = [int(v) for v in items if not 0 <= v < n_components]
+    if bad:
+        what = "feature" if scalar or len(bad) == 1 else "features"
         raise ValueError(
-            f"{what} {bad.tolist() if bad.size > 1 else int(bad[0])} out of range: the "
+            f"{what} {bad if len(bad) > 1 else bad[0]} out of range: the "
             f"dictionary has {n_components} features (0 to {n_components - 1})."
         )
-    return values
+    return np.array(items, dtype=np.int64)
 
 
 def token_strings(loaded, ids):

@@ -418,6 +418,10 @@ class ActivationStore:
         """
         table = self._token_table()
         ids = np.asarray(self.token_ids[rows])
+        # -1 marks a pooled row; a lower id would read a token from the end.
+        if ids.size and ids.min() < -1:
+            raise ValueError(f"{self.path / INDEX}: token id {int(ids.min())} is below -1: the "
+                             "store's index is damaged.")
         if ids.size and ids.max() >= len(table) - 1:
             raise ValueError(f"{self.path / VOCAB} has {len(table) - 1} tokens but the rows "
                              f"hold id {int(ids.max())}: the activation store is damaged.")
@@ -430,7 +434,10 @@ class ActivationStore:
             if not vocab_file.is_file():
                 raise ValueError(f"{self.path}: {VOCAB} is missing; it is written when the "
                                  "extraction ends, so resume the extraction first.")
-            vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+            try:
+                vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                vocab = None  # damaged: said below, by the file's name
             if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
                 raise ValueError(f"{vocab_file}: expected a JSON list of token strings.")
             table = np.empty(len(vocab) + 1, dtype=object)
