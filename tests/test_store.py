@@ -105,6 +105,17 @@ def test_chunks_of_texts_without_tokens_add_no_rows(extractor, texts, tmp_path):
     assert empty.complete and empty.activations.shape == (0, 512)
 
 
+def test_an_open_file_gives_its_lines_without_their_breaks(extractor, texts, tmp_path):
+    # Each line's "\n" was a token more at the end of every text.
+    # Short, so that no line's end is cut by max_length.
+    one_line = [" ".join(text.split()[:5]) for text in texts[:4]]
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(one_line) + "\n", encoding="utf-8")
+    with open(lines, encoding="utf-8") as fh:
+        store = extractor.transform_to_disk(fh, tmp_path / "s")
+    np.testing.assert_allclose(store.activations, extractor.transform(one_line), atol=1e-5)
+
+
 def test_damaged_token_files_are_named(extractor, texts, tmp_path):
     store = extractor.transform_to_disk(texts[:3], tmp_path / "s")
     (tmp_path / "s" / "vocab.json").write_text("[\"a\", ", encoding="utf-8")

@@ -639,6 +639,8 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         ----------
         X : iterable of str, or of lists of int
             Texts, or token ids of already tokenised texts, read once, in order.
+            An open text file gives one text per line, without its line
+            break (as ``sparse-dict extract`` reads a file's lines).
         path : str or path-like
             The store's folder; see :class:`~sparse_dict.extraction.ActivationStore`.
         resume : bool, default=False

@@ -1,6 +1,7 @@
 """Checking the texts given to an extractor, and turning them into token ids."""
 
 import inspect
+import io
 import itertools
 from collections.abc import Mapping, Set
 from numbers import Integral
@@ -109,6 +110,10 @@ def _text_chunks(X, chunk_texts):
         raise TypeError(
             f"X must be an iterable of texts (or of token-id lists), got {type(X).__name__}."
         ) from None
+    if isinstance(X, io.TextIOBase):
+        # A file's lines without their line breaks, as the command line reads
+        # them: kept, each "\n" was a token more at every text's end.
+        items = (line[:-1] if line.endswith("\n") else line for line in items)
     start, pretokenized = 0, None
     while True:
         chunk = list(itertools.islice(items, chunk_texts))
