@@ -357,7 +357,8 @@ def _check_replaceable(path, kind):
     """Raise FileExistsError unless ``path`` is a ``kind`` this package wrote."""
     if path.is_symlink() or path.is_dir() != kind.folder or not kind.recognize(path):
         raise FileExistsError(
-            f"{path} already exists and is {_describe(path)} that is not a {kind.name}; "
+            f"{path} already exists and is {_describe(path)} that is not "
+            f"{'an' if kind.name[:1] in 'aeiou' else 'a'} {kind.name}; "
             "refusing to replace it, even with overwrite, since sparse_dict did not write "
             "it as one. Remove it yourself or choose another name."
         )

@@ -251,7 +251,8 @@ def test_a_users_folder_holding_an_activations_npy_is_not_a_store(extractor, tex
     mine.mkdir()
     np.save(mine / "activations.npy", np.ones((3, 4), np.float32))
     for flags in ({"overwrite": True}, {"resume": True}):
-        with pytest.raises(FileExistsError):
+        with pytest.raises(FileExistsError, match="is a folder that is not an activation "
+                                                  "store; refusing to replace it"):
             extractor.transform_to_disk(texts[:2], mine, **flags)
     np.testing.assert_array_equal(np.load(mine / "activations.npy"), np.ones((3, 4)))
     assert os.listdir(mine) == ["activations.npy"]
