@@ -422,7 +422,7 @@ def write_feature_browser(
     Parameters
     ----------
     path : str or path-like
-        Where to write the HTML file; its folder must exist.
+        Where to write the HTML file; missing folders above it are created.
     frequencies : array-like of shape (n_features,)
         Fraction of tokens on which each feature fires (for example
         ``SparseAutoencoderDictionary.feature_frequencies_`` or
@@ -502,7 +502,8 @@ def plot_feature_density(frequencies, path=None, *, bins=50, title=None, overwri
     frequencies : array-like of shape (n_features,)
         Fraction of tokens on which each feature fires.
     path : str or path-like, default=None
-        If given, the figure is saved there as a PNG.
+        If given, the figure is saved there as a PNG; the name must end in
+        ``.png`` (PNG bytes under another name would be misread).
     bins : int, default=50
         Number of histogram bins.
     title : str, default=None
@@ -527,6 +528,9 @@ def plot_feature_density(frequencies, path=None, *, bins=50, title=None, overwri
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    if path is not None and not str(path).lower().endswith(".png"):
+        raise ValueError(f"path must name a .png file (the figure is saved as a PNG), got "
+                         f"{str(path)!r}.")
     frequencies = _check_frequencies(np.asarray(frequencies, dtype=np.float64).ravel())
     alive = frequencies[frequencies > 0]
     n_dead = frequencies.size - alive.size

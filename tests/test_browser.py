@@ -204,6 +204,12 @@ def test_density_plot_writes_png(tmp_path):
     assert "5 dead" in fig.axes[0].get_title()
     # All features dead: still a figure, no error from an empty histogram.
     plot_feature_density(np.zeros(4), tmp_path / "dead.png")
+    # PNG bytes under another name were written silently.
+    for name in ("density.svg", "density.pdf", "density"):
+        with pytest.raises(ValueError, match="path must name a .png file"):
+            plot_feature_density(freqs, tmp_path / name)
+        assert not (tmp_path / name).exists()
+    plot_feature_density(freqs, tmp_path / "UPPER.PNG")
 
 
 # --------------------------------------------------------------------------
