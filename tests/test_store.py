@@ -128,6 +128,17 @@ def test_damaged_token_files_are_named(extractor, texts, tmp_path):
     del index, store
     with pytest.raises(ValueError, match=r"index\.npy: token id -5 is below -1"):
         open_store(tmp_path / "t").tokens()
+    # A complete store's manifest edited to count fewer rows opened with the
+    # rest left out, silently.
+    store = extractor.transform_to_disk(texts[:3], tmp_path / "u")
+    n_rows = store.n_rows
+    del store
+    manifest = json.loads((tmp_path / "u" / "manifest.json").read_text())
+    manifest["n_rows"] = n_rows - 1
+    (tmp_path / "u" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"holds {n_rows} rows where the manifest of the "
+                                         rf"complete store counts {n_rows - 1}"):
+        open_store(tmp_path / "u")
 
 
 @pytest.mark.filterwarnings("ignore:The fit stopped after only")

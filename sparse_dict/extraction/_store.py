@@ -231,16 +231,20 @@ def _read_manifest(path):
     return manifest
 
 
-def _rows(path, width, dtype, n_rows):
+def _rows(path, width, dtype, n_rows, complete=False):
     """The first ``n_rows`` rows of the growing .npy ``path``, memory-mapped read-only."""
-    offset = _check_rows_file(path, width, dtype, n_rows)
+    offset = _check_rows_file(path, width, dtype, n_rows, complete)
     if n_rows == 0:
         return np.empty((0, width), dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n_rows, width))
 
 
-def _check_rows_file(path, width, dtype, n_rows):
-    """Raise unless the growing .npy ``path`` holds ``n_rows`` rows as written; its offset."""
+def _check_rows_file(path, width, dtype, n_rows, complete=False):
+    """Raise unless the growing .npy ``path`` holds ``n_rows`` rows as written; its offset.
+
+    Of a ``complete`` store, exactly those rows, as its header says too: a
+    manifest edited to count fewer opened with rows left out, silently.
+    """
     offset = _header_size(width, dtype)
     need = offset + n_rows * width * np.dtype(dtype).itemsize
     if not path.is_file():
@@ -257,6 +261,9 @@ def _check_rows_file(path, width, dtype, n_rows):
         if fortran or file_dtype != np.dtype(dtype) or shape[1:] != (width,):
             raise ValueError(f"{path} is not a C-ordered {np.dtype(dtype)} array of width "
                              f"{width}: the activation store is damaged.")
+    if complete and (shape[0] != n_rows or path.stat().st_size != need):
+        raise ValueError(f"{path} holds {shape[0]} rows where the manifest of the complete "
+                         f"store counts {n_rows}: the activation store is damaged.")
     return offset
 
 
@@ -319,8 +326,9 @@ class ActivationStore:
         self.path = Path(path)
         self.manifest = manifest
         n_rows, width = manifest["n_rows"], manifest["n_features"]
-        self.activations = _rows(self.path / ACTIVATIONS, width, np.float32, n_rows)
-        self.index = _rows(self.path / INDEX, _INDEX_COLUMNS, np.int64, n_rows)
+        complete = bool(manifest.get("complete"))
+        self.activations = _rows(self.path / ACTIVATIONS, width, np.float32, n_rows, complete)
+        self.index = _rows(self.path / INDEX, _INDEX_COLUMNS, np.int64, n_rows, complete)
         self._table = None
 
     def provenance(self):
