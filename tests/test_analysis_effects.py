@@ -370,6 +370,17 @@ def test_bad_arguments_are_named(ext, sae, effects):
     assert np.isfinite(shift.log_prob_increase([vocab - 1, 0]))
 
 
+def test_a_strength_that_overflows_the_model_is_refused(ext, sae):
+    # Finite at the hook, 1e30 overflowed the layers after it: NaN
+    # distributions, and '\x00' tokens generated from argmax of NaN.
+    with pytest.raises(ValueError, match=r"With strength=1e\+30 the model's next-token "
+                                         r"logits are NaN or infinite"):
+        steer(ext, sae, ["My lord"], 3, 1e30, max_new_tokens=2)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        steering_distributions(ext, sae, ["My lord"], 3, 1e30)
+    assert len(steer(ext, sae, ["My lord"], 3, 5.0, max_new_tokens=2)) == 1
+
+
 def test_feature_out_of_range(ext, sae):
     with pytest.raises(ValueError, match=r"feature 128 out of range: .* 128 features"):
         logit_effects(ext, sae, features=128)

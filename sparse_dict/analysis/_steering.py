@@ -141,6 +141,16 @@ def _edit(extractor, sae, feature, strength, clamp, direction):
     return extractor, add
 
 
+def _overflowed(strength, clamp):
+    """The error of an edit whose model's next-token logits came out NaN or infinite."""
+    what = f"clamp={clamp:g}" if clamp is not None else f"strength={strength:g}"
+    # Finite at the hook (1e30 is a float32), the edit overflows the layers
+    # after it: argmax of NaN logits generated '\x00' tokens, silently.
+    return ValueError(f"With {what} the model's next-token logits are NaN or infinite: the "
+                      "edit overflows the model's arithmetic after the hook point. Use a "
+                      "smaller one.")
+
+
 def _clamp_edit(sae, feature, value):
     def clamp(acts):
         flat = acts.reshape(-1, acts.shape[-1]).float().cpu().numpy()
@@ -296,6 +306,8 @@ def steer(extractor, sae, texts, feature, strength, max_new_tokens=20, random_st
                     x = torch.tensor([window], dtype=torch.long, device=loaded.device)
                     hook.reset("edit", edit)
                     logits = _logits(loaded, x, torch.ones_like(x))[0, -1].float()
+                    if not bool(torch.isfinite(logits).all()):
+                        raise _overflowed(strength, clamp)
                     if generator is None:
                         token = int(torch.argmax(logits))
                     else:
@@ -394,6 +406,8 @@ def steering_distributions(extractor, sae, texts, feature, strength, *, clamp=No
                     steered[offsets[i]:offsets[i + 1]] = after[row, take]
     finally:
         loaded.model.train(training)
+    if not np.isfinite(steered).all():
+        raise _overflowed(strength, clamp)
     text_index = np.repeat(np.arange(len(seqs), dtype=np.int64), counts)
     if positions == "all":
         position = np.concatenate([np.arange(n) for n in lengths]).astype(np.int64)
