@@ -473,28 +473,21 @@ def test_cli_extract_fit_steer_report(tmp_path, capsys):
     assert main(["encode", str(folder), str(elsewhere), "-o", str(tmp_path / "c2.npy")]) == 2
     assert "but the activations are of layer0.resid_post" in capsys.readouterr().err
     assert not (tmp_path / "c2.npy").exists()
-    # Activations replaced behind the provenance's back: it is not recorded.
-    other = tmp_path / "other.npy"
-    np.save(other, np.load(acts)[:50])
-    (tmp_path / "other.provenance.json").write_text(
-        (tmp_path / "acts.provenance.json").read_text())
-    assert main(["fit", str(other), "-o", str(tmp_path / "d2"), "--n-components", "8",
-                 "--max-steps", "2"]) == 0
-    assert "describes" in capsys.readouterr().err
-    assert "provenance_" not in json.loads(
-        (tmp_path / "d2" / "config.json").read_text())["attributes"]
-    # ... or by other rows of the same shape ('encode -o acts.npy --overwrite'
-    # with a dictionary of as many atoms as the activations have features):
-    # the file's fingerprint tells them apart.
-    same = tmp_path / "same.npy"
-    np.save(same, np.load(acts) * 0.5)
-    (tmp_path / "same.provenance.json").write_text(
-        (tmp_path / "acts.provenance.json").read_text())
-    assert main(["fit", str(same), "-o", str(tmp_path / "d3"), "--n-components", "8",
-                 "--max-steps", "2"]) == 0
-    assert "which has been written over since; it is ignored" in capsys.readouterr().err
-    assert "provenance_" not in json.loads(
-        (tmp_path / "d3" / "config.json").read_text())["attributes"]
+    # Activations replaced behind the provenance's back are not recorded: by
+    # fewer rows, or by other rows of the same shape ('encode -o acts.npy
+    # --overwrite' with a dictionary of as many atoms as the activations have
+    # features), which the file's fingerprint tells apart.
+    for name, rows, said in (
+            ("other", np.load(acts)[:50], "describes"),
+            ("same", np.load(acts) * 0.5, "which has been written over since; it is ignored")):
+        np.save(tmp_path / f"{name}.npy", rows)
+        (tmp_path / f"{name}.provenance.json").write_text(
+            (tmp_path / "acts.provenance.json").read_text())
+        assert main(["fit", str(tmp_path / f"{name}.npy"), "-o", str(tmp_path / f"d-{name}"),
+                     "--n-components", "8", "--max-steps", "2"]) == 0
+        assert said in capsys.readouterr().err
+        assert "provenance_" not in json.loads(
+            (tmp_path / f"d-{name}" / "config.json").read_text())["attributes"]
     # The fingerprint is not part of what a dictionary records.
     assert "activations_fingerprint" not in config["attributes"]["provenance_"]
     capsys.readouterr()
