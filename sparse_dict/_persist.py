@@ -793,7 +793,9 @@ def write_folder(path, config, tensors, *, kind, config_name, weights_name,
     hint : str, default="overwrite=True"
     extra_files : dict of str to bytes, optional
         Further files of the folder, by name, written and moved into place
-        with it (their integrity is the caller's to record in ``config``).
+        with it; their SHA-256 goes in the integrity record beside the
+        weights' (under ``"files"``), which :func:`read_config` checks and
+        :func:`extras_as_written` reads.
 
     Returns
     -------
@@ -812,10 +814,52 @@ def write_folder(path, config, tensors, *, kind, config_name, weights_name,
             "config": _digest_bytes(_canonical(signed).encode()),
             "weights": _digest_file(weights),
         }
+        if extra_files:
+            signed[INTEGRITY_KEY]["files"] = {name: _digest_bytes(data)
+                                              for name, data in extra_files.items()}
+            for name, data in extra_files.items():
+                (tmp / name).write_bytes(data)
         (tmp / config_name).write_text(json.dumps(signed, indent=2) + "\n", encoding="utf-8")
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
     return Path(path)
+
+
+def _integrity_record(config):
+    """The config's integrity record, checked in shape; None where it has none.
+
+    Raises ValueError (without a file name: the callers add it) where it is
+    damaged.
+    """
+    if INTEGRITY_KEY not in config:
+        return None
+    record = config[INTEGRITY_KEY]
+    files = record.get("files", {}) if isinstance(record, dict) else None
+    if not (isinstance(record, dict) and set(record) - {"files"} == {"config", "weights"}
+            and all(isinstance(record[k], str) for k in ("config", "weights"))
+            and isinstance(files, dict)
+            and all(isinstance(k, str) and isinstance(v, str) and Path(k).name == k
+                    and k not in ("", ".", "..") for k, v in files.items())):
+        raise ValueError(f"field {INTEGRITY_KEY!r} is damaged")
+    return record
+
+
+def extras_as_written(path, config_name, names):
+    """Whether each of ``names`` present in the folder ``path`` is a file it was saved with.
+
+    A file that :func:`write_folder` wrote is in the config's integrity
+    record with its digest; one added later, or changed since, is not the
+    folder's, and ``overwrite`` must not replace the folder with it.
+    """
+    path = Path(path)
+    present = [name for name in names if os.path.lexists(path / name)]
+    if not present:
+        return True
+    try:
+        record = _integrity_record(json.loads((path / config_name).read_bytes()))
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return False
+    files = (record or {}).get("files", {})
+    return all(name in files and _is_plain_file(path / name)
+               and _digest_file(path / name) == files[name] for name in present)
 
 
 def _bad(file, message):
@@ -864,11 +908,11 @@ def read_config(path, *, config_name, weights_name, other_layout=None):
         raise _bad(config_file, f"not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise _bad(config_file, "expected a JSON object")
-    if INTEGRITY_KEY in config:
-        record = config[INTEGRITY_KEY]
-        if not (isinstance(record, dict) and set(record) == {"config", "weights"}
-                and all(isinstance(v, str) for v in record.values())):
-            raise _bad(config_file, f"field {INTEGRITY_KEY!r} is damaged")
+    try:
+        record = _integrity_record(config)
+    except ValueError as exc:
+        raise _bad(config_file, str(exc)) from None
+    if record is not None:
         try:
             canonical = _canonical(config).encode()
         except ValueError:  # NaN or infinity: never written by save
@@ -877,9 +921,13 @@ def read_config(path, *, config_name, weights_name, other_layout=None):
             raise _bad(config_file, "the file changed after it was saved (its checksum does "
                        "not match): it is damaged or was edited by hand. Set parameters "
                        "after loading instead (set_params), and save again.")
-        if _digest_file(path / weights_name) != record["weights"]:
-            raise _bad(path / weights_name, "the file changed after it was saved (its "
-                       "checksum does not match): it is damaged.")
+        for name, digest in [(weights_name, record["weights"]), *record.get("files", {}).items()]:
+            if not _is_plain_file(path / name):
+                raise ValueError(f"{path} is not a complete saved folder: {name} is missing "
+                                 "or not a file, though the config records it.")
+            if _digest_file(path / name) != digest:
+                raise _bad(path / name, "the file changed after it was saved (its checksum "
+                           "does not match): it is damaged.")
     return config
 
 

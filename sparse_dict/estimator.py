@@ -1518,9 +1518,9 @@ class SparseAutoencoderDictionary(
 
     def _optimal_coder(self):
         """The LassoCoder for ``transform_algorithm``, built once per fit and settings."""
-        coders = getattr(self, "_coders", None)
-        if coders is None:  # a pickle from before the cache was kept so
-            coders = {}
+        # Fitted attributes set by hand, or an old pickle: no cache, since
+        # transform must add no attribute.
+        coders = getattr(self, "_coders", {})
         settings = (self.transform_algorithm, self.transform_n_nonzero_coefs, self.transform_alpha,
                     self.activation, self.k)
         coder = coders.get(settings)

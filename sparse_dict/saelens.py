@@ -46,7 +46,6 @@ floor, and the known frequencies back to a unit in the last place) and
 reads a value at that floor as 0.
 """
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -106,15 +105,6 @@ def _wrote_it(config):
 # frequency under about 1e-10 is beyond any count of tokens anyway.
 _LOG10_FLOOR = -10.0
 _FLOOR_TOLERANCE = 1e-5
-# The SHA-256 of the sparsity.safetensors that write_saelens wrote, in
-# cfg.json's metadata: covered by cfg.json's own checksum, so that the file
-# counts as part of the folder both for damage (read_saelens) and for what
-# overwrite may replace (SAELENS_FOLDER).
-SPARSITY_DIGEST_KEY = "sparse_dict_sparsity_sha256"
-# sparsity.safetensors holds one number per feature; a file far larger is
-# not one that write_saelens wrote, and is not read to find out.
-_MAX_SPARSITY_BYTES = 64 << 20
-
 # The files write_saelens writes, cfg.json vouching for the folder.
 _WRITTEN_FILES = _persist.folder_kind(
     "SAELens folder written by sparse_dict",
@@ -123,35 +113,15 @@ _WRITTEN_FILES = _persist.folder_kind(
 )
 
 
-def _sha256(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-def _recorded_sparsity(path):
-    """Whether ``path/sparsity.safetensors`` is the one whose digest ``cfg.json`` records."""
-    path = Path(path)
-    sparsity = path / SPARSITY_FILE
-    try:
-        if sparsity.stat().st_size > _MAX_SPARSITY_BYTES:
-            return False
-        # Bounded already: SAELENS_FOLDER's cfg.json check read it.
-        metadata = json.loads((path / CONFIG_FILE).read_bytes()).get("metadata")
-        recorded = metadata.get(SPARSITY_DIGEST_KEY) if isinstance(metadata, dict) else None
-        return isinstance(recorded, str) and recorded == _sha256(sparsity.read_bytes())
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def _is_written_folder(path):
     """Whether ``path`` is a folder that :func:`write_saelens` wrote, as it wrote it.
 
     A ``sparsity.safetensors`` in it must be the one it wrote (its digest is
-    in ``cfg.json``): one added later (SAELens' own, say) is somebody else's
-    file, and the folder is then not replaced.
+    in ``cfg.json``'s integrity record): one added later (SAELens' own, say)
+    is somebody else's file, and the folder is then not replaced.
     """
-    if not _WRITTEN_FILES.recognize(path):
-        return False
-    return not (Path(path) / SPARSITY_FILE).exists() or _recorded_sparsity(path)
+    return (_WRITTEN_FILES.recognize(path)
+            and _persist.extras_as_written(path, CONFIG_FILE, (SPARSITY_FILE,)))
 
 
 # A folder that write_saelens wrote: what overwrite=True may replace.
@@ -216,9 +186,7 @@ def _read_config(path):
         if key not in _FIELDS[architecture] and key != _persist.INTEGRITY_KEY:
             raise ValueError(f"{file}: unexpected field {key!r} for architecture "
                              f"{architecture!r}")
-    # Whether cfg.json is as write_saelens wrote it (read_config checked its
-    # checksum): SAELens saving the folder again drops the checksum.
-    cfg = {"architecture": architecture, "signed": _persist.INTEGRITY_KEY in config}
+    cfg = {"architecture": architecture}
     cfg["d_in"] = _persist.Integer(1).check(config.get("d_in"), file, "d_in")
     cfg["d_sae"] = _persist.Integer(1).check(config.get("d_sae"), file, "d_sae")
     dtype = _persist.config_field(config, "dtype", file, kind=str)
@@ -297,29 +265,18 @@ def _has_bfloat16(file):
         isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values())
 
 
-def _read_frequencies(path, cfg):
+def _read_frequencies(path, d_sae):
     """Firing frequencies from ``sparsity.safetensors`` (log10 of them), or None.
 
-    In a folder as :func:`write_saelens` wrote it, the file must be the one
-    whose digest ``cfg.json`` records. A value at SAELens' floor of -10 reads
-    as 0 (a feature that never fired).
+    A value at SAELens' floor of -10 reads as 0 (a feature that never fired).
+    Where :func:`write_saelens` wrote the file, :func:`_read_config` has
+    checked it against its digest.
     """
     file = Path(path) / SPARSITY_FILE
-    metadata = cfg["metadata"]
-    recorded = metadata.get(SPARSITY_DIGEST_KEY) if isinstance(metadata, dict) else None
-    if cfg["signed"] and recorded is not None:
-        if not _persist._is_plain_file(file):
-            raise ValueError(f"{Path(path)} is not a complete SAELens folder: {SPARSITY_FILE} "
-                             "is missing or not a file, though cfg.json records it "
-                             f"(field 'metadata.{SPARSITY_DIGEST_KEY}').")
-        if (file.stat().st_size > _MAX_SPARSITY_BYTES
-                or _sha256(file.read_bytes()) != recorded):
-            raise ValueError(f"{file}: the file changed after it was saved (its checksum does "
-                             "not match): it is damaged.")
     if not file.is_file():
         return None
     tensors = _persist.read_tensors(file, {"sparsity": _persist.TensorSpec(
-        (cfg["d_sae"],), ("float16", "float32", "float64"), maximum=0.0)})
+        (d_sae,), ("float16", "float32", "float64"), maximum=0.0)})
     log10 = tensors["sparsity"].astype(np.float64)
     frequencies = np.clip(10.0 ** log10, 0.0, 1.0)
     frequencies[log10 <= _LOG10_FLOOR + _FLOOR_TOLERANCE] = 0.0
@@ -446,7 +403,7 @@ def read_saelens(path, *, norm_scaling_factor=None):
         "activation": activation, "k": k,
         "dtype": "float64" if cfg["dtype"] == "float64" else "float32",
         "tensors": tensors,
-        "frequencies": _read_frequencies(path, cfg),
+        "frequencies": _read_frequencies(path, cfg["d_sae"]),
         "code_scale": code_scale,
         "provenance": provenance,
     }
@@ -565,10 +522,9 @@ def write_saelens(path, activation, k, tensors, provenance=None, *, frequencies=
     With known ``frequencies`` the folder also holds ``sparsity.safetensors``,
     as SAELens' training writes it (``log10`` of each feature's firing
     frequency; see :func:`_sparsity_bytes` for a frequency of 0), and
-    :func:`read_saelens` gives them back. Its SHA-256 is recorded in
-    ``cfg.json``'s metadata, under ``sparse_dict_sparsity_sha256``, so that
-    damage to it is detected and it counts as part of the folder for
-    ``overwrite``.
+    :func:`read_saelens` gives them back. Its SHA-256 is recorded beside the
+    weights' in ``cfg.json``'s integrity record, so that damage to it is
+    detected and it counts as part of the folder for ``overwrite``.
 
     The folder is staged and moved into place as every output of this package
     (:func:`sparse_dict._persist.staged`); with ``overwrite`` only a folder
@@ -618,11 +574,6 @@ def write_saelens(path, activation, k, tensors, provenance=None, *, frequencies=
     metadata["sparse_dict_version"] = __version__
     d_sae, d_in = weights["W_dec"].shape
     sparsity = _sparsity_bytes(frequencies, d_sae)
-    # Set or removed: metadata read from a folder written earlier may carry
-    # that folder's digest.
-    metadata.pop(SPARSITY_DIGEST_KEY, None)
-    if sparsity is not None:
-        metadata[SPARSITY_DIGEST_KEY] = _sha256(sparsity)
     config = {
         "d_in": int(d_in), "d_sae": int(d_sae), "dtype": dtype, "device": "cpu",
         "apply_b_dec_to_input": True, "normalize_activations": "none",

@@ -341,7 +341,12 @@ def _spreads(sample, msn, mean, norms, centre):
     variance = float(msn - mean @ mean)
     if variance < _CANCELLING * msn:
         row_spreads = _row_spreads(sample, centre)
-        return float(_row_spreads(sample, mean).mean()), float(row_spreads.mean()), row_spreads
+        spread = float(row_spreads.mean())
+        # E||x - c||^2 = E||x - m||^2 + ||m - c||^2: the variance without a
+        # second pass over the rows (m - c is small beside the offset, and
+        # exact enough in float64).
+        gap = mean - centre
+        return max(spread - float(gap @ gap), 0.0), spread, row_spreads
     spread = float(msn - 2.0 * (centre @ mean) + centre @ centre)
     return variance, spread, norms - 2.0 * (sample @ centre.astype(sample.dtype)) + centre @ centre
 
@@ -470,8 +475,8 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scale = None
         self.variance = None
-        # The rows trained on so far, as (count, mean, mean squared norm) in
-        # scaled units (see_rows): the spread that a run's error is judged
+        # The rows trained on so far, as (count, mean, variance) in scaled
+        # units (see_rows): the spread that a run's error is judged
         # against, where partial_fit's first call saw only a few rows.
         self.seen = None
         # Whether the last train call ended because its callback asked.

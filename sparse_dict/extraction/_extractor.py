@@ -714,13 +714,13 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         first = next(chunks)
         if getattr(self, "n_features_out_", None) is None:
             self.fit(first[1][:1])
+        first_seqs = None
         if self.pooling != "none":
             # A text without tokens cannot be pooled: said before the store
             # exists too (found while writing, it left an empty store that
-            # only --overwrite could clear).
-            lengths = np.array([len(s) for s in self._tokenize(first[1], first[2],
-                                                               self.loaded_model())])
-            self._check_poolable(lengths, first[0])
+            # only --overwrite could clear). The tokens serve the chunk below.
+            first_seqs = self._tokenize(first[1], first[2], self.loaded_model())
+            self._check_poolable([len(s) for s in first_seqs], first[0])
         writer = StoreWriter(path, self._store_config(corpus), resume=resume,
                              overwrite=overwrite)
         with writer, self._disk_progress(X, writer.n_texts) as bar:
@@ -740,7 +740,8 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
                     texts, start = texts[done:], start + len(texts[:done])
                     if not texts:
                         continue
-                seqs = self._tokenize(texts, pretokenized, self.loaded_model())
+                seqs = (first_seqs if texts is first[1] and first_seqs is not None
+                        else self._tokenize(texts, pretokenized, self.loaded_model()))
                 acts = self._activations(seqs, first=start)
                 text_index, position, token_id = self._row_index(seqs)
                 index = np.column_stack([text_index + start, position, token_id])
