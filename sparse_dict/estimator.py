@@ -98,13 +98,8 @@ def _saved_tensor_schema(fitted_names, n_components, n_features, dtype, history_
     ``optional`` names the activation's state tensors that older folders lack.
     """
     same = (dtype,)
-    shapes = {
-        "components": (n_components, n_features),
-        "encoder_weights": (n_components, n_features),
-        "decoder_bias": (n_features,),
-    }
     schema = {
-        name: _persist.TensorSpec(shapes.get(name, (n_components,)), same,
+        name: _persist.TensorSpec(_fitted_shape(name, n_components, n_features), same,
                                   optional=name in optional)
         for name in fitted_names
     }
@@ -115,6 +110,15 @@ def _saved_tensor_schema(fitted_names, n_components, n_features, dtype, history_
     # The estimator's dict_init parameter, where it was set (checked by fit).
     schema["dict_init"] = _persist.TensorSpec((None, None), optional=True)
     return schema
+
+
+def _fitted_shape(name, n_components, n_features):
+    """The shape of the fitted tensor ``name`` (a core name: ``components``, ...)."""
+    return {
+        "components": (n_components, n_features),
+        "encoder_weights": (n_components, n_features),
+        "decoder_bias": (n_features,),
+    }.get(name, (n_components,))
 
 
 def _finite_or_none(value):
@@ -1022,8 +1026,11 @@ class SparseAutoencoderDictionary(
         The first call on an unfitted estimator initialises the model from
         ``X`` (its scale and decoder bias); on a fitted one (by :meth:`fit`,
         an earlier call, or :meth:`load`) training continues from the fitted
-        state. There is no final learning-rate decay, since the end of
-        training is not known.
+        state: its fitted attributes as they are, with the optimiser's state
+        where they are as the last call left them (attributes set since, such
+        as edited atoms, are trained from with a fresh optimiser, as after
+        :meth:`load`). There is no final learning-rate decay, since the end
+        of training is not known.
 
         Parameters
         ----------
@@ -1411,15 +1418,36 @@ class SparseAutoencoderDictionary(
     def _get_trainer(self):
         self._fitted_activation()
         trainer = getattr(self, "_trainer", None)
-        if trainer is None:
-            # A dictionary loaded from disk has no optimiser state: continue
-            # from its parameters with a fresh Adam.
-            seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
-            trainer = Trainer.from_parameters(
-                self._fitted_tensors(), self.scale_, "cpu", int(seed), self._activation()
-            )
-            trainer.step = int(getattr(self, "n_steps_", 0))
+        if trainer is not None:
+            params = self._fitted_tensors()
+            if trainer.differs_from(params, self.scale_):
+                # Fitted attributes set since the last fit (atoms edited, a
+                # bias zeroed) are what transform and save use, so training
+                # goes on from them too, as scikit-learn's partial_fit goes
+                # on from components_; Adam starts afresh, as after load.
+                self._check_fitted_shapes(params)
+                trainer.load_parameters_(params, self.scale_)
+            return trainer
+        # A dictionary loaded from disk has no optimiser state: continue
+        # from its parameters with a fresh Adam.
+        params = self._fitted_tensors()
+        self._check_fitted_shapes(params)
+        seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
+        trainer = Trainer.from_parameters(params, self.scale_, "cpu", int(seed),
+                                          self._activation())
+        trainer.step = int(getattr(self, "n_steps_", 0))
         return trainer
+
+    def _check_fitted_shapes(self, params):
+        """Refuse fitted attributes set by hand to another shape than the model's."""
+        for name, value in params.items():
+            shape = _fitted_shape(name, self.n_components_, self.n_features_in_)
+            if np.shape(value) != shape:
+                raise ValueError(
+                    f"{name}_ has shape {np.shape(value)}, but this dictionary of "
+                    f"{self.n_components_} atoms of width {self.n_features_in_} needs "
+                    f"{shape}; partial_fit trains from the fitted attributes as they are."
+                )
 
     # ------------------------------------------------------------ transforming
     def transform(self, X):

@@ -230,6 +230,42 @@ def test_partial_fit_continues(X):
         sae.partial_fit(X[:, :3])
 
 
+@pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_partial_fit_goes_on_from_the_fitted_attributes(X, activation, dtype):
+    X = X.astype(dtype)
+    sae = small_sae(activation=activation, k=3).fit(X)
+    # Values unchanged (here reassigned as copies) keep the optimiser's state:
+    # the same as an untouched copy, to the bit.
+    untouched = pickle.loads(pickle.dumps(sae))
+    for name in ("components_", "encoder_weights_", "encoder_bias_", "decoder_bias_"):
+        setattr(sae, name, getattr(sae, name).copy())
+    sae.partial_fit(X[:64])
+    untouched.partial_fit(X[:64])
+    np.testing.assert_array_equal(sae.components_, untouched.components_)
+    np.testing.assert_array_equal(sae.encoder_weights_, untouched.encoder_weights_)
+
+    # Values set by hand are what transform uses, and partial_fit goes on
+    # from them (as scikit-learn's does from components_), not from the
+    # values they replaced.
+    atoms = np.random.RandomState(1).normal(size=sae.components_.shape).astype(dtype)
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    sae.components_ = atoms
+    sae.decoder_bias_ = np.zeros_like(sae.decoder_bias_)
+    sae.partial_fit(X[:64])  # one step
+    assert np.abs(sae.components_ - atoms).max() < 0.05
+    assert np.abs(sae.decoder_bias_).max() < 0.05
+
+
+def test_partial_fit_refuses_fitted_attributes_of_another_shape(X):
+    sae = small_sae().fit(X)
+    before = sae.encoder_bias_.copy()
+    sae.components_ = sae.components_[:, :4]
+    with pytest.raises(ValueError, match=r"components_ has shape \(16, 4\).*\(16, 8\)"):
+        sae.partial_fit(X)
+    np.testing.assert_array_equal(sae.encoder_bias_, before)
+
+
 def test_partial_fit_then_fit_resets(X):
     sae = small_sae()
     sae.partial_fit(X)
@@ -276,8 +312,7 @@ def test_resampling_revives_dead_features():
     def trained(resample):
         sae = small_sae(n_components=64, max_iter=2, batch_size=128,
                         resample_dead=resample, resample_interval=5).fit(X)
-        with torch.no_grad():
-            sae._trainer.model.b_enc[:16] = -1e4
+        sae.encoder_bias_[:16] = -1e4
         return sae.partial_fit(X).partial_fit(X)
 
     off, on = trained(False), trained(True)

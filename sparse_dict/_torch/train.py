@@ -709,13 +709,42 @@ class Trainer:
         """Rebuild a trainer (with a fresh optimiser) from exported parameters."""
         n_components, n_features = params["components"].shape
         trainer = cls(n_features, n_components, torch.device("cpu"), seed, activation)
-        trainer.scale = float(scale)
+        trainer.load_parameters_(params, scale)
+        return trainer.to(device)
+
+    def load_parameters_(self, params, scale):
+        """Set the model from exported ``params`` (the caller's units), with a fresh optimiser.
+
+        Adam's moments belong to the values they were gathered on; for
+        values set another way they would push on as before the change.
+        """
+        self.scale = float(scale)
         scaled = {
-            name: np.asarray(value) * (1.0 if name in UNSCALED_TENSORS else scale)
+            name: np.asarray(value) * (1.0 if name in UNSCALED_TENSORS else self.scale)
             for name, value in params.items()
         }
-        trainer.model.load_fitted_tensors_(scaled)
-        return trainer.to(device)
+        self.model.load_fitted_tensors_(scaled)
+        self.optimizer = self._make_optimizer()
+
+    @torch.no_grad()
+    def differs_from(self, params, scale):
+        """Whether exported ``params`` and ``scale`` are no longer this model's.
+
+        ``params`` as :meth:`export` gave them, in any float dtype, compare
+        equal: the comparison is in float32, as the model keeps them (a
+        change below float32's resolution would train the same).
+        """
+        if float(scale) != self.scale:
+            return True
+        for name, tensor in self.model.fitted_tensors().items():
+            value = torch.as_tensor(np.asarray(params[name]), dtype=torch.float32)
+            # As export computes it, on the device it computes it on.
+            expected = tensor.float()
+            if name not in UNSCALED_TENSORS:
+                expected = expected / np.float32(self.scale)
+            if value.shape != expected.shape or not torch.equal(value.to(self.device), expected):
+                return True
+        return False
 
     def to(self, device):
         """Move the model and the optimiser's state to ``device``."""
