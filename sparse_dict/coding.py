@@ -70,6 +70,15 @@ def _nonnegative_omp(X, dictionary, gram, n_nonzero_coefs):
     return codes
 
 
+def _float_dtypes(X):
+    """The dtypes ``X`` is validated to: its own float dtype, float32 for float16.
+
+    scikit-learn's conversion would make a float16 array float64, four
+    times its size, where float32 holds every value exactly.
+    """
+    return np.float32 if getattr(X, "dtype", None) == np.float16 else _FLOAT_DTYPES
+
+
 def _gram(atoms):
     atoms = atoms.astype(np.float64)
     return atoms @ atoms.T
@@ -260,10 +269,12 @@ default="lasso_cd"
             The fitted coder.
         """
         atoms = _get_dictionary(self.dictionary)
-        X = validate_data(self, X, dtype=_FLOAT_DTYPES)
-        if atoms.shape[1] != X.shape[1]:
+        # Every check before validate_data sets n_features_in_ and the
+        # feature names: a refit that fails leaves a fitted coder as it was.
+        checked = check_array(X, dtype=_float_dtypes(X), estimator=self, input_name="X")
+        if atoms.shape[1] != checked.shape[1]:
             raise ValueError(
-                f"X has {X.shape[1]} features, but the dictionary has atoms of "
+                f"X has {checked.shape[1]} features, but the dictionary has atoms of "
                 f"width {atoms.shape[1]}; they must be equal."
             )
         if self.offset is None:
@@ -277,6 +288,7 @@ default="lasso_cd"
                     f"offset must have shape ({atoms.shape[1]},), the width of the "
                     f"dictionary, got shape {offset.shape}."
                 )
+        validate_data(self, X, skip_check_array=True)
         self.components_ = atoms
         self.offset_ = offset
         self.n_components_ = atoms.shape[0]
@@ -296,10 +308,11 @@ default="lasso_cd"
         Returns
         -------
         codes : ndarray of shape (n_samples, n_components)
-            Sparse codes, in the dtype of ``X`` (float32 stays float32).
+            Sparse codes, in the dtype of ``X`` (float32 stays float32;
+            float16 gives float32).
         """
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=_FLOAT_DTYPES, reset=False, order="C")
+        X = validate_data(self, X, dtype=_float_dtypes(X), reset=False, order="C")
         dtype = X.dtype
         atoms = self.components_.astype(dtype, copy=False)
         X = X - self.offset_.astype(dtype, copy=False)
@@ -352,12 +365,12 @@ default="lasso_cd"
         Returns
         -------
         X_original : ndarray of shape (n_samples, n_features)
-            Reconstruction, in the dtype of the codes (float64 for integer
-            codes).
+            Reconstruction, in the dtype of the codes (float32 for float16
+            codes, float64 for integer ones).
         """
         check_is_fitted(self)
         codes = check_array(
-            X, accept_sparse=["csr", "csc"], dtype=_FLOAT_DTYPES, input_name="X"
+            X, accept_sparse=["csr", "csc"], dtype=_float_dtypes(X), input_name="X"
         )
         if codes.shape[1] != self.n_components_:
             raise ValueError(

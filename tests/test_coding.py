@@ -175,6 +175,43 @@ def test_float32_stays_float32(superposition):
     assert coder.inverse_transform(codes).dtype == np.float32
 
 
+@pytest.mark.parametrize("algorithm", ["omp", "lasso_cd", "lasso_lars", "threshold"])
+def test_float16_gives_float32(superposition, algorithm):
+    # float32 holds every float16 exactly; scikit-learn's own conversion
+    # would copy the data whole into float64.
+    X, true_atoms, _ = superposition
+    half = X[:20].astype(np.float16)
+    coder = LassoCoder(true_atoms, algorithm=algorithm, alpha=0.05, n_nonzero_coefs=5)
+    codes = coder.fit(half).transform(half)
+    assert codes.dtype == np.float32
+    np.testing.assert_array_equal(codes, coder.transform(half.astype(np.float32)))
+    assert coder.inverse_transform(codes.astype(np.float16)).dtype == np.float32
+
+
+def test_a_failed_fit_leaves_the_coder_as_it_was():
+    names = [f"b{i}" for i in range(3)]
+    pd = pytest.importorskip("pandas")
+    X = pd.DataFrame(np.random.RandomState(0).normal(size=(4, 3)), columns=names)
+    coder = LassoCoder(_random_dictionary(3)).fit(X)
+    before = {k: v for k, v in vars(coder).items()}
+    wide = pd.DataFrame(np.zeros((4, 8)), columns=[f"c{i}" for i in range(8)])
+    with pytest.raises(ValueError, match="X has 8 features"):
+        coder.fit(wide)
+    coder.set_params(offset=np.zeros(5))
+    with pytest.raises(ValueError, match="offset must have shape"):
+        coder.fit(wide.iloc[:, :3])
+    assert set(vars(coder)) == set(before)
+    assert coder.n_features_in_ == 3 and list(coder.feature_names_in_) == names
+    coder.set_params(offset=None)
+    assert coder.transform(X).shape == (4, 5)
+    # A first fit that fails leaves the coder unfitted.
+    fresh = LassoCoder(_random_dictionary(3))
+    with pytest.raises(ValueError, match="X has 8 features"):
+        fresh.fit(wide)
+    with pytest.raises(NotFittedError):
+        fresh.transform(X)
+
+
 @pytest.mark.parametrize(
     "params", [dict(algorithm="omp", n_nonzero_coefs=5), dict(algorithm="lasso_cd")]
 )

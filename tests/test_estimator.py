@@ -214,6 +214,9 @@ def test_float16_in_any_container_gives_float32(X):
     assert decoded.dtype == np.float32
     np.testing.assert_array_equal(decoded, sae.inverse_transform(
         codes.astype(np.float16).astype(np.float32)))
+    # Codes solved against the atoms too (a LassoCoder inside).
+    sae.set_params(transform_algorithm="omp")
+    assert sae.transform(frame).dtype == np.float32
 
 
 def test_partial_fit_continues(X):
