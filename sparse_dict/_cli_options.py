@@ -80,6 +80,8 @@ def _first_paragraph(lines):
     text = text.split("  ")[0] if "  " in text else text
     # Terminal help has no markup: ``x`` and :class:`~a.b.C` become x and C.
     text = re.sub(r"``(.*?)``", r"\1", text)
+    # A page of the docs is named by its file: :doc:`/scaling` -> docs/scaling.rst.
+    text = re.sub(r":doc:`(?:[^`<]*<)?/?([\w/]+)>?`", r"docs/\1.rst", text)
     text = re.sub(r":\w+:`~?(?:[\w.]+\.)?([^`]+)`", r"\1", text)
     return text
 

@@ -113,6 +113,18 @@ def test_every_option_has_help():
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
 
 
+def test_help_has_no_markup_and_names_pages_by_their_files():
+    parser = build_parser()
+    subparsers = parser._subparsers._group_actions[0].choices
+    helps = [a.help for sub in subparsers.values() for a in sub._actions if a.help]
+    for text in helps:
+        assert "``" not in text and not re.search(r":\w+:`", text), text
+        # A docs page as a path a terminal user can open ("See /scaling" was not).
+        assert not re.search(r"\s/\w", text), text
+    budget = _options(parser, "fit")["device_data_budget"].help
+    assert "docs/scaling.rst" in budget and (Path(__file__).parents[1] / "docs/scaling.rst").exists()
+
+
 def _options(parser, command):
     sub = parser._subparsers._group_actions[0].choices[command]
     return {a.dest: a for a in sub._actions}
