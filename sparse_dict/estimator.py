@@ -456,7 +456,31 @@ _DEAD_SHARE = 0.25
 _LITTLE_EXPLAINED = 0.1
 
 
-def _dead_features_message(activation, n_dead, n_components, n_rows, l0):
+# A live atom with another live one at a cosine below _OPPOSITE is one of an
+# opposite-sign pair; JumpReLU's dense regime pairs nearly all of them (at
+# -0.9997 on normal noise), a sparse fit almost none: from _PAIRED_SHARE of
+# the live atoms on, the dead-features warning names that regime.
+_OPPOSITE = -0.9
+_PAIRED_SHARE = 0.5
+
+
+def _paired_share(atoms, live, n_probe=256):
+    """The share of the live atoms with an opposite-sign partner among the live ones.
+
+    Probed on at most ``n_probe`` live atoms, evenly spread, against all the
+    live ones: a few GFLOP for the largest dictionaries.
+    """
+    live_atoms = np.asarray(atoms[live], dtype=np.float32)
+    if len(live_atoms) < 2:
+        return 0.0
+    live_atoms = live_atoms / np.maximum(np.linalg.norm(live_atoms, axis=1, keepdims=True),
+                                         1e-12)
+    probe = live_atoms[np.unique(np.linspace(0, len(live_atoms) - 1, n_probe).astype(int))]
+    # Each probe meets itself at +1, never below _OPPOSITE.
+    return float(((probe @ live_atoms.T).min(axis=1) < _OPPOSITE).mean())
+
+
+def _dead_features_message(activation, n_dead, n_components, n_rows, l0, paired=0.0):
     """The warning for a fit that left a large share of its features dead.
 
     Measured with the defaults: features the data has no use for die and
@@ -465,14 +489,18 @@ def _dead_features_message(activation, n_dead, n_components, n_rows, l0):
     on a dense code of opposite-sign pairs with the rest dead (36 to 50%;
     ``docs/sparsity.rst``). ReLU and TopK on the project's generators and on
     the built-in and MiniLM activations end with at most about 4% dead,
-    JumpReLU in the recovery benchmark with up to 15%.
+    JumpReLU in the recovery benchmark with up to 15%. ``paired``: the share
+    of the live atoms in opposite-sign pairs (:func:`_paired_share`), which
+    tells JumpReLU's dense regime from data with fewer features than atoms.
     """
     text = (f"{n_dead:,} of {n_components:,} features ({n_dead / n_components:.0%}) fired on "
             f"none of the last {n_rows:,} training rows (a pass's worth): the dictionary uses "
             f"{n_components - n_dead:,} features. ")
-    if activation == "jumprelu":
-        text += (f"With JumpReLU and an L0 of {l0:.3g}, this is likely its dense regime "
-                 "(pairs of atoms of opposite signs): raise l0_coef. ")
+    if activation == "jumprelu" and paired >= _PAIRED_SHARE:
+        text += (f"With JumpReLU, an L0 of {l0:.3g} and {paired:.0%} of the features left in "
+                 "pairs of atoms of opposite signs, this is its dense regime: raise "
+                 "l0_coef. ")
+        return text
     return text + ("Where the data has fewer features than n_components (low rank, few "
                    "distinct rows, a few columns carrying most of the variance), a smaller "
                    "n_components fits as well; feature_frequencies_ says which features fired.")
@@ -1342,8 +1370,12 @@ class SparseAutoencoderDictionary(
         n_dead = int((self.feature_frequencies_ == 0).sum())
         if (judge_dead and trainer.step >= _DEAD_JUDGED_STEPS
                 and n_dead >= _DEAD_SHARE * self.n_components_):
+            live = self.feature_frequencies_ > 0
+            paired = (_paired_share(self.components_, live)
+                      if self.activation == "jumprelu" else 0.0)
             message = _dead_features_message(self.activation, n_dead, self.n_components_,
-                                             int(trainer.pass_rows), self.transform_l0_)
+                                             int(trainer.pass_rows), self.transform_l0_,
+                                             paired)
             # Low-rank data is reconstructed well by the features left, and
             # its error falls; features killed by steps too large leave the
             # rows unexplained, or the error above where it started.
