@@ -523,11 +523,23 @@ def test_model_mismatch_is_refused_unless_told(ext, sae):
     from sparse_dict.analysis import check_compatible
 
     other = copy.deepcopy(sae)
+    # A record without a sample of the weights (older ones) names its model.
     other.provenance_ = dict(sae.provenance_, model="/models/gpt2")
+    del other.provenance_["weights_sample"]
     with pytest.raises(ValueError, match="of model /models/gpt2, but the extractor runs "
                                          "model builtin"):
         logit_effects(ext, other, features=0)
     check_compatible(ext, other, check_model=False)
+    # With the sample, the weights decide: others of the same shapes are
+    # refused under the same name, the same ones accepted under another.
+    sample = np.asarray(sae.provenance_["weights_sample"])
+    other.provenance_ = dict(sae.provenance_, weights_sample=list(sample * 1.1))
+    with pytest.raises(ValueError, match=r"runs model builtin, whose weights are others"):
+        check_compatible(ext, other)
+    check_compatible(ext, other, check_model=False)
+    other.provenance_ = dict(sae.provenance_, model="/moved/and/renamed",
+                             weights_sample=list(sample * (1 + 2 ** -9)))  # bf16's rounding
+    check_compatible(ext, other)
     # A local folder is recognised by its name wherever it lies.
     from sparse_dict.extraction._provenance import _same_model
 

@@ -6,6 +6,8 @@ initialisation while they are not shipped) are both exercised.
 """
 
 import pickle
+import warnings
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -17,7 +19,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 from torch import nn
 
-from sparse_dict import extraction
+from sparse_dict import SparseAutoencoderDictionary, extraction
 from sparse_dict.analysis import steering_distributions
 from sparse_dict.extraction import (
     SpliceResult,
@@ -112,6 +114,34 @@ def _output_of(module, run):
 # ---------------------------------------------------------------------------
 # MiniLM: a real pretrained BERT
 # ---------------------------------------------------------------------------
+
+
+def test_a_model_of_the_same_name_and_shapes_with_other_weights_is_refused(minilm, tmp_path):
+    # Folders are often all called "model" (the pretrained package's is):
+    # a dictionary's model is told by a sample of its weights, not its name.
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from sparse_dict.analysis import check_compatible
+
+    source = minilm.model
+    X = minilm.transform(TEXTS[:4])
+    sae = SparseAutoencoderDictionary(n_components=8, max_steps=2, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sae.fit(X, provenance=minilm.provenance())
+    other = tmp_path / "run2" / Path(source).name
+    torch.manual_seed(0)
+    BertModel(BertConfig.from_pretrained(source)).save_pretrained(other)
+    AutoTokenizer.from_pretrained(source).save_pretrained(other)
+    retrained = TransformerActivationExtractor(str(other), layer=1, device="cpu").fit(TEXTS)
+    with pytest.raises(ValueError, match="whose weights are others"):
+        check_compatible(retrained, sae)
+    # The same weights in a folder of another name are the same model.
+    BertModel.from_pretrained(source).save_pretrained(tmp_path / "renamed")
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "renamed")
+    check_compatible(
+        TransformerActivationExtractor(str(tmp_path / "renamed"), layer=1, device="cpu")
+        .fit(TEXTS), sae)
 
 
 def test_minilm_shapes_and_padding_excluded(minilm):

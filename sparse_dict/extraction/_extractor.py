@@ -16,7 +16,7 @@ from torch import nn
 from sparse_dict._torch.device import resolve_device
 from sparse_dict._validation import IntegerInterval
 from sparse_dict.extraction._hook import HOOK_POINTS, ActivationHook, StopForward, locate_hook
-from sparse_dict.extraction._loading import folder_stamp, load_model
+from sparse_dict.extraction._loading import folder_stamp, load_model, weights_sample
 from sparse_dict.extraction._texts import (
     _check_texts,
     _cut,
@@ -31,7 +31,8 @@ PROVENANCE_SOURCE = "sparse_dict.TransformerActivationExtractor"
 # The fields of ``TransformerActivationExtractor.provenance()``, in order; an
 # activation store's manifest holds them all but ``n_tokens`` (it counts rows).
 PROVENANCE_FIELDS = ("source", "model", "model_class", "layer", "hook", "module", "hook_name",
-                     "hook_module", "n_features", "pooling", "max_length", "n_tokens", "corpus")
+                     "hook_module", "n_features", "pooling", "max_length", "n_tokens", "corpus",
+                     "weights_sample")
 
 
 class TokenIndex(NamedTuple):
@@ -367,8 +368,11 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             folder, or None for a torch module passed as ``model``),
             ``model_class``, ``layer``, ``hook``, ``module``, ``hook_name``,
             ``hook_module``, ``n_features``, ``pooling``, ``max_length`` (the
-            length texts are cut to, the model's limit included), ``n_tokens``
-            and ``corpus``.
+            length texts are cut to, the model's limit included), ``n_tokens``,
+            ``corpus`` and ``weights_sample`` (64 of the model's weights,
+            spread over its tensors, by which
+            :func:`~sparse_dict.analysis.check_compatible` tells its
+            checkpoint from another of the same shapes).
 
         Examples
         --------
@@ -403,6 +407,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             "max_length": int(min(limits)) if limits else None,
             "n_tokens": None if n_tokens is None else int(n_tokens),
             "corpus": None if corpus is None else str(corpus),
+            "weights_sample": weights_sample(loaded.model),
         }
 
     def _progress_label(self, n_texts):

@@ -9,6 +9,7 @@ import re
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -451,6 +452,51 @@ def _load_module(model, tokenizer, device):
 # A Hub id is "name" or "owner/name" (letters, digits, "-", "_", "."), as the
 # Hub itself allows; anything else that is not an existing folder is a typo'd path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def weights_sample(module, n_tensors=16, per_tensor=4):
+    """A few of ``module``'s weights, spread over its tensors: what tells one checkpoint from another.
+
+    Up to ``per_tensor`` values at evenly spaced places of each of ``n_tensors``
+    floating-point tensors, evenly spaced in the order of their names, as
+    float32 numbers (a short JSON list, a few hundred bytes). The same
+    weights give the same list whether the model is on the CPU or a GPU;
+    loaded in bfloat16 or float16 they give values within their rounding
+    (:func:`same_weights`). Reads only those values: no pass over the model.
+
+    Examples
+    --------
+    >>> import torch
+    >>> sample = weights_sample(torch.nn.Linear(3, 2))
+    >>> len(sample), sample == weights_sample(torch.nn.Linear(3, 2))  # 4 weights, 2 biases
+    (6, False)
+    """
+    tensors = [t for _, t in sorted(module.state_dict().items())
+               if t.is_floating_point() and t.numel() > 0]
+    if not tensors:
+        return None
+    picked = np.unique(np.linspace(0, len(tensors) - 1, n_tensors).astype(int))
+    values = []
+    with torch.no_grad():
+        for i in picked:
+            flat = tensors[i].reshape(-1)
+            places = torch.as_tensor(np.unique(np.linspace(0, flat.numel() - 1, per_tensor)
+                                               .astype(np.int64)), device=flat.device)
+            values.append(flat[places].float())
+    return [float(v) for v in torch.cat(values).cpu().numpy()]
+
+
+def same_weights(recorded, current):
+    """Whether two :func:`weights_sample` lists come from the same weights.
+
+    Within bfloat16's rounding (a relative 2^-8), so that a model loaded in
+    another precision is still itself; a checkpoint trained further, or
+    other weights of the same shapes, differ far more.
+    """
+    if len(recorded) != len(current):
+        return False
+    return bool(np.allclose(np.asarray(recorded, dtype=np.float64),
+                            np.asarray(current, dtype=np.float64), rtol=1e-2, atol=1e-6))
 
 
 def folder_stamp(model):

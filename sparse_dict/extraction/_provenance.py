@@ -5,6 +5,7 @@ from pathlib import Path
 from sklearn.utils.validation import check_is_fitted
 
 from sparse_dict.extraction._extractor import PROVENANCE_SOURCE, TransformerActivationExtractor
+from sparse_dict.extraction._loading import same_weights
 
 
 def _same_model(recorded, current):
@@ -22,6 +23,15 @@ def _same_model(recorded, current):
     if "builtin" in (recorded, current):
         return False
     return Path(recorded).name == Path(current).name
+
+
+def _sample_of(provenance):
+    """The ``weights_sample`` of a provenance record, or None (older records, or edited)."""
+    sample = provenance.get("weights_sample")
+    if isinstance(sample, list) and sample and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in sample):
+        return sample
+    return None
 
 
 def check_fitted_dictionary(dictionary):
@@ -54,7 +64,13 @@ def check_compatible(extractor, dictionary, *, check_model=True):
     ``provenance_`` was recorded from an extractor (see
     :meth:`~sparse_dict.TransformerActivationExtractor.provenance`) must
     also come from the same model and the same hook point, with the same
-    ``pooling`` (rows of tokens, or one row a text); a dictionary
+    ``pooling`` (rows of tokens, or one row a text). The model is told by a
+    sample of its weights that the provenance keeps (``weights_sample``),
+    whatever its folder is called: another checkpoint, or other weights of
+    the same shapes in a folder of the same name, is refused, and the same
+    weights moved and renamed are accepted; a record without the sample
+    (written by sparse_dict before it kept one) names its model, and a
+    local folder is then recognised by its name. A dictionary
     without such a record (fitted on a bare array, or imported from SAELens)
     is checked by its width only.
 
@@ -138,7 +154,20 @@ def _check_recorded(recorded, current, check_model, what="the extractor"):
             f"({rows.get(pooling, 'one row a text')}); use pooling={pooled!r}, as in the "
             "dictionary's provenance_."
         )
-    if check_model and not _same_model(recorded.get("model"), current["model"]):
+    if not check_model:
+        return
+    # Weights sampled on both sides tell the model itself, whatever its
+    # folder is called now; older records have only the name.
+    samples = _sample_of(recorded), _sample_of(current)
+    if None not in samples:
+        if not same_weights(*samples):
+            raise ValueError(
+                f"The dictionary was learned on activations of {where}, but {what} "
+                f"{runs} {current['model']}, whose weights are others (a sample of them "
+                "is kept in provenance_['weights_sample']): another checkpoint, or other "
+                "weights of the same shapes; give the dictionary's model."
+            )
+    elif not _same_model(recorded.get("model"), current["model"]):
         raise ValueError(
             f"The dictionary was learned on activations of {where}, but {what} "
             f"{runs} {current['model']}; give the dictionary's model (a folder that "
