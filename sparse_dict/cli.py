@@ -444,7 +444,8 @@ def _add_extraction(p, from_provenance=False, split=True):
     g.add_argument(
         "--model", default=value,
         help="'builtin' (the bundled 1-layer transformer), the path of a local "
-        f"Hugging Face model folder, or a Hugging Face Hub id such as gpt2 ({note})",
+        "Hugging Face model folder (or of one in the built-in format), or a Hugging Face "
+        f"Hub id such as gpt2 ({note})",
     )
     value, note = default(_EXTRACTION_DEFAULTS["layer"])
     g.add_argument("--layer", type=int, default=value, help=f"layer number ({note})")

@@ -450,3 +450,32 @@ def test_a_hook_point_that_the_forward_pass_never_reaches_is_named(options, poin
     with pytest.raises(ValueError, match=rf"The hook point {point} did not run in the model's "
                                          r"forward pass on token ids"):
         ext.fit([[1, 2, 3]])
+
+
+def test_a_folder_in_the_built_in_format_loads_as_a_model(tmp_path):
+    # What 'python -m sparse_dict.models.train_builtin --out DIR' writes, and
+    # load_builtin_model(path=DIR) reads, is a model folder like any other.
+    import warnings
+
+    from sparse_dict import SparseAutoencoderDictionary
+    from sparse_dict.analysis import check_compatible
+    from sparse_dict.models.builtin import load_builtin_model, save_builtin_model
+
+    model, tokenizer = load_builtin_model()
+    save_builtin_model(model, tokenizer, tmp_path / "copy")
+    builtin = TransformerActivationExtractor("builtin", device="cpu").fit(TEXTS)
+    copy = TransformerActivationExtractor(str(tmp_path / "copy"), device="cpu").fit(TEXTS)
+    np.testing.assert_array_equal(copy.transform(TEXTS), builtin.transform(TEXTS))
+    assert copy.provenance()["model"] == str((tmp_path / "copy").resolve())
+    sae = SparseAutoencoderDictionary(n_components=8, max_steps=2, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sae.fit(builtin.transform(TEXTS), provenance=builtin.provenance())
+    check_compatible(copy, sae)  # the same weights
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.5)
+    save_builtin_model(model, tokenizer, tmp_path / "changed")
+    changed = TransformerActivationExtractor(str(tmp_path / "changed"), device="cpu").fit(TEXTS)
+    with pytest.raises(ValueError, match="whose weights are others"):
+        check_compatible(changed, sae)

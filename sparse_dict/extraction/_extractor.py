@@ -87,8 +87,9 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
     model : "builtin", str, path-like or torch.nn.Module, default="builtin"
         ``"builtin"`` is the 1-layer language model shipped with the package
         (d_model 128, ReLU MLP of 512). A str or path names a local Hugging
-        Face model folder (a sentence-transformers folder works too), loaded
-        without touching the network; any other str is a Hugging Face Hub id
+        Face model folder (a sentence-transformers folder works too), or a
+        folder in the built-in model's format (``train_builtin --out``),
+        loaded without touching the network; any other str is a Hugging Face Hub id
         such as ``"gpt2"``, downloaded through transformers' own cache (with
         ``HF_HUB_OFFLINE=1``, only from that cache). Either is loaded as a
         causal language model when its config says so, else as the bare

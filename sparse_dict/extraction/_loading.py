@@ -427,11 +427,20 @@ def _check_tokenizer_size(tokenizer, config, source):
         )
 
 
-def _load_builtin(device):
+def _load_builtin(device, path=None):
     from sparse_dict.models.builtin import load_builtin_model
 
-    model, tokenizer = load_builtin_model(device=device)
+    model, tokenizer = load_builtin_model(device=device, path=path)
     return LoadedModel(model.eval(), tokenizer, device, "builtin", model.config.max_len)
+
+
+def _load_folder(path, device, verbose):
+    """A local folder: in the built-in format (``train_builtin --out``), or Hugging Face's."""
+    from sparse_dict.models.builtin import is_builtin_folder
+
+    if is_builtin_folder(path):
+        return _load_builtin(device, path)
+    return _load_hf(path, device, verbose)
 
 
 def _load_module(model, tokenizer, device):
@@ -563,14 +572,19 @@ def load_model(model, tokenizer, device, verbose=0):
             source = model
         else:
             raise ValueError(
-                f"model={str(model)!r} is neither 'builtin', an existing local Hugging "
-                "Face model folder, nor a Hugging Face Hub id such as 'gpt2' or "
-                "'owner/name'."
+                f"model={str(model)!r} is neither 'builtin', an existing local model "
+                "folder (Hugging Face's, or the built-in format's), nor a Hugging Face Hub "
+                "id such as 'gpt2' or 'owner/name'."
             )
     key = (str(source), folder_stamp(source), str(device))
     loaded = _MODEL_CACHE.get(key)
     if loaded is None:
-        loaded = _load_builtin(device) if source == "builtin" else _load_hf(source, device, verbose)
+        if source == "builtin":
+            loaded = _load_builtin(device)
+        elif isinstance(source, Path):
+            loaded = _load_folder(source, device, verbose)
+        else:
+            loaded = _load_hf(source, device, verbose)
         _MODEL_CACHE[key] = loaded
         while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
             _MODEL_CACHE.popitem(last=False)

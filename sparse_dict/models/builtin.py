@@ -609,6 +609,30 @@ class TinyTransformer(nn.Module):
 # --------------------------------------------------------------------------
 
 
+def is_builtin_folder(path):
+    """Whether ``path`` is a folder of a model in the built-in format.
+
+    As :func:`save_builtin_model` writes it (``train_builtin --out``): the
+    weights, the tokenizer, and a configuration with the built-in model's
+    fields (a Hugging Face configuration names a ``model_type`` instead).
+
+    Examples
+    --------
+    >>> is_builtin_folder(BUILTIN_DIR), is_builtin_folder(BUILTIN_DIR / "config.json")
+    (True, False)
+    """
+    path = Path(path)
+    if not all((path / name).is_file() for name in (_WEIGHTS_FILE, _CONFIG_FILE,
+                                                    _TOKENIZER_FILE)):
+        return False
+    try:
+        config = json.loads((path / _CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(config, dict) and "model_type" not in config
+            and {"d_model", "n_heads", "d_mlp", "n_layers", "vocab_size"} <= set(config))
+
+
 def save_builtin_model(model, tokenizer, path):
     """Write a model and tokenizer in the layout :func:`load_builtin_model` reads.
 
