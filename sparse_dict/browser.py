@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,6 +153,13 @@ def _lowest_rows_of_ties(block, top, cols):
         top[:, c] = np.concatenate([above, level])
 
 
+def _is_token_index(value):
+    """Whether ``value`` is an extractor's TokenIndex (by its fields: this module
+    knows nothing of extraction)."""
+    return isinstance(value, tuple) and all(
+        hasattr(value, name) for name in ("text_index", "position", "token"))
+
+
 def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
     """Find the ``k`` tokens each feature fires on most strongly, with context.
 
@@ -165,12 +173,15 @@ def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
     codes : array-like or sparse matrix of shape (n_tokens, n_features)
         Feature activations, one row per token (for example the output of
         ``SparseAutoencoderDictionary.transform``).
-    tokens : sequence of str of length n_tokens
-        The token string of each row.
-    index : array-like of shape (n_tokens, 2), default=None
+    tokens : sequence of str of length n_tokens, or TokenIndex
+        The token string of each row. An extractor's
+        :class:`~sparse_dict.extraction.TokenIndex` (from
+        ``transform_with_tokens``) gives its tokens, and its index when
+        ``index`` is None.
+    index : array-like of shape (n_tokens, 2) or TokenIndex, default=None
         ``(text index, position)`` of each row, used to find each example's
         neighbours within its own text. ``None`` treats all rows as one text
-        in order.
+        in order (unless ``tokens`` is a TokenIndex).
     k : int, default=8
         Number of examples per feature: its largest positive codes (signed
         codes' negative values are not examples of the feature).
@@ -195,6 +206,11 @@ def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
     """
     codes = _check_codes(codes)
     n_tokens, n_features = codes.shape
+    if _is_token_index(tokens):
+        index = tokens if index is None else index
+        tokens = tokens.token
+    if _is_token_index(index):
+        index = np.column_stack([index.text_index, index.position])
     if isinstance(tokens, (str, bytes)):
         # Its characters would pass for tokens, one per row.
         raise TypeError("tokens must be a sequence of token strings, one per row of codes, "
@@ -383,6 +399,11 @@ def _check_frequencies(frequencies):
             f"frequencies contain {np.count_nonzero(~np.isfinite(frequencies))} NaN or "
             "infinite values; expected the fraction of tokens on which each feature fires."
         )
+    if frequencies.size and (frequencies.min() < 0 or frequencies.max() > 1):
+        raise ValueError(
+            f"frequencies range from {frequencies.min():g} to {frequencies.max():g}; expected "
+            "the fraction of tokens on which each feature fires, between 0 and 1."
+        )
     return frequencies
 
 
@@ -395,13 +416,15 @@ def _page(title, payload, ascii_only):
     # "<" is escaped so that no token text (say "</script>") can end the
     # script element early; the JSON stays valid since "<" only occurs in strings.
     data = json.dumps(payload, separators=(",", ":"), ensure_ascii=ascii_only)
-    return (
-        _PAGE.replace("@@TITLE@@", html.escape(title))
-        .replace("@@GENERATOR@@", _persist.HTML_GENERATOR)
-        .replace("@@CSS@@", _CSS)
-        .replace("@@JS@@", _JS)
-        .replace("@@DATA@@", data.replace("<", "\\u003c"))
-    )
+    parts = {
+        "TITLE": html.escape(title),
+        "GENERATOR": _persist.HTML_GENERATOR,
+        "CSS": _CSS,
+        "JS": _JS,
+        "DATA": data.replace("<", "\\u003c"),
+    }
+    # In one pass: a title holding "@@JS@@" stays that text, not the script.
+    return re.sub(r"@@(TITLE|GENERATOR|CSS|JS|DATA)@@", lambda m: parts[m.group(1)], _PAGE)
 
 
 def write_feature_browser(

@@ -133,6 +133,41 @@ def test_one_string_is_not_taken_for_tokens():
         top_activating_examples(np.ones((3, 2)), "abc")
 
 
+def test_an_extractors_token_index_is_taken_as_tokens_and_index():
+    from sparse_dict.extraction import TokenIndex
+
+    codes = np.array([[1.0], [3.0], [2.0], [0.5]])
+    index = TokenIndex(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]),
+                       np.array(["a", "b", "c", "d"], dtype=object))
+    by_hand = top_activating_examples(codes, list(index.token),
+                                      np.column_stack([index.text_index, index.position]),
+                                      k=2, context=1)
+    for ex in (top_activating_examples(codes, index, k=2, context=1),
+               top_activating_examples(codes, list(index.token), index, k=2, context=1)):
+        np.testing.assert_array_equal(ex.rows, by_hand.rows)
+        # Context stays within each row's own text: row 1's neighbours are row 0 only.
+        np.testing.assert_array_equal(ex.context_rows, by_hand.context_rows)
+    assert by_hand.context_rows[0, 0].tolist() == [0, 1, -1]
+
+
+def test_frequencies_outside_0_and_1_are_refused(tmp_path):
+    for bad in ([3.0, 0.5], [-1.0, 0.5]):
+        with pytest.raises(ValueError, match="frequencies range from .* between 0 and 1"):
+            write_feature_browser(tmp_path / "f.html", bad)
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            plot_feature_density(bad, tmp_path / "f.png")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_title_is_shown_as_given_even_with_placeholders(tmp_path):
+    page = write_feature_browser(tmp_path / "f.html", [0.5], title="Run @@JS@@ & @@DATA@@")
+    text = open(page, encoding="utf-8").read()
+    from sparse_dict.browser import _CSS, _JS
+
+    assert "<title>Run @@JS@@ &amp; @@DATA@@</title>" in text
+    assert text.count(_JS) == 1 and text.count(_CSS) == 1
+
+
 def test_max_features_is_a_positive_integer(tmp_path):
     for bad in (-1, 0, 1.5):
         with pytest.raises(ValueError, match="max_features must be an integer of at least 1"):
