@@ -803,8 +803,15 @@ def main(argv=None):
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), "")
-    parser = build_parser(command)
-    args = parser.parse_args(argv)
+    try:
+        # The parser imports what the command's options document (the
+        # estimator, torch): seconds in which Ctrl-C is as likely as later.
+        parser = build_parser(command)
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG} {command}: interrupted" if command else f"{PROG}: interrupted",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     args.argv = argv
     try:
         with _terminate_cleanly(), _cpu_threads(args.threads), \

@@ -100,6 +100,18 @@ def test_help_everywhere(command, capsys):
     assert out.startswith("usage: sparse-dict")
 
 
+def test_ctrl_c_while_the_parser_is_built_is_one_line(monkeypatch, capsys):
+    # The fit parser imports the estimator and torch: seconds at the start.
+    import sparse_dict.cli as cli
+
+    def interrupted(command=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["fit", "a.npy", "-o", "d"]) == 130
+    assert capsys.readouterr().err == "sparse-dict fit: interrupted\n"
+
+
 def test_no_command_is_a_one_line_error(capsys):
     status, _, err = run([], capsys)
     assert_one_line_error(status, err, "required")
