@@ -1861,6 +1861,8 @@ class SparseAutoencoderDictionary(
         estimator.n_steps_ = attrs["n_steps_"]
         estimator.scale_ = attrs["scale_"]
         estimator.n_resampled_ = attrs["n_resampled_"]
+        # The mechanism the weights are for, which set_params must not change.
+        estimator._fitted_with = estimator.activation
         if names is not None:
             estimator.feature_names_in_ = np.asarray(names, dtype=object)
         if provenance is not None:
@@ -1962,6 +1964,7 @@ class SparseAutoencoderDictionary(
         estimator.scale_ = 1.0
         estimator._set_history(np.zeros((0, len(STAT_NAMES))))
         estimator._coders = {}
+        estimator._fitted_with = estimator.activation
         estimator.transform_l0_ = float("nan")
         estimator.provenance_ = read["provenance"]
         return estimator

@@ -990,6 +990,15 @@ def test_a_changed_activation_is_refused_until_fit(tmp_path):
         assert not (tmp_path / activation).exists()
     sae.set_params(activation="relu")
     np.testing.assert_array_equal(sae.transform(X), codes)
+    # The same of a loaded or imported dictionary (it read the weights
+    # through the new mechanism, and saved them as fitted by it).
+    loaded = [SparseAutoencoderDictionary.load(sae.save(tmp_path / "saved")),
+              SparseAutoencoderDictionary.from_saelens(sae.to_saelens(tmp_path / "lens"))]
+    for other in loaded:
+        other.set_params(activation="jumprelu")
+        with pytest.raises(ValueError, match="fitted with activation='relu', but activation "
+                                             "is now 'jumprelu'"):
+            other.transform(X)
     sae.set_params(activation="topk", k=3)
     with pytest.warns(Warning):
         sae.fit(X)
