@@ -105,6 +105,9 @@ def _wrote_it(config):
 # frequency under about 1e-10 is beyond any count of tokens anyway.
 _LOG10_FLOOR = -10.0
 _FLOOR_TOLERANCE = 1e-5
+# At the other end, a feature that fired on every token is stored as
+# log10(1 + 1e-10) = 4.3e-11 in float64: values up to this read as 1.
+_LOG10_CEILING = 1e-6
 # The files write_saelens writes, cfg.json vouching for the folder.
 _WRITTEN_FILES = _persist.folder_kind(
     "SAELens folder written by sparse_dict",
@@ -153,6 +156,32 @@ def _check_bool(config, key, file, default=None):
         return default
     value = _persist.config_field(config, key, file, kind=bool)
     return value
+
+
+def _finite_metadata(metadata, file):
+    """``metadata`` with NaN and infinities as None, and a warning naming them.
+
+    SAELens writes ``cfg.json`` with Python's json, which writes them, and
+    strict JSON cannot hold them: kept, they failed the dictionary's
+    ``save`` (and ``to_saelens``) later, naming no file or field.
+    """
+    found = []
+
+    def clean(value, where):
+        if isinstance(value, float) and not np.isfinite(value):
+            found.append(where)
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{where}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    metadata = clean(metadata, "metadata")
+    if found:
+        warn_at_caller(f"{file}: {', '.join(found)} held NaN or infinite values, which JSON "
+                       "cannot save; read as null.", UserWarning)
+    return metadata
 
 
 def _read_config(path):
@@ -208,7 +237,7 @@ def _read_config(path):
         norm, file, "normalize_activations")
     cfg["reshape_activations"] = _persist.OneOf(("none", "hook_z")).check(
         config.get("reshape_activations", "none"), file, "reshape_activations")
-    cfg["metadata"] = _persist.config_field(config, "metadata", file)
+    cfg["metadata"] = _finite_metadata(_persist.config_field(config, "metadata", file), file)
     if architecture == "topk":
         cfg["k"] = _persist.Integer(1).check(config.get("k"), file, "k")
         if cfg["k"] > cfg["d_sae"]:
@@ -276,7 +305,7 @@ def _read_frequencies(path, d_sae):
     if not file.is_file():
         return None
     tensors = _persist.read_tensors(file, {"sparsity": _persist.TensorSpec(
-        (d_sae,), ("float16", "float32", "float64"), maximum=0.0)})
+        (d_sae,), ("float16", "float32", "float64"), maximum=_LOG10_CEILING)})
     log10 = tensors["sparsity"].astype(np.float64)
     frequencies = np.clip(10.0 ** log10, 0.0, 1.0)
     frequencies[log10 <= _LOG10_FLOOR + _FLOOR_TOLERANCE] = 0.0

@@ -530,6 +530,12 @@ def test_saelens_own_dead_features_read_as_zero(tmp_path):
     read = SparseAutoencoderDictionary.from_saelens(folder).feature_frequencies_
     assert read[0] == 0.0
     np.testing.assert_allclose(read[1:], FREQUENCIES[1:], rtol=1e-3)
+    # A feature that fired on every token, in float64: just above 0.
+    everywhere = np.log10(np.r_[1.0, FREQUENCIES[1:]] + 1e-10)
+    assert everywhere[0] > 0
+    save_file({"sparsity": everywhere}, str(folder / "sparsity.safetensors"))
+    read = SparseAutoencoderDictionary.from_saelens(folder).feature_frequencies_
+    assert read[0] == 1.0 and (read <= 1).all()
 
 
 def test_sparsity_safetensors_is_part_of_the_folder_written(tmp_path):
@@ -585,3 +591,19 @@ def test_to_saelens_and_convert_keep_the_feature_frequencies(tmp_path):
     np.testing.assert_allclose(
         SparseAutoencoderDictionary.load(tmp_path / "again").feature_frequencies_,
         FREQUENCIES, rtol=1e-12, atol=0)
+
+
+def test_nan_in_saelens_metadata_reads_as_null_and_the_dictionary_saves(tmp_path):
+    # SAELens writes cfg.json with Python's json, NaN and all; kept, it failed
+    # save and to_saelens later with JSON's message, naming nothing.
+    metadata = {"sae_lens_version": "6.5.0", "model_name": "gpt2",
+                "hook_name": "blocks.3.hook_resid_pre", "dataset_trust": float("nan"),
+                "extra": {"scores": [1.0, float("inf")]}}
+    folder = _write(tmp_path / "sae", "standard", _weights("standard"), metadata=metadata)
+    with pytest.warns(UserWarning, match=r"cfg.json: metadata.dataset_trust, "
+                                         r"metadata.extra.scores\[1\] held NaN or infinite"):
+        sae = SparseAutoencoderDictionary.from_saelens(folder)
+    assert sae.provenance_["metadata"]["dataset_trust"] is None
+    assert sae.provenance_["metadata"]["extra"] == {"scores": [1.0, None]}
+    SparseAutoencoderDictionary.load(sae.save(tmp_path / "saved"))
+    sae.to_saelens(tmp_path / "again")
