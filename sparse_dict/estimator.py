@@ -552,9 +552,18 @@ def _with_pass_lines(callback, progress):
         line = (f"pass {info['epoch']}: step {info['step']}, loss {info['loss']:.4g}, "
                 f"mse {info['mse']:.4g}, L0 {info['l0']:.1f}, dead {info['dead']}")
         progress.write(line)
-        return bool(callback(info)) if callback is not None else False
+        return callback(info) if callback is not None else None
 
     return report
+
+
+def _offset_epochs(callback, offset):
+    """``callback``, told the passes counted from ``offset`` (partial_fit's earlier calls)."""
+
+    def call(info):
+        return callback(dict(info, epoch=info["epoch"] + offset))
+
+    return call
 
 
 class SparseAutoencoderDictionary(
@@ -749,7 +758,9 @@ class SparseAutoencoderDictionary(
     callback : callable, default=None
         Called after every pass with a dict (``epoch``, ``step``, ``loss``,
         ``mse``, ``l1``, ``l0``, ``auxk``, ``dead``, ``learning_rate``);
-        returning ``True`` stops training.
+        returning ``True`` stops training (any other value, None or the
+        dict itself, does not). ``epoch`` counts passes from 1: in
+        ``partial_fit``, across its calls, as ``n_iter_`` does.
     random_state : int, RandomState instance or None, default=None
         Seeds the initial atoms, the batch order and the resampling. An
         integer makes CPU fits bit-for-bit repeatable.
@@ -1100,7 +1111,7 @@ class SparseAutoencoderDictionary(
                 resample_interval=self.resample_interval or _PARTIAL_FIT_RESAMPLE_INTERVAL,
             )
             self._train(trainer, X, config, random_state, math.ceil(X.shape[0] / self.batch_size),
-                        n_passes=1, replicas=replicas)
+                        n_passes=1, replicas=replicas, epoch_offset=self.n_iter_)
             self._finish(trainer, X, config, random_state, assess=False, replicas=replicas,
                          new_rows=not first_call)
             self.n_iter_ += 1
@@ -1270,7 +1281,7 @@ class SparseAutoencoderDictionary(
             )
 
     def _train(self, trainer, X, config, random_state, total, n_passes=None, replicas=None,
-               feed=None, verdict=None):
+               feed=None, verdict=None, epoch_offset=0):
         if n_passes is None:
             n_passes = math.ceil(total / math.ceil(X.shape[0] / self.batch_size))
         progress = None
@@ -1282,6 +1293,8 @@ class SparseAutoencoderDictionary(
         callback = self.callback
         if self.verbose >= 2 and progress is not None:
             callback = _with_pass_lines(callback, progress)
+        if epoch_offset and callback is not None:
+            callback = _offset_epochs(callback, epoch_offset)
         # The host arrays of the export, their pages touched while it trains.
         trainer.prepare_export(_result_dtype(X))
         try:

@@ -297,6 +297,23 @@ def test_callback_sees_progress_and_can_stop(X):
     assert {"loss", "l0", "dead", "step", "learning_rate"} <= set(seen[0])
 
 
+@pytest.mark.parametrize("verbose", [0, 2])
+def test_only_true_from_the_callback_stops_and_partial_fit_counts_its_passes(X, verbose):
+    # A logging callback that returns what it is given (truthy) stopped a fit
+    # after its first pass; numpy's True stops as Python's does.
+    epochs = []
+    sae = small_sae(max_iter=3, verbose=verbose,
+                    callback=lambda info: epochs.append(info["epoch"]) or info).fit(X)
+    assert sae.n_iter_ == 3 and epochs == [1, 2, 3]
+    assert small_sae(max_iter=3, callback=lambda info: np.True_).fit(X).n_iter_ == 1
+    # partial_fit's passes count across calls, as n_iter_ does.
+    epochs.clear()
+    stream = small_sae(verbose=verbose, callback=lambda info: epochs.append(info["epoch"]))
+    for _ in range(3):
+        stream.partial_fit(X)
+    assert epochs == [1, 2, 3] and stream.n_iter_ == 3
+
+
 def test_verbose_shows_progress(X, capsys):
     small_sae(verbose=1).fit(X)
     err = capsys.readouterr().err

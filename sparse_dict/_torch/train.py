@@ -440,6 +440,18 @@ def _distinct_rows(sample, n_samples):
     return int(round(min(high, n_samples)))
 
 
+
+def _stops(callback, info):
+    """Whether ``callback`` asks to stop after a pass: it returned True.
+
+    Only True: a logging callback that returns what it was given (a dict,
+    truthy) must not end training after the first pass.
+    """
+    if callback is None:
+        return False
+    result = callback(info)
+    return isinstance(result, (bool, np.bool_)) and bool(result)
+
 class Trainer:
     """Owns an autoencoder, its optimiser and its running statistics.
 
@@ -839,11 +851,11 @@ class Trainer:
                     full_pass = self._count_whole_pass(X.shape[0], full_pass)
                     info = self.pass_info(passes_done, config)
                     if replicas is None:
-                        stopped = callback is not None and callback(info)
+                        stopped = _stops(callback, info)
                     else:
                         with replicas.together("running the callback"):
-                            stopped = callback is not None and callback(info)
-                        stopped = replicas.broadcast_value(bool(stopped), "deciding to stop")
+                            stopped = _stops(callback, info)
+                        stopped = replicas.broadcast_value(stopped, "deciding to stop")
                     # The caller's choice: no run to call unconverged.
                     self.stopped_by_callback = bool(stopped)
                     if stopped or stop:
