@@ -411,6 +411,28 @@ _STOP_S = 5.0
 RANK_PROCESS_ENV = "SPARSE_DICT_RANK_PROCESS"
 
 
+def _check_nproc(nproc, device):
+    """Refuse more processes than this machine can run side by side.
+
+    Each is a whole Python and torch (hundreds of MB, a core to drive it);
+    on GPUs each takes one of its own. A typo such as ``--nproc 5000`` would
+    otherwise start them all.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    if nproc > cores:
+        raise ValueError(f"--nproc {nproc} is more processes than the {cores} CPU cores "
+                         "this command may use; data-parallel training runs one a core "
+                         "at most (one a GPU on GPUs).")
+    import torch
+
+    from sparse_dict._torch.device import resolve_device
+
+    if resolve_device(device).type == "cuda" and nproc > torch.cuda.device_count():
+        raise ValueError(f"--nproc {nproc} is more processes than this machine's "
+                         f"{torch.cuda.device_count()} GPUs; each process trains on one.")
+
+
 def _launch_ranks(argv, nproc):
     """Run this command again in ``nproc`` processes on this machine, data-parallel.
 

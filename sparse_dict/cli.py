@@ -44,6 +44,7 @@ from sparse_dict._cli_common import (  # noqa: F401
     PROG,
     CLIError,
     _EXTRACTION_DEFAULTS,
+    _check_nproc,
     _check_width,
     _divergence_is_an_error,
     _estimator_params,
@@ -190,6 +191,7 @@ def cmd_fit(args):
         # The inputs, the output and the parameters are checked here, once,
         # before any process starts.
         sae._validate_params()
+        _check_nproc(args.nproc, sae.device)
         _launch_ranks(args.argv, args.nproc)
         return 0
     start = time.perf_counter()

@@ -173,6 +173,13 @@ def test_cli_nproc_checks_before_launching(tmp_path, capsys):
                    "--nproc", "2"])
     assert status == 2
     assert capsys.readouterr().err.strip().endswith("does not exist")
+    # More processes than cores (a typo) start none.
+    np.save(tmp_path / "a.npy", worker.make_data()[:100])
+    status = main(["fit", str(tmp_path / "a.npy"), "-o", str(tmp_path / "d"),
+                   "--nproc", "5000", "--device", "cpu"])
+    assert status == 2
+    assert "--nproc 5000 is more processes than the" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_distributed_true_needs_a_launcher(monkeypatch):
