@@ -866,11 +866,15 @@ def _bad(file, message):
     return ValueError(f"{file}: {message}")
 
 
-def read_config(path, *, config_name, weights_name, other_layout=None):
+_EDIT_HINT = "Set parameters after loading instead (set_params), and save again."
+
+
+def read_config(path, *, config_name, weights_name, other_layout=None, edit_hint=_EDIT_HINT):
     """Read and integrity-check a saved folder's JSON config.
 
     Returns the config as a dict. A folder written before integrity records
-    existed (no ``"sha256"`` entry) is read without the check.
+    existed (no ``"sha256"`` entry) is read without the check. ``edit_hint``
+    says, after a config that changed, how to change what it holds instead.
 
     Raises
     ------
@@ -919,8 +923,7 @@ def read_config(path, *, config_name, weights_name, other_layout=None):
             raise _bad(config_file, "contains NaN or infinity") from None
         if _digest_bytes(canonical) != record["config"]:
             raise _bad(config_file, "the file changed after it was saved (its checksum does "
-                       "not match): it is damaged or was edited by hand. Set parameters "
-                       "after loading instead (set_params), and save again.")
+                       f"not match): it is damaged or was edited by hand. {edit_hint}")
         for name, digest in [(weights_name, record["weights"]), *record.get("files", {}).items()]:
             if not _is_plain_file(path / name):
                 raise ValueError(f"{path} is not a complete saved folder: {name} is missing "

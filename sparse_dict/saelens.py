@@ -188,7 +188,9 @@ def _read_config(path):
     config = _persist.read_config(
         path, config_name=CONFIG_FILE, weights_name=WEIGHTS_FILE,
         other_layout=("config.json", "a folder that SparseAutoencoderDictionary.save wrote, "
-                                     "which SparseAutoencoderDictionary.load reads"))
+                                     "which SparseAutoencoderDictionary.load reads"),
+        edit_hint="To give its metadata (model_name, hook_name, ...), set them in the "
+                  "dictionary's provenance_['metadata'] and write it again with to_saelens.")
     file = Path(path) / CONFIG_FILE
     metadata = config.get("metadata")
     version = None

@@ -607,3 +607,21 @@ def test_nan_in_saelens_metadata_reads_as_null_and_the_dictionary_saves(tmp_path
     assert sae.provenance_["metadata"]["extra"] == {"scores": [1.0, None]}
     SparseAutoencoderDictionary.load(sae.save(tmp_path / "saved"))
     sae.to_saelens(tmp_path / "again")
+
+
+def test_metadata_goes_out_from_provenance_and_a_hand_edit_says_so(tmp_path):
+    # SAELens and Neuronpedia need model_name and hook_name, which a
+    # dictionary of a bare array does not know: provenance_'s metadata gives them.
+    folder = _write_ours(tmp_path / "first")
+    sae = SparseAutoencoderDictionary.from_saelens(folder)
+    sae.provenance_ = {"metadata": {"model_name": "gpt2", "hook_name": "blocks.3.hook_mlp_out"}}
+    out = sae.to_saelens(tmp_path / "out")
+    metadata = json.loads((out / "cfg.json").read_text())["metadata"]
+    assert metadata["model_name"] == "gpt2" and metadata["hook_name"] == "blocks.3.hook_mlp_out"
+    # Edited by hand instead, the checksum fails, and the message says the way.
+    config = json.loads((out / "cfg.json").read_text())
+    config["metadata"]["hook_name"] = "blocks.4.hook_mlp_out"
+    (out / "cfg.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"edited by hand. To give its metadata .*"
+                                         r"provenance_\['metadata'\] .* to_saelens"):
+        SparseAutoencoderDictionary.from_saelens(out)
