@@ -426,9 +426,8 @@ def _check_nproc(nproc, device):
                          "at most (one a GPU on GPUs).")
     import torch
 
-    from sparse_dict._torch.device import resolve_device
-
-    if resolve_device(device).type == "cuda" and nproc > torch.cuda.device_count():
+    on_gpus = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if on_gpus and nproc > torch.cuda.device_count():
         raise ValueError(f"--nproc {nproc} is more processes than this machine's "
                          f"{torch.cuda.device_count()} GPUs; each process trains on one.")
 
