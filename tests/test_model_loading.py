@@ -479,3 +479,20 @@ def test_a_folder_in_the_built_in_format_loads_as_a_model(tmp_path):
     changed = TransformerActivationExtractor(str(tmp_path / "changed"), device="cpu").fit(TEXTS)
     with pytest.raises(ValueError, match="whose weights are others"):
         check_compatible(changed, sae)
+
+
+def test_the_weights_sample_is_json_whatever_the_model_holds():
+    # A mask of -inf as a buffer (as some models keep) and an overflowed
+    # weight must not make the provenance unsavable.
+    import json
+
+    from sparse_dict.extraction._loading import same_weights, weights_sample
+
+    module = torch.nn.Linear(3, 2)
+    module.register_buffer("mask", torch.full((4,), -float("inf")))
+    with torch.no_grad():
+        module.weight[0, 0] = float("inf")
+    sample = weights_sample(module)
+    json.dumps(sample, allow_nan=False)
+    assert len(sample) == 5 and same_weights(sample, weights_sample(module))
+    assert not same_weights(sample, weights_sample(torch.nn.Linear(3, 2)))

@@ -468,7 +468,8 @@ def weights_sample(module, n_tensors=16, per_tensor=4):
 
     Up to ``per_tensor`` values at evenly spaced places of each of ``n_tensors``
     floating-point tensors, evenly spaced in the order of their names, as
-    float32 numbers (a short JSON list, a few hundred bytes). The same
+    float32 numbers (a short JSON list, a few hundred bytes; parameters
+    only, and finite values only). The same
     weights give the same list whether the model is on the CPU or a GPU;
     loaded in bfloat16 or float16 they give values within their rounding
     (:func:`same_weights`). Reads only those values: no pass over the model.
@@ -480,7 +481,9 @@ def weights_sample(module, n_tensors=16, per_tensor=4):
     >>> len(sample), sample == weights_sample(torch.nn.Linear(3, 2))  # 4 weights, 2 biases
     (6, False)
     """
-    tensors = [t for _, t in sorted(module.state_dict().items())
+    # Parameters, not buffers: a buffer can be a mask of -inf, which JSON
+    # (and so the provenance) cannot hold.
+    tensors = [t.detach() for _, t in sorted(module.named_parameters())
                if t.is_floating_point() and t.numel() > 0]
     if not tensors:
         return None
@@ -492,7 +495,8 @@ def weights_sample(module, n_tensors=16, per_tensor=4):
             places = torch.as_tensor(np.unique(np.linspace(0, flat.numel() - 1, per_tensor)
                                                .astype(np.int64)), device=flat.device)
             values.append(flat[places].float())
-    return [float(v) for v in torch.cat(values).cpu().numpy()]
+    # A weight that overflowed is left out, the same places for the same weights.
+    return [float(v) for v in torch.cat(values).cpu().numpy() if np.isfinite(v)]
 
 
 def same_weights(recorded, current):
