@@ -193,6 +193,8 @@ def _read_config(path):
                   "dictionary's provenance_['metadata'] and write it again with to_saelens.")
     file = Path(path) / CONFIG_FILE
     metadata = config.get("metadata")
+    if metadata is not None:
+        _persist.config_field(config, "metadata", file)  # a JSON object, or named as not
     version = None
     if isinstance(metadata, dict):
         version = metadata.get("sae_lens_version")

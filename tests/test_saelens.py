@@ -625,3 +625,10 @@ def test_metadata_goes_out_from_provenance_and_a_hand_edit_says_so(tmp_path):
     with pytest.raises(ValueError, match=r"edited by hand. To give its metadata .*"
                                          r"provenance_\['metadata'\] .* to_saelens"):
         SparseAutoencoderDictionary.from_saelens(out)
+
+
+def test_metadata_of_another_type_is_named_as_such(tmp_path):
+    # It was taken for a folder of SAELens before 6.0.
+    folder = _write(tmp_path / "sae", "standard", _weights("standard"), metadata=["6.5.0"])
+    with pytest.raises(ValueError, match="field 'metadata' must be a JSON object"):
+        SparseAutoencoderDictionary.from_saelens(folder)
