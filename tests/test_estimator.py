@@ -318,6 +318,10 @@ def test_verbose_shows_progress(X, capsys):
     small_sae(verbose=1).fit(X)
     err = capsys.readouterr().err
     assert "SparseAutoencoderDictionary" in err
+    # A pass of fewer steps than between updates (5 here) shows its figures too.
+    small_sae(verbose=1).partial_fit(X)
+    err = capsys.readouterr().err
+    assert all(re.search(rf"{name}=[\d.e+-]+", err) for name in ("loss", "l0", "dead")), err
     small_sae(verbose=0).fit(X)
     assert capsys.readouterr().err == ""
 

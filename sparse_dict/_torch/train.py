@@ -1007,10 +1007,7 @@ class Trainer:
             if progress is not None:
                 progress.update(1)
                 if self.step % 20 == 0:
-                    s = stats.tolist()
-                    window = min(self.step, config.resample_interval)
-                    dead = int((self.steps_since_fired >= window).sum())
-                    progress.set_postfix(loss=f"{s[0]:.4g}", l0=f"{s[3]:.1f}", dead=dead)
+                    self._show_figures(progress, stats.tolist(), config)
         # Ends the feed's read-ahead of this pass (after an early stop).
         batches.close()
         # Statistics of rows the caller's checks refuse are not read.
@@ -1022,6 +1019,10 @@ class Trainer:
                 self._raise_divergence(self.step - len(stats_list) + bad)
             self.history = np.concatenate([self.history, stacked])
             self.history_rows = np.concatenate([self.history_rows, rows_list])
+            if progress is not None:
+                # Also for a pass shorter than the 20 steps between updates
+                # (a partial_fit of a few batches showed no figures at all).
+                self._show_figures(progress, stacked[-1].tolist(), config)
         self.pass_fired = fired_total.cpu().numpy().astype(np.float64)
         self.pass_rows = rows_seen
         # Before comparing the ranks: NaN parameters (the same on every rank)
@@ -1273,6 +1274,12 @@ class Trainer:
                           for r in range(replicas.world_size)])
 
     # ------------------------------------------------------------ statistics
+    def _show_figures(self, progress, stats, config):
+        """The progress bar's loss, L0 and count of dead features, from a step's ``stats``."""
+        window = min(self.step, config.resample_interval)
+        dead = int((self.steps_since_fired >= window).sum())
+        progress.set_postfix(loss=f"{stats[0]:.4g}", l0=f"{stats[3]:.1f}", dead=dead)
+
     def pass_info(self, epoch, config):
         """A summary of the last pass, given to callbacks."""
         last = self.history[-1] if len(self.history) else np.full(len(STAT_NAMES), np.nan)
