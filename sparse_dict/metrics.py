@@ -106,7 +106,8 @@ _COSINE_ROUNDING = 1e-12
 
 
 def _cosine_matrix(learned, true):
-    return _unit_rows(learned) @ _unit_rows(true).T
+    # Unit rows' products can round to just past +-1 (1.0000000000000002).
+    return np.clip(_unit_rows(learned) @ _unit_rows(true).T, -1.0, 1.0)
 
 
 # Dense arrays are reduced a block of rows at a time, so that a float32
@@ -172,24 +173,24 @@ def explained_variance(X, X_hat):
     0.75
     """
     X, X_hat = _check_pair(X, X_hat)
-    with np.errstate(over="ignore"):
-        residual, total, constant = _variance_sums(X, X_hat, 1.0)
+    with np.errstate(over="ignore", under="ignore"):
+        residual, total, constant, differs = _variance_sums(X, X_hat, 1.0)
         if (not (np.isfinite(residual) and np.isfinite(total))
-                or (not constant and total < _TINY_SUM)):
+                or (not constant and total < _TINY_SUM)
+                or (differs and residual == 0.0)):
             # Squares beyond float64's range (values from about 1e154), or
             # lost below it (1e-150 and less): the ratio is the same in
             # units of the largest value.
             peak = max(float(np.max(np.abs(X))), float(np.max(np.abs(X_hat))))
-            residual, total, constant = _variance_sums(X, X_hat, peak)
-    # No variance is told by the columns themselves: the mean of a constant
-    # column is off by a rounding error, whose square would pass for a tiny
-    # variance and make any residual a huge negative score.
+            residual, total, constant, differs = _variance_sums(X, X_hat, peak)
+    # No variance is told by the columns themselves (a constant column's
+    # mean is its value): a perfect reconstruction is one equal to X.
     if constant:
-        return 1.0 if residual == 0.0 else 0.0
+        return 0.0 if differs else 1.0
     if total == 0.0:
         # X varies, but by less than float64 resolves beside the largest value
         # (of X_hat, 1e200 times X's): the ratio is beyond float64 too.
-        return 1.0 if residual == 0.0 else -np.inf
+        return -np.inf if differs else 1.0
     return 1.0 - residual / total
 
 
@@ -198,27 +199,37 @@ _TINY_SUM = 1e-250
 
 
 def _variance_sums(X, X_hat, unit):
-    """Residual and total sums of squares of ``X / unit``, and whether ``X`` is constant."""
-    if unit == 1.0:
-        mean = X.mean(axis=0, dtype=np.float64)
-    else:
-        # The mean of X / unit, not of X: X's column sums can overflow where
-        # its values do not (rows near 1e307 summed to infinity, scored 1.0).
-        mean = np.zeros(X.shape[1])
-        for rows in _row_blocks(X):
-            mean += (X[rows].astype(np.float64) / unit).sum(axis=0) / X.shape[0]
-    residual = total = 0.0
+    """Sums of squares of ``X / unit``: residual, total; whether ``X`` is constant, and
+    whether ``X_hat`` differs from it anywhere (a difference whose square underflows
+    still counts)."""
+    # First the columns' means, ranges and whether they are constant. The
+    # mean of X / unit, not of X: X's column sums can overflow where its
+    # values do not (rows near 1e307 summed to infinity, scored 1.0).
+    sums = np.zeros(X.shape[1])
     low, high = np.full(X.shape[1], np.inf), np.full(X.shape[1], -np.inf)
     for rows in _row_blocks(X):
         block = X[rows].astype(np.float64)
-        low, high = np.minimum(low, block.min(axis=0)), np.maximum(high, block.max(axis=0))
-        block_hat = X_hat[rows]
         if unit != 1.0:  # the common case divides nothing
+            block /= unit
+        sums += block.sum(axis=0)
+        low, high = np.minimum(low, block.min(axis=0)), np.maximum(high, block.max(axis=0))
+    fixed = low == high
+    # A constant column's mean is its value: the mean's rounding error
+    # (0.1 three times averages to 0.10000000000000002) squared would pass
+    # for variance, and swamp that of columns that vary by little.
+    mean = np.where(fixed, low, sums / X.shape[0])
+    residual = total = 0.0
+    differs = False
+    for rows in _row_blocks(X):
+        block = X[rows].astype(np.float64)
+        block_hat = X_hat[rows]
+        differs = differs or not np.array_equal(block, block_hat)
+        if unit != 1.0:
             block /= unit
             block_hat = block_hat / unit
         residual += float(np.sum((block - block_hat) ** 2))
         total += float(np.sum((block - mean) ** 2))
-    return residual, total, bool(np.all(low == high))
+    return residual, total, bool(np.all(fixed)), differs
 
 
 def fraction_variance_unexplained(X, X_hat):

@@ -76,6 +76,22 @@ def test_explained_variance_without_variance():
     assert explained_variance(X, X * 1.000001) == 0.0
     assert fraction_variance_unexplained(X, X * 1.000001) == 1.0
     assert explained_variance(np.full((10, 3), 0.1), np.full((10, 3), 0.1) + 1e-12) == 0.0
+    # A wrong reconstruction of tiny values, whose squared error underflows
+    # to 0, is not perfect (it scored 1.0).
+    assert explained_variance([[1e-200]], [[0.0]]) == 0.0
+    assert explained_variance([[1e-200, 1.0]], [[0.0, 1.0]]) == 0.0
+    assert explained_variance([[1e-200], [1e-200]], [[1e-200], [1e-200]]) == 1.0
+
+
+def test_a_constant_column_adds_no_variance_beside_columns_that_vary():
+    # The float64 mean of three 0.1s is 0.10000000000000002: its squared
+    # error was counted as variance and swamped the other column's (EV
+    # 0.99999983 for a reconstruction worse than the mean).
+    X = np.array([[0.1, 0.0], [0.1, 1e-20], [0.1, 0.0]])
+    X_hat = X * [1.0, 0.0]
+    assert explained_variance(X, X_hat) == pytest.approx(explained_variance(X[:, 1:], X_hat[:, 1:]))
+    assert explained_variance(X, X_hat) == pytest.approx(-0.5)
+    assert explained_variance(3 * X, 3 * X_hat) == pytest.approx(-0.5)
 
 
 @pytest.mark.parametrize("unit", [1e300, 1e160, 1e-160, 1e-300])
@@ -87,6 +103,14 @@ def test_explained_variance_of_values_whose_squares_leave_float64(unit):
     X_hat = X + 0.1 * rng.normal(size=X.shape)
     assert explained_variance(X * unit, X_hat * unit) == pytest.approx(
         explained_variance(X, X_hat), rel=1e-12)
+
+
+def test_cosine_scores_stay_within_minus_one_and_one():
+    # Unit rows' products rounded to 1.0000000000000002 for an atom and itself.
+    atoms = np.array([[1e6, -122952.55467336182, -122952.55467336182, -122952.55467336182]])
+    assert mean_max_cosine_similarity(atoms, atoms) <= 1.0
+    assert one_to_one_matching_score(atoms, atoms) <= 1.0
+    assert mean_max_cosine_similarity(atoms, -atoms) >= -1.0
 
 
 def test_explained_variance_at_the_edges_of_float64():
