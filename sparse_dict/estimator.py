@@ -1440,6 +1440,11 @@ class SparseAutoencoderDictionary(
         rows = max(trainer.pass_rows, 1)
         self.feature_frequencies_ = trainer.pass_fired / rows
         self.n_resampled_ = int(trainer.n_resampled)
+        self._start_fitted_state()
+
+    def _start_fitted_state(self):
+        """The private record that goes with new fitted weights (a fit, load or import)."""
+        # The mechanism the weights are for, which set_params must not change.
         self._fitted_with = self.activation
         # transform's LassoCoder, by its settings (_optimal_coder): filled in
         # place, so that transform leaves the estimator's attributes as they
@@ -1468,21 +1473,19 @@ class SparseAutoencoderDictionary(
 
     def _get_trainer(self):
         self._fitted_activation()
+        params = self._fitted_tensors()
+        self._check_fitted_shapes(params)
         trainer = getattr(self, "_trainer", None)
         if trainer is not None:
-            params = self._fitted_tensors()
             if trainer.differs_from(params, self.scale_):
                 # Fitted attributes set since the last fit (atoms edited, a
                 # bias zeroed) are what transform and save use, so training
                 # goes on from them too, as scikit-learn's partial_fit goes
                 # on from components_; Adam starts afresh, as after load.
-                self._check_fitted_shapes(params)
                 trainer.load_parameters_(params, self.scale_)
             return trainer
         # A dictionary loaded from disk has no optimiser state: continue
         # from its parameters with a fresh Adam.
-        params = self._fitted_tensors()
-        self._check_fitted_shapes(params)
         seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
         trainer = Trainer.from_parameters(params, self.scale_, "cpu", int(seed),
                                           self._activation())
@@ -1867,7 +1870,7 @@ class SparseAutoencoderDictionary(
             pad = np.zeros((history.shape[0], len(STAT_NAMES) - history.shape[1]))
             history = np.concatenate([history, pad], axis=1)
         estimator._set_history(history)
-        estimator._coders = {}
+        estimator._start_fitted_state()
         estimator.train_l0_ = attrs.get("train_l0_", estimator.train_l0_)
         estimator.transform_l0_ = attrs.get("transform_l0_", estimator.train_l0_)
         estimator.n_features_in_ = n_features
@@ -1876,8 +1879,6 @@ class SparseAutoencoderDictionary(
         estimator.n_steps_ = attrs["n_steps_"]
         estimator.scale_ = attrs["scale_"]
         estimator.n_resampled_ = attrs["n_resampled_"]
-        # The mechanism the weights are for, which set_params must not change.
-        estimator._fitted_with = estimator.activation
         if names is not None:
             estimator.feature_names_in_ = np.asarray(names, dtype=object)
         if provenance is not None:
@@ -1978,8 +1979,7 @@ class SparseAutoencoderDictionary(
         # The weights are in input units already; training would go on there.
         estimator.scale_ = 1.0
         estimator._set_history(np.zeros((0, len(STAT_NAMES))))
-        estimator._coders = {}
-        estimator._fitted_with = estimator.activation
+        estimator._start_fitted_state()
         estimator.transform_l0_ = float("nan")
         estimator.provenance_ = read["provenance"]
         return estimator

@@ -440,7 +440,6 @@ def _distinct_rows(sample, n_samples):
     return int(round(min(high, n_samples)))
 
 
-
 def _stops(callback, info):
     """Whether ``callback`` asks to stop after a pass: it returned True.
 
@@ -451,6 +450,7 @@ def _stops(callback, info):
         return False
     result = callback(info)
     return isinstance(result, (bool, np.bool_)) and bool(result)
+
 
 class Trainer:
     """Owns an autoencoder, its optimiser and its running statistics.
@@ -569,7 +569,10 @@ class Trainer:
                             "the model's shape (n_features, n_components)")
         with replicas.together("initialising the model"):
             self._initialize(X, rng, decoder_bias_init)
-        self.scale, self.variance = replicas.broadcast_value((self.scale, self.variance))
+        # seen (its mean and variance scaled by the scale) goes with them: the
+        # ranks judge the run from the same figures.
+        self.scale, self.variance, self.seen = replicas.broadcast_value(
+            (self.scale, self.variance, self.seen))
         replicas.broadcast_(list(self.model.parameters()) + list(self.model.buffers()))
 
     def _initialize(self, X, rng, decoder_bias_init):

@@ -502,9 +502,9 @@ def weights_sample(module, n_tensors=16, per_tensor=4):
 def same_weights(recorded, current):
     """Whether two :func:`weights_sample` lists come from the same weights.
 
-    Within bfloat16's rounding (a relative 2^-8), so that a model loaded in
-    another precision is still itself; a checkpoint trained further, or
-    other weights of the same shapes, differ far more.
+    Within a relative 1e-2, beyond bfloat16's rounding (2^-8), so that a
+    model loaded in another precision is still itself; a checkpoint trained
+    further, or other weights of the same shapes, differ far more.
     """
     if len(recorded) != len(current):
         return False
