@@ -306,7 +306,9 @@ def _check_effects(effects, n_features):
     if features.shape[0] != n_rows or np.any((features < 0) | (features >= n_features)):
         raise ValueError(f"logit_effects describe features outside 0..{n_features - 1} "
                          "(or a features array of the wrong length).")
-    return {int(f): [a[i] for a in arrays] for i, f in enumerate(features)}
+    # A feature that changes no logit (a zero atom) has no tokens to show.
+    return {int(f): [a[i] for a in arrays] for i, f in enumerate(features)
+            if np.any(arrays[1][i]) or np.any(arrays[3][i])}
 
 
 def _feature_payload(frequencies, examples, max_features, effects=()):

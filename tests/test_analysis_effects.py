@@ -16,12 +16,14 @@ from sparse_dict import SparseAutoencoderDictionary, TransformerActivationExtrac
 from sparse_dict.analysis import (
     LogitEffects,
     NoDirectPathError,
+    check_compatible,
     logit_effects,
     steer,
     steering_distributions,
 )
 from sparse_dict.cli import main
 from sparse_dict.datasets import load_corpus
+from sparse_dict.extraction import splice_evaluation
 
 torch.set_num_threads(1)
 
@@ -279,6 +281,14 @@ def test_sampling_is_seeded(ext, sae):
     assert others - set(a)
 
 
+def test_a_sampled_continuation_does_not_depend_on_the_other_prompts(ext, sae):
+    # One generator shared in turn made "The king" continue otherwise after
+    # "My lord" than alone.
+    kwargs = dict(max_new_tokens=8, temperature=1.0, random_state=0)
+    pair = steer(ext, sae, ["My lord", "The king"], 3, 1.0, **kwargs)
+    assert pair == [steer(ext, sae, [p], 3, 1.0, **kwargs)[0] for p in ("My lord", "The king")]
+
+
 def test_steering_raises_the_features_own_promoted_tokens(ext, sae, effects, held_out):
     rng = np.random.default_rng(0)
     strongest = _strongest(sae, effects, 4)
@@ -379,6 +389,30 @@ def test_a_strength_that_overflows_the_model_is_refused(ext, sae):
     with pytest.raises(ValueError, match="NaN or infinite"):
         steering_distributions(ext, sae, ["My lord"], 3, 1e30)
     assert len(steer(ext, sae, ["My lord"], 3, 5.0, max_new_tokens=2)) == 1
+    # Beyond float32, a clamped code is infinite before the model runs: named
+    # as such, not as scikit-learn's "Input contains infinity" from the hook.
+    for run in (steer, steering_distributions):
+        with pytest.raises(ValueError, match=r"clamp=1e\+39 is beyond the largest float32"):
+            run(ext, sae, ["My lord"], 3, 0.0, clamp=1e39)
+
+
+def test_a_zero_atom_promotes_no_token(ext, sae):
+    # Its logit changes are all 0, and their top-k was token ids 0, 1, 2
+    # ('\x00', '\x01', '\x02') with changes 0, read as an effect.
+    zeroed = copy.deepcopy(sae)
+    atoms = np.array(zeroed.components_)
+    atoms[7] = 0.0
+    zeroed.components_ = atoms
+    with pytest.warns(UserWarning, match=r"Features \[7\] have atoms of norm 0"):
+        effects = logit_effects(ext, zeroed, features=[6, 7], top_k=3)
+    assert (effects.promoted_ids[1] == -1).all() and (effects.suppressed_ids[1] == -1).all()
+    assert list(effects.promoted_tokens[1]) == ["", "", ""]
+    assert not effects.promoted_logits[1].any() and not effects.suppressed_logits[1].any()
+    # The other feature is as without the zero atom.
+    alone = logit_effects(ext, sae, features=[6], top_k=3)
+    np.testing.assert_array_equal(effects.promoted_ids[0], alone.promoted_ids[0])
+    with pytest.raises(ValueError, match="norm 0"):
+        steer(ext, zeroed, ["a"], 7, 1.0)
 
 
 def test_feature_out_of_range(ext, sae):
@@ -428,6 +462,29 @@ def test_hook_mismatch_and_hooks_off_the_mlp_path(ext, sae, texts):
     with pytest.raises(ValueError, match="fitted on 128 features per row, but "
                                          "layer0.mlp_post of this model gives 512"):
         logit_effects(ext, bare)
+    # splice_evaluation too (it met scikit-learn's error inside its loop).
+    with pytest.raises(ValueError, match="fitted on 128 features per row, but "
+                                         "layer0.mlp_post of this model gives 512"):
+        splice_evaluation(ext, bare, texts[:2])
+    # The same point named by its module is the same point: its activations
+    # are the same, and so is the dictionary's place.
+    by_module = TransformerActivationExtractor("builtin", module="blocks.0.mlp.act",
+                                               device="cpu").fit(texts)
+    assert by_module.hook_name_ != ext.hook_name_
+    assert by_module.provenance()["hook_direction"] == "output"
+    check_compatible(by_module, sae)
+    assert logit_effects(by_module, sae, features=[0], top_k=2).hook_name == "blocks.0.mlp.act"
+    # The same module's input is another point (the MLP's input, not its output).
+    recorded_input = {**sae.provenance_, "hook_direction": "input"}
+    other = copy.deepcopy(sae)
+    other.provenance_ = {**recorded_input, "hook_name": "blocks.0.mlp.act"}
+    with pytest.raises(ValueError, match="but the extractor reads layer0.mlp_post"):
+        check_compatible(ext, other)
+    # A record written before hook_direction was kept is compared by name.
+    old_record = copy.deepcopy(sae)
+    old_record.provenance_ = {k: v for k, v in sae.provenance_.items() if k != "hook_direction"}
+    with pytest.raises(ValueError, match="reads blocks.0.mlp.act"):
+        check_compatible(by_module, old_record)
     # The MLP's output is on the path: its atoms skip the projection.
     mlp_out, dict_out = _fitted_at("mlp_out", texts)
     out_effects = logit_effects(mlp_out, dict_out, features=[0], top_k=3)
@@ -469,7 +526,7 @@ def test_cli_extract_fit_steer_report(tmp_path, capsys):
     elsewhere = tmp_path / "elsewhere.npy"
     np.save(elsewhere, np.load(acts))
     (tmp_path / "elsewhere.provenance.json").write_text(
-        json.dumps(dict(saved, hook_name="layer0.resid_post")))
+        json.dumps(dict(saved, hook_name="layer0.resid_post", hook_module="blocks.0")))
     assert main(["encode", str(folder), str(elsewhere), "-o", str(tmp_path / "c2.npy")]) == 2
     assert "but the activations are of layer0.resid_post" in capsys.readouterr().err
     assert not (tmp_path / "c2.npy").exists()
@@ -549,7 +606,8 @@ def test_model_mismatch_is_refused_unless_told(ext, sae):
     # incomplete one is named, not a KeyError.
     check_compatible(dict(sae.provenance_), sae)
     with pytest.raises(ValueError, match="but the activations are of layer0.resid_post"):
-        check_compatible(dict(sae.provenance_, hook_name="layer0.resid_post"), sae)
+        check_compatible(dict(sae.provenance_, hook_name="layer0.resid_post",
+                              hook_module="blocks.0"), sae)
     with pytest.raises(ValueError, match=r"lacks \['model', 'n_features'\]"):
         check_compatible({"hook_name": "layer0.mlp_post"}, sae)
 

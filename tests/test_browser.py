@@ -443,12 +443,13 @@ def effects_page(tmp_path_factory):
     """A page whose feature 1 promotes markup-like tokens and suppresses a newline."""
     codes = np.array([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.5, 3.0, 0.0]])
     ex = top_activating_examples(codes, ["to", "be", "or"], k=2, context=1)
+    # Feature 2's atom is zero: logit_effects gives it no token ('' and 0).
     effects = {
-        "features": [1, 0],
-        "promoted_tokens": [["<b>bold</b>", " king", "&amp;"], [" a", " b", " c"]],
-        "promoted_logits": [[2.5, 1.25, 0.5], [0.3, 0.2, 0.1]],
-        "suppressed_tokens": [["\n", "</script>", " queen"], [" x", " y", " z"]],
-        "suppressed_logits": [[-3.0, -2.0, -1.0], [-0.1, -0.2, -0.3]],
+        "features": [1, 0, 2],
+        "promoted_tokens": [["<b>bold</b>", " king", "&amp;"], [" a", " b", " c"], [""] * 3],
+        "promoted_logits": [[2.5, 1.25, 0.5], [0.3, 0.2, 0.1], [0.0] * 3],
+        "suppressed_tokens": [["\n", "</script>", " queen"], [" x", " y", " z"], [""] * 3],
+        "suppressed_logits": [[-3.0, -2.0, -1.0], [-0.1, -0.2, -0.3], [0.0] * 3],
     }
     path = tmp_path_factory.mktemp("effects") / "features.html"
     write_feature_browser(path, (codes > 0).mean(axis=0), ex, logit_effects=effects)
@@ -472,7 +473,7 @@ def test_promoted_and_suppressed_tokens_render_escaped(driver, effects_page):
     assert by_id[1][0] == ["<b>bold</b>", " king", "&amp;"]
     assert by_id[1][1] == ["\u21b5-3.00", "</script>-2.00", " queen-1.00"]
     assert by_id[0][0] == [" a", " b", " c"]
-    assert by_id[2] == [None, None]  # no effects given for feature 2
+    assert by_id[2] == [None, None]  # none shown for feature 2
     assert driver.script("return document.querySelectorAll('#features b').length;") == 0
     # The promoted tokens sit before the feature's examples.
     assert driver.script(

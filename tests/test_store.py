@@ -423,12 +423,13 @@ def test_cli_extract_to_a_store_fit_and_report(reference, extractor, texts, tmp_
     # A dictionary of another hook point of the same width is refused, not
     # paired with the store's activations.
     other = SparseAutoencoderDictionary.load(tmp_path / "dict")
-    other.provenance_ = dict(other.provenance_, hook="mlp_pre", hook_name="layer0.mlp_pre")
+    other.provenance_ = dict(other.provenance_, hook="mlp_out", hook_name="layer0.mlp_out",
+                             hook_module="blocks.0.mlp")
     other.save(tmp_path / "other")
     capsys.readouterr()
     assert main(["report", str(tmp_path / "other"), str(store), "-o", str(tmp_path / "r2"),
                  "--device", "cpu", "-q"]) == 2
-    assert "layer0.mlp_pre" in capsys.readouterr().err
+    assert "layer0.mlp_out" in capsys.readouterr().err
     assert main(["encode", str(tmp_path / "other"), str(store), "-o",
                  str(tmp_path / "codes.npy"), "-q"]) == 2
     assert "layer0.mlp_post" in capsys.readouterr().err

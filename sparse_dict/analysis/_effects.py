@@ -9,6 +9,7 @@ in the last block (all of the built-in model) is its whole effect.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -72,9 +73,10 @@ class LogitEffects:
     features : ndarray of shape (n_features,), dtype int64
         The dictionary features described.
     promoted_ids, suppressed_ids : ndarray of shape (n_features, top_k), dtype int64
-        Token ids with the largest increase (decrease) of their logit.
+        Token ids with the largest increase (decrease) of their logit; -1
+        throughout for a feature whose atom is zero (it changes no logit).
     promoted_tokens, suppressed_tokens : ndarray of shape (n_features, top_k), dtype object
-        Those tokens as strings.
+        Those tokens as strings ('' for id -1).
     promoted_logits, suppressed_logits : ndarray of shape (n_features, top_k), dtype float32
         The change of each token's logit per unit of the feature's code
         (positive for promoted, negative for suppressed tokens).
@@ -470,12 +472,24 @@ def logit_effects(extractor, sae, features=None, top_k=10, *, as_frame=False,
             values["up"][start:stop] = up.values.cpu().numpy()
             out["down"][start:stop] = down.indices.cpu().numpy()
             values["down"][start:stop] = -down.values.cpu().numpy()
+    # A zero atom changes no logit: its top tokens would be ties broken by
+    # token id ('\x00', '\x01', ...), which reads as an effect.
+    empty = ~np.any(components[features], axis=1)
+    if empty.any():
+        warnings.warn(
+            f"Features {features[empty].tolist()[:20]} have atoms of norm 0: they change no "
+            "logit, so they promote and suppress no token (token ids -1, tokens '', "
+            "changes 0).", UserWarning, stacklevel=2)
+        for name in ("up", "down"):
+            out[name][empty] = -1
+            values[name][empty] = 0.0
     loaded = extractor.loaded_model()
     strings = {}
     for name in ("up", "down"):
         unique, inverse = np.unique(out[name], return_inverse=True)
         names = np.empty(unique.shape[0], dtype=object)
-        names[:] = token_strings(loaded, unique.tolist())
+        names[:] = [""] * int(unique[0] < 0) + token_strings(
+            loaded, unique[unique >= 0].tolist())
         strings[name] = names[inverse.reshape(out[name].shape)]
     effects = LogitEffects(
         features=features,

@@ -127,6 +127,11 @@ def _edit(extractor, sae, feature, strength, clamp, direction):
             vector = vector / norm
     if clamp is not None:
         clamp = _check_number(clamp, "clamp")
+        largest = float(np.finfo(np.float32).max)
+        if abs(clamp) > largest:
+            # Codes are float32: the value would be infinite before the edit.
+            raise ValueError(f"clamp={clamp:g} is beyond the largest float32 ({largest:g}), "
+                             "the precision of the codes; use a smaller one.")
         if strength != 0:
             raise ValueError(
                 "clamp sets the feature's code instead of adding strength times its atom; "
@@ -225,7 +230,8 @@ def steer(extractor, sae, texts, feature, strength, max_new_tokens=20, random_st
         Tokens generated per text (fewer if the model ends the text).
     random_state : int, RandomState instance or None, default=None
         Seeds the sampling when ``temperature > 0``; greedy generation does
-        not use it.
+        not use it. Every prompt is sampled from the same seed, so a prompt's
+        continuation does not depend on the other prompts in ``texts``.
     clamp : float or None, default=None
         Instead of adding, set the feature's code to this value at every
         position: each position is encoded, its code for the feature is set,
@@ -286,10 +292,9 @@ def steer(extractor, sae, texts, feature, strength, max_new_tokens=20, random_st
     for i, seq in enumerate(seqs):
         if not seq:
             raise ValueError(f"Text {i} has no tokens, so there is nothing to continue.")
-    generator = None
+    seed = None
     if temperature > 0:
         seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
-        generator = torch.Generator().manual_seed(seed)
     limit = loaded.max_positions or None
     eos = _eos(loaded)
     continuations = []
@@ -299,6 +304,9 @@ def steer(extractor, sae, texts, feature, strength, max_new_tokens=20, random_st
         with torch.inference_mode(), extractor.activation_hook() as hook:
             for seq in seqs:
                 ids, new = list(seq), []
+                # Each prompt draws from the seed afresh: its continuation is
+                # the same whatever prompts come before it in the list.
+                generator = None if seed is None else torch.Generator().manual_seed(seed)
                 for _ in range(max_new_tokens):
                     # The model sees at most its number of positions: the
                     # oldest tokens leave the window first.

@@ -31,7 +31,7 @@ PROVENANCE_SOURCE = "sparse_dict.TransformerActivationExtractor"
 # The fields of ``TransformerActivationExtractor.provenance()``, in order; an
 # activation store's manifest holds them all but ``n_tokens`` (it counts rows).
 PROVENANCE_FIELDS = ("source", "model", "model_class", "layer", "hook", "module", "hook_name",
-                     "hook_module", "n_features", "pooling", "max_length", "n_tokens", "corpus",
+                     "hook_module", "hook_direction", "n_features", "pooling", "max_length", "n_tokens", "corpus",
                      "weights_sample")
 
 
@@ -368,7 +368,8 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             ``model`` ("builtin", a Hub id, the absolute path of a local
             folder, or None for a torch module passed as ``model``),
             ``model_class``, ``layer``, ``hook``, ``module``, ``hook_name``,
-            ``hook_module``, ``n_features``, ``pooling``, ``max_length`` (the
+            ``hook_module``, ``hook_direction`` ("input" or "output" of that
+            module), ``n_features``, ``pooling``, ``max_length`` (the
             length texts are cut to, the model's limit included), ``n_tokens``,
             ``corpus`` and ``weights_sample`` (64 of the model's weights,
             spread over its tensors, by which
@@ -402,6 +403,9 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             "module": self.module,
             "hook_name": self.hook_name_,
             "hook_module": self.hook_module_,
+            # Input or output of that module: with hook_module, the hook point
+            # itself, however it was named (layer/hook or module=).
+            "hook_direction": self._hook_direction,
             "n_features": int(self.n_features_out_),
             "pooling": self.pooling,
             # The length texts were really cut to: the model's own limit caps it.

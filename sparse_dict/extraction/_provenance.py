@@ -25,6 +25,21 @@ def _same_model(recorded, current):
     return Path(recorded).name == Path(current).name
 
 
+def _same_hook(recorded, current):
+    """Whether two provenance records name the same hook point.
+
+    The point is a module's input or output: named by ``layer``/``hook``
+    ("layer0.mlp_post") or by ``module=`` (its path), the same point reads
+    the same activations. Records without ``hook_direction`` (written before
+    it was kept) are compared by name.
+    """
+    if recorded.get("hook_name") == current.get("hook_name"):
+        return True
+    keys = ("hook_module", "hook_direction")
+    sides = [tuple(record.get(k) for k in keys) for record in (recorded, current)]
+    return None not in sides[0] and sides[0] == sides[1]
+
+
 def _sample_of(provenance):
     """The ``weights_sample`` of a provenance record, or None (older records, or edited)."""
     sample = provenance.get("weights_sample")
@@ -122,12 +137,24 @@ def check_compatible(extractor, dictionary, *, check_model=True):
     recorded = getattr(dictionary, "provenance_", None)
     if isinstance(recorded, dict) and recorded.get("source") == PROVENANCE_SOURCE:
         _check_recorded(recorded, current, check_model, what)
-    width = int(current["n_features"])
-    n_in = int(dictionary.n_features_in_)
-    if n_in != width:
+    check_width(current, dictionary.n_features_in_)
+
+
+def check_width(provenance, n_features_in):
+    """Raise a clear error unless a dictionary of ``n_features_in`` fits the hook's width.
+
+    Parameters
+    ----------
+    provenance : dict
+        The extractor's (or store's) provenance record.
+    n_features_in : int
+        The width the dictionary was fitted on.
+    """
+    width = int(provenance["n_features"])
+    if int(n_features_in) != width:
         raise ValueError(
-            f"The dictionary was fitted on {n_in} features per row, but "
-            f"{current['hook_name']} of this model gives {width}; use the extractor "
+            f"The dictionary was fitted on {int(n_features_in)} features per row, but "
+            f"{provenance['hook_name']} of this model gives {width}; use the extractor "
             "(model, layer, hook) its activations came from."
         )
 
@@ -136,7 +163,7 @@ def _check_recorded(recorded, current, check_model, what="the extractor"):
     where = f"{recorded.get('hook_name')} of model {recorded.get('model')}"
     reads, runs = (("are of", "are of model") if what == "the activations"
                    else ("reads", "runs model"))
-    if recorded.get("hook_name") != current["hook_name"]:
+    if not _same_hook(recorded, current):
         raise ValueError(
             f"The dictionary was learned on activations of {where}, but {what} "
             f"{reads} {current['hook_name']}; use layer/hook (or module) of the dictionary's "

@@ -10,7 +10,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from sparse_dict.extraction._extractor import TransformerActivationExtractor
 from sparse_dict.extraction._hook import StopForward
-from sparse_dict.extraction._provenance import check_compatible
+from sparse_dict.extraction._provenance import check_compatible, check_width
 from sparse_dict.extraction._texts import _check_texts
 
 
@@ -158,6 +158,10 @@ def splice_evaluation(extractor, dictionary, texts, *, ablation="zero", verbose=
     # point gave 0.10.
     if getattr(dictionary, "provenance_", None) is not None:
         check_compatible(extractor, dictionary)
+    elif getattr(dictionary, "n_features_in_", None) is not None:
+        # Without a record, the width is all there is to check; checked here,
+        # it is named as the hook's, not met as scikit-learn's error mid-splice.
+        check_width(extractor.provenance(), dictionary.n_features_in_)
     # Only the extractor's public interface is used, so any extractor that
     # offers it (token_ids, batches, activation_hook, loaded_model) splices.
     loaded = extractor.loaded_model()
