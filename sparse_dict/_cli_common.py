@@ -80,7 +80,7 @@ def _output_dir(path, what):
 
 def _output_store(path, texts, *, resume, overwrite):
     """The store's folder after checking it may be written, resumed or replaced."""
-    from sparse_dict.extraction._store import STORE
+    from sparse_dict.extraction._store import STORE, resumable
 
     if resume and overwrite:
         raise CLIError("--resume continues the store and --overwrite starts it again; "
@@ -89,7 +89,7 @@ def _output_store(path, texts, *, resume, overwrite):
     if path.exists() and not path.is_dir():
         raise CLIError(f"--store {str(path)!r} is a file, expected a folder")
     _output_dir(path.parent, "folder of the store")
-    if resume and STORE.recognize(path):
+    if resume and resumable(path):
         return path
     try:
         # With --resume, anything there must be a store (or an empty folder).
@@ -268,7 +268,10 @@ def open_activations_store(path):
     from sparse_dict.extraction import open_store
 
     try:
-        store = open_store(path)
+        with warnings.catch_warnings():
+            # An incomplete store is refused below, in the CLI's words.
+            warnings.filterwarnings("ignore", "The activation store .* is incomplete")
+            store = open_store(path)
     except (OSError, ValueError) as err:
         raise CLIError(str(err).splitlines()[0]) from None
     if not store.complete:

@@ -100,11 +100,16 @@ class Kind:
         ``recognize(path) -> bool``: whether ``path`` holds one, judged from
         its content, so that ``overwrite`` never replaces a user's own file or
         folder that merely has the same name.
+    foreign : callable or None, default=None
+        Of a folder kind: ``foreign(path) -> list of str or None``, the names
+        in ``path`` that are not the kind's own where the rest is one (such
+        a folder is not replaced, but can be added to), else None.
     """
 
     name: str
     folder: bool
     recognize: Callable[[Path], bool]
+    foreign: Callable[[Path], list] | None = None
 
 
 def _head(path, n=_HEAD_BYTES):
@@ -289,27 +294,30 @@ def folder_kind(name, entries, required=()):
     Kind
     """
 
-    def recognize(path):
+    def foreign(path):
         path = Path(path)
         if not path.is_dir() or path.is_symlink():
-            return False
+            return None
         if not all((path / entry).is_file() for entry in required):
-            return False
-        vouched = False
-        for child in path.iterdir():
-            if child.name not in entries or child.is_symlink():
-                return False
-            kind = entries[child.name]
-            if kind is None:
-                if child.is_dir():
-                    return False
+            return None
+        vouched, others = False, []
+        for child in sorted(path.iterdir()):
+            if child.name not in entries:
+                others.append(child.name)
                 continue
-            if not kind.recognize(child):
-                return False
-            vouched = True
-        return vouched
+            kind = entries[child.name]
+            if child.is_symlink() or (kind is None and child.is_dir()):
+                return None
+            if kind is not None:
+                if not kind.recognize(child):
+                    return None
+                vouched = True
+        return others if vouched else None
 
-    return Kind(name, True, recognize)
+    def recognize(path):
+        return foreign(path) == []
+
+    return Kind(name, True, recognize, foreign)
 
 
 # --------------------------------------------------------------------------
@@ -355,6 +363,16 @@ def _describe(path):
 
 def _check_replaceable(path, kind):
     """Raise FileExistsError unless ``path`` is a ``kind`` this package wrote."""
+    others = kind.foreign(path) if kind.foreign is not None else None
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5
+                                         else "")
+        raise FileExistsError(
+            f"{path} is {'an' if kind.name[:1] in 'aeiou' else 'a'} {kind.name} with entries "
+            f"sparse_dict did not write in it ({shown}); refusing to replace it, even with "
+            "overwrite, since they would be lost. Move them out of it first, or choose "
+            "another name."
+        )
     if path.is_symlink() or path.is_dir() != kind.folder or not kind.recognize(path):
         raise FileExistsError(
             f"{path} already exists and is {_describe(path)} that is not "

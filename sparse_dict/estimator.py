@@ -145,6 +145,15 @@ _INFERENCE_PARAMS = ("k", "transform_algorithm", "transform_alpha", "transform_n
                      "device")
 
 
+def _check_not_a_store(X):
+    """Refuse an activation store passed as ``X``, naming the array it holds."""
+    if hasattr(X, "activations") and hasattr(X, "manifest"):
+        raise TypeError(
+            f"X is an {type(X).__name__}, not an array of rows; pass its activations "
+            "(X.activations, a memory-mapped array read batch by batch), with "
+            "provenance=X.provenance() to fit.")
+
+
 def _accepted_dtypes(X):
     """The dtypes ``validate_data`` may leave ``X`` in (others are converted whole).
 
@@ -1410,6 +1419,7 @@ class SparseAutoencoderDictionary(
 
     def _validate_train_data(self, X, reset, check_values=True):
         """X as training data; ``check_values=False`` leaves the scan of its values to the caller."""
+        _check_not_a_store(X)
         X = validate_data(
             self,
             X,
@@ -1586,6 +1596,7 @@ class SparseAutoencoderDictionary(
 
     def _validate_inference_data(self, X):
         self._check_inference_params()
+        _check_not_a_store(X)
         return validate_data(
             self, X, reset=False, accept_sparse="csr", dtype=_accepted_dtypes(X)
         )

@@ -260,7 +260,8 @@ def test_user_folder_is_never_replaced(tmp_path, models):
     # A saved dictionary with a file of the user's added is the user's too.
     path = models[0].save(tmp_path / "d")
     (path / "my notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a saved dictionary"):
+    with pytest.raises(FileExistsError, match=r"is a saved dictionary with entries sparse_dict "
+                                              r"did not write in it \(my notes.txt\)"):
         models[1].save(path, overwrite=True)
     assert (path / "my notes.txt").read_text() == "keep me"
 

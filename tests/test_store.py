@@ -166,6 +166,15 @@ def test_pooled_store(texts, tmp_path):
         ext.transform_to_disk(["a", ""], tmp_path / "p")
     assert not (tmp_path / "p").exists()
     assert ext.transform_to_disk(["a", "b"], tmp_path / "p").n_rows == 2
+    # In a later chunk, the chunks before it are stored: the message says how
+    # to go on from them, and that way works.
+    with pytest.raises(ValueError, match="Text 3 has no tokens, so it cannot be pooled. The "
+                                         "store keeps the 2 texts before it"):
+        ext.transform_to_disk(["a", "b", "c", ""], tmp_path / "q", chunk_texts=2)
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert open_store(tmp_path / "q").n_texts == 2
+    store = ext.transform_to_disk(["a", "b", "c"], tmp_path / "q", chunk_texts=2, resume=True)
+    assert store.complete and store.n_rows == 3
 
 
 # ---------------------------------------------------------------------------
@@ -178,7 +187,8 @@ def test_resumed_after_an_exception_equals_uninterrupted(reference, extractor, t
     path = tmp_path / "store"
     with pytest.raises(KeyboardInterrupt):
         extractor.transform_to_disk(_interrupted(texts, 14), path, chunk_texts=CHUNK)
-    partial = open_store(path)
+    with pytest.warns(UserWarning, match="incomplete"):
+        partial = open_store(path)
     assert not partial.complete and partial.n_texts == 12  # three whole chunks
     np.testing.assert_array_equal(partial.activations,
                                   reference.activations[: partial.n_rows])
@@ -217,7 +227,9 @@ def test_resumed_after_the_process_was_killed_equals_uninterrupted(reference, te
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           timeout=120)
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()
-    assert open_store(path).n_texts == 20 and not open_store(path).complete
+    with pytest.warns(UserWarning, match="incomplete"):
+        partial = open_store(path)
+    assert partial.n_texts == 20 and not partial.complete
     ext = TransformerActivationExtractor(max_length=MAX_LENGTH, device="cpu")
     ext.transform_to_disk(texts, path, resume=True, chunk_texts=CHUNK)
     assert _files(path) == _files(reference.path)
@@ -242,7 +254,9 @@ def test_a_store_extended_is_incomplete_until_it_ends(reference, extractor, text
     with pytest.raises(KeyboardInterrupt):
         extractor.transform_to_disk(_interrupted(texts, 14), path, resume=True,
                                     chunk_texts=CHUNK)
-    assert open_store(path).n_texts == 12 and not open_store(path).complete
+    with pytest.warns(UserWarning, match="incomplete"):
+        partial = open_store(path)
+    assert partial.n_texts == 12 and not partial.complete
     store = extractor.transform_to_disk(iter(texts), path, resume=True, chunk_texts=CHUNK)
     assert store.complete and _files(path) == _files(reference.path)
 
@@ -255,6 +269,46 @@ def test_resume_when_the_first_text_has_no_tokens(extractor, tmp_path):
         extractor.transform_to_disk(_interrupted(texts, 2), tmp_path / "s", chunk_texts=1)
     store = extractor.transform_to_disk(texts, tmp_path / "s", chunk_texts=1, resume=True)
     np.testing.assert_allclose(store.activations, extractor.transform(texts), atol=1e-5)
+
+
+def test_a_file_the_user_put_in_a_store_is_kept(reference, extractor, texts, tmp_path):
+    # A README or a Finder's .DS_Store in the folder stopped a resume with the
+    # advice to remove the folder, work and all.
+    path = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        extractor.transform_to_disk(_interrupted(texts, 14), path, chunk_texts=CHUNK)
+    (path / ".DS_Store").write_bytes(b"finder")
+    (path / "notes").mkdir()
+    before = _files(path, manifest=True)
+    with pytest.raises(FileExistsError, match=r"entries sparse_dict did not write in it "
+                                              r"\(.DS_Store, notes\); refusing to replace"):
+        extractor.transform_to_disk(texts, path, overwrite=True, chunk_texts=CHUNK)
+    assert _files(path, manifest=True) == before
+    store = extractor.transform_to_disk(texts, path, resume=True, chunk_texts=CHUNK)
+    assert store.complete and _files(path) == _files(reference.path)
+    assert (path / ".DS_Store").read_bytes() == b"finder" and (path / "notes").is_dir()
+
+
+def test_an_incomplete_store_warns_and_a_store_is_not_rows(reference, extractor, texts,
+                                                          tmp_path):
+    path = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        extractor.transform_to_disk(_interrupted(texts, 6), path, chunk_texts=CHUNK)
+    with pytest.warns(UserWarning, match="is incomplete: its extraction stopped after 4 texts"):
+        open_store(path)
+    # The store itself is not the rows; said so, not float()'s TypeError.
+    with pytest.raises(TypeError, match=r"pass its activations \(X.activations"):
+        SparseAutoencoderDictionary(n_components=8, max_steps=1).fit(reference)
+    # A damaged header names its file.
+    acts = reference.path / "activations.npy"
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in ("manifest.json", "index.npy", "vocab.json"):
+        (damaged / name).write_bytes((reference.path / name).read_bytes())
+    (damaged / "activations.npy").write_bytes(b"garbage!" + acts.read_bytes()[8:])
+    with pytest.raises(ValueError, match=r"activations.npy does not start with a valid .npy "
+                                         r"header .*: the activation store is damaged"):
+        open_store(damaged)
 
 
 def test_a_users_folder_holding_an_activations_npy_is_not_a_store(extractor, texts, tmp_path):
@@ -306,9 +360,43 @@ def test_resume_refuses_other_weights_under_the_same_name(tmp_path):
         extractor(0).transform_to_disk(_interrupted(ids, 4), tmp_path / "s", chunk_texts=2)
     with pytest.raises(ValueError, match="other weights"):
         extractor(1).transform_to_disk(ids, tmp_path / "s", resume=True, chunk_texts=2)
+    # Weights a little off (a checkpoint trained on in place) give activations
+    # within the re-extracted text's tolerance; the weights' sample tells.
+    nudged = extractor(0)
+    with torch.no_grad():
+        for param in nudged.loaded_model().model.parameters():
+            param.mul_(1 + 0.01 * torch.randn(param.shape, generator=torch.Generator()
+                                               .manual_seed(param.numel())))
+    with pytest.raises(ValueError, match="other weights than this model's"):
+        nudged.transform_to_disk(ids, tmp_path / "s", resume=True, chunk_texts=2)
     store = extractor(0).transform_to_disk(ids, tmp_path / "s", resume=True, chunk_texts=2)
     assert store.complete and store.n_rows == sum(min(len(s), 16) for s in ids)
     assert store.tokens()[:2].tolist() == [str(i) for i in ids[0][:2]]
+
+
+def test_a_writer_reads_the_count_once_it_holds_the_lock(reference, extractor, texts,
+                                                         tmp_path, monkeypatch):
+    # Another writer finishing between the manifest's first reading and the
+    # lock: the count read first cut the finished store back (then unreadable).
+    from sparse_dict.extraction import _store
+
+    path = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        extractor.transform_to_disk(_interrupted(texts, 14), path, chunk_texts=CHUNK)
+    check, raced = _store._check_same_extraction, []
+
+    def finished_meanwhile(*args):
+        if not raced:
+            raced.append(True)
+            extractor.transform_to_disk(iter(texts), path, resume=True, chunk_texts=CHUNK)
+        return check(*args)
+
+    monkeypatch.setattr(_store, "_check_same_extraction", finished_meanwhile)
+    with StoreWriter(path, extractor._store_config(None), resume=True) as writer:
+        # Were the writer to stop here (a crash), the finished store would be
+        # readable, all its texts done.
+        assert raced and writer.n_texts == N_TEXTS
+        assert open_store(path).complete and _files(path) == _files(reference.path)
 
 
 # ---------------------------------------------------------------------------

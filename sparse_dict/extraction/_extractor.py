@@ -516,12 +516,18 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         return self._activations(seqs, self._progress_label(len(seqs))), seqs
 
     @staticmethod
-    def _check_poolable(lengths, first=0):
-        """Raise where a text of these token counts has none to pool (``first``: its offset)."""
+    def _check_poolable(lengths, first=0, stored=0):
+        """Raise where a text of these token counts has none to pool.
+
+        ``first`` is the offset of the first text; ``stored`` the texts a
+        store already holds, which a resume keeps.
+        """
         empty = np.flatnonzero(np.asarray(lengths) == 0)
         if empty.size:
+            keep = (f" The store keeps the {stored:,} texts before it: mend or remove that "
+                    "text (those before it unchanged) and resume." if stored else "")
             raise ValueError(
-                f"Text {first + int(empty[0])} has no tokens, so it cannot be pooled."
+                f"Text {first + int(empty[0])} has no tokens, so it cannot be pooled.{keep}"
             )
 
     def _activations(self, seqs, desc=None, first=0):
@@ -752,6 +758,8 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
                         continue
                 seqs = (first_seqs if texts is first[1] and first_seqs is not None
                         else self._tokenize(texts, pretokenized, self.loaded_model()))
+                if self.pooling != "none":
+                    self._check_poolable([len(q) for q in seqs], start, writer.n_texts)
                 acts = self._activations(seqs, first=start)
                 text_index, position, token_id = self._row_index(seqs)
                 index = np.column_stack([text_index + start, position, token_id])

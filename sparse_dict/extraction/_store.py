@@ -34,6 +34,7 @@ import io
 import json
 import numbers
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -101,15 +102,18 @@ class _GrowingNpy:
     """A .npy file of rows, open for appending; the header follows ``n_rows``."""
 
     def __init__(self, path, width, dtype, n_rows):
+        """``n_rows``: the rows to keep, or a function giving them once the lock is held."""
         self.path, self.width, self.dtype = Path(path), int(width), np.dtype(dtype)
         self.offset = _header_size(self.width, self.dtype)
         self.row_bytes = self.width * self.dtype.itemsize
-        # The rows the manifest counts must all be there, as written: truncate
-        # would otherwise grow a file that lost some with zeros, silently.
-        _check_rows_file(self.path, self.width, self.dtype, n_rows)
         self.fh = open(self.path, "r+b")  # noqa: SIM115 - closed by close()
         try:
             _lock(self.fh, self.path.parent)
+            if callable(n_rows):
+                n_rows = n_rows()
+            # The rows the manifest counts must all be there, as written:
+            # truncate would otherwise grow a file that lost some with zeros.
+            _check_rows_file(self.path, self.width, self.dtype, n_rows)
             # Rows past the manifest's count are the remains of a chunk cut short.
             self.fh.truncate(self.offset + n_rows * self.row_bytes)
             self.n_rows = n_rows
@@ -253,11 +257,16 @@ def _check_rows_file(path, width, dtype, n_rows, complete=False):
         raise ValueError(f"{path} holds fewer rows than its manifest counts ({n_rows}): "
                          "the activation store is damaged.")
     with open(path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
+        try:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, file_dtype = np.lib.format.read_array_header_1_0(fh)
+        except ValueError as exc:
+            raise ValueError(f"{path} does not start with a valid .npy header ({exc}): the "
+                             "activation store is damaged.") from None
         if version != (1, 0):
             raise ValueError(f"{path} is a .npy file of version {version}, not one written "
                              "by an activation store: the store is damaged.")
-        shape, fortran, file_dtype = np.lib.format.read_array_header_1_0(fh)
         if fortran or file_dtype != np.dtype(dtype) or shape[1:] != (width,):
             raise ValueError(f"{path} is not a C-ordered {np.dtype(dtype)} array of width "
                              f"{width}: the activation store is damaged.")
@@ -468,8 +477,8 @@ def open_store(path):
     Returns
     -------
     ActivationStore
-        Of an interrupted extraction too: then it holds the rows of the texts
-        done, and ``complete`` is False.
+        Of an interrupted extraction too, with a warning: then it holds the
+        rows of the texts done, and ``complete`` is False.
 
     Raises
     ------
@@ -491,7 +500,16 @@ def open_store(path):
     ['H', 'ell', 'o']
     """
     path = Path(path)
-    return ActivationStore(path, _read_manifest(path))
+    store = ActivationStore(path, _read_manifest(path))
+    if not store.complete:
+        # Readable on purpose (to look at, or to fit on what is there), but a
+        # fit on it would silently learn from part of the corpus.
+        warnings.warn(
+            f"The activation store {path} is incomplete: its extraction stopped after "
+            f"{store.n_texts:,} texts, and its activations hold their rows only. Resume it "
+            "(transform_to_disk(..., resume=True), or 'sparse-dict extract ... --resume') to "
+            "finish it.", UserWarning, stacklevel=2)
+    return store
 
 
 # --------------------------------------------------------------------------
@@ -515,7 +533,9 @@ class StoreWriter:
                              "overwrite=True starts it again; pass one of them.")
         self.path = Path(path)
         hint = "overwrite=True (or resume=True to continue it)"
-        if resume and STORE.recognize(self.path):
+        # A file the user added to the folder (a README, a Finder's
+        # .DS_Store) does not stop a resume, which replaces nothing.
+        if resume and resumable(self.path):
             manifest = _read_manifest(self.path)
             _check_same_extraction(self.path, manifest, config)
         else:
@@ -539,10 +559,19 @@ class StoreWriter:
             manifest = self._create(config, overwrite, hint)
         self.manifest = manifest
         width = manifest["n_features"]
-        n_rows = manifest["n_rows"]
-        self._acts = _GrowingNpy(self.path / ACTIVATIONS, width, np.float32, n_rows)
+
+        def rows_under_lock():
+            # Read again once the lock is held: a writer that finished since
+            # the first reading added rows, which truncating to the count
+            # read before would cut off.
+            self.manifest = _read_manifest(self.path)
+            _check_same_extraction(self.path, self.manifest, config)
+            return self.manifest["n_rows"]
+
+        self._acts = _GrowingNpy(self.path / ACTIVATIONS, width, np.float32, rows_under_lock)
         try:
-            self._index = _GrowingNpy(self.path / INDEX, _INDEX_COLUMNS, np.int64, n_rows)
+            self._index = _GrowingNpy(self.path / INDEX, _INDEX_COLUMNS, np.int64,
+                                      self.manifest["n_rows"])
         except BaseException:
             self._acts.close()
             raise
@@ -689,3 +718,22 @@ def _check_same_extraction(path, manifest, config):
             f"{path} was extracted with {what}; resume it with the same extractor, or "
             "start again (overwrite=True, --overwrite on the command line)."
         )
+    # The same name with other weights (a checkpoint trained on in place):
+    # its activations differ by little, too little for the re-extracted
+    # first text to tell at 1% of noise.
+    from sparse_dict.extraction._loading import same_weights  # torch, which readers do without
+
+    samples = [record.get("weights_sample") for record in (manifest, config)]
+    if all(isinstance(sample, list) and sample for sample in samples) and not same_weights(
+            *samples):
+        raise ValueError(
+            f"{path} was extracted with other weights than this model's (a sample of them "
+            "is kept in its manifest's weights_sample), though under the same name; resume "
+            "it with the same model, or start again (overwrite=True, --overwrite on the "
+            "command line)."
+        )
+
+
+def resumable(path):
+    """Whether ``path`` is an activation store, other files in its folder aside."""
+    return STORE.foreign(path) is not None
