@@ -8,9 +8,10 @@ os.environ.setdefault("SCIPY_ARRAY_API", "1")
 # Keep plots headless.
 os.environ.setdefault("MPLBACKEND", "Agg")
 # One CPU matrix product for every test and the processes they start:
-# measured, the choice between torch's and numpy's OpenBLAS can differ from
-# one worker to the next on a near tie, and chaotic runs (a learning rate of
-# 1) then end differently. tests/test_matmul.py measures it on its own.
+# measured ("auto"), the choice between
+# torch's and numpy's OpenBLAS can differ from one worker to the next on a
+# near tie, and chaotic runs (a learning rate of 1) then end differently.
+# tests/test_matmul.py measures it on its own.
 os.environ.setdefault("SPARSE_DICT_CPU_PRODUCT", "torch")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -7,6 +7,7 @@ attributes. It holds no training logic of its own.
 
 import concurrent.futures
 import contextlib
+import functools
 import json
 import math
 from numbers import Integral, Real
@@ -556,6 +557,25 @@ def _restored_on_error(estimator, trainer=None):
         raise
 
 
+def _trains(method):
+    """``method`` run with torch's inference mode off, whatever the caller's.
+
+    Training updates its parameters in place and keeps version counters,
+    which tensors made inside ``torch.inference_mode()`` lack: a top-k fit
+    there failed ("Inference tensors do not track version counter"). The
+    mode is the calling thread's, and is restored on return.
+    """
+
+    @functools.wraps(method)
+    def train_outside_inference_mode(self, *args, **kwargs):
+        import torch
+
+        with torch.inference_mode(False):
+            return method(self, *args, **kwargs)
+
+    return train_outside_inference_mode
+
+
 def _with_pass_lines(callback, progress):
     """``callback``, preceded by one printed line per pass (``verbose >= 2``)."""
 
@@ -774,7 +794,9 @@ class SparseAutoencoderDictionary(
         ``partial_fit``, across its calls, as ``n_iter_`` does.
     random_state : int, RandomState instance or None, default=None
         Seeds the initial atoms, the batch order and the resampling. An
-        integer makes CPU fits bit-for-bit repeatable.
+        integer makes CPU fits bit-for-bit repeatable, across processes too
+        (with the same torch thread count; ``SPARSE_DICT_CPU_PRODUCT=auto``
+        trades that for the faster BLAS, see :doc:`/scaling`).
     verbose : int, default=0
         If positive, show a progress bar with the loss, L0 and dead count;
         from 2, also one line per pass with the pass's figures.
@@ -975,6 +997,7 @@ class SparseAutoencoderDictionary(
 
     # ----------------------------------------------------------------- fitting
     @_fit_context(prefer_skip_nested_validation=True)
+    @_trains
     def fit(self, X, y=None, provenance=None):
         """Learn the dictionary and the encoder from ``X``.
 
@@ -1074,6 +1097,7 @@ class SparseAutoencoderDictionary(
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
+    @_trains
     def partial_fit(self, X, y=None):
         """Take one pass of training steps over ``X``, continuing from the last call.
 

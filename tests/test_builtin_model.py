@@ -50,6 +50,16 @@ def test_shipped_model_loads_in_reference_shape(builtin):
     assert hasattr(model.blocks[0], "attn")
 
 
+def test_loading_leaves_torch_s_global_generator_alone():
+    # Its layers drew initial weights from it before the saved ones replaced
+    # them: a caller's seeded torch.rand gave another number after loading.
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load_builtin_model()
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_shipped_files_are_small():
     sizes = {p.name: p.stat().st_size for p in BUILTIN_DIR.iterdir() if p.is_file()}
     assert sizes["model.safetensors"] < 8e6

@@ -138,6 +138,27 @@ def test_same_random_state_is_bit_identical(X):
     assert not np.array_equal(a.components_, c.components_)
 
 
+@pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_torch_s_global_modes_do_not_change_a_fit(X, activation):
+    # A float64 default dtype made the parameters float64 and the fit fail
+    # assigning float32 gradients; inside inference_mode a top-k fit failed
+    # ("Inference tensors do not track version counter").
+    reference = small_sae(activation=activation, random_state=0).fit(X)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        under_float64 = small_sae(activation=activation, random_state=0).fit(X)
+    finally:
+        torch.set_default_dtype(default)
+    np.testing.assert_array_equal(under_float64.components_, reference.components_)
+    with torch.inference_mode():
+        inside = small_sae(activation=activation, random_state=0).fit(X)
+        inside.partial_fit(X)
+        assert torch.is_inference_mode_enabled()
+    np.testing.assert_array_equal(inside.components_,
+                                  clone(reference).fit(X).partial_fit(X).components_)
+
+
 def test_dtype_follows_input(X):
     for dtype in (np.float32, np.float64):
         sae = small_sae().fit(X.astype(dtype))

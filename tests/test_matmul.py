@@ -1,4 +1,4 @@
-"""The CPU float32 matrix product: torch's or numpy's OpenBLAS, measured once per process."""
+"""The CPU float32 matrix product: torch's by default, OpenBLAS or the faster where asked."""
 
 import numpy as np
 import pytest
@@ -36,10 +36,70 @@ def test_a_bad_environment_variable_is_named(monkeypatch):
     matmul.set_backend(None)
     with pytest.raises(ValueError, match="SPARSE_DICT_CPU_PRODUCT='mkl' is not a CPU"):
         matmul.backend()
-    # Empty: measured, as when unset.
+    # Empty: torch's, as when unset.
     monkeypatch.setenv(matmul.ENVIRONMENT_VARIABLE, "")
     matmul.set_backend(None)
-    assert matmul.backend() in matmul.BACKENDS
+    assert matmul.backend() == "torch"
+
+
+def test_by_default_nothing_is_measured(monkeypatch):
+    # A measurement that OpenBLAS won in some processes and not in others
+    # (100 and 94 GFLOP/s on a 2-core AMD EPYC) made fits with the same
+    # random_state differ between processes, 4 runs in 8.
+    probes = []
+    monkeypatch.setattr(matmul, "_probe", lambda threads: probes.append(threads) or "openblas")
+    assert matmul.backend() == "torch" and probes == []
+    monkeypatch.setenv(matmul.ENVIRONMENT_VARIABLE, "auto")
+    assert matmul.backend() == "openblas" and len(probes) == 1
+
+
+def test_fits_repeat_across_processes_by_default():
+    # Each process measured its BLAS; on a near tie half of them chose
+    # OpenBLAS, and the same random_state gave other atoms there.
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "from sparse_dict import SparseAutoencoderDictionary\n"
+        "from sparse_dict.datasets import make_superposition\n"
+        "from sparse_dict._torch import matmul\n"
+        "X, _, _ = make_superposition(n_samples=400, n_features=16, n_components=32, "
+        "random_state=0)\n"
+        "s = SparseAutoencoderDictionary(n_components=32, batch_size=64, max_iter=3, "
+        "random_state=0).fit(X)\n"
+        "print(matmul.backend(), s.components_.tobytes().hex()[:4096])\n")
+    env = {k: v for k, v in os.environ.items() if k != matmul.ENVIRONMENT_VARIABLE}
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    runs = {subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                           text=True, check=True, timeout=300).stdout for _ in range(3)}
+    assert len(runs) == 1 and runs.pop().startswith("torch ")
+
+
+def test_threads_starting_at_once_share_one_measurement(monkeypatch):
+    # Unlocked, two fits starting together each measured, and could pick
+    # different winners, one replacing the other's mid-fit.
+    import threading
+    import time
+
+    probes = []
+
+    def slow_probe(threads):
+        probes.append(threads)
+        time.sleep(0.2)
+        return "openblas" if len(probes) == 1 else "torch"
+
+    monkeypatch.setattr(matmul, "_probe", slow_probe)
+    matmul.set_backend("auto")
+    answers = []
+    workers = [threading.Thread(target=lambda: answers.append(matmul.backend()))
+               for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert answers == ["openblas"] * 4 and len(probes) == 1
 
 
 @pytest.fixture
@@ -89,7 +149,7 @@ def test_the_sparse_step_uses_the_backend_for_its_one_dense_product(numpy_calls)
 def test_the_choice_is_measured_once_and_cached(monkeypatch):
     probes = []
     monkeypatch.setattr(matmul, "_probe", lambda threads: probes.append(threads) or "openblas")
-    matmul.set_backend(None)
+    matmul.set_backend("auto")
     assert matmul.backend() == "openblas" and matmul.backend() == "openblas"
     assert len(probes) == 1
     matmul.set_backend("torch")  # forcing needs no measurement
@@ -101,7 +161,7 @@ def test_a_failing_probe_keeps_torch(monkeypatch):
         raise OSError("no threadpoolctl")
 
     monkeypatch.setattr(matmul, "_probe", broken)
-    matmul.set_backend(None)
+    matmul.set_backend("auto")
     assert matmul.backend() == "torch"
 
 

@@ -260,7 +260,7 @@ class TopK(Activation):
         return min(self.k, model.n_components)
 
     def init_model(self, model):
-        model.register_buffer("selection_scale", torch.ones(model.n_components))
+        model.register_buffer("selection_scale", model.b_enc.new_ones(model.n_components))
 
     def resample_(self, model, dead, pre):
         # A restarted feature's atom has unit norm, as a trained one's: it is
@@ -332,7 +332,7 @@ def penalty_from_terms(weights, l0_factor, code_sums, l0, coef, batch):
         terms.append(code_sums.dot(weights) / batch)
     if l0_factor:
         terms.append(l0 * l0_factor)
-    value = sum(terms[1:], terms[0]) if terms else torch.zeros((), device=code_sums.device)
+    value = sum(terms[1:], terms[0]) if terms else code_sums.new_zeros(())
     return value, None if weights is None else weights * (coef / batch)
 
 
@@ -574,7 +574,7 @@ class JumpReLU(Activation):
 
     def init_model(self, model):
         model.log_threshold = torch.nn.Parameter(
-            torch.full((model.n_components,), math.log(self.initial_threshold))
+            model.b_enc.new_full((model.n_components,), math.log(self.initial_threshold))
         )
         self._window = None
 

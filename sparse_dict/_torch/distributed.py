@@ -247,7 +247,8 @@ class Replicas:
 
     def agree(self, error, what):
         """Raise on every rank if ``error`` is set on any rank (see :meth:`sum_`)."""
-        flag = torch.tensor([float(error is not None)], device=self._device())
+        flag = torch.tensor([float(error is not None)], device=self._device(),
+                            dtype=torch.float32)
         self._collective(what, dist.all_reduce, flag)
         if float(flag[0]) > 0:
             self._raise_failure(error, what)

@@ -1,34 +1,35 @@
-"""The fastest float32 matrix product on this machine, chosen by measurement.
+"""The CPU float32 matrix product: torch's, or numpy's OpenBLAS where asked for.
 
 torch's CPU products go through the BLAS it was built with (MKL on x86).
 numpy brings its own OpenBLAS, which picks a kernel for the CPU it runs on.
 Which is faster depends on the CPU: on AMD EPYC processors with AVX-512,
 OpenBLAS ran a 4096x512 @ 512x4096 float32 product at about 460 GFLOP/s
-against about 210 for torch's MKL; on Intel processors MKL is usually at
-least as fast. Rather than guess from the CPU's name, :func:`mm` times both
-libraries on a short representative product the first time it is asked for
-a CPU float32 product, and keeps the winner for the rest of the process.
+against about 210 for torch's MKL; on another 2-core AMD EPYC the two ran
+at 100 and 94 GFLOP/s; on Intel processors MKL is usually at least as fast.
+
+The two libraries round differently, so a fit's result depends on which
+one computed it. torch's is used unless another is asked for, so that a
+fit with an integer ``random_state`` gives the same bits in every process
+(as scikit-learn's estimators do). ``SPARSE_DICT_CPU_PRODUCT=openblas``
+(read when the first product is needed) or :func:`set_backend` fixes
+OpenBLAS instead; ``auto`` times both on a short representative product
+the first time one is needed and keeps the clearly faster one for the
+process: the speed where OpenBLAS wins by far, at the cost of repeatability
+across processes where the two are close (they then win in turn with the
+machine's noise), as ``torch.backends.cudnn.benchmark`` trades it on a GPU.
 
 Nothing here changes a thread count or an environment variable. OpenBLAS
-is a candidate only when it runs on one thread (``OPENBLAS_NUM_THREADS=1``,
+is used only when it runs on one thread (``OPENBLAS_NUM_THREADS=1``,
 or ``threadpoolctl``): with threads of its own beside torch's OpenMP
 threads, the two libraries' waiting threads fight for the cores between
-products, which made whole fits twenty times slower where the probe of
-products alone chose OpenBLAS. Any failure of the probe or of an OpenBLAS
-call leaves torch's product in use. GPU tensors, other dtypes and tensors that
-autograd is recording always take torch's product.
-
-The two libraries round differently, so where the measurement is close
-(OpenBLAS measured 1.25 times faster in some processes on a 2-core AMD
-EPYC, and not in others) fits with the same ``random_state`` can differ
-from one process to the next. The environment variable
-``SPARSE_DICT_CPU_PRODUCT`` (``torch`` or ``openblas``), read when the
-first product is needed, or :func:`set_backend` in Python, fixes the
-choice: bit-for-bit repeatable fits across processes (the test suite
-sets it to ``torch``).
+products, which made whole fits twenty times slower where a timing of
+products alone chose OpenBLAS. Any failure of the measurement or of an
+OpenBLAS call leaves torch's product in use. GPU tensors, other dtypes and
+tensors that autograd is recording always take torch's product.
 """
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -37,6 +38,9 @@ import torch
 __all__ = ["backend", "mm", "set_backend"]
 
 BACKENDS = ("torch", "openblas")
+# What set_backend and the environment variable accept: a backend, or the
+# measurement that picks one.
+CHOICES = (*BACKENDS, "auto")
 # The probe's product: the shape of a training step's products at a small
 # batch, large enough for BLAS to reach its steady rate, about 1 ms each.
 _PROBE_SHAPE = (512, 512, 1024)
@@ -49,54 +53,60 @@ _MARGIN = 1.25
 
 _forced = None
 _probed = {}
+# Two fits starting at once in threads measured each on its own, and could
+# pick different winners mid-fit.
+_probe_lock = threading.Lock()
 
 
 def set_backend(name):
-    """Force the CPU float32 product to ``name``, or measure again with None.
+    """Fix the CPU float32 product to ``name``, or return to the default with None.
 
     Parameters
     ----------
-    name : {"torch", "openblas"} or None
-        The backend to use from now on in this process; ``None`` returns to
-        the measured choice (and forgets the cached measurement).
+    name : {"torch", "openblas", "auto"} or None
+        The backend to use from now on in this process; ``"auto"`` measures
+        both on the first product and keeps the clearly faster one (fits
+        may then differ by rounding between processes); ``None`` returns to
+        what ``SPARSE_DICT_CPU_PRODUCT`` says, else torch's (and forgets any
+        measurement).
 
     Examples
     --------
-    >>> set_backend("torch"); backend()
-    'torch'
+    >>> set_backend("openblas"); backend()
+    'openblas'
     >>> set_backend(None)
     """
     global _forced
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"Unknown matrix-product backend {name!r}; expected one of {BACKENDS} "
+    if name is not None and name not in CHOICES:
+        raise ValueError(f"Unknown matrix-product backend {name!r}; expected one of {CHOICES} "
                          "or None.")
-    _forced = name
-    _probed.clear()
+    with _probe_lock:
+        _forced = name
+        _probed.clear()
 
 
 def backend():
     """The backend that CPU float32 products use in this process.
 
     :func:`set_backend`'s, else the one ``SPARSE_DICT_CPU_PRODUCT`` names,
-    else measured: both are timed on the first call (a few milliseconds)
-    and the answer cached, per torch thread count.
+    else torch's. With ``"auto"`` both are timed on the first call (a few
+    milliseconds) and the answer cached, per torch thread count.
 
     Returns
     -------
     name : {"torch", "openblas"}
     """
-    if _forced is not None:
-        return _forced
+    chosen = _forced or _from_environment() or "torch"
+    if chosen != "auto":
+        return chosen
     threads = torch.get_num_threads()
-    if threads not in _probed:
-        chosen = _from_environment()
-        if chosen is None:
+    with _probe_lock:
+        if threads not in _probed:
             try:
-                chosen = _probe(threads)
+                _probed[threads] = _probe(threads)
             except Exception:  # noqa: BLE001 - any failure keeps torch's product
-                chosen = "torch"
-        _probed[threads] = chosen
-    return _probed[threads]
+                _probed[threads] = "torch"
+        return _probed[threads]
 
 
 # The environment variable that fixes the backend for a process.
@@ -114,10 +124,10 @@ def _from_environment():
     value = os.environ.get(ENVIRONMENT_VARIABLE, "").strip().lower()
     if not value:
         return None
-    if value not in BACKENDS:
+    if value not in CHOICES:
         raise ValueError(f"{ENVIRONMENT_VARIABLE}={os.environ[ENVIRONMENT_VARIABLE]!r} is not "
-                         f"a CPU matrix-product backend; use one of {BACKENDS}, or unset it "
-                         "to let the first product measure them.")
+                         f"a CPU matrix-product backend; use one of {CHOICES}, or unset it "
+                         "for torch's.")
     return value
 
 
@@ -153,9 +163,9 @@ def _probe(threads):
         return "torch"
     m, k, n = _PROBE_SHAPE
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=generator)
-    b = torch.randn(k, n, generator=generator)
-    out = torch.empty(m, n)
+    a = torch.randn(m, k, generator=generator, dtype=torch.float32)
+    b = torch.randn(k, n, generator=generator, dtype=torch.float32)
+    out = torch.empty(m, n, dtype=torch.float32)
     a_np, b_np, out_np = a.numpy(), b.numpy(), out.numpy()
     t_torch = _best_time(lambda: torch.mm(a, b, out=out))
     t_blas = _best_time(lambda: np.matmul(a_np, b_np, out=out_np))
@@ -213,7 +223,7 @@ def mm(a, b, out=None):
     # microseconds of host time per product for nothing.
     if a.device.type == "cpu" and backend() == "openblas" and _openblas_ok(a, b, out):
         if out is None:
-            out = torch.empty(a.shape[0], b.shape[1])
+            out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)
         # The numpy arrays share the tensors' memory: the product lands in out.
         # As torch's product: an overflow gives inf and NaN silently, which
         # the trainer's divergence check reports (numpy would warn first).

@@ -156,17 +156,17 @@ class SparseAutoencoder(nn.Module):
             # wrongly, and such a start diverged.
             atoms = (atoms / atoms.norm(dim=1, keepdim=True)).float().contiguous()
         elif initialize:
-            atoms = torch.randn(shape, generator=generator, device=device)
+            atoms = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
             atoms /= atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
         else:
-            atoms = torch.empty(shape, device=device)
+            atoms = torch.empty(shape, device=device, dtype=torch.float32)
         self.W_dec = nn.Parameter(atoms)
         # The encoder starts as the decoder's transpose: each feature first
         # responds to its own atom's direction, which avoids a long phase of
         # encoder and decoder searching for each other.
         self.W_enc = nn.Parameter(atoms.clone())
-        self.b_enc = nn.Parameter(torch.zeros(n_components, device=device))
-        self.b_dec = nn.Parameter(torch.zeros(n_features, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(n_components, device=device, dtype=torch.float32))
+        self.b_dec = nn.Parameter(torch.zeros(n_features, device=device, dtype=torch.float32))
         self.activation.init_model(self)
         # Weight gradients left in the products' dtype for an update that
         # reads them so (see loss_and_gradients' low_grads), and which
@@ -482,7 +482,7 @@ class SparseAutoencoder(nn.Module):
         self.low_grads.clear()
         if sparse:
             mse, l1, l0, fired, err = self._sparse_gradients_(pre, x, xc)
-            stats = torch.stack([mse, mse, l1, l0, torch.zeros((), device=x.device)])
+            stats = torch.stack([mse, mse, l1, l0, mse.new_zeros(())])
         else:
             stats, fired, err = self._dense_gradients_(
                 pre, x, ws, coef, kernels, low_grads=low_grads and not use_aux,
@@ -742,7 +742,7 @@ class SparseAutoencoder(nn.Module):
             else:
                 bias_out.copy_(code_bias)
             return torch.stack([mse + coef * penalty, mse, sums.sum() / batch, l0,
-                                torch.zeros((), device=mse.device)])
+                                mse.new_zeros(())])
 
         if _uses_kernel(kernels, "stats", fired.device, lambda: fused.penalty_stats_pays(
                 code_sums, fired, sse, weights, l0_factor, coef, batch, bias_out, plain)):
@@ -806,12 +806,12 @@ class SparseAutoencoder(nn.Module):
         self.W_enc.grad = F.embedding_bag(rows_by_feature, xc.float(), by_feature,
                                           per_sample_weights=grad_pre, mode="sum",
                                           include_last_offset=True)
-        grad_b_enc = torch.zeros(n, device=x.device).index_add_(0, features, grad_codes)
+        grad_b_enc = grad_codes.new_zeros(n).index_add_(0, features, grad_codes)
         self.b_enc.grad = grad_b_enc
         self.b_dec.grad = gx.sum(dim=0) - grad_b_enc @ self.W_enc
         fired = fired_long.float()
         l1 = codes.sum() / batch
-        l0 = torch.tensor(float(features.numel()) / batch, device=x.device)
+        l0 = torch.tensor(float(features.numel()) / batch, device=x.device, dtype=torch.float32)
         return mse, l1, l0, fired, err
 
     def _auxk_gradients_(self, pre_dead, dead, err, xc, auxk_coef, k_aux, batch, power):

@@ -703,7 +703,11 @@ def load_builtin_model(device="cpu", path=None):
             f"Tokenizer vocabulary ({tokenizer.vocab_size}) does not match the model's "
             f"({config.vocab_size}) in {path}."
         )
-    model = TinyTransformer(config)
+    # Its layers draw initial weights, which the saved ones replace: drawn
+    # from a generator of their own, torch's global one stays as the caller
+    # seeded it.
+    with torch.random.fork_rng(devices=[]):
+        model = TinyTransformer(config)
     state = load_file(str(path / _WEIGHTS_FILE))
     model.load_state_dict(state, strict=not config.tie_embeddings)
     return model.to(device).eval(), tokenizer
