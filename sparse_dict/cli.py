@@ -906,6 +906,10 @@ def _user_error(err, traceback_shown=False):
     if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or (
             isinstance(err, RuntimeError) and "can't allocate memory" in str(err)):
         return "out of memory; try smaller inputs or a smaller --batch-size", EXIT_USAGE
+    if isinstance(err, ImportError) and isinstance(err.__cause__, ImportError):
+        # A missing optional package, named with how to install it (raised
+        # from the failed import); an import failing on its own is a bug.
+        return _first_line(err), EXIT_USAGE
     if type(err).__name__ == "StoreInUseError":  # another process writes the store
         return _first_line(err), EXIT_USAGE
     if type(err).__name__ == "SafetensorError" and "No space left" in str(err):

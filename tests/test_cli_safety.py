@@ -317,6 +317,17 @@ def _raises(exc):
     return command
 
 
+def _missing(package, message):
+    """The ImportError the package raises from a failed import of an optional package."""
+    try:
+        try:
+            raise ModuleNotFoundError(f"No module named {package!r}")
+        except ImportError as exc:
+            raise ImportError(message) from exc
+    except ImportError as err:
+        return err
+
+
 STATUSES = [
     ("KeyboardInterrupt", KeyboardInterrupt(), 130, "interrupted"),
     ("a bug", RuntimeError("boom"), 1, "a bug"),
@@ -333,6 +344,12 @@ STATUSES = [
                                            "DefaultCPUAllocator: can't allocate memory"), 2,
      "out of memory"),
     ("existing output", FileExistsError("/x already exists; pass --overwrite"), 2, "--overwrite"),
+    # A missing optional package, named with how to install it, is no bug;
+    # an import failing on its own is.
+    ("missing optional package", _missing("transformers", "Loading a Hugging Face model "
+                                          "needs the 'transformers' package: pip install "
+                                          "'sparse_dict[hf]'."), 2, "pip install"),
+    ("import error", ModuleNotFoundError("No module named 'sparse_dict.gone'"), 1, "a bug"),
 ]
 
 
