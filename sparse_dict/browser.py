@@ -184,9 +184,11 @@ def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
         in order (unless ``tokens`` is a TokenIndex).
     k : int, default=8
         Number of examples per feature: its largest positive codes (signed
-        codes' negative values are not examples of the feature).
+        codes' negative values are not examples of the feature). At most the
+        number of rows.
     context : int, default=6
-        Number of tokens shown on each side of an example.
+        Number of tokens shown on each side of an example. At most the
+        longest text's tokens less one.
 
     Returns
     -------
@@ -230,6 +232,12 @@ def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
         )
     k = _check_count(k, "k", 1)
     context = _check_count(context, "context", 0)
+    # Beyond the rows there are, or beyond the longest text, more asks for
+    # nothing but memory: k=100,000 and context=100,000 on 436 tokens asked
+    # numpy for 18 TiB.
+    k = min(k, max(n_tokens, 1))
+    if n_tokens:
+        context = min(context, int(np.unique(index[:, 0], return_counts=True)[1].max()) - 1)
 
     width = 2 * context + 1
     n_kept = min(k, n_tokens)

@@ -830,7 +830,8 @@ def main(argv=None):
             # The full traceback for a bug report, and the same exit status
             # as without it (a script that checks for 2 must see 2).
             traceback.print_exc()
-        message, status = _user_error(err, traceback_shown=args.traceback)
+        message, status = _user_error(err, traceback_shown=args.traceback,
+                                      batch_option=_batch_option(args))
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return status
 
@@ -885,12 +886,28 @@ def _first_line(err):
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _user_error(err, traceback_shown=False):
-    """The one-line message for ``err`` and the exit status: 2 if the user can fix it, else 1."""
+def _batch_option(args):
+    """The subcommand's option that sets how many rows are held at once, if it has one."""
+    for dest in ("batch_size", "extract_batch_size"):
+        if hasattr(args, dest):
+            return "--" + dest.replace("_", "-")
+    return None
+
+
+def _user_error(err, traceback_shown=False, batch_option="--batch-size"):
+    """The one-line message for ``err`` and the exit status: 2 if the user can fix it, else 1.
+
+    ``batch_option`` is the subcommand's option for smaller batches, named in
+    the advice on running out of memory (None where it has none).
+    """
     # ValueError and TypeError are how the estimators reject bad input (NaN,
     # wrong shapes, invalid parameters), with a message meant for users.
     if isinstance(err, (CLIError, ValueError, TypeError)):
         return _first_line(err), EXIT_USAGE
+    if isinstance(err, FileExistsError):
+        # Raised by the Python API when an output appeared while the command
+        # ran (another command writing it): its words are the command line's.
+        return _first_line(err).replace("overwrite=True", "--overwrite"), EXIT_USAGE
     # A diverged fit (DivergenceError is a FloatingPointError) or a warning
     # that -W error turned into an exception: a setting to change, not a bug.
     if isinstance(err, (FloatingPointError, Warning)):
@@ -900,12 +917,15 @@ def _user_error(err, traceback_shown=False):
         # A file that cannot be read or written, a full disk, a read-only folder.
         if err.strerror and err.filename is not None:
             return f"{err.strerror}: {str(err.filename)!r}", EXIT_USAGE
+        if err.strerror:  # a write to an open file: "[Errno 27] File too large" read as code
+            return f"cannot read or write a file: {err.strerror}", EXIT_USAGE
         return _first_line(err), EXIT_USAGE
     # torch's own (a RuntimeError subclass on a GPU, a plain RuntimeError
     # from its CPU allocator) are the same condition as Python's.
     if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or (
             isinstance(err, RuntimeError) and "can't allocate memory" in str(err)):
-        return "out of memory; try smaller inputs or a smaller --batch-size", EXIT_USAGE
+        smaller = f" or a smaller {batch_option}" if batch_option else ""
+        return f"out of memory; try smaller inputs{smaller}", EXIT_USAGE
     if isinstance(err, ImportError) and isinstance(err.__cause__, ImportError):
         # A missing optional package, named with how to install it (raised
         # from the failed import); an import failing on its own is a bug.
@@ -914,6 +934,10 @@ def _user_error(err, traceback_shown=False):
         return _first_line(err), EXIT_USAGE
     if type(err).__name__ == "SafetensorError" and "No space left" in str(err):
         return "no space left on the device", EXIT_USAGE
+    if type(err).__name__ == "SafetensorError" and "I/O error" in str(err):
+        # Writing failed (a quota, a file size limit): the file is not damaged.
+        return ("cannot write the weights file: " + str(err).split("I/O error:", 1)[1].strip(),
+                EXIT_USAGE)
     if type(err).__name__ == "SafetensorError":  # a damaged weights file
         return f"damaged safetensors file: {_first_line(err)}", EXIT_USAGE
     first = str(err).splitlines()[0] if str(err) else ""

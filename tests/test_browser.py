@@ -98,9 +98,16 @@ def test_context_stays_within_text_and_follows_positions():
     np.testing.assert_array_equal(ex.context_values[0, 0], [0, 0, 1, 0, 0])
 
 
-def test_k_larger_than_tokens():
+def test_k_and_context_larger_than_the_tokens_are_capped():
     ex = top_activating_examples(np.array([[1.0], [2.0]]), ["a", "b"], k=5, context=0)
-    assert ex.rows.tolist() == [[1, 0, -1, -1, -1]]
+    assert ex.rows.tolist() == [[1, 0]]
+    # Asked for arrays of k x (2 context + 1) per feature: 18 TiB of them
+    # for a report of 436 tokens.
+    codes = np.eye(4)[:, :3]
+    ex = top_activating_examples(codes, list("abcd"), [[0, 0], [0, 1], [0, 2], [1, 0]],
+                                 k=10**9, context=10**9)
+    assert ex.context_rows.shape == (3, 4, 5)  # the longest text: 3 tokens
+    assert ex.context_rows[1, 0].tolist() == [-1, 0, 1, 2, -1]
 
 
 @pytest.mark.parametrize(

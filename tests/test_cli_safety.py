@@ -344,12 +344,24 @@ STATUSES = [
                                            "DefaultCPUAllocator: can't allocate memory"), 2,
      "out of memory"),
     ("existing output", FileExistsError("/x already exists; pass --overwrite"), 2, "--overwrite"),
+    # An output that appeared while the command ran (another fit writing it):
+    # refused by the Python API, said in the command line's words.
+    ("output appeared meanwhile", FileExistsError("race already exists; pass overwrite=True "
+                                                  "to replace it"), 2,
+     "error: race already exists; pass --overwrite to replace it"),
     # A missing optional package, named with how to install it, is no bug;
     # an import failing on its own is.
     ("missing optional package", _missing("transformers", "Loading a Hugging Face model "
                                           "needs the 'transformers' package: pip install "
                                           "'sparse_dict[hf]'."), 2, "pip install"),
     ("import error", ModuleNotFoundError("No module named 'sparse_dict.gone'"), 1, "a bug"),
+    # A write cut short by a file size limit: said as such, not as a damaged
+    # file, nor as "[Errno 27] File too large".
+    ("file size limit", OSError(27, "File too large"), 2,
+     "error: cannot read or write a file: File too large"),
+    ("weights not written", type("SafetensorError", (Exception,), {})(
+        "Error while serializing: I/O error: File too large (os error 27)"), 2,
+     "error: cannot write the weights file: File too large (os error 27)"),
 ]
 
 
@@ -359,6 +371,16 @@ def test_exit_statuses(work, monkeypatch, capsys, what, exc, status, words):
     got, _, err = run(["encode", work / "dict", work / "acts.npy", "-o", work / "c.npy"], capsys)
     assert got == status
     assert words in one_line(err)
+
+
+def test_out_of_memory_names_the_subcommand_s_batch_option(work, monkeypatch, capsys):
+    # report has no --batch-size: the advice named it all the same.
+    monkeypatch.setattr(cli, "cmd_report", _raises(MemoryError()))
+    (work / "t.txt").write_text("to be\n", encoding="utf-8")
+    got, _, err = run(["report", work / "dict", work / "t.txt", "-o", work / "r"], capsys)
+    assert got == 2
+    assert one_line(err).endswith("out of memory; try smaller inputs or a smaller "
+                                  "--extract-batch-size")
 
 
 @pytest.mark.parametrize("exc,status", [(RuntimeError("boom"), 1), (ValueError("boom"), 2)])
