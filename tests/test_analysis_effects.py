@@ -396,6 +396,15 @@ def test_a_strength_that_overflows_the_model_is_refused(ext, sae):
             run(ext, sae, ["My lord"], 3, 0.0, clamp=1e39)
 
 
+def test_effects_do_not_depend_on_the_extractor_s_max_length(ext, sae, effects, texts):
+    # The reference scale was measured on the reference texts cut to
+    # max_length: the same feature's figures changed with --max-length.
+    short = TransformerActivationExtractor("builtin", device="cpu", max_length=4).fit(texts)
+    again = logit_effects(short, sae)
+    assert again.norm_scale == effects.norm_scale
+    np.testing.assert_array_equal(again.promoted_logits, effects.promoted_logits)
+
+
 def test_a_zero_atom_promotes_no_token(ext, sae):
     # Its logit changes are all 0, and their top-k was token ids 0, 1, 2
     # ('\x00', '\x01', '\x02') with changes 0, read as an effect.

@@ -9,6 +9,7 @@ in the last block (all of the built-in model) is its whole effect.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from numbers import Integral
@@ -271,10 +272,16 @@ def _reference_scale(extractor, norm_module, centre, eps, texts):
     texts = list(texts)
     if not texts:
         raise ValueError("reference_texts is empty; pass texts, or None for the default.")
-    seqs = extractor.token_ids(texts)
+    # Read whole (up to the model's own limit), whatever max_length the
+    # extractor cuts its texts to: the scale, and so every logit effect, is
+    # then the same for one model and dictionary (it changed with
+    # --max-length: -1.03, -1.07, -1.01 for 128, 16, 4).
+    whole = copy.copy(extractor)
+    whole.max_length = None
+    seqs = whole.token_ids(texts)
     total, count = 0.0, 0
     with torch.inference_mode(), ActivationHook(norm_module, "input") as hook:
-        for _, ids, mask in extractor.batches(seqs):
+        for _, ids, mask in whole.batches(seqs):
             hook.reset("capture")
             loaded(ids, mask)
             x = hook.captured[mask.bool()].double()
