@@ -429,6 +429,11 @@ def _check_nproc(nproc, device):
                          "at most (one a GPU on GPUs).")
     import torch
 
+    # A GPU this machine lacks is named as such, not as more processes than
+    # its 0 GPUs.
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} was requested but CUDA is not available on this "
+                         "machine; use --device cpu or --device auto.")
     on_gpus = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if on_gpus and nproc > torch.cuda.device_count():
         raise ValueError(f"--nproc {nproc} is more processes than this machine's "

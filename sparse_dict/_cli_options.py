@@ -121,11 +121,16 @@ def _seed(text):
     if text in _NONE_WORDS:
         return None
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
+        value = -1
+    # numpy's seeds: checked here, named by the option, rather than as
+    # numpy's "Seed must be between 0 and 2**32 - 1" from deep inside.
+    if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(
-            f"expected an integer seed or 'none', got {text!r}"
-        ) from None
+            f"expected an integer seed from 0 to 2**32 - 1, or 'none', got {text!r}"
+        )
+    return value
 
 
 def _text_or_none(text):

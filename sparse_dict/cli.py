@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from sparse_dict import _persist
+from sparse_dict._cli_options import _seed
 
 __all__ = ["main"]
 
@@ -749,7 +750,7 @@ def build_parser(command=None):
                    help="tokens generated per prompt (default: 20)")
     p.add_argument("--temperature", type=_non_negative_float, default=0.0,
                    help="0 generates greedily; above 0 samples (default: 0)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=_seed, default=0,
                    help="seed of the sampling with --temperature (default: 0)")
     p.add_argument("--top-tokens", type=_positive_int, default=8,
                    help="promoted and suppressed tokens shown (default: 8)")
@@ -809,6 +810,10 @@ def main(argv=None):
         # The parser imports what the command's options document (the
         # estimator, torch): seconds in which Ctrl-C is as likely as later.
         parser = build_parser(command)
+        if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+            # argparse names the missing COMMAND first, not the option it
+            # does not know.
+            parser.error(f"unrecognized arguments: {argv[0]} (options go after the COMMAND)")
         args = parser.parse_args(argv)
     except KeyboardInterrupt:
         print(f"{PROG} {command}: interrupted" if command else f"{PROG}: interrupted",

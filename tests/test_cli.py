@@ -576,6 +576,15 @@ def test_bad_option_values(tmp_path, capsys):
                    ["--learning-rate", "nan"]):
         status, _, err = run(["fit", path, "-o", tmp_path / "d", *option], capsys)
         assert_one_line_error(status, err, option[0])
+    # A negative seed was numpy's "Seed must be between 0 and 2**32 - 1",
+    # naming no option; an option before the command was a missing COMMAND.
+    status, _, err = run(["fit", path, "-o", tmp_path / "d", "--random-state", "-3"], capsys)
+    assert_one_line_error(status, err, "--random-state", "from 0 to 2**32 - 1")
+    status, _, err = run(["steer", tmp_path, "Hi", "--feature", "1", "--strength", "1",
+                          "--seed", "-5"], capsys)
+    assert_one_line_error(status, err, "--seed", "from 0 to 2**32 - 1")
+    status, _, err = run(["--foo"], capsys)
+    assert_one_line_error(status, err, "unrecognized arguments: --foo")
 
 
 def test_encode_wrong_width_and_not_a_dictionary(fitted, tmp_path, capsys):

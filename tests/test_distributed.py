@@ -180,6 +180,13 @@ def test_cli_nproc_checks_before_launching(tmp_path, capsys):
     assert status == 2
     assert "--nproc 5000 is more processes than the" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+    # A GPU asked for where there is none is named as such, not as "more
+    # processes than this machine's 0 GPUs".
+    if not __import__("torch").cuda.is_available():
+        status = main(["fit", str(tmp_path / "a.npy"), "-o", str(tmp_path / "d"),
+                       "--nproc", "2", "--device", "cuda"])
+        assert status == 2
+        assert "CUDA is not available" in capsys.readouterr().err
 
 
 def test_distributed_true_needs_a_launcher(monkeypatch):
