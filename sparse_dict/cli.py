@@ -89,10 +89,27 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process it ended
 # --------------------------------------------------------------------------
 
 
+def _split(args):
+    """How the texts file is cut into texts; a --split given where none applies is refused.
+
+    ``--split`` defaults to None so that one given can be told from none: a
+    .jsonl file holds its texts one a record, and a store holds activations
+    already extracted. Given there, it was ignored, and recorded all the same.
+    """
+    texts = Path(args.texts)
+    if texts.suffix.lower() == ".jsonl" or texts.is_dir():
+        if args.split is not None:
+            what = ("an activation store holds texts already extracted" if texts.is_dir()
+                    else "a .jsonl file holds one text a record")
+            raise CLIError(f"--split does not apply to {str(texts)!r}: {what}; leave it out")
+        return None
+    return args.split or "lines"
+
+
 def cmd_extract(args):
     # The file is checked now and read line by line as the extraction goes,
     # so neither the texts nor the activations are ever held whole in memory.
-    texts = iter_texts(args.texts, args.split)
+    texts = iter_texts(args.texts, _split(args) or "lines")
     if args.store is not None:
         return _extract_to_store(args, texts)
     if args.resume:
@@ -148,7 +165,8 @@ def cmd_extract(args):
 
 def _corpus_name(args):
     """How a dictionary's provenance names the texts file it was extracted from."""
-    return f"{Path(args.texts).name} (split={args.split})"
+    split = _split(args)
+    return Path(args.texts).name + ("" if split is None else f" (split={split})")
 
 
 def _extract_to_store(args, texts):
@@ -284,9 +302,14 @@ def cmd_report(args):
     if Path(args.texts).is_dir():
         # A store written by 'extract --store': its activations and tokens,
         # without running the model again.
+        _split(args)
+        if args.max_length is not None:
+            raise CLIError(f"--max-length does not apply to the activation store "
+                           f"{str(args.texts)!r}: its texts were cut when they were "
+                           "extracted; leave it out")
         store = open_activations_store(args.texts)
     else:
-        texts = read_texts(args.texts, args.split)
+        texts = read_texts(args.texts, _split(args) or "lines")
         if args.max_texts is not None:
             texts = texts[: args.max_texts]
     out = _output_dir(args.out, "output folder")
@@ -468,7 +491,7 @@ def _add_extraction(p, from_provenance=False, split=True):
     )
     if split:
         g.add_argument(
-            "--split", choices=("lines", "paragraphs", "whole"), default="lines",
+            "--split", choices=("lines", "paragraphs", "whole"), default=None,
             help="how a plain texts file is cut into texts: one per line, one per "
             "blank-line separated paragraph, or the whole file (default: lines; a "
             ".jsonl file holds one JSON string or {\"text\": ...} per line)",

@@ -214,7 +214,7 @@ def test_generated_options_parse_and_check_like_the_estimator():
      ("--n-components", "2.5", "expected an integer >= 1 or 'none'"),
      ("--batch-size", "none", "expected an integer >= 1, got 'none'"),
      ("--decoder-bias-init", "median", "invalid choice"),
-     ("--random-state", "x", "expected an integer seed or 'none'")],
+     ("--random-state", "x", "expected an integer seed from 0 to 2**32 - 1, or 'none'")],
 )
 def test_generated_options_reject_bad_values_in_one_line(option, value, message, capsys):
     status, _, err = run(["fit", "a.npy", "-o", "d", option, value], capsys)

@@ -476,8 +476,14 @@ def test_cli_extract_to_a_store_fit_and_report(reference, extractor, texts, tmp_
               "-q"]
     assert main(["extract", str(corpus), "--store", str(store), *common]) == 0
     np.testing.assert_array_equal(open_store(store).activations, reference.activations)
-    assert open_store(store).manifest["corpus"] == f"{corpus.name} (split=lines)"
+    # A .jsonl file is not split (its records are the texts): none recorded,
+    # and one given is refused, not ignored.
+    assert open_store(store).manifest["corpus"] == corpus.name
     capsys.readouterr()
+    assert main(["extract", str(corpus), "-o", str(tmp_path / "s.npy"), "--split", "whole",
+                 *common]) == 2
+    assert "--split does not apply to" in capsys.readouterr().err
+    assert not (tmp_path / "s.npy").exists()
     assert main(["extract", str(corpus), "--store", str(store), *common]) == 2
     assert "give --resume" in capsys.readouterr().err
     assert main(["extract", str(corpus), "-o", str(tmp_path / "a.npy"), "--resume",
@@ -500,7 +506,13 @@ def test_cli_extract_to_a_store_fit_and_report(reference, extractor, texts, tmp_
     assert tuple(provenance) == PROVENANCE_FIELDS
     assert tuple(extractor.provenance()) == PROVENANCE_FIELDS
     assert (provenance["hook_name"], provenance["n_tokens"], provenance["corpus"]) == (
-        "layer0.mlp_post", reference.activations.shape[0], f"{corpus.name} (split=lines)")
+        "layer0.mlp_post", reference.activations.shape[0], corpus.name)
+    # A store's texts were cut and split when extracted: options that would
+    # do either are refused, not ignored.
+    for option in (["--split", "whole"], ["--max-length", "5"]):
+        assert main(["report", str(tmp_path / "dict"), str(store), "-o", str(tmp_path / "r"),
+                     *option, "--device", "cpu", "-q"]) == 2
+        assert f"{option[0]} does not apply to" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "dict"), str(store), "-o", str(tmp_path / "r"),
                  "--max-texts", "5", "--device", "cpu", "-q"]) == 0
     page = (tmp_path / "r" / "features.html").read_text(encoding="utf-8")
