@@ -612,6 +612,12 @@ def test_unknown_model_path(tmp_path, texts_file, capsys):
                           "--model", tmp_path / "no-model", "-q"], capsys)
     assert status == 2, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # A typo of 'builtin' is a valid Hub id: the Hub client retried for half a
+    # minute offline, printing as it went, before failing.
+    for typo in ("buitlin", "Builtin", "built-in"):
+        status, _, err = run(["extract", texts_file, "-o", tmp_path / "a.npy",
+                              "--model", typo, "-q"], capsys)
+        assert_one_line_error(status, err, f"model='{typo}'", "did you mean 'builtin'?")
 
 
 def test_output_in_a_file_not_a_folder(tmp_path, texts_file, capsys):

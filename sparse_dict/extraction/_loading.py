@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 from collections import OrderedDict
+from difflib import get_close_matches
 from pathlib import Path
 
 import numpy as np
@@ -573,6 +574,12 @@ def load_model(model, tokenizer, device, verbose=0):
         elif path.exists():
             raise ValueError(f"model={str(model)!r} is a file, not a model folder.")
         elif isinstance(model, str) and _HUB_ID.match(model):
+            if "/" not in model and get_close_matches(
+                    model.lower(), ["builtin"], n=1, cutoff=0.7):
+                # A typo of 'builtin' is a valid Hub id: offline, the Hub
+                # client retried for half a minute before saying so.
+                raise ValueError(f"model={model!r} is neither a local folder nor 'builtin'; "
+                                 "did you mean 'builtin'?")
             source = model
         else:
             raise ValueError(
