@@ -48,12 +48,12 @@ class FeatureExamples:
     rows : ndarray of shape (n_features, k), dtype int64
         Row of the code matrix (the token) for each example, best first;
         ``-1`` where the feature fired on fewer than ``k`` tokens.
-    values : ndarray of shape (n_features, k), dtype float32
+    values : ndarray of shape (n_features, k), dtype float32 (float64 for float64 codes)
         The feature's activation on that token (0 where ``rows`` is ``-1``).
     context_rows : ndarray of shape (n_features, k, 2 * context + 1), dtype int64
         Rows of the tokens around each example, the example in the middle;
         ``-1`` past the start or end of its text.
-    context_values : ndarray of shape (n_features, k, 2 * context + 1), dtype float32
+    context_values : ndarray of shape (n_features, k, 2 * context + 1), dtype float32 (float64 for float64 codes)
         The feature's activation on each context token.
     tokens : ndarray of shape (n_tokens,), dtype object
         Token string of each row of the code matrix.
@@ -103,12 +103,12 @@ def _check_codes(codes):
     return codes
 
 
-def _dense_block(codes, start, stop):
-    """Columns ``start:stop`` of the codes as a float32 C array."""
+def _dense_block(codes, start, stop, dtype=np.float32):
+    """Columns ``start:stop`` of the codes as a C array of ``dtype``."""
     block = codes[:, start:stop]
     if hasattr(block, "toarray"):
         block = block.toarray()
-    return np.asarray(block, dtype=np.float32)
+    return np.asarray(block, dtype=dtype)
 
 
 def _neighbours(index, context):
@@ -241,10 +241,13 @@ def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
 
     width = 2 * context + 1
     n_kept = min(k, n_tokens)
+    # float64 codes stay float64: cast to float32, 1e39 became inf (and was
+    # refused as such) and 1e-50 became 0 (its example lost).
+    dtype = np.float64 if codes.dtype == np.float64 else np.float32
     rows = np.full((n_features, k), -1, dtype=np.int64)
-    values = np.zeros((n_features, k), dtype=np.float32)
+    values = np.zeros((n_features, k), dtype=dtype)
     context_rows = np.full((n_features, k, width), -1, dtype=np.int64)
-    context_values = np.zeros((n_features, k, width), dtype=np.float32)
+    context_values = np.zeros((n_features, k, width), dtype=dtype)
     if n_tokens == 0 or n_features == 0:
         return FeatureExamples(rows, values, context_rows, context_values, tokens, index)
 
@@ -252,7 +255,7 @@ def top_activating_examples(codes, tokens, index=None, *, k=8, context=6):
     step = max(1, _BLOCK_ELEMENTS // max(n_tokens, 1))
     for start in range(0, n_features, step):
         stop = min(start + step, n_features)
-        block = _dense_block(codes, start, stop)  # (n_tokens, b)
+        block = _dense_block(codes, start, stop, dtype)  # (n_tokens, b)
         if not np.isfinite(block).all():
             # A NaN is never among the largest values: it would be skipped
             # silently; an infinite one would shade every other value as 0.
@@ -308,6 +311,13 @@ def _check_effects(effects, n_features):
     if any(a.ndim != 2 or a.shape[0] != n_rows for a in arrays):
         raise ValueError("logit_effects' token and logit arrays must be 2-D with one row "
                          "per feature.")
+    # Each token beside its value: rows of other lengths drew a blank page.
+    for tokens, logits in ((arrays[0], arrays[1]), (arrays[2], arrays[3])):
+        if tokens.shape != logits.shape:
+            raise ValueError(f"logit_effects' tokens have shape {tokens.shape} but their "
+                             f"logits {logits.shape}: one value a token.")
+    if not all(np.isfinite(a).all() for a in (arrays[1], arrays[3])):
+        raise ValueError("logit_effects' logits contain NaN or infinite values.")
     features = field("features")
     features = (np.arange(n_rows) if features is None
                 else np.asarray(features, dtype=np.int64).ravel())
@@ -380,7 +390,8 @@ def _feature_payload(frequencies, examples, max_features, effects=()):
                         "".join(map(str, levels[f, j][keep].tolist())),
                     ]
                 )
-        entry = [f, _round_sig(float(frequencies[f])), peak, ex_list]
+        # Frequencies also give "1 in N tokens": kept to float32's digits.
+        entry = [f, _round_sig(float(frequencies[f]), 7), peak, ex_list]
         if f in effects:
             # [promoted token ids, their logit changes, suppressed ..., ...]
             up, up_values, down, down_values = effects[f]
@@ -391,8 +402,14 @@ def _feature_payload(frequencies, examples, max_features, effects=()):
     return {"vocab": vocab_list, "features": features}
 
 
-def _round_sig(x, digits=4):
-    """``x`` rounded to ``digits`` significant digits, to keep the JSON short."""
+def _round_sig(x, digits=3):
+    """``x`` rounded to ``digits`` significant digits, to keep the JSON short.
+
+    The page shows activations and logit changes to 3 digits: rounded here to
+    just those, the page shows them as they are. Rounded to 4 here and to 3
+    by the page, a value was rounded twice, and the last digit shown was
+    wrong for about one number in eight (2.9653 shown as 2.96).
+    """
     if x == 0 or not np.isfinite(x):
         return 0
     return float(f"{x:.{digits}g}")

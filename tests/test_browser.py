@@ -491,7 +491,42 @@ def test_promoted_and_suppressed_tokens_render_escaped(driver, effects_page):
     assert errors == [], errors
 
 
+def test_float64_codes_keep_their_range():
+    # Cast to float32, 1e39 became inf and was refused as "NaN or infinite";
+    # 1e-50 became 0 and its example was lost.
+    codes = np.zeros((4, 2))
+    codes[1, 0], codes[2, 0], codes[3, 1] = 1e39, 2.0, 1e-50
+    ex = top_activating_examples(codes, list("abcd"), k=2, context=0)
+    assert ex.rows.tolist() == [[1, 2], [3, -1]]
+    assert ex.values[0, 0] == 1e39 and ex.values[1, 0] == 1e-50
+
+
+def test_numbers_are_stored_as_the_page_shows_them(tmp_path):
+    # Stored to 4 digits and shown to 3, 2.9653 was rounded twice and shown as
+    # 2.96; 153 of 661 tokens as 23.2%.
+    codes = np.zeros((661, 1), np.float32)
+    codes[:153, 0] = 1.0
+    codes[0, 0] = 2.9653
+    ex = top_activating_examples(codes, [f"t{i}" for i in range(661)], k=1, context=0)
+    feature = _embedded(write_feature_browser(tmp_path / "f.html", (codes > 0).mean(axis=0),
+                                              ex))["features"][0]
+    assert feature[2] == 2.97  # the peak, as the page prints it
+    assert f"{100 * feature[1]:.3g}" == "23.1" and feature[1] == pytest.approx(153 / 661,
+                                                                                rel=1e-6)
+
+
 def test_logit_effects_input_is_checked(tmp_path):
+    # Tokens without values drew a blank page (a TypeError in its script).
+    with pytest.raises(ValueError, match=r"tokens have shape \(1, 2\) but their logits "
+                                         r"\(1, 1\)"):
+        write_feature_browser(tmp_path / "f.html", [0.5], logit_effects={
+            "promoted_tokens": [["a", "b"]], "promoted_logits": [[1.0]],
+            "suppressed_tokens": [["c"]], "suppressed_logits": [[-1.0]]})
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        write_feature_browser(tmp_path / "f.html", [0.5], logit_effects={
+            "promoted_tokens": [["a"]], "promoted_logits": [[np.inf]],
+            "suppressed_tokens": [["c"]], "suppressed_logits": [[-1.0]]})
+    assert not (tmp_path / "f.html").exists()
     with pytest.raises(ValueError, match="lacks"):
         write_feature_browser(tmp_path / "f.html", np.ones(2),
                               logit_effects={"promoted_tokens": [["a"]]})
