@@ -6,6 +6,7 @@ prefers the weakest sparsity penalty, so the refit helper picks the best
 reconstruction among candidates whose L0 stays within a budget.
 """
 
+import warnings
 from numbers import Real
 
 import numpy as np
@@ -30,14 +31,32 @@ __all__ = [
 ]
 
 
+def _unwrapped(estimator):
+    """The fitted estimator inside a fitted search or a FrozenEstimator, else itself.
+
+    A search (nested cross-validation scores one) and a frozen model have
+    transform but no inverse_transform of their own, or reconstruct ``X``
+    itself where the dictionary reconstructs its Pipeline step's input.
+    """
+    while True:
+        if hasattr(estimator, "best_estimator_"):
+            estimator = estimator.best_estimator_
+        elif type(estimator).__name__ == "FrozenEstimator" and hasattr(estimator, "estimator"):
+            estimator = estimator.estimator
+        else:
+            return estimator
+
+
 def _reconstruct(estimator, X):
     """Input to the dictionary, its codes and its reconstruction.
 
     For a Pipeline, the dictionary is the last step and its input is what
-    the earlier steps make of ``X``.
+    the earlier steps make of ``X``; a fitted search or a FrozenEstimator is
+    scored by the estimator it holds.
     """
     from sklearn.pipeline import Pipeline
 
+    estimator = _unwrapped(estimator)
     if isinstance(estimator, Pipeline):
         dictionary = estimator.steps[-1][1]
         if len(estimator.steps) > 1:
@@ -57,6 +76,15 @@ def _reconstruct(estimator, X):
     codes = codes if sp.issparse(codes) else np.asarray(codes)
     X = X.toarray() if sp.issparse(X) else np.asarray(X)
     return X, codes, np.asarray(X_hat)
+
+
+# The scorer's metrics that are better when lower.
+_LOWER_IS_BETTER = frozenset({"fraction_variance_unexplained", "mse", "l0", "l1",
+                              "dead_fraction", "dense_fraction"})
+
+
+def _finite(codes):
+    return bool(np.isfinite(codes.data if sp.issparse(codes) else codes).all())
 
 
 _SCORER_METRICS = {
@@ -151,6 +179,15 @@ class SparseCodingScorer:
             One entry per name in ``metrics``.
         """
         X_in, codes, X_hat = _reconstruct(estimator, X)
+        if not (np.isfinite(X_hat).all() and _finite(codes)):
+            # Scored NaN, which best_under_l0 passes over, like a failed fit:
+            # raised here, it broke the whole search even with
+            # error_score=np.nan (scikit-learn puts one NaN where the other
+            # splits have dicts).
+            warnings.warn(f"{type(estimator).__name__} gives NaN or infinite codes or "
+                          "reconstructions here: every metric is scored NaN.",
+                          UserWarning, stacklevel=2)
+            return dict.fromkeys(self.metrics, float("nan"))
         return {
             name: _SCORER_METRICS[name](X_in, codes, X_hat) for name in self.metrics
         }
@@ -213,7 +250,10 @@ class BestUnderL0:
     max_l0 : float
         Largest admissible mean L0 (mean active features per row).
     score : str, default="explained_variance"
-        Name of the metric to maximise in ``cv_results_``.
+        Name of the metric to optimise in ``cv_results_``: maximised, or
+        minimised for the metrics that are better lower (``mse``,
+        ``fraction_variance_unexplained``, ``l1``, ``dead_fraction``,
+        ``dense_fraction``, ``l0``).
     l0 : str, default="l0"
         Name of the L0 metric in ``cv_results_``.
     """
@@ -261,8 +301,13 @@ class BestUnderL0:
             are never chosen.
         """
         scores = self._column(cv_results, self.score)
+        if self.score in _LOWER_IS_BETTER:
+            # The best mse is the smallest: maximised, the worst was chosen.
+            scores = -scores
         l0s = self._column(cv_results, self.l0)
-        admissible = (l0s <= self.max_l0) & np.isfinite(scores)
+        # NaN is a failed fit or scoring; -inf explained variance is a real
+        # (worst) score, which explained_variance gives.
+        admissible = (l0s <= self.max_l0) & ~np.isnan(scores)
         if not admissible.any():
             if not np.isfinite(l0s).any():
                 raise ValueError(
@@ -275,8 +320,8 @@ class BestUnderL0:
                 first = int(np.flatnonzero(within)[0])
                 raise ValueError(
                     f"The {int(within.sum())} candidate(s) with a mean L0 within "
-                    f"max_l0={self.max_l0} have no finite mean {self.score} (NaN or "
-                    f"infinite; the first has params {cv_results['params'][first]}): their "
+                    f"max_l0={self.max_l0} have no mean {self.score} (NaN; the first "
+                    f"has params {cv_results['params'][first]}): their "
                     "fits or scorings failed (set error_score='raise' to see why)."
                 )
             smallest = int(np.nanargmin(l0s))
@@ -286,8 +331,8 @@ class BestUnderL0:
                 f"{cv_results['params'][smallest]}. Raise max_l0 or add "
                 "candidates with a stronger sparsity penalty."
             )
-        masked = np.where(admissible, scores, -np.inf)
-        return int(np.argmax(masked))
+        candidates = np.flatnonzero(admissible)
+        return int(candidates[np.argmax(scores[candidates])])
 
     def __repr__(self):
         # The metric names only where they are not the defaults, as
@@ -312,8 +357,11 @@ def best_under_l0(max_l0, *, score="explained_variance", l0="l0"):
     max_l0 : float
         Largest admissible mean L0 (mean active features per row).
     score : str, default="explained_variance"
-        Name of the metric to maximise; read from
-        ``cv_results_["mean_test_<score>"]``.
+        Name of the metric to optimise; read from
+        ``cv_results_["mean_test_<score>"]``. Maximised, except the metrics
+        of :class:`SparseCodingScorer` that are better lower (``mse``,
+        ``fraction_variance_unexplained``, ``l1``, ``dead_fraction``,
+        ``dense_fraction``, ``l0``), which are minimised.
     l0 : str, default="l0"
         Name of the L0 metric; read from ``cv_results_["mean_test_<l0>"]``.
 

@@ -221,6 +221,53 @@ def test_best_under_l0_skips_failed_candidates():
     assert best_under_l0(max_l0=5)(results) == 1
 
 
+def test_a_search_or_frozen_model_is_scored_by_the_model_inside(data):
+    # Nested cross-validation scores a fitted search: it was taken for the
+    # dictionary, and scored NaN (no inverse_transform) or on raw X.
+    from sklearn.frozen import FrozenEstimator
+    from sklearn.model_selection import cross_validate
+
+    X, atoms = data[0], data[1]
+    pipe = Pipeline([("double", _double), ("code", LassoCoder(atoms, alpha=0.1))])
+    inner = GridSearchCV(pipe, {"code__alpha": [0.05, 0.1]}, scoring=sparse_coding_scorer,
+                         refit=best_under_l0(max_l0=30), cv=2).fit(X)
+    expected = sparse_coding_scorer(inner.best_estimator_, X)
+    assert sparse_coding_scorer(inner, X) == expected
+    assert sparse_coding_scorer(FrozenEstimator(inner.best_estimator_), X) == expected
+    outer = cross_validate(inner, X, scoring=sparse_coding_scorer, cv=2, error_score="raise")
+    assert np.isfinite(outer["test_explained_variance"]).all()
+    assert outer["test_l0"].shape == (2,)
+
+
+def test_a_nan_reconstruction_scores_nan_and_the_search_goes_on(data):
+    # Raised by the scorer, it broke the whole search even with
+    # error_score=np.nan; scored NaN, best_under_l0 passes over it.
+    X = data[0]
+
+    def same(Z):
+        return Z
+
+    def nan(Z):
+        return Z * np.nan
+
+    search = GridSearchCV(FunctionTransformer(same, inverse_func=same, check_inverse=False),
+                          {"inverse_func": [nan, same]}, scoring=sparse_coding_scorer,
+                          refit=best_under_l0(max_l0=20), cv=2, error_score=np.nan)
+    with pytest.warns(UserWarning, match="NaN or infinite codes or reconstructions"):
+        search.fit(X)
+    assert np.isnan(search.cv_results_["mean_test_explained_variance"][0])
+    assert search.best_index_ == 1
+
+
+def test_best_under_l0_minimises_the_metrics_better_lower():
+    # Maximised, score="mse" chose the worst reconstruction within the budget.
+    results = _results([0.9, 0.5, 0.7], [4.0, 2.0, 30.0])
+    results["mean_test_mse"] = [0.1, 0.5, 0.01]
+    assert best_under_l0(max_l0=5, score="mse")(results) == 0
+    # An explained variance of -inf is a score (the worst), not a failure.
+    assert best_under_l0(max_l0=5)(_results([-np.inf, np.nan], [1.0, 2.0])) == 0
+
+
 def test_best_under_l0_errors():
     results = _results([0.99, 0.95], [30.0, 12.5])
     with pytest.raises(
@@ -235,8 +282,8 @@ def test_best_under_l0_errors():
         best_under_l0(max_l0=10)(_results([np.nan], [np.nan]))
     # Within the budget but unscored: the scores are what failed.
     with pytest.raises(ValueError, match=re.escape(
-            "The 1 candidate(s) with a mean L0 within max_l0=5 have no finite mean "
-            "explained_variance")):
+            "The 1 candidate(s) with a mean L0 within max_l0=5 have no mean "
+            "explained_variance (NaN")):
         best_under_l0(max_l0=5)(_results([np.nan, 0.9], [1.0, 30.0]))
     with pytest.raises(ValueError, match="cv_results_ has no 'mean_test_l0'"):
         best_under_l0(max_l0=10)({"params": [{}], "mean_test_explained_variance": [1]})
