@@ -468,6 +468,30 @@ def test_demo_without_size_curve(builtin_model, tmp_path, capsys):
     assert not (tmp_path / "f").exists()
 
 
+def test_demo_s_classical_fit_sees_the_rows_it_reports():
+    # Whole batches only: 768 of 1,000 rows were fed, and 1,000 reported.
+    from types import SimpleNamespace
+
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+
+    from sparse_dict._demo import _classical_fit
+
+    fed = []
+    original = MiniBatchDictionaryLearning.partial_fit
+
+    def counting(self, X, y=None):
+        fed.append(len(X))
+        return original(self, X)
+
+    args = SimpleNamespace(classical_samples=1000, classical_max_iter=1, classical_alpha=0.3,
+                           random_state=0)
+    X = np.random.default_rng(0).normal(size=(1200, 8)).astype(np.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MiniBatchDictionaryLearning, "partial_fit", counting)
+        _, n, _ = _classical_fit(X, 16, args, False)
+    assert n == sum(fed) == 1000
+
+
 def test_demo_classical_codes_are_computed_once(builtin_model, tmp_path, capsys, monkeypatch):
     """Splicing reuses the OMP codes of the table's tokens instead of coding them again."""
     from sklearn.decomposition import MiniBatchDictionaryLearning

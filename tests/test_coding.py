@@ -293,6 +293,13 @@ def test_amortisation_gap_of_signed_codes_is_not_negative(superposition):
     assert result["gap"] >= 0
     nonneg = LassoCoder(est, algorithm="omp", n_nonzero_coefs=result["l0"]).fit(X)
     assert result["optimal"] > explained_variance(X, nonneg.inverse_transform(nonneg.transform(X)))
+    # The same codes split in two non-negative halves are signed all the same.
+    split = MiniBatchDictionaryLearning(n_components=64, max_iter=5, random_state=0,
+                                        split_sign=True).fit(X)
+    assert not np.any(split.transform(X) < 0)
+    split_result = amortisation_gap(split, X)
+    assert split_result["positive"] is False
+    assert split_result["gap"] == pytest.approx(result["gap"], abs=1e-6)
 
 
 def test_amortisation_gap_of_a_sparse_autoencoder(superposition):
