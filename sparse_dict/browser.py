@@ -654,14 +654,15 @@ main{padding:.5em 1em}
 .dead{color:#b00}
 .example{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em;white-space:pre;overflow-x:auto;line-height:1.6}
 .example .act{display:inline-block;min-width:4.5em;color:#888}
-.tok{border-radius:2px}
+.tok{border-radius:2px;unicode-bidi:isolate}
 .tok.max{outline:1px solid #a33}
 .l0{}.l1{background:#fff1e6}.l2{background:#ffe0c7}.l3{background:#ffcfa8}.l4{background:#ffbd8a}
 .l5{background:#ffac6b}.l6{background:#ff9a4d}.l7{background:#f8862f}.l8{background:#ec7014}.l9{background:#d95f02;color:#fff}
 .empty{color:#777;font-style:italic}
 .effects{font-size:.9em;margin:.2em 0 .4em 0;line-height:1.7}
 .effects .label{color:#666;display:inline-block;min-width:6.5em}
-.effect{font-family:ui-monospace,Menlo,Consolas,monospace;border-radius:3px;padding:0 .25em;margin-right:.3em;white-space:pre}
+.effect{font-family:ui-monospace,Menlo,Consolas,monospace;border-radius:3px;padding:0 .25em;margin-right:.3em;white-space:pre;unicode-bidi:isolate}
+.effects{overflow-x:auto}
 .effect.up{background:#e3f1e3}.effect.down{background:#f6e1e1}
 .effect .v{color:#777;margin-left:.25em}
 """
@@ -689,6 +690,16 @@ _JS = r"""
   var state = {query: "", sort: "id", hideDead: false, page: 0};
   var shown = all;
   var el = function (id) { return document.getElementById(id); };
+
+  function visible(s) {
+    // A token that would draw nothing (empty, a carriage return, another
+    // control character) is shown by its control picture, a newline as an
+    // arrow; the strongest token of an example was otherwise invisible.
+    if (s === "") return "\u2205";
+    return s.replace(/\n/g, "\u21b5").replace(/[\x00-\x08\x0b-\x1f\x7f]/g, function (c) {
+      return c === "\x7f" ? "\u2421" : String.fromCharCode(0x2400 + c.charCodeAt(0));
+    });
+  }
 
   function pct(x) {
     if (x <= 0) return "never fires";
@@ -727,7 +738,7 @@ _JS = r"""
     for (var i = 0; i < ex[4].length; i++) {
       var t = document.createElement("span");
       t.className = "tok l" + ex[5].charAt(i) + (i === ex[3] ? " max" : "");
-      t.textContent = vocab[ex[4][i]].replace(/\n/g, "\u21b5");
+      t.textContent = visible(vocab[ex[4][i]]);
       line.appendChild(t);
     }
     return line;
@@ -747,7 +758,7 @@ _JS = r"""
       for (var i = 0; i < row[2].length; i++) {
         var t = document.createElement("span");
         t.className = "effect " + row[1];
-        t.textContent = vocab[row[2][i]].replace(/\n/g, "\u21b5");
+        t.textContent = visible(vocab[row[2][i]]);
         var v = document.createElement("span");
         v.className = "v";
         v.textContent = (row[3][i] > 0 ? "+" : "") + row[3][i].toPrecision(3);

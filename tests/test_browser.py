@@ -13,6 +13,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -513,6 +514,33 @@ def test_numbers_are_stored_as_the_page_shows_them(tmp_path):
     assert feature[2] == 2.97  # the peak, as the page prints it
     assert f"{100 * feature[1]:.3g}" == "23.1" and feature[1] == pytest.approx(153 / 661,
                                                                                 rel=1e-6)
+
+
+def test_tokens_that_draw_nothing_are_shown_by_their_pictures(driver, tmp_path):
+    # An empty or a carriage-return token was zero pixels wide: the example's
+    # strongest token could not be seen. A right-to-left override in one
+    # token reversed the tokens after it.
+    tokens = ["", "\r", "a", "\u202e", "b", "c"]
+    codes = np.zeros((6, 3))
+    codes[0, 0], codes[1, 1], codes[2, 2] = 3.0, 2.0, 1.0
+    ex = top_activating_examples(codes, tokens, k=1, context=5)
+    path = write_feature_browser(tmp_path / "f.html", (codes > 0).mean(axis=0), ex)
+    driver.s("POST", "/url", {"url": Path(path).as_uri()})
+    driver.browser_log()
+    assert _wait_for(driver, COUNT, 3) == 3
+    shown = driver.script(
+        "return Array.from(document.querySelectorAll('#features .feature')).map(function (f) {"
+        "  return Array.from(f.querySelectorAll('.example .tok')).map(function (t) {"
+        "    return [t.textContent, t.classList.contains('max'),"
+        "            t.getBoundingClientRect().width > 0, t.getBoundingClientRect().left]; "
+        "  }); });")
+    assert [t[0] for t in shown[0]] == ["\u2205", "\u240d", "a", "\u202e", "b", "c"]
+    for feature in shown:
+        assert all(t[2] for t in feature if t[1])  # the strongest token has a width
+        lefts = [t[3] for t in feature]
+        assert lefts == sorted(lefts)  # in token order, left to right
+    errors = [e for e in driver.browser_log() if e.get("level") == "SEVERE"]
+    assert errors == [], errors
 
 
 def test_logit_effects_input_is_checked(tmp_path):
