@@ -93,6 +93,23 @@ def test_batchtopk_threshold_is_fitted_and_batch_independent(fitted, superpositi
     assert sae.train_l0_ == pytest.approx(4.0, rel=0.01)
 
 
+def test_batchtopk_on_batches_of_one_row_warns():
+    # It trains as TopK, step for step, but codes with a threshold: 0.72 of
+    # the variance where the same weights coded by top-k explained 0.89, and
+    # transform_l0_ looked as it should.
+    X = np.random.default_rng(0).exponential(size=(300, 8)).astype(np.float32)
+    said = {}
+    for batch_size in (1, 4):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            SparseAutoencoderDictionary(n_components=32, activation="batchtopk", k=3,
+                                        batch_size=batch_size, max_steps=50,
+                                        random_state=0).fit(X)
+        said[batch_size] = [str(w.message) for w in caught if "batch_size=1" in str(w.message)]
+    assert len(said[1]) == 1 and "use activation='topk'" in said[1][0]
+    assert not said[4]
+
+
 def test_batchtopk_partial_fit_of_a_few_rows_keeps_the_threshold(fitted, superposition):
     # A call of a few rows set the inference threshold from them alone: after
     # a one-row call the held-out L0 was anywhere from 0.4 to 26 for k=4.
