@@ -890,7 +890,10 @@ class SparseAutoencoderDictionary(
     scale_ : float
         Factor that brought the training data to a mean squared distance
         ``n_features`` from the decoder bias's starting point (already
-        folded into the other attributes).
+        folded into the other attributes). Measured without a few rows of
+        outsized norm where they hold most of the spread (the largest
+        thousandth, and those beyond 10 times the median distance, up to 1%
+        of the rows), which a warning then names.
     n_iter_ : int
         Passes over the data done (``partial_fit`` counts calls).
     n_steps_ : int

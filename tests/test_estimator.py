@@ -962,6 +962,16 @@ def test_a_few_rows_of_outsized_norm_neither_set_the_scale_nor_pass_silently():
         est = SparseAutoencoderDictionary(**params).fit(spoiled)
     assert record[0].filename == __file__
     assert est.scale_ == pytest.approx(plain.scale_, rel=0.01)
+    # Ten such rows in 2,000: the largest thousandth alone (2 rows) left 8
+    # to set the scale, and a ReLU fit explained -0.02 of the normal rows.
+    base = np.random.default_rng(0).exponential(size=(2000, 16)).astype(np.float32)
+    clean = SparseAutoencoderDictionary(n_components=64, max_steps=3, random_state=0).fit(base)
+    spoiled = base.copy()
+    spoiled[:10] *= 1000
+    with pytest.warns(UserWarning, match=r"The largest 10 of 2,000 rows sampled from X"):
+        est = SparseAutoencoderDictionary(n_components=64, max_steps=3,
+                                          random_state=0).fit(spoiled)
+    assert est.scale_ == pytest.approx(clean.scale_, rel=0.02)
 
 
 def test_repeated_rows_count_once_for_the_atoms():
