@@ -361,6 +361,11 @@ def _describe(path):
     return "not a regular file"
 
 
+def _a(name):
+    """``name`` with its indefinite article ("an activation store", "a saved dictionary")."""
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
 def _check_replaceable(path, kind):
     """Raise FileExistsError unless ``path`` is a ``kind`` this package wrote."""
     others = kind.foreign(path) if kind.foreign is not None else None
@@ -368,7 +373,7 @@ def _check_replaceable(path, kind):
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5
                                          else "")
         raise FileExistsError(
-            f"{path} is {'an' if kind.name[:1] in 'aeiou' else 'a'} {kind.name} with entries "
+            f"{path} is {_a(kind.name)} with entries "
             f"sparse_dict did not write in it ({shown}); refusing to replace it, even with "
             "overwrite, since they would be lost. Move them out of it first, or choose "
             "another name."
@@ -376,7 +381,7 @@ def _check_replaceable(path, kind):
     if path.is_symlink() or path.is_dir() != kind.folder or not kind.recognize(path):
         raise FileExistsError(
             f"{path} already exists and is {_describe(path)} that is not "
-            f"{'an' if kind.name[:1] in 'aeiou' else 'a'} {kind.name}; "
+            f"{_a(kind.name)}; "
             "refusing to replace it, even with overwrite, since sparse_dict did not write "
             "it as one. Remove it yourself or choose another name."
         )

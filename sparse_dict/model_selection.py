@@ -38,10 +38,12 @@ def _unwrapped(estimator):
     transform but no inverse_transform of their own, or reconstruct ``X``
     itself where the dictionary reconstructs its Pipeline step's input.
     """
+    from sklearn.frozen import FrozenEstimator
+
     while True:
         if hasattr(estimator, "best_estimator_"):
             estimator = estimator.best_estimator_
-        elif type(estimator).__name__ == "FrozenEstimator" and hasattr(estimator, "estimator"):
+        elif isinstance(estimator, FrozenEstimator):
             estimator = estimator.estimator
         else:
             return estimator
@@ -78,11 +80,6 @@ def _reconstruct(estimator, X):
     return X, codes, np.asarray(X_hat)
 
 
-# The scorer's metrics that are better when lower.
-_LOWER_IS_BETTER = frozenset({"fraction_variance_unexplained", "mse", "l0", "l1",
-                              "dead_fraction", "dense_fraction"})
-
-
 def _finite(codes):
     return bool(np.isfinite(codes.data if sp.issparse(codes) else codes).all())
 
@@ -98,6 +95,8 @@ _SCORER_METRICS = {
     "dead_fraction": lambda X, codes, X_hat: dead_fraction(codes),
     "dense_fraction": lambda X, codes, X_hat: dense_fraction(codes),
 }
+# Every metric but explained variance is better when lower.
+_LOWER_IS_BETTER = frozenset(_SCORER_METRICS) - {"explained_variance"}
 
 
 class SparseCodingScorer:

@@ -50,6 +50,7 @@ def test_by_default_nothing_is_measured(monkeypatch):
     monkeypatch.setattr(matmul, "_probe", lambda threads: probes.append(threads) or "openblas")
     assert matmul.backend() == "torch" and probes == []
     monkeypatch.setenv(matmul.ENVIRONMENT_VARIABLE, "auto")
+    matmul.set_backend(None)  # the environment is read again
     assert matmul.backend() == "openblas" and len(probes) == 1
 
 

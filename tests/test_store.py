@@ -383,15 +383,16 @@ def test_a_writer_reads_the_count_once_it_holds_the_lock(reference, extractor, t
     path = tmp_path / "store"
     with pytest.raises(KeyboardInterrupt):
         extractor.transform_to_disk(_interrupted(texts, 14), path, chunk_texts=CHUNK)
-    check, raced = _store._check_same_extraction, []
+    read, raced = _store._read_manifest, []
 
-    def finished_meanwhile(*args):
+    def finished_meanwhile(folder):
+        manifest = read(folder)  # the first reading, before the lock
         if not raced:
             raced.append(True)
             extractor.transform_to_disk(iter(texts), path, resume=True, chunk_texts=CHUNK)
-        return check(*args)
+        return manifest
 
-    monkeypatch.setattr(_store, "_check_same_extraction", finished_meanwhile)
+    monkeypatch.setattr(_store, "_read_manifest", finished_meanwhile)
     with StoreWriter(path, extractor._store_config(None), resume=True) as writer:
         # Were the writer to stop here (a crash), the finished store would be
         # readable, all its texts done.

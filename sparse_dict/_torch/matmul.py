@@ -52,6 +52,9 @@ _PROBE_REPEATS = 5
 _MARGIN = 1.25
 
 _forced = None
+# The choice (set_backend's, else the environment's, else torch's), read at
+# the first product and kept: backend() runs at every product of a step.
+_chosen = None
 _probed = {}
 # Two fits starting at once in threads measured each on its own, and could
 # pick different winners mid-fit.
@@ -76,29 +79,32 @@ def set_backend(name):
     'openblas'
     >>> set_backend(None)
     """
-    global _forced
+    global _forced, _chosen
     if name is not None and name not in CHOICES:
         raise ValueError(f"Unknown matrix-product backend {name!r}; expected one of {CHOICES} "
                          "or None.")
     with _probe_lock:
-        _forced = name
+        _forced, _chosen = name, None
         _probed.clear()
 
 
 def backend():
     """The backend that CPU float32 products use in this process.
 
-    :func:`set_backend`'s, else the one ``SPARSE_DICT_CPU_PRODUCT`` names,
-    else torch's. With ``"auto"`` both are timed on the first call (a few
-    milliseconds) and the answer cached, per torch thread count.
+    :func:`set_backend`'s, else the one ``SPARSE_DICT_CPU_PRODUCT`` names
+    (read on the first call, and again after ``set_backend``), else torch's.
+    With ``"auto"`` both are timed on the first call (a few milliseconds) and
+    the answer cached, per torch thread count.
 
     Returns
     -------
     name : {"torch", "openblas"}
     """
-    chosen = _forced or _from_environment() or "torch"
-    if chosen != "auto":
-        return chosen
+    global _chosen
+    if _chosen is None:
+        _chosen = _forced or _from_environment() or "torch"
+    if _chosen != "auto":
+        return _chosen
     threads = torch.get_num_threads()
     with _probe_lock:
         if threads not in _probed:

@@ -31,8 +31,8 @@ PROVENANCE_SOURCE = "sparse_dict.TransformerActivationExtractor"
 # The fields of ``TransformerActivationExtractor.provenance()``, in order; an
 # activation store's manifest holds them all but ``n_tokens`` (it counts rows).
 PROVENANCE_FIELDS = ("source", "model", "model_class", "layer", "hook", "module", "hook_name",
-                     "hook_module", "hook_direction", "n_features", "pooling", "max_length", "n_tokens", "corpus",
-                     "weights_sample")
+                     "hook_module", "hook_direction", "n_features", "pooling", "max_length",
+                     "n_tokens", "corpus", "weights_sample")
 
 
 class TokenIndex(NamedTuple):

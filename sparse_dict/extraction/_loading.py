@@ -500,6 +500,15 @@ def weights_sample(module, n_tensors=16, per_tensor=4):
     return [float(v) for v in torch.cat(values).cpu().numpy() if np.isfinite(v)]
 
 
+def sample_of(record):
+    """The ``weights_sample`` of a provenance record or manifest, or None (older, or edited)."""
+    sample = record.get("weights_sample")
+    if isinstance(sample, list) and sample and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in sample):
+        return sample
+    return None
+
+
 def same_weights(recorded, current):
     """Whether two :func:`weights_sample` lists come from the same weights.
 

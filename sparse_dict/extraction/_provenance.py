@@ -5,7 +5,7 @@ from pathlib import Path
 from sklearn.utils.validation import check_is_fitted
 
 from sparse_dict.extraction._extractor import PROVENANCE_SOURCE, TransformerActivationExtractor
-from sparse_dict.extraction._loading import same_weights
+from sparse_dict.extraction._loading import sample_of, same_weights
 
 
 def _same_model(recorded, current):
@@ -38,15 +38,6 @@ def _same_hook(recorded, current):
     keys = ("hook_module", "hook_direction")
     sides = [tuple(record.get(k) for k in keys) for record in (recorded, current)]
     return None not in sides[0] and sides[0] == sides[1]
-
-
-def _sample_of(provenance):
-    """The ``weights_sample`` of a provenance record, or None (older records, or edited)."""
-    sample = provenance.get("weights_sample")
-    if isinstance(sample, list) and sample and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in sample):
-        return sample
-    return None
 
 
 def check_fitted_dictionary(dictionary):
@@ -185,7 +176,7 @@ def _check_recorded(recorded, current, check_model, what="the extractor"):
         return
     # Weights sampled on both sides tell the model itself, whatever its
     # folder is called now; older records have only the name.
-    samples = _sample_of(recorded), _sample_of(current)
+    samples = sample_of(recorded), sample_of(current)
     if None not in samples:
         if not same_weights(*samples):
             raise ValueError(

@@ -536,8 +536,8 @@ class StoreWriter:
         # A file the user added to the folder (a README, a Finder's
         # .DS_Store) does not stop a resume, which replaces nothing.
         if resume and resumable(self.path):
+            # Checked against this extraction once the lock is held, below.
             manifest = _read_manifest(self.path)
-            _check_same_extraction(self.path, manifest, config)
         else:
             if resume:
                 # Something else is there: refused, naming it, unless it is an
@@ -721,11 +721,11 @@ def _check_same_extraction(path, manifest, config):
     # The same name with other weights (a checkpoint trained on in place):
     # its activations differ by little, too little for the re-extracted
     # first text to tell at 1% of noise.
-    from sparse_dict.extraction._loading import same_weights  # torch, which readers do without
+    # Imported here: _loading brings torch, which readers of a store do without.
+    from sparse_dict.extraction._loading import sample_of, same_weights
 
-    samples = [record.get("weights_sample") for record in (manifest, config)]
-    if all(isinstance(sample, list) and sample for sample in samples) and not same_weights(
-            *samples):
+    samples = sample_of(manifest), sample_of(config)
+    if None not in samples and not same_weights(*samples):
         raise ValueError(
             f"{path} was extracted with other weights than this model's (a sample of them "
             "is kept in its manifest's weights_sample), though under the same name; resume "
