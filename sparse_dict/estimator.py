@@ -1575,10 +1575,15 @@ class SparseAutoencoderDictionary(
         return tensors
 
     def _get_trainer(self):
-        self._fitted_activation()
+        activation = self._fitted_activation()
         params = self._fitted_tensors()
         self._check_fitted_shapes(params)
         trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.model.activation.describe() != activation.describe():
+            # k or the bandwidth set since the last call: the mechanism is
+            # rebuilt from the fitted attributes, with a fresh Adam, as a
+            # loaded dictionary's is (the kept one would train at the old k).
+            trainer = None
         if trainer is not None:
             if trainer.differs_from(params, self.scale_):
                 # Fitted attributes set since the last fit (atoms edited, a
@@ -1590,8 +1595,7 @@ class SparseAutoencoderDictionary(
         # A dictionary loaded from disk has no optimiser state: continue
         # from its parameters with a fresh Adam.
         seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
-        trainer = Trainer.from_parameters(params, self.scale_, "cpu", int(seed),
-                                          self._activation())
+        trainer = Trainer.from_parameters(params, self.scale_, "cpu", int(seed), activation)
         trainer.step = int(getattr(self, "n_steps_", 0))
         return trainer
 

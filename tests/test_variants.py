@@ -199,6 +199,42 @@ def test_partial_fit_pickle_and_save_for_each_activation(fitted, superposition, 
     assert np.all(np.isfinite(loaded.components_))
 
 
+@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+def test_partial_fit_trains_at_the_k_set_since(fitted, superposition, name, tmp_path):
+    # The kept trainer was built with the fit's k: in memory the call trained
+    # at k=4 (and transform_l0_ said 4 where transform gave 8), while the
+    # same dictionary saved and loaded trained at the new k.
+    X, _, _ = superposition
+    loaded = SparseAutoencoderDictionary.load(fitted[name].save(tmp_path / name))
+    in_memory = pickle.loads(pickle.dumps(fitted[name]))
+    for sae in (in_memory, loaded):
+        sae.set_params(k=8).partial_fit(X[:2048])
+        assert 6 < sae.history_["l0"][-1] <= 8  # at k=4 it was at most 4
+        actual = float((sae.transform(X) > 0).sum(axis=1).mean())
+        assert sae.transform_l0_ == pytest.approx(actual, abs=0.5)
+
+
+def test_partial_fit_trains_at_the_bandwidth_set_since(fitted):
+    sae = pickle.loads(pickle.dumps(fitted["jumprelu"]))
+    sae.set_params(jumprelu_bandwidth=0.5)._get_trainer()
+    assert sae._get_trainer().model.activation.bandwidth == 0.5
+
+
+def test_imported_zero_thresholds_can_be_trained(fitted, superposition):
+    # A threshold of 0 (SAELens' file, or a BatchTopK written as JumpReLU)
+    # was stored as log(1e-12) = -27.6: Adam moves it by about the learning
+    # rate a step, so those features trained without L0 pressure for
+    # thousands of steps.
+    X, _, _ = superposition
+    sae = pickle.loads(pickle.dumps(fitted["jumprelu"]))
+    sae.threshold_ = sae.threshold_.copy()
+    sae.threshold_[:8] = 0.0
+    theta = sae._get_trainer().model.log_threshold.detach().exp()
+    floor = 0.5 * sae.jumprelu_bandwidth
+    assert float(theta[:8].min()) == pytest.approx(floor, rel=1e-5)
+    assert float(theta[8:].min()) > floor  # trained thresholds are left as they are
+
+
 @pytest.mark.parametrize("name", ACTIVATIONS)
 def test_memmap_and_bf16_for_each_activation(superposition, name, tmp_path):
     X, _, _ = superposition

@@ -71,6 +71,9 @@ class Activation:
     has_sparse_step = False
     workspace_names = ()
     forward_is_relu = False
+    # A resampled feature's encoder row, as a share of the live rows' mean
+    # norm (see Trainer._resample).
+    restart_encoder_share = 0.2
 
     def init_model(self, model):
         """Register this mechanism's parameters and buffers on ``model``."""
@@ -250,6 +253,10 @@ class TopK(Activation):
     uses_k = True
     has_sparse_step = True
     state_names = ("selection_scale",)
+    # A feature competes for the top k: at a fifth of the live rows' norm
+    # it loses every selection, even on the input it restarted on, and dies
+    # again (none of 16 restarted features fired).
+    restart_encoder_share = 1.0
     # Folders saved before selection_scale existed selected on pre itself.
     state_defaults = {"selection_scale": 1.0}
 
@@ -540,6 +547,11 @@ class BatchTopK(TopK):
         model.threshold.fill_(float(torch.as_tensor(state["threshold"]).double().max()))
         model.threshold_weight.fill_(1.0)
 
+    def resample_(self, model, dead, pre):
+        # The threshold is one for all features, a running average of the
+        # batches' selections: a restarted feature has no state of its own.
+        return ()
+
 
 class JumpReLU(Activation):
     """``f = pre * H(pre - theta)`` with a learned threshold per feature.
@@ -621,7 +633,14 @@ class JumpReLU(Activation):
         return {"threshold": model.log_threshold.detach().exp().float()}
 
     def load_state_(self, model, state):
-        theta = torch.as_tensor(state["threshold"], dtype=torch.float32).clamp_min(1e-12)
+        # Thresholds at or near 0 (a SAELens file's, or a BatchTopK's written
+        # as JumpReLU) are raised to half the bandwidth: log(1e-12) is -27.6,
+        # and Adam moves log(theta) by about the learning rate a step, so such
+        # a feature would train thousands of steps with no L0 pressure. Codes
+        # below half the bandwidth (scaled units, where active codes are of
+        # order one) are all this cuts.
+        floor = 0.5 * self.bandwidth
+        theta = torch.as_tensor(state["threshold"], dtype=torch.float32).clamp_min(floor)
         with torch.no_grad():
             model.log_threshold.copy_(theta.log())
 

@@ -1264,14 +1264,14 @@ class Trainer:
         alive = torch.ones(model.n_components, dtype=torch.bool, device=dead.device)
         alive[dead] = False
         enc_norm = model.W_enc[alive].norm(dim=1).mean() if alive.any() else 1.0
+        enc_norm = enc_norm * model.activation.restart_encoder_share
         model.operands_stale_()
         model.W_dec[dead] = directions
-        model.W_enc[dead] = directions * (0.2 * enc_norm)
+        model.W_enc[dead] = directions * enc_norm
         model.b_enc[dead] = 0.0
         # The mechanism's own state of those features (a JumpReLU threshold),
         # given each one's new pre-activation on the input it restarts on.
-        own = tuple(model.activation.resample_(
-            model, dead, (0.2 * enc_norm) * distances.flatten()))
+        own = tuple(model.activation.resample_(model, dead, enc_norm * distances.flatten()))
         if replicas is not None:
             replicas.broadcast_([model.W_dec, model.W_enc, model.b_enc, *own],
                                 "resampling dead features")
