@@ -778,7 +778,11 @@ class SparseAutoencoderDictionary(
         Steps between checks for dead features; a feature that fired on no
         row during the last interval is resampled (and, for AuxK, counts as
         dead). ``None``: a tenth of the run in ``fit`` (at least 50 steps,
-        and never in the last 30% of the run), 1000 steps in ``partial_fit``.
+        and never in the last 30% of the run), 1000 steps in ``partial_fit``
+        (never in the last 30% of a call's steps either, so that restarted
+        features train before the call returns: a call of one batch never
+        resamples, and at most one feature restarts on each of a call's
+        inputs).
     decoder_bias_init : {"geometric_median", "mean", "zeros"}, default="geometric_median"
         How the decoder bias starts.
     dict_init : array-like of shape (n_components, n_features), default=None
@@ -1204,10 +1208,15 @@ class SparseAutoencoderDictionary(
                 self.n_iter_ = 0
             else:
                 trainer = self._get_trainer().to(device)
+            call_steps = math.ceil(X.shape[0] / self.batch_size)
             config = self._train_config(
                 total_steps=None,
                 warmup_steps=_PARTIAL_FIT_WARMUP_STEPS if self.warmup_fraction > 0 else 0,
                 resample_interval=self.resample_interval or _PARTIAL_FIT_RESAMPLE_INTERVAL,
+                # As fit's last 30%: restarted atoms train before the call
+                # returns (one restarted on a call's last step left a model
+                # that explained 0.60 of held-out rows instead of 0.96).
+                resample_until=trainer.step + int(0.7 * call_steps),
             )
             self._train(trainer, X, config, random_state, math.ceil(X.shape[0] / self.batch_size),
                         n_passes=1, replicas=replicas, epoch_offset=self.n_iter_)

@@ -1253,10 +1253,13 @@ class Trainer:
         weights = loss.pow(2)
         if not torch.isfinite(weights).all() or weights.sum() <= 0:
             weights = torch.ones_like(weights)
+        # One input for each restarted feature: with fewer inputs than dead
+        # features (a partial_fit of a few rows) the rest wait for the next
+        # check, instead of restarting as copies of one direction.
+        dead = dead[: int((weights > 0).sum())]
         n_dead = dead.numel()
         chosen = torch.multinomial(
-            weights, n_dead, replacement=n_dead > weights.numel(),
-            generator=self._resample_generator,
+            weights, n_dead, replacement=False, generator=self._resample_generator,
         ).to(inputs.device)
         directions = inputs[chosen] - model.b_dec
         distances = directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
