@@ -5,6 +5,8 @@ import threading
 import time
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 import scipy.sparse as sp
 import torch
@@ -886,3 +888,23 @@ def test_a_host_copy_ahead_on_cuda_waits_for_the_work_queued_before_it():
         a = a @ a / 2048  # more work on the current stream meanwhile
     got = copy.result()["w"]
     np.testing.assert_array_equal(got, w.cpu().numpy())
+
+
+@settings(max_examples=200, deadline=None)
+@given(n_rows=st.integers(1, 5000), batch_size=st.integers(1, 700), big=st.booleans())
+def test_a_pass_visits_every_row_once_in_batches_of_at_least_half(n_rows, batch_size, big):
+    # A pass of 2,049 rows in batches of 1,024 made a third of its steps on
+    # one row each, and Adam steps as far on one row as on a full batch.
+    # Above the exact shuffle's size, windows of blocks are batched alike.
+    from unittest import mock
+
+    from sparse_dict._torch import data as data_module
+    X = np.empty((n_rows, 0))
+    with mock.patch.object(data_module, "_EXACT_SHUFFLE_ROWS", 0 if big else 1 << 20):
+        batches = list(iter_batches(X, batch_size, np.random.RandomState(0)))
+    np.testing.assert_array_equal(np.sort(np.concatenate(batches)), np.arange(n_rows))
+    sizes = [len(b) for b in batches]
+    assert max(sizes) <= batch_size
+    if not big and len(sizes) > 1:
+        assert min(sizes) >= batch_size / 2
+        assert sizes.count(batch_size) >= len(sizes) - 2

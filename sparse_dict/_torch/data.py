@@ -117,14 +117,30 @@ _EXACT_SHUFFLE_ROWS = 1 << 20
 _BLOCKS_PER_WINDOW = 16
 
 
+def batch_bounds(n_rows, batch_size):
+    """The (start, stop) of each batch of ``n_rows`` rows, ``batch_size`` at most each.
+
+    Batches are full but for the last two, which share their rows evenly
+    when the last would hold under half a batch: Adam steps as far on one
+    row as on a full batch, and where a third of the steps were of one row
+    (2,049 rows in batches of 1,024), a ReLU dictionary explained 0.85 of
+    held-out rows instead of 0.89, with twice the L0.
+    """
+    starts = list(range(0, n_rows, batch_size)) + [n_rows]
+    if len(starts) > 2 and n_rows - starts[-2] < batch_size / 2:
+        starts[-2] = (starts[-3] + n_rows + 1) // 2
+    return list(zip(starts[:-1], starts[1:]))
+
+
 def iter_batches(X, batch_size, rng=None):
     """Yield the row indices of each batch of one pass over ``X``.
 
     With ``rng``, batches are drawn in random order (each batch's indices
-    sorted, for sequential memmap reads); without, in order. Every row is
-    visited exactly once either way. Above ``_EXACT_SHUFFLE_ROWS`` rows the
-    shuffle is two-level, contiguous blocks in random order and rows shuffled
-    within a window of 16 blocks, so that memory does not grow with the data.
+    sorted, for sequential memmap reads) and sized by :func:`batch_bounds`;
+    without, in order, full but for the last. Every row is visited exactly
+    once either way. Above ``_EXACT_SHUFFLE_ROWS`` rows the shuffle is
+    two-level, contiguous blocks in random order and rows shuffled within a
+    window of 16 blocks, so that memory does not grow with the data.
     """
     n_samples = X.shape[0]
     if rng is None:
@@ -133,8 +149,8 @@ def iter_batches(X, batch_size, rng=None):
         return
     if n_samples <= _EXACT_SHUFFLE_ROWS:
         order = rng.permutation(n_samples)
-        for start in range(0, n_samples, batch_size):
-            yield np.sort(order[start : start + batch_size])
+        for start, stop in batch_bounds(n_samples, batch_size):
+            yield np.sort(order[start:stop])
         return
     block = 4 * batch_size
     n_blocks = -(-n_samples // block)
@@ -147,8 +163,8 @@ def iter_batches(X, batch_size, rng=None):
             ]
         )
         rng.shuffle(window)
-        for start in range(0, len(window), batch_size):
-            yield np.sort(window[start : start + batch_size])
+        for start, stop in batch_bounds(len(window), batch_size):
+            yield np.sort(window[start:stop])
 
 
 def sample_rows(X, n_rows, rng, dtype=np.float64):
