@@ -799,6 +799,33 @@ def test_rows_that_share_a_large_offset_are_counted_as_distinct():
     assert _distinct_rows(np.repeat(X[:100] + 1e4, 20, axis=0).astype(np.float32), 2000) < 150
 
 
+def test_distinct_rows_are_counted_whatever_the_order_and_the_size_of_values():
+    # The probe was the sample's first rows, which come from the start of X:
+    # X repeated row by row read as 643 distinct rows among 4,000 (so one
+    # said to memorise), X repeated block by block as having no repeats, and
+    # shuffling either one flipped the verdict. Rows near float32's largest
+    # values overflowed the float32 projection: 2,000 distinct rows read as 2.
+    from sparse_dict._torch.data import sample_rows
+    from sparse_dict._torch.train import _distinct_rows
+
+    X, _, _ = make_superposition(n_samples=4000, n_features=32, n_components=128, n_active=4,
+                                 random_state=0, dtype=np.float32)
+    shuffle = np.random.RandomState(1).permutation
+
+    def estimate(data):
+        sample = sample_rows(data, 8192, np.random.RandomState(0), dtype=np.float32)
+        return _distinct_rows(sample, len(data))
+
+    pairs = np.repeat(X, 2, axis=0)
+    assert estimate(pairs) == estimate(pairs[shuffle(len(pairs))])
+    assert estimate(pairs) is None or estimate(pairs) > 3000
+    tiled = np.tile(X[:1500], (5, 1))
+    for data in (tiled, tiled[shuffle(len(tiled))]):
+        assert 1200 < estimate(data) < 2000
+    huge = X * np.float32(1e38 / np.abs(X).max())
+    assert estimate(huge[:2000]) is None
+
+
 def test_a_callback_that_stops_the_fit_gets_no_convergence_warning(X):
     from sklearn.exceptions import ConvergenceWarning
 
