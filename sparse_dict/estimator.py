@@ -1606,6 +1606,16 @@ class SparseAutoencoderDictionary(
         seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
         trainer = Trainer.from_parameters(params, self.scale_, "cpu", int(seed), activation)
         trainer.step = int(getattr(self, "n_steps_", 0))
+        # The record goes on where it stopped (it restarted empty: a saved
+        # run's 600 steps of history_ gave way to the new call's 8, and
+        # n_resampled_ counted from 0, while n_steps_ went on). Each old
+        # step counts as a full batch, the rows it had being unknown.
+        history = getattr(self, "history_", None)
+        if history is not None and len(history["loss"]):
+            trainer.history = np.stack([history[k] for k in STAT_NAMES], axis=1).astype(
+                np.float64)
+            trainer.history_rows = np.full(len(trainer.history), float(self.batch_size))
+        trainer.n_resampled = int(getattr(self, "n_resampled_", 0))
         return trainer
 
     def _check_fitted_shapes(self, params):

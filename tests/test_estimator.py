@@ -402,6 +402,25 @@ def test_partial_fit_resamples_only_where_the_call_trains_on():
     assert cosines.max() < 0.999
 
 
+def test_training_after_load_keeps_the_record(tmp_path):
+    # The loaded dictionary's trainer started its history and its count of
+    # restarts empty: after one partial_fit, history_ held that call's steps
+    # alone while n_steps_ went on, and a second save lost the first run's.
+    X, _, _ = make_superposition(n_samples=2000, n_features=16, n_components=32, random_state=0)
+    sae = small_sae(n_components=64, max_iter=2, batch_size=128, resample_dead=True,
+                    resample_interval=5).fit(X)
+    sae.encoder_bias_[:16] = -1e4
+    sae.partial_fit(X)
+    assert sae.n_resampled_ > 0
+    loaded = SparseAutoencoderDictionary.load(sae.save(tmp_path / "d"))
+    loaded.set_params(resample_dead=False).partial_fit(X[:512])
+    sae.set_params(resample_dead=False).partial_fit(X[:512])
+    assert loaded.n_steps_ == sae.n_steps_ == len(sae.loss_curve_)
+    assert len(loaded.loss_curve_) == loaded.n_steps_
+    np.testing.assert_array_equal(loaded.loss_curve_[:-4], sae.loss_curve_[:-4])
+    assert loaded.n_resampled_ == sae.n_resampled_
+
+
 def test_set_output_pandas(fitted, X):
     pd = pytest.importorskip("pandas")
     sae = clone(fitted).set_output(transform="pandas").fit(X)
