@@ -92,6 +92,11 @@ _SAVED_ATTRIBUTES = {
 _V1_HISTORY_WIDTH = 4  # loss, mse, l1, l0
 
 
+# Bounds of the mechanisms' state: a negative threshold gave negative codes,
+# and a selection scale of 0 or below, codes that were all zero.
+_FITTED_MINIMUM = {"threshold": 0.0, "selection_scale": float(np.finfo(np.float32).tiny)}
+
+
 def _saved_tensor_schema(fitted_names, n_components, n_features, dtype, history_width,
                          optional=()):
     """What each saved tensor must be: the model's fitted tensors and the statistics.
@@ -101,7 +106,7 @@ def _saved_tensor_schema(fitted_names, n_components, n_features, dtype, history_
     same = (dtype,)
     schema = {
         name: _persist.TensorSpec(_fitted_shape(name, n_components, n_features), same,
-                                  optional=name in optional)
+                                  minimum=_FITTED_MINIMUM.get(name), optional=name in optional)
         for name in fitted_names
     }
     # All NaN for a dictionary imported without its frequencies.

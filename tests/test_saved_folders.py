@@ -381,3 +381,16 @@ def test_format_1_folders_load_and_are_checked(saved, fitted, tmp_path, X):
     _edit_config(path, _set(["attributes", "dtype"], "int8"))
     with pytest.raises(ValueError, match="attributes.dtype"):
         SparseAutoencoderDictionary.load(path)
+
+
+@pytest.mark.parametrize("activation,tensor", [("jumprelu", "threshold"),
+                                               ("topk", "selection_scale")])
+def test_a_mechanism_s_state_out_of_its_range_is_refused(X, tmp_path, activation, tensor):
+    # A negative threshold loaded, and gave negative codes; a negative
+    # selection scale gave codes that were all zero.
+    sae = SparseAutoencoderDictionary(n_components=8, activation=activation, k=2, max_iter=2,
+                                      device="cpu", random_state=0).fit(X)
+    path = sae.save(tmp_path / "d")
+    _edit_tensors(path, lambda t: t[tensor].__setitem__(0, -1.0))
+    with pytest.raises(ValueError, match=f"'{tensor}'"):
+        SparseAutoencoderDictionary.load(path)
