@@ -777,6 +777,34 @@ def staged(path, kind, *, overwrite=False, inputs=(), hint="overwrite=True"):
 # --------------------------------------------------------------------------
 
 
+def json_value(value, where):
+    """``value`` with numpy numbers and arrays as JSON's, or ValueError naming ``where``.
+
+    For objects a user may set by hand (``provenance_``): ``json.dump``
+    fails on ``np.int64(3)`` with "Object of type int64 is not JSON
+    serializable", naming neither the object nor the field.
+    """
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where} has the key {key!r}; JSON keys are strings")
+            out[key] = json_value(item, f"{where}[{key!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [json_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value!r}, which JSON cannot hold; use None")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"{where} is a {type(value).__name__} ({value!r:.60}), which JSON "
+                     "cannot hold; use a number, a string, a list or a dict")
+
+
 def _canonical(config):
     body = {k: v for k, v in config.items() if k != INTEGRITY_KEY}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)

@@ -1871,7 +1871,7 @@ class SparseAutoencoderDictionary(
         if hasattr(self, "feature_names_in_"):
             attributes["feature_names_in_"] = [str(n) for n in self.feature_names_in_]
         if hasattr(self, "provenance_"):
-            attributes["provenance_"] = self.provenance_
+            attributes["provenance_"] = _persist.json_value(self.provenance_, "provenance_")
         # set_output's choice, which a pickle keeps too.
         output = getattr(self, "_sklearn_output_config", {}).get("transform")
         if output is not None:
@@ -2170,8 +2170,11 @@ class SparseAutoencoderDictionary(
             )
         if not is_writer(self._distributed()):
             return Path(path)
+        provenance = getattr(self, "provenance_", None)
+        if provenance is not None:
+            provenance = _persist.json_value(provenance, "provenance_")
         return write_saelens(path, self.activation, self.k, self._fitted_tensors(),
-                             getattr(self, "provenance_", None),
+                             provenance,
                              frequencies=self.feature_frequencies_, overwrite=overwrite)
 
     @classmethod

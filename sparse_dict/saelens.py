@@ -316,6 +316,12 @@ def _read_frequencies(path, d_sae):
     return frequencies
 
 
+# provenance["folded"]'s record of a scaling that stays in the weights: such
+# a dictionary expects inputs scaled as in its training, and writing it back
+# says so again (written as "none", the scaling would have been lost).
+_NOT_FOLDED = "normalize_activations: no scaling factor known, not folded"
+
+
 def read_saelens(path, *, norm_scaling_factor=None):
     """Read a SAELens folder as this package's fitted tensors, folded exactly.
 
@@ -377,7 +383,7 @@ def read_saelens(path, *, norm_scaling_factor=None):
                 "line 'convert --norm-scaling-factor'); like SAELens' "
                 "load_from_disk, the SAE is used as is, so inputs must be scaled as in its "
                 "training.", UserWarning)
-            folded.append("normalize_activations: no scaling factor known, not folded")
+            folded.append(_NOT_FOLDED)
         else:
             W_enc, W_dec, b_dec = W_enc * factor, W_dec / factor, b_dec / factor
             folded.append(f"normalize_activations: scaling factor {factor!r} folded")
@@ -609,7 +615,10 @@ def write_saelens(path, activation, k, tensors, provenance=None, *, frequencies=
     sparsity = _sparsity_bytes(frequencies, d_sae)
     config = {
         "d_in": int(d_in), "d_sae": int(d_sae), "dtype": dtype, "device": "cpu",
-        "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": ("expected_average_only_in"
+                                  if _NOT_FOLDED in (provenance.get("folded") or ())
+                                  else "none"),
         "reshape_activations": provenance.get("reshape_activations", "none"),
         "metadata": metadata, **fields, "architecture": architecture,
     }

@@ -146,6 +146,31 @@ def test_expected_average_only_in_without_a_factor_warns_and_is_used_as_is(tmp_p
         est = SparseAutoencoderDictionary.from_saelens(folder)
     np.testing.assert_allclose(est.transform(x), _saelens_reference(
         {"architecture": "standard"}, w, x)[2], atol=1e-5)
+    # Written back, the folder still says its inputs are scaled (it said
+    # "none", as if raw activations were what its weights expect).
+    written = json.loads((est.to_saelens(tmp_path / "back") / "cfg.json").read_text())
+    assert written["normalize_activations"] == "expected_average_only_in"
+    factor = SparseAutoencoderDictionary.from_saelens(folder, norm_scaling_factor=2.0)
+    written = json.loads((factor.to_saelens(tmp_path / "folded") / "cfg.json").read_text())
+    assert written["normalize_activations"] == "none"
+
+
+def test_a_provenance_set_by_hand_is_saved_with_numpy_numbers_or_named(tmp_path):
+    # np.int64 failed save and to_saelens with "Object of type int64 is not
+    # JSON serializable", naming no field.
+    est = SparseAutoencoderDictionary.from_saelens(_write(tmp_path / "sae", "standard",
+                                                          _weights("standard")))
+    est.provenance_ = {"metadata": {"hook_layer": np.int64(3), "model_name": "gpt2",
+                                    "scales": np.array([1.0, 2.0])}}
+    loaded = SparseAutoencoderDictionary.load(est.save(tmp_path / "d"))
+    assert loaded.provenance_["metadata"]["hook_layer"] == 3
+    back = SparseAutoencoderDictionary.from_saelens(est.to_saelens(tmp_path / "s"))
+    assert back.provenance_["metadata"]["hook_layer"] == 3
+    est.provenance_ = {"metadata": {"hook_layer": np.nan}}
+    for write in (est.save, est.to_saelens):
+        with pytest.raises(ValueError, match=r"provenance_\['metadata'\]\['hook_layer'\]"):
+            write(tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
 
 
 def test_cli_convert_takes_the_scaling_factor_and_an_omp_dictionary(tmp_path, capsys):
