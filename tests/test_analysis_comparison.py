@@ -1,5 +1,7 @@
 """Comparisons between dictionaries: matching, similarity and feature splitting."""
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -194,6 +196,22 @@ def test_feature_splitting_on_fitted_saes(fitted_sae):
     table = feature_splitting(sae, sae, threshold=0.99, X=X, min_children=1)
     np.testing.assert_array_equal(table["parent"], table["child"])
     np.testing.assert_allclose(table["co_firing"], 1.0)
+
+
+def test_feature_splitting_checks_a_data_frame_s_columns(fitted_sae):
+    # X was made a bare array: the right frame drew "X does not have valid
+    # feature names", and one of reordered columns was taken silently.
+    pd = pytest.importorskip("pandas")
+    _, X = fitted_sae
+    frame = pd.DataFrame(X, columns=[f"n{i}" for i in range(X.shape[1])])
+    sae = SparseAutoencoderDictionary(32, activation="topk", k=4, max_steps=60,
+                                      batch_size=256, random_state=0).fit(frame)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = feature_splitting(sae, sae, threshold=0.99, X=frame, min_children=1)
+    np.testing.assert_allclose(table["co_firing"], 1.0)
+    with pytest.raises(ValueError, match="feature names"):
+        feature_splitting(sae, sae, threshold=0.99, X=frame[frame.columns[::-1]])
 
 
 # --------------------------------------------------------------------- errors

@@ -224,7 +224,9 @@ def _check_can_code(dictionary, name):
 def _check_activations(X, n_features):
     if sp.issparse(X):
         raise TypeError("X must be a dense array of activations, got a sparse matrix.")
-    if not hasattr(X, "shape") or not hasattr(X, "dtype"):
+    # A DataFrame stays one: transform checks its column names against the
+    # fit's (as a bare array, reordered columns were taken silently).
+    if not hasattr(X, "shape") or not hasattr(X, "ndim"):
         X = np.asarray(X)
     if X.ndim != 2:
         raise ValueError(
@@ -252,7 +254,8 @@ def _co_firing_counts(small, large, X):
     """Tokens on which each pair fires together, and each atom's firing count."""
     both = None
     for start in range(0, X.shape[0], _BLOCK_ROWS):
-        rows = np.asarray(X[start:start + _BLOCK_ROWS])
+        rows = (X.iloc[start:start + _BLOCK_ROWS] if hasattr(X, "iloc")
+                else np.asarray(X[start:start + _BLOCK_ROWS]))
         fire_s, fire_l = _firing(small.transform(rows)), _firing(large.transform(rows))
         # A product of 0/1 float32 matrices counts exactly up to 2**24 rows,
         # far more than one block; the running total is kept in int64.
