@@ -452,6 +452,30 @@ def test_a_hook_point_that_the_forward_pass_never_reaches_is_named(options, poin
         ext.fit([[1, 2, 3]])
 
 
+def test_the_built_in_model_is_written_whole_and_never_over_a_user_s_files(tmp_path):
+    # save_builtin_model wrote its three files into any existing folder: a
+    # saved dictionary's config.json was replaced, and that folder no longer
+    # loaded.
+    from sparse_dict import SparseAutoencoderDictionary
+    from sparse_dict.models.builtin import load_builtin_model, save_builtin_model
+
+    model, tokenizer = load_builtin_model()
+    sae = SparseAutoencoderDictionary(n_components=4, max_steps=2, random_state=0)
+    folder = sae.fit(np.random.RandomState(0).randn(64, 8)).save(tmp_path / "mine")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for overwrite in (False, True):
+        with pytest.raises((FileExistsError, ValueError)):
+            save_builtin_model(model, tokenizer, folder, overwrite=overwrite)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    out = save_builtin_model(model, tokenizer, tmp_path / "new" / "model", report={"steps": 1})
+    assert json.loads((out / "training_report.json").read_text()) == {"steps": 1}
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_builtin_model(model, tokenizer, out)
+    save_builtin_model(model, tokenizer, out, overwrite=True)
+    assert not (out / "training_report.json").exists()
+    assert sorted(p.name for p in tmp_path.joinpath("new").iterdir()) == ["model"]
+
+
 def test_a_folder_in_the_built_in_format_loads_as_a_model(tmp_path):
     # What 'python -m sparse_dict.models.train_builtin --out DIR' writes, and
     # load_builtin_model(path=DIR) reads, is a model folder like any other.

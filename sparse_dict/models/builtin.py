@@ -629,30 +629,66 @@ def is_builtin_folder(path):
         config = json.loads((path / _CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    return _is_builtin_config(config)
+
+
+def _is_builtin_config(config):
     return (isinstance(config, dict) and "model_type" not in config
             and {"d_model", "n_heads", "d_mlp", "n_layers", "vocab_size"} <= set(config))
 
 
-def save_builtin_model(model, tokenizer, path):
+def _builtin_folder_kind():
+    from sparse_dict import _persist
+
+    return _persist.folder_kind(
+        "a built-in model's folder",
+        {_CONFIG_FILE: _persist.json_kind("a built-in model's configuration", _is_builtin_config),
+         _WEIGHTS_FILE: None, _TOKENIZER_FILE: None, REPORT_FILE: None},
+        required=(_CONFIG_FILE,))
+
+
+REPORT_FILE = "training_report.json"
+
+
+def save_builtin_model(model, tokenizer, path, *, overwrite=False, report=None):
     """Write a model and tokenizer in the layout :func:`load_builtin_model` reads.
+
+    The folder is written aside and moved into place whole, as every output
+    of the package: an interrupted write leaves no mix of two models.
 
     Parameters
     ----------
     model : TinyTransformer
     tokenizer : BuiltinTokenizer
     path : str or Path
-        Directory; created if needed.
+        A folder that does not exist yet (its parents are created), or, with
+        ``overwrite``, one this function wrote. Any other is refused: its
+        files are a user's.
+    overwrite : bool, default=False
+    report : dict, optional
+        Written beside the model as ``training_report.json``.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False.
+    ValueError
+        If ``path`` holds anything but a built-in model's files.
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    from sparse_dict import _persist
+
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("unembed.weight", None)
-    save_file(state, str(path / _WEIGHTS_FILE))
-    (path / _CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    tokenizer.save(path / _TOKENIZER_FILE)
+    with _persist.staged(path, _builtin_folder_kind(), overwrite=overwrite) as tmp:
+        save_file(state, str(tmp / _WEIGHTS_FILE))
+        (tmp / _CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        tokenizer.save(tmp / _TOKENIZER_FILE)
+        if report is not None:
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return Path(path)
 
 
 def load_builtin_model(device="cpu", path=None):

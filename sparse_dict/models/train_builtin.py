@@ -32,10 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from sparse_dict._corpus import TEST_WORKS, load_corpus
+from sparse_dict._persist import check_target
 from sparse_dict.models.builtin import (
     BuiltinTokenizer,
     TinyTransformer,
     TinyTransformerConfig,
+    _builtin_folder_kind,
     save_builtin_model,
 )
 
@@ -43,6 +45,8 @@ from sparse_dict.models.builtin import (
 def _parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="sparse_dict/models/builtin", help="output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds a built-in model (the shipped one, by default)")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--n-heads", type=int, default=4)
@@ -153,6 +157,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     out = Path(args.out)
+    # Refused before an hour of training, not after it.
+    check_target(out, _builtin_folder_kind(), overwrite=args.overwrite, hint="--overwrite")
     t_start = time.time()
 
     train_texts = load_corpus("train")
@@ -224,7 +230,6 @@ def main(argv=None):
     model.eval()
     metrics = evaluate(model, tokenizer, test_texts)
     print(json.dumps(metrics, indent=2), flush=True)
-    save_builtin_model(model, tokenizer, out)
 
     report = {
         **metrics,
@@ -265,7 +270,7 @@ def main(argv=None):
             ]
         ),
     }
-    (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_builtin_model(model, tokenizer, out, overwrite=args.overwrite, report=report)
     print(f"wrote {out}", flush=True)
     return report
 
