@@ -53,9 +53,17 @@ def _nonnegative_omp(X, dictionary, gram, n_nonzero_coefs):
     projections = X @ D.T
     codes = np.zeros((X.shape[0], D.shape[0]), dtype=np.float64)
     for i, x in enumerate(X):
+        # Each row is solved at a largest value of 1 and its codes scaled
+        # back (non-negative least squares is positively homogeneous): squares
+        # of rows of 1e155 and above overflow float64.
+        size = float(np.max(np.abs(x))) if x.size else 0.0
+        if size == 0.0:
+            continue
+        x = x / size
         negligible = precision * (x @ x)
         support, coef = [], np.zeros(0)
-        correlations = projections[i].copy()
+        projection = projections[i] / size
+        correlations = projection.copy()
         for _ in range(n_nonzero_coefs):
             correlations[support] = -np.inf
             best = int(np.argmax(correlations))
@@ -65,8 +73,8 @@ def _nonnegative_omp(X, dictionary, gram, n_nonzero_coefs):
             coef, residual_norm = nnls(D[support].T, x)
             if residual_norm**2 <= negligible:
                 break
-            correlations = projections[i] - gram[:, support] @ coef
-        codes[i, support] = coef
+            correlations = projection - gram[:, support] @ coef
+        codes[i, support] = coef * size
     return codes
 
 

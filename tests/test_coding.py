@@ -94,6 +94,17 @@ def test_omp_exact_codes_on_noise_free_data(superposition):
     np.testing.assert_allclose(codes32, true_codes, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1e-150, 1e160, 1e300])
+def test_omp_codes_scale_with_the_rows(superposition, scale):
+    # Rows of 1e155 and above failed with "OverflowError: (34, 'Numerical
+    # result out of range')", the residual's norm squared as a Python float.
+    X, true_atoms, _ = superposition
+    coder = LassoCoder(true_atoms, algorithm="omp", n_nonzero_coefs=10).fit(X)
+    rows = np.vstack([X[:20], np.zeros(X.shape[1])])
+    np.testing.assert_allclose(coder.transform(rows * scale) / scale, coder.transform(rows),
+                               rtol=1e-9, atol=1e-12)
+
+
 def test_threshold_is_relu_of_projection(superposition):
     X, true_atoms, _ = superposition
     codes = LassoCoder(true_atoms, algorithm="threshold", alpha=0.3).fit_transform(X)
