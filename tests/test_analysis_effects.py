@@ -441,6 +441,21 @@ def test_feature_out_of_range(ext, sae):
         logit_effects(ext, sae, features=[1, [2]])
 
 
+def test_features_given_as_tensors_or_arrays():
+    # A 0-d tensor failed with "iteration over a 0-d tensor"; a tensor's
+    # items are tensors, which were refused as not ints.
+    from sparse_dict.analysis._effects import check_features
+
+    for given in (torch.tensor(3), np.int64(3), np.array(3)):
+        np.testing.assert_array_equal(check_features(given, 8), [3])
+    for given in (torch.tensor([1, 5]), np.array([1, 5]), (1, 5)):
+        np.testing.assert_array_equal(check_features(given, 8), [1, 5])
+    with pytest.raises(TypeError, match=r"got tensor\(\[1\.5000\]\)"):
+        check_features(torch.tensor([1.5]), 8)
+    with pytest.raises(ValueError, match="feature 9 out of range"):
+        check_features(torch.tensor(9), 8)
+
+
 def _fitted_at(hook, texts):
     e = TransformerActivationExtractor("builtin", hook=hook, device="cpu", max_length=32)
     e.fit(texts)

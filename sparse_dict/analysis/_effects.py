@@ -343,19 +343,24 @@ def check_features(features, n_components, name="features"):
     """``features`` as an int64 array of valid indices, or a clear error."""
     if features is None:
         return np.arange(n_components, dtype=np.int64)
-    scalar = isinstance(features, Integral) or (
-        isinstance(features, np.ndarray) and features.ndim == 0)
+    given = features
+    # numpy's and torch's arrays and scalars as Python's ints and lists (a
+    # 0-d tensor failed with "iteration over a 0-d tensor"; a tensor's items
+    # are tensors, not ints).
+    if hasattr(features, "tolist") and not isinstance(features, (list, tuple)):
+        features = features.tolist()
+    scalar = isinstance(features, Integral)
     # Element by element: numpy's own conversion of [1, [2]] or of 10**20
     # raised its errors of shapes and of overflow, naming no argument.
     if scalar:
-        items = [features.item() if isinstance(features, np.ndarray) else features]
+        items = [features]
     elif isinstance(features, (str, bytes)) or not hasattr(features, "__iter__"):
         items = None
     else:
         items = list(features)
     if items is None or not all(isinstance(v, Integral) and not isinstance(v, bool)
                                 for v in items):
-        raise TypeError(f"{name} must be an int or a sequence of ints, got {features!r}.")
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {given!r}.")
     bad = [int(v) for v in items if not 0 <= v < n_components]
     if bad:
         what = "feature" if scalar or len(bad) == 1 else "features"
