@@ -421,6 +421,71 @@ def test_training_after_load_keeps_the_record(tmp_path):
     assert loaded.n_resampled_ == sae.n_resampled_
 
 
+def test_sparse_entries_stored_twice_are_checked_as_summed(fitted, X):
+    # CSR may store an entry twice; rows are their sums. The checks read the
+    # stored values: two of 2e38 passed, and fit then "diverged at step 0"
+    # while transform returned non-finite codes.
+    import scipy.sparse as sp
+
+    dense = np.asarray(X[:50], dtype=np.float32)
+    plain = sp.csr_matrix(dense)
+    start = plain.indptr[0]
+    data = np.r_[np.float32(2e38), np.float32(2e38), plain.data[start + 1:]].astype(np.float32)
+    indices = np.r_[plain.indices[start], plain.indices[start:]]
+    twice = sp.csr_matrix((data, indices, np.r_[0, plain.indptr[1:] + 1]), shape=dense.shape)
+    assert not np.isfinite(twice[0].toarray()).all()
+    for call in (small_sae().fit, fitted.transform):
+        with pytest.raises(ValueError, match="infinity"):
+            call(twice)
+    # Finite duplicates are summed as the rows have them, the user's matrix untouched.
+    halves = sp.csr_matrix((np.r_[plain.data[start] / 2, plain.data[start] / 2,
+                                  plain.data[start + 1:]].astype(np.float32), indices,
+                            np.r_[0, plain.indptr[1:] + 1]), shape=dense.shape)
+    np.testing.assert_allclose(fitted.transform(halves), fitted.transform(dense), rtol=1e-5,
+                               atol=1e-6)
+    assert not halves.has_canonical_format
+
+
+def test_torch_tensors_are_read_as_arrays(fitted, X):
+    # bfloat16 failed in scikit-learn's conversion ("Got unsupported
+    # ScalarType BFloat16"); float32 gave float64 codes.
+    import torch
+
+    rows = np.asarray(X[:40], dtype=np.float32)
+    codes = fitted.transform(torch.from_numpy(rows))
+    assert codes.dtype == np.float32
+    np.testing.assert_array_equal(codes, fitted.transform(rows))
+    half = torch.from_numpy(rows).bfloat16()
+    np.testing.assert_array_equal(fitted.transform(half), fitted.transform(half.float().numpy()))
+    small_sae().fit(half)
+
+
+def test_a_tail_of_outsized_rows_that_hides_a_poor_fit_warns():
+    # 1% of the rows, isotropic at 10 times the others' norm, hold half the
+    # variance: the fit explained 0.57 of all rows, 0.16 of the others (0.55
+    # without those rows), and said nothing.
+    rng = np.random.RandomState(0)
+    X, _, _ = make_superposition(n_samples=4000, n_features=32, n_components=128, n_active=4,
+                                 random_state=0)
+    norm = np.median(np.linalg.norm(X - X.mean(0), axis=1))
+    noisy = X.copy()
+    rows = rng.choice(len(X), 40, replace=False)
+    noise = rng.standard_normal((40, 32))
+    noisy[rows] = 10 * norm * noise / np.linalg.norm(noise, axis=1, keepdims=True)
+    params = dict(n_components=128, random_state=0, max_steps=1500, device="cpu")
+    with pytest.warns(UserWarning, match=r"The 40 rows of the sample farthest from the mean "
+                                         r"\(1%\) hold \d+% of its variance") as record:
+        SparseAutoencoderDictionary(**params).fit(noisy)
+    message = next(str(w.message) for w in record if "farthest" in str(w.message))
+    explained, rest = map(float, re.findall(r"explains (\S+) of the variance of all rows but "
+                                            r"(\S+) of", message)[0])
+    assert rest < explained - 0.2
+    with warnings.catch_warnings(record=True) as clean:
+        warnings.simplefilter("always")
+        SparseAutoencoderDictionary(**params).fit(X)
+    assert not [w for w in clean if "farthest" in str(w.message)]
+
+
 def test_set_output_pandas(fitted, X):
     pd = pytest.importorskip("pandas")
     sae = clone(fitted).set_output(transform="pandas").fit(X)

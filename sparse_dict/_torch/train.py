@@ -421,6 +421,43 @@ _DISTINCT_PROBE_ROWS = 1024
 _REPEATED_SHARE = 0.9
 
 
+# The rows farthest from the mean that Tail describes, and the fewest rows
+# of a sample for which it does.
+_TAIL_SHARE = 0.01
+_TAIL_MIN_ROWS = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class Tail:
+    """How a fit fares on the rows farthest from the mean, and on the others.
+
+    ``share``: the part of the rows' variance that the farthest
+    ``_TAIL_SHARE`` of them hold; ``explained``: the explained variance of
+    every row; ``explained_rest``: that of the other rows.
+    """
+
+    n_rows: int
+    share: float
+    explained: float
+    explained_rest: float
+
+    @classmethod
+    def of(cls, errors, spreads):
+        """From each row's squared error and squared distance from the mean (None if too few)."""
+        n = len(spreads)
+        if n < _TAIL_MIN_ROWS or not spreads.sum() > 0:
+            return None
+        k = max(1, int(n * _TAIL_SHARE))
+        order = np.argsort(spreads)
+        rest, tail = order[: n - k], order[n - k:]
+        rest_spread = float(spreads[rest].sum())
+        if not rest_spread > 0:
+            return None
+        return cls(k, float(spreads[tail].sum() / spreads.sum()),
+                   1.0 - float(errors.sum() / spreads.sum()),
+                   1.0 - float(errors[rest].sum()) / rest_spread)
+
+
 def _distinct_rows(sample, n_samples):
     """An estimate of how many distinct rows X has, or None when the sample shows no repeats.
 
@@ -725,24 +762,35 @@ class Trainer:
         sample; 1 without shrinkage, above 1 when a penalty shrinks the
         codes.
 
+        With ``tail``, also the figures of the rows farthest from the mean
+        (:class:`Tail`): where the share of ``X`` those hold is large, the
+        error over all rows hides how the others fare.
+
         Returns
         -------
         l0, error, shrinkage : float
+        tail : Tail or None
+            None for a sample of fewer than ``_TAIL_MIN_ROWS`` rows.
         """
         if not sample.shape[0]:
-            return float("nan"), float("nan"), float("nan")
+            return float("nan"), float("nan"), float("nan"), None
         # Summed on the device, read once: one synchronisation, not several a chunk.
-        sums = torch.zeros(4, dtype=torch.float64, device=sample.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=sample.device)
         b_dec = self.model.b_dec.detach()
+        mean = sample.double().mean(dim=0)
+        errors, spreads = [], []
         for chunk in sample.split(4096):
             recon, codes = self.model(chunk)
             centred, made = (chunk - b_dec).double(), (recon - b_dec).double()
-            sums += torch.stack([(codes > 0).sum().double(),
-                                 (chunk - recon).double().pow(2).sum(),
-                                 (centred * made).sum(), made.pow(2).sum()])
-        active, error, inner, made = sums.tolist()
+            errors.append((chunk - recon).double().pow(2).sum(dim=1))
+            spreads.append((chunk.double() - mean).pow(2).sum(dim=1))
+            sums += torch.stack([(codes > 0).sum().double(), (centred * made).sum(),
+                                 made.pow(2).sum()])
+        errors, spreads = torch.cat(errors).cpu().numpy(), torch.cat(spreads).cpu().numpy()
+        active, inner, made = sums.tolist()
         n = sample.shape[0]
-        return active / n, error / n, inner / made if made > 0 else float("nan")
+        return (active / n, float(errors.sum()) / n, inner / made if made > 0 else float("nan"),
+                Tail.of(errors, spreads))
 
     @classmethod
     def from_parameters(cls, params, scale, device, seed, activation=None):
