@@ -677,16 +677,28 @@ def _write_report(out, dictionary, codes, tokens, index, *, k, context, title, o
     ``logit_effects`` (a :class:`~sparse_dict.analysis.LogitEffects`) adds
     each feature's promoted and suppressed tokens to its section.
     """
+    import contextlib
+
+    from sparse_dict import _persist
     from sparse_dict.browser import (
+        browser_page,
         plot_feature_density,
+        save_png,
         top_activating_examples,
-        write_feature_browser,
     )
 
     frequencies = (np.asarray(codes) > 0).mean(axis=0)
     examples = top_activating_examples(codes, tokens, index, k=k, context=context)
-    html_path = write_feature_browser(out / "features.html", frequencies, examples, title=title,
-                                      overwrite=overwrite, logit_effects=logit_effects)
-    plot_feature_density(frequencies, out / "density.png", overwrite=overwrite,
-                         title=density_title)
-    return Path(html_path), out / "density.png"
+    # Both made before either is written, and both staged, then moved into
+    # place together: the page used to land seconds before the plot (the
+    # plotting library's import), so an interrupted or failed report left a
+    # page beside no plot, or beside the previous run's.
+    page = browser_page(frequencies, examples, title=title, logit_effects=logit_effects)
+    figure = plot_feature_density(frequencies, title=density_title)
+    html_path, png_path = out / "features.html", out / "density.png"
+    with contextlib.ExitStack() as stack:
+        html = stack.enter_context(_persist.staged(html_path, _persist.HTML, overwrite=overwrite))
+        png = stack.enter_context(_persist.staged(png_path, _persist.PNG, overwrite=overwrite))
+        html.write_bytes(page)
+        save_png(figure, png)
+    return html_path, png_path

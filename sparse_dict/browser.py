@@ -514,6 +514,16 @@ def write_feature_browser(
     >>> "<!DOCTYPE html>" in open(out, encoding="utf-8").read(100)
     True
     """
+    content = browser_page(frequencies, examples, title=title, max_features=max_features,
+                           logit_effects=logit_effects)
+    with _persist.staged(path, _persist.HTML, overwrite=overwrite) as tmp:
+        tmp.write_bytes(content)
+    return os.fspath(path)
+
+
+def browser_page(frequencies, examples=None, *, title="Feature browser", max_features=None,
+                 logit_effects=None):
+    """The page :func:`write_feature_browser` writes, as UTF-8 bytes."""
     frequencies = _check_frequencies(frequencies)
     if examples is not None and examples.n_features != frequencies.shape[0]:
         raise ValueError(
@@ -533,9 +543,7 @@ def write_feature_browser(
         # can cut one) has no UTF-8 form; JSON escapes (\uD800) carry it to the
         # page's script as it is.
         content = _page(title, payload, ascii_only=True).encode("utf-8")
-    with _persist.staged(path, _persist.HTML, overwrite=overwrite) as tmp:
-        tmp.write_bytes(content)
-    return os.fspath(path)
+    return content
 
 
 def plot_feature_density(frequencies, path=None, *, bins=50, title=None, overwrite=False):
@@ -600,9 +608,16 @@ def plot_feature_density(frequencies, path=None, *, bins=50, title=None, overwri
     ax.set_title(title, fontsize=10)
     if path is not None:
         with _persist.staged(path, _persist.PNG, overwrite=overwrite) as tmp:
-            # Marked as the package's, so that overwrite may replace it later.
-            fig.savefig(tmp, format="png", dpi=110, metadata=_persist.png_metadata())
+            save_png(fig, tmp)
     return fig
+
+
+def save_png(fig, file):
+    """Save ``fig`` as the package's plots are: PNG, marked as written by it.
+
+    The mark lets ``overwrite`` replace the plot later, and no PNG of anyone else.
+    """
+    fig.savefig(file, format="png", dpi=110, metadata=_persist.png_metadata())
 
 
 _PAGE = """<!DOCTYPE html>

@@ -373,6 +373,29 @@ def test_report_writes_browser_and_plot(fitted, tmp_path, capsys):
     assert (tmp_path / "report" / "density.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_report_that_fails_leaves_the_previous_one_whole(fitted, tmp_path, capsys,
+                                                          monkeypatch):
+    # The page was moved into place before the plot was drawn: a report that
+    # failed on its plot (a full disk) left the new page beside the old plot.
+    import errno
+
+    from matplotlib.figure import Figure
+
+    argv = ["report", fitted / "dict", _texts(tmp_path), "-o", tmp_path / "report", "--top-k",
+            "3", "--device", "cpu", "-q"]
+    status, _, err = run(argv, capsys)
+    assert status == 0, err
+    before = {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()}
+
+    def full(fig, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    status, _, err = run(argv + ["--overwrite", "--title", "NEW RUN"], capsys)
+    assert status == 2 and "No space left" in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()} == before
+
+
 def _texts(folder):
     path = Path(folder) / "report_texts.txt"
     path.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
