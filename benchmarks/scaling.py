@@ -4,6 +4,9 @@
    ``n_components`` (fixed data) for the SAE (a fixed number of epochs) and
    MiniBatchDictionaryLearning (one pass), on ``make_superposition`` data.
    The slope of log(time) against log(size) is reported: 1 means linear.
+   MiniBatchDictionaryLearning runs over a shorter range of sizes (its
+   LARS coding is slow), so the SAE's slope over that same range is
+   reported too: the two slopes side by side are those of equal ranges.
 2. Peak memory while fitting the SAE (one epoch) from ``np.memmap`` files of
    growing size. Each fit runs in its own subprocess, which samples its
    ``RssAnon`` (anonymous resident memory, from ``/proc/self/status``) in a
@@ -83,6 +86,13 @@ def _slope(sizes, seconds):
     return float(np.polyfit(np.log(sizes), np.log(seconds), 1)[0])
 
 
+def _range_slope(sizes, seconds, other_sizes):
+    """The slope over the sizes within the range of ``other_sizes`` (MBDL's)."""
+    lo, hi = min(other_sizes), max(other_sizes)
+    kept = [(n, t) for n, t in zip(sizes, seconds) if lo <= n <= hi]
+    return _slope([n for n, _ in kept], [t for _, t in kept])
+
+
 def time_scaling(s, device):
     """Fit times against n_samples and n_components."""
     d = s["n_features"]
@@ -101,6 +111,8 @@ def time_scaling(s, device):
         vs_samples["mbdl_s"].append(_fit_mbdl(X[:n], s["n_components"]))
     vs_samples["sae_slope"] = _slope(s["samples"], vs_samples["sae_s"])
     vs_samples["mbdl_slope"] = _slope(s["mbdl_samples"], vs_samples["mbdl_s"])
+    vs_samples["sae_slope_mbdl_range"] = _range_slope(s["samples"], vs_samples["sae_s"],
+                                                      s["mbdl_samples"])
 
     vs_comp = {"n_components": s["components"], "sae_s": [],
                "mbdl_n_components": s["mbdl_components"], "mbdl_s": []}
@@ -110,6 +122,8 @@ def time_scaling(s, device):
         vs_comp["mbdl_s"].append(_fit_mbdl(X[: s["mbdl_fixed_samples"]], n))
     vs_comp["sae_slope"] = _slope(s["components"], vs_comp["sae_s"])
     vs_comp["mbdl_slope"] = _slope(s["mbdl_components"], vs_comp["mbdl_s"])
+    vs_comp["sae_slope_mbdl_range"] = _range_slope(s["components"], vs_comp["sae_s"],
+                                                   s["mbdl_components"])
     return {
         "n_features": d,
         "vs_n_samples": dict(vs_samples, n_components=s["n_components"]),

@@ -63,6 +63,10 @@ def test_universality_and_splitting_are_recorded(run):
         assert -1 <= u[key]["hungarian"] <= 1 and -1 <= u[key]["max"] <= 1, key
     # The neuron basis has 512 atoms; the tiny SAE fewer, all of them matched.
     assert u["neurons"]["n_pairs"] == u["n_components"]
+    # Every comparison's best pairs: as many as the neuron basis can pair.
+    for key in ("two_seeds", "random", "neurons", "random_vs_neurons"):
+        assert u[key]["n_best"] == u["n_best_pairs"] == min(u["n_components"], 512)
+        assert u[key]["hungarian_best"] >= u[key]["hungarian"] - 1e-12
     sp = section["splitting"]
     assert [b["large"] for b in sp["by_size"]] == [
         p["n_components"] for p in section["size_curve"] if p["n_components"] > sp["small"]]
