@@ -352,7 +352,7 @@ _SHRINKAGE_WARN_UNCONVERGED = 1.6
 
 # A tail of rows far from the mean that holds this share of the variance or
 # more, and a fit this much worse on the other rows than on all of them,
-# are worth a warning (see _tail_dominates). Measured on 17 data sets, each
+# are worth a warning (see _tail_dominates). Measured on 18 data sets, each
 # fitted with ReLU and TopK: 1% of rows at 10 times the others' norm took
 # ReLU's held-out EV on the others from 0.55 to 0.15 (share 0.49, gap 0.41;
 # TopK's gap 0.10), heavy-tailed rows gave ReLU gaps of 0.16 and 0.23 where
