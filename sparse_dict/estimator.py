@@ -2006,6 +2006,10 @@ class SparseAutoencoderDictionary(
                 f"{path} was written by a newer sparse_dict (format {version}); "
                 "upgrade sparse_dict to load it."
             )
+        unknown = set(config) - {"format", "format_version", "sparse_dict_version", "params",
+                                 "attributes", _persist.INTEGRITY_KEY}
+        if unknown:
+            raise ValueError(f"{file}: unexpected field {sorted(unknown)[0]!r}")
         raw = _persist.config_field(config, "attributes", file)
         attrs = {
             key: spec.check(_persist.config_field(raw, key, file, f"attributes.{key}", object),

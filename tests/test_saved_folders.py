@@ -152,6 +152,7 @@ DAMAGES = [
         p, _set(["attributes", "dtype"], "float64")), "dtype float32"),
     ("unknown parameter", lambda p: _edit_config(p, _set(["params", "colour"], 1)),
      "params.colour"),
+    ("unknown top-level field", lambda p: _edit_config(p, _set(["colour"], 1)), "'colour'"),
     ("bad parameter", lambda p: _edit_config(p, _set(["params", "l1_coef"], -3)), "l1_coef"),
     ("boolean n_components", lambda p: _edit_config(p, _set(["params", "n_components"], True)),
      "n_components"),
