@@ -440,6 +440,31 @@ def _check_nproc(nproc, device):
                          f"{torch.cuda.device_count()} GPUs; each process trains on one.")
 
 
+def _stops_with(parent):
+    """A ``preexec_fn`` by which a child is sent SIGTERM when ``parent`` dies (Linux).
+
+    The launcher stops its ranks when it is interrupted or terminated, but
+    not when it is killed (SIGKILL, the out-of-memory killer): the ranks
+    trained on and rank 0 wrote the output after the command had ended.
+    The kernel's parent-death signal covers that too. Elsewhere, None.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def stop_with_parent():
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # it died before the signal was set
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return stop_with_parent
+
+
 def _launch_ranks(argv, nproc):
     """Run this command again in ``nproc`` processes on this machine, data-parallel.
 
@@ -460,7 +485,8 @@ def _launch_ranks(argv, nproc):
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # The last --nproc on a command line wins: each process runs alone.
     command = [sys.executable, "-m", "sparse_dict", *argv, "--nproc", "1"]
-    procs = [subprocess.Popen(command, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))
+    procs = [subprocess.Popen(command, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                              preexec_fn=_stops_with(os.getpid()))
              for rank in range(nproc)]
     first_failure = None
     try:

@@ -219,3 +219,40 @@ def test_only_rank_zero_writes(tmp_path, monkeypatch):
     sae.set_params(distributed=False)
     sae.save(tmp_path / "d")
     assert (tmp_path / "d" / "config.json").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_ranks_stop_when_their_launcher_is_killed(tmp_path):
+    # SIGKILL (the out-of-memory killer) gives the launcher no chance to stop
+    # its ranks: they trained on, and rank 0 wrote the output after the
+    # command had ended. A child started as the launcher starts its ranks
+    # now dies with it.
+    import signal
+    import time
+
+    script = tmp_path / "launcher.py"
+    script.write_text(
+        "import os, subprocess, sys, time\n"
+        "from sparse_dict._cli_common import _stops_with\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "                         preexec_fn=_stops_with(os.getpid()))\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n")
+    launcher = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    child = int(launcher.stdout.readline())
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as stat:  # a zombie of init's is gone too
+            if stat.read().split(")")[-1].split()[0] == "Z":
+                break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child outlived its killed launcher")
