@@ -42,6 +42,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,6 +76,9 @@ _HEAD_BYTES = 4096
 # Replacing an output that other processes replace at the same moment can
 # find the target moved; each try either succeeds or finds it changed.
 _REPLACE_TRIES = 20
+# For how long a target that reads as not replaceable is looked at again
+# (see _commit): a folder another writer is swapping can read so for a moment.
+_RECHECK_S = 1.0
 # The HTML pages written by sparse_dict say so; this is how --overwrite
 # tells them from a user's own page.
 HTML_GENERATOR = "sparse_dict feature browser"
@@ -387,6 +391,24 @@ def _check_replaceable(path, kind):
         )
 
 
+def _check_replaceable_settled(path, kind):
+    """:func:`_check_replaceable`, looked at again for up to ``_RECHECK_S`` before refusing.
+
+    A folder that other writers are replacing at this moment can read as
+    another kind half-way (in 1 of 240 saves by four processes at once, one
+    was refused as "not a saved dictionary"). A user's own folder stays
+    what it is, and is refused once that time is up.
+    """
+    deadline = time.monotonic() + _RECHECK_S
+    while True:
+        try:
+            return _check_replaceable(path, kind)
+        except FileExistsError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
 def _check_movable_onto(path):
     """Raise ValueError where a finished output could not be moved onto the empty folder ``path``.
 
@@ -458,8 +480,9 @@ def check_target(path, kind, *, overwrite=False, inputs=(), hint="overwrite=True
         _check_movable_onto(path)
         return path  # an empty folder holds nothing to lose
     # What may never be replaced is said first: advising overwrite there
-    # would only lead to this refusal.
-    _check_replaceable(path, kind)
+    # would only lead to this refusal. (Looked at again only with overwrite:
+    # a folder other writers are swapping matters to those that replace it.)
+    (_check_replaceable_settled if overwrite else _check_replaceable)(path, kind)
     if not overwrite:
         raise FileExistsError(f"{path} already exists; pass {hint} to replace it")
     return path
@@ -725,7 +748,7 @@ def _commit(tmp, path, kind, overwrite, hint):
                     f"{path} already exists (it appeared while this output was being "
                     f"written); pass {hint} to replace it"
                 ) from None
-        _check_replaceable(path, kind)
+        _check_replaceable_settled(path, kind)
         try:
             if _replace(tmp, path, kind):
                 return
