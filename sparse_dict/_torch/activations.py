@@ -633,14 +633,15 @@ class JumpReLU(Activation):
         return {"threshold": model.log_threshold.detach().exp().float()}
 
     def load_state_(self, model, state):
-        # Thresholds at or near 0 (a SAELens file's, or a BatchTopK's written
-        # as JumpReLU) are raised to half the bandwidth: log(1e-12) is -27.6,
-        # and Adam moves log(theta) by about the learning rate a step, so such
-        # a feature would train thousands of steps with no L0 pressure. Codes
+        # Thresholds of 0 (a SAELens file's, or a BatchTopK's written as
+        # JumpReLU) start at half the bandwidth: log(1e-12) is -27.6, and Adam
+        # moves log(theta) by about the learning rate a step, so such a
+        # feature would train thousands of steps with no L0 pressure. Codes
         # below half the bandwidth (scaled units, where active codes are of
-        # order one) are all this cuts.
-        floor = 0.5 * self.bandwidth
-        theta = torch.as_tensor(state["threshold"], dtype=torch.float32).clamp_min(floor)
+        # order one) are all this cuts. Positive thresholds, which training
+        # gives, are kept as they are.
+        theta = torch.as_tensor(state["threshold"], dtype=torch.float32)
+        theta = torch.where(theta > 0, theta, torch.full_like(theta, 0.5 * self.bandwidth))
         with torch.no_grad():
             model.log_threshold.copy_(theta.log())
 
