@@ -152,7 +152,7 @@ def _score(name, est, X_eval, true_atoms, fit_s, n_rows, encode, decode, repeats
         "n_rows": n_rows,
         "mmcs": mean_max_cosine_similarity(atoms, true_atoms),
         "recovery_0.9": recovery_rate(atoms, true_atoms, threshold=0.9),
-        "cosine": "signed" if signed else "|cosine| (signed codes)",
+        "cosine": "signed" if signed else "absolute cosine (signed codes)",
         "explained_variance": explained_variance(X_eval, decode(codes)),
         "l0": l0(codes),
         "dead_fraction": dead_fraction(codes),
@@ -310,7 +310,7 @@ def run(mode="quick", device="cpu"):
             "sae_steps": sizes["sae_steps"],
             "mbdl": {"alpha": list(MBDL_ALPHAS), "batch_size": 256, "epochs": 1,
                      "fit_algorithm": "lars", "transform_algorithm": "lasso_lars",
-                     "best_of_alphas": "highest MMCS", "cosine": "|cosine| (signed codes)"},
+                     "best_of_alphas": "highest MMCS", "cosine": "absolute cosine (signed codes)"},
             "oracle": {"algorithm": "lasso_lars", "alpha": ORACLE_ALPHA, "positive": True},
             "power_law_decay": POWER_LAW,
         },
@@ -323,7 +323,7 @@ def run(mode="quick", device="cpu"):
             target("recovery_topk_family_vs_mbdl",
                    "lowest, over every case, of best top-k-family SAE MMCS minus "
                    "MiniBatchDictionaryLearning's at its best alpha (of "
-                   f"{', '.join(f'{a:g}' for a in MBDL_ALPHAS)}; scored on |cosine|, its "
+                   f"{', '.join(f'{a:g}' for a in MBDL_ALPHAS)}; scored on the absolute cosine, its "
                    "codes being signed), on the rows MBDL saw",
                    worst_margin["margin_over_mbdl"], 0.0,
                    note=(note + "; " if note else "") + f"worst case: {case_name(worst_margin)}"),

@@ -158,7 +158,7 @@ def _recovery_md(r):
         out.append("MiniBatchDictionaryLearning ran at alpha "
                    + ", ".join(f"{a:g}" for a in mbdl["alpha"])
                    + "; the summary takes its best MMCS (the alpha column says which). Its "
-                   "codes are signed, so its MMCS and recovery rate are on |cosine| (an atom "
+                   "codes are signed, so its MMCS and recovery rate are on the absolute cosine (an atom "
                    "learned as the negative of a true one is an exact solution); the SAEs', "
                    "whose codes are non-negative, are on the signed cosine.\n")
     summary = [[case_name(c), c["best_topk_family"], c["best_topk_family_mmcs"],
@@ -713,7 +713,7 @@ SECTION_NOTES = {
         "top-k and batch top-k, with AuxK), and MiniBatchDictionaryLearning (LARS, one "
         "pass) at each alpha of a small grid, its best MMCS compared (its best setting). "
         "MiniBatchDictionaryLearning's codes are signed, so an atom learned as the negative "
-        "of a true one is an exact solution: its MMCS and recovery rate are on |cosine|, "
+        "of a true one is an exact solution: its MMCS and recovery rate are on the absolute cosine, "
         "the SAEs' (non-negative codes) on the signed cosine. Where "
         "MiniBatchDictionaryLearning sees fewer rows, the best top-k-family "
         "SAE is also fitted on those rows, and the target compares those two. The row 'from "

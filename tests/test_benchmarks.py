@@ -143,13 +143,13 @@ def test_recovery_cases_are_on_equal_footing(sections):
         sae = [m for m in methods if m.get("activation") and "as MBDL" not in m["method"]]
         assert {m["activation"] for m in sae} == ACTIVATIONS
         assert {m["n_rows"] for m in sae} == {case["n_rows"]}
-        # MBDL at each alpha of its grid, scored on |cosine| (signed codes);
+        # MBDL at each alpha of its grid, scored on the absolute cosine (signed codes);
         # the verdict takes its best MMCS.
         from benchmarks.recovery import MBDL_ALPHAS
 
         mbdl_rows = [m for m in methods if "mbdl_alpha" in m]
         assert [m["mbdl_alpha"] for m in mbdl_rows] == list(MBDL_ALPHAS)
-        assert all(m["cosine"].startswith("|cosine|") for m in mbdl_rows)
+        assert all(m["cosine"].startswith("absolute cosine") for m in mbdl_rows)
         mbdl = max(mbdl_rows, key=lambda m: m["mmcs"])
         assert case["mbdl_mmcs"] == mbdl["mmcs"]
         assert case["mbdl_best_alpha"] == mbdl["mbdl_alpha"]
