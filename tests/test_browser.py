@@ -393,16 +393,22 @@ def page(tmp_path_factory):
 
 
 COUNT = "return document.querySelectorAll('#features .feature').length;"
-IDS = ("return Array.from(document.querySelectorAll('#features .feature'))"
-       ".map(function (e) { return Number(e.dataset.feature); });")
+# The start of a script that maps each drawn feature ``f`` to a value.
+EACH_FEATURE = ("return Array.from(document.querySelectorAll('#features .feature'))"
+                ".map(function (f) {")
+IDS = EACH_FEATURE + " return Number(f.dataset.feature); });"
+
+
+def _open(driver, path, n_features):
+    """Load the page at ``path`` and wait until ``n_features`` features are drawn."""
+    driver.s("POST", "/url", {"url": Path(path).as_uri()})
+    driver.browser_log()  # drop anything logged before this page
+    assert _wait_for(driver, COUNT, n_features) == n_features
 
 
 def test_page_in_headless_chromium(driver, page):
-    driver.s("POST", "/url", {"url": page.as_uri()})
-    driver.browser_log()  # drop anything logged before this page
-
     # Loaded and drawn, one page at a time rather than all 3000 at once.
-    assert _wait_for(driver, COUNT, 50) == 50
+    _open(driver, page, 50)
     assert driver.script(IDS)[:3] == [0, 1, 2]
     info = driver.script("return document.getElementById('page-info').textContent;")
     assert "3000 of 3000" in info
@@ -465,11 +471,9 @@ def effects_page(tmp_path_factory):
 
 
 def test_promoted_and_suppressed_tokens_render_escaped(driver, effects_page):
-    driver.s("POST", "/url", {"url": effects_page.as_uri()})
-    driver.browser_log()
-    assert _wait_for(driver, COUNT, 3) == 3
+    _open(driver, effects_page, 3)
     rows = driver.script(
-        "return Array.from(document.querySelectorAll('#features .feature')).map(function (f) {"
+        EACH_FEATURE +
         "  var up = f.querySelector('.effects .promoted'), down = f.querySelector("
         "    '.effects .suppressed');"
         "  return [Number(f.dataset.feature), up ? Array.from(up.querySelectorAll('.effect'))"
@@ -525,11 +529,9 @@ def test_tokens_that_draw_nothing_are_shown_by_their_pictures(driver, tmp_path):
     codes[0, 0], codes[1, 1], codes[2, 2] = 3.0, 2.0, 1.0
     ex = top_activating_examples(codes, tokens, k=1, context=5)
     path = write_feature_browser(tmp_path / "f.html", (codes > 0).mean(axis=0), ex)
-    driver.s("POST", "/url", {"url": Path(path).as_uri()})
-    driver.browser_log()
-    assert _wait_for(driver, COUNT, 3) == 3
+    _open(driver, path, 3)
     shown = driver.script(
-        "return Array.from(document.querySelectorAll('#features .feature')).map(function (f) {"
+        EACH_FEATURE +
         "  return Array.from(f.querySelectorAll('.example .tok')).map(function (t) {"
         "    return [t.textContent, t.classList.contains('max'),"
         "            t.getBoundingClientRect().width > 0, t.getBoundingClientRect().left]; "
