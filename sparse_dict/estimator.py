@@ -230,6 +230,12 @@ def _check_fit_provenance(provenance, X):
     return provenance
 
 
+def _prepared_input(X):
+    """``X`` as ``validate_data`` should see it: not a store, a tensor as an array, duplicates summed."""
+    _check_not_a_store(X)
+    return _summed_duplicates(_tensor_as_array(X))
+
+
 def _tensor_as_array(X):
     """A torch tensor as a numpy array on the host (bfloat16 as float32); anything else as is.
 
@@ -1281,7 +1287,7 @@ class SparseAutoencoderDictionary(
                 # that explained 0.60 of held-out rows instead of 0.96).
                 resample_until=trainer.step + int(0.7 * call_steps),
             )
-            self._train(trainer, X, config, random_state, math.ceil(X.shape[0] / self.batch_size),
+            self._train(trainer, X, config, random_state, call_steps,
                         n_passes=1, replicas=replicas, epoch_offset=self.n_iter_)
             self._finish(trainer, X, config, random_state, assess=False, replicas=replicas,
                          new_rows=not first_call)
@@ -1586,11 +1592,10 @@ class SparseAutoencoderDictionary(
 
     def _validate_train_data(self, X, reset, check_values=True):
         """X as training data; ``check_values=False`` leaves the scan of its values to the caller."""
-        _check_not_a_store(X)
-        X = _tensor_as_array(X)
+        X = _prepared_input(X)
         X = validate_data(
             self,
-            _summed_duplicates(X),
+            X,
             reset=reset,
             accept_sparse="csr",
             dtype=_accepted_dtypes(X),
@@ -1628,6 +1633,10 @@ class SparseAutoencoderDictionary(
         # place, so that transform leaves the estimator's attributes as they
         # were, as scikit-learn asks of it.
         self._coders = {}
+
+    def _history_array(self):
+        """``history_`` as the (steps, stats) array :meth:`_set_history` reads."""
+        return np.stack([self.history_[k] for k in STAT_NAMES], axis=1)
 
     def _set_history(self, history):
         """``history_``, ``loss_curve_`` and ``train_l0_`` from the (steps, stats) array."""
@@ -1676,10 +1685,8 @@ class SparseAutoencoderDictionary(
         # run's 600 steps of history_ gave way to the new call's 8, and
         # n_resampled_ counted from 0, while n_steps_ went on). Each old
         # step counts as a full batch, the rows it had being unknown.
-        history = getattr(self, "history_", None)
-        if history is not None and len(history["loss"]):
-            trainer.history = np.stack([history[k] for k in STAT_NAMES], axis=1).astype(
-                np.float64)
+        if getattr(self, "history_", None) is not None and len(self.history_["loss"]):
+            trainer.history = self._history_array().astype(np.float64)
             trainer.history_rows = np.full(len(trainer.history), float(self.batch_size))
         trainer.n_resampled = int(getattr(self, "n_resampled_", 0))
         return trainer
@@ -1778,11 +1785,9 @@ class SparseAutoencoderDictionary(
 
     def _validate_inference_data(self, X):
         self._check_inference_params()
-        _check_not_a_store(X)
-        X = _tensor_as_array(X)
+        X = _prepared_input(X)
         return validate_data(
-            self, _summed_duplicates(X), reset=False, accept_sparse="csr",
-            dtype=_accepted_dtypes(X)
+            self, X, reset=False, accept_sparse="csr", dtype=_accepted_dtypes(X)
         )
 
     def _encode(self, X):
@@ -1953,7 +1958,7 @@ class SparseAutoencoderDictionary(
         attributes["transform_l0_"] = _finite_or_none(self.transform_l0_)
         tensors = dict(self._fitted_tensors())
         tensors["feature_frequencies"] = np.asarray(self.feature_frequencies_, dtype=np.float64)
-        tensors["history"] = np.stack([self.history_[k] for k in STAT_NAMES], axis=1)
+        tensors["history"] = self._history_array()
         if self.dict_init is not None:
             tensors["dict_init"] = check_array(self.dict_init, dtype=[np.float64, np.float32],
                                                input_name="dict_init")
@@ -2237,11 +2242,9 @@ class SparseAutoencoderDictionary(
             )
         if not is_writer(self._distributed()):
             return Path(path)
-        provenance = getattr(self, "provenance_", None)
-        if provenance is not None:
-            provenance = _persist.json_value(provenance, "provenance_")
         return write_saelens(path, self.activation, self.k, self._fitted_tensors(),
-                             provenance,
+                             _persist.json_value(getattr(self, "provenance_", None),
+                                                 "provenance_"),
                              frequencies=self.feature_frequencies_, overwrite=overwrite)
 
     @classmethod
