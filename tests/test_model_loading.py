@@ -473,6 +473,11 @@ def test_the_built_in_model_is_written_whole_and_never_over_a_user_s_files(tmp_p
         save_builtin_model(model, tokenizer, out)
     save_builtin_model(model, tokenizer, out, overwrite=True)
     assert not (out / "training_report.json").exists()
+    (out / "notes.txt").write_text("mine")  # a user's file inside: the folder is theirs too
+    with pytest.raises(FileExistsError, match=r"is a built-in model's folder with entries "
+                                              r"sparse_dict did not write in it \(notes.txt\)"):
+        save_builtin_model(model, tokenizer, out, overwrite=True)
+    (out / "notes.txt").unlink()
     assert sorted(p.name for p in tmp_path.joinpath("new").iterdir()) == ["model"]
 
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparse_dict import _persist
+
 __all__ = [
     "BuiltinTokenizer",
     "TinyTransformer",
@@ -637,17 +639,13 @@ def _is_builtin_config(config):
             and {"d_model", "n_heads", "d_mlp", "n_layers", "vocab_size"} <= set(config))
 
 
-def _builtin_folder_kind():
-    from sparse_dict import _persist
-
-    return _persist.folder_kind(
-        "a built-in model's folder",
-        {_CONFIG_FILE: _persist.json_kind("a built-in model's configuration", _is_builtin_config),
-         _WEIGHTS_FILE: None, _TOKENIZER_FILE: None, REPORT_FILE: None},
-        required=(_CONFIG_FILE,))
-
-
 REPORT_FILE = "training_report.json"
+# What save_builtin_model writes, and so may replace with overwrite.
+BUILTIN_FOLDER = _persist.folder_kind(
+    "built-in model's folder",
+    {_CONFIG_FILE: _persist.json_kind("built-in model's configuration", _is_builtin_config),
+     _WEIGHTS_FILE: None, _TOKENIZER_FILE: None, REPORT_FILE: None},
+    required=(_CONFIG_FILE,))
 
 
 def save_builtin_model(model, tokenizer, path, *, overwrite=False, report=None):
@@ -677,12 +675,10 @@ def save_builtin_model(model, tokenizer, path, *, overwrite=False, report=None):
     """
     from safetensors.torch import save_file
 
-    from sparse_dict import _persist
-
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("unembed.weight", None)
-    with _persist.staged(path, _builtin_folder_kind(), overwrite=overwrite) as tmp:
+    with _persist.staged(path, BUILTIN_FOLDER, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / _WEIGHTS_FILE))
         (tmp / _CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         tokenizer.save(tmp / _TOKENIZER_FILE)

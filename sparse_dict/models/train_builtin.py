@@ -37,7 +37,7 @@ from sparse_dict.models.builtin import (
     BuiltinTokenizer,
     TinyTransformer,
     TinyTransformerConfig,
-    _builtin_folder_kind,
+    BUILTIN_FOLDER,
     save_builtin_model,
 )
 
@@ -158,7 +158,7 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     out = Path(args.out)
     # Refused before an hour of training, not after it.
-    check_target(out, _builtin_folder_kind(), overwrite=args.overwrite, hint="--overwrite")
+    check_target(out, BUILTIN_FOLDER, overwrite=args.overwrite, hint="--overwrite")
     t_start = time.time()
 
     train_texts = load_corpus("train")
