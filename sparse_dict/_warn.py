@@ -6,8 +6,10 @@ import warnings
 # Frames of these packages are skipped: a warning raised inside fit points
 # at the line that called fit (or the Pipeline or search that did), not at
 # scikit-learn's wrapper around it, at joblib's loop that runs a search's
-# fits in this process, or at this package's own modules.
-_SKIPPED = ("sparse_dict", "sklearn", "joblib")
+# fits in this process, at torch's decorators (``torch.no_grad()`` wraps
+# some of this package's methods: on a GPU, four warnings pointed at
+# torch/utils/_contextlib.py), or at this package's own modules.
+_SKIPPED = ("sparse_dict", "sklearn", "joblib", "torch")
 
 
 def _skipped(frame):

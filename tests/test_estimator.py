@@ -820,14 +820,19 @@ def test_partial_fit_calls_too_short_to_judge_alone_are_judged_together():
         assert sae.score(X * factor) > 0.5
 
 
-def test_partial_fit_on_a_stream_of_one_row_a_call_trains_without_false_alarms():
+@pytest.mark.parametrize("random_state", [0, 3])
+def test_partial_fit_on_a_stream_of_one_row_a_call_trains_without_false_alarms(random_state):
     # One row a call, as a stream gives them. The spread the error was judged
     # against came from the first call's two rows alone, and one row's error
     # can be ten times another's: a third of the calls raised a divergence
-    # while the model explained a rising 0.3-0.5 of the data.
+    # while the model explained a rising 0.3-0.5 of the data. Later, with
+    # random_state=3 (and on a GPU with 0), calls 50 to 99 said the fit
+    # explained none of the data: its end was judged on a window of steps
+    # that still held the first ones.
     X, _, _ = make_superposition(n_samples=1000, n_features=32, n_components=64, n_active=4,
                                  random_state=0, dtype=np.float32)
-    sae = SparseAutoencoderDictionary(n_components=64, random_state=0).partial_fit(X[:2])
+    sae = SparseAutoencoderDictionary(n_components=64,
+                                      random_state=random_state).partial_fit(X[:2])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for i in range(2, 400):
@@ -1162,6 +1167,18 @@ def test_warnings_after_training_point_at_the_callers_line():
         assert any(issubclass(w.category, ConvergenceWarning) for w in ours)
         assert any("fired on none of the last" in str(w.message) for w in ours)
         assert {w.filename for w in ours} == {__file__}
+
+
+def test_a_warning_raised_under_a_torch_decorator_points_at_the_caller():
+    # On a GPU, fit reached the warnings through a method wrapped by
+    # torch.no_grad(): four warnings named torch/utils/_contextlib.py.
+    import torch
+
+    from sparse_dict._warn import warn_at_caller
+
+    with pytest.warns(UserWarning, match="careful") as record:
+        torch.no_grad()(warn_at_caller)("careful")
+    assert [w.filename for w in record] == [__file__]
 
 
 def test_a_changed_activation_is_refused_until_fit(tmp_path):

@@ -431,14 +431,17 @@ def test_features_killed_by_steps_too_large_name_the_learning_rate(monkeypatch, 
                   random_state=0)
     # On a CPU the fit explains a little (the dead-features warning names
     # the learning rate); on a GPU, whose generator starts another model,
-    # it explains nothing (the poor-fit warning names it). Either way the
+    # it explained nothing (the poor-fit warning named it) or, on an H200
+    # (2026-11-27), its features fired on almost no row (that warning named
+    # it). Either way the
     # warning says to lower it, and blames neither the data nor small steps.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         SparseAutoencoderDictionary(learning_rate=1.0, **params).fit(X)
     named = [str(w.message) for w in caught if re.search(
         r"(fired on none.*(explains little of its training rows|error also ended above "
-        r"where it started)|explains none of the data.*steps too large).*lower "
+        r"where it started)|explains none of the data.*steps too large|fire on almost no "
+        r"row.*steps too large).*lower "
         r"learning_rate,? \(?now 1\)?", str(w.message))]
     assert named, [str(w.message) for w in caught]
     assert not [w for w in caught if "too small" in str(w.message)]
@@ -472,18 +475,24 @@ def test_a_fit_that_leaves_many_features_dead_warns(superposition):
 def _dead_features_warnings(X, **params):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        SparseAutoencoderDictionary(activation="jumprelu", max_steps=2000, random_state=0,
-                                    **params).fit(X)
-    return [str(w.message) for w in caught if "fired on none" in str(w.message)]
+        SparseAutoencoderDictionary(**{"activation": "jumprelu", "max_steps": 2000,
+                                       "random_state": 0, **params}).fit(X)
+    return [str(w.message) for w in caught
+            if re.search("fired on none|dense regime", str(w.message))]
 
 
-def test_the_dead_features_warning_points_jumprelu_at_its_dense_regime_only_there():
+@pytest.mark.parametrize("random_state", [0, 5])
+def test_the_dead_features_warning_points_jumprelu_at_its_dense_regime_only_there(random_state):
     # Normal noise has no sparse structure: below some l0_coef JumpReLU
-    # pairs atoms of opposite signs into a dense code, and the rest die.
+    # pairs atoms of opposite signs into a dense code, and the rest die:
+    # with random_state=0, 32% of them. With 5, 21% died, below the
+    # dead-features warning's share, and the dense regime went unsaid (as on
+    # an H200 with 0); it is said whether or not many died.
     noise = np.random.RandomState(0).standard_normal((3000, 32)).astype(np.float32)
-    (message,) = _dead_features_warnings(noise, n_components=128, l0_coef=0.01)
-    assert re.search(r"an L0 of [\d.]+ and \d+% of the features left in pairs of atoms of "
-                     r"opposite signs, this is its dense regime: raise l0_coef", message)
+    (message,) = _dead_features_warnings(noise, n_components=128, l0_coef=0.01,
+                                         random_state=random_state)
+    assert re.search(r"an L0 of [\d.]+ and \d+% of the features (left )?in pairs of atoms "
+                     r"of opposite signs, this is its dense regime: raise l0_coef", message)
     # 64 correlated features, about 4 a row, fitted well (held-out EV 0.97 at
     # an L0 of 3.7 when this was written) by the 86 features left alive:
     # fewer features than atoms, no pairs, and no advice to raise l0_coef,

@@ -1717,8 +1717,16 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
     # batches of 1 and 3 rows, that read as divergences).
     mse, rows = trainer.history[:, 1], np.maximum(trainer.history_rows, 1e-12)
     # Windows of at least ten steps and of about _MIN_TAIL_ROWS rows.
-    window = min(len(mse), max(_MIN_TAIL_STEPS,
-                               math.ceil(_MIN_TAIL_ROWS / float(np.median(rows)))))
+    full_window = max(_MIN_TAIL_STEPS, math.ceil(_MIN_TAIL_ROWS / float(np.median(rows))))
+    window = min(len(mse), full_window)
+    # Where the start and the end are judged, they must be two windows
+    # apart; with fewer steps the end's window holds the first steps too.
+    # partial_fit on a stream of one row a call otherwise read the first
+    # 50 steps (52 rows seen) as a fit that explains nothing, then warned
+    # at each call until the window moved past them: 5 random_states in 8
+    # (50 to 77 calls each), a GPU's too, where the model went on to
+    # explain half of the data.
+    judged = len(mse) >= max(_MIN_ASSESSED_STEPS, 2 * full_window)
     tail = max(n // 20, window)
     end = float(np.average(mse[-tail:], weights=rows[-tail:]))
     if final_error is not None and not np.isnan(final_error):
@@ -1745,7 +1753,7 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
     weights = np.concatenate([[0.0], np.cumsum(rows)])
     means = (sums[window:] - sums[:-window]) / (weights[window:] - weights[:-window])
     lowest = float(np.nanmin(means)) if np.isfinite(means).any() else float("inf")
-    if np.isfinite(end) and not rose and len(mse) >= _MIN_ASSESSED_STEPS and (
+    if np.isfinite(end) and not rose and judged and (
             mean_error > 0 and end > max(mean_error, rounding)):
         l0_end = float(np.average(trainer.history[-tail:, 3], weights=rows[-tail:]))
         problems.append(("poor", _poor_fit_message(
@@ -1759,8 +1767,7 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
             f"{config.learning_rate:g}), for example by a factor of 10.",
         ))
         return problems
-    if (not problems and len(mse) >= _MIN_ASSESSED_STEPS and np.isfinite(end)
-            and end > means[0]):
+    if not problems and judged and np.isfinite(end) and end > means[0]:
         problems.append(("rose", f"Its reconstruction error also ended above where it "
                                  f"started ({means[0]:.4g} over the first {window} steps, "
                                  f"{end:.4g} at the end; scaled units)"))
