@@ -650,15 +650,11 @@ class Trainer:
         else:
             # Every fourth row: the sample's indices are sorted, so a prefix
             # would come from the start of X only.
-            points = np.ascontiguousarray(sample[:: max(1, len(sample) // 2048)])
+            points = torch.from_numpy(sample[:: max(1, len(sample) // 2048)])
             # On the model's device: Weiszfeld's iterations are a few passes
             # over 2048 rows each, tens of milliseconds on a host, one on a GPU.
-            # The rows cross in float32 (half the bytes) and are widened
-            # there; through pinned memory, as a pageable copy may queue
-            # behind X's upload, which runs from the feed's opening (the
-            # bf16 short fit's set-up took 21 ms beyond its timed parts on
-            # an H200, 2026-11-27).
-            centre = geometric_median(to_device(points, self.device)).cpu().numpy()
+            # The rows cross in float32 (half the bytes) and are widened there.
+            centre = geometric_median(points.to(self.device)).cpu().numpy()
         variance, spread, row_spreads = _spreads(sample, msn, mean, norms, centre)
         self.dominant_rows = _dominant_rows(row_spreads)
         self.distinct_rows = _distinct_rows(sample, X.shape[0])
