@@ -351,7 +351,7 @@ def test_gpu_section_tiny_on_cpu(tmp_path):
             # Parts inside the phases, each within its phase's time.
             parts = f["fit_short_parts_s"]
             inside = {k: v for k, v in parts.items() if not k.startswith("beside")}
-            assert len(inside) == 8 and all(v > 0 for v in inside.values()), parts
+            assert len(inside) == 11 and all(v > 0 for v in inside.values()), parts
             assert parts["finish: export"] < phases["finish"]
             assert parts["initialise: sample_moments"] < phases["initialise"]
             assert parts["other: the trainer's construction"] < phases["other"]

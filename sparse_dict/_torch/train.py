@@ -502,6 +502,19 @@ def _distinct_rows(sample, n_samples):
     return int(round(min(high, n_samples)))
 
 
+def _centre_on(points, device):
+    """The geometric median of the host rows ``points``, computed on ``device``; a host array.
+
+    On the model's device: Weiszfeld's iterations are a few passes over
+    2048 rows each, tens of milliseconds on a host, one on a GPU. The rows
+    cross in float32 (half the bytes) and are widened there. A function of
+    its own so that the GPU benchmark can time the round trip: the set-up
+    of a short fit on an H200 spent about 25 ms outside its timed parts
+    (2026-11-27), ending about when the upload of ``X`` ended.
+    """
+    return geometric_median(torch.from_numpy(points).to(device)).cpu().numpy()
+
+
 def _stops(callback, info):
     """Whether ``callback`` asks to stop after a pass: it returned True.
 
@@ -650,11 +663,7 @@ class Trainer:
         else:
             # Every fourth row: the sample's indices are sorted, so a prefix
             # would come from the start of X only.
-            points = torch.from_numpy(sample[:: max(1, len(sample) // 2048)])
-            # On the model's device: Weiszfeld's iterations are a few passes
-            # over 2048 rows each, tens of milliseconds on a host, one on a GPU.
-            # The rows cross in float32 (half the bytes) and are widened there.
-            centre = geometric_median(points.to(self.device)).cpu().numpy()
+            centre = _centre_on(sample[:: max(1, len(sample) // 2048)], self.device)
         variance, spread, row_spreads = _spreads(sample, msn, mean, norms, centre)
         self.dominant_rows = _dominant_rows(row_spreads)
         self.distinct_rows = _distinct_rows(sample, X.shape[0])
