@@ -52,6 +52,44 @@ def write_json(results, path):
     Path(path).write_text(json.dumps(_clean(results), indent=2, allow_nan=False) + "\n")
 
 
+def merge_run(results, other):
+    """``results`` with the sections of ``other``, a run of the same mode, in place of its own.
+
+    For a section run apart, as the ``gpu`` section is on a lent machine:
+    each merged section keeps the machine it ran on (its own ``"machine"``,
+    else ``other``'s), joins ``kept_sections``, and brings its targets. A
+    section merged without its machine was once labelled with the next
+    CPU run's (the H200's figures read "device cpu, torch 2.13.0+cpu").
+
+    Examples
+    --------
+    >>> base = {"mode": "quick", "machine": {"date": "1"}, "targets": [],
+    ...         "sections": {"recovery": {"targets": []}}}
+    >>> gpu = {"mode": "quick", "machine": {"date": "2", "device": "cuda"},
+    ...        "sections": {"gpu": {"targets": [{"name": "t", "met": True}]}}}
+    >>> merged = merge_run(base, gpu)
+    >>> merged["sections"]["gpu"]["machine"]["device"], merged["kept_sections"]
+    ('cuda', ['gpu'])
+    >>> merged["targets"]
+    [{'name': 't', 'met': True, 'section': 'gpu'}]
+    """
+    from benchmarks.__main__ import SECTIONS
+
+    if other.get("mode") != results.get("mode"):
+        raise ValueError(f"cannot merge a --{other.get('mode')} run into a "
+                         f"--{results.get('mode')} run: their sizes differ.")
+    sections = dict(results["sections"])
+    for name, section in other["sections"].items():
+        sections[name] = dict(section, machine=section.get("machine") or other["machine"])
+    merged = dict(results)
+    merged["sections"] = {name: sections[name] for name in SECTIONS if name in sections}
+    merged["kept_sections"] = sorted(set(results.get("kept_sections", []))
+                                     | set(other["sections"]))
+    merged["targets"] = [dict(t, section=name) for name, section in merged["sections"].items()
+                         for t in section.get("targets", [])]
+    return merged
+
+
 # ------------------------------------------------------------------ markdown
 def _fmt(value, digits=3):
     if value is None:
@@ -1292,8 +1330,15 @@ def main(argv=None):
     parser.add_argument("--no-images", action="store_true",
                         help="leave the plots out of the docs page (when --results is a "
                              "folder the docs cannot reach)")
+    parser.add_argument("--merge", type=Path, metavar="RUN",
+                        help="first put the sections of the run in folder RUN (its "
+                             "results.json, same mode) in place of the results' own, each "
+                             "with the machine it ran on, and rewrite results.json")
     args = parser.parse_args(argv)
     results = json.loads((args.results / "results.json").read_text())
+    if args.merge is not None:
+        results = merge_run(results, json.loads((args.merge / "results.json").read_text()))
+        write_json(results, args.results / "results.json")
     write_markdown(results, args.results / "results.md")
     write_plots(results, args.results)
     import os

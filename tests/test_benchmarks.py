@@ -467,3 +467,27 @@ def test_only_keeps_the_other_sections_of_an_earlier_run_of_the_same_mode(tmp_pa
                             "--tiny", "--only", ","], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=600)
     assert empty.returncode == 2 and "--only names no section" in empty.stderr
+
+
+def test_a_merged_section_keeps_its_machine_its_targets_and_the_suite_s_order():
+    from benchmarks.report import merge_run
+
+    cpu = {"date": "2026-11-26", "device": "cpu"}
+    gpu = {"date": "2026-11-27", "device": "cuda", "card": "NVIDIA H200"}
+    target = {"name": "gpu_step", "value": 0.6, "met": True}
+    base = {"mode": "quick", "machine": cpu, "kept_sections": ["steering"],
+            "sections": {"gpu": {"targets": [dict(target, value=0.5, met=False)]},
+                         "recovery": {"targets": [{"name": "r", "value": 1.0, "met": True}]},
+                         "steering": {"targets": []}},
+            "targets": []}
+    run = {"mode": "quick", "machine": gpu, "sections": {"gpu": {"targets": [target]}}}
+    merged = merge_run(base, run)
+    # The section ran on the lent machine, not on the base run's.
+    assert merged["sections"]["gpu"]["machine"] == gpu
+    assert list(merged["sections"]) == ["recovery", "steering", "gpu"]
+    assert merged["kept_sections"] == ["gpu", "steering"]
+    assert [(t["section"], t["name"], t["met"]) for t in merged["targets"]] == [
+        ("recovery", "r", True), ("gpu", "gpu_step", True)]
+    assert base["sections"]["gpu"]["targets"][0]["met"] is False  # the base is not changed
+    with pytest.raises(ValueError, match="cannot merge a --full run into a --quick run"):
+        merge_run(base, dict(run, mode="full"))
