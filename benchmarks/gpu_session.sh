@@ -18,7 +18,10 @@
 # Since then the first step of a shape times the mask and residual kernels
 # in 9 and 6 launches, each a Triton compilation in a process's first fit:
 # the GPU tests' stage gets 150 s by default, and `OUT 170 200` keeps the
-# whole within a call's 600 s.
+# whole within a call's 600 s. On 2026-11-27 (H200) `OUT 170 200` took 456
+# s: the GPU tests 88 s, the section 163 s, the whole suite 180 s (1,290
+# tests, 8 workers); with the machine's start, 490 s of the 900 s of device
+# time, which left one short second call (about 230 s).
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT_DIR [BENCH_SECONDS] [TEST_SECONDS] [GPU_TEST_SECONDS]}
 bench_s=${2:-300}
