@@ -1603,7 +1603,7 @@ class SparseAutoencoderDictionary(
             # (random_state=5, 65% of the live atoms paired, L0 17.4 of 32
             # dimensions), 20 of 128 on 4-sparse superposition data at the
             # default l0_coef (56% paired, L0 17.4), where it said nothing.
-            return [_dense_regime_message(self.transform_l0_, paired)]
+            return [_dense_regime_message(self.transform_l0_, paired).strip()]
         return []
 
     def _validate_train_data(self, X, reset, check_values=True):
