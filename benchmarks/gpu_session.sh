@@ -50,9 +50,11 @@ EOF
 # minute): the kernels against torch, the feeds, a fit on the GPU; and
 # sparse_step's two paths, whose dense one decides the step's kernels on a
 # GPU (it caught a wrong first step there, 2026-11-26).
+# And the pass's figures read a pass late from pinned memory
+# (test_torch_core's cuda cases, added 2026-11-27 without a GPU).
 echo "== GPU tests (limit ${gpu_test_s} s)"
 timeout -s INT -k 20 "$gpu_test_s" "$py" -m pytest -q -rfE -p no:cacheprovider \
-    tests/test_fused.py tests/test_pipeline.py tests/test_estimator.py \
+    tests/test_fused.py tests/test_pipeline.py tests/test_estimator.py tests/test_torch_core.py \
     -k "gpu or cuda or sparse_step_parameter" 2>&1 | tee "$out/gpu_tests.log" | tail -30
 echo "GPU tests exit: $?"
 
