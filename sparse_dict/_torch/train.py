@@ -561,8 +561,17 @@ class _PassEnd:
         self._tensors = tensors
 
     def values(self):
-        """``(fired, finite, stats)``: the firing counts (float64), one flag a parameter, and the
-        statistics (float64, one row a step; None for a pass of no step)."""
+        """The pass's figures on the host, once their copies have landed.
+
+        Returns
+        -------
+        fired : ndarray of shape (n_components,), float64
+            Each feature's firing count over the pass.
+        finite : ndarray of shape (n_parameters,), bool
+            Whether each parameter is finite, in ``parameter_names``' order.
+        stats : ndarray of shape (n_steps, n_stats), float64, or None
+            One row a step (None for a pass of no step).
+        """
         if self._event is not None:
             self._event.synchronize()
         fired, finite, *stats = (t.numpy() for t in self._tensors)
@@ -1039,7 +1048,7 @@ class Trainer:
             raise refused from None
 
     def _count_read_pass(self, end, n_samples, full_pass):
-        """Read a pass's figures (:meth:`_read_pass`), then count its firing (:meth:`_count_whole_pass`)."""
+        """:meth:`_read_pass`, then :meth:`_count_whole_pass`: a pass's figures, in pass order."""
         self._read_pass(end)
         return self._count_whole_pass(n_samples, full_pass)
 
