@@ -773,3 +773,31 @@ def test_a_divergence_found_a_pass_late_still_raises_and_restores_the_trainer(mo
     assert trainer.step == 0 and len(trainer.history) == 0
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_a_divergence_inside_a_long_pass_is_found_at_the_check_after_next(monkeypatch,
+                                                                           device):
+    # Every 100 steps a pass checks its statistics; the flag is read at the
+    # next check (read at once, it made the host wait for every queued step):
+    # NaN weights from step 120 fail the check at step 200 ("at step 199"),
+    # read at step 300, long before the pass's 1,000 steps end.
+    from sparse_dict._torch.train import DivergenceError
+
+    X = np.random.RandomState(0).exponential(size=(8000, 6)).astype(np.float32)
+    trainer = Trainer(6, 12, device, seed=0)
+    trainer.initialize(X, np.random.RandomState(0), "mean")
+    real, steps = Trainer.apply_gradients, []
+
+    def apply_gradients(self, config):
+        real(self, config)
+        steps.append(self.step)
+        if self.step == 120:
+            with torch.no_grad():
+                self.model.W_dec.fill_(float("nan"))
+
+    monkeypatch.setattr(Trainer, "apply_gradients", apply_gradients)
+    with pytest.raises(DivergenceError, match=r"became NaN or infinite at step 199\b"):
+        trainer.train(X, 1, TrainConfig(batch_size=8), np.random.RandomState(1))
+    assert len(steps) == 300
+    assert trainer.step == 0 and len(trainer.history) == 0

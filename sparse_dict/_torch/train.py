@@ -527,19 +527,43 @@ def _stops(callback, info):
     return isinstance(result, (bool, np.bool_)) and bool(result)
 
 
+class _HostCopy:
+    """Device tensors copied to the host behind the work queued so far, read when needed.
+
+    Reading a GPU tensor at once (``.cpu()``, ``bool()``) makes the host
+    wait for every step it has queued, and the GPU then waits for the
+    host's next launches. Here each tensor is copied into pinned memory on
+    the current stream, and :meth:`arrays` waits for those copies only. On
+    the CPU the tensors are kept as they are.
+    """
+
+    def __init__(self, tensors):
+        self._event = None
+        if tensors and tensors[0].device.type == "cuda":
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(host, tensors):
+                h.copy_(t, non_blocking=True)
+            tensors = host
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._tensors = tensors
+
+    def arrays(self):
+        """The tensors as numpy arrays (views of the host copies), once the copies have landed."""
+        if self._event is not None:
+            self._event.synchronize()
+        return [t.numpy() for t in self._tensors]
+
+
 class _PassEnd:
-    """A pass's figures on their way to the host, read without draining the GPU's queue.
+    """A pass's figures on their way to the host (a :class:`_HostCopy`), read when needed.
 
     At a pass's end the trainer needs the pass's statistics (one row a
     step), its firing counts, and whether every parameter is finite.
-    Reading them at once makes the host wait for every step it has queued,
-    and the GPU then waits for the next pass's first launches: about 2.3 ms
-    a pass on an H200 (bf16, d=768, N=24576, 16 steps a pass, 8% of the
-    steady time; 2026-11-27). On a GPU they are copied into pinned memory
-    behind the pass's steps (``in_flight``) and read by :meth:`values`,
-    which waits for those copies only: after the next pass, where nothing
-    asks sooner (:meth:`Trainer.train`). On the CPU the copies are the
-    values themselves.
+    Reading them at once left an H200 idle for about 2.3 ms a pass (bf16,
+    d=768, N=24576, 16 steps a pass, 8% of the steady time; 2026-11-27):
+    they are read after the next pass instead, where nothing asks sooner
+    (:meth:`Trainer.train`).
     """
 
     def __init__(self, stats_list, rows_list, fired_total, rows_seen, named_parameters, step):
@@ -548,17 +572,8 @@ class _PassEnd:
         self.parameter_names = [name for name, _ in named_parameters]
         self.read = False
         finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named_parameters])
-        tensors = [fired_total, finite] + ([torch.stack(stats_list)] if stats_list else [])
-        self.in_flight = fired_total.device.type == "cuda"
-        self._event = None
-        if self.in_flight:
-            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-            for h, t in zip(host, tensors):
-                h.copy_(t, non_blocking=True)
-            tensors = host
-            self._event = torch.cuda.Event()
-            self._event.record()
-        self._tensors = tensors
+        self._copy = _HostCopy([fired_total, finite]
+                               + ([torch.stack(stats_list)] if stats_list else []))
 
     def values(self):
         """The pass's figures on the host, once their copies have landed.
@@ -572,9 +587,7 @@ class _PassEnd:
         stats : ndarray of shape (n_steps, n_stats), float64, or None
             One row a step (None for a pass of no step).
         """
-        if self._event is not None:
-            self._event.synchronize()
-        fired, finite, *stats = (t.numpy() for t in self._tensors)
+        fired, finite, *stats = self._copy.arrays()
         return (fired.astype(np.float64), finite,
                 stats[0].astype(np.float64) if stats else None)
 
@@ -1113,6 +1126,8 @@ class Trainer:
         fired_total = torch.zeros(n_components, dtype=torch.float64, device=device)
         stats_list, rows_list, pool = [], [], []
         pool_rows, rows_in_pool = max(8192, config.batch_size), 0
+        # The last in-pass finiteness check, read at the next (_check_finite_late).
+        self._finite_check = None
         rows_seen = 0
         stop = False
         select = None if replicas is None else replicas.local_rows
@@ -1166,13 +1181,14 @@ class Trainer:
             if self._verdict is not None and self._verdict.done():
                 self._settle_verdict()
             if self.step % 100 == 0:
-                self._check_finite(stats)
+                self._check_finite_late(stats)
             if progress is not None:
                 progress.update(1)
                 if self.step % 20 == 0:
                     self._show_figures(progress, stats.tolist(), config)
         # Ends the feed's read-ahead of this pass (after an early stop).
         batches.close()
+        self._finite_check = None  # the pass's own read covers its steps
         # Statistics of rows the caller's checks refuse are not read.
         self._settle_verdict()
         end = _PassEnd(stats_list, rows_list, fired_total, rows_seen,
@@ -1449,9 +1465,19 @@ class Trainer:
             "learning_rate": config.learning_rate * config.lr_factor(max(self.step - 1, 0)),
         }
 
-    def _check_finite(self, stats):
-        if not bool(torch.isfinite(stats).all()):
-            self._raise_divergence(self.step - 1)
+    def _check_finite_late(self, stats):
+        """Raise for the statistics checked 100 steps ago if they were not finite; check ``stats``.
+
+        Inside a long pass, every 100 steps, so that a divergence is found
+        before the pass ends. The check's flag is copied behind the step
+        (:class:`_HostCopy`) and read at the next check, by when it has long
+        landed: reading it at once made the host wait for every queued step.
+        The pass's own read (:meth:`_read_pass`) checks every step's figures.
+        """
+        earlier = self._finite_check
+        self._finite_check = (_HostCopy([torch.isfinite(stats).all()]), self.step - 1)
+        if earlier is not None and not earlier[0].arrays()[0]:
+            self._raise_divergence(earlier[1])
 
     def _read_pass(self, end, progress=None, config=None):
         """Take a pass's figures (a :class:`_PassEnd`) into the history, once.
