@@ -750,24 +750,32 @@ def test_a_pass_s_figures_are_read_after_the_next_pass_as_a_callback_reads_them_
     assert later.pass_rows == at_once.pass_rows == 256
 
 
+def _trainer_whose_weights_turn_nan(monkeypatch, device, n_rows, nan_step):
+    """A trainer on ``n_rows`` rows whose W_dec is NaN from step ``nan_step`` on; its steps run."""
+    X = np.random.RandomState(0).exponential(size=(n_rows, 6)).astype(np.float32)
+    trainer = Trainer(6, 12, device, seed=0)
+    trainer.initialize(X, np.random.RandomState(0), "mean")
+    real, steps = Trainer.apply_gradients, []
+
+    def apply_gradients(self, config):
+        real(self, config)
+        steps.append(self.step)
+        if self.step == nan_step:
+            with torch.no_grad():
+                self.model.W_dec.fill_(float("nan"))
+
+    monkeypatch.setattr(Trainer, "apply_gradients", apply_gradients)
+    return trainer, X, steps
+
+
 @pytest.mark.parametrize("device", _DEVICES)
 def test_a_divergence_found_a_pass_late_still_raises_and_restores_the_trainer(monkeypatch,
                                                                               device):
     from sparse_dict._torch.train import DivergenceError
 
-    X = np.random.RandomState(0).exponential(size=(256, 6)).astype(np.float32)
-    trainer = Trainer(6, 12, device, seed=0)
-    trainer.initialize(X, np.random.RandomState(0), "mean")
+    # NaN weights from the fourth step on, in the first of three passes.
+    trainer, X, _ = _trainer_whose_weights_turn_nan(monkeypatch, device, 256, nan_step=3)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    real = Trainer.apply_gradients
-
-    def apply_gradients(self, config):
-        real(self, config)
-        if self.step == 3:  # NaN weights from the fourth step on
-            with torch.no_grad():
-                self.model.W_dec.fill_(float("nan"))
-
-    monkeypatch.setattr(Trainer, "apply_gradients", apply_gradients)
     with pytest.raises(DivergenceError, match=r"became NaN or infinite at step 4\b"):
         trainer.train(X, 3, TrainConfig(batch_size=32), np.random.RandomState(1))
     assert trainer.step == 0 and len(trainer.history) == 0
@@ -784,19 +792,8 @@ def test_a_divergence_inside_a_long_pass_is_found_at_the_check_after_next(monkey
     # read at step 300, long before the pass's 1,000 steps end.
     from sparse_dict._torch.train import DivergenceError
 
-    X = np.random.RandomState(0).exponential(size=(8000, 6)).astype(np.float32)
-    trainer = Trainer(6, 12, device, seed=0)
-    trainer.initialize(X, np.random.RandomState(0), "mean")
-    real, steps = Trainer.apply_gradients, []
-
-    def apply_gradients(self, config):
-        real(self, config)
-        steps.append(self.step)
-        if self.step == 120:
-            with torch.no_grad():
-                self.model.W_dec.fill_(float("nan"))
-
-    monkeypatch.setattr(Trainer, "apply_gradients", apply_gradients)
+    trainer, X, steps = _trainer_whose_weights_turn_nan(monkeypatch, device, 8000,
+                                                        nan_step=120)
     with pytest.raises(DivergenceError, match=r"became NaN or infinite at step 199\b"):
         trainer.train(X, 1, TrainConfig(batch_size=8), np.random.RandomState(1))
     assert len(steps) == 300
