@@ -1,6 +1,7 @@
 """The torch core on its own: gradients, schedules, device handling."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -232,6 +233,24 @@ def test_a_fit_no_better_than_the_mean_names_its_likely_causes():
     assert "lower" not in message
     # Below the mean's error: nothing to say.
     assert "poor" not in _judged(np.linspace(3.0, 0.5, 70), [16] * 70)
+
+
+def test_a_loss_back_at_its_first_tenth_s_level_is_judged_without_dividing_by_zero():
+    # Rose mid-run, then fell in the last fifth back to exactly where the run
+    # began: the steady-fall share (the last fifth's fall over the run's)
+    # divided by zero, a RuntimeWarning (an error under -W error) and an
+    # "infinite" share. The fall itself is still said.
+    n = 400
+    config = TrainConfig(total_steps=n)
+    stop = n - min(config.decay_steps, n // 2)
+    width = stop // 10
+    mse = np.full(n, 0.5)
+    mse[width:stop - width] = 0.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        problems = _judged(mse, [256] * n, messages=True)
+    assert [kind for kind, _ in problems] == ["unconverged"]
+    assert "(0.9 -> 0.5, 44% lower" in problems[0][1] and "steadily" not in problems[0][1]
 
 
 @pytest.mark.parametrize("n_samples, n_components, seed", [(17, 2, 1), (35, 8, 569)])

@@ -1922,8 +1922,10 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
     # A fall worth telling: on rows of rank 5 a TopK fit's loss fell 48%,
     # from 0.014 to 0.007 where the mean's error is 64 (held-out EV 1.000).
     # (steady: the share of the run's fall that its last fifth holds.)
+    run_fall = loss[:width].mean() - loss[late].mean()
     if fall > max(_DROP_FLOOR * mean_error, rounding):
-        steady = fall / (loss[:width].mean() - loss[late].mean())
+        # A run that ends above its first tenth fell late only: no share.
+        steady = fall / run_fall if run_fall > 0 else 0.0
     else:
         drop = steady = 0.0
     penalised = trainer.model.activation.penalty_name is not None
