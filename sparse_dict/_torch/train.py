@@ -852,14 +852,16 @@ class Trainer:
         # several a chunk. Per row: its squared error and its squared distance
         # from the mean (for the tail).
         sums = torch.zeros(3, dtype=torch.float64, device=sample.device)
-        b_dec = self.model.b_dec.detach()
+        b_dec = self.model.b_dec.detach().double()
         mean = sample.mean(dim=0, dtype=torch.float64)
         per_row = []
         for chunk in sample.split(4096):
             recon, codes = self.model(chunk)
-            centred, made = (chunk - b_dec).double(), (recon - b_dec).double()
-            per_row.append(torch.stack([(chunk - recon).double().pow(2).sum(dim=1),
-                                        (chunk.double() - mean).pow(2).sum(dim=1)]))
+            # Each (rows, d) operand widened once.
+            rows = chunk.double()
+            centred, made = rows - b_dec, recon.double() - b_dec
+            per_row.append(torch.stack([(centred - made).pow(2).sum(dim=1),
+                                        (rows - mean).pow(2).sum(dim=1)]))
             sums += torch.stack([(codes > 0).sum().double(), (centred * made).sum(),
                                  made.pow(2).sum()])
         n = sample.shape[0]
