@@ -412,6 +412,10 @@ def fit_phase_seconds(X, n, batch, steps, device, bf16):
             setattr(owner, method, fn)
     parts = {name: seconds.pop(name) for name, _, _ in _PARTS}
     parts.update(beside)
+    # Within training: the steps that waited for the copy's last rows
+    # instead of streaming a batch (BatchFeed._nearly_landed).
+    parts["train: the wait for the copy's last rows"] = sum(
+        feed.upload_wait_s for feed in feeds)
     seconds["other"] = seconds["total"] - sum(seconds[name] for name, _, _ in _PHASES)
     return seconds, parts, sum(feed.streamed_batches for feed in feeds)
 

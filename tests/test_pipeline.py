@@ -607,6 +607,81 @@ def test_a_pass_that_ends_before_the_copy_lands_does_not_wait_for_it(monkeypatch
         assert np.array_equal(i, j) and torch.equal(a, b)
 
 
+def _hold_last_chunk(monkeypatch, chunk_rows, n_features):
+    """Copy in chunks of ``chunk_rows``, and hold the copy's last chunk until the event is set."""
+    real, calls, release = pipeline_module._parallel_copy, [], threading.Event()
+
+    def held(src, dst=None, threads=None, background=False):
+        calls.append(len(src))
+        if len(calls) == held.n_chunks:
+            release.wait(10)
+        return real(src, dst, threads, background)
+
+    monkeypatch.setattr(pipeline_module, "_parallel_copy", held)
+    monkeypatch.setattr(pipeline_module, "_UPLOAD_BYTES", chunk_rows * 4 * n_features)
+    return held, release
+
+
+@pytest.mark.parametrize("batch_size, streams", [(4, True), (8, False)])
+def test_a_copy_nearly_landed_is_waited_for_instead_of_streaming(monkeypatch, batch_size,
+                                                                 streams):
+    # Every chunk of the copy but the last (8 rows) has been sent. With
+    # batches of 4 rows, those 8 rows are two batches, more than the one
+    # batch a feed without workers reads ahead: the steps go on with
+    # streamed batches. With batches of 8, the copy's rest is no more than
+    # the read-ahead: a batch streamed from the host would cost more than
+    # the copy's last chunk, and the steps wait for it instead.
+    X = np.arange(240, dtype=np.float32).reshape(80, 3)
+    held, release = _hold_last_chunk(monkeypatch, chunk_rows=8, n_features=3)
+    held.n_chunks = 10
+    indices = list(iter_batches(X, batch_size, np.random.RandomState(0)))
+    with BatchFeed(X, CPU, 2.0, batch_size=batch_size, resident=True) as feed:
+        deadline = time.monotonic() + 10
+        while feed._rows_sent < 72 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert feed._rows_sent == 72 and not feed._uploaded.is_set()
+        batches = feed.batches(iter(indices))
+        if streams:
+            got = [next(batches) for _ in range(2)]
+            assert feed.streamed_batches == 2 and not feed._uploaded.is_set()
+            release.set()
+            assert feed._uploaded.wait(10)
+        else:
+            # Released while the first batch waits for the copy.
+            threading.Timer(0.05, release.set).start()
+            got = [next(batches)]
+            assert feed._uploaded.is_set() and feed.upload_wait_s > 0
+            assert feed.streamed_batches == 0
+        got += list(batches)
+        assert feed.streamed_batches == (2 if streams else 0)
+    assert [i.tolist() for i, _ in got] == [i.tolist() for i in indices]
+    for (index, x), expected in zip(got, indices):
+        assert torch.equal(x, torch.from_numpy(X[expected]) * 2.0)
+
+
+def test_a_copy_that_fails_in_its_last_rows_raises_to_the_waiting_steps(monkeypatch):
+    real = pipeline_module._parallel_copy
+    calls = []
+
+    def failing(src, dst=None, threads=None, background=False):
+        calls.append(len(src))
+        if len(calls) == 10:
+            time.sleep(0.05)
+            raise OSError("the disk went away")
+        return real(src, dst, threads, background)
+
+    monkeypatch.setattr(pipeline_module, "_parallel_copy", failing)
+    monkeypatch.setattr(pipeline_module, "_UPLOAD_BYTES", 8 * 4 * 3)
+    X = np.ones((80, 3), np.float32)
+    with BatchFeed(X, CPU, 1.0, batch_size=8, resident=True) as feed:
+        deadline = time.monotonic() + 10
+        while feed._rows_sent < 72 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with pytest.raises(OSError, match="disk went away"):
+            list(feed.batches(iter_batches(X, 8, np.random.RandomState(0))))
+        assert feed.streamed_batches == 0
+
+
 # ---------------------------------------------------------------------------
 # The export's host arrays, their pages touched while training runs
 # ---------------------------------------------------------------------------

@@ -12,7 +12,8 @@ one of two ways:
   in a background thread, on its own CUDA stream, from the moment the feed
   is made: the batches asked for before it has landed are streamed (below),
   so that a short fit trains while its data moves instead of waiting for
-  it;
+  it, until no more than the read-ahead's rows are left to send, when the
+  steps wait for the copy instead;
 * **streamed**: host threads gather each batch's rows into pinned buffers
   allocated once (and reused by later fits), and the copy to the device runs
   on a side CUDA stream, batches ahead of the step; the step's stream waits
@@ -30,6 +31,7 @@ import concurrent.futures
 import contextlib
 import os
 import threading
+import time
 
 import numpy as np
 import torch
@@ -183,6 +185,9 @@ class BatchFeed:
         self.resident = resident
         # Batches served from the host while the resident copy was on its way.
         self.streamed_batches = 0
+        # Seconds the steps waited for the copy's last rows instead.
+        self.upload_wait_s = 0.0
+        self._rows_sent = 0  # rows whose copy to the device has been issued
         self._data = self._uploader = None
         if resident:
             self._start_upload()
@@ -245,6 +250,7 @@ class BatchFeed:
                     if not self._cuda:
                         _parallel_copy(rows, data[start:start + len(rows)].numpy(),
                                        background=True)
+                        self._rows_sent = start + len(rows)
                         continue
                     buf = staging[i % 2]
                     if done[i % 2] is not None:
@@ -255,6 +261,7 @@ class BatchFeed:
                     data[start:start + len(rows)].copy_(buf[: len(rows)], non_blocking=True)
                     done[i % 2] = torch.cuda.Event()
                     done[i % 2].record()
+                    self._rows_sent = start + len(rows)
                 self._scale_given.wait()
                 if not self._cancelled:
                     data.mul_(self.scale)
@@ -291,16 +298,43 @@ class BatchFeed:
             return self._data.clone()
         return self._data.index_select(0, torch.as_tensor(index, device=self.device))
 
+    def _read_ahead(self):
+        """Streamed batches gathered ahead of the one in use (see :meth:`_streamed_batches`)."""
+        return self.depth + self.workers if self.workers else 1
+
+    def _nearly_landed(self):
+        """Whether the copy on its way has no more than the read-ahead's rows left to send.
+
+        Streaming a batch then costs more than waiting for the copy: its
+        rows are gathered one by one on the host, beside the copy's own
+        host threads, and cross the same link. On the H200 machine a 50-step
+        bf16 fit streamed 3 batches at 7 to 10.6 ms a step while the last
+        fifth of its copy (about 9 ms) was on its way; its resident steps
+        took 1.7 ms. Before any row is sent the copy's pace is unknown (it
+        may not have started), and the batches are streamed.
+        """
+        sent = self._rows_sent
+        return sent > 0 and self.X.shape[0] - sent <= self._read_ahead() * self._largest
+
     def _handover_batches(self, items):
         """Streamed batches until the resident copy has landed, resident ones after.
 
-        The order of the batches is the caller's either way, and so are their
-        values (the same float32 rows times the same float32 scale).
+        Once the copy is nearly done (:meth:`_nearly_landed`), no further
+        batch is streamed: the batches already gathered are used, and the
+        next waits for the copy (:attr:`upload_wait_s`). The order of the
+        batches is the caller's either way, and so are their values (the
+        same float32 rows times the same float32 scale).
         """
         items = iter(items)
         if not self._landed():
+            waiting = False
+
             def until_landed():
+                nonlocal waiting
                 while not self._uploaded.is_set():
+                    if self._nearly_landed():
+                        waiting = True
+                        return
                     item = next(items, None)
                     if item is None:
                         return
@@ -310,8 +344,13 @@ class BatchFeed:
                 if batch[1] is not None:
                     self.streamed_batches += 1
                 yield batch
-            if not self._landed():
+            if not waiting and not self._landed():
                 return  # the pass ended first; the next one looks again
+            if not self._uploaded.is_set():
+                start = time.perf_counter()
+                self._uploaded.wait()
+                self.upload_wait_s += time.perf_counter() - start
+            self._landed()  # raises the copy's error, if it failed
         yield from self._resident_batches(items)
 
     def _ring(self, name, n_buffers, shape, dtype):
