@@ -351,6 +351,8 @@ def test_gpu_section_tiny_on_cpu(tmp_path):
             # Parts inside the phases, each within its phase's time.
             parts = f["fit_short_parts_s"]
             inside = {k: v for k, v in parts.items() if not k.startswith("beside")}
+            # Nothing resident on the CPU: no step waited for a copy.
+            assert inside.pop("train: the wait for the copy's last rows") == 0
             assert len(inside) == 11 and all(v > 0 for v in inside.values()), parts
             assert parts["finish: export"] < phases["finish"]
             assert parts["initialise: sample_moments"] < phases["initialise"]
