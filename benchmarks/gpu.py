@@ -18,9 +18,11 @@ process:
    a short and a long fit, whose difference gives the steady-state time of
    a step (initialisation, calibration and the first steps' start-up cancel
    out) and whose ratio to it gives the short fit's overhead; one more
-   short fit is timed phase by phase (:func:`fit_phase_seconds`), and one
-   step by step (:func:`fit_step_timeline`), to show where that overhead
-   goes. The first fit
+   short fit is timed phase by phase (:func:`fit_phase_seconds`), one
+   step by step (:func:`fit_step_timeline`), and more with each piece of
+   the fit's work beside its steps left out in turn
+   (:func:`fit_short_without`), to show where that overhead goes. The
+   first fit
    of the section, before anything else, is timed on its own: what torch's
    start-up (kernels, allocator, cuBLAS handles) adds to a user's first fit;
 4. a plain hand-written autograd loop of the same model (Adam, unit-norm
@@ -476,6 +478,48 @@ def fit_step_timeline(X, n, batch, steps, device, bf16):
     }
 
 
+# The fit's work beside its steps, each left out in turn by
+# fit_short_without (name -> (owner, attribute, stand-in)).
+_LEFT_OUT = {
+    # X is the benchmark's own finite data: the verdict is known.
+    "the value scan": (_estimator_module, "_check_values", lambda X: None),
+    # The export then copies into untouched, unlocked memory, faulting its
+    # pages in.
+    "the touching and page-locking of the export's arrays": (
+        _pipeline_module.TouchedArrays, "_touch", lambda self: None),
+    # The steps stream batches until the copy lands (as before 817395a).
+    "the wait for the copy's last rows": (_pipeline_module.BatchFeed, "_nearly_landed",
+                                          lambda self: False),
+}
+
+
+def fit_short_without(X, n, batch, steps, device, bf16, repeats):
+    """A short fit's seconds with each piece of its work beside the steps left out.
+
+    Information for the short-fit target: what each costs the fit in the
+    host's time and the link's, where timing the pieces alone cannot tell
+    (they run in threads beside the set-up and the first steps). Each
+    figure is the fastest of ``repeats`` fits, as ``fit_short_s``; a piece
+    left out changes no fitted value except the last (the batches' values
+    are the same either way).
+
+    Returns
+    -------
+    dict
+        Seconds of the fit without each piece of :data:`_LEFT_OUT`.
+    """
+    seconds = {}
+    for name, (owner, attribute, stand_in) in _LEFT_OUT.items():
+        real = getattr(owner, attribute)
+        setattr(owner, attribute, stand_in)
+        try:
+            seconds[name] = min(fit_seconds(X, n, batch, steps, device, bf16)
+                                for _ in range(repeats))
+        finally:
+            setattr(owner, attribute, real)
+    return seconds
+
+
 def plain_loop_seconds(X, n, batch, device, bf16, steps, warmup, repeats=1):
     """Seconds per step of :class:`PlainSAE`, batches gathered on the host or on the device.
 
@@ -592,6 +636,10 @@ def measure_dtype(X, d, n, batch, device, bf16, sizes, long_steps, dtype_name, l
     _say(f"{label} {dtype_name}: phases of a {short}-step fit (s): " + ", ".join(
         f"{k} {v:.3g}" for k, v in r["fit_short_phases_s"].items())
         + f"; {r['fit_short_streamed_batches']} batches streamed while the data was copied")
+    r["fit_short_without_s"] = fit_short_without(X, n, batch, short, device, bf16,
+                                                 sizes["fit_repeats"])
+    _say(f"{label} {dtype_name}: fit of {short} steps without " + "; ".join(
+        f"{k} {v:.3g} s" for k, v in r["fit_short_without_s"].items()))
     timeline = r["fit_short_timeline"] = fit_step_timeline(X, n, batch, short, device, bf16)
     _say(f"{label} {dtype_name}: steps of a {short}-step fit: median "
          f"{timeline['median_device_ms']:.3g} ms on the device, beyond it "

@@ -557,6 +557,9 @@ def _gpu_md(r):
         rows += [[f"  {'' if part.startswith('beside') else 'of which '}{part} (s)",
                   *(p.get(part, "n/a") for p in parts)]
                  for part in dict.fromkeys(k for p in parts for k in p)]
+        without = [size[name].get("fit_short_without_s", {}) for name in dtypes]
+        rows += [[f"short fit without {piece} (s)", *(w.get(piece, "n/a") for w in without)]
+                 for piece in dict.fromkeys(k for w in without for k in w)]
         for kernel in ("codes", "residual"):
             ways = [size[name].get(f"{kernel}_ways_us") for name in dtypes]
             if any(ways):
