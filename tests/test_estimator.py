@@ -1361,8 +1361,13 @@ def test_scikit_learn_machinery_a_search_combines_it_with(tmp_path):
         stream.partial_fit(X[:300])
         stream.partial_fit(X[300:301])
         assert stream.n_iter_ == 2
-        with pytest.raises(ValueError, match="minimum of 2"):
-            SparseAutoencoderDictionary(**params).partial_fit(X[:1])
+        # The first call's rows set the scale: one row is refused, and the
+        # error says why and how to start a stream.
+        for start in (SparseAutoencoderDictionary(**params).partial_fit,
+                      SparseAutoencoderDictionary(**params).fit):
+            with pytest.raises(ValueError, match=r"X has 1 sample, but the first training "
+                                                 r"call needs at least 2: .*input scale"):
+                start(X[:1])
 
 
 # ------------------------------------------------------------- dict_init
@@ -1414,6 +1419,10 @@ def test_dict_init_at_the_true_atoms_keeps_them(known):
                                                         r"\(2 all-zero rows in all\)"),
     (lambda a: np.where(a > 0.5, np.nan, a), r"dict_init contains NaN"),
     (lambda a: "atoms", r"'dict_init' parameter .* must be an array-like or None"),
+    # A copy and a multiple of earlier rows: they would never separate.
+    (lambda a: np.vstack([a[:30], a[3], 2.5 * a[7]]),
+     r"dict_init's rows 3 and 30 point the same way \(2 rows repeat"),
+    (lambda a: np.ones((32, 16)), r"dict_init's rows 0 and 1 point the same way \(31 rows"),
 ])
 def test_bad_dict_init_is_refused_and_the_fitted_dictionary_kept(known, bad, message):
     X, atoms = known
@@ -1423,6 +1432,14 @@ def test_bad_dict_init_is_refused_and_the_fitted_dictionary_kept(known, bad, mes
     with pytest.raises(ValueError, match=message):
         est.fit(X)
     np.testing.assert_array_equal(est.components_, before)
+
+
+def test_opposite_atoms_in_dict_init_are_distinct(known):
+    X, atoms = known
+    start = np.vstack([atoms[:16], -atoms[:16]])
+    est = SparseAutoencoderDictionary(dict_init=start, max_steps=2, learning_rate=1e-9,
+                                      device="cpu", random_state=0).fit(X)
+    np.testing.assert_allclose(est.components_[16:], -est.components_[:16], atol=1e-6)
 
 
 def test_dict_init_and_n_components_must_agree(known):
