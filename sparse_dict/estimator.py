@@ -1297,6 +1297,14 @@ class SparseAutoencoderDictionary(
             # set since (a negative learning rate, a zero batch size) would
             # train wrongly or fail deep inside.
             self._validate_params()
+            fitted = self.components_.shape[0]
+            if self.n_components is not None and self.n_components != fitted:
+                # Training goes on from the fitted atoms, whatever the
+                # parameter says (silently, before).
+                raise ValueError(
+                    f"This dictionary was fitted with {fitted} atoms, but n_components is now "
+                    f"{self.n_components}; partial_fit goes on training the fitted atoms. Set "
+                    f"n_components back to {fitted}, or call fit to train a new dictionary.")
         with _restored_on_error(self, getattr(self, "_trainer", None)):
             X = self._validate_train_data(X, reset=first_call)
             replicas, device = self._replicas_and_device()

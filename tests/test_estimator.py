@@ -1361,6 +1361,14 @@ def test_scikit_learn_machinery_a_search_combines_it_with(tmp_path):
         stream.partial_fit(X[:300])
         stream.partial_fit(X[300:301])
         assert stream.n_iter_ == 2
+        # n_components changed since: partial_fit would go on with the
+        # fitted atoms regardless; it says so and changes nothing.
+        before = stream.components_.copy()
+        stream.set_params(n_components=99)
+        with pytest.raises(ValueError, match=r"fitted with 16 atoms, but n_components is "
+                                             r"now 99; partial_fit goes on"):
+            stream.partial_fit(X[:300])
+        assert stream.n_iter_ == 2 and np.array_equal(stream.components_, before)
         # The first call's rows set the scale: one row is refused, and the
         # error says why and how to start a stream.
         for start in (SparseAutoencoderDictionary(**params).partial_fit,
