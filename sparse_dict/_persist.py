@@ -940,10 +940,10 @@ def _bad(file, message):
     return ValueError(f"{file}: {message}")
 
 
-_EDIT_HINT = "Set parameters after loading instead (set_params), and save again."
+EDIT_HINT = "Set parameters after loading instead (set_params), and save again."
 
 
-def read_config(path, *, config_name, weights_name, other_layout=None, edit_hint=_EDIT_HINT):
+def read_config(path, *, config_name, weights_name, other_layout=None, edit_hint=EDIT_HINT):
     """Read and integrity-check a saved folder's JSON config.
 
     Returns the config as a dict. A folder written before integrity records

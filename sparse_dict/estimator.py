@@ -2068,6 +2068,13 @@ class SparseAutoencoderDictionary(
                 f"{path} was written by a newer sparse_dict (format {version}); "
                 "upgrade sparse_dict to load it."
             )
+        if version >= 2 and _persist.INTEGRITY_KEY not in config:
+            # Only folders saved before integrity records existed (format 1)
+            # lack one; without this, deleting it skipped every checksum.
+            raise ValueError(
+                f"{file}: its integrity record (field {_persist.INTEGRITY_KEY!r}) is missing, "
+                f"though every folder of format {version} has one: the file was edited by "
+                f"hand or damaged. {_persist.EDIT_HINT}")
         unknown = set(config) - {"format", "format_version", "sparse_dict_version", "params",
                                  "attributes", _persist.INTEGRITY_KEY}
         if unknown:

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 from sklearn.exceptions import ConvergenceWarning
 
 from sparse_dict import SparseAutoencoderDictionary
+from sparse_dict import _persist
 from sparse_dict.cli import main
 from sparse_dict.saelens import is_saelens_folder
 
@@ -318,8 +319,9 @@ def test_old_topk_folders_without_selection_scale_still_load(tmp_path):
     tensors = load_file(str(weights))
     del tensors["selection_scale"]
     save_file(tensors, str(weights))
+    # Checksummed anew, as a folder saved before selection_scale existed was.
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
-    del config["sha256"]  # as folders written before the checksums
+    config["sha256"]["weights"] = _persist._digest_file(weights)
     (tmp_path / "saved" / "config.json").write_text(json.dumps(config))
     loaded = SparseAutoencoderDictionary.load(tmp_path / "saved")
     np.testing.assert_array_equal(loaded.selection_scale_, 1.0)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 from sparse_dict import SparseAutoencoderDictionary
+from sparse_dict import _persist
 
 CONFIG, WEIGHTS = "config.json", "weights.safetensors"
 
@@ -46,12 +47,28 @@ def _copy(saved, folder):
     return Path(shutil.copytree(saved, Path(folder) / "copy"))
 
 
-def _edit_config(path, edit, sign=False):
-    """Apply ``edit`` to the config; without ``sign`` the checksums are dropped, as in
-    folders saved before sparse_dict recorded them, so that only validation stands guard."""
+def _edit_config(path, edit):
+    """Apply ``edit`` to the config, and record the checksums of the edited folder anew.
+
+    So that only validation stands guard, as over a folder saved with what
+    the edit wrote. A folder made format 1 (saved before checksums existed)
+    gets none, as it had none.
+    """
     config = json.loads((path / CONFIG).read_text())
     edit(config)
+    _write_signed(path, config)
+
+
+def _write_signed(path, config):
+    """Write ``config`` with an integrity record of itself and the weights as they are now."""
     config.pop("sha256", None)
+    if config.get("format_version") != 1:
+        try:
+            digest = _persist._digest_bytes(_persist._canonical(config).encode())
+        except ValueError:  # NaN written in: no checksum can be made, as save makes none
+            digest = "0" * 64
+        config["sha256"] = {"config": digest,
+                            "weights": _persist._digest_file(path / WEIGHTS)}
     (path / CONFIG).write_text(json.dumps(config))
 
 
@@ -127,8 +144,9 @@ DAMAGES = [
      "attributes.n_iter_"),
     ("scale_ negative", lambda p: _edit_config(p, _set(["attributes", "scale_"], -1)),
      "attributes.scale_"),
+    # (No checksum can be made of it: the record's check names it first.)
     ("scale_ NaN", lambda p: _edit_config(p, _set(["attributes", "scale_"], math.nan)),
-     "attributes.scale_"),
+     "contains NaN or infinity"),
     ("n_components_ a float", lambda p: _edit_config(
         p, _set(["attributes", "n_components_"], 10.0)), "attributes.n_components_"),
     ("n_components_ a bool", lambda p: _edit_config(
@@ -199,12 +217,18 @@ def test_damaged_folder_gives_a_clear_error(saved, tmp_path, what, damage, words
     assert str(path) in message, message  # names the file (or the folder)
 
 
-def test_old_folders_without_checksums_still_load(saved, fitted, tmp_path, X):
+def test_checksums_deleted_from_a_folder_of_this_format_are_refused(saved, tmp_path):
+    # Only format 1 folders were saved without checksums
+    # (test_format_1_folders_load_and_are_checked); deleting them from a
+    # newer folder skipped every check, and an edited config loaded.
     path = _copy(saved, tmp_path)
-    _edit_config(path, lambda c: None)
-    loaded = SparseAutoencoderDictionary.load(path)
-    assert equal(loaded, SparseAutoencoderDictionary.load(saved))
-    np.testing.assert_array_equal(loaded.transform(X), fitted.transform(X))
+    config = json.loads((path / CONFIG).read_text())
+    del config["sha256"]
+    config["params"]["l1_coef"] = 0.5
+    (path / CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"integrity record \(field 'sha256'\) is missing, "
+                                         r"though every folder of format 2 has one"):
+        SparseAutoencoderDictionary.load(path)
 
 
 def test_missing_folder_is_file_not_found(tmp_path):
@@ -292,9 +316,10 @@ def _apply(path, how, sign):
             del node[keys[-1]]
         else:
             node[keys[-1]] = how[2]
-        if not sign:
-            config.pop("sha256", None)
-        (path / CONFIG).write_text(json.dumps(config))
+        if sign:
+            (path / CONFIG).write_text(json.dumps(config))
+        else:
+            _write_signed(path, config)
     else:
         tensors = dict(load_file(str(path / WEIGHTS)))
         name = sorted(tensors)[how[1] % len(tensors)]
