@@ -439,6 +439,10 @@ def test_feature_out_of_range(ext, sae):
     with pytest.raises(TypeError, match=r"features must be an int or a sequence of ints, got "
                                         r"\[1, \[2\]\]"):
         logit_effects(ext, sae, features=[1, [2]])
+    # Named, not an IndexError from inside.
+    for empty in ([], np.array([], dtype=int)):
+        with pytest.raises(ValueError, match="features is empty: give at least one"):
+            logit_effects(ext, sae, features=empty)
 
 
 def test_features_given_as_tensors_or_arrays():

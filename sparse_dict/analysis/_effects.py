@@ -361,6 +361,10 @@ def check_features(features, n_components, name="features"):
     if items is None or not all(isinstance(v, Integral) and not isinstance(v, bool)
                                 for v in items):
         raise TypeError(f"{name} must be an int or a sequence of ints, got {given!r}.")
+    if not items:
+        # (An IndexError from inside the computation, before.)
+        raise ValueError(f"{name} is empty: give at least one feature index, or None for "
+                         "every feature.")
     bad = [int(v) for v in items if not 0 <= v < n_components]
     if bad:
         what = "feature" if scalar or len(bad) == 1 else "features"
