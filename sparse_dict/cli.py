@@ -769,7 +769,7 @@ def build_parser(command=None):
                    "of the activations (negative pushes the other way)")
     p.add_argument("--clamp", type=float, default=None,
                    help="set the feature's code to this value instead of adding")
-    p.add_argument("--max-new-tokens", type=_non_negative_int, default=20,
+    p.add_argument("--max-new-tokens", type=_positive_int, default=20,
                    help="tokens generated per prompt (default: 20)")
     p.add_argument("--temperature", type=_non_negative_float, default=0.0,
                    help="0 generates greedily; above 0 samples (default: 0)")

@@ -389,6 +389,10 @@ def test_a_strength_that_overflows_the_model_is_refused(ext, sae):
     with pytest.raises(ValueError, match="NaN or infinite"):
         steering_distributions(ext, sae, ["My lord"], 3, 1e30)
     assert len(steer(ext, sae, ["My lord"], 3, 5.0, max_new_tokens=2)) == 1
+    # Nothing to generate, nothing to compare: refused (two empty
+    # continuations before).
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 0"):
+        steer(ext, sae, ["My lord"], 3, 5.0, max_new_tokens=0)
     # Beyond float32, a clamped code is infinite before the model runs: named
     # as such, not as scikit-learn's "Input contains infinity" from the hook.
     for run in (steer, steering_distributions):

@@ -630,6 +630,9 @@ def test_bad_option_values(tmp_path, capsys):
     status, _, err = run(["steer", tmp_path, "Hi", "--feature", "1", "--strength", "1",
                           "--seed", "-5"], capsys)
     assert_one_line_error(status, err, "--seed", "from 0 to 2**32 - 1")
+    status, _, err = run(["steer", tmp_path, "Hi", "--feature", "1", "--strength", "1",
+                          "--max-new-tokens", "0"], capsys)
+    assert_one_line_error(status, err, "--max-new-tokens")
     status, _, err = run(["--foo"], capsys)
     assert_one_line_error(status, err, "unrecognized arguments: --foo")
 

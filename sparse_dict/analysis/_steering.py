@@ -227,7 +227,8 @@ def steer(extractor, sae, texts, feature, strength, max_new_tokens=20, random_st
         codes; ``sae.transform`` gives them). Negative values push the other
         way. Must be 0 with ``clamp``.
     max_new_tokens : int, default=20
-        Tokens generated per text (fewer if the model ends the text).
+        Tokens generated per text (fewer if the model ends the text); at
+        least 1.
     random_state : int, RandomState instance or None, default=None
         Seeds the sampling when ``temperature > 0``; greedy generation does
         not use it. Every prompt is sampled from the same seed, so a prompt's
@@ -277,8 +278,9 @@ def steer(extractor, sae, texts, feature, strength, max_new_tokens=20, random_st
     """
     extractor, edit = _edit(extractor, sae, feature, strength, clamp, direction)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or (
-            max_new_tokens < 0):
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got "
+            max_new_tokens < 1):
+        # 0 generated nothing to compare: two empty continuations.
+        raise ValueError(f"max_new_tokens must be a positive integer, got "
                          f"{max_new_tokens!r}.")
     temperature = _check_number(temperature, "temperature", minimum=0.0)
     texts = [texts] if isinstance(texts, str) else texts
