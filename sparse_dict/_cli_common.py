@@ -636,6 +636,12 @@ def _fingerprint(path):
     return f"{size}:{digest.hexdigest()}"
 
 
+# What an ignored provenance file costs, whichever command read it ('fit'
+# made no record of it; 'encode' could not check the rows' hook point).
+_UNKNOWN_ORIGIN = ("where these activations came from is unknown: 'fit' cannot record it, "
+                   "and 'encode' cannot check it against the dictionary's")
+
+
 def _read_provenance(npy_path, X):
     """The provenance ``extract`` wrote beside activations, if it describes ``X``; else None.
 
@@ -647,16 +653,15 @@ def _read_provenance(npy_path, X):
         return None
     if not _provenance_kind().recognize(path):
         warnings.warn(f"{str(path)!r} is not a provenance file written by "
-                      f"'{PROG} extract'; the dictionary will not record where its "
-                      "activations came from", UserWarning, stacklevel=2)
+                      f"'{PROG} extract'; it is ignored, so {_UNKNOWN_ORIGIN}",
+                      UserWarning, stacklevel=2)
         return None
     provenance = json.loads(path.read_text(encoding="utf-8"))
     recorded = provenance.pop("activations_fingerprint", None)
     if recorded is not None and recorded != _fingerprint(npy_path):
         warnings.warn(f"{str(path)!r} describes the activations 'extract' wrote to "
-                      f"{str(npy_path)!r}, which has been written over since; it is ignored "
-                      "(the dictionary will not record where its rows came from)",
-                      UserWarning, stacklevel=2)
+                      f"{str(npy_path)!r}, which has been written over since; it is ignored, "
+                      f"so {_UNKNOWN_ORIGIN}", UserWarning, stacklevel=2)
         return None
     shape = (provenance.get("n_tokens"), provenance.get("n_features"))
     if shape != tuple(X.shape):

@@ -637,6 +637,17 @@ def test_bad_option_values(tmp_path, capsys):
     assert_one_line_error(status, err, "unrecognized arguments: --foo")
 
 
+def test_encode_names_what_an_unreadable_provenance_costs_it(fitted, tmp_path, capsys):
+    # The warning said "the dictionary will not record where its activations
+    # came from": fit's consequence, where encode makes no dictionary.
+    acts = _npy(tmp_path, "acts.npy", np.ones((5, 512), np.float32))
+    (tmp_path / "acts.provenance.json").write_text("{not json")
+    status, _, err = run(["encode", fitted / "dict", acts, "-o", tmp_path / "c.npy"], capsys)
+    assert status == 0
+    assert "is not a provenance file written by 'sparse-dict extract'; it is ignored" in err
+    assert "'encode' cannot check it against the dictionary's" in err
+
+
 def test_encode_wrong_width_and_not_a_dictionary(fitted, tmp_path, capsys):
     narrow = _npy(tmp_path, "narrow.npy", np.ones((5, 7), np.float32))
     status, _, err = run(["encode", fitted / "dict", narrow, "-o", tmp_path / "c.npy"], capsys)
