@@ -489,6 +489,9 @@ def _run_demo(args, out, final):
     curve_text = "\n\n" + _format_size_curve(size_curve) if size_curve else ""
     (out / "results.txt").write_text(table + curve_text + "\n", encoding="utf-8")
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "overwrite")}
+    # The length the texts were cut to: the model's positions cap what was
+    # asked (--max-length 100000 was recorded as if used).
+    settings["max_length"] = extractor.provenance()["max_length"]
     (out / "results.json").write_text(
         json.dumps({"results": rows, "n_eval_tokens": int(X_eval.shape[0]),
                     "size_curve": size_curve, "settings": settings},

@@ -484,6 +484,14 @@ def test_demo_without_size_curve(builtin_model, tmp_path, capsys):
     assert status == 0, err
     settings = json.loads((tmp_path / "e" / "results.json").read_text())["settings"]
     assert (settings["max_length"], settings["n_components"], settings["n_texts"]) == (128, 48, 24)
+    # A length beyond the model's 128 positions is cut to them, and the
+    # settings say what was used (they said 100000).
+    status, _, err = run(["demo", "--tiny", "--no-classical", "--no-size-curve", "-q",
+                          "--max-length", "100000", "--out", tmp_path / "g", "--device", "cpu"],
+                         capsys)
+    assert status == 0, err
+    assert json.loads((tmp_path / "g" / "results.json").read_text())["settings"][
+        "max_length"] == 128
     # An abbreviation would be the user's too, unseen by --tiny (it gave 32
     # atoms for "--n-comp 48"): the demo takes options in full only.
     status, _, err = run(["demo", "--tiny", "--n-comp", "48", "--out", tmp_path / "f"], capsys)
