@@ -342,6 +342,11 @@ def test_resume_refuses_another_extraction(reference, extractor, texts, tmp_path
         extractor.transform_to_disk(texts, path, resume=True, overwrite=True)
     # Every refusal left the store as it was, ready to resume.
     assert _files(path, manifest=True) == before
+    # The same hook point named another way resumes: layer -1 of the
+    # one-layer model is its layer 0 (refused before, as another layer).
+    last = TransformerActivationExtractor(max_length=MAX_LENGTH, layer=-1, device="cpu")
+    with pytest.raises(ValueError, match="first 8 texts differ"):
+        last.transform_to_disk(texts[::-1], path, resume=True, chunk_texts=CHUNK)
     # Another chunk size resumes too (rows equal to rounding: other batches).
     store = extractor.transform_to_disk(texts, path, resume=True, chunk_texts=7)
     np.testing.assert_allclose(store.activations, reference.activations, atol=1e-5)

@@ -710,8 +710,19 @@ class StoreWriter:
         self.close()
 
 
+# How a hook point was asked for, and what it resolved to: one point may be
+# asked for two ways (layer -1 and layer 0 of a one-layer model).
+_NAMING_KEYS = ("layer", "hook", "module")
+_RESOLVED_KEYS = ("hook_name", "hook_module", "hook_direction")
+
+
 def _check_same_extraction(path, manifest, config):
     differ = [k for k in RESUME_KEYS if manifest.get(k) != config.get(k)]
+    if all(manifest.get(k) is not None and manifest.get(k) == config.get(k)
+           for k in _RESOLVED_KEYS):
+        # The same hook point however it was named ('--layer -1' refused
+        # a store made with '--layer 0', where encode and report take both).
+        differ = [k for k in differ if k not in _NAMING_KEYS]
     if differ:
         what = ", ".join(f"{k}={manifest.get(k)!r} (now {config.get(k)!r})" for k in differ)
         raise ValueError(
