@@ -126,6 +126,17 @@ def test_malformed_config_json_names_the_file(minilm_path, tmp_path):
     assert str(folder / "config.json") in str(err.value)
 
 
+def test_an_unknown_architecture_names_the_folder(minilm_path, tmp_path):
+    # transformers' own error named no model.
+    folder = _linked_copy(minilm_path, tmp_path / "unknown", skip={"config.json"})
+    config = json.loads((minilm_path / "config.json").read_text())
+    config["model_type"] = "no-such-architecture"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no-such-architecture") as err:
+        TransformerActivationExtractor(str(folder), device="cpu").fit(TEXTS)
+    assert str(err.value).startswith(f"model={str(folder)!r} cannot be loaded: ")
+
+
 # ---------------------------------------------------------------------------
 # Inputs no tokenizer can take (issue 12, weak items)
 # ---------------------------------------------------------------------------

@@ -282,7 +282,12 @@ def _load_hf(source, device, verbose):
     if not verbose:
         transformers.utils.logging.disable_progress_bar()
     try:
-        config = AutoConfig.from_pretrained(root, **options)
+        try:
+            config = AutoConfig.from_pretrained(root, **options)
+        except ValueError as exc:
+            # transformers' own words (an unknown model_type, say) named no
+            # model: the folder or id is put first.
+            raise ValueError(f"model={str(source)!r} cannot be loaded: {exc}") from None
         causal = any(
             a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or ())
         )
