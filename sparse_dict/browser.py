@@ -531,8 +531,11 @@ def browser_page(frequencies, examples=None, *, title="Feature browser", max_fea
             f"describe {examples.n_features}."
         )
     effects = _check_effects(logit_effects, frequencies.shape[0])
+    if not isinstance(title, str):
+        # str(None) titled the page "None".
+        raise TypeError(f"title must be a str, got {title!r}.")
     payload = _feature_payload(frequencies, examples, max_features, effects)
-    title = _encodable(str(title))
+    title = _encodable(title)
     payload["title"] = title
     payload["n_features"] = int(frequencies.shape[0])
     payload["n_dead"] = int(np.count_nonzero(frequencies <= 0))

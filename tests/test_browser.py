@@ -174,6 +174,10 @@ def test_a_title_is_shown_as_given_even_with_placeholders(tmp_path):
 
     assert "<title>Run @@JS@@ &amp; @@DATA@@</title>" in text
     assert text.count(_JS) == 1 and text.count(_CSS) == 1
+    # Not a string: refused, and nothing written (None titled the page "None").
+    with pytest.raises(TypeError, match="title must be a str, got None"):
+        write_feature_browser(tmp_path / "g.html", [0.5], title=None)
+    assert not (tmp_path / "g.html").exists()
 
 
 def test_max_features_is_a_positive_integer(tmp_path):
