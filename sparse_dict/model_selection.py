@@ -49,6 +49,10 @@ def _unwrapped(estimator):
             return estimator
 
 
+class _NotADictionary(TypeError):
+    """What no search's candidate can be scored as: the caller's mistake, raised."""
+
+
 def _reconstruct(estimator, X):
     """Input to the dictionary, its codes and its reconstruction.
 
@@ -68,7 +72,7 @@ def _reconstruct(estimator, X):
     if not (
         hasattr(dictionary, "transform") and hasattr(dictionary, "inverse_transform")
     ):
-        raise TypeError(
+        raise _NotADictionary(
             "Scoring a sparse dictionary needs an estimator, or a Pipeline whose "
             "last step is one, with transform and inverse_transform methods; got "
             f"{type(dictionary).__name__}."
@@ -177,7 +181,19 @@ class SparseCodingScorer:
         scores : dict of str to float
             One entry per name in ``metrics``.
         """
-        X_in, codes, X_hat = _reconstruct(estimator, X)
+        try:
+            X_in, codes, X_hat = _reconstruct(estimator, X)
+        except _NotADictionary:
+            raise
+        except Exception as exc:  # noqa: BLE001 - scored NaN, named in the warning
+            # As below: raised here, scikit-learn's error_score put one NaN
+            # where the other splits have dicts, and the search died with
+            # "'float' object is not subscriptable" (a transform asking OMP
+            # for more atoms than the dictionary has, say).
+            warnings.warn(f"{type(estimator).__name__} could not code or reconstruct X here "
+                          f"({type(exc).__name__}: {exc}): every metric is scored NaN.",
+                          UserWarning, stacklevel=2)
+            return dict.fromkeys(self.metrics, float("nan"))
         if not (np.isfinite(X_hat).all() and _finite(codes)):
             # Scored NaN, which best_under_l0 passes over, like a failed fit:
             # raised here, it broke the whole search even with
@@ -311,7 +327,8 @@ class BestUnderL0:
             if not np.isfinite(l0s).any():
                 raise ValueError(
                     "No candidate could be scored: every mean L0 is NaN, so all "
-                    "fits or scorings failed (set error_score='raise' to see why)."
+                    "fits or scorings failed (the scorings' warnings say why; "
+                    "error_score='raise' raises a failed fit's error)."
                 )
             within = l0s <= self.max_l0
             if within.any():
@@ -321,7 +338,8 @@ class BestUnderL0:
                     f"The {int(within.sum())} candidate(s) with a mean L0 within "
                     f"max_l0={self.max_l0} have no mean {self.score} (NaN; the first "
                     f"has params {cv_results['params'][first]}): their "
-                    "fits or scorings failed (set error_score='raise' to see why)."
+                    "fits or scorings failed (the scorings' warnings say why; "
+                    "error_score='raise' raises a failed fit's error)."
                 )
             smallest = int(np.nanargmin(l0s))
             raise ValueError(

@@ -259,6 +259,31 @@ def test_a_nan_reconstruction_scores_nan_and_the_search_goes_on(data):
     assert search.best_index_ == 1
 
 
+def test_a_transform_that_raises_scores_nan_and_the_search_goes_on(data):
+    # OMP asked for more atoms than the dictionary has: scikit-learn's
+    # error_score put one float where the other splits had dicts, and the
+    # search died with "'float' object is not subscriptable".
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+    from sklearn.model_selection import cross_validate
+
+    X = data[0]
+    coder = MiniBatchDictionaryLearning(n_components=8, max_iter=2, batch_size=64,
+                                        random_state=0, transform_algorithm="omp")
+    search = GridSearchCV(coder, {"transform_n_nonzero_coefs": [20, 2]},
+                          scoring=sparse_coding_scorer, refit=best_under_l0(max_l0=5), cv=2,
+                          error_score=np.nan)
+    with pytest.warns(UserWarning, match=r"could not code or reconstruct X here "
+                                         r"\(ValueError: .*every metric is scored NaN"):
+        search.fit(X)
+    assert np.isnan(search.cv_results_["mean_test_explained_variance"][0])
+    assert search.best_index_ == 1
+    # cross_validate keeps the metrics' own names (it said test_score).
+    with pytest.warns(UserWarning, match="could not code"):
+        scores = cross_validate(coder.set_params(transform_n_nonzero_coefs=20), X,
+                                scoring=sparse_coding_scorer, cv=2)
+    assert np.isnan(scores["test_explained_variance"]).all()
+
+
 def test_best_under_l0_minimises_the_metrics_better_lower():
     # Maximised, score="mse" chose the worst reconstruction within the budget.
     results = _results([0.9, 0.5, 0.7], [4.0, 2.0, 30.0])
