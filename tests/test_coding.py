@@ -368,6 +368,18 @@ def test_amortisation_gap_of_a_lasso_coder_codes_against_its_offset():
     assert auto["optimal"] > 0.99 and auto["gap"] > 0
 
 
+def test_amortisation_gap_of_sparse_pca_codes_against_its_mean():
+    # SparsePCA codes X - mean_ and adds mean_ back: "auto" left it out,
+    # and the optimal side explained -34.8 on data offset by 3.
+    from sklearn.decomposition import SparsePCA
+
+    X, _, _ = make_superposition(300, 16, 32, n_active=3, random_state=0)
+    pca = SparsePCA(n_components=8, alpha=0.1, random_state=0, max_iter=20).fit(X + 3)
+    auto = amortisation_gap(pca, X + 3)
+    assert auto == amortisation_gap(pca, X + 3, offset=pca.mean_)
+    assert auto["optimal"] > 0.5
+
+
 def test_a_fitted_estimator_without_atoms_is_named_as_such():
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
