@@ -108,12 +108,12 @@ def load_corpus(split="train", n_texts=None, random_state=None, min_length=32):
     Raises
     ------
     ValueError
-        If ``split`` is unknown or more texts are asked for than the split
-        holds.
+        If ``split`` is unknown, ``n_texts`` or ``min_length`` is not a
+        non-negative int, or more texts are asked for than the split holds.
 
     Examples
     --------
-    >>> from sparse_dict._corpus import load_corpus
+    >>> from sparse_dict.datasets import load_corpus
     >>> texts = load_corpus("test", n_texts=3, random_state=0)
     >>> len(texts), all(isinstance(t, str) for t in texts)
     (3, True)
@@ -124,6 +124,10 @@ def load_corpus(split="train", n_texts=None, random_state=None, min_length=32):
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}.")
+    if (isinstance(min_length, bool) or not isinstance(min_length, (int, np.integer))
+            or min_length < 0):
+        # None failed inside the filter, naming no argument; -5 passed.
+        raise ValueError(f"min_length must be a non-negative int, got {min_length!r}.")
     docs = [d for d in _documents(split) if len(d) >= min_length]
     if n_texts is None:
         n_texts = len(docs)

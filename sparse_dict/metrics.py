@@ -144,8 +144,13 @@ def explained_variance(X, X_hat):
     """Fraction of the variance of ``X`` that the reconstruction explains.
 
     ``1 - sum ||X - X_hat||^2 / sum ||X - mean(X, axis=0)||^2``, summed over
-    all rows and features (the pooled definition used for sparse autoencoders,
-    not scikit-learn's per-output average). Sums are accumulated in float64.
+    all rows and features: the pooled definition used for sparse
+    autoencoders, which is scikit-learn's
+    ``r2_score(X, X_hat, multioutput="variance_weighted")``. Unlike
+    scikit-learn's ``explained_variance_score``, it counts a constant bias
+    of the reconstruction as error (that score forgives any offset, which a
+    dictionary's reconstruction must get right too). Sums are accumulated
+    in float64.
 
     Parameters
     ----------

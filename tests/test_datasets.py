@@ -1,5 +1,7 @@
 """Tests for sparse_dict.datasets.make_superposition."""
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -182,6 +184,15 @@ def test_a_steep_frequency_decay_keeps_n_active():
 def test_load_corpus_is_exported():
     assert "load_corpus" in datasets.__all__
     assert callable(datasets.load_corpus)
+
+
+@pytest.mark.parametrize("bad", [None, "a", -5, 2.5, True])
+def test_load_corpus_refuses_a_bad_min_length(bad):
+    # None failed inside the filter, naming no argument; -5 passed silently.
+    with pytest.raises(ValueError, match=f"min_length must be a non-negative int, got "
+                                         f"{re.escape(repr(bad))}"):
+        datasets.load_corpus("test", min_length=bad)
+    assert len(datasets.load_corpus("test", n_texts=3, min_length=0)) == 3
 
 
 @settings(max_examples=25, deadline=None)
