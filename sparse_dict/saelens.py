@@ -229,8 +229,13 @@ def _read_config(path):
     cfg["dtype"] = _DTYPES[dtype]
     if "device" in config:
         _persist.config_field(config, "device", file, kind=str)
-    cfg["apply_b_dec_to_input"] = _check_bool(config, "apply_b_dec_to_input", file)
-    norm = _persist.config_field(config, "normalize_activations", file, kind=str)
+    # Missing, the two take SAELens' own defaults (SAEConfig's), with which
+    # SAELens loads such a folder: a hand-made or third-party cfg.json may
+    # leave them out (it was refused as incomplete).
+    cfg["apply_b_dec_to_input"] = _check_bool(config, "apply_b_dec_to_input", file,
+                                              default=True)
+    norm = (_persist.config_field(config, "normalize_activations", file, kind=str)
+            if "normalize_activations" in config else "none")
     if norm in _UNSUPPORTED_NORMALIZATIONS:
         raise ValueError(
             f"{file}: field 'normalize_activations' is {norm!r}, which sparse_dict cannot "
@@ -608,6 +613,11 @@ def write_saelens(path, activation, k, tensors, provenance=None, *, frequencies=
         metadata[PROVENANCE_KEY] = provenance
         if isinstance(provenance.get("max_length"), int):
             metadata.setdefault("context_size", provenance["max_length"])
+        # Where SAELens and Neuronpedia look for the model and the hook
+        # (they went out empty): this package's names, unless given.
+        for key, field in (("model_name", "model"), ("hook_name", "hook_name")):
+            if isinstance(provenance.get(field), str):
+                metadata.setdefault(key, provenance[field])
     metadata.setdefault("sae_lens_version", WRITTEN_FORMAT_VERSION)
     metadata.setdefault("sae_lens_training_version", None)
     metadata["sparse_dict_version"] = __version__

@@ -54,6 +54,21 @@ def _write(folder, architecture, weights, **fields):
     return folder
 
 
+def test_fields_saelens_defaults_may_be_left_out(tmp_path):
+    # SAELens' SAEConfig defaults apply_b_dec_to_input (True) and
+    # normalize_activations ("none"), and loads a cfg.json without them;
+    # they were refused here as missing.
+    w = _weights("standard")
+    x = np.random.default_rng(1).normal(size=(20, D_IN)).astype(np.float32)
+    full = SparseAutoencoderDictionary.from_saelens(_write(tmp_path / "full", "standard", w))
+    lean = _write(tmp_path / "lean", "standard", w)
+    cfg = json.loads((lean / "cfg.json").read_text())
+    del cfg["apply_b_dec_to_input"], cfg["normalize_activations"]
+    (lean / "cfg.json").write_text(json.dumps(cfg))
+    np.testing.assert_array_equal(
+        SparseAutoencoderDictionary.from_saelens(lean).transform(x), full.transform(x))
+
+
 def _saelens_reference(cfg, w, x, scaling=None):
     """SAELens' encode and decode, from its documented equations, in float64."""
     w = {k: v.astype(np.float64) for k, v in w.items()}
@@ -292,6 +307,9 @@ def test_an_extractors_provenance_goes_through_saelens_and_back(tmp_path):
         sae.fit(X, provenance=ext.provenance(corpus="noise"))
     meta = json.loads((sae.to_saelens(tmp_path / "sae") / "cfg.json").read_text())["metadata"]
     assert meta["sparse_dict_provenance"] == sae.provenance_ and meta["context_size"] == 16
+    # Where SAELens and Neuronpedia read the model and hook (they went out
+    # empty); what a user gives in provenance_["metadata"] would win.
+    assert (meta["model_name"], meta["hook_name"]) == ("builtin", "layer0.mlp_post")
     back = SparseAutoencoderDictionary.from_saelens(tmp_path / "sae")
     assert back.provenance_ == sae.provenance_
     check_compatible(ext, back)
