@@ -319,7 +319,8 @@ def _check_distinct_atoms(atoms):
         row = int(repeats[0])
         raise ValueError(
             f"dict_init's rows {int(first[inverse[row]])} and {row} point the same way "
-            f"({repeats.size} rows repeat an earlier row's direction): atoms that start "
+            f"({repeats.size} {'row repeats' if repeats.size == 1 else 'rows repeat'} an "
+            "earlier row's direction): atoms that start "
             "alike get the same updates and never separate. Give distinct atoms (a little "
             "noise separates copies), or dict_init=None for random ones.")
 
