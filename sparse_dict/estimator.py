@@ -633,6 +633,12 @@ _LITTLE_EXPLAINED = 0.1
 # the live atoms on, the dead-features warning names that regime.
 _OPPOSITE = -0.9
 _PAIRED_SHARE = 0.5
+# ... and the code is dense: its L0 at least this share of the data's width.
+# The dense fits measured had L0 near half the width (17.4 of 32); data whose
+# codes are signed pairs its atoms at any L0, and a sparse fit of it (L0 1.6
+# of 32, 82% paired, on scikit-learn's make_sparse_coded_signal) was told to
+# raise l0_coef, which only made it sparser and worse (EV 0.68, then 0.64).
+_DENSE_L0_SHARE = 0.25
 
 
 def _paired_share(atoms, live, n_probe=256):
@@ -1618,6 +1624,8 @@ class SparseAutoencoderDictionary(
         live = self.feature_frequencies_ > 0
         paired = (_paired_share(self.components_, live)
                   if judged and self.activation == "jumprelu" else 0.0)
+        if self.transform_l0_ < _DENSE_L0_SHARE * self.n_features_in_:
+            paired = 0.0  # pairs, but a sparse code: not the dense regime
         if judged and n_dead >= _DEAD_SHARE * self.n_components_:
             message = _dead_features_message(self.activation, n_dead, self.n_components_,
                                              int(trainer.pass_rows), self.transform_l0_,

@@ -16,7 +16,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 import torch
 
 from sparse_dict import SparseAutoencoderDictionary
-from sparse_dict.estimator import _dead_features_message
+from sparse_dict.estimator import _dead_features_message, _paired_share
 from sparse_dict.datasets import make_superposition
 from sparse_dict.estimator import DivergenceError
 from sparse_dict.metrics import mean_max_cosine_similarity
@@ -518,6 +518,26 @@ def test_the_dead_features_warning_points_jumprelu_at_its_dense_regime_only_ther
     if not torch.cuda.is_available():
         assert len(messages) == 1
     assert "l0_coef" not in _dead_features_message("relu", 64, 128, 6800, 21.3, paired=1.0)
+
+
+def test_signed_codes_fitted_sparsely_are_not_told_of_the_dense_regime():
+    # Data whose codes are signed needs atoms in opposite-sign pairs at any
+    # L0: fitted at L0 1.85 of 32 dimensions (about 80% paired), it was told
+    # "this is its dense regime: raise l0_coef", which only made the code
+    # sparser and the fit worse. The dense regime is a dense code too.
+    from sklearn.datasets import make_sparse_coded_signal
+
+    signal, _, _ = make_sparse_coded_signal(n_samples=2560, n_components=64, n_features=32,
+                                            n_nonzero_coefs=4, random_state=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sae = SparseAutoencoderDictionary(n_components=128, activation="jumprelu",
+                                          l0_coef=0.02, random_state=0).fit(
+            signal.astype(np.float32))
+    assert sae.transform_l0_ < 8  # a quarter of the width
+    live = sae.feature_frequencies_ > 0
+    assert _paired_share(sae.components_, live) >= 0.5  # paired, as the data's signs ask
+    assert not [w for w in caught if "dense regime" in str(w.message)]
 
 
 def test_default_budget_counts_steps_not_passes():
