@@ -394,8 +394,35 @@ def test_codes_shrunk_half_again_warn_and_well_fitted_ones_do_not():
             warnings.simplefilter("always")
             SparseAutoencoderDictionary(n_components=64, max_steps=2000, random_state=0).fit(X)
         said[name] = [str(w.message) for w in caught if "codes are shrunk" in str(w.message)]
-    assert len(said["dense"]) == 1 and re.search(r"scaled by 1\.[56]", said["dense"][0])
+    assert len(said["dense"]) == 1 and re.search(r"(scaled by|bias is) 1\.[56]",
+                                                 said["dense"][0])
     assert not said["clusters"]
+
+
+def test_codes_shrunk_unevenly_warn_though_their_bias_is_low():
+    # Random ReLU-MLP activations: the defaults explained 0.74 of the held-out
+    # rows at L0 6 (TopK at k=6: 0.91), with a relative reconstruction bias
+    # of 1.42, under the bias's limit: nothing was said. The same features
+    # with least-squares magnitudes explain about 0.91.
+    rng = np.random.default_rng(0)
+    Z, W = rng.standard_normal((3200, 8)), rng.standard_normal((8, 32)) / np.sqrt(8)
+    X = np.maximum(Z @ W - 0.5, 0).astype(np.float32)
+    train, held_out = X[:2560], X[2560:]
+    scores = {}
+    for name, params in (("default", {}), ("lower", {"l1_coef": 1.0})):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sae = SparseAutoencoderDictionary(n_components=128, random_state=0,
+                                              **params).fit(train)
+        scores[name] = (sae.score(held_out),
+                        [str(w.message) for w in caught if "codes are shrunk" in str(w.message)])
+    ev, shrunk = scores["default"]
+    assert len(shrunk) == 1, shrunk
+    assert re.search(r"magnitudes fitted by least squares would explain 0\.9\d of a sample "
+                     r"of the training rows' variance, against the codes' 0\.[67]\d", shrunk[0])
+    assert "lower l1_coef" in shrunk[0] and "activation='topk'" in shrunk[0]
+    # The advice helps, and the better fit says nothing of shrinkage.
+    assert scores["lower"][0] > ev + 0.1 and not scores["lower"][1]
 
 
 def test_an_unconverged_fit_shrunk_far_says_so_too():
