@@ -1612,12 +1612,12 @@ class SparseAutoencoderDictionary(
                      else _SHRINKAGE_WARN)
             if (assess and not poor
                     and self._fitted_activation().penalty_name == "l1_coef"):
-                refit = trainer.refit_gain(sample)
                 # Least squares on a support that spans much of the space fits
                 # anything (L0 9.6 of 8 dimensions: 0.995), so only a sparse
                 # code's gain counts (all those above had L0 at most 0.19 d).
                 sparse = self.transform_l0_ <= _DENSE_L0_SHARE * self.n_features_in_
-                if sparse and refit[1] - refit[0] > _REFIT_GAIN_WARN:
+                refit = trainer.refit_gain(sample) if sparse else (0.0, 0.0)
+                if refit[1] - refit[0] > _REFIT_GAIN_WARN:
                     warn_at_caller(_shrinkage_message(shrinkage, explained, self.l1_coef,
                                                       refit), UserWarning)
                 elif shrinkage > limit:

@@ -817,3 +817,31 @@ def test_a_divergence_inside_a_long_pass_is_found_at_the_check_after_next(monkey
         trainer.train(X, 1, TrainConfig(batch_size=8), np.random.RandomState(1))
     assert len(steps) == 300
     assert trainer.step == 0 and len(trainer.history) == 0
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 26, 4096])
+def test_refit_gain_is_each_rows_least_squares_on_its_active_atoms(chunk_bytes):
+    # The device's padded normal equations, in one chunk or many, against
+    # numpy's least squares row by row.
+    rng = np.random.default_rng(0)
+    trainer = Trainer(12, 40, "cpu", seed=0)
+    with torch.no_grad():
+        trainer.model.b_enc.fill_(-1.3)  # a sparse code: a few atoms a row
+        trainer.model.b_dec.copy_(torch.from_numpy(rng.normal(size=12)).float())
+    rows = torch.from_numpy(rng.normal(size=(60, 12))).float()
+    explained, refitted = trainer.refit_gain(rows, chunk_bytes=chunk_bytes)
+    with torch.no_grad():
+        made, codes = trainer.model(rows)
+    atoms = trainer.model.W_dec.detach().double().numpy()
+    x, b = rows.double().numpy(), trainer.model.b_dec.detach().double().numpy()
+    codes = codes.double().numpy()
+    assert 0 < (codes > 0).sum(axis=1).mean() < 6
+    refit = np.zeros_like(x)
+    for i, row in enumerate(codes):
+        support = np.flatnonzero(row > 0)
+        if support.size:
+            refit[i] = np.linalg.lstsq(atoms[support].T, x[i] - b, rcond=None)[0] @ atoms[support]
+    variance = ((x - x.mean(axis=0)) ** 2).sum()
+    assert explained == pytest.approx(1 - ((x - made.double().numpy()) ** 2).sum() / variance)
+    assert refitted == pytest.approx(1 - ((x - b - refit) ** 2).sum() / variance, abs=1e-8)
+    assert refitted > explained

@@ -824,20 +824,24 @@ class Trainer:
             calibrate(self.model, self.model.pre_activations(sample))
 
     @torch.no_grad()
-    def refit_gain(self, sample, n_rows=512):
+    def refit_gain(self, sample, n_rows=256, chunk_bytes=1 << 26):
         """How much more of ``sample``'s variance its codes' own features explain refitted.
 
         Each row's active features are kept and their magnitudes fitted
         anew by least squares (the decoder bias kept): what the same
         support would explain without a penalty's shrinkage. On the first
         ``n_rows`` rows of ``sample`` (scaled rows, as for
-        :meth:`sample_stats`).
+        :meth:`sample_stats`), on the model's device: each row's active
+        atoms are gathered (padded to the widest support, in chunks of rows
+        of about ``chunk_bytes``) and their normal equations solved in
+        float64; the host reads two numbers.
 
         Returns
         -------
         explained, refitted : float
             The explained variance of the model's reconstructions and of the
-            refitted ones, over the same rows; NaN for fewer than two rows.
+            refitted ones, over the same rows; NaN for fewer than two rows
+            or rows without spread.
 
         Examples
         --------
@@ -851,23 +855,38 @@ class Trainer:
         rows = sample[:n_rows]
         if rows.shape[0] < 2:
             return float("nan"), float("nan")
-        _, codes = self.model(rows)
-        atoms = self.model.W_dec.detach().double().cpu().numpy()
-        centred = (rows.double() - self.model.b_dec.detach().double()).cpu().numpy()
-        codes = codes.double().cpu().numpy()
-        made = codes @ atoms
-        refit = np.zeros_like(made)
-        for i in range(len(codes)):
-            support = np.flatnonzero(codes[i] > 0)
-            if support.size:
-                magnitudes = np.linalg.lstsq(atoms[support].T, centred[i], rcond=None)[0]
-                refit[i] = magnitudes @ atoms[support]
-        rows = rows.double().cpu().numpy()
-        variance = float(((rows - rows.mean(axis=0)) ** 2).sum())
+        atoms = self.model.W_dec.detach()
+        b_dec = self.model.b_dec.detach().double()
+        width = int(atoms.shape[1])
+        sums = torch.zeros(3, dtype=torch.float64, device=rows.device)
+        mean = rows.mean(dim=0, dtype=torch.float64)
+        made_all, codes_all = self.model(rows)
+        widest_all = max(1, int((codes_all > 0).sum(dim=1).max()))
+        step = max(1, chunk_bytes // (8 * width * widest_all))
+        for start in range(0, rows.shape[0], step):
+            chunk = rows[start:start + step]
+            made, codes = made_all[start:start + step], codes_all[start:start + step]
+            centred = chunk.double() - b_dec
+            active = codes > 0
+            widest = int(active.sum(dim=1).max())
+            refit = torch.zeros_like(centred)
+            if widest:
+                # Each row's active atoms first, then padding of zero atoms.
+                real, index = torch.topk(active.to(torch.float32), widest, dim=1)
+                gathered = (atoms[index] * real[..., None]).double()  # (rows, widest, d)
+                gram = gathered @ gathered.transpose(1, 2)
+                # Padding's equations are c = 0; a ridge far below any real
+                # atom's scale keeps (nearly) parallel atoms solvable.
+                gram += torch.diag_embed(1.0 - real.double() + 1e-9)
+                magnitudes = torch.linalg.solve(gram, gathered @ centred[..., None])
+                refit = (magnitudes.transpose(1, 2) @ gathered).squeeze(1)
+            sums += torch.stack([(centred - (made.double() - b_dec)).pow(2).sum(),
+                                 (centred - refit).pow(2).sum(),
+                                 (chunk.double() - mean).pow(2).sum()])
+        error, refit_error, variance = sums.tolist()
         if variance <= 0:
             return float("nan"), float("nan")
-        return (1.0 - float(((centred - made) ** 2).sum()) / variance,
-                1.0 - float(((centred - refit) ** 2).sum()) / variance)
+        return 1.0 - error / variance, 1.0 - refit_error / variance
 
     @torch.no_grad()
     def sample_stats(self, sample):
