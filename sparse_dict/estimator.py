@@ -425,7 +425,7 @@ def _tail_message(tail):
 
 
 def _shrinkage_message(shrinkage, explained, l1_coef, refit=None):
-    """The warning for shrunk codes; ``refit``: (explained, refitted) of :meth:`Trainer.refit_gain`."""
+    """The warning for shrunk codes; ``refit``: :meth:`Trainer.refit_gain`'s two figures."""
     if refit is None:
         said = (f"the reconstructions fit the training rows best when scaled by "
                 f"{shrinkage:.2g} (the relative reconstruction bias; 1 without shrinkage), and "
@@ -1615,9 +1615,8 @@ class SparseAutoencoderDictionary(
                 # Least squares on a support that spans much of the space fits
                 # anything (L0 9.6 of 8 dimensions: 0.995), so only a sparse
                 # code's gain counts (all those above had L0 at most 0.19 d).
-                sparse = self.transform_l0_ <= _DENSE_L0_SHARE * self.n_features_in_
-                refit = trainer.refit_gain(sample) if sparse else (0.0, 0.0)
-                if refit[1] - refit[0] > _REFIT_GAIN_WARN:
+                refit = None if self._dense_code() else trainer.refit_gain(sample)
+                if refit is not None and refit[1] - refit[0] > _REFIT_GAIN_WARN:
                     warn_at_caller(_shrinkage_message(shrinkage, explained, self.l1_coef,
                                                       refit), UserWarning)
                 elif shrinkage > limit:
@@ -1650,10 +1649,9 @@ class SparseAutoencoderDictionary(
         n_dead = int((self.feature_frequencies_ == 0).sum())
         judged = judge_dead and trainer.step >= _DEAD_JUDGED_STEPS
         live = self.feature_frequencies_ > 0
+        # Pairs in a sparse code are not the dense regime: not measured there.
         paired = (_paired_share(self.components_, live)
-                  if judged and self.activation == "jumprelu" else 0.0)
-        if self.transform_l0_ < _DENSE_L0_SHARE * self.n_features_in_:
-            paired = 0.0  # pairs, but a sparse code: not the dense regime
+                  if judged and self.activation == "jumprelu" and self._dense_code() else 0.0)
         if judged and n_dead >= _DEAD_SHARE * self.n_components_:
             message = _dead_features_message(self.activation, n_dead, self.n_components_,
                                              int(trainer.pass_rows), self.transform_l0_,
@@ -1676,6 +1674,10 @@ class SparseAutoencoderDictionary(
             # default l0_coef (56% paired, L0 17.4), where it said nothing.
             return [_dense_regime_message(self.transform_l0_, paired).strip()]
         return []
+
+    def _dense_code(self):
+        """Whether the fitted code is dense: an L0 of a quarter of the width or more."""
+        return self.transform_l0_ >= _DENSE_L0_SHARE * self.n_features_in_
 
     def _validate_train_data(self, X, reset, check_values=True):
         """X as training data; ``check_values=False`` leaves the scan of its values to the caller."""
