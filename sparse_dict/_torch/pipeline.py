@@ -409,7 +409,7 @@ class BatchFeed:
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 self.workers, thread_name_prefix="sparse_dict-feed")
-        n_buffers = self.depth + self.workers + 1
+        n_buffers = self._read_ahead() + 1
         ring, ready = self._ring("rows", n_buffers, (self._largest, self.X.shape[1]),
                                  torch.float32)
         if self._cuda and self._copy_stream is None:
@@ -433,7 +433,7 @@ class BatchFeed:
             job = self._executor.submit(self._fill, ring[slot], local, ready[slot])
             pending.append((index, slot, job))
 
-        for _ in range(self.depth + self.workers):
+        for _ in range(self._read_ahead()):
             submit()
         try:
             while pending:
@@ -893,6 +893,43 @@ class HostCopy:
             if self._error is not None:
                 raise self._error
         return {name: self._arrays[name] for name in self._names}
+
+
+class PinnedRead:
+    """Small device tensors copied to the host behind the work queued so far, read later.
+
+    Reading a GPU tensor at once (``.cpu()``, ``bool()``) makes the host
+    wait for every step it has queued, and the GPU then waits for the
+    host's next launches. Here each tensor is copied into pinned memory on
+    the current stream, and :meth:`arrays` waits for those copies only: a
+    trainer's figures of a pass, read after the next pass has been queued.
+    Unlike :class:`HostCopy` (large arrays the caller keeps: a pool's
+    buffers, a thread that copies each out), the result is a view of the
+    pinned copy itself. On the CPU the tensors are kept as they are.
+
+    Examples
+    --------
+    >>> import torch
+    >>> PinnedRead([torch.arange(3.0)]).arrays()[0].tolist()
+    [0.0, 1.0, 2.0]
+    """
+
+    def __init__(self, tensors):
+        self._event = None
+        if tensors and tensors[0].device.type == "cuda":
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(host, tensors):
+                h.copy_(t, non_blocking=True)
+            tensors = host
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._tensors = tensors
+
+    def arrays(self):
+        """The tensors as numpy arrays (views of the host copies), once the copies have landed."""
+        if self._event is not None:
+            self._event.synchronize()
+        return [t.numpy() for t in self._tensors]
 
 
 def _parallel_copy(src, dst=None, threads=None, background=False):

@@ -36,6 +36,7 @@ from sparse_dict._torch.pipeline import (
     BatchFeed,
     CudaRegistrar,
     HostCopy,
+    PinnedRead,
     TouchedArrays,
     default_workers,
     resident_fits,
@@ -527,36 +528,8 @@ def _stops(callback, info):
     return isinstance(result, (bool, np.bool_)) and bool(result)
 
 
-class _HostCopy:
-    """Device tensors copied to the host behind the work queued so far, read when needed.
-
-    Reading a GPU tensor at once (``.cpu()``, ``bool()``) makes the host
-    wait for every step it has queued, and the GPU then waits for the
-    host's next launches. Here each tensor is copied into pinned memory on
-    the current stream, and :meth:`arrays` waits for those copies only. On
-    the CPU the tensors are kept as they are.
-    """
-
-    def __init__(self, tensors):
-        self._event = None
-        if tensors and tensors[0].device.type == "cuda":
-            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-            for h, t in zip(host, tensors):
-                h.copy_(t, non_blocking=True)
-            tensors = host
-            self._event = torch.cuda.Event()
-            self._event.record()
-        self._tensors = tensors
-
-    def arrays(self):
-        """The tensors as numpy arrays (views of the host copies), once the copies have landed."""
-        if self._event is not None:
-            self._event.synchronize()
-        return [t.numpy() for t in self._tensors]
-
-
 class _PassEnd:
-    """A pass's figures on their way to the host (a :class:`_HostCopy`), read when needed.
+    """A pass's figures on their way to the host (a :class:`~sparse_dict._torch.pipeline.PinnedRead`), read when needed.
 
     At a pass's end the trainer needs the pass's statistics (one row a
     step), its firing counts, and whether every parameter is finite.
@@ -572,7 +545,7 @@ class _PassEnd:
         self.parameter_names = [name for name, _ in named_parameters]
         self.read = False
         finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named_parameters])
-        self._copy = _HostCopy([fired_total, finite]
+        self._copy = PinnedRead([fired_total, finite]
                                + ([torch.stack(stats_list)] if stats_list else []))
 
     def values(self):
@@ -1537,12 +1510,12 @@ class Trainer:
 
         Inside a long pass, every 100 steps, so that a divergence is found
         before the pass ends. The check's flag is copied behind the step
-        (:class:`_HostCopy`) and read at the next check, by when it has long
+        (:class:`~sparse_dict._torch.pipeline.PinnedRead`) and read at the next check, by when it has long
         landed: reading it at once made the host wait for every queued step.
         The pass's own read (:meth:`_read_pass`) checks every step's figures.
         """
         earlier = self._finite_check
-        self._finite_check = (_HostCopy([torch.isfinite(stats).all()]), self.step - 1)
+        self._finite_check = (PinnedRead([torch.isfinite(stats).all()]), self.step - 1)
         if earlier is not None and not earlier[0].arrays()[0]:
             self._raise_divergence(earlier[1])
 
