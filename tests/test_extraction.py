@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from torch import nn
 
 from sparse_dict import SparseAutoencoderDictionary, extraction
@@ -874,3 +875,157 @@ def test_module_is_put_in_eval_mode():
     lm.train()
     TransformerActivationExtractor(lm).fit([[1, 2, 3]])
     assert not lm.training
+
+
+# ---------------------------------------------------------------------------
+# Found by using the extractor on models and inputs no other test has
+# ---------------------------------------------------------------------------
+
+
+def _read_at(module, direction, model, ids):
+    """What ``module`` takes (its first input) or gives in ``model``'s forward pass on ``ids``."""
+    seen = []
+    if direction == "input":
+        handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    else:
+        handle = module.register_forward_hook(
+            lambda m, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            model(torch.tensor(ids))
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("arch", ["t5", "t5-gated", "distilbert"])
+def test_the_mlp_hooks_of_t5_and_distilbert(arch):
+    # Both were refused ("valid hooks here are ['resid_pre', 'resid_post']"):
+    # T5 keeps its MLP in DenseReluDense (wi, wo), DistilBERT in ffn (lin1, lin2).
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if arch.startswith("t5"):
+        config = transformers.T5Config(
+            vocab_size=100, d_model=32, d_kv=16, d_ff=48, num_layers=2, num_heads=2,
+            feed_forward_proj="gated-gelu" if arch == "t5-gated" else "relu")
+        model = transformers.T5EncoderModel(config).eval()
+        mlp = model.encoder.block[1].layer[1].DenseReluDense
+        post, out = mlp.wo, mlp
+    else:
+        model = transformers.DistilBertModel(transformers.DistilBertConfig(
+            vocab_size=100, dim=32, hidden_dim=48, n_layers=2, n_heads=2)).eval()
+        post, out = model.transformer.layer[1].ffn.lin2, model.transformer.layer[1].ffn
+    texts = ["hello there", "abc"]
+    ids = _char_tokenizer(texts[:1])
+    for hook, module, direction, width in (("mlp_post", post, "input", 48),
+                                           ("mlp_out", out, "output", 32)):
+        ext = TransformerActivationExtractor(model, tokenizer=_char_tokenizer, layer=1,
+                                             hook=hook).fit(texts)
+        assert ext.n_features_out_ == width
+        expected = _read_at(module, direction, model, ids)[0].numpy()
+        np.testing.assert_allclose(ext.transform(texts[:1]), expected, rtol=1e-5, atol=1e-6)
+
+
+class _SeqFirstLM(nn.Module):
+    """Blocks of torch's nn.TransformerEncoderLayer as torch makes them: (tokens, batch, features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(100, 16)
+        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)
+                                    for _ in range(2))
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.embed(input_ids).transpose(0, 1)
+        pad = None if attention_mask is None else ~attention_mask.bool()
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=pad)
+        return x.transpose(0, 1)
+
+
+def test_blocks_laid_out_tokens_first_are_read_text_by_text():
+    # The rows of such blocks were read as (batch, tokens): where a batch had
+    # as many texts as tokens they came back silently mixed (3.2 apart), and
+    # otherwise the mask failed with an IndexError.
+    torch.manual_seed(0)
+    lm = _SeqFirstLM().eval()
+    ext = TransformerActivationExtractor(lm, layer=0, hook="resid_post").fit([[1, 2, 3]])
+    for seqs in ([[1, 2, 3], [4, 5, 6], [7, 8, 9]], [[1, 2, 3], [4, 5], [6]]):
+        with torch.no_grad():
+            expected = np.concatenate([
+                lm.layers[0](lm.embed(torch.tensor([s])).transpose(0, 1))[:, 0].numpy()
+                for s in seqs])
+        np.testing.assert_allclose(ext.transform(seqs), expected, rtol=1e-4, atol=1e-5)
+    # Splicing puts back what it is given in the block's own layout: an
+    # identity splice changes nothing.
+    result = splice_evaluation(ext, FunctionTransformer(), [[1, 2, 3], [4, 5]])
+    assert result.cosine_spliced == pytest.approx(1.0)
+
+
+def test_a_model_without_a_position_limit_reads_whole_texts():
+    # XLNet's config says max_position_embeddings=-1 (relative positions):
+    # read as a limit, texts failed ("can't convert negative int to
+    # unsigned") and token ids lost their last token. Its blocks are also
+    # laid out (tokens, batch, features).
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.XLNetModel(transformers.XLNetConfig(
+        vocab_size=100, d_model=32, n_layer=2, n_head=2, d_inner=48)).eval()
+    assert model.config.max_position_embeddings == -1
+    seqs = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15]]
+    ext = TransformerActivationExtractor(model, layer=0, hook="resid_post",
+                                         max_length=None).fit(seqs)
+    assert ext.token_ids([[1, 2, 3, 4]]) == [[1, 2, 3, 4]]
+    assert ext.provenance()["max_length"] is None
+    out = ext.transform(seqs)
+    assert out.shape == (15, 32)
+    with torch.no_grad():
+        expected = np.concatenate([
+            model(torch.tensor([s]), output_hidden_states=True).hidden_states[1][0].numpy()
+            for s in seqs])
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    texts = ["some text", "another one"]
+    assert TransformerActivationExtractor(model, tokenizer=_char_tokenizer, layer=0,
+                                          hook="resid_post").fit_transform(texts).shape == (20, 32)
+
+
+def test_fit_transform_reads_a_generator_or_an_open_file_once(tmp_path):
+    # fit spent the generator and transform found it empty: "X is empty".
+    texts = ["to be or not", "that is the question"]
+    expected = TransformerActivationExtractor().fit(texts).transform(texts)
+    got = TransformerActivationExtractor().fit_transform(t for t in texts)
+    np.testing.assert_array_equal(got, expected)
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    with open(path, encoding="utf-8") as lines:
+        # A file's lines without their line breaks, as the command line reads them.
+        np.testing.assert_array_equal(TransformerActivationExtractor().fit_transform(lines),
+                                      expected)
+    with open(path, encoding="utf-8") as lines:
+        np.testing.assert_array_equal(TransformerActivationExtractor().fit(texts).transform(lines),
+                                      expected)
+    pipe = Pipeline([("acts", TransformerActivationExtractor()), ("scale", StandardScaler())])
+    assert pipe.fit_transform(iter(texts)).shape == expected.shape
+
+
+def test_a_model_or_hook_point_changed_after_fit_is_refused_until_fit_again(minilm_path):
+    # set_params(model=...) after fit kept the fitted model's activations (512
+    # columns of the built-in model) while the provenance named MiniLM.
+    texts = ["to be or not"]
+    ext = TransformerActivationExtractor().fit(texts)
+    ext.set_params(max_length=3, batch_size=4)  # these apply as they are set
+    assert ext.transform(texts).shape == (3, 512)
+    for change in ({"model": minilm_path}, {"layer": -1}, {"hook": "mlp_out"}):
+        changed = clone(ext).fit(texts).set_params(**change)
+        with pytest.raises(NotFittedError, match=f"{next(iter(change))} changed since"):
+            changed.transform(texts)
+        with pytest.raises(NotFittedError, match="call fit again"):
+            changed.provenance()
+        assert changed.fit(texts).transform(texts).shape[0] == 3
+    again = clone(ext).fit(texts).set_params(model=minilm_path).fit(texts)
+    assert again.transform(texts).shape[1] == 1536
+    # A pickled extractor of a user's module is still the one fitted.
+    torch.manual_seed(0)
+    user = TransformerActivationExtractor(_SeqFirstLM().eval(), hook="resid_post").fit([[1, 2]])
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(user)).transform([[1, 2]]),
+                                  user.transform([[1, 2]]))

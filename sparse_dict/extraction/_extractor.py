@@ -1,6 +1,7 @@
 """TransformerActivationExtractor: texts in, activations at one point of a model out."""
 
 import itertools
+from collections.abc import Iterator
 import os
 from numbers import Integral
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import StrOptions
+from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
@@ -22,6 +24,7 @@ from sparse_dict.extraction._texts import (
     _cut,
     _encode_texts,
     _text_chunks,
+    _texts_of,
     _token_strings,
 )
 
@@ -52,6 +55,47 @@ class TokenIndex(NamedTuple):
     text_index: np.ndarray
     position: np.ndarray
     token: np.ndarray
+
+
+# The parameters that choose the model and the point read (see
+# TransformerActivationExtractor._check_site_unchanged).
+_SITE_PARAMS = ("model", "tokenizer", "layer", "hook", "module", "device")
+
+
+def _same_param(was, now):
+    """Whether a parameter is the one fitted: the same object, or an equal name or number."""
+    if was is now:
+        return True
+    if isinstance(was, nn.Module) or isinstance(now, nn.Module):
+        return False
+    try:
+        return bool(was == now)
+    except Exception:  # noqa: BLE001 - objects that cannot be compared are not the same
+        return False
+
+
+def _seq_first(shape, n_tokens, name):
+    """Whether a hook point's activations of one text of ``n_tokens`` tokens are laid out seq-first.
+
+    Most models give (batch, tokens, features); XLNet's blocks and torch's
+    ``nn.TransformerEncoderLayer`` without ``batch_first`` give (tokens,
+    batch, features), which read in the other order mixes texts and
+    positions. Anything else is refused.
+
+    Examples
+    --------
+    >>> _seq_first((1, 5, 16), 5, "layer0.mlp_post"), _seq_first((5, 1, 16), 5, "layer0.mlp_post")
+    (False, True)
+    """
+    if shape[:2] == (1, n_tokens):
+        return False
+    if shape[:2] == (n_tokens, 1):
+        return True
+    raise ValueError(
+        f"The hook point {name!r} gives {shape} for one text of {n_tokens} tokens: neither "
+        "(batch, tokens, features) nor (tokens, batch, features); choose another layer, "
+        "hook or module."
+    )
 
 
 def _not_run(name, module_path):
@@ -270,11 +314,36 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             device, and a call ``loaded(input_ids, attention_mask)`` that runs
             its forward pass.
         """
+        self._check_site_unchanged()
         loaded = getattr(self, "_loaded", None)
         if loaded is None:
             loaded = self._load_model()
             self._loaded = loaded
         return loaded
+
+    def _site_params(self):
+        return tuple(getattr(self, name) for name in _SITE_PARAMS)
+
+    def _check_site_unchanged(self):
+        """Refuse to run a fitted extractor whose model or hook point was changed by ``set_params``.
+
+        The fitted model, hook module and width would be used while the
+        parameters (and so the provenance) named others: a MiniLM set after
+        fitting the built-in model gave the built-in model's 512 columns.
+        ``max_length``, ``batch_size``, ``pooling`` and ``verbose`` apply as
+        they are set.
+        """
+        fitted = getattr(self, "_fitted_site", None)
+        if fitted is None:
+            return
+        changed = [name for name, was, now in zip(_SITE_PARAMS, fitted, self._site_params())
+                   if not _same_param(was, now)]
+        if changed:
+            raise NotFittedError(
+                f"{', '.join(changed)} changed since this extractor was fitted (by set_params "
+                "or assignment): call fit again, which loads the model and finds the hook "
+                "point now named."
+            )
 
     def token_ids(self, X, *, keep="start"):
         """Token ids of each text of ``X``, cut to ``max_length``.
@@ -340,7 +409,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         loaded = self.loaded_model()
         return ActivationHook(loaded.submodule(self.hook_module_), self._hook_direction,
-                              root=loaded.model)
+                              root=loaded.model, seq_first=getattr(self, "_seq_first", False))
 
     def provenance(self, *, n_tokens=None, corpus=None):
         """Where this extractor's activations come from, as a JSON-ready dict.
@@ -455,10 +524,14 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         site = locate_hook(loaded, layer=self.layer, hook=self.hook, module=self.module)
         seqs = self._tokenize(X[:1], pretokenized, loaded)
         probe = seqs[0][:8] or [loaded.pad_token_id]
+        # One text of two tokens or more: its activations' first two sizes,
+        # (1, tokens) or (tokens, 1), tell the layout apart.
+        if len(probe) < min(2, loaded.max_positions or 2):
+            probe = probe * 2
         ids = torch.tensor([probe], dtype=torch.long, device=loaded.device)
         module = loaded.submodule(site.module_path)
-        with torch.inference_mode(), ActivationHook(module, site.direction,
-                                                    root=loaded.model) as hook:
+        with torch.inference_mode(), ActivationHook(module, site.direction, root=loaded.model,
+                                                    seq_first=None) as hook:
             hook.reset("stop")
             try:
                 loaded(ids, torch.ones_like(ids))
@@ -467,13 +540,37 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             if hook.captured is None:
                 raise _not_run(site.name, site.module_path)
             n_features_out = int(hook.captured.shape[-1])
+            seq_first = _seq_first(tuple(hook.captured.shape), len(probe), site.name)
         self._loaded = loaded
         self.n_features_out_ = n_features_out
         self.hook_module_ = site.module_path
         self.hook_name_ = site.name
         self.device_ = str(loaded.device)
         self._hook_direction = site.direction
+        self._seq_first = seq_first
+        self._fitted_site = self._site_params()
         return self
+
+    def fit_transform(self, X, y=None, **fit_params):
+        """Fit to ``X``, then give its activations (as :meth:`transform`).
+
+        ``X`` may be read once only (a generator, an open file): it is
+        read into a list first, where fit would spend it and transform find
+        it empty.
+
+        Parameters
+        ----------
+        X : iterable of str, or of lists of int
+        y : None or array-like of shape (n_texts,)
+            As in :meth:`fit`.
+
+        Returns
+        -------
+        X_new : ndarray of shape (n_tokens, n_features_out_) or (n_texts, n_features_out_)
+        """
+        if isinstance(X, Iterator):
+            X = list(_texts_of(X))
+        return super().fit_transform(X, y, **fit_params)
 
     def _tokenize(self, X, pretokenized, loaded, keep="start"):
         # Longer sequences than the model has positions for would fail inside

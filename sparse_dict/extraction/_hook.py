@@ -30,11 +30,19 @@ _SITES = {
         ("mlp.fc2", "input"),
         ("mlp.dense_4h_to_h", "input"),
         ("fc2", "input"),
+        # DistilBERT's FFN; T5's (its blocks' last layer: 1 in an encoder
+        # block, 2 after a decoder block's cross-attention), gated or not.
+        ("ffn.lin2", "input"),
+        ("layer.2.DenseReluDense.wo", "input"),
+        ("layer.1.DenseReluDense.wo", "input"),
     ),
     "mlp_out": (
         ("mlp", "output"),
         ("output.dense", "output"),
         ("fc2", "output"),
+        ("ffn", "output"),
+        ("layer.2.DenseReluDense", "output"),
+        ("layer.1.DenseReluDense", "output"),
     ),
     "resid_pre": (("", "input"),),
     "resid_post": (("", "output"),),
@@ -164,12 +172,21 @@ class ActivationHook:
     module, the hook reads each forward pass's (batch, tokens) from its
     ``input_ids`` and sees such a matrix as (batch, tokens, features); what
     it puts back is flattened again.
+
+    Others lay a block's tensors out as (tokens, batch, features) (XLNet;
+    torch's ``nn.TransformerEncoderLayer`` without ``batch_first``): with
+    ``seq_first=True`` the hook sees them transposed, and puts back what it
+    is given transposed again. With ``seq_first=None`` it takes either
+    layout as it comes (the extractor's probe, which finds out which);
+    otherwise a tensor whose first two sizes are not the pass's (batch,
+    tokens) is refused, where it would be read in the wrong order.
     """
 
-    def __init__(self, module, direction, root=None):
+    def __init__(self, module, direction, root=None, seq_first=False):
         self.module = module
         self.direction = direction
         self.root = root
+        self.seq_first = seq_first
         self.mode = "stop"
         self.captured = None
         self.replacement = None
@@ -216,15 +233,30 @@ class ActivationHook:
         if flat:
             new = self._visit_tokens(tensor.view(*self._tokens, tensor.shape[1]))
             return None if new is None else new.reshape(tensor.shape)
-        return self._visit_tokens(tensor)
-
-    def _visit_tokens(self, tensor):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor)
             raise ValueError(
                 f"The hooked point gives {shape}, not a (batch, tokens, features) "
                 "tensor; choose another layer, hook or module."
             )
+        if self.seq_first is not None and self._tokens is not None:
+            expected = self._tokens[::-1] if self.seq_first else self._tokens
+            if tuple(tensor.shape[:2]) != expected:
+                layout = "(tokens, batch, features)" if self.seq_first else \
+                    "(batch, tokens, features)"
+                raise ValueError(
+                    f"The hooked point gives {tuple(tensor.shape)} for a batch of "
+                    f"{self._tokens[0]} texts of {self._tokens[1]} tokens, where it gave "
+                    f"{layout} when the extractor was fitted; choose another layer, hook "
+                    "or module."
+                )
+        if self.seq_first:
+            new = self._visit_tokens(tensor.transpose(0, 1))
+            return None if new is None else new.transpose(0, 1)
+        return self._visit_tokens(tensor)
+
+    def _visit_tokens(self, tensor):
+        """Capture, stop at or replace a (batch, tokens, features) tensor."""
         # Kept as it is here: the model may change it in place later in the
         # pass (Falcon adds the attention output to its MLP's output), and a
         # pass that goes on reads the change. A pass that stops cannot.

@@ -328,11 +328,14 @@ def _max_positions(model):
 
     RoBERTa and its kin number positions from after the padding index, so
     ``padding_idx + 1`` of their ``max_position_embeddings`` are never a
-    token's (roberta-base: 514 embeddings, 512 tokens).
+    token's (roberta-base: 514 embeddings, 512 tokens). A limit that is not
+    a positive int means none.
     """
     config = getattr(model, "config", None)
     limit = getattr(config, "max_len", None) or getattr(config, "max_position_embeddings", None)
-    if not isinstance(limit, int):
+    # XLNet's config says -1: relative positions, no limit. Read as a
+    # limit, it cut every text to nothing (or to all but its last token).
+    if not isinstance(limit, int) or limit <= 0:
         return None
     for name, module in model.named_modules():
         if (name.endswith("embeddings.position_embeddings")

@@ -78,6 +78,17 @@ def _check_items(X, pretokenized, start=0):
     return pretokenized
 
 
+def _texts_of(X):
+    """``X`` itself, or an open text file's lines without their line breaks.
+
+    As the command line reads a file: kept, each "\n" was a token more at
+    every text's end.
+    """
+    if isinstance(X, io.TextIOBase):
+        return (line[:-1] if line.endswith("\n") else line for line in X)
+    return X
+
+
 def _check_texts(X):
     """Validate the input: a non-empty sequence of strings, or of token-id lists.
 
@@ -85,7 +96,7 @@ def _check_texts(X):
     """
     _check_container(X)
     try:
-        X = list(X)
+        X = list(_texts_of(X))
     except TypeError:
         raise TypeError(
             f"X must be a list of texts (or of token-id lists), got {type(X).__name__}."
@@ -110,10 +121,7 @@ def _text_chunks(X, chunk_texts):
         raise TypeError(
             f"X must be an iterable of texts (or of token-id lists), got {type(X).__name__}."
         ) from None
-    if isinstance(X, io.TextIOBase):
-        # A file's lines without their line breaks, as the command line reads
-        # them: kept, each "\n" was a token more at every text's end.
-        items = (line[:-1] if line.endswith("\n") else line for line in items)
+    items = _texts_of(X) if isinstance(X, io.TextIOBase) else items
     start, pretokenized = 0, None
     while True:
         chunk = list(itertools.islice(items, chunk_texts))
