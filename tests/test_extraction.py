@@ -5,6 +5,7 @@ and the built-in 1-layer model (its shipped weights, or a random
 initialisation while they are not shipped) are both exercised.
 """
 
+import json
 import pickle
 import warnings
 from pathlib import Path
@@ -1029,3 +1030,39 @@ def test_a_model_or_hook_point_changed_after_fit_is_refused_until_fit_again(mini
     user = TransformerActivationExtractor(_SeqFirstLM().eval(), hook="resid_post").fit([[1, 2]])
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(user)).transform([[1, 2]]),
                                   user.transform([[1, 2]]))
+
+
+def test_a_byte_level_bpe_s_tokens_read_alike_in_rows_store_and_logit_effects(tmp_path):
+    # The rows (and the store, and the browser) showed the raw vocabulary
+    # entries 'Ġking' and 'Ċ', while logit_effects decoded them (' king').
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from sparse_dict.analysis import logit_effects
+
+    texts = ["The king is dead.\nLong live the king!", "the king and the queen"] * 5
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=300, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    tok = transformers.GPT2TokenizerFast(tokenizer_object=bpe._tokenizer,
+                                         eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(tok), n_layer=1, n_embd=32, n_head=2, n_positions=64,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ext = TransformerActivationExtractor(str(tmp_path)).fit(texts)
+    acts, where = ext.transform_with_tokens(texts[:1])
+    assert "".join(where.token) == texts[0]
+    assert " king" in set(where.token) and not any("Ġ" in t or "Ċ" in t for t in where.token)
+    store = ext.transform_to_disk(texts[:2], tmp_path / "store")
+    vocab = set(json.loads((tmp_path / "store" / "vocab.json").read_text(encoding="utf-8")))
+    assert " king" in vocab and "\n" in vocab and not any("Ġ" in t for t in vocab)
+    del store
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a few rows and steps: only its atoms are used
+        sae = SparseAutoencoderDictionary(n_components=8, max_steps=5, random_state=0).fit(
+            acts, provenance=ext.provenance())
+    king = int(tok.convert_tokens_to_ids("Ġking"))
+    effects = logit_effects(ext, sae, features=[0], top_k=len(tok))
+    promoted = dict(zip(effects.promoted_ids[0].tolist(), effects.promoted_tokens[0]))
+    assert promoted[king] == " king"

@@ -29,6 +29,7 @@ from sparse_dict.extraction._hook import (
     ActivationHook,
     locate_hook,
 )
+from sparse_dict.extraction._texts import token_strings
 
 __all__ = ["LogitEffects", "NoDirectPathError", "logit_effects", "REFERENCE_TEXTS"]
 
@@ -373,15 +374,6 @@ def check_features(features, n_components, name="features"):
             f"dictionary has {n_components} features (0 to {n_components - 1})."
         )
     return np.array(items, dtype=np.int64)
-
-
-def token_strings(loaded, ids):
-    """Readable strings of single token ids."""
-    tokenizer = loaded.tokenizer
-    if loaded.kind == "builtin" or not hasattr(tokenizer, "decode"):
-        convert = getattr(tokenizer, "convert_ids_to_tokens", None)
-        return [str(t) for t in convert(list(ids))] if convert else [str(i) for i in ids]
-    return [tokenizer.decode([int(i)]) for i in ids]
 
 
 def logit_effects(extractor, sae, features=None, top_k=10, *, as_frame=False,

@@ -25,7 +25,7 @@ from sparse_dict.extraction._texts import (
     _encode_texts,
     _text_chunks,
     _texts_of,
-    _token_strings,
+    token_strings,
 )
 
 # The ``source`` of the provenance an extractor writes; dictionaries imported
@@ -733,7 +733,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         text_index, position, token_id = self._row_index(seqs)
         token = np.full(len(token_id), "", dtype=object)
         real = token_id >= 0
-        token[real] = _token_strings(self.loaded_model().tokenizer, token_id[real].tolist())
+        token[real] = token_strings(self.loaded_model(), token_id[real].tolist())
         return out, TokenIndex(text_index, position, token)
 
     def transform_to_disk(self, X, path, *, resume=False, overwrite=False, chunk_texts=256,
@@ -900,7 +900,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         """The token string of every id up to the vocabulary's size (or ``max_token_id``)."""
         loaded = self.loaded_model()
         size = max(loaded.vocab_size() or 0, max_token_id + 1)
-        return _token_strings(loaded.tokenizer, range(size))
+        return token_strings(loaded, range(size))
 
     def _disk_progress(self, X, done):
         """A progress bar over texts when ``verbose`` is set, else one that shows nothing."""

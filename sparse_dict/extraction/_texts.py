@@ -212,9 +212,29 @@ def _encode_texts(tokenizer, texts, max_length, keep="start"):
     return seqs
 
 
-def _token_strings(tokenizer, ids):
-    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
-    if convert is None:
-        return [str(i) for i in ids]
-    return list(convert(list(ids)))
+def token_strings(loaded, ids):
+    """Readable strings of single token ids, the same wherever a token is shown.
 
+    The built-in tokenizer's own strings; a Hugging Face tokenizer's
+    decoding of each id alone, so that a byte-level BPE's ``'Ġking'`` and
+    ``'Ċ'`` read ``' king'`` and ``'\\n'`` in the rows' tokens, the activation
+    store's vocabulary, the browser and the logit effects alike.
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+    ids : iterable of int
+
+    Returns
+    -------
+    list of str
+    """
+    ids = [int(i) for i in ids]
+    tokenizer = loaded.tokenizer
+    if loaded.kind == "builtin" or not hasattr(tokenizer, "decode"):
+        convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+        return [str(t) for t in convert(ids)] if convert else [str(i) for i in ids]
+    batch_decode = getattr(tokenizer, "batch_decode", None)
+    if batch_decode is not None:
+        return [str(t) for t in batch_decode([[i] for i in ids])]
+    return [str(tokenizer.decode([i])) for i in ids]
