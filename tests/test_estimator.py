@@ -1,5 +1,6 @@
 """SparseAutoencoderDictionary: behaviour, conventions and bad input."""
 
+import copy
 import pickle
 import re
 import threading
@@ -157,6 +158,39 @@ def test_torch_s_global_modes_do_not_change_a_fit(X, activation):
         assert torch.is_inference_mode_enabled()
     np.testing.assert_array_equal(inside.components_,
                                   clone(reference).fit(X).partial_fit(X).components_)
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_a_caller_s_autocast_does_not_change_a_fit_or_its_codes(X, activation):
+    # Inside torch.autocast("cpu", dtype=torch.bfloat16) fit failed ("addmv
+    # input tensors must have the same dtype") and transform, inverse_transform
+    # and score failed ("Got unsupported ScalarType BFloat16").
+    reference = small_sae(activation=activation, random_state=0).fit(X)
+    codes = reference.transform(X)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = small_sae(activation=activation, random_state=0).fit(X)
+        inside_codes = inside.transform(X)
+        decoded = inside.inverse_transform(inside_codes)
+        score = inside.score(X)
+        assert torch.is_autocast_enabled("cpu")
+    np.testing.assert_array_equal(inside.components_, reference.components_)
+    np.testing.assert_array_equal(inside_codes, codes)
+    np.testing.assert_array_equal(decoded, reference.inverse_transform(codes))
+    assert score == reference.score(X)
+
+
+def test_inverse_transform_takes_the_tensors_transform_takes(X):
+    # Float32 tensor codes decoded in float64 (numpy float32 codes: float32),
+    # and bfloat16 ones failed ("Got unsupported ScalarType BFloat16").
+    sae = small_sae(random_state=0).fit(X)
+    codes = sae.transform(X)
+    expected = sae.inverse_transform(codes)
+    got = sae.inverse_transform(torch.from_numpy(codes))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+    halved = sae.inverse_transform(torch.from_numpy(codes).bfloat16())
+    assert halved.dtype == np.float32
+    np.testing.assert_allclose(halved, expected, rtol=0.02, atol=0.02 * np.abs(expected).max())
 
 
 def test_float64_rows_that_float32_rounds_away_warn():
@@ -1479,3 +1513,31 @@ def test_dict_init_in_any_memory_layout_trains_the_same(known):
     f_order = SparseAutoencoderDictionary(dict_init=np.asfortranarray(atoms), **params)
     np.testing.assert_allclose(f_order.fit(X).components_, c_order.fit(X).components_,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["omp", "lasso_lars", "threshold"])
+def test_a_solver_s_codes_follow_atoms_and_bias_set_after_a_transform(X, tmp_path, algorithm):
+    # The solver built at the first transform was kept by its settings only:
+    # a decoder_bias_ or components_ set (or edited in place) afterwards was
+    # ignored by transform while inverse_transform used it, and save/load
+    # gave other codes (a score of 0.09 in memory, 0.86 once loaded).
+    sae = small_sae(random_state=0).fit(X).set_params(transform_algorithm=algorithm)
+    before = sae.transform(X)
+    sae.decoder_bias_ = np.zeros_like(sae.decoder_bias_)
+    after = sae.transform(X)
+    assert not np.array_equal(after, before)
+    sae.save(tmp_path / "d")
+    loaded = SparseAutoencoderDictionary.load(tmp_path / "d")
+    np.testing.assert_allclose(loaded.transform(X), after, rtol=1e-5, atol=1e-6)
+    assert loaded.score(X) == pytest.approx(sae.score(X), abs=1e-6)
+    sae.components_[:2] = sae.components_[[1, 0]]  # edited in place
+    edited = sae.transform(X)
+    assert not np.array_equal(edited, after)
+    np.testing.assert_allclose(edited, _fresh_codes(sae, X), rtol=1e-5, atol=1e-6)
+
+
+def _fresh_codes(sae, X):
+    """``sae``'s solver codes of ``X``, from a copy that never coded anything."""
+    fresh = copy.deepcopy(sae)
+    fresh._coders = {}
+    return fresh.transform(X)
