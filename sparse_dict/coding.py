@@ -126,6 +126,13 @@ def _get_dictionary(dictionary):
         atoms = dictionary
     if sp.issparse(atoms):
         raise TypeError("dictionary must be a dense array, got a sparse matrix.")
+    if atoms is None or np.ndim(atoms) != 2:
+        # check_array's own words named neither (None: "got scalar array
+        # instead: array=nan").
+        raise ValueError(
+            "dictionary must be the atoms, an array of shape (n_components, n_features), "
+            f"or a fitted dictionary learner; got {atoms!r:.80}."
+        )
     return check_array(
         atoms,
         dtype=_FLOAT_DTYPES,

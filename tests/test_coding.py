@@ -390,3 +390,12 @@ def test_a_fitted_estimator_without_atoms_is_named_as_such():
         LassoCoder(make_pipeline(StandardScaler()).fit(X)).fit(X)
     with pytest.raises(NotFittedError, match="has no components_: fit it first"):
         LassoCoder(MiniBatchDictionaryLearning(3)).fit(X)
+
+
+@pytest.mark.parametrize("dictionary", [None, np.ones(3), np.ones((2, 2, 2))])
+def test_a_dictionary_that_is_not_atoms_is_named(dictionary):
+    # LassoCoder(None).fit(X) said "Expected 2D array, got scalar array
+    # instead: array=nan", naming neither the dictionary nor None.
+    with pytest.raises(ValueError, match=r"dictionary must be the atoms, an array of shape "
+                                         r"\(n_components, n_features\)"):
+        LassoCoder(dictionary).fit(np.ones((3, 2)))

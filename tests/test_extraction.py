@@ -1066,3 +1066,26 @@ def test_a_byte_level_bpe_s_tokens_read_alike_in_rows_store_and_logit_effects(tm
     effects = logit_effects(ext, sae, features=[0], top_k=len(tok))
     promoted = dict(zip(effects.promoted_ids[0].tolist(), effects.promoted_tokens[0]))
     assert promoted[king] == " king"
+
+
+def test_pandas_output_of_token_rows_from_a_series_of_texts():
+    # scikit-learn's pandas output took the Series' index, one entry a text,
+    # for rows of tokens: "Shape of passed values is (32, 512), indices imply (4, 512)".
+    pd = pytest.importorskip("pandas")
+    texts = pd.Series(["to be or not", "that is", "the question"], index=[10, 20, 30])
+    plain = TransformerActivationExtractor().fit(texts).transform(list(texts))
+    ext = TransformerActivationExtractor().set_output(transform="pandas")
+    frame = ext.fit_transform(texts)
+    assert list(frame.index) == list(range(len(plain)))
+    assert list(frame.columns) == list(ext.get_feature_names_out())
+    np.testing.assert_array_equal(frame.to_numpy(), plain)
+    np.testing.assert_array_equal(ext.transform(texts).to_numpy(), plain)
+    # A row per text keeps the texts' index, as scikit-learn does.
+    pooled = TransformerActivationExtractor(pooling="mean").set_output(transform="pandas")
+    assert list(pooled.fit_transform(texts).index) == [10, 20, 30]
+    pipe = Pipeline([("acts", TransformerActivationExtractor()),
+                     ("sae", SparseAutoencoderDictionary(n_components=8, max_steps=3))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a few steps on a few rows: only the shape counts
+        codes = pipe.set_output(transform="pandas").fit_transform(texts)
+    assert codes.shape == (len(plain), 8)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils._param_validation import StrOptions
+from sklearn.utils._set_output import _get_output_config
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
@@ -712,7 +713,23 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             float32; one row per real token, text after text, or one per text
             with pooling.
         """
-        return self._extract(X)[0]
+        return self._with_token_rows_index(X, self._extract(X)[0])
+
+    def _with_token_rows_index(self, X, out):
+        """``out`` as a DataFrame of its own rows where pandas output would index it by ``X``'s.
+
+        scikit-learn's pandas output keeps the input's index, which a
+        Series of texts has one entry a text: rows of tokens (pooling
+        "none") then failed ("Shape of passed values is (32, 512), indices
+        imply (4, 512)"). They are numbered 0, 1, ... instead, as for a
+        list of texts; transform_with_tokens says which text each is from.
+        """
+        if (self.pooling != "none" or not hasattr(X, "index") or isinstance(X, list)
+                or _get_output_config("transform", self)["dense"] != "pandas"):
+            return out
+        import pandas as pd
+
+        return pd.DataFrame(out, columns=self.get_feature_names_out())
 
     def transform_with_tokens(self, X):
         """Activations, and for each row the text, position and token it comes from.
