@@ -922,6 +922,24 @@ def test_rows_that_share_a_large_offset_are_counted_as_distinct():
     assert _distinct_rows(np.repeat(X[:100] + 1e4, 20, axis=0).astype(np.float32), 2000) < 150
 
 
+def test_rows_that_repeat_only_as_zeros_are_not_said_to_repeat():
+    # 12% all-zero rows among distinct ones (1,769 distinct of 2,000) fit the
+    # model of equally frequent rows badly: "X has about 2,000 distinct rows
+    # among its 2,000 (its rows repeat)".
+    from sparse_dict._torch.train import _distinct_rows
+
+    X, _, _ = make_superposition(n_samples=2000, n_features=32, n_components=64, n_active=4,
+                                 random_state=0, dtype=np.float32)
+    X[np.random.RandomState(0).permutation(2000)[:231]] = 0.0
+    assert _distinct_rows(X, 2000) is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small_sae(n_components=128, random_state=0).fit(X)
+    said = [str(w.message) for w in caught if "rows for 128 atoms" in str(w.message)
+            or "distinct rows" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("X has 2,000 rows for 128 atoms"), said
+
+
 def test_distinct_rows_are_counted_whatever_the_order_and_the_size_of_values():
     # The probe was the sample's first rows, which come from the start of X:
     # X repeated row by row read as 643 distinct rows among 4,000 (so one
