@@ -1187,6 +1187,15 @@ def test_few_rows_for_the_atoms_warn_before_training():
         SparseAutoencoderDictionary(max_steps=3, random_state=0).fit(X)
     message = next(str(w.message) for w in record if "rows an atom" in str(w.message))
     assert "n_components" in message and "score(X_held_out)" in message
+    assert "fewer rows than atoms" not in message
+    # Fewer rows than atoms (n_components=None at 100 features, 240 rows): such
+    # fits explained -2.0 to -0.1 of held-out rows, which "0.55 at 2 rows an
+    # atom" understated.
+    few = np.abs(np.random.RandomState(0).standard_normal((240, 100))).astype(np.float32)
+    with pytest.warns(UserWarning, match=r"240 rows for 400 atoms \(0\.6 rows an atom\)") as record:
+        SparseAutoencoderDictionary(max_steps=3, random_state=0).fit(few)
+    message = next(str(w.message) for w in record if "rows an atom" in str(w.message))
+    assert "fewer rows than atoms it can be worse than predicting the mean" in message
     # Enough rows for the atoms: no such warning.
     import warnings
 
