@@ -1026,7 +1026,7 @@ class SparseAutoencoderDictionary(
         buffers and copied ahead of the step that uses them. Both train on
         the same batches; the first is faster, the second holds only a few
         batches on the GPU. 0 always streams. Ignored on the CPU. See
-        :doc:`/scaling`.
+        :doc:`/gpu`.
     distributed : {"auto", True, False}, default="auto"
         Data-parallel training across processes on ``torch.distributed``
         (see :doc:`/scaling`). ``"auto"``: in a script started by

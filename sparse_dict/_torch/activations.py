@@ -470,7 +470,7 @@ class BatchTopK(TopK):
     uses one threshold ``theta`` instead: ``f = pre * (pre > theta)``.
     ``theta`` is a running average (in float64) of the smallest kept value
     of each training batch, and the estimator re-estimates it on the final
-    model after fit (:meth:`calibrate`).
+    model after fit (:meth:`calibrate_`).
     """
 
     name = "batchtopk"
