@@ -134,7 +134,7 @@ def test_help_has_no_markup_and_names_pages_by_their_files():
         # A docs page as a path a terminal user can open ("See /scaling" was not).
         assert not re.search(r"\s/\w", text), text
     budget = _options(parser, "fit")["device_data_budget"].help
-    assert "docs/scaling.rst" in budget and (Path(__file__).parents[1] / "docs/scaling.rst").exists()
+    assert "docs/gpu.rst" in budget and (Path(__file__).parents[1] / "docs/gpu.rst").exists()
 
 
 def _options(parser, command):
