@@ -1760,10 +1760,15 @@ _LOSS_RISE = 3.0
 # ... and only to a loss above this share of the mean's error.
 _RISE_FLOOR = 0.01
 # A loss still falling by less than this share of the mean's error over
-# the last fifth (a fit that explains more than about 99% of the rows, where
-# the rest of the fall would change the explained variance by less than a
-# thousandth) is not called unconverged.
-_DROP_FLOOR = 1e-3
+# the last fifth (the rest of the fall would change the explained variance
+# by about as little) is not called unconverged. At a thousandth, default
+# TopK and BatchTopK fits of rows of 8 and 24 columns (k=32, as wide as the
+# rows), explaining 0.988 to 0.995 of held-out rows, were told to train
+# longer (63 such fits of 91 with held-out EV of 0.98 or more, on data no
+# test uses); at half a hundredth they are not, while fits at a learning
+# rate too small (TopK at 1e-5: EV 0.43; at 3e-4 on ReLU-MLP rows: 0.91)
+# still are.
+_DROP_FLOOR = 5e-3
 # A loss whose fall over the last fifth before the decay is this share or
 # more of its fall since the run's first tenth is still falling as it was at
 # the start: steps too small, which the drop relative to the loss's level
