@@ -621,6 +621,20 @@ def test_grid_search_over_k_and_activation_in_a_pipeline(superposition):
     assert search.best_estimator_.named_steps["sae"].transform(2.0 * X[:5]).shape == (5, 32)
 
 
+def _superposition_at_rates(n_atoms, width, active, n_rows=2500, seed=0):
+    """Rows of random unit atoms firing at rates spread over a decade and a half.
+
+    About ``active`` atoms a row, each with an exponential magnitude; float32.
+    """
+    rng = np.random.default_rng(seed)
+    atoms = rng.standard_normal((n_atoms, width))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    rates = np.exp(rng.uniform(0, np.log(30), n_atoms))
+    rates = np.minimum(rates / rates.sum() * active, 1.0)
+    codes = (rng.random((n_rows, n_atoms)) < rates) * rng.exponential(1.0, (n_rows, n_atoms))
+    return (codes @ atoms).astype(np.float32)
+
+
 def test_codes_shrunk_at_a_third_of_the_width_warn_too():
     # A superposition of 96 features in 24 dimensions (about 3 a row, firing
     # at rates over a decade and a half, exponential magnitudes), fitted with
@@ -628,13 +642,7 @@ def test_codes_shrunk_at_a_third_of_the_width_warn_too():
     # 7.4, a third of the width, where TopK at k=7 explained 0.89. Its bias
     # was under the limit of an unconverged run and the refit, then asked only
     # below a quarter of the width, was not asked: nothing was said of it.
-    rng = np.random.default_rng(0)
-    atoms = rng.standard_normal((96, 24))
-    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
-    rates = np.exp(rng.uniform(0, np.log(30), 96))
-    rates = np.minimum(rates / rates.sum() * 3, 1.0)
-    codes = (rng.random((2500, 96)) < rates) * rng.exponential(1.0, (2500, 96))
-    X = (codes @ atoms).astype(np.float32)
+    X = _superposition_at_rates(n_atoms=96, width=24, active=3)
     train, held_out = X[:2000], X[2000:]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -652,13 +660,7 @@ def test_a_fit_explaining_nearly_everything_is_not_told_to_train_longer():
     # of held-out rows and was told its loss was still falling (0.065 ->
     # 0.045, a quarter of a hundredth of the mean's error): so were 63 of 91
     # such fits of data no test uses.
-    rng = np.random.default_rng(0)
-    atoms = rng.standard_normal((32, 8))
-    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
-    rates = np.exp(rng.uniform(0, np.log(30), 32))
-    rates = np.minimum(rates / rates.sum() * 2, 1.0)
-    X = ((rng.random((2500, 32)) < rates) * rng.exponential(1.0, (2500, 32)) @ atoms
-         ).astype(np.float32)
+    X = _superposition_at_rates(n_atoms=32, width=8, active=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sae = SparseAutoencoderDictionary(activation="topk", random_state=0).fit(X[:2000])
