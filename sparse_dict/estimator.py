@@ -1734,12 +1734,8 @@ class SparseAutoencoderDictionary(
             return [_dense_regime_message(self.transform_l0_, paired).strip()]
         return []
 
-    def _dense_code(self, share=None):
-        """Whether the fitted code is dense: an L0 of ``share`` of the width or more.
-
-        ``share`` defaults to a quarter (:data:`_DENSE_L0_SHARE`).
-        """
-        share = _DENSE_L0_SHARE if share is None else share
+    def _dense_code(self, share=_DENSE_L0_SHARE):
+        """Whether the fitted code is dense: an L0 of ``share`` of the width or more."""
         return self.transform_l0_ >= share * self.n_features_in_
 
     def _validate_train_data(self, X, reset, check_values=True):

@@ -845,7 +845,8 @@ class Trainer:
         for start in range(0, rows.shape[0], step):
             chunk = rows[start:start + step]
             made, codes = made_all[start:start + step], codes_all[start:start + step]
-            centred = chunk.double() - b_dec
+            wide = chunk.double()
+            centred = wide - b_dec
             active = codes > 0
             widest = int(active.sum(dim=1).max())
             refit = torch.zeros_like(centred)
@@ -861,7 +862,7 @@ class Trainer:
                 refit = (magnitudes.transpose(1, 2) @ gathered).squeeze(1)
             sums += torch.stack([(centred - (made.double() - b_dec)).pow(2).sum(),
                                  (centred - refit).pow(2).sum(),
-                                 (chunk.double() - mean).pow(2).sum()])
+                                 (wide - mean).pow(2).sum()])
         error, refit_error, variance = sums.tolist()
         if variance <= 0:
             return float("nan"), float("nan")

@@ -1,8 +1,8 @@
 """TransformerActivationExtractor: texts in, activations at one point of a model out."""
 
 import itertools
-from collections.abc import Iterator
 import os
+from collections.abc import Iterator
 from numbers import Integral
 from pathlib import Path
 from typing import NamedTuple
@@ -10,9 +10,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import StrOptions
 from sklearn.utils._set_output import _get_output_config
-from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
@@ -724,6 +724,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         imply (4, 512)"). They are numbered 0, 1, ... instead, as for a
         list of texts; transform_with_tokens says which text each is from.
         """
+        # (A list's .index is a method, not an index.)
         if (self.pooling != "none" or not hasattr(X, "index") or isinstance(X, list)
                 or _get_output_config("transform", self)["dense"] != "pandas"):
             return out

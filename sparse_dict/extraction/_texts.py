@@ -116,12 +116,11 @@ def _text_chunks(X, chunk_texts):
     """
     _check_container(X)
     try:
-        items = iter(X)
+        items = iter(_texts_of(X))
     except TypeError:
         raise TypeError(
             f"X must be an iterable of texts (or of token-id lists), got {type(X).__name__}."
         ) from None
-    items = _texts_of(X) if isinstance(X, io.TextIOBase) else items
     start, pretokenized = 0, None
     while True:
         chunk = list(itertools.islice(items, chunk_texts))
