@@ -869,7 +869,7 @@ def write_folder(path, config, tensors, *, kind, config_name, weights_name,
         Further files of the folder, by name, written and moved into place
         with it; their SHA-256 goes in the integrity record beside the
         weights' (under ``"files"``), which :func:`read_config` checks and
-        :func:`extras_as_written` reads.
+        :func:`as_written` reads.
 
     Returns
     -------
@@ -916,22 +916,26 @@ def _integrity_record(config):
     return record
 
 
-def extras_as_written(path, config_name, names):
-    """Whether each of ``names`` present in the folder ``path`` is a file it was saved with.
+def as_written(path, config_name, weights_name, extras=()):
+    """Whether the folder ``path`` holds what :func:`write_folder` wrote, unchanged.
 
-    A file that :func:`write_folder` wrote is in the config's integrity
-    record with its digest; one added later, or changed since, is not the
-    folder's, and ``overwrite`` must not replace the folder with it.
+    The config must carry its integrity record, and the config, the weights
+    and each of ``extras`` present must match their digests in it (an extra
+    file added later, or changed since, is not the folder's). Another program
+    that rewrote the folder (SAELens' ``save_model`` keeps the config's
+    metadata but drops the record) made it its own: ``overwrite`` must not
+    replace it.
     """
     path = Path(path)
-    present = [name for name in names if os.path.lexists(path / name)]
-    if not present:
-        return True
     try:
-        record = _integrity_record(json.loads((path / config_name).read_bytes()))
-    except (OSError, ValueError, RecursionError, AttributeError):
+        config = json.loads((path / config_name).read_bytes())
+        record = _integrity_record(config) if isinstance(config, dict) else None
+        if record is None or _digest_bytes(_canonical(config).encode()) != record["config"]:
+            return False
+    except (OSError, ValueError, RecursionError):
         return False
-    files = (record or {}).get("files", {})
+    files = {weights_name: record["weights"], **record.get("files", {})}
+    present = [weights_name] + [name for name in extras if os.path.lexists(path / name)]
     return all(name in files and _is_plain_file(path / name)
                and _digest_file(path / name) == files[name] for name in present)
 
@@ -943,12 +947,15 @@ def _bad(file, message):
 EDIT_HINT = "Set parameters after loading instead (set_params), and save again."
 
 
-def read_config(path, *, config_name, weights_name, other_layout=None, edit_hint=EDIT_HINT):
+def read_config(path, *, config_name, weights_name, other_layout=None, edit_hint=EDIT_HINT,
+                optional=()):
     """Read and integrity-check a saved folder's JSON config.
 
     Returns the config as a dict. A folder written before integrity records
     existed (no ``"sha256"`` entry) is read without the check. ``edit_hint``
     says, after a config that changed, how to change what it holds instead.
+    A recorded file named in ``optional`` may have been removed since (a
+    folder shared without it); present, it must match its digest.
 
     Raises
     ------
@@ -966,12 +973,15 @@ def read_config(path, *, config_name, weights_name, other_layout=None, edit_hint
         )
     if not path.is_dir():
         raise ValueError(f"{path} is not a saved dictionary: it is not a folder.")
+    # Reading follows links to files (the Hugging Face cache links each file
+    # of a snapshot to its blob); only replacing a folder insists on plain
+    # files (_is_plain_file).
     for name in (config_name, weights_name):
-        if not _is_plain_file(path / name):
+        if not (path / name).is_file():
             # A folder of the other layout (``other_layout``: its config
             # file's name, and what reads it) gets named as that.
             hint = ""
-            if other_layout is not None and _is_plain_file(path / other_layout[0]):
+            if other_layout is not None and (path / other_layout[0]).is_file():
                 hint = f" It holds {other_layout[0]}: {other_layout[1]}."
             raise ValueError(
                 f"{path} is not a complete saved dictionary: {name} is missing or not a "
@@ -999,7 +1009,9 @@ def read_config(path, *, config_name, weights_name, other_layout=None, edit_hint
             raise _bad(config_file, "the file changed after it was saved (its checksum does "
                        f"not match): it is damaged or was edited by hand. {edit_hint}")
         for name, digest in [(weights_name, record["weights"]), *record.get("files", {}).items()]:
-            if not _is_plain_file(path / name):
+            if name in optional and not os.path.lexists(path / name):
+                continue
+            if not (path / name).is_file():
                 raise ValueError(f"{path} is not a complete saved folder: {name} is missing "
                                  "or not a file, though the config records it.")
             if _digest_file(path / name) != digest:

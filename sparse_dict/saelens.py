@@ -90,6 +90,18 @@ _FIELDS = {
     # are stored in memory, not their values.
     "topk": _COMMON_FIELDS + ("k", "rescale_acts_by_decoder_norm", "use_sparse_activations"),
 }
+# A training checkpoint's cfg.json is SAELens 6's training config (the
+# TrainingSAEConfig classes of 6.0 to 6.18): the inference fields above and
+# these, which set only how it trains. SAELens' load_from_disk drops them,
+# and so does read_saelens; the checkpoint's activation_scaler.json is what
+# makes such a folder worth reading (its scaling factor, not yet folded).
+_TRAINING_FIELDS = {
+    "standard": ("decoder_init_norm", "l1_coefficient", "lp_norm", "l1_warm_up_steps"),
+    "jumprelu": ("decoder_init_norm", "jumprelu_init_threshold", "jumprelu_bandwidth",
+                 "jumprelu_sparsity_loss_mode", "l0_coefficient", "l0_warm_up_steps",
+                 "pre_act_loss_coefficient", "jumprelu_tanh_scale"),
+    "topk": ("decoder_init_norm", "aux_loss_coefficient"),
+}
 # Atoms this close to unit norm are left as they are, so that a dictionary of
 # this package (unit atoms, up to rounding) goes out and back bit for bit.
 _UNIT_TOLERANCE = 1e-6
@@ -119,12 +131,14 @@ _WRITTEN_FILES = _persist.folder_kind(
 def _is_written_folder(path):
     """Whether ``path`` is a folder that :func:`write_saelens` wrote, as it wrote it.
 
-    A ``sparsity.safetensors`` in it must be the one it wrote (its digest is
-    in ``cfg.json``'s integrity record): one added later (SAELens' own, say)
-    is somebody else's file, and the folder is then not replaced.
+    Its ``cfg.json``, weights and any ``sparsity.safetensors`` must be the
+    ones it wrote (their digests are in ``cfg.json``'s integrity record): a
+    folder SAELens saved again after fine-tuning keeps the metadata that
+    names sparse_dict but is SAELens' now, and a sparsity file added later is
+    somebody else's, so neither folder is replaced.
     """
     return (_WRITTEN_FILES.recognize(path)
-            and _persist.extras_as_written(path, CONFIG_FILE, (SPARSITY_FILE,)))
+            and _persist.as_written(path, CONFIG_FILE, WEIGHTS_FILE, (SPARSITY_FILE,)))
 
 
 # A folder that write_saelens wrote: what overwrite=True may replace.
@@ -187,6 +201,9 @@ def _finite_metadata(metadata, file):
 def _read_config(path):
     config = _persist.read_config(
         path, config_name=CONFIG_FILE, weights_name=WEIGHTS_FILE,
+        # sparsity.safetensors is optional in SAELens' layout: a folder shared
+        # without it reads with its frequencies unknown.
+        optional=(SPARSITY_FILE,),
         other_layout=("config.json", "a folder that SparseAutoencoderDictionary.save wrote, "
                                      "which SparseAutoencoderDictionary.load reads"),
         edit_hint="To give its metadata (model_name, hook_name, ...), set them in the "
@@ -215,8 +232,9 @@ def _read_config(path):
             f"supported: {list(ARCHITECTURES)} (BatchTopK SAEs are saved by SAELens as "
             "'jumprelu')."
         )
+    known = _FIELDS[architecture] + _TRAINING_FIELDS[architecture]
     for key in config:
-        if key not in _FIELDS[architecture] and key != _persist.INTEGRITY_KEY:
+        if key not in known and key != _persist.INTEGRITY_KEY:
             raise ValueError(f"{file}: unexpected field {key!r} for architecture "
                              f"{architecture!r}")
     cfg = {"architecture": architecture}

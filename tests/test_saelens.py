@@ -595,9 +595,11 @@ def test_sparsity_safetensors_is_part_of_the_folder_written(tmp_path):
     with pytest.raises(ValueError, match="sparsity.safetensors: the file changed after it "
                                          "was saved"):
         SparseAutoencoderDictionary.from_saelens(folder)
+    # Gone (the folder shared without it, as SAELens' layout allows): the
+    # frequencies are unknown, as for any SAELens folder without the file.
     sparsity.unlink()
-    with pytest.raises(ValueError, match="sparsity.safetensors is missing"):
-        SparseAutoencoderDictionary.from_saelens(folder)
+    assert np.isnan(SparseAutoencoderDictionary.from_saelens(folder)
+                    .feature_frequencies_).all()
     # One added to a folder written without it is someone else's: kept.
     plain = _write_ours(tmp_path / "plain", None)
     save_file({"sparsity": np.full(D_SAE, -2.0)}, str(plain / "sparsity.safetensors"))
@@ -677,3 +679,94 @@ def test_metadata_of_another_type_is_named_as_such(tmp_path):
     folder = _write(tmp_path / "sae", "standard", _weights("standard"), metadata=["6.5.0"])
     with pytest.raises(ValueError, match="field 'metadata' must be a JSON object"):
         SparseAutoencoderDictionary.from_saelens(folder)
+
+
+# SAELens 6's training configs (TrainingSAEConfig.to_dict) add these to a
+# checkpoint's cfg.json, as its 6.0 to 6.18 releases write them.
+TRAINING_FIELDS = {
+    "standard": {"decoder_init_norm": 0.1, "l1_coefficient": 5.0, "lp_norm": 1.0,
+                 "l1_warm_up_steps": 0},
+    "jumprelu": {"decoder_init_norm": 0.1, "jumprelu_init_threshold": 0.01,
+                 "jumprelu_bandwidth": 0.05, "jumprelu_sparsity_loss_mode": "step",
+                 "l0_coefficient": 1.0, "l0_warm_up_steps": 0,
+                 "pre_act_loss_coefficient": None, "jumprelu_tanh_scale": 4.0},
+    "topk": {"decoder_init_norm": 0.1, "use_sparse_activations": False,
+             "aux_loss_coefficient": 1.0, "rescale_acts_by_decoder_norm": True},
+}
+
+
+@pytest.mark.parametrize("architecture", sorted(TRAINING_FIELDS))
+def test_a_training_checkpoint_reads_with_its_scaling_factor(tmp_path, architecture):
+    # A checkpoint is where activation_scaler.json sits, beside a factor not
+    # yet folded; its training fields were refused as unexpected, so the
+    # factor was never read.
+    w = _weights(architecture)
+    fields = dict(TRAINING_FIELDS[architecture], normalize_activations="expected_average_only_in")
+    folder = _write(tmp_path / "checkpoint", architecture, w, **fields)
+    factor = 0.42
+    (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": factor}))
+    x = np.random.default_rng(5).normal(size=(30, D_IN))
+    f, decode, unit_codes = _saelens_reference(dict(fields, architecture=architecture), w, x,
+                                               scaling=factor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the factor is known: nothing to warn of
+        est = SparseAutoencoderDictionary.from_saelens(folder)
+    np.testing.assert_allclose(est.transform(x), unit_codes, atol=1e-5)
+    np.testing.assert_allclose(est.inverse_transform(est.transform(x)), decode(f), atol=1e-5)
+    # A field of neither config is still an error.
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps(dict(cfg, l1_coeficient=5.0)))
+    with pytest.raises(ValueError, match="unexpected field 'l1_coeficient'"):
+        SparseAutoencoderDictionary.from_saelens(folder)
+
+
+def _as_hub_snapshot(folder, root):
+    """``folder`` as huggingface_hub's cache holds a download: links to blobs."""
+    import os
+    import shutil
+
+    snapshot, blobs = root / "snapshots" / "abc123" / folder.name, root / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for file in folder.iterdir():
+        shutil.copy(file, blobs / file.name)
+        os.symlink(os.path.relpath(blobs / file.name, snapshot), snapshot / file.name)
+    return snapshot
+
+
+def test_a_hub_cache_snapshot_reads_as_its_folder(tmp_path):
+    # Every file of a snapshot is a link to its blob; they were refused as
+    # "missing or not a file".
+    est, x = _fitted("jumprelu")
+    written = _as_hub_snapshot(est.to_saelens(tmp_path / "sae"), tmp_path / "hub_sae")
+    saved = _as_hub_snapshot(est.save(tmp_path / "saved"), tmp_path / "hub_saved")
+    assert (written / "sparsity.safetensors").is_symlink()
+    for back in (SparseAutoencoderDictionary.from_saelens(written),
+                 SparseAutoencoderDictionary.load(saved)):
+        np.testing.assert_array_equal(back.transform(x), est.transform(x))
+
+
+def test_a_folder_saelens_saved_again_is_not_replaced(tmp_path):
+    # SAE.load_from_disk, fine-tune, save_model: SAELens keeps the metadata
+    # naming sparse_dict but drops the integrity record, and writes its own
+    # weights; overwrite=True replaced them.
+    est, _ = _fitted("relu")
+    folder = est.to_saelens(tmp_path / "sae")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert "sparse_dict_version" in cfg["metadata"]
+    del cfg[_persist.INTEGRITY_KEY]
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    (folder / "sparsity.safetensors").unlink()
+    tuned = {k: v * 1.5 for k, v in load_file(str(folder / "sae_weights.safetensors")).items()}
+    save_file(tuned, str(folder / "sae_weights.safetensors"))
+    before = (folder / "sae_weights.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="not a SAELens folder written by sparse_dict"):
+        est.to_saelens(folder, overwrite=True)
+    assert (folder / "sae_weights.safetensors").read_bytes() == before
+    # Weights changed under an intact record: not as written either.
+    ours = est.to_saelens(tmp_path / "ours")
+    save_file(tuned, str(ours / "sae_weights.safetensors"))
+    with pytest.raises(FileExistsError, match="not a SAELens folder written by sparse_dict"):
+        est.to_saelens(ours, overwrite=True)
+    # As written, it is replaced.
+    est.to_saelens(est.to_saelens(tmp_path / "again"), overwrite=True)
