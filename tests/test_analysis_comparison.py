@@ -179,6 +179,20 @@ def test_feature_splitting_thresholds_and_min_children():
     assert feature_splitting(small_coder, large_coder, X=X[:1])["parent"].size == 0
 
 
+def test_feature_splitting_counts_identical_atoms_at_a_threshold_of_one():
+    # An atom equal to the parent (or 3 times it) has a cosine of 1 - 1e-16:
+    # at threshold=1.0 it was no child, where recovery_rate counts it.
+    A = np.random.default_rng(0).normal(size=(5, 512))
+    B = np.vstack([A[0], 3 * A[0], A[1:]])
+    table = feature_splitting(A, B, threshold=1.0)
+    assert table["parent"].tolist() == [0, 0] and table["child"].tolist() == [0, 1]
+    single = feature_splitting(A, B, threshold=1.0, min_children=1)
+    assert single["parent"].tolist() == [0, 0, 1, 2, 3, 4]
+    # Another atom is still no child.
+    B[1] = A[0] + 1e-3 * A[1]
+    assert feature_splitting(A, B, threshold=1.0)["parent"].size == 0
+
+
 def test_feature_splitting_as_frame():
     pd = pytest.importorskip("pandas")
     small_coder, large_coder, X, _, _, _ = _split_case()

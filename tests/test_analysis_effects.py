@@ -11,6 +11,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
 
 from sparse_dict import SparseAutoencoderDictionary, TransformerActivationExtractor
 from sparse_dict.analysis import (
@@ -186,6 +188,99 @@ def test_logit_effects_of_hugging_face_families(family, ext):
                                               np.argsort(-change)[:5])
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("family, why", [
+    ("olmo2", r"normalises the MLP's output \(model.layers.1.post_feedforward_layernorm\)"),
+    ("granite", "sets residual_multiplier=0.22"),
+    ("opt_post_ln", "do_layer_norm_before=False"),
+])
+def test_families_whose_mlp_output_is_normalised_or_scaled_are_refused(family, why, ext):
+    # Olmo2 normalises the MLP's output before the residual stream, Granite
+    # scales it (and the logits), OPT-350m normalises after adding it: the
+    # figures were computed as if none did, silently wrong (287 and 36 times
+    # off in a random-weight Olmo2 and Granite, with other top tokens).
+    transformers = pytest.importorskip("transformers")
+    tok = ext.loaded_model().tokenizer
+    common = dict(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, max_position_embeddings=64,
+                  bos_token_id=tok.eot_token_id, eos_token_id=tok.eot_token_id,
+                  pad_token_id=tok.eot_token_id)
+    torch.manual_seed(0)
+    if family == "olmo2":
+        model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
+            intermediate_size=48, num_key_value_heads=2, **common))
+    elif family == "granite":
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(
+            intermediate_size=48, num_key_value_heads=2, residual_multiplier=0.22,
+            logits_scaling=8.0, **common))
+    else:
+        model = transformers.OPTForCausalLM(transformers.OPTConfig(
+            ffn_dim=48, word_embed_proj_dim=32, do_layer_norm_before=False, **common))
+    hf = TransformerActivationExtractor(model, tokenizer=tok, layer=-1, hook="mlp_out",
+                                        device="cpu")
+    X = hf.fit(["my lord"]).transform(["to be or not to be, that is the question"])
+    est = SparseAutoencoderDictionary(n_components=8, max_steps=2, random_state=0)
+    with pytest.warns(Warning):
+        est.fit(X, provenance=hf.provenance())
+    with pytest.raises(NoDirectPathError, match=why):
+        logit_effects(hf, est, top_k=5)
+
+
+def test_an_unfitted_extractor_runs_the_users_module_with_its_pooling(texts):
+    # Unfitted, the extractor was cloned with pooling="none": a mean-pooled
+    # dictionary was refused ("use pooling='mean'", as given), and the
+    # user's nn.Module was deep-copied at every call.
+    from sparse_dict.models.builtin import load_builtin_model
+
+    model, tokenizer = load_builtin_model()
+    fitted = TransformerActivationExtractor(model, tokenizer=tokenizer, pooling="mean",
+                                            device="cpu", max_length=32).fit(texts[:20])
+    est = SparseAutoencoderDictionary(n_components=8, max_steps=5, random_state=0)
+    with pytest.warns(Warning):
+        est.fit(fitted.transform(texts[:20]), provenance=fitted.provenance())
+    unfitted = TransformerActivationExtractor(model, tokenizer=tokenizer, pooling="mean",
+                                              device="cpu", max_length=32)
+    model.__deepcopy__ = lambda memo: pytest.fail("the user's module was deep-copied")
+    try:
+        assert steer(unfitted, est, ["My lord"], 0, 1.0, max_new_tokens=3) == steer(
+            fitted, est, ["My lord"], 0, 1.0, max_new_tokens=3)
+        np.testing.assert_array_equal(logit_effects(unfitted, est, top_k=3).promoted_ids,
+                                      logit_effects(fitted, est, top_k=3).promoted_ids)
+    finally:
+        del model.__deepcopy__
+    check_is_fitted(fitted)
+    with pytest.raises(NotFittedError):
+        check_is_fitted(unfitted)  # the user's extractor is left as it was
+
+
+def test_a_bf16_model_s_effects_are_computed_in_float32(ext):
+    # In the checkpoint's bf16 the changes were off by up to 0.3% of the
+    # largest, and a tenth of the top-10 tokens came in another order.
+    transformers = pytest.importorskip("transformers")
+    tok = ext.loaded_model().tokenizer
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=tok.eot_token_id, eos_token_id=tok.eot_token_id,
+        pad_token_id=tok.eot_token_id)).to(torch.bfloat16)
+    hf = TransformerActivationExtractor(model, tokenizer=tok, layer=0, hook="mlp_out",
+                                        device="cpu").fit(["my lord"])
+    X = hf.transform(["to be or not to be, that is the question, my lord"])
+    est = SparseAutoencoderDictionary(n_components=16, max_steps=2, random_state=0)
+    with pytest.warns(Warning):
+        est.fit(X, provenance=hf.provenance())
+    effects = logit_effects(hf, est, top_k=10)
+    # The same path in float64, from the model's own (bf16) weights.
+    gain = model.model.norm.weight.double()
+    full = (torch.as_tensor(est.components_, dtype=torch.float64) * gain / effects.norm_scale
+            ) @ model.lm_head.weight.double().T
+    full = full.detach()
+    np.testing.assert_allclose(effects.promoted_logits,
+                               np.take_along_axis(full.numpy(), effects.promoted_ids, 1),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(effects.promoted_ids, np.argsort(-full.numpy(), 1)[:, :10])
 
 
 def test_logit_effects_result_and_frame(ext, sae, effects):

@@ -21,7 +21,7 @@ from sparse_dict import metrics
 
 # The cosine matrix of two dictionaries, zero atoms at cosine 0: the same
 # helper the metrics' matchings use, so that every comparison agrees.
-from sparse_dict.metrics import _cosine_matrix
+from sparse_dict.metrics import _COSINE_ROUNDING, _cosine_matrix
 
 __all__ = ["FeatureMatching", "dictionary_similarity", "feature_splitting", "match_features"]
 
@@ -356,7 +356,10 @@ def feature_splitting(small, large, threshold=0.5, *, X=None, co_firing_threshol
                               "as_frame=False for a dict of arrays.") from exc
 
     cosines = _cosine_matrix(S, L)
-    candidate = cosines >= threshold
+    # Within rounding of the threshold counts, as recovery_rate has it: an
+    # atom equal to the parent has a cosine of 1 - 1e-16 (threshold=1.0 found
+    # no child).
+    candidate = cosines >= threshold - _COSINE_ROUNDING
     n_rows = None
     if X is not None:
         _check_can_code(small, "small")

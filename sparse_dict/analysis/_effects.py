@@ -16,7 +16,6 @@ from numbers import Integral
 
 import numpy as np
 import torch
-from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
@@ -50,6 +49,15 @@ _FINAL_NORMS = ("ln_final", "transformer.ln_f", "model.norm", "gpt_neox.final_la
 # The MLP's output projection, relative to a block: inside its MLP
 # (built-in, GPT-2, Llama, GPT-NeoX, BLOOM), or the block's own (OPT's fc2).
 _OUT_PROJECTIONS = tuple(f"mlp.{name}" for name in _OUT_PROJECTION_NAMES) + ("fc2",)
+# A norm a block applies to its MLP's output before the residual stream
+# (Olmo2 and Olmo3, Gemma2's post_feedforward_layernorm, Glm4's
+# post_mlp_layernorm): the direct path would have to go through it.
+_POST_MLP_NORM_NAMES = ("post_feedforward", "post_mlp", "ffn_post", "post_ffn")
+# Config fields that scale the residual stream's updates or the logits
+# (Granite's residual_multiplier and logits_scaling, Cohere's logit_scale,
+# Gemma2's softcap): left out of the path, every effect would be off by them.
+_SCALING_FIELDS = ("residual_multiplier", "logits_scaling", "logit_scale",
+                   "final_logit_softcapping")
 # Features whose effects are computed at once (bounds the (chunk, vocab) block).
 _CHUNK = 256
 
@@ -59,6 +67,8 @@ class NoDirectPathError(ValueError):
 
     Raised for a model without a next-token head (an encoder such as MiniLM),
     a final normalisation or output projection this package does not know,
+    a block that normalises or scales the MLP's output on its way to the
+    logits (Olmo2's post-feed-forward norm, Granite's residual multiplier),
     and a hook that is not on an MLP's path to the residual stream.
     """
 
@@ -243,6 +253,7 @@ def _out_projection(extractor, loaded):
     site = locate_hook(loaded, layer=extractor.layer, hook=extractor.hook,
                        module=extractor.module)
     path, direction = site.module_path, site.direction
+    _check_plain_residual(loaded, path)
     parent, _, leaf = path.rpartition(".")
     is_projection = any(path == r or path.endswith("." + r) for r in _OUT_PROJECTIONS)
     if is_projection and direction == "input":
@@ -262,6 +273,38 @@ def _out_projection(extractor, loaded):
         f"Logit effects are defined for hooks on an MLP's path to the residual stream "
         f"(hook='mlp_post' or 'mlp_out'); {site.name!r} ({path}, {direction}) is not one."
     )
+
+
+def _check_plain_residual(loaded, site_path):
+    """Refuse a model whose MLP output reaches the logits by more than the final norm.
+
+    The direct path here is: the MLP's output added as it is to the residual
+    stream, then the final norm and the head. A block that normalises its
+    MLP's output first, or a config that scales the residual updates or the
+    logits, would make every figure wrong without any error.
+    """
+    block_path, mlp, _ = site_path.partition(".mlp")
+    block = loaded.submodule(block_path) if mlp else None
+    if block is not None:
+        for name, _ in block.named_children():
+            if "norm" in name and any(part in name for part in _POST_MLP_NORM_NAMES):
+                raise NoDirectPathError(
+                    f"{type(loaded.model).__name__} normalises the MLP's output "
+                    f"({block_path}.{name}) before adding it to the residual stream; logit "
+                    "effects through that norm are not supported.")
+    config = getattr(loaded.model, "config", None)
+    if getattr(config, "do_layer_norm_before", True) is False:
+        raise NoDirectPathError(
+            f"{type(loaded.model).__name__}'s blocks normalise after adding the MLP's output "
+            "(do_layer_norm_before=False, as OPT-350m); logit effects through those norms "
+            "are not supported.")
+    for field in _SCALING_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
+            raise NoDirectPathError(
+                f"{type(loaded.model).__name__}'s config sets {field}={value!r}, which "
+                "scales the residual stream's updates or the logits; logit effects with it "
+                "are not supported.")
 
 
 def _reference_scale(extractor, norm_module, centre, eps, texts):
@@ -313,16 +356,25 @@ def direct_path(extractor, reference_texts=None):
     """
     loaded = extractor.loaded_model()
     unembedding = _unembedding(loaded)
-    norm, centre, gain, eps = _final_norm(loaded)
+    # The block's own path first: a post-LN model has no final norm to find.
     out_projection = _out_projection(extractor, loaded)
+    norm, centre, gain, eps = _final_norm(loaded)
     if gain is None:
         gain = torch.ones(unembedding.shape[1], device=unembedding.device)
     texts = REFERENCE_TEXTS if reference_texts is None else reference_texts
     scale = _reference_scale(extractor, norm, centre, eps, texts)
+
+    def exact(weight):
+        # A bf16 or fp16 checkpoint's product rounds each logit change to 3
+        # significant digits: 10% of the top-10 tokens came out in another
+        # order. The path is computed in float32 at least.
+        weight = weight.detach()
+        return weight.float() if weight.is_floating_point() and weight.element_size() < 4 \
+            else weight
+
     return DirectPath(
-        out_projection=None if out_projection is None else out_projection.detach(),
-        centre=centre, gain=gain.detach(), norm_scale=scale,
-        unembedding=unembedding.detach(),
+        out_projection=None if out_projection is None else exact(out_projection),
+        centre=centre, gain=exact(gain), norm_scale=scale, unembedding=exact(unembedding),
     )
 
 
@@ -335,8 +387,11 @@ def _fitted_extractor(extractor):
     try:
         check_is_fitted(extractor)
     except NotFittedError:
-        # Fitting only loads the model and measures the hook's width.
-        extractor = clone(extractor).set_params(pooling="none").fit(["a"])
+        # Fitting only loads the model and measures the hook's width. A
+        # shallow copy: a user's nn.Module is run as it is, not deep-copied
+        # (clone did, at every call), and the pooling stays the user's (it
+        # was set to "none", and a mean-pooled dictionary refused for it).
+        extractor = copy.copy(extractor).fit(["a"])
     return extractor
 
 
