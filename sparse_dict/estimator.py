@@ -1919,15 +1919,15 @@ class SparseAutoencoderDictionary(
         score : float
             ``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``; higher is better.
         """
-        from sparse_dict.metrics import explained_variance
+        from sparse_dict.metrics import _explained_variance
 
         check_is_fitted(self)
         # Validated once here; transform and inverse_transform would each
         # validate (and scan for NaN) again.
         X = self._validate_inference_data(X)
-        X_hat = self._decode(self._encode(X))
-        dense = X.toarray() if sp.issparse(X) else X
-        return float(explained_variance(dense, X_hat))
+        # Reconstructed a block of rows at a time, as the metric reads them:
+        # data larger than memory, which fit streams, is scored the same way.
+        return float(_explained_variance(X, lambda rows: self._decode(self._encode(X[rows]))))
 
     def _check_inference_params(self):
         """Check the parameters read at each call, as fit checks them.
