@@ -1612,3 +1612,16 @@ def test_score_reconstructs_a_block_of_rows_at_a_time(monkeypatch, sparse):
                         lambda self, codes: sizes.append(codes.shape[0]) or decode(self, codes))
     assert sae.score(Z) == expected
     assert max(sizes) == 500 and sum(sizes) == 3000
+
+
+def test_a_small_first_partial_fit_call_warns_that_its_scale_is_kept():
+    # The first call's rows set the scale for the whole stream: from 2 rows
+    # it was up to 2.8 times that of 10,000, silently.
+    X, _, _ = make_superposition(400, 16, 32, random_state=0, dtype=np.float32)
+    with pytest.warns(UserWarning, match="The first partial_fit call had 2 rows: the input "
+                                         "scale and the decoder bias are set from them"):
+        sae = SparseAutoencoderDictionary(32, random_state=0).partial_fit(X[:2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sae.partial_fit(X[2:3])  # later calls may bring any number
+        SparseAutoencoderDictionary(32, random_state=0).partial_fit(X[:128])
