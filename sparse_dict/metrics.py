@@ -216,7 +216,11 @@ _TINY_SUM = 1e-250
 
 
 def _rows_of(array):
-    """A function of a slice of rows giving them dense: ``array``'s own, or ``array``."""
+    """A function of a slice of rows giving them as a dense array.
+
+    An array's own indexing (a CSR matrix densified a block at a time), or
+    ``array`` itself where it is already such a function.
+    """
     if callable(array):
         return array
     if sp.issparse(array):
