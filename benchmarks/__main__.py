@@ -16,11 +16,14 @@ still run; the exit status is then 1.
 
 A run of one mode is refused where ``results.json`` holds a run of another
 mode (a ``--tiny`` smoke test would replace the reference figures), unless
-``--replace`` is given. With ``--only``, the other sections of a
-``results.json`` already in the output folder from a run of the same mode are
-kept, each with the machine
-and date it ran on, so that rerunning one section updates the reference
-results instead of replacing them with that section alone.
+``--replace`` is given, and so is an output folder holding a file by one of
+the run's names that no run wrote (a user's own ``results.json``, a plot
+without sparse_dict's PNG mark). The sections a run leaves out (those not in
+``--only``; the gpu section, which a quick or full run on the CPU skips: its
+sizes are a GPU's) keep their figures from a ``results.json`` of the same
+mode already in the output folder, each with the machine and date it ran on,
+so that rerunning one section updates the reference results instead of
+replacing them with that section alone.
 
 The sections that put the SAE beside scikit-learn (recovery, frontier,
 time_to_quality, scaling, encoding), the throughput section (which puts
@@ -38,6 +41,7 @@ import argparse
 import importlib
 import inspect
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -111,8 +115,56 @@ def _parse(argv):
             parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
     else:
         names = list(TINY_SECTIONS if args.mode == "tiny" else SECTIONS)
+        if args.mode != "tiny" and args.device == "cpu":
+            # Its sizes are a GPU's: at d=2048 one step takes 9 s on two
+            # cores, and the section hours. --only gpu runs it anyway.
+            names.remove("gpu")
     args.sections = names
     return args
+
+
+def _is_run(path):
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(run, dict) and isinstance(run.get("mode"), str) \
+        and isinstance(run.get("sections"), dict)
+
+
+def _is_section(path):
+    try:
+        section = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(section, dict) and "wall_s" in section
+
+
+def _is_markdown(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read(64).startswith("# sparse_dict benchmarks")
+    except OSError:
+        return False
+
+
+def _foreign_outputs(out, sections):
+    """Files in ``out`` this run would write over that no benchmark run wrote.
+
+    A run writes ``results.json``, ``results.md``, every section's plot and
+    ``sections/NAME.json``; one of those names holding a user's own file
+    (a ``results.json`` that is not a run, a plot without sparse_dict's PNG
+    mark) is refused, not replaced.
+    """
+    from benchmarks.report import PLOTS
+    from sparse_dict import _persist
+
+    checks = [(out / "results.json", _is_run), (out / "results.md", _is_markdown)]
+    checks += [(out / name, _persist.PNG.recognize) for names in PLOTS.values()
+               for name in names]
+    checks += [(out / "sections" / f"{name}.json", _is_section) for name in sections]
+    return [path for path, recognise in checks if os.path.lexists(path)
+            and not (path.is_file() and not path.is_symlink() and recognise(path))]
 
 
 def _mode_of(out):
@@ -153,6 +205,15 @@ def main(argv=None):
         if not torch.cuda.is_available():
             print("--device cuda: no CUDA device is available.", file=sys.stderr)
             return 2
+    if os.path.lexists(args.out) and not args.out.is_dir():
+        print(f"--out {args.out}: it exists and is not a folder.", file=sys.stderr)
+        return 2
+    foreign = _foreign_outputs(args.out, args.sections)
+    if foreign:
+        print(f"--out {args.out} holds files this run would replace that no benchmark run "
+              f"wrote: {', '.join(str(p.relative_to(args.out)) for p in foreign)}; choose "
+              "another --out, or move them.", file=sys.stderr)
+        return 2
     earlier_mode = _mode_of(args.out)
     if earlier_mode not in (None, args.mode) and not args.replace:
         print(f"{args.out / 'results.json'} holds a --{earlier_mode} run, which this --"
@@ -160,7 +221,9 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    kept = _earlier_sections(args.out, args.mode, args.sections) if args.only else {}
+    # Sections not run this time (those left out of --only, or the gpu
+    # section on the CPU) keep their figures from a run of the same mode.
+    kept = _earlier_sections(args.out, args.mode, args.sections)
     results = {
         "mode": args.mode,
         "machine": machine_info(args.device),

