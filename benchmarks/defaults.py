@@ -87,8 +87,11 @@ def _markdown(results):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.defaults", description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true",
-                        help="every generator and activation, 2.5x budgets too")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="the default: a subset of the generators and activations")
+    size.add_argument("--full", action="store_true",
+                      help="every generator and activation, 2.5x budgets too")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     results = run(quick=not args.full)

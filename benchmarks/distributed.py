@@ -165,8 +165,11 @@ def main(argv=None):
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--tiny", dest="mode", action="store_const", const="tiny")
     size.add_argument("--full", dest="mode", action="store_const", const="full")
-    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--processes", type=int, default=2,
+                        help="data-parallel processes to compare with one (at least 2)")
     args = parser.parse_args(argv)
+    if args.processes < 2:
+        parser.error(f"--processes must be at least 2, got {args.processes}")
     if args.worker:
         _worker(args.worker)
         return 0

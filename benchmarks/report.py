@@ -1357,9 +1357,16 @@ def main(argv=None):
                              "results.json, same mode) in place of the results' own, each "
                              "with the machine it ran on, and rewrite results.json")
     args = parser.parse_args(argv)
-    results = json.loads((args.results / "results.json").read_text())
+
+    def run_in(folder, option):
+        try:
+            return json.loads((folder / "results.json").read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"{option} {folder}: no benchmark run's results.json to read ({exc})")
+
+    results = run_in(args.results, "--results")
     if args.merge is not None:
-        results = merge_run(results, json.loads((args.merge / "results.json").read_text()))
+        results = merge_run(results, run_in(args.merge, "--merge"))
         write_json(results, args.results / "results.json")
     write_markdown(results, args.results / "results.md")
     write_plots(results, args.results)

@@ -295,8 +295,9 @@ def measure(device="cpu", batch=4096, d=512, n=4096, sparse_n=16384, k=32, round
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--full", action="store_true")
-    parser.add_argument("--tiny", action="store_true")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true")
+    size.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
     result = run("full" if args.full else "tiny" if args.tiny else "quick", device=args.device)
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2))
