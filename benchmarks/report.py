@@ -478,11 +478,22 @@ def _saelens_md(r):
     if "skipped" in r:
         return f"Skipped: {r['skipped']}.\n"
     sz = r["sizes"]
+    by_setting = r.get("saelens_rows_per_s_by_setting")
+    if by_setting:
+        rows = [[f"SAELens, use_sparse_activations={name}", rate]
+                for name, rate in by_setting.items()]
+        setting = (" SAELens ran with its codes dense and sparse (use_sparse_activations); "
+                   "the faster is compared.")
+    else:
+        rows = [["SAELens", r["saelens_rows_per_s"]]]
+        setting = (" SAELens ran with its default dense codes only (a run from before "
+                   "use_sparse_activations, which SAELens recommends for float32 and a small "
+                   "k, was timed too): its best setting may be faster.")
     return (f"d={sz['d']}, N={sz['n']}, k={sz['k']}, B={sz['batch']}, {r['threads']} torch "
-            f"thread(s), SAELens {r['saelens_version']} (torch {r['saelens_torch']}).\n\n"
+            f"thread(s), SAELens {r['saelens_version']} (torch {r['saelens_torch']}).{setting}"
+            "\n\n"
             + _table(["TopK training loop", "rows/s"],
-                     [["sparse_dict", r["sparse_dict_rows_per_s"]],
-                      ["SAELens", r["saelens_rows_per_s"]]])
+                     [["sparse_dict", r["sparse_dict_rows_per_s"]], *rows])
             + f"\nsparse_dict / SAELens: **{_fmt(r['speedup'])}**.\n")
 
 
