@@ -294,6 +294,12 @@ def load_matrix(path, what="activations"):
     """
     if Path(path).is_dir() and (Path(path) / "manifest.json").is_file():
         return open_activations_store(path).activations
+    if Path(path).name == "activations.npy" and (Path(path).parent / "manifest.json").is_file():
+        # A store's own file, named directly: read through the store, which
+        # refuses an incomplete one. An interrupted extraction can leave the
+        # file with rows its manifest never counted (2,522 against 1,262),
+        # which were trained on without a word.
+        return open_activations_store(Path(path).parent).activations
     path = _input_file(path, f"{what} file")
     with open(path, "rb") as fh:
         magic = fh.read(6)

@@ -311,6 +311,28 @@ def test_an_incomplete_store_warns_and_a_store_is_not_rows(reference, extractor,
         open_store(damaged)
 
 
+def test_the_cli_refuses_an_incomplete_store_s_npy_named_directly(reference, extractor, texts,
+                                                                  tmp_path, capsys):
+    # Given the folder, an incomplete store was refused; given its
+    # activations.npy, the rows were trained on without a word (an
+    # interrupted extraction can leave rows the manifest never counted).
+    path = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        extractor.transform_to_disk(_interrupted(texts, 6), path, chunk_texts=CHUNK)
+    for given in (path, path / "activations.npy"):
+        assert main(["fit", str(given), "--out", str(tmp_path / "sae"), "--n-components", "8",
+                     "--max-steps", "2"]) == 2
+        assert "is incomplete" in capsys.readouterr().err
+    assert not (tmp_path / "sae").exists()
+    # Complete, its file reads as the store's rows.
+    store = extractor.transform_to_disk(texts, path, resume=True, chunk_texts=CHUNK)
+    assert main(["fit", str(path / "activations.npy"), "--out", str(tmp_path / "sae"),
+                 "--n-components", "8", "--max-steps", "2"]) == 0
+    assert store.complete
+    assert SparseAutoencoderDictionary.load(tmp_path / "sae").n_features_in_ == \
+        store.activations.shape[1]
+
+
 def test_a_users_folder_holding_an_activations_npy_is_not_a_store(extractor, texts, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
