@@ -486,9 +486,9 @@ def _saelens_md(r):
                    "the faster is compared.")
     else:
         rows = [["SAELens", r["saelens_rows_per_s"]]]
-        setting = (" SAELens ran with its default dense codes only (a run from before "
-                   "use_sparse_activations, which SAELens recommends for float32 and a small "
-                   "k, was timed too): its best setting may be faster.")
+        setting = (" SAELens ran with its default dense codes only: this run predates "
+                   "timing use_sparse_activations too, which SAELens recommends for float32 "
+                   "and a small k, so its best setting may be faster.")
     return (f"d={sz['d']}, N={sz['n']}, k={sz['k']}, B={sz['batch']}, {r['threads']} torch "
             f"thread(s), SAELens {r['saelens_version']} (torch {r['saelens_torch']}).{setting}"
             "\n\n"
