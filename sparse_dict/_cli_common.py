@@ -518,11 +518,15 @@ def _launch_ranks(argv, nproc):
                 p.wait()
     failed = [(rank, p.returncode) for rank, p in enumerate(procs) if p.returncode]
     if failed:
-        rank, status = failed[0]
-        raise CLIError(
-            f"the data-parallel fit in {nproc} processes failed: rank {rank} exited with "
-            f"status {status} (its error is shown above)"
-        )
+        # The rank that failed first is the cause; the others stopped for it
+        # (RankFailedError, status 2) or were stopped here. A rank killed
+        # by a signal (a negative status) is named as such: rank 0's status
+        # 1 was blamed where rank 1 had been killed.
+        killed = [(rank, status) for rank, status in failed if status < 0]
+        rank, status = (killed or failed)[0]
+        how = (f"was killed by signal {-status}" if status < 0
+               else f"exited with status {status} (its error is shown above)")
+        raise CLIError(f"the data-parallel fit in {nproc} processes failed: rank {rank} {how}")
 
 
 def _say(args, message):

@@ -958,6 +958,10 @@ def _user_error(err, traceback_shown=False, batch_option="--batch-size"):
         # A missing optional package, named with how to install it (raised
         # from the failed import); an import failing on its own is a bug.
         return _first_line(err), EXIT_USAGE
+    if type(err).__name__ == "RankFailedError":
+        # Another process of the fit failed (its own error, or a kill): this
+        # one stopped because of it, which is no bug of its own.
+        return _first_line(err), EXIT_USAGE
     if type(err).__name__ == "StoreInUseError":  # another process writes the store
         return _first_line(err), EXIT_USAGE
     if type(err).__name__ == "SafetensorError" and "No space left" in str(err):

@@ -742,3 +742,31 @@ def test_fit_starts_from_a_dict_init_file(tmp_path, capsys):
                           tmp_path / "atoms.npy", "--n-components", "8", "-q"], capsys)
     assert_one_line_error(status, err, "dict_init has shape (32, 16)")
     assert not (tmp_path / "e").exists()
+
+
+def test_a_killed_rank_is_named_and_the_others_error_is_no_bug(monkeypatch):
+    # Rank 1 killed (SIGKILL): rank 0 stopped with RankFailedError, which
+    # was printed as "a bug: please report it", and the launcher blamed
+    # rank 0 (status 1), never naming rank 1.
+    from sparse_dict import _cli_common
+    from sparse_dict._torch import RankFailedError
+    from sparse_dict.cli import EXIT_USAGE, _user_error
+
+    message, status = _user_error(RankFailedError("another rank exited"))
+    assert status == EXIT_USAGE and "a bug" not in message
+
+    class Finished:
+        def __init__(self, status):
+            self.returncode = status
+
+        def poll(self):
+            return self.returncode
+
+        def wait(self, timeout=None):
+            return self.returncode
+
+    statuses = iter([2, -9])  # rank 0 stopped for rank 1, which was killed
+    monkeypatch.setattr(_cli_common.subprocess, "Popen",
+                        lambda *a, **k: Finished(next(statuses)))
+    with pytest.raises(_cli_common.CLIError, match="rank 1 was killed by signal 9"):
+        _cli_common._launch_ranks(["fit", "X.npy"], 2)
