@@ -261,6 +261,18 @@ def test_a_store_extended_is_incomplete_until_it_ends(reference, extractor, text
     assert store.complete and _files(path) == _files(reference.path)
 
 
+def test_a_store_extended_from_a_longer_corpus_is_named_by_it(extractor, texts, tmp_path):
+    # The manifest, and every dictionary fitted on the store, kept naming
+    # the first, shorter file.
+    path = tmp_path / "store"
+    extractor.transform_to_disk(texts[:8], path, chunk_texts=CHUNK, corpus="part.txt")
+    store = extractor.transform_to_disk(texts[:12], path, resume=True, chunk_texts=CHUNK,
+                                        corpus="full.txt")
+    assert store.complete and store.n_texts == 12
+    assert open_store(path).manifest["corpus"] == "full.txt"
+    assert store.provenance()["corpus"] == "full.txt"
+
+
 def test_resume_when_the_first_text_has_no_tokens(extractor, tmp_path):
     # With chunks smaller than the texts done, the first stored text lay past
     # the chunk at hand (an IndexError).

@@ -558,6 +558,9 @@ class StoreWriter:
                     _lock(fh, self.path)
             manifest = self._create(config, overwrite, hint)
         self.manifest = manifest
+        # The texts' description as this extraction gives it: a store
+        # extended from a longer file is that file's ('part.txt' stayed).
+        self._corpus = config.get("corpus")
         width = manifest["n_features"]
 
         def rows_under_lock():
@@ -678,6 +681,7 @@ class StoreWriter:
             max_token_id=max(self.manifest["max_token_id"], int(ids.max()) if ids.size else -1),
             texts_sha256=self._sha.hexdigest(),
             pretokenized=self._pretokenized,
+            **({} if self._corpus is None else {"corpus": self._corpus}),
         )
 
     def _save_manifest(self, **changes):
