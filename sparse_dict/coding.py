@@ -210,8 +210,9 @@ default="lasso_cd"
         ``"threshold"``. Ignored by ``"omp"``.
     n_nonzero_coefs : int, default=None
         Maximum number of active atoms per row for ``"omp"``; None means
-        ``max(1, n_features // 10)``, capped at ``n_components``. Ignored by
-        the other algorithms.
+        ``max(1, n_features // 10)``. Capped at ``n_components`` (where
+        scikit-learn's OMP raises, every atom may be used). Ignored by the
+        other algorithms.
     offset : array-like of shape (n_features,), default=None
         Vector subtracted from each row before coding and added back by
         :meth:`inverse_transform`, for dictionaries that come with a bias

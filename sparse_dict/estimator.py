@@ -1024,7 +1024,7 @@ class SparseAutoencoderDictionary(
         Active atoms per row for ``transform_algorithm="omp"``. ``None``:
         ``k`` for the top-k family, else the encoder's mean L0 on the
         training data rounded (``transform_l0_``), so that both codes have
-        the same sparsity.
+        the same sparsity. Capped at ``n_components``.
     transform_alpha : float, default=None
         The L1 penalty of ``"lasso_lars"`` and ``"lasso_cd"`` and the
         threshold of ``"threshold"``, in the units of ``X``. ``None``: 1.0,

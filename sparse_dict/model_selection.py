@@ -188,8 +188,8 @@ class SparseCodingScorer:
         except Exception as exc:  # noqa: BLE001 - scored NaN, named in the warning
             # As below: raised here, scikit-learn's error_score put one NaN
             # where the other splits have dicts, and the search died with
-            # "'float' object is not subscriptable" (a transform asking OMP
-            # for more atoms than the dictionary has, say).
+            # "'float' object is not subscriptable" (a transform asking
+            # scikit-learn's OMP for more atoms than the dictionary has, say).
             warnings.warn(f"{type(estimator).__name__} could not code or reconstruct X here "
                           f"({type(exc).__name__}: {exc}): every metric is scored NaN.",
                           UserWarning, stacklevel=2)

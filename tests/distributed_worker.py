@@ -86,9 +86,14 @@ def main(mode, out):
             "width": (X[:, :8] if rank == 1 else X, {}),
             "nan": (_with_nan(X) if rank == 1 else X, {}),
             "seed": (X, {"random_state": rank}),
+            # Trained silently (k) or aborted by gloo unexplained (BatchTopK
+            # has one more buffer to broadcast); named by the setting now.
+            "k": (X, {"k": 4 + 4 * rank}),
+            "activation": (X, {"activation": "batchtopk" if rank == 1 else "topk"}),
+            "rate": (X, {"learning_rate": 3e-3 * (1 + rank)}),
         }
         for name, (data, params) in cases.items():
-            sae = SparseAutoencoderDictionary(**PARAMS["topk"], **{**COMMON, **params})
+            sae = SparseAutoencoderDictionary(**{**PARAMS["topk"], **COMMON, **params})
             _try(lambda: sae.fit(data), sae, os.path.join(out, f"{name}_rank{rank}.txt"))
         return 0
     if mode == "hang":

@@ -116,8 +116,20 @@ def test_ranks_that_disagree_are_refused_by_name_on_every_rank(tmp_path):
     for rank in (0, 1):
         width = (tmp_path / f"width_rank{rank}.txt").read_text()
         assert width.startswith("ValueError: The ranks of a data-parallel fit disagree on "
-                                "the model's shape (n_features, n_components): rank 0 has "
-                                "(16, 48), rank 1 has (8, 48)"), width
+                                "the model (its shape and activation): rank 0 has "
+                                "n_features=16, rank 1 has n_features=8"), width
+        k = (tmp_path / f"k_rank{rank}.txt").read_text()
+        assert k.startswith("ValueError: The ranks of a data-parallel fit disagree on the "
+                            "model (its shape and activation): rank 0 has activation="
+                            "{'name': 'topk', 'k': 4}, rank 1 has activation={'name': "
+                            "'topk', 'k': 8}"), k
+        activation = (tmp_path / f"activation_rank{rank}.txt").read_text()
+        assert activation.startswith("ValueError: The ranks of a data-parallel fit disagree "
+                                     "on the model (its shape and activation): rank 0 has "
+                                     "activation={'name': 'topk'"), activation
+        rate = (tmp_path / f"rate_rank{rank}.txt").read_text()
+        assert rate.startswith("ValueError: The ranks of a data-parallel fit disagree on ")
+        assert "rank 0 has learning_rate=0.003, rank 1 has learning_rate=0.006." in rate, rate
         seed = (tmp_path / f"seed_rank{rank}.txt").read_text()
         assert seed.startswith("ValueError: The ranks of a data-parallel fit disagree on "
                                "random_state: rank 0 has 0, rank 1 has 1"), seed

@@ -313,15 +313,26 @@ class Replicas:
         return [part[: int(n)] for part, n in zip(parts, sizes)]
 
     def check_same(self, values, what, error=ValueError):
-        """Raise ``error`` on every rank unless ``values`` are equal on all ranks."""
+        """Raise ``error`` on every rank unless ``values`` are equal on all ranks.
+
+        A dict of named values is reported by the names that differ (a
+        learning rate of 0.003 against 0.006 was one figure among two
+        1,400-character dumps of every setting).
+        """
         everyone = [None] * self.world_size
         self._collective(f"comparing {what}", dist.all_gather_object, everyone, values)
         for rank, theirs in enumerate(everyone):
-            if theirs != everyone[0]:
-                raise error(
-                    f"The ranks of a data-parallel fit disagree on {what}: rank 0 has "
-                    f"{everyone[0]}, rank {rank} has {theirs}."
-                )
+            if theirs == everyone[0]:
+                continue
+            ours = everyone[0]
+            if isinstance(ours, dict) and isinstance(theirs, dict):
+                names = [k for k in ours if ours[k] != theirs.get(k)] or sorted(theirs)
+                ours = ", ".join(f"{k}={ours.get(k)!r}" for k in names)
+                theirs = ", ".join(f"{k}={theirs.get(k)!r}" for k in names)
+            raise error(
+                f"The ranks of a data-parallel fit disagree on {what}: rank 0 has "
+                f"{ours}, rank {rank} has {theirs}."
+            )
 
     def _device(self):
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")

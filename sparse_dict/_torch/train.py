@@ -684,8 +684,13 @@ class Trainer:
             return
         # Before any tensor crosses: parameters of other shapes would fail
         # inside the collective (gloo aborts the process) instead of here.
-        replicas.check_same((self.model.n_features, self.model.n_components),
-                            "the model's shape (n_features, n_components)")
+        # The activation and its settings too: a k of 4 against 8 trained
+        # one dictionary of both silently, and TopK against BatchTopK (one
+        # more buffer to broadcast) made gloo abort a process unexplained.
+        replicas.check_same(
+            {"n_features": self.model.n_features, "n_components": self.model.n_components,
+             "activation": self.model.activation.describe()},
+            "the model (its shape and activation)")
         with replicas.together("initialising the model"):
             self._initialize(X, rng, decoder_bias_init)
         # seen (its mean and variance scaled by the scale) goes with them: the
@@ -1135,10 +1140,10 @@ class Trainer:
                 for t in list(self.model.parameters()) + list(self.model.buffers())]
 
     def _check_replicas(self, X, config, replicas, what, error=ValueError):
-        settings = dataclasses.asdict(config)
         replicas.check_same(
-            (fingerprint(X), settings, self.step, self._parameter_digest()), what, error
-        )
+            {"data (shape, sum of three rows)": fingerprint(X), **dataclasses.asdict(config),
+             "activation": self.model.activation.describe(), "step": self.step,
+             "parameters (sums)": self._parameter_digest()}, what, error)
 
     def open_feed(self, X, config):
         """The :class:`BatchFeed` that brings ``X``'s batches to the device; the caller closes it.
