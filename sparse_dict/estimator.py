@@ -571,13 +571,13 @@ def _warn_few_rows(n_samples, n_components, distinct=None, fixed_l0=False):
     # Measured (2026-11-27) with the defaults (400 atoms) on rows of 100
     # features from three generators, L0 on the 300 training rows against
     # held-out rows: ReLU 2.8-8.6 against 19-39, JumpReLU 7.6-13 against
-    # 17-22, BatchTopK (k=32) 32 against 55-83; at 5 rows an atom 1.2 to 1.6
+    # 17-22, BatchTopK (k=32) 32 against 55-83; at 5 rows an atom 1.1 to 1.6
     # times, at 50 equal (BatchTopK). TopK codes k a row whatever the row.
     if not fixed_l0:
         fewer += (" New rows also code denser than these: L0 on 300 training rows against "
                   "held-out ones, 400 atoms, was 2.8-8.6 against 19-39 (ReLU), 7.6-13 "
                   "against 17-22 (JumpReLU) and 32 against 55-83 (BatchTopK, k=32), still "
-                  "1.2 to 1.6 times at 5 rows an atom; measure L0 on held-out rows too.")
+                  "1.1 to 1.6 times at 5 rows an atom; measure L0 on held-out rows too.")
     warn_at_caller(
         f"{rows}: with so few rows an SAE this wide "
         "can memorise them, and reconstruct them far better than rows it has not seen "
