@@ -39,6 +39,7 @@ from sparse_dict._torch import (
     assess_training,
     decode_array,
     encode_array,
+    reconstructor,
     fitted_tensor_names,
     make_activation,
     resolve_device,
@@ -1966,7 +1967,18 @@ class SparseAutoencoderDictionary(
         X = self._validate_inference_data(X)
         # Reconstructed a block of rows at a time, as the metric reads them:
         # data larger than memory, which fit streams, is scored the same way.
-        return float(_explained_variance(X, lambda rows: self._decode(self._encode(X[rows]))))
+        # The weights (or the solver's coder) are prepared once, not a block.
+        if self.transform_algorithm == "encoder":
+            reconstruct = reconstructor(self._fitted_tensors(), self._fitted_activation(),
+                                        _INFERENCE_BATCH, resolve_device(self.device),
+                                        _result_dtype(X))
+        else:
+            coder = self._optimal_coder()
+
+            def reconstruct(rows):
+                return self._decode(coder.transform(rows.toarray() if sp.issparse(rows)
+                                                    else rows))
+        return float(_explained_variance(X, lambda rows: reconstruct(X[rows])))
 
     def _check_inference_params(self):
         """Check the parameters read at each call, as fit checks them.

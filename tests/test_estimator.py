@@ -1606,12 +1606,20 @@ def test_score_reconstructs_a_block_of_rows_at_a_time(monkeypatch, sparse):
     Z = sp.csr_matrix(X) if sparse else X
     monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 16 * 500)  # blocks of 500 rows
     expected = metrics.explained_variance(X, sae.inverse_transform(sae.transform(Z)))
-    sizes = []
-    decode = SparseAutoencoderDictionary._decode
-    monkeypatch.setattr(SparseAutoencoderDictionary, "_decode",
-                        lambda self, codes: sizes.append(codes.shape[0]) or decode(self, codes))
+    from sparse_dict import estimator
+
+    sizes, prepared = [], []
+    made = estimator.reconstructor
+
+    def counting(*args, **kwargs):
+        prepared.append(1)  # the weights go to the device once a call of score
+        reconstruct = made(*args, **kwargs)
+        return lambda rows: sizes.append(rows.shape[0]) or reconstruct(rows)
+
+    monkeypatch.setattr(estimator, "reconstructor", counting)
     assert sae.score(Z) == expected
     assert max(sizes) == 500 and sum(sizes) == 3000
+    assert len(prepared) == 1
 
 
 def test_a_small_first_partial_fit_call_warns_that_its_scale_is_kept():

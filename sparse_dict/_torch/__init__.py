@@ -9,7 +9,7 @@ from sparse_dict._torch.device import resolve_device
 from sparse_dict._torch.distributed import RankFailedError
 from sparse_dict._torch.model import SparseAutoencoder, fitted_tensor_names
 from sparse_dict._torch.train import DivergenceError, TrainConfig, Trainer, assess_training
-from sparse_dict._torch.data import decode_array, encode_array, value_range
+from sparse_dict._torch.data import decode_array, encode_array, reconstructor, value_range
 
 __all__ = [
     "ACTIVATIONS",
@@ -21,6 +21,7 @@ __all__ = [
     "assess_training",
     "decode_array",
     "encode_array",
+    "reconstructor",
     "fitted_tensor_names",
     "make_activation",
     "resolve_device",

@@ -406,6 +406,21 @@ def _tensors(arrays, device, out_dtype):
     return [torch.as_tensor(a).to(device=device, dtype=dtype) for a in arrays]
 
 
+def _encoder(tensors, activation, device, out_dtype):
+    """The encoder as a function of a (batch, n) tensor, and its width; its tensors
+    are moved to ``device`` once, here."""
+    names = ("encoder_weights", "encoder_bias", "decoder_bias") + tuple(activation.state_names)
+    W, b, c, *extra = _tensors([tensors[n] for n in names], device, out_dtype)
+    state = dict(zip(activation.state_names, extra))
+    return (lambda x: activation.encode(torch.addmm(b, x - c, W.t()), state)), W.shape[0]
+
+
+def _decoder(atoms, bias, device, out_dtype):
+    """The decoder as a function of a (batch, n_components) tensor, and its width."""
+    A, b = _tensors((atoms, bias), device, out_dtype)
+    return (lambda f: torch.addmm(b, f, A)), A.shape[1]
+
+
 def encode_array(tensors, activation, X, batch_size, device, out_dtype):
     """Codes ``activation((X - decoder_bias) @ encoder_weights.T + encoder_bias)``.
 
@@ -413,16 +428,26 @@ def encode_array(tensors, activation, X, batch_size, device, out_dtype):
     ``encoder_bias``, ``decoder_bias`` and the activation's own state, such
     as ``threshold``) to numpy arrays in the caller's units.
     """
-    names = ("encoder_weights", "encoder_bias", "decoder_bias") + tuple(activation.state_names)
-    W, b, c, *extra = _tensors([tensors[n] for n in names], device, out_dtype)
-    state = dict(zip(activation.state_names, extra))
-    return _map_rows(
-        lambda x: activation.encode(torch.addmm(b, x - c, W.t()), state),
-        X, W.shape[0], batch_size, device, out_dtype,
-    )
+    encode, width = _encoder(tensors, activation, device, out_dtype)
+    return _map_rows(encode, X, width, batch_size, device, out_dtype)
 
 
 def decode_array(atoms, bias, codes, batch_size, device, out_dtype):
     """Reconstructions ``codes @ atoms + bias`` of every row of ``codes``."""
-    A, b = _tensors((atoms, bias), device, out_dtype)
-    return _map_rows(lambda f: torch.addmm(b, f, A), codes, A.shape[1], batch_size, device, out_dtype)
+    decode, width = _decoder(atoms, bias, device, out_dtype)
+    return _map_rows(decode, codes, width, batch_size, device, out_dtype)
+
+
+def reconstructor(tensors, activation, batch_size, device, out_dtype):
+    """A function of rows giving their reconstructions, ``decode(encode(X))``.
+
+    For scoring data a block of rows at a time: the fitted tensors are moved
+    to ``device`` once for every call (not once a block), and the codes of a
+    batch go from the encoder to the decoder on the device, never to the
+    host. ``tensors`` are as :func:`encode_array` takes them, with
+    ``components``.
+    """
+    encode, _ = _encoder(tensors, activation, device, out_dtype)
+    decode, width = _decoder(tensors["components"], tensors["decoder_bias"], device, out_dtype)
+    return lambda X: _map_rows(lambda x: decode(encode(x)), X, width, batch_size, device,
+                               out_dtype)
