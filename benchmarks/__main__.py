@@ -123,21 +123,22 @@ def _parse(argv):
     return args
 
 
-def _is_run(path):
+def _json_object(path):
+    """The JSON object in ``path``, or None (missing, unreadable, or not an object)."""
     try:
-        run = json.loads(path.read_text())
+        value = json.loads(Path(path).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(run, dict) and isinstance(run.get("mode"), str) \
-        and isinstance(run.get("sections"), dict)
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _is_run(path):
+    run = _json_object(path) or {}
+    return isinstance(run.get("mode"), str) and isinstance(run.get("sections"), dict)
 
 
 def _is_section(path):
-    try:
-        section = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(section, dict) and "wall_s" in section
+    return "wall_s" in (_json_object(path) or {})
 
 
 def _is_markdown(path):
@@ -169,10 +170,7 @@ def _foreign_outputs(out, sections):
 
 def _mode_of(out):
     """The mode of the run whose ``results.json`` is in ``out``, or None."""
-    try:
-        mode = json.loads((out / "results.json").read_text()).get("mode")
-    except (OSError, ValueError, AttributeError):
-        return None
+    mode = (_json_object(out / "results.json") or {}).get("mode")
     return mode if isinstance(mode, str) else None
 
 

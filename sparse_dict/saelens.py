@@ -95,12 +95,14 @@ _FIELDS = {
 # these, which set only how it trains. SAELens' load_from_disk drops them,
 # and so does read_saelens; the checkpoint's activation_scaler.json is what
 # makes such a folder worth reading (its scaling factor, not yet folded).
+_TRAINING_COMMON = ("decoder_init_norm",)
 _TRAINING_FIELDS = {
-    "standard": ("decoder_init_norm", "l1_coefficient", "lp_norm", "l1_warm_up_steps"),
-    "jumprelu": ("decoder_init_norm", "jumprelu_init_threshold", "jumprelu_bandwidth",
-                 "jumprelu_sparsity_loss_mode", "l0_coefficient", "l0_warm_up_steps",
-                 "pre_act_loss_coefficient", "jumprelu_tanh_scale"),
-    "topk": ("decoder_init_norm", "aux_loss_coefficient"),
+    "standard": _TRAINING_COMMON + ("l1_coefficient", "lp_norm", "l1_warm_up_steps"),
+    "jumprelu": _TRAINING_COMMON + (
+        "jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_sparsity_loss_mode",
+        "l0_coefficient", "l0_warm_up_steps", "pre_act_loss_coefficient",
+        "jumprelu_tanh_scale"),
+    "topk": _TRAINING_COMMON + ("aux_loss_coefficient",),
 }
 # Atoms this close to unit norm are left as they are, so that a dictionary of
 # this package (unit atoms, up to rounding) goes out and back bit for bit.
