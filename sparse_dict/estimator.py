@@ -918,7 +918,9 @@ class SparseAutoencoderDictionary(
       transformed with; ``transform_l0_`` reports the L0 this gives.
     * ``"jumprelu"``: ``pre * (pre > threshold_i)`` with a threshold learned
       per feature through straight-through estimators, and an L0 penalty
-      ``l0_coef * mean L0`` (Rajamanoharan et al. 2024).
+      ``l0_coef * n_features * mean L0`` in the training units (inputs scaled
+      to a mean squared norm of ``n_features``; see ``l0_coef``)
+      (Rajamanoharan et al. 2024).
 
     Features that stop firing are revived by AuxK for the top-k family
     (``auxk_coef``: each row's ``k_aux`` strongest dead features learn to
@@ -944,7 +946,12 @@ class SparseAutoencoderDictionary(
         The sparsity mechanism (see above).
     k : int, default=32
         Codes per row for ``"topk"`` (exactly, at most) and ``"batchtopk"``
-        (on average). Ignored by ``"relu"`` and ``"jumprelu"``.
+        (on average). Ignored by ``"relu"`` and ``"jumprelu"``. A new ``k``
+        set on a fitted ``"topk"`` dictionary applies at the next
+        :meth:`transform`; a ``"batchtopk"`` one's ``transform`` keeps
+        ``threshold_``, fitted for the ``k`` it was trained with, until
+        :meth:`partial_fit` or :meth:`fit` trains at the new ``k`` (which
+        restarts the threshold's running average).
     l1_coef : float, default=3.0
         Weight of the L1 penalty of ``"relu"``. Larger values give sparser
         codes (lower L0) and worse reconstruction. Ignored by the other
@@ -1824,6 +1831,9 @@ class SparseAutoencoderDictionary(
         """The private record that goes with new fitted weights (a fit, load or import)."""
         # The mechanism the weights are for, which set_params must not change.
         self._fitted_with = self.activation
+        # And the settings its state was fitted for (k, a bandwidth): a
+        # partial_fit with others restarts that state (BatchTopK's threshold).
+        self._fitted_settings = self._activation().describe()
         # transform's LassoCoder, by its settings (_optimal_coder): filled in
         # place, so that transform leaves the estimator's attributes as they
         # were, as scikit-learn asks of it.
@@ -1857,8 +1867,11 @@ class SparseAutoencoderDictionary(
         activation = self._fitted_activation()
         params = self._fitted_tensors()
         self._check_fitted_shapes(params)
+        settings = activation.describe()
+        # Records older than this one do not say: taken as unchanged.
+        changed = getattr(self, "_fitted_settings", settings) != settings
         trainer = getattr(self, "_trainer", None)
-        if trainer is not None and trainer.model.activation.describe() != activation.describe():
+        if trainer is not None and trainer.model.activation.describe() != settings:
             # k or the bandwidth set since the last call: the mechanism is
             # rebuilt from the fitted attributes, with a fresh Adam, as a
             # loaded dictionary's is (the kept one would train at the old k).
@@ -1870,6 +1883,8 @@ class SparseAutoencoderDictionary(
                 # goes on from them too, as scikit-learn's partial_fit goes
                 # on from components_; Adam starts afresh, as after load.
                 trainer.load_parameters_(params, self.scale_)
+            if changed:
+                trainer.model.activation.settings_changed_(trainer.model)
             return trainer
         # A dictionary loaded from disk has no optimiser state: continue
         # from its parameters with a fresh Adam.
@@ -1884,6 +1899,8 @@ class SparseAutoencoderDictionary(
             trainer.history = self._history_array().astype(np.float64)
             trainer.history_rows = np.full(len(trainer.history), float(self.batch_size))
         trainer.n_resampled = int(getattr(self, "n_resampled_", 0))
+        if changed:
+            trainer.model.activation.settings_changed_(trainer.model)
         return trainer
 
     def _check_fitted_shapes(self, params):

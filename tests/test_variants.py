@@ -216,6 +216,25 @@ def test_partial_fit_trains_at_the_k_set_since(fitted, superposition, name, tmp_
         assert sae.transform_l0_ == pytest.approx(actual, abs=0.5)
 
 
+def test_batchtopk_threshold_follows_a_new_k_through_short_calls(fitted, superposition,
+                                                                 tmp_path):
+    # Calls under 1,024 rows are not recalibrated: the running threshold,
+    # kept from k=4 with its full weight, went on selecting about 5 codes a
+    # row for a thousand steps while training selected 8.
+    X, _, _ = superposition
+    loaded = SparseAutoencoderDictionary.load(fitted["batchtopk"].save(tmp_path / "saved"))
+    in_memory = pickle.loads(pickle.dumps(fitted["batchtopk"]))
+    before = float((in_memory.transform(X) > 0).sum(axis=1).mean())
+    for sae in (in_memory, loaded):
+        sae.set_params(k=8)
+        # Until it trains at the new k, transform keeps the fitted threshold.
+        assert float((sae.transform(X) > 0).sum(axis=1).mean()) == pytest.approx(before)
+        for start in range(0, 1024, 256):
+            sae.partial_fit(X[start:start + 256])
+        actual = float((sae.transform(X) > 0).sum(axis=1).mean())
+        assert actual == pytest.approx(8, abs=1.5), actual
+
+
 def test_partial_fit_trains_at_the_bandwidth_set_since(fitted):
     sae = pickle.loads(pickle.dumps(fitted["jumprelu"]))
     sae.set_params(jumprelu_bandwidth=0.5)._get_trainer()

@@ -184,6 +184,14 @@ class Activation:
     def after_step_(self, model, step):
         """Update non-trained state (a running threshold) after a step."""
 
+    def settings_changed_(self, model):
+        """Forget state fitted for other settings (``k``, a bandwidth).
+
+        Called when training goes on with settings other than those the
+        state was fitted with; trained parameters stay, as they are a start
+        for the new settings too.
+        """
+
     # ------------------------------------------------------------- inference
     def encode(self, pre, state):
         """Codes from pre-activations, batch-independent, for inference.
@@ -551,6 +559,15 @@ class BatchTopK(TopK):
         # The threshold is one for all features, a running average of the
         # batches' selections: a restarted feature has no state of its own.
         return ()
+
+    def settings_changed_(self, model):
+        # The threshold keeps the old k's codes per row; its average has a
+        # memory of about 1,000 steps late in a run, so kept, it would go on
+        # selecting for the old k through short partial_fit calls. With no
+        # weight, the average restarts from the new k's first step.
+        with torch.no_grad():
+            model.threshold.zero_()
+            model.threshold_weight.zero_()
 
 
 class JumpReLU(Activation):
