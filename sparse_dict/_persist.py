@@ -40,6 +40,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -431,6 +432,19 @@ def _check_movable_onto(path):
         )
 
 
+def _check_name_length(path):
+    """Refuse a name the file system cannot hold, before any work is done for it."""
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255  # Linux's, macOS's and Windows' limit
+    length = len(os.fsencode(path.name))
+    if length > limit:
+        raise ValueError(
+            f"the output name {path.name[:40]}... is {length} bytes long, and the file system "
+            f"of {path.parent} allows {limit}: choose a shorter name")
+
+
 def check_target(path, kind, *, overwrite=False, inputs=(), hint="overwrite=True"):
     """Check that ``path`` may be written as a ``kind``; raise if not.
 
@@ -461,6 +475,7 @@ def check_target(path, kind, *, overwrite=False, inputs=(), hint="overwrite=True
         If ``path`` exists and may not be replaced.
     """
     path = Path(path)
+    _check_name_length(path)
     for source in inputs:
         if source is not None and _same_file(path, source):
             raise ValueError(
@@ -555,6 +570,28 @@ def _alive(pid):
     return True
 
 
+# The longest part of an output's name, in bytes, that its temporary names
+# repeat: with the tag, the random part and the label they add about 45
+# bytes, and a longer name would pass NAME_MAX (255 on Linux and macOS), so
+# that a name mkdir accepts could not be saved to, after a whole fit.
+_NAME_IN_TEMPORARY = 120
+
+
+def _temporary_stem(path):
+    """``path``'s name as its temporary names hold it: whole, or cut and hashed when long."""
+    name, suffix = path.name, path.suffix
+    if len(os.fsencode(name)) <= _NAME_IN_TEMPORARY:
+        return name, suffix
+    # A long suffix is no file type (np.save's ".npy" is what must stay).
+    if len(os.fsencode(suffix)) > 16:
+        suffix = ""
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+    head = name
+    while len(os.fsencode(head)) > _NAME_IN_TEMPORARY - 13:
+        head = head[:-1]
+    return f"{head}~{digest}", suffix
+
+
 def _leftovers(path):
     """Partial outputs for ``path`` left by processes of this host that have gone.
 
@@ -567,8 +604,9 @@ def _leftovers(path):
     hold the only copy of an output).
     """
     host, _, _ = _owner_tag().partition("-")
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.([0-9a-f]{{8}})-([0-9]+)-"
-                         rf"[A-Za-z0-9_]+\.partial{re.escape(path.suffix)}")
+    stem, suffix = _temporary_stem(path)
+    pattern = re.compile(rf"\.{re.escape(stem)}\.([0-9a-f]{{8}})-([0-9]+)-"
+                         rf"[A-Za-z0-9_]+\.partial{re.escape(suffix)}")
     found = []
     with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
         for entry in entries:
@@ -636,7 +674,8 @@ def _temporary(path, folder, label="partial"):
     can recognise the output of a process that was killed (:func:`_leftovers`).
     """
     parent = path.parent
-    prefix, suffix = f".{path.name}.{_owner_tag()}-", f".{label}{path.suffix}"
+    stem, extension = _temporary_stem(path)
+    prefix, suffix = f".{stem}.{_owner_tag()}-", f".{label}{extension}"
     mask = _umask()
     try:
         if folder:
@@ -674,6 +713,25 @@ def _exchange(a, b):
     raise OSError(err, os.strerror(err), str(b))
 
 
+def _keep_mode_of(empty, tmp):
+    """Give ``tmp`` the group and permissions of the ``empty`` folder it replaces.
+
+    An empty folder made for the output is the user's choice of place,
+    permissions included: one made private (0700) or group-shared (setgid
+    2770) came back 0755 after the rename put the new folder in its place.
+    """
+    try:
+        st = os.stat(empty, follow_symlinks=False)
+    except OSError:
+        return  # nothing there (the usual case), or nothing to read
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    with contextlib.suppress(OSError):
+        os.chown(tmp, -1, st.st_gid)  # a group the user is not in is refused
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, stat.S_IMODE(st.st_mode))
+
+
 def _create(tmp, path, folder):
     """Move ``tmp`` to ``path`` only if nothing is there; FileExistsError otherwise."""
     if folder:
@@ -682,6 +740,7 @@ def _create(tmp, path, folder):
         # all in one step: of several savers, exactly one wins.
         if os.path.lexists(path) and not _is_empty_dir(path):
             raise FileExistsError(errno.EEXIST, "already exists", str(path))
+        _keep_mode_of(path, tmp)
         try:
             os.rename(tmp, path)
         except OSError as err:

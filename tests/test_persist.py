@@ -354,3 +354,39 @@ def test_a_random_state_instance_is_saved_as_none_with_a_warning(models, tmp_pat
         warnings.simplefilter("error")
         models[0].save(tmp_path / "seeded")  # an int is kept, silently
     assert SparseAutoencoderDictionary.load(tmp_path / "seeded").random_state == 0
+
+
+@pytest.mark.parametrize("mode", [0o700, 0o2770, 0o750])
+def test_an_empty_folder_keeps_its_permissions(tmp_path, models, mode):
+    # The renamed new folder took the umask's 0755 in place of a private or
+    # group-shared folder made for the output.
+    target = tmp_path / "private"
+    target.mkdir()
+    os.chmod(target, mode)
+    models[0].save(target)
+    assert stat.S_IMODE(target.stat().st_mode) == mode
+    assert _same_model(SparseAutoencoderDictionary.load(target), models[0])
+
+
+def test_long_names_are_saved_and_too_long_ones_refused_first(tmp_path, models):
+    # A temporary name adds about 45 bytes to the output's: a 235-byte name
+    # that mkdir takes could not be saved to (after a whole fit, in the CLI).
+    long = "d" * 235
+    path = models[0].save(tmp_path / long)
+    assert path.name == long and _same_model(SparseAutoencoderDictionary.load(path), models[0])
+    with _persist.staged(tmp_path / ("a" * 240 + ".npy"), _persist.NPY) as tmp:
+        assert tmp.suffix == ".npy" and len(tmp.name) < 255
+        np.save(tmp, np.ones(2))
+    assert np.load(tmp_path / ("a" * 240 + ".npy")).tolist() == [1, 1]
+    assert _hidden(tmp_path) == []
+    # A killed writer's temporary of a long name is still found as its leftover.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    target = tmp_path / ("e" * 250)
+    leftover = _persist._temporary(target, folder=True)
+    renamed = leftover.with_name(leftover.name.replace(f"-{os.getpid()}-", f"-{dead}-"))
+    leftover.rename(renamed)
+    assert _persist._leftovers(target) == [renamed]
+    with pytest.raises(ValueError, match=r"is 256 bytes long, and the file system of .* "
+                                         r"allows 255: choose a shorter name"):
+        _persist.check_target(tmp_path / ("f" * 256), SAVED_DICTIONARY)
