@@ -905,7 +905,7 @@ def _digest_file(path):
 
 
 def write_folder(path, config, tensors, *, kind, config_name, weights_name,
-                 overwrite=False, hint="overwrite=True", extra_files=None):
+                 overwrite=False, hint="overwrite=True", extra_files=None, verify=None):
     """Save ``config`` (JSON) and ``tensors`` (safetensors) as a folder, safely.
 
     The folder is staged and moved into place as :func:`staged` does. The
@@ -929,6 +929,11 @@ def write_folder(path, config, tensors, *, kind, config_name, weights_name,
         with it; their SHA-256 goes in the integrity record beside the
         weights' (under ``"files"``), which :func:`read_config` checks and
         :func:`as_written` reads.
+    verify : callable, optional
+        Called with the staged folder once it is complete, before it is
+        moved into place; a ValueError it raises leaves ``path`` as it was
+        and is raised again, naming ``path``: a folder its reader would
+        refuse is never put in place of one it reads.
 
     Returns
     -------
@@ -953,6 +958,13 @@ def write_folder(path, config, tensors, *, kind, config_name, weights_name,
             for name, data in extra_files.items():
                 (tmp / name).write_bytes(data)
         (tmp / config_name).write_text(json.dumps(signed, indent=2) + "\n", encoding="utf-8")
+        if verify is not None:
+            try:
+                verify(tmp)
+            except ValueError as exc:
+                message = str(exc).replace(str(tmp), str(path))
+                raise ValueError(f"{path} was not written: what would be saved does not load "
+                                 f"back ({message})") from None
     return Path(path)
 
 

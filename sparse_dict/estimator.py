@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import math
+import warnings
 import zlib
 from numbers import Integral, Real
 from pathlib import Path
@@ -122,6 +123,13 @@ def _saved_tensor_schema(fitted_names, n_components, n_features, dtype, history_
     # The estimator's dict_init parameter, where it was set (checked by fit).
     schema["dict_init"] = _persist.TensorSpec((None, None), optional=True)
     return schema
+
+
+def _loads_back(folder):
+    """Load a staged folder as :meth:`SparseAutoencoderDictionary.load` would, quietly."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        SparseAutoencoderDictionary.load(folder, device="cpu")
 
 
 def _fitted_shape(name, n_components, n_features):
@@ -2137,6 +2145,11 @@ class SparseAutoencoderDictionary(
         FileExistsError
             If ``path`` exists and ``overwrite`` is False, or if it is not a
             saved dictionary.
+        ValueError
+            If a parameter or a fitted attribute set since the fit holds a
+            value :meth:`load` would refuse (atoms of another dtype than the
+            rest, a NaN, a scale of 0): the folder is read back before it is
+            put in place, and ``path`` is left as it was.
 
         Notes
         -----
@@ -2208,6 +2221,10 @@ class SparseAutoencoderDictionary(
         return _persist.write_folder(
             path, config, tensors, kind=SAVED_DICTIONARY, overwrite=overwrite,
             config_name=_CONFIG_FILE, weights_name=_WEIGHTS_FILE,
+            # Fitted attributes set by hand (atoms of another dtype, a
+            # negative threshold, NaN) save as they are; load would refuse
+            # them, so the folder is read back before it goes in place.
+            verify=_loads_back,
         )
 
     @classmethod

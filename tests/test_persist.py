@@ -390,3 +390,22 @@ def test_long_names_are_saved_and_too_long_ones_refused_first(tmp_path, models):
     with pytest.raises(ValueError, match=r"is 256 bytes long, and the file system of .* "
                                          r"allows 255: choose a shorter name"):
         _persist.check_target(tmp_path / ("f" * 256), SAVED_DICTIONARY)
+
+
+@pytest.mark.parametrize("edit", ["dtype", "frequencies", "scale"])
+def test_a_state_load_would_refuse_is_not_saved_over_a_good_one(tmp_path, models, edit):
+    # Fitted attributes set by hand were saved as they were: overwrite=True
+    # put a folder load refuses in place of a good one.
+    good = models[1].save(tmp_path / "d")
+    sae = _fit(0)
+    if edit == "dtype":
+        sae.components_ = sae.components_.astype(np.float64)  # the rest stays float32
+    elif edit == "frequencies":
+        sae.feature_frequencies_ = np.full_like(sae.feature_frequencies_, 1.5)
+    else:
+        sae.scale_ = 0.0
+    with pytest.raises(ValueError, match=r"d was not written: what would be saved does not "
+                                         r"load back \(.*d/(weights.safetensors|config.json)"):
+        sae.save(good, overwrite=True)
+    assert _same_model(SparseAutoencoderDictionary.load(good), models[1])
+    assert _hidden(tmp_path) == []
