@@ -968,6 +968,35 @@ def write_folder(path, config, tensors, *, kind, config_name, weights_name,
     return Path(path)
 
 
+def read_whole(path, read, attempts=3):
+    """``read()`` of the folder ``path``, again if another process replaced it meanwhile.
+
+    A folder is read file by file, by name: a save with ``overwrite`` that
+    swaps in a new folder between two of those reads gives a config of one
+    save and weights of the other, which the integrity record refuses as
+    damaged (91 loads in about 4,500, beside a process saving in a loop).
+    When the folder at ``path`` is another one after a failed read, the
+    failure was the swap, and the read starts again.
+    """
+    for attempt in range(attempts):
+        before = _identity(path)
+        try:
+            return read()
+        except (ValueError, FileNotFoundError):
+            if attempt == attempts - 1 or before is None or _identity(path) == before:
+                raise
+
+
+def _identity(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    # The inode number alone may be reused by the next save; a rename
+    # changes the folder's ctime as well.
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
 def _integrity_record(config):
     """The config's integrity record, checked in shape; None where it has none.
 

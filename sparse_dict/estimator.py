@@ -2258,6 +2258,10 @@ class SparseAutoencoderDictionary(
             machine does not have, or that names no device.
         """
         path = Path(path)
+        return _persist.read_whole(path, lambda: cls._load_once(path, device))
+
+    @classmethod
+    def _load_once(cls, path, device):
         config = _persist.read_config(
             path, config_name=_CONFIG_FILE, weights_name=_WEIGHTS_FILE,
             other_layout=("cfg.json", "a folder in SAELens' layout, which "
@@ -2427,7 +2431,8 @@ class SparseAutoencoderDictionary(
         """
         from sparse_dict.saelens import read_saelens
 
-        read = read_saelens(path, norm_scaling_factor=norm_scaling_factor)
+        read = _persist.read_whole(
+            Path(path), lambda: read_saelens(path, norm_scaling_factor=norm_scaling_factor))
         tensors = read["tensors"]
         n_components, n_features = tensors["components"].shape
         if device is not None:

@@ -409,3 +409,28 @@ def test_a_state_load_would_refuse_is_not_saved_over_a_good_one(tmp_path, models
         sae.save(good, overwrite=True)
     assert _same_model(SparseAutoencoderDictionary.load(good), models[1])
     assert _hidden(tmp_path) == []
+
+
+def test_a_load_beside_an_overwrite_reads_one_whole_save(tmp_path, models, monkeypatch):
+    # load reads config.json, then the weights, by name: a save with
+    # overwrite swapping in its folder between the two gave one save's
+    # config with the other's weights, refused as damaged.
+    path = models[0].save(tmp_path / "d")
+    digest_file = _persist._digest_file
+    swaps = []
+
+    def swapped_first(file):
+        # Once config.json is read, before its record of the weights is checked.
+        if not swaps:
+            swaps.append(path)  # before the save, whose check reads its folder back
+            models[1].save(path, overwrite=True)
+        return digest_file(file)
+
+    monkeypatch.setattr(_persist, "_digest_file", swapped_first)
+    assert _same_model(SparseAutoencoderDictionary.load(path), models[1])
+    assert swaps
+    # A folder that is damaged, not replaced, is refused as before.
+    weights = path / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ValueError, match="changed"):
+        SparseAutoencoderDictionary.load(path)
