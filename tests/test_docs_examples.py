@@ -20,7 +20,6 @@ DOCS = ROOT / "docs"
 
 NOT_RUNNABLE = {
     "index": "a sketch: 'acts' stands for the user's activations",
-    "sparsity": "a sketch: 'acts' stands for the user's activations",
     "gpu": "needs a CUDA GPU",
     "saving": "continues from a fitted estimator the page does not make",
     "saelens": "reads a SAELens folder the user has; the page's worked example runs at "
