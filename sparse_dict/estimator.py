@@ -1053,8 +1053,12 @@ class SparseAutoencoderDictionary(
         the same sparsity. Capped at ``n_components``.
     transform_alpha : float, default=None
         The L1 penalty of ``"lasso_lars"`` and ``"lasso_cd"`` and the
-        threshold of ``"threshold"``, in the units of ``X``. ``None``: 1.0,
-        as in scikit-learn's ``DictionaryLearning``.
+        threshold of ``"threshold"``, in the units of ``X``. ``None``:
+        ``1 / scale_``, that is 1.0 in the units the dictionary was trained
+        in (``X`` times ``scale_``, whose entries are of order one), so that
+        the default codes alike at any scale of ``X``; scikit-learn's
+        ``DictionaryLearning`` takes 1.0 in the units of ``X``, which is the
+        same for data of that order.
     bf16 : bool, default=False
         Run the matrix products in bfloat16 autocast: faster on recent GPUs,
         usually slower on CPUs.
@@ -2033,6 +2037,17 @@ class SparseAutoencoderDictionary(
             _INFERENCE_BATCH, resolve_device(self.device), _result_dtype(X),
         )
 
+    def _transform_alpha(self):
+        """``transform_alpha`` in the units of X: by default 1 in the training units."""
+        if self.transform_alpha is not None:
+            return self.transform_alpha
+        # 1.0 in X's units (scikit-learn's default) coded data of scale 100
+        # densely (EV 1.00, half the atoms on) and data of scale 0.1 with
+        # no atom at all (EV -0.01), with the same atoms; the encoder and
+        # the training penalties work in units where X's rows have a mean
+        # squared norm of n_features, which this follows.
+        return 1.0 / self.scale_
+
     def _optimal_coder(self):
         """The LassoCoder for ``transform_algorithm``, built once per fit and settings."""
         # Fitted attributes set by hand, or an old pickle: no cache, since
@@ -2044,7 +2059,7 @@ class SparseAutoencoderDictionary(
         # 0.09 in memory, 0.86 once saved and loaded). A checksum reads the
         # atoms once, little beside a solver's transform.
         settings = (self.transform_algorithm, self.transform_n_nonzero_coefs, self.transform_alpha,
-                    self.activation, self.k, _checksum(self.components_),
+                    self.activation, self.k, self.scale_, _checksum(self.components_),
                     _checksum(self.decoder_bias_))
         coder = coders.get(settings)
         if coder is None:
@@ -2068,7 +2083,7 @@ class SparseAutoencoderDictionary(
             lasso = LassoCoder(
                 self.components_,
                 algorithm=self.transform_algorithm,
-                alpha=1.0 if self.transform_alpha is None else self.transform_alpha,
+                alpha=self._transform_alpha(),
                 n_nonzero_coefs=n_nonzero,
                 offset=self.decoder_bias_,
             )

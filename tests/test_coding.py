@@ -420,3 +420,23 @@ def test_a_dictionary_that_is_not_atoms_is_named(dictionary):
     with pytest.raises(ValueError, match=r"dictionary must be the atoms, an array of shape "
                                          r"\(n_components, n_features\)"):
         LassoCoder(dictionary).fit(np.ones((3, 2)))
+
+
+def test_a_dictionary_estimator_s_column_names_are_checked():
+    # The estimator's atoms follow the columns it was fitted on; LassoCoder
+    # coded a frame with them reordered against the wrong entries (EV -2.7)
+    # where the estimator's own transform refuses it.
+    pd = pytest.importorskip("pandas")
+    rng = np.random.RandomState(0)
+    frame = pd.DataFrame(rng.normal(size=(60, 4)), columns=["a", "b", "c", "d"])
+    learner = MiniBatchDictionaryLearning(n_components=3, random_state=0, max_iter=2).fit(frame)
+    for dictionary in (learner, FrozenEstimator(learner)):
+        LassoCoder(dictionary).fit(frame)
+        with pytest.raises(ValueError, match=r"The feature names of X differ from those the "
+                                             r"\w+ passed as dictionary was fitted with "
+                                             r"\(column 0: 'd' in X, 'a' there\)"):
+            LassoCoder(dictionary).fit(frame[["d", "c", "b", "a"]])
+        with pytest.warns(UserWarning, match="X has no feature names, but the"):
+            LassoCoder(dictionary).fit(frame.to_numpy())
+    # Atoms given as an array carry no names: any frame of their width goes.
+    LassoCoder(learner.components_).fit(frame[["d", "c", "b", "a"]])

@@ -1563,6 +1563,20 @@ def test_dict_init_in_any_memory_layout_trains_the_same(known):
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("algorithm", ["lasso_lars", "lasso_cd", "threshold"])
+def test_the_default_transform_alpha_codes_alike_at_any_scale(X, algorithm):
+    # 1.0 in X's units coded data of scale 100 with half the atoms and data
+    # of scale 0.01 with none (EV -0.01), though the fits were the same.
+    params = dict(transform_algorithm=algorithm)
+    small = small_sae(**params).fit(X * 0.01)
+    large = small_sae(**params).fit(X * 100)
+    codes = small.transform(X * 0.01)
+    assert 0 < np.count_nonzero(codes) < codes.size / 2
+    np.testing.assert_allclose(large.transform(X * 100), codes * 1e4, rtol=1e-3,
+                               atol=1e-3 * np.abs(codes).max() * 1e4)
+    assert large.score(X * 100) == pytest.approx(small.score(X * 0.01), abs=1e-3)
+
+
 @pytest.mark.parametrize("algorithm", ["omp", "lasso_lars", "threshold"])
 def test_a_solver_s_codes_follow_atoms_and_bias_set_after_a_transform(X, tmp_path, algorithm):
     # The solver built at the first transform was kept by its settings only:
