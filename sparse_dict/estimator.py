@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import math
+import re
 import warnings
 import zlib
 from numbers import Integral, Real
@@ -123,6 +124,19 @@ def _saved_tensor_schema(fitted_names, n_components, n_features, dtype, history_
     # The estimator's dict_init parameter, where it was set (checked by fit).
     schema["dict_init"] = _persist.TensorSpec((None, None), optional=True)
     return schema
+
+
+def _newer_than_this(version):
+    """Whether the release string ``version`` is later than this package's (False if unknown)."""
+    from sparse_dict._version import __version__
+
+    def parts(text):
+        return tuple(int(p) for p in re.findall(r"\d+", text.split("+")[0])[:3])
+
+    try:
+        return isinstance(version, str) and parts(version) > parts(__version__)
+    except ValueError:
+        return False
 
 
 def _loads_back(folder):
@@ -2281,6 +2295,23 @@ class SparseAutoencoderDictionary(
             path, config_name=_CONFIG_FILE, weights_name=_WEIGHTS_FILE,
             other_layout=("cfg.json", "a folder in SAELens' layout, which "
                                       f"{cls.__name__}.from_saelens reads"))
+        try:
+            return cls._load_config(path, config, device)
+        except ValueError as exc:
+            # A newer release may save fields of its own within the same
+            # format (parameters were added so): say so, not only that a
+            # field is unexpected.
+            written = config.get("sparse_dict_version")
+            if "unexpected" in str(exc) and _newer_than_this(written):
+                from sparse_dict._version import __version__
+
+                raise ValueError(f"{exc}. It was written by sparse_dict {written}, newer than "
+                                 f"this {__version__}: upgrade sparse_dict to load it.") from None
+            raise
+
+    @classmethod
+    def _load_config(cls, path, config, device):
+        """The estimator a saved folder's checked ``config`` and weights describe."""
         file = path / _CONFIG_FILE
         if config.get("format") != _FORMAT:
             raise ValueError(f"{file} does not describe a {cls.__name__}.")

@@ -231,6 +231,26 @@ def test_checksums_deleted_from_a_folder_of_this_format_are_refused(saved, tmp_p
         SparseAutoencoderDictionary.load(path)
 
 
+@pytest.mark.parametrize("release,upgrade", [("next major", True), ("next minor", True),
+                                             ("this", False), ("0.0.1", False)])
+def test_a_newer_release_s_fields_ask_for_an_upgrade(saved, tmp_path, release, upgrade):
+    # Parameters were added within format 2 (dict_init, sparse_step): a
+    # folder with one this release lacks said only "unexpected field".
+    from sparse_dict._version import __version__
+
+    major, minor = (int(p) for p in __version__.split(".")[:2])
+    version = {"next major": f"{major + 1}.0", "next minor": f"{major}.{minor + 1}.0",
+               "this": __version__}.get(release, release)
+    for where, edit in (("params.new_param", _set(["params", "new_param"], 1)),
+                        ("attributes.new_", _set(["attributes", "new_"], 1))):
+        path = _copy(saved, tmp_path / where)
+        _edit_config(path, lambda c: (edit(c), _set(["sparse_dict_version"], version)(c)))
+        with pytest.raises(ValueError, match=f"unexpected field '{where}'") as info:
+            SparseAutoencoderDictionary.load(path)
+        said = "upgrade sparse_dict to load it" in str(info.value)
+        assert said == upgrade, str(info.value)
+
+
 def test_missing_folder_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         SparseAutoencoderDictionary.load(tmp_path / "nope")
