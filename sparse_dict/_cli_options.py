@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import re
 from numbers import Integral
 
@@ -146,6 +147,8 @@ def _npy_array(text):
     if text in _NONE_WORDS:
         return None
     import numpy as np
+
+    text = os.path.expanduser(text)
 
     try:
         with open(text, "rb") as fh:

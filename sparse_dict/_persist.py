@@ -445,6 +445,16 @@ def _check_name_length(path):
             f"of {path.parent} allows {limit}: choose a shorter name")
 
 
+def user_path(path):
+    """``path`` as a :class:`~pathlib.Path`, with a leading ``~`` made the home folder.
+
+    As the shell would have: the public functions that take a path take
+    ``"~/d"`` as pandas and Hugging Face do (a literal ``./~`` folder was
+    made, which invites ``rm -rf ~`` to clean it up).
+    """
+    return Path(os.path.expanduser(os.fspath(path)))
+
+
 def check_target(path, kind, *, overwrite=False, inputs=(), hint="overwrite=True"):
     """Check that ``path`` may be written as a ``kind``; raise if not.
 

@@ -805,6 +805,19 @@ def build_parser(command=None):
     return parser
 
 
+# The options that name files or folders. The shell expands a leading ~ in
+# "-o ~/d" but not in "--out=~/d", which made a literal ./~ folder.
+_PATH_OPTIONS = ("out", "store", "tokens", "activations", "dictionary", "source")
+
+
+def _expand_home(args):
+    names = _PATH_OPTIONS + (() if args.command == "steer" else ("texts",))  # steer's are prompts
+    for name in names:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, os.path.expanduser(value))
+
+
 def main(argv=None):
     """Run the ``sparse-dict`` command line.
 
@@ -843,6 +856,7 @@ def main(argv=None):
               file=sys.stderr)
         return EXIT_INTERRUPTED
     args.argv = argv
+    _expand_home(args)
     try:
         with _terminate_cleanly(), _cpu_threads(args.threads), \
                 _one_line_warnings(args.command):

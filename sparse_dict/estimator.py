@@ -2189,6 +2189,7 @@ class SparseAutoencoderDictionary(
         the folder afterwards waits for rank 0 itself (a barrier).
         """
         check_is_fitted(self)
+        path = _persist.user_path(path)
         # load checks every parameter as fit would: a value set after the fit
         # that fit would refuse is refused here, before anything is written,
         # rather than saved into a folder that cannot be loaded (and that
@@ -2198,7 +2199,7 @@ class SparseAutoencoderDictionary(
         if not self.device.startswith("cuda"):  # a GPU's name loads on a CPU, with a warning
             resolve_device(self.device)
         if not is_writer(self._distributed()):
-            return Path(path)
+            return path
         # numpy scalars (a search's grid gives them) as the plain numbers
         # JSON holds.
         params = {name: value.item() if isinstance(value, np.generic) else value
@@ -2286,7 +2287,7 @@ class SparseAutoencoderDictionary(
             message names the file and the field. Also for a ``device`` this
             machine does not have, or that names no device.
         """
-        path = Path(path)
+        path = _persist.user_path(path)
         return _persist.read_whole(path, lambda: cls._load_once(path, device))
 
     @classmethod
@@ -2477,8 +2478,9 @@ class SparseAutoencoderDictionary(
         """
         from sparse_dict.saelens import read_saelens
 
+        path = _persist.user_path(path)
         read = _persist.read_whole(
-            Path(path), lambda: read_saelens(path, norm_scaling_factor=norm_scaling_factor))
+            path, lambda: read_saelens(path, norm_scaling_factor=norm_scaling_factor))
         tensors = read["tensors"]
         n_components, n_features = tensors["components"].shape
         if device is not None:
@@ -2558,8 +2560,9 @@ class SparseAutoencoderDictionary(
                 "SAELens, which codes with the encoder only; set "
                 "transform_algorithm='encoder' first."
             )
+        path = _persist.user_path(path)
         if not is_writer(self._distributed()):
-            return Path(path)
+            return path
         return write_saelens(path, self.activation, self.k, self._fitted_tensors(),
                              _persist.json_value(getattr(self, "provenance_", None),
                                                  "provenance_"),

@@ -770,3 +770,29 @@ def test_a_killed_rank_is_named_and_the_others_error_is_no_bug(monkeypatch):
                         lambda *a, **k: Finished(next(statuses)))
     with pytest.raises(_cli_common.CLIError, match="rank 1 was killed by signal 9"):
         _cli_common._launch_ranks(["fit", "X.npy"], 2)
+
+
+def test_a_leading_tilde_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    # "--out=~/d" reaches the program unexpanded (the shell expands "-o ~/d"
+    # only): a literal ./~ folder was made, and read back as such.
+    home, elsewhere = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    rng = np.random.RandomState(0)
+    np.save(home / "acts.npy", rng.exponential(size=(600, 16)).astype(np.float32))
+    np.save(home / "atoms.npy", rng.standard_normal((32, 16)))
+    assert main(["fit", "~/acts.npy", "--out=~/d", "--dict-init=~/atoms.npy",
+                 "--max-steps", "10", "-q"]) == 0
+    assert main(["encode", "~/d", "~/acts.npy", "--out=~/codes.npy", "-q"]) == 0
+    assert main(["convert", "--from", "sparse_dict", "~/d", "--out=~/lens", "-q"]) == 0
+    assert not (elsewhere / "~").exists()
+    sae = SparseAutoencoderDictionary.load("~/d")
+    assert np.load(home / "codes.npy").shape == (600, 32)
+    # And the Python functions, as pandas and Hugging Face take such paths.
+    assert sae.save("~/again") == home / "again"
+    assert SparseAutoencoderDictionary.load("~/again").n_components_ == 32
+    assert sae.to_saelens("~/lens2") == home / "lens2"
+    assert SparseAutoencoderDictionary.from_saelens("~/lens").n_components_ == 32
+    assert not (elsewhere / "~").exists()

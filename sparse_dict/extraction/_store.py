@@ -499,7 +499,7 @@ def open_store(path):
     >>> store.tokens().tolist()
     ['H', 'ell', 'o']
     """
-    path = Path(path)
+    path = _persist.user_path(path)
     store = ActivationStore(path, _read_manifest(path))
     if not store.complete:
         # Readable on purpose (to look at, or to fit on what is there), but a
@@ -531,7 +531,7 @@ class StoreWriter:
         if resume and overwrite:
             raise ValueError("resume=True continues the extraction in the store and "
                              "overwrite=True starts it again; pass one of them.")
-        self.path = Path(path)
+        self.path = _persist.user_path(path)
         hint = "overwrite=True (or resume=True to continue it)"
         # A file the user added to the folder (a README, a Finder's
         # .DS_Store) does not stop a resume, which replaces nothing.
