@@ -149,6 +149,18 @@ def _is_markdown(path):
         return False
 
 
+def _is_gpu_partial(path):
+    return "sizes" in (_json_object(path) or {})
+
+
+def _is_gpu_profile(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read(16).startswith("torch.profiler:")
+    except OSError:
+        return False
+
+
 def _foreign_outputs(out, sections):
     """Files in ``out`` this run would write over that no benchmark run wrote.
 
@@ -164,6 +176,10 @@ def _foreign_outputs(out, sections):
     checks += [(out / name, _persist.PNG.recognize) for names in PLOTS.values()
                for name in names]
     checks += [(out / "sections" / f"{name}.json", _is_section) for name in sections]
+    if "gpu" in sections:
+        # The GPU section's progress file and its profile (on a GPU).
+        checks += [(out / "gpu_partial.json", _is_gpu_partial),
+                   (out / "gpu_profile.txt", _is_gpu_profile)]
     return [path for path, recognise in checks if os.path.lexists(path)
             and not (path.is_file() and not path.is_symlink() and recognise(path))]
 

@@ -94,11 +94,35 @@ def main(argv=None):
                       help="every generator and activation, 2.5x budgets too")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
+    # Checked before the minutes of fits: a file of these names that this
+    # benchmark did not write is the user's, and is not replaced.
+    for name, recognise in (("defaults.json", _is_results), ("defaults.md", _is_table)):
+        path = args.out / name
+        if path.exists() or path.is_symlink():
+            if path.is_symlink() or not path.is_file() or not recognise(path):
+                parser.error(f"{path} exists and is not this benchmark's output: "
+                             "choose another --out, or move it")
     results = run(quick=not args.full)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "defaults.json").write_text(json.dumps(results, indent=1))
     (args.out / "defaults.md").write_text(_markdown(results))
     return 0
+
+
+def _is_results(path):
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, list) and all(isinstance(r, dict) and "generator" in r for r in data)
+
+
+def _is_table(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.readline().startswith("| generator | activation | budget |")
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":

@@ -527,6 +527,28 @@ def test_out_never_replaces_a_file_no_run_wrote(tmp_path):
     assert afile.read_bytes() == mine["results.md"]
 
 
+def test_the_gpu_files_and_the_defaults_tables_are_not_replaced_either(tmp_path):
+    # The GPU section's gpu_partial.json and gpu_profile.txt, and the
+    # defaults benchmark's two tables, were written over whatever was there.
+    from benchmarks import defaults
+    from benchmarks.__main__ import _foreign_outputs
+
+    mine = {"gpu_partial.json": b'{"my": "notes"}', "gpu_profile.txt": b"my notes\n"}
+    for name, data in mine.items():
+        (tmp_path / name).write_bytes(data)
+    assert sorted(p.name for p in _foreign_outputs(tmp_path, ["gpu"])) == sorted(mine)
+    assert _foreign_outputs(tmp_path, ["encoding"]) == []
+    (tmp_path / "gpu_partial.json").write_text('{"sizes": {}}')
+    (tmp_path / "gpu_profile.txt").write_text("torch.profiler: one 50-step fit\n")
+    assert _foreign_outputs(tmp_path, ["gpu"]) == []
+    (tmp_path / "defaults.md").write_text("my notes\n")
+    with pytest.raises(SystemExit) as info:
+        defaults.main(["--out", str(tmp_path)])  # refused before any fit
+    assert info.value.code == 2
+    assert (tmp_path / "defaults.md").read_text() == "my notes\n"
+    assert not (tmp_path / "defaults.json").exists()
+
+
 def test_a_run_on_the_cpu_leaves_the_gpu_section_out_unless_asked():
     # Its sizes are a GPU's: the default quick run on two cores would have
     # spent hours in it.
