@@ -677,7 +677,8 @@ def build_parser(command=None):
     p.add_argument("--chunk-texts", type=_positive_int, default=256,
                    help="texts extracted and written to disk at a time; an interruption "
                    "loses at most this many (default: 256)")
-    _add_overwrite(p, "an .npy, tokens file or store written earlier")
+    _add_overwrite(p, "an .npy array (any: an .npy file carries no mark of what wrote it), "
+                      "or a tokens file or store written earlier")
     _add_extraction(p)
     _add_device(p)
     _add_common(p)
@@ -717,7 +718,7 @@ def build_parser(command=None):
                    help="output .npy file ('.npy' is added if the name lacks it)")
     p.add_argument("--chunk-size", type=_positive_int, default=8192,
                    help="rows encoded at a time (default: 8192)")
-    _add_overwrite(p, "an .npy written earlier")
+    _add_overwrite(p, "an .npy array (any: an .npy file carries no mark of what wrote it)")
     _add_device(p)
     _add_common(p)
     p.set_defaults(func=cmd_encode)
