@@ -1231,6 +1231,23 @@ class TensorSpec:
     unknown: bool = False
 
 
+def _pickle_note(file):
+    """What a file that is no safetensors file looks like, when it is a pickle."""
+    try:
+        with open(file, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return ""
+    # torch.save writes a zip archive of pickles; pickle protocols 2 and up
+    # start with 0x80 and the protocol's number.
+    if head.startswith(b"PK\x03\x04"):
+        return ("; it is a zip archive, as torch.save writes, which is never read here: "
+                "pickles can run code")
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "; it is a pickle, which is never read here: pickles can run code"
+    return ""
+
+
 def read_tensors(file, schema):
     """Read a safetensors file and check every tensor against ``schema``.
 
@@ -1257,7 +1274,7 @@ def read_tensors(file, schema):
         tensors = load_file(str(file))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own and numpy's errors
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise _bad(file, f"not a readable safetensors file ({first})") from None
+        raise _bad(file, f"not a readable safetensors file ({first}){_pickle_note(file)}") from None
     for name in tensors:
         if name not in schema:
             raise _bad(file, f"unexpected tensor {name!r}")

@@ -440,3 +440,20 @@ def test_a_mechanism_s_state_out_of_its_range_is_refused(X, tmp_path, activation
     _edit_tensors(path, lambda t: t[tensor].__setitem__(0, -1.0))
     with pytest.raises(ValueError, match=f"'{tensor}'"):
         SparseAutoencoderDictionary.load(path)
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_a_pickle_in_place_of_the_weights_is_named_as_one(saved, tmp_path, how):
+    import pickle
+
+    import torch
+
+    path = _copy(saved, tmp_path)
+    if how == "pickle":
+        (path / WEIGHTS).write_bytes(pickle.dumps({"components": np.zeros(3)}))
+    else:
+        torch.save({"components": torch.zeros(3)}, path / WEIGHTS)
+    _edit_config(path, lambda c: None)  # signed anew: only the format stands guard
+    with pytest.raises(ValueError, match="not a readable safetensors file .*never read here: "
+                                         "pickles can run code"):
+        SparseAutoencoderDictionary.load(path)
