@@ -545,6 +545,20 @@ def test_a_folder_in_the_built_in_format_loads_as_a_model(tmp_path):
         check_compatible(changed, sae)
 
 
+@pytest.mark.parametrize("missing", ["model.safetensors", "tokenizer.json"])
+def test_a_built_in_format_folder_without_a_file_names_the_file(tmp_path, missing):
+    # Its configuration says the format: a folder lacking a file went to
+    # transformers, which said "Unrecognized model ... model_type".
+    from sparse_dict.models.builtin import load_builtin_model, save_builtin_model
+
+    model, tokenizer = load_builtin_model()
+    folder = save_builtin_model(model, tokenizer, tmp_path / "model")
+    (folder / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"\['{missing}'\] are missing from "
+                                                rf".*model\. Write the folder again whole"):
+        TransformerActivationExtractor(str(folder), device="cpu").fit(TEXTS)
+
+
 def test_the_weights_sample_is_json_whatever_the_model_holds():
     # A mask of -inf as a buffer (as some models keep) and an overflowed
     # weight must not make the provenance unsavable.

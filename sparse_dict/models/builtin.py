@@ -614,9 +614,12 @@ class TinyTransformer(nn.Module):
 def is_builtin_folder(path):
     """Whether ``path`` is a folder of a model in the built-in format.
 
-    As :func:`save_builtin_model` writes it (``train_builtin --out``): the
-    weights, the tokenizer, and a configuration with the built-in model's
-    fields (a Hugging Face configuration names a ``model_type`` instead).
+    As :func:`save_builtin_model` writes it (``train_builtin --out``): its
+    configuration has the built-in model's fields (a Hugging Face
+    configuration names a ``model_type`` instead). The configuration alone
+    decides, so that a folder lacking its weights or tokenizer is reported
+    as such by :func:`load_builtin_model`, not by transformers as a Hugging
+    Face folder without a ``model_type``.
 
     Examples
     --------
@@ -624,8 +627,7 @@ def is_builtin_folder(path):
     (True, False)
     """
     path = Path(path)
-    if not all((path / name).is_file() for name in (_WEIGHTS_FILE, _CONFIG_FILE,
-                                                    _TOKENIZER_FILE)):
+    if not (path / _CONFIG_FILE).is_file():
         return False
     try:
         config = json.loads((path / _CONFIG_FILE).read_text(encoding="utf-8"))
@@ -717,16 +719,21 @@ def load_builtin_model(device="cpu", path=None):
     """
     from safetensors.torch import load_file
 
-    path = BUILTIN_DIR if path is None else Path(path)
+    shipped = path is None
+    path = BUILTIN_DIR if shipped else Path(path)
     missing = [
         name for name in (_WEIGHTS_FILE, _CONFIG_FILE, _TOKENIZER_FILE)
         if not (path / name).is_file()
     ]
     if missing:
+        # A folder of the user's was written incompletely or lost files
+        # since; reinstalling sparse_dict would not bring them back.
+        remedy = ("Reinstall sparse_dict, or retrain them with "
+                  "'python -m sparse_dict.models.train_builtin --out <dir>'." if shipped else
+                  "Write the folder again whole, with save_builtin_model or "
+                  "'python -m sparse_dict.models.train_builtin --out <dir>'.")
         raise FileNotFoundError(
-            f"The built-in model files {missing} are missing from {path}. Reinstall "
-            "sparse_dict, or retrain them with "
-            "'python -m sparse_dict.models.train_builtin --out <dir>'."
+            f"The built-in model files {missing} are missing from {path}. {remedy}"
         )
     config = TinyTransformerConfig.from_dict(json.loads((path / _CONFIG_FILE).read_text()))
     tokenizer = BuiltinTokenizer.load(path / _TOKENIZER_FILE)
