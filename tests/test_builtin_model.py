@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparse_dict._corpus import TEST_WORKS, load_corpus
 from sparse_dict.models.builtin import (
@@ -15,6 +17,7 @@ from sparse_dict.models.builtin import (
     BuiltinTokenizer,
     TinyTransformer,
     TinyTransformerConfig,
+    _merge_word,
     load_builtin_model,
 )
 
@@ -203,6 +206,78 @@ def test_tokenizer_is_fast(builtin):
     fresh(texts)
     # About 0.1 s on an idle core; the bound leaves room for a busy machine.
     assert time.perf_counter() - start < 3.0
+
+
+def _merged_again_and_again(tok, word):
+    """The tokens of ``word`` as BPE defines them: every occurrence of the
+    adjacent pair of lowest rank merged, then the next, as training merges."""
+    symbols = list(word.encode("utf-8"))
+    while True:
+        ranks = [tok._ranks[p] for p in zip(symbols, symbols[1:]) if p in tok._ranks]
+        if not ranks:
+            return symbols
+        best = min(ranks)
+        symbols = _merge_word(symbols, tok.merges[best - 256], best)
+
+
+_WORDY = st.text(st.sampled_from(list("etaoinshrdlu  ,.'-\n\té漢")), max_size=3000)
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=_WORDY)
+def test_tokens_are_those_of_merging_the_lowest_pair_again_and_again(builtin, text):
+    # Merges go through a heap (O(n log n) in a word's length) rather than
+    # a search of every pair after each merge: the tokens must not change.
+    _, tok = builtin
+    expected = [i for word in tok._regex.findall(text)
+                for i in _merged_again_and_again(tok, word)]
+    assert tok.encode(text) == expected
+
+
+def test_tokens_of_every_word_of_the_corpus_are_unchanged(builtin):
+    # The shipped model was trained on these tokens.
+    from sparse_dict._corpus import _load_works
+
+    _, tok = builtin
+    fresh = BuiltinTokenizer(tok.merges)  # nothing cached
+    words = {w for _, text in _load_works() for w in tok._regex.findall(text)}
+    for word in words:
+        assert fresh._encode_word(word) == _merged_again_and_again(tok, word), word
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=st.text(max_size=200) | st.builds(
+    lambda char, n, tail: char * n + tail,
+    st.characters(exclude_categories=("Cs",)), st.integers(900, 2600), st.text(max_size=20)))
+def test_tokenizer_round_trips_any_text(builtin, text):
+    # Words of over 1,000 characters are encoded in pieces: still exactly.
+    _, tok = builtin
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_a_text_cut_to_max_length_is_encoded_only_as_far_as_it_is_kept(builtin, monkeypatch):
+    # A text was encoded whole, then cut: 100,000 letters in one word (a
+    # blob, a DNA string) took 10 s for 128 tokens, with merges quadratic
+    # in the word's length; 20,000 words took as many word encodings.
+    _, tok = builtin
+    fresh = BuiltinTokenizer(tok.merges)
+    blob = "".join(np.random.RandomState(0).choice(list("abcdefghijklmnopqrstuvwxyz"), 100_000))
+    prose = "word " * 20_000
+    encoded, real = [], fresh._encode_word
+    monkeypatch.setattr(fresh, "_encode_word", lambda word: encoded.append(word) or real(word))
+    ids = fresh([blob, prose], max_length=128)["input_ids"]
+    assert ids.shape == (2, 128)
+    assert sum(map(len, encoded)) <= 2_000 and len(encoded) <= 200
+    monkeypatch.undo()
+    # The first tokens of the whole text, which is encoded in a time linear
+    # in its length (the longest piece is 1,000 characters).
+    start = time.perf_counter()
+    whole = fresh.encode(blob)
+    assert time.perf_counter() - start < 3.0  # about 0.06 s on an idle core
+    assert ids[0].tolist() == whole[:128]
+    assert ids[1].tolist() == tok.encode(prose[:1000])[:128]
+    # Words met once in a blob are not kept.
+    assert max(map(len, fresh._cache)) <= 64
 
 
 def test_tokenizer_rejects_non_strings(builtin):

@@ -861,6 +861,42 @@ def test_threads_sharing_one_model_do_not_mix_activations():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_threads_sharing_a_tokenizer_do_not_cut_each_others_texts(minilm_path, monkeypatch):
+    # Extractors of one folder share its tokenizer through the model cache,
+    # and a Hugging Face tokenizer holds its truncation (max_length, side) as
+    # state set before each encoding: another thread's setting in between
+    # cut a text at the other's length and side (no [SEP] at its end).
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = ["word " * 100, "the other text " * 30]
+    short = TransformerActivationExtractor(minilm_path, max_length=8, device="cpu").fit(TEXTS)
+    long = clone(short).set_params(max_length=32).fit(TEXTS)
+    tokenizer = short.loaded_model().tokenizer
+    assert long.loaded_model().tokenizer is tokenizer
+    expected = [short.token_ids(texts, keep="end"), long.token_ids(texts)]
+    real, calls, second_set = tokenizer.set_truncation_and_padding, [], threading.Event()
+
+    def slow_set(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            # The first caller encodes only once the second has set its own
+            # truncation: an interleaving that otherwise happens by chance.
+            # With the lock the second waits for it, and this times out.
+            second_set.wait(1.0)
+        else:
+            second_set.set()
+
+    monkeypatch.setattr(tokenizer, "set_truncation_and_padding", slow_set)
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda run: run(), [lambda: short.token_ids(texts, keep="end"),
+                                                 lambda: long.token_ids(texts)]))
+    assert len(calls) == 2
+    assert got == expected
+    assert tokenizer.truncation_side == "right"
+
+
 def test_module_without_tokenizer_needs_token_ids():
     torch.manual_seed(0)
     lm = builtin.TinyTransformer(builtin.TinyTransformerConfig(vocab_size=300, max_len=16))

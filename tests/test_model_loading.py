@@ -283,6 +283,30 @@ def test_weights_saved_again_under_the_same_path_are_read_anew(minilm_path, tmp_
     assert "_model_stamp" not in vars(copy)
 
 
+def test_a_checkpoint_saved_in_bfloat16_loads_in_float32(minilm_path, tmp_path):
+    # transformers 5 loads a checkpoint in the precision it was saved in
+    # (dtype="auto"): a bfloat16 one ran in bfloat16 on the CPU, and its
+    # activations were not the float32 ones transformers 4 gave.
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64,
+                                 max_position_embeddings=64)).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    _link_tokenizer(tmp_path, minilm_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "bfloat16" in (config.get("dtype"), config.get("torch_dtype"))
+    ext = TransformerActivationExtractor(str(tmp_path), hook="resid_post", device="cpu")
+    X = ext.fit_transform(TEXTS)
+    assert {p.dtype for p in ext.loaded_model().model.parameters()} == {torch.float32}
+    # The same weights made float32 by hand, given as a module: the same rows.
+    reference = TransformerActivationExtractor(
+        model.float().eval(), tokenizer=AutoTokenizer.from_pretrained(tmp_path),
+        hook="resid_post", device="cpu")
+    np.testing.assert_allclose(X, reference.fit_transform(TEXTS), rtol=1e-5, atol=1e-6)
+
+
 def test_a_folder_without_its_tokenizer_is_refused(minilm_path, tmp_path):
     # transformers gives an empty tokenizer there, which reads every word as
     # one unknown token: activations of nothing, silently.
@@ -519,6 +543,20 @@ def test_a_folder_in_the_built_in_format_loads_as_a_model(tmp_path):
     changed = TransformerActivationExtractor(str(tmp_path / "changed"), device="cpu").fit(TEXTS)
     with pytest.raises(ValueError, match="whose weights are others"):
         check_compatible(changed, sae)
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "tokenizer.json"])
+def test_a_built_in_format_folder_without_a_file_names_the_file(tmp_path, missing):
+    # Its configuration says the format: a folder lacking a file went to
+    # transformers, which said "Unrecognized model ... model_type".
+    from sparse_dict.models.builtin import load_builtin_model, save_builtin_model
+
+    model, tokenizer = load_builtin_model()
+    folder = save_builtin_model(model, tokenizer, tmp_path / "model")
+    (folder / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"\['{missing}'\] are missing from "
+                                                rf".*model\. Write the folder again whole"):
+        TransformerActivationExtractor(str(folder), device="cpu").fit(TEXTS)
 
 
 def test_the_weights_sample_is_json_whatever_the_model_holds():

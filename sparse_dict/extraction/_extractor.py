@@ -138,7 +138,10 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         such as ``"gpt2"``, downloaded through transformers' own cache (with
         ``HF_HUB_OFFLINE=1``, only from that cache). Either is loaded as a
         causal language model when its config says so, else as the bare
-        encoder. Only text models are read: a transformers model that takes
+        encoder, with its weights in float32 whatever precision they were
+        saved in (transformers 5 would keep a bfloat16 or float16
+        checkpoint's; for another precision, load the model yourself and
+        pass the module). Only text models are read: a transformers model that takes
         other inputs (ViT, Wav2Vec2, or CLIP with its image tower) is refused
         by its class. Code shipped with a model is never run: a model whose
         config or tokenizer config has an ``auto_map`` is refused. A

@@ -301,7 +301,7 @@ def _load_hf(source, device, verbose):
                                                     type):
             auto = getattr(transformers, encoder_class)
         try:
-            model = auto.from_pretrained(root, **options)
+            model = auto.from_pretrained(root, **options, **_float32_option(transformers))
         except pickle.UnpicklingError as exc:
             # torch.load(weights_only=True) refused a pickled weights file
             # that holds more than tensors: nothing of it ran, and nothing will.
@@ -321,6 +321,23 @@ def _load_hf(source, device, verbose):
     _check_tokenizer_size(tokenizer, model.config, source)
     model = model.to(device).eval()
     return LoadedModel(model, tokenizer, device, "hf", _max_positions(model))
+
+
+def _float32_option(transformers):
+    """The ``from_pretrained`` argument that loads a model's weights in float32.
+
+    transformers 5 loads a checkpoint in the precision it was saved in
+    (``dtype="auto"``): a bfloat16 or float16 checkpoint, as most recent
+    language models are, ran in that precision on the CPU (slowly, and with
+    activations other than the same folder gives under transformers 4,
+    which loaded float32), without a word. The argument is ``dtype`` from
+    transformers 4.56 (``torch_dtype`` is deprecated there), ``torch_dtype``
+    before; ``from_pretrained`` takes both through ``**kwargs``, so its
+    signature cannot tell.
+    """
+    major, minor = (int(re.match(r"\d*", part).group() or 0)
+                    for part in f"{transformers.__version__}.0".split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
 
 
 def _max_positions(model):

@@ -3,6 +3,8 @@
 import inspect
 import io
 import itertools
+import threading
+import weakref
 from collections.abc import Mapping, Set
 from numbers import Integral
 
@@ -163,6 +165,30 @@ def _cut(seq, max_length, keep="start"):
     return seq[:max_length] if keep == "start" else seq[max(len(seq) - max_length, 0):]
 
 
+# A Hugging Face tokenizer keeps its truncation (max_length, side) as state
+# of the object, set by each call before it encodes: extractors of one model
+# folder share one tokenizer through the model cache, so two in threads with
+# other max_length or keep cut each other's texts. A lock per tokenizer makes
+# the setting and the encoding one step; tokenizers of other models still
+# run side by side.
+_TOKENIZER_LOCKS = weakref.WeakKeyDictionary()
+_TOKENIZER_LOCKS_GUARD = threading.Lock()
+# For a tokenizer that cannot be a weak key (unhashable, or no weakref slot).
+_SHARED_TOKENIZER_LOCK = threading.Lock()
+
+
+def _tokenizer_lock(tokenizer):
+    """The lock that serialises the calls of ``tokenizer`` that set its truncation."""
+    with _TOKENIZER_LOCKS_GUARD:
+        try:
+            lock = _TOKENIZER_LOCKS.get(tokenizer)
+            if lock is None:
+                lock = _TOKENIZER_LOCKS[tokenizer] = threading.Lock()
+        except TypeError:
+            lock = _SHARED_TOKENIZER_LOCK
+    return lock
+
+
 def _encode_texts(tokenizer, texts, max_length, keep="start"):
     """Token ids of each text, unpadded, cut to ``max_length`` at its end or its start.
 
@@ -176,16 +202,18 @@ def _encode_texts(tokenizer, texts, max_length, keep="start"):
             "tokenizer=... or pre-tokenised input (lists of token ids)."
         )
     if type(tokenizer).__module__.startswith("transformers"):
-        side = getattr(tokenizer, "truncation_side", None)
-        if keep == "end" and side is not None:
-            tokenizer.truncation_side = "left"
-        try:
-            out = tokenizer(
-                texts, truncation=max_length is not None, max_length=max_length, padding=False
-            )
-        finally:
-            if side is not None:
-                tokenizer.truncation_side = side
+        with _tokenizer_lock(tokenizer):
+            side = getattr(tokenizer, "truncation_side", None)
+            if keep == "end" and side is not None:
+                tokenizer.truncation_side = "left"
+            try:
+                out = tokenizer(
+                    texts, truncation=max_length is not None, max_length=max_length,
+                    padding=False
+                )
+            finally:
+                if side is not None:
+                    tokenizer.truncation_side = side
         seqs = [list(s) for s in out["input_ids"]]
     else:
         try:

@@ -11,6 +11,7 @@ by ``python -m sparse_dict.models.train_builtin``.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import re
@@ -55,6 +56,19 @@ _PRETOKENIZE_PATTERN = (
 PAD_TOKEN = "<pad>"
 EOT_TOKEN = "<|endoftext|>"
 
+# A word of more characters than this is encoded in pieces of this many,
+# merges not crossing them: a text cut to max_length is then encoded only as
+# far as it is kept, however long its words (an unbroken run of 100,000
+# letters was encoded whole, in 10 s, for its first 128 tokens). No word of
+# ordinary text is that long (the training corpus's longest has 63
+# characters, the longest token 24 bytes), so its tokens are those of the
+# word whole.
+_PIECE_CHARS = 1000
+# Only words this short are cached: the common words recur, and an
+# over-long one (a blob, a separator line) would fill the cache with
+# strings met once.
+_CACHED_WORD_CHARS = 64
+
 
 # --------------------------------------------------------------------------
 # Tokenizer
@@ -74,6 +88,58 @@ def _merge_word(symbols, pair, new_id):
             out.append(symbols[i])
             i += 1
     return out
+
+
+def _bpe(symbols, ranks):
+    """The tokens of one word's bytes: its adjacent pair of lowest rank merged until none is left.
+
+    The same tokens as merging every occurrence of that pair, left to right,
+    and looking again (:func:`_merge_word`, as training does), in
+    O(n log n) rather than O(n²) for n bytes: the pairs wait in a heap
+    ordered by rank, then position. A merge's token only makes pairs of
+    later merges, so all occurrences of a pair are in the heap before the
+    first of them is merged, and are merged left to right as
+    :func:`_merge_word` does; an entry whose pair has changed since it was
+    pushed is skipped.
+
+    Parameters
+    ----------
+    symbols : list of int
+        The word's bytes.
+    ranks : dict
+        Pair of token ids -> the id of the token merging them (its rank).
+
+    Returns
+    -------
+    list of int
+    """
+    n = len(symbols)
+    if n < 2:
+        return list(symbols)
+    tokens = list(symbols)  # None where a token has merged into its left neighbour
+    following = list(range(1, n + 1))
+    following[-1] = -1
+    preceding = list(range(-1, n - 1))
+    rank_of = ranks.get
+    heap = [(rank, i) for i, pair in enumerate(zip(tokens, tokens[1:]))
+            if (rank := rank_of(pair)) is not None]
+    heapq.heapify(heap)
+    while heap:
+        rank, i = heapq.heappop(heap)
+        j = following[i]
+        if j < 0 or tokens[i] is None or rank_of((tokens[i], tokens[j])) != rank:
+            continue
+        tokens[i], tokens[j] = rank, None
+        k = following[j]
+        following[i] = k
+        if k >= 0:
+            preceding[k] = i
+            if (right := rank_of((rank, tokens[k]))) is not None:
+                heapq.heappush(heap, (right, i))
+        h = preceding[i]
+        if h >= 0 and (left := rank_of((tokens[h], rank))) is not None:
+            heapq.heappush(heap, (left, h))
+    return [t for t in tokens if t is not None]
 
 
 class BuiltinTokenizer:
@@ -219,24 +285,33 @@ class BuiltinTokenizer:
         ids = self._cache.get(word)
         if ids is not None:
             return ids
-        symbols = list(word.encode("utf-8"))
-        ranks = self._ranks
-        while len(symbols) > 1:
-            best_rank = None
-            best_pair = None
-            for pair in zip(symbols, symbols[1:]):
-                rank = ranks.get(pair)
-                if rank is not None and (best_rank is None or rank < best_rank):
-                    best_rank, best_pair = rank, pair
-            if best_pair is None:
-                break
-            symbols = _merge_word(symbols, best_pair, best_rank)
-        if len(self._cache) < 200_000:
-            self._cache[word] = symbols
-        return symbols
+        ids = _bpe(list(word.encode("utf-8")), self._ranks)
+        if len(word) <= _CACHED_WORD_CHARS and len(self._cache) < 200_000:
+            self._cache[word] = ids
+        return ids
+
+    def _encode(self, text, max_tokens=None):
+        """Token ids of ``text``; with ``max_tokens``, at least that many of its first.
+
+        Encoding stops at the word (or piece of an over-long word) that
+        reaches ``max_tokens``: the caller cuts the rest.
+        """
+        ids = []
+        for match in self._regex.finditer(text):
+            word = match.group()
+            for start in range(0, len(word), _PIECE_CHARS):
+                ids.extend(self._encode_word(word[start:start + _PIECE_CHARS]))
+                if max_tokens is not None and len(ids) >= max_tokens:
+                    return ids
+        return ids
 
     def encode(self, text):
         """Token ids of ``text`` (no special tokens added).
+
+        A word of more than 1,000 characters (a run of letters, of
+        punctuation or of spaces), which no ordinary text holds, is encoded
+        in pieces of 1,000 characters, merges not crossing them, so that
+        encoding takes time in proportion to the text's length.
 
         Parameters
         ----------
@@ -254,10 +329,7 @@ class BuiltinTokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}.")
-        ids = []
-        for word in self._regex.findall(text):
-            ids.extend(self._encode_word(word))
-        return ids
+        return self._encode(text)
 
     def decode(self, ids, skip_special_tokens=True):
         """Text of a sequence of token ids.
@@ -329,7 +401,8 @@ class BuiltinTokenizer:
         ----------
         texts : str or list of str
         max_length : int or None, default=None
-            Keep at most the first ``max_length`` tokens of each text.
+            Keep at most the first ``max_length`` tokens of each text; the
+            rest of a text is not encoded.
         padding : bool, default=True
             Pad to the longest text on the right with ``pad_token_id``. With
             ``False`` all texts must have the same length.
@@ -351,7 +424,10 @@ class BuiltinTokenizer:
         """
         if isinstance(texts, str):
             texts = [texts]
-        seqs = [self.encode(t) for t in texts]
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"text must be a str, got {type(t).__name__}.")
+        seqs = [self._encode(t, max_length) for t in texts]
         if max_length is not None:
             seqs = [s[:max_length] for s in seqs]
         width = max((len(s) for s in seqs), default=0)
@@ -614,9 +690,12 @@ class TinyTransformer(nn.Module):
 def is_builtin_folder(path):
     """Whether ``path`` is a folder of a model in the built-in format.
 
-    As :func:`save_builtin_model` writes it (``train_builtin --out``): the
-    weights, the tokenizer, and a configuration with the built-in model's
-    fields (a Hugging Face configuration names a ``model_type`` instead).
+    As :func:`save_builtin_model` writes it (``train_builtin --out``): its
+    configuration has the built-in model's fields (a Hugging Face
+    configuration names a ``model_type`` instead). The configuration alone
+    decides, so that a folder lacking its weights or tokenizer is reported
+    as such by :func:`load_builtin_model`, not by transformers as a Hugging
+    Face folder without a ``model_type``.
 
     Examples
     --------
@@ -624,8 +703,7 @@ def is_builtin_folder(path):
     (True, False)
     """
     path = Path(path)
-    if not all((path / name).is_file() for name in (_WEIGHTS_FILE, _CONFIG_FILE,
-                                                    _TOKENIZER_FILE)):
+    if not (path / _CONFIG_FILE).is_file():
         return False
     try:
         config = json.loads((path / _CONFIG_FILE).read_text(encoding="utf-8"))
@@ -717,16 +795,21 @@ def load_builtin_model(device="cpu", path=None):
     """
     from safetensors.torch import load_file
 
-    path = BUILTIN_DIR if path is None else Path(path)
+    shipped = path is None
+    path = BUILTIN_DIR if shipped else Path(path)
     missing = [
         name for name in (_WEIGHTS_FILE, _CONFIG_FILE, _TOKENIZER_FILE)
         if not (path / name).is_file()
     ]
     if missing:
+        # A folder of the user's was written incompletely or lost files
+        # since; reinstalling sparse_dict would not bring them back.
+        remedy = ("Reinstall sparse_dict, or retrain them with "
+                  "'python -m sparse_dict.models.train_builtin --out <dir>'." if shipped else
+                  "Write the folder again whole, with save_builtin_model or "
+                  "'python -m sparse_dict.models.train_builtin --out <dir>'.")
         raise FileNotFoundError(
-            f"The built-in model files {missing} are missing from {path}. Reinstall "
-            "sparse_dict, or retrain them with "
-            "'python -m sparse_dict.models.train_builtin --out <dir>'."
+            f"The built-in model files {missing} are missing from {path}. {remedy}"
         )
     config = TinyTransformerConfig.from_dict(json.loads((path / _CONFIG_FILE).read_text()))
     tokenizer = BuiltinTokenizer.load(path / _TOKENIZER_FILE)
