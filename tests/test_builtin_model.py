@@ -325,3 +325,22 @@ def test_corpus_min_length_and_content():
 def test_corpus_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         load_corpus(**kwargs)
+
+
+def test_the_tokenizer_s_save_replaces_only_a_tokenizer(builtin, tmp_path):
+    # It wrote over any file, and through a symbolic link into its target.
+    tokenizer = builtin[1]
+    mine = tmp_path / "notes.json"
+    mine.write_text("three years of work")
+    (tmp_path / "link.json").symlink_to(mine)
+    for target in (mine, tmp_path / "link.json"):
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError, match="not a built-in tokenizer"):
+                tokenizer.save(target, overwrite=overwrite)
+    assert mine.read_text() == "three years of work"
+    path = tokenizer.save(tmp_path / "tokenizer.json")
+    with pytest.raises(FileExistsError):
+        tokenizer.save(path)
+    tokenizer.save(path, overwrite=True)
+    assert BuiltinTokenizer.load(path).encode("Wherefore art thou") == \
+        tokenizer.encode("Wherefore art thou")

@@ -142,6 +142,15 @@ def _bpe(symbols, ranks):
     return [t for t in tokens if t is not None]
 
 
+def _is_tokenizer(data):
+    return (isinstance(data, dict) and data.get("type") == "byte-level-bpe"
+            and isinstance(data.get("merges"), list))
+
+
+# What BuiltinTokenizer.save writes, and so may replace with overwrite.
+TOKENIZER_KIND = _persist.json_kind("built-in tokenizer", _is_tokenizer)
+
+
 class BuiltinTokenizer:
     """Byte-level BPE tokenizer with readable, whole-word tokens.
 
@@ -455,9 +464,27 @@ class BuiltinTokenizer:
             "tokens": self.convert_ids_to_tokens(range(self.vocab_size)),
         }
 
-    def save(self, path):
-        """Write the tokenizer as JSON to ``path``."""
-        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
+    def save(self, path, *, overwrite=False):
+        """Write the tokenizer as JSON to ``path``.
+
+        As every output of the package: written aside and moved into place
+        whole, and an existing file is replaced only with ``overwrite`` and
+        only if it is a tokenizer written so (it wrote over any file, and
+        through a symbolic link, before).
+
+        Parameters
+        ----------
+        path : str or path-like
+        overwrite : bool, default=False
+
+        Returns
+        -------
+        path : pathlib.Path
+        """
+        path = _persist.user_path(path)
+        with _persist.staged(path, TOKENIZER_KIND, overwrite=overwrite) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
+        return path
 
     @classmethod
     def load(cls, path):
