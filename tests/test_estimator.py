@@ -1183,6 +1183,34 @@ def test_a_few_rows_of_outsized_norm_neither_set_the_scale_nor_pass_silently():
     assert est.scale_ == pytest.approx(clean.scale_, rel=0.02)
 
 
+@pytest.mark.parametrize("big", [1e11, 1e13])
+def test_one_corrupted_entry_far_beyond_the_rest_still_sets_no_scale(big):
+    # Beside a squared distance of 1e22, the others' total subtracted from
+    # the whole lost every digit: no outsized rows were found, the scale
+    # came from the outlier, and the other rows' EV was -4,200, unwarned.
+    X = np.random.default_rng(0).exponential(size=(2000, 16)).astype(np.float32)
+    params = dict(n_components=32, max_steps=3, random_state=0)
+    clean = SparseAutoencoderDictionary(**params).fit(X)
+    X[7, 3] = big
+    with pytest.warns(UserWarning, match=r"The largest 2 of 2,000 rows sampled from X hold "
+                                         r"100% of its spread"):
+        est = SparseAutoencoderDictionary(**params).fit(X)
+    assert est.scale_ == pytest.approx(clean.scale_, rel=0.02)
+    np.testing.assert_allclose(est.decoder_bias_, clean.decoder_bias_, atol=0.05)
+
+
+def test_a_divergence_beside_outsized_rows_blames_them():
+    X = np.random.default_rng(0).exponential(size=(2000, 16)).astype(np.float32)
+    X[7, 3] = 1e18  # its square overflows float32 whatever the step
+    with pytest.raises(DivergenceError, match=r"The largest 2 of 2,000 rows sampled from X "
+                                              r"hold all but .* of its spread: rows that far "
+                                              r"beyond the others overflow"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            SparseAutoencoderDictionary(n_components=32, activation="topk", k=3,
+                                        batch_size=256, max_steps=1000, random_state=0).fit(X)
+
+
 def test_repeated_rows_count_once_for_the_atoms():
     # 500 distinct rows repeated ten times: as easy to memorise as 500.
     rng = np.random.RandomState(0)

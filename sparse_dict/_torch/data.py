@@ -354,7 +354,9 @@ def geometric_median(points, n_iter=100, tol=1e-6):
         A tensor is worked on where it lies (a GPU), in float64.
     n_iter : int
     tol : float
-        Stop once the estimate moves less than ``tol`` times the data's scale.
+        Stop once the estimate moves less than ``tol`` times the data's
+        scale: the median over rows of a row's largest deviation from the
+        coordinate-wise median, where the iteration starts.
 
     Returns
     -------
@@ -372,8 +374,14 @@ def geometric_median(points, n_iter=100, tol=1e-6):
         return geometric_median(torch.from_numpy(np.asarray(points, dtype=np.float64)),
                                 n_iter, tol).numpy()
     points = points.double()
-    median = points.mean(dim=0)
-    scale = max(float(points.abs().max()), 1e-12)
+    # Started from the coordinate-wise median and stopped on a scale of the
+    # typical row, both robust: from the mean, with a scale of the largest
+    # entry, one entry of 1e11 in 3,000 rows left the estimate 3.7 from
+    # the others' centre (the tolerance was the outlier's), and 3.7e4 at 1e15.
+    median = points.median(dim=0).values
+    scale = float((points - median).abs().amax(dim=1).median())
+    if not scale > 0:  # most rows equal: the largest entry's scale, or any
+        scale = max(float(points.abs().max()), 1e-12)
     for _ in range(n_iter):
         dist = torch.linalg.vector_norm(points - median, dim=1)
         # A point sitting on the estimate would get infinite weight.

@@ -386,6 +386,11 @@ class DominantRows:
     rest_spread: float
 
 
+# Outsized rows that hold more than this share of the spread are blamed for
+# a divergence (1 - 1e-9: a row 1e4.5 times the others' norm among 1e4).
+_OVERFLOWING_SHARE = 1 - 1e-9
+
+
 def _dominant_rows(spread):
     """:class:`DominantRows` of rows of these spreads, or None when no few rows dominate.
 
@@ -404,12 +409,17 @@ def _dominant_rows(spread):
     if median > 0:
         outsized = int(np.count_nonzero(spread > _OUTSIZED_SPREAD * median))
         k = max(k, min(outsized, int(n * _OUTSIZED_MAX_SHARE)))
-    largest = float(spread[np.argpartition(spread, n - k)[n - k:]].sum())
-    total = float(spread.sum())
+    order = np.argpartition(spread, n - k)
+    largest = float(spread[order[n - k:]].sum())
+    # The others' sum summed, not the total less the largest: beside a row
+    # of spread 1e22 the difference lost every digit of theirs, and the
+    # scale was then set from the outlier (held-out EV -4,200 at 1e11).
+    others = float(spread[order[:n - k]].sum())
+    total = largest + others
     share = largest / total if total > 0 else 0.0
     if not share > _DOMINANT_SHARE:
         return None
-    rest = (total - largest) / (n - k)
+    rest = others / (n - k)
     if not rest > 0:
         return None
     return DominantRows(k, n, share, rest)
@@ -1558,8 +1568,17 @@ class Trainer:
             if not ok:
                 self._raise_divergence(end.last_step, what=f"parameter {name}")
 
-    @staticmethod
-    def _raise_divergence(step, what="loss"):
+    def _raise_divergence(self, step, what="loss"):
+        dominant = self.dominant_rows
+        if dominant is not None and dominant.share > _OVERFLOWING_SHARE:
+            # Rows of entries around 1e15 beside rows of order one: their
+            # squares overflow float32 whatever the learning rate.
+            raise DivergenceError(
+                f"Training diverged: the {what} became NaN or infinite at step {step}. "
+                f"The largest {dominant.n_rows:,} of {dominant.n_sampled:,} rows sampled "
+                f"from X hold all but {1 - dominant.share:.2g} of its spread: rows that far beyond the "
+                "others overflow the arithmetic whatever the learning rate. Remove or clip "
+                "them (they are likely corrupted).")
         raise DivergenceError(
             f"Training diverged: the {what} became NaN or infinite at step {step}. "
             "Lower learning_rate (for example by a factor of 10), or lower the "
