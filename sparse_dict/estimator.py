@@ -1917,6 +1917,7 @@ class SparseAutoencoderDictionary(
         seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
         trainer = Trainer.from_parameters(params, self.scale_, "cpu", int(seed), activation)
         trainer.step = int(getattr(self, "n_steps_", 0))
+        trainer.resample_checked = trainer.step  # the next check an interval on
         # The record goes on where it stopped (it restarted empty: a saved
         # run's 600 steps of history_ gave way to the new call's 8, and
         # n_resampled_ counted from 0, while n_steps_ went on). Each old

@@ -429,11 +429,25 @@ def test_partial_fit_resamples_only_where_the_call_trains_on():
     for start in range(0, 12 * 128, 128):
         sae.partial_fit(X[start:start + 128])  # one step a call, past two resample checks
     assert sae.n_resampled_ == 0
-    sae.set_params(batch_size=2).partial_fit(X[:20])  # 10 steps: checks at 5 and 10
-    assert 1 <= sae.n_resampled_ <= 10  # inputs of the call's first 5 steps
+    sae.set_params(batch_size=2).partial_fit(X[:20])  # 10 steps: checks at 1 and 6
+    assert 1 <= sae.n_resampled_ <= 14  # the 2 + 12 inputs of the batches before them
     atoms = sae.components_ / np.linalg.norm(sae.components_, axis=1, keepdims=True)
     cosines = atoms @ atoms.T - 2 * np.eye(len(atoms))
     assert cosines.max() < 0.999
+
+
+def test_partial_fit_calls_of_a_few_batches_still_resample():
+    # A check was due at each multiple of the interval only: calls of 8
+    # steps put every multiple in a call's last 30%, where none may run, and
+    # dead features were never restarted (113 of 256 after 6,000 steps).
+    X, _, _ = make_superposition(n_samples=3000, n_features=16, n_components=32, random_state=0)
+    sae = small_sae(n_components=64, max_iter=None, max_steps=192, batch_size=32,
+                    resample_dead=True, resample_interval=16).fit(X)
+    sae.encoder_bias_[:16] = -1e4
+    for start in range(0, 10 * 256, 256):
+        sae.partial_fit(X[start:start + 256])  # 8 steps: multiples of 16 fall on the 8th
+    assert sae.n_resampled_ >= 16
+    assert ((sae.transform(X) > 0).sum(axis=0)[:16] > 0).sum() >= 12
 
 
 def test_training_after_load_keeps_the_record(tmp_path):
