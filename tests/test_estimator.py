@@ -958,21 +958,37 @@ def test_rows_that_share_a_large_offset_are_counted_as_distinct():
 def test_rows_that_repeat_only_as_zeros_are_not_said_to_repeat():
     # 12% all-zero rows among distinct ones fit the model of equally frequent
     # rows badly: on other such data (1,769 distinct of 2,000), "X has about
-    # 2,000 distinct rows among its 2,000 (its rows repeat)"; here 1,837 of
-    # 2,000. An estimate within a tenth of the row count is no evidence of
-    # repeats, and the warning counts rows.
+    # 2,000 distinct rows among its 2,000 (its rows repeat)". An estimate
+    # within a tenth of the row count is no evidence of repeats, and the
+    # warning counts rows. (Where the initial sample is all of X, its rows
+    # are counted, not estimated: 1,770 of 2,000 here.)
     from sparse_dict._torch.train import _distinct_rows
 
-    X, _, _ = make_superposition(n_samples=2000, n_features=32, n_components=64, n_active=4,
+    X, _, _ = make_superposition(n_samples=20_000, n_features=32, n_components=64, n_active=4,
                                  random_state=0, dtype=np.float32)
-    X[np.random.RandomState(0).permutation(2000)[:231]] = 0.0
-    assert _distinct_rows(X, 2000) is None
+    X[np.random.RandomState(0).permutation(20_000)[:2310]] = 0.0
+    assert _distinct_rows(X[::2], 20_000) is None
+    assert _distinct_rows(X[:2000], 2000) == len(np.unique(X[:2000], axis=0))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        small_sae(n_components=128, random_state=0).fit(X)
-    said = [str(w.message) for w in caught if "rows for 128 atoms" in str(w.message)
+        small_sae(n_components=1280, max_iter=None, max_steps=3, random_state=0).fit(X)
+    said = [str(w.message) for w in caught if "rows for 1,280 atoms" in str(w.message)
             or "distinct rows" in str(w.message)]
-    assert len(said) == 1 and said[0].startswith("X has 2,000 rows for 128 atoms"), said
+    assert len(said) == 1 and said[0].startswith("X has 20,000 rows for 1,280 atoms"), said
+
+
+def test_one_row_repeated_often_among_distinct_ones_is_not_few_rows():
+    # A BOS token's activation on a fifth of the rows: the model of equally
+    # frequent rows read 40,000 rows (31,784 distinct) as about 2,130
+    # distinct, and warned that 256 atoms could memorise them.
+    X, _, _ = make_superposition(n_samples=40_000, n_features=32, n_components=64,
+                                 random_state=0, dtype=np.float32)
+    X[np.random.RandomState(0).permutation(40_000)[:8000]] = X[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small_sae(n_components=256, max_iter=None, max_steps=3, random_state=0).fit(X)
+    assert not [w for w in caught if "distinct rows" in str(w.message)
+                or "rows an atom" in str(w.message)]
 
 
 def test_distinct_rows_are_counted_whatever_the_order_and_the_size_of_values():
