@@ -1472,7 +1472,11 @@ class SparseAutoencoderDictionary(
             random_state = self._partial_random_state
             if first_call:
                 trainer = self._new_trainer(X, random_state, device)
-                trainer.initialize(X, random_state, self.decoder_bias_init, replicas)
+                # As in fit: float32 products of rows near float32's largest
+                # values overflow on the way (numpy's "overflow encountered
+                # in matmul"), which the sums allow for.
+                with np.errstate(invalid="ignore", over="ignore"):
+                    trainer.initialize(X, random_state, self.decoder_bias_init, replicas)
                 self._warn_about_shape(X, trainer, replicas, rows=False)
                 _warn_small_first_call(X.shape[0])
                 self.n_iter_ = 0

@@ -668,6 +668,19 @@ def test_a_bad_value_is_refused_without_a_numpy_warning_first(X, value):
             small_sae().fit(bad)
 
 
+@pytest.mark.parametrize("method", ["fit", "partial_fit"])
+def test_values_near_float32_s_largest_give_no_numpy_warning(X, method):
+    # partial_fit's set-up let numpy's "overflow encountered in matmul" out,
+    # where fit's kept it in.
+    big = np.random.RandomState(0).rand(500, 8).astype(np.float32)
+    big[5, 5] = 1e30
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        getattr(SparseAutoencoderDictionary(n_components=16, max_steps=50, random_state=0),
+                method)(big)
+    assert not [w for w in caught if w.category is RuntimeWarning]
+
+
 def test_the_value_scan_runs_beside_the_set_up_and_refuses_before_any_step(monkeypatch):
     # The scan of X's values runs in its own thread while the model is made
     # and initialised; a bad value still stops the fit before its first step.
