@@ -139,6 +139,25 @@ def _newer_than_this(version):
         return False
 
 
+# The rows over which a stream of partial_fit calls counts firings, at least.
+_STREAM_FREQUENCY_ROWS = 8192
+
+
+def _count_with_earlier_calls(trainer, fired, rows):
+    """Add the earlier calls' firing counts to a short call's, fading as rows come in.
+
+    Each call counted its own rows only: after 118 calls of 256 rows, 49 of
+    256 features read as never firing that all fire, and after a one-row
+    call every frequency was 0 or 1. The earlier counts weigh ``1 - rows /
+    _STREAM_FREQUENCY_ROWS`` of this call's rows: about the latest
+    ``_STREAM_FREQUENCY_ROWS`` rows are counted, recent ones most.
+    """
+    keep = max(0.0, 1.0 - trainer.pass_rows / _STREAM_FREQUENCY_ROWS)
+    if keep > 0 and rows > 0:
+        trainer.pass_fired = trainer.pass_fired + keep * fired
+        trainer.pass_rows = trainer.pass_rows + keep * rows
+
+
 def _loads_back(folder):
     """Load a staged folder as :meth:`SparseAutoencoderDictionary.load` would, quietly."""
     with warnings.catch_warnings():
@@ -1182,9 +1201,11 @@ class SparseAutoencoderDictionary(
         last pass; when a step budget ended the run inside a pass, over that
         partial pass and the whole pass before it, so that a full pass's
         worth of rows (or all that training saw) is counted. A feature at 0
-        is dead. NaN (unknown) for a dictionary read by :meth:`from_saelens`
-        from a folder without ``sparsity.safetensors``, until a
-        :meth:`partial_fit`.
+        is dead. After :meth:`partial_fit`, over the rows of the calls so
+        far, about the latest 8,192 (earlier calls' counts fade as a call's
+        rows come in). NaN (unknown) for a dictionary read by
+        :meth:`from_saelens` from a folder without ``sparsity.safetensors``,
+        until a :meth:`partial_fit`.
     n_resampled_ : int
         Number of dead-feature restarts so far.
     n_features_in_ : int
@@ -1492,8 +1513,10 @@ class SparseAutoencoderDictionary(
                 # that explained 0.60 of held-out rows instead of 0.96).
                 resample_until=trainer.step + int(0.7 * call_steps),
             )
+            earlier = trainer.pass_fired.copy(), trainer.pass_rows
             self._train(trainer, X, config, random_state, call_steps,
                         n_passes=1, replicas=replicas, epoch_offset=self.n_iter_)
+            _count_with_earlier_calls(trainer, *earlier)
             self._finish(trainer, X, config, random_state, assess=False, replicas=replicas,
                          new_rows=not first_call)
             self.n_iter_ += 1

@@ -450,6 +450,25 @@ def test_partial_fit_calls_of_a_few_batches_still_resample():
     assert ((sae.transform(X) > 0).sum(axis=0)[:16] > 0).sum() >= 12
 
 
+def test_a_stream_s_frequencies_count_more_than_its_last_call():
+    # Each call counted its own rows: after a one-row call every frequency
+    # was 0 or 1, and after calls of 256 rows features that fire read 0.
+    X, _, _ = make_superposition(n_samples=6000, n_features=16, n_components=48, n_active=3,
+                                 random_state=0, dtype=np.float32)
+    sae = small_sae(n_components=64, activation="topk", k=3, batch_size=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for start in range(0, 5120, 256):
+            sae.partial_fit(X[start:start + 256])
+        sae.partial_fit(X[5120:5121])
+    frequencies = sae.feature_frequencies_
+    assert np.all((frequencies >= 0) & (frequencies <= 1))
+    assert np.count_nonzero((frequencies > 0) & (frequencies < 1)) >= 32
+    fired = (sae.transform(X[:5120]) > 0).mean(axis=0)
+    # Over the stream's latest rows: close to the firing on those rows.
+    assert np.abs(frequencies - fired).mean() < 0.02
+
+
 def test_training_after_load_keeps_the_record(tmp_path):
     # The loaded dictionary's trainer started its history and its count of
     # restarts empty: after one partial_fit, history_ held that call's steps
