@@ -1051,8 +1051,11 @@ class SparseAutoencoderDictionary(
         settles only as the penalty takes effect (measured on synthetic
         generators and transformer activations; see the user guide).
     max_steps : int, default=None
-        An optional budget of training steps; training stops at whichever of
-        ``max_iter`` and ``max_steps`` comes first.
+        A budget of training steps for :meth:`fit`: with ``max_iter`` set,
+        training stops at whichever comes first; with ``max_iter=None``,
+        it replaces the default budget (it may be longer). A
+        :meth:`partial_fit` call makes one pass over its rows, whatever it
+        says.
     warmup_fraction : float, default=0.05
         Fraction of the steps over which the learning rate and the sparsity
         coefficient ramp up linearly from zero (``partial_fit``: the first
@@ -1069,12 +1072,13 @@ class SparseAutoencoderDictionary(
     resample_interval : int, default=None
         Steps between checks for dead features; a feature that fired on no
         row during the last interval is resampled (and, for AuxK, counts as
-        dead). ``None``: a tenth of the run in ``fit`` (at least 50 steps,
-        and never in the last 30% of the run), 1000 steps in ``partial_fit``
-        (never in the last 30% of a call's steps either, so that restarted
-        features train before the call returns: a call of one batch never
+        dead). ``None``: a tenth of the run in ``fit`` (at least 50 steps),
+        1000 steps in ``partial_fit``. Set or not, never in the last 30% of
+        a ``fit`` or of a ``partial_fit`` call's steps, so that restarted
+        features train before it returns: a check falling there waits for
+        the next call's first allowed step, a call of one batch never
         resamples, and at most one feature restarts on each of a call's
-        inputs).
+        inputs.
     decoder_bias_init : {"geometric_median", "mean", "zeros"}, default="geometric_median"
         How the decoder bias starts.
     dict_init : array-like of shape (n_components, n_features), default=None
@@ -1201,12 +1205,15 @@ class SparseAutoencoderDictionary(
         Training steps done.
     loss_curve_ : ndarray of shape (n_steps_,)
         The loss at every step (in scaled units): reconstruction error plus
-        the sparsity penalty; AuxK's term is apart, in ``history_["auxk"]``.
+        the sparsity penalty, with the coefficient as it was at that step
+        (ramped up over the warm-up); AuxK's term is apart, in
+        ``history_["auxk"]``.
     history_ : dict of ndarray
         ``"loss"``, ``"mse"``, ``"l1"``, ``"l0"`` and ``"auxk"`` at every step
-        (training batches, scaled units; ``"auxk"`` is the share of the
-        residual's power that the dead features leave unexplained, 0 while
-        none is dead).
+        (training batches, scaled units; ``"auxk"`` is the dead features'
+        error on the live features' residual relative to the previous
+        step's mean squared error, which can exceed 1, and 0 while none is
+        dead).
     train_l0_ : float
         Mean L0 over the last tenth of the training steps.
     transform_l0_ : float
@@ -1367,6 +1374,12 @@ class SparseAutoencoderDictionary(
     @_trains
     def fit(self, X, y=None, provenance=None):
         """Learn the dictionary and the encoder from ``X``.
+
+        A fit that fails or is interrupted (an error, a divergence, Ctrl-C)
+        leaves the estimator as it was before the call, its training
+        discarded; to keep what an interrupted run had learnt, stop it from
+        ``callback`` (which keeps the result) or train in :meth:`partial_fit`
+        calls.
 
         Parameters
         ----------
