@@ -1811,7 +1811,7 @@ def test_the_few_rows_warning_says_new_rows_code_denser(activation):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sae.fit(X[:200])
-    few = [str(w.message) for w in caught if "rows an atom" in str(w.message)]
+    few = [str(w.message) for w in caught if "can memorise them" in str(w.message)]
     assert len(few) == 1
     assert ("New rows also code denser than these" in few[0]) == (activation == "batchtopk")
     if activation == "batchtopk":

@@ -56,8 +56,16 @@ def test_schedule_warmup_and_decay():
 
 def test_resampling_schedule():
     config = TrainConfig(resample_interval=10, resample_until=35)
-    due = [s for s in range(60) if config.resample_due(s)]
+    due, checked = [], 0
+    for step in range(60):
+        if config.resample_due(step, checked):
+            due.append(step)
+            checked = step + 1
     assert due == [9, 19, 29]
+    # A check that falls where none may run (a partial_fit call's last 30%)
+    # is made at the first step allowed after: the next call's first.
+    assert not TrainConfig(resample_interval=10, resample_until=5).resample_due(9, 0)
+    assert TrainConfig(resample_interval=10, resample_until=17).resample_due(12, 0)
     assert not any(TrainConfig(resample_dead=False).resample_due(s) for s in range(5000))
 
 

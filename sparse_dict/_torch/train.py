@@ -433,12 +433,10 @@ def _dominant_rows(spread):
     return DominantRows(k, n, share, rest)
 
 
-# Rows of the initial sample whose repeats are counted (a product and a sort
-# of this many numbers: one or two milliseconds). All of it: from 1,024 rows,
-# counts with a long tail of rare rows (bag-of-words counts) read as about
-# 3,400 distinct rows among 48,000 or 200,000, of 11,456 and 37,316; from
-# 8,192, 14,064 and 15,491 (either is then ample for 256 atoms).
-_DISTINCT_PROBE_ROWS = 8192
+# Rows of the initial sample that are looked at for repeats first (a product
+# and a sort of this many numbers: about a millisecond); where they repeat,
+# all of the sample is counted (_distinct_rows).
+_DISTINCT_PROBE_ROWS = 1024
 # Fewer distinct rows than this share of the probe: X repeats its rows.
 _REPEATED_SHARE = 0.9
 
@@ -496,22 +494,37 @@ def _distinct_rows(sample, n_samples):
     # The difference of two nearby floats is exact, and equal rows stay
     # equal, in float64 as in float32, where rows near float32's largest
     # values overflowed (2,000 distinct rows read as 2).
-    m = min(len(sample), _DISTINCT_PROBE_ROWS)
-    if m < 2:
+    if len(sample) < 2:
         return None
     # Rows drawn across the sample, which is in X's order: its first rows
     # come from the start of X only, and the estimate assumes uniform draws
     # (X repeated row by row read as 643 distinct rows among 4,000; X
     # repeated block by block showed no repeats at all).
-    chosen = np.random.RandomState(0).choice(len(sample), m, replace=False)
-    probe = sample[chosen].astype(np.float64)
-    probe -= probe[0].copy()
+    chosen = np.random.RandomState(0).choice(len(sample), len(sample), replace=False)
+    first = sample[chosen[0]].astype(np.float64)
     # Each row projected on a fixed random direction: far cheaper than
     # sorting the rows' bytes. Distinct rows practically never project
     # alike; equal rows do, up to the rounding of a product that could sum
     # two positions differently, which would only hide a few repeats.
-    direction = np.random.RandomState(0).standard_normal(probe.shape[1])
-    counts = np.unique(probe @ direction, return_counts=True)[1]
+    direction = np.random.RandomState(0).standard_normal(sample.shape[1])
+    # A first look at a few rows, one product (a millisecond): most data
+    # shows no repeats there, and is done.
+    m = min(len(sample), _DISTINCT_PROBE_ROWS)
+    probe = (sample[chosen[:m]].astype(np.float64) - first) @ direction
+    if len(np.unique(probe)) >= _REPEATED_SHARE * m:
+        return None
+    # Then all of the sample, in blocks: a float64 copy of all its rows at
+    # once would be twice the sample (50 MB at d=768), and each row's sum is
+    # reduced alike wherever it lies in its block (a product's kernels sum
+    # by position: copies in two blocks projected apart). From 1,024 rows,
+    # counts with a long tail of rare rows (bag-of-words counts) read as
+    # about 3,400 distinct rows among 48,000 or 200,000, of 11,456 and
+    # 37,316; from 8,192, 14,064 and 15,491 (ample for 256 atoms).
+    m = len(chosen)
+    projections = np.concatenate([
+        ((sample[block].astype(np.float64) - first) * direction).sum(axis=1)
+        for block in np.array_split(chosen, max(1, m // 1024))])
+    counts = np.unique(projections, return_counts=True)[1]
     seen = len(counts)
     if seen >= _REPEATED_SHARE * m:
         return None
@@ -2085,7 +2098,11 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
             f"{config.learning_rate:g}), for example by a factor of 3.",
         ))
         return problems
-    if judged and lowest > _BARELY_MOVED * means[0] and end > _STILL_LARGE * mean_error:
+    # Flat: never far below its start, nor above it (a rise and a fall back,
+    # or a rise to the end, is said otherwise).
+    flat = lowest > _BARELY_MOVED * means[0] and float(np.nanmax(means)) * _BARELY_MOVED \
+        <= means[0]
+    if judged and flat and not problems and end > _STILL_LARGE * mean_error:
         # Below the "fall worth telling" of the rules next: a TopK fit at
         # learning_rate 1e-6 went from 10.09 to 10.03 in 3,000 steps (a
         # held-out EV of 0.37, against 0.91 at the default) and was taken for
