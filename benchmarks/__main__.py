@@ -141,24 +141,24 @@ def _is_section(path):
     return "wall_s" in (_json_object(path) or {})
 
 
-def _is_markdown(path):
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.read(64).startswith("# sparse_dict benchmarks")
-    except OSError:
-        return False
+def _starts_with(prefix):
+    """A recogniser of text files that start with ``prefix``."""
+    def recognise(path):
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                return fh.read(len(prefix)) == prefix
+        except OSError:
+            return False
+
+    return recognise
+
+
+_is_markdown = _starts_with("# sparse_dict benchmarks")
+_is_gpu_profile = _starts_with("torch.profiler:")
 
 
 def _is_gpu_partial(path):
     return "sizes" in (_json_object(path) or {})
-
-
-def _is_gpu_profile(path):
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.read(16).startswith("torch.profiler:")
-    except OSError:
-        return False
 
 
 def _foreign_outputs(out, sections):
