@@ -736,7 +736,7 @@ def _keep_mode_of(empty, tmp):
         return  # nothing there (the usual case), or nothing to read
     if not stat.S_ISDIR(st.st_mode):
         return
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, AttributeError):  # no os.chown on Windows
         os.chown(tmp, -1, st.st_gid)  # a group the user is not in is refused
     with contextlib.suppress(OSError):
         os.chmod(tmp, stat.S_IMODE(st.st_mode))
