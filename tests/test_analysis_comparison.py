@@ -284,3 +284,17 @@ def test_bad_activations_are_refused():
         feature_splitting(small_coder, large_coder, X=X[0])
     with pytest.raises(ValueError, match="X has no rows"):
         feature_splitting(small_coder, large_coder, X=X[:0])
+
+
+def test_atoms_of_norm_0_are_named_when_matched():
+    # An all-zero atom was matched at cosine 0 and pulled the mean
+    # similarity down without a word.
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((6, 4)), rng.standard_normal((6, 4))
+    a[2] = 0.0
+    with pytest.warns(UserWarning, match=r"a has 1 atom\(s\) of norm 0 \(rows \[2\]\)") as record:
+        dictionary_similarity(a, b)
+    assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dictionary_similarity(b, b)

@@ -341,6 +341,17 @@ def test_strength_zero_reproduces_plain_generation(ext, sae):
         assert text == loaded.tokenizer.decode(want)
     # Steering hard changes the continuation.
     assert steer(ext, sae, prompts[:1], feature=3, strength=30.0, max_new_tokens=10) != got[:1]
+    # A numpy or torch scalar is a number (torch's was called not finite),
+    # and one text is a list of one, in steering_distributions as in steer.
+    import torch
+
+    for scalar in (np.float32(30.0), torch.tensor(30.0)):
+        assert steer(ext, sae, prompts[:1], feature=3, strength=scalar,
+                     max_new_tokens=10) == steer(ext, sae, prompts[:1], feature=3,
+                                                 strength=30.0, max_new_tokens=10)
+    one = steering_distributions(ext, sae, prompts[0], 3, 2.0)
+    listed = steering_distributions(ext, sae, prompts[:1], 3, 2.0)
+    np.testing.assert_array_equal(one.steered, listed.steered)
 
 
 def test_a_long_prompt_is_continued_from_its_end(ext, sae, texts):

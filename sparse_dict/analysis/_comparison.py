@@ -18,6 +18,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils import check_array
 
 from sparse_dict import metrics
+from sparse_dict._warn import warn_at_caller
 
 # The cosine matrix of two dictionaries, zero atoms at cosine 0: the same
 # helper the metrics' matchings use, so that every comparison agrees.
@@ -83,6 +84,14 @@ def _atom_pair(a, b, names=("a", "b")):
             f"{B.shape[1]}; dictionaries can only be compared when they were learned on "
             "activations of the same width (n_features)."
         )
+    for atoms, name in ((A, names[0]), (B, names[1])):
+        empty = np.flatnonzero(~np.any(atoms, axis=1))
+        if empty.size:
+            # They have no direction: matched at cosine 0, they pull the
+            # mean similarity down without a word (as logit_effects warns).
+            warn_at_caller(
+                f"{name} has {empty.size} atom(s) of norm 0 (rows {empty[:20].tolist()}): "
+                "they point nowhere, and are matched at cosine 0.", UserWarning)
     return A, B
 
 

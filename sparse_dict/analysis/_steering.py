@@ -77,6 +77,10 @@ class SteeringDistributions:
 
 
 def _check_number(value, name, minimum=None):
+    if getattr(value, "ndim", None) == 0 and getattr(value, "dtype", None) is not None \
+            and not isinstance(value, bool):
+        # A numpy or torch scalar (torch.tensor(1.0) was called not finite).
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, Real) or not np.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}.")
     if minimum is not None and value < minimum:
@@ -346,7 +350,7 @@ def steering_distributions(extractor, sae, texts, feature, strength, *, clamp=No
     ----------
     extractor : TransformerActivationExtractor
     sae : fitted dictionary
-    texts : list of str
+    texts : str or list of str
     feature : int or None
     strength : float
     clamp : float or None, default=None
@@ -383,6 +387,7 @@ def steering_distributions(extractor, sae, texts, feature, strength, *, clamp=No
     if positions not in ("last", "all"):
         raise ValueError(f"positions must be 'last' or 'all', got {positions!r}.")
     extractor, edit = _edit(extractor, sae, feature, strength, clamp, direction)
+    texts = [texts] if isinstance(texts, str) else texts  # as steer takes it
     texts, _ = _check_texts(texts)
     loaded = extractor.loaded_model()
     # The next token after a long text follows its last max_length tokens.
