@@ -379,9 +379,15 @@ def cmd_steer(args):
     dictionary = _load_dictionary(args.dictionary, args.device)
     if args.strength is None and args.clamp is None:
         raise CLIError("give --strength (add the feature's atom) or --clamp (set its code)")
+    if args.clamp is not None and args.strength not in (None, 0.0):
+        raise CLIError("--clamp sets the feature's code and --strength adds its atom: give "
+                       "one of them")
     strength = 0.0 if args.strength is None else args.strength
     extractor = _fitted_extractor(args, dictionary, args.texts[:1])
-    common = dict(max_new_tokens=args.max_new_tokens, random_state=args.seed,
+    # One seed for both runs, drawn where none is given: with a seed each
+    # (--seed none), sampled continuations differed at strength 0, by chance.
+    seed = args.seed if args.seed is not None else int(np.random.randint(2**31))
+    common = dict(max_new_tokens=args.max_new_tokens, random_state=seed,
                   temperature=args.temperature)
     steered = steer(extractor, dictionary, args.texts, args.feature, strength,
                     clamp=args.clamp, **common)
@@ -439,7 +445,7 @@ _non_negative_float = _number(float, 0, strict=False)
 
 
 def _add_common(p):
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages (warnings are still shown, one line each)")
     p.add_argument(
         "--threads", type=_positive_int, default=None,
         help="CPU threads for torch and for numpy/scikit-learn's math; fewer "
@@ -775,7 +781,8 @@ def build_parser(command=None):
     p.add_argument("--temperature", type=_non_negative_float, default=0.0,
                    help="0 generates greedily; above 0 samples (default: 0)")
     p.add_argument("--seed", type=_seed, default=0,
-                   help="seed of the sampling with --temperature (default: 0)")
+                   help="seed of the sampling with --temperature, the same for the runs with "
+                   "and without steering; 'none' draws one (default: 0)")
     p.add_argument("--top-tokens", type=_positive_int, default=8,
                    help="promoted and suppressed tokens shown (default: 8)")
     _add_extraction(p, from_provenance=True, split=False)

@@ -695,6 +695,18 @@ def test_cli_extract_fit_steer_report(tmp_path, capsys):
     plain = out.split("without steering: ")[1].splitlines()[0]
     steered = out.split("with steering:    ")[1].splitlines()[0]
     assert plain != steered
+    # Sampled with --seed none, the two runs share one drawn seed: at
+    # strength 0 they gave two different continuations, by chance.
+    capsys.readouterr()
+    assert main(["steer", str(folder), "--feature", "5", "--strength", "0", "My lord, I",
+                 "--temperature", "1", "--seed", "none", "--max-new-tokens", "8", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert out.split("without steering: ")[1].splitlines()[0] == \
+        out.split("with steering:    ")[1].splitlines()[0]
+    assert main(["steer", str(folder), "--feature", "5", "--strength", "1", "--clamp", "2",
+                 "x"]) == 2
+    assert "--clamp sets the feature's code and --strength adds its atom" in \
+        capsys.readouterr().err
     # A hook other than the provenance's is refused in one line.
     assert main(["steer", str(folder), "--feature", "5", "--strength", "3", "x",
                  "--hook", "resid_post"]) == 2
