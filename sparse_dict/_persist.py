@@ -1274,7 +1274,8 @@ def read_tensors(file, schema):
         tensors = load_file(str(file))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own and numpy's errors
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise _bad(file, f"not a readable safetensors file ({first}){_pickle_note(file)}") from None
+        raise _bad(file, f"not a readable safetensors file ({first})"
+                         f"{_pickle_note(file)}") from None
     for name in tensors:
         if name not in schema:
             raise _bad(file, f"unexpected tensor {name!r}")

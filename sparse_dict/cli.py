@@ -445,7 +445,8 @@ _non_negative_float = _number(float, 0, strict=False)
 
 
 def _add_common(p):
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages (warnings are still shown, one line each)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars or messages (warnings are still shown, one line each)")
     p.add_argument(
         "--threads", type=_positive_int, default=None,
         help="CPU threads for torch and for numpy/scikit-learn's math; fewer "

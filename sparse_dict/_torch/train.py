@@ -244,7 +244,7 @@ class TrainConfig:
         return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
 
     def resample_due(self, step, checked=0):
-        """Whether step ``step`` checks for dead features, the last check having ended at ``checked``.
+        """Whether step ``step`` checks for dead features; the last check ended at ``checked``.
 
         A check is due an interval after the last one, at the first step
         allowed: ``partial_fit`` calls of 2, 4 or 8 batches put every
@@ -1624,9 +1624,9 @@ class Trainer:
             raise DivergenceError(
                 f"Training diverged: the {what} became NaN or infinite at step {step}. "
                 f"The largest {dominant.n_rows:,} of {dominant.n_sampled:,} rows sampled "
-                f"from X hold all but {1 - dominant.share:.2g} of its spread: rows that far beyond the "
-                "others overflow the arithmetic whatever the learning rate. Remove or clip "
-                "them (they are likely corrupted).")
+                f"from X hold all but {1 - dominant.share:.2g} of its spread: rows that far "
+                "beyond the others overflow the arithmetic whatever the learning rate. Remove "
+                "or clip them (they are likely corrupted).")
         raise DivergenceError(
             f"Training diverged: the {what} became NaN or infinite at step {step}. "
             "Lower learning_rate (for example by a factor of 10), or lower the "
