@@ -9,6 +9,7 @@ scikit-learn's ``MiniBatchDictionaryLearning``) or arrays of atoms of shape
 matchings of :mod:`sparse_dict.metrics`.
 """
 
+import warnings
 from numbers import Integral, Real
 from typing import NamedTuple
 
@@ -18,7 +19,6 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils import check_array
 
 from sparse_dict import metrics
-from sparse_dict._warn import warn_at_caller
 
 # The cosine matrix of two dictionaries, zero atoms at cosine 0: the same
 # helper the metrics' matchings use, so that every comparison agrees.
@@ -76,7 +76,8 @@ def _atoms(dictionary, name):
     return check_array(atoms, dtype=(np.float64, np.float32), input_name=name)
 
 
-def _atom_pair(a, b, names=("a", "b")):
+def _atom_pair(a, b, names=("a", "b"), stacklevel=3):
+    """The two dictionaries' atoms, checked; ``stacklevel``: the public caller's caller."""
     A, B = _atoms(a, names[0]), _atoms(b, names[1])
     if A.shape[1] != B.shape[1]:
         raise ValueError(
@@ -89,9 +90,10 @@ def _atom_pair(a, b, names=("a", "b")):
         if empty.size:
             # They have no direction: matched at cosine 0, they pull the
             # mean similarity down without a word (as logit_effects warns).
-            warn_at_caller(
+            warnings.warn(
                 f"{name} has {empty.size} atom(s) of norm 0 (rows {empty[:20].tolist()}): "
-                "they point nowhere, and are matched at cosine 0.", UserWarning)
+                "they point nowhere, and are matched at cosine 0.", UserWarning,
+                stacklevel=stacklevel)
     return A, B
 
 
@@ -156,7 +158,12 @@ def match_features(a, b, method="hungarian"):
     >>> similarities.round(3)
     array([1.  , 0.11])
     """
-    A, B = _atom_pair(a, b)
+    return _match_features(a, b, method)
+
+
+def _match_features(a, b, method):
+    """:func:`match_features`, two calls below the public function's caller."""
+    A, B = _atom_pair(a, b, stacklevel=4)
     _check_method(method)
     if method == "max":
         # best_matches finds, for each atom of its second argument, the best
@@ -212,7 +219,7 @@ def dictionary_similarity(a, b, method="hungarian"):
     >>> dictionary_similarity(atoms, other) < 0.5
     True
     """
-    similarities = match_features(a, b, method=method).similarities
+    similarities = _match_features(a, b, method).similarities
     return float(np.mean(similarities[np.isfinite(similarities)]))
 
 
