@@ -596,9 +596,8 @@ def _temporary_stem(path):
     if len(os.fsencode(suffix)) > 16:
         suffix = ""
     digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
-    head = name
-    while len(os.fsencode(head)) > _NAME_IN_TEMPORARY - 13:
-        head = head[:-1]
+    # Cut as bytes, less a character cut in two.
+    head = os.fsencode(name)[:_NAME_IN_TEMPORARY - 13].decode("utf-8", "ignore")
     return f"{head}~{digest}", suffix
 
 

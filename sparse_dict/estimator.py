@@ -10,7 +10,6 @@ import contextlib
 import functools
 import json
 import math
-import re
 import warnings
 import zlib
 from numbers import Integral, Real
@@ -128,34 +127,10 @@ def _saved_tensor_schema(fitted_names, n_components, n_features, dtype, history_
 
 def _newer_than_this(version):
     """Whether the release string ``version`` is later than this package's (False if unknown)."""
-    from sparse_dict._version import __version__
+    from sparse_dict._version import __version__, version_tuple
 
-    def parts(text):
-        return tuple(int(p) for p in re.findall(r"\d+", text.split("+")[0])[:3])
-
-    try:
-        return isinstance(version, str) and parts(version) > parts(__version__)
-    except ValueError:
-        return False
-
-
-# The rows over which a stream of partial_fit calls counts firings, at least.
-_STREAM_FREQUENCY_ROWS = 8192
-
-
-def _count_with_earlier_calls(trainer, fired, rows):
-    """Add the earlier calls' firing counts to a short call's, fading as rows come in.
-
-    Each call counted its own rows only: after 118 calls of 256 rows, 49 of
-    256 features read as never firing that all fire, and after a one-row
-    call every frequency was 0 or 1. The earlier counts weigh ``1 - rows /
-    _STREAM_FREQUENCY_ROWS`` of this call's rows: about the latest
-    ``_STREAM_FREQUENCY_ROWS`` rows are counted, recent ones most.
-    """
-    keep = max(0.0, 1.0 - trainer.pass_rows / _STREAM_FREQUENCY_ROWS)
-    if keep > 0 and rows > 0:
-        trainer.pass_fired = trainer.pass_fired + keep * fired
-        trainer.pass_rows = trainer.pass_rows + keep * rows
+    theirs = version_tuple(version) if isinstance(version, str) else None
+    return theirs is not None and theirs > version_tuple(__version__)
 
 
 def _loads_back(folder):
@@ -563,6 +538,11 @@ def _warn_float32_rounding(X):
             UserWarning)
 
 
+def _rows_to_learn_from(n_samples, distinct):
+    """X's rows as the few-rows rules count them: its distinct ones where it repeats them."""
+    return n_samples if distinct is None else min(distinct, n_samples)
+
+
 def _few_rows_caveat(n_samples, n_components, distinct=None):
     """What to add to advice to train longer where the rows are few for the atoms ("" if not).
 
@@ -571,7 +551,7 @@ def _few_rows_caveat(n_samples, n_components, distinct=None):
     from 0.18 to -0.60): on too few rows the loss keeps falling as the
     atoms memorise them.
     """
-    rows = n_samples if distinct is None else min(distinct, n_samples)
+    rows = _rows_to_learn_from(n_samples, distinct)
     if rows >= _MIN_ROWS_PER_ATOM * n_components:
         return ""
     return (f" But with {_per_atom(rows, n_components)} rows an atom (see the warning on few "
@@ -619,7 +599,7 @@ def _warn_few_rows(n_samples, n_components, distinct=None, fixed_l0=False):
         rows = (f"X has {n_samples:,} rows for {n_components:,} atoms "
                 f"({_per_atom(n_samples, n_components)} rows an atom)")
         least = f"{_MIN_ROWS_PER_ATOM} rows an atom"
-    rows_per_atom = (n_samples if distinct is None else distinct) / n_components
+    rows_per_atom = _rows_to_learn_from(n_samples, distinct) / n_components
     # Measured (2026-11-27) with the defaults on superpositions and random
     # ReLU-MLP activations of 100 features: 240 training rows for the 400
     # atoms of n_components=None explained -2.0 to -0.1 of held-out rows
@@ -1546,7 +1526,7 @@ class SparseAutoencoderDictionary(
             earlier = trainer.pass_fired.copy(), trainer.pass_rows
             self._train(trainer, X, config, random_state, call_steps,
                         n_passes=1, replicas=replicas, epoch_offset=self.n_iter_)
-            _count_with_earlier_calls(trainer, *earlier)
+            trainer.carry_counts_(*earlier)
             self._finish(trainer, X, config, random_state, assess=False, replicas=replicas,
                          new_rows=not first_call)
             self.n_iter_ += 1
@@ -1968,9 +1948,14 @@ class SparseAutoencoderDictionary(
                 # goes on from them too, as scikit-learn's partial_fit goes
                 # on from components_; Adam starts afresh, as after load.
                 trainer.load_parameters_(params, self.scale_)
-            if changed:
-                trainer.model.activation.settings_changed_(trainer.model)
-            return trainer
+        else:
+            trainer = self._trainer_from_attributes(params, activation)
+        if changed:
+            trainer.model.activation.settings_changed_(trainer.model)
+        return trainer
+
+    def _trainer_from_attributes(self, params, activation):
+        """A trainer that goes on from the fitted attributes, its record included."""
         # A dictionary loaded from disk has no optimiser state: continue
         # from its parameters with a fresh Adam.
         seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
@@ -1985,8 +1970,6 @@ class SparseAutoencoderDictionary(
             trainer.history = self._history_array().astype(np.float64)
             trainer.history_rows = np.full(len(trainer.history), float(self.batch_size))
         trainer.n_resampled = int(getattr(self, "n_resampled_", 0))
-        if changed:
-            trainer.model.activation.settings_changed_(trainer.model)
         return trainer
 
     def _check_fitted_shapes(self, params):

@@ -47,12 +47,12 @@ reads a value at that floor as 0.
 """
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
 from sparse_dict import _persist
+from sparse_dict._version import version_tuple
 from sparse_dict._warn import warn_at_caller
 
 __all__ = ["SAELENS_FOLDER", "check_provenance", "is_saelens_folder", "read_saelens",
@@ -162,11 +162,6 @@ def is_saelens_folder(path):
     return path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
-def _version_tuple(text):
-    parts = re.findall(r"\d+", str(text))[:3]
-    return tuple(int(p) for p in parts) if parts else None
-
-
 def _check_bool(config, key, file, default=None):
     if key not in config and default is not None:
         return default
@@ -218,7 +213,7 @@ def _read_config(path):
     if isinstance(metadata, dict):
         version = metadata.get("sae_lens_version")
     version = version or config.get("sae_lens_version")
-    parsed = _version_tuple(version) if isinstance(version, str) else None
+    parsed = version_tuple(version) if isinstance(version, str) else None
     if parsed is None or parsed[0] < 6:
         raise ValueError(
             f"{file}: written by SAELens {version or 'before 6.0'} (field "

@@ -394,6 +394,9 @@ class DominantRows:
     rest_spread: float
 
 
+# The rows over which a stream of partial_fit calls counts firings, at least
+# (Trainer.carry_counts_).
+_STREAM_FREQUENCY_ROWS = 8192
 # Outsized rows that hold more than this share of the spread are blamed for
 # a divergence (1 - 1e-9: a row 1e4.5 times the others' norm among 1e4).
 _OVERFLOWING_SHARE = 1 - 1e-9
@@ -537,8 +540,6 @@ def _distinct_rows(sample, n_samples):
     # them one repeated row, as about 2,130 distinct, of 31,784).
     once, twice = int(np.sum(counts == 1)), int(np.sum(counts == 2))
     chao = seen + once * (once - 1) / (2.0 * (twice + 1))
-    if chao >= _REPEATED_SHARE * n_samples:
-        return None
     low, high = float(seen), float(n_samples)
     for _ in range(60):
         mid = 0.5 * (low + high)
@@ -1183,6 +1184,20 @@ class Trainer:
             self.pass_rows += full_pass[1]
         return full_pass
 
+    def carry_counts_(self, fired, rows):
+        """Add earlier ``partial_fit`` calls' firing counts to this call's, fading as rows come in.
+
+        Each call counted its own rows only: after 118 calls of 256 rows, 49
+        of 256 features read as never firing that all fire, and after a
+        one-row call every frequency was 0 or 1. The earlier counts weigh
+        ``1 - rows / _STREAM_FREQUENCY_ROWS`` of this call's rows: about the
+        latest ``_STREAM_FREQUENCY_ROWS`` rows are counted, recent ones most.
+        """
+        keep = max(0.0, 1.0 - self.pass_rows / _STREAM_FREQUENCY_ROWS)
+        if keep > 0 and rows > 0:
+            self.pass_fired = self.pass_fired + keep * fired
+            self.pass_rows = self.pass_rows + keep * rows
+
     def _parameter_digest(self):
         """One float64 sum per parameter and buffer: equal on ranks that agree."""
         return [float(t.detach().double().sum())
@@ -1226,6 +1241,10 @@ class Trainer:
         params = list(model.parameters())
         fired_total = torch.zeros(n_components, dtype=torch.float64, device=device)
         stats_list, rows_list, pool = [], [], []
+        if not hasattr(self, "resample_checked"):
+            # A pickle of a trainer older than the record: it checked at
+            # multiples of the interval.
+            self.resample_checked = self.step - self.step % max(config.resample_interval, 1)
         pool_rows, rows_in_pool = max(8192, config.batch_size), 0
         # The last in-pass finiteness check, read at the next (_check_finite_late).
         self._finite_check = None
@@ -1276,10 +1295,7 @@ class Trainer:
                 rows_in_pool += n_rows
                 while rows_in_pool - pool[0][1] >= pool_rows:
                     rows_in_pool -= pool.pop(0)[1]
-            # Pickles of trainers older than the record checked at multiples.
-            checked = getattr(self, "resample_checked",
-                              self.step - self.step % max(config.resample_interval, 1))
-            if config.resample_due(self.step, checked):
+            if config.resample_due(self.step, self.resample_checked):
                 self._resample(pool, config.resample_interval, replicas)
                 self.resample_checked = self.step + 1
                 # Drawn from: a check soon after (in a call that started

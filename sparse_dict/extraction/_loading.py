@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparse_dict._version import version_tuple
+
 # Where the list of residual blocks lives in the model families we know:
 # the built-in model, BERT-likes, GPT-2, Llama/Mistral, GPT-NeoX, OPT/BART.
 _BLOCK_LIST_PATHS = (
@@ -335,9 +337,8 @@ def _float32_option(transformers):
     before; ``from_pretrained`` takes both through ``**kwargs``, so its
     signature cannot tell.
     """
-    major, minor = (int(re.match(r"\d*", part).group() or 0)
-                    for part in f"{transformers.__version__}.0".split(".")[:2])
-    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+    newer = (version_tuple(transformers.__version__) or (0,)) >= (4, 56)
+    return {"dtype" if newer else "torch_dtype": torch.float32}
 
 
 def _max_positions(model):
