@@ -96,6 +96,20 @@ def _float_dtypes(X):
     return np.float32 if getattr(X, "dtype", None) == np.float16 else _FLOAT_DTYPES
 
 
+def _typical_size(X):
+    """The median over rows of each row's largest absolute entry (1 when that is 0).
+
+    A median of maxima: no overflow for float32 values near their largest,
+    and a few outsized rows do not set it.
+    """
+    if X.size == 0:
+        return 1.0
+    size = float(np.median(np.abs(X).max(axis=1)))
+    if not np.isfinite(size) or size == 0:
+        size = float(np.abs(X).max())
+    return size if np.isfinite(size) and size > 0 else 1.0
+
+
 def _unit_atoms(atoms, gram):
     """``atoms`` of unit norm, their Gram matrix, and the codes' scale back; no
     scale where they are already within rounding of unit norm (as SAEs' are).
@@ -419,6 +433,13 @@ default="lasso_cd"
                 # float32 resolution: solve in float64, return X's dtype.
                 X = X.astype(np.float64)
                 atoms = self.components_.astype(np.float64)
+            # scikit-learn's LARS and OMP stop on absolute tolerances (LARS
+            # at alpha_min plus float32's eps, OMP at a squared correlation
+            # of float64's eps): rows of typical entries 1e-5 lost most of
+            # their codes, silently. The lasso is homogeneous, c(tX, t alpha)
+            # = t c(X, alpha), so the rows are solved at unit size.
+            size = _typical_size(X)
+            X = X / np.asarray(size, dtype=X.dtype)
             scale = None
             if self.algorithm == "omp":
                 # scikit-learn's OMP picks atoms by their raw correlation:
@@ -432,7 +453,7 @@ default="lasso_cd"
                 gram=None if gram is None else gram.astype(X.dtype, copy=False),
                 algorithm=self.algorithm,
                 n_nonzero_coefs=n_nonzero,
-                alpha=self.alpha,
+                alpha=self.alpha / size,
                 max_iter=self.transform_max_iter,
                 n_jobs=self.n_jobs,
                 check_input=False,
@@ -444,6 +465,7 @@ default="lasso_cd"
                 np.maximum(codes, 0, out=codes)
             if scale is not None:
                 codes = codes * scale.astype(codes.dtype)
+            codes *= np.asarray(size, dtype=codes.dtype)
         return codes.astype(dtype, copy=False)
 
     def inverse_transform(self, X):

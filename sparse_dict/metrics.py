@@ -145,8 +145,10 @@ def explained_variance(X, X_hat):
 
     ``1 - sum ||X - X_hat||^2 / sum ||X - mean(X, axis=0)||^2``, summed over
     all rows and features: the pooled definition used for sparse
-    autoencoders, which is scikit-learn's
-    ``r2_score(X, X_hat, multioutput="variance_weighted")``. Unlike
+    autoencoders. Where no column of ``X`` is constant it equals
+    scikit-learn's ``r2_score(X, X_hat, multioutput="variance_weighted")``;
+    a constant column (a dead neuron) differs: its errors count here, while
+    ``r2_score`` gives such columns no weight. Unlike
     scikit-learn's ``explained_variance_score``, it counts a constant bias
     of the reconstruction as error (that score forgives any offset, which a
     dictionary's reconstruction must get right too). Sums are accumulated
@@ -165,8 +167,8 @@ def explained_variance(X, X_hat):
         1.0 for a perfect reconstruction, 0.0 for predicting the column
         means, negative when worse than that. When ``X`` has no variance
         (for instance a single row) the score is 1.0 for a perfect
-        reconstruction and 0.0 otherwise, as in scikit-learn's ``r2_score``;
-        a reconstruction worse than the mean by more than float64 can hold
+        reconstruction and 0.0 otherwise (scikit-learn's ``r2_score`` gives
+        NaN for a single row); a reconstruction worse than the mean by more than float64 can hold
         scores ``-inf``.
 
     Examples

@@ -105,6 +105,25 @@ def test_omp_codes_scale_with_the_rows(superposition, scale):
                                rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("params", [dict(algorithm="lasso_lars", alpha=0.1),
+                                    dict(algorithm="lasso_lars", alpha=0.1, positive=False),
+                                    dict(algorithm="omp", positive=False, n_nonzero_coefs=5),
+                                    dict(algorithm="lasso_cd", alpha=0.1)])
+@pytest.mark.parametrize("scale", [1e-8, 1e-5, 1e6])
+def test_solver_codes_scale_with_the_rows_and_alpha(superposition, params, scale):
+    # scikit-learn's LARS and signed OMP stop on absolute tolerances: at rows
+    # of 1e-8 LARS coded nothing and signed OMP stopped early ("OMP ended
+    # prematurely"). The lasso is homogeneous: c(tX, t alpha) = t c(X, alpha).
+    X, true_atoms, _ = superposition
+    rows = X[:30]
+    coder = LassoCoder(true_atoms, **params).fit(X)
+    codes = coder.transform(rows)
+    assert np.count_nonzero(codes) > rows.shape[0]
+    scaled = coder.set_params(alpha=params.get("alpha", 1.0) * scale).transform(rows * scale)
+    np.testing.assert_allclose(scaled / scale, codes, rtol=1e-4,
+                               atol=1e-5 * np.abs(codes).max())
+
+
 @pytest.mark.parametrize("positive", [True, False])
 def test_omp_chooses_atoms_by_direction_whatever_their_norms(positive):
     # Greedy selection by raw correlation let long atoms win: atoms of norms

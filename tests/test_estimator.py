@@ -1700,6 +1700,7 @@ def test_the_default_transform_alpha_codes_alike_at_any_scale(X, algorithm):
     # 1.0 in X's units coded data of scale 100 with half the atoms and data
     # of scale 0.01 with none (EV -0.01), though the fits were the same.
     params = dict(transform_algorithm=algorithm)
+    tiny = small_sae(**params).fit(X * 1e-7)
     small = small_sae(**params).fit(X * 0.01)
     large = small_sae(**params).fit(X * 100)
     codes = small.transform(X * 0.01)
@@ -1707,6 +1708,9 @@ def test_the_default_transform_alpha_codes_alike_at_any_scale(X, algorithm):
     np.testing.assert_allclose(large.transform(X * 100), codes * 1e4, rtol=1e-3,
                                atol=1e-3 * np.abs(codes).max() * 1e4)
     assert large.score(X * 100) == pytest.approx(small.score(X * 0.01), abs=1e-3)
+    # LARS lost its codes at rows of 1e-6 (scikit-learn's absolute tolerance).
+    np.testing.assert_allclose(tiny.transform(X * 1e-7), codes * 1e-5, rtol=1e-3,
+                               atol=1e-3 * np.abs(codes).max() * 1e-5)
 
 
 @pytest.mark.parametrize("algorithm", ["omp", "lasso_lars", "threshold"])
