@@ -55,7 +55,7 @@ EOF
 echo "== GPU tests (limit ${gpu_test_s} s)"
 timeout -s INT -k 20 "$gpu_test_s" "$py" -m pytest -q -rfE -p no:cacheprovider \
     tests/test_fused.py tests/test_pipeline.py tests/test_estimator.py tests/test_torch_core.py \
-    -k "gpu or cuda or sparse_step_parameter" 2>&1 | tee "$out/gpu_tests.log" | tail -30
+    -k "gpu or cuda or sparse_step_parameter or buffers_are_reused" 2>&1 | tee "$out/gpu_tests.log" | tail -30
 echo "GPU tests exit: $?"
 
 echo "== benchmarks (limit ${bench_s} s)"
@@ -71,5 +71,8 @@ timeout -s INT -k 20 "$test_s" "$py" -m pytest -q -rfE --durations=15 -p no:cach
     -n "$workers" \
     tests 2>&1 | tee "$out/tests.log" | tail -60
 echo "tests exit: $?"
-# At most eight files come back from a lent machine: these two are the least use.
-rm -f "$out/install.log" "$out/gpu/gpu_partial.json"
+# At most eight files come back from a lent machine: these two are the least
+# use, the partial figures only once the whole section's are written (a
+# section stopped by its limit leaves them alone).
+rm -f "$out/install.log"
+if [ -f "$out/gpu/results.json" ]; then rm -f "$out/gpu/gpu_partial.json"; fi

@@ -558,3 +558,30 @@ def test_a_run_on_the_cpu_leaves_the_gpu_section_out_unless_asked():
     assert "gpu" in _parse(["--device", "cuda"]).sections
     assert "gpu" in _parse(["--tiny"]).sections  # its smoke test
     assert _parse(["--only", "gpu"]).sections == ["gpu"]
+
+
+@pytest.mark.parametrize("finishes", [False, True])
+def test_the_gpu_session_keeps_partial_figures_of_a_section_cut_by_its_limit(tmp_path,
+                                                                             finishes):
+    # The session script, with a stand-in for python whose benchmark writes
+    # its partial figures and then either finishes or runs past its limit.
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(root / "benchmarks" / "gpu_session.sh", tmp_path / "benchmarks")
+    fake = tmp_path / "fakepy"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ "$1" = "-m" ] && [ "$2" = "benchmarks" ]; then\n'
+        '  out=""; while [ $# -gt 0 ]; do [ "$1" = "--out" ] && out="$2"; shift; done\n'
+        '  mkdir -p "$out"; echo "{}" > "$out/gpu_partial.json"\n'
+        + ('  echo "{}" > "$out/results.json"\n' if finishes else "  sleep 20\n")
+        + "fi\nexit 0\n")
+    fake.chmod(0o755)
+    out = tmp_path / "OUT"
+    subprocess.run(["bash", "benchmarks/gpu_session.sh", str(out), "2", "1", "1"],
+                   cwd=tmp_path, env={**os.environ, "PYTHON": str(fake)},
+                   capture_output=True, timeout=120, check=False)
+    assert (out / "gpu" / "results.json").exists() == finishes
+    assert (out / "gpu" / "gpu_partial.json").exists() == (not finishes)

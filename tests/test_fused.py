@@ -968,3 +968,40 @@ def test_no_kernel_is_chosen_on_rows_a_pending_verdict_refuses(monkeypatch):
                           verdict=refused)
     assert caught.value.__context__ is None
     assert fused.choices() == {}
+
+
+def test_every_kernel_launch_makes_its_tensors_device_current():
+    # Triton launches on the current CUDA device: a fit on cuda:1 with
+    # cuda:0 current ran its kernels from the other GPU. Each launch is
+    # guarded by _on(<its first tensor>.device).
+    import inspect
+    import re
+
+    lines = inspect.getsource(fused).splitlines()
+    launches = [i for i, line in enumerate(lines) if re.search(r"_kernels\(\)\.\w+\[", line)]
+    assert len(launches) >= 7
+    for i in launches:
+        assert re.match(r"\s*with _on\(\w+\.device\):", lines[i - 1]), lines[i]
+
+
+def test_the_launch_guard_is_the_cuda_device_or_nothing(monkeypatch):
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or "guard")
+    assert fused._on(torch.device("cuda", 1)) == "guard"
+    assert entered == [torch.device("cuda", 1)]
+    with fused._on(torch.device("cpu")):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_a_fit_on_the_second_gpu_matches_one_on_the_first():
+    from sparse_dict import SparseAutoencoderDictionary
+
+    X = np.random.RandomState(0).standard_normal((4096, 64)).astype(np.float32)
+    fits = [SparseAutoencoderDictionary(128, activation="topk", k=8, max_steps=60,
+                                        device=device, random_state=0).fit(X)
+            for device in ("cuda:0", "cuda:1")]
+    assert torch.cuda.current_device() == 0
+    np.testing.assert_allclose(fits[0].components_, fits[1].components_, atol=1e-4)
+    np.testing.assert_allclose(fits[0].feature_frequencies_, fits[1].feature_frequencies_)

@@ -983,3 +983,18 @@ def test_a_pass_visits_every_row_once_in_batches_of_at_least_half(n_rows, batch_
     if not big and len(sizes) > 1:
         assert min(sizes) >= batch_size / 2
         assert sizes.count(batch_size) >= len(sizes) - 2
+
+
+def test_every_cuda_event_is_recorded_on_a_named_stream():
+    # Event.record() with no stream records on the *current* device's stream:
+    # for a fit on cuda:1 with cuda:0 current, the host then read pinned
+    # buffers before their copies had landed.
+    import inspect
+    import re
+
+    from sparse_dict._torch import pipeline, train
+
+    for module in (pipeline, train):
+        source = inspect.getsource(module)
+        assert re.search(r"\.record\(\w", source), module.__name__
+        assert not re.search(r"\.record\(\s*\)", source), module.__name__

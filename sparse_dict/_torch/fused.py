@@ -58,6 +58,17 @@ __all__ = ["MaskLaunch", "ResidualLaunch", "adam_rows_", "available", "bits_colu
            "product_relu_pays", "residual_", "residual_pays", "timings", "unpack_bits"]
 
 
+def _on(device):
+    """The device a Triton kernel is launched on made current for the launch.
+
+    Triton launches on the current CUDA device and its stream, whatever
+    device the tensors are on: a fit on ``cuda:1`` with ``cuda:0`` current
+    would otherwise run its kernels from the other GPU, unordered with the
+    fit's own stream (or be refused there).
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels():
     """The module of Triton kernels, imported on first use (Triton may be absent)."""
@@ -185,16 +196,17 @@ def adam_rows_(weight, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, step
     bc1 = 1.0 - beta1 ** step
     bc2_sqrt = (1.0 - beta2 ** step) ** 0.5
     grid = (-(-n_rows // block_r),)
-    _kernels().adam_rows[grid](
-        weight, grad, exp_avg, exp_avg_sq, weight if low is None else low,
-        weight if norms is None else norms, n_rows, d, weight.stride(0), grad.stride(0),
-        0 if low is None else low.stride(0),
-        lr / bc1, beta1, beta2, eps, bc2_sqrt,
-        PROJECT=bool(project), UNIT=bool(unit), WRITE_LOW=low is not None,
-        LOW_BF16=low is not None and low.dtype == torch.bfloat16, WRITE_NORMS=norms is not None,
-        BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=4 if block_d <= 1024 else 8,
-    )
+    with _on(weight.device):
+        _kernels().adam_rows[grid](
+            weight, grad, exp_avg, exp_avg_sq, weight if low is None else low,
+            weight if norms is None else norms, n_rows, d, weight.stride(0), grad.stride(0),
+            0 if low is None else low.stride(0),
+            lr / bc1, beta1, beta2, eps, bc2_sqrt,
+            PROJECT=bool(project), UNIT=bool(unit), WRITE_LOW=low is not None,
+            LOW_BF16=low is not None and low.dtype == torch.bfloat16, WRITE_NORMS=norms is not None,
+            BLOCK_R=block_r, BLOCK_D=block_d,
+            num_warps=4 if block_d <= 1024 else 8,
+        )
 
 
 # ------------------------------------------------------- the codes' pass
@@ -338,10 +350,11 @@ def codes_bits_count_(codes, bits, relu=False, launch=None):
     # batch pays one atomic add per column for every 16 * tiles rows.
     tiles, grid = _tiles(n_rows, block_r, -(-n_bytes // block_b),
                          _PROGRAMS["codes"] if programs is None else programs)
-    _kernels().codes_bits_count[grid](
-        codes, bits, fired, n_rows, n_cols, n_bytes, codes.stride(0), bits.stride(0),
-        RELU=bool(relu), BLOCK_R=block_r, BYTES=block_b, TILES=tiles, num_warps=4,
-    )
+    with _on(codes.device):
+        _kernels().codes_bits_count[grid](
+            codes, bits, fired, n_rows, n_cols, n_bytes, codes.stride(0), bits.stride(0),
+            RELU=bool(relu), BLOCK_R=block_r, BYTES=block_b, TILES=tiles, num_warps=4,
+        )
     return fired
 
 
@@ -366,9 +379,10 @@ def mask_by_bits_(grad, bits, launch=None):
     launch = launch or MaskLaunch()
     block_b = _column_blocks(n_cols)
     grid = (-(-n_bytes // block_b), -(-n_rows // launch.rows))
-    _kernels().mask_by_bits[grid](grad, bits, n_rows, n_cols, n_bytes, grad.stride(0),
-                                  bits.stride(0), BLOCK_R=launch.rows, BYTES=block_b,
-                                  num_warps=launch.warps)
+    with _on(grad.device):
+        _kernels().mask_by_bits[grid](grad, bits, n_rows, n_cols, n_bytes, grad.stride(0),
+                                      bits.stride(0), BLOCK_R=launch.rows, BYTES=block_b,
+                                      num_warps=launch.warps)
 
 
 # ---------------------------------------------------------- the residual
@@ -448,11 +462,12 @@ def residual_(y, bias, x, gx, err, scale, launch=None):
     # atomic adds stay few.
     tiles, grid = _tiles(n_rows, block_r, -(-d // block_d),
                          _PROGRAMS["residual"] if launch.programs is None else launch.programs)
-    _kernels().residual[grid](
-        y, bias, x, gx, err, sums[d:], gx_sums, n_rows, d, y.stride(0), x.stride(0), gx.stride(0),
-        err.stride(0), float(scale), GX_BF16=gx.dtype == torch.bfloat16, BLOCK_R=block_r,
-        BLOCK_D=block_d, TILES=tiles, num_warps=4,
-    )
+    with _on(y.device):
+        _kernels().residual[grid](
+            y, bias, x, gx, err, sums[d:], gx_sums, n_rows, d, y.stride(0), x.stride(0), gx.stride(0),
+            err.stride(0), float(scale), GX_BF16=gx.dtype == torch.bfloat16, BLOCK_R=block_r,
+            BLOCK_D=block_d, TILES=tiles, num_warps=4,
+        )
     return sse, gx_sums
 
 
@@ -781,9 +796,10 @@ def centre_(x, bias, out):
     block_d = min(128, 1 << max(4, (d - 1).bit_length()))
     block_r = max(1, 4096 // block_d)
     grid = (-(-d // block_d), -(-n_rows // block_r))
-    _kernels().centre[grid](x, bias, out, n_rows, d, x.stride(0), out.stride(0),
-                            OUT_BF16=out.dtype == torch.bfloat16, BLOCK_R=block_r,
-                            BLOCK_D=block_d, num_warps=4)
+    with _on(x.device):
+        _kernels().centre[grid](x, bias, out, n_rows, d, x.stride(0), out.stride(0),
+                                OUT_BF16=out.dtype == torch.bfloat16, BLOCK_R=block_r,
+                                BLOCK_D=block_d, num_warps=4)
     return out
 
 
@@ -838,7 +854,8 @@ def tally_(fired, total, since):
     if n == 0:
         return
     block = min(1024, 1 << max(4, (n - 1).bit_length()))
-    _kernels().tally[(-(-n // block),)](fired, total, since, n, BLOCK=block, num_warps=4)
+    with _on(fired.device):
+        _kernels().tally[(-(-n // block),)](fired, total, since, n, BLOCK=block, num_warps=4)
 
 
 def tally_pays(fired, total, since, plain):
@@ -953,12 +970,13 @@ def penalty_stats_(code_sums, fired, sse, weights, l0_factor, coef, batch, bias_
     # Zeroed: each program adds its block's share of every statistic.
     stats = torch.zeros(5, dtype=torch.float32, device=fired.device)
     block = min(256, 1 << max(4, (n - 1).bit_length()))
-    _kernels().penalty_stats[(-(-n // block),)](
-        code_sums, fired, fired if weights is None else weights, sse, stats, bias_out, n,
-        code_sums.stride(0), bias_out.stride(0), float(batch), float(coef), coef / batch,
-        float(l0_factor), HAS_W=weights is not None,
-        BIAS_BF16=bias_out.dtype == torch.bfloat16, BLOCK=block, num_warps=4,
-    )
+    with _on(code_sums.device):
+        _kernels().penalty_stats[(-(-n // block),)](
+            code_sums, fired, fired if weights is None else weights, sse, stats, bias_out, n,
+            code_sums.stride(0), bias_out.stride(0), float(batch), float(coef), coef / batch,
+            float(l0_factor), HAS_W=weights is not None,
+            BIAS_BF16=bias_out.dtype == torch.bfloat16, BLOCK=block, num_warps=4,
+        )
     return stats
 
 

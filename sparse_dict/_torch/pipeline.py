@@ -214,6 +214,10 @@ class BatchFeed:
         staging = ([self._take((chunk, n_features), torch.float32) for _ in range(2)]
                    if self._cuda else None)
         self._upload_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        if self._cuda:
+            # self._data comes from the main stream's pool: work queued there
+            # on a block the allocator handed back comes before the copy.
+            self._upload_stream.wait_stream(torch.cuda.current_stream(self.device))
         self._uploaded = threading.Event()
         self._scale_given = threading.Event()
         if self.scale is not None:
@@ -260,7 +264,7 @@ class BatchFeed:
                     _parallel_copy(rows, buf[: len(rows)].numpy(), background=True)
                     data[start:start + len(rows)].copy_(buf[: len(rows)], non_blocking=True)
                     done[i % 2] = torch.cuda.Event()
-                    done[i % 2].record()
+                    done[i % 2].record(self._upload_stream)
                     self._rows_sent = start + len(rows)
                 self._scale_given.wait()
                 if not self._cancelled:
@@ -381,7 +385,8 @@ class BatchFeed:
             if self._cuda:
                 index_t = host.to(self.device, non_blocking=True)
                 events[slot] = torch.cuda.Event()
-                events[slot].record()
+                # On the fit's device's stream, which need not be the current one.
+                events[slot].record(torch.cuda.current_stream(self.device))
             else:
                 index_t = host
             yield index, self._data.index_select(0, index_t)
@@ -922,7 +927,7 @@ class PinnedRead:
                 h.copy_(t, non_blocking=True)
             tensors = host
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(tensors[0].device))
         self._tensors = tensors
 
     def arrays(self):
