@@ -1970,6 +1970,9 @@ class SparseAutoencoderDictionary(
             trainer.history = self._history_array().astype(np.float64)
             trainer.history_rows = np.full(len(trainer.history), float(self.batch_size))
         trainer.n_resampled = int(getattr(self, "n_resampled_", 0))
+        frequencies = getattr(self, "feature_frequencies_", None)
+        if frequencies is not None and np.shape(frequencies) == (self.n_components_,):
+            trainer.resume_counts_(frequencies, trainer.step * self.batch_size)
         return trainer
 
     def _check_fitted_shapes(self, params):

@@ -1821,3 +1821,68 @@ def test_the_few_rows_warning_says_new_rows_code_denser(activation):
     if activation == "batchtopk":
         held_out = np.count_nonzero(sae.transform(X[200:]), axis=1).mean()
         assert sae.transform_l0_ == pytest.approx(4, abs=0.5) and held_out > 1.3 * 4
+
+
+def _stream_rows():
+    rng = np.random.RandomState(0)
+    X = (np.abs(rng.standard_t(3, size=(3072, 3))) @ rng.randn(3, 16)).astype(np.float32)
+    return np.array_split(X, 12)
+
+
+# Features die on these rank-3 rows, so the dead-feature checks restart atoms.
+_STREAM_PARAMS = {
+    "relu": dict(n_components=96, batch_size=64, resample_interval=5, warmup_fraction=0,
+                 l1_coef=8.0, device="cpu", random_state=0),
+    "topk": dict(n_components=96, batch_size=64, resample_interval=5, warmup_fraction=0,
+                 activation="topk", k=3, auxk_coef=1 / 32, device="cpu", random_state=0),
+}
+
+
+def _stream(params, cut=None, interrupt=False):
+    sae = SparseAutoencoderDictionary(**params)
+    for i, rows in enumerate(_stream_rows()):
+        if i == cut and not interrupt:
+            sae = pickle.loads(pickle.dumps(sae))
+        if i == cut and interrupt:
+            def stop(info):
+                raise KeyboardInterrupt
+            with pytest.raises(KeyboardInterrupt):
+                sae.set_params(callback=stop).partial_fit(rows)
+            sae.set_params(callback=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sae.partial_fit(rows)
+    return sae
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_a_stream_pickled_or_interrupted_midway_goes_on_as_the_whole_one(activation,
+                                                                         interrupt):
+    # The trainer's state left out when its dead-feature checks were due and
+    # the last step's error (AuxK's scale): after a pickle, or a call rolled
+    # back by Ctrl-C and retried, atoms were restarted at other steps
+    # (components 0.9 apart).
+    whole = _stream(_STREAM_PARAMS[activation])
+    if activation == "relu":
+        assert whole.n_resampled_ > 0
+    resumed = _stream(_STREAM_PARAMS[activation], cut=7, interrupt=interrupt)
+    np.testing.assert_array_equal(resumed.components_, whole.components_)
+    np.testing.assert_array_equal(resumed.feature_frequencies_, whole.feature_frequencies_)
+    assert resumed.n_resampled_ == whole.n_resampled_
+
+
+def test_a_loaded_stream_s_firing_frequencies_go_on(tmp_path):
+    # A loaded dictionary's trainer started its counts at zero: after a
+    # one-row partial_fit every frequency was 0 or 1.
+    sae = _stream(dict(_STREAM_PARAMS["topk"], resample_dead=False))
+    sae.save(tmp_path / "d")
+    loaded = SparseAutoencoderDictionary.load(tmp_path / "d")
+    row = _stream_rows()[0][:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sae.partial_fit(row)
+        loaded.partial_fit(row)
+    frequencies = loaded.feature_frequencies_
+    assert np.mean((frequencies > 0) & (frequencies < 1)) > 0.5
+    np.testing.assert_allclose(frequencies, sae.feature_frequencies_, atol=0.05)

@@ -93,7 +93,7 @@ class _DeadFeatures:
         host.copy_(dead_mask, non_blocking=True)
         event = torch.cuda.Event() if device.type == "cuda" else None
         if event is not None:
-            event.record()
+            event.record(torch.cuda.current_stream(device))
         self._queue.append((host, event))
         if len(self._queue) <= self.lag:
             return torch.zeros(0, dtype=torch.long, device=device)
@@ -1021,7 +1021,8 @@ class Trainer:
         old_state = self.optimizer.state_dict()
         self.model.to(device)
         self.steps_since_fired = self.steps_since_fired.to(device)
-        self._residual_power = None
+        if self._residual_power is not None:
+            self._residual_power = self._residual_power.to(device)
         self.device = device
         # Whether Adam's fused kernel exists depends on the device, so the
         # optimiser is rebuilt for the new device; load_state_dict moves its
@@ -1197,6 +1198,20 @@ class Trainer:
         if keep > 0 and rows > 0:
             self.pass_fired = self.pass_fired + keep * fired
             self.pass_rows = self.pass_rows + keep * rows
+
+    def resume_counts_(self, frequencies, rows):
+        """Start the firing counts from fitted ``frequencies`` over ``rows`` rows.
+
+        For a trainer rebuilt from a dictionary's attributes (after ``load``):
+        the next ``partial_fit`` call's counts join them as
+        :meth:`carry_counts_` joins a stream's (a one-row call after a load
+        read every frequency as 0 or 1). At most a stream's
+        ``_STREAM_FREQUENCY_ROWS`` rows are assumed.
+        """
+        rows = float(min(max(rows, 0), _STREAM_FREQUENCY_ROWS))
+        frequencies = np.nan_to_num(np.asarray(frequencies, dtype=np.float64))
+        self.pass_fired = np.clip(frequencies, 0.0, 1.0) * rows
+        self.pass_rows = rows
 
     def _parameter_digest(self):
         """One float64 sum per parameter and buffer: equal on ranks that agree."""
@@ -1800,6 +1815,12 @@ class Trainer:
             "history_rows": self.history_rows.copy(),
             "pass_fired": self.pass_fired.copy(),
             "pass_rows": self.pass_rows,
+            # Without these a resumed stream (a pickle, a rolled-back call)
+            # checked for dead features at other steps, and its first AuxK
+            # step was scaled by its own error, not the last step's.
+            "resample_checked": getattr(self, "resample_checked", None),
+            "residual_power": (None if self._residual_power is None
+                               else cpu(self._residual_power)),
         }
 
     def __setstate__(self, state):
@@ -1818,7 +1839,7 @@ class Trainer:
         self.variance = state.get("variance")
         self.seen = state.get("seen")
         self.stopped_by_callback = False
-        self._residual_power = None
+        self._residual_power = state.get("residual_power")
         self._one_process = True
         self.run_start = state.get("run_start", 0)
         self.step = state["step"]
@@ -1830,6 +1851,11 @@ class Trainer:
                                        dtype=np.float64).copy()
         self.pass_fired = state["pass_fired"].copy()
         self.pass_rows = state["pass_rows"]
+        # A pickle older than the record leaves it unset: train() then takes
+        # the multiples of the interval at which such a trainer checked.
+        self.__dict__.pop("resample_checked", None)
+        if state.get("resample_checked") is not None:
+            self.resample_checked = state["resample_checked"]
 
 
 # A run is unconverged when, before the final decay, its loss fell by more
