@@ -2091,7 +2091,17 @@ class SparseAutoencoderDictionary(
 
     def _encode(self, X):
         if self.transform_algorithm != "encoder":
-            return self._optimal_coder().transform(X.toarray() if sp.issparse(X) else X)
+            coder = self._optimal_coder()
+            if not sp.issparse(X):
+                return coder.transform(X)  # which codes a block of rows at a time
+            # Densified a block at a time, not whole.
+            codes = None
+            for start in range(0, X.shape[0], _INFERENCE_BATCH):
+                block = coder.transform(X[start:start + _INFERENCE_BATCH].toarray())
+                if codes is None:
+                    codes = np.empty((X.shape[0], block.shape[1]), dtype=block.dtype)
+                codes[start:start + len(block)] = block
+            return codes
         return encode_array(
             self._fitted_tensors(), self._fitted_activation(), X,
             _INFERENCE_BATCH, resolve_device(self.device), _result_dtype(X),

@@ -1886,3 +1886,16 @@ def test_a_loaded_stream_s_firing_frequencies_go_on(tmp_path):
     frequencies = loaded.feature_frequencies_
     assert np.mean((frequencies > 0) & (frequencies < 1)) > 0.5
     np.testing.assert_allclose(frequencies, sae.feature_frequencies_, atol=0.05)
+
+
+@pytest.mark.parametrize("algorithm", ["omp", "threshold"])
+def test_a_solver_codes_sparse_rows_a_block_at_a_time_as_dense_ones(X, monkeypatch,
+                                                                    algorithm):
+    from sparse_dict import estimator
+
+    sae = small_sae(random_state=0).fit(X).set_params(transform_algorithm=algorithm)
+    dense = sae.transform(X)
+    monkeypatch.setattr(estimator, "_INFERENCE_BATCH", 7)
+    codes = sae.transform(sp.csr_matrix(X))
+    assert codes.dtype == dense.dtype
+    np.testing.assert_allclose(codes, dense, rtol=1e-5, atol=1e-6)
