@@ -55,7 +55,8 @@ EOF
 echo "== GPU tests (limit ${gpu_test_s} s)"
 timeout -s INT -k 20 "$gpu_test_s" "$py" -m pytest -q -rfE -p no:cacheprovider \
     tests/test_fused.py tests/test_pipeline.py tests/test_estimator.py tests/test_torch_core.py \
-    -k "gpu or cuda or sparse_step_parameter or buffers_are_reused" 2>&1 | tee "$out/gpu_tests.log" | tail -30
+    -k "gpu or cuda or sparse_step_parameter or buffers_are_reused" 2>&1 \
+    | tee "$out/gpu_tests.log" | tail -30
 echo "GPU tests exit: $?"
 
 echo "== benchmarks (limit ${bench_s} s)"

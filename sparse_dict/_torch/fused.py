@@ -203,8 +203,8 @@ def adam_rows_(weight, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, step
             0 if low is None else low.stride(0),
             lr / bc1, beta1, beta2, eps, bc2_sqrt,
             PROJECT=bool(project), UNIT=bool(unit), WRITE_LOW=low is not None,
-            LOW_BF16=low is not None and low.dtype == torch.bfloat16, WRITE_NORMS=norms is not None,
-            BLOCK_R=block_r, BLOCK_D=block_d,
+            LOW_BF16=low is not None and low.dtype == torch.bfloat16,
+            WRITE_NORMS=norms is not None, BLOCK_R=block_r, BLOCK_D=block_d,
             num_warps=4 if block_d <= 1024 else 8,
         )
 
@@ -464,8 +464,8 @@ def residual_(y, bias, x, gx, err, scale, launch=None):
                          _PROGRAMS["residual"] if launch.programs is None else launch.programs)
     with _on(y.device):
         _kernels().residual[grid](
-            y, bias, x, gx, err, sums[d:], gx_sums, n_rows, d, y.stride(0), x.stride(0), gx.stride(0),
-            err.stride(0), float(scale), GX_BF16=gx.dtype == torch.bfloat16, BLOCK_R=block_r,
+            y, bias, x, gx, err, sums[d:], gx_sums, n_rows, d, y.stride(0), x.stride(0),
+            gx.stride(0), err.stride(0), float(scale), GX_BF16=gx.dtype == torch.bfloat16, BLOCK_R=block_r,
             BLOCK_D=block_d, TILES=tiles, num_warps=4,
         )
     return sse, gx_sums
