@@ -11,6 +11,7 @@ from numbers import Real
 
 import numpy as np
 import scipy.sparse as sp
+from sklearn.utils.validation import check_memory
 
 from sparse_dict.metrics import (
     dead_fraction,
@@ -53,6 +54,11 @@ class _NotADictionary(TypeError):
     """What no search's candidate can be scored as: the caller's mistake, raised."""
 
 
+def _prefix_transform(prefix, X):
+    """``prefix.transform(X)``: a module-level function, for joblib's cache."""
+    return prefix.transform(X)
+
+
 def _reconstruct(estimator, X):
     """Input to the dictionary, its codes and its reconstruction.
 
@@ -66,7 +72,15 @@ def _reconstruct(estimator, X):
     if isinstance(estimator, Pipeline):
         dictionary = estimator.steps[-1][1]
         if len(estimator.steps) > 1:
-            X = estimator[:-1].transform(X)
+            prefix = estimator[:-1]
+            if estimator.memory is None:
+                X = prefix.transform(X)
+            else:
+                # The Pipeline's cache keeps the training folds' activations;
+                # the scored rows are kept beside them, so that each grid
+                # point's fitted extractor (the same one on a fold) runs the
+                # held-out texts once per fold, not once per grid point.
+                X = check_memory(estimator.memory).cache(_prefix_transform)(prefix, X)
     else:
         dictionary = estimator
     if not (

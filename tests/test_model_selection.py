@@ -377,6 +377,36 @@ def test_grid_search_through_pipeline(data, search):
     np.testing.assert_allclose(l0s, search.cv_results_["mean_test_l0"], rtol=0.05)
 
 
+_TRANSFORMED = []
+
+
+def _counted_double(X):
+    _TRANSFORMED.append(len(X))
+    return 2.0 * X
+
+
+def test_a_cached_pipeline_s_scored_rows_are_transformed_once_a_fold(data, tmp_path):
+    # With Pipeline(memory=...) only the training folds were cached: the
+    # held-out rows went through the earlier steps again for every grid
+    # point (an extractor ran the held-out texts 15 times in a search of 5
+    # points and 3 folds).
+    import joblib
+
+    X = data[0]
+    pipe = Pipeline([("double", FunctionTransformer(_counted_double)), ("dict", _learner())],
+                    memory=joblib.Memory(tmp_path, verbose=0))
+    _TRANSFORMED.clear()
+    cached = GridSearchCV(pipe, {"dict__alpha": [0.2, 0.6, 1.2]}, scoring=sparse_coding_scorer,
+                          refit=best_under_l0(max_l0=MAX_L0), cv=3).fit(X)
+    # The three training folds and the refit, and each held-out fold once.
+    assert sorted(_TRANSFORMED) == sorted([267, 267, 266, 133, 133, 134, 400])
+    plain = GridSearchCV(pipe.set_params(memory=None), {"dict__alpha": [0.2, 0.6, 1.2]},
+                         scoring=sparse_coding_scorer, refit=best_under_l0(max_l0=MAX_L0),
+                         cv=3).fit(X)
+    for name in ("mean_test_explained_variance", "mean_test_l0"):
+        np.testing.assert_array_equal(cached.cv_results_[name], plain.cv_results_[name])
+
+
 def test_explained_variance_scorer_in_search(data):
     X = data[0][:150]
     search = GridSearchCV(
