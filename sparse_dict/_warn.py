@@ -9,7 +9,9 @@ import warnings
 # fits in this process, at torch's decorators (``torch.no_grad()`` wraps
 # some of this package's methods: on a GPU, four warnings pointed at
 # torch/utils/_contextlib.py), or at this package's own modules.
-_SKIPPED = ("sparse_dict", "sklearn", "joblib", "torch")
+# The standard library's pickle, copy and copyreg too: a pickled dictionary
+# warns as it loads, whether through pickle.loads, joblib.load or deepcopy.
+_SKIPPED = ("sparse_dict", "sklearn", "joblib", "torch", "pickle", "copy", "copyreg")
 
 
 def _skipped(frame):

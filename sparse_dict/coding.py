@@ -29,6 +29,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.parallel import Parallel, delayed
 from sklearn.utils.validation import _get_feature_names, check_is_fitted, validate_data
 
+from sparse_dict._warn import warn_at_caller
+
 __all__ = ["LassoCoder", "amortisation_gap"]
 
 _FLOAT_DTYPES = (np.float64, np.float32)
@@ -166,10 +168,9 @@ def _check_dictionary_names(dictionary, X):
     given = _get_feature_names(X)
     name = type(dictionary).__name__
     if given is None:
-        warnings.warn(
+        warn_at_caller(
             f"X has no feature names, but the {name} passed as dictionary was fitted with "
-            "feature names; X's columns are taken to be in that order", UserWarning,
-            stacklevel=3)
+            "feature names; X's columns are taken to be in that order", UserWarning)
         return
     if len(given) != len(fitted) or np.any(given != fitted):
         first = next((i for i, (a, b) in enumerate(zip(given, fitted)) if a != b),

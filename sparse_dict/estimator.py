@@ -460,14 +460,17 @@ def _tail_dominates(tail):
             and tail.explained_rest < tail.explained - _TAIL_WARN_GAP)
 
 
-def _tail_message(tail):
+def _tail_message(tail, uses_k=False):
+    """The warning for rows far from the mean; ``uses_k``: the fit is of the top-k family."""
+    advice = ("remove them and fit again." if uses_k else
+              "remove them and fit again; if they matter, a top-k activation "
+              "(activation='topk') holds up better where a few rows dominate.")
     return (
         f"The {tail.n_rows:,} rows of the sample farthest from the mean (1%) hold "
         f"{tail.share:.0%} of its variance, and the dictionary spends itself on them: it "
         f"explains {tail.explained:.2f} of the variance of all rows but {tail.explained_rest:.2f} "
         "of the others'. If those rows are outliers (a corrupted record, an extreme token), "
-        "remove them and fit again; if they matter, a top-k activation (activation='topk') "
-        "holds up better where a few rows dominate."
+        + advice
     )
 
 
@@ -1776,7 +1779,8 @@ class SparseAutoencoderDictionary(
                                                  explained, said.get("rose", [])):
                 warn_at_caller(message, UserWarning)
             if assess and not poor and _tail_dominates(tail):
-                warn_at_caller(_tail_message(tail), UserWarning)
+                warn_at_caller(_tail_message(tail, trainer.model.activation.uses_k),
+                               UserWarning)
             # For a run that ended unconverged, only beyond what more steps
             # would mend (see _SHRINKAGE_WARN_UNCONVERGED).
             limit = (_SHRINKAGE_WARN_UNCONVERGED if "unconverged" in said

@@ -496,3 +496,15 @@ def test_transform_s_memory_is_about_its_codes():
     finally:
         tracemalloc.stop()
     assert peak < 1.8 * codes.nbytes
+
+
+def test_the_feature_names_warning_points_at_the_caller_s_line(superposition):
+    # It pointed at scikit-learn's fit wrapper (sklearn/base.py).
+    import pandas as pd
+
+    X, true_atoms, _ = superposition
+    frame = pd.DataFrame(X, columns=[f"c{i}" for i in range(X.shape[1])])
+    learned = MiniBatchDictionaryLearning(n_components=8, max_iter=2, random_state=0).fit(frame)
+    with pytest.warns(UserWarning, match="X has no feature names") as record:
+        LassoCoder(learned).fit(X)
+    assert __file__ in {w.filename for w in record}

@@ -588,6 +588,25 @@ def test_gpu_model_unpickles_on_cpu(fitted, X, monkeypatch):
     np.testing.assert_allclose(loaded.transform(X), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("how", ["joblib", "deepcopy"])
+def test_the_cpu_fallback_warning_points_at_the_caller_s_line(fitted, monkeypatch, tmp_path,
+                                                             how):
+    # joblib.load pointed it at pickle.py, copy.deepcopy at copy.py.
+    import copy
+
+    import joblib
+
+    source = pickle.loads(pickle.dumps(fitted)).set_params(device="cuda")
+    joblib.dump(source, tmp_path / "d.joblib")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(RuntimeWarning, match="CUDA is not available") as record:
+        if how == "joblib":
+            joblib.load(tmp_path / "d.joblib")
+        else:
+            copy.deepcopy(source)
+    assert {w.filename for w in record} == {__file__}
+
+
 def test_save_load_round_trip(fitted, X, tmp_path):
     path = fitted.save(tmp_path / "sae")
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "weights.safetensors"]
@@ -1899,3 +1918,16 @@ def test_a_solver_codes_sparse_rows_a_block_at_a_time_as_dense_ones(X, monkeypat
     codes = sae.transform(sp.csr_matrix(X))
     assert codes.dtype == dense.dtype
     np.testing.assert_allclose(codes, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_the_outlier_rows_warning_does_not_tell_a_top_k_fit_to_use_top_k():
+    X, _, _ = make_superposition(n_samples=3000, n_features=16, n_components=64,
+                                 random_state=0)
+    X = X.copy()
+    X[np.random.RandomState(0).choice(len(X), 18, replace=False)] *= 30
+    with pytest.warns(UserWarning, match="farthest from the mean") as record:
+        SparseAutoencoderDictionary(64, activation="topk", k=3, max_steps=600,
+                                    random_state=0).fit(X)
+    said = " ".join(str(w.message) for w in record if "farthest" in str(w.message))
+    assert "remove them and fit again" in said
+    assert "activation='topk'" not in said
