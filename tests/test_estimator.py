@@ -1931,3 +1931,19 @@ def test_the_outlier_rows_warning_does_not_tell_a_top_k_fit_to_use_top_k():
     said = " ".join(str(w.message) for w in record if "farthest" in str(w.message))
     assert "remove them and fit again" in said
     assert "activation='topk'" not in said
+
+
+def test_a_stream_in_its_warm_up_is_not_called_one_that_explains_nothing():
+    # Calls of 50 rows were told "The fit explains none of the data" 13 times
+    # in a row (steps 50 to 62, inside the 100 warm-up steps), blaming "a
+    # penalty that silences the features" at an L0 of 31; the stream went on
+    # to explain 0.70 of held-out rows.
+    X, _, _ = make_superposition(n_samples=4000, n_features=16, n_components=64,
+                                 random_state=0)
+    sae = SparseAutoencoderDictionary(64, random_state=0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for start in range(0, 3500, 50):
+            sae.partial_fit(X[start:start + 50])
+    assert not [w for w in record if "explains none" in str(w.message)]
+    assert sae.score(X[3500:]) > 0.2  # it explains the data, as it was told it did not
