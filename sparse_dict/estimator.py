@@ -1526,10 +1526,9 @@ class SparseAutoencoderDictionary(
                 # that explained 0.60 of held-out rows instead of 0.96).
                 resample_until=trainer.step + int(0.7 * call_steps),
             )
-            earlier = trainer.pass_fired.copy(), trainer.pass_rows
             self._train(trainer, X, config, random_state, call_steps,
-                        n_passes=1, replicas=replicas, epoch_offset=self.n_iter_)
-            trainer.carry_counts_(*earlier)
+                        n_passes=1, replicas=replicas, epoch_offset=self.n_iter_,
+                        carried=(trainer.pass_fired.copy(), trainer.pass_rows))
             self._finish(trainer, X, config, random_state, assess=False, replicas=replicas,
                          new_rows=not first_call)
             self.n_iter_ += 1
@@ -1704,7 +1703,7 @@ class SparseAutoencoderDictionary(
             )
 
     def _train(self, trainer, X, config, random_state, total, n_passes=None, replicas=None,
-               feed=None, verdict=None, epoch_offset=0):
+               feed=None, verdict=None, epoch_offset=0, carried=None):
         if n_passes is None:
             n_passes = math.ceil(total / math.ceil(X.shape[0] / self.batch_size))
         progress = None
@@ -1724,7 +1723,7 @@ class SparseAutoencoderDictionary(
             # No snapshot inside: fit discards a failed new trainer, and
             # partial_fit's _restored_on_error keeps its own.
             return trainer.train(X, n_passes, config, random_state, callback, progress, replicas,
-                                 rollback=False, feed=feed, verdict=verdict)
+                                 rollback=False, feed=feed, verdict=verdict, carried=carried)
         except BaseException:
             trainer.prepare_export(None)  # nothing to export: the host arrays go
             raise

@@ -1947,3 +1947,25 @@ def test_a_stream_in_its_warm_up_is_not_called_one_that_explains_nothing():
             sae.partial_fit(X[start:start + 50])
     assert not [w for w in record if "explains none" in str(w.message)]
     assert sae.score(X[3500:]) > 0.2  # it explains the data, as it was told it did not
+
+
+def test_a_stream_s_callback_and_frequencies_count_its_recent_rows():
+    # The callback's "dead" counted one call's rows (1,022 of 2,048 features
+    # in a healthy stream of 256-row calls, where its progress bar said 0),
+    # and a feature that stopped firing kept a faded frequency forever
+    # (2e-12 after 400 calls), so the stream never showed it dead.
+    X, _, _ = make_superposition(n_samples=45_056, n_features=32, n_components=256,
+                                 random_state=0)
+    seen = []
+    sae = SparseAutoencoderDictionary(512, activation="topk", k=8, random_state=0,
+                                      callback=lambda info: seen.append(info["dead"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for start in range(0, 4096, 64):
+            sae.partial_fit(X[start:start + 64])
+        assert seen[-1] == int(np.sum(sae.feature_frequencies_ == 0)) < 0.1 * 512
+        sae.encoder_bias_[:10] = -1e6  # ten features silenced
+        for start in range(4096, 45_056, 4096):  # each call halves the earlier counts
+            sae.partial_fit(X[start:start + 4096])
+    assert np.all(sae.feature_frequencies_[:10] == 0)
+    assert seen[-1] == int(np.sum(sae.feature_frequencies_ == 0)) >= 10

@@ -1033,7 +1033,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def train(self, X, n_passes, config, rng, callback=None, progress=None, replicas=None,
-              rollback=True, feed=None, verdict=None):
+              rollback=True, feed=None, verdict=None, carried=None):
         """Train for ``n_passes`` shuffled passes over ``X`` (or until the step budget).
 
         On divergence the trainer is put back as it was before the call and
@@ -1055,6 +1055,12 @@ class Trainer:
         raised. A verdict that refuses ``X`` raises its own error in place
         of what the steps on refused rows gave (a divergence); the caller
         discards such a trainer.
+
+        ``carried``: an earlier ``partial_fit`` call's firing counts and
+        rows, joined to the first pass's (:meth:`carry_counts_`) as soon as
+        it is read, so that its callback's ``dead`` counts the stream's
+        recent rows, not this call's alone (a healthy stream of 256-row calls
+        told it of 1,022 of 2,048 features dead, its progress bar of none).
 
         A pass's figures (its statistics, firing counts and the parameters'
         finiteness, :class:`_PassEnd`) are read as it ends where a
@@ -1091,6 +1097,7 @@ class Trainer:
         self.stopped_by_callback = False
         own_feed = feed is None
         self._verdict = verdict
+        self._carried = carried
         # No kernel is chosen on rows the verdict may yet refuse.
         deciding = (fused.decisions_wait_for(self._settle_verdict) if verdict is not None
                     else contextlib.nullcontext())
@@ -1143,7 +1150,7 @@ class Trainer:
                 self._settle_verdict()
             raise
         finally:
-            self._verdict = None
+            self._verdict = self._carried = None
             if own_feed and feed is not None:
                 feed.close()
             self._flush_fused_steps()
@@ -1166,7 +1173,11 @@ class Trainer:
     def _count_read_pass(self, end, n_samples, full_pass):
         """:meth:`_read_pass`, then :meth:`_count_whole_pass`: a pass's figures, in pass order."""
         self._read_pass(end)
-        return self._count_whole_pass(n_samples, full_pass)
+        full_pass = self._count_whole_pass(n_samples, full_pass)
+        carried, self._carried = getattr(self, "_carried", None), None
+        if carried is not None:
+            self.carry_counts_(*carried)
+        return full_pass
 
     def _count_whole_pass(self, n_samples, full_pass):
         """Firing counts over at least a pass's worth of rows.
@@ -1196,7 +1207,7 @@ class Trainer:
         """
         keep = max(0.0, 1.0 - self.pass_rows / _STREAM_FREQUENCY_ROWS)
         if keep > 0 and rows > 0:
-            self.pass_fired = self.pass_fired + keep * fired
+            self.pass_fired = _forgotten(self.pass_fired + keep * fired)
             self.pass_rows = self.pass_rows + keep * rows
 
     def resume_counts_(self, frequencies, rows):
@@ -1210,7 +1221,7 @@ class Trainer:
         """
         rows = float(min(max(rows, 0), _STREAM_FREQUENCY_ROWS))
         frequencies = np.nan_to_num(np.asarray(frequencies, dtype=np.float64))
-        self.pass_fired = np.clip(frequencies, 0.0, 1.0) * rows
+        self.pass_fired = _forgotten(np.clip(frequencies, 0.0, 1.0) * rows)
         self.pass_rows = rows
 
     def _parameter_digest(self):
@@ -1856,6 +1867,16 @@ class Trainer:
         self.__dict__.pop("resample_checked", None)
         if state.get("resample_checked") is not None:
             self.resample_checked = state["resample_checked"]
+
+
+def _forgotten(counts):
+    """Faded firing counts, those under half a firing set to 0.
+
+    A feature that stopped firing kept a faded count forever (2e-12 after
+    400 calls), so a stream's ``feature_frequencies_`` never showed it dead.
+    A feature that fired in the latest call has a count of 1 or more.
+    """
+    return np.where(counts < 0.5, 0.0, counts)
 
 
 # A run is unconverged when, before the final decay, its loss fell by more
