@@ -503,10 +503,10 @@ def test_grid_search_over_l1_coef_on_texts(corpus, tmp_path, monkeypatch):
     search.fit(texts)
     assert search.best_params_["sae__l1_coef"] in (0.1, 3.0)
     assert np.isfinite(search.cv_results_["mean_test_explained_variance"]).all()
-    # Per fold: one fit_transform of the training half (cached for the second
-    # grid point) and a transform of the test half per grid point; then the
-    # refit on all texts. Without the cache the training halves would be 4.
-    assert sorted(calls) == [30] * (2 + 2 * 2) + [60], calls
+    # Per fold: one fit_transform of the training half and one transform of
+    # the test half, each cached for the second grid point; then the refit
+    # on all texts. Without the cache each half would be run twice.
+    assert sorted(calls) == [30] * (2 + 2) + [60], calls
 
 
 # ---------------------------------------------------------------------------
