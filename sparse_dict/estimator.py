@@ -520,13 +520,15 @@ def _warn_float32_rounding(X):
     plus a spread of 1 lost it all (explained variance -0.003 where the same
     rows centred in float64 gave 0.85), and nothing said so. The rounding
     error of a value has a variance of its float32 spacing squared over 12;
-    measured on evenly spaced rows.
+    measured on evenly spaced rows. Returns whether it warned.
     """
     if sp.issparse(X) or X.dtype != np.float64 or X.shape[0] < 2:
-        return
+        return False
     rows = np.unique(np.linspace(0, X.shape[0] - 1, _ROUNDING_PROBE_ROWS).astype(np.int64))
     sample = np.asarray(X[rows], dtype=np.float64)
-    variance = float(sample.var(axis=0).sum())
+    # About the first row: rows that are all the same have a variance of
+    # exactly 0 (about their mean, float64's own rounding made one).
+    variance = float((sample - sample[:1]).var(axis=0).sum())
     # Rounding to a float32 spacing u errs uniformly within +-u/2: variance u**2 / 12.
     spacing = np.spacing(np.abs(sample).astype(np.float32)).astype(np.float64)
     rounding = float((spacing ** 2).mean(axis=0).sum()) / 12
@@ -539,6 +541,8 @@ def _warn_float32_rounding(X):
             "rounding error, which no dictionary can explain. Subtract the column means in "
             "float64 first (X - X.mean(axis=0)), or a StandardScaler in a Pipeline.",
             UserWarning)
+        return True
+    return False
 
 
 def _rows_to_learn_from(n_samples, distinct):
@@ -1542,7 +1546,14 @@ class SparseAutoencoderDictionary(
         """
         if not _speaks(replicas):
             return
+        # First: float64 rows that float32 rounds together (rows of 1e8 plus
+        # a spread of 1.6) were called all the same, or repeating (852
+        # "distinct" rows of 2,000), which the rounding made them; the
+        # remedy is to centre them in float64.
+        rounded = _warn_float32_rounding(X)
         if trainer.rows_alike() and X.shape[0] > 1:
+            if rounded:
+                return
             # The one thing to say: every other warning would judge a fit
             # that had nothing to fit.
             warn_at_caller(
@@ -1554,8 +1565,7 @@ class SparseAutoencoderDictionary(
             return
         if trainer.dominant_rows is not None:
             _warn_dominant_rows(trainer.dominant_rows)
-        _warn_float32_rounding(X)
-        if rows:
+        if rows and not rounded:
             _warn_few_rows(X.shape[0], trainer.model.n_components, trainer.distinct_rows,
                            fixed_l0=self.activation == "topk")
         if trainer.model.activation.uses_k:

@@ -1969,3 +1969,19 @@ def test_a_stream_s_callback_and_frequencies_count_its_recent_rows():
             sae.partial_fit(X[start:start + 4096])
     assert np.all(sae.feature_frequencies_[:10] == 0)
     assert seen[-1] == int(np.sum(sae.feature_frequencies_ == 0)) >= 10
+
+
+@pytest.mark.parametrize("offset", [1e7, 1e8])
+def test_float64_rows_that_float32_rounds_together_are_told_to_be_centred(offset):
+    # At 1e8 plus a spread of 1.6 they were called "all the same" (check the
+    # hook point), at 1e7 "about 852 distinct rows" of 2,000: both what
+    # float32's rounding made of them.
+    X, _, _ = make_superposition(n_samples=2000, n_features=16, n_components=64,
+                                 random_state=0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        SparseAutoencoderDictionary(64, activation="topk", k=3, max_steps=50,
+                                    random_state=0).fit(X.astype(np.float64) + offset)
+    said = [str(w.message) for w in record]
+    assert any("rounding error" in m and "X - X.mean(axis=0)" in m for m in said), said
+    assert not any("Every row of X is the same" in m or "X has about" in m for m in said), said
