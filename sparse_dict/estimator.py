@@ -731,14 +731,19 @@ def _warn_dense_k(k, n_features, n_components):
 _SILENT_L0 = 0.1
 
 
-def _silent_features_message(penalty_name, coef, l0, n_rows, k=None, learning_rate=None):
+def _silent_features_message(penalty_name, coef, l0, n_rows, k=None, learning_rate=None,
+                             explained=float("nan"), rose=False):
     """The warning for a fit whose features fire on (almost) none of the rows.
 
     A penalty that outweighs every feature's use ends in codes of zero
     nearly everywhere, and in a run that can look converged: said apart,
     with its remedy. The top-k family (``k`` given) has no such penalty: its
     codes fall silent when the encoder's pre-activations all turned
-    negative, which a learning rate too high does.
+    negative, which a learning rate too high does. A penalised fit that
+    also reconstructs worse than the rows' mean (``explained`` below
+    -_LITTLE_EXPLAINED), or whose error ended above where it started
+    (``rose``), took steps too large: at learning_rate 1 the message blamed
+    l1_coef alone, and a tenth of it diverged.
     """
     text = (f"Features fire on almost no row: L0 is {l0:.3g} on {n_rows:,} training rows "
             "sampled after the fit, so most rows are reconstructed by the decoder bias "
@@ -749,6 +754,14 @@ def _silent_features_message(penalty_name, coef, l0, n_rows, k=None, learning_ra
                        f"(now {learning_rate:g}), for example by a factor of 10.")
     penalty = (f"The sparsity penalty ({penalty_name}={coef:g})" if penalty_name
                else "The sparsity penalty")
+    if explained < -_LITTLE_EXPLAINED or rose:
+        worse = (f"explained variance {explained:.2f}" if explained < -_LITTLE_EXPLAINED
+                 else "its error ended above where it started")
+        return text + (f"The fit also reconstructs its training rows worse than their mean "
+                       f"({worse}), as after steps too large: lower learning_rate (now "
+                       f"{learning_rate:g}) first, for example by a factor of 10; if features "
+                       f"still fire on almost no row, {penalty[0].lower() + penalty[1:]} "
+                       "outweighs what they explain, and lowering it helps.")
     return text + (f"{penalty} outweighs what the features explain on this data; lower it, "
                    "for example by a factor of 10, or use activation='topk', which keeps k "
                    "features active on every row.")
@@ -1827,7 +1840,8 @@ class SparseAutoencoderDictionary(
             return [_silent_features_message(activation.penalty_name, config.coef,
                                              self.transform_l0_, n_rows,
                                              k=self.k if activation.uses_k else None,
-                                             learning_rate=config.learning_rate)]
+                                             learning_rate=config.learning_rate,
+                                             explained=explained, rose=bool(rose))]
         if poor:
             return list(poor)
         n_dead = int((self.feature_frequencies_ == 0).sum())

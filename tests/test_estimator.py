@@ -1985,3 +1985,16 @@ def test_float64_rows_that_float32_rounds_together_are_told_to_be_centred(offset
     said = [str(w.message) for w in record]
     assert any("rounding error" in m and "X - X.mean(axis=0)" in m for m in said), said
     assert not any("Every row of X is the same" in m or "X has about" in m for m in said), said
+
+
+def test_features_silenced_by_steps_too_large_name_the_learning_rate():
+    # At learning_rate 1 the ReLU fit explained -1.4 of its rows and was told
+    # only that l1_coef (the default, 3) outweighs the features; a tenth of
+    # it diverged, where a learning rate of 0.1 explains 0.48.
+    X, _, _ = make_superposition(n_samples=2000, n_features=16, n_components=64,
+                                 random_state=0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        SparseAutoencoderDictionary(64, learning_rate=1.0, random_state=0).fit(X)
+    silent = [str(w.message) for w in record if "fire on almost no row" in str(w.message)]
+    assert silent and "lower learning_rate (now 1) first" in silent[0], silent
