@@ -23,7 +23,7 @@ from sklearn.base import (
     _fit_context,
 )
 from sklearn.decomposition import sparse_encode
-from sklearn.exceptions import NotFittedError
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.utils import check_array, gen_even_slices
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.parallel import Parallel, delayed
@@ -432,9 +432,27 @@ default="lasso_cd"
         # times the codes' memory when coded at once).
         codes = np.empty((X.shape[0], self.n_components_), dtype=X.dtype)
         rows = max(1, _BLOCK_BYTES // (8 * max(self.n_components_, X.shape[1])))
-        for start in range(0, X.shape[0], rows):
-            block = X[start:start + rows]
-            codes[start:start + len(block)] = self._code_block(block, gram, n_nonzero)
+        # scikit-learn's coordinate descent warns once for each row it stops
+        # at max_iter (472 warnings for 1,000 rows, each pointing into
+        # scikit-learn and at a parameter the caller may not have): counted
+        # here, and said once at the caller's line.
+        unconverged = 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            for start in range(0, X.shape[0], rows):
+                block = X[start:start + rows]
+                codes[start:start + len(block)] = self._code_block(block, gram, n_nonzero)
+        for w in caught:
+            if issubclass(w.category, ConvergenceWarning):
+                unconverged += 1
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if unconverged:
+            warn_at_caller(
+                f"Coordinate descent stopped at transform_max_iter={self.transform_max_iter} "
+                f"iterations before converging on {unconverged:,} of {X.shape[0]:,} rows: their "
+                "codes are near the lasso's optimum, not at it. Raise transform_max_iter (for "
+                "example tenfold), or code with algorithm 'lasso_lars'.", ConvergenceWarning)
         return codes
 
     def _code_block(self, X, gram, n_nonzero):

@@ -170,7 +170,7 @@ SAVED_DICTIONARY = _persist.folder_kind(
 # The parameters read at every transform, checked there (see
 # SparseAutoencoderDictionary._check_inference_params).
 _INFERENCE_PARAMS = ("k", "transform_algorithm", "transform_alpha", "transform_n_nonzero_coefs",
-                     "device")
+                     "transform_max_iter", "device")
 
 
 def _check_not_a_store(X):
@@ -1113,6 +1113,11 @@ class SparseAutoencoderDictionary(
         the default codes alike at any scale of ``X``; scikit-learn's
         ``DictionaryLearning`` takes 1.0 in the units of ``X``, which is the
         same for data of that order.
+    transform_max_iter : int, default=1000
+        The iterations of ``"lasso_cd"`` and ``"lasso_lars"`` per row, as
+        scikit-learn's ``transform_max_iter``. Rows whose coordinate descent
+        stops at this limit are counted in one ``ConvergenceWarning`` per
+        :meth:`transform`.
     bf16 : bool, default=False
         Run the matrix products in bfloat16 autocast: faster on recent GPUs,
         usually slower on CPUs.
@@ -1296,6 +1301,7 @@ class SparseAutoencoderDictionary(
         ],
         "transform_n_nonzero_coefs": [IntegerInterval(1, None, closed="left"), None],
         "transform_alpha": [Interval(Real, 0, None, closed="left"), None],
+        "transform_max_iter": [IntegerInterval(1, None, closed="left")],
         "bf16": ["boolean"],
         "sparse_step": ["boolean", StrOptions({"auto"})],
         "device_data_budget": [Interval(Real, 0, 1, closed="both")],
@@ -1330,6 +1336,7 @@ class SparseAutoencoderDictionary(
         transform_algorithm="encoder",
         transform_n_nonzero_coefs=None,
         transform_alpha=None,
+        transform_max_iter=1000,
         bf16=False,
         sparse_step="auto",
         device="auto",
@@ -1360,6 +1367,7 @@ class SparseAutoencoderDictionary(
         self.transform_algorithm = transform_algorithm
         self.transform_n_nonzero_coefs = transform_n_nonzero_coefs
         self.transform_alpha = transform_alpha
+        self.transform_max_iter = transform_max_iter
         self.bf16 = bf16
         self.sparse_step = sparse_step
         self.device = device
@@ -2156,6 +2164,7 @@ class SparseAutoencoderDictionary(
         # 0.09 in memory, 0.86 once saved and loaded). A checksum reads the
         # atoms once, little beside a solver's transform.
         settings = (self.transform_algorithm, self.transform_n_nonzero_coefs, self.transform_alpha,
+                    getattr(self, "transform_max_iter", 1000),
                     self.activation, self.k, self.scale_, _checksum(self.components_),
                     _checksum(self.decoder_bias_))
         coder = coders.get(settings)
@@ -2183,6 +2192,7 @@ class SparseAutoencoderDictionary(
                 alpha=self._transform_alpha(),
                 n_nonzero_coefs=n_nonzero,
                 offset=self.decoder_bias_,
+                transform_max_iter=getattr(self, "transform_max_iter", 1000),
             )
             width = np.zeros((1, self.n_features_in_), dtype=self.components_.dtype)
             coder = lasso.set_output(transform="default").fit(width)
@@ -2221,6 +2231,8 @@ class SparseAutoencoderDictionary(
     def __setstate__(self, state):
         super().__setstate__(state)
         self.device = _device_here(state.get("device", "auto"))
+        # Pickles from before the parameter: scikit-learn's default.
+        self.__dict__.setdefault("transform_max_iter", 1000)
 
     def save(self, path, *, overwrite=False):
         """Save the fitted dictionary to a folder: safetensors weights and JSON.

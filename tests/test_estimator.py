@@ -14,11 +14,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
 
 from sparse_dict import SparseAutoencoderDictionary
 from sparse_dict.datasets import make_superposition
 from sparse_dict.estimator import DivergenceError
-from sparse_dict.metrics import mean_max_cosine_similarity
+from sparse_dict.metrics import explained_variance, mean_max_cosine_similarity
 
 
 def small_sae(**kwargs):
@@ -1998,3 +1999,31 @@ def test_features_silenced_by_steps_too_large_name_the_learning_rate():
         SparseAutoencoderDictionary(64, learning_rate=1.0, random_state=0).fit(X)
     silent = [str(w.message) for w in record if "fire on almost no row" in str(w.message)]
     assert silent and "lower learning_rate (now 1) first" in silent[0], silent
+
+
+def test_coordinate_descent_s_unconverged_rows_are_said_once_with_the_parameter():
+    # One scikit-learn ConvergenceWarning a row (472 for 1,000 rows), each
+    # pointing into scikit-learn and at an iteration limit this estimator
+    # had no parameter for.
+    X, _, _ = make_superposition(n_samples=3000, n_features=16, n_components=64,
+                                 random_state=0)
+    sae = SparseAutoencoderDictionary(64, activation="topk", k=3, max_steps=300,
+                                      random_state=0).fit(X[:2000])
+    sae.set_params(transform_algorithm="lasso_cd", transform_alpha=0.1 / sae.scale_)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        codes = sae.transform(X[2000:])
+    said = [w for w in record if issubclass(w.category, ConvergenceWarning)]
+    assert len(said) == 1 and "transform_max_iter=1000" in str(said[0].message)
+    assert said[0].filename == __file__
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        more = sae.set_params(transform_max_iter=100_000).transform(X[2000:])
+
+    def rows(record):
+        found = [re.search(r"converging on ([\d,]+) of", str(w.message)) for w in record]
+        return sum(int(m.group(1).replace(",", "")) for m in found if m)
+
+    assert rows(again) < rows(said) / 5
+    assert explained_variance(X[2000:], sae.inverse_transform(more)) >= \
+        explained_variance(X[2000:], sae.inverse_transform(codes)) - 1e-6
