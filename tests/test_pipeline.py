@@ -998,3 +998,33 @@ def test_every_cuda_event_is_recorded_on_a_named_stream():
         source = inspect.getsource(module)
         assert re.search(r"\.record\(\w", source), module.__name__
         assert not re.search(r"\.record\(\s*\)", source), module.__name__
+
+
+def test_a_pinned_read_of_gpu_tensors_records_on_their_device_s_stream(monkeypatch):
+    # Recorded on current_stream(<the pinned host copy>.device), a CPU
+    # device, which raises on a GPU machine: every GPU fit failed (found
+    # before any GPU ran it). Simulated here: a tensor that reports cuda:1.
+    import torch.cuda._utils as cuda_utils
+
+    from sparse_dict._torch import pipeline
+
+    class OnGpu(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 1)
+
+    class Event:
+        def record(self, stream=None):
+            self.stream = stream
+
+        def synchronize(self):
+            pass
+
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: empty(*a, **k))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: (
+        "stream", cuda_utils._get_device_index(device, optional=True)))
+    read = pipeline.PinnedRead([torch.arange(3.0).as_subclass(OnGpu)])
+    assert read._event.stream == ("stream", 1)
+    np.testing.assert_array_equal(read.arrays()[0], [0.0, 1.0, 2.0])

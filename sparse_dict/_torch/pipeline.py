@@ -922,12 +922,14 @@ class PinnedRead:
     def __init__(self, tensors):
         self._event = None
         if tensors and tensors[0].device.type == "cuda":
+            device = tensors[0].device
             host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
             for h, t in zip(host, tensors):
                 h.copy_(t, non_blocking=True)
             tensors = host
             self._event = torch.cuda.Event()
-            self._event.record(torch.cuda.current_stream(tensors[0].device))
+            # On the device's stream, named before `tensors` became the host copies.
+            self._event.record(torch.cuda.current_stream(device))
         self._tensors = tensors
 
     def arrays(self):
