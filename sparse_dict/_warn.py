@@ -10,8 +10,10 @@ import warnings
 # some of this package's methods: on a GPU, four warnings pointed at
 # torch/utils/_contextlib.py), or at this package's own modules.
 # The standard library's pickle, copy and copyreg too: a pickled dictionary
-# warns as it loads, whether through pickle.loads, joblib.load or deepcopy.
-_SKIPPED = ("sparse_dict", "sklearn", "joblib", "torch", "pickle", "copy", "copyreg")
+# warns as it loads, whether through pickle.loads, joblib.load or deepcopy;
+# and contextlib, whose __exit__ runs this package's context managers.
+_SKIPPED = ("sparse_dict", "sklearn", "joblib", "torch", "pickle", "copy", "copyreg",
+            "contextlib")
 
 
 def _skipped(frame):

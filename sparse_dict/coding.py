@@ -9,6 +9,7 @@ same L0, than the autoencoder's one-matrix-product encoder does
 (:func:`amortisation_gap`).
 """
 
+import contextlib
 import warnings
 from numbers import Integral, Real
 
@@ -100,25 +101,47 @@ def _float_dtypes(X):
 
 # The rows coded at once are as many as fill about this many bytes of one
 # float64 array of (rows, max(n_components, n_features)).
-_BLOCK_BYTES = 1 << 25
+_BLOCK_BYTES = 1 << 24
 
 
-def _typical_size(X):
-    """The power of two nearest the median over rows of each row's largest
-    absolute entry (1 when that is 0).
+@contextlib.contextmanager
+def _unconverged_rows_said(max_iter, n_rows):
+    """Count coordinate descent's warnings of rows stopped at ``max_iter``, and say them once.
 
-    A median of maxima: no overflow for float32 values near their largest,
-    and a few outsized rows do not set it. A power of two divides exactly,
-    so a row's codes do not depend on the rows coded beside it.
+    scikit-learn warns once for each such row (472 warnings for 1,000 rows,
+    each pointing into scikit-learn and at a parameter the caller may not
+    have): counted, and said in one ConvergenceWarning at the caller's
+    line. Other warnings (LARS's among them) pass on as they were. With
+    ``n_jobs`` above 1 scikit-learn's workers warn in their own processes.
     """
-    if X.size == 0:
-        return 1.0
-    size = float(np.median(np.abs(X).max(axis=1)))
-    if not np.isfinite(size) or size == 0:
-        size = float(np.abs(X).max())
-    if not np.isfinite(size) or size == 0:
-        return 1.0
-    return float(np.ldexp(1.0, int(np.round(np.log2(size)))))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    unconverged = 0
+    for w in caught:
+        if (issubclass(w.category, ConvergenceWarning)
+                and str(w.message).startswith("Objective did not converge")):
+            unconverged += 1
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if unconverged:
+        warn_at_caller(
+            f"Coordinate descent stopped at transform_max_iter={max_iter} iterations before "
+            f"converging on {unconverged:,} of {n_rows:,} rows: their codes are near the "
+            "lasso's optimum, not at it. Raise transform_max_iter (for example tenfold).",
+            ConvergenceWarning)
+
+
+def _row_sizes(X):
+    """Each row's size: the power of two nearest its largest absolute entry (1 for a row of 0s).
+
+    A maximum: no overflow for float32 values near their largest.
+    """
+    largest = np.abs(X).max(axis=1).astype(np.float64) if X.shape[1] else np.zeros(len(X))
+    ok = np.isfinite(largest) & (largest > 0)
+    exponents = np.zeros(len(X))
+    exponents[ok] = np.round(np.log2(largest[ok]))
+    return np.ldexp(1.0, exponents.astype(np.int64))
 
 
 def _unit_atoms(atoms, gram):
@@ -420,6 +443,11 @@ default="lasso_cd"
         """
         check_is_fitted(self)
         X = validate_data(self, X, dtype=_float_dtypes(X), reset=False, order="C")
+        with _unconverged_rows_said(self.transform_max_iter, X.shape[0]):
+            return self._code(X)
+
+    def _code(self, X):
+        """The codes of validated rows, a block at a time; unconverged rows not yet said."""
         n_nonzero = self.n_nonzero_coefs
         if n_nonzero is None:
             n_nonzero = max(1, X.shape[1] // 10)
@@ -436,23 +464,9 @@ default="lasso_cd"
         # at max_iter (472 warnings for 1,000 rows, each pointing into
         # scikit-learn and at a parameter the caller may not have): counted
         # here, and said once at the caller's line.
-        unconverged = 0
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            for start in range(0, X.shape[0], rows):
-                block = X[start:start + rows]
-                codes[start:start + len(block)] = self._code_block(block, gram, n_nonzero)
-        for w in caught:
-            if issubclass(w.category, ConvergenceWarning):
-                unconverged += 1
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if unconverged:
-            warn_at_caller(
-                f"Coordinate descent stopped at transform_max_iter={self.transform_max_iter} "
-                f"iterations before converging on {unconverged:,} of {X.shape[0]:,} rows: their "
-                "codes are near the lasso's optimum, not at it. Raise transform_max_iter (for "
-                "example tenfold), or code with algorithm 'lasso_lars'.", ConvergenceWarning)
+        for start in range(0, X.shape[0], rows):
+            block = X[start:start + rows]
+            codes[start:start + len(block)] = self._code_block(block, gram, n_nonzero)
         return codes
 
     def _code_block(self, X, gram, n_nonzero):
@@ -473,13 +487,6 @@ default="lasso_cd"
                 # float32 resolution: solve in float64, return X's dtype.
                 X = X.astype(np.float64)
                 atoms = self.components_.astype(np.float64)
-            # scikit-learn's LARS and OMP stop on absolute tolerances (LARS
-            # at alpha_min plus float32's eps, OMP at a squared correlation
-            # of float64's eps): rows of typical entries 1e-5 lost most of
-            # their codes, silently. The lasso is homogeneous, c(tX, t alpha)
-            # = t c(X, alpha), so the rows are solved at unit size.
-            size = _typical_size(X)
-            X = X / np.asarray(size, dtype=X.dtype)
             scale = None
             if self.algorithm == "omp":
                 # scikit-learn's OMP picks atoms by their raw correlation:
@@ -487,25 +494,47 @@ default="lasso_cd"
                 # where the same directions of unit norm explained 0.93. It
                 # codes against unit atoms here, the codes scaled back.
                 atoms, gram, scale = _unit_atoms(atoms, gram)
-            codes = sparse_encode(
-                X,
-                atoms,
-                gram=None if gram is None else gram.astype(X.dtype, copy=False),
-                algorithm=self.algorithm,
-                n_nonzero_coefs=n_nonzero,
-                alpha=self.alpha / size,
-                max_iter=self.transform_max_iter,
-                n_jobs=self.n_jobs,
-                check_input=False,
-                positive=self.positive,
-            )
+            gram = None if gram is None else gram.astype(X.dtype, copy=False)
+            # scikit-learn's LARS and OMP stop on absolute tolerances (LARS
+            # at alpha_min plus float32's eps, OMP at a squared correlation
+            # of float64's eps): rows of typical entries 1e-5 lost most of
+            # their codes, silently. The lasso is homogeneous, c(tx, t alpha)
+            # = t c(x, alpha), so each row is solved at unit size: rows are
+            # grouped by the power of two nearest their largest entry, which
+            # divides exactly, so a row's codes do not depend on the rows
+            # coded beside it.
+            # (Thresholding has no tolerance, and coordinate descent's is
+            # relative to each row: they take the rows as they are.)
+            sizes = (_row_sizes(X) if self.algorithm in ("lasso_lars", "omp")
+                     else np.ones(len(X)))
+            groups = np.unique(sizes)
+            codes = None if len(groups) == 1 else np.empty((len(X), len(atoms)), X.dtype)
+            for size in groups:
+                rows = np.flatnonzero(sizes == size) if codes is not None else slice(None)
+                group = sparse_encode(
+                    X[rows] / np.asarray(size, dtype=X.dtype) if size != 1 else X[rows],
+                    atoms,
+                    gram=gram,
+                    algorithm=self.algorithm,
+                    n_nonzero_coefs=n_nonzero,
+                    alpha=self.alpha / size,
+                    max_iter=self.transform_max_iter,
+                    n_jobs=self.n_jobs,
+                    check_input=False,
+                    positive=self.positive,
+                )
+                if size != 1:
+                    group *= np.asarray(size, dtype=group.dtype)
+                if codes is None:
+                    codes = group
+                else:
+                    codes[rows] = group
             if self.positive:
                 # LARS can leave round-off negatives (~1e-17) on a
                 # degenerate path; a non-negative code must be exactly that.
                 np.maximum(codes, 0, out=codes)
             if scale is not None:
                 codes = codes * scale.astype(codes.dtype)
-            codes *= np.asarray(size, dtype=codes.dtype)
         return codes.astype(dtype, copy=False)
 
     def inverse_transform(self, X):

@@ -2129,13 +2129,19 @@ class SparseAutoencoderDictionary(
             coder = self._optimal_coder()
             if not sp.issparse(X):
                 return coder.transform(X)  # which codes a block of rows at a time
-            # Densified a block at a time, not whole.
+            # Densified a block at a time, not whole; the blocks' unconverged
+            # rows are said once, as for dense rows.
+            from sparse_dict.coding import _float_dtypes, _unconverged_rows_said
+
             codes = None
-            for start in range(0, X.shape[0], _INFERENCE_BATCH):
-                block = coder.transform(X[start:start + _INFERENCE_BATCH].toarray())
-                if codes is None:
-                    codes = np.empty((X.shape[0], block.shape[1]), dtype=block.dtype)
-                codes[start:start + len(block)] = block
+            with _unconverged_rows_said(self.transform_max_iter, X.shape[0]):
+                for start in range(0, X.shape[0], _INFERENCE_BATCH):
+                    rows = X[start:start + _INFERENCE_BATCH].toarray()
+                    block = coder._code(validate_data(coder, rows, reset=False, order="C",
+                                                      dtype=_float_dtypes(rows)))
+                    if codes is None:
+                        codes = np.empty((X.shape[0], block.shape[1]), dtype=block.dtype)
+                    codes[start:start + len(block)] = block
             return codes
         return encode_array(
             self._fitted_tensors(), self._fitted_activation(), X,

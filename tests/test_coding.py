@@ -508,3 +508,30 @@ def test_the_feature_names_warning_points_at_the_caller_s_line(superposition):
     with pytest.warns(UserWarning, match="X has no feature names") as record:
         LassoCoder(learned).fit(X)
     assert __file__ in {w.filename for w in record}
+
+
+def test_a_row_s_solver_codes_do_not_depend_on_the_rows_beside_it(superposition):
+    # One size for a whole block: a row of 1e-6 among rows of 1 was coded
+    # as nothing by LARS, and alone with 10 atoms.
+    X, true_atoms, _ = superposition
+    rows = np.vstack([X[:1] * 1e-6, X[1:50]])
+    for params in (dict(algorithm="lasso_lars", alpha=1e-9), dict(algorithm="omp",
+                                                                  positive=False)):
+        coder = LassoCoder(true_atoms, **params).fit(X)
+        alone = coder.transform(rows[:1])
+        assert np.count_nonzero(alone) > 0
+        np.testing.assert_allclose(coder.transform(rows)[:1], alone, rtol=1e-6, atol=1e-18)
+
+
+def test_lars_s_own_warnings_are_not_called_coordinate_descent_s():
+    # Every ConvergenceWarning was counted as a row stopped at max_iter by
+    # coordinate descent, LARS's "Regressors in active set degenerate" too.
+    rng = np.random.RandomState(0)
+    atoms = rng.standard_normal((8, 6))
+    atoms = np.vstack([atoms, atoms + 1e-9 * rng.standard_normal(atoms.shape)])
+    X = np.abs(rng.standard_normal((100, 8))) @ atoms[:8]
+    coder = LassoCoder(atoms, algorithm="lasso_lars", alpha=1e-6).fit(X)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        coder.transform(X)
+    assert not [w for w in record if "Coordinate descent" in str(w.message)]

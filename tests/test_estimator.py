@@ -2027,3 +2027,41 @@ def test_coordinate_descent_s_unconverged_rows_are_said_once_with_the_parameter(
     assert rows(again) < rows(said) / 5
     assert explained_variance(X[2000:], sae.inverse_transform(more)) >= \
         explained_variance(X[2000:], sae.inverse_transform(codes)) - 1e-6
+
+
+def test_sparse_rows_unconverged_in_several_blocks_are_said_once(monkeypatch):
+    # Each 8,192-row block of a sparse X gave its own warning, each naming
+    # its block as the whole.
+    from sparse_dict import estimator
+
+    X, _, _ = make_superposition(n_samples=600, n_features=16, n_components=64,
+                                 random_state=0)
+    sae = SparseAutoencoderDictionary(64, activation="topk", k=3, max_steps=100,
+                                      random_state=0).fit(X)
+    sae.set_params(transform_algorithm="lasso_cd", transform_alpha=0.01 / sae.scale_,
+                   transform_max_iter=2)
+    monkeypatch.setattr(estimator, "_INFERENCE_BATCH", 256)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        codes = sae.transform(sp.csr_matrix(X))
+    said = [str(w.message) for w in record if issubclass(w.category, ConvergenceWarning)]
+    assert len(said) == 1 and "of 600 rows" in said[0], said
+    np.testing.assert_allclose(codes, sae.transform(X), rtol=1e-5, atol=1e-6)
+
+
+def test_a_loaded_dictionary_s_rare_features_stay_alive_in_its_stream(tmp_path):
+    # Counts resumed over at most 8,192 rows and those under half a firing
+    # set to 0: features rarer than one in 16,384 rows read dead after one
+    # partial_fit of the loaded dictionary, alive in memory.
+    X, _, _ = make_superposition(n_samples=60_000, n_features=16, n_components=64,
+                                 random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sae = SparseAutoencoderDictionary(1024, activation="topk", k=2, max_steps=300,
+                                          auxk_coef=0.0, resample_dead=False,
+                                          random_state=0).fit(X)
+        rare = (sae.feature_frequencies_ > 0) & (sae.feature_frequencies_ < 0.5 / 8192)
+        assert rare.any()
+        loaded = SparseAutoencoderDictionary.load(sae.save(tmp_path / "d"))
+        loaded.partial_fit(X[:1])
+    assert np.all(loaded.feature_frequencies_[rare] > 0)

@@ -160,7 +160,7 @@ def test_sample_rows_of_a_large_input_without_a_full_permutation():
     assert len(np.unique(rows)) == len(rows)
 
 
-def _judged(mse, rows, run_start=0, data_variance=None, messages=False):
+def _judged(mse, rows, run_start=0, data_variance=None, messages=False, l0=5.0):
     from types import SimpleNamespace
 
     from sparse_dict._torch.activations import ReLU
@@ -168,7 +168,7 @@ def _judged(mse, rows, run_start=0, data_variance=None, messages=False):
 
     history = np.zeros((len(mse), 5))
     history[:, 0] = history[:, 1] = mse
-    history[:, 3] = 5.0
+    history[:, 3] = l0
     trainer = SimpleNamespace(history=history, history_rows=np.asarray(rows, dtype=float),
                               run_start=run_start, variance=1.0, seen=None,
                               model=SimpleNamespace(activation=ReLU()))
@@ -231,9 +231,15 @@ def test_a_fit_no_better_than_the_mean_names_its_likely_causes():
     # Fell from its start, then ended above the mean's error (1.0) without
     # doubling it: too large a step, or too strong a penalty.
     mse = np.concatenate([np.linspace(3.0, 0.5, 30), np.full(40, 1.4)])
-    (kind, message), = [p for p in _judged(mse, [16] * 70, messages=True) if p[0] != "unconverged"]
+    (kind, message), = [p for p in _judged(mse, [16] * 70, messages=True, l0=0.2)
+                        if p[0] != "unconverged"]
     assert kind == "poor"
     assert "lower l1_coef" in message and "lower learning_rate" in message
+    # With features firing (an L0 of 5) the penalty silences nothing: the
+    # message named it at an L0 of 31.
+    (kind, message), = [p for p in _judged(mse, [16] * 70, messages=True) if p[0] != "unconverged"]
+    assert kind == "poor"
+    assert "l1_coef" not in message and "lower learning_rate" in message
     # Never fell from its start: too small a step, or too few.
     (kind, message), = [p for p in _judged(np.full(70, 1.5), [16] * 70, messages=True)
                         if p[0] != "unconverged"]

@@ -1220,8 +1220,11 @@ class Trainer:
         ``_STREAM_FREQUENCY_ROWS`` rows are assumed.
         """
         rows = float(min(max(rows, 0), _STREAM_FREQUENCY_ROWS))
-        frequencies = np.nan_to_num(np.asarray(frequencies, dtype=np.float64))
-        self.pass_fired = _forgotten(np.clip(frequencies, 0.0, 1.0) * rows)
+        frequencies = np.clip(np.nan_to_num(np.asarray(frequencies, dtype=np.float64)), 0, 1)
+        # A feature that fired counts as one firing at least: rarer than one
+        # in these rows, it was counted 0 (dead) after a load, where the
+        # dictionary in memory kept it.
+        self.pass_fired = np.where(frequencies > 0, np.maximum(frequencies * rows, 1.0), 0.0)
         self.pass_rows = rows
 
     def _parameter_digest(self):
@@ -2082,7 +2085,7 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
     # calls was told so at 13 calls in a row inside its 100 warm-up steps,
     # then explained 0.70 of held-out rows (a tenth of the learning rate,
     # as the message advised, left it at -0.22).
-    warmed = trainer.step >= config.warmup_steps + window
+    warmed = len(trainer.history) >= config.warmup_steps + window  # steps so far
     if np.isfinite(end) and not rose and judged and warmed and (
             mean_error > 0 and end > max(mean_error, rounding)):
         l0_end = float(np.average(trainer.history[-tail:, 3], weights=rows[-tail:]))
