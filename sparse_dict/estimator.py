@@ -1498,6 +1498,14 @@ class SparseAutoencoderDictionary(
         :meth:`load`). There is no final learning-rate decay, since the end
         of training is not known.
 
+        A call is not judged as :meth:`fit` judges a finished run: a stream
+        gets the warnings of bad training (a divergence, a fit that explains
+        nothing, features that fire on almost no row) and of the first
+        call's rows, but not those of shrunk codes, outlier rows, dead
+        features or an unconverged run, since more calls may follow. To have
+        a stream's end judged, :meth:`score` held-out rows, or compare a
+        :meth:`fit` on a sample of them.
+
         Parameters
         ----------
         X : {array-like, sparse matrix} of shape (n_samples, n_features)
