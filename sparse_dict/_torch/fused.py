@@ -465,7 +465,8 @@ def residual_(y, bias, x, gx, err, scale, launch=None):
     with _on(y.device):
         _kernels().residual[grid](
             y, bias, x, gx, err, sums[d:], gx_sums, n_rows, d, y.stride(0), x.stride(0),
-            gx.stride(0), err.stride(0), float(scale), GX_BF16=gx.dtype == torch.bfloat16, BLOCK_R=block_r,
+            gx.stride(0), err.stride(0), float(scale), GX_BF16=gx.dtype == torch.bfloat16,
+            BLOCK_R=block_r,
             BLOCK_D=block_d, TILES=tiles, num_warps=4,
         )
     return sse, gx_sums
