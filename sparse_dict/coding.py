@@ -104,6 +104,34 @@ def _float_dtypes(X):
 _BLOCK_BYTES = 1 << 24
 
 
+def _sparse_encode_rows(X, atoms, n_jobs, **params):
+    """scikit-learn's ``sparse_encode`` over the rows, split between ``n_jobs`` workers.
+
+    Split here rather than by ``sparse_encode``'s own ``n_jobs``: its workers
+    warned in their own processes (one line a row on the console, none
+    that the caller could catch or :func:`_unconverged_rows_said` count);
+    here each worker's warnings are brought back and given again in this
+    process.
+    """
+    n_jobs = min(effective_n_jobs(n_jobs), X.shape[0])
+    if n_jobs <= 1:
+        return sparse_encode(X, atoms, n_jobs=None, **params)
+    parts = Parallel(n_jobs=n_jobs)(
+        delayed(_encode_part)(X[rows], atoms, params) for rows in gen_even_slices(len(X), n_jobs))
+    for _, said in parts:
+        for message, category in said:
+            warnings.warn(message, category)
+    return np.vstack([codes for codes, _ in parts])
+
+
+def _encode_part(X, atoms, params):
+    """``sparse_encode`` of some rows in a worker, with the warnings it gave."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        codes = sparse_encode(X, atoms, n_jobs=None, **params)
+    return codes, [(str(w.message), w.category) for w in caught]
+
+
 @contextlib.contextmanager
 def _unconverged_rows_said(max_iter, n_rows):
     """Count coordinate descent's warnings of rows stopped at ``max_iter``, and say them once.
@@ -111,8 +139,7 @@ def _unconverged_rows_said(max_iter, n_rows):
     scikit-learn warns once for each such row (472 warnings for 1,000 rows,
     each pointing into scikit-learn and at a parameter the caller may not
     have): counted, and said in one ConvergenceWarning at the caller's
-    line. Other warnings (LARS's among them) pass on as they were. With
-    ``n_jobs`` above 1 scikit-learn's workers warn in their own processes.
+    line. Other warnings (LARS's among them) pass on as they were.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -511,15 +538,15 @@ default="lasso_cd"
             codes = None if len(groups) == 1 else np.empty((len(X), len(atoms)), X.dtype)
             for size in groups:
                 rows = np.flatnonzero(sizes == size) if codes is not None else slice(None)
-                group = sparse_encode(
+                group = _sparse_encode_rows(
                     X[rows] / np.asarray(size, dtype=X.dtype) if size != 1 else X[rows],
                     atoms,
+                    self.n_jobs,
                     gram=gram,
                     algorithm=self.algorithm,
                     n_nonzero_coefs=n_nonzero,
                     alpha=self.alpha / size,
                     max_iter=self.transform_max_iter,
-                    n_jobs=self.n_jobs,
                     check_input=False,
                     positive=self.positive,
                 )

@@ -535,3 +535,17 @@ def test_lars_s_own_warnings_are_not_called_coordinate_descent_s():
         warnings.simplefilter("always")
         coder.transform(X)
     assert not [w for w in record if "Coordinate descent" in str(w.message)]
+
+
+def test_unconverged_rows_of_several_workers_are_said_once(superposition):
+    # With n_jobs=2 scikit-learn's workers printed one warning a row in
+    # their own processes, and none reached the caller.
+    X, true_atoms, _ = superposition
+    params = dict(algorithm="lasso_cd", alpha=0.01, transform_max_iter=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        codes = LassoCoder(true_atoms, n_jobs=2, **params).fit(X).transform(X[:100])
+    said = [str(w.message) for w in record if "Coordinate descent" in str(w.message)]
+    assert len(said) == 1 and "of 100 rows" in said[0], said
+    np.testing.assert_allclose(codes, LassoCoder(true_atoms, **params).fit(X).transform(X[:100]),
+                               rtol=1e-6, atol=1e-9)
