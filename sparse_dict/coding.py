@@ -485,12 +485,12 @@ default="lasso_cd"
         # A block of rows at a time: the solvers hold several float64 arrays
         # of (rows, n_components) (100,000 rows of 1,024 atoms peaked at 5.6
         # times the codes' memory when coded at once).
-        codes = np.empty((X.shape[0], self.n_components_), dtype=X.dtype)
         rows = max(1, _BLOCK_BYTES // (8 * max(self.n_components_, X.shape[1])))
-        # scikit-learn's coordinate descent warns once for each row it stops
-        # at max_iter (472 warnings for 1,000 rows, each pointing into
-        # scikit-learn and at a parameter the caller may not have): counted
-        # here, and said once at the caller's line.
+        if X.shape[0] <= rows:
+            # One block: its codes as they come (copying them into a C-ordered
+            # array doubled thresholding's time).
+            return self._code_block(X, gram, n_nonzero)
+        codes = np.empty((X.shape[0], self.n_components_), dtype=X.dtype)
         for start in range(0, X.shape[0], rows):
             block = X[start:start + rows]
             codes[start:start + len(block)] = self._code_block(block, gram, n_nonzero)
@@ -536,7 +536,8 @@ default="lasso_cd"
                      else np.ones(len(X)))
             groups = np.unique(sizes)
             codes = None if len(groups) == 1 else np.empty((len(X), len(atoms)), X.dtype)
-            for size in groups:
+            for size in groups.tolist():  # Python floats: a numpy float64 alpha made
+                # thresholding's float32 arithmetic float64, and twice as slow
                 rows = np.flatnonzero(sizes == size) if codes is not None else slice(None)
                 group = _sparse_encode_rows(
                     X[rows] / np.asarray(size, dtype=X.dtype) if size != 1 else X[rows],
