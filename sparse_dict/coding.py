@@ -10,6 +10,7 @@ same L0, than the autoencoder's one-matrix-product encoder does
 """
 
 import contextlib
+import functools
 import warnings
 from numbers import Integral, Real
 
@@ -104,31 +105,30 @@ def _float_dtypes(X):
 _BLOCK_BYTES = 1 << 24
 
 
-def _sparse_encode_rows(X, atoms, n_jobs, **params):
-    """scikit-learn's ``sparse_encode`` over the rows, split between ``n_jobs`` workers.
+def _rows_in_parallel(code, X, n_jobs, *args):
+    """``code(rows, *args)`` over ``X``'s rows split between ``n_jobs`` joblib workers, stacked.
 
-    Split here rather than by ``sparse_encode``'s own ``n_jobs``: its workers
-    warned in their own processes (one line a row on the console, none
-    that the caller could catch or :func:`_unconverged_rows_said` count);
-    here each worker's warnings are brought back and given again in this
-    process.
+    The workers' warnings are brought back and given again in this process:
+    scikit-learn's ``sparse_encode``, left to split the rows itself, warned
+    in its workers' processes (one line a row on the console, none that the
+    caller could catch or :func:`_unconverged_rows_said` count).
     """
     n_jobs = min(effective_n_jobs(n_jobs), X.shape[0])
     if n_jobs <= 1:
-        return sparse_encode(X, atoms, n_jobs=None, **params)
-    parts = Parallel(n_jobs=n_jobs)(
-        delayed(_encode_part)(X[rows], atoms, params) for rows in gen_even_slices(len(X), n_jobs))
+        return code(X, *args)
+    parts = Parallel(n_jobs=n_jobs)(delayed(_with_warnings)(code, X[rows], *args)
+                                    for rows in gen_even_slices(X.shape[0], n_jobs))
     for _, said in parts:
         for message, category in said:
             warnings.warn(message, category)
     return np.vstack([codes for codes, _ in parts])
 
 
-def _encode_part(X, atoms, params):
-    """``sparse_encode`` of some rows in a worker, with the warnings it gave."""
+def _with_warnings(code, X, *args):
+    """``code(X, *args)`` in a worker, with the warnings it gave."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        codes = sparse_encode(X, atoms, n_jobs=None, **params)
+        codes = code(X, *args)
     return codes, [(str(w.message), w.category) for w in caught]
 
 
@@ -459,8 +459,8 @@ default="lasso_cd"
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
-            Data to code.
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Data to code; sparse rows are made dense a block at a time.
 
         Returns
         -------
@@ -469,7 +469,8 @@ default="lasso_cd"
             float16 gives float32).
         """
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=_float_dtypes(X), reset=False, order="C")
+        X = validate_data(self, X, dtype=_float_dtypes(X), reset=False, order="C",
+                          accept_sparse="csr")
         with _unconverged_rows_said(self.transform_max_iter, X.shape[0]):
             return self._code(X)
 
@@ -479,49 +480,56 @@ default="lasso_cd"
         if n_nonzero is None:
             n_nonzero = max(1, X.shape[1] // 10)
         n_nonzero = min(n_nonzero, self.n_components_)
-        gram = self._gram
-        if gram is None and self.algorithm != "threshold":
-            gram = _gram(self.components_)
-        # A block of rows at a time: the solvers hold several float64 arrays
-        # of (rows, n_components) (100,000 rows of 1,024 atoms peaked at 5.6
-        # times the codes' memory when coded at once).
+        dictionary = self._dictionary(X.dtype)
+        # A block of rows at a time (sparse rows densified a block at a
+        # time): the solvers hold several float64 arrays of (rows,
+        # n_components) (100,000 rows of 1,024 atoms peaked at 5.6 times the
+        # codes' memory when coded at once).
         rows = max(1, _BLOCK_BYTES // (8 * max(self.n_components_, X.shape[1])))
         if X.shape[0] <= rows:
             # One block: its codes as they come (copying them into a C-ordered
             # array doubled thresholding's time).
-            return self._code_block(X, gram, n_nonzero)
+            return self._code_block(X, dictionary, n_nonzero)
         codes = np.empty((X.shape[0], self.n_components_), dtype=X.dtype)
         for start in range(0, X.shape[0], rows):
             block = X[start:start + rows]
-            codes[start:start + len(block)] = self._code_block(block, gram, n_nonzero)
+            codes[start:start + block.shape[0]] = self._code_block(block, dictionary, n_nonzero)
         return codes
 
-    def _code_block(self, X, gram, n_nonzero):
+    def _dictionary(self, dtype):
+        """The atoms, their Gram matrix and the codes' scale back, as the solver takes them.
+
+        Made once for all the blocks of a transform: for OMP a Gram matrix
+        of unit atoms (2 GB for 16,384 atoms) would otherwise be made again
+        for each block.
+        """
+        gram = self._gram
+        if gram is None and self.algorithm != "threshold":
+            gram = _gram(self.components_)
+        if self.algorithm == "omp" and self.positive:
+            return self.components_.astype(dtype, copy=False), gram, None
+        # sparse_encode fixes coordinate descent's tol at 1e-8, below float32
+        # resolution: it solves in float64, and the codes return in X's dtype.
+        work = np.float64 if self.algorithm == "lasso_cd" else dtype
+        atoms, scale = self.components_.astype(work, copy=False), None
+        if self.algorithm == "omp":
+            # scikit-learn's OMP picks atoms by their raw correlation: atoms
+            # of norms from 0.2 to 5 explained 0.73 of the rows where the
+            # same directions of unit norm explained 0.93. It codes against
+            # unit atoms here, the codes scaled back.
+            atoms, gram, scale = _unit_atoms(atoms, gram)
+        return atoms, (None if gram is None else gram.astype(work, copy=False)), scale
+
+    def _code_block(self, X, dictionary, n_nonzero):
         """The codes of the rows ``X`` (as validated by :meth:`transform`)."""
+        atoms, gram, scale = dictionary
+        X = X.toarray() if sp.issparse(X) else X
         dtype = X.dtype
-        atoms = self.components_.astype(dtype, copy=False)
         X = X - self.offset_.astype(dtype, copy=False)
         if self.algorithm == "omp" and self.positive:
-            n_jobs = min(effective_n_jobs(self.n_jobs), X.shape[0])
-            chunks = Parallel(n_jobs=n_jobs)(
-                delayed(_nonnegative_omp)(X[rows], atoms, gram, n_nonzero)
-                for rows in gen_even_slices(X.shape[0], n_jobs)
-            )
-            codes = np.vstack(chunks)
+            codes = _rows_in_parallel(_nonnegative_omp, X, self.n_jobs, atoms, gram, n_nonzero)
         else:
-            if self.algorithm == "lasso_cd":
-                # sparse_encode fixes coordinate descent's tol at 1e-8, below
-                # float32 resolution: solve in float64, return X's dtype.
-                X = X.astype(np.float64)
-                atoms = self.components_.astype(np.float64)
-            scale = None
-            if self.algorithm == "omp":
-                # scikit-learn's OMP picks atoms by their raw correlation:
-                # atoms of norms from 0.2 to 5 explained 0.73 of the rows
-                # where the same directions of unit norm explained 0.93. It
-                # codes against unit atoms here, the codes scaled back.
-                atoms, gram, scale = _unit_atoms(atoms, gram)
-            gram = None if gram is None else gram.astype(X.dtype, copy=False)
+            X = X.astype(atoms.dtype, copy=False)
             # scikit-learn's LARS and OMP stop on absolute tolerances (LARS
             # at alpha_min plus float32's eps, OMP at a squared correlation
             # of float64's eps): rows of typical entries 1e-5 lost most of
@@ -539,18 +547,14 @@ default="lasso_cd"
             for size in groups.tolist():  # Python floats: a numpy float64 alpha made
                 # thresholding's float32 arithmetic float64, and twice as slow
                 rows = np.flatnonzero(sizes == size) if codes is not None else slice(None)
-                group = _sparse_encode_rows(
-                    X[rows] / np.asarray(size, dtype=X.dtype) if size != 1 else X[rows],
-                    atoms,
-                    self.n_jobs,
-                    gram=gram,
-                    algorithm=self.algorithm,
-                    n_nonzero_coefs=n_nonzero,
-                    alpha=self.alpha / size,
-                    max_iter=self.transform_max_iter,
-                    check_input=False,
-                    positive=self.positive,
-                )
+                encode = functools.partial(
+                    sparse_encode, gram=gram, algorithm=self.algorithm,
+                    n_nonzero_coefs=n_nonzero, alpha=self.alpha / size,
+                    max_iter=self.transform_max_iter, n_jobs=None, check_input=False,
+                    positive=self.positive)
+                group = _rows_in_parallel(
+                    encode, X[rows] / np.asarray(size, dtype=X.dtype) if size != 1 else X[rows],
+                    self.n_jobs, atoms)
                 if size != 1:
                     group *= np.asarray(size, dtype=group.dtype)
                 if codes is None:

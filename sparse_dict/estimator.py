@@ -2108,8 +2108,7 @@ class SparseAutoencoderDictionary(
             coder = self._optimal_coder()
 
             def reconstruct(rows):
-                return self._decode(coder.transform(rows.toarray() if sp.issparse(rows)
-                                                    else rows))
+                return self._decode(coder.transform(rows))
         return float(_explained_variance(X, lambda rows: reconstruct(X[rows])))
 
     def _check_inference_params(self):
@@ -2134,23 +2133,8 @@ class SparseAutoencoderDictionary(
 
     def _encode(self, X):
         if self.transform_algorithm != "encoder":
-            coder = self._optimal_coder()
-            if not sp.issparse(X):
-                return coder.transform(X)  # which codes a block of rows at a time
-            # Densified a block at a time, not whole; the blocks' unconverged
-            # rows are said once, as for dense rows.
-            from sparse_dict.coding import _float_dtypes, _unconverged_rows_said
-
-            codes = None
-            with _unconverged_rows_said(self.transform_max_iter, X.shape[0]):
-                for start in range(0, X.shape[0], _INFERENCE_BATCH):
-                    rows = X[start:start + _INFERENCE_BATCH].toarray()
-                    block = coder._code(validate_data(coder, rows, reset=False, order="C",
-                                                      dtype=_float_dtypes(rows)))
-                    if codes is None:
-                        codes = np.empty((X.shape[0], block.shape[1]), dtype=block.dtype)
-                    codes[start:start + len(block)] = block
-            return codes
+            # Sparse rows too, made dense a block at a time by the coder.
+            return self._optimal_coder().transform(X)
         return encode_array(
             self._fitted_tensors(), self._fitted_activation(), X,
             _INFERENCE_BATCH, resolve_device(self.device), _result_dtype(X),
@@ -2178,7 +2162,7 @@ class SparseAutoencoderDictionary(
         # 0.09 in memory, 0.86 once saved and loaded). A checksum reads the
         # atoms once, little beside a solver's transform.
         settings = (self.transform_algorithm, self.transform_n_nonzero_coefs, self.transform_alpha,
-                    getattr(self, "transform_max_iter", 1000),
+                    self.transform_max_iter,
                     self.activation, self.k, self.scale_, _checksum(self.components_),
                     _checksum(self.decoder_bias_))
         coder = coders.get(settings)
@@ -2206,7 +2190,7 @@ class SparseAutoencoderDictionary(
                 alpha=self._transform_alpha(),
                 n_nonzero_coefs=n_nonzero,
                 offset=self.decoder_bias_,
-                transform_max_iter=getattr(self, "transform_max_iter", 1000),
+                transform_max_iter=self.transform_max_iter,
             )
             width = np.zeros((1, self.n_features_in_), dtype=self.components_.dtype)
             coder = lasso.set_output(transform="default").fit(width)

@@ -168,8 +168,8 @@ def explained_variance(X, X_hat):
         means, negative when worse than that. When ``X`` has no variance
         (for instance a single row) the score is 1.0 for a perfect
         reconstruction and 0.0 otherwise (scikit-learn's ``r2_score`` gives
-        NaN for a single row); a reconstruction worse than the mean by more than float64 can hold
-        scores ``-inf``.
+        NaN for a single row); a reconstruction worse than the mean by more
+        than float64 can hold scores ``-inf``.
 
     Examples
     --------

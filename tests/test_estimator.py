@@ -1911,11 +1911,11 @@ def test_a_loaded_stream_s_firing_frequencies_go_on(tmp_path):
 @pytest.mark.parametrize("algorithm", ["omp", "threshold"])
 def test_a_solver_codes_sparse_rows_a_block_at_a_time_as_dense_ones(X, monkeypatch,
                                                                     algorithm):
-    from sparse_dict import estimator
+    from sparse_dict import coding
 
     sae = small_sae(random_state=0).fit(X).set_params(transform_algorithm=algorithm)
     dense = sae.transform(X)
-    monkeypatch.setattr(estimator, "_INFERENCE_BATCH", 7)
+    monkeypatch.setattr(coding, "_BLOCK_BYTES", 8 * sae.n_components_ * 7)  # 7 rows a block
     codes = sae.transform(sp.csr_matrix(X))
     assert codes.dtype == dense.dtype
     np.testing.assert_allclose(codes, dense, rtol=1e-5, atol=1e-6)
@@ -2032,7 +2032,7 @@ def test_coordinate_descent_s_unconverged_rows_are_said_once_with_the_parameter(
 def test_sparse_rows_unconverged_in_several_blocks_are_said_once(monkeypatch):
     # Each 8,192-row block of a sparse X gave its own warning, each naming
     # its block as the whole.
-    from sparse_dict import estimator
+    from sparse_dict import coding
 
     X, _, _ = make_superposition(n_samples=600, n_features=16, n_components=64,
                                  random_state=0)
@@ -2040,7 +2040,7 @@ def test_sparse_rows_unconverged_in_several_blocks_are_said_once(monkeypatch):
                                       random_state=0).fit(X)
     sae.set_params(transform_algorithm="lasso_cd", transform_alpha=0.01 / sae.scale_,
                    transform_max_iter=2)
-    monkeypatch.setattr(estimator, "_INFERENCE_BATCH", 256)
+    monkeypatch.setattr(coding, "_BLOCK_BYTES", 8 * 64 * 256)  # 256 rows a block
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         codes = sae.transform(sp.csr_matrix(X))

@@ -691,7 +691,7 @@ class Trainer:
         self._export_started = None
         # A caller's checks of the data that run beside the first steps
         # (train's verdict), while they are pending.
-        self._verdict = None
+        self._verdict = self._carried = None
 
     @property
     def dead_lag(self):
@@ -1174,7 +1174,7 @@ class Trainer:
         """:meth:`_read_pass`, then :meth:`_count_whole_pass`: a pass's figures, in pass order."""
         self._read_pass(end)
         full_pass = self._count_whole_pass(n_samples, full_pass)
-        carried, self._carried = getattr(self, "_carried", None), None
+        carried, self._carried = self._carried, None
         if carried is not None:
             self.carry_counts_(*carried)
         return full_pass
@@ -1270,7 +1270,7 @@ class Trainer:
         params = list(model.parameters())
         fired_total = torch.zeros(n_components, dtype=torch.float64, device=device)
         stats_list, rows_list, pool = [], [], []
-        if not hasattr(self, "resample_checked"):
+        if self.resample_checked is None:
             # A pickle of a trainer older than the record: it checked at
             # multiples of the interval.
             self.resample_checked = self.step - self.step % max(config.resample_interval, 1)
@@ -1832,14 +1832,14 @@ class Trainer:
             # Without these a resumed stream (a pickle, a rolled-back call)
             # checked for dead features at other steps, and its first AuxK
             # step was scaled by its own error, not the last step's.
-            "resample_checked": getattr(self, "resample_checked", None),
+            "resample_checked": self.resample_checked,
             "residual_power": (None if self._residual_power is None
                                else cpu(self._residual_power)),
         }
 
     def __setstate__(self, state):
         self.device = torch.device("cpu")
-        self._export_into = self._export_started = self._verdict = None
+        self._export_into = self._export_started = self._verdict = self._carried = None
         self.seed = state["seed"]
         self.model = SparseAutoencoder(
             state["n_features"], state["n_components"], state["activation"], initialize=False
@@ -1865,11 +1865,9 @@ class Trainer:
                                        dtype=np.float64).copy()
         self.pass_fired = state["pass_fired"].copy()
         self.pass_rows = state["pass_rows"]
-        # A pickle older than the record leaves it unset: train() then takes
-        # the multiples of the interval at which such a trainer checked.
-        self.__dict__.pop("resample_checked", None)
-        if state.get("resample_checked") is not None:
-            self.resample_checked = state["resample_checked"]
+        # None in a pickle older than the record: train() then takes the
+        # multiples of the interval at which such a trainer checked.
+        self.resample_checked = state.get("resample_checked")
 
 
 def _forgotten(counts):
