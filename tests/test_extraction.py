@@ -999,6 +999,126 @@ def test_blocks_laid_out_tokens_first_are_read_text_by_text():
     assert result.cosine_spliced == pytest.approx(1.0)
 
 
+class _AttentionBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x, key_padding_mask=None):
+        return x + self.attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+
+
+class _MasklessEncoder(nn.Module):
+    """A bidirectional encoder whose forward takes no attention_mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.layers = nn.ModuleList([_AttentionBlock(), _AttentionBlock()])
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_module_without_a_mask_is_never_padded():
+    # Its padding was attended to: with batch_size=3 the rows of the two
+    # short texts were 10% and 16% off their values alone, silently.
+    torch.manual_seed(0)
+    model = _MasklessEncoder().eval()
+    seqs = [[1, 2, 3, 4, 5, 6, 7, 8], [7, 8], [9, 10, 11], [3, 4], [5, 6]]
+    with torch.no_grad():
+        expected = np.concatenate(
+            [model.layers[0](model.embed(torch.tensor([s])))[0].numpy() for s in seqs])
+    ext = TransformerActivationExtractor(model, hook="resid_post", layer=0, batch_size=3,
+                                         device="cpu").fit(seqs)
+    np.testing.assert_allclose(ext.transform(seqs), expected, rtol=1e-5, atol=1e-6)
+    batches = list(ext.batches(seqs))
+    assert all(bool(mask.all()) for _, _, mask in batches)
+    # Longest first, of one length each: [8], [3], then the three of 2.
+    assert [len(chunk) for chunk, _, _ in batches] == [1, 1, 3]
+
+
+def test_a_model_masked_by_name_is_still_padded():
+    # A forward that takes attention_mask is told where the padding is, so
+    # texts of different lengths share a batch.
+    ext = TransformerActivationExtractor(batch_size=3).fit(TEXTS)
+    seqs = ext.token_ids(TEXTS)
+    assert len(set(map(len, seqs))) > 1
+    assert len(list(ext.batches(seqs))) == -(-len(seqs) // 3)
+
+
+class _NaNPaddingEncoder(nn.Module):
+    """Masks padded queries too, so its padded positions are NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.layers = nn.ModuleList(nn.Linear(16, 48) for _ in range(2))
+
+    def forward(self, input_ids, attention_mask=None):
+        m = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).bool()
+        allowed = m[:, :, None] & m[:, None, :]
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            q, k, v = layer(x).chunk(3, -1)
+            scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+            x = x + scores.softmax(-1) @ v
+        return x
+
+
+def test_mean_pooling_ignores_non_finite_padding():
+    # The mean multiplied the padding by zero: NaN there made the pooled row
+    # of every shorter text NaN, only when it shared a batch with a longer one.
+    torch.manual_seed(0)
+    model = _NaNPaddingEncoder().eval()
+    seqs = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]]
+    pooled = [TransformerActivationExtractor(model, layer=0, hook="resid_post", pooling="mean",
+                                             batch_size=size, device="cpu")
+              .fit(seqs).transform(seqs) for size in (1, 3)]
+    assert np.isfinite(pooled[1]).all()
+    np.testing.assert_allclose(pooled[1], pooled[0], rtol=1e-5, atol=1e-6)
+    # The model's own output at the real tokens of a short text is NaN when
+    # batched (the next layer multiplies the padding's NaN by zero): splicing
+    # says so, instead of NaN figures.
+    ext = TransformerActivationExtractor(model, layer=0, hook="resid_post", batch_size=3,
+                                         device="cpu").fit(seqs)
+    with pytest.raises(ValueError, match="own output, before any splice, is not finite"):
+        splice_evaluation(ext, FunctionTransformer(), seqs)
+    ext.set_params(batch_size=1)
+    assert splice_evaluation(ext, FunctionTransformer(), seqs).cosine_spliced == (
+        pytest.approx(1.0))
+
+
+def test_torch_encoder_batch_first_with_a_padding_mask():
+    # torch's fast path gave the hook NestedTensors ("NestedTensorImpl doesn't
+    # support sizes"): fit failed.
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.encoder = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
+                enable_nested_tensor=True)
+
+        def forward(self, input_ids, attention_mask=None):
+            pad = None if attention_mask is None else ~attention_mask.bool()
+            return self.encoder(self.embed(input_ids), src_key_padding_mask=pad)
+
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    seqs = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    with torch.no_grad():
+        expected = np.concatenate([model.encoder.layers[0](model.embed(torch.tensor([s])))[0]
+                                   .numpy() for s in seqs])
+    ext = TransformerActivationExtractor(model, layer=0, hook="resid_post", device="cpu",
+                                         batch_size=3).fit(seqs)
+    np.testing.assert_allclose(ext.transform(seqs), expected, rtol=1e-4, atol=1e-5)
+    assert torch.backends.mha.get_fastpath_enabled()  # put back as it was
+
+
 def test_a_model_without_a_position_limit_reads_whole_texts():
     # XLNet's config says max_position_embeddings=-1 (relative positions):
     # read as a limit, texts failed ("can't convert negative int to

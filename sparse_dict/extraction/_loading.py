@@ -120,6 +120,18 @@ class LoadedModel:
         return _submodule(self.model, path)
 
     def __call__(self, input_ids, attention_mask):
+        # torch's nn.TransformerEncoder, batch-first with a padding mask, hands
+        # its layers NestedTensors in its inference fast path; a hook cannot
+        # read their shape ("NestedTensorImpl doesn't support sizes"), so the
+        # forward runs on the plain path, which gives the same values.
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return self._forward(input_ids, attention_mask)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
+
+    def _forward(self, input_ids, attention_mask):
         if self.encoder_only:
             return self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
         if self.kind == "hf":

@@ -210,6 +210,14 @@ def splice_evaluation(extractor, dictionary, texts, *, ablation="zero", verbose=
                         "is no next-token loss to splice; pass its base model (the module "
                         "under the head) for the cosine of the hidden states, or a causal "
                         "language model.")
+                if not bool(torch.isfinite(out_o[keep]).all()):
+                    # Said here: every figure computed from it would be NaN.
+                    raise ValueError(
+                        f"{type(loaded.model).__name__}'s own output, before any splice, "
+                        "is not finite at real tokens of this batch: the model leaves NaN "
+                        "or inf there (often from padded positions, which a masked "
+                        "attention multiplies by zero). Pass an extractor with "
+                        "batch_size=1, which pads nothing, or mend the model.")
                 acts = hook.captured.clone()
 
                 real = acts[keep].float().cpu().numpy()
@@ -288,10 +296,11 @@ def _accumulate_lm(acc, ids, keep, out_o, out_s, out_a):
 
 
 def _accumulate_hidden(acc, keep, out_o, out_s, out_a):
-    m = keep.unsqueeze(-1).double()
+    m = keep.unsqueeze(-1)
 
     def pooled(h):
-        return (h.double() * m).sum(1) / m.sum(1)
+        # Padded positions filled, not multiplied: a model may leave NaN there.
+        return h.double().masked_fill(~m, 0.0).sum(1) / m.sum(1)
 
     e_o, e_s, e_a = pooled(out_o), pooled(out_s), pooled(out_a)
     acc["cos_s"] += float(torch.cosine_similarity(e_o, e_s, dim=-1).sum())
