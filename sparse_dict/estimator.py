@@ -943,6 +943,11 @@ def _offset_epochs(callback, offset):
     return call
 
 
+def _plain_int(value):
+    """A count parameter as a Python int (None kept): numpy's small ints wrap round."""
+    return None if value is None else int(value)
+
+
 class SparseAutoencoderDictionary(
     ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
 ):
@@ -1445,7 +1450,7 @@ class SparseAutoencoderDictionary(
             replicas, device = self._replicas_and_device()
             random_state = self._shared_random_state(replicas)
             total = self._total_steps(X.shape[0])
-            interval = self.resample_interval or max(total // 10, 50)
+            interval = _plain_int(self.resample_interval) or max(total // 10, 50)
             config = self._train_config(
                 total_steps=total,
                 warmup_steps=int(round(self.warmup_fraction * total)),
@@ -1553,7 +1558,8 @@ class SparseAutoencoderDictionary(
             config = self._train_config(
                 total_steps=None,
                 warmup_steps=_PARTIAL_FIT_WARMUP_STEPS if self.warmup_fraction > 0 else 0,
-                resample_interval=self.resample_interval or _PARTIAL_FIT_RESAMPLE_INTERVAL,
+                resample_interval=(_plain_int(self.resample_interval)
+                                   or _PARTIAL_FIT_RESAMPLE_INTERVAL),
                 # As fit's last 30%: restarted atoms train before the call
                 # returns (one restarted on a call's last step left a model
                 # that explained 0.60 of held-out rows instead of 0.96).
@@ -1628,20 +1634,23 @@ class SparseAutoencoderDictionary(
 
     def _total_steps(self, n_samples):
         """The run's length in steps: max_iter and max_steps, or the default budget."""
-        steps_per_pass = math.ceil(n_samples / self.batch_size)
-        if self.max_iter is not None:
-            total = self.max_iter * steps_per_pass
-        elif self.max_steps is not None:
-            return self.max_steps
+        # Python ints: a numpy int8 max_iter of 100 wrapped round to 0 steps.
+        batch_size, max_iter, max_steps = map(
+            _plain_int, (self.batch_size, self.max_iter, self.max_steps))
+        steps_per_pass = math.ceil(n_samples / batch_size)
+        if max_iter is not None:
+            total = max_iter * steps_per_pass
+        elif max_steps is not None:
+            return max_steps
         else:
             # Enough steps for small data; two passes for medium data; a
             # fixed number of rows for large data; never more than a
             # thousand passes over a tiny set.
-            by_rows = min(2 * steps_per_pass, math.ceil(_DEFAULT_ROWS / self.batch_size))
+            by_rows = min(2 * steps_per_pass, math.ceil(_DEFAULT_ROWS / batch_size))
             least = self._activation().min_default_steps
             total = min(max(least, by_rows), _MAX_DEFAULT_PASSES * steps_per_pass)
-        if self.max_steps is not None:
-            total = min(total, self.max_steps)
+        if max_steps is not None:
+            total = min(total, max_steps)
         return total
 
     def _train_config(self, **schedule):
@@ -1664,7 +1673,7 @@ class SparseAutoencoderDictionary(
         return TrainConfig(
             coef=getattr(self, coef_name) if coef_name else 0.0,
             learning_rate=self.learning_rate,
-            batch_size=self.batch_size,
+            batch_size=int(self.batch_size),
             resample_dead=bool(resample),
             auxk_coef=float(auxk_coef),
             k_aux=int(k_aux),
@@ -1703,7 +1712,7 @@ class SparseAutoencoderDictionary(
         """A trainer for ``X``'s width, its model drawn; the caller initialises it from ``X``."""
         seed = int(random_state.randint(np.iinfo(np.int32).max))
         atoms = self._initial_atoms(X.shape[1])
-        n_components = self.n_components or (
+        n_components = _plain_int(self.n_components) or (
             4 * X.shape[1] if atoms is None else atoms.shape[0])
         self._check_memory(X.shape[1], n_components, device)
         return Trainer(X.shape[1], n_components, device, seed, self._activation(), atoms=atoms)
@@ -2015,7 +2024,7 @@ class SparseAutoencoderDictionary(
         trainer.n_resampled = int(getattr(self, "n_resampled_", 0))
         frequencies = getattr(self, "feature_frequencies_", None)
         if frequencies is not None and np.shape(frequencies) == (self.n_components_,):
-            trainer.resume_counts_(frequencies, trainer.step * self.batch_size)
+            trainer.resume_counts_(frequencies, trainer.step * int(self.batch_size))
         return trainer
 
     def _check_fitted_shapes(self, params):
@@ -2169,10 +2178,10 @@ class SparseAutoencoderDictionary(
         if coder is None:
             from sparse_dict.coding import LassoCoder
 
-            n_nonzero = self.transform_n_nonzero_coefs
+            n_nonzero = _plain_int(self.transform_n_nonzero_coefs)
             if n_nonzero is None and self.transform_algorithm == "omp":
                 if self._fitted_activation().uses_k:
-                    n_nonzero = self.k
+                    n_nonzero = int(self.k)
                 else:
                     l0 = getattr(self, "transform_l0_", 1.0)
                     if not np.isfinite(l0):
@@ -2190,7 +2199,7 @@ class SparseAutoencoderDictionary(
                 alpha=self._transform_alpha(),
                 n_nonzero_coefs=n_nonzero,
                 offset=self.decoder_bias_,
-                transform_max_iter=self.transform_max_iter,
+                transform_max_iter=int(self.transform_max_iter),
             )
             width = np.zeros((1, self.n_features_in_), dtype=self.components_.dtype)
             coder = lasso.set_output(transform="default").fit(width)

@@ -353,6 +353,23 @@ def test_max_steps_budget(X):
     assert sae.n_iter_ == 2
 
 
+def test_counts_given_as_small_numpy_ints_are_counts(X):
+    # numpy keeps an int8's dtype in arithmetic: max_iter=np.int8(100) wrapped
+    # round to 0 steps (an untrained dictionary), np.uint8 to 188 steps of
+    # 700, and batch_size=np.int8(64) made fit fail with an OverflowError.
+    reference = small_sae(max_iter=60, batch_size=64, n_components=16).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's overflow
+        for cast in (np.int8, np.uint8):
+            sae = small_sae(max_iter=cast(60), batch_size=cast(64),
+                            n_components=cast(16), transform_algorithm="omp",
+                            transform_n_nonzero_coefs=cast(2)).fit(X)
+            assert sae.n_steps_ == reference.n_steps_ == 300
+            np.testing.assert_array_equal(sae.components_, reference.components_)
+            assert sae.transform(X[:5]).shape == (5, 16)
+            sae.partial_fit(X)
+
+
 def test_callback_sees_progress_and_can_stop(X):
     seen = []
 
