@@ -478,6 +478,13 @@ def test_bad_arguments_are_named(ext, sae, effects):
         logit_effects(ext, sae, features=[0], reference_texts="hello world")
     with pytest.raises(ValueError, match="reference_texts is empty"):
         logit_effects(ext, sae, features=[0], reference_texts=[])
+    # Named as the caller named them, not "X" (no argument of theirs is X).
+    with pytest.raises(TypeError, match="^reference_texts must hold texts"):
+        logit_effects(ext, sae, features=[0], reference_texts=[None])
+    with pytest.raises(ValueError, match="^texts is empty"):
+        steer(ext, sae, [], 0, 1.0)
+    with pytest.raises(TypeError, match="^texts must hold only texts"):
+        steering_distributions(ext, sae, ["ok", 3], 0, 1.0)
     shift = steering_distributions(ext, sae, ["My lord, I"], 3, 1.0)
     vocab = shift.plain.shape[1]
     for bad in ([-1], [1.7], [vocab], [], [[1, 2]], [True]):

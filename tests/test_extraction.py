@@ -804,6 +804,35 @@ def _word_tokenizer_folder(path):
     return vocab
 
 
+def test_minilm_tokens_read_with_their_word_boundaries(minilm):
+    # Decoded alone, WordPiece tokens lost their spaces: the browser drew
+    # "sweetprince,letmego...withot##hell##o.".
+    _, index = minilm.transform_with_tokens(["Sweet prince, go with Othello."])
+    assert list(index.token) == ["[CLS]", " sweet", " prince", ",", " go", " with", " ot",
+                                 "hell", "o", ".", "[SEP]"]
+
+
+def test_sentencepiece_tokens_read_with_their_word_boundaries():
+    # Llama's and Mistral's tokenizers (Metaspace): "▁king" and "king" were
+    # both "king", so the logit effects could not tell a word from a piece.
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from sparse_dict.extraction._loading import LoadedModel
+    from sparse_dict.extraction._texts import token_strings
+
+    vocab = {"<unk>": 0, "\u2581the": 1, "\u2581king": 2, "\u2581ro": 3, "d": 4, "e": 5,
+             "king": 6, "\u2581a": 7, "a": 8}
+    core = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="<unk>",
+                                                            continuing_subword_prefix=""))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    core.decoder = tokenizers.decoders.Metaspace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    loaded = LoadedModel(nn.Linear(1, 1), tokenizer, torch.device("cpu"), "hf")
+    strings = token_strings(loaded, range(len(vocab)))
+    assert strings[1:] == [" the", " king", " ro", "d", "e", "king", " a", "a"]
+    assert strings[0] == "<unk>"  # special: decoded alone
+
+
 def test_local_causal_hf_folder(tmp_path):
     transformers = pytest.importorskip("transformers")
     vocab = _word_tokenizer_folder(tmp_path)
@@ -815,7 +844,9 @@ def test_local_causal_hf_folder(tmp_path):
     ext = TransformerActivationExtractor(str(tmp_path), layer=0).fit(TEXTS)
     X, index = ext.transform_with_tokens(TEXTS)
     assert X.shape == (sum(len(t.split()) for t in TEXTS), 128)
-    assert index.token[0] == "To"
+    # A word-level tokenizer's tokens are whole words: each reads with the
+    # space that starts it, as a word-initial WordPiece or SentencePiece does.
+    assert index.token[0] == " To"
     result = splice_evaluation(ext, FunctionTransformer(), TEXTS)
     assert result.loss_recovered == 1.0  # a causal LM: losses, not cosines
     assert result.cosine_spliced is None

@@ -28,7 +28,7 @@ from sparse_dict.extraction._hook import (
     ActivationHook,
     locate_hook,
 )
-from sparse_dict.extraction._texts import token_strings
+from sparse_dict.extraction._texts import _check_texts, token_strings
 
 __all__ = ["LogitEffects", "NoDirectPathError", "logit_effects", "REFERENCE_TEXTS"]
 
@@ -316,6 +316,7 @@ def _reference_scale(extractor, norm_module, centre, eps, texts):
     texts = list(texts)
     if not texts:
         raise ValueError("reference_texts is empty; pass texts, or None for the default.")
+    texts, _ = _check_texts(texts, "reference_texts")
     # Read whole (up to the model's own limit), whatever max_length the
     # extractor cuts its texts to: the scale, and so every logit effect, is
     # then the same for one model and dictionary (it changed with

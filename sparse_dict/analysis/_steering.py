@@ -288,7 +288,7 @@ def steer(extractor, sae, texts, feature, strength, max_new_tokens=20, random_st
                          f"{max_new_tokens!r}.")
     temperature = _check_number(temperature, "temperature", minimum=0.0)
     texts = [texts] if isinstance(texts, str) else texts
-    texts, _ = _check_texts(texts)
+    texts, _ = _check_texts(texts, "texts")
     loaded = extractor.loaded_model()
     if not callable(getattr(loaded.tokenizer, "decode", None)):
         raise ValueError("Generating text needs a tokenizer with a decode method; "
@@ -388,7 +388,7 @@ def steering_distributions(extractor, sae, texts, feature, strength, *, clamp=No
         raise ValueError(f"positions must be 'last' or 'all', got {positions!r}.")
     extractor, edit = _edit(extractor, sae, feature, strength, clamp, direction)
     texts = [texts] if isinstance(texts, str) else texts  # as steer takes it
-    texts, _ = _check_texts(texts)
+    texts, _ = _check_texts(texts, "texts")
     loaded = extractor.loaded_model()
     # The next token after a long text follows its last max_length tokens.
     seqs = extractor.token_ids(texts, keep="end")

@@ -6,7 +6,9 @@ import json
 import os
 import pickle
 import re
+import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from difflib import get_close_matches
 from pathlib import Path
 
@@ -93,6 +95,10 @@ class LoadedModel:
         self.takes_mask = "attention_mask" in forward or any(
             p.kind is inspect.Parameter.VAR_KEYWORD for p in forward.values()
         )
+        # torch's nn.TransformerEncoder, batch-first with a padding mask, hands
+        # its layers NestedTensors in its inference fast path, whose shape a
+        # hook cannot read ("NestedTensorImpl doesn't support sizes").
+        self.nests = any(isinstance(m, nn.TransformerEncoder) for m in model.modules())
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
         config = getattr(model, "config", None)
@@ -120,16 +126,10 @@ class LoadedModel:
         return _submodule(self.model, path)
 
     def __call__(self, input_ids, attention_mask):
-        # torch's nn.TransformerEncoder, batch-first with a padding mask, hands
-        # its layers NestedTensors in its inference fast path; a hook cannot
-        # read their shape ("NestedTensorImpl doesn't support sizes"), so the
-        # forward runs on the plain path, which gives the same values.
-        fast = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
+        if not self.nests:
             return self._forward(input_ids, attention_mask)
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fast)
+        with _nested_fast_path_off():
+            return self._forward(input_ids, attention_mask)
 
     def _forward(self, input_ids, attention_mask):
         if self.encoder_only:
@@ -139,6 +139,31 @@ class LoadedModel:
         if self.takes_mask:
             return self.model(input_ids, attention_mask=attention_mask)
         return self.model(input_ids)
+
+
+_FAST_PATH_LOCK = threading.Lock()
+_FAST_PATH_USERS = [0, None]  # forwards running with it off; the setting found
+
+
+@contextmanager
+def _nested_fast_path_off():
+    """torch's MHA fast path off (a global setting) while a forward runs.
+
+    The plain path gives the same values. Counted, so that forwards running
+    at once in several threads put back the setting found before the first.
+    """
+    with _FAST_PATH_LOCK:
+        if _FAST_PATH_USERS[0] == 0:
+            _FAST_PATH_USERS[1] = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+        _FAST_PATH_USERS[0] += 1
+    try:
+        yield
+    finally:
+        with _FAST_PATH_LOCK:
+            _FAST_PATH_USERS[0] -= 1
+            if _FAST_PATH_USERS[0] == 0:
+                torch.backends.mha.set_fastpath_enabled(_FAST_PATH_USERS[1])
 
 
 def _find_blocks(model):

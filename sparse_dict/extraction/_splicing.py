@@ -147,7 +147,7 @@ def splice_evaluation(extractor, dictionary, texts, *, ablation="zero", verbose=
             )
     if not isinstance(extractor, TransformerActivationExtractor):
         extractor = TransformerActivationExtractor(extractor)
-    texts, _ = _check_texts(texts)
+    texts, _ = _check_texts(texts, "texts")
     try:
         check_is_fitted(extractor)
     except Exception:

@@ -26,7 +26,7 @@ def _is_id_sequence(x):
     return False
 
 
-def _check_container(X):
+def _check_container(X, name="X"):
     """Refuse what is not a sequence of texts before iterating over it."""
     if isinstance(X, (str, bytes)):
         raise TypeError(
@@ -37,17 +37,17 @@ def _check_container(X):
         # Iterating would silently take a dict's keys, and a set has no order
         # to match rows to texts by.
         raise TypeError(
-            f"X must be a list of texts (or of token-id lists), got a "
+            f"{name} must be a list of texts (or of token-id lists), got a "
             f"{type(X).__name__}; pass list(...) of the texts themselves."
         )
     if hasattr(X, "columns") and getattr(X, "ndim", None) == 2:
         # A DataFrame iterates over its column labels, not its rows.
         columns = list(X.columns)
         raise TypeError(
-            f"X is a {type(X).__name__} with columns {columns[:5]!r}"
+            f"{name} is a {type(X).__name__} with columns {columns[:5]!r}"
             f"{'...' if len(columns) > 5 else ''}; pass its column of texts, e.g. "
-            f"X[{columns[0]!r}] (a Series) or X[{columns[0]!r}].tolist()."
-            if columns else f"X is an empty {type(X).__name__}; pass a list of texts."
+            f"{name}[{columns[0]!r}] (a Series) or {name}[{columns[0]!r}].tolist()."
+            if columns else f"{name} is an empty {type(X).__name__}; pass a list of texts."
         )
     if isinstance(X, np.ndarray) and X.ndim != 1 and not (X.ndim == 2 and X.dtype.kind in "iu"):
         raise ValueError(
@@ -55,7 +55,7 @@ def _check_container(X):
         )
 
 
-def _check_items(X, pretokenized, start=0):
+def _check_items(X, pretokenized, start=0, name="X"):
     """Check that every element of the list ``X`` is of the kind of the first text.
 
     ``start`` is the position of ``X[0]`` in the whole input, for messages.
@@ -64,7 +64,7 @@ def _check_items(X, pretokenized, start=0):
         pretokenized = not isinstance(X[0], str)
         if pretokenized and not _is_id_sequence(X[0]):
             raise TypeError(
-                "X must hold texts (str) or sequences of integer token ids; element "
+                f"{name} must hold texts (str) or sequences of integer token ids; element "
                 f"{start} is {type(X[0]).__name__}: {X[0]!r:.60}."
             )
     for i, x in enumerate(X):
@@ -72,7 +72,7 @@ def _check_items(X, pretokenized, start=0):
             continue
         what = "texts (str)" if not pretokenized else "sequences of integer token ids"
         raise TypeError(
-            f"X must hold only {what}, like its first element; element {start + i} is "
+            f"{name} must hold only {what}, like its first element; element {start + i} is "
             f"{type(x).__name__}: {x!r:.60}."
         )
     if not pretokenized:
@@ -91,21 +91,21 @@ def _texts_of(X):
     return X
 
 
-def _check_texts(X):
+def _check_texts(X, name="X"):
     """Validate the input: a non-empty sequence of strings, or of token-id lists.
 
     Returns the list and whether it holds token ids.
     """
-    _check_container(X)
+    _check_container(X, name)
     try:
         X = list(_texts_of(X))
     except TypeError:
         raise TypeError(
-            f"X must be a list of texts (or of token-id lists), got {type(X).__name__}."
+            f"{name} must be a list of texts (or of token-id lists), got {type(X).__name__}."
         ) from None
     if not X:
-        raise ValueError("X is empty: expected at least one text.")
-    return X, _check_items(X, None)
+        raise ValueError(f"{name} is empty: expected at least one text.")
+    return X, _check_items(X, None, name=name)
 
 
 def _text_chunks(X, chunk_texts):
@@ -243,9 +243,13 @@ def token_strings(loaded, ids):
     """Readable strings of single token ids, the same wherever a token is shown.
 
     The built-in tokenizer's own strings; a Hugging Face tokenizer's
-    decoding of each id alone, so that a byte-level BPE's ``'Ġking'`` and
-    ``'Ċ'`` read ``' king'`` and ``'\\n'`` in the rows' tokens, the activation
-    store's vocabulary, the browser and the logit effects alike.
+    decoding of each id after a plain word, less that word's own text, so
+    that a token that starts a word reads with its space: a byte-level BPE's
+    ``'Ġking'``, a SentencePiece ``'▁king'`` (Llama, Mistral) and a WordPiece
+    ``'king'`` (BERT, MiniLM) read ``' king'``, and a piece inside a word
+    (``'##ing'``, ``'ing'``) reads ``'ing'``; special tokens are decoded
+    alone (``'[CLS]'``). The rows' tokens, the activation store's vocabulary,
+    the browser and the logit effects show the same strings.
 
     Parameters
     ----------
@@ -261,7 +265,36 @@ def token_strings(loaded, ids):
     if loaded.kind == "builtin" or not hasattr(tokenizer, "decode"):
         convert = getattr(tokenizer, "convert_ids_to_tokens", None)
         return [str(t) for t in convert(ids)] if convert else [str(i) for i in ids]
+    alone = _decode_each(tokenizer, [[i] for i in ids])
+    anchor = _anchor(tokenizer)
+    if anchor is None:
+        return alone
+    # Decoded alone, a SentencePiece or WordPiece token loses the space
+    # before it: "the king rode" read "thekingrode" in the browser, and
+    # "▁A" and "A" were one string to the logit effects.
+    prefix = _decode_each(tokenizer, [anchor])[0]
+    after = _decode_each(tokenizer, [anchor + [i] for i in ids])
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    return [a if i in special or not b.startswith(prefix) else b[len(prefix):]
+            for i, a, b in zip(ids, alone, after)]
+
+
+def _decode_each(tokenizer, id_lists):
     batch_decode = getattr(tokenizer, "batch_decode", None)
     if batch_decode is not None:
-        return [str(t) for t in batch_decode([[i] for i in ids])]
-    return [str(tokenizer.decode([i])) for i in ids]
+        return [str(t) for t in batch_decode(id_lists)]
+    return [str(tokenizer.decode(i)) for i in id_lists]
+
+
+def _anchor(tokenizer):
+    """The ids of a plain word that decodes to itself, or None."""
+    encode = getattr(tokenizer, "encode", None)
+    if encode is None:
+        return None
+    try:
+        ids = [int(i) for i in encode("a", add_special_tokens=False)]
+    except (TypeError, ValueError):
+        return None
+    if not ids or _decode_each(tokenizer, [ids])[0].strip() != "a":
+        return None
+    return ids
