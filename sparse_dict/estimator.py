@@ -481,10 +481,14 @@ def _shrinkage_message(shrinkage, explained, l1_coef, refit=None):
                 f"{shrinkage:.2g} (the relative reconstruction bias; 1 without shrinkage), and "
                 f"they explain {explained:.2f} of the rows' variance")
     else:
+        # The bias is of the whole calibration sample, which a few outsized
+        # rows can hold at 1 while the refit's rows are shrunk: named only
+        # where it says the same.
+        bias = (f" (the relative reconstruction bias is {shrinkage:.2g}; 1 without "
+                "shrinkage)" if shrinkage > 1.1 else "")
         said = (f"with the same features active, magnitudes fitted by least squares would "
                 f"explain {refit[1]:.2f} of a sample of the training rows' variance, against "
-                f"the codes' {refit[0]:.2f} (the relative reconstruction bias is "
-                f"{shrinkage:.2g}; 1 without shrinkage)")
+                f"the codes' {refit[0]:.2f}{bias}")
     return (
         f"The codes are shrunk: {said}. The L1 penalty (l1_coef={l1_coef:g}) pulls every "
         "active code towards 0 on this data; lower l1_coef (for example by a factor of 3), "

@@ -2082,3 +2082,14 @@ def test_a_loaded_dictionary_s_rare_features_stay_alive_in_its_stream(tmp_path):
         loaded = SparseAutoencoderDictionary.load(sae.save(tmp_path / "d"))
         loaded.partial_fit(X[:1])
     assert np.all(loaded.feature_frequencies_[rare] > 0)
+
+
+def test_the_shrinkage_message_names_the_bias_only_where_it_agrees():
+    # The bias is of the whole sample, which a few outsized rows held at 1.006
+    # while the refit's rows were shrunk: "shrunk ... (the relative
+    # reconstruction bias is 1; 1 without shrinkage)" contradicted itself.
+    from sparse_dict.estimator import _shrinkage_message
+
+    assert "bias" not in _shrinkage_message(1.006, 0.99, 1.0, (0.72, 0.89))
+    assert "the relative reconstruction bias is 1.6;" in _shrinkage_message(
+        1.6, 0.69, 1.0, (0.69, 0.92))
