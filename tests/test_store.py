@@ -261,6 +261,22 @@ def test_a_store_extended_is_incomplete_until_it_ends(reference, extractor, text
     assert store.complete and _files(path) == _files(reference.path)
 
 
+def test_a_resume_with_fewer_texts_names_both_corpora(extractor, texts, tmp_path):
+    # A texts file split otherwise on resume (--split) gave "The texts end
+    # after 1 texts, but 64 were extracted", naming neither.
+    path = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        extractor.transform_to_disk(_interrupted(texts, 14), path, chunk_texts=CHUNK,
+                                    corpus="t.txt (split=lines)")
+    before = _files(path, manifest=True)
+    with pytest.raises(ValueError, match=r"end after 1 text, but 12 texts were extracted "
+                                         r".* from 't\.txt \(split=lines\)', and these are "
+                                         r"'t\.txt \(split=paragraphs\)'"):
+        extractor.transform_to_disk(texts[:1], path, resume=True, chunk_texts=CHUNK,
+                                    corpus="t.txt (split=paragraphs)")
+    assert _files(path, manifest=True) == before
+
+
 def test_a_store_extended_from_a_longer_corpus_is_named_by_it(extractor, texts, tmp_path):
     # The manifest, and every dictionary fitted on the store, kept naming
     # the first, shorter file.

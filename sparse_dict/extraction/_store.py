@@ -692,10 +692,14 @@ class StoreWriter:
     def finish(self, vocab):
         """Mark the store complete, with ``vocab`` (the token string of each id)."""
         if self._seen < self.n_texts:
+            stored, given = self.manifest.get("corpus"), self._corpus
+            # A texts file split otherwise (--split) is the likeliest cause.
+            differ = (f" They were extracted from {stored!r}, and these are {given!r}."
+                      if stored and given and stored != given else "")
             raise ValueError(
-                f"The texts end after {self._seen:,} texts, but {self.n_texts:,} were "
-                f"extracted into {self.path}: resume with the same texts (or more), or "
-                "start again (overwrite=True, --overwrite on the command line)."
+                f"The texts end after {_texts(self._seen)}, but {_texts(self.n_texts)} "
+                f"were extracted into {self.path}.{differ} Resume with the same texts (or "
+                "more), or start again (overwrite=True, --overwrite on the command line)."
             )
         vocab = list(vocab)
         if len(vocab) <= self.manifest["max_token_id"]:
@@ -752,3 +756,8 @@ def _check_same_extraction(path, manifest, config):
 def resumable(path):
     """Whether ``path`` is an activation store, other files in its folder aside."""
     return STORE.foreign(path) is not None
+
+
+def _texts(n):
+    """``n`` texts, in words."""
+    return f"{n:,} text{'' if n == 1 else 's'}"
