@@ -2093,3 +2093,29 @@ def test_the_shrinkage_message_names_the_bias_only_where_it_agrees():
     assert "bias" not in _shrinkage_message(1.006, 0.99, 1.0, (0.72, 0.89))
     assert "the relative reconstruction bias is 1.6;" in _shrinkage_message(
         1.6, 0.69, 1.0, (0.69, 0.92))
+
+
+def test_rows_on_another_scale_than_the_training_rows_warn():
+    # The encoder's biases are in the training rows' units: at a tenth of the
+    # scale a ReLU fit coded no atom at all (EV -2.7), at ten times 20 atoms a
+    # row instead of 5, silently.
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(400, 8)).astype(np.float32)
+    sae = small_sae(max_iter=2).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sae.transform(X)
+        sae.score(X)
+        sae.transform(10 * X[:10])  # too few rows to judge a scale by
+        sae.set_params(transform_algorithm="omp").transform(10 * X)  # follows the scale
+    sae.set_params(transform_algorithm="encoder")
+    for factor, said in ((10, r"is \d\d\.\d times"), (0.1, r"is 0\.0\d+ times")):
+        with pytest.warns(UserWarning, match="another scale than the training rows: .* " + said):
+            sae.transform(factor * X)
+        with pytest.warns(UserWarning, match="another scale than the training rows"):
+            sae.score(factor * X)
+    # An imported dictionary (scale_ 1): its training rows' scale is unknown.
+    sae.scale_ = 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sae.transform(10 * X)

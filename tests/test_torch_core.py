@@ -867,6 +867,25 @@ def test_refit_gain_is_each_rows_least_squares_on_its_active_atoms(chunk_bytes):
     assert refitted > explained
 
 
+def test_refit_gain_solves_supports_of_hundreds_of_atoms_on_threads():
+    # torch's batched LU through oneMKL failed on two threads for systems of
+    # about 150 unknowns ("Pivots given to lu_solve must all be greater or
+    # equal to 1"): a row with 151 active atoms made a default fit fail.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trainer = Trainer(8, 256, "cpu", seed=0)
+        with torch.no_grad():
+            trainer.model.b_enc.fill_(5.0)  # every atom active on every row
+        rows = torch.from_numpy(np.random.default_rng(0).normal(size=(64, 8))).float()
+        explained, refitted = trainer.refit_gain(rows)
+    finally:
+        torch.set_num_threads(threads)
+    # 256 atoms span the 8 dimensions: least squares fits every row.
+    assert refitted == pytest.approx(1.0, abs=1e-6)
+    assert refitted > explained
+
+
 def test_refit_gain_reads_rows_spread_over_the_sample():
     # The sample keeps X's order, and the refit took its first rows: with the
     # small rows of X first, the shrinkage warning said -0.09 against 0.27

@@ -619,6 +619,32 @@ class _PassEnd:
                 stats[0].astype(np.float64) if stats else None)
 
 
+def _solve_gram(gram, rhs):
+    """``gram^-1 rhs`` for a batch of symmetric positive (semi)definite ``gram``.
+
+    By Cholesky, not LU: torch's batched LU on the CPU through oneMKL fails
+    on systems of about 150 unknowns or more when it runs on two threads or
+    more ("Pivots given to lu_solve must all be greater or equal to 1", after
+    "Parameter 6 was incorrect on entry to DLASWP"), even on well-conditioned
+    ones; a row with 151 active atoms made a fit fail so. A system Cholesky
+    finds singular (more active atoms than dimensions, in float64) is solved
+    again with a ridge a millionth of its mean diagonal.
+
+    Examples
+    --------
+    >>> gram = torch.tensor([[[2.0, 0.0], [0.0, 4.0]]], dtype=torch.float64)
+    >>> _solve_gram(gram, torch.tensor([[[2.0], [2.0]]], dtype=torch.float64)).flatten()
+    tensor([1.0000, 0.5000], dtype=torch.float64)
+    """
+    factor, info = torch.linalg.cholesky_ex(gram)
+    failed = info != 0
+    if bool(failed.any()):
+        bump = 1e-6 * gram.diagonal(dim1=1, dim2=2).mean(dim=1) * failed
+        gram = gram + torch.diag_embed(bump[:, None].expand(-1, gram.shape[1]))
+        factor, _ = torch.linalg.cholesky_ex(gram)
+    return torch.cholesky_solve(rhs, factor)
+
+
 class Trainer:
     """Owns an autoencoder, its optimiser and its running statistics.
 
@@ -916,7 +942,7 @@ class Trainer:
                 # Padding's equations are c = 0; a ridge far below any real
                 # atom's scale keeps (nearly) parallel atoms solvable.
                 gram += torch.diag_embed(1.0 - real.double() + 1e-9)
-                magnitudes = torch.linalg.solve(gram, gathered @ centred[..., None])
+                magnitudes = _solve_gram(gram, gathered @ centred[..., None])
                 refit = (magnitudes.transpose(1, 2) @ gathered).squeeze(1)
             sums += torch.stack([(centred - (made.double() - b_dec)).pow(2).sum(),
                                  (centred - refit).pow(2).sum(),
