@@ -501,8 +501,8 @@ def _scale_shift(X, decoder_bias, scale):
     --------
     >>> rng = np.random.default_rng(0)
     >>> X = rng.normal(size=(1000, 8))
-    >>> round(_scale_shift(10 * X, np.zeros(8), 1.0), -1)
-    90.0
+    >>> round(_scale_shift(X, np.zeros(8), 1.0), 2), round(_scale_shift(10 * X, np.zeros(8), 1.0))
+    (0.99, 99)
     """
     rows = X[::max(1, X.shape[0] // _SCALE_SHIFT_ROWS)][:_SCALE_SHIFT_ROWS]
     rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
