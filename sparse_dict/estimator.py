@@ -504,9 +504,18 @@ def _scale_shift(X, decoder_bias, scale):
     >>> round(_scale_shift(X, np.zeros(8), 1.0), 2), round(_scale_shift(10 * X, np.zeros(8), 1.0))
     (0.99, 99)
     """
-    rows = X[::max(1, X.shape[0] // _SCALE_SHIFT_ROWS)][:_SCALE_SHIFT_ROWS]
-    rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
-    distance = np.sort(((rows.astype(np.float64) - decoder_bias) ** 2).sum(axis=1))
+    # Fewer rows where they are wide: a float64 copy of about 32 MB at most.
+    n_rows = min(_SCALE_SHIFT_ROWS, max(_SCALE_SHIFT_MIN_ROWS, (1 << 25) // (8 * X.shape[1])))
+    rows = X[::max(1, X.shape[0] // n_rows)][:n_rows]
+    bias = np.asarray(decoder_bias, dtype=np.float64)
+    if sp.issparse(rows):
+        # Not made dense: sparse rows may be very wide.
+        rows = rows.astype(np.float64)
+        distance = (np.asarray(rows.multiply(rows).sum(axis=1)).ravel()
+                    - 2.0 * (rows @ bias) + bias @ bias)
+    else:
+        distance = ((np.asarray(rows, dtype=np.float64) - bias) ** 2).sum(axis=1)
+    distance = np.sort(distance)
     kept = distance[: max(1, int(np.ceil(0.99 * distance.size)))]
     return float(kept.mean() * scale**2 / X.shape[1])
 

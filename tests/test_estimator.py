@@ -2114,6 +2114,13 @@ def test_rows_on_another_scale_than_the_training_rows_warn():
             sae.transform(factor * X)
         with pytest.warns(UserWarning, match="another scale than the training rows"):
             sae.score(factor * X)
+    # Sparse rows are measured without being made dense, to the same figure.
+    from sparse_dict.estimator import _scale_shift
+
+    assert _scale_shift(sp.csr_matrix(10 * X), sae.decoder_bias_, sae.scale_) == (
+        pytest.approx(_scale_shift(10 * X, sae.decoder_bias_, sae.scale_), rel=1e-6))
+    with pytest.warns(UserWarning, match="another scale than the training rows"):
+        sae.transform(sp.csr_matrix(10 * X))
     # An imported dictionary (scale_ 1): its training rows' scale is unknown.
     sae.scale_ = 1.0
     with warnings.catch_warnings():
