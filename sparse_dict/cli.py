@@ -877,6 +877,9 @@ def main(argv=None):
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - the promise is one line, never a traceback
+        if type(err).__name__ == "RankFailedError" and _interrupted_soon():
+            print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         if args.traceback:
             # The full traceback for a bug report, and the same exit status
             # as without it (a script that checks for 2 must see 2).
@@ -885,6 +888,25 @@ def main(argv=None):
                                       batch_option=_batch_option(args))
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return status
+
+
+# How long a rank whose peers left waits for a Ctrl-C of its own (below).
+_INTERRUPT_GRACE_S = 0.5
+
+
+def _interrupted_soon(wait_s=_INTERRUPT_GRACE_S):
+    """Whether Ctrl-C reaches this process within ``wait_s`` seconds.
+
+    A terminal's Ctrl-C reaches every process of ``fit --nproc``; a rank
+    blocked in a collective could see its peers leave before its own signal
+    came, and printed their lost connection as an error ("Data-parallel
+    training stopped ... Connection closed by peer") before "interrupted".
+    """
+    try:
+        time.sleep(wait_s)
+    except KeyboardInterrupt:
+        return True
+    return False
 
 
 class _Terminated(KeyboardInterrupt):

@@ -11,6 +11,8 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -742,6 +744,35 @@ def test_fit_starts_from_a_dict_init_file(tmp_path, capsys):
                           tmp_path / "atoms.npy", "--n-components", "8", "-q"], capsys)
     assert_one_line_error(status, err, "dict_init has shape (32, 16)")
     assert not (tmp_path / "e").exists()
+
+
+def test_a_rank_whose_peers_left_on_ctrl_c_says_interrupted(monkeypatch, capsys):
+    # Ctrl-C reaches every process of fit --nproc: a rank blocked in a
+    # collective saw its peers leave before its own signal came, and printed
+    # "error: Data-parallel training stopped ... Connection closed by peer".
+    import signal
+
+    from sparse_dict import cli
+    from sparse_dict._torch import RankFailedError
+
+    def peers_left(args):
+        raise RankFailedError("Data-parallel training stopped: Connection closed by peer")
+
+    def ctrl_c_soon():
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(cli, "cmd_encode", peers_left)
+    args = ["encode", "d", "x.npy", "-o", "c.npy"]
+    thread = threading.Thread(target=ctrl_c_soon)
+    thread.start()
+    status = main(args)
+    thread.join()
+    assert status == cli.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip().endswith("encode: interrupted")
+    # Without a Ctrl-C of its own, the peers' failure is said as before.
+    assert main(args) == cli.EXIT_USAGE
+    assert "error: Data-parallel training stopped" in capsys.readouterr().err
 
 
 def test_a_killed_rank_is_named_and_the_others_error_is_no_bug(monkeypatch):
