@@ -11,7 +11,6 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -750,27 +749,26 @@ def test_a_rank_whose_peers_left_on_ctrl_c_says_interrupted(monkeypatch, capsys)
     # Ctrl-C reaches every process of fit --nproc: a rank blocked in a
     # collective saw its peers leave before its own signal came, and printed
     # "error: Data-parallel training stopped ... Connection closed by peer".
-    import signal
-
     from sparse_dict import cli
     from sparse_dict._torch import RankFailedError
 
     def peers_left(args):
         raise RankFailedError("Data-parallel training stopped: Connection closed by peer")
 
-    def ctrl_c_soon():
-        time.sleep(0.1)
-        os.kill(os.getpid(), signal.SIGINT)
+    waits = []
+
+    def ctrl_c_while_waiting(seconds):
+        waits.append(seconds)
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "cmd_encode", peers_left)
     args = ["encode", "d", "x.npy", "-o", "c.npy"]
-    thread = threading.Thread(target=ctrl_c_soon)
-    thread.start()
-    status = main(args)
-    thread.join()
-    assert status == cli.EXIT_INTERRUPTED
+    monkeypatch.setattr(time, "sleep", ctrl_c_while_waiting)
+    assert main(args) == cli.EXIT_INTERRUPTED
+    assert waits == [cli._INTERRUPT_GRACE_S]
     assert capsys.readouterr().err.strip().endswith("encode: interrupted")
     # Without a Ctrl-C of its own, the peers' failure is said as before.
+    monkeypatch.setattr(time, "sleep", waits.append)
     assert main(args) == cli.EXIT_USAGE
     assert "error: Data-parallel training stopped" in capsys.readouterr().err
 
