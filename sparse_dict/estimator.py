@@ -474,16 +474,22 @@ def _tail_message(tail, uses_k=False):
     )
 
 
-# Rows given to the encoder whose mean squared distance from the decoder
-# bias is this many times the training rows' (or less than its inverse: a
-# norm four times larger or smaller) are coded in units the biases and
-# thresholds were not trained for. At 10 times the scale a default ReLU fit
+# Rows given to the encoder whose median squared distance from the decoder
+# bias is this many times the training rows' (train_distance_; or less than
+# its inverse: a norm four times larger or smaller) are coded in units the
+# biases and thresholds were not trained for. At 10 times the scale a default ReLU fit
 # coded 20 atoms a row instead of 5; at 0.1 times none at all (EV -2.7), and
 # TopK's EV fell from 0.90 to 0.37, silently. Held-out rows of the training
 # distribution gave ratios of 0.95 to 1.19 (nine generators, each activation,
-# 2026-11-28), the same rows at 10 times their scale 95 to 280, and at a
+# 2026-11-28; the mean of all but the largest 1%, against n_features /
+# scale_**2), the same rows at 10 times their scale 95 to 280, and at a
 # tenth 0.01 to 0.2 where the rows' mean is near the origin (rows far from
 # it, such as digits', stay about as far from the bias: 0.4 to 1.9, unsaid).
+# The training rows' figure is measured from the fitted bias, which can move
+# far from where it started (decoder_bias_init="zeros" on rows offset by
+# 20: the training rows themselves read 0.015 against the scale's figure),
+# and as a median, which one outsized row in 64 (a transformer's first
+# token) does not move (the mean read 240).
 _SCALE_SHIFT_WARN = 16.0
 # Rows read for it: an even spread of at most this many, of calls of at least
 # _SCALE_SHIFT_MIN_ROWS (a few rows say little of a scale).
@@ -491,33 +497,32 @@ _SCALE_SHIFT_ROWS = 4096
 _SCALE_SHIFT_MIN_ROWS = 64
 
 
-def _scale_shift(X, decoder_bias, scale):
-    """The rows' mean squared distance from ``decoder_bias`` over the training rows'.
+def _median_distance(X, decoder_bias):
+    """The median squared distance of ``X``'s rows from ``decoder_bias``.
 
-    The training rows' is ``n_features / scale**2`` (see ``scale_``), measured
-    without the few largest rows; so is this one (the largest 1% left out).
+    Over at most ``_SCALE_SHIFT_ROWS`` rows spread over ``X`` (fewer where
+    they are wide: a float64 copy of about 32 MB at most); sparse rows are
+    not made dense. The median, so that a few outsized rows (a transformer's
+    first token) move it no more than they would the training rows'.
 
     Examples
     --------
     >>> rng = np.random.default_rng(0)
     >>> X = rng.normal(size=(1000, 8))
-    >>> round(_scale_shift(X, np.zeros(8), 1.0), 2), round(_scale_shift(10 * X, np.zeros(8), 1.0))
-    (0.99, 99)
+    >>> ratio = _median_distance(10 * X, np.zeros(8)) / _median_distance(X, np.zeros(8))
+    >>> round(float(ratio))
+    100
     """
-    # Fewer rows where they are wide: a float64 copy of about 32 MB at most.
     n_rows = min(_SCALE_SHIFT_ROWS, max(_SCALE_SHIFT_MIN_ROWS, (1 << 25) // (8 * X.shape[1])))
     rows = X[::max(1, X.shape[0] // n_rows)][:n_rows]
     bias = np.asarray(decoder_bias, dtype=np.float64)
     if sp.issparse(rows):
-        # Not made dense: sparse rows may be very wide.
         rows = rows.astype(np.float64)
         distance = (np.asarray(rows.multiply(rows).sum(axis=1)).ravel()
                     - 2.0 * (rows @ bias) + bias @ bias)
     else:
         distance = ((np.asarray(rows, dtype=np.float64) - bias) ** 2).sum(axis=1)
-    distance = np.sort(distance)
-    kept = distance[: max(1, int(np.ceil(0.99 * distance.size)))]
-    return float(kept.mean() * scale**2 / X.shape[1])
+    return float(np.median(distance))
 
 
 def _shrinkage_message(shrinkage, explained, l1_coef, refit=None):
@@ -1290,6 +1295,12 @@ class SparseAutoencoderDictionary(
         Mean L0 of the encoder's codes on (up to 8,192) training rows after
         fit. For ``"batchtopk"`` it shows how well the fitted threshold
         reproduces the training selection.
+    train_distance_ : float
+        Median squared distance of (up to 4,096) training rows from
+        ``decoder_bias_`` after fit (after each :meth:`partial_fit` call, of
+        its rows), in ``X``'s units: ``transform`` and ``score`` warn where
+        the encoder is given rows 16 times as far, or 16 times as near. NaN
+        where unknown (a dictionary read from SAELens).
     feature_frequencies_ : ndarray of shape (n_components,)
         Fraction of the training rows on which each feature fired, over the
         last pass; when a step budget ended the run inside a pass, over that
@@ -1875,6 +1886,8 @@ class SparseAutoencoderDictionary(
         self._trainer = trainer
         self._store_fitted(trainer, _result_dtype(X))
         self.transform_l0_ = l0
+        # What transform compares new rows with (_warn_scale_shift).
+        self.train_distance_ = _median_distance(X, self.decoder_bias_)
         if _speaks(replicas) and not trainer.rows_alike():
             few = _few_rows_caveat(X.shape[0], trainer.model.n_components,
                                    getattr(trainer, "distinct_rows", None))
@@ -2107,9 +2120,10 @@ class SparseAutoencoderDictionary(
         from the autoencoder's encoder; otherwise they are solved for row by
         row against ``components_`` (see ``transform_algorithm``). The
         encoder's biases are in the training rows' units, so ``X`` must be
-        scaled as they were; where it lies far off their scale (a mean
-        squared distance from ``decoder_bias_`` 16 times theirs, or a
-        sixteenth; of 64 rows or more), a warning says so.
+        scaled as they were; where it lies far off their scale (a median
+        squared distance from ``decoder_bias_`` 16 times theirs,
+        ``train_distance_``, or a sixteenth; of 64 rows or more), a warning
+        says so.
 
         Parameters
         ----------
@@ -2128,16 +2142,18 @@ class SparseAutoencoderDictionary(
 
     def _warn_scale_shift(self, X):
         """Warn where the encoder is given rows far from the training rows' scale."""
-        # A scale of exactly 1 is an imported dictionary's (from_saelens), whose
-        # training rows are unknown; a solver's codes follow the rows' scale.
-        if (self.transform_algorithm != "encoder" or self.scale_ == 1.0
+        # Unknown (nan) for an imported dictionary (from_saelens) and for
+        # folders and pickles from before it; a solver's codes follow the
+        # rows' scale.
+        reference = getattr(self, "train_distance_", float("nan"))
+        if (self.transform_algorithm != "encoder" or not reference > 0
                 or X.shape[0] < _SCALE_SHIFT_MIN_ROWS):
             return
-        ratio = _scale_shift(X, self.decoder_bias_, self.scale_)
+        ratio = _median_distance(X, self.decoder_bias_) / reference
         if 1.0 / _SCALE_SHIFT_WARN <= ratio <= _SCALE_SHIFT_WARN:
             return
         warn_at_caller(
-            f"These rows are on another scale than the training rows: their mean squared "
+            f"These rows are on another scale than the training rows: their median squared "
             f"distance from the decoder bias is {ratio:.3g} times the training rows'. The "
             "encoder's biases and thresholds are in the training rows' units, so its codes "
             "do not follow a change of scale (at a tenth of the scale a ReLU dictionary "
@@ -2429,6 +2445,8 @@ class SparseAutoencoderDictionary(
         # JSON has no NaN: an L0 that was never measured is saved as null.
         attributes["train_l0_"] = _finite_or_none(self.train_l0_)
         attributes["transform_l0_"] = _finite_or_none(self.transform_l0_)
+        attributes["train_distance_"] = _finite_or_none(
+            getattr(self, "train_distance_", float("nan")))
         tensors = dict(self._fitted_tensors())
         tensors["feature_frequencies"] = np.asarray(self.feature_frequencies_, dtype=np.float64)
         tensors["history"] = self._history_array()
@@ -2527,7 +2545,8 @@ class SparseAutoencoderDictionary(
             for key, spec in _SAVED_ATTRIBUTES.items()
         }
         # Added in format 2; null when never measured.
-        for key in ("train_l0_", "transform_l0_"):
+        # train_distance_ since 0.1.0's fortieth session; null when unknown.
+        for key in ("train_l0_", "transform_l0_", "train_distance_"):
             if raw.get(key) is not None:
                 attrs[key] = _persist.Real(0.0).check(raw[key], file, f"attributes.{key}")
         n_components, n_features = attrs["n_components_"], attrs["n_features_in_"]
@@ -2547,7 +2566,8 @@ class SparseAutoencoderDictionary(
             _persist.OneOf(("default", "pandas", "polars")).check(
                 output, file, "attributes.set_output")
         unknown = set(raw) - set(_SAVED_ATTRIBUTES) - {
-            "feature_names_in_", "train_l0_", "transform_l0_", "provenance_", "set_output"}
+            "feature_names_in_", "train_l0_", "transform_l0_", "train_distance_", "provenance_",
+            "set_output"}
         if unknown:
             raise ValueError(f"{file}: unexpected field 'attributes.{sorted(unknown)[0]}'")
         params = dict(_persist.config_field(config, "params", file))
@@ -2582,6 +2602,7 @@ class SparseAutoencoderDictionary(
         estimator._start_fitted_state()
         estimator.train_l0_ = attrs.get("train_l0_", estimator.train_l0_)
         estimator.transform_l0_ = attrs.get("transform_l0_", estimator.train_l0_)
+        estimator.train_distance_ = attrs.get("train_distance_", float("nan"))
         estimator.n_features_in_ = n_features
         estimator.n_components_ = n_components
         estimator.n_iter_ = attrs["n_iter_"]
@@ -2692,6 +2713,7 @@ class SparseAutoencoderDictionary(
         estimator._set_history(np.zeros((0, len(STAT_NAMES))))
         estimator._start_fitted_state()
         estimator.transform_l0_ = float("nan")
+        estimator.train_distance_ = float("nan")  # its training rows are unknown
         estimator.provenance_ = read["provenance"]
         return estimator
 

@@ -152,6 +152,10 @@ def _nested_fast_path_off():
     The plain path gives the same values. Counted, so that forwards running
     at once in several threads put back the setting found before the first.
     """
+    mha = getattr(torch.backends, "mha", None)
+    if not hasattr(mha, "set_fastpath_enabled"):  # an older torch, without the switch
+        yield
+        return
     with _FAST_PATH_LOCK:
         if _FAST_PATH_USERS[0] == 0:
             _FAST_PATH_USERS[1] = torch.backends.mha.get_fastpath_enabled()
