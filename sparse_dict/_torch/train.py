@@ -884,6 +884,25 @@ class Trainer:
             calibrate(self.model, self.model.pre_activations(sample))
 
     @torch.no_grad()
+    def median_distance(self, sample):
+        """The median squared distance of ``sample``'s rows from the decoder bias.
+
+        ``sample``: scaled rows, as for :meth:`sample_stats`; the figure is in
+        the input's units (divided by ``scale ** 2``), reduced on the device,
+        one number read by the host.
+
+        Examples
+        --------
+        >>> t = Trainer(2, 2, "cpu", seed=0, atoms=np.eye(2))
+        >>> t.scale = 2.0
+        >>> t.median_distance(torch.tensor([[2.0, 0.0], [0.0, 4.0], [6.0, 0.0]]))
+        4.0
+        """
+        with torch.no_grad():
+            bias = self.model.b_dec.detach().double()
+            distance = (sample.double() - bias).pow(2).sum(dim=1)
+            return float(distance.median()) / self.scale ** 2
+
     def refit_gain(self, sample, n_rows=256, chunk_bytes=1 << 26):
         """How much more of ``sample``'s variance its codes' own features explain refitted.
 
