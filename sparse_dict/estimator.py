@@ -1296,7 +1296,7 @@ class SparseAutoencoderDictionary(
         fit. For ``"batchtopk"`` it shows how well the fitted threshold
         reproduces the training selection.
     train_distance_ : float
-        Median squared distance of (up to 8,192) training rows from
+        Median squared distance of (up to about 2,048) training rows from
         ``decoder_bias_`` after fit (after each :meth:`partial_fit` call, of
         its rows), in ``X``'s units: ``transform`` and ``score`` warn where
         the encoder is given rows 16 times as far, or 16 times as near. NaN
