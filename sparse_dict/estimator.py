@@ -493,7 +493,7 @@ def _tail_message(tail, uses_k=False):
 _SCALE_SHIFT_WARN = 16.0
 # Rows read for it: an even spread of at most this many, of calls of at least
 # _SCALE_SHIFT_MIN_ROWS (a few rows say little of a scale).
-_SCALE_SHIFT_ROWS = 4096
+_SCALE_SHIFT_ROWS = 2048  # as the training rows' (Trainer.median_distance)
 _SCALE_SHIFT_MIN_ROWS = 64
 
 
@@ -501,8 +501,9 @@ def _median_distance(X, decoder_bias):
     """The median squared distance of ``X``'s rows from ``decoder_bias``.
 
     Over at most ``_SCALE_SHIFT_ROWS`` rows spread over ``X`` (fewer where
-    they are wide: a float64 copy of about 32 MB at most); sparse rows are
-    not made dense. The median, so that a few outsized rows (a transformer's
+    they are wide: about 32 MB of them at most); sparse rows are not made
+    dense. On the host, for rows given to ``transform``; the training rows'
+    figure is :meth:`Trainer.median_distance`'s, on the device. The median, so that a few outsized rows (a transformer's
     first token) move it no more than they would the training rows'.
 
     Examples
@@ -521,7 +522,11 @@ def _median_distance(X, decoder_bias):
         distance = (np.asarray(rows.multiply(rows).sum(axis=1)).ravel()
                     - 2.0 * (rows @ bias) + bias @ bias)
     else:
-        distance = ((np.asarray(rows, dtype=np.float64) - bias) ** 2).sum(axis=1)
+        # As for the training rows: the difference in the rows' float type
+        # (float32 as training takes it), its squares summed in float64.
+        rows = np.asarray(rows)
+        rows = rows if rows.dtype.kind == "f" else rows.astype(np.float64)
+        distance = ((rows - bias.astype(rows.dtype)) ** 2).sum(axis=1, dtype=np.float64)
     return float(np.median(distance))
 
 

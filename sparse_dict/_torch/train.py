@@ -884,7 +884,7 @@ class Trainer:
             calibrate(self.model, self.model.pre_activations(sample))
 
     @torch.no_grad()
-    def median_distance(self, sample):
+    def median_distance(self, sample, n_rows=2048):
         """The median squared distance of ``sample``'s rows from the decoder bias.
 
         ``sample``: scaled rows, as for :meth:`sample_stats`; the figure is in
@@ -899,10 +899,10 @@ class Trainer:
         4.0
         """
         with torch.no_grad():
-            # At most 2,048 rows, spread over the sample; the difference in
+            # At most n_rows rows, spread over the sample; the difference in
             # float32, as training takes it, its squares summed in float64
             # (8,192 rows of 768 in float64 throughout took 56 ms on a CPU).
-            sample = sample[::max(1, sample.shape[0] // 2048)]
+            sample = sample[::max(1, sample.shape[0] // n_rows)][:n_rows]
             centred = sample - self.model.b_dec.detach().to(sample.dtype)
             distance = centred.pow(2).sum(dim=1, dtype=torch.float64)
             return float(distance.median()) / self.scale ** 2

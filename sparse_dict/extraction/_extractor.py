@@ -389,15 +389,14 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
         input_ids, attention_mask : torch.LongTensor of shape (n_texts, n_tokens)
         """
         loaded = self.loaded_model()
-        batches = self._batches(token_ids, loaded)
+        chunks = self._chunks(np.array([len(s) for s in token_ids]), loaded.takes_mask)
+        batches = self._batches(token_ids, loaded, chunks)
         if desc is None or not self.verbose:
             yield from batches
             return
         from tqdm.auto import tqdm
 
-        lengths = np.array([len(s) for s in token_ids])
-        n_batches = len(self._chunks(lengths, loaded.takes_mask))
-        yield from tqdm(batches, total=n_batches, desc=desc)
+        yield from tqdm(batches, total=len(chunks), desc=desc)
 
     def activation_hook(self):
         """A hook on the fitted hook point, to use as a context manager.
@@ -596,10 +595,10 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
             return seqs
         return _encode_texts(loaded.tokenizer, X, max_length, keep=keep)
 
-    def _batches(self, seqs, loaded):
-        """(text indices, input_ids, attention_mask) batches, longest texts first."""
+    def _batches(self, seqs, loaded, chunks):
+        """(text indices, input_ids, attention_mask) batches of ``chunks`` (:meth:`_chunks`)."""
         lengths = np.array([len(s) for s in seqs])
-        for chunk in self._chunks(lengths, loaded.takes_mask):
+        for chunk in chunks:
             width = int(lengths[chunk[0]])
             ids = torch.full((len(chunk), width), loaded.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)

@@ -265,18 +265,21 @@ def token_strings(loaded, ids):
     if loaded.kind == "builtin" or not hasattr(tokenizer, "decode"):
         convert = getattr(tokenizer, "convert_ids_to_tokens", None)
         return [str(t) for t in convert(ids)] if convert else [str(i) for i in ids]
-    alone = _decode_each(tokenizer, [[i] for i in ids])
     anchor = _anchor(tokenizer)
     if anchor is None:
-        return alone
+        return _decode_each(tokenizer, [[i] for i in ids])
     # Decoded alone, a SentencePiece or WordPiece token loses the space
     # before it: "the king rode" read "thekingrode" in the browser, and
     # "▁A" and "A" were one string to the logit effects.
     prefix = _decode_each(tokenizer, [anchor])[0]
     after = _decode_each(tokenizer, [anchor + [i] for i in ids])
     special = set(getattr(tokenizer, "all_special_ids", ()) or ())
-    return [a if i in special or not b.startswith(prefix) else b[len(prefix):]
-            for i, a, b in zip(ids, alone, after)]
+    strings = [None if i in special or not b.startswith(prefix) else b[len(prefix):]
+               for i, b in zip(ids, after)]
+    # Only those decoded alone after all (special tokens, a prefix lost).
+    alone = [i for i, text in zip(ids, strings) if text is None]
+    decoded = iter(_decode_each(tokenizer, [[i] for i in alone]) if alone else ())
+    return [next(decoded) if text is None else text for text in strings]
 
 
 def _decode_each(tokenizer, id_lists):
