@@ -1898,7 +1898,8 @@ class Trainer:
         )
         self.model.load_state_dict(state["model_state"])
         self.optimizer = self._make_optimizer()
-        self.optimizer.load_state_dict(state["optim_state"])
+        if state["optim_state"] is not None:  # None: the caller loads Adam's state itself
+            self.optimizer.load_state_dict(state["optim_state"])
         self._resample_generator = torch.Generator()
         self._resample_generator.set_state(state["resample_generator"])
         self.scale = state["scale"]
