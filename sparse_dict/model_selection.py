@@ -51,7 +51,7 @@ def _unwrapped(estimator):
 
 
 class _NotADictionary(TypeError):
-    """What no search's candidate can be scored as: the caller's mistake, raised."""
+    """What no search's candidate can be scored as: the caller's mistake."""
 
 
 def _prefix_transform(prefix, X):
@@ -193,12 +193,19 @@ class SparseCodingScorer:
         Returns
         -------
         scores : dict of str to float
-            One entry per name in ``metrics``.
+            One entry per name in ``metrics``; NaN for each, with a warning
+            that says why, where ``estimator`` cannot code or reconstruct
+            ``X`` (a step without ``inverse_transform`` included).
         """
         try:
             X_in, codes, X_hat = _reconstruct(estimator, X)
-        except _NotADictionary:
-            raise
+        except _NotADictionary as exc:
+            # Raised, scikit-learn's error_score put one NaN where the other
+            # candidates' splits had dicts: a grid of a PCA and a KMeans
+            # died with "'float' object is not subscriptable", and one of
+            # KMeans alone was told to use the scorer it was using.
+            warnings.warn(f"{exc} Every metric is scored NaN.", UserWarning, stacklevel=2)
+            return dict.fromkeys(self.metrics, float("nan"))
         except Exception as exc:  # noqa: BLE001 - scored NaN, named in the warning
             # As below: raised here, scikit-learn's error_score put one NaN
             # where the other splits have dicts, and the search died with
@@ -327,7 +334,10 @@ class BestUnderL0:
         index : int
             The candidate with the best mean score among those with mean L0
             at most ``max_l0``; candidates whose score is NaN (failed fits)
-            are never chosen.
+            are never chosen. Leave the search's ``error_score`` at NaN, its
+            default: a number there is recorded as the failed fit's score and
+            its L0 alike (``error_score=0`` reads as an L0 of 0, under any
+            limit), and scikit-learn keeps no other mark of the failure.
         """
         scores = self._column(cv_results, self.score)
         if self.score in _LOWER_IS_BETTER:

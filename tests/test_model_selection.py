@@ -2,6 +2,7 @@
 
 import pickle
 import re
+import warnings
 from functools import partial
 
 import numpy as np
@@ -14,7 +15,7 @@ from sklearn.decomposition import (
 )
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 from sparse_dict import LassoCoder
 from sparse_dict.datasets import make_superposition
@@ -177,8 +178,36 @@ def test_scorer_needs_inverse_transform(data):
 
     X = data[0]
     message = "transform and inverse_transform methods; got LinearRegression"
-    with pytest.raises(TypeError, match=message):
-        sparse_coding_scorer(LinearRegression().fit(X, X[:, 0]), X)
+    with pytest.warns(UserWarning, match=message):
+        scores = sparse_coding_scorer(LinearRegression().fit(X, X[:, 0]), X)
+    assert set(scores) == set(sparse_coding_scorer.metrics)
+    assert all(np.isnan(value) for value in scores.values())
+
+
+@pytest.mark.parametrize("steps", [["kmeans"], ["pca", "kmeans"], ["kmeans", "pca"]])
+def test_a_search_over_a_step_that_is_no_dictionary_names_it(data, steps):
+    # Raised inside the search, scikit-learn stored a NaN where other splits
+    # had dicts: "'float' object is not subscriptable", or advice to use the
+    # scorer the search was using.
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    X = data[0][:90]
+    made = {"kmeans": KMeans(n_clusters=2, n_init=1, random_state=0), "pca": PCA(2)}
+    search = GridSearchCV(Pipeline([("scale", StandardScaler()), ("d", PCA(2))]),
+                          {"d": [made[name] for name in steps]}, cv=3,
+                          scoring=sparse_coding_scorer, refit=best_under_l0(max_l0=5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if steps == ["kmeans"]:
+            with pytest.raises(ValueError, match="could be scored"):
+                search.fit(X)
+        else:
+            search.fit(X)
+            assert isinstance(search.best_estimator_[-1], PCA)
+            kmeans = steps.index("kmeans")
+            assert np.isnan(search.cv_results_["mean_test_explained_variance"][kmeans])
+    assert any("inverse_transform methods; got KMeans" in str(w.message) for w in caught)
 
 
 def test_scorers_pickle(data):
