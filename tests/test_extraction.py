@@ -788,6 +788,16 @@ def test_logits_of_a_head_that_is_not_next_token_are_refused():
     with pytest.raises(ValueError, match="Steering needs a causal language model.*not "
                                          "next-token predictions"):
         steering_distributions(ext, _IdentityAtoms(37), texts[:1], 0, 1.0)
+    # Logit effects blamed the hook: "'mlp_post' ... is not one" of 'mlp_post'.
+    from sparse_dict.analysis import NoDirectPathError, logit_effects
+
+    for hook in ("mlp_post", "mlp_out"):
+        at_mlp = TransformerActivationExtractor(model, tokenizer=_char_tokenizer,
+                                                hook=hook).fit(texts)
+        width = 37 if hook == "mlp_post" else 32
+        with pytest.raises(NoDirectPathError, match="BertForMaskedLM gives logits that are "
+                                                    "not next-token predictions"):
+            logit_effects(at_mlp, _IdentityAtoms(width))
 
 
 def _word_tokenizer_folder(path):

@@ -357,6 +357,12 @@ def direct_path(extractor, reference_texts=None):
     """
     loaded = extractor.loaded_model()
     unembedding = _unembedding(loaded)
+    if not loaded.causal:
+        # A masked-language head has an unembedding too: without this, the
+        # search for the hook's path to it failed on BERT's module names
+        # and blamed the hook ("'mlp_post' ... is not one").
+        raise _no_head(loaded, "gives logits that are not next-token predictions (a "
+                               "masked-language or classification head)")
     # The block's own path first: a post-LN model has no final norm to find.
     out_projection = _out_projection(extractor, loaded)
     norm, centre, gain, eps = _final_norm(loaded)
