@@ -131,7 +131,7 @@ def _npy_name(path):
 
 
 def read_texts(path, split="lines"):
-    """Read the texts of a file, skipping empty ones.
+    """Read the texts of a file: a text file's non-blank ones, or a JSONL file's records.
 
     Parameters
     ----------
@@ -141,6 +141,10 @@ def read_texts(path, split="lines"):
     split : {"lines", "paragraphs", "whole"}, default="lines"
         How a plain text file is cut into texts: one per line, one per run of
         lines separated by a blank line, or the whole file as one text.
+        Blank texts are skipped, and a text's leading and trailing newlines
+        cut. A JSONL file's records are its texts exactly, blank ones
+        included, so that text ``i`` is record ``i`` (blank lines between
+        records are skipped).
 
     Returns
     -------
@@ -246,7 +250,8 @@ def _jsonl_texts(path):
 
 
 def _texts_of(path, split):
-    if path.suffix.lower() == ".jsonl":
+    records = path.suffix.lower() == ".jsonl"
+    if records:
         texts = _jsonl_texts(path)
     elif split == "lines":
         texts = _lines(path)
@@ -254,12 +259,17 @@ def _texts_of(path, split):
         texts = _paragraphs(path)
     else:
         texts = _whole(path)
-    n = 0
+    found = False
     for text in texts:
-        if text.strip():
-            n += 1
+        found = found or bool(text.strip())
+        if records:
+            # Each record as given, a blank one too: the tokens file and the
+            # report number texts by their records (blank records were
+            # dropped and newlines trimmed, so that "text 1" was record 3).
+            yield text
+        elif text.strip():
             yield text.strip("\n")
-    if not n:
+    if not found:
         raise CLIError(f"texts file {str(path)!r} contains no text")
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparse_dict import SparseAutoencoderDictionary
+from sparse_dict import SparseAutoencoderDictionary, TransformerActivationExtractor
+from sparse_dict import _cli_common
 from sparse_dict.cli import build_parser, main, read_texts
 
 TEXTS = [
@@ -291,6 +292,30 @@ def test_read_texts_formats(tmp_path):
         marked.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
         assert read_texts(marked) == want
     assert read_texts(tmp_path / "b.txt", "whole") == ["one\ntwo"]
+
+
+def test_jsonl_records_are_the_texts_exactly(builtin_model, tmp_path):
+    # Blank records were dropped and newlines trimmed: the tokens file's
+    # "text 1" was record 3, and rows no longer joined back to the records.
+    records = ["First text here.", "", "   ", "Fourth record.", "\n\nFifth.\n"]
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records[:3])
+                     + json.dumps({"text": records[3]}) + "\n\n" + json.dumps(records[4]) + "\n",
+                     encoding="utf-8")
+    assert read_texts(jsonl) == records
+    assert main(["extract", str(jsonl), "-o", str(tmp_path / "acts.npy"), "--tokens",
+                 str(tmp_path / "tokens.jsonl"), "--device", "cpu", "-q"]) == 0
+    extractor = TransformerActivationExtractor(model="builtin", device="cpu").fit(records)
+    expected, index = extractor.transform_with_tokens(records)
+    np.testing.assert_allclose(np.load(tmp_path / "acts.npy"), expected, rtol=1e-5, atol=1e-5)
+    rows = [json.loads(line) for line in open(tmp_path / "tokens.jsonl", encoding="utf-8")]
+    assert [r["text"] for r in rows] == index.text_index.tolist()
+    assert [r["token"] for r in rows] == list(index.token)
+    assert {r["text"] for r in rows} == {0, 2, 3, 4}  # the empty record has no tokens
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('""\n"  "\n', encoding="utf-8")
+    with pytest.raises(_cli_common.CLIError, match="contains no text"):
+        read_texts(blank)
 
 
 # --------------------------------------------------------------------------
