@@ -105,9 +105,13 @@ def _unit_rows(atoms):
 _COSINE_ROUNDING = 1e-12
 
 
-def _cosine_matrix(learned, true):
+def _cosine_matrix(a, b):
+    """Cosines of each row of ``a`` (the matrix's rows) with each row of ``b``."""
     # Unit rows' products can round to just past +-1 (1.0000000000000002).
-    return np.clip(_unit_rows(learned) @ _unit_rows(true).T, -1.0, 1.0)
+    # Clipped in place: a clipped copy doubled the peak (1 GB for 8,192
+    # atoms a side).
+    cosines = _unit_rows(a) @ _unit_rows(b).T
+    return np.clip(cosines, -1.0, 1.0, out=cosines)
 
 
 # Dense arrays are reduced a block of rows at a time, so that a float32
@@ -131,7 +135,10 @@ def _activity_counts(codes, tol):
         return np.asarray(active.sum(axis=0)).ravel()
     counts = np.zeros(codes.shape[1], dtype=np.int64)
     for rows in _row_blocks(codes):
-        counts += np.count_nonzero(np.abs(codes[rows]) > tol, axis=0)
+        block = codes[rows]
+        # No copy of |block| where tol is 0, the usual case: counting the
+        # non-zeros as they are took 1.6 to 2.4 times as long.
+        counts += np.count_nonzero(block if tol == 0 else np.abs(block) > tol, axis=0)
     return counts
 
 
@@ -518,9 +525,11 @@ def best_matches(learned_atoms, true_atoms):
     array([0.707, 0.707, 1.   ])
     """
     learned, true = _check_atom_pair(learned_atoms, true_atoms)
-    cosines = _cosine_matrix(learned, true)
-    indices = np.argmax(cosines, axis=0)
-    return indices, cosines[indices, np.arange(true.shape[0])]
+    # One row a true atom: numpy's argmax down columns copies the matrix
+    # to make them contiguous (twice the matrix at the peak).
+    cosines = _cosine_matrix(true, learned)
+    indices = np.argmax(cosines, axis=1)
+    return indices, cosines[np.arange(true.shape[0]), indices]
 
 
 def mean_max_cosine_similarity(learned_atoms, true_atoms):

@@ -414,3 +414,21 @@ def test_sparsity_properties(codes):
         1.0
     )
     assert l1(codes) == pytest.approx(l1(-codes))
+
+
+def test_cosine_matching_holds_one_cosine_matrix():
+    # The cosines were clipped into a copy: twice the matrix at the peak
+    # (1 GB for 8,192 atoms a side, where 512 MB does).
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    learned, true = rng.standard_normal((2048, 16)), rng.standard_normal((2048, 16))
+    matrix_bytes = 2048 * 2048 * 8
+    for measure in (mean_max_cosine_similarity, lambda a, b: best_matches(a, b)):
+        tracemalloc.start()
+        try:
+            measure(learned, true)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1.5 * matrix_bytes
