@@ -618,6 +618,10 @@ def test_hook_mismatch_and_hooks_off_the_mlp_path(ext, sae, texts):
     assert by_module.hook_name_ != ext.hook_name_
     assert by_module.provenance()["hook_direction"] == "output"
     check_compatible(by_module, sae)
+    # Swapped, the dictionary was told it was no dictionary.
+    with pytest.raises(TypeError, match="extractor first and the dictionary second; got a "
+                                        "SparseAutoencoderDictionary and an extractor"):
+        check_compatible(sae, by_module)
     assert logit_effects(by_module, sae, features=[0], top_k=2).hook_name == "blocks.0.mlp.act"
     # The same module's input is another point (the MLP's input, not its output).
     recorded_input = {**sae.provenance_, "hook_direction": "input"}

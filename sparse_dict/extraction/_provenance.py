@@ -110,6 +110,10 @@ def check_compatible(extractor, dictionary, *, check_model=True):
     ValueError: The dictionary was fitted on 6 features per row, but layer0.mlp_post ...
     """
     is_extractor = isinstance(extractor, TransformerActivationExtractor)
+    if isinstance(dictionary, TransformerActivationExtractor) and not is_extractor:
+        # Swapped, the dictionary was told it was no dictionary.
+        raise TypeError("check_compatible takes the extractor first and the dictionary "
+                        f"second; got a {type(extractor).__name__} and an extractor.")
     if is_extractor:
         check_is_fitted(extractor, "n_features_out_")
     check_fitted_dictionary(dictionary)
