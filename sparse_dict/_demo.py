@@ -405,11 +405,17 @@ def _run_demo(args, out, final):
                              random_state=args.random_state)
     table_texts = eval_texts[: args.n_eval_texts]
     extractor = _make_extractor(args, verbose)
-    X_train = np.asarray(extractor.fit(train_texts).transform(train_texts), dtype=np.float32)
-    # The table's activations are extracted on their own, in the batches that
-    # splicing will use, so that the classical coder's codes can be reused there.
-    X_eval = np.asarray(extractor.transform(table_texts), dtype=np.float32)
-    X_browse, tokens, index = _extract(extractor, eval_texts)
+    with warnings.catch_warnings():
+        # --max-length below the model's 128 positions (--tiny's 32) cuts
+        # texts by the demo's own choice, for speed.
+        warnings.filterwarnings("ignore", message=r".* texts have more than max_length=")
+        X_train = np.asarray(extractor.fit(train_texts).transform(train_texts),
+                             dtype=np.float32)
+        # The table's activations are extracted on their own, in the batches
+        # that splicing will use, so that the classical coder's codes can be
+        # reused there.
+        X_eval = np.asarray(extractor.transform(table_texts), dtype=np.float32)
+        X_browse, tokens, index = _extract(extractor, eval_texts)
     _say(args, f"      {X_train.shape[0]:,} training tokens; held out: {X_eval.shape[0]:,} "
          f"tokens of {len(table_texts)} texts for the table, {X_browse.shape[0]:,} tokens "
          f"of {len(eval_texts)} texts for the browser and density plot; "

@@ -305,6 +305,32 @@ def test_builtin_max_length_and_pretokenised_input():
     assert ext.transform(np.array([ids[0][:3], ids[1][:3]])).shape == (6, 512)
 
 
+def test_texts_cut_by_max_length_are_counted(tmp_path):
+    # Cut silently: 32% of the corpus's texts lost their ends at MiniLM's
+    # default of 128 tokens, which the model could have read up to 512.
+    lengths = [len(s) for s in TransformerActivationExtractor(max_length=None)
+               .fit(TEXTS).token_ids(TEXTS)]
+    cut = sum(n > 5 for n in lengths)
+    assert 0 < cut < len(TEXTS)
+    ext = TransformerActivationExtractor(max_length=5).fit(TEXTS)
+    message = f"{cut} of {len(TEXTS)} texts have more than max_length=5 tokens"
+    with pytest.warns(UserWarning, match=message) as caught:
+        ext.transform(TEXTS)
+    assert caught[0].filename == __file__
+    ids = ext.loaded_model().tokenizer.encode(TEXTS[0])
+    with pytest.warns(UserWarning, match="1 of 1 texts"):
+        ext.transform([ids])
+    with pytest.warns(UserWarning, match=message) as caught:
+        ext.transform_to_disk(TEXTS, tmp_path / "store", chunk_texts=2)
+    assert len([w for w in caught if "max_length" in str(w.message)]) == 1
+    # Where the model's own 128 positions cut, or nothing is cut: silent.
+    for quiet in (TransformerActivationExtractor(max_length=None),
+                  TransformerActivationExtractor(max_length=max(lengths))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            quiet.fit(TEXTS).transform(TEXTS)
+
+
 def test_any_module_with_a_tokenizer_callable():
     class Toy(nn.Module):  # no attention_mask argument, blocks under "layers"
         def __init__(self):

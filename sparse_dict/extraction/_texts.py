@@ -195,6 +195,10 @@ def _encode_texts(tokenizer, texts, max_length, keep="start"):
     ``keep="end"`` keeps a long text's last tokens (what a model continuing
     it must read); a Hugging Face tokenizer then cuts from the left itself,
     so that the special tokens it adds stay in place.
+
+    Returns the id lists and how many texts were cut (None where the
+    tokenizer cut them itself and does not say: a slow Hugging Face one, or
+    another that takes ``max_length``).
     """
     if tokenizer is None:
         raise ValueError(
@@ -215,28 +219,43 @@ def _encode_texts(tokenizer, texts, max_length, keep="start"):
                 if side is not None:
                     tokenizer.truncation_side = side
         seqs = [list(s) for s in out["input_ids"]]
+        n_cut = 0 if max_length is None else None
+        encodings = getattr(out, "encodings", None)
+        if max_length is not None and encodings is not None:
+            # A fast tokenizer keeps what truncation cut off.
+            n_cut = sum(bool(e.overflowing) for e in encodings)
+        return seqs, n_cut
+    try:
+        params = inspect.signature(tokenizer).parameters
+    except (TypeError, ValueError):
+        params = {}
+    # A tokenizer that cuts texts itself keeps their start.
+    kwargs = ({"max_length": max_length}
+              if "max_length" in params and keep == "start" else {})
+    from sparse_dict.models.builtin import BuiltinTokenizer
+
+    if kwargs and isinstance(tokenizer, BuiltinTokenizer):
+        # One token more than kept tells which texts were cut; the built-in
+        # tokenizer's first tokens are the same however many it keeps.
+        kwargs["max_length"] = max_length + 1
+    out = tokenizer(texts, **kwargs)
+    if hasattr(out, "keys") and "input_ids" in out:
+        seqs = _ids_to_lists(out["input_ids"], out.get("attention_mask"))
     else:
-        try:
-            params = inspect.signature(tokenizer).parameters
-        except (TypeError, ValueError):
-            params = {}
-        # A tokenizer that cuts texts itself keeps their start.
-        kwargs = ({"max_length": max_length}
-                  if "max_length" in params and keep == "start" else {})
-        out = tokenizer(texts, **kwargs)
-        if hasattr(out, "keys") and "input_ids" in out:
-            seqs = _ids_to_lists(out["input_ids"], out.get("attention_mask"))
-        else:
-            seqs = _ids_to_lists(out) if isinstance(out, (torch.Tensor, np.ndarray)) else [
-                [int(i) for i in s] for s in out
-            ]
-        if len(seqs) != len(texts):
-            raise ValueError(
-                f"The tokenizer returned {len(seqs)} sequences for {len(texts)} texts."
-            )
+        seqs = _ids_to_lists(out) if isinstance(out, (torch.Tensor, np.ndarray)) else [
+            [int(i) for i in s] for s in out
+        ]
+    if len(seqs) != len(texts):
+        raise ValueError(
+            f"The tokenizer returned {len(seqs)} sequences for {len(texts)} texts."
+        )
+    n_cut = 0
     if max_length is not None:
+        over = sum(len(s) > max_length for s in seqs)
+        # None where the tokenizer was given max_length and may have cut.
+        n_cut = None if kwargs.get("max_length") == max_length and not over else over
         seqs = [_cut(s, max_length, keep) for s in seqs]
-    return seqs
+    return seqs, n_cut
 
 
 def token_strings(loaded, ids):
