@@ -365,6 +365,15 @@ def _fitted_extractor(args, dictionary, probe, provenance=None):
 
     if provenance is None:
         provenance = getattr(dictionary, "provenance_", None)
+    pooling = provenance.get("pooling", "none") if isinstance(provenance, dict) else "none"
+    if pooling != "none":
+        # The extractor's check said "use pooling='mean'", which no option
+        # of the command line sets: its features are of texts, not tokens.
+        raise CLIError(
+            f"this dictionary was fitted on pooled activations (pooling={pooling!r}, one row "
+            f"a text), and '{args.command}' works with the features of single tokens; code "
+            "pooled rows in Python instead (TransformerActivationExtractor(..., "
+            f"pooling={pooling!r}), then the dictionary's transform)")
     extractor = _make_extractor(args, verbose=0 if args.quiet else 1, provenance=provenance)
     extractor.fit(probe)
     # A --model given on the command line is taken as the dictionary's own

@@ -12,6 +12,7 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -700,6 +701,25 @@ def test_report_with_the_wrong_layer_point(fitted, tmp_path, texts_file, capsys)
     status, _, err = run(["report", fitted / "dict", texts_file, "-o", tmp_path / "r",
                           "--hook", "resid_post", "--device", "cpu", "-q"], capsys)
     assert_one_line_error(status, err, "layer0.mlp_post", "reads layer0.resid_post")
+
+
+def test_report_and_steer_of_a_pooled_dictionary(builtin_model, tmp_path, texts_file, capsys):
+    # Told to "use pooling='mean'", an option the command line does not have.
+    extractor = TransformerActivationExtractor(model="builtin", pooling="mean",
+                                               device="cpu").fit(TEXTS)
+    pooled = SparseAutoencoderDictionary(n_components=8, max_steps=5, random_state=0,
+                                         device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pooled.fit(extractor.transform(TEXTS * 4), provenance=extractor.provenance())
+    pooled.save(tmp_path / "pooled")
+    for argv in (["report", tmp_path / "pooled", texts_file, "-o", tmp_path / "r"],
+                 ["steer", tmp_path / "pooled", "Hello", "--feature", "0",
+                  "--strength", "1"]):
+        status, _, err = run(argv + ["--device", "cpu", "-q"], capsys)
+        assert_one_line_error(status, err, "fitted on pooled activations (pooling='mean'",
+                              f"'{argv[0]}' works with the features of single tokens")
+    assert not (tmp_path / "r").exists()
 
 
 def test_unknown_model_path(tmp_path, texts_file, capsys):
