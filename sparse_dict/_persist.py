@@ -1169,9 +1169,12 @@ class Real:
     inclusive: bool = True
 
     def check(self, value, file, where):
-        ok = (not isinstance(value, bool) and isinstance(value, (int, float))
-              and math.isfinite(value)
-              and (value >= self.minimum if self.inclusive else value > self.minimum))
+        try:
+            ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+                  and math.isfinite(value)
+                  and (value >= self.minimum if self.inclusive else value > self.minimum))
+        except OverflowError:  # an integer beyond any float, as JSON allows
+            ok = False
         if not ok:
             bound = ">=" if self.inclusive else ">"
             raise _bad(file, f"field {where!r} must be a finite number {bound} "

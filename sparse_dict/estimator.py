@@ -154,6 +154,18 @@ def _fitted_shape(name, n_components, n_features):
     }.get(name, (n_components,))
 
 
+def _checked_settings(settings, activation, file):
+    """A saved ``fitted_settings``: the fitted mechanism's settings, of other values."""
+    names = set(activation.describe())
+    if (not isinstance(settings, dict) or set(settings) != names
+            or settings.get("name") != activation.name
+            or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                       for v in settings.values())):
+        raise ValueError(f"{file}: field 'attributes.fitted_settings' must hold the settings "
+                         f"{sorted(names)} of activation {activation.name!r}, got {settings!r}")
+    return settings
+
+
 def _finite_or_none(value):
     value = float(value)
     return value if math.isfinite(value) else None
@@ -2387,10 +2399,11 @@ class SparseAutoencoderDictionary(
         training_state : bool, default=False
             Also save what further training goes on from, in a third file
             (``training_state.safetensors``, about three times the size of
-            the weights): the model in its training units, Adam's moments
-            and step counts, the generators of resampling and of
-            :meth:`partial_fit`'s batch order, and the counts that tell
-            which features are dead. A checkpoint of a long
+            float32 weights, one and a half times float64 ones, since
+            training is in float32): the model in its training units,
+            Adam's moments and step counts, the generators of resampling
+            and of :meth:`partial_fit`'s batch order, and the counts that
+            tell which features are dead. A checkpoint of a long
             :meth:`partial_fit` stream needs it; a dictionary to share does
             not, and a folder shared without that file loads as one saved
             without it.
@@ -2440,10 +2453,13 @@ class SparseAutoencoderDictionary(
         # An array: kept in the weights file (below), not in the JSON.
         params["dict_init"] = None
         if not (params["random_state"] is None or isinstance(params["random_state"], Integral)):
+            further = ("its partial_fit goes on in the batch order saved with its training "
+                       "state, but a new fit draws other batches" if training_state
+                       else "further training draws other batches")
             warn_at_caller(
                 "random_state is a RandomState instance, which a saved folder cannot hold: "
-                "the loaded dictionary has random_state=None (further training draws other "
-                "batches). Set an int random_state before saving to keep one.", UserWarning)
+                f"the loaded dictionary has random_state=None ({further}). Set an int "
+                "random_state before saving to keep one.", UserWarning)
             params["random_state"] = None
         attributes = {
             "n_features_in_": int(self.n_features_in_),
@@ -2476,6 +2492,11 @@ class SparseAutoencoderDictionary(
         attributes["transform_l0_"] = _finite_or_none(self.transform_l0_)
         attributes["train_distance_"] = _finite_or_none(
             getattr(self, "train_distance_", float("nan")))
+        # The settings the mechanism's state was fitted for: a BatchTopK
+        # whose k was set since restarts its threshold at the next
+        # partial_fit, after load as before it (loaded, it kept the old one).
+        attributes["fitted_settings"] = getattr(self, "_fitted_settings",
+                                                self._fitted_activation().describe())
         tensors = dict(self._fitted_tensors())
         tensors["feature_frequencies"] = np.asarray(self.feature_frequencies_, dtype=np.float64)
         tensors["history"] = self._history_array()
@@ -2602,7 +2623,7 @@ class SparseAutoencoderDictionary(
                 output, file, "attributes.set_output")
         unknown = set(raw) - set(_SAVED_ATTRIBUTES) - {
             "feature_names_in_", "train_l0_", "transform_l0_", "train_distance_", "provenance_",
-            "set_output"}
+            "set_output", "fitted_settings"}
         if unknown:
             raise ValueError(f"{file}: unexpected field 'attributes.{sorted(unknown)[0]}'")
         params = dict(_persist.config_field(config, "params", file))
@@ -2650,16 +2671,41 @@ class SparseAutoencoderDictionary(
             estimator.provenance_ = provenance
         if output is not None:
             estimator.set_output(transform=output)
+        settings = raw.get("fitted_settings")
+        if settings is not None:
+            estimator._fitted_settings = _checked_settings(settings, activation, file)
         # Absent from a folder shared without it: training goes on afresh.
         if "training_state" in config and (path / _TRAINING_STATE_FILE).is_file():
+            record = config.get(_persist.INTEGRITY_KEY)
+            if record is not None and _TRAINING_STATE_FILE not in record.get("files", {}):
+                # Its checksum deleted, any file of that name was read.
+                raise ValueError(
+                    f"{file}: field {_persist.INTEGRITY_KEY!r} records no checksum of "
+                    f"{_TRAINING_STATE_FILE}, though every folder saved with a training "
+                    f"state has one: the file was edited by hand or damaged. "
+                    f"{_persist.EDIT_HINT}")
             estimator._load_training_state(path / _TRAINING_STATE_FILE,
                                            config["training_state"], file)
         return estimator
 
     def _training_state(self):
         """What partial_fit goes on from, as arrays and a JSON object (save's training_state)."""
-        arrays, numbers = _resume.resume_state(self._get_trainer())
         random_state = getattr(self, "_partial_random_state", None)
+        if random_state is None and isinstance(self.random_state, np.random.RandomState):
+            # The next partial_fit takes its batch order from this instance,
+            # which the folder cannot hold as a parameter.
+            random_state = self.random_state
+        drawn = (self.random_state.get_state()
+                 if isinstance(self.random_state, np.random.RandomState) else None)
+        try:
+            trainer = self._get_trainer()
+        finally:
+            # A trainer rebuilt from the attributes draws its seed from the
+            # caller's RandomState: saving must not move it (the next
+            # partial_fit makes that same draw).
+            if drawn is not None:
+                self.random_state.set_state(drawn)
+        arrays, numbers = _resume.resume_state(trainer)
         if isinstance(random_state, np.random.RandomState):
             _, key, position, has_gauss, gauss = random_state.get_state()
             arrays["batch_order_key"] = np.asarray(key, dtype=np.uint32)
@@ -2715,6 +2761,9 @@ class SparseAutoencoderDictionary(
                                                  self._history_array())
         except ValueError as exc:
             raise ValueError(f"{file}: {exc}") from None
+        if not _resume.holds_weights(trainer, self._fitted_tensors(), self.scale_):
+            raise ValueError(f"{file}: the model it holds is not the dictionary in "
+                             f"{_WEIGHTS_FILE}: the files are of different saves")
         self._trainer = trainer
         if order is not None:
             random_state = np.random.RandomState()

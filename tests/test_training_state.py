@@ -251,3 +251,57 @@ def test_damaged_training_state_numbers_are_refused_by_name(saved_state, tmp_pat
     with pytest.raises(ValueError, match="config.json|training_state.safetensors") as caught:
         SparseAutoencoderDictionary.load(path)
     assert words in str(caught.value)
+
+
+def test_a_k_set_before_the_save_restarts_the_threshold_after_load_too(X, tmp_path):
+    # Loaded, the BatchTopK threshold of the old k was kept: L0 3.8 where
+    # the unsaved estimator's was 7.7 at the new k.
+    unsaved = _stream("batchtopk").set_params(k=2)
+    _quiet(unsaved.partial_fit, X[:768])
+    unsaved.set_params(k=6)
+    loaded = _saved_and_loaded(unsaved, tmp_path / "d", training_state=True)
+    for each in (unsaved, loaded):
+        _quiet(each.partial_fit, X[768:])
+    assert _same(loaded, unsaved)
+    assert np.array_equal(loaded.threshold_, unsaved.threshold_)
+
+
+def test_saving_leaves_the_caller_s_random_state_where_it_was(X, tmp_path):
+    # A trainer rebuilt from the attributes for the save drew its seed from
+    # the caller's RandomState, and the saving estimator then trained
+    # otherwise than a twin never saved.
+    saved, twin = (_stream("batchtopk").set_params(k=2) for _ in range(2))
+    for each in (saved, twin):
+        _quiet(each.partial_fit, X[:768])
+        each.set_params(random_state=np.random.RandomState(5), k=3)
+    _quiet(saved.save, tmp_path / "d", training_state=True)
+    assert saved.random_state.get_state()[2] == twin.random_state.get_state()[2]
+    for each in (saved, twin):
+        _quiet(each.partial_fit, X[768:])
+    assert _same(saved, twin)
+
+
+def test_a_state_without_its_checksum_or_of_another_save_is_refused(X, tmp_path, saved_state):
+    path = shutil.copytree(saved_state, tmp_path / "copy")
+    config = json.loads((path / "config.json").read_text())
+    del config["sha256"]["files"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="records no checksum of training_state.safetensors"):
+        SparseAutoencoderDictionary.load(path)
+    # Another stream's state at the same step, re-signed as if saved so.
+    other = _stream("jumprelu", l0_coef=0.05)
+    _quiet(other.partial_fit, X[:768])
+    other.save(tmp_path / "other", training_state=True)
+    path = shutil.copytree(saved_state, tmp_path / "mixed")
+    shutil.copyfile(tmp_path / "other" / STATE, path / STATE)
+    _resigned(path)
+    with pytest.raises(ValueError, match="not the dictionary in weights.safetensors"):
+        SparseAutoencoderDictionary.load(path)
+
+
+def test_a_number_beyond_any_float_is_a_value_error(saved_state, tmp_path):
+    path = shutil.copytree(saved_state, tmp_path / "copy")
+    _edit_state_numbers(path, lambda n: n.update(variance=10 ** 400))
+    _resigned(path)
+    with pytest.raises(ValueError, match="'training_state.variance' must be a finite number"):
+        SparseAutoencoderDictionary.load(path)

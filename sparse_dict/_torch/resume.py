@@ -16,7 +16,7 @@ parameters).
 import numpy as np
 import torch
 
-from sparse_dict._torch.model import SparseAutoencoder
+from sparse_dict._torch.model import BASE_TENSORS, UNSCALED_TENSORS, SparseAutoencoder
 
 # The numbers a state holds: what each is ("count", an integer from 0;
 # "amount", a real from 0; "positive", a real above 0) and whether it may be
@@ -184,3 +184,23 @@ def trainer_from_state(trainer_class, arrays, numbers, activation, history):
     }
     trainer.optimizer.load_state_dict(optimizer_state)
     return trainer
+
+
+def holds_weights(trainer, params, scale, rtol=1e-5):
+    """Whether ``trainer``'s model is the dictionary of ``params`` (the caller's units).
+
+    The atoms, the encoder and the biases, within float32's rounding of the
+    scale folded in and out; the mechanisms' state is left out, since a
+    change of its settings (BatchTopK's ``k``) restarts it in the trainer
+    alone.
+    """
+    fitted = trainer.model.fitted_tensors()
+    for name in BASE_TENSORS:
+        expected = np.asarray(params[name], dtype=np.float64)
+        held = fitted[name].double().cpu().numpy()
+        if name not in UNSCALED_TENSORS:
+            held = held / float(scale)
+        bound = rtol * max(float(np.abs(expected).max(initial=0.0)), 1e-30)
+        if held.shape != expected.shape or np.abs(held - expected).max(initial=0.0) > bound:
+            return False
+    return True
