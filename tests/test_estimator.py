@@ -355,6 +355,52 @@ def test_partial_fit_goes_on_from_the_fitted_attributes(X, activation, dtype):
     assert np.abs(sae.decoder_bias_).max() < 0.05
 
 
+def test_a_partial_fit_call_copies_its_own_steps_not_the_whole_record(X):
+    # Every call copied the trainer's whole record of steps into history_
+    # (and the trainer concatenated, summed and sorted all of it): a stream's
+    # calls cost in proportion to every step before them. After a record of
+    # 200,000 steps, a call now allocates far less than one column of it.
+    import tracemalloc
+
+    from sparse_dict._torch.model import STAT_NAMES
+
+    steps, sae = 200_000, small_sae(n_components=8, batch_size=16).partial_fit(X)
+    X = X[:32]  # two steps a call
+    trainer = sae._trainer
+    trainer.history = np.concatenate([np.tile(trainer.history[-1:], (steps, 1)),
+                                      trainer.history])
+    trainer.history_rows = np.concatenate([np.full(steps, 16.0), trainer.history_rows])
+    for _ in range(2):  # the record set by hand is taken in whole, once
+        sae.partial_fit(X)
+    held = sae.history_
+    kept = {name: column.copy() for name, column in held.items()}
+    tracemalloc.start()
+    try:
+        for _ in range(3):
+            sae.partial_fit(X)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < steps * 8 // 4, peak  # a column is steps * 8 bytes
+    # The arrays a user kept stayed as they were; the new ones go on from them.
+    for name, column in held.items():
+        np.testing.assert_array_equal(column, kept[name])
+        assert len(sae.history_[name]) == len(column) + 6
+        np.testing.assert_array_equal(sae.history_[name][:len(column)], column)
+    np.testing.assert_array_equal(np.stack([sae.history_[name] for name in STAT_NAMES], 1),
+                                  trainer.history)
+    assert sae.loss_curve_ is sae.history_["loss"]
+    tail = sae.history_["l0"][-(len(trainer.history) // 10):]
+    assert sae.train_l0_ == float(np.copy(tail).mean())
+    # A pickle holds history_ as it is, without the buffers behind it.
+    copy = pickle.loads(pickle.dumps(sae))
+    assert "_history_kept" not in vars(copy)
+    for twin in (sae, copy):
+        twin.partial_fit(X)
+    for name in STAT_NAMES:
+        np.testing.assert_array_equal(copy.history_[name], sae.history_[name])
+
+
 def test_partial_fit_refuses_fitted_attributes_of_another_shape(X):
     sae = small_sae().fit(X)
     before = sae.encoder_bias_.copy()
