@@ -541,10 +541,12 @@ def _median_distance(X, decoder_bias):
                     - 2.0 * (rows @ bias) + bias @ bias)
     else:
         # As for the training rows: the difference in the rows' float type
-        # (float32 as training takes it), its squares summed in float64.
+        # (float32 as training takes it), squared and summed in float64
+        # (squared in float32, rows of 1e20 overflowed to a distance of inf).
         rows = np.asarray(rows)
         rows = rows if rows.dtype.kind == "f" else rows.astype(np.float64)
-        distance = ((rows - bias.astype(rows.dtype)) ** 2).sum(axis=1, dtype=np.float64)
+        difference = rows - bias.astype(rows.dtype)
+        distance = np.einsum("ij,ij->i", difference, difference, dtype=np.float64)
     return float(np.median(distance))
 
 
@@ -2278,10 +2280,14 @@ class SparseAutoencoderDictionary(
                                         _INFERENCE_BATCH, resolve_device(self.device),
                                         _result_dtype(X))
         else:
-            coder = self._optimal_coder()
+            from sparse_dict.coding import _unconverged_rows_said
 
-            def reconstruct(rows):
-                return self._decode(coder.transform(rows))
+            coder = self._optimal_coder()
+            # Unconverged rows said once for the call, as transform says
+            # them (a warning a block gave hundreds on a large memmap).
+            with _unconverged_rows_said(coder.transform_max_iter, X.shape[0]):
+                return float(_explained_variance(
+                    X, lambda rows: self._decode(coder._code(X[rows]))))
         return float(_explained_variance(X, lambda rows: reconstruct(X[rows])))
 
     def _check_inference_params(self):

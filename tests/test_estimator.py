@@ -2211,6 +2211,41 @@ def test_rows_on_another_scale_than_the_training_rows_warn(tmp_path):
         sae.transform(10 * X)
 
 
+@pytest.mark.parametrize("factor", [1e20, 1e-30])
+def test_training_rows_at_extreme_scales_are_on_their_own_scale(factor):
+    # Squared in float32, rows of 1e20 overflowed: their own training rows
+    # read as "inf times" the training rows' distance (and 1e-30, 0 times).
+    rng = np.random.RandomState(0)
+    X = (factor * rng.normal(size=(400, 8))).astype(np.float32)
+    sae = small_sae(max_iter=2).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sae.transform(X)
+
+
+def test_score_says_unconverged_rows_once_for_the_call(monkeypatch):
+    # A warning a block of rows: hundreds, with other counts, for a large
+    # memmap (transform said them once).
+    from sparse_dict import metrics
+
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 16 * 1000)  # 1,000 rows a block
+    X, _, _ = make_superposition(n_samples=9000, n_features=16, n_components=64,
+                                 random_state=0, dtype=np.float32)
+    sae = SparseAutoencoderDictionary(64, activation="topk", k=3, max_steps=50,
+                                      random_state=0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sae.fit(X)
+    sae.set_params(transform_algorithm="lasso_cd", transform_alpha=0.001 / sae.scale_,
+                   transform_max_iter=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        sae.score(X)
+    said = [str(w.message) for w in record if issubclass(w.category, ConvergenceWarning)]
+    assert len(said) == 1 and "of 9,000 rows" in said[0], said
+    assert record[0].filename == __file__
+
+
 def test_the_training_rows_are_never_on_another_scale():
     # With decoder_bias_init="zeros" on rows offset by 20 the bias moved far
     # from where the scale was measured: the training rows themselves were

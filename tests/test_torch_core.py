@@ -627,6 +627,13 @@ def test_a_poor_fit_whose_error_rose_is_blamed_on_large_steps():
     # An error that stayed flat is still put down to steps too small or too few.
     flat = _judged(np.full(60, 16.0), [16] * 60, data_variance=15.9, messages=True)
     assert "too small or too few" in [m for k, m in flat if k == "poor"][0]
+    # One that fell a long way and was at its lowest at the end wants more
+    # steps: rows far from a decoder bias started at zero were told to lower
+    # a learning rate already too low, which left them worse.
+    falling = _judged(np.linspace(60.0, 20.0, 1000), [16] * 1000, data_variance=15.0,
+                      messages=True)
+    poor = [message for kind, message in falling if kind == "poor"]
+    assert poor and "too few steps" in poor[0] and "lower learning_rate" not in poor[0]
 
 
 def _verdict(error=None):

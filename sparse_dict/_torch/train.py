@@ -2208,13 +2208,19 @@ class _RecordFigures:
         return kept[1], kept[2], kept[3]
 
 
-def _poor_fit_message(trainer, config, end, mean_error, start, lowest, l0):
+# A last window within this factor of the lowest window's error is still falling.
+_STILL_FALLING = 1.02
+
+
+def _poor_fit_message(trainer, config, end, mean_error, start, lowest, l0, last=None):
     """What to say of a fit that ends above the mean's error without diverging.
 
     The dictionary explains nothing. Steps too large do this without a
     blow-up (features knocked dead or into noise), and so does a penalty
     that silences the features before the decoder bias has learnt the mean;
-    an error that never fell from its start means steps too small or too few.
+    an error that never fell from its start means steps too small or too few,
+    and one that fell and was at its lowest in the ``last`` window (its mean
+    error), too few.
     """
     penalty = trainer.model.activation.penalty_name
     lr = f"learning_rate, now {config.learning_rate:g}"
@@ -2223,6 +2229,15 @@ def _poor_fit_message(trainer, config, end, mean_error, start, lowest, l0):
     if lowest > _BARELY_MOVED * start and end <= start:
         causes = (f"steps too small or too few: the error barely fell from its start "
                   f"({start:.4g}); raise {lr}, or train for more steps")
+    elif last is not None and last <= _STILL_FALLING * lowest:
+        # Fallen and still at its lowest at the end: no sign of steps too
+        # large. Rows with an offset 25 times their spread, the decoder bias
+        # started at zero, fell from 151 to 61 and were told to lower the
+        # learning rate, which left them worse (a score of -387 for -86).
+        causes = (f"too few steps: the error fell from its start ({start:.4g}) and was at "
+                  f"its lowest at the end, so train for more steps; where the rows share an "
+                  f"offset far larger than their spread, start the decoder bias there "
+                  f"(decoder_bias_init='geometric_median', the default)")
     else:
         causes = f"steps too large (lower {lr}), for example by a factor of 10"
         # Only where the features are silent: at an L0 of 31 the message
@@ -2362,8 +2377,10 @@ def assess_training(trainer, config, check_convergence=True, data_variance=None,
     if np.isfinite(end) and not rose and judged and warmed and (
             mean_error > 0 and end > max(mean_error, rounding)):
         l0_end = float(np.average(trainer.history[-tail:, 3], weights=rows[-tail:]))
+        last = figures.window_means(window, len(mse) - window, len(mse) - window + 1)[0]
         problems.append(("poor", _poor_fit_message(
-            trainer, config, end, mean_error, start=first, lowest=lowest, l0=l0_end)))
+            trainer, config, end, mean_error, start=first, lowest=lowest, l0=l0_end,
+            last=float(last))))
     if not np.isfinite(end) or rose:
         problems.append((
             "diverged",
