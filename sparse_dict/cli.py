@@ -298,6 +298,8 @@ def cmd_convert(args):
 
 def cmd_report(args):
     dictionary = _load_dictionary(args.dictionary, args.device)
+    # Before a store's own check, which advised an option there is not.
+    _refuse_pooled(args, getattr(dictionary, "provenance_", None))
     store = None
     if Path(args.texts).is_dir():
         # A store written by 'extract --store': its activations and tokens,
@@ -356,15 +358,8 @@ def _check_store(store, dictionary, args):
         raise CLIError(str(err)) from None
 
 
-def _fitted_extractor(args, dictionary, probe, provenance=None):
-    """The extractor of the options and the dictionary's provenance, checked against it.
-
-    ``provenance`` stands in for the dictionary's where it has none (a store's).
-    """
-    from sparse_dict.analysis import check_compatible
-
-    if provenance is None:
-        provenance = getattr(dictionary, "provenance_", None)
+def _refuse_pooled(args, provenance):
+    """Refuse activations pooled a text at a time: report and steer work token by token."""
     pooling = provenance.get("pooling", "none") if isinstance(provenance, dict) else "none"
     if pooling != "none":
         # The extractor's check said "use pooling='mean'", which no option
@@ -374,6 +369,18 @@ def _fitted_extractor(args, dictionary, probe, provenance=None):
             f"a text), and '{args.command}' works with the features of single tokens; code "
             "pooled rows in Python instead (TransformerActivationExtractor(..., "
             f"pooling={pooling!r}), then the dictionary's transform)")
+
+
+def _fitted_extractor(args, dictionary, probe, provenance=None):
+    """The extractor of the options and the dictionary's provenance, checked against it.
+
+    ``provenance`` stands in for the dictionary's where it has none (a store's).
+    """
+    from sparse_dict.analysis import check_compatible
+
+    if provenance is None:
+        provenance = getattr(dictionary, "provenance_", None)
+    _refuse_pooled(args, provenance)
     extractor = _make_extractor(args, verbose=0 if args.quiet else 1, provenance=provenance)
     extractor.fit(probe)
     # A --model given on the command line is taken as the dictionary's own

@@ -2604,7 +2604,8 @@ class SparseAutoencoderDictionary(
     def _load_once(cls, path, device):
         config = _persist.read_config(
             path, config_name=_CONFIG_FILE, weights_name=_WEIGHTS_FILE,
-            optional=(_TRAINING_STATE_FILE,), other_layout=("cfg.json", "a folder in SAELens' layout, which "
+            optional=(_TRAINING_STATE_FILE,),
+            other_layout=("cfg.json", "a folder in SAELens' layout, which "
                                       f"{cls.__name__}.from_saelens reads"))
         try:
             return cls._load_config(path, config, device)
@@ -2748,6 +2749,10 @@ class SparseAutoencoderDictionary(
                  if isinstance(self.random_state, np.random.RandomState) else None)
         try:
             trainer = self._get_trainer()
+            # Where the batch order is the caller's RandomState, it goes on
+            # after the seed that rebuilding drew (the loaded trainer makes
+            # no such draw): saved as the next partial_fit would find it.
+            order = random_state.get_state() if random_state is not None else None
         finally:
             # A trainer rebuilt from the attributes draws its seed from the
             # caller's RandomState: saving must not move it (the next
@@ -2755,8 +2760,8 @@ class SparseAutoencoderDictionary(
             if drawn is not None:
                 self.random_state.set_state(drawn)
         arrays, numbers = _resume.resume_state(trainer)
-        if isinstance(random_state, np.random.RandomState):
-            _, key, position, has_gauss, gauss = random_state.get_state()
+        if order is not None:
+            _, key, position, has_gauss, gauss = order
             arrays["batch_order_key"] = np.asarray(key, dtype=np.uint32)
             numbers["batch_order"] = {"position": int(position), "has_gauss": int(has_gauss),
                                       "cached_gaussian": float(gauss)}

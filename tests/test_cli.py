@@ -713,7 +713,11 @@ def test_report_and_steer_of_a_pooled_dictionary(builtin_model, tmp_path, texts_
         warnings.simplefilter("ignore")
         pooled.fit(extractor.transform(TEXTS * 4), provenance=extractor.provenance())
     pooled.save(tmp_path / "pooled")
+    # Over a store too, whose own check came first.
+    assert main(["extract", str(texts_file), "--store", str(tmp_path / "store"),
+                 "--device", "cpu", "-q"]) == 0
     for argv in (["report", tmp_path / "pooled", texts_file, "-o", tmp_path / "r"],
+                 ["report", tmp_path / "pooled", tmp_path / "store", "-o", tmp_path / "r"],
                  ["steer", tmp_path / "pooled", "Hello", "--feature", "0",
                   "--strength", "1"]):
         status, _, err = run(argv + ["--device", "cpu", "-q"], capsys)

@@ -270,15 +270,20 @@ def test_saving_leaves_the_caller_s_random_state_where_it_was(X, tmp_path):
     # A trainer rebuilt from the attributes for the save drew its seed from
     # the caller's RandomState, and the saving estimator then trained
     # otherwise than a twin never saved.
-    saved, twin = (_stream("batchtopk").set_params(k=2) for _ in range(2))
+    saved, twin = (_stream("batchtopk").set_params(k=2, random_state=np.random.RandomState(5))
+                   for _ in range(2))
     for each in (saved, twin):
         _quiet(each.partial_fit, X[:768])
-        each.set_params(random_state=np.random.RandomState(5), k=3)
+        each.set_params(k=3)
     _quiet(saved.save, tmp_path / "d", training_state=True)
     assert saved.random_state.get_state()[2] == twin.random_state.get_state()[2]
-    for each in (saved, twin):
+    # And the loaded one goes on in the batch order that follows the seed
+    # the saving drew (it started one draw early).
+    loaded = SparseAutoencoderDictionary.load(tmp_path / "d")
+    for each in (saved, twin, loaded):
         _quiet(each.partial_fit, X[768:])
     assert _same(saved, twin)
+    assert _same(loaded, twin)
 
 
 def test_a_state_without_its_checksum_or_of_another_save_is_refused(X, tmp_path, saved_state):
