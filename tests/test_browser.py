@@ -24,6 +24,7 @@ from sparse_dict.browser import (
     top_activating_examples,
     write_feature_browser,
 )
+from memory_peak import peak_bytes
 
 # --------------------------------------------------------------------------
 # Pure functions
@@ -218,19 +219,13 @@ def test_tokens_are_kept_exactly_and_by_row(tmp_path):
 def test_one_long_token_costs_its_own_length_only(tmp_path):
     # The vocabulary was a fixed-width array as wide as the longest token per
     # shown context cell: one 20,000-character token cost about a GB here.
-    import tracemalloc
-
     rng = np.random.default_rng(0)
     codes = (rng.random((2000, 50)) * (rng.random((2000, 50)) < 0.05)).astype(np.float32)
     tokens = [f"t{i % 50}" for i in range(2000)]
     tokens[5] = "-" * 20_000
     ex = top_activating_examples(codes, tokens, k=8, context=6)
-    tracemalloc.start()
-    try:
-        data = _embedded(write_feature_browser(tmp_path / "f.html", np.ones(50), ex))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    data, peak = peak_bytes(
+        lambda: _embedded(write_feature_browser(tmp_path / "f.html", np.ones(50), ex)))
     assert peak < 50e6, peak
     assert "-" * 20_000 in data["vocab"] and len(data["vocab"]) <= 51
 

@@ -17,6 +17,7 @@ from sparse_dict import LassoCoder
 from sparse_dict.coding import amortisation_gap
 from sparse_dict.datasets import make_superposition
 from sparse_dict.metrics import explained_variance
+from memory_peak import peak_bytes
 
 
 def _random_dictionary(n_features, n_components=5, seed=0):
@@ -483,18 +484,11 @@ def test_rows_are_coded_in_blocks_with_the_codes_of_one_call(superposition, monk
 def test_transform_s_memory_is_about_its_codes():
     # 100,000 rows of 1,024 atoms coded at once peaked at 4.5 to 5.6 times
     # the codes' memory (the solvers' float64 arrays of every row).
-    import tracemalloc
-
     rng = np.random.RandomState(0)
     atoms = rng.standard_normal((1024, 32)).astype(np.float32)
     X = rng.standard_normal((24_000, 32)).astype(np.float32)
     coder = LassoCoder(atoms, algorithm="threshold", alpha=0.5).fit(X[:10])
-    tracemalloc.start()
-    try:
-        codes = coder.transform(X)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    codes, peak = peak_bytes(coder.transform, X)
     assert peak < 1.8 * codes.nbytes
 
 

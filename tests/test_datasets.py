@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from sparse_dict import datasets
 from sparse_dict.datasets import _activation_probabilities, make_superposition
+from memory_peak import peak_bytes
 
 
 def test_shapes_and_dtypes():
@@ -74,16 +75,9 @@ def test_repeatable_across_blocks():
 def test_memory_stays_near_what_is_returned():
     # The rows were made from a float64 copy of all the codes at once: a
     # peak of 3.2 times what is returned (float32, 1,024 atoms).
-    import tracemalloc
-
-    tracemalloc.start()
-    try:
-        X, atoms, codes = make_superposition(n_samples=40_000, n_features=32,
-                                             n_components=1024, noise=0.1, random_state=0,
-                                             dtype=np.float32)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    (X, atoms, codes), peak = peak_bytes(
+        make_superposition, n_samples=40_000, n_features=32, n_components=1024, noise=0.1,
+        random_state=0, dtype=np.float32)
     assert peak < 2.0 * (X.nbytes + atoms.nbytes + codes.nbytes)
 
 

@@ -20,6 +20,7 @@ from sparse_dict import SparseAutoencoderDictionary
 from sparse_dict.datasets import make_superposition
 from sparse_dict.estimator import DivergenceError
 from sparse_dict.metrics import explained_variance, mean_max_cosine_similarity
+from memory_peak import peak_bytes
 
 
 def small_sae(**kwargs):
@@ -199,8 +200,6 @@ def test_sparse_codes_decode_without_a_dense_batch(dtype):
     # Sparse codes were densified 8,192 rows at a time and multiplied by
     # every atom: 15 times as long as their own product at an L0 of 32 in
     # 4,096 atoms, and a (8,192, n_components) array on the way.
-    import tracemalloc
-
     rng = np.random.default_rng(0)
     sae = SparseAutoencoderDictionary(n_components=2048, activation="topk", k=4, max_steps=2,
                                       device="cpu", random_state=0)
@@ -208,12 +207,7 @@ def test_sparse_codes_decode_without_a_dense_batch(dtype):
     codes = sp.random(8192, 2048, density=4 / 2048, format="csr", dtype=dtype,
                       random_state=0)
     dense = sae.inverse_transform(codes.toarray())
-    tracemalloc.start()
-    try:
-        decoded = sae.inverse_transform(codes)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    decoded, peak = peak_bytes(sae.inverse_transform, codes)
     assert decoded.dtype == dtype
     tolerance = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(decoded, dense, rtol=tolerance, atol=tolerance)
@@ -252,8 +246,6 @@ def test_sparse_input_matches_dense(X):
 
 
 def test_memmap_is_read_in_batches(tmp_path):
-    import tracemalloc
-
     n, d = 120_000, 32  # 15 MB of float32
     path = tmp_path / "acts.f32"
     mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, d))
@@ -265,27 +257,19 @@ def test_memmap_is_read_in_batches(tmp_path):
     X = np.memmap(path, dtype=np.float32, mode="r", shape=(n, d))
     # A first fit imports what fitting needs, which tracemalloc would count.
     small_sae(n_components=32, max_iter=1).fit(X[:1000])
-    tracemalloc.start()
-    sae = small_sae(n_components=32, max_iter=1, batch_size=512).fit(X)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    sae, peak = peak_bytes(small_sae(n_components=32, max_iter=1, batch_size=512).fit, X)
     assert sae.n_steps_ == int(np.ceil(n / 512))
     # A copy of the data would be 15 MB; batches and statistics are far less.
     assert peak < 0.3 * X.nbytes, peak
 
 
 def test_a_float16_memmap_is_read_in_float32_batches(tmp_path):
-    import tracemalloc
-
     n, d = 120_000, 32  # 7.7 MB of float16; scikit-learn's float64 copy would be 31 MB
     values = np.random.RandomState(0).exponential(size=(n, d)).astype(np.float16)
     np.save(tmp_path / "acts.npy", values)
     X = np.load(tmp_path / "acts.npy", mmap_mode="r")
     small_sae(n_components=32, max_iter=1).fit(X[:1000])
-    tracemalloc.start()
-    sae = small_sae(n_components=32, max_iter=1, batch_size=512).fit(X)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    sae, peak = peak_bytes(small_sae(n_components=32, max_iter=1, batch_size=512).fit, X)
     assert peak < 0.5 * X.nbytes, peak
     # The same model as from the float32 values, and float32 results.
     same = small_sae(n_components=32, max_iter=1, batch_size=512).fit(values.astype(np.float32))
@@ -360,8 +344,6 @@ def test_a_partial_fit_call_copies_its_own_steps_not_the_whole_record(X):
     # (and the trainer concatenated, summed and sorted all of it): a stream's
     # calls cost in proportion to every step before them. After a record of
     # 200,000 steps, a call now allocates far less than one column of it.
-    import tracemalloc
-
     from sparse_dict._torch.model import STAT_NAMES
 
     steps, sae = 200_000, small_sae(n_components=8, batch_size=16).partial_fit(X)
@@ -374,13 +356,7 @@ def test_a_partial_fit_call_copies_its_own_steps_not_the_whole_record(X):
         sae.partial_fit(X)
     held = sae.history_
     kept = {name: column.copy() for name, column in held.items()}
-    tracemalloc.start()
-    try:
-        for _ in range(3):
-            sae.partial_fit(X)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    _, peak = peak_bytes(lambda: [sae.partial_fit(X) for _ in range(3)])
     assert peak < steps * 8 // 4, peak  # a column is steps * 8 bytes
     # The arrays a user kept stayed as they were; the new ones go on from them.
     for name, column in held.items():

@@ -25,6 +25,7 @@ from sparse_dict.metrics import (
     one_to_one_matching_score,
     recovery_rate,
 )
+from memory_peak import peak_bytes
 
 X = np.array([[1.0, 2.0], [3.0, 0.0], [2.0, 4.0]])
 # Column means (2, 2); total sum of squares 1 + 0 + 1 + 4 + 0 + 4 = 10.
@@ -419,16 +420,9 @@ def test_sparsity_properties(codes):
 def test_cosine_matching_holds_one_cosine_matrix():
     # The cosines were clipped into a copy: twice the matrix at the peak
     # (1 GB for 8,192 atoms a side, where 512 MB does).
-    import tracemalloc
-
     rng = np.random.default_rng(0)
     learned, true = rng.standard_normal((2048, 16)), rng.standard_normal((2048, 16))
     matrix_bytes = 2048 * 2048 * 8
     for measure in (mean_max_cosine_similarity, lambda a, b: best_matches(a, b)):
-        tracemalloc.start()
-        try:
-            measure(learned, true)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        _, peak = peak_bytes(measure, learned, true)
         assert peak < 1.5 * matrix_bytes
