@@ -1327,7 +1327,8 @@ class SparseAutoencoderDictionary(
         (training batches, scaled units; ``"auxk"`` is the dead features'
         error on the live features' residual relative to the previous
         step's mean squared error, which can exceed 1, and 0 while none is
-        dead).
+        dead). Read-only arrays, which later calls of :meth:`partial_fit`
+        leave as they are (they give new, longer ones).
     train_l0_ : float
         Mean L0 over the last tenth of the training steps.
     transform_l0_ : float
@@ -2058,7 +2059,10 @@ class SparseAutoencoderDictionary(
         self.n_components_ = self.components_.shape[0]
         self.scale_ = float(trainer.scale)
         self.n_steps_ = int(trainer.step)
-        self._extend_history(trainer)
+        # Views of the trainer's record, whose rows are never written again:
+        # copying the whole record at every partial_fit call made a stream's
+        # calls cost in proportion to all the steps before.
+        self._show_history({name: trainer.history[:, i] for i, name in enumerate(STAT_NAMES)})
         rows = max(trainer.pass_rows, 1)
         self.feature_frequencies_ = trainer.pass_fired / rows
         self.n_resampled_ = int(trainer.n_resampled)
@@ -2082,48 +2086,20 @@ class SparseAutoencoderDictionary(
 
     def _set_history(self, history):
         """``history_``, ``loss_curve_`` and ``train_l0_`` from the (steps, stats) array."""
-        self.__dict__.pop("_history_kept", None)  # history_ no longer comes from a trainer
         self._show_history({k: history[:, i].copy() for i, k in enumerate(STAT_NAMES)})
 
     def _show_history(self, history):
-        """``history_`` (a dict of columns), and ``loss_curve_`` and ``train_l0_`` from it."""
+        """``history_`` (a dict of columns, made read-only), ``loss_curve_`` and ``train_l0_``.
+
+        Read-only: after a fit the columns are views of the trainer's record,
+        which judges the next ``partial_fit`` call.
+        """
+        for column in history.values():
+            column.flags.writeable = False
         self.history_ = history
         self.loss_curve_ = history["loss"]
         tail = history["l0"][-max(1, len(history["l0"]) // 10):]
         self.train_l0_ = float(tail.mean()) if len(tail) else float("nan")
-
-    def _extend_history(self, trainer):
-        """:meth:`_set_history` from ``trainer``'s record, copying only its steps since the last.
-
-        Copying every column of the whole record at every ``partial_fit``
-        call made a stream's calls cost in proportion to all the steps
-        before. The columns are kept in buffers of spare capacity
-        (``_history_kept``: the record they were copied from, its length
-        then, the buffers), and ``history_``'s arrays are views of their
-        filled part: a later call writes only past the end of every view
-        handed out (or into new buffers once they are full), so an array a
-        user kept never changes. Any other record (a new fit, a trainer
-        rolled back or unpickled) is copied whole.
-        """
-        history, source = trainer.history, trainer.history_source
-        n = len(history)
-        kept = getattr(self, "_history_kept", None)
-        if (kept is None or kept[0] is not source or kept[1] > n
-                or kept[2]["loss"].dtype != history.dtype):
-            start, buffers = 0, {}
-        else:
-            # A new dict: the one kept goes back as it was if this call fails.
-            start, buffers = kept[1], dict(kept[2])
-        for i, name in enumerate(STAT_NAMES):
-            buffer = buffers.get(name)
-            if buffer is None or len(buffer) < n:
-                grown = np.empty(max(n, 2 * start, 64), dtype=history.dtype)
-                if start:
-                    grown[:start] = buffer[:start]
-                buffers[name] = buffer = grown
-            buffer[start:n] = history[start:, i]
-        self._history_kept = (source, n, buffers)
-        self._show_history({name: buffers[name][:n] for name in STAT_NAMES})
 
     def _fitted_tensors(self):
         """The fitted tensors by their core names (``components``, ...)."""
@@ -2423,11 +2399,6 @@ class SparseAutoencoderDictionary(
             # first transform; pickles, joblib's copies and deep copies
             # carried it (4.3 MB grew to 38 MB at 2,048 atoms).
             state = dict(state, _coders={})
-        if "_history_kept" in state:
-            # history_'s spare buffers and the trainer's record they came
-            # from: history_ is pickled as it is, and a later call copies the
-            # record once. (A new dict: the state may be __dict__ itself.)
-            state = {key: value for key, value in state.items() if key != "_history_kept"}
         return state
 
     def __setstate__(self, state):

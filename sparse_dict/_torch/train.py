@@ -791,15 +791,6 @@ class Trainer:
         self._history_rows = _Grown(value)
         self._figures = None
 
-    @property
-    def history_source(self):
-        """What holds :attr:`history`: the same object for as long as the record only grows.
-
-        A caller that copied the record's first steps may copy only those
-        appended since, while this is the object it copied from.
-        """
-        return self._history
-
     def record_figures(self):
         """The whole record's figures that :func:`assess_training` reads, brought up to date.
 
