@@ -43,6 +43,7 @@ from sparse_dict._torch import (
     reconstructor,
     fitted_tensor_names,
     make_activation,
+    median_squared_distance,
     resolve_device,
     value_range,
 )
@@ -523,9 +524,11 @@ def _median_distance(X, decoder_bias):
 
     Over at most ``_SCALE_SHIFT_ROWS`` rows spread over ``X`` (fewer where
     they are wide: about 32 MB of them at most); sparse rows are not made
-    dense. On the host, for rows given to ``transform``; the training rows'
-    figure is :meth:`Trainer.median_distance`'s, on the device. The median, so that a few outsized rows (a transformer's
-    first token) move it no more than they would the training rows'.
+    dense. For rows given to ``transform``, by the arithmetic of the
+    training rows' figure (:func:`median_squared_distance`, as
+    :meth:`Trainer.median_distance` takes it on the device). The median, so
+    that a few outsized rows (a transformer's first token) move it no more
+    than they would the training rows'.
 
     Examples
     --------
@@ -535,22 +538,22 @@ def _median_distance(X, decoder_bias):
     >>> round(float(ratio))
     100
     """
+    import torch
+
     n_rows = min(_SCALE_SHIFT_ROWS, max(_SCALE_SHIFT_MIN_ROWS, (1 << 25) // (8 * X.shape[1])))
     rows = X[::max(1, X.shape[0] // n_rows)][:n_rows]
     bias = np.asarray(decoder_bias, dtype=np.float64)
     if sp.issparse(rows):
+        # Expanded, so that the rows are not made dense.
         rows = rows.astype(np.float64)
         distance = (np.asarray(rows.multiply(rows).sum(axis=1)).ravel()
                     - 2.0 * (rows @ bias) + bias @ bias)
-    else:
-        # As for the training rows: the difference in the rows' float type
-        # (float32 as training takes it), squared and summed in float64
-        # (squared in float32, rows of 1e20 overflowed to a distance of inf).
-        rows = np.asarray(rows)
-        rows = rows if rows.dtype.kind == "f" else rows.astype(np.float64)
-        difference = rows - bias.astype(rows.dtype)
-        distance = np.einsum("ij,ij->i", difference, difference, dtype=np.float64)
-    return float(np.median(distance))
+        return float(torch.from_numpy(distance).median())
+    # As for the training rows (Trainer.median_distance): the same arithmetic.
+    rows = np.asarray(rows)
+    rows = rows if rows.dtype.kind == "f" else rows.astype(np.float64)
+    return median_squared_distance(torch.from_numpy(np.ascontiguousarray(rows)),
+                                   torch.from_numpy(bias))
 
 
 def _shrinkage_message(shrinkage, explained, l1_coef, refit=None):

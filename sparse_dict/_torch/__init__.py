@@ -9,7 +9,13 @@ from sparse_dict._torch.device import resolve_device
 from sparse_dict._torch.distributed import RankFailedError
 from sparse_dict._torch.model import SparseAutoencoder, fitted_tensor_names
 from sparse_dict._torch.train import DivergenceError, TrainConfig, Trainer, assess_training
-from sparse_dict._torch.data import decode_array, encode_array, reconstructor, value_range
+from sparse_dict._torch.data import (
+    decode_array,
+    encode_array,
+    median_squared_distance,
+    reconstructor,
+    value_range,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -24,6 +30,7 @@ __all__ = [
     "reconstructor",
     "fitted_tensor_names",
     "make_activation",
+    "median_squared_distance",
     "resolve_device",
     "value_range",
 ]

@@ -440,6 +440,24 @@ def encode_array(tensors, activation, X, batch_size, device, out_dtype):
     return _map_rows(encode, X, width, batch_size, device, out_dtype)
 
 
+def median_squared_distance(rows, centre):
+    """The median over ``rows`` (a 2-D tensor) of their squared distance from ``centre``.
+
+    The difference in the rows' dtype (float32, as training takes it),
+    squared and summed in float64 (squared in float32, rows of 1e20
+    overflowed); torch's median, the lower middle of an even count. For the
+    training rows on the device and for rows given to ``transform`` alike.
+
+    Examples
+    --------
+    >>> rows = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    >>> median_squared_distance(rows, torch.zeros(2))
+    4.0
+    """
+    centred = rows - centre.to(device=rows.device, dtype=rows.dtype)
+    return float(centred.double().pow(2).sum(dim=1).median())
+
+
 def decode_array(atoms, bias, codes, batch_size, device, out_dtype):
     """Reconstructions ``codes @ atoms + bias`` of every row of ``codes``.
 
