@@ -648,8 +648,7 @@ def _few_rows_caveat(n_samples, n_components, distinct=None, floor=_MIN_ROWS_PER
     if rows >= floor * n_components:
         return ""
     return (f" But with {_per_atom(rows, n_components, floor)} rows an atom (see the warning "
-            "on few "
-            "rows) more steps fit these rows ever closer and new rows worse: compare "
+            "on few rows) more steps fit these rows ever closer and new rows worse: compare "
             "held-out scores before training longer (for example GridSearchCV over "
             "max_steps), or give it more rows or fewer atoms.")
 
@@ -2278,16 +2277,15 @@ class SparseAutoencoderDictionary(
             reconstruct = reconstructor(self._fitted_tensors(), self._fitted_activation(),
                                         _INFERENCE_BATCH, resolve_device(self.device),
                                         _result_dtype(X))
-        else:
-            from sparse_dict.coding import _unconverged_rows_said
+            return float(_explained_variance(X, lambda rows: reconstruct(X[rows])))
+        from sparse_dict.coding import _unconverged_rows_said
 
-            coder = self._optimal_coder()
-            # Unconverged rows said once for the call, as transform says
-            # them (a warning a block gave hundreds on a large memmap).
-            with _unconverged_rows_said(coder.transform_max_iter, X.shape[0]):
-                return float(_explained_variance(
-                    X, lambda rows: self._decode(coder._code(X[rows]))))
-        return float(_explained_variance(X, lambda rows: reconstruct(X[rows])))
+        coder = self._optimal_coder()
+        # Unconverged rows said once for the call, as transform says them (a
+        # warning a block gave hundreds on a large memmap).
+        with _unconverged_rows_said(coder.transform_max_iter, X.shape[0]):
+            return float(_explained_variance(
+                X, lambda rows: self._decode(coder._code(X[rows]))))
 
     def _check_inference_params(self):
         """Check the parameters read at each call, as fit checks them.
