@@ -54,6 +54,13 @@ def _saved_and_loaded(estimator, path, **save):
     return SparseAutoencoderDictionary.load(path)
 
 
+def _go_on_alike(a, b, rows):
+    """Whether ``a`` and ``b`` give the same dictionary after one partial_fit of ``rows``."""
+    for each in (a, b):
+        _quiet(each.partial_fit, rows)
+    return _same(a, b)
+
+
 @pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "jumprelu"])
 def test_a_stream_saved_with_its_training_state_goes_on_exactly(X, activation, tmp_path):
     unsaved, kept, afresh = _stream(activation), _stream(activation), _stream(activation)
@@ -73,9 +80,7 @@ def test_a_stream_saved_with_its_training_state_goes_on_exactly(X, activation, t
 def test_training_state_after_fit_carries_on_into_partial_fit(X, tmp_path):
     fitted = _quiet(_stream("jumprelu", max_steps=60).fit, X[:768])
     loaded = _saved_and_loaded(fitted, tmp_path / "d", training_state=True)
-    for estimator in (fitted, loaded):
-        _quiet(estimator.partial_fit, X[768:])
-    assert _same(loaded, fitted)
+    assert _go_on_alike(loaded, fitted, X[768:])
 
 
 def test_edited_atoms_train_afresh_after_load_as_before_it(X, tmp_path):
@@ -86,9 +91,7 @@ def test_edited_atoms_train_afresh_after_load_as_before_it(X, tmp_path):
     _quiet(estimator.partial_fit, X[:768])
     estimator.components_ = estimator.components_[::-1].copy()
     loaded = _saved_and_loaded(estimator, tmp_path / "d", training_state=True)
-    for each in (estimator, loaded):
-        _quiet(each.partial_fit, X[768:])
-    assert _same(loaded, estimator)
+    assert _go_on_alike(loaded, estimator, X[768:])
 
 
 def test_the_third_file_and_its_size(X, tmp_path):
@@ -112,9 +115,7 @@ def test_a_folder_shared_without_the_state_loads_as_saved_without_it(X, tmp_path
     (with_state / STATE).unlink()
     shared = SparseAutoencoderDictionary.load(with_state)
     without = _saved_and_loaded(estimator, tmp_path / "without")
-    for each in (shared, without):
-        _quiet(each.partial_fit, X[768:])
-    assert _same(shared, without)
+    assert _go_on_alike(shared, without, X[768:])
 
 
 def test_overwrite_replaces_a_folder_with_a_training_state(X, tmp_path):
@@ -147,9 +148,7 @@ def test_a_loaded_state_pickles_and_goes_on(X, tmp_path):
     _quiet(estimator.partial_fit, X[:768])
     loaded = pickle.loads(pickle.dumps(
         _saved_and_loaded(estimator, tmp_path / "d", training_state=True)))
-    for each in (estimator, loaded):
-        _quiet(each.partial_fit, X[768:])
-    assert _same(loaded, estimator)
+    assert _go_on_alike(loaded, estimator, X[768:])
 
 
 @pytest.fixture(scope="module")
@@ -260,9 +259,7 @@ def test_a_k_set_before_the_save_restarts_the_threshold_after_load_too(X, tmp_pa
     _quiet(unsaved.partial_fit, X[:768])
     unsaved.set_params(k=6)
     loaded = _saved_and_loaded(unsaved, tmp_path / "d", training_state=True)
-    for each in (unsaved, loaded):
-        _quiet(each.partial_fit, X[768:])
-    assert _same(loaded, unsaved)
+    assert _go_on_alike(loaded, unsaved, X[768:])
     assert np.array_equal(loaded.threshold_, unsaved.threshold_)
 
 
