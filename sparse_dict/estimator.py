@@ -2828,7 +2828,8 @@ class SparseAutoencoderDictionary(
         Reads a SAELens 6 folder (``cfg.json`` and
         ``sae_weights.safetensors``) of architecture ``"standard"``,
         ``"topk"`` or ``"jumprelu"`` (SAELens saves BatchTopK SAEs as
-        JumpReLU with one shared threshold), and folds its settings into this
+        JumpReLU with one shared threshold; a BatchTopK training checkpoint
+        reads as that JumpReLU SAE), and folds its settings into this
         package's form exactly; see :mod:`sparse_dict.saelens`. Every field
         and tensor is checked; SAELens itself is not needed.
 

@@ -11,7 +11,8 @@ SAELens' inference equations (for the architectures read here)::
 
     h     = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc
     f     = ReLU(h)                                   # "standard"
-          = ReLU(h) * (h > threshold)                 # "jumprelu" (and BatchTopK)
+          = ReLU(h) * (h > threshold)                 # "jumprelu" (and BatchTopK,
+                                                      #  a checkpoint's too: below)
           = TopK(ReLU)(h)                             # "topk"
           = TopK(ReLU)(h * ||W_dec||) ...             # "topk", rescale_acts_by_decoder_norm
     x_hat = f @ W_dec + b_dec                        (f / ||W_dec|| @ W_dec when rescaled)
@@ -68,7 +69,7 @@ WRITTEN_FORMAT_VERSION = "6.0.0"
 ARCHITECTURES = ("standard", "topk", "jumprelu")
 # SAELens architectures that exist but whose equations this package lacks.
 _OTHER_ARCHITECTURES = (
-    "gated", "abstopk", "batchtopk", "matryoshka_batchtopk", "transcoder",
+    "gated", "abstopk", "transcoder",
     "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder", "temporal",
     "matching_pursuit",
 )
@@ -90,20 +91,31 @@ _FIELDS = {
     # are stored in memory, not their values.
     "topk": _COMMON_FIELDS + ("k", "rescale_acts_by_decoder_norm", "use_sparse_activations"),
 }
-# A training checkpoint's cfg.json is SAELens 6's training config (the
-# TrainingSAEConfig classes of 6.0 to 6.18): the inference fields above and
-# these, which set only how it trains. SAELens' load_from_disk drops them,
-# and so does read_saelens; the checkpoint's activation_scaler.json is what
-# makes such a folder worth reading (its scaling factor, not yet folded).
+# Architectures that only a training checkpoint has: SAELens saves a
+# trained BatchTopK SAE (Matryoshka too, whose nested losses change only its
+# training) as a JumpReLU SAE with one threshold, its running topk_threshold;
+# read_saelens reads the checkpoint as that JumpReLU SAE.
+_CHECKPOINT_ARCHITECTURES = ("batchtopk", "matryoshka_batchtopk")
+_FIELDS["batchtopk"] = _FIELDS["matryoshka_batchtopk"] = _FIELDS["topk"]
+# A training checkpoint's cfg.json is SAELens 6's training config (its
+# TrainingSAEConfig classes): the inference fields above and these, which
+# set only how it trains. SAELens' load_from_disk drops them, and so does
+# read_saelens; the checkpoint's activation_scaler.json is what makes such a
+# folder worth reading (its scaling factor, not yet folded). The lists are
+# those of 6.0 to 6.54; a later release's new ones are accepted where the
+# checkpoint itself declares them training fields (_declared_training).
 _TRAINING_COMMON = ("decoder_init_norm",)
 _TRAINING_FIELDS = {
     "standard": _TRAINING_COMMON + ("l1_coefficient", "lp_norm", "l1_warm_up_steps"),
     "jumprelu": _TRAINING_COMMON + (
         "jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_sparsity_loss_mode",
         "l0_coefficient", "l0_warm_up_steps", "pre_act_loss_coefficient",
-        "jumprelu_tanh_scale"),
+        "jumprelu_tanh_scale", "jumprelu_ste_to_input", "target_l0"),
     "topk": _TRAINING_COMMON + ("aux_loss_coefficient",),
 }
+_TRAINING_FIELDS["batchtopk"] = _TRAINING_FIELDS["topk"] + ("topk_threshold_lr",)
+_TRAINING_FIELDS["matryoshka_batchtopk"] = _TRAINING_FIELDS["batchtopk"] + (
+    "matryoshka_widths", "use_matryoshka_aux_loss")
 # Atoms this close to unit norm are left as they are, so that a dictionary of
 # this package (unit atoms, up to rounding) goes out and back bit for bit.
 _UNIT_TOLERANCE = 1e-6
@@ -195,6 +207,24 @@ def _finite_metadata(metadata, file):
     return metadata
 
 
+def _declared_training(config):
+    """The fields a checkpoint's metadata lists as training-only, with the value they have.
+
+    SAELens 6 copies a training config's own fields into
+    ``metadata.training_architecture_details`` beside the top-level ones: a
+    field named there, with the same value at the top level, sets only how
+    the SAE trains, whatever release added it (6.54's
+    ``jumprelu_ste_to_input`` and ``target_l0`` were refused as unexpected).
+    """
+    metadata = config.get("metadata")
+    details = metadata.get("training_architecture_details") if isinstance(
+        metadata, dict) else None
+    if not isinstance(details, dict):
+        return set()
+    return {key for key, value in details.items()
+            if key in config and config[key] == value and key not in _COMMON_FIELDS}
+
+
 def _read_config(path):
     config = _persist.read_config(
         path, config_name=CONFIG_FILE, weights_name=WEIGHTS_FILE,
@@ -221,17 +251,18 @@ def _read_config(path):
             "in SAELens 6 (SAE.load_from_disk) and save it again with save_model."
         )
     architecture = _persist.config_field(config, "architecture", file, kind=str)
-    if architecture not in ARCHITECTURES:
+    if architecture not in ARCHITECTURES + _CHECKPOINT_ARCHITECTURES:
         known = architecture in _OTHER_ARCHITECTURES
         raise ValueError(
             f"{file}: field 'architecture' is {architecture!r}, "
             f"{'which sparse_dict cannot represent' if known else 'unknown'}; "
-            f"supported: {list(ARCHITECTURES)} (BatchTopK SAEs are saved by SAELens as "
-            "'jumprelu')."
+            f"supported: {list(ARCHITECTURES)}, and in training checkpoints "
+            f"{list(_CHECKPOINT_ARCHITECTURES)}."
         )
     known = _FIELDS[architecture] + _TRAINING_FIELDS[architecture]
+    declared = _declared_training(config)
     for key in config:
-        if key not in known and key != _persist.INTEGRITY_KEY:
+        if key not in known and key not in declared and key != _persist.INTEGRITY_KEY:
             raise ValueError(f"{file}: unexpected field {key!r} for architecture "
                              f"{architecture!r}")
     cfg = {"architecture": architecture}
@@ -262,7 +293,15 @@ def _read_config(path):
     cfg["reshape_activations"] = _persist.OneOf(("none", "hook_z")).check(
         config.get("reshape_activations", "none"), file, "reshape_activations")
     cfg["metadata"] = _finite_metadata(_persist.config_field(config, "metadata", file), file)
-    if architecture == "topk":
+    if architecture in _CHECKPOINT_ARCHITECTURES:
+        # Its k (a float: a mean over the batch) chose the codes in training;
+        # read, the SAE fires where its threshold says, as SAELens' own
+        # conversion of the checkpoint does.
+        cfg["k"] = _persist.Real(0.0, inclusive=False).check(config.get("k"), file, "k")
+        cfg["rescale_acts_by_decoder_norm"] = _check_bool(
+            config, "rescale_acts_by_decoder_norm", file, default=False)
+        _check_bool(config, "use_sparse_activations", file, default=False)
+    elif architecture == "topk":
         cfg["k"] = _persist.Integer(1).check(config.get("k"), file, "k")
         if cfg["k"] > cfg["d_sae"]:
             raise ValueError(f"{file}: field 'k' ({cfg['k']}) exceeds 'd_sae' "
@@ -271,6 +310,30 @@ def _read_config(path):
             config, "rescale_acts_by_decoder_norm", file, default=False)
         _check_bool(config, "use_sparse_activations", file, default=False)
     return cfg
+
+
+def _checkpoint_as_jumprelu(w, rescaled):
+    """A BatchTopK checkpoint's weights as the JumpReLU SAE SAELens saves it as.
+
+    In training SAELens keeps the batch's ``k * batch`` largest of ``ReLU(h)``
+    (of ``h * ||W_dec||`` where ``rescaled``) and a running mean of the
+    smallest kept value, ``topk_threshold``; the trained SAE fires where a
+    value exceeds it. Where ``rescaled``, the norms are folded into the
+    encoder first (``W_enc`` and ``b_enc`` times the norm, ``W_dec`` over
+    it), which makes the rescaled value the pre-activation; the threshold,
+    already in those units, stays one threshold shared by every feature. A
+    zero decoder row's value is 0, never above the threshold: its encoder
+    column is zeroed, and the row is left as it is.
+    """
+    w = dict(w)
+    threshold = float(w.pop("topk_threshold"))
+    if rescaled:
+        norms = np.linalg.norm(w["W_dec"], axis=1)
+        w["W_enc"] = w["W_enc"] * norms
+        w["b_enc"] = w["b_enc"] * norms
+        w["W_dec"] = w["W_dec"] / np.where(norms > 0, norms, 1.0)[:, None]
+    w["threshold"] = np.full(w["b_enc"].shape, threshold)
+    return w
 
 
 def _read_scaling_factor(path):
@@ -299,6 +362,8 @@ def _read_weights(file, cfg):
     }
     if cfg["architecture"] == "jumprelu":
         schema["threshold"] = _persist.TensorSpec((d_sae,), floats)
+    if cfg["architecture"] in _CHECKPOINT_ARCHITECTURES:
+        schema["topk_threshold"] = _persist.TensorSpec((), floats)
     if _has_bfloat16(file):
         raise ValueError(
             f"{file}: the weights are bfloat16, which sparse_dict reads only as float16, "
@@ -387,6 +452,14 @@ def read_saelens(path, *, norm_scaling_factor=None):
         )
     w = _read_weights(path / WEIGHTS_FILE, cfg)
     folded = []
+    architecture = cfg["architecture"]
+    if architecture in _CHECKPOINT_ARCHITECTURES:
+        w = _checkpoint_as_jumprelu(w, cfg["rescale_acts_by_decoder_norm"])
+        folded.append(f"{architecture} training checkpoint: read as SAELens saves the "
+                      "trained SAE, a JumpReLU SAE whose one threshold is its topk_threshold"
+                      + (" (decoder norms folded into the encoder first, as "
+                         "rescale_acts_by_decoder_norm chose on them)"
+                         if cfg["rescale_acts_by_decoder_norm"] else ""))
     W_enc, W_dec, b_enc, b_dec = w["W_enc"].T.copy(), w["W_dec"], w["b_enc"], w["b_dec"]
 
     if cfg["normalize_activations"] == "expected_average_only_in":
@@ -415,8 +488,9 @@ def read_saelens(path, *, norm_scaling_factor=None):
     norms = np.linalg.norm(W_dec, axis=1)
     # A zero atom never contributes: it is left alone rather than divided by 0.
     norms[(np.abs(norms - 1.0) <= _UNIT_TOLERANCE) | (norms < 1e-30)] = 1.0
-    architecture = cfg["architecture"]
     rescaled = cfg.get("rescale_acts_by_decoder_norm", False)
+    # A checkpoint's BatchTopK is now the JumpReLU it stands for.
+    form = "jumprelu" if architecture in _CHECKPOINT_ARCHITECTURES else architecture
     tensors = {
         "components": W_dec / norms[:, None],
         "encoder_weights": W_enc * norms[:, None],
@@ -424,9 +498,9 @@ def read_saelens(path, *, norm_scaling_factor=None):
         "decoder_bias": b_dec,
     }
     code_scale = norms.copy()
-    if architecture == "standard":
+    if form == "standard":
         activation, k = "relu", None
-    elif architecture == "jumprelu":
+    elif form == "jumprelu":
         activation, k = "jumprelu", None
         # SAELens computes ReLU(h) * (h > threshold): a threshold below zero acts
         # as zero, which is what this package's h * (h > threshold) needs.
@@ -447,7 +521,7 @@ def read_saelens(path, *, norm_scaling_factor=None):
     provenance = recorded if recorded is not None else {
         "source": "SAELens",
         "architecture": architecture,
-        "shared_threshold": bool(architecture == "jumprelu"
+        "shared_threshold": bool(form == "jumprelu"
                                  and np.all(w["threshold"] == w["threshold"][0])),
         "apply_b_dec_to_input": cfg["apply_b_dec_to_input"],
         "normalize_activations": cfg["normalize_activations"],

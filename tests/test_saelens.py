@@ -682,14 +682,16 @@ def test_metadata_of_another_type_is_named_as_such(tmp_path):
 
 
 # SAELens 6's training configs (TrainingSAEConfig.to_dict) add these to a
-# checkpoint's cfg.json, as its 6.0 to 6.18 releases write them.
+# checkpoint's cfg.json, as its 6.0 to 6.54 releases write them.
 TRAINING_FIELDS = {
     "standard": {"decoder_init_norm": 0.1, "l1_coefficient": 5.0, "lp_norm": 1.0,
                  "l1_warm_up_steps": 0},
     "jumprelu": {"decoder_init_norm": 0.1, "jumprelu_init_threshold": 0.01,
                  "jumprelu_bandwidth": 0.05, "jumprelu_sparsity_loss_mode": "step",
                  "l0_coefficient": 1.0, "l0_warm_up_steps": 0,
-                 "pre_act_loss_coefficient": None, "jumprelu_tanh_scale": 4.0},
+                 "pre_act_loss_coefficient": None, "jumprelu_tanh_scale": 4.0,
+                 # 6.54's, refused as unexpected before
+                 "jumprelu_ste_to_input": False, "target_l0": None},
     "topk": {"decoder_init_norm": 0.1, "use_sparse_activations": False,
              "aux_loss_coefficient": 1.0, "rescale_acts_by_decoder_norm": True},
 }
@@ -717,6 +719,98 @@ def test_a_training_checkpoint_reads_with_its_scaling_factor(tmp_path, architect
     cfg = json.loads((folder / "cfg.json").read_text())
     (folder / "cfg.json").write_text(json.dumps(dict(cfg, l1_coeficient=5.0)))
     with pytest.raises(ValueError, match="unexpected field 'l1_coeficient'"):
+        SparseAutoencoderDictionary.from_saelens(folder)
+
+
+def _with_details(folder, **fields):
+    """``folder``'s cfg.json with ``fields`` at its top level and, as SAELens 6 lists
+    a training config's own fields, in ``metadata.training_architecture_details``."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["metadata"]["training_architecture_details"] = dict(fields)
+    cfg.update(fields)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+
+
+def test_training_fields_the_checkpoint_declares_are_read_as_such(tmp_path):
+    # A later SAELens release adds training fields: a checkpoint lists them
+    # in metadata.training_architecture_details, and one listed there with
+    # its value is a training field, whatever its name (6.54's
+    # jumprelu_ste_to_input made every JumpReLU checkpoint unreadable).
+    w = _weights("jumprelu")
+    x = np.random.default_rng(3).normal(size=(20, D_IN))
+    plain = SparseAutoencoderDictionary.from_saelens(_write(tmp_path / "plain", "jumprelu", w))
+    folder = _write(tmp_path / "checkpoint", "jumprelu", w)
+    _with_details(folder, l0_coefficient=1.0, some_future_knob=[1, 2])
+    est = SparseAutoencoderDictionary.from_saelens(folder)
+    np.testing.assert_array_equal(est.transform(x), plain.transform(x))
+    # Not listed, or listed with another value: not vouched for, an error.
+    cfg = json.loads((folder / "cfg.json").read_text())
+    for changed in (dict(cfg, other_knob=1),
+                    dict(cfg, some_future_knob=[1, 3])):
+        (folder / "cfg.json").write_text(json.dumps(changed))
+        with pytest.raises(ValueError, match="unexpected field '(other|some_future)_knob'"):
+            SparseAutoencoderDictionary.from_saelens(folder)
+    # An inference field is never waved through so: its value is checked.
+    cfg["metadata"]["training_architecture_details"]["apply_b_dec_to_input"] = "yes"
+    (folder / "cfg.json").write_text(json.dumps(dict(cfg, apply_b_dec_to_input="yes")))
+    with pytest.raises(ValueError, match="apply_b_dec_to_input"):
+        SparseAutoencoderDictionary.from_saelens(folder)
+
+
+def _batchtopk_reference(w, x, threshold, rescale, apply_b_dec, scaling):
+    """A BatchTopK checkpoint's SAE as SAELens saves it trained, from its equations.
+
+    In SAELens' units (inputs times ``scaling``): ``z = ReLU(h)``, times
+    ``||W_dec||`` where rescaled; the SAE fires where ``z > threshold``; the
+    codes are ``z`` there, decoded over ``W_dec / ||W_dec||`` where rescaled.
+    """
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    norms = np.linalg.norm(w["W_dec"], axis=1)
+    h = (x * scaling - w["b_dec"] * apply_b_dec) @ w["W_enc"] + w["b_enc"]
+    z = np.maximum(h, 0) * (norms if rescale else 1.0)
+    f = z * (z > threshold)
+    x_hat = ((f / norms if rescale else f) @ w["W_dec"] + w["b_dec"]) / scaling
+    return f, x_hat
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "matryoshka_batchtopk"])
+@pytest.mark.parametrize("rescale, apply_b_dec", [(True, True), (False, True), (True, False)])
+def test_a_batchtopk_checkpoint_reads_as_saelens_saves_it(tmp_path, architecture, rescale,
+                                                          apply_b_dec):
+    # SAELens' usual training architecture: its checkpoints hold the running
+    # topk_threshold that the trained SAE (saved as "jumprelu") fires above.
+    # They were refused, with a hint to look for a "jumprelu" folder that a
+    # checkpoint does not have.
+    w = _weights("topk", seed=2)
+    w["topk_threshold"] = np.array(0.6)  # SAELens keeps it in float64
+    fields = {"decoder_init_norm": 0.1, "k": 3.5, "use_sparse_activations": False,
+              "aux_loss_coefficient": 1.0, "rescale_acts_by_decoder_norm": rescale,
+              "topk_threshold_lr": 0.01}
+    if architecture == "matryoshka_batchtopk":
+        fields.update(matryoshka_widths=[4, D_SAE], use_matryoshka_aux_loss=False)
+    folder = _write(tmp_path / "checkpoint", architecture, w, apply_b_dec_to_input=apply_b_dec,
+                    normalize_activations="expected_average_only_in", **fields)
+    factor = 0.42
+    (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": factor}))
+    x = np.random.default_rng(6).normal(size=(200, D_IN)) * 2.0
+    f, x_hat = _batchtopk_reference(w, x, 0.6, rescale, apply_b_dec, factor)
+    assert 0 < (f > 0).mean() < 0.9  # the threshold binds
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = SparseAutoencoderDictionary.from_saelens(folder)
+    codes = est.transform(x)
+    np.testing.assert_array_equal(codes > 0, f > 0)
+    np.testing.assert_allclose(est.inverse_transform(codes), x_hat, atol=1e-5)
+    assert est.activation == "jumprelu" and est.provenance_["architecture"] == architecture
+    assert est.provenance_["shared_threshold"]
+    assert any("topk_threshold" in note for note in est.provenance_["folded"])
+
+
+def test_a_batchtopk_checkpoint_without_its_threshold_is_refused(tmp_path):
+    w = _weights("topk")
+    folder = _write(tmp_path / "checkpoint", "batchtopk", w, k=3,
+                    rescale_acts_by_decoder_norm=True)
+    with pytest.raises(ValueError, match="topk_threshold"):
         SparseAutoencoderDictionary.from_saelens(folder)
 
 
