@@ -1129,6 +1129,24 @@ def read_config(path, *, config_name, weights_name, other_layout=None, edit_hint
     return config
 
 
+def read_json_object(file):
+    """The JSON object in ``file``; ValueError naming it for anything else.
+
+    For a configuration that no integrity record vouches for (a model's or
+    a tokenizer's), whose every field the caller then checks.
+    """
+    file = Path(file)
+    if file.stat().st_size > _MAX_CONFIG_BYTES:
+        raise _bad(file, "too large to be a configuration")
+    try:
+        data = json.loads(file.read_bytes())
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise _bad(file, f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise _bad(file, "expected a JSON object")
+    return data
+
+
 def config_field(config, key, file, where=None, kind=dict):
     """``config[key]``, which must exist and be a ``kind``; ValueError naming it otherwise."""
     where = where or key

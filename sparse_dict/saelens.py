@@ -189,18 +189,26 @@ def _finite_metadata(metadata, file):
     ``save`` (and ``to_saelens``) later, naming no file or field.
     """
     found = []
-
-    def clean(value, where):
+    # Walked with a stack of its own, not recursively: JSON as deep as
+    # Python's json reads (about a thousand levels) failed here with a
+    # RecursionError from about 500, so that to_saelens wrote folders that
+    # from_saelens could not read back. Each container is copied as it is
+    # met; a pending (container, key) is cleaned in place of the original.
+    root = [metadata]
+    stack = [(root, 0, "metadata")]
+    while stack:
+        container, key, where = stack.pop()
+        value = container[key]
         if isinstance(value, float) and not np.isfinite(value):
             found.append(where)
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v, f"{where}.{k}") for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return value
-
-    metadata = clean(metadata, "metadata")
+            container[key] = None
+        elif isinstance(value, dict):
+            container[key] = copy = dict(value)
+            stack.extend((copy, k, f"{where}.{k}") for k in reversed(list(copy)))
+        elif isinstance(value, list):
+            container[key] = copy = list(value)
+            stack.extend((copy, i, f"{where}[{i}]") for i in reversed(range(len(copy))))
+    metadata = root[0]
     if found:
         warn_at_caller(f"{file}: {', '.join(found)} held NaN or infinite values, which JSON "
                        "cannot save; read as null.", UserWarning)

@@ -136,6 +136,71 @@ def test_missing_weights_give_a_clear_error(tmp_path):
         load_builtin_model(path=tmp_path)
 
 
+def _damaged_copy(tmp_path, name, edit):
+    """The shipped model's folder copied to ``tmp_path``, ``name`` edited by ``edit``."""
+    import shutil
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for file in ("config.json", "model.safetensors", "tokenizer.json"):
+        shutil.copy(BUILTIN_DIR / file, folder / file)
+    path = folder / name
+    if callable(edit):
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+    else:
+        path.write_bytes(edit)
+    return folder
+
+
+@pytest.mark.parametrize("name, edit, match", [
+    ("config.json", lambda c: c.update(n_heads=0), "config.json: field 'n_heads' must be an "
+                                                   "integer >= 1, got 0"),
+    ("config.json", lambda c: c.update(n_heads=3), "'d_model' \\(128\\) must be a multiple"),
+    ("config.json", lambda c: c.update(d_mlp=-5), "field 'd_mlp' must be an integer >= 1"),
+    ("config.json", lambda c: c.update(d_model="128"), "field 'd_model' must be an integer"),
+    ("config.json", lambda c: c.update(max_len=12.5), "field 'max_len' must be an integer"),
+    ("config.json", lambda c: c.update(layer_norm_eps=0), "field 'layer_norm_eps' must be"),
+    ("config.json", lambda c: c.update(tie_embeddings=1), "field 'tie_embeddings' must be"),
+    ("config.json", lambda c: c.update(foo=1), "config.json: unexpected field 'foo'"),
+    ("config.json", lambda c: c.pop("vocab_size"), "field 'vocab_size' is missing"),
+    # Weights of another size: named from the header, before the model is
+    # built (a huge size was an allocation failure taken for out of memory).
+    ("config.json", lambda c: c.update(d_mlp=256), "model.safetensors: tensor "
+                                                   "'blocks.0.mlp.fc_in.weight' has shape"),
+    ("config.json", lambda c: c.update(d_mlp=10**12), "the configuration in .* gives "
+                                                      "\\(1000000000000, 128\\)"),
+    ("model.safetensors", b"\x80\x04garbage", "model.safetensors: not a readable safetensors"),
+    ("tokenizer.json", lambda t: t.pop("pattern"), "tokenizer.json: field 'pattern' is missing"),
+    ("tokenizer.json", lambda t: t.update(pattern="(unclosed"),
+     "field 'pattern' is not a regular expression"),
+    ("tokenizer.json", lambda t: t["merges"].__setitem__(0, [0, 300]),
+     "field 'merges\\[0\\]' must be two token ids below 256"),
+    ("tokenizer.json", b"{not json", "tokenizer.json: not valid JSON"),
+    ("tokenizer.json", b"[]", "tokenizer.json: expected a JSON object"),
+])
+def test_a_damaged_model_folder_is_a_value_error_naming_file_and_field(tmp_path, name, edit,
+                                                                       match):
+    # Such folders failed with ZeroDivisionError, KeyError, torch's
+    # "negative dimension" or its list of mismatched parameters, naming no
+    # file; the command line called them bugs (exit 1).
+    folder = _damaged_copy(tmp_path, name, edit)
+    with pytest.raises(ValueError, match=match):
+        load_builtin_model(path=folder)
+
+
+def test_a_model_with_non_finite_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _damaged_copy(tmp_path, "config.json", lambda c: None)
+    state = load_file(str(folder / "model.safetensors"))
+    state["ln_final.weight"][3] = float("nan")
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="tensor 'ln_final.weight' contains NaN"):
+        load_builtin_model(path=folder)
+
+
 def test_random_model_forward_backward():
     torch.manual_seed(0)
     model = TinyTransformer(TinyTransformerConfig(vocab_size=300, max_len=16, n_layers=2))

@@ -574,3 +574,31 @@ def test_the_weights_sample_is_json_whatever_the_model_holds():
     json.dumps(sample, allow_nan=False)
     assert len(sample) == 5 and same_weights(sample, weights_sample(module))
     assert not same_weights(sample, weights_sample(torch.nn.Linear(3, 2)))
+
+
+@pytest.mark.parametrize("damage, match", [
+    ({"tokenizer.json": "{}"}, "tokenizer files cannot be read .*KeyError"),
+    ({"tokenizer.json": "[]"}, "tokenizer files cannot be read"),
+    ({"tokenizer.json": "{bad"}, "tokenizer files cannot be read .*JSONDecodeError"),
+    ({"config.json": {"hidden_dropout_prob": float("nan")}},
+     "config.json's field 'hidden_dropout_prob' is NaN"),
+])
+def test_a_damaged_hf_folder_is_a_value_error_naming_it(minilm_path, tmp_path, damage, match):
+    # transformers' and tokenizers' own errors named no folder or file (a
+    # KeyError 'added_tokens', a bare JSONDecodeError), or came only at the
+    # first forward pass (torch's "dropout probability has to be between 0
+    # and 1, but got nan"); the command line called them bugs (exit 1).
+    folder = tmp_path / "bert"
+    _tiny_bert(folder, 0, minilm_path)
+    (name, change), = damage.items()
+    target = folder / name
+    if isinstance(change, dict):
+        config = json.loads(target.read_text())
+        config.update(change)
+        target.write_text(json.dumps(config))  # Python's json writes NaN, as transformers does
+    else:
+        target.unlink()  # a link to the installed package's file: replaced, not written through
+        target.write_text(change)
+    with pytest.raises(ValueError, match=match) as caught:
+        TransformerActivationExtractor(str(folder), device="cpu").fit(TEXTS).transform(TEXTS)
+    assert str(folder) in str(caught.value)

@@ -864,3 +864,34 @@ def test_a_folder_saelens_saved_again_is_not_replaced(tmp_path):
         est.to_saelens(ours, overwrite=True)
     # As written, it is replaced.
     est.to_saelens(est.to_saelens(tmp_path / "again"), overwrite=True)
+
+
+def _deep(depth, leaf):
+    nested = leaf
+    for _ in range(depth):
+        nested = {"a": nested}
+    return nested
+
+
+def _depth(value):
+    depth = 0
+    while isinstance(value, dict):
+        depth, value = depth + 1, value["a"]
+    return depth, value
+
+
+def test_metadata_as_deep_as_json_reads_goes_out_and_back(tmp_path):
+    # The NaN check walked the metadata recursively, two frames a level:
+    # from about 500 levels from_saelens (and convert) failed with a
+    # RecursionError on a folder to_saelens had just written.
+    est, x = _fitted("relu")
+    est.provenance_ = {"metadata": {"model_name": "gpt2", "extra": _deep(900, "leaf")}}
+    back = SparseAutoencoderDictionary.from_saelens(est.to_saelens(tmp_path / "sae"))
+    np.testing.assert_array_equal(back.transform(x), est.transform(x))
+    assert _depth(back.provenance_["metadata"]["extra"]) == (900, "leaf")
+    # A NaN that deep in SAELens' own metadata is found, and named.
+    folder = _write(tmp_path / "saelens", "standard", _weights("standard"),
+                    metadata={"sae_lens_version": "6.5.0", "extra": _deep(900, float("nan"))})
+    with pytest.warns(UserWarning, match=r"metadata\.extra(\.a){900} held NaN"):
+        read = SparseAutoencoderDictionary.from_saelens(folder)
+    assert _depth(read.provenance_["metadata"]["extra"]) == (900, None)

@@ -331,6 +331,11 @@ def _load_hf(source, device, verbose):
             # transformers' own words (an unknown model_type, say) named no
             # model: the folder or id is put first.
             raise ValueError(f"model={str(source)!r} cannot be loaded: {exc}") from None
+        nan = _nan_field(config.to_dict())
+        if nan is not None:
+            # Taken as is, a NaN dropout failed only at the first forward
+            # pass, in torch's words, naming neither folder nor field.
+            raise ValueError(f"model={str(source)!r}: config.json's field {nan!r} is NaN")
         causal = any(
             a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or ())
         )
@@ -345,6 +350,11 @@ def _load_hf(source, device, verbose):
             auto = getattr(transformers, encoder_class)
         try:
             model = auto.from_pretrained(root, **options, **_float32_option(transformers))
+        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+            # transformers builds the model from the config's values unchecked:
+            # a dropout of NaN, say, stopped in torch with its words alone.
+            raise ValueError(f"model={str(source)!r}: the model cannot be built from its "
+                             f"config.json and weights ({_first_line(exc)})") from None
         except pickle.UnpicklingError as exc:
             # torch.load(weights_only=True) refused a pickled weights file
             # that holds more than tensors: nothing of it ran, and nothing will.
@@ -357,13 +367,37 @@ def _load_hf(source, device, verbose):
         # Before the tokenizer: an image or audio model's folder often has
         # none, and its error would hide the real one.
         _check_text_model(model, f"model={str(source)!r}")
-        tokenizer = AutoTokenizer.from_pretrained(root, **options)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(root, **options)
+        except ImportError:
+            raise  # a missing package (sentencepiece, say): its own words say which
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exceptions
+            # A malformed tokenizer.json failed with a KeyError or a parser's
+            # message naming no file. Nothing of the folder runs here.
+            raise ValueError(f"model={str(source)!r}: its tokenizer files cannot be read "
+                             f"({_first_line(exc)})") from None
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
     _check_tokenizer_size(tokenizer, model.config, source)
     model = model.to(device).eval()
     return LoadedModel(model, tokenizer, device, "hf", _max_positions(model))
+
+
+def _nan_field(config, where=""):
+    """The first field of ``config`` (nested dicts included) that is NaN, or None."""
+    for key, value in config.items():
+        name = f"{where}.{key}" if where else str(key)
+        if isinstance(value, float) and value != value:
+            return name
+        if isinstance(value, dict) and (found := _nan_field(value, name)) is not None:
+            return found
+    return None
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _float32_option(transformers):

@@ -16,7 +16,7 @@ import json
 import math
 import re
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -488,9 +488,34 @@ class BuiltinTokenizer:
 
     @classmethod
     def load(cls, path):
-        """Read a tokenizer written by :meth:`save`."""
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return cls(data["merges"], pattern=data["pattern"])
+        """Read a tokenizer written by :meth:`save`.
+
+        Raises
+        ------
+        ValueError
+            Naming the file and the field, for a file that is not such a
+            tokenizer (not JSON, no ``merges`` or ``pattern``, a merge of
+            tokens that do not exist yet, a pattern that is no regular
+            expression).
+        """
+        file = Path(path)
+        data = _persist.read_json_object(file)
+        pattern = _persist.config_field(data, "pattern", file, kind=str)
+        merges = _persist.config_field(data, "merges", file, kind=list)
+        for k, merge in enumerate(merges):
+            # Each merge joins two tokens that exist before it: the 256 bytes
+            # and the merges before it.
+            if not (isinstance(merge, list) and len(merge) == 2 and all(
+                    isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 256 + k
+                    for t in merge)):
+                raise ValueError(f"{file}: field 'merges[{k}]' must be two token ids below "
+                                 f"{256 + k} (bytes and earlier merges), got {merge!r}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{file}: field 'pattern' is not a regular expression "
+                             f"({exc})") from None
+        return cls(merges, pattern=pattern)
 
     def __len__(self):
         return self.vocab_size
@@ -531,8 +556,38 @@ class TinyTransformerConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data):
-        return cls(**data)
+    def from_dict(cls, data, file="config"):
+        """The configuration in ``data``, every field checked (ValueError naming it).
+
+        Examples
+        --------
+        >>> TinyTransformerConfig.from_dict({"vocab_size": 300, "n_heads": 3})
+        Traceback (most recent call last):
+        ...
+        ValueError: config: field 'd_model' (128) must be a multiple of 'n_heads' (3)
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"{file}: expected a JSON object")
+        known = {f.name for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ValueError(f"{file}: unexpected field {key!r}; a built-in model's "
+                                 f"configuration has {sorted(known)}")
+        checked = {}
+        for key, value in data.items():
+            if key == "tie_embeddings":
+                checked[key] = _persist.config_field(data, key, file, kind=bool)
+            elif key == "layer_norm_eps":
+                checked[key] = _persist.Real(0.0, inclusive=False).check(value, file, key)
+            else:
+                checked[key] = _persist.Integer(1).check(value, file, key)
+        if "vocab_size" not in checked:
+            raise ValueError(f"{file}: field 'vocab_size' is missing")
+        config = cls(**checked)
+        if config.d_model % config.n_heads:
+            raise ValueError(f"{file}: field 'd_model' ({config.d_model}) must be a multiple "
+                             f"of 'n_heads' ({config.n_heads})")
+        return config
 
 
 class Attention(nn.Module):
@@ -838,18 +893,56 @@ def load_builtin_model(device="cpu", path=None):
         raise FileNotFoundError(
             f"The built-in model files {missing} are missing from {path}. {remedy}"
         )
-    config = TinyTransformerConfig.from_dict(json.loads((path / _CONFIG_FILE).read_text()))
+    config = TinyTransformerConfig.from_dict(_persist.read_json_object(path / _CONFIG_FILE),
+                                             path / _CONFIG_FILE)
     tokenizer = BuiltinTokenizer.load(path / _TOKENIZER_FILE)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(
             f"Tokenizer vocabulary ({tokenizer.vocab_size}) does not match the model's "
             f"({config.vocab_size}) in {path}."
         )
+    _check_weights(path / _WEIGHTS_FILE, config)
     # Its layers draw initial weights, which the saved ones replace: drawn
     # from a generator of their own, torch's global one stays as the caller
     # seeded it.
     with torch.random.fork_rng(devices=[]):
         model = TinyTransformer(config)
     state = load_file(str(path / _WEIGHTS_FILE))
+    for name, tensor in state.items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{path / _WEIGHTS_FILE}: tensor {name!r} contains NaN or "
+                             "infinite values")
     model.load_state_dict(state, strict=not config.tie_embeddings)
     return model.to(device).eval(), tokenizer
+
+
+def _check_weights(file, config):
+    """The weights file's tensors against ``config``'s shapes, from its header alone.
+
+    Checked before the model is built, so that a configuration of another
+    size (or a huge one) is named, not met as a failed allocation or
+    torch's list of mismatched parameters.
+    """
+    from safetensors import safe_open
+
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing drawn
+        wanted = {name: tuple(t.shape) for name, t in TinyTransformer(config).state_dict().items()}
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            found = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises errors of its own
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{file}: not a readable safetensors file ({first})") from None
+    for name in found:
+        if name not in wanted:
+            raise ValueError(f"{file}: unexpected tensor {name!r} for the configuration in "
+                             f"{file.parent / _CONFIG_FILE}")
+    for name, shape in wanted.items():
+        if name not in found:
+            # A tied model saves its output head as the embedding.
+            if config.tie_embeddings and name == "unembed.weight":
+                continue
+            raise ValueError(f"{file}: tensor {name!r} is missing")
+        if found[name] != shape:
+            raise ValueError(f"{file}: tensor {name!r} has shape {found[name]}; the "
+                             f"configuration in {file.parent / _CONFIG_FILE} gives {shape}")
