@@ -353,7 +353,11 @@ def _read_scaling_factor(path):
         data = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:
         raise ValueError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("scaling_factor") is None:
+    # SAELens writes {"scaling_factor": null} where it scaled nothing; anything
+    # else without a factor (a list, a misspelt key) was read as no file.
+    if not isinstance(data, dict) or "scaling_factor" not in data:
+        raise ValueError(f"{file}: expected a JSON object with the field 'scaling_factor'")
+    if data["scaling_factor"] is None:
         return None
     return _persist.Real(0.0, inclusive=False).check(data["scaling_factor"], file,
                                                      "scaling_factor")

@@ -715,6 +715,13 @@ def test_a_training_checkpoint_reads_with_its_scaling_factor(tmp_path, architect
         est = SparseAutoencoderDictionary.from_saelens(folder)
     np.testing.assert_allclose(est.transform(x), unit_codes, atol=1e-5)
     np.testing.assert_allclose(est.inverse_transform(est.transform(x)), decode(f), atol=1e-5)
+    # A scaler file without its field is named, not taken for no file (a
+    # warning that the SAE is used unscaled was all there was).
+    for damaged in ([factor], {"scaling_factr": factor}):
+        (folder / "activation_scaler.json").write_text(json.dumps(damaged))
+        with pytest.raises(ValueError, match="activation_scaler.json: expected a JSON object "
+                                             "with the field 'scaling_factor'"):
+            SparseAutoencoderDictionary.from_saelens(folder)
     # A field of neither config is still an error.
     cfg = json.loads((folder / "cfg.json").read_text())
     (folder / "cfg.json").write_text(json.dumps(dict(cfg, l1_coeficient=5.0)))
