@@ -933,9 +933,10 @@ def write_folder(path, config, tensors, *, kind, config_name, weights_name,
         File names inside the folder.
     overwrite : bool, default=False
     hint : str, default="overwrite=True"
-    extra_files : dict of str to bytes, optional
+    extra_files : dict of str to bytes or to dict of ndarray, optional
         Further files of the folder, by name, written and moved into place
-        with it; their SHA-256 goes in the integrity record beside the
+        with it (a dict of arrays as a safetensors file, written straight
+        to disk); their SHA-256 goes in the integrity record beside the
         weights' (under ``"files"``), which :func:`read_config` checks and
         :func:`as_written` reads.
     verify : callable, optional
@@ -951,21 +952,31 @@ def write_folder(path, config, tensors, *, kind, config_name, weights_name,
     from safetensors.numpy import save_file
 
     text = json.dumps(config, indent=2, allow_nan=False)  # fails before anything is written
+    def write_tensors(arrays, file):
+        # (np.ascontiguousarray would make a 0-d array, Adam's step, 1-d.)
+        save_file({k: v if v.flags.c_contiguous else np.ascontiguousarray(v)
+                   for k, v in ((k, np.asarray(v)) for k, v in arrays.items())}, str(file))
+        # safetensors creates its file private (0600); ours follow the umask.
+        os.chmod(file, 0o666 & ~_umask())
+
     with staged(path, kind, overwrite=overwrite, hint=hint) as tmp:
         weights = tmp / weights_name
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(weights))
-        # safetensors creates its file private (0600); ours follow the umask.
-        os.chmod(weights, 0o666 & ~_umask())
+        write_tensors(tensors, weights)
         signed = dict(json.loads(text))
         signed[INTEGRITY_KEY] = {
             "config": _digest_bytes(_canonical(signed).encode()),
             "weights": _digest_file(weights),
         }
         if extra_files:
-            signed[INTEGRITY_KEY]["files"] = {name: _digest_bytes(data)
-                                              for name, data in extra_files.items()}
             for name, data in extra_files.items():
-                (tmp / name).write_bytes(data)
+                # Arrays go to disk as they are: serialised in memory first,
+                # a training state held a second copy of itself there.
+                if isinstance(data, dict):
+                    write_tensors(data, tmp / name)
+                else:
+                    (tmp / name).write_bytes(data)
+            signed[INTEGRITY_KEY]["files"] = {name: _digest_file(tmp / name)
+                                              for name in extra_files}
         (tmp / config_name).write_text(json.dumps(signed, indent=2) + "\n", encoding="utf-8")
         if verify is not None:
             try:

@@ -2550,10 +2550,8 @@ class SparseAutoencoderDictionary(
                                                input_name="dict_init")
         extra_files = None
         if training_state:
-            from safetensors.numpy import save as safetensors_bytes
-
             arrays, config["training_state"] = self._training_state()
-            extra_files = {_TRAINING_STATE_FILE: safetensors_bytes(arrays)}
+            extra_files = {_TRAINING_STATE_FILE: arrays}
         return _persist.write_folder(
             path, config, tensors, kind=SAVED_DICTIONARY, overwrite=overwrite,
             config_name=_CONFIG_FILE, weights_name=_WEIGHTS_FILE, extra_files=extra_files,
