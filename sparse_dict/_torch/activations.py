@@ -201,6 +201,15 @@ class Activation:
         """
         raise NotImplementedError
 
+    def encode_(self, pre, state):
+        """:meth:`encode`'s codes written over ``pre``, which is returned.
+
+        For inference into memory the caller owns (``transform``'s output):
+        the same values as :meth:`encode`, without a second array of codes
+        to copy from.
+        """
+        return pre.copy_(self.encode(pre, state))
+
     # ------------------------------------------------------------ fitted state
     def export_state(self, model):
         """This mechanism's fitted tensors, in scaled units (divide by the scale)."""
@@ -239,6 +248,9 @@ class ReLU(Activation):
 
     def encode(self, pre, state):
         return torch.relu(pre)
+
+    def encode_(self, pre, state):
+        return pre.relu_()
 
 
 class TopK(Activation):
@@ -314,14 +326,21 @@ class TopK(Activation):
         pre.scatter_(1, index, values.relu_())
 
     def encode(self, pre, state):
+        values, index = self._chosen(pre, state)
+        return torch.zeros_like(pre).scatter_(1, index, values.relu_())
+
+    def encode_(self, pre, state):
+        values, index = self._chosen(pre, state)  # copies: pre may be cleared
+        return pre.zero_().scatter_(1, index, values.relu_())
+
+    def _chosen(self, pre, state):
+        """The values each row keeps, and their columns."""
         k = min(self.k, pre.shape[1])
         scale = state.get("selection_scale")
         if scale is None or bool((scale == 1).all()):
-            values, index = row_topk(pre, k)
-        else:
-            index = row_topk(pre * scale, k)[1]
-            values = pre.gather(1, index)
-        return torch.zeros_like(pre).scatter_(1, index, values.relu_())
+            return row_topk(pre, k)
+        index = row_topk(pre * scale, k)[1]
+        return pre.gather(1, index), index
 
     def export_state(self, model):
         return {"selection_scale": model.selection_scale.detach().float()}
@@ -547,6 +566,9 @@ class BatchTopK(TopK):
         theta = state["threshold"]
         return pre * (pre > theta)
 
+    def encode_(self, pre, state):
+        return pre.mul_(pre > state["threshold"])
+
     def export_state(self, model):
         theta = self.current_threshold(model)
         return {"threshold": torch.full((model.n_components,), theta, dtype=torch.float32)}
@@ -645,6 +667,9 @@ class JumpReLU(Activation):
 
     def encode(self, pre, state):
         return pre * (pre > state["threshold"])
+
+    def encode_(self, pre, state):
+        return pre.mul_(pre > state["threshold"])
 
     def export_state(self, model):
         return {"threshold": model.log_threshold.detach().exp().float()}

