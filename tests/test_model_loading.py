@@ -602,3 +602,16 @@ def test_a_damaged_hf_folder_is_a_value_error_naming_it(minilm_path, tmp_path, d
     with pytest.raises(ValueError, match=match) as caught:
         TransformerActivationExtractor(str(folder), device="cpu").fit(TEXTS).transform(TEXTS)
     assert str(folder) in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_model_name_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch,
+                                                                      name):
+    # Path("") is ".": with a model folder as the working directory, an
+    # empty name (a provenance's, --model "") loaded that folder's model.
+    from sparse_dict.models.builtin import load_builtin_model, save_builtin_model
+
+    save_builtin_model(*load_builtin_model(), tmp_path / "model")
+    monkeypatch.chdir(tmp_path / "model")
+    with pytest.raises(ValueError, match="names no model"):
+        TransformerActivationExtractor(name, device="cpu").fit(TEXTS)

@@ -677,6 +677,11 @@ def load_model(model, tokenizer, device, verbose=0):
         return _load_module(model, tokenizer, device)
     if isinstance(model, str) and model == "builtin":
         source = "builtin"
+    elif isinstance(model, (str, os.PathLike)) and not os.fspath(model).strip():
+        # Path("") is the current folder: an empty name (a provenance's, a
+        # command line's --model "") loaded whatever model that folder held.
+        raise ValueError(f"model={str(model)!r} names no model: give 'builtin', a local "
+                         "model folder or a Hugging Face Hub id.")
     else:
         path = Path(model).expanduser()
         if path.is_dir():
