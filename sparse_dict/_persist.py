@@ -1108,14 +1108,7 @@ def read_config(path, *, config_name, weights_name, other_layout=None, edit_hint
                 f"file.{hint}"
             )
     config_file = path / config_name
-    if config_file.stat().st_size > _MAX_CONFIG_BYTES:
-        raise _bad(config_file, "too large to be a saved configuration")
-    try:
-        config = json.loads(config_file.read_bytes())
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise _bad(config_file, f"not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise _bad(config_file, "expected a JSON object")
+    config = read_json_object(config_file, "a saved configuration")
     try:
         record = _integrity_record(config)
     except ValueError as exc:
@@ -1140,15 +1133,16 @@ def read_config(path, *, config_name, weights_name, other_layout=None, edit_hint
     return config
 
 
-def read_json_object(file):
+def read_json_object(file, what="a configuration"):
     """The JSON object in ``file``; ValueError naming it for anything else.
 
-    For a configuration that no integrity record vouches for (a model's or
-    a tokenizer's), whose every field the caller then checks.
+    For a saved configuration before its integrity record is checked, and
+    for one that none vouches for (a model's or a tokenizer's), whose every
+    field the caller then checks.
     """
     file = Path(file)
     if file.stat().st_size > _MAX_CONFIG_BYTES:
-        raise _bad(file, "too large to be a configuration")
+        raise _bad(file, f"too large to be {what}")
     try:
         data = json.loads(file.read_bytes())
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError
