@@ -2408,7 +2408,13 @@ class SparseAutoencoderDictionary(
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.device = _device_here(state.get("device", "auto"))
+        if "components_" in state:
+            # A fitted model runs here, on the CPU where it was fitted on a
+            # GPU this machine lacks. An unfitted one keeps its parameter, as
+            # clone and deepcopy promise: joblib pickles the clones it sends
+            # to worker processes, and n_jobs=2 trained device="cuda" on the
+            # CPU where n_jobs=1 raised fit's error.
+            self.device = _device_here(state.get("device", "auto"))
         # Pickles from before the parameter: scikit-learn's default.
         self.__dict__.setdefault("transform_max_iter", 1000)
 

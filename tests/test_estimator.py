@@ -655,6 +655,23 @@ def test_gpu_model_unpickles_on_cpu(fitted, X, monkeypatch):
     np.testing.assert_allclose(loaded.transform(X), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_an_unfitted_estimator_keeps_its_device_through_pickle_and_deepcopy(X, monkeypatch):
+    # joblib pickles the clones it sends to worker processes: unpickled as
+    # "cpu", cross_validate(n_jobs=2) trained device="cuda" on the CPU (with
+    # a warning about a model "saved" with it) where n_jobs=1 raised fit's
+    # error, and GridSearchCV failed only at its refit, its search lost.
+    import copy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    sae = SparseAutoencoderDictionary(n_components=8, device="cuda", max_steps=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for copied in (pickle.loads(pickle.dumps(sae)), copy.deepcopy(sae)):
+            assert copied.device == "cuda"
+            with pytest.raises(ValueError, match="CUDA is not available"):
+                copied.fit(X)
+
+
 @pytest.mark.parametrize("how", ["joblib", "deepcopy"])
 def test_the_cpu_fallback_warning_points_at_the_caller_s_line(fitted, monkeypatch, tmp_path,
                                                              how):
