@@ -31,7 +31,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.parallel import Parallel, delayed
 from sklearn.utils.validation import _get_feature_names, check_is_fitted, validate_data
 
-from sparse_dict._warn import warn_at_caller
+from sparse_dict._warn import recording, warn_at_caller
 
 __all__ = ["LassoCoder", "amortisation_gap"]
 
@@ -126,10 +126,11 @@ def _rows_in_parallel(code, X, n_jobs, *args):
 
 def _with_warnings(code, X, *args):
     """``code(X, *args)`` in a worker, with the warnings it gave."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    # Without waiting: in a worker thread, the caller may hold the lock,
+    # recording every warning of the process, these included.
+    with recording(wait=False) as caught:
         codes = code(X, *args)
-    return codes, [(str(w.message), w.category) for w in caught]
+    return codes, [(str(w.message), w.category) for w in caught or ()]
 
 
 @contextlib.contextmanager
@@ -141,8 +142,7 @@ def _unconverged_rows_said(max_iter, n_rows):
     have): counted, and said in one ConvergenceWarning at the caller's
     line. Other warnings (LARS's among them) pass on as they were.
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with recording() as caught:
         yield
     unconverged = 0
     for w in caught:

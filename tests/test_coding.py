@@ -543,3 +543,46 @@ def test_unconverged_rows_of_several_workers_are_said_once(superposition):
     assert len(said) == 1 and "of 100 rows" in said[0], said
     np.testing.assert_allclose(codes, LassoCoder(true_atoms, **params).fit(X).transform(X[:100]),
                                rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("algorithm", ["omp", "lasso_cd"])
+def test_transform_from_several_threads_leaves_the_warning_machinery_as_it_was(algorithm):
+    # Each transform recorded warnings with catch_warnings, whose state is
+    # the process's: three threads' blocks interleaved and left an "always"
+    # filter ahead of the application's "error" (most runs), or every later
+    # warning of the process going into a finished block's list, unseen.
+    import threading
+
+    from sparse_dict import SparseAutoencoderDictionary
+
+    rng = np.random.default_rng(0)
+    X = rng.exponential(size=(3000, 32)).astype(np.float32)
+    rows = rng.exponential(size=(200, 32)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sae = SparseAutoencoderDictionary(n_components=64, max_iter=1, random_state=0,
+                                          transform_algorithm=algorithm).fit(X)
+    alone = sae.transform(rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        filters, show = list(warnings.filters), warnings._showwarnmsg_impl
+        results, failures = [], []
+
+        def work():
+            try:
+                for _ in range(30):
+                    results.append(sae.transform(rows))
+            except Exception as exc:  # noqa: BLE001 - reported below
+                failures.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not failures and len(results) == 90
+        assert warnings.filters == filters and warnings._showwarnmsg_impl is show
+        with pytest.raises(UserWarning):
+            warnings.warn("still an error", UserWarning)
+    for codes in results:
+        np.testing.assert_array_equal(codes, alone)
