@@ -971,13 +971,17 @@ def _restored_on_error(estimator, trainer=None):
     before the interruption came.
     """
     saved = dict(estimator.__dict__)
-    # The one mutable state a call advances in place: partial_fit's random
-    # state (kept as it was, the next call would draw other batches than
-    # after an uninterrupted run). Its state is put back in the same object,
-    # which may be the caller's own RandomState.
-    random_state = saved.get("_partial_random_state")
-    drawn = (random_state.get_state() if isinstance(random_state, np.random.RandomState)
-             else None)
+    # The mutable states a call advances in place: partial_fit's random
+    # state, and a RandomState given as random_state, which fit draws its
+    # seed and batches from (kept as they were, the next call would draw
+    # other batches than after an uninterrupted run: a fit refused for its
+    # NaN rows, or interrupted, and then fitted again differed from a fresh
+    # one). Their states are put back in the same objects, which may be
+    # the caller's own.
+    generators = {id(g): g for g in (saved.get("_partial_random_state"),
+                                     saved.get("random_state"))
+                  if isinstance(g, np.random.RandomState)}
+    drawn = {key: g.get_state() for key, g in generators.items()}
     snapshot = trainer._snapshot() if trainer is not None else None
     try:
         yield
@@ -986,8 +990,8 @@ def _restored_on_error(estimator, trainer=None):
             trainer._restore(snapshot)
         estimator.__dict__.clear()
         estimator.__dict__.update(saved)
-        if drawn is not None:
-            random_state.set_state(drawn)
+        for key, generator in generators.items():
+            generator.set_state(drawn[key])
         raise
 
 

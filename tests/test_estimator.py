@@ -1624,6 +1624,36 @@ def test_an_interrupted_partial_fit_leaves_the_stream_as_it_was(X):
     np.testing.assert_array_equal(runs[0].components_, runs[1].components_)
 
 
+def test_a_refused_or_interrupted_fit_leaves_the_caller_s_random_state(X):
+    # fit draws its seed and batches from a RandomState given as
+    # random_state; a fit refused for NaN rows, or interrupted, moved it, so
+    # fitting again differed from a fresh fit (partial_fit kept it).
+    def interrupted(info):
+        if info["step"] > 2:
+            raise KeyboardInterrupt
+
+    bad = X.copy()
+    bad[200, 3] = np.nan
+    fresh = small_sae(random_state=np.random.RandomState(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh.fit(X)
+    for failure, error in ((lambda sae: sae.fit(bad), ValueError),
+                           (lambda sae: sae.set_params(callback=interrupted).fit(X),
+                            KeyboardInterrupt)):
+        generator = np.random.RandomState(3)
+        sae = small_sae(random_state=generator)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(error):
+                failure(sae)
+            assert generator.get_state()[2] == np.random.RandomState(3).get_state()[2]
+            sae.set_params(callback=None).fit(X)
+        np.testing.assert_array_equal(sae.components_, fresh.components_)
+    # A fit that succeeds draws from it, as scikit-learn's estimators do.
+    assert generator.get_state()[2] != np.random.RandomState(3).get_state()[2]
+
+
 def test_fit_forgets_what_partial_fit_left(X):
     # "Reset, then train": the batch order partial_fit draws from is not kept.
     a = _fresh_fit(X)
