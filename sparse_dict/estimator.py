@@ -1288,8 +1288,10 @@ class SparseAutoencoderDictionary(
     random_state : int, RandomState instance or None, default=None
         Seeds the initial atoms, the batch order and the resampling. An
         integer makes CPU fits bit-for-bit repeatable, across processes too
-        (with the same torch thread count; ``SPARSE_DICT_CPU_PRODUCT=auto``
-        trades that for the faster BLAS, see :doc:`/scaling`).
+        (with the same torch thread count, and under
+        ``SPARSE_DICT_CPU_PRODUCT=openblas`` the same OpenBLAS thread count;
+        ``SPARSE_DICT_CPU_PRODUCT=auto`` trades that for the faster BLAS, see
+        :doc:`/scaling`).
     verbose : int, default=0
         If positive, show a progress bar with the loss, L0 and dead count;
         from 2, also one line per pass with the pass's figures.

@@ -18,9 +18,11 @@ process: the speed where OpenBLAS wins by far, at the cost of repeatability
 across processes where the two are close (they then win in turn with the
 machine's noise), as ``torch.backends.cudnn.benchmark`` trades it on a GPU.
 
-Nothing here changes a thread count or an environment variable. OpenBLAS
-is used only when it runs on one thread (``OPENBLAS_NUM_THREADS=1``,
-or ``threadpoolctl``): with threads of its own beside torch's OpenMP
+Nothing here changes a thread count or an environment variable. ``auto``
+chooses OpenBLAS only where it runs on one thread (``OPENBLAS_NUM_THREADS=1``,
+or ``threadpoolctl``), and ``openblas`` is for that setting too (it is
+used as it is set; its rounding then also depends on its thread count, so
+repeatable fits need the same one): with threads of its own beside torch's OpenMP
 threads, the two libraries' waiting threads fight for the cores between
 products, which made whole fits twenty times slower where a timing of
 products alone chose OpenBLAS. Any failure of the measurement or of an
