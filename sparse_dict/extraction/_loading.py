@@ -56,6 +56,7 @@ _NON_TEXT_INPUTS = {
 # reloading it. Two entries are enough for "one model, maybe two devices".
 _MODEL_CACHE = OrderedDict()
 _MODEL_CACHE_SIZE = 2
+_MODEL_CACHE_LOCK = threading.Lock()
 
 
 class LoadedModel:
@@ -703,16 +704,23 @@ def load_model(model, tokenizer, device, verbose=0):
                 "id such as 'gpt2' or 'owner/name'."
             )
     key = (str(source), folder_stamp(source), str(device))
-    loaded = _MODEL_CACHE.get(key)
-    if loaded is None:
-        if source == "builtin":
-            loaded = _load_builtin(device)
-        elif isinstance(source, Path):
-            loaded = _load_folder(source, device, verbose)
-        else:
-            loaded = _load_hf(source, device, verbose)
+    # The cache's reads and writes under a lock (not the load itself, which
+    # may take seconds): extractors fitted in several threads could evict
+    # an entry between another's insertion and its move_to_end (a KeyError).
+    with _MODEL_CACHE_LOCK:
+        loaded = _MODEL_CACHE.get(key)
+        if loaded is not None:
+            _MODEL_CACHE.move_to_end(key)
+            return loaded
+    if source == "builtin":
+        loaded = _load_builtin(device)
+    elif isinstance(source, Path):
+        loaded = _load_folder(source, device, verbose)
+    else:
+        loaded = _load_hf(source, device, verbose)
+    with _MODEL_CACHE_LOCK:
         _MODEL_CACHE[key] = loaded
+        _MODEL_CACHE.move_to_end(key)
         while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
             _MODEL_CACHE.popitem(last=False)
-    _MODEL_CACHE.move_to_end(key)
     return loaded
