@@ -229,8 +229,12 @@ def _declared_training(config):
         metadata, dict) else None
     if not isinstance(details, dict):
         return set()
+    # Never a field that sets inference in some architecture: one of those
+    # where its own architecture does not read it (a JumpReLU with a k)
+    # stays unexpected.
+    inference = set().union(*_FIELDS.values())
     return {key for key, value in details.items()
-            if key in config and config[key] == value and key not in _COMMON_FIELDS}
+            if key in config and config[key] == value and key not in inference}
 
 
 def _read_config(path):

@@ -757,6 +757,13 @@ def test_training_fields_the_checkpoint_declares_are_read_as_such(tmp_path):
         (folder / "cfg.json").write_text(json.dumps(changed))
         with pytest.raises(ValueError, match="unexpected field '(other|some_future)_knob'"):
             SparseAutoencoderDictionary.from_saelens(folder)
+    # Nor a field that sets inference in another architecture.
+    details = cfg["metadata"]["training_architecture_details"]
+    (folder / "cfg.json").write_text(json.dumps(dict(
+        cfg, k=3, metadata=dict(cfg["metadata"], training_architecture_details=dict(
+            details, k=3)))))
+    with pytest.raises(ValueError, match="unexpected field 'k'"):
+        SparseAutoencoderDictionary.from_saelens(folder)
     # An inference field is never waved through so: its value is checked.
     cfg["metadata"]["training_architecture_details"]["apply_b_dec_to_input"] = "yes"
     (folder / "cfg.json").write_text(json.dumps(dict(cfg, apply_b_dec_to_input="yes")))
