@@ -875,8 +875,6 @@ def load_builtin_model(device="cpu", path=None):
     >>> model.blocks[0].mlp.fc_in.out_features
     512
     """
-    from safetensors.torch import load_file
-
     shipped = path is None
     path = BUILTIN_DIR if shipped else Path(path)
     missing = [
@@ -901,48 +899,26 @@ def load_builtin_model(device="cpu", path=None):
             f"Tokenizer vocabulary ({tokenizer.vocab_size}) does not match the model's "
             f"({config.vocab_size}) in {path}."
         )
-    _check_weights(path / _WEIGHTS_FILE, config)
+    # Every tensor checked (names, shapes from the config, finite values)
+    # before the model is built: a configuration of another size, or a huge
+    # one, is named, not met as torch's list of mismatched parameters or a
+    # failed allocation.
+    state = _persist.read_tensors(path / _WEIGHTS_FILE, _weights_schema(config))
     # Its layers draw initial weights, which the saved ones replace: drawn
     # from a generator of their own, torch's global one stays as the caller
     # seeded it.
     with torch.random.fork_rng(devices=[]):
         model = TinyTransformer(config)
-    state = load_file(str(path / _WEIGHTS_FILE))
-    for name, tensor in state.items():
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"{path / _WEIGHTS_FILE}: tensor {name!r} contains NaN or "
-                             "infinite values")
-    model.load_state_dict(state, strict=not config.tie_embeddings)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()},
+                          strict=not config.tie_embeddings)
     return model.to(device).eval(), tokenizer
 
 
-def _check_weights(file, config):
-    """The weights file's tensors against ``config``'s shapes, from its header alone.
-
-    Checked before the model is built, so that a configuration of another
-    size (or a huge one) is named, not met as a failed allocation or
-    torch's list of mismatched parameters.
-    """
-    from safetensors import safe_open
-
+def _weights_schema(config):
+    """What the weights file of a model of ``config`` holds, for :func:`_persist.read_tensors`."""
     with torch.device("meta"):  # shapes only: nothing allocated, nothing drawn
-        wanted = {name: tuple(t.shape) for name, t in TinyTransformer(config).state_dict().items()}
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            found = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-    except Exception as exc:  # noqa: BLE001 - safetensors raises errors of its own
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"{file}: not a readable safetensors file ({first})") from None
-    for name in found:
-        if name not in wanted:
-            raise ValueError(f"{file}: unexpected tensor {name!r} for the configuration in "
-                             f"{file.parent / _CONFIG_FILE}")
-    for name, shape in wanted.items():
-        if name not in found:
-            # A tied model saves its output head as the embedding.
-            if config.tie_embeddings and name == "unembed.weight":
-                continue
-            raise ValueError(f"{file}: tensor {name!r} is missing")
-        if found[name] != shape:
-            raise ValueError(f"{file}: tensor {name!r} has shape {found[name]}; the "
-                             f"configuration in {file.parent / _CONFIG_FILE} gives {shape}")
+        shapes = {name: tuple(t.shape) for name, t in TinyTransformer(config).state_dict().items()}
+    # A tied model saves its output head as the embedding alone.
+    return {name: _persist.TensorSpec(shape, optional=config.tie_embeddings
+                                      and name == "unembed.weight")
+            for name, shape in shapes.items()}
