@@ -952,10 +952,13 @@ def write_folder(path, config, tensors, *, kind, config_name, weights_name,
     from safetensors.numpy import save_file
 
     text = json.dumps(config, indent=2, allow_nan=False)  # fails before anything is written
-    def write_tensors(arrays, file):
+    def contiguous(array):
         # (np.ascontiguousarray would make a 0-d array, Adam's step, 1-d.)
-        save_file({k: v if v.flags.c_contiguous else np.ascontiguousarray(v)
-                   for k, v in ((k, np.asarray(v)) for k, v in arrays.items())}, str(file))
+        array = np.asarray(array)
+        return array if array.flags.c_contiguous else np.ascontiguousarray(array)
+
+    def write_tensors(arrays, file):
+        save_file({k: contiguous(v) for k, v in arrays.items()}, str(file))
         # safetensors creates its file private (0600); ours follow the umask.
         os.chmod(file, 0o666 & ~_umask())
 

@@ -305,19 +305,17 @@ def _read_config(path):
     cfg["reshape_activations"] = _persist.OneOf(("none", "hook_z")).check(
         config.get("reshape_activations", "none"), file, "reshape_activations")
     cfg["metadata"] = _finite_metadata(_persist.config_field(config, "metadata", file), file)
-    if architecture in _CHECKPOINT_ARCHITECTURES:
-        # Its k (a float: a mean over the batch) chose the codes in training;
-        # read, the SAE fires where its threshold says, as SAELens' own
-        # conversion of the checkpoint does.
-        cfg["k"] = _persist.Real(0.0, inclusive=False).check(config.get("k"), file, "k")
-        cfg["rescale_acts_by_decoder_norm"] = _check_bool(
-            config, "rescale_acts_by_decoder_norm", file, default=False)
-        _check_bool(config, "use_sparse_activations", file, default=False)
-    elif architecture == "topk":
+    if architecture == "topk":
         cfg["k"] = _persist.Integer(1).check(config.get("k"), file, "k")
         if cfg["k"] > cfg["d_sae"]:
             raise ValueError(f"{file}: field 'k' ({cfg['k']}) exceeds 'd_sae' "
                              f"({cfg['d_sae']})")
+    elif architecture in _CHECKPOINT_ARCHITECTURES:
+        # Its k (a float: a mean over the batch) chose the codes in training
+        # only: read, the SAE fires where its threshold says, as SAELens' own
+        # conversion of the checkpoint does. Checked, not kept.
+        _persist.Real(0.0, inclusive=False).check(config.get("k"), file, "k")
+    if "k" in _FIELDS[architecture]:
         cfg["rescale_acts_by_decoder_norm"] = _check_bool(
             config, "rescale_acts_by_decoder_norm", file, default=False)
         _check_bool(config, "use_sparse_activations", file, default=False)
@@ -353,14 +351,11 @@ def _read_scaling_factor(path):
     file = Path(path) / SCALER_FILE
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{file}: not valid JSON ({exc})") from None
-    # SAELens writes {"scaling_factor": null} where it scaled nothing; anything
-    # else without a factor (a list, a misspelt key) was read as no file.
-    if not isinstance(data, dict) or "scaling_factor" not in data:
-        raise ValueError(f"{file}: expected a JSON object with the field 'scaling_factor'")
+    data = _persist.read_json_object(file)
+    # SAELens writes {"scaling_factor": null} where it scaled nothing; a file
+    # without the field (a misspelt key) was read as no file.
+    if "scaling_factor" not in data:
+        raise ValueError(f"{file}: field 'scaling_factor' is missing")
     if data["scaling_factor"] is None:
         return None
     return _persist.Real(0.0, inclusive=False).check(data["scaling_factor"], file,

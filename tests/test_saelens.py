@@ -717,10 +717,10 @@ def test_a_training_checkpoint_reads_with_its_scaling_factor(tmp_path, architect
     np.testing.assert_allclose(est.inverse_transform(est.transform(x)), decode(f), atol=1e-5)
     # A scaler file without its field is named, not taken for no file (a
     # warning that the SAE is used unscaled was all there was).
-    for damaged in ([factor], {"scaling_factr": factor}):
+    for damaged, said in (([factor], "expected a JSON object"),
+                          ({"scaling_factr": factor}, "field 'scaling_factor' is missing")):
         (folder / "activation_scaler.json").write_text(json.dumps(damaged))
-        with pytest.raises(ValueError, match="activation_scaler.json: expected a JSON object "
-                                             "with the field 'scaling_factor'"):
+        with pytest.raises(ValueError, match=f"activation_scaler.json: {said}"):
             SparseAutoencoderDictionary.from_saelens(folder)
     # A field of neither config is still an error.
     cfg = json.loads((folder / "cfg.json").read_text())

@@ -398,7 +398,7 @@ def _map_rows(fn, X, width, batch_size, device, out_dtype):
     """Apply ``fn`` to ``X`` batch by batch on ``device``; collect into numpy.
 
     ``fn(batch, out)`` maps a (batch, n) tensor to a (batch, width) tensor,
-    written into ``out`` where that is not None. It runs in ``out_dtype``
+    written into (and returned as) ``out`` where that is not None. It runs in ``out_dtype``
     (float32 or float64), and the results go into one preallocated numpy
     array, so only one batch is ever on the device. On the CPU each batch's
     results are computed in that array's own rows: made apart and copied
@@ -412,7 +412,7 @@ def _map_rows(fn, X, width, batch_size, device, out_dtype):
         for index in iter_batches(X, batch_size):
             rows = torch.from_numpy(out[index]) if in_place else None
             result = fn(to_device(take_rows(X, index), device, dtype), rows)
-            if rows is None or result.data_ptr() != rows.data_ptr():
+            if not in_place:
                 out[index] = result.cpu().numpy()
     return out
 
@@ -431,9 +431,7 @@ def _encoder(tensors, activation, device, out_dtype):
 
     def encode(x, out=None):
         # The pre-activations are the codes' memory: the activation works in place.
-        pre = torch.addmm(b, x - c, W.t()) if out is None else torch.addmm(b, x - c, W.t(),
-                                                                            out=out)
-        return activation.encode_(pre, state)
+        return activation.encode_(torch.addmm(b, x - c, W.t(), out=out), state)
 
     return encode, W.shape[0]
 
@@ -442,10 +440,7 @@ def _decoder(atoms, bias, device, out_dtype):
     """The decoder as a function of a (batch, n_components) tensor, and its width."""
     A, b = _tensors((atoms, bias), device, out_dtype)
 
-    def decode(f, out=None):
-        return torch.addmm(b, f, A) if out is None else torch.addmm(b, f, A, out=out)
-
-    return decode, A.shape[1]
+    return (lambda f, out=None: torch.addmm(b, f, A, out=out)), A.shape[1]
 
 
 def encode_array(tensors, activation, X, batch_size, device, out_dtype):
