@@ -357,7 +357,7 @@ default="lasso_cd"
     --------
     sklearn.decomposition.SparseCoder : The same without the non-negative
         OMP, the offset, or taking atoms from a fitted estimator.
-    amortisation_gap : Compare an autoencoder's encoder with optimal codes.
+    sparse_dict.coding.amortisation_gap : Compare an autoencoder's encoder with optimal codes.
 
     Examples
     --------

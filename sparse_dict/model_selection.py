@@ -1,6 +1,6 @@
 """Model selection of sparse dictionaries with scikit-learn's GridSearchCV.
 
-:data:`sparse_coding_scorer` is a multimetric ``scoring=`` and
+:data:`~sparse_dict.model_selection.sparse_coding_scorer` is a multimetric ``scoring=`` and
 :func:`best_under_l0` a ``refit=``. Held-out reconstruction alone always
 prefers the weakest sparsity penalty, so the refit helper picks the best
 reconstruction among candidates whose L0 stays within a budget.
@@ -260,7 +260,7 @@ def explained_variance_scorer(estimator, X, y=None):
     Returns
     -------
     score : float
-        :func:`explained_variance` of the dictionary's input and its
+        :func:`~sparse_dict.metrics.explained_variance` of the dictionary's input and its
         reconstruction.
 
     Examples
@@ -390,7 +390,7 @@ def best_under_l0(max_l0, *, score="explained_variance", l0="l0"):
     Held-out reconstruction alone always prefers the weakest sparsity
     penalty. This rule instead picks, among the candidates whose mean test L0
     is at most ``max_l0``, the one with the highest mean test explained
-    variance. Use it with :data:`sparse_coding_scorer` (or any multimetric
+    variance. Use it with :data:`~sparse_dict.model_selection.sparse_coding_scorer` (or any multimetric
     scoring that has the two names).
 
     Parameters

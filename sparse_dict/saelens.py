@@ -3,8 +3,8 @@
 SAELens (6.x) saves an SAE as a folder holding ``cfg.json`` and
 ``sae_weights.safetensors``. This module translates such a folder into the
 fitted tensors of this package, and back, with pure functions of arrays and
-dicts; :meth:`SparseAutoencoderDictionary.from_saelens` and
-:meth:`~SparseAutoencoderDictionary.to_saelens` are thin wrappers around
+dicts; :meth:`sparse_dict.SparseAutoencoderDictionary.from_saelens` and
+:meth:`~sparse_dict.SparseAutoencoderDictionary.to_saelens` are thin wrappers around
 them. SAELens itself is never imported.
 
 SAELens' inference equations (for the architectures read here)::

@@ -59,7 +59,12 @@ def _export_registrar(device, dtype):
 
 
 class DivergenceError(FloatingPointError):
-    """The training loss became NaN or infinite."""
+    """Training diverged: the loss became NaN or infinite, or ended far above its start.
+
+    The message says what to change (usually a smaller learning rate). The
+    estimator whose fit raised it is left as it was before the call.
+    Import it from ``sparse_dict.estimator``.
+    """
 
 
 def _rows(t):

@@ -349,7 +349,7 @@ def direct_path(extractor, reference_texts=None):
         Fitted, on a causal language model with a hook on an MLP path.
     reference_texts : sequence of str or None, default=None
         Texts on which the final normalisation's scale is measured;
-        :data:`REFERENCE_TEXTS` when None.
+        :data:`~sparse_dict.analysis.REFERENCE_TEXTS` when None.
 
     Returns
     -------
@@ -455,7 +455,7 @@ def logit_effects(extractor, sae, features=None, top_k=10, *, as_frame=False,
     standard deviation for LayerNorm, its root mean square for RMSNorm),
     which depends on the input and makes the map nonlinear. That divisor is
     *frozen at a reference scale*, the mean of the divisor over the tokens
-    of a few plain sentences (:data:`REFERENCE_TEXTS`), and the
+    of a few plain sentences (:data:`~sparse_dict.analysis.REFERENCE_TEXTS`), and the
     normalisation's gain is applied as it is: the map is then linear, the
     same for every input, and effects of different features are comparable
     (a feature twice as strong has twice the effect). The figures are
@@ -483,7 +483,7 @@ def logit_effects(extractor, sae, features=None, top_k=10, *, as_frame=False,
     as_frame : bool, default=False
         Return a pandas DataFrame (:meth:`LogitEffects.to_frame`) instead.
     reference_texts : sequence of str or None, default=None
-        Texts the reference scale is measured on; :data:`REFERENCE_TEXTS`
+        Texts the reference scale is measured on; :data:`~sparse_dict.analysis.REFERENCE_TEXTS`
         when None.
 
     Returns

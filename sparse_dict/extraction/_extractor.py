@@ -196,7 +196,7 @@ class TransformerActivationExtractor(TransformerMixin, BaseEstimator):
 
     See Also
     --------
-    splice_evaluation : How much of the model's loss survives replacing the
+    sparse_dict.extraction.splice_evaluation : How much of the model's loss survives replacing the
         activations by a dictionary's reconstruction.
     sparse_dict.SparseAutoencoderDictionary : Learns a dictionary of the
         activations.

@@ -282,7 +282,7 @@ class ActivationStore:
     Made by :meth:`TransformerActivationExtractor.transform_to_disk
     <sparse_dict.TransformerActivationExtractor.transform_to_disk>` and
     opened by :func:`open_store`. Nothing is read into memory when it is
-    opened: :attr:`activations` is a read-only ``np.memmap``, which
+    opened: ``activations`` is a read-only ``np.memmap``, which
     :meth:`SparseAutoencoderDictionary.fit
     <sparse_dict.SparseAutoencoderDictionary.fit>` reads batch by batch.
 
