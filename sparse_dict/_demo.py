@@ -384,7 +384,13 @@ def cmd_demo(args):
     kind = _demo_folder()
     final = _output_file(args.out, "output folder", kind, overwrite=args.overwrite)
     with _persist.staged(final, kind, overwrite=args.overwrite, hint="--overwrite") as out:
-        return _run_demo(args, out, final)
+        summary, step = _run_demo(args, out, final)
+    # Printed once the folder is in place: a stdout that fails (closed by the
+    # reader of a pipe, or unable to encode a name) must not cost the folder.
+    print(summary)
+    sys.stdout.flush()
+    _say(args, f"done in {step.elapsed():.0f} s")
+    return 0
 
 
 def _run_demo(args, out, final):
@@ -505,15 +511,12 @@ def _run_demo(args, out, final):
         encoding="utf-8",
     )
     step.end()
-    print(table)
-    print()
+    lines = [table, ""]
     if size_curve:
-        print(_format_size_curve(size_curve))
-        print()
+        lines += [_format_size_curve(size_curve), ""]
     if steering:
-        print(steering)
-        print()
-    print(f"Wrote to {final}/:")
+        lines += [steering, ""]
+    lines.append(f"Wrote to {final}/:")
     for name, what in [
         ("features.html", "the feature browser (open it in a web browser)"),
         ("density.png", f"histogram of the features' firing frequencies on the "
@@ -522,7 +525,5 @@ def _run_demo(args, out, final):
         ("dictionary/", "the saved dictionary (SparseAutoencoderDictionary.load)"),
         ("results.txt", "this table; results.json: the same with the settings"),
     ]:
-        print(f"  {name:<14} {what}")
-    sys.stdout.flush()
-    _say(args, f"done in {step.elapsed():.0f} s")
-    return 0
+        lines.append(f"  {name:<14} {what}")
+    return "\n".join(lines), step

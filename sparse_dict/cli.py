@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import sys
@@ -82,6 +83,9 @@ EXIT_USAGE = 2
 EXIT_BUG = 1
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process it ended
+# 128 + SIGPIPE: as a shell reports a writer whose reader closed the pipe
+# (``sparse-dict demo | head``), which Python sees as a BrokenPipeError.
+EXIT_PIPE_CLOSED = 141
 
 
 # --------------------------------------------------------------------------
@@ -857,7 +861,9 @@ def main(argv=None):
         The exit status: 0 on success; 2 for a problem the user can fix (bad
         input, an output that exists, an unwritable path, a diverged fit; one
         line on stderr says what); 130 when interrupted (Ctrl-C); 143 when
-        ended by SIGTERM (cleaned up as on Ctrl-C); 1 only for a bug.
+        ended by SIGTERM (cleaned up as on Ctrl-C); 141, silently, when the
+        reader of its standard output closed it (a pipe into ``head``), its
+        outputs written all the same; 1 only for a bug.
 
     Examples
     --------
@@ -884,8 +890,12 @@ def main(argv=None):
     _expand_home(args)
     try:
         with _terminate_cleanly(), _cpu_threads(args.threads), \
-                _one_line_warnings(args.command):
+                _one_line_warnings(args.command), _lenient_stdout():
             return int(args.func(args) or 0)
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        return EXIT_PIPE_CLOSED
     except _Terminated:
         print(f"{PROG} {args.command}: terminated", file=sys.stderr)
         return EXIT_TERMINATED
@@ -952,6 +962,53 @@ def _terminate_cleanly():
     finally:
         if installed:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _lenient_stdout():
+    """Write what standard output cannot encode as escapes, not as an error.
+
+    A token, a path or a prompt may hold characters that the terminal's or a
+    redirect's encoding lacks (ASCII under ``LANG=C`` without UTF-8 mode,
+    cp1252 on Windows); stderr already escapes them, and a command's report
+    is worth more than a failure over one character. Restored on return, as
+    ``main`` may run inside a caller's process.
+    """
+    stream = sys.stdout
+    errors = getattr(stream, "errors", None)
+    if errors != "strict" or not hasattr(stream, "reconfigure"):
+        yield
+        return
+    stream.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            stream.reconfigure(errors=errors)
+
+
+def _stdout_closed():
+    """Whether standard output's reader is gone; then stdout is pointed at the null device.
+
+    So that the interpreter's flush at exit does not print a second
+    BrokenPipeError (Python's documented remedy).
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    if hasattr(select, "poll"):
+        # The write end of a pipe without a reader polls as an error (the
+        # BrokenPipeError may as well have come from elsewhere, a socket).
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        if not any(event & select.POLLERR for _, event in poll.poll(0)):
+            return False
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    return True
 
 
 @contextlib.contextmanager

@@ -491,6 +491,37 @@ def test_real_entry_point_reports_interrupt_as_130(work):
 # --------------------------------------------------------------------------
 
 
+def test_demo_keeps_its_folder_when_stdout_fails(tmp_path, monkeypatch, capsys):
+    # The summary was printed inside the staged block, so a reader that
+    # closed the pipe (``sparse-dict demo | head``), or a stdout that cannot
+    # encode the folder's name, cost the whole finished folder.
+    import io
+    import os
+
+    argv = ["demo", "--tiny", "--no-classical", "--no-size-curve", "-q", "--device", "cpu"]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w", encoding="utf-8") as closed:
+        monkeypatch.setattr(sys, "stdout", closed)
+        status, _, err = run([*argv, "--out", tmp_path / "piped"], capsys)
+    monkeypatch.undo()
+    # Quiet, as a writer killed by SIGPIPE is, with the shell's status for one.
+    assert status == 141 and err == ""
+    assert {p.name for p in (tmp_path / "piped").iterdir()} >= {
+        "results.json", "results.txt", "features.html", "dictionary"}
+    # An ASCII-only stdout (LANG=C, a Windows redirect): the name is escaped.
+    raw = io.BytesIO()
+    ascii_out = io.TextIOWrapper(raw, encoding="ascii", errors="strict")
+    monkeypatch.setattr(sys, "stdout", ascii_out)
+    status, _, err = run([*argv, "--out", tmp_path / "d\u00e9mo"], capsys)
+    ascii_out.flush()
+    assert status == 0, err
+    assert (tmp_path / "d\u00e9mo" / "results.json").is_file()
+    assert b"d\\xe9mo" in raw.getvalue()
+    # Restored for a caller that runs main in its own process.
+    assert ascii_out.errors == "strict"
+
+
 def test_demo_is_all_or_nothing(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--tiny", "--no-classical", "-q", "--out", out, "--device", "cpu"]
