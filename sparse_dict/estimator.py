@@ -545,7 +545,7 @@ def _median_distance(X, decoder_bias):
 
     n_rows = min(_SCALE_SHIFT_ROWS, max(_SCALE_SHIFT_MIN_ROWS, (1 << 25) // (8 * X.shape[1])))
     rows = X[::max(1, X.shape[0] // n_rows)][:n_rows]
-    bias = np.asarray(decoder_bias, dtype=np.float64)
+    bias = np.array(decoder_bias, dtype=np.float64)  # a copy: torch wraps it below
     if sp.issparse(rows):
         # Expanded, so that the rows are not made dense.
         rows = rows.astype(np.float64)
@@ -553,10 +553,12 @@ def _median_distance(X, decoder_bias):
                     - 2.0 * (rows @ bias) + bias @ bias)
         return float(torch.from_numpy(distance).median())
     # As for the training rows (Trainer.median_distance): the same arithmetic.
-    rows = np.asarray(rows)
-    rows = rows if rows.dtype.kind == "f" else rows.astype(np.float64)
-    return median_squared_distance(torch.from_numpy(np.ascontiguousarray(rows)),
-                                   torch.from_numpy(bias))
+    rows = np.ascontiguousarray(rows)
+    # A copy where the rows are the caller's read-only memory (a memmap, a
+    # frozen array): torch warns of wrapping it, and this is a sample.
+    rows = (rows if rows.dtype.kind == "f" and rows.flags.writeable
+            else rows.astype(rows.dtype if rows.dtype.kind == "f" else np.float64))
+    return median_squared_distance(torch.from_numpy(rows), torch.from_numpy(bias))
 
 
 def _shrinkage_message(shrinkage, explained, l1_coef, refit=None):
@@ -1860,6 +1862,9 @@ class SparseAutoencoderDictionary(
         if self.dict_init is None:
             return None
         atoms = check_array(self.dict_init, dtype=np.float64, input_name="dict_init")
+        if not atoms.flags.writeable:
+            # The core wraps the array; torch warns of wrapping read-only memory.
+            atoms = atoms.copy()
         expected = (self.n_components or atoms.shape[0], n_features)
         if atoms.shape != expected:
             raise ValueError(
@@ -2131,6 +2136,11 @@ class SparseAutoencoderDictionary(
                                         dtype=self.components_.dtype)
             else:
                 tensors[name] = getattr(self, name + "_")
+                if isinstance(tensors[name], np.ndarray) and not tensors[name].flags.writeable:
+                    # Read-only (a joblib.load(..., mmap_mode="r") of this
+                    # estimator): the core wraps the arrays, and torch warns
+                    # of wrapping read-only memory.
+                    tensors[name] = tensors[name].copy()
         return tensors
 
     def _get_trainer(self):

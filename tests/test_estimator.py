@@ -2303,3 +2303,46 @@ def test_the_training_rows_are_never_on_another_scale():
         sae.fit(X).transform(X)
         sae.fit_transform(X)
     assert not [w for w in caught if "another scale" in str(w.message)]
+
+
+_READ_ONLY_SCRIPT = r"""
+import sys, warnings
+import joblib
+import numpy as np
+from sparse_dict import SparseAutoencoderDictionary
+
+# torch says it once a process, so a fresh process and an error at the first.
+warnings.filterwarnings("ignore")
+warnings.filterwarnings("error", message=".*not writable")
+def frozen(a):
+    a = np.array(a)
+    a.flags.writeable = False
+    return a
+case, folder = sys.argv[1], sys.argv[2]
+rng = np.random.RandomState(0)
+X = frozen(rng.standard_normal((300, 16)).astype(case))
+sae = SparseAutoencoderDictionary(n_components=32, max_iter=3, batch_size=64, random_state=0,
+                                  dict_init=frozen(rng.standard_normal((32, 16))))
+sae.fit(X)
+sae.transform(X), sae.score(X)
+# A fitted estimator read back by joblib as memory maps: read-only weights.
+joblib.dump(sae, folder + "/sae.joblib")
+mapped = joblib.load(folder + "/sae.joblib", mmap_mode="r")
+assert not mapped.components_.flags.writeable
+mapped.transform(X), mapped.score(X), mapped.partial_fit(X)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_read_only_arrays_give_no_torch_warning(tmp_path, dtype):
+    # torch warned "The given NumPy array is not writable" out of transform
+    # and score (the scale-shift check's sample and the decoder bias), out of
+    # fit with a read-only dict_init, and out of every call on weights that
+    # joblib mapped read-only; under -W error each raised.
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _READ_ONLY_SCRIPT, dtype, str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
