@@ -126,7 +126,7 @@ def _parse(argv):
 def _json_object(path):
     """The JSON object in ``path``, or None (missing, unreadable, or not an object)."""
     try:
-        value = json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
@@ -199,7 +199,7 @@ def _earlier_sections(out, mode, rerun):
     replaced, as a run without ``--only`` replaces it.
     """
     try:
-        earlier = json.loads((out / "results.json").read_text())
+        earlier = json.loads((out / "results.json").read_text(encoding="utf-8"))
         if earlier.get("mode") != mode:
             return {}
         return {name: dict(section, machine=section.get("machine") or earlier["machine"])

@@ -75,7 +75,7 @@ def target(name, description, value, threshold, *, higher_is_better=True, compar
 
 def _cpu_model():
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
@@ -145,7 +145,7 @@ def _child_blas():
 def read_status_kb(field, pid="self"):
     """A ``kB`` field of ``/proc/<pid>/status`` (e.g. ``RssAnon``), or None."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
@@ -334,7 +334,7 @@ def run_isolated(names, mode, device, out_dir):
     for name in names:
         path = out_dir / f"{name}.json"
         if path.is_file():
-            results[name] = json.loads(path.read_text())
+            results[name] = json.loads(path.read_text(encoding="utf-8"))
         else:
             results[name] = {"error": f"the child process exited with status "
                                       f"{proc.returncode} before section {name} ended "

@@ -35,7 +35,7 @@ def main(argv=None):
         result["wall_s"] = t.seconds
         result["blas"] = blas
         print(f"[benchmarks] {name}: {t.seconds:.1f} s", flush=True)
-        with open(Path(out) / f"{name}.json", "w") as f:
+        with open(Path(out) / f"{name}.json", "w", encoding="utf-8") as f:
             json.dump(_clean(result), f, allow_nan=False)
     return 0
 

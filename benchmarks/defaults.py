@@ -121,8 +121,8 @@ def main(argv=None):
                              "choose another --out, or move it")
     results = run(quick=not args.full)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "defaults.json").write_text(json.dumps(results, indent=1))
-    (args.out / "defaults.md").write_text(_markdown(results))
+    (args.out / "defaults.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (args.out / "defaults.md").write_text(_markdown(results), encoding="utf-8")
     return 0
 
 

@@ -50,7 +50,7 @@ ACTIVATIONS = {"relu": {"l1_coef": 3.0}, "topk": {"k": 32}}
 
 def _worker(spec_path):
     """One process's fit (run in a child): time it and write its atoms and EV."""
-    spec = json.loads(Path(spec_path).read_text())
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -75,14 +75,14 @@ def _worker(spec_path):
         np.save(Path(spec["out"]) / "components.npy", sae.components_)
         result = {"seconds": seconds, "steps": int(sae.n_steps_),
                   "ev": float(sae.score(X[: min(len(X), 16384)]))}
-        Path(spec["out"], "result.json").write_text(json.dumps(result))
+        Path(spec["out"], "result.json").write_text(json.dumps(result), encoding="utf-8")
     if dist.is_initialized():
         # Every rank's time: the run takes as long as its slowest rank.
         times = [None] * dist.get_world_size()
         dist.all_gather_object(times, seconds)
         if rank == 0:
             result["seconds"] = max(times)
-            Path(spec["out"], "result.json").write_text(json.dumps(result))
+            Path(spec["out"], "result.json").write_text(json.dumps(result), encoding="utf-8")
         # Left to the interpreter's exit, gloo's threads can abort the process
         # (status -6, seen even after destroying the group): the results are
         # written, so leave without the teardown.
@@ -96,7 +96,7 @@ def _launch(spec, folder, timeout):
     folder.mkdir()
     spec = dict(spec, out=str(folder))
     spec_path = folder / "spec.json"
-    spec_path.write_text(json.dumps(spec))
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
     n = spec["n_processes"]
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()), WORLD_SIZE=str(n), PYTHONWARNINGS="ignore")
@@ -115,7 +115,7 @@ def _launch(spec, folder, timeout):
                 p.kill()
     if any(p.returncode for p in procs):
         raise RuntimeError("a benchmark process failed:\n" + "\n".join(outputs))
-    result = json.loads((folder / "result.json").read_text())
+    result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
     result["components"] = np.load(folder / "components.npy")
     return result
 

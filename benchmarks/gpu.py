@@ -756,7 +756,8 @@ def _profile(X, n, batch, steps, device, path):
             table = averages.table(sort_by=key, row_limit=30, max_name_column_width=160)
         tables.append(f"sorted by {key}\n{table}")
     Path(path).write_text(f"torch.profiler: one {steps}-step bfloat16 fit, "
-                          f"B={batch}, d={X.shape[1]}, N={n}\n\n" + "\n\n".join(tables) + "\n")
+                          f"B={batch}, d={X.shape[1]}, N={n}\n\n" + "\n\n".join(tables) + "\n",
+                          encoding="utf-8")
 
 
 def _write_partial(result, out_dir):
@@ -765,7 +766,7 @@ def _write_partial(result, out_dir):
     from benchmarks.report import _clean
 
     Path(out_dir, "gpu_partial.json").write_text(
-        json.dumps(_clean(result), indent=2, allow_nan=False) + "\n")
+        json.dumps(_clean(result), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def _free(device):

@@ -51,7 +51,8 @@ def _clean(obj):
 
 def write_json(results, path):
     """Write ``results`` to ``path`` as strict JSON (no NaN)."""
-    Path(path).write_text(json.dumps(_clean(results), indent=2, allow_nan=False) + "\n")
+    Path(path).write_text(json.dumps(_clean(results), indent=2, allow_nan=False) + "\n",
+                          encoding="utf-8")
 
 
 def merge_run(results, other):
@@ -984,7 +985,7 @@ def markdown(results, fmt="md", images=None, first_level=1, skip=()):
 
 def write_markdown(results, path):
     """Write :func:`markdown` to ``path``."""
-    Path(path).write_text(markdown(results))
+    Path(path).write_text(markdown(results), encoding="utf-8")
 
 
 RST_START = ".. start-benchmark-results"
@@ -1026,7 +1027,7 @@ def write_rst(results, path, images, source="benchmarks/results/results.json"):
            "kernel for numpy and scikit-learn only); the BLAS kernel of both processes, "
            "from threadpoolctl, is recorded with the machine. Timings are ratios measured "
            "side by side in one process.\n\n")
-    Path(path).write_text(header + how + body)
+    Path(path).write_text(header + how + body, encoding="utf-8")
 
 
 FINDINGS_START = ".. start-findings-results"
@@ -1071,7 +1072,7 @@ def write_findings_rst(results, path, images, source="benchmarks/results/results
            f"mode) on {m['cpu_model']} ({m['torch_threads']} torch threads, device "
            f"{m['device']}{load}), {m['date']}; section wall time "
            f"{section.get('wall_s', 0):.0f} s.\n\n")
-    Path(path).write_text(header + how + body)
+    Path(path).write_text(header + how + body, encoding="utf-8")
     return True
 
 
@@ -1373,7 +1374,7 @@ def main(argv=None):
 
     def run_in(folder, option):
         try:
-            return json.loads((folder / "results.json").read_text())
+            return json.loads((folder / "results.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             parser.error(f"{option} {folder}: no benchmark run's results.json to read ({exc})")
 

@@ -500,7 +500,11 @@ def _launch_ranks(argv, nproc):
     env[RANK_PROCESS_ENV] = "1"
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # The last --nproc on a command line wins: each process runs alone.
-    command = [sys.executable, "-m", "sparse_dict", *argv, "--nproc", "1"]
+    # With this interpreter's flags (-W error, -X dev, -X utf8, ...), as
+    # multiprocessing starts its processes: a rank must warn, fail and decode
+    # as the command it is part of (-W error failed with --nproc 1 only).
+    command = [sys.executable, *subprocess._args_from_interpreter_flags(),
+               "-m", "sparse_dict", *argv, "--nproc", "1"]
     procs = [subprocess.Popen(command, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
                               preexec_fn=_stops_with(os.getpid()))
              for rank in range(nproc)]

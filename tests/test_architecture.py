@@ -139,3 +139,40 @@ def test_the_rules_can_fail(tmp_path):
     names = [n for n, _ in _imports(fake, "sparse_dict.metrics")]
     assert "torch" in banned and "torch" in names
     assert not any(_matches(p, "sparse_dict.estimator") for p in allowed)
+
+
+def _text_calls_without_encoding(path):
+    """Lines of ``path`` that open text without naming its encoding."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        keywords = {k.arg for k in node.keywords}
+        if "encoding" in keywords:
+            continue
+        if name in ("read_text", "write_text"):
+            found.append(node.lineno)
+        elif name == "open" and not (isinstance(func, ast.Attribute)
+                                     and getattr(func.value, "id", "") == "os"):
+            mode = node.args[1] if len(node.args) > 1 else next(
+                (k.value for k in node.keywords if k.arg == "mode"), None)
+            binary = isinstance(mode, ast.Constant) and "b" in str(mode.value)
+            if not binary:
+                found.append(node.lineno)
+    return found
+
+
+def test_every_text_file_names_its_encoding():
+    # Without encoding=, text is read and written in the locale's encoding:
+    # cp1252 on Windows, ASCII under LANG=C without UTF-8 mode, where the
+    # corpus, byte-level tokens ('Ġ') and the benchmarks' tables break.
+    missing = {
+        str(path.relative_to(ROOT)): lines
+        for folder in (PACKAGE, ROOT / "benchmarks")
+        for path in sorted(folder.rglob("*.py"))
+        if (lines := _text_calls_without_encoding(path))
+    }
+    assert not missing, missing

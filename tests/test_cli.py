@@ -850,6 +850,37 @@ def test_a_killed_rank_is_named_and_the_others_error_is_no_bug(monkeypatch):
         _cli_common._launch_ranks(["fit", "X.npy"], 2)
 
 
+def test_ranks_run_with_the_interpreter_s_flags(monkeypatch):
+    # "python -W error -m sparse_dict fit ... --nproc 2" started its ranks
+    # without -W error (nor -X dev, -X utf8): a warning that failed the
+    # command with --nproc 1 passed with --nproc 2.
+    from sparse_dict import _cli_common
+
+    started = []
+
+    class Finished:
+        returncode = 0
+
+        def __init__(self, command, **kwargs):
+            started.append(command)
+
+        def poll(self):
+            return 0
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(_cli_common.subprocess, "Popen", Finished)
+    monkeypatch.setattr(sys, "warnoptions", ["error"])
+    _cli_common._launch_ranks(["fit", "X.npy"], 2)
+    assert len(started) == 2
+    for command in started:
+        assert command[0] == sys.executable
+        assert "-Werror" in command[1:command.index("-m")]
+        assert command[command.index("-m"):] == ["-m", "sparse_dict", "fit", "X.npy",
+                                                "--nproc", "1"]
+
+
 def test_a_leading_tilde_is_the_home_folder(tmp_path, monkeypatch, capsys):
     # "--out=~/d" reaches the program unexpanded (the shell expands "-o ~/d"
     # only): a literal ./~ folder was made, and read back as such.

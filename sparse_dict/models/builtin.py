@@ -840,10 +840,11 @@ def save_builtin_model(model, tokenizer, path, *, overwrite=False, report=None):
         state.pop("unembed.weight", None)
     with _persist.staged(path, BUILTIN_FOLDER, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / _WEIGHTS_FILE))
-        (tmp / _CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        (tmp / _CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n",
+                                        encoding="utf-8")
         tokenizer.save(tmp / _TOKENIZER_FILE)
         if report is not None:
-            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return Path(path)
 
 
