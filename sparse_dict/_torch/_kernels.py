@@ -98,12 +98,14 @@ def codes_bits_count(C, BITS, FIRED, n_rows, n_cols, n_bytes, stride_c, stride_b
         rows64 = rows.to(tl.int64)
         inside = (rows[:, None, None] < n_rows) & (cols[None, :, :] < n_cols)
         at = rows64[:, None, None] * stride_c + cols[None, :, :]
-        c = tl.load(C + at, mask=inside, other=0.0)
+        # Compared in float32: Triton's interpreter (3.9) compares bfloat16
+        # as its raw bits, so that every negative value counted as positive.
+        c = tl.load(C + at, mask=inside, other=0.0).to(tl.float32)
         if RELU:
             # NaN stays NaN, as in torch's relu, so that a diverging step
             # still shows in its loss.
             c = tl.where(c < 0.0, 0.0, c)
-            tl.store(C + at, c, mask=inside)
+            tl.store(C + at, c.to(C.dtype.element_ty), mask=inside)
         on = c > 0.0
         acc += tl.where(on, 1.0, 0.0)
         packed = tl.sum(tl.where(on, weight[None, None, :], 0), axis=2)
