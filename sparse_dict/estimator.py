@@ -2427,10 +2427,22 @@ class SparseAutoencoderDictionary(
             # first transform; pickles, joblib's copies and deep copies
             # carried it (4.3 MB grew to 38 MB at 2,048 atoms).
             state = dict(state, _coders={})
+        trainer = state.get("_trainer")
+        if trainer is not None:
+            # What partial_fit goes on from, as the plain arrays and numbers
+            # that save(training_state=True) writes, not as torch objects:
+            # skops, which trusts numpy's types and not torch's, could not
+            # hold a fitted estimator (nor a Pipeline holding one).
+            state = dict(state, _trainer=None, _trainer_state=(
+                _resume.resume_state(trainer), trainer.model.activation.describe()))
         return state
 
     def __setstate__(self, state):
+        state = dict(state)
+        packed = state.pop("_trainer_state", None)
         super().__setstate__(state)
+        if packed is not None:
+            self._trainer = self._unpacked_trainer(*packed)
         if "components_" in state:
             # A fitted model runs here, on the CPU where it was fitted on a
             # GPU this machine lacks. An unfitted one keeps its parameter, as
@@ -2440,6 +2452,23 @@ class SparseAutoencoderDictionary(
             self.device = _device_here(state.get("device", "auto"))
         # Pickles from before the parameter: scikit-learn's default.
         self.__dict__.setdefault("transform_max_iter", 1000)
+
+    def _unpacked_trainer(self, arrays_numbers, settings):
+        """The trainer :meth:`__getstate__` packed, or None where it no longer applies.
+
+        None where the parameters were set to another mechanism since it
+        trained (``set_params(k=...)``): :meth:`_get_trainer` then builds one
+        from the fitted attributes, as it would have from the unpacked one.
+        """
+        try:
+            activation = self._fitted_activation()
+        except (ValueError, TypeError):
+            return None
+        if activation.describe() != settings:
+            return None
+        arrays, numbers = arrays_numbers
+        return _resume.trainer_from_state(Trainer, arrays, numbers, activation,
+                                          self._history_array())
 
     def save(self, path, *, overwrite=False, training_state=False):
         """Save the fitted dictionary to a folder: safetensors weights and JSON.

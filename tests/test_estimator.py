@@ -2346,3 +2346,47 @@ def test_read_only_arrays_give_no_torch_warning(tmp_path, dtype):
     proc = subprocess.run([sys.executable, "-c", _READ_ONLY_SCRIPT, dtype, str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def _types_in(value, seen=None):
+    """The types of every object reachable through ``value``'s containers."""
+    # The objects are kept, not their ids only: a temporary's id is reused.
+    seen = {} if seen is None else seen
+    if id(value) in seen:
+        return set()
+    seen[id(value)] = value
+    found = {type(value)}
+    if isinstance(value, dict):
+        for item in [*value.keys(), *value.values()]:
+            found |= _types_in(item, seen)
+    elif isinstance(value, (list, tuple, set)):
+        for item in value:
+            found |= _types_in(item, seen)
+    elif hasattr(value, "__dict__") and not isinstance(value, type):
+        found |= _types_in(vars(value), seen)
+    return found
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_a_fitted_estimator_pickles_as_plain_arrays(X, activation):
+    # The state held the live torch trainer, so skops (which trusts numpy's
+    # types, not torch's) could not save a fitted estimator, nor a Pipeline
+    # holding one: "Cannot directly construct TensorBase".
+    params = {} if activation == "relu" else {"k": 4}
+    sae = small_sae(random_state=0, activation=activation, **params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sae.fit(X)
+        sae.partial_fit(X[:64])
+    torch_types = {t for t in _types_in(sae.__getstate__())
+                   if t.__module__.split(".")[0] == "torch"}
+    assert not torch_types, torch_types
+    # It goes on as the original does, and a k set since is the new k's.
+    for change in ({}, {"k": 3} if activation != "relu" else {"l1_coef": 0.5}):
+        original, copied = copy.deepcopy(sae), pickle.loads(pickle.dumps(sae))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            original.set_params(**change).partial_fit(X[64:128])
+            copied.set_params(**change).partial_fit(X[64:128])
+        np.testing.assert_array_equal(copied.components_, original.components_)
+        np.testing.assert_array_equal(copied.transform(X), original.transform(X))
