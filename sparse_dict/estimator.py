@@ -2310,9 +2310,12 @@ class SparseAutoencoderDictionary(
         coder = self._optimal_coder()
         # Unconverged rows said once for the call, as transform says them (a
         # warning a block gave hundreds on a large memmap).
+        # Float16 rows coded in float32, as transform codes them (the codes
+        # came out float16, and decoding into them failed in torch).
+        dtype = _result_dtype(X)
         with _unconverged_rows_said(coder.transform_max_iter, X.shape[0]):
             return float(_explained_variance(
-                X, lambda rows: self._decode(coder._code(X[rows]))))
+                X, lambda rows: self._decode(coder._code(X[rows].astype(dtype, copy=False)))))
 
     def _check_inference_params(self):
         """Check the parameters read at each call, as fit checks them.

@@ -2390,3 +2390,20 @@ def test_a_fitted_estimator_pickles_as_plain_arrays(X, activation):
             copied.set_params(**change).partial_fit(X[64:128])
         np.testing.assert_array_equal(copied.components_, original.components_)
         np.testing.assert_array_equal(copied.transform(X), original.transform(X))
+
+
+@pytest.mark.parametrize("algorithm", ["omp", "lasso_lars", "threshold"])
+def test_a_solver_scores_float16_rows_as_it_transforms_them(algorithm):
+    # The solver coded float16 rows into float16 codes, and decoding into
+    # them failed in torch ("Expected out tensor to have dtype float").
+    X = np.random.RandomState(0).standard_normal((200, 8)).astype(np.float16)
+    sae = SparseAutoencoderDictionary(n_components=16, max_steps=20, random_state=0,
+                                      transform_algorithm=algorithm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sae.fit(X)
+        codes = sae.transform(X)
+        score = sae.score(X)
+    assert codes.dtype == np.float32
+    expected = explained_variance(X.astype(np.float32), sae.inverse_transform(codes))
+    assert score == pytest.approx(expected, rel=1e-5, abs=1e-6)
