@@ -94,6 +94,28 @@ def test_batchtopk_threshold_is_fitted_and_batch_independent(fitted, superpositi
     assert sae.train_l0_ == pytest.approx(4.0, rel=0.01)
 
 
+@pytest.mark.parametrize("n_rows, k, dtype", [(2, 5, np.float32), (40, 1, np.float64),
+                                             (40, 1, np.float32), (500, 4, np.float32)])
+def test_batchtopk_threshold_keeps_k_codes_a_row_on_its_sample(n_rows, k, dtype):
+    # The threshold was the (k * n)-th largest pre-activation itself, which
+    # inference (pre > threshold) leaves out: transform_l0_ read k - 1/n, and
+    # transform kept the boundary code or not by the threshold's rounding.
+    from sparse_dict import SparseAutoencoderDictionary
+
+    X = np.random.RandomState(0).standard_normal((n_rows, 16)).astype(dtype)
+    sae = SparseAutoencoderDictionary(n_components=32, activation="batchtopk", k=k,
+                                      batch_size=64, max_steps=3, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sae.fit(X)
+    assert sae.transform_l0_ == k
+    assert np.count_nonzero(sae.transform(X)) == k * n_rows
+    # In float64, from the fitted arrays, as a reader of them computes it.
+    pre = ((X.astype(np.float64) - sae.decoder_bias_) @ sae.encoder_weights_.T.astype(np.float64)
+           + sae.encoder_bias_)
+    assert np.count_nonzero(pre > sae.threshold_) == k * n_rows
+
+
 def test_batchtopk_on_batches_of_one_row_warns():
     # It trains as TopK, step for step, but codes with a threshold: 0.72 of
     # the variance where the same weights coded by top-k explained 0.89, and

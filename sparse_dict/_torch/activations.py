@@ -554,8 +554,16 @@ class BatchTopK(TopK):
         """
         pre = torch.relu(pre.float())
         k = self._k(model)
-        kth = _batch_kth_largest(pre, k * pre.shape[0], self._CANDIDATES_PER_K * k)
-        model.threshold.fill_(float(kth))
+        n_keep = k * pre.shape[0]
+        kth = float(_batch_kth_largest(pre, n_keep, self._CANDIDATES_PER_K * k))
+        # Halfway to the next value down: inference keeps what lies above the
+        # threshold, so at the kept value itself the sample kept one code
+        # too few (transform_l0_ read k - 1/n), and whether the boundary
+        # code stayed in transform turned on the threshold's rounding to
+        # float32 in X's units.
+        following = (float(_batch_kth_largest(pre, n_keep + 1, self._CANDIDATES_PER_K * k))
+                     if n_keep < pre.numel() else 0.0)
+        model.threshold.fill_((kth + following) / 2)
         model.threshold_weight.fill_(1.0)
 
     def current_threshold(self, model):
