@@ -2407,3 +2407,17 @@ def test_a_solver_scores_float16_rows_as_it_transforms_them(algorithm):
     assert codes.dtype == np.float32
     expected = explained_variance(X.astype(np.float32), sae.inverse_transform(codes))
     assert score == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_identical_rows_leave_no_zero_atoms():
+    # Every row reconstructed exactly, the restart's draw fell back to any
+    # row, whose direction from the decoder bias was zero: all 8 atoms (and
+    # encoder rows) became zeros, where components_ promises unit norms.
+    X = np.tile(np.array([[1.0, 2, 3, 4, 5]], np.float32), (200, 1))
+    sae = SparseAutoencoderDictionary(n_components=8, random_state=0, max_steps=200,
+                                      resample_interval=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sae.fit(X)
+    np.testing.assert_allclose(np.linalg.norm(sae.components_, axis=1), 1.0, rtol=1e-5)
+    assert np.all(np.linalg.norm(sae.encoder_weights_, axis=1) > 0)

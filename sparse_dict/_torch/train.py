@@ -1694,8 +1694,16 @@ class Trainer:
         x_hat, _ = model(inputs)
         loss = (inputs - x_hat).pow(2).sum(dim=1).double().cpu()
         weights = loss.pow(2)
-        if not torch.isfinite(weights).all() or weights.sum() <= 0:
+        if not torch.isfinite(weights).all():
             weights = torch.ones_like(weights)
+        # An input at the decoder bias has no direction to give an atom, and
+        # one reconstructed exactly nothing left to explain: on rows all the
+        # same, every feature restarted as a zero atom. Without any other
+        # input, no feature restarts at this check.
+        offsets = (inputs - model.b_dec).norm(dim=1).double().cpu()
+        weights = torch.where(offsets > 0, weights, torch.zeros_like(weights))
+        if not weights.sum() > 0:
+            return
         # One input for each restarted feature: with fewer inputs than dead
         # features (a partial_fit of a few rows) the rest wait for the next
         # check, instead of restarting as copies of one direction.
