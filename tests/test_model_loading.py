@@ -338,6 +338,38 @@ def test_pickled_weights_with_code_are_refused_and_never_run(minilm_path, tmp_pa
     assert not marker.exists()
 
 
+def test_pickled_weights_refused_inside_another_error_are_named_as_such(minilm_path, tmp_path,
+                                                                        monkeypatch):
+    # transformers before 5 wraps torch's refusal in an OSError of its own
+    # ("Unable to load weights ... set from_tf=True"), which reached the user
+    # in place of the package's refusal.
+    import pickle
+
+    import transformers
+
+    def refused(cls, *args, **kwargs):
+        try:
+            try:
+                raise pickle.UnpicklingError("Weights only load failed")
+            except pickle.UnpicklingError:
+                raise UnicodeDecodeError("utf-8", b"\x80", 0, 1, "invalid start byte")
+        except UnicodeDecodeError:
+            raise OSError("Unable to load weights from pytorch checkpoint file") from None
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refused))
+    folder = _linked_copy(minilm_path, tmp_path / "wrapped")
+    with pytest.raises(ValueError, match=r"are a pickle that holds more than tensors"):
+        TransformerActivationExtractor(str(folder), device="cpu").fit(TEXTS)
+
+    # Any other OSError is not taken for one.
+    def unreadable(cls, *args, **kwargs):
+        raise OSError("disk error")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(unreadable))
+    with pytest.raises(OSError, match="disk error"):
+        TransformerActivationExtractor(str(tmp_path / "wrapped"), device="cpu").fit(TEXTS)
+
+
 # ---------------------------------------------------------------------------
 # Models that do not run on token ids alone: image, audio, image-and-text
 # ---------------------------------------------------------------------------

@@ -356,9 +356,13 @@ def _load_hf(source, device, verbose):
             # a dropout of NaN, say, stopped in torch with its words alone.
             raise ValueError(f"model={str(source)!r}: the model cannot be built from its "
                              f"config.json and weights ({_first_line(exc)})") from None
-        except pickle.UnpicklingError as exc:
+        except (pickle.UnpicklingError, OSError) as exc:
             # torch.load(weights_only=True) refused a pickled weights file
             # that holds more than tensors: nothing of it ran, and nothing will.
+            # transformers before 5 wraps that refusal in an OSError of its
+            # own, which advises from_tf=True.
+            if not _caused_by(exc, pickle.UnpicklingError):
+                raise
             raise ValueError(
                 f"The weights of {source} are a pickle that holds more than tensors "
                 f"({exc.__class__.__name__}); sparse_dict never runs code from a model "
@@ -394,6 +398,17 @@ def _nan_field(config, where=""):
         if isinstance(value, dict) and (found := _nan_field(value, name)) is not None:
             return found
     return None
+
+
+def _caused_by(exc, kind):
+    """Whether ``exc`` is a ``kind``, or was raised while handling or from one."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _first_line(exc):
