@@ -554,10 +554,12 @@ def _median_distance(X, decoder_bias):
         return float(torch.from_numpy(distance).median())
     # As for the training rows (Trainer.median_distance): the same arithmetic.
     rows = np.ascontiguousarray(rows)
-    # A copy where the rows are the caller's read-only memory (a memmap, a
-    # frozen array): torch warns of wrapping it, and this is a sample.
-    rows = (rows if rows.dtype.kind == "f" and rows.flags.writeable
-            else rows.astype(rows.dtype if rows.dtype.kind == "f" else np.float64))
+    if rows.dtype.kind != "f":
+        rows = rows.astype(np.float64)
+    elif not rows.flags.writeable:
+        # The caller's read-only memory (a memmap, a frozen array): torch
+        # warns of wrapping it, and this is a sample.
+        rows = rows.copy()
     return median_squared_distance(torch.from_numpy(rows), torch.from_numpy(bias))
 
 
